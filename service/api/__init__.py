@@ -1,0 +1,3 @@
+"""The HTTP API's blueprints, models and error model."""
+
+__all__: list[str] = []

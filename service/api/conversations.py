@@ -1,0 +1,72 @@
+"""``/api/conversations``: create, list (newest first, cursor pages), get with messages, delete."""
+
+from __future__ import annotations
+
+from quart import Blueprint, Response
+from quart_schema import validate_querystring, validate_request, validate_response
+
+from .errors import json_error
+from .models import (
+    ConversationList,
+    ConversationOut,
+    ConversationWithMessages,
+    CreateConversation,
+    ErrorBody,
+    ListConversationsQuery,
+    MessageOut,
+)
+from .state import current_owner, services
+
+__all__ = ["blueprint"]
+
+blueprint = Blueprint("conversations", __name__, url_prefix="/api/conversations")
+
+
+@blueprint.post("")
+@validate_request(CreateConversation)
+@validate_response(ConversationOut, 201)
+@validate_response(ErrorBody, 422)
+async def create_conversation(data: CreateConversation) -> tuple[ConversationOut, int]:
+    """Create a conversation."""
+    conv = await services().require_store().create_conversation(
+        title=data.title, system=data.system, model=data.model, agent=data.agent,
+        owner=current_owner(),
+    )
+    return ConversationOut.of(conv), 201
+
+
+@blueprint.get("")
+@validate_querystring(ListConversationsQuery)
+@validate_response(ConversationList, 200)
+async def list_conversations(
+    query_args: ListConversationsQuery,
+) -> ConversationList | Response:
+    """List conversations, newest first; pass ``next`` back as ``before`` for the next page."""
+    try:
+        page, nxt = await services().require_store().list_conversations(
+            owner=current_owner(), limit=query_args.limit, before=query_args.before
+        )
+    except ValueError as exc:
+        return json_error(422, "invalid_request", f"before: {exc}", field="before")
+    return ConversationList(data=[ConversationOut.of(c) for c in page], next=nxt)
+
+
+@blueprint.get("/<conversation_id>")
+@validate_response(ConversationWithMessages, 200)
+@validate_response(ErrorBody, 404)
+async def get_conversation(conversation_id: str) -> ConversationWithMessages:
+    """A conversation with its messages, oldest first."""
+    store = services().require_store()
+    conv = await store.get_conversation(conversation_id, owner=current_owner())
+    messages = await store.get_messages(conversation_id)
+    return ConversationWithMessages(
+        **ConversationOut.of(conv).model_dump(), messages=[MessageOut.of(m) for m in messages]
+    )
+
+
+@blueprint.delete("/<conversation_id>")
+@validate_response(ErrorBody, 404)
+async def delete_conversation(conversation_id: str) -> tuple[str, int]:
+    """Delete a conversation with its messages and runs."""
+    await services().require_store().delete_conversation(conversation_id, owner=current_owner())
+    return "", 204

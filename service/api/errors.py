@@ -1,0 +1,91 @@
+"""The JSON error model: every failure is ``{"error": {"type", "message", ...}}``.
+
+Never a traceback: the operator finds that in the log, under the request id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+from quart import Quart, Response, jsonify
+from quart_schema import RequestSchemaValidationError
+from werkzeug.exceptions import HTTPException
+
+from ..errors import ServiceError, TooManyRuns
+from ..logs import get_logger
+from .models import error_body
+
+__all__ = ["install_error_handlers", "json_error"]
+
+log = get_logger("service.api")
+
+_HTTP_TYPES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "too_many_requests",
+}
+
+
+def json_error(status: int, type_: str, message: str, **extra: Any) -> Response:
+    resp = jsonify(error_body(type_, message, **extra))
+    resp.status_code = status
+    return resp
+
+
+def _field(loc: Sequence[int | str]) -> str:
+    return ".".join(str(p) for p in loc) or "body"
+
+
+def install_error_handlers(app: Quart) -> None:
+    @app.errorhandler(RequestSchemaValidationError)
+    async def _invalid(error: RequestSchemaValidationError) -> Response:
+        exc = error.validation_error
+        if isinstance(exc, ValidationError):
+            errors = exc.errors(include_url=False, include_context=False, include_input=False)
+            if errors and not errors[0]["loc"] and errors[0]["type"] in (
+                "model_type", "dict_type", "model_attributes_type",
+            ):
+                return json_error(400, "malformed_json", "the body must be a JSON object")
+            first = errors[0] if errors else {"loc": (), "msg": str(exc)}
+            field = _field(first["loc"])
+            return json_error(
+                422, "invalid_request", f"{field}: {first['msg']}", field=field,
+                errors=[{"field": _field(e["loc"]), "message": e["msg"]} for e in errors],
+            )
+        return json_error(400, "malformed_json", "the body must be a JSON object")
+
+    @app.errorhandler(ServiceError)
+    async def _service(error: ServiceError) -> Response:
+        if error.status >= 500:
+            log.warning("request failed: %s", error.message, extra={"error_type": error.type})
+        resp = jsonify({"error": error.to_dict()})
+        resp.status_code = error.status
+        if isinstance(error, TooManyRuns):
+            resp.headers["Retry-After"] = "1"
+        return resp
+
+    @app.errorhandler(HTTPException)
+    async def _http(error: HTTPException) -> Response:
+        status = error.code or 500
+        if status == 400:
+            # Quart raises BadRequest for undecodable JSON bodies.
+            return json_error(400, "malformed_json", "the body is not valid JSON")
+        message = error.description or error.name
+        resp = json_error(status, _HTTP_TYPES.get(status, "http_error"), message)
+        if status == 405 and getattr(error, "valid_methods", None):
+            resp.headers["Allow"] = ", ".join(error.valid_methods)  # type: ignore[attr-defined]
+        return resp
+
+    @app.errorhandler(Exception)
+    async def _bug(error: Exception) -> Response:
+        # The operator gets the traceback in the log; the client gets an opaque 500.
+        log.error("unhandled error", exc_info=error)
+        return json_error(500, "internal_error", "internal error (see the service log)")

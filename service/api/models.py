@@ -1,0 +1,109 @@
+"""Request and response models of the HTTP API (pydantic).
+
+The same models validate input and generate ``/openapi.json`` (through quart-schema).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..store import Conversation, Message
+
+__all__ = [
+    "AgentName",
+    "ConversationList",
+    "ConversationOut",
+    "ConversationWithMessages",
+    "CreateConversation",
+    "ErrorBody",
+    "ErrorDetail",
+    "ListConversationsQuery",
+    "MessageOut",
+    "iso",
+]
+
+AgentName = Literal["chat", "react", "plan_execute", "auto"]
+
+
+def iso(ts: float | None) -> str | None:
+    """Unix seconds to an RFC 3339 UTC timestamp with milliseconds."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class _Strict(BaseModel):
+    # Unknown fields are refused (422 naming them): a typo must not be silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateConversation(_Strict):
+    title: str | None = Field(None, max_length=500)
+    system: str | None = Field(None, max_length=100_000, description="system prompt")
+    model: str | None = Field(None, max_length=200)
+    agent: AgentName | None = None
+
+
+class ListConversationsQuery(_Strict):
+    limit: int = Field(20, ge=1, le=100)
+    before: str | None = Field(None, max_length=200, description="cursor from a page's `next`")
+
+
+class ConversationOut(BaseModel):
+    id: str
+    title: str | None
+    system: str | None
+    model: str | None
+    agent: str | None
+    created_at: str
+    updated_at: str
+
+    @classmethod
+    def of(cls, c: Conversation) -> ConversationOut:
+        return cls(
+            id=c.id, title=c.title, system=c.system, model=c.model, agent=c.agent,
+            created_at=iso(c.created_at) or "", updated_at=iso(c.updated_at) or "",
+        )
+
+
+class MessageOut(BaseModel):
+    id: str
+    role: str
+    content: str
+    status: Literal["pending", "complete", "cancelled", "error"]
+    created_at: str
+    run_id: str | None
+    error: str | None = None
+
+    @classmethod
+    def of(cls, m: Message) -> MessageOut:
+        return cls(
+            id=m.id, role=m.role, content=m.content, status=m.status.value,
+            created_at=iso(m.created_at) or "", run_id=m.run_id, error=m.error,
+        )
+
+
+class ConversationWithMessages(ConversationOut):
+    messages: list[MessageOut]
+
+
+class ConversationList(BaseModel):
+    data: list[ConversationOut]
+    next: str | None
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+def error_body(type_: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"error": {"type": type_, "message": message, **extra}}

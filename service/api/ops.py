@@ -1,0 +1,58 @@
+"""Operations: ``/healthz``, ``/readyz``, ``/metrics``."""
+
+from __future__ import annotations
+
+import trio
+from quart import Blueprint, Response, jsonify
+from quart_schema import hide
+
+from ..errors import ServiceError
+from .state import services
+
+__all__ = ["blueprint"]
+
+blueprint = Blueprint("ops", __name__)
+
+_READY_PROBE_DEADLINE = 2.0
+
+
+@blueprint.get("/healthz")
+async def healthz() -> Response:
+    """200 while the process serves."""
+    return jsonify({"status": "ok"})
+
+
+@blueprint.get("/readyz")
+async def readyz() -> Response:
+    """200 when the store and at least one backend answer, else 503 naming what is down."""
+    svc = services()
+    checks: dict[str, str] = {}
+    with trio.move_on_after(_READY_PROBE_DEADLINE) as scope:
+        try:
+            await svc.require_store().ping()
+            checks["store"] = "ok"
+        except ServiceError as exc:
+            checks["store"] = f"down: {exc.message}"
+    if scope.cancelled_caught:
+        checks["store"] = "down: no answer within 2 s"
+    if svc.backend is not None:
+        with trio.move_on_after(_READY_PROBE_DEADLINE) as scope:
+            health = await svc.backend.health()
+            checks["backend"] = "ok" if health.ready else f"down: {health.error or 'not ready'}"
+        if scope.cancelled_caught:
+            checks["backend"] = "down: no answer within 2 s"
+    if svc.draining:
+        checks["service"] = "down: shutting down"
+    ok = all(v == "ok" for v in checks.values())
+    down = [k for k, v in checks.items() if v != "ok"]
+    resp = jsonify({"status": "ready" if ok else "not ready", "checks": checks, "down": down})
+    resp.status_code = 200 if ok else 503
+    return resp
+
+
+@blueprint.get("/metrics")
+@hide
+async def metrics() -> Response:
+    """Prometheus text exposition."""
+    body = services().metrics.render()
+    return Response(body, content_type="text/plain; version=0.0.4; charset=utf-8")

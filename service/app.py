@@ -1,0 +1,31 @@
+"""``service.app:app``: the app built from the environment, for
+``hypercorn --config hypercorn.toml service.app:app``.
+
+Importing this module reads the settings; a bad one stops the process with one line naming it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from quart_trio import QuartTrio
+
+from .errors import ConfigError
+from .factory import create_app
+from .logs import configure_logging
+from .settings import load_settings
+
+__all__ = ["app"]
+
+
+def _app_from_env() -> QuartTrio:
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"service: {exc.message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(settings.log_level, settings.log_format)
+    return create_app(settings)
+
+
+app = _app_from_env()

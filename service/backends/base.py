@@ -1,0 +1,162 @@
+"""The backend interface every LLM adapter implements, and its wire-neutral data types.
+
+A backend turns a :class:`ChatRequest` into a stream of :class:`ChatChunk`. ``stream`` is an async
+context manager: the upstream HTTP response lives exactly as long as the ``async with`` block, so
+leaving the block early (break, error, cancellation) closes the upstream connection.
+
+    async with backend.stream(request) as chunks:
+        async for chunk in chunks:
+            ...
+
+Adapters map every lower-layer failure to a :mod:`service.errors` type at their boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = [
+    "Backend",
+    "BackendHealth",
+    "ChatChunk",
+    "ChatMessage",
+    "ChatRequest",
+    "ChatResult",
+    "ModelInfo",
+    "ToolCall",
+    "Usage",
+    "collect_chat",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str  # "system" | "user" | "assistant" | "tool"
+    content: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None  # for role == "tool"
+    name: str | None = None  # tool name, for role == "tool"
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    messages: tuple[ChatMessage, ...]
+    model: str | None = None  # None: the backend's default model
+    tools: tuple[dict[str, Any], ...] = ()  # OpenAI-style {"type": "function", "function": {...}}
+    max_tokens: int | None = None
+    temperature: float | None = None
+    stop: tuple[str, ...] = ()
+    run_id: str | None = None  # recorded by the interceptor
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    estimated: bool = False  # True when counted by us because the stream was cut
+
+    @property
+    def total_tokens(self) -> int | None:
+        if self.prompt_tokens is None and self.completion_tokens is None:
+            return None
+        return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class ChatChunk:
+    """One piece of a streamed answer. The last chunk has ``done=True``."""
+
+    text: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()  # complete calls (deltas are joined by the adapter)
+    done: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "tool_calls" | ...
+    usage: Usage | None = None  # on the final chunk
+    timings: dict[str, float] | None = None  # backend-reported timings, milliseconds
+    model: str | None = None
+    backend: str | None = None  # name of the backend that produced it (tells which one served)
+
+
+@dataclass(frozen=True, slots=True)
+class ChatResult:
+    message: ChatMessage
+    model: str
+    backend: str
+    finish_reason: str | None = None
+    usage: Usage = field(default_factory=Usage)
+    timings: dict[str, float] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    id: str
+    backend: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class BackendHealth:
+    name: str
+    url: str
+    reachable: bool  # answered at all
+    ready: bool  # can serve now (e.g. llama.cpp's /health is 200, not 503 "Loading model")
+    latency: float | None = None  # seconds for the probe
+    error: str | None = None
+    models: tuple[str, ...] = ()
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the agents and the API need from an LLM server."""
+
+    name: str
+    url: str
+
+    def stream(self, request: ChatRequest) -> AbstractAsyncContextManager[AsyncIterator[ChatChunk]]:
+        """Open a streamed chat; the upstream response lives as long as the context."""
+        ...
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        """A whole (streamed underneath) chat, joined into one result."""
+        ...
+
+    async def list_models(self) -> list[ModelInfo]: ...
+
+    async def health(self) -> BackendHealth: ...
+
+    async def preload(self, model: str) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+async def collect_chat(backend: Backend, request: ChatRequest) -> ChatResult:
+    """Run ``backend.stream(request)`` to its end and join the chunks into one result."""
+    text: list[str] = []
+    tool_calls: list[ToolCall] = []
+    last: ChatChunk | None = None
+    model = request.model
+    served_by = backend.name
+    async with backend.stream(request) as chunks:
+        async for chunk in chunks:
+            text.append(chunk.text)
+            tool_calls.extend(chunk.tool_calls)
+            model = chunk.model or model
+            served_by = chunk.backend or served_by
+            last = chunk
+    return ChatResult(
+        message=ChatMessage("assistant", "".join(text), tuple(tool_calls)),
+        model=model or "",
+        backend=served_by,
+        finish_reason=last.finish_reason if last else None,
+        usage=(last.usage if last and last.usage else Usage()),
+        timings=last.timings if last else None,
+    )

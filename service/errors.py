@@ -1,0 +1,196 @@
+"""The service's exception tree.
+
+Every error the service raises on purpose derives from :class:`ServiceError`. Lower layers'
+exceptions (httpx, sqlite3, json) are mapped once, at the adapter boundary, to the most specific
+type here, keeping the original as ``__cause__``.
+
+    ServiceError
+    ├── ConfigError                    a setting is invalid (start-up)
+    ├── StoreError                     the store failed
+    │   └── NotFound                   no such conversation / run / message
+    ├── BackendError                   an LLM backend failed            (HTTP 502)
+    │   ├── BackendUnavailable         refused, unreachable, 503, loading  (503)
+    │   │   └── AllBackendsFailed      auto backend: every backend failed, with each cause
+    │   ├── BackendTimeout             a time budget ran out            (504)
+    │   │   ├── ConnectTimeout         connecting took too long
+    │   │   ├── FirstChunkTimeout      no first chunk within the idle budget
+    │   │   ├── ChunkGapTimeout        a gap between chunks exceeded the idle budget
+    │   │   └── CallTimeout            the whole call exceeded its budget
+    │   ├── BackendProtocolError       malformed or unexpected answer (502)
+    │   ├── BackendResponseError       the backend answered with an error (status or body)
+    │   └── ModelNotFound              the model is unknown to the backend (404)
+    ├── ToolError                      a tool failed (the model sees it as an observation)
+    │   ├── ToolTimeout                a tool ran past its timeout
+    │   └── ToolArgumentsError         arguments do not match the tool's schema
+    ├── RunError                       run lifecycle errors
+    │   ├── IllegalTransition          a run status change that the lifecycle forbids
+    │   ├── TooManyRuns                SERVICE_MAX_RUNS reached (429)
+    │   └── RunCancelled               the run was cancelled (explicitly or by disconnect)
+    └── ShuttingDown                   the service is draining; no new work (503)
+
+Errors the *model* should see (tool failures) are separate from errors the *operator* should see
+(backend down, a bug): the former become observations, the latter end a run ``failed``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AllBackendsFailed",
+    "BackendError",
+    "BackendProtocolError",
+    "BackendResponseError",
+    "BackendTimeout",
+    "BackendUnavailable",
+    "CallTimeout",
+    "ChunkGapTimeout",
+    "ConfigError",
+    "ConnectTimeout",
+    "FirstChunkTimeout",
+    "IllegalTransition",
+    "ModelNotFound",
+    "NotFound",
+    "RunCancelled",
+    "RunError",
+    "ServiceError",
+    "ShuttingDown",
+    "StoreError",
+    "TooManyRuns",
+    "ToolArgumentsError",
+    "ToolError",
+    "ToolTimeout",
+]
+
+
+class ServiceError(Exception):
+    """Base of every error the service raises on purpose.
+
+    ``status`` and ``type`` drive the JSON error model of the HTTP API.
+    """
+
+    status: int = 500
+    type: str = "internal_error"
+
+    def __init__(self, message: str = "", **details: object) -> None:
+        super().__init__(message)
+        self.message = message or self.__class__.__name__
+        self.details = details
+
+    def to_dict(self) -> dict[str, object]:
+        return {"type": self.type, "message": self.message, **self.details}
+
+
+class ConfigError(ServiceError):
+    type = "config_error"
+
+
+class StoreError(ServiceError):
+    type = "store_error"
+
+
+class NotFound(StoreError):
+    status = 404
+    type = "not_found"
+
+
+class BackendError(ServiceError):
+    status = 502
+    type = "backend_error"
+
+    def __init__(self, message: str = "", *, backend: str | None = None, **details: object) -> None:
+        if backend is not None:
+            details["backend"] = backend
+        super().__init__(message, **details)
+        self.backend = backend
+
+
+class BackendUnavailable(BackendError):
+    status = 503
+    type = "backend_unavailable"
+
+
+class AllBackendsFailed(BackendUnavailable):
+    type = "all_backends_failed"
+
+    def __init__(self, causes: list[BackendError]) -> None:
+        self.causes = causes
+        summary = "; ".join(f"{c.backend or '?'}: {c.message}" for c in causes) or "no backends"
+        super().__init__(
+            f"all backends failed: {summary}",
+            causes=[c.to_dict() for c in causes],
+        )
+
+
+class BackendTimeout(BackendError):
+    status = 504
+    type = "backend_timeout"
+    budget: str = "call"
+
+
+class ConnectTimeout(BackendTimeout):
+    type = "connect_timeout"
+    budget = "connect"
+
+
+class FirstChunkTimeout(BackendTimeout):
+    type = "first_chunk_timeout"
+    budget = "first_chunk"
+
+
+class ChunkGapTimeout(BackendTimeout):
+    type = "chunk_gap_timeout"
+    budget = "chunk_gap"
+
+
+class CallTimeout(BackendTimeout):
+    type = "call_timeout"
+    budget = "call"
+
+
+class BackendProtocolError(BackendError):
+    type = "backend_protocol_error"
+
+
+class BackendResponseError(BackendError):
+    type = "backend_response_error"
+
+
+class ModelNotFound(BackendError):
+    status = 404
+    type = "model_not_found"
+
+
+class ToolError(ServiceError):
+    type = "tool_error"
+
+
+class ToolTimeout(ToolError):
+    type = "tool_timeout"
+
+
+class ToolArgumentsError(ToolError):
+    status = 422
+    type = "tool_arguments_error"
+
+
+class RunError(ServiceError):
+    type = "run_error"
+
+
+class IllegalTransition(RunError):
+    status = 409
+    type = "illegal_transition"
+
+
+class TooManyRuns(RunError):
+    status = 429
+    type = "too_many_runs"
+
+
+class RunCancelled(RunError):
+    status = 499
+    type = "run_cancelled"
+
+
+class ShuttingDown(ServiceError):
+    status = 503
+    type = "shutting_down"

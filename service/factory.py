@@ -1,0 +1,124 @@
+"""Builds the ASGI application: routes, middleware and the lifespan that owns the services.
+
+``create_app(settings)`` builds an app; ``service.app:app`` is one built from the environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import time
+from typing import Any
+
+from quart import Response, g, request
+from quart_schema import QuartSchema
+from quart_trio import QuartTrio
+from quart_trio.wrappers import TrioRequest
+
+from .api import conversations, ops
+from .api.errors import install_error_handlers, json_error
+from .api.state import Services
+from .logs import REQUEST_ID, get_logger
+from .metrics import METRICS, Metrics
+from .settings import Settings, load_settings
+from .store import Store
+
+__all__ = ["create_app"]
+
+log = get_logger("service.app")
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_OPEN_ROUTES = frozenset({"/healthz", "/readyz"})
+
+
+def _owner_of(key: str) -> str:
+    # Conversations are tagged with a digest of the key, never the key itself.
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+class _JSONRequest(TrioRequest):
+    """Bodies are JSON whatever the Content-Type says (as with OpenAI's and Ollama's APIs)."""
+
+    async def get_json(  # type: ignore[override]
+        self, force: bool = True, silent: bool = False, cache: bool = True
+    ) -> Any:
+        return await super().get_json(force=force, silent=silent, cache=cache)
+
+
+def create_app(settings: Settings | None = None, *, metrics: Metrics | None = None) -> QuartTrio:
+    settings = settings or load_settings()
+    app = QuartTrio(__name__)
+    app.request_class = _JSONRequest
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.config["QUART_SCHEMA_CONVERSION_PREFERENCE"] = "pydantic"
+    QuartSchema(
+        app,
+        info={"title": "Trio agent service", "version": "0.1.0"},  # type: ignore[arg-type]
+        openapi_path="/openapi.json",
+        swagger_ui_path="/docs",
+        redoc_ui_path=None,
+        scalar_ui_path=None,
+    )
+    svc = Services(settings=settings, metrics=metrics or METRICS)
+    app.extensions["service"] = svc
+    install_error_handlers(app)
+    app.register_blueprint(ops.blueprint)
+    app.register_blueprint(conversations.blueprint)
+    keys = tuple(k.encode() for k in settings.api_keys)
+
+    @app.before_serving
+    async def _startup() -> None:
+        store = Store(settings.db, synchronous=settings.db_synchronous, metrics=svc.metrics)
+        await store.open()
+        svc.store = store
+        log.info("store open", extra={"db": str(settings.db)})
+
+    @app.after_serving
+    async def _shutdown() -> None:
+        svc.draining = True
+        if svc.store is not None:
+            await svc.store.aclose()
+            log.info("store closed")
+
+    @app.before_request
+    async def _begin() -> Response | None:
+        rid = request.headers.get("X-Request-ID", "")
+        if not _REQUEST_ID_RE.match(rid):
+            rid = f"req_{time.monotonic_ns():x}"
+        REQUEST_ID.set(rid)
+        g.request_id = rid
+        g.started = time.perf_counter()
+        if keys and request.path not in _OPEN_ROUTES:
+            auth = request.headers.get("Authorization", "")
+            given = auth[7:].strip().encode() if auth[:7].lower() == "bearer " else b""
+            # Compare against every key, in constant time, so timing tells nothing.
+            match = None
+            for key in keys:
+                if hmac.compare_digest(given, key):
+                    match = key
+            if match is None:
+                resp = json_error(401, "unauthorized", "missing or wrong API key")
+                resp.headers["WWW-Authenticate"] = "Bearer"
+                return resp
+            g.owner = _owner_of(match.decode())
+        return None
+
+    @app.after_request
+    async def _end(response: Response) -> Response:
+        rid = getattr(g, "request_id", None)
+        if rid:
+            response.headers["X-Request-ID"] = rid
+        rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        svc.metrics.http_requests.labels(request.method, rule, str(response.status_code)).inc()
+        started = getattr(g, "started", None)
+        log.info(
+            "%s %s %s", request.method, request.path, response.status_code,
+            extra={
+                "status": response.status_code,
+                "ms": round((time.perf_counter() - started) * 1000, 2) if started else None,
+            },
+        )
+        return response
+
+    return app

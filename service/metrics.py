@@ -1,0 +1,57 @@
+"""Prometheus metrics of the service, on one registry (served at ``/metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["METRICS", "Metrics"]
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
+
+
+class Metrics:
+    """All metrics, created on a private registry so tests can build their own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.http_requests = Counter(
+            "service_http_requests", "HTTP requests by method, route and status",
+            ["method", "route", "status"], registry=r,
+        )
+        self.runs = Counter("service_runs", "Finished runs by status", ["status"], registry=r)
+        self.runs_in_flight = Gauge("service_runs_in_flight", "Runs in flight", registry=r)
+        self.llm_calls = Counter(
+            "service_llm_calls", "LLM calls by backend and outcome", ["backend", "outcome"],
+            registry=r,
+        )
+        self.llm_latency = Histogram(
+            "service_llm_call_seconds", "Whole LLM call duration", ["backend"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.llm_ttft = Histogram(
+            "service_llm_ttft_seconds", "LLM time to first token", ["backend"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.llm_queue_wait = Histogram(
+            "service_llm_queue_wait_seconds", "Wait for the backend's concurrency limiter",
+            ["backend"], buckets=_FAST_BUCKETS, registry=r,
+        )
+        self.llm_tokens = Counter(
+            "service_llm_tokens", "Tokens by backend and kind (prompt/completion)",
+            ["backend", "kind"], registry=r,
+        )
+        self.tool_calls = Counter(
+            "service_tool_calls", "Tool calls by tool and outcome", ["tool", "outcome"], registry=r,
+        )
+        self.store_latency = Histogram(
+            "service_store_seconds", "Store operation latency", ["op"],
+            buckets=_FAST_BUCKETS, registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+METRICS = Metrics()

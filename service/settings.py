@@ -1,0 +1,112 @@
+"""Settings, read from ``SERVICE_*`` environment variables and validated at start-up.
+
+A bad value stops the process with one line naming the variable (see ``service.__main__``);
+``load_settings`` raises :class:`~service.errors.ConfigError` carrying that line.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .errors import ConfigError
+
+__all__ = ["BackendKind", "Settings", "load_settings"]
+
+
+class BackendKind(StrEnum):
+    auto = "auto"
+    ollama = "ollama"
+    llamacpp = "llamacpp"
+    embedded = "embedded"
+
+
+def _check_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"not an http(s) URL: {value!r}")
+    return value.rstrip("/")
+
+
+class Settings(BaseSettings):
+    """Every setting of the service. Documented in README.md and ../shared/API.md."""
+
+    model_config = SettingsConfigDict(env_prefix="SERVICE_", extra="ignore", frozen=True)
+
+    db: Path = Path("./data/service.db")
+    backend: BackendKind = BackendKind.auto
+    gguf: Path | None = None
+    ollama_url: str = "http://127.0.0.1:11434"
+    llamacpp_url: str = "http://127.0.0.1:8080"
+    default_model: str | None = None
+    api_keys: Annotated[tuple[str, ...], NoDecode] = ()
+    run_timeout: float = Field(300.0, gt=0)
+    llm_idle_timeout: float = Field(60.0, gt=0)
+    tool_timeout: float = Field(30.0, gt=0)
+    max_runs: int = Field(1000, ge=1)
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    # Beyond API.md (documented in the README):
+    llm_connect_timeout: float = Field(10.0, gt=0)
+    llm_call_timeout: float = Field(600.0, gt=0)
+    backend_concurrency: int = Field(64, ge=1)
+    health_ttl: float = Field(5.0, ge=0)
+    sse_keepalive: float = Field(15.0, gt=0)
+    shutdown_drain: float = Field(5.0, ge=0)
+    history_chars: int = Field(24_000, ge=0)
+    db_synchronous: str = "NORMAL"
+    log_level: str = "INFO"
+    log_format: str = "json"
+
+    @field_validator("ollama_url", "llamacpp_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _check_url(value)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(k.strip() for k in value.split(",") if k.strip())
+        return value
+
+    @field_validator("db_synchronous")
+    @classmethod
+    def _sync(cls, value: str) -> str:
+        value = value.upper()
+        if value not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ValueError("must be OFF, NORMAL, FULL or EXTRA")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return value
+
+    @field_validator("log_format")
+    @classmethod
+    def _format(cls, value: str) -> str:
+        if value not in ("json", "text"):
+            raise ValueError("must be json or text")
+        return value
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment (overridden by ``overrides``), or raise ConfigError with one line."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        var = f"SERVICE_{field.upper()}"
+        given = err.get("input")
+        raise ConfigError(
+            f"invalid setting {var}={given!r}: {err['msg']}", variable=var
+        ) from None

@@ -1,0 +1,93 @@
+"""The store's schema, as forward migrations keyed by ``PRAGMA user_version``.
+
+Migration N (1-based) takes a database at version N-1 to version N. Never edit a released
+migration: append a new one.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION"]
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: conversations, messages, runs, run events, LLM calls.
+    (
+        """
+        CREATE TABLE conversations (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            owner TEXT,
+            title TEXT,
+            system TEXT,
+            model TEXT,
+            agent TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX conversations_owner ON conversations(owner, seq)",
+        """
+        CREATE TABLE messages (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant', 'tool')),
+            content TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('pending', 'complete', 'cancelled', 'error')),
+            run_id TEXT,
+            error TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX messages_conversation ON messages(conversation_id, seq)",
+        """
+        CREATE TABLE runs (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            owner TEXT,
+            agent TEXT NOT NULL,
+            model TEXT,
+            status TEXT NOT NULL CHECK (status IN
+                ('queued', 'running', 'succeeded', 'failed', 'cancelled', 'timed_out')),
+            created_at REAL NOT NULL,
+            started_at REAL,
+            finished_at REAL,
+            error TEXT,
+            usage TEXT NOT NULL DEFAULT '{}'
+        )
+        """,
+        "CREATE INDEX runs_conversation ON runs(conversation_id, seq)",
+        """
+        CREATE TABLE run_events (
+            run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+            seq INTEGER NOT NULL,
+            type TEXT NOT NULL,
+            data TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (run_id, seq)
+        ) WITHOUT ROWID
+        """,
+        """
+        CREATE TABLE llm_calls (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            run_id TEXT,
+            backend TEXT NOT NULL,
+            model TEXT NOT NULL,
+            outcome TEXT NOT NULL CHECK (outcome IN ('ok', 'error', 'cancelled', 'timed_out')),
+            started_at REAL NOT NULL,
+            queue_wait REAL,
+            ttft REAL,
+            duration REAL,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            tokens_estimated INTEGER NOT NULL DEFAULT 0,
+            error TEXT
+        )
+        """,
+        "CREATE INDEX llm_calls_run ON llm_calls(run_id, seq)",
+    ),
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,0 +1,530 @@
+"""The SQLite store: WAL mode, every call in a worker thread, writes serialised.
+
+Concurrency model:
+
+* Inside the process, writes are serialised by a ``trio.Lock`` around one writer connection;
+  reads use a second connection under their own lock (WAL lets them run beside a write).
+* Across processes (several hypercorn workers on one file), SQLite's own locking serialises
+  writers: every write transaction starts with ``BEGIN IMMEDIATE`` and waits up to
+  ``busy_timeout`` for the file lock.
+* Every sqlite3 call runs in ``trio.to_thread.run_sync`` without ``abandon_on_cancel``: once a
+  write has entered its thread it runs to ``COMMIT`` (or ``ROLLBACK`` on error) even if the
+  calling task is cancelled, and the cancellation is delivered afterwards. A write cancelled while
+  it still waits for the lock never starts. So a cancelled write lands whole or not at all.
+
+Durability: a write is acknowledged when ``COMMIT`` has returned. In WAL mode that means the
+transaction is in the WAL file; with ``synchronous=NORMAL`` (the default here) it survives the
+process being killed (``kill -9``) but may be lost on power failure or an OS crash. Set
+``SERVICE_DB_SYNCHRONOUS=FULL`` to fsync every commit and survive those too, at a cost in
+append latency (see README's figures).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from ..errors import NotFound, StoreError
+from ..metrics import METRICS, Metrics
+from .records import (
+    Conversation,
+    LLMCallOutcome,
+    LLMCallRecord,
+    Message,
+    MessageStatus,
+    RunEventRecord,
+    RunRecord,
+)
+from .schema import MIGRATIONS
+
+__all__ = ["Store", "new_id", "open_store"]
+
+T = TypeVar("T")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def _encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"s{seq}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if not raw.startswith("s"):
+            raise ValueError(cursor)
+        return int(raw[1:])
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"invalid cursor: {cursor!r}") from exc
+
+
+_CONV_COLS = "id, title, system, model, agent, owner, created_at, updated_at"
+_MSG_COLS = "id, conversation_id, role, content, status, run_id, error, created_at, updated_at"
+_RUN_COLS = (
+    "id, conversation_id, owner, agent, model, status, created_at, started_at, finished_at, "
+    "error, usage"
+)
+_CALL_COLS = (
+    "id, backend, model, outcome, started_at, run_id, queue_wait, ttft, duration, "
+    "prompt_tokens, completion_tokens, tokens_estimated, error"
+)
+
+
+def _conversation(row: Sequence[Any]) -> Conversation:
+    return Conversation(*row)
+
+
+def _message(row: Sequence[Any]) -> Message:
+    m = list(row)
+    m[4] = MessageStatus(m[4])
+    return Message(*m)
+
+
+def _run(row: Sequence[Any]) -> RunRecord:
+    r = list(row)
+    r[10] = json.loads(r[10]) if r[10] else {}
+    return RunRecord(*r)
+
+
+def _call(row: Sequence[Any]) -> LLMCallRecord:
+    c = list(row)
+    c[3] = LLMCallOutcome(c[3])
+    c[11] = bool(c[11])
+    return LLMCallRecord(*c)
+
+
+def _connect(path: Path, synchronous: str, busy_timeout: float) -> sqlite3.Connection:
+    # isolation_level=None: we issue BEGIN/COMMIT ourselves (BEGIN IMMEDIATE for writers).
+    conn = sqlite3.connect(
+        str(path), timeout=busy_timeout, isolation_level=None, check_same_thread=False
+    )
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
+    return conn
+
+
+class Store:
+    """Conversations, messages, runs, run events and LLM calls in one SQLite file."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: str = "NORMAL",
+        busy_timeout: float = 10.0,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self._synchronous = synchronous
+        self._busy_timeout = busy_timeout
+        self._metrics = metrics or METRICS
+        self._write_lock = trio.Lock()
+        self._read_lock = trio.Lock()
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        # Test hook: called inside the writer thread, inside the transaction, before COMMIT.
+        self._before_commit: Callable[[], None] | None = None
+
+    def __repr__(self) -> str:
+        state = "open" if self._writer is not None else "closed"
+        busy = "writing" if self._write_lock.locked() else "idle"
+        return f"<Store {self.path} [{state}, {busy}]>"
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await trio.to_thread.run_sync(self._open_sync)
+
+    def _open_sync(self) -> None:
+        try:
+            if str(self.path) != ":memory:":
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            writer = _connect(self.path, self._synchronous, self._busy_timeout)
+            mode = writer.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal" and str(self.path) != ":memory:":
+                raise StoreError(f"could not switch {self.path} to WAL (got {mode})")
+            self._migrate(writer)
+            reader = _connect(self.path, self._synchronous, self._busy_timeout)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open store {self.path}: {exc}") from exc
+        self._writer, self._reader = writer, reader
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        # BEGIN IMMEDIATE so that two processes starting at once do not both migrate.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise StoreError(
+                    f"database schema version {version} is newer than this code "
+                    f"({len(MIGRATIONS)}); refusing to open"
+                )
+            for number in range(version, len(MIGRATIONS)):
+                for statement in MIGRATIONS[number]:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {number + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    async def aclose(self) -> None:
+        # Wait for writes in flight, then close; shielded so a shutdown cannot leave it half done.
+        with trio.CancelScope(shield=True):
+            async with self._write_lock, self._read_lock:
+                writer, reader = self._writer, self._reader
+                self._writer = self._reader = None
+                if writer is not None or reader is not None:
+                    await trio.to_thread.run_sync(_close_all, writer, reader)
+
+    async def __aenter__(self) -> Store:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    async def _write(self, op: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in one IMMEDIATE transaction on the writer connection, in a thread."""
+        start = time.perf_counter()
+        async with self._write_lock:
+            conn = self._writer
+            if conn is None:
+                raise StoreError("store is closed")
+            result = await trio.to_thread.run_sync(self._transaction, conn, fn)
+        self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
+        return result
+
+    def _transaction(self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+                if self._before_commit is not None:
+                    self._before_commit()
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"store write failed: {exc}") from exc
+        return result
+
+    async def _read(self, op: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        start = time.perf_counter()
+        async with self._read_lock:
+            conn = self._reader
+            if conn is None:
+                raise StoreError("store is closed")
+            try:
+                # Reads have no side effects; still not abandoned, so the connection is never
+                # used by two threads at once.
+                result = await trio.to_thread.run_sync(fn, conn)
+            except sqlite3.Error as exc:
+                raise StoreError(f"store read failed: {exc}") from exc
+        self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
+        return result
+
+    async def ping(self) -> None:
+        """Raise StoreError unless the store answers a trivial query."""
+        await self._read("ping", lambda c: c.execute("SELECT 1").fetchone())
+
+    # -- conversations --------------------------------------------------------------------------
+
+    async def create_conversation(
+        self,
+        *,
+        title: str | None = None,
+        system: str | None = None,
+        model: str | None = None,
+        agent: str | None = None,
+        owner: str | None = None,
+    ) -> Conversation:
+        now = time.time()
+        conv = Conversation(new_id("conv"), title, system, model, agent, owner, now, now)
+
+        def fn(c: sqlite3.Connection) -> None:
+            c.execute(
+                f"INSERT INTO conversations ({_CONV_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (conv.id, title, system, model, agent, owner, now, now),
+            )
+
+        await self._write("create_conversation", fn)
+        return conv
+
+    async def get_conversation(
+        self, conversation_id: str, *, owner: str | None = None
+    ) -> Conversation:
+        def fn(c: sqlite3.Connection) -> Conversation | None:
+            row = c.execute(
+                f"SELECT {_CONV_COLS} FROM conversations WHERE id = ? AND owner IS ?",
+                (conversation_id, owner),
+            ).fetchone()
+            return _conversation(row) if row else None
+
+        conv = await self._read("get_conversation", fn)
+        if conv is None:
+            raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
+        return conv
+
+    async def list_conversations(
+        self, *, owner: str | None = None, limit: int = 20, before: str | None = None
+    ) -> tuple[list[Conversation], str | None]:
+        """Newest first; returns the page and the cursor of the next page (or None)."""
+        before_seq = _decode_cursor(before) if before else None
+
+        def fn(c: sqlite3.Connection) -> tuple[list[Conversation], str | None]:
+            sql = f"SELECT seq, {_CONV_COLS} FROM conversations WHERE owner IS ?"
+            args: list[Any] = [owner]
+            if before_seq is not None:
+                sql += " AND seq < ?"
+                args.append(before_seq)
+            sql += " ORDER BY seq DESC LIMIT ?"
+            args.append(limit + 1)
+            rows = c.execute(sql, args).fetchall()
+            page = rows[:limit]
+            nxt = _encode_cursor(page[-1][0]) if len(rows) > limit else None
+            return [_conversation(r[1:]) for r in page], nxt
+
+        return await self._read("list_conversations", fn)
+
+    async def delete_conversation(self, conversation_id: str, *, owner: str | None = None) -> None:
+        def fn(c: sqlite3.Connection) -> int:
+            cur = c.execute(
+                "DELETE FROM conversations WHERE id = ? AND owner IS ?", (conversation_id, owner)
+            )
+            return cur.rowcount
+
+        if not await self._write("delete_conversation", fn):
+            raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
+
+    # -- messages -------------------------------------------------------------------------------
+
+    async def append_message(
+        self,
+        conversation_id: str,
+        *,
+        role: str,
+        content: str,
+        status: MessageStatus = MessageStatus.complete,
+        run_id: str | None = None,
+    ) -> Message:
+        """Append a message; it is durable when this returns."""
+        return (await self.append_messages(conversation_id, [(role, content, status, run_id)]))[0]
+
+    async def append_messages(
+        self,
+        conversation_id: str,
+        items: Iterable[tuple[str, str, MessageStatus, str | None]],
+    ) -> list[Message]:
+        """Append several messages in one transaction: all land or none."""
+        now = time.time()
+        msgs = [
+            Message(new_id("msg"), conversation_id, role, content, status, run_id, None, now, now)
+            for role, content, status, run_id in items
+        ]
+
+        def fn(c: sqlite3.Connection) -> None:
+            cur = c.execute(
+                "UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id)
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
+            c.executemany(
+                f"INSERT INTO messages ({_MSG_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (m.id, m.conversation_id, m.role, m.content, m.status.value, m.run_id, None,
+                     now, now)
+                    for m in msgs
+                ],
+            )
+
+        await self._write("append_message", fn)
+        return msgs
+
+    async def update_message(
+        self,
+        message_id: str,
+        *,
+        content: str,
+        status: MessageStatus,
+        error: str | None = None,
+    ) -> None:
+        now = time.time()
+
+        def fn(c: sqlite3.Connection) -> int:
+            return c.execute(
+                "UPDATE messages SET content = ?, status = ?, error = ?, updated_at = ? "
+                "WHERE id = ?",
+                (content, status.value, error, now, message_id),
+            ).rowcount
+
+        if not await self._write("update_message", fn):
+            raise NotFound(f"no message {message_id!r}", id=message_id)
+
+    async def get_messages(self, conversation_id: str) -> list[Message]:
+        """Messages of a conversation, oldest first."""
+
+        def fn(c: sqlite3.Connection) -> list[Message]:
+            rows = c.execute(
+                f"SELECT {_MSG_COLS} FROM messages WHERE conversation_id = ? ORDER BY seq",
+                (conversation_id,),
+            ).fetchall()
+            return [_message(r) for r in rows]
+
+        return await self._read("get_messages", fn)
+
+    # -- runs and their events ------------------------------------------------------------------
+
+    async def create_run(
+        self,
+        conversation_id: str,
+        *,
+        agent: str,
+        model: str | None,
+        owner: str | None = None,
+        run_id: str | None = None,
+    ) -> RunRecord:
+        now = time.time()
+        run = RunRecord(
+            run_id or new_id("run"), conversation_id, owner, agent, model, "queued", now,
+            None, None, None, {},
+        )
+
+        def fn(c: sqlite3.Connection) -> None:
+            c.execute(
+                f"INSERT INTO runs ({_RUN_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run.id, conversation_id, owner, agent, model, "queued", now, None, None, None,
+                 "{}"),
+            )
+
+        await self._write("create_run", fn)
+        return run
+
+    async def update_run(
+        self,
+        run_id: str,
+        *,
+        status: str,
+        started_at: float | None = None,
+        finished_at: float | None = None,
+        error: str | None = None,
+        usage: dict[str, Any] | None = None,
+    ) -> None:
+        def fn(c: sqlite3.Connection) -> int:
+            return c.execute(
+                "UPDATE runs SET status = ?, started_at = COALESCE(?, started_at), "
+                "finished_at = COALESCE(?, finished_at), error = COALESCE(?, error), "
+                "usage = COALESCE(?, usage) WHERE id = ?",
+                (status, started_at, finished_at, error,
+                 json.dumps(usage) if usage is not None else None, run_id),
+            ).rowcount
+
+        if not await self._write("update_run", fn):
+            raise NotFound(f"no run {run_id!r}", id=run_id)
+
+    async def get_run(self, run_id: str, *, owner: str | None = None) -> RunRecord:
+        def fn(c: sqlite3.Connection) -> RunRecord | None:
+            row = c.execute(
+                f"SELECT {_RUN_COLS} FROM runs WHERE id = ? AND owner IS ?", (run_id, owner)
+            ).fetchone()
+            return _run(row) if row else None
+
+        run = await self._read("get_run", fn)
+        if run is None:
+            raise NotFound(f"no run {run_id!r}", id=run_id)
+        return run
+
+    async def append_run_events(self, events: Sequence[RunEventRecord]) -> None:
+        """Append a batch of events in one transaction (all land or none)."""
+        if not events:
+            return
+
+        def fn(c: sqlite3.Connection) -> None:
+            c.executemany(
+                "INSERT INTO run_events (run_id, seq, type, data, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(e.run_id, e.seq, e.type, json.dumps(e.data), e.created_at) for e in events],
+            )
+
+        await self._write("append_run_events", fn)
+
+    async def list_run_events(
+        self, run_id: str, *, after: int = 0, limit: int = 10_000
+    ) -> list[RunEventRecord]:
+        def fn(c: sqlite3.Connection) -> list[RunEventRecord]:
+            rows = c.execute(
+                "SELECT run_id, seq, type, data, created_at FROM run_events "
+                "WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (run_id, after, limit),
+            ).fetchall()
+            return [RunEventRecord(r[0], r[1], r[2], json.loads(r[3]), r[4]) for r in rows]
+
+        return await self._read("list_run_events", fn)
+
+    # -- LLM calls ------------------------------------------------------------------------------
+
+    async def record_llm_call(self, rec: LLMCallRecord) -> None:
+        def fn(c: sqlite3.Connection) -> None:
+            c.execute(
+                f"INSERT INTO llm_calls ({_CALL_COLS}) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (rec.id, rec.backend, rec.model, rec.outcome.value, rec.started_at, rec.run_id,
+                 rec.queue_wait, rec.ttft, rec.duration, rec.prompt_tokens,
+                 rec.completion_tokens, int(rec.tokens_estimated), rec.error),
+            )
+
+        await self._write("record_llm_call", fn)
+
+    async def list_llm_calls(
+        self, *, run_id: str | None = None, limit: int = 50
+    ) -> list[LLMCallRecord]:
+        """Newest first."""
+
+        def fn(c: sqlite3.Connection) -> list[LLMCallRecord]:
+            if run_id is None:
+                rows = c.execute(
+                    f"SELECT {_CALL_COLS} FROM llm_calls ORDER BY seq DESC LIMIT ?", (limit,)
+                ).fetchall()
+            else:
+                rows = c.execute(
+                    f"SELECT {_CALL_COLS} FROM llm_calls WHERE run_id = ? "
+                    "ORDER BY seq DESC LIMIT ?",
+                    (run_id, limit),
+                ).fetchall()
+            return [_call(r) for r in rows]
+
+        return await self._read("list_llm_calls", fn)
+
+
+def _close_all(*conns: sqlite3.Connection | None) -> None:
+    for conn in conns:
+        if conn is not None:
+            conn.close()
+
+
+@asynccontextmanager
+async def open_store(path: Path, **kwargs: Any) -> AsyncIterator[Store]:
+    """``async with open_store(path) as store:`` opens (and migrates) the store, closes it after."""
+    store = Store(path, **kwargs)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.aclose()

@@ -1,0 +1,58 @@
+"""Shared fixtures: settings on a temporary database, and the real server on port 0."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from service.api.state import Services
+from service.factory import create_app
+from service.metrics import Metrics
+from service.settings import Settings, load_settings
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return load_settings(db=tmp_path / "service.db")
+
+
+@dataclass
+class RunningServer:
+    url: str
+    services: Services
+
+    def client(self, **kwargs: Any) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, timeout=30, **kwargs)
+
+
+@asynccontextmanager
+async def running_server(settings: Settings) -> AsyncIterator[RunningServer]:
+    """The real app under hypercorn's trio worker on 127.0.0.1:0, shut down gracefully after."""
+    app = create_app(settings, metrics=Metrics())
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.graceful_timeout = 2
+    config.accesslog = None
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(partial(serve, app, config, shutdown_trigger=stop.wait))
+        try:
+            yield RunningServer(binds[0], app.extensions["service"])
+        finally:
+            stop.set()
+
+
+@pytest.fixture
+async def server(settings: Settings) -> AsyncIterator[RunningServer]:
+    async with running_server(settings) as srv:
+        yield srv

@@ -1,0 +1,217 @@
+"""The conversations API and its error model, against the real server on port 0."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.settings import Settings
+
+from .conftest import RunningServer, running_server
+
+
+async def test_create_get_list_delete(server: RunningServer) -> None:
+    async with server.client() as client:
+        r = await client.post("/api/conversations", json={"title": "first", "system": "be nice"})
+        assert r.status_code == 201
+        conv = r.json()
+        assert conv["title"] == "first"
+        assert conv["system"] == "be nice"
+        assert conv["id"].startswith("conv_")
+        assert conv["created_at"].endswith("Z")
+
+        r = await client.get(f"/api/conversations/{conv['id']}")
+        assert r.status_code == 200
+        assert r.json()["messages"] == []
+
+        await server.services.require_store().append_message(conv["id"], role="user", content="hi")
+        r = await client.get(f"/api/conversations/{conv['id']}")
+        (msg,) = r.json()["messages"]
+        assert (msg["role"], msg["content"], msg["status"]) == ("user", "hi", "complete")
+
+        r = await client.delete(f"/api/conversations/{conv['id']}")
+        assert r.status_code == 204
+        assert r.content == b""
+        r = await client.get(f"/api/conversations/{conv['id']}")
+        assert r.status_code == 404
+        assert r.json()["error"]["type"] == "not_found"
+        r = await client.delete(f"/api/conversations/{conv['id']}")
+        assert r.status_code == 404
+
+
+async def test_list_is_newest_first_with_cursor_pages(server: RunningServer) -> None:
+    async with server.client() as client:
+        ids = []
+        for i in range(7):
+            r = await client.post("/api/conversations", json={"title": f"c{i}"})
+            ids.append(r.json()["id"])
+        seen: list[str] = []
+        cursor = None
+        pages = 0
+        while True:
+            params: dict[str, str | int] = {"limit": 3}
+            if cursor:
+                params["before"] = cursor
+            r = await client.get("/api/conversations", params=params)
+            assert r.status_code == 200
+            body = r.json()
+            seen += [c["id"] for c in body["data"]]
+            pages += 1
+            cursor = body["next"]
+            if cursor is None:
+                break
+        assert seen == list(reversed(ids))
+        assert pages == 3
+
+
+async def test_json_content_type_is_not_required(server: RunningServer) -> None:
+    async with server.client() as client:
+        r = await client.post("/api/conversations", content=b'{"title": "x"}')
+        assert r.status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "etype"),
+    [
+        (b'{"title": ', 400, "malformed_json"),
+        (b"not json", 400, "malformed_json"),
+        (b"[1, 2]", 400, "malformed_json"),
+        (b'"a string"', 400, "malformed_json"),
+    ],
+)
+async def test_malformed_body_is_400(
+    server: RunningServer, body: bytes, status: int, etype: str
+) -> None:
+    async with server.client() as client:
+        r = await client.post(
+            "/api/conversations", content=body, headers={"content-type": "application/json"}
+        )
+        assert r.status_code == status
+        assert r.json()["error"]["type"] == etype
+        assert "Traceback" not in r.text
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"title": 5}, "title"),
+        ({"agent": "wizard"}, "agent"),
+        ({"titel": "typo"}, "titel"),
+        ({"title": "x" * 501}, "title"),
+    ],
+)
+async def test_invalid_field_is_422_naming_it(
+    server: RunningServer, body: dict[str, object], field: str
+) -> None:
+    async with server.client() as client:
+        r = await client.post("/api/conversations", json=body)
+        assert r.status_code == 422
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request"
+        assert err["field"] == field
+        assert field in err["message"]
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [({"limit": 0}, "limit"), ({"limit": "x"}, "limit"), ({"before": "@@"}, "before")],
+)
+async def test_bad_query_is_422(
+    server: RunningServer, params: dict[str, object], field: str
+) -> None:
+    async with server.client() as client:
+        r = await client.get("/api/conversations", params=params)
+        assert r.status_code == 422
+        assert r.json()["error"]["field"] == field
+
+
+async def test_unknown_route_and_method(server: RunningServer) -> None:
+    async with server.client() as client:
+        r = await client.get("/api/nothing-here")
+        assert r.status_code == 404
+        assert r.json()["error"]["type"] == "not_found"
+        r = await client.put("/api/conversations")
+        assert r.status_code == 405
+        assert r.json()["error"]["type"] == "method_not_allowed"
+        assert "POST" in r.headers["allow"]
+
+
+async def test_body_over_limit_is_413_and_nothing_lost(settings: Settings) -> None:
+    small = settings.model_copy(update={"max_body_bytes": 2048})
+    async with running_server(small) as srv, srv.client() as client:
+        r = await client.post("/api/conversations", json={"title": "kept"})
+        kept = r.json()["id"]
+        r = await client.post("/api/conversations", json={"system": "x" * 5000})
+        assert r.status_code == 413
+        assert r.json()["error"]["type"] == "body_too_large"
+
+        # A chunked body (no Content-Length) over the limit is refused as well.
+        async def chunks():  # type: ignore[no-untyped-def]
+            yield b'{"system": "'
+            for _ in range(10):
+                yield b"y" * 1000
+            yield b'"}'
+
+        r = await client.post("/api/conversations", content=chunks())
+        assert r.status_code == 413
+        r = await client.get("/api/conversations")
+        assert [c["id"] for c in r.json()["data"]] == [kept]
+
+
+async def test_request_id_is_echoed_or_made(server: RunningServer) -> None:
+    async with server.client() as client:
+        r = await client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+        assert r.headers["x-request-id"] == "abc-123"
+        r = await client.get("/healthz", headers={"X-Request-ID": "bad id with spaces"})
+        assert r.headers["x-request-id"].startswith("req_")
+
+
+async def test_health_ready_metrics_openapi(server: RunningServer) -> None:
+    async with server.client() as client:
+        r = await client.get("/healthz")
+        assert r.status_code == 200
+        r = await client.get("/readyz")
+        assert r.status_code == 200
+        assert r.json()["checks"]["store"] == "ok"
+        r = await client.get("/metrics")
+        assert r.status_code == 200
+        assert "service_store_seconds" in r.text
+        r = await client.get("/openapi.json")
+        spec = r.json()
+        assert spec["openapi"].startswith("3.")
+        post = spec["paths"]["/api/conversations"]["post"]
+        schema_ref = post["requestBody"]["content"]["application/json"]["schema"]
+        assert "CreateConversation" in str(schema_ref)
+        assert "/api/conversations/{conversation_id}" in spec["paths"]
+
+
+async def test_readyz_is_503_naming_the_store_when_it_is_down(server: RunningServer) -> None:
+    await server.services.require_store().aclose()
+    async with server.client() as client:
+        r = await client.get("/readyz")
+        assert r.status_code == 503
+        assert r.json()["down"] == ["store"]
+        r = await client.get("/api/conversations")
+        assert r.status_code == 500
+        assert r.json()["error"]["type"] == "store_error"
+        assert "Traceback" not in r.text
+
+
+async def test_auth_and_isolation(settings: Settings) -> None:
+    keyed = settings.model_copy(update={"api_keys": ("key-a", "key-b")})
+    async with running_server(keyed) as srv:
+        async with srv.client() as anon:
+            assert (await anon.get("/healthz")).status_code == 200
+            r = await anon.get("/api/conversations")
+            assert r.status_code == 401
+            assert r.json()["error"]["type"] == "unauthorized"
+            r = await anon.get("/api/conversations", headers={"Authorization": "Bearer nope"})
+            assert r.status_code == 401
+        a = srv.client(headers={"Authorization": "Bearer key-a"})
+        b = srv.client(headers={"Authorization": "Bearer key-b"})
+        async with a, b:
+            conv = (await a.post("/api/conversations", json={})).json()
+            assert (await a.get(f"/api/conversations/{conv['id']}")).status_code == 200
+            assert (await b.get(f"/api/conversations/{conv['id']}")).status_code == 404
+            assert (await b.delete(f"/api/conversations/{conv['id']}")).status_code == 404
+            assert (await b.get("/api/conversations")).json()["data"] == []
+            assert len((await a.get("/api/conversations")).json()["data"]) == 1

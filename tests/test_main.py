@@ -1,0 +1,75 @@
+"""``python -m service``: starts, answers, exits 0 on SIGTERM; a bad setting fails in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SERVICE_")}
+    env.update({"SERVICE_DB": str(tmp_path / "s.db"), "SERVICE_LOG_FORMAT": "json", **extra})
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_serves_and_exits_0_on_signal(tmp_path: Path, sig: signal.Signals) -> None:
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "service", "--bind", "127.0.0.1:0"],
+        cwd=ROOT, env=_env(tmp_path), stderr=subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    log = b""
+    url = None
+    with trio.fail_after(30):
+        while url is None:
+            chunk = await proc.stderr.receive_some(65536)
+            assert chunk, f"exited early: {log.decode()}"
+            log += chunk
+            m = re.search(rb"Running on (http://127\.0\.0\.1:\d+)", log)
+            url = m.group(1).decode() if m else None
+    async with httpx.AsyncClient(base_url=url) as client:
+        r = await client.get("/healthz")
+        assert r.status_code == 200
+        r = await client.post("/api/conversations", json={"title": "kept"})
+        assert r.status_code == 201
+    proc.send_signal(sig)
+    # hypercorn.toml's graceful_timeout is 10 s; idle, the exit is immediate.
+    with trio.fail_after(15):
+        async for chunk in proc.stderr:
+            log += chunk
+        rc = await proc.wait()
+    assert rc == 0, log.decode()
+    lines = [json.loads(line) for line in log.decode().splitlines() if line.startswith("{")]
+    assert any("shutting down gracefully" in line["msg"] for line in lines)
+    assert any(line["msg"] == "store closed" for line in lines)
+    assert "Traceback" not in log.decode()
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [("SERVICE_RUN_TIMEOUT", "soon"), ("SERVICE_BACKEND", "gpt"), ("SERVICE_MAX_RUNS", "0"),
+     ("SERVICE_OLLAMA_URL", "ftp://x")],
+)
+def test_bad_setting_stops_with_one_line(tmp_path: Path, var: str, value: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "service"], cwd=ROOT, env=_env(tmp_path, **{var: value}),
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert var in lines[0]
+    assert "Traceback" not in out.stderr

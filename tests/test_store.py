@@ -1,0 +1,289 @@
+"""The SQLite store: concurrency, ordering, multi-process, crash safety and cancellation."""
+
+from __future__ import annotations
+
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from service.errors import NotFound, StoreError
+from service.store import (
+    LLMCallOutcome,
+    LLMCallRecord,
+    MessageStatus,
+    RunEventRecord,
+    Store,
+    new_id,
+    open_store,
+)
+from service.store.schema import SCHEMA_VERSION
+
+CHILD = str(Path(__file__).with_name("store_child.py"))
+
+
+async def test_schema_is_versioned_and_wal(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    async with open_store(db):
+        pass
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"conversations", "messages", "runs", "run_events", "llm_calls"} <= tables
+    conn.close()
+    # Re-opening an up-to-date database migrates nothing and keeps data.
+    async with open_store(db) as store:
+        conv = await store.create_conversation(title="t")
+    async with open_store(db) as store:
+        assert (await store.get_conversation(conv.id)).title == "t"
+
+
+async def test_refuses_a_newer_schema(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    conn = sqlite3.connect(db)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(StoreError, match="newer"):
+        async with open_store(db):
+            pass
+
+
+async def test_messages_runs_events_calls_round_trip(tmp_path: Path) -> None:
+    async with open_store(tmp_path / "s.db") as store:
+        conv = await store.create_conversation(title="t", owner="o1")
+        with pytest.raises(NotFound):
+            await store.get_conversation(conv.id, owner="o2")
+        run = await store.create_run(conv.id, agent="chat", model="m", owner="o1")
+        _user, pending = await store.append_messages(
+            conv.id,
+            [("user", "hi", MessageStatus.complete, run.id),
+             ("assistant", "", MessageStatus.pending, run.id)],
+        )
+        await store.update_message(pending.id, content="partial", status=MessageStatus.cancelled,
+                                   error="cancelled by client")
+        msgs = await store.get_messages(conv.id)
+        assert [(m.role, m.content, m.status) for m in msgs] == [
+            ("user", "hi", MessageStatus.complete),
+            ("assistant", "partial", MessageStatus.cancelled),
+        ]
+        assert msgs[1].error == "cancelled by client"
+        await store.update_run(run.id, status="running", started_at=1.0)
+        await store.update_run(run.id, status="cancelled", finished_at=2.0, usage={"total": 3})
+        got = await store.get_run(run.id, owner="o1")
+        assert (got.status, got.started_at, got.finished_at, got.usage) == (
+            "cancelled", 1.0, 2.0, {"total": 3})
+        await store.append_run_events(
+            [RunEventRecord(run.id, i, "token", {"text": str(i)}, 0.0) for i in range(1, 6)]
+        )
+        after = await store.list_run_events(run.id, after=2)
+        assert [e.seq for e in after] == [3, 4, 5]
+        rec = LLMCallRecord(new_id("call"), "sim", "m", LLMCallOutcome.cancelled, 1.0,
+                            run_id=run.id, completion_tokens=4, tokens_estimated=True)
+        await store.record_llm_call(rec)
+        assert await store.list_llm_calls(run_id=run.id) == [rec]
+        with pytest.raises(NotFound):
+            await store.append_message("conv_missing", role="user", content="x")
+        # Deleting a conversation takes its messages, runs and events with it.
+        await store.delete_conversation(conv.id, owner="o1")
+        assert await store.get_messages(conv.id) == []
+        assert await store.list_run_events(run.id) == []
+
+
+async def test_200_tasks_20_conversations_lose_nothing_keep_order(tmp_path: Path) -> None:
+    async with open_store(tmp_path / "s.db") as store:
+        convs = [await store.create_conversation(title=f"c{i}") for i in range(20)]
+        per_task = 10
+
+        async def writer(task: int) -> None:
+            conv = convs[task % 20]
+            for i in range(per_task):
+                await store.append_message(conv.id, role="user", content=f"{task}:{i}")
+
+        async with trio.open_nursery() as nursery:
+            for task in range(200):
+                nursery.start_soon(writer, task)
+
+        total = 0
+        for idx, conv in enumerate(convs):
+            msgs = await store.get_messages(conv.id)
+            total += len(msgs)
+            by_task: dict[str, list[int]] = {}
+            for m in msgs:
+                task, i = m.content.split(":")
+                assert int(task) % 20 == idx
+                by_task.setdefault(task, []).append(int(i))
+            # Each writer's messages appear in the order it appended them.
+            assert all(seq == list(range(per_task)) for seq in by_task.values())
+            assert len(by_task) == 10
+        assert total == 200 * per_task
+
+
+@pytest.mark.slow
+async def test_four_processes_append_to_one_file(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    async with open_store(db) as store:
+        conv = await store.create_conversation(title="shared")
+    count = 150
+    procs = [
+        await trio.lowlevel.open_process(
+            [sys.executable, CHILD, str(db), conv.id, str(count), f"p{n}"],
+            stdout=subprocess.PIPE,
+        )
+        for n in range(4)
+    ]
+    acks: list[list[str]] = [[] for _ in procs]
+
+    async def collect(n: int) -> None:
+        proc = procs[n]
+        assert proc.stdout is not None
+        buf = b""
+        async for chunk in proc.stdout:
+            buf += chunk
+        assert await proc.wait() == 0
+        acks[n] = [line.split()[2] for line in buf.decode().splitlines()]
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            for n in range(4):
+                nursery.start_soon(collect, n)
+    async with open_store(db) as store:
+        msgs = await store.get_messages(conv.id)
+    contents = [m.content for m in msgs]
+    assert len(contents) == 4 * count
+    for n in range(4):
+        assert len(acks[n]) == count
+        mine = [c for c in contents if c.startswith(f"p{n}:")]
+        assert mine == [f"p{n}:{i}" for i in range(count)]
+
+
+@pytest.mark.slow
+async def test_sigkill_at_random_moments_loses_no_acknowledged_write(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    async with open_store(db) as store:
+        conv = await store.create_conversation(title="crash")
+    rng = random.Random(20261125)
+    acknowledged: list[str] = []
+    for _ in range(20):
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, CHILD, str(db), conv.id, "0", "k"], stdout=subprocess.PIPE
+        )
+        assert proc.stdout is not None
+        kill_after = rng.randint(1, 200)  # acknowledgements to read before the kill
+        buf = b""
+        lines: list[str] = []
+        with trio.fail_after(60):
+            while len(lines) < kill_after:
+                chunk = await proc.stdout.receive_some(65536)
+                assert chunk, "child exited early"
+                buf += chunk
+                *done, buf_tail = buf.split(b"\n")
+                buf = buf_tail
+                lines += [d.decode() for d in done]
+        # Kill mid-stream: the child is appending as fast as it can right now.
+        proc.send_signal(signal.SIGKILL)
+        rest = b""
+        async for chunk in proc.stdout:
+            rest += chunk
+        await proc.wait()
+        buf += rest
+        lines += [d.decode() for d in buf.split(b"\n")[:-1]]  # only complete lines are acks
+        acknowledged += [line.split()[1] for line in lines if line.startswith("ACK ")]
+
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    stored = {r[0] for r in conn.execute("SELECT id FROM messages")}
+    conn.close()
+    assert len(acknowledged) >= 20
+    missing = [a for a in acknowledged if a not in stored]
+    assert missing == []
+
+
+async def test_write_cancelled_while_waiting_never_lands(tmp_path: Path) -> None:
+    async with open_store(tmp_path / "s.db") as store:
+        conv = await store.create_conversation()
+        await store._write_lock.acquire()  # another write is in progress
+        async with trio.open_nursery() as nursery:
+            scope = trio.CancelScope()
+
+            async def append() -> None:
+                with scope:
+                    await store.append_message(conv.id, role="user", content="never")
+
+            nursery.start_soon(append)
+            await trio.testing.wait_all_tasks_blocked()
+            scope.cancel()
+        store._write_lock.release()
+        assert scope.cancelled_caught
+        assert await store.get_messages(conv.id) == []
+
+
+async def test_write_cancelled_inside_its_transaction_lands_whole(tmp_path: Path) -> None:
+    async with open_store(tmp_path / "s.db") as store:
+        conv = await store.create_conversation()
+        entered, proceed = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            entered.set()
+            proceed.wait(30)
+
+        store._before_commit = hold
+        scope = trio.CancelScope()
+        returned: list[object] = []
+
+        async def append() -> None:
+            with scope:
+                returned.append(
+                    await store.append_messages(
+                        conv.id,
+                        [("user", "q", MessageStatus.complete, None),
+                         ("assistant", "", MessageStatus.pending, None)],
+                    )
+                )
+                await trio.lowlevel.checkpoint()  # the cancel is delivered here, after the write
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(append)
+            await trio.to_thread.run_sync(entered.wait, 30)  # the write is inside its transaction
+            scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            proceed.set()
+        store._before_commit = None
+        assert scope.cancelled_caught
+        assert len(returned) == 1
+        assert [m.content for m in await store.get_messages(conv.id)] == ["q", ""]
+
+
+async def test_failed_transaction_rolls_back_whole(tmp_path: Path) -> None:
+    async with open_store(tmp_path / "s.db") as store:
+        conv = await store.create_conversation()
+
+        def boom() -> None:
+            raise RuntimeError("disk on fire")
+
+        store._before_commit = boom
+        with pytest.raises(RuntimeError):
+            await store.append_messages(
+                conv.id, [("user", "a", MessageStatus.complete, None)] * 3
+            )
+        store._before_commit = None
+        assert await store.get_messages(conv.id) == []
+        # The writer connection is usable afterwards.
+        await store.append_message(conv.id, role="user", content="ok")
+        assert len(await store.get_messages(conv.id)) == 1
+
+
+async def test_closed_store_raises_store_error(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    await store.open()
+    await store.aclose()
+    with pytest.raises(StoreError, match="closed"):
+        await store.create_conversation()
+    assert "closed" in repr(store)
