@@ -26,7 +26,7 @@ import json
 import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -81,6 +81,18 @@ _CALL_COLS = (
 )
 
 
+# Events of a run whose conversation was deleted meanwhile are dropped, not an error: one batch
+# holds several runs' events and must not fail for one of them.
+_INSERT_EVENT = (
+    "INSERT INTO run_events (run_id, seq, type, data, created_at) "
+    "SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM runs WHERE id = ?)"
+)
+
+
+def _event_row(e: RunEventRecord) -> tuple[Any, ...]:
+    return (e.run_id, e.seq, e.type, json.dumps(e.data), e.created_at, e.run_id)
+
+
 def _conversation(row: Sequence[Any]) -> Conversation:
     return Conversation(*row)
 
@@ -125,8 +137,14 @@ class Store:
         synchronous: str = "NORMAL",
         busy_timeout: float = 10.0,
         metrics: Metrics | None = None,
+        threaded: bool = True,
     ) -> None:
         self.path = Path(path)
+        # threaded=False runs sqlite3 inline on the trio thread: for tests under trio's
+        # autojump_clock, which would jump virtual time while a worker thread runs.
+        self._run_sync: Callable[..., Awaitable[Any]] = (
+            trio.to_thread.run_sync if threaded else _run_inline
+        )
         self._synchronous = synchronous
         self._busy_timeout = busy_timeout
         self._metrics = metrics or METRICS
@@ -145,7 +163,7 @@ class Store:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        await trio.to_thread.run_sync(self._open_sync)
+        await self._run_sync(self._open_sync)
 
     def _open_sync(self) -> None:
         try:
@@ -188,7 +206,7 @@ class Store:
                 writer, reader = self._writer, self._reader
                 self._writer = self._reader = None
                 if writer is not None or reader is not None:
-                    await trio.to_thread.run_sync(_close_all, writer, reader)
+                    await self._run_sync(_close_all, writer, reader)
 
     async def __aenter__(self) -> Store:
         await self.open()
@@ -206,7 +224,7 @@ class Store:
             conn = self._writer
             if conn is None:
                 raise StoreError("store is closed")
-            result = await trio.to_thread.run_sync(self._transaction, conn, fn)
+            result = await self._run_sync(self._transaction, conn, fn)
         self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
         return result
 
@@ -235,7 +253,7 @@ class Store:
             try:
                 # Reads have no side effects; still not abandoned, so the connection is never
                 # used by two threads at once.
-                result = await trio.to_thread.run_sync(fn, conn)
+                result = await self._run_sync(fn, conn)
             except sqlite3.Error as exc:
                 raise StoreError(f"store read failed: {exc}") from exc
         self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
@@ -283,6 +301,20 @@ class Store:
             raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
         return conv
 
+    async def get_conversation_any(self, conversation_id: str) -> Conversation:
+        """A conversation whatever its owner (for internal use by runs, never by the API)."""
+
+        def fn(c: sqlite3.Connection) -> Conversation | None:
+            row = c.execute(
+                f"SELECT {_CONV_COLS} FROM conversations WHERE id = ?", (conversation_id,)
+            ).fetchone()
+            return _conversation(row) if row else None
+
+        conv = await self._read("get_conversation", fn)
+        if conv is None:
+            raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
+        return conv
+
     async def list_conversations(
         self, *, owner: str | None = None, limit: int = 20, before: str | None = None
     ) -> tuple[list[Conversation], str | None]:
@@ -304,7 +336,9 @@ class Store:
 
         return await self._read("list_conversations", fn)
 
-    async def delete_conversation(self, conversation_id: str, *, owner: str | None = None) -> None:
+    async def delete_conversation(
+        self, conversation_id: str, *, owner: str | None = None
+    ) -> None:
         def fn(c: sqlite3.Connection) -> int:
             cur = c.execute(
                 "DELETE FROM conversations WHERE id = ? AND owner IS ?", (conversation_id, owner)
@@ -417,6 +451,76 @@ class Store:
         await self._write("create_run", fn)
         return run
 
+    async def begin_run(
+        self,
+        conversation_id: str,
+        *,
+        content: str,
+        agent: str,
+        model: str | None,
+        owner: str | None = None,
+    ) -> tuple[RunRecord, Message, Message]:
+        """In one transaction: a ``queued`` run, the user's message and a ``pending`` reply."""
+        now = time.time()
+        run = RunRecord(new_id("run"), conversation_id, owner, agent, model, "queued", now,
+                        None, None, None, {})
+        user = Message(new_id("msg"), conversation_id, "user", content, MessageStatus.complete,
+                       run.id, None, now, now)
+        reply = Message(new_id("msg"), conversation_id, "assistant", "", MessageStatus.pending,
+                        run.id, None, now, now)
+
+        def fn(c: sqlite3.Connection) -> None:
+            cur = c.execute(
+                "UPDATE conversations SET updated_at = ? WHERE id = ? AND owner IS ?",
+                (now, conversation_id, owner),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
+            c.execute(
+                f"INSERT INTO runs ({_RUN_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run.id, conversation_id, owner, agent, model, "queued", now, None, None, None,
+                 "{}"),
+            )
+            c.executemany(
+                f"INSERT INTO messages ({_MSG_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(m.id, m.conversation_id, m.role, m.content, m.status.value, m.run_id, None,
+                  now, now) for m in (user, reply)],
+            )
+
+        await self._write("begin_run", fn)
+        return run, user, reply
+
+    async def finish_run(
+        self,
+        run_id: str,
+        *,
+        status: str,
+        message_id: str,
+        content: str,
+        message_status: MessageStatus,
+        error: str | None,
+        usage: dict[str, Any],
+        events: Sequence[RunEventRecord] = (),
+    ) -> None:
+        """In one transaction: the run's final status, its reply's final text, its last events."""
+        now = time.time()
+
+        def fn(c: sqlite3.Connection) -> None:
+            c.execute(
+                "UPDATE runs SET status = ?, finished_at = ?, error = ?, usage = ?, "
+                "started_at = COALESCE(started_at, ?) WHERE id = ?",
+                (status, now, error, json.dumps(usage), now, run_id),
+            )
+            c.execute(
+                "UPDATE messages SET content = ?, status = ?, error = ?, updated_at = ? "
+                "WHERE id = ?",
+                (content, message_status.value, error, now, message_id),
+            )
+            if events:
+                c.executemany(_INSERT_EVENT, [_event_row(e) for e in events])
+
+        await self._write("finish_run", fn)
+
     async def update_run(
         self,
         run_id: str,
@@ -457,11 +561,7 @@ class Store:
             return
 
         def fn(c: sqlite3.Connection) -> None:
-            c.executemany(
-                "INSERT INTO run_events (run_id, seq, type, data, created_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                [(e.run_id, e.seq, e.type, json.dumps(e.data), e.created_at) for e in events],
-            )
+            c.executemany(_INSERT_EVENT, [_event_row(e) for e in events])
 
         await self._write("append_run_events", fn)
 
@@ -511,6 +611,11 @@ class Store:
             return [_call(r) for r in rows]
 
         return await self._read("list_llm_calls", fn)
+
+
+async def _run_inline(fn: Callable[..., T], *args: Any) -> T:
+    await trio.lowlevel.checkpoint_if_cancelled()
+    return fn(*args)
 
 
 def _close_all(*conns: sqlite3.Connection | None) -> None:

@@ -1,0 +1,103 @@
+"""Agents: chat, ReAct, plan-and-execute and auto, and the runner the supervisor calls."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from ..backends.base import Backend, ChatMessage
+from ..errors import ServiceError
+from ..metrics import Metrics
+from ..runs import RunHandle, RunSpec
+from ..store import MessageStatus, Store
+from ..tools import ToolRegistry
+from .auto import AutoAgent
+from .base import Agent, AgentContext, Observation, trim_history
+from .chat import ChatAgent
+from .plan_execute import PlanExecuteAgent
+from .react import ReActAgent
+
+__all__ = [
+    "AGENT_NAMES",
+    "Agent",
+    "AgentContext",
+    "AutoAgent",
+    "ChatAgent",
+    "Observation",
+    "PlanExecuteAgent",
+    "ReActAgent",
+    "build_history",
+    "make_runner",
+    "trim_history",
+]
+
+AGENT_NAMES = ("chat", "react", "plan_execute", "auto")
+
+
+def default_agents() -> dict[str, Agent]:
+    return {"chat": ChatAgent(), "react": ReActAgent(), "plan_execute": PlanExecuteAgent(),
+            "auto": AutoAgent()}
+
+
+async def build_history(
+    store: Store, conversation_id: str, run_id: str, budget_chars: int
+) -> list[ChatMessage]:
+    """The conversation as the agent sees it: system prompt, earlier turns, the new question.
+
+    Earlier replies that were cut (cancelled) are kept with what they said; failed or still
+    pending replies (another run's) are left out.
+    """
+    conv = await store.get_conversation_any(conversation_id)
+    messages = await store.get_messages(conversation_id)
+    history: list[ChatMessage] = []
+    if conv.system:
+        history.append(ChatMessage("system", conv.system))
+    for m in messages:
+        if m.status in (MessageStatus.pending, MessageStatus.error):
+            continue
+        if m.role == "assistant" and not m.content:
+            continue
+        if m.run_id == run_id and m.role == "user":
+            continue  # the new question goes last, below
+        history.append(ChatMessage(m.role, m.content))
+    question = next((m for m in messages if m.run_id == run_id and m.role == "user"), None)
+    if question is not None:
+        history.append(ChatMessage("user", question.content))
+    return trim_history(history, budget_chars)
+
+
+def make_runner(
+    *,
+    store: Store,
+    backend: Callable[[], Backend | None],
+    tools: ToolRegistry,
+    metrics: Metrics,
+    tool_timeout: float,
+    history_chars: int,
+    agents: dict[str, Agent] | None = None,
+    run_sync: Callable[..., Awaitable[Any]] | None = None,
+) -> Callable[[RunHandle, RunSpec, trio.Nursery], Any]:
+    """The function the supervisor calls to run an agent for a run."""
+    table = agents or default_agents()
+
+    async def run(handle: RunHandle, spec: RunSpec, nursery: trio.Nursery) -> str:
+        agent = table.get(spec.agent)
+        if agent is None:
+            raise ServiceError(f"unknown agent {spec.agent!r}")
+        the_backend = backend()
+        if the_backend is None:
+            from ..errors import BackendUnavailable
+
+            raise BackendUnavailable("no backend is configured")
+        history = await build_history(store, spec.conversation_id, handle.id, history_chars)
+        ctx = AgentContext(
+            handle=handle, backend=the_backend, tools=tools, history=history, nursery=nursery,
+            metrics=metrics, model=spec.model, tool_timeout=tool_timeout,
+        )
+        if run_sync is not None:
+            ctx.run_sync = run_sync
+        return await agent.run(ctx)
+
+    return run

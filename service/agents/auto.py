@@ -1,0 +1,84 @@
+"""The auto agent: decides chat vs ReAct vs plan-and-execute, says so, and delegates.
+
+The model classifies the request (a short, token-silent call). If its reply names no agent, or
+the call fails for any reason but cancellation, a deterministic rule decides instead.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..backends.base import ChatMessage
+from ..errors import BackendError
+from .base import Agent, AgentContext
+from .chat import ChatAgent
+from .plan_execute import PlanExecuteAgent
+from .react import ReActAgent
+
+__all__ = ["AutoAgent", "classify_by_rule"]
+
+CLASSIFY_SYSTEM = """Decide how to handle the user's request. Reply with one word:
+chat - a conversational answer needs no tools;
+react - one or a few tool calls ({tools}) are needed;
+plan_execute - several distinct steps must be planned and combined."""
+
+_MULTI_STEP = re.compile(
+    r"\b(then|after that|afterwards|step[s]? |first\b.*\bthen|finally|plan|compare)\b|^\s*\d+[.)]",
+    re.I | re.M,
+)
+_TOOLISH = re.compile(
+    r"\d\s*[-+*/^%]\s*\d|\b(calculate|compute|how much|how many|convert|what time|today|date|"
+    r"count|sqrt|percent)\b",
+    re.I,
+)
+
+
+def classify_by_rule(question: str, tool_names: list[str]) -> str:
+    """The fallback decision: deterministic and cheap."""
+    if not tool_names:
+        return "chat"
+    mentions_tool = any(name in question for name in tool_names)
+    if _MULTI_STEP.search(question) and (mentions_tool or _TOOLISH.search(question)):
+        return "plan_execute"
+    if mentions_tool or _TOOLISH.search(question):
+        return "react"
+    return "chat"
+
+
+def _parse_choice(text: str) -> str | None:
+    words = re.findall(r"[a-z_]+", text.lower())
+    for w in words:
+        if w in ("chat", "react", "plan_execute"):
+            return w
+        if w in ("plan", "planexecute"):
+            return "plan_execute"
+    return None
+
+
+class AutoAgent(Agent):
+    name = "auto"
+
+    def __init__(self) -> None:
+        self.agents: dict[str, Agent] = {
+            "chat": ChatAgent(), "react": ReActAgent(), "plan_execute": PlanExecuteAgent(),
+        }
+
+    async def decide(self, ctx: AgentContext) -> tuple[str, str]:
+        tools = [t.name for t in ctx.tools]
+        try:
+            reply = await ctx.call_llm(
+                [ChatMessage("system", CLASSIFY_SYSTEM.format(tools=", ".join(tools) or "none")),
+                 ChatMessage("user", ctx.question)],
+                emit_tokens=False, max_tokens=8, temperature=0,
+            )
+            choice = _parse_choice(reply.content)
+            if choice is not None:
+                return choice, "model"
+        except BackendError:
+            pass  # the fallback below decides; the real call will surface a lasting failure
+        return classify_by_rule(ctx.question, tools), "rule"
+
+    async def run(self, ctx: AgentContext) -> str:
+        choice, method = await self.decide(ctx)
+        ctx.emit("decision", {"agent": choice, "method": method})
+        return await self.agents[choice].run(ctx)

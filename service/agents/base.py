@@ -1,0 +1,214 @@
+"""What every agent stands on: the run's context, ``call_llm`` and ``call_tool``.
+
+``call_llm`` streams through the backend (the interceptor, in the app), turning chunks into
+``token`` events; ``call_tool`` validates arguments, runs the tool under ``trio.fail_after`` and
+turns its failure or timeout into an *observation* the model sees, never a crashed run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import trio
+
+from ..backends.base import Backend, ChatMessage, ChatRequest, ToolCall, Usage
+from ..errors import ToolArgumentsError
+from ..logs import get_logger
+from ..metrics import Metrics
+from ..runs.handle import RunHandle
+from ..tools import Tool, ToolRegistry
+
+__all__ = ["Agent", "AgentContext", "Observation", "trim_history"]
+
+log = get_logger("service.agents")
+
+
+_IN_THREAD = partial(trio.to_thread.run_sync, abandon_on_cancel=True)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What a tool call gave back, as the model will see it."""
+
+    call_id: str
+    name: str
+    output: Any = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def text(self) -> str:
+        if self.error is not None:
+            return f"ERROR: {self.error}"
+        if isinstance(self.output, str):
+            return self.output
+        return json.dumps(self.output, default=str)
+
+
+@dataclass
+class AgentContext:
+    handle: RunHandle
+    backend: Backend
+    tools: ToolRegistry
+    history: list[ChatMessage]  # system prompt, earlier turns, then the new user message
+    nursery: trio.Nursery  # the run's own nursery
+    metrics: Metrics
+    model: str | None = None
+    tool_timeout: float = 30.0
+    usage: dict[str, int] = field(default_factory=dict)
+    # How sync tools run: a worker thread. Virtual-time tests pass an inline runner, since
+    # autojump_clock would jump while a thread works.
+    run_sync: Callable[..., Awaitable[Any]] = _IN_THREAD
+
+    @property
+    def question(self) -> str:
+        return self.history[-1].content if self.history else ""
+
+    def emit(self, type_: str, data: dict[str, Any]) -> None:
+        self.handle.emit(type_, data)
+
+    def _add_usage(self, usage: Usage | None) -> None:
+        self.usage["llm_calls"] = self.usage.get("llm_calls", 0) + 1
+        if usage is None:
+            return
+        for key, value in (("prompt_tokens", usage.prompt_tokens),
+                           ("completion_tokens", usage.completion_tokens)):
+            if value is not None:
+                self.usage[key] = self.usage.get(key, 0) + value
+        self.usage["total_tokens"] = (
+            self.usage.get("prompt_tokens", 0) + self.usage.get("completion_tokens", 0)
+        )
+        self.handle.usage = dict(self.usage)
+
+    async def call_llm(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        tools: Sequence[Tool] = (),
+        emit_tokens: bool = True,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> ChatMessage:
+        """One streamed LLM call; returns the assistant message (text and tool calls)."""
+        request = ChatRequest(
+            messages=tuple(messages), model=self.model,
+            tools=tuple(t.openai() for t in tools), max_tokens=max_tokens,
+            temperature=temperature, run_id=self.handle.id,
+        )
+        parts: list[str] = []
+        calls: list[ToolCall] = []
+        usage: Usage | None = None
+        try:
+            async with self.backend.stream(request) as chunks:
+                async for chunk in chunks:
+                    if chunk.text:
+                        parts.append(chunk.text)
+                        if emit_tokens:
+                            self.emit("token", {"text": chunk.text})
+                    calls.extend(chunk.tool_calls)
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+        finally:
+            self._add_usage(usage)
+        return ChatMessage("assistant", "".join(parts), tuple(calls))
+
+    async def call_tool(self, name: str, arguments: object, call_id: str) -> Observation:
+        """Run a tool; any failure or timeout comes back as an error observation."""
+        tool = self.tools.get(name)
+        if not isinstance(arguments, dict):
+            # A bare value from the text protocol fills a tool's only parameter.
+            props = list((tool.parameters.get("properties") or {}) if tool else ())
+            arguments = {props[0] if len(props) == 1 else "input": arguments}
+        self.emit("tool.call", {"name": name, "arguments": arguments, "call_id": call_id})
+        timeout = self.tool_timeout
+        obs: Observation
+        outcome = "ok"
+        if tool is None:
+            known = ", ".join(t.name for t in self.tools) or "none"
+            obs = Observation(call_id, name, error=f"unknown tool {name!r} (tools: {known})")
+            outcome = "unknown"
+        else:
+            timeout = tool.timeout if tool.timeout is not None else self.tool_timeout
+            try:
+                valid = tool.validate(arguments)
+                with trio.fail_after(timeout):
+                    if tool.is_async:
+                        output = await tool.fn(**valid)
+                    else:
+                        # A sync tool has no checkpoints: abandon its thread on cancel.
+                        output = await self.run_sync(partial(tool.fn, **valid))
+                obs = Observation(call_id, name, output=_jsonable(output))
+            except trio.TooSlowError:
+                obs = Observation(call_id, name, error=f"tool {name} timed out after {timeout:g}s")
+                outcome = "timeout"
+            except ToolArgumentsError as exc:
+                obs = Observation(call_id, name, error=exc.message)
+                outcome = "bad_arguments"
+            except Exception as exc:
+                obs = Observation(call_id, name, error=f"{type(exc).__name__}: {exc}")
+                outcome = "error"
+        self.metrics.tool_calls.labels(name if tool else "unknown", outcome).inc()
+        result: dict[str, Any] = {"call_id": call_id}
+        if obs.ok:
+            result["output"] = obs.output
+        else:
+            result["error"] = obs.error
+        self.emit("tool.result", result)
+        return obs
+
+    async def call_tools_parallel(self, calls: Sequence[ToolCall]) -> list[Observation]:
+        """Run several tool calls of one step at once; results in the calls' order."""
+        results: list[Observation | None] = [None] * len(calls)
+
+        async def one(i: int, call: ToolCall) -> None:
+            results[i] = await self.call_tool(call.name, call.arguments, call.id)
+
+        async with trio.open_nursery() as nursery:
+            for i, call in enumerate(calls):
+                nursery.start_soon(one, i, call)
+        return [r for r in results if r is not None]
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)
+        return json.loads(json.dumps(value, default=str))
+    return json.loads(text) if not isinstance(value, str) else value
+
+
+def trim_history(messages: Sequence[ChatMessage], budget_chars: int) -> list[ChatMessage]:
+    """Keep system messages and the newest turns that fit in ``budget_chars``.
+
+    The last message (the new question) is always kept, even if it alone is over budget.
+    """
+    system = [m for m in messages if m.role == "system"]
+    rest = [m for m in messages if m.role != "system"]
+    if not rest:
+        return list(system)
+    used = sum(len(m.content) for m in system) + len(rest[-1].content)
+    kept = [rest[-1]]
+    for m in reversed(rest[:-1]):
+        if used + len(m.content) > budget_chars:
+            break
+        kept.append(m)
+        used += len(m.content)
+    return system + list(reversed(kept))
+
+
+class Agent:
+    """An agent answers the run's question; ``run`` returns the final answer text."""
+
+    name = "agent"
+
+    async def run(self, ctx: AgentContext) -> str:
+        raise NotImplementedError

@@ -1,0 +1,215 @@
+"""The plan-and-execute agent: plan as JSON, run the steps, re-plan once on failure, synthesise.
+
+1. The model writes a plan: ``{"steps": [{"id", "task", "tool"?, "arguments"?, "depends_on"?}]}``,
+   validated; an invalid plan is re-asked once with the error, then falls back to a one-step plan.
+2. Steps run in dependency order; steps whose dependencies are done run in parallel (a wave).
+   A step naming a tool with arguments calls it directly; any other step is a short ReAct loop.
+3. The first failed step triggers one re-plan from what is known; the new plan's steps run.
+4. A final streamed call answers the user from the steps' results.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import trio
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from ..backends.base import ChatMessage
+from ..store import new_id
+from .base import Agent, AgentContext
+from .react import ReActAgent
+
+__all__ = ["Plan", "PlanExecuteAgent", "PlanStep", "parse_plan"]
+
+PLAN_SYSTEM = """Break the user's request into a short plan of steps. Reply with JSON only:
+{{"steps": [{{"id": 1, "task": "what to do", "tool": "optional tool name", \
+"arguments": {{"optional": "tool arguments"}}, "depends_on": [ids of earlier steps it needs]}}]}}
+Steps that do not depend on each other will run in parallel. Use at most {max_steps} steps.
+Tools: {tools}"""
+
+SYNTH_PROMPT = """Answer the user's request using the results of the steps below.
+
+Request: {question}
+
+Results:
+{results}"""
+
+
+class PlanStep(BaseModel):
+    id: int
+    task: str = Field(min_length=1)
+    tool: str | None = None
+    arguments: dict[str, Any] | None = None
+    depends_on: list[int] = Field(default_factory=list)
+
+
+class Plan(BaseModel):
+    steps: list[PlanStep] = Field(min_length=1, max_length=12)
+
+    @field_validator("steps")
+    @classmethod
+    def _unique(cls, steps: list[PlanStep]) -> list[PlanStep]:
+        ids = [s.id for s in steps]
+        if len(set(ids)) != len(ids):
+            raise ValueError("step ids must be unique")
+        return steps
+
+    @model_validator(mode="after")
+    def _deps(self) -> Plan:
+        ids = {s.id for s in self.steps}
+        for s in self.steps:
+            missing = [d for d in s.depends_on if d not in ids or d == s.id]
+            if missing:
+                raise ValueError(f"step {s.id} depends on unknown steps {missing}")
+        if _waves(self.steps) is None:
+            raise ValueError("the steps' dependencies form a cycle")
+        return self
+
+
+def _waves(steps: list[PlanStep]) -> list[list[PlanStep]] | None:
+    """Group steps into waves that can run in parallel; None if there is a cycle."""
+    done: set[int] = set()
+    left = list(steps)
+    waves: list[list[PlanStep]] = []
+    while left:
+        ready = [s for s in left if all(d in done for d in s.depends_on)]
+        if not ready:
+            return None
+        waves.append(ready)
+        done |= {s.id for s in ready}
+        left = [s for s in left if s.id not in done]
+    return waves
+
+
+def parse_plan(text: str) -> Plan:
+    """Read a plan from the model's text (JSON, possibly fenced or wrapped in chatter)."""
+    start = text.find("{")
+    fence = re.search(r"```(?:json)?\s*(\{.*?\})\s*```", text, re.S)
+    raw = fence.group(1) if fence else text[start:] if start >= 0 else text
+    try:
+        value, _ = json.JSONDecoder().raw_decode(raw.strip())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"the plan is not JSON: {exc.msg}") from None
+    if isinstance(value, list):
+        value = {"steps": value}
+    try:
+        return Plan.model_validate(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "plan"
+        raise ValueError(f"invalid plan: {where}: {first['msg']}") from None
+
+
+class StepFailed(Exception):
+    pass
+
+
+class PlanExecuteAgent(Agent):
+    name = "plan_execute"
+
+    def __init__(self, max_steps: int = 8, step_react_steps: int = 4) -> None:
+        self.max_steps = max_steps
+        self.step_agent = ReActAgent(max_steps=step_react_steps)
+
+    async def make_plan(self, ctx: AgentContext, extra: str | None = None) -> Plan:
+        system = PLAN_SYSTEM.format(
+            max_steps=self.max_steps,
+            tools=", ".join(f"{t.name} ({t.description})" for t in ctx.tools) or "none",
+        )
+        messages = [ChatMessage("system", system), *ctx.history]
+        if extra:
+            messages.append(ChatMessage("user", extra))
+        reply = await ctx.call_llm(messages, emit_tokens=False)
+        try:
+            return parse_plan(reply.content)
+        except ValueError as first_error:
+            messages += [reply, ChatMessage(
+                "user", f"That plan was not valid ({first_error}). Reply with the JSON plan only."
+            )]
+            reply = await ctx.call_llm(messages, emit_tokens=False)
+            try:
+                return parse_plan(reply.content)
+            except ValueError as exc:
+                ctx.emit("thought", {"text": f"no valid plan ({exc}); using one step"})
+                return Plan(steps=[PlanStep(id=1, task=ctx.question)])
+
+    async def run(self, ctx: AgentContext) -> str:
+        plan = await self.make_plan(ctx)
+        results: dict[int, str] = {}
+        try:
+            await self.execute(ctx, plan, results)
+        except StepFailed as failure:
+            done = "\n".join(f"- step {k}: {v}" for k, v in results.items()) or "nothing yet"
+            plan = await self.make_plan(ctx, extra=(
+                f"A step failed: {failure}. Results so far:\n{done}\n"
+                "Make a new plan for what is left, with new step ids."
+            ))
+            plan = _renumber(plan, start=max(results, default=0) + 1)
+            try:
+                await self.execute(ctx, plan, results)
+            except StepFailed as second:
+                ctx.emit("thought", {"text": f"re-plan failed too: {second}"})
+        summary = "\n".join(f"Step {k}: {v}" for k, v in sorted(results.items()))
+        reply = await ctx.call_llm([
+            *ctx.history[:-1],
+            ChatMessage("user", SYNTH_PROMPT.format(question=ctx.question, results=summary)),
+        ])
+        return reply.content
+
+    async def execute(self, ctx: AgentContext, plan: Plan, results: dict[int, str]) -> None:
+        ctx.emit("plan", {"steps": [s.model_dump(exclude_none=True) for s in plan.steps]})
+        waves = _waves(plan.steps) or [plan.steps]
+        for wave in waves:
+            failures: list[str] = []
+            async with trio.open_nursery() as nursery:
+                for step in wave:
+                    nursery.start_soon(self._run_step, ctx, step, results, failures)
+            if failures:
+                raise StepFailed("; ".join(failures))
+
+    async def _run_step(
+        self, ctx: AgentContext, step: PlanStep, results: dict[int, str], failures: list[str]
+    ) -> None:
+        ctx.emit("step.started", {"id": step.id, "task": step.task})
+        if step.tool and step.tool in ctx.tools and step.arguments is not None:
+            obs = await ctx.call_tool(step.tool, step.arguments, new_id("call"))
+            ok, output = obs.ok, obs.text()
+        else:
+            context = "\n".join(
+                f"Step {k}: {v}" for k, v in results.items() if k in step.depends_on
+            )
+            prompt = f"Do this step: {step.task}"
+            if context:
+                prompt += f"\nKnown so far:\n{context}"
+            messages = [ChatMessage("system", self.step_agent.system_prompt(ctx)),
+                        ChatMessage("user", prompt)]
+            output = await self.step_agent.loop(_quiet(ctx), messages)
+            ok = not output.startswith("ERROR:")
+        results[step.id] = output
+        ctx.emit("step.finished", {"id": step.id, ("output" if ok else "error"): output})
+        if not ok:
+            failures.append(f"step {step.id} ({step.task}): {output}")
+
+
+def _renumber(plan: Plan, start: int) -> Plan:
+    mapping = {s.id: start + i for i, s in enumerate(plan.steps)}
+    return Plan(steps=[
+        s.model_copy(update={"id": mapping[s.id], "depends_on": [mapping[d] for d in s.depends_on]})
+        for s in plan.steps
+    ])
+
+
+class _QuietContext(AgentContext):
+    """A step's inner LLM calls stream no tokens: only the final synthesis speaks to the user."""
+
+    async def call_llm(self, messages, *, tools=(), emit_tokens=True, **kw):  # type: ignore[no-untyped-def,override]
+        return await super().call_llm(messages, tools=tools, emit_tokens=False, **kw)
+
+
+def _quiet(ctx: AgentContext) -> AgentContext:
+    q = _QuietContext.__new__(_QuietContext)
+    q.__dict__.update(ctx.__dict__)
+    return q

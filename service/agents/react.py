@@ -1,0 +1,90 @@
+"""The ReAct agent: think, act with tools, observe, until a final answer or the step limit.
+
+Native tool calling is used whenever the backend returns tool calls (several calls of one step
+run in parallel); otherwise the model's text is read with the ReAct text protocol
+(:mod:`service.agents.react_parser`). Tokens stream as the model writes; each parsed thought is
+also emitted as a ``thought`` event.
+"""
+
+from __future__ import annotations
+
+from ..backends.base import ChatMessage, ToolCall
+from ..store import new_id
+from .base import Agent, AgentContext, Observation
+from .react_parser import parse_react
+
+__all__ = ["REACT_SYSTEM", "ReActAgent"]
+
+REACT_SYSTEM = """You can use tools to answer. If your interface supports tool calls, call them \
+directly. Otherwise answer in exactly this format:
+
+Thought: what you think about next
+Action: the tool name, one of [{tool_names}]
+Action Input: the tool's arguments as a JSON object
+
+You will then get "Observation: <result>". Repeat as needed, then finish with:
+
+Thought: I know the answer
+Final Answer: the answer for the user
+
+Tools:
+{tool_list}"""
+
+LIMIT_PROMPT = (
+    "You have reached the limit of {steps} steps. Do not call any more tools. Answer the user now "
+    "with what you found so far, and say plainly what is still unknown."
+)
+
+
+class ReActAgent(Agent):
+    name = "react"
+
+    def __init__(self, max_steps: int = 8) -> None:
+        self.max_steps = max_steps
+
+    def system_prompt(self, ctx: AgentContext) -> str:
+        tools = list(ctx.tools)
+        return REACT_SYSTEM.format(
+            tool_names=", ".join(t.name for t in tools),
+            tool_list="\n".join(f"- {t.name}: {t.description} Parameters: {t.parameters}"
+                                for t in tools),
+        )
+
+    async def run(self, ctx: AgentContext) -> str:
+        messages = [ChatMessage("system", self.system_prompt(ctx)), *ctx.history]
+        return await self.loop(ctx, messages)
+
+    async def loop(self, ctx: AgentContext, messages: list[ChatMessage]) -> str:
+        tools = list(ctx.tools)
+        for _step in range(self.max_steps):
+            reply = await ctx.call_llm(messages, tools=tools)
+            if reply.tool_calls:
+                if reply.content.strip():
+                    ctx.emit("thought", {"text": reply.content.strip()})
+                messages.append(reply)
+                observations = await ctx.call_tools_parallel(reply.tool_calls)
+                messages += [_tool_message(o) for o in observations]
+                continue
+            step = parse_react(reply.content)
+            if step.thought:
+                ctx.emit("thought", {"text": step.thought})
+            if step.is_final:
+                return step.final_answer or ""
+            call = ToolCall(new_id("call"), step.action or "", _as_arguments(step.action_input))
+            obs = await ctx.call_tool(call.name, step.action_input, call.id)
+            messages.append(ChatMessage("assistant", reply.content))
+            messages.append(ChatMessage("user", f"Observation: {obs.text()}"))
+        # Step limit: one last call without tools for a clear answer from what was found.
+        messages.append(ChatMessage("user", LIMIT_PROMPT.format(steps=self.max_steps)))
+        ctx.emit("thought", {"text": f"step limit of {self.max_steps} reached"})
+        reply = await ctx.call_llm(messages)
+        step = parse_react(reply.content)
+        return step.final_answer if step.is_final and step.final_answer else reply.content
+
+
+def _tool_message(obs: Observation) -> ChatMessage:
+    return ChatMessage("tool", obs.text(), tool_call_id=obs.call_id, name=obs.name)
+
+
+def _as_arguments(value: object) -> dict[str, object]:
+    return value if isinstance(value, dict) else {"input": value}

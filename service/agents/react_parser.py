@@ -1,0 +1,103 @@
+"""A tolerant parser for the ReAct text protocol (pure, no I/O).
+
+The model is asked to answer in this shape::
+
+    Thought: I need to compute it.
+    Action: calculator
+    Action Input: {"expression": "2 + 2"}
+
+or, when done::
+
+    Thought: I know the answer.
+    Final Answer: 4
+
+Real models drift: labels in other case or in bold (``**Action:**``), the input in a code fence,
+on the next line, as a bare string instead of JSON, trailing chatter after the JSON, a stray
+``Observation:`` they made up. The parser accepts all of that; whichever of "Action" and "Final
+Answer" comes first wins; text with neither label is taken as the final answer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["ReActStep", "parse_react"]
+
+_LABEL = r"^[ \t>*_#-]*{name}[ \t*_]*:[ \t*]*"
+_THOUGHT = re.compile(_LABEL.format(name="thought"), re.I | re.M)
+_ACTION = re.compile(_LABEL.format(name="action"), re.I | re.M)
+_INPUT = re.compile(_LABEL.format(name=r"action[ _]input"), re.I | re.M)
+_FINAL = re.compile(_LABEL.format(name=r"final[ _]answer"), re.I | re.M)
+_OBSERVATION = re.compile(_LABEL.format(name="observation"), re.I | re.M)
+_FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```", re.S)
+
+
+@dataclass(frozen=True)
+class ReActStep:
+    thought: str | None
+    action: str | None = None  # a tool name
+    action_input: Any = None  # a dict when the input was a JSON object, else a string
+    final_answer: str | None = None
+
+    @property
+    def is_final(self) -> bool:
+        return self.final_answer is not None
+
+
+def _section(text: str, start: int) -> str:
+    """Text from ``start`` up to the next protocol label."""
+    ends = [m.start() for rx in (_THOUGHT, _ACTION, _INPUT, _FINAL, _OBSERVATION)
+            for m in rx.finditer(text, start)]
+    end = min(ends, default=len(text))
+    return text[start:end].strip()
+
+
+def _parse_input(raw: str) -> Any:
+    raw = raw.strip()
+    fence = _FENCE.match(raw)
+    if fence:
+        raw = fence.group(1).strip()
+    if raw.startswith("{"):
+        try:
+            value, _ = json.JSONDecoder().raw_decode(raw)
+            return value
+        except json.JSONDecodeError:
+            pass
+    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
+        raw = raw[1:-1]
+    return raw
+
+
+def parse_react(text: str) -> ReActStep:
+    """Parse one model turn of the ReAct protocol. Never raises."""
+    thought_m = _THOUGHT.search(text)
+    action_m = _ACTION.search(text)
+    final_m = _FINAL.search(text)
+    thought = _section(text, thought_m.end()) if thought_m else None
+
+    if action_m and (not final_m or action_m.start() < final_m.start()):
+        name = _section(text, action_m.end()).splitlines()[0:1]
+        action = name[0].strip().strip("`*'\"") if name else ""
+        input_m = _INPUT.search(text, action_m.end())
+        if input_m:
+            action_input = _parse_input(_section(text, input_m.end()))
+        else:
+            # "Action: calculator(2+2)" or the input on the lines after the name.
+            rest = _section(text, action_m.end())
+            paren = re.match(r"^([\w.-]+)\s*\((.*)\)\s*$", rest, re.S)
+            if paren:
+                action, action_input = paren.group(1), _parse_input(paren.group(2))
+            else:
+                lines = rest.splitlines()
+                action_input = _parse_input("\n".join(lines[1:])) if len(lines) > 1 else {}
+        if action:
+            return ReActStep(thought, action=action, action_input=action_input)
+
+    if final_m:
+        return ReActStep(thought, final_answer=text[final_m.end():].strip())
+    # Neither label: the whole text (minus a leading thought label) is the answer.
+    answer = thought if thought_m and thought else text.strip()
+    return ReActStep(None, final_answer=answer)

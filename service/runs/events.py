@@ -1,0 +1,80 @@
+"""Run events: typed payloads (the wire shapes of API.md "Run events") and the event record.
+
+Pure data; the run owns numbering (seq from 1) and the supervisor owns persistence and fan-out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, TypedDict
+
+__all__ = [
+    "EVENT_TYPES",
+    "EventType",
+    "RunEvent",
+    "RunFinishedData",
+    "RunStartedData",
+    "TokenData",
+    "ToolCallData",
+    "ToolResultData",
+]
+
+EventType = Literal[
+    "run.started",
+    "token",
+    "thought",
+    "tool.call",
+    "tool.result",
+    "plan",
+    "step.started",
+    "step.finished",
+    "decision",
+    "message",
+    "error",
+    "shutdown",
+    "run.finished",
+]
+EVENT_TYPES: frozenset[str] = frozenset(EventType.__args__)  # type: ignore[attr-defined]
+
+
+class RunStartedData(TypedDict):
+    run_id: str
+    conversation_id: str
+    agent: str
+    model: str | None
+
+
+class TokenData(TypedDict):
+    text: str
+
+
+class ToolCallData(TypedDict):
+    name: str
+    arguments: dict[str, Any]
+    call_id: str
+
+
+class ToolResultData(TypedDict, total=False):
+    call_id: str
+    output: Any
+    error: str
+
+
+class RunFinishedData(TypedDict):
+    status: str
+    usage: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class RunEvent:
+    """One event of one run; ``seq`` counts from 1 within the run."""
+
+    run_id: str
+    seq: int
+    type: str
+    data: dict[str, Any]
+    created_at: float
+
+    def wire(self) -> dict[str, Any]:
+        """The WebSocket shape: ``{"run_id", "id", "type", "data"}``."""
+        return {"run_id": self.run_id, "id": self.seq, "type": self.type, "data": self.data}

@@ -1,0 +1,171 @@
+"""A live run as the rest of the service sees it: status, cancel, events and subscriptions.
+
+Events are numbered here (``emit`` is sync and cheap, called per token) and handed to the
+supervisor's committer, which writes them to the store in batches and only then *publishes* them
+on the handle. So a subscriber never sees an event that is not in the store.
+
+Subscribers pull: each :class:`Subscription` keeps a cursor into the run's published events and
+waits for more. A slow subscriber therefore never slows the run and costs no queue of its own.
+The handle keeps a bounded window of recent events in memory; a subscriber that falls behind the
+window gets :class:`ResumeFrom` and re-reads the gap from the store (``Store.list_run_events``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from ..errors import RunError
+from .events import RunEvent
+from .lifecycle import TERMINAL, RunStatus, check_transition
+
+__all__ = ["ResumeFrom", "RunHandle", "Subscription"]
+
+
+class ResumeFrom(RunError):
+    """The subscriber fell behind the in-memory window: re-read from the store after ``seq``."""
+
+    type = "resume_from"
+
+    def __init__(self, seq: int) -> None:
+        super().__init__(f"fell behind; resume after event {seq}", seq=seq)
+        self.seq = seq
+
+
+class RunHandle:
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        conversation_id: str,
+        agent: str,
+        model: str | None,
+        owner: str | None,
+        message_id: str,
+        sink: Callable[[RunEvent], None],
+        window: int = 20_000,
+    ) -> None:
+        self.id = run_id
+        self.conversation_id = conversation_id
+        self.agent = agent
+        self.model = model
+        self.owner = owner
+        self.message_id = message_id  # the pending assistant reply this run fills
+        self.status = RunStatus.queued
+        self.error: str | None = None
+        self.usage: dict[str, Any] = {}
+        self.created_at = time.time()
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.scope = trio.CancelScope()
+        self.cancel_reason: str | None = None
+        self.finished = trio.Event()  # set once the final state is stored and published
+        self.answer_parts: list[str] = []  # token text so far: the partial answer if cut
+        self._sink = sink
+        self._window = window
+        self._next_seq = 1
+        self._events: list[RunEvent] = []  # published, seq base_seq .. base_seq+len-1
+        self._base_seq = 1
+        self._changed = trio.Event()
+        self._closed = False  # run.finished has been emitted
+        self._published_final = False  # ... and published
+
+    def __repr__(self) -> str:
+        cancel = f", cancel: {self.cancel_reason}" if self.cancel_reason else ""
+        return (
+            f"<RunHandle {self.id} [{self.status}, {self._next_seq - 1} events, "
+            f"{self.published_seq} published{cancel}]>"
+        )
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def set_status(self, status: RunStatus) -> None:
+        check_transition(self.status, status)
+        self.status = status
+        if status is RunStatus.running:
+            self.started_at = time.time()
+        elif status in TERMINAL:
+            self.finished_at = time.time()
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL
+
+    def cancel(self, reason: str = "cancelled by request") -> None:
+        """Stop the run (sync, idempotent). The first reason given is the one recorded."""
+        if self.cancel_reason is None and not self.done:
+            self.cancel_reason = reason
+        self.scope.cancel()
+
+    @property
+    def partial_text(self) -> str:
+        return "".join(self.answer_parts)
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def emit(self, type_: str, data: dict[str, Any]) -> RunEvent:
+        """Number an event and hand it to the committer. Sync: safe on the per-token path."""
+        if self._closed:
+            raise RunError(f"run {self.id} already finished; cannot emit {type_}")
+        event = RunEvent(self.id, self._next_seq, type_, data, time.time())
+        self._next_seq += 1
+        if type_ == "token":
+            self.answer_parts.append(data.get("text", ""))
+        elif type_ == "run.finished":
+            self._closed = True
+        self._sink(event)
+        return event
+
+    @property
+    def emitted_seq(self) -> int:
+        return self._next_seq - 1
+
+    @property
+    def published_seq(self) -> int:
+        return self._base_seq + len(self._events) - 1
+
+    def publish(self, events: list[RunEvent]) -> None:
+        """Called by the committer once ``events`` (in seq order) are in the store."""
+        if not events:
+            return
+        self._events.extend(events)
+        if events[-1].type == "run.finished":
+            self._published_final = True
+        if len(self._events) > self._window:
+            drop = len(self._events) - self._window // 2
+            del self._events[:drop]
+            self._base_seq += drop
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+
+    def subscribe(self, after: int = 0) -> Subscription:
+        """Events with seq > ``after``: those published so far, then live ones until the end."""
+        return Subscription(self, after)
+
+
+class Subscription:
+    """An async iterator over a run's events from a cursor on. Raises ResumeFrom if too slow."""
+
+    def __init__(self, handle: RunHandle, after: int) -> None:
+        self._handle = handle
+        self.last_seq = after
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> RunEvent:
+        h = self._handle
+        while True:
+            index = self.last_seq + 1 - h._base_seq
+            if index < 0:
+                raise ResumeFrom(self.last_seq)
+            if index < len(h._events):
+                event = h._events[index]
+                self.last_seq = event.seq
+                return event
+            if h._published_final:
+                raise StopAsyncIteration
+            await h._changed.wait()

@@ -1,0 +1,288 @@
+"""The run supervisor: owns every run's task, commits their events, drains them at shutdown.
+
+One supervisor per app, started in the app's lifespan with ``nursery.start(supervisor.serve)``.
+Each run is a task in the supervisor's nursery with its own ``CancelScope`` (a deadline from the
+run timeout) and its own nursery for the agent's work, so cancelling one run stops its LLM stream
+and its tools and nothing else.
+
+How a run ends (``_run_task``):
+
+* the agent returns -> ``succeeded``; a backend or agent error -> ``failed`` (other runs go on);
+* ``handle.cancel(reason)`` (a client, an explicit cancel) -> ``cancelled``;
+* its deadline passes -> ``timed_out``;
+* the supervisor itself is cancelled (shutdown) -> ``cancelled`` with reason "shutdown", and the
+  ``Cancelled`` keeps propagating once the final state is written.
+
+Whatever happened, the final state (run status, the reply's text - partial if cut - and the
+last events up to exactly one ``run.finished``) is written in one transaction under a shielded,
+bounded scope, so a cancel cannot leave it half done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from ..errors import (
+    BackendError,
+    NotFound,
+    ServiceError,
+    ShuttingDown,
+    StoreError,
+    TooManyRuns,
+)
+from ..logs import RUN_ID, get_logger
+from ..metrics import Metrics
+from ..store import MessageStatus, RunEventRecord, Store
+from .events import RunEvent
+from .handle import RunHandle
+from .lifecycle import RunStatus
+
+__all__ = ["RunSpec", "RunSupervisor"]
+
+log = get_logger("service.runs")
+
+_FINAL_WRITE_BUDGET = 10.0  # seconds the shielded final write may take
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    conversation_id: str
+    content: str
+    agent: str = "chat"
+    model: str | None = None
+    owner: str | None = None
+    timeout: float | None = None  # None: the supervisor's default
+
+
+# An agent runner gets the handle and returns the final answer text.
+AgentRunner = Callable[[RunHandle, RunSpec, trio.Nursery], Any]
+
+
+class RunSupervisor:
+    def __init__(
+        self,
+        store: Store,
+        runner: AgentRunner,
+        *,
+        metrics: Metrics,
+        max_runs: int = 1000,
+        run_timeout: float = 300.0,
+    ) -> None:
+        self._store = store
+        self._runner = runner
+        self._metrics = metrics
+        self.max_runs = max_runs
+        self.run_timeout = run_timeout
+        self._runs: dict[str, RunHandle] = {}
+        self._reserved = 0  # runs being set up (counted against max_runs)
+        self._nursery: trio.Nursery | None = None
+        self._pending: list[RunEvent] = []
+        self._wake = trio.Event()
+        self._commit_lock = trio.Lock()
+        self.draining = False
+
+    def __repr__(self) -> str:
+        return f"<RunSupervisor [{len(self._runs)} runs, {len(self._pending)} events pending]>"
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[RunSupervisor] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Own the runs until cancelled. Runs still going then end ``cancelled`` (shutdown)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._commit_loop)
+            task_status.started(self)
+            await trio.sleep_forever()
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        if self._nursery is None:
+            raise RuntimeError("the supervisor is not serving")
+        return self._nursery
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._runs)
+
+    def get(self, run_id: str) -> RunHandle | None:
+        return self._runs.get(run_id)
+
+    async def drain(self, grace: float) -> None:
+        """Refuse new runs, give those in flight ``grace`` seconds, then cancel the rest."""
+        self.draining = True
+        with trio.move_on_after(grace):
+            for handle in list(self._runs.values()):
+                await handle.finished.wait()
+        for handle in list(self._runs.values()):
+            handle.cancel("shutdown")
+        for handle in list(self._runs.values()):
+            await handle.finished.wait()
+        await self.flush()
+
+    # -- starting runs --------------------------------------------------------------------------
+
+    async def start(self, spec: RunSpec) -> RunHandle:
+        """Start a run; returns once it is stored and its handle exists (trio start protocol)."""
+        if self.draining:
+            raise ShuttingDown("the service is shutting down; no new runs")
+        if len(self._runs) + self._reserved >= self.max_runs:
+            raise TooManyRuns(f"{self.max_runs} runs in flight; retry later")
+        self._reserved += 1
+        try:
+            return await self.nursery.start(self._run_task, spec)  # type: ignore[no-any-return]
+        finally:
+            self._reserved -= 1
+
+    async def _run_task(self, spec: RunSpec, *, task_status: trio.TaskStatus[RunHandle]) -> None:
+        run, _user, reply = await self._store.begin_run(
+            spec.conversation_id, content=spec.content, agent=spec.agent, model=spec.model,
+            owner=spec.owner,
+        )
+        handle = RunHandle(
+            run_id=run.id, conversation_id=spec.conversation_id, agent=spec.agent,
+            model=spec.model, owner=spec.owner, message_id=reply.id, sink=self._enqueue,
+        )
+        handle.scope.deadline = trio.current_time() + (spec.timeout or self.run_timeout)
+        self._runs[run.id] = handle
+        self._metrics.runs_in_flight.inc()
+        token = RUN_ID.set(run.id)
+        try:
+            task_status.started(handle)
+            await self._execute(handle, spec)
+        finally:
+            RUN_ID.reset(token)
+            del self._runs[run.id]
+            self._metrics.runs_in_flight.dec()
+
+    async def _execute(self, handle: RunHandle, spec: RunSpec) -> None:
+        status = RunStatus.failed
+        answer: str | None = None
+        error: str | None = None
+        try:
+            with handle.scope:
+                handle.set_status(RunStatus.running)
+                handle.emit("run.started", {
+                    "run_id": handle.id, "conversation_id": handle.conversation_id,
+                    "agent": handle.agent, "model": handle.model,
+                })
+                try:
+                    async with trio.open_nursery() as run_nursery:
+                        answer = await self._runner(handle, spec, run_nursery)
+                    status = RunStatus.succeeded
+                except Exception as group:
+                    exc = _leaf(group)  # the run's nursery wraps errors in an ExceptionGroup
+                    status = RunStatus.failed
+                    if isinstance(exc, ServiceError):
+                        error = exc.message
+                        handle.emit("error", {"type": exc.type, "message": exc.message})
+                        if not isinstance(exc, BackendError):
+                            log.warning("run failed: %s", exc.message)
+                    else:
+                        # A bug in an agent or a tool runner: this run fails, the others go on.
+                        log.error("run crashed", exc_info=group)
+                        error = f"internal error: {type(exc).__name__}: {exc}"
+                        handle.emit("error", {"type": "internal_error", "message": error})
+            if handle.scope.cancelled_caught:
+                if handle.cancel_reason is not None:
+                    status, error = RunStatus.cancelled, handle.cancel_reason
+                else:
+                    status, error = RunStatus.timed_out, "the run's deadline passed"
+        except BaseException:
+            # Cancelled from outside this run's scope (the supervisor is shutting down), maybe
+            # wrapped in a group by the run's nursery: record, then keep propagating.
+            handle.cancel_reason = handle.cancel_reason or "shutdown"
+            with trio.move_on_after(_FINAL_WRITE_BUDGET, shield=True):
+                await self._finish(handle, RunStatus.cancelled, None, handle.cancel_reason)
+            raise
+        await self._finish(handle, status, answer, error)
+
+    async def _finish(
+        self, handle: RunHandle, status: RunStatus, answer: str | None, error: str | None
+    ) -> None:
+        with trio.move_on_after(_FINAL_WRITE_BUDGET, shield=True) as scope:
+            if status is RunStatus.succeeded and answer is not None:
+                content, msg_status = answer, MessageStatus.complete
+                handle.emit("message", {"id": handle.message_id, "role": "assistant",
+                                        "content": answer})
+            elif status is RunStatus.failed:
+                content, msg_status = handle.partial_text, MessageStatus.error
+            else:
+                content, msg_status = handle.partial_text, MessageStatus.cancelled
+            handle.error = error
+            handle.set_status(status)
+            handle.emit("run.finished", {"status": status.value, "usage": handle.usage,
+                                         **({"error": error} if error else {})})
+            # The final events go in the same transaction as the final state.
+            async with self._commit_lock:
+                mine = [e for e in self._pending if e.run_id == handle.id]
+                self._pending = [e for e in self._pending if e.run_id != handle.id]
+                try:
+                    await self._store.finish_run(
+                        handle.id, status=status.value, message_id=handle.message_id,
+                        content=content, message_status=msg_status, error=error,
+                        usage=handle.usage, events=[_record(e) for e in mine],
+                    )
+                except (StoreError, NotFound) as exc:
+                    log.error("could not store the final state of run %s: %s", handle.id, exc)
+                handle.publish(mine)
+            self._metrics.runs.labels(status.value).inc()
+            handle.finished.set()
+        if scope.cancelled_caught:
+            log.error("final write of run %s took over %ss", handle.id, _FINAL_WRITE_BUDGET)
+            handle.finished.set()
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def _enqueue(self, event: RunEvent) -> None:
+        self._pending.append(event)
+        self._wake.set()
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write every pending event (one transaction for all runs), then publish them.
+
+        Shielded: a batch taken from the queue is always both written and published, so
+        subscribers never see a gap in a run's numbering.
+        """
+        with trio.move_on_after(_FINAL_WRITE_BUDGET, shield=True):
+            await self._flush()
+
+    async def _flush(self) -> None:
+        async with self._commit_lock:
+            batch, self._pending = self._pending, []
+            if not batch:
+                return
+            try:
+                await self._store.append_run_events([_record(e) for e in batch])
+            except StoreError as exc:
+                # Publishing anyway keeps clients live; the gap shows in the store, and is logged.
+                log.error("could not store %d run events: %s", len(batch), exc)
+            by_run: dict[str, list[RunEvent]] = {}
+            for e in batch:
+                by_run.setdefault(e.run_id, []).append(e)
+            for run_id, events in by_run.items():
+                handle = self._runs.get(run_id)
+                if handle is not None:
+                    handle.publish(events)
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first leaf of (nested) exception groups: what actually went wrong."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _record(e: RunEvent) -> RunEventRecord:
+    return RunEventRecord(e.run_id, e.seq, e.type, e.data, e.created_at)

@@ -1,0 +1,132 @@
+"""Tools the agents can call: a name, a description, JSON-schema parameters and a timeout.
+
+A tool function takes its arguments as keywords and returns anything JSON-serialisable. It may be
+``async`` (runs in the run's task tree, cancelled with it) or plain (runs in a worker thread via
+``trio.to_thread.run_sync``; a cancelled sync tool is abandoned, so sync tools must be free of
+side effects that matter if cut short, or be written async).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from jsonschema import Draft202012Validator
+
+from ..errors import ConfigError, ToolArgumentsError
+
+__all__ = ["Tool", "ToolRegistry", "load_tool_modules", "tool"]
+
+ToolFn = Callable[..., Any] | Callable[..., Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    fn: ToolFn
+    timeout: float | None = None  # None: the service's SERVICE_TOOL_TIMEOUT
+    _validator: Draft202012Validator = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        Draft202012Validator.check_schema(self.parameters)
+        object.__setattr__(self, "_validator", Draft202012Validator(self.parameters))
+
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.fn)
+
+    def validate(self, arguments: object) -> dict[str, Any]:
+        """Return the arguments if they match the schema, else raise ToolArgumentsError."""
+        if not isinstance(arguments, dict):
+            raise ToolArgumentsError(
+                f"arguments of {self.name} must be a JSON object", tool=self.name
+            )
+        errors = sorted(self._validator.iter_errors(arguments), key=lambda e: list(e.path))
+        if errors:
+            first = errors[0]
+            where = ".".join(str(p) for p in first.path) or "arguments"
+            raise ToolArgumentsError(
+                f"invalid arguments for {self.name}: {where}: {first.message}", tool=self.name
+            )
+        return arguments
+
+    def spec(self, default_timeout: float) -> dict[str, Any]:
+        """The ``/api/tools`` shape."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "parameters": self.parameters,
+            "timeout": self.timeout if self.timeout is not None else default_timeout,
+        }
+
+    def openai(self) -> dict[str, Any]:
+        """The OpenAI / Ollama ``tools`` entry."""
+        return {
+            "type": "function",
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": self.parameters,
+            },
+        }
+
+
+def tool(
+    name: str, description: str, parameters: dict[str, Any], *, timeout: float | None = None
+) -> Callable[[ToolFn], Tool]:
+    """Decorator: ``@tool("name", "what it does", {json schema})`` turns a function into a Tool."""
+
+    def wrap(fn: ToolFn) -> Tool:
+        return Tool(name, description, parameters, fn, timeout)
+
+    return wrap
+
+
+class ToolRegistry:
+    def __init__(self, tools: Iterable[Tool] = ()) -> None:
+        self._tools: dict[str, Tool] = {}
+        for t in tools:
+            self.add(t)
+
+    def add(self, t: Tool) -> None:
+        if t.name in self._tools:
+            raise ConfigError(f"two tools are named {t.name!r}")
+        self._tools[t.name] = t
+
+    def get(self, name: str) -> Tool | None:
+        return self._tools.get(name)
+
+    def __iter__(self) -> Iterator[Tool]:
+        return iter(self._tools.values())
+
+    def __len__(self) -> int:
+        return len(self._tools)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tools
+
+    def __repr__(self) -> str:
+        return f"<ToolRegistry [{', '.join(self._tools)}]>"
+
+
+def load_tool_modules(modules: Iterable[str]) -> list[Tool]:
+    """Import each module and collect its tools: a ``TOOLS`` list, or module-level Tool objects."""
+    found: list[Tool] = []
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(f"cannot import tool module {name!r}: {exc}") from exc
+        tools = getattr(module, "TOOLS", None)
+        if tools is None:
+            tools = [v for v in vars(module).values() if isinstance(v, Tool)]
+        for t in tools:
+            if not isinstance(t, Tool):
+                raise ConfigError(f"{name}.TOOLS holds {t!r}, not a service.tools.Tool")
+            found.append(t)
+    return found

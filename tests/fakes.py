@@ -1,0 +1,212 @@
+"""In-memory fakes for virtual-time tests: a scripted backend and a supervisor environment.
+
+The scripted backend speaks the Backend protocol with ``trio.sleep`` for pacing, so it works under
+``autojump_clock``; every stream it opens is recorded (completed, or closed early).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from service.agents import Agent, make_runner
+from service.backends.base import (
+    BackendHealth,
+    ChatChunk,
+    ChatMessage,
+    ChatRequest,
+    ChatResult,
+    ModelInfo,
+    ToolCall,
+    Usage,
+)
+from service.metrics import Metrics
+from service.runs import RunSupervisor
+from service.store import Store
+from service.tools import BUILTIN_TOOLS, Tool, ToolRegistry
+
+
+@dataclass
+class Reply:
+    """One scripted answer: text split into ``chunks`` pieces, optional tool calls, pacing."""
+
+    text: str = ""
+    tool_calls: Sequence[ToolCall] = ()
+    chunks: int | None = None  # None: one chunk per word
+    first_delay: float = 0.0
+    gap: float = 0.0
+    hang_after: int | None = None  # hang forever after this many chunks
+    fail_after: int | None = None  # raise ``error`` after this many chunks
+    error: Exception | None = None
+
+
+@dataclass
+class StreamRecord:
+    request: ChatRequest
+    chunks_sent: int = 0
+    completed: bool = False
+    closed: bool = False
+    cancelled: bool = False
+
+
+def _split(text: str, n: int | None) -> list[str]:
+    if not text:
+        return []
+    if n is None:
+        words = text.split(" ")
+        return [w + (" " if i < len(words) - 1 else "") for i, w in enumerate(words)]
+    size = max(1, -(-len(text) // n))
+    return [text[i:i + size] for i in range(0, len(text), size)]
+
+
+class _Chunks:
+    def __init__(self, reply: Reply, record: StreamRecord) -> None:
+        self._reply = reply
+        self._record = record
+        self._pieces = _split(reply.text, reply.chunks)
+        self._i = 0
+        self._done = False
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> ChatChunk:
+        r, i = self._reply, self._i
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            await trio.sleep(r.first_delay if i == 0 else r.gap)
+            if r.hang_after is not None and i >= r.hang_after:
+                await trio.sleep_forever()
+            if r.fail_after is not None and i >= r.fail_after:
+                assert r.error is not None
+                raise r.error
+        except trio.Cancelled:
+            self._record.cancelled = True
+            raise
+        self._i += 1
+        self._record.chunks_sent = self._i
+        if i < len(self._pieces):
+            return ChatChunk(text=self._pieces[i])
+        self._done = True
+        self._record.completed = True
+        return ChatChunk(
+            tool_calls=tuple(r.tool_calls), done=True,
+            finish_reason="tool_calls" if r.tool_calls else "stop",
+            usage=Usage(prompt_tokens=10, completion_tokens=len(self._pieces)),
+        )
+
+
+Responder = Callable[[ChatRequest], Reply]
+
+
+class ScriptedBackend:
+    """Answers from a script: a list consumed in order, or a function of the request."""
+
+    name = "fake"
+    url = "mem://fake"
+
+    def __init__(self, script: Sequence[Reply] | Responder = ()) -> None:
+        self._script: list[Reply] = [] if callable(script) else list(script)
+        self._responder: Responder | None = script if callable(script) else None
+        self.streams: list[StreamRecord] = []
+
+    def _next(self, request: ChatRequest) -> Reply:
+        if self._responder is not None:
+            return self._responder(request)
+        if not self._script:
+            return Reply("(script exhausted)")
+        return self._script.pop(0)
+
+    @property
+    def open_streams(self) -> int:
+        return sum(1 for s in self.streams if not s.closed)
+
+    @asynccontextmanager
+    async def stream(self, request: ChatRequest) -> AsyncIterator[_Chunks]:
+        record = StreamRecord(request)
+        self.streams.append(record)
+        try:
+            await trio.lowlevel.checkpoint()
+            yield _Chunks(self._next(request), record)
+        finally:
+            record.closed = True
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        parts: list[str] = []
+        calls: list[ToolCall] = []
+        async with self.stream(request) as chunks:
+            async for c in chunks:
+                parts.append(c.text)
+                calls.extend(c.tool_calls)
+        return ChatResult(ChatMessage("assistant", "".join(parts), tuple(calls)), "fake", "fake")
+
+    async def list_models(self) -> list[ModelInfo]:
+        await trio.lowlevel.checkpoint()
+        return [ModelInfo("fake-model", "fake")]
+
+    async def health(self) -> BackendHealth:
+        await trio.lowlevel.checkpoint()
+        return BackendHealth("fake", self.url, reachable=True, ready=True, latency=0.0)
+
+    async def preload(self, model: str) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+@dataclass
+class Env:
+    store: Store
+    supervisor: RunSupervisor
+    backend: ScriptedBackend
+    tools: ToolRegistry
+    nursery: trio.Nursery
+    metrics: Metrics
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    async def conversation(self, **kwargs: Any) -> str:
+        return (await self.store.create_conversation(**kwargs)).id
+
+
+async def _inline(fn: Callable[[], Any]) -> Any:
+    await trio.lowlevel.checkpoint()
+    return fn()
+
+
+@asynccontextmanager
+async def supervisor_env(
+    tmp_path: Path,
+    backend: ScriptedBackend,
+    *,
+    tools: Sequence[Tool] = BUILTIN_TOOLS,
+    run_timeout: float = 300.0,
+    tool_timeout: float = 30.0,
+    max_runs: int = 1000,
+    agents: dict[str, Agent] | None = None,
+) -> AsyncIterator[Env]:
+    """A store (inline sqlite, for virtual time) and a serving supervisor over ``backend``."""
+    metrics = Metrics()
+    store = Store(tmp_path / "runs.db", threaded=False, metrics=metrics)
+    await store.open()
+    registry = ToolRegistry(tools)
+    runner = make_runner(
+        store=store, backend=lambda: backend, tools=registry, metrics=metrics,
+        tool_timeout=tool_timeout, history_chars=24_000, agents=agents, run_sync=_inline,
+    )
+    supervisor = RunSupervisor(
+        store, runner, metrics=metrics, max_runs=max_runs, run_timeout=run_timeout
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.serve)
+            yield Env(store, supervisor, backend, registry, nursery, metrics)
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.aclose()

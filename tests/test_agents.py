@@ -1,0 +1,296 @@
+"""Agents on scripted conversations, in virtual time: tools, parallel calls, plans, cancel."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from service.backends.base import ChatRequest, ToolCall
+from service.runs import RunSpec, RunStatus
+from service.store import MessageStatus
+from service.tools import BUILTIN_TOOLS, tool
+
+from .fakes import Reply, ScriptedBackend, supervisor_env
+
+CANCELLED_TOOLS: list[str] = []
+
+
+@tool("slow_lookup", "Look a key up (slowly).",
+      {"type": "object", "properties": {"key": {"type": "string"}}, "required": ["key"]},
+      timeout=20)
+async def slow_lookup(key: str) -> str:
+    try:
+        await trio.sleep(10)
+    except trio.Cancelled:
+        CANCELLED_TOOLS.append(key)
+        raise
+    return f"value-of-{key}"
+
+
+@tool("hang", "Never returns.", {"type": "object", "properties": {}}, timeout=3)
+async def hang() -> str:
+    await trio.sleep_forever()
+    return ""
+
+
+@tool("explode", "Always raises.", {"type": "object", "properties": {}})
+def explode() -> str:
+    raise RuntimeError("kaboom")
+
+
+TOOLS = (*BUILTIN_TOOLS, slow_lookup, hang, explode)
+
+
+def _last_user(req: ChatRequest) -> str:
+    return next(m.content for m in reversed(req.messages) if m.role in ("user", "tool"))
+
+
+async def _run(env, content: str, agent: str):  # type: ignore[no-untyped-def]
+    conv = await env.conversation()
+    handle = await env.supervisor.start(RunSpec(conv, content, agent=agent))
+    await handle.finished.wait()
+    events = await env.store.list_run_events(handle.id)
+    return handle, events
+
+
+async def test_react_native_parallel_tool_calls(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    backend = ScriptedBackend([
+        Reply("", tool_calls=[ToolCall("c1", "slow_lookup", {"key": "a"}),
+                              ToolCall("c2", "slow_lookup", {"key": "b"}),
+                              ToolCall("c3", "calculator", {"expression": "6*7"})]),
+        Reply("Final Answer: a and b are known; 6*7 is 42"),
+    ])
+    async with supervisor_env(tmp_path, backend, tools=TOOLS) as env:
+        start = trio.current_time()
+        handle, events = await _run(env, "look up a and b, and 6*7", "react")
+        # Both 10 s lookups ran at once.
+        assert trio.current_time() - start == pytest.approx(10.0)
+        assert handle.status is RunStatus.succeeded
+        results = {e.data["call_id"]: e.data for e in events if e.type == "tool.result"}
+        assert results["c1"]["output"] == "value-of-a"
+        assert results["c2"]["output"] == "value-of-b"
+        assert results["c3"].get("output") == 42, results["c3"]
+        assert events[-2].data["content"] == "a and b are known; 6*7 is 42"
+        # The second LLM call saw the tool results as tool messages.
+        second = backend.streams[1].request.messages
+        tool_msgs = [m.content for m in second if m.role == "tool"]
+        assert tool_msgs == ["value-of-a", "value-of-b", "42"]
+        assert backend.streams[0].request.tools  # tools were offered natively
+
+
+async def test_react_text_protocol(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    backend = ScriptedBackend([
+        Reply('Thought: I should compute.\nAction: calculator\n'
+              'Action Input: {"expression": "2+3"}'),
+        Reply("Thought: done\nFinal Answer: 5"),
+    ])
+    async with supervisor_env(tmp_path, backend, tools=TOOLS) as env:
+        handle, events = await _run(env, "what is 2+3?", "react")
+        assert handle.status is RunStatus.succeeded
+        types = [e.type for e in events]
+        assert "thought" in types
+        assert next(e.data for e in events if e.type == "tool.call")["name"] == "calculator"
+        assert next(e.data for e in events if e.type == "tool.result")["output"] == 5
+        assert events[-2].data["content"] == "5"
+        assert "Observation: 5" in _last_user(backend.streams[1].request)
+
+
+async def test_tool_that_hangs_times_out_and_the_run_goes_on(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    backend = ScriptedBackend([
+        Reply("", tool_calls=[ToolCall("h", "hang", {})]),
+        Reply("", tool_calls=[ToolCall("x", "explode", {})]),
+        Reply("", tool_calls=[ToolCall("u", "no_such_tool", {})]),
+        Reply("", tool_calls=[ToolCall("v", "calculator", {"expr": "1"})]),
+        Reply("Final Answer: gave up politely"),
+    ])
+    async with supervisor_env(tmp_path, backend, tools=TOOLS) as env:
+        start = trio.current_time()
+        handle, events = await _run(env, "try things", "react")
+        assert trio.current_time() - start == pytest.approx(3.0)  # hang's own timeout
+        assert handle.status is RunStatus.succeeded
+        errors = [e.data["error"] for e in events if e.type == "tool.result"]
+        assert errors[0] == "tool hang timed out after 3s"
+        assert errors[1] == "RuntimeError: kaboom"
+        assert "unknown tool 'no_such_tool'" in errors[2]
+        assert "invalid arguments for calculator" in errors[3]
+        assert events[-2].data["content"] == "gave up politely"
+
+
+async def test_react_step_limit_gives_a_clear_answer(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    def reply(req: ChatRequest) -> Reply:
+        if "reached the limit" in req.messages[-1].content:
+            return Reply("I could not finish: still unknown.")
+        return Reply("", tool_calls=[ToolCall(f"c{len(req.messages)}", "calculator",
+                                              {"expression": "1+1"})])
+
+    backend = ScriptedBackend(reply)
+    async with supervisor_env(tmp_path, backend, tools=TOOLS) as env:
+        handle, events = await _run(env, "loop forever", "react")
+        assert handle.status is RunStatus.succeeded
+        assert len(backend.streams) == 9  # 8 steps + the final answer
+        assert backend.streams[-1].request.tools == ()
+        assert events[-2].data["content"] == "I could not finish: still unknown."
+
+
+async def test_cancel_during_a_tool_call_cancels_the_tool(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    CANCELLED_TOOLS.clear()
+    backend = ScriptedBackend([
+        Reply("Let me look. ", tool_calls=[ToolCall("c1", "slow_lookup", {"key": "k"})]),
+        Reply("never reached"),
+    ])
+    async with supervisor_env(tmp_path, backend, tools=TOOLS) as env:
+        baseline = len(env.supervisor.nursery.child_tasks)
+        conv = await env.conversation()
+        handle = await env.supervisor.start(RunSpec(conv, "go", agent="react"))
+        await trio.sleep(5)
+        at = trio.current_time()
+        handle.cancel()
+        await handle.finished.wait()
+        assert trio.current_time() == at
+        assert handle.status is RunStatus.cancelled
+        assert CANCELLED_TOOLS == ["k"]
+        assert len(backend.streams) == 1
+        msgs = await env.store.get_messages(conv)
+        assert (msgs[1].content, msgs[1].status) == ("Let me look. ", MessageStatus.cancelled)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(env.supervisor.nursery.child_tasks) == baseline
+
+
+def _planner(plan: dict, synth: str = "All done."):  # type: ignore[no-untyped-def,type-arg]
+    def reply(req: ChatRequest) -> Reply:
+        system = req.messages[0].content if req.messages[0].role == "system" else ""
+        last = req.messages[-1].content
+        if system.startswith("Break the user's request"):
+            return Reply(json.dumps(plan))
+        if last.startswith("Answer the user's request"):
+            return Reply(synth)
+        return Reply("Final Answer: step result")
+
+    return reply
+
+
+async def test_plan_execute_runs_independent_steps_in_parallel(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    plan = {"steps": [
+        {"id": 1, "task": "look up a", "tool": "slow_lookup", "arguments": {"key": "a"}},
+        {"id": 2, "task": "look up b", "tool": "slow_lookup", "arguments": {"key": "b"}},
+        {"id": 3, "task": "combine", "depends_on": [1, 2]},
+    ]}
+    backend = ScriptedBackend(_planner(plan, synth="a and b combined"))
+    async with supervisor_env(tmp_path, backend, tools=TOOLS) as env:
+        start = trio.current_time()
+        handle, events = await _run(env, "get a and b then combine", "plan_execute")
+        assert trio.current_time() - start == pytest.approx(10.0)
+        assert handle.status is RunStatus.succeeded
+        types = [e.type for e in events]
+        assert types.count("plan") == 1
+        assert types.count("step.started") == 3
+        assert types.count("step.finished") == 3
+        finished = {e.data["id"]: e.data for e in events if e.type == "step.finished"}
+        assert finished[1]["output"] == "value-of-a"
+        assert finished[3]["output"] == "step result"
+        # Step 3 started only after 1 and 2 finished.
+        order = [(e.type, e.data.get("id")) for e in events if e.type.startswith("step.")]
+        assert order.index(("step.started", 3)) > order.index(("step.finished", 1))
+        assert order.index(("step.started", 3)) > order.index(("step.finished", 2))
+        assert events[-2].data["content"] == "a and b combined"
+        # Only the synthesis streamed tokens to the user.
+        assert "".join(e.data["text"] for e in events if e.type == "token") == "a and b combined"
+
+
+async def test_plan_execute_replans_once_after_a_failed_step(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    plans = [
+        "not json at all",  # invalid: re-asked once
+        json.dumps({"steps": [{"id": 1, "task": "break", "tool": "explode", "arguments": {}}]}),
+        json.dumps({"steps": [{"id": 1, "task": "compute", "tool": "calculator",
+                               "arguments": {"expression": "2**10"}}]}),
+    ]
+
+    def reply(req: ChatRequest) -> Reply:
+        if req.messages[0].content.startswith("Break the user's request"):
+            return Reply(plans.pop(0))
+        return Reply("The answer is 1024.")
+
+    backend = ScriptedBackend(reply)
+    async with supervisor_env(tmp_path, backend, tools=TOOLS) as env:
+        handle, events = await _run(env, "compute something", "plan_execute")
+        assert handle.status is RunStatus.succeeded
+        assert plans == []
+        plan_events = [e.data for e in events if e.type == "plan"]
+        assert len(plan_events) == 2
+        assert plan_events[1]["steps"][0]["id"] == 2  # re-planned steps get fresh ids
+        finished = [e.data for e in events if e.type == "step.finished"]
+        assert "kaboom" in finished[0]["error"]
+        assert finished[1]["output"] == "1024"
+        assert events[-2].data["content"] == "The answer is 1024."
+
+
+async def test_cancel_during_a_parallel_plan_step(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    CANCELLED_TOOLS.clear()
+    plan = {"steps": [
+        {"id": 1, "task": "a", "tool": "slow_lookup", "arguments": {"key": "p1"}},
+        {"id": 2, "task": "b", "tool": "slow_lookup", "arguments": {"key": "p2"}},
+    ]}
+    backend = ScriptedBackend(_planner(plan))
+    async with supervisor_env(tmp_path, backend, tools=TOOLS) as env:
+        baseline = len(env.supervisor.nursery.child_tasks)
+        conv = await env.conversation()
+        handle = await env.supervisor.start(RunSpec(conv, "x", agent="plan_execute"))
+        await trio.sleep(4)
+        at = trio.current_time()
+        handle.cancel()
+        await handle.finished.wait()
+        assert trio.current_time() == at
+        assert handle.status is RunStatus.cancelled
+        assert sorted(CANCELLED_TOOLS) == ["p1", "p2"]
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(env.supervisor.nursery.child_tasks) == baseline
+
+
+@pytest.mark.parametrize(
+    ("classifier_says", "question", "expected", "method"),
+    [
+        ("react", "hello", "react", "model"),
+        ("  Plan_Execute.", "hello", "plan_execute", "model"),
+        ("banana", "what is 12*7?", "react", "rule"),
+        ("banana", "tell me a story", "chat", "rule"),
+    ],
+)
+async def test_auto_agent_decides_and_delegates(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock,
+    classifier_says: str, question: str, expected: str, method: str,
+) -> None:
+    def reply(req: ChatRequest) -> Reply:
+        system = req.messages[0].content if req.messages[0].role == "system" else ""
+        if system.startswith("Decide how to handle"):
+            return Reply(classifier_says)
+        if system.startswith("Break the user's request"):
+            return Reply('{"steps": [{"id": 1, "task": "think"}]}')
+        return Reply("Final Answer: ok")
+
+    async with supervisor_env(tmp_path, ScriptedBackend(reply), tools=TOOLS) as env:
+        handle, events = await _run(env, question, "auto")
+        assert handle.status is RunStatus.succeeded
+        (decision,) = [e.data for e in events if e.type == "decision"]
+        assert decision == {"agent": expected, "method": method}
+        # The classification streamed nothing to the user.
+        assert classifier_says not in "".join(
+            e.data["text"] for e in events if e.type == "token"
+        )

@@ -1,0 +1,82 @@
+"""The ReAct text-protocol parser: examples from real model drift, and properties."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from service.agents.react_parser import parse_react
+
+
+def test_plain_action() -> None:
+    step = parse_react('Thought: compute\nAction: calculator\nAction Input: {"expression": "1+1"}')
+    assert (step.thought, step.action, step.action_input) == (
+        "compute", "calculator", {"expression": "1+1"})
+    assert not step.is_final
+
+
+def test_final_answer() -> None:
+    step = parse_react("Thought: I know\nFinal Answer: 42 is the answer.\nIt is.")
+    assert step.final_answer == "42 is the answer.\nIt is."
+
+
+def test_bold_labels_fences_and_chatter() -> None:
+    text = (
+        "**Thought:** let me check\n**Action:** `calculator`\n**Action Input:**\n```json\n"
+        '{"expression": "2*3"}\n```\nObservation: (made up by the model)'
+    )
+    step = parse_react(text)
+    assert step.action == "calculator"
+    assert step.action_input == {"expression": "2*3"}
+
+
+def test_json_followed_by_chatter_and_bare_string_input() -> None:
+    step = parse_react('Action: search\nAction Input: {"q": "x"} and then I will see')
+    assert step.action_input == {"q": "x"}
+    step = parse_react('action: text_stats\naction input: "hello world"')
+    assert (step.action, step.action_input) == ("text_stats", "hello world")
+
+
+def test_call_syntax_and_input_on_next_line() -> None:
+    assert parse_react("Action: calculator(2+2)").action_input == "2+2"
+    step = parse_react('Action: calculator\n{"expression": "3"}')
+    assert step.action_input == {"expression": "3"}
+
+
+def test_first_of_action_and_final_wins() -> None:
+    step = parse_react("Final Answer: done\nAction: calculator\nAction Input: {}")
+    assert step.is_final
+    assert (step.final_answer or "").startswith("done")
+    step = parse_react("Action: calculator\nAction Input: {}\nFinal Answer: too early")
+    assert step.action == "calculator"
+
+
+def test_no_labels_is_the_answer() -> None:
+    assert parse_react("  Just an answer.  ").final_answer == "Just an answer."
+
+
+labels = st.sampled_from(["Thought:", "Action:", "Action Input:", "Final Answer:", "Observation:",
+                          "**Action:**", "action input:", "\n", "{", "}", "```"])
+text = st.lists(st.one_of(labels, st.text(max_size=20)), max_size=12).map("".join)
+
+
+@given(text)
+def test_never_raises_and_always_decides(t: str) -> None:
+    step = parse_react(t)
+    assert step.is_final or (step.action is not None and step.action != "")
+
+
+@given(
+    st.from_regex(r"[a-z_][a-z0-9_]{0,15}", fullmatch=True),
+    st.dictionaries(st.from_regex(r"[a-z]{1,8}", fullmatch=True),
+                    st.one_of(st.integers(), st.text(max_size=10), st.booleans()), max_size=4),
+    st.text(alphabet=st.characters(blacklist_characters=":\n", blacklist_categories=("Cs",)),
+            max_size=30),
+)
+def test_round_trip_of_well_formed_actions(name: str, args: dict, thought: str) -> None:  # type: ignore[type-arg]
+    t = f"Thought: {thought}\nAction: {name}\nAction Input: {json.dumps(args)}"
+    step = parse_react(t)
+    assert step.action == name
+    assert step.action_input == args

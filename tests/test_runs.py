@@ -1,0 +1,322 @@
+"""Runs under the supervisor, in virtual time: lifecycle, events, cancel, deadline, shutdown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from service.agents import Agent, AgentContext
+from service.errors import BackendUnavailable, IllegalTransition, TooManyRuns
+from service.runs import ResumeFrom, RunSpec, RunStatus, check_transition
+from service.runs.handle import RunHandle
+from service.store import MessageStatus
+
+from .fakes import Reply, ScriptedBackend, supervisor_env
+
+
+async def _events(env, run_id):  # type: ignore[no-untyped-def]
+    return await env.store.list_run_events(run_id)
+
+
+def test_lifecycle_refuses_illegal_transitions() -> None:
+    check_transition(RunStatus.queued, RunStatus.running)
+    check_transition(RunStatus.running, RunStatus.timed_out)
+    for old, new in [
+        (RunStatus.succeeded, RunStatus.running),
+        (RunStatus.cancelled, RunStatus.succeeded),
+        (RunStatus.queued, RunStatus.succeeded),
+        (RunStatus.running, RunStatus.queued),
+    ]:
+        with pytest.raises(IllegalTransition):
+            check_transition(old, new)
+
+
+async def test_chat_run_streams_stores_and_finishes_once(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    backend = ScriptedBackend([Reply("Hello there, friend", gap=1.0)])
+    async with supervisor_env(tmp_path, backend) as env:
+        conv = await env.conversation(system="be brief")
+        handle = await env.supervisor.start(RunSpec(conv, "hi", agent="chat"))
+        seen = [e async for e in handle.subscribe()]
+        await handle.finished.wait()
+        assert handle.status is RunStatus.succeeded
+        assert [e.seq for e in seen] == list(range(1, len(seen) + 1))
+        assert seen[0].type == "run.started"
+        tokens = [e.data["text"] for e in seen if e.type == "token"]
+        assert tokens == ["Hello ", "there, ", "friend"]
+        assert seen[-2].type == "message"
+        assert seen[-1].type == "run.finished"
+        assert seen[-1].data["status"] == "succeeded"
+        assert seen[-1].data["usage"]["completion_tokens"] == 3
+        assert [e.type for e in seen].count("run.finished") == 1
+        # Every event a subscriber saw is in the store, in the same order.
+        assert [(e.seq, e.type) for e in await _events(env, handle.id)] == [
+            (e.seq, e.type) for e in seen
+        ]
+        msgs = await env.store.get_messages(conv)
+        assert [(m.role, m.content, m.status) for m in msgs] == [
+            ("user", "hi", MessageStatus.complete),
+            ("assistant", "Hello there, friend", MessageStatus.complete),
+        ]
+        run = await env.store.get_run(handle.id)
+        assert run.status == "succeeded"
+        assert run.usage["completion_tokens"] == 3
+        # The model saw the system prompt and the question.
+        sent = backend.streams[0].request.messages
+        assert [(m.role, m.content) for m in sent] == [("system", "be brief"), ("user", "hi")]
+
+
+async def test_history_carries_earlier_turns(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    backend = ScriptedBackend([Reply("first answer"), Reply("second answer")])
+    async with supervisor_env(tmp_path, backend) as env:
+        conv = await env.conversation()
+        h1 = await env.supervisor.start(RunSpec(conv, "q1"))
+        await h1.finished.wait()
+        h2 = await env.supervisor.start(RunSpec(conv, "q2"))
+        await h2.finished.wait()
+        sent = backend.streams[1].request.messages
+        assert [(m.role, m.content) for m in sent] == [
+            ("user", "q1"), ("assistant", "first answer"), ("user", "q2")
+        ]
+
+
+async def test_late_subscriber_resumes_from_any_seq(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    backend = ScriptedBackend([Reply("a b c d e f", gap=1.0)])
+    async with supervisor_env(tmp_path, backend) as env:
+        conv = await env.conversation()
+        handle = await env.supervisor.start(RunSpec(conv, "go"))
+        await trio.sleep(3.5)
+        whole = [e async for e in handle.subscribe(0)]
+        tail = [e async for e in handle.subscribe(4)]
+        assert [e.seq for e in tail] == [e.seq for e in whole if e.seq > 4]
+
+
+async def test_slow_subscriber_is_told_to_resume_not_kept() -> None:
+    events = []
+    handle = RunHandle(run_id="run_x", conversation_id="c", agent="chat", model=None,
+                       owner=None, message_id="m", sink=events.append, window=10)
+    sub = handle.subscribe(0)
+    for _ in range(25):
+        handle.publish([handle.emit("token", {"text": "x"})])
+    # The window kept only the newest events; the subscriber at 0 must re-read from the store.
+    with pytest.raises(ResumeFrom) as info:
+        await sub.__anext__()
+    assert info.value.seq == 0
+    assert len(handle._events) <= 10
+
+
+@pytest.mark.parametrize("stage", ["before_first_token", "mid_stream"])
+async def test_cancel_during_llm_stream(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, stage: str
+) -> None:
+    reply = Reply("one two three four five", first_delay=10.0, gap=1.0)
+    backend = ScriptedBackend([reply])
+    async with supervisor_env(tmp_path, backend) as env:
+        baseline = len(env.supervisor.nursery.child_tasks)
+        conv = await env.conversation()
+        handle = await env.supervisor.start(RunSpec(conv, "hi"))
+        await trio.sleep(5.0 if stage == "before_first_token" else 12.5)
+        cancelled_at = trio.current_time()
+        handle.cancel("client went away")
+        await handle.finished.wait()
+        assert trio.current_time() == cancelled_at  # within one scheduling round
+        assert handle.status is RunStatus.cancelled
+        (stream,) = backend.streams
+        assert stream.closed
+        assert stream.cancelled
+        assert not stream.completed
+        msgs = await env.store.get_messages(conv)
+        expected = "" if stage == "before_first_token" else "one two three "
+        assert (msgs[1].content, msgs[1].status) == (expected, MessageStatus.cancelled)
+        assert msgs[1].error == "client went away"
+        run = await env.store.get_run(handle.id)
+        assert (run.status, run.error) == ("cancelled", "client went away")
+        events = await _events(env, handle.id)
+        assert events[-1].type == "run.finished"
+        assert events[-1].data["status"] == "cancelled"
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(env.supervisor.nursery.child_tasks) == baseline
+        # Cancel is idempotent and keeps the first reason.
+        handle.cancel("again")
+        assert handle.cancel_reason == "client went away"
+
+
+async def test_deadline_times_out_the_run(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    backend = ScriptedBackend([Reply("slow answer here", gap=4.0)])
+    async with supervisor_env(tmp_path, backend, run_timeout=6.0) as env:
+        baseline = len(env.supervisor.nursery.child_tasks)
+        conv = await env.conversation()
+        start = trio.current_time()
+        handle = await env.supervisor.start(RunSpec(conv, "hi"))
+        await handle.finished.wait()
+        assert trio.current_time() - start == pytest.approx(6.0)
+        assert handle.status is RunStatus.timed_out
+        assert backend.streams[0].cancelled
+        msgs = await env.store.get_messages(conv)
+        assert (msgs[1].content, msgs[1].status) == ("slow answer ", MessageStatus.cancelled)
+        assert (await env.store.get_run(handle.id)).status == "timed_out"
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(env.supervisor.nursery.child_tasks) == baseline
+
+
+async def test_request_timeout_overrides_default(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    backend = ScriptedBackend([Reply("x", first_delay=100.0)])
+    async with supervisor_env(tmp_path, backend, run_timeout=300.0) as env:
+        conv = await env.conversation()
+        start = trio.current_time()
+        handle = await env.supervisor.start(RunSpec(conv, "hi", timeout=2.5))
+        await handle.finished.wait()
+        assert trio.current_time() - start == pytest.approx(2.5)
+        assert handle.status is RunStatus.timed_out
+
+
+class _BuggyAgent(Agent):
+    name = "buggy"
+
+    async def run(self, ctx: AgentContext) -> str:
+        await trio.sleep(1)
+        raise KeyError("oops")
+
+
+async def test_agent_bug_fails_that_run_only(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    from service.agents import ChatAgent
+
+    backend = ScriptedBackend([Reply("fine answer", gap=1.0)])
+    agents = {"chat": ChatAgent(), "buggy": _BuggyAgent()}
+    async with supervisor_env(tmp_path, backend, agents=agents) as env:
+        conv = await env.conversation()
+        bad = await env.supervisor.start(RunSpec(conv, "x", agent="buggy"))
+        good = await env.supervisor.start(RunSpec(conv, "y", agent="chat"))
+        await bad.finished.wait()
+        await good.finished.wait()
+        assert bad.status is RunStatus.failed
+        assert "KeyError" in (bad.error or "")
+        assert good.status is RunStatus.succeeded
+        events = await _events(env, bad.id)
+        assert [e.type for e in events][-2:] == ["error", "run.finished"]
+        msgs = {m.run_id: m for m in await env.store.get_messages(conv) if m.role == "assistant"}
+        assert msgs[bad.id].status is MessageStatus.error
+        assert msgs[good.id].status is MessageStatus.complete
+
+
+async def test_backend_error_fails_the_run_with_its_message(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    err = BackendUnavailable("upstream died", backend="fake")
+    backend = ScriptedBackend([Reply("a b c d", fail_after=2, error=err)])
+    async with supervisor_env(tmp_path, backend) as env:
+        conv = await env.conversation()
+        handle = await env.supervisor.start(RunSpec(conv, "x"))
+        await handle.finished.wait()
+        assert handle.status is RunStatus.failed
+        assert handle.error == "upstream died"
+        msgs = await env.store.get_messages(conv)
+        assert (msgs[1].content, msgs[1].status) == ("a b ", MessageStatus.error)
+        events = await _events(env, handle.id)
+        assert events[-2].data == {"type": "backend_unavailable", "message": "upstream died"}
+
+
+async def test_max_runs_refuses_past_the_limit(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    backend = ScriptedBackend(lambda req: Reply("x", first_delay=10.0))
+    async with supervisor_env(tmp_path, backend, max_runs=2) as env:
+        conv = await env.conversation()
+        await env.supervisor.start(RunSpec(conv, "1"))
+        await env.supervisor.start(RunSpec(conv, "2"))
+        with pytest.raises(TooManyRuns):
+            await env.supervisor.start(RunSpec(conv, "3"))
+        await trio.sleep(11)
+        assert env.supervisor.in_flight == 0
+        h = await env.supervisor.start(RunSpec(conv, "4"))
+        await h.finished.wait()
+
+
+async def test_shutdown_cancels_runs_and_stores_their_state(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    backend = ScriptedBackend(lambda req: Reply("w1 w2 w3 w4 w5 w6", gap=1.0))
+    async with supervisor_env(tmp_path, backend) as env:
+        conv = await env.conversation()
+        handles = [await env.supervisor.start(RunSpec(conv, f"q{i}")) for i in range(5)]
+        await trio.sleep(2.5)
+        # Hard shutdown: the supervisor's own scope is cancelled.
+        env.nursery.cancel_scope.cancel()
+    for h in handles:
+        assert h.status is RunStatus.cancelled
+        assert h.cancel_reason == "shutdown"
+    # The store was closed by supervisor_env: reopen and check every run's final state.
+    from service.store import Store
+
+    store = Store(tmp_path / "runs.db", threaded=False)
+    await store.open()
+    try:
+        for h in handles:
+            run = await store.get_run(h.id)
+            assert run.status == "cancelled"
+            events = await store.list_run_events(h.id)
+            assert events[-1].type == "run.finished"
+        replies = [m for m in await store.get_messages(conv) if m.role == "assistant"]
+        assert all(m.status is MessageStatus.cancelled for m in replies)
+        assert all(m.content.startswith("w1 w2") for m in replies)
+    finally:
+        await store.aclose()
+    assert all(s.closed for s in backend.streams)
+
+
+async def test_drain_lets_short_runs_finish_and_cancels_the_rest(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    def reply(req):  # type: ignore[no-untyped-def]
+        slow = req.messages[-1].content == "slow"
+        return Reply("a b c", gap=100.0 if slow else 1.0)
+
+    async with supervisor_env(tmp_path, ScriptedBackend(reply)) as env:
+        conv = await env.conversation()
+        quick = await env.supervisor.start(RunSpec(conv, "quick"))
+        slow = await env.supervisor.start(RunSpec(conv, "slow"))
+        start = trio.current_time()
+        await env.supervisor.drain(grace=5.0)
+        assert trio.current_time() - start == pytest.approx(5.0)
+        assert quick.status is RunStatus.succeeded
+        assert slow.status is RunStatus.cancelled
+        assert slow.cancel_reason == "shutdown"
+        from service.errors import ShuttingDown
+
+        with pytest.raises(ShuttingDown):
+            await env.supervisor.start(RunSpec(conv, "late"))
+
+
+async def test_500_concurrent_runs(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    def reply(req):  # type: ignore[no-untyped-def]
+        n = req.messages[-1].content
+        return Reply(f"answer {n}", gap=0.5, first_delay=1.0)
+
+    backend = ScriptedBackend(reply)
+    async with supervisor_env(tmp_path, backend) as env:
+        convs = [await env.conversation() for _ in range(50)]
+        handles = []
+        for i in range(500):
+            handles.append(await env.supervisor.start(RunSpec(convs[i % 50], str(i))))
+        for h in handles:
+            await h.finished.wait()
+        assert all(h.status is RunStatus.succeeded for h in handles)
+        for i, h in enumerate(handles):
+            events = await env.store.list_run_events(h.id)
+            assert events[-2].data["content"] == f"answer {i}"
+        assert env.supervisor.in_flight == 0
+        assert backend.open_streams == 0
