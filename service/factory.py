@@ -16,13 +16,14 @@ from quart_schema import QuartSchema
 from quart_trio import QuartTrio
 from quart_trio.wrappers import TrioRequest
 
-from .api import conversations, ops
+from .api import conversations, ops, runs
 from .api.errors import install_error_handlers, json_error
 from .api.state import Services
+from .backends.base import Backend
+from .lifespan import _start_services, _stop_services
 from .logs import REQUEST_ID, get_logger
 from .metrics import METRICS, Metrics
 from .settings import Settings, load_settings
-from .store import Store
 
 __all__ = ["create_app"]
 
@@ -46,7 +47,13 @@ class _JSONRequest(TrioRequest):
         return await super().get_json(force=force, silent=silent, cache=cache)
 
 
-def create_app(settings: Settings | None = None, *, metrics: Metrics | None = None) -> QuartTrio:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    metrics: Metrics | None = None,
+    backend: Backend | None = None,
+) -> QuartTrio:
+    """Build the app. ``backend`` replaces the one the settings describe (for tests)."""
     settings = settings or load_settings()
     app = QuartTrio(__name__)
     app.request_class = _JSONRequest
@@ -65,21 +72,16 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     install_error_handlers(app)
     app.register_blueprint(ops.blueprint)
     app.register_blueprint(conversations.blueprint)
+    app.register_blueprint(runs.blueprint)
     keys = tuple(k.encode() for k in settings.api_keys)
 
     @app.before_serving
     async def _startup() -> None:
-        store = Store(settings.db, synchronous=settings.db_synchronous, metrics=svc.metrics)
-        await store.open()
-        svc.store = store
-        log.info("store open", extra={"db": str(settings.db)})
+        await _start_services(app, svc, backend)
 
     @app.after_serving
     async def _shutdown() -> None:
-        svc.draining = True
-        if svc.store is not None:
-            await svc.store.aclose()
-            log.info("store closed")
+        await _stop_services(svc)
 
     @app.before_request
     async def _begin() -> Response | None:
@@ -106,6 +108,9 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
 
     @app.after_request
     async def _end(response: Response) -> Response:
+        if response.status_code == 413:
+            # The rest of the body was not read: the connection cannot be reused safely.
+            response.headers["Connection"] = "close"
         rid = getattr(g, "request_id", None)
         if rid:
             response.headers["X-Request-ID"] = rid

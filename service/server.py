@@ -19,7 +19,9 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from .api.state import Services
 from .errors import ConfigError, ServiceError
+from .lifespan import begin_shutdown
 from .logs import configure_logging, get_logger
 from .settings import Settings, load_settings
 
@@ -44,10 +46,13 @@ def build_config(config_path: Path | None, bind: Sequence[str] | None) -> Config
     return config
 
 
-async def _wait_for_signal(stop: trio.Event) -> None:
+async def _wait_for_signal(svc: Services, stop: trio.Event) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("received %s: shutting down gracefully", signal.Signals(signum).name)
+            # Drain runs while connections are still open, so every stream gets its end;
+            # only then let hypercorn close listeners and connections.
+            await begin_shutdown(svc)
             stop.set()
             return
 
@@ -64,7 +69,7 @@ async def run_server(  # noqa: ASYNC128 (task_status is handed to hypercorn's se
     app = create_app(settings)
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_wait_for_signal, stop)
+        nursery.start_soon(_wait_for_signal, app.extensions["service"], stop)
         await serve(
             app, config, shutdown_trigger=stop.wait, task_status=task_status  # type: ignore[arg-type]
         )

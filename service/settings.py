@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     shutdown_drain: float = Field(5.0, ge=0)
     history_chars: int = Field(24_000, ge=0)
     db_synchronous: str = "NORMAL"
+    tools: Annotated[tuple[str, ...], NoDecode] = ()  # modules with a deployer's own tools
     log_level: str = "INFO"
     log_format: str = "json"
 
@@ -67,7 +68,7 @@ class Settings(BaseSettings):
     def _url(cls, value: str) -> str:
         return _check_url(value)
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "tools", mode="before")
     @classmethod
     def _keys(cls, value: object) -> object:
         if isinstance(value, str):

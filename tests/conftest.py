@@ -16,9 +16,12 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from service.api.state import Services
+from service.backends.base import Backend
 from service.factory import create_app
 from service.metrics import Metrics
 from service.settings import Settings, load_settings
+
+from .fakes import ScriptedBackend
 
 
 @pytest.fixture
@@ -36,9 +39,15 @@ class RunningServer:
 
 
 @asynccontextmanager
-async def running_server(settings: Settings) -> AsyncIterator[RunningServer]:
-    """The real app under hypercorn's trio worker on 127.0.0.1:0, shut down gracefully after."""
-    app = create_app(settings, metrics=Metrics())
+async def running_server(
+    settings: Settings, backend: Backend | None = None
+) -> AsyncIterator[RunningServer]:
+    """The real app under hypercorn's trio worker on 127.0.0.1:0, shut down gracefully after.
+
+    ``backend`` defaults to an in-memory scripted one; pass a real adapter (on the simulator)
+    for end-to-end tests.
+    """
+    app = create_app(settings, metrics=Metrics(), backend=backend or ScriptedBackend())
     config = Config()
     config.bind = ["127.0.0.1:0"]
     config.graceful_timeout = 2

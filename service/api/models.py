@@ -107,3 +107,39 @@ class ErrorBody(BaseModel):
 
 def error_body(type_: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": {"type": type_, "message": message, **extra}}
+
+
+class PostMessage(_Strict):
+    content: str = Field(min_length=1, max_length=1_000_000)
+    agent: AgentName | None = Field(None, description="default: the conversation's, else chat")
+    model: str | None = Field(None, max_length=200)
+    stream: bool = False
+    on_disconnect: Literal["cancel", "continue"] = "cancel"
+    timeout: float | None = Field(None, gt=0, le=86_400, description="run deadline, seconds")
+
+
+class RunOut(BaseModel):
+    id: str
+    conversation_id: str
+    agent: str
+    model: str | None
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled", "timed_out"]
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    error: str | None = None
+    usage: dict[str, Any] = Field(default_factory=dict)
+
+
+class MessageResult(BaseModel):
+    run: RunOut
+    message: MessageOut
+
+
+class RunEventsQuery(_Strict):
+    after: int | None = Field(None, ge=0, description="resume after this event id")
+
+
+class CancelOut(BaseModel):
+    id: str
+    status: str

@@ -13,6 +13,8 @@ from ..store import Store
 
 if TYPE_CHECKING:
     from ..backends.base import Backend
+    from ..runs import RunSupervisor
+    from ..tools import ToolRegistry
 
 __all__ = ["Services", "current_owner", "services"]
 
@@ -23,12 +25,18 @@ class Services:
     metrics: Metrics
     store: Store | None = None
     backend: Backend | None = None
+    supervisor: RunSupervisor | None = None
+    tools: ToolRegistry | None = None
     draining: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
 
     def require_store(self) -> Store:
         assert self.store is not None, "the store is opened by the app's lifespan"
         return self.store
+
+    def require_supervisor(self) -> RunSupervisor:
+        assert self.supervisor is not None, "the supervisor is started by the app's lifespan"
+        return self.supervisor
 
 
 def services() -> Services:

@@ -56,6 +56,7 @@ class RunHandle:
         self.message_id = message_id  # the pending assistant reply this run fills
         self.status = RunStatus.queued
         self.error: str | None = None
+        self.error_type: str | None = None  # the error model's type, for the API's status
         self.usage: dict[str, Any] = {}
         self.created_at = time.time()
         self.started_at: float | None = None

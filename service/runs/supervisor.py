@@ -80,6 +80,7 @@ class RunSupervisor:
         self._runs: dict[str, RunHandle] = {}
         self._reserved = 0  # runs being set up (counted against max_runs)
         self._nursery: trio.Nursery | None = None
+        self._scope: trio.CancelScope | None = None
         self._pending: list[RunEvent] = []
         self._wake = trio.Event()
         self._commit_lock = trio.Lock()
@@ -96,9 +97,15 @@ class RunSupervisor:
         """Own the runs until cancelled. Runs still going then end ``cancelled`` (shutdown)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self._scope = nursery.cancel_scope
             nursery.start_soon(self._commit_loop)
             task_status.started(self)
             await trio.sleep_forever()
+
+    def stop(self) -> None:
+        """End ``serve`` (runs still going end ``cancelled``, reason "shutdown"). Sync."""
+        if self._scope is not None:
+            self._scope.cancel()
 
     @property
     def nursery(self) -> trio.Nursery:
@@ -116,6 +123,9 @@ class RunSupervisor:
     async def drain(self, grace: float) -> None:
         """Refuse new runs, give those in flight ``grace`` seconds, then cancel the rest."""
         self.draining = True
+        for handle in list(self._runs.values()):
+            if not handle.done and handle.status is RunStatus.running:
+                handle.emit("shutdown", {"message": "the service is shutting down", "grace": grace})
         with trio.move_on_after(grace):
             for handle in list(self._runs.values()):
                 await handle.finished.wait()
@@ -179,7 +189,7 @@ class RunSupervisor:
                     exc = _leaf(group)  # the run's nursery wraps errors in an ExceptionGroup
                     status = RunStatus.failed
                     if isinstance(exc, ServiceError):
-                        error = exc.message
+                        error, handle.error_type = exc.message, exc.type
                         handle.emit("error", {"type": exc.type, "message": exc.message})
                         if not isinstance(exc, BackendError):
                             log.warning("run failed: %s", exc.message)
@@ -187,12 +197,14 @@ class RunSupervisor:
                         # A bug in an agent or a tool runner: this run fails, the others go on.
                         log.error("run crashed", exc_info=group)
                         error = f"internal error: {type(exc).__name__}: {exc}"
+                        handle.error_type = "internal_error"
                         handle.emit("error", {"type": "internal_error", "message": error})
             if handle.scope.cancelled_caught:
                 if handle.cancel_reason is not None:
                     status, error = RunStatus.cancelled, handle.cancel_reason
                 else:
                     status, error = RunStatus.timed_out, "the run's deadline passed"
+                    handle.error_type = "run_timeout"
         except BaseException:
             # Cancelled from outside this run's scope (the supervisor is shutting down), maybe
             # wrapped in a group by the run's nursery: record, then keep propagating.

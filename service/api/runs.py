@@ -1,0 +1,179 @@
+"""Messages and runs: start a run (JSON or SSE), read it, re-join its events, cancel it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from quart import Blueprint, Response, request
+from quart_schema import validate_querystring, validate_request, validate_response
+
+from ..errors import NotFound
+from ..runs import RunHandle, RunSpec, RunStatus
+from ..store import Message, RunRecord
+from .errors import json_error
+from .models import (
+    CancelOut,
+    ErrorBody,
+    MessageOut,
+    MessageResult,
+    PostMessage,
+    RunEventsQuery,
+    RunOut,
+    iso,
+)
+from .sse import KEEPALIVE, sse_event
+from .state import current_owner, services
+from .streams import EventReader, Keepalive
+
+__all__ = ["blueprint", "run_out", "sse_response"]
+
+blueprint = Blueprint("runs", __name__)
+
+# What a finished run's error type means for a non-streaming caller.
+_ERROR_STATUS = {
+    "run_timeout": 504,
+    "backend_timeout": 504, "connect_timeout": 504, "first_chunk_timeout": 504,
+    "chunk_gap_timeout": 504, "call_timeout": 504,
+    "backend_unavailable": 503, "all_backends_failed": 503,
+    "model_not_found": 404,
+}
+
+
+def run_out(run: RunRecord, live: RunHandle | None = None) -> RunOut:
+    if live is not None:
+        return RunOut(
+            id=live.id, conversation_id=live.conversation_id, agent=live.agent, model=live.model,
+            status=live.status.value, created_at=iso(live.created_at),
+            started_at=iso(live.started_at), finished_at=iso(live.finished_at),
+            error=live.error, usage=live.usage,
+        )
+    return RunOut(
+        id=run.id, conversation_id=run.conversation_id, agent=run.agent, model=run.model,
+        status=run.status, created_at=iso(run.created_at),  # type: ignore[arg-type]
+        started_at=iso(run.started_at), finished_at=iso(run.finished_at), error=run.error,
+        usage=run.usage,
+    )
+
+
+def sse_response(body: AsyncIterator[bytes]) -> Response:
+    resp = Response(body, content_type="text/event-stream; charset=utf-8")
+    resp.headers["Cache-Control"] = "no-cache"
+    resp.headers["X-Accel-Buffering"] = "no"  # tell proxies not to buffer
+    resp.timeout = None  # a stream may last as long as its run (Quart's 60 s would cut it)
+    return resp
+
+
+async def _event_stream(
+    reader: EventReader, handle: RunHandle | None, on_disconnect: str
+) -> AsyncIterator[bytes]:
+    try:
+        async for item in reader:
+            if isinstance(item, Keepalive):
+                yield KEEPALIVE
+            else:
+                yield sse_event(item.seq, item.type, item.data)
+    finally:
+        # The client went away (or the stream ended): a ``cancel`` run stops with it.
+        if handle is not None and on_disconnect == "cancel" and not handle.done:
+            handle.cancel("client disconnected")
+
+
+def _reader(run_id: str, after: int) -> EventReader:
+    svc = services()
+    return EventReader(
+        run_id, after=after, store=svc.require_store(), supervisor=svc.require_supervisor(),
+        keepalive=svc.settings.sse_keepalive,
+    )
+
+
+@blueprint.post("/api/conversations/<conversation_id>/messages")
+@validate_request(PostMessage)
+@validate_response(MessageResult, 200)
+@validate_response(ErrorBody, 404)
+async def post_message(conversation_id: str, data: PostMessage) -> Response | MessageResult:
+    """Start a run on the conversation: its result as JSON, or its events as SSE."""
+    svc = services()
+    store = svc.require_store()
+    owner = current_owner()
+    conv = await store.get_conversation(conversation_id, owner=owner)
+    spec = RunSpec(
+        conversation_id=conv.id, content=data.content,
+        agent=data.agent or conv.agent or "chat",
+        model=data.model or conv.model or svc.settings.default_model,
+        owner=owner, timeout=data.timeout,
+    )
+    handle = await svc.require_supervisor().start(spec)
+    if data.stream:
+        return sse_response(_event_stream(_reader(handle.id, 0), handle, data.on_disconnect))
+    try:
+        await handle.finished.wait()
+    finally:
+        if data.on_disconnect == "cancel" and not handle.done:
+            handle.cancel("client disconnected")
+    if handle.status is not RunStatus.succeeded:
+        status = _ERROR_STATUS.get(handle.error_type or "", 502)
+        if handle.status is RunStatus.timed_out:
+            status = 504
+        elif handle.status is RunStatus.cancelled:
+            status = 409
+        return json_error(
+            status, handle.error_type or handle.status.value,
+            handle.error or f"the run ended {handle.status.value}",
+            run_id=handle.id, run_status=handle.status.value,
+        )
+    message = await _reply(handle)
+    run = await store.get_run(handle.id, owner=owner)
+    return MessageResult(run=run_out(run), message=MessageOut.of(message))
+
+
+async def _reply(handle: RunHandle) -> Message:
+    for m in reversed(await services().require_store().get_messages(handle.conversation_id)):
+        if m.id == handle.message_id:
+            return m
+    raise NotFound(f"the reply of run {handle.id} is gone (conversation deleted?)")
+
+
+@blueprint.get("/api/runs/<run_id>")
+@validate_response(RunOut, 200)
+@validate_response(ErrorBody, 404)
+async def get_run(run_id: str) -> RunOut:
+    """A run's status, whether live or finished."""
+    svc = services()
+    run = await svc.require_store().get_run(run_id, owner=current_owner())
+    return run_out(run, svc.require_supervisor().get(run_id))
+
+
+@blueprint.get("/api/runs/<run_id>/events")
+@validate_querystring(RunEventsQuery)
+@validate_response(ErrorBody, 404)
+async def run_events(run_id: str, query_args: RunEventsQuery) -> Response:
+    """SSE: the run's events after ``Last-Event-ID`` (or ``?after=``), then live ones."""
+    svc = services()
+    await svc.require_store().get_run(run_id, owner=current_owner())
+    after = query_args.after
+    if after is None:
+        header = request.headers.get("Last-Event-ID", "").strip()
+        if header:
+            if not header.isdigit():
+                return json_error(422, "invalid_request", "Last-Event-ID must be an event id",
+                                  field="Last-Event-ID")
+            after = int(header)
+    # Re-joining never cancels the run: it belongs to whoever started it.
+    return sse_response(_event_stream(_reader(run_id, after or 0), None, "continue"))
+
+
+@blueprint.post("/api/runs/<run_id>/cancel")
+@validate_response(CancelOut, 202)
+@validate_response(ErrorBody, 404)
+async def cancel_run(run_id: str) -> tuple[CancelOut, int]:
+    """Cancel a run (idempotent); it ends ``cancelled`` with its partial answer stored."""
+    svc = services()
+    run = await svc.require_store().get_run(run_id, owner=current_owner())
+    handle = svc.require_supervisor().get(run_id)
+    if handle is None:
+        return CancelOut(id=run.id, status=run.status), 202
+    handle.cancel("cancelled by request")
+    await handle.finished.wait()
+    return CancelOut(id=run.id, status=handle.status.value), 202
+
+

@@ -1,0 +1,91 @@
+"""Reading a run's events for a client: from the store, then live, with no gap and no duplicate.
+
+Works for a run that is live (its handle is in the supervisor) and for one long finished (only the
+store has it). A live subscription that falls behind the handle's window re-reads the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import trio
+
+from ..runs import ResumeFrom, RunEvent, RunSupervisor
+from ..store import Store
+
+__all__ = ["EventReader", "Keepalive"]
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """Nothing happened for a keep-alive interval."""
+
+
+class EventReader:
+    """Async iterator of a run's events after ``after``, then Keepalive ticks while idle.
+
+    Written as a class (not an async generator) so the keep-alive cancel scope opens and closes
+    inside each ``__anext__`` and never spans a ``yield`` (see STACK_NOTES.md).
+    """
+
+    def __init__(
+        self,
+        run_id: str,
+        *,
+        after: int,
+        store: Store,
+        supervisor: RunSupervisor,
+        keepalive: float,
+    ) -> None:
+        self.run_id = run_id
+        self.last_seq = after
+        self._store = store
+        self._supervisor = supervisor
+        self._keepalive = keepalive
+        self._backlog: list[RunEvent] = []
+        self._finished = False
+        self._live: AsyncIterator[RunEvent] | None = None
+
+    def __aiter__(self) -> EventReader:
+        return self
+
+    async def __anext__(self) -> RunEvent | Keepalive:
+        while True:
+            if self._finished:
+                raise StopAsyncIteration
+            if self._backlog:
+                return self._take(self._backlog.pop(0))
+            if self._live is None:
+                await self._refill_from_store()
+                if self._backlog:
+                    continue
+                handle = self._supervisor.get(self.run_id)
+                if handle is None:
+                    # Not live: the store had everything, including run.finished (or the run
+                    # was deleted). One more read closes the race with a run just finishing.
+                    await self._refill_from_store()
+                    if not self._backlog:
+                        self._finished = True
+                    continue
+                self._live = handle.subscribe(self.last_seq)
+            try:
+                with trio.move_on_after(self._keepalive):
+                    event = await self._live.__anext__()
+                    return self._take(event)
+                return Keepalive()
+            except StopAsyncIteration:
+                self._live = None
+                self._finished = True
+            except ResumeFrom:
+                self._live = None  # fell behind the window: the store has the gap
+
+    def _take(self, event: RunEvent) -> RunEvent:
+        self.last_seq = event.seq
+        if event.type == "run.finished":
+            self._finished = True
+        return event
+
+    async def _refill_from_store(self) -> None:
+        records = await self._store.list_run_events(self.run_id, after=self.last_seq)
+        self._backlog = [RunEvent(r.run_id, r.seq, r.type, r.data, r.created_at) for r in records]

@@ -1,0 +1,244 @@
+"""AutoBackend: several backends in a preferred order, with health caching and failover.
+
+Failover algorithm (one call)
+-----------------------------
+1. Candidates are the backends in configured order, minus those that are *skipped*:
+   - in cool-down: ``failure_threshold`` consecutive failures put a backend aside for
+     ``cooldown`` seconds (a success resets the count);
+   - known not ready: a health probe younger than ``health_ttl`` said it cannot serve.
+   If that leaves nobody, every backend is a candidate again (trying beats refusing).
+2. For each candidate in turn: open its stream and pull the *first chunk*, both inside the
+   loop. Any :class:`BackendError` at this point (refused, 503, loading, unknown model, hang
+   past the first-chunk budget, connection dropped, malformed first message) is remembered and
+   the next candidate is tried. The failed attempt's response is closed before moving on.
+3. The first candidate that yields a chunk wins. Only now is an iterator handed to the
+   consumer: it gives that first chunk, then the rest of the same stream.
+4. From then on a failure propagates as it is (typed), the call is never retried elsewhere:
+   the consumer may already have shown tokens, and a second answer would not continue the first.
+5. If every candidate failed before its first chunk: :class:`AllBackendsFailed` with each cause.
+
+Cancellation is never a backend failure: it propagates at once and closes the open attempt.
+Health probes run with a short deadline each and are cached for ``health_ttl`` seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+
+from ..errors import AllBackendsFailed, BackendError, BackendProtocolError, ModelNotFound
+from .base import (
+    Backend,
+    BackendHealth,
+    ChatChunk,
+    ChatRequest,
+    ChatResult,
+    ModelInfo,
+    collect_chat,
+)
+
+__all__ = ["AutoBackend"]
+
+
+@dataclass(slots=True)
+class _State:
+    """What AutoBackend knows about one backend."""
+
+    failures: int = 0  # consecutive
+    cooldown_until: float = float("-inf")
+    health: BackendHealth | None = None
+    health_at: float = float("-inf")
+    last_error: str | None = None
+
+
+class _FirstThenRest:
+    """The winner's stream: the chunk pulled during failover, then the rest."""
+
+    def __init__(self, first: ChatChunk, rest: AsyncIterator[ChatChunk], backend: str) -> None:
+        self._first: ChatChunk | None = first
+        self._rest = rest
+        self.backend = backend
+
+    def __repr__(self) -> str:
+        return f"<FirstThenRest backend={self.backend} first_pending={self._first is not None}>"
+
+    def __aiter__(self) -> _FirstThenRest:
+        return self
+
+    async def __anext__(self) -> ChatChunk:
+        if self._first is not None:
+            chunk, self._first = self._first, None
+            return chunk
+        return await self._rest.__anext__()
+
+
+class AutoBackend:
+    """Serve from the first backend that can; see the module docstring for the algorithm."""
+
+    def __init__(
+        self,
+        backends: Sequence[Backend],
+        *,
+        name: str = "auto",
+        health_ttl: float = 5.0,
+        probe_timeout: float = 2.0,
+        failure_threshold: int = 3,
+        cooldown: float = 30.0,
+    ) -> None:
+        if not backends:
+            raise ValueError("AutoBackend needs at least one backend")
+        self.name = name
+        self.backends = list(backends)
+        self.url = " ".join(b.url for b in self.backends)
+        self.health_ttl = health_ttl
+        self.probe_timeout = probe_timeout
+        self.failure_threshold = failure_threshold
+        self.cooldown = cooldown
+        self._state = {id(b): _State() for b in self.backends}
+
+    def __repr__(self) -> str:
+        now = trio.current_time()
+        parts = []
+        for b in self.backends:
+            st = self._state[id(b)]
+            flag = " cooling" if st.cooldown_until > now else ""
+            parts.append(f"{b.name}(failures={st.failures}{flag})")
+        return f"<AutoBackend [{', '.join(parts)}]>"
+
+    # -- bookkeeping ------------------------------------------------------------------------
+
+    def _succeeded(self, backend: Backend) -> None:
+        st = self._state[id(backend)]
+        st.failures = 0
+        st.cooldown_until = float("-inf")
+
+    def _failed(self, backend: Backend, exc: BackendError) -> None:
+        st = self._state[id(backend)]
+        st.last_error = exc.message
+        if isinstance(exc, ModelNotFound):
+            return  # the request's fault, not the backend's health
+        st.failures += 1
+        if st.failures >= self.failure_threshold:
+            st.cooldown_until = trio.current_time() + self.cooldown
+
+    def _skip_reason(self, backend: Backend, now: float) -> str | None:
+        st = self._state[id(backend)]
+        if st.cooldown_until > now:
+            return f"cooling down after {st.failures} failures (last: {st.last_error})"
+        if st.health is not None and now - st.health_at < self.health_ttl and not st.health.ready:
+            return f"not ready: {st.health.error or 'unhealthy'}"
+        return None
+
+    def candidates(self) -> list[Backend]:
+        now = trio.current_time()
+        usable = [b for b in self.backends if self._skip_reason(b, now) is None]
+        return usable or list(self.backends)
+
+    # -- the Backend interface --------------------------------------------------------------
+
+    @asynccontextmanager
+    async def stream(self, request: ChatRequest) -> AsyncIterator[AsyncIterator[ChatChunk]]:
+        causes: list[BackendError] = []
+        for backend in self.candidates():
+            stack = AsyncExitStack()
+            try:
+                chunks = await stack.enter_async_context(backend.stream(request))
+                iterator = aiter(chunks)
+                try:
+                    first = await anext(iterator)
+                except StopAsyncIteration:
+                    raise BackendProtocolError("empty stream", backend=backend.name) from None
+            except BackendError as exc:
+                await stack.aclose()  # closes this attempt's response before the next one
+                if exc.backend is None:
+                    exc.backend = backend.name
+                self._failed(backend, exc)
+                causes.append(exc)
+                continue
+            except BaseException:
+                await stack.aclose()
+                raise
+            self._succeeded(backend)
+            async with stack:
+                try:
+                    yield _FirstThenRest(first, iterator, backend.name)
+                except BackendError as exc:
+                    self._failed(backend, exc)  # mid-stream: counted, never retried
+                    raise
+            return
+        raise AllBackendsFailed(causes)
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        return await collect_chat(self, request)
+
+    async def list_models(self) -> list[ModelInfo]:
+        """Models of every backend that answers (ModelInfo.backend says which)."""
+        results: list[list[ModelInfo]] = [[] for _ in self.backends]
+
+        async def one(i: int, backend: Backend) -> None:
+            with trio.move_on_after(self.probe_timeout):
+                try:
+                    results[i] = await backend.list_models()
+                except BackendError as exc:
+                    self._state[id(backend)].last_error = exc.message
+
+        async with trio.open_nursery() as nursery:
+            for i, backend in enumerate(self.backends):
+                nursery.start_soon(one, i, backend)
+        return [m for models in results for m in models]
+
+    async def health_all(self, *, fresh: bool = False) -> list[BackendHealth]:
+        """Each backend's health, probed concurrently if older than ``health_ttl``."""
+        now = trio.current_time()
+
+        async def probe(backend: Backend) -> None:
+            st = self._state[id(backend)]
+            started = trio.current_time()
+            health: BackendHealth | None = None
+            with trio.move_on_after(self.probe_timeout):
+                health = await backend.health()
+            if health is None:
+                health = BackendHealth(backend.name, backend.url, reachable=False, ready=False,
+                                       latency=trio.current_time() - started,
+                                       error=f"no answer within {self.probe_timeout:g}s")
+            st.health, st.health_at = health, trio.current_time()
+
+        async with trio.open_nursery() as nursery:
+            for backend in self.backends:
+                st = self._state[id(backend)]
+                if fresh or st.health is None or now - st.health_at >= self.health_ttl:
+                    nursery.start_soon(probe, backend)
+        return [self._state[id(b)].health for b in self.backends]  # type: ignore[misc]
+
+    async def health(self) -> BackendHealth:
+        """Ready when any backend is; ``models`` joined, ``error`` names the ones down."""
+        healths = await self.health_all()
+        down = [f"{h.name}: {h.error}" for h in healths if not h.ready]
+        latencies = [h.latency for h in healths if h.latency is not None]
+        return BackendHealth(
+            self.name, self.url,
+            reachable=any(h.reachable for h in healths),
+            ready=any(h.ready for h in healths),
+            latency=min(latencies) if latencies else None,
+            error="; ".join(down) or None,
+            models=tuple(m for h in healths for m in h.models),
+        )
+
+    async def preload(self, model: str) -> None:
+        """Preload on the first candidate that has not failed it."""
+        causes: list[BackendError] = []
+        for backend in self.candidates():
+            try:
+                await backend.preload(model)
+            except BackendError as exc:
+                causes.append(exc)
+                continue
+            return
+        raise AllBackendsFailed(causes)
+
+    async def aclose(self) -> None:
+        for backend in self.backends:
+            await backend.aclose()

@@ -1,0 +1,112 @@
+"""What the HTTP adapters share: identity, the injected client, budgets, default-model lookup."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import httpx
+import trio
+
+from ..errors import BackendProtocolError, ModelNotFound
+from .base import BackendHealth, ChatRequest, ChatResult, ModelInfo, collect_chat
+from .http import Budgets
+
+__all__ = ["HTTPBackend", "new_call_id", "parse_arguments"]
+
+
+def new_call_id() -> str:
+    """An id for a tool call whose backend gives none (Ollama)."""
+    return f"call_{uuid.uuid4().hex[:16]}"
+
+
+def parse_arguments(raw: Any, *, backend: str, name: str) -> dict[str, Any]:
+    """Tool-call arguments as a dict: a JSON object, or a string holding one."""
+    if isinstance(raw, dict):
+        return raw
+    if raw is None or raw == "":
+        return {}
+    if isinstance(raw, str):
+        try:
+            value = json.loads(raw)
+        except ValueError as exc:
+            raise BackendProtocolError(
+                f"tool call {name!r}: arguments are not valid JSON: {raw[:200]!r}", backend=backend
+            ) from exc
+        if isinstance(value, dict):
+            return value
+    raise BackendProtocolError(
+        f"tool call {name!r}: arguments are not a JSON object: {raw!r:.200}", backend=backend
+    )
+
+
+class HTTPBackend:
+    """Base of the HTTP adapters. The client is injected and owned by the caller (not closed)."""
+
+    kind = "http"
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        client: httpx.AsyncClient,
+        budgets: Budgets | None = None,
+        *,
+        default_model: str | None = None,
+        health_timeout: float = 2.0,
+    ) -> None:
+        self.name = name
+        self.url = url.rstrip("/")
+        self.client = client
+        self.budgets = budgets or Budgets()
+        self.default_model = default_model
+        self.health_timeout = health_timeout
+        self.headers: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} {self.url} default_model={self.default_model}>"
+
+    async def list_models(self) -> list[ModelInfo]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    async def health(self) -> BackendHealth:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        return await collect_chat(self, request)  # type: ignore[arg-type]
+
+    async def resolve_model(self, model: str | None) -> str:
+        """The request's model, else the configured default, else the first listed model."""
+        if model:
+            return model
+        if self.default_model:
+            return self.default_model
+        models = await self.list_models()
+        if not models:
+            raise ModelNotFound("the backend lists no models", backend=self.name)
+        return models[0].id
+
+    async def _probe(self, path: str) -> tuple[httpx.Response | None, float, str | None]:
+        """GET ``path`` within ``health_timeout``: (response or None, latency, error)."""
+        started = trio.current_time()
+        response: httpx.Response | None = None
+        error: str | None = None
+        with trio.move_on_after(self.health_timeout) as scope:
+            try:
+                response = await self.client.get(self.url + path, headers=self.headers)
+            except httpx.HTTPError as exc:
+                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if scope.cancelled_caught:
+            error = f"no answer within {self.health_timeout:g}s"
+        return response, trio.current_time() - started, error
+
+    def _unreachable(self, latency: float, error: str) -> BackendHealth:
+        return BackendHealth(self.name, self.url, reachable=False, ready=False,
+                             latency=latency, error=error)
+
+    async def preload(self, model: str) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None  # the shared client belongs to whoever made it

@@ -1,0 +1,369 @@
+"""Shared HTTP plumbing of the adapters: one client, time budgets, error mapping, timed reads.
+
+Time budgets are enforced here with trio scopes, not with httpx's read timeout (which is off):
+
+* ``connect``: TCP connect (httpx's connect timeout) and waiting for a pooled connection.
+* ``first_chunk``: from sending the request to the first upstream message (headers included:
+  Ollama sends its headers only once the model is loaded).
+* ``gap``: from asking for the next message to getting it. A keep-alive comment is not progress:
+  the deadline is fixed when the wait starts and comments do not move it.
+* ``call``: the whole call, from sending the request to the end of the stream.
+
+Every httpx exception is mapped once, here, to a :mod:`service.errors` type (``raise X from exc``).
+Reads are class-based (no ``yield`` inside a cancel scope): each awaited read opens and closes its
+own scope.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import trio
+
+from ..errors import (
+    BackendError,
+    BackendProtocolError,
+    BackendResponseError,
+    BackendTimeout,
+    BackendUnavailable,
+    CallTimeout,
+    ChunkGapTimeout,
+    ConnectTimeout,
+    FirstChunkTimeout,
+    ModelNotFound,
+)
+from .streams import LineTooLong, NDJSONSplitter, SSEComment, SSEEvent, SSEParser
+
+__all__ = [
+    "Budgets",
+    "NDJSONReader",
+    "SSEReader",
+    "TimedResponse",
+    "error_from_status",
+    "make_client",
+    "map_httpx_errors",
+    "open_stream",
+    "request_json",
+]
+
+MAX_ERROR_BODY = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Budgets:
+    """Seconds allowed for each phase of one streamed call (see the module docstring)."""
+
+    connect: float = 10.0
+    first_chunk: float = 60.0
+    gap: float = 60.0
+    call: float = 600.0
+
+    @classmethod
+    def from_idle(cls, idle: float, *, connect: float = 10.0, call: float = 600.0) -> Budgets:
+        """``SERVICE_LLM_IDLE_TIMEOUT`` bounds both the first chunk and each gap."""
+        return cls(connect=connect, first_chunk=idle, gap=idle, call=call)
+
+
+def make_client(
+    budgets: Budgets,
+    *,
+    max_connections: int = 100,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> httpx.AsyncClient:
+    """The one client the adapters share. Read timeout off: the budgets above replace it."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(
+            connect=budgets.connect, read=None, write=budgets.first_chunk, pool=budgets.connect
+        ),
+        limits=httpx.Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            keepalive_expiry=30.0,
+        ),
+        transport=transport,
+        trust_env=False,  # a loopback LLM server must not go through an HTTP(S)_PROXY
+        follow_redirects=False,
+    )
+
+
+@contextmanager
+def map_httpx_errors(backend: str, url: str = "") -> Iterator[None]:
+    """Translate httpx's exceptions into the service's tree, keeping the cause."""
+    where = f" ({url})" if url else ""
+    try:
+        yield
+    except httpx.ConnectTimeout as exc:
+        raise ConnectTimeout(f"connect timed out{where}", backend=backend) from exc
+    except httpx.PoolTimeout as exc:
+        raise ConnectTimeout(f"no free connection in the pool{where}", backend=backend) from exc
+    except httpx.TimeoutException as exc:
+        raise BackendTimeout(f"{type(exc).__name__}{where}", backend=backend) from exc
+    except httpx.ConnectError as exc:
+        raise BackendUnavailable(f"cannot connect{where}: {exc}", backend=backend) from exc
+    except httpx.RemoteProtocolError as exc:
+        # Mostly "peer closed connection without sending complete message body": it went away.
+        raise BackendUnavailable(f"connection lost{where}: {exc}", backend=backend) from exc
+    except httpx.TransportError as exc:  # ReadError, WriteError, ...
+        raise BackendUnavailable(f"{type(exc).__name__}{where}: {exc}", backend=backend) from exc
+    except httpx.DecodingError as exc:
+        raise BackendProtocolError(f"undecodable body{where}: {exc}", backend=backend) from exc
+    except httpx.HTTPError as exc:
+        raise BackendProtocolError(f"{type(exc).__name__}{where}: {exc}", backend=backend) from exc
+
+
+def _error_message(body: bytes) -> str:
+    """The upstream's message: Ollama ``{"error": str}``, OpenAI ``{"error": {"message"}}``."""
+    text = body.decode("utf-8", errors="replace").strip()
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return text[:500]
+    if isinstance(obj, dict):
+        err = obj.get("error", obj)
+        if isinstance(err, dict):
+            return str(err.get("message") or err)[:500]
+        return str(err)[:500]
+    return text[:500]
+
+
+def error_from_status(
+    status: int, body: bytes, *, backend: str, model: str | None = None
+) -> BackendError:
+    """Map an upstream error status (with the protocol's error body) to a service error."""
+    message = _error_message(body) or f"HTTP {status}"
+    if status == 404 and "model" in message.lower():
+        return ModelNotFound(message, backend=backend, upstream_status=status, model=model)
+    if status == 503:
+        return BackendUnavailable(message, backend=backend, upstream_status=status)
+    return BackendResponseError(message, backend=backend, upstream_status=status)
+
+
+def _timeout_error(kind: str, budget: float, backend: str) -> BackendTimeout:
+    if kind == "call":
+        return CallTimeout(f"call exceeded {budget:g}s", backend=backend)
+    if kind == "first":
+        return FirstChunkTimeout(f"no first chunk within {budget:g}s", backend=backend)
+    return ChunkGapTimeout(f"no chunk for {budget:g}s", backend=backend)
+
+
+class TimedResponse:
+    """An open streamed response whose reads are bounded by the budgets.
+
+    ``read(first=...)`` returns the next bytes or ``b""`` at the end of the body. The deadline of
+    a wait is given by the caller (a reader fixes it once per message, see :class:`SSEReader`).
+    """
+
+    def __init__(
+        self, response: httpx.Response, budgets: Budgets, started: float, backend: str
+    ) -> None:
+        self.response = response
+        self.budgets = budgets
+        self.started = started
+        self.backend = backend
+        self.got_first = False  # set by the reader when the first message arrives
+        self._raw = response.aiter_bytes()
+        self._call_deadline = started + budgets.call
+
+    def __repr__(self) -> str:
+        return (
+            f"<TimedResponse {self.backend} status={self.response.status_code} "
+            f"got_first={self.got_first} closed={self.response.is_closed}>"
+        )
+
+    def next_deadline(self) -> tuple[float, str, float]:
+        """The deadline for the next message, which budget it is, and that budget's length."""
+        if self.got_first:
+            deadline, kind, budget = trio.current_time() + self.budgets.gap, "gap", self.budgets.gap
+        else:
+            deadline = self.started + self.budgets.first_chunk
+            kind, budget = "first", self.budgets.first_chunk
+        if self._call_deadline <= deadline:
+            return self._call_deadline, "call", self.budgets.call
+        return deadline, kind, budget
+
+    async def read(self, deadline: tuple[float, str, float]) -> bytes:
+        at, kind, budget = deadline
+        with trio.move_on_at(at) as scope, map_httpx_errors(self.backend):
+            try:
+                return await self._raw.__anext__()
+            except StopAsyncIteration:
+                return b""
+        if scope.cancelled_caught:
+            raise _timeout_error(kind, budget, self.backend)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def aclose(self) -> None:
+        await self.response.aclose()
+
+
+async def _drain(timed: TimedResponse) -> None:
+    """After the last message: read the rest (the chunked terminator) so the connection can go
+    back to the pool. Bounded by the gap budget; a failure here is ignored, the answer is whole."""
+    deadline = timed.next_deadline()
+    try:
+        while await timed.read(deadline):
+            pass
+    except BackendError:
+        pass
+
+
+class NDJSONReader:
+    """Next JSON object of an NDJSON body, under the budgets."""
+
+    def __init__(self, timed: TimedResponse) -> None:
+        self.timed = timed
+        self._splitter = NDJSONSplitter()
+        self._lines: deque[bytes] = deque()
+        self._eof = False
+
+    async def drain(self) -> None:
+        if not self._eof:
+            self._eof = True
+            await _drain(self.timed)
+
+    async def next(self) -> dict[str, Any] | None:
+        """The next object, or None at the end of the body."""
+        deadline = self.timed.next_deadline()
+        while not self._lines:
+            if self._eof:
+                return None
+            data = await self.timed.read(deadline)
+            try:
+                if data:
+                    self._lines.extend(self._splitter.feed(data))
+                else:
+                    self._eof = True
+                    last = self._splitter.flush()
+                    if last is not None:
+                        self._lines.append(last)
+            except LineTooLong as exc:
+                raise BackendProtocolError(str(exc), backend=self.timed.backend) from exc
+        line = self._lines.popleft()
+        self.timed.got_first = True
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            raise BackendProtocolError(
+                f"malformed NDJSON line: {line[:200]!r}", backend=self.timed.backend
+            ) from exc
+        if not isinstance(obj, dict):
+            raise BackendProtocolError(
+                f"NDJSON line is not an object: {line[:200]!r}", backend=self.timed.backend
+            )
+        return obj
+
+
+class SSEReader:
+    """Next SSE event of a body, under the budgets. Comments are counted, never progress."""
+
+    def __init__(self, timed: TimedResponse) -> None:
+        self.timed = timed
+        self.keepalives = 0
+        self._parser = SSEParser()
+        self._items: deque[SSEEvent | SSEComment] = deque()
+        self._eof = False
+
+    async def drain(self) -> None:
+        if not self._eof:
+            self._eof = True
+            await _drain(self.timed)
+
+    async def next(self) -> SSEEvent | None:
+        """The next event, or None at the end of the body."""
+        deadline = self.timed.next_deadline()  # fixed for this wait: comments do not move it
+        while True:
+            while self._items:
+                item = self._items.popleft()
+                if isinstance(item, SSEComment):
+                    self.keepalives += 1
+                    continue
+                self.timed.got_first = True
+                return item
+            if self._eof:
+                return None
+            data = await self.timed.read(deadline)
+            if not data:
+                self._eof = True
+                continue
+            try:
+                self._items.extend(self._parser.feed(data))
+            except LineTooLong as exc:
+                raise BackendProtocolError(str(exc), backend=self.timed.backend) from exc
+
+
+@asynccontextmanager
+async def open_stream(
+    client: httpx.AsyncClient,
+    request: httpx.Request,
+    budgets: Budgets,
+    *,
+    backend: str,
+    model: str | None = None,
+) -> AsyncIterator[TimedResponse]:
+    """Send ``request``, check its status, and hold the streamed response for the block.
+
+    The first-chunk and call budgets bound the wait for the headers. An error status is read
+    (bounded) and raised as the mapped error before the block is entered. Leaving the block in any
+    way closes the response (and the connection, if the body was not read to its end).
+    """
+    started = trio.current_time()
+    first_at = started + budgets.first_chunk
+    call_at = started + budgets.call
+    kind, budget = ("call", budgets.call) if call_at <= first_at else ("first", budgets.first_chunk)
+    response: httpx.Response | None = None
+    where = str(request.url)
+    with trio.move_on_at(min(first_at, call_at)) as scope, map_httpx_errors(backend, where):
+        response = await client.send(request, stream=True)
+    if scope.cancelled_caught or response is None:
+        raise _timeout_error(kind, budget, backend)
+    timed = TimedResponse(response, budgets, started, backend)
+    try:
+        if response.status_code >= 400:
+            body = await _read_bounded(timed)
+            raise error_from_status(response.status_code, body, backend=backend, model=model)
+        yield timed
+    finally:
+        await response.aclose()  # httpcore shields its own close; cancellation cannot leak it
+
+
+async def _read_bounded(timed: TimedResponse) -> bytes:
+    body = bytearray()
+    deadline = timed.next_deadline()
+    while len(body) < MAX_ERROR_BODY:
+        data = await timed.read(deadline)
+        if not data:
+            break
+        body += data
+    return bytes(body[:MAX_ERROR_BODY])
+
+
+async def request_json(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    backend: str,
+    deadline: float,
+    json_body: Any = None,
+    model: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Any:
+    """One small non-streamed request under an absolute trio deadline; returns the parsed body."""
+    with trio.move_on_at(deadline) as scope, map_httpx_errors(backend, url):
+        response = await client.request(method, url, json=json_body, headers=headers)
+    if scope.cancelled_caught:
+        raise CallTimeout(f"{method} {url} timed out", backend=backend)
+    if response.status_code >= 400:
+        raise error_from_status(
+            response.status_code, response.content, backend=backend, model=model
+        )
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise BackendProtocolError(f"{method} {url}: body is not JSON", backend=backend) from exc

@@ -1,0 +1,242 @@
+"""Interceptor: wraps any Backend, limits its concurrency, and records every call.
+
+For each ``stream``/``chat`` call it writes one :class:`LLMCallRecord` through an injected
+recorder (the store implements :class:`LLMCallRecorder`) and updates the Prometheus metrics.
+Outcomes: ``ok`` (the stream reached its done chunk), ``timed_out`` (a budget ran out),
+``cancelled`` (the caller was cancelled, or left the stream before its end), ``error`` (anything
+else). A call cut short still records the tokens seen so far, marked estimated.
+
+The record is written under ``trio.move_on_after(record_timeout, shield=True)``: a cancelled
+call must still leave its row, and a stuck store must not hold the caller forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Protocol
+
+import trio
+
+from ..errors import BackendTimeout
+from ..metrics import Metrics
+from ..store.records import LLMCallOutcome, LLMCallRecord
+from .base import (
+    Backend,
+    BackendHealth,
+    ChatChunk,
+    ChatRequest,
+    ChatResult,
+    ModelInfo,
+    collect_chat,
+)
+
+__all__ = ["Interceptor", "LLMCallRecorder", "classify_outcome"]
+
+log = logging.getLogger(__name__)
+
+
+class LLMCallRecorder(Protocol):
+    async def record_llm_call(self, rec: LLMCallRecord) -> None: ...
+
+
+def _contains(exc: BaseException, kind: type[BaseException]) -> bool:
+    if isinstance(exc, kind):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(kind) is not None
+    return False
+
+
+def classify_outcome(exc: BaseException | None, *, finished: bool) -> LLMCallOutcome:
+    """The outcome of a call that ended with ``exc`` (None: the block was left normally)."""
+    if exc is None:
+        return LLMCallOutcome.ok if finished else LLMCallOutcome.cancelled
+    if _contains(exc, trio.Cancelled):
+        return LLMCallOutcome.cancelled
+    if _contains(exc, BackendTimeout):
+        return LLMCallOutcome.timed_out
+    if isinstance(exc, GeneratorExit):  # the consumer dropped the stream unfinished
+        return LLMCallOutcome.cancelled
+    return LLMCallOutcome.error
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        return _error_text(exc.exceptions[0])
+    message = getattr(exc, "message", None) or str(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+class _Call:
+    """The measurements of one call while it runs."""
+
+    def __init__(self, backend: str, request: ChatRequest) -> None:
+        self.id = uuid.uuid4().hex
+        self.backend = backend
+        self.model = request.model or ""
+        self.run_id = request.run_id
+        self.started_wall = time.time()
+        self.queued_at = trio.current_time()
+        self.started: float | None = None  # limiter acquired, upstream request begins
+        self.first_token_at: float | None = None
+        self.chunks = 0  # content chunks seen (the estimate if no usage arrives)
+        self.usage_prompt: int | None = None
+        self.usage_completion: int | None = None
+        self.estimated = False
+        self.finished = False
+
+    def __repr__(self) -> str:
+        return f"<Call {self.backend} {self.model} chunks={self.chunks} finished={self.finished}>"
+
+    def seen(self, chunk: ChatChunk) -> None:
+        if chunk.backend:
+            self.backend = chunk.backend
+        if chunk.model:
+            self.model = chunk.model
+        if (chunk.text or chunk.tool_calls or chunk.done) and self.first_token_at is None:
+            self.first_token_at = trio.current_time()
+        if chunk.text:
+            self.chunks += 1
+        if chunk.usage is not None:
+            self.usage_prompt = chunk.usage.prompt_tokens
+            self.usage_completion = chunk.usage.completion_tokens
+            self.estimated = chunk.usage.estimated
+        if chunk.done:
+            self.finished = True
+
+    def record(self, outcome: LLMCallOutcome, error: str | None) -> LLMCallRecord:
+        now = trio.current_time()
+        completion, estimated = self.usage_completion, self.estimated
+        if completion is None and self.chunks:
+            completion, estimated = self.chunks, True
+        return LLMCallRecord(
+            id=self.id,
+            backend=self.backend,
+            model=self.model,
+            outcome=outcome,
+            started_at=self.started_wall,
+            run_id=self.run_id,
+            queue_wait=(self.started if self.started is not None else now) - self.queued_at,
+            ttft=(self.first_token_at - self.started)
+            if self.first_token_at is not None and self.started is not None else None,
+            duration=now - self.started if self.started is not None else None,
+            prompt_tokens=self.usage_prompt,
+            completion_tokens=completion,
+            tokens_estimated=estimated,
+            error=error,
+        )
+
+
+class _Tracked:
+    def __init__(self, inner: AsyncIterator[ChatChunk], call: _Call) -> None:
+        self._inner = inner
+        self._call = call
+
+    def __aiter__(self) -> _Tracked:
+        return self
+
+    async def __anext__(self) -> ChatChunk:
+        chunk = await self._inner.__anext__()
+        self._call.seen(chunk)
+        return chunk
+
+
+class Interceptor:
+    """Same interface as the wrapped backend; adds a concurrency limit, records and metrics."""
+
+    def __init__(
+        self,
+        inner: Backend,
+        recorder: LLMCallRecorder | None,
+        metrics: Metrics,
+        *,
+        limiter: trio.CapacityLimiter | None = None,
+        concurrency: int = 64,
+        record_timeout: float = 5.0,
+    ) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.url = inner.url
+        self.recorder = recorder
+        self.metrics = metrics
+        self.limiter = limiter or trio.CapacityLimiter(concurrency)
+        self.record_timeout = record_timeout
+
+    def __repr__(self) -> str:
+        stats = self.limiter.statistics()
+        return (
+            f"<Interceptor {self.name} [{stats.borrowed_tokens}/{stats.total_tokens} in use, "
+            f"{stats.tasks_waiting} waiting]>"
+        )
+
+    @asynccontextmanager
+    async def stream(self, request: ChatRequest) -> AsyncIterator[AsyncIterator[ChatChunk]]:
+        call = _Call(self.name, request)
+        failure: BaseException | None = None
+        try:
+            async with self.limiter:
+                call.started = trio.current_time()
+                async with self.inner.stream(request) as chunks:
+                    yield _Tracked(aiter(chunks), call)
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            # Shielded and bounded: a cancelled call still leaves its row; a stuck store
+            # cannot hold the caller forever.
+            with trio.move_on_after(self.record_timeout, shield=True) as scope:
+                await self._finish(call, failure)
+            if scope.cancelled_caught:
+                log.warning("recording an LLM call took over %ss; dropped", self.record_timeout)
+
+    async def _finish(self, call: _Call, failure: BaseException | None) -> None:
+        outcome = classify_outcome(failure, finished=call.finished)
+        if failure is None:
+            error = None if outcome is LLMCallOutcome.ok else "left before the end of the stream"
+        else:
+            error = _error_text(failure)
+        rec = call.record(outcome, error)
+        self._observe(rec)
+        if self.recorder is None:
+            return
+        try:
+            await self.recorder.record_llm_call(rec)
+        except Exception:
+            log.exception("recording LLM call %s failed", rec.id)
+
+    def _observe(self, rec: LLMCallRecord) -> None:
+        m, b = self.metrics, rec.backend
+        m.llm_calls.labels(backend=b, outcome=rec.outcome.value).inc()
+        if rec.queue_wait is not None:
+            m.llm_queue_wait.labels(backend=b).observe(rec.queue_wait)
+        if rec.duration is not None:
+            m.llm_latency.labels(backend=b).observe(rec.duration)
+        if rec.ttft is not None:
+            m.llm_ttft.labels(backend=b).observe(rec.ttft)
+        if rec.prompt_tokens:
+            m.llm_tokens.labels(backend=b, kind="prompt").inc(rec.prompt_tokens)
+        if rec.completion_tokens:
+            m.llm_tokens.labels(backend=b, kind="completion").inc(rec.completion_tokens)
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        return await collect_chat(self, request)
+
+    async def list_models(self) -> list[ModelInfo]:
+        return await self.inner.list_models()
+
+    async def health(self) -> BackendHealth:
+        return await self.inner.health()
+
+    async def preload(self, model: str) -> None:
+        await self.inner.preload(model)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    def __getattr__(self, attr: str) -> object:
+        # AutoBackend.health_all and friends stay reachable through the wrapper.
+        return getattr(self.inner, attr)

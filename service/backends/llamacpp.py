@@ -1,0 +1,268 @@
+"""OpenAI-compatible adapter (llama.cpp's ``llama-server`` and any OpenAI-compatible server).
+
+``POST /v1/chat/completions`` with ``stream: true`` and ``stream_options.include_usage`` always.
+The body is SSE: ``data: {chat.completion.chunk}`` events, ``:`` comment keep-alives, and
+``data: [DONE]`` last. ``choices[0].delta`` carries ``content`` and ``tool_calls`` fragments
+(joined by ``index``: id and name come first, ``arguments`` is a JSON string cut into pieces);
+``choices[0].finish_reason`` ends the choice; a last chunk with ``choices: []`` carries ``usage``
+(and, from llama.cpp, a ``timings`` object, passed through). If usage never arrives, completion
+tokens are counted from the content chunks seen and marked ``estimated``.
+
+``GET /health`` is llama.cpp's readiness: 200 ready, 503 ``{"error": {"message": "Loading
+model"}}`` reachable but not ready. ``GET /v1/models`` lists models.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, TypedDict
+
+import httpx
+import trio
+
+from ..errors import BackendProtocolError, BackendResponseError
+from .base import BackendHealth, ChatChunk, ChatMessage, ChatRequest, ModelInfo, ToolCall, Usage
+from .common import HTTPBackend, parse_arguments
+from .http import Budgets, SSEReader, open_stream, request_json
+
+__all__ = ["OpenAICompatBackend", "openai_messages"]
+
+
+class OpenAIMessage(TypedDict, total=False):
+    role: str
+    content: str
+    tool_calls: list[dict[str, Any]]
+    tool_call_id: str
+    name: str
+
+
+def openai_messages(messages: tuple[ChatMessage, ...]) -> list[OpenAIMessage]:
+    out: list[OpenAIMessage] = []
+    for m in messages:
+        msg: OpenAIMessage = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            msg["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": json.dumps(c.arguments)},
+                }
+                for c in m.tool_calls
+            ]
+        if m.tool_call_id:
+            msg["tool_call_id"] = m.tool_call_id
+        if m.role == "tool" and m.name:
+            msg["name"] = m.name
+        out.append(msg)
+    return out
+
+
+class _PartialCall:
+    __slots__ = ("arguments", "id", "name")
+
+    def __init__(self) -> None:
+        self.id: str | None = None
+        self.name: str | None = None
+        self.arguments: list[str] = []
+
+
+class OpenAIChunks:
+    """Async iterator of ChatChunk over an OpenAI-style SSE body."""
+
+    def __init__(self, reader: SSEReader, backend: str, model: str) -> None:
+        self.reader = reader
+        self.backend = backend
+        self.model = model
+        self.done = False
+        self.content_chunks = 0  # content deltas seen: the estimate when usage never comes
+        self._finish_reason: str | None = None
+        self._usage: Usage | None = None
+        self._timings: dict[str, float] | None = None
+        self._calls: dict[int, _PartialCall] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"<OpenAIChunks {self.backend} model={self.model} chunks={self.content_chunks} "
+            f"finish={self._finish_reason} done={self.done}>"
+        )
+
+    def __aiter__(self) -> OpenAIChunks:
+        return self
+
+    async def __anext__(self) -> ChatChunk:
+        while not self.done:
+            event = await self.reader.next()
+            if event is None:
+                if self._finish_reason is None:
+                    raise BackendProtocolError(
+                        "stream ended before a finish_reason", backend=self.backend
+                    )
+                return self._final()  # finished but no [DONE]: tolerate
+            if event.data.strip() == "[DONE]":
+                if self._finish_reason is None and not self._calls and self._usage is None:
+                    raise BackendProtocolError("[DONE] before any finish_reason",
+                                               backend=self.backend)
+                return self._final()
+            chunk = self._event(event.data)
+            if chunk is not None:
+                return chunk
+        await self.reader.drain()  # the end of the body, so the connection can be reused
+        raise StopAsyncIteration
+
+    def _event(self, data: str) -> ChatChunk | None:
+        try:
+            obj = json.loads(data)
+        except ValueError as exc:
+            raise BackendProtocolError(f"malformed SSE data: {data[:200]!r}",
+                                       backend=self.backend) from exc
+        if not isinstance(obj, dict):
+            raise BackendProtocolError(f"SSE data is not an object: {data[:200]!r}",
+                                       backend=self.backend)
+        if "error" in obj:
+            err = obj["error"]
+            message = err.get("message") if isinstance(err, dict) else err
+            raise BackendResponseError(str(message), backend=self.backend, mid_stream=True)
+        if isinstance(obj.get("model"), str) and obj["model"]:
+            self.model = obj["model"]
+        if isinstance(obj.get("usage"), dict):
+            u = obj["usage"]
+            self._usage = Usage(u.get("prompt_tokens"), u.get("completion_tokens"))
+        if isinstance(obj.get("timings"), dict):
+            self._timings = {
+                k: float(v) for k, v in obj["timings"].items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+        choices = obj.get("choices") or []
+        if not isinstance(choices, list):
+            raise BackendProtocolError("choices is not a list", backend=self.backend)
+        text = ""
+        for choice in choices:
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            content = delta.get("content")
+            if isinstance(content, str):
+                text += content
+            for part in delta.get("tool_calls") or ():
+                self._add_call_delta(part)
+            if choice.get("finish_reason"):
+                self._finish_reason = choice["finish_reason"]
+        if not text:
+            return None
+        self.content_chunks += 1
+        return ChatChunk(text=text, model=self.model, backend=self.backend)
+
+    def _add_call_delta(self, part: Any) -> None:
+        if not isinstance(part, dict):
+            raise BackendProtocolError(f"malformed tool call delta: {part!r:.200}",
+                                       backend=self.backend)
+        index = part.get("index", len(self._calls))
+        call = self._calls.setdefault(index, _PartialCall())
+        if part.get("id"):
+            call.id = part["id"]
+        function = part.get("function") or {}
+        if function.get("name"):
+            call.name = function["name"]
+        if isinstance(function.get("arguments"), str):
+            call.arguments.append(function["arguments"])
+
+    def _final(self) -> ChatChunk:
+        self.done = True
+        calls = []
+        for index in sorted(self._calls):
+            partial = self._calls[index]
+            if not partial.name:
+                raise BackendProtocolError(f"tool call {index} has no name", backend=self.backend)
+            args = parse_arguments("".join(partial.arguments), backend=self.backend,
+                                   name=partial.name)
+            calls.append(ToolCall(partial.id or f"call_{index}", partial.name, args))
+        usage = self._usage or Usage(completion_tokens=self.content_chunks, estimated=True)
+        return ChatChunk(done=True, tool_calls=tuple(calls),
+                         finish_reason=self._finish_reason or ("tool_calls" if calls else "stop"),
+                         usage=usage, timings=self._timings, model=self.model,
+                         backend=self.backend)
+
+
+class OpenAICompatBackend(HTTPBackend):
+    """llama.cpp's server or any OpenAI-compatible server. ``url`` is the base, without /v1."""
+
+    kind = "llamacpp"
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        client: httpx.AsyncClient,
+        budgets: Budgets | None = None,
+        *,
+        default_model: str | None = None,
+        health_timeout: float = 2.0,
+        api_key: str | None = None,
+    ) -> None:
+        super().__init__(name, url, client, budgets, default_model=default_model,
+                         health_timeout=health_timeout)
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+
+    def chat_body(self, request: ChatRequest, model: str) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": openai_messages(request.messages),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if request.max_tokens is not None:
+            body["max_tokens"] = request.max_tokens
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        if request.stop:
+            body["stop"] = list(request.stop)
+        if request.tools:
+            body["tools"] = list(request.tools)
+        return body
+
+    @asynccontextmanager
+    async def stream(self, request: ChatRequest) -> AsyncIterator[OpenAIChunks]:
+        model = await self.resolve_model(request.model)
+        http_request = self.client.build_request(
+            "POST", f"{self.url}/v1/chat/completions", json=self.chat_body(request, model),
+            headers={"Accept": "text/event-stream", **self.headers},
+        )
+        async with open_stream(
+            self.client, http_request, self.budgets, backend=self.name, model=model
+        ) as timed:
+            yield OpenAIChunks(SSEReader(timed), self.name, model)
+
+    async def list_models(self) -> list[ModelInfo]:
+        deadline = trio.current_time() + self.budgets.first_chunk
+        body = await request_json(self.client, "GET", f"{self.url}/v1/models", backend=self.name,
+                                  deadline=deadline, headers=self.headers)
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            raise BackendProtocolError("/v1/models: no data list", backend=self.name)
+        return [
+            ModelInfo(id=m["id"], backend=self.name,
+                      details={k: v for k, v in m.items() if k != "id"})
+            for m in data
+            if isinstance(m, dict) and isinstance(m.get("id"), str)
+        ]
+
+    async def health(self) -> BackendHealth:
+        response, latency, error = await self._probe("/health")
+        if response is not None and response.status_code == 404:
+            # Not llama.cpp: an OpenAI-compatible server without /health. Ready if it lists models.
+            response, latency, error = await self._probe("/v1/models")
+        if response is None:
+            return self._unreachable(latency, error or "unreachable")
+        if response.status_code != 200:
+            message = f"HTTP {response.status_code}"
+            try:
+                err = response.json().get("error")
+                message = (err.get("message") if isinstance(err, dict) else err) or message
+            except (ValueError, AttributeError):
+                pass
+            return BackendHealth(self.name, self.url, reachable=True, ready=False,
+                                 latency=latency, error=str(message))
+        return BackendHealth(self.name, self.url, reachable=True, ready=True, latency=latency)

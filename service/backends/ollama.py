@@ -1,0 +1,209 @@
+"""Ollama adapter: ``POST /api/chat`` streamed as NDJSON, ``GET /api/tags`` for models.
+
+Wire shapes (ollama/ollama docs/api.md): each line is ``{"model", "created_at", "message":
+{"role", "content", "tool_calls"?}, "done": false}``; the last has ``done: true``,
+``done_reason`` and ``prompt_eval_count``/``eval_count`` with nanosecond durations
+(``total_duration``, ``load_duration``, ``prompt_eval_duration``, ``eval_duration``). Tool-call
+arguments arrive as a JSON object and carry no id (we make one). An error after the 200 status
+arrives as a line ``{"error": "..."}``. Errors before it: 404 unknown model, 503 busy, 400/500.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, TypedDict
+
+import trio
+
+from ..errors import BackendProtocolError, BackendResponseError
+from .base import BackendHealth, ChatChunk, ChatMessage, ChatRequest, ModelInfo, ToolCall, Usage
+from .common import HTTPBackend, new_call_id, parse_arguments
+from .http import NDJSONReader, open_stream, request_json
+
+__all__ = ["OllamaBackend", "ollama_messages"]
+
+_NS_PER_MS = 1_000_000
+_DURATIONS = {
+    "total_duration": "total_ms",
+    "load_duration": "load_ms",
+    "prompt_eval_duration": "prompt_ms",
+    "eval_duration": "predicted_ms",
+}
+
+
+class OllamaToolCall(TypedDict, total=False):
+    function: dict[str, Any]
+
+
+class OllamaMessage(TypedDict, total=False):
+    role: str
+    content: str
+    tool_calls: list[OllamaToolCall]
+    tool_name: str
+
+
+def ollama_messages(messages: tuple[ChatMessage, ...]) -> list[OllamaMessage]:
+    out: list[OllamaMessage] = []
+    for m in messages:
+        msg: OllamaMessage = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            msg["tool_calls"] = [
+                {"function": {"name": c.name, "arguments": c.arguments}} for c in m.tool_calls
+            ]
+        if m.role == "tool" and m.name:
+            msg["tool_name"] = m.name
+        out.append(msg)
+    return out
+
+
+def _timings(obj: dict[str, Any]) -> dict[str, float] | None:
+    timings = {
+        key: obj[field] / _NS_PER_MS
+        for field, key in _DURATIONS.items()
+        if isinstance(obj.get(field), int | float)
+    }
+    return timings or None
+
+
+class OllamaChunks:
+    """Async iterator of ChatChunk over an Ollama NDJSON body."""
+
+    def __init__(self, reader: NDJSONReader, backend: str, model: str) -> None:
+        self.reader = reader
+        self.backend = backend
+        self.model = model
+        self.done = False
+        self._saw_tool_calls = False
+
+    def __repr__(self) -> str:
+        return f"<OllamaChunks {self.backend} model={self.model} done={self.done}>"
+
+    def __aiter__(self) -> OllamaChunks:
+        return self
+
+    async def __anext__(self) -> ChatChunk:
+        while not self.done:
+            obj = await self.reader.next()
+            if obj is None:
+                raise BackendProtocolError(
+                    "stream ended before a done message", backend=self.backend
+                )
+            chunk = self._chunk(obj)
+            if chunk is not None:
+                return chunk
+        await self.reader.drain()  # the end of the body, so the connection can be reused
+        raise StopAsyncIteration
+
+    def _chunk(self, obj: dict[str, Any]) -> ChatChunk | None:
+        if "error" in obj:
+            raise BackendResponseError(str(obj["error"]), backend=self.backend, mid_stream=True)
+        message = obj.get("message") or {}
+        if not isinstance(message, dict):
+            raise BackendProtocolError(f"message is not an object: {obj!r:.200}",
+                                       backend=self.backend)
+        text = message.get("content") or ""
+        if not isinstance(text, str):
+            raise BackendProtocolError("message.content is not a string", backend=self.backend)
+        calls = tuple(self._tool_call(c) for c in message.get("tool_calls") or ())
+        self._saw_tool_calls = self._saw_tool_calls or bool(calls)
+        model = obj.get("model") or self.model
+        if obj.get("done"):
+            self.done = True
+            reason = obj.get("done_reason") or "stop"
+            if reason == "stop" and self._saw_tool_calls:
+                reason = "tool_calls"  # OpenAI's name for "stopped to call tools"
+            usage = Usage(
+                prompt_tokens=obj.get("prompt_eval_count"),
+                completion_tokens=obj.get("eval_count"),
+            )
+            return ChatChunk(text=text, tool_calls=calls, done=True, finish_reason=reason,
+                             usage=usage, timings=_timings(obj), model=model,
+                             backend=self.backend)
+        if not text and not calls:
+            return None
+        return ChatChunk(text=text, tool_calls=calls, model=model, backend=self.backend)
+
+    def _tool_call(self, raw: Any) -> ToolCall:
+        function = raw.get("function") if isinstance(raw, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise BackendProtocolError(f"malformed tool call: {raw!r:.200}", backend=self.backend)
+        name = function["name"]
+        args = parse_arguments(function.get("arguments"), backend=self.backend, name=name)
+        return ToolCall(id=str(raw.get("id") or new_call_id()), name=name, arguments=args)
+
+
+class OllamaBackend(HTTPBackend):
+    """An Ollama server. ``stream`` is Ollama's default for ``/api/chat``; we say it anyway."""
+
+    kind = "ollama"
+
+    def chat_body(self, request: ChatRequest, model: str) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        if request.temperature is not None:
+            options["temperature"] = request.temperature
+        if request.max_tokens is not None:
+            options["num_predict"] = request.max_tokens
+        if request.stop:
+            options["stop"] = list(request.stop)
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": ollama_messages(request.messages),
+            "stream": True,
+        }
+        if options:
+            body["options"] = options
+        if request.tools:
+            body["tools"] = list(request.tools)
+        return body
+
+    @asynccontextmanager
+    async def stream(self, request: ChatRequest) -> AsyncIterator[OllamaChunks]:
+        model = await self.resolve_model(request.model)
+        http_request = self.client.build_request(
+            "POST", f"{self.url}/api/chat", json=self.chat_body(request, model)
+        )
+        async with open_stream(
+            self.client, http_request, self.budgets, backend=self.name, model=model
+        ) as timed:
+            yield OllamaChunks(NDJSONReader(timed), self.name, model)
+
+    async def list_models(self) -> list[ModelInfo]:
+        deadline = trio.current_time() + self.budgets.first_chunk
+        body = await request_json(self.client, "GET", f"{self.url}/api/tags",
+                                  backend=self.name, deadline=deadline)
+        models = body.get("models") if isinstance(body, dict) else None
+        if not isinstance(models, list):
+            raise BackendProtocolError("/api/tags: no models list", backend=self.name)
+        out = []
+        for m in models:
+            if isinstance(m, dict) and isinstance(m.get("name") or m.get("model"), str):
+                details = {k: v for k, v in m.items() if k not in ("name", "model")}
+                out.append(ModelInfo(id=m.get("name") or m["model"], backend=self.name,
+                                     details=details))
+        return out
+
+    async def health(self) -> BackendHealth:
+        response, latency, error = await self._probe("/api/tags")
+        if response is None:
+            return self._unreachable(latency, error or "unreachable")
+        if response.status_code != 200:
+            return BackendHealth(self.name, self.url, reachable=True, ready=False,
+                                 latency=latency, error=f"HTTP {response.status_code}")
+        try:
+            models = tuple(m.get("name") or m.get("model") for m in response.json()["models"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return BackendHealth(self.name, self.url, reachable=True, ready=False,
+                                 latency=latency, error="/api/tags: malformed body")
+        return BackendHealth(self.name, self.url, reachable=True, ready=True,
+                             latency=latency, models=models)
+
+    async def preload(self, model: str) -> None:
+        """Load ``model`` into memory: ``/api/chat`` with no messages (Ollama's documented way)."""
+        deadline = trio.current_time() + self.budgets.call
+        body = {"model": model, "messages": [], "stream": False, "keep_alive": "10m"}
+        answer = await request_json(self.client, "POST", f"{self.url}/api/chat", backend=self.name,
+                                    deadline=deadline, json_body=body, model=model)
+        if isinstance(answer, dict) and "error" in answer:
+            raise BackendResponseError(str(answer["error"]), backend=self.name)
+

@@ -1,0 +1,111 @@
+"""The app's lifespan: what starts before serving and stops, bounded, after.
+
+Start: the store, the backend (with the recording interceptor; the embedded llama.cpp server
+when asked for), the tools, and the run supervisor in quart-trio's lifespan nursery.
+
+Stop (``begin_shutdown`` first, when the process got a signal; ``after_serving`` in any case):
+refuse new runs, let those in flight finish for ``SERVICE_SHUTDOWN_DRAIN`` seconds, cancel the
+rest and wait for their final state to be stored, then close the backends and the store.
+"""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING
+
+import trio
+
+from .agents import make_runner
+from .api.state import Services
+from .backends import build_backend, client_from_settings
+from .logs import get_logger
+from .runs import RunSupervisor
+from .settings import BackendKind
+from .store import Store
+from .tools import BUILTIN_TOOLS, ToolRegistry, load_tool_modules
+
+if TYPE_CHECKING:
+    from quart_trio import QuartTrio
+
+    from .backends.base import Backend
+
+__all__ = ["begin_shutdown"]
+
+log = get_logger("service.lifespan")
+
+_CLOSE_BUDGET = 10.0
+
+
+async def _start_services(app: QuartTrio, svc: Services, backend: Backend | None) -> None:
+    settings = svc.settings
+    stack = AsyncExitStack()
+    svc.extras["stack"] = stack
+    store = Store(settings.db, synchronous=settings.db_synchronous, metrics=svc.metrics)
+    await store.open()
+    svc.store = store
+    log.info("store open", extra={"db": str(settings.db)})
+    svc.tools = ToolRegistry([*BUILTIN_TOOLS, *load_tool_modules(settings.tools)])
+    if backend is None:
+        client = client_from_settings(settings)
+        stack.push_async_callback(client.aclose)
+        embedded_url = await _maybe_start_embedded(app, svc)
+        backend = build_backend(
+            settings, client, recorder=store, metrics=svc.metrics, embedded_url=embedded_url
+        )
+        stack.push_async_callback(backend.aclose)
+    svc.backend = backend
+    supervisor = RunSupervisor(
+        store,
+        make_runner(
+            store=store, backend=lambda: svc.backend, tools=svc.tools, metrics=svc.metrics,
+            tool_timeout=settings.tool_timeout, history_chars=settings.history_chars,
+        ),
+        metrics=svc.metrics, max_runs=settings.max_runs, run_timeout=settings.run_timeout,
+    )
+    svc.supervisor = await app.nursery.start(supervisor.serve)
+
+
+async def _maybe_start_embedded(app: QuartTrio, svc: Services) -> str | None:
+    settings = svc.settings
+    wanted = settings.backend is BackendKind.embedded or (
+        settings.backend is BackendKind.auto and settings.gguf is not None
+    )
+    if not wanted:
+        return None
+    from .backends.embedded import serve_embedded
+
+    stop = trio.Event()
+    svc.extras["embedded_stop"] = stop
+    done = trio.Event()
+    svc.extras["embedded_done"] = done
+    url: str = await app.nursery.start(serve_embedded, settings, stop, done)
+    log.info("embedded llama.cpp server up", extra={"url": url})
+    return url
+
+
+async def begin_shutdown(svc: Services) -> None:
+    """Drain runs (bounded); safe to call more than once."""
+    svc.draining = True
+    supervisor = svc.supervisor
+    if supervisor is not None and not svc.extras.get("drained"):
+        svc.extras["drained"] = True
+        log.info("draining runs", extra={"in_flight": supervisor.in_flight})
+        with trio.move_on_after(svc.settings.shutdown_drain + _CLOSE_BUDGET, shield=True):
+            await supervisor.drain(svc.settings.shutdown_drain)
+
+
+async def _stop_services(svc: Services) -> None:
+    await begin_shutdown(svc)
+    with trio.move_on_after(_CLOSE_BUDGET, shield=True):
+        if svc.supervisor is not None:
+            svc.supervisor.stop()
+        stack: AsyncExitStack | None = svc.extras.get("stack")
+        if stack is not None:
+            await stack.aclose()
+        stop: trio.Event | None = svc.extras.get("embedded_stop")
+        if stop is not None:
+            stop.set()
+            await svc.extras["embedded_done"].wait()
+        if svc.store is not None:
+            await svc.store.aclose()
+            log.info("store closed")

@@ -1,0 +1,214 @@
+"""AutoBackend: failover only before the first chunk, cool-down, cached health, merged models."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import trio
+from trio.testing import MockClock
+
+from service.backends.auto import AutoBackend
+from service.backends.base import ChatChunk
+from service.backends.http import make_client
+from service.backends.llamacpp import OpenAICompatBackend
+from service.backends.ollama import OllamaBackend
+from service.errors import (
+    AllBackendsFailed,
+    BackendUnavailable,
+    ChunkGapTimeout,
+    FirstChunkTimeout,
+    ModelNotFound,
+)
+from service.sim import Reply, Simulator
+
+from .backend_helpers import BUDGETS, mock_client, req
+
+
+def pair(first: Reply, second: Reply | None = None, **auto_kw: object
+         ) -> tuple[Simulator, Simulator, AutoBackend]:
+    a, b = Simulator(default=first), Simulator(default=second or Reply(text="from b"))
+    auto = AutoBackend(
+        [OllamaBackend("a", "http://a", mock_client(a), BUDGETS),
+         OpenAICompatBackend("b", "http://b", mock_client(b), BUDGETS)],
+        **auto_kw,  # type: ignore[arg-type]
+    )
+    return a, b, auto
+
+
+async def consume(auto: AutoBackend, seen: list[ChatChunk] | None = None) -> list[ChatChunk]:
+    seen = [] if seen is None else seen
+    async with auto.stream(req()) as chunks:
+        async for chunk in chunks:
+            seen.append(chunk)
+    return seen
+
+
+def refusing() -> OllamaBackend:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("[Errno 111] Connection refused")
+
+    client = make_client(BUDGETS, transport=httpx.MockTransport(refuse))
+    return OllamaBackend("a", "http://a", client, BUDGETS)
+
+
+async def test_first_backend_serves_when_healthy(autojump_clock: MockClock) -> None:
+    _, b, auto = pair(Reply(text="from a"))
+    chunks = await consume(auto)
+    assert "".join(c.text for c in chunks) == "from a"
+    assert {c.backend for c in chunks} == {"a"}
+    assert len(b.streams) == 0
+
+
+async def test_refused_fails_over(autojump_clock: MockClock) -> None:
+    b = Simulator(default=Reply(text="from b"))
+    auto = AutoBackend([refusing(), OpenAICompatBackend("b", "http://b", mock_client(b), BUDGETS)])
+    chunks = await consume(auto)
+    assert "".join(c.text for c in chunks) == "from b"
+    assert chunks[-1].backend == "b"
+
+
+@pytest.mark.parametrize(
+    ("reply", "delay"),
+    [
+        (Reply(status=503, error="busy"), 0),
+        (Reply(die_after=-1), 0),  # dies before answering
+        (Reply(die_after=0), 0),  # dies after the headers, before the first chunk
+        (Reply(hang_after=0), BUDGETS.first_chunk),  # hangs: fails over at the budget
+        (Reply(headers_delay=1000), BUDGETS.first_chunk),
+        (Reply(malformed_after=0), 0),
+    ],
+)
+async def test_failure_before_first_chunk_fails_over(
+    reply: Reply, delay: float, autojump_clock: MockClock
+) -> None:
+    a, b, auto = pair(reply)
+    start = trio.current_time()
+    chunks = await consume(auto)
+    assert "".join(c.text for c in chunks) == "from b"
+    assert len(a.streams) == 1
+    assert len(b.streams) == 1
+    assert b.streams[0].started_at == start + delay
+    assert a.streams[0].closed.is_set()  # the failed attempt was closed before moving on
+
+
+async def test_failure_after_first_chunk_propagates(autojump_clock: MockClock) -> None:
+    _, b, auto = pair(Reply(tokens=5, die_after=2))
+    seen: list[ChatChunk] = []
+    with pytest.raises(BackendUnavailable, match="connection lost"):
+        await consume(auto, seen)
+    assert [c.text for c in seen] == ["tok0 ", "tok1 "]
+    assert len(b.streams) == 0  # never retried elsewhere
+
+
+async def test_timeout_after_first_chunk_propagates(autojump_clock: MockClock) -> None:
+    _, b, auto = pair(Reply(tokens=5, hang_after=1))
+    with pytest.raises(ChunkGapTimeout):
+        await consume(auto)
+    assert len(b.streams) == 0
+
+
+async def test_all_fail_with_each_cause(autojump_clock: MockClock) -> None:
+    _, _, auto = pair(Reply(status=503, error="a busy"), Reply(hang_after=0))
+    with pytest.raises(AllBackendsFailed) as info:
+        await consume(auto)
+    causes = info.value.causes
+    assert [type(c) for c in causes] == [BackendUnavailable, FirstChunkTimeout]
+    assert [c.backend for c in causes] == ["a", "b"]
+    assert "a: a busy" in info.value.message
+
+
+async def test_consumer_cancel_is_not_a_failure(autojump_clock: MockClock) -> None:
+    a, b, auto = pair(Reply(first_delay=3))
+    with trio.move_on_after(1):
+        await consume(auto)
+    assert len(b.streams) == 0
+    assert a.streams[0].client_gone
+    assert "a(failures=0)" in repr(auto)
+
+
+async def test_cooldown_after_consecutive_failures(autojump_clock: MockClock) -> None:
+    a, b, auto = pair(Reply(status=503), failure_threshold=2, cooldown=30)
+    await consume(auto)
+    await consume(auto)
+    assert len(a.streams) == 2
+    assert "cooling" in repr(auto)
+    await consume(auto)
+    assert len(a.streams) == 2
+    assert len(b.streams) == 3  # skipped during the cool-down
+    await trio.sleep(30)
+    a.default = Reply(text="a is back")
+    chunks = await consume(auto)
+    assert chunks[0].backend == "a"
+    assert len(a.streams) == 3
+    assert "a(failures=0)" in repr(auto)
+
+
+async def test_model_not_found_fails_over_without_counting(autojump_clock: MockClock) -> None:
+    a, b, auto = pair(Reply(), failure_threshold=1)
+    b.models.append("only-b")
+    async with auto.stream(req(model="only-b")) as chunks:
+        got = [c async for c in chunks]
+    assert got[-1].backend == "b"
+    assert a.streams[0].status == 404
+    assert "a(failures=0)" in repr(auto)
+    with pytest.raises(AllBackendsFailed) as info:
+        await consume_model(auto, "nowhere")
+    assert all(isinstance(c, ModelNotFound) for c in info.value.causes)
+
+
+async def consume_model(auto: AutoBackend, model: str) -> None:
+    async with auto.stream(req(model=model)) as chunks:
+        async for _ in chunks:
+            pass
+
+
+async def test_health_cached_and_unready_skipped(autojump_clock: MockClock) -> None:
+    a, b = Simulator(), Simulator()
+    auto = AutoBackend([OpenAICompatBackend("a", "http://a", mock_client(a), BUDGETS),
+                        OllamaBackend("b", "http://b", mock_client(b), BUDGETS)],
+                       health_ttl=5, probe_timeout=2)
+    a.set_loading(100)
+    first = await auto.health_all()
+    assert [(h.name, h.reachable, h.ready) for h in first] == [
+        ("a", True, False), ("b", True, True)]
+    assert first[0].error == "Loading model"
+    await auto.health_all()
+    assert a.requests.count(("GET", "/health")) == 1  # cached for the ttl
+    chunks = await consume(auto)
+    assert chunks[0].backend == "b"
+    assert len(a.streams) == 0  # known not ready: skipped
+    await trio.sleep(5)
+    await auto.health_all()
+    assert a.requests.count(("GET", "/health")) == 2
+    overall = await auto.health()
+    assert overall.ready
+    assert overall.reachable
+    assert "a: Loading model" in (overall.error or "")
+
+
+async def test_health_probe_deadline(autojump_clock: MockClock) -> None:
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    hanging = OllamaBackend("a", "http://a",
+                            make_client(BUDGETS, transport=httpx.MockTransport(slow)), BUDGETS,
+                            health_timeout=60)
+    b = Simulator()
+    auto = AutoBackend([hanging, OllamaBackend("b", "http://b", mock_client(b), BUDGETS)],
+                       probe_timeout=2)
+    start = trio.current_time()
+    healths = await auto.health_all()
+    assert trio.current_time() == start + 2
+    assert not healths[0].reachable
+    assert "2s" in (healths[0].error or "")
+    assert healths[1].ready
+
+
+async def test_list_models_merged(autojump_clock: MockClock) -> None:
+    a, b, auto = pair(Reply())
+    a.models[:] = ["llama3:8b", "qwen:0.5b"]
+    b.models[:] = ["tiny.gguf"]
+    models = await auto.list_models()
+    assert [(m.id, m.backend) for m in models] == [
+        ("llama3:8b", "a"), ("qwen:0.5b", "a"), ("tiny.gguf", "b")]

@@ -1,0 +1,162 @@
+"""Interceptor: one record per call with the right outcome, metrics, limiter queue wait."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+from trio.testing import MockClock
+
+from service.backends.auto import AutoBackend
+from service.backends.base import ChatChunk
+from service.backends.interceptor import Interceptor
+from service.backends.llamacpp import OpenAICompatBackend
+from service.backends.ollama import OllamaBackend
+from service.errors import BackendResponseError, FirstChunkTimeout
+from service.metrics import Metrics
+from service.sim import Reply, Simulator
+from service.store.records import LLMCallOutcome
+
+from .backend_helpers import BUDGETS, FakeRecorder, mock_client, req
+
+
+def intercepted(reply: Reply, *, delay: float = 0.0, concurrency: int = 4
+                ) -> tuple[Simulator, Interceptor, FakeRecorder, Metrics]:
+    sim = Simulator(default=reply)
+    recorder, metrics = FakeRecorder(delay=delay), Metrics()
+    inner = OpenAICompatBackend("llamacpp", "http://sim", mock_client(sim), BUDGETS)
+    return sim, Interceptor(inner, recorder, metrics, concurrency=concurrency), recorder, metrics
+
+
+async def consume(backend: Interceptor | AutoBackend, seen: list[ChatChunk] | None = None,
+                  **kw: object) -> list[ChatChunk]:
+    seen = [] if seen is None else seen
+    async with backend.stream(req(**kw)) as chunks:
+        async for chunk in chunks:
+            seen.append(chunk)
+    return seen
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+async def test_ok_call_recorded(autojump_clock: MockClock) -> None:
+    _, backend, recorder, metrics = intercepted(
+        Reply(tokens=4, headers_delay=1, first_delay=2, interval=0.5))
+    await consume(backend, run_id="run-1")
+    [row] = recorder.rows
+    assert row.outcome is LLMCallOutcome.ok
+    assert row.error is None
+    assert (row.backend, row.model, row.run_id) == ("llamacpp", "sim-model", "run-1")
+    assert row.queue_wait == 0
+    assert row.ttft == 3
+    assert row.duration == 4.5
+    assert (row.prompt_tokens, row.completion_tokens, row.tokens_estimated) == (3, 4, False)
+    assert sample(metrics, "service_llm_calls_total", backend="llamacpp", outcome="ok") == 1
+    assert sample(metrics, "service_llm_tokens_total", backend="llamacpp", kind="completion") == 4
+    assert sample(metrics, "service_llm_ttft_seconds_sum", backend="llamacpp") == 3
+
+
+async def test_error_call_recorded(autojump_clock: MockClock) -> None:
+    _, backend, recorder, metrics = intercepted(Reply(tokens=5, error_after=2, error="oom"))
+    with pytest.raises(BackendResponseError):
+        await consume(backend)
+    [row] = recorder.rows
+    assert row.outcome is LLMCallOutcome.error
+    assert "oom" in (row.error or "")
+    assert row.completion_tokens == 2
+    assert row.tokens_estimated
+    assert sample(metrics, "service_llm_calls_total", backend="llamacpp", outcome="error") == 1
+
+
+async def test_timeout_recorded(autojump_clock: MockClock) -> None:
+    _, backend, recorder, _ = intercepted(Reply(first_delay=100))
+    with pytest.raises(FirstChunkTimeout):
+        await consume(backend)
+    [row] = recorder.rows
+    assert row.outcome is LLMCallOutcome.timed_out
+    assert row.duration == BUDGETS.first_chunk
+    assert row.ttft is None
+    assert row.completion_tokens is None
+
+
+async def test_cancelled_call_recorded_even_with_a_slow_store(autojump_clock: MockClock) -> None:
+    sim, backend, recorder, _ = intercepted(Reply(tokens=10, interval=1), delay=2)
+    seen: list[ChatChunk] = []
+    with trio.move_on_after(3.5):
+        await consume(backend, seen)
+    assert len(seen) == 4  # at 0, 1, 2, 3
+    [row] = recorder.rows  # written under a shield although the caller was cancelled
+    assert row.outcome is LLMCallOutcome.cancelled
+    assert row.completion_tokens == 4
+    assert row.tokens_estimated
+    assert row.duration == 3.5
+    assert sim.streams[0].client_gone
+
+
+async def test_stuck_store_is_bounded(autojump_clock: MockClock) -> None:
+    _, backend, recorder, metrics = intercepted(Reply(tokens=2), delay=1000)
+    start = trio.current_time()
+    await consume(backend)
+    assert trio.current_time() == start + backend.record_timeout
+    assert recorder.rows == []
+    assert sample(metrics, "service_llm_calls_total", backend="llamacpp", outcome="ok") == 1
+
+
+async def test_leaving_early_is_cancelled(autojump_clock: MockClock) -> None:
+    _, backend, recorder, _ = intercepted(Reply(tokens=10))
+    async with backend.stream(req()) as chunks:
+        async for _ in chunks:
+            break
+    [row] = recorder.rows
+    assert row.outcome is LLMCallOutcome.cancelled
+    assert row.completion_tokens == 1
+
+
+async def test_limiter_queue_wait(autojump_clock: MockClock) -> None:
+    _, backend, recorder, metrics = intercepted(Reply(tokens=3, interval=2), concurrency=1)
+    async with trio.open_nursery() as nursery:
+        for run in ("first", "second"):
+            nursery.start_soon(lambda r=run: consume(backend, run_id=r))
+            await trio.testing.wait_all_tasks_blocked()
+    rows = {r.run_id: r for r in recorder.rows}
+    assert rows["first"].queue_wait == 0
+    assert rows["first"].duration == 4
+    assert rows["second"].queue_wait == 4
+    assert rows["second"].duration == 4
+    assert sample(metrics, "service_llm_queue_wait_seconds_count", backend="llamacpp") == 2
+
+
+async def test_error_in_a_nursery_arrives_grouped(autojump_clock: MockClock) -> None:
+    _, backend, recorder, _ = intercepted(Reply(status=500, error="kaput"))
+    with pytest.RaisesGroup(pytest.RaisesExc(BackendResponseError, match="kaput")):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(consume, backend)  # the agent's call runs beside other work
+            nursery.start_soon(trio.sleep_forever)
+    assert recorder.rows[0].outcome is LLMCallOutcome.error
+
+
+async def test_auto_over_interceptors_records_each_attempt(autojump_clock: MockClock) -> None:
+    a, b = Simulator(default=Reply(status=503, error="busy")), Simulator(default=Reply(tokens=2))
+    recorder, metrics = FakeRecorder(), Metrics()
+    auto = AutoBackend([
+        Interceptor(OllamaBackend("ollama", "http://a", mock_client(a), BUDGETS),
+                    recorder, metrics),
+        Interceptor(OpenAICompatBackend("llamacpp", "http://b", mock_client(b), BUDGETS),
+                    recorder, metrics),
+    ])
+    await consume(auto, run_id="r")
+    assert [(r.backend, r.outcome, r.run_id) for r in recorder.rows] == [
+        ("ollama", LLMCallOutcome.error, "r"), ("llamacpp", LLMCallOutcome.ok, "r")]
+
+
+async def test_interceptor_over_auto_records_the_serving_backend(autojump_clock: MockClock
+                                                                 ) -> None:
+    a, b = Simulator(default=Reply(die_after=0)), Simulator(default=Reply(tokens=2))
+    recorder = FakeRecorder()
+    auto = AutoBackend([OllamaBackend("ollama", "http://a", mock_client(a), BUDGETS),
+                        OpenAICompatBackend("llamacpp", "http://b", mock_client(b), BUDGETS)])
+    await consume(Interceptor(auto, recorder, Metrics()))
+    [row] = recorder.rows
+    assert row.backend == "llamacpp"
+    assert row.outcome is LLMCallOutcome.ok

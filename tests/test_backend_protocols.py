@@ -1,0 +1,316 @@
+"""Each protocol detail parsed from the simulator over real loopback sockets."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+import trio
+
+from service.backends.base import ChatChunk, ChatMessage, ChatRequest, ToolCall
+from service.backends.http import Budgets, make_client
+from service.backends.llamacpp import OpenAICompatBackend
+from service.backends.ollama import OllamaBackend
+from service.errors import (
+    BackendProtocolError,
+    BackendResponseError,
+    BackendUnavailable,
+    ModelNotFound,
+)
+from service.sim import Reply, Simulator, open_simulator
+
+from .backend_helpers import pool_summary, req, text_of
+
+GUARD = 10  # seconds on trio's clock: a hang fails the test instead of blocking it
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    async with open_simulator(Simulator(("sim-model", "other-model"))) as s:
+        yield s
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with make_client(Budgets(connect=5, first_chunk=30, gap=30, call=60)) as c:
+        yield c
+
+
+async def collect(backend: OllamaBackend | OpenAICompatBackend, request: ChatRequest
+                  ) -> list[ChatChunk]:
+    with trio.fail_after(GUARD):
+        async with backend.stream(request) as chunks:
+            return [c async for c in chunks]
+
+
+def both(sim: Simulator, client: httpx.AsyncClient) -> list[OllamaBackend | OpenAICompatBackend]:
+    return [OllamaBackend("ollama", sim.url, client),
+            OpenAICompatBackend("llamacpp", sim.url, client)]
+
+
+# -- Ollama --------------------------------------------------------------------------------------
+
+
+async def test_ollama_text_usage_timings(sim: Simulator, client: httpx.AsyncClient) -> None:
+    sim.script("The sky is blue.")
+    chunks = await collect(OllamaBackend("ollama", sim.url, client),
+                           req(max_tokens=7, temperature=0.5, stop=("\n",)))
+    assert text_of(chunks) == "The sky is blue."
+    assert [c.text for c in chunks[:-1]] == ["The ", "sky ", "is ", "blue."]
+    final = chunks[-1]
+    assert final.done
+    assert final.finish_reason == "stop"
+    assert final.usage is not None
+    assert not final.usage.estimated
+    assert (final.usage.prompt_tokens, final.usage.completion_tokens) == (3, 4)
+    # nanoseconds -> milliseconds
+    assert final.timings == {"total_ms": 9.0, "load_ms": 1.0, "prompt_ms": 1.5, "predicted_ms": 4.0}
+    assert {c.backend for c in chunks} == {"ollama"}
+    assert final.model == "sim-model"
+    body = sim.streams[0].body
+    assert body["stream"] is True
+    assert body["model"] == "sim-model"
+    assert body["options"] == {"temperature": 0.5, "num_predict": 7, "stop": ["\n"]}
+    assert body["messages"] == [{"role": "user", "content": "hello there"}]
+
+
+async def test_ollama_tool_calls_get_ids(sim: Simulator, client: httpx.AsyncClient) -> None:
+    sim.script(Reply(text="", tool_calls=({"name": "add", "arguments": {"a": 1, "b": 2}},
+                                          {"name": "now", "arguments": {}})))
+    tools = ({"type": "function", "function": {"name": "add", "parameters": {}}},)
+    result = await OllamaBackend("ollama", sim.url, client).chat(req(tools=tools))
+    calls = result.message.tool_calls
+    assert [(c.name, c.arguments) for c in calls] == [("add", {"a": 1, "b": 2}), ("now", {})]
+    assert all(c.id.startswith("call_") for c in calls)
+    assert calls[0].id != calls[1].id
+    assert result.finish_reason == "tool_calls"
+    assert sim.streams[0].body["tools"] == list(tools)
+
+
+async def test_ollama_sends_history_with_tool_messages(sim: Simulator, client: httpx.AsyncClient
+                                                       ) -> None:
+    history = (
+        ChatMessage("user", "add"),
+        ChatMessage("assistant", "", tool_calls=(ToolCall("c1", "add", {"a": 1}),)),
+        ChatMessage("tool", "2", tool_call_id="c1", name="add"),
+    )
+    await OllamaBackend("ollama", sim.url, client).chat(ChatRequest(history, model="sim-model"))
+    assert sim.streams[0].body["messages"] == [
+        {"role": "user", "content": "add"},
+        {"role": "assistant", "content": "",
+         "tool_calls": [{"function": {"name": "add", "arguments": {"a": 1}}}]},
+        {"role": "tool", "content": "2", "tool_name": "add"},
+    ]
+
+
+async def test_ollama_error_object_mid_stream(sim: Simulator, client: httpx.AsyncClient) -> None:
+    sim.script(Reply(tokens=5, error_after=2, error="model runner crashed"))
+    seen: list[ChatChunk] = []
+    backend = OllamaBackend("ollama", sim.url, client)
+
+    async def consume() -> None:
+        async with backend.stream(req()) as chunks:
+            async for chunk in chunks:
+                seen.append(chunk)
+
+    with pytest.raises(BackendResponseError, match="model runner crashed") as info:
+        await consume()
+    assert len(seen) == 2
+    assert info.value.details["mid_stream"] is True
+
+
+@pytest.mark.parametrize(
+    ("reply", "error", "match"),
+    [
+        (Reply(status=503, error="server busy"), BackendUnavailable, "server busy"),
+        (Reply(status=500, error="boom"), BackendResponseError, "boom"),
+        (Reply(status=400, error="bad options"), BackendResponseError, "bad options"),
+        (Reply(malformed_after=1), BackendProtocolError, "malformed NDJSON"),
+        (Reply(die_after=2), BackendUnavailable, "connection lost"),
+        (Reply(die_after=-1), BackendUnavailable, "connection lost"),
+        (Reply(tool_calls=({"name": "f", "raw_arguments": "{oops"},)),
+         BackendProtocolError, "arguments are not valid JSON"),
+    ],
+)
+async def test_ollama_failures(sim: Simulator, client: httpx.AsyncClient, reply: Reply,
+                               error: type[Exception], match: str) -> None:
+    sim.script(reply)
+    with pytest.raises(error, match=match):
+        await collect(OllamaBackend("ollama", sim.url, client), req())
+
+
+async def test_ollama_unknown_model(sim: Simulator, client: httpx.AsyncClient) -> None:
+    with pytest.raises(ModelNotFound, match="not found"):
+        await collect(OllamaBackend("ollama", sim.url, client), req(model="nope"))
+
+
+async def test_ollama_models_default_health_preload(sim: Simulator, client: httpx.AsyncClient
+                                                    ) -> None:
+    backend = OllamaBackend("ollama", sim.url, client)
+    models = await backend.list_models()
+    assert [m.id for m in models] == ["sim-model", "other-model"]
+    assert models[0].backend == "ollama"
+    assert models[0].details["details"]["format"] == "gguf"
+    await collect(backend, req(model=None))  # no model: the first one listed
+    assert sim.streams[-1].model == "sim-model"
+    health = await backend.health()
+    assert health.ready
+    assert health.reachable
+    assert health.models == ("sim-model", "other-model")
+    await backend.preload("other-model")
+    assert sim.preloads == ["other-model"]
+    assert sim.streams[-1].body == {"model": "other-model", "messages": [], "stream": False,
+                                    "keep_alive": "10m"}
+
+
+# -- OpenAI-compatible (llama.cpp) ---------------------------------------------------------------
+
+
+async def test_openai_text_usage_timings(sim: Simulator, client: httpx.AsyncClient) -> None:
+    sim.script("Hi there friend")
+    chunks = await collect(OpenAICompatBackend("llamacpp", sim.url, client),
+                           req(max_tokens=9, stop=("x",)))
+    assert [c.text for c in chunks[:-1]] == ["Hi ", "there ", "friend"]
+    final = chunks[-1]
+    assert final.done
+    assert final.finish_reason == "stop"
+    assert final.text == ""
+    assert final.usage is not None
+    assert not final.usage.estimated
+    assert (final.usage.prompt_tokens, final.usage.completion_tokens) == (3, 3)
+    assert final.timings is not None
+    assert final.timings["predicted_n"] == 3
+    assert final.timings["prompt_per_second"] == 2000.0  # llama.cpp's object, passed through
+    body = sim.streams[0].body
+    assert body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
+    assert body["max_tokens"] == 9
+    assert body["stop"] == ["x"]
+
+
+async def test_openai_tool_call_deltas_joined(sim: Simulator, client: httpx.AsyncClient) -> None:
+    args = {"query": "weather in Paris", "units": ["c", "f"], "n": 3}
+    sim.script(Reply(text="Let me check.", tool_calls=({"name": "search", "arguments": args},
+                                                       {"name": "now", "arguments": {}})))
+    result = await OpenAICompatBackend("llamacpp", sim.url, client).chat(req())
+    assert result.message.content == "Let me check."
+    assert result.message.tool_calls == (
+        ToolCall("call_sim_0", "search", args), ToolCall("call_sim_1", "now", {}))
+    assert result.finish_reason == "tool_calls"
+
+
+async def test_openai_history_shape(sim: Simulator, client: httpx.AsyncClient) -> None:
+    history = (
+        ChatMessage("system", "be brief"),
+        ChatMessage("assistant", "", tool_calls=(ToolCall("c1", "add", {"a": 1}),)),
+        ChatMessage("tool", "2", tool_call_id="c1", name="add"),
+    )
+    await OpenAICompatBackend("l", sim.url, client).chat(ChatRequest(history, model="sim-model"))
+    assert sim.streams[0].body["messages"] == [
+        {"role": "system", "content": "be brief"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function",
+             "function": {"name": "add", "arguments": '{"a": 1}'}}]},
+        {"role": "tool", "content": "2", "tool_call_id": "c1", "name": "add"},
+    ]
+
+
+async def test_openai_usage_missing_is_estimated(sim: Simulator, client: httpx.AsyncClient) -> None:
+    sim.script(Reply(tokens=4, usage=False))
+    final = (await collect(OpenAICompatBackend("llamacpp", sim.url, client), req()))[-1]
+    assert final.usage is not None
+    assert final.usage.estimated
+    assert final.usage.completion_tokens == 4
+    assert final.usage.prompt_tokens is None
+
+
+@pytest.mark.parametrize(
+    ("reply", "error", "match"),
+    [
+        (Reply(status=503, error="Loading model"), BackendUnavailable, "Loading model"),
+        (Reply(status=400, error="context too long"), BackendResponseError, "context too long"),
+        (Reply(status=500, error="kaput"), BackendResponseError, "kaput"),
+        (Reply(error_after=1, error="slot died"), BackendResponseError, "slot died"),
+        (Reply(malformed_after=2), BackendProtocolError, "malformed SSE"),
+        (Reply(die_after=1), BackendUnavailable, "connection lost"),
+        (Reply(tool_calls=({"name": "f", "raw_arguments": '{"a": 1'},)),
+         BackendProtocolError, "arguments are not valid JSON"),
+    ],
+)
+async def test_openai_failures(sim: Simulator, client: httpx.AsyncClient, reply: Reply,
+                               error: type[Exception], match: str) -> None:
+    sim.script(reply)
+    with pytest.raises(error, match=match):
+        await collect(OpenAICompatBackend("llamacpp", sim.url, client), req())
+
+
+async def test_openai_unknown_model(sim: Simulator, client: httpx.AsyncClient) -> None:
+    with pytest.raises(ModelNotFound):
+        await collect(OpenAICompatBackend("llamacpp", sim.url, client), req(model="nope"))
+
+
+async def test_openai_models_and_health_loading(sim: Simulator, client: httpx.AsyncClient
+                                                ) -> None:
+    backend = OpenAICompatBackend("llamacpp", sim.url, client)
+    assert [m.id for m in await backend.list_models()] == ["sim-model", "other-model"]
+    sim.set_loading(2)
+    first, second, third = [await backend.health() for _ in range(3)]
+    assert first.reachable
+    assert not first.ready
+    assert first.error == "Loading model"
+    assert second == second
+    assert not second.ready
+    assert third.ready
+    assert third.error is None
+
+
+async def test_health_of_a_closed_port(client: httpx.AsyncClient) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for backend in (OllamaBackend("o", f"http://127.0.0.1:{port}", client),
+                    OpenAICompatBackend("l", f"http://127.0.0.1:{port}", client)):
+        health = await backend.health()
+        assert not health.reachable
+        assert not health.ready
+        assert health.error
+        with pytest.raises(BackendUnavailable, match="cannot connect"):
+            await collect(backend, req())
+
+
+# -- connection hygiene --------------------------------------------------------------------------
+
+
+async def test_complete_streams_reuse_one_connection(sim: Simulator, client: httpx.AsyncClient
+                                                     ) -> None:
+    for backend in both(sim, client) * 2:
+        await collect(backend, req())
+    with trio.fail_after(GUARD):
+        for record in sim.streams:
+            await record.closed.wait()  # the server may still be finishing its side
+    assert all(r.completed and not r.client_gone for r in sim.streams), sim.streams
+    assert "Connections: 0 active, 1 idle" in pool_summary(client)
+
+
+@pytest.mark.parametrize("protocol", ["ollama", "openai"])
+async def test_cancelled_consumer_closes_upstream(sim: Simulator, client: httpx.AsyncClient,
+                                                  protocol: str) -> None:
+    backend = both(sim, client)[protocol == "openai"]
+    sim.script(Reply(tokens=10, hang_after=3))
+    seen: list[ChatChunk] = []
+    with trio.CancelScope() as scope:
+        async with backend.stream(req()) as chunks:
+            async for chunk in chunks:
+                seen.append(chunk)
+                if len(seen) == 3:
+                    scope.cancel()
+    assert len(seen) == 3
+    record = sim.streams[0]
+    with trio.fail_after(GUARD):
+        await record.closed.wait()
+    assert record.client_gone
+    assert not record.completed
+    assert record.chunks_sent == 3
+    assert "Requests: 0 active, 0 queued | Connections: 0 active, 0 idle" in pool_summary(client)
