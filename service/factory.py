@@ -11,12 +11,13 @@ import re
 import time
 from typing import Any
 
-from quart import Response, g, request
+from quart import Response, g, request, websocket
 from quart_schema import QuartSchema
 from quart_trio import QuartTrio
 from quart_trio.wrappers import TrioRequest
 
-from .api import conversations, ops, runs
+from .api import backends as backends_api
+from .api import conversations, openai, ops, runs, ws
 from .api.errors import install_error_handlers, json_error
 from .api.state import Services
 from .backends.base import Backend
@@ -73,6 +74,9 @@ def create_app(
     app.register_blueprint(ops.blueprint)
     app.register_blueprint(conversations.blueprint)
     app.register_blueprint(runs.blueprint)
+    app.register_blueprint(openai.blueprint)
+    app.register_blueprint(ws.blueprint)
+    app.register_blueprint(backends_api.blueprint)
     keys = tuple(k.encode() for k in settings.api_keys)
 
     @app.before_serving
@@ -83,16 +87,15 @@ def create_app(
     async def _shutdown() -> None:
         await _stop_services(svc)
 
-    @app.before_request
-    async def _begin() -> Response | None:
-        rid = request.headers.get("X-Request-ID", "")
+    def _authorize(path: str, headers: Any) -> Response | None:
+        rid = headers.get("X-Request-ID", "")
         if not _REQUEST_ID_RE.match(rid):
             rid = f"req_{time.monotonic_ns():x}"
         REQUEST_ID.set(rid)
         g.request_id = rid
         g.started = time.perf_counter()
-        if keys and request.path not in _OPEN_ROUTES:
-            auth = request.headers.get("Authorization", "")
+        if keys and path not in _OPEN_ROUTES:
+            auth = headers.get("Authorization", "")
             given = auth[7:].strip().encode() if auth[:7].lower() == "bearer " else b""
             # Compare against every key, in constant time, so timing tells nothing.
             match = None
@@ -105,6 +108,15 @@ def create_app(
                 return resp
             g.owner = _owner_of(match.decode())
         return None
+
+    @app.before_request
+    async def _begin() -> Response | None:
+        return _authorize(request.path, request.headers)
+
+    @app.before_websocket
+    async def _begin_ws() -> Response | None:
+        # A refused handshake gets the same 401 JSON (hypercorn sends it as an HTTP response).
+        return _authorize(websocket.path, websocket.headers)
 
     @app.after_request
     async def _end(response: Response) -> Response:

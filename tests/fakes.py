@@ -52,6 +52,7 @@ class StreamRecord:
     completed: bool = False
     closed: bool = False
     cancelled: bool = False
+    closed_event: trio.Event = field(default_factory=trio.Event)
 
 
 def _split(text: str, n: int | None) -> list[str]:
@@ -115,6 +116,7 @@ class ScriptedBackend:
         self._script: list[Reply] = [] if callable(script) else list(script)
         self._responder: Responder | None = script if callable(script) else None
         self.streams: list[StreamRecord] = []
+        self._opened = trio.Event()
 
     def _next(self, request: ChatRequest) -> Reply:
         if self._responder is not None:
@@ -122,6 +124,13 @@ class ScriptedBackend:
         if not self._script:
             return Reply("(script exhausted)")
         return self._script.pop(0)
+
+    async def wait_stream(self, index: int = 0) -> StreamRecord:
+        """The index-th stream opened, once it is (trio-time polling; tests only)."""
+        while len(self.streams) <= index:
+            await self._opened.wait()
+            self._opened = trio.Event()
+        return self.streams[index]
 
     @property
     def open_streams(self) -> int:
@@ -131,11 +140,13 @@ class ScriptedBackend:
     async def stream(self, request: ChatRequest) -> AsyncIterator[_Chunks]:
         record = StreamRecord(request)
         self.streams.append(record)
+        self._opened.set()
         try:
             await trio.lowlevel.checkpoint()
             yield _Chunks(self._next(request), record)
         finally:
             record.closed = True
+            record.closed_event.set()
 
     async def chat(self, request: ChatRequest) -> ChatResult:
         parts: list[str] = []

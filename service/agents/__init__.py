@@ -91,10 +91,15 @@ def make_runner(
             from ..errors import BackendUnavailable
 
             raise BackendUnavailable("no backend is configured")
-        history = await build_history(store, spec.conversation_id, handle.id, history_chars)
+        if spec.messages is not None:
+            history = trim_history(list(spec.messages), history_chars)
+        else:
+            history = await build_history(store, spec.conversation_id, handle.id, history_chars)
         ctx = AgentContext(
             handle=handle, backend=the_backend, tools=tools, history=history, nursery=nursery,
             metrics=metrics, model=spec.model, tool_timeout=tool_timeout,
+            client_tools=spec.client_tools, max_tokens=spec.max_tokens,
+            temperature=spec.temperature, stop=spec.stop,
         )
         if run_sync is not None:
             ctx.run_sync = run_sync

@@ -63,6 +63,11 @@ class AgentContext:
     model: str | None = None
     tool_timeout: float = 30.0
     usage: dict[str, int] = field(default_factory=dict)
+    client_tools: tuple[dict[str, Any], ...] = ()  # OpenAI-style tools to pass through
+    max_tokens: int | None = None
+    temperature: float | None = None
+    stop: tuple[str, ...] = ()
+    last_finish_reason: str | None = None
     # How sync tools run: a worker thread. Virtual-time tests pass an inline runner, since
     # autojump_clock would jump while a thread works.
     run_sync: Callable[..., Awaitable[Any]] = _IN_THREAD
@@ -92,6 +97,7 @@ class AgentContext:
         messages: Sequence[ChatMessage],
         *,
         tools: Sequence[Tool] = (),
+        raw_tools: Sequence[dict[str, Any]] = (),
         emit_tokens: bool = True,
         max_tokens: int | None = None,
         temperature: float | None = None,
@@ -99,8 +105,10 @@ class AgentContext:
         """One streamed LLM call; returns the assistant message (text and tool calls)."""
         request = ChatRequest(
             messages=tuple(messages), model=self.model,
-            tools=tuple(t.openai() for t in tools), max_tokens=max_tokens,
-            temperature=temperature, run_id=self.handle.id,
+            tools=(*(t.openai() for t in tools), *raw_tools),
+            max_tokens=max_tokens if max_tokens is not None else self.max_tokens,
+            temperature=temperature if temperature is not None else self.temperature,
+            stop=self.stop, run_id=self.handle.id,
         )
         parts: list[str] = []
         calls: list[ToolCall] = []
@@ -115,6 +123,8 @@ class AgentContext:
                     calls.extend(chunk.tool_calls)
                     if chunk.usage is not None:
                         usage = chunk.usage
+                    if chunk.finish_reason is not None:
+                        self.last_finish_reason = chunk.finish_reason
         finally:
             self._add_usage(usage)
         return ChatMessage("assistant", "".join(parts), tuple(calls))

@@ -11,5 +11,14 @@ class ChatAgent(Agent):
     name = "chat"
 
     async def run(self, ctx: AgentContext) -> str:
-        reply = await ctx.call_llm(ctx.history)
+        # Tools a client sent (OpenAI-style) go to the model as they are; tool calls come back
+        # to the client, which runs them (as with any OpenAI-compatible server).
+        reply = await ctx.call_llm(ctx.history, raw_tools=ctx.client_tools)
+        extra = ctx.handle.result_extra
+        extra["finish_reason"] = ctx.last_finish_reason or "stop"
+        if reply.tool_calls:
+            extra["finish_reason"] = "tool_calls"
+            extra["tool_calls"] = [
+                {"id": c.id, "name": c.name, "arguments": c.arguments} for c in reply.tool_calls
+            ]
         return reply.content

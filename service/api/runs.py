@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from quart import Blueprint, Response, request
-from quart_schema import validate_querystring, validate_request, validate_response
+from quart import Blueprint, Response, jsonify, request
+from quart_schema import (
+    document_response,
+    validate_querystring,
+    validate_request,
+    validate_response,
+)
 
 from ..errors import NotFound
 from ..runs import RunHandle, RunSpec, RunStatus
@@ -88,9 +93,9 @@ def _reader(run_id: str, after: int) -> EventReader:
 
 @blueprint.post("/api/conversations/<conversation_id>/messages")
 @validate_request(PostMessage)
-@validate_response(MessageResult, 200)
+@document_response(MessageResult, 200)
 @validate_response(ErrorBody, 404)
-async def post_message(conversation_id: str, data: PostMessage) -> Response | MessageResult:
+async def post_message(conversation_id: str, data: PostMessage) -> Response:
     """Start a run on the conversation: its result as JSON, or its events as SSE."""
     svc = services()
     store = svc.require_store()
@@ -123,7 +128,8 @@ async def post_message(conversation_id: str, data: PostMessage) -> Response | Me
         )
     message = await _reply(handle)
     run = await store.get_run(handle.id, owner=owner)
-    return MessageResult(run=run_out(run), message=MessageOut.of(message))
+    result = MessageResult(run=run_out(run), message=MessageOut.of(message))
+    return jsonify(result.model_dump(mode="json"))
 
 
 async def _reply(handle: RunHandle) -> Message:

@@ -56,6 +56,12 @@ class RunSpec:
     model: str | None = None
     owner: str | None = None
     timeout: float | None = None  # None: the supervisor's default
+    # The OpenAI-compatible endpoint supplies the whole history and its own options:
+    messages: tuple[Any, ...] | None = None  # ChatMessage history ending with the question
+    client_tools: tuple[dict[str, Any], ...] = ()  # passed through to the model (chat agent)
+    max_tokens: int | None = None
+    temperature: float | None = None
+    stop: tuple[str, ...] = ()
 
 
 # An agent runner gets the handle and returns the final answer text.
@@ -221,12 +227,13 @@ class RunSupervisor:
             if status is RunStatus.succeeded and answer is not None:
                 content, msg_status = answer, MessageStatus.complete
                 handle.emit("message", {"id": handle.message_id, "role": "assistant",
-                                        "content": answer})
+                                        "content": answer, **handle.result_extra})
             elif status is RunStatus.failed:
                 content, msg_status = handle.partial_text, MessageStatus.error
             else:
                 content, msg_status = handle.partial_text, MessageStatus.cancelled
             handle.error = error
+            handle.final_text = content
             handle.set_status(status)
             handle.emit("run.finished", {"status": status.value, "usage": handle.usage,
                                          **({"error": error} if error else {})})

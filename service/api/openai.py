@@ -1,0 +1,242 @@
+"""The OpenAI-compatible surface: ``POST /v1/chat/completions`` and ``GET /v1/models``.
+
+Every completion is a run (agent ``chat`` unless the ``agent`` extension field names another) on
+a new conversation, so it is recorded, cancellable and stored like any other; the request's own
+messages are the history the agent sees. A client that disconnects cancels the run, and with it
+the upstream generation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import trio
+from pydantic import BaseModel, ConfigDict, Field
+from quart import Blueprint, Response, jsonify
+from quart_schema import validate_request
+
+from ..backends.base import ChatMessage, ToolCall
+from ..runs import RunEvent, RunHandle, RunSpec, RunStatus
+from .errors import json_error
+from .models import AgentName
+from .runs import _ERROR_STATUS, sse_response
+from .sse import sse_data
+from .state import current_owner, services
+from .streams import EventReader, Keepalive
+
+__all__ = ["blueprint"]
+
+blueprint = Blueprint("openai", __name__)
+
+_LIST_MODELS_DEADLINE = 5.0
+
+
+class _Lenient(BaseModel):
+    # OpenAI clients send fields we do not use (n, user, seed, ...): accept and ignore them.
+    model_config = ConfigDict(extra="allow")
+
+
+class FunctionCall(_Lenient):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCallIn(_Lenient):
+    id: str | None = None
+    type: str = "function"
+    function: FunctionCall
+
+
+class ChatMessageIn(_Lenient):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Lenient):
+    model: str | None = Field(None, max_length=200)
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    tools: list[dict[str, Any]] | None = None
+    stop: str | list[str] | None = None
+    agent: AgentName | None = Field(None, description="extension: run this agent")
+
+
+def _text(content: str | list[dict[str, Any]] | None) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    # Content parts: keep the text ones (this service has no image input).
+    return "".join(p.get("text", "") for p in content if p.get("type") == "text")
+
+
+def _to_history(messages: list[ChatMessageIn]) -> tuple[ChatMessage, ...]:
+    out = []
+    for m in messages:
+        calls = tuple(
+            ToolCall(
+                c.id or f"call_{i}", c.function.name,
+                c.function.arguments if isinstance(c.function.arguments, dict)
+                else _loads(c.function.arguments),
+            )
+            for i, c in enumerate(m.tool_calls or ())
+        )
+        role = "system" if m.role == "developer" else m.role
+        out.append(ChatMessage(role, _text(m.content), calls, m.tool_call_id, m.name))
+    return tuple(out)
+
+
+def _loads(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return {"input": text}
+    return value if isinstance(value, dict) else {"input": value}
+
+
+def _usage(handle: RunHandle) -> dict[str, int]:
+    u = handle.usage
+    prompt, completion = u.get("prompt_tokens", 0), u.get("completion_tokens", 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def _tool_calls_out(calls: list[dict[str, Any]], *, with_index: bool) -> list[dict[str, Any]]:
+    return [
+        {**({"index": i} if with_index else {}), "id": c["id"], "type": "function",
+         "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
+        for i, c in enumerate(calls)
+    ]
+
+
+@blueprint.post("/v1/chat/completions")
+@validate_request(ChatCompletionRequest)
+async def chat_completions(data: ChatCompletionRequest) -> Response:
+    """OpenAI chat completions, non-streamed or streamed (``chat.completion.chunk`` + [DONE])."""
+    svc = services()
+    store = svc.require_store()
+    history = _to_history(data.messages)
+    question = next((m.content for m in reversed(history) if m.role == "user"), "")
+    system = "\n\n".join(m.content for m in history if m.role == "system") or None
+    model = data.model or svc.settings.default_model
+    conv = await store.create_conversation(
+        title=(question[:80] or "chat completion"), system=system, model=model,
+        agent=data.agent or "chat", owner=current_owner(),
+    )
+    stop = (data.stop,) if isinstance(data.stop, str) else tuple(data.stop or ())
+    spec = RunSpec(
+        conversation_id=conv.id, content=question, agent=data.agent or "chat", model=model,
+        owner=current_owner(), messages=history, client_tools=tuple(data.tools or ()),
+        max_tokens=data.max_completion_tokens or data.max_tokens,
+        temperature=data.temperature, stop=stop,
+    )
+    handle = await svc.require_supervisor().start(spec)
+    created = int(time.time())
+    cid = f"chatcmpl-{handle.id}"
+    shown_model = model or "default"
+    if data.stream:
+        include_usage = bool(data.stream_options and data.stream_options.include_usage)
+        reader = EventReader(handle.id, after=0, store=store,
+                             supervisor=svc.require_supervisor(),
+                             keepalive=svc.settings.sse_keepalive)
+        return sse_response(
+            _stream(reader, handle, cid, created, shown_model, include_usage)
+        )
+    try:
+        await handle.finished.wait()
+    finally:
+        if not handle.done:
+            handle.cancel("client disconnected")
+    if handle.status is not RunStatus.succeeded:
+        status = 504 if handle.status is RunStatus.timed_out else _ERROR_STATUS.get(
+            handle.error_type or "", 502)
+        return json_error(status, handle.error_type or handle.status.value,
+                          handle.error or f"the run ended {handle.status.value}",
+                          run_id=handle.id)
+    extra = handle.result_extra
+    message: dict[str, Any] = {"role": "assistant", "content": handle.final_text}
+    if extra.get("tool_calls"):
+        message["tool_calls"] = _tool_calls_out(extra["tool_calls"], with_index=False)
+    return jsonify({
+        "id": cid, "object": "chat.completion", "created": created, "model": shown_model,
+        "choices": [{"index": 0, "message": message,
+                     "finish_reason": extra.get("finish_reason", "stop")}],
+        "usage": _usage(handle),
+    })
+
+
+def _chunk(cid: str, created: int, model: str, delta: dict[str, Any],
+           finish: str | None = None) -> dict[str, Any]:
+    return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+async def _stream(
+    reader: EventReader, handle: RunHandle, cid: str, created: int, model: str,
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    try:
+        yield sse_data(_chunk(cid, created, model, {"role": "assistant", "content": ""}))
+        async for item in reader:
+            if isinstance(item, Keepalive):
+                yield b": keep-alive\n\n"
+                continue
+            frame = _frame(item, cid, created, model)
+            if frame is not None:
+                yield frame
+        if include_usage:
+            yield sse_data({"id": cid, "object": "chat.completion.chunk", "created": created,
+                            "model": model, "choices": [], "usage": _usage(handle)})
+        yield b"data: [DONE]\n\n"
+    finally:
+        if not handle.done:
+            handle.cancel("client disconnected")
+
+
+def _frame(event: RunEvent, cid: str, created: int, model: str) -> bytes | None:
+    if event.type == "token":
+        return sse_data(_chunk(cid, created, model, {"content": event.data["text"]}))
+    if event.type == "message":
+        out = b""
+        calls = event.data.get("tool_calls")
+        if calls:
+            out += sse_data(_chunk(cid, created, model,
+                                   {"tool_calls": _tool_calls_out(calls, with_index=True)}))
+        return out + sse_data(_chunk(cid, created, model, {},
+                                     event.data.get("finish_reason", "stop")))
+    if event.type == "error":
+        return sse_data({"error": event.data})
+    if event.type == "run.finished" and event.data["status"] != "succeeded":
+        return sse_data(_chunk(cid, created, model, {}, "stop"))
+    return None
+
+
+@blueprint.get("/v1/models")
+async def list_models() -> Response:
+    """Models of every reachable backend, in OpenAI's list shape."""
+    svc = services()
+    backend = svc.backend
+    data: list[dict[str, Any]] = []
+    if backend is not None:
+        with trio.move_on_after(_LIST_MODELS_DEADLINE):
+            try:
+                models = await backend.list_models()
+            except Exception:  # a backend down is an empty list, not a 500
+                models = []
+            data = [{"id": m.id, "object": "model", "created": 0, "owned_by": m.backend}
+                    for m in models]
+    return jsonify({"object": "list", "data": data})

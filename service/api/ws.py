@@ -1,0 +1,159 @@
+"""``GET /api/ws``: several runs on one WebSocket.
+
+Client -> server::
+
+    {"type": "message", "conversation_id", "content", "agent"?, "model"?, "on_disconnect"?,
+     "timeout"?}
+    {"type": "cancel", "run_id"}
+
+Server -> client: each run's events as ``{"run_id", "id", "type", "data"}``, and
+``{"type": "error", "error": {"type", "message"}, "request"?}`` for a bad client message (the
+socket stays open).
+
+Shape: a receive loop and a send loop are sibling tasks in the handler's nursery; each run has a
+forwarder task there that reads the run's events and queues them for the send loop (a bounded
+channel: a slow socket slows only its forwarders, never a run). When the socket drops, quart-trio
+cancels the handler: the nursery unwinds and runs started with ``on_disconnect: cancel`` (the
+default) are cancelled; ``continue`` runs go on and can be re-joined over SSE.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import trio
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from quart import Blueprint, websocket
+
+from ..errors import NotFound, ServiceError
+from ..runs import RunHandle, RunSpec
+from .models import AgentName
+from .state import Services, current_owner, services
+from .streams import EventReader, Keepalive
+
+__all__ = ["blueprint"]
+
+blueprint = Blueprint("ws", __name__)
+
+_SEND_QUEUE = 256
+
+
+class WsMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["message"]
+    conversation_id: str
+    content: str = Field(min_length=1)
+    agent: AgentName | None = None
+    model: str | None = None
+    on_disconnect: Literal["cancel", "continue"] = "cancel"
+    timeout: float | None = Field(None, gt=0, le=86_400)
+
+
+class WsCancel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["cancel"]
+    run_id: str
+
+
+def _error(type_: str, message: str, request: Any = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "error", "error": {"type": type_, "message": message}}
+    if request is not None:
+        out["request"] = request
+    return out
+
+
+class _Session:
+    def __init__(self, svc: Services, owner: str | None, nursery: trio.Nursery,
+                 send: trio.MemorySendChannel[dict[str, Any]]) -> None:
+        self.svc = svc
+        self.owner = owner
+        self.nursery = nursery
+        self.send = send
+        self.runs: dict[str, tuple[RunHandle, str]] = {}
+
+    async def receive_loop(self) -> None:
+        while True:
+            raw = await websocket.receive()
+            try:
+                msg = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
+                await self.send.send(_error("malformed_json", "the message is not valid JSON"))
+                continue
+            kind = msg.get("type") if isinstance(msg, dict) else None
+            try:
+                if kind == "message":
+                    await self.start_run(WsMessage.model_validate(msg))
+                elif kind == "cancel":
+                    self.cancel(WsCancel.model_validate(msg))
+                else:
+                    await self.send.send(_error(
+                        "invalid_request", "type must be 'message' or 'cancel'", msg))
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                field = ".".join(str(p) for p in first["loc"]) or "message"
+                await self.send.send(_error("invalid_request", f"{field}: {first['msg']}", msg))
+            except ServiceError as exc:
+                await self.send.send(
+                    {"type": "error", "error": exc.to_dict(), "request": msg}
+                )
+
+    async def start_run(self, m: WsMessage) -> None:
+        store = self.svc.require_store()
+        conv = await store.get_conversation(m.conversation_id, owner=self.owner)
+        spec = RunSpec(
+            conversation_id=conv.id, content=m.content,
+            agent=m.agent or conv.agent or "chat",
+            model=m.model or conv.model or self.svc.settings.default_model,
+            owner=self.owner, timeout=m.timeout,
+        )
+        handle = await self.svc.require_supervisor().start(spec)
+        self.runs[handle.id] = (handle, m.on_disconnect)
+        self.nursery.start_soon(self.forward, handle)
+
+    def cancel(self, m: WsCancel) -> None:
+        entry = self.runs.get(m.run_id)
+        if entry is None:
+            # Only runs of this socket (or owned by its key) may be cancelled from here.
+            live = self.svc.require_supervisor().get(m.run_id)
+            if live is None or live.owner != self.owner:
+                raise NotFound(f"no live run {m.run_id!r} on this socket", id=m.run_id)
+            live.cancel("cancelled by request")
+            return
+        entry[0].cancel("cancelled by request")
+
+    async def forward(self, handle: RunHandle) -> None:
+        reader = EventReader(
+            handle.id, after=0, store=self.svc.require_store(),
+            supervisor=self.svc.require_supervisor(), keepalive=3600.0,
+        )
+        async for item in reader:
+            if not isinstance(item, Keepalive):
+                await self.send.send(item.wire())
+        self.runs.pop(handle.id, None)
+
+    def abandon(self) -> None:
+        for handle, on_disconnect in self.runs.values():
+            if on_disconnect == "cancel" and not handle.done:
+                handle.cancel("client disconnected")
+
+
+async def _send_loop(recv: trio.MemoryReceiveChannel[dict[str, Any]]) -> None:
+    async for msg in recv:
+        await websocket.send(json.dumps(msg, separators=(",", ":")))
+
+
+@blueprint.websocket("/api/ws")
+async def ws() -> None:
+    svc = services()
+    await websocket.accept()
+    send, recv = trio.open_memory_channel[dict[str, Any]](_SEND_QUEUE)
+    session: _Session | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            session = _Session(svc, current_owner(), nursery, send)
+            nursery.start_soon(_send_loop, recv)
+            await session.receive_loop()
+    finally:
+        if session is not None:
+            session.abandon()

@@ -1,0 +1,282 @@
+"""SSE, WebSocket and the OpenAI-compatible endpoint against the real server on port 0."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import trio
+from trio_websocket import ConnectionRejected, open_websocket_url
+
+from service.backends.base import ChatRequest, ToolCall
+from service.settings import Settings
+
+from .conftest import RunningServer, running_server
+from .fakes import Reply, ScriptedBackend
+
+
+def parse_sse(text: str) -> list[dict[str, Any]]:
+    """Frames of an SSE body: ``{"id", "event", "data"}`` (comments dropped)."""
+    frames = []
+    for block in text.split("\n\n"):
+        frame: dict[str, Any] = {}
+        data = []
+        for line in block.split("\n"):
+            if not line or line.startswith(":"):
+                continue
+            key, _, value = line.partition(": ")
+            if key == "data":
+                data.append(value)
+            else:
+                frame[key] = value
+        if data:
+            raw = "\n".join(data)
+            frame["data"] = raw if raw == "[DONE]" else json.loads(raw)
+            frames.append(frame)
+    return frames
+
+
+def _by_content(req: ChatRequest) -> Reply:
+    q = req.messages[-1].content
+    if q.startswith("slow"):
+        return Reply("tick " * 50, gap=0.05)
+    if q.startswith("tools"):
+        return Reply("", tool_calls=[ToolCall("call_1", "get_weather", {"city": "Paris"})])
+    return Reply(f"echo: {q}")
+
+
+async def _conv(client: httpx.AsyncClient) -> str:
+    r = await client.post("/api/conversations", json={})
+    return str(r.json()["id"])
+
+
+async def test_sse_stream_of_a_run(settings: Settings) -> None:
+    async with running_server(settings, ScriptedBackend(_by_content)) as srv, \
+            srv.client() as client:
+        conv = await _conv(client)
+        r = await client.post(f"/api/conversations/{conv}/messages",
+                              json={"content": "hello", "stream": True})
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        frames = parse_sse(r.text)
+        assert [int(f["id"]) for f in frames] == list(range(1, len(frames) + 1))
+        assert frames[0]["event"] == "run.started"
+        assert frames[-1]["event"] == "run.finished"
+        assert frames[-1]["data"]["status"] == "succeeded"
+        assert "".join(f["data"]["text"] for f in frames if f["event"] == "token") == "echo: hello"
+        # Non-streaming: the run and the stored reply.
+        r = await client.post(f"/api/conversations/{conv}/messages", json={"content": "again"})
+        body = r.json()
+        assert body["run"]["status"] == "succeeded"
+        assert body["message"]["content"] == "echo: again"
+        assert body["message"]["status"] == "complete"
+
+
+async def test_too_many_runs_is_429_with_retry_after(settings: Settings) -> None:
+    limited = settings.model_copy(update={"max_runs": 1})
+    async with running_server(limited, ScriptedBackend(_by_content)) as srv, \
+            srv.client() as client:
+        conv = await _conv(client)
+        async with client.stream("POST", f"/api/conversations/{conv}/messages",
+                                 json={"content": "slow", "stream": True}) as first:
+            assert first.status_code == 200
+            r = await client.post(f"/api/conversations/{conv}/messages", json={"content": "x"})
+            assert r.status_code == 429
+            assert r.headers["retry-after"] == "1"
+            assert r.json()["error"]["type"] == "too_many_runs"
+
+
+async def test_bad_message_requests(server: RunningServer) -> None:
+    async with server.client() as client:
+        r = await client.post("/api/conversations/conv_nope/messages", json={"content": "x"})
+        assert r.status_code == 404
+        conv = await _conv(client)
+        for body, field in [({"content": ""}, "content"), ({}, "content"),
+                            ({"content": "x", "agent": "nope"}, "agent"),
+                            ({"content": "x", "on_disconnect": "maybe"}, "on_disconnect"),
+                            ({"content": "x", "timeout": -1}, "timeout")]:
+            r = await client.post(f"/api/conversations/{conv}/messages", json=body)
+            assert r.status_code == 422, body
+            assert r.json()["error"]["field"] == field
+        r = await client.get("/api/runs/run_nope")
+        assert r.status_code == 404
+        r = await client.post("/api/runs/run_nope/cancel")
+        assert r.status_code == 404
+        r = await client.get("/api/runs/run_nope/events")
+        assert r.status_code == 404
+
+
+async def _ws_recv(ws: Any) -> dict[str, Any]:
+    with trio.fail_after(10):
+        return json.loads(await ws.get_message())  # type: ignore[no-any-return]
+
+
+async def test_ws_two_runs_cancel_one_and_bad_messages(settings: Settings) -> None:
+    backend = ScriptedBackend(_by_content)
+    async with running_server(settings, backend) as srv, srv.client() as client:
+        conv = await _conv(client)
+        url = srv.url.replace("http://", "ws://") + "/api/ws"
+        async with open_websocket_url(url) as ws:
+            await ws.send_message("{not json")
+            err = await _ws_recv(ws)
+            assert err["type"] == "error"
+            assert err["error"]["type"] == "malformed_json"
+            await ws.send_message(json.dumps({"type": "dance"}))
+            assert (await _ws_recv(ws))["error"]["type"] == "invalid_request"
+            await ws.send_message(json.dumps({"type": "message", "conversation_id": conv}))
+            assert "content" in (await _ws_recv(ws))["error"]["message"]
+
+            await ws.send_message(json.dumps(
+                {"type": "message", "conversation_id": conv, "content": "slow one"}))
+            await ws.send_message(json.dumps(
+                {"type": "message", "conversation_id": conv, "content": "quick one"}))
+            runs: dict[str, list[dict[str, Any]]] = {}
+            slow_id = None
+            finished: dict[str, str] = {}
+            while len(finished) < 2:
+                msg = await _ws_recv(ws)
+                runs.setdefault(msg["run_id"], []).append(msg)
+                if msg["type"] == "token" and msg["data"]["text"] == "tick " and slow_id is None:
+                    slow_id = msg["run_id"]
+                    await ws.send_message(json.dumps({"type": "cancel", "run_id": slow_id}))
+                if msg["type"] == "run.finished":
+                    finished[msg["run_id"]] = msg["data"]["status"]
+            assert slow_id is not None
+            quick_id = next(r for r in runs if r != slow_id)
+            assert finished == {slow_id: "cancelled", quick_id: "succeeded"}
+            assert [m["id"] for m in runs[quick_id]] == list(range(1, len(runs[quick_id]) + 1))
+            # The socket is still usable after all that.
+            await ws.send_message(json.dumps({"type": "cancel", "run_id": "run_nope"}))
+            assert (await _ws_recv(ws))["error"]["type"] == "not_found"
+        r = await client.get(f"/api/runs/{slow_id}")
+        assert r.json()["status"] == "cancelled"
+
+
+async def test_ws_drop_cancels_its_runs_but_not_continue_runs(settings: Settings) -> None:
+    backend = ScriptedBackend(_by_content)
+    async with running_server(settings, backend) as srv, srv.client() as client:
+        conv = await _conv(client)
+        url = srv.url.replace("http://", "ws://") + "/api/ws"
+        ids: dict[str, str] = {}
+        async with open_websocket_url(url) as ws:
+            for mode in ("cancel", "continue"):
+                await ws.send_message(json.dumps({
+                    "type": "message", "conversation_id": conv, "content": f"slow {mode}",
+                    "on_disconnect": mode}))
+            while len(ids) < 2:
+                msg = await _ws_recv(ws)
+                if msg["type"] == "run.started":
+                    ids[msg["data"]["run_id"]] = msg["data"]["run_id"]
+        with trio.fail_after(20):
+            while True:
+                statuses = [
+                    (await client.get(f"/api/runs/{rid}")).json()["status"] for rid in ids
+                ]
+                if "running" not in statuses:
+                    break
+                await trio.sleep(0.05)
+        got = {rid: (await client.get(f"/api/runs/{rid}")).json()["status"] for rid in ids}
+        assert sorted(got.values()) == ["cancelled", "succeeded"]
+
+
+async def test_ws_needs_the_key_when_auth_is_on(settings: Settings) -> None:
+    keyed = settings.model_copy(update={"api_keys": ("k1",)})
+    async with running_server(keyed) as srv:
+        url = srv.url.replace("http://", "ws://") + "/api/ws"
+        with pytest.raises(ConnectionRejected) as info:
+            async with open_websocket_url(url):
+                pass
+        assert info.value.status_code == 401
+        async with open_websocket_url(url, extra_headers=[(b"Authorization", b"Bearer k1")]) as ws:
+            await ws.send_message("{}")
+            assert (await _ws_recv(ws))["type"] == "error"
+
+
+def _sdk_calls(base_url: str) -> dict[str, Any]:
+    """The official openai SDK, sync client, in a worker thread."""
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
+    out: dict[str, Any] = {}
+    done = client.chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "hi sdk"}])
+    out["text"] = done.choices[0].message.content
+    out["finish"] = done.choices[0].finish_reason
+    out["usage"] = done.usage.total_tokens if done.usage else None
+    stream = client.chat.completions.create(
+        model="fake-model", messages=[{"role": "system", "content": "be kind"},
+                                      {"role": "user", "content": "hi stream"}],
+        stream=True, stream_options={"include_usage": True})
+    parts, usage = [], None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+        if chunk.usage:
+            usage = chunk.usage.completion_tokens
+    out["streamed"] = "".join(parts)
+    out["stream_usage"] = usage
+    tooled = client.chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "tools please"}],
+        tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}}}}}])
+    call = tooled.choices[0].message.tool_calls[0]  # type: ignore[index]
+    out["tool"] = (tooled.choices[0].finish_reason, call.function.name,  # type: ignore[union-attr]
+                   json.loads(call.function.arguments))  # type: ignore[union-attr]
+    out["models"] = [m.id for m in client.models.list()]
+    client.close()
+    return out
+
+
+async def test_openai_sdk_chat_stream_tools_models(settings: Settings) -> None:
+    backend = ScriptedBackend(_by_content)
+    async with running_server(settings, backend) as srv:
+        out = await trio.to_thread.run_sync(_sdk_calls, srv.url)
+    assert out["text"] == "echo: hi sdk"
+    assert out["finish"] == "stop"
+    assert out["usage"] > 0
+    assert out["streamed"] == "echo: hi stream"
+    assert out["stream_usage"] == 3  # "echo: " "hi " "stream"
+    assert out["tool"] == ("tool_calls", "get_weather", {"city": "Paris"})
+    assert out["models"] == ["fake-model"]
+    # The model saw the request's system prompt; the client's tools were passed through.
+    sent = [s.request for s in backend.streams]
+    assert sent[1].messages[0].content == "be kind"
+    assert sent[2].tools[0]["function"]["name"] == "get_weather"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_v1_client_disconnect_cancels_the_run(settings: Settings, stream: bool) -> None:
+    backend = ScriptedBackend(_by_content)
+    async with running_server(settings, backend) as srv, srv.client() as client:
+        body = {"model": "m", "messages": [{"role": "user", "content": "slow v1"}],
+                "stream": stream}
+        with trio.move_on_after(0.5):
+            async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                async for _ in r.aiter_bytes():
+                    pass
+        with trio.fail_after(10):
+            await (await backend.wait_stream(0)).closed_event.wait()
+        assert backend.streams[0].cancelled
+        assert not backend.streams[0].completed
+        store = srv.services.require_store()
+        convs, _ = await store.list_conversations(limit=1)
+        msgs = await store.get_messages(convs[0].id)
+        with trio.fail_after(10):
+            while msgs[-1].status.value == "pending":
+                await trio.sleep(0.01)
+                msgs = await store.get_messages(convs[0].id)
+        assert msgs[-1].status.value == "cancelled"
+        assert msgs[-1].content.startswith("tick")
+
+
+async def test_v1_bad_requests(server: RunningServer) -> None:
+    async with server.client() as client:
+        r = await client.post("/v1/chat/completions", json={"model": "m", "messages": []})
+        assert r.status_code == 422
+        assert r.json()["error"]["field"] == "messages"
+        r = await client.post("/v1/chat/completions",
+                              json={"messages": [{"role": "wizard", "content": "x"}]})
+        assert r.status_code == 422
+        r = await client.post("/v1/chat/completions", content=b"{")
+        assert r.status_code == 400
