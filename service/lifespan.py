@@ -72,15 +72,34 @@ async def _maybe_start_embedded(app: QuartTrio, svc: Services) -> str | None:
     )
     if not wanted:
         return None
-    from .backends.embedded import serve_embedded
-
     stop = trio.Event()
     svc.extras["embedded_stop"] = stop
     done = trio.Event()
     svc.extras["embedded_done"] = done
-    url: str = await app.nursery.start(serve_embedded, settings, stop, done)
+    url: str = await app.nursery.start(_serve_embedded, svc, stop, done)
     log.info("embedded llama.cpp server up", extra={"url": url})
     return url
+
+
+async def _serve_embedded(
+    svc: Services, stop: trio.Event, done: trio.Event, *, task_status: trio.TaskStatus[str]
+) -> None:
+    """Own the embedded llama.cpp server for the app's lifetime (stopped by ``stop``)."""
+    from .backends.embedded import embedded_llama_server
+    from .errors import ConfigError
+
+    settings = svc.settings
+    if settings.gguf is None:
+        raise ConfigError("SERVICE_BACKEND=embedded needs SERVICE_GGUF (a .gguf model file)",
+                          variable="SERVICE_GGUF")
+    try:
+        async with embedded_llama_server(
+            settings.gguf, alias=settings.default_model or settings.gguf.stem
+        ) as server:
+            task_status.started(server.base_url)
+            await stop.wait()
+    finally:
+        done.set()
 
 
 async def begin_shutdown(svc: Services) -> None:
