@@ -65,8 +65,8 @@ class RunHandle:
         self.cancel_reason: str | None = None
         self.finished = trio.Event()  # set once the final state is stored and published
         self.answer_parts: list[str] = []  # token text so far: the partial answer if cut
-        self.result_extra: dict[str, Any] = {}
-        self.final_text = ""  # the reply as stored at the end (answer, or partial text)  # e.g. tool_calls, finish_reason for the reply
+        self.result_extra: dict[str, Any] = {}  # e.g. tool_calls, finish_reason for the reply
+        self.final_text = ""  # the reply as stored at the end (answer, or partial text)
         self._sink = sink
         self._window = window
         self._next_seq = 1
