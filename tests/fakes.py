@@ -16,6 +16,7 @@ import trio
 
 from service.agents import Agent, make_runner
 from service.backends.base import (
+    Backend,
     BackendHealth,
     ChatChunk,
     ChatMessage,
@@ -194,7 +195,7 @@ async def _inline(fn: Callable[[], Any]) -> Any:
 @asynccontextmanager
 async def supervisor_env(
     tmp_path: Path,
-    backend: ScriptedBackend,
+    backend: ScriptedBackend | Callable[[Store], Backend],
     *,
     tools: Sequence[Tool] = BUILTIN_TOOLS,
     run_timeout: float = 300.0,
@@ -202,13 +203,17 @@ async def supervisor_env(
     max_runs: int = 1000,
     agents: dict[str, Agent] | None = None,
 ) -> AsyncIterator[Env]:
-    """A store (inline sqlite, for virtual time) and a serving supervisor over ``backend``."""
+    """A store (inline sqlite, for virtual time) and a serving supervisor over ``backend``.
+
+    ``backend`` may be a function of the store, to build an interceptor that records into it.
+    """
     metrics = Metrics()
     store = Store(tmp_path / "runs.db", threaded=False, metrics=metrics)
     await store.open()
     registry = ToolRegistry(tools)
+    the_backend = backend if isinstance(backend, ScriptedBackend) else backend(store)
     runner = make_runner(
-        store=store, backend=lambda: backend, tools=registry, metrics=metrics,
+        store=store, backend=lambda: the_backend, tools=registry, metrics=metrics,
         tool_timeout=tool_timeout, history_chars=24_000, agents=agents, run_sync=_inline,
     )
     supervisor = RunSupervisor(
@@ -217,7 +222,7 @@ async def supervisor_env(
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(supervisor.serve)
-            yield Env(store, supervisor, backend, registry, nursery, metrics)
+            yield Env(store, supervisor, the_backend, registry, nursery, metrics)  # type: ignore[arg-type]
             nursery.cancel_scope.cancel()
     finally:
         await store.aclose()
