@@ -280,3 +280,46 @@ async def test_v1_bad_requests(server: RunningServer) -> None:
         assert r.status_code == 422
         r = await client.post("/v1/chat/completions", content=b"{")
         assert r.status_code == 400
+
+
+async def test_runs_are_invisible_to_other_keys(settings: Settings) -> None:
+    keyed = settings.model_copy(update={"api_keys": ("key-a", "key-b")})
+    async with running_server(keyed, ScriptedBackend(_by_content)) as srv:
+        a = srv.client(headers={"Authorization": "Bearer key-a"})
+        b = srv.client(headers={"Authorization": "Bearer key-b"})
+        async with a, b:
+            conv = await _conv(a)
+            r = await a.post(f"/api/conversations/{conv}/messages", json={"content": "mine"})
+            run_id = r.json()["run"]["id"]
+            assert (await a.get(f"/api/runs/{run_id}")).status_code == 200
+            for call in (b.get(f"/api/runs/{run_id}"), b.get(f"/api/runs/{run_id}/events"),
+                         b.post(f"/api/runs/{run_id}/cancel"),
+                         b.post(f"/api/conversations/{conv}/messages", json={"content": "x"})):
+                r = await call
+                assert r.status_code == 404, r.request.url
+            r = await b.post("/v1/chat/completions",
+                             json={"messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200
+            assert (await srv.client().get("/v1/models")).status_code == 401
+
+
+async def test_metrics_count_runs_tools_and_store(settings: Settings) -> None:
+    def reply(req: ChatRequest) -> Reply:
+        if any(m.role == "tool" for m in req.messages):
+            return Reply("Final Answer: 4")
+        return Reply("", tool_calls=[ToolCall("c", "calculator", {"expression": "2+2"})])
+
+    async with running_server(settings, ScriptedBackend(reply)) as srv, srv.client() as client:
+        conv = await _conv(client)
+        r = await client.post(f"/api/conversations/{conv}/messages",
+                              json={"content": "2+2?", "agent": "react"})
+        assert r.json()["message"]["content"] == "4"
+        text = (await client.get("/metrics")).text
+        assert 'service_runs_total{status="succeeded"} 1.0' in text
+        assert "service_runs_in_flight 0.0" in text
+        assert 'service_tool_calls_total{outcome="ok",tool="calculator"} 1.0' in text
+        assert 'service_store_seconds_count{op="finish_run"}' in text
+        assert 'service_http_requests_total{method="POST"' in text
+        for name in ("service_llm_call_seconds", "service_llm_ttft_seconds",
+                     "service_llm_tokens_total", "service_llm_queue_wait_seconds"):
+            assert f"# TYPE {name.removesuffix('_total')}" in text
