@@ -40,14 +40,19 @@ class RunningServer:
 
 @asynccontextmanager
 async def running_server(
-    settings: Settings, backend: Backend | None = None
+    settings: Settings, backend: Backend | None = None, *, from_settings: bool = False
 ) -> AsyncIterator[RunningServer]:
     """The real app under hypercorn's trio worker on 127.0.0.1:0, shut down gracefully after.
 
     ``backend`` defaults to an in-memory scripted one; pass a real adapter (on the simulator)
-    for end-to-end tests.
+    for end-to-end tests, or ``from_settings=True`` to let the lifespan build the backend the
+    settings describe (adapters, interceptors recording into the server's store) as in production.
     """
-    app = create_app(settings, metrics=Metrics(), backend=backend or ScriptedBackend())
+    if from_settings:
+        assert backend is None, "from_settings builds the backend; do not pass one"
+    else:
+        backend = backend or ScriptedBackend()
+    app = create_app(settings, metrics=Metrics(), backend=backend)
     config = Config()
     config.bind = ["127.0.0.1:0"]
     config.graceful_timeout = 2

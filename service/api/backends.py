@@ -100,22 +100,26 @@ def _unwrap(backend: Backend) -> Backend:
     return backend
 
 
-async def _healths(backend: Backend) -> tuple[list[Backend], list[BackendHealth | None]]:
+async def _healths(
+    backend: Backend, deadline: float
+) -> tuple[list[Backend], list[BackendHealth | None]]:
     """The backends to list, and their health (None: no answer before the deadline)."""
     inner = _unwrap(backend)
     if isinstance(inner, AutoBackend):
         members = list(inner.backends)
         healths: list[BackendHealth | None] = [None] * len(members)
-        with trio.move_on_after(_PROBE_DEADLINE):
+        with trio.move_on_at(deadline):
             healths = list(await inner.health_all())
         return members, healths
     health: BackendHealth | None = None
-    with trio.move_on_after(_PROBE_DEADLINE):
+    with trio.move_on_at(deadline):
         health = await backend.health()
     return [backend], [health]
 
 
-async def _models(members: list[Backend], healths: list[BackendHealth | None]) -> list[list[str]]:
+async def _models(
+    members: list[Backend], healths: list[BackendHealth | None], deadline: float
+) -> list[list[str]]:
     """Each backend's models: from its health probe, else listed (if it is up), bounded."""
     models = [list(h.models) if h is not None else [] for h in healths]
 
@@ -125,7 +129,7 @@ async def _models(members: list[Backend], healths: list[BackendHealth | None]) -
         except BackendError as exc:
             log.info("listing the models of %s failed: %s", backend.name, exc.message)
 
-    with trio.move_on_after(_PROBE_DEADLINE):
+    with trio.move_on_at(deadline):
         async with trio.open_nursery() as nursery:
             for i, (backend, health) in enumerate(zip(members, healths, strict=True)):
                 if health is not None and health.ready and not health.models:
@@ -140,8 +144,9 @@ async def list_backends() -> BackendList:
     backend = services().backend
     if backend is None:
         return BackendList(data=[])
-    members, healths = await _healths(backend)
-    models = await _models(members, healths)
+    deadline = trio.current_time() + _PROBE_DEADLINE
+    members, healths = await _healths(backend, deadline)
+    models = await _models(members, healths, deadline)
     data = []
     for member, health, names in zip(members, healths, models, strict=True):
         if health is None:

@@ -79,6 +79,7 @@ _CALL_COLS = (
     "id, backend, model, outcome, started_at, run_id, queue_wait, ttft, duration, "
     "prompt_tokens, completion_tokens, tokens_estimated, error"
 )
+_CALL_COLS_QUALIFIED = ", ".join(f"l.{c.strip()}" for c in _CALL_COLS.split(","))
 
 
 # Events of a run whose conversation was deleted meanwhile are dropped, not an error: one batch
@@ -593,22 +594,27 @@ class Store:
         await self._write("record_llm_call", fn)
 
     async def list_llm_calls(
-        self, *, run_id: str | None = None, limit: int = 50
+        self, *, run_id: str | None = None, limit: int = 50, owner: str | None = None
     ) -> list[LLMCallRecord]:
-        """Newest first."""
+        """Newest first. ``owner``: only calls made by that owner's runs (None: every call)."""
+        sql = f"SELECT {_CALL_COLS_QUALIFIED} FROM llm_calls AS l"
+        where: list[str] = []
+        args: list[Any] = []
+        if owner is not None:
+            # Calls carry no owner of their own: the run that made them has it.
+            sql += " JOIN runs AS r ON r.id = l.run_id"
+            where.append("r.owner = ?")
+            args.append(owner)
+        if run_id is not None:
+            where.append("l.run_id = ?")
+            args.append(run_id)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY l.seq DESC LIMIT ?"
+        args.append(limit)
 
         def fn(c: sqlite3.Connection) -> list[LLMCallRecord]:
-            if run_id is None:
-                rows = c.execute(
-                    f"SELECT {_CALL_COLS} FROM llm_calls ORDER BY seq DESC LIMIT ?", (limit,)
-                ).fetchall()
-            else:
-                rows = c.execute(
-                    f"SELECT {_CALL_COLS} FROM llm_calls WHERE run_id = ? "
-                    "ORDER BY seq DESC LIMIT ?",
-                    (run_id, limit),
-                ).fetchall()
-            return [_call(r) for r in rows]
+            return [_call(r) for r in c.execute(sql, args).fetchall()]
 
         return await self._read("list_llm_calls", fn)
 

@@ -1,0 +1,638 @@
+"""End to end: the real server on port 0, its real backend adapters, the simulator on loopback.
+
+The lifespan builds the backend from the settings (``SERVICE_BACKEND=llamacpp`` or ``ollama``
+pointed at the simulator), so the interceptor records into the server's own store, as in
+production. Real time and real sockets: every wait is guarded with ``trio.fail_after``; no test
+asserts a wall-clock duration.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from service.backends.streams import SSEEvent, SSEParser
+from service.settings import BackendKind, Settings
+from service.sim import Reply, Simulator, serve
+
+from .conftest import RunningServer, running_server
+
+GUARD = 10  # seconds any single wait may take before the test fails
+KINDS = ["llamacpp", "ollama"]
+TERMINAL = {"succeeded", "failed", "cancelled", "timed_out"}
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    type: str
+    data: dict[str, Any]
+
+
+class EventStream:
+    """Run events read from an SSE response, in as many ``read`` calls as the test wants."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        self._chunks = response.aiter_bytes()
+        self._parser = SSEParser()
+        self._pending: list[Event] = []
+
+    async def read(self, stop: Callable[[list[Event]], bool] | None = None) -> list[Event]:
+        """Events until the end of the stream, or until ``stop(events read so far)`` is true."""
+        events: list[Event] = []
+        while True:
+            while self._pending:
+                events.append(self._pending.pop(0))
+                if stop is not None and stop(events):
+                    return events
+            try:
+                raw = await anext(self._chunks)
+            except StopAsyncIteration:
+                return events
+            for item in self._parser.feed(raw):
+                if isinstance(item, SSEEvent):  # not a keep-alive comment
+                    assert item.id is not None
+                    self._pending.append(Event(int(item.id), item.event, json.loads(item.data)))
+
+
+async def read_events(
+    response: httpx.Response, *, stop: Callable[[list[Event]], bool] | None = None
+) -> list[Event]:
+    return await EventStream(response).read(stop)
+
+
+def tokens(events: list[Event]) -> list[str]:
+    return [e.data["text"] for e in events if e.type == "token"]
+
+
+def after_tokens(n: int) -> Callable[[list[Event]], bool]:
+    return lambda events: len(tokens(events)) >= n
+
+
+@dataclass
+class Env:
+    sim: Simulator
+    server: RunningServer
+    client: httpx.AsyncClient
+    kind: str
+    _sim_scope: trio.CancelScope
+    _sim_stopped: trio.Event
+
+    async def stop_sim(self) -> None:
+        """Take the upstream down (listener and connections closed) while the server runs."""
+        self._sim_scope.cancel()
+        with trio.fail_after(GUARD):
+            await self._sim_stopped.wait()
+
+    async def conversation(self, **fields: Any) -> str:
+        r = await self.client.post("/api/conversations", json=fields)
+        assert r.status_code == 201, r.text
+        return str(r.json()["id"])
+
+    def post_stream(self, conv: str, content: str = "hi there", **body: Any) -> Any:
+        return self.client.stream(
+            "POST", f"/api/conversations/{conv}/messages",
+            json={"content": content, "stream": True, **body},
+        )
+
+    async def run_events(self, run_id: str, **headers: str) -> list[Event]:
+        """Every event of the run after ``Last-Event-ID`` (if given), until it has finished."""
+        with trio.fail_after(GUARD):
+            async with self.client.stream(
+                "GET", f"/api/runs/{run_id}/events", headers=headers
+            ) as r:
+                return await read_events(r)
+
+    async def finished_run(self, run_id: str) -> dict[str, Any]:
+        """The run once it has ended (its event stream says so first)."""
+        events = await self.run_events(run_id)
+        assert events[-1].type == "run.finished"
+        r = await self.client.get(f"/api/runs/{run_id}")
+        assert r.status_code == 200
+        run: dict[str, Any] = r.json()
+        assert run["status"] in TERMINAL
+        return run
+
+    async def reply_of(self, conv: str, run_id: str) -> dict[str, Any]:
+        r = await self.client.get(f"/api/conversations/{conv}")
+        (reply,) = [m for m in r.json()["messages"]
+                    if m["run_id"] == run_id and m["role"] == "assistant"]
+        return reply  # type: ignore[no-any-return]
+
+    async def llm_calls(self, run_id: str) -> list[dict[str, Any]]:
+        r = await self.client.get("/api/llm-calls", params={"run_id": run_id})
+        assert r.status_code == 200, r.text
+        return r.json()["data"]  # type: ignore[no-any-return]
+
+
+# Only ever started with nursery.start (flake8's startable list is project config).
+async def _serve_sim(  # noqa: ASYNC114
+    sim: Simulator, stopped: trio.Event,
+    *, task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``sim`` until the cancel scope it hands back is cancelled; then set ``stopped``."""
+    try:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve, sim)
+                task_status.started(scope)
+    finally:
+        stopped.set()
+
+
+@asynccontextmanager
+async def e2e(settings: Settings, kind: str, **update: Any) -> AsyncIterator[Env]:
+    """The simulator, and the server with a ``kind`` backend on it (built by the lifespan)."""
+    sim = Simulator(("sim-model",))
+    stopped = trio.Event()
+    async with trio.open_nursery() as nursery:
+        scope: trio.CancelScope = await nursery.start(_serve_sim, sim, stopped)
+        if kind == "auto":
+            urls = {"ollama_url": sim.url, "llamacpp_url": sim.url}
+        else:
+            urls = {f"{kind}_url": sim.url}
+        conf = settings.model_copy(update={"backend": BackendKind(kind), **urls, **update})
+        try:
+            async with running_server(conf, from_settings=True) as server, server.client() as c:
+                yield Env(sim, server, c, kind, scope, stopped)
+        finally:
+            scope.cancel()
+
+
+# -- a streamed run through each protocol -------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_streamed_run_over_sse(settings: Settings, kind: str) -> None:
+    async with e2e(settings, kind) as env:
+        env.sim.script(Reply(text="Hello there brave new world"))
+        conv = await env.conversation(title="e2e")
+        with trio.fail_after(GUARD):
+            async with env.post_stream(conv, "say hello") as r:
+                assert r.headers["cache-control"] == "no-cache"
+                events = await read_events(r)
+
+        assert [e.id for e in events] == list(range(1, len(events) + 1))
+        types = [e.type for e in events]
+        assert types[0] == "run.started"
+        assert types[-2:] == ["message", "run.finished"]
+        assert set(types[1:-2]) == {"token"}
+        assert tokens(events) == ["Hello ", "there ", "brave ", "new ", "world"]
+        run_id = events[0].data["run_id"]
+        assert events[0].data["conversation_id"] == conv
+        assert events[-2].data["content"] == "Hello there brave new world"
+        finished = events[-1].data
+        assert finished["status"] == "succeeded"
+        assert finished["usage"]["completion_tokens"] == 5
+
+        # The upstream saw the question, in the protocol of its kind, and sent all of it.
+        (record,) = env.sim.streams
+        assert record.protocol == ("openai" if kind == "llamacpp" else "ollama")
+        assert record.body["messages"][-1] == {"role": "user", "content": "say hello"}
+        assert record.completed
+        assert not record.client_gone
+
+        run = (await env.client.get(f"/api/runs/{run_id}")).json()
+        assert run["status"] == "succeeded"
+        assert run["usage"]["completion_tokens"] == 5
+        reply = await env.reply_of(conv, run_id)
+        assert (reply["status"], reply["content"]) == ("complete", "Hello there brave new world")
+
+        (call,) = await env.llm_calls(run_id)
+        assert call["outcome"] == "ok"
+        assert call["backend"] == kind
+        assert call["model"] == "sim-model"
+        assert call["run_id"] == run_id
+        assert call["completion_tokens"] == 5
+        assert call["prompt_tokens"] == 3  # the simulator's count: 2 words + 1 per message
+        assert call["tokens_estimated"] is False
+        assert call["error"] is None
+        assert call["started_at"].endswith("Z")
+        assert call["ttft"] is not None
+        assert call["duration"] is not None
+
+        r = await env.client.get("/api/backends")
+        assert r.status_code == 200
+        (backend,) = r.json()["data"]
+        assert backend["name"] == kind
+        assert backend["url"] == env.sim.url
+        assert backend["reachable"] is True
+        assert backend["ready"] is True
+        assert backend["models"] == ["sim-model"]
+        assert backend["last_error"] is None
+
+        r = await env.client.get("/readyz")
+        assert r.status_code == 200
+        assert r.json()["checks"]["backend"] == "ok"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_readyz_and_backends_when_the_upstream_is_down(settings: Settings, kind: str) -> None:
+    async with e2e(settings, kind) as env:
+        assert (await env.client.get("/readyz")).status_code == 200
+        await env.stop_sim()
+        with trio.fail_after(GUARD):
+            r = await env.client.get("/readyz")
+        assert r.status_code == 503
+        body = r.json()
+        assert body["down"] == ["backend"]
+        assert body["checks"]["store"] == "ok"
+        assert body["checks"]["backend"].startswith("down:")
+
+        with trio.fail_after(GUARD):
+            r = await env.client.get("/api/backends")
+        assert r.status_code == 200
+        (backend,) = r.json()["data"]
+        assert backend["name"] == kind
+        assert backend["reachable"] is False
+        assert backend["ready"] is False
+        assert backend["models"] == []
+        assert backend["last_error"]
+
+
+async def test_readyz_503_while_llamacpp_loads(settings: Settings) -> None:
+    async with e2e(settings, "llamacpp") as env:
+        env.sim.set_loading(1)  # the next /health answers 503 "Loading model"
+        r = await env.client.get("/readyz")
+        assert r.status_code == 503
+        assert r.json()["down"] == ["backend"]
+        assert "Loading model" in r.json()["checks"]["backend"]
+        (backend,) = (await env.client.get("/api/backends")).json()["data"]
+        assert backend["reachable"] is True  # it answered: loading, not gone
+        assert (await env.client.get("/readyz")).status_code == 200
+
+
+async def test_backends_lists_each_member_of_auto(settings: Settings) -> None:
+    # The simulator speaks both protocols, so both members of "auto" find it.
+    async with e2e(settings, "auto") as env:
+        r = await env.client.get("/api/backends")
+        assert r.status_code == 200
+        data = r.json()["data"]
+        assert [b["name"] for b in data] == ["ollama", "llamacpp"]
+        assert all(b["reachable"] and b["ready"] for b in data)
+        assert all(b["models"] == ["sim-model"] for b in data)
+        assert all(b["url"] == env.sim.url for b in data)
+
+
+async def test_tools_are_listed_and_documented(settings: Settings) -> None:
+    async with e2e(settings, "llamacpp", tool_timeout=7.0) as env:
+        r = await env.client.get("/api/tools")
+        assert r.status_code == 200
+        data = r.json()["data"]
+        assert data
+        for t in data:
+            assert set(t) == {"name", "description", "parameters", "timeout"}
+            assert t["parameters"]["type"] == "object"
+        assert len({t["name"] for t in data}) == len(data)
+        tools = env.server.services.tools
+        assert tools is not None
+        # Tools without a timeout of their own take SERVICE_TOOL_TIMEOUT.
+        assert data == [t.spec(7.0) for t in tools]
+
+        paths = (await env.client.get("/openapi.json")).json()["paths"]
+        for path in ("/api/tools", "/api/backends", "/api/llm-calls"):
+            assert "200" in paths[path]["get"]["responses"], path
+        params = {p["name"] for p in paths["/api/llm-calls"]["get"]["parameters"]}
+        assert params == {"run_id", "limit"}
+
+
+# -- /api/llm-calls: validation and owner scoping -----------------------------------------------
+
+
+async def test_llm_calls_query_is_validated(settings: Settings) -> None:
+    async with e2e(settings, "ollama") as env:
+        cases: list[tuple[dict[str, str | int], str]] = [
+            ({"limit": 0}, "limit"), ({"limit": 501}, "limit"), ({"limit": "x"}, "limit"),
+            ({"nope": 1}, "nope"),
+        ]
+        for params, field in cases:
+            r = await env.client.get("/api/llm-calls", params=params)
+            assert r.status_code == 422, params
+            assert r.json()["error"]["field"] == field
+        r = await env.client.get("/api/llm-calls", params={"limit": 500})
+        assert r.json() == {"data": []}
+
+
+async def test_llm_calls_are_newest_first_and_limited(settings: Settings) -> None:
+    async with e2e(settings, "llamacpp") as env:
+        env.sim.script("one", "two", "three")
+        conv = await env.conversation()
+        runs = []
+        for text in ("a", "b", "c"):
+            r = await env.client.post(f"/api/conversations/{conv}/messages", json={"content": text})
+            assert r.status_code == 200, r.text
+            runs.append(r.json()["run"]["id"])
+        data = (await env.client.get("/api/llm-calls")).json()["data"]
+        assert [c["run_id"] for c in data] == runs[::-1]
+        data = (await env.client.get("/api/llm-calls", params={"limit": 2})).json()["data"]
+        assert [c["run_id"] for c in data] == runs[:0:-1]
+        assert await env.llm_calls("run_unknown") == []
+
+
+async def test_llm_calls_are_scoped_to_the_callers_runs(settings: Settings) -> None:
+    async with e2e(settings, "ollama", api_keys=("key-a", "key-b")) as env:
+        a = {"Authorization": "Bearer key-a"}
+        b = {"Authorization": "Bearer key-b"}
+        r = await env.client.post("/api/conversations", json={}, headers=a)
+        conv = r.json()["id"]
+        r = await env.client.post(f"/api/conversations/{conv}/messages",
+                                  json={"content": "hi"}, headers=a)
+        assert r.status_code == 200, r.text
+        run_id = r.json()["run"]["id"]
+
+        r = await env.client.get("/api/llm-calls", params={"run_id": run_id}, headers=a)
+        assert [c["run_id"] for c in r.json()["data"]] == [run_id]
+        r = await env.client.get("/api/llm-calls", headers=a)
+        assert [c["run_id"] for c in r.json()["data"]] == [run_id]
+
+        r = await env.client.get("/api/llm-calls", params={"run_id": run_id}, headers=b)
+        assert r.status_code == 404
+        r = await env.client.get("/api/llm-calls", headers=b)
+        assert r.json() == {"data": []}
+        assert (await env.client.get("/api/llm-calls")).status_code == 401
+
+
+# -- the client goes away ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_sse_disconnect_cancels_run_and_upstream(settings: Settings, kind: str) -> None:
+    async with e2e(settings, kind) as env:
+        env.sim.script(Reply(tokens=50, hang_after=3))  # 3 tokens, then nothing
+        conv = await env.conversation()
+        with trio.fail_after(GUARD):
+            async with env.post_stream(conv) as r:
+                seen = await read_events(r, stop=after_tokens(3))
+        # The client is gone (default on_disconnect=cancel): the run stops, and so does the
+        # upstream generation.
+        run_id = seen[0].data["run_id"]
+        record = env.sim.streams[0]
+        with trio.fail_after(GUARD):
+            await record.closed.wait()
+        assert record.client_gone
+        assert not record.completed
+        assert record.chunks_sent == 3
+
+        run = await env.finished_run(run_id)
+        assert run["status"] == "cancelled"
+        assert run["error"] == "client disconnected"
+        reply = await env.reply_of(conv, run_id)
+        assert (reply["status"], reply["content"]) == ("cancelled", "tok0 tok1 tok2 ")
+        (call,) = await env.llm_calls(run_id)
+        assert call["outcome"] == "cancelled"
+        assert call["completion_tokens"] == 3
+        assert call["tokens_estimated"] is True
+
+        # The stored events end with exactly one run.finished saying so.
+        events = await env.run_events(run_id)
+        assert [e.type for e in events].count("run.finished") == 1
+        assert events[-1].data["status"] == "cancelled"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_continue_run_survives_disconnect_and_rejoin_has_no_gap(
+    settings: Settings, kind: str
+) -> None:
+    async with e2e(settings, kind) as env:
+        env.sim.script(Reply(tokens=12, interval=0.02))
+        conv = await env.conversation()
+        with trio.fail_after(GUARD):
+            async with env.post_stream(conv, on_disconnect="continue") as r:
+                first = await read_events(r, stop=after_tokens(2))
+        assert first[-1].type == "token"
+        last_seen = first[-1].id
+        run_id = first[0].data["run_id"]
+
+        # Re-join at once (the run is most likely still going), after what the client saw.
+        rest = await env.run_events(run_id, **{"Last-Event-ID": str(last_seen)})
+        assert [e.id for e in rest] == list(range(last_seen + 1, last_seen + 1 + len(rest)))
+        assert rest[-1].type == "run.finished"
+        assert rest[-1].data["status"] == "succeeded"
+
+        whole = await env.run_events(run_id)  # one uninterrupted read of the whole run
+        assert first + rest == whole
+        assert "".join(tokens(whole)) == "".join(f"tok{i} " for i in range(12))
+
+        record = env.sim.streams[0]
+        assert record.completed
+        assert not record.client_gone
+        reply = await env.reply_of(conv, run_id)
+        assert reply["status"] == "complete"
+        assert reply["content"] == "".join(f"tok{i} " for i in range(12))
+        (call,) = await env.llm_calls(run_id)
+        assert call["outcome"] == "ok"
+
+        # ?after= is the same as Last-Event-ID; a bad header is refused.
+        with trio.fail_after(GUARD):
+            async with env.client.stream("GET", f"/api/runs/{run_id}/events",
+                                         params={"after": last_seen}) as r:
+                assert await read_events(r) == rest
+        r = await env.client.get(f"/api/runs/{run_id}/events", headers={"Last-Event-ID": "x"})
+        assert r.status_code == 422
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_non_streaming_post_returns_run_and_message(settings: Settings, kind: str) -> None:
+    async with e2e(settings, kind) as env:
+        env.sim.script("The answer is 42")
+        conv = await env.conversation()
+        with trio.fail_after(GUARD):
+            r = await env.client.post(f"/api/conversations/{conv}/messages",
+                                      json={"content": "what is it?"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert set(body) == {"run", "message"}
+        assert body["run"]["status"] == "succeeded"
+        assert body["run"]["conversation_id"] == conv
+        assert body["run"]["usage"]["completion_tokens"] == 4
+        message = body["message"]
+        assert (message["role"], message["status"]) == ("assistant", "complete")
+        assert message["content"] == "The answer is 42"
+        assert message["run_id"] == body["run"]["id"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_non_streaming_client_leaving_cancels_run_and_upstream(
+    settings: Settings, kind: str
+) -> None:
+    async with e2e(settings, kind) as env:
+        env.sim.script(Reply(tokens=50, hang_after=2))
+        conv = await env.conversation()
+
+        async def post() -> None:
+            await env.client.post(f"/api/conversations/{conv}/messages", json={"content": "hi"})
+            raise AssertionError("the request should have been cancelled")
+
+        with trio.fail_after(GUARD):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(post)
+                (record,) = await env.sim.wait_streams(1)
+                messages = (await env.client.get(f"/api/conversations/{conv}")).json()["messages"]
+                run_id = messages[-1]["run_id"]
+                # Watch the run (a watcher never cancels it) until the model is "generating".
+                async with env.client.stream("GET", f"/api/runs/{run_id}/events") as r:
+                    await read_events(r, stop=after_tokens(2))
+                nursery.cancel_scope.cancel()  # the client gives up: its connection closes
+            await record.closed.wait()
+        assert record.client_gone
+
+        run = await env.finished_run(run_id)
+        assert run["status"] == "cancelled"
+        reply = await env.reply_of(conv, run_id)
+        assert (reply["status"], reply["content"]) == ("cancelled", "tok0 tok1 ")
+        (call,) = await env.llm_calls(run_id)
+        assert call["outcome"] == "cancelled"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_cancel_endpoint_stops_run_and_is_idempotent(settings: Settings, kind: str) -> None:
+    async with e2e(settings, kind) as env:
+        env.sim.script(Reply(tokens=50, hang_after=2))
+        conv = await env.conversation()
+        with trio.fail_after(GUARD):
+            async with env.post_stream(conv) as r:
+                stream = EventStream(r)
+                seen = await stream.read(after_tokens(2))
+                run_id = seen[0].data["run_id"]
+                c = await env.client.post(f"/api/runs/{run_id}/cancel")
+                assert c.status_code == 202
+                assert c.json() == {"id": run_id, "status": "cancelled"}
+                # The stream that was watching ends properly, with the run's end.
+                rest = await stream.read()
+        assert rest[-1].type == "run.finished"
+        assert rest[-1].data["status"] == "cancelled"
+        assert [e.id for e in seen + rest] == list(range(1, len(seen) + len(rest) + 1))
+
+        c = await env.client.post(f"/api/runs/{run_id}/cancel")
+        assert (c.status_code, c.json()) == (202, {"id": run_id, "status": "cancelled"})
+        run = (await env.client.get(f"/api/runs/{run_id}")).json()
+        assert run["status"] == "cancelled"
+        assert run["error"] == "cancelled by request"
+        reply = await env.reply_of(conv, run_id)
+        assert (reply["status"], reply["content"]) == ("cancelled", "tok0 tok1 ")
+        record = env.sim.streams[0]
+        with trio.fail_after(GUARD):
+            await record.closed.wait()
+        assert record.client_gone
+        (call,) = await env.llm_calls(run_id)
+        assert call["outcome"] == "cancelled"
+        assert (await env.client.post("/api/runs/run_nope/cancel")).status_code == 404
+
+
+# -- the upstream misbehaves ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_upstream_dying_mid_stream_fails_the_run(settings: Settings, kind: str) -> None:
+    async with e2e(settings, kind) as env:
+        env.sim.script(Reply(tokens=10, die_after=2))
+        conv = await env.conversation()
+        with trio.fail_after(GUARD):
+            async with env.post_stream(conv) as r:
+                events = await read_events(r)
+        assert tokens(events) == ["tok0 ", "tok1 "]
+        assert [e.type for e in events][-2:] == ["error", "run.finished"]
+        error = events[-2].data
+        assert error["type"].startswith("backend")
+        assert error["message"]
+        assert events[-1].data["status"] == "failed"
+        run_id = events[0].data["run_id"]
+
+        run = (await env.client.get(f"/api/runs/{run_id}")).json()
+        assert run["status"] == "failed"
+        assert run["error"]
+        reply = await env.reply_of(conv, run_id)
+        assert (reply["status"], reply["content"]) == ("error", "tok0 tok1 ")
+        (call,) = await env.llm_calls(run_id)
+        assert call["outcome"] == "error"
+        assert call["error"]
+        assert env.sim.streams[0].died
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("hang_after", [-1, 0], ids=["before-headers", "after-headers"])
+async def test_upstream_hanging_before_first_token_times_out(
+    settings: Settings, kind: str, hang_after: int
+) -> None:
+    async with e2e(settings, kind, llm_idle_timeout=0.5) as env:
+        env.sim.script(Reply(tokens=5, hang_after=hang_after))
+        conv = await env.conversation()
+        with trio.fail_after(GUARD):
+            async with env.post_stream(conv) as r:
+                events = await read_events(r)
+        assert [e.type for e in events] == ["run.started", "error", "run.finished"]
+        assert events[1].data["type"] == "first_chunk_timeout"
+        assert events[2].data["status"] == "failed"
+        run_id = events[0].data["run_id"]
+        reply = await env.reply_of(conv, run_id)
+        assert (reply["status"], reply["content"]) == ("error", "")
+        (call,) = await env.llm_calls(run_id)
+        assert call["outcome"] == "timed_out"
+        record = env.sim.streams[0]
+        with trio.fail_after(GUARD):
+            await record.closed.wait()
+        assert record.client_gone  # the service hung up on the silent upstream
+        assert record.chunks_sent == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_non_streaming_failures_map_to_statuses(settings: Settings, kind: str) -> None:
+    async with e2e(settings, kind, llm_idle_timeout=0.5) as env:
+        conv = await env.conversation()
+        url = f"/api/conversations/{conv}/messages"
+        cases: list[tuple[Reply, dict[str, Any], int, str]] = [
+            (Reply(hang_after=0), {}, 504, "first_chunk_timeout"),
+            (Reply(status=503, error="Loading model"), {}, 503, ""),
+            (Reply(), {"model": "ghost"}, 404, "model_not_found"),
+        ]
+        for reply, extra, status, type_ in cases:
+            env.sim.script(reply)
+            with trio.fail_after(GUARD):
+                r = await env.client.post(url, json={"content": "hi", **extra})
+            assert r.status_code == status, (reply, r.text)
+            error = r.json()["error"]
+            assert error["run_status"] == "failed"
+            if type_:
+                assert error["type"] == type_
+            run = (await env.client.get(f"/api/runs/{error['run_id']}")).json()
+            assert run["status"] == "failed"
+
+
+async def test_non_streaming_continue_run_outlives_its_client(settings: Settings) -> None:
+    async with e2e(settings, "llamacpp") as env:
+        env.sim.script(Reply(tokens=10, interval=0.02))
+        conv = await env.conversation()
+
+        async def post() -> None:
+            await env.client.post(f"/api/conversations/{conv}/messages",
+                                  json={"content": "hi", "on_disconnect": "continue"})
+            raise AssertionError("the request should have been cancelled")
+
+        with trio.fail_after(GUARD):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(post)
+                await env.sim.wait_streams(1)
+                messages = (await env.client.get(f"/api/conversations/{conv}")).json()["messages"]
+                run_id = messages[-1]["run_id"]
+                async with env.client.stream("GET", f"/api/runs/{run_id}/events") as r:
+                    await read_events(r, stop=after_tokens(2))
+                nursery.cancel_scope.cancel()
+
+        run = await env.finished_run(run_id)
+        assert run["status"] == "succeeded"
+        reply = await env.reply_of(conv, run_id)
+        assert (reply["status"], reply["content"]) == (
+            "complete", "".join(f"tok{i} " for i in range(10)))
+        assert env.sim.streams[0].completed
