@@ -36,7 +36,7 @@ async def _start_service(tmp_path: Path, sim_url: str) -> tuple[trio.Process, st
     )
     assert proc.stderr is not None
     log = b""
-    with trio.fail_after(30):
+    with trio.fail_after(60):
         while True:
             chunk = await proc.stderr.receive_some(65536)
             assert chunk, log.decode()
@@ -74,14 +74,15 @@ async def test_sigterm_with_50_streams_in_flight(tmp_path: Path) -> None:
         async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
             convs = [(await http.post("/api/conversations", json={})).json()["id"]
                      for _ in range(STREAMS)]
-            with trio.fail_after(60):
+            # Guards only (a loaded CI machine is slow); nothing here asserts speed.
+            with trio.fail_after(180):
                 async with trio.open_nursery() as nursery:
                     for i in range(STREAMS):
                         nursery.start_soon(client, i, http, convs[i])
                     for _ in range(STREAMS):
                         await started.acquire()
                     proc.send_signal(signal.SIGTERM)
-            with trio.fail_after(30):
+            with trio.fail_after(60):
                 rc = await proc.wait()
         assert rc == 0
         # Every client got a clean end: its stream's last event is run.finished.
