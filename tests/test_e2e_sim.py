@@ -636,3 +636,68 @@ async def test_non_streaming_continue_run_outlives_its_client(settings: Settings
         assert (reply["status"], reply["content"]) == (
             "complete", "".join(f"tok{i} " for i in range(10)))
         assert env.sim.streams[0].completed
+
+
+# -- the other client surfaces: WebSocket and the OpenAI-compatible endpoint ---------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_ws_drop_closes_the_upstream(settings: Settings, kind: str) -> None:
+    from trio_websocket import open_websocket_url
+
+    async with e2e(settings, kind) as env:
+        env.sim.script(Reply(tokens=500, interval=0.02))
+        conv = await env.conversation()
+        url = env.server.url.replace("http://", "ws://") + "/api/ws"
+        with trio.fail_after(GUARD):
+            async with open_websocket_url(url) as ws:
+                await ws.send_message(json.dumps(
+                    {"type": "message", "conversation_id": conv, "content": "go"}))
+                seen = 0
+                while seen < 3:
+                    msg = json.loads(await ws.get_message())
+                    run_id = msg["run_id"]
+                    seen += msg["type"] == "token"
+            # The socket is gone: the upstream generation must be closed too.
+            (record,) = env.sim.streams
+            await record.closed.wait()
+        assert record.client_gone
+        run = await env.finished_run(run_id)
+        assert run["status"] == "cancelled"
+        reply = await env.reply_of(conv, run_id)
+        assert reply["status"] == "cancelled"
+        assert reply["content"].startswith("tok0 tok1 tok2")
+        (call,) = await env.llm_calls(run_id)
+        assert call["outcome"] == "cancelled"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("stream", [True, False])
+async def test_v1_disconnect_closes_the_upstream(
+    settings: Settings, kind: str, stream: bool
+) -> None:
+    async with e2e(settings, kind) as env:
+        env.sim.script(Reply(tokens=500, interval=0.02))
+        body = {"model": "sim-model", "stream": stream,
+                "messages": [{"role": "user", "content": "go"}]}
+        with trio.fail_after(GUARD):
+            async with trio.open_nursery() as nursery:
+
+                async def request() -> None:
+                    async with env.client.stream(
+                        "POST", "/v1/chat/completions", json=body
+                    ) as r:
+                        assert r.status_code == 200
+                        async for _ in r.aiter_bytes():
+                            pass
+
+                nursery.start_soon(request)
+                await env.sim.wait_streams(1)
+                # The simulator counts chunks; it has no event per chunk to wait on.
+                while env.sim.streams[0].chunks_sent < 3:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()  # the client leaves mid-answer
+            (record,) = env.sim.streams
+            await record.closed.wait()
+        assert record.client_gone
+        assert not record.completed
