@@ -141,3 +141,23 @@ async def test_silent_upstream_times_out_at_the_idle_budget(
         assert handle.error_type == "chunk_gap_timeout"
         (call,) = await env.store.list_llm_calls(run_id=handle.id)
         assert call.outcome is LLMCallOutcome.timed_out
+
+
+async def test_500_concurrent_runs_through_the_simulator(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    sim = Simulator(default=Reply(tokens=6, first_delay=0.5, interval=0.2), strict_models=False)
+    async with sim_env(tmp_path, sim) as env:
+        convs = [await env.conversation() for _ in range(25)]
+        handles = [await env.supervisor.start(RunSpec(convs[i % 25], f"q{i}"))
+                   for i in range(500)]
+        for h in handles:
+            await h.finished.wait()
+        assert {h.status for h in handles} == {RunStatus.succeeded}
+        assert {h.final_text for h in handles} == {"tok0 tok1 tok2 tok3 tok4 tok5 "}
+        assert len(sim.streams) == 500
+        assert all(s.completed and not s.client_gone for s in sim.streams)
+        calls = await env.store.list_llm_calls(limit=1000)
+        assert len(calls) == 500
+        assert {c.outcome for c in calls} == {LLMCallOutcome.ok}
+        assert env.supervisor.in_flight == 0
