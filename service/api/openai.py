@@ -22,7 +22,7 @@ from ..backends.base import ChatMessage, ToolCall
 from ..runs import RunEvent, RunHandle, RunSpec, RunStatus
 from .errors import json_error
 from .models import AgentName
-from .runs import _ERROR_STATUS, sse_response
+from .runs import ERROR_STATUS, sse_response
 from .sse import sse_data
 from .state import current_owner, services
 from .streams import EventReader, Keepalive
@@ -162,7 +162,7 @@ async def chat_completions(data: ChatCompletionRequest) -> Response:
         if not handle.done:
             handle.cancel("client disconnected")
     if handle.status is not RunStatus.succeeded:
-        status = 504 if handle.status is RunStatus.timed_out else _ERROR_STATUS.get(
+        status = 504 if handle.status is RunStatus.timed_out else ERROR_STATUS.get(
             handle.error_type or "", 502)
         return json_error(status, handle.error_type or handle.status.value,
                           handle.error or f"the run ended {handle.status.value}",

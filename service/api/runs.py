@@ -30,12 +30,12 @@ from .sse import KEEPALIVE, sse_event
 from .state import current_owner, services
 from .streams import EventReader, Keepalive
 
-__all__ = ["blueprint", "run_out", "sse_response"]
+__all__ = ["ERROR_STATUS", "blueprint", "run_out", "sse_response"]
 
 blueprint = Blueprint("runs", __name__)
 
 # What a finished run's error type means for a non-streaming caller.
-_ERROR_STATUS = {
+ERROR_STATUS = {
     "run_timeout": 504,
     "backend_timeout": 504, "connect_timeout": 504, "first_chunk_timeout": 504,
     "chunk_gap_timeout": 504, "call_timeout": 504,
@@ -118,7 +118,7 @@ async def post_message(conversation_id: str, data: PostMessage) -> Response:
         if data.on_disconnect == "cancel" and not handle.done:
             handle.cancel("client disconnected")
     if handle.status is not RunStatus.succeeded:
-        status = _ERROR_STATUS.get(handle.error_type or "", 502)
+        status = ERROR_STATUS.get(handle.error_type or "", 502)
         if handle.status is RunStatus.timed_out:
             status = 504
         elif handle.status is RunStatus.cancelled:
