@@ -287,3 +287,28 @@ async def test_closed_store_raises_store_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="closed"):
         await store.create_conversation()
     assert "closed" in repr(store)
+
+
+async def test_group_commit_isolates_a_failing_write(tmp_path: Path) -> None:
+    async with open_store(tmp_path / "s.db") as store:
+        conv = await store.create_conversation()
+        results: dict[str, object] = {}
+
+        async def append(name: str, conv_id: str) -> None:
+            try:
+                results[name] = (await store.append_message(conv_id, role="user",
+                                                            content=name)).content
+            except NotFound as exc:
+                results[name] = exc
+
+        await store._write_lock.acquire()  # queue three writes behind a busy writer
+        async with trio.open_nursery() as nursery:
+            for name, cid in (("a", conv.id), ("bad", "conv_missing"), ("c", conv.id)):
+                nursery.start_soon(append, name, cid)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(store._queue) == 3
+            store._write_lock.release()
+        assert results["a"] == "a"
+        assert results["c"] == "c"
+        assert isinstance(results["bad"], NotFound)
+        assert sorted(m.content for m in await store.get_messages(conv.id)) == ["a", "c"]

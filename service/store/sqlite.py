@@ -150,6 +150,7 @@ class Store:
         self._busy_timeout = busy_timeout
         self._metrics = metrics or METRICS
         self._write_lock = trio.Lock()
+        self._queue: list[_PendingWrite] = []
         self._read_lock = trio.Lock()
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
@@ -219,21 +220,54 @@ class Store:
     # -- plumbing -------------------------------------------------------------------------------
 
     async def _write(self, op: str, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` in one IMMEDIATE transaction on the writer connection, in a thread."""
-        start = time.perf_counter()
-        async with self._write_lock:
-            conn = self._writer
-            if conn is None:
-                raise StoreError("store is closed")
-            result = await self._run_sync(self._transaction, conn, fn)
-        self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
-        return result
+        """Run ``fn`` in an IMMEDIATE transaction on the writer connection, in a thread.
 
-    def _transaction(self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+        Group commit: writes that queue up while another is in its thread go together, in one
+        transaction and one thread hop, each under its own SAVEPOINT (one failing write does not
+        undo the others). The first waiter to get the lock takes the whole queue; the others
+        find their write done. A write still queued when its caller is cancelled is removed and
+        never runs; one already taken lands whole.
+        """
+        start = time.perf_counter()
+        item = _PendingWrite(fn)
+        self._queue.append(item)
+        try:
+            async with self._write_lock:
+                if not item.taken:
+                    batch, self._queue = self._queue, []
+                    for it in batch:
+                        it.taken = True
+                    conn = self._writer
+                    if conn is None:
+                        for it in batch:
+                            it.error = StoreError("store is closed")
+                    else:
+                        await self._run_sync(self._transaction, conn, batch)
+        except BaseException:
+            if not item.taken:
+                self._queue.remove(item)
+            raise
+        self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
+        if item.error is not None:
+            raise item.error
+        return item.result  # type: ignore[no-any-return]
+
+    def _transaction(self, conn: sqlite3.Connection, batch: list[_PendingWrite]) -> None:
+        single = len(batch) == 1
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                result = fn(conn)
+                for it in batch:
+                    if single:
+                        it.result = it.fn(conn)
+                        continue
+                    conn.execute("SAVEPOINT w")
+                    try:
+                        it.result = it.fn(conn)
+                    except Exception as exc:
+                        conn.execute("ROLLBACK TO w")
+                        it.error = _store_error(exc)
+                    conn.execute("RELEASE w")
                 if self._before_commit is not None:
                     self._before_commit()
                 conn.execute("COMMIT")
@@ -241,9 +275,12 @@ class Store:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-        except sqlite3.Error as exc:
-            raise StoreError(f"store write failed: {exc}") from exc
-        return result
+        except BaseException as exc:
+            error = _store_error(exc)
+            for it in batch:
+                it.error = error
+            if not isinstance(exc, Exception):
+                raise
 
     async def _read(self, op: str, fn: Callable[[sqlite3.Connection], T]) -> T:
         start = time.perf_counter()
@@ -617,6 +654,26 @@ class Store:
             return [_call(r) for r in c.execute(sql, args).fetchall()]
 
         return await self._read("list_llm_calls", fn)
+
+
+class _PendingWrite:
+    """One queued write: its function, and its result or error once its batch has run."""
+
+    __slots__ = ("error", "fn", "result", "taken")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+        self.fn = fn
+        self.taken = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+def _store_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, sqlite3.Error):
+        error = StoreError(f"store write failed: {exc}")
+        error.__cause__ = exc
+        return error
+    return exc
 
 
 async def _run_inline(fn: Callable[..., T], *args: Any) -> T:
