@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -312,3 +313,41 @@ async def test_group_commit_isolates_a_failing_write(tmp_path: Path) -> None:
         assert results["c"] == "c"
         assert isinstance(results["bad"], NotFound)
         assert sorted(m.content for m in await store.get_messages(conv.id)) == ["a", "c"]
+
+
+async def test_a_cancelled_writer_whose_write_was_batched_still_gets_its_answer(
+    tmp_path: Path,
+) -> None:
+    async with open_store(tmp_path / "s.db") as store:
+        conv = await store.create_conversation()
+        entered, proceed = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            entered.set()
+            proceed.wait(30)
+
+        got: list[str] = []
+        scope = trio.CancelScope()
+
+        async def follower() -> None:
+            with scope:
+                got.append((await store.append_message(conv.id, role="user", content="f")).id)
+                await trio.lowlevel.checkpoint()  # the cancel is re-delivered here
+
+        await store._write_lock.acquire()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                partial(store.append_message, conv.id, role="user", content="leader")
+            )
+            nursery.start_soon(follower)
+            await trio.testing.wait_all_tasks_blocked()
+            store._before_commit = hold
+            store._write_lock.release()
+            await trio.to_thread.run_sync(entered.wait, 30)  # both writes are in one batch
+            scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            proceed.set()
+        store._before_commit = None
+        assert scope.cancelled_caught
+        assert len(got) == 1  # it got its acknowledgement, and the write is there
+        assert sorted(m.content for m in await store.get_messages(conv.id)) == ["f", "leader"]

@@ -229,6 +229,8 @@ class NDJSONReader:
 
     async def next(self) -> dict[str, Any] | None:
         """The next object, or None at the end of the body."""
+        # A cancelled consumer stops here, not after the lines already buffered.
+        await trio.lowlevel.checkpoint_if_cancelled()
         deadline = self.timed.next_deadline()
         while not self._lines:
             if self._eof:
@@ -276,6 +278,7 @@ class SSEReader:
 
     async def next(self) -> SSEEvent | None:
         """The next event, or None at the end of the body."""
+        await trio.lowlevel.checkpoint_if_cancelled()  # stop at once, not after the buffer
         deadline = self.timed.next_deadline()  # fixed for this wait: comments do not move it
         while True:
             while self._items:

@@ -242,7 +242,20 @@ class Store:
                         for it in batch:
                             it.error = StoreError("store is closed")
                     else:
-                        await self._run_sync(self._transaction, conn, batch)
+                        try:
+                            await self._run_sync(self._transaction, conn, batch)
+                        finally:
+                            for it in batch:
+                                it.done.set()
+        except trio.Cancelled:
+            if not item.taken:
+                self._queue.remove(item)  # never started: it will never land
+                raise
+            # Taken by another task's batch, which will commit it: wait for that (shielded)
+            # and answer, as a write in its own thread would. The cancellation is not lost:
+            # trio re-delivers it at the caller's next checkpoint.
+            with trio.CancelScope(shield=True):
+                await item.done.wait()
         except BaseException:
             if not item.taken:
                 self._queue.remove(item)
@@ -659,11 +672,12 @@ class Store:
 class _PendingWrite:
     """One queued write: its function, and its result or error once its batch has run."""
 
-    __slots__ = ("error", "fn", "result", "taken")
+    __slots__ = ("done", "error", "fn", "result", "taken")
 
     def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
         self.fn = fn
         self.taken = False
+        self.done = trio.Event()
         self.result: Any = None
         self.error: BaseException | None = None
 
