@@ -247,7 +247,7 @@ class Store:
                         finally:
                             for it in batch:
                                 it.done.set()
-        except trio.Cancelled:
+        except trio.Cancelled:  # noqa: ASYNC103 (re-delivered by trio; see below)
             if not item.taken:
                 self._queue.remove(item)  # never started: it will never land
                 raise
@@ -288,7 +288,7 @@ class Store:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: ASYNC103 (a worker thread: no trio.Cancelled here)
             error = _store_error(exc)
             for it in batch:
                 it.error = error
