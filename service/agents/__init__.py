@@ -94,7 +94,7 @@ def make_runner(
         if spec.messages is not None:
             history = trim_history(list(spec.messages), history_chars)
         else:
-            history = await build_history(store, spec.conversation_id, handle.id, history_chars)
+            history = await build_history(store, handle.conversation_id, handle.id, history_chars)
         ctx = AgentContext(
             handle=handle, backend=the_backend, tools=tools, history=history, nursery=nursery,
             metrics=metrics, model=spec.model, tool_timeout=tool_timeout,

@@ -133,13 +133,15 @@ async def chat_completions(data: ChatCompletionRequest) -> Response:
     question = next((m.content for m in reversed(history) if m.role == "user"), "")
     system = "\n\n".join(m.content for m in history if m.role == "system") or None
     model = data.model or svc.settings.default_model
-    conv = await store.create_conversation(
-        title=(question[:80] or "chat completion"), system=system, model=model,
-        agent=data.agent or "chat", owner=current_owner(),
-    )
     stop = (data.stop,) if isinstance(data.stop, str) else tuple(data.stop or ())
+    # The conversation is created with the run, in one write.
+    new_conversation: dict[str, str | None] = {
+        "title": question[:80] or "chat completion", "system": system, "model": model,
+        "agent": data.agent or "chat",
+    }
     spec = RunSpec(
-        conversation_id=conv.id, content=question, agent=data.agent or "chat", model=model,
+        conversation_id=None, new_conversation=new_conversation, content=question,
+        agent=data.agent or "chat", model=model,
         owner=current_owner(), messages=history, client_tools=tuple(data.tools or ()),
         max_tokens=data.max_completion_tokens or data.max_tokens,
         temperature=data.temperature, stop=stop,

@@ -50,7 +50,7 @@ _FINAL_WRITE_BUDGET = 10.0  # seconds the shielded final write may take
 
 @dataclass(frozen=True)
 class RunSpec:
-    conversation_id: str
+    conversation_id: str | None  # None: a new one (``new_conversation``), in the same write
     content: str
     agent: str = "chat"
     model: str | None = None
@@ -62,6 +62,7 @@ class RunSpec:
     max_tokens: int | None = None
     temperature: float | None = None
     stop: tuple[str, ...] = ()
+    new_conversation: dict[str, str | None] | None = None  # title, system, model, agent
 
 
 # An agent runner gets the handle and returns the final answer text.
@@ -158,10 +159,10 @@ class RunSupervisor:
     async def _run_task(self, spec: RunSpec, *, task_status: trio.TaskStatus[RunHandle]) -> None:
         run, _user, reply = await self._store.begin_run(
             spec.conversation_id, content=spec.content, agent=spec.agent, model=spec.model,
-            owner=spec.owner,
+            owner=spec.owner, new_conversation=spec.new_conversation,
         )
         handle = RunHandle(
-            run_id=run.id, conversation_id=spec.conversation_id, agent=spec.agent,
+            run_id=run.id, conversation_id=run.conversation_id, agent=spec.agent,
             model=spec.model, owner=spec.owner, message_id=reply.id, sink=self._enqueue,
         )
         handle.scope.deadline = trio.current_time() + (spec.timeout or self.run_timeout)

@@ -504,15 +504,26 @@ class Store:
 
     async def begin_run(
         self,
-        conversation_id: str,
+        conversation_id: str | None,
         *,
         content: str,
         agent: str,
         model: str | None,
         owner: str | None = None,
+        new_conversation: dict[str, str | None] | None = None,
     ) -> tuple[RunRecord, Message, Message]:
-        """In one transaction: a ``queued`` run, the user's message and a ``pending`` reply."""
+        """In one transaction: a ``queued`` run, the user's message and a ``pending`` reply.
+
+        With ``conversation_id=None``, a new conversation (``new_conversation``: title, system,
+        model, agent) is created in the same transaction.
+        """
         now = time.time()
+        conv: Conversation | None = None
+        if conversation_id is None:
+            fields = new_conversation or {}
+            conv = Conversation(new_id("conv"), fields.get("title"), fields.get("system"),
+                                fields.get("model"), fields.get("agent"), owner, now, now)
+            conversation_id = conv.id
         run = RunRecord(new_id("run"), conversation_id, owner, agent, model, "queued", now,
                         None, None, None, {})
         user = Message(new_id("msg"), conversation_id, "user", content, MessageStatus.complete,
@@ -521,12 +532,18 @@ class Store:
                         run.id, None, now, now)
 
         def fn(c: sqlite3.Connection) -> None:
-            cur = c.execute(
-                "UPDATE conversations SET updated_at = ? WHERE id = ? AND owner IS ?",
-                (now, conversation_id, owner),
-            )
-            if cur.rowcount == 0:
-                raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
+            if conv is not None:
+                c.execute(
+                    f"INSERT INTO conversations ({_CONV_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (conv.id, conv.title, conv.system, conv.model, conv.agent, owner, now, now),
+                )
+            else:
+                cur = c.execute(
+                    "UPDATE conversations SET updated_at = ? WHERE id = ? AND owner IS ?",
+                    (now, conversation_id, owner),
+                )
+                if cur.rowcount == 0:
+                    raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
             c.execute(
                 f"INSERT INTO runs ({_RUN_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (run.id, conversation_id, owner, agent, model, "queued", now, None, None, None,
