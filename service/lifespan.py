@@ -43,7 +43,8 @@ async def _start_services(app: QuartTrio, svc: Services, backend: Backend | None
     store = Store(settings.db, synchronous=settings.db_synchronous, metrics=svc.metrics)
     await store.open()
     svc.store = store
-    log.info("store open", extra={"db": str(settings.db)})
+    interrupted = await store.recover_interrupted()
+    log.info("store open", extra={"db": str(settings.db), "interrupted_runs": len(interrupted)})
     svc.tools = ToolRegistry([*BUILTIN_TOOLS, *load_tool_modules(settings.tools)])
     if backend is None:
         client = client_from_settings(settings)

@@ -108,3 +108,48 @@ async def test_sigterm_with_50_streams_in_flight(tmp_path: Path) -> None:
     assert finished == STREAMS
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     conn.close()
+
+
+@pytest.mark.slow
+async def test_kill_9_mid_run_loses_nothing_a_client_saw(tmp_path: Path) -> None:
+    sim = Simulator(("sim-model",), default=Reply(tokens=2000, interval=0.01),
+                    strict_models=False)
+    async with open_simulator(sim) as running:
+        proc, url = await _start_service(tmp_path, running.url)
+        seen = ""
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            conv = (await http.post("/api/conversations", json={})).json()["id"]
+            with trio.fail_after(60):
+                async with http.stream("POST", f"/api/conversations/{conv}/messages",
+                                       json={"content": "go", "stream": True}) as r:
+                    run_id = None
+                    async for chunk in r.aiter_text():
+                        seen += chunk
+                        frames = parse_sse(seen.rsplit("\n\n", 1)[0] + "\n\n")
+                        run_id = run_id or frames[0]["data"]["run_id"]
+                        if sum(f["event"] == "token" for f in frames) >= 20:
+                            proc.kill()  # SIGKILL: no finally, no drain
+                            break
+            await proc.wait()
+        tokens = "".join(f["data"]["text"] for f in parse_sse(seen.rsplit("\n\n", 1)[0] + "\n\n")
+                         if f["event"] == "token")
+        assert tokens.startswith("tok0 tok1")
+
+        # A restart closes the interrupted run and keeps every token the client had seen.
+        proc, url = await _start_service(tmp_path, running.url)
+        try:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+                run = (await http.get(f"/api/runs/{run_id}")).json()
+                assert run["status"] == "failed"
+                assert run["error"].startswith("interrupted")
+                msgs = (await http.get(f"/api/conversations/{conv}")).json()["messages"]
+                assert msgs[1]["status"] == "error"
+                assert msgs[1]["content"].startswith(tokens)
+                r = await http.get(f"/api/runs/{run_id}/events")
+                frames = parse_sse(r.text)
+                assert frames[-1]["event"] == "run.finished"
+                assert [int(f["id"]) for f in frames] == list(range(1, len(frames) + 1))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(60), trio.CancelScope(shield=True):
+                assert await proc.wait() == 0

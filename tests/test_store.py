@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import sqlite3
@@ -351,3 +352,37 @@ async def test_a_cancelled_writer_whose_write_was_batched_still_gets_its_answer(
         assert scope.cancelled_caught
         assert len(got) == 1  # it got its acknowledgement, and the write is there
         assert sorted(m.content for m in await store.get_messages(conv.id)) == ["f", "leader"]
+
+
+async def test_runs_of_a_dead_process_are_closed_at_the_next_start(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    async with open_store(db) as store:
+        conv = await store.create_conversation()
+        run, _, reply = await store.begin_run(conv.id, content="q", agent="chat", model=None)
+        await store.append_run_events([
+            RunEventRecord(run.id, 1, "run.started", {}, 0.0),
+            RunEventRecord(run.id, 2, "token", {"text": "half "}, 0.0),
+            RunEventRecord(run.id, 3, "token", {"text": "an answer"}, 0.0),
+        ])
+        # A live run of another worker (this very process, under another tag) stays untouched.
+        live, _, _ = await store.begin_run(conv.id, content="q2", agent="chat", model=None)
+        mine = store.process_id
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE runs SET process = ? WHERE id = ?", ("999999999:1", run.id))
+    conn.execute("UPDATE runs SET process = ? WHERE id = ?", (f"{os.getpid()}:0", live.id))
+    conn.commit()
+    conn.close()
+    async with open_store(db) as store:
+        assert store.process_id != mine
+        assert await store.recover_interrupted() == [run.id]
+        got = await store.get_run(run.id)
+        assert (got.status, got.error is not None) == ("failed", True)
+        msgs = {m.id: m for m in await store.get_messages(conv.id)}
+        assert (msgs[reply.id].status, msgs[reply.id].content) == (
+            MessageStatus.error, "half an answer")
+        events = await store.list_run_events(run.id)
+        assert [e.seq for e in events] == [1, 2, 3, 4]
+        assert events[-1].type == "run.finished"
+        assert events[-1].data["status"] == "failed"
+        assert (await store.get_run(live.id)).status == "queued"
+        assert await store.recover_interrupted() == []

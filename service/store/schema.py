@@ -88,6 +88,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "CREATE INDEX llm_calls_run ON llm_calls(run_id, seq)",
     ),
+    # 2: which process runs a run, so a restart can tell runs whose process died.
+    (
+        "ALTER TABLE runs ADD COLUMN process TEXT",
+        "CREATE INDEX runs_live ON runs(status) WHERE status IN ('queued', 'running')",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import secrets
 import sqlite3
 import time
@@ -154,6 +155,8 @@ class Store:
         self._read_lock = trio.Lock()
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
+        # Runs are tagged with this, so a later start can tell runs whose process died.
+        self.process_id = f"{os.getpid()}:{time.time_ns()}"
         # Test hook: called inside the writer thread, inside the transaction, before COMMIT.
         self._before_commit: Callable[[], None] | None = None
 
@@ -494,9 +497,10 @@ class Store:
 
         def fn(c: sqlite3.Connection) -> None:
             c.execute(
-                f"INSERT INTO runs ({_RUN_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO runs ({_RUN_COLS}, process) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (run.id, conversation_id, owner, agent, model, "queued", now, None, None, None,
-                 "{}"),
+                 "{}", self.process_id),
             )
 
         await self._write("create_run", fn)
@@ -545,9 +549,10 @@ class Store:
                 if cur.rowcount == 0:
                     raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
             c.execute(
-                f"INSERT INTO runs ({_RUN_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO runs ({_RUN_COLS}, process) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (run.id, conversation_id, owner, agent, model, "queued", now, None, None, None,
-                 "{}"),
+                 "{}", self.process_id),
             )
             c.executemany(
                 f"INSERT INTO messages ({_MSG_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -588,6 +593,50 @@ class Store:
                 c.executemany(_INSERT_EVENT, [_event_row(e) for e in events])
 
         await self._write("finish_run", fn)
+
+    async def recover_interrupted(self) -> list[str]:
+        """Close runs left ``queued``/``running`` by a process that is gone (killed, crashed).
+
+        Each becomes ``failed`` ("interrupted"), its pending reply ``error`` with what it had,
+        and gets a final ``run.finished`` event, so nothing hangs as "running" forever and a
+        client re-joining it gets a clean end. Runs of live processes (other workers sharing
+        the file) are left alone. Returns the ids closed.
+        """
+        now = time.time()
+        reason = "interrupted: the service stopped before the run finished"
+
+        def fn(c: sqlite3.Connection) -> list[str]:
+            rows = c.execute(
+                "SELECT id, process FROM runs WHERE status IN ('queued', 'running')"
+            ).fetchall()
+            dead = [rid for rid, proc in rows if proc != self.process_id and not _alive(proc)]
+            for rid in dead:
+                c.execute(
+                    "UPDATE runs SET status = 'failed', error = ?, finished_at = ? WHERE id = ?",
+                    (reason, now, rid),
+                )
+                # The reply's text so far is in its token events: keep it.
+                partial = "".join(
+                    json.loads(data).get("text", "") for (data,) in c.execute(
+                        "SELECT data FROM run_events WHERE run_id = ? AND type = 'token' "
+                        "ORDER BY seq", (rid,),
+                    )
+                )
+                c.execute(
+                    "UPDATE messages SET status = 'error', error = ?, content = ?, "
+                    "updated_at = ? WHERE run_id = ? AND status = 'pending'",
+                    (reason, partial, now, rid),
+                )
+                c.execute(
+                    "INSERT INTO run_events (run_id, seq, type, data, created_at) "
+                    "SELECT ?, COALESCE(MAX(seq), 0) + 1, 'run.finished', ?, ? "
+                    "FROM run_events WHERE run_id = ?",
+                    (rid, json.dumps({"status": "failed", "usage": {}, "error": reason}), now,
+                     rid),
+                )
+            return dead
+
+        return await self._write("recover_interrupted", fn)
 
     async def update_run(
         self,
@@ -684,6 +733,19 @@ class Store:
             return [_call(r) for r in c.execute(sql, args).fetchall()]
 
         return await self._read("list_llm_calls", fn)
+
+
+def _alive(process: str | None) -> bool:
+    """Whether the process that tagged a run (``pid:start``) still runs on this host."""
+    if not process:
+        return False
+    try:
+        os.kill(int(process.split(":", 1)[0]), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
 
 
 class _PendingWrite:
