@@ -151,5 +151,7 @@ async def test_kill_9_mid_run_loses_nothing_a_client_saw(tmp_path: Path) -> None
                 assert [int(f["id"]) for f in frames] == list(range(1, len(frames) + 1))
         finally:
             proc.send_signal(signal.SIGTERM)
-            with trio.fail_after(60), trio.CancelScope(shield=True):
-                assert await proc.wait() == 0
+            rc = None
+            with trio.move_on_after(60, shield=True):
+                rc = await proc.wait()
+            assert rc == 0
