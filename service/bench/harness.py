@@ -1,0 +1,138 @@
+"""What every scenario shares: the two processes, the three targets, and CPU accounting.
+
+Targets: ``direct`` (the simulator's OpenAI stream, the baseline), ``openai`` (the service's
+``/v1/chat/completions`` stream) and ``native`` (``POST /api/conversations/{id}/messages`` with
+``stream: true``; the conversation is created first and not timed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from .client import StreamResult, Target, get_json, post_json, run_stream
+from .procs import Proc, cpu_seconds
+
+__all__ = ["Bench", "CpuWindow"]
+
+_HOST = "127.0.0.1"
+
+
+@dataclass
+class CpuWindow:
+    """CPU seconds of the service, the simulator and the load client over one window."""
+
+    bench: Bench
+    wall: float = 0.0
+    service: float = 0.0
+    simulator: float = 0.0
+    client: float = 0.0
+
+    def __enter__(self) -> CpuWindow:
+        self._t0 = time.perf_counter()
+        self._c0 = cpu_seconds()
+        self.bench.service.mark()
+        self.bench.sim.mark()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self._t0
+        self.client = cpu_seconds() - self._c0
+        self.service = self.bench.service.since_mark().cpu
+        self.simulator = self.bench.sim.since_mark().cpu
+
+    def as_dict(self) -> dict[str, float]:
+        w = self.wall or 1.0
+        return {"wall_s": round(self.wall, 2),
+                "service_cpu_s": round(self.service, 2),
+                "simulator_cpu_s": round(self.simulator, 2),
+                "client_cpu_s": round(self.client, 2),
+                "service_cpu_pct": round(100 * self.service / w, 1),
+                "simulator_cpu_pct": round(100 * self.simulator / w, 1),
+                "client_cpu_pct": round(100 * self.client / w, 1)}
+
+
+class Bench:
+    def __init__(self, sim: Proc, service: Proc) -> None:
+        self.sim = sim
+        self.service = service
+        self._tags = itertools.count()
+        marker = b'"tok'  # the simulator's tokens are "tok0 ", "tok1 ", ...: a JSON string start
+        self.targets = {
+            "direct": Target("direct", _HOST, sim.port, "/v1/chat/completions", marker),
+            "openai": Target("openai", _HOST, service.port, "/v1/chat/completions", marker),
+            "native": Target("native", _HOST, service.port, "", b"event: token"),
+        }
+
+    def __repr__(self) -> str:
+        return f"<Bench sim={self.sim!r} service={self.service!r}>"
+
+    def cpu(self) -> CpuWindow:
+        return CpuWindow(self)
+
+    async def configure(self, *, tokens: int, interval: float, first_delay: float = 0.0,
+                        record_sends: bool = False) -> None:
+        """Set the simulator's default reply (every stream of the next scenario)."""
+        status, _ = await post_json(_HOST, self.sim.port, "/sim/config", {
+            "tokens": tokens, "interval": interval, "first_delay": first_delay,
+            "record_sends": record_sends})
+        if status != 200:
+            raise RuntimeError(f"simulator config failed: HTTP {status}")
+
+    async def sim_records(self, since: int = 0, sends_after: float | None = None
+                          ) -> dict[str, Any]:
+        query = f"since={since}" + (f"&sends_after={sends_after}" if sends_after else "")
+        status, data = await get_json(_HOST, self.sim.port, f"/sim/streams?{query}")
+        if status != 200:
+            raise RuntimeError(f"simulator records failed: HTTP {status}")
+        return data  # type: ignore[no-any-return]
+
+    async def sim_marker(self) -> int:
+        return int((await self.sim_records(1 << 62))["count"])
+
+    def new_tag(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._tags)}"
+
+    async def prepare(self, name: str, tag: str) -> tuple[Target, dict[str, Any]]:
+        """The target and request body of one stream (for ``native``, creates its conversation)."""
+        target = self.targets[name]
+        if name != "native":
+            return target, {"model": "bench", "stream": True,
+                            "messages": [{"role": "user", "content": tag}]}
+        status, conv = await post_json(_HOST, self.service.port, "/api/conversations",
+                                       {"model": "bench"})
+        if status != 201:
+            raise RuntimeError(f"creating a conversation failed: HTTP {status}")
+        path = f"/api/conversations/{conv['id']}/messages"
+        return dataclasses.replace(target, path=path), {"content": tag, "stream": True}
+
+    async def stream(self, name: str, tag: str, *, limit: float, record: bool = True,
+                     close_at: float | None = None,
+                     result: StreamResult | None = None) -> StreamResult:
+        """One stream to ``name``, given up (as an error) after ``limit`` seconds."""
+        res = result or StreamResult(name)
+        with trio.move_on_after(limit) as scope:
+            try:
+                target, body = await self.prepare(name, tag)
+            except (OSError, RuntimeError, ValueError) as exc:
+                res.error = f"prepare: {exc}"
+                res.settled.set()
+                return res
+            await run_stream(target, body, record=record, close_at=close_at, result=res)
+        if scope.cancelled_caught:
+            res.error = res.error or f"no end within {limit}s"
+        res.settled.set()
+        return res
+
+    async def wait_upstreams_closed(self, since: int) -> None:
+        """Wait until the simulator is done with every stream from ``since`` on (poll it)."""
+        while True:
+            recs = (await self.sim_records(since))["records"]
+            if all(r["finished"] is not None for r in recs):
+                return
+            await trio.sleep(0.25)
