@@ -35,13 +35,22 @@ _RELAY = (
      RelayLevel(1000, 20, 0.5, 4.0, 1)],
     [RelayLevel(1, 5, 0.005, 0.5, 1), RelayLevel(10, 5, 0.02, 0.5, 1)],
 )
-_THROUGHPUT: tuple[dict[str, Any], ...] = ({"streams": 8, "tokens": 2000, "seconds": 6.0},
-               {"streams": 2, "tokens": 200, "seconds": 0.5})
-_CAPACITY: tuple[dict[str, Any], ...] = ({"steps": [250, 500, 750, 1000, 1500, 2000, 3000], "hold": 4.0},
-             {"steps": [10, 30], "hold": 1.0})
-_CANCEL: tuple[dict[str, Any], ...] = ({"streams": 500, "interval": 0.25, "spread": 2.0},
-           {"streams": 20, "interval": 0.05, "spread": 0.5})
-_STORE: tuple[dict[str, Any], ...] = ({"seconds": 5.0, "tasks": 16, "procs": 4}, {"seconds": 0.5, "tasks": 4, "procs": 4})
+_THROUGHPUT: tuple[dict[str, Any], ...] = (
+    {"streams": 8, "tokens": 2000, "seconds": 6.0},
+    {"streams": 2, "tokens": 200, "seconds": 0.5},
+)
+_CAPACITY: tuple[dict[str, Any], ...] = (
+    {"steps": [250, 500, 750, 1000, 1500, 2000, 3000], "hold": 4.0},
+    {"steps": [10, 30], "hold": 1.0},
+)
+_CANCEL: tuple[dict[str, Any], ...] = (
+    {"streams": 500, "interval": 0.25, "spread": 2.0},
+    {"streams": 20, "interval": 0.05, "spread": 0.5},
+)
+_STORE: tuple[dict[str, Any], ...] = (
+    {"seconds": 5.0, "tasks": 16, "procs": 4},
+    {"seconds": 0.5, "tasks": 4, "procs": 4},
+)
 
 
 async def _warm_up(bench: Bench) -> None:
