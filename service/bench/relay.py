@@ -134,7 +134,8 @@ async def throughput(bench: Bench, *, streams: int, tokens: int, seconds: float)
                 for _ in range(streams):
                     nursery.start_soon(worker, until)
         relayed = sum(r.tokens for r in results)
-        row: dict[str, Any] = {"streams_done": len(results), "errors": sum(not r.ok for r in results),
+        row: dict[str, Any] = {
+               "streams_done": len(results), "errors": sum(not r.ok for r in results),
                "chunks": relayed, "chunks_per_s": round(relayed / cpu.wall, 1),
                **cpu.as_dict()}
         if name == "openai":
