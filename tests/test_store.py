@@ -358,14 +358,13 @@ async def test_runs_of_a_dead_process_are_closed_at_the_next_start(tmp_path: Pat
     db = tmp_path / "s.db"
     async with open_store(db) as store:
         conv = await store.create_conversation()
-        run, _, reply = await store.begin_run(conv.id, content="q", agent="chat", model=None)
+        run, _, reply, *_ = await store.begin_run(conv.id, content="q", agent="chat", model=None)
         await store.append_run_events([
-            RunEventRecord(run.id, 1, "run.started", {}, 0.0),
             RunEventRecord(run.id, 2, "token", {"text": "half "}, 0.0),
             RunEventRecord(run.id, 3, "token", {"text": "an answer"}, 0.0),
         ])
         # A live run of another worker (this very process, under another tag) stays untouched.
-        live, _, _ = await store.begin_run(conv.id, content="q2", agent="chat", model=None)
+        live, *_ = await store.begin_run(conv.id, content="q2", agent="chat", model=None)
         mine = store.process_id
     conn = sqlite3.connect(db)
     conn.execute("UPDATE runs SET process = ? WHERE id = ?", ("999999999:1", run.id))

@@ -11,7 +11,7 @@ from ..backends.base import Backend, ChatMessage
 from ..errors import ServiceError
 from ..metrics import Metrics
 from ..runs import RunHandle, RunSpec
-from ..store import MessageStatus, Store
+from ..store import Conversation, Message, MessageStatus, Store
 from ..tools import ToolRegistry
 from .auto import AutoAgent
 from .base import Agent, AgentContext, Observation, trim_history
@@ -51,6 +51,13 @@ async def build_history(
     """
     conv = await store.get_conversation_any(conversation_id)
     messages = await store.get_messages(conversation_id)
+    earlier = [m for m in messages if m.run_id != run_id]
+    question = [m for m in messages if m.run_id == run_id and m.role == "user"]
+    return trim_history(_history(conv, earlier + question), budget_chars)
+
+
+def _history(conv: Conversation, messages: list[Message]) -> list[ChatMessage]:
+    """System prompt, then the messages worth showing the model (the last is the question)."""
     history: list[ChatMessage] = []
     if conv.system:
         history.append(ChatMessage("system", conv.system))
@@ -59,13 +66,8 @@ async def build_history(
             continue
         if m.role == "assistant" and not m.content:
             continue
-        if m.run_id == run_id and m.role == "user":
-            continue  # the new question goes last, below
         history.append(ChatMessage(m.role, m.content))
-    question = next((m for m in messages if m.run_id == run_id and m.role == "user"), None)
-    if question is not None:
-        history.append(ChatMessage("user", question.content))
-    return trim_history(history, budget_chars)
+    return history
 
 
 def make_runner(
@@ -83,9 +85,9 @@ def make_runner(
     table = agents or default_agents()
 
     async def run(handle: RunHandle, spec: RunSpec, nursery: trio.Nursery) -> str:
-        agent = table.get(spec.agent)
+        agent = table.get(handle.agent)
         if agent is None:
-            raise ServiceError(f"unknown agent {spec.agent!r}")
+            raise ServiceError(f"unknown agent {handle.agent!r}")
         the_backend = backend()
         if the_backend is None:
             from ..errors import BackendUnavailable
@@ -93,11 +95,16 @@ def make_runner(
             raise BackendUnavailable("no backend is configured")
         if spec.messages is not None:
             history = trim_history(list(spec.messages), history_chars)
+        elif handle.begun is not None:
+            begun = handle.begun
+            history = trim_history(
+                _history(begun.conversation, [*begun.history, begun.user]), history_chars
+            )
         else:
             history = await build_history(store, handle.conversation_id, handle.id, history_chars)
         ctx = AgentContext(
             handle=handle, backend=the_backend, tools=tools, history=history, nursery=nursery,
-            metrics=metrics, model=spec.model, tool_timeout=tool_timeout,
+            metrics=metrics, model=handle.model, tool_timeout=tool_timeout,
             client_tools=spec.client_tools, max_tokens=spec.max_tokens,
             temperature=spec.temperature, stop=spec.stop,
         )

@@ -12,9 +12,8 @@ from quart_schema import (
     validate_response,
 )
 
-from ..errors import NotFound
 from ..runs import RunHandle, RunSpec, RunStatus
-from ..store import Message, RunRecord
+from ..store import RunRecord
 from .errors import json_error
 from .models import (
     CancelOut,
@@ -44,7 +43,7 @@ ERROR_STATUS = {
 }
 
 
-def run_out(run: RunRecord, live: RunHandle | None = None) -> RunOut:
+def run_out(run: RunRecord | None, live: RunHandle | None = None) -> RunOut:
     if live is not None:
         return RunOut(
             id=live.id, conversation_id=live.conversation_id, agent=live.agent, model=live.model,
@@ -52,6 +51,7 @@ def run_out(run: RunRecord, live: RunHandle | None = None) -> RunOut:
             started_at=iso(live.started_at), finished_at=iso(live.finished_at),
             error=live.error, usage=live.usage,
         )
+    assert run is not None
     return RunOut(
         id=run.id, conversation_id=run.conversation_id, agent=run.agent, model=run.model,
         status=run.status, created_at=iso(run.created_at),  # type: ignore[arg-type]
@@ -100,14 +100,12 @@ def _reader(run_id: str, after: int) -> EventReader:
 async def post_message(conversation_id: str, data: PostMessage) -> Response:
     """Start a run on the conversation: its result as JSON, or its events as SSE."""
     svc = services()
-    store = svc.require_store()
-    owner = current_owner()
-    conv = await store.get_conversation(conversation_id, owner=owner)
+    # The run's first write checks the conversation (404 if not the caller's) and resolves
+    # agent and model from it.
     spec = RunSpec(
-        conversation_id=conv.id, content=data.content,
-        agent=data.agent or conv.agent or "chat",
-        model=data.model or conv.model or svc.settings.default_model,
-        owner=owner, timeout=data.timeout,
+        conversation_id=conversation_id, content=data.content, agent=data.agent,
+        model=data.model, default_model=svc.settings.default_model, owner=current_owner(),
+        timeout=data.timeout,
     )
     handle = await svc.require_supervisor().start(spec)
     if data.stream:
@@ -128,17 +126,13 @@ async def post_message(conversation_id: str, data: PostMessage) -> Response:
             handle.error or f"the run ended {handle.status.value}",
             run_id=handle.id, run_status=handle.status.value,
         )
-    message = await _reply(handle)
-    run = await store.get_run(handle.id, owner=owner)
-    result = MessageResult(run=run_out(run), message=MessageOut.of(message))
+    reply = handle.begun.reply  # as stored at the start; its final text is on the handle
+    message = MessageOut(
+        id=reply.id, role="assistant", content=handle.final_text, status="complete",
+        created_at=iso(reply.created_at) or "", run_id=handle.id,
+    )
+    result = MessageResult(run=run_out(None, handle), message=message)
     return jsonify(result.model_dump(mode="json"))
-
-
-async def _reply(handle: RunHandle) -> Message:
-    for m in reversed(await services().require_store().get_messages(handle.conversation_id)):
-        if m.id == handle.message_id:
-            return m
-    raise NotFound(f"the reply of run {handle.id} is gone (conversation deleted?)")
 
 
 @blueprint.get("/api/runs/<run_id>")

@@ -99,13 +99,10 @@ class _Session:
                 )
 
     async def start_run(self, m: WsMessage) -> None:
-        store = self.svc.require_store()
-        conv = await store.get_conversation(m.conversation_id, owner=self.owner)
         spec = RunSpec(
-            conversation_id=conv.id, content=m.content,
-            agent=m.agent or conv.agent or "chat",
-            model=m.model or conv.model or self.svc.settings.default_model,
-            owner=self.owner, timeout=m.timeout,
+            conversation_id=m.conversation_id, content=m.content, agent=m.agent,
+            model=m.model, default_model=self.svc.settings.default_model, owner=self.owner,
+            timeout=m.timeout,
         )
         handle = await self.svc.require_supervisor().start(spec)
         self.runs[handle.id] = (handle, m.on_disconnect)

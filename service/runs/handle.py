@@ -67,6 +67,7 @@ class RunHandle:
         self.answer_parts: list[str] = []  # token text so far: the partial answer if cut
         self.result_extra: dict[str, Any] = {}  # e.g. tool_calls, finish_reason for the reply
         self.final_text = ""  # the reply as stored at the end (answer, or partial text)
+        self.begun: Any = None  # the store's BegunRun: conversation and history read at start
         self._sink = sink
         self._window = window
         self._next_seq = 1
@@ -143,6 +144,12 @@ class RunHandle:
             self._base_seq += drop
         changed, self._changed = self._changed, trio.Event()
         changed.set()
+
+    def adopt_first_event(self, event: RunEvent) -> None:
+        """Take an event the store wrote with the run itself (``run.started``) as published."""
+        assert event.seq == self._next_seq, (event.seq, self._next_seq)
+        self._next_seq += 1
+        self.publish([event])
 
     def subscribe(self, after: int = 0) -> Subscription:
         """Events with seq > ``after``: those published so far, then live ones until the end."""

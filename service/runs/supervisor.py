@@ -52,8 +52,9 @@ _FINAL_WRITE_BUDGET = 10.0  # seconds the shielded final write may take
 class RunSpec:
     conversation_id: str | None  # None: a new one (``new_conversation``), in the same write
     content: str
-    agent: str = "chat"
-    model: str | None = None
+    agent: str | None = None  # None: the conversation's, else "chat"
+    model: str | None = None  # None: the conversation's, else ``default_model``
+    default_model: str | None = None
     owner: str | None = None
     timeout: float | None = None  # None: the supervisor's default
     # The OpenAI-compatible endpoint supplies the whole history and its own options:
@@ -157,14 +158,20 @@ class RunSupervisor:
             self._reserved -= 1
 
     async def _run_task(self, spec: RunSpec, *, task_status: trio.TaskStatus[RunHandle]) -> None:
-        run, _user, reply = await self._store.begin_run(
+        # One write checks the conversation, resolves agent and model, stores the run, both
+        # messages and event 1 (run.started), and reads the history for the agent.
+        begun = await self._store.begin_run(
             spec.conversation_id, content=spec.content, agent=spec.agent, model=spec.model,
             owner=spec.owner, new_conversation=spec.new_conversation,
+            default_model=spec.default_model,
         )
+        run = begun.run
         handle = RunHandle(
-            run_id=run.id, conversation_id=run.conversation_id, agent=spec.agent,
-            model=spec.model, owner=spec.owner, message_id=reply.id, sink=self._enqueue,
+            run_id=run.id, conversation_id=run.conversation_id, agent=run.agent,
+            model=run.model, owner=spec.owner, message_id=begun.reply.id, sink=self._enqueue,
         )
+        handle.begun = begun
+        handle.adopt_first_event(_event(begun.started))
         handle.scope.deadline = trio.current_time() + (spec.timeout or self.run_timeout)
         self._runs[run.id] = handle
         self._metrics.runs_in_flight.inc()
@@ -184,10 +191,6 @@ class RunSupervisor:
         try:
             with handle.scope:
                 handle.set_status(RunStatus.running)
-                handle.emit("run.started", {
-                    "run_id": handle.id, "conversation_id": handle.conversation_id,
-                    "agent": handle.agent, "model": handle.model,
-                })
                 try:
                     async with trio.open_nursery() as run_nursery:
                         answer = await self._runner(handle, spec, run_nursery)
@@ -302,6 +305,10 @@ def _leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return exc
+
+
+def _event(r: RunEventRecord) -> RunEvent:
+    return RunEvent(r.run_id, r.seq, r.type, r.data, r.created_at)
 
 
 def _record(e: RunEvent) -> RunEventRecord:

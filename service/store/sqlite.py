@@ -30,7 +30,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import trio
 
@@ -47,7 +47,7 @@ from .records import (
 )
 from .schema import MIGRATIONS
 
-__all__ = ["Store", "new_id", "open_store"]
+__all__ = ["BegunRun", "Store", "new_id", "open_store"]
 
 T = TypeVar("T")
 
@@ -511,47 +511,63 @@ class Store:
         conversation_id: str | None,
         *,
         content: str,
-        agent: str,
+        agent: str | None,
         model: str | None,
         owner: str | None = None,
         new_conversation: dict[str, str | None] | None = None,
-    ) -> tuple[RunRecord, Message, Message]:
-        """In one transaction: a ``queued`` run, the user's message and a ``pending`` reply.
+        default_model: str | None = None,
+    ) -> BegunRun:
+        """Everything a run needs to start, in one transaction (one thread hop).
 
-        With ``conversation_id=None``, a new conversation (``new_conversation``: title, system,
-        model, agent) is created in the same transaction.
+        Checks the conversation (owned by ``owner``; or creates ``new_conversation`` when
+        ``conversation_id`` is None), resolves the agent and model (the request's, else the
+        conversation's, else ``"chat"`` / ``default_model``), writes a ``queued`` run, the user's
+        message, a ``pending`` reply and the run's first event (``run.started``, seq 1), and
+        reads the conversation's earlier messages for the agent's history.
         """
         now = time.time()
-        conv: Conversation | None = None
-        if conversation_id is None:
-            fields = new_conversation or {}
-            conv = Conversation(new_id("conv"), fields.get("title"), fields.get("system"),
-                                fields.get("model"), fields.get("agent"), owner, now, now)
-            conversation_id = conv.id
-        run = RunRecord(new_id("run"), conversation_id, owner, agent, model, "queued", now,
-                        None, None, None, {})
-        user = Message(new_id("msg"), conversation_id, "user", content, MessageStatus.complete,
-                       run.id, None, now, now)
-        reply = Message(new_id("msg"), conversation_id, "assistant", "", MessageStatus.pending,
-                        run.id, None, now, now)
+        run_id = new_id("run")
+        user_id, reply_id = new_id("msg"), new_id("msg")
 
-        def fn(c: sqlite3.Connection) -> None:
-            if conv is not None:
+        def fn(c: sqlite3.Connection) -> BegunRun:
+            if conversation_id is None:
+                f = new_conversation or {}
+                conv = Conversation(new_id("conv"), f.get("title"), f.get("system"),
+                                    f.get("model"), f.get("agent"), owner, now, now)
                 c.execute(
                     f"INSERT INTO conversations ({_CONV_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (conv.id, conv.title, conv.system, conv.model, conv.agent, owner, now, now),
                 )
+                history: list[Message] = []
             else:
-                cur = c.execute(
-                    "UPDATE conversations SET updated_at = ? WHERE id = ? AND owner IS ?",
-                    (now, conversation_id, owner),
-                )
-                if cur.rowcount == 0:
+                row = c.execute(
+                    f"SELECT {_CONV_COLS} FROM conversations WHERE id = ? AND owner IS ?",
+                    (conversation_id, owner),
+                ).fetchone()
+                if row is None:
                     raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
+                conv = _conversation(row)
+                c.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conv.id))
+                history = [_message(r) for r in c.execute(
+                    f"SELECT {_MSG_COLS} FROM messages WHERE conversation_id = ? ORDER BY seq",
+                    (conv.id,),
+                )]
+            the_agent = agent or conv.agent or "chat"
+            the_model = model or conv.model or default_model
+            run = RunRecord(run_id, conv.id, owner, the_agent, the_model, "queued", now,
+                            None, None, None, {})
+            user = Message(user_id, conv.id, "user", content, MessageStatus.complete, run_id,
+                           None, now, now)
+            reply = Message(reply_id, conv.id, "assistant", "", MessageStatus.pending, run_id,
+                            None, now, now)
+            started = RunEventRecord(run_id, 1, "run.started", {
+                "run_id": run_id, "conversation_id": conv.id, "agent": the_agent,
+                "model": the_model,
+            }, now)
             c.execute(
                 f"INSERT INTO runs ({_RUN_COLS}, process) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run.id, conversation_id, owner, agent, model, "queued", now, None, None, None,
+                (run_id, conv.id, owner, the_agent, the_model, "queued", now, None, None, None,
                  "{}", self.process_id),
             )
             c.executemany(
@@ -559,9 +575,10 @@ class Store:
                 [(m.id, m.conversation_id, m.role, m.content, m.status.value, m.run_id, None,
                   now, now) for m in (user, reply)],
             )
+            c.execute(_INSERT_EVENT, _event_row(started))
+            return BegunRun(run, user, reply, conv, history, started)
 
-        await self._write("begin_run", fn)
-        return run, user, reply
+        return await self._write("begin_run", fn)
 
     async def finish_run(
         self,
@@ -746,6 +763,17 @@ def _alive(process: str | None) -> bool:
     except PermissionError:
         return True  # exists, owned by someone else
     return True
+
+
+class BegunRun(NamedTuple):
+    """What ``Store.begin_run`` wrote and read."""
+
+    run: RunRecord
+    user: Message
+    reply: Message
+    conversation: Conversation
+    history: list[Message]  # the conversation's messages before this run's
+    started: RunEventRecord  # event 1
 
 
 class _PendingWrite:
