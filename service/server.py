@@ -9,6 +9,7 @@ process exits 0.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import sys
@@ -28,6 +29,8 @@ from .settings import Settings, load_settings
 __all__ = ["build_config", "main", "run_server"]
 
 log = get_logger("service.server")
+
+_GC_GEN0, _GC_GEN1, _GC_GEN2 = 50_000, 50, 1000
 
 
 def build_config(config_path: Path | None, bind: Sequence[str] | None) -> Config:
@@ -70,10 +73,24 @@ async def run_server(  # noqa: ASYNC128 (task_status is handed to hypercorn's se
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_wait_for_signal, app.extensions["service"], stop)
+        nursery.start_soon(_settle_gc)
         await serve(
             app, config, shutdown_trigger=stop.wait, task_status=task_status  # type: ignore[arg-type]
         )
         nursery.cancel_scope.cancel()
+
+
+async def _settle_gc() -> None:
+    """Tune the garbage collector for a long-lived server with many live streams.
+
+    Measured by the benchmark: the tail of the inter-token gap with thousands of live streams
+    is the collector's pauses, not CPU. Objects alive once start-up is done (modules, the app)
+    are frozen out of every collection, and young collections run less often.
+    """
+    await trio.sleep(1.0)  # let the lifespan finish building the app's services
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(_GC_GEN0, _GC_GEN1, _GC_GEN2)
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -50,3 +50,14 @@ async def test_rejoin_after_the_run_reads_the_store(
 def test_sse_frames_split_multiline_data() -> None:
     assert sse_event(3, "token", {"text": "a"}) == b'id: 3\nevent: token\ndata: {"text":"a"}\n\n'
     assert sse_event(None, None, "x\ny") == b"data: x\ndata: y\n\n"
+
+
+def test_openai_token_fast_path_is_byte_identical() -> None:
+    from service.api.openai import _chunk, _frame, _token_prefix
+    from service.api.sse import sse_data
+    from service.runs import RunEvent
+
+    for text in ["plain", 'quote " and \\ back', "new\nline", "ünïcødé ✓", ""]:
+        event = RunEvent.make("run_x", 2, "token", {"text": text}, 0.0)
+        fast = _frame(event, "chatcmpl-x", 7, "m", _token_prefix("chatcmpl-x", 7, "m"))
+        assert fast == sse_data(_chunk("chatcmpl-x", 7, "m", {"content": text}))

@@ -193,11 +193,12 @@ async def _stream(
 ) -> AsyncIterator[bytes]:
     try:
         yield sse_data(_chunk(cid, created, model, {"role": "assistant", "content": ""}))
+        prefix = _token_prefix(cid, created, model)
         async for item in reader:
             if isinstance(item, Keepalive):
                 yield b": keep-alive\n\n"
                 continue
-            frame = _frame(item, cid, created, model)
+            frame = _frame(item, cid, created, model, prefix)
             if frame is not None:
                 yield frame
         if include_usage:
@@ -209,9 +210,23 @@ async def _stream(
             handle.cancel("client disconnected")
 
 
-def _frame(event: RunEvent, cid: str, created: int, model: str) -> bytes | None:
+def _token_prefix(cid: str, created: int, model: str) -> bytes:
+    """A token chunk up to its content; the hot path only appends the content and a suffix."""
+    return (
+        f'data: {{"id":{json.dumps(cid)},"object":"chat.completion.chunk","created":{created},'
+        f'"model":{json.dumps(model)},"choices":[{{"index":0,"delta":{{"content":'
+    ).encode()
+
+
+_TOKEN_SUFFIX = b'},"finish_reason":null}]}\n\n'
+
+
+def _frame(
+    event: RunEvent, cid: str, created: int, model: str, prefix: bytes
+) -> bytes | None:
     if event.type == "token":
-        return sse_data(_chunk(cid, created, model, {"content": event.data["text"]}))
+        # Same bytes as sse_data(_chunk(..., {"content": text})), without re-encoding the dict.
+        return prefix + json.dumps(event.data["text"]).encode() + _TOKEN_SUFFIX
     if event.type == "message":
         out = b""
         calls = event.data.get("tool_calls")

@@ -76,7 +76,7 @@ async def _event_stream(
             if isinstance(item, Keepalive):
                 yield KEEPALIVE
             else:
-                yield sse_event(item.seq, item.type, item.data)
+                yield sse_event(item.seq, item.type, item.raw)
     finally:
         # The client went away (or the stream ended): a ``cancel`` run stops with it.
         if handle is not None and on_disconnect == "cancel" and not handle.done:

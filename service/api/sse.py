@@ -23,7 +23,7 @@ def sse_event(seq: int | None, type_: str | None, data: Any) -> bytes:
     if type_ is not None:
         out.append(f"event: {type_}\n")
     text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-    out.append(_data_lines(text))
+    out.append(f"data: {text}\n" if "\n" not in text else _data_lines(text))
     out.append("\n")
     return "".join(out).encode()
 

@@ -6,6 +6,7 @@ store has it). A live subscription that falls behind the handle's window re-read
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -88,4 +89,8 @@ class EventReader:
 
     async def _refill_from_store(self) -> None:
         records = await self._store.list_run_events(self.run_id, after=self.last_seq)
-        self._backlog = [RunEvent(r.run_id, r.seq, r.type, r.data, r.created_at) for r in records]
+        self._backlog = [
+            RunEvent(r.run_id, r.seq, r.type, r.data, r.created_at,
+                     r.raw if r.raw is not None else json.dumps(r.data, separators=(",", ":")))
+            for r in records
+        ]

@@ -65,7 +65,7 @@ def _error(type_: str, message: str, request: Any = None) -> dict[str, Any]:
 
 class _Session:
     def __init__(self, svc: Services, owner: str | None, nursery: trio.Nursery,
-                 send: trio.MemorySendChannel[dict[str, Any]]) -> None:
+                 send: trio.MemorySendChannel[dict[str, Any] | str]) -> None:
         self.svc = svc
         self.owner = owner
         self.nursery = nursery
@@ -126,7 +126,7 @@ class _Session:
         )
         async for item in reader:
             if not isinstance(item, Keepalive):
-                await self.send.send(item.wire())
+                await self.send.send(item.wire_json())
         self.runs.pop(handle.id, None)
 
     def abandon(self) -> None:
@@ -135,16 +135,17 @@ class _Session:
                 handle.cancel("client disconnected")
 
 
-async def _send_loop(recv: trio.MemoryReceiveChannel[dict[str, Any]]) -> None:
+async def _send_loop(recv: trio.MemoryReceiveChannel[dict[str, Any] | str]) -> None:
     async for msg in recv:
-        await websocket.send(json.dumps(msg, separators=(",", ":")))
+        text = msg if isinstance(msg, str) else json.dumps(msg, separators=(",", ":"))
+        await websocket.send(text)
 
 
 @blueprint.websocket("/api/ws")
 async def ws() -> None:
     svc = services()
     await websocket.accept()
-    send, recv = trio.open_memory_channel[dict[str, Any]](_SEND_QUEUE)
+    send, recv = trio.open_memory_channel[dict[str, Any] | str](_SEND_QUEUE)
     session: _Session | None = None
     try:
         async with trio.open_nursery() as nursery:

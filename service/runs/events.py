@@ -5,6 +5,7 @@ Pure data; the run owns numbering (seq from 1) and the supervisor owns persisten
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
@@ -74,7 +75,19 @@ class RunEvent:
     type: str
     data: dict[str, Any]
     created_at: float
+    raw: str  # ``data`` as compact JSON, encoded once: stored and sent as is
+
+    @classmethod
+    def make(cls, run_id: str, seq: int, type_: str, data: dict[str, Any],
+             created_at: float) -> RunEvent:
+        return cls(run_id, seq, type_, data, created_at,
+                   json.dumps(data, separators=(",", ":")))
 
     def wire(self) -> dict[str, Any]:
         """The WebSocket shape: ``{"run_id", "id", "type", "data"}``."""
         return {"run_id": self.run_id, "id": self.seq, "type": self.type, "data": self.data}
+
+    def wire_json(self) -> str:
+        """``wire()`` as JSON text, reusing the encoded data."""
+        return (f'{{"run_id":{json.dumps(self.run_id)},"id":{self.seq},'
+                f'"type":{json.dumps(self.type)},"data":{self.raw}}}')

@@ -114,7 +114,7 @@ class RunHandle:
         """Number an event and hand it to the committer. Sync: safe on the per-token path."""
         if self._closed:
             raise RunError(f"run {self.id} already finished; cannot emit {type_}")
-        event = RunEvent(self.id, self._next_seq, type_, data, time.time())
+        event = RunEvent.make(self.id, self._next_seq, type_, data, time.time())
         self._next_seq += 1
         if type_ == "token":
             self.answer_parts.append(data.get("text", ""))

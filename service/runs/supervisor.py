@@ -20,6 +20,7 @@ bounded scope, so a cancel cannot leave it half done.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -308,8 +309,9 @@ def _leaf(exc: BaseException) -> BaseException:
 
 
 def _event(r: RunEventRecord) -> RunEvent:
-    return RunEvent(r.run_id, r.seq, r.type, r.data, r.created_at)
+    return RunEvent(r.run_id, r.seq, r.type, r.data, r.created_at,
+                    r.raw if r.raw is not None else json.dumps(r.data, separators=(",", ":")))
 
 
 def _record(e: RunEvent) -> RunEventRecord:
-    return RunEventRecord(e.run_id, e.seq, e.type, e.data, e.created_at)
+    return RunEventRecord(e.run_id, e.seq, e.type, e.data, e.created_at, e.raw)

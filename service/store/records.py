@@ -71,6 +71,8 @@ class RunEventRecord:
     type: str
     data: dict[str, Any]
     created_at: float
+    # ``data`` as compact JSON, when already encoded (stored and sent as is: encoded once).
+    raw: str | None = field(default=None, compare=False, repr=False)
 
 
 class LLMCallOutcome(StrEnum):

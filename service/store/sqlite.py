@@ -92,7 +92,8 @@ _INSERT_EVENT = (
 
 
 def _event_row(e: RunEventRecord) -> tuple[Any, ...]:
-    return (e.run_id, e.seq, e.type, json.dumps(e.data), e.created_at, e.run_id)
+    raw = e.raw if e.raw is not None else json.dumps(e.data, separators=(",", ":"))
+    return (e.run_id, e.seq, e.type, raw, e.created_at, e.run_id)
 
 
 def _conversation(row: Sequence[Any]) -> Conversation:
@@ -708,7 +709,7 @@ class Store:
                 "WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
                 (run_id, after, limit),
             ).fetchall()
-            return [RunEventRecord(r[0], r[1], r[2], json.loads(r[3]), r[4]) for r in rows]
+            return [RunEventRecord(r[0], r[1], r[2], json.loads(r[3]), r[4], r[3]) for r in rows]
 
         return await self._read("list_run_events", fn)
 
