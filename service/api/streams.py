@@ -58,6 +58,12 @@ class EventReader:
             if self._backlog:
                 return self._take(self._backlog.pop(0))
             if self._live is None:
+                handle = self._supervisor.get(self.run_id)
+                if handle is not None and handle.covers(self.last_seq):
+                    # Live, and its in-memory window still holds everything after our cursor:
+                    # no store read needed (the common case: a client following its own run).
+                    self._live = handle.subscribe(self.last_seq)
+                    continue
                 await self._refill_from_store()
                 if self._backlog:
                     continue

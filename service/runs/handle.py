@@ -151,6 +151,10 @@ class RunHandle:
         self._next_seq += 1
         self.publish([event])
 
+    def covers(self, after: int) -> bool:
+        """Whether every published event after ``after`` is still in the in-memory window."""
+        return after + 1 >= self._base_seq
+
     def subscribe(self, after: int = 0) -> Subscription:
         """Events with seq > ``after``: those published so far, then live ones until the end."""
         return Subscription(self, after)
