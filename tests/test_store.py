@@ -385,3 +385,17 @@ async def test_runs_of_a_dead_process_are_closed_at_the_next_start(tmp_path: Pat
         assert events[-1].data["status"] == "failed"
         assert (await store.get_run(live.id)).status == "queued"
         assert await store.recover_interrupted() == []
+
+
+async def test_checkpoint_moves_the_wal_into_the_file(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    async with open_store(db) as store:
+        conv = await store.create_conversation()
+        for i in range(50):
+            await store.append_message(conv.id, role="user", content="x" * 2000 + str(i))
+        wal = db.with_name("s.db-wal")
+        assert wal.stat().st_size > 0
+        size_before = db.stat().st_size
+        await store.checkpoint()
+        assert db.stat().st_size > size_before  # the pages are in the main file now
+        assert len(await store.get_messages(conv.id)) == 50

@@ -47,6 +47,7 @@ __all__ = ["RunSpec", "RunSupervisor"]
 log = get_logger("service.runs")
 
 _FINAL_WRITE_BUDGET = 10.0  # seconds the shielded final write may take
+_CHECKPOINT_EVERY = 2.0  # seconds between WAL checkpoints (the store's writer never does them)
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class RunSupervisor:
             self._nursery = nursery
             self._scope = nursery.cancel_scope
             nursery.start_soon(self._commit_loop)
+            nursery.start_soon(self._checkpoint_loop)
             task_status.started(self)
             await trio.sleep_forever()
 
@@ -272,6 +274,14 @@ class RunSupervisor:
             await self._wake.wait()
             self._wake = trio.Event()
             await self.flush()
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await trio.sleep(_CHECKPOINT_EVERY)
+            try:
+                await self._store.checkpoint()
+            except StoreError as exc:
+                log.warning("WAL checkpoint failed: %s", exc.message)
 
     async def flush(self) -> None:
         """Write every pending event (one transaction for all runs), then publish them.

@@ -153,6 +153,8 @@ class Store:
         self._metrics = metrics or METRICS
         self._write_lock = trio.Lock()
         self._queue: list[_PendingWrite] = []
+        self._checkpoint_lock = trio.Lock()
+        self._checkpointer: sqlite3.Connection | None = None
         self._read_lock = trio.Lock()
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
@@ -176,6 +178,9 @@ class Store:
             if str(self.path) != ":memory:":
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             writer = _connect(self.path, self._synchronous, self._busy_timeout)
+            # Checkpoints run beside the writes (``checkpoint``), not inside a commit, where
+            # they stall every write queued behind it (seen as token-latency spikes).
+            writer.execute("PRAGMA wal_autocheckpoint = 0")
             mode = writer.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal" and str(self.path) != ":memory:":
                 raise StoreError(f"could not switch {self.path} to WAL (got {mode})")
@@ -208,11 +213,12 @@ class Store:
     async def aclose(self) -> None:
         # Wait for writes in flight, then close; shielded so a shutdown cannot leave it half done.
         with trio.CancelScope(shield=True):
-            async with self._write_lock, self._read_lock:
-                writer, reader = self._writer, self._reader
-                self._writer = self._reader = None
+            async with self._write_lock, self._read_lock, self._checkpoint_lock:
+                writer, reader, ckpt = self._writer, self._reader, self._checkpointer
+                self._writer = self._reader = self._checkpointer = None
                 if writer is not None or reader is not None:
-                    await self._run_sync(_close_all, writer, reader)
+                    # Closing the last connection checkpoints the WAL into the file.
+                    await self._run_sync(_close_all, ckpt, reader, writer)
 
     async def __aenter__(self) -> Store:
         await self.open()
@@ -313,6 +319,25 @@ class Store:
                 raise StoreError(f"store read failed: {exc}") from exc
         self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
         return result
+
+    async def checkpoint(self) -> None:
+        """Copy the WAL into the database file without blocking writers (a PASSIVE checkpoint,
+        on its own connection, in a thread). The run supervisor calls it every few seconds."""
+        def run() -> None:
+            conn = self._checkpointer
+            if conn is None:
+                conn = self._checkpointer = _connect(
+                    self.path, self._synchronous, self._busy_timeout
+                )
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+        async with self._checkpoint_lock:
+            if self._writer is None:
+                return
+            try:
+                await self._run_sync(run)
+            except sqlite3.Error as exc:
+                raise StoreError(f"checkpoint failed: {exc}") from exc
 
     async def ping(self) -> None:
         """Raise StoreError unless the store answers a trivial query."""
