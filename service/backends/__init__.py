@@ -35,7 +35,7 @@ from .base import (
     Usage,
     collect_chat,
 )
-from .http import Budgets, make_client
+from .http import Budgets, make_sharded_client
 from .interceptor import Interceptor, LLMCallRecorder
 from .llamacpp import OpenAICompatBackend
 from .ollama import OllamaBackend
@@ -78,9 +78,10 @@ def client_from_settings(
     settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None
 ) -> httpx.AsyncClient:
     """The shared client: enough connections for every backend's limiter, plus probes."""
-    return make_client(
+    return make_sharded_client(
         budgets_from_settings(settings),
         max_connections=settings.backend_concurrency * 3 + 8,
+        shards=max(1, min(16, settings.backend_concurrency // 32)),
         transport=transport,
     )
 
