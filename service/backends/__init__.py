@@ -35,7 +35,7 @@ from .base import (
     Usage,
     collect_chat,
 )
-from .http import Budgets, make_sharded_client
+from .http import Budgets, ShardedClient, make_client, make_sharded_client
 from .interceptor import Interceptor, LLMCallRecorder
 from .llamacpp import OpenAICompatBackend
 from .ollama import OllamaBackend
@@ -57,12 +57,15 @@ __all__ = [
     "ModelInfo",
     "OllamaBackend",
     "OpenAICompatBackend",
+    "ShardedClient",
     "ToolCall",
     "Usage",
     "budgets_from_settings",
     "build_backend",
     "client_from_settings",
     "collect_chat",
+    "make_client",
+    "make_sharded_client",
 ]
 
 
