@@ -107,6 +107,17 @@ async def test_bad_message_requests(server: RunningServer) -> None:
         assert r.status_code == 404
         r = await client.get("/api/runs/run_nope/events")
         assert r.status_code == 404
+        # Out-of-range numbers are 422s, not 500s (found in review).
+        r = await client.post(f"/api/conversations/{conv}/messages", json={"content": "ok"})
+        run_id = r.json()["run"]["id"]
+        r = await client.get(f"/api/runs/{run_id}/events", params={"after": 10**30})
+        assert r.status_code == 422
+        for bad in (b"\xb2", str(10**30).encode(), b"-1", b"x"):
+            r = await client.get(f"/api/runs/{run_id}/events",
+                                 headers=[(b"Last-Event-ID", bad)])
+            assert r.status_code == 422, bad
+        r = await client.get("/api/conversations", params={"before": "czk5" + "OTk5" * 10})
+        assert r.status_code == 422
 
 
 async def _ws_recv(ws: Any) -> dict[str, Any]:

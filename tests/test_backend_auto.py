@@ -151,9 +151,10 @@ async def test_model_not_found_fails_over_without_counting(autojump_clock: MockC
     assert got[-1].backend == "b"
     assert a.streams[0].status == 404
     assert "a(failures=0)" in repr(auto)
-    with pytest.raises(AllBackendsFailed) as info:
+    # Every backend says the model is unknown: that is a 404 (ModelNotFound), not a 503.
+    with pytest.raises(ModelNotFound) as info:
         await consume_model(auto, "nowhere")
-    assert all(isinstance(c, ModelNotFound) for c in info.value.causes)
+    assert [c["type"] for c in info.value.details["causes"]] == ["model_not_found"] * 2
 
 
 async def consume_model(auto: AutoBackend, model: str) -> None:

@@ -320,3 +320,85 @@ async def test_500_concurrent_runs(tmp_path: Path, autojump_clock: trio.testing.
             assert events[-2].data["content"] == f"answer {i}"
         assert env.supervisor.in_flight == 0
         assert backend.open_streams == 0
+
+
+class _MessyToolAgent(Agent):
+    """Starts a 'tool' that raises while it is being cancelled (found in review)."""
+
+    name = "messy"
+
+    async def run(self, ctx: AgentContext) -> str:
+        async def tool() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                raise ValueError("tool cleanup failed on cancel")
+
+        ctx.nursery.start_soon(tool)
+        await trio.sleep_forever()
+        return ""
+
+
+async def test_a_tool_failing_while_cancelled_ends_only_its_run(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    from service.agents import ChatAgent
+
+    agents = {"messy": _MessyToolAgent(), "chat": ChatAgent()}
+    backend = ScriptedBackend(lambda req: Reply("slow reply here", gap=5.0))
+    async with supervisor_env(tmp_path, backend, agents=agents) as env:
+        conv = await env.conversation()
+        messy = await env.supervisor.start(RunSpec(conv, "x", agent="messy"))
+        other = await env.supervisor.start(RunSpec(conv, "y", agent="chat"))
+        await trio.sleep(1)
+        messy.cancel("cancelled by request")
+        await messy.finished.wait()
+        assert messy.status is RunStatus.cancelled
+        await other.finished.wait()
+        assert other.status is RunStatus.succeeded  # the supervisor survived
+        # And at shutdown, a messy run does not turn the cancellation into a crash.
+        late = await env.supervisor.start(RunSpec(conv, "z", agent="messy"))
+        await trio.sleep(1)
+    assert late.status is RunStatus.cancelled
+    assert late.cancel_reason == "shutdown"
+
+
+async def test_events_are_published_even_when_the_store_is_stuck(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Found in review: a batch whose write ran past its budget was neither stored nor
+    # published, and subscribers then skipped events or hung.
+    gate = trio.Event()
+
+    class Burst(Agent):
+        name = "burst"
+
+        async def run(self, ctx: AgentContext) -> str:
+            await gate.wait()
+            for i in range(3):
+                ctx.emit("token", {"text": f"a{i} "})
+            await trio.sleep(30)
+            for i in range(3):
+                ctx.emit("token", {"text": f"b{i} "})
+            await trio.sleep(1)
+            return "done"
+
+    async with supervisor_env(tmp_path, ScriptedBackend(), agents={"burst": Burst()}) as env:
+        conv = await env.conversation()
+        handle = await env.supervisor.start(RunSpec(conv, "q", agent="burst"))
+        seen: list[int] = []
+
+        async def follow() -> None:
+            async for e in handle.subscribe(0):
+                seen.append(e.seq)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follow)
+            await trio.testing.wait_all_tasks_blocked()
+            await env.store._write_lock.acquire()  # the store is stuck for 20 s
+            gate.set()
+            await trio.sleep(20)
+            env.store._write_lock.release()
+            await handle.finished.wait()
+        assert seen == list(range(1, handle.emitted_seq + 1))  # no gap, and it ended
+        assert handle.status is RunStatus.succeeded

@@ -363,12 +363,12 @@ async def test_runs_of_a_dead_process_are_closed_at_the_next_start(tmp_path: Pat
             RunEventRecord(run.id, 2, "token", {"text": "half "}, 0.0),
             RunEventRecord(run.id, 3, "token", {"text": "an answer"}, 0.0),
         ])
-        # A live run of another worker (this very process, under another tag) stays untouched.
+        # A live run of another worker (a live process: our parent) stays untouched.
         live, *_ = await store.begin_run(conv.id, content="q2", agent="chat", model=None)
         mine = store.process_id
     conn = sqlite3.connect(db)
     conn.execute("UPDATE runs SET process = ? WHERE id = ?", ("999999999:1", run.id))
-    conn.execute("UPDATE runs SET process = ? WHERE id = ?", (f"{os.getpid()}:0", live.id))
+    conn.execute("UPDATE runs SET process = ? WHERE id = ?", (f"{os.getppid()}:0", live.id))
     conn.commit()
     conn.close()
     async with open_store(db) as store:
@@ -399,3 +399,80 @@ async def test_checkpoint_moves_the_wal_into_the_file(tmp_path: Path) -> None:
         await store.checkpoint()
         assert db.stat().st_size > size_before  # the pages are in the main file now
         assert len(await store.get_messages(conv.id)) == 50
+
+
+async def test_a_leader_cancelled_before_its_batch_starts_still_runs_it(tmp_path: Path) -> None:
+    # Found in review: a cancel between getting the lock and starting the thread dropped the
+    # whole batch while every caller was told it had landed.
+    async with open_store(tmp_path / "s.db") as store:
+        results: dict[str, str] = {}
+        leader_scope = trio.CancelScope()
+
+        async def writer(name: str, scope: trio.CancelScope) -> None:
+            with scope:
+                results[name] = (await store.create_conversation(title=name)).id
+
+        await store._write_lock.acquire()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer, "A", leader_scope)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(writer, "B", trio.CancelScope())
+            await trio.testing.wait_all_tasks_blocked()
+            store._write_lock.release()  # handed to A, which is cancelled before it runs
+            leader_scope.cancel()
+        for conv_id in results.values():
+            await store.get_conversation(conv_id)  # every acknowledged write is there
+        assert "B" in results
+
+
+async def test_a_cancelled_writer_never_hangs_on_a_closed_store(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    await store.open()
+    out: dict[str, str] = {}
+
+    async def writer(name: str, scope: trio.CancelScope) -> None:
+        with scope:
+            try:
+                await store.create_conversation(title=name)
+                out[name] = "ok"
+            except StoreError:
+                out[name] = "closed"
+
+    await store._write_lock.acquire()  # aclose() in progress
+    a, b = trio.CancelScope(), trio.CancelScope()
+    writer_conn = store._writer
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer, "A", a)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(writer, "B", b)
+            await trio.testing.wait_all_tasks_blocked()
+            store._writer = None  # closed meanwhile
+            store._write_lock.release()
+            b.cancel()
+    assert out["A"] == "closed"
+    store._writer = writer_conn
+    await store.aclose()
+
+
+async def test_a_reused_pid_does_not_keep_old_runs_alive(tmp_path: Path) -> None:
+    # In a container the restarted service often gets the same PID as the one that died.
+    db = tmp_path / "s.db"
+    async with open_store(db) as store:
+        conv = await store.create_conversation()
+        run, *_ = await store.begin_run(conv.id, content="q", agent="chat", model=None)
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE runs SET process = ?", (f"{os.getpid()}:1",))
+    conn.commit()
+    conn.close()
+    async with open_store(db) as store:
+        assert await store.recover_interrupted() == [run.id]
+
+
+async def test_a_huge_cursor_is_a_value_error_not_an_overflow(tmp_path: Path) -> None:
+    import base64
+
+    async with open_store(tmp_path / "s.db") as store:
+        cursor = base64.urlsafe_b64encode(b"s" + b"9" * 30).decode().rstrip("=")
+        with pytest.raises(ValueError, match="cursor"):
+            await store.list_conversations(before=cursor)

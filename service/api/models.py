@@ -137,7 +137,7 @@ class MessageResult(BaseModel):
 
 
 class RunEventsQuery(_Strict):
-    after: int | None = Field(None, ge=0, description="resume after this event id")
+    after: int | None = Field(None, ge=0, le=2**63 - 1, description="resume after this event id")
 
 
 class CancelOut(BaseModel):

@@ -40,6 +40,7 @@ ERROR_STATUS = {
     "chunk_gap_timeout": 504, "call_timeout": 504,
     "backend_unavailable": 503, "all_backends_failed": 503,
     "model_not_found": 404,
+    "store_error": 500,
 }
 
 
@@ -156,7 +157,7 @@ async def run_events(run_id: str, query_args: RunEventsQuery) -> Response:
     if after is None:
         header = request.headers.get("Last-Event-ID", "").strip()
         if header:
-            if not header.isdigit():
+            if not (header.isascii() and header.isdigit()) or int(header) >= 2**63:
                 return json_error(422, "invalid_request", "Last-Event-ID must be an event id",
                                   field="Last-Event-ID")
             after = int(header)

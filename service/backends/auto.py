@@ -29,7 +29,13 @@ from dataclasses import dataclass
 
 import trio
 
-from ..errors import AllBackendsFailed, BackendError, BackendProtocolError, ModelNotFound
+from ..errors import (
+    AllBackendsFailed,
+    BackendError,
+    BackendProtocolError,
+    BackendUnavailable,
+    ModelNotFound,
+)
 from .base import (
     Backend,
     BackendHealth,
@@ -169,7 +175,7 @@ class AutoBackend:
                     self._failed(backend, exc)  # mid-stream: counted, never retried
                     raise
             return
-        raise AllBackendsFailed(causes)
+        raise _all_failed(causes)
 
     async def chat(self, request: ChatRequest) -> ChatResult:
         return await collect_chat(self, request)
@@ -237,8 +243,23 @@ class AutoBackend:
                 causes.append(exc)
                 continue
             return
-        raise AllBackendsFailed(causes)
+        raise _all_failed(causes)
 
     async def aclose(self) -> None:
         for backend in self.backends:
             await backend.aclose()
+
+
+def _all_failed(causes: list[BackendError]) -> BackendError:
+    """One error for a call no backend could serve.
+
+    If every backend that answered said the model is unknown (the others being down), the
+    answer is ModelNotFound (404), not "no backend reachable" (503).
+    """
+    answered = [c for c in causes if not isinstance(c, BackendUnavailable)]
+    if answered and all(isinstance(c, ModelNotFound) for c in answered):
+        first = answered[0]
+        return ModelNotFound(
+            first.message, backend=first.backend, causes=[c.to_dict() for c in causes]
+        )
+    return AllBackendsFailed(causes)

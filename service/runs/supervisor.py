@@ -218,19 +218,36 @@ class RunSupervisor:
                 else:
                     status, error = RunStatus.timed_out, "the run's deadline passed"
                     handle.error_type = "run_timeout"
-        except BaseException:
-            # Cancelled from outside this run's scope (the supervisor is shutting down), maybe
-            # wrapped in a group by the run's nursery: record, then keep propagating.
-            handle.cancel_reason = handle.cancel_reason or "shutdown"
-            with trio.move_on_after(_FINAL_WRITE_BUDGET, shield=True):
-                await self._finish(handle, RunStatus.cancelled, None, handle.cancel_reason)
-            raise
+        except BaseException as exc:  # noqa: ASYNC103 (re-raised unless no Cancelled is in it)
+            cancelled, rest = _split_cancelled(exc)
+            if cancelled is not None or not isinstance(rest, Exception):
+                # Cancelled from outside this run's scope (the supervisor is shutting down),
+                # maybe in a group from the run's nursery: record, then keep propagating.
+                handle.cancel_reason = handle.cancel_reason or "shutdown"
+                with trio.move_on_after(2 * _FINAL_WRITE_BUDGET, shield=True):
+                    await self._finish(handle, RunStatus.cancelled, None, handle.cancel_reason)
+                if cancelled is not None and rest is not None:
+                    # A tool failing while it unwinds must not turn a shutdown into a crash:
+                    # log it, and let only the cancellation propagate.
+                    log.error("run raised while being shut down", exc_info=rest)
+                    raise cancelled from None  # noqa: ASYNC104 (the Cancelled part, re-raised)
+                raise
+            # An error that escaped the run's own scope: raised by a tool or a stream while the
+            # run was being cancelled. It ends this run, never the supervisor.
+            log.error("run failed while being cancelled", exc_info=rest)
+            if handle.cancel_reason is not None:
+                status, error = RunStatus.cancelled, handle.cancel_reason
+            else:
+                leaf = _leaf(rest)
+                status, error = RunStatus.failed, f"internal error: {type(leaf).__name__}: {leaf}"
         await self._finish(handle, status, answer, error)
 
     async def _finish(
         self, handle: RunHandle, status: RunStatus, answer: str | None, error: str | None
     ) -> None:
-        with trio.move_on_after(_FINAL_WRITE_BUDGET, shield=True) as scope:
+        # Shielded: the final state must be recorded and published whatever is cancelled;
+        # only the store call itself is bounded.
+        with trio.CancelScope(shield=True):
             if status is RunStatus.succeeded and answer is not None:
                 content, msg_status = answer, MessageStatus.complete
                 handle.emit("message", {"id": handle.message_id, "role": "assistant",
@@ -249,18 +266,21 @@ class RunSupervisor:
                 mine = [e for e in self._pending if e.run_id == handle.id]
                 self._pending = [e for e in self._pending if e.run_id != handle.id]
                 try:
-                    await self._store.finish_run(
-                        handle.id, status=status.value, message_id=handle.message_id,
-                        content=content, message_status=msg_status, error=error,
-                        usage=handle.usage, events=[_record(e) for e in mine],
-                    )
+                    with trio.move_on_after(_FINAL_WRITE_BUDGET) as write:
+                        await self._store.finish_run(
+                            handle.id, status=status.value, message_id=handle.message_id,
+                            content=content, message_status=msg_status, error=error,
+                            usage=handle.usage, events=[_record(e) for e in mine],
+                        )
+                    if write.cancelled_caught:
+                        log.error("final write of run %s took over %ss", handle.id,
+                                  _FINAL_WRITE_BUDGET)
                 except (StoreError, NotFound) as exc:
                     log.error("could not store the final state of run %s: %s", handle.id, exc)
-                handle.publish(mine)
+                finally:
+                    # Published whatever happened to the write: live clients get their end.
+                    handle.publish(mine)
             self._metrics.runs.labels(status.value).inc()
-            handle.finished.set()
-        if scope.cancelled_caught:
-            log.error("final write of run %s took over %ss", handle.id, _FINAL_WRITE_BUDGET)
             handle.finished.set()
 
     # -- events ---------------------------------------------------------------------------------
@@ -286,10 +306,11 @@ class RunSupervisor:
     async def flush(self) -> None:
         """Write every pending event (one transaction for all runs), then publish them.
 
-        Shielded: a batch taken from the queue is always both written and published, so
-        subscribers never see a gap in a run's numbering.
+        Shielded, with only the store call bounded: a batch taken from the queue is always
+        published (even if its write failed or timed out, which is logged), so subscribers
+        never see a gap in a run's numbering.
         """
-        with trio.move_on_after(_FINAL_WRITE_BUDGET, shield=True):
+        with trio.CancelScope(shield=True):
             await self._flush()
 
     async def _flush(self) -> None:
@@ -298,17 +319,33 @@ class RunSupervisor:
             if not batch:
                 return
             try:
-                await self._store.append_run_events([_record(e) for e in batch])
+                with trio.move_on_after(_FINAL_WRITE_BUDGET) as write:
+                    await self._store.append_run_events([_record(e) for e in batch])
+                if write.cancelled_caught:
+                    log.error("storing %d run events took over %ss", len(batch),
+                              _FINAL_WRITE_BUDGET)
             except StoreError as exc:
                 # Publishing anyway keeps clients live; the gap shows in the store, and is logged.
                 log.error("could not store %d run events: %s", len(batch), exc)
-            by_run: dict[str, list[RunEvent]] = {}
-            for e in batch:
-                by_run.setdefault(e.run_id, []).append(e)
-            for run_id, events in by_run.items():
-                handle = self._runs.get(run_id)
-                if handle is not None:
-                    handle.publish(events)
+            finally:
+                by_run: dict[str, list[RunEvent]] = {}
+                for e in batch:
+                    by_run.setdefault(e.run_id, []).append(e)
+                for run_id, events in by_run.items():
+                    handle = self._runs.get(run_id)
+                    if handle is not None:
+                        handle.publish(events)
+
+
+def _split_cancelled(
+    exc: BaseException,
+) -> tuple[BaseException | None, BaseException | None]:
+    """(the trio.Cancelled part, the rest) of an exception or exception group."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(trio.Cancelled)
+    if isinstance(exc, trio.Cancelled):
+        return exc, None
+    return None, exc
 
 
 def _leaf(exc: BaseException) -> BaseException:

@@ -51,6 +51,8 @@ __all__ = ["BegunRun", "Store", "new_id", "open_store"]
 
 T = TypeVar("T")
 
+_BATCH_WAIT = 60.0  # seconds a cancelled writer waits for the batch that took its write
+
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
@@ -65,7 +67,10 @@ def _decode_cursor(cursor: str) -> int:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         if not raw.startswith("s"):
             raise ValueError(cursor)
-        return int(raw[1:])
+        seq = int(raw[1:])
+        if not 0 <= seq < 2**63:
+            raise ValueError(cursor)
+        return seq
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"invalid cursor: {cursor!r}") from exc
 
@@ -247,25 +252,31 @@ class Store:
                     batch, self._queue = self._queue, []
                     for it in batch:
                         it.taken = True
-                    conn = self._writer
-                    if conn is None:
-                        for it in batch:
-                            it.error = StoreError("store is closed")
-                    else:
-                        try:
-                            await self._run_sync(self._transaction, conn, batch)
-                        finally:
+                    try:
+                        conn = self._writer
+                        if conn is None:
                             for it in batch:
-                                it.done.set()
+                                it.error = StoreError("store is closed")
+                        else:
+                            # Shielded: once taken, a batch runs (its thread could not be
+                            # cancelled anyway; this closes the gap before the thread starts,
+                            # where a cancel would drop every write of the batch).
+                            with trio.CancelScope(shield=True):
+                                await self._run_sync(self._transaction, conn, batch)
+                    finally:
+                        for it in batch:
+                            it.done.set()
         except trio.Cancelled:  # noqa: ASYNC103 (re-delivered by trio; see below)
             if not item.taken:
                 self._queue.remove(item)  # never started: it will never land
                 raise
-            # Taken by another task's batch, which will commit it: wait for that (shielded)
-            # and answer, as a write in its own thread would. The cancellation is not lost:
-            # trio re-delivers it at the caller's next checkpoint.
-            with trio.CancelScope(shield=True):
+            # Taken by another task's batch, which will commit it: wait for that (shielded,
+            # bounded) and answer, as a write in its own thread would. The cancellation is not
+            # lost: trio re-delivers it at the caller's next checkpoint.
+            with trio.move_on_after(_BATCH_WAIT, shield=True):
                 await item.done.wait()
+            if not item.done.is_set():
+                raise
         except BaseException:
             if not item.taken:
                 self._queue.remove(item)
@@ -652,7 +663,8 @@ class Store:
             rows = c.execute(
                 "SELECT id, process FROM runs WHERE status IN ('queued', 'running')"
             ).fetchall()
-            dead = [rid for rid, proc in rows if proc != self.process_id and not _alive(proc)]
+            dead = [rid for rid, proc in rows
+                    if proc != self.process_id and not _alive(proc, self.process_id)]
             for rid in dead:
                 c.execute(
                     "UPDATE runs SET status = 'failed', error = ?, finished_at = ? WHERE id = ?",
@@ -778,12 +790,15 @@ class Store:
         return await self._read("list_llm_calls", fn)
 
 
-def _alive(process: str | None) -> bool:
+def _alive(process: str | None, current: str) -> bool:
     """Whether the process that tagged a run (``pid:start``) still runs on this host."""
     if not process:
         return False
+    pid = process.split(":", 1)[0]
+    if pid == current.split(":", 1)[0]:
+        return False  # our PID, another start: a previous life of a reused PID (containers)
     try:
-        os.kill(int(process.split(":", 1)[0]), 0)
+        os.kill(int(pid), 0)
     except (ValueError, ProcessLookupError):
         return False
     except PermissionError:
