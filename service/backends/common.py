@@ -15,6 +15,8 @@ from .http import Budgets
 
 __all__ = ["HTTPBackend", "new_call_id", "parse_arguments"]
 
+_FIRST_MODEL_TTL = 30.0  # seconds the first listed model stands in for a missing one
+
 
 def new_call_id() -> str:
     """An id for a tool call whose backend gives none (Ollama)."""
@@ -61,6 +63,7 @@ class HTTPBackend:
         self.client = client
         self.budgets = budgets or Budgets()
         self.default_model = default_model
+        self._first_model: tuple[str, float] | None = None  # (id, valid until)
         self.health_timeout = health_timeout
         self.headers: dict[str, str] = {}
 
@@ -82,9 +85,14 @@ class HTTPBackend:
             return model
         if self.default_model:
             return self.default_model
+        # Cached briefly: without it every LLM call (every ReAct step) cost a /models request.
+        now = trio.current_time()
+        if self._first_model is not None and now < self._first_model[1]:
+            return self._first_model[0]
         models = await self.list_models()
         if not models:
             raise ModelNotFound("the backend lists no models", backend=self.name)
+        self._first_model = (models[0].id, now + _FIRST_MODEL_TTL)
         return models[0].id
 
     async def _probe(self, path: str) -> tuple[httpx.Response | None, float, str | None]:
