@@ -139,6 +139,11 @@ async def test_ws_two_runs_cancel_one_and_bad_messages(settings: Settings) -> No
             assert (await _ws_recv(ws))["error"]["type"] == "invalid_request"
             await ws.send_message(json.dumps({"type": "message", "conversation_id": conv}))
             assert "content" in (await _ws_recv(ws))["error"]["message"]
+            await ws.send_message(json.dumps(
+                {"type": "message", "conversation_id": "conv_nope", "content": "x"}))
+            err = await _ws_recv(ws)
+            assert err["error"]["type"] == "not_found"
+            assert err["request"]["conversation_id"] == "conv_nope"
 
             await ws.send_message(json.dumps(
                 {"type": "message", "conversation_id": conv, "content": "slow one"}))

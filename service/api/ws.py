@@ -83,7 +83,9 @@ class _Session:
             kind = msg.get("type") if isinstance(msg, dict) else None
             try:
                 if kind == "message":
-                    await self.start_run(WsMessage.model_validate(msg))
+                    # Started in its own task: the receive loop keeps reading (a cancel for
+                    # another run must not wait behind this run's first store write).
+                    self.nursery.start_soon(self.start_run, WsMessage.model_validate(msg), msg)
                 elif kind == "cancel":
                     self.cancel(WsCancel.model_validate(msg))
                 else:
@@ -98,15 +100,19 @@ class _Session:
                     {"type": "error", "error": exc.to_dict(), "request": msg}
                 )
 
-    async def start_run(self, m: WsMessage) -> None:
+    async def start_run(self, m: WsMessage, request: Any) -> None:
         spec = RunSpec(
             conversation_id=m.conversation_id, content=m.content, agent=m.agent,
             model=m.model, default_model=self.svc.settings.default_model, owner=self.owner,
             timeout=m.timeout,
         )
-        handle = await self.svc.require_supervisor().start(spec)
+        try:
+            handle = await self.svc.require_supervisor().start(spec)
+        except ServiceError as exc:
+            await self.send.send({"type": "error", "error": exc.to_dict(), "request": request})
+            return
         self.runs[handle.id] = (handle, m.on_disconnect)
-        self.nursery.start_soon(self.forward, handle)
+        await self.forward(handle)
 
     def cancel(self, m: WsCancel) -> None:
         entry = self.runs.get(m.run_id)
@@ -124,9 +130,13 @@ class _Session:
             handle.id, after=0, store=self.svc.require_store(),
             supervisor=self.svc.require_supervisor(), keepalive=3600.0,
         )
-        async for item in reader:
-            if not isinstance(item, Keepalive):
-                await self.send.send(item.wire_json())
+        try:
+            async for item in reader:
+                if not isinstance(item, Keepalive):
+                    await self.send.send(item.wire_json())
+        except ServiceError as exc:
+            # The store failed under this run's events: tell the client, keep the socket.
+            await self.send.send({"type": "error", "error": exc.to_dict(), "run_id": handle.id})
         self.runs.pop(handle.id, None)
 
     def abandon(self) -> None:
