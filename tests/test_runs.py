@@ -402,3 +402,31 @@ async def test_events_are_published_even_when_the_store_is_stuck(
             await handle.finished.wait()
         assert seen == list(range(1, handle.emitted_seq + 1))  # no gap, and it ended
         assert handle.status is RunStatus.succeeded
+
+
+async def test_a_failed_final_write_is_retried(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    from service.errors import StoreError
+
+    backend = ScriptedBackend([Reply("all of it")])
+    async with supervisor_env(tmp_path, backend) as env:
+        real = env.store.finish_run
+        failures = [StoreError("disk full")]
+
+        async def flaky(*args, **kwargs):  # type: ignore[no-untyped-def]
+            if failures:
+                raise failures.pop()
+            return await real(*args, **kwargs)
+
+        env.store.finish_run = flaky  # type: ignore[method-assign]
+        conv = await env.conversation()
+        handle = await env.supervisor.start(RunSpec(conv, "x"))
+        seen = [e.type async for e in handle.subscribe()]
+        assert seen[-1] == "run.finished"  # the client got its end anyway
+        assert (await env.store.get_run(handle.id)).status == "queued"  # not stored yet
+        await trio.sleep(5)  # the supervisor retries on its checkpoint tick
+        assert (await env.store.get_run(handle.id)).status == "succeeded"
+        msgs = await env.store.get_messages(conv)
+        assert (msgs[1].content, msgs[1].status) == ("all of it", MessageStatus.complete)
+        assert (await env.store.list_run_events(handle.id))[-1].type == "run.finished"

@@ -29,7 +29,6 @@ import trio
 
 from ..errors import (
     BackendError,
-    NotFound,
     ServiceError,
     ShuttingDown,
     StoreError,
@@ -94,6 +93,7 @@ class RunSupervisor:
         self._pending: list[RunEvent] = []
         self._wake = trio.Event()
         self._commit_lock = trio.Lock()
+        self._final_retries: list[dict[str, Any]] = []  # final writes that failed, to retry
         self.draining = False
 
     def __repr__(self) -> str:
@@ -145,6 +145,8 @@ class RunSupervisor:
         for handle in list(self._runs.values()):
             await handle.finished.wait()
         await self.flush()
+        with trio.move_on_after(_FINAL_WRITE_BUDGET):
+            await self.retry_final_writes()
 
     # -- starting runs --------------------------------------------------------------------------
 
@@ -265,18 +267,23 @@ class RunSupervisor:
             async with self._commit_lock:
                 mine = [e for e in self._pending if e.run_id == handle.id]
                 self._pending = [e for e in self._pending if e.run_id != handle.id]
+                final: dict[str, Any] = {
+                    "run_id": handle.id, "status": status.value,
+                    "message_id": handle.message_id, "content": content,
+                    "message_status": msg_status, "error": error, "usage": handle.usage,
+                    "events": [_record(e) for e in mine],
+                }
                 try:
                     with trio.move_on_after(_FINAL_WRITE_BUDGET) as write:
-                        await self._store.finish_run(
-                            handle.id, status=status.value, message_id=handle.message_id,
-                            content=content, message_status=msg_status, error=error,
-                            usage=handle.usage, events=[_record(e) for e in mine],
-                        )
+                        await self._store.finish_run(**final)
                     if write.cancelled_caught:
-                        log.error("final write of run %s took over %ss", handle.id,
+                        log.error("final write of run %s took over %ss; will retry", handle.id,
                                   _FINAL_WRITE_BUDGET)
-                except (StoreError, NotFound) as exc:
-                    log.error("could not store the final state of run %s: %s", handle.id, exc)
+                        self._final_retries.append(final)
+                except StoreError as exc:
+                    log.error("could not store the final state of run %s (will retry): %s",
+                              handle.id, exc)
+                    self._final_retries.append(final)
                 finally:
                     # Published whatever happened to the write: live clients get their end.
                     handle.publish(mine)
@@ -298,10 +305,23 @@ class RunSupervisor:
     async def _checkpoint_loop(self) -> None:
         while True:
             await trio.sleep(_CHECKPOINT_EVERY)
+            await self.retry_final_writes()
             try:
                 await self._store.checkpoint()
             except StoreError as exc:
                 log.warning("WAL checkpoint failed: %s", exc.message)
+
+    async def retry_final_writes(self) -> None:
+        """Store the final states whose first write failed (the clients already had them)."""
+        for final in list(self._final_retries):
+            try:
+                with trio.move_on_after(_FINAL_WRITE_BUDGET):
+                    await self._store.finish_run(**final)
+                    self._final_retries.remove(final)
+                    log.info("stored the final state of run %s on retry", final["run_id"])
+            except StoreError as exc:
+                log.warning("final state of run %s still not stored: %s", final["run_id"],
+                            exc.message)
 
     async def flush(self) -> None:
         """Write every pending event (one transaction for all runs), then publish them.
