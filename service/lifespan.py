@@ -58,7 +58,7 @@ async def _start_services(app: QuartTrio, svc: Services, backend: Backend | None
     supervisor = RunSupervisor(
         store,
         make_runner(
-            store=store, backend=lambda: svc.backend, tools=svc.tools, metrics=svc.metrics,
+            backend=lambda: svc.backend, tools=svc.tools, metrics=svc.metrics,
             tool_timeout=settings.tool_timeout, history_chars=settings.history_chars,
         ),
         metrics=svc.metrics, max_runs=settings.max_runs, run_timeout=settings.run_timeout,

@@ -213,7 +213,7 @@ async def supervisor_env(
     registry = ToolRegistry(tools)
     the_backend = backend if isinstance(backend, ScriptedBackend) else backend(store)
     runner = make_runner(
-        store=store, backend=lambda: the_backend, tools=registry, metrics=metrics,
+        backend=lambda: the_backend, tools=registry, metrics=metrics,
         tool_timeout=tool_timeout, history_chars=24_000, agents=agents, run_sync=_inline,
     )
     supervisor = RunSupervisor(

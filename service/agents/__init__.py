@@ -11,7 +11,7 @@ from ..backends.base import Backend, ChatMessage
 from ..errors import ServiceError
 from ..metrics import Metrics
 from ..runs import RunHandle, RunSpec
-from ..store import Conversation, Message, MessageStatus, Store
+from ..store import Conversation, Message, MessageStatus
 from ..tools import ToolRegistry
 from .auto import AutoAgent
 from .base import Agent, AgentContext, Observation, trim_history
@@ -41,23 +41,12 @@ def default_agents() -> dict[str, Agent]:
             "auto": AutoAgent()}
 
 
-async def build_history(
-    store: Store, conversation_id: str, run_id: str, budget_chars: int
-) -> list[ChatMessage]:
-    """The conversation as the agent sees it: system prompt, earlier turns, the new question.
+def build_history(conv: Conversation, messages: list[Message]) -> list[ChatMessage]:
+    """The conversation as the agent sees it: system prompt, earlier turns, the question last.
 
     Earlier replies that were cut (cancelled) are kept with what they said; failed or still
     pending replies (another run's) are left out.
     """
-    conv = await store.get_conversation_any(conversation_id)
-    messages = await store.get_messages(conversation_id)
-    earlier = [m for m in messages if m.run_id != run_id]
-    question = [m for m in messages if m.run_id == run_id and m.role == "user"]
-    return trim_history(_history(conv, earlier + question), budget_chars)
-
-
-def _history(conv: Conversation, messages: list[Message]) -> list[ChatMessage]:
-    """System prompt, then the messages worth showing the model (the last is the question)."""
     history: list[ChatMessage] = []
     if conv.system:
         history.append(ChatMessage("system", conv.system))
@@ -72,7 +61,6 @@ def _history(conv: Conversation, messages: list[Message]) -> list[ChatMessage]:
 
 def make_runner(
     *,
-    store: Store,
     backend: Callable[[], Backend | None],
     tools: ToolRegistry,
     metrics: Metrics,
@@ -93,15 +81,13 @@ def make_runner(
             from ..errors import BackendUnavailable
 
             raise BackendUnavailable("no backend is configured")
-        if spec.messages is not None:
+        if spec.messages is not None:  # the OpenAI-compatible endpoint's own history
             history = trim_history(list(spec.messages), history_chars)
-        elif handle.begun is not None:
+        else:  # read by the run's first write (Store.begin_run)
             begun = handle.begun
             history = trim_history(
-                _history(begun.conversation, [*begun.history, begun.user]), history_chars
+                build_history(begun.conversation, [*begun.history, begun.user]), history_chars
             )
-        else:
-            history = await build_history(store, handle.conversation_id, handle.id, history_chars)
         ctx = AgentContext(
             handle=handle, backend=the_backend, tools=tools, history=history, nursery=nursery,
             metrics=metrics, model=handle.model, tool_timeout=tool_timeout,

@@ -392,20 +392,6 @@ class Store:
             raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
         return conv
 
-    async def get_conversation_any(self, conversation_id: str) -> Conversation:
-        """A conversation whatever its owner (for internal use by runs, never by the API)."""
-
-        def fn(c: sqlite3.Connection) -> Conversation | None:
-            row = c.execute(
-                f"SELECT {_CONV_COLS} FROM conversations WHERE id = ?", (conversation_id,)
-            ).fetchone()
-            return _conversation(row) if row else None
-
-        conv = await self._read("get_conversation", fn)
-        if conv is None:
-            raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
-        return conv
-
     async def list_conversations(
         self, *, owner: str | None = None, limit: int = 20, before: str | None = None
     ) -> tuple[list[Conversation], str | None]:
