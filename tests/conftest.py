@@ -17,11 +17,31 @@ from hypercorn.trio import serve
 
 from service.api.state import Services
 from service.backends.base import Backend
+from service.backends.embedded import EmbeddedLlamaServer
 from service.factory import create_app
 from service.metrics import Metrics
 from service.settings import Settings, load_settings
 
 from .fakes import ScriptedBackend
+
+EMBEDDED_ALIAS = "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny GGUF model (needs the embedded extra; its tests skip without it)."""
+    from service.models.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny.gguf")
+
+
+@pytest.fixture
+async def llama(tiny_model: Path) -> AsyncIterator[EmbeddedLlamaServer]:
+    """llama.cpp's real server on the tiny model, on a loopback port."""
+    from service.backends.embedded import embedded_llama_server
+
+    async with embedded_llama_server(tiny_model, alias=EMBEDDED_ALIAS) as server:
+        yield server
 
 
 @pytest.fixture

@@ -38,20 +38,10 @@ from service.models.tiny import (  # noqa: E402
     write_tiny_model,
 )
 
-ALIAS = "tiny"
+from .conftest import EMBEDDED_ALIAS as ALIAS  # noqa: E402
+
 # Generous: these bound loops that normally end within milliseconds.
 POLL_BUDGET = 10.0
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny.gguf")
-
-
-@pytest.fixture
-async def llama(tiny_model: Path) -> AsyncIterator[EmbeddedLlamaServer]:
-    async with embedded_llama_server(tiny_model, alias=ALIAS) as server:
-        yield server
 
 
 @pytest.fixture

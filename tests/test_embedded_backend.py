@@ -46,10 +46,10 @@ from service.backends.embedded import (  # noqa: E402
 )
 from service.errors import BackendUnavailable  # noqa: E402
 from service.metrics import Metrics  # noqa: E402
-from service.models.tiny import write_tiny_model  # noqa: E402
 from service.store import LLMCallOutcome, LLMCallRecord, Store, open_store  # noqa: E402
 
-ALIAS = "tiny"
+from .conftest import EMBEDDED_ALIAS as ALIAS  # noqa: E402
+
 NAME = "embedded"
 RUN_ID = "run-embedded"
 # Generous: these bound waits that normally end within milliseconds.
@@ -60,17 +60,6 @@ SUBPROCESS_BUDGET = 60.0
 # No max_tokens in reach: the stream runs until the slot's context is full (>= 1024 tokens),
 # far beyond the few chunks the cancellation tests read.
 ENDLESS = 100_000
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny.gguf")
-
-
-@pytest.fixture
-async def llama(tiny_model: Path) -> AsyncIterator[EmbeddedLlamaServer]:
-    async with embedded_llama_server(tiny_model, alias=ALIAS) as server:
-        yield server
 
 
 @pytest.fixture
