@@ -99,6 +99,29 @@ async def test_messages_runs_events_calls_round_trip(tmp_path: Path) -> None:
         assert await store.list_run_events(run.id) == []
 
 
+async def test_event_batches_span_insert_chunks_and_skip_runs_that_are_gone(
+    tmp_path: Path,
+) -> None:
+    # A batch is written as multi-row INSERTs of a bounded size: a batch longer than one chunk,
+    # mixing runs, lands whole and in order; events of a run deleted meanwhile are dropped.
+    async with open_store(tmp_path / "s.db") as store:
+        conv = await store.create_conversation()
+        gone_conv = await store.create_conversation()
+        run = await store.create_run(conv.id, agent="chat", model="m")
+        gone = await store.create_run(gone_conv.id, agent="chat", model="m")
+        await store.delete_conversation(gone_conv.id)
+        batch = []
+        for i in range(1, 401):
+            batch.append(RunEventRecord(run.id, i, "token", {"text": f"t{i}"}, float(i)))
+            if i % 3 == 0:
+                batch.append(RunEventRecord(gone.id, i, "token", {"text": "x"}, 0.0))
+        await store.append_run_events(batch)
+        got = await store.list_run_events(run.id)
+        assert [(e.seq, e.data["text"], e.created_at) for e in got] == [
+            (i, f"t{i}", float(i)) for i in range(1, 401)]
+        assert await store.list_run_events(gone.id) == []
+
+
 async def test_200_tasks_20_conversations_lose_nothing_keep_order(tmp_path: Path) -> None:
     async with open_store(tmp_path / "s.db") as store:
         convs = [await store.create_conversation(title=f"c{i}") for i in range(20)]

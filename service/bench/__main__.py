@@ -8,6 +8,7 @@ process, prints a table and writes JSON. Everything is bounded and stops by itse
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shlex
 import sys
@@ -109,7 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick, "machine": machine(), "fd_limit": fds,
     }
     if only - {"store"}:
-        trio.run(_service_scenarios, only, args.quick, out)
+        gc.disable()  # the load client collects between scenarios only (Bench.configure)
+        try:
+            trio.run(_service_scenarios, only, args.quick, out)
+        finally:
+            gc.enable()
     if "store" in only:
         store = bench_store(**_STORE[1 if args.quick else 0])
         procs = _STORE[1 if args.quick else 0]["procs"]

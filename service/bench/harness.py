@@ -8,6 +8,7 @@ Targets: ``direct`` (the simulator's OpenAI stream, the baseline), ``openai`` (t
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import time
 from dataclasses import dataclass
@@ -77,7 +78,13 @@ class Bench:
 
     async def configure(self, *, tokens: int, interval: float, first_delay: float = 0.0,
                         record_sends: bool = False) -> None:
-        """Set the simulator's default reply (every stream of the next scenario)."""
+        """Set the simulator's default reply (every stream of the next scenario).
+
+        Both instruments (the simulator and this load client) run with their garbage collectors
+        off during a scenario and collect here, between scenarios, so that their own pauses are
+        not measured as the service's latency.
+        """
+        gc.collect()
         status, _ = await post_json(_HOST, self.sim.port, "/sim/config", {
             "tokens": tokens, "interval": interval, "first_delay": first_delay,
             "record_sends": record_sends})

@@ -9,6 +9,9 @@ On top of :class:`service.sim.Simulator` (everything else is unchanged):
   times converted to ``time.perf_counter()`` so they compare with the load client's clock
   (CLOCK_MONOTONIC is shared between processes; trio's clock adds a per-process offset); with
   ``record_sends`` configured, also each token's send time from ``T`` on;
+* its garbage collector runs only between scenarios (on ``/sim/config``): the simulator is a
+  measuring instrument (a stand-in for a C++ server), and its own collector pauses would be
+  counted as the service's latency;
 * plain streamed OpenAI replies (the default reply, no failures) are rendered lazily, step by
   step, so thousands of long streams cost no memory or CPU up front.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import gc
 import json
 import sys
 import time
@@ -86,6 +90,7 @@ class BenchSimulator(Simulator):
         bare, _, query = path.partition("?")
         if bare == "/sim/config" and method == "POST":
             data = json.loads(body or b"{}")
+            gc.collect()  # between scenarios: never while one is being measured
             self.record_sends = bool(data.pop("record_sends", False))
             self.default = Reply(**data)
             return json_response(200, {"default": data}), None
@@ -138,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
     sim = BenchSimulator(("bench",), strict_models=False)
+    gc.disable()  # collected on each /sim/config, between scenarios (see the module doc)
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:

@@ -90,15 +90,34 @@ _CALL_COLS_QUALIFIED = ", ".join(f"l.{c.strip()}" for c in _CALL_COLS.split(",")
 
 # Events of a run whose conversation was deleted meanwhile are dropped, not an error: one batch
 # holds several runs' events and must not fail for one of them.
-_INSERT_EVENT = (
-    "INSERT INTO run_events (run_id, seq, type, data, created_at) "
-    "SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM runs WHERE id = ?)"
-)
+# Up to this many events per INSERT statement: one sqlite3 step per chunk instead of one per
+# event. Each step releases the GIL and must win it back from the busy event loop (up to the
+# interpreter's switch interval each time), so a batch costs a few hand-offs, not hundreds.
+_EVENTS_PER_INSERT = 150
+_INSERT_EVENTS_SQL: dict[int, str] = {}
 
 
-def _event_row(e: RunEventRecord) -> tuple[Any, ...]:
-    raw = e.raw if e.raw is not None else json.dumps(e.data, separators=(",", ":"))
-    return (e.run_id, e.seq, e.type, raw, e.created_at, e.run_id)
+def _insert_events_sql(n: int) -> str:
+    sql = _INSERT_EVENTS_SQL.get(n)
+    if sql is None:
+        values = ", ".join(["(?, ?, ?, ?, ?)"] * n)
+        # An event of a run that is gone (its conversation deleted meanwhile) is dropped.
+        sql = _INSERT_EVENTS_SQL[n] = (
+            "INSERT INTO run_events (run_id, seq, type, data, created_at) "
+            f"SELECT column1, column2, column3, column4, column5 FROM (VALUES {values}) "
+            "WHERE EXISTS (SELECT 1 FROM runs WHERE id = column1)"
+        )
+    return sql
+
+
+def _insert_events(c: sqlite3.Connection, events: Sequence[RunEventRecord]) -> None:
+    for start in range(0, len(events), _EVENTS_PER_INSERT):
+        chunk = events[start:start + _EVENTS_PER_INSERT]
+        params: list[Any] = []
+        for e in chunk:
+            raw = e.raw if e.raw is not None else json.dumps(e.data, separators=(",", ":"))
+            params += (e.run_id, e.seq, e.type, raw, e.created_at)
+        c.execute(_insert_events_sql(len(chunk)), params)
 
 
 def _conversation(row: Sequence[Any]) -> Conversation:
@@ -598,7 +617,7 @@ class Store:
                 [(m.id, m.conversation_id, m.role, m.content, m.status.value, m.run_id, None,
                   now, now) for m in (user, reply)],
             )
-            c.execute(_INSERT_EVENT, _event_row(started))
+            _insert_events(c, [started])
             return BegunRun(run, user, reply, conv, history, started)
 
         return await self._write("begin_run", fn)
@@ -630,7 +649,7 @@ class Store:
                 (content, message_status.value, error, now, message_id),
             )
             if events:
-                c.executemany(_INSERT_EVENT, [_event_row(e) for e in events])
+                _insert_events(c, events)
 
         await self._write("finish_run", fn)
 
@@ -719,7 +738,7 @@ class Store:
             return
 
         def fn(c: sqlite3.Connection) -> None:
-            c.executemany(_INSERT_EVENT, [_event_row(e) for e in events])
+            _insert_events(c, events)
 
         await self._write("append_run_events", fn)
 
