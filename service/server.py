@@ -30,7 +30,11 @@ __all__ = ["build_config", "main", "run_server"]
 
 log = get_logger("service.server")
 
-_GC_GEN0, _GC_GEN1, _GC_GEN2 = 50_000, 50, 1000
+# Automatic collections are a backstop only (a burst of allocations between two ticks).
+_GC_GEN0, _GC_GEN1, _GC_GEN2 = 50_000, 50, 100_000
+_GC_YOUNG_EVERY = 0.05  # seconds between collections of the two young generations
+_GC_FULL_GROWTH = 2.0  # a full collection once the heap has doubled...
+_GC_FULL_AT_LEAST = 600.0  # ...or after this many seconds without one
 
 
 def build_config(config_path: Path | None, bind: Sequence[str] | None) -> Config:
@@ -73,24 +77,46 @@ async def run_server(  # noqa: ASYNC128 (task_status is handed to hypercorn's se
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_wait_for_signal, app.extensions["service"], stop)
-        nursery.start_soon(_settle_gc)
+        nursery.start_soon(_pace_gc)
         await serve(
             app, config, shutdown_trigger=stop.wait, task_status=task_status  # type: ignore[arg-type]
         )
         nursery.cancel_scope.cancel()
 
 
-async def _settle_gc() -> None:
-    """Tune the garbage collector for a long-lived server with many live streams.
+async def _pace_gc() -> None:
+    """Run the garbage collector on a clock, for a long-lived server with many live streams.
 
-    Measured by the benchmark: the tail of the inter-token gap with thousands of live streams
-    is the collector's pauses, not CPU. Objects alive once start-up is done (modules, the app)
-    are frozen out of every collection, and young collections run less often.
+    CPython collects a generation when enough objects have entered it, and a collection scans
+    every object of the generation that is still alive. A streaming server rebuilds each
+    stream's chain of awaitables for every token and drops the old one, so the young
+    generations are always full of live, new objects: one per stream and level of the chain.
+    Measured at 1,500 live streams with the default scheme: collections of 200,000 live young
+    objects, pauses of 24-106 ms, which were the tail of the inter-token gap.
+
+    So: objects alive once start-up is done are frozen out of every collection; every
+    ``_GC_YOUNG_EVERY`` seconds the two young generations are collected together, which scans
+    only what was allocated since the last tick and moves what is still alive to the old
+    generation, where nothing is scanned until the next full collection. A full collection
+    (a pause proportional to the heap: ~0.3 s at 3,000 streams) runs when the heap has grown
+    since the last one (garbage in cycles can at most double the memory), or every
+    ``_GC_FULL_AT_LEAST`` seconds; reference counting frees everything that is not in a cycle
+    meanwhile. Automatic collections stay on as a backstop.
     """
     await trio.sleep(1.0)  # let the lifespan finish building the app's services
     gc.collect()
     gc.freeze()
     gc.set_threshold(_GC_GEN0, _GC_GEN1, _GC_GEN2)
+    blocks, last_full = sys.getallocatedblocks(), trio.current_time()
+    while True:
+        await trio.sleep(_GC_YOUNG_EVERY)
+        now = trio.current_time()
+        if (sys.getallocatedblocks() > blocks * _GC_FULL_GROWTH
+                or now - last_full >= _GC_FULL_AT_LEAST):
+            gc.collect()
+            blocks, last_full = sys.getallocatedblocks(), now
+        else:
+            gc.collect(1)
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
