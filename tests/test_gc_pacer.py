@@ -50,5 +50,6 @@ async def test_young_generations_on_a_clock_full_on_growth_or_age(
         last_full = calls[-2][0]
         await trio.sleep(server._GC_FULL_AT_LEAST)
         fulls = [t for t, g in calls if g == 2 and t > last_full]
-        assert fulls and fulls[0] - last_full == pytest.approx(server._GC_FULL_AT_LEAST, abs=0.06)
+        assert fulls
+        assert fulls[0] - last_full == pytest.approx(server._GC_FULL_AT_LEAST, abs=0.06)
         nursery.cancel_scope.cancel()
