@@ -19,8 +19,12 @@ async def test_young_generations_on_a_clock_full_on_growth_or_age(
     blocks = [1000]
     frozen: list[float] = []
     thresholds: list[tuple[int, ...]] = []
-    monkeypatch.setattr(gc, "collect", lambda generation=2: calls.append(
-        (trio.current_time(), generation)) or 0)
+
+    def collect(generation: int = 2) -> int:
+        calls.append((trio.current_time(), generation))
+        return 0
+
+    monkeypatch.setattr(gc, "collect", collect)
     monkeypatch.setattr(gc, "freeze", lambda: frozen.append(trio.current_time()))
     monkeypatch.setattr(gc, "set_threshold", lambda *t: thresholds.append(t))
     monkeypatch.setattr(sys, "getallocatedblocks", lambda: blocks[0])
