@@ -41,7 +41,7 @@ _THROUGHPUT: tuple[dict[str, Any], ...] = (
     {"streams": 2, "tokens": 200, "seconds": 0.5},
 )
 _CAPACITY: tuple[dict[str, Any], ...] = (
-    {"steps": [250, 500, 750, 1000, 1500, 2000, 3000], "hold": 4.0},
+    {"steps": [250, 500, 750, 1000, 1500, 2000, 3000, 4000, 5000], "hold": 4.0},
     {"steps": [10, 30], "hold": 1.0},
 )
 _CANCEL: tuple[dict[str, Any], ...] = (
