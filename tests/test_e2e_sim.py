@@ -286,6 +286,28 @@ async def test_backends_lists_each_member_of_auto(settings: Settings) -> None:
         assert all(b["url"] == env.sim.url for b in data)
 
 
+async def test_backends_shows_the_failures_that_auto_routed_around(settings: Settings) -> None:
+    # The first member answers its health probe but fails calls: /api/backends must say so
+    # (its last call error, the count, and the cool-down once it is set aside), not "healthy".
+    async with e2e(settings, "auto") as env:
+        for i in range(3):
+            env.sim.script(Reply(status=500, error=f"out of memory {i}"), Reply(text="fine"))
+            r = await env.client.post("/v1/chat/completions", json={
+                "model": "sim-model", "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200  # failed over to the second member
+            assert r.json()["choices"][0]["message"]["content"] == "fine"
+            ollama, llamacpp = (await env.client.get("/api/backends")).json()["data"]
+            assert ollama["name"] == "ollama"
+            assert ollama["reachable"] is True  # its probe still answers
+            assert ollama["failures"] == i + 1
+            assert f"out of memory {i}" in ollama["last_error"]
+            assert (llamacpp["failures"], llamacpp["last_error"], llamacpp["cooldown"]) == (
+                0, None, None)
+            if i < 2:
+                assert ollama["cooldown"] is None
+        assert 0 < ollama["cooldown"] <= 30  # set aside after the third failure in a row
+
+
 async def test_tools_are_listed_and_documented(settings: Settings) -> None:
     async with e2e(settings, "llamacpp", tool_timeout=7.0) as env:
         r = await env.client.get("/api/tools")

@@ -38,8 +38,13 @@ class BackendOut(BaseModel):
     reachable: bool
     ready: bool
     models: list[str]
-    last_error: str | None
+    last_error: str | None = Field(
+        description="the health probe's error; for a member of the auto backend that answers its "
+                    "probe, the error of its last failed call, if any")
     latency: float | None = Field(description="seconds the health probe took")
+    failures: int = Field(0, description="auto backend members: consecutive failed calls")
+    cooldown: float | None = Field(
+        None, description="auto backend members: seconds until calls are routed to it again")
 
 
 class BackendList(BaseModel):
@@ -147,18 +152,25 @@ async def list_backends() -> BackendList:
     deadline = trio.current_time() + _PROBE_DEADLINE
     members, healths = await _healths(backend, deadline)
     models = await _models(members, healths, deadline)
+    auto = _unwrap(backend)
     data = []
     for member, health, names in zip(members, healths, models, strict=True):
         if health is None:
-            data.append(BackendOut(
+            out = BackendOut(
                 name=member.name, url=member.url, reachable=False, ready=False, models=[],
                 last_error=f"no answer within {_PROBE_DEADLINE:g}s", latency=None,
-            ))
+            )
         else:
-            data.append(BackendOut(
+            out = BackendOut(
                 name=health.name, url=health.url, reachable=health.reachable, ready=health.ready,
                 models=names, last_error=health.error, latency=health.latency,
-            ))
+            )
+        if isinstance(auto, AutoBackend):
+            # A member can answer its probe and still fail calls (and be set aside for it).
+            st = auto.member_status(member)
+            out.failures, out.cooldown = st.failures, st.cooldown
+            out.last_error = out.last_error or st.last_error
+        data.append(out)
     return BackendList(data=data)
 
 

@@ -46,7 +46,7 @@ from .base import (
     collect_chat,
 )
 
-__all__ = ["AutoBackend"]
+__all__ = ["AutoBackend", "MemberStatus"]
 
 
 @dataclass(slots=True)
@@ -58,6 +58,15 @@ class _State:
     health: BackendHealth | None = None
     health_at: float = float("-inf")
     last_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MemberStatus:
+    """What the router thinks of one member now (for ``/api/backends``)."""
+
+    failures: int  # consecutive failed calls; a success resets it
+    last_error: str | None  # of the last failed call, whatever came after it
+    cooldown: float | None  # seconds until the router tries it again; None: not cooling down
 
 
 class _FirstThenRest:
@@ -137,6 +146,12 @@ class AutoBackend:
         if st.health is not None and now - st.health_at < self.health_ttl and not st.health.ready:
             return f"not ready: {st.health.error or 'unhealthy'}"
         return None
+
+    def member_status(self, backend: Backend) -> MemberStatus:
+        """``backend``'s failure count, last call error and remaining cool-down."""
+        st = self._state[id(backend)]
+        left = st.cooldown_until - trio.current_time()
+        return MemberStatus(st.failures, st.last_error, left if left > 0 else None)
 
     def candidates(self) -> list[Backend]:
         now = trio.current_time()
