@@ -42,9 +42,10 @@ class BackendOut(BaseModel):
         description="the health probe's error; for a member of the auto backend that answers its "
                     "probe, the error of its last failed call, if any")
     latency: float | None = Field(description="seconds the health probe took")
-    failures: int = Field(0, description="auto backend members: consecutive failed calls")
+    failures: int = Field(default=0, description="auto backend members: consecutive failed calls")
     cooldown: float | None = Field(
-        None, description="auto backend members: seconds until calls are routed to it again")
+        default=None,
+        description="auto backend members: seconds until calls are routed to it again")
 
 
 class BackendList(BaseModel):
