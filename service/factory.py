@@ -21,6 +21,7 @@ from .api import conversations, openai, ops, runs, ws
 from .api.errors import install_error_handlers, json_error
 from .api.state import Services
 from .backends.base import Backend
+from .keepalive import KeepAliveFix
 from .lifespan import _start_services, _stop_services
 from .logs import REQUEST_ID, get_logger
 from .metrics import METRICS, Metrics
@@ -138,4 +139,6 @@ def create_app(
         )
         return response
 
+    # Idle keep-alive connections get closed again (after keep_alive_timeout, or at shutdown).
+    app.asgi_app = KeepAliveFix(app.asgi_app)  # type: ignore[method-assign]
     return app

@@ -60,7 +60,8 @@ class RunningServer:
 
 @asynccontextmanager
 async def running_server(
-    settings: Settings, backend: Backend | None = None, *, from_settings: bool = False
+    settings: Settings, backend: Backend | None = None, *, from_settings: bool = False,
+    **hypercorn: Any,
 ) -> AsyncIterator[RunningServer]:
     """The real app under hypercorn's trio worker on 127.0.0.1:0, shut down gracefully after.
 
@@ -77,6 +78,8 @@ async def running_server(
     config.bind = ["127.0.0.1:0"]
     config.graceful_timeout = 2
     config.accesslog = None
+    for name, value in hypercorn.items():  # e.g. keep_alive_timeout=..., graceful_timeout=...
+        setattr(config, name, value)
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(partial(serve, app, config, shutdown_trigger=stop.wait))
