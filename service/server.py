@@ -98,8 +98,8 @@ async def _pace_gc() -> None:
     ``_GC_YOUNG_EVERY`` seconds the two young generations are collected together, which scans
     only what was allocated since the last tick and moves what is still alive to the old
     generation, where nothing is scanned until the next full collection. A full collection
-    (a pause proportional to the heap: ~0.3 s at 3,000 streams) runs when the heap has grown
-    since the last one (garbage in cycles can at most double the memory), or every
+    (a pause proportional to the heap: 0.3-0.75 s at 3,000-4,000 streams) runs when the heap has
+    doubled since the last one (so garbage in cycles can at most double the memory), or every
     ``_GC_FULL_AT_LEAST`` seconds; reference counting frees everything that is not in a cycle
     meanwhile. Automatic collections stay on as a backstop.
     """
