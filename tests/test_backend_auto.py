@@ -7,7 +7,7 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from service.backends.auto import AutoBackend
+from service.backends.auto import AutoBackend, MemberStatus
 from service.backends.base import ChatChunk
 from service.backends.http import make_client
 from service.backends.llamacpp import OpenAICompatBackend
@@ -128,19 +128,28 @@ async def test_consumer_cancel_is_not_a_failure(autojump_clock: MockClock) -> No
 
 async def test_cooldown_after_consecutive_failures(autojump_clock: MockClock) -> None:
     a, b, auto = pair(Reply(status=503), failure_threshold=2, cooldown=30)
+    a_member, b_member = auto.backends
     await consume(auto)
+    first = auto.member_status(a_member)
+    assert (first.failures, first.cooldown) == (1, None)
+    assert first.last_error
     await consume(auto)
     assert len(a.streams) == 2
     assert "cooling" in repr(auto)
+    assert auto.member_status(a_member).cooldown == 30
+    await trio.sleep(10)
+    assert auto.member_status(a_member).cooldown == 20
     await consume(auto)
     assert len(a.streams) == 2
     assert len(b.streams) == 3  # skipped during the cool-down
-    await trio.sleep(30)
+    assert auto.member_status(b_member) == MemberStatus(0, None, None)
+    await trio.sleep(20)
     a.default = Reply(text="a is back")
     chunks = await consume(auto)
     assert chunks[0].backend == "a"
     assert len(a.streams) == 3
     assert "a(failures=0)" in repr(auto)
+    assert auto.member_status(a_member) == MemberStatus(0, None, None)  # a success clears it
 
 
 async def test_model_not_found_fails_over_without_counting(autojump_clock: MockClock) -> None:

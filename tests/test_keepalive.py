@@ -21,6 +21,7 @@ GUARD = 10  # seconds any wait may take before the test fails
 
 
 async def _connect(srv: RunningServer) -> trio.SocketStream:
+    """A raw connection to ``srv`` (the tests close it with ``async with``)."""
     host, port = srv.url.removeprefix("http://").rsplit(":", 1)
     return await trio.open_tcp_stream(host, int(port))
 
@@ -52,9 +53,9 @@ async def test_an_idle_connection_is_closed_after_keep_alive_timeout(
     settings: Settings, autojump_clock: trio.abc.Clock
 ) -> None:
     # The clock jumps while the store's threads work: no lifespan deadlines under it.
-    no_limit = {"startup_timeout": math.inf, "shutdown_timeout": math.inf}
-    async with running_server(settings, keep_alive_timeout=30, **no_limit) as srv:
-        stream = await _connect(srv)
+    async with (running_server(settings, keep_alive_timeout=30, startup_timeout=math.inf,
+                               shutdown_timeout=math.inf) as srv,
+                await _connect(srv) as stream):
         for _ in range(2):  # the timer must be re-armed after every response, not only the first
             assert (await _exchange(stream, "GET", "/healthz"))[0] == 200
         idle_since = trio.current_time()
@@ -75,5 +76,30 @@ async def test_shutdown_closes_idle_keep_alive_connections_at_once(settings: Set
             assert status == 200
             assert body.endswith(b"data: [DONE]\n\n")
         # The server is gone, and it closed both connections itself.
-        assert await plain.receive_some(100) == b""
-        assert await streamed.receive_some(100) == b""
+        async with plain, streamed:
+            assert await plain.receive_some(100) == b""
+            assert await streamed.receive_some(100) == b""
+
+
+async def test_a_413_reaches_a_client_that_sends_its_whole_large_body_first(
+    settings: Settings,
+) -> None:
+    # The answer comes before the body is read. Closing the socket then would reset it under
+    # a client still uploading (as most clients do before they read): the connection must
+    # stay open until the client has sent everything and read the 413.
+    size = 8 * 2**20
+    conn = h11.Connection(h11.CLIENT)
+    head = conn.send(h11.Request(method="POST", target="/api/conversations", headers=[
+        ("Host", "127.0.0.1"), ("Content-Type", "application/json"),
+        ("Content-Length", str(size))]))
+    with trio.fail_after(GUARD):
+        async with (running_server(settings.model_copy(update={"max_body_bytes": 2048})) as srv,
+                    await _connect(srv) as stream):
+            await stream.send_all(head)
+            for _ in range(size // 65536):
+                await stream.send_all(b" " * 65536)  # BrokenResourceError: it was reset
+            while (event := conn.next_event()) is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            assert isinstance(event, h11.Response)
+            assert event.status_code == 413
+            assert (b"connection", b"close") in event.headers

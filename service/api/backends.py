@@ -38,14 +38,14 @@ class BackendOut(BaseModel):
     reachable: bool
     ready: bool
     models: list[str]
-    last_error: str | None = Field(
-        description="the health probe's error; for a member of the auto backend that answers its "
-                    "probe, the error of its last failed call, if any")
+    last_error: str | None = Field(description="the health probe's error")
     latency: float | None = Field(description="seconds the health probe took")
-    failures: int = Field(default=0, description="auto backend members: consecutive failed calls")
+    # Only for the members of the auto backend (None elsewhere): what its router saw of calls.
+    failures: int | None = Field(default=None, description="consecutive failed calls")
+    last_call_error: str | None = Field(
+        default=None, description="the error of the latest failed call since the last success")
     cooldown: float | None = Field(
-        default=None,
-        description="auto backend members: seconds until calls are routed to it again")
+        default=None, description="seconds until calls are routed to it again")
 
 
 class BackendList(BaseModel):
@@ -170,7 +170,7 @@ async def list_backends() -> BackendList:
             # A member can answer its probe and still fail calls (and be set aside for it).
             st = auto.member_status(member)
             out.failures, out.cooldown = st.failures, st.cooldown
-            out.last_error = out.last_error or st.last_error
+            out.last_call_error = st.last_error
         data.append(out)
     return BackendList(data=data)
 

@@ -65,7 +65,7 @@ class MemberStatus:
     """What the router thinks of one member now (for ``/api/backends``)."""
 
     failures: int  # consecutive failed calls; a success resets it
-    last_error: str | None  # of the last failed call, whatever came after it
+    last_error: str | None  # of the latest failed call (or model listing) since the last success
     cooldown: float | None  # seconds until the router tries it again; None: not cooling down
 
 
@@ -129,6 +129,7 @@ class AutoBackend:
         st = self._state[id(backend)]
         st.failures = 0
         st.cooldown_until = float("-inf")
+        st.last_error = None
 
     def _failed(self, backend: Backend, exc: BackendError) -> None:
         st = self._state[id(backend)]
