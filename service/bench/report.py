@@ -115,6 +115,9 @@ def render(res: dict[str, Any]) -> str:
                 f"{_f(r['rss_per_stream_kb'], 11)}{_f(r['service_cpu_pct'], 6, 1)}"
                 f"{_f(r['simulator_cpu_pct'], 6, 1)}{_f(r['client_cpu_pct'], 6, 1)}")
         add("(+gap: a token's arrival gap minus its send gap at the simulator)")
+        for r in cap["steps"]:
+            if not r.get("all_set_up", True):
+                add(f"(at {r['streams']}: not every stream had its first token within 30 s)")
         add(f"reached: {cap['reached']} streams, {cap['rss_per_stream_kb']} KB RSS each")
     cancel = res.get("cancel")
     if cancel:
