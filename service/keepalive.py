@@ -13,14 +13,12 @@ proxy's pool), and it held every shutdown for the whole ``graceful_timeout``.
 The fix: the final ``http.response.body`` message of an HTTP/1.x response is sent under a
 shield, so the timer is armed (or the connection closed) from an uncancelled context. Its bytes
 were already written under hypercorn's own shield, so this adds no wait that could not block
-before. Not shielded, on purpose:
-
-- a response sent before the app received the whole request body (a 413, a 401 to a large
-  POST): hypercorn would close the connection at once, and closing a socket with unread data
-  resets it, so the client might never read the answer. Such a connection keeps the old
-  behaviour (open until the client closes it; a 413 says ``Connection: close``);
-- HTTP/2 (its final send may wait for flow-control credit) and WebSocket connections, which
-  keep the upstream behaviour: they close when the client closes them.
+before. A response that comes before the whole request body has arrived (a 413, a 401 to an
+upload) first waits up to ``LINGER`` seconds for the rest of the body, which quart reads and
+drops: closing a socket with unread data resets it, and a client still uploading (most read
+only once they have sent everything) would lose the answer. Past ``LINGER`` the connection is
+closed anyway. HTTP/2 (whose final send may wait for flow-control credit) and WebSocket
+connections are left as they were: they close when the client closes them.
 """
 
 from __future__ import annotations
@@ -36,7 +34,9 @@ from hypercorn.typing import (
     Scope,
 )
 
-__all__ = ["KeepAliveFix"]
+__all__ = ["LINGER", "KeepAliveFix"]
+
+LINGER = 5.0  # seconds an early answer waits for the rest of the request body before closing
 
 ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
 
@@ -57,21 +57,24 @@ class KeepAliveFix:
             await self.app(scope, receive, send)
             return
 
-        body_received = False
+        body_in = trio.Event()  # the whole request body has been received (or the client left)
 
         async def receive_noting_the_end() -> ASGIReceiveEvent:
-            nonlocal body_received
             message = await receive()
-            if message["type"] == "http.request" and not message.get("more_body", False):
-                body_received = True
+            if message["type"] == "http.disconnect" or (
+                message["type"] == "http.request" and not message.get("more_body", False)
+            ):
+                body_in.set()
             return message
 
         async def send_last_shielded(message: ASGISendEvent) -> None:
-            if (message["type"] == "http.response.body" and not message.get("more_body", False)
-                    and body_received):
-                with trio.CancelScope(shield=True):
-                    await send(message)
-            else:
+            if message["type"] != "http.response.body" or message.get("more_body", False):
+                await send(message)
+                return
+            if not body_in.is_set():
+                with trio.move_on_after(LINGER):
+                    await body_in.wait()
+            with trio.CancelScope(shield=True):
                 await send(message)
 
         await self.app(scope, receive_noting_the_end, send_last_shielded)
