@@ -17,8 +17,9 @@ before. A response that comes before the whole request body has arrived (a 413, 
 upload) first waits up to ``LINGER`` seconds for the rest of the body, which quart reads and
 drops: closing a socket with unread data resets it, and a client still uploading (most read
 only once they have sent everything) would lose the answer. Past ``LINGER`` the connection is
-closed anyway. HTTP/2 (whose final send may wait for flow-control credit) and WebSocket
-connections are left as they were: they close when the client closes them.
+closed anyway. HTTP/2 connections (whose final send may wait for flow-control credit) are
+left as they were. WebSocket connections do not need it: after a refused handshake or a close
+handshake the server closes the connection at once (checked over raw sockets).
 """
 
 from __future__ import annotations
