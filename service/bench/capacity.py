@@ -71,7 +71,7 @@ async def capacity(
                 gaps, added = _gaps(live, sends, since, until)
                 errors = sum(r.error is not None for r in live)
                 p99 = pct(added, 0.99)
-                set_up = ramp_scope.cancelled_caught is False
+                set_up = not ramp_scope.cancelled_caught
                 row = {"streams": len(live), "errors": errors, "gaps": len(gaps),
                        "all_set_up": set_up,
                        "gap_p50_ms": ms(pct(gaps, 0.5)), "gap_p99_ms": ms(pct(gaps, 0.99)),
