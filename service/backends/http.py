@@ -47,6 +47,7 @@ __all__ = [
     "SSEReader",
     "TimedResponse",
     "error_from_status",
+    "httpx_error",
     "make_client",
     "map_httpx_errors",
     "open_stream",
@@ -152,29 +153,34 @@ def make_sharded_client(
     )
 
 
+def httpx_error(exc: httpx.HTTPError, backend: str, url: str = "") -> BackendError:
+    """The service's error for one of httpx's (the caller raises it ``from exc``)."""
+    where = f" ({url})" if url else ""
+    if isinstance(exc, httpx.ConnectTimeout):
+        return ConnectTimeout(f"connect timed out{where}", backend=backend)
+    if isinstance(exc, httpx.PoolTimeout):
+        return ConnectTimeout(f"no free connection in the pool{where}", backend=backend)
+    if isinstance(exc, httpx.TimeoutException):
+        return BackendTimeout(f"{type(exc).__name__}{where}", backend=backend)
+    if isinstance(exc, httpx.ConnectError):
+        return BackendUnavailable(f"cannot connect{where}: {exc}", backend=backend)
+    if isinstance(exc, httpx.RemoteProtocolError):
+        # Mostly "peer closed connection without sending complete message body": it went away.
+        return BackendUnavailable(f"connection lost{where}: {exc}", backend=backend)
+    if isinstance(exc, httpx.TransportError):  # ReadError, WriteError, ...
+        return BackendUnavailable(f"{type(exc).__name__}{where}: {exc}", backend=backend)
+    if isinstance(exc, httpx.DecodingError):
+        return BackendProtocolError(f"undecodable body{where}: {exc}", backend=backend)
+    return BackendProtocolError(f"{type(exc).__name__}{where}: {exc}", backend=backend)
+
+
 @contextmanager
 def map_httpx_errors(backend: str, url: str = "") -> Iterator[None]:
     """Translate httpx's exceptions into the service's tree, keeping the cause."""
-    where = f" ({url})" if url else ""
     try:
         yield
-    except httpx.ConnectTimeout as exc:
-        raise ConnectTimeout(f"connect timed out{where}", backend=backend) from exc
-    except httpx.PoolTimeout as exc:
-        raise ConnectTimeout(f"no free connection in the pool{where}", backend=backend) from exc
-    except httpx.TimeoutException as exc:
-        raise BackendTimeout(f"{type(exc).__name__}{where}", backend=backend) from exc
-    except httpx.ConnectError as exc:
-        raise BackendUnavailable(f"cannot connect{where}: {exc}", backend=backend) from exc
-    except httpx.RemoteProtocolError as exc:
-        # Mostly "peer closed connection without sending complete message body": it went away.
-        raise BackendUnavailable(f"connection lost{where}: {exc}", backend=backend) from exc
-    except httpx.TransportError as exc:  # ReadError, WriteError, ...
-        raise BackendUnavailable(f"{type(exc).__name__}{where}: {exc}", backend=backend) from exc
-    except httpx.DecodingError as exc:
-        raise BackendProtocolError(f"undecodable body{where}: {exc}", backend=backend) from exc
     except httpx.HTTPError as exc:
-        raise BackendProtocolError(f"{type(exc).__name__}{where}: {exc}", backend=backend) from exc
+        raise httpx_error(exc, backend, url) from exc
 
 
 def _error_message(body: bytes) -> str:
@@ -249,11 +255,14 @@ class TimedResponse:
 
     async def read(self, deadline: tuple[float, str, float]) -> bytes:
         at, kind, budget = deadline
-        with trio.move_on_at(at) as scope, map_httpx_errors(self.backend):
+        # Per chunk: a plain try rather than map_httpx_errors (a generator per read).
+        with trio.move_on_at(at) as scope:
             try:
                 return await self._raw.__anext__()
             except StopAsyncIteration:
                 return b""
+            except httpx.HTTPError as exc:
+                raise httpx_error(exc, self.backend) from exc
         if scope.cancelled_caught:
             raise _timeout_error(kind, budget, self.backend)
         raise AssertionError("unreachable")  # pragma: no cover
