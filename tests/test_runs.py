@@ -10,7 +10,7 @@ import trio.testing
 
 from service.agents import Agent, AgentContext
 from service.errors import BackendUnavailable, IllegalTransition, TooManyRuns
-from service.runs import ResumeFrom, RunSpec, RunStatus, check_transition
+from service.runs import ResumeFrom, RunEvent, RunSpec, RunStatus, check_transition
 from service.runs.handle import RunHandle
 from service.store import MessageStatus
 
@@ -111,6 +111,29 @@ async def test_slow_subscriber_is_told_to_resume_not_kept() -> None:
         await sub.__anext__()
     assert info.value.seq == 0
     assert len(handle._events) <= 10
+
+
+def test_ready_takes_published_events_without_waiting() -> None:
+    events: list[RunEvent] = []
+    handle = RunHandle(run_id="run_x", conversation_id="c", agent="chat", model=None,
+                       owner=None, message_id="m", sink=events.append, window=10)
+    sub = handle.subscribe(0)
+    assert sub.ready() is None  # nothing published yet: the caller must wait
+    first, second = handle.emit("token", {"text": "a"}), handle.emit("token", {"text": "b"})
+    assert sub.ready() is None  # emitted is not published (not yet in the store)
+    handle.publish([first, second])
+    assert [sub.ready(), sub.ready(), sub.ready()] == [first, second, None]
+    handle.publish([handle.emit("run.finished", {"status": "succeeded"})])
+    assert sub.ready().type == "run.finished"  # type: ignore[union-attr]
+    with pytest.raises(StopAsyncIteration):
+        sub.ready()
+    busy = RunHandle(run_id="run_y", conversation_id="c", agent="chat", model=None,
+                     owner=None, message_id="m", sink=events.append, window=10)
+    behind = busy.subscribe(0)
+    for _ in range(25):
+        busy.publish([busy.emit("token", {"text": "x"})])
+    with pytest.raises(ResumeFrom):
+        behind.ready()  # the window moved past it: re-read the store
 
 
 @pytest.mark.parametrize("stage", ["before_first_token", "mid_stream"])

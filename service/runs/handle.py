@@ -170,16 +170,24 @@ class Subscription:
     def __aiter__(self) -> Subscription:
         return self
 
-    async def __anext__(self) -> RunEvent:
+    def ready(self) -> RunEvent | None:
+        """The next event if it is already published, else None; no wait (and no checkpoint).
+
+        Raises like ``__anext__``: StopAsyncIteration after the last, ResumeFrom if too slow.
+        """
         h = self._handle
-        while True:
-            index = self.last_seq + 1 - h._base_seq
-            if index < 0:
-                raise ResumeFrom(self.last_seq)
-            if index < len(h._events):
-                event = h._events[index]
-                self.last_seq = event.seq
-                return event
-            if h._published_final:
-                raise StopAsyncIteration
-            await h._changed.wait()
+        index = self.last_seq + 1 - h._base_seq
+        if index < 0:
+            raise ResumeFrom(self.last_seq)
+        if index < len(h._events):
+            event = h._events[index]
+            self.last_seq = event.seq
+            return event
+        if h._published_final:
+            raise StopAsyncIteration
+        return None
+
+    async def __anext__(self) -> RunEvent:
+        while (event := self.ready()) is None:
+            await self._handle._changed.wait()
+        return event
