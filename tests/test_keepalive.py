@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import AsyncExitStack
 
 import h11
 import trio
@@ -47,6 +48,8 @@ async def _exchange(
             data += event.data
         elif isinstance(event, h11.EndOfMessage):
             return status, data
+        elif isinstance(event, h11.ConnectionClosed):
+            raise AssertionError("the server closed the connection before answering")
 
 
 async def test_an_idle_connection_is_closed_after_keep_alive_timeout(
@@ -66,17 +69,19 @@ async def test_an_idle_connection_is_closed_after_keep_alive_timeout(
 
 async def test_shutdown_closes_idle_keep_alive_connections_at_once(settings: Settings) -> None:
     # graceful_timeout is far above the guard: only closing idle connections at once passes.
+    # The connections outlive the server (closed by the stack, whatever fails).
     with trio.fail_after(GUARD):
-        async with running_server(settings, graceful_timeout=120) as srv:
-            plain = await _connect(srv)
-            assert (await _exchange(plain, "GET", "/healthz"))[0] == 200
-            streamed = await _connect(srv)
-            status, body = await _exchange(streamed, "POST", "/v1/chat/completions", json.dumps({
-                "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode())
-            assert status == 200
-            assert body.endswith(b"data: [DONE]\n\n")
-        # The server is gone, and it closed both connections itself.
-        async with plain, streamed:
+        async with AsyncExitStack() as connections:
+            async with running_server(settings, graceful_timeout=120) as srv:
+                plain = await connections.enter_async_context(await _connect(srv))
+                assert (await _exchange(plain, "GET", "/healthz"))[0] == 200
+                streamed = await connections.enter_async_context(await _connect(srv))
+                status, body = await _exchange(
+                    streamed, "POST", "/v1/chat/completions", json.dumps({
+                        "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode())
+                assert status == 200
+                assert body.endswith(b"data: [DONE]\n\n")
+            # The server is gone, and it closed both connections itself.
             assert await plain.receive_some(100) == b""
             assert await streamed.receive_some(100) == b""
 
