@@ -727,3 +727,41 @@ async def test_v1_disconnect_closes_the_upstream(
             await record.closed.wait()
         assert record.client_gone
         assert not record.completed
+
+
+async def test_v1_run_that_cannot_be_stored_answers_500_and_closes_its_upstream(
+    settings: Settings,
+) -> None:
+    # A /v1 run's upstream request goes out while its first write commits; if that write
+    # fails, the client gets the store's error and the upstream request is closed.
+    import sqlite3
+    import time
+
+    async with e2e(settings, "llamacpp") as env:
+        env.sim.script(Reply(tokens=500, interval=0.02))
+        store = env.server.services.require_store()
+
+        def failing_commit() -> None:  # in the store's writer thread
+            time.sleep(0.3)  # the upstream request is out by then
+            raise sqlite3.OperationalError("disk I/O error")
+
+        store._before_commit = failing_commit
+        body = {"model": "sim-model", "stream": True,
+                "messages": [{"role": "user", "content": "go"}]}
+        with trio.fail_after(GUARD):
+            r = await env.client.post("/v1/chat/completions", json=body)
+        store._before_commit = None
+        assert r.status_code == 500, r.text
+        assert r.json()["error"]["type"] == "store_error"
+        assert "Traceback" not in r.text
+        with trio.fail_after(GUARD):
+            (record,) = env.sim.streams
+            await record.closed.wait()
+        assert record.client_gone
+        assert not record.completed
+        supervisor = env.server.services.require_supervisor()
+        with trio.fail_after(GUARD):
+            while supervisor.in_flight:  # noqa: ASYNC110 (no event for it)
+                await trio.sleep(0.01)
+        r = await env.client.get("/api/conversations")
+        assert r.json()["data"] == []  # nothing half-stored

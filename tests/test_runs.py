@@ -453,3 +453,110 @@ async def test_a_failed_final_write_is_retried(
         msgs = await env.store.get_messages(conv)
         assert (msgs[1].content, msgs[1].status) == ("all of it", MessageStatus.complete)
         assert (await env.store.list_run_events(handle.id))[-1].type == "run.finished"
+
+
+def _new_conversation_spec(question: str = "q") -> RunSpec:
+    """A run as the OpenAI-compatible endpoint starts it: a new conversation, its own history."""
+    from service.backends.base import ChatMessage
+
+    return RunSpec(
+        conversation_id=None, content=question, agent="chat", model="m",
+        new_conversation={"title": question, "system": None, "model": "m", "agent": "chat"},
+        messages=(ChatMessage("user", question),),
+    )
+
+
+async def _hold_writes(store, until: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED):  # type: ignore[no-untyped-def]
+    """The store's writer is busy (another task holds it) until ``until`` is set."""
+    async with store._write_lock:
+        task_status.started()
+        await until.wait()
+
+
+async def test_a_new_conversation_run_calls_the_model_while_its_first_write_commits(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    backend = ScriptedBackend([Reply("one two three", gap=0.5)])
+    async with supervisor_env(tmp_path, backend) as env:
+        started: list[RunHandle] = []
+
+        async def start() -> None:
+            started.append(await env.supervisor.start(_new_conversation_spec()))
+
+        async with trio.open_nursery() as nursery:
+            free = trio.Event()
+            await nursery.start(_hold_writes, env.store, free)  # busy for 3 s
+            nursery.start_soon(start)
+            with trio.fail_after(1):  # the model is called before the run is stored...
+                await backend.wait_stream(0)
+            await trio.sleep(3)
+            assert not started  # ... and the caller waits for the write
+            (live,) = env.supervisor._runs.values()
+            assert live.emitted_seq >= 2
+            assert live.published_seq == 0
+            free.set()
+        (handle,) = started
+        assert handle is live
+        seen = [e async for e in handle.subscribe()]
+        await handle.finished.wait()
+        assert handle.status is RunStatus.succeeded
+        assert [e.seq for e in seen] == list(range(1, len(seen) + 1))
+        assert seen[0].type == "run.started"
+        assert seen[0].data == {"run_id": handle.id, "conversation_id": handle.conversation_id,
+                                "agent": "chat", "model": "m"}
+        # Events emitted while the run's own write was queued landed after it, all of them.
+        assert [(e.seq, e.type) for e in await _events(env, handle.id)] == [
+            (e.seq, e.type) for e in seen
+        ]
+        msgs = await env.store.get_messages(handle.conversation_id)
+        assert [(m.role, m.content, m.status) for m in msgs] == [
+            ("user", "q", MessageStatus.complete),
+            ("assistant", "one two three", MessageStatus.complete),
+        ]
+        assert (await env.store.get_run(handle.id)).status == "succeeded"
+
+
+async def test_a_new_conversation_run_that_cannot_be_stored_is_cancelled(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    from service.errors import NotFound, StoreError
+
+    backend = ScriptedBackend([Reply("never finished", first_delay=2.0, gap=5.0)])
+    async with supervisor_env(tmp_path, backend) as env:
+        async def failing_write(begun, **kwargs):  # type: ignore[no-untyped-def]
+            await trio.sleep(3)  # the upstream stream is open by then
+            raise StoreError("store write failed: disk full")
+
+        env.store.write_run = failing_write  # type: ignore[method-assign]
+        with pytest.raises(StoreError):
+            await env.supervisor.start(_new_conversation_spec())
+        (stream,) = backend.streams
+        await stream.closed_event.wait()
+        assert stream.cancelled
+        assert not stream.completed
+        await trio.testing.wait_all_tasks_blocked()
+        assert env.supervisor.in_flight == 0
+        assert stream.request.run_id is not None
+        with pytest.raises(NotFound):  # its later writes (events, final state) changed nothing
+            await env.store.get_run(stream.request.run_id)
+        assert await env.store.list_conversations() == ([], None)
+
+
+async def test_a_caller_gone_before_its_new_run_is_stored_cancels_it(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    backend = ScriptedBackend([Reply("never finished", gap=5.0)])
+    async with supervisor_env(tmp_path, backend) as env:
+        async with trio.open_nursery() as nursery:
+            free = trio.Event()
+            await nursery.start(_hold_writes, env.store, free)
+            with trio.move_on_after(1):  # the client leaves while the run's write is queued
+                await env.supervisor.start(_new_conversation_spec())
+            free.set()
+        (stream,) = backend.streams
+        await stream.closed_event.wait()
+        assert stream.cancelled
+        assert not stream.completed
+        await trio.testing.wait_all_tasks_blocked()
+        assert env.supervisor.in_flight == 0
+        assert await env.store.list_conversations() == ([], None)  # its write never ran

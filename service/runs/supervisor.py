@@ -151,43 +151,92 @@ class RunSupervisor:
     # -- starting runs --------------------------------------------------------------------------
 
     async def start(self, spec: RunSpec) -> RunHandle:
-        """Start a run; returns once it is stored and its handle exists (trio start protocol)."""
+        """Start a run; returns once it is stored and its handle exists."""
         if self.draining:
             raise ShuttingDown("the service is shutting down; no new runs")
         if len(self._runs) + self._reserved >= self.max_runs:
             raise TooManyRuns(f"{self.max_runs} runs in flight; retry later")
         self._reserved += 1
         try:
+            if spec.conversation_id is None:
+                return await self._start_new(spec)
             return await self.nursery.start(self._run_task, spec)  # type: ignore[no-any-return]
         finally:
             self._reserved -= 1
 
     async def _run_task(self, spec: RunSpec, *, task_status: trio.TaskStatus[RunHandle]) -> None:
-        # One write checks the conversation, resolves agent and model, stores the run, both
-        # messages and event 1 (run.started), and reads the history for the agent.
+        # A run on an existing conversation. One write checks the conversation, resolves agent
+        # and model, stores the run, both messages and event 1 (run.started), and reads the
+        # history for the agent; the agent starts once it has landed.
         begun = await self._store.begin_run(
             spec.conversation_id, content=spec.content, agent=spec.agent, model=spec.model,
             owner=spec.owner, new_conversation=spec.new_conversation,
             default_model=spec.default_model,
         )
+        handle = self._new_handle(begun, spec)
+        handle.adopt_first_event(_event(begun.started))
+        self._register(handle)
+        task_status.started(handle)
+        await self._run(handle, spec)
+
+    async def _start_new(self, spec: RunSpec) -> RunHandle:
+        """A run on a new conversation (the OpenAI-compatible endpoint, which brings its own
+        history): nothing has to be read first, so the agent starts, and its upstream request
+        goes out, while the run's first write commits (that write is most of the time a request
+        spends in the service before its upstream call, measured in ``service.bench``).
+
+        Ordering: the write is called before the agent's task first runs and before this task's
+        first checkpoint, so it is queued in the store ahead of every other write about the run
+        (its events, its LLM calls, its final state), which therefore land after it. Event 1
+        (``run.started``) goes through the committer like any other event, so nothing about the
+        run is published before the run is stored. If the write fails, or this caller is
+        cancelled before the write was taken, the run is cancelled (its upstream call stops at
+        once; its later writes find no run and change nothing) and the error is raised here.
+        """
+        begun = self._store.plan_run(
+            content=spec.content, agent=spec.agent, model=spec.model, owner=spec.owner,
+            new_conversation=spec.new_conversation, default_model=spec.default_model,
+        )
+        handle = self._new_handle(begun, spec)
+        handle.emit("run.started", dict(begun.started.data))
+        self._register(handle)
+        try:
+            self.nursery.start_soon(self._run, handle, spec)
+        except BaseException:
+            self._unregister(handle)
+            raise
+        try:
+            await self._store.write_run(begun)
+        except BaseException:
+            handle.cancel("the run could not be stored")
+            raise
+        return handle
+
+    def _new_handle(self, begun: Any, spec: RunSpec) -> RunHandle:
         run = begun.run
         handle = RunHandle(
             run_id=run.id, conversation_id=run.conversation_id, agent=run.agent,
             model=run.model, owner=spec.owner, message_id=begun.reply.id, sink=self._enqueue,
         )
         handle.begun = begun
-        handle.adopt_first_event(_event(begun.started))
         handle.scope.deadline = trio.current_time() + (spec.timeout or self.run_timeout)
-        self._runs[run.id] = handle
+        return handle
+
+    def _register(self, handle: RunHandle) -> None:
+        self._runs[handle.id] = handle
         self._metrics.runs_in_flight.inc()
-        token = RUN_ID.set(run.id)
+
+    def _unregister(self, handle: RunHandle) -> None:
+        del self._runs[handle.id]
+        self._metrics.runs_in_flight.dec()
+
+    async def _run(self, handle: RunHandle, spec: RunSpec) -> None:
+        token = RUN_ID.set(handle.id)
         try:
-            task_status.started(handle)
             await self._execute(handle, spec)
         finally:
             RUN_ID.reset(token)
-            del self._runs[run.id]
-            self._metrics.runs_in_flight.dec()
+            self._unregister(handle)
 
     async def _execute(self, handle: RunHandle, spec: RunSpec) -> None:
         status = RunStatus.failed

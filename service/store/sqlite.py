@@ -260,7 +260,9 @@ class Store:
         transaction and one thread hop, each under its own SAVEPOINT (one failing write does not
         undo the others). The first waiter to get the lock takes the whole queue; the others
         find their write done. A write still queued when its caller is cancelled is removed and
-        never runs; one already taken lands whole.
+        never runs; one already taken lands whole. Writes land in the order they were called:
+        a call joins the queue before its first checkpoint, and the queue is taken whole and in
+        order (``Supervisor._start_new`` relies on it).
         """
         start = time.perf_counter()
         item = _PendingWrite(fn)
@@ -567,60 +569,89 @@ class Store:
         message, a ``pending`` reply and the run's first event (``run.started``, seq 1), and
         reads the conversation's earlier messages for the agent's history.
         """
+        if conversation_id is None:
+            begun = self.plan_run(content=content, agent=agent, model=model, owner=owner,
+                                  new_conversation=new_conversation, default_model=default_model)
+            await self.write_run(begun, with_first_event=True)
+            return begun
         now = time.time()
         run_id = new_id("run")
         user_id, reply_id = new_id("msg"), new_id("msg")
 
         def fn(c: sqlite3.Connection) -> BegunRun:
-            if conversation_id is None:
-                f = new_conversation or {}
-                conv = Conversation(new_id("conv"), f.get("title"), f.get("system"),
-                                    f.get("model"), f.get("agent"), owner, now, now)
-                c.execute(
-                    f"INSERT INTO conversations ({_CONV_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (conv.id, conv.title, conv.system, conv.model, conv.agent, owner, now, now),
-                )
-                history: list[Message] = []
-            else:
-                row = c.execute(
-                    f"SELECT {_CONV_COLS} FROM conversations WHERE id = ? AND owner IS ?",
-                    (conversation_id, owner),
-                ).fetchone()
-                if row is None:
-                    raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
-                conv = _conversation(row)
-                c.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conv.id))
-                history = [_message(r) for r in c.execute(
-                    f"SELECT {_MSG_COLS} FROM messages WHERE conversation_id = ? ORDER BY seq",
-                    (conv.id,),
-                )]
-            the_agent = agent or conv.agent or "chat"
-            the_model = model or conv.model or default_model
-            run = RunRecord(run_id, conv.id, owner, the_agent, the_model, "queued", now,
-                            None, None, None, {})
-            user = Message(user_id, conv.id, "user", content, MessageStatus.complete, run_id,
-                           None, now, now)
-            reply = Message(reply_id, conv.id, "assistant", "", MessageStatus.pending, run_id,
-                            None, now, now)
-            started = RunEventRecord(run_id, 1, "run.started", {
-                "run_id": run_id, "conversation_id": conv.id, "agent": the_agent,
-                "model": the_model,
-            }, now)
-            c.execute(
-                f"INSERT INTO runs ({_RUN_COLS}, process) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run_id, conv.id, owner, the_agent, the_model, "queued", now, None, None, None,
-                 "{}", self.process_id),
-            )
-            c.executemany(
-                f"INSERT INTO messages ({_MSG_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(m.id, m.conversation_id, m.role, m.content, m.status.value, m.run_id, None,
-                  now, now) for m in (user, reply)],
-            )
-            _insert_events(c, [started])
-            return BegunRun(run, user, reply, conv, history, started)
+            row = c.execute(
+                f"SELECT {_CONV_COLS} FROM conversations WHERE id = ? AND owner IS ?",
+                (conversation_id, owner),
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
+            conv = _conversation(row)
+            c.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conv.id))
+            history = [_message(r) for r in c.execute(
+                f"SELECT {_MSG_COLS} FROM messages WHERE conversation_id = ? ORDER BY seq",
+                (conv.id,),
+            )]
+            begun = _begun(run_id, user_id, reply_id, conv, history, content, agent, model,
+                           owner, default_model, now)
+            self._insert_run(c, begun, with_first_event=True)
+            return begun
 
         return await self._write("begin_run", fn)
+
+    def plan_run(
+        self,
+        *,
+        content: str,
+        agent: str | None,
+        model: str | None,
+        owner: str | None = None,
+        new_conversation: dict[str, str | None] | None = None,
+        default_model: str | None = None,
+    ) -> BegunRun:
+        """The records of a run on a new conversation, without writing them (sync, no I/O).
+
+        Nothing has to be read for such a run, so its caller can start working while
+        :meth:`write_run` stores them: writes land in the order they were called, so any write
+        about the run called after ``write_run`` (its events, its final state) lands after it.
+        """
+        now = time.time()
+        f = new_conversation or {}
+        conv = Conversation(new_id("conv"), f.get("title"), f.get("system"), f.get("model"),
+                            f.get("agent"), owner, now, now)
+        return _begun(new_id("run"), new_id("msg"), new_id("msg"), conv, [], content, agent,
+                      model, owner, default_model, now)
+
+    async def write_run(self, begun: BegunRun, *, with_first_event: bool = False) -> None:
+        """Store a run from :meth:`plan_run` in one transaction: its new conversation, the
+        ``queued`` run, the user's message and the ``pending`` reply (and ``begun.started``,
+        event 1, if ``with_first_event``; else the caller appends it like any other event)."""
+        conv = begun.conversation
+
+        def fn(c: sqlite3.Connection) -> None:
+            c.execute(
+                f"INSERT INTO conversations ({_CONV_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (conv.id, conv.title, conv.system, conv.model, conv.agent, conv.owner,
+                 conv.created_at, conv.updated_at),
+            )
+            self._insert_run(c, begun, with_first_event=with_first_event)
+
+        await self._write("begin_run", fn)
+
+    def _insert_run(self, c: sqlite3.Connection, begun: BegunRun, *,
+                    with_first_event: bool) -> None:
+        run, now = begun.run, begun.run.created_at
+        c.execute(
+            f"INSERT INTO runs ({_RUN_COLS}, process) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (run.id, run.conversation_id, run.owner, run.agent, run.model, "queued", now, None,
+             None, None, "{}", self.process_id),
+        )
+        c.executemany(
+            f"INSERT INTO messages ({_MSG_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(m.id, m.conversation_id, m.role, m.content, m.status.value, m.run_id, None,
+              now, now) for m in (begun.user, begun.reply)],
+        )
+        if with_first_event:
+            _insert_events(c, [begun.started])
 
     async def finish_run(
         self,
@@ -809,6 +840,26 @@ def _alive(process: str | None, current: str) -> bool:
     except PermissionError:
         return True  # exists, owned by someone else
     return True
+
+
+def _begun(
+    run_id: str, user_id: str, reply_id: str, conv: Conversation, history: list[Message],
+    content: str, agent: str | None, model: str | None, owner: str | None,
+    default_model: str | None, now: float,
+) -> BegunRun:
+    """The records of a new run on ``conv`` (agent and model resolved from it if not given)."""
+    the_agent = agent or conv.agent or "chat"
+    the_model = model or conv.model or default_model
+    run = RunRecord(run_id, conv.id, owner, the_agent, the_model, "queued", now, None, None,
+                    None, {})
+    user = Message(user_id, conv.id, "user", content, MessageStatus.complete, run_id, None,
+                   now, now)
+    reply = Message(reply_id, conv.id, "assistant", "", MessageStatus.pending, run_id, None,
+                    now, now)
+    started = RunEventRecord(run_id, 1, "run.started", {
+        "run_id": run_id, "conversation_id": conv.id, "agent": the_agent, "model": the_model,
+    }, now)
+    return BegunRun(run, user, reply, conv, history, started)
 
 
 class BegunRun(NamedTuple):
