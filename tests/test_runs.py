@@ -473,20 +473,15 @@ async def _hold_writes(store, until: trio.Event, *, task_status=trio.TASK_STATUS
         await until.wait()
 
 
-@pytest.mark.parametrize("conversation", ["new", "existing"])
-async def test_a_run_calls_the_model_while_its_first_write_commits(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock, conversation: str
+async def test_a_new_conversation_run_calls_the_model_while_its_first_write_commits(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     backend = ScriptedBackend([Reply("one two three", gap=0.5)])
     async with supervisor_env(tmp_path, backend) as env:
         started: list[RunHandle] = []
-        if conversation == "new":
-            spec = _new_conversation_spec()
-        else:
-            spec = RunSpec(await env.conversation(title="t"), "q", agent="chat", model="m")
 
         async def start() -> None:
-            started.append(await env.supervisor.start(spec))
+            started.append(await env.supervisor.start(_new_conversation_spec()))
 
         async with trio.open_nursery() as nursery:
             free = trio.Event()
@@ -565,42 +560,3 @@ async def test_a_caller_gone_before_its_new_run_is_stored_cancels_it(
         await trio.testing.wait_all_tasks_blocked()
         assert env.supervisor.in_flight == 0
         assert await env.store.list_conversations() == ([], None)  # its write never ran
-
-
-async def test_a_run_on_a_conversation_deleted_before_its_write_is_refused_and_cancelled(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
-) -> None:
-    from service.errors import NotFound
-
-    backend = ScriptedBackend([Reply("never finished", gap=5.0)])
-    async with supervisor_env(tmp_path, backend) as env:
-        conv = await env.conversation()
-        real = env.store.prepare_run
-
-        async def then_deleted(*args, **kwargs):  # type: ignore[no-untyped-def]
-            begun = await real(*args, **kwargs)
-            await env.store.delete_conversation(conv)  # between the run's read and its write
-            return begun
-
-        env.store.prepare_run = then_deleted  # type: ignore[method-assign]
-        with pytest.raises(NotFound):
-            await env.supervisor.start(RunSpec(conv, "q"))
-        await trio.testing.wait_all_tasks_blocked()
-        assert env.supervisor.in_flight == 0
-        for stream in backend.streams:  # if the model was called, that call was stopped
-            assert stream.closed
-            assert not stream.completed
-
-
-async def test_a_run_on_an_unknown_conversation_never_reaches_the_model(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
-) -> None:
-    from service.errors import NotFound
-
-    backend = ScriptedBackend([Reply("never")])
-    async with supervisor_env(tmp_path, backend) as env:
-        with pytest.raises(NotFound):
-            await env.supervisor.start(RunSpec("conv_missing", "q"))
-        await trio.testing.wait_all_tasks_blocked()
-        assert backend.streams == []
-        assert env.supervisor.in_flight == 0

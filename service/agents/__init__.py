@@ -83,7 +83,7 @@ def make_runner(
             raise BackendUnavailable("no backend is configured")
         if spec.messages is not None:  # the OpenAI-compatible endpoint's own history
             history = trim_history(list(spec.messages), history_chars)
-        else:  # read when the run started (Store.prepare_run)
+        else:  # read by the run's first write (Store.begin_run)
             begun = handle.begun
             history = trim_history(
                 build_history(begun.conversation, [*begun.history, begun.user]), history_chars

@@ -145,6 +145,12 @@ class RunHandle:
         changed, self._changed = self._changed, trio.Event()
         changed.set()
 
+    def adopt_first_event(self, event: RunEvent) -> None:
+        """Take an event the store wrote with the run itself (``run.started``) as published."""
+        assert event.seq == self._next_seq, (event.seq, self._next_seq)
+        self._next_seq += 1
+        self.publish([event])
+
     def covers(self, after: int) -> bool:
         """Whether every published event after ``after`` is still in the in-memory window."""
         return after + 1 >= self._base_seq

@@ -5,7 +5,7 @@ Each run is a task in the supervisor's nursery with its own ``CancelScope`` (a d
 run timeout) and its own nursery for the agent's work, so cancelling one run stops its LLM stream
 and its tools and nothing else.
 
-How a run ends (``_execute``):
+How a run ends (``_run_task``):
 
 * the agent returns -> ``succeeded``; a backend or agent error -> ``failed`` (other runs go on);
 * ``handle.cancel(reason)`` (a client, an explicit cancel) -> ``cancelled``;
@@ -20,6 +20,7 @@ bounded scope, so a cancel cannot leave it half done.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -150,23 +151,7 @@ class RunSupervisor:
     # -- starting runs --------------------------------------------------------------------------
 
     async def start(self, spec: RunSpec) -> RunHandle:
-        """Start a run; returns once it is stored and its handle exists.
-
-        What the run needs is read (or, for a new conversation, just built) first; then its
-        agent starts, and its upstream request goes out, while the run's first write commits
-        (that write, queued behind other runs' events under load, was most of the time a
-        request spent in the service before its upstream call; see ``service.bench``).
-
-        Ordering: the write is called before the agent's task first runs and before this task's
-        next checkpoint, so it is queued in the store ahead of every other write about the run
-        (its events, its LLM calls, its final state), which land after it (``Store._write``:
-        writes land in call order). Event 1 (``run.started``) goes through the committer like
-        any other event, so nothing about the run is published before the run is stored. If the
-        write fails (the conversation deleted meanwhile: ``NotFound``; a store error), or this
-        caller is cancelled before the write was taken, the run is cancelled (its upstream call
-        stops at once; its later writes find no run and change nothing) and the error is raised
-        here.
-        """
+        """Start a run; returns once it is stored and its handle exists."""
         if self.draining:
             raise ShuttingDown("the service is shutting down; no new runs")
         if len(self._runs) + self._reserved >= self.max_runs:
@@ -174,32 +159,56 @@ class RunSupervisor:
         self._reserved += 1
         try:
             if spec.conversation_id is None:
-                begun = self._store.plan_run(
-                    content=spec.content, agent=spec.agent, model=spec.model, owner=spec.owner,
-                    new_conversation=spec.new_conversation, default_model=spec.default_model,
-                )
-            else:
-                begun = await self._store.prepare_run(
-                    spec.conversation_id, content=spec.content, agent=spec.agent,
-                    model=spec.model, owner=spec.owner, default_model=spec.default_model,
-                )
-            if self.draining:  # began draining during the read
-                raise ShuttingDown("the service is shutting down; no new runs")
-            handle = self._new_handle(begun, spec)
-            handle.emit("run.started", dict(begun.started.data))
-            self._register(handle)
-            try:
-                self.nursery.start_soon(self._run, handle, spec)
-            except BaseException:
-                self._unregister(handle)
-                raise
+                return await self._start_new(spec)
+            return await self.nursery.start(self._run_task, spec)  # type: ignore[no-any-return]
         finally:
             self._reserved -= 1
+
+    async def _run_task(self, spec: RunSpec, *, task_status: trio.TaskStatus[RunHandle]) -> None:
+        # A run on an existing conversation. One write checks the conversation, resolves agent
+        # and model, stores the run, both messages and event 1 (run.started), and reads the
+        # history for the agent; the agent starts once it has landed.
+        begun = await self._store.begin_run(
+            spec.conversation_id, content=spec.content, agent=spec.agent, model=spec.model,
+            owner=spec.owner, new_conversation=spec.new_conversation,
+            default_model=spec.default_model,
+        )
+        handle = self._new_handle(begun, spec)
+        handle.adopt_first_event(_event(begun.started))
+        self._register(handle)
+        task_status.started(handle)
+        await self._run(handle, spec)
+
+    async def _start_new(self, spec: RunSpec) -> RunHandle:
+        """A run on a new conversation (the OpenAI-compatible endpoint, which brings its own
+        history): nothing has to be read first, so the agent starts, and its upstream request
+        goes out, while the run's first write commits (that write is most of the time a request
+        spends in the service before its upstream call, measured in ``service.bench``).
+
+        Ordering: the write is called before the agent's task first runs and before this task's
+        first checkpoint, so it is queued in the store ahead of every other write about the run
+        (its events, its LLM calls, its final state), which therefore land after it. Event 1
+        (``run.started``) goes through the committer like any other event, so nothing about the
+        run is published before the run is stored. If the write fails, or this caller is
+        cancelled before the write was taken, the run is cancelled (its upstream call stops at
+        once; its later writes find no run and change nothing) and the error is raised here.
+        """
+        begun = self._store.plan_run(
+            content=spec.content, agent=spec.agent, model=spec.model, owner=spec.owner,
+            new_conversation=spec.new_conversation, default_model=spec.default_model,
+        )
+        handle = self._new_handle(begun, spec)
+        handle.emit("run.started", dict(begun.started.data))
+        self._register(handle)
+        try:
+            self.nursery.start_soon(self._run, handle, spec)
+        except BaseException:
+            self._unregister(handle)
+            raise
         try:
             await self._store.write_run(begun)
-        except BaseException as exc:
-            handle.cancel("the run could not be stored" if isinstance(exc, Exception)
-                          else "cancelled before the run was stored")
+        except BaseException:
+            handle.cancel("the run could not be stored")
             raise
         return handle
 
@@ -413,6 +422,11 @@ def _leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return exc
+
+
+def _event(r: RunEventRecord) -> RunEvent:
+    return RunEvent(r.run_id, r.seq, r.type, r.data, r.created_at,
+                    r.raw if r.raw is not None else json.dumps(r.data, separators=(",", ":")))
 
 
 def _record(e: RunEvent) -> RunEventRecord:

@@ -619,64 +619,20 @@ class Store:
         conv = Conversation(new_id("conv"), f.get("title"), f.get("system"), f.get("model"),
                             f.get("agent"), owner, now, now)
         return _begun(new_id("run"), new_id("msg"), new_id("msg"), conv, [], content, agent,
-                      model, owner, default_model, now)._replace(new_conversation=True)
-
-    async def prepare_run(
-        self,
-        conversation_id: str,
-        *,
-        content: str,
-        agent: str | None,
-        model: str | None,
-        owner: str | None = None,
-        default_model: str | None = None,
-    ) -> BegunRun:
-        """The records of a run on an existing conversation, from one read (not a write).
-
-        Reads the conversation (owned by ``owner``, else :class:`NotFound`) and its messages on
-        the reader connection, which never waits for writes, and plans the run as
-        :meth:`plan_run` does; :meth:`write_run` stores it (and refuses it if the conversation
-        is gone by then). Two runs started at once on one conversation may each not see the
-        other's question in their history.
-        """
-        now = time.time()
-
-        def fn(c: sqlite3.Connection) -> tuple[Conversation, list[Message]]:
-            row = c.execute(
-                f"SELECT {_CONV_COLS} FROM conversations WHERE id = ? AND owner IS ?",
-                (conversation_id, owner),
-            ).fetchone()
-            if row is None:
-                raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
-            history = [_message(r) for r in c.execute(
-                f"SELECT {_MSG_COLS} FROM messages WHERE conversation_id = ? ORDER BY seq",
-                (conversation_id,),
-            )]
-            return _conversation(row), history
-
-        conv, history = await self._read("prepare_run", fn)
-        return _begun(new_id("run"), new_id("msg"), new_id("msg"), conv, history, content, agent,
                       model, owner, default_model, now)
 
     async def write_run(self, begun: BegunRun, *, with_first_event: bool = False) -> None:
-        """Store a run from :meth:`plan_run` or :meth:`prepare_run` in one transaction: its new
-        conversation (or the existing one's ``updated_at``; :class:`NotFound` if it is gone),
-        the ``queued`` run, the user's message and the ``pending`` reply (and ``begun.started``,
+        """Store a run from :meth:`plan_run` in one transaction: its new conversation, the
+        ``queued`` run, the user's message and the ``pending`` reply (and ``begun.started``,
         event 1, if ``with_first_event``; else the caller appends it like any other event)."""
         conv = begun.conversation
 
         def fn(c: sqlite3.Connection) -> None:
-            if begun.new_conversation:
-                c.execute(
-                    f"INSERT INTO conversations ({_CONV_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (conv.id, conv.title, conv.system, conv.model, conv.agent, conv.owner,
-                     conv.created_at, conv.updated_at),
-                )
-            elif c.execute(
-                "UPDATE conversations SET updated_at = ? WHERE id = ? AND owner IS ?",
-                (begun.run.created_at, conv.id, conv.owner),
-            ).rowcount == 0:
-                raise NotFound(f"no conversation {conv.id!r}", id=conv.id)
+            c.execute(
+                f"INSERT INTO conversations ({_CONV_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (conv.id, conv.title, conv.system, conv.model, conv.agent, conv.owner,
+                 conv.created_at, conv.updated_at),
+            )
             self._insert_run(c, begun, with_first_event=with_first_event)
 
         await self._write("begin_run", fn)
@@ -907,7 +863,7 @@ def _begun(
 
 
 class BegunRun(NamedTuple):
-    """What ``Store.begin_run`` wrote and read (or ``plan_run``/``prepare_run`` planned)."""
+    """What ``Store.begin_run`` wrote and read."""
 
     run: RunRecord
     user: Message
@@ -915,7 +871,6 @@ class BegunRun(NamedTuple):
     conversation: Conversation
     history: list[Message]  # the conversation's messages before this run's
     started: RunEventRecord  # event 1
-    new_conversation: bool = False  # the conversation is created with the run
 
 
 class _PendingWrite:
