@@ -560,3 +560,17 @@ async def test_a_caller_gone_before_its_new_run_is_stored_cancels_it(
         await trio.testing.wait_all_tasks_blocked()
         assert env.supervisor.in_flight == 0
         assert await env.store.list_conversations() == ([], None)  # its write never ran
+
+
+async def test_a_run_on_an_unknown_conversation_never_reaches_the_model(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    from service.errors import NotFound
+
+    backend = ScriptedBackend([Reply("never")])
+    async with supervisor_env(tmp_path, backend) as env:
+        with pytest.raises(NotFound):
+            await env.supervisor.start(RunSpec("conv_missing", "q"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert backend.streams == []
+        assert env.supervisor.in_flight == 0
