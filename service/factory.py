@@ -19,6 +19,7 @@ from quart_trio.wrappers import TrioRequest
 from .api import backends as backends_api
 from .api import conversations, openai, ops, runs, ws
 from .api.errors import install_error_handlers, json_error
+from .api.owned import CancelOwnedRuns
 from .api.state import Services
 from .backends.base import Backend
 from .keepalive import KeepAliveFix
@@ -139,6 +140,7 @@ def create_app(
         )
         return response
 
-    # Idle keep-alive connections get closed again (after keep_alive_timeout, or at shutdown).
-    app.asgi_app = KeepAliveFix(app.asgi_app)  # type: ignore[method-assign]
+    # Idle keep-alive connections get closed again (after keep_alive_timeout, or at shutdown);
+    # runs a request started end with it unless handed over (service/api/owned.py).
+    app.asgi_app = KeepAliveFix(CancelOwnedRuns(app.asgi_app))  # type: ignore[method-assign]
     return app

@@ -22,6 +22,7 @@ from ..backends.base import ChatMessage, ToolCall
 from ..runs import RunEvent, RunHandle, RunSpec, RunStatus
 from .errors import json_error
 from .models import AgentName
+from .owned import own_run
 from .runs import ERROR_STATUS, sse_response
 from .sse import sse_data
 from .state import current_owner, services
@@ -147,6 +148,7 @@ async def chat_completions(data: ChatCompletionRequest) -> Response:
         temperature=data.temperature, stop=stop,
     )
     handle = await svc.require_supervisor().start(spec)
+    own_run(handle)  # cancelled if this request ends while it still runs
     created = int(time.time())
     cid = f"chatcmpl-{handle.id}"
     shown_model = model or "default"

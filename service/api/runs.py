@@ -25,6 +25,7 @@ from .models import (
     RunOut,
     iso,
 )
+from .owned import own_run
 from .sse import KEEPALIVE, sse_event
 from .state import current_owner, services
 from .streams import EventReader, Keepalive
@@ -109,6 +110,8 @@ async def post_message(conversation_id: str, data: PostMessage) -> Response:
         timeout=data.timeout,
     )
     handle = await svc.require_supervisor().start(spec)
+    if data.on_disconnect == "cancel":
+        own_run(handle)  # cancelled if this request ends while it still runs
     if data.stream:
         return sse_response(_event_stream(_reader(handle.id, 0), handle, data.on_disconnect))
     try:

@@ -1,0 +1,64 @@
+"""Runs owned by the HTTP request that started them: cancelled when that request ends.
+
+A streamed run is cancelled by its response body when the client leaves (the generator's
+``finally``), and a non-streamed one by its handler. Neither covers a client that leaves after
+the run has started but before its response body has begun: the request is cancelled inside
+Quart or hypercorn, the body generator never runs, and the run (with its upstream generation)
+would go on with nobody to read it. Seen in a test that holds the run's first write in the
+store's thread while the client disconnects.
+
+So a handler hands its run to :func:`own_run` right after starting it (no checkpoint between),
+and the :class:`CancelOwnedRuns` ASGI middleware cancels, when the request ends in any way,
+each owned run that is still going. A run that outlives its request by design
+(``on_disconnect: continue``) is simply not handed over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
+
+from ..runs import RunHandle
+
+__all__ = ["CancelOwnedRuns", "own_run"]
+
+ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
+
+# The current request's runs (the list is shared with the request's tasks: they copy the
+# context, not the list).
+_OWNED: ContextVar[list[RunHandle] | None] = ContextVar("owned_runs", default=None)
+
+
+def own_run(handle: RunHandle) -> None:
+    """Cancel ``handle`` ("client disconnected") if it is still going when this request ends."""
+    owned = _OWNED.get()
+    if owned is not None:
+        owned.append(handle)
+
+
+class CancelOwnedRuns:
+    """ASGI middleware: see the module docstring."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    def __repr__(self) -> str:
+        return f"<CancelOwnedRuns {self.app!r}>"
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        owned: list[RunHandle] = []
+        token = _OWNED.set(owned)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _OWNED.reset(token)
+            for handle in owned:
+                if not handle.done:
+                    handle.cancel("client disconnected")  # sync, idempotent
