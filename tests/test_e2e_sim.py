@@ -767,40 +767,59 @@ async def test_v1_run_that_cannot_be_stored_answers_500_and_closes_its_upstream(
         assert r.json()["data"] == []  # nothing half-stored
 
 
-@pytest.mark.parametrize("endpoint", ["v1", "native"])
-async def test_client_gone_while_its_run_is_being_stored_cancels_the_run(
-    settings: Settings, endpoint: str
+@pytest.mark.parametrize(("endpoint", "on_disconnect"),
+                         [("v1", "cancel"), ("native", "cancel"), ("native", "continue")])
+async def test_client_gone_while_its_run_is_being_stored(
+    settings: Settings, endpoint: str, on_disconnect: str
 ) -> None:
     # The client leaves while the run's first write is in the store's thread: the write lands,
     # then the request is cancelled before its response (and the stream that would cancel the
-    # run on disconnect) has started. The run must still stop, with its upstream call.
+    # run on disconnect) has started. A "cancel" run must still stop, with its upstream call
+    # (it went on streaming); a "continue" run must go on (it was recorded as "shutdown").
+    import threading
     import time
 
     async with e2e(settings, "llamacpp") as env:
-        env.sim.script(Reply(tokens=500, interval=0.02))
+        tokens = 500 if on_disconnect == "cancel" else 5
+        env.sim.script(Reply(tokens=tokens, interval=0.02))
         conv = await env.conversation() if endpoint == "native" else ""
         store = env.server.services.require_store()
-        supervisor = env.server.services.require_supervisor()
-        store._before_commit = lambda: time.sleep(0.5)  # in the writer thread
+        committing = threading.Event()
+
+        def slow_commit() -> None:  # in the writer thread, before COMMIT
+            time.sleep(0.5)
+            committing.set()
+
+        store._before_commit = slow_commit
         if endpoint == "v1":
             path, body = "/v1/chat/completions", {
                 "model": "sim-model", "stream": True,
                 "messages": [{"role": "user", "content": "go"}]}
         else:
-            path, body = f"/api/conversations/{conv}/messages", {"content": "go", "stream": True}
+            path, body = f"/api/conversations/{conv}/messages", {
+                "content": "go", "stream": True, "on_disconnect": on_disconnect}
         with trio.fail_after(GUARD):
             with trio.move_on_after(0.25):  # leaves while the write is in its thread
                 await env.client.post(path, json=body)
+            await trio.to_thread.run_sync(committing.wait, GUARD)
             store._before_commit = None
-            while supervisor.in_flight:  # noqa: ASYNC110 (no event for it)
-                await trio.sleep(0.01)
-        for record in env.sim.streams:  # if the upstream was called, it was closed
-            assert record.client_gone
-            assert not record.completed
-        r = await env.client.get("/api/conversations")
-        runs = [m["run_id"] for c in r.json()["data"]
-                for m in (await env.client.get(f"/api/conversations/{c['id']}")).json()["messages"]
-                if m["role"] == "assistant"]
-        for run_id in runs:
-            run = (await env.client.get(f"/api/runs/{run_id}")).json()
-            assert run["status"] == "cancelled", run
+            while True:  # the run's final state, once it has one
+                r = await env.client.get("/api/conversations")
+                (c,) = r.json()["data"]
+                messages = (await env.client.get(f"/api/conversations/{c['id']}")).json()
+                (reply,) = [m for m in messages["messages"] if m["role"] == "assistant"]
+                run = (await env.client.get(f"/api/runs/{reply['run_id']}")).json()
+                if run["status"] in TERMINAL:
+                    break
+                await trio.sleep(0.02)
+        if on_disconnect == "cancel":
+            assert (run["status"], run["error"]) == ("cancelled", "client disconnected")
+            for record in env.sim.streams:  # if the upstream was called, it was closed
+                await record.closed.wait()
+                assert record.client_gone
+                assert not record.completed
+        else:
+            assert run["status"] == "succeeded", run
+            final = await env.reply_of(c["id"], run["id"])
+            assert (final["status"], final["content"]) == (
+                "complete", "".join(f"tok{i} " for i in range(5)))

@@ -574,3 +574,29 @@ async def test_a_run_on_an_unknown_conversation_never_reaches_the_model(
         await trio.testing.wait_all_tasks_blocked()
         assert backend.streams == []
         assert env.supervisor.in_flight == 0
+
+
+async def test_a_new_run_waiting_for_its_write_counts_once_against_max_runs(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Found in review: it counted twice (registered, and still reserved) until its write landed.
+    backend = ScriptedBackend([Reply("a", gap=1.0), Reply("b", gap=1.0)])
+    async with supervisor_env(tmp_path, backend, max_runs=2) as env:
+        handles: list[RunHandle] = []
+
+        async def start(question: str) -> None:
+            handles.append(await env.supervisor.start(_new_conversation_spec(question)))
+
+        async with trio.open_nursery() as nursery:
+            free = trio.Event()
+            await nursery.start(_hold_writes, env.store, free)
+            nursery.start_soon(start, "first")
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(start, "second")  # the limit is 2: both fit
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(TooManyRuns):  # a third does not
+                await env.supervisor.start(_new_conversation_spec("third"))
+            free.set()
+        for handle in handles:
+            await handle.finished.wait()
+        assert sorted(h.status.value for h in handles) == ["succeeded", "succeeded"]

@@ -5,7 +5,7 @@ Each run is a task in the supervisor's nursery with its own ``CancelScope`` (a d
 run timeout) and its own nursery for the agent's work, so cancelling one run stops its LLM stream
 and its tools and nothing else.
 
-How a run ends (``_run_task``):
+How a run ends (``_execute``):
 
 * the agent returns -> ``succeeded``; a backend or agent error -> ``failed`` (other runs go on);
 * ``handle.cancel(reason)`` (a client, an explicit cancel) -> ``cancelled``;
@@ -151,33 +151,34 @@ class RunSupervisor:
     # -- starting runs --------------------------------------------------------------------------
 
     async def start(self, spec: RunSpec) -> RunHandle:
-        """Start a run; returns once it is stored and its handle exists."""
+        """Start a run; returns once it is stored and its task is started.
+
+        The run's task is started in the supervisor's nursery, never inside the caller's cancel
+        scope: a caller that goes away once the run's first write has been taken (it then lands
+        whole) leaves a started run, which its endpoint cancels or not (``on_disconnect``).
+        A caller cancelled before that write was taken starts nothing that lasts.
+        """
         if self.draining:
             raise ShuttingDown("the service is shutting down; no new runs")
         if len(self._runs) + self._reserved >= self.max_runs:
             raise TooManyRuns(f"{self.max_runs} runs in flight; retry later")
+        if spec.conversation_id is None:
+            return await self._start_new(spec)
         self._reserved += 1
         try:
-            if spec.conversation_id is None:
-                return await self._start_new(spec)
-            return await self.nursery.start(self._run_task, spec)  # type: ignore[no-any-return]
+            # One write checks the conversation, resolves agent and model, stores the run, both
+            # messages and event 1 (run.started), and reads the history for the agent; the
+            # agent starts once it has landed.
+            begun = await self._store.begin_run(
+                spec.conversation_id, content=spec.content, agent=spec.agent,
+                model=spec.model, owner=spec.owner, default_model=spec.default_model,
+            )
         finally:
             self._reserved -= 1
-
-    async def _run_task(self, spec: RunSpec, *, task_status: trio.TaskStatus[RunHandle]) -> None:
-        # A run on an existing conversation. One write checks the conversation, resolves agent
-        # and model, stores the run, both messages and event 1 (run.started), and reads the
-        # history for the agent; the agent starts once it has landed.
-        begun = await self._store.begin_run(
-            spec.conversation_id, content=spec.content, agent=spec.agent, model=spec.model,
-            owner=spec.owner, new_conversation=spec.new_conversation,
-            default_model=spec.default_model,
-        )
         handle = self._new_handle(begun, spec)
         handle.adopt_first_event(_event(begun.started))
-        self._register(handle)
-        task_status.started(handle)
-        await self._run(handle, spec)
+        self._launch(handle, spec)
+        return handle
 
     async def _start_new(self, spec: RunSpec) -> RunHandle:
         """A run on a new conversation (the OpenAI-compatible endpoint, which brings its own
@@ -192,6 +193,7 @@ class RunSupervisor:
         run is published before the run is stored. If the write fails, or this caller is
         cancelled before the write was taken, the run is cancelled (its upstream call stops at
         once; its later writes find no run and change nothing) and the error is raised here.
+        The interceptor's record of an upstream call it made is kept: that call happened.
         """
         begun = self._store.plan_run(
             content=spec.content, agent=spec.agent, model=spec.model, owner=spec.owner,
@@ -199,18 +201,23 @@ class RunSupervisor:
         )
         handle = self._new_handle(begun, spec)
         handle.emit("run.started", dict(begun.started.data))
-        self._register(handle)
-        try:
-            self.nursery.start_soon(self._run, handle, spec)
-        except BaseException:
-            self._unregister(handle)
-            raise
+        self._launch(handle, spec)
         try:
             await self._store.write_run(begun)
         except BaseException:
             handle.cancel("the run could not be stored")
             raise
         return handle
+
+    def _launch(self, handle: RunHandle, spec: RunSpec) -> None:
+        """Register the run and start its task in the supervisor's nursery (sync)."""
+        self._runs[handle.id] = handle
+        try:
+            self.nursery.start_soon(self._run, handle, spec)
+        except BaseException:
+            del self._runs[handle.id]
+            raise
+        self._metrics.runs_in_flight.inc()
 
     def _new_handle(self, begun: Any, spec: RunSpec) -> RunHandle:
         run = begun.run
@@ -222,21 +229,14 @@ class RunSupervisor:
         handle.scope.deadline = trio.current_time() + (spec.timeout or self.run_timeout)
         return handle
 
-    def _register(self, handle: RunHandle) -> None:
-        self._runs[handle.id] = handle
-        self._metrics.runs_in_flight.inc()
-
-    def _unregister(self, handle: RunHandle) -> None:
-        del self._runs[handle.id]
-        self._metrics.runs_in_flight.dec()
-
     async def _run(self, handle: RunHandle, spec: RunSpec) -> None:
         token = RUN_ID.set(handle.id)
         try:
             await self._execute(handle, spec)
         finally:
             RUN_ID.reset(token)
-            self._unregister(handle)
+            del self._runs[handle.id]
+            self._metrics.runs_in_flight.dec()
 
     async def _execute(self, handle: RunHandle, spec: RunSpec) -> None:
         status = RunStatus.failed
