@@ -12,6 +12,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import httpx
@@ -735,21 +736,31 @@ async def test_v1_run_that_cannot_be_stored_answers_500_and_closes_its_upstream(
     # A /v1 run's upstream request goes out while its first write commits; if that write
     # fails, the client gets the store's error and the upstream request is closed.
     import sqlite3
-    import time
+    import threading
 
     async with e2e(settings, "llamacpp") as env:
         env.sim.script(Reply(tokens=500, interval=0.02))
         store = env.server.services.require_store()
+        upstream_called = threading.Event()
 
-        def failing_commit() -> None:  # in the store's writer thread
-            time.sleep(0.3)  # the upstream request is out by then
+        def failing_commit() -> None:  # in the store's writer thread, before COMMIT
+            upstream_called.wait(GUARD)
             raise sqlite3.OperationalError("disk I/O error")
 
         store._before_commit = failing_commit
         body = {"model": "sim-model", "stream": True,
                 "messages": [{"role": "user", "content": "go"}]}
+        responses: list[httpx.Response] = []
+
+        async def post() -> None:
+            responses.append(await env.client.post("/v1/chat/completions", json=body))
+
         with trio.fail_after(GUARD):
-            r = await env.client.post("/v1/chat/completions", json=body)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(post)
+                await env.sim.wait_streams(1)  # the upstream request is out; the write not yet
+                upstream_called.set()
+        (r,) = responses
         store._before_commit = None
         assert r.status_code == 500, r.text
         assert r.json()["error"]["type"] == "store_error"
@@ -777,20 +788,19 @@ async def test_client_gone_while_its_run_is_being_stored(
     # run on disconnect) has started. A "cancel" run must still stop, with its upstream call
     # (it went on streaming); a "continue" run must go on (it was recorded as "shutdown").
     import threading
-    import time
 
     async with e2e(settings, "llamacpp") as env:
         tokens = 500 if on_disconnect == "cancel" else 5
         env.sim.script(Reply(tokens=tokens, interval=0.02))
         conv = await env.conversation() if endpoint == "native" else ""
         store = env.server.services.require_store()
-        committing = threading.Event()
+        in_thread, proceed = threading.Event(), threading.Event()
 
-        def slow_commit() -> None:  # in the writer thread, before COMMIT
-            time.sleep(0.5)
-            committing.set()
+        def held_commit() -> None:  # in the writer thread, before COMMIT
+            in_thread.set()
+            proceed.wait(GUARD)
 
-        store._before_commit = slow_commit
+        store._before_commit = held_commit
         if endpoint == "v1":
             path, body = "/v1/chat/completions", {
                 "model": "sim-model", "stream": True,
@@ -799,9 +809,11 @@ async def test_client_gone_while_its_run_is_being_stored(
             path, body = f"/api/conversations/{conv}/messages", {
                 "content": "go", "stream": True, "on_disconnect": on_disconnect}
         with trio.fail_after(GUARD):
-            with trio.move_on_after(0.25):  # leaves while the write is in its thread
-                await env.client.post(path, json=body)
-            await trio.to_thread.run_sync(committing.wait, GUARD)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(env.client.post, path, json=body))
+                await trio.to_thread.run_sync(in_thread.wait, GUARD)
+                nursery.cancel_scope.cancel()  # the client leaves while the write is held
+            proceed.set()  # then the write lands
             store._before_commit = None
             while True:  # the run's final state, once it has one
                 r = await env.client.get("/api/conversations")
