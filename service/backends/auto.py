@@ -48,6 +48,8 @@ from .base import (
 
 __all__ = ["AutoBackend", "MemberStatus"]
 
+_CLOSE_BUDGET = 10.0  # seconds to close (and record) an attempt left by an exception
+
 
 @dataclass(slots=True)
 class _State:
@@ -174,14 +176,18 @@ class AutoBackend:
                 except StopAsyncIteration:
                     raise BackendProtocolError("empty stream", backend=backend.name) from None
             except BackendError as exc:
-                await stack.aclose()  # closes this attempt's response before the next one
+                # Closes this attempt's response before the next one, telling its interceptor
+                # why (its record then says timed_out or error, not "left before the end").
+                await stack.__aexit__(type(exc), exc, exc.__traceback__)
                 if exc.backend is None:
                     exc.backend = backend.name
                 self._failed(backend, exc)
                 causes.append(exc)
                 continue
-            except BaseException:
-                await stack.aclose()
+            except BaseException as exc:
+                # Shielded (and bounded): closing and recording must happen when cancelled.
+                with trio.move_on_after(_CLOSE_BUDGET, shield=True):
+                    await stack.__aexit__(type(exc), exc, exc.__traceback__)
                 raise
             self._succeeded(backend)
             async with stack:

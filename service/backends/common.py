@@ -13,7 +13,7 @@ from ..errors import BackendProtocolError, ModelNotFound
 from .base import BackendHealth, ChatRequest, ChatResult, ModelInfo, collect_chat
 from .http import Budgets
 
-__all__ = ["HTTPBackend", "new_call_id", "parse_arguments"]
+__all__ = ["HTTPBackend", "new_call_id", "parse_arguments", "token_count"]
 
 _FIRST_MODEL_TTL = 30.0  # seconds the first listed model stands in for a missing one
 
@@ -21,6 +21,14 @@ _FIRST_MODEL_TTL = 30.0  # seconds the first listed model stands in for a missin
 def new_call_id() -> str:
     """An id for a tool call whose backend gives none (Ollama)."""
     return f"call_{uuid.uuid4().hex[:16]}"
+
+
+def token_count(value: Any) -> int | None:
+    """A token count from an upstream's usage fields: a non-negative int, else None (unknown;
+    a malformed count is not worth failing an answer for, and must not reach the metrics)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
 
 
 def parse_arguments(raw: Any, *, backend: str, name: str) -> dict[str, Any]:

@@ -271,13 +271,21 @@ class TimedResponse:
         await self.response.aclose()
 
 
+DRAIN_SECONDS = 1.0  # after the last message, how long the rest of the body may take
+DRAIN_BYTES = 64 * 1024  # ... and how much of it is read
+
+
 async def _drain(timed: TimedResponse) -> None:
     """After the last message: read the rest (the chunked terminator) so the connection can go
-    back to the pool. Bounded by the gap budget; a failure here is ignored, the answer is whole."""
-    deadline = timed.next_deadline()
+    back to the pool. Briefly: the answer is whole, so a body that does not end soon (a proxy
+    or server that keeps it open, or keeps sending) is not waited for; its connection is then
+    closed instead of reused. A failure here is ignored."""
+    deadline, kind, budget = timed.next_deadline()
+    at = min(deadline, trio.current_time() + DRAIN_SECONDS)
+    read = 0
     try:
-        while await timed.read(deadline):
-            pass
+        while read <= DRAIN_BYTES and (data := await timed.read((at, kind, budget))):
+            read += len(data)
     except BackendError:
         pass
 

@@ -200,7 +200,10 @@ class Interceptor:
         else:
             error = _error_text(failure)
         rec = call.record(outcome, error)
-        self._observe(rec)
+        try:
+            self._observe(rec)
+        except Exception:  # a metric must never cost the call its record
+            log.exception("metrics of LLM call %s failed", rec.id)
         if self.recorder is None:
             return
         try:

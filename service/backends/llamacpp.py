@@ -24,7 +24,7 @@ import trio
 
 from ..errors import BackendProtocolError, BackendResponseError
 from .base import BackendHealth, ChatChunk, ChatMessage, ChatRequest, ModelInfo, ToolCall, Usage
-from .common import HTTPBackend, parse_arguments
+from .common import HTTPBackend, parse_arguments, token_count
 from .http import Budgets, SSEReader, open_stream, request_json
 
 __all__ = ["OpenAICompatBackend", "openai_messages"]
@@ -128,7 +128,8 @@ class OpenAIChunks:
             self.model = obj["model"]
         if isinstance(obj.get("usage"), dict):
             u = obj["usage"]
-            self._usage = Usage(u.get("prompt_tokens"), u.get("completion_tokens"))
+            self._usage = Usage(token_count(u.get("prompt_tokens")),
+                                token_count(u.get("completion_tokens")))
         if isinstance(obj.get("timings"), dict):
             self._timings = {
                 k: float(v) for k, v in obj["timings"].items()
@@ -142,13 +143,24 @@ class OpenAIChunks:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
             delta = choice.get("delta") or {}
+            if not isinstance(delta, dict):
+                raise BackendProtocolError(f"delta is not an object: {delta!r:.200}",
+                                           backend=self.backend)
             content = delta.get("content")
             if isinstance(content, str):
                 text += content
-            for part in delta.get("tool_calls") or ():
+            parts = delta.get("tool_calls") or ()
+            if not isinstance(parts, list | tuple):
+                raise BackendProtocolError(f"tool_calls is not a list: {parts!r:.200}",
+                                           backend=self.backend)
+            for part in parts:
                 self._add_call_delta(part)
-            if choice.get("finish_reason"):
-                self._finish_reason = choice["finish_reason"]
+            reason = choice.get("finish_reason")
+            if reason:
+                if not isinstance(reason, str):
+                    raise BackendProtocolError(f"finish_reason is not a string: {reason!r:.200}",
+                                               backend=self.backend)
+                self._finish_reason = reason
         if not text:
             return None
         self.content_chunks += 1
@@ -159,11 +171,14 @@ class OpenAIChunks:
             raise BackendProtocolError(f"malformed tool call delta: {part!r:.200}",
                                        backend=self.backend)
         index = part.get("index", len(self._calls))
+        function = part.get("function") or {}
+        if not isinstance(index, int) or not isinstance(function, dict):
+            raise BackendProtocolError(f"malformed tool call delta: {part!r:.200}",
+                                       backend=self.backend)
         call = self._calls.setdefault(index, _PartialCall())
         if part.get("id"):
-            call.id = part["id"]
-        function = part.get("function") or {}
-        if function.get("name"):
+            call.id = str(part["id"])
+        if isinstance(function.get("name"), str) and function["name"]:
             call.name = function["name"]
         if isinstance(function.get("arguments"), str):
             call.arguments.append(function["arguments"])

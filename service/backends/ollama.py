@@ -18,7 +18,7 @@ import trio
 
 from ..errors import BackendProtocolError, BackendResponseError
 from .base import BackendHealth, ChatChunk, ChatMessage, ChatRequest, ModelInfo, ToolCall, Usage
-from .common import HTTPBackend, new_call_id, parse_arguments
+from .common import HTTPBackend, new_call_id, parse_arguments, token_count
 from .http import NDJSONReader, open_stream, request_json
 
 __all__ = ["OllamaBackend", "ollama_messages"]
@@ -105,17 +105,23 @@ class OllamaChunks:
         text = message.get("content") or ""
         if not isinstance(text, str):
             raise BackendProtocolError("message.content is not a string", backend=self.backend)
-        calls = tuple(self._tool_call(c) for c in message.get("tool_calls") or ())
+        raw_calls = message.get("tool_calls") or ()
+        if not isinstance(raw_calls, list | tuple):
+            raise BackendProtocolError(f"message.tool_calls is not a list: {raw_calls!r:.200}",
+                                       backend=self.backend)
+        calls = tuple(self._tool_call(c) for c in raw_calls)
         self._saw_tool_calls = self._saw_tool_calls or bool(calls)
-        model = obj.get("model") or self.model
+        model = obj.get("model") if isinstance(obj.get("model"), str) and obj["model"] else (
+            self.model)
         if obj.get("done"):
             self.done = True
-            reason = obj.get("done_reason") or "stop"
+            reason = obj.get("done_reason") if isinstance(obj.get("done_reason"), str) else None
+            reason = reason or "stop"
             if reason == "stop" and self._saw_tool_calls:
                 reason = "tool_calls"  # OpenAI's name for "stopped to call tools"
             usage = Usage(
-                prompt_tokens=obj.get("prompt_eval_count"),
-                completion_tokens=obj.get("eval_count"),
+                prompt_tokens=token_count(obj.get("prompt_eval_count")),
+                completion_tokens=token_count(obj.get("eval_count")),
             )
             return ChatChunk(text=text, tool_calls=calls, done=True, finish_reason=reason,
                              usage=usage, timings=_timings(obj), model=model,

@@ -7,7 +7,8 @@
   order. Comment lines (``: keep-alive``) are reported separately so that callers can tell a
   keep-alive from progress.
 
-Both bound the length of a line (:class:`LineTooLong`) so a peer cannot grow memory without end.
+Both bound the length of a line, and the SSE parser that of an event's data too
+(:class:`LineTooLong`), so a peer cannot grow memory without end.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class SSEParser:
         self._max_line = max_line
         self._skip_lf = False  # the previous feed ended with "\r": a leading "\n" belongs to it
         self._data: list[str] = []
+        self._data_size = 0  # characters in _data: an event is bounded like a line
         self._event = ""
         self._last_id: str | None = None
         self._retry: int | None = None
@@ -122,9 +124,15 @@ class SSEParser:
         items: list[SSEItem] = []
         start = 0
         size = len(buf)
+        # Each search resumes where it found its last match (a search per line from the start
+        # of the rest was quadratic in the lines of one feed).
+        cr = buf.find(b"\r")
+        lf = buf.find(b"\n")
         while start < size:
-            cr = buf.find(b"\r", start)
-            lf = buf.find(b"\n", start)
+            if cr != -1 and cr < start:
+                cr = buf.find(b"\r", start)
+            if lf != -1 and lf < start:
+                lf = buf.find(b"\n", start)
             if cr == -1 and lf == -1:
                 break
             if cr == -1 or (lf != -1 and lf < cr):
@@ -155,6 +163,9 @@ class SSEParser:
             value = value[1:]
         if name == "data":
             self._data.append(value)
+            self._data_size += len(value) + 1
+            if self._data_size > self._max_line:
+                raise LineTooLong(f"event data longer than {self._max_line} bytes")
         elif name == "event":
             self._event = value
         elif name == "id" and "\0" not in value:
@@ -174,5 +185,6 @@ class SSEParser:
                 )
             )
         self._data = []
+        self._data_size = 0
         self._event = ""
         self._retry = None

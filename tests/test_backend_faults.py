@@ -1,0 +1,157 @@
+"""Backend fault paths found in review (2026-12-01): each was a failing test before its fix."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import trio
+from trio.testing import MockClock
+
+from service.backends.auto import AutoBackend
+from service.backends.http import DRAIN_SECONDS, make_client
+from service.backends.interceptor import Interceptor
+from service.backends.llamacpp import OpenAICompatBackend
+from service.backends.ollama import OllamaBackend
+from service.backends.streams import LineTooLong, SSEParser
+from service.errors import BackendProtocolError
+from service.metrics import Metrics
+from service.sim import Reply, Simulator
+from service.store.records import LLMCallOutcome
+
+from .backend_helpers import BUDGETS, FakeRecorder, mock_client, req
+
+
+def auto_pair(first: Reply) -> tuple[AutoBackend, FakeRecorder]:
+    a, b = Simulator(default=first), Simulator(default=Reply(tokens=2))
+    recorder, metrics = FakeRecorder(), Metrics()
+    auto = AutoBackend([
+        Interceptor(OllamaBackend("ollama", "http://a", mock_client(a), BUDGETS),
+                    recorder, metrics),
+        Interceptor(OpenAICompatBackend("llamacpp", "http://b", mock_client(b), BUDGETS),
+                    recorder, metrics),
+    ])
+    return auto, recorder
+
+
+@pytest.mark.parametrize(("first", "outcome"), [
+    (Reply(first_delay=1000), LLMCallOutcome.timed_out),   # headers, then silence
+    (Reply(malformed_after=0), LLMCallOutcome.error),      # garbage first line
+    (Reply(error_after=0), LLMCallOutcome.error),          # {"error": ...} after 200
+    (Reply(die_after=0), LLMCallOutcome.error),            # connection dropped
+])
+async def test_failover_after_the_headers_records_the_attempts_real_outcome(
+    first: Reply, outcome: LLMCallOutcome, autojump_clock: MockClock
+) -> None:
+    # The attempt was recorded "cancelled" ("left before the end of the stream"): auto closed it
+    # without telling its interceptor why.
+    auto, recorder = auto_pair(first)
+    async with auto.stream(req(run_id="r")) as chunks:
+        async for _ in chunks:
+            pass
+    rows = [(r.backend, r.outcome, r.error) for r in recorder.rows]
+    assert rows[0][:2] == ("ollama", outcome), rows
+    assert rows[1][:2] == ("llamacpp", LLMCallOutcome.ok)
+
+
+def test_an_sse_event_of_many_short_data_lines_is_bounded() -> None:
+    # Each line is short, but no blank line ever comes: the event's data was held unbounded.
+    parser = SSEParser(max_line=1024)
+    line = b"data: " + b"x" * 500 + b"\n"
+
+    def feed_10_mb() -> None:
+        for _ in range(20_000):
+            parser.feed(line)
+
+    with pytest.raises(LineTooLong):
+        feed_10_mb()
+    assert parser._data_size <= 1024 + 502
+
+
+
+
+def fixed_body(body: bytes, content_type: str) -> httpx.AsyncClient:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": content_type}, content=body)
+    return make_client(BUDGETS, transport=httpx.MockTransport(handler))
+
+
+async def _drain(backend: OpenAICompatBackend | OllamaBackend) -> None:
+    async with backend.stream(req()) as chunks:
+        async for _ in chunks:
+            pass
+
+
+@pytest.mark.parametrize("data", [
+    b'{"choices":[{"index":0,"delta":"oops"}]}',
+    b'{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":"f"}]}}]}',
+    b'{"choices":[{"index":0,"delta":{"tool_calls":5}}]}',
+])
+async def test_a_malformed_openai_delta_is_a_protocol_error(data: bytes) -> None:
+    # It was an AttributeError / TypeError: not a BackendError, so auto did not fail over.
+    body = b"data: " + data + b"\n\ndata: [DONE]\n\n"
+    backend = OpenAICompatBackend("b", "http://x", fixed_body(body, "text/event-stream"), BUDGETS)
+    with pytest.raises(BackendProtocolError):
+        await _drain(backend)
+
+
+async def test_malformed_ollama_token_counts_keep_the_answer_and_its_record() -> None:
+    # String counts reached a Prometheus counter, whose TypeError lost the call's record and
+    # turned a whole answer into a failure.
+    body = (b'{"message":{"role":"assistant","content":"hi"},"done":false}\n'
+            b'{"message":{"role":"assistant","content":""},"done":true,'
+            b'"prompt_eval_count":"3","eval_count":-1}\n')
+    recorder = FakeRecorder()
+    backend = Interceptor(
+        OllamaBackend("o", "http://x", fixed_body(body, "application/x-ndjson"), BUDGETS),
+        recorder, Metrics())
+    async with backend.stream(req()) as chunks:
+        got = [c async for c in chunks]
+    assert got[-1].done
+    (row,) = recorder.rows
+    assert row.outcome is LLMCallOutcome.ok
+    assert row.prompt_tokens is None  # unknown, not "3"
+    assert (row.completion_tokens, row.tokens_estimated) == (1, True)  # counted from chunks
+
+
+async def test_ollama_tool_calls_that_are_not_a_list_are_a_protocol_error() -> None:
+    body = b'{"message":{"role":"assistant","content":"","tool_calls":5},"done":true}\n'
+    backend = OllamaBackend("o", "http://x", fixed_body(body, "application/x-ndjson"), BUDGETS)
+    with pytest.raises(BackendProtocolError):
+        await _drain(backend)
+
+
+class _OpenBody(httpx.AsyncByteStream):
+    def __init__(self, parts: list[bytes]) -> None:
+        self.parts = parts
+
+    async def __aiter__(self):  # type: ignore[override]
+        for p in self.parts:
+            yield p
+        await trio.sleep_forever()  # the body is never terminated
+
+
+@pytest.mark.parametrize("protocol", ["ollama", "openai"])
+async def test_a_whole_answer_whose_body_stays_open_ends_promptly(
+    protocol: str, autojump_clock: MockClock
+) -> None:
+    if protocol == "ollama":
+        parts = [b'{"message":{"content":"hi"},"done":false}\n',
+                 b'{"message":{"content":""},"done":true,"eval_count":1}\n']
+        ctype, cls = "application/x-ndjson", OllamaBackend
+    else:
+        parts = [b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n',
+                 b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n',
+                 b"data: [DONE]\n\n"]
+        ctype, cls = "text/event-stream", OpenAICompatBackend
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": ctype}, stream=_OpenBody(parts))
+
+    backend = cls("b", "http://x", make_client(BUDGETS, transport=httpx.MockTransport(handler)),
+                  BUDGETS)
+    start = trio.current_time()
+    async with backend.stream(req()) as chunks:
+        got = [c async for c in chunks]
+    assert got[-1].done
+    # The drain after the last message waited out the whole gap budget (60 s in production).
+    assert trio.current_time() - start <= DRAIN_SECONDS
