@@ -47,7 +47,12 @@ class _JSONRequest(TrioRequest):
     async def get_json(  # type: ignore[override]
         self, force: bool = True, silent: bool = False, cache: bool = True
     ) -> Any:
-        return await super().get_json(force=force, silent=silent, cache=cache)
+        try:
+            return await super().get_json(force=force, silent=silent, cache=cache)
+        except RecursionError:  # "[[[[...": nested deeper than the parser goes; a 400, not 500
+            if silent:
+                return None
+            return self.on_json_loading_failed(ValueError("JSON nested too deeply"))
 
 
 def create_app(

@@ -76,6 +76,7 @@ async def test_json_content_type_is_not_required(server: RunningServer) -> None:
         (b"not json", 400, "malformed_json"),
         (b"[1, 2]", 400, "malformed_json"),
         (b'"a string"', 400, "malformed_json"),
+        (b"[" * 100_000, 400, "malformed_json"),  # deeper than the parser goes: it was a 500
     ],
 )
 async def test_malformed_body_is_400(

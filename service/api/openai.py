@@ -19,6 +19,7 @@ from quart import Blueprint, Response, jsonify
 from quart_schema import validate_request
 
 from ..backends.base import ChatMessage, ToolCall
+from ..errors import ServiceError
 from ..runs import RunEvent, RunHandle, RunSpec, RunStatus
 from .errors import json_error
 from .models import AgentName
@@ -196,13 +197,17 @@ async def _stream(
     try:
         yield sse_data(_chunk(cid, created, model, {"role": "assistant", "content": ""}))
         prefix = _token_prefix(cid, created, model)
-        async for item in reader:
-            if isinstance(item, Keepalive):
-                yield b": keep-alive\n\n"
-                continue
-            frame = _frame(item, cid, created, model, prefix)
-            if frame is not None:
-                yield frame
+        try:
+            async for item in reader:
+                if isinstance(item, Keepalive):
+                    yield b": keep-alive\n\n"
+                    continue
+                frame = _frame(item, cid, created, model, prefix)
+                if frame is not None:
+                    yield frame
+        except ServiceError as exc:  # the store failed under a re-read: an error, not a reset
+            yield sse_data({"error": exc.to_dict()})
+            return
         if include_usage:
             yield sse_data({"id": cid, "object": "chat.completion.chunk", "created": created,
                             "model": model, "choices": [], "usage": _usage(handle)})

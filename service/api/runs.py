@@ -12,6 +12,7 @@ from quart_schema import (
     validate_response,
 )
 
+from ..errors import ServiceError
 from ..runs import RunHandle, RunSpec, RunStatus
 from ..store import RunRecord
 from .errors import json_error
@@ -74,11 +75,17 @@ async def _event_stream(
     reader: EventReader, handle: RunHandle | None, on_disconnect: str
 ) -> AsyncIterator[bytes]:
     try:
-        async for item in reader:
-            if isinstance(item, Keepalive):
-                yield KEEPALIVE
-            else:
-                yield sse_event(item.seq, item.type, item.raw)
+        try:
+            async for item in reader:
+                if isinstance(item, Keepalive):
+                    yield KEEPALIVE
+                else:
+                    yield sse_event(item.seq, item.type, item.raw)
+        except ServiceError as exc:
+            # The store failed while the run's events were re-read (a client behind the window,
+            # or re-joining): end the stream with an error frame (no id: it is not one of the
+            # run's events) instead of a broken connection. The client may re-join later.
+            yield sse_event(None, "error", exc.to_dict())
     finally:
         # The client went away (or the stream ended): a ``cancel`` run stops with it.
         if handle is not None and on_disconnect == "cancel" and not handle.done:

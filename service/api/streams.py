@@ -16,6 +16,8 @@ from ..store import Store
 
 __all__ = ["EventReader", "Keepalive"]
 
+_GAP_POLL = 0.1  # seconds between store reads while a gap behind the window is not stored yet
+
 
 @dataclass(frozen=True)
 class Keepalive:
@@ -44,6 +46,7 @@ class EventReader:
         self._supervisor = supervisor
         self._keepalive = keepalive
         self._backlog: list[RunEvent] = []
+        self._gap_wait = 0.0  # seconds waited for a gap to reach the store (see __anext__)
         self._finished = False
         self._live: Subscription | None = None
 
@@ -65,8 +68,18 @@ class EventReader:
                     continue
                 await self._refill_from_store()
                 if self._backlog:
+                    self._gap_wait = 0.0
                     continue
                 handle = self._supervisor.get(self.run_id)
+                if handle is not None and not handle.covers(self.last_seq):
+                    # The window has moved past the cursor but the store does not have the gap
+                    # yet (its write is late, or failed and is being retried): wait, not spin.
+                    await trio.sleep(_GAP_POLL)
+                    self._gap_wait += _GAP_POLL
+                    if self._gap_wait >= self._keepalive:
+                        self._gap_wait = 0.0
+                        return Keepalive()
+                    continue
                 if handle is None:
                     # Not live: the store had everything, including run.finished (or the run
                     # was deleted). One more read closes the race with a run just finishing.

@@ -12,7 +12,10 @@ socket stays open).
 
 Shape: a receive loop and a send loop are sibling tasks in the handler's nursery; each run has a
 forwarder task there that reads the run's events and queues them for the send loop (a bounded
-channel: a slow socket slows only its forwarders, never a run). When the socket drops, quart-trio
+channel: a slow socket slows only its forwarders, never a run). At most 32 runs are being started
+or forwarded per socket: past that the receive loop stops reading until one ends, so a client
+that sends without reading is held back by TCP instead of growing tasks and memory. When the
+socket drops, quart-trio
 cancels the handler: the nursery unwinds and runs started with ``on_disconnect: cancel`` (the
 default) are cancelled; ``continue`` runs go on and can be re-joined over SSE.
 """
@@ -37,6 +40,7 @@ __all__ = ["blueprint"]
 blueprint = Blueprint("ws", __name__)
 
 _SEND_QUEUE = 256
+_RUNS_PER_SOCKET = 32  # runs being started or forwarded on one socket at once
 
 
 class WsMessage(BaseModel):
@@ -71,21 +75,27 @@ class _Session:
         self.nursery = nursery
         self.send = send
         self.runs: dict[str, tuple[RunHandle, str]] = {}
+        self.slots = trio.Semaphore(_RUNS_PER_SOCKET)  # start_run tasks (each releases one)
 
     async def receive_loop(self) -> None:
         while True:
             raw = await websocket.receive()
             try:
                 msg = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
+            except (ValueError, TypeError, RecursionError):  # RecursionError: "[[[[..." nesting
                 await self.send.send(_error("malformed_json", "the message is not valid JSON"))
                 continue
             kind = msg.get("type") if isinstance(msg, dict) else None
             try:
                 if kind == "message":
                     # Started in its own task: the receive loop keeps reading (a cancel for
-                    # another run must not wait behind this run's first store write).
-                    self.nursery.start_soon(self.start_run, WsMessage.model_validate(msg), msg)
+                    # another run must not wait behind this run's first store write). At most
+                    # _RUNS_PER_SOCKET such tasks at once: a client that sends but does not
+                    # read blocks here (and then its own sends), instead of piling up tasks,
+                    # and finished runs held by forwarders stuck on its full queue.
+                    m = WsMessage.model_validate(msg)
+                    await self.slots.acquire()
+                    self.nursery.start_soon(self.start_run, m, msg)
                 elif kind == "cancel":
                     self.cancel(WsCancel.model_validate(msg))
                 else:
@@ -101,6 +111,12 @@ class _Session:
                 )
 
     async def start_run(self, m: WsMessage, request: Any) -> None:
+        try:
+            await self._start_run(m, request)
+        finally:
+            self.slots.release()
+
+    async def _start_run(self, m: WsMessage, request: Any) -> None:
         spec = RunSpec(
             conversation_id=m.conversation_id, content=m.content, agent=m.agent,
             model=m.model, default_model=self.svc.settings.default_model, owner=self.owner,
@@ -111,6 +127,9 @@ class _Session:
         except ServiceError as exc:
             await self.send.send({"type": "error", "error": exc.to_dict(), "request": request})
             return
+        # Entries of runs that ended while their forwarder could not finish (a store error).
+        for run_id in [k for k, (h, _) in self.runs.items() if h.done]:
+            del self.runs[run_id]
         self.runs[handle.id] = (handle, m.on_disconnect)
         await self.forward(handle)
 
@@ -135,8 +154,11 @@ class _Session:
                 if not isinstance(item, Keepalive):
                     await self.send.send(item.wire_json())
         except ServiceError as exc:
-            # The store failed under this run's events: tell the client, keep the socket.
+            # The store failed under this run's events: tell the client, keep the socket, and
+            # keep the run's entry, so that a later disconnect (or a cancel message) still
+            # reaches it.
             await self.send.send({"type": "error", "error": exc.to_dict(), "run_id": handle.id})
+            return
         self.runs.pop(handle.id, None)
 
     def abandon(self) -> None:

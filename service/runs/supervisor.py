@@ -47,6 +47,7 @@ log = get_logger("service.runs")
 
 _FINAL_WRITE_BUDGET = 10.0  # seconds the shielded final write may take
 _CHECKPOINT_EVERY = 2.0  # seconds between WAL checkpoints (the store's writer never does them)
+_UNSTORED_MAX = 100_000  # published events kept for a retry of their failed write
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class RunSupervisor:
         self._nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
         self._pending: list[RunEvent] = []
+        self._unstored: list[RunEvent] = []  # published, but their write failed: retried
         self._wake = trio.Event()
         self._commit_lock = trio.Lock()
         self._final_retries: list[dict[str, Any]] = []  # final writes that failed, to retry
@@ -316,11 +318,16 @@ class RunSupervisor:
             async with self._commit_lock:
                 mine = [e for e in self._pending if e.run_id == handle.id]
                 self._pending = [e for e in self._pending if e.run_id != handle.id]
+                # Published events of this run whose write failed go in its final write too:
+                # a re-join after the end must find no gap before run.finished.
+                unstored = [e for e in self._unstored if e.run_id == handle.id]
+                if unstored:
+                    self._unstored = [e for e in self._unstored if e.run_id != handle.id]
                 final: dict[str, Any] = {
                     "run_id": handle.id, "status": status.value,
                     "message_id": handle.message_id, "content": content,
                     "message_status": msg_status, "error": error, "usage": handle.usage,
-                    "events": [_record(e) for e in mine],
+                    "events": [_record(e) for e in unstored + mine],
                 }
                 try:
                     with trio.move_on_after(_FINAL_WRITE_BUDGET) as write:
@@ -341,6 +348,15 @@ class RunSupervisor:
 
     # -- events ---------------------------------------------------------------------------------
 
+    def _keep_unstored(self, events: list[RunEvent]) -> None:
+        """Keep published events whose write failed, for the next batch (bounded: past
+        ``_UNSTORED_MAX`` the oldest are dropped, logged; the store then has a gap)."""
+        self._unstored = events
+        if len(events) > _UNSTORED_MAX:
+            drop = len(events) - _UNSTORED_MAX
+            log.error("dropping %d run events the store could not take", drop)
+            del self._unstored[:drop]
+
     def _enqueue(self, event: RunEvent) -> None:
         self._pending.append(event)
         self._wake.set()
@@ -354,6 +370,8 @@ class RunSupervisor:
     async def _checkpoint_loop(self) -> None:
         while True:
             await trio.sleep(_CHECKPOINT_EVERY)
+            if self._unstored:  # no new events came to carry them: write them on their own
+                await self.flush()
             await self.retry_final_writes()
             try:
                 await self._store.checkpoint()
@@ -385,18 +403,28 @@ class RunSupervisor:
     async def _flush(self) -> None:
         async with self._commit_lock:
             batch, self._pending = self._pending, []
-            if not batch:
+            if not batch and not self._unstored:
                 return
+            # Events published although their write failed or timed out are written again with
+            # the next batch (a timed-out write may have landed: the retry skips what did).
+            unstored, self._unstored = self._unstored, []
+            stored = False
             try:
                 with trio.move_on_after(_FINAL_WRITE_BUDGET) as write:
-                    await self._store.append_run_events([_record(e) for e in batch])
+                    await self._store.append_run_events(
+                        [_record(e) for e in unstored + batch], retry=bool(unstored))
+                    stored = True
                 if write.cancelled_caught:
-                    log.error("storing %d run events took over %ss", len(batch),
-                              _FINAL_WRITE_BUDGET)
+                    log.error("storing %d run events took over %ss; will retry",
+                              len(unstored) + len(batch), _FINAL_WRITE_BUDGET)
             except StoreError as exc:
-                # Publishing anyway keeps clients live; the gap shows in the store, and is logged.
-                log.error("could not store %d run events: %s", len(batch), exc)
+                # Publishing anyway keeps clients live; the events are written again with the
+                # next batch (until the store is back, or the backlog bound drops the oldest).
+                log.error("could not store %d run events (will retry): %s",
+                          len(unstored) + len(batch), exc)
             finally:
+                if not stored:
+                    self._keep_unstored(unstored + batch)
                 by_run: dict[str, list[RunEvent]] = {}
                 for e in batch:
                     by_run.setdefault(e.run_id, []).append(e)

@@ -94,30 +94,33 @@ _CALL_COLS_QUALIFIED = ", ".join(f"l.{c.strip()}" for c in _CALL_COLS.split(",")
 # event. Each step releases the GIL and must win it back from the busy event loop (up to the
 # interpreter's switch interval each time), so a batch costs a few hand-offs, not hundreds.
 _EVENTS_PER_INSERT = 150
-_INSERT_EVENTS_SQL: dict[int, str] = {}
+_INSERT_EVENTS_SQL: dict[tuple[int, bool], str] = {}
 
 
-def _insert_events_sql(n: int) -> str:
-    sql = _INSERT_EVENTS_SQL.get(n)
+def _insert_events_sql(n: int, ignore: bool = False) -> str:
+    sql = _INSERT_EVENTS_SQL.get((n, ignore))
     if sql is None:
         values = ", ".join(["(?, ?, ?, ?, ?)"] * n)
         # An event of a run that is gone (its conversation deleted meanwhile) is dropped.
-        sql = _INSERT_EVENTS_SQL[n] = (
-            "INSERT INTO run_events (run_id, seq, type, data, created_at) "
+        sql = _INSERT_EVENTS_SQL[n, ignore] = (
+            f"INSERT {'OR IGNORE ' if ignore else ''}INTO run_events "
+            "(run_id, seq, type, data, created_at) "
             f"SELECT column1, column2, column3, column4, column5 FROM (VALUES {values}) "
             "WHERE EXISTS (SELECT 1 FROM runs WHERE id = column1)"
         )
     return sql
 
 
-def _insert_events(c: sqlite3.Connection, events: Sequence[RunEventRecord]) -> None:
+def _insert_events(
+    c: sqlite3.Connection, events: Sequence[RunEventRecord], *, ignore: bool = False
+) -> None:
     for start in range(0, len(events), _EVENTS_PER_INSERT):
         chunk = events[start:start + _EVENTS_PER_INSERT]
         params: list[Any] = []
         for e in chunk:
             raw = e.raw if e.raw is not None else json.dumps(e.data, separators=(",", ":"))
             params += (e.run_id, e.seq, e.type, raw, e.created_at)
-        c.execute(_insert_events_sql(len(chunk)), params)
+        c.execute(_insert_events_sql(len(chunk), ignore), params)
 
 
 def _conversation(row: Sequence[Any]) -> Conversation:
@@ -665,7 +668,8 @@ class Store:
         usage: dict[str, Any],
         events: Sequence[RunEventRecord] = (),
     ) -> None:
-        """In one transaction: the run's final status, its reply's final text, its last events."""
+        """In one transaction: the run's final status, its reply's final text, its last events
+        (those already stored, by an earlier write that timed out but landed, are skipped)."""
         now = time.time()
 
         def fn(c: sqlite3.Connection) -> None:
@@ -680,7 +684,7 @@ class Store:
                 (content, message_status.value, error, now, message_id),
             )
             if events:
-                _insert_events(c, events)
+                _insert_events(c, events, ignore=True)
 
         await self._write("finish_run", fn)
 
@@ -763,13 +767,16 @@ class Store:
             raise NotFound(f"no run {run_id!r}", id=run_id)
         return run
 
-    async def append_run_events(self, events: Sequence[RunEventRecord]) -> None:
-        """Append a batch of events in one transaction (all land or none)."""
+    async def append_run_events(
+        self, events: Sequence[RunEventRecord], *, retry: bool = False
+    ) -> None:
+        """Append a batch of events in one transaction (all land or none). ``retry``: some may
+        be stored already (a write that timed out may still have landed); those are skipped."""
         if not events:
             return
 
         def fn(c: sqlite3.Connection) -> None:
-            _insert_events(c, events)
+            _insert_events(c, events, ignore=retry)
 
         await self._write("append_run_events", fn)
 

@@ -1,0 +1,251 @@
+"""WebSocket session, event reader and re-join fault paths found in review (2026-12-01); each
+test failed before its fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+import service.api.ws as ws_mod
+from service.api.state import Services
+from service.api.streams import EventReader, Keepalive
+from service.errors import StoreError
+from service.metrics import Metrics
+from service.runs import RunHandle, RunSpec
+from service.settings import load_settings
+
+from .fakes import Reply, ScriptedBackend, supervisor_env
+
+
+class FakeSocket:
+    """quart's ``websocket`` for _Session.receive_loop: scripted incoming messages."""
+
+    def __init__(self) -> None:
+        self.incoming_send, self.incoming = trio.open_memory_channel[str](10_000)
+
+    async def receive(self) -> str:
+        return await self.incoming.receive()
+
+
+def _services(tmp_path: Path, env: Any) -> Services:
+    svc = Services(settings=load_settings(db=tmp_path / "x.db"), metrics=Metrics())
+    svc.store, svc.supervisor = env.store, env.supervisor
+    return svc
+
+
+async def test_a_ws_client_that_never_reads_cannot_pile_up_tasks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A client that sends 'message's and never reads: each one gets a start_run task, whose error
+    # reply then blocks on the full send queue (the send loop is stuck in websocket.send). The
+    # receive loop never blocks (start_soon), so tasks - each holding its request - pile up.
+    sock = FakeSocket()
+    monkeypatch.setattr(ws_mod, "websocket", sock)
+    async with supervisor_env(tmp_path, ScriptedBackend()) as env:
+        send, _recv = trio.open_memory_channel[Any](ws_mod._SEND_QUEUE)  # never drained
+        async with trio.open_nursery() as nursery:
+            session = ws_mod._Session(_services(tmp_path, env), None, nursery, send)
+            nursery.start_soon(session.receive_loop)
+            for _ in range(2000):
+                sock.incoming_send.send_nowait(json.dumps(
+                    {"type": "message", "conversation_id": "conv_nope", "content": "x" * 1000}))
+            await trio.testing.wait_all_tasks_blocked()
+            pending = len(nursery.child_tasks)
+            nursery.cancel_scope.cancel()
+        assert pending < 300, f"{pending} tasks parked on one socket that never reads"
+
+
+async def test_a_ws_client_that_never_reads_cannot_pin_finished_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    # max_runs bounds runs in flight, not forwarders: once a run finishes, a new one can start,
+    # while the old forwarder stays parked on the full queue holding its RunHandle (and window).
+    sock = FakeSocket()
+    monkeypatch.setattr(ws_mod, "websocket", sock)
+    backend = ScriptedBackend(lambda req: Reply("a b c d e f g h"))
+    async with supervisor_env(tmp_path, backend, max_runs=5) as env:
+        conv = await env.conversation()
+        send, _recv = trio.open_memory_channel[Any](ws_mod._SEND_QUEUE)  # never drained
+        async with trio.open_nursery() as nursery:
+            session = ws_mod._Session(_services(tmp_path, env), None, nursery, send)
+            nursery.start_soon(session.receive_loop)
+            for _ in range(40):  # waves of max_runs runs, each waited for
+                for _ in range(5):
+                    sock.incoming_send.send_nowait(json.dumps(
+                        {"type": "message", "conversation_id": conv, "content": "q"}))
+                await trio.sleep(1)
+                assert env.supervisor.in_flight == 0
+            pinned = [h for h, _ in session.runs.values() if h.done]
+            nursery.cancel_scope.cancel()
+        assert len(pinned) < 50, f"{len(pinned)} finished RunHandles held by one socket"
+
+
+async def test_a_store_error_in_a_ws_forwarder_still_lets_disconnect_cancel_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    # A slow socket's forwarder falls behind the window and re-reads the store; the read fails:
+    # forward() sends an error and drops the run from session.runs - but the run goes on, and
+    # when the socket then drops, abandon() no longer cancels it (on_disconnect=cancel).
+    monkeypatch.setattr(RunHandle.__init__, "__kwdefaults__", {"window": 10})
+    sock = FakeSocket()
+    monkeypatch.setattr(ws_mod, "websocket", sock)
+    backend = ScriptedBackend(lambda req: Reply("t " * 200, gap=0.1))
+    async with supervisor_env(tmp_path, backend) as env:
+        async def broken(*a: Any, **k: Any) -> Any:
+            raise StoreError("store read failed: disk I/O error")
+
+        monkeypatch.setattr(env.store, "list_run_events", broken)
+        conv = await env.conversation()
+        send, recv = trio.open_memory_channel[Any](4)
+        async with trio.open_nursery() as nursery:
+            session = ws_mod._Session(_services(tmp_path, env), None, nursery, send)
+            nursery.start_soon(session.receive_loop)
+            sock.incoming_send.send_nowait(json.dumps(
+                {"type": "message", "conversation_id": conv, "content": "q"}))
+            await trio.sleep(3)  # the socket reads nothing for 3 s (30 tokens > window)
+            got: list[Any] = []
+            for _ in range(20):  # then it reads again
+                got += [m for m in iter(lambda: _nowait(recv), None)]
+                await trio.sleep(0.01)
+            handle = env.supervisor._runs and next(iter(env.supervisor._runs.values()))
+            assert handle, "the run is live"
+            assert any(m.get("type") == "error" for m in got if isinstance(m, dict))
+            nursery.cancel_scope.cancel()  # the socket drops
+        session.abandon()  # as ws() does in its finally
+        await trio.lowlevel.checkpoint()
+        assert handle.cancel_reason == "client disconnected", (
+            f"run still {handle.status}; nobody will ever read or cancel it")
+
+
+def _nowait(recv: Any) -> Any:
+    try:
+        return recv.receive_nowait()
+    except trio.WouldBlock:
+        return None
+
+
+async def test_a_rejoin_after_a_late_batch_write_has_no_gap(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # A batch whose write waited past the budget is published but never stored: live clients
+    # got it, a re-joining client silently skips it.
+    backend = ScriptedBackend([Reply("a b c d e f", gap=1.0)])
+    async with supervisor_env(tmp_path, backend) as env:
+        conv = await env.conversation()
+        handle = await env.supervisor.start(RunSpec(conv, "x"))
+        await trio.sleep(1.5)
+        await env.store._write_lock.acquire()
+        await trio.sleep(12)  # past the 10 s budget
+        env.store._write_lock.release()
+        await handle.finished.wait()
+        reader = EventReader(handle.id, after=0, store=env.store, supervisor=env.supervisor,
+                             keepalive=5.0)
+        seqs = [e.seq async for e in reader if not isinstance(e, Keepalive)]
+        assert seqs == list(range(1, handle.emitted_seq + 1))
+
+
+class CountingStore:
+    def __init__(self) -> None:
+        self.reads = 0
+
+    async def list_run_events(self, run_id: str, *, after: int = 0) -> list[Any]:
+        self.reads += 1
+        await trio.lowlevel.checkpoint()
+        return []  # the gap was never stored (see the test above)
+
+
+class OneRun:
+    def __init__(self, handle: RunHandle) -> None:
+        self.handle = handle
+
+    def get(self, run_id: str) -> RunHandle | None:
+        return self.handle
+
+
+async def test_a_reader_waiting_for_a_gap_to_be_stored_does_not_spin() -> None:
+    handle = RunHandle(run_id="run_x", conversation_id="c", agent="chat", model=None,
+                       owner=None, message_id="m", sink=lambda e: None, window=10)
+    for _ in range(25):
+        handle.publish([handle.emit("token", {"text": "x"})])
+    store = CountingStore()
+    reader = EventReader("run_x", after=0, store=store, supervisor=OneRun(handle),  # type: ignore[arg-type]
+                         keepalive=5.0)
+    with trio.move_on_after(0.2):
+        await reader.__anext__()
+    assert store.reads < 10, f"{store.reads} store reads in 0.2 s, no event, no keep-alive"
+
+
+async def test_ws_deeply_nested_json_gets_an_error_not_a_dropped_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sock = FakeSocket()
+    monkeypatch.setattr(ws_mod, "websocket", sock)
+    async with supervisor_env(tmp_path, ScriptedBackend()) as env:
+        send, recv = trio.open_memory_channel[Any](10)
+        async with trio.open_nursery() as nursery:
+            session = ws_mod._Session(_services(tmp_path, env), None, nursery, send)
+            sock.incoming_send.send_nowait("[" * 100_000)  # 100 kB, far under the size limit
+            sock.incoming_send.send_nowait("{}")
+            nursery.start_soon(session.receive_loop)
+            await trio.testing.wait_all_tasks_blocked()
+            replies = [m for m in iter(lambda: _nowait(recv), None)]
+            nursery.cancel_scope.cancel()
+        assert len(replies) == 2, replies
+
+
+async def test_sse_rejoin_store_error_ends_with_an_error_event(tmp_path: Path) -> None:
+    import httpx
+
+    from .conftest import running_server
+
+    settings = load_settings(db=tmp_path / "s.db")
+    async with running_server(settings, ScriptedBackend(lambda r: Reply("a b"))) as srv, \
+            srv.client() as client:
+        conv = (await client.post("/api/conversations", json={})).json()["id"]
+        r = await client.post(f"/api/conversations/{conv}/messages", json={"content": "q"})
+        run_id = r.json()["run"]["id"]
+        store = srv.services.require_store()
+
+        async def broken(*a: Any, **k: Any) -> Any:
+            raise StoreError("store read failed: disk I/O error")
+
+        store.list_run_events = broken  # type: ignore[method-assign]
+        try:
+            async with client.stream("GET", f"/api/runs/{run_id}/events") as resp:
+                status = resp.status_code
+                body = b"".join([c async for c in resp.aiter_raw()])
+        except httpx.HTTPError as exc:
+            body = f"transport error: {exc!r}".encode()
+        assert status == 200
+        assert b"event: error" in body, body
+        assert b"store_error" in body
+
+
+async def test_a_batch_whose_write_failed_is_stored_later_and_the_run_end_has_no_gap(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The store refuses one batch (disk full for a moment): its events were published, and are
+    # written again, with the next batch or with the run's final write.
+    backend = ScriptedBackend([Reply("a b c d e f", gap=1.0)])
+    async with supervisor_env(tmp_path, backend) as env:
+        real = env.store.append_run_events
+        failures = [StoreError("store write failed: disk full")]
+
+        async def flaky(events, **kwargs):  # type: ignore[no-untyped-def]
+            if failures and any(e.type == "token" for e in events):
+                raise failures.pop()
+            return await real(events, **kwargs)
+
+        env.store.append_run_events = flaky  # type: ignore[method-assign]
+        conv = await env.conversation()
+        handle = await env.supervisor.start(RunSpec(conv, "x"))
+        seen = [e.seq async for e in handle.subscribe()]
+        await handle.finished.wait()
+        assert not failures  # the failure happened
+        stored = [e.seq for e in await env.store.list_run_events(handle.id)]
+        assert stored == seen == list(range(1, handle.emitted_seq + 1))
