@@ -100,6 +100,19 @@ async def test_failure_after_first_chunk_propagates(autojump_clock: MockClock) -
     assert len(b.streams) == 0  # never retried elsewhere
 
 
+async def test_a_backend_that_always_dies_mid_answer_cools_down(autojump_clock: MockClock) -> None:
+    # Found in review: its first chunk counted as a success and reset the failure count, so it
+    # never reached the cool-down and every new run went to it first.
+    a, _, auto = pair(Reply(tokens=5, die_after=2), failure_threshold=2, cooldown=30)
+    for _ in range(2):
+        with pytest.raises(BackendUnavailable):
+            await consume(auto)
+    assert auto.member_status(auto.backends[0]).cooldown == 30
+    chunks = await consume(auto)
+    assert chunks[0].backend == "b"  # routed around it
+    assert len(a.streams) == 2
+
+
 async def test_timeout_after_first_chunk_propagates(autojump_clock: MockClock) -> None:
     _, b, auto = pair(Reply(tokens=5, hang_after=1))
     with pytest.raises(ChunkGapTimeout):

@@ -189,13 +189,15 @@ class AutoBackend:
                 with trio.move_on_after(_CLOSE_BUDGET, shield=True):
                     await stack.__aexit__(type(exc), exc, exc.__traceback__)
                 raise
-            self._succeeded(backend)
             async with stack:
                 try:
                     yield _FirstThenRest(first, iterator, backend.name)
                 except BackendError as exc:
                     self._failed(backend, exc)  # mid-stream: counted, never retried
                     raise
+                # A success once the stream is over, not at its first chunk: a backend that
+                # always dies mid-answer must still reach its cool-down.
+                self._succeeded(backend)
             return
         raise _all_failed(causes)
 
