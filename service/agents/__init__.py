@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import trio
@@ -32,6 +33,8 @@ __all__ = [
     "make_runner",
     "trim_history",
 ]
+
+TOOL_THREADS = 16  # sync tools running (or abandoned and still running) at once
 
 AGENT_NAMES = ("chat", "react", "plan_execute", "auto")
 
@@ -71,6 +74,12 @@ def make_runner(
 ) -> Callable[[RunHandle, RunSpec, trio.Nursery], Any]:
     """The function the supervisor calls to run an agent for a run."""
     table = agents or default_agents()
+    # Sync tools get their own thread limiter: a cancelled or timed-out sync tool is abandoned
+    # but keeps its thread (and its limiter token) until it returns, and with trio's default
+    # limiter, shared with the store, 40 hung tools stopped every store read and write.
+    tool_threads = trio.CapacityLimiter(TOOL_THREADS)
+    in_tool_thread = partial(trio.to_thread.run_sync, abandon_on_cancel=True,
+                             limiter=tool_threads)
 
     async def run(handle: RunHandle, spec: RunSpec, nursery: trio.Nursery) -> str:
         agent = table.get(handle.agent)
@@ -94,8 +103,7 @@ def make_runner(
             client_tools=spec.client_tools, max_tokens=spec.max_tokens,
             temperature=spec.temperature, stop=spec.stop,
         )
-        if run_sync is not None:
-            ctx.run_sync = run_sync
+        ctx.run_sync = run_sync if run_sync is not None else in_tool_thread
         return await agent.run(ctx)
 
     return run

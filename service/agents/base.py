@@ -8,7 +8,6 @@ turns its failure or timeout into an *observation* the model sees, never a crash
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -20,6 +19,7 @@ from ..backends.base import Backend, ChatMessage, ChatRequest, ToolCall, Usage
 from ..errors import ToolArgumentsError
 from ..logs import get_logger
 from ..metrics import Metrics
+from ..runs.events import strict_json
 from ..runs.handle import RunHandle
 from ..tools import Tool, ToolRegistry
 
@@ -190,9 +190,7 @@ def _jsonable(value: Any) -> Any:
     try:
         text = json.dumps(value, allow_nan=False)
     except (TypeError, ValueError):
-        if isinstance(value, float) and not math.isfinite(value):
-            return str(value)
-        return json.loads(json.dumps(value, default=str))
+        return strict_json(value)  # NaN/Infinity anywhere in it, or non-JSON types
     return json.loads(text) if not isinstance(value, str) else value
 
 

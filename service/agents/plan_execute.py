@@ -93,6 +93,8 @@ def parse_plan(text: str) -> Plan:
         value, _ = json.JSONDecoder().raw_decode(raw.strip())
     except json.JSONDecodeError as exc:
         raise ValueError(f"the plan is not JSON: {exc.msg}") from None
+    except RecursionError:
+        raise ValueError("the plan is not JSON: nested too deeply") from None
     if isinstance(value, list):
         value = {"steps": value}
     try:

@@ -64,7 +64,7 @@ def _parse_input(raw: str) -> Any:
         try:
             value, _ = json.JSONDecoder().raw_decode(raw)
             return value
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: "[[[[..." nesting
             pass
     if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
         raw = raw[1:-1]

@@ -40,7 +40,7 @@ def parse_arguments(raw: Any, *, backend: str, name: str) -> dict[str, Any]:
     if isinstance(raw, str):
         try:
             value = json.loads(raw)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nesting
             raise BackendProtocolError(
                 f"tool call {name!r}: arguments are not valid JSON: {raw[:200]!r}", backend=backend
             ) from exc

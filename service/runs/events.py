@@ -6,6 +6,7 @@ Pure data; the run owns numbering (seq from 1) and the supervisor owns persisten
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
@@ -18,6 +19,7 @@ __all__ = [
     "TokenData",
     "ToolCallData",
     "ToolResultData",
+    "strict_json",
 ]
 
 EventType = Literal[
@@ -80,8 +82,12 @@ class RunEvent:
     @classmethod
     def make(cls, run_id: str, seq: int, type_: str, data: dict[str, Any],
              created_at: float) -> RunEvent:
-        return cls(run_id, seq, type_, data, created_at,
-                   json.dumps(data, separators=(",", ":")))
+        try:
+            raw = json.dumps(data, separators=(",", ":"), allow_nan=False)
+        except ValueError:  # NaN/Infinity (a model's arguments, a tool's output): not JSON
+            data = strict_json(data)
+            raw = json.dumps(data, separators=(",", ":"), allow_nan=False)
+        return cls(run_id, seq, type_, data, created_at, raw)
 
     def wire(self) -> dict[str, Any]:
         """The WebSocket shape: ``{"run_id", "id", "type", "data"}``."""
@@ -91,3 +97,17 @@ class RunEvent:
         """``wire()`` as JSON text, reusing the encoded data."""
         return (f'{{"run_id":{json.dumps(self.run_id)},"id":{self.seq},'
                 f'"type":{json.dumps(self.type)},"data":{self.raw}}}')
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with what JSON cannot carry replaced by its text: NaN and infinities (which
+    Python's json reads and writes, but browsers' JSON.parse refuses), and non-JSON types."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    if value is None or isinstance(value, str | int | bool):
+        return value
+    return str(value)

@@ -29,6 +29,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -172,8 +173,11 @@ class Store:
         self.path = Path(path)
         # threaded=False runs sqlite3 inline on the trio thread: for tests under trio's
         # autojump_clock, which would jump virtual time while a worker thread runs.
+        # Its own thread limiter (writer, reader, checkpointer: at most 3 at once): threads
+        # taken elsewhere (an abandoned sync tool holds one until it returns) never stall it.
         self._run_sync: Callable[..., Awaitable[Any]] = (
-            trio.to_thread.run_sync if threaded else _run_inline
+            partial(trio.to_thread.run_sync, limiter=trio.CapacityLimiter(4)) if threaded
+            else _run_inline
         )
         self._synchronous = synchronous
         self._busy_timeout = busy_timeout

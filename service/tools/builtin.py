@@ -32,6 +32,25 @@ _FUNCS: dict[str, Any] = {
 _NAMES = {"pi": math.pi, "e": math.e}
 _MAX_EXPONENT = 1000
 _MAX_LEN = 500
+# Integers stay under this many bits (~1,233 digits): big-integer arithmetic holds the GIL, so an
+# expression like ((9**999)**999)**999 (20 characters) would freeze every task of the process
+# for hours, and no timeout can stop it. The bound is checked before each operation.
+_MAX_BITS = 4096
+
+
+def _check_size(op: ast.operator, left: Any, right: Any) -> None:
+    """Refuse an operation whose integer result would pass ``_MAX_BITS`` (before computing it)."""
+    if isinstance(op, ast.Pow):
+        if abs(right) > _MAX_EXPONENT:
+            raise ValueError("exponent too large")
+        if isinstance(left, int) and isinstance(right, int) and right > 0 and (
+            left.bit_length() * right > _MAX_BITS
+        ):
+            raise ValueError("result too large")
+    elif isinstance(op, ast.Mult) and isinstance(left, int) and isinstance(right, int) and (
+        left.bit_length() + right.bit_length() > _MAX_BITS
+    ):
+        raise ValueError("result too large")
 
 
 def calculate(expression: str) -> float | int:
@@ -47,8 +66,7 @@ def calculate(expression: str) -> float | int:
             return node.value
         if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
             left, right = ev(node.left), ev(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > _MAX_EXPONENT:
-                raise ValueError("exponent too large")
+            _check_size(node.op, left, right)
             return _BINOPS[type(node.op)](left, right)
         if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
             return _UNARY[type(node.op)](ev(node.operand))

@@ -1,0 +1,178 @@
+"""Agent and tool fault paths found in review (2026-12-01); each test failed before its fix."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from service.agents import AgentContext
+from service.backends.base import ChatRequest, ToolCall
+from service.metrics import Metrics
+from service.runs import RunSpec, RunStatus
+from service.store import Store
+from service.tools import BUILTIN_TOOLS, ToolRegistry, tool
+
+from .fakes import Reply, ScriptedBackend, supervisor_env
+
+
+class _Handle:
+    id = "run_x"
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict]] = []
+
+    def emit(self, type_: str, data: dict) -> None:
+        self.events.append((type_, data))
+
+
+def _ctx(tools, nursery) -> AgentContext:  # real worker threads (the production run_sync)
+    return AgentContext(handle=_Handle(), backend=None, tools=ToolRegistry(tools),  # type: ignore[arg-type]
+                        history=[], nursery=nursery, metrics=Metrics())
+
+
+async def _run(env, content: str, agent: str):  # type: ignore[no-untyped-def]
+    conv = await env.conversation()
+    handle = await env.supervisor.start(RunSpec(conv, content, agent=agent))
+    await handle.finished.wait()
+    return handle, await env.store.list_run_events(handle.id)
+
+
+# 1. calculator: a 20-character expression computes for hours / hundreds of MB -----------------
+
+def test_calculator_chained_powers_are_refused() -> None:
+    # In a child process, so that a regression fails the test instead of hanging it for hours
+    # (the 60 s bound is a hang guard, not a speed requirement: the refusal takes microseconds).
+    code = ("from service.tools import calculate\n"
+            "try: calculate('((9**999)**999)**999')\n"
+            "except ValueError as e: print(e)\n")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], timeout=60, check=True,
+                             capture_output=True, text=True,
+                             env={"PYTHONPATH": str(Path(__file__).parents[1])}).stdout
+    except subprocess.TimeoutExpired:
+        pytest.fail("calculate('((9**999)**999)**999') still computing after 60 s")
+    assert out.strip() == "result too large"
+
+
+async def test_a_calculator_result_too_large_is_an_observation() -> None:
+    # Big-integer arithmetic holds the GIL: in its "abandoned" thread it froze the whole event
+    # loop (measured 7 s for ((9**999)**999)**10), and the tool's timeout could not fire.
+    async with trio.open_nursery() as nursery:
+        ctx = _ctx(BUILTIN_TOOLS, nursery)
+        obs = await ctx.call_tool("calculator", {"expression": "((9**999)**999)**10"}, "c1")
+    assert obs.error is not None
+    assert "too large" in obs.error
+
+
+# 3. abandoned sync-tool threads keep trio's default thread limiter token until they end; the
+#    store uses the same limiter, so 40 hung sync tools stop every store read/write.
+
+RELEASE = threading.Event()
+RETURNED: list[int] = []  # one item per blocking tool thread that has returned
+
+
+@tool("blocking", "A sync tool that blocks (a slow HTTP call, say).",
+      {"type": "object", "properties": {}}, timeout=0.05)
+def blocking() -> str:
+    RELEASE.wait(30)
+    RETURNED.append(1)
+    return "late"
+
+
+async def test_timed_out_sync_tools_do_not_starve_the_store(tmp_path: Path) -> None:
+    # Abandoned sync-tool threads kept trio's default limiter tokens until they returned, and
+    # the store used the same limiter: 40 hung tools stopped every store read and write.
+    RELEASE.clear()
+    RETURNED.clear()
+    store = Store(tmp_path / "s.db")  # threaded, as in production
+    await store.open()
+    try:
+        async with trio.open_nursery() as nursery:
+            ctx = _ctx([blocking], nursery)
+            obs = await ctx.call_tools_parallel(
+                [ToolCall(f"c{i}", "blocking", {}) for i in range(40)])
+            assert all(o.error and "timed out" in o.error for o in obs)  # as promised
+            await store.create_conversation(title="after the tools timed out")
+            assert RETURNED == []  # the write did not wait for a hung tool's thread to end
+            RELEASE.set()
+    finally:
+        RELEASE.set()
+        await store.aclose()
+
+
+# 4. malformed model output: deeply nested JSON crashes the run (RecursionError escapes the
+#    parsers, which only catch JSONDecodeError) instead of an observation / re-ask.
+
+DEEP = '{"expression": ' + "[" * 5000
+
+
+async def test_react_deeply_nested_action_input_is_not_a_crash(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    backend = ScriptedBackend([
+        Reply(f"Thought: go\nAction: calculator\nAction Input: {DEEP}", chunks=1),
+        Reply("Final Answer: could not parse that"),
+    ])
+    async with supervisor_env(tmp_path, backend) as env:
+        handle, events = await _run(env, "2+2?", "react")
+        errs = [e.data for e in events if e.type == "error"]
+        assert handle.status is RunStatus.succeeded, (handle.status, errs)
+
+
+async def test_plan_deeply_nested_json_is_re_asked_not_a_crash(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    def reply(req: ChatRequest) -> Reply:
+        if req.messages[0].content.startswith("Break the user's request"):
+            return Reply('{"steps": ' + "[" * 5000, chunks=1)
+        return Reply("Final Answer: fine")
+
+    async with supervisor_env(tmp_path, ScriptedBackend(reply)) as env:
+        handle, events = await _run(env, "do things", "plan_execute")
+        errs = [e.data for e in events if e.type == "error"]
+        assert handle.status is RunStatus.succeeded, (handle.status, errs)
+
+
+# 5. NaN/Infinity in model-written arguments reach tool.call (and plan) events as bare NaN:
+#    not JSON (JSON.parse in a browser rejects the SSE frame).
+
+async def test_tool_call_event_is_strict_json(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    backend = ScriptedBackend([
+        Reply('Action: unit_convert\nAction Input: {"value": NaN, "from_unit": "m", '
+              '"to_unit": "km"}', chunks=1),
+        Reply("Final Answer: ok"),
+    ])
+    async with supervisor_env(tmp_path, backend) as env:
+        _, events = await _run(env, "convert", "react")
+
+        def refuse(constant: str) -> None:
+            raise ValueError(f"not JSON: {constant}")
+
+        for e in events:
+            json.loads(e.raw, parse_constant=refuse)  # strict JSON: no NaN / Infinity
+        (call,) = [e for e in events if e.type == "tool.call"]
+        assert call.data["arguments"]["value"] == "nan"
+
+
+# 6. step limit: a model that still answers with an Action gets its raw protocol text (or "")
+#    stored as the final answer.
+
+async def test_step_limit_answer_is_not_raw_protocol_text(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    stubborn = 'Thought: more\nAction: calculator\nAction Input: {"expression": "1+1"}'
+    backend = ScriptedBackend(lambda req: Reply(stubborn))
+    async with supervisor_env(tmp_path, backend) as env:
+        _, events = await _run(env, "loop", "react")
+        answer = events[-2].data["content"]
+        assert "Action Input:" not in answer, answer
+        assert answer.startswith("I could not finish this within 8 steps.")
