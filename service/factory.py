@@ -22,6 +22,7 @@ from .api.errors import install_error_handlers, json_error
 from .api.owned import CancelOwnedRuns
 from .api.state import Services
 from .backends.base import Backend
+from .errors import ServiceError
 from .keepalive import KeepAliveFix
 from .lifespan import _start_services, _stop_services
 from .logs import REQUEST_ID, get_logger
@@ -49,10 +50,23 @@ class _JSONRequest(TrioRequest):
     ) -> Any:
         try:
             return await super().get_json(force=force, silent=silent, cache=cache)
-        except RecursionError:  # "[[[[...": nested deeper than the parser goes; a 400, not 500
+        # A 400, not a 500: "[[[[..." nested deeper than the parser goes, or a body that is
+        # not UTF-8 (quart decodes it before parsing, outside its own ValueError handling).
+        except (RecursionError, UnicodeDecodeError) as exc:
             if silent:
                 return None
-            return self.on_json_loading_failed(ValueError("JSON nested too deeply"))
+            return self.on_json_loading_failed(ValueError(f"the body is not JSON: {exc}"))
+
+
+class _App(QuartTrio):
+    def log_exception(self, exc_info: Any) -> None:
+        # An expected failure (a setting only checked at start-up: a tool module, the store's
+        # path, a model file) is one line; main() prints it and exits. A bug keeps its traceback.
+        exc = exc_info[1] if exc_info else None
+        if isinstance(exc, ServiceError):
+            self.logger.error("%s: %s", type(exc).__name__, exc.message)
+            return
+        super().log_exception(exc_info)
 
 
 def create_app(
@@ -63,7 +77,7 @@ def create_app(
 ) -> QuartTrio:
     """Build the app. ``backend`` replaces the one the settings describe (for tests)."""
     settings = settings or load_settings()
-    app = QuartTrio(__name__)
+    app = _App(__name__)
     app.request_class = _JSONRequest
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["QUART_SCHEMA_CONVERSION_PREFERENCE"] = "pydantic"

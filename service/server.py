@@ -150,9 +150,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = build_config(args.config, args.bind)
     try:
         trio.run(run_server, settings, config)
-    except ServiceError as exc:
-        print(f"service: {exc.message}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         pass
+    except BaseException as exc:  # noqa: ASYNC103 (sync, after trio.run: no Cancelled here)
+        # A setting only checked at start-up (a tool module, the store's path, a model file)
+        # fails the lifespan: hypercorn wraps it (an exception group, a LifespanFailureError);
+        # the operator gets its one line, not a traceback. Anything else is a bug: re-raised.
+        found = _service_error(exc)
+        if found is None:
+            raise
+        print(f"service: {found.message}", file=sys.stderr)
+        return 1  # noqa: ASYNC104 (as above)
     return 0
+
+
+def _service_error(exc: BaseException, depth: int = 0) -> ServiceError | None:
+    """The ServiceError inside ``exc``: itself, in an exception group, or as a cause."""
+    if depth > 10:
+        return None
+    if isinstance(exc, ServiceError):
+        return exc
+    inner: list[BaseException] = []
+    if isinstance(exc, BaseExceptionGroup):
+        inner += exc.exceptions
+    inner += [e for e in (exc.__cause__, exc.__context__) if e is not None]
+    for e in inner:
+        found = _service_error(e, depth + 1)
+        if found is not None:
+            return found
+    return None

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import trio
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from quart import Blueprint, Response, jsonify
 from quart_schema import validate_request
 
@@ -59,6 +59,17 @@ class ChatMessageIn(_Lenient):
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
 
+    @field_validator("content")
+    @classmethod
+    def _encodable(cls, value: str | list[dict[str, Any]] | None) -> Any:
+        # A lone surrogate ("\ud800") is valid JSON but not Unicode text: the store cannot
+        # write it (it was a 500).
+        try:
+            _text(value).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("content is not valid Unicode text (a lone surrogate)") from None
+        return value
+
 
 class StreamOptions(_Lenient):
     include_usage: bool = False
@@ -83,7 +94,8 @@ def _text(content: str | list[dict[str, Any]] | None) -> str:
     if isinstance(content, str):
         return content
     # Content parts: keep the text ones (this service has no image input).
-    return "".join(p.get("text", "") for p in content if p.get("type") == "text")
+    return "".join(t for p in content
+                   if p.get("type") == "text" and isinstance(t := p.get("text"), str))
 
 
 def _to_history(messages: list[ChatMessageIn]) -> tuple[ChatMessage, ...]:

@@ -89,6 +89,7 @@ class RunSupervisor:
         self.run_timeout = run_timeout
         self._runs: dict[str, RunHandle] = {}
         self._reserved = 0  # runs being set up (counted against max_runs)
+        self._starts_done = trio.Event()  # set when _reserved drops to 0 (drain waits on it)
         self._nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
         self._pending: list[RunEvent] = []
@@ -142,6 +143,12 @@ class RunSupervisor:
         with trio.move_on_after(grace):
             for handle in list(self._runs.values()):
                 await handle.finished.wait()
+        # Runs whose first write was in flight when the drain began are launched once it lands:
+        # wait for those starts (bounded), so that they are cancelled and stored with the rest.
+        with trio.move_on_after(_FINAL_WRITE_BUDGET):
+            while self._reserved:
+                self._starts_done = trio.Event()
+                await self._starts_done.wait()
         for handle in list(self._runs.values()):
             handle.cancel("shutdown")
         for handle in list(self._runs.values()):
@@ -177,9 +184,13 @@ class RunSupervisor:
             )
         finally:
             self._reserved -= 1
+            if not self._reserved:
+                self._starts_done.set()
         handle = self._new_handle(begun, spec)
         handle.adopt_first_event(_event(begun.started))
         self._launch(handle, spec)
+        if self.draining:  # its write landed after the drain began: it ends with the others
+            handle.cancel("shutdown")
         return handle
 
     async def _start_new(self, spec: RunSpec) -> RunHandle:

@@ -217,7 +217,7 @@ class Store:
                 raise StoreError(f"could not switch {self.path} to WAL (got {mode})")
             self._migrate(writer)
             reader = _connect(self.path, self._synchronous, self._busy_timeout)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:  # OSError: its directory cannot be made
             raise StoreError(f"cannot open store {self.path}: {exc}") from exc
         self._writer, self._reader = writer, reader
 

@@ -1,0 +1,45 @@
+"""Bad input and start-up fault paths found in review (2026-12-01); each test failed before
+its fix."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.settings import Settings
+
+from .conftest import running_server
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+async def test_invalid_utf8_body_is_400_not_500(settings: Settings) -> None:
+    async with running_server(settings) as srv, srv.client() as c:
+        r = await c.post("/api/conversations", content=b'{"title": "\xff"}')
+        assert r.status_code == 400, r.text  # was a 500 (UnicodeDecodeError)
+        assert r.json()["error"]["type"] == "malformed_json"
+
+
+async def test_lone_surrogate_in_openai_messages_is_4xx_not_500(settings: Settings) -> None:
+    async with running_server(settings) as srv, srv.client() as c:
+        r = await c.post("/v1/chat/completions",
+                         content=b'{"messages": [{"role": "user", "content": "\\ud800"}]}')
+        assert r.status_code == 422, r.text  # was a 500 (UnicodeEncodeError in the store)
+        r = await c.get("/api/conversations")
+        assert r.json()["data"] == []
+
+
+@pytest.mark.parametrize(("var", "value"), [("SERVICE_TOOLS", "no_such_module"),
+                                        ("SERVICE_DB", "/dev/null/x.db"),
+                                        ("SERVICE_BACKEND", "embedded")])
+def test_startup_setting_error_is_one_line(tmp_path: Path, var: str, value: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SERVICE_")}
+    env.update({"SERVICE_DB": str(tmp_path / "s.db"), var: value})
+    out = subprocess.run([sys.executable, "-m", "service", "--bind", "127.0.0.1:0"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr + out.stdout
+    assert out.stderr.strip().splitlines()[-1].startswith("service: ")
