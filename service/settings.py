@@ -72,7 +72,12 @@ class Settings(BaseSettings):
     @classmethod
     def _keys(cls, value: object) -> object:
         if isinstance(value, str):
-            return tuple(k.strip() for k in value.split(",") if k.strip())
+            items = tuple(k.strip() for k in value.split(",") if k.strip())
+            if value.strip() and not items:
+                # "," or " , ": meant to hold something; for SERVICE_API_KEYS an empty list
+                # silently turns authentication off. Empty means empty; this is a mistake.
+                raise ValueError("holds only commas and spaces (leave it empty for none)")
+            return items
         return value
 
     @field_validator("db_synchronous")

@@ -155,3 +155,18 @@ async def test_a_whole_answer_whose_body_stays_open_ends_promptly(
     assert got[-1].done
     # The drain after the last message waited out the whole gap budget (60 s in production).
     assert trio.current_time() - start <= DRAIN_SECONDS
+
+
+async def test_tool_calls_without_an_id_get_unique_ones() -> None:
+    # They were "call_<index>", the same in every step of a ReAct run: call_id was ambiguous.
+    body = (b'data: {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":'
+            b'{"name":"calculator","arguments":"{}"}}]},"finish_reason":"tool_calls"}]}\n\n'
+            b"data: [DONE]\n\n")
+    ids = []
+    for _ in range(2):
+        backend = OpenAICompatBackend("b", "http://x", fixed_body(body, "text/event-stream"),
+                                      BUDGETS)
+        async with backend.stream(req()) as chunks:
+            (call,) = [c async for c in chunks][-1].tool_calls
+        ids.append(call.id)
+    assert ids[0] != ids[1]

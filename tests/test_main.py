@@ -61,7 +61,8 @@ async def test_serves_and_exits_0_on_signal(tmp_path: Path, sig: signal.Signals)
 @pytest.mark.parametrize(
     ("var", "value"),
     [("SERVICE_RUN_TIMEOUT", "soon"), ("SERVICE_BACKEND", "gpt"), ("SERVICE_MAX_RUNS", "0"),
-     ("SERVICE_OLLAMA_URL", "ftp://x")],
+     ("SERVICE_OLLAMA_URL", "ftp://x"),
+     ("SERVICE_API_KEYS", " , ")],  # would have turned authentication off without a word
 )
 def test_bad_setting_stops_with_one_line(tmp_path: Path, var: str, value: str) -> None:
     out = subprocess.run(

@@ -24,7 +24,7 @@ import trio
 
 from ..errors import BackendProtocolError, BackendResponseError
 from .base import BackendHealth, ChatChunk, ChatMessage, ChatRequest, ModelInfo, ToolCall, Usage
-from .common import HTTPBackend, parse_arguments, token_count
+from .common import HTTPBackend, new_call_id, parse_arguments, token_count
 from .http import Budgets, SSEReader, open_stream, request_json
 
 __all__ = ["OpenAICompatBackend", "openai_messages"]
@@ -192,7 +192,9 @@ class OpenAIChunks:
                 raise BackendProtocolError(f"tool call {index} has no name", backend=self.backend)
             args = parse_arguments("".join(partial.arguments), backend=self.backend,
                                    name=partial.name)
-            calls.append(ToolCall(partial.id or f"call_{index}", partial.name, args))
+            # A server that gives no id gets a unique one: "call_<index>" repeated in every step
+            # of a ReAct run, which made call_id ambiguous in its events.
+            calls.append(ToolCall(partial.id or new_call_id(), partial.name, args))
         usage = self._usage or Usage(completion_tokens=self.content_chunks, estimated=True)
         return ChatChunk(done=True, tool_calls=tuple(calls),
                          finish_reason=self._finish_reason or ("tool_calls" if calls else "stop"),
