@@ -19,6 +19,7 @@ from pathlib import Path
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
+from hypercorn.utils import LifespanFailureError
 
 from .api.state import Services
 from .errors import ConfigError, ServiceError
@@ -164,18 +165,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _service_error(exc: BaseException, depth: int = 0) -> ServiceError | None:
-    """The ServiceError inside ``exc``: itself, in an exception group, or as a cause."""
-    if depth > 10:
-        return None
+def _service_error(exc: BaseException) -> ServiceError | None:
+    """The ServiceError that failed the start-up, if that is what ``exc`` is: itself, alone in
+    (nested) exception groups, or what hypercorn's LifespanFailureError was raised over. Nothing
+    else counts (a bug raised while handling a ServiceError keeps its traceback)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
     if isinstance(exc, ServiceError):
         return exc
-    inner: list[BaseException] = []
-    if isinstance(exc, BaseExceptionGroup):
-        inner += exc.exceptions
-    inner += [e for e in (exc.__cause__, exc.__context__) if e is not None]
-    for e in inner:
-        found = _service_error(e, depth + 1)
-        if found is not None:
-            return found
+    if isinstance(exc, LifespanFailureError):
+        inner = exc.__cause__ or exc.__context__
+        return _service_error(inner) if inner is not None else None
     return None

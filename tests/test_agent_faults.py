@@ -176,3 +176,33 @@ async def test_step_limit_answer_is_not_raw_protocol_text(
         answer = events[-2].data["content"]
         assert "Action Input:" not in answer, answer
         assert answer.startswith("I could not finish this within 8 steps.")
+
+
+@pytest.mark.parametrize("last", ["Final Answer:", "Thought: I am done\nFinal Answer:"])
+async def test_an_empty_final_answer_at_the_step_limit_is_not_stored_as_the_answer(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, last: str
+) -> None:
+    stubborn = 'Thought: more\nAction: calculator\nAction Input: {"expression": "1+1"}'
+    replies = iter([stubborn] * 8 + [last])
+    backend = ScriptedBackend(lambda req: Reply(next(replies)))
+    async with supervisor_env(tmp_path, backend) as env:
+        _, events = await _run(env, "loop", "react")
+        answer = events[-2].data["content"]
+        assert answer.startswith("I could not finish this within 8 steps.")
+
+
+@pytest.mark.parametrize("expression", ["16**1000", "17**1000", "1024**400", "100**600",
+                                        "2**1000 * 2**1000", "10**300 + 1"])
+def test_the_calculator_bound_allows_results_that_fit(expression: str) -> None:
+    from service.tools import calculate
+
+    assert isinstance(calculate(expression), int)
+
+
+def test_strict_json_writes_keys_as_json_does() -> None:
+    from service.runs.events import RunEvent, strict_json
+
+    assert strict_json({True: float("nan"), None: 1, 1.5: [float("inf")], "a": (1, 2)}) == {
+        "true": "nan", "null": 1, "1.5": ["inf"], "a": [1, 2]}
+    event = RunEvent.make("r", 1, "tool.result", {"output": {"x": float("-inf")}}, 0.0)
+    assert json.loads(event.raw) == {"output": {"x": "-inf"}}

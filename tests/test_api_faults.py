@@ -43,3 +43,26 @@ def test_startup_setting_error_is_one_line(tmp_path: Path, var: str, value: str)
     assert out.returncode == 1
     assert "Traceback" not in out.stderr + out.stdout
     assert out.stderr.strip().splitlines()[-1].startswith("service: ")
+
+
+def test_only_a_start_up_service_error_is_reported_as_one_line() -> None:
+    # Found in review: a bug raised while handling a ServiceError, or grouped with one, was
+    # reported as the ServiceError's one line and lost its traceback.
+    from hypercorn.utils import LifespanFailureError
+
+    from service.errors import ConfigError, StoreError
+    from service.server import _service_error
+
+    config = ConfigError("cannot import tool module 'x'")
+    try:
+        try:
+            raise config
+        except ConfigError:
+            raise LifespanFailureError("startup", "boom") from None
+    except LifespanFailureError as exc:
+        wrapped = ExceptionGroup("nursery", [ExceptionGroup("nursery", [exc])])
+    assert _service_error(wrapped) is config
+    bug = KeyError("a bug")
+    bug.__context__ = StoreError("store is closed")  # raised while handling it
+    assert _service_error(bug) is None
+    assert _service_error(ExceptionGroup("two", [StoreError("x"), TypeError("y")])) is None

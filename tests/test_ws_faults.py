@@ -249,3 +249,56 @@ async def test_a_batch_whose_write_failed_is_stored_later_and_the_run_end_has_no
         assert not failures  # the failure happened
         stored = [e.seq for e in await env.store.list_run_events(handle.id)]
         assert stored == seen == list(range(1, handle.emitted_seq + 1))
+
+
+async def test_a_cancel_is_read_while_a_socket_has_its_maximum_of_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Found in review: the receive loop waited for a free slot, so with 32 live runs and one
+    # more message a cancel was never read.
+    sock = FakeSocket()
+    monkeypatch.setattr(ws_mod, "websocket", sock)
+    backend = ScriptedBackend(lambda req: Reply("a b c", hang_after=1))  # long runs
+    async with supervisor_env(tmp_path, backend) as env:
+        conv = await env.conversation()
+        send, recv = trio.open_memory_channel[Any](10_000)  # the client reads everything
+        async with trio.open_nursery() as nursery:
+            session = ws_mod._Session(_services(tmp_path, env), None, nursery, send)
+            nursery.start_soon(session.receive_loop)
+            for _ in range(ws_mod._RUNS_PER_SOCKET + 1):
+                sock.incoming_send.send_nowait(json.dumps(
+                    {"type": "message", "conversation_id": conv, "content": "q"}))
+            await trio.sleep(1)
+            first = next(iter(session.runs.values()))[0]
+            sock.incoming_send.send_nowait(json.dumps({"type": "cancel", "run_id": first.id}))
+            await first.finished.wait()
+            replies = [m for m in iter(lambda: _nowait(recv), None) if isinstance(m, dict)]
+            nursery.cancel_scope.cancel()
+        assert first.status.value == "cancelled"
+        refused = [m for m in replies if m.get("type") == "error"]
+        assert [m["error"]["type"] for m in refused] == ["too_many_runs"]
+
+
+async def test_a_store_outage_does_not_resend_the_backlog_with_every_batch(
+    tmp_path: Path,
+) -> None:
+    # Found in review: every flush rebuilt and re-sent the whole backlog (up to 100,000
+    # events) on the event loop while the store was down, 96-214 ms each time.
+    from service.runs.events import RunEvent
+
+    async with supervisor_env(tmp_path, ScriptedBackend()) as env:
+        sup = env.supervisor
+        sent: list[int] = []
+
+        async def down(events, **kw):  # type: ignore[no-untyped-def]
+            sent.append(len(events))
+            raise StoreError("store write failed: database or disk is full")
+
+        env.store.append_run_events = down  # type: ignore[method-assign]
+        sup._unstored = [RunEvent.make("run_x", i, "token", {"text": "t"}, 0.0)
+                         for i in range(1, 20_001)]
+        for i in range(20):  # 20 token batches while the store is down
+            sup._pending.append(RunEvent.make("run_y", i + 1, "token", {"text": "t"}, 0.0))
+            await sup.flush()
+        assert sent == [1] * 20  # each batch alone; the backlog waits for the retry tick
+        assert len(sup._unstored) == 20_020  # nothing lost meanwhile

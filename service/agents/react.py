@@ -79,11 +79,9 @@ class ReActAgent(Agent):
         ctx.emit("thought", {"text": f"step limit of {self.max_steps} reached"})
         reply = await ctx.call_llm(messages)
         step = parse_react(reply.content)
-        if step.is_final and step.final_answer:
+        if step.final_answer:  # a final answer, or a plain one without the protocol's labels
             return step.final_answer
-        if step.action is None and reply.content.strip():
-            return reply.content.strip()  # a plain answer, without the protocol's labels
-        # Another action, or nothing: not an answer to store as one.
+        # Another action, an empty "Final Answer:", or nothing: not an answer to store as one.
         last = f" Last thought: {step.thought}" if step.thought else ""
         return f"I could not finish this within {self.max_steps} steps.{last}"
 

@@ -13,9 +13,9 @@ socket stays open).
 Shape: a receive loop and a send loop are sibling tasks in the handler's nursery; each run has a
 forwarder task there that reads the run's events and queues them for the send loop (a bounded
 channel: a slow socket slows only its forwarders, never a run). At most 32 runs are being started
-or forwarded per socket: past that the receive loop stops reading until one ends, so a client
-that sends without reading is held back by TCP instead of growing tasks and memory. When the
-socket drops, quart-trio
+or forwarded per socket: more are refused (``too_many_runs``), and a client that sends without
+reading is then held back by its full send queue and TCP instead of growing tasks and memory;
+cancels are always read. When the socket drops, quart-trio
 cancels the handler: the nursery unwinds and runs started with ``on_disconnect: cancel`` (the
 default) are cancelled; ``continue`` runs go on and can be re-joined over SSE.
 """
@@ -90,11 +90,20 @@ class _Session:
                 if kind == "message":
                     # Started in its own task: the receive loop keeps reading (a cancel for
                     # another run must not wait behind this run's first store write). At most
-                    # _RUNS_PER_SOCKET such tasks at once: a client that sends but does not
-                    # read blocks here (and then its own sends), instead of piling up tasks,
-                    # and finished runs held by forwarders stuck on its full queue.
+                    # _RUNS_PER_SOCKET such tasks at once (more are refused), so a client that
+                    # sends but does not read cannot pile up tasks, or finished runs held by
+                    # forwarders stuck on its full queue: its refusals fill the send queue,
+                    # and then this loop waits on it.
                     m = WsMessage.model_validate(msg)
-                    await self.slots.acquire()
+                    try:
+                        self.slots.acquire_nowait()
+                    except trio.WouldBlock:
+                        # Refused, not waited for: the loop must stay free for cancels.
+                        await self.send.send(_error(
+                            "too_many_runs",
+                            f"{_RUNS_PER_SOCKET} runs are in flight on this socket; retry "
+                            "when one has ended", msg))
+                        continue
                     self.nursery.start_soon(self.start_run, m, msg)
                 elif kind == "cancel":
                     self.cancel(WsCancel.model_validate(msg))

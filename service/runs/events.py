@@ -104,8 +104,9 @@ def strict_json(value: Any) -> Any:
     Python's json reads and writes, but browsers' JSON.parse refuses), and non-JSON types."""
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
-    if isinstance(value, dict):
-        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, dict):  # keys as json.dumps writes them (True -> "true", ...)
+        return {k if isinstance(k, str) else json.dumps(strict_json(k)).strip('"'): strict_json(v)
+                for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [strict_json(v) for v in value]
     if value is None or isinstance(value, str | int | bool):

@@ -48,6 +48,7 @@ log = get_logger("service.runs")
 _FINAL_WRITE_BUDGET = 10.0  # seconds the shielded final write may take
 _CHECKPOINT_EVERY = 2.0  # seconds between WAL checkpoints (the store's writer never does them)
 _UNSTORED_MAX = 100_000  # published events kept for a retry of their failed write
+_UNSTORED_PER_RETRY = 5_000  # ... written again per checkpoint tick
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class RunSupervisor:
         self._commit_lock = trio.Lock()
         self._final_retries: list[dict[str, Any]] = []  # final writes that failed, to retry
         self.draining = False
+        self._cancelling = False  # the drain's grace is over: runs still going are cancelled
 
     def __repr__(self) -> str:
         return f"<RunSupervisor [{len(self._runs)} runs, {len(self._pending)} events pending]>"
@@ -149,6 +151,7 @@ class RunSupervisor:
             while self._reserved:
                 self._starts_done = trio.Event()
                 await self._starts_done.wait()
+        self._cancelling = True
         for handle in list(self._runs.values()):
             handle.cancel("shutdown")
         for handle in list(self._runs.values()):
@@ -189,7 +192,7 @@ class RunSupervisor:
         handle = self._new_handle(begun, spec)
         handle.adopt_first_event(_event(begun.started))
         self._launch(handle, spec)
-        if self.draining:  # its write landed after the drain began: it ends with the others
+        if self._cancelling:  # its write landed after the drain's grace: it ends at once
             handle.cancel("shutdown")
         return handle
 
@@ -360,8 +363,8 @@ class RunSupervisor:
     # -- events ---------------------------------------------------------------------------------
 
     def _keep_unstored(self, events: list[RunEvent]) -> None:
-        """Keep published events whose write failed, for the next batch (bounded: past
-        ``_UNSTORED_MAX`` the oldest are dropped, logged; the store then has a gap)."""
+        """Keep published events whose write failed, for the checkpoint loop's retries (bounded:
+        past ``_UNSTORED_MAX`` the oldest are dropped, logged; the store then has a gap)."""
         self._unstored = events
         if len(events) > _UNSTORED_MAX:
             drop = len(events) - _UNSTORED_MAX
@@ -381,8 +384,9 @@ class RunSupervisor:
     async def _checkpoint_loop(self) -> None:
         while True:
             await trio.sleep(_CHECKPOINT_EVERY)
-            if self._unstored:  # no new events came to carry them: write them on their own
-                await self.flush()
+            if self._unstored:  # events published although their write failed: again
+                with trio.CancelScope(shield=True):
+                    await self._flush(retry_unstored=True)
             await self.retry_final_writes()
             try:
                 await self._store.checkpoint()
@@ -411,14 +415,19 @@ class RunSupervisor:
         with trio.CancelScope(shield=True):
             await self._flush()
 
-    async def _flush(self) -> None:
+    async def _flush(self, *, retry_unstored: bool = False) -> None:
         async with self._commit_lock:
             batch, self._pending = self._pending, []
-            if not batch and not self._unstored:
+            if not batch and not (retry_unstored and self._unstored):
                 return
-            # Events published although their write failed or timed out are written again with
-            # the next batch (a timed-out write may have landed: the retry skips what did).
-            unstored, self._unstored = self._unstored, []
+            # Events published although their write failed or timed out are written again,
+            # not with every batch (while the store is down that would rebuild the whole backlog
+            # on the event loop each time) but by the checkpoint loop, a slice at a time, and by
+            # their run's final write. A timed-out write may have landed: the retry skips what did.
+            unstored: list[RunEvent] = []
+            if retry_unstored:
+                unstored = self._unstored[:_UNSTORED_PER_RETRY]
+                del self._unstored[:_UNSTORED_PER_RETRY]
             stored = False
             try:
                 with trio.move_on_after(_FINAL_WRITE_BUDGET) as write:
@@ -435,7 +444,7 @@ class RunSupervisor:
                           len(unstored) + len(batch), exc)
             finally:
                 if not stored:
-                    self._keep_unstored(unstored + batch)
+                    self._keep_unstored(unstored + self._unstored + batch)  # oldest first
                 by_run: dict[str, list[RunEvent]] = {}
                 for e in batch:
                     by_run.setdefault(e.run_id, []).append(e)

@@ -43,8 +43,8 @@ def _check_size(op: ast.operator, left: Any, right: Any) -> None:
     if isinstance(op, ast.Pow):
         if abs(right) > _MAX_EXPONENT:
             raise ValueError("exponent too large")
-        if isinstance(left, int) and isinstance(right, int) and right > 0 and (
-            left.bit_length() * right > _MAX_BITS
+        if isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1 and (
+            right * math.log2(abs(left)) > _MAX_BITS
         ):
             raise ValueError("result too large")
     elif isinstance(op, ast.Mult) and isinstance(left, int) and isinstance(right, int) and (
