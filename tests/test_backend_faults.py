@@ -170,3 +170,43 @@ async def test_tool_calls_without_an_id_get_unique_ones() -> None:
             (call,) = [c async for c in chunks][-1].tool_calls
         ids.append(call.id)
     assert ids[0] != ids[1]
+
+
+async def test_an_endless_model_list_or_health_answer_is_refused_not_read_forever() -> None:
+    # /v1/models, /api/tags and the health probes read the whole body, whatever its size.
+    from service.backends import http as http_mod
+
+    class Endless(httpx.AsyncByteStream):
+        async def __aiter__(self):  # type: ignore[override]
+            while True:
+                yield b"x" * 65536
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "application/json"},
+                              stream=Endless())
+
+    client = make_client(BUDGETS, transport=httpx.MockTransport(handler))
+    backend = OpenAICompatBackend("b", "http://x", client, BUDGETS)
+    with pytest.raises(BackendProtocolError, match="larger than"):
+        await backend.list_models()
+    health = await backend.health()
+    assert not health.reachable
+    assert health.error is not None
+    assert "larger than" in health.error
+    assert http_mod.MAX_SMALL_BODY <= 8 * 1024 * 1024
+
+
+async def test_a_gzipped_small_answer_is_decoded() -> None:
+    import gzip
+    import json as _json
+
+    body = gzip.compress(_json.dumps({"data": [{"id": "m1"}]}).encode())
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "application/json",
+                                            "content-encoding": "gzip"}, content=body)
+
+    backend = OpenAICompatBackend("b", "http://x",
+                                  make_client(BUDGETS, transport=httpx.MockTransport(handler)),
+                                  BUDGETS)
+    assert [m.id for m in await backend.list_models()] == ["m1"]

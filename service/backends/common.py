@@ -11,7 +11,7 @@ import trio
 
 from ..errors import BackendProtocolError, ModelNotFound
 from .base import BackendHealth, ChatRequest, ChatResult, ModelInfo, collect_chat
-from .http import Budgets
+from .http import BodyTooLarge, Budgets, request_small
 
 __all__ = ["HTTPBackend", "new_call_id", "parse_arguments", "token_count"]
 
@@ -110,7 +110,10 @@ class HTTPBackend:
         error: str | None = None
         with trio.move_on_after(self.health_timeout) as scope:
             try:
-                response = await self.client.get(self.url + path, headers=self.headers)
+                response = await request_small(self.client, "GET", self.url + path,
+                                               headers=self.headers)
+            except BodyTooLarge as exc:
+                error = str(exc)
             except httpx.HTTPError as exc:
                 error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if scope.cancelled_caught:

@@ -52,6 +52,7 @@ __all__ = [
     "map_httpx_errors",
     "open_stream",
     "request_json",
+    "request_small",
 ]
 
 MAX_ERROR_BODY = 64 * 1024
@@ -423,6 +424,32 @@ async def _read_bounded(timed: TimedResponse) -> bytes:
     return bytes(body[:MAX_ERROR_BODY])
 
 
+MAX_SMALL_BODY = 8 * 1024 * 1024  # a model list, a health answer: far below this
+
+
+class BodyTooLarge(Exception):
+    """A response that should be small was larger than ``MAX_SMALL_BODY``."""
+
+
+async def request_small(
+    client: httpx.AsyncClient, method: str, url: str, *, json_body: Any = None,
+    headers: dict[str, str] | None = None, limit: int = MAX_SMALL_BODY,
+) -> httpx.Response:
+    """A non-streamed request whose body is read up to ``limit`` bytes (``BodyTooLarge`` past
+    it): an upstream answering a model list or a health probe with an endless body must not
+    grow memory without end. Returns a complete, closed response."""
+    async with client.stream(method, url, json=json_body, headers=headers) as response:
+        body = bytearray()
+        async for chunk in response.aiter_bytes():  # decoded (gzip, ...): the bound is on that
+            body += chunk
+            if len(body) > limit:
+                raise BodyTooLarge(f"{method} {url}: response larger than {limit} bytes")
+    headers = [(k, v) for k, v in response.headers.multi_items()
+               if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+    return httpx.Response(response.status_code, headers=headers, content=bytes(body),
+                          request=response.request)
+
+
 async def request_json(
     client: httpx.AsyncClient,
     method: str,
@@ -436,7 +463,11 @@ async def request_json(
 ) -> Any:
     """One small non-streamed request under an absolute trio deadline; returns the parsed body."""
     with trio.move_on_at(deadline) as scope, map_httpx_errors(backend, url):
-        response = await client.request(method, url, json=json_body, headers=headers)
+        try:
+            response = await request_small(client, method, url, json_body=json_body,
+                                           headers=headers)
+        except BodyTooLarge as exc:
+            raise BackendProtocolError(str(exc), backend=backend) from exc
     if scope.cancelled_caught:
         raise CallTimeout(f"{method} {url} timed out", backend=backend)
     if response.status_code >= 400:
