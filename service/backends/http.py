@@ -444,9 +444,9 @@ async def request_small(
             body += chunk
             if len(body) > limit:
                 raise BodyTooLarge(f"{method} {url}: response larger than {limit} bytes")
-    headers = [(k, v) for k, v in response.headers.multi_items()
-               if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
-    return httpx.Response(response.status_code, headers=headers, content=bytes(body),
+    kept = [(k, v) for k, v in response.headers.multi_items()
+            if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+    return httpx.Response(response.status_code, headers=kept, content=bytes(body),
                           request=response.request)
 
 
