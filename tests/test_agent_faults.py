@@ -206,3 +206,26 @@ def test_strict_json_writes_keys_as_json_does() -> None:
         "true": "nan", "null": 1, "1.5": ["inf"], "a": [1, 2]}
     event = RunEvent.make("r", 1, "tool.result", {"output": {"x": float("-inf")}}, 0.0)
     assert json.loads(event.raw) == {"output": {"x": "-inf"}}
+
+
+async def test_native_tool_arguments_that_are_not_json_are_an_observation(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The whole run failed with a protocol error; the model now sees what was wrong and can
+    # correct itself (small local models write broken JSON now and then).
+    backend = ScriptedBackend([
+        Reply("", tool_calls=[ToolCall("c1", "calculator", {}, invalid_arguments="{expr: 2+2")]),
+        Reply("", tool_calls=[ToolCall("c2", "calculator", {"expression": "2+2"})]),
+        Reply("Final Answer: 4"),
+    ])
+    async with supervisor_env(tmp_path, backend) as env:
+        handle, events = await _run(env, "2+2?", "react")
+        assert handle.status is RunStatus.succeeded
+        results = [e.data for e in events if e.type == "tool.result"]
+        assert results[0]["call_id"] == "c1"
+        assert "not a valid JSON object" in results[0]["error"]
+        assert results[1] == {"call_id": "c2", "output": 4}
+        assert handle.final_text == "4"
+        # The model was told, in the tool message of its next turn.
+        second = backend.streams[1].request.messages
+        assert any(m.role == "tool" and "not a valid JSON object" in m.content for m in second)

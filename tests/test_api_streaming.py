@@ -43,6 +43,9 @@ def _by_content(req: ChatRequest) -> Reply:
     q = req.messages[-1].content
     if q.startswith("slow"):
         return Reply("tick " * 50, gap=0.05)
+    if q.startswith("tools broken"):
+        return Reply("", tool_calls=[ToolCall("call_1", "get_weather", {},
+                                              invalid_arguments='{"city": Paris')])
     if q.startswith("tools"):
         return Reply("", tool_calls=[ToolCall("call_1", "get_weather", {"city": "Paris"})])
     return Reply(f"echo: {q}")
@@ -339,3 +342,24 @@ async def test_metrics_count_runs_tools_and_store(settings: Settings) -> None:
         for name in ("service_llm_call_seconds", "service_llm_ttft_seconds",
                      "service_llm_tokens_total", "service_llm_queue_wait_seconds"):
             assert f"# TYPE {name.removesuffix('_total')}" in text
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_v1_client_tool_arguments_that_are_not_json_are_passed_on_as_they_came(
+    settings: Settings, stream: bool
+) -> None:
+    # They failed the completion (502); OpenAI passes them on as a string, and so do we.
+    async with running_server(settings, ScriptedBackend(_by_content)) as srv, \
+            srv.client() as client:
+        body = {"model": "m", "stream": stream,
+                "messages": [{"role": "user", "content": "tools broken"}],
+                "tools": [{"type": "function", "function": {"name": "get_weather"}}]}
+        r = await client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        if stream:
+            frames = [f["data"] for f in parse_sse(r.text) if f["data"] != "[DONE]"]
+            calls = [c for f in frames for ch in f["choices"]
+                     for c in ch["delta"].get("tool_calls", [])]
+        else:
+            calls = r.json()["choices"][0]["message"]["tool_calls"]
+        assert [c["function"]["arguments"] for c in calls] == ['{"city": Paris']

@@ -129,8 +129,18 @@ class AgentContext:
             self._add_usage(usage)
         return ChatMessage("assistant", "".join(parts), tuple(calls))
 
-    async def call_tool(self, name: str, arguments: object, call_id: str) -> Observation:
-        """Run a tool; any failure or timeout comes back as an error observation."""
+    async def call_tool(self, name: str, arguments: object, call_id: str,
+                        invalid_arguments: str | None = None) -> Observation:
+        """Run a tool; any failure or timeout comes back as an error observation.
+        ``invalid_arguments``: the model's arguments were not a JSON object (not run)."""
+        if invalid_arguments is not None:
+            self.emit("tool.call", {"name": name, "arguments": {}, "call_id": call_id})
+            refused = Observation(call_id, name, error=(
+                f"the arguments are not a valid JSON object: {invalid_arguments[:200]!r}"))
+            self.emit("tool.result", {"call_id": call_id, "error": refused.error})
+            label = name if self.tools.get(name) is not None else "unknown"
+            self.metrics.tool_calls.labels(label, "bad_arguments").inc()
+            return refused
         tool = self.tools.get(name)
         if not isinstance(arguments, dict):
             # A bare value from the text protocol fills a tool's only parameter.
@@ -178,7 +188,8 @@ class AgentContext:
         results: list[Observation | None] = [None] * len(calls)
 
         async def one(i: int, call: ToolCall) -> None:
-            results[i] = await self.call_tool(call.name, call.arguments, call.id)
+            results[i] = await self.call_tool(call.name, call.arguments, call.id,
+                                              call.invalid_arguments)
 
         async with trio.open_nursery() as nursery:
             for i, call in enumerate(calls):

@@ -19,6 +19,10 @@ class ChatAgent(Agent):
         if reply.tool_calls:
             extra["finish_reason"] = "tool_calls"
             extra["tool_calls"] = [
-                {"id": c.id, "name": c.name, "arguments": c.arguments} for c in reply.tool_calls
+                # A client's tool gets the model's arguments as they came, even if not JSON
+                # (as OpenAI passes them on): the client decides what to do with them.
+                {"id": c.id, "name": c.name,
+                 "arguments": c.arguments if c.invalid_arguments is None else c.invalid_arguments}
+                for c in reply.tool_calls
             ]
         return reply.content

@@ -132,7 +132,8 @@ def _usage(handle: RunHandle) -> dict[str, int]:
 def _tool_calls_out(calls: list[dict[str, Any]], *, with_index: bool) -> list[dict[str, Any]]:
     return [
         {**({"index": i} if with_index else {}), "id": c["id"], "type": "function",
-         "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
+         "function": {"name": c["name"], "arguments": c["arguments"]
+                      if isinstance(c["arguments"], str) else json.dumps(c["arguments"])}}
         for i, c in enumerate(calls)
     ]
 

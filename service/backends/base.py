@@ -37,6 +37,9 @@ class ToolCall:
     id: str
     name: str
     arguments: dict[str, Any]
+    # The model's arguments when they are not a JSON object ({} in ``arguments``): an error
+    # observation for our tools (the model can correct itself), passed as-is to a client's.
+    invalid_arguments: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -190,11 +190,14 @@ class OpenAIChunks:
             partial = self._calls[index]
             if not partial.name:
                 raise BackendProtocolError(f"tool call {index} has no name", backend=self.backend)
-            args = parse_arguments("".join(partial.arguments), backend=self.backend,
-                                   name=partial.name)
+            raw = "".join(partial.arguments)
+            try:
+                args, invalid = parse_arguments(raw, backend=self.backend, name=partial.name), None
+            except BackendProtocolError:
+                args, invalid = {}, raw
             # A server that gives no id gets a unique one: "call_<index>" repeated in every step
             # of a ReAct run, which made call_id ambiguous in its events.
-            calls.append(ToolCall(partial.id or new_call_id(), partial.name, args))
+            calls.append(ToolCall(partial.id or new_call_id(), partial.name, args, invalid))
         usage = self._usage or Usage(completion_tokens=self.content_chunks, estimated=True)
         return ChatChunk(done=True, tool_calls=tuple(calls),
                          finish_reason=self._finish_reason or ("tool_calls" if calls else "stop"),

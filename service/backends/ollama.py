@@ -10,6 +10,7 @@ arrives as a line ``{"error": "..."}``. Errors before it: 404 unknown model, 503
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypedDict
@@ -135,8 +136,15 @@ class OllamaChunks:
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise BackendProtocolError(f"malformed tool call: {raw!r:.200}", backend=self.backend)
         name = function["name"]
-        args = parse_arguments(function.get("arguments"), backend=self.backend, name=name)
-        return ToolCall(id=str(raw.get("id") or new_call_id()), name=name, arguments=args)
+        raw_args = function.get("arguments")
+        invalid: str | None = None
+        try:
+            args = parse_arguments(raw_args, backend=self.backend, name=name)
+        except BackendProtocolError:
+            args = {}
+            invalid = raw_args if isinstance(raw_args, str) else json.dumps(raw_args)
+        return ToolCall(id=str(raw.get("id") or new_call_id()), name=name, arguments=args,
+                        invalid_arguments=invalid)
 
 
 class OllamaBackend(HTTPBackend):
