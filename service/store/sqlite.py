@@ -559,28 +559,23 @@ class Store:
 
     async def begin_run(
         self,
-        conversation_id: str | None,
+        conversation_id: str,
         *,
         content: str,
         agent: str | None,
         model: str | None,
         owner: str | None = None,
-        new_conversation: dict[str, str | None] | None = None,
         default_model: str | None = None,
     ) -> BegunRun:
-        """Everything a run needs to start, in one transaction (one thread hop).
+        """Everything a run on an existing conversation needs to start, in one transaction (one
+        thread hop).
 
-        Checks the conversation (owned by ``owner``; or creates ``new_conversation`` when
-        ``conversation_id`` is None), resolves the agent and model (the request's, else the
-        conversation's, else ``"chat"`` / ``default_model``), writes a ``queued`` run, the user's
-        message, a ``pending`` reply and the run's first event (``run.started``, seq 1), and
-        reads the conversation's earlier messages for the agent's history.
+        Checks the conversation (owned by ``owner``), resolves the agent and model (the
+        request's, else the conversation's, else ``"chat"`` / ``default_model``), writes a
+        ``queued`` run, the user's message, a ``pending`` reply and the run's first event
+        (``run.started``, seq 1), and reads the conversation's earlier messages for the agent's
+        history. (A run on a new conversation has nothing to read: :meth:`plan_run`.)
         """
-        if conversation_id is None:
-            begun = self.plan_run(content=content, agent=agent, model=model, owner=owner,
-                                  new_conversation=new_conversation, default_model=default_model)
-            await self.write_run(begun, with_first_event=True)
-            return begun
         now = time.time()
         run_id = new_id("run")
         user_id, reply_id = new_id("msg"), new_id("msg")
@@ -628,10 +623,10 @@ class Store:
         return _begun(new_id("run"), new_id("msg"), new_id("msg"), conv, [], content, agent,
                       model, owner, default_model, now)
 
-    async def write_run(self, begun: BegunRun, *, with_first_event: bool = False) -> None:
+    async def write_run(self, begun: BegunRun) -> None:
         """Store a run from :meth:`plan_run` in one transaction: its new conversation, the
-        ``queued`` run, the user's message and the ``pending`` reply (and ``begun.started``,
-        event 1, if ``with_first_event``; else the caller appends it like any other event)."""
+        ``queued`` run, the user's message and the ``pending`` reply (not ``begun.started``:
+        the caller appends event 1 like any other event)."""
         conv = begun.conversation
 
         def fn(c: sqlite3.Connection) -> None:
@@ -640,7 +635,7 @@ class Store:
                 (conv.id, conv.title, conv.system, conv.model, conv.agent, conv.owner,
                  conv.created_at, conv.updated_at),
             )
-            self._insert_run(c, begun, with_first_event=with_first_event)
+            self._insert_run(c, begun, with_first_event=False)
 
         await self._write("begin_run", fn)
 
