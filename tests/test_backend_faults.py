@@ -210,3 +210,28 @@ async def test_a_gzipped_small_answer_is_decoded() -> None:
                                   make_client(BUDGETS, transport=httpx.MockTransport(handler)),
                                   BUDGETS)
     assert [m.id for m in await backend.list_models()] == ["m1"]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "gzip, gzip"])
+async def test_a_compressed_small_answer_is_inflated_within_the_bound(encoding: str) -> None:
+    # Found in review: httpx inflated a whole chunk (or nested layers) before our size check:
+    # 65 KB of gzip became one 64 MB block. We now inflate it ourselves, capped; a layered
+    # encoding is refused.
+    import gzip
+
+    from service.backends.http import BodyTooLarge, request_small
+
+    payload = gzip.compress(b"\0" * (64 * 1024 * 1024))
+    seen: list[str | None] = []
+
+    async def body():  # type: ignore[no-untyped-def]
+        yield payload
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("accept-encoding"))
+        return httpx.Response(200, headers={"content-encoding": encoding}, content=body())
+
+    client = make_client(BUDGETS, transport=httpx.MockTransport(handler))
+    with pytest.raises(BodyTooLarge):
+        await request_small(client, "GET", "http://x/api/tags", limit=1024 * 1024)
+    assert seen == ["identity"]  # it asked for no compression

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -437,10 +438,26 @@ async def request_small(
 ) -> httpx.Response:
     """A non-streamed request whose body is read up to ``limit`` bytes (``BodyTooLarge`` past
     it): an upstream answering a model list or a health probe with an endless body must not
-    grow memory without end. Returns a complete, closed response."""
-    async with client.stream(method, url, json=json_body, headers=headers) as response:
+    grow memory without end. Asks for no compression; a gzip/deflate answer anyway is inflated
+    here with the same bound (httpx would inflate a whole chunk, or nested layers, unbounded).
+    Returns a complete, closed response."""
+    sent = {"Accept-Encoding": "identity", **(headers or {})}
+    async with client.stream(method, url, json=json_body, headers=sent) as response:
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("identity", "gzip", "deflate", ""):
+            raise BodyTooLarge(f"{method} {url}: unsupported content-encoding {encoding!r}")
+        # wbits 47: zlib or gzip header, detected.
+        inflater = zlib.decompressobj(47) if encoding in ("gzip", "deflate") else None
         body = bytearray()
-        async for chunk in response.aiter_bytes():  # decoded (gzip, ...): the bound is on that
+        # An in-memory response (a test transport's) arrives already read, and decoded.
+        raw = _whole(response.content) if response.is_stream_consumed else response.aiter_raw()
+        if response.is_stream_consumed:
+            inflater = None
+        async for chunk in raw:
+            if inflater is not None:
+                chunk = inflater.decompress(chunk, limit + 1 - len(body))
+                if inflater.unconsumed_tail:
+                    raise BodyTooLarge(f"{method} {url}: response larger than {limit} bytes")
             body += chunk
             if len(body) > limit:
                 raise BodyTooLarge(f"{method} {url}: response larger than {limit} bytes")
@@ -448,6 +465,10 @@ async def request_small(
             if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
     return httpx.Response(response.status_code, headers=kept, content=bytes(body),
                           request=response.request)
+
+
+async def _whole(content: bytes) -> AsyncIterator[bytes]:
+    yield content
 
 
 async def request_json(
