@@ -600,3 +600,37 @@ async def test_a_new_run_waiting_for_its_write_counts_once_against_max_runs(
         for handle in handles:
             await handle.finished.wait()
         assert sorted(h.status.value for h in handles) == ["succeeded", "succeeded"]
+
+
+async def test_a_rejoin_while_the_final_write_waits_for_its_retry_still_ends_with_run_finished(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The run's task was gone and the store had no run.finished yet: a re-join read the store,
+    # found no live run, and its stream ended without run.finished ("every stream ends with
+    # run.finished, whatever happened").
+    from service.api.streams import EventReader, Keepalive
+    from service.errors import StoreError
+
+    backend = ScriptedBackend([Reply("all of it")])
+    async with supervisor_env(tmp_path, backend) as env:
+        real = env.store.finish_run
+        failures = [StoreError("disk full")]
+
+        async def flaky(*args, **kwargs):  # type: ignore[no-untyped-def]
+            if failures:
+                raise failures.pop()
+            return await real(*args, **kwargs)
+
+        env.store.finish_run = flaky  # type: ignore[method-assign]
+        conv = await env.conversation()
+        handle = await env.supervisor.start(RunSpec(conv, "x"))
+        await handle.finished.wait()  # (no wait that lets the clock jump to the retry)
+        assert (await env.store.get_run(handle.id)).status == "queued"  # not stored yet
+        reader = EventReader(handle.id, after=0, store=env.store, supervisor=env.supervisor,
+                             keepalive=5.0)
+        seen = [e for e in [e async for e in reader] if not isinstance(e, Keepalive)]
+        assert seen[-1].type == "run.finished"
+        assert [e.seq for e in seen] == list(range(1, len(seen) + 1))
+        await trio.sleep(5)  # the retry lands; the run is served from the store again
+        assert (await env.store.get_run(handle.id)).status == "succeeded"
+        assert env.supervisor.get(handle.id) is None

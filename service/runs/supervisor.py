@@ -49,6 +49,7 @@ _FINAL_WRITE_BUDGET = 10.0  # seconds the shielded final write may take
 _CHECKPOINT_EVERY = 2.0  # seconds between WAL checkpoints (the store's writer never does them)
 _UNSTORED_MAX = 100_000  # published events kept for a retry of their failed write
 _UNSTORED_PER_RETRY = 5_000  # ... written again per checkpoint tick
+_UNSTORED_ENDS_MAX = 1_000  # ended runs whose final write failed, still served from memory
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class RunSupervisor:
         self._wake = trio.Event()
         self._commit_lock = trio.Lock()
         self._final_retries: list[dict[str, Any]] = []  # final writes that failed, to retry
+        self._unstored_ends: dict[str, RunHandle] = {}  # their runs, still served to re-joins
         self.draining = False
         self._cancelling = False  # the drain's grace is over: runs still going are cancelled
 
@@ -134,7 +136,9 @@ class RunSupervisor:
         return len(self._runs)
 
     def get(self, run_id: str) -> RunHandle | None:
-        return self._runs.get(run_id)
+        """A live run, or one that ended but whose final write is still to be retried (its
+        handle holds run.finished, which the store does not have yet)."""
+        return self._runs.get(run_id) or self._unstored_ends.get(run_id)
 
     async def drain(self, grace: float) -> None:
         """Refuse new runs, give those in flight ``grace`` seconds, then cancel the rest."""
@@ -350,10 +354,12 @@ class RunSupervisor:
                         log.error("final write of run %s took over %ss; will retry", handle.id,
                                   _FINAL_WRITE_BUDGET)
                         self._final_retries.append(final)
+                        self._keep_unstored_end(handle)
                 except StoreError as exc:
                     log.error("could not store the final state of run %s (will retry): %s",
                               handle.id, exc)
                     self._final_retries.append(final)
+                    self._keep_unstored_end(handle)
                 finally:
                     # Published whatever happened to the write: live clients get their end.
                     handle.publish(mine)
@@ -361,6 +367,12 @@ class RunSupervisor:
             handle.finished.set()
 
     # -- events ---------------------------------------------------------------------------------
+
+    def _keep_unstored_end(self, handle: RunHandle) -> None:
+        """Keep serving a run whose final write failed (bounded: the oldest are let go)."""
+        self._unstored_ends[handle.id] = handle
+        while len(self._unstored_ends) > _UNSTORED_ENDS_MAX:
+            del self._unstored_ends[next(iter(self._unstored_ends))]
 
     def _keep_unstored(self, events: list[RunEvent]) -> None:
         """Keep published events whose write failed, for the checkpoint loop's retries (bounded:
@@ -400,6 +412,7 @@ class RunSupervisor:
                 with trio.move_on_after(_FINAL_WRITE_BUDGET):
                     await self._store.finish_run(**final)
                     self._final_retries.remove(final)
+                    self._unstored_ends.pop(final["run_id"], None)
                     log.info("stored the final state of run %s on retry", final["run_id"])
             except StoreError as exc:
                 log.warning("final state of run %s still not stored: %s", final["run_id"],
