@@ -235,3 +235,49 @@ async def test_a_compressed_small_answer_is_inflated_within_the_bound(encoding: 
     with pytest.raises(BodyTooLarge):
         await request_small(client, "GET", "http://x/api/tags", limit=1024 * 1024)
     assert seen == ["identity"]  # it asked for no compression
+
+
+class _Drip(httpx.AsyncByteStream):
+    """A body that sends ``first`` parts, then ``every`` forever, one per second."""
+
+    def __init__(self, first: list[bytes], every: bytes) -> None:
+        self.first, self.every = first, every
+
+    async def __aiter__(self):  # type: ignore[override]
+        for part in self.first:
+            yield part
+        while True:
+            await trio.sleep(1)
+            yield self.every
+
+
+@pytest.mark.parametrize("protocol", ["ollama", "openai"])
+@pytest.mark.parametrize("after_content", [False, True])
+async def test_an_upstream_sending_only_empty_messages_hits_its_budget(
+    protocol: str, after_content: bool, autojump_clock: MockClock
+) -> None:
+    # Found in review: only ":" comments were not progress; an empty delta (or an Ollama line
+    # with empty content) every second kept a call alive until the whole-call budget.
+    from service.errors import ChunkGapTimeout, FirstChunkTimeout
+
+    if protocol == "ollama":
+        content = b'{"message":{"role":"assistant","content":"hi"},"done":false}\n'
+        empty = b'{"message":{"role":"assistant","content":""},"done":false}\n'
+        ctype, cls = "application/x-ndjson", OllamaBackend
+    else:
+        content = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+        empty = b'data: {"choices":[{"index":0,"delta":{"role":"assistant"}}]}\n\n'
+        ctype, cls = "text/event-stream", OpenAICompatBackend
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        first = [content] if after_content else []
+        return httpx.Response(200, headers={"content-type": ctype}, stream=_Drip(first, empty))
+
+    backend = cls("b", "http://x", make_client(BUDGETS, transport=httpx.MockTransport(handler)),
+                  BUDGETS)
+    expected = ChunkGapTimeout if after_content else FirstChunkTimeout
+    start = trio.current_time()
+    with pytest.raises(expected):
+        await _drain(backend)
+    budget = BUDGETS.gap if after_content else BUDGETS.first_chunk
+    assert trio.current_time() - start == pytest.approx(budget, abs=1.0)

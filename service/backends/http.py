@@ -6,7 +6,8 @@ Time budgets are enforced here with trio scopes, not with httpx's read timeout (
 * ``first_chunk``: from sending the request to the first upstream message (headers included:
   Ollama sends its headers only once the model is loaded).
 * ``gap``: from asking for the next message to getting it. A keep-alive comment is not progress:
-  the deadline is fixed when the wait starts and comments do not move it.
+  the deadline is fixed when the wait starts and comments do not move it; nor is a message that
+  carries nothing (an empty or role-only delta): the adapters keep one deadline until a chunk.
 * ``call``: the whole call, from sending the request to the end of the stream.
 
 Every httpx exception is mapped once, here, to a :mod:`service.errors` type (``raise X from exc``).
@@ -306,11 +307,13 @@ class NDJSONReader:
             self._eof = True
             await _drain(self.timed)
 
-    async def next(self) -> dict[str, Any] | None:
-        """The next object, or None at the end of the body."""
+    async def next(self, deadline: tuple[float, str, float] | None = None
+                   ) -> dict[str, Any] | None:
+        """The next object, or None at the end of the body. ``deadline``: one fixed by the
+        caller for several reads (objects that carry nothing are not progress either)."""
         # A cancelled consumer stops here, not after the lines already buffered.
         await trio.lowlevel.checkpoint_if_cancelled()
-        deadline = self.timed.next_deadline()
+        deadline = deadline or self.timed.next_deadline()
         while not self._lines:
             if self._eof:
                 return None
@@ -355,10 +358,12 @@ class SSEReader:
             self._eof = True
             await _drain(self.timed)
 
-    async def next(self) -> SSEEvent | None:
-        """The next event, or None at the end of the body."""
+    async def next(self, deadline: tuple[float, str, float] | None = None) -> SSEEvent | None:
+        """The next event, or None at the end of the body. ``deadline``: one fixed by the
+        caller for several reads (events that carry nothing are not progress either)."""
         await trio.lowlevel.checkpoint_if_cancelled()  # stop at once, not after the buffer
-        deadline = self.timed.next_deadline()  # fixed for this wait: comments do not move it
+        # Fixed for this wait: comments do not move it.
+        deadline = deadline or self.timed.next_deadline()
         while True:
             while self._items:
                 item = self._items.popleft()

@@ -92,8 +92,11 @@ class OpenAIChunks:
         return self
 
     async def __anext__(self) -> ChatChunk:
+        # One deadline for this chunk: events that carry nothing (a role-only or empty delta)
+        # are not progress, so an upstream sending only those still hits its budget.
+        deadline = self.reader.timed.next_deadline()
         while not self.done:
-            event = await self.reader.next()
+            event = await self.reader.next(deadline)
             if event is None:
                 if self._finish_reason is None:
                     raise BackendProtocolError(

@@ -84,8 +84,11 @@ class OllamaChunks:
         return self
 
     async def __anext__(self) -> ChatChunk:
+        # One deadline for this chunk: lines that carry nothing (empty content) are not
+        # progress, so an upstream sending only those still hits its first-chunk / gap budget.
+        deadline = self.reader.timed.next_deadline()
         while not self.done:
-            obj = await self.reader.next()
+            obj = await self.reader.next(deadline)
             if obj is None:
                 raise BackendProtocolError(
                     "stream ended before a done message", backend=self.backend
