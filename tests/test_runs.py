@@ -427,22 +427,27 @@ async def test_events_are_published_even_when_the_store_is_stuck(
         assert handle.status is RunStatus.succeeded
 
 
+def _fail_the_next_final_write(env) -> None:  # type: ignore[no-untyped-def]
+    """The store refuses the next ``finish_run`` once (a full disk), then works again."""
+    from service.errors import StoreError
+
+    real = env.store.finish_run
+    failures = [StoreError("disk full")]
+
+    async def flaky(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if failures:
+            raise failures.pop()
+        return await real(*args, **kwargs)
+
+    env.store.finish_run = flaky
+
+
 async def test_a_failed_final_write_is_retried(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    from service.errors import StoreError
-
     backend = ScriptedBackend([Reply("all of it")])
     async with supervisor_env(tmp_path, backend) as env:
-        real = env.store.finish_run
-        failures = [StoreError("disk full")]
-
-        async def flaky(*args, **kwargs):  # type: ignore[no-untyped-def]
-            if failures:
-                raise failures.pop()
-            return await real(*args, **kwargs)
-
-        env.store.finish_run = flaky  # type: ignore[method-assign]
+        _fail_the_next_final_write(env)
         conv = await env.conversation()
         handle = await env.supervisor.start(RunSpec(conv, "x"))
         seen = [e.type async for e in handle.subscribe()]
@@ -609,19 +614,10 @@ async def test_a_rejoin_while_the_final_write_waits_for_its_retry_still_ends_wit
     # found no live run, and its stream ended without run.finished ("every stream ends with
     # run.finished, whatever happened").
     from service.api.streams import EventReader, Keepalive
-    from service.errors import StoreError
 
     backend = ScriptedBackend([Reply("all of it")])
     async with supervisor_env(tmp_path, backend) as env:
-        real = env.store.finish_run
-        failures = [StoreError("disk full")]
-
-        async def flaky(*args, **kwargs):  # type: ignore[no-untyped-def]
-            if failures:
-                raise failures.pop()
-            return await real(*args, **kwargs)
-
-        env.store.finish_run = flaky  # type: ignore[method-assign]
+        _fail_the_next_final_write(env)
         conv = await env.conversation()
         handle = await env.supervisor.start(RunSpec(conv, "x"))
         await handle.finished.wait()  # (no wait that lets the clock jump to the retry)
