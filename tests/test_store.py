@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from functools import partial
 from pathlib import Path
 
@@ -391,7 +392,9 @@ async def test_runs_of_a_dead_process_are_closed_at_the_next_start(tmp_path: Pat
         mine = store.process_id
     conn = sqlite3.connect(db)
     conn.execute("UPDATE runs SET process = ? WHERE id = ?", ("999999999:1", run.id))
-    conn.execute("UPDATE runs SET process = ? WHERE id = ?", (f"{os.getppid()}:0", live.id))
+    # (tagged now, as a live worker's runs are: a tag is made after its process started)
+    conn.execute("UPDATE runs SET process = ? WHERE id = ?",
+                 (f"{os.getppid()}:{time.time_ns()}", live.id))
     conn.commit()
     conn.close()
     async with open_store(db) as store:
@@ -490,6 +493,45 @@ async def test_a_reused_pid_does_not_keep_old_runs_alive(tmp_path: Path) -> None
     conn.close()
     async with open_store(db) as store:
         assert await store.recover_interrupted() == [run.id]
+
+
+async def test_a_pid_reused_by_another_process_does_not_keep_old_runs_alive(
+    tmp_path: Path,
+) -> None:
+    # The dead service's PID now belongs to an unrelated process, started after the service
+    # tagged its runs (a restart, a reboot): the runs are the dead service's, and are closed.
+    # The same live process, tagged after it started, is left alone.
+    db = tmp_path / "s.db"
+    async with open_store(db) as store:
+        conv = await store.create_conversation()
+        old, *_ = await store.begin_run(conv.id, content="q", agent="chat", model=None)
+        live, *_ = await store.begin_run(conv.id, content="q2", agent="chat", model=None)
+    tagged_before = time.time_ns() - 60 * 10**9  # a minute before the other process started
+    other = await trio.lowlevel.open_process(["sleep", "60"])
+    try:
+        conn = sqlite3.connect(db)
+        conn.execute("UPDATE runs SET process = ? WHERE id = ?",
+                     (f"{other.pid}:{tagged_before}", old.id))
+        conn.execute("UPDATE runs SET process = ? WHERE id = ?",
+                     (f"{other.pid}:{time.time_ns()}", live.id))
+        conn.commit()
+        conn.close()
+        async with open_store(db) as store:
+            assert await store.recover_interrupted() == [old.id]
+            assert (await store.get_run(live.id)).status == "queued"
+    finally:
+        other.kill()
+        with trio.move_on_after(5, shield=True):
+            await other.wait()
+
+
+def test_process_start_time_is_read_from_proc() -> None:
+    from service.store.sqlite import _process_start
+
+    started = _process_start(os.getpid())
+    assert started is not None
+    assert time.time() - 86400 * 365 < started <= time.time()
+    assert _process_start(999_999_999) is None
 
 
 async def test_a_huge_cursor_is_a_value_error_not_an_overflow(tmp_path: Path) -> None:

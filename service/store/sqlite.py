@@ -833,19 +833,43 @@ class Store:
 
 
 def _alive(process: str | None, current: str) -> bool:
-    """Whether the process that tagged a run (``pid:start``) still runs on this host."""
+    """Whether the process that tagged a run (``pid:start``, its store's creation time in ns)
+    still runs on this host."""
     if not process:
         return False
-    pid = process.split(":", 1)[0]
+    pid, _, tagged = process.partition(":")
     if pid == current.split(":", 1)[0]:
         return False  # our PID, another start: a previous life of a reused PID (containers)
     try:
         os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
+    except (ValueError, OverflowError, ProcessLookupError):
         return False
     except PermissionError:
-        return True  # exists, owned by someone else
-    return True
+        pass  # exists, owned by someone else
+    # The PID is taken, but maybe by a process that started after the tag was made: then the
+    # tagging process is gone and its PID was reused (after a restart or a reboot).
+    started = _process_start(int(pid))
+    try:
+        tag_time = int(tagged) / 1e9
+    except ValueError:
+        return True
+    return started is None or started <= tag_time + _START_SLACK
+
+
+_START_SLACK = 2.0  # seconds: /proc/stat's btime has 1 s resolution; small clock adjustments
+
+
+def _process_start(pid: int) -> float | None:
+    """When process ``pid`` started (Unix time, from /proc), or None where that is unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        ticks = int(fields[19])  # starttime, field 22: clock ticks after boot
+        with open("/proc/stat", "rb") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def _begun(
