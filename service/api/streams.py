@@ -16,7 +16,7 @@ from ..store import Store
 
 __all__ = ["EventReader", "Keepalive"]
 
-_GAP_POLL = 0.1  # seconds between store reads while a gap behind the window is not stored yet
+_GAP_POLL = 0.1  # seconds between store reads while a gap (or a run's start) is not stored yet
 
 
 @dataclass(frozen=True)
@@ -81,11 +81,22 @@ class EventReader:
                         return Keepalive()
                     continue
                 if handle is None:
-                    # Not live: the store had everything, including run.finished (or the run
-                    # was deleted). One more read closes the race with a run just finishing.
+                    # Not live here: the store had everything, including run.finished (or the
+                    # run was deleted). One more read closes the race with a run just finishing.
                     await self._refill_from_store()
-                    if not self._backlog:
-                        self._finished = True
+                    if self._backlog:
+                        continue
+                    if await self._store.run_in_progress(self.run_id):
+                        # Stored without its end yet, by a live process: this one, in the
+                        # scheduling round between the run's first write and its launch, or
+                        # another worker sharing the store. Its end will come: poll for it.
+                        await trio.sleep(_GAP_POLL)
+                        self._gap_wait += _GAP_POLL
+                        if self._gap_wait >= self._keepalive:
+                            self._gap_wait = 0.0
+                            return Keepalive()
+                        continue
+                    self._finished = True
                     continue
                 self._live = handle.subscribe(self.last_seq)
             try:

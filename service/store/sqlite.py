@@ -766,6 +766,20 @@ class Store:
             raise NotFound(f"no run {run_id!r}", id=run_id)
         return run
 
+    async def run_in_progress(self, run_id: str) -> bool:
+        """Whether a run is stored as ``queued``/``running`` by a process that still runs: this
+        one (a run in the moment between its first write and its launch) or another worker
+        sharing the file. A run of a dead process is not (the next start closes it)."""
+        def fn(c: sqlite3.Connection) -> bool:
+            row = c.execute(
+                "SELECT process FROM runs WHERE id = ? AND status IN ('queued', 'running')",
+                (run_id,),
+            ).fetchone()
+            return row is not None and (
+                row[0] == self.process_id or _alive(row[0], self.process_id))
+
+        return await self._read("run_in_progress", fn)
+
     async def append_run_events(
         self, events: Sequence[RunEventRecord], *, retry: bool = False
     ) -> None:
