@@ -136,6 +136,28 @@ def test_ready_takes_published_events_without_waiting() -> None:
         behind.ready()  # the window moved past it: re-read the store
 
 
+def test_events_committed_before_a_reserved_first_event_wait_behind_it() -> None:
+    # A /v1 run writes run.started with the run itself and starts working meanwhile: events
+    # the committer stores before that write is known to have landed are held, not published
+    # ahead of event 1.
+    events: list[RunEvent] = []
+    handle = RunHandle(run_id="run_x", conversation_id="c", agent="chat", model=None,
+                       owner=None, message_id="m", sink=events.append, window=10)
+    handle.reserve_first_event()
+    sub = handle.subscribe(0)
+    token = handle.emit("token", {"text": "a"})
+    assert token.seq == 2
+    handle.publish([token])
+    assert sub.ready() is None
+    assert handle.published_seq == 0
+    started = RunEvent.make("run_x", 1, "run.started", {"run_id": "run_x"}, 0.0)
+    handle.adopt_first_event(started)
+    assert [sub.ready(), sub.ready(), sub.ready()] == [started, token, None]
+    handle.publish([handle.emit("token", {"text": "b"})])  # no longer held
+    assert sub.ready().seq == 3  # type: ignore[union-attr]
+    assert [e.seq for e in events] == [2, 3]  # event 1 never went through the committer
+
+
 @pytest.mark.parametrize("stage", ["before_first_token", "mid_stream"])
 async def test_cancel_during_llm_stream(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, stage: str

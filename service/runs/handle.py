@@ -76,6 +76,7 @@ class RunHandle:
         self._changed = trio.Event()
         self._closed = False  # run.finished has been emitted
         self._published_final = False  # ... and published
+        self._held: list[RunEvent] | None = None  # committed before event 1 was published
 
     def __repr__(self) -> str:
         cancel = f", cancel: {self.cancel_reason}" if self.cancel_reason else ""
@@ -135,6 +136,9 @@ class RunHandle:
         """Called by the committer once ``events`` (in seq order) are in the store."""
         if not events:
             return
+        if self._held is not None:  # event 1 is still being written with the run
+            self._held.extend(events)
+            return
         self._events.extend(events)
         if events[-1].type == "run.finished":
             self._published_final = True
@@ -145,8 +149,21 @@ class RunHandle:
         changed, self._changed = self._changed, trio.Event()
         changed.set()
 
+    def reserve_first_event(self) -> None:
+        """Number event 1 (``run.started``) without emitting it: the store writes it with the
+        run, and :meth:`adopt_first_event` publishes it. Events committed before then (the run
+        started working while its write was in flight) are held back until it is published."""
+        assert self._next_seq == 1, self._next_seq
+        self._next_seq = 2
+        self._held = []
+
     def adopt_first_event(self, event: RunEvent) -> None:
         """Take an event the store wrote with the run itself (``run.started``) as published."""
+        if self._held is not None:  # reserved: publish it, then what was held behind it
+            assert event.seq == 1, event.seq
+            held, self._held = self._held, None
+            self.publish([event, *held])
+            return
         assert event.seq == self._next_seq, (event.seq, self._next_seq)
         self._next_seq += 1
         self.publish([event])

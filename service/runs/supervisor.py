@@ -209,24 +209,30 @@ class RunSupervisor:
         Ordering: the write is called before the agent's task first runs and before this task's
         first checkpoint, so it is queued in the store ahead of every other write about the run
         (its events, its LLM calls, its final state), which therefore land after it. Event 1
-        (``run.started``) goes through the committer like any other event, so nothing about the
-        run is published before the run is stored. If the write fails, or this caller is
-        cancelled before the write was taken, the run is cancelled (its upstream call stops at
-        once; its later writes find no run and change nothing) and the error is raised here.
-        The interceptor's record of an upstream call it made is kept: that call happened.
+        (``run.started``) is written with the run and published once that write has landed;
+        events the run commits meanwhile are held back behind it (``reserve_first_event``), so
+        nothing about the run is published before the run is stored, and the first token does
+        not wait for a commit of its own for ``run.started``. If the write fails, or this
+        caller is cancelled before the write was taken, the run is cancelled (its upstream call
+        stops at once; its later writes find no run and change nothing) and the error is raised
+        here. The interceptor's record of an upstream call it made is kept: that call happened.
         """
         begun = self._store.plan_run(
             content=spec.content, agent=spec.agent, model=spec.model, owner=spec.owner,
             new_conversation=spec.new_conversation, default_model=spec.default_model,
         )
         handle = self._new_handle(begun, spec)
-        handle.emit("run.started", dict(begun.started.data))
+        handle.reserve_first_event()
         self._launch(handle, spec)
         try:
             await self._store.write_run(begun)
         except BaseException:
             handle.cancel("the run could not be stored")
+            # Not stored, and nobody was told the run's id: released so that the handle's
+            # events (its end among them) reach a subscriber in order all the same.
+            handle.adopt_first_event(_event(begun.started))
             raise
+        handle.adopt_first_event(_event(begun.started))
         return handle
 
     def _launch(self, handle: RunHandle, spec: RunSpec) -> None:

@@ -595,7 +595,7 @@ class Store:
             )]
             begun = _begun(run_id, user_id, reply_id, conv, history, content, agent, model,
                            owner, default_model, now)
-            self._insert_run(c, begun, with_first_event=True)
+            self._insert_run(c, begun)
             return begun
 
         return await self._write("begin_run", fn)
@@ -625,8 +625,8 @@ class Store:
 
     async def write_run(self, begun: BegunRun) -> None:
         """Store a run from :meth:`plan_run` in one transaction: its new conversation, the
-        ``queued`` run, the user's message and the ``pending`` reply (not ``begun.started``:
-        the caller appends event 1 like any other event)."""
+        ``queued`` run, the user's message, the ``pending`` reply and event 1
+        (``begun.started``)."""
         conv = begun.conversation
 
         def fn(c: sqlite3.Connection) -> None:
@@ -635,12 +635,11 @@ class Store:
                 (conv.id, conv.title, conv.system, conv.model, conv.agent, conv.owner,
                  conv.created_at, conv.updated_at),
             )
-            self._insert_run(c, begun, with_first_event=False)
+            self._insert_run(c, begun)
 
         await self._write("begin_run", fn)
 
-    def _insert_run(self, c: sqlite3.Connection, begun: BegunRun, *,
-                    with_first_event: bool) -> None:
+    def _insert_run(self, c: sqlite3.Connection, begun: BegunRun) -> None:
         run, now = begun.run, begun.run.created_at
         c.execute(
             f"INSERT INTO runs ({_RUN_COLS}, process) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -652,8 +651,7 @@ class Store:
             [(m.id, m.conversation_id, m.role, m.content, m.status.value, m.run_id, None,
               now, now) for m in (begun.user, begun.reply)],
         )
-        if with_first_event:
-            _insert_events(c, [begun.started])
+        _insert_events(c, [begun.started])
 
     async def finish_run(
         self,
