@@ -12,6 +12,7 @@ import threading
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -498,22 +499,23 @@ async def test_a_reused_pid_does_not_keep_old_runs_alive(tmp_path: Path) -> None
 async def test_a_pid_reused_by_another_process_does_not_keep_old_runs_alive(
     tmp_path: Path,
 ) -> None:
-    # The dead service's PID now belongs to an unrelated process, started after the service
-    # tagged its runs (a restart, a reboot): the runs are the dead service's, and are closed.
-    # The same live process, tagged after it started, is left alone.
+    # The dead service's PID now belongs to an unrelated process (a restart, a reboot): the
+    # runs are the dead service's, and are closed. The same live process is left alone.
+    from service.store.sqlite import process_tag
+
     db = tmp_path / "s.db"
     async with open_store(db) as store:
         conv = await store.create_conversation()
         old, *_ = await store.begin_run(conv.id, content="q", agent="chat", model=None)
         live, *_ = await store.begin_run(conv.id, content="q2", agent="chat", model=None)
-    tagged_before = time.time_ns() - 60 * 10**9  # a minute before the other process started
     other = await trio.lowlevel.open_process(["sleep", "60"])
     try:
+        pid, made, boot, ticks = process_tag(other.pid).split(":")
         conn = sqlite3.connect(db)
-        conn.execute("UPDATE runs SET process = ? WHERE id = ?",
-                     (f"{other.pid}:{tagged_before}", old.id))
-        conn.execute("UPDATE runs SET process = ? WHERE id = ?",
-                     (f"{other.pid}:{time.time_ns()}", live.id))
+        conn.execute("UPDATE runs SET process = ? WHERE id = ?",  # the PID's earlier owner
+                     (f"{pid}:{made}:{boot}:{int(ticks) - 100}", old.id))
+        conn.execute("UPDATE runs SET process = ? WHERE id = ?", (process_tag(other.pid),
+                                                                   live.id))
         conn.commit()
         conn.close()
         async with open_store(db) as store:
@@ -525,13 +527,77 @@ async def test_a_pid_reused_by_another_process_does_not_keep_old_runs_alive(
             await other.wait()
 
 
-def test_process_start_time_is_read_from_proc() -> None:
-    from service.store.sqlite import _process_start
+async def test_a_clock_step_does_not_make_a_live_worker_look_dead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found in review: start times compared with the wall clock made a live sibling worker
+    # look dead after an NTP step (/proc/stat's btime moves with the clock), and a worker
+    # starting then closed the sibling's running runs. Process identity no longer uses it.
+    import io
 
-    started = _process_start(os.getpid())
-    assert started is not None
-    assert time.time() - 86400 * 365 < started <= time.time()
-    assert _process_start(999_999_999) is None
+    import service.store.sqlite as sq
+
+    db = tmp_path / "s.db"
+    sibling = await trio.lowlevel.open_process(["sleep", "60"])  # a live sibling worker
+    try:
+        tag = sq.process_tag(sibling.pid)
+        async with open_store(db) as store:
+            conv = await store.create_conversation()
+            run, *_ = await store.begin_run(conv.id, content="q", agent="chat", model=None)
+        conn = sqlite3.connect(db)
+        conn.execute("UPDATE runs SET process = ? WHERE id = ?", (tag, run.id))
+        conn.commit()
+        conn.close()
+        real_open = open
+
+        def stepped_open(path: str, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+            if path == "/proc/stat":  # btime after the wall clock was stepped 1 hour forward
+                with real_open(path, "rb") as f:
+                    return io.BytesIO(b"".join(
+                        b"btime %d\n" % (int(line.split()[1]) + 3600)
+                        if line.startswith(b"btime ") else line for line in f))
+            return real_open(path, mode, *args, **kwargs)
+
+        monkeypatch.setattr(sq, "open", stepped_open, raising=False)
+        monkeypatch.setattr(time, "time_ns", lambda: 3600 * 10**9 + time.monotonic_ns())
+        async with open_store(db) as store:
+            assert await store.recover_interrupted() == []
+            assert (await store.get_run(run.id)).status == "queued"
+    finally:
+        sibling.kill()
+        with trio.move_on_after(5, shield=True):
+            await sibling.wait()
+
+
+def test_a_dead_process_not_yet_reaped_is_dead() -> None:
+    # Found in review: a zombie (exited, its parent has not waited for it) still answers
+    # kill(pid, 0), so its runs were left running and a re-join of one polled forever.
+    from service.store.sqlite import _alive, process_tag
+
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        tag = process_tag(child.pid)
+        assert _alive(tag, "1:1")
+        child.kill()
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+        assert not _alive(tag, "1:1")
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_process_tags_carry_the_boot_and_the_start_tick() -> None:
+    from service.store.sqlite import _alive, process_tag
+
+    pid, made, boot, ticks = process_tag(os.getppid()).split(":")
+    assert pid == str(os.getppid())
+    assert len(boot) == 36
+    assert int(ticks) > 0
+    assert _alive(f"{pid}:{made}:{boot}:{ticks}", "1:1")
+    assert not _alive(f"{pid}:{made}:{boot}:{int(ticks) + 1}", "1:1")  # a later process
+    assert not _alive(f"{pid}:{made}:another-boot:{ticks}", "1:1")  # before a reboot
+    assert _alive(f"{pid}:{made}", "1:1")  # an older tag: the PID exists
+    assert not _alive("999999999:1", "1:1")
 
 
 async def test_a_huge_cursor_is_a_value_error_not_an_overflow(tmp_path: Path) -> None:

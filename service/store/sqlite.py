@@ -48,7 +48,7 @@ from .records import (
 )
 from .schema import MIGRATIONS
 
-__all__ = ["BegunRun", "Store", "new_id", "open_store"]
+__all__ = ["BegunRun", "Store", "new_id", "open_store", "process_tag"]
 
 T = TypeVar("T")
 
@@ -190,7 +190,7 @@ class Store:
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         # Runs are tagged with this, so a later start can tell runs whose process died.
-        self.process_id = f"{os.getpid()}:{time.time_ns()}"
+        self.process_id = process_tag(os.getpid())
         # Test hook: called inside the writer thread, inside the transaction, before COMMIT.
         self._before_commit: Callable[[], None] | None = None
 
@@ -844,44 +844,60 @@ class Store:
         return await self._read("list_llm_calls", fn)
 
 
+def process_tag(pid: int) -> str:
+    """How a process tags its runs: ``pid:time_ns``, plus ``:boot_id:start_ticks`` where /proc
+    has them (Linux), which tell this process from a later one given the same PID."""
+    tag = f"{pid}:{time.time_ns()}"
+    stat, boot = _proc_stat(pid), _boot_id()
+    if stat is not None and boot:
+        tag += f":{boot}:{stat[1]}"
+    return tag
+
+
 def _alive(process: str | None, current: str) -> bool:
-    """Whether the process that tagged a run (``pid:start``, its store's creation time in ns)
-    still runs on this host."""
+    """Whether the process that tagged a run (:func:`process_tag`) still runs on this host."""
     if not process:
         return False
-    pid, _, tagged = process.partition(":")
-    if pid == current.split(":", 1)[0]:
+    parts = process.split(":")
+    if parts[0] == current.split(":", 1)[0]:
         return False  # our PID, another start: a previous life of a reused PID (containers)
     try:
-        os.kill(int(pid), 0)
+        pid = int(parts[0])
+        os.kill(pid, 0)
     except (ValueError, OverflowError, ProcessLookupError):
         return False
     except PermissionError:
         pass  # exists, owned by someone else
-    # The PID is taken, but maybe by a process that started after the tag was made: then the
-    # tagging process is gone and its PID was reused (after a restart or a reboot).
-    started = _process_start(int(pid))
-    try:
-        tag_time = int(tagged) / 1e9
-    except ValueError:
-        return True
-    return started is None or started <= tag_time + _START_SLACK
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True  # no /proc to ask: the PID exists
+    state, ticks = stat
+    if state in (b"Z", b"X"):
+        return False  # it has exited; its parent has not reaped it yet
+    if len(parts) >= 4:
+        # The same process only if it started at the tagged tick of the same boot: a PID
+        # reused after a restart or a reboot is not it. Clock ticks after boot, not wall-clock
+        # time, so a clock step (NTP) cannot make a live process look like another.
+        return parts[2] == _boot_id() and parts[3] == str(ticks)
+    return True  # a tag without a start (older versions): the PID exists
 
 
-_START_SLACK = 2.0  # seconds: /proc/stat's btime has 1 s resolution; small clock adjustments
-
-
-def _process_start(pid: int) -> float | None:
-    """When process ``pid`` started (Unix time, from /proc), or None where that is unknown."""
+def _proc_stat(pid: int) -> tuple[bytes, int] | None:
+    """(state, start time in clock ticks after boot) of a process, from /proc; None if absent."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
-        ticks = int(fields[19])  # starttime, field 22: clock ticks after boot
-        with open("/proc/stat", "rb") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
-        return btime + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        return fields[0], int(fields[19])  # fields 3 and 22 of proc(5)
+    except (OSError, ValueError, IndexError):
         return None
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def _begun(
