@@ -1,7 +1,11 @@
 """Reading a run's events for a client: from the store, then live, with no gap and no duplicate.
 
-Works for a run that is live (its handle is in the supervisor) and for one long finished (only the
-store has it). A live subscription that falls behind the handle's window re-reads the store.
+Works for a run that is live (its handle is in the supervisor), for one long finished (only the
+store has it), and for one running in another worker process that shares the store (followed
+by reading the store, every 0.1 s backing off to 1 s while nothing comes). A live subscription
+that falls behind the handle's window re-reads the store. Events are taken from the store in
+order only: one missing between stored ones (its batch's write failed and is being retried) is
+waited for while the run goes on, and skipped only once the run is over.
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ from dataclasses import dataclass
 
 import trio
 
+from ..errors import ShuttingDown
 from ..runs import ResumeFrom, RunEvent, RunSupervisor, Subscription
 from ..store import Store
 
 __all__ = ["EventReader", "Keepalive"]
 
-_GAP_POLL = 0.1  # seconds between store reads while a gap (or a run's start) is not stored yet
+_POLL_FIRST = 0.1  # seconds between store reads while waiting for what only the store will have,
+_POLL_MAX = 1.0  # ... doubling while nothing comes, up to this
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,8 @@ class EventReader:
         self._supervisor = supervisor
         self._keepalive = keepalive
         self._backlog: list[RunEvent] = []
-        self._gap_wait = 0.0  # seconds waited for a gap to reach the store (see __anext__)
+        self._poll = _POLL_FIRST
+        self._waited = 0.0  # seconds polled since the last event or keep-alive
         self._finished = False
         self._live: Subscription | None = None
 
@@ -60,45 +67,39 @@ class EventReader:
             if self._backlog:
                 return self._take(self._backlog.pop(0))
             if self._live is None:
-                handle = self._supervisor.get(self.run_id)
-                if handle is not None and handle.covers(self.last_seq):
-                    # Live, and its in-memory window still holds everything after our cursor:
-                    # no store read needed (the common case: a client following its own run).
-                    self._live = handle.subscribe(self.last_seq)
+                if self._follow_live():
                     continue
-                await self._refill_from_store()
-                if self._backlog:
-                    self._gap_wait = 0.0
+                # Behind the live window, or not live here: the store, in order. An event
+                # missing between stored ones (its batch's write failed and is being retried)
+                # is waited for while the run goes on, so that none is skipped.
+                stored = await self._read_store()
+                if stored and stored[0].seq == self.last_seq + 1:
+                    self._backlog = _in_order(stored)
+                    self._poll, self._waited = _POLL_FIRST, 0.0
                     continue
-                handle = self._supervisor.get(self.run_id)
-                if handle is not None and not handle.covers(self.last_seq):
-                    # The window has moved past the cursor but the store does not have the gap
-                    # yet (its write is late, or failed and is being retried): wait, not spin.
-                    await trio.sleep(_GAP_POLL)
-                    self._gap_wait += _GAP_POLL
-                    if self._gap_wait >= self._keepalive:
-                        self._gap_wait = 0.0
-                        return Keepalive()
+                if self._follow_live():
                     continue
-                if handle is None:
-                    # Not live here: the store had everything, including run.finished (or the
-                    # run was deleted). One more read closes the race with a run just finishing.
-                    await self._refill_from_store()
-                    if self._backlog:
+                if self._supervisor.get(self.run_id) is None:  # not live here
+                    where = await self._store.run_in_progress(self.run_id)
+                    if where == "elsewhere" or (
+                            where == "here" and self._supervisor.starting(self.run_id)):
+                        # Stored as running by another live worker sharing the store, or by
+                        # this process in the round between its first write and its launch:
+                        # its events (and end) will come, through the store.
+                        if self._supervisor.draining:
+                            raise ShuttingDown("the service is shutting down")
+                    else:
+                        # Over (or gone): the store has everything it will ever have. One more
+                        # read closes the race with a run that ended since the last one; a gap
+                        # still there now stays (its events were never stored): skipped.
+                        self._backlog = await self._read_store()
+                        self._finished = not self._backlog
                         continue
-                    if await self._store.run_in_progress(self.run_id):
-                        # Stored without its end yet, by a live process: this one, in the
-                        # scheduling round between the run's first write and its launch, or
-                        # another worker sharing the store. Its end will come: poll for it.
-                        await trio.sleep(_GAP_POLL)
-                        self._gap_wait += _GAP_POLL
-                        if self._gap_wait >= self._keepalive:
-                            self._gap_wait = 0.0
-                            return Keepalive()
-                        continue
-                    self._finished = True
-                    continue
-                self._live = handle.subscribe(self.last_seq)
+                # Else live here, but the window has moved past the cursor and the store does
+                # not have the gap yet (its write is late, or failed and is being retried).
+                if await self._wait_for_the_store():
+                    return Keepalive()
+                continue
             try:
                 # Under load the next event is often published already (events come in commit
                 # batches): take it without a cancel scope, which costs more than the rest.
@@ -114,16 +115,44 @@ class EventReader:
             except ResumeFrom:
                 self._live = None  # fell behind the window: the store has the gap
 
+    def _follow_live(self) -> bool:
+        """Subscribe if the run is live here and its window holds everything after our cursor
+        (the common case: a client following its own run; no store read)."""
+        handle = self._supervisor.get(self.run_id)
+        if handle is not None and handle.covers(self.last_seq):
+            self._live = handle.subscribe(self.last_seq)
+            return True
+        return False
+
+    async def _wait_for_the_store(self) -> bool:
+        """Sleep before the next store read (backing off while nothing comes); True when a
+        keep-alive is due."""
+        await trio.sleep(self._poll)
+        self._waited += self._poll
+        self._poll = min(self._poll * 2, _POLL_MAX)
+        if self._waited >= self._keepalive:
+            self._waited = 0.0
+            return True
+        return False
+
     def _take(self, event: RunEvent) -> RunEvent:
         self.last_seq = event.seq
         if event.type == "run.finished":
             self._finished = True
         return event
 
-    async def _refill_from_store(self) -> None:
+    async def _read_store(self) -> list[RunEvent]:
         records = await self._store.list_run_events(self.run_id, after=self.last_seq)
-        self._backlog = [
+        return [
             RunEvent(r.run_id, r.seq, r.type, r.data, r.created_at,
                      r.raw if r.raw is not None else json.dumps(r.data, separators=(",", ":")))
             for r in records
         ]
+
+
+def _in_order(events: list[RunEvent]) -> list[RunEvent]:
+    """The leading events without a gap in their numbering."""
+    for i in range(1, len(events)):
+        if events[i].seq != events[i - 1].seq + 1:
+            return events[:i]
+    return events

@@ -36,7 +36,7 @@ from ..errors import (
 )
 from ..logs import RUN_ID, get_logger
 from ..metrics import Metrics
-from ..store import MessageStatus, RunEventRecord, Store
+from ..store import MessageStatus, RunEventRecord, Store, new_id
 from .events import RunEvent
 from .handle import RunHandle
 from .lifecycle import RunStatus
@@ -91,6 +91,7 @@ class RunSupervisor:
         self.run_timeout = run_timeout
         self._runs: dict[str, RunHandle] = {}
         self._reserved = 0  # runs being set up (counted against max_runs)
+        self._starting: set[str] = set()  # ids of runs whose first write is in flight
         self._starts_done = trio.Event()  # set when _reserved drops to 0 (drain waits on it)
         self._nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
@@ -134,6 +135,10 @@ class RunSupervisor:
     @property
     def in_flight(self) -> int:
         return len(self._runs)
+
+    def starting(self, run_id: str) -> bool:
+        """Whether a run's first write is in flight or has just landed, its launch to come."""
+        return run_id in self._starting
 
     def get(self, run_id: str) -> RunHandle | None:
         """A live run, or one that ended but whose final write is still to be retried (its
@@ -181,6 +186,8 @@ class RunSupervisor:
         if spec.conversation_id is None:
             return await self._start_new(spec)
         self._reserved += 1
+        run_id = new_id("run")
+        self._starting.add(run_id)
         try:
             # One write checks the conversation, resolves agent and model, stores the run, both
             # messages and event 1 (run.started), and reads the history for the agent; the
@@ -188,14 +195,16 @@ class RunSupervisor:
             begun = await self._store.begin_run(
                 spec.conversation_id, content=spec.content, agent=spec.agent,
                 model=spec.model, owner=spec.owner, default_model=spec.default_model,
+                run_id=run_id,
             )
+            handle = self._new_handle(begun, spec)
+            handle.adopt_first_event(_event(begun.started))
+            self._launch(handle, spec)
         finally:
+            self._starting.discard(run_id)
             self._reserved -= 1
             if not self._reserved:
                 self._starts_done.set()
-        handle = self._new_handle(begun, spec)
-        handle.adopt_first_event(_event(begun.started))
-        self._launch(handle, spec)
         if self._cancelling:  # its write landed after the drain's grace: it ends at once
             handle.cancel("shutdown")
         return handle

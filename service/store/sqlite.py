@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import trio
 
@@ -566,9 +566,10 @@ class Store:
         model: str | None,
         owner: str | None = None,
         default_model: str | None = None,
+        run_id: str | None = None,
     ) -> BegunRun:
         """Everything a run on an existing conversation needs to start, in one transaction (one
-        thread hop).
+        thread hop). ``run_id``: the new run's id, if the caller made it (``new_id("run")``).
 
         Checks the conversation (owned by ``owner``), resolves the agent and model (the
         request's, else the conversation's, else ``"chat"`` / ``default_model``), writes a
@@ -577,7 +578,7 @@ class Store:
         history. (A run on a new conversation has nothing to read: :meth:`plan_run`.)
         """
         now = time.time()
-        run_id = new_id("run")
+        run_id = run_id or new_id("run")
         user_id, reply_id = new_id("msg"), new_id("msg")
 
         def fn(c: sqlite3.Connection) -> BegunRun:
@@ -764,17 +765,20 @@ class Store:
             raise NotFound(f"no run {run_id!r}", id=run_id)
         return run
 
-    async def run_in_progress(self, run_id: str) -> bool:
-        """Whether a run is stored as ``queued``/``running`` by a process that still runs: this
-        one (a run in the moment between its first write and its launch) or another worker
-        sharing the file. A run of a dead process is not (the next start closes it)."""
-        def fn(c: sqlite3.Connection) -> bool:
+    async def run_in_progress(self, run_id: str) -> Literal["here", "elsewhere"] | None:
+        """Where a run stored as ``queued``/``running`` runs: ``"here"`` (this process),
+        ``"elsewhere"`` (another live worker sharing the file), or None: not in progress, or
+        its process is gone (the next start closes such runs)."""
+        def fn(c: sqlite3.Connection) -> Literal["here", "elsewhere"] | None:
             row = c.execute(
                 "SELECT process FROM runs WHERE id = ? AND status IN ('queued', 'running')",
                 (run_id,),
             ).fetchone()
-            return row is not None and (
-                row[0] == self.process_id or _alive(row[0], self.process_id))
+            if row is None:
+                return None
+            if row[0] == self.process_id:
+                return "here"
+            return "elsewhere" if _alive(row[0], self.process_id) else None
 
         return await self._read("run_in_progress", fn)
 
