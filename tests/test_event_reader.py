@@ -82,9 +82,8 @@ async def test_a_rejoin_in_the_moment_before_a_run_is_launched_follows_it(
         begin_run = env.store.begin_run
 
         async def read(run_id: str) -> None:
-            reader = EventReader(run_id, after=0, store=env.store, supervisor=env.supervisor,
-                                 keepalive=5.0)
-            got.extend([e.type async for e in reader if not isinstance(e, Keepalive)])
+            got.extend([e.type async for e in _reader(env, run_id)
+                        if not isinstance(e, Keepalive)])
             read_all.set()
 
         async def begin_run_then_rejoin(*args: Any, **kwargs: Any) -> Any:
@@ -111,6 +110,19 @@ async def _stored_elsewhere(env: Any) -> Any:
     return begun
 
 
+async def _finished_elsewhere(env: Any, begun: Any, seq: int) -> None:
+    """The other worker's final write: the run's end, with run.finished as event ``seq``."""
+    await env.store.finish_run(
+        begun.run.id, status="succeeded", message_id=begun.reply.id, content="done",
+        message_status=MessageStatus.complete, error=None, usage={},
+        events=[RunEventRecord(begun.run.id, seq, "run.finished", {"status": "succeeded"}, 0.0)])
+
+
+def _reader(env: Any, run_id: str) -> EventReader:
+    return EventReader(run_id, after=0, store=env.store, supervisor=env.supervisor,
+                       keepalive=5.0)
+
+
 async def test_a_run_stored_by_another_live_worker_is_followed_until_its_end(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -121,19 +133,14 @@ async def test_a_run_stored_by_another_live_worker_is_followed_until_its_end(
         start = trio.current_time()
 
         async def read() -> None:
-            reader = EventReader(run_id, after=0, store=env.store, supervisor=env.supervisor,
-                                 keepalive=5.0)
-            async for e in reader:
+            async for e in _reader(env, run_id):
                 kind = "keepalive" if isinstance(e, Keepalive) else e.type
                 got.append((round(trio.current_time() - start, 1), kind))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read)
             await trio.sleep(12.0)
-            await env.store.finish_run(
-                run_id, status="succeeded", message_id=begun.reply.id, content="done",
-                message_status=MessageStatus.complete, error=None, usage={},
-                events=[RunEventRecord(run_id, 2, "run.finished", {"status": "succeeded"}, 0.0)])
+            await _finished_elsewhere(env, begun, 2)
         assert [k for _, k in got] == ["run.started", "keepalive", "keepalive", "run.finished"]
         assert 12.0 <= got[-1][0] <= 13.0  # polled at most 1 s apart
 
@@ -147,16 +154,14 @@ async def test_a_follower_through_the_store_waits_for_a_missing_event(
         begun = await _stored_elsewhere(env)
         rid = begun.run.id
 
-        def ev(seq: int, type_: str = "token") -> RunEventRecord:
-            return RunEventRecord(rid, seq, type_, {"text": str(seq)}, 0.0)
+        def ev(seq: int) -> RunEventRecord:
+            return RunEventRecord(rid, seq, "token", {"text": str(seq)}, 0.0)
 
         await env.store.append_run_events([ev(2)])
         got: list[int] = []
 
         async def read() -> None:
-            reader = EventReader(rid, after=0, store=env.store, supervisor=env.supervisor,
-                                 keepalive=5.0)
-            async for e in reader:
+            async for e in _reader(env, rid):
                 if not isinstance(e, Keepalive):
                     got.append(e.seq)
 
@@ -167,10 +172,7 @@ async def test_a_follower_through_the_store_waits_for_a_missing_event(
             await trio.sleep(2.0)
             assert got == [1, 2]  # 4 waits for 3
             await env.store.append_run_events([ev(3)], retry=True)
-            await env.store.finish_run(
-                rid, status="succeeded", message_id=begun.reply.id, content="234",
-                message_status=MessageStatus.complete, error=None, usage={},
-                events=[ev(5, "run.finished")])
+            await _finished_elsewhere(env, begun, 5)
         assert got == [1, 2, 3, 4, 5]
 
 
@@ -181,13 +183,8 @@ async def test_a_gap_left_when_a_run_is_over_is_skipped(
     # good once the run is over: the reader goes past it rather than waiting forever.
     async with supervisor_env(tmp_path, ScriptedBackend([])) as env:
         begun = await _stored_elsewhere(env)
-        rid = begun.run.id
-        await env.store.finish_run(
-            rid, status="succeeded", message_id=begun.reply.id, content="x",
-            message_status=MessageStatus.complete, error=None, usage={},
-            events=[RunEventRecord(rid, 4, "run.finished", {"status": "succeeded"}, 0.0)])
-        reader = EventReader(rid, after=0, store=env.store, supervisor=env.supervisor,
-                             keepalive=5.0)
+        await _finished_elsewhere(env, begun, 4)
+        reader = _reader(env, begun.run.id)
         with trio.fail_after(1):
             assert [e.seq async for e in reader if not isinstance(e, Keepalive)] == [1, 4]
 
@@ -209,8 +206,7 @@ async def test_a_follower_through_the_store_backs_off_and_leaves_at_shutdown(
             return await real_read(op, fn)
 
         env.store._read = counting  # type: ignore[method-assign]
-        reader = EventReader(begun.run.id, after=0, store=env.store,
-                             supervisor=env.supervisor, keepalive=5.0)
+        reader = _reader(env, begun.run.id)
         with trio.move_on_after(10):
             async for _ in reader:
                 pass
@@ -229,8 +225,7 @@ async def test_a_run_left_running_by_a_dead_process_ends_the_stream(
         begun = await env.store.begin_run(conv, content="q", agent="chat", model=None)
         env.store._writer.execute(  # type: ignore[union-attr]
             "UPDATE runs SET process = '999999999:1' WHERE id = ?", (begun.run.id,))
-        reader = EventReader(begun.run.id, after=0, store=env.store,
-                             supervisor=env.supervisor, keepalive=5.0)
+        reader = _reader(env, begun.run.id)
         with trio.fail_after(1):
             assert [e.type async for e in reader if not isinstance(e, Keepalive)] == [
                 "run.started"]
