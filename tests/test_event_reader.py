@@ -100,6 +100,46 @@ async def test_a_rejoin_in_the_moment_before_a_run_is_launched_follows_it(
         assert got == ["run.started", "token", "token", "token", "message", "run.finished"]
 
 
+async def test_a_run_launched_while_the_reader_asks_the_store_is_followed(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found in review: the launch landed while the reader's "is it in progress?" read was in
+    # flight; the answer ("here") then came with the run no longer starting, and the stream
+    # ended after run.started although the run went on.
+    async with supervisor_env(tmp_path, ScriptedBackend([Reply("a b c", first_delay=1.0)])
+                              ) as env:
+        conv = await env.conversation()
+        got: list[str] = []
+        read_all, asked, launched = trio.Event(), trio.Event(), trio.Event()
+        begin_run, run_in_progress = env.store.begin_run, env.store.run_in_progress
+
+        async def read(run_id: str) -> None:
+            got.extend([e.type async for e in _reader(env, run_id)
+                        if not isinstance(e, Keepalive)])
+            read_all.set()
+
+        async def answer_after_the_launch(run_id: str) -> Any:
+            where = await run_in_progress(run_id)
+            asked.set()
+            await launched.wait()
+            return where
+
+        async def begin_run_then_rejoin(*args: Any, **kwargs: Any) -> Any:
+            begun = await begin_run(*args, **kwargs)
+            env.nursery.start_soon(read, begun.run.id)
+            await asked.wait()
+            return begun
+
+        monkeypatch.setattr(env.store, "begin_run", begin_run_then_rejoin)
+        monkeypatch.setattr(env.store, "run_in_progress", answer_after_the_launch)
+        handle = await env.supervisor.start(RunSpec(conv, "x"))
+        launched.set()
+        await handle.finished.wait()
+        with trio.fail_after(5):
+            await read_all.wait()
+        assert got == ["run.started", "token", "token", "token", "message", "run.finished"]
+
+
 async def _stored_elsewhere(env: Any) -> Any:
     """A run stored as running by another live worker sharing the store (here: our parent
     process stands for it)."""

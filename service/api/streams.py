@@ -81,13 +81,15 @@ class EventReader:
                     continue
                 if self._supervisor.get(self.run_id) is None:  # not live here
                     where = await self._store.run_in_progress(self.run_id)
-                    if where == "elsewhere" or (
-                            where == "here" and self._supervisor.starting(self.run_id)):
-                        # Stored as running by another live worker sharing the store, or by
-                        # this process in the round between its first write and its launch:
-                        # its events (and end) will come, through the store.
+                    if self._supervisor.get(self.run_id) is not None:
+                        continue  # launched here during that read: follow it live
+                    if where == "elsewhere":
+                        # Stored as running by another live worker sharing the store: its
+                        # events (and its end) come through the store.
                         if self._supervisor.draining:
                             raise ShuttingDown("the service is shutting down")
+                    elif where == "here" and self._supervisor.starting(self.run_id):
+                        pass  # in the round between its first write and its launch here
                     else:
                         # Over (or gone): the store has everything it will ever have. One more
                         # read closes the race with a run that ended since the last one; a gap

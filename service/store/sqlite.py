@@ -878,12 +878,13 @@ def _alive(process: str | None, current: str) -> bool:
     state, ticks = stat
     if state in (b"Z", b"X"):
         return False  # it has exited; its parent has not reaped it yet
-    if len(parts) >= 4:
+    boot = _boot_id()
+    if len(parts) >= 4 and boot:
         # The same process only if it started at the tagged tick of the same boot: a PID
         # reused after a restart or a reboot is not it. Clock ticks after boot, not wall-clock
         # time, so a clock step (NTP) cannot make a live process look like another.
-        return parts[2] == _boot_id() and parts[3] == str(ticks)
-    return True  # a tag without a start (older versions): the PID exists
+        return parts[2] == boot and parts[3] == str(ticks)
+    return True  # cannot tell (a tag of an older version, no boot id): the PID exists
 
 
 def _proc_stat(pid: int) -> tuple[bytes, int] | None:
@@ -896,12 +897,18 @@ def _proc_stat(pid: int) -> tuple[bytes, int] | None:
         return None
 
 
+_BOOT_ID: list[str] = []  # read once
+
+
 def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
+    """This boot's id (Linux), or "" if unknown (a failed read is tried again next time)."""
+    if not _BOOT_ID:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                _BOOT_ID.append(f.read().strip())
+        except OSError:
+            return ""
+    return _BOOT_ID[0]
 
 
 def _begun(
