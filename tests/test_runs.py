@@ -567,6 +567,10 @@ async def test_a_new_conversation_run_that_cannot_be_stored_is_cancelled(
         with pytest.raises(NotFound):  # its later writes (events, final state) changed nothing
             await env.store.get_run(stream.request.run_id)
         assert await env.store.list_conversations() == ([], None)
+        # Counted as a failed run (the service could not store it), not as a client's cancel.
+        sample = env.metrics.registry.get_sample_value
+        assert sample("service_runs_total", {"status": "failed"}) == 1
+        assert sample("service_runs_total", {"status": "cancelled"}) is None
 
 
 async def test_a_caller_gone_before_its_new_run_is_stored_cancels_it(

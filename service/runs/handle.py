@@ -63,6 +63,7 @@ class RunHandle:
         self.finished_at: float | None = None
         self.scope = trio.CancelScope()
         self.cancel_reason: str | None = None
+        self.cancel_status = RunStatus.cancelled  # how a cancel ends it (failed: see _start_new)
         self.finished = trio.Event()  # set once the final state is stored and published
         self.answer_parts: list[str] = []  # token text so far: the partial answer if cut
         self.result_extra: dict[str, Any] = {}  # e.g. tool_calls, finish_reason for the reply

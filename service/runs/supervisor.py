@@ -235,7 +235,10 @@ class RunSupervisor:
         self._launch(handle, spec)
         try:
             await self._store.write_run(begun)
-        except BaseException:
+        except BaseException as exc:
+            # Failed, not cancelled (unless this caller was): the service could not store it.
+            if isinstance(exc, StoreError):
+                handle.cancel_status, handle.error_type = RunStatus.failed, exc.type
             handle.cancel("the run could not be stored")
             # Not stored, and nobody was told the run's id: released so that the handle's
             # events (its end among them) reach a subscriber in order all the same.
@@ -300,7 +303,7 @@ class RunSupervisor:
                         handle.emit("error", {"type": "internal_error", "message": error})
             if handle.scope.cancelled_caught:
                 if handle.cancel_reason is not None:
-                    status, error = RunStatus.cancelled, handle.cancel_reason
+                    status, error = handle.cancel_status, handle.cancel_reason
                 else:
                     status, error = RunStatus.timed_out, "the run's deadline passed"
                     handle.error_type = "run_timeout"
@@ -322,7 +325,7 @@ class RunSupervisor:
             # run was being cancelled. It ends this run, never the supervisor.
             log.error("run failed while being cancelled", exc_info=rest)
             if handle.cancel_reason is not None:
-                status, error = RunStatus.cancelled, handle.cancel_reason
+                status, error = handle.cancel_status, handle.cancel_reason
             else:
                 leaf = _leaf(rest)
                 status, error = RunStatus.failed, f"internal error: {type(leaf).__name__}: {leaf}"
