@@ -221,10 +221,11 @@ class RunSupervisor:
         (``run.started``) is written with the run and published once that write has landed;
         events the run commits meanwhile are held back behind it (``reserve_first_event``), so
         nothing about the run is published before the run is stored, and the first token does
-        not wait for a commit of its own for ``run.started``. If the write fails, or this
-        caller is cancelled before the write was taken, the run is cancelled (its upstream call
-        stops at once; its later writes find no run and change nothing) and the error is raised
-        here. The interceptor's record of an upstream call it made is kept: that call happened.
+        not wait for a commit of its own for ``run.started``. If the write fails (the run ends
+        ``failed``), or this caller is cancelled before the write was taken (``cancelled``), the
+        run is stopped (its upstream call at once; its later writes find no run and change
+        nothing) and the error is raised here. The interceptor's record of an upstream call it
+        made is kept: that call happened.
         """
         begun = self._store.plan_run(
             content=spec.content, agent=spec.agent, model=spec.model, owner=spec.owner,
