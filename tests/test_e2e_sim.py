@@ -835,3 +835,85 @@ async def test_client_gone_while_its_run_is_being_stored(
             final = await env.reply_of(c["id"], run["id"])
             assert (final["status"], final["content"]) == (
                 "complete", "".join(f"tok{i} " for i in range(5)))
+
+
+# -- /v1 endings an OpenAI client can tell from a complete answer (found in a contract review) --
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_v1_stream_failing_before_its_first_token_is_an_http_error(
+    settings: Settings, kind: str
+) -> None:
+    # It was a 200 with an error chunk: the OpenAI SDK raised a generic APIError (status None)
+    # instead of NotFoundError / a 5xx it would retry.
+    async with e2e(settings, kind, llm_idle_timeout=0.5) as env:
+        cases: list[tuple[Reply, str, int, str]] = [
+            (Reply(hang_after=0), "sim-model", 504, "first_chunk_timeout"),
+            (Reply(), "ghost", 404, "model_not_found"),  # (its script is not consumed)
+        ]
+        for reply, model, status, type_ in cases:
+            env.sim.script(reply)
+            with trio.fail_after(GUARD):
+                r = await env.client.post("/v1/chat/completions", json={
+                    "model": model, "stream": True,
+                    "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == status, r.text
+            assert r.headers["content-type"].startswith("application/json")
+            assert r.json()["error"]["type"] == type_
+
+
+@pytest.mark.parametrize("ending", ["timeout", "cancel"])
+async def test_v1_stream_cut_mid_answer_ends_with_an_error_chunk(
+    settings: Settings, ending: str
+) -> None:
+    # It ended with finish_reason "stop", a usage chunk and [DONE]: a cut answer looked whole.
+    update = {"run_timeout": 1.0} if ending == "timeout" else {}
+    async with e2e(settings, "llamacpp", **update) as env:
+        env.sim.script(Reply(tokens=500, interval=0.05))
+        body = {"model": "sim-model", "stream": True, "stream_options": {"include_usage": True},
+                "messages": [{"role": "user", "content": "go"}]}
+        lines: list[str] = []
+        with trio.fail_after(GUARD):
+            async with env.client.stream("POST", "/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    lines.append(line)
+                    if ending == "cancel" and sum('"content"' in x for x in lines) == 4:
+                        run_id = json.loads(lines[0][6:])["id"].removeprefix("chatcmpl-")
+                        c = await env.client.post(f"/api/runs/{run_id}/cancel")
+                        assert c.status_code == 202
+        data = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+        assert not any(x.startswith("data: [DONE]") for x in lines)
+        assert not any(c.get("choices") and c["choices"][0]["finish_reason"] for c in data)
+        assert not any("usage" in c for c in data)
+        error = data[-1]["error"]
+        assert error["type"] == ("run_timeout" if ending == "timeout" else "cancelled")
+        assert sum(bool(c.get("choices") and c["choices"][0]["delta"].get("content"))
+                   for c in data) >= 3  # the tokens streamed before it
+
+
+async def test_v1_non_stream_cancelled_is_409_not_a_retryable_502(settings: Settings) -> None:
+    # The OpenAI SDK retries 5xx: a cancelled completion was run again, twice.
+    async with e2e(settings, "llamacpp") as env:
+        env.sim.script(Reply(tokens=500, interval=0.05))
+        body = {"model": "sim-model", "messages": [{"role": "user", "content": "go"}]}
+        got: list[httpx.Response] = []
+        with trio.fail_after(GUARD):
+            async with trio.open_nursery() as nursery:
+
+                async def request() -> None:
+                    got.append(await env.client.post("/v1/chat/completions", json=body))
+
+                nursery.start_soon(request)
+                await env.sim.wait_streams(1)  # the run is answering; its write may still be
+                convs: list[dict[str, Any]] = []  # in flight (/v1 overlaps the two)
+                while not convs:  # noqa: ASYNC110 (the store has no event to wait on)
+                    convs = (await env.client.get("/api/conversations")).json()["data"]
+                    await trio.sleep(0.01)
+                (conv,) = convs
+                messages = (await env.client.get(f"/api/conversations/{conv['id']}")).json()
+                run_id = messages["messages"][-1]["run_id"]
+                assert (await env.client.post(f"/api/runs/{run_id}/cancel")).status_code == 202
+        (r,) = got
+        assert r.status_code == 409, r.text
+        assert r.json()["error"]["type"] == "cancelled"

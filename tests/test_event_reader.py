@@ -58,13 +58,13 @@ def test_sse_frames_split_multiline_data() -> None:
 
 
 def test_openai_token_fast_path_is_byte_identical() -> None:
-    from service.api.openai import _chunk, _frame, _token_prefix
+    from service.api.openai import _chunk, _Framer
     from service.api.sse import sse_data
     from service.runs import RunEvent
 
     for text in ["plain", 'quote " and \\ back', "new\nline", "ünïcødé ✓", ""]:
         event = RunEvent.make("run_x", 2, "token", {"text": text}, 0.0)
-        fast = _frame(event, "chatcmpl-x", 7, "m", _token_prefix("chatcmpl-x", 7, "m"))
+        fast = _Framer("chatcmpl-x", 7, "m").frame(event)
         assert fast == sse_data(_chunk("chatcmpl-x", 7, "m", {"content": text}))
 
 

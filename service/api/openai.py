@@ -24,7 +24,7 @@ from ..runs import RunEvent, RunHandle, RunSpec, RunStatus
 from .errors import json_error
 from .models import AgentName
 from .owned import own_run
-from .runs import ERROR_STATUS, sse_response
+from .runs import error_status, sse_response
 from .sse import sse_data
 from .state import current_owner, services
 from .streams import EventReader, Keepalive
@@ -171,20 +171,20 @@ async def chat_completions(data: ChatCompletionRequest) -> Response:
         reader = EventReader(handle.id, after=0, store=store,
                              supervisor=svc.require_supervisor(),
                              keepalive=svc.settings.sse_keepalive)
+        # The response waits for the answer to start (at most a keep-alive interval): a run
+        # that fails before its first token (an unknown model, a backend down) is then an HTTP
+        # error with its status, as OpenAI clients expect, not a 200 carrying an error chunk.
+        first = await _until_the_answer_starts(reader, svc.settings.sse_keepalive)
+        if first and first[-1].type in ("error", "run.finished"):
+            await _finished(handle)
+        if handle.done and handle.status is not RunStatus.succeeded:
+            return _run_error(handle)
         return sse_response(
-            _stream(reader, handle, cid, created, shown_model, include_usage)
+            _stream(reader, handle, cid, created, shown_model, include_usage, first)
         )
-    try:
-        await handle.finished.wait()
-    finally:
-        if not handle.done:
-            handle.cancel("client disconnected")
+    await _finished(handle)
     if handle.status is not RunStatus.succeeded:
-        status = 504 if handle.status is RunStatus.timed_out else ERROR_STATUS.get(
-            handle.error_type or "", 502)
-        return json_error(status, handle.error_type or handle.status.value,
-                          handle.error or f"the run ended {handle.status.value}",
-                          run_id=handle.id)
+        return _run_error(handle)
     extra = handle.result_extra
     message: dict[str, Any] = {"role": "assistant", "content": handle.final_text}
     if extra.get("tool_calls"):
@@ -197,6 +197,40 @@ async def chat_completions(data: ChatCompletionRequest) -> Response:
     })
 
 
+async def _finished(handle: RunHandle) -> None:
+    try:
+        await handle.finished.wait()
+    finally:
+        if not handle.done:
+            handle.cancel("client disconnected")
+
+
+def _run_error(handle: RunHandle) -> Response:
+    return json_error(error_status(handle), handle.error_type or handle.status.value,
+                      handle.error or f"the run ended {handle.status.value}", run_id=handle.id)
+
+
+# Events that put something in an OpenAI stream (``_frame``): the answer has started.
+_FRAMED = frozenset({"token", "message", "error", "run.finished"})
+
+
+async def _until_the_answer_starts(reader: EventReader, hold: float) -> list[RunEvent]:
+    """The run's events up to the first that shows in the stream (within ``hold`` seconds)."""
+    first: list[RunEvent] = []
+    with trio.move_on_after(hold):
+        while True:
+            try:
+                item = await reader.__anext__()
+            except StopAsyncIteration:
+                break
+            if isinstance(item, Keepalive):
+                continue
+            first.append(item)
+            if item.type in _FRAMED:
+                break
+    return first
+
+
 def _chunk(cid: str, created: int, model: str, delta: dict[str, Any],
            finish: str | None = None) -> dict[str, Any]:
     return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -205,22 +239,26 @@ def _chunk(cid: str, created: int, model: str, delta: dict[str, Any],
 
 async def _stream(
     reader: EventReader, handle: RunHandle, cid: str, created: int, model: str,
-    include_usage: bool,
+    include_usage: bool, first: list[RunEvent],
 ) -> AsyncIterator[bytes]:
     try:
         yield sse_data(_chunk(cid, created, model, {"role": "assistant", "content": ""}))
-        prefix = _token_prefix(cid, created, model)
+        framer = _Framer(cid, created, model)
+        for event in first:  # taken before the response started
+            if (frame := framer.frame(event)) is not None:
+                yield frame
         try:
             async for item in reader:
                 if isinstance(item, Keepalive):
                     yield b": keep-alive\n\n"
                     continue
-                frame = _frame(item, cid, created, model, prefix)
-                if frame is not None:
+                if (frame := framer.frame(item)) is not None:
                     yield frame
         except ServiceError as exc:  # the store failed under a re-read: an error, not a reset
             yield sse_data({"error": exc.to_dict()})
             return
+        if framer.failed:
+            return  # an error chunk ended it: no usage, no [DONE] that would read as success
         if include_usage:
             yield sse_data({"id": cid, "object": "chat.completion.chunk", "created": created,
                             "model": model, "choices": [], "usage": _usage(handle)})
@@ -241,25 +279,45 @@ def _token_prefix(cid: str, created: int, model: str) -> bytes:
 _TOKEN_SUFFIX = b'},"finish_reason":null}]}\n\n'
 
 
-def _frame(
-    event: RunEvent, cid: str, created: int, model: str, prefix: bytes
-) -> bytes | None:
-    if event.type == "token":
-        # Same bytes as sse_data(_chunk(..., {"content": text})), without re-encoding the dict.
-        return prefix + json.dumps(event.data["text"]).encode() + _TOKEN_SUFFIX
-    if event.type == "message":
-        out = b""
-        calls = event.data.get("tool_calls")
-        if calls:
-            out += sse_data(_chunk(cid, created, model,
-                                   {"tool_calls": _tool_calls_out(calls, with_index=True)}))
-        return out + sse_data(_chunk(cid, created, model, {},
-                                     event.data.get("finish_reason", "stop")))
-    if event.type == "error":
-        return sse_data({"error": event.data})
-    if event.type == "run.finished" and event.data["status"] != "succeeded":
-        return sse_data(_chunk(cid, created, model, {}, "stop"))
-    return None
+class _Framer:
+    """A run's events as OpenAI chunks. A run that does not succeed ends with an error chunk
+    (its ``error`` event's, or one for a timeout or a cancel), never with a ``finish_reason``
+    that would read as a complete answer."""
+
+    def __init__(self, cid: str, created: int, model: str) -> None:
+        self.cid, self.created, self.model = cid, created, model
+        self.prefix = _token_prefix(cid, created, model)
+        self.failed = False
+
+    def frame(self, event: RunEvent) -> bytes | None:
+        if event.type == "token":
+            # Same bytes as sse_data(_chunk(..., {"content": text})), without re-encoding.
+            return self.prefix + json.dumps(event.data["text"]).encode() + _TOKEN_SUFFIX
+        if event.type == "message":
+            out = b""
+            calls = event.data.get("tool_calls")
+            if calls:
+                out += sse_data(self._chunk({"tool_calls": _tool_calls_out(calls,
+                                                                         with_index=True)}))
+            return out + sse_data(self._chunk({}, event.data.get("finish_reason", "stop")))
+        if event.type == "error":
+            self.failed = True
+            return sse_data({"error": event.data})
+        if event.type == "run.finished" and event.data["status"] != "succeeded":
+            if self.failed:
+                return None
+            self.failed = True
+            status = event.data["status"]
+            return sse_data({"error": {
+                "type": _END_TYPES.get(status, status),
+                "message": event.data.get("error") or f"the run ended {status}"}})
+        return None
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return _chunk(self.cid, self.created, self.model, delta, finish)
+
+
+_END_TYPES = {"timed_out": "run_timeout", "cancelled": "cancelled"}
 
 
 @blueprint.get("/v1/models")

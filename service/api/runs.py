@@ -31,7 +31,7 @@ from .sse import KEEPALIVE, sse_event
 from .state import current_owner, services
 from .streams import EventReader, Keepalive
 
-__all__ = ["ERROR_STATUS", "blueprint", "run_out", "sse_response"]
+__all__ = ["ERROR_STATUS", "blueprint", "error_status", "run_out", "sse_response"]
 
 blueprint = Blueprint("runs", __name__)
 
@@ -44,6 +44,15 @@ ERROR_STATUS = {
     "model_not_found": 404,
     "store_error": 500,
 }
+
+
+def error_status(handle: RunHandle) -> int:
+    """The HTTP status of a run that ended without succeeding."""
+    if handle.status is RunStatus.timed_out:
+        return 504
+    if handle.status is RunStatus.cancelled:
+        return 409
+    return ERROR_STATUS.get(handle.error_type or "", 502)
 
 
 def run_out(run: RunRecord | None, live: RunHandle | None = None) -> RunOut:
@@ -127,13 +136,8 @@ async def post_message(conversation_id: str, data: PostMessage) -> Response:
         if data.on_disconnect == "cancel" and not handle.done:
             handle.cancel("client disconnected")
     if handle.status is not RunStatus.succeeded:
-        status = ERROR_STATUS.get(handle.error_type or "", 502)
-        if handle.status is RunStatus.timed_out:
-            status = 504
-        elif handle.status is RunStatus.cancelled:
-            status = 409
         return json_error(
-            status, handle.error_type or handle.status.value,
+            error_status(handle), handle.error_type or handle.status.value,
             handle.error or f"the run ended {handle.status.value}",
             run_id=handle.id, run_status=handle.status.value,
         )
