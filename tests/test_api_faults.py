@@ -66,3 +66,25 @@ def test_only_a_start_up_service_error_is_reported_as_one_line() -> None:
     bug.__context__ = StoreError("store is closed")  # raised while handling it
     assert _service_error(bug) is None
     assert _service_error(ExceptionGroup("two", [StoreError("x"), TypeError("y")])) is None
+
+
+async def test_a_run_of_another_worker_reads_as_running_and_is_not_falsely_cancelled(
+    settings: Settings,
+) -> None:
+    # Found in a contract review: the stored run stayed "queued" with no started_at until its
+    # end, so another worker sharing the file showed it queued; and a cancel there answered
+    # 202 while the run went on in its own process.
+    from service.store.sqlite import process_tag
+
+    async with running_server(settings) as srv, srv.client() as c:
+        store = srv.services.require_store()
+        conv = (await c.post("/api/conversations", json={})).json()["id"]
+        begun = await store.begin_run(conv, content="q", agent="chat", model=None)
+        run = (await c.get(f"/api/runs/{begun.run.id}")).json()
+        assert run["status"] == "running"
+        assert run["started_at"] is not None
+        store._writer.execute(  # type: ignore[union-attr]
+            "UPDATE runs SET process = ? WHERE id = ?", (process_tag(os.getppid()), begun.run.id))
+        r = await c.post(f"/api/runs/{begun.run.id}/cancel")
+        assert r.status_code == 409, r.text
+        assert r.json()["error"]["type"] == "run_elsewhere"

@@ -474,7 +474,7 @@ async def test_a_failed_final_write_is_retried(
         handle = await env.supervisor.start(RunSpec(conv, "x"))
         seen = [e.type async for e in handle.subscribe()]
         assert seen[-1] == "run.finished"  # the client got its end anyway
-        assert (await env.store.get_run(handle.id)).status == "queued"  # not stored yet
+        assert (await env.store.get_run(handle.id)).status == "running"  # not stored yet
         await trio.sleep(5)  # the supervisor retries on its checkpoint tick
         assert (await env.store.get_run(handle.id)).status == "succeeded"
         msgs = await env.store.get_messages(conv)
@@ -647,7 +647,7 @@ async def test_a_rejoin_while_the_final_write_waits_for_its_retry_still_ends_wit
         conv = await env.conversation()
         handle = await env.supervisor.start(RunSpec(conv, "x"))
         await handle.finished.wait()  # (no wait that lets the clock jump to the retry)
-        assert (await env.store.get_run(handle.id)).status == "queued"  # not stored yet
+        assert (await env.store.get_run(handle.id)).status == "running"  # not stored yet
         reader = EventReader(handle.id, after=0, store=env.store, supervisor=env.supervisor,
                              keepalive=5.0)
         seen = [e for e in [e async for e in reader] if not isinstance(e, Keepalive)]

@@ -410,7 +410,7 @@ async def test_runs_of_a_dead_process_are_closed_at_the_next_start(tmp_path: Pat
         assert [e.seq for e in events] == [1, 2, 3, 4]
         assert events[-1].type == "run.finished"
         assert events[-1].data["status"] == "failed"
-        assert (await store.get_run(live.id)).status == "queued"
+        assert (await store.get_run(live.id)).status == "running"
         assert await store.recover_interrupted() == []
 
 
@@ -520,7 +520,7 @@ async def test_a_pid_reused_by_another_process_does_not_keep_old_runs_alive(
         conn.close()
         async with open_store(db) as store:
             assert await store.recover_interrupted() == [old.id]
-            assert (await store.get_run(live.id)).status == "queued"
+            assert (await store.get_run(live.id)).status == "running"
     finally:
         other.kill()
         with trio.move_on_after(5, shield=True):
@@ -562,7 +562,7 @@ async def test_a_clock_step_does_not_make_a_live_worker_look_dead(
         monkeypatch.setattr(time, "time_ns", lambda: 3600 * 10**9 + time.monotonic_ns())
         async with open_store(db) as store:
             assert await store.recover_interrupted() == []
-            assert (await store.get_run(run.id)).status == "queued"
+            assert (await store.get_run(run.id)).status == "running"
     finally:
         sibling.kill()
         with trio.move_on_after(5, shield=True):

@@ -12,7 +12,7 @@ from quart_schema import (
     validate_response,
 )
 
-from ..errors import ServiceError
+from ..errors import RunElsewhere, ServiceError
 from ..runs import RunHandle, RunSpec, RunStatus
 from ..store import RunRecord
 from .errors import json_error
@@ -188,6 +188,9 @@ async def cancel_run(run_id: str) -> tuple[CancelOut, int]:
     run = await svc.require_store().get_run(run_id, owner=current_owner())
     handle = svc.require_supervisor().get(run_id)
     if handle is None:
+        if await svc.require_store().run_in_progress(run_id) == "elsewhere":
+            raise RunElsewhere(f"run {run_id} is running in another worker process sharing the "
+                               "store; only that process can cancel it", run_id=run_id)
         return CancelOut(id=run.id, status=run.status), 202
     handle.cancel("cancelled by request")
     await handle.finished.wait()

@@ -642,9 +642,11 @@ class Store:
 
     def _insert_run(self, c: sqlite3.Connection, begun: BegunRun) -> None:
         run, now = begun.run, begun.run.created_at
+        # Stored as running, from now: its task starts as this write lands (a /v1 run's even
+        # before), and another worker reading the store sees it as it is.
         c.execute(
             f"INSERT INTO runs ({_RUN_COLS}, process) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (run.id, run.conversation_id, run.owner, run.agent, run.model, "queued", now, None,
+            (run.id, run.conversation_id, run.owner, run.agent, run.model, "running", now, now,
              None, None, "{}", self.process_id),
         )
         c.executemany(
