@@ -68,6 +68,14 @@ class Settings(BaseSettings):
     def _url(cls, value: str) -> str:
         return _check_url(value)
 
+    @field_validator("llamacpp_url")
+    @classmethod
+    def _without_v1(cls, value: str) -> str:
+        # OpenAI clients are configured with a base URL ending in /v1; the service adds it
+        # itself (it was /v1/v1/...: ready, and every completion a 404).
+        trimmed = value.rstrip("/")
+        return trimmed[:-3] if trimmed.endswith("/v1") else value
+
     @field_validator("api_keys", "tools", mode="before")
     @classmethod
     def _keys(cls, value: object) -> object:

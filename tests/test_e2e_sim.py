@@ -365,7 +365,9 @@ async def test_llm_calls_are_newest_first_and_limited(settings: Settings) -> Non
         assert [c["run_id"] for c in data] == runs[::-1]
         data = (await env.client.get("/api/llm-calls", params={"limit": 2})).json()["data"]
         assert [c["run_id"] for c in data] == runs[:0:-1]
-        assert await env.llm_calls("run_unknown") == []
+        # An unknown run is a 404, with or without auth (it was [] without).
+        r = await env.client.get("/api/llm-calls", params={"run_id": "run_unknown"})
+        assert r.status_code == 404, r.text
 
 
 async def test_llm_calls_are_scoped_to_the_callers_runs(settings: Settings) -> None:

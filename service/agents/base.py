@@ -155,7 +155,7 @@ class AgentContext:
             obs = Observation(call_id, name, error=f"unknown tool {name!r} (tools: {known})")
             outcome = "unknown"
         else:
-            timeout = tool.timeout if tool.timeout is not None else self.tool_timeout
+            timeout = tool.timeout_under(self.tool_timeout)
             try:
                 valid = tool.validate(arguments)
                 with trio.fail_after(timeout):

@@ -184,7 +184,7 @@ async def list_llm_calls(query_args: ListLLMCallsQuery) -> LLMCallList:
     """What the interceptor recorded of each LLM call, newest first (the caller's runs only)."""
     store = services().require_store()
     owner = current_owner()
-    if query_args.run_id is not None and owner is not None:
+    if query_args.run_id is not None:
         await store.get_run(query_args.run_id, owner=owner)  # NotFound -> 404
     calls = await store.list_llm_calls(
         run_id=query_args.run_id, limit=query_args.limit, owner=owner

@@ -323,8 +323,20 @@ _END_TYPES = {"timed_out": "run_timeout", "cancelled": "cancelled"}
 @blueprint.get("/v1/models")
 async def list_models() -> Response:
     """Models of every reachable backend, in OpenAI's list shape."""
-    svc = services()
-    backend = svc.backend
+    return jsonify({"object": "list", "data": await _models()})
+
+
+@blueprint.get("/v1/models/<path:model_id>")
+async def retrieve_model(model_id: str) -> Response:
+    """One model (the OpenAI SDK's ``models.retrieve``); 404 if no reachable backend has it."""
+    for model in await _models():
+        if model["id"] == model_id:
+            return jsonify(model)
+    return json_error(404, "model_not_found", f"no reachable backend has model {model_id!r}")
+
+
+async def _models() -> list[dict[str, Any]]:
+    backend = services().backend
     data: list[dict[str, Any]] = []
     if backend is not None:
         with trio.move_on_after(_LIST_MODELS_DEADLINE):
@@ -334,4 +346,4 @@ async def list_models() -> Response:
                 models = []
             data = [{"id": m.id, "object": "model", "created": 0, "owned_by": m.backend}
                     for m in models]
-    return jsonify({"object": "list", "data": data})
+    return data

@@ -265,7 +265,9 @@ class RunSupervisor:
             model=run.model, owner=spec.owner, message_id=begun.reply.id, sink=self._enqueue,
         )
         handle.begun = begun
-        handle.scope.deadline = trio.current_time() + (spec.timeout or self.run_timeout)
+        # A request's own timeout, never more than the service's (SERVICE_RUN_TIMEOUT).
+        timeout = min(spec.timeout, self.run_timeout) if spec.timeout else self.run_timeout
+        handle.scope.deadline = trio.current_time() + timeout
         return handle
 
     async def _run(self, handle: RunHandle, spec: RunSpec) -> None:

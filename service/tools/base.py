@@ -29,7 +29,7 @@ class Tool:
     description: str
     parameters: dict[str, Any]
     fn: ToolFn
-    timeout: float | None = None  # None: the service's SERVICE_TOOL_TIMEOUT
+    timeout: float | None = None  # None: SERVICE_TOOL_TIMEOUT (which also caps it)
     _validator: Draft202012Validator = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -55,13 +55,17 @@ class Tool:
             )
         return arguments
 
+    def timeout_under(self, limit: float) -> float:
+        """Seconds a call may take: its own timeout, never more than SERVICE_TOOL_TIMEOUT."""
+        return limit if self.timeout is None else min(self.timeout, limit)
+
     def spec(self, default_timeout: float) -> dict[str, Any]:
         """The ``/api/tools`` shape."""
         return {
             "name": self.name,
             "description": self.description,
             "parameters": self.parameters,
-            "timeout": self.timeout if self.timeout is not None else default_timeout,
+            "timeout": self.timeout_under(default_timeout),
         }
 
     def openai(self) -> dict[str, Any]:

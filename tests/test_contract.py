@@ -1,0 +1,63 @@
+"""Where the service did not do what API.md says (found in a contract review, 2026-12-01);
+each test failed before its fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio.testing
+
+from service.runs import RunSpec, RunStatus
+from service.settings import Settings, load_settings
+from service.tools import BUILTIN_TOOLS
+
+from .conftest import running_server
+from .fakes import Reply, ScriptedBackend, supervisor_env
+
+
+def test_llamacpp_url_may_end_with_v1(tmp_path: Path) -> None:
+    # As OpenAI clients are configured; it became /v1/v1/...: ready, every completion a 404.
+    for url in ("http://127.0.0.1:8080/v1", "http://127.0.0.1:8080/v1/", "http://127.0.0.1:8080"):
+        assert load_settings(db=tmp_path / "s.db", llamacpp_url=url).llamacpp_url == (
+            "http://127.0.0.1:8080")
+
+
+async def test_service_tool_timeout_caps_every_tool(settings: Settings) -> None:
+    # "seconds one tool call may take": the built-ins' own 5 s won over a smaller setting.
+    s = settings.model_copy(update={"tool_timeout": 2.0})
+    async with running_server(s) as srv, srv.client() as c:
+        tools = (await c.get("/api/tools")).json()["data"]
+    assert {t["name"]: t["timeout"] for t in tools} == {t.name: 2.0 for t in BUILTIN_TOOLS}
+
+
+async def test_a_request_timeout_cannot_outlast_service_run_timeout(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # "seconds a whole agent run may take": a message's timeout of 60 ran past a setting of 3.
+    backend = ScriptedBackend([Reply("slow answer " * 10, gap=1.0)] * 2)
+    async with supervisor_env(tmp_path, backend, run_timeout=3.0) as env:
+        conv = await env.conversation()
+        start = trio.current_time()
+        handle = await env.supervisor.start(RunSpec(conv, "x", timeout=60.0))
+        await handle.finished.wait()
+        assert handle.status is RunStatus.timed_out
+        assert trio.current_time() - start == 3.0
+        short = await env.supervisor.start(RunSpec(conv, "y", timeout=1.0))
+        await short.finished.wait()
+        assert short.status is RunStatus.timed_out  # a shorter one still applies
+
+
+async def test_v1_models_retrieve(settings: Settings) -> None:
+    # The OpenAI SDK's models.retrieve(id) was a 404 for every model.
+    backend = ScriptedBackend([])
+    async with running_server(settings, backend) as srv, srv.client() as c:
+        listed: list[dict[str, Any]] = (await c.get("/v1/models")).json()["data"]
+        assert listed
+        r = await c.get(f"/v1/models/{listed[0]['id']}")
+        assert r.status_code == 200
+        assert r.json() == listed[0]
+        r = await c.get("/v1/models/no-such-model")
+        assert r.status_code == 404
+        assert r.json()["error"]["type"] == "model_not_found"
