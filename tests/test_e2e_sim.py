@@ -919,3 +919,35 @@ async def test_v1_non_stream_cancelled_is_409_not_a_retryable_502(settings: Sett
         (r,) = got
         assert r.status_code == 409, r.text
         assert r.json()["error"]["type"] == "cancelled"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_v1_passes_the_clients_other_openai_options_on(settings: Settings, kind: str) -> None:
+    # Found in a contract review: JSON mode, tool_choice and sampling options were dropped.
+    async with e2e(settings, kind) as env:
+        env.sim.script(Reply(tokens=2), Reply(tokens=2))
+        tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+        base = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}],
+                "tools": [tool], "top_p": 0.5, "seed": 7, "presence_penalty": 0.1,
+                "frequency_penalty": 0.2}
+        for extra in ({"response_format": {"type": "json_object"}, "tool_choice": "auto"},
+                      {"response_format": {"type": "json_schema", "json_schema": {
+                          "name": "x", "schema": {"type": "object"}}}, "tool_choice": "none"}):
+            with trio.fail_after(GUARD):
+                r = await env.client.post("/v1/chat/completions", json={**base, **extra})
+            assert r.status_code == 200, r.text
+        first, second = (s.body for s in env.sim.streams)
+        if kind == "llamacpp":  # OpenAI's names, as they came
+            for key in ("top_p", "seed", "presence_penalty", "frequency_penalty"):
+                assert first[key] == base[key]
+            assert first["response_format"] == {"type": "json_object"}
+            assert (first["tool_choice"], second["tool_choice"]) == ("auto", "none")
+        else:  # Ollama's: options, format; no tools for tool_choice "none"
+            assert first["options"]["top_p"] == 0.5
+            assert first["options"]["seed"] == 7
+            assert first["format"] == "json"
+            assert second["format"] == {"type": "object"}
+            assert "tools" in first
+            assert "tools" not in second
+        r = await env.client.post("/v1/chat/completions", json={**base, "top_p": 3})
+        assert r.status_code == 422

@@ -101,7 +101,7 @@ def make_runner(
             handle=handle, backend=the_backend, tools=tools, history=history, nursery=nursery,
             metrics=metrics, model=handle.model, tool_timeout=tool_timeout,
             client_tools=spec.client_tools, max_tokens=spec.max_tokens,
-            temperature=spec.temperature, stop=spec.stop,
+            temperature=spec.temperature, stop=spec.stop, options=spec.options,
         )
         ctx.run_sync = run_sync if run_sync is not None else in_tool_thread
         return await agent.run(ctx)

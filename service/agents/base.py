@@ -67,6 +67,7 @@ class AgentContext:
     max_tokens: int | None = None
     temperature: float | None = None
     stop: tuple[str, ...] = ()
+    options: tuple[tuple[str, Any], ...] = ()  # a client's other OpenAI options (chat agent)
     last_finish_reason: str | None = None
     # How sync tools run: a worker thread. Virtual-time tests pass an inline runner, since
     # autojump_clock would jump while a thread works.
@@ -101,6 +102,7 @@ class AgentContext:
         emit_tokens: bool = True,
         max_tokens: int | None = None,
         temperature: float | None = None,
+        options: tuple[tuple[str, Any], ...] = (),
     ) -> ChatMessage:
         """One streamed LLM call; returns the assistant message (text and tool calls)."""
         request = ChatRequest(
@@ -108,7 +110,7 @@ class AgentContext:
             tools=(*(t.openai() for t in tools), *raw_tools),
             max_tokens=max_tokens if max_tokens is not None else self.max_tokens,
             temperature=temperature if temperature is not None else self.temperature,
-            stop=self.stop, run_id=self.handle.id,
+            stop=self.stop, run_id=self.handle.id, options=options,
         )
         parts: list[str] = []
         calls: list[ToolCall] = []

@@ -13,7 +13,9 @@ class ChatAgent(Agent):
     async def run(self, ctx: AgentContext) -> str:
         # Tools a client sent (OpenAI-style) go to the model as they are; tool calls come back
         # to the client, which runs them (as with any OpenAI-compatible server).
-        reply = await ctx.call_llm(ctx.history, raw_tools=ctx.client_tools)
+        # The client's other OpenAI options too (JSON mode, tool_choice, sampling): this call's
+        # answer is the client's; other agents' calls parse their own formats, so not theirs.
+        reply = await ctx.call_llm(ctx.history, raw_tools=ctx.client_tools, options=ctx.options)
         extra = ctx.handle.result_extra
         extra["finish_reason"] = ctx.last_finish_reason or "stop"
         if reply.tool_calls:

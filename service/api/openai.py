@@ -85,7 +85,18 @@ class ChatCompletionRequest(_Lenient):
     temperature: float | None = Field(None, ge=0, le=2)
     tools: list[dict[str, Any]] | None = None
     stop: str | list[str] | None = None
+    top_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    response_format: dict[str, Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
     agent: AgentName | None = Field(None, description="extension: run this agent")
+
+
+# Passed on to the model as they came (the chat agent's call): ChatRequest.options.
+_PASSED_ON = ("top_p", "seed", "presence_penalty", "frequency_penalty", "response_format",
+              "tool_choice")
 
 
 def _text(content: str | list[dict[str, Any]] | None) -> str:
@@ -160,6 +171,7 @@ async def chat_completions(data: ChatCompletionRequest) -> Response:
         owner=current_owner(), messages=history, client_tools=tuple(data.tools or ()),
         max_tokens=data.max_completion_tokens or data.max_tokens,
         temperature=data.temperature, stop=stop,
+        options=tuple((k, v) for k in _PASSED_ON if (v := getattr(data, k)) is not None),
     )
     handle = await svc.require_supervisor().start(spec)
     own_run(handle)  # cancelled if this request ends while it still runs

@@ -51,6 +51,10 @@ class ChatMessage:
     name: str | None = None  # tool name, for role == "tool"
 
 
+# OpenAI sampling options passed through to a backend (Ollama takes them under ``options``).
+SAMPLING_OPTIONS = ("top_p", "seed", "presence_penalty", "frequency_penalty")
+
+
 @dataclass(frozen=True, slots=True)
 class ChatRequest:
     messages: tuple[ChatMessage, ...]
@@ -60,6 +64,9 @@ class ChatRequest:
     temperature: float | None = None
     stop: tuple[str, ...] = ()
     run_id: str | None = None  # recorded by the interceptor
+    # A client's other OpenAI options, by their OpenAI names (SAMPLING_OPTIONS, response_format,
+    # tool_choice); each adapter says them in its protocol.
+    options: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

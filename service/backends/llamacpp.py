@@ -244,6 +244,7 @@ class OpenAICompatBackend(HTTPBackend):
             body["stop"] = list(request.stop)
         if request.tools:
             body["tools"] = list(request.tools)
+        body.update(request.options)  # OpenAI's own names: as they came
         return body
 
     @asynccontextmanager

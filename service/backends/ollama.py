@@ -18,7 +18,16 @@ from typing import Any, TypedDict
 import trio
 
 from ..errors import BackendProtocolError, BackendResponseError
-from .base import BackendHealth, ChatChunk, ChatMessage, ChatRequest, ModelInfo, ToolCall, Usage
+from .base import (
+    SAMPLING_OPTIONS,
+    BackendHealth,
+    ChatChunk,
+    ChatMessage,
+    ChatRequest,
+    ModelInfo,
+    ToolCall,
+    Usage,
+)
 from .common import HTTPBackend, new_call_id, parse_arguments, token_count
 from .http import NDJSONReader, open_stream, request_json
 
@@ -163,6 +172,8 @@ class OllamaBackend(HTTPBackend):
             options["num_predict"] = request.max_tokens
         if request.stop:
             options["stop"] = list(request.stop)
+        extra = dict(request.options)
+        options.update({k: extra[k] for k in SAMPLING_OPTIONS if k in extra})
         body: dict[str, Any] = {
             "model": model,
             "messages": ollama_messages(request.messages),
@@ -170,7 +181,14 @@ class OllamaBackend(HTTPBackend):
         }
         if options:
             body["options"] = options
-        if request.tools:
+        fmt = extra.get("response_format") or {}
+        if fmt.get("type") == "json_object":
+            body["format"] = "json"
+        elif fmt.get("type") == "json_schema":
+            body["format"] = (fmt.get("json_schema") or {}).get("schema") or "json"
+        # Ollama has no tool_choice: "none" is no tools; a required or named tool cannot be
+        # forced (README).
+        if request.tools and extra.get("tool_choice") != "none":
             body["tools"] = list(request.tools)
         return body
 

@@ -67,6 +67,7 @@ class RunSpec:
     max_tokens: int | None = None
     temperature: float | None = None
     stop: tuple[str, ...] = ()
+    options: tuple[tuple[str, Any], ...] = ()  # other OpenAI options (ChatRequest.options)
     new_conversation: dict[str, str | None] | None = None  # title, system, model, agent
 
 
