@@ -951,3 +951,27 @@ async def test_v1_passes_the_clients_other_openai_options_on(settings: Settings,
             assert "tools" not in second
         r = await env.client.post("/v1/chat/completions", json={**base, "top_p": 3})
         assert r.status_code == 422
+
+
+async def test_v1_stream_of_a_react_run_is_its_answer_only(settings: Settings) -> None:
+    # Found in a contract review: the stream carried every step's text ("Let me compute."
+    # before a tool call), the non-stream answer only the final one.
+    async with e2e(settings, "llamacpp") as env:
+        for _ in range(2):
+            env.sim.script(
+                Reply(text="Let me compute. ", tool_calls=(
+                    {"name": "calculator", "arguments": {"expression": "2+2"}},)),
+                Reply(text="The answer is 4"),
+            )
+        body = {"model": "sim-model", "agent": "react",
+                "messages": [{"role": "user", "content": "2+2?"}]}
+        with trio.fail_after(GUARD):
+            whole = (await env.client.post("/v1/chat/completions", json=body)).json()
+            async with env.client.stream("POST", "/v1/chat/completions",
+                                         json={**body, "stream": True}) as r:
+                lines = [x async for x in r.aiter_lines() if x.startswith("data: {")]
+        chunks = [json.loads(x[6:])["choices"][0] for x in lines]
+        streamed = "".join(c["delta"].get("content") or "" for c in chunks)
+        assert whole["choices"][0]["message"]["content"] == "The answer is 4"
+        assert streamed == "The answer is 4"
+        assert chunks[-1]["finish_reason"] == "stop"

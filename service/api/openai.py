@@ -192,7 +192,8 @@ async def chat_completions(data: ChatCompletionRequest) -> Response:
         if handle.done and handle.status is not RunStatus.succeeded:
             return _run_error(handle)
         return sse_response(
-            _stream(reader, handle, cid, created, shown_model, include_usage, first)
+            _stream(reader, handle, cid, created, shown_model, include_usage, first,
+                    answer_tokens=handle.agent == "chat")
         )
     await _finished(handle)
     if handle.status is not RunStatus.succeeded:
@@ -251,11 +252,11 @@ def _chunk(cid: str, created: int, model: str, delta: dict[str, Any],
 
 async def _stream(
     reader: EventReader, handle: RunHandle, cid: str, created: int, model: str,
-    include_usage: bool, first: list[RunEvent],
+    include_usage: bool, first: list[RunEvent], *, answer_tokens: bool,
 ) -> AsyncIterator[bytes]:
     try:
         yield sse_data(_chunk(cid, created, model, {"role": "assistant", "content": ""}))
-        framer = _Framer(cid, created, model)
+        framer = _Framer(cid, created, model, answer_tokens=answer_tokens)
         for event in first:  # taken before the response started
             if (frame := framer.frame(event)) is not None:
                 yield frame
@@ -294,19 +295,29 @@ _TOKEN_SUFFIX = b'},"finish_reason":null}]}\n\n'
 class _Framer:
     """A run's events as OpenAI chunks. A run that does not succeed ends with an error chunk
     (its ``error`` event's, or one for a timeout or a cancel), never with a ``finish_reason``
-    that would read as a complete answer."""
+    that would read as a complete answer.
 
-    def __init__(self, cid: str, created: int, model: str) -> None:
+    ``answer_tokens``: the run's tokens are its answer (the ``chat`` agent). Other agents also
+    stream their steps' text (thoughts, plans, text before a tool call), which is not the
+    answer: their answer is sent whole, from the final message, as the non-stream one is."""
+
+    def __init__(self, cid: str, created: int, model: str, *, answer_tokens: bool = True
+                 ) -> None:
         self.cid, self.created, self.model = cid, created, model
         self.prefix = _token_prefix(cid, created, model)
+        self.answer_tokens = answer_tokens
         self.failed = False
 
     def frame(self, event: RunEvent) -> bytes | None:
         if event.type == "token":
+            if not self.answer_tokens:
+                return None
             # Same bytes as sse_data(_chunk(..., {"content": text})), without re-encoding.
             return self.prefix + json.dumps(event.data["text"]).encode() + _TOKEN_SUFFIX
         if event.type == "message":
             out = b""
+            if not self.answer_tokens and event.data.get("content"):
+                out += sse_data(self._chunk({"content": event.data["content"]}))
             calls = event.data.get("tool_calls")
             if calls:
                 out += sse_data(self._chunk({"tool_calls": _tool_calls_out(calls,
