@@ -18,6 +18,7 @@ import trio
 from .agents import make_runner
 from .api.state import Services
 from .backends import build_backend, client_from_settings
+from .errors import StoreError
 from .logs import get_logger
 from .runs import RunSupervisor
 from .settings import BackendKind
@@ -41,7 +42,10 @@ async def _start_services(app: QuartTrio, svc: Services, backend: Backend | None
     stack = AsyncExitStack()
     svc.extras["stack"] = stack
     store = Store(settings.db, synchronous=settings.db_synchronous, metrics=svc.metrics)
-    await store.open()
+    try:
+        await store.open()
+    except StoreError as exc:  # a path that cannot be a store: say which setting
+        raise StoreError(f"SERVICE_DB: {exc.message}") from exc
     svc.store = store
     interrupted = await store.recover_interrupted()
     log.info("store open", extra={"db": str(settings.db), "interrupted_runs": len(interrupted)})

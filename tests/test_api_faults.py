@@ -42,7 +42,9 @@ def test_startup_setting_error_is_one_line(tmp_path: Path, var: str, value: str)
                          env=env, capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 1
     assert "Traceback" not in out.stderr + out.stdout
-    assert out.stderr.strip().splitlines()[-1].startswith("service: ")
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("service: ")
+    assert "SERVICE_" in line  # names the setting (contract review: SERVICE_DB, _TOOLS did not)
 
 
 def test_only_a_start_up_service_error_is_reported_as_one_line() -> None:

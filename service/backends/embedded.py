@@ -224,7 +224,8 @@ async def embedded_llama_server(
     xllamacpp = _import_xllamacpp()
     model_path = Path(model_path)
     if not model_path.is_file():
-        raise ConfigError(f"model file not found: {model_path}", path=str(model_path))
+        raise ConfigError(f"SERVICE_GGUF: model file not found: {model_path}",
+                          path=str(model_path))
     alias = alias or model_path.stem
     make_params = functools.partial(
         _params,

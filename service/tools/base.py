@@ -125,7 +125,8 @@ def load_tool_modules(modules: Iterable[str]) -> list[Tool]:
         try:
             module = importlib.import_module(name)
         except ImportError as exc:
-            raise ConfigError(f"cannot import tool module {name!r}: {exc}") from exc
+            raise ConfigError(f"SERVICE_TOOLS: cannot import tool module {name!r}: {exc}"
+                              ) from exc
         tools = getattr(module, "TOOLS", None)
         if tools is None:
             tools = [v for v in vars(module).values() if isinstance(v, Tool)]
