@@ -975,3 +975,44 @@ async def test_v1_stream_of_a_react_run_is_its_answer_only(settings: Settings) -
         assert whole["choices"][0]["message"]["content"] == "The answer is 4"
         assert streamed == "The answer is 4"
         assert chunks[-1]["finish_reason"] == "stop"
+
+
+async def test_v1_stream_of_a_react_run_keeps_the_connection_alive_while_it_works(
+    settings: Settings,
+) -> None:
+    # Found in review: its steps' events are not shown, and they reset the reader's keep-alive
+    # timer, so nothing at all was sent until the final answer (4 s here; a proxy's idle
+    # timeout in production).
+    async with e2e(settings, "llamacpp", sse_keepalive=0.5) as env:
+        env.sim.script(Reply(tokens=20, interval=0.2))
+        body = {"model": "sim-model", "agent": "react", "stream": True,
+                "messages": [{"role": "user", "content": "hello"}]}
+        with trio.fail_after(GUARD):
+            async with env.client.stream("POST", "/v1/chat/completions", json=body) as r:
+                lines = [x async for x in r.aiter_lines() if x]
+        before_the_answer = lines[:next(i for i, x in enumerate(lines) if "tok19" in x)]
+        assert before_the_answer.count(": keep-alive") >= 2
+        assert lines[-1] == "data: [DONE]"
+
+
+async def test_v1_completion_cut_by_a_shutdown_is_503_worth_a_retry(settings: Settings) -> None:
+    # Found in review: it was 409 "cancelled", which clients rightly do not retry; a restart's
+    # cut is not the user's cancel.
+    from service.lifespan import begin_shutdown
+
+    async with e2e(settings, "llamacpp", shutdown_drain=0.3) as env:
+        env.sim.script(Reply(tokens=500, interval=0.05))
+        body = {"model": "sim-model", "messages": [{"role": "user", "content": "go"}]}
+        got: list[httpx.Response] = []
+        with trio.fail_after(GUARD):
+            async with trio.open_nursery() as nursery:
+
+                async def request() -> None:
+                    got.append(await env.client.post("/v1/chat/completions", json=body))
+
+                nursery.start_soon(request)
+                await env.sim.wait_streams(1)
+                await begin_shutdown(env.server.services)
+        (r,) = got
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["type"] == "shutting_down"

@@ -24,7 +24,7 @@ from ..runs import RunEvent, RunHandle, RunSpec, RunStatus
 from .errors import json_error
 from .models import AgentName
 from .owned import own_run
-from .runs import error_status, sse_response
+from .runs import error_status, error_type, sse_response
 from .sse import sse_data
 from .state import current_owner, services
 from .streams import EventReader, Keepalive
@@ -186,14 +186,16 @@ async def chat_completions(data: ChatCompletionRequest) -> Response:
         # The response waits for the answer to start (at most a keep-alive interval): a run
         # that fails before its first token (an unknown model, a backend down) is then an HTTP
         # error with its status, as OpenAI clients expect, not a 200 carrying an error chunk.
-        first = await _until_the_answer_starts(reader, svc.settings.sse_keepalive)
+        answer_tokens = handle.agent == "chat"
+        first = await _until_the_answer_starts(reader, svc.settings.sse_keepalive,
+                                               answer_tokens=answer_tokens)
         if first and first[-1].type in ("error", "run.finished"):
             await _finished(handle)
         if handle.done and handle.status is not RunStatus.succeeded:
             return _run_error(handle)
         return sse_response(
             _stream(reader, handle, cid, created, shown_model, include_usage, first,
-                    answer_tokens=handle.agent == "chat")
+                    answer_tokens=answer_tokens, keepalive=svc.settings.sse_keepalive)
         )
     await _finished(handle)
     if handle.status is not RunStatus.succeeded:
@@ -219,16 +221,18 @@ async def _finished(handle: RunHandle) -> None:
 
 
 def _run_error(handle: RunHandle) -> Response:
-    return json_error(error_status(handle), handle.error_type or handle.status.value,
+    return json_error(error_status(handle), error_type(handle),
                       handle.error or f"the run ended {handle.status.value}", run_id=handle.id)
 
 
-# Events that put something in an OpenAI stream (``_frame``): the answer has started.
+# Events that put something in an OpenAI stream (``_Framer``): the answer has started.
 _FRAMED = frozenset({"token", "message", "error", "run.finished"})
 
 
-async def _until_the_answer_starts(reader: EventReader, hold: float) -> list[RunEvent]:
+async def _until_the_answer_starts(reader: EventReader, hold: float, *, answer_tokens: bool
+                                   ) -> list[RunEvent]:
     """The run's events up to the first that shows in the stream (within ``hold`` seconds)."""
+    shown = _FRAMED if answer_tokens else _FRAMED - {"token"}
     first: list[RunEvent] = []
     with trio.move_on_after(hold):
         while True:
@@ -239,7 +243,7 @@ async def _until_the_answer_starts(reader: EventReader, hold: float) -> list[Run
             if isinstance(item, Keepalive):
                 continue
             first.append(item)
-            if item.type in _FRAMED:
+            if item.type in shown:
                 break
     return first
 
@@ -252,7 +256,7 @@ def _chunk(cid: str, created: int, model: str, delta: dict[str, Any],
 
 async def _stream(
     reader: EventReader, handle: RunHandle, cid: str, created: int, model: str,
-    include_usage: bool, first: list[RunEvent], *, answer_tokens: bool,
+    include_usage: bool, first: list[RunEvent], *, answer_tokens: bool, keepalive: float,
 ) -> AsyncIterator[bytes]:
     try:
         yield sse_data(_chunk(cid, created, model, {"role": "assistant", "content": ""}))
@@ -260,13 +264,19 @@ async def _stream(
         for event in first:  # taken before the response started
             if (frame := framer.frame(event)) is not None:
                 yield frame
+        sent = trio.current_time()
         try:
             async for item in reader:
                 if isinstance(item, Keepalive):
-                    yield b": keep-alive\n\n"
-                    continue
-                if (frame := framer.frame(item)) is not None:
-                    yield frame
+                    frame = b": keep-alive\n\n"
+                elif (frame := framer.frame(item)) is None:
+                    # Not shown (another agent's steps): the reader's keep-alives count only
+                    # silence, so a run busy with steps sends one here, or nothing would flow.
+                    if trio.current_time() - sent < keepalive:
+                        continue
+                    frame = b": keep-alive\n\n"
+                sent = trio.current_time()
+                yield frame
         except ServiceError as exc:  # the store failed under a re-read: an error, not a reset
             yield sse_data({"error": exc.to_dict()})
             return

@@ -31,7 +31,7 @@ from .sse import KEEPALIVE, sse_event
 from .state import current_owner, services
 from .streams import EventReader, Keepalive
 
-__all__ = ["ERROR_STATUS", "blueprint", "error_status", "run_out", "sse_response"]
+__all__ = ["ERROR_STATUS", "blueprint", "error_status", "error_type", "run_out", "sse_response"]
 
 blueprint = Blueprint("runs", __name__)
 
@@ -51,8 +51,15 @@ def error_status(handle: RunHandle) -> int:
     if handle.status is RunStatus.timed_out:
         return 504
     if handle.status is RunStatus.cancelled:
-        return 409
+        # A user's cancel is final (409, not retried); a shutdown's is worth a retry elsewhere.
+        return 503 if handle.cancel_reason == "shutdown" else 409
     return ERROR_STATUS.get(handle.error_type or "", 502)
+
+
+def error_type(handle: RunHandle) -> str:
+    if handle.status is RunStatus.cancelled and handle.cancel_reason == "shutdown":
+        return "shutting_down"
+    return handle.error_type or handle.status.value
 
 
 def run_out(run: RunRecord | None, live: RunHandle | None = None) -> RunOut:
@@ -137,7 +144,7 @@ async def post_message(conversation_id: str, data: PostMessage) -> Response:
             handle.cancel("client disconnected")
     if handle.status is not RunStatus.succeeded:
         return json_error(
-            error_status(handle), handle.error_type or handle.status.value,
+            error_status(handle), error_type(handle),
             handle.error or f"the run ended {handle.status.value}",
             run_id=handle.id, run_status=handle.status.value,
         )
