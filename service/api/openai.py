@@ -341,6 +341,8 @@ class _Framer:
                 return None
             self.failed = True
             status = event.data["status"]
+            if status == "cancelled" and event.data.get("error") == "shutdown":
+                status = "shutting_down"
             return sse_data({"error": {
                 "type": _END_TYPES.get(status, status),
                 "message": event.data.get("error") or f"the run ended {status}"}})
