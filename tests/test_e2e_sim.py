@@ -1016,3 +1016,19 @@ async def test_v1_completion_cut_by_a_shutdown_is_503_worth_a_retry(settings: Se
         (r,) = got
         assert r.status_code == 503, r.text
         assert r.json()["error"]["type"] == "shutting_down"
+
+
+async def test_v1_reports_the_model_that_answered(settings: Settings) -> None:
+    # Found in a contract review: with no model named (and no SERVICE_DEFAULT_MODEL) a
+    # completion said "model": "default" although the backend's first model answered.
+    async with e2e(settings, "llamacpp", default_model=None) as env:
+        env.sim.script(Reply(tokens=2), Reply(tokens=2))
+        body = {"messages": [{"role": "user", "content": "hi"}]}
+        with trio.fail_after(GUARD):
+            whole = (await env.client.post("/v1/chat/completions", json=body)).json()
+            async with env.client.stream("POST", "/v1/chat/completions",
+                                         json={**body, "stream": True}) as r:
+                chunks = [json.loads(x[6:]) async for x in r.aiter_lines()
+                          if x.startswith("data: {")]
+        assert whole["model"] == "sim-model"
+        assert {c["model"] for c in chunks} == {"sim-model"}

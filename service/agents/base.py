@@ -127,6 +127,9 @@ class AgentContext:
                         usage = chunk.usage
                     if chunk.finish_reason is not None:
                         self.last_finish_reason = chunk.finish_reason
+                    if chunk.model and "model" not in self.handle.result_extra:
+                        # The model that answered (the backend's default when none was named).
+                        self.handle.result_extra["model"] = chunk.model
         finally:
             self._add_usage(usage)
         return ChatMessage("assistant", "".join(parts), tuple(calls))

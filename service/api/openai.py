@@ -193,6 +193,7 @@ async def chat_completions(data: ChatCompletionRequest) -> Response:
             await _finished(handle)
         if handle.done and handle.status is not RunStatus.succeeded:
             return _run_error(handle)
+        shown_model = handle.result_extra.get("model", shown_model)  # known once it answers
         return sse_response(
             _stream(reader, handle, cid, created, shown_model, include_usage, first,
                     answer_tokens=answer_tokens, keepalive=svc.settings.sse_keepalive)
@@ -205,7 +206,8 @@ async def chat_completions(data: ChatCompletionRequest) -> Response:
     if extra.get("tool_calls"):
         message["tool_calls"] = _tool_calls_out(extra["tool_calls"], with_index=False)
     return jsonify({
-        "id": cid, "object": "chat.completion", "created": created, "model": shown_model,
+        "id": cid, "object": "chat.completion", "created": created,
+        "model": extra.get("model", shown_model),
         "choices": [{"index": 0, "message": message,
                      "finish_reason": extra.get("finish_reason", "stop")}],
         "usage": _usage(handle),
