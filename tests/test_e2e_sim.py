@@ -951,6 +951,15 @@ async def test_v1_passes_the_clients_other_openai_options_on(settings: Settings,
             assert "tools" not in second
         r = await env.client.post("/v1/chat/completions", json={**base, "top_p": 3})
         assert r.status_code == 422
+        # A ReAct run's calls parse their own text format: JSON mode is not theirs.
+        env.sim.script(Reply(text="Final Answer: ok"))
+        with trio.fail_after(GUARD):
+            r = await env.client.post("/v1/chat/completions", json={
+                **base, "agent": "react", "response_format": {"type": "json_object"}})
+        assert r.status_code == 200, r.text
+        react = env.sim.streams[-1].body
+        assert "response_format" not in react
+        assert "format" not in react
 
 
 async def test_v1_stream_of_a_react_run_is_its_answer_only(settings: Settings) -> None:
