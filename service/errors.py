@@ -50,7 +50,6 @@ __all__ = [
     "ModelNotFound",
     "NotFound",
     "RunCancelled",
-    "RunElsewhere",
     "RunError",
     "ServiceError",
     "ShuttingDown",
@@ -180,14 +179,6 @@ class RunError(ServiceError):
 class IllegalTransition(RunError):
     status = 409
     type = "illegal_transition"
-
-
-class RunElsewhere(RunError):
-    """The run is running in another worker process sharing the store: it can be read and
-    followed from here, not cancelled."""
-
-    status = 409
-    type = "run_elsewhere"
 
 
 class TooManyRuns(RunError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -656,3 +657,33 @@ async def test_a_rejoin_while_the_final_write_waits_for_its_retry_still_ends_wit
         await trio.sleep(5)  # the retry lands; the run is served from the store again
         assert (await env.store.get_run(handle.id)).status == "succeeded"
         assert env.supervisor.get(handle.id) is None
+
+
+async def test_a_cancel_asked_for_by_another_worker_stops_the_run(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Two workers share one store file; the client's cancel reached the other one, which
+    # writes it to the store; the run's own supervisor finds it within _CANCEL_POLL.
+    from service.store import Store
+    from service.store.sqlite import process_tag
+
+    backend = ScriptedBackend([Reply("a long answer " * 50, gap=1.0)])
+    async with supervisor_env(tmp_path, backend) as env:
+        other = Store(tmp_path / "runs.db", threaded=False)
+        other.process_id = process_tag(os.getppid())  # another live process
+        await other.open()
+        try:
+            conv = await env.conversation()
+            handle = await env.supervisor.start(RunSpec(conv, "x"))
+            await trio.sleep(3.0)
+            assert await other.run_in_progress(handle.id) == "elsewhere"
+            asked = trio.current_time()
+            assert await other.request_cancel(handle.id, "cancelled by request")
+            await handle.finished.wait()
+            assert handle.status is RunStatus.cancelled
+            assert handle.cancel_reason == "cancelled by request"
+            assert trio.current_time() - asked <= 0.25 + 0.01
+            assert (await other.get_run(handle.id)).status == "cancelled"
+            assert not await other.request_cancel(handle.id, "again")  # over: nothing to ask
+        finally:
+            await other.aclose()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import trio
 from quart import Blueprint, Response, jsonify, request
 from quart_schema import (
     document_response,
@@ -12,7 +13,7 @@ from quart_schema import (
     validate_response,
 )
 
-from ..errors import RunElsewhere, ServiceError
+from ..errors import ServiceError
 from ..runs import RunHandle, RunSpec, RunStatus
 from ..store import RunRecord
 from .errors import json_error
@@ -34,6 +35,8 @@ from .streams import EventReader, Keepalive
 __all__ = ["ERROR_STATUS", "blueprint", "error_status", "error_type", "run_out", "sse_response"]
 
 blueprint = Blueprint("runs", __name__)
+
+ELSEWHERE_CANCEL_WAIT = 5.0  # seconds a cancel waits for another worker to end its run
 
 # What a finished run's error type means for a non-streaming caller.
 ERROR_STATUS = {
@@ -195,9 +198,16 @@ async def cancel_run(run_id: str) -> tuple[CancelOut, int]:
     run = await svc.require_store().get_run(run_id, owner=current_owner())
     handle = svc.require_supervisor().get(run_id)
     if handle is None:
-        if await svc.require_store().run_in_progress(run_id) == "elsewhere":
-            raise RunElsewhere(f"run {run_id} is running in another worker process sharing the "
-                               "store; only that process can cancel it", run_id=run_id)
+        store = svc.require_store()
+        if await store.run_in_progress(run_id) == "elsewhere":
+            # Another worker sharing the store runs it: ask it (it looks every 0.25 s), and
+            # answer once the run has ended there, or after a bound with what the store says.
+            await store.request_cancel(run_id, "cancelled by request")
+            with trio.move_on_after(ELSEWHERE_CANCEL_WAIT):
+                # Another process's run: nothing here to wait on but the store.
+                while (run := await store.get_run(  # noqa: ASYNC110
+                        run_id, owner=current_owner())).status in ("queued", "running"):
+                    await trio.sleep(0.1)
         return CancelOut(id=run.id, status=run.status), 202
     handle.cancel("cancelled by request")
     await handle.finished.wait()

@@ -50,6 +50,7 @@ _CHECKPOINT_EVERY = 2.0  # seconds between WAL checkpoints (the store's writer n
 _UNSTORED_MAX = 100_000  # published events kept for a retry of their failed write
 _UNSTORED_PER_RETRY = 5_000  # ... written again per checkpoint tick
 _UNSTORED_ENDS_MAX = 1_000  # ended runs whose final write failed, still served from memory
+_CANCEL_POLL = 0.25  # seconds between looks for cancels other workers asked for
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ class RunSupervisor:
             self._scope = nursery.cancel_scope
             nursery.start_soon(self._commit_loop)
             nursery.start_soon(self._checkpoint_loop)
+            nursery.start_soon(self._cancel_requests_loop)
             task_status.started(self)
             await trio.sleep_forever()
 
@@ -426,6 +428,23 @@ class RunSupervisor:
                 await self._store.checkpoint()
             except StoreError as exc:
                 log.warning("WAL checkpoint failed: %s", exc.message)
+
+    async def _cancel_requests_loop(self) -> None:
+        """Cancel this process's runs whose cancel another worker sharing the store asked for
+        (``Store.request_cancel``: a client's cancel can reach any worker)."""
+        while True:
+            await trio.sleep(_CANCEL_POLL)
+            if not self._runs:
+                continue
+            try:
+                requests = await self._store.cancel_requests()
+            except StoreError as exc:
+                log.warning("could not read cancel requests: %s", exc.message)
+                continue
+            for run_id, reason in requests:
+                handle = self._runs.get(run_id)
+                if handle is not None:
+                    handle.cancel(reason)
 
     async def retry_final_writes(self) -> None:
         """Store the final states whose first write failed (the clients already had them)."""

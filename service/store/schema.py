@@ -93,6 +93,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE runs ADD COLUMN process TEXT",
         "CREATE INDEX runs_live ON runs(status) WHERE status IN ('queued', 'running')",
     ),
+    # 3: a cancel asked for by another worker process than the run's (its reason); the run's
+    # own process polls for these.
+    (
+        "ALTER TABLE runs ADD COLUMN cancel_requested TEXT",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

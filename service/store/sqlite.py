@@ -784,6 +784,27 @@ class Store:
 
         return await self._read("run_in_progress", fn)
 
+    async def request_cancel(self, run_id: str, reason: str) -> bool:
+        """Ask the process running a run to cancel it (for a run of another worker sharing the
+        file). False if the run is not in progress."""
+        def fn(c: sqlite3.Connection) -> bool:
+            return c.execute(
+                "UPDATE runs SET cancel_requested = COALESCE(cancel_requested, ?) "
+                "WHERE id = ? AND status IN ('queued', 'running')", (reason, run_id),
+            ).rowcount > 0
+
+        return await self._write("request_cancel", fn)
+
+    async def cancel_requests(self) -> list[tuple[str, str]]:
+        """(run id, reason) of this process's runs whose cancel another worker asked for."""
+        def fn(c: sqlite3.Connection) -> list[tuple[str, str]]:
+            return c.execute(
+                "SELECT id, cancel_requested FROM runs WHERE status IN ('queued', 'running') "
+                "AND process = ? AND cancel_requested IS NOT NULL", (self.process_id,),
+            ).fetchall()
+
+        return await self._read("cancel_requests", fn)
+
     async def append_run_events(
         self, events: Sequence[RunEventRecord], *, retry: bool = False
     ) -> None:
