@@ -9,7 +9,7 @@ asserts a wall-clock duration.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -894,29 +894,40 @@ async def test_v1_stream_cut_mid_answer_ends_with_an_error_chunk(
                    for c in data) >= 3  # the tokens streamed before it
 
 
+async def _v1_answer_while(env: Env, action: Callable[[], Awaitable[None]]) -> httpx.Response:
+    """A non-stream /v1 completion of a long answer, with ``action`` run once it is answering."""
+    env.sim.script(Reply(tokens=500, interval=0.05))
+    body = {"model": "sim-model", "messages": [{"role": "user", "content": "go"}]}
+    got: list[httpx.Response] = []
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+
+            async def request() -> None:
+                got.append(await env.client.post("/v1/chat/completions", json=body))
+
+            nursery.start_soon(request)
+            await env.sim.wait_streams(1)
+            await action()
+    (r,) = got
+    return r
+
+
 async def test_v1_non_stream_cancelled_is_409_not_a_retryable_502(settings: Settings) -> None:
     # The OpenAI SDK retries 5xx: a cancelled completion was run again, twice.
     async with e2e(settings, "llamacpp") as env:
-        env.sim.script(Reply(tokens=500, interval=0.05))
-        body = {"model": "sim-model", "messages": [{"role": "user", "content": "go"}]}
-        got: list[httpx.Response] = []
-        with trio.fail_after(GUARD):
-            async with trio.open_nursery() as nursery:
 
-                async def request() -> None:
-                    got.append(await env.client.post("/v1/chat/completions", json=body))
+        async def cancel() -> None:
+            # The run is answering; its write may still be in flight (/v1 overlaps the two).
+            convs: list[dict[str, Any]] = []
+            while not convs:  # noqa: ASYNC110 (the store has no event to wait on)
+                convs = (await env.client.get("/api/conversations")).json()["data"]
+                await trio.sleep(0.01)
+            (conv,) = convs
+            messages = (await env.client.get(f"/api/conversations/{conv['id']}")).json()
+            run_id = messages["messages"][-1]["run_id"]
+            assert (await env.client.post(f"/api/runs/{run_id}/cancel")).status_code == 202
 
-                nursery.start_soon(request)
-                await env.sim.wait_streams(1)  # the run is answering; its write may still be
-                convs: list[dict[str, Any]] = []  # in flight (/v1 overlaps the two)
-                while not convs:  # noqa: ASYNC110 (the store has no event to wait on)
-                    convs = (await env.client.get("/api/conversations")).json()["data"]
-                    await trio.sleep(0.01)
-                (conv,) = convs
-                messages = (await env.client.get(f"/api/conversations/{conv['id']}")).json()
-                run_id = messages["messages"][-1]["run_id"]
-                assert (await env.client.post(f"/api/runs/{run_id}/cancel")).status_code == 202
-        (r,) = got
+        r = await _v1_answer_while(env, cancel)
         assert r.status_code == 409, r.text
         assert r.json()["error"]["type"] == "cancelled"
 
@@ -1010,19 +1021,7 @@ async def test_v1_completion_cut_by_a_shutdown_is_503_worth_a_retry(settings: Se
     from service.lifespan import begin_shutdown
 
     async with e2e(settings, "llamacpp", shutdown_drain=0.3) as env:
-        env.sim.script(Reply(tokens=500, interval=0.05))
-        body = {"model": "sim-model", "messages": [{"role": "user", "content": "go"}]}
-        got: list[httpx.Response] = []
-        with trio.fail_after(GUARD):
-            async with trio.open_nursery() as nursery:
-
-                async def request() -> None:
-                    got.append(await env.client.post("/v1/chat/completions", json=body))
-
-                nursery.start_soon(request)
-                await env.sim.wait_streams(1)
-                await begin_shutdown(env.server.services)
-        (r,) = got
+        r = await _v1_answer_while(env, lambda: begin_shutdown(env.server.services))
         assert r.status_code == 503, r.text
         assert r.json()["error"]["type"] == "shutting_down"
 
