@@ -1,4 +1,4 @@
-"""``python -m service.bench [--quick] [--json out.json] [--only relay,throughput,...]``.
+"""``python -m service.bench [--quick] [--json out.json] [--only relay,throughput,...,floor]``.
 
 Starts the simulator (``service.bench.simproc``) and the service (``python -m service``) as
 separate processes on loopback, drives them with a cheap raw-socket load client from this
@@ -21,13 +21,16 @@ import trio
 
 from .cancel import cancellation
 from .capacity import capacity
+from .floor import floor
 from .harness import Bench
 from .procs import raise_fd_limit, start_service, start_simulator
 from .relay import RelayLevel, relay, throughput
 from .report import bars, machine, render
 from .store import bench_store
 
-SCENARIOS = ("relay", "throughput", "capacity", "cancel", "store")
+SCENARIOS = ("relay", "throughput", "capacity", "cancel", "store", "floor")
+# ``floor`` (what hypercorn and httpx cost alone, ~90 s) runs when named, and in --quick.
+DEFAULT = SCENARIOS[:5]
 
 # name: (full, quick)
 _RELAY = (
@@ -35,6 +38,10 @@ _RELAY = (
     [RelayLevel(1, 10, 0.005, 3.0, 2), RelayLevel(100, 40, 0.05, 4.0, 2),
      RelayLevel(1000, 20, 0.5, 4.0, 1)],
     [RelayLevel(1, 5, 0.005, 0.5, 1), RelayLevel(10, 5, 0.02, 0.5, 1)],
+)
+_FLOOR = (
+    [RelayLevel(1, 10, 0.005, 2.0, 2), RelayLevel(100, 40, 0.05, 3.0, 2)],
+    [RelayLevel(1, 5, 0.005, 0.3, 1), RelayLevel(10, 5, 0.02, 0.3, 1)],
 )
 _THROUGHPUT: tuple[dict[str, Any], ...] = (
     {"streams": 8, "tokens": 2000, "seconds": 6.0},
@@ -85,6 +92,8 @@ async def _service_scenarios(only: set[str], quick: bool, out: dict[str, Any]) -
                     out["throughput"] = await throughput(bench, **_THROUGHPUT[pick])
                 if "cancel" in only:
                     out["cancel"] = await cancellation(bench, **_CANCEL[pick])
+                if "floor" in only:
+                    out["floor"] = await floor(bench, workdir, _FLOOR[pick])
                 service.check_alive()
                 out["service_rss_mb_at_end"] = round(service.rss() / 2**20, 1)
             finally:
@@ -97,10 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke test")
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--only", default=",".join(SCENARIOS),
-                        help=f"comma-separated subset of {','.join(SCENARIOS)}")
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(SCENARIOS)}"
+                        f" (default: {','.join(DEFAULT)}; with --quick, all)")
     args = parser.parse_args(argv)
-    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    if args.only is None:
+        only = set(SCENARIOS if args.quick else DEFAULT)
+    else:
+        only = {s.strip() for s in args.only.split(",") if s.strip()}
     if only - set(SCENARIOS):
         parser.error(f"unknown scenario(s): {', '.join(sorted(only - set(SCENARIOS)))}")
     fds = raise_fd_limit()

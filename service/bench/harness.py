@@ -29,6 +29,7 @@ class CpuWindow:
     """CPU seconds of the service, the simulator and the load client over one window."""
 
     bench: Bench
+    server: Proc  # the process behind the target being measured (the service, by default)
     wall: float = 0.0
     service: float = 0.0
     simulator: float = 0.0
@@ -37,14 +38,14 @@ class CpuWindow:
     def __enter__(self) -> CpuWindow:
         self._t0 = time.perf_counter()
         self._c0 = cpu_seconds()
-        self.bench.service.mark()
+        self.server.mark()
         self.bench.sim.mark()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.wall = time.perf_counter() - self._t0
         self.client = cpu_seconds() - self._c0
-        self.service = self.bench.service.since_mark().cpu
+        self.service = self.server.since_mark().cpu
         self.simulator = self.bench.sim.since_mark().cpu
 
     def as_dict(self) -> dict[str, float]:
@@ -63,6 +64,7 @@ class Bench:
         self.sim = sim
         self.service = service
         self._tags = itertools.count()
+        self.servers: dict[str, Proc] = {}  # a target served by another process than the service
         marker = b'"tok'  # the simulator's tokens are "tok0 ", "tok1 ", ...: a JSON string start
         self.targets = {
             "direct": Target("direct", _HOST, sim.port, "/v1/chat/completions", marker),
@@ -73,8 +75,8 @@ class Bench:
     def __repr__(self) -> str:
         return f"<Bench sim={self.sim!r} service={self.service!r}>"
 
-    def cpu(self) -> CpuWindow:
-        return CpuWindow(self)
+    def cpu(self, target: str | None = None) -> CpuWindow:
+        return CpuWindow(self, self.servers.get(target or "", self.service))
 
     async def configure(self, *, tokens: int, interval: float, first_delay: float = 0.0,
                         record_sends: bool = False) -> None:

@@ -19,12 +19,13 @@ import trio
 
 from .client import get_json
 
-__all__ = ["Proc", "ProcStats", "raise_fd_limit", "start_service", "start_simulator"]
+__all__ = ["HYPERCORN_TOML", "Proc", "ProcStats", "free_port", "raise_fd_limit", "start_service",
+           "start_simulator", "wait_http"]
 
 _TICK = os.sysconf("SC_CLK_TCK")
 _REPO = Path(__file__).resolve().parents[2]
 
-_HYPERCORN_TOML = """\
+HYPERCORN_TOML = """\
 worker_class = "trio"
 workers = 1
 graceful_timeout = 1
@@ -107,13 +108,13 @@ class Proc:
             raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{tail}")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-async def _wait_http(proc: Proc, path: str) -> None:
+async def wait_http(proc: Proc, path: str) -> None:
     while True:
         proc.check_alive()
         try:
@@ -127,22 +128,22 @@ async def _wait_http(proc: Proc, path: str) -> None:
 
 async def start_simulator(workdir: Path) -> Proc:
     log = workdir / "sim.log"
-    port = _free_port()
+    port = free_port()
     popen = subprocess.Popen(  # noqa: ASYNC220 (a child that lives for the whole benchmark)
         [sys.executable, "-m", "service.bench.simproc", "--port", str(port)],
         cwd=_REPO, stdout=subprocess.DEVNULL, stderr=log.open("wb"),
     )
     proc = Proc("simulator", popen, port, log)
     with trio.fail_after(20):
-        await _wait_http(proc, "/health")
+        await wait_http(proc, "/health")
     return proc
 
 
 async def start_service(workdir: Path, sim_port: int) -> Proc:
     log = workdir / "service.log"
     toml = workdir / "hypercorn.toml"
-    toml.write_text(_HYPERCORN_TOML)
-    port = _free_port()
+    toml.write_text(HYPERCORN_TOML)
+    port = free_port()
     env = {
         **os.environ,
         "SERVICE_BACKEND": "llamacpp",
@@ -161,5 +162,5 @@ async def start_service(workdir: Path, sim_port: int) -> Proc:
     )
     proc = Proc("service", popen, port, log)
     with trio.fail_after(30):
-        await _wait_http(proc, "/healthz")
+        await wait_http(proc, "/healthz")
     return proc

@@ -37,7 +37,7 @@ async def _round(bench: Bench, name: str, level: RelayLevel) -> tuple[list[Strea
             res.tag = bench.new_tag(f"relay-{name}")
             results.append(await bench.stream(name, res.tag, limit=limit, result=res))
 
-    with bench.cpu() as cpu:
+    with bench.cpu(name) as cpu:
         until = time.perf_counter() + level.seconds
         # Stagger the first requests over one stream's length: a steady state, not a stampede.
         spread = min(stream_time, level.seconds / 2) if level.streams > 1 else 0.0
@@ -78,17 +78,19 @@ def _target_summary(results: list[StreamResult], wall: float,
     }
 
 
-async def relay(bench: Bench, levels: list[RelayLevel]) -> list[dict[str, Any]]:
+async def relay(bench: Bench, levels: list[RelayLevel],
+                names: tuple[str, ...] = ("direct", "openai", "native")) -> list[dict[str, Any]]:
+    """Each level: rounds of every target in ``names`` in turn (the first is the baseline)."""
     out = []
     for level in levels:
         await bench.configure(tokens=level.tokens, interval=level.interval)
         marker = await bench.sim_marker()
-        names = ["direct", "openai", "native"]
         per: dict[str, list[StreamResult]] = {n: [] for n in names}
         cpu: dict[str, dict[str, float]] = {n: {} for n in names}
         wall: dict[str, float] = dict.fromkeys(names, 0.0)
         for r in range(level.rounds):
-            order = names[r % 3:] + names[:r % 3]
+            k = r % len(names)
+            order = names[k:] + names[:k]
             for name in order:
                 results, window = await _round(bench, name, level)
                 per[name] += results
@@ -97,7 +99,7 @@ async def relay(bench: Bench, levels: list[RelayLevel]) -> list[dict[str, Any]]:
                     cpu[name][k] = cpu[name].get(k, 0.0) + v
         records = {r["tag"]: r for r in (await bench.sim_records(marker))["records"]}
         summaries = {n: _target_summary(per[n], wall[n], records) for n in names}
-        base_ttft, base_gaps = summaries["direct"]["_ttft"], summaries["direct"]["_gaps"]
+        base_ttft, base_gaps = summaries[names[0]]["_ttft"], summaries[names[0]]["_gaps"]
         row: dict[str, Any] = {"streams": level.streams, "tokens": level.tokens,
                                "interval_ms": level.interval * 1000, "targets": {}}
         for n in names:
@@ -105,7 +107,7 @@ async def relay(bench: Bench, levels: list[RelayLevel]) -> list[dict[str, Any]]:
             ttft, gaps = s.pop("_ttft"), s.pop("_gaps")
             rounds = max(level.rounds, 1)
             s["cpu"] = {k: round(v / rounds, 2) for k, v in cpu[n].items()}
-            if n != "direct":
+            if n != names[0]:
                 s["added_ttft_p50_ms"] = ms(pct(ttft, 0.5) - pct(base_ttft, 0.5))
                 s["added_ttft_p99_ms"] = ms(pct(ttft, 0.99) - pct(base_ttft, 0.99))
                 s["added_gap_p50_ms"] = ms(pct(gaps, 0.5) - pct(base_gaps, 0.5))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["bars", "machine", "render"]
@@ -67,30 +68,40 @@ def _f(v: Any, width: int = 8, digits: int = 2) -> str:
     return str(v).rjust(width)
 
 
+def _relay_table(rows: list[dict[str, Any]], add: Callable[[str], None]) -> None:
+    add("streams target  n_str  errs  ttft50  ttft99 +ttft50 +ttft99 to_up50 up_cli50"
+        "   gap50   gap99  +gap50  +gap99   chunk/s  svc%  sim%  cli%")
+    for row in rows:
+        for name, t in row["targets"].items():
+            c = t["cpu"]
+            add(f"{row['streams']:>7} {name:<7}{t['streams']:>6}{t['errors']:>6}"
+                f"{_f(t['ttft_p50_ms'])}{_f(t['ttft_p99_ms'])}"
+                f"{_f(t.get('added_ttft_p50_ms'))}{_f(t.get('added_ttft_p99_ms'))}"
+                f"{_f(t['to_upstream_p50_ms'])}{_f(t['first_chunk_to_client_p50_ms'], 9)}"
+                f"{_f(t['gap_p50_ms'])}{_f(t['gap_p99_ms'])}"
+                f"{_f(t.get('added_gap_p50_ms'))}{_f(t.get('added_gap_p99_ms'))}"
+                f"{_f(t['chunks_per_s'], 10)}{_f(c.get('service_cpu_pct'), 6, 1)}"
+                f"{_f(c.get('simulator_cpu_pct'), 6, 1)}{_f(c.get('client_cpu_pct'), 6, 1)}")
+    add("(to_up50: request sent -> simulator got the upstream request; up_cli50: simulator's"
+        " first chunk -> client's first token; svc%: the process serving that target)")
+    for row in rows:
+        for name, t in row["targets"].items():
+            if t.get("error_kinds"):
+                add(f"errors at {row['streams']} streams, {name}: {t['error_kinds']}")
+
+
 def render(res: dict[str, Any]) -> str:
     lines: list[str] = []
     add = lines.append
     if res.get("relay"):
         add("## Relay overhead (ms; added = through the service minus direct, same run)")
-        add("streams target  n_str  errs  ttft50  ttft99 +ttft50 +ttft99 to_up50 up_cli50"
-            "   gap50   gap99  +gap50  +gap99   chunk/s  svc%  sim%  cli%")
-        for row in res["relay"]:
-            for name, t in row["targets"].items():
-                c = t["cpu"]
-                add(f"{row['streams']:>7} {name:<7}{t['streams']:>6}{t['errors']:>6}"
-                    f"{_f(t['ttft_p50_ms'])}{_f(t['ttft_p99_ms'])}"
-                    f"{_f(t.get('added_ttft_p50_ms'))}{_f(t.get('added_ttft_p99_ms'))}"
-                    f"{_f(t['to_upstream_p50_ms'])}{_f(t['first_chunk_to_client_p50_ms'], 9)}"
-                    f"{_f(t['gap_p50_ms'])}{_f(t['gap_p99_ms'])}"
-                    f"{_f(t.get('added_gap_p50_ms'))}{_f(t.get('added_gap_p99_ms'))}"
-                    f"{_f(t['chunks_per_s'], 10)}{_f(c.get('service_cpu_pct'), 6, 1)}"
-                    f"{_f(c.get('simulator_cpu_pct'), 6, 1)}{_f(c.get('client_cpu_pct'), 6, 1)}")
-        add("(to_up50: request sent -> simulator got the upstream request; up_cli50: simulator's"
-            " first chunk -> client's first token)")
-        for row in res["relay"]:
-            for name, t in row["targets"].items():
-                if t.get("error_kinds"):
-                    add(f"errors at {row['streams']} streams, {name}: {t['error_kinds']}")
+        _relay_table(res["relay"], add)
+    if res.get("floor"):
+        if lines:
+            add("")
+        add("## The stack alone (ms; stand-in relays, same run: stack = hypercorn + httpx,"
+            " hyperc = hypercorn + sockets, httpx = sockets + httpx, trio = sockets both ways)")
+        _relay_table(res["floor"], add)
     tp = res.get("throughput")
     if tp:
         add("")
