@@ -229,3 +229,32 @@ async def test_native_tool_arguments_that_are_not_json_are_an_observation(
         # The model was told, in the tool message of its next turn.
         second = backend.streams[1].request.messages
         assert any(m.role == "tool" and "not a valid JSON object" in m.content for m in second)
+
+
+@tool("cli_tool", "Parses its input like a command line (argparse exits on bad input).",
+      {"type": "object", "properties": {}})
+def _cli_tool() -> str:
+    raise SystemExit(2)  # what argparse and click do with bad arguments
+
+
+async def test_a_tool_raising_systemexit_is_an_observation(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Found in review: SystemExit is not an Exception; it went past the tool runner, ended the
+    # run as a "shutdown" and then the supervisor itself: every later run was a 500.
+    backend = ScriptedBackend([Reply("", tool_calls=[ToolCall("c1", "cli_tool", {})]),
+                               Reply("Final Answer: the tool failed"), Reply("still here")])
+    async with supervisor_env(tmp_path, backend, tools=(*BUILTIN_TOOLS, _cli_tool)) as env:
+        conv = await env.conversation()
+        handle = await env.supervisor.start(RunSpec(conv, "go", agent="react"))
+        await handle.finished.wait()
+        assert handle.status is RunStatus.succeeded
+        (result,) = [e.data for e in await env.store.list_run_events(handle.id)
+                     if e.type == "tool.result"]
+        assert result == {"call_id": "c1", "error": "SystemExit: 2"}
+        # The model saw the failure as its observation.
+        assert "SystemExit: 2" in str(env.backend.streams[1].request.messages[-1].content)
+        after = await env.supervisor.start(RunSpec(conv, "again"))
+        await after.finished.wait()
+        assert after.status is RunStatus.succeeded
+        assert env.supervisor.failure is None

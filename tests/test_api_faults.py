@@ -96,3 +96,35 @@ async def test_a_run_of_another_worker_reads_as_running_and_its_cancel_is_passed
         row = store._writer.execute(  # type: ignore[union-attr]
             "SELECT cancel_requested FROM runs WHERE id = ?", (begun.run.id,)).fetchone()
         assert row == ("cancelled by request",)
+
+
+async def test_health_checks_report_a_stopped_run_supervisor(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found in review: when the supervisor ended (a SystemExit from a tool did it), hypercorn
+    # only logged the lifespan's error: /healthz and /readyz stayed 200 while every run was a
+    # 500. Now both say so, and an orchestrator can restart the process.
+    import trio
+    import trio.testing
+
+    from service.runs import RunSupervisor
+
+    broken = trio.Event()
+
+    async def crashing_loop(self: RunSupervisor) -> None:
+        await broken.wait()
+        raise RuntimeError("a bug in the supervisor")
+
+    monkeypatch.setattr(RunSupervisor, "_cancel_requests_loop", crashing_loop)
+    async with running_server(settings) as srv, srv.client() as client:
+        assert (await client.get("/healthz")).status_code == 200
+        broken.set()
+        await trio.testing.wait_all_tasks_blocked()  # the supervisor's nursery has unwound
+        assert srv.services.require_supervisor().failure is not None
+        r = await client.get("/healthz")
+        assert r.status_code == 503
+        assert r.json() == {"status": "down", "error": "the run supervisor stopped: RuntimeError:"
+                                                       " a bug in the supervisor"}
+        r = await client.get("/readyz")
+        assert r.status_code == 503
+        assert "service" in r.json()["down"]

@@ -687,3 +687,36 @@ async def test_a_cancel_asked_for_by_another_worker_stops_the_run(
             assert not await other.request_cancel(handle.id, "again")  # over: nothing to ask
         finally:
             await other.aclose()
+
+
+class _ExitingAgent(Agent):
+    name = "exiting"
+
+    async def run(self, ctx: AgentContext) -> str:
+        ctx.emit("token", {"text": "partial "})
+        raise SystemExit(3)
+
+
+async def test_an_agent_raising_systemexit_fails_its_run_only(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Found in review: anything not an Exception was taken for a shutdown and re-raised into
+    # the supervisor's nursery, which ended the supervisor (the process kept answering HTTP).
+    from service.agents import ChatAgent
+
+    agents = {"exiting": _ExitingAgent(), "chat": ChatAgent()}
+    async with supervisor_env(tmp_path, ScriptedBackend(lambda req: Reply("fine")),
+                              agents=agents) as env:
+        conv = await env.conversation()
+        handle = await env.supervisor.start(RunSpec(conv, "x", agent="exiting"))
+        await handle.finished.wait()
+        assert handle.status is RunStatus.failed
+        assert handle.error_type == "internal_error"
+        events = await env.store.list_run_events(handle.id)
+        assert [e.type for e in events][-2:] == ["error", "run.finished"]
+        assert events[-2].data["message"] == "internal error: SystemExit: 3"
+        assert events[-1].data["status"] == "failed"
+        other = await env.supervisor.start(RunSpec(conv, "y", agent="chat"))
+        await other.finished.wait()
+        assert other.status is RunStatus.succeeded
+        assert env.supervisor.failure is None

@@ -176,7 +176,9 @@ class AgentContext:
             except ToolArgumentsError as exc:
                 obs = Observation(call_id, name, error=exc.message)
                 outcome = "bad_arguments"
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
+                # SystemExit too: tools built on argparse or click exit on bad input, and a
+                # tool's failure is the model's observation, never the run's (or the service's).
                 obs = Observation(call_id, name, error=f"{type(exc).__name__}: {exc}")
                 outcome = "error"
         self.metrics.tool_calls.labels(name if tool else "unknown", outcome).inc()

@@ -18,7 +18,12 @@ _READY_PROBE_DEADLINE = 2.0
 
 @blueprint.get("/healthz")
 async def healthz() -> Response:
-    """200 while the process serves."""
+    """200 while the process serves; 503 if it can no longer run anything (restart it)."""
+    supervisor = services().supervisor
+    if supervisor is not None and supervisor.failure is not None:
+        resp = jsonify({"status": "down", "error": supervisor.failure})
+        resp.status_code = 503
+        return resp
     return jsonify({"status": "ok"})
 
 
@@ -43,6 +48,8 @@ async def readyz() -> Response:
             checks["backend"] = "down: no answer within 2 s"
     if svc.draining:
         checks["service"] = "down: shutting down"
+    elif svc.supervisor is not None and svc.supervisor.failure is not None:
+        checks["service"] = f"down: {svc.supervisor.failure}"
     ok = all(v == "ok" for v in checks.values())
     down = [k for k, v in checks.items() if v != "ok"]
     resp = jsonify({"status": "ready" if ok else "not ready", "checks": checks, "down": down})

@@ -104,6 +104,7 @@ class RunSupervisor:
         self._final_retries: list[dict[str, Any]] = []  # final writes that failed, to retry
         self._unstored_ends: dict[str, RunHandle] = {}  # their runs, still served to re-joins
         self.draining = False
+        self.failure: str | None = None  # set if ``serve`` ended with an error
         self._cancelling = False  # the drain's grace is over: runs still going are cancelled
 
     def __repr__(self) -> str:
@@ -114,15 +115,27 @@ class RunSupervisor:
     async def serve(
         self, *, task_status: trio.TaskStatus[RunSupervisor] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Own the runs until cancelled. Runs still going then end ``cancelled`` (shutdown)."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            self._scope = nursery.cancel_scope
-            nursery.start_soon(self._commit_loop)
-            nursery.start_soon(self._checkpoint_loop)
-            nursery.start_soon(self._cancel_requests_loop)
-            task_status.started(self)
-            await trio.sleep_forever()
+        """Own the runs until cancelled. Runs still going then end ``cancelled`` (shutdown).
+
+        If it ever ends with an error instead, ``failure`` says so (``/healthz`` and ``/readyz``
+        report it: the process would still answer HTTP but could run nothing).
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._scope = nursery.cancel_scope
+                nursery.start_soon(self._commit_loop)
+                nursery.start_soon(self._checkpoint_loop)
+                nursery.start_soon(self._cancel_requests_loop)
+                task_status.started(self)
+                await trio.sleep_forever()
+        except BaseException as exc:
+            _, rest = _split_cancelled(exc)
+            if rest is not None:
+                leaf = _leaf(rest)
+                self.failure = f"the run supervisor stopped: {type(leaf).__name__}: {leaf}"
+                log.error("the run supervisor stopped", exc_info=rest)
+            raise
 
     def stop(self) -> None:
         """End ``serve`` (runs still going end ``cancelled``, reason "shutdown"). Sync."""
@@ -315,7 +328,7 @@ class RunSupervisor:
                     handle.error_type = "run_timeout"
         except BaseException as exc:  # noqa: ASYNC103 (re-raised unless no Cancelled is in it)
             cancelled, rest = _split_cancelled(exc)
-            if cancelled is not None or not isinstance(rest, Exception):
+            if cancelled is not None or _interrupt(rest):
                 # Cancelled from outside this run's scope (the supervisor is shutting down),
                 # maybe in a group from the run's nursery: record, then keep propagating.
                 handle.cancel_reason = handle.cancel_reason or "shutdown"
@@ -328,13 +341,16 @@ class RunSupervisor:
                     raise cancelled from None  # noqa: ASYNC104 (the Cancelled part, re-raised)
                 raise
             # An error that escaped the run's own scope: raised by a tool or a stream while the
-            # run was being cancelled. It ends this run, never the supervisor.
-            log.error("run failed while being cancelled", exc_info=rest)
+            # run was being cancelled, or not an Exception (a SystemExit from an agent's or a
+            # tool's code). It ends this run, never the supervisor.
+            log.error("run failed outside its own error handling", exc_info=rest)
             if handle.cancel_reason is not None:
                 status, error = handle.cancel_status, handle.cancel_reason
             else:
                 leaf = _leaf(rest)
                 status, error = RunStatus.failed, f"internal error: {type(leaf).__name__}: {leaf}"
+                handle.error_type = "internal_error"
+                handle.emit("error", {"type": "internal_error", "message": error})
         await self._finish(handle, status, answer, error)
 
     async def _finish(
@@ -517,6 +533,13 @@ def _split_cancelled(
     if isinstance(exc, trio.Cancelled):
         return exc, None
     return None, exc
+
+
+def _interrupt(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is, or holds, a KeyboardInterrupt: that one is the process's, not a run's."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(KeyboardInterrupt) is not None
+    return isinstance(exc, KeyboardInterrupt)
 
 
 def _leaf(exc: BaseException) -> BaseException:
