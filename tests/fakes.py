@@ -44,6 +44,7 @@ class Reply:
     hang_after: int | None = None  # hang forever after this many chunks
     fail_after: int | None = None  # raise ``error`` after this many chunks
     error: Exception | None = None
+    thinking: Sequence[str] = ()  # a reasoning model's thinking: chunks before the text
 
 
 @dataclass
@@ -70,6 +71,7 @@ class _Chunks:
     def __init__(self, reply: Reply, record: StreamRecord) -> None:
         self._reply = reply
         self._record = record
+        self._thinking = list(reply.thinking)
         self._pieces = _split(reply.text, reply.chunks)
         self._i = 0
         self._done = False
@@ -93,7 +95,9 @@ class _Chunks:
             raise
         self._i += 1
         self._record.chunks_sent = self._i
-        if i < len(self._pieces):
+        if self._thinking:
+            return ChatChunk(thinking=self._thinking.pop(0))
+        if (i := i - len(self._reply.thinking)) < len(self._pieces):
             return ChatChunk(text=self._pieces[i])
         self._done = True
         self._record.completed = True

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
 import httpx
 import pytest
 import trio
@@ -167,3 +171,81 @@ def test_client_timeouts_are_explicit() -> None:
     assert client.timeout == httpx.Timeout(connect=3, read=None, write=10, pool=3)
     pool = client._transport._pool  # type: ignore[attr-defined]
     assert pool._max_connections == 7
+
+
+# -- a reasoning model's thinking is progress ---------------------------------------------------
+# Found in review: a thinking model streams its reasoning for a long time before any content
+# (Ollama: message.thinking, gpt-oss thinks by default; llama.cpp: delta.reasoning_content).
+# Those lines were not progress, so a model actively thinking past the first-chunk budget
+# failed with first_chunk_timeout, and the thinking was dropped.
+
+_THINKING_BUDGETS = Budgets(connect=3.0, first_chunk=10.0, gap=5.0, call=1000.0)
+
+
+def _paced(lines: list[bytes], every: float, content_type: str) -> httpx.AsyncClient:
+    """A client whose upstream sends ``lines`` one every ``every`` seconds."""
+
+    class Body(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for line in lines:
+                await trio.sleep(every)
+                yield line
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": content_type}, stream=Body())
+
+    return make_client(_THINKING_BUDGETS, transport=httpx.MockTransport(handle))
+
+
+async def _text_and_thinking(backend: OllamaBackend | OpenAICompatBackend) -> tuple[str, str]:
+    text, thinking = [], []
+    async with backend.stream(req()) as chunks:
+        async for c in chunks:
+            text.append(c.text)
+            thinking.append(c.thinking)
+    return "".join(text), "".join(thinking)
+
+
+async def test_ollama_thinking_is_progress_not_answer(autojump_clock: MockClock) -> None:
+    def line(obj: dict[str, Any]) -> bytes:
+        return json.dumps({"model": "m", **obj}).encode() + b"\n"
+
+    # 30 s of thinking, a line a second: past the 10 s first-chunk budget, within the gaps.
+    lines = [line({"message": {"role": "assistant", "content": "", "thinking": f"t{i} "},
+                   "done": False}) for i in range(30)]
+    lines += [line({"message": {"role": "assistant", "content": "42"}, "done": False}),
+              line({"message": {"role": "assistant", "content": ""}, "done": True,
+                    "done_reason": "stop", "prompt_eval_count": 3, "eval_count": 31})]
+    backend = OllamaBackend("ollama", "http://o", _paced(lines, 1.0, "application/x-ndjson"),
+                            _THINKING_BUDGETS)
+    text, thinking = await _text_and_thinking(backend)
+    assert text == "42"
+    assert thinking == "".join(f"t{i} " for i in range(30))
+
+
+async def test_llamacpp_reasoning_is_progress_not_answer(autojump_clock: MockClock) -> None:
+    def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        obj = {"object": "chat.completion.chunk", "model": "m",
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+    lines = [event({"reasoning_content": f"t{i} "}) for i in range(30)]
+    lines += [event({"content": "42"}), event({}, "stop"), b"data: [DONE]\n\n"]
+    backend = OpenAICompatBackend("llamacpp", "http://l", _paced(lines, 1.0, "text/event-stream"),
+                                  _THINKING_BUDGETS)
+    text, thinking = await _text_and_thinking(backend)
+    assert text == "42"
+    assert thinking == "".join(f"t{i} " for i in range(30))
+
+
+async def test_silence_while_thinking_still_times_out(autojump_clock: MockClock) -> None:
+    # Thinking resets the budget; it does not remove it: a model silent mid-thought fails.
+    def line(obj: dict[str, Any]) -> bytes:
+        return json.dumps({"model": "m", **obj}).encode() + b"\n"
+
+    lines = [line({"message": {"role": "assistant", "content": "", "thinking": "t "},
+                   "done": False})] * 3
+    backend = OllamaBackend("ollama", "http://o", _paced(lines, 6.0, "application/x-ndjson"),
+                            _THINKING_BUDGETS)
+    with pytest.raises(ChunkGapTimeout):
+        await _text_and_thinking(backend)

@@ -118,6 +118,9 @@ class AgentContext:
         try:
             async with self.backend.stream(request) as chunks:
                 async for chunk in chunks:
+                    if chunk.thinking and emit_tokens:
+                        # A reasoning model's thinking, piece by piece (never in the answer).
+                        self.emit("thought", {"text": chunk.thinking, "reasoning": True})
                     if chunk.text:
                         parts.append(chunk.text)
                         if emit_tokens:

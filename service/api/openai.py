@@ -234,7 +234,7 @@ _FRAMED = frozenset({"token", "message", "error", "run.finished"})
 async def _until_the_answer_starts(reader: EventReader, hold: float, *, answer_tokens: bool
                                    ) -> list[RunEvent]:
     """The run's events up to the first that shows in the stream (within ``hold`` seconds)."""
-    shown = _FRAMED if answer_tokens else _FRAMED - {"token"}
+    shown = _FRAMED | {"thought"} if answer_tokens else _FRAMED - {"token"}
     first: list[RunEvent] = []
     with trio.move_on_after(hold):
         while True:
@@ -245,7 +245,7 @@ async def _until_the_answer_starts(reader: EventReader, hold: float, *, answer_t
             if isinstance(item, Keepalive):
                 continue
             first.append(item)
-            if item.type in shown:
+            if item.type in shown and (item.type != "thought" or item.data.get("reasoning")):
                 break
     return first
 
@@ -326,6 +326,11 @@ class _Framer:
                 return None
             # Same bytes as sse_data(_chunk(..., {"content": text})), without re-encoding.
             return self.prefix + json.dumps(event.data["text"]).encode() + _TOKEN_SUFFIX
+        if event.type == "thought":
+            if self.answer_tokens and event.data.get("reasoning"):
+                # A reasoning model's thinking, as llama.cpp's server and DeepSeek send it.
+                return sse_data(self._chunk({"reasoning_content": event.data["text"]}))
+            return None
         if event.type == "message":
             out = b""
             if not self.answer_tokens and event.data.get("content"):

@@ -88,6 +88,7 @@ class ChatChunk:
 
     text: str = ""
     tool_calls: tuple[ToolCall, ...] = ()  # complete calls (deltas are joined by the adapter)
+    thinking: str = ""  # a reasoning model's thinking (not part of the answer; is progress)
     done: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "tool_calls" | ...
     usage: Usage | None = None  # on the final chunk

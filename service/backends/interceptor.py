@@ -97,9 +97,10 @@ class _Call:
             self.backend = chunk.backend
         if chunk.model:
             self.model = chunk.model
-        if (chunk.text or chunk.tool_calls or chunk.done) and self.first_token_at is None:
+        if (chunk.text or chunk.thinking or chunk.tool_calls or chunk.done) and (
+                self.first_token_at is None):
             self.first_token_at = trio.current_time()
-        if chunk.text:
+        if chunk.text or chunk.thinking:
             self.chunks += 1
         if chunk.usage is not None:
             self.usage_prompt = chunk.usage.prompt_tokens

@@ -141,7 +141,7 @@ class OpenAIChunks:
         choices = obj.get("choices") or []
         if not isinstance(choices, list):
             raise BackendProtocolError("choices is not a list", backend=self.backend)
-        text = ""
+        text = thinking = ""
         for choice in choices:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
@@ -152,6 +152,11 @@ class OpenAIChunks:
             content = delta.get("content")
             if isinstance(content, str):
                 text += content
+            # A reasoning model's thinking: llama.cpp's ``reasoning_content`` (its default
+            # reasoning format), ``reasoning`` elsewhere. Not the answer, but progress.
+            for key in ("reasoning_content", "reasoning"):
+                if isinstance(delta.get(key), str):
+                    thinking += delta[key]
             parts = delta.get("tool_calls") or ()
             if not isinstance(parts, list | tuple):
                 raise BackendProtocolError(f"tool_calls is not a list: {parts!r:.200}",
@@ -164,10 +169,10 @@ class OpenAIChunks:
                     raise BackendProtocolError(f"finish_reason is not a string: {reason!r:.200}",
                                                backend=self.backend)
                 self._finish_reason = reason
-        if not text:
+        if not text and not thinking:
             return None
         self.content_chunks += 1
-        return ChatChunk(text=text, model=self.model, backend=self.backend)
+        return ChatChunk(text=text, thinking=thinking, model=self.model, backend=self.backend)
 
     def _add_call_delta(self, part: Any) -> None:
         if not isinstance(part, dict):

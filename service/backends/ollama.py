@@ -118,6 +118,11 @@ class OllamaChunks:
         text = message.get("content") or ""
         if not isinstance(text, str):
             raise BackendProtocolError("message.content is not a string", backend=self.backend)
+        # A thinking model's reasoning (``think``; gpt-oss and others think by default): not
+        # the answer, but progress: a model that thinks longer than the idle budget is working.
+        thinking = message.get("thinking") or ""
+        if not isinstance(thinking, str):
+            raise BackendProtocolError("message.thinking is not a string", backend=self.backend)
         raw_calls = message.get("tool_calls") or ()
         if not isinstance(raw_calls, list | tuple):
             raise BackendProtocolError(f"message.tool_calls is not a list: {raw_calls!r:.200}",
@@ -136,12 +141,13 @@ class OllamaChunks:
                 prompt_tokens=token_count(obj.get("prompt_eval_count")),
                 completion_tokens=token_count(obj.get("eval_count")),
             )
-            return ChatChunk(text=text, tool_calls=calls, done=True, finish_reason=reason,
-                             usage=usage, timings=_timings(obj), model=model,
-                             backend=self.backend)
-        if not text and not calls:
+            return ChatChunk(text=text, tool_calls=calls, thinking=thinking, done=True,
+                             finish_reason=reason, usage=usage, timings=_timings(obj),
+                             model=model, backend=self.backend)
+        if not text and not calls and not thinking:
             return None
-        return ChatChunk(text=text, tool_calls=calls, model=model, backend=self.backend)
+        return ChatChunk(text=text, tool_calls=calls, thinking=thinking, model=model,
+                         backend=self.backend)
 
     def _tool_call(self, raw: Any) -> ToolCall:
         function = raw.get("function") if isinstance(raw, dict) else None
