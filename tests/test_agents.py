@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from service.backends.base import ChatRequest, ToolCall
+from service.backends.base import ChatMessage, ChatRequest, ToolCall
 from service.runs import RunSpec, RunStatus
 from service.store import MessageStatus
 from service.tools import BUILTIN_TOOLS, tool
@@ -294,3 +294,93 @@ async def test_auto_agent_decides_and_delegates(
         assert classifier_says not in "".join(
             e.data["text"] for e in events if e.type == "token"
         )
+
+
+# -- trimming the history to its budget ---------------------------------------------------------
+
+
+def _tool_round(call_id: str, result: str) -> list[ChatMessage]:
+    return [ChatMessage("assistant", "", (ToolCall(call_id, "fetch", {"url": call_id}),)),
+            ChatMessage("tool", result, tool_call_id=call_id, name="fetch")]
+
+
+def _orphans(messages: list[ChatMessage]) -> list[str]:
+    """Ids of tool results whose call is not in an earlier assistant message."""
+    asked: set[str] = set()
+    out = []
+    for m in messages:
+        asked.update(c.id for c in m.tool_calls)
+        if m.role == "tool" and m.tool_call_id not in asked:
+            out.append(str(m.tool_call_id))
+    return out
+
+
+def test_trim_keeps_the_current_turn_whole_even_over_budget() -> None:
+    # Found in review: a /v1 client's tool round trip over the budget reached the model as
+    # [system, tool]: no question, and a tool result whose call was cut (servers refuse that).
+    from service.agents import trim_history
+
+    messages = [ChatMessage("system", "Be brief."), ChatMessage("user", "Compare a and b."),
+                ChatMessage("assistant", "", (ToolCall("a", "fetch", {"url": "a"}),
+                                              ToolCall("b", "fetch", {"url": "b"}))),
+                ChatMessage("tool", "A" * 15_000, tool_call_id="a", name="fetch"),
+                ChatMessage("tool", "B" * 15_000, tool_call_id="b", name="fetch")]
+    assert trim_history(messages, 24_000) == messages
+
+
+def test_trim_drops_older_turns_whole_never_a_tool_result_without_its_call() -> None:
+    from service.agents import trim_history
+
+    old = [ChatMessage("user", "first question"), *_tool_round("x", "X" * 500),
+           ChatMessage("assistant", "first answer")]
+    recent = [ChatMessage("user", "second question"), *_tool_round("y", "Y" * 100),
+              ChatMessage("assistant", "second answer")]
+    question = ChatMessage("user", "third question")
+    messages = [ChatMessage("system", "Be brief."), *old, *recent, question]
+    full = trim_history(messages, 100_000)
+    assert full == messages
+    # A budget that fits the recent turn but not the older tool result: the older round goes
+    # with its call, and what is kept is a contiguous tail.
+    budget = sum(len(m.content) for m in [messages[0], *recent, question]) + 100
+    kept = trim_history(messages, budget)
+    assert kept[0].role == "system"
+    assert kept[-1] == question
+    assert not _orphans(kept)
+    assert kept[1:] == messages[len(messages) - len(kept) + 1:]
+    assert "X" * 500 not in [m.content for m in kept]
+    assert [m.content for m in kept if m.role == "user"][-2:] == ["second question",
+                                                                   "third question"]
+    # Whatever the budget, no orphan tool result and the question last.
+    for budget in range(0, 2_000, 7):
+        kept = trim_history(messages, budget)
+        assert not _orphans(kept), budget
+        assert kept[-1] == question
+
+
+async def test_v1_tool_round_trip_over_the_history_budget_reaches_the_model_whole(
+    tmp_path: Path,
+) -> None:
+    from service.settings import load_settings
+
+    from .conftest import running_server
+
+    backend = ScriptedBackend([Reply("The pages differ.")])
+    tools = [{"type": "function", "function": {
+        "name": "fetch", "parameters": {"type": "object",
+                                        "properties": {"url": {"type": "string"}}}}}]
+    body = {"model": "fake-model", "tools": tools, "messages": [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": "Compare the two pages."},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "a", "type": "function",
+             "function": {"name": "fetch", "arguments": '{"url":"a"}'}},
+            {"id": "b", "type": "function",
+             "function": {"name": "fetch", "arguments": '{"url":"b"}'}}]},
+        {"role": "tool", "tool_call_id": "a", "content": "A" * 15_000},
+        {"role": "tool", "tool_call_id": "b", "content": "B" * 15_000}]}
+    async with running_server(load_settings(db=tmp_path / "s.db"), backend) as srv, \
+            srv.client() as client:
+        r = await client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+    sent = backend.streams[0].request.messages
+    assert [m.role for m in sent] == ["system", "user", "assistant", "tool", "tool"]

@@ -216,22 +216,41 @@ def _jsonable(value: Any) -> Any:
 
 
 def trim_history(messages: Sequence[ChatMessage], budget_chars: int) -> list[ChatMessage]:
-    """Keep system messages and the newest turns that fit in ``budget_chars``.
+    """Keep system messages, the current turn, and the newest older turns that fit in
+    ``budget_chars``.
 
-    The last message (the new question) is always kept, even if it alone is over budget.
+    The current turn (the last user message and everything after it: a client's tool round trip
+    on ``/v1``) is always kept whole, even over budget: without the question, or with tool
+    results cut from the call that asked for them, the model cannot answer (and OpenAI-style
+    servers refuse a ``tool`` message whose call is not in the history). Older messages go in
+    units: an assistant message with tool calls stays with the tool results that follow it.
     """
     system = [m for m in messages if m.role == "system"]
     rest = [m for m in messages if m.role != "system"]
     if not rest:
         return list(system)
-    used = sum(len(m.content) for m in system) + len(rest[-1].content)
-    kept = [rest[-1]]
-    for m in reversed(rest[:-1]):
-        if used + len(m.content) > budget_chars:
+    units: list[list[ChatMessage]] = []
+    for m in rest:
+        if m.role == "tool" and units and (units[-1][0].tool_calls or units[-1][0].role == "tool"):
+            units[-1].append(m)  # a result joins the call that asked for it
+        else:
+            units.append([m])
+    last_user = max((i for i, u in enumerate(units) if u[0].role == "user"), default=len(units) - 1)
+    kept = [m for u in units[last_user:] for m in u]
+    used = sum(_size(m) for m in system) + sum(_size(m) for m in kept)
+    for unit in reversed(units[:last_user]):
+        size = sum(_size(m) for m in unit)
+        if used + size > budget_chars:
             break
-        kept.append(m)
-        used += len(m.content)
-    return system + list(reversed(kept))
+        kept[:0] = unit
+        used += size
+    return system + kept
+
+
+def _size(m: ChatMessage) -> int:
+    """A message's characters: its text and its tool calls' arguments."""
+    return len(m.content) + sum(
+        len(c.invalid_arguments or json.dumps(c.arguments)) for c in m.tool_calls)
 
 
 class Agent:
