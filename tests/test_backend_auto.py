@@ -235,3 +235,24 @@ async def test_list_models_merged(autojump_clock: MockClock) -> None:
     models = await auto.list_models()
     assert [(m.id, m.backend) for m in models] == [
         ("llama3:8b", "a"), ("qwen:0.5b", "a"), ("tiny.gguf", "b")]
+
+
+@pytest.mark.parametrize(("status", "counts"), [(400, False), (422, False), (413, False),
+                                                (408, True), (429, True), (500, True)])
+async def test_only_the_backends_own_errors_count_towards_a_cooldown(
+    autojump_clock: MockClock, status: int, counts: bool
+) -> None:
+    # Found in review: three requests too long for the context (400) set a healthy backend
+    # aside for 30 s, for every user. A 4xx about the request is the request's fault (as a
+    # model not found already was); 408 and 429 are the backend's load and still count.
+    a, _, auto = pair(Reply(status=status, error="the request exceeds the context size"),
+                      failure_threshold=3, cooldown=30)
+    for _ in range(3):
+        chunks = await consume(auto)
+        assert chunks[-1].backend == "b"  # this request still fails over
+    a_member = auto.backends[0]
+    assert auto.member_status(a_member).last_error  # shown in /api/backends either way
+    a.default = Reply(text="a answers")
+    chunks = await consume(auto)
+    assert chunks[0].backend == ("b" if counts else "a")
+    assert len(a.streams) == (3 if counts else 4)

@@ -160,3 +160,19 @@ async def test_interceptor_over_auto_records_the_serving_backend(autojump_clock:
     [row] = recorder.rows
     assert row.backend == "llamacpp"
     assert row.outcome is LLMCallOutcome.ok
+
+
+async def test_a_call_failing_before_its_first_chunk_records_the_default_model(
+    autojump_clock: MockClock,
+) -> None:
+    # Found in review: with SERVICE_DEFAULT_MODEL set and no model named (a native run), a call
+    # the backend refused showed model "" in /api/llm-calls.
+    sim = Simulator(default=Reply(status=500))
+    recorder = FakeRecorder()
+    inner = OllamaBackend("ollama", "http://o", mock_client(sim), BUDGETS,
+                          default_model="sim-model")
+    backend = Interceptor(inner, recorder, Metrics())
+    with pytest.raises(BackendResponseError):
+        await consume(backend, model=None)
+    [row] = recorder.rows
+    assert (row.outcome, row.model) == (LLMCallOutcome.error, "sim-model")

@@ -81,3 +81,23 @@ def test_a_deployer_module_adds_tools(tmp_path: Path, monkeypatch: pytest.Monkey
     with pytest.raises(ConfigError, match="cannot import"):
         load_tool_modules(["no_such_module_here"])
     sys.modules.pop("my_tools", None)
+
+
+@pytest.mark.parametrize(("source", "error"), [
+    ("x = (\n", "SyntaxError"),
+    ("raise RuntimeError('no API key')\n", "RuntimeError: no API key"),
+    ("TOOLS = 3\n", "TOOLS is a int, not a list"),
+])
+def test_a_tool_module_that_cannot_load_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, error: str
+) -> None:
+    # Found in review: only ImportError became the one-line start-up error naming
+    # SERVICE_TOOLS; a module with a syntax error or failing code gave a traceback.
+    (tmp_path / "broken_tools.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(ConfigError, match="SERVICE_TOOLS") as info:
+            load_tool_modules(["broken_tools"])
+        assert error in info.value.message
+    finally:
+        sys.modules.pop("broken_tools", None)

@@ -136,7 +136,7 @@ class AutoBackend:
     def _failed(self, backend: Backend, exc: BackendError) -> None:
         st = self._state[id(backend)]
         st.last_error = exc.message
-        if isinstance(exc, ModelNotFound):
+        if isinstance(exc, ModelNotFound) or _request_fault(exc):
             return  # the request's fault, not the backend's health
         st.failures += 1
         if st.failures >= self.failure_threshold:
@@ -287,3 +287,10 @@ def _all_failed(causes: list[BackendError]) -> BackendError:
             first.message, backend=first.backend, causes=[c.to_dict() for c in causes]
         )
     return AllBackendsFailed(causes)
+
+
+def _request_fault(exc: BackendError) -> bool:
+    """An upstream 4xx about the request itself (too long for the context, bad parameters): no
+    reason to set a healthy backend aside for everyone. 408 and 429 are the backend's load."""
+    status = exc.details.get("upstream_status")
+    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)

@@ -177,6 +177,10 @@ class Interceptor:
     @asynccontextmanager
     async def stream(self, request: ChatRequest) -> AsyncIterator[AsyncIterator[ChatChunk]]:
         call = _Call(self.name, request)
+        if not call.model:
+            # No model named: the backend's configured default (``SERVICE_DEFAULT_MODEL``), so
+            # a call that fails before its first chunk still says which model it asked for.
+            call.model = getattr(self.inner, "default_model", None) or ""
         failure: BaseException | None = None
         try:
             async with self.limiter:

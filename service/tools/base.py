@@ -124,12 +124,15 @@ def load_tool_modules(modules: Iterable[str]) -> list[Tool]:
     for name in modules:
         try:
             module = importlib.import_module(name)
-        except ImportError as exc:
-            raise ConfigError(f"SERVICE_TOOLS: cannot import tool module {name!r}: {exc}"
-                              ) from exc
+        except Exception as exc:  # ImportError, and whatever its code raises (SyntaxError too)
+            raise ConfigError(f"SERVICE_TOOLS: cannot import tool module {name!r}: "
+                              f"{type(exc).__name__}: {exc}") from exc
         tools = getattr(module, "TOOLS", None)
         if tools is None:
             tools = [v for v in vars(module).values() if isinstance(v, Tool)]
+        if not isinstance(tools, list | tuple):
+            raise ConfigError(
+                f"SERVICE_TOOLS: {name}.TOOLS is a {type(tools).__name__}, not a list")
         for t in tools:
             if not isinstance(t, Tool):
                 raise ConfigError(f"{name}.TOOLS holds {t!r}, not a service.tools.Tool")
