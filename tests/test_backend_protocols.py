@@ -321,3 +321,25 @@ async def test_tool_call_arguments_that_are_not_json_come_back_marked_not_raised
         sim.script(Reply(tool_calls=({"name": "f", "raw_arguments": "{oops"},)))
         (call,) = [c for chunk in await collect(backend, req()) for c in chunk.tool_calls]
         assert (call.name, call.arguments, call.invalid_arguments) == ("f", {}, "{oops")
+
+
+async def test_a_llamacpp_stream_error_line_carries_the_upstreams_message() -> None:
+    body = (b'error: {"code":400,"message":"the request exceeds the available context size",'
+            b'"type":"exceed_context_size_error"}\n\ndata: [DONE]\n\n')
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
+
+    budgets = Budgets()
+    backend = OpenAICompatBackend("llamacpp", "http://l",
+                                  make_client(budgets, transport=httpx.MockTransport(handle)),
+                                  budgets)
+    async def consume() -> None:
+        async with backend.stream(req()) as chunks:
+            async for _ in chunks:
+                pass
+
+    with pytest.raises(BackendResponseError) as info:
+        await consume()
+    assert info.value.message == "the request exceeds the available context size"
+    assert info.value.details["upstream_status"] == 400

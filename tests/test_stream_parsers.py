@@ -157,3 +157,13 @@ def test_sse_line_too_long() -> None:
     parser = SSEParser(max_line=8)
     with pytest.raises(LineTooLong):
         parser.feed(b"data: 0123456789")
+
+
+def test_llamacpp_error_line_is_an_error_event() -> None:
+    # llama.cpp's server sends an error in a stream as an ``error: {json}`` line (not an SSE
+    # field), then ``data: [DONE]``: it was dropped, and the upstream's message lost.
+    body = (b'error: {"code":400,"message":"the request exceeds the available context size",'
+            b'"type":"exceed_context_size_error"}\n\ndata: [DONE]\n\n')
+    items = SSEParser().feed(body)
+    assert [(i.event, i.data) for i in items if isinstance(i, SSEEvent)] == [
+        ("error", body[7:body.index(b"\n")].decode()), ("message", "[DONE]")]

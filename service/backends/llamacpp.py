@@ -103,6 +103,8 @@ class OpenAIChunks:
                         "stream ended before a finish_reason", backend=self.backend
                     )
                 return self._final()  # finished but no [DONE]: tolerate
+            if event.event == "error":
+                raise self._stream_error(event.data)
             if event.data.strip() == "[DONE]":
                 if self._finish_reason is None and not self._calls and self._usage is None:
                     raise BackendProtocolError("[DONE] before any finish_reason",
@@ -113,6 +115,21 @@ class OpenAIChunks:
                 return chunk
         await self.reader.drain()  # the end of the body, so the connection can be reused
         raise StopAsyncIteration
+
+    def _stream_error(self, data: str) -> BackendResponseError:
+        """llama.cpp's ``error: {"code", "message", "type"}`` line (see ``SSEParser``)."""
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            obj = None
+        err = obj.get("error", obj) if isinstance(obj, dict) else None
+        if not isinstance(err, dict):
+            return BackendResponseError(data[:500] or "the upstream reported an error",
+                                        backend=self.backend, mid_stream=True)
+        code = err.get("code")
+        details = {"upstream_status": code} if isinstance(code, int) else {}
+        return BackendResponseError(str(err.get("message") or err)[:500], backend=self.backend,
+                                    mid_stream=True, **details)
 
     def _event(self, data: str) -> ChatChunk | None:
         try:

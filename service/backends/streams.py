@@ -161,6 +161,11 @@ class SSEParser:
         name, colon, value = line.partition(":")
         if colon and value.startswith(" "):
             value = value[1:]
+        if name == "error" and not self._data:
+            # Not an SSE field: llama.cpp's server sends an error in a stream as an
+            # ``error: {json}`` line (then ``data: [DONE]``). Kept as an "error" event, so the
+            # upstream's message is not lost.
+            name, self._event = "data", "error"
         if name == "data":
             self._data.append(value)
             self._data_size += len(value) + 1
