@@ -29,7 +29,8 @@ def test_bench_quick_writes_json(tmp_path: Path) -> None:
     for row in data["floor"]:
         assert set(row["targets"]) == {"direct", "openai", "stack", "hyperc", "httpx", "trio"}
         for name, target in row["targets"].items():
-            assert target["streams"] > 0 and target["errors"] == 0, (name, target)
+            assert target["streams"] > 0, (name, target)
+            assert target["errors"] == 0, (name, target)
     assert data["cancel"]["measured"] > 0
     assert "## Relay overhead" in proc.stdout
     assert "## The stack alone" in proc.stdout

@@ -343,6 +343,7 @@ class RunSupervisor:
             # An error that escaped the run's own scope: raised by a tool or a stream while the
             # run was being cancelled, or not an Exception (a SystemExit from an agent's or a
             # tool's code). It ends this run, never the supervisor.
+            assert rest is not None  # no Cancelled in it, so all of it is the rest
             log.error("run failed outside its own error handling", exc_info=rest)
             if handle.cancel_reason is not None:
                 status, error = handle.cancel_status, handle.cancel_reason
