@@ -38,7 +38,9 @@ _GC_FULL_GROWTH = 2.0  # a full collection once the heap has doubled...
 _GC_FULL_AT_LEAST = 600.0  # ...or after this many seconds without one
 
 
-def build_config(config_path: Path | None, bind: Sequence[str] | None) -> Config:
+def build_config(
+    config_path: Path | None, bind: Sequence[str] | None, *, max_body_bytes: int | None = None
+) -> Config:
     if config_path is not None and config_path.exists():
         config = Config.from_toml(str(config_path))
     else:
@@ -47,6 +49,12 @@ def build_config(config_path: Path | None, bind: Sequence[str] | None) -> Config
         config.graceful_timeout = 10
     if bind:
         config.bind = list(bind)
+    if max_body_bytes is not None:
+        # The app answers a WebSocket message over SERVICE_MAX_BODY_BYTES with an error and
+        # keeps the socket; hypercorn buffers each message whole before the app sees it, so it
+        # closes the socket (1009) on one over twice that: a bound that follows the setting,
+        # not its own fixed 16 MiB.
+        config.websocket_max_message_size = 2 * max_body_bytes
     # Our own after_request handler logs every request with its request id.
     config.accesslog = None
     # Hypercorn's own messages go through our structured handler (see service.logs).
@@ -148,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"service: {exc.message}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    config = build_config(args.config, args.bind)
+    config = build_config(args.config, args.bind, max_body_bytes=settings.max_body_bytes)
     try:
         trio.run(run_server, settings, config)
     except KeyboardInterrupt:

@@ -123,6 +123,73 @@ async def test_bad_message_requests(server: RunningServer) -> None:
         assert r.status_code == 422
 
 
+async def _first_frames(resp: httpx.Response) -> list[dict[str, Any]]:
+    """The first complete frames of an endless SSE body (keep-alive comments dropped)."""
+    text = ""
+    with trio.fail_after(10):
+        async for chunk in resp.aiter_text():
+            text += chunk
+            frames = parse_sse(text.rpartition("\n\n")[0])
+            if frames:
+                return frames
+    return parse_sse(text)
+
+
+async def test_rejoin_with_both_after_and_last_event_id_resumes_after_the_later(
+    settings: Settings,
+) -> None:
+    # A browser's EventSource opened on ".../events?after=2" (it cannot set headers) reconnects
+    # to the same URL adding "Last-Event-ID: <last seen>"; ?after won, so it got events again.
+    async with running_server(settings, ScriptedBackend(_by_content)) as srv, \
+            srv.client() as client:
+        conv = await _conv(client)
+        r = await client.post(f"/api/conversations/{conv}/messages",
+                              json={"content": "a b c d e"})
+        run_id = r.json()["run"]["id"]
+        url = f"/api/runs/{run_id}/events"
+        last = int(parse_sse((await client.get(url)).text)[-1]["id"])
+        assert last > 6
+        for after, seen in ((2, "5"), (5, "2")):
+            r = await client.get(url, params={"after": after}, headers={"Last-Event-ID": seen})
+            assert r.status_code == 200
+            assert [int(f["id"]) for f in parse_sse(r.text)] == list(range(6, last + 1))
+        # The header is checked even when ?after is there.
+        r = await client.get(url, params={"after": 2}, headers={"Last-Event-ID": "x"})
+        assert r.status_code == 422
+        assert r.json()["error"]["field"] == "Last-Event-ID"
+
+
+async def test_rejoin_after_the_end_of_a_finished_run_is_204(settings: Settings) -> None:
+    # An EventSource reconnects whenever its stream ends, and only a 204 stops it (HTML spec):
+    # a client that has seen run.finished got an empty 200, and came back every few seconds.
+    backend = ScriptedBackend(lambda req: Reply("a b c", hang_after=1))
+    async with running_server(settings, backend) as srv, srv.client() as client:
+        conv = await _conv(client)
+        body = {"content": "q", "stream": True, "on_disconnect": "continue"}
+        async with client.stream("POST", f"/api/conversations/{conv}/messages",
+                                 json=body) as r:
+            run_id = (await _first_frames(r))[0]["data"]["run_id"]
+        url = f"/api/runs/{run_id}/events"
+        # Live, with nothing after the client's position yet: the stream, as before.
+        async with client.stream("GET", url, headers={"Last-Event-ID": "1"}) as r:
+            assert r.status_code == 200
+            assert (await _first_frames(r))[0]["id"] == "2"
+        r = await client.post(f"/api/runs/{run_id}/cancel")
+        assert r.json()["status"] == "cancelled"
+        frames = parse_sse((await client.get(url)).text)
+        assert frames[-1]["event"] == "run.finished"
+        last = int(frames[-1]["id"])
+        for position in ({"headers": {"Last-Event-ID": str(last)}},
+                         {"params": {"after": last + 10}}):
+            r = await client.get(url, **position)
+            assert (r.status_code, r.content) == (204, b""), position
+        # Not yet at the end: a 200 with the rest.
+        r = await client.get(url, headers={"Last-Event-ID": str(last - 1)})
+        assert r.status_code == 200
+        assert [(f["id"], f["event"]) for f in parse_sse(r.text)] == [
+            (str(last), "run.finished")]
+
+
 async def _ws_recv(ws: Any) -> dict[str, Any]:
     with trio.fail_after(10):
         return json.loads(await ws.get_message())  # type: ignore[no-any-return]

@@ -3,11 +3,14 @@ each test failed before its fix."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
+from trio_websocket import ConnectionRejected, open_websocket_url
 
 from service.runs import RunSpec, RunStatus
 from service.settings import Settings, load_settings
@@ -61,3 +64,25 @@ async def test_v1_models_retrieve(settings: Settings) -> None:
         r = await c.get("/v1/models/no-such-model")
         assert r.status_code == 404
         assert r.json()["error"]["type"] == "model_not_found"
+
+
+async def test_a_plain_get_on_the_websocket_endpoint_asks_for_an_upgrade(
+    settings: Settings,
+) -> None:
+    # It was a 400 "malformed_json: the body is not valid JSON" (a request without a body).
+    async with running_server(settings) as srv, srv.client() as c:
+        r = await c.get("/api/ws")
+        assert r.status_code == 426
+        assert r.headers["Upgrade"] == "websocket"
+        assert r.json()["error"]["type"] == "websocket_required"
+        # A body that is not JSON still is malformed_json.
+        r = await c.post("/api/conversations", content=b"{",
+                         headers={"Content-Type": "application/json"})
+        assert (r.status_code, r.json()["error"]["type"]) == (400, "malformed_json")
+        # And the other way round: a WebSocket handshake on an HTTP endpoint.
+        with pytest.raises(ConnectionRejected) as refused:
+            async with open_websocket_url(srv.url.replace("http://", "ws://") + "/healthz"):
+                pass
+        assert refused.value.status_code == 400
+        assert refused.value.body is not None
+        assert json.loads(refused.value.body)["error"]["type"] == "bad_request"

@@ -10,16 +10,21 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 import service.api.ws as ws_mod
+from service.api.models import MAX_CONTENT_CHARS, MAX_MODEL_CHARS
 from service.api.state import Services
 from service.api.streams import EventReader, Keepalive
 from service.errors import StoreError
 from service.metrics import Metrics
 from service.runs import RunHandle, RunSpec
-from service.settings import load_settings
+from service.server import build_config
+from service.settings import Settings, load_settings
 
+from .conftest import RunningServer, running_server
 from .fakes import Reply, ScriptedBackend, supervisor_env
+from .test_api_streaming import parse_sse
 
 
 class FakeSocket:
@@ -201,8 +206,6 @@ async def test_ws_deeply_nested_json_gets_an_error_not_a_dropped_socket(
 async def test_sse_rejoin_store_error_ends_with_an_error_event(tmp_path: Path) -> None:
     import httpx
 
-    from .conftest import running_server
-
     settings = load_settings(db=tmp_path / "s.db")
     async with running_server(settings, ScriptedBackend(lambda r: Reply("a b"))) as srv, \
             srv.client() as client:
@@ -302,3 +305,131 @@ async def test_a_store_outage_does_not_resend_the_backlog_with_every_batch(
             await sup.flush()
         assert sent == [1] * 20  # each batch alone; the backlog waits for the retry tick
         assert len(sup._unstored) == 20_020  # nothing lost meanwhile
+
+
+async def test_an_sse_store_error_does_not_cancel_the_run_as_if_the_client_had_left(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A burst of tokens past the handle's window makes the stream re-read the store, which
+    # fails: the stream ends with an error frame (the client may re-join), and then its
+    # ``finally`` (and the request's CancelOwnedRuns) cancelled the run as "client
+    # disconnected" while the client was still there.
+    monkeypatch.setattr(RunHandle.__init__, "__kwdefaults__", {"window": 2})
+    backend = ScriptedBackend(lambda req: Reply("a b c d e f g h i j k l", hang_after=8))
+    async with running_server(settings, backend) as srv, srv.client() as client:
+        conv = (await client.post("/api/conversations", json={})).json()["id"]
+
+        async def broken(*a: Any, **k: Any) -> Any:
+            raise StoreError("store read failed: disk I/O error")
+
+        monkeypatch.setattr(srv.services.require_store(), "list_run_events", broken)
+        with trio.fail_after(10):
+            r = await client.post(f"/api/conversations/{conv}/messages",
+                                  json={"content": "q", "stream": True})
+        frames = parse_sse(r.text)
+        assert (frames[-1]["event"], frames[-1]["data"]["type"]) == ("error", "store_error")
+        run_id = frames[0]["data"]["run_id"]
+        await trio.testing.wait_all_tasks_blocked()  # the request is over, server side too
+        handle = srv.services.require_supervisor().get(run_id)
+        assert handle is not None
+        assert (handle.done, handle.cancel_reason) == (False, None)
+        run = (await client.get(f"/api/runs/{run_id}")).json()
+        assert (run["status"], run["error"]) == ("running", None)
+        # The client re-joins later, or cancels it.
+        r = await client.post(f"/api/runs/{run_id}/cancel")
+        assert r.json()["status"] == "cancelled"
+        assert handle.cancel_reason == "cancelled by request"
+
+
+def _ws_url(srv: RunningServer) -> str:
+    return srv.url.replace("http://", "ws://") + "/api/ws"
+
+
+async def _reply(ws: WebSocketConnection) -> tuple[str, dict[str, Any]]:
+    """The next message as its text and as parsed strictly, as a browser's JSON.parse does."""
+    def refuse(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    with trio.fail_after(10):
+        text = await ws.get_message()
+    assert isinstance(text, str)
+    return text, json.loads(text, parse_constant=refuse)
+
+
+async def test_ws_messages_have_the_limits_of_http_messages(settings: Settings) -> None:
+    # WsMessage had no max_length and the socket no size limit: a 2 MB content started a run,
+    # and the error replies echoed whole requests back.
+    async with running_server(settings, ScriptedBackend(lambda req: Reply("ok"))) as srv, \
+            srv.client() as client:
+        conv = (await client.post("/api/conversations", json={})).json()["id"]
+        url = f"/api/conversations/{conv}/messages"
+        huge = "y" * 2_000_000  # over SERVICE_MAX_BODY_BYTES
+        assert (await client.post(url, json={"content": huge})).status_code == 413
+        over = {"content": "y" * (MAX_CONTENT_CHARS + 1), "model": "m" * (MAX_MODEL_CHARS + 1)}
+        for field, value in over.items():
+            r = await client.post(url, json={"content": "q", field: value})
+            assert (r.status_code, r.json()["error"]["field"]) == (422, field)
+        async with open_websocket_url(_ws_url(srv)) as ws:
+            await ws.send_message(json.dumps(
+                {"type": "message", "conversation_id": conv, "content": huge}))
+            text, reply = await _reply(ws)
+            assert reply["error"]["type"] == "body_too_large"
+            assert "request" not in reply
+            assert len(text) < 200
+            for field, value in over.items():
+                await ws.send_message(json.dumps(
+                    {"type": "message", "conversation_id": conv, "content": "q", field: value}))
+                text, reply = await _reply(ws)
+                assert reply["error"]["type"] == "invalid_request"
+                assert reply["error"]["message"].startswith(f"{field}:")
+                # What tells which request it answers, not the request.
+                assert reply["request"] == {"type": "message", "conversation_id": conv}
+                assert len(text) < 400
+            # The socket still works.
+            await ws.send_message(json.dumps(
+                {"type": "message", "conversation_id": conv, "content": "q"}))
+            while reply.get("type") != "run.finished":
+                _, reply = await _reply(ws)
+            assert reply["data"]["status"] == "succeeded"
+        stored = (await client.get(f"/api/conversations/{conv}")).json()["messages"]
+        assert [(m["role"], m["content"]) for m in stored] == [("user", "q"), ("assistant", "ok")]
+
+
+async def test_hypercorn_closes_a_socket_on_a_message_far_over_the_limit(
+    settings: Settings,
+) -> None:
+    # Hypercorn buffers a message whole before the app sees it: its cap follows
+    # SERVICE_MAX_BODY_BYTES (twice it: up to there the app answers and keeps the socket).
+    small = settings.model_copy(update={"max_body_bytes": 4096})
+    config = build_config(None, None, max_body_bytes=small.max_body_bytes)
+    assert config.websocket_max_message_size == 8192
+    async with running_server(
+        small, websocket_max_message_size=config.websocket_max_message_size
+    ) as srv, open_websocket_url(_ws_url(srv)) as ws:
+        await ws.send_message("x" * 8000)
+        assert (await _reply(ws))[1]["error"]["type"] == "body_too_large"
+        await ws.send_message("x" * 8193)
+        with pytest.raises(ConnectionClosed) as closed, trio.fail_after(10):
+            await ws.get_message()
+        assert closed.value.reason.code == 1009  # message too big
+
+
+@pytest.mark.parametrize("raw", [
+    '{"type": "cancel", "run_id": NaN}',
+    '{"type": "cancel", "run_id": -Infinity}',
+    '{"type": "cancel", "run_id": 1e400}',
+    '{"type": "message", "conversation_id": "c", "content": "q", "timeout": Infinity}',
+])
+async def test_ws_refuses_non_finite_numbers_and_replies_strict_json(
+    settings: Settings, raw: str
+) -> None:
+    # Python's json reads NaN, Infinity and 1e400 (as inf); the error reply echoed them back
+    # as bare NaN/Infinity, which a browser's JSON.parse refuses.
+    async with running_server(settings) as srv, open_websocket_url(_ws_url(srv)) as ws:
+        await ws.send_message(raw)
+        _, reply = await _reply(ws)
+        assert reply["error"]["type"] == "malformed_json"
+        assert reply["error"]["message"].startswith("the message is not valid JSON: ")
+        await ws.send_message('{"type": "cancel", "run_id": 1e308}')  # finite: read
+        _, reply = await _reply(ws)
+        assert reply["error"]["type"] == "invalid_request"

@@ -9,9 +9,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from pydantic import ValidationError
-from quart import Quart, Response, jsonify
+from quart import Quart, Response, has_websocket_context, jsonify
 from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import WebsocketMismatch
 
 from ..errors import ServiceError, TooManyRuns
 from ..logs import get_logger
@@ -75,6 +76,13 @@ def install_error_handlers(app: Quart) -> None:
     @app.errorhandler(HTTPException)
     async def _http(error: HTTPException) -> Response:
         status = error.code or 500
+        if isinstance(error, WebsocketMismatch):  # a BadRequest, but not about a body
+            if has_websocket_context():
+                return json_error(400, "bad_request", "this endpoint does not take WebSockets")
+            resp = json_error(426, "websocket_required",
+                              "this endpoint needs a WebSocket upgrade (Upgrade: websocket)")
+            resp.headers["Upgrade"] = "websocket"  # a 426 names the protocol to switch to
+            return resp
         if status == 400:
             # Quart raises BadRequest for undecodable JSON bodies.
             return json_error(400, "malformed_json", "the body is not valid JSON")

@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..store import Conversation, Message
 
 __all__ = [
+    "MAX_CONTENT_CHARS",
+    "MAX_MODEL_CHARS",
     "AgentName",
     "ConversationList",
     "ConversationOut",
@@ -26,6 +28,10 @@ __all__ = [
 ]
 
 AgentName = Literal["chat", "react", "plan_execute", "auto"]
+
+# Limits of a message's fields, the same over HTTP (PostMessage) and the WebSocket (WsMessage).
+MAX_CONTENT_CHARS = 1_000_000
+MAX_MODEL_CHARS = 200
 
 
 def iso(ts: float | None) -> str | None:
@@ -110,9 +116,9 @@ def error_body(type_: str, message: str, **extra: Any) -> dict[str, Any]:
 
 
 class PostMessage(_Strict):
-    content: str = Field(min_length=1, max_length=1_000_000)
+    content: str = Field(min_length=1, max_length=MAX_CONTENT_CHARS)
     agent: AgentName | None = Field(None, description="default: the conversation's, else chat")
-    model: str | None = Field(None, max_length=200)
+    model: str | None = Field(None, max_length=MAX_MODEL_CHARS)
     stream: bool = False
     on_disconnect: Literal["cancel", "continue"] = "cancel"
     timeout: float | None = Field(None, gt=0, le=86_400, description="run deadline, seconds")

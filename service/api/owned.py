@@ -10,7 +10,9 @@ store's thread while the client disconnects.
 So a handler hands its run to :func:`own_run` right after starting it (no checkpoint between),
 and the :class:`CancelOwnedRuns` ASGI middleware cancels, when the request ends in any way,
 each owned run that is still going. A run that outlives its request by design
-(``on_disconnect: continue``) is simply not handed over.
+(``on_disconnect: continue``) is simply not handed over, and a streamed run whose response
+ended on its own while the run goes on (an error frame: the client may re-join) is handed back
+with :func:`disown_run`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
 from ..runs import RunHandle
 
-__all__ = ["CancelOwnedRuns", "own_run"]
+__all__ = ["CancelOwnedRuns", "disown_run", "own_run"]
 
 ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
 
@@ -36,6 +38,13 @@ def own_run(handle: RunHandle) -> None:
     owned = _OWNED.get()
     if owned is not None:
         owned.append(handle)
+
+
+def disown_run(handle: RunHandle) -> None:
+    """Undo :func:`own_run`: ``handle`` outlives this request."""
+    owned = _OWNED.get()
+    if owned is not None and handle in owned:
+        owned.remove(handle)
 
 
 class CancelOwnedRuns:

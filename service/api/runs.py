@@ -27,7 +27,7 @@ from .models import (
     RunOut,
     iso,
 )
-from .owned import own_run
+from .owned import disown_run, own_run
 from .sse import KEEPALIVE, sse_event
 from .state import current_owner, services
 from .streams import EventReader, Keepalive
@@ -93,6 +93,7 @@ def sse_response(body: AsyncIterator[bytes]) -> Response:
 async def _event_stream(
     reader: EventReader, handle: RunHandle | None, on_disconnect: str
 ) -> AsyncIterator[bytes]:
+    ended = False  # the stream ended on its own (not the client leaving)
     try:
         try:
             async for item in reader:
@@ -105,10 +106,17 @@ async def _event_stream(
             # or re-joining): end the stream with an error frame (no id: it is not one of the
             # run's events) instead of a broken connection. The client may re-join later.
             yield sse_event(None, "error", exc.to_dict())
+        ended = True
     finally:
-        # The client went away (or the stream ended): a ``cancel`` run stops with it.
         if handle is not None and on_disconnect == "cancel" and not handle.done:
-            handle.cancel("client disconnected")
+            if ended:
+                # Only an error frame ended it: the client is still there and may re-join,
+                # so neither this stream nor its request (CancelOwnedRuns) cancels the run.
+                disown_run(handle)
+            else:
+                # The client went away (quart-trio cancels the body: trio.Cancelled, or the
+                # generator is closed: GeneratorExit): a ``cancel`` run stops with it.
+                handle.cancel("client disconnected")
 
 
 def _reader(run_id: str, after: int) -> EventReader:
@@ -174,19 +182,37 @@ async def get_run(run_id: str) -> RunOut:
 @validate_querystring(RunEventsQuery)
 @validate_response(ErrorBody, 404)
 async def run_events(run_id: str, query_args: RunEventsQuery) -> Response:
-    """SSE: the run's events after ``Last-Event-ID`` (or ``?after=``), then live ones."""
+    """SSE: the run's events after ``Last-Event-ID`` or ``?after=`` (the later of the two),
+    then live ones; 204 when the run is over and the client has seen all of it."""
     svc = services()
-    await svc.require_store().get_run(run_id, owner=current_owner())
-    after = query_args.after
-    if after is None:
-        header = request.headers.get("Last-Event-ID", "").strip()
-        if header:
-            if not (header.isascii() and header.isdigit()) or int(header) >= 2**63:
-                return json_error(422, "invalid_request", "Last-Event-ID must be an event id",
-                                  field="Last-Event-ID")
-            after = int(header)
+    run = await svc.require_store().get_run(run_id, owner=current_owner())
+    after = query_args.after or 0
+    header = request.headers.get("Last-Event-ID", "").strip()
+    if header:
+        if not (header.isascii() and header.isdigit()) or int(header) >= 2**63:
+            return json_error(422, "invalid_request", "Last-Event-ID must be an event id",
+                              field="Last-Event-ID")
+        # A browser's EventSource opened on "...?after=N" reconnects to the same URL with the
+        # last id it saw in the header: the later position wins, or it would get events again.
+        after = max(after, int(header))
+    if after and await _seen_to_the_end(run, after):
+        # The HTML spec's EventSource stops reconnecting on a 204; on an empty 200 it would
+        # reconnect every few seconds forever.
+        return Response("", status=204)
     # Re-joining never cancels the run: it belongs to whoever started it.
-    return sse_response(_event_stream(_reader(run_id, after or 0), None, "continue"))
+    return sse_response(_event_stream(_reader(run_id, after), None, "continue"))
+
+
+async def _seen_to_the_end(run: RunRecord, after: int) -> bool:
+    """Whether the run is over and has no event after ``after`` (its client saw
+    ``run.finished``). The store has a finished run's events: its final write carries them."""
+    if run.status in ("queued", "running"):
+        return False
+    try:
+        later = await services().require_store().list_run_events(run.id, after=after, limit=1)
+    except ServiceError:
+        return False  # the stream reads the store again and reports the failure in a frame
+    return not later
 
 
 @blueprint.post("/api/runs/<run_id>/cancel")

@@ -8,7 +8,12 @@ Client -> server::
 
 Server -> client: each run's events as ``{"run_id", "id", "type", "data"}``, and
 ``{"type": "error", "error": {"type", "message"}, "request"?}`` for a bad client message (the
-socket stays open).
+socket stays open; ``request`` echoes only its ``type``, ``conversation_id`` and ``run_id``, cut
+short). A message obeys the HTTP API's limits: its fields the same as ``POST .../messages``, its
+size ``SERVICE_MAX_BODY_BYTES`` (``body_too_large``); hypercorn closes the socket (1009) on one
+over twice that, before buffering more of it (see ``service.server.build_config``). Non-finite
+numbers (``NaN``, ``Infinity``, ``1e400``) are refused as invalid JSON, as a browser's
+``JSON.parse`` does, and every reply is strict JSON.
 
 Shape: a receive loop and a send loop are sibling tasks in the handler's nursery; each run has a
 forwarder task there that reads the run's events and queues them for the send loop (a bounded
@@ -23,6 +28,7 @@ default) are cancelled; ``continue`` runs go on and can be re-joined over SSE.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Literal
 
 import trio
@@ -31,7 +37,8 @@ from quart import Blueprint, websocket
 
 from ..errors import NotFound, ServiceError
 from ..runs import RunHandle, RunSpec
-from .models import AgentName
+from ..runs.events import strict_json
+from .models import MAX_CONTENT_CHARS, MAX_MODEL_CHARS, AgentName
 from .state import Services, current_owner, services
 from .streams import EventReader, Keepalive
 
@@ -41,15 +48,17 @@ blueprint = Blueprint("ws", __name__)
 
 _SEND_QUEUE = 256
 _RUNS_PER_SOCKET = 32  # runs being started or forwarded on one socket at once
+_ECHOED = ("type", "conversation_id", "run_id")  # what an error reply echoes of the request
+_ECHO_CHARS = 200  # ... each cut to this length
 
 
 class WsMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["message"]
     conversation_id: str
-    content: str = Field(min_length=1)
+    content: str = Field(min_length=1, max_length=MAX_CONTENT_CHARS)
     agent: AgentName | None = None
-    model: str | None = None
+    model: str | None = Field(None, max_length=MAX_MODEL_CHARS)
     on_disconnect: Literal["cancel", "continue"] = "cancel"
     timeout: float | None = Field(None, gt=0, le=86_400)
 
@@ -61,10 +70,47 @@ class WsCancel(BaseModel):
 
 
 def _error(type_: str, message: str, request: Any = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"type": "error", "error": {"type": type_, "message": message}}
-    if request is not None:
-        out["request"] = request
+    return _error_reply({"type": type_, "message": message}, request)
+
+
+def _error_reply(error: dict[str, Any], request: Any = None) -> dict[str, Any]:
+    """An error reply, echoing what tells which request it answers (never the whole of it: a
+    content of a megabyte, or a deep nesting, would come back)."""
+    out: dict[str, Any] = {"type": "error", "error": error}
+    if isinstance(request, dict):
+        echoed = {k: v[:_ECHO_CHARS] for k in _ECHOED if isinstance(v := request.get(k), str)}
+        if echoed:
+            out["request"] = echoed
     return out
+
+
+class _NotFinite(ValueError):
+    """NaN, Infinity, or a number out of a double's range in a client message."""
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400
+        raise _NotFinite(f"{text[:20]} is out of range")
+    return value
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotFinite(f"{name} is not a JSON value")
+
+
+def _parse(raw: str | bytes) -> Any:
+    """A client message as strict JSON: no NaN, Infinity, or number out of a double's range
+    (Python's json reads them, and echoed back they made replies that JSON.parse refuses)."""
+    return json.loads(raw, parse_float=_finite, parse_constant=_refuse_constant)
+
+
+def _too_large(raw: str | bytes, limit: int) -> bool:
+    if len(raw) > limit:  # a text's UTF-8 is at least as long as the text
+        return True
+    if isinstance(raw, bytes) or len(raw) * 4 <= limit:  # at most 4 bytes a character
+        return False
+    return len(raw.encode()) > limit
 
 
 class _Session:
@@ -78,10 +124,20 @@ class _Session:
         self.slots = trio.Semaphore(_RUNS_PER_SOCKET)  # start_run tasks (each releases one)
 
     async def receive_loop(self) -> None:
+        limit = self.svc.settings.max_body_bytes
         while True:
             raw = await websocket.receive()
+            if _too_large(raw, limit):
+                await self.send.send(_error(
+                    "body_too_large", f"the message is over {limit} bytes "
+                    "(SERVICE_MAX_BODY_BYTES)"))
+                continue
             try:
-                msg = json.loads(raw)
+                msg = _parse(raw)
+            except _NotFinite as exc:
+                await self.send.send(
+                    _error("malformed_json", f"the message is not valid JSON: {exc}"))
+                continue
             except (ValueError, TypeError, RecursionError):  # RecursionError: "[[[[..." nesting
                 await self.send.send(_error("malformed_json", "the message is not valid JSON"))
                 continue
@@ -115,9 +171,7 @@ class _Session:
                 field = ".".join(str(p) for p in first["loc"]) or "message"
                 await self.send.send(_error("invalid_request", f"{field}: {first['msg']}", msg))
             except ServiceError as exc:
-                await self.send.send(
-                    {"type": "error", "error": exc.to_dict(), "request": msg}
-                )
+                await self.send.send(_error_reply(exc.to_dict(), msg))
 
     async def start_run(self, m: WsMessage, request: Any) -> None:
         try:
@@ -134,7 +188,7 @@ class _Session:
         try:
             handle = await self.svc.require_supervisor().start(spec)
         except ServiceError as exc:
-            await self.send.send({"type": "error", "error": exc.to_dict(), "request": request})
+            await self.send.send(_error_reply(exc.to_dict(), request))
             return
         # Entries of runs that ended while their forwarder could not finish (a store error).
         for run_id in [k for k, (h, _) in self.runs.items() if h.done]:
@@ -178,7 +232,10 @@ class _Session:
 
 async def _send_loop(recv: trio.MemoryReceiveChannel[dict[str, Any] | str]) -> None:
     async for msg in recv:
-        text = msg if isinstance(msg, str) else json.dumps(msg, separators=(",", ":"))
+        # Events are encoded strictly where they are made; the replies made here are too (a
+        # browser's JSON.parse refuses NaN and Infinity).
+        text = msg if isinstance(msg, str) else json.dumps(
+            strict_json(msg), separators=(",", ":"), allow_nan=False)
         await websocket.send(text)
 
 
