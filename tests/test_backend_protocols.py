@@ -343,3 +343,45 @@ async def test_a_llamacpp_stream_error_line_carries_the_upstreams_message() -> N
         await consume()
     assert info.value.message == "the request exceeds the available context size"
     assert info.value.details["upstream_status"] == 400
+
+
+async def test_an_emoji_split_into_surrogate_halves_across_chunks_is_joined() -> None:
+    # Found in review: some JavaScript servers split a character outside the BMP into its two
+    # UTF-16 halves, one per chunk; json.loads gives lone surrogates, which UTF-8 (the store,
+    # every client) cannot encode: the run's final write raised and took the supervisor down.
+    body = (b'data: {"choices":[{"index":0,"delta":{"content":"smile \\ud83d"}}]}\n\n'
+            b'data: {"choices":[{"index":0,"delta":{"content":"\\ude00 ok"}}]}\n\n'
+            b'data: {"choices":[{"index":0,"delta":{"content":" lone \\udc00"}}]}\n\n'
+            b'data: {"choices":[{"index":0,"delta":{"content":" end \\ud83d"}}]}\n\n'
+            b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+            b"data: [DONE]\n\n")
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
+
+    budgets = Budgets()
+    backend = OpenAICompatBackend("llamacpp", "http://l",
+                                  make_client(budgets, transport=httpx.MockTransport(handle)),
+                                  budgets)
+    async with backend.stream(req()) as chunks:
+        text = text_of([c async for c in chunks])
+    assert text == "smile \U0001f600 ok lone \ufffd end \ufffd"
+    text.encode("utf-8")
+
+
+async def test_ollama_surrogate_halves_across_lines_are_joined() -> None:
+    lines = [b'{"model":"m","message":{"role":"assistant","content":"smile \\ud83d"},"done":false}',
+             b'{"model":"m","message":{"role":"assistant","content":"\\ude00"},"done":false}',
+             b'{"model":"m","message":{"role":"assistant","content":" \\ud83d"},"done":true,'
+             b'"done_reason":"stop","prompt_eval_count":1,"eval_count":3}']
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "application/x-ndjson"},
+                              content=b"\n".join(lines) + b"\n")
+
+    budgets = Budgets()
+    backend = OllamaBackend("ollama", "http://o",
+                            make_client(budgets, transport=httpx.MockTransport(handle)), budgets)
+    async with backend.stream(req()) as chunks:
+        text = text_of([c async for c in chunks])
+    assert text == "smile \U0001f600 \ufffd"

@@ -720,3 +720,32 @@ async def test_an_agent_raising_systemexit_fails_its_run_only(
         await other.finished.wait()
         assert other.status is RunStatus.succeeded
         assert env.supervisor.failure is None
+
+
+async def test_a_final_write_that_raises_a_non_store_error_still_ends_the_run(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found in review: the final write raising anything but StoreError (a UnicodeEncodeError
+    # from text UTF-8 cannot encode) escaped into the supervisor: the run never finished (its
+    # request hung) and the supervisor ended, taking every other run with it.
+    async with supervisor_env(tmp_path, ScriptedBackend(lambda req: Reply("fine"))) as env:
+        conv = await env.conversation()
+        real = env.store.finish_run
+        calls = 0
+
+        async def finish_run(*args: object, **kwargs: object) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise ValueError("a bug in what the store was given")
+            await real(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(env.store, "finish_run", finish_run)
+        broken = await env.supervisor.start(RunSpec(conv, "x"))
+        await broken.finished.wait()
+        assert broken.status is RunStatus.succeeded  # what happened; only its storing failed
+        after = await env.supervisor.start(RunSpec(conv, "y"))
+        await after.finished.wait()
+        assert after.status is RunStatus.succeeded
+        assert env.supervisor.failure is None
+        assert (await env.store.get_run(after.id)).status == "succeeded"

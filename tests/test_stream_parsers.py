@@ -167,3 +167,27 @@ def test_llamacpp_error_line_is_an_error_event() -> None:
     items = SSEParser().feed(body)
     assert [(i.event, i.data) for i in items if isinstance(i, SSEEvent)] == [
         ("error", body[7:body.index(b"\n")].decode()), ("message", "[DONE]")]
+
+
+def test_text_joiner_joins_split_surrogate_pairs_and_replaces_lone_halves() -> None:
+    from service.text import TextJoiner, clean_text
+
+    joiner = TextJoiner()
+    pieces = [joiner.feed(p) for p in ("smile \ud83d", "\ude00 ok", "x\udc00y", "end \ud800")]
+    assert pieces == ["smile ", "\U0001f600 ok", "x\ufffdy", "end "]
+    assert joiner.flush() == "\ufffd"
+    assert joiner.flush() == ""
+    assert clean_text("a\ud83d\ude00b\ud800") == "a\U0001f600b\ufffd"
+    assert clean_text("plain") == "plain"
+
+
+@given(st.lists(st.text(alphabet=st.characters(min_codepoint=0xD7F0, max_codepoint=0xE010)
+                        | st.characters(max_codepoint=0x7F), max_size=8), max_size=8))
+def test_text_joiner_output_always_encodes_as_utf8(pieces: list[str]) -> None:
+    from service.text import TextJoiner
+
+    joiner = TextJoiner()
+    out = "".join(joiner.feed(p) for p in pieces) + joiner.flush()
+    out.encode("utf-8")  # no lone surrogate left
+    if not any("\ud800" <= ch <= "\udfff" for p in pieces for ch in p):
+        assert out == "".join(pieces)

@@ -23,6 +23,7 @@ import httpx
 import trio
 
 from ..errors import BackendProtocolError, BackendResponseError
+from ..text import TextJoiner
 from .base import BackendHealth, ChatChunk, ChatMessage, ChatRequest, ModelInfo, ToolCall, Usage
 from .common import HTTPBackend, new_call_id, parse_arguments, token_count
 from .http import Budgets, SSEReader, open_stream, request_json
@@ -81,6 +82,8 @@ class OpenAIChunks:
         self._usage: Usage | None = None
         self._timings: dict[str, float] | None = None
         self._calls: dict[int, _PartialCall] = {}
+        self._text = TextJoiner()  # surrogate halves split across events
+        self._thinking = TextJoiner()
 
     def __repr__(self) -> str:
         return (
@@ -186,6 +189,7 @@ class OpenAIChunks:
                     raise BackendProtocolError(f"finish_reason is not a string: {reason!r:.200}",
                                                backend=self.backend)
                 self._finish_reason = reason
+        text, thinking = self._text.feed(text), self._thinking.feed(thinking)
         if not text and not thinking:
             return None
         self.content_chunks += 1
@@ -224,7 +228,8 @@ class OpenAIChunks:
             # of a ReAct run, which made call_id ambiguous in its events.
             calls.append(ToolCall(partial.id or new_call_id(), partial.name, args, invalid))
         usage = self._usage or Usage(completion_tokens=self.content_chunks, estimated=True)
-        return ChatChunk(done=True, tool_calls=tuple(calls),
+        return ChatChunk(text=self._text.flush(), thinking=self._thinking.flush(), done=True,
+                         tool_calls=tuple(calls),
                          finish_reason=self._finish_reason or ("tool_calls" if calls else "stop"),
                          usage=usage, timings=self._timings, model=self.model,
                          backend=self.backend)

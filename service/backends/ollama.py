@@ -18,6 +18,7 @@ from typing import Any, TypedDict
 import trio
 
 from ..errors import BackendProtocolError, BackendResponseError
+from ..text import TextJoiner
 from .base import (
     SAMPLING_OPTIONS,
     BackendHealth,
@@ -85,6 +86,8 @@ class OllamaChunks:
         self.model = model
         self.done = False
         self._saw_tool_calls = False
+        self._text = TextJoiner()  # surrogate halves split across lines
+        self._thinking = TextJoiner()
 
     def __repr__(self) -> str:
         return f"<OllamaChunks {self.backend} model={self.model} done={self.done}>"
@@ -123,6 +126,7 @@ class OllamaChunks:
         thinking = message.get("thinking") or ""
         if not isinstance(thinking, str):
             raise BackendProtocolError("message.thinking is not a string", backend=self.backend)
+        text, thinking = self._text.feed(text), self._thinking.feed(thinking)
         raw_calls = message.get("tool_calls") or ()
         if not isinstance(raw_calls, list | tuple):
             raise BackendProtocolError(f"message.tool_calls is not a list: {raw_calls!r:.200}",
@@ -133,6 +137,7 @@ class OllamaChunks:
             self.model)
         if obj.get("done"):
             self.done = True
+            text, thinking = text + self._text.flush(), thinking + self._thinking.flush()
             reason = obj.get("done_reason") if isinstance(obj.get("done_reason"), str) else None
             reason = reason or "stop"
             if reason == "stop" and self._saw_tool_calls:

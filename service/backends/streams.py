@@ -193,3 +193,4 @@ class SSEParser:
         self._data_size = 0
         self._event = ""
         self._retry = None
+

@@ -401,11 +401,16 @@ class RunSupervisor:
                               handle.id, exc)
                     self._final_retries.append(final)
                     self._keep_unstored_end(handle)
+                except Exception:
+                    # Not the store's trouble but a bug (what it was given): retrying would
+                    # fail the same way. The run still ends, and this supervisor goes on.
+                    log.exception("the final state of run %s cannot be stored", handle.id)
+                    self._keep_unstored_end(handle)
                 finally:
                     # Published whatever happened to the write: live clients get their end.
                     handle.publish(mine)
-            self._metrics.runs.labels(status.value).inc()
-            handle.finished.set()
+                    self._metrics.runs.labels(status.value).inc()
+                    handle.finished.set()
 
     # -- events ---------------------------------------------------------------------------------
 

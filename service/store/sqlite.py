@@ -37,6 +37,7 @@ import trio
 
 from ..errors import NotFound, StoreError
 from ..metrics import METRICS, Metrics
+from ..text import clean_text
 from .records import (
     Conversation,
     LLMCallOutcome,
@@ -671,6 +672,9 @@ class Store:
         """In one transaction: the run's final status, its reply's final text, its last events
         (those already stored, by an earlier write that timed out but landed, are skipped)."""
         now = time.time()
+        # Model text: the adapters clean it already; a lone surrogate here would fail the
+        # write (UTF-8 cannot encode it) every time it is retried.
+        content, error = clean_text(content), error and clean_text(error)
 
         def fn(c: sqlite3.Connection) -> None:
             c.execute(
