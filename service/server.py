@@ -63,14 +63,21 @@ def build_config(
 
 
 async def _wait_for_signal(svc: Services, stop: trio.Event) -> None:
+    """Shut down gracefully on the first SIGTERM or SIGINT. The receiver stays open until the
+    server is done: a second signal is logged and ignored (the drain is bounded), where closing
+    the receiver would let trio re-deliver it to the default handler, killing the process in
+    the middle of its graceful close (exit -15, streams cut without their end)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
-            log.info("received %s: shutting down gracefully", signal.Signals(signum).name)
+            name = signal.Signals(signum).name
+            if stop.is_set():
+                log.warning("received %s again: already shutting down", name)
+                continue
+            log.info("received %s: shutting down gracefully", name)
             # Drain runs while connections are still open, so every stream gets its end;
             # only then let hypercorn close listeners and connections.
             await begin_shutdown(svc)
             stop.set()
-            return
 
 
 async def run_server(  # noqa: ASYNC128 (task_status is handed to hypercorn's serve)

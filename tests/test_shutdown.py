@@ -111,6 +111,40 @@ async def test_sigterm_with_50_streams_in_flight(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+async def test_a_second_sigterm_during_the_drain_changes_nothing(tmp_path: Path) -> None:
+    # Found in review: the signal receiver was closed after the first SIGTERM, and trio
+    # re-delivered a second one to the default handler: the process died (-15) in the middle
+    # of its graceful close, every stream cut without its run.finished.
+    sim = Simulator(("sim-model",), default=Reply(tokens=2000, interval=0.05),
+                    strict_models=False)
+    async with open_simulator(sim) as running:
+        proc, url = await _start_service(tmp_path, running.url)  # a 1 s drain
+        seen, signalled = "", False
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            conv = (await http.post("/api/conversations", json={})).json()["id"]
+            with trio.fail_after(60):
+                async with http.stream("POST", f"/api/conversations/{conv}/messages",
+                                       json={"content": "go", "stream": True}) as r:
+                    async for chunk in r.aiter_text():
+                        seen += chunk
+                        if "event: token" in seen and not signalled:
+                            signalled = True
+                            proc.send_signal(signal.SIGTERM)
+                            await trio.sleep(0.2)  # inside the 1 s drain
+                            proc.send_signal(signal.SIGTERM)
+                            proc.send_signal(signal.SIGINT)
+            with trio.fail_after(60):
+                rc = await proc.wait()
+    frames = parse_sse(seen)
+    assert frames[-1]["event"] == "run.finished"
+    assert frames[-1]["data"]["status"] == "cancelled"
+    assert rc == 0
+    conn = sqlite3.connect(tmp_path / "s.db")
+    assert conn.execute("SELECT status FROM runs").fetchall() == [("cancelled",)]
+    conn.close()
+
+
+@pytest.mark.slow
 async def test_kill_9_mid_run_loses_nothing_a_client_saw(tmp_path: Path) -> None:
     sim = Simulator(("sim-model",), default=Reply(tokens=2000, interval=0.01),
                     strict_models=False)
