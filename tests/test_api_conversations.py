@@ -216,3 +216,36 @@ async def test_auth_and_isolation(settings: Settings) -> None:
             assert (await b.delete(f"/api/conversations/{conv['id']}")).status_code == 404
             assert (await b.get("/api/conversations")).json()["data"] == []
             assert len((await a.get("/api/conversations")).json()["data"]) == 1
+
+
+@pytest.mark.parametrize("on_disconnect", ["continue", "cancel"])
+async def test_deleting_a_conversation_stops_its_runs(settings: Settings, on_disconnect: str
+                                                      ) -> None:
+    # Found in review: the delete removed the rows but the run kept generating (until its
+    # deadline, holding a slot), and its cancel was a 404: nothing could stop it any more.
+    import trio
+
+    from .fakes import Reply, ScriptedBackend
+
+    backend = ScriptedBackend(lambda req: Reply("w " * 400, gap=0.05))
+    async with running_server(settings, backend) as srv, srv.client() as client:
+        conv = (await client.post("/api/conversations", json={})).json()["id"]
+        async def post() -> None:
+            await client.post(f"/api/conversations/{conv}/messages",
+                              json={"content": "hi", "on_disconnect": on_disconnect})
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(post)
+            stream = await backend.wait_stream(0)
+            (run_id,) = await srv.services.require_store().runs_in_progress(conv)
+            handle = srv.services.require_supervisor().get(run_id)
+            assert handle is not None
+            assert (await client.delete(f"/api/conversations/{conv}")).status_code == 204
+            # By the time the delete answers, the run has ended and its upstream is closed.
+            assert handle.done
+            assert handle.cancel_reason == "the conversation was deleted"
+            assert stream.closed
+            assert srv.services.require_supervisor().in_flight == 0
+            nursery.cancel_scope.cancel()
+        assert (await client.get(f"/api/conversations/{conv}")).status_code == 404
+        assert (await client.get(f"/api/runs/{run_id}")).status_code == 404

@@ -15,6 +15,7 @@ from .models import (
     ListConversationsQuery,
     MessageOut,
 )
+from .runs import stop_runs
 from .state import current_owner, services
 
 __all__ = ["blueprint"]
@@ -67,6 +68,10 @@ async def get_conversation(conversation_id: str) -> ConversationWithMessages:
 @blueprint.delete("/<conversation_id>")
 @validate_response(ErrorBody, 404)
 async def delete_conversation(conversation_id: str) -> tuple[str, int]:
-    """Delete a conversation with its messages and runs."""
-    await services().require_store().delete_conversation(conversation_id, owner=current_owner())
+    """Delete a conversation with its messages and runs; runs still going are cancelled
+    first (their generation stops, and no run is left going that nobody can reach)."""
+    store = services().require_store()
+    await store.get_conversation(conversation_id, owner=current_owner())  # 404 if not theirs
+    await stop_runs(await store.runs_in_progress(conversation_id), "the conversation was deleted")
+    await store.delete_conversation(conversation_id, owner=current_owner())
     return "", 204

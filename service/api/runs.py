@@ -215,6 +215,29 @@ async def _seen_to_the_end(run: RunRecord, after: int) -> bool:
     return not later
 
 
+async def stop_runs(run_ids: list[str], reason: str) -> None:
+    """Cancel runs, this process's or another worker's (through the store), and wait until
+    they have ended: this process's until their final write, another's at most
+    ``ELSEWHERE_CANCEL_WAIT`` seconds."""
+    svc = services()
+    store, supervisor = svc.require_store(), svc.require_supervisor()
+    mine, elsewhere = [], []
+    for run_id in run_ids:
+        if (handle := supervisor.get(run_id)) is not None:
+            handle.cancel(reason)
+            mine.append(handle)
+        elif await store.run_in_progress(run_id) == "elsewhere":
+            await store.request_cancel(run_id, reason)
+            elsewhere.append(run_id)
+    for handle in mine:
+        await handle.finished.wait()
+    with trio.move_on_after(ELSEWHERE_CANCEL_WAIT):
+        for run_id in elsewhere:
+            # Another process's run: nothing here to wait on but the store.
+            while await store.run_in_progress(run_id) is not None:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+
+
 @blueprint.post("/api/runs/<run_id>/cancel")
 @validate_response(CancelOut, 202)
 @validate_response(ErrorBody, 404)
@@ -223,20 +246,13 @@ async def cancel_run(run_id: str) -> tuple[CancelOut, int]:
     svc = services()
     run = await svc.require_store().get_run(run_id, owner=current_owner())
     handle = svc.require_supervisor().get(run_id)
-    if handle is None:
-        store = svc.require_store()
-        if await store.run_in_progress(run_id) == "elsewhere":
-            # Another worker sharing the store runs it: ask it (it looks every 0.25 s), and
-            # answer once the run has ended there, or after a bound with what the store says.
-            await store.request_cancel(run_id, "cancelled by request")
-            with trio.move_on_after(ELSEWHERE_CANCEL_WAIT):
-                # Another process's run: nothing here to wait on but the store.
-                while (run := await store.get_run(  # noqa: ASYNC110
-                        run_id, owner=current_owner())).status in ("queued", "running"):
-                    await trio.sleep(0.1)
-        return CancelOut(id=run.id, status=run.status), 202
-    handle.cancel("cancelled by request")
-    await handle.finished.wait()
-    return CancelOut(id=run.id, status=handle.status.value), 202
+    # Another worker sharing the store may run it: it is asked through the store (it looks
+    # every 0.25 s), and the answer comes once the run has ended there, or after a bound with
+    # what the store says then.
+    await stop_runs([run_id], "cancelled by request")
+    if handle is not None:
+        return CancelOut(id=run.id, status=handle.status.value), 202
+    run = await svc.require_store().get_run(run_id, owner=current_owner())
+    return CancelOut(id=run.id, status=run.status), 202
 
 

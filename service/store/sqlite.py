@@ -788,6 +788,15 @@ class Store:
 
         return await self._read("run_in_progress", fn)
 
+    async def runs_in_progress(self, conversation_id: str) -> list[str]:
+        """Ids of a conversation's runs stored as ``queued`` or ``running``."""
+        def fn(c: sqlite3.Connection) -> list[str]:
+            return [r[0] for r in c.execute(
+                "SELECT id FROM runs WHERE conversation_id = ? AND status IN "
+                "('queued', 'running')", (conversation_id,))]
+
+        return await self._read("runs_in_progress", fn)
+
     async def request_cancel(self, run_id: str, reason: str) -> bool:
         """Ask the process running a run to cancel it (for a run of another worker sharing the
         file). False if the run is not in progress."""
