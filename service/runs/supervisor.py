@@ -51,6 +51,7 @@ _UNSTORED_MAX = 100_000  # published events kept for a retry of their failed wri
 _UNSTORED_PER_RETRY = 5_000  # ... written again per checkpoint tick
 _UNSTORED_ENDS_MAX = 1_000  # ended runs whose final write failed, still served from memory
 _CANCEL_POLL = 0.25  # seconds between looks for cancels other workers asked for
+_RECOVER_EVERY = 30.0  # seconds between looks for runs a dead sibling worker left running
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class RunSupervisor:
                 nursery.start_soon(self._commit_loop)
                 nursery.start_soon(self._checkpoint_loop)
                 nursery.start_soon(self._cancel_requests_loop)
+                nursery.start_soon(self._recover_loop)
                 task_status.started(self)
                 await trio.sleep_forever()
         except BaseException as exc:
@@ -438,6 +440,20 @@ class RunSupervisor:
             await self._wake.wait()
             self._wake = trio.Event()
             await self.flush()
+
+    async def _recover_loop(self) -> None:
+        """Close runs left running by a dead worker that shared the store (a killed sibling:
+        nothing else would, until the next start); this process's own are closed at its start."""
+        while True:
+            await trio.sleep(_RECOVER_EVERY)
+            try:
+                closed = await self._store.recover_interrupted()
+            except StoreError as exc:
+                log.warning("could not look for interrupted runs: %s", exc)
+                continue
+            if closed:
+                log.warning("closed %d run(s) of a worker that is gone", len(closed),
+                            extra={"run_ids": closed})
 
     async def _checkpoint_loop(self) -> None:
         while True:

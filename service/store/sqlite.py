@@ -699,21 +699,34 @@ class Store:
         and gets a final ``run.finished`` event, so nothing hangs as "running" forever and a
         client re-joining it gets a clean end. Runs of live processes (other workers sharing
         the file) are left alone. Returns the ids closed.
+
+        Called at start-up, and by the run supervisor every ``_RECOVER_EVERY`` seconds (workers
+        sharing the file close a dead sibling's runs): a read finds them; only then a write,
+        which closes each only if it is still in progress (another worker may have been first).
         """
         now = time.time()
         reason = "interrupted: the service stopped before the run finished"
 
-        def fn(c: sqlite3.Connection) -> list[str]:
+        def find(c: sqlite3.Connection) -> list[str]:
             rows = c.execute(
                 "SELECT id, process FROM runs WHERE status IN ('queued', 'running')"
             ).fetchall()
-            dead = [rid for rid, proc in rows
+            return [rid for rid, proc in rows
                     if proc != self.process_id and not _alive(proc, self.process_id)]
-            for rid in dead:
-                c.execute(
-                    "UPDATE runs SET status = 'failed', error = ?, finished_at = ? WHERE id = ?",
-                    (reason, now, rid),
-                )
+
+        candidates = await self._read("find_interrupted", find)
+        if not candidates:
+            return []
+
+        def fn(c: sqlite3.Connection) -> list[str]:
+            dead = []
+            for rid in candidates:
+                if not c.execute(
+                    "UPDATE runs SET status = 'failed', error = ?, finished_at = ? "
+                    "WHERE id = ? AND status IN ('queued', 'running')", (reason, now, rid),
+                ).rowcount:
+                    continue  # closed meanwhile (by another worker, or it finished)
+                dead.append(rid)
                 # The reply's text so far is in its token events: keep it.
                 partial = "".join(
                     json.loads(data).get("text", "") for (data,) in c.execute(
