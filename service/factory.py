@@ -31,6 +31,7 @@ from .settings import Settings, load_settings
 
 __all__ = ["create_app"]
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 log = get_logger("service.app")
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -148,7 +149,10 @@ def create_app(
         if rid:
             response.headers["X-Request-ID"] = rid
         rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        svc.metrics.http_requests.labels(request.method, rule, str(response.status_code)).inc()
+        # Only known methods as label values: any other token a client sends would add a
+        # series for good (the request line is not authenticated).
+        method = request.method if request.method in _METHODS else "other"
+        svc.metrics.http_requests.labels(method, rule, str(response.status_code)).inc()
         started = getattr(g, "started", None)
         log.info(
             "%s %s %s", request.method, request.path, response.status_code,

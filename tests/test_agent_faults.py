@@ -258,3 +258,27 @@ async def test_a_tool_raising_systemexit_is_an_observation(
         await after.finished.wait()
         assert after.status is RunStatus.succeeded
         assert env.supervisor.failure is None
+
+
+@tool("slow_lookup", "Looks something up, slowly.", {"type": "object", "properties": {}})
+async def _slow_lookup() -> str:
+    await trio.sleep(3600)
+    return "found"
+
+
+async def test_a_tool_call_cut_by_a_cancel_is_counted(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Found in review: the cancellation went past the tool runner's except clauses and the
+    # call was never counted in service_tool_calls_total.
+    backend = ScriptedBackend([Reply("", tool_calls=[ToolCall("c1", "slow_lookup", {})])])
+    async with supervisor_env(tmp_path, backend, tools=(*BUILTIN_TOOLS, _slow_lookup)) as env:
+        conv = await env.conversation()
+        handle = await env.supervisor.start(RunSpec(conv, "go", agent="react"))
+        await trio.sleep(5)  # inside the tool (its timeout is 30 s)
+        handle.cancel("cancelled by request")
+        await handle.finished.wait()
+        assert handle.status is RunStatus.cancelled
+        sample = env.metrics.registry.get_sample_value
+        assert sample("service_tool_calls_total",
+                      {"tool": "slow_lookup", "outcome": "cancelled"}) == 1

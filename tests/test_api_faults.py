@@ -128,3 +128,19 @@ async def test_health_checks_report_a_stopped_run_supervisor(
         r = await client.get("/readyz")
         assert r.status_code == 503
         assert "service" in r.json()["down"]
+
+
+async def test_made_up_http_methods_share_one_metric_series(settings: Settings) -> None:
+    # Found in review: every made-up method (X0, X1, ...) added a service_http_requests_total
+    # series for good, even from a client the auth refused: memory any client could grow.
+    import re
+
+    keyed = settings.model_copy(update={"api_keys": ("key-a",)})
+    async with running_server(keyed) as srv, srv.client() as client:
+        for i in range(20):
+            r = await client.request(f"X{i}", "/api/conversations")
+            assert r.status_code in (401, 405)
+        text = (await client.get("/metrics", headers={"Authorization": "Bearer key-a"})).text
+    methods = set(re.findall(r'service_http_requests_total\{method="([^"]*)"', text))
+    assert methods <= {"GET", "other"}
+    assert "other" in methods

@@ -184,6 +184,11 @@ class AgentContext:
                 # tool's failure is the model's observation, never the run's (or the service's).
                 obs = Observation(call_id, name, error=f"{type(exc).__name__}: {exc}")
                 outcome = "error"
+            except BaseException:
+                # The run is cancelled (by a client, its deadline, a shutdown) mid-call: the
+                # call is counted too, then the cancellation goes on.
+                self.metrics.tool_calls.labels(name, "cancelled").inc()
+                raise
         self.metrics.tool_calls.labels(name if tool else "unknown", outcome).inc()
         result: dict[str, Any] = {"call_id": call_id}
         if obs.ok:
