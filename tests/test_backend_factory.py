@@ -53,3 +53,13 @@ async def test_embedded_needs_its_url() -> None:
         backend = build_backend(settings, client, embedded_url="http://127.0.0.1:1234")
         assert isinstance(backend, OpenAICompatBackend)
         assert backend.name == "embedded"
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:abc", "http://127.0.0.1:99999", "http://:80",
+                                 "ftp://127.0.0.1", "127.0.0.1:8080"])
+@pytest.mark.parametrize("variable", ["llamacpp_url", "ollama_url"])
+def test_a_backend_url_that_is_not_one_stops_the_start(variable: str, url: str) -> None:
+    # Found in review: a port that is not a number passed the settings; the service started,
+    # then /readyz and /api/backends were 500s and every run an internal error.
+    with pytest.raises(ConfigError, match=f"SERVICE_{variable.upper()}"):
+        load_settings(db="/tmp/never-opened.db", **{variable: url})

@@ -114,7 +114,7 @@ class HTTPBackend:
                                                headers=self.headers)
             except BodyTooLarge as exc:
                 error = str(exc)
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is not an HTTPError
                 error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if scope.cancelled_caught:
             error = f"no answer within {self.health_timeout:g}s"
