@@ -13,6 +13,7 @@ from typing import Any
 
 from quart import Response, g, request, websocket
 from quart_schema import QuartSchema
+from quart_schema.openapi import OpenAPIProvider
 from quart_trio import QuartTrio
 from quart_trio.wrappers import TrioRequest
 
@@ -32,6 +33,32 @@ from .settings import Settings, load_settings
 __all__ = ["create_app"]
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class _OpenAPI(OpenAPIProvider):
+    """quart-schema's document, plus what it cannot describe from models: ``/metrics`` (text)
+    and ``/api/ws`` (a WebSocket: its messages are described in words)."""
+
+    def schema(self) -> dict[str, Any]:
+        spec: dict[str, Any] = super().schema()
+        paths = spec.setdefault("paths", {})
+        paths["/metrics"] = {"get": {
+            "summary": "Prometheus text exposition",
+            "responses": {"200": {"description": "Prometheus text format 0.0.4",
+                                  "content": {"text/plain": {"schema": {"type": "string"}}}}}}}
+        paths["/api/ws"] = {"get": {
+            "summary": "WebSocket: runs and their events",
+            "description": (
+                'Upgrade to a WebSocket (same Authorization header). Client -> server: '
+                '{"type": "message", "conversation_id", "content", "agent"?, "model"?, '
+                '"on_disconnect"?, "timeout"?} and {"type": "cancel", "run_id"}. Server -> '
+                'client: each run\'s events as {"run_id", "id", "type", "data"}, and '
+                '{"type": "error", "error": {"type", "message"}, "request"?}.'),
+            "responses": {
+                "101": {"description": "switching to the WebSocket protocol"},
+                "426": {"description": "a plain HTTP request: an upgrade is required"}}}}
+        return spec
+
 log = get_logger("service.app")
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -89,6 +116,7 @@ def create_app(
         swagger_ui_path="/docs",
         redoc_ui_path=None,
         scalar_ui_path=None,
+        openapi_provider_class=_OpenAPI,
     )
     svc = Services(settings=settings, metrics=metrics or METRICS)
     app.extensions["service"] = svc

@@ -16,14 +16,19 @@ __all__ = [
     "MAX_CONTENT_CHARS",
     "MAX_MODEL_CHARS",
     "AgentName",
+    "ChatCompletionOut",
     "ConversationList",
     "ConversationOut",
     "ConversationWithMessages",
     "CreateConversation",
     "ErrorBody",
     "ErrorDetail",
+    "HealthOut",
     "ListConversationsQuery",
     "MessageOut",
+    "OpenAIModel",
+    "OpenAIModelList",
+    "ReadyOut",
     "iso",
 ]
 
@@ -109,6 +114,42 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+class HealthOut(BaseModel):
+    status: str = Field(description='"ok", or "down" (503) if the process can run nothing')
+    error: str | None = None
+
+
+class ReadyOut(BaseModel):
+    status: str = Field(description='"ready" (200) or "not ready" (503)')
+    checks: dict[str, str] = Field(description='"ok" or "down: <why>" for each part')
+    down: list[str]
+
+
+class OpenAIModel(BaseModel):
+    id: str
+    object: str = "model"
+    created: int = 0
+    owned_by: str
+
+
+class OpenAIModelList(BaseModel):
+    object: str = "list"
+    data: list[OpenAIModel]
+
+
+class ChatCompletionOut(BaseModel):
+    """A ``chat.completion``; with ``stream: true`` the answer is instead ``text/event-stream``
+    of ``chat.completion.chunk`` objects, then ``data: [DONE]``."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[dict[str, Any]]
+    usage: dict[str, Any] | None = None
 
 
 def error_body(type_: str, message: str, **extra: Any) -> dict[str, Any]:

@@ -16,13 +16,13 @@ from typing import Any, Literal
 import trio
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from quart import Blueprint, Response, jsonify
-from quart_schema import validate_request
+from quart_schema import document_response, validate_request
 
 from ..backends.base import ChatMessage, ToolCall
 from ..errors import ServiceError
 from ..runs import RunEvent, RunHandle, RunSpec, RunStatus
 from .errors import json_error
-from .models import AgentName
+from .models import AgentName, ChatCompletionOut, ErrorBody, OpenAIModel, OpenAIModelList
 from .owned import own_run
 from .runs import error_status, error_type, sse_response
 from .sse import sse_data
@@ -151,6 +151,13 @@ def _tool_calls_out(calls: list[dict[str, Any]], *, with_index: bool) -> list[di
 
 @blueprint.post("/v1/chat/completions")
 @validate_request(ChatCompletionRequest)
+@document_response(ChatCompletionOut, 200)
+@document_response(ErrorBody, 404)
+@document_response(ErrorBody, 409)
+@document_response(ErrorBody, 429)
+@document_response(ErrorBody, 502)
+@document_response(ErrorBody, 503)
+@document_response(ErrorBody, 504)
 async def chat_completions(data: ChatCompletionRequest) -> Response:
     """OpenAI chat completions, non-streamed or streamed (``chat.completion.chunk`` + [DONE])."""
     svc = services()
@@ -363,12 +370,15 @@ _END_TYPES = {"timed_out": "run_timeout", "cancelled": "cancelled"}
 
 
 @blueprint.get("/v1/models")
+@document_response(OpenAIModelList, 200)
 async def list_models() -> Response:
     """Models of every reachable backend, in OpenAI's list shape."""
     return jsonify({"object": "list", "data": await _models()})
 
 
 @blueprint.get("/v1/models/<path:model_id>")
+@document_response(OpenAIModel, 200)
+@document_response(ErrorBody, 404)
 async def retrieve_model(model_id: str) -> Response:
     """One model (the OpenAI SDK's ``models.retrieve``); 404 if no reachable backend has it."""
     for model in await _models():

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import trio
 from quart import Blueprint, Response, jsonify
-from quart_schema import hide
+from quart_schema import document_response, hide
 
 from ..errors import ServiceError
+from .models import HealthOut, ReadyOut
 from .state import services
 
 __all__ = ["blueprint"]
@@ -17,6 +18,8 @@ _READY_PROBE_DEADLINE = 2.0
 
 
 @blueprint.get("/healthz")
+@document_response(HealthOut, 200)
+@document_response(HealthOut, 503)
 async def healthz() -> Response:
     """200 while the process serves; 503 if it can no longer run anything (restart it)."""
     supervisor = services().supervisor
@@ -28,6 +31,8 @@ async def healthz() -> Response:
 
 
 @blueprint.get("/readyz")
+@document_response(ReadyOut, 200)
+@document_response(ReadyOut, 503)
 async def readyz() -> Response:
     """200 when the store and at least one backend answer, else 503 naming what is down."""
     svc = services()
@@ -58,7 +63,7 @@ async def readyz() -> Response:
 
 
 @blueprint.get("/metrics")
-@hide
+@hide  # documented by hand (text, not a model): service.factory._OpenAPI
 async def metrics() -> Response:
     """Prometheus text exposition."""
     body = services().metrics.render()
