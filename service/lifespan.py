@@ -18,7 +18,7 @@ import trio
 from .agents import make_runner
 from .api.state import Services
 from .backends import build_backend, client_from_settings
-from .errors import StoreError
+from .errors import BackendUnavailable, StoreError
 from .logs import get_logger
 from .runs import RunSupervisor
 from .settings import BackendKind
@@ -97,12 +97,20 @@ async def _serve_embedded(
     if settings.gguf is None:
         raise ConfigError("SERVICE_BACKEND=embedded needs SERVICE_GGUF (a .gguf model file)",
                           variable="SERVICE_GGUF")
+    served = False
     try:
         async with embedded_llama_server(
             settings.gguf, alias=settings.default_model or settings.gguf.stem
         ) as server:
             task_status.started(server.base_url)
+            served = True
             await stop.wait()
+    except BackendUnavailable as exc:
+        if served:
+            raise
+        # It never served: the model file is the likely cause; name the setting.
+        raise ConfigError(f"SERVICE_GGUF={settings.gguf}: {exc.message}",
+                          variable="SERVICE_GGUF") from exc
     finally:
         done.set()
 

@@ -34,17 +34,23 @@ async def test_lone_surrogate_in_openai_messages_is_4xx_not_500(settings: Settin
 
 @pytest.mark.parametrize(("var", "value"), [("SERVICE_TOOLS", "no_such_module"),
                                         ("SERVICE_DB", "/dev/null/x.db"),
-                                        ("SERVICE_BACKEND", "embedded")])
+                                        ("SERVICE_BACKEND", "embedded"),
+                                        ("SERVICE_GGUF", "not-a-model.gguf")])
 def test_startup_setting_error_is_one_line(tmp_path: Path, var: str, value: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SERVICE_")}
     env.update({"SERVICE_DB": str(tmp_path / "s.db"), var: value})
+    if var == "SERVICE_GGUF":
+        # Found in review: a file that is not a model gave "llama.cpp failed to start on port
+        # N", naming no setting.
+        (tmp_path / value).write_bytes(b"GGUF but not really a model" * 100)
+        env.update({"SERVICE_GGUF": str(tmp_path / value), "SERVICE_BACKEND": "embedded"})
     out = subprocess.run([sys.executable, "-m", "service", "--bind", "127.0.0.1:0"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 1
     assert "Traceback" not in out.stderr + out.stdout
     line = out.stderr.strip().splitlines()[-1]
     assert line.startswith("service: ")
-    assert "SERVICE_" in line  # names the setting (contract review: SERVICE_DB, _TOOLS did not)
+    assert var in line  # names the setting (contract review: SERVICE_DB, _TOOLS did not)
 
 
 def test_only_a_start_up_service_error_is_reported_as_one_line() -> None:
