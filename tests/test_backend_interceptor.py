@@ -88,6 +88,8 @@ async def test_cancelled_call_recorded_even_with_a_slow_store(autojump_clock: Mo
     assert len(seen) == 4  # at 0, 1, 2, 3
     [row] = recorder.rows  # written under a shield although the caller was cancelled
     assert row.outcome is LLMCallOutcome.cancelled
+    # What happened, not trio's Cancelled text naming an internal task (found in review).
+    assert row.error == "cancelled (the run was cancelled, timed out or shut down)"
     assert row.completion_tokens == 4
     assert row.tokens_estimated
     assert row.duration == 3.5

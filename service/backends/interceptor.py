@@ -202,6 +202,9 @@ class Interceptor:
         outcome = classify_outcome(failure, finished=call.finished)
         if failure is None:
             error = None if outcome is LLMCallOutcome.ok else "left before the end of the stream"
+        elif outcome is LLMCallOutcome.cancelled:
+            # trio's Cancelled text names an internal task: say what happened instead.
+            error = "cancelled (the run was cancelled, timed out or shut down)"
         else:
             error = _error_text(failure)
         rec = call.record(outcome, error)
