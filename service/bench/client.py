@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-__all__ = ["StreamResult", "Target", "get_json", "post_json", "run_stream"]
+__all__ = ["StreamResult", "Target", "get_json", "get_text", "post_json", "run_stream"]
 
 _TERMINATOR = b"\r\n0\r\n\r\n"
 
@@ -155,7 +155,8 @@ async def _exchange(stream: trio.SocketStream, request: bytes, res: StreamResult
         tail = window[-keep:]
 
 
-async def _simple(host: str, port: int, method: str, path: str, body: bytes | None) -> Any:
+async def _simple(host: str, port: int, method: str, path: str, body: bytes | None,
+                  *, text: bool = False) -> Any:
     stream = await trio.open_tcp_stream(host, port)
     try:
         head = f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n"
@@ -174,6 +175,8 @@ async def _simple(host: str, port: int, method: str, path: str, body: bytes | No
     status = int(head_bytes[9:12])
     if b"transfer-encoding: chunked" in head_bytes.lower():
         payload = _dechunk(payload)
+    if text:
+        return status, payload.decode()
     return status, json.loads(payload) if payload.strip() else None
 
 
@@ -201,6 +204,10 @@ def _dechunk(data: bytes) -> bytes:
         out += rest[:size]
         data = rest[size + 2:]
     return bytes(out)
+
+
+async def get_text(host: str, port: int, path: str) -> tuple[int, str]:
+    return await _simple(host, port, "GET", path, None, text=True)  # type: ignore[no-any-return]
 
 
 async def get_json(host: str, port: int, path: str) -> tuple[int, Any]:

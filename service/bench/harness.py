@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from .client import StreamResult, Target, get_json, post_json, run_stream
+from .client import StreamResult, Target, get_json, get_text, post_json, run_stream
 from .procs import Proc, cpu_seconds
 
 __all__ = ["Bench", "CpuWindow"]
@@ -86,12 +86,24 @@ class Bench:
         off during a scenario and collect here, between scenarios, so that their own pauses are
         not measured as the service's latency.
         """
+        await self.wait_idle()
         gc.collect()
         status, _ = await post_json(_HOST, self.sim.port, "/sim/config", {
             "tokens": tokens, "interval": interval, "first_delay": first_delay,
             "record_sends": record_sends})
         if status != 200:
             raise RuntimeError(f"simulator config failed: HTTP {status}")
+
+    async def wait_idle(self, limit: float = 60.0) -> None:
+        """Wait until the service has no run in flight (its ``/metrics``): a scenario must not
+        start while the last one's runs are still being cancelled and written (after the
+        capacity ramp: thousands of final writes), or its first requests measure that."""
+        with trio.move_on_after(limit):
+            while True:
+                status, text = await get_text(_HOST, self.service.port, "/metrics")
+                if status == 200 and "\nservice_runs_in_flight 0.0\n" in text:
+                    return
+                await trio.sleep(0.1)
 
     async def sim_records(self, since: int = 0, sends_after: float | None = None
                           ) -> dict[str, Any]:
