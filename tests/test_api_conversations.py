@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from service.settings import Settings
@@ -249,3 +251,77 @@ async def test_deleting_a_conversation_stops_its_runs(settings: Settings, on_dis
             nursery.cancel_scope.cancel()
         assert (await client.get(f"/api/conversations/{conv}")).status_code == 404
         assert (await client.get(f"/api/runs/{run_id}")).status_code == 404
+
+
+def _hold_after_first_write(store: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
+    """Hold each run's start after its first write has landed (the run is stored and its id
+    visible, but it is not launched): (landed, release) events."""
+    import trio
+
+    landed, release = trio.Event(), trio.Event()
+    real = store.begin_run
+
+    async def begin_run(*args: Any, **kwargs: Any) -> Any:
+        begun = await real(*args, **kwargs)
+        landed.set()
+        await release.wait()
+        return begun
+
+    monkeypatch.setattr(store, "begin_run", begin_run)
+    return landed, release
+
+
+@pytest.mark.parametrize("action", ["cancel", "delete"])
+async def test_a_run_stopped_between_its_first_write_and_its_launch_stays_stopped(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, action: str
+) -> None:
+    # Found in review: in that window the run is stored (a client can see its id) but not
+    # launched; a cancel answered 202 "running" and the run then succeeded, and a delete left
+    # it generating a whole answer for a conversation that no longer existed.
+    import trio
+
+    from .fakes import Reply, ScriptedBackend
+
+    backend = ScriptedBackend(lambda req: Reply("a b c d e f", gap=0.2))
+    async with running_server(settings, backend) as srv, srv.client() as client:
+        store = srv.services.require_store()
+        landed, release = _hold_after_first_write(store, monkeypatch)
+        conv = (await client.post("/api/conversations", json={})).json()["id"]
+        posted: dict[str, Any] = {}
+
+        async def post() -> None:
+            posted["r"] = await client.post(f"/api/conversations/{conv}/messages",
+                                            json={"content": "hi", "on_disconnect": "continue"})
+
+        async def stop(run_id: str) -> None:
+            if action == "cancel":
+                r = await client.post(f"/api/runs/{run_id}/cancel")
+                posted["cancel"] = (r.status_code, r.json()["status"])
+            else:
+                assert (await client.delete(f"/api/conversations/{conv}")).status_code == 204
+
+        supervisor = srv.services.require_supervisor()
+        asked = trio.Event()
+        real = supervisor.cancel_starting
+
+        async def cancel_starting(run_id: str, reason: str) -> Any:
+            asked.set()  # the stop has reached the run while it is still starting
+            return await real(run_id, reason)
+
+        monkeypatch.setattr(supervisor, "cancel_starting", cancel_starting)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(post)
+            await landed.wait()
+            (run_id,) = await store.runs_in_progress(conv)
+            assert supervisor.starting(run_id)
+            nursery.start_soon(stop, run_id)
+            with trio.fail_after(10):  # a guard only
+                await asked.wait()
+            release.set()
+        assert not any(s.completed for s in backend.streams)  # no answer was generated
+        if action == "cancel":
+            assert posted["cancel"] == (202, "cancelled")
+            assert (await client.get(f"/api/runs/{run_id}")).json()["status"] == "cancelled"
+            assert posted["r"].status_code == 409
+        else:
+            assert (await client.get(f"/api/conversations/{conv}")).status_code == 404

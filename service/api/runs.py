@@ -226,6 +226,10 @@ async def stop_runs(run_ids: list[str], reason: str) -> None:
         if (handle := supervisor.get(run_id)) is not None:
             handle.cancel(reason)
             mine.append(handle)
+        elif supervisor.starting(run_id):
+            # Stored (its id may be known) but not launched yet: cancelled as it launches.
+            if (handle := await supervisor.cancel_starting(run_id, reason)) is not None:
+                mine.append(handle)
         elif await store.run_in_progress(run_id) == "elsewhere":
             await store.request_cancel(run_id, reason)
             elsewhere.append(run_id)

@@ -94,7 +94,9 @@ class RunSupervisor:
         self.run_timeout = run_timeout
         self._runs: dict[str, RunHandle] = {}
         self._reserved = 0  # runs being set up (counted against max_runs)
-        self._starting: set[str] = set()  # ids of runs whose first write is in flight
+        # Runs whose first write is in flight: set when each is launched (or failed to start).
+        self._starting: dict[str, trio.Event] = {}
+        self._cancel_at_launch: dict[str, str] = {}  # run id -> reason, asked while starting
         self._starts_done = trio.Event()  # set when _reserved drops to 0 (drain waits on it)
         self._nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
@@ -158,6 +160,17 @@ class RunSupervisor:
         """Whether a run's first write is in flight or has just landed, its launch to come."""
         return run_id in self._starting
 
+    async def cancel_starting(self, run_id: str, reason: str) -> RunHandle | None:
+        """Cancel a run whose first write is in flight (it is stored, maybe visible, but not
+        launched): it is cancelled as it launches. Returns its handle once launched (None if
+        it was not starting, or its start failed)."""
+        launched = self._starting.get(run_id)
+        if launched is None:
+            return self._runs.get(run_id)
+        self._cancel_at_launch.setdefault(run_id, reason)
+        await launched.wait()
+        return self._runs.get(run_id)
+
     def get(self, run_id: str) -> RunHandle | None:
         """A live run, or one that ended but whose final write is still to be retried (its
         handle holds run.finished, which the store does not have yet)."""
@@ -205,7 +218,7 @@ class RunSupervisor:
             return await self._start_new(spec)
         self._reserved += 1
         run_id = new_id("run")
-        self._starting.add(run_id)
+        self._starting[run_id] = launched = trio.Event()
         try:
             # One write checks the conversation, resolves agent and model, stores the run, both
             # messages and event 1 (run.started), and reads the history for the agent; the
@@ -219,12 +232,16 @@ class RunSupervisor:
             handle.adopt_first_event(_event(begun.started))
             self._launch(handle, spec)
         finally:
-            self._starting.discard(run_id)
+            del self._starting[run_id]
+            launched.set()
             self._reserved -= 1
             if not self._reserved:
                 self._starts_done.set()
+            reason = self._cancel_at_launch.pop(run_id, None)
         if self._cancelling:  # its write landed after the drain's grace: it ends at once
             handle.cancel("shutdown")
+        elif reason is not None:  # a cancel (or a delete) came while its write was in flight
+            handle.cancel(reason)
         return handle
 
     async def _start_new(self, spec: RunSpec) -> RunHandle:
