@@ -23,7 +23,8 @@ react - one or a few tool calls ({tools}) are needed;
 plan_execute - several distinct steps must be planned and combined."""
 
 _MULTI_STEP = re.compile(
-    r"\b(then|after that|afterwards|step[s]? |first\b.*\bthen|finally|plan|compare)\b|^\s*\d+[.)]",
+    r"\b(then|after that|afterwards|step[s]? |first\b.*\bthen|finally|plan|compare)\b"
+    r"|^\s*\d+[.)](?:\s|$)",  # a numbered list ("1. ", "2) "), not a decimal ("3.5")
     re.I | re.M,
 )
 _TOOLISH = re.compile(

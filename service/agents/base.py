@@ -75,13 +75,23 @@ class AgentContext:
 
     @property
     def question(self) -> str:
-        return self.history[-1].content if self.history else ""
+        """The user's last message (a /v1 history may end with a client's tool results)."""
+        i = self.question_index
+        return self.history[i].content if i is not None else ""
+
+    @property
+    def question_index(self) -> int | None:
+        for i in range(len(self.history) - 1, -1, -1):
+            if self.history[i].role == "user":
+                return i
+        return None
 
     def emit(self, type_: str, data: dict[str, Any]) -> None:
         self.handle.emit(type_, data)
 
     def _add_usage(self, usage: Usage | None) -> None:
         self.usage["llm_calls"] = self.usage.get("llm_calls", 0) + 1
+        self.handle.usage = dict(self.usage)  # a call that reports no usage is a call too
         if usage is None:
             return
         for key, value in (("prompt_tokens", usage.prompt_tokens),

@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from ..backends.base import ChatMessage
 from ..store import new_id
 from .base import Agent, AgentContext
-from .react import ReActAgent
+from .react import ReActAgent, StepLimitReached
 
 __all__ = ["Plan", "PlanExecuteAgent", "PlanStep", "parse_plan"]
 
@@ -132,17 +132,25 @@ class PlanExecuteAgent(Agent):
             messages.append(ChatMessage("user", extra))
         reply = await ctx.call_llm(messages, emit_tokens=False)
         try:
-            return parse_plan(reply.content)
+            return self._parse(reply.content)
         except ValueError as first_error:
             messages += [reply, ChatMessage(
                 "user", f"That plan was not valid ({first_error}). Reply with the JSON plan only."
             )]
             reply = await ctx.call_llm(messages, emit_tokens=False)
             try:
-                return parse_plan(reply.content)
+                return self._parse(reply.content)
             except ValueError as exc:
                 ctx.emit("thought", {"text": f"no valid plan ({exc}); using one step"})
-                return Plan(steps=[PlanStep(id=1, task=ctx.question)])
+                # The question may be empty (a /v1 message with only an image, or "").
+                return Plan(steps=[PlanStep(id=1, task=ctx.question.strip() or
+                                            "Answer the user's request.")])
+
+    def _parse(self, text: str) -> Plan:
+        plan = parse_plan(text)
+        if len(plan.steps) > self.max_steps:  # the prompt asks for at most max_steps
+            raise ValueError(f"the plan has {len(plan.steps)} steps; at most {self.max_steps}")
+        return plan
 
     async def run(self, ctx: AgentContext) -> str:
         plan = await self.make_plan(ctx)
@@ -161,8 +169,12 @@ class PlanExecuteAgent(Agent):
             except StepFailed as second:
                 ctx.emit("thought", {"text": f"re-plan failed too: {second}"})
         summary = "\n".join(f"Step {k}: {v}" for k, v in sorted(results.items()))
+        # The history without the question, which the synthesis prompt restates; whatever came
+        # after it (a /v1 client's tool calls and their results) stays, each call with its result.
+        i = ctx.question_index
+        history = ctx.history if i is None else [*ctx.history[:i], *ctx.history[i + 1:]]
         reply = await ctx.call_llm([
-            *ctx.history[:-1],
+            *history,
             ChatMessage("user", SYNTH_PROMPT.format(question=ctx.question, results=summary)),
         ])
         return reply.content
@@ -194,8 +206,11 @@ class PlanExecuteAgent(Agent):
                 prompt += f"\nKnown so far:\n{context}"
             messages = [ChatMessage("system", self.step_agent.system_prompt(ctx)),
                         ChatMessage("user", prompt)]
-            output = await self.step_agent.loop(_quiet(ctx), messages)
-            ok = not output.startswith("ERROR:")
+            try:
+                output = await self.step_agent.loop(_quiet(ctx), messages, fail_at_limit=True)
+                ok = not output.startswith("ERROR:")
+            except StepLimitReached as limit:  # a step that could not finish failed
+                output, ok = str(limit), False
         results[step.id] = output
         ctx.emit("step.finished", {"id": step.id, ("output" if ok else "error"): output})
         if not ok:

@@ -13,7 +13,7 @@ from ..store import new_id
 from .base import Agent, AgentContext, Observation
 from .react_parser import parse_react
 
-__all__ = ["REACT_SYSTEM", "ReActAgent"]
+__all__ = ["REACT_SYSTEM", "ReActAgent", "StepLimitReached"]
 
 REACT_SYSTEM = """You can use tools to answer. If your interface supports tool calls, call them \
 directly. Otherwise answer in exactly this format:
@@ -54,7 +54,11 @@ class ReActAgent(Agent):
         messages = [ChatMessage("system", self.system_prompt(ctx)), *ctx.history]
         return await self.loop(ctx, messages)
 
-    async def loop(self, ctx: AgentContext, messages: list[ChatMessage]) -> str:
+    async def loop(self, ctx: AgentContext, messages: list[ChatMessage], *,
+                   fail_at_limit: bool = False) -> str:
+        """The ReAct loop. At the step limit, one last call without tools; if that gives no
+        answer, the "could not finish" text is the answer, or with ``fail_at_limit`` (a plan's
+        step) ``StepLimitReached`` is raised."""
         tools = list(ctx.tools)
         for _step in range(self.max_steps):
             reply = await ctx.call_llm(messages, tools=tools)
@@ -78,12 +82,20 @@ class ReActAgent(Agent):
         messages.append(ChatMessage("user", LIMIT_PROMPT.format(steps=self.max_steps)))
         ctx.emit("thought", {"text": f"step limit of {self.max_steps} reached"})
         reply = await ctx.call_llm(messages)
-        step = parse_react(reply.content)
+        # No tool runs any more: a final answer anywhere in the reply is the answer.
+        step = parse_react(reply.content, final_first=True)
         if step.final_answer:  # a final answer, or a plain one without the protocol's labels
             return step.final_answer
         # Another action, an empty "Final Answer:", or nothing: not an answer to store as one.
         last = f" Last thought: {step.thought}" if step.thought else ""
-        return f"I could not finish this within {self.max_steps} steps.{last}"
+        unfinished = f"I could not finish this within {self.max_steps} steps.{last}"
+        if fail_at_limit:
+            raise StepLimitReached(unfinished)
+        return unfinished
+
+
+class StepLimitReached(Exception):
+    """A ReAct loop run as a plan's step ended at its step limit without an answer."""
 
 
 def _tool_message(obs: Observation) -> ChatMessage:

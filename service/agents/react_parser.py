@@ -71,14 +71,23 @@ def _parse_input(raw: str) -> Any:
     return raw
 
 
-def parse_react(text: str) -> ReActStep:
-    """Parse one model turn of the ReAct protocol. Never raises."""
+# What models write for "no tool" in the Action slot before their final answer.
+_NO_ACTION = frozenset({"none", "n/a", "na", "null", "nil", "nothing", "no action", "no tool",
+                        "-", "final answer"})
+
+
+def parse_react(text: str, *, final_first: bool = False) -> ReActStep:
+    """Parse one model turn of the ReAct protocol. Never raises.
+
+    The first of Action and Final Answer wins, unless ``final_first`` (no tool can run any more:
+    a final answer anywhere in the text is the answer). An Action of "None" (or "N/A", ...) is no
+    action."""
     thought_m = _THOUGHT.search(text)
     action_m = _ACTION.search(text)
     final_m = _FINAL.search(text)
     thought = _section(text, thought_m.end()) if thought_m else None
 
-    if action_m and (not final_m or action_m.start() < final_m.start()):
+    if action_m and not (final_m and (final_first or final_m.start() < action_m.start())):
         name = _section(text, action_m.end()).splitlines()[0:1]
         action = name[0].strip().strip("`*'\"") if name else ""
         input_m = _INPUT.search(text, action_m.end())
@@ -93,7 +102,7 @@ def parse_react(text: str) -> ReActStep:
             else:
                 lines = rest.splitlines()
                 action_input = _parse_input("\n".join(lines[1:])) if len(lines) > 1 else {}
-        if action:
+        if action and action.lower().rstrip(".") not in _NO_ACTION:
             return ReActStep(thought, action=action, action_input=action_input)
 
     if final_m:
