@@ -150,3 +150,21 @@ async def test_made_up_http_methods_share_one_metric_series(settings: Settings) 
     methods = set(re.findall(r'service_http_requests_total\{method="([^"]*)"', text))
     assert methods <= {"GET", "other"}
     assert "other" in methods
+
+
+async def test_a_run_that_crashes_is_a_500_not_a_502(settings: Settings) -> None:
+    # Found in review: a bug of ours (the run ended internal_error) answered 502, "the backend
+    # answered badly", sending whoever reads it after the wrong component.
+    from .fakes import Reply, ScriptedBackend
+
+    backend = ScriptedBackend(lambda req: Reply("a b c", fail_after=1,
+                                                error=RuntimeError("a bug in our code")))
+    async with running_server(settings, backend) as srv, srv.client() as client:
+        conv = (await client.post("/api/conversations", json={})).json()["id"]
+        r = await client.post(f"/api/conversations/{conv}/messages", json={"content": "x"})
+        assert r.status_code == 500
+        assert r.json()["error"]["type"] == "internal_error"
+        assert "Traceback" not in r.text
+        r = await client.post("/v1/chat/completions",
+                              json={"messages": [{"role": "user", "content": "x"}]})
+        assert (r.status_code, r.json()["error"]["type"]) == (500, "internal_error")

@@ -46,6 +46,7 @@ ERROR_STATUS = {
     "backend_unavailable": 503, "all_backends_failed": 503,
     "model_not_found": 404,
     "store_error": 500,
+    "internal_error": 500,  # a bug of ours, not a backend answering badly (502)
 }
 
 
