@@ -323,24 +323,30 @@ async def test_tool_call_arguments_that_are_not_json_come_back_marked_not_raised
         assert (call.name, call.arguments, call.invalid_arguments) == ("f", {}, "{oops")
 
 
-async def test_a_llamacpp_stream_error_line_carries_the_upstreams_message() -> None:
-    body = (b'error: {"code":400,"message":"the request exceeds the available context size",'
-            b'"type":"exceed_context_size_error"}\n\ndata: [DONE]\n\n')
+def _over_body(kind: type[OpenAICompatBackend] | type[OllamaBackend], body: bytes
+               ) -> OpenAICompatBackend | OllamaBackend:
+    """An adapter whose upstream answers every request with ``body`` (at once, whole)."""
+    content_type = "text/event-stream" if kind is OpenAICompatBackend else "application/x-ndjson"
 
     async def handle(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
+        return httpx.Response(200, headers={"content-type": content_type}, content=body)
 
     budgets = Budgets()
-    backend = OpenAICompatBackend("llamacpp", "http://l",
-                                  make_client(budgets, transport=httpx.MockTransport(handle)),
-                                  budgets)
-    async def consume() -> None:
-        async with backend.stream(req()) as chunks:
-            async for _ in chunks:
-                pass
+    return kind("upstream", "http://upstream",
+                make_client(budgets, transport=httpx.MockTransport(handle)), budgets)
 
+
+async def _text(backend: OpenAICompatBackend | OllamaBackend) -> str:
+    async with backend.stream(req()) as chunks:
+        return text_of([c async for c in chunks])
+
+
+async def test_a_llamacpp_stream_error_line_carries_the_upstreams_message() -> None:
+    backend = _over_body(OpenAICompatBackend, (
+        b'error: {"code":400,"message":"the request exceeds the available context size",'
+        b'"type":"exceed_context_size_error"}\n\ndata: [DONE]\n\n'))
     with pytest.raises(BackendResponseError) as info:
-        await consume()
+        await _text(backend)
     assert info.value.message == "the request exceeds the available context size"
     assert info.value.details["upstream_status"] == 400
 
@@ -349,39 +355,22 @@ async def test_an_emoji_split_into_surrogate_halves_across_chunks_is_joined() ->
     # Found in review: some JavaScript servers split a character outside the BMP into its two
     # UTF-16 halves, one per chunk; json.loads gives lone surrogates, which UTF-8 (the store,
     # every client) cannot encode: the run's final write raised and took the supervisor down.
-    body = (b'data: {"choices":[{"index":0,"delta":{"content":"smile \\ud83d"}}]}\n\n'
-            b'data: {"choices":[{"index":0,"delta":{"content":"\\ude00 ok"}}]}\n\n'
-            b'data: {"choices":[{"index":0,"delta":{"content":" lone \\udc00"}}]}\n\n'
-            b'data: {"choices":[{"index":0,"delta":{"content":" end \\ud83d"}}]}\n\n'
-            b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
-            b"data: [DONE]\n\n")
-
-    async def handle(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
-
-    budgets = Budgets()
-    backend = OpenAICompatBackend("llamacpp", "http://l",
-                                  make_client(budgets, transport=httpx.MockTransport(handle)),
-                                  budgets)
-    async with backend.stream(req()) as chunks:
-        text = text_of([c async for c in chunks])
+    backend = _over_body(OpenAICompatBackend, (
+        b'data: {"choices":[{"index":0,"delta":{"content":"smile \\ud83d"}}]}\n\n'
+        b'data: {"choices":[{"index":0,"delta":{"content":"\\ude00 ok"}}]}\n\n'
+        b'data: {"choices":[{"index":0,"delta":{"content":" lone \\udc00"}}]}\n\n'
+        b'data: {"choices":[{"index":0,"delta":{"content":" end \\ud83d"}}]}\n\n'
+        b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+        b"data: [DONE]\n\n"))
+    text = await _text(backend)
     assert text == "smile \U0001f600 ok lone \ufffd end \ufffd"
     text.encode("utf-8")
 
 
 async def test_ollama_surrogate_halves_across_lines_are_joined() -> None:
-    lines = [b'{"model":"m","message":{"role":"assistant","content":"smile \\ud83d"},"done":false}',
-             b'{"model":"m","message":{"role":"assistant","content":"\\ude00"},"done":false}',
-             b'{"model":"m","message":{"role":"assistant","content":" \\ud83d"},"done":true,'
-             b'"done_reason":"stop","prompt_eval_count":1,"eval_count":3}']
-
-    async def handle(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, headers={"content-type": "application/x-ndjson"},
-                              content=b"\n".join(lines) + b"\n")
-
-    budgets = Budgets()
-    backend = OllamaBackend("ollama", "http://o",
-                            make_client(budgets, transport=httpx.MockTransport(handle)), budgets)
-    async with backend.stream(req()) as chunks:
-        text = text_of([c async for c in chunks])
-    assert text == "smile \U0001f600 \ufffd"
+    backend = _over_body(OllamaBackend, (
+        b'{"model":"m","message":{"role":"assistant","content":"smile \\ud83d"},"done":false}\n'
+        b'{"model":"m","message":{"role":"assistant","content":"\\ude00"},"done":false}\n'
+        b'{"model":"m","message":{"role":"assistant","content":" \\ud83d"},"done":true,'
+        b'"done_reason":"stop","prompt_eval_count":1,"eval_count":3}\n'))
+    assert await _text(backend) == "smile \U0001f600 \ufffd"

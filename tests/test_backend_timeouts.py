@@ -206,15 +206,17 @@ async def _text_and_thinking(backend: OllamaBackend | OpenAICompatBackend) -> tu
     return "".join(text), "".join(thinking)
 
 
-async def test_ollama_thinking_is_progress_not_answer(autojump_clock: MockClock) -> None:
-    def line(obj: dict[str, Any]) -> bytes:
-        return json.dumps({"model": "m", **obj}).encode() + b"\n"
+def _line(obj: dict[str, Any]) -> bytes:
+    """One line of an Ollama NDJSON answer."""
+    return json.dumps({"model": "m", **obj}).encode() + b"\n"
 
+
+async def test_ollama_thinking_is_progress_not_answer(autojump_clock: MockClock) -> None:
     # 30 s of thinking, a line a second: past the 10 s first-chunk budget, within the gaps.
-    lines = [line({"message": {"role": "assistant", "content": "", "thinking": f"t{i} "},
+    lines = [_line({"message": {"role": "assistant", "content": "", "thinking": f"t{i} "},
                    "done": False}) for i in range(30)]
-    lines += [line({"message": {"role": "assistant", "content": "42"}, "done": False}),
-              line({"message": {"role": "assistant", "content": ""}, "done": True,
+    lines += [_line({"message": {"role": "assistant", "content": "42"}, "done": False}),
+              _line({"message": {"role": "assistant", "content": ""}, "done": True,
                     "done_reason": "stop", "prompt_eval_count": 3, "eval_count": 31})]
     backend = OllamaBackend("ollama", "http://o", _paced(lines, 1.0, "application/x-ndjson"),
                             _THINKING_BUDGETS)
@@ -240,10 +242,7 @@ async def test_llamacpp_reasoning_is_progress_not_answer(autojump_clock: MockClo
 
 async def test_silence_while_thinking_still_times_out(autojump_clock: MockClock) -> None:
     # Thinking resets the budget; it does not remove it: a model silent mid-thought fails.
-    def line(obj: dict[str, Any]) -> bytes:
-        return json.dumps({"model": "m", **obj}).encode() + b"\n"
-
-    lines = [line({"message": {"role": "assistant", "content": "", "thinking": "t "},
+    lines = [_line({"message": {"role": "assistant", "content": "", "thinking": "t "},
                    "done": False})] * 3
     backend = OllamaBackend("ollama", "http://o", _paced(lines, 6.0, "application/x-ndjson"),
                             _THINKING_BUDGETS)
