@@ -259,7 +259,9 @@ async def test_a_follower_through_the_store_backs_off_and_leaves_at_shutdown(
 async def test_a_run_left_running_by_a_dead_process_ends_the_stream(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    # Not waited for: nothing will finish it before the next start's recovery.
+    # Not waited for: its process is gone. The reader closes it as a start's recovery would,
+    # so the stream ends with its run.finished ("every stream ends with run.finished"; it
+    # ended without one before).
     async with supervisor_env(tmp_path, ScriptedBackend([])) as env:
         conv = await env.conversation()
         begun = await env.store.begin_run(conv, content="q", agent="chat", model=None)
@@ -267,5 +269,7 @@ async def test_a_run_left_running_by_a_dead_process_ends_the_stream(
             "UPDATE runs SET process = '999999999:1' WHERE id = ?", (begun.run.id,))
         reader = _reader(env, begun.run.id)
         with trio.fail_after(1):
-            assert [e.type async for e in reader if not isinstance(e, Keepalive)] == [
-                "run.started"]
+            events = [e async for e in reader if not isinstance(e, Keepalive)]
+        assert [e.type for e in events] == ["run.started", "run.finished"]
+        assert events[-1].data["status"] == "failed"
+        assert (await env.store.get_run(begun.run.id)).status == "failed"

@@ -91,9 +91,12 @@ class EventReader:
                     elif where == "here" and self._supervisor.starting(self.run_id):
                         pass  # in the round between its first write and its launch here
                     else:
-                        # Over (or gone): the store has everything it will ever have. One more
-                        # read closes the race with a run that ended since the last one; a gap
-                        # still there now stays (its events were never stored): skipped.
+                        # Over (or gone): the store has everything it will ever have. A run
+                        # whose process is gone is closed now (as the next start would: failed,
+                        # "interrupted", with its run.finished), so this stream gets its end.
+                        # One more read closes the race with a run that ended since the last
+                        # one; a gap still there now stays (never stored): skipped.
+                        await self._store.recover_interrupted(self.run_id)
                         self._backlog = await self._read_store()
                         self._finished = not self._backlog
                         continue

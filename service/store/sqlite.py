@@ -692,7 +692,7 @@ class Store:
 
         await self._write("finish_run", fn)
 
-    async def recover_interrupted(self) -> list[str]:
+    async def recover_interrupted(self, run_id: str | None = None) -> list[str]:
         """Close runs left ``queued``/``running`` by a process that is gone (killed, crashed).
 
         Each becomes ``failed`` ("interrupted"), its pending reply ``error`` with what it had,
@@ -703,14 +703,15 @@ class Store:
         Called at start-up, and by the run supervisor every ``_RECOVER_EVERY`` seconds (workers
         sharing the file close a dead sibling's runs): a read finds them; only then a write,
         which closes each only if it is still in progress (another worker may have been first).
+        ``run_id``: look at that run only (a reader following a run whose owner is gone).
         """
         now = time.time()
         reason = "interrupted: the service stopped before the run finished"
 
         def find(c: sqlite3.Connection) -> list[str]:
-            rows = c.execute(
-                "SELECT id, process FROM runs WHERE status IN ('queued', 'running')"
-            ).fetchall()
+            sql = "SELECT id, process FROM runs WHERE status IN ('queued', 'running')"
+            rows = (c.execute(sql + " AND id = ?", (run_id,)) if run_id is not None
+                    else c.execute(sql)).fetchall()
             return [rid for rid, proc in rows
                     if proc != self.process_id and not _alive(proc, self.process_id)]
 
