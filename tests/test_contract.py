@@ -109,3 +109,40 @@ async def test_openapi_document_is_valid_and_lists_every_endpoint(settings: Sett
         ("GET", "/api/llm-calls"), ("GET", "/metrics"),
     ]:
         assert (method, path) in documented, (method, path)
+
+
+@pytest.mark.parametrize(("extra", "field"), [
+    ({"n": 2}, "n"),
+    ({"logprobs": True}, "logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is in this image?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]},
+     "messages.0.content"),
+])
+async def test_v1_refuses_what_it_would_not_honour(settings: Settings, extra: dict[str, Any],
+                                                   field: str) -> None:
+    # Found in review: n=2 got one choice, logprobs none, an image was dropped and the model
+    # answered about a picture it never saw, all with a 200.
+    from .fakes import Reply, ScriptedBackend
+
+    backend = ScriptedBackend(lambda req: Reply("ok"))
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **extra}
+    async with running_server(settings, backend) as srv, srv.client() as client:
+        r = await client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["field"] == field
+    assert backend.streams == []
+
+
+async def test_v1_passes_parallel_tool_calls_on(settings: Settings) -> None:
+    from .fakes import Reply, ScriptedBackend
+
+    backend = ScriptedBackend(lambda req: Reply("ok"))
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    async with running_server(settings, backend) as srv, srv.client() as client:
+        r = await client.post("/v1/chat/completions", json={
+            "model": "m", "tools": [tool], "parallel_tool_calls": False,
+            "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200
+    assert ("parallel_tool_calls", False) in backend.streams[0].request.options

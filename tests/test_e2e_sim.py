@@ -1040,3 +1040,47 @@ async def test_v1_reports_the_model_that_answered(settings: Settings) -> None:
                           if x.startswith("data: {")]
         assert whole["model"] == "sim-model"
         assert {c["model"] for c in chunks} == {"sim-model"}
+
+
+async def test_the_openai_sdk_does_not_run_a_cancelled_completion_again(
+    settings: Settings
+) -> None:
+    # Found in review: the SDK retries 409 too ("lock timeout"): after a cancel it sent the
+    # request again and returned a fresh answer, the caller never told. The 409 now carries
+    # x-should-retry: false, which the SDK obeys.
+    import openai
+
+    async with e2e(settings, "llamacpp") as env:
+        env.sim.script(Reply(tokens=500, interval=0.05), Reply(tokens=3))
+        base = env.server.url + "/v1"
+
+        def sdk() -> Any:
+            client = openai.OpenAI(base_url=base, api_key="k")  # default max_retries: 2
+            try:
+                return client.chat.completions.create(
+                    model="sim-model", messages=[{"role": "user", "content": "go"}])
+            except openai.APIStatusError as exc:
+                return exc
+            finally:
+                client.close()
+
+        got: list[Any] = []
+
+        async def run_sdk() -> None:
+            got.append(await trio.to_thread.run_sync(sdk))
+
+        with trio.fail_after(GUARD):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_sdk)
+                await env.sim.wait_streams(1)
+                convs: list[dict[str, Any]] = []
+                while not convs:  # noqa: ASYNC110 (the store has no event to wait on)
+                    convs = (await env.client.get("/api/conversations")).json()["data"]
+                    await trio.sleep(0.01)
+                conv = (await env.client.get(f"/api/conversations/{convs[0]['id']}")).json()
+                run_id = conv["messages"][-1]["run_id"]
+                assert (await env.client.post(f"/api/runs/{run_id}/cancel")).status_code == 202
+        (result,) = got
+        assert isinstance(result, openai.APIStatusError)
+        assert result.status_code == 409
+        assert len(env.sim.streams) == 1  # not run again

@@ -62,6 +62,12 @@ class ChatMessageIn(_Lenient):
     @field_validator("content")
     @classmethod
     def _encodable(cls, value: str | list[dict[str, Any]] | None) -> Any:
+        if isinstance(value, list):
+            for part in value:
+                if part.get("type") != "text":
+                    # Dropping it would have the model answer about an image it never saw.
+                    raise ValueError(f"only text content parts are supported, not "
+                                     f"{str(part.get('type'))[:40]!r}")
         # A lone surrogate ("\ud800") is valid JSON but not Unicode text: the store cannot
         # write it (it was a 500).
         try:
@@ -91,12 +97,25 @@ class ChatCompletionRequest(_Lenient):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     response_format: dict[str, Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    # Accepted only where honoured: one choice, no log probabilities (silently giving less than
+    # was asked would break a client reading choices[1] or choice.logprobs).
+    n: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=0, description="not supported")
     agent: AgentName | None = Field(None, description="extension: run this agent")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("log probabilities are not supported")
+        return value
 
 
 # Passed on to the model as they came (the chat agent's call): ChatRequest.options.
 _PASSED_ON = ("top_p", "seed", "presence_penalty", "frequency_penalty", "response_format",
-              "tool_choice")
+              "tool_choice", "parallel_tool_calls")
 
 
 def _text(content: str | list[dict[str, Any]] | None) -> str:
@@ -104,7 +123,7 @@ def _text(content: str | list[dict[str, Any]] | None) -> str:
         return ""
     if isinstance(content, str):
         return content
-    # Content parts: keep the text ones (this service has no image input).
+    # Content parts: text only (others are refused by ChatMessageIn).
     return "".join(t for p in content
                    if p.get("type") == "text" and isinstance(t := p.get("text"), str))
 
@@ -230,8 +249,13 @@ async def _finished(handle: RunHandle) -> None:
 
 
 def _run_error(handle: RunHandle) -> Response:
-    return json_error(error_status(handle), error_type(handle),
+    resp = json_error(error_status(handle), error_type(handle),
                       handle.error or f"the run ended {handle.status.value}", run_id=handle.id)
+    if resp.status_code == 409:
+        # A cancel is final. OpenAI SDKs retry 409 too ("lock timeout"), which would start
+        # the cancelled completion again; they obey this header before the status.
+        resp.headers["x-should-retry"] = "false"
+    return resp
 
 
 # Events that put something in an OpenAI stream (``_Framer``): the answer has started.
