@@ -144,7 +144,7 @@ def create_app(
         REQUEST_ID.set(rid)
         g.request_id = rid
         g.started = time.perf_counter()
-        if keys and path not in _OPEN_ROUTES:
+        if keys:
             auth = headers.get("Authorization", "")
             given = auth[7:].strip().encode() if auth[:7].lower() == "bearer " else b""
             # Compare against every key, in constant time, so timing tells nothing.
@@ -152,6 +152,9 @@ def create_app(
             for key in keys:
                 if hmac.compare_digest(given, key):
                     match = key
+            g.authenticated = match is not None
+            if path in _OPEN_ROUTES:
+                return None  # open, but shows its details only to a key (ops.py)
             if match is None:
                 resp = json_error(401, "unauthorized", "missing or wrong API key")
                 resp.headers["WWW-Authenticate"] = "Bearer"

@@ -52,6 +52,12 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # One record, one line: a newline from a client (a request path with %0a) would
+        # otherwise forge a line of its own. Tracebacks are added after this, on their lines.
+        line = super().formatMessage(record)
+        return line.replace("\r", "\\r").replace("\n", "\\n")
+
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     """Route the service's and hypercorn's loggers to stderr in the chosen format."""

@@ -6,6 +6,7 @@ A bad value stops the process with one line naming the variable (see ``service._
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -127,6 +128,13 @@ def load_settings(**overrides: object) -> Settings:
         field = str(err["loc"][0]) if err["loc"] else "?"
         var = f"SERVICE_{field.upper()}"
         given = err.get("input")
-        raise ConfigError(
-            f"invalid setting {var}={given!r}: {err['msg']}", variable=var
-        ) from None
+        message = _redact(f"invalid setting {var}={given!r}: {err['msg']}")
+        if field == "api_keys":  # never echo keys (a bad one is still a key)
+            message = f"invalid setting {var}: {err['msg']}"
+        raise ConfigError(message, variable=var) from None
+
+
+def _redact(text: str) -> str:
+    """Passwords of URLs in ``text`` ("http://user:pass@host" -> "http://user:***@host"): start-up
+    errors go to stderr and from there to system logs."""
+    return re.sub(r"(//[^/\s:@'\"]*:)[^@/\s'\"]*@", r"\1***@", text)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import trio
-from quart import Blueprint, Response, jsonify
+from quart import Blueprint, Response, g, jsonify
 from quart_schema import document_response, hide
 
 from ..errors import ServiceError
@@ -17,6 +17,12 @@ blueprint = Blueprint("ops", __name__)
 _READY_PROBE_DEADLINE = 2.0
 
 
+def _details_shown() -> bool:
+    """The probes are open; with API keys set, why something is down (backend hosts, error
+    texts) is shown only to a request with a key."""
+    return not services().settings.api_keys or bool(g.get("authenticated", False))
+
+
 @blueprint.get("/healthz")
 @document_response(HealthOut, 200)
 @document_response(HealthOut, 503)
@@ -24,7 +30,8 @@ async def healthz() -> Response:
     """200 while the process serves; 503 if it can no longer run anything (restart it)."""
     supervisor = services().supervisor
     if supervisor is not None and supervisor.failure is not None:
-        resp = jsonify({"status": "down", "error": supervisor.failure})
+        error = supervisor.failure if _details_shown() else "the run supervisor stopped"
+        resp = jsonify({"status": "down", "error": error})
         resp.status_code = 503
         return resp
     return jsonify({"status": "ok"})
@@ -57,6 +64,8 @@ async def readyz() -> Response:
         checks["service"] = f"down: {svc.supervisor.failure}"
     ok = all(v == "ok" for v in checks.values())
     down = [k for k, v in checks.items() if v != "ok"]
+    if not _details_shown():
+        checks = {k: "ok" if v == "ok" else "down" for k, v in checks.items()}
     resp = jsonify({"status": "ready" if ok else "not ready", "checks": checks, "down": down})
     resp.status_code = 200 if ok else 503
     return resp

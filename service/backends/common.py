@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import httpx
 import trio
@@ -67,13 +69,18 @@ class HTTPBackend:
         health_timeout: float = 2.0,
     ) -> None:
         self.name = name
-        self.url = url.rstrip("/")
+        self.headers: dict[str, str] = {}
+        # Credentials in the URL ("http://user:pass@host", a proxy in front of the model) go
+        # into an Authorization header: the URL is shown (/api/backends, error messages, the
+        # LLM-call table) and must not carry them.
+        self.url, auth = split_credentials(url.rstrip("/"))
+        if auth is not None:
+            self.headers["Authorization"] = auth
         self.client = client
         self.budgets = budgets or Budgets()
         self.default_model = default_model
         self._first_model: tuple[str, float] | None = None  # (id, valid until)
         self.health_timeout = health_timeout
-        self.headers: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} {self.url} default_model={self.default_model}>"
@@ -129,3 +136,14 @@ class HTTPBackend:
 
     async def aclose(self) -> None:
         return None  # the shared client belongs to whoever made it
+
+
+def split_credentials(url: str) -> tuple[str, str | None]:
+    """``url`` without its user:password, and the Basic Authorization value they make."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None
+    user, password = unquote(parts.username or ""), unquote(parts.password or "")
+    host = parts.netloc.rpartition("@")[2]
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return urlunsplit(parts._replace(netloc=host)), f"Basic {token}"

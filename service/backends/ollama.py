@@ -207,7 +207,8 @@ class OllamaBackend(HTTPBackend):
     async def stream(self, request: ChatRequest) -> AsyncIterator[OllamaChunks]:
         model = await self.resolve_model(request.model)
         http_request = self.client.build_request(
-            "POST", f"{self.url}/api/chat", json=self.chat_body(request, model)
+            "POST", f"{self.url}/api/chat", json=self.chat_body(request, model),
+            headers=self.headers,
         )
         async with open_stream(
             self.client, http_request, self.budgets, backend=self.name, model=model
@@ -217,7 +218,7 @@ class OllamaBackend(HTTPBackend):
     async def list_models(self) -> list[ModelInfo]:
         deadline = trio.current_time() + self.budgets.first_chunk
         body = await request_json(self.client, "GET", f"{self.url}/api/tags",
-                                  backend=self.name, deadline=deadline)
+                                  backend=self.name, deadline=deadline, headers=self.headers)
         models = body.get("models") if isinstance(body, dict) else None
         if not isinstance(models, list):
             raise BackendProtocolError("/api/tags: no models list", backend=self.name)
@@ -249,7 +250,8 @@ class OllamaBackend(HTTPBackend):
         deadline = trio.current_time() + self.budgets.call
         body = {"model": model, "messages": [], "stream": False, "keep_alive": "10m"}
         answer = await request_json(self.client, "POST", f"{self.url}/api/chat", backend=self.name,
-                                    deadline=deadline, json_body=body, model=model)
+                                    deadline=deadline, json_body=body, model=model,
+                                    headers=self.headers)
         if isinstance(answer, dict) and "error" in answer:
             raise BackendResponseError(str(answer["error"]), backend=self.name)
 

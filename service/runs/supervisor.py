@@ -336,7 +336,7 @@ class RunSupervisor:
                     else:
                         # A bug in an agent or a tool runner: this run fails, the others go on.
                         log.error("run crashed", exc_info=group)
-                        error = f"internal error: {type(exc).__name__}: {exc}"
+                        error = _internal(exc)
                         handle.error_type = "internal_error"
                         handle.emit("error", {"type": "internal_error", "message": error})
             if handle.scope.cancelled_caught:
@@ -368,7 +368,7 @@ class RunSupervisor:
                 status, error = handle.cancel_status, handle.cancel_reason
             else:
                 leaf = _leaf(rest)
-                status, error = RunStatus.failed, f"internal error: {type(leaf).__name__}: {leaf}"
+                status, error = RunStatus.failed, _internal(leaf)
                 handle.error_type = "internal_error"
                 handle.emit("error", {"type": "internal_error", "message": error})
         await self._finish(handle, status, answer, error)
@@ -572,6 +572,12 @@ def _split_cancelled(
     if isinstance(exc, trio.Cancelled):
         return exc, None
     return None, exc
+
+
+def _internal(exc: BaseException) -> str:
+    """What a client is told of a bug: its kind only. Its text (paths, hosts, data) and the
+    traceback are in the log, with the run's and the request's ids."""
+    return f"internal error ({type(exc).__name__}); the details are in the service's log"
 
 
 def _interrupt(exc: BaseException | None) -> bool:
