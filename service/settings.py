@@ -95,6 +95,15 @@ class Settings(BaseSettings):
             return items
         return value
 
+    @field_validator("api_keys")
+    @classmethod
+    def _key_chars(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        for key in keys:
+            # A header carries ASCII; a key with other characters (or spaces) could never match.
+            if not (key.isascii() and key.isprintable() and " " not in key):
+                raise ValueError("a key must be printable ASCII without spaces")
+        return keys
+
     @field_validator("db_synchronous")
     @classmethod
     def _sync(cls, value: str) -> str:

@@ -129,3 +129,15 @@ def test_a_text_log_record_is_one_line() -> None:
     line = TextFormatter().format(record)
     assert "\n" not in line
     assert "FORGED" in line  # kept, escaped: the operator still sees what was sent
+
+
+@pytest.mark.parametrize("keys", ["good,dé-jà", "two words", "tab\tkey"])
+def test_a_key_no_header_could_carry_stops_the_start_without_being_echoed(keys: str) -> None:
+    # Noticed in review: a key with non-ASCII characters or spaces could never match (the
+    # header is read as latin-1), so its holder was locked out with no hint.
+    from service.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_settings(db="/tmp/never-opened.db", api_keys=keys)
+    assert "SERVICE_API_KEYS" in info.value.message
+    assert keys.split(",")[-1] not in info.value.message
