@@ -238,6 +238,7 @@ async def test_list_models_merged(autojump_clock: MockClock) -> None:
 
 
 @pytest.mark.parametrize(("status", "counts"), [(400, False), (422, False), (413, False),
+                                                (401, True), (403, True),  # its credentials
                                                 (408, True), (429, True), (500, True)])
 async def test_only_the_backends_own_errors_count_towards_a_cooldown(
     autojump_clock: MockClock, status: int, counts: bool

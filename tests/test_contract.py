@@ -146,3 +146,19 @@ async def test_v1_passes_parallel_tool_calls_on(settings: Settings) -> None:
             "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200
     assert ("parallel_tool_calls", False) in backend.streams[0].request.options
+
+
+async def test_v1_takes_an_assistant_refusal_part_in_the_history(settings: Settings) -> None:
+    # OpenAI allows assistant content parts "text" and "refusal"; the check that refuses images
+    # refused those too (found in a review of that change).
+    from .fakes import Reply, ScriptedBackend
+
+    backend = ScriptedBackend(lambda req: Reply("ok"))
+    async with running_server(settings, backend) as srv, srv.client() as client:
+        r = await client.post("/v1/chat/completions", json={"model": "m", "messages": [
+            {"role": "user", "content": "do X"},
+            {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't do X"}]},
+            {"role": "user", "content": "ok, then Y"}]})
+    assert r.status_code == 200, r.text
+    assert [m.content for m in backend.streams[0].request.messages][-2:] == [
+        "I can't do X", "ok, then Y"]

@@ -80,3 +80,18 @@ def test_round_trip_of_well_formed_actions(name: str, args: dict, thought: str) 
     step = parse_react(t)
     assert step.action == name
     assert step.action_input == args
+
+
+def test_action_final_answer_with_an_input_is_the_answer() -> None:
+    # LangChain's style. Found in a review of the "Action: None" fix, which had lost it.
+    step = parse_react("Thought: I know it now.\nAction: Final Answer\nAction Input: 4")
+    assert (step.action, step.final_answer) == (None, "4")
+
+
+def test_action_none_alone_stays_a_call_the_model_can_correct() -> None:
+    # Only before a Final Answer is "Action: None" no action; alone, the thought is not the
+    # answer (the failing call's observation lets the model correct itself).
+    step = parse_react("Thought: I need to look this up first.\nAction: None\nAction Input: {}")
+    assert (step.action, step.final_answer) == ("None", None)
+    step = parse_react("Thought: I know this.\nAction: None\nFinal Answer: Paris")
+    assert (step.action, step.final_answer) == (None, "Paris")

@@ -73,7 +73,9 @@ def _parse_input(raw: str) -> Any:
 
 # What models write for "no tool" in the Action slot before their final answer.
 _NO_ACTION = frozenset({"none", "n/a", "na", "null", "nil", "nothing", "no action", "no tool",
-                        "-", "final answer"})
+                        "-"})
+# ... and for "this is the answer", with the answer as the Action Input (LangChain's style).
+_ANSWER_ACTION = frozenset({"final answer", "final_answer", "finish", "answer"})
 
 
 def parse_react(text: str, *, final_first: bool = False) -> ReActStep:
@@ -102,7 +104,13 @@ def parse_react(text: str, *, final_first: bool = False) -> ReActStep:
             else:
                 lines = rest.splitlines()
                 action_input = _parse_input("\n".join(lines[1:])) if len(lines) > 1 else {}
-        if action and action.lower().rstrip(".") not in _NO_ACTION:
+        label = action.lower().rstrip(".") if action else ""
+        if label in _ANSWER_ACTION and action_input not in (None, {}, ""):
+            answer = action_input if isinstance(action_input, str) else json.dumps(action_input)
+            return ReActStep(thought, final_answer=answer.strip())
+        if action and not (label in _NO_ACTION and final_m):
+            # "Action: None" is no action only before a Final Answer; alone it stays a (failing)
+            # tool call, whose observation lets the model correct itself.
             return ReActStep(thought, action=action, action_input=action_input)
 
     if final_m:

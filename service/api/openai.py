@@ -64,7 +64,7 @@ class ChatMessageIn(_Lenient):
     def _encodable(cls, value: str | list[dict[str, Any]] | None) -> Any:
         if isinstance(value, list):
             for part in value:
-                if part.get("type") != "text":
+                if part.get("type") not in ("text", "refusal"):
                     # Dropping it would have the model answer about an image it never saw.
                     raise ValueError(f"only text content parts are supported, not "
                                      f"{str(part.get('type'))[:40]!r}")
@@ -123,9 +123,9 @@ def _text(content: str | list[dict[str, Any]] | None) -> str:
         return ""
     if isinstance(content, str):
         return content
-    # Content parts: text only (others are refused by ChatMessageIn).
+    # Content parts: text, or an assistant's refusal (others are refused by ChatMessageIn).
     return "".join(t for p in content
-                   if p.get("type") == "text" and isinstance(t := p.get("text"), str))
+                   if isinstance(t := p.get(p.get("type") or "", None), str))
 
 
 def _to_history(messages: list[ChatMessageIn]) -> tuple[ChatMessage, ...]:

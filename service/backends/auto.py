@@ -291,6 +291,8 @@ def _all_failed(causes: list[BackendError]) -> BackendError:
 
 def _request_fault(exc: BackendError) -> bool:
     """An upstream 4xx about the request itself (too long for the context, bad parameters): no
-    reason to set a healthy backend aside for everyone. 408 and 429 are the backend's load."""
+    reason to set a healthy backend aside for everyone. 408 and 429 are the backend's load, 401
+    and 403 its credentials (wrong for every request): those count."""
     status = exc.details.get("upstream_status")
-    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
+    return (isinstance(status, int) and 400 <= status < 500
+            and status not in (401, 403, 408, 429))
