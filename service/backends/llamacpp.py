@@ -177,6 +177,7 @@ class OpenAIChunks:
             for key in ("reasoning_content", "reasoning"):
                 if isinstance(delta.get(key), str):
                     thinking += delta[key]
+                    break  # a server sending both sends the same text twice
             parts = delta.get("tool_calls") or ()
             if not isinstance(parts, list | tuple):
                 raise BackendProtocolError(f"tool_calls is not a list: {parts!r:.200}",
