@@ -47,7 +47,11 @@ async def _start_services(app: QuartTrio, svc: Services, backend: Backend | None
     except StoreError as exc:  # a path that cannot be a store: say which setting
         raise StoreError(f"SERVICE_DB: {exc.message}") from exc
     svc.store = store
-    interrupted = await store.recover_interrupted()
+    try:
+        interrupted = await store.recover_interrupted()
+    except StoreError as exc:  # opens, but cannot be read (a corrupted file): say which setting
+        await store.aclose()
+        raise StoreError(f"SERVICE_DB: {exc.message}") from exc
     log.info("store open", extra={"db": str(settings.db), "interrupted_runs": len(interrupted)})
     svc.tools = ToolRegistry([*BUILTIN_TOOLS, *load_tool_modules(settings.tools)])
     if backend is None:

@@ -168,3 +168,32 @@ async def test_a_run_that_crashes_is_a_500_not_a_502(settings: Settings) -> None
         r = await client.post("/v1/chat/completions",
                               json={"messages": [{"role": "user", "content": "x"}]})
         assert (r.status_code, r.json()["error"]["type"]) == (500, "internal_error")
+
+
+def test_a_store_file_that_opens_but_cannot_be_read_names_service_db(tmp_path: Path) -> None:
+    # Found in review: a file with a valid header and corrupt tables opened, then the first
+    # read failed with a line naming no setting.
+    import trio
+
+    from service.store import open_store
+
+    db = tmp_path / "c.db"
+
+    async def fill() -> None:
+        async with open_store(db) as store:
+            conv = await store.create_conversation(title="t")
+            for _ in range(200):
+                await store.append_message(conv.id, role="user", content="x" * 500)
+
+    trio.run(fill)
+    data = bytearray(db.read_bytes())
+    data[8192:] = b"\xab" * (len(data) - 8192)  # the header is fine, the tables are not
+    db.write_bytes(bytes(data))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SERVICE_")}
+    env["SERVICE_DB"] = str(db)
+    out = subprocess.run([sys.executable, "-m", "service", "--bind", "127.0.0.1:0"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr + out.stdout
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("service: SERVICE_DB: "), line

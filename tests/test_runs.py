@@ -773,3 +773,35 @@ async def test_a_dead_sibling_workers_runs_are_closed_while_this_one_serves(
         assert (await env.store.get_messages(conv))[-1].status is MessageStatus.error
         # And a second look (or another worker's) changes nothing.
         assert await env.store.recover_interrupted() == []
+
+
+async def test_two_retry_passes_of_a_final_write_at_once_do_not_crash_the_supervisor(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found in review: the checkpoint loop and a drain both retried the same failed final
+    # write; the second pass's list.remove raised ValueError and ended the supervisor.
+    from service.errors import StoreError
+
+    async with supervisor_env(tmp_path, ScriptedBackend([Reply("all of it")])) as env:
+        conv = await env.conversation()
+        real = env.store.finish_run
+        calls = 0
+        retrying = trio.Event()
+
+        async def flaky(*args: object, **kwargs: object) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise StoreError("store write failed: database or disk is full")
+            retrying.set()
+            await trio.sleep(3)  # a slow store: the other pass starts meanwhile
+            await real(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(env.store, "finish_run", flaky)
+        handle = await env.supervisor.start(RunSpec(conv, "x"))
+        await handle.finished.wait()
+        await retrying.wait()  # the checkpoint loop's pass is inside the retry
+        await env.supervisor.drain(0)  # ... and the drain's pass comes too
+        await trio.sleep(5)
+        assert env.supervisor.failure is None
+        assert (await env.store.get_run(handle.id)).status == "succeeded"

@@ -607,3 +607,43 @@ async def test_a_huge_cursor_is_a_value_error_not_an_overflow(tmp_path: Path) ->
         cursor = base64.urlsafe_b64encode(b"s" + b"9" * 30).decode().rstrip("=")
         with pytest.raises(ValueError, match="cursor"):
             await store.list_conversations(before=cursor)
+
+
+async def test_a_newer_schema_is_refused_without_being_touched(tmp_path: Path) -> None:
+    # Found in review: the file was switched to WAL (written to) before its version was read.
+    db = tmp_path / "new.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE future (x)")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="newer than this code"):
+        async with open_store(db):
+            pass
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    conn.close()
+    assert not await trio.Path(f"{db}-wal").exists()
+
+
+async def test_the_wal_is_cut_back_once_a_long_reader_is_gone(tmp_path: Path) -> None:
+    # Found in review: a reader in another process held checkpoints back, the WAL grew to 30 MB
+    # and kept that size for the life of the process. Now it is cut back to the limit when it
+    # is next reset (64 MB by default; 1 MB here).
+    db = tmp_path / "w.db"
+    async with open_store(db, wal_size_limit=1 << 20) as store:
+        conv = await store.create_conversation(title="t")
+        reader = sqlite3.connect(db)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM messages").fetchone()  # holds a snapshot
+        for _ in range(300):
+            await store.append_message(conv.id, role="user", content="x" * 2000)
+        wal = trio.Path(f"{db}-wal")
+        assert (await wal.stat()).st_size > 1 << 20
+        reader.rollback()
+        reader.close()
+        for _ in range(3):
+            await store.checkpoint()
+            await store.append_message(conv.id, role="user", content="y")
+        assert (await wal.stat()).st_size <= 1 << 20
+        assert len(await store.get_messages(conv.id)) == 303  # nothing lost

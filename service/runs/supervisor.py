@@ -105,6 +105,7 @@ class RunSupervisor:
         self._wake = trio.Event()
         self._commit_lock = trio.Lock()
         self._final_retries: list[dict[str, Any]] = []  # final writes that failed, to retry
+        self._final_retry_lock = trio.Lock()
         self._unstored_ends: dict[str, RunHandle] = {}  # their runs, still served to re-joins
         self.draining = False
         self.failure: str | None = None  # set if ``serve`` ended with an error
@@ -502,17 +503,22 @@ class RunSupervisor:
                     handle.cancel(reason)
 
     async def retry_final_writes(self) -> None:
-        """Store the final states whose first write failed (the clients already had them)."""
-        for final in list(self._final_retries):
-            try:
-                with trio.move_on_after(_FINAL_WRITE_BUDGET):
-                    await self._store.finish_run(**final)
-                    self._final_retries.remove(final)
-                    self._unstored_ends.pop(final["run_id"], None)
-                    log.info("stored the final state of run %s on retry", final["run_id"])
-            except StoreError as exc:
-                log.warning("final state of run %s still not stored: %s", final["run_id"],
-                            exc.message)
+        """Store the final states whose first write failed (the clients already had them).
+
+        One retry pass at a time: the checkpoint loop and a drain both call this, and two
+        passes over the same list crashed the supervisor (the second ``remove``)."""
+        async with self._final_retry_lock:
+            for final in list(self._final_retries):
+                try:
+                    with trio.move_on_after(_FINAL_WRITE_BUDGET):
+                        await self._store.finish_run(**final)
+                        if final in self._final_retries:
+                            self._final_retries.remove(final)
+                        self._unstored_ends.pop(final["run_id"], None)
+                        log.info("stored the final state of run %s on retry", final["run_id"])
+                except StoreError as exc:
+                    log.warning("final state of run %s still not stored: %s", final["run_id"],
+                                exc.message)
 
     async def flush(self) -> None:
         """Write every pending event (one transaction for all runs), then publish them.

@@ -159,6 +159,8 @@ def _connect(path: Path, synchronous: str, busy_timeout: float) -> sqlite3.Conne
     return conn
 
 
+WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the WAL is cut back to once reset (journal_size_limit)
+
 class Store:
     """Conversations, messages, runs, run events and LLM calls in one SQLite file."""
 
@@ -170,8 +172,10 @@ class Store:
         busy_timeout: float = 10.0,
         metrics: Metrics | None = None,
         threaded: bool = True,
+        wal_size_limit: int = WAL_SIZE_LIMIT,
     ) -> None:
         self.path = Path(path)
+        self.wal_size_limit = wal_size_limit
         # threaded=False runs sqlite3 inline on the trio thread: for tests under trio's
         # autojump_clock, which would jump virtual time while a worker thread runs.
         # Its own thread limiter (writer, reader, checkpointer: at most 3 at once): threads
@@ -210,15 +214,30 @@ class Store:
             if str(self.path) != ":memory:":
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             writer = _connect(self.path, self._synchronous, self._busy_timeout)
+        except (sqlite3.Error, OSError) as exc:  # OSError: its directory cannot be made
+            raise StoreError(f"cannot open store {self.path}: {exc}") from exc
+        try:
+            # A newer schema is refused before anything is written to the file.
+            version = writer.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise StoreError(
+                    f"database schema version {version} is newer than this code "
+                    f"({len(MIGRATIONS)}); refusing to open")
             # Checkpoints run beside the writes (``checkpoint``), not inside a commit, where
             # they stall every write queued behind it (seen as token-latency spikes).
             writer.execute("PRAGMA wal_autocheckpoint = 0")
+            # A WAL grown large (a long reader in another process held checkpoints back) is
+            # cut back to this when it is next reset, rather than keeping its peak size.
+            writer.execute(f"PRAGMA journal_size_limit = {int(self.wal_size_limit)}")
             mode = writer.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal" and str(self.path) != ":memory:":
                 raise StoreError(f"could not switch {self.path} to WAL (got {mode})")
             self._migrate(writer)
             reader = _connect(self.path, self._synchronous, self._busy_timeout)
-        except (sqlite3.Error, OSError) as exc:  # OSError: its directory cannot be made
+        except (sqlite3.Error, OSError, StoreError) as exc:
+            writer.close()  # nothing left open on a failed start
+            if isinstance(exc, StoreError):
+                raise
             raise StoreError(f"cannot open store {self.path}: {exc}") from exc
         self._writer, self._reader = writer, reader
 
