@@ -104,7 +104,11 @@ async def _serve_embedded(
     served = False
     try:
         async with embedded_llama_server(
-            settings.gguf, alias=settings.default_model or settings.gguf.stem
+            # SERVICE_DEFAULT_MODEL names the embedded model only when it is the one backend;
+            # under auto it is meant for the others (it renamed the GGUF there).
+            settings.gguf, alias=(settings.default_model
+                                  if settings.backend is BackendKind.embedded
+                                  and settings.default_model else settings.gguf.stem)
         ) as server:
             task_status.started(server.base_url)
             served = True

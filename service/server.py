@@ -9,6 +9,7 @@ process exits 0.
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import logging
 import signal
@@ -49,6 +50,9 @@ def build_config(
         config.graceful_timeout = 10
     if bind:
         config.bind = list(bind)
+    # The embedded backend loads its model during start-up and allows it 120 s; hypercorn's
+    # own default (60 s) cut a slow load short with a traceback.
+    config.startup_timeout = max(config.startup_timeout, 150)
     if max_body_bytes is not None:
         # The app answers a WebSocket message over SERVICE_MAX_BODY_BYTES with an error and
         # keeps the socket; hypercorn buffers each message whole before the app sees it, so it
@@ -174,10 +178,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the operator gets its one line, not a traceback. Anything else is a bug: re-raised.
         found = _service_error(exc)
         if found is None:
-            raise
+            bind = _bind_error(exc)
+            if bind is None:
+                raise
+            print(f"service: cannot listen on {', '.join(config.bind)}: {bind.strerror}"
+                  " (another process may be using it; --bind picks another)", file=sys.stderr)
+            return 1  # noqa: ASYNC104 (as above)
         print(f"service: {found.message}", file=sys.stderr)
         return 1  # noqa: ASYNC104 (as above)
     return 0
+
+
+def _bind_error(exc: BaseException) -> OSError | None:
+    """The address-in-use or permission error of hypercorn binding its listener, alone in
+    (nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, OSError) and exc.errno in (errno.EADDRINUSE, errno.EACCES,
+                                                  errno.EADDRNOTAVAIL):
+        return exc
+    return None
 
 
 def _service_error(exc: BaseException) -> ServiceError | None:

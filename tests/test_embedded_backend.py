@@ -448,3 +448,22 @@ async def test_four_concurrent_streams_complete(
     for max_tokens, chunks in results.items():
         assert_complete(chunks, max_tokens)
     assert pool_in_use(client) == (0, 0)
+
+
+async def test_under_auto_the_default_model_does_not_rename_the_embedded_model(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    # Found in review: SERVICE_DEFAULT_MODEL (meant for Ollama) became the GGUF's alias, so a
+    # request for that model, with Ollama down, was answered by the GGUF under its name.
+    from service.settings import load_settings
+
+    from .conftest import running_server
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{unused.getsockname()[1]}"  # bound, not listening
+        settings = load_settings(db=tmp_path / "s.db", backend="auto", gguf=tiny_model,
+                                 ollama_url=dead, llamacpp_url=dead, default_model="llama3:8b")
+        async with running_server(settings, from_settings=True) as srv, srv.client() as c:
+            models = (await c.get("/v1/models")).json()["data"]
+    assert {(m["id"], m["owned_by"]) for m in models} == {(tiny_model.stem, "embedded")}

@@ -74,3 +74,32 @@ def test_bad_setting_stops_with_one_line(tmp_path: Path, var: str, value: str) -
     assert len(lines) == 1, out.stderr
     assert var in lines[0]
     assert "Traceback" not in out.stderr
+
+
+def test_a_taken_port_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    # Found in review: hypercorn binds after the app has started, and its OSError went out as
+    # a multi-level exception-group traceback.
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SERVICE_")}
+        env["SERVICE_DB"] = str(tmp_path / "s.db")
+        out = subprocess.run([sys.executable, "-m", "service", "--bind", f"127.0.0.1:{port}"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+                             check=False)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"service: cannot listen on 127.0.0.1:{port}: "), line
+
+
+def test_start_up_may_take_as_long_as_the_embedded_model_load() -> None:
+    # Found in review: hypercorn's 60 s start-up limit cut a model load that the embedded
+    # backend allows 120 s, with a traceback.
+    from service.server import build_config
+
+    assert build_config(ROOT / "hypercorn.toml", None).startup_timeout >= 150
+    assert build_config(None, None).startup_timeout >= 150
