@@ -190,6 +190,14 @@ class Env:
     async def conversation(self, **kwargs: Any) -> str:
         return (await self.store.create_conversation(**kwargs)).id
 
+    async def run_of_a_dead_process(self, conversation_id: str) -> str:
+        """A run stored as running by a process that is gone (a killed worker): its id."""
+        begun = await self.store.begin_run(conversation_id, content="q", agent="chat",
+                                           model=None)
+        await self.store._write("fake a dead owner", lambda c: c.execute(
+            "UPDATE runs SET process = '999999999:1' WHERE id = ?", (begun.run.id,)))
+        return begun.run.id
+
 
 async def _inline(fn: Callable[[], Any]) -> Any:
     await trio.lowlevel.checkpoint()

@@ -263,13 +263,10 @@ async def test_a_run_left_running_by_a_dead_process_ends_the_stream(
     # so the stream ends with its run.finished ("every stream ends with run.finished"; it
     # ended without one before).
     async with supervisor_env(tmp_path, ScriptedBackend([])) as env:
-        conv = await env.conversation()
-        begun = await env.store.begin_run(conv, content="q", agent="chat", model=None)
-        env.store._writer.execute(  # type: ignore[union-attr]
-            "UPDATE runs SET process = '999999999:1' WHERE id = ?", (begun.run.id,))
-        reader = _reader(env, begun.run.id)
+        run_id = await env.run_of_a_dead_process(await env.conversation())
+        reader = _reader(env, run_id)
         with trio.fail_after(1):
             events = [e async for e in reader if not isinstance(e, Keepalive)]
         assert [e.type for e in events] == ["run.started", "run.finished"]
         assert events[-1].data["status"] == "failed"
-        assert (await env.store.get_run(begun.run.id)).status == "failed"
+        assert (await env.store.get_run(run_id)).status == "failed"

@@ -760,15 +760,13 @@ async def test_a_dead_sibling_workers_runs_are_closed_while_this_one_serves(
     # answered 202 "running", a re-join never got run.finished).
     async with supervisor_env(tmp_path, ScriptedBackend([])) as env:
         conv = await env.conversation()
-        begun = await env.store.begin_run(conv, content="q", agent="chat", model=None)
-        await env.store._write("fake a dead owner", lambda c: c.execute(
-            "UPDATE runs SET process = '999999999:1' WHERE id = ?", (begun.run.id,)))
-        assert await env.store.run_in_progress(begun.run.id) is None
+        run_id = await env.run_of_a_dead_process(conv)
+        assert await env.store.run_in_progress(run_id) is None
         await trio.sleep(31)
-        run = await env.store.get_run(begun.run.id)
+        run = await env.store.get_run(run_id)
         assert (run.status, run.error) == (
             "failed", "interrupted: the service stopped before the run finished")
-        events = await env.store.list_run_events(begun.run.id)
+        events = await env.store.list_run_events(run_id)
         assert [e.type for e in events][-1] == "run.finished"
         assert (await env.store.get_messages(conv))[-1].status is MessageStatus.error
         # And a second look (or another worker's) changes nothing.
