@@ -21,7 +21,7 @@ from .backends import build_backend, client_from_settings
 from .errors import BackendUnavailable, StoreError
 from .logs import get_logger
 from .runs import RunSupervisor
-from .settings import BackendKind
+from .settings import BackendKind, embedded_alias
 from .store import Store
 from .tools import BUILTIN_TOOLS, ToolRegistry, load_tool_modules
 
@@ -104,11 +104,7 @@ async def _serve_embedded(
     served = False
     try:
         async with embedded_llama_server(
-            # SERVICE_DEFAULT_MODEL names the embedded model only when it is the one backend;
-            # under auto it is meant for the others (it renamed the GGUF there).
-            settings.gguf, alias=(settings.default_model
-                                  if settings.backend is BackendKind.embedded
-                                  and settings.default_model else settings.gguf.stem)
+            settings.gguf, alias=embedded_alias(settings) or settings.gguf.stem
         ) as server:
             task_status.started(server.base_url)
             served = True

@@ -147,3 +147,13 @@ def _redact(text: str) -> str:
     """Passwords of URLs in ``text`` ("http://user:pass@host" -> "http://user:***@host"): start-up
     errors go to stderr and from there to system logs."""
     return re.sub(r"(//[^/\s:@'\"]*:)[^@/\s'\"]*@", r"\1***@", text)
+
+
+def embedded_alias(settings: Settings) -> str | None:
+    """The name the embedded model is served under: ``SERVICE_DEFAULT_MODEL`` when it is the one
+    backend, else the GGUF file's stem (under auto the default model is meant for the others)."""
+    if settings.gguf is None:
+        return None
+    if settings.backend is BackendKind.embedded and settings.default_model:
+        return settings.default_model
+    return settings.gguf.stem

@@ -467,3 +467,31 @@ async def test_under_auto_the_default_model_does_not_rename_the_embedded_model(
         async with running_server(settings, from_settings=True) as srv, srv.client() as c:
             models = (await c.get("/v1/models")).json()["data"]
     assert {(m["id"], m["owned_by"]) for m in models} == {(tiny_model.stem, "embedded")}
+
+
+async def test_the_embedded_model_answers_its_own_name_only(tiny_model: Path,
+                                                            tmp_path: Path) -> None:
+    # Found in review: llama.cpp answers any model name with its one model, so a request for
+    # "gpt-4o" (or, under auto with Ollama down, for an Ollama model) got the GGUF's answer
+    # with a 200, where API.md says 404 for an unknown model.
+    from service.settings import load_settings
+
+    from .conftest import running_server
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{unused.getsockname()[1]}"
+        for kind in ("embedded", "auto"):
+            settings = load_settings(db=tmp_path / f"{kind}.db", backend=kind, gguf=tiny_model,
+                                     ollama_url=dead, llamacpp_url=dead)
+            async with running_server(settings, from_settings=True) as srv, \
+                    srv.client() as c:
+                r = await c.post("/v1/chat/completions", json={
+                    "model": "gpt-4o", "max_tokens": 3,
+                    "messages": [{"role": "user", "content": "hi"}]})
+                assert (kind, r.status_code, r.json()["error"]["type"]) == (
+                    kind, 404, "model_not_found")
+                r = await c.post("/v1/chat/completions", json={
+                    "model": tiny_model.stem, "max_tokens": 3,
+                    "messages": [{"role": "user", "content": "hi"}]})
+                assert (kind, r.status_code, r.json()["model"]) == (kind, 200, tiny_model.stem)

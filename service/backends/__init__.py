@@ -123,8 +123,11 @@ def build_backend(
                 "SERVICE_BACKEND=embedded: start service.backends.embedded first and pass its "
                 "base URL as embedded_url", variable="SERVICE_BACKEND",
             )
+        from ..settings import embedded_alias
+
+        alias = embedded_alias(settings)
         return wrap(OpenAICompatBackend("embedded", embedded_url, client, budgets,
-                                        default_model=default))
+                                        default_model=alias or default, only_model=alias))
 
     if kind == "ollama":
         return ollama()

@@ -22,7 +22,7 @@ from typing import Any, TypedDict
 import httpx
 import trio
 
-from ..errors import BackendProtocolError, BackendResponseError
+from ..errors import BackendProtocolError, BackendResponseError, ModelNotFound
 from ..text import TextJoiner
 from .base import BackendHealth, ChatChunk, ChatMessage, ChatRequest, ModelInfo, ToolCall, Usage
 from .common import HTTPBackend, new_call_id, parse_arguments, token_count
@@ -251,11 +251,15 @@ class OpenAICompatBackend(HTTPBackend):
         default_model: str | None = None,
         health_timeout: float = 2.0,
         api_key: str | None = None,
+        only_model: str | None = None,
     ) -> None:
         super().__init__(name, url, client, budgets, default_model=default_model,
                          health_timeout=health_timeout)
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
+        # A server that answers any model name with its one model (llama.cpp's, embedded):
+        # a request naming another is refused here (404, and auto moves on), not answered by it.
+        self.only_model = only_model
 
     def chat_body(self, request: ChatRequest, model: str) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -277,6 +281,9 @@ class OpenAICompatBackend(HTTPBackend):
 
     @asynccontextmanager
     async def stream(self, request: ChatRequest) -> AsyncIterator[OpenAIChunks]:
+        if self.only_model and request.model and request.model != self.only_model:
+            raise ModelNotFound(f"model {request.model!r} not found (this backend serves "
+                                f"{self.only_model!r})", backend=self.name, model=request.model)
         model = await self.resolve_model(request.model)
         http_request = self.client.build_request(
             "POST", f"{self.url}/v1/chat/completions", json=self.chat_body(request, model),
