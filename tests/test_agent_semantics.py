@@ -201,3 +201,29 @@ def test_a_decimal_number_is_not_a_numbered_list() -> None:
     assert classify_by_rule("3.5 * 2", tools) == "react"
     assert classify_by_rule("convert 10.5 km to miles", tools) == "react"
     assert classify_by_rule("1. find the price\n2. convert it to euros", tools) == "plan_execute"
+
+
+async def test_re_planned_steps_never_reuse_an_id_of_the_first_plan(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Noticed in review: new ids followed the steps that ran, so a step of the first plan that
+    # never ran (listed in its plan event) shared its id with a re-planned one.
+    plans = iter([
+        {"steps": [{"id": 1, "task": "break", "tool": "calculator", "arguments": {"x": 1}},
+                   {"id": 2, "task": "after", "depends_on": [1]},
+                   {"id": 3, "task": "later", "depends_on": [2]}]},
+        {"steps": [{"id": 1, "task": "compute", "tool": "calculator",
+                    "arguments": {"expression": "2+2"}}]},
+    ])
+
+    def reply(req: ChatRequest) -> Reply:
+        if _system(req).startswith(_PLANNER):
+            return Reply(json.dumps(next(plans)))
+        return Reply("4")
+
+    async with supervisor_env(tmp_path, ScriptedBackend(reply)) as env:
+        handle, events = await _run(env, "compute", "plan_execute")
+    assert handle.status is RunStatus.succeeded
+    first, second = [e.data["steps"] for e in events if e.type == "plan"]
+    assert {s["id"] for s in first} == {1, 2, 3}
+    assert [s["id"] for s in second] == [4]

@@ -159,11 +159,14 @@ class PlanExecuteAgent(Agent):
             await self.execute(ctx, plan, results)
         except StepFailed as failure:
             done = "\n".join(f"- step {k}: {v}" for k, v in results.items()) or "nothing yet"
+            # New ids follow every id of the first plan, run or not: a client tracking steps by
+            # id (its plan event listed them all) never sees one id for two steps.
+            first_ids = max(s.id for s in plan.steps)
             plan = await self.make_plan(ctx, extra=(
                 f"A step failed: {failure}. Results so far:\n{done}\n"
                 "Make a new plan for what is left, with new step ids."
             ))
-            plan = _renumber(plan, start=max(results, default=0) + 1)
+            plan = _renumber(plan, start=max(first_ids, *results, 0) + 1)
             try:
                 await self.execute(ctx, plan, results)
             except StepFailed as second:
