@@ -99,9 +99,10 @@ class Settings(BaseSettings):
     @classmethod
     def _key_chars(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
         for key in keys:
-            # A header carries ASCII; a key with other characters (or spaces) could never match.
-            if not (key.isascii() and key.isprintable() and " " not in key):
-                raise ValueError("a key must be printable ASCII without spaces")
+            # A header carries ASCII; a key with other characters could never match. (Spaces
+            # inside a key are sent as they are; those at its ends are trimmed on both sides.)
+            if not (key.isascii() and key.isprintable()):
+                raise ValueError("a key must be printable ASCII")
         return keys
 
     @field_validator("db_synchronous")
@@ -144,9 +145,10 @@ def load_settings(**overrides: object) -> Settings:
 
 
 def _redact(text: str) -> str:
-    """Passwords of URLs in ``text`` ("http://user:pass@host" -> "http://user:***@host"): start-up
-    errors go to stderr and from there to system logs."""
-    return re.sub(r"(//[^/\s:@'\"]*:)[^@/\s'\"]*@", r"\1***@", text)
+    """URL credentials in ``text`` ("http://user:pass@host" -> "http://***@host", whatever the
+    password holds, and a bare token before "@" too): start-up errors go to stderr and from
+    there to system logs."""
+    return re.sub(r"//[^\s@]*@", "//***@", text)
 
 
 def embedded_alias(settings: Settings) -> str | None:
