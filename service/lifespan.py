@@ -70,6 +70,7 @@ async def _start_services(app: QuartTrio, svc: Services, backend: Backend | None
             tool_timeout=settings.tool_timeout, history_chars=settings.history_chars,
         ),
         metrics=svc.metrics, max_runs=settings.max_runs, run_timeout=settings.run_timeout,
+        events_retention=settings.events_retention_days * 86_400,
     )
     svc.supervisor = await app.nursery.start(supervisor.serve)
 

@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     sse_keepalive: float = Field(15.0, gt=0)
     shutdown_drain: float = Field(5.0, ge=0)
     history_chars: int = Field(24_000, ge=0)
+    # Days the events of a finished run are kept (0: for ever); its messages always are.
+    events_retention_days: float = Field(0.0, ge=0, le=36_500)
     db_synchronous: str = "NORMAL"
     tools: Annotated[tuple[str, ...], NoDecode] = ()  # modules with a deployer's own tools
     log_level: str = "INFO"

@@ -214,6 +214,7 @@ async def supervisor_env(
     tool_timeout: float = 30.0,
     max_runs: int = 1000,
     agents: dict[str, Agent] | None = None,
+    events_retention: float = 0.0,
 ) -> AsyncIterator[Env]:
     """A store (inline sqlite, for virtual time) and a serving supervisor over ``backend``.
 
@@ -229,7 +230,8 @@ async def supervisor_env(
         tool_timeout=tool_timeout, history_chars=24_000, agents=agents, run_sync=_inline,
     )
     supervisor = RunSupervisor(
-        store, runner, metrics=metrics, max_runs=max_runs, run_timeout=run_timeout
+        store, runner, metrics=metrics, max_runs=max_runs, run_timeout=run_timeout,
+        events_retention=events_retention,
     )
     try:
         async with trio.open_nursery() as nursery:

@@ -162,3 +162,10 @@ async def test_v1_takes_an_assistant_refusal_part_in_the_history(settings: Setti
     assert r.status_code == 200, r.text
     assert [m.content for m in backend.streams[0].request.messages][-2:] == [
         "I can't do X", "ok, then Y"]
+
+
+async def test_events_retention_reaches_the_supervisor(tmp_path: Path) -> None:
+    settings = load_settings(db=tmp_path / "s.db", events_retention_days=2)
+    async with running_server(settings) as srv:
+        assert srv.services.require_supervisor().events_retention == 2 * 86_400
+    assert load_settings(db=tmp_path / "s.db").events_retention_days == 0  # kept for ever

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import trio
 import trio.testing
 
 from service.agents import Agent, AgentContext
+from service.backends.base import ChatRequest
 from service.errors import BackendUnavailable, IllegalTransition, TooManyRuns
 from service.runs import ResumeFrom, RunEvent, RunSpec, RunStatus, check_transition
 from service.runs.handle import RunHandle
@@ -803,3 +805,41 @@ async def test_two_retry_passes_of_a_final_write_at_once_do_not_crash_the_superv
         await trio.sleep(5)
         assert env.supervisor.failure is None
         assert (await env.store.get_run(handle.id)).status == "succeeded"
+
+
+async def test_old_runs_events_are_pruned_keeping_their_ends_and_messages(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # SERVICE_EVENTS_RETENTION_DAYS: every token is a row; a finished run's events go after
+    # the retention, except run.started and run.finished (a re-join still ends cleanly), and
+    # its reply stays in its message. Runs still going are never touched.
+    from service.api.streams import EventReader
+
+    def reply(req: ChatRequest) -> Reply:
+        if req.messages[-1].content == "slow":
+            return Reply("x " * 50, gap=10.0)
+        return Reply("a b c d")
+
+    backend = ScriptedBackend(reply)
+    async with supervisor_env(tmp_path, backend, events_retention=1e-6) as env:
+        conv = await env.conversation()
+        done = await env.supervisor.start(RunSpec(conv, "quick"))
+        await done.finished.wait()
+        going = await env.supervisor.start(RunSpec(conv, "slow"))
+        before = len(await env.store.list_run_events(done.id))
+        assert before > 2
+        await trio.sleep(61)  # one pruning round
+        events = await env.store.list_run_events(done.id)
+        assert [e.type for e in events] == ["run.started", "run.finished"]
+        messages = await env.store.get_messages(conv)
+        assert [m.content for m in messages if m.run_id == done.id and m.role == "assistant"
+                ] == ["a b c d"]
+        assert len(await env.store.list_run_events(going.id)) > 2  # not finished: kept
+        # A re-join of the pruned run: its start, then its end.
+        reader = EventReader(done.id, after=0, store=env.store, supervisor=env.supervisor,
+                             keepalive=15.0)
+        assert [e.type async for e in reader] == ["run.started", "run.finished"]
+        going.cancel("cancelled by request")
+        await going.finished.wait()
+        assert await env.store.prune_events(time.time() + 1) == 1  # now the other one
+        assert await env.store.prune_events(time.time() + 1) == 0  # each run once

@@ -21,6 +21,7 @@ bounded scope, so a cancel cannot leave it half done.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,8 @@ _UNSTORED_PER_RETRY = 5_000  # ... written again per checkpoint tick
 _UNSTORED_ENDS_MAX = 1_000  # ended runs whose final write failed, still served from memory
 _CANCEL_POLL = 0.25  # seconds between looks for cancels other workers asked for
 _RECOVER_EVERY = 30.0  # seconds between looks for runs a dead sibling worker left running
+_PRUNE_EVERY = 60.0  # seconds between prunings of old runs' events (when a retention is set)
+_PRUNE_PAUSE = 0.05  # seconds between two pruning batches: other writes go in between
 
 
 @dataclass(frozen=True)
@@ -86,12 +89,14 @@ class RunSupervisor:
         metrics: Metrics,
         max_runs: int = 1000,
         run_timeout: float = 300.0,
+        events_retention: float = 0.0,
     ) -> None:
         self._store = store
         self._runner = runner
         self._metrics = metrics
         self.max_runs = max_runs
         self.run_timeout = run_timeout
+        self.events_retention = events_retention  # seconds; 0: events are kept for ever
         self._runs: dict[str, RunHandle] = {}
         self._reserved = 0  # runs being set up (counted against max_runs)
         # Runs whose first write is in flight: set when each is launched (or failed to start).
@@ -132,6 +137,8 @@ class RunSupervisor:
                 nursery.start_soon(self._checkpoint_loop)
                 nursery.start_soon(self._cancel_requests_loop)
                 nursery.start_soon(self._recover_loop)
+                if self.events_retention > 0:
+                    nursery.start_soon(self._prune_loop)
                 task_status.started(self)
                 await trio.sleep_forever()
         except BaseException as exc:
@@ -472,6 +479,18 @@ class RunSupervisor:
             if closed:
                 log.warning("closed %d run(s) of a worker that is gone", len(closed),
                             extra={"run_ids": closed})
+
+    async def _prune_loop(self) -> None:
+        """Delete old finished runs' events (``events_retention``), a few runs per transaction
+        so that no write waits long behind one."""
+        while True:
+            await trio.sleep(_PRUNE_EVERY)
+            cutoff = time.time() - self.events_retention
+            try:
+                while await self._store.prune_events(cutoff):  # noqa: ASYNC110 (a paced loop)
+                    await trio.sleep(_PRUNE_PAUSE)
+            except StoreError as exc:
+                log.warning("could not prune old events: %s", exc)
 
     async def _checkpoint_loop(self) -> None:
         while True:

@@ -98,6 +98,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         "ALTER TABLE runs ADD COLUMN cancel_requested TEXT",
     ),
+    # 4: the events of finished runs can be pruned (SERVICE_EVENTS_RETENTION_DAYS): which runs
+    # are done, and the runs still to prune in the order they finished.
+    (
+        "ALTER TABLE runs ADD COLUMN events_pruned INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX runs_to_prune ON runs(finished_at) "
+        "WHERE events_pruned = 0 AND finished_at IS NOT NULL",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -821,6 +821,22 @@ class Store:
 
         return await self._read("run_in_progress", fn)
 
+    async def prune_events(self, finished_before: float, runs: int = 20) -> int:
+        """Delete the events of up to ``runs`` runs finished before ``finished_before``, except
+        each run's ``run.started`` and ``run.finished`` (a re-join still gets a clean end; the
+        reply's text stays in its message). Returns how many runs it pruned (0: none left)."""
+        def fn(c: sqlite3.Connection) -> int:
+            ids = [r[0] for r in c.execute(
+                "SELECT id FROM runs WHERE events_pruned = 0 AND finished_at IS NOT NULL "
+                "AND finished_at < ? ORDER BY finished_at LIMIT ?", (finished_before, runs))]
+            for run_id in ids:
+                c.execute("DELETE FROM run_events WHERE run_id = ? "
+                          "AND type NOT IN ('run.started', 'run.finished')", (run_id,))
+                c.execute("UPDATE runs SET events_pruned = 1 WHERE id = ?", (run_id,))
+            return len(ids)
+
+        return await self._write("prune_events", fn)
+
     async def runs_in_progress(self, conversation_id: str) -> list[str]:
         """Ids of a conversation's runs stored as ``queued`` or ``running``."""
         def fn(c: sqlite3.Connection) -> list[str]:
