@@ -821,19 +821,29 @@ class Store:
 
         return await self._read("run_in_progress", fn)
 
-    async def prune_events(self, finished_before: float, runs: int = 20) -> int:
-        """Delete the events of up to ``runs`` runs finished before ``finished_before``, except
-        each run's ``run.started`` and ``run.finished`` (a re-join still gets a clean end; the
-        reply's text stays in its message). Returns how many runs it pruned (0: none left)."""
+    async def prune_events(self, finished_before: float, rows: int = 5000) -> int:
+        """Delete at most ``rows`` events of runs finished before ``finished_before``, except each
+        run's ``run.started`` and ``run.finished`` (a re-join still gets a clean end; the reply's
+        text stays in its message); a run is marked done once none is left. One transaction,
+        bounded by rows, not runs (a run may hold 100,000 tokens). Returns the work done (rows
+        deleted + runs marked): 0 when nothing is left to prune."""
         def fn(c: sqlite3.Connection) -> int:
-            ids = [r[0] for r in c.execute(
+            budget, done = rows, 0
+            for (run_id,) in c.execute(
                 "SELECT id FROM runs WHERE events_pruned = 0 AND finished_at IS NOT NULL "
-                "AND finished_at < ? ORDER BY finished_at LIMIT ?", (finished_before, runs))]
-            for run_id in ids:
-                c.execute("DELETE FROM run_events WHERE run_id = ? "
-                          "AND type NOT IN ('run.started', 'run.finished')", (run_id,))
+                "AND finished_at < ? ORDER BY finished_at LIMIT 100", (finished_before,),
+            ).fetchall():
+                deleted = c.execute(
+                    "DELETE FROM run_events WHERE run_id = ? AND seq IN (SELECT seq FROM "
+                    "run_events WHERE run_id = ? AND type NOT IN ('run.started', 'run.finished') "
+                    "LIMIT ?)", (run_id, run_id, budget)).rowcount
+                budget -= deleted
+                done += deleted
+                if budget <= 0:
+                    break  # maybe more of this run: the next call goes on with it
                 c.execute("UPDATE runs SET events_pruned = 1 WHERE id = ?", (run_id,))
-            return len(ids)
+                done += 1
+            return done
 
         return await self._write("prune_events", fn)
 
