@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import trio
 import trio.testing
@@ -24,6 +25,19 @@ _PLANNER = "Break the user's request"  # the start of plan_execute's planning pr
 
 def _system(req: ChatRequest) -> str:
     return req.messages[0].content if req.messages and req.messages[0].role == "system" else ""
+
+
+def _planner(plans: list[dict[str, Any]], answer: str) -> ScriptedBackend:
+    """A model that answers the planning prompt with ``plans`` in turn, anything else with
+    ``answer``."""
+    queue = iter(plans)
+
+    def reply(req: ChatRequest) -> Reply:
+        if _system(req).startswith(_PLANNER):
+            return Reply(json.dumps(next(queue)))
+        return Reply(answer)
+
+    return ScriptedBackend(reply)
 
 
 async def _run(env: Env, content: str, agent: str
@@ -56,14 +70,7 @@ async def test_a_plan_longer_than_max_steps_is_re_asked(
     long_plan = {"steps": [{"id": i, "task": f"compute {i}", "tool": "calculator",
                             "arguments": {"expression": f"{i}+1"}} for i in range(1, 12)]}
     short_plan = {"steps": long_plan["steps"][:2]}
-    plans = iter([long_plan, short_plan])
-
-    def reply(req: ChatRequest) -> Reply:
-        if _system(req).startswith(_PLANNER):
-            return Reply(json.dumps(next(plans)))
-        return Reply("done")
-
-    async with supervisor_env(tmp_path, ScriptedBackend(reply)) as env:
+    async with supervisor_env(tmp_path, _planner([long_plan, short_plan], "done")) as env:
         handle, events = await _run(env, "do things", "plan_execute")
     assert handle.status is RunStatus.succeeded
     assert len([e for e in events if e.type == "step.started"]) == 2
@@ -208,20 +215,14 @@ async def test_re_planned_steps_never_reuse_an_id_of_the_first_plan(
 ) -> None:
     # Noticed in review: new ids followed the steps that ran, so a step of the first plan that
     # never ran (listed in its plan event) shared its id with a re-planned one.
-    plans = iter([
+    plans = [
         {"steps": [{"id": 1, "task": "break", "tool": "calculator", "arguments": {"x": 1}},
                    {"id": 2, "task": "after", "depends_on": [1]},
                    {"id": 3, "task": "later", "depends_on": [2]}]},
         {"steps": [{"id": 1, "task": "compute", "tool": "calculator",
                     "arguments": {"expression": "2+2"}}]},
-    ])
-
-    def reply(req: ChatRequest) -> Reply:
-        if _system(req).startswith(_PLANNER):
-            return Reply(json.dumps(next(plans)))
-        return Reply("4")
-
-    async with supervisor_env(tmp_path, ScriptedBackend(reply)) as env:
+    ]
+    async with supervisor_env(tmp_path, _planner(plans, "4")) as env:
         handle, events = await _run(env, "compute", "plan_execute")
     assert handle.status is RunStatus.succeeded
     first, second = [e.data["steps"] for e in events if e.type == "plan"]

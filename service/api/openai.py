@@ -124,8 +124,8 @@ def _text(content: str | list[dict[str, Any]] | None) -> str:
     if isinstance(content, str):
         return content
     # Content parts: text, or an assistant's refusal (others are refused by ChatMessageIn).
-    return "".join(t for p in content
-                   if isinstance(t := p.get(p.get("type") or "", None), str))
+    return "".join(t for p in content if isinstance(
+        t := p.get("refusal" if p.get("type") == "refusal" else "text"), str))
 
 
 def _to_history(messages: list[ChatMessageIn]) -> tuple[ChatMessage, ...]:
