@@ -94,14 +94,37 @@ async def run_server(  # noqa: ASYNC128 (task_status is handed to hypercorn's se
     from .factory import create_app
 
     app = create_app(settings)
+    svc: Services = app.extensions["service"]
     stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_wait_for_signal, app.extensions["service"], stop)
-        nursery.start_soon(_pace_gc)
-        await serve(
-            app, config, shutdown_trigger=stop.wait, task_status=task_status  # type: ignore[arg-type]
-        )
-        nursery.cancel_scope.cancel()
+    quiet = _RunningOnlyIfStarted(svc)
+    hypercorn_log = logging.getLogger("hypercorn.error")
+    hypercorn_log.addFilter(quiet)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_wait_for_signal, svc, stop)
+            nursery.start_soon(_pace_gc)
+            await serve(
+                app, config, shutdown_trigger=stop.wait,
+                task_status=task_status,  # type: ignore[arg-type]
+            )
+            nursery.cancel_scope.cancel()
+    finally:
+        hypercorn_log.removeFilter(quiet)
+
+
+class _RunningOnlyIfStarted(logging.Filter):
+    """Hypercorn binds and logs "Running on http://..." even when the app's start-up failed
+    (its lifespan marks start-up done either way, and the failure surfaces just after): a
+    failed start then announced an address that never served before its one-line error. The
+    supervisor is the last thing a successful start-up sets."""
+
+    def __init__(self, svc: Services) -> None:
+        super().__init__()
+        self.svc = svc
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.svc.supervisor is not None or not record.getMessage().startswith(
+            "Running on ")
 
 
 async def _pace_gc() -> None:

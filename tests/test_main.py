@@ -103,3 +103,19 @@ def test_start_up_may_take_as_long_as_the_embedded_model_load() -> None:
 
     assert build_config(ROOT / "hypercorn.toml", None).startup_timeout >= 150
     assert build_config(None, None).startup_timeout >= 150
+
+
+def test_a_failed_start_announces_no_address(tmp_path: Path) -> None:
+    # Found in a fault review: hypercorn logged "Running on http://..." for a start-up that had
+    # failed (here: the store cannot be created under a file), just before the one-line error.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    out = subprocess.run(
+        [sys.executable, "-m", "service", "--bind", "127.0.0.1:0"], cwd=ROOT,
+        env=_env(tmp_path, SERVICE_DB=str(blocker / "s.db")),
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert out.returncode == 1, out.stderr
+    assert "Running on" not in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("service: SERVICE_DB: ")
