@@ -7,10 +7,15 @@ type here, keeping the original as ``__cause__``.
     ServiceError
     ├── ConfigError                    a setting is invalid (start-up)
     ├── StoreError                     the store failed
+    │   ├── StoreUnavailable           it cannot read or write now (full, locked, away)  (503)
     │   └── NotFound                   no such conversation / run / message
     ├── BackendError                   an LLM backend failed            (HTTP 502)
     │   ├── BackendUnavailable         refused, unreachable, 503, loading  (503)
-    │   │   └── AllBackendsFailed      auto backend: every backend failed, with each cause
+    │   │   ├── AllBackendsFailed      auto backend: every backend failed, with each cause
+    │   │   └── BackendBusy            no backend slot within SERVICE_BACKEND_QUEUE_TIMEOUT
+    │   ├── BackendRateLimited         the backend answered 429 (its Retry-After passed on)
+    │   ├── ContextLengthExceeded      the prompt is longer than the model's context (400)
+    │   ├── UpstreamBroken             it answered, then the connection broke (502)
     │   ├── BackendTimeout             a time budget ran out            (504)
     │   │   ├── ConnectTimeout         connecting took too long
     │   │   ├── FirstChunkTimeout      no first chunk within the idle budget
@@ -36,8 +41,10 @@ from __future__ import annotations
 
 __all__ = [
     "AllBackendsFailed",
+    "BackendBusy",
     "BackendError",
     "BackendProtocolError",
+    "BackendRateLimited",
     "BackendResponseError",
     "BackendTimeout",
     "BackendUnavailable",
@@ -45,6 +52,7 @@ __all__ = [
     "ChunkGapTimeout",
     "ConfigError",
     "ConnectTimeout",
+    "ContextLengthExceeded",
     "FirstChunkTimeout",
     "IllegalTransition",
     "ModelNotFound",
@@ -54,10 +62,13 @@ __all__ = [
     "ServiceError",
     "ShuttingDown",
     "StoreError",
+    "StoreUnavailable",
     "TooManyRuns",
     "ToolArgumentsError",
     "ToolError",
     "ToolTimeout",
+    "UpstreamBroken",
+    "status_of_type",
 ]
 
 
@@ -69,6 +80,7 @@ class ServiceError(Exception):
 
     status: int = 500
     type: str = "internal_error"
+    retry_after: int | None = None  # seconds, sent as Retry-After: worth a retry then
 
     def __init__(self, message: str = "", **details: object) -> None:
         super().__init__(message)
@@ -85,6 +97,15 @@ class ConfigError(ServiceError):
 
 class StoreError(ServiceError):
     type = "store_error"
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot take a write (or answer a read) now: a full disk, a lock held too long,
+    a database away. Nothing that was stored is lost; a retry later is worth it."""
+
+    status = 503
+    type = "store_unavailable"
+    retry_after = 5
 
 
 class NotFound(StoreError):
@@ -118,6 +139,36 @@ class AllBackendsFailed(BackendUnavailable):
             f"all backends failed: {summary}",
             causes=[c.to_dict() for c in causes],
         )
+
+
+class BackendBusy(BackendUnavailable):
+    """Every slot of the backend (SERVICE_BACKEND_CONCURRENCY) stayed taken for the whole
+    queue wait (SERVICE_BACKEND_QUEUE_TIMEOUT): worth a retry a little later."""
+
+    type = "backend_busy"
+    retry_after = 5
+
+
+class BackendRateLimited(BackendError):
+    """The backend said 429 Too Many Requests; its Retry-After (if any) is passed on."""
+
+    status = 429
+    type = "backend_rate_limited"
+
+
+class ContextLengthExceeded(BackendError):
+    """The prompt does not fit the model's context (llama.cpp's ``exceed_context_size_error``):
+    the request's fault, as OpenAI answers it; retrying it, or elsewhere, gives the same."""
+
+    status = 400
+    type = "context_length_exceeded"
+
+
+class UpstreamBroken(BackendError):
+    """The backend answered (its status and headers came), then the connection broke: not
+    "no backend reachable" (503) but a bad answer (502)."""
+
+    type = "upstream_broken"
 
 
 class BackendTimeout(BackendError):
@@ -184,6 +235,7 @@ class IllegalTransition(RunError):
 class TooManyRuns(RunError):
     status = 429
     type = "too_many_runs"
+    retry_after = 1
 
 
 class RunCancelled(RunError):
@@ -194,3 +246,15 @@ class RunCancelled(RunError):
 class ShuttingDown(ServiceError):
     status = 503
     type = "shutting_down"
+
+
+def status_of_type(type_: str) -> int | None:
+    """The HTTP status of an error known only by its ``type`` (a run's stored error type), as
+    its exception class says; None for a type no class has."""
+    pending: list[type[ServiceError]] = [ServiceError]
+    while pending:
+        cls = pending.pop()
+        if cls.type == type_:
+            return cls.status
+        pending.extend(cls.__subclasses__())
+    return None

@@ -452,37 +452,89 @@ async def test_events_are_published_even_when_the_store_is_stuck(
         assert handle.status is RunStatus.succeeded
 
 
-def _fail_the_next_final_write(env) -> None:  # type: ignore[no-untyped-def]
-    """The store refuses the next ``finish_run`` once (a full disk), then works again."""
-    from service.errors import StoreError
+def _refuse_final_writes(env, until: float, error: Exception | None = None) -> None:  # type: ignore[no-untyped-def]
+    """The store refuses every ``finish_run`` (a full disk) until ``until`` on trio's clock."""
+    from service.errors import StoreUnavailable
 
     real = env.store.finish_run
-    failures = [StoreError("disk full")]
 
     async def flaky(*args, **kwargs):  # type: ignore[no-untyped-def]
-        if failures:
-            raise failures.pop()
+        if trio.current_time() < until:
+            raise error or StoreUnavailable("store write failed: database or disk is full")
         return await real(*args, **kwargs)
 
     env.store.finish_run = flaky
 
 
-async def test_a_failed_final_write_is_retried(
+async def test_a_refused_final_write_is_retried_before_the_end_is_shown(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
+    # Found by a fault suite: run.finished was published before the final state was stored;
+    # a kill -9 then left a client told "succeeded" and a store saying "failed".
     backend = ScriptedBackend([Reply("all of it")])
     async with supervisor_env(tmp_path, backend) as env:
-        _fail_the_next_final_write(env)
+        _refuse_final_writes(env, until=trio.current_time() + 3)
         conv = await env.conversation()
         handle = await env.supervisor.start(RunSpec(conv, "x"))
-        seen = [e.type async for e in handle.subscribe()]
-        assert seen[-1] == "run.finished"  # the client got its end anyway
-        assert (await env.store.get_run(handle.id)).status == "running"  # not stored yet
-        await trio.sleep(5)  # the supervisor retries on its checkpoint tick
+        seen = []
+        async for e in handle.subscribe():
+            seen.append(e.type)
+            if e.type == "run.finished":  # what the store says when the client is told
+                assert (await env.store.get_run(handle.id)).status == "succeeded"
+                msgs = await env.store.get_messages(conv)
+                assert (msgs[1].content, msgs[1].status) == ("all of it",
+                                                             MessageStatus.complete)
+        assert seen[-2:] == ["message", "run.finished"]
+        assert trio.current_time() >= 3
+        assert handle.status is RunStatus.succeeded
+        assert handle.final_stored
+        assert [e.type for e in await env.store.list_run_events(handle.id)][-2:] == [
+            "message", "run.finished"]
+
+
+async def test_a_final_write_refused_past_its_budget_is_not_shown_as_an_end(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    from service.api.streams import EventReader, Keepalive
+    from service.errors import StoreUnavailable
+    from service.runs.supervisor import _FINAL_WRITE_BUDGET
+
+    backend = ScriptedBackend([Reply("all of it")])
+    async with supervisor_env(tmp_path, backend) as env:
+        _refuse_final_writes(env, until=trio.current_time() + 60)
+        conv = await env.conversation()
+        handle = await env.supervisor.start(RunSpec(conv, "x"))
+        seen: list[str] = []
+
+        async def follow() -> None:
+            async for e in handle.subscribe():
+                seen.append(e.type)
+
+        with pytest.raises(StoreUnavailable):
+            await follow()
+        assert "run.finished" not in seen
+        assert "message" not in seen
+        assert _FINAL_WRITE_BUDGET <= trio.current_time() < _FINAL_WRITE_BUDGET + 3
+        # Nobody is told what the store does not say: it has the run running, and so does
+        # the service.
+        assert (await env.store.get_run(handle.id)).status == "running"
+        assert handle.status is RunStatus.running
+        assert not handle.final_stored
+        assert env.supervisor.unstored == 1
+        reader = EventReader(handle.id, after=0, store=env.store, supervisor=env.supervisor,
+                             keepalive=5.0)
+        with pytest.raises(StoreUnavailable):  # a re-join meanwhile: told so, no end
+            [e async for e in reader]
+        await trio.sleep(60)  # the store is back: the checkpoint loop's retry lands
         assert (await env.store.get_run(handle.id)).status == "succeeded"
-        msgs = await env.store.get_messages(conv)
-        assert (msgs[1].content, msgs[1].status) == ("all of it", MessageStatus.complete)
-        assert (await env.store.list_run_events(handle.id))[-1].type == "run.finished"
+        assert handle.status is RunStatus.succeeded
+        assert env.supervisor.unstored == 0
+        assert env.supervisor.get(handle.id) is None
+        reader = EventReader(handle.id, after=0, store=env.store, supervisor=env.supervisor,
+                             keepalive=5.0)
+        rejoined = [e for e in [e async for e in reader] if not isinstance(e, Keepalive)]
+        assert [e.type for e in rejoined][-2:] == ["message", "run.finished"]
+        assert [e.seq for e in rejoined] == list(range(1, len(rejoined) + 1))
 
 
 def _new_conversation_spec(question: str = "q") -> RunSpec:
@@ -636,31 +688,6 @@ async def test_a_new_run_waiting_for_its_write_counts_once_against_max_runs(
         assert sorted(h.status.value for h in handles) == ["succeeded", "succeeded"]
 
 
-async def test_a_rejoin_while_the_final_write_waits_for_its_retry_still_ends_with_run_finished(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
-) -> None:
-    # The run's task was gone and the store had no run.finished yet: a re-join read the store,
-    # found no live run, and its stream ended without run.finished ("every stream ends with
-    # run.finished, whatever happened").
-    from service.api.streams import EventReader, Keepalive
-
-    backend = ScriptedBackend([Reply("all of it")])
-    async with supervisor_env(tmp_path, backend) as env:
-        _fail_the_next_final_write(env)
-        conv = await env.conversation()
-        handle = await env.supervisor.start(RunSpec(conv, "x"))
-        await handle.finished.wait()  # (no wait that lets the clock jump to the retry)
-        assert (await env.store.get_run(handle.id)).status == "running"  # not stored yet
-        reader = EventReader(handle.id, after=0, store=env.store, supervisor=env.supervisor,
-                             keepalive=5.0)
-        seen = [e for e in [e async for e in reader] if not isinstance(e, Keepalive)]
-        assert seen[-1].type == "run.finished"
-        assert [e.seq for e in seen] == list(range(1, len(seen) + 1))
-        await trio.sleep(5)  # the retry lands; the run is served from the store again
-        assert (await env.store.get_run(handle.id)).status == "succeeded"
-        assert env.supervisor.get(handle.id) is None
-
-
 async def test_a_cancel_asked_for_by_another_worker_stops_the_run(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -746,7 +773,10 @@ async def test_a_final_write_that_raises_a_non_store_error_still_ends_the_run(
         monkeypatch.setattr(env.store, "finish_run", finish_run)
         broken = await env.supervisor.start(RunSpec(conv, "x"))
         await broken.finished.wait()
-        assert broken.status is RunStatus.succeeded  # what happened; only its storing failed
+        assert broken.end_error is not None  # its end is not shown: the store lacks it
+        await trio.sleep(3)  # the checkpoint loop's retry stores it
+        assert broken.status is RunStatus.succeeded
+        assert (await env.store.get_run(broken.id)).status == "succeeded"
         after = await env.supervisor.start(RunSpec(conv, "y"))
         await after.finished.wait()
         assert after.status is RunStatus.succeeded

@@ -14,7 +14,7 @@ from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import WebsocketMismatch
 
-from ..errors import ServiceError, TooManyRuns
+from ..errors import ServiceError
 from ..logs import get_logger
 from .models import error_body
 
@@ -69,8 +69,8 @@ def install_error_handlers(app: Quart) -> None:
             log.warning("request failed: %s", error.message, extra={"error_type": error.type})
         resp = jsonify({"error": error.to_dict()})
         resp.status_code = error.status
-        if isinstance(error, TooManyRuns):
-            resp.headers["Retry-After"] = "1"
+        if error.retry_after is not None:
+            resp.headers["Retry-After"] = str(error.retry_after)
         return resp
 
     @app.errorhandler(HTTPException)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import trio
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from quart import Blueprint, Response, jsonify
+from quart import Blueprint, Response, jsonify, request
 from quart_schema import document_response, validate_request
 
 from ..backends.base import ChatMessage, ToolCall
@@ -24,7 +24,7 @@ from ..runs import RunEvent, RunHandle, RunSpec, RunStatus
 from .errors import json_error
 from .models import AgentName, ChatCompletionOut, ErrorBody, OpenAIModel, OpenAIModelList
 from .owned import own_run
-from .runs import error_status, error_type, sse_response
+from .runs import run_error, sse_response
 from .sse import sse_data
 from .state import current_owner, services
 from .streams import EventReader, Keepalive
@@ -32,6 +32,30 @@ from .streams import EventReader, Keepalive
 __all__ = ["blueprint"]
 
 blueprint = Blueprint("openai", __name__)
+
+
+# The request field an error is about when it does not name one (as OpenAI answers it).
+_PARAMS = {"context_length_exceeded": "messages"}
+
+
+def openai_error(error: dict[str, Any]) -> dict[str, Any]:
+    """An error object with OpenAI's ``code`` (the error's type) and ``param`` (the field it is
+    about, or null) added: the OpenAI SDKs read ``e.code`` and ``e.param``. ``field`` stays."""
+    code = error.get("code") or error.get("type")
+    return {**error, "code": code,
+            "param": error.get("param") or error.get("field") or _PARAMS.get(str(code))}
+
+
+@blueprint.after_app_request
+async def _openai_error_fields(response: Response) -> Response:
+    """Every JSON error under ``/v1/`` (ours, a validation's, a 401's or a 404's) in OpenAI's
+    shape."""
+    if (response.status_code >= 400 and request.path.startswith("/v1/")
+            and response.mimetype == "application/json"):
+        body = await response.get_json(silent=True)
+        if isinstance(body, dict) and isinstance(body.get("error"), dict):
+            response.set_data(json.dumps({**body, "error": openai_error(body["error"])}))
+    return response
 
 _LIST_MODELS_DEADLINE = 5.0
 
@@ -217,7 +241,7 @@ async def chat_completions(data: ChatCompletionRequest) -> Response:
                                                answer_tokens=answer_tokens)
         if first and first[-1].type in ("error", "run.finished"):
             await _finished(handle)
-        if handle.done and handle.status is not RunStatus.succeeded:
+        if handle.finished.is_set() and handle.status is not RunStatus.succeeded:
             return _run_error(handle)
         shown_model = handle.result_extra.get("model", shown_model)  # known once it answers
         return sse_response(
@@ -249,8 +273,7 @@ async def _finished(handle: RunHandle) -> None:
 
 
 def _run_error(handle: RunHandle) -> Response:
-    resp = json_error(error_status(handle), error_type(handle),
-                      handle.error or f"the run ended {handle.status.value}", run_id=handle.id)
+    resp = run_error(handle)
     if resp.status_code == 409:
         # A cancel is final. OpenAI SDKs retry 409 too ("lock timeout"), which would start
         # the cancelled completion again; they obey this header before the status.
@@ -311,7 +334,7 @@ async def _stream(
                 sent = trio.current_time()
                 yield frame
         except ServiceError as exc:  # the store failed under a re-read: an error, not a reset
-            yield sse_data({"error": exc.to_dict()})
+            yield sse_data({"error": openai_error(exc.to_dict())})
             return
         if framer.failed:
             return  # an error chunk ended it: no usage, no [DONE] that would read as success
@@ -373,7 +396,7 @@ class _Framer:
             return out + sse_data(self._chunk({}, event.data.get("finish_reason", "stop")))
         if event.type == "error":
             self.failed = True
-            return sse_data({"error": event.data})
+            return sse_data({"error": openai_error(event.data)})
         if event.type == "run.finished" and event.data["status"] != "succeeded":
             if self.failed:
                 return None
@@ -381,9 +404,9 @@ class _Framer:
             status = event.data["status"]
             if status == "cancelled" and event.data.get("error") == "shutdown":
                 status = "shutting_down"
-            return sse_data({"error": {
+            return sse_data({"error": openai_error({
                 "type": _END_TYPES.get(status, status),
-                "message": event.data.get("error") or f"the run ended {status}"}})
+                "message": event.data.get("error") or f"the run ended {status}"})})
         return None
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:

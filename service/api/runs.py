@@ -13,7 +13,7 @@ from quart_schema import (
     validate_response,
 )
 
-from ..errors import ServiceError
+from ..errors import ServiceError, status_of_type
 from ..runs import RunHandle, RunSpec, RunStatus
 from ..store import RunRecord
 from .errors import json_error
@@ -32,7 +32,15 @@ from .sse import KEEPALIVE, sse_event
 from .state import current_owner, services
 from .streams import EventReader, Keepalive
 
-__all__ = ["ERROR_STATUS", "blueprint", "error_status", "error_type", "run_out", "sse_response"]
+__all__ = [
+    "ERROR_STATUS",
+    "blueprint",
+    "error_status",
+    "error_type",
+    "run_error",
+    "run_out",
+    "sse_response",
+]
 
 blueprint = Blueprint("runs", __name__)
 
@@ -46,24 +54,51 @@ ERROR_STATUS = {
     "backend_unavailable": 503, "all_backends_failed": 503,
     "model_not_found": 404,
     "store_error": 500,
+    "store_unavailable": 503,
     "internal_error": 500,  # a bug of ours, not a backend answering badly (502)
 }
 
 
 def error_status(handle: RunHandle) -> int:
-    """The HTTP status of a run that ended without succeeding."""
+    """The HTTP status of a run that ended without succeeding (or whose end is not stored)."""
+    if handle.end_error is not None:
+        return handle.end_error.status
     if handle.status is RunStatus.timed_out:
         return 504
     if handle.status is RunStatus.cancelled:
         # A user's cancel is final (409, not retried); a shutdown's is worth a retry elsewhere.
         return 503 if handle.cancel_reason == "shutdown" else 409
-    return ERROR_STATUS.get(handle.error_type or "", 502)
+    kind = handle.error_type or ""
+    # Its exception class's status (service/errors.py): a type no class has is a bad answer.
+    return ERROR_STATUS.get(kind) or status_of_type(kind) or 502
 
 
 def error_type(handle: RunHandle) -> str:
+    if handle.end_error is not None:
+        return handle.end_error.type
     if handle.status is RunStatus.cancelled and handle.cancel_reason == "shutdown":
         return "shutting_down"
     return handle.error_type or handle.status.value
+
+
+def run_error(handle: RunHandle, **extra: object) -> Response:
+    """The JSON error of a run that ended without succeeding, or whose end the store has not
+    taken (503 ``store_unavailable``, worth a retry: the answer is not lost, only not stored
+    yet; what the store says then is the answer)."""
+    if handle.end_error is not None:
+        resp = json_error(handle.end_error.status, handle.end_error.type,
+                          handle.end_error.message, run_id=handle.id, **extra)
+        if handle.end_error.retry_after is not None:
+            resp.headers["Retry-After"] = str(handle.end_error.retry_after)
+        return resp
+    resp = json_error(error_status(handle), error_type(handle),
+                      handle.error or f"the run ended {handle.status.value}",
+                      run_id=handle.id, run_status=handle.status.value, **extra)
+    # The upstream's Retry-After (a 429 or a 503 passed on), or its error class's.
+    seconds = (handle.error_event or {}).get("retry_after")
+    if isinstance(seconds, int) and not isinstance(seconds, bool):
+        resp.headers["Retry-After"] = str(seconds)
+    return resp
 
 
 def run_out(run: RunRecord | None, live: RunHandle | None = None) -> RunOut:
@@ -155,11 +190,7 @@ async def post_message(conversation_id: str, data: PostMessage) -> Response:
         if data.on_disconnect == "cancel" and not handle.done:
             handle.cancel("client disconnected")
     if handle.status is not RunStatus.succeeded:
-        return json_error(
-            error_status(handle), error_type(handle),
-            handle.error or f"the run ended {handle.status.value}",
-            run_id=handle.id, run_status=handle.status.value,
-        )
+        return run_error(handle)
     reply = handle.begun.reply  # as stored at the start; its final text is on the handle
     message = MessageOut(
         id=reply.id, role="assistant", content=handle.final_text, status="complete",

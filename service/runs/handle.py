@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from ..errors import RunError
+from ..errors import RunError, ServiceError
 from .events import RunEvent
 from .lifecycle import TERMINAL, RunStatus, check_transition
 
@@ -64,8 +64,14 @@ class RunHandle:
         self.scope = trio.CancelScope()
         self.cancel_reason: str | None = None
         self.cancel_status = RunStatus.cancelled  # how a cancel ends it (failed: see _start_new)
-        self.finished = trio.Event()  # set once the final state is stored and published
+        # Set once the run is over for its clients: its final state stored and its end
+        # published (``final_stored``), or the store could not take it within the final
+        # write's budget (then its subscribers are told ``end_error``, not an end).
+        self.finished = trio.Event()
+        self.final_stored = False
+        self.end_error: ServiceError | None = None
         self.answer_parts: list[str] = []  # token text so far: the partial answer if cut
+        self.error_event: dict[str, Any] | None = None  # the run's ``error``, sent at its end
         self.result_extra: dict[str, Any] = {}  # e.g. tool_calls, finish_reason for the reply
         self.final_text = ""  # the reply as stored at the end (answer, or partial text)
         self.begun: Any = None  # the store's BegunRun: conversation and history read at start
@@ -78,6 +84,7 @@ class RunHandle:
         self._closed = False  # run.finished has been emitted
         self._published_final = False  # ... and published
         self._held: list[RunEvent] | None = None  # committed before event 1 was published
+        self._early: dict[int, RunEvent] = {}  # committed ahead of an earlier batch
 
     def __repr__(self) -> str:
         cancel = f", cancel: {self.cancel_reason}" if self.cancel_reason else ""
@@ -114,16 +121,51 @@ class RunHandle:
 
     def emit(self, type_: str, data: dict[str, Any]) -> RunEvent:
         """Number an event and hand it to the committer. Sync: safe on the per-token path."""
+        event = self._number(type_, data)
+        if type_ == "token":
+            self.answer_parts.append(data.get("text", ""))
+        self._sink(event)
+        return event
+
+    def close(self, last: list[tuple[str, dict[str, Any]]]) -> list[RunEvent]:
+        """Number the run's last events (its ``run.finished`` last) without handing them to
+        the committer: they are written with the run's final state, in its transaction, and
+        published only once that has landed. Nothing can be emitted after."""
+        events = [self._number(type_, data) for type_, data in last]
+        assert events[-1].type == "run.finished", events
+        return events
+
+    def _number(self, type_: str, data: dict[str, Any]) -> RunEvent:
         if self._closed:
             raise RunError(f"run {self.id} already finished; cannot emit {type_}")
         event = RunEvent.make(self.id, self._next_seq, type_, data, time.time())
         self._next_seq += 1
-        if type_ == "token":
-            self.answer_parts.append(data.get("text", ""))
-        elif type_ == "run.finished":
+        if type_ == "run.finished":
             self._closed = True
-        self._sink(event)
         return event
+
+    def stored_as(self, status: RunStatus) -> None:
+        """The final state is in the store: the run's status is now what the store says."""
+        self.set_status(status)
+        self.final_stored = True
+        self.end_error = None
+
+    def give_up_end(self, error: ServiceError) -> None:
+        """The final state could not be stored in time: subscribers waiting for the end get
+        ``error`` instead (they may re-join later); what the store has is all they were shown."""
+        self.end_error = error
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+
+    @property
+    def published_final(self) -> bool:
+        """Whether every event, ``run.finished`` included, is published."""
+        return self._published_final
+
+    async def wait_published(self) -> None:
+        """Until every event, ``run.finished`` included, is published."""
+        while not self._published_final:
+            await self._changed.wait()
 
     @property
     def emitted_seq(self) -> int:
@@ -134,12 +176,28 @@ class RunHandle:
         return self._base_seq + len(self._events) - 1
 
     def publish(self, events: list[RunEvent]) -> None:
-        """Called by the committer once ``events`` (in seq order) are in the store."""
+        """Called by the committer once ``events`` (in seq order) are in the store.
+
+        In numbering order whatever the order of the calls: a run's final write and a batch
+        holding its previous events may land in one transaction and their publishers resume
+        in either order, or the batch may fail and be written again after the final write.
+        Events that come ahead of a gap wait here for it."""
         if not events:
             return
         if self._held is not None:  # event 1 is still being written with the run
             self._held.extend(events)
             return
+        first = self.published_seq + 1
+        if self._early or events[0].seq != first or events[-1].seq != first + len(events) - 1:
+            for e in events:
+                if e.seq >= first:
+                    self._early[e.seq] = e
+            events = []
+            while first in self._early:
+                events.append(self._early.pop(first))
+                first += 1
+            if not events:
+                return
         self._events.extend(events)
         if events[-1].type == "run.finished":
             self._published_final = True
@@ -163,7 +221,7 @@ class RunHandle:
         if self._held is not None:  # reserved: publish it, then what was held behind it
             assert event.seq == 1, event.seq
             held, self._held = self._held, None
-            self.publish([event, *held])
+            self.publish(sorted([event, *held], key=lambda e: e.seq))
             return
         assert event.seq == self._next_seq, (event.seq, self._next_seq)
         self._next_seq += 1
@@ -203,6 +261,8 @@ class Subscription:
             return event
         if h._published_final:
             raise StopAsyncIteration
+        if h.end_error is not None:
+            raise h.end_error
         return None
 
     async def __anext__(self) -> RunEvent:

@@ -16,6 +16,13 @@ How a run ends (``_execute``):
 Whatever happened, the final state (run status, the reply's text - partial if cut - and the
 last events up to exactly one ``run.finished``) is written in one transaction under a shielded,
 bounded scope, so a cancel cannot leave it half done.
+
+What clients are told is what the store says: an event is published (reaches a subscriber) only
+once it is committed, and a run's last events (``message``, ``run.finished``) only in the
+transaction of its final state. A batch the store refuses (a full volume, a database away) is
+held, in order, and written again with a back-off; nothing after it is published meanwhile. A
+final state the store cannot take within ``_FINAL_WRITE_BUDGET`` is kept and retried; its
+subscribers are told ``store_unavailable`` instead of an end the store might contradict.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from ..errors import (
     ServiceError,
     ShuttingDown,
     StoreError,
+    StoreUnavailable,
     TooManyRuns,
 )
 from ..logs import RUN_ID, get_logger
@@ -46,10 +54,11 @@ __all__ = ["RunSpec", "RunSupervisor"]
 
 log = get_logger("service.runs")
 
-_FINAL_WRITE_BUDGET = 10.0  # seconds the shielded final write may take
+_WRITE_BUDGET = 10.0  # seconds one store write (a batch, a final state) may take
+_FINAL_WRITE_BUDGET = 15.0  # seconds a run's final state is tried (again) before it is kept
+_RETRY_FIRST, _RETRY_MAX = 0.1, 2.0  # seconds between writes the store refused, doubling
 _CHECKPOINT_EVERY = 2.0  # seconds between WAL checkpoints (the store's writer never does them)
-_UNSTORED_MAX = 100_000  # published events kept for a retry of their failed write
-_UNSTORED_PER_RETRY = 5_000  # ... written again per checkpoint tick
+_PENDING_MAX = 100_000  # events held while the store refuses them; past it their runs fail
 _UNSTORED_ENDS_MAX = 1_000  # ended runs whose final write failed, still served from memory
 _CANCEL_POLL = 0.25  # seconds between looks for cancels other workers asked for
 _RECOVER_EVERY = 30.0  # seconds between looks for runs a dead sibling worker left running
@@ -105,11 +114,12 @@ class RunSupervisor:
         self._starts_done = trio.Event()  # set when _reserved drops to 0 (drain waits on it)
         self._nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
-        self._pending: list[RunEvent] = []
-        self._unstored: list[RunEvent] = []  # published, but their write failed: retried
+        self._pending: list[RunEvent] = []  # emitted, not yet written (or refused: held)
+        self._retrying = False  # the last batch was refused: the next may hold stored events
         self._wake = trio.Event()
-        self._commit_lock = trio.Lock()
-        self._final_retries: list[dict[str, Any]] = []  # final writes that failed, to retry
+        self._commit_lock = trio.Lock()  # one event batch in flight at a time
+        # Final states the store did not take within the budget: retried until it does.
+        self._final_retries: list[tuple[RunHandle, list[RunEvent], dict[str, Any]]] = []
         self._final_retry_lock = trio.Lock()
         self._unstored_ends: dict[str, RunHandle] = {}  # their runs, still served to re-joins
         self.draining = False
@@ -204,9 +214,19 @@ class RunSupervisor:
             handle.cancel("shutdown")
         for handle in list(self._runs.values()):
             await handle.finished.wait()
-        await self.flush()
+        # What the store refused so far gets one more budget: a volume freed, a database back.
+        pause = _RETRY_FIRST
         with trio.move_on_after(_FINAL_WRITE_BUDGET):
-            await self.retry_final_writes()
+            while True:
+                await self.flush()
+                await self.retry_final_writes()
+                if not self.unstored:
+                    break
+                await trio.sleep(pause)
+                pause = min(2 * pause, _RETRY_MAX)
+        if self.unstored:
+            log.error("shutting down with %d run(s) not stored: the store refused their final "
+                      "state or events", self.unstored)
 
     # -- starting runs --------------------------------------------------------------------------
 
@@ -338,7 +358,9 @@ class RunSupervisor:
                     status = RunStatus.failed
                     if isinstance(exc, ServiceError):
                         error, handle.error_type = exc.message, exc.type
-                        handle.emit("error", {"type": exc.type, "message": exc.message})
+                        handle.error_event = {"type": exc.type, "message": exc.message}
+                        if exc.retry_after is not None:  # the upstream said when (429, 503)
+                            handle.error_event["retry_after"] = exc.retry_after
                         if not isinstance(exc, BackendError):
                             log.warning("run failed: %s", exc.message)
                     else:
@@ -346,7 +368,7 @@ class RunSupervisor:
                         log.error("run crashed", exc_info=group)
                         error = _internal(exc)
                         handle.error_type = "internal_error"
-                        handle.emit("error", {"type": "internal_error", "message": error})
+                        handle.error_event = {"type": "internal_error", "message": error}
             if handle.scope.cancelled_caught:
                 if handle.cancel_reason is not None:
                     status, error = handle.cancel_status, handle.cancel_reason
@@ -359,6 +381,7 @@ class RunSupervisor:
                 # Cancelled from outside this run's scope (the supervisor is shutting down),
                 # maybe in a group from the run's nursery: record, then keep propagating.
                 handle.cancel_reason = handle.cancel_reason or "shutdown"
+                # _finish shields and bounds its own waits; this outer bound only says so.
                 with trio.move_on_after(2 * _FINAL_WRITE_BUDGET, shield=True):
                     await self._finish(handle, RunStatus.cancelled, None, handle.cancel_reason)
                 if cancelled is not None and rest is not None:
@@ -378,93 +401,114 @@ class RunSupervisor:
                 leaf = _leaf(rest)
                 status, error = RunStatus.failed, _internal(leaf)
                 handle.error_type = "internal_error"
-                handle.emit("error", {"type": "internal_error", "message": error})
+                handle.error_event = {"type": "internal_error", "message": error}
         await self._finish(handle, status, answer, error)
 
     async def _finish(
         self, handle: RunHandle, status: RunStatus, answer: str | None, error: str | None
     ) -> None:
-        # Shielded: the final state must be recorded and published whatever is cancelled;
-        # only the store call itself is bounded.
-        with trio.CancelScope(shield=True):
-            if status is RunStatus.succeeded and answer is not None:
-                content, msg_status = answer, MessageStatus.complete
-                handle.emit("message", {"id": handle.message_id, "role": "assistant",
-                                        "content": answer, **handle.result_extra})
-            elif status is RunStatus.failed:
-                content, msg_status = handle.partial_text, MessageStatus.error
-            else:
-                content, msg_status = handle.partial_text, MessageStatus.cancelled
-            handle.error = error
-            handle.final_text = content
-            handle.set_status(status)
-            handle.emit("run.finished", {"status": status.value, "usage": handle.usage,
-                                         **({"error": error} if error else {})})
-            # The final events go in the same transaction as the final state.
-            async with self._commit_lock:
-                mine = [e for e in self._pending if e.run_id == handle.id]
-                self._pending = [e for e in self._pending if e.run_id != handle.id]
-                # Published events of this run whose write failed go in its final write too:
-                # a re-join after the end must find no gap before run.finished.
-                unstored = [e for e in self._unstored if e.run_id == handle.id]
-                if unstored:
-                    self._unstored = [e for e in self._unstored if e.run_id != handle.id]
-                final: dict[str, Any] = {
-                    "run_id": handle.id, "status": status.value,
-                    "message_id": handle.message_id, "content": content,
-                    "message_status": msg_status, "error": error, "usage": handle.usage,
-                    "events": [_record(e) for e in unstored + mine],
-                }
-                try:
-                    with trio.move_on_after(_FINAL_WRITE_BUDGET) as write:
-                        await self._store.finish_run(**final)
-                    if write.cancelled_caught:
-                        log.error("final write of run %s took over %ss; will retry", handle.id,
-                                  _FINAL_WRITE_BUDGET)
-                        self._final_retries.append(final)
-                        self._keep_unstored_end(handle)
-                except StoreError as exc:
-                    log.error("could not store the final state of run %s (will retry): %s",
-                              handle.id, exc)
-                    self._final_retries.append(final)
-                    self._keep_unstored_end(handle)
-                except Exception:
-                    # Not the store's trouble but a bug (what it was given): retrying would
-                    # fail the same way. The run still ends, and this supervisor goes on.
-                    log.exception("the final state of run %s cannot be stored", handle.id)
-                    self._keep_unstored_end(handle)
-                finally:
-                    # Published whatever happened to the write: live clients get their end.
-                    handle.publish(mine)
-                    self._metrics.runs.labels(status.value).inc()
-                    handle.finished.set()
+        """Store the run's final state with its last events, then publish them.
+
+        Shielded (the final state must be recorded whatever is cancelled) and bounded: the
+        write is tried again while the store refuses it, for ``_FINAL_WRITE_BUDGET`` seconds;
+        after that it is kept for the checkpoint loop's retries and the run's subscribers are
+        told ``store_unavailable`` rather than an end the store does not have.
+        """
+        # Its end: the error that ended it, its message, run.finished; stored together.
+        last: list[tuple[str, dict[str, Any]]] = []
+        if handle.error_event is not None:
+            last.append(("error", handle.error_event))
+        if status is RunStatus.succeeded and answer is not None:
+            content, msg_status = answer, MessageStatus.complete
+            last.append(("message", {"id": handle.message_id, "role": "assistant",
+                                     "content": answer, **handle.result_extra}))
+        elif status is RunStatus.failed:
+            content, msg_status = handle.partial_text, MessageStatus.error
+        else:
+            content, msg_status = handle.partial_text, MessageStatus.cancelled
+        handle.error = error
+        handle.final_text = content
+        last.append(("run.finished", {"status": status.value, "usage": handle.usage,
+                                      **({"error": error} if error else {})}))
+        closing = handle.close(last)
+        # The run's events not taken by a batch yet go with its final state (sync: no batch
+        # can take them in between); one taken already is written before it (the store
+        # writes in call order) or, if refused, again after it: publishing waits for it.
+        mine = [e for e in self._pending if e.run_id == handle.id]
+        if mine:
+            self._pending = [e for e in self._pending if e.run_id != handle.id]
+        events = mine + closing
+        final: dict[str, Any] = {
+            "run_id": handle.id, "status": status.value, "message_id": handle.message_id,
+            "content": content, "message_status": msg_status, "error": error,
+            "usage": handle.usage, "events": [_record(e) for e in events],
+        }
+        with trio.move_on_after(_FINAL_WRITE_BUDGET, shield=True):
+            if await self._store_final(handle, final):
+                handle.stored_as(status)
+                handle.publish(events)
+                # A batch with earlier events of the run, refused and held, is written
+                # again by the commit loop: the end is published after it.
+                await handle.wait_published()
+        if not handle.final_stored:
+            self._final_retries.append((handle, events, final))
+            if len(self._final_retries) > _UNSTORED_ENDS_MAX:
+                lost, _, _ = self._final_retries.pop(0)
+                log.error("giving up storing the final state of run %s", lost.id)
+            self._keep_unstored_end(handle)
+            handle.give_up_end(StoreUnavailable(
+                "the run has ended but the store cannot take its result yet; re-join it later"))
+        elif not handle.published_final:
+            self._keep_unstored_end(handle)  # its earlier events are still to be published
+        self._metrics.runs.labels(status.value).inc()
+        handle.finished.set()
+
+    async def _store_final(self, handle: RunHandle, final: dict[str, Any]) -> bool:
+        """Write a final state, again while the store refuses it (the caller bounds it)."""
+        pause = _RETRY_FIRST
+        while True:
+            try:
+                with trio.move_on_after(_WRITE_BUDGET) as write:
+                    await self._store.finish_run(**final)
+                    return True
+                if write.cancelled_caught:
+                    log.error("final write of run %s took over %ss; trying again", handle.id,
+                              _WRITE_BUDGET)
+            except StoreError as exc:
+                log.error("could not store the final state of run %s (trying again): %s",
+                          handle.id, exc.message)
+            except Exception:
+                # Not the store's trouble but a bug (what it was given): retrying would
+                # fail the same way. The run still ends, and this supervisor goes on.
+                log.exception("the final state of run %s cannot be stored", handle.id)
+                return False
+            await trio.sleep(pause)
+            pause = min(2 * pause, _RETRY_MAX)
 
     # -- events ---------------------------------------------------------------------------------
 
     def _keep_unstored_end(self, handle: RunHandle) -> None:
-        """Keep serving a run whose final write failed (bounded: the oldest are let go)."""
+        """Keep serving a run whose end is not all stored (bounded: the oldest are let go)."""
         self._unstored_ends[handle.id] = handle
         while len(self._unstored_ends) > _UNSTORED_ENDS_MAX:
             del self._unstored_ends[next(iter(self._unstored_ends))]
-
-    def _keep_unstored(self, events: list[RunEvent]) -> None:
-        """Keep published events whose write failed, for the checkpoint loop's retries (bounded:
-        past ``_UNSTORED_MAX`` the oldest are dropped, logged; the store then has a gap)."""
-        self._unstored = events
-        if len(events) > _UNSTORED_MAX:
-            drop = len(events) - _UNSTORED_MAX
-            log.error("dropping %d run events the store could not take", drop)
-            del self._unstored[:drop]
 
     def _enqueue(self, event: RunEvent) -> None:
         self._pending.append(event)
         self._wake.set()
 
     async def _commit_loop(self) -> None:
+        pause = _RETRY_FIRST
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
-            await self.flush()
+            if await self.flush():
+                pause = _RETRY_FIRST
+                continue
+            # The store refused the batch (held, in order): again after a pause, doubling.
+            await trio.sleep(pause)
+            pause = min(2 * pause, _RETRY_MAX)
+            self._wake.set()
 
     async def _recover_loop(self) -> None:
         """Close runs left running by a dead worker that shared the store (a killed sibling:
@@ -495,9 +539,6 @@ class RunSupervisor:
     async def _checkpoint_loop(self) -> None:
         while True:
             await trio.sleep(_CHECKPOINT_EVERY)
-            if self._unstored:  # events published although their write failed: again
-                with trio.CancelScope(shield=True):
-                    await self._flush(retry_unstored=True)
             await self.retry_final_writes()
             try:
                 await self._store.checkpoint()
@@ -522,70 +563,95 @@ class RunSupervisor:
                     handle.cancel(reason)
 
     async def retry_final_writes(self) -> None:
-        """Store the final states whose first write failed (the clients already had them).
+        """Store the final states the store did not take within their budget; publish each
+        run's end once it is stored.
 
         One retry pass at a time: the checkpoint loop and a drain both call this, and two
         passes over the same list crashed the supervisor (the second ``remove``)."""
         async with self._final_retry_lock:
-            for final in list(self._final_retries):
+            for entry in list(self._final_retries):
+                handle, events, final = entry
                 try:
-                    with trio.move_on_after(_FINAL_WRITE_BUDGET):
+                    with trio.move_on_after(_WRITE_BUDGET):
                         await self._store.finish_run(**final)
-                        if final in self._final_retries:
-                            self._final_retries.remove(final)
-                        self._unstored_ends.pop(final["run_id"], None)
-                        log.info("stored the final state of run %s on retry", final["run_id"])
+                        if entry in self._final_retries:
+                            self._final_retries.remove(entry)
+                        handle.stored_as(RunStatus(final["status"]))
+                        handle.publish(events)
+                        if handle.published_final:
+                            self._unstored_ends.pop(handle.id, None)
+                        log.info("stored the final state of run %s on retry", handle.id)
                 except StoreError as exc:
-                    log.warning("final state of run %s still not stored: %s", final["run_id"],
+                    log.warning("final state of run %s still not stored: %s", handle.id,
                                 exc.message)
+                except Exception:
+                    log.exception("final state of run %s still cannot be stored", handle.id)
 
-    async def flush(self) -> None:
+    @property
+    def unstored(self) -> int:
+        """Runs whose final state, and events, that the store has not taken (yet)."""
+        return len(self._final_retries) + len({e.run_id for e in self._pending})
+
+    async def flush(self) -> bool:
         """Write every pending event (one transaction for all runs), then publish them.
+        False if the store refused them: they are held, in order, for the next try.
 
         Shielded, with only the store call bounded: a batch taken from the queue is always
-        published (even if its write failed or timed out, which is logged), so subscribers
-        never see a gap in a run's numbering.
-        """
+        either published or put back."""
+        stored = False
         with trio.CancelScope(shield=True):
-            await self._flush()
+            stored = await self._flush()
+        return stored
 
-    async def _flush(self, *, retry_unstored: bool = False) -> None:
+    async def _flush(self) -> bool:
         async with self._commit_lock:
             batch, self._pending = self._pending, []
-            if not batch and not (retry_unstored and self._unstored):
-                return
-            # Events published although their write failed or timed out are written again,
-            # not with every batch (while the store is down that would rebuild the whole backlog
-            # on the event loop each time) but by the checkpoint loop, a slice at a time, and by
-            # their run's final write. A timed-out write may have landed: the retry skips what did.
-            unstored: list[RunEvent] = []
-            if retry_unstored:
-                unstored = self._unstored[:_UNSTORED_PER_RETRY]
-                del self._unstored[:_UNSTORED_PER_RETRY]
+            if not batch:
+                return True
             stored = False
             try:
-                with trio.move_on_after(_FINAL_WRITE_BUDGET) as write:
+                with trio.move_on_after(_WRITE_BUDGET) as write:
+                    # After a refusal some may have landed (a write that timed out): skipped.
                     await self._store.append_run_events(
-                        [_record(e) for e in unstored + batch], retry=bool(unstored))
+                        [_record(e) for e in batch], retry=self._retrying)
                     stored = True
                 if write.cancelled_caught:
-                    log.error("storing %d run events took over %ss; will retry",
-                              len(unstored) + len(batch), _FINAL_WRITE_BUDGET)
+                    log.error("storing %d run events took over %ss; will retry", len(batch),
+                              _WRITE_BUDGET)
             except StoreError as exc:
-                # Publishing anyway keeps clients live; the events are written again with the
-                # next batch (until the store is back, or the backlog bound drops the oldest).
-                log.error("could not store %d run events (will retry): %s",
-                          len(unstored) + len(batch), exc)
-            finally:
-                if not stored:
-                    self._keep_unstored(unstored + self._unstored + batch)  # oldest first
-                by_run: dict[str, list[RunEvent]] = {}
-                for e in batch:
-                    by_run.setdefault(e.run_id, []).append(e)
-                for run_id, events in by_run.items():
-                    handle = self._runs.get(run_id)
-                    if handle is not None:
-                        handle.publish(events)
+                log.error("could not store %d run events (will retry): %s", len(batch),
+                          exc.message)
+            if not stored:
+                # Held, ahead of what came since, and not published: a client is never shown
+                # an event a crash now could lose.
+                self._pending = batch + self._pending
+                self._retrying = True
+                self._fail_runs_past_the_bound()
+                return False
+            self._retrying = False
+            by_run: dict[str, list[RunEvent]] = {}
+            for e in batch:
+                by_run.setdefault(e.run_id, []).append(e)
+            for run_id, events in by_run.items():
+                handle = self.get(run_id)
+                if handle is not None:
+                    handle.publish(events)
+                    if handle.final_stored and handle.published_final:
+                        self._unstored_ends.pop(run_id, None)
+            return True
+
+    def _fail_runs_past_the_bound(self) -> None:
+        """While the store refuses events, the runs making them go on (a database restart
+        takes seconds); past ``_PENDING_MAX`` held events they are stopped, ``failed``
+        (``store_unavailable``), so memory stays bounded and nothing held is dropped."""
+        if len(self._pending) <= _PENDING_MAX:
+            return
+        for run_id in {e.run_id for e in self._pending}:
+            handle = self._runs.get(run_id)
+            if handle is not None and handle.cancel_reason is None:
+                log.error("run %s stopped: the store cannot take its events", run_id)
+                handle.cancel_status, handle.error_type = RunStatus.failed, "store_unavailable"
+                handle.cancel("the store cannot take the run's events")
 
 
 def _split_cancelled(

@@ -35,7 +35,7 @@ from typing import Any, Literal, NamedTuple, TypeVar
 
 import trio
 
-from ..errors import NotFound, StoreError
+from ..errors import NotFound, StoreError, StoreUnavailable
 from ..metrics import METRICS, Metrics
 from ..text import clean_text
 from .records import (
@@ -198,6 +198,12 @@ class Store:
         self.process_id = process_tag(os.getpid())
         # Test hook: called inside the writer thread, inside the transaction, before COMMIT.
         self._before_commit: Callable[[], None] | None = None
+        # Why the latest write transaction failed (None once one has committed since): the
+        # store cannot write now (``/readyz``). Set and cleared by the writer thread's batches.
+        self.write_error: str | None = None
+        # The volume filled up: the next write first folds the WAL back into the database
+        # file and truncates it (see ``_transaction``).
+        self._wal_full = False
 
     def __repr__(self) -> str:
         state = "open" if self._writer is not None else "closed"
@@ -337,6 +343,14 @@ class Store:
     def _transaction(self, conn: sqlite3.Connection, batch: list[_PendingWrite]) -> None:
         single = len(batch) == 1
         try:
+            if self._wal_full:
+                # After a full volume, space freed elsewhere must go to a checkpoint first:
+                # writes retried straight away grow the WAL into it, the checkpoint (which
+                # needs room in the database file) never completes, and the WAL is never
+                # reset: the store stays unwritable for good (seen on a 2 MB tmpfs). A
+                # TRUNCATE checkpoint copies the WAL in and cuts it to zero bytes.
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                self._wal_full = bool(busy)
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for it in batch:
@@ -357,8 +371,12 @@ class Store:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            self.write_error = None
         except BaseException as exc:  # noqa: ASYNC103 (a worker thread: no trio.Cancelled here)
             error = _store_error(exc)
+            self.write_error = str(exc) or type(exc).__name__
+            if _is_full(exc):
+                self._wal_full = True
             for it in batch:
                 it.error = error
             if not isinstance(exc, Exception):
@@ -375,7 +393,7 @@ class Store:
                 # used by two threads at once.
                 result = await self._run_sync(fn, conn)
             except sqlite3.Error as exc:
-                raise StoreError(f"store read failed: {exc}") from exc
+                raise _store_error(exc, "store read failed") from exc
         self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
         return result
 
@@ -747,6 +765,31 @@ class Store:
                 ).rowcount:
                     continue  # closed meanwhile (by another worker, or it finished)
                 dead.append(rid)
+                why = reason
+                ended = c.execute(
+                    "SELECT data FROM run_events WHERE run_id = ? AND type = 'run.finished'",
+                    (rid,),
+                ).fetchone()
+                if ended is not None:
+                    # Its end is stored already (a store of an older version published ends
+                    # apart from final states): the store agrees with what clients were told,
+                    # and a run has one run.finished.
+                    told = json.loads(ended[0])
+                    status = told.get("status", "failed")
+                    c.execute("UPDATE runs SET status = ?, error = ? WHERE id = ?",
+                              (status, told.get("error"), rid))
+                    reply = c.execute(
+                        "SELECT data FROM run_events WHERE run_id = ? AND type = 'message'",
+                        (rid,),
+                    ).fetchone()
+                    if status == "succeeded" and reply is not None:
+                        c.execute(
+                            "UPDATE messages SET status = 'complete', content = ?, "
+                            "updated_at = ? WHERE run_id = ? AND status = 'pending'",
+                            (json.loads(reply[0]).get("content", ""), now, rid),
+                        )
+                        continue
+                    why = told.get("error") or reason
                 # The reply's text so far is in its token events: keep it.
                 partial = "".join(
                     json.loads(data).get("text", "") for (data,) in c.execute(
@@ -757,8 +800,10 @@ class Store:
                 c.execute(
                     "UPDATE messages SET status = 'error', error = ?, content = ?, "
                     "updated_at = ? WHERE run_id = ? AND status = 'pending'",
-                    (reason, partial, now, rid),
+                    (why, partial, now, rid),
                 )
+                if ended is not None:
+                    continue
                 c.execute(
                     "INSERT INTO run_events (run_id, seq, type, data, created_at) "
                     "SELECT ?, COALESCE(MAX(seq), 0) + 1, 'run.finished', ?, ? "
@@ -1050,12 +1095,21 @@ class _PendingWrite:
         self.error: BaseException | None = None
 
 
-def _store_error(exc: BaseException) -> BaseException:
+def _store_error(exc: BaseException, what: str = "store write failed") -> BaseException:
+    """The service's error for a sqlite3 one: ``StoreUnavailable`` (503, worth a retry) for
+    what passes (a full volume, a lock held too long, an I/O error), ``StoreError`` else."""
     if isinstance(exc, sqlite3.Error):
-        error = StoreError(f"store write failed: {exc}")
+        kind = StoreUnavailable if isinstance(exc, sqlite3.OperationalError) else StoreError
+        error = kind(f"{what}: {exc}")
         error.__cause__ = exc
         return error
     return exc
+
+
+def _is_full(exc: BaseException) -> bool:
+    """Whether a write failed because the volume (or the database's size limit) is full."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
 
 
 async def _run_inline(fn: Callable[..., T], *args: Any) -> T:
