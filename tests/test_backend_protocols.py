@@ -15,9 +15,12 @@ from service.backends.llamacpp import OpenAICompatBackend
 from service.backends.ollama import OllamaBackend
 from service.errors import (
     BackendProtocolError,
+    BackendRateLimited,
     BackendResponseError,
     BackendUnavailable,
+    ContextLengthExceeded,
     ModelNotFound,
+    UpstreamBroken,
 )
 from service.sim import Reply, Simulator, open_simulator
 
@@ -128,8 +131,12 @@ async def test_ollama_error_object_mid_stream(sim: Simulator, client: httpx.Asyn
         (Reply(status=500, error="boom"), BackendResponseError, "boom"),
         (Reply(status=400, error="bad options"), BackendResponseError, "bad options"),
         (Reply(malformed_after=1), BackendProtocolError, "malformed NDJSON"),
-        (Reply(die_after=2), BackendUnavailable, "connection lost"),
+        # It answered (200), then the connection broke: a bad answer, not "unreachable".
+        (Reply(die_after=2), UpstreamBroken, "connection lost mid-answer"),
+        (Reply(die_after=0), UpstreamBroken, "connection lost mid-answer"),
         (Reply(die_after=-1), BackendUnavailable, "connection lost"),
+        (Reply(status=429, error="slow down"), BackendRateLimited, "slow down"),
+        (Reply(context=2), ContextLengthExceeded, "exceeds the context length"),
     ],
 )
 async def test_ollama_failures(sim: Simulator, client: httpx.AsyncClient, reply: Reply,
@@ -232,7 +239,10 @@ async def test_openai_usage_missing_is_estimated(sim: Simulator, client: httpx.A
         (Reply(status=500, error="kaput"), BackendResponseError, "kaput"),
         (Reply(error_after=1, error="slot died"), BackendResponseError, "slot died"),
         (Reply(malformed_after=2), BackendProtocolError, "malformed SSE"),
-        (Reply(die_after=1), BackendUnavailable, "connection lost"),
+        (Reply(die_after=1), UpstreamBroken, "connection lost mid-answer"),
+        (Reply(die_after=-1), BackendUnavailable, "connection lost"),
+        (Reply(status=429, error="slow down"), BackendRateLimited, "slow down"),
+        (Reply(context=2), ContextLengthExceeded, "exceeds the available context size"),
     ],
 )
 async def test_openai_failures(sim: Simulator, client: httpx.AsyncClient, reply: Reply,
@@ -374,3 +384,18 @@ async def test_ollama_surrogate_halves_across_lines_are_joined() -> None:
         b'{"model":"m","message":{"role":"assistant","content":" \\ud83d"},"done":true,'
         b'"done_reason":"stop","prompt_eval_count":1,"eval_count":3}\n'))
     assert await _text(backend) == "smile \U0001f600 \ufffd"
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("7", 7), (" 0 ", 0), ("99999999999", 3600), ("soon", None), (None, None), ("-3", None),
+     ("Thu, 03 Dec 2026 12:00:30 GMT", 30), ("Thu, 03 Dec 2026 11:00:00 GMT", 0)],
+)
+def test_retry_after_is_read_as_seconds_or_a_date(value: str | None, seconds: int | None
+                                                  ) -> None:
+    from email.utils import parsedate_to_datetime
+
+    from service.backends.http import retry_after_seconds
+
+    now = parsedate_to_datetime("Thu, 03 Dec 2026 12:00:00 GMT").timestamp()
+    assert retry_after_seconds(value, now=now) == seconds

@@ -11,6 +11,8 @@ Failover algorithm (one call)
    loop. Any :class:`BackendError` at this point (refused, 503, loading, unknown model, hang
    past the first-chunk budget, connection dropped, malformed first message) is remembered and
    the next candidate is tried. The failed attempt's response is closed before moving on.
+   Except a prompt longer than the model's context (``ContextLengthExceeded``): the request's
+   fault, raised at once, not counted against the backend.
 3. The first candidate that yields a chunk wins. Only now is an iterator handed to the
    consumer: it gives that first chunk, then the rest of the same stream.
 4. From then on a failure propagates as it is (typed), the call is never retried elsewhere:
@@ -34,6 +36,7 @@ from ..errors import (
     BackendError,
     BackendProtocolError,
     BackendUnavailable,
+    ContextLengthExceeded,
     ModelNotFound,
 )
 from .base import (
@@ -166,6 +169,7 @@ class AutoBackend:
     @asynccontextmanager
     async def stream(self, request: ChatRequest) -> AsyncIterator[AsyncIterator[ChatChunk]]:
         causes: list[BackendError] = []
+        too_long: ContextLengthExceeded | None = None
         for backend in self.candidates():
             stack = AsyncExitStack()
             try:
@@ -181,6 +185,11 @@ class AutoBackend:
                 await stack.__aexit__(type(exc), exc, exc.__traceback__)
                 if exc.backend is None:
                     exc.backend = backend.name
+                if isinstance(exc, ContextLengthExceeded):
+                    # The request's fault: the same prompt does not fit elsewhere either;
+                    # raised as it is, not counted against the backend.
+                    too_long = exc
+                    break
                 self._failed(backend, exc)
                 causes.append(exc)
                 continue
@@ -199,6 +208,8 @@ class AutoBackend:
                 # always dies mid-answer must still reach its cool-down.
                 self._succeeded(backend)
             return
+        if too_long is not None:
+            raise too_long
         raise _all_failed(causes)
 
     async def chat(self, request: ChatRequest) -> ChatResult:
@@ -286,7 +297,12 @@ def _all_failed(causes: list[BackendError]) -> BackendError:
         return ModelNotFound(
             first.message, backend=first.backend, causes=[c.to_dict() for c in causes]
         )
-    return AllBackendsFailed(causes)
+    failed = AllBackendsFailed(causes)
+    # Every backend busy or rate-limited for a while: the soonest of their Retry-Afters.
+    waits = [c.retry_after for c in causes if c.retry_after is not None]
+    if waits:
+        failed.retry_after = min(waits)
+    return failed
 
 
 def _request_fault(exc: BackendError) -> bool:

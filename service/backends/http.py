@@ -18,12 +18,16 @@ own scope.
 from __future__ import annotations
 
 import json
+import math
+import re
 import ssl
+import time
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
@@ -32,14 +36,17 @@ import trio
 from ..errors import (
     BackendError,
     BackendProtocolError,
+    BackendRateLimited,
     BackendResponseError,
     BackendTimeout,
     BackendUnavailable,
     CallTimeout,
     ChunkGapTimeout,
     ConnectTimeout,
+    ContextLengthExceeded,
     FirstChunkTimeout,
     ModelNotFound,
+    UpstreamBroken,
 )
 from .streams import LineTooLong, NDJSONSplitter, SSEComment, SSEEvent, SSEParser
 
@@ -186,31 +193,79 @@ def map_httpx_errors(backend: str, url: str = "") -> Iterator[None]:
         raise httpx_error(exc, backend, url) from exc
 
 
-def _error_message(body: bytes) -> str:
-    """The upstream's message: Ollama ``{"error": str}``, OpenAI ``{"error": {"message"}}``."""
+def _error_message(body: bytes) -> tuple[str, str | None]:
+    """The upstream's message, and its error type if it gives one: Ollama ``{"error": str}``,
+    OpenAI ``{"error": {"message", "type"}}``."""
     text = body.decode("utf-8", errors="replace").strip()
     try:
         obj = json.loads(text)
     except ValueError:
-        return text[:500]
+        return text[:500], None
     if isinstance(obj, dict):
         err = obj.get("error", obj)
         if isinstance(err, dict):
-            return str(err.get("message") or err)[:500]
-        return str(err)[:500]
-    return text[:500]
+            kind = err.get("type") if isinstance(err.get("type"), str) else None
+            return str(err.get("message") or err)[:500], kind
+        return str(err)[:500], None
+    return text[:500], None
+
+
+# An upstream's "the prompt does not fit": llama.cpp's server says it with its error type
+# (HTTP 400, ``exceed_context_size_error``), OpenAI with its code; Ollama (when it does not
+# truncate) and others only in words.
+_CONTEXT_TYPES = frozenset({"exceed_context_size_error", "context_length_exceeded"})
+_CONTEXT_WORDS = re.compile(
+    r"(exceeds?|longer than|larger than|too long|too large).{0,60}\bcontext"
+    r"|\bcontext (length|size|window) (exceeded|is too small)|context_length_exceeded",
+    re.IGNORECASE | re.DOTALL)
+
+RETRY_AFTER_MAX = 3600  # seconds: a Retry-After further off is passed on as this
+
+
+def retry_after_seconds(value: str | None, *, now: float | None = None) -> int | None:
+    """A Retry-After header as whole seconds from now (delay-seconds or an HTTP date), bounded
+    to ``RETRY_AFTER_MAX``; None if absent or unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return min(int(value[:8]), RETRY_AFTER_MAX)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    delta = when.timestamp() - (time.time() if now is None else now)
+    return min(max(0, math.ceil(delta)), RETRY_AFTER_MAX)
 
 
 def error_from_status(
-    status: int, body: bytes, *, backend: str, model: str | None = None
+    status: int, body: bytes, *, backend: str, model: str | None = None,
+    headers: httpx.Headers | None = None,
 ) -> BackendError:
-    """Map an upstream error status (with the protocol's error body) to a service error."""
-    message = _error_message(body) or f"HTTP {status}"
+    """Map an upstream error status (with the protocol's error body) to a service error.
+
+    429 and 503 keep the upstream's Retry-After (``retry_after``) for the client; a prompt
+    over the model's context is the request's fault (400 ``context_length_exceeded``).
+    """
+    message, kind = _error_message(body)
+    message = message or f"HTTP {status}"
+    retry_after = retry_after_seconds(headers.get("retry-after") if headers else None)
+    error: BackendError
     if status == 404 and "model" in message.lower():
         return ModelNotFound(message, backend=backend, upstream_status=status, model=model)
-    if status == 503:
-        return BackendUnavailable(message, backend=backend, upstream_status=status)
-    return BackendResponseError(message, backend=backend, upstream_status=status)
+    if 400 <= status < 500 and (kind in _CONTEXT_TYPES or _CONTEXT_WORDS.search(message)):
+        return ContextLengthExceeded(message, backend=backend, upstream_status=status,
+                                     param="messages")
+    if status == 429:
+        error = BackendRateLimited(message, backend=backend, upstream_status=status)
+    elif status == 503:
+        error = BackendUnavailable(message, backend=backend, upstream_status=status)
+    else:
+        return BackendResponseError(message, backend=backend, upstream_status=status)
+    error.retry_after = retry_after
+    return error
 
 
 def _timeout_error(kind: str, budget: float, backend: str) -> BackendTimeout:
@@ -264,6 +319,13 @@ class TimedResponse:
                 return await self._raw.__anext__()
             except StopAsyncIteration:
                 return b""
+            except httpx.TransportError as exc:
+                if isinstance(exc, httpx.TimeoutException):
+                    raise httpx_error(exc, self.backend) from exc
+                # The status and headers came: the backend answered, then the connection
+                # broke (it died, or a proxy cut it). Not "unreachable" (503): a bad answer.
+                raise UpstreamBroken(f"connection lost mid-answer: {type(exc).__name__}: "
+                                     f"{exc}", backend=self.backend) from exc
             except httpx.HTTPError as exc:
                 raise httpx_error(exc, self.backend) from exc
         if scope.cancelled_caught:
@@ -413,7 +475,8 @@ async def open_stream(
     try:
         if response.status_code >= 400:
             body = await _read_bounded(timed)
-            raise error_from_status(response.status_code, body, backend=backend, model=model)
+            raise error_from_status(response.status_code, body, backend=backend, model=model,
+                                    headers=response.headers)
         yield timed
     finally:
         await response.aclose()  # httpcore shields its own close; cancellation cannot leak it
@@ -498,7 +561,8 @@ async def request_json(
         raise CallTimeout(f"{method} {url} timed out", backend=backend)
     if response.status_code >= 400:
         raise error_from_status(
-            response.status_code, response.content, backend=backend, model=model
+            response.status_code, response.content, backend=backend, model=model,
+            headers=response.headers,
         )
     try:
         return response.json()

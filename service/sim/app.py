@@ -23,6 +23,7 @@ from .scenario import (
     Reply,
     Send,
     SimResponse,
+    context_error,
     error_response,
     json_response,
     render_ollama,
@@ -179,7 +180,12 @@ class Simulator:
         reply = self._choose(headers, model)
         record.reply = reply
         if reply.status is not None:
-            return error_response(reply.status, reply.error, openai=openai)
+            response = error_response(reply.status, reply.error, openai=openai)
+            if reply.retry_after is not None:
+                response.headers = (("retry-after", reply.retry_after),)
+            return response
+        if (too_long := context_error(reply, payload, openai=openai)) is not None:
+            return too_long
         if openai:
             return render_openai(reply, payload, seq=record.seq)
         return render_ollama(reply, payload)

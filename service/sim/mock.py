@@ -87,7 +87,7 @@ def mock_transport(sim: Simulator) -> httpx.MockTransport:
             raise
         return httpx.Response(
             response.status,
-            headers={"content-type": response.content_type},
+            headers={"content-type": response.content_type, **dict(response.headers)},
             stream=_Body(response, record),
         )
 

@@ -24,6 +24,7 @@ __all__ = [
     "SimResponse",
     "Sleep",
     "Step",
+    "context_error",
     "error_response",
     "json_response",
     "render_ollama",
@@ -54,6 +55,10 @@ class Reply:
     error_after: int | None = None  # error object in the stream after N chunks (after 200)
     status: int | None = None  # answer with this error status and the protocol's error body
     error: str = "simulated failure"
+    retry_after: str | None = None  # a Retry-After header on the error status (429, 503)
+    # The model's context, in the simulator's tokens (``prompt_tokens``): a longer prompt gets
+    # the server's "exceeds the context" error (llama.cpp: 400 exceed_context_size_error).
+    context: int | None = None
     usage: bool = True  # OpenAI: send the usage chunk when include_usage asks for it
     model: str | None = None  # answer with this model name instead of the request's
 
@@ -105,6 +110,7 @@ class SimResponse:
     head: list[Step] = field(default_factory=list)  # before the status line: Sleep, Hang, Die
     body: list[Step] = field(default_factory=list)
     streaming: bool = True  # chunked; else one body with a Content-Length
+    headers: tuple[tuple[str, str], ...] = ()  # extra response headers (Retry-After)
 
 
 def json_response(status: int, obj: Any) -> SimResponse:
@@ -119,6 +125,26 @@ def error_response(status: int, message: str, *, openai: bool) -> SimResponse:
     kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
             503: "unavailable_error"}.get(status, "server_error")
     return json_response(status, {"error": {"code": status, "message": message, "type": kind}})
+
+
+def context_error(reply: Reply, body: dict[str, Any], *, openai: bool) -> SimResponse | None:
+    """The server's answer to a prompt longer than ``reply.context``, else None.
+
+    llama.cpp's server: 400 ``{"error": {"code": 400, "message": "request (N tokens) exceeds
+    the available context size (M tokens), try increasing it", "type":
+    "exceed_context_size_error", "n_prompt_tokens": N, "n_ctx": M}}``. Ollama (when it does
+    not truncate): 400 ``{"error": "the input length exceeds the context length"}``.
+    """
+    n_prompt = prompt_tokens(body)
+    if reply.context is None or n_prompt <= reply.context:
+        return None
+    if not openai:
+        return json_response(400, {"error": "the input length exceeds the context length"})
+    return json_response(400, {"error": {
+        "code": 400, "type": "exceed_context_size_error",
+        "message": f"request ({n_prompt} tokens) exceeds the available context size "
+                   f"({reply.context} tokens), try increasing it",
+        "n_prompt_tokens": n_prompt, "n_ctx": reply.context}})
 
 
 def _wait(seconds: float, keepalive: float | None, comment: bytes) -> list[Step]:

@@ -153,7 +153,8 @@ class _Connection:
             elif isinstance(step, Die):
                 self._died()
                 return False
-        headers = [("content-type", response.content_type), ("server", "sim")]
+        headers = [("content-type", response.content_type), ("server", "sim"),
+                   *response.headers]
         if response.streaming:
             headers.append(("cache-control", "no-cache"))
         else:
