@@ -11,7 +11,7 @@ from service.backends.base import ChatChunk
 from service.backends.interceptor import Interceptor
 from service.backends.llamacpp import OpenAICompatBackend
 from service.backends.ollama import OllamaBackend
-from service.errors import BackendResponseError, FirstChunkTimeout
+from service.errors import BackendBusy, BackendResponseError, FirstChunkTimeout
 from service.metrics import Metrics
 from service.sim import Reply, Simulator
 from service.store.records import LLMCallOutcome
@@ -178,3 +178,46 @@ async def test_a_call_failing_before_its_first_chunk_records_the_default_model(
         await consume(backend, model=None)
     [row] = recorder.rows
     assert (row.outcome, row.model) == (LLMCallOutcome.error, "sim-model")
+
+
+async def test_a_queued_call_is_told_its_place_and_waits_at_most_the_queue_timeout(
+    autojump_clock: MockClock,
+) -> None:
+    # One slot, held 10 s; three calls queue behind it, the queue timeout is 7 s.
+    sim = Simulator(default=Reply(tokens=5, interval=2.5))
+    inner = OpenAICompatBackend("llamacpp", "http://sim", mock_client(sim), BUDGETS)
+    recorder = FakeRecorder()
+    backend = Interceptor(inner, recorder, Metrics(), concurrency=1, queue_timeout=7,
+                          queue_report_every=1)
+    told: dict[str, list[tuple[float, int]]] = {}
+    failed: dict[str, tuple[float, BaseException]] = {}
+
+    async def call(run: str) -> None:
+        def queued(place: int) -> None:
+            told.setdefault(run, []).append((trio.current_time(), place))
+
+        try:
+            async with backend.stream(req(run_id=run, on_queued=queued)) as chunks:
+                async for _ in chunks:
+                    pass
+        except BackendBusy as exc:
+            failed[run] = (trio.current_time(), exc)
+
+    async with trio.open_nursery() as nursery:
+        for run in ("holder", "a", "b"):
+            nursery.start_soon(call, run)
+            await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(3)
+        nursery.start_soon(call, "late")  # queued behind a and b, at 3 s
+        await trio.testing.wait_all_tasks_blocked()
+    assert "holder" not in told  # a free slot: never queued
+    assert told["a"] == [(0, 1)]
+    assert told["b"] == [(0, 2)]
+    assert told["late"] == [(3, 3), (8, 1)]  # a and b gave up at 7: next, told at its tick
+    # Nobody got the slot within 7 s: each waited exactly that long, then 503 with Retry-After.
+    assert {run: at for run, (at, _) in failed.items()} == {"a": 7, "b": 7, "late": 10}
+    assert all(exc.status == 503 and exc.retry_after == 5 for _, exc in failed.values())
+    assert len(sim.streams) == 1  # the upstream never saw the ones that gave up
+    rows = {r.run_id: r for r in recorder.rows}
+    assert rows["late"].queue_wait == 7
+    assert rows["late"].outcome is LLMCallOutcome.error

@@ -89,6 +89,12 @@ class AgentContext:
     def emit(self, type_: str, data: dict[str, Any]) -> None:
         self.handle.emit(type_, data)
 
+    def _queued(self, position: int) -> None:
+        """The LLM call waits for a backend slot: shown to the run's clients (a burst is
+        visible, not silence)."""
+        if not self.handle.done:
+            self.emit("queued", {"position": position})
+
     def _add_usage(self, usage: Usage | None) -> None:
         self.usage["llm_calls"] = self.usage.get("llm_calls", 0) + 1
         self.handle.usage = dict(self.usage)  # a call that reports no usage is a call too
@@ -121,6 +127,7 @@ class AgentContext:
             max_tokens=max_tokens if max_tokens is not None else self.max_tokens,
             temperature=temperature if temperature is not None else self.temperature,
             stop=self.stop, run_id=self.handle.id, options=options,
+            on_queued=self._queued,
         )
         parts: list[str] = []
         calls: list[ToolCall] = []

@@ -299,6 +299,10 @@ async def _until_the_answer_starts(reader: EventReader, hold: float, *, answer_t
             if isinstance(item, Keepalive):
                 continue
             first.append(item)
+            if item.type == "queued":
+                # Waiting for a backend slot: the stream starts now, with a comment per place
+                # in the queue (SSE keep-alives), instead of no byte until a slot frees.
+                break
             if item.type in shown and (item.type != "thought" or item.data.get("reasoning")):
                 break
     return first
@@ -315,10 +319,13 @@ async def _stream(
     include_usage: bool, first: list[RunEvent], *, answer_tokens: bool, keepalive: float,
 ) -> AsyncIterator[bytes]:
     try:
-        yield sse_data(_chunk(cid, created, model, {"role": "assistant", "content": ""}))
         framer = _Framer(cid, created, model, answer_tokens=answer_tokens)
+        for event in first:  # a run waiting for a backend slot: comments come first
+            if event.type == "queued":
+                yield _queued_comment(event)
+        yield sse_data(_chunk(cid, created, model, {"role": "assistant", "content": ""}))
         for event in first:  # taken before the response started
-            if (frame := framer.frame(event)) is not None:
+            if event.type != "queued" and (frame := framer.frame(event)) is not None:
                 yield frame
         sent = trio.current_time()
         try:
@@ -375,6 +382,8 @@ class _Framer:
         self.failed = False
 
     def frame(self, event: RunEvent) -> bytes | None:
+        if event.type == "queued":
+            return _queued_comment(event)
         if event.type == "token":
             if not self.answer_tokens:
                 return None
@@ -414,6 +423,12 @@ class _Framer:
 
 
 _END_TYPES = {"timed_out": "run_timeout", "cancelled": "cancelled"}
+
+
+def _queued_comment(event: RunEvent) -> bytes:
+    """A keep-alive comment saying the run's place in its backend's queue (clients skip it)."""
+    position = event.data.get("position")
+    return f": queued, position {position}\n\n".encode()
 
 
 @blueprint.get("/v1/models")

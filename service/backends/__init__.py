@@ -107,7 +107,8 @@ def build_backend(
         if not intercept:
             return backend
         return Interceptor(backend, recorder, metrics or METRICS,
-                           concurrency=settings.backend_concurrency)
+                           concurrency=settings.backend_concurrency,
+                           queue_timeout=settings.backend_queue_timeout)
 
     def ollama() -> Backend:
         return wrap(OllamaBackend("ollama", settings.ollama_url, client, budgets,

@@ -13,7 +13,7 @@ Adapters map every lower-layer failure to a :mod:`service.errors` type at their 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -67,6 +67,9 @@ class ChatRequest:
     # A client's other OpenAI options, by their OpenAI names (SAMPLING_OPTIONS, response_format,
     # tool_choice); each adapter says them in its protocol.
     options: tuple[tuple[str, Any], ...] = ()
+    # Told the call's place in its backend's queue (1: next) while it waits for a slot of the
+    # interceptor's limiter: the run shows it (a ``queued`` event). Never sent upstream.
+    on_queued: Callable[[int], None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

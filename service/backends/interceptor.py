@@ -8,6 +8,12 @@ else). A call cut short still records the tokens seen so far, marked estimated.
 
 The record is written under ``trio.move_on_after(record_timeout, shield=True)``: a cancelled
 call must still leave its row, and a stuck store must not hold the caller forever.
+
+A call that finds every slot taken waits in the limiter's queue (first come, first served), at
+most ``queue_timeout`` seconds; past it the call fails with :class:`BackendBusy` (503 with
+Retry-After: a burst is told to come back, not held in a silent, unbounded queue). While it
+waits, its request's ``on_queued`` is told its place (1: next), at once and then every
+``queue_report_every`` seconds if it moved, so the run can show it.
 """
 
 from __future__ import annotations
@@ -15,13 +21,13 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Protocol
 
 import trio
 
-from ..errors import BackendTimeout
+from ..errors import BackendBusy, BackendTimeout
 from ..metrics import Metrics
 from ..store.records import LLMCallOutcome, LLMCallRecord
 from .base import (
@@ -158,6 +164,8 @@ class Interceptor:
         limiter: trio.CapacityLimiter | None = None,
         concurrency: int = 64,
         record_timeout: float = 5.0,
+        queue_timeout: float = 30.0,
+        queue_report_every: float = 5.0,
     ) -> None:
         self.inner = inner
         self.name = inner.name
@@ -166,6 +174,9 @@ class Interceptor:
         self.metrics = metrics
         self.limiter = limiter or trio.CapacityLimiter(concurrency)
         self.record_timeout = record_timeout
+        self.queue_timeout = queue_timeout
+        self.queue_report_every = queue_report_every
+        self._waiting: list[object] = []  # calls waiting for a slot, in the limiter's order
 
     def __repr__(self) -> str:
         stats = self.limiter.statistics()
@@ -183,10 +194,13 @@ class Interceptor:
             call.model = getattr(self.inner, "default_model", None) or ""
         failure: BaseException | None = None
         try:
-            async with self.limiter:
+            await self._acquire(request)
+            try:
                 call.started = trio.current_time()
                 async with self.inner.stream(request) as chunks:
                     yield _Tracked(aiter(chunks), call)
+            finally:
+                self.limiter.release()
         except BaseException as exc:
             failure = exc
             raise
@@ -197,6 +211,40 @@ class Interceptor:
                 await self._finish(call, failure)
             if scope.cancelled_caught:
                 log.warning("recording an LLM call took over %ss; dropped", self.record_timeout)
+
+    async def _acquire(self, request: ChatRequest) -> None:
+        """A slot of the limiter, waiting in its queue at most ``queue_timeout`` seconds."""
+        try:
+            self.limiter.acquire_nowait()  # a free slot, and nobody queued before this call
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        except trio.WouldBlock:
+            pass
+        ticket = object()
+        self._waiting.append(ticket)  # the limiter is FIFO: this call's place in its queue
+        try:
+            with trio.move_on_after(self.queue_timeout) as waited:
+                async with trio.open_nursery() as nursery:
+                    if request.on_queued is not None:
+                        nursery.start_soon(self._report_place, ticket, request.on_queued)
+                    await self.limiter.acquire()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._waiting.remove(ticket)
+        if waited.cancelled_caught:
+            raise BackendBusy(
+                f"all {self.limiter.total_tokens:g} slots of backend {self.name!r} stayed busy "
+                f"for {self.queue_timeout:g}s (SERVICE_BACKEND_QUEUE_TIMEOUT); retry later",
+                backend=self.name)
+
+    async def _report_place(self, ticket: object, report: Callable[[int], None]) -> None:
+        told = 0
+        while True:
+            place = self._waiting.index(ticket) + 1
+            if place != told:
+                report(place)
+                told = place
+            await trio.sleep(self.queue_report_every)
 
     async def _finish(self, call: _Call, failure: BaseException | None) -> None:
         outcome = classify_outcome(failure, finished=call.finished)

@@ -24,6 +24,7 @@ __all__ = [
 
 EventType = Literal[
     "run.started",
+    "queued",
     "token",
     "thought",
     "tool.call",
