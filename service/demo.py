@@ -15,6 +15,11 @@ from .errors import ConfigError
 __all__ = ["DEMO_MODEL", "demo_overrides"]
 
 DEMO_MODEL = Path("models/tiny.gguf")
+# The tiny model never stops on its own (it writes until max_tokens or a full context), and
+# every agent's prompt must fit a slot with a history: 8,192 tokens for each of the 4 slots
+# (16 MB of KV cache for this model), answers cut at 256 tokens. Their settings override these.
+DEMO_CTX = 4 * 8192
+DEMO_MAX_TOKENS = 256
 
 
 def demo_overrides() -> dict[str, object]:
@@ -31,5 +36,12 @@ def demo_overrides() -> dict[str, object]:
         ) from None
     model = Path(os.environ.get("SERVICE_GGUF", DEMO_MODEL))
     ensure_tiny_model(model)
-    return {"backend": "embedded", "gguf": model,
-            "default_model": os.environ.get("SERVICE_DEFAULT_MODEL", "tiny")}
+    overrides: dict[str, object] = {
+        "backend": "embedded", "gguf": model,
+        "default_model": os.environ.get("SERVICE_DEFAULT_MODEL", "tiny")}
+    # Unless set (then the settings read and check them as usual).
+    if "SERVICE_EMBEDDED_CTX" not in os.environ:
+        overrides["embedded_ctx"] = DEMO_CTX
+    if "SERVICE_EMBEDDED_MAX_TOKENS" not in os.environ:
+        overrides["embedded_max_tokens"] = DEMO_MAX_TOKENS
+    return overrides

@@ -105,7 +105,8 @@ async def _serve_embedded(
     served = False
     try:
         async with embedded_llama_server(
-            settings.gguf, alias=embedded_alias(settings) or settings.gguf.stem
+            settings.gguf, alias=embedded_alias(settings) or settings.gguf.stem,
+            n_ctx=settings.embedded_ctx, n_predict=settings.embedded_max_tokens or -1,
         ) as server:
             task_status.started(server.base_url)
             served = True

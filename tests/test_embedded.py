@@ -149,7 +149,7 @@ def test_tiny_model_metadata(tiny_model: Path) -> None:
     assert value("llama.embedding_length") == 64
     assert value("llama.attention.head_count") == 4
     assert value("llama.feed_forward_length") == 128
-    assert value("llama.context_length") == 2048
+    assert value("llama.context_length") == 8192
     assert value("tokenizer.ggml.model") == "gpt2"
     assert value("tokenizer.ggml.pre") == "gpt-2"
     assert value("tokenizer.ggml.add_bos_token") is False
@@ -233,7 +233,7 @@ async def test_streamed_chat_runs_to_max_tokens_with_usage(client: httpx.AsyncCl
 
 async def test_cancel_mid_stream_frees_the_slot(tiny_model: Path) -> None:
     # One slot, and no max_tokens limit in reach: the stream runs until the slot's context
-    # (2048 tokens) is full, far beyond the 5 chunks read here.
+    # (8192 tokens) is full, far beyond the 5 chunks read here.
     async with (
         embedded_llama_server(tiny_model, n_parallel=1, alias=ALIAS) as llama,
         httpx.AsyncClient(base_url=llama.base_url, timeout=30) as client,

@@ -130,6 +130,7 @@ def _params(
     threads: int,
     alias: str,
     verbosity: int,
+    n_predict: int = -1,
 ) -> Any:
     params = xllamacpp.CommonParams()
     params.model.path = str(model_path)
@@ -137,6 +138,7 @@ def _params(
     params.port = port
     params.n_ctx = n_ctx  # split between the slots
     params.n_parallel = n_parallel
+    params.n_predict = n_predict  # a cap on every answer's tokens (-1: none)
     # More than one thread starves on a 2-core machine whenever the other core is busy.
     params.cpuparams.n_threads = threads
     params.cpuparams_batch.n_threads = threads
@@ -206,6 +208,7 @@ async def embedded_llama_server(
     *,
     n_parallel: int = 4,
     n_ctx: int = 4096,
+    n_predict: int = -1,
     threads: int = 1,
     alias: str | None = None,
     startup_timeout: float = 120.0,
@@ -214,8 +217,10 @@ async def embedded_llama_server(
     """Run llama.cpp's server in-process on a free loopback port for the duration of the block.
 
     ``n_ctx`` is split between the ``n_parallel`` slots (and each slot is capped at the model's
-    training context). ``alias`` defaults to the file's stem. ``startup_timeout`` bounds the start
-    only (load and readiness), which a scope around the whole ``async with`` could not do.
+    training context). ``n_predict`` caps every answer's tokens (-1: no cap; a request's
+    ``max_tokens`` may only ask for fewer). ``alias`` defaults to the file's stem.
+    ``startup_timeout`` bounds the start only (load and readiness), which a scope around the
+    whole ``async with`` could not do.
     ``verbosity`` is llama.cpp's stderr log threshold (1 errors, 2 +warnings, 3 +info; global).
 
     Raises :class:`ConfigError` if xllamacpp is missing or the model file does not exist, and
@@ -233,6 +238,7 @@ async def embedded_llama_server(
         model_path,
         n_parallel=n_parallel,
         n_ctx=n_ctx,
+        n_predict=n_predict,
         threads=threads,
         alias=alias,
         verbosity=verbosity,

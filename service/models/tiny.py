@@ -1,7 +1,7 @@
 """A tiny, random, llama-architecture GGUF model for tests, demos and benchmarks.
 
 The model is useless as a language model but real as far as llama.cpp is concerned: a
-``llama`` graph (2 layers, embedding 64, 4 heads, feed-forward 128, context 2048), a GPT-2 style
+``llama`` graph (2 layers, embedding 64, 4 heads, feed-forward 128, context 8192), a GPT-2 style
 byte-level BPE tokenizer and a ChatML chat template. The file is about 0.6 MB and is written in
 well under a second.
 
@@ -46,7 +46,10 @@ N_LAYERS = 2
 N_EMBD = 64
 N_HEAD = 4
 N_FF = 128
-N_CTX_TRAIN = 2048
+# Context: the agents' prompts (ReAct's system prompt lists every tool: 1,162 tokens in this
+# small vocabulary) must fit with room for a history. Metadata only: the file does not grow, and
+# its KV cache is 512 bytes a token.
+N_CTX_TRAIN = 8192
 N_MERGES = 320
 
 BOS_TOKEN = "<|endoftext|>"
