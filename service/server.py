@@ -3,7 +3,7 @@
 ``python -m service`` reads ``hypercorn.toml`` (``--config`` to pick another, ``--bind`` to
 override its bind), serves until SIGTERM or SIGINT, then shuts down gracefully: listeners close,
 requests in flight get ``graceful_timeout`` seconds, the app's lifespan closes the store, and the
-process exits 0.
+process exits 0 (1 if the store refused some runs' final state to the end).
 """
 
 from __future__ import annotations
@@ -89,8 +89,10 @@ async def run_server(  # noqa: ASYNC128 (task_status is handed to hypercorn's se
     config: Config,
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve until SIGTERM/SIGINT. ``task_status.started`` reports the bound URLs."""
+) -> int:
+    """Serve until SIGTERM/SIGINT. ``task_status.started`` reports the bound URLs. Returns
+    how many runs ended with their final state or events not stored (the store refused them
+    to the end): 0 on a clean shutdown."""
     from .factory import create_app
 
     app = create_app(settings)
@@ -110,6 +112,7 @@ async def run_server(  # noqa: ASYNC128 (task_status is handed to hypercorn's se
             nursery.cancel_scope.cancel()
     finally:
         hypercorn_log.removeFilter(quiet)
+    return svc.supervisor.unstored if svc.supervisor is not None else 0
 
 
 class _RunningOnlyIfStarted(logging.Filter):
@@ -191,8 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format)
     config = build_config(args.config, args.bind, max_body_bytes=settings.max_body_bytes)
+    unstored = 0
     try:
-        trio.run(run_server, settings, config)
+        unstored = trio.run(run_server, settings, config)
     except KeyboardInterrupt:
         pass
     except BaseException as exc:  # noqa: ASYNC103 (sync, after trio.run: no Cancelled here)
@@ -209,6 +213,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1  # noqa: ASYNC104 (as above)
         print(f"service: {found.message}", file=sys.stderr)
         return 1  # noqa: ASYNC104 (as above)
+    if unstored:
+        # Clients were not told these ends (their streams said store_unavailable); a restart
+        # on a store that can write again closes those runs (failed, "interrupted").
+        print(f"service: shut down with {unstored} run(s) whose final state the store "
+              "refused (SERVICE_DB cannot write)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -732,7 +732,7 @@ async def test_v1_disconnect_closes_the_upstream(
         assert not record.completed
 
 
-async def test_v1_run_that_cannot_be_stored_answers_500_and_closes_its_upstream(
+async def test_v1_run_that_cannot_be_stored_answers_503_and_closes_its_upstream(
     settings: Settings,
 ) -> None:
     # A /v1 run's upstream request goes out while its first write commits; if that write
@@ -764,8 +764,10 @@ async def test_v1_run_that_cannot_be_stored_answers_500_and_closes_its_upstream(
                 upstream_called.set()
         (r,) = responses
         store._before_commit = None
-        assert r.status_code == 500, r.text
-        assert r.json()["error"]["type"] == "store_error"
+        # A store that cannot write is worth a retry (clients do not retry a 500).
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["type"] == "store_unavailable"
+        assert r.headers["Retry-After"] == "5"
         assert "Traceback" not in r.text
         with trio.fail_after(GUARD):
             (record,) = env.sim.streams

@@ -73,8 +73,10 @@ class Transcript:
     told: str | None = None  # "succeeded", another end status, or None: told nothing final
 
 
-async def _native(http: httpx.AsyncClient, conv: str, t: Transcript, ended: trio.Semaphore
-                  ) -> None:
+async def native_client(http: httpx.AsyncClient, conv: str, t: Transcript,
+                        ended: trio.Semaphore, first: trio.Semaphore | None = None) -> None:
+    """A native SSE client; ``ended`` is released when it sees run.finished, ``first`` when it
+    sees a token."""
     body = {"content": "go", "stream": True, "on_disconnect": "continue"}
     buf = ""
     try:
@@ -82,6 +84,9 @@ async def _native(http: httpx.AsyncClient, conv: str, t: Transcript, ended: trio
             assert r.status_code == 200
             async for chunk in r.aiter_text():
                 buf += chunk
+                if first is not None and "event: token" in buf:
+                    first.release()
+                    first = None
                 if "event: run.finished" in chunk:
                     ended.release()
     except httpx.HTTPError:
@@ -139,7 +144,7 @@ async def _round(tmp_path: Path, sim_url: str, n: int) -> list[Transcript]:
                 async with trio.open_nursery() as nursery:
                     for i, t in enumerate(transcripts):
                         if t.surface == "native":
-                            nursery.start_soon(_native, http, convs[i], t, ended)
+                            nursery.start_soon(native_client, http, convs[i], t, ended)
                         else:
                             nursery.start_soon(_v1, http, t, ended)
                         await trio.sleep(0.002)
@@ -159,7 +164,7 @@ async def _round(tmp_path: Path, sim_url: str, n: int) -> list[Transcript]:
             for t in transcripts:
                 if t.run_id is None:
                     continue
-                await _check(http, t)
+                await check_against_the_store(http, t)
     finally:
         proc.send_signal(signal.SIGTERM)
         with trio.move_on_after(30, shield=True):
@@ -181,7 +186,7 @@ async def _round(tmp_path: Path, sim_url: str, n: int) -> list[Transcript]:
     return transcripts
 
 
-async def _check(http: httpx.AsyncClient, t: Transcript) -> None:
+async def check_against_the_store(http: httpx.AsyncClient, t: Transcript) -> None:
     run = (await http.get(f"/api/runs/{t.run_id}")).json()
     conv = (await http.get(f"/api/conversations/{run['conversation_id']}")).json()
     (reply,) = [m for m in conv["messages"] if m["role"] == "assistant"]

@@ -282,29 +282,36 @@ async def test_a_cancel_is_read_while_a_socket_has_its_maximum_of_runs(
         assert [m["error"]["type"] for m in refused] == ["too_many_runs"]
 
 
-async def test_a_store_outage_does_not_resend_the_backlog_with_every_batch(
-    tmp_path: Path,
+async def test_a_store_outage_paces_its_retries_and_keeps_every_event_in_order(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    # Found in review: every flush rebuilt and re-sent the whole backlog (up to 100,000
-    # events) on the event loop while the store was down, 96-214 ms each time.
+    # Found in review: every flush re-sent the whole backlog (up to 100,000 events) on the
+    # event loop while the store was down. Held events are now written again with a back-off
+    # (0.1 s doubling to 2 s), whatever the rate of new events, and none is published or lost.
     from service.runs.events import RunEvent
 
     async with supervisor_env(tmp_path, ScriptedBackend()) as env:
         sup = env.supervisor
-        sent: list[int] = []
+        real = env.store.append_run_events
+        attempts: list[int] = []
+        stored: list[int] = []
 
-        async def down(events, **kw):  # type: ignore[no-untyped-def]
-            sent.append(len(events))
-            raise StoreError("store write failed: database or disk is full")
+        async def down_for_30s(events, **kw):  # type: ignore[no-untyped-def]
+            attempts.append(len(events))
+            if trio.current_time() < 30:
+                raise StoreError("store write failed: database or disk is full")
+            stored.extend(e.seq for e in events)
+            await real(events, **kw)
 
-        env.store.append_run_events = down  # type: ignore[method-assign]
-        sup._unstored = [RunEvent.make("run_x", i, "token", {"text": "t"}, 0.0)
-                         for i in range(1, 20_001)]
-        for i in range(20):  # 20 token batches while the store is down
-            sup._pending.append(RunEvent.make("run_y", i + 1, "token", {"text": "t"}, 0.0))
-            await sup.flush()
-        assert sent == [1] * 20  # each batch alone; the backlog waits for the retry tick
-        assert len(sup._unstored) == 20_020  # nothing lost meanwhile
+        env.store.append_run_events = down_for_30s  # type: ignore[method-assign]
+        for i in range(3000):  # a token every 10 ms for 30 s while the store is down
+            sup._enqueue(RunEvent.make("run_y", i + 1, "token", {"text": "t"}, 0.0))
+            await trio.sleep(0.01)
+        await trio.sleep(3)
+        # Paced: a few tries while it doubles, then one per 2 s (not one per token batch).
+        assert len(attempts) <= 5 + 30 / 2 + 2
+        assert stored == list(range(1, 3001))  # every one, once, in order
+        assert not sup._pending
 
 
 async def test_an_sse_store_error_does_not_cancel_the_run_as_if_the_client_had_left(

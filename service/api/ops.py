@@ -41,12 +41,17 @@ async def healthz() -> Response:
 @document_response(ReadyOut, 200)
 @document_response(ReadyOut, 503)
 async def readyz() -> Response:
-    """200 when the store and at least one backend answer, else 503 naming what is down."""
+    """200 when the store answers (and can write) and at least one backend answers, else 503
+    naming what is down."""
     svc = services()
     checks: dict[str, str] = {}
     with trio.move_on_after(_READY_PROBE_DEADLINE) as scope:
         try:
-            await svc.require_store().ping()
+            store = svc.require_store()
+            await store.ping()
+            if store.write_error is not None:
+                # The latest write failed (a full volume): ready again once one commits.
+                await store.probe_write()
             checks["store"] = "ok"
         except ServiceError as exc:
             checks["store"] = f"down: {exc.message}"

@@ -105,6 +105,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX runs_to_prune ON runs(finished_at) "
         "WHERE events_pruned = 0 AND finished_at IS NOT NULL",
     ),
+    # 5: one row a probe rewrites to learn whether the store can write (``/readyz`` after a
+    # write failed: a full volume, a database away).
+    (
+        "CREATE TABLE heartbeat (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -161,6 +161,9 @@ def _connect(path: Path, synchronous: str, busy_timeout: float) -> sqlite3.Conne
 
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the WAL is cut back to once reset (journal_size_limit)
 
+_TIGHT_FOR = 300.0  # seconds writes keep the WAL short after the volume was last full
+
+
 class Store:
     """Conversations, messages, runs, run events and LLM calls in one SQLite file."""
 
@@ -201,9 +204,9 @@ class Store:
         # Why the latest write transaction failed (None once one has committed since): the
         # store cannot write now (``/readyz``). Set and cleared by the writer thread's batches.
         self.write_error: str | None = None
-        # The volume filled up: the next write first folds the WAL back into the database
-        # file and truncates it (see ``_transaction``).
-        self._wal_full = False
+        # The volume filled up: until this time (monotonic) every write first folds the WAL
+        # back into the database file and truncates it (see ``_transaction``).
+        self._tight_until = 0.0
 
     def __repr__(self) -> str:
         state = "open" if self._writer is not None else "closed"
@@ -343,14 +346,15 @@ class Store:
     def _transaction(self, conn: sqlite3.Connection, batch: list[_PendingWrite]) -> None:
         single = len(batch) == 1
         try:
-            if self._wal_full:
-                # After a full volume, space freed elsewhere must go to a checkpoint first:
-                # writes retried straight away grow the WAL into it, the checkpoint (which
-                # needs room in the database file) never completes, and the WAL is never
-                # reset: the store stays unwritable for good (seen on a 2 MB tmpfs). A
-                # TRUNCATE checkpoint copies the WAL in and cuts it to zero bytes.
-                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-                self._wal_full = bool(busy)
+            if time.monotonic() < self._tight_until:
+                # After a full volume, space freed must go to a checkpoint first: writes
+                # retried straight away grow the WAL into it (between two periodic
+                # checkpoints a busy WAL grows by megabytes), the checkpoint, which needs room
+                # in the database file, never completes, the WAL is never reset, and the store
+                # stays unwritable for good (seen on a 2 MB tmpfs). So for a while every write
+                # starts with a TRUNCATE checkpoint: the WAL is copied in and cut to zero
+                # bytes, and holds one transaction at a time.
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for it in batch:
@@ -376,7 +380,7 @@ class Store:
             error = _store_error(exc)
             self.write_error = str(exc) or type(exc).__name__
             if _is_full(exc):
-                self._wal_full = True
+                self._tight_until = time.monotonic() + _TIGHT_FOR
             for it in batch:
                 it.error = error
             if not isinstance(exc, Exception):
@@ -419,6 +423,13 @@ class Store:
     async def ping(self) -> None:
         """Raise StoreError unless the store answers a trivial query."""
         await self._read("ping", lambda c: c.execute("SELECT 1").fetchone())
+
+    async def probe_write(self) -> None:
+        """Raise StoreError unless the store can commit a write now (a page of its own: a
+        write that changes nothing would commit even on a full volume)."""
+        now = time.time()
+        await self._write("probe_write", lambda c: c.execute(
+            "INSERT OR REPLACE INTO heartbeat (id, at) VALUES (1, ?)", (now,)))
 
     # -- conversations --------------------------------------------------------------------------
 
