@@ -877,3 +877,22 @@ async def test_old_runs_events_are_pruned_keeping_their_ends_and_messages(
         assert [e.type for e in await env.store.list_run_events(going.id)] == [
             "run.started", "run.finished"]
         assert await env.store.prune_events(time.time() + 1) == 0  # each run once
+
+
+async def test_a_drain_while_a_final_write_is_retried_waits_for_it(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # A run whose end is numbered but not stored yet is closed (nothing can be emitted) though
+    # not done: the drain's "shutdown" event must skip it (emitting raised, ending the drain).
+    backend = ScriptedBackend([Reply("all of it")])
+    async with supervisor_env(tmp_path, backend) as env:
+        _refuse_final_writes(env, until=trio.current_time() + 4)
+        conv = await env.conversation()
+        handle = await env.supervisor.start(RunSpec(conv, "x"))
+        await trio.sleep(1)
+        assert handle.closed
+        assert not handle.done
+        await env.supervisor.drain(1.0)
+        assert handle.done
+        assert (await env.store.get_run(handle.id)).status == "succeeded"
+        assert env.supervisor.unstored == 0

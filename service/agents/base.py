@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -21,14 +21,48 @@ from ..logs import get_logger
 from ..metrics import Metrics
 from ..runs.events import strict_json
 from ..runs.handle import RunHandle
+from ..text import clean_json, clean_text, lone_surrogate_at
 from ..tools import Tool, ToolRegistry
 
-__all__ = ["Agent", "AgentContext", "Observation", "trim_history"]
+__all__ = ["Agent", "AgentContext", "Observation", "trim_history", "unicode_request"]
 
 log = get_logger("service.agents")
 
 
 _IN_THREAD = partial(trio.to_thread.run_sync, abandon_on_cancel=True)
+
+
+def unicode_request(request: ChatRequest) -> ChatRequest:
+    """``request`` with every string cleaned (``service.text.clean_text``: a lone surrogate
+    becomes U+FFFD): it goes upstream as UTF-8, which cannot encode one. ``request`` itself when
+    it holds none (the usual case: only a scan)."""
+    if lone_surrogate_at([request.stop, request.tools, request.options]) is None and all(
+        lone_surrogate_at([m.content, m.tool_call_id, m.name]) is None
+        and all(_unicode_call(c) is c for c in m.tool_calls)
+        for m in request.messages
+    ):
+        return request
+    return replace(
+        request,
+        messages=tuple(
+            replace(m, content=clean_text(m.content),
+                    tool_calls=tuple(_unicode_call(c) for c in m.tool_calls),
+                    tool_call_id=clean_json(m.tool_call_id), name=clean_json(m.name))
+            for m in request.messages
+        ),
+        stop=clean_json(request.stop), tools=clean_json(request.tools),
+        options=clean_json(request.options),
+    )
+
+
+def _unicode_call(call: ToolCall) -> ToolCall:
+    """A tool call with its strings cleaned (a model's name, arguments or id may hold a lone
+    surrogate: JSON's escapes allow it), or ``call`` itself when they hold none."""
+    if lone_surrogate_at([call.id, call.name, call.arguments, call.invalid_arguments]) is None:
+        return call
+    return replace(call, id=clean_text(call.id), name=clean_text(call.name),
+                   arguments=clean_json(call.arguments),
+                   invalid_arguments=clean_json(call.invalid_arguments))
 
 
 @dataclass(frozen=True)
@@ -92,7 +126,7 @@ class AgentContext:
     def _queued(self, position: int) -> None:
         """The LLM call waits for a backend slot: shown to the run's clients (a burst is
         visible, not silence)."""
-        if not self.handle.done:
+        if not self.handle.closed:
             self.emit("queued", {"position": position})
 
     def _add_usage(self, usage: Usage | None) -> None:
@@ -120,15 +154,19 @@ class AgentContext:
         temperature: float | None = None,
         options: tuple[tuple[str, Any], ...] = (),
     ) -> ChatMessage:
-        """One streamed LLM call; returns the assistant message (text and tool calls)."""
-        request = ChatRequest(
+        """One streamed LLM call; returns the assistant message (text and tool calls).
+
+        Every call upstream goes through here, so here it is made Unicode text both ways (see
+        ``unicode_request``): the API refuses a client's lone surrogates, but a model's (in a
+        tool name) or a tool's output could still hold one, and UTF-8 cannot encode it."""
+        request = unicode_request(ChatRequest(
             messages=tuple(messages), model=self.model,
             tools=(*(t.openai() for t in tools), *raw_tools),
             max_tokens=max_tokens if max_tokens is not None else self.max_tokens,
             temperature=temperature if temperature is not None else self.temperature,
             stop=self.stop, run_id=self.handle.id, options=options,
             on_queued=self._queued,
-        )
+        ))
         parts: list[str] = []
         calls: list[ToolCall] = []
         usage: Usage | None = None
@@ -142,7 +180,7 @@ class AgentContext:
                         parts.append(chunk.text)
                         if emit_tokens:
                             self.emit("token", {"text": chunk.text})
-                    calls.extend(chunk.tool_calls)
+                    calls.extend(_unicode_call(c) for c in chunk.tool_calls)
                     if chunk.usage is not None:
                         usage = chunk.usage
                     if chunk.finish_reason is not None:
@@ -152,7 +190,7 @@ class AgentContext:
                         self.handle.result_extra["model"] = chunk.model
         finally:
             self._add_usage(usage)
-        return ChatMessage("assistant", "".join(parts), tuple(calls))
+        return ChatMessage("assistant", clean_text("".join(parts)), tuple(calls))
 
     async def call_tool(self, name: str, arguments: object, call_id: str,
                         invalid_arguments: str | None = None) -> Observation:

@@ -105,11 +105,18 @@ class RunHandle:
 
     @property
     def done(self) -> bool:
+        """The run's final state is stored (its status is terminal)."""
         return self.status in TERMINAL
+
+    @property
+    def closed(self) -> bool:
+        """The run has ended: its last events are numbered (they may not be stored yet), so
+        nothing more can be emitted and a cancel changes nothing."""
+        return self._closed
 
     def cancel(self, reason: str = "cancelled by request") -> None:
         """Stop the run (sync, idempotent). The first reason given is the one recorded."""
-        if self.cancel_reason is None and not self.done:
+        if self.cancel_reason is None and not self._closed:
             self.cancel_reason = reason
         self.scope.cancel()
 

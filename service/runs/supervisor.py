@@ -198,7 +198,7 @@ class RunSupervisor:
         """Refuse new runs, give those in flight ``grace`` seconds, then cancel the rest."""
         self.draining = True
         for handle in list(self._runs.values()):
-            if not handle.done and handle.status is RunStatus.running:
+            if not handle.closed and handle.status is RunStatus.running:
                 handle.emit("shutdown", {"message": "the service is shutting down", "grace": grace})
         with trio.move_on_after(grace):
             for handle in list(self._runs.values()):
