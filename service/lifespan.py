@@ -22,7 +22,7 @@ from .errors import BackendUnavailable, StoreError
 from .logs import get_logger
 from .runs import RunSupervisor
 from .settings import BackendKind, embedded_alias
-from .store import Store
+from .store import make_store
 from .tools import BUILTIN_TOOLS, ToolRegistry, load_tool_modules
 
 if TYPE_CHECKING:
@@ -41,10 +41,10 @@ async def _start_services(app: QuartTrio, svc: Services, backend: Backend | None
     settings = svc.settings
     stack = AsyncExitStack()
     svc.extras["stack"] = stack
-    store = Store(settings.db, synchronous=settings.db_synchronous, metrics=svc.metrics)
+    store = make_store(settings.db, synchronous=settings.db_synchronous, metrics=svc.metrics)
     try:
         await store.open()
-    except StoreError as exc:  # a path that cannot be a store: say which setting
+    except StoreError as exc:  # a path that cannot be a store, a database away: say which
         raise StoreError(f"SERVICE_DB: {exc.message}") from exc
     svc.store = store
     try:

@@ -28,7 +28,7 @@ from service.backends.base import (
 )
 from service.metrics import Metrics
 from service.runs import RunSupervisor
-from service.store import Store
+from service.store import SQLiteStore, Store
 from service.tools import BUILTIN_TOOLS, Tool, ToolRegistry
 
 
@@ -221,7 +221,7 @@ async def supervisor_env(
     ``backend`` may be a function of the store, to build an interceptor that records into it.
     """
     metrics = Metrics()
-    store = Store(tmp_path / "runs.db", threaded=False, metrics=metrics)
+    store = SQLiteStore(tmp_path / "runs.db", threaded=False, metrics=metrics)
     await store.open()
     registry = ToolRegistry(tools)
     the_backend = backend if isinstance(backend, ScriptedBackend) else backend(store)

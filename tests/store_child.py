@@ -13,11 +13,11 @@ from pathlib import Path
 
 import trio
 
-from service.store import Store
+from service.store import SQLiteStore
 
 
 async def main(db: str, conversation_id: str, count: int, tag: str) -> None:
-    store = Store(Path(db))
+    store = SQLiteStore(Path(db))
     await store.open()
     i = 0
     while count == 0 or i < count:

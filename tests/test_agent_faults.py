@@ -16,7 +16,7 @@ from service.agents import AgentContext
 from service.backends.base import ChatRequest, ToolCall
 from service.metrics import Metrics
 from service.runs import RunSpec, RunStatus
-from service.store import Store
+from service.store import SQLiteStore
 from service.tools import BUILTIN_TOOLS, ToolRegistry, tool
 
 from .fakes import Reply, ScriptedBackend, supervisor_env
@@ -91,7 +91,7 @@ async def test_timed_out_sync_tools_do_not_starve_the_store(tmp_path: Path) -> N
     # the store used the same limiter: 40 hung tools stopped every store read and write.
     RELEASE.clear()
     RETURNED.clear()
-    store = Store(tmp_path / "s.db")  # threaded, as in production
+    store = SQLiteStore(tmp_path / "s.db")  # threaded, as in production
     await store.open()
     try:
         async with trio.open_nursery() as nursery:

@@ -308,9 +308,9 @@ async def test_shutdown_cancels_runs_and_stores_their_state(
         assert h.status is RunStatus.cancelled
         assert h.cancel_reason == "shutdown"
     # The store was closed by supervisor_env: reopen and check every run's final state.
-    from service.store import Store
+    from service.store import SQLiteStore
 
-    store = Store(tmp_path / "runs.db", threaded=False)
+    store = SQLiteStore(tmp_path / "runs.db", threaded=False)
     await store.open()
     try:
         for h in handles:
@@ -693,12 +693,12 @@ async def test_a_cancel_asked_for_by_another_worker_stops_the_run(
 ) -> None:
     # Two workers share one store file; the client's cancel reached the other one, which
     # writes it to the store; the run's own supervisor finds it within _CANCEL_POLL.
-    from service.store import Store
+    from service.store import SQLiteStore
     from service.store.sqlite import process_tag
 
     backend = ScriptedBackend([Reply("a long answer " * 50, gap=1.0)])
     async with supervisor_env(tmp_path, backend) as env:
-        other = Store(tmp_path / "runs.db", threaded=False)
+        other = SQLiteStore(tmp_path / "runs.db", threaded=False)
         other.process_id = process_tag(os.getppid())  # another live process
         await other.open()
         try:

@@ -24,7 +24,7 @@ from service.store import (
     LLMCallRecord,
     MessageStatus,
     RunEventRecord,
-    Store,
+    SQLiteStore,
     new_id,
     open_store,
 )
@@ -308,7 +308,7 @@ async def test_failed_transaction_rolls_back_whole(tmp_path: Path) -> None:
 
 
 async def test_closed_store_raises_store_error(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s.db")
+    store = SQLiteStore(tmp_path / "s.db")
     await store.open()
     await store.aclose()
     with pytest.raises(StoreError, match="closed"):
@@ -423,7 +423,7 @@ async def test_checkpoint_moves_the_wal_into_the_file(tmp_path: Path) -> None:
         wal = db.with_name("s.db-wal")
         assert wal.stat().st_size > 0
         size_before = db.stat().st_size
-        await store.checkpoint()
+        await store.maintain()
         assert db.stat().st_size > size_before  # the pages are in the main file now
         assert len(await store.get_messages(conv.id)) == 50
 
@@ -453,7 +453,7 @@ async def test_a_leader_cancelled_before_its_batch_starts_still_runs_it(tmp_path
 
 
 async def test_a_cancelled_writer_never_hangs_on_a_closed_store(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s.db")
+    store = SQLiteStore(tmp_path / "s.db")
     await store.open()
     out: dict[str, str] = {}
 
@@ -501,7 +501,7 @@ async def test_a_pid_reused_by_another_process_does_not_keep_old_runs_alive(
 ) -> None:
     # The dead service's PID now belongs to an unrelated process (a restart, a reboot): the
     # runs are the dead service's, and are closed. The same live process is left alone.
-    from service.store.sqlite import process_tag
+    from service.store.ownership import process_tag
 
     db = tmp_path / "s.db"
     async with open_store(db) as store:
@@ -535,7 +535,7 @@ async def test_a_clock_step_does_not_make_a_live_worker_look_dead(
     # starting then closed the sibling's running runs. Process identity no longer uses it.
     import io
 
-    import service.store.sqlite as sq
+    import service.store.ownership as sq
 
     db = tmp_path / "s.db"
     sibling = await trio.lowlevel.open_process(["sleep", "60"])  # a live sibling worker
@@ -572,7 +572,8 @@ async def test_a_clock_step_does_not_make_a_live_worker_look_dead(
 def test_a_dead_process_not_yet_reaped_is_dead() -> None:
     # Found in review: a zombie (exited, its parent has not waited for it) still answers
     # kill(pid, 0), so its runs were left running and a re-join of one polled forever.
-    from service.store.sqlite import _alive, process_tag
+    from service.store.ownership import alive as _alive
+    from service.store.ownership import process_tag
 
     child = subprocess.Popen(["sleep", "60"])
     try:
@@ -587,7 +588,8 @@ def test_a_dead_process_not_yet_reaped_is_dead() -> None:
 
 
 def test_process_tags_carry_the_boot_and_the_start_tick() -> None:
-    from service.store.sqlite import _alive, process_tag
+    from service.store.ownership import alive as _alive
+    from service.store.ownership import process_tag
 
     pid, made, boot, ticks = process_tag(os.getppid()).split(":")
     assert pid == str(os.getppid())
@@ -643,7 +645,7 @@ async def test_the_wal_is_cut_back_once_a_long_reader_is_gone(tmp_path: Path) ->
         reader.rollback()
         reader.close()
         for _ in range(3):
-            await store.checkpoint()
+            await store.maintain()
             await store.append_message(conv.id, role="user", content="y")
         assert (await wal.stat()).st_size <= 1 << 20
         assert len(await store.get_messages(conv.id)) == 303  # nothing lost

@@ -1,9 +1,12 @@
 """Store throughput: appends/s and append latency, in one process and in several at once.
 
     python -m service.bench.store [--seconds 5] [--tasks 16] [--procs 4] [--synchronous NORMAL]
+                                  [--db postgresql://user@host:port/db]
 
 Each worker process runs ``--tasks`` trio tasks appending messages to its own conversations for
 ``--seconds``; every append is one committed transaction (the same call the service makes).
+Without ``--db`` each part runs on a fresh SQLite file; with a PostgreSQL URL both parts append
+to that database (its tables are created if missing; the rows are left there).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 
 import trio
 
-from ..store import Store
+from ..store import is_postgres_url, make_store
 
 __all__ = ["bench_store", "main"]
 
@@ -33,8 +36,8 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-async def _worker(db: Path, seconds: float, tasks: int, synchronous: str) -> dict[str, Any]:
-    store = Store(db, synchronous=synchronous)
+async def _worker(db: str, seconds: float, tasks: int, synchronous: str) -> dict[str, Any]:
+    store = make_store(db, synchronous=synchronous)
     await store.open()
     convs = [await store.create_conversation(title=f"bench {i}") for i in range(tasks)]
     latencies: list[float] = []
@@ -60,20 +63,24 @@ async def _worker(db: Path, seconds: float, tasks: int, synchronous: str) -> dic
 
 
 def _proc_main(db: str, seconds: float, tasks: int, synchronous: str, out: Any) -> None:
-    out.put(trio.run(_worker, Path(db), seconds, tasks, synchronous))
+    out.put(trio.run(_worker, db, seconds, tasks, synchronous))
 
 
 def bench_store(
-    *, seconds: float = 5.0, tasks: int = 16, procs: int = 4, synchronous: str = "NORMAL"
+    *, seconds: float = 5.0, tasks: int = 16, procs: int = 4, synchronous: str = "NORMAL",
+    db: str | None = None,
 ) -> dict[str, Any]:
-    results: dict[str, Any] = {"synchronous": synchronous, "journal_mode": "wal", "tasks": tasks}
+    results: dict[str, Any] = (
+        {"store": "postgresql", "tasks": tasks} if db and is_postgres_url(db)
+        else {"store": "sqlite", "synchronous": synchronous, "journal_mode": "wal",
+              "tasks": tasks})
     with tempfile.TemporaryDirectory() as tmp:
-        db = Path(tmp) / "bench.db"
-        one = trio.run(_worker, db, seconds, tasks, synchronous)
+        db1 = db or str(Path(tmp) / "bench.db")
+        one = trio.run(_worker, db1, seconds, tasks, synchronous)
         results["one_process"] = _summary([one])
         ctx = mp.get_context("spawn")
         q: Any = ctx.Queue()
-        db4 = Path(tmp) / "bench4.db"
+        db4 = db or str(Path(tmp) / "bench4.db")
         trio.run(_init, db4, synchronous)  # migrate once, so the workers only append
         workers = [
             ctx.Process(target=_proc_main, args=(str(db4), seconds, tasks, synchronous, q))
@@ -88,8 +95,8 @@ def bench_store(
     return results
 
 
-async def _init(db: Path, synchronous: str) -> None:
-    store = Store(db, synchronous=synchronous)
+async def _init(db: str, synchronous: str) -> None:
+    store = make_store(db, synchronous=synchronous)
     await store.open()
     await store.aclose()
 
@@ -114,10 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", type=int, default=16)
     p.add_argument("--procs", type=int, default=4)
     p.add_argument("--synchronous", default="NORMAL", choices=["OFF", "NORMAL", "FULL", "EXTRA"])
+    p.add_argument("--db", help="a PostgreSQL URL to measure instead of SQLite")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     res = bench_store(
-        seconds=args.seconds, tasks=args.tasks, procs=args.procs, synchronous=args.synchronous
+        seconds=args.seconds, tasks=args.tasks, procs=args.procs, synchronous=args.synchronous,
+        db=args.db,
     )
     res["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
     print(json.dumps(res, indent=2))

@@ -541,7 +541,7 @@ class RunSupervisor:
             await trio.sleep(_CHECKPOINT_EVERY)
             await self.retry_final_writes()
             try:
-                await self._store.checkpoint()
+                await self._store.maintain()
             except StoreError as exc:
                 log.warning("WAL checkpoint failed: %s", exc.message)
 

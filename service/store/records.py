@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import secrets
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
+    "BegunRun",
     "Conversation",
     "LLMCallOutcome",
     "LLMCallRecord",
@@ -14,6 +17,10 @@ __all__ = [
     "MessageStatus",
     "RunEventRecord",
     "RunRecord",
+    "begun_run",
+    "decode_cursor",
+    "encode_cursor",
+    "new_id",
 ]
 
 
@@ -99,3 +106,55 @@ class LLMCallRecord:
     completion_tokens: int | None = None
     tokens_estimated: bool = False  # True when the stream was cut before usage arrived
     error: str | None = None
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"s{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if not raw.startswith("s"):
+            raise ValueError(cursor)
+        seq = int(raw[1:])
+        if not 0 <= seq < 2**63:
+            raise ValueError(cursor)
+        return seq
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"invalid cursor: {cursor!r}") from exc
+
+
+def begun_run(
+    run_id: str, user_id: str, reply_id: str, conv: Conversation, history: list[Message],
+    content: str, agent: str | None, model: str | None, owner: str | None,
+    default_model: str | None, now: float,
+) -> BegunRun:
+    """The records of a new run on ``conv`` (agent and model resolved from it if not given)."""
+    the_agent = agent or conv.agent or "chat"
+    the_model = model or conv.model or default_model
+    run = RunRecord(run_id, conv.id, owner, the_agent, the_model, "queued", now, None, None,
+                    None, {})
+    user = Message(user_id, conv.id, "user", content, MessageStatus.complete, run_id, None,
+                   now, now)
+    reply = Message(reply_id, conv.id, "assistant", "", MessageStatus.pending, run_id, None,
+                    now, now)
+    started = RunEventRecord(run_id, 1, "run.started", {
+        "run_id": run_id, "conversation_id": conv.id, "agent": the_agent, "model": the_model,
+    }, now)
+    return BegunRun(run, user, reply, conv, history, started)
+
+
+class BegunRun(NamedTuple):
+    """What ``Store.begin_run`` wrote and read."""
+
+    run: RunRecord
+    user: Message
+    reply: Message
+    conversation: Conversation
+    history: list[Message]  # the conversation's messages before this run's
+    started: RunEventRecord  # event 1

@@ -21,24 +21,25 @@ append latency (see README's figures).
 
 from __future__ import annotations
 
-import base64
 import json
 import os
-import secrets
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, Literal, TypeVar
 
 import trio
 
 from ..errors import NotFound, StoreError, StoreUnavailable
 from ..metrics import METRICS, Metrics
 from ..text import clean_text
+from .ownership import alive as _alive
+from .ownership import process_tag
 from .records import (
+    BegunRun,
     Conversation,
     LLMCallOutcome,
     LLMCallRecord,
@@ -46,35 +47,18 @@ from .records import (
     MessageStatus,
     RunEventRecord,
     RunRecord,
+    begun_run,
+    decode_cursor,
+    encode_cursor,
+    new_id,
 )
 from .schema import MIGRATIONS
 
-__all__ = ["BegunRun", "Store", "new_id", "open_store", "process_tag"]
+__all__ = ["SQLiteStore", "open_sqlite_store"]
 
 T = TypeVar("T")
 
 _BATCH_WAIT = 60.0  # seconds a cancelled writer waits for the batch that took its write
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(12)}"
-
-
-def _encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"s{seq}".encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> int:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if not raw.startswith("s"):
-            raise ValueError(cursor)
-        seq = int(raw[1:])
-        if not 0 <= seq < 2**63:
-            raise ValueError(cursor)
-        return seq
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"invalid cursor: {cursor!r}") from exc
 
 
 _CONV_COLS = "id, title, system, model, agent, owner, created_at, updated_at"
@@ -164,7 +148,7 @@ WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the WAL is cut back to once reset (jo
 _TIGHT_FOR = 300.0  # seconds writes keep the WAL short after the volume was last full
 
 
-class Store:
+class SQLiteStore:
     """Conversations, messages, runs, run events and LLM calls in one SQLite file."""
 
     def __init__(
@@ -211,7 +195,7 @@ class Store:
     def __repr__(self) -> str:
         state = "open" if self._writer is not None else "closed"
         busy = "writing" if self._write_lock.locked() else "idle"
-        return f"<Store {self.path} [{state}, {busy}]>"
+        return f"<SQLiteStore {self.path} [{state}, {busy}]>"
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -232,7 +216,7 @@ class Store:
                 raise StoreError(
                     f"database schema version {version} is newer than this code "
                     f"({len(MIGRATIONS)}); refusing to open")
-            # Checkpoints run beside the writes (``checkpoint``), not inside a commit, where
+            # Checkpoints run beside the writes (``maintain``), not inside a commit, where
             # they stall every write queued behind it (seen as token-latency spikes).
             writer.execute("PRAGMA wal_autocheckpoint = 0")
             # A WAL grown large (a long reader in another process held checkpoints back) is
@@ -280,7 +264,7 @@ class Store:
                     # Closing the last connection checkpoints the WAL into the file.
                     await self._run_sync(_close_all, ckpt, reader, writer)
 
-    async def __aenter__(self) -> Store:
+    async def __aenter__(self) -> SQLiteStore:
         await self.open()
         return self
 
@@ -401,7 +385,7 @@ class Store:
         self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
         return result
 
-    async def checkpoint(self) -> None:
+    async def maintain(self) -> None:
         """Copy the WAL into the database file without blocking writers (a PASSIVE checkpoint,
         on its own connection, in a thread). The run supervisor calls it every few seconds."""
         def run() -> None:
@@ -473,7 +457,7 @@ class Store:
         self, *, owner: str | None = None, limit: int = 20, before: str | None = None
     ) -> tuple[list[Conversation], str | None]:
         """Newest first; returns the page and the cursor of the next page (or None)."""
-        before_seq = _decode_cursor(before) if before else None
+        before_seq = decode_cursor(before) if before else None
 
         def fn(c: sqlite3.Connection) -> tuple[list[Conversation], str | None]:
             sql = f"SELECT seq, {_CONV_COLS} FROM conversations WHERE owner IS ?"
@@ -485,7 +469,7 @@ class Store:
             args.append(limit + 1)
             rows = c.execute(sql, args).fetchall()
             page = rows[:limit]
-            nxt = _encode_cursor(page[-1][0]) if len(rows) > limit else None
+            nxt = encode_cursor(page[-1][0]) if len(rows) > limit else None
             return [_conversation(r[1:]) for r in page], nxt
 
         return await self._read("list_conversations", fn)
@@ -643,7 +627,7 @@ class Store:
                 f"SELECT {_MSG_COLS} FROM messages WHERE conversation_id = ? ORDER BY seq",
                 (conv.id,),
             )]
-            begun = _begun(run_id, user_id, reply_id, conv, history, content, agent, model,
+            begun = begun_run(run_id, user_id, reply_id, conv, history, content, agent, model,
                            owner, default_model, now)
             self._insert_run(c, begun)
             return begun
@@ -670,7 +654,7 @@ class Store:
         f = new_conversation or {}
         conv = Conversation(new_id("conv"), f.get("title"), f.get("system"), f.get("model"),
                             f.get("agent"), owner, now, now)
-        return _begun(new_id("run"), new_id("msg"), new_id("msg"), conv, [], content, agent,
+        return begun_run(new_id("run"), new_id("msg"), new_id("msg"), conv, [], content, agent,
                       model, owner, default_model, now)
 
     async def write_run(self, begun: BegunRun) -> None:
@@ -999,100 +983,6 @@ class Store:
         return await self._read("list_llm_calls", fn)
 
 
-def process_tag(pid: int) -> str:
-    """How a process tags its runs: ``pid:time_ns``, plus ``:boot_id:start_ticks`` where /proc
-    has them (Linux), which tell this process from a later one given the same PID."""
-    tag = f"{pid}:{time.time_ns()}"
-    stat, boot = _proc_stat(pid), _boot_id()
-    if stat is not None and boot:
-        tag += f":{boot}:{stat[1]}"
-    return tag
-
-
-def _alive(process: str | None, current: str) -> bool:
-    """Whether the process that tagged a run (:func:`process_tag`) still runs on this host."""
-    if not process:
-        return False
-    parts = process.split(":")
-    if parts[0] == current.split(":", 1)[0]:
-        return False  # our PID, another start: a previous life of a reused PID (containers)
-    try:
-        pid = int(parts[0])
-        os.kill(pid, 0)
-    except (ValueError, OverflowError, ProcessLookupError):
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    stat = _proc_stat(pid)
-    if stat is None:
-        return True  # no /proc to ask: the PID exists
-    state, ticks = stat
-    if state in (b"Z", b"X"):
-        return False  # it has exited; its parent has not reaped it yet
-    boot = _boot_id()
-    if len(parts) >= 4 and boot:
-        # The same process only if it started at the tagged tick of the same boot: a PID
-        # reused after a restart or a reboot is not it. Clock ticks after boot, not wall-clock
-        # time, so a clock step (NTP) cannot make a live process look like another.
-        return parts[2] == boot and parts[3] == str(ticks)
-    return True  # cannot tell (a tag of an older version, no boot id): the PID exists
-
-
-def _proc_stat(pid: int) -> tuple[bytes, int] | None:
-    """(state, start time in clock ticks after boot) of a process, from /proc; None if absent."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return fields[0], int(fields[19])  # fields 3 and 22 of proc(5)
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-_BOOT_ID: list[str] = []  # read once
-
-
-def _boot_id() -> str:
-    """This boot's id (Linux), or "" if unknown (a failed read is tried again next time)."""
-    if not _BOOT_ID:
-        try:
-            with open("/proc/sys/kernel/random/boot_id") as f:
-                _BOOT_ID.append(f.read().strip())
-        except OSError:
-            return ""
-    return _BOOT_ID[0]
-
-
-def _begun(
-    run_id: str, user_id: str, reply_id: str, conv: Conversation, history: list[Message],
-    content: str, agent: str | None, model: str | None, owner: str | None,
-    default_model: str | None, now: float,
-) -> BegunRun:
-    """The records of a new run on ``conv`` (agent and model resolved from it if not given)."""
-    the_agent = agent or conv.agent or "chat"
-    the_model = model or conv.model or default_model
-    run = RunRecord(run_id, conv.id, owner, the_agent, the_model, "queued", now, None, None,
-                    None, {})
-    user = Message(user_id, conv.id, "user", content, MessageStatus.complete, run_id, None,
-                   now, now)
-    reply = Message(reply_id, conv.id, "assistant", "", MessageStatus.pending, run_id, None,
-                    now, now)
-    started = RunEventRecord(run_id, 1, "run.started", {
-        "run_id": run_id, "conversation_id": conv.id, "agent": the_agent, "model": the_model,
-    }, now)
-    return BegunRun(run, user, reply, conv, history, started)
-
-
-class BegunRun(NamedTuple):
-    """What ``Store.begin_run`` wrote and read."""
-
-    run: RunRecord
-    user: Message
-    reply: Message
-    conversation: Conversation
-    history: list[Message]  # the conversation's messages before this run's
-    started: RunEventRecord  # event 1
-
-
 class _PendingWrite:
     """One queued write: its function, and its result or error once its batch has run."""
 
@@ -1135,9 +1025,9 @@ def _close_all(*conns: sqlite3.Connection | None) -> None:
 
 
 @asynccontextmanager
-async def open_store(path: Path, **kwargs: Any) -> AsyncIterator[Store]:
-    """``async with open_store(path) as store:`` opens (and migrates) the store, closes it after."""
-    store = Store(path, **kwargs)
+async def open_sqlite_store(path: Path, **kwargs: Any) -> AsyncIterator[SQLiteStore]:
+    """``async with open_sqlite_store(path) as store:`` opens (and migrates) it, closes it after."""
+    store = SQLiteStore(path, **kwargs)
     await store.open()
     try:
         yield store

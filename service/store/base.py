@@ -1,0 +1,183 @@
+"""What the service asks of a store: the :class:`Store` protocol every caller types against.
+
+Two stores implement it: :class:`~service.store.sqlite.SQLiteStore` (one file, WAL) and
+:class:`~service.store.postgres.PostgresStore` (PostgreSQL through psycopg 3). They keep the
+same promises, which callers rely on:
+
+* **Acknowledged means durable**: a write returns once its transaction has committed.
+* **Writes land in call order**: a write joins the store's queue before its first checkpoint,
+  so a write called after another lands after it (``RunSupervisor._start_new`` relies on it).
+* **Group commit**: writes queued behind a busy writer go together in one transaction, each in
+  its own SAVEPOINT (one failing write does not undo the others).
+* **Cancellation**: a write cancelled while still queued never lands; once taken into a
+  transaction it lands whole (or not at all) and its caller gets its answer.
+* **Errors**: :class:`~service.errors.StoreUnavailable` (503, worth a retry: a full volume, a
+  database away, a timeout) or :class:`~service.errors.StoreError`; ``NotFound`` for a missing
+  id. ``write_error`` says why the latest write transaction failed, None once one committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal, Protocol
+
+from .records import (
+    BegunRun,
+    Conversation,
+    LLMCallRecord,
+    Message,
+    MessageStatus,
+    RunEventRecord,
+    RunRecord,
+)
+
+__all__ = ["Store"]
+
+
+class Store(Protocol):
+    """Conversations, messages, runs, run events and LLM calls, durably."""
+
+    # How this process tags the runs it runs (``ownership.process_tag``).
+    process_id: str
+    # Why the latest write transaction failed; None once one has committed since (``/readyz``).
+    write_error: str | None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, create or migrate the schema (refusing a newer one); StoreError if not."""
+        ...
+
+    async def aclose(self) -> None:
+        """Wait for writes in flight, then close. Safe to call twice."""
+        ...
+
+    async def __aenter__(self) -> Store: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+    async def maintain(self) -> None:
+        """Periodic upkeep (the supervisor calls it every few seconds): SQLite copies its WAL
+        into the database file; PostgreSQL has none to do (its server does its own)."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise StoreError unless the store answers a trivial query."""
+        ...
+
+    async def probe_write(self) -> None:
+        """Raise StoreError unless the store can commit a write now."""
+        ...
+
+    # -- conversations and messages -------------------------------------------------------------
+
+    async def create_conversation(
+        self, *, title: str | None = None, system: str | None = None, model: str | None = None,
+        agent: str | None = None, owner: str | None = None,
+    ) -> Conversation: ...
+
+    async def get_conversation(
+        self, conversation_id: str, *, owner: str | None = None
+    ) -> Conversation: ...
+
+    async def list_conversations(
+        self, *, owner: str | None = None, limit: int = 20, before: str | None = None
+    ) -> tuple[list[Conversation], str | None]:
+        """Newest first; the page and the cursor of the next page (or None)."""
+        ...
+
+    async def delete_conversation(
+        self, conversation_id: str, *, owner: str | None = None
+    ) -> None: ...
+
+    async def append_message(
+        self, conversation_id: str, *, role: str, content: str,
+        status: MessageStatus = MessageStatus.complete, run_id: str | None = None,
+    ) -> Message: ...
+
+    async def append_messages(
+        self, conversation_id: str,
+        items: Iterable[tuple[str, str, MessageStatus, str | None]],
+    ) -> list[Message]: ...
+
+    async def update_message(
+        self, message_id: str, *, content: str, status: MessageStatus, error: str | None = None,
+    ) -> None: ...
+
+    async def get_messages(self, conversation_id: str) -> list[Message]: ...
+
+    # -- runs and their events ------------------------------------------------------------------
+
+    async def create_run(
+        self, conversation_id: str, *, agent: str, model: str | None,
+        owner: str | None = None, run_id: str | None = None,
+    ) -> RunRecord: ...
+
+    async def begin_run(
+        self, conversation_id: str, *, content: str, agent: str | None, model: str | None,
+        owner: str | None = None, default_model: str | None = None, run_id: str | None = None,
+    ) -> BegunRun:
+        """Everything a run on an existing conversation needs to start, in one transaction."""
+        ...
+
+    def plan_run(
+        self, *, content: str, agent: str | None, model: str | None, owner: str | None = None,
+        new_conversation: dict[str, str | None] | None = None,
+        default_model: str | None = None,
+    ) -> BegunRun:
+        """The records of a run on a new conversation, without writing them (sync, no I/O)."""
+        ...
+
+    async def write_run(self, begun: BegunRun) -> None:
+        """Store a run from :meth:`plan_run` in one transaction."""
+        ...
+
+    async def finish_run(
+        self, run_id: str, *, status: str, message_id: str, content: str,
+        message_status: MessageStatus, error: str | None, usage: dict[str, Any],
+        events: Sequence[RunEventRecord] = (),
+    ) -> None:
+        """The run's final status, its reply's text and its last events, in one transaction."""
+        ...
+
+    async def recover_interrupted(self, run_id: str | None = None) -> list[str]:
+        """Close runs left in progress by a process that is gone; the ids closed."""
+        ...
+
+    async def update_run(
+        self, run_id: str, *, status: str, started_at: float | None = None,
+        finished_at: float | None = None, error: str | None = None,
+        usage: dict[str, Any] | None = None,
+    ) -> None: ...
+
+    async def get_run(self, run_id: str, *, owner: str | None = None) -> RunRecord: ...
+
+    async def run_in_progress(self, run_id: str) -> Literal["here", "elsewhere"] | None:
+        """Where a run in progress runs: this process, another live one, or None."""
+        ...
+
+    async def runs_in_progress(self, conversation_id: str) -> list[str]: ...
+
+    async def request_cancel(self, run_id: str, reason: str) -> bool: ...
+
+    async def cancel_requests(self) -> list[tuple[str, str]]: ...
+
+    async def prune_events(self, finished_before: float, rows: int = 5000) -> int: ...
+
+    async def append_run_events(
+        self, events: Sequence[RunEventRecord], *, retry: bool = False
+    ) -> None:
+        """A batch of events in one transaction; ``retry``: skip those stored already."""
+        ...
+
+    async def list_run_events(
+        self, run_id: str, *, after: int = 0, limit: int = 10_000
+    ) -> list[RunEventRecord]: ...
+
+    # -- LLM calls ------------------------------------------------------------------------------
+
+    async def record_llm_call(self, rec: LLMCallRecord) -> None: ...
+
+    async def list_llm_calls(
+        self, *, run_id: str | None = None, limit: int = 50, owner: str | None = None
+    ) -> list[LLMCallRecord]: ...

@@ -1,0 +1,79 @@
+"""Which process runs a run: tags made from /proc, and whether a tagged process still lives.
+
+Single-host: a tag names a PID, a boot id and a start tick, which only mean something inside one
+PID namespace on one host. Both stores use it for now; a run coordinator with leases (issue 14,
+item 3) replaces it for several hosts.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+__all__ = ["alive", "process_tag"]
+
+
+def process_tag(pid: int) -> str:
+    """How a process tags its runs: ``pid:time_ns``, plus ``:boot_id:start_ticks`` where /proc
+    has them (Linux), which tell this process from a later one given the same PID."""
+    tag = f"{pid}:{time.time_ns()}"
+    stat, boot = _proc_stat(pid), _boot_id()
+    if stat is not None and boot:
+        tag += f":{boot}:{stat[1]}"
+    return tag
+
+
+def alive(process: str | None, current: str) -> bool:
+    """Whether the process that tagged a run (:func:`process_tag`) still runs on this host."""
+    if not process:
+        return False
+    parts = process.split(":")
+    if parts[0] == current.split(":", 1)[0]:
+        return False  # our PID, another start: a previous life of a reused PID (containers)
+    try:
+        pid = int(parts[0])
+        os.kill(pid, 0)
+    except (ValueError, OverflowError, ProcessLookupError):
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True  # no /proc to ask: the PID exists
+    state, ticks = stat
+    if state in (b"Z", b"X"):
+        return False  # it has exited; its parent has not reaped it yet
+    boot = _boot_id()
+    if len(parts) >= 4 and boot:
+        # The same process only if it started at the tagged tick of the same boot: a PID
+        # reused after a restart or a reboot is not it. Clock ticks after boot, not wall-clock
+        # time, so a clock step (NTP) cannot make a live process look like another.
+        return parts[2] == boot and parts[3] == str(ticks)
+    return True  # cannot tell (a tag of an older version, no boot id): the PID exists
+
+
+def _proc_stat(pid: int) -> tuple[bytes, int] | None:
+    """(state, start time in clock ticks after boot) of a process, from /proc; None if absent."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return fields[0], int(fields[19])  # fields 3 and 22 of proc(5)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_BOOT_ID: list[str] = []  # read once
+
+
+def _boot_id() -> str:
+    """This boot's id (Linux), or "" if unknown (a failed read is tried again next time)."""
+    if not _BOOT_ID:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                _BOOT_ID.append(f.read().strip())
+        except OSError:
+            return ""
+    return _BOOT_ID[0]
+
+
+_alive = alive  # the name tests and older code use
