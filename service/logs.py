@@ -54,9 +54,19 @@ class TextFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         # One record, one line: a newline from a client (a request path with %0a) would
-        # otherwise forge a line of its own. Tracebacks are added after this, on their lines.
-        line = super().formatMessage(record)
-        return line.replace("\r", "\\r").replace("\n", "\\n")
+        # otherwise forge a line of its own, and ESC (%1b) or a C1 CSI (%c2%9b) would drive
+        # the operator's terminal. Tracebacks are added after this, on their lines.
+        return super().formatMessage(record).translate(_ESCAPED)
+
+    def formatException(self, ei: Any) -> str:
+        # Its lines stay lines; a control character from a client in an exception's message
+        # is escaped as in the message.
+        return super().formatException(ei).translate(_ESCAPED_BUT_NEWLINES)
+
+
+# C0 controls, DEL and C1 controls, each written as an escape (\n, \r, \t, \x1b, \x9b).
+_ESCAPED = {c: repr(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0))}
+_ESCAPED_BUT_NEWLINES = {c: e for c, e in _ESCAPED.items() if c != ord("\n")}
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:

@@ -77,6 +77,20 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: str = "json"
 
+    @field_validator("db", mode="before")
+    @classmethod
+    def _sqlite_path(cls, value: object) -> object:
+        # A URL is not a path: "postgresql://..." became a directory "postgresql:" holding a
+        # SQLite file, silently. (A scheme has two letters or more: "C:/data" stays a path.)
+        if isinstance(value, str) and (url := re.match(r"([A-Za-z][A-Za-z0-9+.-]+):/", value)):
+            scheme = url[1].lower()
+            # Until the PostgreSQL store (issue 14) is wired to this setting.
+            if scheme.split("+")[0] in ("postgresql", "postgres") and "://" in value:
+                raise ValueError("a PostgreSQL store is not supported yet; use a SQLite path")
+            raise ValueError(f"not a SQLite path but a {scheme}: URL (a SQLite file path is "
+                             "supported)")
+        return value
+
     @field_validator("ollama_url", "llamacpp_url")
     @classmethod
     def _url(cls, value: str) -> str:

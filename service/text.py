@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
-__all__ = ["TextJoiner", "clean_text"]
+__all__ = ["TextJoiner", "clean_json", "clean_text", "lone_surrogate_at"]
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -41,3 +42,48 @@ def clean_text(text: str) -> str:
     if _SURROGATE.search(text) is None:
         return text
     return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+def clean_json(value: Any) -> Any:
+    """A JSON-shaped value (dicts, lists, tuples, strings, keys included) with every string
+    cleaned as by :func:`clean_text`; ``value`` itself when it holds no surrogate."""
+    if lone_surrogate_at(value) is None:
+        return value
+    return _cleaned(value)
+
+
+def _cleaned(value: Any) -> Any:
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, dict):
+        return {_cleaned(k): _cleaned(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_cleaned(v) for v in value)
+    return value
+
+
+def lone_surrogate_at(value: Any, path: str = "") -> str | None:
+    """Where a JSON-shaped value holds a lone surrogate (``"\\ud800"`` is valid JSON, but not
+    Unicode text: UTF-8 cannot encode it): ``""`` for ``value`` itself, else a dotted path
+    (``"0.function.name"``, a key holding one shown with U+FFFD); None when it holds none."""
+    if isinstance(value, str):
+        return path if _lone(value) else None
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        # A key is named cleaned: the path goes into error messages, which must be text.
+        here = f"{path}.{clean_text(str(key))}" if path else clean_text(str(key))
+        if isinstance(key, str) and _lone(key):
+            return here
+        if (found := lone_surrogate_at(item, here)) is not None:
+            return found
+    return None
+
+
+def _lone(text: str) -> bool:
+    # A surrogate pair that survived json.loads (it joins escaped pairs) is not text either.
+    return _SURROGATE.search(text) is not None

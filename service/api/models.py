@@ -6,11 +6,22 @@ The same models validate input and generate ``/openapi.json`` (through quart-sch
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal
+from functools import cache
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
+from pydantic.fields import FieldInfo
 
 from ..store import Conversation, Message
+from ..text import lone_surrogate_at
 
 __all__ = [
     "MAX_CONTENT_CHARS",
@@ -24,11 +35,14 @@ __all__ = [
     "ErrorBody",
     "ErrorDetail",
     "HealthOut",
+    "JsonRequest",
     "ListConversationsQuery",
     "MessageOut",
     "OpenAIModel",
     "OpenAIModelList",
     "ReadyOut",
+    "Unicode",
+    "is_event_id",
     "iso",
 ]
 
@@ -46,8 +60,83 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-class _Strict(BaseModel):
+class Unicode(BaseModel):
+    """Every field's strings are Unicode text: a lone surrogate (``"\\ud800"``: valid JSON,
+    but UTF-8 cannot encode it, so neither the store nor an upstream could take it) is refused
+    (422 naming the field), in nested lists and objects too, keys included. (An unknown
+    field's name with one is pydantic-core's own 422.)"""
+
+    @field_validator("*", mode="wrap")
+    @classmethod
+    def _unicode(cls, value: Any, handler: ValidatorFunctionWrapHandler,
+                 info: ValidationInfo) -> Any:
+        # Checked before pydantic-core sees it (it fails on a lone surrogate in a dict key),
+        # except in a field of nested models: they check theirs, naming their own fields.
+        field = cls.model_fields[info.field_name] if info.field_name else None
+        if field is None or not _holds_model(field):
+            where = lone_surrogate_at(value)
+            if where is not None:
+                at = f" at {where}" if where else ""
+                raise ValueError(f"not Unicode text: a lone surrogate{at}")
+        if field is not None and (types := _json_types(field)) and not _is_a(value, types):
+            # One error naming the field: pydantic's would be one per member of the union,
+            # each named "field.member" ("content.str", "content.list[...]").
+            raise ValueError("must be " + " or ".join(_JSON_NAMES[t] for t in types))
+        return handler(value)
+
+
+_JSON_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+               list: "an array", dict: "an object", type(None): "null"}
+
+
+@cache
+def _json_types(field: FieldInfo) -> tuple[type, ...]:
+    """The JSON types a union field takes (``str | list[str] | None``: str, list, None); empty
+    for a field of one type (with or without None), whose errors name it already."""
+    if get_origin(field.annotation) not in (Union, UnionType):
+        return ()
+    types = []
+    for arg in get_args(field.annotation):
+        tp = get_origin(arg) or arg
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            tp = dict
+        if tp not in _JSON_NAMES:
+            return ()  # a Literal, an enum: pydantic says what it takes
+        types.append(tp)
+    return tuple(types) if len([t for t in types if t is not type(None)]) > 1 else ()
+
+
+def _is_a(value: Any, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):
+        return bool in types
+    if isinstance(value, int) and float in types:
+        return True  # an integer is a number
+    return isinstance(value, types)
+
+
+@cache
+def _holds_model(field: FieldInfo) -> bool:
+    def holds(tp: Any) -> bool:
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            return True
+        return any(holds(arg) for arg in get_args(tp))
+    return holds(field.annotation)
+
+
+class JsonRequest(Unicode):
+    """A JSON body: each field takes its JSON type only (``"stream": "on"``, ``"max_tokens":
+    "5"`` and ``"timeout": true`` are 422s, not coerced), except that an integer is a number."""
+
+    model_config = ConfigDict(strict=True)
+
+
+class _Strict(JsonRequest):
     # Unknown fields are refused (422 naming them): a typo must not be silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Query(Unicode):
+    # Query values are strings (?limit=5): converted, not strict. Unknown ones are refused.
     model_config = ConfigDict(extra="forbid")
 
 
@@ -58,7 +147,7 @@ class CreateConversation(_Strict):
     agent: AgentName | None = None
 
 
-class ListConversationsQuery(_Strict):
+class ListConversationsQuery(_Query):
     limit: int = Field(20, ge=1, le=100)
     before: str | None = Field(None, max_length=200, description="cursor from a page's `next`")
 
@@ -183,8 +272,22 @@ class MessageResult(BaseModel):
     message: MessageOut
 
 
-class RunEventsQuery(_Strict):
+class RunEventsQuery(_Query):
     after: int | None = Field(None, ge=0, le=2**63 - 1, description="resume after this event id")
+
+    @field_validator("after", mode="before")
+    @classmethod
+    def _event_id(cls, value: Any) -> Any:
+        if isinstance(value, str) and not is_event_id(value):
+            raise ValueError("must be an event id (at most 19 digits)")
+        return value
+
+
+def is_event_id(text: str) -> bool:
+    """Whether ``text`` is an event id as a client sends one back (``?after=``,
+    ``Last-Event-ID``): digits only, and few enough for ``int()`` (which refuses more than
+    4,300) and for a run's 64-bit seq."""
+    return 0 < len(text) <= 19 and text.isascii() and text.isdigit()
 
 
 class CancelOut(BaseModel):

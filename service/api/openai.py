@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import trio
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 from quart import Blueprint, Response, jsonify, request
 from quart_schema import document_response, validate_request
 
@@ -22,7 +22,14 @@ from ..backends.base import ChatMessage, ToolCall
 from ..errors import ServiceError
 from ..runs import RunEvent, RunHandle, RunSpec, RunStatus
 from .errors import json_error
-from .models import AgentName, ChatCompletionOut, ErrorBody, OpenAIModel, OpenAIModelList
+from .models import (
+    AgentName,
+    ChatCompletionOut,
+    ErrorBody,
+    JsonRequest,
+    OpenAIModel,
+    OpenAIModelList,
+)
 from .owned import own_run
 from .runs import run_error, sse_response
 from .sse import sse_data
@@ -60,8 +67,9 @@ async def _openai_error_fields(response: Response) -> Response:
 _LIST_MODELS_DEADLINE = 5.0
 
 
-class _Lenient(BaseModel):
+class _Lenient(JsonRequest):
     # OpenAI clients send fields we do not use (n, user, seed, ...): accept and ignore them.
+    # Those we use take their JSON types only, and Unicode text (JsonRequest).
     model_config = ConfigDict(extra="allow")
 
 
@@ -85,19 +93,13 @@ class ChatMessageIn(_Lenient):
 
     @field_validator("content")
     @classmethod
-    def _encodable(cls, value: str | list[dict[str, Any]] | None) -> Any:
+    def _text_parts(cls, value: str | list[dict[str, Any]] | None) -> Any:
         if isinstance(value, list):
             for part in value:
                 if part.get("type") not in ("text", "refusal"):
                     # Dropping it would have the model answer about an image it never saw.
                     raise ValueError(f"only text content parts are supported, not "
                                      f"{str(part.get('type'))[:40]!r}")
-        # A lone surrogate ("\ud800") is valid JSON but not Unicode text: the store cannot
-        # write it (it was a 500).
-        try:
-            _text(value).encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("content is not valid Unicode text (a lone surrogate)") from None
         return value
 
 

@@ -25,6 +25,7 @@ from .models import (
     PostMessage,
     RunEventsQuery,
     RunOut,
+    is_event_id,
     iso,
 )
 from .owned import disown_run, own_run
@@ -221,7 +222,7 @@ async def run_events(run_id: str, query_args: RunEventsQuery) -> Response:
     after = query_args.after or 0
     header = request.headers.get("Last-Event-ID", "").strip()
     if header:
-        if not (header.isascii() and header.isdigit()) or int(header) >= 2**63:
+        if not is_event_id(header) or int(header) >= 2**63:  # bounded before int()
             return json_error(422, "invalid_request", "Last-Event-ID must be an event id",
                               field="Last-Event-ID")
         # A browser's EventSource opened on "...?after=N" reconnects to the same URL with the

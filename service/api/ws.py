@@ -32,13 +32,14 @@ import math
 from typing import Any, Literal
 
 import trio
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 from quart import Blueprint, websocket
 
 from ..errors import NotFound, ServiceError
 from ..runs import RunHandle, RunSpec
 from ..runs.events import strict_json
-from .models import MAX_CONTENT_CHARS, MAX_MODEL_CHARS, AgentName
+from ..text import clean_text
+from .models import MAX_CONTENT_CHARS, MAX_MODEL_CHARS, AgentName, JsonRequest
 from .state import Services, current_owner, services
 from .streams import EventReader, Keepalive
 
@@ -52,7 +53,8 @@ _ECHOED = ("type", "conversation_id", "run_id")  # what an error reply echoes of
 _ECHO_CHARS = 200  # ... each cut to this length
 
 
-class WsMessage(BaseModel):
+class WsMessage(JsonRequest):
+    # The fields of POST .../messages, with the same JSON types and Unicode text.
     model_config = ConfigDict(extra="forbid")
     type: Literal["message"]
     conversation_id: str
@@ -63,7 +65,7 @@ class WsMessage(BaseModel):
     timeout: float | None = Field(None, gt=0, le=86_400)
 
 
-class WsCancel(BaseModel):
+class WsCancel(JsonRequest):
     model_config = ConfigDict(extra="forbid")
     type: Literal["cancel"]
     run_id: str
@@ -78,7 +80,9 @@ def _error_reply(error: dict[str, Any], request: Any = None) -> dict[str, Any]:
     content of a megabyte, or a deep nesting, would come back)."""
     out: dict[str, Any] = {"type": "error", "error": error}
     if isinstance(request, dict):
-        echoed = {k: v[:_ECHO_CHARS] for k in _ECHOED if isinstance(v := request.get(k), str)}
+        # Cleaned: a lone surrogate echoed back is no more Unicode than it was coming in.
+        echoed = {k: clean_text(v[:_ECHO_CHARS]) for k in _ECHOED
+                  if isinstance(v := request.get(k), str)}
         if echoed:
             out["request"] = echoed
     return out
@@ -191,7 +195,7 @@ class _Session:
             await self.send.send(_error_reply(exc.to_dict(), request))
             return
         # Entries of runs that ended while their forwarder could not finish (a store error).
-        for run_id in [k for k, (h, _) in self.runs.items() if h.done]:
+        for run_id in [k for k, (h, _) in self.runs.items() if h.finished.is_set()]:
             del self.runs[run_id]
         self.runs[handle.id] = (handle, m.on_disconnect)
         await self.forward(handle)
