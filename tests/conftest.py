@@ -23,6 +23,7 @@ from service.metrics import Metrics
 from service.settings import Settings, load_settings
 
 from .fakes import ScriptedBackend
+from .pg import pg_url, postgres  # noqa: F401 (fixtures: a real PostgreSQL, tests/pg.py)
 
 EMBEDDED_ALIAS = "tiny"
 

@@ -1,4 +1,11 @@
-"""The SQLite store: concurrency, ordering, multi-process, crash safety and cancellation."""
+"""The stores: concurrency, ordering, multi-process, crash safety and cancellation.
+
+Tests taking ``db`` run on both stores: a SQLite file and a fresh database on a real PostgreSQL
+server (tests/pg.py). They reach a store through its interface, plus what both implement alike
+(the write lock and queue of group commit, the ``_before_commit`` hook). Tests marked
+"SQLite only" check SQLite's own mechanics (the file, the WAL, PRAGMAs, processes on one file).
+PostgreSQL-only faults (a restart, a wrong password) are in tests/test_store_postgres.py.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import trio
 import trio.testing
@@ -25,6 +33,7 @@ from service.store import (
     MessageStatus,
     RunEventRecord,
     SQLiteStore,
+    make_store,
     new_id,
     open_store,
 )
@@ -33,7 +42,36 @@ from service.store.schema import SCHEMA_VERSION
 CHILD = str(Path(__file__).with_name("store_child.py"))
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """Where a store is: a SQLite file, or a fresh database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return tmp_path / "s.db"
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+class _RawSQL:
+    """SQL straight to either store's database (SQLite's ``?`` placeholders), bypassing it."""
+
+    def __init__(self, db: Path | str) -> None:
+        self._pg = isinstance(db, str)
+        self._conn: Any = (psycopg.connect(db, autocommit=True) if isinstance(db, str)
+                           else sqlite3.connect(db))
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        return self._conn.execute(sql.replace("?", "%s") if self._pg else sql, params)
+
+    def commit(self) -> None:
+        if not self._pg:
+            self._conn.commit()
+
+    def close(self) -> None:
+        self._conn.close()
+
+
 async def test_schema_is_versioned_and_wal(tmp_path: Path) -> None:
+    # SQLite only: PRAGMAs of the file.
     db = tmp_path / "s.db"
     async with open_store(db):
         pass
@@ -51,6 +89,7 @@ async def test_schema_is_versioned_and_wal(tmp_path: Path) -> None:
 
 
 async def test_refuses_a_newer_schema(tmp_path: Path) -> None:
+    # SQLite only: PRAGMA user_version (PostgreSQL: test_store_postgres.py).
     db = tmp_path / "s.db"
     conn = sqlite3.connect(db)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
@@ -60,8 +99,8 @@ async def test_refuses_a_newer_schema(tmp_path: Path) -> None:
             pass
 
 
-async def test_messages_runs_events_calls_round_trip(tmp_path: Path) -> None:
-    async with open_store(tmp_path / "s.db") as store:
+async def test_messages_runs_events_calls_round_trip(db: Path | str) -> None:
+    async with open_store(db) as store:
         conv = await store.create_conversation(title="t", owner="o1")
         with pytest.raises(NotFound):
             await store.get_conversation(conv.id, owner="o2")
@@ -102,11 +141,11 @@ async def test_messages_runs_events_calls_round_trip(tmp_path: Path) -> None:
 
 
 async def test_event_batches_span_insert_chunks_and_skip_runs_that_are_gone(
-    tmp_path: Path,
+    db: Path | str,
 ) -> None:
     # A batch is written as multi-row INSERTs of a bounded size: a batch longer than one chunk,
     # mixing runs, lands whole and in order; events of a run deleted meanwhile are dropped.
-    async with open_store(tmp_path / "s.db") as store:
+    async with open_store(db) as store:
         conv = await store.create_conversation()
         gone_conv = await store.create_conversation()
         run = await store.create_run(conv.id, agent="chat", model="m")
@@ -124,8 +163,8 @@ async def test_event_batches_span_insert_chunks_and_skip_runs_that_are_gone(
         assert await store.list_run_events(gone.id) == []
 
 
-async def test_200_tasks_20_conversations_lose_nothing_keep_order(tmp_path: Path) -> None:
-    async with open_store(tmp_path / "s.db") as store:
+async def test_200_tasks_20_conversations_lose_nothing_keep_order(db: Path | str) -> None:
+    async with open_store(db) as store:
         convs = [await store.create_conversation(title=f"c{i}") for i in range(20)]
         per_task = 10
 
@@ -155,6 +194,7 @@ async def test_200_tasks_20_conversations_lose_nothing_keep_order(tmp_path: Path
 
 @pytest.mark.slow
 async def test_four_processes_append_to_one_file(tmp_path: Path) -> None:
+    # SQLite only: processes sharing one file.
     db = tmp_path / "s.db"
     async with open_store(db) as store:
         conv = await store.create_conversation(title="shared")
@@ -193,6 +233,7 @@ async def test_four_processes_append_to_one_file(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 async def test_sigkill_at_random_moments_loses_no_acknowledged_write(tmp_path: Path) -> None:
+    # SQLite only: the file after SIGKILLs.
     db = tmp_path / "s.db"
     async with open_store(db) as store:
         conv = await store.create_conversation(title="crash")
@@ -233,8 +274,8 @@ async def test_sigkill_at_random_moments_loses_no_acknowledged_write(tmp_path: P
     assert missing == []
 
 
-async def test_write_cancelled_while_waiting_never_lands(tmp_path: Path) -> None:
-    async with open_store(tmp_path / "s.db") as store:
+async def test_write_cancelled_while_waiting_never_lands(db: Path | str) -> None:
+    async with open_store(db) as store:
         conv = await store.create_conversation()
         await store._write_lock.acquire()  # another write is in progress
         async with trio.open_nursery() as nursery:
@@ -252,8 +293,8 @@ async def test_write_cancelled_while_waiting_never_lands(tmp_path: Path) -> None
         assert await store.get_messages(conv.id) == []
 
 
-async def test_write_cancelled_inside_its_transaction_lands_whole(tmp_path: Path) -> None:
-    async with open_store(tmp_path / "s.db") as store:
+async def test_write_cancelled_inside_its_transaction_lands_whole(db: Path | str) -> None:
+    async with open_store(db) as store:
         conv = await store.create_conversation()
         entered, proceed = threading.Event(), threading.Event()
 
@@ -288,8 +329,8 @@ async def test_write_cancelled_inside_its_transaction_lands_whole(tmp_path: Path
         assert [m.content for m in await store.get_messages(conv.id)] == ["q", ""]
 
 
-async def test_failed_transaction_rolls_back_whole(tmp_path: Path) -> None:
-    async with open_store(tmp_path / "s.db") as store:
+async def test_failed_transaction_rolls_back_whole(db: Path | str) -> None:
+    async with open_store(db) as store:
         conv = await store.create_conversation()
 
         def boom() -> None:
@@ -307,8 +348,8 @@ async def test_failed_transaction_rolls_back_whole(tmp_path: Path) -> None:
         assert len(await store.get_messages(conv.id)) == 1
 
 
-async def test_closed_store_raises_store_error(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "s.db")
+async def test_closed_store_raises_store_error(db: Path | str) -> None:
+    store = make_store(db)
     await store.open()
     await store.aclose()
     with pytest.raises(StoreError, match="closed"):
@@ -316,8 +357,8 @@ async def test_closed_store_raises_store_error(tmp_path: Path) -> None:
     assert "closed" in repr(store)
 
 
-async def test_group_commit_isolates_a_failing_write(tmp_path: Path) -> None:
-    async with open_store(tmp_path / "s.db") as store:
+async def test_group_commit_isolates_a_failing_write(db: Path | str) -> None:
+    async with open_store(db) as store:
         conv = await store.create_conversation()
         results: dict[str, object] = {}
 
@@ -342,9 +383,9 @@ async def test_group_commit_isolates_a_failing_write(tmp_path: Path) -> None:
 
 
 async def test_a_cancelled_writer_whose_write_was_batched_still_gets_its_answer(
-    tmp_path: Path,
+    db: Path | str,
 ) -> None:
-    async with open_store(tmp_path / "s.db") as store:
+    async with open_store(db) as store:
         conv = await store.create_conversation()
         entered, proceed = threading.Event(), threading.Event()
 
@@ -379,8 +420,7 @@ async def test_a_cancelled_writer_whose_write_was_batched_still_gets_its_answer(
         assert sorted(m.content for m in await store.get_messages(conv.id)) == ["f", "leader"]
 
 
-async def test_runs_of_a_dead_process_are_closed_at_the_next_start(tmp_path: Path) -> None:
-    db = tmp_path / "s.db"
+async def test_runs_of_a_dead_process_are_closed_at_the_next_start(db: Path | str) -> None:
     async with open_store(db) as store:
         conv = await store.create_conversation()
         run, _, reply, *_ = await store.begin_run(conv.id, content="q", agent="chat", model=None)
@@ -391,7 +431,7 @@ async def test_runs_of_a_dead_process_are_closed_at_the_next_start(tmp_path: Pat
         # A live run of another worker (a live process: our parent) stays untouched.
         live, *_ = await store.begin_run(conv.id, content="q2", agent="chat", model=None)
         mine = store.process_id
-    conn = sqlite3.connect(db)
+    conn = _RawSQL(db)
     conn.execute("UPDATE runs SET process = ? WHERE id = ?", ("999999999:1", run.id))
     # (tagged now, as a live worker's runs are: a tag is made after its process started)
     conn.execute("UPDATE runs SET process = ? WHERE id = ?",
@@ -415,6 +455,7 @@ async def test_runs_of_a_dead_process_are_closed_at_the_next_start(tmp_path: Pat
 
 
 async def test_checkpoint_moves_the_wal_into_the_file(tmp_path: Path) -> None:
+    # SQLite only: the WAL.
     db = tmp_path / "s.db"
     async with open_store(db) as store:
         conv = await store.create_conversation()
@@ -428,10 +469,10 @@ async def test_checkpoint_moves_the_wal_into_the_file(tmp_path: Path) -> None:
         assert len(await store.get_messages(conv.id)) == 50
 
 
-async def test_a_leader_cancelled_before_its_batch_starts_still_runs_it(tmp_path: Path) -> None:
+async def test_a_leader_cancelled_before_its_batch_starts_still_runs_it(db: Path | str) -> None:
     # Found in review: a cancel between getting the lock and starting the thread dropped the
     # whole batch while every caller was told it had landed.
-    async with open_store(tmp_path / "s.db") as store:
+    async with open_store(db) as store:
         results: dict[str, str] = {}
         leader_scope = trio.CancelScope()
 
@@ -453,6 +494,7 @@ async def test_a_leader_cancelled_before_its_batch_starts_still_runs_it(tmp_path
 
 
 async def test_a_cancelled_writer_never_hangs_on_a_closed_store(tmp_path: Path) -> None:
+    # SQLite only: swaps the writer connection.
     store = SQLiteStore(tmp_path / "s.db")
     await store.open()
     out: dict[str, str] = {}
@@ -482,13 +524,12 @@ async def test_a_cancelled_writer_never_hangs_on_a_closed_store(tmp_path: Path) 
     await store.aclose()
 
 
-async def test_a_reused_pid_does_not_keep_old_runs_alive(tmp_path: Path) -> None:
+async def test_a_reused_pid_does_not_keep_old_runs_alive(db: Path | str) -> None:
     # In a container the restarted service often gets the same PID as the one that died.
-    db = tmp_path / "s.db"
     async with open_store(db) as store:
         conv = await store.create_conversation()
         run, *_ = await store.begin_run(conv.id, content="q", agent="chat", model=None)
-    conn = sqlite3.connect(db)
+    conn = _RawSQL(db)
     conn.execute("UPDATE runs SET process = ?", (f"{os.getpid()}:1",))
     conn.commit()
     conn.close()
@@ -497,13 +538,12 @@ async def test_a_reused_pid_does_not_keep_old_runs_alive(tmp_path: Path) -> None
 
 
 async def test_a_pid_reused_by_another_process_does_not_keep_old_runs_alive(
-    tmp_path: Path,
+    db: Path | str,
 ) -> None:
     # The dead service's PID now belongs to an unrelated process (a restart, a reboot): the
     # runs are the dead service's, and are closed. The same live process is left alone.
     from service.store.ownership import process_tag
 
-    db = tmp_path / "s.db"
     async with open_store(db) as store:
         conv = await store.create_conversation()
         old, *_ = await store.begin_run(conv.id, content="q", agent="chat", model=None)
@@ -511,7 +551,7 @@ async def test_a_pid_reused_by_another_process_does_not_keep_old_runs_alive(
     other = await trio.lowlevel.open_process(["sleep", "60"])
     try:
         pid, made, boot, ticks = process_tag(other.pid).split(":")
-        conn = sqlite3.connect(db)
+        conn = _RawSQL(db)
         conn.execute("UPDATE runs SET process = ? WHERE id = ?",  # the PID's earlier owner
                      (f"{pid}:{made}:{boot}:{int(ticks) - 100}", old.id))
         conn.execute("UPDATE runs SET process = ? WHERE id = ?", (process_tag(other.pid),
@@ -528,7 +568,7 @@ async def test_a_pid_reused_by_another_process_does_not_keep_old_runs_alive(
 
 
 async def test_a_clock_step_does_not_make_a_live_worker_look_dead(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    db: Path | str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Found in review: start times compared with the wall clock made a live sibling worker
     # look dead after an NTP step (/proc/stat's btime moves with the clock), and a worker
@@ -537,14 +577,13 @@ async def test_a_clock_step_does_not_make_a_live_worker_look_dead(
 
     import service.store.ownership as sq
 
-    db = tmp_path / "s.db"
     sibling = await trio.lowlevel.open_process(["sleep", "60"])  # a live sibling worker
     try:
         tag = sq.process_tag(sibling.pid)
         async with open_store(db) as store:
             conv = await store.create_conversation()
             run, *_ = await store.begin_run(conv.id, content="q", agent="chat", model=None)
-        conn = sqlite3.connect(db)
+        conn = _RawSQL(db)
         conn.execute("UPDATE runs SET process = ? WHERE id = ?", (tag, run.id))
         conn.commit()
         conn.close()
@@ -602,16 +641,17 @@ def test_process_tags_carry_the_boot_and_the_start_tick() -> None:
     assert not _alive("999999999:1", "1:1")
 
 
-async def test_a_huge_cursor_is_a_value_error_not_an_overflow(tmp_path: Path) -> None:
+async def test_a_huge_cursor_is_a_value_error_not_an_overflow(db: Path | str) -> None:
     import base64
 
-    async with open_store(tmp_path / "s.db") as store:
+    async with open_store(db) as store:
         cursor = base64.urlsafe_b64encode(b"s" + b"9" * 30).decode().rstrip("=")
         with pytest.raises(ValueError, match="cursor"):
             await store.list_conversations(before=cursor)
 
 
 async def test_a_newer_schema_is_refused_without_being_touched(tmp_path: Path) -> None:
+    # SQLite only: the file is left as it was.
     # Found in review: the file was switched to WAL (written to) before its version was read.
     db = tmp_path / "new.db"
     conn = sqlite3.connect(db)
@@ -629,6 +669,7 @@ async def test_a_newer_schema_is_refused_without_being_touched(tmp_path: Path) -
 
 
 async def test_the_wal_is_cut_back_once_a_long_reader_is_gone(tmp_path: Path) -> None:
+    # SQLite only: the WAL.
     # Found in review: a reader in another process held checkpoints back, the WAL grew to 30 MB
     # and kept that size for the life of the process. Now it is cut back to the limit when it
     # is next reset (64 MB by default; 1 MB here).

@@ -1,12 +1,14 @@
-"""The store's schema, as forward migrations keyed by ``PRAGMA user_version``.
+"""The store's schema, as forward migrations: SQLite's keyed by ``PRAGMA user_version``,
+PostgreSQL's by the row of its ``schema_version`` table.
 
 Migration N (1-based) takes a database at version N-1 to version N. Never edit a released
-migration: append a new one.
+migration: append a new one. PostgreSQL's list started later (at SQLite's version 5), so its
+first migration is the whole of SQLite's five; the two lists number their versions apart.
 """
 
 from __future__ import annotations
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION"]
+__all__ = ["MIGRATIONS", "PG_MIGRATIONS", "PG_SCHEMA_VERSION", "SCHEMA_VERSION"]
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1: conversations, messages, runs, run events, LLM calls.
@@ -113,3 +115,102 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+
+# PostgreSQL: the same tables and indexes (times are float8 seconds, JSON is text as in SQLite:
+# an event's JSON is stored and sent as it was encoded, once).
+PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: SQLite's versions 1 to 5.
+    (
+        """
+        CREATE TABLE conversations (
+            seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            owner TEXT,
+            title TEXT,
+            system TEXT,
+            model TEXT,
+            agent TEXT,
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL
+        )
+        """,
+        "CREATE INDEX conversations_owner ON conversations(owner, seq)",
+        """
+        CREATE TABLE messages (
+            seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant', 'tool')),
+            content TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('pending', 'complete', 'cancelled', 'error')),
+            run_id TEXT,
+            error TEXT,
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL
+        )
+        """,
+        "CREATE INDEX messages_conversation ON messages(conversation_id, seq)",
+        "CREATE INDEX messages_run ON messages(run_id)",
+        """
+        CREATE TABLE runs (
+            seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            owner TEXT,
+            agent TEXT NOT NULL,
+            model TEXT,
+            status TEXT NOT NULL CHECK (status IN
+                ('queued', 'running', 'succeeded', 'failed', 'cancelled', 'timed_out')),
+            created_at DOUBLE PRECISION NOT NULL,
+            started_at DOUBLE PRECISION,
+            finished_at DOUBLE PRECISION,
+            error TEXT,
+            usage TEXT NOT NULL DEFAULT '{}',
+            process TEXT,
+            cancel_requested TEXT,
+            events_pruned INTEGER NOT NULL DEFAULT 0
+        )
+        """,
+        "CREATE INDEX runs_conversation ON runs(conversation_id, seq)",
+        "CREATE INDEX runs_live ON runs(status) WHERE status IN ('queued', 'running')",
+        "CREATE INDEX runs_to_prune ON runs(finished_at) "
+        "WHERE events_pruned = 0 AND finished_at IS NOT NULL",
+        """
+        CREATE TABLE run_events (
+            run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+            seq INTEGER NOT NULL,
+            type TEXT NOT NULL,
+            data TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (run_id, seq)
+        )
+        """,
+        """
+        CREATE TABLE llm_calls (
+            seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            run_id TEXT,
+            backend TEXT NOT NULL,
+            model TEXT NOT NULL,
+            outcome TEXT NOT NULL CHECK (outcome IN ('ok', 'error', 'cancelled', 'timed_out')),
+            started_at DOUBLE PRECISION NOT NULL,
+            queue_wait DOUBLE PRECISION,
+            ttft DOUBLE PRECISION,
+            duration DOUBLE PRECISION,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            tokens_estimated INTEGER NOT NULL DEFAULT 0,
+            error TEXT
+        )
+        """,
+        "CREATE INDEX llm_calls_run ON llm_calls(run_id, seq)",
+        """
+        CREATE TABLE heartbeat (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            at DOUBLE PRECISION NOT NULL
+        )
+        """,
+    ),
+)
+
+PG_SCHEMA_VERSION = len(PG_MIGRATIONS)

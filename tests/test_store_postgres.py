@@ -1,0 +1,150 @@
+"""The PostgreSQL store against a real server (tests/pg.py): its schema, and its faults.
+
+What both stores share is tested on both in tests/test_store.py; here is what only PostgreSQL
+has: the version table, a server restarted under an open store, a wrong password or an
+unreachable server at open, a statement stuck behind a lock.
+"""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+import trio
+
+from service.errors import StoreError, StoreUnavailable
+from service.store import MessageStatus, open_store
+from service.store.postgres import PostgresStore, describe_url
+from service.store.schema import PG_SCHEMA_VERSION
+
+from .pg import PASSWORD, PASSWORD_USER, PostgresServer
+
+
+async def test_schema_is_created_versioned_and_kept(pg_url: str) -> None:
+    async with open_store(pg_url) as store:
+        conv = await store.create_conversation(title="t")
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [
+            (PG_SCHEMA_VERSION,)]
+    async with open_store(pg_url) as store:  # re-opened: nothing migrated, the data kept
+        assert (await store.get_conversation(conv.id)).title == "t"
+        assert isinstance(store, PostgresStore)
+
+
+async def test_a_newer_schema_is_refused_without_being_touched(pg_url: str) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO schema_version VALUES (%s)", (PG_SCHEMA_VERSION + 1,))
+    with pytest.raises(StoreError, match="newer than this code"):
+        async with open_store(pg_url):
+            pass
+    with psycopg.connect(pg_url) as conn:
+        tables = {r[0] for r in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+    assert tables == {"schema_version"}
+
+
+async def test_two_stores_opening_at_once_migrate_once(pg_url: str) -> None:
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(_open_and_close, pg_url)
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [
+            (PG_SCHEMA_VERSION,)]
+
+
+async def _open_and_close(url: str) -> None:
+    async with open_store(url):
+        pass
+
+
+async def test_a_restarted_database_comes_back_without_reopening_the_store(
+    postgres: PostgresServer, pg_url: str
+) -> None:
+    async with open_store(pg_url, acquire_timeout=1.0) as store:
+        conv = await store.create_conversation()
+        await store.append_message(conv.id, role="user", content="before")
+        postgres.stop("fast")
+        try:
+            # Down: writes and reads fail StoreUnavailable (503, retryable), within the bound.
+            with trio.fail_after(10):
+                with pytest.raises(StoreUnavailable):
+                    await store.append_message(conv.id, role="user", content="while down")
+                with pytest.raises(StoreUnavailable):
+                    await store.get_messages(conv.id)
+            assert store.write_error is not None
+            with pytest.raises(StoreUnavailable):
+                await store.probe_write()
+        finally:
+            postgres.start()
+        # Back: the pool replaces its dead connections; the same store writes again.
+        start = trio.current_time()
+        with trio.fail_after(30):
+            while True:
+                try:
+                    await store.append_message(conv.id, role="user", content="after")
+                    break
+                except StoreUnavailable:
+                    await trio.sleep(0.1)  # the pool's reconnection backs off meanwhile
+        back_in = trio.current_time() - start
+        assert store.write_error is None
+        await store.probe_write()
+        await store.ping()
+        assert [m.content for m in await store.get_messages(conv.id)] == ["before", "after"]
+    print(f"writes back {back_in:.2f} s after the restart")
+
+
+async def test_a_wrong_password_is_one_line_without_the_password(
+    postgres: PostgresServer, pg_url: str
+) -> None:
+    dbname = pg_url.rsplit("/", 1)[1]
+    wrong = postgres.url(dbname, user=PASSWORD_USER, password="Wrong-S3cret")
+    with pytest.raises(StoreError) as caught:
+        async with open_store(wrong):
+            pass
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "password authentication failed" in message
+    assert "Wrong-S3cret" not in message
+    assert f"postgresql://{PASSWORD_USER}@127.0.0.1:{postgres.port}/{dbname}" in message
+    assert caught.value.__cause__ is None  # no chained error that could carry it either
+    # The right one opens it.
+    async with open_store(postgres.url(dbname, user=PASSWORD_USER, password=PASSWORD)) as store:
+        await store.ping()
+
+
+async def test_an_unreachable_server_is_one_line_without_the_password() -> None:
+    with trio.socket.socket() as s:  # a port nothing listens on
+        await s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql://someone:Pa%2Fss-W0rd@127.0.0.1:{port}/nowhere"
+    with trio.fail_after(20), pytest.raises(StoreError) as caught:
+        async with open_store(url):
+            pass
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "Pa%2Fss-W0rd" not in message
+    assert "Pa/ss-W0rd" not in message
+    assert f"127.0.0.1:{port}" in message
+
+
+def test_urls_are_shown_without_their_password() -> None:
+    assert describe_url("postgresql://u:p%40ss@db.example:5433/app?sslmode=require") == (
+        "postgresql://u@db.example:5433/app")
+    assert describe_url("postgres://u:secret@h/app") == "postgresql://u@h/app"
+    assert "secret" not in describe_url("postgresql://u:secret@[bad")
+
+
+async def test_a_stuck_statement_is_cut_by_statement_timeout(pg_url: str) -> None:
+    async with open_store(pg_url, statement_timeout=0.5) as store:
+        conv = await store.create_conversation()
+        with psycopg.connect(pg_url) as locker:  # holds the table until it rolls back
+            locker.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+            start = trio.current_time()
+            with trio.fail_after(10), pytest.raises(StoreUnavailable, match="statement timeout"):
+                await store.append_message(conv.id, role="user", content="stuck")
+            assert trio.current_time() - start < 5
+            locker.rollback()
+        # The thread and the connection were given back: the store goes on.
+        await store.append_message(conv.id, role="user", content="ok",
+                                   status=MessageStatus.complete)
+        assert [m.content for m in await store.get_messages(conv.id)] == ["ok"]
