@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 __all__ = ["METRICS", "Metrics"]
 
@@ -21,7 +24,9 @@ class Metrics:
             ["method", "route", "status"], registry=r,
         )
         self.runs = Counter("service_runs", "Finished runs by status", ["status"], registry=r)
-        self.runs_in_flight = Gauge("service_runs_in_flight", "Runs in flight", registry=r)
+        # With several workers (--workers), the sum over the live ones.
+        self.runs_in_flight = Gauge("service_runs_in_flight", "Runs in flight", registry=r,
+                                    multiprocess_mode="livesum")
         self.llm_calls = Counter(
             "service_llm_calls", "LLM calls by backend and outcome", ["backend", "outcome"],
             registry=r,
@@ -51,6 +56,12 @@ class Metrics:
         )
 
     def render(self) -> bytes:
+        """The text exposition; with several workers (``--workers``: each writes its values to
+        ``PROMETHEUS_MULTIPROC_DIR``), every worker's, summed."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry)
         return generate_latest(self.registry)
 
 

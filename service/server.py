@@ -14,13 +14,13 @@ import gc
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
-from hypercorn.utils import LifespanFailureError
+from hypercorn.config import Config, Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import LifespanFailureError, wrap_app
 
 from .api.state import Services
 from .errors import ConfigError, ServiceError
@@ -88,11 +88,13 @@ async def run_server(  # noqa: ASYNC128 (task_status is handed to hypercorn's se
     settings: Settings,
     config: Config,
     *,
+    sockets: Sockets | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> int:
     """Serve until SIGTERM/SIGINT. ``task_status.started`` reports the bound URLs. Returns
     how many runs ended with their final state or events not stored (the store refused them
-    to the end): 0 on a clean shutdown."""
+    to the end): 0 on a clean shutdown. ``sockets``: listening sockets made by a parent
+    process (``--workers``), else bound from ``config``."""
     from .factory import create_app
 
     app = create_app(settings)
@@ -105,14 +107,28 @@ async def run_server(  # noqa: ASYNC128 (task_status is handed to hypercorn's se
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_wait_for_signal, svc, stop)
             nursery.start_soon(_pace_gc)
-            await serve(
-                app, config, shutdown_trigger=stop.wait,
-                task_status=task_status,  # type: ignore[arg-type]
+            await worker_serve(
+                wrap_app(app, config.wsgi_max_body_size, None), config, sockets=sockets,
+                shutdown_trigger=stop.wait,
+                task_status=_StartedIfUp(svc, task_status),  # type: ignore[arg-type]
             )
             nursery.cancel_scope.cancel()
     finally:
         hypercorn_log.removeFilter(quiet)
     return svc.supervisor.unstored if svc.supervisor is not None else 0
+
+
+class _StartedIfUp:
+    """Hypercorn reports the server started even when the app's start-up failed (the failure
+    surfaces just after): passed on only if it did start, so a failed start fails the
+    caller's ``nursery.start`` with its error instead of looking started."""
+
+    def __init__(self, svc: Services, task_status: trio.TaskStatus[list[str]]) -> None:
+        self.svc, self.task_status = svc, task_status
+
+    def started(self, value: list[str] | None = None) -> None:
+        if self.svc.supervisor is not None:
+            self.task_status.started(value)  # type: ignore[arg-type]
 
 
 class _RunningOnlyIfStarted(logging.Filter):
@@ -174,6 +190,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--config", type=Path, default=Path("hypercorn.toml"), help="hypercorn TOML config"
     )
     parser.add_argument(
+        "--workers", type=int, default=None, metavar="N",
+        help="serve with N processes sharing the port and the store (overrides the config)",
+    )
+    parser.add_argument(
         "--demo", action="store_true",
         help="write a tiny local model if absent and serve it on the embedded llama.cpp backend",
     )
@@ -194,9 +214,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format)
     config = build_config(args.config, args.bind, max_body_bytes=settings.max_body_bytes)
+    workers = args.workers if args.workers is not None else config.workers
+    if workers < 1:
+        print("service: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if workers > 1:
+        from .workers import serve_workers
+
+        return serve_workers(settings, config, workers)
+    return serve_one(settings, config)
+
+
+def serve_one(settings: Settings, config: Config, *, sockets: Sockets | None = None,
+              on_ready: Callable[[], None] | None = None) -> int:
+    """Serve in this process until SIGTERM/SIGINT; the process's exit status. ``on_ready`` is
+    called once the app has started and listens."""
     unstored = 0
+
+    async def serve_and_tell() -> int:
+        async with trio.open_nursery() as nursery:
+            done: list[int] = []
+
+            async def serve_app(  # noqa: ASYNC128 (run_server calls started)
+                *, task_status: trio.TaskStatus[list[str]]
+            ) -> None:
+                done.append(await run_server(settings, config, sockets=sockets,
+                                             task_status=task_status))
+
+            await nursery.start(serve_app)
+            if on_ready is not None:
+                on_ready()
+        return done[0]
+
     try:
-        unstored = trio.run(run_server, settings, config)
+        unstored = trio.run(serve_and_tell)
     except KeyboardInterrupt:
         pass
     except BaseException as exc:  # noqa: ASYNC103 (sync, after trio.run: no Cancelled here)

@@ -2,10 +2,10 @@
 
 A fault suite found clients told "succeeded" (a native ``run.finished``, a ``/v1`` ``[DONE]``)
 whose run was stored ``failed``/"interrupted" with two ``run.finished`` events: the end was
-published in an ordinary event batch, the final state written seconds later. Here many streams
-(half native SSE, half ``/v1``) run against a real service process, which is SIGKILLed once some
-clients have seen their end; a new process on the same store then answers for every run, and
-each client's transcript is checked against it.
+published in an ordinary event batch, the final state written seconds later. Here many clients
+(native SSE, WebSocket, ``/v1`` streamed and not) use a real service process, which is
+SIGKILLed once some clients have seen their end; a new process on the same store then
+answers for every run, and each client's transcript is checked against it.
 
 ``KILL_ROUNDS`` (environment) sets the number of rounds (default 2: CI; more by hand).
 """
@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 from service.sim import Reply, Simulator, open_simulator
 
@@ -130,10 +131,48 @@ async def _v1(http: httpx.AsyncClient, t: Transcript, ended: trio.Semaphore) -> 
             t.text += choice["delta"].get("content") or ""
 
 
+async def _ws(url: str, conv: str, t: Transcript, ended: trio.Semaphore) -> None:
+    try:
+        async with open_websocket_url(url.replace("http://", "ws://") + "/api/ws") as ws:
+            await ws.send_message(json.dumps({"type": "message", "conversation_id": conv,
+                                              "content": "go", "on_disconnect": "continue"}))
+            while True:
+                msg = json.loads(await ws.get_message())
+                assert msg["type"] != "error", msg
+                t.events.append({"id": str(msg["id"]), "event": msg["type"],
+                                 "data": msg["data"]})
+                if msg["type"] == "run.started":
+                    t.run_id = msg["data"]["run_id"]
+                elif msg["type"] == "token":
+                    t.text += msg["data"]["text"]
+                elif msg["type"] == "run.finished":
+                    t.told = msg["data"]["status"]
+                    ended.release()
+                    return
+    except (ConnectionClosed, HandshakeError, OSError):
+        pass  # the process was killed
+
+
+async def _v1_plain(http: httpx.AsyncClient, t: Transcript, ended: trio.Semaphore) -> None:
+    """A non-streaming completion: a 200 tells the client its run succeeded."""
+    body = {"model": "sim-model", "messages": [{"role": "user", "content": "go"}]}
+    try:
+        r = await http.post("/v1/chat/completions", json=body)
+    except httpx.HTTPError:
+        return  # killed before it answered: told nothing
+    assert r.status_code == 200, r.text
+    out = r.json()
+    t.run_id = out["id"].removeprefix("chatcmpl-")
+    t.text = out["choices"][0]["message"]["content"]
+    t.told = "succeeded"
+    ended.release()
+
+
 async def _round(tmp_path: Path, sim_url: str, n: int) -> list[Transcript]:
     db = tmp_path / f"round{n}.db"
     proc, url = await start_service(db, sim_url, tmp_path)
-    transcripts = [Transcript("native" if i % 2 else "v1") for i in range(STREAMS)]
+    surfaces = ("native", "v1", "ws", "v1-plain")
+    transcripts = [Transcript(surfaces[i % len(surfaces)]) for i in range(STREAMS)]
     ended = trio.Semaphore(0)
     limits = httpx.Limits(max_connections=STREAMS + 5)
     try:
@@ -145,8 +184,12 @@ async def _round(tmp_path: Path, sim_url: str, n: int) -> list[Transcript]:
                     for i, t in enumerate(transcripts):
                         if t.surface == "native":
                             nursery.start_soon(native_client, http, convs[i], t, ended)
-                        else:
+                        elif t.surface == "ws":
+                            nursery.start_soon(_ws, url, convs[i], t, ended)
+                        elif t.surface == "v1":
                             nursery.start_soon(_v1, http, t, ended)
+                        else:
+                            nursery.start_soon(_v1_plain, http, t, ended)
                         await trio.sleep(0.002)
                     for _ in range(KILL_AFTER_ENDS):
                         await ended.acquire()
@@ -201,7 +244,7 @@ async def check_against_the_store(http: httpx.AsyncClient, t: Transcript) -> Non
         assert run["status"] != "running", where  # closed by the restart
         # Every character shown is stored.
         assert reply["content"].startswith(t.text), where
-    if t.surface == "native":
+    if t.surface in ("native", "ws"):
         r = await http.get(f"/api/runs/{t.run_id}/events")
         stored = [f for f in parse_sse(r.text) if "id" in f]
         shown = [(int(f["id"]), f["event"], f["data"]) for f in t.events]

@@ -1,0 +1,198 @@
+"""``python -m service --workers N``: N processes serving one port and sharing the store.
+
+The parent binds the listening sockets, starts N worker processes (``spawn``: each a fresh
+interpreter running ``server.serve_one`` on the inherited sockets), and supervises them:
+
+* a worker that fails to start stops them all: the start failed (exit 1, the worker's one line
+  is on stderr);
+* a worker that dies later (killed, crashed) is logged and replaced; its runs are closed by a
+  surviving worker ("interrupted", as after any crash: ``Store.recover_interrupted``);
+* SIGTERM or SIGINT to the parent is passed to every worker, which drains its runs as a single
+  process does; the parent exits 0 once all have, 1 if any did not exit 0.
+
+Metrics: every worker writes its Prometheus values to files in one directory
+(``PROMETHEUS_MULTIPROC_DIR``, made by the parent), so ``/metrics`` on any worker covers all.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import trio
+from hypercorn.config import Config, Sockets
+
+from .logs import configure_logging, get_logger
+from .settings import Settings
+
+__all__ = ["serve_workers"]
+
+log = get_logger("service.workers")
+
+_READY_TIMEOUT = 180.0  # seconds a worker may take to start (the embedded model loads then)
+_STOP_TIMEOUT = 60.0  # seconds workers get to drain after SIGTERM before they are killed
+_RESTART_SOON = 10.0  # a worker dying within this many seconds of its start...
+_RESTART_FIRST, _RESTART_MAX = 0.5, 30.0  # ... is restarted after a pause, doubling
+
+
+def _worker(settings: Settings, config: Config, sockets: Sockets, ready: Connection) -> None:
+    """A worker process: serve on the parent's sockets; tell the parent once listening."""
+    from .server import serve_one
+
+    configure_logging(settings.log_level, settings.log_format)
+    code = serve_one(settings, config, sockets=sockets, on_ready=lambda: ready.send(True))
+    ready.close()
+    sys.exit(code)
+
+
+@dataclass
+class _Pool:
+    settings: Settings
+    config: Config
+    sockets: Sockets
+    ctx: Any = field(default_factory=lambda: multiprocessing.get_context("spawn"))
+    stopping: bool = False
+    failed: bool = False
+    exit_codes: list[int] = field(default_factory=list)
+    procs: dict[int, BaseProcess] = field(default_factory=dict)  # worker slot -> process
+
+    async def run_slot(self, slot: int, *, task_status: trio.TaskStatus[None]) -> None:
+        """Keep worker ``slot`` alive until the pool stops; started once its first process
+        listens (or the start failed)."""
+        first = True
+        pause = _RESTART_FIRST
+        while True:
+            began = trio.current_time()
+            proc, up = await self._start(slot)
+            if first:
+                first = False
+                task_status.started()
+            if not up:  # it never listened: the start failed, stop everything
+                self.failed = True
+                self.stop()
+            await trio.lowlevel.wait_readable(proc.sentinel)
+            proc.join()
+            code = proc.exitcode if proc.exitcode is not None else 1
+            _mark_dead(proc.pid)
+            if self.stopping or not up:
+                self.exit_codes.append(code)
+                return
+            log.error("worker %d (pid %s) died (exit %s); starting another", slot, proc.pid,
+                      code)
+            # One that keeps dying soon after its start is restarted ever more slowly.
+            if trio.current_time() - began < _RESTART_SOON:
+                await trio.sleep(pause)
+                pause = min(2 * pause, _RESTART_MAX)
+            else:
+                pause = _RESTART_FIRST
+
+    async def _start(self, slot: int) -> tuple[BaseProcess, bool]:
+        recv, send = self.ctx.Pipe(duplex=False)
+        proc = self.ctx.Process(target=_worker, name=f"service-worker-{slot}",
+                                args=(self.settings, self.config, self.sockets, send))
+        proc.start()
+        send.close()
+        self.procs[slot] = proc
+        up = False
+        with trio.move_on_after(_READY_TIMEOUT):
+            up = await trio.to_thread.run_sync(_wait_ready, recv, abandon_on_cancel=True)
+        recv.close()
+        if up:
+            log.info("worker %d up (pid %s)", slot, proc.pid)
+        elif proc.is_alive():
+            proc.kill()
+        return proc, up
+
+    def stop(self) -> None:
+        """Tell every worker to drain and exit (sync; idempotent)."""
+        self.stopping = True
+        for proc in self.procs.values():
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
+
+    def kill_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.is_alive():
+                proc.kill()
+
+
+def _wait_ready(conn: Connection) -> bool:
+    """Blocks until the worker says it listens; False if it exits first."""
+    try:
+        return bool(conn.recv())
+    except EOFError:
+        return False
+
+
+def _mark_dead(pid: int | None) -> None:
+    """Let go of a dead worker's live gauges (prometheus multiprocess mode)."""
+    if pid is None or not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)
+
+
+async def _supervise(pool: _Pool, workers: int) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def on_signal() -> None:
+                async for signum in signals:
+                    log.info("received %s: stopping %d workers",
+                             signal.Signals(signum).name, workers)
+                    pool.stop()
+                    nursery.cancel_scope.deadline = trio.current_time() + _STOP_TIMEOUT
+
+            nursery.start_soon(on_signal)
+            async with trio.open_nursery() as slots:
+                for slot in range(workers):
+                    await slots.start(pool.run_slot, slot)
+                    if pool.failed:
+                        break
+                else:
+                    binds = ", ".join(_urls(pool.sockets))
+                    log.info("Running on %s with %d workers", binds, workers)
+            nursery.cancel_scope.cancel()
+    if any(proc.is_alive() for proc in pool.procs.values()):
+        log.error("workers still running after %ss: killed", _STOP_TIMEOUT)
+        pool.kill_all()
+        pool.exit_codes.append(1)
+
+
+def _urls(sockets: Sockets) -> list[str]:
+    out = []
+    for sock in sockets.insecure_sockets:
+        host, port = sock.getsockname()[:2]
+        out.append(f"http://{host}:{port}")
+    for sock in sockets.secure_sockets:
+        host, port = sock.getsockname()[:2]
+        out.append(f"https://{host}:{port}")
+    return out
+
+
+def serve_workers(settings: Settings, config: Config, workers: int) -> int:
+    """Serve with ``workers`` processes; the parent's exit status."""
+    sockets = config.create_sockets()
+    for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+        sock.listen(config.backlog)
+    metrics_dir = tempfile.mkdtemp(prefix="service-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # the spawned workers inherit it
+    pool = _Pool(settings, config, sockets)
+    try:
+        trio.run(_supervise, pool, workers)
+    finally:
+        for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+            sock.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    if pool.failed:
+        return 1
+    return 0 if all(code == 0 for code in pool.exit_codes) else 1
