@@ -57,7 +57,65 @@ class _OpenAPI(OpenAPIProvider):
             "responses": {
                 "101": {"description": "switching to the WebSocket protocol"},
                 "426": {"description": "a plain HTTP request: an upgrade is required"}}}}
+        _truthful(spec, keys=bool(self._app.extensions["service"].settings.api_keys))
         return spec
+
+
+_ERROR_SCHEMA = {"type": "object", "required": ["error"],
+                 "properties": {"error": {"$ref": "#/components/schemas/ErrorDetail"}}}
+_SSE = {"text/event-stream": {"schema": {"type": "string"}}}
+# What a body's endpoint answers before the handler runs (API.md's error statuses).
+_BODY_ERRORS = {"400": "malformed JSON, or not a JSON object", "413": "body too large",
+                "422": "invalid fields (naming the field)"}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+
+
+def _truthful(spec: dict[str, Any], *, keys: bool) -> None:
+    """What quart-schema cannot tell from the decorators: the statuses the app answers before
+    (or besides) a handler's models, streamed answers, and the bearer keys where they apply."""
+    spec.setdefault("components", {})["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer",
+                   "description": "one of SERVICE_API_KEYS (when set)"}}
+    for path, operations in spec["paths"].items():
+        for op in operations.values():
+            # quart-schema's statuses are ints (they become strings in the JSON).
+            responses = op["responses"] = {str(k): v for k, v in op.get("responses", {}).items()}
+            if "requestBody" in op:
+                op["requestBody"]["required"] = True
+                for status, why in _BODY_ERRORS.items():
+                    responses.setdefault(status, _error(why))
+            if any(p.get("in") == "query" for p in op.get("parameters", ())):
+                responses.setdefault("422", _error("invalid query parameters"))
+            if keys and path not in _OPEN_ROUTES:
+                op["security"] = [{"bearer": []}]
+                responses.setdefault("401", _error("missing or wrong API key"))
+    conversation = spec["paths"]["/api/conversations/{conversation_id}"]
+    conversation["delete"]["responses"]["204"] = {
+        "description": "deleted, with its messages and runs (its live runs cancelled)"}
+    events = spec["paths"]["/api/runs/{run_id}/events"]["get"]
+    events.setdefault("parameters", []).append({
+        "in": "header", "name": "Last-Event-ID", "required": False,
+        "description": "resume after this event id (the later of it and ?after=)",
+        "schema": {"type": "string", "pattern": "^[0-9]{1,19}$"}})
+    events["responses"]["200"] = {"description": "the run's events (SSE)", "content": _SSE}
+    events["responses"]["204"] = {"description": "the run is over and the client has seen "
+                                                 "all of it (an EventSource stops)"}
+    events["responses"].setdefault("422", _error("a Last-Event-ID that is not an event id"))
+    # A run that did not succeed (README: a non-streamed run's statuses).
+    post_message = spec["paths"]["/api/conversations/{conversation_id}/messages"]["post"]
+    for status, why in (("409", "the run was cancelled"), ("429", "too many runs in flight"),
+                        ("502", "the backend answered badly"),
+                        ("503", "no backend reachable, or the store cannot write"),
+                        ("504", "the backend or the run timed out")):
+        post_message["responses"].setdefault(status, _error(why))
+    for path in ("/api/conversations/{conversation_id}/messages", "/v1/chat/completions"):
+        ok = spec["paths"][path]["post"]["responses"]["200"]
+        ok.setdefault("content", {}).update(_SSE)  # with "stream": true
+        ok["description"] += ' (with "stream": true, text/event-stream)'
 
 log = get_logger("service.app")
 
