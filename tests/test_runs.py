@@ -497,7 +497,7 @@ async def test_a_final_write_refused_past_its_budget_is_not_shown_as_an_end(
 ) -> None:
     from service.api.streams import EventReader, Keepalive
     from service.errors import StoreUnavailable
-    from service.runs.supervisor import _FINAL_WRITE_BUDGET
+    from service.runs.committer import FINAL_WRITE_BUDGET
 
     backend = ScriptedBackend([Reply("all of it")])
     async with supervisor_env(tmp_path, backend) as env:
@@ -514,7 +514,7 @@ async def test_a_final_write_refused_past_its_budget_is_not_shown_as_an_end(
             await follow()
         assert "run.finished" not in seen
         assert "message" not in seen
-        assert _FINAL_WRITE_BUDGET <= trio.current_time() < _FINAL_WRITE_BUDGET + 3
+        assert FINAL_WRITE_BUDGET <= trio.current_time() < FINAL_WRITE_BUDGET + 3
         # Nobody is told what the store does not say: it has the run running, and so does
         # the service.
         assert (await env.store.get_run(handle.id)).status == "running"

@@ -305,13 +305,13 @@ async def test_a_store_outage_paces_its_retries_and_keeps_every_event_in_order(
 
         env.store.append_run_events = down_for_30s  # type: ignore[method-assign]
         for i in range(3000):  # a token every 10 ms for 30 s while the store is down
-            sup._enqueue(RunEvent.make("run_y", i + 1, "token", {"text": "t"}, 0.0))
+            sup.committer.enqueue(RunEvent.make("run_y", i + 1, "token", {"text": "t"}, 0.0))
             await trio.sleep(0.01)
         await trio.sleep(3)
         # Paced: a few tries while it doubles, then one per 2 s (not one per token batch).
         assert len(attempts) <= 5 + 30 / 2 + 2
         assert stored == list(range(1, 3001))  # every one, once, in order
-        assert not sup._pending
+        assert sup.committer.pending == 0
 
 
 async def test_an_sse_store_error_does_not_cancel_the_run_as_if_the_client_had_left(

@@ -17,18 +17,13 @@ Whatever happened, the final state (run status, the reply's text - partial if cu
 last events up to exactly one ``run.finished``) is written in one transaction under a shielded,
 bounded scope, so a cancel cannot leave it half done.
 
-What clients are told is what the store says: an event is published (reaches a subscriber) only
-once it is committed, and a run's last events (``message``, ``run.finished``) only in the
-transaction of its final state. A batch the store refuses (a full volume, a database away) is
-held, in order, and written again with a back-off; nothing after it is published meanwhile. A
-final state the store cannot take within ``_FINAL_WRITE_BUDGET`` is kept and retried; its
-subscribers are told ``store_unavailable`` instead of an end the store might contradict.
+What clients are told is what the store says: the :class:`~.committer.EventCommitter` publishes
+an event only once it is committed, and a run's last events only with its final state. The
+store's upkeep loops are in :mod:`.upkeep`.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,31 +35,19 @@ from ..errors import (
     ServiceError,
     ShuttingDown,
     StoreError,
-    StoreUnavailable,
     TooManyRuns,
 )
 from ..logs import RUN_ID, get_logger
 from ..metrics import Metrics
-from ..store import MessageStatus, RunEventRecord, Store, new_id
-from .events import RunEvent
+from ..store import MessageStatus, Store, new_id
+from . import upkeep
+from .committer import FINAL_WRITE_BUDGET, EventCommitter, FinalState, event
 from .handle import RunHandle
 from .lifecycle import RunStatus
 
 __all__ = ["RunSpec", "RunSupervisor"]
 
 log = get_logger("service.runs")
-
-_WRITE_BUDGET = 10.0  # seconds one store write (a batch, a final state) may take
-_FINAL_WRITE_BUDGET = 15.0  # seconds a run's final state is tried (again) before it is kept
-_RETRY_FIRST, _RETRY_MAX = 0.1, 2.0  # seconds between writes the store refused, doubling
-_CHECKPOINT_EVERY = 2.0  # seconds between WAL checkpoints (the store's writer never does them)
-_PENDING_MAX = 100_000  # events held while the store refuses them; past it their runs fail
-_UNSTORED_ENDS_MAX = 1_000  # ended runs whose final write failed, still served from memory
-_CANCEL_POLL = 0.25  # seconds between looks for cancels other workers asked for
-_RECOVER_EVERY = 30.0  # seconds between looks for runs a dead sibling worker left running
-_PRUNE_EVERY = 60.0  # seconds between prunings of old runs' events (when a retention is set)
-_PRUNE_PAUSE = 0.05  # seconds between two pruning batches: other writes go in between
-
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -114,20 +97,14 @@ class RunSupervisor:
         self._starts_done = trio.Event()  # set when _reserved drops to 0 (drain waits on it)
         self._nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
-        self._pending: list[RunEvent] = []  # emitted, not yet written (or refused: held)
-        self._retrying = False  # the last batch was refused: the next may hold stored events
-        self._wake = trio.Event()
-        self._commit_lock = trio.Lock()  # one event batch in flight at a time
-        # Final states the store did not take within the budget: retried until it does.
-        self._final_retries: list[tuple[RunHandle, list[RunEvent], dict[str, Any]]] = []
-        self._final_retry_lock = trio.Lock()
-        self._unstored_ends: dict[str, RunHandle] = {}  # their runs, still served to re-joins
+        self.committer = EventCommitter(store, self._runs.get)
         self.draining = False
         self.failure: str | None = None  # set if ``serve`` ended with an error
         self._cancelling = False  # the drain's grace is over: runs still going are cancelled
 
     def __repr__(self) -> str:
-        return f"<RunSupervisor [{len(self._runs)} runs, {len(self._pending)} events pending]>"
+        return (f"<RunSupervisor [{len(self._runs)} runs, "
+                f"{self.committer.pending} events pending]>")
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -143,12 +120,12 @@ class RunSupervisor:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._scope = nursery.cancel_scope
-                nursery.start_soon(self._commit_loop)
-                nursery.start_soon(self._checkpoint_loop)
-                nursery.start_soon(self._cancel_requests_loop)
-                nursery.start_soon(self._recover_loop)
+                nursery.start_soon(self.committer.run)
+                nursery.start_soon(upkeep.maintain_loop, self._store, self.committer)
+                nursery.start_soon(upkeep.cancel_requests_loop, self._store, lambda: self._runs)
+                nursery.start_soon(upkeep.recover_loop, self._store)
                 if self.events_retention > 0:
-                    nursery.start_soon(self._prune_loop)
+                    nursery.start_soon(upkeep.prune_loop, self._store, self.events_retention)
                 task_status.started(self)
                 await trio.sleep_forever()
         except BaseException as exc:
@@ -192,7 +169,7 @@ class RunSupervisor:
     def get(self, run_id: str) -> RunHandle | None:
         """A live run, or one that ended but whose final write is still to be retried (its
         handle holds run.finished, which the store does not have yet)."""
-        return self._runs.get(run_id) or self._unstored_ends.get(run_id)
+        return self._runs.get(run_id) or self.committer.ended(run_id)
 
     async def drain(self, grace: float) -> None:
         """Refuse new runs, give those in flight ``grace`` seconds, then cancel the rest."""
@@ -205,7 +182,7 @@ class RunSupervisor:
                 await handle.finished.wait()
         # Runs whose first write was in flight when the drain began are launched once it lands:
         # wait for those starts (bounded), so that they are cancelled and stored with the rest.
-        with trio.move_on_after(_FINAL_WRITE_BUDGET):
+        with trio.move_on_after(FINAL_WRITE_BUDGET):
             while self._reserved:
                 self._starts_done = trio.Event()
                 await self._starts_done.wait()
@@ -214,19 +191,19 @@ class RunSupervisor:
             handle.cancel("shutdown")
         for handle in list(self._runs.values()):
             await handle.finished.wait()
-        # What the store refused so far gets one more budget: a volume freed, a database back.
-        pause = _RETRY_FIRST
-        with trio.move_on_after(_FINAL_WRITE_BUDGET):
-            while True:
-                await self.flush()
-                await self.retry_final_writes()
-                if not self.unstored:
-                    break
-                await trio.sleep(pause)
-                pause = min(2 * pause, _RETRY_MAX)
+        await self.committer.store_everything(FINAL_WRITE_BUDGET)
         if self.unstored:
             log.error("shutting down with %d run(s) not stored: the store refused their final "
                       "state or events", self.unstored)
+
+    @property
+    def unstored(self) -> int:
+        """Runs whose final state, or events, the store has not taken (yet)."""
+        return self.committer.unstored
+
+    async def flush(self) -> bool:
+        """Write the pending events now (``EventCommitter.flush``)."""
+        return await self.committer.flush()
 
     # -- starting runs --------------------------------------------------------------------------
 
@@ -257,7 +234,7 @@ class RunSupervisor:
                 run_id=run_id,
             )
             handle = self._new_handle(begun, spec)
-            handle.adopt_first_event(_event(begun.started))
+            handle.adopt_first_event(event(begun.started))
             self._launch(handle, spec)
         finally:
             del self._starting[run_id]
@@ -306,9 +283,9 @@ class RunSupervisor:
             handle.cancel("the run could not be stored")
             # Not stored, and nobody was told the run's id: released so that the handle's
             # events (its end among them) reach a subscriber in order all the same.
-            handle.adopt_first_event(_event(begun.started))
+            handle.adopt_first_event(event(begun.started))
             raise
-        handle.adopt_first_event(_event(begun.started))
+        handle.adopt_first_event(event(begun.started))
         return handle
 
     def _launch(self, handle: RunHandle, spec: RunSpec) -> None:
@@ -325,7 +302,8 @@ class RunSupervisor:
         run = begun.run
         handle = RunHandle(
             run_id=run.id, conversation_id=run.conversation_id, agent=run.agent,
-            model=run.model, owner=spec.owner, message_id=begun.reply.id, sink=self._enqueue,
+            model=run.model, owner=spec.owner, message_id=begun.reply.id,
+            sink=self.committer.enqueue,
         )
         handle.begun = begun
         # A request's own timeout, never more than the service's (SERVICE_RUN_TIMEOUT).
@@ -382,7 +360,7 @@ class RunSupervisor:
                 # maybe in a group from the run's nursery: record, then keep propagating.
                 handle.cancel_reason = handle.cancel_reason or "shutdown"
                 # _finish shields and bounds its own waits; this outer bound only says so.
-                with trio.move_on_after(2 * _FINAL_WRITE_BUDGET, shield=True):
+                with trio.move_on_after(2 * FINAL_WRITE_BUDGET, shield=True):
                     await self._finish(handle, RunStatus.cancelled, None, handle.cancel_reason)
                 if cancelled is not None and rest is not None:
                     # A tool failing while it unwinds must not turn a shutdown into a crash:
@@ -409,10 +387,7 @@ class RunSupervisor:
     ) -> None:
         """Store the run's final state with its last events, then publish them.
 
-        Shielded (the final state must be recorded whatever is cancelled) and bounded: the
-        write is tried again while the store refuses it, for ``_FINAL_WRITE_BUDGET`` seconds;
-        after that it is kept for the checkpoint loop's retries and the run's subscribers are
-        told ``store_unavailable`` rather than an end the store does not have.
+        Shielded and bounded (``EventCommitter.finish``): whatever is cancelled, it ends.
         """
         # Its end: the error that ended it, its message, run.finished; stored together.
         last: list[tuple[str, dict[str, Any]]] = []
@@ -431,227 +406,15 @@ class RunSupervisor:
         last.append(("run.finished", {"status": status.value, "usage": handle.usage,
                                       **({"error": error} if error else {})}))
         closing = handle.close(last)
-        # The run's events not taken by a batch yet go with its final state (sync: no batch
-        # can take them in between); one taken already is written before it (the store
-        # writes in call order) or, if refused, again after it: publishing waits for it.
-        mine = [e for e in self._pending if e.run_id == handle.id]
-        if mine:
-            self._pending = [e for e in self._pending if e.run_id != handle.id]
-        events = mine + closing
-        final: dict[str, Any] = {
-            "run_id": handle.id, "status": status.value, "message_id": handle.message_id,
-            "content": content, "message_status": msg_status, "error": error,
-            "usage": handle.usage, "events": [_record(e) for e in events],
-        }
-        with trio.move_on_after(_FINAL_WRITE_BUDGET, shield=True):
-            if await self._store_final(handle, final):
-                handle.stored_as(status)
-                handle.publish(events)
-                # A batch with earlier events of the run, refused and held, is written
-                # again by the commit loop: the end is published after it.
-                await handle.wait_published()
-        if not handle.final_stored:
-            self._final_retries.append((handle, events, final))
-            if len(self._final_retries) > _UNSTORED_ENDS_MAX:
-                lost, _, _ = self._final_retries.pop(0)
-                log.error("giving up storing the final state of run %s", lost.id)
-            self._keep_unstored_end(handle)
-            handle.give_up_end(StoreUnavailable(
-                "the run has ended but the store cannot take its result yet; re-join it later"))
-        elif not handle.published_final:
-            self._keep_unstored_end(handle)  # its earlier events are still to be published
+        # The run's events not taken by a batch yet go with its final state; one taken
+        # already is written before it (the store writes in call order) or, if refused, again
+        # after it: publishing waits for it.
+        events = tuple(self.committer.take(handle.id) + closing)
+        await self.committer.finish(handle, FinalState(
+            handle.id, status, handle.message_id, content, msg_status, error, handle.usage,
+            events))
         self._metrics.runs.labels(status.value).inc()
         handle.finished.set()
-
-    async def _store_final(self, handle: RunHandle, final: dict[str, Any]) -> bool:
-        """Write a final state, again while the store refuses it (the caller bounds it)."""
-        pause = _RETRY_FIRST
-        while True:
-            try:
-                with trio.move_on_after(_WRITE_BUDGET) as write:
-                    await self._store.finish_run(**final)
-                    return True
-                if write.cancelled_caught:
-                    log.error("final write of run %s took over %ss; trying again", handle.id,
-                              _WRITE_BUDGET)
-            except StoreError as exc:
-                log.error("could not store the final state of run %s (trying again): %s",
-                          handle.id, exc.message)
-            except Exception:
-                # Not the store's trouble but a bug (what it was given): retrying would
-                # fail the same way. The run still ends, and this supervisor goes on.
-                log.exception("the final state of run %s cannot be stored", handle.id)
-                return False
-            await trio.sleep(pause)
-            pause = min(2 * pause, _RETRY_MAX)
-
-    # -- events ---------------------------------------------------------------------------------
-
-    def _keep_unstored_end(self, handle: RunHandle) -> None:
-        """Keep serving a run whose end is not all stored (bounded: the oldest are let go)."""
-        self._unstored_ends[handle.id] = handle
-        while len(self._unstored_ends) > _UNSTORED_ENDS_MAX:
-            del self._unstored_ends[next(iter(self._unstored_ends))]
-
-    def _enqueue(self, event: RunEvent) -> None:
-        self._pending.append(event)
-        self._wake.set()
-
-    async def _commit_loop(self) -> None:
-        pause = _RETRY_FIRST
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            if await self.flush():
-                pause = _RETRY_FIRST
-                continue
-            # The store refused the batch (held, in order): again after a pause, doubling.
-            await trio.sleep(pause)
-            pause = min(2 * pause, _RETRY_MAX)
-            self._wake.set()
-
-    async def _recover_loop(self) -> None:
-        """Close runs left running by a dead worker that shared the store (a killed sibling:
-        nothing else would, until the next start); this process's own are closed at its start."""
-        while True:
-            await trio.sleep(_RECOVER_EVERY)
-            try:
-                closed = await self._store.recover_interrupted()
-            except StoreError as exc:
-                log.warning("could not look for interrupted runs: %s", exc)
-                continue
-            if closed:
-                log.warning("closed %d run(s) of a worker that is gone", len(closed),
-                            extra={"run_ids": closed})
-
-    async def _prune_loop(self) -> None:
-        """Delete old finished runs' events (``events_retention``), a few runs per transaction
-        so that no write waits long behind one."""
-        while True:
-            await trio.sleep(_PRUNE_EVERY)
-            cutoff = time.time() - self.events_retention
-            try:
-                while await self._store.prune_events(cutoff):  # noqa: ASYNC110 (a paced loop)
-                    await trio.sleep(_PRUNE_PAUSE)
-            except StoreError as exc:
-                log.warning("could not prune old events: %s", exc)
-
-    async def _checkpoint_loop(self) -> None:
-        while True:
-            await trio.sleep(_CHECKPOINT_EVERY)
-            await self.retry_final_writes()
-            try:
-                await self._store.maintain()
-            except StoreError as exc:
-                log.warning("WAL checkpoint failed: %s", exc.message)
-
-    async def _cancel_requests_loop(self) -> None:
-        """Cancel this process's runs whose cancel another worker sharing the store asked for
-        (``Store.request_cancel``: a client's cancel can reach any worker)."""
-        while True:
-            await trio.sleep(_CANCEL_POLL)
-            if not self._runs:
-                continue
-            try:
-                requests = await self._store.cancel_requests()
-            except StoreError as exc:
-                log.warning("could not read cancel requests: %s", exc.message)
-                continue
-            for run_id, reason in requests:
-                handle = self._runs.get(run_id)
-                if handle is not None:
-                    handle.cancel(reason)
-
-    async def retry_final_writes(self) -> None:
-        """Store the final states the store did not take within their budget; publish each
-        run's end once it is stored.
-
-        One retry pass at a time: the checkpoint loop and a drain both call this, and two
-        passes over the same list crashed the supervisor (the second ``remove``)."""
-        async with self._final_retry_lock:
-            for entry in list(self._final_retries):
-                handle, events, final = entry
-                try:
-                    with trio.move_on_after(_WRITE_BUDGET):
-                        await self._store.finish_run(**final)
-                        if entry in self._final_retries:
-                            self._final_retries.remove(entry)
-                        handle.stored_as(RunStatus(final["status"]))
-                        handle.publish(events)
-                        if handle.published_final:
-                            self._unstored_ends.pop(handle.id, None)
-                        log.info("stored the final state of run %s on retry", handle.id)
-                except StoreError as exc:
-                    log.warning("final state of run %s still not stored: %s", handle.id,
-                                exc.message)
-                except Exception:
-                    log.exception("final state of run %s still cannot be stored", handle.id)
-
-    @property
-    def unstored(self) -> int:
-        """Runs whose final state, and events, that the store has not taken (yet)."""
-        return len(self._final_retries) + len({e.run_id for e in self._pending})
-
-    async def flush(self) -> bool:
-        """Write every pending event (one transaction for all runs), then publish them.
-        False if the store refused them: they are held, in order, for the next try.
-
-        Shielded, with only the store call bounded: a batch taken from the queue is always
-        either published or put back."""
-        stored = False
-        with trio.CancelScope(shield=True):
-            stored = await self._flush()
-        return stored
-
-    async def _flush(self) -> bool:
-        async with self._commit_lock:
-            batch, self._pending = self._pending, []
-            if not batch:
-                return True
-            stored = False
-            try:
-                with trio.move_on_after(_WRITE_BUDGET) as write:
-                    # After a refusal some may have landed (a write that timed out): skipped.
-                    await self._store.append_run_events(
-                        [_record(e) for e in batch], retry=self._retrying)
-                    stored = True
-                if write.cancelled_caught:
-                    log.error("storing %d run events took over %ss; will retry", len(batch),
-                              _WRITE_BUDGET)
-            except StoreError as exc:
-                log.error("could not store %d run events (will retry): %s", len(batch),
-                          exc.message)
-            if not stored:
-                # Held, ahead of what came since, and not published: a client is never shown
-                # an event a crash now could lose.
-                self._pending = batch + self._pending
-                self._retrying = True
-                self._fail_runs_past_the_bound()
-                return False
-            self._retrying = False
-            by_run: dict[str, list[RunEvent]] = {}
-            for e in batch:
-                by_run.setdefault(e.run_id, []).append(e)
-            for run_id, events in by_run.items():
-                handle = self.get(run_id)
-                if handle is not None:
-                    handle.publish(events)
-                    if handle.final_stored and handle.published_final:
-                        self._unstored_ends.pop(run_id, None)
-            return True
-
-    def _fail_runs_past_the_bound(self) -> None:
-        """While the store refuses events, the runs making them go on (a database restart
-        takes seconds); past ``_PENDING_MAX`` held events they are stopped, ``failed``
-        (``store_unavailable``), so memory stays bounded and nothing held is dropped."""
-        if len(self._pending) <= _PENDING_MAX:
-            return
-        for run_id in {e.run_id for e in self._pending}:
-            handle = self._runs.get(run_id)
-            if handle is not None and handle.cancel_reason is None:
-                log.error("run %s stopped: the store cannot take its events", run_id)
-                handle.cancel_status, handle.error_type = RunStatus.failed, "store_unavailable"
-                handle.cancel("the store cannot take the run's events")
 
 
 def _split_cancelled(
@@ -685,10 +448,3 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-def _event(r: RunEventRecord) -> RunEvent:
-    return RunEvent(r.run_id, r.seq, r.type, r.data, r.created_at,
-                    r.raw if r.raw is not None else json.dumps(r.data, separators=(",", ":")))
-
-
-def _record(e: RunEvent) -> RunEventRecord:
-    return RunEventRecord(e.run_id, e.seq, e.type, e.data, e.created_at, e.raw)

@@ -1,0 +1,288 @@
+"""The event committer: run events into the store in batches, and only then to subscribers.
+
+What clients are told is what the store says:
+
+* every event is published (reaches a subscriber) only once it is committed; pending events of
+  all runs go in one transaction (group commit), one batch in flight at a time;
+* a batch the store refuses (a full volume, a database away) is held, in order, and written
+  again with a back-off (``_RETRY_FIRST`` doubling to ``_RETRY_MAX``); nothing after it is
+  published meanwhile; past ``_PENDING_MAX`` held events the runs making them are stopped;
+* a run's last events (``error``, ``message``, ``run.finished``) are written only in the
+  transaction of its final state (:class:`FinalState`), tried again for
+  ``FINAL_WRITE_BUDGET`` seconds; if the store still refuses it, it is kept and retried
+  (``retry_final_writes``) and the run's subscribers are told ``store_unavailable`` instead of
+  an end the store might contradict.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from ..errors import StoreError, StoreUnavailable
+from ..logs import get_logger
+from ..store import MessageStatus, RunEventRecord, Store
+from .events import RunEvent
+from .handle import RunHandle
+from .lifecycle import RunStatus
+
+__all__ = ["FINAL_WRITE_BUDGET", "EventCommitter", "FinalState"]
+
+log = get_logger("service.runs")
+
+WRITE_BUDGET = 10.0  # seconds one store write (a batch, a final state) may take
+FINAL_WRITE_BUDGET = 15.0  # seconds a run's final state is tried (again) before it is kept
+_RETRY_FIRST, _RETRY_MAX = 0.1, 2.0  # seconds between writes the store refused, doubling
+_PENDING_MAX = 100_000  # events held while the store refuses them; past it their runs fail
+_UNSTORED_ENDS_MAX = 1_000  # ended runs whose final write failed, still served from memory
+
+
+@dataclass(frozen=True)
+class FinalState:
+    """A run's end, written in one transaction: its status, its reply's text and status, and
+    its last events (those not written yet, ``run.finished`` last)."""
+
+    run_id: str
+    status: RunStatus
+    message_id: str
+    content: str
+    message_status: MessageStatus
+    error: str | None
+    usage: dict[str, Any]
+    events: tuple[RunEvent, ...]
+
+    async def write(self, store: Store) -> None:
+        await store.finish_run(
+            self.run_id, status=self.status.value, message_id=self.message_id,
+            content=self.content, message_status=self.message_status, error=self.error,
+            usage=self.usage, events=[record(e) for e in self.events],
+        )
+
+
+class EventCommitter:
+    """Owns the events not yet stored and the final states still to store (one per process,
+    run by the supervisor). ``live(run_id)`` finds a running run's handle."""
+
+    def __init__(self, store: Store, live: Callable[[str], RunHandle | None]) -> None:
+        self._store = store
+        self._live = live
+        self._pending: list[RunEvent] = []  # emitted, not yet written (or refused: held)
+        self._retrying = False  # the last batch was refused: the next may hold stored events
+        self._wake = trio.Event()
+        self._lock = trio.Lock()  # one batch in flight at a time
+        # Final states the store did not take within the budget: retried until it does.
+        self._final_retries: list[tuple[RunHandle, FinalState]] = []
+        self._final_retry_lock = trio.Lock()
+        self._ended: dict[str, RunHandle] = {}  # runs whose end is not all stored/published
+
+    def __repr__(self) -> str:
+        return (f"<EventCommitter [{len(self._pending)} events pending, "
+                f"{len(self._final_retries)} final states to retry]>")
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    @property
+    def unstored(self) -> int:
+        """Runs whose final state, or events, the store has not taken (yet)."""
+        return len(self._final_retries) + len({e.run_id for e in self._pending})
+
+    def ended(self, run_id: str) -> RunHandle | None:
+        """An ended run whose end the store has not all taken (it is served from memory)."""
+        return self._ended.get(run_id)
+
+    def enqueue(self, event: RunEvent) -> None:
+        """A handle's sink: sync, per token."""
+        self._pending.append(event)
+        self._wake.set()
+
+    def take(self, run_id: str) -> list[RunEvent]:
+        """The run's events not taken by a batch yet (sync: none can be taken in between)."""
+        mine = [e for e in self._pending if e.run_id == run_id]
+        if mine:
+            self._pending = [e for e in self._pending if e.run_id != run_id]
+        return mine
+
+    # -- event batches ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Commit pending events as they come (in the supervisor's nursery)."""
+        pause = _RETRY_FIRST
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            if await self.flush():
+                pause = _RETRY_FIRST
+                continue
+            # The store refused the batch (held, in order): again after a pause, doubling.
+            await trio.sleep(pause)
+            pause = min(2 * pause, _RETRY_MAX)
+            self._wake.set()
+
+    async def flush(self) -> bool:
+        """Write every pending event (one transaction for all runs), then publish them.
+        False if the store refused them: they are held, in order, for the next try.
+
+        Shielded, with only the store call bounded: a batch taken from the queue is always
+        either published or put back."""
+        stored = False
+        with trio.CancelScope(shield=True):
+            stored = await self._flush()
+        return stored
+
+    async def _flush(self) -> bool:
+        async with self._lock:
+            batch, self._pending = self._pending, []
+            if not batch:
+                return True
+            stored = False
+            try:
+                with trio.move_on_after(WRITE_BUDGET) as write:
+                    # After a refusal some may have landed (a write that timed out): skipped.
+                    await self._store.append_run_events(
+                        [record(e) for e in batch], retry=self._retrying)
+                    stored = True
+                if write.cancelled_caught:
+                    log.error("storing %d run events took over %ss; will retry", len(batch),
+                              WRITE_BUDGET)
+            except StoreError as exc:
+                log.error("could not store %d run events (will retry): %s", len(batch),
+                          exc.message)
+            if not stored:
+                # Held, ahead of what came since, and not published: a client is never shown
+                # an event a crash now could lose.
+                self._pending = batch + self._pending
+                self._retrying = True
+                self._fail_runs_past_the_bound()
+                return False
+            self._retrying = False
+            by_run: dict[str, list[RunEvent]] = {}
+            for e in batch:
+                by_run.setdefault(e.run_id, []).append(e)
+            for run_id, events in by_run.items():
+                handle = self._live(run_id) or self._ended.get(run_id)
+                if handle is not None:
+                    handle.publish(events)
+                    if handle.final_stored and handle.published_final:
+                        self._ended.pop(run_id, None)
+            return True
+
+    def _fail_runs_past_the_bound(self) -> None:
+        """While the store refuses events, the runs making them go on (a database restart
+        takes seconds); past ``_PENDING_MAX`` held events they are stopped, ``failed``
+        (``store_unavailable``), so memory stays bounded and nothing held is dropped."""
+        if len(self._pending) <= _PENDING_MAX:
+            return
+        for run_id in {e.run_id for e in self._pending}:
+            handle = self._live(run_id)
+            if handle is not None and handle.cancel_reason is None:
+                log.error("run %s stopped: the store cannot take its events", run_id)
+                handle.cancel_status, handle.error_type = RunStatus.failed, "store_unavailable"
+                handle.cancel("the store cannot take the run's events")
+
+    # -- final states -------------------------------------------------------------------------
+
+    async def finish(self, handle: RunHandle, final: FinalState) -> None:
+        """Store a run's final state, then publish its last events.
+
+        Shielded (the final state must be recorded whatever is cancelled) and bounded: the
+        write is tried again while the store refuses it, for ``FINAL_WRITE_BUDGET`` seconds;
+        after that it is kept for ``retry_final_writes`` and the run's subscribers are told
+        ``store_unavailable`` rather than an end the store does not have."""
+        with trio.move_on_after(FINAL_WRITE_BUDGET, shield=True):
+            if await self._store_final(handle, final):
+                handle.stored_as(final.status)
+                handle.publish(list(final.events))
+                # A batch with earlier events of the run, refused and held, is written
+                # again by the commit loop: the end is published after it.
+                await handle.wait_published()
+        if not handle.final_stored:
+            self._final_retries.append((handle, final))
+            if len(self._final_retries) > _UNSTORED_ENDS_MAX:
+                lost, _ = self._final_retries.pop(0)
+                log.error("giving up storing the final state of run %s", lost.id)
+            self._keep_ended(handle)
+            handle.give_up_end(StoreUnavailable(
+                "the run has ended but the store cannot take its result yet; re-join it later"))
+        elif not handle.published_final:
+            self._keep_ended(handle)  # its earlier events are still to be published
+
+    async def _store_final(self, handle: RunHandle, final: FinalState) -> bool:
+        """Write a final state, again while the store refuses it (the caller bounds it)."""
+        pause = _RETRY_FIRST
+        while True:
+            try:
+                with trio.move_on_after(WRITE_BUDGET) as write:
+                    await final.write(self._store)
+                    return True
+                if write.cancelled_caught:
+                    log.error("final write of run %s took over %ss; trying again", handle.id,
+                              WRITE_BUDGET)
+            except StoreError as exc:
+                log.error("could not store the final state of run %s (trying again): %s",
+                          handle.id, exc.message)
+            except Exception:
+                # Not the store's trouble but a bug (what it was given): retrying now would
+                # fail the same way. The run still ends, and the supervisor goes on.
+                log.exception("the final state of run %s cannot be stored", handle.id)
+                return False
+            await trio.sleep(pause)
+            pause = min(2 * pause, _RETRY_MAX)
+
+    def _keep_ended(self, handle: RunHandle) -> None:
+        """Keep serving a run whose end is not all stored (bounded: the oldest are let go)."""
+        self._ended[handle.id] = handle
+        while len(self._ended) > _UNSTORED_ENDS_MAX:
+            del self._ended[next(iter(self._ended))]
+
+    async def retry_final_writes(self) -> None:
+        """Store the final states the store did not take within their budget; publish each
+        run's end once it is stored.
+
+        One retry pass at a time: the upkeep loop and a drain both call this, and two passes
+        over the same list crashed the supervisor (the second ``remove``)."""
+        async with self._final_retry_lock:
+            for entry in list(self._final_retries):
+                handle, final = entry
+                try:
+                    with trio.move_on_after(WRITE_BUDGET):
+                        await final.write(self._store)
+                        if entry in self._final_retries:
+                            self._final_retries.remove(entry)
+                        handle.stored_as(final.status)
+                        handle.publish(list(final.events))
+                        if handle.published_final:
+                            self._ended.pop(handle.id, None)
+                        log.info("stored the final state of run %s on retry", handle.id)
+                except StoreError as exc:
+                    log.warning("final state of run %s still not stored: %s", handle.id,
+                                exc.message)
+                except Exception:
+                    log.exception("final state of run %s still cannot be stored", handle.id)
+
+    async def store_everything(self, budget: float) -> None:
+        """At shutdown: what the store refused so far gets one more ``budget`` (a volume
+        freed, a database back)."""
+        pause = _RETRY_FIRST
+        with trio.move_on_after(budget):
+            while True:
+                await self.flush()
+                await self.retry_final_writes()
+                if not self.unstored:
+                    break
+                await trio.sleep(pause)
+                pause = min(2 * pause, _RETRY_MAX)
+
+
+def record(e: RunEvent) -> RunEventRecord:
+    return RunEventRecord(e.run_id, e.seq, e.type, e.data, e.created_at, e.raw)
+
+
+def event(r: RunEventRecord) -> RunEvent:
+    return RunEvent(r.run_id, r.seq, r.type, r.data, r.created_at,
+                    r.raw if r.raw is not None else json.dumps(r.data, separators=(",", ":")))

@@ -1,0 +1,83 @@
+"""The store's upkeep while runs go on, each a loop in the supervisor's nursery: final states to
+store again and the store's own maintenance, cancels asked of this process by another, runs a
+dead process left open, old events pruned."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import trio
+
+from ..errors import StoreError
+from ..logs import get_logger
+from ..store import Store
+from .committer import EventCommitter
+from .handle import RunHandle
+
+__all__ = ["cancel_requests_loop", "maintain_loop", "prune_loop", "recover_loop"]
+
+log = get_logger("service.runs")
+
+MAINTAIN_EVERY = 2.0  # seconds between final-state retries and store maintenance (checkpoints)
+CANCEL_POLL = 0.25  # seconds between looks for cancels other workers asked for
+RECOVER_EVERY = 30.0  # seconds between looks for runs a dead worker left running
+PRUNE_EVERY = 60.0  # seconds between prunings of old runs' events (when a retention is set)
+PRUNE_PAUSE = 0.05  # seconds between two pruning batches: other writes go in between
+
+
+async def maintain_loop(store: Store, committer: EventCommitter) -> None:
+    while True:
+        await trio.sleep(MAINTAIN_EVERY)
+        await committer.retry_final_writes()
+        try:
+            await store.maintain()
+        except StoreError as exc:
+            log.warning("store maintenance failed: %s", exc.message)
+
+
+async def cancel_requests_loop(store: Store, live: Callable[[], dict[str, RunHandle]]) -> None:
+    """Cancel this process's runs whose cancel another worker sharing the store asked for
+    (``Store.request_cancel``: a client's cancel can reach any worker)."""
+    while True:
+        await trio.sleep(CANCEL_POLL)
+        runs = live()
+        if not runs:
+            continue
+        try:
+            requests = await store.cancel_requests()
+        except StoreError as exc:
+            log.warning("could not read cancel requests: %s", exc.message)
+            continue
+        for run_id, reason in requests:
+            handle = runs.get(run_id)
+            if handle is not None:
+                handle.cancel(reason)
+
+
+async def recover_loop(store: Store) -> None:
+    """Close runs left running by a dead worker that shared the store (a killed sibling:
+    nothing else would, until the next start); this process's own are closed at its start."""
+    while True:
+        await trio.sleep(RECOVER_EVERY)
+        try:
+            closed = await store.recover_interrupted()
+        except StoreError as exc:
+            log.warning("could not look for interrupted runs: %s", exc)
+            continue
+        if closed:
+            log.warning("closed %d run(s) of a worker that is gone", len(closed),
+                        extra={"run_ids": closed})
+
+
+async def prune_loop(store: Store, retention: float) -> None:
+    """Delete old finished runs' events (``retention`` seconds after they finished), a few runs
+    per transaction so that no write waits long behind one."""
+    while True:
+        await trio.sleep(PRUNE_EVERY)
+        cutoff = time.time() - retention
+        try:
+            while await store.prune_events(cutoff):  # noqa: ASYNC110 (a paced loop)
+                await trio.sleep(PRUNE_PAUSE)
+        except StoreError as exc:
+            log.warning("could not prune old events: %s", exc)
