@@ -732,9 +732,10 @@ class SQLiteStore:
         client re-joining it gets a clean end. Runs of live processes (other workers sharing
         the file) are left alone. Returns the ids closed.
 
-        Called at start-up, and by the run supervisor every ``upkeep.RECOVER_EVERY`` seconds (workers
-        sharing the file close a dead sibling's runs): a read finds them; only then a write,
-        which closes each only if it is still in progress (another worker may have been first).
+        Called at start-up, and by the run supervisor every ``upkeep.RECOVER_EVERY`` seconds
+        (workers sharing the file close a dead sibling's runs): a read finds them; only then a
+        write, which closes each only if it is still in progress (another worker may have been
+        first).
         ``run_id``: look at that run only (a reader following a run whose owner is gone).
         """
         now = time.time()
