@@ -22,7 +22,7 @@ from .errors import BackendUnavailable, StoreError
 from .logs import get_logger
 from .runs import RunSupervisor
 from .settings import BackendKind, embedded_alias
-from .store import make_store
+from .store import describe_store, make_store
 from .tools import BUILTIN_TOOLS, ToolRegistry, load_tool_modules
 
 if TYPE_CHECKING:
@@ -52,7 +52,8 @@ async def _start_services(app: QuartTrio, svc: Services, backend: Backend | None
     except StoreError as exc:  # opens, but cannot be read (a corrupted file): say which setting
         await store.aclose()
         raise StoreError(f"SERVICE_DB: {exc.message}") from exc
-    log.info("store open", extra={"db": str(settings.db), "interrupted_runs": len(interrupted)})
+    log.info("store open", extra={"db": describe_store(settings.db),
+                                  "interrupted_runs": len(interrupted)})
     svc.tools = ToolRegistry([*BUILTIN_TOOLS, *load_tool_modules(settings.tools)])
     if backend is None:
         client = client_from_settings(settings)

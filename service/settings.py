@@ -45,7 +45,8 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SERVICE_", extra="ignore", frozen=True)
 
-    db: Path = Path("./data/service.db")
+    # A SQLite file path (a Path), or a PostgreSQL URL (kept a str: a Path would fold its "//").
+    db: Path | str = Path("./data/service.db")
     backend: BackendKind = BackendKind.auto
     gguf: Path | None = None
     ollama_url: str = "http://127.0.0.1:11434"
@@ -79,17 +80,15 @@ class Settings(BaseSettings):
 
     @field_validator("db", mode="before")
     @classmethod
-    def _sqlite_path(cls, value: object) -> object:
+    def _store_location(cls, value: object) -> object:
         # A URL is not a path: "postgresql://..." became a directory "postgresql:" holding a
         # SQLite file, silently. (A scheme has two letters or more: "C:/data" stays a path.)
         if isinstance(value, str) and (url := re.match(r"([A-Za-z][A-Za-z0-9+.-]+):/", value)):
             scheme = url[1].lower()
-            # Until the PostgreSQL store (issue 14) is wired to this setting.
-            if scheme.split("+")[0] in ("postgresql", "postgres") and "://" in value:
-                raise ValueError("a PostgreSQL store is not supported yet; use a SQLite path")
-            raise ValueError(f"not a SQLite path but a {scheme}: URL (a SQLite file path is "
-                             "supported)")
-        return value
+            if scheme in ("postgresql", "postgres") and value[url.end():].startswith("/"):
+                return value  # the PostgreSQL store (libpq checks the rest when it connects)
+            raise ValueError(f"not a SQLite path nor a postgresql:// URL but a {scheme}: URL")
+        return Path(value) if isinstance(value, str) else value
 
     @field_validator("ollama_url", "llamacpp_url")
     @classmethod

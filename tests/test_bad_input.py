@@ -257,11 +257,10 @@ def _start(tmp_path: Path, db: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize(("db", "says"), [
-    ("postgresql://u:secret@db.example:5432/svc", "not supported yet"),
-    ("postgres://db.example/svc", "not supported yet"),
-    ("mysql://db.example/svc", "not a SQLite path"),
+    ("mysql://u:secret@db.example/svc", "not a SQLite path"),
     ("sqlite:///x.db", "not a SQLite path"),
     ("postgresql:/x", "not a SQLite path"),
+    ("postgresql+psycopg://u:secret@db.example/svc", "not a SQLite path"),
 ])
 def test_a_store_url_stops_the_start_with_one_line(tmp_path: Path, db: str, says: str) -> None:
     # postgresql://... made a directory "postgresql:" and a SQLite file in it, silently.

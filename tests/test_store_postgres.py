@@ -7,16 +7,26 @@ unreachable server at open, a statement stuck behind a lock.
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import psycopg
 import pytest
 import trio
 
 from service.errors import StoreError, StoreUnavailable
+from service.settings import load_settings
 from service.store import MessageStatus, open_store
 from service.store.postgres import PostgresStore, describe_url
 from service.store.schema import PG_SCHEMA_VERSION
 
+from .conftest import running_server
 from .pg import PASSWORD, PASSWORD_USER, PostgresServer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 async def test_schema_is_created_versioned_and_kept(pg_url: str) -> None:
@@ -148,3 +158,43 @@ async def test_a_stuck_statement_is_cut_by_statement_timeout(pg_url: str) -> Non
         await store.append_message(conv.id, role="user", content="ok",
                                    status=MessageStatus.complete)
         assert [m.content for m in await store.get_messages(conv.id)] == ["ok"]
+
+
+# -- the service on PostgreSQL -----------------------------------------------------------------
+
+async def test_the_service_serves_runs_from_postgres(pg_url: str, tmp_path: Path) -> None:
+    settings = load_settings(db=pg_url)
+    assert settings.db == pg_url
+    async with running_server(settings) as srv, srv.client() as c:
+        assert isinstance(srv.services.require_store(), PostgresStore)
+        conv = (await c.post("/api/conversations", json={"title": "pg"})).json()
+        r = await c.post(f"/api/conversations/{conv['id']}/messages", json={"content": "hi"})
+        assert r.status_code == 200, r.text
+        run = r.json()["run"]
+        assert run["status"] == "succeeded"
+        got = (await c.get(f"/api/conversations/{conv['id']}")).json()
+        assert [m["role"] for m in got["messages"]] == ["user", "assistant"]
+        assert got["messages"][1]["status"] == "complete"
+        async with c.stream("GET", f"/api/runs/{run['id']}/events") as events:
+            body = "".join([chunk async for chunk in events.aiter_text()])
+        assert body.count("event: run.started") == 1
+        assert body.rstrip().split("\n\n")[-1].split("\n")[1] == "event: run.finished"
+        assert (await c.get("/readyz")).json()["checks"]["store"] == "ok"
+
+
+def test_an_unreachable_database_stops_the_start_with_one_line(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SERVICE_")}
+    env["SERVICE_DB"] = f"postgresql://svc:Top-S3cret@127.0.0.1:{port}/svc"
+    out = subprocess.run([sys.executable, "-m", "service", "--bind", "127.0.0.1:0"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+                         check=False)
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "Top-S3cret" not in out.stderr + out.stdout
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("service: SERVICE_DB: "), line
+    assert f"postgresql://svc@127.0.0.1:{port}/svc" in line
+    assert "Running on" not in out.stderr

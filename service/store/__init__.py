@@ -38,6 +38,7 @@ __all__ = [
     "RunRecord",
     "SQLiteStore",
     "Store",
+    "describe_store",
     "is_postgres_url",
     "make_store",
     "new_id",
@@ -50,6 +51,15 @@ _PG_SCHEMES = ("postgresql://", "postgres://")
 def is_postgres_url(db: str | os.PathLike[str]) -> bool:
     """Whether ``SERVICE_DB`` names a PostgreSQL database (else it is a SQLite path)."""
     return isinstance(db, str) and db.lower().startswith(_PG_SCHEMES)
+
+
+def describe_store(db: str | os.PathLike[str]) -> str:
+    """``SERVICE_DB`` as it may be logged: a PostgreSQL URL without its password."""
+    if is_postgres_url(db):
+        from .postgres import describe_url
+
+        return describe_url(str(db))
+    return str(db)
 
 
 def make_store(db: str | os.PathLike[str], **kwargs: Any) -> Store:
