@@ -78,7 +78,10 @@ class Unicode(BaseModel):
             if where is not None:
                 at = f" at {where}" if where else ""
                 raise ValueError(f"not Unicode text: a lone surrogate{at}")
-        if field is not None and (types := _json_types(field)) and not _is_a(value, types):
+        strict = cls.model_config.get("strict", False)  # a JSON body's (not a query's)
+        if field is not None and strict and (types := _json_types(field)) and not _is_a(
+            value, types
+        ):
             # One error naming the field: pydantic's would be one per member of the union,
             # each named "field.member" ("content.str", "content.list[...]").
             raise ValueError("must be " + " or ".join(_JSON_NAMES[t] for t in types))
