@@ -47,6 +47,7 @@ class PostgresServer:
     root: Path  # the temporary directory: data/, the socket, the log
     port: int
     as_user: str | None  # run its commands as this user (root cannot)
+    fsync: bool = False  # tests need no durability against power loss; benchmarks do
 
     @property
     def data(self) -> Path:
@@ -67,7 +68,8 @@ class PostgresServer:
             raise RuntimeError(f"{' '.join(args)} failed: {out.stderr}{out.stdout}\n{log}")
 
     def start(self) -> None:
-        opts = (f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off "
+        opts = (f"-h 127.0.0.1 -p {self.port} -k {self.root} "
+                f"-c fsync={'on' if self.fsync else 'off'} "
                 "-c max_connections=200 -c shared_buffers=32MB")
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-o", opts,
                   "-w", "-t", "60", "start")

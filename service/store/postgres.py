@@ -353,13 +353,17 @@ class PostgresStore:
         single = len(batch) == 1
         try:
             with pool.connection(timeout=self._acquire_timeout) as conn:
-                conn.execute("BEGIN")
+                # Savepoint commands go with the next one, in one round trip each (a query
+                # without parameters may hold several statements): a write costs one round trip
+                # more than its own statements, not two.
+                conn.execute("BEGIN" if single else "BEGIN; SAVEPOINT w")
                 try:
-                    for it in batch:
+                    for n, it in enumerate(batch):
                         if single:
                             it.result = it.fn(conn)
                             continue
-                        conn.execute("SAVEPOINT w")
+                        if n:
+                            conn.execute("RELEASE SAVEPOINT w; SAVEPOINT w")
                         try:
                             it.result = it.fn(conn)
                         except Exception as exc:
@@ -367,7 +371,6 @@ class PostgresStore:
                                 raise  # the connection is gone: so is the whole batch
                             conn.execute("ROLLBACK TO SAVEPOINT w")
                             it.error = self._error(exc, "store write failed")
-                        conn.execute("RELEASE SAVEPOINT w")
                     if self._before_commit is not None:
                         self._before_commit()
                     conn.execute("COMMIT")
@@ -856,10 +859,13 @@ def _conninfo(url: str) -> dict[str, Any]:
 
 
 def _insert_messages(c: Conn, msgs: Sequence[Message]) -> None:
+    rows = [(m.id, m.conversation_id, m.role, m.content, m.status.value, m.run_id, None,
+             m.created_at, m.updated_at) for m in msgs]
+    if len(rows) == 1:
+        c.execute(_MSG_INSERT, rows[0])  # one round trip; executemany enters pipeline mode
+        return
     with c.cursor() as cur:
-        cur.executemany(_MSG_INSERT, [
-            (m.id, m.conversation_id, m.role, m.content, m.status.value, m.run_id, None,
-             m.created_at, m.updated_at) for m in msgs])
+        cur.executemany(_MSG_INSERT, rows)
 
 
 class _PendingWrite:
