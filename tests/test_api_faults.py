@@ -113,15 +113,15 @@ async def test_health_checks_report_a_stopped_run_supervisor(
     import trio
     import trio.testing
 
-    from service.runs import RunSupervisor
+    from service.runs import upkeep
 
     broken = trio.Event()
 
-    async def crashing_loop(self: RunSupervisor) -> None:
+    async def crashing_loop(*args: object) -> None:
         await broken.wait()
         raise RuntimeError("a bug in the supervisor")
 
-    monkeypatch.setattr(RunSupervisor, "_cancel_requests_loop", crashing_loop)
+    monkeypatch.setattr(upkeep, "cancel_requests_loop", crashing_loop)
     async with running_server(settings) as srv, srv.client() as client:
         assert (await client.get("/healthz")).status_code == 200
         broken.set()
