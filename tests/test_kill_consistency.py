@@ -37,13 +37,15 @@ KILL_AFTER_ENDS = 20
 ROUNDS = int(os.environ.get("KILL_ROUNDS", "2"))
 
 
-async def start_service(db: Path, sim_url: str, cwd: Path) -> tuple[trio.Process, str]:
-    """The service in a process of its own; its log goes to a file (a pipe nobody reads
-    would fill and stall it)."""
+async def start_service(db: Path | str, sim_url: str, cwd: Path, *, name: str | None = None,
+                        env_extra: dict[str, str] | None = None) -> tuple[trio.Process, str]:
+    """The service in a process of its own (``db``: a SQLite path or a PostgreSQL URL); its
+    log goes to a file (a pipe nobody reads would fill and stall it)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SERVICE_")}
     env.update({"SERVICE_DB": str(db), "SERVICE_BACKEND": "llamacpp",
-                "SERVICE_LLAMACPP_URL": sim_url})
-    log = cwd / f"{db.stem}-{trio.current_time():.0f}.log"
+                "SERVICE_LLAMACPP_URL": sim_url, **(env_extra or {})})
+    stem = name or (db.stem if isinstance(db, Path) else "service")
+    log = cwd / f"{stem}-{trio.current_time():.0f}.log"
     out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
         proc = await trio.lowlevel.open_process(

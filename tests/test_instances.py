@@ -1,0 +1,184 @@
+"""Several real service processes sharing one PostgreSQL database (issue 14): any instance
+serves any run: a re-join on another instance, a cancel sent to another instance, an owner
+killed with SIGKILL, the database restarted mid-stream."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from service.sim import Reply, Simulator, open_simulator
+
+from .pg import PostgresServer, pg_url, postgres  # noqa: F401 (fixtures)
+from .test_api_streaming import parse_sse
+from .test_kill_consistency import start_service
+
+GUARD = 60
+
+
+@asynccontextmanager
+async def instance(url: str, sim_url: str, cwd: Path, name: str
+                   ) -> AsyncIterator[tuple[trio.Process, httpx.AsyncClient]]:
+    proc, base = await start_service(url, sim_url, cwd, name=name,
+                                     env_extra={"SERVICE_SHUTDOWN_DRAIN": "1"})
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=GUARD) as http:
+            yield proc, http
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        with trio.move_on_after(GUARD, shield=True):
+            await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+
+
+async def _start_stream(http: httpx.AsyncClient, into: list[dict[str, Any]],
+                        tokens: trio.Event) -> None:
+    """A native run streamed on ``http`` (on_disconnect: continue); frames into ``into``."""
+    conv = (await http.post("/api/conversations", json={})).json()["id"]
+    buf = ""
+    try:
+        async with http.stream("POST", f"/api/conversations/{conv}/messages",
+                               json={"content": "go", "stream": True,
+                                     "on_disconnect": "continue"}) as r:
+            async for chunk in r.aiter_text():
+                buf += chunk
+                if buf.count("event: token") >= 3:
+                    tokens.set()
+    except httpx.HTTPError:
+        pass  # its instance was killed
+    whole = buf[: buf.rfind("\n\n") + 2] if "\n\n" in buf else ""
+    into.extend(f for f in parse_sse(whole) if "id" in f)
+
+
+async def _pending_run(http: httpx.AsyncClient) -> str:
+    """The id of the run whose reply is still pending, as any instance lists it."""
+    for c in (await http.get("/api/conversations")).json()["data"]:
+        for m in (await http.get(f"/api/conversations/{c['id']}")).json()["messages"]:
+            if m["role"] == "assistant" and m["status"] == "pending":
+                return str(m["run_id"])
+    raise AssertionError("no pending run")
+
+
+def _ids(frames: list[dict[str, Any]]) -> list[int]:
+    return [int(f["id"]) for f in frames]
+
+
+@pytest.mark.slow
+async def test_a_run_on_one_instance_is_followed_and_cancelled_from_another(
+    tmp_path: Path, pg_url: str,  # noqa: F811 (fixture)
+) -> None:
+    sim = Simulator(("sim-model",), default=Reply(tokens=60, interval=0.05),
+                    strict_models=False)
+    async with (open_simulator(sim) as running,
+                instance(pg_url, running.url, tmp_path, "a") as (_, a),
+                instance(pg_url, running.url, tmp_path, "b") as (_, b)):
+        # Re-join on B a run A serves: the backlog from the store, then live, to its end.
+        on_a: list[dict[str, Any]] = []
+        tokens = trio.Event()
+        with trio.fail_after(GUARD):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_start_stream, a, on_a, tokens)
+                await tokens.wait()
+                convs = (await b.get("/api/conversations")).json()["data"]
+                conv = (await b.get(f"/api/conversations/{convs[0]['id']}")).json()
+                run_id = conv["messages"][-1]["run_id"]
+                r = await b.get(f"/api/runs/{run_id}/events")
+        on_b = [f for f in parse_sse(r.text) if "id" in f]
+        assert _ids(on_b) == list(range(1, len(on_b) + 1))  # no gap, no duplicate
+        assert on_b[-1]["event"] == "run.finished"
+        assert on_b[-1]["data"]["status"] == "succeeded"
+        assert [(f["id"], f["event"], f["data"]) for f in on_b] == [
+            (f["id"], f["event"], f["data"]) for f in on_a]
+
+        # Cancel on B a run A serves: it ends cancelled there, its upstream closed.
+        on_a2: list[dict[str, Any]] = []
+        tokens = trio.Event()
+        with trio.fail_after(GUARD):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_start_stream, a, on_a2, tokens)
+                await tokens.wait()
+                run_id = await _pending_run(b)
+                r = await b.post(f"/api/runs/{run_id}/cancel")
+                assert r.status_code == 202
+        assert on_a2[-1]["event"] == "run.finished"
+        assert on_a2[-1]["data"]["status"] == "cancelled"
+        assert (await b.get(f"/api/runs/{run_id}")).json()["status"] == "cancelled"
+        stream = running.streams[-1]
+        with trio.fail_after(GUARD):
+            await stream.closed.wait()
+        assert stream.client_gone
+
+
+@pytest.mark.slow
+async def test_a_killed_owners_run_is_closed_by_another_instance_with_all_it_showed(
+    tmp_path: Path, pg_url: str,  # noqa: F811 (fixture)
+) -> None:
+    sim = Simulator(("sim-model",), default=Reply(tokens=400, interval=0.05),
+                    strict_models=False)
+    async with (open_simulator(sim) as running,
+                instance(pg_url, running.url, tmp_path, "b") as (_, b)):
+        async with instance(pg_url, running.url, tmp_path, "a") as (proc_a, a):
+            on_a: list[dict[str, Any]] = []
+            tokens = trio.Event()
+            with trio.fail_after(GUARD):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_start_stream, a, on_a, tokens)
+                    await tokens.wait()
+                    await trio.sleep(0.3)
+                    proc_a.kill()
+        shown = "".join(f["data"]["text"] for f in on_a if f["event"] == "token")
+        assert shown
+        convs = (await b.get("/api/conversations")).json()["data"]
+        conv = (await b.get(f"/api/conversations/{convs[0]['id']}")).json()
+        run_id = conv["messages"][-1]["run_id"]
+        # A re-join on B gets the run's end: B closes it (its owner is gone).
+        with trio.fail_after(GUARD):
+            r = await b.get(f"/api/runs/{run_id}/events")
+        frames = [f for f in parse_sse(r.text) if "id" in f]
+        assert frames[-1]["event"] == "run.finished"
+        assert frames[-1]["data"]["status"] == "failed"
+        run = (await b.get(f"/api/runs/{run_id}")).json()
+        assert run["status"] == "failed"
+        conv = (await b.get(f"/api/conversations/{convs[0]['id']}")).json()
+        assert conv["messages"][-1]["content"].startswith(shown)  # every token shown is kept
+
+
+@pytest.mark.slow
+async def test_a_database_restart_mid_stream_loses_nothing(
+    tmp_path: Path, pg_url: str, postgres: PostgresServer,  # noqa: F811 (fixture)
+) -> None:
+    sim = Simulator(("sim-model",), default=Reply(tokens=80, interval=0.05),
+                    strict_models=False)
+    async with (open_simulator(sim) as running,
+                instance(pg_url, running.url, tmp_path, "a") as (_, a)):
+        frames: list[dict[str, Any]] = []
+        tokens = trio.Event()
+        with trio.fail_after(2 * GUARD):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_start_stream, a, frames, tokens)
+                await tokens.wait()
+                await trio.to_thread.run_sync(postgres.stop, "fast")
+                with trio.fail_after(GUARD):
+                    while (await a.get("/readyz")).status_code != 503:  # noqa: ASYNC110
+                        await trio.sleep(0.1)
+                await trio.to_thread.run_sync(postgres.start)
+                with trio.fail_after(GUARD):
+                    while (await a.get("/readyz")).status_code != 200:  # noqa: ASYNC110
+                        await trio.sleep(0.1)
+        assert _ids(frames) == list(range(1, len(frames) + 1))
+        assert frames[-1]["event"] == "run.finished"
+        assert frames[-1]["data"]["status"] == "succeeded"
+        run_id = frames[0]["data"]["run_id"]
+        r = await a.get(f"/api/runs/{run_id}/events")
+        stored = [f for f in parse_sse(r.text) if "id" in f]
+        assert [(f["id"], f["event"]) for f in stored] == [
+            (f["id"], f["event"]) for f in frames]
