@@ -47,6 +47,7 @@ from ..errors import NotFound, ServiceError, StoreError, StoreUnavailable
 from ..metrics import METRICS, Metrics
 from ..settings import _redact
 from ..text import clean_text
+from .group_commit import GroupCommit, PendingWrite
 from .ownership import alive, process_tag
 from .records import (
     BegunRun,
@@ -69,7 +70,6 @@ __all__ = ["PostgresStore", "describe_url"]
 T = TypeVar("T")
 Conn = psycopg.Connection[Any]
 
-_BATCH_WAIT = 60.0  # seconds a cancelled writer waits for the batch that took its write
 _MIGRATION_LOCK = 0x5E7F1CE  # pg_advisory_xact_lock key: one process migrates at a time
 
 _CONV_COLS = "id, title, system, model, agent, owner, created_at, updated_at"
@@ -184,12 +184,17 @@ class PostgresStore:
         self._limiter = trio.CapacityLimiter(pool_size)
         self._run_sync = partial(trio.to_thread.run_sync, limiter=self._limiter)
         self._pool: psycopg_pool.ConnectionPool[Conn] | None = None
-        self._write_lock = trio.Lock()
-        self._queue: list[_PendingWrite] = []
+        self._commits: GroupCommit[Conn] = GroupCommit(self._run_batch)
+        self._write_lock = self._commits.lock  # held by a batch in its thread, and by aclose
         self.process_id = process_tag(os.getpid())
         self.write_error: str | None = None
         # Test hook: called inside the writer thread, inside the transaction, before COMMIT.
         self._before_commit: Callable[[], None] | None = None
+
+    @property
+    def _queue(self) -> list[Any]:
+        """The writes waiting for the next batch (tests look at it)."""
+        return self._commits.queue
 
     def __repr__(self) -> str:
         state = "open" if self._pool is not None else "closed"
@@ -308,48 +313,22 @@ class PostgresStore:
         """Run ``fn`` in a transaction, grouped with the writes queued beside it (see the
         module docstring; the same queue and the same cancellation rules as SQLite's)."""
         start = time.perf_counter()
-        item = _PendingWrite(fn)
-        self._queue.append(item)
-        try:
-            async with self._write_lock:
-                if not item.taken:
-                    batch, self._queue = self._queue, []
-                    for it in batch:
-                        it.taken = True
-                    try:
-                        pool = self._pool
-                        if pool is None:
-                            for it in batch:
-                                it.error = StoreError("store is closed")
-                        else:
-                            # Shielded: once taken, a batch runs (its thread could not be
-                            # cancelled anyway; statement_timeout bounds it).
-                            with trio.CancelScope(shield=True):
-                                await self._run_sync(self._transaction, pool, batch)
-                    finally:
-                        for it in batch:
-                            it.done.set()
-        except trio.Cancelled:  # noqa: ASYNC103 (re-delivered by trio; see below)
-            if not item.taken:
-                self._queue.remove(item)  # never started: it will never land
-                raise
-            # Taken by another task's batch: wait for it (shielded, bounded) and answer; trio
-            # re-delivers the cancellation at the caller's next checkpoint.
-            with trio.move_on_after(_BATCH_WAIT, shield=True):
-                await item.done.wait()
-            if not item.done.is_set():
-                raise
-        except BaseException:
-            if not item.taken:
-                self._queue.remove(item)
-            raise
+        item = await self._commits.submit(fn)
         self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
         if item.error is not None:
             raise item.error
         return item.result  # type: ignore[no-any-return]
 
+    async def _run_batch(self, batch: list[PendingWrite[Conn]]) -> None:
+        pool = self._pool
+        if pool is None:
+            for it in batch:
+                it.error = StoreError("store is closed")
+        else:
+            await self._run_sync(self._transaction, pool, batch)  # statement_timeout bounds it
+
     def _transaction(self, pool: psycopg_pool.ConnectionPool[Conn],
-                     batch: list[_PendingWrite]) -> None:
+                     batch: list[PendingWrite[Conn]]) -> None:
         single = len(batch) == 1
         try:
             with pool.connection(timeout=self._acquire_timeout) as conn:
@@ -868,14 +847,3 @@ def _insert_messages(c: Conn, msgs: Sequence[Message]) -> None:
         cur.executemany(_MSG_INSERT, rows)
 
 
-class _PendingWrite:
-    """One queued write: its function, and its result or error once its batch has run."""
-
-    __slots__ = ("done", "error", "fn", "result", "taken")
-
-    def __init__(self, fn: Callable[[Conn], Any]) -> None:
-        self.fn = fn
-        self.taken = False
-        self.done = trio.Event()
-        self.result: Any = None
-        self.error: BaseException | None = None

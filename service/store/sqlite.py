@@ -36,6 +36,7 @@ import trio
 from ..errors import NotFound, StoreError, StoreUnavailable
 from ..metrics import METRICS, Metrics
 from ..text import clean_text
+from .group_commit import GroupCommit, PendingWrite
 from .ownership import alive as _alive
 from .ownership import process_tag
 from .records import (
@@ -58,7 +59,6 @@ __all__ = ["SQLiteStore", "open_sqlite_store"]
 
 T = TypeVar("T")
 
-_BATCH_WAIT = 60.0  # seconds a cancelled writer waits for the batch that took its write
 
 
 _CONV_COLS = "id, title, system, model, agent, owner, created_at, updated_at"
@@ -174,8 +174,8 @@ class SQLiteStore:
         self._synchronous = synchronous
         self._busy_timeout = busy_timeout
         self._metrics = metrics or METRICS
-        self._write_lock = trio.Lock()
-        self._queue: list[_PendingWrite] = []
+        self._commits: GroupCommit[sqlite3.Connection] = GroupCommit(self._run_batch)
+        self._write_lock = self._commits.lock  # held by a batch in its thread, and by aclose
         self._checkpoint_lock = trio.Lock()
         self._checkpointer: sqlite3.Connection | None = None
         self._read_lock = trio.Lock()
@@ -191,6 +191,11 @@ class SQLiteStore:
         # The volume filled up: until this time (monotonic) every write first folds the WAL
         # back into the database file and truncates it (see ``_transaction``).
         self._tight_until = 0.0
+
+    @property
+    def _queue(self) -> list[Any]:
+        """The writes waiting for the next batch (tests look at it)."""
+        return self._commits.queue
 
     def __repr__(self) -> str:
         state = "open" if self._writer is not None else "closed"
@@ -285,49 +290,23 @@ class SQLiteStore:
         order (``Supervisor._start_new`` relies on it).
         """
         start = time.perf_counter()
-        item = _PendingWrite(fn)
-        self._queue.append(item)
-        try:
-            async with self._write_lock:
-                if not item.taken:
-                    batch, self._queue = self._queue, []
-                    for it in batch:
-                        it.taken = True
-                    try:
-                        conn = self._writer
-                        if conn is None:
-                            for it in batch:
-                                it.error = StoreError("store is closed")
-                        else:
-                            # Shielded: once taken, a batch runs (its thread could not be
-                            # cancelled anyway; this closes the gap before the thread starts,
-                            # where a cancel would drop every write of the batch).
-                            with trio.CancelScope(shield=True):
-                                await self._run_sync(self._transaction, conn, batch)
-                    finally:
-                        for it in batch:
-                            it.done.set()
-        except trio.Cancelled:  # noqa: ASYNC103 (re-delivered by trio; see below)
-            if not item.taken:
-                self._queue.remove(item)  # never started: it will never land
-                raise
-            # Taken by another task's batch, which will commit it: wait for that (shielded,
-            # bounded) and answer, as a write in its own thread would. The cancellation is not
-            # lost: trio re-delivers it at the caller's next checkpoint.
-            with trio.move_on_after(_BATCH_WAIT, shield=True):
-                await item.done.wait()
-            if not item.done.is_set():
-                raise
-        except BaseException:
-            if not item.taken:
-                self._queue.remove(item)
-            raise
+        item = await self._commits.submit(fn)
         self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
         if item.error is not None:
             raise item.error
         return item.result  # type: ignore[no-any-return]
 
-    def _transaction(self, conn: sqlite3.Connection, batch: list[_PendingWrite]) -> None:
+    async def _run_batch(self, batch: list[PendingWrite[sqlite3.Connection]]) -> None:
+        conn = self._writer
+        if conn is None:
+            for it in batch:
+                it.error = StoreError("store is closed")
+        else:
+            await self._run_sync(self._transaction, conn, batch)
+
+    def _transaction(
+        self, conn: sqlite3.Connection, batch: list[PendingWrite[sqlite3.Connection]]
+    ) -> None:
         single = len(batch) == 1
         try:
             if time.monotonic() < self._tight_until:
@@ -982,19 +961,6 @@ class SQLiteStore:
             return [_call(r) for r in c.execute(sql, args).fetchall()]
 
         return await self._read("list_llm_calls", fn)
-
-
-class _PendingWrite:
-    """One queued write: its function, and its result or error once its batch has run."""
-
-    __slots__ = ("done", "error", "fn", "result", "taken")
-
-    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
-        self.fn = fn
-        self.taken = False
-        self.done = trio.Event()
-        self.result: Any = None
-        self.error: BaseException | None = None
 
 
 def _store_error(exc: BaseException, what: str = "store write failed") -> BaseException:
