@@ -16,9 +16,10 @@ from quart_schema import QuartSchema
 from quart_schema.openapi import OpenAPIProvider
 from quart_trio import QuartTrio
 from quart_trio.wrappers import TrioRequest
+from werkzeug.exceptions import UnsupportedMediaType
 
 from .api import backends as backends_api
-from .api import conversations, openai, ops, runs, ws
+from .api import conversations, openai, ops, runs, tokens, ws
 from .api.errors import install_error_handlers, json_error
 from .api.owned import CancelOwnedRuns
 from .api.state import Services
@@ -28,7 +29,9 @@ from .keepalive import KeepAliveFix
 from .lifespan import _start_services, _stop_services
 from .logs import REQUEST_ID, get_logger
 from .metrics import METRICS, Metrics
+from .origins import OriginPolicy
 from .settings import Settings, load_settings
+from .tokens import TokenSigner
 
 __all__ = ["create_app"]
 
@@ -66,6 +69,7 @@ _ERROR_SCHEMA = {"type": "object", "required": ["error"],
 _SSE = {"text/event-stream": {"schema": {"type": "string"}}}
 # What a body's endpoint answers before the handler runs (API.md's error statuses).
 _BODY_ERRORS = {"400": "malformed JSON, or not a JSON object", "413": "body too large",
+                "415": "a body not sent as Content-Type: application/json",
                 "422": "invalid fields (naming the field)"}
 
 
@@ -120,7 +124,10 @@ def _truthful(spec: dict[str, Any], *, keys: bool) -> None:
 log = get_logger("service.app")
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-_OPEN_ROUTES = frozenset({"/healthz", "/readyz"})
+# Open with keys set: the probes, and the API's description (it holds no data).
+_OPEN_ROUTES = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs"})
+# Where a browser's token (?access_token=, service/tokens.py) stands in for a key.
+_EVENTS_RE = re.compile(r"/api/runs/[^/]+/events")
 
 
 def _owner_of(key: str) -> str:
@@ -129,11 +136,16 @@ def _owner_of(key: str) -> str:
 
 
 class _JSONRequest(TrioRequest):
-    """Bodies are JSON whatever the Content-Type says (as with OpenAI's and Ollama's APIs)."""
+    """Bodies are JSON, and must say so: any other Content-Type, or none, is 415. A page on
+    another origin can send a "simple" POST (text/plain, a form, or a Blob with no type)
+    without a CORS preflight; JSON it cannot send that way."""
 
     async def get_json(  # type: ignore[override]
         self, force: bool = True, silent: bool = False, cache: bool = True
     ) -> Any:
+        if not self.is_json:  # application/json or application/*+json, any charset
+            raise UnsupportedMediaType(
+                "the body must be JSON, sent with Content-Type: application/json")
         try:
             return await super().get_json(force=force, silent=silent, cache=cache)
         # A 400, not a 500: "[[[[..." nested deeper than the parser goes, or a body that is
@@ -185,7 +197,10 @@ def create_app(
     app.register_blueprint(openai.blueprint)
     app.register_blueprint(ws.blueprint)
     app.register_blueprint(backends_api.blueprint)
+    app.register_blueprint(tokens.blueprint)
     keys = tuple(k.encode() for k in settings.api_keys)
+    origins = OriginPolicy(settings.cors_origins)
+    signer = svc.extras["tokens"] = TokenSigner(keys)
 
     @app.before_serving
     async def _startup() -> None:
@@ -195,13 +210,26 @@ def create_app(
     async def _shutdown() -> None:
         await _stop_services(svc)
 
-    def _authorize(path: str, headers: Any) -> Response | None:
+    def _authorize(req: Any, *, token_route: bool) -> Response | None:
+        headers = req.headers
         rid = headers.get("X-Request-ID", "")
         if not _REQUEST_ID_RE.match(rid):
             rid = f"req_{time.monotonic_ns():x}"
         REQUEST_ID.set(rid)
         g.request_id = rid
         g.started = time.perf_counter()
+        origin = headers.get("Origin")
+        if origin is not None:
+            # Before the key: another origin is refused whether or not it holds one.
+            if not origins.allows(origin, scheme=req.scheme, host=req.host):
+                return json_error(403, "forbidden", "this origin may not call the service "
+                                  "(SERVICE_CORS_ORIGINS lists the allowed ones)")
+            g.origin = origin
+            if req.method == "OPTIONS" and "Access-Control-Request-Method" in headers:
+                # A preflight carries no key; what it asks about is checked when it comes.
+                resp = Response("", status=204)
+                resp.headers.update(origins.preflight_headers(origin))
+                return resp
         if keys:
             auth = headers.get("Authorization", "")
             given = auth[7:].strip().encode() if auth[:7].lower() == "bearer " else b""
@@ -211,23 +239,28 @@ def create_app(
                 if hmac.compare_digest(given, key):
                     match = key
             g.authenticated = match is not None
-            if path in _OPEN_ROUTES:
+            if req.path in _OPEN_ROUTES:
                 return None  # open, but shows its details only to a key (ops.py)
+            if match is None and token_route and (token := req.args.get("access_token")):
+                match = signer.verify(token, time.time())
             if match is None:
                 resp = json_error(401, "unauthorized", "missing or wrong API key")
                 resp.headers["WWW-Authenticate"] = "Bearer"
                 return resp
             g.owner = _owner_of(match.decode())
+            g.api_key = match
         return None
 
     @app.before_request
     async def _begin() -> Response | None:
-        return _authorize(request.path, request.headers)
+        events = request.method in ("GET", "HEAD") and _EVENTS_RE.fullmatch(request.path)
+        return _authorize(request, token_route=bool(events))
 
     @app.before_websocket
     async def _begin_ws() -> Response | None:
-        # A refused handshake gets the same 401 JSON (hypercorn sends it as an HTTP response).
-        return _authorize(websocket.path, websocket.headers)
+        # A refused handshake gets the same 401/403 JSON (hypercorn sends it as an HTTP
+        # response).
+        return _authorize(websocket, token_route=websocket.path == "/api/ws")
 
     @app.after_request
     async def _end(response: Response) -> Response:
@@ -237,6 +270,12 @@ def create_app(
         rid = getattr(g, "request_id", None)
         if rid:
             response.headers["X-Request-ID"] = rid
+        # Every answer depends on the Origin (refused, or with CORS headers): caches must know.
+        response.vary.add("Origin")
+        if (origin := g.get("origin")) is not None:
+            response.headers.update(origins.cors_headers(origin))
+        if response.status_code in (204, 304):
+            response.headers.pop("Content-Type", None)  # no body, no type (not text/html)
         rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
         # Only known methods as label values: any other token a client sends would add a
         # series for good (the request line is not authenticated).

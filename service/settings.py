@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     llamacpp_url: str = "http://127.0.0.1:8080"
     default_model: str | None = None
     api_keys: Annotated[tuple[str, ...], NoDecode] = ()
+    # Browser origins allowed besides the service's own (CORS); any other Origin gets 403.
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
     run_timeout: float = Field(300.0, gt=0)
     llm_idle_timeout: float = Field(60.0, gt=0)
     tool_timeout: float = Field(30.0, gt=0)
@@ -103,7 +105,7 @@ class Settings(BaseSettings):
         trimmed = value.rstrip("/")
         return trimmed[:-3] if trimmed.endswith("/v1") else value
 
-    @field_validator("api_keys", "tools", mode="before")
+    @field_validator("api_keys", "tools", "cors_origins", mode="before")
     @classmethod
     def _keys(cls, value: object) -> object:
         if isinstance(value, str):
@@ -124,6 +126,17 @@ class Settings(BaseSettings):
             if not (key.isascii() and key.isprintable()):
                 raise ValueError("a key must be printable ASCII")
         return keys
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, origins: tuple[str, ...]) -> tuple[str, ...]:
+        from .origins import normal_origin
+
+        for origin in origins:
+            # A typo ("localhost:3000", a trailing path) would silently allow nothing.
+            if normal_origin(origin) is None:
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port])")
+        return origins
 
     @field_validator("db_synchronous")
     @classmethod

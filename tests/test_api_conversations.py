@@ -65,9 +65,14 @@ async def test_list_is_newest_first_with_cursor_pages(server: RunningServer) -> 
         assert pages == 3
 
 
-async def test_json_content_type_is_not_required(server: RunningServer) -> None:
+async def test_json_content_type_is_required(server: RunningServer) -> None:
+    # Issue 15: a page's no-cors POST (text/plain) created conversations; tests/test_browsers.py
+    # covers every type a browser can send without a preflight.
     async with server.client() as client:
         r = await client.post("/api/conversations", content=b'{"title": "x"}')
+        assert r.status_code == 415
+        r = await client.post("/api/conversations", content=b'{"title": "x"}',
+                              headers={"Content-Type": "application/json"})
         assert r.status_code == 201
 
 
@@ -154,7 +159,8 @@ async def test_body_over_limit_is_413_and_nothing_lost(settings: Settings) -> No
                 yield b"y" * 1000
             yield b'"}'
 
-        r = await client.post("/api/conversations", content=chunks())
+        r = await client.post("/api/conversations", content=chunks(),
+                              headers={"Content-Type": "application/json"})
         assert r.status_code == 413
         r = await client.get("/api/conversations")
         assert [c["id"] for c in r.json()["data"]] == [kept]

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 async def test_invalid_utf8_body_is_400_not_500(settings: Settings) -> None:
     async with running_server(settings) as srv, srv.client() as c:
-        r = await c.post("/api/conversations", content=b'{"title": "\xff"}')
+        r = await c.post("/api/conversations", content=b'{"title": "\xff"}',
+                         headers={"Content-Type": "application/json"})
         assert r.status_code == 400, r.text  # was a 500 (UnicodeDecodeError)
         assert r.json()["error"]["type"] == "malformed_json"
 
@@ -26,7 +27,8 @@ async def test_invalid_utf8_body_is_400_not_500(settings: Settings) -> None:
 async def test_lone_surrogate_in_openai_messages_is_4xx_not_500(settings: Settings) -> None:
     async with running_server(settings) as srv, srv.client() as c:
         r = await c.post("/v1/chat/completions",
-                         content=b'{"messages": [{"role": "user", "content": "\\ud800"}]}')
+                         content=b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+                         headers={"Content-Type": "application/json"})
         assert r.status_code == 422, r.text  # was a 500 (UnicodeEncodeError in the store)
         r = await c.get("/api/conversations")
         assert r.json()["data"] == []

@@ -364,7 +364,8 @@ async def test_v1_bad_requests(server: RunningServer) -> None:
         r = await client.post("/v1/chat/completions",
                               json={"messages": [{"role": "wizard", "content": "x"}]})
         assert r.status_code == 422
-        r = await client.post("/v1/chat/completions", content=b"{")
+        r = await client.post("/v1/chat/completions", content=b"{",
+                              headers={"Content-Type": "application/json"})
         assert r.status_code == 400
 
 

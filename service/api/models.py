@@ -139,8 +139,9 @@ class _Strict(JsonRequest):
 
 
 class _Query(Unicode):
-    # Query values are strings (?limit=5): converted, not strict. Unknown ones are refused.
-    model_config = ConfigDict(extra="forbid")
+    # Query values are strings (?limit=5): converted, not strict. Unknown ones are ignored, as
+    # a browser's (an EventSource cache-buster ?_=123, ?access_token=) must be.
+    model_config = ConfigDict(extra="ignore")
 
 
 class CreateConversation(_Strict):

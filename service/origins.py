@@ -1,0 +1,78 @@
+"""Which browser origins may call the service, and the CORS headers they get (pure logic).
+
+A browser attaches ``Origin`` to every cross-origin request, to every POST, and to every
+WebSocket handshake; curl and the SDKs send none. A request whose ``Origin`` is neither the
+service's own (the scheme, host and port the request was sent to) nor listed in
+``SERVICE_CORS_ORIGINS`` is refused (403) before anything else runs: a page on another origin
+cannot drive the service, even with no keys set, not even by a ``no-cors`` POST or a WebSocket
+(which CORS does not cover). Listed origins get the CORS headers on every response, streams
+included, and their preflights are answered without a key (a browser sends none with them).
+
+Origins are compared in one normal form, ``scheme://host:port`` with the default port spelled
+out, so ``http://localhost`` and ``http://LOCALHOST:80`` are the same origin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+__all__ = ["OriginPolicy", "normal_origin"]
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+# What a page may send and read beyond the CORS-safelisted headers.
+_ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
+_ALLOW_HEADERS = "Authorization, Content-Type, Last-Event-ID, X-Request-ID"
+_EXPOSE_HEADERS = "X-Request-ID, Retry-After, WWW-Authenticate"
+_PREFLIGHT_MAX_AGE = "600"
+
+
+def normal_origin(origin: str) -> str | None:
+    """``scheme://host:port`` of an http(s) origin, or None if ``origin`` is not one (``null``,
+    a path, credentials, another scheme)."""
+    parts = urlsplit(origin.strip())
+    scheme = parts.scheme.lower()
+    if (scheme not in _DEFAULT_PORTS or not parts.hostname or parts.username is not None
+            or parts.path not in ("", "/") or parts.query or parts.fragment):
+        return None
+    try:
+        port = parts.port or _DEFAULT_PORTS[scheme]
+    except ValueError:
+        return None
+    host = parts.hostname
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+class OriginPolicy:
+    """The service's own origin (per request) and the listed ones are allowed."""
+
+    def __init__(self, listed: Iterable[str]) -> None:
+        self.listed = frozenset(o for o in map(normal_origin, listed) if o is not None)
+
+    def __repr__(self) -> str:
+        return f"<OriginPolicy listed={sorted(self.listed)}>"
+
+    def own(self, scheme: str, host: str) -> str | None:
+        """The origin a request was sent to: its scheme (ws/wss counted as http/https) and its
+        Host header."""
+        web = "https" if scheme in ("https", "wss") else "http"
+        return normal_origin(f"{web}://{host}") if host else None
+
+    def allows(self, origin: str, *, scheme: str, host: str) -> bool:
+        normal = normal_origin(origin)
+        return normal is not None and (normal in self.listed
+                                       or normal == self.own(scheme, host))
+
+    def cors_headers(self, origin: str) -> dict[str, str]:
+        """The headers a listed origin gets on every response (none for the others: the
+        service's own origin needs none)."""
+        if normal_origin(origin) not in self.listed:
+            return {}
+        return {"Access-Control-Allow-Origin": origin,
+                "Access-Control-Expose-Headers": _EXPOSE_HEADERS}
+
+    def preflight_headers(self, origin: str) -> dict[str, str]:
+        return {**self.cors_headers(origin),
+                "Access-Control-Allow-Methods": _ALLOW_METHODS,
+                "Access-Control-Allow-Headers": _ALLOW_HEADERS,
+                "Access-Control-Max-Age": _PREFLIGHT_MAX_AGE}
