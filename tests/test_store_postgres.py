@@ -24,7 +24,9 @@ from service.store.postgres import PostgresStore, describe_url
 from service.store.schema import PG_SCHEMA_VERSION
 
 from .conftest import running_server
+from .fakes import Reply, ScriptedBackend
 from .pg import PASSWORD, PASSWORD_USER, PostgresServer
+from .test_api_streaming import parse_sse
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -198,3 +200,54 @@ def test_an_unreachable_database_stops_the_start_with_one_line(tmp_path: Path) -
     assert line.startswith("service: SERVICE_DB: "), line
     assert f"postgresql://svc@127.0.0.1:{port}/svc" in line
     assert "Running on" not in out.stderr
+
+
+async def test_a_database_restart_mid_stream_loses_nothing(
+    postgres: PostgresServer, pg_url: str
+) -> None:
+    # The database goes away while a run streams: its event batches are held and written
+    # again, /readyz says the store is down, then up; the client gets every token once, in
+    # order, and the end; the store has the whole reply.
+    words = 60
+    backend = ScriptedBackend([Reply("tick " * words, gap=0.05)])
+    async with running_server(load_settings(db=pg_url), backend) as srv, srv.client() as c:
+        conv = (await c.post("/api/conversations", json={})).json()
+        seen: list[str] = []
+        restarted, flowing = trio.Event(), trio.Event()
+        ready_while_down: list[int] = []
+
+        async def restart_once_tokens_flow() -> None:
+            await flowing.wait()
+            await trio.to_thread.run_sync(postgres.stop, "fast")
+            try:
+                ready_while_down.append((await c.get("/readyz")).status_code)
+            finally:
+                with trio.move_on_after(60, shield=True):  # the server must come back
+                    await trio.to_thread.run_sync(postgres.start)
+            restarted.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(restart_once_tokens_flow)
+            body = ""
+            async with c.stream("POST", f"/api/conversations/{conv['id']}/messages",
+                                json={"content": "go", "stream": True}) as r:
+                assert r.status_code == 200
+                async for chunk in r.aiter_text():
+                    body += chunk
+                    seen[:] = [f["data"]["text"] for f in parse_sse(body)
+                               if f.get("event") == "token"]
+                    if len(seen) >= 5:
+                        flowing.set()
+        assert restarted.is_set()
+        assert ready_while_down == [503]
+        frames = parse_sse(body)
+        assert [int(f["id"]) for f in frames] == list(range(1, len(frames) + 1))
+        assert "".join(seen) == "tick " * words
+        assert frames[-1]["event"] == "run.finished"
+        assert frames[-1]["data"]["status"] == "succeeded"
+        with trio.fail_after(30):
+            while (await c.get("/readyz")).status_code != 200:  # noqa: ASYNC110 (HTTP polling)
+                await trio.sleep(0.1)
+        got = (await c.get(f"/api/conversations/{conv['id']}")).json()
+        assert got["messages"][-1]["content"] == "tick " * words
+        assert got["messages"][-1]["status"] == "complete"
