@@ -21,6 +21,7 @@ from .backends import build_backend, client_from_settings
 from .errors import BackendUnavailable, StoreError
 from .logs import get_logger
 from .runs import RunSupervisor
+from .runs.committer import FINAL_WRITE_BUDGET
 from .settings import BackendKind, embedded_alias
 from .store import describe_store, make_store
 from .tools import BUILTIN_TOOLS, ToolRegistry, load_tool_modules
@@ -129,7 +130,10 @@ async def begin_shutdown(svc: Services) -> None:
     if supervisor is not None and not svc.extras.get("drained"):
         svc.extras["drained"] = True
         log.info("draining runs", extra={"in_flight": supervisor.in_flight})
-        with trio.move_on_after(svc.settings.shutdown_drain + _CLOSE_BUDGET, shield=True):
+        # The grace, then the runs' final writes and one more try at what the store refused
+        # (each up to FINAL_WRITE_BUDGET, only that long while the store refuses writes).
+        budget = svc.settings.shutdown_drain + 3 * FINAL_WRITE_BUDGET + _CLOSE_BUDGET
+        with trio.move_on_after(budget, shield=True):
             await supervisor.drain(svc.settings.shutdown_drain)
 
 

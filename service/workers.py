@@ -73,17 +73,22 @@ class _Pool:
             began = trio.current_time()
             proc, up = await self._start(slot)
             if first:
-                first = False
                 task_status.started()
-            if not up:  # it never listened: the start failed, stop everything
-                self.failed = True
-                self.stop()
+                if not up and not self.stopping:
+                    # The first start failed (a setting, the store): the service cannot
+                    # start; stop everything. A replacement that fails is tried again below.
+                    self.failed = True
+                    self.stop()
+            elif self.stopping and proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)  # started as the stop came: stop it too
+            first = False
             await trio.lowlevel.wait_readable(proc.sentinel)
             proc.join()
             code = proc.exitcode if proc.exitcode is not None else 1
             _mark_dead(proc.pid)
-            if self.stopping or not up:
-                self.exit_codes.append(code)
+            if self.stopping:
+                # A worker stopped before it could listen was stopped, not failed.
+                self.exit_codes.append(code if up else 0)
                 return
             log.error("worker %d (pid %s) died (exit %s); starting another", slot, proc.pid,
                       code)
@@ -93,6 +98,9 @@ class _Pool:
                 pause = min(2 * pause, _RESTART_MAX)
             else:
                 pause = _RESTART_FIRST
+            if self.stopping:  # the stop came during the pause: start nothing more
+                self.exit_codes.append(0)
+                return
 
     async def _start(self, slot: int) -> tuple[BaseProcess, bool]:
         recv, send = self.ctx.Pipe(duplex=False)

@@ -7,6 +7,7 @@ import re
 import signal
 import sqlite3
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -154,3 +155,32 @@ async def test_a_worker_that_cannot_start_stops_the_start(tmp_path: Path) -> Non
     assert done.returncode == 1
     assert "SERVICE_TOOLS" in done.stderr.decode()
     assert "Traceback" not in done.stderr.decode()
+
+
+@pytest.mark.slow
+async def test_sigterm_during_a_restart_pause_stops_promptly_and_exits_0(tmp_path: Path) -> None:
+    # Found by a review: after a worker that died soon after its start, the slot slept, then
+    # started another without looking whether the pool was stopping: a SIGTERM during that
+    # pause left a fresh worker nobody stopped (the parent waited 60 s, killed it, exit 1).
+    sim = Simulator(("sim-model",), default=Reply(tokens=5), strict_models=False)
+    async with open_simulator(sim) as running:
+        proc, _, log = await _start(tmp_path, running.url, 2)
+        victim = min(_children(proc.pid))
+        os.kill(victim, signal.SIGKILL)  # dies within _RESTART_SOON of its start
+        with trio.fail_after(10):
+            while "died (exit -9)" not in await trio.Path(log).read_text():  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)  # inside the 0.5 s restart pause
+        began = time.monotonic()
+        with trio.move_on_after(90, shield=True):
+            await proc.wait()
+        took = time.monotonic() - began
+        if proc.returncode is None:
+            proc.kill()
+        text = await trio.Path(log).read_text()
+        leftover = _children(proc.pid)
+        for pid in leftover:
+            os.kill(pid, signal.SIGKILL)
+        assert not leftover
+        assert took < 30, f"parent took {took:.1f}s to stop\n{text[-2000:]}"
+        assert proc.returncode == 0, text[-2000:]

@@ -103,12 +103,14 @@ def run_error(handle: RunHandle, **extra: object) -> Response:
 
 
 def run_out(run: RunRecord | None, live: RunHandle | None = None) -> RunOut:
+    """A run as the store has it; a live run's status and usage so far from its handle. Its
+    error only once its end is stored (until then the store has none)."""
     if live is not None:
         return RunOut(
             id=live.id, conversation_id=live.conversation_id, agent=live.agent, model=live.model,
             status=live.status.value, created_at=iso(live.created_at),
             started_at=iso(live.started_at), finished_at=iso(live.finished_at),
-            error=live.error, usage=live.usage,
+            error=live.error if live.done else None, usage=live.usage,
         )
     assert run is not None
     return RunOut(

@@ -194,23 +194,35 @@ class EventCommitter:
         write is tried again while the store refuses it, for ``FINAL_WRITE_BUDGET`` seconds;
         after that it is kept for ``retry_final_writes`` and the run's subscribers are told
         ``store_unavailable`` rather than an end the store does not have."""
-        with trio.move_on_after(FINAL_WRITE_BUDGET, shield=True):
-            if await self._store_final(handle, final):
-                handle.stored_as(final.status)
-                handle.publish(list(final.events))
-                # A batch with earlier events of the run, refused and held, is written
-                # again by the commit loop: the end is published after it.
-                await handle.wait_published()
+        with trio.CancelScope(shield=True):
+            async with trio.open_nursery() as nursery:
+                # A write the store has taken cannot be interrupted (its thread runs on, and
+                # a lock or a stalled volume may hold it long): the run's subscribers are told
+                # at the budget all the same; if the write lands later, a re-join gets the end.
+                nursery.start_soon(self._tell_if_late, handle)
+                with trio.move_on_after(FINAL_WRITE_BUDGET):
+                    if await self._store_final(handle, final):
+                        handle.stored_as(final.status)
+                        handle.publish(list(final.events))
+                        # A batch with earlier events of the run, refused and held, is
+                        # written again by the commit loop: the end is published after it.
+                        await handle.wait_published()
+                nursery.cancel_scope.cancel()
         if not handle.final_stored:
             self._final_retries.append((handle, final))
             if len(self._final_retries) > _UNSTORED_ENDS_MAX:
                 lost, _ = self._final_retries.pop(0)
                 log.error("giving up storing the final state of run %s", lost.id)
             self._keep_ended(handle)
-            handle.give_up_end(StoreUnavailable(
-                "the run has ended but the store cannot take its result yet; re-join it later"))
+            handle.give_up_end(_unstored_end())
         elif not handle.published_final:
             self._keep_ended(handle)  # its earlier events are still to be published
+
+    @staticmethod
+    async def _tell_if_late(handle: RunHandle) -> None:
+        await trio.sleep(FINAL_WRITE_BUDGET)
+        if not handle.final_stored:
+            handle.give_up_end(_unstored_end())
 
     async def _store_final(self, handle: RunHandle, final: FinalState) -> bool:
         """Write a final state, again while the store refuses it (the caller bounds it)."""
@@ -235,10 +247,13 @@ class EventCommitter:
             pause = min(2 * pause, _RETRY_MAX)
 
     def _keep_ended(self, handle: RunHandle) -> None:
-        """Keep serving a run whose end is not all stored (bounded: the oldest are let go)."""
+        """Keep serving a run whose end is not all stored or published (bounded: the oldest
+        are let go, their subscribers told ``store_unavailable``: nothing would end them)."""
         self._ended[handle.id] = handle
         while len(self._ended) > _UNSTORED_ENDS_MAX:
-            del self._ended[next(iter(self._ended))]
+            oldest = self._ended.pop(next(iter(self._ended)))
+            if not oldest.published_final:
+                oldest.give_up_end(_unstored_end())
 
     async def retry_final_writes(self) -> None:
         """Store the final states the store did not take within their budget; publish each
@@ -277,6 +292,11 @@ class EventCommitter:
                     break
                 await trio.sleep(pause)
                 pause = min(2 * pause, _RETRY_MAX)
+
+
+def _unstored_end() -> StoreUnavailable:
+    return StoreUnavailable(
+        "the run has ended but the store cannot take its result yet; re-join it later")
 
 
 def record(e: RunEvent) -> RunEventRecord:

@@ -1,0 +1,154 @@
+"""The committer under store faults, found by a review (each failed before its fix)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from service.errors import BackendUnavailable, StoreUnavailable
+from service.runs import RunSpec
+from service.runs import committer as committer_mod
+
+from .fakes import Reply, ScriptedBackend, supervisor_env
+
+
+async def test_a_final_write_stuck_in_the_stores_thread_still_tells_subscribers_at_the_budget(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # committer.finish: `with trio.move_on_after(FINAL_WRITE_BUDGET, shield=True)` around
+    # _store_final's `move_on_after(WRITE_BUDGET)`. Once the store has *taken* the write, its
+    # `_write` runs the transaction under its own `CancelScope(shield=True)`: neither bound can
+    # interrupt it. A transaction that takes 40 s (busy_timeout 10 s on BEGIN IMMEDIATE + 10 s
+    # on the TRUNCATE checkpoint, twice; a stalled volume: unbounded) keeps the run's end,
+    # its subscribers and `handle.finished` waiting far past the 15 s the README promises.
+    async with supervisor_env(tmp_path, ScriptedBackend([Reply("all of it")])) as env:
+        real_finish = env.store.finish_run
+        real_run_sync = env.store._run_sync
+        stall = {"on": False}
+
+        async def finish_run(*a, **k):  # type: ignore[no-untyped-def]
+            stall["on"] = True
+            return await real_finish(*a, **k)
+
+        async def run_sync(fn, *args):  # type: ignore[no-untyped-def]
+            if stall["on"]:
+                stall["on"] = False
+                await trio.sleep(40)  # the writer thread is stuck this long
+            return await real_run_sync(fn, *args)
+
+        env.store.finish_run = finish_run  # type: ignore[method-assign]
+        env.store._run_sync = run_sync  # type: ignore[method-assign]
+        conv = await env.conversation()
+        handle = await env.supervisor.start(RunSpec(conv, "x"))
+        t0 = trio.current_time()
+        told = None
+        with trio.move_on_after(committer_mod.FINAL_WRITE_BUDGET + 3):
+            try:
+                async for _ in handle.subscribe():
+                    pass
+                told = "end"
+            except StoreUnavailable:
+                told = "store_unavailable"
+        took = trio.current_time() - t0
+        assert told is not None, (
+            f"after {took:.0f}s the subscriber has neither an end nor store_unavailable; "
+            f"finished={handle.finished.is_set()}")
+
+
+async def test_get_run_on_an_unstored_end_shows_no_error_the_store_does_not_have(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # supervisor._finish sets handle.error (and final_text) before the final write; api/runs.py
+    # run_out(live) shows live.error. While the final state is refused, GET /api/runs/{id} says
+    # status "running" with the run's error, which the store does not have (README: "GET
+    # /api/runs/{id} on a live run says what the store says").
+    from service.api.runs import run_out
+
+    err = BackendUnavailable("upstream died", backend="fake")
+    backend = ScriptedBackend([Reply("a b c d", fail_after=2, error=err)])
+    async with supervisor_env(tmp_path, backend) as env:
+        real = env.store.finish_run
+
+        async def refuse(*a, **k):  # type: ignore[no-untyped-def]
+            if trio.current_time() < 1000:
+                raise StoreUnavailable("store write failed: database or disk is full")
+            return await real(*a, **k)
+
+        env.store.finish_run = refuse  # type: ignore[method-assign]
+        conv = await env.conversation()
+        handle = await env.supervisor.start(RunSpec(conv, "x"))
+        await handle.finished.wait()
+        assert handle.end_error is not None
+        stored = await env.store.get_run(handle.id)
+        shown = run_out(stored, env.supervisor.get(handle.id))
+        assert (shown.status, shown.error) == (stored.status, stored.error), (
+            shown.status, shown.error, stored.status, stored.error)
+
+
+async def test_a_run_let_go_from_ended_tells_its_subscriber(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # committer._keep_ended drops the oldest handle past _UNSTORED_ENDS_MAX (1,000; 1 here)
+    # without telling its subscribers anything. A run whose final state is stored but whose
+    # earlier batch is still held (refused) is kept there only so that _flush can publish
+    # that batch later; once dropped, _flush finds no handle (`self._live(id) or
+    # self._ended.get(id)`), the batch is stored but never published, and the run's
+    # subscribers (end_error is None: its end is stored) wait forever.
+    monkeypatch.setattr(committer_mod, "_UNSTORED_ENDS_MAX", 1)
+
+    class Gate:
+        until = 40.0
+
+    backend = ScriptedBackend(lambda req: Reply("one two three", gap=0.0))
+    async with supervisor_env(tmp_path, backend) as env:
+        real_append = env.store.append_run_events
+
+        async def slow_refusing_append(events, *, retry=False):  # type: ignore[no-untyped-def]
+            # In flight 1 s, refused until `until`: the run's final write (which lands) is
+            # called while its tokens' batch is in flight.
+            await trio.sleep(1)
+            if trio.current_time() < Gate.until:
+                raise StoreUnavailable("store write failed: database or disk is full")
+            return await real_append(events, retry=retry)
+
+        env.store.append_run_events = slow_refusing_append  # type: ignore[method-assign]
+        conv, conv2 = await env.conversation(), await env.conversation()
+        # Both start at once: their tokens go in one batch, in flight while both end.
+        a = await env.supervisor.start(RunSpec(conv, "x"))
+        b = await env.supervisor.start(RunSpec(conv2, "y"))
+        seen: dict[str, list[str]] = {a.id: [], b.id: []}
+        told: dict[str, BaseException] = {}
+
+        async def follow(handle) -> None:  # type: ignore[no-untyped-def]
+            try:
+                async for e in handle.subscribe():
+                    seen[handle.id].append(e.type)
+            except StoreUnavailable as exc:
+                told[handle.id] = exc
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follow, a)
+            nursery.start_soon(follow, b)
+            await a.finished.wait()
+            await b.finished.wait()
+            # Both final states stored, their tokens' batch still refused: both kept in
+            # _ended, and the bound lets one go: its subscriber is told, not left waiting.
+            assert a.final_stored
+            assert b.final_stored
+            (evicted,) = [h for h in (a, b) if env.supervisor.get(h.id) is None]
+            with trio.fail_after(5):
+                while evicted.id not in told:  # noqa: ASYNC110
+                    await trio.sleep(0.1)
+            # The other one gets its end once the store takes its batch (t=40).
+        assert all(seen[h.id][-1:] == ["run.finished"] or h.id in told for h in (a, b))
+        from service.api.streams import EventReader, Keepalive
+
+        for h in (a, b):  # a re-join gets the end from the store
+            reader = EventReader(h.id, after=0, store=env.store, supervisor=env.supervisor,
+                                 keepalive=5.0)
+            rejoined = [e.type for e in [e async for e in reader]
+                        if not isinstance(e, Keepalive)]
+            assert rejoined[-1] == "run.finished"
