@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -50,6 +51,25 @@ class Metrics:
         self.tool_calls = Counter(
             "service_tool_calls", "Tool calls by tool and outcome", ["tool", "outcome"], registry=r,
         )
+        # Per backend server (a fleet router's members), set before each render.
+        self.backend_in_flight = Gauge(
+            "service_backend_in_flight", "LLM calls open on a backend server", ["backend"],
+            registry=r, multiprocess_mode="livesum",
+        )
+        self.backend_up = Gauge(
+            "service_backend_up", "1: calls are routed to it; 0: cooling down or not ready",
+            ["backend"], registry=r, multiprocess_mode="livemax",
+        )
+        self.backend_cooldown = Gauge(
+            "service_backend_cooldown_seconds", "Seconds until calls are routed to it again",
+            ["backend"], registry=r, multiprocess_mode="livemax",
+        )
+        self.backend_models = Gauge(
+            "service_backend_model", "A model a backend server serves: 1 available, 2 loaded",
+            ["backend", "model"], registry=r, multiprocess_mode="livemax",
+        )
+        # Run before rendering: whoever owns a live value sets its gauges here.
+        self.collectors: list[Callable[[], None]] = []
         self.store_latency = Histogram(
             "service_store_seconds", "Store operation latency", ["op"],
             buckets=_FAST_BUCKETS, registry=r,
@@ -58,6 +78,8 @@ class Metrics:
     def render(self) -> bytes:
         """The text exposition; with several workers (``--workers``: each writes its values to
         ``PROMETHEUS_MULTIPROC_DIR``), every worker's, summed."""
+        for collect in list(self.collectors):
+            collect()
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
             MultiProcessCollector(registry)

@@ -49,8 +49,12 @@ class Settings(BaseSettings):
     db: Path | str = Path("./data/service.db")
     backend: BackendKind = BackendKind.auto
     gguf: Path | None = None
+    # One URL or a comma-separated list of servers (service.backends.fleet).
     ollama_url: str = "http://127.0.0.1:11434"
     llamacpp_url: str = "http://127.0.0.1:8080"
+    backends_file: Path | None = None  # a TOML fleet; replaces the two URL settings
+    ollama_ca_bundle: Path | None = None  # PEM CAs for those servers' TLS certificates
+    llamacpp_ca_bundle: Path | None = None
     default_model: str | None = None
     api_keys: Annotated[tuple[str, ...], NoDecode] = ()
     # Browser origins allowed besides the service's own (CORS); any other Origin gets 403.
@@ -95,15 +99,15 @@ class Settings(BaseSettings):
     @field_validator("ollama_url", "llamacpp_url")
     @classmethod
     def _url(cls, value: str) -> str:
-        return _check_url(value)
+        return ",".join(_check_url(u.strip()) for u in value.split(",") if u.strip()) or (
+            _check_url(value))
 
     @field_validator("llamacpp_url")
     @classmethod
     def _without_v1(cls, value: str) -> str:
         # OpenAI clients are configured with a base URL ending in /v1; the service adds it
         # itself (it was /v1/v1/...: ready, and every completion a 404).
-        trimmed = value.rstrip("/")
-        return trimmed[:-3] if trimmed.endswith("/v1") else value
+        return ",".join(u[:-3] if u.endswith("/v1") else u for u in value.split(","))
 
     @field_validator("api_keys", "tools", "cors_origins", mode="before")
     @classmethod
@@ -165,7 +169,7 @@ class Settings(BaseSettings):
 def load_settings(**overrides: object) -> Settings:
     """Read the environment (overridden by ``overrides``), or raise ConfigError with one line."""
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else "?"
@@ -175,6 +179,10 @@ def load_settings(**overrides: object) -> Settings:
         if field == "api_keys":  # never echo keys (a bad one is still a key)
             message = f"invalid setting {var}: {err['msg']}"
         raise ConfigError(message, variable=var) from None
+    from .backends.fleet import validate_fleet  # the fleet file, CA bundles: ConfigError
+
+    validate_fleet(settings)
+    return settings
 
 
 def _redact(text: str) -> str:

@@ -165,6 +165,7 @@ class AgentContext:
             max_tokens=max_tokens if max_tokens is not None else self.max_tokens,
             temperature=temperature if temperature is not None else self.temperature,
             stop=self.stop, run_id=self.handle.id, options=options,
+            conversation_id=self.handle.conversation_id,
             on_queued=self._queued,
         ))
         parts: list[str] = []

@@ -16,6 +16,7 @@ from quart_schema import validate_querystring, validate_response
 from ..backends.auto import AutoBackend
 from ..backends.base import Backend, BackendHealth
 from ..backends.interceptor import Interceptor
+from ..backends.router import FleetBackend
 from ..errors import BackendError
 from ..logs import get_logger
 from ..store import LLMCallRecord
@@ -46,6 +47,11 @@ class BackendOut(BaseModel):
         default=None, description="the error of the latest failed call since the last success")
     cooldown: float | None = Field(
         default=None, description="seconds until calls are routed to it again")
+    # Only for a fleet's servers (None elsewhere): what the router routes by.
+    in_flight: int | None = Field(default=None, description="LLM calls open on it now")
+    loaded: list[str] | None = Field(
+        default=None, description="models loaded now (Ollama's /api/ps); null: not known")
+    weight: float | None = Field(default=None, description="its share of the load")
 
 
 class BackendList(BaseModel):
@@ -171,6 +177,14 @@ async def list_backends() -> BackendList:
             st = auto.member_status(member)
             out.failures, out.cooldown = st.failures, st.cooldown
             out.last_call_error = st.last_error
+            out.in_flight = auto.in_flight(member)
+        if isinstance(auto, FleetBackend):
+            i = auto.backends.index(member)
+            inventory = auto.inventories[i]
+            out.weight = auto.members[i].weight
+            out.loaded = sorted(inventory.loaded) if inventory.loaded is not None else None
+            if inventory.models is not None and not out.models:
+                out.models = sorted(inventory.models)
         data.append(out)
     return BackendList(data=data)
 

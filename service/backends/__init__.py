@@ -2,11 +2,13 @@
 
 ``build_backend(settings, client)`` turns the settings into the one :class:`Backend` the app uses:
 
-* ``ollama`` / ``llamacpp``: that adapter;
+* ``ollama`` / ``llamacpp``: that adapter (one server), or a :class:`FleetBackend` over that
+  kind's servers (a comma-separated URL list, or ``SERVICE_BACKENDS_FILE``);
 * ``embedded``: an :class:`OpenAICompatBackend` on the base URL of the embedded llama.cpp server,
   which ``service.backends.embedded`` starts; pass that URL as ``embedded_url``;
-* ``auto``: :class:`AutoBackend` over Ollama, then llama.cpp, then the embedded server (if a URL
-  is given), failing over before the first chunk only.
+* ``auto``: :class:`FleetBackend` (an :class:`AutoBackend` that routes by model, conversation and
+  load) over Ollama's servers, then llama.cpp's, then the embedded server (if a URL is given),
+  failing over before the first chunk only.
 
 Given a ``recorder`` and/or ``metrics``, each concrete backend is wrapped in an
 :class:`Interceptor` (its own concurrency limiter, one record per upstream attempt). In ``auto``
@@ -16,6 +18,7 @@ backend that failed and an ``ok`` row for the one that served.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import httpx
@@ -35,13 +38,17 @@ from .base import (
     Usage,
     collect_chat,
 )
+from .fleet import ServerSpec, fleet_from_settings, tls_context
 from .http import Budgets, ShardedClient, make_client, make_sharded_client
 from .interceptor import Interceptor, LLMCallRecorder
 from .llamacpp import OpenAICompatBackend
 from .ollama import OllamaBackend
+from .router import FleetBackend, Member
 
 if TYPE_CHECKING:
     from ..settings import Settings
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "AutoBackend",
@@ -52,6 +59,7 @@ __all__ = [
     "ChatMessage",
     "ChatRequest",
     "ChatResult",
+    "FleetBackend",
     "Interceptor",
     "LLMCallRecorder",
     "ModelInfo",
@@ -103,20 +111,12 @@ def build_backend(
     default = settings.default_model
     intercept = recorder is not None or metrics is not None
 
-    def wrap(backend: Backend) -> Backend:
-        if not intercept:
+    def wrap(backend: Backend, concurrency: int | None = None) -> Backend:
+        if not intercept and concurrency is None:
             return backend
         return Interceptor(backend, recorder, metrics or METRICS,
-                           concurrency=settings.backend_concurrency,
+                           concurrency=concurrency or settings.backend_concurrency,
                            queue_timeout=settings.backend_queue_timeout)
-
-    def ollama() -> Backend:
-        return wrap(OllamaBackend("ollama", settings.ollama_url, client, budgets,
-                                  default_model=default))
-
-    def llamacpp() -> Backend:
-        return wrap(OpenAICompatBackend("llamacpp", settings.llamacpp_url, client, budgets,
-                                        default_model=default))
 
     def embedded() -> Backend:
         if embedded_url is None:
@@ -130,16 +130,60 @@ def build_backend(
         return wrap(OpenAICompatBackend("embedded", embedded_url, client, budgets,
                                         default_model=alias or default, only_model=alias))
 
-    if kind == "ollama":
-        return ollama()
-    if kind == "llamacpp":
-        return llamacpp()
     if kind == "embedded":
         return embedded()
-    if kind == "auto":
-        members = [ollama(), llamacpp()]
-        if embedded_url is not None:
-            members.append(embedded())
-        return AutoBackend(members, health_ttl=settings.health_ttl,
-                           probe_timeout=min(2.0, settings.llm_connect_timeout))
-    raise ConfigError(f"unknown backend {kind!r}", variable="SERVICE_BACKEND")
+    if kind not in ("auto", "ollama", "llamacpp"):
+        raise ConfigError(f"unknown backend {kind!r}", variable="SERVICE_BACKEND")
+    specs = fleet_from_settings(settings)
+    if kind != "auto":
+        specs = [s for s in specs if s.kind == kind]
+        if not specs:
+            raise ConfigError(f"SERVICE_BACKEND={kind}: SERVICE_BACKENDS_FILE lists no {kind} "
+                              "server", variable="SERVICE_BACKENDS_FILE")
+    owned: list[httpx.AsyncClient] = []
+    backends: list[Backend] = []
+    members: list[Member] = []
+    for spec in specs:
+        backends.append(wrap(_server(spec, settings, client, owned, default),
+                             spec.max_concurrency))
+        members.append(Member(weight=spec.weight, priority=spec.priority,
+                              capacity=spec.max_concurrency or settings.backend_concurrency,
+                              models=spec.models, kind=spec.kind))
+    if kind == "auto" and embedded_url is not None:
+        backends.append(embedded())
+        members.append(Member(priority=max(m.priority for m in members) + 1,
+                              capacity=settings.backend_concurrency, kind="embedded"))
+    if kind != "auto" and len(backends) == 1 and not owned and settings.backends_file is None:
+        return backends[0]  # one server: no routing
+    return FleetBackend(backends, members, default_model=default, owned_clients=owned,
+                        metrics=metrics, health_ttl=settings.health_ttl,
+                        probe_timeout=min(2.0, settings.llm_connect_timeout),
+                        inventory_timeout=min(1.0, settings.llm_connect_timeout))
+
+
+def _server(spec: ServerSpec, settings: Settings, shared: httpx.AsyncClient,
+            owned: list[httpx.AsyncClient], default: str | None) -> Backend:
+    """One server's adapter: its own client if it has its own TLS or connect timeout."""
+    budgets = Budgets.from_idle(
+        spec.idle_timeout or settings.llm_idle_timeout,
+        connect=spec.connect_timeout or settings.llm_connect_timeout,
+        call=spec.call_timeout or settings.llm_call_timeout,
+    )
+    client = shared
+    tls = tls_context(spec.tls)
+    if not spec.tls.verify:
+        log.warning("TLS verification is OFF for backend %s (%s): anyone on the path can "
+                    "read and change its traffic", spec.name, spec.url)
+    if tls is not None or spec.connect_timeout is not None:
+        limit = spec.max_concurrency or settings.backend_concurrency
+        client = make_client(budgets, max_connections=limit * 2 + 4,
+                             verify=tls)
+        owned.append(client)
+    backend: OllamaBackend | OpenAICompatBackend
+    if spec.kind == "ollama":
+        backend = OllamaBackend(spec.name, spec.url, client, budgets, default_model=default)
+    else:
+        backend = OpenAICompatBackend(spec.name, spec.url, client, budgets,
+                                      default_model=default)
+    backend.headers.update(spec.headers)
+    return backend

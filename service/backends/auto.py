@@ -63,6 +63,7 @@ class _State:
     health: BackendHealth | None = None
     health_at: float = float("-inf")
     last_error: str | None = None
+    in_flight: int = 0  # attempts and streams open on it now
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,50 +165,69 @@ class AutoBackend:
         usable = [b for b in self.backends if self._skip_reason(b, now) is None]
         return usable or list(self.backends)
 
+    async def order(self, request: ChatRequest) -> list[Backend]:
+        """The members to try for ``request``, in turn (here: configured order)."""
+        return self.candidates()
+
+    def served(self, backend: Backend, request: ChatRequest) -> None:
+        """``backend`` gave ``request`` its first chunk (a router remembers it)."""
+
+    def in_flight(self, backend: Backend) -> int:
+        """Calls of this router open on ``backend`` now (attempts included)."""
+        return self._state[id(backend)].in_flight
+
     # -- the Backend interface --------------------------------------------------------------
 
     @asynccontextmanager
     async def stream(self, request: ChatRequest) -> AsyncIterator[AsyncIterator[ChatChunk]]:
         causes: list[BackendError] = []
         too_long: ContextLengthExceeded | None = None
-        for backend in self.candidates():
-            stack = AsyncExitStack()
+        for backend in await self.order(request):
+            state = self._state[id(backend)]
+            state.in_flight += 1  # from its attempt's start to its stream's end
             try:
-                chunks = await stack.enter_async_context(backend.stream(request))
-                iterator = aiter(chunks)
+                stack = AsyncExitStack()
                 try:
-                    first = await anext(iterator)
-                except StopAsyncIteration:
-                    raise BackendProtocolError("empty stream", backend=backend.name) from None
-            except BackendError as exc:
-                # Closes this attempt's response before the next one, telling its interceptor
-                # why (its record then says timed_out or error, not "left before the end").
-                await stack.__aexit__(type(exc), exc, exc.__traceback__)
-                if exc.backend is None:
-                    exc.backend = backend.name
-                if isinstance(exc, ContextLengthExceeded):
-                    # The request's fault: the same prompt does not fit elsewhere either;
-                    # raised as it is, not counted against the backend.
-                    too_long = exc
-                    break
-                self._failed(backend, exc)
-                causes.append(exc)
-                continue
-            except BaseException as exc:
-                # Shielded (and bounded): closing and recording must happen when cancelled.
-                with trio.move_on_after(_CLOSE_BUDGET, shield=True):
-                    await stack.__aexit__(type(exc), exc, exc.__traceback__)
-                raise
-            async with stack:
-                try:
-                    yield _FirstThenRest(first, iterator, backend.name)
+                    chunks = await stack.enter_async_context(backend.stream(request))
+                    iterator = aiter(chunks)
+                    try:
+                        first = await anext(iterator)
+                    except StopAsyncIteration:
+                        raise BackendProtocolError("empty stream",
+                                                   backend=backend.name) from None
                 except BackendError as exc:
-                    self._failed(backend, exc)  # mid-stream: counted, never retried
+                    # Closes this attempt's response before the next one, telling its
+                    # interceptor why (its record then says timed_out or error, not "left
+                    # before the end").
+                    await stack.__aexit__(type(exc), exc, exc.__traceback__)
+                    if exc.backend is None:
+                        exc.backend = backend.name
+                    if isinstance(exc, ContextLengthExceeded):
+                        # The request's fault: the same prompt does not fit elsewhere either;
+                        # raised as it is, not counted against the backend.
+                        too_long = exc
+                        break
+                    self._failed(backend, exc)
+                    causes.append(exc)
+                    continue
+                except BaseException as exc:
+                    # Shielded (and bounded): closing and recording must happen when cancelled.
+                    with trio.move_on_after(_CLOSE_BUDGET, shield=True):
+                        await stack.__aexit__(type(exc), exc, exc.__traceback__)
                     raise
-                # A success once the stream is over, not at its first chunk: a backend that
-                # always dies mid-answer must still reach its cool-down.
-                self._succeeded(backend)
-            return
+                async with stack:
+                    self.served(backend, request)
+                    try:
+                        yield _FirstThenRest(first, iterator, backend.name)
+                    except BackendError as exc:
+                        self._failed(backend, exc)  # mid-stream: counted, never retried
+                        raise
+                    # A success once the stream is over, not at its first chunk: a backend
+                    # that always dies mid-answer must still reach its cool-down.
+                    self._succeeded(backend)
+                return
+            finally:
+                state.in_flight -= 1
         if too_long is not None:
             raise too_long
         raise _all_failed(causes)

@@ -64,6 +64,8 @@ class ChatRequest:
     temperature: float | None = None
     stop: tuple[str, ...] = ()
     run_id: str | None = None  # recorded by the interceptor
+    # A fleet keeps a conversation's calls on one server (its prompt cache); never sent upstream.
+    conversation_id: str | None = None
     # A client's other OpenAI options, by their OpenAI names (SAMPLING_OPTIONS, response_format,
     # tool_choice); each adapter says them in its protocol.
     options: tuple[tuple[str, Any], ...] = ()

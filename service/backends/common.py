@@ -13,7 +13,7 @@ import trio
 
 from ..errors import BackendProtocolError, ModelNotFound
 from .base import BackendHealth, ChatRequest, ChatResult, ModelInfo, collect_chat
-from .http import BodyTooLarge, Budgets, request_small
+from .http import BodyTooLarge, Budgets, request_small, tls_reason
 
 __all__ = ["HTTPBackend", "new_call_id", "parse_arguments", "token_count"]
 
@@ -123,6 +123,8 @@ class HTTPBackend:
                 error = str(exc)
             except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is not an HTTPError
                 error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                if (reason := tls_reason(exc)) is not None:
+                    error = f"TLS handshake failed: {reason}"
         if scope.cancelled_caught:
             error = f"no answer within {self.health_timeout:g}s"
         return response, trio.current_time() - started, error
@@ -130,6 +132,11 @@ class HTTPBackend:
     def _unreachable(self, latency: float, error: str) -> BackendHealth:
         return BackendHealth(self.name, self.url, reachable=False, ready=False,
                              latency=latency, error=error)
+
+    async def inventory(self) -> tuple[frozenset[str], frozenset[str] | None]:
+        """The models it serves, and those loaded now (None: it cannot tell)."""
+        models = frozenset(m.id for m in await self.list_models())
+        return models, models
 
     async def preload(self, model: str) -> None:
         return None

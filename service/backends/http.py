@@ -51,6 +51,7 @@ from ..errors import (
 from .streams import LineTooLong, NDJSONSplitter, SSEComment, SSEEvent, SSEParser
 
 __all__ = [
+    "BackendTLSError",
     "Budgets",
     "NDJSONReader",
     "SSEReader",
@@ -62,6 +63,7 @@ __all__ = [
     "open_stream",
     "request_json",
     "request_small",
+    "tls_reason",
 ]
 
 MAX_ERROR_BODY = 64 * 1024
@@ -163,9 +165,37 @@ def make_sharded_client(
     )
 
 
+class BackendTLSError(BackendError):
+    """The TLS handshake with the backend failed: its certificate is not trusted (no or the
+    wrong CA bundle), its name does not match, or it refused our client certificate. Not worth
+    a retry on the same server until its configuration changes."""
+
+    status = 502
+    type = "backend_tls_error"
+
+
+def tls_reason(exc: BaseException) -> str | None:
+    """What went wrong in a TLS handshake, if ``exc`` (or its causes) is one's failure."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return f"certificate verify failed: {seen.verify_message}"
+        if isinstance(seen, ssl.SSLError):
+            return seen.reason or str(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc)
+    return text if "SSL" in text or "CERTIFICATE" in text.upper() else None
+
+
 def httpx_error(exc: httpx.HTTPError, backend: str, url: str = "") -> BackendError:
     """The service's error for one of httpx's (the caller raises it ``from exc``)."""
     where = f" ({url})" if url else ""
+    if isinstance(exc, httpx.TransportError) and (reason := tls_reason(exc)) is not None:
+        return BackendTLSError(f"TLS handshake failed{where}: {reason} (is its CA in the "
+                               "backend's CA bundle? is its client certificate accepted?)",
+                               backend=backend)
     if isinstance(exc, httpx.ConnectTimeout):
         return ConnectTimeout(f"connect timed out{where}", backend=backend)
     if isinstance(exc, httpx.PoolTimeout):

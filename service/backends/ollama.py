@@ -17,7 +17,7 @@ from typing import Any, TypedDict
 
 import trio
 
-from ..errors import BackendProtocolError, BackendResponseError
+from ..errors import BackendError, BackendProtocolError, BackendResponseError
 from ..text import TextJoiner
 from .base import (
     SAMPLING_OPTIONS,
@@ -229,6 +229,21 @@ class OllamaBackend(HTTPBackend):
                 out.append(ModelInfo(id=m.get("name") or m["model"], backend=self.name,
                                      details=details))
         return out
+
+    async def inventory(self) -> tuple[frozenset[str], frozenset[str] | None]:
+        """``/api/tags`` (what it has) and ``/api/ps`` (what is in memory now)."""
+        models = frozenset(m.id for m in await self.list_models())
+        try:
+            body = await request_json(self.client, "GET", f"{self.url}/api/ps", backend=self.name,
+                                      deadline=trio.current_time() + self.health_timeout,
+                                      headers=self.headers)
+            listed = body.get("models") if isinstance(body, dict) else None
+            loaded = frozenset(
+                name for m in listed or () if isinstance(m, dict)
+                and isinstance(name := m.get("name") or m.get("model"), str))
+        except BackendError:
+            return models, None
+        return models, loaded
 
     async def health(self) -> BackendHealth:
         response, latency, error = await self._probe("/api/tags")

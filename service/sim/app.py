@@ -53,6 +53,7 @@ class StreamRecord:
     client_gone: bool = False  # the client went away before the end (EOF or failed send)
     client_gone_at: float | None = None
     closed: trio.Event = field(default_factory=trio.Event)  # set when the server is done with it
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # the request's
 
     def __repr__(self) -> str:
         return (
@@ -83,6 +84,7 @@ class Simulator:
         strict_models: bool = True,
     ) -> None:
         self.models = list(models)
+        self.loaded: list[str] | None = None  # Ollama's /api/ps; None: every model
         self.default = default or Reply()
         self.replies_by_model: dict[str, Reply] = {}
         self.strict_models = strict_models
@@ -157,6 +159,7 @@ class Simulator:
         record = StreamRecord(
             seq=len(self.streams), protocol="openai" if openai else "ollama", path=path,
             model=model, body=payload, reply=None, status=200, started_at=trio.current_time(),
+            headers=dict(headers),
         )
         response = self._chat(openai, payload, model, headers, record)
         record.status = response.status
@@ -203,6 +206,12 @@ class Simulator:
                  "details": {"format": "gguf", "family": "llama", "families": ["llama"],
                              "parameter_size": "1M", "quantization_level": "F32"}}
                 for i, m in enumerate(self.models)]})
+        if path == "/api/ps":
+            loaded = self.models if self.loaded is None else self.loaded
+            return json_response(200, {"models": [
+                {"name": m, "model": m, "size": 1000, "digest": f"sha256:{i:064x}",
+                 "expires_at": "2099-01-01T00:00:00Z", "size_vram": 1000}
+                for i, m in enumerate(loaded)]})
         if path in ("/v1/models", "/models"):
             return json_response(200, {"object": "list", "data": [
                 {"id": m, "object": "model", "created": 1700000000, "owned_by": "llamacpp",

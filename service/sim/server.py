@@ -6,8 +6,10 @@ client went away, which is recorded and stops the response at once, even in a ha
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 import h11
 import trio
@@ -25,27 +27,64 @@ async def serve(
     host: str = "127.0.0.1",
     port: int = 0,
     *,
+    ssl_context: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``sim`` until cancelled; ``task_status.started`` reports the bound port."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    sim.port = listeners[0].socket.getsockname()[1]
-    sim.url = f"http://{host}:{sim.port}"
+    """Serve ``sim`` until cancelled; ``task_status.started`` reports the bound port. With
+    ``ssl_context`` (a server context holding its certificate) it speaks HTTPS."""
+    tcp = await trio.open_tcp_listeners(port, host=host)
+    sim.port = tcp[0].socket.getsockname()[1]
+    sim.url = f"{'https' if ssl_context else 'http'}://{host}:{sim.port}"
+    listeners: list[trio.abc.Listener[trio.abc.Stream]] = list(tcp)
+    if ssl_context is not None:
+        # The handshake runs in the connection's task (https_compatible: no close_notify
+        # needed), so a client that fails it breaks only its own connection.
+        listeners = [trio.SSLListener(t, ssl_context, https_compatible=True) for t in tcp]
     task_status.started(sim.port)
-    async def handle(stream: trio.SocketStream) -> None:
+
+    async def handle(stream: trio.abc.Stream) -> None:
+        if isinstance(stream, trio.SSLStream) and not await _handshake(stream):
+            return
         await _Connection(sim, stream).run()
 
     await trio.serve_listeners(handle, listeners)
 
 
+async def _handshake(stream: trio.SSLStream[trio.abc.Stream]) -> bool:
+    """The server side of a TLS handshake; False (and the connection closed) if it failed.
+
+    trio drops the alert a failed handshake owes the client (TLS 1.3: "certificate required",
+    "unknown CA"): a real server sends it, and the client's error then names the cause; so does
+    this one (from the SSL object's outgoing buffer, which trio keeps private)."""
+    try:
+        await stream.do_handshake()
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        alert = stream._outgoing.read()  # private to trio (see the docstring)
+        transport = stream.transport_stream
+        try:
+            if alert:
+                await transport.send_all(alert)
+            # Read what the client still sends until it closes: closing with unread data
+            # would reset the connection, and a reset can overtake the alert.
+            with trio.move_on_after(1.0):
+                while await transport.receive_some(65536):
+                    pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        await trio.aclose_forcefully(transport)
+        return False
+    return True
+
+
 @asynccontextmanager
 async def open_simulator(
-    sim: Simulator | None = None, host: str = "127.0.0.1", port: int = 0
+    sim: Simulator | None = None, host: str = "127.0.0.1", port: int = 0,
+    *, ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Simulator]:
     """Run a simulator for the block (``sim.url`` is its base URL)."""
     sim = sim or Simulator()
     async with trio.open_nursery() as nursery:
-        await nursery.start(serve, sim, host, port)
+        await nursery.start(partial(serve, sim, host, port, ssl_context=ssl_context))
         try:
             yield sim
         finally:

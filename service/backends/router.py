@@ -1,0 +1,251 @@
+"""FleetBackend: several servers, routed by model, conversation and load; failover as AutoBackend.
+
+Routing one call
+----------------
+1. Usable members: not cooling down, not known unready (AutoBackend's rules); nobody left:
+   everyone.
+2. Of those, the ones that serve the call's model (its ``model``, else the default model).
+   Which models a server serves is asked from it (Ollama ``/api/tags`` and ``/api/ps``;
+   OpenAI-compatible ``/v1/models``) or given in the fleet file. If no usable member is known to
+   serve it, all usable ones are tried (their 404 becomes ``model_not_found``).
+3. Ordered by, in turn:
+   a. the conversation's server first: the one that served its last call, while it is usable
+      and serves the model. Its prompt cache holds the conversation: the next turn's first
+      token comes much sooner there (README, "Backend fleets");
+   b. ``priority`` (lower first; under ``auto`` Ollama's servers before llama.cpp's);
+   c. a server that has the model loaded now (Ollama's ``/api/ps``), while it has a free slot;
+   d. fewest calls in flight per unit of ``weight``;
+   e. a rotation (moved by each call that has no server of its own yet), so equal servers
+      share sequential conversations too.
+4. Then AutoBackend's failover: each in turn until one gives a first chunk; never after.
+
+What the servers serve is refreshed every ``inventory_ttl`` seconds by the call that finds it
+stale (bounded by ``inventory_timeout``; concurrent calls use what is known meanwhile; only the
+very first calls wait for it). A server whose model list cannot be read (refused, TLS, timeout)
+is marked not ready for ``health_ttl``, as a failed health probe would.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import httpx
+import trio
+
+from ..errors import BackendError, BackendResponseError, ModelNotFound
+from ..metrics import Metrics
+from .auto import AutoBackend
+from .base import Backend, BackendHealth, ChatRequest
+
+__all__ = ["FleetBackend", "Inventory", "Member"]
+
+_AFFINITY_MAX = 100_000  # conversations remembered (least recently used forgotten first)
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """How the router weighs one server (from its ServerSpec)."""
+
+    weight: float = 1.0
+    priority: int = 0
+    capacity: int = 64  # its concurrency limit: "loaded" stops counting once it is full
+    models: tuple[str, ...] = ()  # given in the fleet file; empty: asked from the server
+    kind: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Inventory:
+    models: frozenset[str] | None = None  # None: not known (yet)
+    loaded: frozenset[str] | None = None
+    at: float = float("-inf")
+    error: str | None = None
+
+
+class FleetBackend(AutoBackend):
+    """AutoBackend whose order is chosen per call (see the module docstring)."""
+
+    def __init__(
+        self,
+        backends: Sequence[Backend],
+        members: Sequence[Member] | None = None,
+        *,
+        default_model: str | None = None,
+        inventory_ttl: float = 5.0,
+        inventory_timeout: float = 1.0,
+        owned_clients: Sequence[httpx.AsyncClient] = (),
+        metrics: Metrics | None = None,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(backends, **kwargs)  # type: ignore[arg-type]
+        self.members = list(members) if members is not None else [Member() for _ in backends]
+        if len(self.members) != len(self.backends):
+            raise ValueError("one Member per backend")
+        self.default_model = default_model
+        self.inventory_ttl = inventory_ttl
+        self.inventory_timeout = inventory_timeout
+        self.inventories = [
+            Inventory(models=frozenset(m.models), loaded=None) if m.models else Inventory()
+            for m in self.members]
+        self._index = {id(b): i for i, b in enumerate(self.backends)}
+        self._affinity: OrderedDict[str, int] = OrderedDict()
+        self._turn = 0
+        self._refreshed_at = float("-inf")
+        self._refreshing: trio.Event | None = None
+        self._owned = list(owned_clients)
+        self.metrics = metrics
+        self._gauges = None
+        if metrics is not None:
+            self._gauges = [metrics.backend_in_flight.labels(backend=b.name)
+                            for b in self.backends]
+            metrics.collectors.append(self.export_metrics)
+
+    def __repr__(self) -> str:
+        parts = [f"{b.name}(in_flight={self.in_flight(b)}, failures="
+                 f"{self._state[id(b)].failures})" for b in self.backends]
+        return f"<FleetBackend [{', '.join(parts)}] conversations={len(self._affinity)}>"
+
+    # -- routing ----------------------------------------------------------------------------
+
+    async def order(self, request: ChatRequest) -> list[Backend]:
+        model = request.model or self.default_model
+        if model is not None and trio.current_time() - self._refreshed_at >= self.inventory_ttl:
+            await self._refresh_inventories()
+        self._export_in_flight()
+        return self.route(request)
+
+    def route(self, request: ChatRequest) -> list[Backend]:
+        """The order for ``request`` from what is known now (no I/O)."""
+        now = trio.current_time()
+        model = request.model or self.default_model
+        count = len(self.backends)
+        usable = [i for i, b in enumerate(self.backends) if self._skip_reason(b, now) is None]
+        usable = usable or list(range(count))
+        if model is not None:
+            having = [i for i in usable if (inv := self.inventories[i]).models is None
+                      or model in inv.models]
+            usable = having or usable
+        affine: int | None = None
+        conversation = request.conversation_id
+        if conversation is not None and (affine := self._affinity.get(conversation)) is not None:
+            self._affinity.move_to_end(conversation)
+        turn = self._turn
+        if affine is None or affine not in usable:
+            self._turn = turn + 1  # a fresh choice: the next one starts elsewhere
+        states = [self._state[id(b)] for b in self.backends]
+
+        def key(i: int) -> tuple[bool, int, bool, float, int]:
+            member, inflight = self.members[i], states[i].in_flight
+            loaded = self.inventories[i].loaded
+            warm = (model is not None and loaded is not None and model in loaded
+                    and inflight < member.capacity)
+            return (i != affine, member.priority, not warm, inflight / member.weight,
+                    (i - turn) % count)
+
+        usable.sort(key=key)
+        return [self.backends[i] for i in usable]
+
+    def served(self, backend: Backend, request: ChatRequest) -> None:
+        conversation = request.conversation_id
+        if conversation is None:
+            return
+        self._affinity[conversation] = self._index[id(backend)]
+        self._affinity.move_to_end(conversation)
+        if len(self._affinity) > _AFFINITY_MAX:
+            self._affinity.popitem(last=False)
+
+    def server_of(self, conversation_id: str) -> Backend | None:
+        """The server a conversation's next call goes to first, if it has one."""
+        i = self._affinity.get(conversation_id)
+        return None if i is None else self.backends[i]
+
+    # -- what each server serves ------------------------------------------------------------
+
+    async def _refresh_inventories(self) -> None:
+        if self._refreshing is not None:
+            if all(inv.models is None for inv in self.inventories):
+                await self._refreshing.wait()  # nothing known yet: worth the wait
+            return
+        self._refreshing = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                for i, backend in enumerate(self.backends):
+                    nursery.start_soon(self._refresh_one, i, backend)
+            self._refreshed_at = trio.current_time()
+        finally:
+            self._refreshing.set()
+            self._refreshing = None
+
+    async def _refresh_one(self, i: int, backend: Backend) -> None:
+        member = self.members[i]
+        inventory = getattr(backend, "inventory", None)
+        if inventory is None:
+            return
+        error: str | None = None
+        with trio.move_on_after(self.inventory_timeout) as scope:
+            try:
+                models, loaded = await inventory()
+            except (ModelNotFound, BackendResponseError) as exc:
+                # It answers, but not this question (a server without a model list).
+                self.inventories[i] = Inventory(self.inventories[i].models, None,
+                                                trio.current_time(), exc.message)
+                return
+            except BackendError as exc:
+                error = exc.message
+        if scope.cancelled_caught:
+            error = f"no model list within {self.inventory_timeout:g}s"
+        now = trio.current_time()
+        if error is not None:
+            # Unreachable (refused, TLS, timeout): known not ready for health_ttl, as a failed
+            # health probe would make it; its last known models stay.
+            st = self._state[id(backend)]
+            st.health = BackendHealth(backend.name, backend.url, reachable=False, ready=False,
+                                      error=error)
+            st.health_at = now
+            self.inventories[i] = Inventory(self.inventories[i].models,
+                                            self.inventories[i].loaded, now, error)
+            return
+        if member.models:
+            models = frozenset(member.models)
+        self.inventories[i] = Inventory(models, loaded, now)
+
+    async def refresh(self) -> None:
+        """Ask every server what it serves now (``/api/backends`` and tests)."""
+        self._refreshed_at = float("-inf")
+        await self._refresh_inventories()
+
+    # -- metrics ----------------------------------------------------------------------------
+
+    def _export_in_flight(self) -> None:
+        if self._gauges is not None:
+            for gauge, backend in zip(self._gauges, self.backends, strict=True):
+                gauge.set(self.in_flight(backend))
+
+    def export_metrics(self) -> None:
+        """Set the per-server gauges (run before ``/metrics`` renders)."""
+        if self.metrics is None:
+            return
+        self._export_in_flight()
+        now = trio.current_time()
+        m = self.metrics
+        for i, backend in enumerate(self.backends):
+            st = self._state[id(backend)]
+            name = backend.name
+            m.backend_up.labels(backend=name).set(0 if self._skip_reason(backend, now) else 1)
+            left = st.cooldown_until - now
+            m.backend_cooldown.labels(backend=name).set(left if left > 0 else 0)
+            inv = self.inventories[i]
+            for model in inv.models or ():
+                loaded = inv.loaded is not None and model in inv.loaded
+                m.backend_models.labels(backend=name, model=model).set(2 if loaded else 1)
+
+    async def aclose(self) -> None:
+        if self.metrics is not None and self.export_metrics in self.metrics.collectors:
+            self.metrics.collectors.remove(self.export_metrics)
+        try:
+            await super().aclose()
+        finally:
+            with trio.CancelScope(shield=True):  # closing sockets: must happen when cancelled
+                for client in self._owned:
+                    await client.aclose()
