@@ -1,0 +1,685 @@
+"""The SQLite store's queries: what each method reads and writes (``SQLiteQueries``).
+
+:class:`~service.store.sqlite.SQLiteStore` is these queries on its write engine (group commit,
+transactions, WAL upkeep): each method hands its SQL, as a function of a ``sqlite3``
+connection, to ``_write`` (in a write transaction, grouped with others) or ``_read``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from ..errors import NotFound
+from ..text import clean_text
+from .ownership import alive as _alive
+from .records import (
+    BegunRun,
+    Conversation,
+    LLMCallOutcome,
+    LLMCallRecord,
+    Message,
+    MessageStatus,
+    RunEventRecord,
+    RunRecord,
+    begun_run,
+    decode_cursor,
+    encode_cursor,
+    new_id,
+)
+
+__all__ = ["SQLiteQueries"]
+
+T = TypeVar("T")
+
+_CONV_COLS = "id, title, system, model, agent, owner, created_at, updated_at"
+_MSG_COLS = "id, conversation_id, role, content, status, run_id, error, created_at, updated_at"
+_RUN_COLS = (
+    "id, conversation_id, owner, agent, model, status, created_at, started_at, finished_at, "
+    "error, usage"
+)
+_CALL_COLS = (
+    "id, backend, model, outcome, started_at, run_id, queue_wait, ttft, duration, "
+    "prompt_tokens, completion_tokens, tokens_estimated, error"
+)
+_CALL_COLS_QUALIFIED = ", ".join(f"l.{c.strip()}" for c in _CALL_COLS.split(","))
+
+
+# Events of a run whose conversation was deleted meanwhile are dropped, not an error: one batch
+# holds several runs' events and must not fail for one of them.
+# Up to this many events per INSERT statement: one sqlite3 step per chunk instead of one per
+# event. Each step releases the GIL and must win it back from the busy event loop (up to the
+# interpreter's switch interval each time), so a batch costs a few hand-offs, not hundreds.
+_EVENTS_PER_INSERT = 150
+_INSERT_EVENTS_SQL: dict[tuple[int, bool], str] = {}
+
+
+def _insert_events_sql(n: int, ignore: bool = False) -> str:
+    sql = _INSERT_EVENTS_SQL.get((n, ignore))
+    if sql is None:
+        values = ", ".join(["(?, ?, ?, ?, ?)"] * n)
+        # An event of a run that is gone (its conversation deleted meanwhile) is dropped.
+        sql = _INSERT_EVENTS_SQL[n, ignore] = (
+            f"INSERT {'OR IGNORE ' if ignore else ''}INTO run_events "
+            "(run_id, seq, type, data, created_at) "
+            f"SELECT column1, column2, column3, column4, column5 FROM (VALUES {values}) "
+            "WHERE EXISTS (SELECT 1 FROM runs WHERE id = column1)"
+        )
+    return sql
+
+
+def _insert_events(
+    c: sqlite3.Connection, events: Sequence[RunEventRecord], *, ignore: bool = False
+) -> None:
+    for start in range(0, len(events), _EVENTS_PER_INSERT):
+        chunk = events[start:start + _EVENTS_PER_INSERT]
+        params: list[Any] = []
+        for e in chunk:
+            raw = e.raw if e.raw is not None else json.dumps(e.data, separators=(",", ":"))
+            params += (e.run_id, e.seq, e.type, raw, e.created_at)
+        c.execute(_insert_events_sql(len(chunk), ignore), params)
+
+
+def _conversation(row: Sequence[Any]) -> Conversation:
+    return Conversation(*row)
+
+
+def _message(row: Sequence[Any]) -> Message:
+    m = list(row)
+    m[4] = MessageStatus(m[4])
+    return Message(*m)
+
+
+def _run(row: Sequence[Any]) -> RunRecord:
+    r = list(row)
+    r[10] = json.loads(r[10]) if r[10] else {}
+    return RunRecord(*r)
+
+
+def _call(row: Sequence[Any]) -> LLMCallRecord:
+    c = list(row)
+    c[3] = LLMCallOutcome(c[3])
+    c[11] = bool(c[11])
+    return LLMCallRecord(*c)
+
+
+class SQLiteQueries:
+    """Conversations, messages, runs, run events and LLM calls, as SQLite SQL."""
+
+    process_id: str  # how this process tags the runs it runs
+
+    if TYPE_CHECKING:  # the engine's (SQLiteStore)
+        async def _write(self, op: str, fn: Callable[[sqlite3.Connection], T]) -> T: ...
+
+        async def _read(self, op: str, fn: Callable[[sqlite3.Connection], T]) -> T: ...
+
+    # -- conversations --------------------------------------------------------------------------
+
+    async def create_conversation(
+        self,
+        *,
+        title: str | None = None,
+        system: str | None = None,
+        model: str | None = None,
+        agent: str | None = None,
+        owner: str | None = None,
+    ) -> Conversation:
+        now = time.time()
+        conv = Conversation(new_id("conv"), title, system, model, agent, owner, now, now)
+
+        def fn(c: sqlite3.Connection) -> None:
+            c.execute(
+                f"INSERT INTO conversations ({_CONV_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (conv.id, title, system, model, agent, owner, now, now),
+            )
+
+        await self._write("create_conversation", fn)
+        return conv
+
+    async def get_conversation(
+        self, conversation_id: str, *, owner: str | None = None
+    ) -> Conversation:
+        def fn(c: sqlite3.Connection) -> Conversation | None:
+            row = c.execute(
+                f"SELECT {_CONV_COLS} FROM conversations WHERE id = ? AND owner IS ?",
+                (conversation_id, owner),
+            ).fetchone()
+            return _conversation(row) if row else None
+
+        conv = await self._read("get_conversation", fn)
+        if conv is None:
+            raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
+        return conv
+
+    async def list_conversations(
+        self, *, owner: str | None = None, limit: int = 20, before: str | None = None
+    ) -> tuple[list[Conversation], str | None]:
+        """Newest first; returns the page and the cursor of the next page (or None)."""
+        before_seq = decode_cursor(before) if before else None
+
+        def fn(c: sqlite3.Connection) -> tuple[list[Conversation], str | None]:
+            sql = f"SELECT seq, {_CONV_COLS} FROM conversations WHERE owner IS ?"
+            args: list[Any] = [owner]
+            if before_seq is not None:
+                sql += " AND seq < ?"
+                args.append(before_seq)
+            sql += " ORDER BY seq DESC LIMIT ?"
+            args.append(limit + 1)
+            rows = c.execute(sql, args).fetchall()
+            page = rows[:limit]
+            nxt = encode_cursor(page[-1][0]) if len(rows) > limit else None
+            return [_conversation(r[1:]) for r in page], nxt
+
+        return await self._read("list_conversations", fn)
+
+    async def delete_conversation(
+        self, conversation_id: str, *, owner: str | None = None
+    ) -> None:
+        def fn(c: sqlite3.Connection) -> int:
+            cur = c.execute(
+                "DELETE FROM conversations WHERE id = ? AND owner IS ?", (conversation_id, owner)
+            )
+            return cur.rowcount
+
+        if not await self._write("delete_conversation", fn):
+            raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
+
+    # -- messages -------------------------------------------------------------------------------
+
+    async def append_message(
+        self,
+        conversation_id: str,
+        *,
+        role: str,
+        content: str,
+        status: MessageStatus = MessageStatus.complete,
+        run_id: str | None = None,
+    ) -> Message:
+        """Append a message; it is durable when this returns."""
+        return (await self.append_messages(conversation_id, [(role, content, status, run_id)]))[0]
+
+    async def append_messages(
+        self,
+        conversation_id: str,
+        items: Iterable[tuple[str, str, MessageStatus, str | None]],
+    ) -> list[Message]:
+        """Append several messages in one transaction: all land or none."""
+        now = time.time()
+        msgs = [
+            Message(new_id("msg"), conversation_id, role, content, status, run_id, None, now, now)
+            for role, content, status, run_id in items
+        ]
+
+        def fn(c: sqlite3.Connection) -> None:
+            cur = c.execute(
+                "UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id)
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
+            c.executemany(
+                f"INSERT INTO messages ({_MSG_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (m.id, m.conversation_id, m.role, m.content, m.status.value, m.run_id, None,
+                     now, now)
+                    for m in msgs
+                ],
+            )
+
+        await self._write("append_message", fn)
+        return msgs
+
+    async def update_message(
+        self,
+        message_id: str,
+        *,
+        content: str,
+        status: MessageStatus,
+        error: str | None = None,
+    ) -> None:
+        now = time.time()
+
+        def fn(c: sqlite3.Connection) -> int:
+            return c.execute(
+                "UPDATE messages SET content = ?, status = ?, error = ?, updated_at = ? "
+                "WHERE id = ?",
+                (content, status.value, error, now, message_id),
+            ).rowcount
+
+        if not await self._write("update_message", fn):
+            raise NotFound(f"no message {message_id!r}", id=message_id)
+
+    async def get_messages(self, conversation_id: str) -> list[Message]:
+        """Messages of a conversation, oldest first."""
+
+        def fn(c: sqlite3.Connection) -> list[Message]:
+            rows = c.execute(
+                f"SELECT {_MSG_COLS} FROM messages WHERE conversation_id = ? ORDER BY seq",
+                (conversation_id,),
+            ).fetchall()
+            return [_message(r) for r in rows]
+
+        return await self._read("get_messages", fn)
+
+    # -- runs and their events ------------------------------------------------------------------
+
+    async def create_run(
+        self,
+        conversation_id: str,
+        *,
+        agent: str,
+        model: str | None,
+        owner: str | None = None,
+        run_id: str | None = None,
+    ) -> RunRecord:
+        now = time.time()
+        run = RunRecord(
+            run_id or new_id("run"), conversation_id, owner, agent, model, "queued", now,
+            None, None, None, {},
+        )
+
+        def fn(c: sqlite3.Connection) -> None:
+            c.execute(
+                f"INSERT INTO runs ({_RUN_COLS}, process) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run.id, conversation_id, owner, agent, model, "queued", now, None, None, None,
+                 "{}", self.process_id),
+            )
+
+        await self._write("create_run", fn)
+        return run
+
+    async def begin_run(
+        self,
+        conversation_id: str,
+        *,
+        content: str,
+        agent: str | None,
+        model: str | None,
+        owner: str | None = None,
+        default_model: str | None = None,
+        run_id: str | None = None,
+    ) -> BegunRun:
+        """Everything a run on an existing conversation needs to start, in one transaction (one
+        thread hop). ``run_id``: the new run's id, if the caller made it (``new_id("run")``).
+
+        Checks the conversation (owned by ``owner``), resolves the agent and model (the
+        request's, else the conversation's, else ``"chat"`` / ``default_model``), writes a
+        ``queued`` run, the user's message, a ``pending`` reply and the run's first event
+        (``run.started``, seq 1), and reads the conversation's earlier messages for the agent's
+        history. (A run on a new conversation has nothing to read: :meth:`plan_run`.)
+        """
+        now = time.time()
+        run_id = run_id or new_id("run")
+        user_id, reply_id = new_id("msg"), new_id("msg")
+
+        def fn(c: sqlite3.Connection) -> BegunRun:
+            row = c.execute(
+                f"SELECT {_CONV_COLS} FROM conversations WHERE id = ? AND owner IS ?",
+                (conversation_id, owner),
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
+            conv = _conversation(row)
+            c.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conv.id))
+            history = [_message(r) for r in c.execute(
+                f"SELECT {_MSG_COLS} FROM messages WHERE conversation_id = ? ORDER BY seq",
+                (conv.id,),
+            )]
+            begun = begun_run(run_id, user_id, reply_id, conv, history, content, agent, model,
+                           owner, default_model, now)
+            self._insert_run(c, begun)
+            return begun
+
+        return await self._write("begin_run", fn)
+
+    def plan_run(
+        self,
+        *,
+        content: str,
+        agent: str | None,
+        model: str | None,
+        owner: str | None = None,
+        new_conversation: dict[str, str | None] | None = None,
+        default_model: str | None = None,
+    ) -> BegunRun:
+        """The records of a run on a new conversation, without writing them (sync, no I/O).
+
+        Nothing has to be read for such a run, so its caller can start working while
+        :meth:`write_run` stores them: writes land in the order they were called, so any write
+        about the run called after ``write_run`` (its events, its final state) lands after it.
+        """
+        now = time.time()
+        f = new_conversation or {}
+        conv = Conversation(new_id("conv"), f.get("title"), f.get("system"), f.get("model"),
+                            f.get("agent"), owner, now, now)
+        return begun_run(new_id("run"), new_id("msg"), new_id("msg"), conv, [], content, agent,
+                      model, owner, default_model, now)
+
+    async def write_run(self, begun: BegunRun) -> None:
+        """Store a run from :meth:`plan_run` in one transaction: its new conversation, the
+        ``queued`` run, the user's message, the ``pending`` reply and event 1
+        (``begun.started``)."""
+        conv = begun.conversation
+
+        def fn(c: sqlite3.Connection) -> None:
+            c.execute(
+                f"INSERT INTO conversations ({_CONV_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (conv.id, conv.title, conv.system, conv.model, conv.agent, conv.owner,
+                 conv.created_at, conv.updated_at),
+            )
+            self._insert_run(c, begun)
+
+        await self._write("begin_run", fn)
+
+    def _insert_run(self, c: sqlite3.Connection, begun: BegunRun) -> None:
+        run, now = begun.run, begun.run.created_at
+        # Stored as running, from now: its task starts as this write lands (a /v1 run's even
+        # before), and another worker reading the store sees it as it is.
+        c.execute(
+            f"INSERT INTO runs ({_RUN_COLS}, process) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (run.id, run.conversation_id, run.owner, run.agent, run.model, "running", now, now,
+             None, None, "{}", self.process_id),
+        )
+        c.executemany(
+            f"INSERT INTO messages ({_MSG_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(m.id, m.conversation_id, m.role, m.content, m.status.value, m.run_id, None,
+              now, now) for m in (begun.user, begun.reply)],
+        )
+        _insert_events(c, [begun.started])
+
+    async def finish_run(
+        self,
+        run_id: str,
+        *,
+        status: str,
+        message_id: str,
+        content: str,
+        message_status: MessageStatus,
+        error: str | None,
+        usage: dict[str, Any],
+        events: Sequence[RunEventRecord] = (),
+    ) -> None:
+        """In one transaction: the run's final status, its reply's final text, its last events
+        (those already stored, by an earlier write that timed out but landed, are skipped)."""
+        now = time.time()
+        # Model text: the adapters clean it already; a lone surrogate here would fail the
+        # write (UTF-8 cannot encode it) every time it is retried.
+        content, error = clean_text(content), error and clean_text(error)
+
+        def fn(c: sqlite3.Connection) -> None:
+            c.execute(
+                "UPDATE runs SET status = ?, finished_at = ?, error = ?, usage = ?, "
+                "started_at = COALESCE(started_at, ?) WHERE id = ?",
+                (status, now, error, json.dumps(usage), now, run_id),
+            )
+            c.execute(
+                "UPDATE messages SET content = ?, status = ?, error = ?, updated_at = ? "
+                "WHERE id = ?",
+                (content, message_status.value, error, now, message_id),
+            )
+            if events:
+                _insert_events(c, events, ignore=True)
+
+        await self._write("finish_run", fn)
+
+    async def recover_interrupted(self, run_id: str | None = None) -> list[str]:
+        """Close runs left ``queued``/``running`` by a process that is gone (killed, crashed).
+
+        Each becomes ``failed`` ("interrupted"), its pending reply ``error`` with what it had,
+        and gets a final ``run.finished`` event, so nothing hangs as "running" forever and a
+        client re-joining it gets a clean end. Runs of live processes (other workers sharing
+        the file) are left alone. Returns the ids closed.
+
+        Called at start-up, and by the run supervisor every ``upkeep.RECOVER_EVERY`` seconds
+        (workers sharing the file close a dead sibling's runs): a read finds them; only then a
+        write, which closes each only if it is still in progress (another worker may have been
+        first).
+        ``run_id``: look at that run only (a reader following a run whose owner is gone).
+        """
+        now = time.time()
+        reason = "interrupted: the service stopped before the run finished"
+
+        def find(c: sqlite3.Connection) -> list[str]:
+            sql = "SELECT id, process FROM runs WHERE status IN ('queued', 'running')"
+            rows = (c.execute(sql + " AND id = ?", (run_id,)) if run_id is not None
+                    else c.execute(sql)).fetchall()
+            return [rid for rid, proc in rows
+                    if proc != self.process_id and not _alive(proc, self.process_id)]
+
+        candidates = await self._read("find_interrupted", find)
+        if not candidates:
+            return []
+
+        def fn(c: sqlite3.Connection) -> list[str]:
+            dead = []
+            for rid in candidates:
+                if not c.execute(
+                    "UPDATE runs SET status = 'failed', error = ?, finished_at = ? "
+                    "WHERE id = ? AND status IN ('queued', 'running')", (reason, now, rid),
+                ).rowcount:
+                    continue  # closed meanwhile (by another worker, or it finished)
+                dead.append(rid)
+                why = reason
+                ended = c.execute(
+                    "SELECT data FROM run_events WHERE run_id = ? AND type = 'run.finished'",
+                    (rid,),
+                ).fetchone()
+                if ended is not None:
+                    # Its end is stored already (a store of an older version published ends
+                    # apart from final states): the store agrees with what clients were told,
+                    # and a run has one run.finished.
+                    told = json.loads(ended[0])
+                    status = told.get("status", "failed")
+                    c.execute("UPDATE runs SET status = ?, error = ? WHERE id = ?",
+                              (status, told.get("error"), rid))
+                    reply = c.execute(
+                        "SELECT data FROM run_events WHERE run_id = ? AND type = 'message'",
+                        (rid,),
+                    ).fetchone()
+                    if status == "succeeded" and reply is not None:
+                        c.execute(
+                            "UPDATE messages SET status = 'complete', content = ?, "
+                            "updated_at = ? WHERE run_id = ? AND status = 'pending'",
+                            (json.loads(reply[0]).get("content", ""), now, rid),
+                        )
+                        continue
+                    why = told.get("error") or reason
+                # The reply's text so far is in its token events: keep it.
+                partial = "".join(
+                    json.loads(data).get("text", "") for (data,) in c.execute(
+                        "SELECT data FROM run_events WHERE run_id = ? AND type = 'token' "
+                        "ORDER BY seq", (rid,),
+                    )
+                )
+                c.execute(
+                    "UPDATE messages SET status = 'error', error = ?, content = ?, "
+                    "updated_at = ? WHERE run_id = ? AND status = 'pending'",
+                    (why, partial, now, rid),
+                )
+                if ended is not None:
+                    continue
+                c.execute(
+                    "INSERT INTO run_events (run_id, seq, type, data, created_at) "
+                    "SELECT ?, COALESCE(MAX(seq), 0) + 1, 'run.finished', ?, ? "
+                    "FROM run_events WHERE run_id = ?",
+                    (rid, json.dumps({"status": "failed", "usage": {}, "error": reason}), now,
+                     rid),
+                )
+            return dead
+
+        return await self._write("recover_interrupted", fn)
+
+    async def update_run(
+        self,
+        run_id: str,
+        *,
+        status: str,
+        started_at: float | None = None,
+        finished_at: float | None = None,
+        error: str | None = None,
+        usage: dict[str, Any] | None = None,
+    ) -> None:
+        def fn(c: sqlite3.Connection) -> int:
+            return c.execute(
+                "UPDATE runs SET status = ?, started_at = COALESCE(?, started_at), "
+                "finished_at = COALESCE(?, finished_at), error = COALESCE(?, error), "
+                "usage = COALESCE(?, usage) WHERE id = ?",
+                (status, started_at, finished_at, error,
+                 json.dumps(usage) if usage is not None else None, run_id),
+            ).rowcount
+
+        if not await self._write("update_run", fn):
+            raise NotFound(f"no run {run_id!r}", id=run_id)
+
+    async def get_run(self, run_id: str, *, owner: str | None = None) -> RunRecord:
+        def fn(c: sqlite3.Connection) -> RunRecord | None:
+            row = c.execute(
+                f"SELECT {_RUN_COLS} FROM runs WHERE id = ? AND owner IS ?", (run_id, owner)
+            ).fetchone()
+            return _run(row) if row else None
+
+        run = await self._read("get_run", fn)
+        if run is None:
+            raise NotFound(f"no run {run_id!r}", id=run_id)
+        return run
+
+    async def run_in_progress(self, run_id: str) -> Literal["here", "elsewhere"] | None:
+        """Where a run stored as ``queued``/``running`` runs: ``"here"`` (this process),
+        ``"elsewhere"`` (another live worker sharing the file), or None: not in progress, or
+        its process is gone (the next start closes such runs)."""
+        def fn(c: sqlite3.Connection) -> Literal["here", "elsewhere"] | None:
+            row = c.execute(
+                "SELECT process FROM runs WHERE id = ? AND status IN ('queued', 'running')",
+                (run_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            if row[0] == self.process_id:
+                return "here"
+            return "elsewhere" if _alive(row[0], self.process_id) else None
+
+        return await self._read("run_in_progress", fn)
+
+    async def prune_events(self, finished_before: float, rows: int = 5000) -> int:
+        """Delete at most ``rows`` events of runs finished before ``finished_before``, except each
+        run's ``run.started`` and ``run.finished`` (a re-join still gets a clean end; the reply's
+        text stays in its message); a run is marked done once none is left. One transaction,
+        bounded by rows, not runs (a run may hold 100,000 tokens). Returns the work done (rows
+        deleted + runs marked): 0 when nothing is left to prune."""
+        def fn(c: sqlite3.Connection) -> int:
+            budget, done = rows, 0
+            for (run_id,) in c.execute(
+                "SELECT id FROM runs WHERE events_pruned = 0 AND finished_at IS NOT NULL "
+                "AND finished_at < ? ORDER BY finished_at LIMIT 100", (finished_before,),
+            ).fetchall():
+                deleted = c.execute(
+                    "DELETE FROM run_events WHERE run_id = ? AND seq IN (SELECT seq FROM "
+                    "run_events WHERE run_id = ? AND type NOT IN ('run.started', 'run.finished') "
+                    "LIMIT ?)", (run_id, run_id, budget)).rowcount
+                budget -= deleted
+                done += deleted
+                if budget <= 0:
+                    break  # maybe more of this run: the next call goes on with it
+                c.execute("UPDATE runs SET events_pruned = 1 WHERE id = ?", (run_id,))
+                done += 1
+            return done
+
+        return await self._write("prune_events", fn)
+
+    async def runs_in_progress(self, conversation_id: str) -> list[str]:
+        """Ids of a conversation's runs stored as ``queued`` or ``running``."""
+        def fn(c: sqlite3.Connection) -> list[str]:
+            return [r[0] for r in c.execute(
+                "SELECT id FROM runs WHERE conversation_id = ? AND status IN "
+                "('queued', 'running')", (conversation_id,))]
+
+        return await self._read("runs_in_progress", fn)
+
+    async def request_cancel(self, run_id: str, reason: str) -> bool:
+        """Ask the process running a run to cancel it (for a run of another worker sharing the
+        file). False if the run is not in progress."""
+        def fn(c: sqlite3.Connection) -> bool:
+            return c.execute(
+                "UPDATE runs SET cancel_requested = COALESCE(cancel_requested, ?) "
+                "WHERE id = ? AND status IN ('queued', 'running')", (reason, run_id),
+            ).rowcount > 0
+
+        return await self._write("request_cancel", fn)
+
+    async def cancel_requests(self) -> list[tuple[str, str]]:
+        """(run id, reason) of this process's runs whose cancel another worker asked for."""
+        def fn(c: sqlite3.Connection) -> list[tuple[str, str]]:
+            return c.execute(
+                "SELECT id, cancel_requested FROM runs WHERE status IN ('queued', 'running') "
+                "AND process = ? AND cancel_requested IS NOT NULL", (self.process_id,),
+            ).fetchall()
+
+        return await self._read("cancel_requests", fn)
+
+    async def append_run_events(
+        self, events: Sequence[RunEventRecord], *, retry: bool = False
+    ) -> None:
+        """Append a batch of events in one transaction (all land or none). ``retry``: some may
+        be stored already (a write that timed out may still have landed); those are skipped."""
+        if not events:
+            return
+
+        def fn(c: sqlite3.Connection) -> None:
+            _insert_events(c, events, ignore=retry)
+
+        await self._write("append_run_events", fn)
+
+    async def list_run_events(
+        self, run_id: str, *, after: int = 0, limit: int = 10_000
+    ) -> list[RunEventRecord]:
+        def fn(c: sqlite3.Connection) -> list[RunEventRecord]:
+            rows = c.execute(
+                "SELECT run_id, seq, type, data, created_at FROM run_events "
+                "WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (run_id, after, limit),
+            ).fetchall()
+            return [RunEventRecord(r[0], r[1], r[2], json.loads(r[3]), r[4], r[3]) for r in rows]
+
+        return await self._read("list_run_events", fn)
+
+    # -- LLM calls ------------------------------------------------------------------------------
+
+    async def record_llm_call(self, rec: LLMCallRecord) -> None:
+        def fn(c: sqlite3.Connection) -> None:
+            c.execute(
+                f"INSERT INTO llm_calls ({_CALL_COLS}) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (rec.id, rec.backend, rec.model, rec.outcome.value, rec.started_at, rec.run_id,
+                 rec.queue_wait, rec.ttft, rec.duration, rec.prompt_tokens,
+                 rec.completion_tokens, int(rec.tokens_estimated), rec.error),
+            )
+
+        await self._write("record_llm_call", fn)
+
+    async def list_llm_calls(
+        self, *, run_id: str | None = None, limit: int = 50, owner: str | None = None
+    ) -> list[LLMCallRecord]:
+        """Newest first. ``owner``: only calls made by that owner's runs (None: every call)."""
+        sql = f"SELECT {_CALL_COLS_QUALIFIED} FROM llm_calls AS l"
+        where: list[str] = []
+        args: list[Any] = []
+        if owner is not None:
+            # Calls carry no owner of their own: the run that made them has it.
+            sql += " JOIN runs AS r ON r.id = l.run_id"
+            where.append("r.owner = ?")
+            args.append(owner)
+        if run_id is not None:
+            where.append("l.run_id = ?")
+            args.append(run_id)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY l.seq DESC LIMIT ?"
+        args.append(limit)
+
+        def fn(c: sqlite3.Connection) -> list[LLMCallRecord]:
+            return [_call(r) for r in c.execute(sql, args).fetchall()]
+
+        return await self._read("list_llm_calls", fn)
