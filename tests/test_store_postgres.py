@@ -84,8 +84,14 @@ async def test_a_restarted_database_comes_back_without_reopening_the_store(
                 with pytest.raises(StoreUnavailable):
                     await store.get_messages(conv.id)
             assert store.write_error is not None
-            with pytest.raises(StoreUnavailable):
+            with pytest.raises(StoreUnavailable, match="no connection to the database within 1 s"):
                 await store.probe_write()
+            # A read waiting for a connection ends with its caller's deadline, not the pool's.
+            start = trio.current_time()
+            with trio.move_on_after(0.3) as deadline:
+                await store.ping()
+            assert deadline.cancelled_caught
+            assert trio.current_time() - start < 0.9
         finally:
             postgres.start()
         # Back: the pool replaces its dead connections; the same store writes again.

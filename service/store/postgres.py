@@ -34,7 +34,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -70,6 +71,7 @@ __all__ = ["PostgresStore", "describe_url"]
 T = TypeVar("T")
 Conn = psycopg.Connection[Any]
 
+_ACQUIRE_STEP = 0.25  # seconds between looks at the caller's cancellation, waiting for the pool
 _MIGRATION_LOCK = 0x5E7F1CE  # pg_advisory_xact_lock key: one process migrates at a time
 
 _CONV_COLS = "id, title, system, model, agent, owner, created_at, updated_at"
@@ -309,6 +311,31 @@ class PostgresStore:
         error.__cause__ = exc
         return error
 
+    @contextmanager
+    def _connection(self, pool: psycopg_pool.ConnectionPool[Conn]) -> Iterator[Conn]:
+        """A pooled connection, in a worker thread (``pool.connection()``, but its wait can be
+        cancelled). While the database is away the pool has none to give for up to
+        ``acquire_timeout``; the wait goes in short steps and ends early if the calling task
+        was cancelled (nothing has been sent yet: a read's caller, e.g. ``/readyz`` with its
+        2 s deadline, is not held for the whole timeout). A batch of writes runs shielded,
+        so its wait is not cut."""
+        deadline = time.monotonic() + self._acquire_timeout
+        while True:
+            try:
+                conn = pool.getconn(timeout=min(_ACQUIRE_STEP, self._acquire_timeout))
+                break
+            except psycopg_pool.PoolTimeout as exc:
+                if time.monotonic() >= deadline:
+                    raise psycopg_pool.PoolTimeout(
+                        f"no connection to the database within {self._acquire_timeout:g} s"
+                    ) from exc
+                trio.from_thread.check_cancelled()
+        try:
+            with conn:  # commit or roll back as pool.connection() does; a pooled one stays open
+                yield conn
+        finally:
+            pool.putconn(conn)
+
     async def _write(self, op: str, fn: Callable[[Conn], T]) -> T:
         """Run ``fn`` in a transaction, grouped with the writes queued beside it (see the
         module docstring; the same queue and the same cancellation rules as SQLite's)."""
@@ -331,7 +358,7 @@ class PostgresStore:
                      batch: list[PendingWrite[Conn]]) -> None:
         single = len(batch) == 1
         try:
-            with pool.connection(timeout=self._acquire_timeout) as conn:
+            with self._connection(pool) as conn:
                 # Savepoint commands go with the next one, in one round trip each (a query
                 # without parameters may hold several statements): a write costs one round trip
                 # more than its own statements, not two.
@@ -374,7 +401,7 @@ class PostgresStore:
             raise StoreError("store is closed")
 
         def run() -> T:
-            with pool.connection(timeout=self._acquire_timeout) as conn:
+            with self._connection(pool) as conn:
                 return fn(conn)
 
         try:
