@@ -1,0 +1,378 @@
+"""``python -m service chat``: a terminal client of a running service.
+
+``python -m service chat "a question"`` streams the answer to stdout and exits 0 (1 with the
+error on stderr if the run or a request fails, 130 if interrupted). Without a message it is an
+interactive chat on one conversation (its history is the conversation's). The answer is rendered
+as Markdown on a terminal; the agent's steps (thoughts, tool calls and results, the plan) are
+dimmed, and go to stderr when stdout is not a terminal, so a pipe gets the answer alone.
+
+Ctrl-C during an answer cancels the run on the server (``POST /api/runs/{id}/cancel``: it ends
+``cancelled`` with its partial answer stored) and the client shows how it ended; a second Ctrl-C
+exits at once (the dropped stream cancels the run too). Ctrl-C or Ctrl-D at the prompt exits.
+
+Each turn is one ``trio.run``: the prompt is a plain blocking ``input()`` between turns, and
+SIGINT is trio's (a signal receiver) only while a turn runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import trio
+from rich.console import Console
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.text import Text
+
+__all__ = ["SSEParser", "main"]
+
+EXIT_INTERRUPTED = 130
+_STEPS = ("thought", "tool.call", "tool.result", "plan", "step.started", "step.finished")
+_TITLE_CHARS = 60
+
+
+class ChatError(Exception):
+    """A request failed: its one line goes to stderr."""
+
+
+class Interrupted(Exception):
+    """The second Ctrl-C of a turn: leave now."""
+
+
+@dataclass
+class Options:
+    url: str
+    key: str | None
+    agent: str | None
+    model: str | None
+    conversation: str | None
+    message: str | None
+
+
+@dataclass
+class SSEParser:
+    """Frames of an SSE stream, fed line by line: ``{"id", "event", "data"}`` (data parsed as
+    JSON); comments (keep-alives) are dropped."""
+
+    _fields: dict[str, str] = field(default_factory=dict)
+    _data: list[str] = field(default_factory=list)
+
+    def feed(self, line: str) -> dict[str, Any] | None:
+        if line:
+            if not line.startswith(":"):
+                name, _, value = line.partition(":")
+                value = value.removeprefix(" ")
+                if name == "data":
+                    self._data.append(value)
+                else:
+                    self._fields[name] = value
+            return None
+        frame: dict[str, Any] | None = None
+        if self._data:
+            frame = {**self._fields, "data": json.loads("\n".join(self._data))}
+        self._fields, self._data = {}, []
+        return frame
+
+
+class Renderer:
+    """What a turn shows: the answer as Markdown (live on a terminal), the steps dimmed."""
+
+    def __init__(self, out: Console, err: Console) -> None:
+        self.out, self.err = out, err
+        self.tty = out.is_terminal
+        # Steps go with the answer on a terminal, to stderr in a pipe.
+        self.steps = out if self.tty else err
+        self._live: Live | None = None
+        self._segment = ""  # the text of the current LLM call (a step's or the answer's)
+        self._stream_tokens = self.tty  # in a pipe: only for the chat agent (no steps)
+        self._printed = ""
+
+    def started(self, agent: str) -> None:
+        if not self.tty and agent == "chat":
+            self._stream_tokens = True
+
+    def token(self, text: str) -> None:
+        self._segment += text
+        if not self._stream_tokens:
+            return
+        if self.tty:
+            if self._live is None:
+                self._live = Live(console=self.out, auto_refresh=False,
+                                  vertical_overflow="visible")
+                self._live.start()
+            self._live.update(Markdown(self._segment), refresh=True)
+        else:
+            self.out.file.write(text)
+            self.out.file.flush()
+            self._printed += text
+
+    def step(self, kind: str, data: dict[str, Any]) -> None:
+        if self.tty and self._segment:
+            # The text so far was a step's (a ReAct thought), not the answer.
+            self._stop_live(Text(self._segment.strip(), style="dim"))
+        self._segment = ""
+        self.steps.print(Text(_describe(kind, data), style="dim"))
+
+    def message(self, content: str) -> None:
+        """The final answer (after its tokens, if any were shown)."""
+        if self.tty:
+            self._stop_live(Markdown(content))
+        elif self._printed:
+            if content.startswith(self._printed):
+                self.out.file.write(content[len(self._printed):])
+            self.out.file.write("\n")
+        else:
+            self.out.file.write(content + "\n")
+        self.out.file.flush()
+        self._segment = self._printed = ""
+
+    def finished(self, status: str, error: dict[str, Any] | None) -> None:
+        self._stop_live(Markdown(self._segment) if self._segment.strip() else None)
+        if self._printed:
+            self.out.file.write("\n")
+            self.out.file.flush()
+        if status != "succeeded":
+            why = f": {error['type']}: {error['message']}" if error else ""
+            self.err.print(Text(f"[run {status}{why}]", style="dim"))
+
+    def note(self, text: str) -> None:
+        self.err.print(Text(text, style="dim"))
+
+    def _stop_live(self, final: Any) -> None:
+        if self._live is not None:
+            self._live.update(final if final is not None else Text(""), refresh=True)
+            self._live.stop()
+            self._live = None
+        elif final is not None and self.tty:
+            self.out.print(final)
+
+
+def _describe(kind: str, data: dict[str, Any]) -> str:
+    if kind == "thought":
+        return f"· thinking: {data.get('text', '')}"
+    if kind == "tool.call":
+        return f"· tool {data.get('name')}({json.dumps(data.get('arguments', {}))})"
+    if kind == "tool.result":
+        if "error" in data:
+            return f"· tool error: {data['error']}"
+        return f"· tool result: {_short(data.get('output'))}"
+    if kind == "plan":
+        steps = data.get("steps", [])
+        return "· plan: " + "; ".join(str(s.get("task", s)) for s in steps)
+    if kind == "step.started":
+        return f"· step {data.get('id')}: {data.get('task', '')}"
+    return f"· step {data.get('id')} done"
+
+
+def _short(value: object, limit: int = 200) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+@dataclass
+class Turn:
+    """One question: its run (once known) and whether it was asked to stop."""
+
+    run_id: str | None = None
+    cancelling: bool = False
+    status: str | None = None
+    error: dict[str, Any] | None = None
+
+
+def _error_of(resp: httpx.Response) -> str:
+    try:
+        error = resp.json()["error"]
+        return f"{resp.status_code} {error['type']}: {error['message']}"
+    except (ValueError, KeyError, TypeError):
+        return f"{resp.status_code} {resp.reason_phrase}"
+
+
+class Client:
+    def __init__(self, opts: Options, http: httpx.AsyncClient, renderer: Renderer) -> None:
+        self.opts, self.http, self.renderer = opts, http, renderer
+
+    async def create_conversation(self, first: str) -> str:
+        body: dict[str, Any] = {"title": first.strip()[:_TITLE_CHARS] or None}
+        if self.opts.agent:
+            body["agent"] = self.opts.agent
+        if self.opts.model:
+            body["model"] = self.opts.model
+        resp = await self.http.post("/api/conversations", json=body)
+        if resp.status_code != 201:
+            raise ChatError(f"cannot create a conversation: {_error_of(resp)}")
+        return str(resp.json()["id"])
+
+    async def ask(self, conversation: str, content: str) -> Turn:
+        """Stream one run's events to the renderer; Ctrl-C cancels it on the server."""
+        turn = Turn()
+        body: dict[str, Any] = {"content": content, "stream": True}
+        if self.opts.agent:
+            body["agent"] = self.opts.agent
+        if self.opts.model:
+            body["model"] = self.opts.model
+        with trio.open_signal_receiver(signal.SIGINT) as interrupts:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._on_interrupts, interrupts, turn, nursery)
+                await self._stream(conversation, body, turn)
+                nursery.cancel_scope.cancel()
+        return turn
+
+    async def _stream(self, conversation: str, body: dict[str, Any], turn: Turn) -> None:
+        path = f"/api/conversations/{conversation}/messages"
+        async with self.http.stream("POST", path, json=body) as resp:
+            if resp.status_code != 200:
+                await resp.aread()
+                raise ChatError(_error_of(resp))
+            parser = SSEParser()
+            async for line in resp.aiter_lines():
+                frame = parser.feed(line)
+                if frame is not None:
+                    await self._show(frame, turn)
+
+    async def _show(self, frame: dict[str, Any], turn: Turn) -> None:
+        kind, data = frame.get("event", ""), frame["data"]
+        if kind == "run.started":
+            turn.run_id = data["run_id"]
+            self.renderer.started(data.get("agent", ""))
+            if turn.cancelling:  # Ctrl-C came before the run was known
+                await self._cancel(turn)
+        elif kind == "token":
+            self.renderer.token(data.get("text", ""))
+        elif kind in _STEPS:
+            self.renderer.step(kind, data)
+        elif kind == "message":
+            self.renderer.message(data.get("content", ""))
+        elif kind == "error":
+            turn.error = data
+        elif kind == "run.finished":
+            turn.status = data.get("status")
+            self.renderer.finished(turn.status or "unknown", turn.error)
+
+    async def _on_interrupts(self, interrupts: Any, turn: Turn,
+                             nursery: trio.Nursery) -> None:
+        async for _ in interrupts:
+            if turn.cancelling:
+                raise Interrupted
+            turn.cancelling = True
+            self.renderer.note("[cancelling the run; Ctrl-C again to quit]")
+            if turn.run_id is not None:
+                nursery.start_soon(self._cancel, turn)
+
+    async def _cancel(self, turn: Turn) -> None:
+        resp = await self.http.post(f"/api/runs/{turn.run_id}/cancel")
+        if resp.status_code != 202:
+            self.renderer.note(f"[cancel failed: {_error_of(resp)}]")
+
+
+def _http(opts: Options) -> httpx.AsyncClient:
+    headers = {"Authorization": f"Bearer {opts.key}"} if opts.key else {}
+    # A run may be quiet for a while (a model loading, a tool working): no read timeout; the
+    # service's own keep-alives and deadlines bound it.
+    return httpx.AsyncClient(base_url=opts.url, headers=headers,
+                             timeout=httpx.Timeout(30.0, read=None))
+
+
+async def _one_turn(opts: Options, renderer: Renderer, conversation: str | None,
+                    content: str) -> tuple[str, Turn]:
+    async with _http(opts) as http:
+        client = Client(opts, http, renderer)
+        if conversation is None:
+            conversation = await client.create_conversation(content)
+        return conversation, await client.ask(conversation, content)
+
+
+def _run_turn(opts: Options, renderer: Renderer, conversation: str | None,
+              content: str) -> tuple[str | None, Turn | None, int]:
+    """One turn; the conversation, the turn, and an exit status if it should end the chat."""
+    try:
+        conversation, turn = trio.run(_one_turn, opts, renderer, conversation, content)
+    except (KeyboardInterrupt, Interrupted):
+        renderer.note("[interrupted]")
+        return conversation, None, EXIT_INTERRUPTED
+    except BaseExceptionGroup as group:
+        # A single failure from the turn's nursery.
+        found = group.subgroup((Interrupted, ChatError, httpx.HTTPError))
+        if found is None:
+            raise
+        exc = found.exceptions[0]
+        while isinstance(exc, BaseExceptionGroup):
+            exc = exc.exceptions[0]
+        if isinstance(exc, Interrupted):
+            renderer.note("[interrupted]")
+            return conversation, None, EXIT_INTERRUPTED
+        return conversation, None, _report(renderer, exc)
+    except (ChatError, httpx.HTTPError) as exc:
+        return conversation, None, _report(renderer, exc)
+    return conversation, turn, 0
+
+
+def _report(renderer: Renderer, exc: BaseException) -> int:
+    if isinstance(exc, httpx.HTTPError):
+        renderer.err.print(f"service chat: cannot reach the service: {exc}", markup=False,
+                           highlight=False)
+    else:
+        renderer.err.print(f"service chat: {exc}", markup=False, highlight=False)
+    return 1
+
+
+def _one_shot(opts: Options, renderer: Renderer, message: str) -> int:
+    _, turn, status = _run_turn(opts, renderer, opts.conversation, message)
+    if turn is None:
+        return status
+    if turn.status == "succeeded":
+        return 0
+    return EXIT_INTERRUPTED if turn.cancelling else 1
+
+
+def _interactive(opts: Options, renderer: Renderer) -> int:
+    conversation = opts.conversation
+    renderer.note(f"chatting with {opts.url} (Ctrl-C stops an answer, Ctrl-D quits)")
+    while True:
+        try:
+            line = renderer.out.input("[bold]you>[/bold] ")
+        except (EOFError, KeyboardInterrupt):
+            renderer.out.print()
+            return 0
+        if not line.strip():
+            continue
+        conversation, turn, status = _run_turn(opts, renderer, conversation, line)
+        if turn is None and status == EXIT_INTERRUPTED:
+            return status
+        # A failed request is reported and the chat goes on (the service may come back).
+
+
+def _parse(argv: Sequence[str]) -> Options:
+    parser = argparse.ArgumentParser(prog="python -m service chat",
+                                     description="a terminal client of a running service")
+    parser.add_argument("message", nargs="?",
+                        help="ask this, print the answer and exit (else an interactive chat)")
+    parser.add_argument("--url", default=os.environ.get("SERVICE_CHAT_URL",
+                                                        "http://127.0.0.1:8000"),
+                        help="the service's base URL (default: $SERVICE_CHAT_URL or "
+                             "http://127.0.0.1:8000)")
+    parser.add_argument("--key", default=os.environ.get("SERVICE_CHAT_KEY"),
+                        help="one of SERVICE_API_KEYS (default: $SERVICE_CHAT_KEY; the "
+                             "variable keeps it out of the process list)")
+    parser.add_argument("--agent", choices=("chat", "react", "plan_execute", "auto"))
+    parser.add_argument("--model")
+    parser.add_argument("--conversation", metavar="ID",
+                        help="go on with this conversation (default: a new one)")
+    args = parser.parse_args(argv)
+    return Options(url=args.url.rstrip("/"), key=args.key, agent=args.agent, model=args.model,
+                   conversation=args.conversation, message=args.message)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = _parse(sys.argv[2:] if argv is None else argv)
+    renderer = Renderer(Console(), Console(stderr=True))
+    if opts.message is not None:
+        return _one_shot(opts, renderer, opts.message)
+    return _interactive(opts, renderer)
