@@ -1,0 +1,556 @@
+"""The PostgreSQL store's queries: what each method reads and writes (``PostgresQueries``).
+
+:class:`~service.store.postgres.PostgresStore` is these queries on its engine (the pool, group
+commit, transactions): each method hands its SQL, as a function of a psycopg connection, to
+``_write`` (in a write transaction, grouped with others) or ``_read``. The same queries as
+SQLite's (:mod:`.sqlite_queries`) in PostgreSQL's dialect: ``%s`` placeholders, ``ON CONFLICT
+DO NOTHING`` for ``OR IGNORE``, a batch of events as arrays (one statement however long).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+import psycopg
+
+from ..errors import NotFound
+from ..text import clean_text
+from .ownership import alive
+from .records import (
+    BegunRun,
+    Conversation,
+    LLMCallOutcome,
+    LLMCallRecord,
+    Message,
+    MessageStatus,
+    RunEventRecord,
+    RunRecord,
+    begun_run,
+    decode_cursor,
+    encode_cursor,
+    new_id,
+)
+
+__all__ = ["Conn", "PostgresQueries"]
+
+T = TypeVar("T")
+Conn = psycopg.Connection[Any]
+
+_CONV_COLS = "id, title, system, model, agent, owner, created_at, updated_at"
+_MSG_COLS = "id, conversation_id, role, content, status, run_id, error, created_at, updated_at"
+_RUN_COLS = (
+    "id, conversation_id, owner, agent, model, status, created_at, started_at, finished_at, "
+    "error, usage"
+)
+_CALL_COLS = (
+    "id, backend, model, outcome, started_at, run_id, queue_wait, ttft, duration, "
+    "prompt_tokens, completion_tokens, tokens_estimated, error"
+)
+_CALL_COLS_QUALIFIED = ", ".join(f"l.{c.strip()}" for c in _CALL_COLS.split(","))
+_MSG_INSERT = f"INSERT INTO messages ({_MSG_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+_CONV_INSERT = f"INSERT INTO conversations ({_CONV_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+
+
+def _events_sql(ignore: bool) -> str:
+    # One statement for a whole batch, however long (arrays, not a VALUES list per size).
+    # An event of a run that is gone (its conversation deleted meanwhile) is dropped.
+    return (
+        "INSERT INTO run_events (run_id, seq, type, data, created_at) "
+        "SELECT v.run_id, v.seq, v.type, v.data, v.created_at FROM unnest("
+        "%s::text[], %s::int[], %s::text[], %s::text[], %s::float8[]) "
+        "AS v(run_id, seq, type, data, created_at) "
+        "WHERE EXISTS (SELECT 1 FROM runs WHERE id = v.run_id)"
+        + (" ON CONFLICT DO NOTHING" if ignore else "")
+    )
+
+
+_INSERT_EVENTS = _events_sql(False)
+_INSERT_EVENTS_IGNORE = _events_sql(True)
+
+
+def _insert_events(c: Conn, events: Sequence[RunEventRecord], *, ignore: bool = False) -> None:
+    cols: tuple[list[Any], ...] = ([], [], [], [], [])
+    for e in events:
+        raw = e.raw if e.raw is not None else json.dumps(e.data, separators=(",", ":"))
+        for col, value in zip(cols, (e.run_id, e.seq, e.type, raw, e.created_at), strict=True):
+            col.append(value)
+    c.execute(_INSERT_EVENTS_IGNORE if ignore else _INSERT_EVENTS, cols)
+
+
+def _owner_is(owner: str | None) -> tuple[str, tuple[Any, ...]]:
+    """SQLite's ``owner IS ?``, written so PostgreSQL can use its index."""
+    return ("owner IS NULL", ()) if owner is None else ("owner = %s", (owner,))
+
+
+def _conversation(row: Sequence[Any]) -> Conversation:
+    return Conversation(*row)
+
+
+def _message(row: Sequence[Any]) -> Message:
+    m = list(row)
+    m[4] = MessageStatus(m[4])
+    return Message(*m)
+
+
+def _run(row: Sequence[Any]) -> RunRecord:
+    r = list(row)
+    r[10] = json.loads(r[10]) if r[10] else {}
+    return RunRecord(*r)
+
+
+def _call(row: Sequence[Any]) -> LLMCallRecord:
+    c = list(row)
+    c[3] = LLMCallOutcome(c[3])
+    c[11] = bool(c[11])
+    return LLMCallRecord(*c)
+
+
+class PostgresQueries:
+    """Conversations, messages, runs, run events and LLM calls, as PostgreSQL SQL."""
+
+    process_id: str  # how this process tags the runs it runs
+
+    if TYPE_CHECKING:  # the engine's (PostgresStore)
+        async def _write(self, op: str, fn: Callable[[Conn], T]) -> T: ...
+
+        async def _read(self, op: str, fn: Callable[[Conn], T]) -> T: ...
+
+    # -- conversations --------------------------------------------------------------------------
+
+    async def create_conversation(
+        self, *, title: str | None = None, system: str | None = None, model: str | None = None,
+        agent: str | None = None, owner: str | None = None,
+    ) -> Conversation:
+        now = time.time()
+        conv = Conversation(new_id("conv"), title, system, model, agent, owner, now, now)
+
+        def fn(c: Conn) -> None:
+            c.execute(_CONV_INSERT, (conv.id, title, system, model, agent, owner, now, now))
+
+        await self._write("create_conversation", fn)
+        return conv
+
+    async def get_conversation(
+        self, conversation_id: str, *, owner: str | None = None
+    ) -> Conversation:
+        who, args = _owner_is(owner)
+
+        def fn(c: Conn) -> Conversation | None:
+            row = c.execute(f"SELECT {_CONV_COLS} FROM conversations WHERE id = %s AND {who}",
+                            (conversation_id, *args)).fetchone()
+            return _conversation(row) if row else None
+
+        conv = await self._read("get_conversation", fn)
+        if conv is None:
+            raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
+        return conv
+
+    async def list_conversations(
+        self, *, owner: str | None = None, limit: int = 20, before: str | None = None
+    ) -> tuple[list[Conversation], str | None]:
+        before_seq = decode_cursor(before) if before else None
+        who, owner_args = _owner_is(owner)
+
+        def fn(c: Conn) -> tuple[list[Conversation], str | None]:
+            sql = f"SELECT seq, {_CONV_COLS} FROM conversations WHERE {who}"
+            args: list[Any] = [*owner_args]
+            if before_seq is not None:
+                sql += " AND seq < %s"
+                args.append(before_seq)
+            sql += " ORDER BY seq DESC LIMIT %s"
+            args.append(limit + 1)
+            rows = c.execute(sql, args).fetchall()  # type: ignore[call-overload]
+            page = rows[:limit]
+            nxt = encode_cursor(page[-1][0]) if len(rows) > limit else None
+            return [_conversation(r[1:]) for r in page], nxt
+
+        return await self._read("list_conversations", fn)
+
+    async def delete_conversation(
+        self, conversation_id: str, *, owner: str | None = None
+    ) -> None:
+        who, args = _owner_is(owner)
+
+        def fn(c: Conn) -> int:
+            return c.execute(f"DELETE FROM conversations WHERE id = %s AND {who}",
+                             (conversation_id, *args)).rowcount
+
+        if not await self._write("delete_conversation", fn):
+            raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
+
+    # -- messages -------------------------------------------------------------------------------
+
+    async def append_message(
+        self, conversation_id: str, *, role: str, content: str,
+        status: MessageStatus = MessageStatus.complete, run_id: str | None = None,
+    ) -> Message:
+        return (await self.append_messages(conversation_id, [(role, content, status, run_id)]))[0]
+
+    async def append_messages(
+        self, conversation_id: str,
+        items: Iterable[tuple[str, str, MessageStatus, str | None]],
+    ) -> list[Message]:
+        now = time.time()
+        msgs = [
+            Message(new_id("msg"), conversation_id, role, content, status, run_id, None, now, now)
+            for role, content, status, run_id in items
+        ]
+
+        def fn(c: Conn) -> None:
+            cur = c.execute("UPDATE conversations SET updated_at = %s WHERE id = %s",
+                            (now, conversation_id))
+            if cur.rowcount == 0:
+                raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
+            _insert_messages(c, msgs)
+
+        await self._write("append_message", fn)
+        return msgs
+
+    async def update_message(
+        self, message_id: str, *, content: str, status: MessageStatus, error: str | None = None,
+    ) -> None:
+        now = time.time()
+
+        def fn(c: Conn) -> int:
+            return c.execute(
+                "UPDATE messages SET content = %s, status = %s, error = %s, updated_at = %s "
+                "WHERE id = %s", (content, status.value, error, now, message_id)).rowcount
+
+        if not await self._write("update_message", fn):
+            raise NotFound(f"no message {message_id!r}", id=message_id)
+
+    async def get_messages(self, conversation_id: str) -> list[Message]:
+        def fn(c: Conn) -> list[Message]:
+            rows = c.execute(
+                f"SELECT {_MSG_COLS} FROM messages WHERE conversation_id = %s ORDER BY seq",
+                (conversation_id,)).fetchall()
+            return [_message(r) for r in rows]
+
+        return await self._read("get_messages", fn)
+
+    # -- runs and their events ------------------------------------------------------------------
+
+    async def create_run(
+        self, conversation_id: str, *, agent: str, model: str | None,
+        owner: str | None = None, run_id: str | None = None,
+    ) -> RunRecord:
+        now = time.time()
+        run = RunRecord(run_id or new_id("run"), conversation_id, owner, agent, model, "queued",
+                        now, None, None, None, {})
+
+        def fn(c: Conn) -> None:
+            c.execute(
+                f"INSERT INTO runs ({_RUN_COLS}, process) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (run.id, conversation_id, owner, agent, model, "queued", now, None, None, None,
+                 "{}", self.process_id))
+
+        await self._write("create_run", fn)
+        return run
+
+    async def begin_run(
+        self, conversation_id: str, *, content: str, agent: str | None, model: str | None,
+        owner: str | None = None, default_model: str | None = None, run_id: str | None = None,
+    ) -> BegunRun:
+        now = time.time()
+        run_id = run_id or new_id("run")
+        user_id, reply_id = new_id("msg"), new_id("msg")
+        who, args = _owner_is(owner)
+
+        def fn(c: Conn) -> BegunRun:
+            row = c.execute(f"SELECT {_CONV_COLS} FROM conversations WHERE id = %s AND {who}",
+                            (conversation_id, *args)).fetchone()
+            if row is None:
+                raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
+            conv = _conversation(row)
+            c.execute("UPDATE conversations SET updated_at = %s WHERE id = %s", (now, conv.id))
+            history = [_message(r) for r in c.execute(
+                f"SELECT {_MSG_COLS} FROM messages WHERE conversation_id = %s ORDER BY seq",
+                (conv.id,)).fetchall()]
+            begun = begun_run(run_id, user_id, reply_id, conv, history, content, agent, model,
+                              owner, default_model, now)
+            self._insert_run(c, begun)
+            return begun
+
+        return await self._write("begin_run", fn)
+
+    def plan_run(
+        self, *, content: str, agent: str | None, model: str | None, owner: str | None = None,
+        new_conversation: dict[str, str | None] | None = None,
+        default_model: str | None = None,
+    ) -> BegunRun:
+        now = time.time()
+        f = new_conversation or {}
+        conv = Conversation(new_id("conv"), f.get("title"), f.get("system"), f.get("model"),
+                            f.get("agent"), owner, now, now)
+        return begun_run(new_id("run"), new_id("msg"), new_id("msg"), conv, [], content, agent,
+                         model, owner, default_model, now)
+
+    async def write_run(self, begun: BegunRun) -> None:
+        conv = begun.conversation
+
+        def fn(c: Conn) -> None:
+            c.execute(_CONV_INSERT, (conv.id, conv.title, conv.system, conv.model, conv.agent,
+                                     conv.owner, conv.created_at, conv.updated_at))
+            self._insert_run(c, begun)
+
+        await self._write("begin_run", fn)
+
+    def _insert_run(self, c: Conn, begun: BegunRun) -> None:
+        run, now = begun.run, begun.run.created_at
+        # Stored as running, from now (as SQLite's: its task starts as this write lands).
+        c.execute(
+            f"INSERT INTO runs ({_RUN_COLS}, process) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (run.id, run.conversation_id, run.owner, run.agent, run.model, "running", now, now,
+             None, None, "{}", self.process_id))
+        _insert_messages(c, [begun.user, begun.reply])
+        _insert_events(c, [begun.started])
+
+    async def finish_run(
+        self, run_id: str, *, status: str, message_id: str, content: str,
+        message_status: MessageStatus, error: str | None, usage: dict[str, Any],
+        events: Sequence[RunEventRecord] = (),
+    ) -> None:
+        now = time.time()
+        content, error = clean_text(content), error and clean_text(error)
+
+        def fn(c: Conn) -> None:
+            c.execute(
+                "UPDATE runs SET status = %s, finished_at = %s, error = %s, usage = %s, "
+                "started_at = COALESCE(started_at, %s) WHERE id = %s",
+                (status, now, error, json.dumps(usage), now, run_id))
+            c.execute(
+                "UPDATE messages SET content = %s, status = %s, error = %s, updated_at = %s "
+                "WHERE id = %s", (content, message_status.value, error, now, message_id))
+            if events:
+                _insert_events(c, events, ignore=True)
+
+        await self._write("finish_run", fn)
+
+    async def recover_interrupted(self, run_id: str | None = None) -> list[str]:
+        """Close runs left in progress by a process that is gone (see SQLiteStore's)."""
+        now = time.time()
+        reason = "interrupted: the service stopped before the run finished"
+
+        def find(c: Conn) -> list[str]:
+            sql = "SELECT id, process FROM runs WHERE status IN ('queued', 'running')"
+            rows = (c.execute(sql + " AND id = %s", (run_id,)) if run_id is not None
+                    else c.execute(sql)).fetchall()
+            return [rid for rid, proc in rows
+                    if proc != self.process_id and not alive(proc, self.process_id)]
+
+        candidates = await self._read("find_interrupted", find)
+        if not candidates:
+            return []
+
+        def fn(c: Conn) -> list[str]:
+            dead = []
+            for rid in candidates:
+                if not c.execute(
+                    "UPDATE runs SET status = 'failed', error = %s, finished_at = %s "
+                    "WHERE id = %s AND status IN ('queued', 'running')", (reason, now, rid),
+                ).rowcount:
+                    continue  # closed meanwhile (by another worker, or it finished)
+                dead.append(rid)
+                why = reason
+                ended = c.execute(
+                    "SELECT data FROM run_events WHERE run_id = %s AND type = 'run.finished'",
+                    (rid,)).fetchone()
+                if ended is not None:
+                    # Its end is stored already: the store agrees with what clients were told.
+                    told = json.loads(ended[0])
+                    status = told.get("status", "failed")
+                    c.execute("UPDATE runs SET status = %s, error = %s WHERE id = %s",
+                              (status, told.get("error"), rid))
+                    reply = c.execute(
+                        "SELECT data FROM run_events WHERE run_id = %s AND type = 'message'",
+                        (rid,)).fetchone()
+                    if status == "succeeded" and reply is not None:
+                        c.execute(
+                            "UPDATE messages SET status = 'complete', content = %s, "
+                            "updated_at = %s WHERE run_id = %s AND status = 'pending'",
+                            (json.loads(reply[0]).get("content", ""), now, rid))
+                        continue
+                    why = told.get("error") or reason
+                # The reply's text so far is in its token events: keep it.
+                partial_text = "".join(
+                    json.loads(data).get("text", "") for (data,) in c.execute(
+                        "SELECT data FROM run_events WHERE run_id = %s AND type = 'token' "
+                        "ORDER BY seq", (rid,)).fetchall())
+                c.execute(
+                    "UPDATE messages SET status = 'error', error = %s, content = %s, "
+                    "updated_at = %s WHERE run_id = %s AND status = 'pending'",
+                    (why, partial_text, now, rid))
+                if ended is not None:
+                    continue
+                c.execute(
+                    "INSERT INTO run_events (run_id, seq, type, data, created_at) "
+                    "SELECT %s, COALESCE(MAX(seq), 0) + 1, 'run.finished', %s, %s "
+                    "FROM run_events WHERE run_id = %s",
+                    (rid, json.dumps({"status": "failed", "usage": {}, "error": reason}), now,
+                     rid))
+            return dead
+
+        return await self._write("recover_interrupted", fn)
+
+    async def update_run(
+        self, run_id: str, *, status: str, started_at: float | None = None,
+        finished_at: float | None = None, error: str | None = None,
+        usage: dict[str, Any] | None = None,
+    ) -> None:
+        def fn(c: Conn) -> int:
+            return c.execute(
+                "UPDATE runs SET status = %s, started_at = COALESCE(%s, started_at), "
+                "finished_at = COALESCE(%s, finished_at), error = COALESCE(%s, error), "
+                "usage = COALESCE(%s, usage) WHERE id = %s",
+                (status, started_at, finished_at, error,
+                 json.dumps(usage) if usage is not None else None, run_id)).rowcount
+
+        if not await self._write("update_run", fn):
+            raise NotFound(f"no run {run_id!r}", id=run_id)
+
+    async def get_run(self, run_id: str, *, owner: str | None = None) -> RunRecord:
+        who, args = _owner_is(owner)
+
+        def fn(c: Conn) -> RunRecord | None:
+            row = c.execute(f"SELECT {_RUN_COLS} FROM runs WHERE id = %s AND {who}",
+                            (run_id, *args)).fetchone()
+            return _run(row) if row else None
+
+        run = await self._read("get_run", fn)
+        if run is None:
+            raise NotFound(f"no run {run_id!r}", id=run_id)
+        return run
+
+    async def run_in_progress(self, run_id: str) -> Literal["here", "elsewhere"] | None:
+        def fn(c: Conn) -> Literal["here", "elsewhere"] | None:
+            row = c.execute(
+                "SELECT process FROM runs WHERE id = %s AND status IN ('queued', 'running')",
+                (run_id,)).fetchone()
+            if row is None:
+                return None
+            if row[0] == self.process_id:
+                return "here"
+            return "elsewhere" if alive(row[0], self.process_id) else None
+
+        return await self._read("run_in_progress", fn)
+
+    async def prune_events(self, finished_before: float, rows: int = 5000) -> int:
+        def fn(c: Conn) -> int:
+            budget, done = rows, 0
+            for (run_id,) in c.execute(
+                "SELECT id FROM runs WHERE events_pruned = 0 AND finished_at IS NOT NULL "
+                "AND finished_at < %s ORDER BY finished_at LIMIT 100", (finished_before,),
+            ).fetchall():
+                deleted = c.execute(
+                    "DELETE FROM run_events WHERE run_id = %s AND seq IN (SELECT seq FROM "
+                    "run_events WHERE run_id = %s AND type NOT IN ('run.started', "
+                    "'run.finished') LIMIT %s)", (run_id, run_id, budget)).rowcount
+                budget -= deleted
+                done += deleted
+                if budget <= 0:
+                    break  # maybe more of this run: the next call goes on with it
+                c.execute("UPDATE runs SET events_pruned = 1 WHERE id = %s", (run_id,))
+                done += 1
+            return done
+
+        return await self._write("prune_events", fn)
+
+    async def runs_in_progress(self, conversation_id: str) -> list[str]:
+        def fn(c: Conn) -> list[str]:
+            return [r[0] for r in c.execute(
+                "SELECT id FROM runs WHERE conversation_id = %s AND status IN "
+                "('queued', 'running')", (conversation_id,)).fetchall()]
+
+        return await self._read("runs_in_progress", fn)
+
+    async def request_cancel(self, run_id: str, reason: str) -> bool:
+        def fn(c: Conn) -> bool:
+            return c.execute(
+                "UPDATE runs SET cancel_requested = COALESCE(cancel_requested, %s) "
+                "WHERE id = %s AND status IN ('queued', 'running')", (reason, run_id),
+            ).rowcount > 0
+
+        return await self._write("request_cancel", fn)
+
+    async def cancel_requests(self) -> list[tuple[str, str]]:
+        def fn(c: Conn) -> list[tuple[str, str]]:
+            return [(r[0], r[1]) for r in c.execute(
+                "SELECT id, cancel_requested FROM runs WHERE status IN ('queued', 'running') "
+                "AND process = %s AND cancel_requested IS NOT NULL", (self.process_id,),
+            ).fetchall()]
+
+        return await self._read("cancel_requests", fn)
+
+    async def append_run_events(
+        self, events: Sequence[RunEventRecord], *, retry: bool = False
+    ) -> None:
+        if not events:
+            return
+
+        def fn(c: Conn) -> None:
+            _insert_events(c, events, ignore=retry)
+
+        await self._write("append_run_events", fn)
+
+    async def list_run_events(
+        self, run_id: str, *, after: int = 0, limit: int = 10_000
+    ) -> list[RunEventRecord]:
+        def fn(c: Conn) -> list[RunEventRecord]:
+            rows = c.execute(
+                "SELECT run_id, seq, type, data, created_at FROM run_events "
+                "WHERE run_id = %s AND seq > %s ORDER BY seq LIMIT %s",
+                (run_id, after, limit)).fetchall()
+            return [RunEventRecord(r[0], r[1], r[2], json.loads(r[3]), r[4], r[3]) for r in rows]
+
+        return await self._read("list_run_events", fn)
+
+    # -- LLM calls ------------------------------------------------------------------------------
+
+    async def record_llm_call(self, rec: LLMCallRecord) -> None:
+        def fn(c: Conn) -> None:
+            c.execute(
+                f"INSERT INTO llm_calls ({_CALL_COLS}) VALUES "
+                "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (rec.id, rec.backend, rec.model, rec.outcome.value, rec.started_at, rec.run_id,
+                 rec.queue_wait, rec.ttft, rec.duration, rec.prompt_tokens,
+                 rec.completion_tokens, int(rec.tokens_estimated), rec.error))
+
+        await self._write("record_llm_call", fn)
+
+    async def list_llm_calls(
+        self, *, run_id: str | None = None, limit: int = 50, owner: str | None = None
+    ) -> list[LLMCallRecord]:
+        sql = f"SELECT {_CALL_COLS_QUALIFIED} FROM llm_calls AS l"
+        where: list[str] = []
+        args: list[Any] = []
+        if owner is not None:
+            sql += " JOIN runs AS r ON r.id = l.run_id"
+            where.append("r.owner = %s")
+            args.append(owner)
+        if run_id is not None:
+            where.append("l.run_id = %s")
+            args.append(run_id)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY l.seq DESC LIMIT %s"
+        args.append(limit)
+
+        def fn(c: Conn) -> list[LLMCallRecord]:
+            return [_call(r) for r in c.execute(sql, args).fetchall()]  # type: ignore[call-overload]
+
+        return await self._read("list_llm_calls", fn)
+
+
+def _insert_messages(c: Conn, msgs: Sequence[Message]) -> None:
+    rows = [(m.id, m.conversation_id, m.role, m.content, m.status.value, m.run_id, None,
+             m.created_at, m.updated_at) for m in msgs]
+    if len(rows) == 1:
+        c.execute(_MSG_INSERT, rows[0])  # one round trip; executemany enters pipeline mode
+        return
+    with c.cursor() as cur:
+        cur.executemany(_MSG_INSERT, rows)
