@@ -374,3 +374,79 @@ headers = {{ Authorization = "Bearer s3cret-token" }}
             with pytest.raises(AllBackendsFailed) as caught:
                 await answer(auto, ask())
             assert "s3cret" not in str(caught.value.to_dict()) + repr(auto)
+
+
+# -- 5. through the app: conversations, /api/backends, /metrics --------------------------------
+
+
+async def test_the_app_keeps_conversations_and_shows_every_server(
+        settings: Settings, tmp_path: Path) -> None:
+    from .conftest import running_server
+
+    async with upstreams(2) as ups:
+        path = write(tmp_path, "".join(f"""
+[[server]]
+name = "gpu-{i}"
+kind = "llamacpp"
+url = "{sim.url}"
+weight = {i + 1}
+headers = {{ Authorization = "Bearer s3cret-token" }}
+""" for i, (sim, _) in enumerate(ups)))
+        conf = settings.model_copy(update={"backends_file": path, "default_model": "sim-model"})
+        async with running_server(conf, from_settings=True) as server, server.client() as c:
+            conversations = []
+            for _ in range(2):
+                r = await c.post("/api/conversations", json={})
+                assert r.status_code == 201, r.text
+                conversations.append(r.json()["id"])
+            for turn in range(3):
+                for n, conv in enumerate(conversations):
+                    with trio.fail_after(GUARD):
+                        r = await c.post(f"/api/conversations/{conv}/messages", json={
+                            "content": f"conv{n} turn{turn}", "stream": True})
+                    assert r.status_code == 200, r.text
+                    assert "run.finished" in r.text
+                    assert '"succeeded"' in r.text
+
+            def conversations_on(sim: Simulator) -> set[str]:
+                return {m["content"][:5] for s in sim.streams for m in s.body["messages"]
+                        if m["role"] == "user" and m["content"].startswith("conv")}
+
+            on = [conversations_on(sim) for sim, _ in ups]
+            # Each conversation's turns on one server; the two conversations on two servers.
+            assert sorted(map(sorted, on)) == [["conv0"], ["conv1"]], on
+
+            r = await c.get("/api/backends")
+            assert r.status_code == 200
+            assert "s3cret" not in r.text
+            data = {b["name"]: b for b in r.json()["data"]}
+            assert set(data) == {"gpu-0", "gpu-1"}
+            for b in data.values():
+                assert b["ready"] is True
+                assert b["models"] == ["sim-model"]
+                assert b["loaded"] == ["sim-model"]
+                assert b["in_flight"] == 0
+                assert b["cooldown"] is None
+                assert b["failures"] == 0
+            assert data["gpu-1"]["weight"] == 2
+
+            metrics = (await c.get("/metrics")).text
+            assert 'service_backend_in_flight{backend="gpu-0"} 0.0' in metrics
+            assert 'service_backend_up{backend="gpu-1"} 1.0' in metrics
+            assert 'service_backend_cooldown_seconds{backend="gpu-0"} 0.0' in metrics
+            assert 'service_backend_model{backend="gpu-0",model="sim-model"} 2.0' in metrics
+            assert "s3cret" not in metrics
+
+            # One server killed: every later run succeeds, /api/backends says which is down.
+            ups[0][1].cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            for turn in range(3, 6):
+                for conv in conversations:
+                    with trio.fail_after(GUARD):
+                        r = await c.post(f"/api/conversations/{conv}/messages", json={
+                            "content": f"again {turn}", "stream": True})
+                    assert '"succeeded"' in r.text, r.text
+            data = {b["name"]: b for b in (await c.get("/api/backends")).json()["data"]}
+            assert data["gpu-0"]["ready"] is False
+            assert data["gpu-1"]["ready"] is True
+            assert 'service_backend_up{backend="gpu-0"} 0.0' in (await c.get("/metrics")).text

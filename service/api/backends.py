@@ -157,6 +157,9 @@ async def list_backends() -> BackendList:
     if backend is None:
         return BackendList(data=[])
     deadline = trio.current_time() + _PROBE_DEADLINE
+    if isinstance(router := _unwrap(backend), FleetBackend):
+        with trio.move_on_at(deadline):
+            await router.refresh_if_stale()  # what each server serves and has loaded
     members, healths = await _healths(backend, deadline)
     models = await _models(members, healths, deadline)
     auto = _unwrap(backend)

@@ -22,7 +22,8 @@ Routing one call
 What the servers serve is refreshed every ``inventory_ttl`` seconds by the call that finds it
 stale (bounded by ``inventory_timeout``; concurrent calls use what is known meanwhile; only the
 very first calls wait for it). A server whose model list cannot be read (refused, TLS, timeout)
-is marked not ready for ``health_ttl``, as a failed health probe would.
+is marked not ready for ``health_ttl``, as a failed health probe would; so is one a call could
+not reach at all (refused, reset before any answer, TLS).
 """
 
 from __future__ import annotations
@@ -34,10 +35,17 @@ from dataclasses import dataclass
 import httpx
 import trio
 
-from ..errors import BackendError, BackendResponseError, ModelNotFound
+from ..errors import (
+    BackendBusy,
+    BackendError,
+    BackendResponseError,
+    BackendUnavailable,
+    ModelNotFound,
+)
 from ..metrics import Metrics
 from .auto import AutoBackend
 from .base import Backend, BackendHealth, ChatRequest
+from .http import BackendTLSError
 
 __all__ = ["FleetBackend", "Inventory", "Member"]
 
@@ -109,9 +117,8 @@ class FleetBackend(AutoBackend):
     # -- routing ----------------------------------------------------------------------------
 
     async def order(self, request: ChatRequest) -> list[Backend]:
-        model = request.model or self.default_model
-        if model is not None and trio.current_time() - self._refreshed_at >= self.inventory_ttl:
-            await self._refresh_inventories()
+        if request.model or self.default_model:
+            await self.refresh_if_stale()
         self._export_in_flight()
         return self.route(request)
 
@@ -154,6 +161,17 @@ class FleetBackend(AutoBackend):
         self._affinity.move_to_end(conversation)
         if len(self._affinity) > _AFFINITY_MAX:
             self._affinity.popitem(last=False)
+
+    def _failed(self, backend: Backend, exc: BackendError) -> None:
+        super()._failed(backend, exc)
+        if isinstance(exc, BackendUnavailable | BackendTLSError) and not isinstance(
+                exc, BackendBusy) and exc.details.get("upstream_status") is None:
+            # No answer at all (refused, reset, TLS): as good as a failed probe. Known not
+            # ready for health_ttl: other conversations do not try it first meanwhile.
+            st = self._state[id(backend)]
+            st.health = BackendHealth(backend.name, backend.url, reachable=False, ready=False,
+                                      error=exc.message)
+            st.health_at = trio.current_time()
 
     def server_of(self, conversation_id: str) -> Backend | None:
         """The server a conversation's next call goes to first, if it has one."""
@@ -210,10 +228,10 @@ class FleetBackend(AutoBackend):
             models = frozenset(member.models)
         self.inventories[i] = Inventory(models, loaded, now)
 
-    async def refresh(self) -> None:
-        """Ask every server what it serves now (``/api/backends`` and tests)."""
-        self._refreshed_at = float("-inf")
-        await self._refresh_inventories()
+    async def refresh_if_stale(self) -> None:
+        """Ask every server what it serves, if that is older than ``inventory_ttl``."""
+        if trio.current_time() - self._refreshed_at >= self.inventory_ttl:
+            await self._refresh_inventories()
 
     # -- metrics ----------------------------------------------------------------------------
 
