@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -46,7 +47,11 @@ async def llama(tiny_model: Path) -> AsyncIterator[EmbeddedLlamaServer]:
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def settings(tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
+    """Settings on a fresh store: a SQLite file, or with ``SERVICE_TEST_STORE=postgres`` a fresh
+    database on the session's PostgreSQL (tests/pg.py), to run end-to-end tests on it."""
+    if os.environ.get("SERVICE_TEST_STORE") == "postgres":
+        return load_settings(db=request.getfixturevalue("pg_url"))
     return load_settings(db=tmp_path / "service.db")
 
 
