@@ -450,3 +450,28 @@ headers = {{ Authorization = "Bearer s3cret-token" }}
             assert data["gpu-0"]["ready"] is False
             assert data["gpu-1"]["ready"] is True
             assert 'service_backend_up{backend="gpu-0"} 0.0' in (await c.get("/metrics")).text
+
+
+async def test_a_server_that_never_completes_the_handshake_is_bounded(
+        settings: Settings, tmp_path: Path) -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    accepted: list[trio.SocketStream] = []
+
+    async def accept_and_say_nothing() -> None:
+        while True:
+            accepted.append(await listeners[0].accept())  # holds it open, silent
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(accept_and_say_nothing)
+        path = write(tmp_path, f'[[server]]\nname = "mute"\nkind = "llamacpp"\n'
+                               f'url = "https://127.0.0.1:{port}"\n'
+                               f'timeouts = {{ connect = 0.5 }}\n')
+        async with fleet(settings, backends_file=path) as auto:
+            with trio.fail_after(5), pytest.raises(AllBackendsFailed) as caught:
+                await auto.chat(ask())
+            assert "connect or TLS handshake timed out" in caught.value.message
+        nursery.cancel_scope.cancel()
+    for stream in accepted:
+        await stream.aclose()
+    await listeners[0].aclose()

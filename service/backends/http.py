@@ -189,6 +189,14 @@ def tls_reason(exc: BaseException) -> str | None:
     return text if "SSL" in text or "CERTIFICATE" in text.upper() else None
 
 
+def _has_request(exc: httpx.HTTPError) -> bool:
+    try:
+        exc.request  # noqa: B018 (raises RuntimeError when the exception has none)
+    except RuntimeError:
+        return False
+    return True
+
+
 def httpx_error(exc: httpx.HTTPError, backend: str, url: str = "") -> BackendError:
     """The service's error for one of httpx's (the caller raises it ``from exc``)."""
     where = f" ({url})" if url else ""
@@ -197,6 +205,8 @@ def httpx_error(exc: httpx.HTTPError, backend: str, url: str = "") -> BackendErr
                                "backend's CA bundle? is its client certificate accepted?)",
                                backend=backend)
     if isinstance(exc, httpx.ConnectTimeout):
+        if str(exc.request.url if _has_request(exc) else url).startswith("https:"):
+            return ConnectTimeout(f"connect or TLS handshake timed out{where}", backend=backend)
         return ConnectTimeout(f"connect timed out{where}", backend=backend)
     if isinstance(exc, httpx.PoolTimeout):
         return ConnectTimeout(f"no free connection in the pool{where}", backend=backend)
