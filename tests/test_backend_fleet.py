@@ -22,6 +22,7 @@ import trustme
 from service.backends import FleetBackend, build_backend, client_from_settings
 from service.backends.base import Backend, ChatMessage, ChatRequest
 from service.backends.http import BackendTLSError
+from service.backends.router import Inventory, Member
 from service.errors import AllBackendsFailed, ConfigError
 from service.metrics import Metrics
 from service.settings import Settings, load_settings
@@ -475,3 +476,59 @@ async def test_a_server_that_never_completes_the_handshake_is_bounded(
     for stream in accepted:
         await stream.aclose()
     await listeners[0].aclose()
+
+
+# -- routing rules, in memory and virtual time ---------------------------------------------------
+
+
+def memory_fleet(sims: list[Simulator], members: list[Member]) -> FleetBackend:
+    from service.backends.llamacpp import OpenAICompatBackend
+
+    from .backend_helpers import mock_client
+
+    return FleetBackend([OpenAICompatBackend(f"s{i}", f"http://s{i}", mock_client(sim))
+                         for i, sim in enumerate(sims)], members, default_model="sim-model")
+
+
+async def test_weights_share_concurrent_calls(autojump_clock: trio.testing.MockClock) -> None:
+    sims = [Simulator(default=Reply(tokens=2, first_delay=1.0)) for _ in range(2)]
+    auto = memory_fleet(sims, [Member(weight=1), Member(weight=2)])
+    async with trio.open_nursery() as nursery:
+        for i in range(30):
+            nursery.start_soon(auto.chat, ask(f"c{i}"))
+    assert (len(sims[0].streams), len(sims[1].streams)) == (10, 20)
+
+
+async def test_loaded_is_preferred_only_while_it_has_a_free_slot(
+        autojump_clock: trio.testing.MockClock) -> None:
+    sims = [Simulator(default=Reply(tokens=2, first_delay=1.0)) for _ in range(2)]
+    auto = memory_fleet(sims, [Member(capacity=4), Member(capacity=4)])
+    # Ollama's /api/ps is what tells "loaded"; these speak OpenAI: say it as the inventory would.
+    await auto.refresh_if_stale()
+    auto.inventories[0] = Inventory(frozenset({"sim-model"}), frozenset({"sim-model"}),
+                                    trio.current_time())
+    auto.inventories[1] = Inventory(frozenset({"sim-model"}), frozenset(), trio.current_time())
+    async with trio.open_nursery() as nursery:
+        for i in range(4):
+            nursery.start_soon(auto.chat, ask(f"c{i}"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert (len(sims[0].streams), len(sims[1].streams)) == (4, 0)  # the loaded one
+        for i in range(4, 10):
+            nursery.start_soon(auto.chat, ask(f"c{i}"))
+    # Its slots full: fewest in flight (the other catches up, then they alternate).
+    assert (len(sims[0].streams), len(sims[1].streams)) == (5, 5)
+
+
+async def test_the_conversation_leaves_a_cooling_server_and_stays_on_the_new_one(
+        autojump_clock: trio.testing.MockClock) -> None:
+    sims = [Simulator(default=Reply(tokens=2)) for _ in range(2)]
+    auto = memory_fleet(sims, [Member(), Member()])
+    await auto.chat(ask("conv"))
+    first = auto.server_of("conv")
+    assert first is not None
+    i = auto.backends.index(first)
+    sims[i].default = Reply(status=503, error="overloaded")
+    for _ in range(5):
+        result = await auto.chat(ask("conv"))
+        assert result.backend != first.name
+    assert auto.server_of("conv") is auto.backends[1 - i]
