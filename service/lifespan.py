@@ -24,6 +24,7 @@ from .runs import RunSupervisor
 from .runs.committer import FINAL_WRITE_BUDGET
 from .settings import BackendKind, embedded_alias
 from .store import describe_store, make_store
+from .store.ownership import LEASE
 from .tools import BUILTIN_TOOLS, ToolRegistry, load_tool_modules
 
 if TYPE_CHECKING:
@@ -49,6 +50,8 @@ async def _start_services(app: QuartTrio, svc: Services, backend: Backend | None
         raise StoreError(f"SERVICE_DB: {exc.message}") from exc
     svc.store = store
     try:
+        # This instance's lease first: other instances sharing the store see it alive.
+        await store.renew_lease(LEASE)
         interrupted = await store.recover_interrupted()
     except StoreError as exc:  # opens, but cannot be read (a corrupted file): say which setting
         await store.aclose()
@@ -150,5 +153,9 @@ async def _stop_services(svc: Services) -> None:
             stop.set()
             await svc.extras["embedded_done"].wait()
         if svc.store is not None:
+            try:
+                await svc.store.end_lease()  # what it left is closed by others at once
+            except StoreError as exc:
+                log.warning("could not end this instance's lease: %s", exc.message)
             await svc.store.aclose()
             log.info("store closed")

@@ -550,10 +550,10 @@ async def test_a_pid_reused_by_another_process_does_not_keep_old_runs_alive(
         live, *_ = await store.begin_run(conv.id, content="q2", agent="chat", model=None)
     other = await trio.lowlevel.open_process(["sleep", "60"])
     try:
-        pid, made, boot, ticks = process_tag(other.pid).split(":")
+        pid, made, boot, ticks, ns = process_tag(other.pid).split(":")
         conn = _RawSQL(db)
         conn.execute("UPDATE runs SET process = ? WHERE id = ?",  # the PID's earlier owner
-                     (f"{pid}:{made}:{boot}:{int(ticks) - 100}", old.id))
+                     (f"{pid}:{made}:{boot}:{int(ticks) - 100}:{ns}", old.id))
         conn.execute("UPDATE runs SET process = ? WHERE id = ?", (process_tag(other.pid),
                                                                    live.id))
         conn.commit()
@@ -630,8 +630,9 @@ def test_process_tags_carry_the_boot_and_the_start_tick() -> None:
     from service.store.ownership import alive as _alive
     from service.store.ownership import process_tag
 
-    pid, made, boot, ticks = process_tag(os.getppid()).split(":")
+    pid, made, boot, ticks, ns = process_tag(os.getppid()).split(":")
     assert pid == str(os.getppid())
+    assert ns.isdigit()  # the PID namespace the PID means something in
     assert len(boot) == 36
     assert int(ticks) > 0
     assert _alive(f"{pid}:{made}:{boot}:{ticks}", "1:1")
@@ -690,3 +691,67 @@ async def test_the_wal_is_cut_back_once_a_long_reader_is_gone(tmp_path: Path) ->
             await store.append_message(conv.id, role="user", content="y")
         assert (await wal.stat()).st_size <= 1 << 20
         assert len(await store.get_messages(conv.id)) == 303  # nothing lost
+
+
+async def test_an_owner_on_another_host_lives_while_its_lease_does(db: Path | str) -> None:
+    # Issue 14: a PID only means something on its own host (in its own PID namespace); a run
+    # of an instance elsewhere was taken for dead (its PID is not here) and closed while it
+    # ran. Its lease decides now; once the lease runs out, it is closed.
+    async with open_store(db) as store:
+        await store.renew_lease(15)
+        conv = await store.create_conversation()
+        run, *_ = await store.begin_run(conv.id, content="q", agent="chat", model=None)
+    elsewhere = "999999999:1:another-boot-id:12345:4026531836"  # no such PID here
+    conn = _RawSQL(db)
+    conn.execute("UPDATE runs SET process = ? WHERE id = ?", (elsewhere, run.id))
+    conn.execute("INSERT INTO instances (id, lease_until, host, pid) VALUES (?, ?, ?, ?)",
+                 (elsewhere, time.time() + 60, "other-host", 999999999))
+    conn.commit()
+    async with open_store(db) as store:
+        assert await store.run_in_progress(run.id) == "elsewhere"
+        assert await store.recover_interrupted() == []
+        assert (await store.get_run(run.id)).status in ("queued", "running")  # untouched
+        # Its lease runs out (the instance was killed there): it is closed, once.
+        conn.execute("UPDATE instances SET lease_until = ? WHERE id = ?",
+                     (time.time() - 1, elsewhere))
+        conn.commit()
+        assert await store.run_in_progress(run.id) is None
+        assert await store.recover_interrupted() == [run.id]
+        assert await store.recover_interrupted() == []
+        assert (await store.get_run(run.id)).status == "failed"
+    conn.close()
+
+
+async def test_a_dead_process_on_this_host_is_dead_whatever_its_lease(db: Path | str) -> None:
+    # A process of this host killed a moment ago still has a current lease: its PID decides,
+    # so a restart closes its runs at once (not a lease later).
+    from service.store.ownership import process_tag
+
+    dead = await trio.lowlevel.open_process(["true"])
+    await dead.wait()
+    tag = process_tag(os.getpid()).replace(f"{os.getpid()}:", f"{dead.pid}:", 1)
+    async with open_store(db) as store:
+        conv = await store.create_conversation()
+        run, *_ = await store.begin_run(conv.id, content="q", agent="chat", model=None)
+    conn = _RawSQL(db)
+    conn.execute("UPDATE runs SET process = ? WHERE id = ?", (tag, run.id))
+    conn.execute("INSERT INTO instances (id, lease_until, host, pid) VALUES (?, ?, ?, ?)",
+                 (tag, time.time() + 60, "here", dead.pid))
+    conn.commit()
+    conn.close()
+    async with open_store(db) as store:
+        assert await store.run_in_progress(run.id) is None
+        assert await store.recover_interrupted() == [run.id]
+
+
+async def test_a_stopping_instance_ends_its_lease(db: Path | str) -> None:
+    async with open_store(db) as store:
+        await store.renew_lease(15)
+        mine = store.process_id
+        await store.end_lease()
+    conn = _RawSQL(db)
+    try:
+        assert conn.execute("SELECT COUNT(*) FROM instances WHERE id = ?",
+                            (mine,)).fetchone()[0] == 0
+    finally:
+        conn.close()

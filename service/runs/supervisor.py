@@ -124,6 +124,7 @@ class RunSupervisor:
                 nursery.start_soon(upkeep.maintain_loop, self._store, self.committer)
                 nursery.start_soon(upkeep.cancel_requests_loop, self._store, lambda: self._runs)
                 nursery.start_soon(upkeep.recover_loop, self._store)
+                nursery.start_soon(upkeep.lease_loop, self._store, lambda: self._runs)
                 if self.events_retention > 0:
                     nursery.start_soon(upkeep.prune_loop, self._store, self.events_retention)
                 task_status.started(self)

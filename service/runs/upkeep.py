@@ -12,16 +12,18 @@ import trio
 from ..errors import StoreError
 from ..logs import get_logger
 from ..store import Store
+from ..store.ownership import LEASE
 from .committer import EventCommitter
 from .handle import RunHandle
+from .lifecycle import RunStatus
 
-__all__ = ["cancel_requests_loop", "maintain_loop", "prune_loop", "recover_loop"]
+__all__ = ["cancel_requests_loop", "lease_loop", "maintain_loop", "prune_loop", "recover_loop"]
 
 log = get_logger("service.runs")
 
 MAINTAIN_EVERY = 2.0  # seconds between final-state retries and store maintenance (checkpoints)
 CANCEL_POLL = 0.25  # seconds between looks for cancels other workers asked for
-RECOVER_EVERY = 30.0  # seconds between looks for runs a dead worker left running
+RECOVER_EVERY = 5.0  # seconds between looks for runs a dead instance left running
 PRUNE_EVERY = 60.0  # seconds between prunings of old runs' events (when a retention is set)
 PRUNE_PAUSE = 0.05  # seconds between two pruning batches: other writes go in between
 
@@ -53,6 +55,28 @@ async def cancel_requests_loop(store: Store, live: Callable[[], dict[str, RunHan
             handle = runs.get(run_id)
             if handle is not None:
                 handle.cancel(reason)
+
+
+async def lease_loop(store: Store, live: Callable[[], dict[str, RunHandle]]) -> None:
+    """Renew this process's lease (a third of it at a time). If the store cannot be reached for
+    more than half a lease, this process stops its runs (``failed``, ``store_unavailable``):
+    past its lease another instance takes them for dead and closes them, and two instances
+    must never both finish one run."""
+    last_ok = trio.current_time()
+    while True:
+        await trio.sleep(LEASE / 3)
+        try:
+            await store.renew_lease(LEASE)
+            last_ok = trio.current_time()
+        except StoreError as exc:
+            log.warning("could not renew this instance's lease: %s", exc.message)
+            if trio.current_time() - last_ok > LEASE / 2:
+                for handle in live().values():
+                    if handle.cancel_reason is None and not handle.closed:
+                        log.error("run %s stopped: its lease could not be renewed", handle.id)
+                        handle.cancel_status = RunStatus.failed
+                        handle.error_type = "store_unavailable"
+                        handle.cancel("the store cannot be reached; the run was stopped")
 
 
 async def recover_loop(store: Store) -> None:

@@ -158,6 +158,13 @@ class Store(Protocol):
 
     async def runs_in_progress(self, conversation_id: str) -> list[str]: ...
 
+    async def renew_lease(self, seconds: float) -> None:
+        """This process is alive for ``seconds`` more (``ownership``: a run's owner lives while
+        its lease does)."""
+
+    async def end_lease(self) -> None:
+        """This process stops: its lease ends now."""
+
     async def request_cancel(self, run_id: str, reason: str) -> bool: ...
 
     async def cancel_requests(self) -> list[tuple[str, str]]: ...

@@ -1,8 +1,14 @@
-"""Which process runs a run: tags made from /proc, and whether a tagged process still lives.
+"""Which process runs a run: tags made from /proc, leases, and whether the owner still lives.
 
-Single-host: a tag names a PID, a boot id and a start tick, which only mean something inside one
-PID namespace on one host. Both stores use it for now; a run coordinator with leases (issue 14,
-item 3) replaces it for several hosts.
+A tag names a PID, a boot id, a start tick and a PID namespace. Every process also holds a lease
+in the store (``instances``: its tag and a time until which it is alive, renewed every few
+seconds by the supervisor's upkeep). Whether a run's owner lives (:func:`owner_alive`):
+
+* in this PID namespace on this host (a sibling worker, or a previous life of this service):
+  its PID tells at once, whatever its lease says (a process killed a moment ago is dead now);
+* elsewhere (another host, another container): its lease; an instance killed there is dead
+  once its lease has run out (``LEASE`` seconds at most);
+* a tag of an older version with no lease: its PID, as before.
 """
 
 from __future__ import annotations
@@ -10,7 +16,9 @@ from __future__ import annotations
 import os
 import time
 
-__all__ = ["alive", "process_tag"]
+__all__ = ["LEASE", "alive", "owner_alive", "process_tag"]
+
+LEASE = 15.0  # seconds an instance is taken for alive after its last renewal
 
 
 def process_tag(pid: int) -> str:
@@ -19,8 +27,20 @@ def process_tag(pid: int) -> str:
     tag = f"{pid}:{time.time_ns()}"
     stat, boot = _proc_stat(pid), _boot_id()
     if stat is not None and boot:
-        tag += f":{boot}:{stat[1]}"
+        tag += f":{boot}:{stat[1]}:{_pid_namespace()}"
     return tag
+
+
+def owner_alive(process: str | None, current: str, lease_alive: bool | None) -> bool:
+    """Whether the owner of a run lives (see the module's docstring). ``lease_alive``: whether
+    its lease is current, None if it has none."""
+    if not process:
+        return False
+    parts = process.split(":")
+    here = (len(parts) >= 5 and parts[2] == _boot_id() and parts[4] == _pid_namespace())
+    if here or lease_alive is None:
+        return alive(process, current)
+    return lease_alive
 
 
 def alive(process: str | None, current: str) -> bool:
@@ -60,6 +80,20 @@ def _proc_stat(pid: int) -> tuple[bytes, int] | None:
         return fields[0], int(fields[19])  # fields 3 and 22 of proc(5)
     except (OSError, ValueError, IndexError):
         return None
+
+
+_PID_NS: list[str] = []  # read once
+
+
+def _pid_namespace() -> str:
+    """This process's PID namespace (its inode), or "" if unknown: PIDs only mean something
+    inside one."""
+    if not _PID_NS:
+        try:
+            _PID_NS.append(os.readlink("/proc/self/ns/pid").strip("pid:[]"))
+        except OSError:
+            return ""
+    return _PID_NS[0]
 
 
 _BOOT_ID: list[str] = []  # read once

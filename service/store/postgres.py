@@ -27,9 +27,8 @@ A ``COMMIT`` whose connection is lost while it is under way may have landed or n
 is told ``StoreUnavailable``. The supervisor writes event batches again with ``retry=True``
 (``ON CONFLICT DO NOTHING``), and a final state's events likewise, so such a retry is harmless.
 
-Run ownership is still single-host (``runs.process``, a PID tag; see :mod:`.ownership`): several
-processes on one host can share a database, several hosts cannot yet. A run coordinator with
-leases (issue 14, item 3) replaces it.
+Run ownership (:mod:`.ownership`): a run records its process; a process on another host (or in
+another container) lives while its lease in ``instances`` does, measured in the database's time.
 """
 
 from __future__ import annotations

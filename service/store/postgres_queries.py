@@ -10,6 +10,8 @@ DO NOTHING`` for ``OR IGNORE``, a batch of events as arrays (one statement howev
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -18,7 +20,7 @@ import psycopg
 
 from ..errors import NotFound
 from ..text import clean_text
-from .ownership import alive
+from .ownership import owner_alive
 from .records import (
     BegunRun,
     Conversation,
@@ -107,6 +109,11 @@ def _call(row: Sequence[Any]) -> LLMCallRecord:
     c[11] = bool(c[11])
     return LLMCallRecord(*c)
 
+
+
+# Whether a run's owner holds a current lease (in the database's time), NULL if it has none.
+_LEASE_ALIVE = ("CASE WHEN i.id IS NULL THEN NULL "
+                "ELSE i.lease_until > extract(epoch FROM clock_timestamp()) END")
 
 class PostgresQueries:
     """Conversations, messages, runs, run events and LLM calls, as PostgreSQL SQL."""
@@ -337,11 +344,12 @@ class PostgresQueries:
         reason = "interrupted: the service stopped before the run finished"
 
         def find(c: Conn) -> list[str]:
-            sql = "SELECT id, process FROM runs WHERE status IN ('queued', 'running')"
-            rows = (c.execute(sql + " AND id = %s", (run_id,)) if run_id is not None
+            sql = ("SELECT r.id, r.process, " + _LEASE_ALIVE + " FROM runs r LEFT JOIN "
+                   "instances i ON i.id = r.process WHERE r.status IN ('queued', 'running')")
+            rows = (c.execute(sql + " AND r.id = %s", (run_id,)) if run_id is not None
                     else c.execute(sql)).fetchall()
-            return [rid for rid, proc in rows
-                    if proc != self.process_id and not alive(proc, self.process_id)]
+            return [rid for rid, proc, lease in rows if proc != self.process_id
+                    and not owner_alive(proc, self.process_id, lease)]
 
         candidates = await self._read("find_interrupted", find)
         if not candidates:
@@ -429,13 +437,14 @@ class PostgresQueries:
     async def run_in_progress(self, run_id: str) -> Literal["here", "elsewhere"] | None:
         def fn(c: Conn) -> Literal["here", "elsewhere"] | None:
             row = c.execute(
-                "SELECT process FROM runs WHERE id = %s AND status IN ('queued', 'running')",
+                "SELECT r.process, " + _LEASE_ALIVE + " FROM runs r LEFT JOIN instances i "
+                "ON i.id = r.process WHERE r.id = %s AND r.status IN ('queued', 'running')",
                 (run_id,)).fetchone()
             if row is None:
                 return None
             if row[0] == self.process_id:
                 return "here"
-            return "elsewhere" if alive(row[0], self.process_id) else None
+            return "elsewhere" if owner_alive(row[0], self.process_id, row[1]) else None
 
         return await self._read("run_in_progress", fn)
 
@@ -467,6 +476,23 @@ class PostgresQueries:
                 "('queued', 'running')", (conversation_id,)).fetchall()]
 
         return await self._read("runs_in_progress", fn)
+
+    async def renew_lease(self, seconds: float) -> None:
+        """This process is alive for ``seconds`` more (``ownership``), in the database's time:
+        hosts' clocks may differ."""
+        pid, host = os.getpid(), socket.gethostname()
+        await self._write("renew_lease", lambda c: c.execute(
+            "INSERT INTO instances (id, lease_until, host, pid) VALUES "
+            "(%s, extract(epoch FROM clock_timestamp()) + %s, %s, %s) "
+            "ON CONFLICT (id) DO UPDATE SET lease_until = EXCLUDED.lease_until",
+            (self.process_id, seconds, host, pid)))
+
+    async def end_lease(self) -> None:
+        """This process stops: its lease ends now (others close what it left at once)."""
+        await self._write("end_lease", lambda c: c.execute(
+            "DELETE FROM instances WHERE id = %s "
+            "OR lease_until < extract(epoch FROM clock_timestamp()) - 86400",
+            (self.process_id,)))
 
     async def request_cancel(self, run_id: str, reason: str) -> bool:
         def fn(c: Conn) -> bool:

@@ -112,6 +112,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         "CREATE TABLE heartbeat (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL)",
     ),
+    # 6: every process's lease (``ownership``): an instance is alive until ``lease_until``.
+    (
+        "CREATE TABLE instances (id TEXT PRIMARY KEY, lease_until REAL NOT NULL, "
+        "host TEXT, pid INTEGER)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -208,6 +213,17 @@ PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         CREATE TABLE heartbeat (
             id INTEGER PRIMARY KEY CHECK (id = 1),
             at DOUBLE PRECISION NOT NULL
+        )
+        """,
+    ),
+    # 2: every process's lease (``ownership``), in the database's time (hosts' clocks differ).
+    (
+        """
+        CREATE TABLE instances (
+            id TEXT PRIMARY KEY,
+            lease_until DOUBLE PRECISION NOT NULL,
+            host TEXT,
+            pid INTEGER
         )
         """,
     ),

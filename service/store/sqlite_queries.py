@@ -8,6 +8,8 @@ connection, to ``_write`` (in a write transaction, grouped with others) or ``_re
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from ..errors import NotFound
 from ..text import clean_text
-from .ownership import alive as _alive
+from .ownership import owner_alive
 from .records import (
     BegunRun,
     Conversation,
@@ -105,6 +107,14 @@ def _call(row: Sequence[Any]) -> LLMCallRecord:
     c[11] = bool(c[11])
     return LLMCallRecord(*c)
 
+
+
+# Whether a run's owner holds a current lease: 1/0, NULL if it has none (the parameter: now).
+_LEASE_ALIVE = "CASE WHEN i.id IS NULL THEN NULL ELSE i.lease_until > ? END"
+
+
+def _flag(value: object) -> bool | None:
+    return None if value is None else bool(value)
 
 class SQLiteQueries:
     """Conversations, messages, runs, run events and LLM calls, as SQLite SQL."""
@@ -443,11 +453,12 @@ class SQLiteQueries:
         reason = "interrupted: the service stopped before the run finished"
 
         def find(c: sqlite3.Connection) -> list[str]:
-            sql = "SELECT id, process FROM runs WHERE status IN ('queued', 'running')"
-            rows = (c.execute(sql + " AND id = ?", (run_id,)) if run_id is not None
-                    else c.execute(sql)).fetchall()
-            return [rid for rid, proc in rows
-                    if proc != self.process_id and not _alive(proc, self.process_id)]
+            sql = ("SELECT r.id, r.process, " + _LEASE_ALIVE + " FROM runs r LEFT JOIN "
+                   "instances i ON i.id = r.process WHERE r.status IN ('queued', 'running')")
+            rows = (c.execute(sql + " AND r.id = ?", (time.time(), run_id))
+                    if run_id is not None else c.execute(sql, (time.time(),))).fetchall()
+            return [rid for rid, proc, lease in rows if proc != self.process_id
+                    and not owner_alive(proc, self.process_id, _flag(lease))]
 
         candidates = await self._read("find_interrupted", find)
         if not candidates:
@@ -552,14 +563,16 @@ class SQLiteQueries:
         its process is gone (the next start closes such runs)."""
         def fn(c: sqlite3.Connection) -> Literal["here", "elsewhere"] | None:
             row = c.execute(
-                "SELECT process FROM runs WHERE id = ? AND status IN ('queued', 'running')",
-                (run_id,),
+                "SELECT r.process, " + _LEASE_ALIVE + " FROM runs r LEFT JOIN instances i "
+                "ON i.id = r.process WHERE r.id = ? AND r.status IN ('queued', 'running')",
+                (time.time(), run_id),
             ).fetchone()
             if row is None:
                 return None
             if row[0] == self.process_id:
                 return "here"
-            return "elsewhere" if _alive(row[0], self.process_id) else None
+            alive = owner_alive(row[0], self.process_id, _flag(row[1]))
+            return "elsewhere" if alive else None
 
         return await self._read("run_in_progress", fn)
 
@@ -597,6 +610,21 @@ class SQLiteQueries:
                 "('queued', 'running')", (conversation_id,))]
 
         return await self._read("runs_in_progress", fn)
+
+    async def renew_lease(self, seconds: float) -> None:
+        """This process is alive for ``seconds`` more (``ownership``)."""
+        until = time.time() + seconds
+        pid, host = os.getpid(), socket.gethostname()
+        await self._write("renew_lease", lambda c: c.execute(
+            "INSERT INTO instances (id, lease_until, host, pid) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET lease_until = excluded.lease_until",
+            (self.process_id, until, host, pid)))
+
+    async def end_lease(self) -> None:
+        """This process stops: its lease ends now (others close what it left at once)."""
+        await self._write("end_lease", lambda c: c.execute(
+            "DELETE FROM instances WHERE id = ? OR lease_until < ?",
+            (self.process_id, time.time() - 86_400)))
 
     async def request_cancel(self, run_id: str, reason: str) -> bool:
         """Ask the process running a run to cancel it (for a run of another worker sharing the
