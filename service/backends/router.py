@@ -15,8 +15,9 @@ Routing one call
    b. ``priority`` (lower first; under ``auto`` Ollama's servers before llama.cpp's);
    c. a server that has the model loaded now (Ollama's ``/api/ps``), while it has a free slot;
    d. fewest calls in flight per unit of ``weight``;
-   e. a rotation (moved by each call that has no server of its own yet), so equal servers
-      share sequential conversations too.
+   e. ties: by rendezvous hashing of the conversation id and the servers' names (each process
+      of ``--workers`` sends a new conversation where the others would, and conversations
+      spread evenly), or a rotation for a call without a conversation.
 4. Then AutoBackend's failover: each in turn until one gives a first chunk; never after.
 
 What the servers serve is refreshed every ``inventory_ttl`` seconds by the call that finds it
@@ -28,6 +29,7 @@ not reach at all (refused, reset before any answer, TLS).
 
 from __future__ import annotations
 
+import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -99,6 +101,7 @@ class FleetBackend(AutoBackend):
         self._index = {id(b): i for i, b in enumerate(self.backends)}
         self._affinity: OrderedDict[str, int] = OrderedDict()
         self._turn = 0
+        self._names = [b.name.encode() for b in self.backends]
         self._refreshed_at = float("-inf")
         self._refreshing: trio.Event | None = None
         self._owned = list(owned_clients)
@@ -137,9 +140,15 @@ class FleetBackend(AutoBackend):
         conversation = request.conversation_id
         if conversation is not None and (affine := self._affinity.get(conversation)) is not None:
             self._affinity.move_to_end(conversation)
-        turn = self._turn
-        if affine is None or affine not in usable:
-            self._turn = turn + 1  # a fresh choice: the next one starts elsewhere
+        if conversation is not None:
+            # Rendezvous hashing on the conversation and the servers' names: every process
+            # (--workers) breaks ties the same way, so its turns meet the same cache.
+            salt = zlib.crc32(conversation.encode())
+            tie = [-zlib.crc32(name, salt) for name in self._names]
+        else:
+            turn = self._turn
+            self._turn = turn + 1  # no conversation: a rotation
+            tie = [(i - turn) % count for i in range(count)]
         states = [self._state[id(b)] for b in self.backends]
 
         def key(i: int) -> tuple[bool, int, bool, float, int]:
@@ -147,8 +156,7 @@ class FleetBackend(AutoBackend):
             loaded = self.inventories[i].loaded
             warm = (model is not None and loaded is not None and model in loaded
                     and inflight < member.capacity)
-            return (i != affine, member.priority, not warm, inflight / member.weight,
-                    (i - turn) % count)
+            return (i != affine, member.priority, not warm, inflight / member.weight, tie[i])
 
         usable.sort(key=key)
         return [self.backends[i] for i in usable]
