@@ -454,8 +454,9 @@ headers = {{ Authorization = "Bearer s3cret-token" }}
             assert 'service_backend_model{backend="gpu-0",model="sim-model"} 2.0' in metrics
             assert "s3cret" not in metrics
 
-            # One server killed: every later run succeeds, /api/backends says which is down.
-            ups[0][1].cancel()
+            # conv0's server killed: every later run succeeds, /api/backends says it is down.
+            dead = 0 if "conv0" in on[0] else 1
+            ups[dead][1].cancel()
             await trio.testing.wait_all_tasks_blocked()
             for turn in range(3, 6):
                 for conv in conversations:
@@ -464,9 +465,10 @@ headers = {{ Authorization = "Bearer s3cret-token" }}
                             "content": f"again {turn}", "stream": True})
                     assert '"succeeded"' in r.text, r.text
             data = {b["name"]: b for b in (await c.get("/api/backends")).json()["data"]}
-            assert data["gpu-0"]["ready"] is False
-            assert data["gpu-1"]["ready"] is True
-            assert 'service_backend_up{backend="gpu-0"} 0.0' in (await c.get("/metrics")).text
+            assert data[f"gpu-{dead}"]["ready"] is False
+            assert data[f"gpu-{1 - dead}"]["ready"] is True
+            metrics = (await c.get("/metrics")).text
+            assert f'service_backend_up{{backend="gpu-{dead}"}} 0.0' in metrics
 
 
 async def test_a_server_that_never_completes_the_handshake_is_bounded(
@@ -548,3 +550,22 @@ async def test_the_conversation_leaves_a_cooling_server_and_stays_on_the_new_one
         result = await auto.chat(ask("conv"))
         assert result.backend != first.name
     assert auto.server_of("conv") is auto.backends[1 - i]
+
+
+async def test_keep_fresh_refreshes_so_calls_do_not(
+        autojump_clock: trio.testing.MockClock) -> None:
+    sims = [Simulator(("a",), default=Reply(tokens=2)), Simulator(("a",), default=Reply(tokens=2))]
+    auto = memory_fleet(sims, [Member(), Member()])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(auto.keep_fresh)
+        listed = sum(r == ("GET", "/v1/models") for sim in sims for r in sim.requests)
+        assert listed == 2  # once each, before it reported started
+        sims[1].models.append("b")
+        await trio.sleep(auto.inventory_ttl + 0.5)
+        assert auto.inventories[1].models == frozenset({"a", "b"})
+        before = sum(len(sim.requests) for sim in sims)
+        await auto.chat(ask("c", model="b"))
+        # The call asked nothing but its answer (no model list on its way).
+        assert sum(len(sim.requests) for sim in sims) == before + 1
+        assert len(sims[1].streams) == 1
+        nursery.cancel_scope.cancel()

@@ -20,11 +20,12 @@ Routing one call
       spread evenly), or a rotation for a call without a conversation.
 4. Then AutoBackend's failover: each in turn until one gives a first chunk; never after.
 
-What the servers serve is refreshed every ``inventory_ttl`` seconds by the call that finds it
-stale (bounded by ``inventory_timeout``; concurrent calls use what is known meanwhile; only the
-very first calls wait for it). A server whose model list cannot be read (refused, TLS, timeout)
-is marked not ready for ``health_ttl``, as a failed health probe would; so is one a call could
-not reach at all (refused, reset before any answer, TLS).
+What the servers serve is refreshed every ``inventory_ttl`` seconds: by a :meth:`keep_fresh` task
+if one runs, else by the call that finds it stale (bounded by ``inventory_timeout``; concurrent
+calls use what is known meanwhile; only the very first calls wait for it). A server whose model
+list cannot be read (refused, TLS, timeout) is marked not ready for ``health_ttl``, as a failed
+health probe would; so is one a call could not reach at all (refused, reset before any answer,
+TLS).
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ class FleetBackend(AutoBackend):
         self._names = [b.name.encode() for b in self.backends]
         self._refreshed_at = float("-inf")
         self._refreshing: trio.Event | None = None
+        self._kept_fresh = False  # a keep_fresh task refreshes; calls never wait for it
         self._owned = list(owned_clients)
         self.metrics = metrics
         self._gauges = None
@@ -237,9 +239,29 @@ class FleetBackend(AutoBackend):
         self.inventories[i] = Inventory(models, loaded, now)
 
     async def refresh_if_stale(self) -> None:
-        """Ask every server what it serves, if that is older than ``inventory_ttl``."""
+        """Ask every server what it serves, if that is older than ``inventory_ttl`` (and no
+        :meth:`keep_fresh` task does it)."""
+        if self._kept_fresh and any(inv.models is not None for inv in self.inventories):
+            return
         if trio.current_time() - self._refreshed_at >= self.inventory_ttl:
             await self._refresh_inventories()
+
+    # Only ever started with nursery.start (flake8's startable list is project config).
+    async def keep_fresh(  # noqa: ASYNC114
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Refresh what every server serves every ``inventory_ttl`` seconds until cancelled,
+        so that no call waits for it. For the nursery that owns the app's long-lived tasks:
+        ``await nursery.start(fleet.keep_fresh)``; without it, calls refresh it themselves."""
+        await self._refresh_inventories()
+        self._kept_fresh = True
+        task_status.started()
+        try:
+            while True:
+                await trio.sleep(self.inventory_ttl)
+                await self._refresh_inventories()
+        finally:
+            self._kept_fresh = False
 
     # -- metrics ----------------------------------------------------------------------------
 
