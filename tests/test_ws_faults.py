@@ -166,7 +166,10 @@ class CountingStore:
 
 class OneRun:
     def __init__(self, handle: RunHandle) -> None:
+        from service.runs.wakeups import Wakeups
+
         self.handle = handle
+        self.wakeups = Wakeups()
 
     def get(self, run_id: str) -> RunHandle | None:
         return self.handle

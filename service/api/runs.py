@@ -272,9 +272,10 @@ async def stop_runs(run_ids: list[str], reason: str) -> None:
         await handle.finished.wait()
     with trio.move_on_after(ELSEWHERE_CANCEL_WAIT):
         for run_id in elsewhere:
-            # Another process's run: nothing here to wait on but the store.
+            # Another instance's run: the store says when it has ended (its final write
+            # announces itself on PostgreSQL; else a look every 0.1 s).
             while await store.run_in_progress(run_id) is not None:  # noqa: ASYNC110
-                await trio.sleep(0.1)
+                await supervisor.wakeups.wait_run(run_id, 0.1)
 
 
 @blueprint.post("/api/runs/<run_id>/cancel")

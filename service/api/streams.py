@@ -130,11 +130,15 @@ class EventReader:
         return False
 
     async def _wait_for_the_store(self) -> bool:
-        """Sleep before the next store read (backing off while nothing comes); True when a
+        """Wait before the next store read: until another instance announces a commit of this
+        run (PostgreSQL), or the poll interval (backing off while nothing comes); True when a
         keep-alive is due."""
-        await trio.sleep(self._poll)
-        self._waited += self._poll
-        self._poll = min(self._poll * 2, _POLL_MAX)
+        start = trio.current_time()
+        if await self._supervisor.wakeups.wait_run(self.run_id, self._poll):
+            self._poll = _POLL_FIRST
+        else:
+            self._poll = min(self._poll * 2, _POLL_MAX)
+        self._waited += trio.current_time() - start
         if self._waited >= self._keepalive:
             self._waited = 0.0
             return True

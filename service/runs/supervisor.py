@@ -44,6 +44,7 @@ from . import upkeep
 from .committer import FINAL_WRITE_BUDGET, EventCommitter, FinalState, event
 from .handle import RunHandle
 from .lifecycle import RunStatus
+from .wakeups import Wakeups
 
 __all__ = ["RunSpec", "RunSupervisor"]
 
@@ -98,6 +99,7 @@ class RunSupervisor:
         self._nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
         self.committer = EventCommitter(store, self._runs.get)
+        self.wakeups = Wakeups()  # what other instances committed (on PostgreSQL)
         self.draining = False
         self.failure: str | None = None  # set if ``serve`` ended with an error
         self._cancelling = False  # the drain's grace is over: runs still going are cancelled
@@ -122,7 +124,9 @@ class RunSupervisor:
                 self._scope = nursery.cancel_scope
                 nursery.start_soon(self.committer.run)
                 nursery.start_soon(upkeep.maintain_loop, self._store, self.committer)
-                nursery.start_soon(upkeep.cancel_requests_loop, self._store, lambda: self._runs)
+                nursery.start_soon(self._store.listen, self.wakeups.notified)
+                nursery.start_soon(upkeep.cancel_requests_loop, self._store, lambda: self._runs,
+                                   self.wakeups)
                 nursery.start_soon(upkeep.recover_loop, self._store)
                 nursery.start_soon(upkeep.lease_loop, self._store, lambda: self._runs)
                 if self.events_retention > 0:

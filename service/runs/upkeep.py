@@ -16,6 +16,7 @@ from ..store.ownership import LEASE
 from .committer import EventCommitter
 from .handle import RunHandle
 from .lifecycle import RunStatus
+from .wakeups import Wakeups
 
 __all__ = ["cancel_requests_loop", "lease_loop", "maintain_loop", "prune_loop", "recover_loop"]
 
@@ -38,11 +39,13 @@ async def maintain_loop(store: Store, committer: EventCommitter) -> None:
             log.warning("store maintenance failed: %s", exc.message)
 
 
-async def cancel_requests_loop(store: Store, live: Callable[[], dict[str, RunHandle]]) -> None:
-    """Cancel this process's runs whose cancel another worker sharing the store asked for
-    (``Store.request_cancel``: a client's cancel can reach any worker)."""
+async def cancel_requests_loop(store: Store, live: Callable[[], dict[str, RunHandle]],
+                               wakeups: Wakeups) -> None:
+    """Cancel this process's runs whose cancel another instance sharing the store asked for
+    (``Store.request_cancel``: a client's cancel can reach any instance); woken at once by
+    the asker's notification on PostgreSQL, else every ``CANCEL_POLL`` seconds."""
     while True:
-        await trio.sleep(CANCEL_POLL)
+        await wakeups.wait_cancels(CANCEL_POLL)
         runs = live()
         if not runs:
             continue

@@ -18,7 +18,7 @@ same promises, which callers rely on:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, Protocol
 
 from .records import (
@@ -157,6 +157,10 @@ class Store(Protocol):
         ...
 
     async def runs_in_progress(self, conversation_id: str) -> list[str]: ...
+
+    async def listen(self, wake: Callable[[str], None]) -> None:
+        """Until cancelled: ``wake(payload)`` for what other instances committed (run ids
+        comma-separated, ``cancel:<run id>``, or ``*``: anything, read again)."""
 
     async def renew_lease(self, seconds: float) -> None:
         """This process is alive for ``seconds`` more (``ownership``: a run's owner lives while

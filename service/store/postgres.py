@@ -34,6 +34,7 @@ another container) lives while its lease in ``instances`` does, measured in the 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,14 +47,17 @@ import trio
 from psycopg.conninfo import conninfo_to_dict
 
 from ..errors import ServiceError, StoreError, StoreUnavailable
+from ..logs import get_logger
 from ..metrics import METRICS, Metrics
 from ..settings import _redact
 from .group_commit import GroupCommit, PendingWrite
 from .ownership import process_tag
-from .postgres_queries import Conn, PostgresQueries
+from .postgres_queries import CHANNEL, Conn, PostgresQueries
 from .schema import PG_MIGRATIONS
 
 __all__ = ["PostgresStore", "describe_url"]
+
+log = get_logger("service.store")
 
 T = TypeVar("T")
 
@@ -334,6 +338,43 @@ class PostgresStore(PostgresQueries):
     async def maintain(self) -> None:
         """Nothing to do: PostgreSQL checkpoints and vacuums by itself."""
         await trio.lowlevel.checkpoint()
+
+    async def listen(self, wake: Callable[[str], None]) -> None:
+        """Until cancelled: call ``wake(payload)`` for every notification other instances'
+        commits send (``CHANNEL``: run ids, ``cancel:<run id>``), and ``wake("*")`` whenever
+        the listening connection is (re)established, since notifications sent while it was
+        away are lost: every reader then reads the store again.
+
+        One direct connection (not from the pool), in a thread that looks for a stop every
+        half second; lost, it is made again after a pause."""
+        stop = threading.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def tell(payload: str) -> None:
+            try:
+                trio.from_thread.run_sync(wake, payload, trio_token=token)
+            except trio.RunFinishedError:
+                stop.set()
+
+        def loop() -> None:
+            while not stop.is_set():
+                try:
+                    kwargs = {**self._connect_kwargs(), "autocommit": True}
+                    with psycopg.connect(self._url, **kwargs) as conn:
+                        conn.execute(f"LISTEN {CHANNEL}")  # type: ignore[arg-type]
+                        tell("*")
+                        while not stop.is_set():
+                            for note in conn.notifies(timeout=0.5):
+                                tell(note.payload)
+                except psycopg.Error as exc:
+                    log.warning("the store's listening connection failed (again in 1 s): %s",
+                                self._scrub(exc))
+                    stop.wait(1.0)
+
+        try:
+            await trio.to_thread.run_sync(loop, abandon_on_cancel=True)
+        finally:
+            stop.set()  # the thread sees it within half a second and closes its connection
 
     async def ping(self) -> None:
         await self._read("ping", lambda c: c.execute("SELECT 1").fetchone())

@@ -115,6 +115,18 @@ def _call(row: Sequence[Any]) -> LLMCallRecord:
 _LEASE_ALIVE = ("CASE WHEN i.id IS NULL THEN NULL "
                 "ELSE i.lease_until > extract(epoch FROM clock_timestamp()) END")
 
+
+CHANNEL = "service_runs"  # LISTEN/NOTIFY: ids only; the rows are the truth
+_NOTIFY_MAX = 7000  # bytes of payload (PostgreSQL's limit is 8000): past it, "*" (every run)
+
+
+def _notify(c: Conn, run_ids: set[str]) -> None:
+    """Wake other instances' readers of these runs once the transaction commits (one
+    notification per write: an event batch is one write for all its runs)."""
+    payload = ",".join(sorted(run_ids))
+    c.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload if len(payload) <= _NOTIFY_MAX
+                                             else "*"))
+
 class PostgresQueries:
     """Conversations, messages, runs, run events and LLM calls, as PostgreSQL SQL."""
 
@@ -335,6 +347,7 @@ class PostgresQueries:
                 "WHERE id = %s", (content, message_status.value, error, now, message_id))
             if events:
                 _insert_events(c, events, ignore=True)
+            _notify(c, {run_id})
 
         await self._write("finish_run", fn)
 
@@ -496,10 +509,13 @@ class PostgresQueries:
 
     async def request_cancel(self, run_id: str, reason: str) -> bool:
         def fn(c: Conn) -> bool:
-            return c.execute(
+            asked = c.execute(
                 "UPDATE runs SET cancel_requested = COALESCE(cancel_requested, %s) "
                 "WHERE id = %s AND status IN ('queued', 'running')", (reason, run_id),
             ).rowcount > 0
+            if asked:
+                c.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"cancel:{run_id}"))
+            return asked
 
         return await self._write("request_cancel", fn)
 
@@ -520,6 +536,7 @@ class PostgresQueries:
 
         def fn(c: Conn) -> None:
             _insert_events(c, events, ignore=retry)
+            _notify(c, {e.run_id for e in events})
 
         await self._write("append_run_events", fn)
 

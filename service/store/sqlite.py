@@ -301,6 +301,11 @@ class SQLiteStore(SQLiteQueries):
             except sqlite3.Error as exc:
                 raise StoreError(f"checkpoint failed: {exc}") from exc
 
+    async def listen(self, wake: Callable[[str], None]) -> None:
+        """Other processes' commits are not announced here (readers of their runs read the
+        file every 0.1-1 s): nothing to listen to."""
+        await trio.sleep_forever()
+
     async def ping(self) -> None:
         """Raise StoreError unless the store answers a trivial query."""
         await self._read("ping", lambda c: c.execute("SELECT 1").fetchone())

@@ -1,0 +1,75 @@
+"""Wake-ups across instances (issue 14, item 3): LISTEN/NOTIFY on PostgreSQL, ids only."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from service.runs.wakeups import Wakeups
+from service.store import RunEventRecord, open_store
+
+from .pg import PostgresServer, pg_url, postgres  # noqa: F401 (fixtures)
+
+
+async def test_a_waiter_is_woken_by_its_run_and_otherwise_waits_its_interval(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    w = Wakeups()
+    woken: list[bool] = []
+
+    async def wait(run_id: str) -> None:
+        woken.append(await w.wait_run(run_id, 1.0))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait, "run_a")
+        nursery.start_soon(wait, "run_b")
+        await trio.sleep(0.25)
+        w.notified("run_a,run_c")
+    assert sorted(woken) == [False, True]
+    assert trio.current_time() == 1.0  # run_b waited its whole interval
+    assert repr(w) == "<Wakeups [0 runs waited on]>"  # nothing kept once nobody waits
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(w.wait_cancels, 60.0)
+        nursery.start_soon(wait, "run_d")
+        await trio.sleep(0.1)
+        w.notified("*")  # the listener came back: every waiter reads again
+    assert trio.current_time() < 1.2
+
+
+async def test_one_instances_commits_and_cancels_wake_another(
+    pg_url: str, postgres: PostgresServer,  # noqa: F811 (fixtures)
+) -> None:
+    heard: list[str] = []
+    got = trio.Event()
+
+    def wake(payload: str) -> None:
+        heard.append(payload)
+        got.set()
+
+    async with open_store(pg_url) as a, open_store(pg_url) as b, trio.open_nursery() as nursery:
+        nursery.start_soon(b.listen, wake)
+        with trio.fail_after(20):
+            while "*" not in heard:  # listening (a first "*": read everything)
+                await got.wait()
+                got = trio.Event()
+        conv = await a.create_conversation()
+        run, *_ = await a.begin_run(conv.id, content="q", agent="chat", model=None)
+        await a.append_run_events([RunEventRecord(run.id, 2, "token", {"text": "x"}, 0.0)])
+        with trio.fail_after(20):
+            while run.id not in heard:
+                await got.wait()
+                got = trio.Event()
+        assert await a.request_cancel(run.id, "cancelled by request")
+        with trio.fail_after(20):
+            while f"cancel:{run.id}" not in heard:
+                await got.wait()
+                got = trio.Event()
+        # The database restarted: the listener comes back and says "read everything".
+        heard.clear()
+        await trio.to_thread.run_sync(postgres.stop, "fast")
+        await trio.to_thread.run_sync(postgres.start)
+        with trio.fail_after(30):
+            while "*" not in heard:
+                await got.wait()
+                got = trio.Event()
+        nursery.cancel_scope.cancel()
