@@ -18,6 +18,7 @@ import trio
 from .agents import make_runner
 from .api.state import Services
 from .backends import build_backend, client_from_settings
+from .backends.router import FleetBackend
 from .errors import BackendUnavailable, StoreError
 from .logs import get_logger
 from .runs import RunSupervisor
@@ -67,6 +68,8 @@ async def _start_services(app: QuartTrio, svc: Services, backend: Backend | None
             settings, client, recorder=store, metrics=svc.metrics, embedded_url=embedded_url
         )
         stack.push_async_callback(backend.aclose)
+        if isinstance(backend, FleetBackend):
+            app.nursery.start_soon(_keep_fleet_fresh, backend)
     svc.backend = backend
     supervisor = RunSupervisor(
         store,
@@ -78,6 +81,15 @@ async def _start_services(app: QuartTrio, svc: Services, backend: Backend | None
         events_retention=settings.events_retention_days * 86_400,
     )
     svc.supervisor = await app.nursery.start(supervisor.serve)
+
+
+async def _keep_fleet_fresh(fleet: FleetBackend) -> None:
+    """Refresh what every server of a fleet serves in the background, so no call waits for it
+    (if this stops, calls refresh it themselves)."""
+    try:
+        await fleet.keep_fresh()
+    except Exception:
+        log.exception("keeping the fleet's model lists fresh stopped; calls refresh them")
 
 
 async def _maybe_start_embedded(app: QuartTrio, svc: Services) -> str | None:
