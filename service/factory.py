@@ -19,7 +19,7 @@ from quart_trio.wrappers import TrioRequest
 from werkzeug.exceptions import UnsupportedMediaType
 
 from .api import backends as backends_api
-from .api import conversations, openai, ops, runs, tokens, ws
+from .api import conversations, openai, ops, runs, tokens, web, ws
 from .api.errors import install_error_handlers, json_error
 from .api.owned import CancelOwnedRuns
 from .api.state import Services
@@ -124,8 +124,8 @@ def _truthful(spec: dict[str, Any], *, keys: bool) -> None:
 log = get_logger("service.app")
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-# Open with keys set: the probes, and the API's description (it holds no data).
-_OPEN_ROUTES = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs"})
+# Open with keys set: the probes, the API's description and the chat page (they hold no data).
+_OPEN_ROUTES = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/"})
 # Where a browser's token (?access_token=, service/tokens.py) stands in for a key.
 _EVENTS_RE = re.compile(r"/api/runs/[^/]+/events")
 
@@ -198,6 +198,7 @@ def create_app(
     app.register_blueprint(ws.blueprint)
     app.register_blueprint(backends_api.blueprint)
     app.register_blueprint(tokens.blueprint)
+    app.register_blueprint(web.blueprint)
     keys = tuple(k.encode() for k in settings.api_keys)
     origins = OriginPolicy(settings.cors_origins)
     signer = svc.extras["tokens"] = TokenSigner(keys)
@@ -239,7 +240,7 @@ def create_app(
                 if hmac.compare_digest(given, key):
                     match = key
             g.authenticated = match is not None
-            if req.path in _OPEN_ROUTES:
+            if req.path in _OPEN_ROUTES or req.path.startswith(web.ASSETS_PREFIX):
                 return None  # open, but shows its details only to a key (ops.py)
             if match is None and token_route and (token := req.args.get("access_token")):
                 match = signer.verify(token, time.time())

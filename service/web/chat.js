@@ -1,0 +1,308 @@
+// The chat page: conversations, a run's events streamed from fetch() (so the key travels in the
+// Authorization header), the answer as Markdown, the agent's steps folded, Stop (cancels the run
+// on the server), and a reload mid-run that re-joins with Last-Event-ID. No build step.
+import { renderMarkdown } from "./markdown.js";
+
+const $ = (id) => document.getElementById(id);
+const LIVE = "service.live"; // the run being followed: survives a reload (sessionStorage)
+const KEY = "service.key";
+const state = { conversation: null, run: null, key: localStorage.getItem(KEY) || "" };
+
+function headers(extra = {}) {
+  return state.key ? { ...extra, Authorization: `Bearer ${state.key}` } : extra;
+}
+
+async function failure(resp) {
+  if (resp.status === 401) $("key-form").hidden = false;
+  try {
+    const { error } = await resp.json();
+    return new Error(resp.status === 401 ? `${error.message}: enter a key above` : error.message);
+  } catch {
+    return new Error(`the service answered ${resp.status} ${resp.statusText}`);
+  }
+}
+
+async function api(method, path, body) {
+  const init = { method, headers: headers(body === undefined ? {} : { "Content-Type": "application/json" }) };
+  if (body !== undefined) init.body = JSON.stringify(body);
+  let resp;
+  try {
+    resp = await fetch(path, init);
+  } catch {
+    throw new Error("cannot reach the service");
+  }
+  if (!resp.ok) throw await failure(resp);
+  return resp.status === 204 ? null : resp.json();
+}
+
+function problem(text) {
+  $("problem").textContent = text || "";
+  $("problem").hidden = !text;
+}
+
+async function* sseFrames(resp) {
+  const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      const frame = { data: [] };
+      for (const line of block.split("\n")) {
+        if (!line || line.startsWith(":")) continue; // keep-alive comments
+        const colon = line.indexOf(":");
+        const name = colon < 0 ? line : line.slice(0, colon);
+        const text = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+        if (name === "data") frame.data.push(text); else frame[name] = text;
+      }
+      if (frame.data.length) yield { id: frame.id, event: frame.event, data: JSON.parse(frame.data.join("\n")) };
+    }
+  }
+}
+
+function describe(kind, data) {
+  switch (kind) {
+    case "thought": return `thinking: ${data.text ?? ""}`;
+    case "tool.call": return `tool ${data.name}(${JSON.stringify(data.arguments ?? {})})`;
+    case "tool.result": return "error" in data ? `tool error: ${data.error}` : `tool result: ${typeof data.output === "string" ? data.output : JSON.stringify(data.output)}`;
+    case "plan": return `plan: ${(data.steps ?? []).map((s) => s.task ?? JSON.stringify(s)).join("; ")}`;
+    case "step.started": return `step ${data.id}: ${data.task ?? ""}`;
+    default: return `step ${data.id} done`;
+  }
+}
+
+class AssistantView {
+  constructor(text = "") {
+    this.el = document.createElement("div");
+    this.el.className = "message assistant";
+    this.el.dataset.testid = "assistant-message";
+    this.steps = document.createElement("details");
+    this.steps.className = "steps";
+    this.steps.dataset.testid = "steps";
+    this.steps.hidden = true;
+    this.steps.innerHTML = "<summary>steps</summary><ol></ol>";
+    this.answer = document.createElement("div");
+    this.answer.className = "answer";
+    this.el.append(this.steps, this.answer);
+    $("messages").append(this.el);
+    this.segment = text;
+    this.render();
+  }
+
+  render() {
+    this.answer.innerHTML = renderMarkdown(this.segment);
+    this.el.scrollIntoView({ block: "end" });
+  }
+
+  token(text) { this.segment += text; this.render(); }
+
+  step(kind, data) {
+    // The text so far was a step's (a ReAct thought), not the answer.
+    if (this.segment.trim()) this.addStep(this.segment.trim());
+    this.segment = "";
+    this.addStep(describe(kind, data));
+    this.render();
+  }
+
+  addStep(text) {
+    const li = document.createElement("li");
+    li.textContent = text;
+    this.steps.querySelector("ol").append(li);
+    this.steps.hidden = false;
+    this.steps.querySelector("summary").textContent = `steps (${this.steps.querySelectorAll("li").length})`;
+  }
+
+  note(text, quiet = false) {
+    const p = document.createElement("p");
+    p.className = quiet ? "note quiet" : "note";
+    p.dataset.testid = quiet ? "run-note" : "run-error";
+    p.textContent = text;
+    this.el.append(p);
+  }
+
+  ended(status, error) {
+    if (status === "cancelled") this.note("stopped", true);
+    else if (status !== "succeeded") this.note(error ? `${status}: ${error.message}` : `the run ${status}`);
+  }
+}
+
+function addUser(text) {
+  const div = document.createElement("div");
+  div.className = "message user";
+  div.dataset.testid = "user-message";
+  div.textContent = text;
+  $("messages").append(div);
+}
+
+function running(runId) {
+  state.run = runId;
+  $("stop").hidden = !runId;
+  $("send").disabled = Boolean(runId);
+}
+
+async function follow(resp, view, live) {
+  let error = null;
+  for await (const { id, event, data } of sseFrames(resp)) {
+    if (event === "run.started") {
+      live.run_id = data.run_id;
+      running(data.run_id);
+    } else if (event === "token") view.token(data.text ?? "");
+    else if (event === "message") { view.segment = data.content ?? ""; view.render(); }
+    else if (event === "error") error = data;
+    else if (event === "run.finished") {
+      sessionStorage.removeItem(LIVE);
+      view.ended(data.status, error);
+      return;
+    } else if (event) view.step(event, data);
+    if (id) {
+      live.last_id = Number(id);
+      live.text = view.segment;
+      sessionStorage.setItem(LIVE, JSON.stringify(live));
+    }
+  }
+  sessionStorage.removeItem(LIVE);
+  view.note("the stream ended before the run did; reload to re-join");
+}
+
+function picks() {
+  const out = {};
+  if ($("agent").value) out.agent = $("agent").value;
+  if ($("model").value) out.model = $("model").value;
+  return out;
+}
+
+async function send() {
+  const content = $("input").value.trim();
+  if (!content || state.run) return;
+  problem("");
+  running("starting");
+  try {
+    if (!state.conversation) {
+      const conv = await api("POST", "/api/conversations", { title: content.slice(0, 60), ...picks() });
+      state.conversation = conv.id;
+      await loadConversations();
+    }
+    $("input").value = "";
+    addUser(content);
+    const resp = await fetch(`/api/conversations/${state.conversation}/messages`, {
+      method: "POST",
+      headers: headers({ "Content-Type": "application/json" }),
+      // "continue": a reload does not cancel the run; the page re-joins it.
+      body: JSON.stringify({ content, stream: true, on_disconnect: "continue", ...picks() }),
+    });
+    if (!resp.ok) throw await failure(resp);
+    await follow(resp, new AssistantView(), { conversation_id: state.conversation, last_id: 0, text: "" });
+  } catch (exc) {
+    problem(exc.message);
+  } finally {
+    running(null);
+  }
+}
+
+async function stop() {
+  if (!state.run || state.run === "starting") return;
+  try {
+    await api("POST", `/api/runs/${state.run}/cancel`);
+  } catch (exc) {
+    problem(exc.message);
+  }
+}
+
+async function loadConversations() {
+  const { data } = await api("GET", "/api/conversations?limit=100");
+  const list = $("conversations");
+  list.replaceChildren();
+  for (const conv of data) {
+    const li = document.createElement("li");
+    const button = document.createElement("button");
+    button.type = "button";
+    button.dataset.testid = "conversation";
+    button.textContent = conv.title || "untitled";
+    button.classList.toggle("current", conv.id === state.conversation);
+    button.addEventListener("click", () => openConversation(conv.id).catch((exc) => problem(exc.message)));
+    li.append(button);
+    list.append(li);
+  }
+}
+
+async function openConversation(id, skipRun = null) {
+  if (state.run) return;
+  const conv = await api("GET", `/api/conversations/${id}`);
+  state.conversation = id;
+  $("messages").replaceChildren();
+  for (const m of conv.messages) {
+    if (m.role === "user") addUser(m.content);
+    else if (m.role === "assistant" && !(skipRun && m.run_id === skipRun)) {
+      const view = new AssistantView(m.content);
+      if (m.status === "cancelled") view.note("stopped", true);
+      else if (m.status === "error") view.note(m.error ? `failed: ${m.error}` : "failed");
+    }
+  }
+  for (const b of document.querySelectorAll("#conversations button")) b.classList.remove("current");
+  await loadConversations();
+}
+
+async function rejoin() {
+  const live = JSON.parse(sessionStorage.getItem(LIVE) || "null");
+  if (!live || !live.run_id) return;
+  await openConversation(live.conversation_id, live.run_id);
+  running(live.run_id);
+  try {
+    const resp = await fetch(`/api/runs/${live.run_id}/events`, {
+      headers: headers({ "Last-Event-ID": String(live.last_id) }),
+    });
+    if (resp.status === 204) { // it ended while the page was away, and was seen to the end
+      sessionStorage.removeItem(LIVE);
+      running(null);
+      await openConversation(live.conversation_id);
+      return;
+    }
+    if (!resp.ok) throw await failure(resp);
+    await follow(resp, new AssistantView(live.text || ""), live);
+  } finally {
+    running(null);
+  }
+}
+
+async function loadModels() {
+  try {
+    const { data } = await api("GET", "/v1/models");
+    for (const model of data) $("model").append(new Option(model.id, model.id));
+  } catch { /* no backend reachable yet: the default model */ }
+}
+
+async function start() {
+  problem("");
+  try {
+    await loadConversations();
+    $("key-form").hidden = true;
+    await loadModels();
+    await rejoin();
+  } catch (exc) {
+    problem(exc.message);
+  }
+}
+
+$("composer").addEventListener("submit", (e) => { e.preventDefault(); send(); });
+$("input").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send(); }
+});
+$("stop").addEventListener("click", stop);
+$("new").addEventListener("click", () => {
+  if (state.run) return;
+  state.conversation = null;
+  $("messages").replaceChildren();
+  loadConversations().catch((exc) => problem(exc.message));
+  $("input").focus();
+});
+$("key-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  state.key = $("key").value.trim();
+  localStorage.setItem(KEY, state.key);
+  start();
+});
+start();
