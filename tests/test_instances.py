@@ -140,7 +140,11 @@ async def test_a_killed_owners_run_is_closed_by_another_instance_with_all_it_sho
         convs = (await b.get("/api/conversations")).json()["data"]
         conv = (await b.get(f"/api/conversations/{convs[0]['id']}")).json()
         run_id = conv["messages"][-1]["run_id"]
-        # A re-join on B gets the run's end: B closes it (its owner is gone).
+        # A cancel asked of B: its owner is gone, so B closes it at once.
+        r = await b.post(f"/api/runs/{run_id}/cancel")
+        assert r.status_code == 202
+        assert r.json()["status"] == "failed"
+        # A re-join on B gets the run's end.
         with trio.fail_after(GUARD):
             r = await b.get(f"/api/runs/{run_id}/events")
         frames = [f for f in parse_sse(r.text) if "id" in f]

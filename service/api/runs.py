@@ -265,9 +265,15 @@ async def stop_runs(run_ids: list[str], reason: str) -> None:
             # Stored (its id may be known) but not launched yet: cancelled as it launches.
             if (handle := await supervisor.cancel_starting(run_id, reason)) is not None:
                 mine.append(handle)
-        elif await store.run_in_progress(run_id) == "elsewhere":
-            await store.request_cancel(run_id, reason)
-            elsewhere.append(run_id)
+        else:
+            where = await store.run_in_progress(run_id)
+            if where == "elsewhere":
+                await store.request_cancel(run_id, reason)
+                elsewhere.append(run_id)
+            elif where is None:
+                # Stored as running by an instance that is gone (its lease ran out): the
+                # asker closes it now, as recovery would (failed, "interrupted").
+                await store.recover_interrupted(run_id)
     for handle in mine:
         await handle.finished.wait()
     with trio.move_on_after(ELSEWHERE_CANCEL_WAIT):
