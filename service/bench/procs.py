@@ -139,8 +139,11 @@ async def start_simulator(workdir: Path) -> Proc:
     return proc
 
 
-async def start_service(workdir: Path, sim_port: int) -> Proc:
-    log = workdir / "service.log"
+async def start_service(workdir: Path, sim_port: int, *, db: str | None = None,
+                        name: str = "service") -> Proc:
+    """The service on the simulator; ``db``: its store (default: a SQLite file in
+    ``workdir``), ``name``: its log's and process's name (several may share a store)."""
+    log = workdir / f"{name}.log"
     toml = workdir / "hypercorn.toml"
     toml.write_text(HYPERCORN_TOML)
     port = free_port()
@@ -149,7 +152,7 @@ async def start_service(workdir: Path, sim_port: int) -> Proc:
         "SERVICE_BACKEND": "llamacpp",
         "SERVICE_LLAMACPP_URL": f"http://127.0.0.1:{sim_port}",
         "SERVICE_DEFAULT_MODEL": "bench",
-        "SERVICE_DB": str(workdir / "service.db"),
+        "SERVICE_DB": db or str(workdir / "service.db"),
         "SERVICE_LOG_LEVEL": "WARNING",
         "SERVICE_MAX_RUNS": "100000",
         "SERVICE_BACKEND_CONCURRENCY": "20000",
@@ -160,7 +163,7 @@ async def start_service(workdir: Path, sim_port: int) -> Proc:
          "--bind", f"127.0.0.1:{port}"],
         cwd=_REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
     )
-    proc = Proc("service", popen, port, log)
+    proc = Proc(name, popen, port, log)
     with trio.fail_after(30):
         await wait_http(proc, "/healthz")
     return proc
