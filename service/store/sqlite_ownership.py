@@ -1,0 +1,179 @@
+"""The SQLite store's queries about who runs what: leases, runs left by a process that is gone,
+cancels asked across processes (``SQLiteOwnership``, a part of ``SQLiteQueries``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal, TypeVar
+
+from .ownership import owner_alive
+
+__all__ = ["SQLiteOwnership"]
+
+T = TypeVar("T")
+
+# Whether a run's owner holds a current lease: 1/0, NULL if it has none (the parameter: now).
+_LEASE_ALIVE = "CASE WHEN i.id IS NULL THEN NULL ELSE i.lease_until > ? END"
+
+
+def _flag(value: object) -> bool | None:
+    return None if value is None else bool(value)
+
+
+class SQLiteOwnership:
+    """Leases and ownership, as SQLite SQL."""
+
+    process_id: str  # how this process tags the runs it runs
+
+    if TYPE_CHECKING:  # the engine's (SQLiteStore)
+        async def _write(self, op: str, fn: Callable[[sqlite3.Connection], T]) -> T: ...
+
+        async def _read(self, op: str, fn: Callable[[sqlite3.Connection], T]) -> T: ...
+
+    async def recover_interrupted(self, run_id: str | None = None) -> list[str]:
+        """Close runs left ``queued``/``running`` by a process that is gone (killed, crashed).
+
+        Each becomes ``failed`` ("interrupted"), its pending reply ``error`` with what it had,
+        and gets a final ``run.finished`` event, so nothing hangs as "running" forever and a
+        client re-joining it gets a clean end. Runs of live processes (other workers sharing
+        the file) are left alone. Returns the ids closed.
+
+        Called at start-up, and by the run supervisor every ``upkeep.RECOVER_EVERY`` seconds
+        (workers sharing the file close a dead sibling's runs): a read finds them; only then a
+        write, which closes each only if it is still in progress (another worker may have been
+        first).
+        ``run_id``: look at that run only (a reader following a run whose owner is gone).
+        """
+        now = time.time()
+        reason = "interrupted: the service stopped before the run finished"
+
+        def find(c: sqlite3.Connection) -> list[str]:
+            sql = ("SELECT r.id, r.process, " + _LEASE_ALIVE + " FROM runs r LEFT JOIN "
+                   "instances i ON i.id = r.process WHERE r.status IN ('queued', 'running')")
+            rows = (c.execute(sql + " AND r.id = ?", (time.time(), run_id))
+                    if run_id is not None else c.execute(sql, (time.time(),))).fetchall()
+            return [rid for rid, proc, lease in rows if proc != self.process_id
+                    and not owner_alive(proc, self.process_id, _flag(lease))]
+
+        candidates = await self._read("find_interrupted", find)
+        if not candidates:
+            return []
+
+        def fn(c: sqlite3.Connection) -> list[str]:
+            dead = []
+            for rid in candidates:
+                if not c.execute(
+                    "UPDATE runs SET status = 'failed', error = ?, finished_at = ? "
+                    "WHERE id = ? AND status IN ('queued', 'running')", (reason, now, rid),
+                ).rowcount:
+                    continue  # closed meanwhile (by another worker, or it finished)
+                dead.append(rid)
+                why = reason
+                ended = c.execute(
+                    "SELECT data FROM run_events WHERE run_id = ? AND type = 'run.finished'",
+                    (rid,),
+                ).fetchone()
+                if ended is not None:
+                    # Its end is stored already (a store of an older version published ends
+                    # apart from final states): the store agrees with what clients were told,
+                    # and a run has one run.finished.
+                    told = json.loads(ended[0])
+                    status = told.get("status", "failed")
+                    c.execute("UPDATE runs SET status = ?, error = ? WHERE id = ?",
+                              (status, told.get("error"), rid))
+                    reply = c.execute(
+                        "SELECT data FROM run_events WHERE run_id = ? AND type = 'message'",
+                        (rid,),
+                    ).fetchone()
+                    if status == "succeeded" and reply is not None:
+                        c.execute(
+                            "UPDATE messages SET status = 'complete', content = ?, "
+                            "updated_at = ? WHERE run_id = ? AND status = 'pending'",
+                            (json.loads(reply[0]).get("content", ""), now, rid),
+                        )
+                        continue
+                    why = told.get("error") or reason
+                # The reply's text so far is in its token events: keep it.
+                partial = "".join(
+                    json.loads(data).get("text", "") for (data,) in c.execute(
+                        "SELECT data FROM run_events WHERE run_id = ? AND type = 'token' "
+                        "ORDER BY seq", (rid,),
+                    )
+                )
+                c.execute(
+                    "UPDATE messages SET status = 'error', error = ?, content = ?, "
+                    "updated_at = ? WHERE run_id = ? AND status = 'pending'",
+                    (why, partial, now, rid),
+                )
+                if ended is not None:
+                    continue
+                c.execute(
+                    "INSERT INTO run_events (run_id, seq, type, data, created_at) "
+                    "SELECT ?, COALESCE(MAX(seq), 0) + 1, 'run.finished', ?, ? "
+                    "FROM run_events WHERE run_id = ?",
+                    (rid, json.dumps({"status": "failed", "usage": {}, "error": reason}), now,
+                     rid),
+                )
+            return dead
+
+        return await self._write("recover_interrupted", fn)
+
+    async def run_in_progress(self, run_id: str) -> Literal["here", "elsewhere"] | None:
+        """Where a run stored as ``queued``/``running`` runs: ``"here"`` (this process),
+        ``"elsewhere"`` (another live worker sharing the file), or None: not in progress, or
+        its process is gone (the next start closes such runs)."""
+        def fn(c: sqlite3.Connection) -> Literal["here", "elsewhere"] | None:
+            row = c.execute(
+                "SELECT r.process, " + _LEASE_ALIVE + " FROM runs r LEFT JOIN instances i "
+                "ON i.id = r.process WHERE r.id = ? AND r.status IN ('queued', 'running')",
+                (time.time(), run_id),
+            ).fetchone()
+            if row is None:
+                return None
+            if row[0] == self.process_id:
+                return "here"
+            alive = owner_alive(row[0], self.process_id, _flag(row[1]))
+            return "elsewhere" if alive else None
+
+        return await self._read("run_in_progress", fn)
+
+    async def renew_lease(self, seconds: float) -> None:
+        """This process is alive for ``seconds`` more (``ownership``)."""
+        until = time.time() + seconds
+        pid, host = os.getpid(), socket.gethostname()
+        await self._write("renew_lease", lambda c: c.execute(
+            "INSERT INTO instances (id, lease_until, host, pid) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET lease_until = excluded.lease_until",
+            (self.process_id, until, host, pid)))
+
+    async def end_lease(self) -> None:
+        """This process stops: its lease ends now (others close what it left at once)."""
+        await self._write("end_lease", lambda c: c.execute(
+            "DELETE FROM instances WHERE id = ? OR lease_until < ?",
+            (self.process_id, time.time() - 86_400)))
+
+    async def request_cancel(self, run_id: str, reason: str) -> bool:
+        """Ask the process running a run to cancel it (for a run of another worker sharing the
+        file). False if the run is not in progress."""
+        def fn(c: sqlite3.Connection) -> bool:
+            return c.execute(
+                "UPDATE runs SET cancel_requested = COALESCE(cancel_requested, ?) "
+                "WHERE id = ? AND status IN ('queued', 'running')", (reason, run_id),
+            ).rowcount > 0
+
+        return await self._write("request_cancel", fn)
+
+    async def cancel_requests(self) -> list[tuple[str, str]]:
+        """(run id, reason) of this process's runs whose cancel another worker asked for."""
+        def fn(c: sqlite3.Connection) -> list[tuple[str, str]]:
+            return c.execute(
+                "SELECT id, cancel_requested FROM runs WHERE status IN ('queued', 'running') "
+                "AND process = ? AND cancel_requested IS NOT NULL", (self.process_id,),
+            ).fetchall()
+
+        return await self._read("cancel_requests", fn)
