@@ -11,6 +11,7 @@ waited for while the run goes on, and skipped only once the run is over.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import trio
@@ -23,6 +24,7 @@ __all__ = ["EventReader", "Keepalive"]
 
 _POLL_FIRST = 0.1  # seconds between store reads while waiting for what only the store will have,
 _POLL_MAX = 1.0  # ... doubling while nothing comes, up to this
+_WHERE_TTL = 1.0  # seconds another instance's ownership of a followed run is taken as known
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class EventReader:
         self._waited = 0.0  # seconds polled since the last event or keep-alive
         self._finished = False
         self._live: Subscription | None = None
+        self._elsewhere_until = -math.inf  # trio time until which "elsewhere" is taken as known
 
     def __aiter__(self) -> EventReader:
         return self
@@ -80,7 +83,7 @@ class EventReader:
                 if self._follow_live():
                     continue
                 if self._supervisor.get(self.run_id) is None:  # not live here
-                    where = await self._store.run_in_progress(self.run_id)
+                    where = await self._where()
                     if self._supervisor.get(self.run_id) is not None:
                         continue  # launched here during that read: follow it live
                     if where == "elsewhere":
@@ -119,6 +122,17 @@ class EventReader:
                 self._finished = True
             except ResumeFrom:
                 self._live = None  # fell behind the window: the store has the gap
+
+    async def _where(self) -> str | None:
+        """Where the run runs (``Store.run_in_progress``). Another live instance's answer is
+        kept for ``_WHERE_TTL``: followed through wake-ups, each wake then costs one store read,
+        not two; its owner's death is still seen within that."""
+        if trio.current_time() < self._elsewhere_until:
+            return "elsewhere"
+        where = await self._store.run_in_progress(self.run_id)
+        if where == "elsewhere":
+            self._elsewhere_until = trio.current_time() + _WHERE_TTL
+        return where
 
     def _follow_live(self) -> bool:
         """Subscribe if the run is live here and its window holds everything after our cursor
