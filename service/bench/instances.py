@@ -29,10 +29,10 @@ __all__ = ["main"]
 
 
 async def _stream_on(http: httpx.AsyncClient, seen: dict[int, float], run_ids: list[str],
-                     ended: dict[str, float]) -> None:
+                     ended: dict[str, float], content: str = "go") -> None:
     """Start a run on ``http``'s instance and note when each event arrives."""
     conv = (await http.post("/api/conversations", json={})).json()["id"]
-    body = {"content": "go", "stream": True, "on_disconnect": "continue"}
+    body = {"content": content, "stream": True, "on_disconnect": "continue"}
     buf = ""
     async with http.stream("POST", f"/api/conversations/{conv}/messages", json=body) as r:
         async for chunk in r.aiter_text():
@@ -89,30 +89,39 @@ async def follow(a: str, b: str, runs: int) -> dict[str, Any]:
     return {"runs": runs, **summary_ms(delays)}
 
 
-async def cancel(a: str, b: str, runs: int) -> dict[str, Any]:
+async def cancel(a: str, b: str, sim: str, runs: int) -> dict[str, Any]:
+    """Runs on A cancelled through B: until A's upstream stream is closed (the simulator's
+    record, on the shared monotonic clock), and until A's client has the run's end."""
     waits: list[float] = []
+    asked: dict[str, float] = {}
     async with (httpx.AsyncClient(base_url=a, timeout=60) as ha,
-                httpx.AsyncClient(base_url=b, timeout=60) as hb):
+                httpx.AsyncClient(base_url=b, timeout=60) as hb,
+                httpx.AsyncClient(base_url=sim, timeout=60) as hs):
+        since = (await hs.get("/sim/streams?since=0")).json()["count"]
 
-        async def one() -> None:
+        async def one(i: int) -> None:
             on_a: dict[int, float] = {}
             ids: list[str] = []
             ended: dict[str, float] = {}
+            tag = f"cancel-{i}"
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_stream_on, ha, on_a, ids, ended)
+                nursery.start_soon(_stream_on, ha, on_a, ids, ended, tag)
                 with trio.fail_after(30):
                     while len(on_a) < 3:  # noqa: ASYNC110 (a few tokens in)
                         await trio.sleep(0.005)
-                asked = time.perf_counter()
+                asked[tag] = time.perf_counter()
                 await hb.post(f"/api/runs/{ids[0]}/cancel")
-            waits.append(ended[ids[0]] - asked)
+            waits.append(ended[ids[0]] - asked[tag])
 
         with trio.fail_after(120):
             async with trio.open_nursery() as nursery:
-                for _ in range(runs):
-                    nursery.start_soon(one)
+                for i in range(runs):
+                    nursery.start_soon(one, i)
                     await trio.sleep(0.02)
-    return {"runs": runs, **summary_ms(waits)}
+        records = (await hs.get(f"/sim/streams?since={since}")).json()["records"]
+    closed = [r["client_gone_at"] - asked[r["tag"]] for r in records
+              if r["tag"] in asked and r["client_gone_at"] is not None]
+    return {"runs": runs, "upstream_closed": summary_ms(closed), "end_seen_on_a": summary_ms(waits)}
 
 
 async def run(db: str, runs: int) -> dict[str, Any]:
@@ -130,7 +139,7 @@ async def run(db: str, runs: int) -> dict[str, Any]:
                 await control.post("/sim/config", json={"tokens": 60, "interval": 0.05})
                 followed = await follow(*urls, runs)
                 await control.post("/sim/config", json={"tokens": 2000, "interval": 0.05})
-                cancelled = await cancel(*urls, runs)
+                cancelled = await cancel(*urls, f"http://127.0.0.1:{sim.port}", runs)
             return {"follow": followed, "cancel": cancelled}
         finally:
             for proc in (b, a, sim):
