@@ -24,7 +24,6 @@ from .ownership import owner_alive
 from .records import (
     BegunRun,
     Conversation,
-    LLMCallOutcome,
     LLMCallRecord,
     Message,
     MessageStatus,
@@ -34,6 +33,18 @@ from .records import (
     decode_cursor,
     encode_cursor,
     new_id,
+)
+from .records import (
+    call_row as _call,
+)
+from .records import (
+    conversation_row as _conversation,
+)
+from .records import (
+    message_row as _message,
+)
+from .records import (
+    run_row as _run,
 )
 
 __all__ = ["Conn", "PostgresQueries"]
@@ -87,27 +98,6 @@ def _owner_is(owner: str | None) -> tuple[str, tuple[Any, ...]]:
     return ("owner IS NULL", ()) if owner is None else ("owner = %s", (owner,))
 
 
-def _conversation(row: Sequence[Any]) -> Conversation:
-    return Conversation(*row)
-
-
-def _message(row: Sequence[Any]) -> Message:
-    m = list(row)
-    m[4] = MessageStatus(m[4])
-    return Message(*m)
-
-
-def _run(row: Sequence[Any]) -> RunRecord:
-    r = list(row)
-    r[10] = json.loads(r[10]) if r[10] else {}
-    return RunRecord(*r)
-
-
-def _call(row: Sequence[Any]) -> LLMCallRecord:
-    c = list(row)
-    c[3] = LLMCallOutcome(c[3])
-    c[11] = bool(c[11])
-    return LLMCallRecord(*c)
 
 
 

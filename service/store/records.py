@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import json
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple
@@ -18,9 +20,13 @@ __all__ = [
     "RunEventRecord",
     "RunRecord",
     "begun_run",
+    "call_row",
+    "conversation_row",
     "decode_cursor",
     "encode_cursor",
+    "message_row",
     "new_id",
+    "run_row",
 ]
 
 
@@ -158,3 +164,27 @@ class BegunRun(NamedTuple):
     conversation: Conversation
     history: list[Message]  # the conversation's messages before this run's
     started: RunEventRecord  # event 1
+
+
+# Rows as both stores select them (the columns in the records' order), decoded.
+def conversation_row(row: Sequence[Any]) -> Conversation:
+    return Conversation(*row)
+
+
+def message_row(row: Sequence[Any]) -> Message:
+    m = list(row)
+    m[4] = MessageStatus(m[4])
+    return Message(*m)
+
+
+def run_row(row: Sequence[Any]) -> RunRecord:
+    r = list(row)
+    r[10] = json.loads(r[10]) if r[10] else {}
+    return RunRecord(*r)
+
+
+def call_row(row: Sequence[Any]) -> LLMCallRecord:
+    c = list(row)
+    c[3] = LLMCallOutcome(c[3])
+    c[11] = bool(c[11])
+    return LLMCallRecord(*c)

@@ -18,7 +18,6 @@ from ..text import clean_text
 from .records import (
     BegunRun,
     Conversation,
-    LLMCallOutcome,
     LLMCallRecord,
     Message,
     MessageStatus,
@@ -28,6 +27,18 @@ from .records import (
     decode_cursor,
     encode_cursor,
     new_id,
+)
+from .records import (
+    call_row as _call,
+)
+from .records import (
+    conversation_row as _conversation,
+)
+from .records import (
+    message_row as _message,
+)
+from .records import (
+    run_row as _run,
 )
 from .sqlite_ownership import SQLiteOwnership
 
@@ -83,27 +94,6 @@ def _insert_events(
         c.execute(_insert_events_sql(len(chunk), ignore), params)
 
 
-def _conversation(row: Sequence[Any]) -> Conversation:
-    return Conversation(*row)
-
-
-def _message(row: Sequence[Any]) -> Message:
-    m = list(row)
-    m[4] = MessageStatus(m[4])
-    return Message(*m)
-
-
-def _run(row: Sequence[Any]) -> RunRecord:
-    r = list(row)
-    r[10] = json.loads(r[10]) if r[10] else {}
-    return RunRecord(*r)
-
-
-def _call(row: Sequence[Any]) -> LLMCallRecord:
-    c = list(row)
-    c[3] = LLMCallOutcome(c[3])
-    c[11] = bool(c[11])
-    return LLMCallRecord(*c)
 
 
 
