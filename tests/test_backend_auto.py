@@ -10,8 +10,8 @@ from trio.testing import MockClock
 from service.backends.auto import AutoBackend, MemberStatus
 from service.backends.base import ChatChunk
 from service.backends.http import make_client
-from service.backends.llamacpp import OpenAICompatBackend
 from service.backends.ollama import OllamaBackend
+from service.backends.openai_compat import OpenAICompatBackend
 from service.errors import (
     AllBackendsFailed,
     BackendUnavailable,

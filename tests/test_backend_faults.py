@@ -10,8 +10,8 @@ from trio.testing import MockClock
 from service.backends.auto import AutoBackend
 from service.backends.http import DRAIN_SECONDS, make_client
 from service.backends.interceptor import Interceptor
-from service.backends.llamacpp import OpenAICompatBackend
 from service.backends.ollama import OllamaBackend
+from service.backends.openai_compat import OpenAICompatBackend
 from service.backends.streams import LineTooLong, SSEParser
 from service.errors import BackendProtocolError
 from service.metrics import Metrics

@@ -500,7 +500,7 @@ async def test_a_server_that_never_completes_the_handshake_is_bounded(
 
 
 def memory_fleet(sims: list[Simulator], members: list[Member]) -> FleetBackend:
-    from service.backends.llamacpp import OpenAICompatBackend
+    from service.backends.openai_compat import OpenAICompatBackend
 
     from .backend_helpers import mock_client
 

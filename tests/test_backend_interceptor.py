@@ -9,8 +9,8 @@ from trio.testing import MockClock
 from service.backends.auto import AutoBackend
 from service.backends.base import ChatChunk
 from service.backends.interceptor import Interceptor
-from service.backends.llamacpp import OpenAICompatBackend
 from service.backends.ollama import OllamaBackend
+from service.backends.openai_compat import OpenAICompatBackend
 from service.errors import BackendBusy, BackendResponseError, FirstChunkTimeout
 from service.metrics import Metrics
 from service.sim import Reply, Simulator

@@ -11,8 +11,8 @@ import trio
 
 from service.backends.base import ChatChunk, ChatMessage, ChatRequest, ToolCall
 from service.backends.http import Budgets, make_client
-from service.backends.llamacpp import OpenAICompatBackend
 from service.backends.ollama import OllamaBackend
+from service.backends.openai_compat import OpenAICompatBackend
 from service.errors import (
     BackendProtocolError,
     BackendRateLimited,

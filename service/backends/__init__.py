@@ -41,8 +41,8 @@ from .base import (
 from .fleet import ServerSpec, fleet_from_settings, tls_context
 from .http import Budgets, ShardedClient, make_client, make_sharded_client
 from .interceptor import Interceptor, LLMCallRecorder
-from .llamacpp import OpenAICompatBackend
 from .ollama import OllamaBackend
+from .openai_compat import OpenAICompatBackend
 from .router import FleetBackend, Member
 
 if TYPE_CHECKING:

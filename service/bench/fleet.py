@@ -32,7 +32,7 @@ from ..backends.base import (
     collect_chat,
 )
 from ..backends.http import Budgets, make_client
-from ..backends.llamacpp import OpenAICompatBackend
+from ..backends.openai_compat import OpenAICompatBackend
 from ..backends.router import FleetBackend
 from ..sim import Reply, Simulator, mock_transport
 
