@@ -12,7 +12,7 @@ from service.backends.http import DRAIN_SECONDS, make_client
 from service.backends.interceptor import Interceptor
 from service.backends.ollama import OllamaBackend
 from service.backends.openai_compat import OpenAICompatBackend
-from service.backends.streams import LineTooLong, SSEParser
+from service.backends.stream_parsers import LineTooLong, SSEParser
 from service.errors import BackendProtocolError
 from service.metrics import Metrics
 from service.sim import Reply, Simulator

@@ -144,7 +144,7 @@ async def test_a_run_let_go_from_ended_tells_its_subscriber(
                     await trio.sleep(0.1)
             # The other one gets its end once the store takes its batch (t=40).
         assert all(seen[h.id][-1:] == ["run.finished"] or h.id in told for h in (a, b))
-        from service.api.streams import EventReader, Keepalive
+        from service.runs.reader import EventReader, Keepalive
 
         for h in (a, b):  # a re-join gets the end from the store
             reader = EventReader(h.id, after=0, store=env.store, supervisor=env.supervisor,

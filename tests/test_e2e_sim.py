@@ -19,7 +19,7 @@ import httpx
 import pytest
 import trio
 
-from service.backends.streams import SSEEvent, SSEParser
+from service.backends.stream_parsers import SSEEvent, SSEParser
 from service.settings import BackendKind, Settings
 from service.sim import Reply, Simulator, serve
 

@@ -11,8 +11,8 @@ import trio
 import trio.testing
 
 from service.api.sse import sse_event
-from service.api.streams import EventReader, Keepalive
 from service.runs import RunSpec
+from service.runs.reader import EventReader, Keepalive
 from service.store import MessageStatus, RunEventRecord
 from service.store.sqlite import process_tag
 

@@ -495,9 +495,9 @@ async def test_a_refused_final_write_is_retried_before_the_end_is_shown(
 async def test_a_final_write_refused_past_its_budget_is_not_shown_as_an_end(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    from service.api.streams import EventReader, Keepalive
     from service.errors import StoreUnavailable
     from service.runs.committer import FINAL_WRITE_BUDGET
+    from service.runs.reader import EventReader, Keepalive
 
     backend = ScriptedBackend([Reply("all of it")])
     async with supervisor_env(tmp_path, backend) as env:
@@ -843,7 +843,7 @@ async def test_old_runs_events_are_pruned_keeping_their_ends_and_messages(
     # SERVICE_EVENTS_RETENTION_DAYS: every token is a row; a finished run's events go after
     # the retention, except run.started and run.finished (a re-join still ends cleanly), and
     # its reply stays in its message. Runs still going are never touched.
-    from service.api.streams import EventReader
+    from service.runs.reader import EventReader
 
     def reply(req: ChatRequest) -> Reply:
         if req.messages[-1].content == "slow":

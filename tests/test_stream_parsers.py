@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.backends.streams import (
+from service.backends.stream_parsers import (
     LineTooLong,
     NDJSONSplitter,
     SSEComment,

@@ -15,10 +15,10 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 import service.api.ws as ws_mod
 from service.api.models import MAX_CONTENT_CHARS, MAX_MODEL_CHARS
 from service.api.state import Services
-from service.api.streams import EventReader, Keepalive
 from service.errors import StoreError
 from service.metrics import Metrics
 from service.runs import RunHandle, RunSpec
+from service.runs.reader import EventReader, Keepalive
 from service.server import build_config
 from service.settings import Settings, load_settings
 

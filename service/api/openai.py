@@ -21,6 +21,7 @@ from quart_schema import document_response, validate_request
 from ..backends.base import ChatMessage, ToolCall
 from ..errors import ServiceError
 from ..runs import RunEvent, RunHandle, RunSpec, RunStatus
+from ..runs.reader import EventReader, Keepalive
 from .errors import json_error
 from .models import (
     AgentName,
@@ -34,7 +35,6 @@ from .owned import own_run
 from .runs import run_error, sse_response
 from .sse import sse_data
 from .state import current_owner, services
-from .streams import EventReader, Keepalive
 
 __all__ = ["blueprint"]
 

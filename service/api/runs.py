@@ -15,6 +15,7 @@ from quart_schema import (
 
 from ..errors import ServiceError, status_of_type
 from ..runs import RunHandle, RunSpec, RunStatus
+from ..runs.reader import EventReader, Keepalive
 from ..store import RunRecord
 from .errors import json_error
 from .models import (
@@ -31,7 +32,6 @@ from .models import (
 from .owned import disown_run, own_run
 from .sse import KEEPALIVE, sse_event
 from .state import current_owner, services
-from .streams import EventReader, Keepalive
 
 __all__ = [
     "ERROR_STATUS",

@@ -38,10 +38,10 @@ from quart import Blueprint, websocket
 from ..errors import NotFound, ServiceError
 from ..runs import RunHandle, RunSpec
 from ..runs.events import strict_json
+from ..runs.reader import EventReader, Keepalive
 from ..text import clean_text
 from .models import MAX_CONTENT_CHARS, MAX_MODEL_CHARS, AgentName, JsonRequest
 from .state import Services, current_owner, services
-from .streams import EventReader, Keepalive
 
 __all__ = ["blueprint"]
 

@@ -48,7 +48,7 @@ from ..errors import (
     ModelNotFound,
     UpstreamBroken,
 )
-from .streams import LineTooLong, NDJSONSplitter, SSEComment, SSEEvent, SSEParser
+from .stream_parsers import LineTooLong, NDJSONSplitter, SSEComment, SSEEvent, SSEParser
 
 __all__ = [
     "BackendTLSError",

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import trio
 
 from ..errors import ShuttingDown
-from ..runs import ResumeFrom, RunEvent, RunSupervisor, Subscription
 from ..store import Store
+from .events import RunEvent
+from .handle import ResumeFrom, Subscription
+from .supervisor import RunSupervisor
 
 __all__ = ["EventReader", "Keepalive"]
 
