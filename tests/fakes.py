@@ -215,13 +215,15 @@ async def supervisor_env(
     max_runs: int = 1000,
     agents: dict[str, Agent] | None = None,
     events_retention: float = 0.0,
+    process_id: str | None = None,
 ) -> AsyncIterator[Env]:
     """A store (inline sqlite, for virtual time) and a serving supervisor over ``backend``.
 
     ``backend`` may be a function of the store, to build an interceptor that records into it.
     """
     metrics = Metrics()
-    store = SQLiteStore(tmp_path / "runs.db", threaded=False, metrics=metrics)
+    store = SQLiteStore(tmp_path / "runs.db", threaded=False, metrics=metrics,
+                        process_id=process_id)
     await store.open()
     registry = ToolRegistry(tools)
     the_backend = backend if isinstance(backend, ScriptedBackend) else backend(store)

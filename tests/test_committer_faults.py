@@ -102,7 +102,9 @@ async def test_a_run_let_go_from_ended_tells_its_subscriber(
     class Gate:
         until = 40.0
 
-    backend = ScriptedBackend(lambda req: Reply("one two three", gap=0.0))
+    # Both answer at t=0.5: their tokens go in one batch (a run starts working as soon as
+    # it is launched, so without the delay the first run's tokens would go alone).
+    backend = ScriptedBackend(lambda req: Reply("one two three", first_delay=0.5, gap=0.0))
     async with supervisor_env(tmp_path, backend) as env:
         real_append = env.store.append_run_events
 

@@ -13,7 +13,7 @@ import trio.testing
 from service.api.sse import sse_event
 from service.runs import RunSpec
 from service.runs.reader import EventReader, Keepalive
-from service.store import MessageStatus, RunEventRecord
+from service.store import MessageStatus, RunEventRecord, SQLiteStore
 from service.store.sqlite import process_tag
 
 from .fakes import Reply, ScriptedBackend, supervisor_env
@@ -140,19 +140,29 @@ async def test_a_run_launched_while_the_reader_asks_the_store_is_followed(
         assert got == ["run.started", "token", "token", "token", "message", "run.finished"]
 
 
-async def _stored_elsewhere(env: Any) -> Any:
+async def _stored_elsewhere(env: Any) -> tuple[Any, SQLiteStore]:
     """A run stored as running by another live worker sharing the store (here: our parent
-    process stands for it)."""
+    process stands for it), and that worker's store (open until the test's supervisor stops):
+    only the instance that holds a run writes its events and its end."""
+    other = SQLiteStore(env.store.path, threaded=False, process_id=process_tag(os.getppid()))
+    await other.open()
+
+    async def close_at_exit() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await other.aclose()
+
+    env.nursery.start_soon(close_at_exit)
     conv = await env.conversation()
-    begun = await env.store.begin_run(conv, content="q", agent="chat", model=None)
-    env.store._writer.execute("UPDATE runs SET process = ? WHERE id = ?",
-                              (process_tag(os.getppid()), begun.run.id))
-    return begun
+    begun = await other.begin_run(conv, content="q", agent="chat", model=None)
+    return begun, other
 
 
-async def _finished_elsewhere(env: Any, begun: Any, seq: int) -> None:
+async def _finished_elsewhere(other: SQLiteStore, begun: Any, seq: int) -> None:
     """The other worker's final write: the run's end, with run.finished as event ``seq``."""
-    await env.store.finish_run(
+    assert await other.finish_run(
         begun.run.id, status="succeeded", message_id=begun.reply.id, content="done",
         message_status=MessageStatus.complete, error=None, usage={},
         events=[RunEventRecord(begun.run.id, seq, "run.finished", {"status": "succeeded"}, 0.0)])
@@ -167,7 +177,7 @@ async def test_a_run_stored_by_another_live_worker_is_followed_until_its_end(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     async with supervisor_env(tmp_path, ScriptedBackend([])) as env:
-        begun = await _stored_elsewhere(env)
+        begun, other = await _stored_elsewhere(env)
         run_id = begun.run.id
         got: list[tuple[float, str]] = []
         start = trio.current_time()
@@ -180,7 +190,7 @@ async def test_a_run_stored_by_another_live_worker_is_followed_until_its_end(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read)
             await trio.sleep(12.0)
-            await _finished_elsewhere(env, begun, 2)
+            await _finished_elsewhere(other, begun, 2)
         assert [k for _, k in got] == ["run.started", "keepalive", "keepalive", "run.finished"]
         assert 12.0 <= got[-1][0] <= 13.0  # polled at most 1 s apart
 
@@ -191,13 +201,13 @@ async def test_a_follower_through_the_store_waits_for_a_missing_event(
     # Found in review: the other worker's batch with event 3 failed (it is retried up to 2 s
     # later) while event 4 landed; a follower took 4 and never read 3.
     async with supervisor_env(tmp_path, ScriptedBackend([])) as env:
-        begun = await _stored_elsewhere(env)
+        begun, other = await _stored_elsewhere(env)
         rid = begun.run.id
 
         def ev(seq: int) -> RunEventRecord:
             return RunEventRecord(rid, seq, "token", {"text": str(seq)}, 0.0)
 
-        await env.store.append_run_events([ev(2)])
+        await other.append_run_events([ev(2)])
         got: list[int] = []
 
         async def read() -> None:
@@ -208,11 +218,11 @@ async def test_a_follower_through_the_store_waits_for_a_missing_event(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read)
             await trio.sleep(0.5)
-            await env.store.append_run_events([ev(4)])  # 3's batch failed
+            await other.append_run_events([ev(4)])  # 3's batch failed
             await trio.sleep(2.0)
             assert got == [1, 2]  # 4 waits for 3
-            await env.store.append_run_events([ev(3)], retry=True)
-            await _finished_elsewhere(env, begun, 5)
+            await other.append_run_events([ev(3)], retry=True)
+            await _finished_elsewhere(other, begun, 5)
         assert got == [1, 2, 3, 4, 5]
 
 
@@ -222,8 +232,8 @@ async def test_a_gap_left_when_a_run_is_over_is_skipped(
     # Events never stored (the store dropped them past its backlog bound) leave a gap for
     # good once the run is over: the reader goes past it rather than waiting forever.
     async with supervisor_env(tmp_path, ScriptedBackend([])) as env:
-        begun = await _stored_elsewhere(env)
-        await _finished_elsewhere(env, begun, 4)
+        begun, other = await _stored_elsewhere(env)
+        await _finished_elsewhere(other, begun, 4)
         reader = _reader(env, begun.run.id)
         with trio.fail_after(1):
             assert [e.seq async for e in reader if not isinstance(e, Keepalive)] == [1, 4]
@@ -237,7 +247,7 @@ async def test_a_follower_through_the_store_backs_off_and_leaves_at_shutdown(
     from service.errors import ShuttingDown
 
     async with supervisor_env(tmp_path, ScriptedBackend([])) as env:
-        begun = await _stored_elsewhere(env)
+        begun, _ = await _stored_elsewhere(env)
         reads = {"n": 0}
         real_read = env.store._read
 

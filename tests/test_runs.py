@@ -763,12 +763,12 @@ async def test_a_final_write_that_raises_a_non_store_error_still_ends_the_run(
         real = env.store.finish_run
         calls = 0
 
-        async def finish_run(*args: object, **kwargs: object) -> None:
+        async def finish_run(*args: object, **kwargs: object) -> bool:
             nonlocal calls
             calls += 1
             if calls == 1:
                 raise ValueError("a bug in what the store was given")
-            await real(*args, **kwargs)  # type: ignore[arg-type]
+            return await real(*args, **kwargs)  # type: ignore[arg-type]
 
         monkeypatch.setattr(env.store, "finish_run", finish_run)
         broken = await env.supervisor.start(RunSpec(conv, "x"))
@@ -818,14 +818,14 @@ async def test_two_retry_passes_of_a_final_write_at_once_do_not_crash_the_superv
         calls = 0
         retrying = trio.Event()
 
-        async def flaky(*args: object, **kwargs: object) -> None:
+        async def flaky(*args: object, **kwargs: object) -> bool:
             nonlocal calls
             calls += 1
             if calls == 1:
                 raise StoreError("store write failed: database or disk is full")
             retrying.set()
             await trio.sleep(3)  # a slow store: the other pass starts meanwhile
-            await real(*args, **kwargs)  # type: ignore[arg-type]
+            return await real(*args, **kwargs)  # type: ignore[arg-type]
 
         monkeypatch.setattr(env.store, "finish_run", flaky)
         handle = await env.supervisor.start(RunSpec(conv, "x"))
@@ -896,3 +896,53 @@ async def test_a_drain_while_a_final_write_is_retried_waits_for_it(
         assert handle.done
         assert (await env.store.get_run(handle.id)).status == "succeeded"
         assert env.supervisor.unstored == 0
+
+
+async def test_a_run_another_instance_closed_ends_with_the_stored_end(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Issue 14 (fencing): this instance's lease lapsed (a stall) and another instance closed
+    # its run as a dead instance's. The run here must stop, write nothing more, and tell its
+    # clients the end the store has (failed, interrupted), not an end of its own: one
+    # run.finished, and what each client saw is what the store holds.
+    from service.store import SQLiteStore
+
+    elsewhere = "999999999:1:another-boot-id:12345:4026531836"  # its lease decides
+    backend = ScriptedBackend(lambda req: Reply(" ".join(["word"] * 50), gap=1.0))
+    async with supervisor_env(tmp_path, backend, process_id=elsewhere) as env:
+        conv = await env.conversation()
+        handle = await env.supervisor.start(RunSpec(conv, "x"))
+        seen: list[RunEvent] = []
+
+        async def follow() -> None:
+            async for e in handle.subscribe():
+                seen.append(e)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follow)
+            while sum(e.type == "token" for e in seen) < 5:  # noqa: ASYNC110
+                await trio.sleep(0.5)
+            await env.store.renew_lease(-1)  # the lease lapses ...
+            other = SQLiteStore(tmp_path / "runs.db", threaded=False)
+            await other.open()
+            try:
+                assert await other.recover_interrupted() == [handle.id]  # ... B closes it
+            finally:
+                await other.aclose()
+            with trio.fail_after(5):
+                await handle.finished.wait()
+
+        stored = await env.store.list_run_events(handle.id)
+        assert [e.type for e in stored].count("run.finished") == 1
+        assert [(e.seq, e.type, e.data) for e in seen] == [
+            (e.seq, e.type, e.data) for e in stored]
+        assert seen[-1].data["status"] == "failed"
+        assert "interrupted" in seen[-1].data["error"]
+        run = await env.store.get_run(handle.id)
+        assert handle.status is RunStatus.failed
+        assert run.status == "failed"
+        (_, reply) = await env.store.get_messages(conv)
+        assert handle.final_text == reply.content
+        assert reply.content.startswith("word word word word word")
+        assert not backend.streams[-1].completed  # stopped
+        assert backend.streams[-1].closed

@@ -755,3 +755,46 @@ async def test_a_stopping_instance_ends_its_lease(db: Path | str) -> None:
                             (mine,)).fetchone()[0] == 0
     finally:
         conn.close()
+
+
+async def test_a_run_closed_by_another_instance_takes_no_more_writes_from_its_owner(
+    db: Path | str,
+) -> None:
+    # Issue 14 (fencing): instance A's lease lapses (a stall, a partition) while its run goes
+    # on; B takes A for dead and closes the run. A's later events and its own end must not
+    # land: the run would get a second run.finished, and A's clients an end the store
+    # contradicts. A's writes report the run as no longer held, and write nothing of it.
+    elsewhere = "999999999:1:another-boot-id:12345:4026531836"  # A: lease decides, not PID
+    async with open_store(db, process_id=elsewhere) as a, open_store(db) as b:
+        await a.renew_lease(15)
+        conv = await a.create_conversation()
+        run, _, reply, *_ = await a.begin_run(conv.id, content="q", agent="chat", model=None)
+        assert await a.append_run_events(
+            [RunEventRecord(run.id, 2, "token", {"text": "kept"}, 0.0)]) == set()
+        assert await b.recover_interrupted() == []  # A's lease holds: its run is its own
+        await a.renew_lease(-1)  # ... until it lapses
+        assert await b.recover_interrupted() == [run.id]
+
+        late = [RunEventRecord(run.id, 3, "token", {"text": "late"}, 0.0)]
+        assert await a.append_run_events(late) == {run.id}
+        assert await a.append_run_events(late, retry=True) == {run.id}
+        held = await a.finish_run(
+            run.id, status="succeeded", message_id=reply.id, content="kept late",
+            message_status=MessageStatus.complete, error=None, usage={},
+            events=[RunEventRecord(run.id, 3, "run.finished", {"status": "succeeded"}, 0.0)])
+        assert held is False
+
+        stored = await b.list_run_events(run.id)
+        assert [(e.seq, e.type) for e in stored] == [
+            (1, "run.started"), (2, "token"), (3, "run.finished")]
+        assert stored[-1].data["status"] == "failed"
+        assert (await b.get_run(run.id)).status == "failed"
+        (_, stored_reply) = await b.get_messages(conv.id)
+        assert (stored_reply.status, stored_reply.content) == (MessageStatus.error, "kept")
+        # B's own writes about it are not fenced (it closed the run, it holds it now) and A's
+        # about its other runs go on.
+        other = await a.create_conversation()
+        run2, *_ = await a.begin_run(other.id, content="q", agent="chat", model=None)
+        mixed = [RunEventRecord(run2.id, 2, "token", {"text": "x"}, 0.0), *late]
+        assert await a.append_run_events(mixed) == {run.id}
+        assert [e.type for e in await a.list_run_events(run2.id)] == ["run.started", "token"]

@@ -304,7 +304,7 @@ async def test_a_store_outage_paces_its_retries_and_keeps_every_event_in_order(
             if trio.current_time() < 30:
                 raise StoreError("store write failed: database or disk is full")
             stored.extend(e.seq for e in events)
-            await real(events, **kw)
+            return await real(events, **kw)
 
         env.store.append_run_events = down_for_30s  # type: ignore[method-assign]
         for i in range(3000):  # a token every 10 ms for 30 s while the store is down

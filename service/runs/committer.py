@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-from ..errors import StoreError, StoreUnavailable
+from ..errors import NotFound, StoreError, StoreUnavailable
 from ..logs import get_logger
 from ..store import MessageStatus, RunEventRecord, Store
 from .events import RunEvent
@@ -55,8 +55,9 @@ class FinalState:
     usage: dict[str, Any]
     events: tuple[RunEvent, ...]
 
-    async def write(self, store: Store) -> None:
-        await store.finish_run(
+    async def write(self, store: Store) -> bool:
+        """False if the run is no longer this process's to close (``Store.finish_run``)."""
+        return await store.finish_run(
             self.run_id, status=self.status.value, message_id=self.message_id,
             content=self.content, message_status=self.message_status, error=self.error,
             usage=self.usage, events=[record(e) for e in self.events],
@@ -141,10 +142,11 @@ class EventCommitter:
             if not batch:
                 return True
             stored = False
+            not_held: set[str] = set()
             try:
                 with trio.move_on_after(WRITE_BUDGET) as write:
                     # After a refusal some may have landed (a write that timed out): skipped.
-                    await self._store.append_run_events(
+                    not_held = await self._store.append_run_events(
                         [record(e) for e in batch], retry=self._retrying)
                     stored = True
                 if write.cancelled_caught:
@@ -166,6 +168,10 @@ class EventCommitter:
                 by_run.setdefault(e.run_id, []).append(e)
             for run_id, events in by_run.items():
                 handle = self._live(run_id) or self._ended.get(run_id)
+                if run_id in not_held:  # not stored, so never shown
+                    if handle is not None:
+                        _lost(handle)
+                    continue
                 if handle is not None:
                     handle.publish(events)
                     if handle.final_stored and handle.published_final:
@@ -201,7 +207,10 @@ class EventCommitter:
                 # at the budget all the same; if the write lands later, a re-join gets the end.
                 nursery.start_soon(self._tell_if_late, handle)
                 with trio.move_on_after(FINAL_WRITE_BUDGET):
-                    if await self._store_final(handle, final):
+                    held = await self._store_final(handle, final)
+                    if held is False:  # another instance closed it: tell what it stored
+                        await self._adopt_stored_end(handle, final)
+                    elif held:
                         handle.stored_as(final.status)
                         handle.publish(list(final.events))
                         # A batch with earlier events of the run, refused and held, is
@@ -224,14 +233,15 @@ class EventCommitter:
         if not handle.final_stored:
             handle.give_up_end(_unstored_end())
 
-    async def _store_final(self, handle: RunHandle, final: FinalState) -> bool:
-        """Write a final state, again while the store refuses it (the caller bounds it)."""
+    async def _store_final(self, handle: RunHandle, final: FinalState) -> bool | None:
+        """Write a final state, again while the store refuses it (the caller bounds it).
+        True: stored; False: the run is no longer this process's (closed by another
+        instance); None: it cannot be stored (a bug, logged)."""
         pause = _RETRY_FIRST
         while True:
             try:
                 with trio.move_on_after(WRITE_BUDGET) as write:
-                    await final.write(self._store)
-                    return True
+                    return await final.write(self._store)
                 if write.cancelled_caught:
                     log.error("final write of run %s took over %ss; trying again", handle.id,
                               WRITE_BUDGET)
@@ -242,9 +252,39 @@ class EventCommitter:
                 # Not the store's trouble but a bug (what it was given): retrying now would
                 # fail the same way. The run still ends, and the supervisor goes on.
                 log.exception("the final state of run %s cannot be stored", handle.id)
-                return False
+                return None
             await trio.sleep(pause)
             pause = min(2 * pause, _RETRY_MAX)
+
+    async def _adopt_stored_end(self, handle: RunHandle, final: FinalState) -> None:
+        """The run was closed by another instance (this one's lease lapsed, so the others took
+        it for dead): its clients get the end the store has, never this process's own. A run
+        that is gone altogether (its conversation deleted) ends as this process ended it:
+        nothing stored contradicts that."""
+        pause = _RETRY_FIRST
+        while True:  # the caller bounds it
+            try:
+                run = await self._store.get_run(handle.id, owner=handle.owner)
+                stored = await self._store.list_run_events(handle.id, after=handle.published_seq)
+                reply = next((m for m in await self._store.get_messages(handle.conversation_id)
+                              if m.id == handle.message_id), None)
+                break
+            except NotFound:
+                handle.stored_as(final.status)
+                handle.publish(list(final.events))
+                return
+            except StoreError as exc:
+                log.error("could not read the stored end of run %s (trying again): %s",
+                          handle.id, exc.message)
+            await trio.sleep(pause)
+            pause = min(2 * pause, _RETRY_MAX)
+        status = RunStatus(run.status)
+        log.warning("run %s was closed by another instance (%s: %s); its clients get that end",
+                    handle.id, status.value, run.error)
+        handle.error, handle.error_type = run.error, None
+        handle.final_text = reply.content if reply is not None else ""
+        handle.stored_as(status)
+        handle.publish([event(r) for r in stored])
 
     def _keep_ended(self, handle: RunHandle) -> None:
         """Keep serving a run whose end is not all stored or published (bounded: the oldest
@@ -266,11 +306,13 @@ class EventCommitter:
                 handle, final = entry
                 try:
                     with trio.move_on_after(WRITE_BUDGET):
-                        await final.write(self._store)
+                        if await final.write(self._store):
+                            handle.stored_as(final.status)
+                            handle.publish(list(final.events))
+                        else:
+                            await self._adopt_stored_end(handle, final)
                         if entry in self._final_retries:
                             self._final_retries.remove(entry)
-                        handle.stored_as(final.status)
-                        handle.publish(list(final.events))
                         if handle.published_final:
                             self._ended.pop(handle.id, None)
                         log.info("stored the final state of run %s on retry", handle.id)
@@ -292,6 +334,15 @@ class EventCommitter:
                     break
                 await trio.sleep(pause)
                 pause = min(2 * pause, _RETRY_MAX)
+
+
+def _lost(handle: RunHandle) -> None:
+    """Another instance closed ``handle``'s run (or it is gone): its events are no longer
+    stored, so it stops; its end will be the stored one (``_adopt_stored_end``)."""
+    if handle.cancel_reason is None and not handle.closed:
+        log.warning("run %s: closed by another instance or gone; stopping it here", handle.id)
+        handle.cancel_status = RunStatus.failed
+    handle.cancel("the run was closed by another instance")
 
 
 def _unstored_end() -> StoreUnavailable:

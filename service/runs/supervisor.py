@@ -240,7 +240,7 @@ class RunSupervisor:
             )
             handle = self._new_handle(begun, spec)
             handle.adopt_first_event(event(begun.started))
-            self._launch(handle, spec)
+            await self._launch(handle, spec, go=None)
         finally:
             del self._starting[run_id]
             launched.set()
@@ -260,9 +260,10 @@ class RunSupervisor:
         goes out, while the run's first write commits (that write is most of the time a request
         spends in the service before its upstream call, measured in ``service.bench``).
 
-        Ordering: the write is called before the agent's task first runs and before this task's
-        first checkpoint, so it is queued in the store ahead of every other write about the run
-        (its events, its LLM calls, its final state), which therefore land after it. Event 1
+        Ordering: the run's task is started (``nursery.start``) but does its first work only
+        once ``go`` is set, just before the write is called; the write is queued before this
+        task's next checkpoint, so it is in the store's queue ahead of every other write about
+        the run (its events, its LLM calls, its final state), which land after it. Event 1
         (``run.started``) is written with the run and published once that write has landed;
         events the run commits meanwhile are held back behind it (``reserve_first_event``), so
         nothing about the run is published before the run is stored, and the first token does
@@ -278,8 +279,10 @@ class RunSupervisor:
         )
         handle = self._new_handle(begun, spec)
         handle.reserve_first_event()
-        self._launch(handle, spec)
+        go = trio.Event()
+        await self._launch(handle, spec, go)
         try:
+            go.set()  # the run may start working: no checkpoint until its write is queued
             await self._store.write_run(begun)
         except BaseException as exc:
             # Failed, not cancelled (unless this caller was): the service could not store it.
@@ -293,11 +296,18 @@ class RunSupervisor:
         handle.adopt_first_event(event(begun.started))
         return handle
 
-    def _launch(self, handle: RunHandle, spec: RunSpec) -> None:
-        """Register the run and start its task in the supervisor's nursery (sync)."""
+    async def _launch(self, handle: RunHandle, spec: RunSpec, go: trio.Event | None) -> None:
+        """Register the run and start its task in the supervisor's nursery; returns once the
+        task runs (``nursery.start``). ``go``: the run does its first work only once that is
+        set (a run on a new conversation: once its first write is queued, see _start_new).
+
+        Shielded: the task hands itself over before its first checkpoint, so the wait is one
+        scheduler pass, and a caller cancelled meanwhile cannot leave a started run behind
+        that it does not know about."""
         self._runs[handle.id] = handle
         try:
-            self.nursery.start_soon(self._run, handle, spec)
+            with trio.CancelScope(shield=True):
+                await self.nursery.start(self._run, handle, spec, go)
         except BaseException:
             del self._runs[handle.id]
             raise
@@ -316,21 +326,27 @@ class RunSupervisor:
         handle.scope.deadline = trio.current_time() + timeout
         return handle
 
-    async def _run(self, handle: RunHandle, spec: RunSpec) -> None:
+    async def _run(
+        self, handle: RunHandle, spec: RunSpec, go: trio.Event | None,
+        *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        task_status.started()  # before any checkpoint: see _launch
         token = RUN_ID.set(handle.id)
         try:
-            await self._execute(handle, spec)
+            await self._execute(handle, spec, go)
         finally:
             RUN_ID.reset(token)
             del self._runs[handle.id]
             self._metrics.runs_in_flight.dec()
 
-    async def _execute(self, handle: RunHandle, spec: RunSpec) -> None:
+    async def _execute(self, handle: RunHandle, spec: RunSpec, go: trio.Event | None) -> None:
         status = RunStatus.failed
         answer: str | None = None
         error: str | None = None
         try:
             with handle.scope:
+                if go is not None:
+                    await go.wait()
                 handle.set_status(RunStatus.running)
                 try:
                     async with trio.open_nursery() as run_nursery:

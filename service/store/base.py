@@ -136,8 +136,10 @@ class Store(Protocol):
         self, run_id: str, *, status: str, message_id: str, content: str,
         message_status: MessageStatus, error: str | None, usage: dict[str, Any],
         events: Sequence[RunEventRecord] = (),
-    ) -> None:
-        """The run's final status, its reply's text and its last events, in one transaction."""
+    ) -> bool:
+        """The run's final status, its reply's text and its last events, in one transaction,
+        if this process still holds the run; False (nothing written) if another instance
+        closed it meanwhile (this one's lease had lapsed) or it is gone."""
         ...
 
     async def recover_interrupted(self, run_id: str | None = None) -> list[str]:
@@ -177,8 +179,10 @@ class Store(Protocol):
 
     async def append_run_events(
         self, events: Sequence[RunEventRecord], *, retry: bool = False
-    ) -> None:
-        """A batch of events in one transaction; ``retry``: skip those stored already."""
+    ) -> set[str]:
+        """A batch of events in one transaction; ``retry``: skip those stored already. Only
+        events of runs this process holds are written: returns the ids of the other runs
+        (closed by another instance, or gone), whose events were dropped."""
         ...
 
     async def list_run_events(

@@ -83,6 +83,7 @@ class PostgresStore(PostgresQueries):
     # The keyword arguments it takes (``make_store`` passes only these on).
     OPTIONS: ClassVar[frozenset[str]] = frozenset({
         "metrics", "pool_size", "statement_timeout", "connect_timeout", "acquire_timeout",
+        "process_id",
     })
 
     def __init__(
@@ -94,6 +95,7 @@ class PostgresStore(PostgresQueries):
         statement_timeout: float = 30.0,
         connect_timeout: float = 5.0,
         acquire_timeout: float = 5.0,
+        process_id: str | None = None,
     ) -> None:
         self._url = url
         self.url = describe_url(url)  # as it may be shown
@@ -110,7 +112,7 @@ class PostgresStore(PostgresQueries):
         self._pool: psycopg_pool.ConnectionPool[Conn] | None = None
         self._commits: GroupCommit[Conn] = GroupCommit(self._run_batch)
         self._write_lock = self._commits.lock  # held by a batch in its thread, and by aclose
-        self.process_id = process_tag(os.getpid())
+        self.process_id = process_id or process_tag(os.getpid())  # see SQLiteStore
         self.write_error: str | None = None
         # Test hook: called inside the writer thread, inside the transaction, before COMMIT.
         self._before_commit: Callable[[], None] | None = None

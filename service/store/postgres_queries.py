@@ -67,30 +67,43 @@ _MSG_INSERT = f"INSERT INTO messages ({_MSG_COLS}) VALUES (%s, %s, %s, %s, %s, %
 _CONV_INSERT = f"INSERT INTO conversations ({_CONV_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
 
 
-def _events_sql(ignore: bool) -> str:
+def _events_sql(ignore: bool, fenced: bool) -> str:
     # One statement for a whole batch, however long (arrays, not a VALUES list per size).
-    # An event of a run that is gone (its conversation deleted meanwhile) is dropped.
+    # An event of a run that is gone (its conversation deleted meanwhile) is dropped;
+    # ``fenced``: so is one of a run this process no longer holds (closed by another).
     return (
         "INSERT INTO run_events (run_id, seq, type, data, created_at) "
         "SELECT v.run_id, v.seq, v.type, v.data, v.created_at FROM unnest("
         "%s::text[], %s::int[], %s::text[], %s::text[], %s::float8[]) "
         "AS v(run_id, seq, type, data, created_at) "
-        "WHERE EXISTS (SELECT 1 FROM runs WHERE id = v.run_id)"
+        "WHERE EXISTS (SELECT 1 FROM runs WHERE id = v.run_id"
+        + (" AND process = %s)" if fenced else ")")
         + (" ON CONFLICT DO NOTHING" if ignore else "")
     )
 
 
-_INSERT_EVENTS = _events_sql(False)
-_INSERT_EVENTS_IGNORE = _events_sql(True)
+_INSERT_EVENTS_SQL = {(ignore, fenced): _events_sql(ignore, fenced)
+                      for ignore in (False, True) for fenced in (False, True)}
 
 
-def _insert_events(c: Conn, events: Sequence[RunEventRecord], *, ignore: bool = False) -> None:
+def _insert_events(c: Conn, events: Sequence[RunEventRecord], *, ignore: bool = False,
+                   process: str | None = None) -> int:
+    """Insert ``events``; ``process``: only those of runs that process holds. Rows inserted."""
     cols: tuple[list[Any], ...] = ([], [], [], [], [])
     for e in events:
         raw = e.raw if e.raw is not None else json.dumps(e.data, separators=(",", ":"))
         for col, value in zip(cols, (e.run_id, e.seq, e.type, raw, e.created_at), strict=True):
             col.append(value)
-    c.execute(_INSERT_EVENTS_IGNORE if ignore else _INSERT_EVENTS, cols)
+    params: tuple[Any, ...] = cols if process is None else (*cols, process)
+    return c.execute(_INSERT_EVENTS_SQL[ignore, process is not None], params).rowcount
+
+
+def _not_held(c: Conn, run_ids: set[str], process: str) -> set[str]:
+    """Those of ``run_ids`` that ``process`` no longer holds: closed by another instance (which
+    then holds them), or gone."""
+    held = {rid for (rid,) in c.execute(
+        "SELECT id FROM runs WHERE id = ANY(%s) AND process = %s", (list(run_ids), process))}
+    return run_ids - held
 
 
 def _owner_is(owner: str | None) -> tuple[str, tuple[Any, ...]]:
@@ -323,23 +336,27 @@ class PostgresQueries:
         self, run_id: str, *, status: str, message_id: str, content: str,
         message_status: MessageStatus, error: str | None, usage: dict[str, Any],
         events: Sequence[RunEventRecord] = (),
-    ) -> None:
+    ) -> bool:
+        """See ``SQLiteStore.finish_run``: only while this process holds the run."""
         now = time.time()
         content, error = clean_text(content), error and clean_text(error)
 
-        def fn(c: Conn) -> None:
-            c.execute(
+        def fn(c: Conn) -> bool:
+            if not c.execute(
                 "UPDATE runs SET status = %s, finished_at = %s, error = %s, usage = %s, "
-                "started_at = COALESCE(started_at, %s) WHERE id = %s",
-                (status, now, error, json.dumps(usage), now, run_id))
+                "started_at = COALESCE(started_at, %s) WHERE id = %s AND process = %s",
+                (status, now, error, json.dumps(usage), now, run_id, self.process_id),
+            ).rowcount:
+                return False
             c.execute(
                 "UPDATE messages SET content = %s, status = %s, error = %s, updated_at = %s "
                 "WHERE id = %s", (content, message_status.value, error, now, message_id))
             if events:
                 _insert_events(c, events, ignore=True)
             _notify(c, {run_id})
+            return True
 
-        await self._write("finish_run", fn)
+        return await self._write("finish_run", fn)
 
     async def recover_interrupted(self, run_id: str | None = None) -> list[str]:
         """Close runs left in progress by a process that is gone (see SQLiteStore's)."""
@@ -362,8 +379,9 @@ class PostgresQueries:
             dead = []
             for rid in candidates:
                 if not c.execute(
-                    "UPDATE runs SET status = 'failed', error = %s, finished_at = %s "
-                    "WHERE id = %s AND status IN ('queued', 'running')", (reason, now, rid),
+                    "UPDATE runs SET status = 'failed', error = %s, finished_at = %s, "
+                    "process = %s WHERE id = %s AND status IN ('queued', 'running')",
+                    (reason, now, self.process_id, rid),
                 ).rowcount:
                     continue  # closed meanwhile (by another worker, or it finished)
                 dead.append(rid)
@@ -520,15 +538,20 @@ class PostgresQueries:
 
     async def append_run_events(
         self, events: Sequence[RunEventRecord], *, retry: bool = False
-    ) -> None:
+    ) -> set[str]:
+        """See ``SQLiteStore.append_run_events``: only events of runs this process holds."""
         if not events:
-            return
+            return set()
 
-        def fn(c: Conn) -> None:
-            _insert_events(c, events, ignore=retry)
-            _notify(c, {e.run_id for e in events})
+        def fn(c: Conn) -> set[str]:
+            runs = {e.run_id for e in events}
+            inserted = _insert_events(c, events, ignore=retry, process=self.process_id)
+            not_held = set() if inserted == len(events) else _not_held(c, runs, self.process_id)
+            if runs - not_held:
+                _notify(c, runs - not_held)
+            return not_held
 
-        await self._write("append_run_events", fn)
+        return await self._write("append_run_events", fn)
 
     async def list_run_events(
         self, run_id: str, *, after: int = 0, limit: int = 10_000

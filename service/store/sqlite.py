@@ -78,6 +78,7 @@ class SQLiteStore(SQLiteQueries):
         metrics: Metrics | None = None,
         threaded: bool = True,
         wal_size_limit: int = WAL_SIZE_LIMIT,
+        process_id: str | None = None,
     ) -> None:
         self.path = Path(path)
         self.wal_size_limit = wal_size_limit
@@ -99,8 +100,10 @@ class SQLiteStore(SQLiteQueries):
         self._read_lock = trio.Lock()
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
-        # Runs are tagged with this, so a later start can tell runs whose process died.
-        self.process_id = process_tag(os.getpid())
+        # Runs are tagged with this, so a later start can tell runs whose process died
+        # (``ownership``); given: an instance id of the caller's choosing (tests use one of
+        # another host's, whose liveness only its lease tells).
+        self.process_id = process_id or process_tag(os.getpid())
         # Test hook: called inside the writer thread, inside the transaction, before COMMIT.
         self._before_commit: Callable[[], None] | None = None
         # Why the latest write transaction failed (None once one has committed since): the

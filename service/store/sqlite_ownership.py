@@ -68,8 +68,9 @@ class SQLiteOwnership:
             dead = []
             for rid in candidates:
                 if not c.execute(
-                    "UPDATE runs SET status = 'failed', error = ?, finished_at = ? "
-                    "WHERE id = ? AND status IN ('queued', 'running')", (reason, now, rid),
+                    "UPDATE runs SET status = 'failed', error = ?, finished_at = ?, "
+                    "process = ? WHERE id = ? AND status IN ('queued', 'running')",
+                    (reason, now, self.process_id, rid),
                 ).rowcount:
                     continue  # closed meanwhile (by another worker, or it finished)
                 dead.append(rid)

@@ -65,33 +65,55 @@ _CALL_COLS_QUALIFIED = ", ".join(f"l.{c.strip()}" for c in _CALL_COLS.split(",")
 # event. Each step releases the GIL and must win it back from the busy event loop (up to the
 # interpreter's switch interval each time), so a batch costs a few hand-offs, not hundreds.
 _EVENTS_PER_INSERT = 150
-_INSERT_EVENTS_SQL: dict[tuple[int, bool], str] = {}
+_INSERT_EVENTS_SQL: dict[tuple[int, bool, bool], str] = {}
 
 
-def _insert_events_sql(n: int, ignore: bool = False) -> str:
-    sql = _INSERT_EVENTS_SQL.get((n, ignore))
+def _insert_events_sql(n: int, ignore: bool = False, fenced: bool = False) -> str:
+    sql = _INSERT_EVENTS_SQL.get((n, ignore, fenced))
     if sql is None:
         values = ", ".join(["(?, ?, ?, ?, ?)"] * n)
-        # An event of a run that is gone (its conversation deleted meanwhile) is dropped.
-        sql = _INSERT_EVENTS_SQL[n, ignore] = (
+        # An event of a run that is gone (its conversation deleted meanwhile) is dropped;
+        # ``fenced``: so is one of a run this process no longer holds (closed by another).
+        sql = _INSERT_EVENTS_SQL[n, ignore, fenced] = (
             f"INSERT {'OR IGNORE ' if ignore else ''}INTO run_events "
             "(run_id, seq, type, data, created_at) "
             f"SELECT column1, column2, column3, column4, column5 FROM (VALUES {values}) "
-            "WHERE EXISTS (SELECT 1 FROM runs WHERE id = column1)"
+            "WHERE EXISTS (SELECT 1 FROM runs WHERE id = column1"
+            + (" AND process = ?)" if fenced else ")")
         )
     return sql
 
 
 def _insert_events(
-    c: sqlite3.Connection, events: Sequence[RunEventRecord], *, ignore: bool = False
-) -> None:
+    c: sqlite3.Connection, events: Sequence[RunEventRecord], *, ignore: bool = False,
+    process: str | None = None,
+) -> int:
+    """Insert ``events``; ``process``: only those of runs that process holds. Rows inserted."""
+    inserted = 0
     for start in range(0, len(events), _EVENTS_PER_INSERT):
         chunk = events[start:start + _EVENTS_PER_INSERT]
         params: list[Any] = []
         for e in chunk:
             raw = e.raw if e.raw is not None else json.dumps(e.data, separators=(",", ":"))
             params += (e.run_id, e.seq, e.type, raw, e.created_at)
-        c.execute(_insert_events_sql(len(chunk), ignore), params)
+        if process is not None:
+            params.append(process)
+        inserted += c.execute(
+            _insert_events_sql(len(chunk), ignore, process is not None), params).rowcount
+    return inserted
+
+
+def _not_held(c: sqlite3.Connection, run_ids: set[str], process: str) -> set[str]:
+    """Those of ``run_ids`` that ``process`` no longer holds: closed by another instance (which
+    then holds them), or gone."""
+    held: set[str] = set()
+    ids = list(run_ids)
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        held.update(rid for (rid,) in c.execute(
+            f"SELECT id FROM runs WHERE id IN ({', '.join('?' * len(chunk))}) AND process = ?",
+            (*chunk, process)))
+    return run_ids - held
 
 
 
@@ -392,20 +414,24 @@ class SQLiteQueries(SQLiteOwnership):
         error: str | None,
         usage: dict[str, Any],
         events: Sequence[RunEventRecord] = (),
-    ) -> None:
+    ) -> bool:
         """In one transaction: the run's final status, its reply's final text, its last events
-        (those already stored, by an earlier write that timed out but landed, are skipped)."""
+        (those already stored, by an earlier write that timed out but landed, are skipped).
+
+        Only while this process holds the run: False, and nothing written, if another instance
+        closed it meanwhile (this one's lease had lapsed) or it is gone."""
         now = time.time()
         # Model text: the adapters clean it already; a lone surrogate here would fail the
         # write (UTF-8 cannot encode it) every time it is retried.
         content, error = clean_text(content), error and clean_text(error)
 
-        def fn(c: sqlite3.Connection) -> None:
-            c.execute(
+        def fn(c: sqlite3.Connection) -> bool:
+            if not c.execute(
                 "UPDATE runs SET status = ?, finished_at = ?, error = ?, usage = ?, "
-                "started_at = COALESCE(started_at, ?) WHERE id = ?",
-                (status, now, error, json.dumps(usage), now, run_id),
-            )
+                "started_at = COALESCE(started_at, ?) WHERE id = ? AND process = ?",
+                (status, now, error, json.dumps(usage), now, run_id, self.process_id),
+            ).rowcount:
+                return False
             c.execute(
                 "UPDATE messages SET content = ?, status = ?, error = ?, updated_at = ? "
                 "WHERE id = ?",
@@ -413,8 +439,9 @@ class SQLiteQueries(SQLiteOwnership):
             )
             if events:
                 _insert_events(c, events, ignore=True)
+            return True
 
-        await self._write("finish_run", fn)
+        return await self._write("finish_run", fn)
 
     async def update_run(
         self,
@@ -487,16 +514,21 @@ class SQLiteQueries(SQLiteOwnership):
 
     async def append_run_events(
         self, events: Sequence[RunEventRecord], *, retry: bool = False
-    ) -> None:
+    ) -> set[str]:
         """Append a batch of events in one transaction (all land or none). ``retry``: some may
-        be stored already (a write that timed out may still have landed); those are skipped."""
+        be stored already (a write that timed out may still have landed); those are skipped.
+
+        Only events of runs this process holds are written; returns the ids of the others'
+        runs (closed by another instance, or gone), whose events were not stored."""
         if not events:
-            return
+            return set()
 
-        def fn(c: sqlite3.Connection) -> None:
-            _insert_events(c, events, ignore=retry)
+        def fn(c: sqlite3.Connection) -> set[str]:
+            if _insert_events(c, events, ignore=retry, process=self.process_id) == len(events):
+                return set()  # all of them: the usual case costs no extra query
+            return _not_held(c, {e.run_id for e in events}, self.process_id)
 
-        await self._write("append_run_events", fn)
+        return await self._write("append_run_events", fn)
 
     async def list_run_events(
         self, run_id: str, *, after: int = 0, limit: int = 10_000
