@@ -32,7 +32,7 @@ EMBEDDED_ALIAS = "tiny"
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny GGUF model (needs the embedded extra; its tests skip without it)."""
-    from service.models.tiny import write_tiny_model
+    from service.tinymodel import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny.gguf")
 

@@ -31,7 +31,7 @@ from service.backends.embedded import (  # noqa: E402
     ensure_tiny_model,
 )
 from service.errors import BackendUnavailable, ConfigError  # noqa: E402
-from service.models.tiny import (  # noqa: E402
+from service.tinymodel.tiny import (  # noqa: E402
     EOS_TOKEN,
     SPECIAL_TOKENS,
     TinyModelSpec,

@@ -4,7 +4,7 @@
 ``xllamacpp`` package) on a free loopback port, waits until ``GET /health`` answers 200, yields a
 handle with the ``base_url`` and model alias, and stops the server on exit, after which the port
 is closed. Tests, benchmarks and ``python -m service --demo`` use it with the tiny model from
-:mod:`service.models.tiny`, so the llama.cpp backend adapter is exercised against the real wire
+:mod:`service.tinymodel`, so the llama.cpp backend adapter is exercised against the real wire
 protocol (SSE, usage chunks, ``/slots``, 503 while loading) without an external process.
 
 Lifecycle, and why it is shaped this way:
@@ -96,7 +96,7 @@ def ensure_tiny_model(path: Path) -> Path:
     if path.is_file():
         return path
     try:
-        from ..models.tiny import write_tiny_model
+        from ..tinymodel import write_tiny_model
 
         return write_tiny_model(path)
     except ImportError as exc:  # gguf or numpy missing

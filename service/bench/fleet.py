@@ -59,7 +59,7 @@ async def _ttft(backend: Backend, messages: list[ChatMessage]) -> tuple[float, s
 async def affinity_ttft(turns: int = 12) -> dict[str, float]:
     """Median follow-up TTFT (ms) on the same server vs the other one."""
     from ..backends.embedded import embedded_llama_server
-    from ..models.tiny import write_tiny_model
+    from ..tinymodel import write_tiny_model
 
     same: list[float] = []
     other: list[float] = []

@@ -26,7 +26,6 @@ import argparse
 import itertools
 import os
 import re
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -246,7 +245,7 @@ def write_tiny_model(path: Path, *, seed: int = 0) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m service.models.tiny",
+        prog="python -m service.tinymodel",
         description="Write a tiny random llama-architecture GGUF model (ChatML, GPT-2 BPE).",
     )
     parser.add_argument("out", type=Path, help="output .gguf path")
@@ -256,6 +255,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{path} ({path.stat().st_size} bytes)")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
