@@ -22,7 +22,6 @@ from .api import backends as backends_api
 from .api import conversations, openai, ops, runs, tokens, web, ws
 from .api.errors import install_error_handlers, json_error
 from .api.owned import CancelOwnedRuns
-from .api.state import Services
 from .backends.base import Backend
 from .errors import ServiceError
 from .keepalive import KeepAliveFix
@@ -30,6 +29,7 @@ from .lifespan import _start_services, _stop_services
 from .logs import REQUEST_ID, get_logger
 from .metrics import METRICS, Metrics
 from .origins import OriginPolicy
+from .services import Services
 from .settings import Settings, load_settings
 from .tokens import TokenSigner
 

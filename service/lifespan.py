@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING
 import trio
 
 from .agents import make_runner
-from .api.state import Services
 from .backends import build_backend, client_from_settings
 from .backends.router import FleetBackend
 from .errors import BackendUnavailable, StoreError
 from .logs import get_logger
 from .runs import RunSupervisor
 from .runs.committer import FINAL_WRITE_BUDGET
+from .services import Services
 from .settings import BackendKind, embedded_alias
 from .store import describe_store, make_store
 from .store.ownership import LEASE

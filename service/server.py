@@ -22,10 +22,10 @@ from hypercorn.config import Config, Sockets
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import LifespanFailureError, wrap_app
 
-from .api.state import Services
 from .errors import ConfigError, ServiceError
 from .lifespan import begin_shutdown
 from .logs import configure_logging, get_logger
+from .services import Services
 from .settings import Settings, load_settings
 
 __all__ = ["build_config", "main", "run_server"]

@@ -16,11 +16,11 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from service.api.state import Services
 from service.backends.base import Backend
 from service.backends.embedded import EmbeddedLlamaServer
 from service.factory import create_app
 from service.metrics import Metrics
+from service.services import Services
 from service.settings import Settings, load_settings
 
 from .fakes import ScriptedBackend

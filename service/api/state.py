@@ -1,42 +1,13 @@
-"""What the request handlers reach: the app's long-lived services, owned by its lifespan."""
+"""What a request handler reaches: the app's services (:class:`~service.services.Services`,
+owned by its lifespan) and the caller's owner tag."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
 from quart import current_app, g
 
-from ..metrics import Metrics
-from ..settings import Settings
-from ..store import Store
+from ..services import Services
 
-if TYPE_CHECKING:
-    from ..backends.base import Backend
-    from ..runs import RunSupervisor
-    from ..tools import ToolRegistry
-
-__all__ = ["Services", "current_owner", "services"]
-
-
-@dataclass
-class Services:
-    settings: Settings
-    metrics: Metrics
-    store: Store | None = None
-    backend: Backend | None = None
-    supervisor: RunSupervisor | None = None
-    tools: ToolRegistry | None = None
-    draining: bool = False
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    def require_store(self) -> Store:
-        assert self.store is not None, "the store is opened by the app's lifespan"
-        return self.store
-
-    def require_supervisor(self) -> RunSupervisor:
-        assert self.supervisor is not None, "the supervisor is started by the app's lifespan"
-        return self.supervisor
+__all__ = ["current_owner", "services"]
 
 
 def services() -> Services:

@@ -39,9 +39,10 @@ from ..errors import NotFound, ServiceError
 from ..runs import RunHandle, RunSpec
 from ..runs.events import strict_json
 from ..runs.reader import EventReader, Keepalive
+from ..services import Services
 from ..text import clean_text
 from .models import MAX_CONTENT_CHARS, MAX_MODEL_CHARS, AgentName, JsonRequest
-from .state import Services, current_owner, services
+from .state import current_owner, services
 
 __all__ = ["blueprint"]
 

@@ -1,0 +1,38 @@
+"""The app's long-lived services, owned by its lifespan: what the request handlers and the server
+reach (the handlers through ``service.api.state.services()``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .metrics import Metrics
+from .settings import Settings
+from .store import Store
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
+    from .runs import RunSupervisor
+    from .tools import ToolRegistry
+
+__all__ = ["Services"]
+
+
+@dataclass
+class Services:
+    settings: Settings
+    metrics: Metrics
+    store: Store | None = None
+    backend: Backend | None = None
+    supervisor: RunSupervisor | None = None
+    tools: ToolRegistry | None = None
+    draining: bool = False
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def require_store(self) -> Store:
+        assert self.store is not None, "the store is opened by the app's lifespan"
+        return self.store
+
+    def require_supervisor(self) -> RunSupervisor:
+        assert self.supervisor is not None, "the supervisor is started by the app's lifespan"
+        return self.supervisor
