@@ -30,8 +30,15 @@ type here, keeping the original as ``__cause__``.
     ├── RunError                       run lifecycle errors
     │   ├── IllegalTransition          a run status change that the lifecycle forbids
     │   ├── TooManyRuns                SERVICE_MAX_RUNS reached (429)
-    │   └── RunCancelled               the run was cancelled (explicitly or by disconnect)
+    │   ├── RunTimeout                 the run's deadline passed (504)
+    │   └── RunCancelled               the run was cancelled (explicitly or by disconnect) (409)
     └── ShuttingDown                   the service is draining; no new work (503)
+
+Each class says its HTTP status (``status``) and its error code (``type``, the JSON error's
+``type`` and OpenAI's ``code``); whatever answers an error takes them from here, also for a run
+known only by its stored error type (:func:`status_of_type`). A run that ended ``timed_out`` or
+``cancelled`` is answered as :class:`RunTimeout` or :class:`RunCancelled` (or
+:class:`ShuttingDown`, when a shutdown cancelled it) would be.
 
 Errors the *model* should see (tool failures) are separate from errors the *operator* should see
 (backend down, a bug): the former become observations, the latter end a run ``failed``.
@@ -59,6 +66,7 @@ __all__ = [
     "NotFound",
     "RunCancelled",
     "RunError",
+    "RunTimeout",
     "ServiceError",
     "ShuttingDown",
     "StoreError",
@@ -238,9 +246,19 @@ class TooManyRuns(RunError):
     retry_after = 1
 
 
+class RunTimeout(RunError):
+    """The run's deadline (``SERVICE_RUN_TIMEOUT`` or the request's ``timeout``) passed."""
+
+    status = 504
+    type = "run_timeout"
+
+
 class RunCancelled(RunError):
-    status = 499
-    type = "run_cancelled"
+    """The run was cancelled by its client (a cancel, or leaving): final, so 409, which a client
+    does not retry (a shutdown's cancel is :class:`ShuttingDown`, worth a retry elsewhere)."""
+
+    status = 409
+    type = "cancelled"
 
 
 class ShuttingDown(ServiceError):

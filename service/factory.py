@@ -23,7 +23,14 @@ from .api import conversations, openai, ops, runs, tokens, web, ws
 from .api.errors import install_error_handlers, json_error
 from .api.owned import CancelOwnedRuns
 from .backends.base import Backend
-from .errors import ServiceError
+from .errors import (
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    RunCancelled,
+    ServiceError,
+    TooManyRuns,
+)
 from .keepalive import KeepAliveFix
 from .lifespan import _start_services, _stop_services
 from .logs import REQUEST_ID, get_logger
@@ -111,11 +118,12 @@ def _truthful(spec: dict[str, Any], *, keys: bool) -> None:
     events["responses"].setdefault("422", _error("a Last-Event-ID that is not an event id"))
     # A run that did not succeed (README: a non-streamed run's statuses).
     post_message = spec["paths"]["/api/conversations/{conversation_id}/messages"]["post"]
-    for status, why in (("409", "the run was cancelled"), ("429", "too many runs in flight"),
-                        ("502", "the backend answered badly"),
-                        ("503", "no backend reachable, or the store cannot write"),
-                        ("504", "the backend or the run timed out")):
-        post_message["responses"].setdefault(status, _error(why))
+    for error, why in ((RunCancelled, "the run was cancelled"),
+                       (TooManyRuns, "too many runs in flight"),
+                       (BackendError, "the backend answered badly"),
+                       (BackendUnavailable, "no backend reachable, or the store cannot write"),
+                       (BackendTimeout, "the backend or the run timed out")):
+        post_message["responses"].setdefault(str(error.status), _error(why))
     for path in ("/api/conversations/{conversation_id}/messages", "/v1/chat/completions"):
         ok = spec["paths"][path]["post"]["responses"]["200"]
         ok.setdefault("content", {}).update(_SSE)  # with "stream": true

@@ -19,7 +19,7 @@ from quart import Blueprint, Response, jsonify, request
 from quart_schema import document_response, validate_request
 
 from ..backends.base import ChatMessage, ToolCall
-from ..errors import ServiceError
+from ..errors import RunCancelled, RunTimeout, ServiceError
 from ..runs import RunEvent, RunHandle, RunSpec, RunStatus
 from ..runs.reader import EventReader, Keepalive
 from .errors import json_error
@@ -424,7 +424,9 @@ class _Framer:
         return _chunk(self.cid, self.created, self.model, delta, finish)
 
 
-_END_TYPES = {"timed_out": "run_timeout", "cancelled": "cancelled"}
+# The error code of a run that ended so (as a non-stream answer has it: api/runs.py).
+_END_TYPES = {RunStatus.timed_out.value: RunTimeout.type,
+              RunStatus.cancelled.value: RunCancelled.type}
 
 
 def _queued_comment(event: RunEvent) -> bytes:

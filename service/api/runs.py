@@ -13,7 +13,14 @@ from quart_schema import (
     validate_response,
 )
 
-from ..errors import ServiceError, status_of_type
+from ..errors import (
+    BackendError,
+    RunCancelled,
+    RunTimeout,
+    ServiceError,
+    ShuttingDown,
+    status_of_type,
+)
 from ..runs import RunHandle, RunSpec, RunStatus
 from ..runs.reader import EventReader, Keepalive
 from ..store import RunRecord
@@ -34,7 +41,6 @@ from .sse import KEEPALIVE, sse_event
 from .state import current_owner, services
 
 __all__ = [
-    "ERROR_STATUS",
     "blueprint",
     "error_status",
     "error_type",
@@ -47,31 +53,18 @@ blueprint = Blueprint("runs", __name__)
 
 ELSEWHERE_CANCEL_WAIT = 5.0  # seconds a cancel waits for another worker to end its run
 
-# What a finished run's error type means for a non-streaming caller.
-ERROR_STATUS = {
-    "run_timeout": 504,
-    "backend_timeout": 504, "connect_timeout": 504, "first_chunk_timeout": 504,
-    "chunk_gap_timeout": 504, "call_timeout": 504,
-    "backend_unavailable": 503, "all_backends_failed": 503,
-    "model_not_found": 404,
-    "store_error": 500,
-    "store_unavailable": 503,
-    "internal_error": 500,  # a bug of ours, not a backend answering badly (502)
-}
-
-
 def error_status(handle: RunHandle) -> int:
-    """The HTTP status of a run that ended without succeeding (or whose end is not stored)."""
+    """The HTTP status of a run that ended without succeeding (or whose end is not stored): its
+    error's exception class's (service/errors.py)."""
     if handle.end_error is not None:
         return handle.end_error.status
     if handle.status is RunStatus.timed_out:
-        return 504
+        return RunTimeout.status
     if handle.status is RunStatus.cancelled:
-        # A user's cancel is final (409, not retried); a shutdown's is worth a retry elsewhere.
-        return 503 if handle.cancel_reason == "shutdown" else 409
-    kind = handle.error_type or ""
-    # Its exception class's status (service/errors.py): a type no class has is a bad answer.
-    return ERROR_STATUS.get(kind) or status_of_type(kind) or 502
+        # A user's cancel is final (not retried); a shutdown's is worth a retry elsewhere.
+        return ShuttingDown.status if handle.cancel_reason == "shutdown" else RunCancelled.status
+    # An error type no class has is the backend's bad answer.
+    return status_of_type(handle.error_type or "") or BackendError.status
 
 
 def error_type(handle: RunHandle) -> str:
