@@ -25,7 +25,6 @@ type here, keeping the original as ``__cause__``.
     │   ├── BackendResponseError       the backend answered with an error (status or body)
     │   └── ModelNotFound              the model is unknown to the backend (404)
     ├── ToolError                      a tool failed (the model sees it as an observation)
-    │   ├── ToolTimeout                a tool ran past its timeout
     │   └── ToolArgumentsError         arguments do not match the tool's schema
     ├── RunError                       run lifecycle errors
     │   ├── IllegalTransition          a run status change that the lifecycle forbids
@@ -74,7 +73,6 @@ __all__ = [
     "TooManyRuns",
     "ToolArgumentsError",
     "ToolError",
-    "ToolTimeout",
     "UpstreamBroken",
     "status_of_type",
 ]
@@ -220,10 +218,6 @@ class ModelNotFound(BackendError):
 
 class ToolError(ServiceError):
     type = "tool_error"
-
-
-class ToolTimeout(ToolError):
-    type = "tool_timeout"
 
 
 class ToolArgumentsError(ToolError):

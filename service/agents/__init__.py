@@ -21,7 +21,6 @@ from .plan_execute import PlanExecuteAgent
 from .react import ReActAgent
 
 __all__ = [
-    "AGENT_NAMES",
     "Agent",
     "AgentContext",
     "AutoAgent",
@@ -35,8 +34,6 @@ __all__ = [
 ]
 
 TOOL_THREADS = 16  # sync tools running (or abandoned and still running) at once
-
-AGENT_NAMES = ("chat", "react", "plan_execute", "auto")
 
 
 def default_agents() -> dict[str, Agent]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["KEEPALIVE", "sse_comment", "sse_data", "sse_event"]
+__all__ = ["KEEPALIVE", "sse_data", "sse_event"]
 
 KEEPALIVE = b": keep-alive\n\n"
 
@@ -31,7 +31,3 @@ def sse_event(seq: int | None, type_: str | None, data: Any) -> bytes:
 def sse_data(data: Any) -> bytes:
     """A data-only frame (the OpenAI stream shape)."""
     return sse_event(None, None, data)
-
-
-def sse_comment(text: str) -> bytes:
-    return "".join(f": {line}\n" for line in text.split("\n")).encode() + b"\n"
