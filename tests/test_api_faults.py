@@ -13,6 +13,8 @@ from service.settings import Settings
 
 from .conftest import running_server
 
+pytestmark = pytest.mark.both_stores  # the end-to-end tests run on both stores
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -86,24 +88,23 @@ async def test_a_run_of_another_worker_reads_as_running_and_its_cancel_is_passed
     # 202 while the run went on in its own process. The cancel is now written to the store
     # for the run's process (tests/test_runs.py shows that process acting on it).
     import service.api.runs as runs_api
-    from service.store.sqlite import process_tag
+    from service.store import open_store
+    from service.store.ownership import process_tag
 
     monkeypatch.setattr(runs_api, "ELSEWHERE_CANCEL_WAIT", 0.3)
-    async with running_server(settings) as srv, srv.client() as c:
-        store = srv.services.require_store()
+    # The other worker (its store; our parent process stands for it) holds the run.
+    async with running_server(settings) as srv, srv.client() as c, open_store(
+            settings.db, process_id=process_tag(os.getppid())) as other:
         conv = (await c.post("/api/conversations", json={})).json()["id"]
-        begun = await store.begin_run(conv, content="q", agent="chat", model=None)
+        begun = await other.begin_run(conv, content="q", agent="chat", model=None)
         run = (await c.get(f"/api/runs/{begun.run.id}")).json()
         assert run["status"] == "running"
         assert run["started_at"] is not None
-        store._writer.execute(  # type: ignore[union-attr]
-            "UPDATE runs SET process = ? WHERE id = ?", (process_tag(os.getppid()), begun.run.id))
         r = await c.post(f"/api/runs/{begun.run.id}/cancel")
         assert r.status_code == 202, r.text
         assert r.json()["status"] == "running"  # its process (our parent here) never ends it
-        row = store._writer.execute(  # type: ignore[union-attr]
-            "SELECT cancel_requested FROM runs WHERE id = ?", (begun.run.id,)).fetchone()
-        assert row == ("cancelled by request",)
+        # Written for the run's process, which finds it on its next look.
+        assert await other.cancel_requests() == [(begun.run.id, "cancelled by request")]
 
 
 async def test_health_checks_report_a_stopped_run_supervisor(

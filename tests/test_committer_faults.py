@@ -26,21 +26,19 @@ async def test_a_final_write_stuck_in_the_stores_thread_still_tells_subscribers_
     # its subscribers and `handle.finished` waiting far past the 15 s the README promises.
     async with supervisor_env(tmp_path, ScriptedBackend([Reply("all of it")])) as env:
         real_finish = env.store.finish_run
-        real_run_sync = env.store._run_sync
         stall = {"on": False}
 
         async def finish_run(*a, **k):  # type: ignore[no-untyped-def]
             stall["on"] = True
             return await real_finish(*a, **k)
 
-        async def run_sync(fn, *args):  # type: ignore[no-untyped-def]
+        async def stuck_writer() -> None:
             if stall["on"]:
                 stall["on"] = False
-                await trio.sleep(40)  # the writer thread is stuck this long
-            return await real_run_sync(fn, *args)
+                await trio.sleep(40)  # the writer is stuck this long, the batch taken
 
         env.store.finish_run = finish_run  # type: ignore[method-assign]
-        env.store._run_sync = run_sync  # type: ignore[method-assign]
+        env.store.faults.before_batch = stuck_writer
         conv = await env.conversation()
         handle = await env.supervisor.start(RunSpec(conv, "x"))
         t0 = trio.current_time()

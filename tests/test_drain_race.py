@@ -32,11 +32,11 @@ async def test_a_run_whose_first_write_lands_during_the_drain_ends_stored(
             conv = (await c.post("/api/conversations", json={})).json()["id"]
 
         def hold() -> None:  # in the writer thread, before COMMIT of the run's first write
-            store._before_commit = None
+            store.faults.before_commit = None
             entered.set()
             proceed.wait(30)
 
-        store._before_commit = hold
+        store.faults.before_commit = hold
 
         async def post() -> None:
             async with httpx.AsyncClient(base_url=srv.url, timeout=30) as c2:

@@ -25,6 +25,8 @@ from service.sim import Reply, Simulator, serve
 
 from .conftest import RunningServer, running_server
 
+pytestmark = pytest.mark.both_stores  # the end-to-end tests run on both stores
+
 GUARD = 10  # seconds any single wait may take before the test fails
 KINDS = ["llamacpp", "ollama"]
 TERMINAL = {"succeeded", "failed", "cancelled", "timed_out"}
@@ -737,8 +739,9 @@ async def test_v1_run_that_cannot_be_stored_answers_503_and_closes_its_upstream(
 ) -> None:
     # A /v1 run's upstream request goes out while its first write commits; if that write
     # fails, the client gets the store's error and the upstream request is closed.
-    import sqlite3
     import threading
+
+    from service.store.faults import InjectedFault
 
     async with e2e(settings, "llamacpp") as env:
         env.sim.script(Reply(tokens=500, interval=0.02))
@@ -747,9 +750,9 @@ async def test_v1_run_that_cannot_be_stored_answers_503_and_closes_its_upstream(
 
         def failing_commit() -> None:  # in the store's writer thread, before COMMIT
             upstream_called.wait(GUARD)
-            raise sqlite3.OperationalError("disk I/O error")
+            raise InjectedFault("disk I/O error")
 
-        store._before_commit = failing_commit
+        store.faults.before_commit = failing_commit
         body = {"model": "sim-model", "stream": True,
                 "messages": [{"role": "user", "content": "go"}]}
         responses: list[httpx.Response] = []
@@ -763,7 +766,7 @@ async def test_v1_run_that_cannot_be_stored_answers_503_and_closes_its_upstream(
                 await env.sim.wait_streams(1)  # the upstream request is out; the write not yet
                 upstream_called.set()
         (r,) = responses
-        store._before_commit = None
+        store.faults.before_commit = None
         # A store that cannot write is worth a retry (clients do not retry a 500).
         assert r.status_code == 503, r.text
         assert r.json()["error"]["type"] == "store_unavailable"
@@ -804,7 +807,7 @@ async def test_client_gone_while_its_run_is_being_stored(
             in_thread.set()
             proceed.wait(GUARD)
 
-        store._before_commit = held_commit
+        store.faults.before_commit = held_commit
         if endpoint == "v1":
             path, body = "/v1/chat/completions", {
                 "model": "sim-model", "stream": True,
@@ -818,7 +821,7 @@ async def test_client_gone_while_its_run_is_being_stored(
                 await trio.to_thread.run_sync(in_thread.wait, GUARD)
                 nursery.cancel_scope.cancel()  # the client leaves while the write is held
             proceed.set()  # then the write lands
-            store._before_commit = None
+            store.faults.before_commit = None
             while True:  # the run's final state, once it has one
                 r = await env.client.get("/api/conversations")
                 (c,) = r.json()["data"]

@@ -443,10 +443,10 @@ async def test_events_are_published_even_when_the_store_is_stuck(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(follow)
             await trio.testing.wait_all_tasks_blocked()
-            await env.store._write_lock.acquire()  # the store is stuck for 20 s
+            await env.store.faults.hold_writes()  # the store is stuck for 20 s
             gate.set()
             await trio.sleep(20)
-            env.store._write_lock.release()
+            env.store.faults.release_writes()
             await handle.finished.wait()
         assert seen == list(range(1, handle.emitted_seq + 1))  # no gap, and it ended
         assert handle.status is RunStatus.succeeded
@@ -550,7 +550,7 @@ def _new_conversation_spec(question: str = "q") -> RunSpec:
 
 async def _hold_writes(store, until: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED):  # type: ignore[no-untyped-def]
     """The store's writer is busy (another task holds it) until ``until`` is set."""
-    async with store._write_lock:
+    async with store.faults.writes_held():
         task_status.started()
         await until.wait()
 

@@ -1,8 +1,8 @@
 """The stores: concurrency, ordering, multi-process, crash safety and cancellation.
 
 Tests taking ``db`` run on both stores: a SQLite file and a fresh database on a real PostgreSQL
-server (tests/pg.py). They reach a store through its interface, plus what both implement alike
-(the write lock and queue of group commit, the ``_before_commit`` hook). Tests marked
+server (tests/pg.py). They reach a store through its interface and its public fault injection
+(``store.faults``: the write queue held, a hook before COMMIT). Tests marked
 "SQLite only" check SQLite's own mechanics (the file, the WAL, PRAGMAs, processes on one file).
 PostgreSQL-only faults (a restart, a wrong password) are in tests/test_store_postgres.py.
 """
@@ -277,7 +277,7 @@ async def test_sigkill_at_random_moments_loses_no_acknowledged_write(tmp_path: P
 async def test_write_cancelled_while_waiting_never_lands(db: Path | str) -> None:
     async with open_store(db) as store:
         conv = await store.create_conversation()
-        await store._write_lock.acquire()  # another write is in progress
+        await store.faults.hold_writes()  # another write is in progress
         async with trio.open_nursery() as nursery:
             scope = trio.CancelScope()
 
@@ -288,7 +288,7 @@ async def test_write_cancelled_while_waiting_never_lands(db: Path | str) -> None
             nursery.start_soon(append)
             await trio.testing.wait_all_tasks_blocked()
             scope.cancel()
-        store._write_lock.release()
+        store.faults.release_writes()
         assert scope.cancelled_caught
         assert await store.get_messages(conv.id) == []
 
@@ -302,7 +302,7 @@ async def test_write_cancelled_inside_its_transaction_lands_whole(db: Path | str
             entered.set()
             proceed.wait(30)
 
-        store._before_commit = hold
+        store.faults.before_commit = hold
         scope = trio.CancelScope()
         returned: list[object] = []
 
@@ -323,7 +323,7 @@ async def test_write_cancelled_inside_its_transaction_lands_whole(db: Path | str
             scope.cancel()
             await trio.testing.wait_all_tasks_blocked()
             proceed.set()
-        store._before_commit = None
+        store.faults.before_commit = None
         assert scope.cancelled_caught
         assert len(returned) == 1
         assert [m.content for m in await store.get_messages(conv.id)] == ["q", ""]
@@ -336,12 +336,12 @@ async def test_failed_transaction_rolls_back_whole(db: Path | str) -> None:
         def boom() -> None:
             raise RuntimeError("disk on fire")
 
-        store._before_commit = boom
+        store.faults.before_commit = boom
         with pytest.raises(RuntimeError):
             await store.append_messages(
                 conv.id, [("user", "a", MessageStatus.complete, None)] * 3
             )
-        store._before_commit = None
+        store.faults.before_commit = None
         assert await store.get_messages(conv.id) == []
         # The writer connection is usable afterwards.
         await store.append_message(conv.id, role="user", content="ok")
@@ -369,13 +369,13 @@ async def test_group_commit_isolates_a_failing_write(db: Path | str) -> None:
             except NotFound as exc:
                 results[name] = exc
 
-        await store._write_lock.acquire()  # queue three writes behind a busy writer
+        await store.faults.hold_writes()  # queue three writes behind a busy writer
         async with trio.open_nursery() as nursery:
             for name, cid in (("a", conv.id), ("bad", "conv_missing"), ("c", conv.id)):
                 nursery.start_soon(append, name, cid)
             await trio.testing.wait_all_tasks_blocked()
-            assert len(store._queue) == 3
-            store._write_lock.release()
+            assert store.faults.queued_writes == 3
+            store.faults.release_writes()
         assert results["a"] == "a"
         assert results["c"] == "c"
         assert isinstance(results["bad"], NotFound)
@@ -401,20 +401,20 @@ async def test_a_cancelled_writer_whose_write_was_batched_still_gets_its_answer(
                 got.append((await store.append_message(conv.id, role="user", content="f")).id)
                 await trio.lowlevel.checkpoint()  # the cancel is re-delivered here
 
-        await store._write_lock.acquire()
+        await store.faults.hold_writes()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
                 partial(store.append_message, conv.id, role="user", content="leader")
             )
             nursery.start_soon(follower)
             await trio.testing.wait_all_tasks_blocked()
-            store._before_commit = hold
-            store._write_lock.release()
+            store.faults.before_commit = hold
+            store.faults.release_writes()
             await trio.to_thread.run_sync(entered.wait, 30)  # both writes are in one batch
             scope.cancel()
             await trio.testing.wait_all_tasks_blocked()
             proceed.set()
-        store._before_commit = None
+        store.faults.before_commit = None
         assert scope.cancelled_caught
         assert len(got) == 1  # it got its acknowledgement, and the write is there
         assert sorted(m.content for m in await store.get_messages(conv.id)) == ["f", "leader"]
@@ -480,13 +480,13 @@ async def test_a_leader_cancelled_before_its_batch_starts_still_runs_it(db: Path
             with scope:
                 results[name] = (await store.create_conversation(title=name)).id
 
-        await store._write_lock.acquire()
+        await store.faults.hold_writes()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(writer, "A", leader_scope)
             await trio.testing.wait_all_tasks_blocked()
             nursery.start_soon(writer, "B", trio.CancelScope())
             await trio.testing.wait_all_tasks_blocked()
-            store._write_lock.release()  # handed to A, which is cancelled before it runs
+            store.faults.release_writes()  # handed to A, which is cancelled before it runs
             leader_scope.cancel()
         for conv_id in results.values():
             await store.get_conversation(conv_id)  # every acknowledged write is there
@@ -507,7 +507,7 @@ async def test_a_cancelled_writer_never_hangs_on_a_closed_store(tmp_path: Path) 
             except StoreError:
                 out[name] = "closed"
 
-    await store._write_lock.acquire()  # aclose() in progress
+    await store.faults.hold_writes()  # aclose() in progress
     a, b = trio.CancelScope(), trio.CancelScope()
     writer_conn = store._writer
     with trio.fail_after(10):
@@ -517,7 +517,7 @@ async def test_a_cancelled_writer_never_hangs_on_a_closed_store(tmp_path: Path) 
             nursery.start_soon(writer, "B", b)
             await trio.testing.wait_all_tasks_blocked()
             store._writer = None  # closed meanwhile
-            store._write_lock.release()
+            store.faults.release_writes()
             b.cancel()
     assert out["A"] == "closed"
     store._writer = writer_conn

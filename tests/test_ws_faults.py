@@ -144,9 +144,9 @@ async def test_a_rejoin_after_a_late_batch_write_has_no_gap(
         conv = await env.conversation()
         handle = await env.supervisor.start(RunSpec(conv, "x"))
         await trio.sleep(1.5)
-        await env.store._write_lock.acquire()
+        await env.store.faults.hold_writes()
         await trio.sleep(12)  # past the 10 s budget
-        env.store._write_lock.release()
+        env.store.faults.release_writes()
         await handle.finished.wait()
         reader = EventReader(handle.id, after=0, store=env.store, supervisor=env.supervisor,
                              keepalive=5.0)

@@ -50,6 +50,7 @@ from ..errors import ServiceError, StoreError, StoreUnavailable
 from ..logs import get_logger
 from ..metrics import METRICS, Metrics
 from ..settings import _redact
+from .faults import InjectedFault, StoreFaults
 from .group_commit import GroupCommit, PendingWrite
 from .ownership import process_tag
 from .postgres_queries import CHANNEL, Conn, PostgresQueries
@@ -114,8 +115,7 @@ class PostgresStore(PostgresQueries):
         self._write_lock = self._commits.lock  # held by a batch in its thread, and by aclose
         self.process_id = process_id or process_tag(os.getpid())  # see SQLiteStore
         self.write_error: str | None = None
-        # Test hook: called inside the writer thread, inside the transaction, before COMMIT.
-        self._before_commit: Callable[[], None] | None = None
+        self.faults = StoreFaults(self._commits)  # tests, fault drills
 
     @property
     def _queue(self) -> list[Any]:
@@ -225,7 +225,7 @@ class PostgresStore(PostgresQueries):
 
     def _error(self, exc: BaseException, what: str) -> BaseException:
         """The service's error for a psycopg one (see the module docstring)."""
-        if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | InjectedFault):
             kind: type[StoreError] = StoreUnavailable
         elif isinstance(exc, psycopg.Error):
             kind = StoreError
@@ -276,6 +276,8 @@ class PostgresStore(PostgresQueries):
             for it in batch:
                 it.error = StoreError("store is closed")
         else:
+            if self.faults.before_batch is not None:
+                await self.faults.before_batch()
             await self._run_sync(self._transaction, pool, batch)  # statement_timeout bounds it
 
     def _transaction(self, pool: psycopg_pool.ConnectionPool[Conn],
@@ -301,8 +303,8 @@ class PostgresStore(PostgresQueries):
                                 raise  # the connection is gone: so is the whole batch
                             conn.execute("ROLLBACK TO SAVEPOINT w")
                             it.error = self._error(exc, "store write failed")
-                    if self._before_commit is not None:
-                        self._before_commit()
+                    if self.faults.before_commit is not None:
+                        self.faults.before_commit()
                     conn.execute("COMMIT")
                 except BaseException:
                     if not conn.broken and conn.info.transaction_status != _IDLE:

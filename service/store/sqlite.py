@@ -38,6 +38,7 @@ import trio
 
 from ..errors import StoreError, StoreUnavailable
 from ..metrics import METRICS, Metrics
+from .faults import InjectedFault, StoreFaults
 from .group_commit import GroupCommit, PendingWrite
 from .ownership import process_tag
 from .schema import MIGRATIONS
@@ -104,8 +105,7 @@ class SQLiteStore(SQLiteQueries):
         # (``ownership``); given: an instance id of the caller's choosing (tests use one of
         # another host's, whose liveness only its lease tells).
         self.process_id = process_id or process_tag(os.getpid())
-        # Test hook: called inside the writer thread, inside the transaction, before COMMIT.
-        self._before_commit: Callable[[], None] | None = None
+        self.faults = StoreFaults(self._commits)  # tests, fault drills
         # Why the latest write transaction failed (None once one has committed since): the
         # store cannot write now (``/readyz``). Set and cleared by the writer thread's batches.
         self.write_error: str | None = None
@@ -223,6 +223,8 @@ class SQLiteStore(SQLiteQueries):
             for it in batch:
                 it.error = StoreError("store is closed")
         else:
+            if self.faults.before_batch is not None:
+                await self.faults.before_batch()
             await self._run_sync(self._transaction, conn, batch)
 
     def _transaction(
@@ -252,8 +254,8 @@ class SQLiteStore(SQLiteQueries):
                         conn.execute("ROLLBACK TO w")
                         it.error = _store_error(exc)
                     conn.execute("RELEASE w")
-                if self._before_commit is not None:
-                    self._before_commit()
+                if self.faults.before_commit is not None:
+                    self.faults.before_commit()
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -324,8 +326,9 @@ class SQLiteStore(SQLiteQueries):
 def _store_error(exc: BaseException, what: str = "store write failed") -> BaseException:
     """The service's error for a sqlite3 one: ``StoreUnavailable`` (503, worth a retry) for
     what passes (a full volume, a lock held too long, an I/O error), ``StoreError`` else."""
-    if isinstance(exc, sqlite3.Error):
-        kind = StoreUnavailable if isinstance(exc, sqlite3.OperationalError) else StoreError
+    if isinstance(exc, sqlite3.Error | InjectedFault):
+        kind = (StoreUnavailable if isinstance(exc, sqlite3.OperationalError | InjectedFault)
+                else StoreError)
         error = kind(f"{what}: {exc}")
         error.__cause__ = exc
         return error
