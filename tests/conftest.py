@@ -46,11 +46,26 @@ async def llama(tiny_model: Path) -> AsyncIterator[EmbeddedLlamaServer]:
         yield server
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """In modules marked ``both_stores`` (the end-to-end ones), each test taking ``settings``
+    runs twice: on a SQLite file and on a fresh PostgreSQL database."""
+    if ("store_kind" in metafunc.fixturenames
+            and metafunc.definition.get_closest_marker("both_stores") is not None):
+        metafunc.parametrize("store_kind", ["sqlite", "postgres"])
+
+
 @pytest.fixture
-def settings(tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
-    """Settings on a fresh store: a SQLite file, or with ``SERVICE_TEST_STORE=postgres`` a fresh
-    database on the session's PostgreSQL (tests/pg.py), to run end-to-end tests on it."""
-    if os.environ.get("SERVICE_TEST_STORE") == "postgres":
+def store_kind() -> str:
+    """The store ``settings`` names: SQLite, or with ``SERVICE_TEST_STORE=postgres`` PostgreSQL
+    (every test then; modules marked ``both_stores`` run on both in any case)."""
+    return os.environ.get("SERVICE_TEST_STORE", "sqlite")
+
+
+@pytest.fixture
+def settings(tmp_path: Path, store_kind: str, request: pytest.FixtureRequest) -> Settings:
+    """Settings on a fresh store: a SQLite file, or a fresh database on the session's
+    PostgreSQL (tests/pg.py)."""
+    if store_kind == "postgres":
         return load_settings(db=request.getfixturevalue("pg_url"))
     return load_settings(db=tmp_path / "service.db")
 

@@ -10,6 +10,8 @@ from service.settings import Settings
 
 from .conftest import RunningServer, running_server
 
+pytestmark = pytest.mark.both_stores  # the end-to-end tests run on both stores
+
 
 async def test_create_get_list_delete(server: RunningServer) -> None:
     async with server.client() as client:

@@ -17,6 +17,8 @@ from service.settings import Settings
 from .conftest import RunningServer, running_server
 from .fakes import Reply, ScriptedBackend
 
+pytestmark = pytest.mark.both_stores  # the end-to-end tests run on both stores
+
 
 def parse_sse(text: str) -> list[dict[str, Any]]:
     """Frames of an SSE body: ``{"id", "event", "data"}`` (comments dropped)."""

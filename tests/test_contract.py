@@ -19,6 +19,8 @@ from service.tools import BUILTIN_TOOLS
 from .conftest import running_server
 from .fakes import Reply, ScriptedBackend, supervisor_env
 
+pytestmark = pytest.mark.both_stores  # the end-to-end tests run on both stores
+
 
 def test_llamacpp_url_may_end_with_v1(tmp_path: Path) -> None:
     # As OpenAI clients are configured; it became /v1/v1/...: ready, every completion a 404.
