@@ -18,6 +18,7 @@ from quart_trio import QuartTrio
 from quart_trio.wrappers import TrioRequest
 from werkzeug.exceptions import UnsupportedMediaType
 
+from . import __version__
 from .api import backends as backends_api
 from .api import conversations, openai, ops, runs, tokens, web, ws
 from .api.errors import install_error_handlers, json_error
@@ -189,7 +190,7 @@ def create_app(
     app.config["QUART_SCHEMA_CONVERSION_PREFERENCE"] = "pydantic"
     QuartSchema(
         app,
-        info={"title": "Trio agent service", "version": "0.1.0"},  # type: ignore[arg-type]
+        info={"title": "Trio agent service", "version": __version__},  # type: ignore[arg-type]
         openapi_path="/openapi.json",
         swagger_ui_path="/docs",
         redoc_ui_path=None,

@@ -22,6 +22,7 @@ from hypercorn.config import Config, Sockets
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import LifespanFailureError, wrap_app
 
+from . import __version__
 from .errors import ConfigError, ServiceError
 from .lifespan import begin_shutdown
 from .logs import configure_logging, get_logger
@@ -183,6 +184,7 @@ async def _pace_gc() -> None:
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"trio-agent-service {__version__}")
     parser.add_argument(
         "--bind", action="append", help="HOST:PORT (repeatable); overrides the config"
     )
