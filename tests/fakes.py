@@ -192,10 +192,12 @@ class Env:
 
     async def run_of_a_dead_process(self, conversation_id: str) -> str:
         """A run stored as running by a process that is gone (a killed worker): its id."""
-        begun = await self.store.begin_run(conversation_id, content="q", agent="chat",
-                                           model=None)
-        await self.store._write("fake a dead owner", lambda c: c.execute(
-            "UPDATE runs SET process = '999999999:1' WHERE id = ?", (begun.run.id,)))
+        dead = SQLiteStore(self.store.path, threaded=False, process_id="999999999:1")
+        await dead.open()
+        try:
+            begun = await dead.begin_run(conversation_id, content="q", agent="chat", model=None)
+        finally:
+            await dead.aclose()
         return begun.run.id
 
 

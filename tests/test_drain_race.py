@@ -53,7 +53,7 @@ async def test_a_run_whose_first_write_lands_during_the_drain_ends_stored(
                 while not supervisor.draining:  # noqa: ASYNC110 (no event for it)
                     await trio.sleep(0.01)
                 proceed.set()  # ... and the run's first write lands during it
-                while supervisor.in_flight or supervisor._reserved:  # noqa: ASYNC110
+                while supervisor.in_flight or supervisor.starting_count:  # noqa: ASYNC110
                     await trio.sleep(0.01)
                 n.cancel_scope.cancel()
     conn = sqlite3.connect(settings.db)

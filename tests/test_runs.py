@@ -113,7 +113,7 @@ async def test_slow_subscriber_is_told_to_resume_not_kept() -> None:
     with pytest.raises(ResumeFrom) as info:
         await sub.__anext__()
     assert info.value.seq == 0
-    assert len(handle._events) <= 10
+    assert handle.buffered <= 10
 
 
 def test_ready_takes_published_events_without_waiting() -> None:
@@ -573,7 +573,7 @@ async def test_a_new_conversation_run_calls_the_model_while_its_first_write_comm
                 await backend.wait_stream(0)
             await trio.sleep(3)
             assert not started  # ... and the caller waits for the write
-            (live,) = env.supervisor._runs.values()
+            (live,) = env.supervisor.live()
             assert live.emitted_seq >= 2
             assert live.published_seq == 0
             free.set()

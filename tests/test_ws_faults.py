@@ -117,7 +117,7 @@ async def test_a_store_error_in_a_ws_forwarder_still_lets_disconnect_cancel_the_
             for _ in range(20):  # then it reads again
                 got += [m for m in iter(lambda: _nowait(recv), None)]
                 await trio.sleep(0.01)
-            handle = env.supervisor._runs and next(iter(env.supervisor._runs.values()))
+            handle = next(iter(env.supervisor.live()), None)
             assert handle, "the run is live"
             assert any(m.get("type") == "error" for m in got if isinstance(m, dict))
             nursery.cancel_scope.cancel()  # the socket drops

@@ -179,6 +179,11 @@ class RunHandle:
         return self._next_seq - 1
 
     @property
+    def buffered(self) -> int:
+        """Published events kept in memory (at most the window) for subscribers to catch up."""
+        return len(self._events)
+
+    @property
     def published_seq(self) -> int:
         return self._base_seq + len(self._events) - 1
 

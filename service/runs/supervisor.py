@@ -156,6 +156,15 @@ class RunSupervisor:
     def in_flight(self) -> int:
         return len(self._runs)
 
+    @property
+    def starting_count(self) -> int:
+        """Runs whose first write is in flight (not launched yet, counted against max_runs)."""
+        return self._reserved
+
+    def live(self) -> list[RunHandle]:
+        """The runs in flight in this process."""
+        return list(self._runs.values())
+
     def starting(self, run_id: str) -> bool:
         """Whether a run's first write is in flight or has just landed, its launch to come."""
         return run_id in self._starting
