@@ -200,7 +200,7 @@ def test_the_calculator_bound_allows_results_that_fit(expression: str) -> None:
 
 
 def test_strict_json_writes_keys_as_json_does() -> None:
-    from service.runs.events import RunEvent, strict_json
+    from service.store.records import RunEvent, strict_json
 
     assert strict_json({True: float("nan"), None: 1, 1.5: [float("inf")], "a": (1, 2)}) == {
         "true": "nan", "null": 1, "1.5": ["inf"], "a": [1, 2]}

@@ -14,7 +14,7 @@ from service.agents.auto import classify_by_rule
 from service.backends.base import ChatMessage, ChatRequest, ToolCall
 from service.runs import RunHandle, RunSpec, RunStatus
 from service.settings import Settings
-from service.store import RunEventRecord
+from service.store import RunEvent
 from service.tools import BUILTIN_TOOLS
 
 from .conftest import running_server
@@ -41,7 +41,7 @@ def _planner(plans: list[dict[str, Any]], answer: str) -> ScriptedBackend:
 
 
 async def _run(env: Env, content: str, agent: str
-               ) -> tuple[RunHandle, list[RunEventRecord]]:
+               ) -> tuple[RunHandle, list[RunEvent]]:
     conv = await env.conversation()
     handle = await env.supervisor.start(RunSpec(conv, content, agent=agent))
     await handle.finished.wait()
@@ -49,7 +49,7 @@ async def _run(env: Env, content: str, agent: str
 
 
 async def _run_v1(env: Env, messages: list[ChatMessage], agent: str
-                  ) -> tuple[RunHandle, list[RunEventRecord]]:
+                  ) -> tuple[RunHandle, list[RunEvent]]:
     """A run as /v1 starts one: the client's own history, on a new conversation."""
     question = next((m.content for m in reversed(messages) if m.role == "user"), "")
     spec = RunSpec(conversation_id=None, content=question, agent=agent,

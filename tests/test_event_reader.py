@@ -13,7 +13,7 @@ import trio.testing
 from service.api.sse import sse_event
 from service.runs import RunSpec
 from service.runs.reader import EventReader, Keepalive
-from service.store import MessageStatus, RunEventRecord, SQLiteStore
+from service.store import MessageStatus, RunEvent, SQLiteStore
 from service.store.sqlite import process_tag
 
 from .fakes import Reply, ScriptedBackend, supervisor_env
@@ -165,7 +165,7 @@ async def _finished_elsewhere(other: SQLiteStore, begun: Any, seq: int) -> None:
     assert await other.finish_run(
         begun.run.id, status="succeeded", message_id=begun.reply.id, content="done",
         message_status=MessageStatus.complete, error=None, usage={},
-        events=[RunEventRecord(begun.run.id, seq, "run.finished", {"status": "succeeded"}, 0.0)])
+        events=[RunEvent(begun.run.id, seq, "run.finished", {"status": "succeeded"}, 0.0)])
 
 
 def _reader(env: Any, run_id: str) -> EventReader:
@@ -204,8 +204,8 @@ async def test_a_follower_through_the_store_waits_for_a_missing_event(
         begun, other = await _stored_elsewhere(env)
         rid = begun.run.id
 
-        def ev(seq: int) -> RunEventRecord:
-            return RunEventRecord(rid, seq, "token", {"text": str(seq)}, 0.0)
+        def ev(seq: int) -> RunEvent:
+            return RunEvent(rid, seq, "token", {"text": str(seq)}, 0.0)
 
         await other.append_run_events([ev(2)])
         got: list[int] = []

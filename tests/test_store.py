@@ -31,7 +31,7 @@ from service.store import (
     LLMCallOutcome,
     LLMCallRecord,
     MessageStatus,
-    RunEventRecord,
+    RunEvent,
     SQLiteStore,
     make_store,
     new_id,
@@ -124,7 +124,7 @@ async def test_messages_runs_events_calls_round_trip(db: Path | str) -> None:
         assert (got.status, got.started_at, got.finished_at, got.usage) == (
             "cancelled", 1.0, 2.0, {"total": 3})
         await store.append_run_events(
-            [RunEventRecord(run.id, i, "token", {"text": str(i)}, 0.0) for i in range(1, 6)]
+            [RunEvent(run.id, i, "token", {"text": str(i)}, 0.0) for i in range(1, 6)]
         )
         after = await store.list_run_events(run.id, after=2)
         assert [e.seq for e in after] == [3, 4, 5]
@@ -153,9 +153,9 @@ async def test_event_batches_span_insert_chunks_and_skip_runs_that_are_gone(
         await store.delete_conversation(gone_conv.id)
         batch = []
         for i in range(1, 401):
-            batch.append(RunEventRecord(run.id, i, "token", {"text": f"t{i}"}, float(i)))
+            batch.append(RunEvent(run.id, i, "token", {"text": f"t{i}"}, float(i)))
             if i % 3 == 0:
-                batch.append(RunEventRecord(gone.id, i, "token", {"text": "x"}, 0.0))
+                batch.append(RunEvent(gone.id, i, "token", {"text": "x"}, 0.0))
         await store.append_run_events(batch)
         got = await store.list_run_events(run.id)
         assert [(e.seq, e.data["text"], e.created_at) for e in got] == [
@@ -425,8 +425,8 @@ async def test_runs_of_a_dead_process_are_closed_at_the_next_start(db: Path | st
         conv = await store.create_conversation()
         run, _, reply, *_ = await store.begin_run(conv.id, content="q", agent="chat", model=None)
         await store.append_run_events([
-            RunEventRecord(run.id, 2, "token", {"text": "half "}, 0.0),
-            RunEventRecord(run.id, 3, "token", {"text": "an answer"}, 0.0),
+            RunEvent(run.id, 2, "token", {"text": "half "}, 0.0),
+            RunEvent(run.id, 3, "token", {"text": "an answer"}, 0.0),
         ])
         # A live run of another worker (a live process: our parent) stays untouched.
         live, *_ = await store.begin_run(conv.id, content="q2", agent="chat", model=None)
@@ -770,18 +770,18 @@ async def test_a_run_closed_by_another_instance_takes_no_more_writes_from_its_ow
         conv = await a.create_conversation()
         run, _, reply, *_ = await a.begin_run(conv.id, content="q", agent="chat", model=None)
         assert await a.append_run_events(
-            [RunEventRecord(run.id, 2, "token", {"text": "kept"}, 0.0)]) == set()
+            [RunEvent(run.id, 2, "token", {"text": "kept"}, 0.0)]) == set()
         assert await b.recover_interrupted() == []  # A's lease holds: its run is its own
         await a.renew_lease(-1)  # ... until it lapses
         assert await b.recover_interrupted() == [run.id]
 
-        late = [RunEventRecord(run.id, 3, "token", {"text": "late"}, 0.0)]
+        late = [RunEvent(run.id, 3, "token", {"text": "late"}, 0.0)]
         assert await a.append_run_events(late) == {run.id}
         assert await a.append_run_events(late, retry=True) == {run.id}
         held = await a.finish_run(
             run.id, status="succeeded", message_id=reply.id, content="kept late",
             message_status=MessageStatus.complete, error=None, usage={},
-            events=[RunEventRecord(run.id, 3, "run.finished", {"status": "succeeded"}, 0.0)])
+            events=[RunEvent(run.id, 3, "run.finished", {"status": "succeeded"}, 0.0)])
         assert held is False
 
         stored = await b.list_run_events(run.id)
@@ -795,6 +795,6 @@ async def test_a_run_closed_by_another_instance_takes_no_more_writes_from_its_ow
         # about its other runs go on.
         other = await a.create_conversation()
         run2, *_ = await a.begin_run(other.id, content="q", agent="chat", model=None)
-        mixed = [RunEventRecord(run2.id, 2, "token", {"text": "x"}, 0.0), *late]
+        mixed = [RunEvent(run2.id, 2, "token", {"text": "x"}, 0.0), *late]
         assert await a.append_run_events(mixed) == {run.id}
         assert [e.type for e in await a.list_run_events(run2.id)] == ["run.started", "token"]

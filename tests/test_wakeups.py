@@ -6,7 +6,7 @@ import trio
 import trio.testing
 
 from service.runs.wakeups import Wakeups
-from service.store import RunEventRecord, open_store
+from service.store import RunEvent, open_store
 
 from .pg import PostgresServer, pg_url, postgres  # noqa: F401 (fixtures)
 
@@ -54,7 +54,7 @@ async def test_one_instances_commits_and_cancels_wake_another(
                 got = trio.Event()
         conv = await a.create_conversation()
         run, *_ = await a.begin_run(conv.id, content="q", agent="chat", model=None)
-        await a.append_run_events([RunEventRecord(run.id, 2, "token", {"text": "x"}, 0.0)])
+        await a.append_run_events([RunEvent(run.id, 2, "token", {"text": "x"}, 0.0)])
         with trio.fail_after(20):
             while run.id not in heard:
                 await got.wait()

@@ -291,7 +291,7 @@ async def test_a_store_outage_paces_its_retries_and_keeps_every_event_in_order(
     # Found in review: every flush re-sent the whole backlog (up to 100,000 events) on the
     # event loop while the store was down. Held events are now written again with a back-off
     # (0.1 s doubling to 2 s), whatever the rate of new events, and none is published or lost.
-    from service.runs.events import RunEvent
+    from service.store.records import RunEvent
 
     async with supervisor_env(tmp_path, ScriptedBackend()) as env:
         sup = env.supervisor

@@ -91,6 +91,7 @@ def make_runner(
             history = trim_history(list(spec.messages), history_chars)
         else:  # read by the run's first write (Store.begin_run)
             begun = handle.begun
+            assert begun is not None, "a run on a stored conversation is begun by the store"
             history = trim_history(
                 build_history(begun.conversation, [*begun.history, begun.user]), history_chars
             )

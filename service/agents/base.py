@@ -19,8 +19,8 @@ from ..backends.base import Backend, ChatMessage, ChatRequest, ToolCall, Usage
 from ..errors import ToolArgumentsError
 from ..logs import get_logger
 from ..metrics import Metrics
-from ..runs.events import strict_json
 from ..runs.handle import RunHandle
+from ..store.records import strict_json
 from ..text import clean_json, clean_text, lone_surrogate_at
 from ..tools import Tool, ToolRegistry
 

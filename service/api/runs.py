@@ -187,6 +187,7 @@ async def post_message(conversation_id: str, data: PostMessage) -> Response:
             handle.cancel("client disconnected")
     if handle.status is not RunStatus.succeeded:
         return run_error(handle)
+    assert handle.begun is not None  # a run on a stored conversation
     reply = handle.begun.reply  # as stored at the start; its final text is on the handle
     message = MessageOut(
         id=reply.id, role="assistant", content=handle.final_text, status="complete",

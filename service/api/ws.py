@@ -37,9 +37,9 @@ from quart import Blueprint, websocket
 
 from ..errors import NotFound, ServiceError
 from ..runs import RunHandle, RunSpec
-from ..runs.events import strict_json
 from ..runs.reader import EventReader, Keepalive
 from ..services import Services
+from ..store.records import strict_json
 from ..text import clean_text
 from .models import MAX_CONTENT_CHARS, MAX_MODEL_CHARS, AgentName, JsonRequest
 from .state import current_owner, services

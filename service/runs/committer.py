@@ -16,7 +16,6 @@ What clients are told is what the store says:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +24,7 @@ import trio
 
 from ..errors import NotFound, StoreError, StoreUnavailable
 from ..logs import get_logger
-from ..store import MessageStatus, RunEventRecord, Store
-from .events import RunEvent
+from ..store import MessageStatus, RunEvent, Store
 from .handle import RunHandle
 from .lifecycle import RunStatus
 
@@ -60,7 +58,7 @@ class FinalState:
         return await store.finish_run(
             self.run_id, status=self.status.value, message_id=self.message_id,
             content=self.content, message_status=self.message_status, error=self.error,
-            usage=self.usage, events=[record(e) for e in self.events],
+            usage=self.usage, events=self.events,
         )
 
 
@@ -147,7 +145,7 @@ class EventCommitter:
                 with trio.move_on_after(WRITE_BUDGET) as write:
                     # After a refusal some may have landed (a write that timed out): skipped.
                     not_held = await self._store.append_run_events(
-                        [record(e) for e in batch], retry=self._retrying)
+                        batch, retry=self._retrying)
                     stored = True
                 if write.cancelled_caught:
                     log.error("storing %d run events took over %ss; will retry", len(batch),
@@ -284,7 +282,7 @@ class EventCommitter:
         handle.error, handle.error_type = run.error, None
         handle.final_text = reply.content if reply is not None else ""
         handle.stored_as(status)
-        handle.publish([event(r) for r in stored])
+        handle.publish(stored)
 
     def _keep_ended(self, handle: RunHandle) -> None:
         """Keep serving a run whose end is not all stored or published (bounded: the oldest
@@ -349,11 +347,3 @@ def _unstored_end() -> StoreUnavailable:
     return StoreUnavailable(
         "the run has ended but the store cannot take its result yet; re-join it later")
 
-
-def record(e: RunEvent) -> RunEventRecord:
-    return RunEventRecord(e.run_id, e.seq, e.type, e.data, e.created_at, e.raw)
-
-
-def event(r: RunEventRecord) -> RunEvent:
-    return RunEvent(r.run_id, r.seq, r.type, r.data, r.created_at,
-                    r.raw if r.raw is not None else json.dumps(r.data, separators=(",", ":")))

@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from ..errors import RunError, ServiceError
-from .events import RunEvent
+from ..store.records import BegunRun, RunEvent
 from .lifecycle import TERMINAL, RunStatus, check_transition
 
 __all__ = ["ResumeFrom", "RunHandle", "Subscription"]
@@ -47,6 +47,7 @@ class RunHandle:
         message_id: str,
         sink: Callable[[RunEvent], None],
         window: int = 20_000,
+        begun: BegunRun | None = None,
     ) -> None:
         self.id = run_id
         self.conversation_id = conversation_id
@@ -74,7 +75,9 @@ class RunHandle:
         self.error_event: dict[str, Any] | None = None  # the run's ``error``, sent at its end
         self.result_extra: dict[str, Any] = {}  # e.g. tool_calls, finish_reason for the reply
         self.final_text = ""  # the reply as stored at the end (answer, or partial text)
-        self.begun: Any = None  # the store's BegunRun: conversation and history read at start
+        # What the store wrote and read at the start: the run, both messages, the conversation
+        # and its history (None only for a handle made outside a supervisor, in tests).
+        self.begun = begun
         self._sink = sink
         self._window = window
         self._next_seq = 1

@@ -10,7 +10,6 @@ waited for while the run goes on, and skipped only once the run is over.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ import trio
 
 from ..errors import ShuttingDown
 from ..store import Store
-from .events import RunEvent
+from ..store.records import RunEvent
 from .handle import ResumeFrom, Subscription
 from .supervisor import RunSupervisor
 
@@ -167,12 +166,7 @@ class EventReader:
         return event
 
     async def _read_store(self) -> list[RunEvent]:
-        records = await self._store.list_run_events(self.run_id, after=self.last_seq)
-        return [
-            RunEvent(r.run_id, r.seq, r.type, r.data, r.created_at,
-                     r.raw if r.raw is not None else json.dumps(r.data, separators=(",", ":")))
-            for r in records
-        ]
+        return await self._store.list_run_events(self.run_id, after=self.last_seq)
 
 
 def _in_order(events: list[RunEvent]) -> list[RunEvent]:

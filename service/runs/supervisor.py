@@ -39,9 +39,9 @@ from ..errors import (
 )
 from ..logs import RUN_ID, get_logger
 from ..metrics import Metrics
-from ..store import MessageStatus, Store, new_id
+from ..store import BegunRun, MessageStatus, Store, new_id
 from . import upkeep
-from .committer import FINAL_WRITE_BUDGET, EventCommitter, FinalState, event
+from .committer import FINAL_WRITE_BUDGET, EventCommitter, FinalState
 from .handle import RunHandle
 from .lifecycle import RunStatus
 from .wakeups import Wakeups
@@ -248,7 +248,7 @@ class RunSupervisor:
                 run_id=run_id,
             )
             handle = self._new_handle(begun, spec)
-            handle.adopt_first_event(event(begun.started))
+            handle.adopt_first_event(begun.started)
             await self._launch(handle, spec, go=None)
         finally:
             del self._starting[run_id]
@@ -300,9 +300,9 @@ class RunSupervisor:
             handle.cancel("the run could not be stored")
             # Not stored, and nobody was told the run's id: released so that the handle's
             # events (its end among them) reach a subscriber in order all the same.
-            handle.adopt_first_event(event(begun.started))
+            handle.adopt_first_event(begun.started)
             raise
-        handle.adopt_first_event(event(begun.started))
+        handle.adopt_first_event(begun.started)
         return handle
 
     async def _launch(self, handle: RunHandle, spec: RunSpec, go: trio.Event | None) -> None:
@@ -322,14 +322,13 @@ class RunSupervisor:
             raise
         self._metrics.runs_in_flight.inc()
 
-    def _new_handle(self, begun: Any, spec: RunSpec) -> RunHandle:
+    def _new_handle(self, begun: BegunRun, spec: RunSpec) -> RunHandle:
         run = begun.run
         handle = RunHandle(
             run_id=run.id, conversation_id=run.conversation_id, agent=run.agent,
             model=run.model, owner=spec.owner, message_id=begun.reply.id,
-            sink=self.committer.enqueue,
+            sink=self.committer.enqueue, begun=begun,
         )
-        handle.begun = begun
         # A request's own timeout, never more than the service's (SERVICE_RUN_TIMEOUT).
         timeout = min(spec.timeout, self.run_timeout) if spec.timeout else self.run_timeout
         handle.scope.deadline = trio.current_time() + timeout

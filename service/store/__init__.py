@@ -21,7 +21,7 @@ from .records import (
     LLMCallRecord,
     Message,
     MessageStatus,
-    RunEventRecord,
+    RunEvent,
     RunRecord,
     new_id,
 )
@@ -34,7 +34,7 @@ __all__ = [
     "LLMCallRecord",
     "Message",
     "MessageStatus",
-    "RunEventRecord",
+    "RunEvent",
     "RunRecord",
     "SQLiteStore",
     "Store",

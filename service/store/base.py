@@ -27,7 +27,7 @@ from .records import (
     LLMCallRecord,
     Message,
     MessageStatus,
-    RunEventRecord,
+    RunEvent,
     RunRecord,
 )
 
@@ -135,7 +135,7 @@ class Store(Protocol):
     async def finish_run(
         self, run_id: str, *, status: str, message_id: str, content: str,
         message_status: MessageStatus, error: str | None, usage: dict[str, Any],
-        events: Sequence[RunEventRecord] = (),
+        events: Sequence[RunEvent] = (),
     ) -> bool:
         """The run's final status, its reply's text and its last events, in one transaction,
         if this process still holds the run; False (nothing written) if another instance
@@ -178,7 +178,7 @@ class Store(Protocol):
     async def prune_events(self, finished_before: float, rows: int = 5000) -> int: ...
 
     async def append_run_events(
-        self, events: Sequence[RunEventRecord], *, retry: bool = False
+        self, events: Sequence[RunEvent], *, retry: bool = False
     ) -> set[str]:
         """A batch of events in one transaction; ``retry``: skip those stored already. Only
         events of runs this process holds are written: returns the ids of the other runs
@@ -187,7 +187,7 @@ class Store(Protocol):
 
     async def list_run_events(
         self, run_id: str, *, after: int = 0, limit: int = 10_000
-    ) -> list[RunEventRecord]: ...
+    ) -> list[RunEvent]: ...
 
     # -- LLM calls ------------------------------------------------------------------------------
 

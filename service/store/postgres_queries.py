@@ -27,7 +27,7 @@ from .records import (
     LLMCallRecord,
     Message,
     MessageStatus,
-    RunEventRecord,
+    RunEvent,
     RunRecord,
     begun_run,
     decode_cursor,
@@ -86,12 +86,12 @@ _INSERT_EVENTS_SQL = {(ignore, fenced): _events_sql(ignore, fenced)
                       for ignore in (False, True) for fenced in (False, True)}
 
 
-def _insert_events(c: Conn, events: Sequence[RunEventRecord], *, ignore: bool = False,
+def _insert_events(c: Conn, events: Sequence[RunEvent], *, ignore: bool = False,
                    process: str | None = None) -> int:
     """Insert ``events``; ``process``: only those of runs that process holds. Rows inserted."""
     cols: tuple[list[Any], ...] = ([], [], [], [], [])
     for e in events:
-        raw = e.raw if e.raw is not None else json.dumps(e.data, separators=(",", ":"))
+        raw = e.raw
         for col, value in zip(cols, (e.run_id, e.seq, e.type, raw, e.created_at), strict=True):
             col.append(value)
     params: tuple[Any, ...] = cols if process is None else (*cols, process)
@@ -335,7 +335,7 @@ class PostgresQueries:
     async def finish_run(
         self, run_id: str, *, status: str, message_id: str, content: str,
         message_status: MessageStatus, error: str | None, usage: dict[str, Any],
-        events: Sequence[RunEventRecord] = (),
+        events: Sequence[RunEvent] = (),
     ) -> bool:
         """See ``SQLiteStore.finish_run``: only while this process holds the run."""
         now = time.time()
@@ -537,7 +537,7 @@ class PostgresQueries:
         return await self._read("cancel_requests", fn)
 
     async def append_run_events(
-        self, events: Sequence[RunEventRecord], *, retry: bool = False
+        self, events: Sequence[RunEvent], *, retry: bool = False
     ) -> set[str]:
         """See ``SQLiteStore.append_run_events``: only events of runs this process holds."""
         if not events:
@@ -555,13 +555,13 @@ class PostgresQueries:
 
     async def list_run_events(
         self, run_id: str, *, after: int = 0, limit: int = 10_000
-    ) -> list[RunEventRecord]:
-        def fn(c: Conn) -> list[RunEventRecord]:
+    ) -> list[RunEvent]:
+        def fn(c: Conn) -> list[RunEvent]:
             rows = c.execute(
                 "SELECT run_id, seq, type, data, created_at FROM run_events "
                 "WHERE run_id = %s AND seq > %s ORDER BY seq LIMIT %s",
                 (run_id, after, limit)).fetchall()
-            return [RunEventRecord(r[0], r[1], r[2], json.loads(r[3]), r[4], r[3]) for r in rows]
+            return [RunEvent(r[0], r[1], r[2], json.loads(r[3]), r[4], r[3]) for r in rows]
 
         return await self._read("list_run_events", fn)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ __all__ = [
     "LLMCallRecord",
     "Message",
     "MessageStatus",
-    "RunEventRecord",
+    "RunEvent",
     "RunRecord",
     "begun_run",
     "call_row",
@@ -27,6 +28,7 @@ __all__ = [
     "message_row",
     "new_id",
     "run_row",
+    "strict_json",
 ]
 
 
@@ -78,14 +80,57 @@ class RunRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class RunEventRecord:
+class RunEvent:
+    """One event of one run, as made, stored, read back and sent: ``seq`` counts from 1 within
+    the run. ``raw`` is ``data`` as compact JSON, encoded once (stored and sent as is); left
+    out, it is encoded here, and data JSON cannot carry (NaN, infinities, other types) is
+    replaced by its text first (``strict_json``)."""
+
     run_id: str
     seq: int
     type: str
     data: dict[str, Any]
     created_at: float
-    # ``data`` as compact JSON, when already encoded (stored and sent as is: encoded once).
-    raw: str | None = field(default=None, compare=False, repr=False)
+    raw: str = field(default="", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.raw:
+            return
+        try:
+            raw = json.dumps(self.data, separators=(",", ":"), allow_nan=False)
+        except ValueError:  # NaN/Infinity (a model's arguments, a tool's output): not JSON
+            object.__setattr__(self, "data", strict_json(self.data))
+            raw = json.dumps(self.data, separators=(",", ":"), allow_nan=False)
+        object.__setattr__(self, "raw", raw)
+
+    @classmethod
+    def make(cls, run_id: str, seq: int, type_: str, data: dict[str, Any],
+             created_at: float) -> RunEvent:
+        return cls(run_id, seq, type_, data, created_at)
+
+    def wire(self) -> dict[str, Any]:
+        """The WebSocket shape: ``{"run_id", "id", "type", "data"}``."""
+        return {"run_id": self.run_id, "id": self.seq, "type": self.type, "data": self.data}
+
+    def wire_json(self) -> str:
+        """``wire()`` as JSON text, reusing the encoded data."""
+        return (f'{{"run_id":{json.dumps(self.run_id)},"id":{self.seq},'
+                f'"type":{json.dumps(self.type)},"data":{self.raw}}}')
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with what JSON cannot carry replaced by its text: NaN and infinities (which
+    Python's json reads and writes, but browsers' JSON.parse refuses), and non-JSON types."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, dict):  # keys as json.dumps writes them (True -> "true", ...)
+        return {k if isinstance(k, str) else json.dumps(strict_json(k)).strip('"'): strict_json(v)
+                for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    if value is None or isinstance(value, str | int | bool):
+        return value
+    return str(value)
 
 
 class LLMCallOutcome(StrEnum):
@@ -149,7 +194,7 @@ def begun_run(
                    now, now)
     reply = Message(reply_id, conv.id, "assistant", "", MessageStatus.pending, run_id, None,
                     now, now)
-    started = RunEventRecord(run_id, 1, "run.started", {
+    started = RunEvent(run_id, 1, "run.started", {
         "run_id": run_id, "conversation_id": conv.id, "agent": the_agent, "model": the_model,
     }, now)
     return BegunRun(run, user, reply, conv, history, started)
@@ -163,7 +208,7 @@ class BegunRun(NamedTuple):
     reply: Message
     conversation: Conversation
     history: list[Message]  # the conversation's messages before this run's
-    started: RunEventRecord  # event 1
+    started: RunEvent  # event 1
 
 
 # Rows as both stores select them (the columns in the records' order), decoded.

@@ -21,7 +21,7 @@ from .records import (
     LLMCallRecord,
     Message,
     MessageStatus,
-    RunEventRecord,
+    RunEvent,
     RunRecord,
     begun_run,
     decode_cursor,
@@ -85,7 +85,7 @@ def _insert_events_sql(n: int, ignore: bool = False, fenced: bool = False) -> st
 
 
 def _insert_events(
-    c: sqlite3.Connection, events: Sequence[RunEventRecord], *, ignore: bool = False,
+    c: sqlite3.Connection, events: Sequence[RunEvent], *, ignore: bool = False,
     process: str | None = None,
 ) -> int:
     """Insert ``events``; ``process``: only those of runs that process holds. Rows inserted."""
@@ -94,7 +94,7 @@ def _insert_events(
         chunk = events[start:start + _EVENTS_PER_INSERT]
         params: list[Any] = []
         for e in chunk:
-            raw = e.raw if e.raw is not None else json.dumps(e.data, separators=(",", ":"))
+            raw = e.raw
             params += (e.run_id, e.seq, e.type, raw, e.created_at)
         if process is not None:
             params.append(process)
@@ -413,7 +413,7 @@ class SQLiteQueries(SQLiteOwnership):
         message_status: MessageStatus,
         error: str | None,
         usage: dict[str, Any],
-        events: Sequence[RunEventRecord] = (),
+        events: Sequence[RunEvent] = (),
     ) -> bool:
         """In one transaction: the run's final status, its reply's final text, its last events
         (those already stored, by an earlier write that timed out but landed, are skipped).
@@ -513,7 +513,7 @@ class SQLiteQueries(SQLiteOwnership):
         return await self._read("runs_in_progress", fn)
 
     async def append_run_events(
-        self, events: Sequence[RunEventRecord], *, retry: bool = False
+        self, events: Sequence[RunEvent], *, retry: bool = False
     ) -> set[str]:
         """Append a batch of events in one transaction (all land or none). ``retry``: some may
         be stored already (a write that timed out may still have landed); those are skipped.
@@ -532,14 +532,14 @@ class SQLiteQueries(SQLiteOwnership):
 
     async def list_run_events(
         self, run_id: str, *, after: int = 0, limit: int = 10_000
-    ) -> list[RunEventRecord]:
-        def fn(c: sqlite3.Connection) -> list[RunEventRecord]:
+    ) -> list[RunEvent]:
+        def fn(c: sqlite3.Connection) -> list[RunEvent]:
             rows = c.execute(
                 "SELECT run_id, seq, type, data, created_at FROM run_events "
                 "WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
                 (run_id, after, limit),
             ).fetchall()
-            return [RunEventRecord(r[0], r[1], r[2], json.loads(r[3]), r[4], r[3]) for r in rows]
+            return [RunEvent(r[0], r[1], r[2], json.loads(r[3]), r[4], r[3]) for r in rows]
 
         return await self._read("list_run_events", fn)
 
