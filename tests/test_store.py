@@ -104,30 +104,38 @@ async def test_messages_runs_events_calls_round_trip(db: Path | str) -> None:
         conv = await store.create_conversation(title="t", owner="o1")
         with pytest.raises(NotFound):
             await store.get_conversation(conv.id, owner="o2")
-        run = await store.create_run(conv.id, agent="chat", model="m", owner="o1")
-        _user, pending = await store.append_messages(
-            conv.id,
-            [("user", "hi", MessageStatus.complete, run.id),
-             ("assistant", "", MessageStatus.pending, run.id)],
-        )
-        await store.update_message(pending.id, content="partial", status=MessageStatus.cancelled,
-                                   error="cancelled by client")
+        begun = await store.begin_run(conv.id, content="hi", agent="chat", model="m",
+                                      owner="o1")
+        run, pending = begun.run, begun.reply
+        msgs = await store.get_messages(conv.id)
+        assert [(m.role, m.content, m.status) for m in msgs] == [
+            ("user", "hi", MessageStatus.complete),
+            ("assistant", "", MessageStatus.pending),
+        ]
+        assert [(e.seq, e.type) for e in await store.list_run_events(run.id)] == [
+            (1, "run.started")]
+        assert await store.append_run_events(
+            [RunEvent(run.id, i, "token", {"text": str(i)}, 0.0) for i in range(2, 6)]
+        ) == set()
+        assert await store.finish_run(
+            run.id, status="cancelled", message_id=pending.id, content="partial",
+            message_status=MessageStatus.cancelled, error="cancelled by client",
+            usage={"total": 3},
+            events=[RunEvent(run.id, 6, "run.finished", {"status": "cancelled"}, 0.0)])
         msgs = await store.get_messages(conv.id)
         assert [(m.role, m.content, m.status) for m in msgs] == [
             ("user", "hi", MessageStatus.complete),
             ("assistant", "partial", MessageStatus.cancelled),
         ]
         assert msgs[1].error == "cancelled by client"
-        await store.update_run(run.id, status="running", started_at=1.0)
-        await store.update_run(run.id, status="cancelled", finished_at=2.0, usage={"total": 3})
         got = await store.get_run(run.id, owner="o1")
-        assert (got.status, got.started_at, got.finished_at, got.usage) == (
-            "cancelled", 1.0, 2.0, {"total": 3})
-        await store.append_run_events(
-            [RunEvent(run.id, i, "token", {"text": str(i)}, 0.0) for i in range(1, 6)]
-        )
+        assert (got.status, got.error, got.usage) == (
+            "cancelled", "cancelled by client", {"total": 3})
+        assert got.started_at is not None
+        assert got.finished_at is not None
+        assert got.finished_at >= got.started_at
         after = await store.list_run_events(run.id, after=2)
-        assert [e.seq for e in after] == [3, 4, 5]
+        assert [e.seq for e in after] == [3, 4, 5, 6]
         rec = LLMCallRecord(new_id("call"), "sim", "m", LLMCallOutcome.cancelled, 1.0,
                             run_id=run.id, completion_tokens=4, tokens_estimated=True)
         await store.record_llm_call(rec)
@@ -148,18 +156,18 @@ async def test_event_batches_span_insert_chunks_and_skip_runs_that_are_gone(
     async with open_store(db) as store:
         conv = await store.create_conversation()
         gone_conv = await store.create_conversation()
-        run = await store.create_run(conv.id, agent="chat", model="m")
-        gone = await store.create_run(gone_conv.id, agent="chat", model="m")
+        run = (await store.begin_run(conv.id, content="q", agent="chat", model="m")).run
+        gone = (await store.begin_run(gone_conv.id, content="q", agent="chat", model="m")).run
         await store.delete_conversation(gone_conv.id)
         batch = []
-        for i in range(1, 401):
+        for i in range(2, 401):
             batch.append(RunEvent(run.id, i, "token", {"text": f"t{i}"}, float(i)))
             if i % 3 == 0:
                 batch.append(RunEvent(gone.id, i, "token", {"text": "x"}, 0.0))
         await store.append_run_events(batch)
         got = await store.list_run_events(run.id)
-        assert [(e.seq, e.data["text"], e.created_at) for e in got] == [
-            (i, f"t{i}", float(i)) for i in range(1, 401)]
+        assert [(e.seq, e.data["text"], e.created_at) for e in got[1:]] == [
+            (i, f"t{i}", float(i)) for i in range(2, 401)]
         assert await store.list_run_events(gone.id) == []
 
 

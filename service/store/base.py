@@ -100,18 +100,9 @@ class Store(Protocol):
         items: Iterable[tuple[str, str, MessageStatus, str | None]],
     ) -> list[Message]: ...
 
-    async def update_message(
-        self, message_id: str, *, content: str, status: MessageStatus, error: str | None = None,
-    ) -> None: ...
-
     async def get_messages(self, conversation_id: str) -> list[Message]: ...
 
     # -- runs and their events ------------------------------------------------------------------
-
-    async def create_run(
-        self, conversation_id: str, *, agent: str, model: str | None,
-        owner: str | None = None, run_id: str | None = None,
-    ) -> RunRecord: ...
 
     async def begin_run(
         self, conversation_id: str, *, content: str, agent: str | None, model: str | None,
@@ -145,12 +136,6 @@ class Store(Protocol):
     async def recover_interrupted(self, run_id: str | None = None) -> list[str]:
         """Close runs left in progress by a process that is gone; the ids closed."""
         ...
-
-    async def update_run(
-        self, run_id: str, *, status: str, started_at: float | None = None,
-        finished_at: float | None = None, error: str | None = None,
-        usage: dict[str, Any] | None = None,
-    ) -> None: ...
 
     async def get_run(self, run_id: str, *, owner: str | None = None) -> RunRecord: ...
 

@@ -244,26 +244,6 @@ class SQLiteQueries(SQLiteOwnership):
         await self._write("append_message", fn)
         return msgs
 
-    async def update_message(
-        self,
-        message_id: str,
-        *,
-        content: str,
-        status: MessageStatus,
-        error: str | None = None,
-    ) -> None:
-        now = time.time()
-
-        def fn(c: sqlite3.Connection) -> int:
-            return c.execute(
-                "UPDATE messages SET content = ?, status = ?, error = ?, updated_at = ? "
-                "WHERE id = ?",
-                (content, status.value, error, now, message_id),
-            ).rowcount
-
-        if not await self._write("update_message", fn):
-            raise NotFound(f"no message {message_id!r}", id=message_id)
-
     async def get_messages(self, conversation_id: str) -> list[Message]:
         """Messages of a conversation, oldest first."""
 
@@ -277,32 +257,6 @@ class SQLiteQueries(SQLiteOwnership):
         return await self._read("get_messages", fn)
 
     # -- runs and their events ------------------------------------------------------------------
-
-    async def create_run(
-        self,
-        conversation_id: str,
-        *,
-        agent: str,
-        model: str | None,
-        owner: str | None = None,
-        run_id: str | None = None,
-    ) -> RunRecord:
-        now = time.time()
-        run = RunRecord(
-            run_id or new_id("run"), conversation_id, owner, agent, model, "queued", now,
-            None, None, None, {},
-        )
-
-        def fn(c: sqlite3.Connection) -> None:
-            c.execute(
-                f"INSERT INTO runs ({_RUN_COLS}, process) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run.id, conversation_id, owner, agent, model, "queued", now, None, None, None,
-                 "{}", self.process_id),
-            )
-
-        await self._write("create_run", fn)
-        return run
 
     async def begin_run(
         self,
@@ -442,28 +396,6 @@ class SQLiteQueries(SQLiteOwnership):
             return True
 
         return await self._write("finish_run", fn)
-
-    async def update_run(
-        self,
-        run_id: str,
-        *,
-        status: str,
-        started_at: float | None = None,
-        finished_at: float | None = None,
-        error: str | None = None,
-        usage: dict[str, Any] | None = None,
-    ) -> None:
-        def fn(c: sqlite3.Connection) -> int:
-            return c.execute(
-                "UPDATE runs SET status = ?, started_at = COALESCE(?, started_at), "
-                "finished_at = COALESCE(?, finished_at), error = COALESCE(?, error), "
-                "usage = COALESCE(?, usage) WHERE id = ?",
-                (status, started_at, finished_at, error,
-                 json.dumps(usage) if usage is not None else None, run_id),
-            ).rowcount
-
-        if not await self._write("update_run", fn):
-            raise NotFound(f"no run {run_id!r}", id=run_id)
 
     async def get_run(self, run_id: str, *, owner: str | None = None) -> RunRecord:
         def fn(c: sqlite3.Connection) -> RunRecord | None:
