@@ -354,9 +354,17 @@ class PostgresStore(PostgresQueries):
         stop = threading.Event()
         token = trio.lowlevel.current_trio_token()
 
-        def tell(payload: str) -> None:
+        def deliver(payload: str) -> None:  # in the trio thread: must not raise
             try:
-                trio.from_thread.run_sync(wake, payload, trio_token=token)
+                wake(payload)
+            except Exception:
+                log.exception("a wake-up could not be delivered: %.80r", payload)
+
+        def tell(payload: str) -> None:
+            # Queued for the trio thread without waiting for it to run: a busy event loop
+            # must not hold the listener (and the notifications behind this one) up.
+            try:
+                token.run_sync_soon(deliver, payload)
             except trio.RunFinishedError:
                 stop.set()
 
