@@ -1,32 +1,19 @@
-"""Shared fixtures: settings on a temporary database, and the real server on port 0."""
+"""Shared fixtures: settings on a temporary database, and the real server on port 0
+(``tests/servers.py``)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
-import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
 
-from service.backends.base import Backend
 from service.backends.embedded import EmbeddedLlamaServer
-from service.factory import create_app
-from service.metrics import Metrics
-from service.services import Services
 from service.settings import Settings, load_settings
 
-from .fakes import ScriptedBackend
 from .pg import pg_url, postgres  # noqa: F401 (fixtures: a real PostgreSQL, tests/pg.py)
-
-EMBEDDED_ALIAS = "tiny"
+from .servers import EMBEDDED_ALIAS, RunningServer, running_server
 
 
 @pytest.fixture(scope="session")
@@ -68,46 +55,6 @@ def settings(tmp_path: Path, store_kind: str, request: pytest.FixtureRequest) ->
     if store_kind == "postgres":
         return load_settings(db=request.getfixturevalue("pg_url"))
     return load_settings(db=tmp_path / "service.db")
-
-
-@dataclass
-class RunningServer:
-    url: str
-    services: Services
-
-    def client(self, **kwargs: Any) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.url, timeout=30, **kwargs)
-
-
-@asynccontextmanager
-async def running_server(
-    settings: Settings, backend: Backend | None = None, *, from_settings: bool = False,
-    **hypercorn: Any,
-) -> AsyncIterator[RunningServer]:
-    """The real app under hypercorn's trio worker on 127.0.0.1:0, shut down gracefully after.
-
-    ``backend`` defaults to an in-memory scripted one; pass a real adapter (on the simulator)
-    for end-to-end tests, or ``from_settings=True`` to let the lifespan build the backend the
-    settings describe (adapters, interceptors recording into the server's store) as in production.
-    """
-    if from_settings:
-        assert backend is None, "from_settings builds the backend; do not pass one"
-    else:
-        backend = backend or ScriptedBackend()
-    app = create_app(settings, metrics=Metrics(), backend=backend)
-    config = Config()
-    config.bind = ["127.0.0.1:0"]
-    config.graceful_timeout = 2
-    config.accesslog = None
-    for name, value in hypercorn.items():  # e.g. keep_alive_timeout=..., graceful_timeout=...
-        setattr(config, name, value)
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        binds = await nursery.start(partial(serve, app, config, shutdown_trigger=stop.wait))
-        try:
-            yield RunningServer(binds[0], app.extensions["service"])
-        finally:
-            stop.set()
 
 
 @pytest.fixture

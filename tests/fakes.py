@@ -47,6 +47,20 @@ class Reply:
     thinking: Sequence[str] = ()  # a reasoning model's thinking: chunks before the text
 
 
+def by_content(req: ChatRequest) -> Reply:
+    """A reply picked by the last message: ``slow...`` (50 paced words), ``tools broken...`` (a
+    tool call whose arguments are not JSON), ``tools...`` (a get_weather call), else an echo."""
+    q = req.messages[-1].content
+    if q.startswith("slow"):
+        return Reply("tick " * 50, gap=0.05)
+    if q.startswith("tools broken"):
+        return Reply("", tool_calls=[ToolCall("call_1", "get_weather", {},
+                                              invalid_arguments='{"city": Paris')])
+    if q.startswith("tools"):
+        return Reply("", tool_calls=[ToolCall("call_1", "get_weather", {"city": "Paris"})])
+    return Reply(f"echo: {q}")
+
+
 @dataclass
 class StreamRecord:
     request: ChatRequest

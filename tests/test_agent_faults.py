@@ -20,6 +20,7 @@ from service.store import SQLiteStore
 from service.tools import BUILTIN_TOOLS, ToolRegistry, tool
 
 from .fakes import Reply, ScriptedBackend, supervisor_env
+from .servers import ROOT
 
 
 class _Handle:
@@ -55,7 +56,7 @@ def test_calculator_chained_powers_are_refused() -> None:
     try:
         out = subprocess.run([sys.executable, "-c", code], timeout=60, check=True,
                              capture_output=True, text=True,
-                             env={"PYTHONPATH": str(Path(__file__).parents[1])}).stdout
+                             env={"PYTHONPATH": str(ROOT)}).stdout
     except subprocess.TimeoutExpired:
         pytest.fail("calculate('((9**999)**999)**999') still computing after 60 s")
     assert out.strip() == "result too large"

@@ -362,7 +362,7 @@ async def test_v1_tool_round_trip_over_the_history_budget_reaches_the_model_whol
 ) -> None:
     from service.settings import load_settings
 
-    from .conftest import running_server
+    from .servers import running_server
 
     backend = ScriptedBackend([Reply("The pages differ.")])
     tools = [{"type": "function", "function": {

@@ -8,7 +8,7 @@ import pytest
 
 from service.settings import Settings
 
-from .conftest import RunningServer, running_server
+from .servers import RunningServer, running_server
 
 pytestmark = pytest.mark.both_stores  # the end-to-end tests run on both stores
 

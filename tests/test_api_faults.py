@@ -11,11 +11,10 @@ import pytest
 
 from service.settings import Settings
 
-from .conftest import running_server
+from .servers import ROOT, running_server
 
 pytestmark = pytest.mark.both_stores  # the end-to-end tests run on both stores
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 async def test_invalid_utf8_body_is_400_not_500(settings: Settings) -> None:

@@ -14,43 +14,11 @@ from trio_websocket import ConnectionRejected, open_websocket_url
 from service.backends.base import ChatRequest, ToolCall
 from service.settings import Settings
 
-from .conftest import RunningServer, running_server
-from .fakes import Reply, ScriptedBackend
+from .fakes import Reply, ScriptedBackend, by_content
+from .servers import RunningServer, running_server
+from .streams import parse_sse
 
 pytestmark = pytest.mark.both_stores  # the end-to-end tests run on both stores
-
-
-def parse_sse(text: str) -> list[dict[str, Any]]:
-    """Frames of an SSE body: ``{"id", "event", "data"}`` (comments dropped)."""
-    frames = []
-    for block in text.split("\n\n"):
-        frame: dict[str, Any] = {}
-        data = []
-        for line in block.split("\n"):
-            if not line or line.startswith(":"):
-                continue
-            key, _, value = line.partition(": ")
-            if key == "data":
-                data.append(value)
-            else:
-                frame[key] = value
-        if data:
-            raw = "\n".join(data)
-            frame["data"] = raw if raw == "[DONE]" else json.loads(raw)
-            frames.append(frame)
-    return frames
-
-
-def _by_content(req: ChatRequest) -> Reply:
-    q = req.messages[-1].content
-    if q.startswith("slow"):
-        return Reply("tick " * 50, gap=0.05)
-    if q.startswith("tools broken"):
-        return Reply("", tool_calls=[ToolCall("call_1", "get_weather", {},
-                                              invalid_arguments='{"city": Paris')])
-    if q.startswith("tools"):
-        return Reply("", tool_calls=[ToolCall("call_1", "get_weather", {"city": "Paris"})])
-    return Reply(f"echo: {q}")
 
 
 async def _conv(client: httpx.AsyncClient) -> str:
@@ -59,7 +27,7 @@ async def _conv(client: httpx.AsyncClient) -> str:
 
 
 async def test_sse_stream_of_a_run(settings: Settings) -> None:
-    async with running_server(settings, ScriptedBackend(_by_content)) as srv, \
+    async with running_server(settings, ScriptedBackend(by_content)) as srv, \
             srv.client() as client:
         conv = await _conv(client)
         r = await client.post(f"/api/conversations/{conv}/messages",
@@ -82,7 +50,7 @@ async def test_sse_stream_of_a_run(settings: Settings) -> None:
 
 async def test_too_many_runs_is_429_with_retry_after(settings: Settings) -> None:
     limited = settings.model_copy(update={"max_runs": 1})
-    async with running_server(limited, ScriptedBackend(_by_content)) as srv, \
+    async with running_server(limited, ScriptedBackend(by_content)) as srv, \
             srv.client() as client:
         conv = await _conv(client)
         async with client.stream("POST", f"/api/conversations/{conv}/messages",
@@ -142,7 +110,7 @@ async def test_rejoin_with_both_after_and_last_event_id_resumes_after_the_later(
 ) -> None:
     # A browser's EventSource opened on ".../events?after=2" (it cannot set headers) reconnects
     # to the same URL adding "Last-Event-ID: <last seen>"; ?after won, so it got events again.
-    async with running_server(settings, ScriptedBackend(_by_content)) as srv, \
+    async with running_server(settings, ScriptedBackend(by_content)) as srv, \
             srv.client() as client:
         conv = await _conv(client)
         r = await client.post(f"/api/conversations/{conv}/messages",
@@ -198,7 +166,7 @@ async def _ws_recv(ws: Any) -> dict[str, Any]:
 
 
 async def test_ws_two_runs_cancel_one_and_bad_messages(settings: Settings) -> None:
-    backend = ScriptedBackend(_by_content)
+    backend = ScriptedBackend(by_content)
     async with running_server(settings, backend) as srv, srv.client() as client:
         conv = await _conv(client)
         url = srv.url.replace("http://", "ws://") + "/api/ws"
@@ -244,7 +212,7 @@ async def test_ws_two_runs_cancel_one_and_bad_messages(settings: Settings) -> No
 
 
 async def test_ws_drop_cancels_its_runs_but_not_continue_runs(settings: Settings) -> None:
-    backend = ScriptedBackend(_by_content)
+    backend = ScriptedBackend(by_content)
     async with running_server(settings, backend) as srv, srv.client() as client:
         conv = await _conv(client)
         url = srv.url.replace("http://", "ws://") + "/api/ws"
@@ -317,7 +285,7 @@ def _sdk_calls(base_url: str) -> dict[str, Any]:
 
 
 async def test_openai_sdk_chat_stream_tools_models(settings: Settings) -> None:
-    backend = ScriptedBackend(_by_content)
+    backend = ScriptedBackend(by_content)
     async with running_server(settings, backend) as srv:
         out = await trio.to_thread.run_sync(_sdk_calls, srv.url)
     assert out["text"] == "echo: hi sdk"
@@ -335,7 +303,7 @@ async def test_openai_sdk_chat_stream_tools_models(settings: Settings) -> None:
 
 @pytest.mark.parametrize("stream", [True, False])
 async def test_v1_client_disconnect_cancels_the_run(settings: Settings, stream: bool) -> None:
-    backend = ScriptedBackend(_by_content)
+    backend = ScriptedBackend(by_content)
     async with running_server(settings, backend) as srv, srv.client() as client:
         body = {"model": "m", "messages": [{"role": "user", "content": "slow v1"}],
                 "stream": stream}
@@ -373,7 +341,7 @@ async def test_v1_bad_requests(server: RunningServer) -> None:
 
 async def test_runs_are_invisible_to_other_keys(settings: Settings) -> None:
     keyed = settings.model_copy(update={"api_keys": ("key-a", "key-b")})
-    async with running_server(keyed, ScriptedBackend(_by_content)) as srv:
+    async with running_server(keyed, ScriptedBackend(by_content)) as srv:
         a = srv.client(headers={"Authorization": "Bearer key-a"})
         b = srv.client(headers={"Authorization": "Bearer key-b"})
         async with a, b:
@@ -419,7 +387,7 @@ async def test_v1_client_tool_arguments_that_are_not_json_are_passed_on_as_they_
     settings: Settings, stream: bool
 ) -> None:
     # They failed the completion (502); OpenAI passes them on as a string, and so do we.
-    async with running_server(settings, ScriptedBackend(_by_content)) as srv, \
+    async with running_server(settings, ScriptedBackend(by_content)) as srv, \
             srv.client() as client:
         body = {"model": "m", "stream": stream,
                 "messages": [{"role": "user", "content": "tools broken"}],

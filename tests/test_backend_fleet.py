@@ -397,7 +397,7 @@ headers = {{ Authorization = "Bearer s3cret-token" }}
 
 async def test_the_app_keeps_conversations_and_shows_every_server(
         settings: Settings, tmp_path: Path) -> None:
-    from .conftest import running_server
+    from .servers import running_server
 
     async with upstreams(2) as ups:
         path = write(tmp_path, "".join(f"""

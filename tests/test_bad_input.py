@@ -20,13 +20,12 @@ from service.logs import TextFormatter
 from service.settings import Settings
 from service.sim import Reply
 
-from .conftest import running_server
+from .e2e import GUARD, e2e
 from .fakes import Reply as ScriptedReply
 from .fakes import ScriptedBackend
-from .test_e2e_sim import GUARD, e2e
-from .test_ws_faults import _reply, _ws_url
+from .servers import running_server
+from .streams import ws_reply, ws_url
 
-ROOT = Path(__file__).resolve().parents[1]
 LONE = "\\ud800"  # a lone surrogate as JSON text: valid JSON, not Unicode text
 JSON = {"content-type": "application/json"}
 
@@ -144,7 +143,7 @@ async def test_a_huge_last_event_id_is_422_not_500(settings: Settings) -> None:
 async def _reply_to_me(ws: WebSocketConnection, running: str) -> tuple[str, dict[str, Any]]:
     """The next reply that is not an event of the run ``running``."""
     while True:
-        text, reply = await _reply(ws)
+        text, reply = await ws_reply(ws)
         if reply.get("run_id") != running:
             return text, reply
 
@@ -158,10 +157,10 @@ async def test_a_ws_message_with_a_lone_surrogate_gets_an_error_and_keeps_the_so
         "slow answer", hang_after=1 if req.messages[-1].content == "hang" else None))
     async with running_server(settings, backend) as srv, srv.client() as c:
         conv = (await c.post("/api/conversations", json={})).json()["id"]
-        async with open_websocket_url(_ws_url(srv)) as ws:
+        async with open_websocket_url(ws_url(srv)) as ws:
             await ws.send_message(json.dumps(
                 {"type": "message", "conversation_id": conv, "content": "hang"}))
-            _, started = await _reply(ws)
+            _, started = await ws_reply(ws)
             assert started["type"] == "run.started"
             run_id = started["run_id"]
             for bad in ({"conversation_id": "SURR", "content": "q"},
@@ -181,7 +180,7 @@ async def test_a_ws_message_with_a_lone_surrogate_gets_an_error_and_keeps_the_so
             assert (await c.get(f"/api/runs/{run_id}")).json()["status"] == "running"
             await ws.send_message(json.dumps({"type": "cancel", "run_id": run_id}))
             while reply.get("type") != "run.finished":
-                _, reply = await _reply(ws)
+                _, reply = await ws_reply(ws)
             assert reply["data"]["status"] == "cancelled"
 
 
@@ -238,10 +237,10 @@ async def test_ws_message_fields_take_their_json_types_only(
 ) -> None:
     async with running_server(settings) as srv, srv.client() as c:
         conv = (await c.post("/api/conversations", json={})).json()["id"]
-        async with open_websocket_url(_ws_url(srv)) as ws:
+        async with open_websocket_url(ws_url(srv)) as ws:
             await ws.send_message(json.dumps(
                 {"type": "message", "conversation_id": conv, "content": "q", **extra}))
-            _, reply = await _reply(ws)
+            _, reply = await ws_reply(ws)
             assert reply["error"]["type"] == "invalid_request", reply
             assert reply["error"]["message"].startswith(f"{field}:")
 

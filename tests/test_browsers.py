@@ -15,9 +15,9 @@ from trio_websocket import ConnectionRejected, open_websocket_url
 from service.settings import Settings
 from service.tokens import TOKEN_TTL, TokenSigner
 
-from .conftest import RunningServer, running_server
-from .fakes import ScriptedBackend
-from .test_api_streaming import _by_content, parse_sse
+from .fakes import ScriptedBackend, by_content
+from .servers import RunningServer, running_server
+from .streams import parse_sse
 
 EVIL = "http://evil.example"
 APP = "http://app.example:3000"
@@ -88,7 +88,7 @@ async def test_listed_origins_get_cors_on_every_answer_and_preflights_need_no_ke
     settings: Settings,
 ) -> None:
     keyed = settings.model_copy(update={"api_keys": KEYS, "cors_origins": (APP,)})
-    async with running_server(keyed, ScriptedBackend(_by_content)) as srv, \
+    async with running_server(keyed, ScriptedBackend(by_content)) as srv, \
             srv.client() as client:
         pre = await client.options("/api/conversations", headers={
             "Origin": APP, "Access-Control-Request-Method": "POST",
@@ -130,7 +130,7 @@ async def test_tokens_open_the_streams_of_their_keys_data_only(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     keyed = settings.model_copy(update={"api_keys": KEYS})
-    async with running_server(keyed, ScriptedBackend(_by_content)) as srv, \
+    async with running_server(keyed, ScriptedBackend(by_content)) as srv, \
             srv.client() as client:
         a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
         assert (await client.post("/api/tokens")).status_code == 401

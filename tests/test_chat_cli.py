@@ -12,7 +12,6 @@ import sys
 import termios
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,10 +24,9 @@ from service.backends.base import ChatRequest
 from service.chat import SSEParser
 from service.settings import Settings
 
-from .conftest import RunningServer, running_server
 from .fakes import Reply, ScriptedBackend
+from .servers import ROOT, RunningServer, running_server
 
-ROOT = Path(__file__).resolve().parents[1]
 GUARD = 30  # seconds any one exchange with the client process may take
 _ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07]*\x07|[@-Z\\-_])")
 

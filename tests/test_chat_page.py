@@ -11,7 +11,6 @@ import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -20,8 +19,8 @@ import trio
 from service.backends.base import ChatRequest
 from service.settings import Settings
 
-from .conftest import running_server
 from .fakes import Reply, ScriptedBackend
+from .servers import ROOT, running_server
 
 playwright = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium")
@@ -244,7 +243,7 @@ def test_the_page_escapes_model_output() -> None:
     # Markdown from a model is text: no markup of its own gets through.
     with _browser() as page:
         page.set_content("<div id=out></div>")
-        source = (Path(__file__).resolve().parents[1] / "service" / "web" /
+        source = (ROOT / "service" / "web" /
                   "markdown.js").read_text()
         html = page.evaluate(
             "([src, text]) => import('data:text/javascript,' + encodeURIComponent(src))"

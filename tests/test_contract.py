@@ -16,8 +16,8 @@ from service.runs import RunSpec, RunStatus
 from service.settings import Settings, load_settings
 from service.tools import BUILTIN_TOOLS
 
-from .conftest import running_server
 from .fakes import Reply, ScriptedBackend, supervisor_env
+from .servers import running_server
 
 pytestmark = pytest.mark.both_stores  # the end-to-end tests run on both stores
 

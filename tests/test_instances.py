@@ -17,8 +17,8 @@ import trio
 from service.sim import Reply, Simulator, open_simulator
 
 from .pg import PostgresServer, pg_url, postgres  # noqa: F401 (fixtures)
-from .test_api_streaming import parse_sse
-from .test_kill_consistency import start_service
+from .servers import start_service
+from .streams import parse_sse
 
 GUARD = 60
 

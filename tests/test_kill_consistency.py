@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import sqlite3
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,40 +27,12 @@ from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 from service.sim import Reply, Simulator, open_simulator
 
-from .test_api_streaming import parse_sse
+from .servers import start_service
+from .streams import parse_sse
 
-ROOT = Path(__file__).resolve().parents[1]
 STREAMS = 60
 KILL_AFTER_ENDS = 20
 ROUNDS = int(os.environ.get("KILL_ROUNDS", "2"))
-
-
-async def start_service(db: Path | str, sim_url: str, cwd: Path, *, name: str | None = None,
-                        env_extra: dict[str, str] | None = None) -> tuple[trio.Process, str]:
-    """The service in a process of its own (``db``: a SQLite path or a PostgreSQL URL); its
-    log goes to a file (a pipe nobody reads would fill and stall it)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SERVICE_")}
-    env.update({"SERVICE_DB": str(db), "SERVICE_BACKEND": "llamacpp",
-                "SERVICE_LLAMACPP_URL": sim_url, **(env_extra or {})})
-    stem = name or (db.stem if isinstance(db, Path) else "service")
-    log = cwd / f"{stem}-{trio.current_time():.0f}.log"
-    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    try:
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "service", "--bind", "127.0.0.1:0", "--config",
-             str(ROOT / "hypercorn.toml")],
-            cwd=cwd, env=env, stderr=out,
-        )
-    finally:
-        os.close(out)
-    with trio.fail_after(60):
-        while True:
-            text = await trio.Path(log).read_bytes()
-            m = re.search(rb"Running on (http://127\.0\.0\.1:\d+)", text)
-            if m:
-                return proc, m.group(1).decode()
-            assert proc.returncode is None, text.decode()
-            await trio.sleep(0.05)
 
 
 @dataclass

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import trio
 
-ROOT = Path(__file__).resolve().parents[1]
+from .servers import ROOT
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:

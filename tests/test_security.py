@@ -20,10 +20,9 @@ from service.logs import TextFormatter
 from service.settings import Settings, load_settings
 
 from .backend_helpers import req
-from .conftest import running_server
 from .fakes import Reply, ScriptedBackend
+from .servers import ROOT, running_server
 
-ROOT = Path(__file__).resolve().parents[1]
 SECRET = "s3cretPW"
 DEAD_URL = f"http://user:{SECRET}@127.0.0.1:1"  # nothing listens on port 1
 

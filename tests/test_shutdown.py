@@ -17,9 +17,9 @@ import trio
 
 from service.sim import Reply, Simulator, open_simulator
 
-from .test_api_streaming import parse_sse
+from .servers import ROOT
+from .streams import parse_sse
 
-ROOT = Path(__file__).resolve().parents[1]
 STREAMS = 50
 
 

@@ -39,7 +39,9 @@ from service.store import (
 )
 from service.store.schema import SCHEMA_VERSION
 
-CHILD = str(Path(__file__).with_name("store_child.py"))
+from .servers import ROOT
+
+CHILD = str(ROOT / "tests" / "store_child.py")
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

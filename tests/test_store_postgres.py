@@ -23,12 +23,10 @@ from service.store import MessageStatus, open_store
 from service.store.postgres import PostgresStore, describe_url
 from service.store.schema import PG_SCHEMA_VERSION
 
-from .conftest import running_server
 from .fakes import Reply, ScriptedBackend
 from .pg import PASSWORD, PASSWORD_USER, PostgresServer
-from .test_api_streaming import parse_sse
-
-ROOT = Path(__file__).resolve().parents[1]
+from .servers import ROOT, running_server
+from .streams import parse_sse
 
 
 async def test_schema_is_created_versioned_and_kept(pg_url: str) -> None:

@@ -16,7 +16,8 @@ import trio
 
 from service.sim import Reply, Simulator, open_simulator
 
-ROOT = Path(__file__).resolve().parents[1]
+from .servers import ROOT
+
 GUARD = 60
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionClosed, open_websocket_url
 
 import service.api.ws as ws_mod
 from service.api.models import MAX_CONTENT_CHARS, MAX_MODEL_CHARS
@@ -22,9 +22,9 @@ from service.server import build_config
 from service.services import Services
 from service.settings import Settings, load_settings
 
-from .conftest import RunningServer, running_server
 from .fakes import Reply, ScriptedBackend, supervisor_env
-from .test_api_streaming import parse_sse
+from .servers import running_server
+from .streams import parse_sse, ws_reply, ws_url
 
 
 class FakeSocket:
@@ -351,21 +351,6 @@ async def test_an_sse_store_error_does_not_cancel_the_run_as_if_the_client_had_l
         assert handle.cancel_reason == "cancelled by request"
 
 
-def _ws_url(srv: RunningServer) -> str:
-    return srv.url.replace("http://", "ws://") + "/api/ws"
-
-
-async def _reply(ws: WebSocketConnection) -> tuple[str, dict[str, Any]]:
-    """The next message as its text and as parsed strictly, as a browser's JSON.parse does."""
-    def refuse(name: str) -> Any:
-        raise ValueError(f"{name} is not JSON")
-
-    with trio.fail_after(10):
-        text = await ws.get_message()
-    assert isinstance(text, str)
-    return text, json.loads(text, parse_constant=refuse)
-
-
 async def test_ws_messages_have_the_limits_of_http_messages(settings: Settings) -> None:
     # WsMessage had no max_length and the socket no size limit: a 2 MB content started a run,
     # and the error replies echoed whole requests back.
@@ -379,17 +364,17 @@ async def test_ws_messages_have_the_limits_of_http_messages(settings: Settings) 
         for field, value in over.items():
             r = await client.post(url, json={"content": "q", field: value})
             assert (r.status_code, r.json()["error"]["field"]) == (422, field)
-        async with open_websocket_url(_ws_url(srv)) as ws:
+        async with open_websocket_url(ws_url(srv)) as ws:
             await ws.send_message(json.dumps(
                 {"type": "message", "conversation_id": conv, "content": huge}))
-            text, reply = await _reply(ws)
+            text, reply = await ws_reply(ws)
             assert reply["error"]["type"] == "body_too_large"
             assert "request" not in reply
             assert len(text) < 200
             for field, value in over.items():
                 await ws.send_message(json.dumps(
                     {"type": "message", "conversation_id": conv, "content": "q", field: value}))
-                text, reply = await _reply(ws)
+                text, reply = await ws_reply(ws)
                 assert reply["error"]["type"] == "invalid_request"
                 assert reply["error"]["message"].startswith(f"{field}:")
                 # What tells which request it answers, not the request.
@@ -399,7 +384,7 @@ async def test_ws_messages_have_the_limits_of_http_messages(settings: Settings) 
             await ws.send_message(json.dumps(
                 {"type": "message", "conversation_id": conv, "content": "q"}))
             while reply.get("type") != "run.finished":
-                _, reply = await _reply(ws)
+                _, reply = await ws_reply(ws)
             assert reply["data"]["status"] == "succeeded"
         stored = (await client.get(f"/api/conversations/{conv}")).json()["messages"]
         assert [(m["role"], m["content"]) for m in stored] == [("user", "q"), ("assistant", "ok")]
@@ -415,9 +400,9 @@ async def test_hypercorn_closes_a_socket_on_a_message_far_over_the_limit(
     assert config.websocket_max_message_size == 8192
     async with running_server(
         small, websocket_max_message_size=config.websocket_max_message_size
-    ) as srv, open_websocket_url(_ws_url(srv)) as ws:
+    ) as srv, open_websocket_url(ws_url(srv)) as ws:
         await ws.send_message("x" * 8000)
-        assert (await _reply(ws))[1]["error"]["type"] == "body_too_large"
+        assert (await ws_reply(ws))[1]["error"]["type"] == "body_too_large"
         await ws.send_message("x" * 8193)
         with pytest.raises(ConnectionClosed) as closed, trio.fail_after(10):
             await ws.get_message()
@@ -435,11 +420,11 @@ async def test_ws_refuses_non_finite_numbers_and_replies_strict_json(
 ) -> None:
     # Python's json reads NaN, Infinity and 1e400 (as inf); the error reply echoed them back
     # as bare NaN/Infinity, which a browser's JSON.parse refuses.
-    async with running_server(settings) as srv, open_websocket_url(_ws_url(srv)) as ws:
+    async with running_server(settings) as srv, open_websocket_url(ws_url(srv)) as ws:
         await ws.send_message(raw)
-        _, reply = await _reply(ws)
+        _, reply = await ws_reply(ws)
         assert reply["error"]["type"] == "malformed_json"
         assert reply["error"]["message"].startswith("the message is not valid JSON: ")
         await ws.send_message('{"type": "cancel", "run_id": 1e308}')  # finite: read
-        _, reply = await _reply(ws)
+        _, reply = await ws_reply(ws)
         assert reply["error"]["type"] == "invalid_request"
