@@ -10,8 +10,8 @@ import trio
 
 from service.settings import Settings
 
-from .fakes import Reply, ScriptedBackend
-from .servers import running_server
+from ..fakes import Reply, ScriptedBackend
+from ..servers import running_server
 
 EXAMPLES = 12  # an operation; the whole run takes a few seconds
 

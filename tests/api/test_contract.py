@@ -16,8 +16,8 @@ from service.runs import RunSpec, RunStatus
 from service.settings import Settings, load_settings
 from service.tools import BUILTIN_TOOLS
 
-from .fakes import Reply, ScriptedBackend, supervisor_env
-from .servers import running_server
+from ..fakes import Reply, ScriptedBackend, supervisor_env
+from ..servers import running_server
 
 pytestmark = pytest.mark.both_stores  # the end-to-end tests run on both stores
 
@@ -126,7 +126,7 @@ async def test_v1_refuses_what_it_would_not_honour(settings: Settings, extra: di
                                                    field: str) -> None:
     # Found in review: n=2 got one choice, logprobs none, an image was dropped and the model
     # answered about a picture it never saw, all with a 200.
-    from .fakes import Reply, ScriptedBackend
+    from ..fakes import Reply, ScriptedBackend
 
     backend = ScriptedBackend(lambda req: Reply("ok"))
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **extra}
@@ -138,7 +138,7 @@ async def test_v1_refuses_what_it_would_not_honour(settings: Settings, extra: di
 
 
 async def test_v1_passes_parallel_tool_calls_on(settings: Settings) -> None:
-    from .fakes import Reply, ScriptedBackend
+    from ..fakes import Reply, ScriptedBackend
 
     backend = ScriptedBackend(lambda req: Reply("ok"))
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
@@ -153,7 +153,7 @@ async def test_v1_passes_parallel_tool_calls_on(settings: Settings) -> None:
 async def test_v1_takes_an_assistant_refusal_part_in_the_history(settings: Settings) -> None:
     # OpenAI allows assistant content parts "text" and "refusal"; the check that refuses images
     # refused those too (found in a review of that change).
-    from .fakes import Reply, ScriptedBackend
+    from ..fakes import Reply, ScriptedBackend
 
     backend = ScriptedBackend(lambda req: Reply("ok"))
     async with running_server(settings, backend) as srv, srv.client() as client:

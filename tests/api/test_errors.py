@@ -1,5 +1,8 @@
-"""Bad input and start-up fault paths found in review (2026-12-01); each test failed before
-its fix."""
+"""Errors as clients and operators are told them: each error code's one class and status, a
+body that is not UTF-8 or not Unicode as a 4xx, a crash of ours as a 500, a start-up error as one
+line naming its setting, health checks once the run supervisor stopped; and a run of another
+worker, made-up HTTP methods in the metrics (most found in review, 2026-12-01: each test failed
+before its fix)."""
 from __future__ import annotations
 
 import os
@@ -9,12 +12,32 @@ from pathlib import Path
 
 import pytest
 
+import service.backends  # noqa: F401 (its error classes join the tree)
+from service.errors import ServiceError, status_of_type
 from service.settings import Settings
 
-from .servers import ROOT, running_server
+from ..servers import ROOT, running_server
 
 pytestmark = pytest.mark.both_stores  # the end-to-end tests run on both stores
 
+
+def _tree() -> list[type[ServiceError]]:
+    classes, pending = [], [ServiceError]
+    while pending:
+        cls = pending.pop()
+        classes.append(cls)
+        pending.extend(cls.__subclasses__())
+    return classes
+
+
+def test_each_error_code_names_one_class_and_gives_its_status() -> None:
+    classes = _tree()
+    assert len({cls.type for cls in classes}) == len(classes)
+    for cls in classes:
+        assert status_of_type(cls.type) == cls.status
+    assert status_of_type("run_timeout") == 504
+    assert status_of_type("cancelled") == 409
+    assert status_of_type("no_such_code") is None
 
 
 async def test_invalid_utf8_body_is_400_not_500(settings: Settings) -> None:
@@ -85,7 +108,7 @@ async def test_a_run_of_another_worker_reads_as_running_and_its_cancel_is_passed
     # Found in a contract review: the stored run stayed "queued" with no started_at until its
     # end, so another worker sharing the file showed it queued; and a cancel there answered
     # 202 while the run went on in its own process. The cancel is now written to the store
-    # for the run's process (tests/test_runs.py shows that process acting on it).
+    # for the run's process (tests/runs/test_supervisor.py shows that process acting on it).
     import service.api.runs as runs_api
     from service.store import open_store
     from service.store.ownership import process_tag
@@ -157,7 +180,7 @@ async def test_made_up_http_methods_share_one_metric_series(settings: Settings) 
 async def test_a_run_that_crashes_is_a_500_not_a_502(settings: Settings) -> None:
     # Found in review: a bug of ours (the run ended internal_error) answered 502, "the backend
     # answered badly", sending whoever reads it after the wrong component.
-    from .fakes import Reply, ScriptedBackend
+    from ..fakes import Reply, ScriptedBackend
 
     backend = ScriptedBackend(lambda req: Reply("a b c", fail_after=1,
                                                 error=RuntimeError("a bug in our code")))

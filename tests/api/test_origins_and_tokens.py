@@ -15,9 +15,9 @@ from trio_websocket import ConnectionRejected, open_websocket_url
 from service.settings import Settings
 from service.tokens import TOKEN_TTL, TokenSigner
 
-from .fakes import ScriptedBackend, by_content
-from .servers import RunningServer, running_server
-from .streams import parse_sse
+from ..fakes import ScriptedBackend, by_content
+from ..servers import RunningServer, running_server
+from ..streams import parse_sse
 
 EVIL = "http://evil.example"
 APP = "http://app.example:3000"

@@ -19,9 +19,9 @@ from service.backends.ollama import OllamaBackend
 from service.logs import TextFormatter
 from service.settings import Settings, load_settings
 
-from .backend_helpers import req
-from .fakes import Reply, ScriptedBackend
-from .servers import ROOT, running_server
+from ..backend_helpers import req
+from ..fakes import Reply, ScriptedBackend
+from ..servers import ROOT, running_server
 
 SECRET = "s3cretPW"
 DEAD_URL = f"http://user:{SECRET}@127.0.0.1:1"  # nothing listens on port 1

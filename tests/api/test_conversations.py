@@ -8,7 +8,7 @@ import pytest
 
 from service.settings import Settings
 
-from .servers import RunningServer, running_server
+from ..servers import RunningServer, running_server
 
 pytestmark = pytest.mark.both_stores  # the end-to-end tests run on both stores
 
@@ -68,7 +68,7 @@ async def test_list_is_newest_first_with_cursor_pages(server: RunningServer) -> 
 
 
 async def test_json_content_type_is_required(server: RunningServer) -> None:
-    # Issue 15: a page's no-cors POST (text/plain) created conversations; tests/test_browsers.py
+    # Issue 15: a page's no-cors POST (text/plain) created conversations; test_origins_and_tokens.py
     # covers every type a browser can send without a preflight.
     async with server.client() as client:
         r = await client.post("/api/conversations", content=b'{"title": "x"}')
@@ -235,7 +235,7 @@ async def test_deleting_a_conversation_stops_its_runs(settings: Settings, on_dis
     # deadline, holding a slot), and its cancel was a 404: nothing could stop it any more.
     import trio
 
-    from .fakes import Reply, ScriptedBackend
+    from ..fakes import Reply, ScriptedBackend
 
     backend = ScriptedBackend(lambda req: Reply("w " * 400, gap=0.05))
     async with running_server(settings, backend) as srv, srv.client() as client:
@@ -288,7 +288,7 @@ async def test_a_run_stopped_between_its_first_write_and_its_launch_stays_stoppe
     # it generating a whole answer for a conversation that no longer existed.
     import trio
 
-    from .fakes import Reply, ScriptedBackend
+    from ..fakes import Reply, ScriptedBackend
 
     backend = ScriptedBackend(lambda req: Reply("a b c d e f", gap=0.2))
     async with running_server(settings, backend) as srv, srv.client() as client:

@@ -20,11 +20,11 @@ from service.logs import TextFormatter
 from service.settings import Settings
 from service.sim import Reply
 
-from .e2e import GUARD, e2e
-from .fakes import Reply as ScriptedReply
-from .fakes import ScriptedBackend
-from .servers import running_server
-from .streams import ws_reply, ws_url
+from ..e2e import GUARD, e2e
+from ..fakes import Reply as ScriptedReply
+from ..fakes import ScriptedBackend
+from ..servers import running_server
+from ..streams import ws_reply, ws_url
 
 LONE = "\\ud800"  # a lone surrogate as JSON text: valid JSON, not Unicode text
 JSON = {"content-type": "application/json"}

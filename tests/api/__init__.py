@@ -1,0 +1,2 @@
+"""The HTTP API: conversations, the error model, bad input, the contract (API.md, OpenAPI),
+security, origins and tokens."""
