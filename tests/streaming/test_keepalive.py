@@ -16,7 +16,7 @@ import trio
 
 from service.settings import Settings
 
-from .servers import RunningServer, running_server
+from ..servers import RunningServer, running_server
 
 GUARD = 10  # seconds any wait may take before the test fails
 

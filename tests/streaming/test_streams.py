@@ -14,9 +14,9 @@ from trio_websocket import ConnectionRejected, open_websocket_url
 from service.backends.base import ChatRequest, ToolCall
 from service.settings import Settings
 
-from .fakes import Reply, ScriptedBackend, by_content
-from .servers import RunningServer, running_server
-from .streams import parse_sse
+from ..fakes import Reply, ScriptedBackend, by_content
+from ..servers import RunningServer, running_server
+from ..streams import parse_sse
 
 pytestmark = pytest.mark.both_stores  # the end-to-end tests run on both stores
 

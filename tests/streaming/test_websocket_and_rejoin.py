@@ -22,9 +22,9 @@ from service.server import build_config
 from service.services import Services
 from service.settings import Settings, load_settings
 
-from .fakes import Reply, ScriptedBackend, supervisor_env
-from .servers import running_server
-from .streams import parse_sse, ws_reply, ws_url
+from ..fakes import Reply, ScriptedBackend, supervisor_env
+from ..servers import running_server
+from ..streams import parse_sse, ws_reply, ws_url
 
 
 class FakeSocket:

@@ -16,7 +16,7 @@ from service.runs.reader import EventReader, Keepalive
 from service.store import MessageStatus, RunEvent, SQLiteStore
 from service.store.sqlite import process_tag
 
-from .fakes import Reply, ScriptedBackend, supervisor_env
+from ..fakes import Reply, ScriptedBackend, supervisor_env
 
 
 async def test_keepalive_when_idle_then_events(

@@ -1,0 +1,1 @@
+"""Streams to clients: SSE, the WebSocket, /v1 streaming, the event reader, keep-alive, re-joins."""
