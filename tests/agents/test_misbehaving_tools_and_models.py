@@ -1,4 +1,7 @@
-"""Agent and tool fault paths found in review (2026-12-01); each test failed before its fix."""
+"""What the agents do when tools and models misbehave: an expression that would compute for
+hours, a result too large, sync tools past their timeout, a tool raising SystemExit, deeply nested
+or non-JSON arguments, the step limit reached (found in review, 2026-12-01: each test failed
+before its fix)."""
 
 from __future__ import annotations
 
@@ -19,8 +22,8 @@ from service.runs import RunSpec, RunStatus
 from service.store import SQLiteStore
 from service.tools import BUILTIN_TOOLS, ToolRegistry, tool
 
-from .fakes import Reply, ScriptedBackend, supervisor_env
-from .servers import ROOT
+from ..fakes import Reply, ScriptedBackend, supervisor_env
+from ..servers import ROOT
 
 
 class _Handle:

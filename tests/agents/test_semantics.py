@@ -17,8 +17,8 @@ from service.settings import Settings
 from service.store import RunEvent
 from service.tools import BUILTIN_TOOLS
 
-from .fakes import Env, Reply, ScriptedBackend, supervisor_env
-from .servers import running_server
+from ..fakes import Env, Reply, ScriptedBackend, supervisor_env
+from ..servers import running_server
 
 _PLANNER = "Break the user's request"  # the start of plan_execute's planning prompt
 

@@ -21,7 +21,7 @@ from service.runs import RunSpec, RunStatus
 from service.sim import Reply, Simulator, mock_transport
 from service.store import LLMCallOutcome, MessageStatus
 
-from .fakes import Env, supervisor_env
+from ..fakes import Env, supervisor_env
 from .test_agents import TOOLS
 
 BUDGETS = Budgets(connect=3.0, first_chunk=30.0, gap=30.0, call=1000.0)

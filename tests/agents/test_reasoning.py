@@ -11,9 +11,9 @@ import trio.testing
 from service.runs import RunSpec, RunStatus
 from service.settings import Settings
 
-from .fakes import Reply, ScriptedBackend, supervisor_env
-from .servers import running_server
-from .streams import parse_sse
+from ..fakes import Reply, ScriptedBackend, supervisor_env
+from ..servers import running_server
+from ..streams import parse_sse
 
 _THINKING = ("Let me ", "think. ")
 

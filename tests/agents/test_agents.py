@@ -14,7 +14,7 @@ from service.runs import RunSpec, RunStatus
 from service.store import MessageStatus
 from service.tools import BUILTIN_TOOLS, tool
 
-from .fakes import Reply, ScriptedBackend, supervisor_env
+from ..fakes import Reply, ScriptedBackend, supervisor_env
 
 CANCELLED_TOOLS: list[str] = []
 
@@ -362,7 +362,7 @@ async def test_v1_tool_round_trip_over_the_history_budget_reaches_the_model_whol
 ) -> None:
     from service.settings import load_settings
 
-    from .servers import running_server
+    from ..servers import running_server
 
     backend = ScriptedBackend([Reply("The pages differ.")])
     tools = [{"type": "function", "function": {
