@@ -20,7 +20,7 @@ import trio
 from service.settings import Settings
 from service.sim import Reply
 
-from .e2e import GUARD, KINDS, TERMINAL, Env, EventStream, after_tokens, e2e, read_events, tokens
+from ..e2e import GUARD, KINDS, TERMINAL, Env, EventStream, after_tokens, e2e, read_events, tokens
 
 pytestmark = pytest.mark.both_stores  # the end-to-end tests run on both stores
 

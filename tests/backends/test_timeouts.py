@@ -24,7 +24,7 @@ from service.errors import (
 )
 from service.sim import Reply, Simulator
 
-from .backend_helpers import BUDGETS, mock_client, req
+from ..backend_helpers import BUDGETS, mock_client, req
 
 Adapter = type[OllamaBackend] | type[OpenAICompatBackend]
 ADAPTERS = pytest.mark.parametrize("adapter", [OllamaBackend, OpenAICompatBackend])

@@ -17,7 +17,7 @@ import trio
 
 from service.settings import load_settings
 
-from .servers import running_server
+from ..servers import running_server
 
 pytestmark = pytest.mark.embedded
 

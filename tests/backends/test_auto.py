@@ -22,7 +22,7 @@ from service.errors import (
 )
 from service.sim import Reply, Simulator
 
-from .backend_helpers import BUDGETS, mock_client, req
+from ..backend_helpers import BUDGETS, mock_client, req
 
 
 def pair(first: Reply, second: Reply | None = None, **auto_kw: object

@@ -28,7 +28,7 @@ from service.metrics import Metrics
 from service.settings import Settings, load_settings
 from service.sim import Reply, Simulator, serve
 
-from .backend_helpers import FakeRecorder
+from ..backend_helpers import FakeRecorder
 
 GUARD = 10  # seconds any wait may take before the test fails
 
@@ -397,7 +397,7 @@ headers = {{ Authorization = "Bearer s3cret-token" }}
 
 async def test_the_app_keeps_conversations_and_shows_every_server(
         settings: Settings, tmp_path: Path) -> None:
-    from .servers import running_server
+    from ..servers import running_server
 
     async with upstreams(2) as ups:
         path = write(tmp_path, "".join(f"""
@@ -502,7 +502,7 @@ async def test_a_server_that_never_completes_the_handshake_is_bounded(
 def memory_fleet(sims: list[Simulator], members: list[Member]) -> FleetBackend:
     from service.backends.openai_compat import OpenAICompatBackend
 
-    from .backend_helpers import mock_client
+    from ..backend_helpers import mock_client
 
     return FleetBackend([OpenAICompatBackend(f"s{i}", f"http://s{i}", mock_client(sim))
                          for i, sim in enumerate(sims)], members, default_model="sim-model")

@@ -20,7 +20,7 @@ import trio
 from service.settings import Settings
 from service.sim import Reply
 
-from .e2e import GUARD, Env, EventStream, after_tokens, e2e, tokens
+from ..e2e import GUARD, Env, EventStream, after_tokens, e2e, tokens
 
 V1 = "/v1/chat/completions"
 SLOW = Reply(tokens=100, interval=0.05)  # holds the one slot for about 5 s

@@ -24,7 +24,7 @@ from service.errors import (
 )
 from service.sim import Reply, Simulator, open_simulator
 
-from .backend_helpers import pool_summary, req, text_of
+from ..backend_helpers import pool_summary, req, text_of
 
 GUARD = 10  # seconds on trio's clock: a hang fails the test instead of blocking it
 

@@ -38,7 +38,7 @@ from service.tinymodel.tiny import (  # noqa: E402
     write_tiny_model,
 )
 
-from .servers import EMBEDDED_ALIAS as ALIAS  # noqa: E402
+from ..servers import EMBEDDED_ALIAS as ALIAS  # noqa: E402
 
 # Generous: these bound loops that normally end within milliseconds.
 POLL_BUDGET = 10.0

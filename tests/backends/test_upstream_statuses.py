@@ -19,7 +19,7 @@ import trio
 from service.settings import Settings
 from service.sim import Reply
 
-from .e2e import GUARD, KINDS, e2e, read_events
+from ..e2e import GUARD, KINDS, e2e, read_events
 
 V1 = "/v1/chat/completions"
 

@@ -16,7 +16,7 @@ from service.metrics import Metrics
 from service.sim import Reply, Simulator
 from service.store.records import LLMCallOutcome
 
-from .backend_helpers import BUDGETS, FakeRecorder, mock_client, req
+from ..backend_helpers import BUDGETS, FakeRecorder, mock_client, req
 
 
 def intercepted(reply: Reply, *, delay: float = 0.0, concurrency: int = 4

@@ -16,7 +16,7 @@ from service.errors import ConfigError
 from service.metrics import Metrics
 from service.settings import load_settings
 
-from .backend_helpers import FakeRecorder
+from ..backend_helpers import FakeRecorder
 
 
 @pytest.mark.parametrize(("kind", "cls"), [("ollama", OllamaBackend),

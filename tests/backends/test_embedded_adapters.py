@@ -48,7 +48,7 @@ from service.errors import BackendUnavailable  # noqa: E402
 from service.metrics import Metrics  # noqa: E402
 from service.store import LLMCallOutcome, LLMCallRecord, Store, open_store  # noqa: E402
 
-from .servers import EMBEDDED_ALIAS as ALIAS  # noqa: E402
+from ..servers import EMBEDDED_ALIAS as ALIAS  # noqa: E402
 
 NAME = "embedded"
 RUN_ID = "run-embedded"
@@ -457,7 +457,7 @@ async def test_under_auto_the_default_model_does_not_rename_the_embedded_model(
     # request for that model, with Ollama down, was answered by the GGUF under its name.
     from service.settings import load_settings
 
-    from .servers import running_server
+    from ..servers import running_server
 
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
@@ -476,7 +476,7 @@ async def test_the_embedded_model_answers_its_own_name_only(tiny_model: Path,
     # with a 200, where API.md says 404 for an unknown model.
     from service.settings import load_settings
 
-    from .servers import running_server
+    from ..servers import running_server
 
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))

@@ -1,4 +1,6 @@
-"""Backend fault paths found in review (2026-12-01): each was a failing test before its fix."""
+"""What the adapters do with upstreams that misbehave: malformed deltas, token counts and tool
+calls, bodies that stay open, endless or compressed answers, only empty messages; and a failover
+after the headers (found in review, 2026-12-01: each was a failing test before its fix)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from service.metrics import Metrics
 from service.sim import Reply, Simulator
 from service.store.records import LLMCallOutcome
 
-from .backend_helpers import BUDGETS, FakeRecorder, mock_client, req
+from ..backend_helpers import BUDGETS, FakeRecorder, mock_client, req
 
 
 def auto_pair(first: Reply) -> tuple[AutoBackend, FakeRecorder]:
