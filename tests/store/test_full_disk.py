@@ -24,8 +24,8 @@ import trio
 
 from service.sim import Reply, Simulator, open_simulator
 
-from .servers import start_service
-from .test_kill_consistency import Transcript, check_against_the_store, native_client
+from ..servers import start_service
+from .test_crash_consistency import Transcript, check_against_the_store, native_client
 
 STREAMS = 30
 GUARD = 60  # seconds: a hang fails fast; nothing here asserts speed

@@ -27,8 +27,8 @@ from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 from service.sim import Reply, Simulator, open_simulator
 
-from .servers import start_service
-from .streams import parse_sse
+from ..servers import start_service
+from ..streams import parse_sse
 
 STREAMS = 60
 KILL_AFTER_ENDS = 20

@@ -12,7 +12,7 @@ from service.errors import BackendUnavailable, StoreUnavailable
 from service.runs import RunSpec
 from service.runs import committer as committer_mod
 
-from .fakes import Reply, ScriptedBackend, supervisor_env
+from ..fakes import Reply, ScriptedBackend, supervisor_env
 
 
 async def test_a_final_write_stuck_in_the_stores_thread_still_tells_subscribers_at_the_budget(

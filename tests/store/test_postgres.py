@@ -1,7 +1,7 @@
 """The PostgreSQL store against a real server (tests/pg.py): its schema, and its faults.
 
-What both stores share is tested on both in tests/test_store.py; here is what only PostgreSQL
-has: the version table, a server restarted under an open store, a wrong password or an
+What both stores share is tested on both in tests/store/test_stores.py; here is what only
+PostgreSQL has: the version table, a server restarted under an open store, a wrong password or an
 unreachable server at open, a statement stuck behind a lock.
 """
 
@@ -23,10 +23,10 @@ from service.store import MessageStatus, open_store
 from service.store.postgres import PostgresStore, describe_url
 from service.store.schema import PG_SCHEMA_VERSION
 
-from .fakes import Reply, ScriptedBackend
-from .pg import PASSWORD, PASSWORD_USER, PostgresServer
-from .servers import ROOT, running_server
-from .streams import parse_sse
+from ..fakes import Reply, ScriptedBackend
+from ..pg import PASSWORD, PASSWORD_USER, PostgresServer
+from ..servers import ROOT, running_server
+from ..streams import parse_sse
 
 
 async def test_schema_is_created_versioned_and_kept(pg_url: str) -> None:

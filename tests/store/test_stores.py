@@ -4,7 +4,7 @@ Tests taking ``db`` run on both stores: a SQLite file and a fresh database on a 
 server (tests/pg.py). They reach a store through its interface and its public fault injection
 (``store.faults``: the write queue held, a hook before COMMIT). Tests marked
 "SQLite only" check SQLite's own mechanics (the file, the WAL, PRAGMAs, processes on one file).
-PostgreSQL-only faults (a restart, a wrong password) are in tests/test_store_postgres.py.
+PostgreSQL-only faults (a restart, a wrong password) are in tests/store/test_postgres.py.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from service.store import (
 )
 from service.store.schema import SCHEMA_VERSION
 
-from .servers import ROOT
+from ..servers import ROOT
 
 CHILD = str(ROOT / "tests" / "store_child.py")
 
@@ -91,7 +91,7 @@ async def test_schema_is_versioned_and_wal(tmp_path: Path) -> None:
 
 
 async def test_refuses_a_newer_schema(tmp_path: Path) -> None:
-    # SQLite only: PRAGMA user_version (PostgreSQL: test_store_postgres.py).
+    # SQLite only: PRAGMA user_version (PostgreSQL: test_postgres.py).
     db = tmp_path / "s.db"
     conn = sqlite3.connect(db)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
