@@ -17,7 +17,7 @@ from service.runs import ResumeFrom, RunEvent, RunSpec, RunStatus, check_transit
 from service.runs.handle import RunHandle
 from service.store import MessageStatus
 
-from .fakes import Reply, ScriptedBackend, supervisor_env
+from ..fakes import Reply, ScriptedBackend, supervisor_env
 
 
 async def _events(env, run_id):  # type: ignore[no-untyped-def]
