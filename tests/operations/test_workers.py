@@ -16,7 +16,7 @@ import trio
 
 from service.sim import Reply, Simulator, open_simulator
 
-from .servers import ROOT
+from ..servers import ROOT
 
 GUARD = 60
 

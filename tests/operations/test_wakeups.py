@@ -8,7 +8,7 @@ import trio.testing
 from service.runs.wakeups import Wakeups
 from service.store import RunEvent, open_store
 
-from .pg import PostgresServer, pg_url, postgres  # noqa: F401 (fixtures)
+from ..pg import PostgresServer, pg_url, postgres  # noqa: F401 (fixtures)
 
 
 async def test_a_waiter_is_woken_by_its_run_and_otherwise_waits_its_interval(

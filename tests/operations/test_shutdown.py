@@ -17,8 +17,8 @@ import trio
 
 from service.sim import Reply, Simulator, open_simulator
 
-from .servers import ROOT
-from .streams import parse_sse
+from ..servers import ROOT
+from ..streams import parse_sse
 
 STREAMS = 50
 

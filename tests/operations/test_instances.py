@@ -16,9 +16,9 @@ import trio
 
 from service.sim import Reply, Simulator, open_simulator
 
-from .pg import PostgresServer, pg_url, postgres  # noqa: F401 (fixtures)
-from .servers import start_service
-from .streams import parse_sse
+from ..pg import PostgresServer, pg_url, postgres  # noqa: F401 (fixtures)
+from ..servers import start_service
+from ..streams import parse_sse
 
 GUARD = 60
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import trio
 
-from .servers import ROOT
+from ..servers import ROOT
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:

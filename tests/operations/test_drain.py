@@ -12,8 +12,8 @@ import trio
 from service.lifespan import begin_shutdown
 from service.settings import Settings
 
-from .fakes import Reply, ScriptedBackend
-from .servers import running_server
+from ..fakes import Reply, ScriptedBackend
+from ..servers import running_server
 
 
 async def test_a_run_whose_first_write_lands_during_the_drain_ends_stored(
