@@ -19,8 +19,8 @@ import trio
 from service.backends.base import ChatRequest
 from service.settings import Settings
 
-from .fakes import Reply, ScriptedBackend
-from .servers import ROOT, running_server
+from ..fakes import Reply, ScriptedBackend
+from ..servers import ROOT, running_server
 
 playwright = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium")
@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.slow,
 
 T = TypeVar("T")
 WAIT_MS = 20_000
-# README's screenshot: SERVICE_TEST_SCREENSHOT=docs/chat.png pytest tests/test_chat_page.py
+# README's screenshot: SERVICE_TEST_SCREENSHOT=docs/chat.png pytest tests/clients/test_chat_page.py
 SCREENSHOT = os.environ.get("SERVICE_TEST_SCREENSHOT")
 
 

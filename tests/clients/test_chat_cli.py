@@ -24,8 +24,8 @@ from service.backends.base import ChatRequest
 from service.chat import SSEParser
 from service.settings import Settings
 
-from .fakes import Reply, ScriptedBackend
-from .servers import ROOT, RunningServer, running_server
+from ..fakes import Reply, ScriptedBackend
+from ..servers import ROOT, RunningServer, running_server
 
 GUARD = 30  # seconds any one exchange with the client process may take
 _ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07]*\x07|[@-Z\\-_])")
