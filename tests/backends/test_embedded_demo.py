@@ -19,7 +19,7 @@ from service.settings import load_settings
 
 from ..servers import running_server
 
-pytestmark = pytest.mark.embedded
+pytestmark = [pytest.mark.embedded, pytest.mark.slow]  # slow: the demo model, 4 x 8,192 tokens
 
 pytest.importorskip("xllamacpp", reason="needs the embedded extra: pip install -e '.[embedded]'")
 pytest.importorskip("gguf", reason="needs the embedded extra: pip install -e '.[embedded]'")

@@ -57,6 +57,7 @@ async def _chat(*args: str) -> trio.CompletedProcess[bytes]:
             capture_stdout=True, capture_stderr=True, check=False)
 
 
+@pytest.mark.slow
 async def test_one_shot_streams_the_answer_to_stdout(settings: Settings) -> None:
     async with running_server(settings, ScriptedBackend(_answers)) as srv, \
             srv.client() as client:
@@ -77,6 +78,7 @@ async def test_one_shot_streams_the_answer_to_stdout(settings: Settings) -> None
         assert "thinking: pondering deeply" in out.stderr.decode()
 
 
+@pytest.mark.slow
 async def test_one_shot_failures_exit_non_zero_with_the_error_on_stderr(
     settings: Settings,
 ) -> None:
@@ -164,6 +166,7 @@ async def _run_of(client: httpx.AsyncClient, index: int) -> dict[str, Any]:
     return (await client.get(f"/api/runs/{run_id}")).json()  # type: ignore[no-any-return]
 
 
+@pytest.mark.slow
 async def test_interactive_chat_and_ctrl_c_cancels_the_run_on_the_server(
     settings: Settings,
 ) -> None:
@@ -196,6 +199,7 @@ async def test_interactive_chat_and_ctrl_c_cancels_the_run_on_the_server(
             assert await term.process.wait() == 0
 
 
+@pytest.mark.slow
 async def test_a_second_ctrl_c_exits(settings: Settings) -> None:
     async with running_server(settings, ScriptedBackend(_answers)) as srv, \
             srv.client() as client, _terminal(srv) as term:
@@ -233,5 +237,3 @@ def test_the_sse_parser_reads_back_what_the_service_writes(
     assert got == [{"id": str(n + 1), "event": kind, "data": data}
                    for n, (kind, data) in enumerate(frames)]
 
-
-pytestmark = pytest.mark.slow

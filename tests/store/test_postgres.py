@@ -67,6 +67,7 @@ async def _open_and_close(url: str) -> None:
         pass
 
 
+@pytest.mark.slow  # restarts the PostgreSQL server
 async def test_a_restarted_database_comes_back_without_reopening_the_store(
     postgres: PostgresServer, pg_url: str
 ) -> None:
@@ -206,6 +207,7 @@ def test_an_unreachable_database_stops_the_start_with_one_line(tmp_path: Path) -
     assert "Running on" not in out.stderr
 
 
+@pytest.mark.slow  # restarts the PostgreSQL server
 async def test_a_database_restart_mid_stream_loses_nothing(
     postgres: PostgresServer, pg_url: str
 ) -> None:
