@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import itertools
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import trio
 
 from .client import StreamResult, Target, get_json, get_text, post_json, run_stream
-from .procs import Proc, cpu_seconds
+from .procs import Proc, cpu_seconds, machine_busy
 
 __all__ = ["Bench", "CpuWindow"]
 
@@ -26,7 +27,8 @@ _HOST = "127.0.0.1"
 
 @dataclass
 class CpuWindow:
-    """CPU seconds of the service, the simulator and the load client over one window."""
+    """CPU seconds of the service, the simulator and the load client over one window (and of
+    the bench's other processes, such as the PostgreSQL server: ``Bench.others``)."""
 
     bench: Bench
     server: Proc  # the process behind the target being measured (the service, by default)
@@ -34,29 +36,58 @@ class CpuWindow:
     service: float = 0.0
     simulator: float = 0.0
     client: float = 0.0
+    machine: float = 0.0  # the whole machine's busy share of all its cores, 0..1
+    others: dict[str, float] = dataclasses.field(default_factory=dict)
+    service_processes: list[float] = dataclasses.field(default_factory=list)  # each, busiest first
 
     def __enter__(self) -> CpuWindow:
         self._t0 = time.perf_counter()
         self._c0 = cpu_seconds()
+        self._m0 = machine_busy()
         self.server.mark()
         self.bench.sim.mark()
+        for proc in self.bench.others.values():
+            proc.mark()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.wall = time.perf_counter() - self._t0
         self.client = cpu_seconds() - self._c0
-        self.service = self.server.since_mark().cpu
+        busy, total = machine_busy()
+        # Every process of the machine, ours and any other's: a share of all its cores.
+        self.machine = (busy - self._m0[0]) / max(total - self._m0[1], 1e-9)
+        served = self.server.since_mark()
+        self.service = served.cpu
+        self.service_processes = sorted(served.per_pid.values(), reverse=True)
         self.simulator = self.bench.sim.since_mark().cpu
+        self.others = {name: proc.since_mark().cpu for name, proc in self.bench.others.items()}
 
-    def as_dict(self) -> dict[str, float]:
+    @property
+    def foreign(self) -> float:
+        """CPU seconds the machine spent on processes other than the benchmark's."""
+        ours = self.service + self.simulator + self.client + sum(self.others.values())
+        return max(0.0, self.machine * (os.cpu_count() or 1) * self.wall - ours)
+
+    def as_dict(self) -> dict[str, Any]:
         w = self.wall or 1.0
-        return {"wall_s": round(self.wall, 2),
-                "service_cpu_s": round(self.service, 2),
-                "simulator_cpu_s": round(self.simulator, 2),
-                "client_cpu_s": round(self.client, 2),
-                "service_cpu_pct": round(100 * self.service / w, 1),
-                "simulator_cpu_pct": round(100 * self.simulator / w, 1),
-                "client_cpu_pct": round(100 * self.client / w, 1)}
+        out: dict[str, Any] = {
+            "wall_s": round(self.wall, 2),
+            "service_cpu_s": round(self.service, 2),
+            "simulator_cpu_s": round(self.simulator, 2),
+            "client_cpu_s": round(self.client, 2),
+            "service_cpu_pct": round(100 * self.service / w, 1),
+            "simulator_cpu_pct": round(100 * self.simulator / w, 1),
+            "client_cpu_pct": round(100 * self.client / w, 1),
+            "machine_busy_pct": round(100 * self.machine, 1),
+            # CPU of processes that are not the benchmark's (another user's work on the host).
+            "foreign_cpu_pct": round(100 * self.foreign / w, 1)}
+        for name, cpu in self.others.items():
+            out[f"{name}_cpu_s"] = round(cpu, 2)
+            out[f"{name}_cpu_pct"] = round(100 * cpu / w, 1)
+        if len(self.service_processes) > 1:  # --workers N: each busy process (the workers)
+            out["service_process_cpu_pct"] = [round(100 * c / w, 1)
+                                              for c in self.service_processes if c >= 0.01]
+        return out
 
 
 class Bench:
@@ -65,6 +96,7 @@ class Bench:
         self.service = service
         self._tags = itertools.count()
         self.servers: dict[str, Proc] = {}  # a target served by another process than the service
+        self.others: dict[str, Proc] = {}  # more processes to account for (e.g. "postgres")
         marker = b'"tok'  # the simulator's tokens are "tok0 ", "tok1 ", ...: a JSON string start
         self.targets = {
             "direct": Target("direct", _HOST, sim.port, "/v1/chat/completions", marker),

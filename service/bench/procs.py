@@ -1,7 +1,10 @@
 """The processes under test: the simulator and the service, each its own process, and /proc.
 
 CPU time comes from ``/proc/<pid>/stat`` (utime + stime, all threads: the store's worker threads
-count) and RSS from ``/proc/<pid>/status``; no psutil.
+count) and RSS from ``/proc/<pid>/status``; no psutil. A process's CPU is that of its whole tree:
+with ``--workers N`` the service's workers are children of the process started here, and a
+PostgreSQL server's backends are children of its postmaster; children that ended count through
+their parent's cutime/cstime once reaped.
 """
 
 from __future__ import annotations
@@ -12,15 +15,15 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
 from .client import get_json
 
-__all__ = ["HYPERCORN_TOML", "Proc", "ProcStats", "free_port", "raise_fd_limit", "start_service",
-           "start_simulator", "wait_http"]
+__all__ = ["HYPERCORN_TOML", "Proc", "ProcStats", "free_port", "machine_busy", "raise_fd_limit",
+           "start_service", "start_simulator", "tree_cpu", "tree_pids", "wait_http"]
 
 _TICK = os.sysconf("SC_CLK_TCK")
 _REPO = Path(__file__).resolve().parents[2]
@@ -52,6 +55,50 @@ def cpu_seconds(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14 and 15)
 
 
+def _stat_cpu(pid: int) -> float:
+    """utime + stime + cutime + cstime (reaped children's too), in seconds; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return sum(int(x) for x in fields[11:15]) / _TICK
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and its live descendants."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += _children(p)
+    return out
+
+
+def tree_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of ``pid`` and each live descendant (each with its reaped children's)."""
+    return {p: _stat_cpu(p) for p in tree_pids(pid)}
+
+
+def machine_busy() -> tuple[float, float]:
+    """The machine's busy and total CPU seconds since boot, over every core (``/proc/stat``)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return (sum(ticks) - idle) / _TICK, sum(ticks) / _TICK
+
+
 def rss_bytes(pid: int | None = None) -> int:
     with open(f"/proc/{pid or 'self'}/status") as f:
         for line in f:
@@ -66,35 +113,43 @@ class ProcStats:
 
     cpu: float
     wall: float
+    per_pid: dict[int, float] = field(default_factory=dict)  # the tree's processes, each
 
 
 class Proc:
-    def __init__(self, name: str, popen: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    """A process under test (and its descendants: :func:`tree_cpu`)."""
+
+    def __init__(self, name: str, popen: subprocess.Popen[bytes] | None, port: int, log: Path,
+                 *, pid: int | None = None) -> None:
         self.name = name
         self.popen = popen
-        self.pid = popen.pid
+        self.pid = popen.pid if popen is not None else int(pid or 0)
         self.port = port
         self.log = log
-        self._cpu0 = 0.0
+        self.workers = 1
+        self._cpu0: dict[int, float] = {}
         self._t0 = 0.0
 
     def __repr__(self) -> str:
         return f"<Proc {self.name} pid={self.pid} port={self.port}>"
 
     def cpu(self) -> float:
-        return cpu_seconds(self.pid)
+        return sum(tree_cpu(self.pid).values())
 
     def rss(self) -> int:
-        return rss_bytes(self.pid)
+        return sum(rss_bytes(p) for p in tree_pids(self.pid))
 
     def mark(self) -> None:
-        self._cpu0, self._t0 = self.cpu(), time.perf_counter()
+        self._cpu0, self._t0 = tree_cpu(self.pid), time.perf_counter()
 
     def since_mark(self) -> ProcStats:
-        return ProcStats(self.cpu() - self._cpu0, time.perf_counter() - self._t0)
+        now = tree_cpu(self.pid)
+        per = {p: now[p] - self._cpu0.get(p, 0.0) for p in now}
+        return ProcStats(sum(now.values()) - sum(self._cpu0.values()),
+                         time.perf_counter() - self._t0, per)
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
+        if self.popen is not None and self.popen.poll() is None:
             self.popen.terminate()
             try:
                 self.popen.wait(5)
@@ -103,7 +158,7 @@ class Proc:
                 self.popen.wait(5)
 
     def check_alive(self) -> None:
-        if self.popen.poll() is not None:
+        if self.popen is not None and self.popen.poll() is not None:
             tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
             raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{tail}")
 
@@ -140,9 +195,10 @@ async def start_simulator(workdir: Path) -> Proc:
 
 
 async def start_service(workdir: Path, sim_port: int, *, db: str | None = None,
-                        name: str = "service") -> Proc:
+                        name: str = "service", workers: int = 1) -> Proc:
     """The service on the simulator; ``db``: its store (default: a SQLite file in
-    ``workdir``), ``name``: its log's and process's name (several may share a store)."""
+    ``workdir``), ``name``: its log's and process's name (several may share a store),
+    ``workers``: ``python -m service --workers N`` (the parent's tree counts as the service)."""
     log = workdir / f"{name}.log"
     toml = workdir / "hypercorn.toml"
     toml.write_text(HYPERCORN_TOML)
@@ -160,10 +216,40 @@ async def start_service(workdir: Path, sim_port: int, *, db: str | None = None,
     }
     popen = subprocess.Popen(  # noqa: ASYNC220 (a child that lives for the whole benchmark)
         [sys.executable, "-m", "service", "--config", str(toml),
-         "--bind", f"127.0.0.1:{port}"],
+         "--bind", f"127.0.0.1:{port}", "--workers", str(workers)],
         cwd=_REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
     )
     proc = Proc(name, popen, port, log)
-    with trio.fail_after(30):
+    proc.workers = workers
+    with trio.fail_after(60):
         await wait_http(proc, "/healthz")
+        if workers > 1:
+            await _wait_workers_settled(proc, workers)
     return proc
+
+
+def _worker_pids(pid: int) -> list[int]:
+    """The spawned workers among ``pid``'s children (not multiprocessing's resource tracker)."""
+    out = []
+    for child in _children(pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():
+                    out.append(child)
+        except OSError:
+            pass
+    return out
+
+
+async def _wait_workers_settled(proc: Proc, workers: int) -> None:
+    """Until all ``workers`` exist and the tree is idle (started one after another, each busy
+    importing and opening the store until it listens; the parent logs readiness only at INFO)."""
+    while True:
+        proc.check_alive()
+        if len(_worker_pids(proc.pid)) >= workers:
+            proc.mark()
+            await trio.sleep(0.3)
+            if proc.since_mark().cpu < 0.03:
+                return
+        else:
+            await trio.sleep(0.1)

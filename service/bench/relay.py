@@ -96,7 +96,8 @@ async def relay(bench: Bench, levels: list[RelayLevel],
                 per[name] += results
                 wall[name] += window.wall
                 for k, v in window.as_dict().items():
-                    cpu[name][k] = cpu[name].get(k, 0.0) + v
+                    if isinstance(v, float | int):  # not the per-worker list
+                        cpu[name][k] = cpu[name].get(k, 0.0) + v
         records = {r["tag"]: r for r in (await bench.sim_records(marker))["records"]}
         summaries = {n: _target_summary(per[n], wall[n], records) for n in names}
         base_ttft, base_gaps = summaries[names[0]]["_ttft"], summaries[names[0]]["_gaps"]
