@@ -340,7 +340,7 @@ def _lost(handle: RunHandle) -> None:
     if handle.cancel_reason is None and not handle.closed:
         log.warning("run %s: closed by another instance or gone; stopping it here", handle.id)
         handle.cancel_status = RunStatus.failed
-    handle.cancel("the run was closed by another instance")
+    handle.cancel("the run was closed by another instance, or its conversation deleted")
 
 
 def _unstored_end() -> StoreUnavailable:
