@@ -166,7 +166,7 @@ class EventReader:
         return event
 
     async def _read_store(self) -> list[RunEvent]:
-        return await self._store.list_run_events(self.run_id, after=self.last_seq)
+        return await self._supervisor.reads.read(self.run_id, self.last_seq)
 
 
 def _in_order(events: list[RunEvent]) -> list[RunEvent]:

@@ -44,6 +44,7 @@ from . import upkeep
 from .committer import FINAL_WRITE_BUDGET, EventCommitter, FinalState
 from .handle import RunHandle
 from .lifecycle import RunStatus
+from .reads import BatchedReads
 from .wakeups import Wakeups
 
 __all__ = ["RunSpec", "RunSupervisor"]
@@ -100,6 +101,7 @@ class RunSupervisor:
         self._scope: trio.CancelScope | None = None
         self.committer = EventCommitter(store, self._runs.get)
         self.wakeups = Wakeups()  # what other instances committed (on PostgreSQL)
+        self.reads = BatchedReads(store)  # readers' store reads, one query for all waiting
         self.draining = False
         self.failure: str | None = None  # set if ``serve`` ended with an error
         self._cancelling = False  # the drain's grace is over: runs still going are cancelled
@@ -123,6 +125,7 @@ class RunSupervisor:
                 self._nursery = nursery
                 self._scope = nursery.cancel_scope
                 nursery.start_soon(self.committer.run)
+                nursery.start_soon(self.reads.run)
                 nursery.start_soon(upkeep.maintain_loop, self._store, self.committer)
                 nursery.start_soon(self._store.listen, self.wakeups.notified)
                 nursery.start_soon(upkeep.cancel_requests_loop, self._store, lambda: self._runs,

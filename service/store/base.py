@@ -18,7 +18,7 @@ same promises, which callers rely on:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 from .records import (
@@ -173,6 +173,13 @@ class Store(Protocol):
     async def list_run_events(
         self, run_id: str, *, after: int = 0, limit: int = 10_000
     ) -> list[RunEvent]: ...
+
+    async def list_events_of_runs(
+        self, cursors: Mapping[str, int], *, limit: int = 10_000
+    ) -> dict[str, list[RunEvent]]:
+        """``list_run_events`` for several runs in one read: run id -> its events after its
+        cursor (every run asked for is a key)."""
+        ...
 
     # -- LLM calls ------------------------------------------------------------------------------
 

@@ -9,6 +9,9 @@ the supervisor's retries): a test states the fault, not the store's insides.
   blocking there holds the transaction open (a slow disk).
 * ``before_batch``: awaited in trio once a batch is taken, before its thread starts (shielded,
   like the batch): a writer stuck that long, with the batch's writes already taken.
+* ``before_read``: called in trio with the read's name (``"list_run_events"``, ...) before each
+  read; what it raises (a ``StoreError``, as the database's own failures become) is what the
+  read raises.
 * ``hold_writes()`` / ``release_writes()`` / ``writes_held()``: hold the write queue's lock, as
   a batch in progress (or a store closing) does: writes queue up behind it and, once released,
   go in one batch (``queued_writes`` counts them meanwhile).
@@ -38,9 +41,11 @@ class StoreFaults:
         self._lock = commits.lock
         self.before_commit: Callable[[], None] | None = None
         self.before_batch: Callable[[], Awaitable[None]] | None = None
+        self.before_read: Callable[[str], None] | None = None
 
     def __repr__(self) -> str:
-        hooks = [n for n in ("before_commit", "before_batch") if getattr(self, n) is not None]
+        hooks = [n for n in ("before_commit", "before_batch", "before_read")
+                 if getattr(self, n) is not None]
         return f"<StoreFaults [{', '.join(hooks) or 'none'}]>"
 
     async def hold_writes(self) -> None:
@@ -61,4 +66,4 @@ class StoreFaults:
         return len(self._commits.queue)
 
     def clear(self) -> None:
-        self.before_commit = self.before_batch = None
+        self.before_commit = self.before_batch = self.before_read = None

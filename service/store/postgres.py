@@ -322,6 +322,8 @@ class PostgresStore(PostgresQueries):
 
     async def _read(self, op: str, fn: Callable[[Conn], T]) -> T:
         start = time.perf_counter()
+        if self.faults.before_read is not None:
+            self.faults.before_read(op)
         pool = self._pool
         if pool is None:
             raise StoreError("store is closed")

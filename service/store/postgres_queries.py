@@ -13,7 +13,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import psycopg
@@ -517,6 +517,29 @@ class PostgresQueries:
             return [RunEvent(r[0], r[1], r[2], json.loads(r[3]), r[4], r[3]) for r in rows]
 
         return await self._read("list_run_events", fn)
+
+    async def list_events_of_runs(
+        self, cursors: Mapping[str, int], *, limit: int = 10_000
+    ) -> dict[str, list[RunEvent]]:
+        ids, afters = list(cursors), [cursors[r] for r in cursors]
+
+        def fn(c: Conn) -> dict[str, list[RunEvent]]:
+            # One query for all: each run's events after its cursor, by its (run_id, seq) key.
+            rows = c.execute(
+                "SELECT e.run_id, e.seq, e.type, e.data, e.created_at "
+                "FROM unnest(%s::text[], %s::int[]) AS c(run_id, after) "
+                "CROSS JOIN LATERAL (SELECT run_id, seq, type, data, created_at "
+                "FROM run_events WHERE run_id = c.run_id AND seq > c.after "
+                "ORDER BY seq LIMIT %s) AS e",
+                (ids, afters, limit)).fetchall()
+            out: dict[str, list[RunEvent]] = {r: [] for r in ids}
+            for r in rows:
+                out[r[0]].append(RunEvent(r[0], r[1], r[2], json.loads(r[3]), r[4], r[3]))
+            for events in out.values():
+                events.sort(key=lambda e: e.seq)
+            return out
+
+        return await self._read("list_events_of_runs", fn)
 
     # -- LLM calls ------------------------------------------------------------------------------
 

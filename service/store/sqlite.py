@@ -274,6 +274,8 @@ class SQLiteStore(SQLiteQueries):
 
     async def _read(self, op: str, fn: Callable[[sqlite3.Connection], T]) -> T:
         start = time.perf_counter()
+        if self.faults.before_read is not None:
+            self.faults.before_read(op)
         async with self._read_lock:
             conn = self._reader
             if conn is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import NotFound
@@ -474,6 +474,23 @@ class SQLiteQueries(SQLiteOwnership):
             return [RunEvent(r[0], r[1], r[2], json.loads(r[3]), r[4], r[3]) for r in rows]
 
         return await self._read("list_run_events", fn)
+
+    async def list_events_of_runs(
+        self, cursors: Mapping[str, int], *, limit: int = 10_000
+    ) -> dict[str, list[RunEvent]]:
+        def fn(c: sqlite3.Connection) -> dict[str, list[RunEvent]]:
+            out: dict[str, list[RunEvent]] = {}
+            for run_id, after in cursors.items():  # one thread hop and one read for all
+                rows = c.execute(
+                    "SELECT run_id, seq, type, data, created_at FROM run_events "
+                    "WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                    (run_id, after, limit),
+                ).fetchall()
+                out[run_id] = [RunEvent(r[0], r[1], r[2], json.loads(r[3]), r[4], r[3])
+                               for r in rows]
+            return out
+
+        return await self._read("list_events_of_runs", fn)
 
     # -- LLM calls ------------------------------------------------------------------------------
 

@@ -173,6 +173,25 @@ async def test_event_batches_span_insert_chunks_and_skip_runs_that_are_gone(
         assert await store.list_run_events(gone.id) == []
 
 
+async def test_events_of_several_runs_in_one_read_each_after_its_cursor(db: Path | str) -> None:
+    async with open_store(db) as store:
+        conv = await store.create_conversation()
+        runs = [(await store.begin_run(conv.id, content="q", agent="chat", model="m")).run
+                for _ in range(3)]
+        await store.append_run_events([
+            RunEvent(r.id, i, "token", {"text": f"{n}.{i}"}, float(i))
+            for i in range(2, 8) for n, r in enumerate(runs)])
+        cursors = {runs[0].id: 0, runs[1].id: 5, runs[2].id: 7, "run_unknown": 0}
+        got = await store.list_events_of_runs(cursors)
+        assert got == {r: await store.list_run_events(r, after=a) for r, a in cursors.items()}
+        assert [e.seq for e in got[runs[0].id]] == list(range(1, 8))
+        assert [e.seq for e in got[runs[1].id]] == [6, 7]
+        assert got[runs[2].id] == got["run_unknown"] == []
+        limited = await store.list_events_of_runs(cursors, limit=2)
+        assert [e.seq for e in limited[runs[0].id]] == [1, 2]
+        assert await store.list_events_of_runs({}) == {}
+
+
 async def test_200_tasks_20_conversations_lose_nothing_keep_order(db: Path | str) -> None:
     async with open_store(db) as store:
         convs = [await store.create_conversation(title=f"c{i}") for i in range(20)]

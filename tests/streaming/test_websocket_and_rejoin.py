@@ -101,10 +101,11 @@ async def test_a_store_error_in_a_ws_forwarder_still_lets_disconnect_cancel_the_
     monkeypatch.setattr(ws_mod, "websocket", sock)
     backend = ScriptedBackend(lambda req: Reply("t " * 200, gap=0.1))
     async with supervisor_env(tmp_path, backend) as env:
-        async def broken(*a: Any, **k: Any) -> Any:
-            raise StoreError("store read failed: disk I/O error")
+        def broken(op: str) -> None:
+            if op in ("list_run_events", "list_events_of_runs"):
+                raise StoreError("store read failed: disk I/O error")
 
-        monkeypatch.setattr(env.store, "list_run_events", broken)
+        env.store.faults.before_read = broken
         conv = await env.conversation()
         send, recv = trio.open_memory_channel[Any](4)
         async with trio.open_nursery() as nursery:
@@ -165,11 +166,13 @@ class CountingStore:
 
 
 class OneRun:
-    def __init__(self, handle: RunHandle) -> None:
+    def __init__(self, handle: RunHandle, store: Any) -> None:
+        from service.runs.reads import BatchedReads
         from service.runs.wakeups import Wakeups
 
         self.handle = handle
         self.wakeups = Wakeups()
+        self.reads = BatchedReads(store)  # not running: each read goes to the store itself
 
     def get(self, run_id: str) -> RunHandle | None:
         return self.handle
@@ -181,7 +184,7 @@ async def test_a_reader_waiting_for_a_gap_to_be_stored_does_not_spin() -> None:
     for _ in range(25):
         handle.publish([handle.emit("token", {"text": "x"})])
     store = CountingStore()
-    reader = EventReader("run_x", after=0, store=store, supervisor=OneRun(handle),  # type: ignore[arg-type]
+    reader = EventReader("run_x", after=0, store=store, supervisor=OneRun(handle, store),  # type: ignore[arg-type]
                          keepalive=5.0)
     with trio.move_on_after(0.2):
         await reader.__anext__()
@@ -217,10 +220,11 @@ async def test_sse_rejoin_store_error_ends_with_an_error_event(tmp_path: Path) -
         run_id = r.json()["run"]["id"]
         store = srv.services.require_store()
 
-        async def broken(*a: Any, **k: Any) -> Any:
-            raise StoreError("store read failed: disk I/O error")
+        def broken(op: str) -> None:
+            if op in ("list_run_events", "list_events_of_runs"):
+                raise StoreError("store read failed: disk I/O error")
 
-        store.list_run_events = broken  # type: ignore[method-assign]
+        store.faults.before_read = broken
         try:
             async with client.stream("GET", f"/api/runs/{run_id}/events") as resp:
                 status = resp.status_code
@@ -329,10 +333,11 @@ async def test_an_sse_store_error_does_not_cancel_the_run_as_if_the_client_had_l
     async with running_server(settings, backend) as srv, srv.client() as client:
         conv = (await client.post("/api/conversations", json={})).json()["id"]
 
-        async def broken(*a: Any, **k: Any) -> Any:
-            raise StoreError("store read failed: disk I/O error")
+        def broken(op: str) -> None:
+            if op in ("list_run_events", "list_events_of_runs"):
+                raise StoreError("store read failed: disk I/O error")
 
-        monkeypatch.setattr(srv.services.require_store(), "list_run_events", broken)
+        srv.services.require_store().faults.before_read = broken
         with trio.fail_after(10):
             r = await client.post(f"/api/conversations/{conv}/messages",
                                   json={"content": "q", "stream": True})

@@ -1,0 +1,93 @@
+"""Reads of run events from the store, coalesced: one query for every reader waiting.
+
+Readers of runs served by another instance (or behind a live window) read the store at each
+wake-up, and a commit batch on the other instance wakes the readers of all its runs at once: a
+query each would be a thread hop and a round trip each (on SQLite, one after another behind its
+read lock). Here a reader's ask waits while a read is in flight and goes, with every other ask
+made meanwhile, into the next one (``Store.list_events_of_runs``), the way group commit batches
+writes. Nothing is cached: each ask is answered by a read that started after it was made.
+
+When the loop is not running (before the supervisor serves, after it stops) a reader reads the
+store itself.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import trio
+
+from ..errors import StoreError
+from ..store import RunEvent, Store
+
+__all__ = ["BatchedReads"]
+
+
+@dataclass(eq=False)
+class _Ask:
+    after: int
+    done: trio.Event = field(default_factory=trio.Event)
+    events: list[RunEvent] | None = None  # None with ``done`` set: read it yourself
+    error: StoreError | None = None
+
+
+class BatchedReads:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._asks: dict[str, list[_Ask]] = {}  # run id -> asks for the next read
+        self._wake = trio.Event()
+        self._running = False
+        self.reads = 0  # queries made (for tests and metrics)
+
+    def __repr__(self) -> str:
+        return f"<BatchedReads [{len(self._asks)} runs asked, {self.reads} reads]>"
+
+    async def run(self) -> None:
+        """Answer asks until cancelled (in the supervisor's nursery)."""
+        self._running = True
+        batch: dict[str, list[_Ask]] = {}
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                batch, self._asks = self._asks, {}
+                cursors = {run_id: min(a.after for a in asks) for run_id, asks in batch.items()}
+                try:
+                    got = await self._store.list_events_of_runs(cursors)
+                except StoreError as exc:
+                    for asks in batch.values():
+                        for ask in asks:  # each raises its own copy (their tracebacks differ)
+                            ask.error = copy.copy(exc)
+                            ask.done.set()
+                    batch = {}
+                    continue
+                self.reads += 1
+                for run_id, asks in batch.items():
+                    events = got.get(run_id, [])
+                    for ask in asks:
+                        ask.events = [e for e in events if e.seq > ask.after]
+                        ask.done.set()
+                batch = {}
+        finally:
+            self._running = False
+            # Asks not answered (the loop is stopping): their readers read the store themselves.
+            for pending in (batch, self._asks):
+                for asks in pending.values():
+                    for ask in asks:
+                        ask.done.set()
+            self._asks = {}
+
+    async def read(self, run_id: str, after: int) -> list[RunEvent]:
+        """The run's stored events after ``after`` (as ``Store.list_run_events``)."""
+        if not self._running:
+            return await self._store.list_run_events(run_id, after=after)
+        ask = _Ask(after)
+        self._asks.setdefault(run_id, []).append(ask)
+        self._wake.set()
+        await ask.done.wait()
+        if ask.error is not None:
+            raise ask.error
+        if ask.events is None:
+            return await self._store.list_run_events(run_id, after=after)
+        return ask.events
