@@ -1,8 +1,10 @@
 """Reading a run's events for a client: from the store, then live, with no gap and no duplicate.
 
 Works for a run that is live (its handle is in the supervisor), for one long finished (only the
-store has it), and for one running in another worker process that shares the store (followed
-by reading the store, every 0.1 s backing off to 1 s while nothing comes). A live subscription
+store has it), and for one running in another instance that shares the store, followed by
+reading the store: when the run's commits are announced (PostgreSQL: one read per announced
+commit, coalesced with other readers' by ``BatchedReads``, and a safety-net read a second),
+otherwise every 0.1 s backing off to 1 s while nothing comes (SQLite). A live subscription
 that falls behind the handle's window re-reads the store. Events are taken from the store in
 order only: one missing between stored ones (its batch's write failed and is being retried) is
 waited for while the run goes on, and skipped only once the run is over.
@@ -19,6 +21,7 @@ from ..errors import ShuttingDown
 from ..store import Store
 from ..store.records import RunEvent
 from .handle import ResumeFrom, Subscription
+from .reads import READ_LIMIT
 from .supervisor import RunSupervisor
 
 __all__ = ["EventReader", "Keepalive"]
@@ -60,6 +63,8 @@ class EventReader:
         self._finished = False
         self._live: Subscription | None = None
         self._elsewhere_until = -math.inf  # trio time until which "elsewhere" is taken as known
+        self._mark: int | None = None  # the wake-ups' mark taken before the last store read
+        self._drained = False  # that read returned events and all the store had then
 
     def __aiter__(self) -> EventReader:
         return self
@@ -76,13 +81,23 @@ class EventReader:
                 # Behind the live window, or not live here: the store, in order. An event
                 # missing between stored ones (its batch's write failed and is being retried)
                 # is waited for while the run goes on, so that none is skipped.
-                stored = await self._read_store()
+                if self._drained and not self._supervisor.wakeups.since(self.run_id,
+                                                                        self._mark):
+                    # The last read returned events and nothing of the run was committed
+                    # since it began: another read would find nothing; wait for the next.
+                    stored = []
+                else:
+                    stored = await self._read_store()
+                self._drained = False
                 if stored and stored[0].seq == self.last_seq + 1:
                     self._backlog = _in_order(stored)
+                    # All the store had when read (none past a gap, none past the limit).
+                    self._drained = len(self._backlog) == len(stored) < READ_LIMIT
                     self._poll, self._waited = _POLL_FIRST, 0.0
                     continue
                 if self._follow_live():
                     continue
+                elsewhere = False
                 if self._supervisor.get(self.run_id) is None:  # not live here
                     where = await self._where()
                     if self._supervisor.get(self.run_id) is not None:
@@ -92,6 +107,7 @@ class EventReader:
                         # events (and its end) come through the store.
                         if self._supervisor.draining:
                             raise ShuttingDown("the service is shutting down")
+                        elsewhere = True
                     elif where == "here" and self._supervisor.starting(self.run_id):
                         pass  # in the round between its first write and its launch here
                     else:
@@ -106,7 +122,7 @@ class EventReader:
                         continue
                 # Else live here, but the window has moved past the cursor and the store does
                 # not have the gap yet (its write is late, or failed and is being retried).
-                if await self._wait_for_the_store():
+                if await self._wait_for_the_store(elsewhere):
                     return Keepalive()
                 continue
             try:
@@ -144,12 +160,17 @@ class EventReader:
             return True
         return False
 
-    async def _wait_for_the_store(self) -> bool:
-        """Wait before the next store read: until another instance announces a commit of this
-        run (PostgreSQL), or the poll interval (backing off while nothing comes); True when a
-        keep-alive is due."""
+    async def _wait_for_the_store(self, elsewhere: bool) -> bool:
+        """Wait before the next store read: until a commit of this run is announced
+        (PostgreSQL; at once if one was since the last read began), or the poll interval
+        (backing off while nothing comes); True when a keep-alive is due."""
         start = trio.current_time()
-        if await self._supervisor.wakeups.wait_run(self.run_id, self._poll):
+        wakeups = self._supervisor.wakeups
+        # For a run another instance holds, while commits are announced, a poll is only the
+        # safety net (a lost listener says so and every wait ends): once a second. A run of
+        # this process (starting, or its write late) moves on without an announcement.
+        poll = _POLL_MAX if elsewhere and wakeups.listening else self._poll
+        if await wakeups.wait_run(self.run_id, poll, since=self._mark):
             self._poll = _POLL_FIRST
         else:
             self._poll = min(self._poll * 2, _POLL_MAX)
@@ -166,6 +187,7 @@ class EventReader:
         return event
 
     async def _read_store(self) -> list[RunEvent]:
+        self._mark = self._supervisor.wakeups.mark()  # announcements after it: read again
         return await self._supervisor.reads.read(self.run_id, self.last_seq)
 
 

@@ -21,7 +21,9 @@ import trio
 from ..errors import StoreError
 from ..store import RunEvent, Store
 
-__all__ = ["BatchedReads"]
+__all__ = ["READ_LIMIT", "BatchedReads"]
+
+READ_LIMIT = 10_000  # events of one run in one read (the store's default)
 
 
 @dataclass(eq=False)
@@ -54,7 +56,7 @@ class BatchedReads:
                 batch, self._asks = self._asks, {}
                 cursors = {run_id: min(a.after for a in asks) for run_id, asks in batch.items()}
                 try:
-                    got = await self._store.list_events_of_runs(cursors)
+                    got = await self._store.list_events_of_runs(cursors, limit=READ_LIMIT)
                 except StoreError as exc:
                     for asks in batch.values():
                         for ask in asks:  # each raises its own copy (their tracebacks differ)
@@ -81,7 +83,7 @@ class BatchedReads:
     async def read(self, run_id: str, after: int) -> list[RunEvent]:
         """The run's stored events after ``after`` (as ``Store.list_run_events``)."""
         if not self._running:
-            return await self._store.list_run_events(run_id, after=after)
+            return await self._store.list_run_events(run_id, after=after, limit=READ_LIMIT)
         ask = _Ask(after)
         self._asks.setdefault(run_id, []).append(ask)
         self._wake.set()
@@ -89,5 +91,5 @@ class BatchedReads:
         if ask.error is not None:
             raise ask.error
         if ask.events is None:
-            return await self._store.list_run_events(run_id, after=after)
+            return await self._store.list_run_events(run_id, after=after, limit=READ_LIMIT)
         return ask.events

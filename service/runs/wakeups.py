@@ -5,6 +5,12 @@ The store's ``listen`` calls :meth:`Wakeups.notified` with what other instances 
 PostgreSQL, LISTEN/NOTIFY: ids only, the rows stay the truth); on SQLite nothing comes and every
 wait simply lasts its timeout (the poll it replaces). A notification missed (the listening
 connection lost) costs one poll interval, never an event: the waiters always read the store.
+
+Marks: a reader notes :meth:`mark` before it reads the store, and :meth:`since` tells it later
+whether its run was announced after that; so a reader whose read returned events does not read
+again until the run's next commit is announced, and a wait ends at once for an announcement
+that came while it was reading. While nothing is announced (SQLite, a lost listener) every
+mark says "maybe": the reader reads as it polls.
 """
 
 from __future__ import annotations
@@ -13,38 +19,70 @@ import trio
 
 __all__ = ["Wakeups"]
 
+_MARKS_MAX = 10_000  # runs whose last notification is remembered
+
 
 class Wakeups:
     def __init__(self) -> None:
         self._runs: dict[str, tuple[trio.Event, int]] = {}  # run id -> (event, waiters)
         self._cancels = trio.Event()
+        # Marks: a reader notes ``mark()`` before it reads the store; ``since(run, mark)``
+        # then says whether anything of the run was announced after it.
+        self.listening = False  # notifications come (the listening connection is up)
+        self._count = 0  # notifications so far
+        self._last: dict[str, int] = {}  # run id -> the count at its last notification
+        self._horizon = 0  # marks before this are too old to tell: taken as notified
 
     def __repr__(self) -> str:
         return f"<Wakeups [{len(self._runs)} runs waited on]>"
 
     def notified(self, payload: str) -> None:
-        """A notification: ``cancel:<run id>``, run ids comma-separated, or ``*`` (all)."""
+        """A notification: ``cancel:<run id>``, run ids comma-separated, ``*`` (all: the
+        listening connection is (re)established) or ``!`` (it is lost)."""
         if payload.startswith("cancel:"):
             self._wake_cancels()
             return
-        if payload == "*":
+        self._count += 1
+        if payload in ("*", "!"):
+            self.listening = payload == "*"
+            self._horizon = self._count
+            self._last.clear()
             self._wake_cancels()
             for event, _ in self._runs.values():
                 event.set()
             self._runs.clear()
             return
+        if len(self._last) >= _MARKS_MAX:  # forget them all: older marks read again
+            self._horizon = self._count
+            self._last.clear()
         for run_id in payload.split(","):
+            self._last[run_id] = self._count
             entry = self._runs.pop(run_id, None)
             if entry is not None:
                 entry[0].set()
+
+    def mark(self) -> int | None:
+        """A mark to note before reading the store; None while no notifications come (every
+        wait then lasts its poll interval)."""
+        return self._count if self.listening else None
+
+    def since(self, run_id: str, mark: int | None) -> bool:
+        """Whether ``run_id`` may have been announced after ``mark`` (True when unknown)."""
+        if mark is None or mark < self._horizon:
+            return True
+        return self._last.get(run_id, 0) > mark
 
     def _wake_cancels(self) -> None:
         cancels, self._cancels = self._cancels, trio.Event()
         cancels.set()
 
-    async def wait_run(self, run_id: str, seconds: float) -> bool:
+    async def wait_run(self, run_id: str, seconds: float, *, since: int | None = None) -> bool:
         """Like ``trio.sleep(seconds)`` (a poll interval), but over (True) as soon as another
-        instance commits something of ``run_id``."""
+        instance commits something of ``run_id``, or at once if it did after the mark
+        ``since``."""
+        if since is not None and self.since(run_id, since):
+            await trio.lowlevel.checkpoint()
+            return True
         event, waiters = self._runs.get(run_id, (trio.Event(), 0))
         self._runs[run_id] = (event, waiters + 1)
         try:

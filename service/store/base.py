@@ -147,7 +147,9 @@ class Store(Protocol):
 
     async def listen(self, wake: Callable[[str], None]) -> None:
         """Until cancelled: ``wake(payload)`` for what other instances committed (run ids
-        comma-separated, ``cancel:<run id>``, or ``*``: anything, read again)."""
+        comma-separated, ``cancel:<run id>``, ``*``: anything, read again, since notifications
+        now come; ``!``: they stopped coming, poll). A store without notifications never calls
+        it."""
 
     async def renew_lease(self, seconds: float) -> None:
         """This process is alive for ``seconds`` more (``ownership``: a run's owner lives while

@@ -349,7 +349,7 @@ class PostgresStore(PostgresQueries):
         """Until cancelled: call ``wake(payload)`` for every notification other instances'
         commits send (``CHANNEL``: run ids, ``cancel:<run id>``), and ``wake("*")`` whenever
         the listening connection is (re)established, since notifications sent while it was
-        away are lost: every reader then reads the store again.
+        away are lost: every reader then reads the store again; ``wake("!")`` when it is lost.
 
         One direct connection (not from the pool), in a thread that looks for a stop every
         half second; lost, it is made again after a pause."""
@@ -383,6 +383,7 @@ class PostgresStore(PostgresQueries):
                 except psycopg.Error as exc:
                     log.warning("the store's listening connection failed (again in 1 s): %s",
                                 self._scrub(exc))
+                    tell("!")  # readers poll meanwhile
                     stop.wait(1.0)
 
         try:

@@ -391,6 +391,8 @@ class PostgresQueries:
                     "FROM run_events WHERE run_id = %s",
                     (rid, json.dumps({"status": "failed", "usage": {}, "error": reason}), now,
                      rid))
+            if dead:
+                _notify(c, set(dead))  # their followers elsewhere read the end now
             return dead
 
         return await self._write("recover_interrupted", fn)

@@ -36,6 +36,36 @@ async def test_a_waiter_is_woken_by_its_run_and_otherwise_waits_its_interval(
     assert trio.current_time() < 1.2
 
 
+async def test_marks_tell_whether_a_run_was_announced_since_a_read_began(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    w = Wakeups()
+    assert w.mark() is None
+    assert w.since("run_a", None)
+    w.notified("*")  # the listener is up
+    mark = w.mark()
+    assert not w.since("run_a", mark)
+    w.notified("run_a,run_b")
+    assert w.since("run_a", mark)
+    assert w.since("run_b", mark)
+    assert not w.since("run_c", mark)
+    later = w.mark()
+    assert not w.since("run_a", later)
+    assert await w.wait_run("run_a", 5.0, since=mark)  # announced during the read: at once
+    assert trio.current_time() == 0.0
+    assert not await w.wait_run("run_a", 5.0, since=later)
+    assert trio.current_time() == 5.0
+    w.notified("!")  # the listener is lost: marks say "maybe" until it is back
+    assert w.mark() is None
+    assert w.since("run_c", later)
+    w.notified("*")
+    mark = w.mark()
+    for i in range(10_001):  # the runs remembered are bounded; the forgotten read again
+        w.notified(f"run_{i}")
+    assert w.since("run_never_announced", mark)
+    assert not w.since("run_never_announced", w.mark())
+
+
 async def test_one_instances_commits_and_cancels_wake_another(
     pg_url: str, postgres: PostgresServer,  # noqa: F811 (fixtures)
 ) -> None:
@@ -72,4 +102,5 @@ async def test_one_instances_commits_and_cancels_wake_another(
             while "*" not in heard:
                 await got.wait()
                 got = trio.Event()
+        assert heard.index("!") < heard.index("*")  # lost (readers poll), then back
         nursery.cancel_scope.cancel()

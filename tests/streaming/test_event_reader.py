@@ -195,6 +195,44 @@ async def test_a_run_stored_by_another_live_worker_is_followed_until_its_end(
         assert 12.0 <= got[-1][0] <= 13.0  # polled at most 1 s apart
 
 
+async def test_a_follower_woken_by_announcements_reads_the_store_once_per_commit(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # With notifications (PostgreSQL's listener; fed by hand here), a follower reads when the
+    # run's commit is announced, and only then: it used to read again at once after every
+    # read that returned events (two reads per commit, the second empty).
+    async with supervisor_env(tmp_path, ScriptedBackend([])) as env:
+        begun, other = await _stored_elsewhere(env)
+        rid = begun.run.id
+        wakeups = env.supervisor.wakeups
+        wakeups.notified("*")  # the listener is up
+        got: list[tuple[float, int]] = []
+        start = trio.current_time()
+
+        async def read() -> None:
+            async for e in _reader(env, rid):
+                if not isinstance(e, Keepalive):
+                    got.append((round(trio.current_time() - start, 3), e.seq))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await trio.sleep(0.05)
+            before = env.supervisor.reads.reads
+            for seq in range(2, 12):
+                await trio.sleep(0.5)
+                await other.append_run_events(
+                    [RunEvent(rid, seq, "token", {"text": str(seq)}, 0.0)])
+                wakeups.notified(f"{rid},run_other")
+            await trio.sleep(0.25)
+            reads = env.supervisor.reads.reads - before
+            await _finished_elsewhere(other, begun, 12)
+            wakeups.notified(rid)
+        assert [seq for _, seq in got] == list(range(1, 13))
+        # Each event as its commit is announced (not at the next poll), one read for each.
+        assert [t for t, _ in got[1:-1]] == [round(0.05 + 0.5 * i, 3) for i in range(1, 11)]
+        assert reads == 10, f"{reads} store reads for 10 commits"
+
+
 async def test_a_follower_through_the_store_waits_for_a_missing_event(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
