@@ -44,8 +44,10 @@ async def cancel_requests_loop(store: Store, live: Callable[[], dict[str, RunHan
     """Cancel this process's runs whose cancel another instance sharing the store asked for
     (``Store.request_cancel``: a client's cancel can reach any instance); woken at once by
     the asker's notification on PostgreSQL, else every ``CANCEL_POLL`` seconds."""
+    looked = None
     while True:
-        await wakeups.wait_cancels(CANCEL_POLL)
+        await wakeups.wait_cancels(CANCEL_POLL, since=looked)
+        looked = wakeups.cancels_announced  # one announced during the look: look again
         runs = live()
         if not runs:
             continue

@@ -26,6 +26,7 @@ class Wakeups:
     def __init__(self) -> None:
         self._runs: dict[str, tuple[trio.Event, int]] = {}  # run id -> (event, waiters)
         self._cancels = trio.Event()
+        self.cancels_announced = 0  # cancel notifications so far (a mark for wait_cancels)
         # Marks: a reader notes ``mark()`` before it reads the store; ``since(run, mark)``
         # then says whether anything of the run was announced after it.
         self.listening = False  # notifications come (the listening connection is up)
@@ -73,6 +74,7 @@ class Wakeups:
         return self._last.get(run_id, 0) > mark
 
     def _wake_cancels(self) -> None:
+        self.cancels_announced += 1
         cancels, self._cancels = self._cancels, trio.Event()
         cancels.set()
 
@@ -98,8 +100,12 @@ class Wakeups:
                 else:
                     self._runs[run_id] = (event, entry[1] - 1)
 
-    async def wait_cancels(self, seconds: float) -> None:
+    async def wait_cancels(self, seconds: float, *, since: int | None = None) -> None:
         """Like ``trio.sleep(seconds)``, but over as soon as another instance asks for a
-        cancel."""
+        cancel, or at once if one did after ``since`` (a count of ``cancels_announced``
+        noted before the last look: an announcement during that look is not lost)."""
+        if since is not None and self.cancels_announced != since:
+            await trio.lowlevel.checkpoint()
+            return
         with trio.move_on_after(seconds):
             await self._cancels.wait()

@@ -66,6 +66,21 @@ async def test_marks_tell_whether_a_run_was_announced_since_a_read_began(
     assert not w.since("run_never_announced", w.mark())
 
 
+async def test_a_cancel_announced_while_the_last_look_ran_is_not_waited_for(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Found measuring: a cancel announced while the loop read the cancel requests set an
+    # event nobody waited on, and the loop then slept its whole poll (0.25 s) before it
+    # looked again.
+    w = Wakeups()
+    looked = w.cancels_announced
+    w.notified("cancel:run_x")  # during the look
+    await w.wait_cancels(5.0, since=looked)
+    assert trio.current_time() == 0.0
+    await w.wait_cancels(5.0, since=w.cancels_announced)
+    assert trio.current_time() == 5.0
+
+
 async def test_one_instances_commits_and_cancels_wake_another(
     pg_url: str, postgres: PostgresServer,  # noqa: F811 (fixtures)
 ) -> None:
