@@ -60,8 +60,16 @@ def test_bench_quick_writes_json(tmp_path: Path) -> None:
     assert cancel["upstream_closed"]["n"] == cancel["runs"]
     assert cancel["never_closed"] == 0
     assert len(follow["cpu"]["client_cpu_pct"]) == 2  # two load client processes
-    assert {"cross_event_p99_ms", "cross_cancel_p99_ms"} <= set(data["bars"])
+    # The killed instance's runs were all closed by a survivor, every text shown stored.
+    kill = data["cross"]["kill"]
+    assert kill["runs"] == 3
+    assert kill["closed_after_s"] is not None
+    assert kill["runs_missing_shown_text"] == 0
+    assert kill["tokens_shown"] > 0
+    assert {"cross_event_p99_ms", "cross_cancel_p99_ms",
+            "cross_killed_runs_closed_s"} <= set(data["bars"])
     assert "## Cross-instance" in stdout
+    assert "kill: 3 runs" in stdout
 
 
 @pytest.mark.slow

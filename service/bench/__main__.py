@@ -77,7 +77,7 @@ _RUNS: tuple[dict[str, Any], ...] = (
     {"concurrency": 4, "tokens": 5, "seconds": 0.5},
 )
 _CROSS = (CrossLevel(), CrossLevel(runs=10, follow_tokens=20, gap=0.02, cancel_after=0.3,
-                                   cancel_spread=0.5))
+                                   cancel_spread=0.5, kill_runs=3))
 
 
 async def _warm_up(bench: Bench) -> None:

@@ -19,24 +19,35 @@ one (which only waits).
   at a random moment of a ``cancel_spread``-second window; the time from the cancel request to
   the simulator's record of A closing that run's upstream stream (both CLOCK_MONOTONIC), and
   to A's client seeing ``run.finished``.
+* **kill**: a third instance C, in a PID namespace of its own (``unshare --pid``, as root: to A
+  and B it is on another host, alive while its lease is), streams ``kill_runs`` runs to
+  clients; once each has shown a few tokens C is killed (SIGKILL). Measured: the time until the
+  store holds every one of its runs closed (by A or B, with nobody asking: their look for runs
+  left open, every 5 s, once C's lease has run out), against the bar of the lease + 5 s; and
+  whether every token a client was shown is in the stored reply. Without ``unshare`` (not
+  root) C shares the namespace and its death is seen from its PID: said in the output.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import trio
 
 from .harness import Bench
 from .pg import PostgresServer
-from .procs import Proc, start_service
+from .procs import Proc, children, start_service
 from .stats import summary_ms
 
 __all__ = ["CrossLevel", "cross"]
@@ -52,6 +63,7 @@ class CrossLevel:
     gap: float = 0.01  # between run starts: 100 runs start within 1 s
     cancel_after: float = 0.5  # after the last run started, the cancel window opens...
     cancel_spread: float = 2.0  # ... for this long
+    kill_runs: int = 20  # runs on the instance that is killed
 
 
 def _peak(spans: list[list[float]]) -> int:
@@ -202,6 +214,7 @@ async def cross(sim: Proc, pg: PostgresServer, workdir: Path, level: CrossLevel
                                "fsync": pg.fsync}
         out["follow"] = await _follow(bench, a, b, db, level)
         out["cancel"] = await _cancel(bench, a, b, level)
+        out["kill"] = await _kill(bench, sim, db, workdir, level)
         a.check_alive()
         b.check_alive()
         return out
@@ -209,3 +222,99 @@ async def cross(sim: Proc, pg: PostgresServer, workdir: Path, level: CrossLevel
         for proc in (b, a):
             if proc is not None:
                 proc.stop()
+
+
+def _namespace_prefix() -> list[str]:
+    """``unshare`` into a PID namespace of its own, where this process may (root)."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return []
+    try:
+        done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                              capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"] \
+        if done.returncode == 0 else []
+
+
+def _open_runs(db: str, run_ids: list[str]) -> int:
+    with psycopg.connect(db) as conn:
+        row = conn.execute("SELECT count(*) FROM runs WHERE id = ANY(%s) AND status IN "
+                           "('queued', 'running')", (run_ids,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _stored_replies(db: str, run_ids: list[str]) -> dict[str, str]:
+    with psycopg.connect(db) as conn:
+        rows = conn.execute("SELECT run_id, content FROM messages WHERE run_id = ANY(%s) "
+                            "AND role = 'assistant'", (run_ids,)).fetchall()
+    return {r[0]: r[1] for r in rows}
+
+
+async def _kill(bench: Bench, sim: Proc, db: str, workdir: Path, level: CrossLevel
+                ) -> dict[str, Any]:
+    from ..runs.upkeep import RECOVER_EVERY
+    from ..store.ownership import LEASE
+
+    await bench.configure(tokens=100_000, interval=0.05)
+    prefix = _namespace_prefix()
+    c = await start_service(workdir, sim.port, db=db, name="c", prefix=prefix)
+    shown: dict[str, str] = {}  # run id -> the text its client was shown
+    started = trio.Event()
+    ready = 0
+    base = f"http://127.0.0.1:{c.port}"
+
+    async def one(client: httpx.AsyncClient) -> None:
+        nonlocal ready
+        conv = (await client.post(f"{base}/api/conversations", json={"model": "bench"})).json()
+        tokens = 0
+        try:
+            async with client.stream("POST", f"{base}/api/conversations/{conv['id']}/messages",
+                                     json={"content": "kill", "stream": True}) as resp:
+                event = ""
+                async for line in resp.aiter_lines():
+                    if line.startswith("event: "):
+                        event = line[7:]
+                    elif line.startswith("data: "):
+                        data = json.loads(line[6:])
+                        if event == "run.started":
+                            run_id = data["run_id"]
+                            shown[run_id] = ""
+                        elif event == "token":
+                            shown[run_id] += data["text"]
+                            tokens += 1
+                            if tokens == 5:
+                                ready += 1
+                                if ready == level.kill_runs:
+                                    started.set()
+        except httpx.HTTPError:
+            pass  # its instance was killed
+
+    try:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=60.0),
+                                     limits=httpx.Limits(max_connections=1000)) as client, \
+                trio.open_nursery() as nursery:
+            for _ in range(level.kill_runs):
+                nursery.start_soon(one, client)
+            with trio.fail_after(30):
+                await started.wait()
+            # The service process itself (under unshare, its child: the namespace's init).
+            target = (children(c.pid) or [c.pid])[0] if prefix else c.pid
+            killed_at = time.perf_counter()
+            os.kill(target, signal.SIGKILL)
+        run_ids = list(shown)
+        closed_after = None
+        with trio.move_on_after(LEASE + RECOVER_EVERY + 30):
+            while await trio.to_thread.run_sync(  # noqa: ASYNC110 (another process's rows)
+                    _open_runs, db, run_ids):
+                await trio.sleep(0.1)
+            closed_after = time.perf_counter() - killed_at
+        stored = await trio.to_thread.run_sync(_stored_replies, db, run_ids)
+    finally:
+        c.stop()
+    lost = [rid for rid, text in shown.items() if not stored.get(rid, "").startswith(text)]
+    return {"runs": len(run_ids), "own_pid_namespace": bool(prefix), "lease_s": LEASE,
+            "bound_s": LEASE + RECOVER_EVERY,
+            "closed_after_s": None if closed_after is None else round(closed_after, 2),
+            "tokens_shown": sum(len(t) for t in shown.values()),
+            "runs_missing_shown_text": len(lost)}

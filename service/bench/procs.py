@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def _stat_cpu(pid: int) -> float:
     return sum(int(x) for x in fields[11:15]) / _TICK
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
     out: list[int] = []
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):
@@ -82,7 +83,7 @@ def tree_pids(pid: int) -> list[int]:
     while todo:
         p = todo.pop()
         out.append(p)
-        todo += _children(p)
+        todo += children(p)
     return out
 
 
@@ -195,10 +196,12 @@ async def start_simulator(workdir: Path) -> Proc:
 
 
 async def start_service(workdir: Path, sim_port: int, *, db: str | None = None,
-                        name: str = "service", workers: int = 1) -> Proc:
+                        name: str = "service", workers: int = 1,
+                        prefix: Sequence[str] = ()) -> Proc:
     """The service on the simulator; ``db``: its store (default: a SQLite file in
     ``workdir``), ``name``: its log's and process's name (several may share a store),
-    ``workers``: ``python -m service --workers N`` (the parent's tree counts as the service)."""
+    ``workers``: ``python -m service --workers N`` (the parent's tree counts as the service),
+    ``prefix``: a command it runs under (``unshare ...``)."""
     log = workdir / f"{name}.log"
     toml = workdir / "hypercorn.toml"
     toml.write_text(HYPERCORN_TOML)
@@ -215,7 +218,7 @@ async def start_service(workdir: Path, sim_port: int, *, db: str | None = None,
         "SERVICE_HEALTH_TTL": "60",
     }
     popen = subprocess.Popen(  # noqa: ASYNC220 (a child that lives for the whole benchmark)
-        [sys.executable, "-m", "service", "--config", str(toml),
+        [*prefix, sys.executable, "-m", "service", "--config", str(toml),
          "--bind", f"127.0.0.1:{port}", "--workers", str(workers)],
         cwd=_REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
     )
@@ -231,7 +234,7 @@ async def start_service(workdir: Path, sim_port: int, *, db: str | None = None,
 def _worker_pids(pid: int) -> list[int]:
     """The spawned workers among ``pid``'s children (not multiprocessing's resource tracker)."""
     out = []
-    for child in _children(pid):
+    for child in children(pid):
         try:
             with open(f"/proc/{child}/cmdline", "rb") as f:
                 if b"spawn_main" in f.read():

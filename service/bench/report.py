@@ -174,6 +174,18 @@ def bars(res: dict[str, Any]) -> dict[str, Any]:
         out["cross_cancel_p99_ms"] = _bar(
             c["upstream_closed"]["p99_ms"], 100, "<=",
             f"cancel on B -> A's upstream closed, {c['runs']} runs")
+        k = cross.get("kill")
+        if k:
+            where = ("its own PID namespace: judged by its lease" if k["own_pid_namespace"]
+                     else "the same PID namespace: its death seen from its PID")
+            out["cross_killed_runs_closed_s"] = _bar(
+                k["closed_after_s"], k["bound_s"], "<=",
+                f"{k['runs']} runs of an instance killed (SIGKILL) in {where}, closed by a"
+                f" survivor; lease {k['lease_s']:g} s + 5")
+            out["cross_killed_runs_missing_shown_text"] = _bar(
+                k["runs_missing_shown_text"], 0, "<=",
+                f"runs whose stored reply lacks text a client was shown"
+                f" ({k['tokens_shown']} characters shown)")
     return out
 
 
@@ -338,6 +350,16 @@ def _cross(cross: dict[str, Any], add: Callable[[str], None]) -> None:
         f" -> A's client has the end p50 {s['p50_ms']} ms  p99 {s['p99_ms']} ms"
         f"  errors {c['errors'] + c['cancel_errors']}")
     add("  " + cpus(c["cpu"]))
+    k = cross.get("kill")
+    if k:
+        ns = ("in its own PID namespace (to the others, another host: its lease decides)"
+              if k["own_pid_namespace"] else "in the same PID namespace (not root: its PID"
+              " tells its death at once; the lease is not what was measured)")
+        closed = "never" if k["closed_after_s"] is None else f"{k['closed_after_s']} s"
+        add(f"kill: {k['runs']} runs on an instance C {ns}, C killed (SIGKILL): all closed by a"
+            f" survivor after {closed} (lease {k['lease_s']:g} s; bar {k['bound_s']:g} s);"
+            f" runs whose stored reply lacks text its client was shown:"
+            f" {k['runs_missing_shown_text']} ({k['tokens_shown']} characters shown)")
     for part in (f, c):
         for sample in part.get("error_samples") or []:
             add(f"  error: {sample}")
