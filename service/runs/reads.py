@@ -19,11 +19,21 @@ from dataclasses import dataclass, field
 import trio
 
 from ..errors import StoreError
+from ..logs import get_logger
 from ..store import RunEvent, Store
 
 __all__ = ["READ_LIMIT", "BatchedReads"]
 
 READ_LIMIT = 10_000  # events of one run in one read (the store's default)
+
+log = get_logger("service.runs")
+
+
+def _copy(exc: Exception) -> Exception:
+    try:
+        return copy.copy(exc)
+    except Exception:  # an exception type that cannot be copied: a plain one saying it
+        return StoreError(f"store read failed: {type(exc).__name__}: {exc}")
 
 
 @dataclass(eq=False)
@@ -31,7 +41,7 @@ class _Ask:
     after: int
     done: trio.Event = field(default_factory=trio.Event)
     events: list[RunEvent] | None = None  # None with ``done`` set: read it yourself
-    error: StoreError | None = None
+    error: Exception | None = None
 
 
 class BatchedReads:
@@ -57,10 +67,15 @@ class BatchedReads:
                 cursors = {run_id: min(a.after for a in asks) for run_id, asks in batch.items()}
                 try:
                     got = await self._store.list_events_of_runs(cursors, limit=READ_LIMIT)
-                except StoreError as exc:
+                except Exception as exc:
+                    # The readers' failure, not this loop's (nor the supervisor's): each of them
+                    # raises it, as its own read would have. Its own copy: their tracebacks
+                    # differ.
+                    if not isinstance(exc, StoreError):
+                        log.exception("a batched read of run events failed")
                     for asks in batch.values():
-                        for ask in asks:  # each raises its own copy (their tracebacks differ)
-                            ask.error = copy.copy(exc)
+                        for ask in asks:
+                            ask.error = _copy(exc)
                             ask.done.set()
                     batch = {}
                     continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
@@ -75,6 +76,31 @@ async def test_a_failed_read_reaches_every_reader_in_it_and_the_next_read_works(
             assert errors == ["store read failed: disk I/O error"] * 3
             failing = False
             assert [e.seq for e in await reads.read(ids[0], 1)] == [2, 3, 4]
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_unexpected_failure_of_a_read_is_the_readers_not_the_loops(
+    tmp_path: Path,
+) -> None:
+    # A bug in a read (not a StoreError) fails the readers that asked, as their own read
+    # would have; the loop, and the supervisor whose nursery it runs in, go on.
+    async with open_store(tmp_path / "s.db") as store:
+        (run_id,) = await _runs_with_events(store, 1, 2)
+        reads = BatchedReads(store)
+        bug = True
+
+        def fault(op: str) -> None:
+            if bug:
+                raise KeyError("a bug")
+
+        store.faults.before_read = fault
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reads.run)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(KeyError):
+                await reads.read(run_id, 0)
+            bug = False
+            assert [e.seq for e in await reads.read(run_id, 0)] == [1, 2]
             nursery.cancel_scope.cancel()
 
 
