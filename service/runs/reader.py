@@ -157,6 +157,7 @@ class EventReader:
         handle = self._supervisor.get(self.run_id)
         if handle is not None and handle.covers(self.last_seq):
             self._live = handle.subscribe(self.last_seq)
+            self._drained = False  # what the last store read said is stale once live
             return True
         return False
 
