@@ -325,10 +325,13 @@ async def _stream(
         for event in first:  # a run waiting for a backend slot: comments come first
             if event.type == "queued":
                 yield _queued_comment(event)
-        yield sse_data(_chunk(cid, created, model, {"role": "assistant", "content": ""}))
-        for event in first:  # taken before the response started
+        # The role chunk and what was taken before the response started go out as one write
+        # (each write to hypercorn costs a round of the event loop before its bytes leave).
+        opening = [sse_data(_chunk(cid, created, model, {"role": "assistant", "content": ""}))]
+        for event in first:
             if event.type != "queued" and (frame := framer.frame(event)) is not None:
-                yield frame
+                opening.append(frame)
+        yield b"".join(opening)
         sent = trio.current_time()
         try:
             async for item in reader:
