@@ -28,7 +28,7 @@ from ..store import MessageStatus, RunEvent, Store
 from .handle import RunHandle
 from .lifecycle import RunStatus
 
-__all__ = ["FINAL_WRITE_BUDGET", "EventCommitter", "FinalState"]
+__all__ = ["FINAL_WRITE_BUDGET", "EventCommitter", "FinalState", "unstored_end"]
 
 log = get_logger("service.runs")
 
@@ -221,7 +221,7 @@ class EventCommitter:
                 lost, _ = self._final_retries.pop(0)
                 log.error("giving up storing the final state of run %s", lost.id)
             self._keep_ended(handle)
-            handle.give_up_end(_unstored_end())
+            handle.give_up_end(unstored_end())
         elif not handle.published_final:
             self._keep_ended(handle)  # its earlier events are still to be published
 
@@ -229,7 +229,7 @@ class EventCommitter:
     async def _tell_if_late(handle: RunHandle) -> None:
         await trio.sleep(FINAL_WRITE_BUDGET)
         if not handle.final_stored:
-            handle.give_up_end(_unstored_end())
+            handle.give_up_end(unstored_end())
 
     async def _store_final(self, handle: RunHandle, final: FinalState) -> bool | None:
         """Write a final state, again while the store refuses it (the caller bounds it).
@@ -291,7 +291,7 @@ class EventCommitter:
         while len(self._ended) > _UNSTORED_ENDS_MAX:
             oldest = self._ended.pop(next(iter(self._ended)))
             if not oldest.published_final:
-                oldest.give_up_end(_unstored_end())
+                oldest.give_up_end(unstored_end())
 
     async def retry_final_writes(self) -> None:
         """Store the final states the store did not take within their budget; publish each
@@ -343,7 +343,8 @@ def _lost(handle: RunHandle) -> None:
     handle.cancel("the run was closed by another instance, or its conversation deleted")
 
 
-def _unstored_end() -> StoreUnavailable:
+def unstored_end() -> StoreUnavailable:
+    """What a run's clients are told when its end could not be stored."""
     return StoreUnavailable(
         "the run has ended but the store cannot take its result yet; re-join it later")
 

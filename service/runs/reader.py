@@ -20,6 +20,7 @@ import trio
 from ..errors import ShuttingDown
 from ..store import Store
 from ..store.records import RunEvent
+from .committer import unstored_end
 from .handle import ResumeFrom, Subscription
 from .reads import READ_LIMIT
 from .supervisor import RunSupervisor
@@ -110,6 +111,12 @@ class EventReader:
                         elsewhere = True
                     elif where == "here" and self._supervisor.starting(self.run_id):
                         pass  # in the round between its first write and its launch here
+                    elif where == "here":
+                        # Stored as running by this process, which no longer holds it: it
+                        # ended, its final state was refused, and past the bound of such
+                        # runs it was let go. Its end is unknown to the store: this stream
+                        # is told what its subscribers were, not given an end.
+                        raise unstored_end()
                     else:
                         # Over (or gone): the store has everything it will ever have. A run
                         # whose process is gone is closed now (as the next start would: failed,

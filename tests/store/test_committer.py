@@ -11,6 +11,7 @@ import trio.testing
 from service.errors import BackendUnavailable, StoreUnavailable
 from service.runs import RunSpec
 from service.runs import committer as committer_mod
+from service.store.faults import InjectedFault
 
 from ..fakes import Reply, ScriptedBackend, supervisor_env
 
@@ -152,3 +153,55 @@ async def test_a_run_let_go_from_ended_tells_its_subscriber(
             rejoined = [e.type for e in [e async for e in reader]
                         if not isinstance(e, Keepalive)]
             assert rejoined[-1] == "run.finished"
+
+
+async def test_a_rejoin_of_a_run_let_go_with_its_end_unstored_is_told_so(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Past _UNSTORED_ENDS_MAX runs whose final state the store refused, the oldest is let go:
+    # its row stays "running" under this process, with no handle left here. A re-join then
+    # read the store, found no more events and no process to wait for, and ended its stream
+    # without an end (and without an error): it must be told store_unavailable, as the run's
+    # own subscribers were.
+    monkeypatch.setattr(committer_mod, "_UNSTORED_ENDS_MAX", 1)
+    backend = ScriptedBackend(lambda req: Reply("one two", first_delay=1.0))
+    async with supervisor_env(tmp_path, backend) as env:
+        a = await env.supervisor.start(RunSpec(await env.conversation(), "x"))
+        b = await env.supervisor.start(RunSpec(await env.conversation(), "y"))
+        await trio.sleep(0.5)  # both stored and started; their tokens come at t=1
+
+        def refuse() -> None:
+            raise InjectedFault("disk I/O error")
+
+        env.store.faults.before_commit = refuse
+        with trio.fail_after(60):
+            await a.finished.wait()
+            await b.finished.wait()
+        assert not a.final_stored
+        assert not b.final_stored
+        (gone,) = [h for h in (a, b) if env.supervisor.get(h.id) is None]
+        (kept,) = [h for h in (a, b) if h is not gone]
+        assert await env.store.run_in_progress(gone.id) == "here"
+
+        from service.runs.reader import EventReader, Keepalive
+
+        async def rejoin(run_id: str) -> tuple[list[str], BaseException | None]:
+            reader = EventReader(run_id, after=0, store=env.store, supervisor=env.supervisor,
+                                 keepalive=5.0)
+            seen: list[str] = []
+            try:
+                with trio.fail_after(30):
+                    async for e in reader:
+                        if not isinstance(e, Keepalive):
+                            seen.append(e.type)
+            except StoreUnavailable as exc:
+                return seen, exc
+            return seen, None
+
+        seen, told = await rejoin(gone.id)
+        assert isinstance(told, StoreUnavailable), seen
+        assert "run.finished" not in seen
+        # The run still held here is served from memory: the same answer, not an end.
+        seen, told = await rejoin(kept.id)
+        assert isinstance(told, StoreUnavailable), seen
+        env.store.faults.clear()
