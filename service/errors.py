@@ -74,6 +74,7 @@ __all__ = [
     "ToolArgumentsError",
     "ToolError",
     "UpstreamBroken",
+    "is_interrupt",
     "status_of_type",
 ]
 
@@ -270,3 +271,11 @@ def status_of_type(type_: str) -> int | None:
             return cls.status
         pending.extend(cls.__subclasses__())
     return None
+
+
+def is_interrupt(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is, or holds, a KeyboardInterrupt (SIGINT): the process's, not a run's
+    or a request's. trio hands it out of a nursery inside an exception group."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(KeyboardInterrupt) is not None
+    return isinstance(exc, KeyboardInterrupt)

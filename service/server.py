@@ -23,7 +23,7 @@ from hypercorn.trio.run import worker_serve
 from hypercorn.utils import LifespanFailureError, wrap_app
 
 from . import __version__
-from .errors import ConfigError, ServiceError
+from .errors import ConfigError, ServiceError, is_interrupt
 from .lifespan import begin_shutdown
 from .logs import configure_logging, get_logger
 from .services import Services
@@ -250,9 +250,15 @@ def serve_one(settings: Settings, config: Config, *, sockets: Sockets | None = N
 
     try:
         unstored = trio.run(serve_and_tell)
-    except KeyboardInterrupt:
-        pass
     except BaseException as exc:  # noqa: ASYNC103 (sync, after trio.run: no Cancelled here)
+        if is_interrupt(exc):
+            # SIGINT outside the signal receiver's window (during start-up, or the last steps
+            # of the close; trio raises it inside an exception group): not the graceful
+            # shutdown, and whether every run's end was stored is not known. One line, and
+            # the shell's convention for an interrupted process, 130; not a traceback, not 0.
+            print("service: interrupted (SIGINT) outside the graceful shutdown",
+                  file=sys.stderr)
+            return 130  # noqa: ASYNC104 (as below)
         # A setting only checked at start-up (a tool module, the store's path, a model file)
         # fails the lifespan: hypercorn wraps it (an exception group, a LifespanFailureError);
         # the operator gets its one line, not a traceback. Anything else is a bug: re-raised.

@@ -36,6 +36,7 @@ from ..errors import (
     ShuttingDown,
     StoreError,
     TooManyRuns,
+    is_interrupt,
 )
 from ..logs import RUN_ID, get_logger
 from ..metrics import Metrics
@@ -387,7 +388,7 @@ class RunSupervisor:
                     handle.error_type = "run_timeout"
         except BaseException as exc:  # noqa: ASYNC103 (re-raised unless no Cancelled is in it)
             cancelled, rest = _split_cancelled(exc)
-            if cancelled is not None or _interrupt(rest):
+            if cancelled is not None or is_interrupt(rest):
                 # Cancelled from outside this run's scope (the supervisor is shutting down),
                 # maybe in a group from the run's nursery: record, then keep propagating.
                 handle.cancel_reason = handle.cancel_reason or "shutdown"
@@ -464,13 +465,6 @@ def _internal(exc: BaseException) -> str:
     """What a client is told of a bug: its kind only. Its text (paths, hosts, data) and the
     traceback are in the log, with the run's and the request's ids."""
     return f"internal error ({type(exc).__name__}); the details are in the service's log"
-
-
-def _interrupt(exc: BaseException | None) -> bool:
-    """Whether ``exc`` is, or holds, a KeyboardInterrupt: that one is the process's, not a run's."""
-    if isinstance(exc, BaseExceptionGroup):
-        return exc.subgroup(KeyboardInterrupt) is not None
-    return isinstance(exc, KeyboardInterrupt)
 
 
 def _leaf(exc: BaseException) -> BaseException:

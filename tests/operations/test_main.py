@@ -119,3 +119,24 @@ def test_a_failed_start_announces_no_address(tmp_path: Path) -> None:
     assert "Running on" not in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith("service: SERVICE_DB: ")
+
+
+def test_sigint_before_the_graceful_shutdown_can_take_it_exits_130_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A SIGINT that arrives before the signal receiver is open (during start-up) reaches
+    # trio's default handler, which raises KeyboardInterrupt in the main task, and trio hands
+    # it out of the nursery inside an exception group: serve_one re-raised that (a
+    # traceback), and its bare `except KeyboardInterrupt` would have returned 0 for a
+    # shutdown that was not the graceful one.
+    from service import server
+
+    async def start_up_interrupted(*args: object, **kwargs: object) -> int:
+        signal.raise_signal(signal.SIGINT)  # a real signal, to this process
+        await trio.sleep(5)
+        raise AssertionError("the SIGINT did not interrupt the start-up")
+
+    monkeypatch.setattr(server, "run_server", start_up_interrupted)
+    assert server.serve_one(None, None) == 130  # type: ignore[arg-type]
+    err = capsys.readouterr().err
+    assert err.strip() == "service: interrupted (SIGINT) outside the graceful shutdown"
