@@ -39,6 +39,8 @@ def test_bench_quick_writes_json(tmp_path: Path) -> None:
         for name, target in row["targets"].items():
             assert target["streams"] > 0, (name, target)
             assert target["errors"] == 0, (name, target)
+            assert len(target["ttft_p50_rounds_ms"]) >= 1, (name, target)
+    assert data["bars"]["added_ttft_p50_vs_stack"]["value"] is not None, data["bars"]
     assert data["cancel"]["measured"] > 0
     for name, target in data["runs"]["targets"].items():
         assert target["runs"] > 0, name

@@ -47,6 +47,10 @@ async def _round(bench: Bench, name: str, level: RelayLevel) -> tuple[list[Strea
     return results, cpu
 
 
+def _ttfts(results: list[StreamResult]) -> list[float]:
+    return [t for r in results if r.ok and (t := r.ttft) is not None]
+
+
 def _target_summary(results: list[StreamResult], wall: float,
                     records: dict[str, dict[str, Any]]) -> dict[str, Any]:
     ok = [r for r in results if r.ok]
@@ -86,6 +90,7 @@ async def relay(bench: Bench, levels: list[RelayLevel],
         await bench.configure(tokens=level.tokens, interval=level.interval)
         marker = await bench.sim_marker()
         per: dict[str, list[StreamResult]] = {n: [] for n in names}
+        by_round: dict[str, list[list[StreamResult]]] = {n: [] for n in names}
         cpu: dict[str, dict[str, float]] = {n: {} for n in names}
         wall: dict[str, float] = dict.fromkeys(names, 0.0)
         for r in range(level.rounds):
@@ -94,6 +99,7 @@ async def relay(bench: Bench, levels: list[RelayLevel],
             for name in order:
                 results, window = await _round(bench, name, level)
                 per[name] += results
+                by_round[name].append(results)
                 wall[name] += window.wall
                 for k, v in window.as_dict().items():
                     if isinstance(v, float | int):  # not the per-worker list
@@ -108,8 +114,15 @@ async def relay(bench: Bench, levels: list[RelayLevel],
             ttft, gaps = s.pop("_ttft"), s.pop("_gaps")
             rounds = max(level.rounds, 1)
             s["cpu"] = {k: round(v / rounds, 2) for k, v in cpu[n].items()}
+            # Each round's TTFT p50: the host's speed drifts between rounds and runs, and a
+            # ratio between two targets is best read round by round (each round runs every
+            # target once, one after the other).
+            s["ttft_p50_rounds_ms"] = [ms(pct(_ttfts(rs), 0.5)) for rs in by_round[n]]
             if n != names[0]:
                 s["added_ttft_p50_ms"] = ms(pct(ttft, 0.5) - pct(base_ttft, 0.5))
+                s["added_ttft_p50_rounds_ms"] = [
+                    ms(pct(_ttfts(rs), 0.5) - pct(_ttfts(base), 0.5))
+                    for rs, base in zip(by_round[n], by_round[names[0]], strict=True)]
                 s["added_ttft_p99_ms"] = ms(pct(ttft, 0.99) - pct(base_ttft, 0.99))
                 s["added_gap_p50_ms"] = ms(pct(gaps, 0.5) - pct(base_gaps, 0.5))
                 s["added_gap_p99_ms"] = ms(pct(gaps, 0.99) - pct(base_gaps, 0.99))

@@ -189,6 +189,22 @@ def bars(res: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _ttft_vs_stack_bar(row: dict[str, Any], out: dict[str, Any]) -> None:
+    """Issue 14's bar: ``/v1``'s added TTFT p50 <= 2 x the ``stack`` relay's (hypercorn + httpx
+    alone), same run; with each round's ratio beside it."""
+    t = row["targets"]
+    if "openai" not in t or "stack" not in t:
+        return
+    mine, floor = t["openai"].get("added_ttft_p50_ms"), t["stack"].get("added_ttft_p50_ms")
+    ratio = round(mine / floor, 2) if mine is not None and floor and floor > 0 else None
+    rounds = [round(a / b, 2) if a is not None and b else None for a, b in zip(
+        t["openai"].get("added_ttft_p50_rounds_ms", []),
+        t["stack"].get("added_ttft_p50_rounds_ms", []), strict=False)]
+    out["added_ttft_p50_vs_stack"] = _bar(
+        ratio, 2.0, "<=", f"{row['streams']} streams: /v1 +{mine} vs stack +{floor} ms p50;"
+        f" per round {', '.join('-' if r is None else f'{r:g}' for r in rounds)}")
+
+
 def _service_bars(res: dict[str, Any], out: dict[str, Any]) -> None:
     relay = res.get("relay")
     if relay:
@@ -198,6 +214,9 @@ def _service_bars(res: dict[str, Any], out: dict[str, Any]) -> None:
             worst = [row["targets"][n][f"added_ttft_{q}_ms"] for n in ("openai", "native")]
             value = None if None in worst else max(worst)
             out[f"added_ttft_{q}_ms"] = _bar(value, limit, "<=", where + ", worst of openai/native")
+    floor = res.get("floor")
+    if floor:
+        _ttft_vs_stack_bar(min(floor, key=lambda r: abs(r["streams"] - 100)), out)
     if res.get("throughput"):
         out["chunks_per_service_cpu_s"] = _bar(
             res["throughput"]["openai"].get("chunks_per_service_cpu_s"), 10_000, ">=", "flood")
