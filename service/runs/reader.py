@@ -88,6 +88,7 @@ class EventReader:
                     # since it began: another read would find nothing; wait for the next.
                     stored = []
                 else:
+                    self._drained = False  # before the read: it may be cancelled
                     stored = await self._read_store()
                 self._drained = False
                 if stored and stored[0].seq == self.last_seq + 1:

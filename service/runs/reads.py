@@ -83,7 +83,12 @@ class BatchedReads:
                 for run_id, asks in batch.items():
                     events = got.get(run_id, [])
                     for ask in asks:
-                        ask.events = [e for e in events if e.seq > ask.after]
+                        mine = [e for e in events if e.seq > ask.after]
+                        # A read that hit its limit stopped READ_LIMIT events after the lowest
+                        # cursor: an ask from further on may have more to read than it got
+                        # (and would take the cut for all there is); it reads the store itself.
+                        if len(events) < READ_LIMIT or len(mine) == len(events):
+                            ask.events = mine
                         ask.done.set()
                 batch = {}
         finally:

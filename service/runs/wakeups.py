@@ -62,14 +62,14 @@ class Wakeups:
             if entry is not None:
                 entry[0].set()
 
-    def mark(self) -> int | None:
-        """A mark to note before reading the store; None while no notifications come (every
-        wait then lasts its poll interval)."""
-        return self._count if self.listening else None
+    def mark(self) -> int:
+        """A mark to note before reading the store."""
+        return self._count
 
     def since(self, run_id: str, mark: int | None) -> bool:
-        """Whether ``run_id`` may have been announced after ``mark`` (True when unknown)."""
-        if mark is None or mark < self._horizon:
+        """Whether ``run_id`` may have been announced after ``mark``: True when unknown (no
+        notifications come, or came since: the listener was lost or is back, ``!``/``*``)."""
+        if mark is None or mark < self._horizon or not self.listening:
             return True
         return self._last.get(run_id, 0) > mark
 
@@ -82,7 +82,9 @@ class Wakeups:
         """Like ``trio.sleep(seconds)`` (a poll interval), but over (True) as soon as another
         instance commits something of ``run_id``, or at once if it did after the mark
         ``since``."""
-        if since is not None and self.since(run_id, since):
+        if since is not None and self.listening and self.since(run_id, since):
+            # Announced after the mark (or the listener came back since: ``*``, every reader
+            # reads again). While nothing is announced the wait is the poll it replaces.
             await trio.lowlevel.checkpoint()
             return True
         event, waiters = self._runs.get(run_id, (trio.Event(), 0))

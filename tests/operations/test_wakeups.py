@@ -40,7 +40,7 @@ async def test_marks_tell_whether_a_run_was_announced_since_a_read_began(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     w = Wakeups()
-    assert w.mark() is None
+    assert w.since("run_a", w.mark())  # nothing is announced yet: "maybe"
     assert w.since("run_a", None)
     w.notified("*")  # the listener is up
     mark = w.mark()
@@ -56,9 +56,15 @@ async def test_marks_tell_whether_a_run_was_announced_since_a_read_began(
     assert not await w.wait_run("run_a", 5.0, since=later)
     assert trio.current_time() == 5.0
     w.notified("!")  # the listener is lost: marks say "maybe" until it is back
-    assert w.mark() is None
+    lost = w.mark()
     assert w.since("run_c", later)
-    w.notified("*")
+    assert w.since("run_c", lost)
+    assert not await w.wait_run("run_c", 5.0, since=lost)  # a poll, not a spin
+    assert trio.current_time() == 10.0
+    w.notified("*")  # back: a mark taken while it was lost says "read again"
+    assert w.since("run_c", lost)
+    assert await w.wait_run("run_c", 5.0, since=lost)
+    assert trio.current_time() == 10.0
     mark = w.mark()
     for i in range(10_001):  # the runs remembered are bounded; the forgotten read again
         w.notified(f"run_{i}")

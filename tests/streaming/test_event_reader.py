@@ -12,6 +12,8 @@ import trio.testing
 
 from service.api.sse import sse_event
 from service.runs import RunSpec
+from service.runs import reader as reader_mod
+from service.runs import reads as reads_mod
 from service.runs.reader import EventReader, Keepalive
 from service.store import MessageStatus, RunEvent, SQLiteStore
 from service.store.sqlite import process_tag
@@ -315,3 +317,184 @@ async def test_a_run_left_running_by_a_dead_process_ends_the_stream(
         assert [e.type for e in events] == ["run.started", "run.finished"]
         assert events[-1].data["status"] == "failed"
         assert (await env.store.get_run(run_id)).status == "failed"
+
+
+# Found by a review (each failed before its fix): BatchedReads and the wake-up marks.
+
+
+async def test_a_reader_batched_with_a_lower_cursor_is_not_taken_as_drained(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # READ_LIMIT made small so the test stays cheap (the same happens at 10,000).
+    monkeypatch.setattr(reads_mod, "READ_LIMIT", 10)
+    monkeypatch.setattr(reader_mod, "READ_LIMIT", 10)
+    async with supervisor_env(tmp_path, ScriptedBackend([])) as env:
+        begun, other = await _stored_elsewhere(env)  # a run another live instance holds
+        rid = begun.run.id
+        await other.append_run_events(
+            [RunEvent(rid, s, "token", {"text": str(s)}, 0.0) for s in range(2, 26)])
+        env.supervisor.wakeups.notified("*")  # the listener is up; nothing more is committed
+        got: dict[int, list[tuple[float, int]]] = {0: [], 5: []}
+
+        async def follow(after: int) -> None:
+            r = EventReader(rid, after=after, store=env.store, supervisor=env.supervisor,
+                            keepalive=5.0)
+            async for e in r:
+                if not isinstance(e, Keepalive):
+                    got[after].append((trio.current_time(), e.seq))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follow, 0)  # both ask in the same batch: read from cursor 0
+            nursery.start_soon(follow, 5)
+            await trio.sleep(3.0)
+            nursery.cancel_scope.cancel()
+        assert [s for _, s in got[0]] == list(range(1, 26))
+        assert [s for _, s in got[5]] == list(range(6, 26))
+        # All 25 events were in the store from the start: nobody should wait a poll for them.
+        late = [(t, s) for t, s in got[5] if t > 0.0]
+        assert late == [], f"reader after=5 got these only after a poll: {late[:3]}..."
+
+
+async def test_a_reader_far_past_another_readers_cursor_gets_the_runs_end(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reads_mod, "READ_LIMIT", 10)  # as 10,000, only cheaper
+    monkeypatch.setattr(reader_mod, "READ_LIMIT", 10)
+    async with supervisor_env(tmp_path, ScriptedBackend([])) as env:
+        begun, other = await _stored_elsewhere(env)
+        rid = begun.run.id
+        await other.append_run_events(
+            [RunEvent(rid, s, "token", {"text": str(s)}, 0.0) for s in range(2, 26)])
+        await _finished_elsewhere(other, begun, 26)  # over: the store has all 26 events
+
+        # Each batched query waits for the test's go, so that the test decides what is asked
+        # together (in production: whatever readers happen to ask while a read is in flight).
+        calls: list[tuple[dict[str, int], trio.Event]] = []
+        query = env.store.list_events_of_runs
+
+        async def gated(cursors: Any, *, limit: int) -> Any:
+            go = trio.Event()
+            calls.append((dict(cursors), go))
+            await go.wait()
+            return await query(cursors, limit=limit)
+
+        monkeypatch.setattr(env.store, "list_events_of_runs", gated)
+        reads = env.supervisor.reads
+        got: list[int] = []
+        ended = trio.Event()
+
+        async def follow_from_15() -> None:
+            r = EventReader(rid, after=15, store=env.store, supervisor=env.supervisor,
+                            keepalive=5.0)
+            got.extend([e.seq async for e in r if not isinstance(e, Keepalive)])
+            ended.set()
+
+        async def replay_from_start() -> None:  # another client reading the run from 0
+            await reads.read(rid, 0)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reads.read, "run_other", 0)  # a read in flight
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(follow_from_15)
+            nursery.start_soon(replay_from_start)
+            await trio.testing.wait_all_tasks_blocked()
+            calls[0][1].set()  # batch 2: {rid: cursors 15 and 0}
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(reads.read, "run_other", 0)  # asked while batch 2 is read
+            await trio.testing.wait_all_tasks_blocked()
+            calls[1][1].set()
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(replay_from_start)  # another replay asks with the reader
+            await trio.testing.wait_all_tasks_blocked()
+            for _, go in calls[2:]:
+                go.set()
+            while not ended.is_set():
+                await trio.testing.wait_all_tasks_blocked()
+                for _, go in calls:
+                    go.set()
+                await trio.sleep(0.01)
+            assert [c for c, _ in calls] == [{"run_other": 0}, {rid: 0}, {"run_other": 0},
+                                             {rid: 0}]
+        # The reader asked for everything after 15: 16..25 and run.finished (26).
+        assert got == list(range(16, 27))
+
+
+async def test_a_read_in_flight_when_the_listener_comes_back_is_followed_by_another(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with supervisor_env(tmp_path, ScriptedBackend([])) as env:
+        begun, other = await _stored_elsewhere(env)  # a run another live instance holds
+        rid = begun.run.id
+        wakeups = env.supervisor.wakeups
+        wakeups.notified("*")
+        wakeups.notified("!")  # the listening connection is lost: readers poll
+
+        # The reader's first store read: its rows are read, then its answer is held until
+        # the test lets it go (a read that takes a moment).
+        query = env.store.list_events_of_runs
+        read_done, go = trio.Event(), trio.Event()
+
+        async def slow(cursors: Any, *, limit: int) -> Any:
+            rows = await query(cursors, limit=limit)
+            if not go.is_set():
+                read_done.set()
+                await go.wait()
+            return rows
+
+        monkeypatch.setattr(env.store, "list_events_of_runs", slow)
+        got: list[tuple[float, int]] = []
+
+        async def follow() -> None:
+            r = EventReader(rid, after=1, store=env.store, supervisor=env.supervisor,
+                            keepalive=5.0)
+            async for e in r:
+                if not isinstance(e, Keepalive):
+                    got.append((trio.current_time(), e.seq))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follow)
+            await read_done.wait()  # the reader's read has its rows (none after 1)
+            start = trio.current_time()
+            # Meanwhile: the other instance commits event 2 (its notification is lost: no
+            # listener), then the listener is back and says "*": every reader reads again.
+            await other.append_run_events([RunEvent(rid, 2, "token", {"text": "x"}, 0.0)])
+            wakeups.notified("*")
+            go.set()
+            await trio.sleep(2.0)
+            nursery.cancel_scope.cancel()
+        assert [s for _, s in got] == [2]
+        waited = got[0][0] - start
+        assert waited < 0.2, f"event 2 (committed while the listener was away) after {waited} s"
+
+
+async def test_a_cancelled_read_does_not_make_the_next_one_skip_an_announced_commit(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with supervisor_env(tmp_path, ScriptedBackend([])) as env:
+        begun, other = await _stored_elsewhere(env)  # a run another live instance holds
+        rid = begun.run.id
+        wakeups = env.supervisor.wakeups
+        wakeups.notified("*")  # the listener is up
+        reader = EventReader(rid, after=0, store=env.store, supervisor=env.supervisor,
+                             keepalive=5.0)
+        assert (await reader.__anext__()).seq == 1  # a read that returned all there was
+
+        await other.append_run_events([RunEvent(rid, 2, "token", {"text": "x"}, 0.0)])
+        wakeups.notified(rid)  # ... announced
+
+        query = env.store.list_events_of_runs
+        go = trio.Event()
+
+        async def slow(cursors: Any, *, limit: int) -> Any:
+            await go.wait()
+            return await query(cursors, limit=limit)
+
+        monkeypatch.setattr(env.store, "list_events_of_runs", slow)
+        with trio.move_on_after(0.01):  # the caller's own deadline ends this __anext__
+            await reader.__anext__()
+        go.set()
+        start = trio.current_time()
+        item = await reader.__anext__()
+        assert getattr(item, "seq", None) == 2
+        assert trio.current_time() - start < 0.2, (
+            f"event 2, committed and announced, came after {trio.current_time() - start} s")
