@@ -71,13 +71,20 @@ def _events_sql(ignore: bool, fenced: bool) -> str:
     # One statement for a whole batch, however long (arrays, not a VALUES list per size).
     # An event of a run that is gone (its conversation deleted meanwhile) is dropped;
     # ``fenced``: so is one of a run this process no longer holds (closed by another).
+    # Fenced: the runs this process holds are locked (FOR SHARE) for the transaction, so a
+    # survivor's recovery (its UPDATE of ``process``) either waits for this batch (and then
+    # sees its events) or is waited for (and then the run is no longer held: nothing lands).
+    # A plain EXISTS read the statement's snapshot: a batch that waited on the survivor's
+    # uncommitted run.finished still landed its other events after that end.
     return (
-        "INSERT INTO run_events (run_id, seq, type, data, created_at) "
+        ("WITH held AS (SELECT id FROM runs WHERE id = ANY(%s::text[]) AND process = %s "
+         "ORDER BY id FOR SHARE) " if fenced else "")
+        + "INSERT INTO run_events (run_id, seq, type, data, created_at) "
         "SELECT v.run_id, v.seq, v.type, v.data, v.created_at FROM unnest("
         "%s::text[], %s::int[], %s::text[], %s::text[], %s::float8[]) "
         "AS v(run_id, seq, type, data, created_at) "
-        "WHERE EXISTS (SELECT 1 FROM runs WHERE id = v.run_id"
-        + (" AND process = %s)" if fenced else ")")
+        + ("WHERE v.run_id IN (SELECT id FROM held)" if fenced
+           else "WHERE EXISTS (SELECT 1 FROM runs WHERE id = v.run_id)")
         + (" ON CONFLICT DO NOTHING" if ignore else "")
     )
 
@@ -94,7 +101,7 @@ def _insert_events(c: Conn, events: Sequence[RunEvent], *, ignore: bool = False,
         raw = e.raw
         for col, value in zip(cols, (e.run_id, e.seq, e.type, raw, e.created_at), strict=True):
             col.append(value)
-    params: tuple[Any, ...] = cols if process is None else (*cols, process)
+    params: tuple[Any, ...] = cols if process is None else (cols[0], process, *cols)
     return c.execute(_INSERT_EVENTS_SQL[ignore, process is not None], params).rowcount
 
 
@@ -346,7 +353,7 @@ class PostgresQueries:
 
         def fn(c: Conn) -> list[str]:
             dead = []
-            for rid in candidates:
+            for rid in sorted(candidates):  # the order owners' batches lock runs in
                 if not c.execute(
                     "UPDATE runs SET status = 'failed', error = %s, finished_at = %s, "
                     "process = %s WHERE id = %s AND status IN ('queued', 'running')",
