@@ -132,7 +132,7 @@ class RunSupervisor:
                 nursery.start_soon(upkeep.cancel_requests_loop, self._store, lambda: self._runs,
                                    self.wakeups)
                 nursery.start_soon(upkeep.recover_loop, self._store)
-                nursery.start_soon(upkeep.lease_loop, self._store, lambda: self._runs)
+                await nursery.start(upkeep.lease_loop, self._store, lambda: self._runs)
                 if self.events_retention > 0:
                     nursery.start_soon(upkeep.prune_loop, self._store, self.events_retention)
                 task_status.started(self)

@@ -62,12 +62,22 @@ async def cancel_requests_loop(store: Store, live: Callable[[], dict[str, RunHan
                 handle.cancel(reason)
 
 
-async def lease_loop(store: Store, live: Callable[[], dict[str, RunHandle]]) -> None:
+async def lease_loop(store: Store, live: Callable[[], dict[str, RunHandle]], *,
+                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Renew this process's lease (a third of it at a time). If the store cannot be reached for
     more than half a lease, this process stops its runs (``failed``, ``store_unavailable``):
     past its lease another instance takes them for dead and closes them, and two instances
     must never both finish one run."""
+    # At once, before any run is served: the lease written at start-up may be old (a model's
+    # load came in between), and a run of an instance whose lease has lapsed is taken for dead.
+    # Bounded: a store stuck at start-up holds up serving no longer than a third of a lease.
+    with trio.move_on_after(LEASE / 3):
+        try:
+            await store.renew_lease(LEASE)
+        except StoreError as exc:
+            log.warning("could not renew this instance's lease: %s", exc.message)
     last_ok = trio.current_time()
+    task_status.started()
     while True:
         await trio.sleep(LEASE / 3)
         try:
