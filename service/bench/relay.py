@@ -54,7 +54,7 @@ def _ttfts(results: list[StreamResult]) -> list[float]:
 def _target_summary(results: list[StreamResult], wall: float,
                     records: dict[str, dict[str, Any]]) -> dict[str, Any]:
     ok = [r for r in results if r.ok]
-    ttft = [t for r in ok if (t := r.ttft) is not None]
+    ttft = _ttfts(results)
     gaps = [g for r in ok for g in r.gaps()]
     tokens = sum(r.tokens for r in results)
     # TTFT split by the simulator's record: request sent -> upstream request received, and

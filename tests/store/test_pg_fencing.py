@@ -8,6 +8,7 @@ while the owner was told it still held the run. Now the owner's batch locks the 
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import psycopg
 import trio
@@ -31,16 +32,22 @@ async def _wait_for_lock_waiter(url: str) -> None:
         conn.close()
 
 
+async def _a_run_whose_owner_lapsed(a: Any) -> tuple[Any, Any]:
+    """A run of A's with one token stored ("kept"), then A's lease lapses."""
+    await a.renew_lease(15)
+    conv = await a.create_conversation()
+    run, *_ = await a.begin_run(conv.id, content="q", agent="chat", model=None)
+    assert await a.append_run_events(
+        [RunEvent(run.id, 2, "token", {"text": "kept"}, 0.0)]) == set()
+    await a.renew_lease(-1)
+    return conv, run
+
+
 async def test_owner_retry_batch_lands_after_survivors_run_finished(pg_url: str) -> None:
     # A (owner) lost its lease while its store was away; its last batch (seq 3, 4) was refused
     # and is retried (retry=True) just as B closes the run (run.finished at seq 3).
     async with open_store(pg_url, process_id=ELSEWHERE) as a, open_store(pg_url) as b:
-        await a.renew_lease(15)
-        conv = await a.create_conversation()
-        run, *_ = await a.begin_run(conv.id, content="q", agent="chat", model=None)
-        assert await a.append_run_events(
-            [RunEvent(run.id, 2, "token", {"text": "kept"}, 0.0)]) == set()
-        await a.renew_lease(-1)  # A's lease lapses
+        _, run = await _a_run_whose_owner_lapsed(a)
 
         entered, release = threading.Event(), threading.Event()
 
@@ -83,12 +90,7 @@ async def test_owner_batch_committed_during_recovery_is_missing_from_the_stored_
     # lapsed a moment ago, commits a batch meanwhile. A is told it still holds the run and
     # publishes the tokens; B then closes the run with a reply that lacks them.
     async with open_store(pg_url, process_id=ELSEWHERE) as a, open_store(pg_url) as b:
-        await a.renew_lease(15)
-        conv = await a.create_conversation()
-        run, *_ = await a.begin_run(conv.id, content="q", agent="chat", model=None)
-        assert await a.append_run_events(
-            [RunEvent(run.id, 2, "token", {"text": "kept"}, 0.0)]) == set()
-        await a.renew_lease(-1)
+        conv, run = await _a_run_whose_owner_lapsed(a)
 
         gate = psycopg.connect(pg_url, autocommit=True)
         gate.execute("""
