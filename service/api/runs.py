@@ -274,8 +274,11 @@ async def stop_runs(run_ids: list[str], reason: str) -> None:
         for run_id in elsewhere:
             # Another instance's run: the store says when it has ended (its final write
             # announces itself on PostgreSQL; else a look every 0.1 s).
+            # The mark comes before the look: an end announced while it reads is not missed.
+            mark = supervisor.wakeups.mark()
             while await store.run_in_progress(run_id) is not None:  # noqa: ASYNC110
-                await supervisor.wakeups.wait_run(run_id, 0.1)
+                await supervisor.wakeups.wait_run(run_id, 0.1, since=mark)
+                mark = supervisor.wakeups.mark()
 
 
 @blueprint.post("/api/runs/<run_id>/cancel")
