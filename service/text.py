@@ -5,10 +5,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["TextJoiner", "clean_json", "clean_text", "lone_surrogate_at"]
+__all__ = ["TextJoiner", "clean_json", "clean_text", "not_text_at"]
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# Not text: a surrogate (see TextJoiner), or NUL (U+0000: valid JSON, but PostgreSQL's text
+# cannot hold it, nor can C strings; it becomes U+FFFD like a lone surrogate).
+_NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
 
 
 class TextJoiner:
@@ -25,7 +28,10 @@ class TextJoiner:
     def feed(self, text: str) -> str:
         if self._held:
             text, self._held = self._held + text, ""
-        if not text or _SURROGATE.search(text) is None:
+        if not text or _NOT_TEXT.search(text) is None:
+            return text
+        text = text.replace("\x00", "\ufffd")
+        if _SURROGATE.search(text) is None:
             return text
         if "\ud800" <= text[-1] <= "\udbff":  # its low half may start the next piece
             text, self._held = text[:-1], text[-1]
@@ -38,7 +44,11 @@ class TextJoiner:
 
 
 def clean_text(text: str) -> str:
-    """``text`` with surrogate pairs joined and lone surrogates replaced (see TextJoiner)."""
+    """``text`` with surrogate pairs joined, lone surrogates and NUL replaced by U+FFFD (see
+    TextJoiner)."""
+    if _NOT_TEXT.search(text) is None:
+        return text
+    text = text.replace("\x00", "\ufffd")
     if _SURROGATE.search(text) is None:
         return text
     return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
@@ -47,7 +57,7 @@ def clean_text(text: str) -> str:
 def clean_json(value: Any) -> Any:
     """A JSON-shaped value (dicts, lists, tuples, strings, keys included) with every string
     cleaned as by :func:`clean_text`; ``value`` itself when it holds no surrogate."""
-    if lone_surrogate_at(value) is None:
+    if not_text_at(value) is None:
         return value
     return _cleaned(value)
 
@@ -62,10 +72,11 @@ def _cleaned(value: Any) -> Any:
     return value
 
 
-def lone_surrogate_at(value: Any, path: str = "") -> str | None:
-    """Where a JSON-shaped value holds a lone surrogate (``"\\ud800"`` is valid JSON, but not
-    Unicode text: UTF-8 cannot encode it): ``""`` for ``value`` itself, else a dotted path
-    (``"0.function.name"``, a key holding one shown with U+FFFD); None when it holds none."""
+def not_text_at(value: Any, path: str = "") -> str | None:
+    """Where a JSON-shaped value holds what is not text: a lone surrogate (``"\\ud800"`` is
+    valid JSON, but UTF-8 cannot encode it) or NUL (``"\\u0000"``: PostgreSQL cannot store
+    it). ``""`` for ``value`` itself, else a dotted path (``"0.function.name"``, a key holding
+    one shown cleaned); None when it holds none."""
     if isinstance(value, str):
         return path if _lone(value) else None
     if isinstance(value, dict):
@@ -79,11 +90,11 @@ def lone_surrogate_at(value: Any, path: str = "") -> str | None:
         here = f"{path}.{clean_text(str(key))}" if path else clean_text(str(key))
         if isinstance(key, str) and _lone(key):
             return here
-        if (found := lone_surrogate_at(item, here)) is not None:
+        if (found := not_text_at(item, here)) is not None:
             return found
     return None
 
 
 def _lone(text: str) -> bool:
     # A surrogate pair that survived json.loads (it joins escaped pairs) is not text either.
-    return _SURROGATE.search(text) is not None
+    return _NOT_TEXT.search(text) is not None

@@ -21,7 +21,7 @@ from ..logs import get_logger
 from ..metrics import Metrics
 from ..runs.handle import RunHandle
 from ..store.records import strict_json
-from ..text import clean_json, clean_text, lone_surrogate_at
+from ..text import clean_json, clean_text, not_text_at
 from ..tools import Tool, ToolRegistry
 
 __all__ = ["Agent", "AgentContext", "Observation", "trim_history", "unicode_request"]
@@ -36,8 +36,8 @@ def unicode_request(request: ChatRequest) -> ChatRequest:
     """``request`` with every string cleaned (``service.text.clean_text``: a lone surrogate
     becomes U+FFFD): it goes upstream as UTF-8, which cannot encode one. ``request`` itself when
     it holds none (the usual case: only a scan)."""
-    if lone_surrogate_at([request.stop, request.tools, request.options]) is None and all(
-        lone_surrogate_at([m.content, m.tool_call_id, m.name]) is None
+    if not_text_at([request.stop, request.tools, request.options]) is None and all(
+        not_text_at([m.content, m.tool_call_id, m.name]) is None
         and all(_unicode_call(c) is c for c in m.tool_calls)
         for m in request.messages
     ):
@@ -58,7 +58,7 @@ def unicode_request(request: ChatRequest) -> ChatRequest:
 def _unicode_call(call: ToolCall) -> ToolCall:
     """A tool call with its strings cleaned (a model's name, arguments or id may hold a lone
     surrogate: JSON's escapes allow it), or ``call`` itself when they hold none."""
-    if lone_surrogate_at([call.id, call.name, call.arguments, call.invalid_arguments]) is None:
+    if not_text_at([call.id, call.name, call.arguments, call.invalid_arguments]) is None:
         return call
     return replace(call, id=clean_text(call.id), name=clean_text(call.name),
                    arguments=clean_json(call.arguments),

@@ -21,7 +21,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 
 from ..store import Conversation, Message
-from ..text import lone_surrogate_at
+from ..text import not_text_at
 
 __all__ = [
     "MAX_CONTENT_CHARS",
@@ -74,10 +74,10 @@ class Unicode(BaseModel):
         # except in a field of nested models: they check theirs, naming their own fields.
         field = cls.model_fields[info.field_name] if info.field_name else None
         if field is None or not _holds_model(field):
-            where = lone_surrogate_at(value)
+            where = not_text_at(value)
             if where is not None:
                 at = f" at {where}" if where else ""
-                raise ValueError(f"not Unicode text: a lone surrogate{at}")
+                raise ValueError(f"not text: a NUL character or a lone surrogate{at}")
         strict = cls.model_config.get("strict", False)  # a JSON body's (not a query's)
         if field is not None and strict and (types := _json_types(field)) and not _is_a(
             value, types

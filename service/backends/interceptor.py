@@ -30,6 +30,7 @@ import trio
 from ..errors import BackendBusy, BackendTimeout
 from ..metrics import Metrics
 from ..store.records import LLMCallOutcome, LLMCallRecord
+from ..text import clean_text
 from .base import (
     Backend,
     BackendHealth,
@@ -123,7 +124,7 @@ class _Call:
         return LLMCallRecord(
             id=self.id,
             backend=self.backend,
-            model=self.model,
+            model=clean_text(self.model),
             outcome=outcome,
             started_at=self.started_wall,
             run_id=self.run_id,
@@ -134,7 +135,7 @@ class _Call:
             prompt_tokens=self.usage_prompt,
             completion_tokens=completion,
             tokens_estimated=estimated,
-            error=error,
+            error=clean_text(error) if error else error,
         )
 
 

@@ -38,11 +38,14 @@ class Wakeups:
         return f"<Wakeups [{len(self._runs)} runs waited on]>"
 
     def notified(self, payload: str) -> None:
-        """A notification: ``cancel:<run id>``, run ids comma-separated, ``*`` (all: the
-        listening connection is (re)established) or ``!`` (it is lost)."""
-        if payload.startswith("cancel:"):
+        """A notification (one per commit): run ids and ``cancel:<run id>`` (a cancel asked),
+        comma-separated; ``*`` (all: the listening connection is (re)established, or a commit
+        named too many runs) or ``!`` (it is lost)."""
+        if "cancel:" in payload:
             self._wake_cancels()
-            return
+            payload = ",".join(i for i in payload.split(",") if not i.startswith("cancel:"))
+            if not payload:
+                return
         self._count += 1
         if payload in ("*", "!"):
             self.listening = payload == "*"

@@ -8,6 +8,8 @@ the other waiters find their write done.
 * **Call order**: a call joins the queue before its first checkpoint and the queue is taken
   whole and in order, so writes land in the order they were called (``RunSupervisor`` relies
   on it: a run's first write is called before anything else about the run).
+* **Failure**: a batch that fails as a whole (outside its transaction, which answers each
+  write itself) fails every write in it with ``StoreUnavailable``: none is told it landed.
 * **Cancellation**: a write still queued when its caller is cancelled is removed and never
   runs; one already taken lands whole and its caller gets its answer (the cancellation is
   re-delivered by trio at the caller's next checkpoint). A batch, once taken, runs shielded.
@@ -20,9 +22,14 @@ from typing import Any, Generic, TypeVar
 
 import trio
 
+from ..errors import StoreError, StoreUnavailable
+from ..logs import get_logger
+
 __all__ = ["GroupCommit", "PendingWrite"]
 
 C = TypeVar("C")  # the store's connection type
+
+log = get_logger("service.store")
 
 BATCH_WAIT = 60.0  # seconds a cancelled writer waits for the batch that took its write
 
@@ -69,6 +76,18 @@ class GroupCommit(Generic[C]):
                         # where a cancel would drop every write of the batch).
                         with trio.CancelScope(shield=True):
                             await self._run_batch(batch)
+                    except BaseException as exc:  # noqa: ASYNC103 (re-raised unless an Exception)
+                        # Failed as a whole, outside its transaction (its thread did not
+                        # start, say): no write of it landed, and each one's caller is told.
+                        log.error("a batch of %d writes failed before it ran: %r",
+                                  len(batch), exc)
+                        error = exc if isinstance(exc, StoreError) else StoreUnavailable(
+                            f"store write failed: {type(exc).__name__}: {exc}")
+                        for it in batch:
+                            if it.error is None:
+                                it.error = error
+                        if not isinstance(exc, Exception):
+                            raise
                     finally:
                         for it in batch:
                             it.done.set()

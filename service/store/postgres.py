@@ -34,12 +34,14 @@ another container) lives while its lease in ``instances`` does, measured in the 
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from typing import Any, ClassVar, TypeVar
+from urllib.parse import unquote
 
 import psycopg
 import psycopg_pool
@@ -53,7 +55,13 @@ from ..settings import _redact
 from .faults import InjectedFault, StoreFaults
 from .group_commit import GroupCommit, PendingWrite
 from .ownership import process_tag
-from .postgres_queries import CHANNEL, Conn, PostgresQueries
+from .postgres_queries import (
+    CHANNEL,
+    Conn,
+    PostgresQueries,
+    announcing,
+    send_notifications,
+)
 from .schema import PG_MIGRATIONS
 
 __all__ = ["PostgresStore", "describe_url"]
@@ -70,12 +78,25 @@ def describe_url(url: str) -> str:
     """``url`` as it may be shown: ``postgresql://user@host:port/db``, never its password."""
     try:
         params = conninfo_to_dict(url)
-    except psycopg.Error:
-        return _redact(url.split("?", 1)[0])
+    except psycopg.Error:  # not one libpq reads: shown without all before its last "@"
+        return _redact(_USERINFO.sub(r"\1***@", url)).split("?", 1)[0]
     user = f"{params['user']}@" if params.get("user") else ""
     host = str(params.get("host") or "")
     port = f":{params['port']}" if params.get("port") else ""
     return f"postgresql://{user}{host}{port}/{params.get('dbname') or ''}"
+
+
+# A URL's scheme and user information (greedy: a password may hold "@", "/", "?" or " ").
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://).*@", re.DOTALL)
+
+
+def _secrets(url: str) -> list[str]:
+    """The password of ``url`` as libpq reads it and as it is written (libpq echoes a token it
+    cannot read, such as a bad %-escape), longest first."""
+    found = {str(_conninfo(url).get("password") or "")}
+    if (m := re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^:@/]*:(.*)@", url, re.DOTALL)):
+        found |= {m.group(1), unquote(m.group(1))}
+    return sorted((s for s in found if s), key=len, reverse=True)
 
 
 class PostgresStore(PostgresQueries):
@@ -100,7 +121,7 @@ class PostgresStore(PostgresQueries):
     ) -> None:
         self._url = url
         self.url = describe_url(url)  # as it may be shown
-        self._password = str(_conninfo(url).get("password") or "")
+        self._secrets = _secrets(url)
         self._metrics = metrics or METRICS
         self._pool_size = pool_size
         self._statement_timeout = statement_timeout
@@ -133,12 +154,20 @@ class PostgresStore(PostgresQueries):
         await self._run_sync(self._open_sync)
 
     def _connect_kwargs(self) -> dict[str, Any]:
-        return {
+        """The connection's settings: keyword arguments win over the URL's, so the URL's own
+        ``options`` (a ``search_path``, say) are kept beside the statement timeout, and its
+        ``connect_timeout`` and ``application_name`` are left as it says."""
+        given = _conninfo(self._url)
+        options = f"-c statement_timeout={int(self._statement_timeout * 1000)}"
+        kwargs: dict[str, Any] = {
             "autocommit": True,  # transactions are explicit: BEGIN ... COMMIT per batch
-            "connect_timeout": max(1, round(self._connect_timeout)),
-            "options": f"-c statement_timeout={int(self._statement_timeout * 1000)}",
-            "application_name": "service",
+            "options": f"{given['options']} {options}" if given.get("options") else options,
         }
+        if not given.get("connect_timeout"):
+            kwargs["connect_timeout"] = max(1, round(self._connect_timeout))
+        if not given.get("application_name"):
+            kwargs["application_name"] = "service"
+        return kwargs
 
     def _open_sync(self) -> None:
         # One direct connection first: its errors say why (refused, password, no database),
@@ -218,10 +247,10 @@ class PostgresStore(PostgresQueries):
 
     def _scrub(self, exc: BaseException | str) -> str:
         """An error's text on one line, without the password (whatever libpq chose to echo)."""
-        text = " ".join(str(exc).split()) or type(exc).__name__
-        if self._password:
-            text = text.replace(self._password, "***")
-        return _redact(text.replace(self._url, self.url))
+        text = str(exc).replace(self._url, self.url)
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return _redact(" ".join(text.split()) or type(exc).__name__)
 
     def _error(self, exc: BaseException, what: str) -> BaseException:
         """The service's error for a psycopg one (see the module docstring)."""
@@ -290,19 +319,24 @@ class PostgresStore(PostgresQueries):
                 # more than its own statements, not two.
                 conn.execute("BEGIN" if single else "BEGIN; SAVEPOINT w")
                 try:
-                    for n, it in enumerate(batch):
-                        if single:
-                            it.result = it.fn(conn)
-                            continue
-                        if n:
-                            conn.execute("RELEASE SAVEPOINT w; SAVEPOINT w")
-                        try:
-                            it.result = it.fn(conn)
-                        except Exception as exc:
-                            if conn.broken:
-                                raise  # the connection is gone: so is the whole batch
-                            conn.execute("ROLLBACK TO SAVEPOINT w")
-                            it.error = self._error(exc, "store write failed")
+                    with announcing() as announced:
+                        for n, it in enumerate(batch):
+                            if single:
+                                it.result = it.fn(conn)
+                                continue
+                            if n:
+                                conn.execute("RELEASE SAVEPOINT w; SAVEPOINT w")
+                            kept = len(announced)
+                            try:
+                                it.result = it.fn(conn)
+                            except Exception as exc:
+                                if conn.broken:
+                                    raise  # the connection is gone: so is the whole batch
+                                conn.execute("ROLLBACK TO SAVEPOINT w")
+                                del announced[kept:]
+                                it.error = self._error(exc, "store write failed")
+                    # One notification for the whole batch (delivered at its COMMIT).
+                    send_notifications(conn, announced)
                     if self.faults.before_commit is not None:
                         self.faults.before_commit()
                     conn.execute("COMMIT")

@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import psycopg
@@ -47,7 +49,7 @@ from .records import (
     run_row as _run,
 )
 
-__all__ = ["Conn", "PostgresQueries"]
+__all__ = ["Conn", "PostgresQueries", "announcing", "send_notifications"]
 
 T = TypeVar("T")
 Conn = psycopg.Connection[Any]
@@ -130,12 +132,44 @@ CHANNEL = "service_runs"  # LISTEN/NOTIFY: ids only; the rows are the truth
 _NOTIFY_MAX = 7000  # bytes of payload (PostgreSQL's limit is 8000): past it, "*" (every run)
 
 
-def _notify(c: Conn, run_ids: set[str]) -> None:
-    """Wake other instances' readers of these runs once the transaction commits (one
-    notification per write: an event batch is one write for all its runs)."""
-    payload = ",".join(sorted(run_ids))
-    c.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload if len(payload) <= _NOTIFY_MAX
-                                             else "*"))
+class _Announced(threading.local):
+    """What the write transaction running in this thread announces at its COMMIT."""
+
+    items: list[str] | None = None
+
+
+_announced = _Announced()
+
+
+def _notify(c: Conn, items: Iterable[str]) -> None:
+    """Wake other instances' readers of these runs (run ids; ``cancel:<run id>`` for a cancel
+    asked) once the transaction commits: the items of all the writes of a batch go in one
+    notification (:func:`announcing`), sent just before its COMMIT."""
+    if _announced.items is None:  # not in a batch: at this write's own commit
+        send_notifications(c, items)
+    else:
+        _announced.items.extend(items)
+
+
+@contextmanager
+def announcing() -> Iterator[list[str]]:
+    """A write transaction in this thread: what its writes announce (a write rolled back to
+    its savepoint takes its items back out), to be sent with :func:`send_notifications`."""
+    items: list[str] = []
+    _announced.items = items
+    try:
+        yield items
+    finally:
+        _announced.items = None
+
+
+def send_notifications(c: Conn, items: Iterable[str]) -> None:
+    """One NOTIFY for ``items`` (past PostgreSQL's payload limit: ``*``, every run)."""
+    payload = ",".join(sorted(set(items)))
+    if payload:
+        c.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload if len(payload) <= _NOTIFY_MAX
+                                                 else "*"))
+
 
 class PostgresQueries:
     """Conversations, messages, runs, run events and LLM calls, as PostgreSQL SQL."""
@@ -224,7 +258,8 @@ class PostgresQueries:
     ) -> list[Message]:
         now = time.time()
         msgs = [
-            Message(new_id("msg"), conversation_id, role, content, status, run_id, None, now, now)
+            Message(new_id("msg"), conversation_id, role, clean_text(content), status, run_id,
+                    None, now, now)
             for role, content, status, run_id in items
         ]
 
@@ -484,7 +519,7 @@ class PostgresQueries:
                 "WHERE id = %s AND status IN ('queued', 'running')", (reason, run_id),
             ).rowcount > 0
             if asked:
-                c.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"cancel:{run_id}"))
+                _notify(c, [f"cancel:{run_id}"])
             return asked
 
         return await self._write("request_cancel", fn)
@@ -536,7 +571,7 @@ class PostgresQueries:
             # One query for all: each run's events after its cursor, by its (run_id, seq) key.
             rows = c.execute(
                 "SELECT e.run_id, e.seq, e.type, e.data, e.created_at "
-                "FROM unnest(%s::text[], %s::int[]) AS c(run_id, after) "
+                "FROM unnest(%s::text[], %s::bigint[]) AS c(run_id, after) "
                 "CROSS JOIN LATERAL (SELECT run_id, seq, type, data, created_at "
                 "FROM run_events WHERE run_id = c.run_id AND seq > c.after "
                 "ORDER BY seq LIMIT %s) AS e",

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple
 
+from ..text import clean_text
+
 __all__ = [
     "BegunRun",
     "Conversation",
@@ -190,8 +192,8 @@ def begun_run(
     the_model = model or conv.model or default_model
     run = RunRecord(run_id, conv.id, owner, the_agent, the_model, "queued", now, None, None,
                     None, {})
-    user = Message(user_id, conv.id, "user", content, MessageStatus.complete, run_id, None,
-                   now, now)
+    user = Message(user_id, conv.id, "user", clean_text(content), MessageStatus.complete,
+                   run_id, None, now, now)
     reply = Message(reply_id, conv.id, "assistant", "", MessageStatus.pending, run_id, None,
                     now, now)
     started = RunEvent(run_id, 1, "run.started", {

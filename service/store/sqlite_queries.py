@@ -222,7 +222,8 @@ class SQLiteQueries(SQLiteOwnership):
         """Append several messages in one transaction: all land or none."""
         now = time.time()
         msgs = [
-            Message(new_id("msg"), conversation_id, role, content, status, run_id, None, now, now)
+            Message(new_id("msg"), conversation_id, role, clean_text(content), status, run_id,
+                    None, now, now)
             for role, content, status, run_id in items
         ]
 

@@ -91,6 +91,23 @@ async def test_a_lone_surrogate_in_a_native_request_is_422_naming_the_field(
         assert (r.status_code, r.json()["error"]["field"]) == (422, field), r.text
 
 
+async def test_a_nul_character_in_a_request_is_422_naming_the_field(settings: Settings) -> None:
+    # "\u0000" is valid JSON, but PostgreSQL's text cannot hold it: the store's write failed
+    # (a 500 on PostgreSQL only). Refused as a lone surrogate is, on every store.
+    async with e2e(settings, "llamacpp") as env:
+        env.sim.script(Reply(text="fine"))
+        with trio.fail_after(GUARD):
+            r = await env.client.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "a\x00b"}]})  # sent as "\u0000"
+            assert r.status_code == 422, r.text
+            assert r.json()["error"]["field"] == "messages.0.content"
+            conv = (await env.client.post("/api/conversations", json={})).json()["id"]
+            r = await env.client.post(f"/api/conversations/{conv}/messages",
+                                      json={"content": "x\x00y"})
+            assert (r.status_code, r.json()["error"]["field"]) == (422, "content"), r.text
+            assert env.sim.streams == []
+
+
 @pytest.mark.parametrize("kind", ["llamacpp", "ollama"])
 @pytest.mark.parametrize("agent", ["chat", "react", "plan_execute"])
 async def test_a_lone_surrogate_from_the_model_is_cleaned(

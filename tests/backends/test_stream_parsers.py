@@ -179,6 +179,9 @@ def test_text_joiner_joins_split_surrogate_pairs_and_replaces_lone_halves() -> N
     assert joiner.flush() == ""
     assert clean_text("a\ud83d\ude00b\ud800") == "a\U0001f600b\ufffd"
     assert clean_text("plain") == "plain"
+    # NUL is valid JSON but not storable text (PostgreSQL): replaced, as a lone half is.
+    assert TextJoiner().feed("a\x00b") == clean_text("a\x00b") == "a\ufffdb"
+    assert clean_text("\x00\ud800") == "\ufffd\ufffd"
 
 
 @given(st.lists(st.text(alphabet=st.characters(min_codepoint=0xD7F0, max_codepoint=0xE010)
@@ -189,5 +192,6 @@ def test_text_joiner_output_always_encodes_as_utf8(pieces: list[str]) -> None:
     joiner = TextJoiner()
     out = "".join(joiner.feed(p) for p in pieces) + joiner.flush()
     out.encode("utf-8")  # no lone surrogate left
+    assert "\x00" not in out  # nor NUL (PostgreSQL's text cannot hold it)
     if not any("\ud800" <= ch <= "\udfff" for p in pieces for ch in p):
-        assert out == "".join(pieces)
+        assert out == "".join(pieces).replace("\x00", "\ufffd")

@@ -87,6 +87,23 @@ async def test_a_cancel_announced_while_the_last_look_ran_is_not_waited_for(
     assert trio.current_time() == 5.0
 
 
+async def test_one_notification_carries_a_batchs_runs_and_cancels(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A commit batch sends one notification for all its writes: run ids and cancels mixed.
+    w = Wakeups()
+    w.notified("*")
+    mark, looked = w.mark(), w.cancels_announced
+    w.notified("cancel:run_x,run_a,run_b")
+    assert w.cancels_announced == looked + 1
+    assert w.since("run_a", mark) and w.since("run_b", mark)
+    assert not w.since("run_x", mark)  # asked to cancel, nothing of it committed
+    mark = w.mark()
+    w.notified("cancel:run_y,cancel:run_z")  # cancels only: no run announced
+    assert w.cancels_announced == looked + 2
+    assert w.mark() == mark
+
+
 async def test_one_instances_commits_and_cancels_wake_another(
     pg_url: str, postgres: PostgresServer,  # noqa: F811 (fixtures)
 ) -> None:
