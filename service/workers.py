@@ -16,6 +16,7 @@ Metrics: every worker writes its Prometheus values to files in one directory
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import shutil
@@ -43,14 +44,34 @@ _RESTART_SOON = 10.0  # a worker dying within this many seconds of its start...
 _RESTART_FIRST, _RESTART_MAX = 0.5, 30.0  # ... is restarted after a pause, doubling
 
 
-def _worker(settings: Settings, config: Config, sockets: Sockets, ready: Connection) -> None:
-    """A worker process: serve on the parent's sockets; tell the parent once listening."""
+def _worker(settings: Settings, config: Config, sockets: Sockets, ready: Connection,
+            parent: int) -> None:
+    """A worker process: serve on the parent's sockets; tell the parent once listening.
+    It drains and exits if the parent dies (killed, crashed): nobody would supervise it, and a
+    SIGTERM to the service's pid would no longer reach it."""
     from .server import serve_one
 
+    _exit_with_parent(parent)
     configure_logging(settings.log_level, settings.log_format)
     code = serve_one(settings, config, sockets=sockets, on_ready=lambda: ready.send(True))
     ready.close()
     sys.exit(code)
+
+
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """SIGTERM to this process when its parent dies (Linux), as if the parent had passed a
+    stop on; exit at once if the parent is gone already."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl to call: supervised by the parent only
+            log.warning("worker: cannot ask to be stopped with its parent")
+    if os.getppid() != parent:  # it died before the request above
+        sys.exit(0)
 
 
 @dataclass
@@ -79,8 +100,10 @@ class _Pool:
                     # start; stop everything. A replacement that fails is tried again below.
                     self.failed = True
                     self.stop()
-            elif self.stopping and proc.is_alive() and proc.pid is not None:
-                os.kill(proc.pid, signal.SIGTERM)  # started as the stop came: stop it too
+            if self.stopping and up and proc.is_alive() and proc.pid is not None:
+                # The stop came while it started (its SIGTERM may have come before it could
+                # take one): it drains now, as the others do. A second SIGTERM is ignored.
+                os.kill(proc.pid, signal.SIGTERM)
             first = False
             await trio.lowlevel.wait_readable(proc.sentinel)
             proc.join()
@@ -105,7 +128,8 @@ class _Pool:
     async def _start(self, slot: int) -> tuple[BaseProcess, bool]:
         recv, send = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(target=_worker, name=f"service-worker-{slot}",
-                                args=(self.settings, self.config, self.sockets, send))
+                                args=(self.settings, self.config, self.sockets, send,
+                                      os.getpid()))
         proc.start()
         send.close()
         self.procs[slot] = proc
@@ -164,7 +188,7 @@ async def _supervise(pool: _Pool, workers: int) -> None:
             async with trio.open_nursery() as slots:
                 for slot in range(workers):
                     await slots.start(pool.run_slot, slot)
-                    if pool.failed:
+                    if pool.failed or pool.stopping:  # nothing more to start
                         break
                 else:
                     binds = ", ".join(_urls(pool.sockets))
@@ -189,7 +213,17 @@ def _urls(sockets: Sockets) -> list[str]:
 
 def serve_workers(settings: Settings, config: Config, workers: int) -> int:
     """Serve with ``workers`` processes; the parent's exit status."""
-    sockets = config.create_sockets()
+    # One set of sockets, bound here and shared: hypercorn sets SO_REUSEPORT when its
+    # ``workers`` is over 1 (for its own workers, each binding its own), which here would only
+    # let a second service (an old version, another store) bind the same port and take half
+    # its connections.
+    config.workers = 1
+    try:
+        sockets = config.create_sockets()
+    except OSError as exc:
+        print(f"service: cannot listen on {', '.join(config.bind)}: {exc.strerror or exc}"
+              " (another process may be using it; --bind picks another)", file=sys.stderr)
+        return 1
     for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
         sock.listen(config.backlog)
     metrics_dir = tempfile.mkdtemp(prefix="service-metrics-")

@@ -176,6 +176,9 @@ class AutoBackend:
         """Calls of this router open on ``backend`` now (attempts included)."""
         return self._state[id(backend)].in_flight
 
+    def _in_flight_changed(self, backend: Backend) -> None:
+        """A call opened or closed on ``backend`` (a router exporting the count sets it)."""
+
     # -- the Backend interface --------------------------------------------------------------
 
     @asynccontextmanager
@@ -185,6 +188,7 @@ class AutoBackend:
         for backend in await self.order(request):
             state = self._state[id(backend)]
             state.in_flight += 1  # from its attempt's start to its stream's end
+            self._in_flight_changed(backend)
             try:
                 stack = AsyncExitStack()
                 try:
@@ -228,6 +232,7 @@ class AutoBackend:
                 return
             finally:
                 state.in_flight -= 1
+                self._in_flight_changed(backend)
         if too_long is not None:
             raise too_long
         raise _all_failed(causes)

@@ -265,6 +265,12 @@ class FleetBackend(AutoBackend):
 
     # -- metrics ----------------------------------------------------------------------------
 
+    def _in_flight_changed(self, backend: Backend) -> None:
+        # At once, not only before a render: with several workers /metrics sums every
+        # worker's last value, and another worker's would be stale.
+        if self._gauges is not None:
+            self._gauges[self._index[id(backend)]].set(self.in_flight(backend))
+
     def _export_in_flight(self) -> None:
         if self._gauges is not None:
             for gauge, backend in zip(self._gauges, self.backends, strict=True):

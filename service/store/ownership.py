@@ -5,7 +5,9 @@ in the store (``instances``: its tag and a time until which it is alive, renewed
 seconds by the supervisor's upkeep). Whether a run's owner lives (:func:`owner_alive`):
 
 * in this PID namespace on this host (a sibling worker, or a previous life of this service):
-  its PID tells at once, whatever its lease says (a process killed a moment ago is dead now);
+  its PID tells a death at once (a process killed a moment ago is dead now, whatever its
+  lease says); a process that still exists but let its lease run out (stopped, hung, cut off
+  from the store) is taken for dead, as it would be on another host;
 * elsewhere (another host, another container): its lease; an instance killed there is dead
   once its lease has run out (``LEASE`` seconds at most);
 * a tag of an older version with no lease: its PID, as before.
@@ -38,7 +40,9 @@ def owner_alive(process: str | None, current: str, lease_alive: bool | None) -> 
         return False
     parts = process.split(":")
     here = (len(parts) >= 5 and parts[2] == _boot_id() and parts[4] == _pid_namespace())
-    if here or lease_alive is None:
+    if here:
+        return lease_alive is not False and alive(process, current)
+    if lease_alive is None:
         return alive(process, current)
     return lease_alive
 

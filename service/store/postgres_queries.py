@@ -49,6 +49,9 @@ from .records import (
     run_row as _run,
 )
 
+if TYPE_CHECKING:
+    from ..metrics import Metrics
+
 __all__ = ["Conn", "PostgresQueries", "announcing", "send_notifications"]
 
 T = TypeVar("T")
@@ -175,6 +178,7 @@ class PostgresQueries:
     """Conversations, messages, runs, run events and LLM calls, as PostgreSQL SQL."""
 
     process_id: str  # how this process tags the runs it runs
+    _metrics: Metrics  # the engine's
 
     if TYPE_CHECKING:  # the engine's (PostgresStore)
         async def _write(self, op: str, fn: Callable[[Conn], T]) -> T: ...
@@ -437,7 +441,11 @@ class PostgresQueries:
                 _notify(c, set(dead))  # their followers elsewhere read the end now
             return dead
 
-        return await self._write("recover_interrupted", fn)
+        closed = await self._write("recover_interrupted", fn)
+        # Ended here, not by their owner (it is gone): each counted once, by its closer.
+        if closed:
+            self._metrics.runs.labels("failed").inc(len(closed))
+        return closed
 
     async def get_run(self, run_id: str, *, owner: str | None = None) -> RunRecord:
         who, args = _owner_is(owner)

@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 
 from .ownership import owner_alive
 
+if TYPE_CHECKING:
+    from ..metrics import Metrics
+
 __all__ = ["SQLiteOwnership"]
 
 T = TypeVar("T")
@@ -29,6 +32,7 @@ class SQLiteOwnership:
     """Leases and ownership, as SQLite SQL."""
 
     process_id: str  # how this process tags the runs it runs
+    _metrics: Metrics  # the engine's
 
     if TYPE_CHECKING:  # the engine's (SQLiteStore)
         async def _write(self, op: str, fn: Callable[[sqlite3.Connection], T]) -> T: ...
@@ -122,7 +126,11 @@ class SQLiteOwnership:
                 )
             return dead
 
-        return await self._write("recover_interrupted", fn)
+        closed = await self._write("recover_interrupted", fn)
+        # Ended here, not by their owner (it is gone): each counted once, by its closer.
+        if closed:
+            self._metrics.runs.labels("failed").inc(len(closed))
+        return closed
 
     async def run_in_progress(self, run_id: str) -> Literal["here", "elsewhere"] | None:
         """Where a run stored as ``queued``/``running`` runs: ``"here"`` (this process),
