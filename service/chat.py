@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -82,6 +83,14 @@ class SSEParser:
         return frame
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _safe(text: str) -> str:
+    """Text from the service (model output, errors) without terminal control characters."""
+    return _CONTROL.sub("\ufffd", text)
+
+
 class Renderer:
     """What a turn shows: the answer as Markdown (live on a terminal), the steps dimmed."""
 
@@ -100,6 +109,7 @@ class Renderer:
             self._stream_tokens = True
 
     def token(self, text: str) -> None:
+        text = _safe(text)
         self._segment += text
         if not self._stream_tokens:
             return
@@ -119,10 +129,11 @@ class Renderer:
             # The text so far was a step's (a ReAct thought), not the answer.
             self._stop_live(Text(self._segment.strip(), style="dim"))
         self._segment = ""
-        self.steps.print(Text(_describe(kind, data), style="dim"))
+        self.steps.print(Text(_safe(_describe(kind, data)), style="dim"))
 
     def message(self, content: str) -> None:
         """The final answer (after its tokens, if any were shown)."""
+        content = _safe(content)
         if self.tty:
             self._stop_live(Markdown(content))
         elif self._printed:
@@ -141,7 +152,12 @@ class Renderer:
             self.out.file.flush()
         if status != "succeeded":
             why = f": {error['type']}: {error['message']}" if error else ""
-            self.err.print(Text(f"[run {status}{why}]", style="dim"))
+            self.err.print(Text(_safe(f"[run {status}{why}]"), style="dim"))
+
+    def reset(self) -> None:
+        """A turn that did not end normally: stop the live display, forget its text."""
+        self._stop_live(None)
+        self._segment = self._printed = ""
 
     def note(self, text: str) -> None:
         self.err.print(Text(text, style="dim"))
@@ -236,6 +252,10 @@ class Client:
                 frame = parser.feed(line)
                 if frame is not None:
                     await self._show(frame, turn)
+        if turn.status is None:
+            why = turn.error or {"type": "stream_ended", "message": "no run.finished"}
+            raise ChatError(f"the stream ended before the run did: {why.get('type')}: "
+                            f"{why.get('message')} (run {turn.run_id})")
 
     async def _show(self, frame: dict[str, Any], turn: Turn) -> None:
         kind, data = frame.get("event", ""), frame["data"]
@@ -293,7 +313,11 @@ def _run_turn(opts: Options, renderer: Renderer, conversation: str | None,
               content: str) -> tuple[str | None, Turn | None, int]:
     """One turn; the conversation, the turn, and an exit status if it should end the chat."""
     try:
-        conversation, turn = trio.run(_one_turn, opts, renderer, conversation, content)
+        try:
+            conversation, turn = trio.run(_one_turn, opts, renderer, conversation, content)
+        except BaseException:
+            renderer.reset()
+            raise
     except (KeyboardInterrupt, Interrupted):
         renderer.note("[interrupted]")
         return conversation, None, EXIT_INTERRUPTED

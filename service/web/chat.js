@@ -140,32 +140,60 @@ function addUser(text) {
 
 function running(runId) {
   state.run = runId;
+  if (!runId) state.stopPending = false;
   $("stop").hidden = !runId;
   $("send").disabled = Boolean(runId);
 }
 
+const STEPS = new Set(["thought", "tool.call", "tool.result", "plan", "step.started", "step.finished"]);
+const sleep = (ms) => new Promise((done) => setTimeout(done, ms));
+
+// One stream of the run's events; true once run.finished came.
 async function follow(resp, view, live) {
   let error = null;
   for await (const { id, event, data } of sseFrames(resp)) {
     if (event === "run.started") {
       live.run_id = data.run_id;
       running(data.run_id);
+      if (state.stopPending) stop();
     } else if (event === "token") view.token(data.text ?? "");
     else if (event === "message") { view.segment = data.content ?? ""; view.render(); }
+    else if (event === "error" && !id) view.note(`${data.type}: ${data.message}`); // not the run's: the stream's
     else if (event === "error") error = data;
     else if (event === "run.finished") {
       sessionStorage.removeItem(LIVE);
       view.ended(data.status, error);
-      return;
-    } else if (event) view.step(event, data);
+      return true;
+    } else if (STEPS.has(event)) view.step(event, data);
     if (id) {
       live.last_id = Number(id);
       live.text = view.segment;
       sessionStorage.setItem(LIVE, JSON.stringify(live));
     }
   }
-  sessionStorage.removeItem(LIVE);
-  view.note("the stream ended before the run did; reload to re-join");
+  return false;
+}
+
+// Follow the run to its end, re-joining (Last-Event-ID) when the stream drops.
+async function followRun(resp, view, live) {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      if (await follow(resp, view, live)) return;
+    } catch { /* the connection dropped */ }
+    if (!live.run_id || attempt >= 4) {
+      view.note("the stream ended before the run did; reload to re-join");
+      return;
+    }
+    await sleep(500 * 2 ** attempt);
+    try {
+      resp = await fetch(`/api/runs/${live.run_id}/events`, {
+        headers: headers({ "Last-Event-ID": String(live.last_id) }),
+      });
+    } catch { resp = null; }
+    if (resp && resp.status === 204) { sessionStorage.removeItem(LIVE); return; }
+    if (resp && !resp.ok) throw await failure(resp);
+    if (!resp) resp = new Response("");
+  }
 }
 
 function picks() {
@@ -186,8 +214,6 @@ async function send() {
       state.conversation = conv.id;
       await loadConversations();
     }
-    $("input").value = "";
-    addUser(content);
     const resp = await fetch(`/api/conversations/${state.conversation}/messages`, {
       method: "POST",
       headers: headers({ "Content-Type": "application/json" }),
@@ -195,7 +221,9 @@ async function send() {
       body: JSON.stringify({ content, stream: true, on_disconnect: "continue", ...picks() }),
     });
     if (!resp.ok) throw await failure(resp);
-    await follow(resp, new AssistantView(), { conversation_id: state.conversation, last_id: 0, text: "" });
+    $("input").value = "";
+    addUser(content);
+    await followRun(resp, new AssistantView(), { conversation_id: state.conversation, last_id: 0, text: "" });
   } catch (exc) {
     problem(exc.message);
   } finally {
@@ -204,7 +232,8 @@ async function send() {
 }
 
 async function stop() {
-  if (!state.run || state.run === "starting") return;
+  if (!state.run) return;
+  if (state.run === "starting") { state.stopPending = true; return; } // sent once the run is known
   try {
     await api("POST", `/api/runs/${state.run}/cancel`);
   } catch (exc) {
@@ -262,7 +291,7 @@ async function rejoin() {
       return;
     }
     if (!resp.ok) throw await failure(resp);
-    await follow(resp, new AssistantView(live.text || ""), live);
+    await followRun(resp, new AssistantView(live.text || ""), live);
   } finally {
     running(null);
   }
