@@ -17,7 +17,7 @@ What clients are told is what the store says:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import trio
@@ -205,6 +205,7 @@ class EventCommitter:
                 # at the budget all the same; if the write lands later, a re-join gets the end.
                 nursery.start_soon(self._tell_if_late, handle)
                 with trio.move_on_after(FINAL_WRITE_BUDGET):
+                    final = await self._with_earlier(final)
                     held = await self._store_final(handle, final)
                     if held is False:  # another instance closed it: tell what it stored
                         await self._adopt_stored_end(handle, final)
@@ -224,6 +225,19 @@ class EventCommitter:
             handle.give_up_end(unstored_end())
         elif not handle.published_final:
             self._keep_ended(handle)  # its earlier events are still to be published
+
+    async def _with_earlier(self, final: FinalState) -> FinalState:
+        """``final`` with the run's events that are not stored yet: a batch of them in flight
+        is decided first (stored, or refused and held), and those held go in the final state's
+        transaction. Else a refused batch would land after the run's end, and until it did
+        the store would hold an end with a hole before it (a reader on another instance takes
+        a finished run's stored events for all there are). The wait is a batch's, bounded by
+        ``WRITE_BUDGET``: within the final state's budget."""
+        async with self._lock:
+            earlier = self.take(final.run_id)
+        if not earlier:
+            return final
+        return replace(final, events=(*earlier, *final.events))
 
     @staticmethod
     async def _tell_if_late(handle: RunHandle) -> None:
