@@ -35,6 +35,7 @@ from ..errors import (
     ServiceError,
     ShuttingDown,
     StoreError,
+    StoreUnavailable,
     TooManyRuns,
     is_interrupt,
 )
@@ -51,6 +52,8 @@ from .wakeups import Wakeups
 __all__ = ["RunSpec", "RunSupervisor"]
 
 log = get_logger("service.runs")
+
+_ABANDONED_MAX = 10_000  # runs whose start failed, still to close if their write landed
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -97,6 +100,8 @@ class RunSupervisor:
         # Runs whose first write is in flight: set when each is launched (or failed to start).
         self._starting: dict[str, trio.Event] = {}
         self._cancel_at_launch: dict[str, str] = {}  # run id -> reason, asked while starting
+        # Runs whose start was answered as failed, though their first write may have landed.
+        self._abandoned: set[str] = set()
         self._starts_done = trio.Event()  # set when _reserved drops to 0 (drain waits on it)
         self._nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
@@ -131,7 +136,7 @@ class RunSupervisor:
                 nursery.start_soon(self._store.listen, self.wakeups.notified)
                 nursery.start_soon(upkeep.cancel_requests_loop, self._store, lambda: self._runs,
                                    self.wakeups)
-                nursery.start_soon(upkeep.recover_loop, self._store)
+                nursery.start_soon(upkeep.recover_loop, self._store, self._abandoned)
                 await nursery.start(upkeep.lease_loop, self._store, lambda: self._runs)
                 if self.events_retention > 0:
                     nursery.start_soon(upkeep.prune_loop, self._store, self.events_retention)
@@ -246,11 +251,18 @@ class RunSupervisor:
             # One write checks the conversation, resolves agent and model, stores the run, both
             # messages and event 1 (run.started), and reads the history for the agent; the
             # agent starts once it has landed.
-            begun = await self._store.begin_run(
-                spec.conversation_id, content=spec.content, agent=spec.agent,
-                model=spec.model, owner=spec.owner, default_model=spec.default_model,
-                run_id=run_id,
-            )
+            try:
+                begun = await self._store.begin_run(
+                    spec.conversation_id, content=spec.content, agent=spec.agent,
+                    model=spec.model, owner=spec.owner, default_model=spec.default_model,
+                    run_id=run_id,
+                )
+            except StoreUnavailable:
+                # Its COMMIT may have landed all the same (a connection lost during it): the
+                # caller is told no run started, so if it did, the upkeep closes it.
+                if len(self._abandoned) < _ABANDONED_MAX:
+                    self._abandoned.add(run_id)
+                raise
             handle = self._new_handle(begun, spec)
             handle.adopt_first_event(begun.started)
             await self._launch(handle, spec, go=None)

@@ -94,11 +94,22 @@ async def lease_loop(store: Store, live: Callable[[], dict[str, RunHandle]], *,
                         handle.cancel("the store cannot be reached; the run was stopped")
 
 
-async def recover_loop(store: Store) -> None:
+async def recover_loop(store: Store, abandoned: set[str]) -> None:
     """Close runs left running by a dead worker that shared the store (a killed sibling:
-    nothing else would, until the next start); this process's own are closed at its start."""
+    nothing else would, until the next start); this process's own are closed at its start.
+    ``abandoned``: this process's runs whose start it answered as failed though their first
+    write may have landed (a COMMIT lost with its connection): closed if it did."""
     while True:
         await trio.sleep(RECOVER_EVERY)
+        for run_id in list(abandoned):
+            try:
+                if await store.recover_interrupted(run_id, abandoned=True):
+                    log.warning("closed run %s: its start failed, but its write had landed",
+                                run_id)
+            except StoreError as exc:
+                log.warning("could not look for run %s (its start failed): %s", run_id, exc)
+                continue
+            abandoned.discard(run_id)
         try:
             closed = await store.recover_interrupted()
         except StoreError as exc:

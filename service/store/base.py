@@ -133,8 +133,11 @@ class Store(Protocol):
         closed it meanwhile (this one's lease had lapsed) or it is gone."""
         ...
 
-    async def recover_interrupted(self, run_id: str | None = None) -> list[str]:
-        """Close runs left in progress by a process that is gone; the ids closed."""
+    async def recover_interrupted(self, run_id: str | None = None, *,
+                                  abandoned: bool = False) -> list[str]:
+        """Close runs left in progress by a process that is gone; the ids closed.
+        ``abandoned``: ``run_id`` is this process's own, whose start it answered as failed
+        (its first write's COMMIT was lost, so it may have landed): closed if it did."""
         ...
 
     async def get_run(self, run_id: str, *, owner: str | None = None) -> RunRecord: ...

@@ -373,16 +373,22 @@ class PostgresQueries:
 
         return await self._write("finish_run", fn)
 
-    async def recover_interrupted(self, run_id: str | None = None) -> list[str]:
+    async def recover_interrupted(self, run_id: str | None = None, *,
+                                  abandoned: bool = False) -> list[str]:
         """Close runs left in progress by a process that is gone (see SQLiteStore's)."""
+        if abandoned and run_id is None:
+            raise ValueError("abandoned: one run of this process's, named")
         now = time.time()
-        reason = "interrupted: the service stopped before the run finished"
+        reason = ("the run could not be started: the store failed as it was written"
+                  if abandoned else "interrupted: the service stopped before the run finished")
 
         def find(c: Conn) -> list[str]:
             sql = ("SELECT r.id, r.process, " + _LEASE_ALIVE + " FROM runs r LEFT JOIN "
                    "instances i ON i.id = r.process WHERE r.status IN ('queued', 'running')")
             rows = (c.execute(sql + " AND r.id = %s", (run_id,)) if run_id is not None
                     else c.execute(sql)).fetchall()
+            if abandoned:  # this process's own, which it does not run
+                return [rid for rid, proc, _ in rows if proc == self.process_id]
             return [rid for rid, proc, lease in rows if proc != self.process_id
                     and not owner_alive(proc, self.process_id, lease)]
 

@@ -39,7 +39,8 @@ class SQLiteOwnership:
 
         async def _read(self, op: str, fn: Callable[[sqlite3.Connection], T]) -> T: ...
 
-    async def recover_interrupted(self, run_id: str | None = None) -> list[str]:
+    async def recover_interrupted(self, run_id: str | None = None, *,
+                                  abandoned: bool = False) -> list[str]:
         """Close runs left ``queued``/``running`` by a process that is gone (killed, crashed).
 
         Each becomes ``failed`` ("interrupted"), its pending reply ``error`` with what it had,
@@ -52,15 +53,22 @@ class SQLiteOwnership:
         write, which closes each only if it is still in progress (another worker may have been
         first).
         ``run_id``: look at that run only (a reader following a run whose owner is gone).
+        ``abandoned``: ``run_id`` is this process's own, whose start it answered as failed
+        (``Store.recover_interrupted``).
         """
+        if abandoned and run_id is None:
+            raise ValueError("abandoned: one run of this process's, named")
         now = time.time()
-        reason = "interrupted: the service stopped before the run finished"
+        reason = ("the run could not be started: the store failed as it was written"
+                  if abandoned else "interrupted: the service stopped before the run finished")
 
         def find(c: sqlite3.Connection) -> list[str]:
             sql = ("SELECT r.id, r.process, " + _LEASE_ALIVE + " FROM runs r LEFT JOIN "
                    "instances i ON i.id = r.process WHERE r.status IN ('queued', 'running')")
             rows = (c.execute(sql + " AND r.id = ?", (time.time(), run_id))
                     if run_id is not None else c.execute(sql, (time.time(),))).fetchall()
+            if abandoned:  # this process's own, which it does not run
+                return [rid for rid, proc, _ in rows if proc == self.process_id]
             return [rid for rid, proc, lease in rows if proc != self.process_id
                     and not owner_alive(proc, self.process_id, _flag(lease))]
 

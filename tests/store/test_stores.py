@@ -483,6 +483,25 @@ async def test_runs_of_a_dead_process_are_closed_at_the_next_start(db: Path | st
         assert await store.recover_interrupted() == []
 
 
+async def test_an_abandoned_start_is_closed_only_if_it_landed(db: Path | str) -> None:
+    # A run start the service answered as failed (its COMMIT lost with its connection) may
+    # have landed: the process closes it, by id, as its own; nothing else of its own.
+    async with open_store(db) as store:
+        conv = await store.create_conversation()
+        landed, *_ = await store.begin_run(conv.id, content="q", agent="chat", model=None)
+        other, *_ = await store.begin_run(conv.id, content="q2", agent="chat", model=None)
+        assert await store.recover_interrupted() == []  # its own runs: never "interrupted"
+        assert await store.recover_interrupted("run_never_stored", abandoned=True) == []
+        assert await store.recover_interrupted(landed.id, abandoned=True) == [landed.id]
+        got = await store.get_run(landed.id)
+        assert (got.status, "could not be started" in (got.error or "")) == ("failed", True)
+        assert (await store.list_run_events(landed.id))[-1].type == "run.finished"
+        assert (await store.get_run(other.id)).status == "running"
+        assert await store.recover_interrupted(landed.id, abandoned=True) == []  # once
+        with pytest.raises(ValueError, match="named"):
+            await store.recover_interrupted(abandoned=True)
+
+
 async def test_checkpoint_moves_the_wal_into_the_file(tmp_path: Path) -> None:
     # SQLite only: the WAL.
     db = tmp_path / "s.db"

@@ -17,6 +17,7 @@ import httpx
 import pytest
 import trio
 
+from service.runs.upkeep import RECOVER_EVERY
 from service.settings import Settings
 from service.sim import Reply
 from service.store.faults import InjectedFault
@@ -109,3 +110,88 @@ async def test_rejoin_on_another_instance_gets_every_token_the_store_has(
         # The re-join on B: every token the store has, in order, no hole.
         assert [e.id for e in rejoined] == list(range(1, len(rejoined) + 1))
         assert "".join(tokens(rejoined)) == reply["content"]
+
+
+async def test_a_run_start_answered_503_leaves_no_run_running_in_the_store(
+    settings: Settings, store_kind: str, request: pytest.FixtureRequest
+) -> None:
+    # PostgreSQL only: a COMMIT whose connection is lost while under way may have landed
+    # (the store's own docstring). Here the database is restarted-like (its backend terminated)
+    # while the COMMIT of a native run's first write waits: the transaction has committed
+    # locally, the service is told StoreUnavailable and answers 503. The store must not then
+    # keep a run "running" (and a "pending" reply) that nothing will ever end.
+    if store_kind != "postgres":
+        pytest.skip("an ambiguous COMMIT is PostgreSQL's")
+    import psycopg
+
+    postgres = request.getfixturevalue("postgres")
+    admin = postgres.url()
+    async with e2e(settings, "llamacpp") as env:
+        env.sim.script(Reply(tokens=5, interval=0.01))
+        store = env.server.services.require_store()
+        conv = await env.conversation()
+        dbname = str(settings.db).rsplit("/", 1)[1]
+        armed = threading.Event()
+
+        def before_commit() -> None:  # in the writer thread, before the COMMIT of begin_run
+            if not armed.is_set():
+                return
+            armed.clear()
+            # The COMMIT now waits for a (missing) synchronous standby: it has committed
+            # locally, and the connection is lost before the answer comes (as in a restart).
+            with psycopg.connect(admin, autocommit=True) as c:
+                c.execute("ALTER SYSTEM SET synchronous_standby_names = 'nosuch'")
+                c.execute("SELECT pg_reload_conf()")
+            time.sleep(0.5)
+
+        def terminate_waiting_commit() -> bool:
+            with psycopg.connect(admin, autocommit=True) as c:
+                rows = c.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = %s "
+                    "AND wait_event = 'SyncRep'", (dbname,)).fetchall()
+                for (pid,) in rows:
+                    c.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                if rows:
+                    c.execute("ALTER SYSTEM RESET synchronous_standby_names")
+                    c.execute("SELECT pg_reload_conf()")
+                return bool(rows)
+
+        def reset() -> None:
+            with psycopg.connect(admin, autocommit=True) as c:
+                c.execute("ALTER SYSTEM RESET synchronous_standby_names")
+                c.execute("SELECT pg_reload_conf()")
+
+        store.faults.before_commit = before_commit
+        responses: list[httpx.Response] = []
+        try:
+            armed.set()
+            with trio.fail_after(GUARD):
+                async with trio.open_nursery() as nursery:
+                    async def post() -> None:
+                        responses.append(await env.client.post(
+                            f"/api/conversations/{conv}/messages", json={"content": "go"}))
+                    nursery.start_soon(post)
+                    while not await trio.to_thread.run_sync(  # noqa: ASYNC110
+                            terminate_waiting_commit):
+                        await trio.sleep(0.05)
+        finally:
+            store.faults.before_commit = None
+            with trio.move_on_after(GUARD, shield=True):
+                await trio.to_thread.run_sync(reset)
+        (r,) = responses
+        assert r.status_code == 503, r.text  # the client is told no run was started
+        assert r.json()["error"]["type"] == "store_unavailable"
+
+        async def left_running() -> list[tuple[str, str]]:
+            messages = (await env.client.get(f"/api/conversations/{conv}")).json()["messages"]
+            replies = [m for m in messages if m["role"] == "assistant"]
+            runs = [(await env.client.get(f"/api/runs/{m['run_id']}")).json() for m in replies]
+            return [(m["status"], run["status"]) for m, run in zip(replies, runs, strict=True)
+                    if run["status"] in ("queued", "running")]
+
+        # Closed by the upkeep (it looks every RECOVER_EVERY seconds), if its write landed.
+        with trio.move_on_after(3 * RECOVER_EVERY):
+            while await left_running():  # noqa: ASYNC110 (the store's answer)
+                await trio.sleep(0.2)
+        assert await left_running() == [], (
+            "told 503, but the store keeps a run running that nothing will end")
