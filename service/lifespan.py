@@ -60,17 +60,6 @@ async def _start_services(app: QuartTrio, svc: Services, backend: Backend | None
     log.info("store open", extra={"db": describe_store(settings.db),
                                   "interrupted_runs": len(interrupted)})
     svc.tools = ToolRegistry([*BUILTIN_TOOLS, *load_tool_modules(settings.tools)])
-    if backend is None:
-        client = client_from_settings(settings)
-        stack.push_async_callback(client.aclose)
-        embedded_url = await _maybe_start_embedded(app, svc)
-        backend = build_backend(
-            settings, client, recorder=store, metrics=svc.metrics, embedded_url=embedded_url
-        )
-        stack.push_async_callback(backend.aclose)
-        if isinstance(backend, FleetBackend):
-            app.nursery.start_soon(_keep_fleet_fresh, backend)
-    svc.backend = backend
     supervisor = RunSupervisor(
         store,
         make_runner(
@@ -80,6 +69,18 @@ async def _start_services(app: QuartTrio, svc: Services, backend: Backend | None
         metrics=svc.metrics, max_runs=settings.max_runs, run_timeout=settings.run_timeout,
         events_retention=settings.events_retention_days * 86_400,
     )
+    if backend is None:
+        client = client_from_settings(settings)
+        stack.push_async_callback(client.aclose)
+        embedded_url = await _maybe_start_embedded(app, svc)
+        # Each LLM call's record: written in the call's path, again later if the store
+        # refused it (the supervisor runs the retries).
+        backend = build_backend(settings, client, recorder=supervisor.call_records,
+                                metrics=svc.metrics, embedded_url=embedded_url)
+        stack.push_async_callback(backend.aclose)
+        if isinstance(backend, FleetBackend):
+            app.nursery.start_soon(_keep_fleet_fresh, backend)
+    svc.backend = backend
     svc.supervisor = await app.nursery.start(supervisor.serve)
 
 

@@ -211,7 +211,8 @@ class Interceptor:
             with trio.move_on_after(self.record_timeout, shield=True) as scope:
                 await self._finish(call, failure)
             if scope.cancelled_caught:
-                log.warning("recording an LLM call took over %ss; dropped", self.record_timeout)
+                log.warning("recording an LLM call took over %ss; not waited for (the "
+                            "recorder may write it later)", self.record_timeout)
 
     async def _acquire(self, request: ChatRequest) -> None:
         """A slot of the limiter, waiting in its queue at most ``queue_timeout`` seconds."""

@@ -43,6 +43,7 @@ from ..logs import RUN_ID, get_logger
 from ..metrics import Metrics
 from ..store import BegunRun, MessageStatus, Store, new_id
 from . import upkeep
+from .call_records import CallRecords
 from .committer import FINAL_WRITE_BUDGET, EventCommitter, FinalState
 from .handle import RunHandle
 from .lifecycle import RunStatus
@@ -106,6 +107,7 @@ class RunSupervisor:
         self._nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
         self.committer = EventCommitter(store, self._runs.get)
+        self.call_records = CallRecords(store)  # the interceptor's recorder (lifespan)
         self.wakeups = Wakeups()  # what other instances committed (on PostgreSQL)
         self.reads = BatchedReads(store)  # readers' store reads, one query for all waiting
         self.draining = False
@@ -131,6 +133,7 @@ class RunSupervisor:
                 self._nursery = nursery
                 self._scope = nursery.cancel_scope
                 nursery.start_soon(self.committer.run)
+                nursery.start_soon(self.call_records.run)
                 nursery.start_soon(self.reads.run)
                 nursery.start_soon(upkeep.maintain_loop, self._store, self.committer)
                 nursery.start_soon(self._store.listen, self.wakeups.notified)
@@ -214,7 +217,9 @@ class RunSupervisor:
             handle.cancel("shutdown")
         for handle in list(self._runs.values()):
             await handle.finished.wait()
-        await self.committer.store_everything(FINAL_WRITE_BUDGET)
+        async with trio.open_nursery() as nursery:  # what the store refused: one more try
+            nursery.start_soon(self.committer.store_everything, FINAL_WRITE_BUDGET)
+            nursery.start_soon(self.call_records.store_everything, FINAL_WRITE_BUDGET)
         if self.unstored:
             log.error("shutting down with %d run(s) not stored: the store refused their final "
                       "state or events", self.unstored)

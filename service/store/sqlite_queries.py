@@ -498,8 +498,9 @@ class SQLiteQueries(SQLiteOwnership):
     async def record_llm_call(self, rec: LLMCallRecord) -> None:
         def fn(c: sqlite3.Connection) -> None:
             c.execute(
+                # A record written again (its first write's answer lost) is still one.
                 f"INSERT INTO llm_calls ({_CALL_COLS}) VALUES "
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
                 (rec.id, rec.backend, rec.model, rec.outcome.value, rec.started_at, rec.run_id,
                  rec.queue_wait, rec.ttft, rec.duration, rec.prompt_tokens,
                  rec.completion_tokens, int(rec.tokens_estimated), rec.error),

@@ -195,3 +195,36 @@ async def test_a_run_start_answered_503_leaves_no_run_running_in_the_store(
                 await trio.sleep(0.2)
         assert await left_running() == [], (
             "told 503, but the store keeps a run running that nothing will end")
+
+
+@pytest.mark.slow  # a real 6 s stall
+async def test_a_store_stall_under_the_final_budget_keeps_the_llm_call_record(
+    settings: Settings,
+) -> None:
+    # The store stalls for 6 s as the run's only LLM call ends (a slow volume, a database
+    # failing over): under the 15 s the run's end is given, so the run is stored succeeded,
+    # with usage saying it made one LLM call. The interceptor's record of that call must be
+    # in the store too: /api/llm-calls?run_id= is the only account of it.
+    async with e2e(settings, "llamacpp") as env:
+        env.sim.script(Reply(tokens=6, interval=0.05))
+        store = env.server.services.require_store()
+        conv = await env.conversation()
+        async with env.post_stream(conv, "go", on_disconnect="continue") as r:
+            stream = EventStream(r)
+            with trio.fail_after(GUARD):
+                seen = await stream.read(after_tokens(2))
+            await store.faults.hold_writes()  # a batch in progress: writes queue behind it
+            try:
+                await trio.sleep(6.0)
+            finally:
+                store.faults.release_writes()
+            with trio.fail_after(GUARD):
+                seen += await stream.read()
+        run_id = seen[0].data["run_id"]
+        assert seen[-1].type == "run.finished"
+        assert seen[-1].data["status"] == "succeeded"
+        run = (await env.client.get(f"/api/runs/{run_id}")).json()
+        assert (run["status"], run["usage"]["llm_calls"]) == ("succeeded", 1)
+        calls = await env.llm_calls(run_id)
+        assert len(calls) == 1, f"run stored with 1 LLM call; /api/llm-calls has {calls}"
+        assert calls[0]["outcome"] == "ok"
