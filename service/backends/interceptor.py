@@ -7,7 +7,9 @@ Outcomes: ``ok`` (the stream reached its done chunk), ``timed_out`` (a budget ra
 else). A call cut short still records the tokens seen so far, marked estimated.
 
 The record is written under ``trio.move_on_after(record_timeout, shield=True)``: a cancelled
-call must still leave its row, and a stuck store must not hold the caller forever.
+call must still leave its row, and a stuck store must not hold the caller forever (the
+service's recorder, ``service.runs.call_records``, keeps a record it could not write in time
+and writes it later).
 
 A call that finds every slot taken waits in the limiter's queue (first come, first served), at
 most ``queue_timeout`` seconds; past it the call fails with :class:`BackendBusy` (503 with
