@@ -160,7 +160,7 @@ class Renderer:
         self._segment = self._printed = ""
 
     def note(self, text: str) -> None:
-        self.err.print(Text(text, style="dim"))
+        self.err.print(Text(_safe(text), style="dim"))
 
     def _stop_live(self, final: Any) -> None:
         if self._live is not None:
@@ -340,10 +340,10 @@ def _run_turn(opts: Options, renderer: Renderer, conversation: str | None,
 
 def _report(renderer: Renderer, exc: BaseException) -> int:
     if isinstance(exc, httpx.HTTPError):
-        renderer.err.print(f"service chat: cannot reach the service: {exc}", markup=False,
+        renderer.err.print(_safe(f"service chat: cannot reach the service: {exc}"), markup=False,
                            highlight=False)
     else:
-        renderer.err.print(f"service chat: {exc}", markup=False, highlight=False)
+        renderer.err.print(_safe(f"service chat: {exc}"), markup=False, highlight=False)
     return 1
 
 

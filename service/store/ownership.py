@@ -6,8 +6,11 @@ seconds by the supervisor's upkeep). Whether a run's owner lives (:func:`owner_a
 
 * in this PID namespace on this host (a sibling worker, or a previous life of this service):
   its PID tells a death at once (a process killed a moment ago is dead now, whatever its
-  lease says); a process that still exists but let its lease run out (stopped, hung, cut off
-  from the store) is taken for dead, as it would be on another host;
+  lease says), and a running process is alive whatever its lease says (the PID and its start
+  tick cannot be fooled by a step of the wall clock, which a lease on SQLite is in); one that
+  is stopped (SIGSTOP, a debugger) and let its lease run out is dead, as it would be on
+  another host. (A process whose event loop hangs while it runs keeps its runs: only its
+  lease could tell, and on one host the PID is trusted over the clock.)
 * elsewhere (another host, another container): its lease; an instance killed there is dead
   once its lease has run out (``LEASE`` seconds at most);
 * a tag of an older version with no lease: its PID, as before.
@@ -41,7 +44,7 @@ def owner_alive(process: str | None, current: str, lease_alive: bool | None) -> 
     parts = process.split(":")
     here = (len(parts) >= 5 and parts[2] == _boot_id() and parts[4] == _pid_namespace())
     if here:
-        return lease_alive is not False and alive(process, current)
+        return alive(process, current) and not (lease_alive is False and _stopped(parts[0]))
     if lease_alive is None:
         return alive(process, current)
     return lease_alive
@@ -74,6 +77,15 @@ def alive(process: str | None, current: str) -> bool:
         # time, so a clock step (NTP) cannot make a live process look like another.
         return parts[2] == boot and parts[3] == str(ticks)
     return True  # cannot tell (a tag of an older version, no boot id): the PID exists
+
+
+def _stopped(pid: str) -> bool:
+    """Whether the process is stopped (SIGSTOP, a debugger's trace), from /proc."""
+    try:
+        stat = _proc_stat(int(pid))
+    except ValueError:
+        return False
+    return stat is not None and stat[0] in (b"T", b"t")
 
 
 def _proc_stat(pid: int) -> tuple[bytes, int] | None:

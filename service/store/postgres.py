@@ -91,10 +91,13 @@ _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://).*@", re.DOTALL)
 
 
 def _secrets(url: str) -> list[str]:
-    """The password of ``url`` as libpq reads it and as it is written (libpq echoes a token it
-    cannot read, such as a bad %-escape), longest first."""
+    """The password of ``url`` as libpq reads it and as it is written, in its user information
+    or a ``password=`` parameter (libpq echoes a token it cannot read, such as a bad
+    %-escape), longest first."""
     found = {str(_conninfo(url).get("password") or "")}
     if (m := re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^:@/]*:(.*)@", url, re.DOTALL)):
+        found |= {m.group(1), unquote(m.group(1))}
+    for m in re.finditer(r"[?&]password=([^&#]*)", url):
         found |= {m.group(1), unquote(m.group(1))}
     return sorted((s for s in found if s), key=len, reverse=True)
 

@@ -7,18 +7,22 @@ a user does (a subprocess; a pseudo-terminal that is its controlling terminal)."
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
+from io import StringIO
 from typing import Any
 
 import httpx
 import pytest
 import trio
+from rich.console import Console
 
+from service import chat
 from service.backends.base import ChatRequest
 from service.errors import StoreUnavailable
 from service.settings import Settings
@@ -468,3 +472,59 @@ async def test_page_shutdown_event_keeps_the_answer(settings: Settings) -> None:
     assert seen["answer"].split() == reply["content"].split(), (
         f"the page shows {seen['answer'].count('tick')} ticks as the answer, the store "
         f"{reply['content'].count('tick')}; steps: {seen['steps']}")
+
+
+# -- the terminal client: the service's error text ------------------------------------------
+
+_ESC = "\x1b]0;PWNED\x1b\\\x1b[2J"  # sets the window title, clears the screen
+
+
+def _run_chat_turn(monkeypatch: pytest.MonkeyPatch,
+                   handler: Any) -> tuple[int, str]:
+    def http(opts: chat.Options) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=opts.url, transport=httpx.MockTransport(handler))
+
+    monkeypatch.setattr(chat, "_http", http)
+    out, err = StringIO(), StringIO()
+    renderer = chat.Renderer(Console(file=out, force_terminal=True, color_system=None),
+                             Console(file=err, force_terminal=True, color_system=None))
+    opts = chat.Options(url="http://svc", key=None, agent=None, model=None,
+                        conversation="conv_1", message="hi")
+    _, _, status = chat._run_turn(opts, renderer, "conv_1", "hi")
+    return status, out.getvalue() + err.getvalue()
+
+
+def test_cli_error_text_from_the_service_cannot_drive_the_terminal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fix strips control characters from model text and run errors, but a failed
+    request's error (``_error_of`` -> ``_report``) goes to the terminal as the service wrote
+    it: rich passes ESC through."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503, json={"error": {
+            "type": "backend_error", "message": f"upstream said: {_ESC}bye"}})
+
+    status, shown = _run_chat_turn(monkeypatch, handler)
+    assert status == 1
+    assert "upstream said" in shown
+    assert "\x1b" not in shown, repr(shown)
+
+
+def test_cli_error_frame_text_cannot_drive_the_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream ending on an error frame (no run.finished) is reported with the frame's
+    message, unfiltered."""
+    error = json.dumps({"type": "backend_error", "message": f"upstream said: {_ESC}bye"})
+    stream = (
+        'id: 1\nevent: run.started\ndata: {"run_id":"run_1","conversation_id":"conv_1",'
+        '"agent":"chat","model":"m"}\n\n'
+        f"event: error\ndata: {error}\n\n"
+    )
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"Content-Type": "text/event-stream"},
+                              content=stream.encode())
+
+    status, shown = _run_chat_turn(monkeypatch, handler)
+    assert status == 1
+    assert "upstream said" in shown
+    assert "\x1b" not in shown, repr(shown)

@@ -322,11 +322,12 @@ async def test_runs_closed_after_a_worker_dies_are_counted(tmp_path: Path) -> No
 
 @pytest.mark.slow
 async def test_a_run_whose_owner_lease_expired_is_closed_by_a_sibling(tmp_path: Path) -> None:
-    # A worker that stops answering (SIGSTOP here; a blocked event loop does the same) stops
-    # renewing its lease. Past the lease the contract has the other instances close its runs,
-    # and a cancel asked elsewhere close the run at once. On one host, owner_alive asks the PID
-    # "whatever its lease says": the PID lives, so the run stays "running" for ever, a cancel
-    # sent to the sibling answers 202 "running", and re-joins on the sibling never end.
+    # A worker that is stopped (SIGSTOP) stops renewing its lease. Past the lease the contract
+    # has the other instances close its runs, and a cancel asked elsewhere close the run at
+    # once. Before, on one host owner_alive asked the PID "whatever its lease says": the PID
+    # lived, so the run stayed "running" for ever, a cancel sent to the sibling answered 202
+    # "running", and re-joins on the sibling never ended. (A running process is still judged
+    # by its PID: a step of the wall clock, which SQLite's leases are in, must not kill it.)
     from service.store.ownership import LEASE
 
     sim = Simulator(("sim-model",), default=Reply(tokens=2000, interval=0.05),

@@ -4,8 +4,15 @@ lease has lapsed for a dead one's and closes it (found by a review; failed befor
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
@@ -14,6 +21,7 @@ from service.metrics import Metrics
 from service.runs import RunSpec, RunStatus
 from service.runs.supervisor import RunSupervisor
 from service.store import SQLiteStore
+from service.store.ownership import LEASE, process_tag
 from service.tools import BUILTIN_TOOLS, ToolRegistry
 
 from ..fakes import Reply, ScriptedBackend, _inline
@@ -54,3 +62,60 @@ async def test_a_run_started_at_once_is_not_taken_for_a_dead_instances(
     finally:
         await other.aclose()
         await store.aclose()
+
+
+class _SteppedClock:
+    """``time`` with its wall clock stepped ``by`` seconds (NTP correcting a drifted clock)."""
+
+    def __init__(self, by: float) -> None:
+        self.by = by
+
+    def time(self) -> float:
+        return time.time() + self.by
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+async def test_a_wall_clock_step_does_not_close_a_live_sibling_workers_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two workers on one host share a SQLite file. The sibling is alive and renewed its
+    lease a moment ago; the wall clock then steps forward by a minute. On SQLite a lease is
+    wall-clock time (written and read on this host), so every lease looks expired until the
+    next renewal, and ``owner_alive`` now takes a live same-host process for dead: the
+    other worker's recover loop (every 5 s) closes its runs. Before, the PID and its start
+    tick (not the wall clock, ``ownership.alive``) said alive."""
+    sibling = await trio.lowlevel.open_process(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        db = tmp_path / "s.db"
+        owner = SQLiteStore(db, threaded=False, process_id=process_tag(sibling.pid))
+        other = SQLiteStore(db, threaded=False)
+        await owner.open()
+        await other.open()
+        try:
+            await owner.renew_lease(LEASE)
+            conv = await owner.create_conversation()
+            run = (await owner.begin_run(conv.id, content="q", agent="chat", model=None)).run
+            assert await other.recover_interrupted() == []  # alive
+            monkeypatch.setattr("service.store.sqlite_ownership.time", _SteppedClock(60.0))
+            closed = await other.recover_interrupted()
+            assert closed == [], "a live worker's run was closed after a clock step"
+            assert (await other.get_run(run.id)).status in ("queued", "running")
+            # Stopped (SIGSTOP) with its lease run out: dead, as it would be on another host.
+            os.kill(sibling.pid, signal.SIGSTOP)
+            try:
+                with trio.fail_after(5):
+                    while not await other.recover_interrupted():  # noqa: ASYNC110 (the store)
+                        await trio.sleep(0.01)
+            finally:
+                os.kill(sibling.pid, signal.SIGCONT)
+            assert (await other.get_run(run.id)).status == "failed"
+        finally:
+            await other.aclose()
+            await owner.aclose()
+    finally:
+        sibling.kill()
+        with trio.move_on_after(5, shield=True):
+            await sibling.wait()

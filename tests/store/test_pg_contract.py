@@ -173,3 +173,14 @@ async def test_a_batch_that_fails_as_a_whole_fails_every_write_in_it(pg_url: str
             await store.get_conversation(conv.id)
         assert all(isinstance(r, StoreUnavailable) for r in results.values()), results
 
+
+async def test_password_given_as_a_query_parameter_is_scrubbed_from_a_malformed_url() -> None:
+    """libpq takes the password from the URL's query too (``?password=``). A malformed escape
+    there is echoed by libpq ("invalid percent-encoded token: ...") and ``_secrets`` only
+    knows the user-information form, so the password reaches the start-up error (stderr,
+    logs) in clear."""
+    secret = "S3cr3t-Pw"
+    store = make_store(f"postgresql://app@127.0.0.1:1/db?password={secret}%zz")
+    with pytest.raises(StoreError) as caught:
+        await store.open()
+    assert secret not in str(caught.value), str(caught.value)
