@@ -37,6 +37,7 @@ from .lifespan import _start_services, _stop_services
 from .logs import REQUEST_ID, get_logger
 from .metrics import METRICS, Metrics
 from .origins import OriginPolicy
+from .sendstall import install as drop_stalled_clients
 from .services import Services
 from .settings import Settings, load_settings
 from .tokens import TokenSigner
@@ -304,4 +305,6 @@ def create_app(
     # Idle keep-alive connections get closed again (after keep_alive_timeout, or at shutdown);
     # runs a request started end with it unless handed over (service/api/owned.py).
     app.asgi_app = KeepAliveFix(CancelOwnedRuns(app.asgi_app))  # type: ignore[method-assign]
+    # A client that stops reading but keeps its connection is dropped (service/sendstall.py).
+    drop_stalled_clients(settings.sse_keepalive)
     return app

@@ -1,0 +1,69 @@
+"""A client that stops reading is dropped (hypercorn, trio worker).
+
+Hypercorn writes each response's bytes with ``send_all`` under a shield
+(``TCPServer.protocol_send``), so nothing can end a write whose peer has stopped reading but
+keeps its connection open (its receive window full): the response's task, its run's
+subscription and its socket were kept for as long as the client held the connection, its
+``on_disconnect: cancel`` run went on for nobody, and a graceful shutdown waited for it
+(hypercorn's ``graceful_timeout`` cannot cut a shielded write).
+
+The fix: the write goes in pieces of ``_PIECE`` bytes, and a piece the peer does not take
+within the stall limit closes the connection. Hypercorn then reports it closed, the app gets
+``http.disconnect`` (or the WebSocket ends), and the response's runs are cancelled as for any
+client that leaves. The limit is a want of progress, not a deadline for the whole write: a
+slow reader that takes a piece within it is never cut. Installed once per process by
+``create_app``, with the limit ``STALL_KEEPALIVES`` keep-alive intervals (60 s by default;
+at least ``STALL_MIN``): a client that has not taken one piece in that long would have missed
+several keep-alives.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+from hypercorn.events import Closed, RawData
+from hypercorn.trio import tcp_server
+
+from .logs import get_logger
+
+__all__ = ["STALL_KEEPALIVES", "STALL_MIN", "install"]
+
+log = get_logger("service.server")
+
+STALL_KEEPALIVES = 4  # keep-alive intervals a write may wait for the peer to take a piece
+STALL_MIN = 2.0  # seconds, at least
+_PIECE = 64 * 1024  # bytes written at a time (progress is one piece taken)
+
+_stall = [60.0]  # seconds; set by install()
+_original = tcp_server.TCPServer.protocol_send
+
+
+async def _protocol_send(self: Any, event: Any) -> None:
+    if not isinstance(event, RawData):
+        await _original(self, event)
+        return
+    async with self.send_lock:
+        data = memoryview(event.data)
+        stalled = False
+        try:
+            with trio.CancelScope(shield=True):  # as hypercorn's: a write is not cut short...
+                for at in range(0, len(data), _PIECE):
+                    with trio.move_on_after(_stall[0]) as piece:  # ...unless it stalls
+                        await self.stream.send_all(data[at:at + _PIECE])
+                    if piece.cancelled_caught:
+                        stalled = True
+                        break
+            if stalled:
+                log.warning("a client took nothing for %gs: its connection is closed",
+                            _stall[0])
+                await self.stream.aclose()
+                await self.protocol.handle(Closed())
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.protocol.handle(Closed())
+
+
+def install(keepalive: float) -> None:
+    """Drop clients that stop reading for ``STALL_KEEPALIVES`` x ``keepalive`` seconds."""
+    _stall[0] = max(STALL_KEEPALIVES * keepalive, STALL_MIN)
+    tcp_server.TCPServer.protocol_send = _protocol_send  # type: ignore[method-assign]

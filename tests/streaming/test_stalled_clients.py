@@ -1,0 +1,147 @@
+"""A client that stops reading but keeps its connection open is dropped (service/sendstall.py;
+found by a review, each test failed before): its cancel run stops, and it cannot hold a
+shutdown past its bounds. Raw sockets with a small receive buffer."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import h11
+import trio
+
+from service.runs import RunStatus
+from service.settings import Settings, load_settings
+
+from ..fakes import Reply, ScriptedBackend
+from ..servers import RunningServer, running_server
+
+GUARD = 10  # seconds any wait may take before the test fails
+
+
+def _settings(tmp_path: Path, **update: Any) -> Settings:
+    return load_settings(db=tmp_path / "service.db", **update)
+
+
+async def _raw_connect(srv: RunningServer, *, rcvbuf: int | None = None) -> trio.SocketStream:
+    """A raw TCP connection; ``rcvbuf``: a small receive buffer, so a client that stops
+    reading fills the window fast."""
+    host, port = srv.url.removeprefix("http://").rsplit(":", 1)
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    await sock.connect((host, int(port)))
+    return trio.SocketStream(sock)
+
+
+def _request(method: str, target: str, body: Any = None) -> bytes:
+    raw = b"" if body is None else json.dumps(body).encode()
+    conn = h11.Connection(h11.CLIENT)
+    head = conn.send(h11.Request(method=method, target=target, headers=[
+        ("Host", "127.0.0.1"), ("Content-Type", "application/json"),
+        ("Content-Length", str(len(raw)))]))
+    return head + conn.send(h11.Data(data=raw)) + conn.send(h11.EndOfMessage())
+
+
+async def _read_until(stream: trio.SocketStream, marker: bytes, limit: int = 1 << 20) -> bytes:
+    data = b""
+    while marker not in data:
+        chunk = await stream.receive_some(4096)
+        assert chunk, f"closed before {marker!r}: {data[:500]!r}"
+        data += chunk
+        assert len(data) < limit
+    return data
+
+
+async def _conversation(srv: RunningServer) -> str:
+    async with srv.client() as c:
+        r = await c.post("/api/conversations", json={})
+        assert r.status_code == 201, r.text
+        return str(r.json()["id"])
+
+
+# -- a client that stops reading ----------------------------------------------------------------
+
+BIG = ("x" * 4000 + " ") * 4000  # 16 MB of tokens: far more than socket buffers hold
+
+
+async def _stalled_stream(srv: RunningServer, conv: str) -> tuple[trio.SocketStream, str]:
+    """A streamed message whose client reads its first token, then nothing more."""
+    stream = await _raw_connect(srv, rcvbuf=4096)
+    await stream.send_all(_request("POST", f"/api/conversations/{conv}/messages",
+                                   {"content": "hi", "stream": True}))
+    with trio.fail_after(GUARD):
+        head = await _read_until(stream, b"event: token")
+    assert head.startswith(b"HTTP/1.1 200")
+    run_id = json.loads(head.split(b"data: ", 1)[1].split(b"\n", 1)[0])["run_id"]
+    return stream, str(run_id)
+
+
+async def test_a_client_that_stops_reading_is_dropped_and_its_cancel_run_stopped(
+    tmp_path: Path,
+) -> None:
+    # The contract: "a client that stops reading is eventually dropped, without leaking the
+    # run (on_disconnect: cancel) or the memory". The client keeps its TCP connection open
+    # but reads nothing; the run (paced, long) is not slowed by it (pull model), so it goes
+    # on producing into a window no one will ever read, and the response task is parked for
+    # ever in hypercorn's shielded send_all. Keep-alive is 0.2 s here: 25 keep-alive
+    # intervals with not one byte taken by the client is "eventually" by any measure.
+    backend = ScriptedBackend(lambda req: Reply(BIG, gap=0.01))
+    settings = _settings(tmp_path, sse_keepalive=0.2)
+    stalled_for = 5.0
+    async with running_server(settings, backend) as srv:
+        conv = await _conversation(srv)
+        stream, run_id = await _stalled_stream(srv, conv)
+        try:
+            sup = srv.services.require_supervisor()
+            handle = sup.get(run_id)
+            assert handle is not None
+            # From now on the client reads nothing.
+            with trio.move_on_after(stalled_for):
+                await handle.finished.wait()
+            status = handle.status
+            emitted = handle.emitted_seq
+        finally:
+            await stream.aclose()  # lets the parked send fail, so the server can stop
+    assert status is not RunStatus.running, (
+        f"{stalled_for} s after the client stopped reading (keep-alive 0.2 s) its "
+        f"on_disconnect=cancel run is still running, {emitted} events emitted for nobody")
+
+
+async def test_a_client_that_stops_reading_does_not_hold_shutdown_past_its_bound(
+    tmp_path: Path,
+) -> None:
+    # graceful_timeout bounds how long requests in flight may hold a shutdown. A client that
+    # stops reading parks its response in hypercorn's *shielded* send_all, which no cancel
+    # reaches: the server never finishes shutting down (here: until the test closes the
+    # client's socket itself, LIMIT seconds later).
+    backend = ScriptedBackend(lambda req: Reply(BIG, gap=0.01))
+    settings = _settings(tmp_path, sse_keepalive=0.2, shutdown_drain=0.5)
+    limit = 8.0  # graceful_timeout 1 s + drain 0.5 s + a wide margin
+    leaving = trio.Event()
+    unstuck: list[float] = []
+    stream: trio.SocketStream | None = None
+
+    async def unstick() -> None:
+        await leaving.wait()
+        await trio.sleep(limit)
+        unstuck.append(trio.current_time())
+        assert stream is not None
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(unstick)
+        async with running_server(settings, backend, graceful_timeout=1) as srv:
+            conv = await _conversation(srv)
+            stream, _ = await _stalled_stream(srv, conv)
+            await trio.sleep(0.5)  # the client's window is full
+            leaving.set()
+            start = trio.current_time()
+        took = trio.current_time() - start
+        nursery.cancel_scope.cancel()
+    await stream.aclose()
+    assert not unstuck, (
+        f"the shutdown took {took:.1f} s with graceful_timeout=1: it ended only when the "
+        "stalled client's socket was closed")
