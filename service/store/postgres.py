@@ -55,13 +55,8 @@ from ..settings import _redact
 from .faults import InjectedFault, StoreFaults
 from .group_commit import GroupCommit, PendingWrite
 from .ownership import process_tag
-from .postgres_queries import (
-    CHANNEL,
-    Conn,
-    PostgresQueries,
-    announcing,
-    send_notifications,
-)
+from .pg_notify import CHANNEL, announcing, send_notifications
+from .postgres_queries import Conn, PostgresQueries
 from .schema import PG_MIGRATIONS
 
 __all__ = ["PostgresStore", "describe_url"]

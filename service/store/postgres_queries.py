@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import os
 import socket
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import psycopg
@@ -23,6 +21,7 @@ import psycopg
 from ..errors import NotFound
 from ..text import clean_text
 from .ownership import owner_alive
+from .pg_notify import notify as _notify
 from .records import (
     BegunRun,
     Conversation,
@@ -52,7 +51,7 @@ from .records import (
 if TYPE_CHECKING:
     from ..metrics import Metrics
 
-__all__ = ["Conn", "PostgresQueries", "announcing", "send_notifications"]
+__all__ = ["Conn", "PostgresQueries"]
 
 T = TypeVar("T")
 Conn = psycopg.Connection[Any]
@@ -123,55 +122,9 @@ def _owner_is(owner: str | None) -> tuple[str, tuple[Any, ...]]:
     return ("owner IS NULL", ()) if owner is None else ("owner = %s", (owner,))
 
 
-
-
-
 # Whether a run's owner holds a current lease (in the database's time), NULL if it has none.
 _LEASE_ALIVE = ("CASE WHEN i.id IS NULL THEN NULL "
                 "ELSE i.lease_until > extract(epoch FROM clock_timestamp()) END")
-
-
-CHANNEL = "service_runs"  # LISTEN/NOTIFY: ids only; the rows are the truth
-_NOTIFY_MAX = 7000  # bytes of payload (PostgreSQL's limit is 8000): past it, "*" (every run)
-
-
-class _Announced(threading.local):
-    """What the write transaction running in this thread announces at its COMMIT."""
-
-    items: list[str] | None = None
-
-
-_announced = _Announced()
-
-
-def _notify(c: Conn, items: Iterable[str]) -> None:
-    """Wake other instances' readers of these runs (run ids; ``cancel:<run id>`` for a cancel
-    asked) once the transaction commits: the items of all the writes of a batch go in one
-    notification (:func:`announcing`), sent just before its COMMIT."""
-    if _announced.items is None:  # not in a batch: at this write's own commit
-        send_notifications(c, items)
-    else:
-        _announced.items.extend(items)
-
-
-@contextmanager
-def announcing() -> Iterator[list[str]]:
-    """A write transaction in this thread: what its writes announce (a write rolled back to
-    its savepoint takes its items back out), to be sent with :func:`send_notifications`."""
-    items: list[str] = []
-    _announced.items = items
-    try:
-        yield items
-    finally:
-        _announced.items = None
-
-
-def send_notifications(c: Conn, items: Iterable[str]) -> None:
-    """One NOTIFY for ``items`` (past PostgreSQL's payload limit: ``*``, every run)."""
-    payload = ",".join(sorted(set(items)))
-    if payload:
-        c.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload if len(payload) <= _NOTIFY_MAX
-                                                 else "*"))
 
 
 class PostgresQueries:

@@ -142,7 +142,12 @@ async def test_a_run_start_answered_503_leaves_no_run_running_in_the_store(
             with psycopg.connect(admin, autocommit=True) as c:
                 c.execute("ALTER SYSTEM SET synchronous_standby_names = 'nosuch'")
                 c.execute("SELECT pg_reload_conf()")
-            time.sleep(0.5)
+            deadline = time.monotonic() + GUARD
+            while time.monotonic() < deadline:  # until the server has reloaded it
+                with psycopg.connect(admin, autocommit=True) as c:
+                    row = c.execute("SHOW synchronous_standby_names").fetchone()
+                if row is not None and row[0] == "nosuch":
+                    break
 
         def terminate_waiting_commit() -> bool:
             with psycopg.connect(admin, autocommit=True) as c:
