@@ -73,6 +73,7 @@ class EventCommitter:
         self._retrying = False  # the last batch was refused: the next may hold stored events
         self._wake = trio.Event()
         self._lock = trio.Lock()  # one batch in flight at a time
+        self._in_flight: set[str] = set()  # the runs with events in the batch in flight
         # Final states the store did not take within the budget: retried until it does.
         self._final_retries: list[tuple[RunHandle, FinalState]] = []
         self._final_retry_lock = trio.Lock()
@@ -139,42 +140,51 @@ class EventCommitter:
             batch, self._pending = self._pending, []
             if not batch:
                 return True
-            stored = False
-            not_held: set[str] = set()
+            self._in_flight = {e.run_id for e in batch}
             try:
-                with trio.move_on_after(WRITE_BUDGET) as write:
-                    # After a refusal some may have landed (a write that timed out): skipped.
-                    not_held = await self._store.append_run_events(
-                        batch, retry=self._retrying)
-                    stored = True
-                if write.cancelled_caught:
-                    log.error("storing %d run events took over %ss; will retry", len(batch),
-                              WRITE_BUDGET)
-            except StoreError as exc:
-                log.error("could not store %d run events (will retry): %s", len(batch),
-                          exc.message)
-            if not stored:
-                # Held, ahead of what came since, and not published: a client is never shown
-                # an event a crash now could lose.
-                self._pending = batch + self._pending
-                self._retrying = True
-                self._fail_runs_past_the_bound()
-                return False
-            self._retrying = False
-            by_run: dict[str, list[RunEvent]] = {}
-            for e in batch:
-                by_run.setdefault(e.run_id, []).append(e)
-            for run_id, events in by_run.items():
-                handle = self._live(run_id) or self._ended.get(run_id)
-                if run_id in not_held:  # not stored, so never shown
-                    if handle is not None:
-                        _lost(handle)
-                    continue
+                return await self._write_batch(batch)
+            finally:
+                self._in_flight = set()  # stored, or put back in _pending: decided
+
+    async def _write_batch(self, batch: list[RunEvent]) -> bool:
+        """Write a batch taken by ``_flush`` (under its lock), then publish it; False if the
+        store refused it (put back in ``_pending``, ahead of what came since)."""
+        stored = False
+        not_held: set[str] = set()
+        try:
+            with trio.move_on_after(WRITE_BUDGET) as write:
+                # After a refusal some may have landed (a write that timed out): skipped.
+                not_held = await self._store.append_run_events(
+                    batch, retry=self._retrying)
+                stored = True
+            if write.cancelled_caught:
+                log.error("storing %d run events took over %ss; will retry", len(batch),
+                          WRITE_BUDGET)
+        except StoreError as exc:
+            log.error("could not store %d run events (will retry): %s", len(batch),
+                      exc.message)
+        if not stored:
+            # Held, ahead of what came since, and not published: a client is never shown
+            # an event a crash now could lose.
+            self._pending = batch + self._pending
+            self._retrying = True
+            self._fail_runs_past_the_bound()
+            return False
+        self._retrying = False
+        by_run: dict[str, list[RunEvent]] = {}
+        for e in batch:
+            by_run.setdefault(e.run_id, []).append(e)
+        for run_id, events in by_run.items():
+            handle = self._live(run_id) or self._ended.get(run_id)
+            if run_id in not_held:  # not stored, so never shown
                 if handle is not None:
-                    handle.publish(events)
-                    if handle.final_stored and handle.published_final:
-                        self._ended.pop(run_id, None)
-            return True
+                    _lost(handle)
+                continue
+            if handle is not None:
+                handle.publish(events)
+                if handle.final_stored and handle.published_final:
+                    self._ended.pop(run_id, None)
+        return True
 
     def _fail_runs_past_the_bound(self) -> None:
         """While the store refuses events, the runs making them go on (a database restart
@@ -233,7 +243,10 @@ class EventCommitter:
         the store would hold an end with a hole before it (a reader on another instance takes
         a finished run's stored events for all there are). The wait is a batch's, bounded by
         ``WRITE_BUDGET``: within the final state's budget."""
-        async with self._lock:
+        if final.run_id in self._in_flight:
+            async with self._lock:  # its batch decided
+                earlier = self.take(final.run_id)
+        else:  # all of it not stored yet is in _pending (sync: no batch can take it meanwhile)
             earlier = self.take(final.run_id)
         if not earlier:
             return final
