@@ -44,19 +44,20 @@ async def _protocol_send(self: Any, event: Any) -> None:
         await _original(self, event)
         return
     async with self.send_lock:
-        data = memoryview(event.data)
-        stalled = False
+        data, stall = event.data, _stall[0]
         try:
-            with trio.CancelScope(shield=True):  # as hypercorn's: a write is not cut short...
-                for at in range(0, len(data), _PIECE):
-                    with trio.move_on_after(_stall[0]) as piece:  # ...unless it stalls
-                        await self.stream.send_all(data[at:at + _PIECE])
-                    if piece.cancelled_caught:
-                        stalled = True
-                        break
-            if stalled:
-                log.warning("a client took nothing for %gs: its connection is closed",
-                            _stall[0])
+            # One scope, as hypercorn's: shielded (a write is not cut short by the app's
+            # cancellation), but with its own deadline, moved on as each piece is taken.
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + stall) as scope:
+                if len(data) <= _PIECE:  # nearly every write: one frame
+                    await self.stream.send_all(data)
+                else:
+                    view = memoryview(data)
+                    for at in range(0, len(view), _PIECE):
+                        await self.stream.send_all(view[at:at + _PIECE])
+                        scope.deadline = trio.current_time() + stall
+            if scope.cancelled_caught:
+                log.warning("a client took nothing for %gs: its connection is closed", stall)
                 await self.stream.aclose()
                 await self.protocol.handle(Closed())
         except (trio.BrokenResourceError, trio.ClosedResourceError):
