@@ -21,27 +21,9 @@ import trio
 from service.sim import Reply, Simulator, open_simulator
 
 from ..servers import ROOT
+from .test_workers import _children
 
 GUARD = 60
-
-
-def _children(pid: int) -> set[int]:
-    """The live worker processes of ``pid`` (from /proc; not multiprocessing's tracker)."""
-    out = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if (int(fields[1]) == pid and fields[0] not in (b"Z", b"X")
-                and b"resource_tracker" not in cmdline):
-            out.add(int(entry))
-    return out
 
 
 def _env(tmp_path: Path, sim_url: str, **extra: str) -> dict[str, str]:
