@@ -44,7 +44,12 @@ async def _start_services(app: QuartTrio, svc: Services, backend: Backend | None
     settings = svc.settings
     stack = AsyncExitStack()
     svc.extras["stack"] = stack
-    store = make_store(settings.db, synchronous=settings.db_synchronous, metrics=svc.metrics)
+    store = make_store(
+        settings.db,
+        synchronous=settings.db_synchronous,
+        metrics=svc.metrics,
+        statement_timeout=settings.db_timeout,
+    )
     try:
         await store.open()
     except StoreError as exc:  # a path that cannot be a store, a database away: say which

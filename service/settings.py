@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     # Days the events of a finished run are kept (0: for ever); its messages always are.
     events_retention_days: float = Field(0.0, ge=0, le=36_500)
     db_synchronous: str = "NORMAL"
+    # PostgreSQL: each statement's statement_timeout; a server that does not answer at all
+    # (frozen, a network dropping packets) has its connection cut 5 s after it.
+    db_timeout: float = Field(30.0, gt=0, le=3600)
     tools: Annotated[tuple[str, ...], NoDecode] = ()  # modules with a deployer's own tools
     log_level: str = "INFO"
     log_format: str = "json"

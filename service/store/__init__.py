@@ -65,12 +65,14 @@ def describe_store(db: str | os.PathLike[str]) -> str:
 def make_store(db: str | os.PathLike[str], **kwargs: Any) -> Store:
     """The store ``db`` names, not opened yet. ``kwargs`` go to the store's class (``metrics``
     for both; ``synchronous``, ``threaded``, ``wal_size_limit``... are SQLite's and are
-    dropped for PostgreSQL)."""
+    dropped for PostgreSQL; ``statement_timeout`` is PostgreSQL's and is dropped for
+    SQLite)."""
     if is_postgres_url(db):
         from .postgres import PostgresStore  # psycopg is loaded only when it is used
 
         pg = {k: v for k, v in kwargs.items() if k in PostgresStore.OPTIONS}
         return PostgresStore(str(db), **pg)
+    kwargs.pop("statement_timeout", None)
     return SQLiteStore(Path(db), **kwargs)
 
 

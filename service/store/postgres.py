@@ -8,7 +8,11 @@ The same promises as the SQLite store (see :mod:`.base`), kept the same way:
 * psycopg has no trio support, so every query runs in ``trio.to_thread.run_sync`` behind the
   store's own ``trio.CapacityLimiter`` (as many threads as the pool has connections: a thread
   never waits for a connection while one is free). Every connection has ``statement_timeout``
-  set, so a stuck query cannot hold a thread for ever; threads are never abandoned.
+  set, so a slow query cannot hold a thread for ever; and every use of a connection is watched
+  (:mod:`.pg_watchdog`), so neither can a server that stopped answering (frozen, or behind a
+  network that drops packets): past ``stall_timeout`` its socket is shut down and the use fails
+  ``StoreUnavailable``. Threads are never abandoned, but for ``ping`` (``/readyz`` answers
+  within its own deadline; the ping's thread ends by the watchdog's).
 * **Group commit**: writes queue up; the first caller to get the write lock takes the whole
   queue into one transaction on one pooled connection, each write under its own SAVEPOINT (one
   failing write does not undo the others). Writes land in the order they were called.
@@ -56,6 +60,7 @@ from .faults import InjectedFault, StoreFaults
 from .group_commit import GroupCommit, PendingWrite
 from .ownership import process_tag
 from .pg_notify import CHANNEL, announcing, send_notifications
+from .pg_watchdog import Watchdog
 from .postgres_queries import Conn, PostgresQueries
 from .schema import PG_MIGRATIONS
 
@@ -67,6 +72,8 @@ T = TypeVar("T")
 
 _ACQUIRE_STEP = 0.25  # seconds between looks at the caller's cancellation, waiting for the pool
 _MIGRATION_LOCK = 0x5E7F1CE  # pg_advisory_xact_lock key: one process migrates at a time
+_STALL_MARGIN = 5.0  # seconds past statement_timeout before a silent server's use is cut
+_LISTEN_CHECK = 5.0  # seconds of quiet before the listening connection is asked to answer
 
 
 def describe_url(url: str) -> str:
@@ -103,7 +110,7 @@ class PostgresStore(PostgresQueries):
     # The keyword arguments it takes (``make_store`` passes only these on).
     OPTIONS: ClassVar[frozenset[str]] = frozenset({
         "metrics", "pool_size", "statement_timeout", "connect_timeout", "acquire_timeout",
-        "process_id",
+        "process_id", "stall_timeout",
     })
 
     def __init__(
@@ -116,6 +123,7 @@ class PostgresStore(PostgresQueries):
         connect_timeout: float = 5.0,
         acquire_timeout: float = 5.0,
         process_id: str | None = None,
+        stall_timeout: float | None = None,
     ) -> None:
         self._url = url
         self.url = describe_url(url)  # as it may be shown
@@ -127,6 +135,11 @@ class PostgresStore(PostgresQueries):
         # Seconds a query waits for a pooled connection (the database away: the pool is
         # reconnecting) before it fails StoreUnavailable.
         self._acquire_timeout = acquire_timeout
+        # Seconds a use of a connection (one read, one write of a batch) may wait for the
+        # server's answers before its connection is cut: the server enforces statement_timeout
+        # only while it runs.
+        self.watchdog = Watchdog(
+            statement_timeout + _STALL_MARGIN if stall_timeout is None else stall_timeout)
         self._limiter = trio.CapacityLimiter(pool_size)
         self._run_sync = partial(trio.to_thread.run_sync, limiter=self._limiter)
         self._pool: psycopg_pool.ConnectionPool[Conn] | None = None
@@ -149,7 +162,12 @@ class PostgresStore(PostgresQueries):
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        await self._run_sync(self._open_sync)
+        self.watchdog.start()
+        try:
+            await self._run_sync(self._open_sync)
+        except BaseException:
+            self.watchdog.stop()
+            raise
 
     def _connect_kwargs(self) -> dict[str, Any]:
         """The connection's settings: keyword arguments win over the URL's, so the URL's own
@@ -171,7 +189,8 @@ class PostgresStore(PostgresQueries):
         # One direct connection first: its errors say why (refused, password, no database),
         # where a pool would only time out.
         try:
-            with psycopg.connect(self._url, **self._connect_kwargs()) as conn:
+            with (psycopg.connect(self._url, **self._connect_kwargs()) as conn,
+                  self.watchdog.watching(conn, "migration")):
                 self._migrate(conn)
         except psycopg.Error as exc:
             raise StoreError(f"cannot open store {self.url}: {self._scrub(exc)}") from None
@@ -180,7 +199,7 @@ class PostgresStore(PostgresQueries):
             kwargs=self._connect_kwargs(), name="service-store",
             # A connection is checked before it is handed out: after a database restart the
             # stale ones are replaced, not failed on.
-            check=psycopg_pool.ConnectionPool.check_connection,
+            check=self._check_connection,
             timeout=self._acquire_timeout,
             # A database away: its reconnection backs off (1, 2, 4 s...) and gives up after
             # this; the next query then starts a fresh attempt at once.
@@ -192,6 +211,13 @@ class PostgresStore(PostgresQueries):
             pool.close()
             raise StoreError(f"cannot open store {self.url}: {self._scrub(exc)}") from None
         self._pool = pool
+
+    def _check_connection(self, conn: Conn) -> None:
+        """The pool's check of a connection before it hands it out, watched: a frozen server
+        would hold it for ever (it runs in the caller's thread, before ``_connection`` has the
+        connection to watch)."""
+        with self.watchdog.watching(conn, "connection check", self._connect_timeout):
+            psycopg_pool.ConnectionPool.check_connection(conn)
 
     @staticmethod
     def _migrate(conn: Conn) -> None:
@@ -233,6 +259,8 @@ class PostgresStore(PostgresQueries):
                 pool, self._pool = self._pool, None
                 if pool is not None:
                     await self._run_sync(partial(pool.close, timeout=5.0))
+            # Last: the wait for the batch in flight above is bounded by the watchdog.
+            await trio.to_thread.run_sync(self.watchdog.stop)
 
     async def __aenter__(self) -> PostgresStore:
         await self.open()
@@ -263,13 +291,13 @@ class PostgresStore(PostgresQueries):
         return error
 
     @contextmanager
-    def _connection(self, pool: psycopg_pool.ConnectionPool[Conn]) -> Iterator[Conn]:
+    def _connection(self, pool: psycopg_pool.ConnectionPool[Conn], what: str) -> Iterator[Conn]:
         """A pooled connection, in a worker thread (``pool.connection()``, but its wait can be
         cancelled). While the database is away the pool has none to give for up to
         ``acquire_timeout``; the wait goes in short steps and ends early if the calling task
         was cancelled (nothing has been sent yet: a read's caller, e.g. ``/readyz`` with its
         2 s deadline, is not held for the whole timeout). A batch of writes runs shielded,
-        so its wait is not cut."""
+        so its wait is not cut. Its use is watched (``what`` names it in the log)."""
         deadline = time.monotonic() + self._acquire_timeout
         while True:
             try:
@@ -282,7 +310,8 @@ class PostgresStore(PostgresQueries):
                     ) from exc
                 trio.from_thread.check_cancelled()
         try:
-            with conn:  # commit or roll back as pool.connection() does; a pooled one stays open
+            # commit or roll back as pool.connection() does; a pooled one stays open
+            with conn, self.watchdog.watching(conn, what):
                 yield conn
         finally:
             pool.putconn(conn)
@@ -311,7 +340,7 @@ class PostgresStore(PostgresQueries):
                      batch: list[PendingWrite[Conn]]) -> None:
         single = len(batch) == 1
         try:
-            with self._connection(pool) as conn:
+            with self._connection(pool, "write") as conn:
                 # Savepoint commands go with the next one, in one round trip each (a query
                 # without parameters may hold several statements): a write costs one round trip
                 # more than its own statements, not two.
@@ -323,6 +352,7 @@ class PostgresStore(PostgresQueries):
                                 it.result = it.fn(conn)
                                 continue
                             if n:
+                                self.watchdog.renew(conn)  # each write has its own time
                                 conn.execute("RELEASE SAVEPOINT w; SAVEPOINT w")
                             kept = len(announced)
                             try:
@@ -352,7 +382,7 @@ class PostgresStore(PostgresQueries):
             if not isinstance(exc, Exception):
                 raise
 
-    async def _read(self, op: str, fn: Callable[[Conn], T]) -> T:
+    async def _read(self, op: str, fn: Callable[[Conn], T], *, abandon: bool = False) -> T:
         start = time.perf_counter()
         if self.faults.before_read is not None:
             self.faults.before_read(op)
@@ -361,13 +391,13 @@ class PostgresStore(PostgresQueries):
             raise StoreError("store is closed")
 
         def run() -> T:
-            with self._connection(pool) as conn:
+            with self._connection(pool, f"read ({op})") as conn:
                 return fn(conn)
 
         try:
-            # Not abandoned on cancel: statement_timeout bounds it, and the connection goes
-            # back to the pool only once its query is over.
-            result = await self._run_sync(run)
+            # Not abandoned on cancel (but with ``abandon``): the watchdog bounds it, and the
+            # connection goes back to the pool only once its query is over.
+            result = await self._run_sync(run, abandon_on_cancel=abandon)
         except psycopg.Error as exc:
             raise self._error(exc, "store read failed") from exc
         self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
@@ -384,7 +414,8 @@ class PostgresStore(PostgresQueries):
         away are lost: every reader then reads the store again; ``wake("!")`` when it is lost.
 
         One direct connection (not from the pool), in a thread that looks for a stop every
-        half second; lost, it is made again after a pause."""
+        half second and, after 5 s without a notification, asks the server to answer (the
+        watchdog cuts a connection that does not); lost, it is made again after a pause."""
         stop = threading.Event()
         token = trio.lowlevel.current_trio_token()
 
@@ -407,11 +438,22 @@ class PostgresStore(PostgresQueries):
                 try:
                     kwargs = {**self._connect_kwargs(), "autocommit": True}
                     with psycopg.connect(self._url, **kwargs) as conn:
-                        conn.execute(f"LISTEN {CHANNEL}")  # type: ignore[arg-type]
+                        with self.watchdog.watching(conn, "LISTEN", self._connect_timeout):
+                            conn.execute(f"LISTEN {CHANNEL}")  # type: ignore[arg-type]
                         tell("*")
+                        heard = time.monotonic()
                         while not stop.is_set():
                             for note in conn.notifies(timeout=0.5):
                                 tell(note.payload)
+                                heard = time.monotonic()
+                            if time.monotonic() - heard >= _LISTEN_CHECK:
+                                # Quiet: is anyone there? A server gone silent (frozen, or
+                                # a network dropping packets) would leave this connection
+                                # waiting for ever, and readers waiting for its wake-ups.
+                                with self.watchdog.watching(conn, "listener check",
+                                                            self._connect_timeout):
+                                    conn.execute("SELECT 1")
+                                heard = time.monotonic()
                 except psycopg.Error as exc:
                     log.warning("the store's listening connection failed (again in 1 s): %s",
                                 self._scrub(exc))
@@ -424,7 +466,9 @@ class PostgresStore(PostgresQueries):
             stop.set()  # the thread sees it within half a second and closes its connection
 
     async def ping(self) -> None:
-        await self._read("ping", lambda c: c.execute("SELECT 1").fetchone())
+        # Abandoned if its caller gives up (``/readyz``'s deadline): it reads nothing that
+        # matters, and the watchdog ends its thread.
+        await self._read("ping", lambda c: c.execute("SELECT 1").fetchone(), abandon=True)
 
     async def probe_write(self) -> None:
         now = time.time()

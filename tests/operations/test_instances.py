@@ -1,6 +1,6 @@
 """Several real service processes sharing one PostgreSQL database (issue 14): any instance
 serves any run: a re-join on another instance, a cancel sent to another instance, an owner
-killed with SIGKILL, the database restarted mid-stream."""
+killed with SIGKILL, the database restarted mid-stream or frozen (SIGSTOP) under a stream."""
 
 from __future__ import annotations
 
@@ -18,16 +18,17 @@ from service.sim import Reply, Simulator, open_simulator
 
 from ..pg import PostgresServer, pg_url, postgres  # noqa: F401 (fixtures)
 from ..servers import start_service
+from ..store.test_pg_frozen import frozen
 from ..streams import parse_sse
 
 GUARD = 60
 
 
 @asynccontextmanager
-async def instance(url: str, sim_url: str, cwd: Path, name: str
+async def instance(url: str, sim_url: str, cwd: Path, name: str, **env: str,
                    ) -> AsyncIterator[tuple[trio.Process, httpx.AsyncClient]]:
     proc, base = await start_service(url, sim_url, cwd, name=name,
-                                     env_extra={"SERVICE_SHUTDOWN_DRAIN": "1"})
+                                     env_extra={"SERVICE_SHUTDOWN_DRAIN": "1", **env})
     try:
         async with httpx.AsyncClient(base_url=base, timeout=GUARD) as http:
             yield proc, http
@@ -186,3 +187,72 @@ async def test_a_database_restart_mid_stream_loses_nothing(
         stored = [f for f in parse_sse(r.text) if "id" in f]
         assert [(f["id"], f["event"]) for f in stored] == [
             (f["id"], f["event"]) for f in frames]
+
+
+@pytest.mark.slow
+async def test_a_database_that_stops_answering_mid_stream_is_waited_out_and_loses_nothing(
+    tmp_path: Path, pg_url: str, postgres: PostgresServer,  # noqa: F811 (fixture)
+) -> None:
+    # Frozen (SIGSTOP: its sockets open, every byte acknowledged, nothing answered), not
+    # stopped: the service cuts what it sent after SERVICE_DB_TIMEOUT + 5 s, says not ready
+    # meanwhile, and holds the run's events until the database answers again.
+    sim = Simulator(("sim-model",), default=Reply(tokens=80, interval=0.05),
+                    strict_models=False)
+    async with (open_simulator(sim) as running,
+                instance(pg_url, running.url, tmp_path, "a", SERVICE_DB_TIMEOUT="1") as (_, a)):
+        frames: list[dict[str, Any]] = []
+        tokens = trio.Event()
+        with trio.fail_after(2 * GUARD):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_start_stream, a, frames, tokens)
+                await tokens.wait()
+                with frozen(postgres):
+                    for _ in range(3):  # each answered by /readyz's own deadline
+                        with trio.fail_after(GUARD):
+                            r = await a.get("/readyz")
+                        assert r.status_code == 503, r.text
+                        assert r.json()["down"] == ["store"]
+                    await trio.sleep(8)  # past the cut: the run's writes are held, retried
+                with trio.fail_after(GUARD):
+                    while (await a.get("/readyz")).status_code != 200:  # noqa: ASYNC110
+                        await trio.sleep(0.1)
+        assert _ids(frames) == list(range(1, len(frames) + 1))
+        assert frames[-1]["event"] == "run.finished"
+        assert frames[-1]["data"]["status"] == "succeeded"
+        run_id = frames[0]["data"]["run_id"]
+        r = await a.get(f"/api/runs/{run_id}/events")
+        stored = [f for f in parse_sse(r.text) if "id" in f]
+        assert [(f["id"], f["event"]) for f in stored] == [
+            (f["id"], f["event"]) for f in frames]
+
+
+@pytest.mark.slow
+async def test_a_shutdown_while_the_database_is_frozen_ends_and_another_instance_closes_the_run(
+    tmp_path: Path, pg_url: str, postgres: PostgresServer,  # noqa: F811 (fixture)
+) -> None:
+    # The drain's budget for writes the store does not take (45 s) is not waited past, the
+    # exit says what was left (1), and every token shown is in the store, the run closed by
+    # the next instance once the database answers.
+    sim = Simulator(("sim-model",), default=Reply(tokens=200, interval=0.05),
+                    strict_models=False)
+    async with open_simulator(sim) as running:
+        frames: list[dict[str, Any]] = []
+        tokens = trio.Event()
+        async with (instance(pg_url, running.url, tmp_path, "a", SERVICE_DB_TIMEOUT="1")
+                    as (proc, a), trio.open_nursery() as nursery):
+            nursery.start_soon(_start_stream, a, frames, tokens)
+            await tokens.wait()
+            with frozen(postgres):
+                proc.send_signal(signal.SIGTERM)
+                with trio.fail_after(2 * GUARD):
+                    await proc.wait()
+        assert proc.returncode == 1  # "shut down with 1 run(s) whose final state ..."
+        async with instance(pg_url, running.url, tmp_path, "b") as (_, b):
+            run_id = frames[0]["data"]["run_id"]
+            with trio.fail_after(GUARD):
+                while (await b.get(f"/api/runs/{run_id}")).json()["status"] == "running":  # noqa: ASYNC110
+                    await trio.sleep(0.1)
+            r = await b.get(f"/api/runs/{run_id}/events")
+            stored = [(f["id"], f["event"]) for f in parse_sse(r.text) if "id" in f]
+            shown = [(f["id"], f["event"]) for f in frames]
+            assert stored[: len(shown)] == shown
