@@ -8,11 +8,11 @@ The same promises as the SQLite store (see :mod:`.base`), kept the same way:
 * psycopg has no trio support, so every query runs in ``trio.to_thread.run_sync`` behind the
   store's own ``trio.CapacityLimiter`` (as many threads as the pool has connections: a thread
   never waits for a connection while one is free). Every connection has ``statement_timeout``
-  set, so a slow query cannot hold a thread for ever; and every use of a connection is watched
-  (:mod:`.pg_watchdog`), so neither can a server that stopped answering (frozen, or behind a
-  network that drops packets): past ``stall_timeout`` its socket is shut down and the use fails
-  ``StoreUnavailable``. Threads are never abandoned, but for ``ping`` (``/readyz`` answers
-  within its own deadline; the ping's thread ends by the watchdog's).
+  set, so a slow query cannot hold a thread for ever; and every wait for the server's answer is
+  bounded (:mod:`.pg_conn`), so neither can a server that stopped answering (frozen, or behind
+  a network that drops packets): past ``stall_timeout`` the connection is closed and the wait
+  fails ``StoreUnavailable``. Threads are never abandoned, but for ``ping`` (``/readyz``
+  answers within its own deadline; the ping's thread ends by that bound).
 * **Group commit**: writes queue up; the first caller to get the write lock takes the whole
   queue into one transaction on one pooled connection, each write under its own SAVEPOINT (one
   failing write does not undo the others). Writes land in the order they were called.
@@ -59,8 +59,8 @@ from ..settings import _redact
 from .faults import InjectedFault, StoreFaults
 from .group_commit import GroupCommit, PendingWrite
 from .ownership import process_tag
+from .pg_conn import BoundedConnection
 from .pg_notify import CHANNEL, announcing, send_notifications
-from .pg_watchdog import Watchdog
 from .postgres_queries import Conn, PostgresQueries
 from .schema import PG_MIGRATIONS
 
@@ -74,6 +74,7 @@ _ACQUIRE_STEP = 0.25  # seconds between looks at the caller's cancellation, wait
 _MIGRATION_LOCK = 0x5E7F1CE  # pg_advisory_xact_lock key: one process migrates at a time
 _STALL_MARGIN = 5.0  # seconds past statement_timeout before a silent server's use is cut
 _LISTEN_CHECK = 5.0  # seconds of quiet before the listening connection is asked to answer
+_CLOSE_WAIT = 5.0  # seconds the pool's close waits for its workers
 
 
 def describe_url(url: str) -> str:
@@ -135,11 +136,10 @@ class PostgresStore(PostgresQueries):
         # Seconds a query waits for a pooled connection (the database away: the pool is
         # reconnecting) before it fails StoreUnavailable.
         self._acquire_timeout = acquire_timeout
-        # Seconds a use of a connection (one read, one write of a batch) may wait for the
-        # server's answers before its connection is cut: the server enforces statement_timeout
-        # only while it runs.
-        self.watchdog = Watchdog(
-            statement_timeout + _STALL_MARGIN if stall_timeout is None else stall_timeout)
+        # Seconds one wait for the server's answer (one statement, a COMMIT) may take before
+        # the connection is closed: the server enforces statement_timeout only while it runs.
+        self._stall_timeout = (statement_timeout + _STALL_MARGIN if stall_timeout is None
+                               else stall_timeout)
         self._limiter = trio.CapacityLimiter(pool_size)
         self._run_sync = partial(trio.to_thread.run_sync, limiter=self._limiter)
         self._pool: psycopg_pool.ConnectionPool[Conn] | None = None
@@ -162,12 +162,7 @@ class PostgresStore(PostgresQueries):
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        self.watchdog.start()
-        try:
-            await self._run_sync(self._open_sync)
-        except BaseException:
-            self.watchdog.stop()
-            raise
+        await self._run_sync(self._open_sync)
 
     def _connect_kwargs(self) -> dict[str, Any]:
         """The connection's settings: keyword arguments win over the URL's, so the URL's own
@@ -189,14 +184,14 @@ class PostgresStore(PostgresQueries):
         # One direct connection first: its errors say why (refused, password, no database),
         # where a pool would only time out.
         try:
-            with (psycopg.connect(self._url, **self._connect_kwargs()) as conn,
-                  self.watchdog.watching(conn, "migration")):
+            with self._connect() as conn:
                 self._migrate(conn)
         except psycopg.Error as exc:
             raise StoreError(f"cannot open store {self.url}: {self._scrub(exc)}") from None
         pool: psycopg_pool.ConnectionPool[Conn] = psycopg_pool.ConnectionPool(
             self._url, min_size=1, max_size=self._pool_size, open=False,
             kwargs=self._connect_kwargs(), name="service-store",
+            connection_class=BoundedConnection, configure=self._configure,
             # A connection is checked before it is handed out: after a database restart the
             # stale ones are replaced, not failed on.
             check=self._check_connection,
@@ -212,12 +207,28 @@ class PostgresStore(PostgresQueries):
             raise StoreError(f"cannot open store {self.url}: {self._scrub(exc)}") from None
         self._pool = pool
 
+    def _connect(self) -> BoundedConnection:
+        """A direct connection (not the pool's), its waits bounded as the pool's are."""
+        conn = BoundedConnection.connect(self._url, **self._connect_kwargs())
+        self._configure(conn)
+        return conn
+
+    def _configure(self, conn: Conn) -> None:
+        """Every connection's waits bounded (the pool calls it on each new one)."""
+        if isinstance(conn, BoundedConnection):
+            conn.answer_within = self._stall_timeout
+
     def _check_connection(self, conn: Conn) -> None:
-        """The pool's check of a connection before it hands it out, watched: a frozen server
-        would hold it for ever (it runs in the caller's thread, before ``_connection`` has the
-        connection to watch)."""
-        with self.watchdog.watching(conn, "connection check", self._connect_timeout):
+        """The pool's check of a connection before it hands it out: an empty query, given
+        ``connect_timeout`` to answer (a frozen server would hold the caller's thread)."""
+        if not isinstance(conn, BoundedConnection):
             psycopg_pool.ConnectionPool.check_connection(conn)
+            return
+        conn.answer_within = self._connect_timeout
+        try:
+            psycopg_pool.ConnectionPool.check_connection(conn)
+        finally:
+            conn.answer_within = self._stall_timeout
 
     @staticmethod
     def _migrate(conn: Conn) -> None:
@@ -258,9 +269,9 @@ class PostgresStore(PostgresQueries):
             async with self._write_lock:
                 pool, self._pool = self._pool, None
                 if pool is not None:
-                    await self._run_sync(partial(pool.close, timeout=5.0))
-            # Last: the wait for the batch in flight above is bounded by the watchdog.
-            await trio.to_thread.run_sync(self.watchdog.stop)
+                    # Not behind the limiter: an abandoned ping may hold a token until the
+                    # server answers or its bound passes.
+                    await trio.to_thread.run_sync(partial(pool.close, timeout=_CLOSE_WAIT))
 
     async def __aenter__(self) -> PostgresStore:
         await self.open()
@@ -291,13 +302,13 @@ class PostgresStore(PostgresQueries):
         return error
 
     @contextmanager
-    def _connection(self, pool: psycopg_pool.ConnectionPool[Conn], what: str) -> Iterator[Conn]:
+    def _connection(self, pool: psycopg_pool.ConnectionPool[Conn]) -> Iterator[Conn]:
         """A pooled connection, in a worker thread (``pool.connection()``, but its wait can be
         cancelled). While the database is away the pool has none to give for up to
         ``acquire_timeout``; the wait goes in short steps and ends early if the calling task
         was cancelled (nothing has been sent yet: a read's caller, e.g. ``/readyz`` with its
         2 s deadline, is not held for the whole timeout). A batch of writes runs shielded,
-        so its wait is not cut. Its use is watched (``what`` names it in the log)."""
+        so its wait is not cut."""
         deadline = time.monotonic() + self._acquire_timeout
         while True:
             try:
@@ -310,8 +321,7 @@ class PostgresStore(PostgresQueries):
                     ) from exc
                 trio.from_thread.check_cancelled()
         try:
-            # commit or roll back as pool.connection() does; a pooled one stays open
-            with conn, self.watchdog.watching(conn, what):
+            with conn:  # commit or roll back as pool.connection() does; a pooled one stays open
                 yield conn
         finally:
             pool.putconn(conn)
@@ -340,7 +350,7 @@ class PostgresStore(PostgresQueries):
                      batch: list[PendingWrite[Conn]]) -> None:
         single = len(batch) == 1
         try:
-            with self._connection(pool, "write") as conn:
+            with self._connection(pool) as conn:
                 # Savepoint commands go with the next one, in one round trip each (a query
                 # without parameters may hold several statements): a write costs one round trip
                 # more than its own statements, not two.
@@ -352,7 +362,6 @@ class PostgresStore(PostgresQueries):
                                 it.result = it.fn(conn)
                                 continue
                             if n:
-                                self.watchdog.renew(conn)  # each write has its own time
                                 conn.execute("RELEASE SAVEPOINT w; SAVEPOINT w")
                             kept = len(announced)
                             try:
@@ -391,12 +400,12 @@ class PostgresStore(PostgresQueries):
             raise StoreError("store is closed")
 
         def run() -> T:
-            with self._connection(pool, f"read ({op})") as conn:
+            with self._connection(pool) as conn:
                 return fn(conn)
 
         try:
-            # Not abandoned on cancel (but with ``abandon``): the watchdog bounds it, and the
-            # connection goes back to the pool only once its query is over.
+            # Not abandoned on cancel (but with ``abandon``): each wait for the server is
+            # bounded, and the connection goes back to the pool only once its query is over.
             result = await self._run_sync(run, abandon_on_cancel=abandon)
         except psycopg.Error as exc:
             raise self._error(exc, "store read failed") from exc
@@ -414,8 +423,8 @@ class PostgresStore(PostgresQueries):
         away are lost: every reader then reads the store again; ``wake("!")`` when it is lost.
 
         One direct connection (not from the pool), in a thread that looks for a stop every
-        half second and, after 5 s without a notification, asks the server to answer (the
-        watchdog cuts a connection that does not); lost, it is made again after a pause."""
+        half second and, after 5 s without a notification, asks the server to answer (a
+        connection whose server does not is closed); lost, it is made again after a pause."""
         stop = threading.Event()
         token = trio.lowlevel.current_trio_token()
 
@@ -436,10 +445,8 @@ class PostgresStore(PostgresQueries):
         def loop() -> None:
             while not stop.is_set():
                 try:
-                    kwargs = {**self._connect_kwargs(), "autocommit": True}
-                    with psycopg.connect(self._url, **kwargs) as conn:
-                        with self.watchdog.watching(conn, "LISTEN", self._connect_timeout):
-                            conn.execute(f"LISTEN {CHANNEL}")  # type: ignore[arg-type]
+                    with self._connect() as conn:
+                        conn.execute(f"LISTEN {CHANNEL}")  # type: ignore[arg-type]
                         tell("*")
                         heard = time.monotonic()
                         while not stop.is_set():
@@ -450,9 +457,7 @@ class PostgresStore(PostgresQueries):
                                 # Quiet: is anyone there? A server gone silent (frozen, or
                                 # a network dropping packets) would leave this connection
                                 # waiting for ever, and readers waiting for its wake-ups.
-                                with self.watchdog.watching(conn, "listener check",
-                                                            self._connect_timeout):
-                                    conn.execute("SELECT 1")
+                                conn.execute("SELECT 1")
                                 heard = time.monotonic()
                 except psycopg.Error as exc:
                     log.warning("the store's listening connection failed (again in 1 s): %s",
@@ -467,7 +472,7 @@ class PostgresStore(PostgresQueries):
 
     async def ping(self) -> None:
         # Abandoned if its caller gives up (``/readyz``'s deadline): it reads nothing that
-        # matters, and the watchdog ends its thread.
+        # matters, and its thread ends by the bound on its waits.
         await self._read("ping", lambda c: c.execute("SELECT 1").fetchone(), abandon=True)
 
     async def probe_write(self) -> None:

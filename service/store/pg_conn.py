@@ -1,0 +1,68 @@
+"""A bound on every wait for PostgreSQL's answer, which the server cannot enforce itself.
+
+``statement_timeout`` is enforced by the server. A server that is frozen (its host paused, its
+storage hung, the process stopped) or a network that drops every packet without a reset
+enforces nothing: libpq waits for an answer that never comes, and the worker thread waiting
+with it cannot be cancelled from trio. Measured before this module (PostgreSQL stopped with
+SIGSTOP): a ``ping`` inside ``trio.move_on_after(20)`` was still waiting two minutes later;
+``/readyz``, every run's commit and the shutdown's wait for the last batch with it.
+
+psycopg funnels every wait for the server (a query and its results, a ``COMMIT``, a
+``ROLLBACK``, the pool's check) through ``Connection.wait``. :class:`BoundedConnection` gives
+each such wait a deadline, ``answer_within`` seconds: one round trip, so a server that answers
+each statement within ``statement_timeout`` is never cut however many statements a transaction
+has. Past it the connection is closed in the waiting thread itself (nothing from another
+thread touches it), and the wait fails with psycopg's ``OperationalError``
+(``StoreUnavailable`` to the store's caller); the pool drops the closed connection. The store
+sets ``answer_within`` to ``statement_timeout`` plus a margin: a server that is running
+answers by then, if only with the statement's cancellation.
+
+A wait given its own timeout (``notifies(timeout=...)``) keeps it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.abc import PQGen
+
+from ..logs import get_logger
+
+__all__ = ["BoundedConnection"]
+
+log = get_logger("service.store")
+
+RV = TypeVar("RV")
+
+_INTERVAL: float = inspect.signature(psycopg.Connection.wait).parameters["interval"].default
+
+
+class BoundedConnection(psycopg.Connection[Any]):
+    """A psycopg connection whose every wait for the server ends after ``answer_within``."""
+
+    answer_within: float | None = None  # seconds; None: unbounded, as psycopg's own
+
+    def wait(self, gen: PQGen[RV], interval: float = _INTERVAL,
+             timeout: float | None = None) -> RV:
+        limit = self.answer_within
+        if timeout is not None or limit is None:
+            return super().wait(gen, interval, timeout)
+        try:
+            return super().wait(gen, interval, limit)
+        except psycopg.OperationalError as exc:
+            if not _timed_out(exc):
+                raise
+            # Somewhere in the protocol's exchange: the connection cannot be used again.
+            self.pgconn.finish()
+            log.warning("the database did not answer within %g s: its connection is closed",
+                        limit)
+            raise psycopg.OperationalError(
+                f"the database did not answer within {limit:g} s") from None
+
+
+def _timed_out(exc: BaseException) -> bool:
+    # psycopg's wait raises its private _WaitTimeout (an OperationalError) when its timeout
+    # passes; matched by name, so a rename shows as a failing test, not an import error.
+    return type(exc).__name__ == "_WaitTimeout"
