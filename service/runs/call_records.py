@@ -20,6 +20,7 @@ from ..backends.interceptor import LLMCallRecorder
 from ..errors import StoreError, StoreUnavailable
 from ..logs import get_logger
 from ..store.records import LLMCallRecord
+from .backoff import Backoff
 
 __all__ = ["CallRecords"]
 
@@ -27,7 +28,6 @@ log = get_logger("service.runs")
 
 _KEPT_MAX = 10_000  # records kept while the store refuses them
 _WRITE_BUDGET = 10.0  # seconds one write again may take
-_RETRY_FIRST, _RETRY_MAX = 0.1, 2.0  # seconds between tries, doubling
 
 
 class CallRecords:
@@ -66,15 +66,14 @@ class CallRecords:
 
     async def run(self) -> None:
         """Write kept records again as long as there are any (the supervisor's nursery)."""
-        pause = _RETRY_FIRST
+        backoff = Backoff()
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
             if await self.flush():
-                pause = _RETRY_FIRST
+                backoff.reset()
                 continue
-            await trio.sleep(pause)
-            pause = min(2 * pause, _RETRY_MAX)
+            await backoff.pause()
             self._wake.set()
 
     async def flush(self) -> bool:
@@ -97,10 +96,9 @@ class CallRecords:
 
     async def store_everything(self, budget: float) -> None:
         """At shutdown: the kept records get ``budget`` more seconds."""
-        pause = _RETRY_FIRST
+        backoff = Backoff()
         with trio.move_on_after(budget):
             while not await self.flush():
-                await trio.sleep(pause)
-                pause = min(2 * pause, _RETRY_MAX)
+                await backoff.pause()
         if self._kept:
             log.error("shutting down with %d LLM call record(s) not stored", len(self._kept))

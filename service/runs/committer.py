@@ -5,7 +5,7 @@ What clients are told is what the store says:
 * every event is published (reaches a subscriber) only once it is committed; pending events of
   all runs go in one transaction (group commit), one batch in flight at a time;
 * a batch the store refuses (a full volume, a database away) is held, in order, and written
-  again with a back-off (``_RETRY_FIRST`` doubling to ``_RETRY_MAX``); nothing after it is
+  again with a back-off (:class:`~.backoff.Backoff`: 0.1 s doubling to 2 s); nothing after it is
   published meanwhile; past ``_PENDING_MAX`` held events the runs making them are stopped;
 * a run's last events (``error``, ``message``, ``run.finished``) are written only in the
   transaction of its final state (:class:`FinalState`), tried again for
@@ -25,6 +25,7 @@ import trio
 from ..errors import NotFound, StoreError, StoreUnavailable
 from ..logs import get_logger
 from ..store import MessageStatus, RunEvent, Store
+from .backoff import Backoff
 from .handle import RunHandle
 from .lifecycle import RunStatus
 
@@ -34,7 +35,6 @@ log = get_logger("service.runs")
 
 WRITE_BUDGET = 10.0  # seconds one store write (a batch, a final state) may take
 FINAL_WRITE_BUDGET = 15.0  # seconds a run's final state is tried (again) before it is kept
-_RETRY_FIRST, _RETRY_MAX = 0.1, 2.0  # seconds between writes the store refused, doubling
 _PENDING_MAX = 100_000  # events held while the store refuses them; past it their runs fail
 _UNSTORED_ENDS_MAX = 1_000  # ended runs whose final write failed, still served from memory
 
@@ -112,16 +112,15 @@ class EventCommitter:
 
     async def run(self) -> None:
         """Commit pending events as they come (in the supervisor's nursery)."""
-        pause = _RETRY_FIRST
+        backoff = Backoff()
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
             if await self.flush():
-                pause = _RETRY_FIRST
+                backoff.reset()
                 continue
             # The store refused the batch (held, in order): again after a pause, doubling.
-            await trio.sleep(pause)
-            pause = min(2 * pause, _RETRY_MAX)
+            await backoff.pause()
             self._wake.set()
 
     async def flush(self) -> bool:
@@ -262,7 +261,7 @@ class EventCommitter:
         """Write a final state, again while the store refuses it (the caller bounds it).
         True: stored; False: the run is no longer this process's (closed by another
         instance); None: it cannot be stored (a bug, logged)."""
-        pause = _RETRY_FIRST
+        backoff = Backoff()
         while True:
             try:
                 with trio.move_on_after(WRITE_BUDGET) as write:
@@ -278,15 +277,14 @@ class EventCommitter:
                 # fail the same way. The run still ends, and the supervisor goes on.
                 log.exception("the final state of run %s cannot be stored", handle.id)
                 return None
-            await trio.sleep(pause)
-            pause = min(2 * pause, _RETRY_MAX)
+            await backoff.pause()
 
     async def _adopt_stored_end(self, handle: RunHandle, final: FinalState) -> None:
         """The run was closed by another instance (this one's lease lapsed, so the others took
         it for dead): its clients get the end the store has, never this process's own. A run
         that is gone altogether (its conversation deleted) ends as this process ended it:
         nothing stored contradicts that."""
-        pause = _RETRY_FIRST
+        backoff = Backoff()
         while True:  # the caller bounds it
             try:
                 run = await self._store.get_run(handle.id, owner=handle.owner)
@@ -301,8 +299,7 @@ class EventCommitter:
             except StoreError as exc:
                 log.error("could not read the stored end of run %s (trying again): %s",
                           handle.id, exc.message)
-            await trio.sleep(pause)
-            pause = min(2 * pause, _RETRY_MAX)
+            await backoff.pause()
         status = RunStatus(run.status)
         log.warning("run %s was closed by another instance (%s: %s); its clients get that end",
                     handle.id, status.value, run.error)
@@ -350,15 +347,14 @@ class EventCommitter:
     async def store_everything(self, budget: float) -> None:
         """At shutdown: what the store refused so far gets one more ``budget`` (a volume
         freed, a database back)."""
-        pause = _RETRY_FIRST
+        backoff = Backoff()
         with trio.move_on_after(budget):
             while True:
                 await self.flush()
                 await self.retry_final_writes()
                 if not self.unstored:
                     break
-                await trio.sleep(pause)
-                pause = min(2 * pause, _RETRY_MAX)
+                await backoff.pause()
 
 
 def _lost(handle: RunHandle) -> None:
