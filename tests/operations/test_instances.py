@@ -5,7 +5,7 @@ killed with SIGKILL, the database restarted mid-stream or frozen (SIGSTOP) under
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,36 @@ async def _pending_run(http: httpx.AsyncClient) -> str:
 
 def _ids(frames: list[dict[str, Any]]) -> list[int]:
     return [int(f["id"]) for f in frames]
+
+
+async def _stream_across(http: httpx.AsyncClient, fault: Callable[[], Awaitable[None]]
+                         ) -> list[dict[str, Any]]:
+    """A native run streamed on ``http``, ``fault`` run once it has shown tokens; its frames."""
+    frames: list[dict[str, Any]] = []
+    tokens = trio.Event()
+    with trio.fail_after(2 * GUARD):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_start_stream, http, frames, tokens)
+            await tokens.wait()
+            await fault()
+    return frames
+
+
+async def _ready(http: httpx.AsyncClient, status: int) -> None:
+    with trio.fail_after(GUARD):
+        while (await http.get("/readyz")).status_code != status:  # noqa: ASYNC110
+            await trio.sleep(0.1)
+
+
+async def _succeeded_as_stored(http: httpx.AsyncClient, frames: list[dict[str, Any]]) -> None:
+    """The stream ended ``succeeded``, each frame once and in order, and the store holds
+    every one of them as shown."""
+    assert _ids(frames) == list(range(1, len(frames) + 1))
+    assert frames[-1]["event"] == "run.finished"
+    assert frames[-1]["data"]["status"] == "succeeded"
+    r = await http.get(f"/api/runs/{frames[0]['data']['run_id']}/events")
+    stored = [f for f in parse_sse(r.text) if "id" in f]
+    assert [(f["id"], f["event"]) for f in stored] == [(f["id"], f["event"]) for f in frames]
 
 
 @pytest.mark.slow
@@ -165,28 +195,14 @@ async def test_a_database_restart_mid_stream_loses_nothing(
                     strict_models=False)
     async with (open_simulator(sim) as running,
                 instance(pg_url, running.url, tmp_path, "a") as (_, a)):
-        frames: list[dict[str, Any]] = []
-        tokens = trio.Event()
-        with trio.fail_after(2 * GUARD):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_start_stream, a, frames, tokens)
-                await tokens.wait()
-                await trio.to_thread.run_sync(postgres.stop, "fast")
-                with trio.fail_after(GUARD):
-                    while (await a.get("/readyz")).status_code != 503:  # noqa: ASYNC110
-                        await trio.sleep(0.1)
-                await trio.to_thread.run_sync(postgres.start)
-                with trio.fail_after(GUARD):
-                    while (await a.get("/readyz")).status_code != 200:  # noqa: ASYNC110
-                        await trio.sleep(0.1)
-        assert _ids(frames) == list(range(1, len(frames) + 1))
-        assert frames[-1]["event"] == "run.finished"
-        assert frames[-1]["data"]["status"] == "succeeded"
-        run_id = frames[0]["data"]["run_id"]
-        r = await a.get(f"/api/runs/{run_id}/events")
-        stored = [f for f in parse_sse(r.text) if "id" in f]
-        assert [(f["id"], f["event"]) for f in stored] == [
-            (f["id"], f["event"]) for f in frames]
+        async def restart() -> None:
+            await trio.to_thread.run_sync(postgres.stop, "fast")
+            await _ready(a, 503)
+            await trio.to_thread.run_sync(postgres.start)
+
+        frames = await _stream_across(a, restart)
+        await _ready(a, 200)
+        await _succeeded_as_stored(a, frames)
 
 
 @pytest.mark.slow
@@ -200,30 +216,18 @@ async def test_a_database_that_stops_answering_mid_stream_is_waited_out_and_lose
                     strict_models=False)
     async with (open_simulator(sim) as running,
                 instance(pg_url, running.url, tmp_path, "a", SERVICE_DB_TIMEOUT="1") as (_, a)):
-        frames: list[dict[str, Any]] = []
-        tokens = trio.Event()
-        with trio.fail_after(2 * GUARD):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_start_stream, a, frames, tokens)
-                await tokens.wait()
-                with frozen(postgres):
-                    for _ in range(3):  # each answered by /readyz's own deadline
-                        with trio.fail_after(GUARD):
-                            r = await a.get("/readyz")
-                        assert r.status_code == 503, r.text
-                        assert r.json()["down"] == ["store"]
-                    await trio.sleep(8)  # past the cut: the run's writes are held, retried
-                with trio.fail_after(GUARD):
-                    while (await a.get("/readyz")).status_code != 200:  # noqa: ASYNC110
-                        await trio.sleep(0.1)
-        assert _ids(frames) == list(range(1, len(frames) + 1))
-        assert frames[-1]["event"] == "run.finished"
-        assert frames[-1]["data"]["status"] == "succeeded"
-        run_id = frames[0]["data"]["run_id"]
-        r = await a.get(f"/api/runs/{run_id}/events")
-        stored = [f for f in parse_sse(r.text) if "id" in f]
-        assert [(f["id"], f["event"]) for f in stored] == [
-            (f["id"], f["event"]) for f in frames]
+        async def freeze() -> None:
+            with frozen(postgres):
+                for _ in range(3):  # each answered by /readyz's own deadline
+                    with trio.fail_after(GUARD):
+                        r = await a.get("/readyz")
+                    assert r.status_code == 503, r.text
+                    assert r.json()["down"] == ["store"]
+                await trio.sleep(8)  # past the cut: the run's writes are held, retried
+
+        frames = await _stream_across(a, freeze)
+        await _ready(a, 200)
+        await _succeeded_as_stored(a, frames)
 
 
 @pytest.mark.slow
@@ -236,16 +240,14 @@ async def test_a_shutdown_while_the_database_is_frozen_ends_and_another_instance
     sim = Simulator(("sim-model",), default=Reply(tokens=200, interval=0.05),
                     strict_models=False)
     async with open_simulator(sim) as running:
-        frames: list[dict[str, Any]] = []
-        tokens = trio.Event()
-        async with (instance(pg_url, running.url, tmp_path, "a", SERVICE_DB_TIMEOUT="1")
-                    as (proc, a), trio.open_nursery() as nursery):
-            nursery.start_soon(_start_stream, a, frames, tokens)
-            await tokens.wait()
-            with frozen(postgres):
-                proc.send_signal(signal.SIGTERM)
-                with trio.fail_after(2 * GUARD):
+        async with instance(pg_url, running.url, tmp_path, "a", SERVICE_DB_TIMEOUT="1") as (
+                proc, a):
+            async def stop_frozen() -> None:
+                with frozen(postgres):
+                    proc.send_signal(signal.SIGTERM)
                     await proc.wait()
+
+            frames = await _stream_across(a, stop_frozen)
         assert proc.returncode == 1  # "shut down with 1 run(s) whose final state ..."
         async with instance(pg_url, running.url, tmp_path, "b") as (_, b):
             run_id = frames[0]["data"]["run_id"]
