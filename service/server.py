@@ -41,7 +41,8 @@ _GC_FULL_AT_LEAST = 600.0  # ...or after this many seconds without one
 
 
 def build_config(
-    config_path: Path | None, bind: Sequence[str] | None, *, max_body_bytes: int | None = None
+    config_path: Path | None, bind: Sequence[str] | None, *, max_body_bytes: int | None = None,
+    keepalive: float | None = None,
 ) -> Config:
     if config_path is not None and config_path.exists():
         config = Config.from_toml(str(config_path))
@@ -60,6 +61,11 @@ def build_config(
         # closes the socket (1009) on one over twice that: a bound that follows the setting,
         # not its own fixed 16 MiB.
         config.websocket_max_message_size = 2 * max_body_bytes
+    if keepalive is not None and config.websocket_ping_interval is None:
+        # A WebSocket gets a ping as often as an SSE stream gets its keep-alive comment
+        # (SERVICE_SSE_KEEPALIVE): a browser cannot send one, and a proxy's idle timeout
+        # (nginx: 60 s) would otherwise cut the socket, and its run, while a model thinks.
+        config.websocket_ping_interval = keepalive
     # Our own after_request handler logs every request with its request id.
     config.accesslog = None
     # Hypercorn's own messages go through our structured handler (see service.logs).
@@ -215,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"service: {exc.message}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    config = build_config(args.config, args.bind, max_body_bytes=settings.max_body_bytes)
+    config = build_config(args.config, args.bind, max_body_bytes=settings.max_body_bytes,
+                          keepalive=settings.sse_keepalive)
     workers = args.workers if args.workers is not None else config.workers
     if workers < 1:
         print("service: --workers must be at least 1", file=sys.stderr)

@@ -130,6 +130,19 @@ class ChatCompletionRequest(_Lenient):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=0, description="not supported")
     agent: AgentName | None = Field(None, description="extension: run this agent")
+    # The legacy function calling, superseded by ``tools``: refused, not dropped (the model
+    # would answer without the function, and the client wait for a function_call).
+    functions: list[Any] | None = Field(None, description="not supported: use tools")
+    function_call: str | dict[str, Any] | None = Field(
+        None, description="not supported: use tool_choice")
+
+    @field_validator("functions", "function_call")
+    @classmethod
+    def _no_functions(cls, value: Any) -> Any:
+        if value is not None:
+            raise ValueError("the legacy function calling is not supported: use tools and "
+                             "tool_choice")
+        return value
 
     @field_validator("logprobs")
     @classmethod
@@ -465,6 +478,10 @@ async def _models() -> list[dict[str, Any]]:
                 models = await backend.list_models()
             except Exception:  # a backend down is an empty list, not a 500
                 models = []
-            data = [{"id": m.id, "object": "model", "created": 0, "owned_by": m.backend}
-                    for m in models]
+            # Each model once (OpenAI's list has unique ids), as its first server names it: a
+            # fleet's servers, or Ollama and llama.cpp under auto, may serve one of one name.
+            for m in models:
+                if all(d["id"] != m.id for d in data):
+                    data.append({"id": m.id, "object": "model", "created": 0,
+                                 "owned_by": m.backend})
     return data

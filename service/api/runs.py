@@ -250,7 +250,28 @@ async def stop_runs(run_ids: list[str], reason: str) -> None:
     ``ELSEWHERE_CANCEL_WAIT`` seconds."""
     svc = services()
     store, supervisor = svc.require_store(), svc.require_supervisor()
-    mine, elsewhere = [], []
+    mine, elsewhere = await ask_to_stop(run_ids, reason)
+    for handle in mine:
+        await handle.finished.wait()
+    with trio.move_on_after(ELSEWHERE_CANCEL_WAIT):
+        for run_id in elsewhere:
+            # Another instance's run: the store says when it has ended (its final write
+            # announces itself on PostgreSQL; else a look every 0.1 s).
+            # The mark comes before the look: an end announced while it reads is not missed.
+            mark = supervisor.wakeups.mark()
+            while await store.run_in_progress(run_id) is not None:  # noqa: ASYNC110
+                await supervisor.wakeups.wait_run(run_id, 0.1, since=mark)
+                mark = supervisor.wakeups.mark()
+
+
+async def ask_to_stop(run_ids: list[str], reason: str) -> tuple[list[RunHandle], list[str]]:
+    """Cancel runs without waiting for their end: this process's at once (the handles), another
+    live instance's through the store (the ids); one whose instance is gone is closed here, one
+    that has ended is left as it is."""
+    svc = services()
+    store, supervisor = svc.require_store(), svc.require_supervisor()
+    mine: list[RunHandle] = []
+    elsewhere: list[str] = []
     for run_id in run_ids:
         if (handle := supervisor.get(run_id)) is not None:
             handle.cancel(reason)
@@ -268,17 +289,7 @@ async def stop_runs(run_ids: list[str], reason: str) -> None:
                 # Stored as running by an instance that is gone (its lease ran out): the
                 # asker closes it now, as recovery would (failed, "interrupted").
                 await store.recover_interrupted(run_id)
-    for handle in mine:
-        await handle.finished.wait()
-    with trio.move_on_after(ELSEWHERE_CANCEL_WAIT):
-        for run_id in elsewhere:
-            # Another instance's run: the store says when it has ended (its final write
-            # announces itself on PostgreSQL; else a look every 0.1 s).
-            # The mark comes before the look: an end announced while it reads is not missed.
-            mark = supervisor.wakeups.mark()
-            while await store.run_in_progress(run_id) is not None:  # noqa: ASYNC110
-                await supervisor.wakeups.wait_run(run_id, 0.1, since=mark)
-                mark = supervisor.wakeups.mark()
+    return mine, elsewhere
 
 
 @blueprint.post("/api/runs/<run_id>/cancel")

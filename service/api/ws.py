@@ -4,7 +4,9 @@ Client -> server::
 
     {"type": "message", "conversation_id", "content", "agent"?, "model"?, "on_disconnect"?,
      "timeout"?}
-    {"type": "cancel", "run_id"}
+    {"type": "cancel", "run_id"}    any run of the socket's key, as POST /api/runs/{id}/cancel:
+                                    another worker's or instance's too; one that has ended is
+                                    left as it is (no reply)
 
 Server -> client: each run's events as ``{"run_id", "id", "type", "data"}``, and
 ``{"type": "error", "error": {"type", "message"}, "request"?}`` for a bad client message (the
@@ -35,13 +37,14 @@ import trio
 from pydantic import ConfigDict, Field, ValidationError
 from quart import Blueprint, websocket
 
-from ..errors import NotFound, ServiceError
+from ..errors import ServiceError
 from ..runs import RunHandle, RunSpec
 from ..runs.reader import EventReader, Keepalive
 from ..services import Services
 from ..store.records import strict_json
 from ..text import clean_text
 from .models import MAX_CONTENT_CHARS, MAX_MODEL_CHARS, AgentName, JsonRequest
+from .runs import ask_to_stop
 from .state import current_owner, services
 
 __all__ = ["blueprint"]
@@ -52,13 +55,14 @@ _SEND_QUEUE = 256
 _RUNS_PER_SOCKET = 32  # runs being started or forwarded on one socket at once
 _ECHOED = ("type", "conversation_id", "run_id")  # what an error reply echoes of the request
 _ECHO_CHARS = 200  # ... each cut to this length
+_ID_CHARS = 200  # an id longer than this is refused (a not_found would carry it back whole)
 
 
 class WsMessage(JsonRequest):
     # The fields of POST .../messages, with the same JSON types and Unicode text.
     model_config = ConfigDict(extra="forbid")
     type: Literal["message"]
-    conversation_id: str
+    conversation_id: str = Field(max_length=_ID_CHARS)
     content: str = Field(min_length=1, max_length=MAX_CONTENT_CHARS)
     agent: AgentName | None = None
     model: str | None = Field(None, max_length=MAX_MODEL_CHARS)
@@ -69,7 +73,7 @@ class WsMessage(JsonRequest):
 class WsCancel(JsonRequest):
     model_config = ConfigDict(extra="forbid")
     type: Literal["cancel"]
-    run_id: str
+    run_id: str = Field(max_length=_ID_CHARS)
 
 
 def _error(type_: str, message: str, request: Any = None) -> dict[str, Any]:
@@ -167,7 +171,7 @@ class _Session:
                         continue
                     self.nursery.start_soon(self.start_run, m, msg)
                 elif kind == "cancel":
-                    self.cancel(WsCancel.model_validate(msg))
+                    await self.cancel(WsCancel.model_validate(msg))
                 else:
                     await self.send.send(_error(
                         "invalid_request", "type must be 'message' or 'cancel'", msg))
@@ -201,16 +205,16 @@ class _Session:
         self.runs[handle.id] = (handle, m.on_disconnect)
         await self.forward(handle)
 
-    def cancel(self, m: WsCancel) -> None:
+    async def cancel(self, m: WsCancel) -> None:
         entry = self.runs.get(m.run_id)
-        if entry is None:
-            # Only runs of this socket (or owned by its key) may be cancelled from here.
-            live = self.svc.require_supervisor().get(m.run_id)
-            if live is None or live.owner != self.owner:
-                raise NotFound(f"no live run {m.run_id!r} on this socket", id=m.run_id)
-            live.cancel("cancelled by request")
+        if entry is not None:  # a run of this socket: at once, no store read
+            entry[0].cancel("cancelled by request")
             return
-        entry[0].cancel("cancelled by request")
+        # Any run of this key, as POST /api/runs/{id}/cancel: this process's, another worker's
+        # or instance's (asked through the store), or one that has just ended (nothing to do;
+        # a Stop racing the run's end is no error). Not waited for: its events tell its end.
+        await self.svc.require_store().get_run(m.run_id, owner=self.owner)  # else NotFound
+        await ask_to_stop([m.run_id], "cancelled by request")
 
     async def forward(self, handle: RunHandle) -> None:
         reader = EventReader(
