@@ -65,7 +65,8 @@ class Metrics:
             ["backend"], registry=r, multiprocess_mode="livemax",
         )
         self.backend_models = Gauge(
-            "service_backend_model", "A model a backend server serves: 1 available, 2 loaded",
+            "service_backend_model",
+            "A model a backend server serves: 1 available, 2 loaded, 0 no longer listed",
             ["backend", "model"], registry=r, multiprocess_mode="livemax",
         )
         # Run before rendering: whoever owns a live value sets its gauges here.

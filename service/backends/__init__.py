@@ -88,10 +88,16 @@ def budgets_from_settings(settings: Settings) -> Budgets:
 def client_from_settings(
     settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None
 ) -> httpx.AsyncClient:
-    """The shared client: enough connections for every backend's limiter, plus probes."""
+    """The shared client: enough connections for every server's limiter (each server of a
+    fleet has its own), plus probes."""
+    try:
+        slots = sum(s.max_concurrency or settings.backend_concurrency
+                    for s in fleet_from_settings(settings))
+    except ConfigError:  # reported by the backend's build, naming the setting
+        slots = 0
     return make_sharded_client(
         budgets_from_settings(settings),
-        max_connections=settings.backend_concurrency * 3 + 8,
+        max_connections=max(slots, settings.backend_concurrency) * 3 + 8,
         shards=max(1, min(16, settings.backend_concurrency // 32)),
         transport=transport,
     )

@@ -226,15 +226,25 @@ class Interceptor:
             pass
         ticket = object()
         self._waiting.append(ticket)  # the limiter is FIFO: this call's place in its queue
+        acquired = False
         try:
             with trio.move_on_after(self.queue_timeout) as waited:
                 async with trio.open_nursery() as nursery:
                     if request.on_queued is not None:
                         nursery.start_soon(self._report_place, ticket, request.on_queued)
                     await self.limiter.acquire()
+                    acquired = True
                     nursery.cancel_scope.cancel()
+        except BaseException:
+            # Cancelled as the nursery closed, after the slot was handed over: it is given
+            # back (kept, it was lost for good, one slot of the backend fewer each time).
+            if acquired:
+                self.limiter.release()
+            raise
         finally:
             self._waiting.remove(ticket)
+        if acquired:
+            return  # the queue's deadline may have passed as the nursery closed: too late
         if waited.cancelled_caught:
             raise BackendBusy(
                 f"all {self.limiter.total_tokens:g} slots of backend {self.name!r} stayed busy "

@@ -101,6 +101,7 @@ class FleetBackend(AutoBackend):
             for m in self.members]
         self._index = {id(b): i for i, b in enumerate(self.backends)}
         self._affinity: OrderedDict[str, int] = OrderedDict()
+        self._exported: dict[int, frozenset[str]] = {}  # models each server's gauge shows
         self._turn = 0
         self._names = [b.name.encode() for b in self.backends]
         self._refreshed_at = float("-inf")
@@ -152,13 +153,18 @@ class FleetBackend(AutoBackend):
             self._turn = turn + 1  # no conversation: a rotation
             tie = [(i - turn) % count for i in range(count)]
         states = [self._state[id(b)] for b in self.backends]
+        room = [states[i].in_flight < self.members[i].capacity for i in range(count)]
+        any_room = any(room[i] for i in usable)
 
-        def key(i: int) -> tuple[bool, int, bool, float, int]:
+        def key(i: int) -> tuple[bool, bool, int, bool, float, int]:
             member, inflight = self.members[i], states[i].in_flight
             loaded = self.inventories[i].loaded
-            warm = (model is not None and loaded is not None and model in loaded
-                    and inflight < member.capacity)
-            return (i != affine, member.priority, not warm, inflight / member.weight, tie[i])
+            warm = model is not None and loaded is not None and model in loaded and room[i]
+            # A server with a free slot before a full one, the conversation's own included:
+            # a prompt cache is not worth a wait in a queue while another server is idle.
+            home = i == affine and (room[i] or not any_room)
+            return (not home, not room[i], member.priority, not warm,
+                    inflight / member.weight, tie[i])
 
         usable.sort(key=key)
         return [self.backends[i] for i in usable]
@@ -174,10 +180,13 @@ class FleetBackend(AutoBackend):
 
     def _failed(self, backend: Backend, exc: BackendError) -> None:
         super()._failed(backend, exc)
-        if isinstance(exc, BackendUnavailable | BackendTLSError) and not isinstance(
-                exc, BackendBusy) and exc.details.get("upstream_status") is None:
-            # No answer at all (refused, reset, TLS): as good as a failed probe. Known not
-            # ready for health_ttl: other conversations do not try it first meanwhile.
+        unreachable = isinstance(exc, BackendUnavailable | BackendTLSError) and not isinstance(
+            exc, BackendBusy) and exc.details.get("upstream_status") is None
+        if unreachable or isinstance(exc.__cause__, httpx.ConnectTimeout):
+            # No answer at all (refused, reset, TLS; a connect that timed out: a host gone
+            # behind a router, which the next calls would each wait the whole connect budget
+            # for): as good as a failed probe. Known not ready for health_ttl: other
+            # conversations do not try it first meanwhile.
             st = self._state[id(backend)]
             st.health = BackendHealth(backend.name, backend.url, reachable=False, ready=False,
                                       error=exc.message)
@@ -293,6 +302,12 @@ class FleetBackend(AutoBackend):
             for model in inv.models or ():
                 loaded = inv.loaded is not None and model in inv.loaded
                 m.backend_models.labels(backend=name, model=model).set(2 if loaded else 1)
+            if inv.models is not None:  # (unknown, e.g. unreachable: left as last known)
+                # A model the server no longer lists (an `ollama rm`) goes to 0: removed, a
+                # label would stay in the other workers' files (multiprocess mode).
+                for model in self._exported.get(i, frozenset()) - inv.models:
+                    m.backend_models.labels(backend=name, model=model).set(0)
+                self._exported[i] = inv.models
 
     async def aclose(self) -> None:
         if self.metrics is not None and self.export_metrics in self.metrics.collectors:
