@@ -224,12 +224,29 @@ async def run_events(run_id: str, query_args: RunEventsQuery) -> Response:
         # A browser's EventSource opened on "...?after=N" reconnects to the same URL with the
         # last id it saw in the header: the later position wins, or it would get events again.
         after = max(after, int(header))
+    if after and run.status in ("queued", "running") and not await _has_event(run, after):
+        # An id this run has not reached: no client can have seen it (an event is shown only
+        # once stored). Followed, the stream would wait for the run's end and then close
+        # without it (its run.finished comes before that id).
+        return json_error(422, "invalid_request",
+                          f"event {after} is past this run's events so far",
+                          field="Last-Event-ID" if header else "after")
     if after and await _seen_to_the_end(run, after):
         # The HTML spec's EventSource stops reconnecting on a 204; on an empty 200 it would
         # reconnect every few seconds forever.
         return Response("", status=204)
     # Re-joining never cancels the run: it belongs to whoever started it.
     return sse_response(_event_stream(_reader(run_id, after), None, "continue"))
+
+
+async def _has_event(run: RunRecord, seq: int) -> bool:
+    """Whether the store has the run's event ``seq`` (yes if it cannot say: the stream then
+    reads the store again and reports its failure in a frame)."""
+    try:
+        found = await services().require_store().list_run_events(run.id, after=seq - 1, limit=1)
+    except ServiceError:
+        return True
+    return bool(found) and found[0].seq == seq
 
 
 async def _seen_to_the_end(run: RunRecord, after: int) -> bool:

@@ -192,3 +192,31 @@ async def test_v1_does_not_silently_drop_legacy_functions(settings: Settings) ->
     sent = backend.streams[0].request.tools
     names = [t.get("function", t).get("name") for t in sent]
     assert "get_weather" in names, f"200, but the model was sent no function (tools: {sent})"
+
+
+# -- SSE re-join ------------------------------------------------------------------------------
+
+
+async def test_a_rejoin_past_a_live_runs_events_is_refused_not_left_hanging(
+    settings: Settings,
+) -> None:
+    # API.md: every stream ends with run.finished. A re-join of a live run with an id it has
+    # not reached (no client can have seen it: events are shown once stored) waited for the
+    # run's end, then closed empty: its run.finished came before that id.
+    backend = ScriptedBackend([Reply("a slow answer", first_delay=30)])
+    async with running_server(settings, backend) as srv, srv.client() as c:
+        conv = (await c.post("/api/conversations", json={})).json()["id"]
+        async with open_websocket_url(ws_url(srv)) as ws:
+            await ws.send_message(json.dumps(
+                {"type": "message", "conversation_id": conv, "content": "think long"}))
+            _, started = await ws_reply(ws)
+            run_id = started["run_id"]
+            events = f"/api/runs/{run_id}/events"
+            with trio.fail_after(10):
+                late = await c.get(events, headers={"Last-Event-ID": "1000"})
+                query = await c.get(f"{events}?after=1000")
+                async with c.stream("GET", events, headers={"Last-Event-ID": "1"}) as seen:
+                    status = seen.status_code  # an id it has: followed as before
+        assert (late.status_code, late.json()["error"]["field"]) == (422, "Last-Event-ID")
+        assert (query.status_code, query.json()["error"]["field"]) == (422, "after")
+        assert status == 200
