@@ -9,6 +9,7 @@ the upstream generation.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -65,6 +66,7 @@ async def _openai_error_fields(response: Response) -> Response:
     return response
 
 _LIST_MODELS_DEADLINE = 5.0
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for a function's name
 
 
 class _Lenient(JsonRequest):
@@ -135,6 +137,23 @@ class ChatCompletionRequest(_Lenient):
     functions: list[Any] | None = Field(None, description="not supported: use tools")
     function_call: str | dict[str, Any] | None = Field(
         None, description="not supported: use tool_choice")
+
+    @field_validator("tools")
+    @classmethod
+    def _function_tools(cls, value: list[dict[str, Any]] | None) -> Any:
+        # Checked here, as OpenAI does: refused by the model's server instead, it came back a
+        # 502 that the OpenAI SDKs retry (three stored runs for one bad request).
+        for n, tool in enumerate(value or ()):
+            function = tool.get("function")
+            if tool.get("type") != "function" or not isinstance(function, dict):
+                raise ValueError(f"tools[{n}] must be {{'type': 'function', 'function': {{...}}}}")
+            name = function.get("name")
+            if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+                raise ValueError(f"tools[{n}].function.name must be 1-64 letters, digits, '_' "
+                                 "or '-'")
+            if not isinstance(function.get("parameters", {}), dict):
+                raise ValueError(f"tools[{n}].function.parameters must be a JSON Schema object")
+        return value
 
     @field_validator("functions", "function_call")
     @classmethod

@@ -220,3 +220,29 @@ async def test_a_rejoin_past_a_live_runs_events_is_refused_not_left_hanging(
         assert (late.status_code, late.json()["error"]["field"]) == (422, "Last-Event-ID")
         assert (query.status_code, query.json()["error"]["field"]) == (422, "after")
         assert status == 200
+
+
+async def test_v1_refuses_a_malformed_tool_before_any_model_is_called(
+    settings: Settings,
+) -> None:
+    # A tool without a function name went on to the model's server, whose 400 came back a
+    # 502 backend_response_error, which the OpenAI SDKs retry: three stored runs for one bad
+    # request. OpenAI refuses it itself (400 naming the field); so does /v1 now (422).
+    backend = ScriptedBackend([Reply("never")])
+    bad_tools: list[Any] = [
+        [{"type": "function", "function": {"parameters": {}}}],  # no name
+        [{"type": "function", "function": {"name": "has space"}}],
+        [{"type": "function", "function": {"name": "f", "parameters": "{}"}}],
+        [{"type": "retrieval"}],
+    ]
+    async with running_server(settings, backend) as srv, srv.client() as c:
+        for tools in bad_tools:
+            r = await c.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "hi"}], "tools": tools})
+            assert r.status_code == 422, (tools, r.text)
+            assert r.json()["error"]["param"] == "tools", r.text
+        ok = await c.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "get_weather-2"}}]})
+    assert ok.status_code == 200, ok.text
+    assert len(backend.streams) == 1  # only the good request reached a model
