@@ -137,7 +137,7 @@ class FleetBackend(AutoBackend):
         usable = usable or list(range(count))
         if model is not None:
             having = [i for i in usable if (inv := self.inventories[i]).models is None
-                      or model in inv.models]
+                      or self._serves(i, inv.models, model)]
             usable = having or usable
         affine: int | None = None
         conversation = request.conversation_id
@@ -159,7 +159,8 @@ class FleetBackend(AutoBackend):
         def key(i: int) -> tuple[bool, bool, int, bool, float, int]:
             member, inflight = self.members[i], states[i].in_flight
             loaded = self.inventories[i].loaded
-            warm = model is not None and loaded is not None and model in loaded and room[i]
+            warm = (model is not None and loaded is not None and self._serves(i, loaded, model)
+                    and room[i])
             # A server with a free slot before a full one, the conversation's own included:
             # a prompt cache is not worth a wait in a queue while another server is idle.
             home = i == affine and (room[i] or not any_room)
@@ -168,6 +169,12 @@ class FleetBackend(AutoBackend):
 
         usable.sort(key=key)
         return [self.backends[i] for i in usable]
+
+    def _serves(self, i: int, models: frozenset[str], model: str) -> bool:
+        """Whether ``models`` (server ``i``'s) has ``model``; Ollama takes a name without a
+        tag for its ``:latest`` and lists it with the tag."""
+        return model in models or (self.members[i].kind == "ollama" and ":" not in model
+                                   and f"{model}:latest" in models)
 
     def served(self, backend: Backend, request: ChatRequest) -> None:
         conversation = request.conversation_id

@@ -85,8 +85,9 @@ async def two_sims(**kw: object) -> AsyncIterator[tuple[Simulator, Simulator]]:
         yield a, b
 
 
-def ask(conversation: str | None = None, **kw: object) -> ChatRequest:
-    return ChatRequest(messages=(ChatMessage("user", "hello"),), model="sim-model",
+def ask(conversation: str | None = None, model: str = "sim-model", **kw: object
+        ) -> ChatRequest:
+    return ChatRequest(messages=(ChatMessage("user", "hello"),), model=model,
                        conversation_id=conversation, **kw)  # type: ignore[arg-type]
 
 
@@ -231,3 +232,22 @@ async def test_a_model_removed_from_a_server_leaves_the_metrics(
         assert fleet.inventories[0].models == frozenset({"keep"})
         fleet.export_metrics()
         assert metrics.registry.get_sample_value("service_backend_model", labels) in (None, 0)
+
+
+async def test_an_ollama_model_asked_without_its_tag_is_routed_to_the_server_that_has_it(
+    client: httpx.AsyncClient,
+) -> None:
+    """Ollama takes ``llama3`` for ``llama3:latest`` and lists only the latter: the router
+    matched names exactly, found no server with the model, and sent the call to any server
+    (one without the model answers 404 after a round trip, and "loaded" was ignored)."""
+    async with open_simulator(Simulator(("llama3:latest",))) as a, \
+            open_simulator(Simulator(("other:7b",))) as b:
+        fleet = FleetBackend([OllamaBackend(name, sim.url, client)
+                              for name, sim in (("box-a", a), ("box-b", b))],
+                             [Member(kind="ollama"), Member(kind="ollama")], inventory_ttl=3600)
+        with trio.fail_after(GUARD):
+            await fleet.refresh_if_stale()
+        for conversation in ("c1", "c2", "c3", None):
+            order = [b.name for b in fleet.route(ask(conversation, model="llama3"))]
+            assert order == ["box-a"], order
+        await fleet.aclose()
