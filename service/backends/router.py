@@ -161,10 +161,11 @@ class FleetBackend(AutoBackend):
             loaded = self.inventories[i].loaded
             warm = (model is not None and loaded is not None and self._serves(i, loaded, model)
                     and room[i])
-            # A server with a free slot before a full one, the conversation's own included:
-            # a prompt cache is not worth a wait in a queue while another server is idle.
+            # The conversation's server while it has a free slot (or none has): a prompt cache
+            # is not worth a wait in its queue while another server is idle. Priority still
+            # comes before room: a lower tier (auto's embedded fallback) is not an overflow.
             home = i == affine and (room[i] or not any_room)
-            return (not home, not room[i], member.priority, not warm,
+            return (not home, member.priority, not room[i], not warm,
                     inflight / member.weight, tie[i])
 
         usable.sort(key=key)
