@@ -41,6 +41,7 @@ from .sendstall import install as drop_stalled_clients
 from .services import Services
 from .settings import Settings, load_settings
 from .tokens import TokenSigner
+from .wsping import install as end_pings_with_their_socket
 
 __all__ = ["create_app"]
 
@@ -307,4 +308,6 @@ def create_app(
     app.asgi_app = KeepAliveFix(CancelOwnedRuns(app.asgi_app))  # type: ignore[method-assign]
     # A client that stops reading but keeps its connection is dropped (service/sendstall.py).
     drop_stalled_clients(settings.sse_keepalive)
+    # WebSocket pings (build_config) end with their socket (service/wsping.py).
+    end_pings_with_their_socket()
     return app

@@ -53,6 +53,7 @@ blueprint = Blueprint("ws", __name__)
 
 _SEND_QUEUE = 256
 _RUNS_PER_SOCKET = 32  # runs being started or forwarded on one socket at once
+_CANCELS_PER_SOCKET = 32  # cancels of runs not in this process, waiting for the store at once
 _ECHOED = ("type", "conversation_id", "run_id")  # what an error reply echoes of the request
 _ECHO_CHARS = 200  # ... each cut to this length
 _ID_CHARS = 200  # an id longer than this is refused (a not_found would carry it back whole)
@@ -131,6 +132,7 @@ class _Session:
         self.send = send
         self.runs: dict[str, tuple[RunHandle, str]] = {}
         self.slots = trio.Semaphore(_RUNS_PER_SOCKET)  # start_run tasks (each releases one)
+        self.cancels = trio.Semaphore(_CANCELS_PER_SOCKET)  # cancels waiting for the store
 
     async def receive_loop(self) -> None:
         limit = self.svc.settings.max_body_bytes
@@ -171,7 +173,7 @@ class _Session:
                         continue
                     self.nursery.start_soon(self.start_run, m, msg)
                 elif kind == "cancel":
-                    await self.cancel(WsCancel.model_validate(msg))
+                    await self.cancel(WsCancel.model_validate(msg), msg)
                 else:
                     await self.send.send(_error(
                         "invalid_request", "type must be 'message' or 'cancel'", msg))
@@ -205,16 +207,36 @@ class _Session:
         self.runs[handle.id] = (handle, m.on_disconnect)
         await self.forward(handle)
 
-    async def cancel(self, m: WsCancel) -> None:
+    async def cancel(self, m: WsCancel, request: Any) -> None:
+        """Any run of this key, as POST /api/runs/{id}/cancel. A live run of this process (of
+        this socket or not) is cancelled at once, in memory: no store, so Stop works while
+        the store is away. Any other (another worker's or instance's, asked through the store;
+        one still starting; one that has just ended: nothing to do, a Stop racing the end is
+        no error) in a task of its own, so that the next cancel is not held behind its store
+        I/O. Not waited for: the run's events tell its end."""
         entry = self.runs.get(m.run_id)
-        if entry is not None:  # a run of this socket: at once, no store read
-            entry[0].cancel("cancelled by request")
+        live = entry[0] if entry is not None else self.svc.require_supervisor().get(m.run_id)
+        if live is not None and (entry is not None or live.owner == self.owner):
+            live.cancel("cancelled by request")
             return
-        # Any run of this key, as POST /api/runs/{id}/cancel: this process's, another worker's
-        # or instance's (asked through the store), or one that has just ended (nothing to do;
-        # a Stop racing the run's end is no error). Not waited for: its events tell its end.
-        await self.svc.require_store().get_run(m.run_id, owner=self.owner)  # else NotFound
-        await ask_to_stop([m.run_id], "cancelled by request")
+        try:
+            self.cancels.acquire_nowait()
+        except trio.WouldBlock:
+            await self.send.send(_error(
+                "too_many_cancels", f"{_CANCELS_PER_SOCKET} cancels are waiting for the store "
+                "on this socket; retry", request))
+            return
+        self.nursery.start_soon(self._cancel_through_store, m, request)
+
+    async def _cancel_through_store(self, m: WsCancel, request: Any) -> None:
+        try:
+            run = await self.svc.require_store().get_run(m.run_id, owner=self.owner)
+            if run.status in ("queued", "running"):
+                await ask_to_stop([m.run_id], "cancelled by request")
+        except ServiceError as exc:  # not_found (not this key's, or no such run), the store's
+            await self.send.send(_error_reply(exc.to_dict(), request))
+        finally:
+            self.cancels.release()
 
     async def forward(self, handle: RunHandle) -> None:
         reader = EventReader(

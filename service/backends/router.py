@@ -154,9 +154,12 @@ class FleetBackend(AutoBackend):
             tie = [(i - turn) % count for i in range(count)]
         states = [self._state[id(b)] for b in self.backends]
         room = [states[i].in_flight < self.members[i].capacity for i in range(count)]
-        any_room = any(room[i] for i in usable)
+        # Whether a server of the conversation's own tier has a free slot (a lower tier is no
+        # reason to leave its server: the call stays in the tier and queues either way).
+        tier_room = affine is not None and any(
+            room[i] for i in usable if self.members[i].priority == self.members[affine].priority)
 
-        def key(i: int) -> tuple[bool, bool, int, bool, float, int]:
+        def key(i: int) -> tuple[bool, int, bool, bool, float, int]:
             member, inflight = self.members[i], states[i].in_flight
             loaded = self.inventories[i].loaded
             warm = (model is not None and loaded is not None and self._serves(i, loaded, model)
@@ -164,7 +167,7 @@ class FleetBackend(AutoBackend):
             # The conversation's server while it has a free slot (or none has): a prompt cache
             # is not worth a wait in its queue while another server is idle. Priority still
             # comes before room: a lower tier (auto's embedded fallback) is not an overflow.
-            home = i == affine and (room[i] or not any_room)
+            home = i == affine and (room[i] or not tier_room)
             return (not home, member.priority, not room[i], not warm,
                     inflight / member.weight, tie[i])
 

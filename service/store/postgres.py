@@ -37,6 +37,7 @@ another container) lives while its lease in ``instances`` does, measured in the 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -169,7 +170,8 @@ class PostgresStore(PostgresQueries):
         ``options`` (a ``search_path``, say) are kept beside the statement timeout, and its
         ``connect_timeout`` and ``application_name`` are left as it says."""
         given = _conninfo(self._url)
-        options = f"-c statement_timeout={int(self._statement_timeout * 1000)}"
+        # Whole milliseconds, at least 1: 0 would be no timeout at all.
+        options = f"-c statement_timeout={max(1, math.ceil(self._statement_timeout * 1000))}"
         kwargs: dict[str, Any] = {
             "autocommit": True,  # transactions are explicit: BEGIN ... COMMIT per batch
             "options": f"{given['options']} {options}" if given.get("options") else options,
