@@ -102,6 +102,10 @@ def make_runner(
             temperature=spec.temperature, stop=spec.stop, options=spec.options,
         )
         ctx.run_sync = run_sync if run_sync is not None else in_tool_thread
-        return await agent.run(ctx)
+        answer = await agent.run(ctx)
+        # The answer's finish_reason is its last call's (chat sets its own): an answer cut
+        # at max_tokens says "length", never "stop".
+        handle.result_extra.setdefault("finish_reason", ctx.last_finish_reason or "stop")
+        return answer
 
     return run

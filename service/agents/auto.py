@@ -22,11 +22,15 @@ chat - a conversational answer needs no tools;
 react - one or a few tool calls ({tools}) are needed;
 plan_execute - several distinct steps must be planned and combined."""
 
+# Linear in the question's length: no "\s*" after "^" (it crossed newlines, and was tried at
+# every line: 20,000 blank lines took 3.2 s on the event loop) and no unbounded ".*" between
+# two words ("first " x 8,000: 2.8 s).
 _MULTI_STEP = re.compile(
-    r"\b(then|after that|afterwards|step[s]? |first\b.*\bthen|finally|plan|compare)\b"
-    r"|^\s*\d+[.)](?:\s|$)",  # a numbered list ("1. ", "2) "), not a decimal ("3.5")
+    r"\b(then|after that|afterwards|step[s]? |first\b[^\n]{0,200}?\bthen|finally|plan|compare)\b"
+    r"|^[ \t]*\d+[.)](?:\s|$)",  # a numbered list ("1. ", "2) "), not a decimal ("3.5")
     re.I | re.M,
 )
+_RULE_CHARS = 8_000  # what the rule reads of a question (its start says what kind it is)
 _TOOLISH = re.compile(
     r"\d\s*[-+*/^%]\s*\d|\b(calculate|compute|how much|how many|convert|what time|today|date|"
     r"count|sqrt|percent)\b",
@@ -38,6 +42,7 @@ def classify_by_rule(question: str, tool_names: list[str]) -> str:
     """The fallback decision: deterministic and cheap."""
     if not tool_names:
         return "chat"
+    question = question[:_RULE_CHARS]
     mentions_tool = any(name in question for name in tool_names)
     if _MULTI_STEP.search(question) and (mentions_tool or _TOOLISH.search(question)):
         return "plan_execute"

@@ -7,6 +7,7 @@ turns its failure or timeout into an *observation* the model sees, never a crash
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -83,7 +84,8 @@ class Observation:
             return f"ERROR: {self.error}"
         if isinstance(self.output, str):
             return self.output
-        return json.dumps(self.output, default=str)
+        # Text as it is (not \u escapes: 6 tokens a CJK character, and harder to read).
+        return json.dumps(self.output, default=str, ensure_ascii=False)
 
 
 @dataclass
@@ -228,7 +230,9 @@ class AgentContext:
                     else:
                         # A sync tool has no checkpoints: abandon its thread on cancel.
                         output = await self.run_sync(partial(tool.fn, **valid))
-                obs = Observation(call_id, name, output=_jsonable(output))
+                        if inspect.isawaitable(output):  # async behind a plain wrapper
+                            output = await output
+                obs = _bounded(Observation(call_id, name, output=_jsonable(output)))
             except trio.TooSlowError:
                 obs = Observation(call_id, name, error=f"tool {name} timed out after {timeout:g}s")
                 outcome = "timeout"
@@ -266,6 +270,21 @@ class AgentContext:
             for i, call in enumerate(calls):
                 nursery.start_soon(one, i, call)
         return [r for r in results if r is not None]
+
+
+TOOL_OUTPUT_CHARS = 16_000  # what a model (and the run's events) get of one tool's output
+
+
+def _bounded(obs: Observation) -> Observation:
+    """An observation whose text fits ``TOOL_OUTPUT_CHARS``, cut with a note if it did not:
+    a 1 MB page from a tool went whole to the model, whose context it overflowed (the run
+    failed ``context_length_exceeded``), and whole into one stored event."""
+    text = obs.text()
+    if len(text) <= TOOL_OUTPUT_CHARS:
+        return obs
+    kept = text[:TOOL_OUTPUT_CHARS]
+    return Observation(obs.call_id, obs.name, output=(
+        f"{kept}\n[the tool's output was cut here: {len(text) - len(kept):,} more characters]"))
 
 
 def _jsonable(value: Any) -> Any:

@@ -8,6 +8,8 @@ also emitted as a ``thought`` event.
 
 from __future__ import annotations
 
+import re
+
 from ..backends.base import ChatMessage, ToolCall
 from ..store import new_id
 from .base import Agent, AgentContext, Observation
@@ -60,30 +62,39 @@ class ReActAgent(Agent):
         answer, the "could not finish" text is the answer, or with ``fail_at_limit`` (a plan's
         step) ``StepLimitReached`` is raised."""
         tools = list(ctx.tools)
+        names = {t.name for t in tools}
+        native = False  # the model called tools natively: its plain text is its answer
         for _step in range(self.max_steps):
             reply = await ctx.call_llm(messages, tools=tools)
             if reply.tool_calls:
+                native = True
                 if reply.content.strip():
                     ctx.emit("thought", {"text": reply.content.strip()})
                 messages.append(reply)
                 observations = await ctx.call_tools_parallel(reply.tool_calls)
                 messages += [_tool_message(o) for o in observations]
                 continue
-            step = parse_react(reply.content)
+            step = parse_react(reply.content, tools=names)
+            if native and not step.is_final:
+                # Not the text protocol's action ("- **Action:** rotate the logs" in a
+                # summary) but prose: the answer.
+                return reply.content.strip()
             if step.thought:
                 ctx.emit("thought", {"text": step.thought})
             if step.is_final:
                 return step.final_answer or ""
             call = ToolCall(new_id("call"), step.action or "", _as_arguments(step.action_input))
             obs = await ctx.call_tool(call.name, step.action_input, call.id)
-            messages.append(ChatMessage("assistant", reply.content))
+            # Its turn up to the action: what a model runs on to after it ("Observation: ..."
+            # it made up, an answer from that) never happened, and is not shown to it again.
+            messages.append(ChatMessage("assistant", _OBSERVED.split(reply.content, 1)[0].rstrip()))
             messages.append(ChatMessage("user", f"Observation: {obs.text()}"))
         # Step limit: one last call without tools for a clear answer from what was found.
         messages.append(ChatMessage("user", LIMIT_PROMPT.format(steps=self.max_steps)))
         ctx.emit("thought", {"text": f"step limit of {self.max_steps} reached"})
         reply = await ctx.call_llm(messages)
         # No tool runs any more: a final answer anywhere in the reply is the answer.
-        step = parse_react(reply.content, final_first=True)
+        step = parse_react(reply.content, final_first=True, tools=names)
         if step.final_answer:  # a final answer, or a plain one without the protocol's labels
             return step.final_answer
         # Another action, an empty "Final Answer:", or nothing: not an answer to store as one.
@@ -92,6 +103,9 @@ class ReActAgent(Agent):
         if fail_at_limit:
             raise StepLimitReached(unfinished)
         return unfinished
+
+
+_OBSERVED = re.compile(r"^[ \t]*Observation[ \t]*:", re.M | re.I)
 
 
 class StepLimitReached(Exception):

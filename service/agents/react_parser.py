@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,7 +65,9 @@ def _parse_input(raw: str) -> Any:
         try:
             value, _ = json.JSONDecoder().raw_decode(raw)
             return value
-        except (json.JSONDecodeError, RecursionError):  # RecursionError: "[[[[..." nesting
+        # ValueError: JSONDecodeError, and an integer of over 4,300 digits; RecursionError:
+        # "[[[[..." nesting. Either way, the input is taken as text.
+        except (ValueError, RecursionError):
             pass
     if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
         raw = raw[1:-1]
@@ -78,12 +81,14 @@ _NO_ACTION = frozenset({"none", "n/a", "na", "null", "nil", "nothing", "no actio
 _ANSWER_ACTION = frozenset({"final answer", "final_answer", "finish", "answer"})
 
 
-def parse_react(text: str, *, final_first: bool = False) -> ReActStep:
+def parse_react(text: str, *, final_first: bool = False,
+                tools: Collection[str] = ()) -> ReActStep:
     """Parse one model turn of the ReAct protocol. Never raises.
 
     The first of Action and Final Answer wins, unless ``final_first`` (no tool can run any more:
     a final answer anywhere in the text is the answer). An Action of "None" (or "N/A", ...) is no
-    action."""
+    action; one of "answer" (or "finish", ...) is the answer, unless a tool of ``tools`` has
+    that name."""
     thought_m = _THOUGHT.search(text)
     action_m = _ACTION.search(text)
     final_m = _FINAL.search(text)
@@ -105,7 +110,8 @@ def parse_react(text: str, *, final_first: bool = False) -> ReActStep:
                 lines = rest.splitlines()
                 action_input = _parse_input("\n".join(lines[1:])) if len(lines) > 1 else {}
         label = action.lower().rstrip(".") if action else ""
-        if label in _ANSWER_ACTION and action_input not in (None, {}, ""):
+        if (label in _ANSWER_ACTION and action not in tools
+                and action_input not in (None, {}, "")):
             answer = action_input if isinstance(action_input, str) else json.dumps(action_input)
             return ReActStep(thought, final_answer=answer.strip())
         if action and not (label in _NO_ACTION and final_m):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,12 +34,18 @@ class Tool:
     _validator: Draft202012Validator = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.timeout is not None and not (isinstance(self.timeout, int | float)
+                                             and 0 < self.timeout < math.inf):
+            # Found here, at start, naming the tool: not by the model, at every call.
+            raise ConfigError(f"tool {self.name!r}: timeout must be a number of seconds "
+                              f"above 0, not {self.timeout!r}")
         Draft202012Validator.check_schema(self.parameters)
         object.__setattr__(self, "_validator", Draft202012Validator(self.parameters))
 
     @property
     def is_async(self) -> bool:
-        return inspect.iscoroutinefunction(self.fn)
+        # Through functools.wraps decorators (a deployer's logging or timing wrapper).
+        return inspect.iscoroutinefunction(inspect.unwrap(self.fn))
 
     def validate(self, arguments: object) -> dict[str, Any]:
         """Return the arguments if they match the schema, else raise ToolArgumentsError."""
@@ -121,6 +128,7 @@ class ToolRegistry:
 def load_tool_modules(modules: Iterable[str]) -> list[Tool]:
     """Import each module and collect its tools: a ``TOOLS`` list, or module-level Tool objects."""
     found: list[Tool] = []
+    where: dict[str, str] = {}  # a tool's name -> the module it was found in first
     for name in modules:
         try:
             module = importlib.import_module(name)
@@ -136,5 +144,11 @@ def load_tool_modules(modules: Iterable[str]) -> list[Tool]:
         for t in tools:
             if not isinstance(t, Tool):
                 raise ConfigError(f"{name}.TOOLS holds {t!r}, not a service.tools.Tool")
+            if any(t is f for f in found):
+                continue  # the same tool, imported by another module (to reuse it)
+            if t.name in where:
+                raise ConfigError(f"SERVICE_TOOLS: two tools are named {t.name!r} (in "
+                                  f"{where[t.name]} and {name})")
+            where[t.name] = name
             found.append(t)
     return found
