@@ -224,7 +224,9 @@ class AgentContext:
             timeout = tool.timeout_under(self.tool_timeout)
             try:
                 valid = tool.validate(arguments)
-                with trio.fail_after(timeout):
+                # Its own scope, not fail_after: a TooSlowError a tool raises itself (its own
+                # inner deadline) is its error, not this timeout.
+                with trio.move_on_after(timeout) as budget:
                     if tool.is_async:
                         output = await tool.fn(**valid)
                     else:
@@ -232,10 +234,12 @@ class AgentContext:
                         output = await self.run_sync(partial(tool.fn, **valid))
                         if inspect.isawaitable(output):  # async behind a plain wrapper
                             output = await output
-                obs = _bounded(Observation(call_id, name, output=_jsonable(output)))
-            except trio.TooSlowError:
-                obs = Observation(call_id, name, error=f"tool {name} timed out after {timeout:g}s")
-                outcome = "timeout"
+                if budget.cancelled_caught:
+                    obs = Observation(call_id, name,
+                                      error=f"tool {name} timed out after {timeout:g}s")
+                    outcome = "timeout"
+                else:
+                    obs = _bounded(Observation(call_id, name, output=_jsonable(output)))
             except ToolArgumentsError as exc:
                 obs = Observation(call_id, name, error=exc.message)
                 outcome = "bad_arguments"
@@ -259,8 +263,18 @@ class AgentContext:
         return obs
 
     async def call_tools_parallel(self, calls: Sequence[ToolCall]) -> list[Observation]:
-        """Run several tool calls of one step at once; results in the calls' order."""
+        """Run several tool calls of one step at once; results in the calls' order. Past
+        ``PARALLEL_TOOL_CALLS`` in one step, the rest are not run: each is an error
+        observation (a model that asked for hundreds at once started them all)."""
         results: list[Observation | None] = [None] * len(calls)
+        for i, call in enumerate(calls[PARALLEL_TOOL_CALLS:], PARALLEL_TOOL_CALLS):
+            self.emit("tool.call", {"name": call.name, "arguments": call.arguments,
+                                    "call_id": call.id})
+            refused = Observation(call.id, call.name, error=(
+                f"not run: at most {PARALLEL_TOOL_CALLS} tool calls in one step"))
+            self.emit("tool.result", {"call_id": call.id, "error": refused.error})
+            results[i] = refused
+        calls = calls[:PARALLEL_TOOL_CALLS]
 
         async def one(i: int, call: ToolCall) -> None:
             results[i] = await self.call_tool(call.name, call.arguments, call.id,
@@ -272,6 +286,7 @@ class AgentContext:
         return [r for r in results if r is not None]
 
 
+PARALLEL_TOOL_CALLS = 16  # tool calls of one step run at once; past it, not run
 TOOL_OUTPUT_CHARS = 16_000  # what a model (and the run's events) get of one tool's output
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from ..errors import ConfigError, ToolArgumentsError
 __all__ = ["Tool", "ToolRegistry", "load_tool_modules", "tool"]
 
 ToolFn = Callable[..., Any] | Callable[..., Awaitable[Any]]
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,10 @@ class Tool:
     _validator: Draft202012Validator = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
+            # OpenAI's rule for a function's name, which strict servers enforce: a tool named
+            # otherwise made them refuse every call of react and plan_execute.
+            raise ConfigError(f"tool {self.name!r}: a name is 1-64 letters, digits, '_' or '-'")
         if self.timeout is not None and not (isinstance(self.timeout, int | float)
                                              and 0 < self.timeout < math.inf):
             # Found here, at start, naming the tool: not by the model, at every call.

@@ -310,3 +310,51 @@ async def test_a_long_integer_in_an_action_input_is_an_observation_not_a_crash(
         handle, events = await _run(env, "convert it", "react")
     errors = [e.data for e in events if e.type == "error"]
     assert handle.status is RunStatus.succeeded, (handle.status, errors)
+
+
+# -- 12. a tool's own TooSlowError, tool names, hundreds of calls in one step --------------------
+
+
+@tool("inner_deadline", "A tool with a deadline of its own.",
+      {"type": "object", "properties": {}})
+async def inner_deadline() -> str:
+    with trio.fail_after(0.5):
+        await trio.sleep(1)
+    return "never"
+
+
+async def test_a_tools_own_too_slow_error_is_its_error_not_the_tool_timeout(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # It was reported "tool inner_deadline timed out after 30s", outcome timeout: the tool's
+    # own 0.5 s deadline taken for the service's.
+    backend = ScriptedBackend([
+        Reply("", tool_calls=[ToolCall("c1", "inner_deadline", {})]),
+        Reply("Final Answer: it failed"),
+    ])
+    async with supervisor_env(tmp_path, backend, tools=(*BUILTIN_TOOLS, inner_deadline)) as env:
+        _, events = await _run(env, "try it", "react")
+    (result,) = [e.data for e in events if e.type == "tool.result"]
+    assert result["error"].startswith("TooSlowError"), result
+
+
+def test_a_tool_name_a_strict_server_would_refuse_is_refused_at_definition() -> None:
+    # Sent to the model with every react/plan call: a server that checks names as OpenAI does
+    # refused each of them.
+    for name in ("get.weather", "has space", "x" * 65, ""):
+        with pytest.raises(ConfigError):
+            tool(name, "A tool.", {"type": "object", "properties": {}})(lambda: "x")
+
+
+async def test_hundreds_of_tool_calls_in_one_step_run_at_most_sixteen(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    calls = [ToolCall(f"c{i}", "calculator", {"expression": f"{i}+1"}) for i in range(200)]
+    backend = ScriptedBackend([Reply("", tool_calls=calls), Reply("Final Answer: done")])
+    async with supervisor_env(tmp_path, backend) as env:
+        handle, events = await _run(env, "add them all", "react")
+    results = [e.data for e in events if e.type == "tool.result"]
+    assert handle.status is RunStatus.succeeded
+    assert len(results) == 200  # every call answered, in one piece
+    assert sum("output" in r for r in results) == 16
+    assert all(r["error"].startswith("not run: at most 16") for r in results if "error" in r)

@@ -100,8 +100,11 @@ async def test_timed_out_sync_tools_do_not_starve_the_store(tmp_path: Path) -> N
     try:
         async with trio.open_nursery() as nursery:
             ctx = _ctx([blocking], nursery)
-            obs = await ctx.call_tools_parallel(
-                [ToolCall(f"c{i}", "blocking", {}) for i in range(40)])
+            obs = []
+            for step in range(3):  # 48 hung threads: 16 a step (the most one step runs)
+                obs += await ctx.call_tools_parallel(
+                    [ToolCall(f"c{step}-{i}", "blocking", {}) for i in range(16)])
+            assert len(obs) == 48
             assert all(o.error and "timed out" in o.error for o in obs)  # as promised
             await store.create_conversation(title="after the tools timed out")
             assert RETURNED == []  # the write did not wait for a hung tool's thread to end
