@@ -20,7 +20,7 @@ from ..backends.interceptor import LLMCallRecorder
 from ..errors import StoreError, StoreUnavailable
 from ..logs import get_logger
 from ..store.records import LLMCallRecord
-from .backoff import Backoff
+from .backoff import Backoff, Wakeup, write_when_woken
 
 __all__ = ["CallRecords"]
 
@@ -36,7 +36,7 @@ class CallRecords:
     def __init__(self, store: LLMCallRecorder) -> None:
         self._store = store
         self._kept: deque[LLMCallRecord] = deque()
-        self._wake = trio.Event()
+        self._wake = Wakeup()
 
     def __repr__(self) -> str:
         return f"<CallRecords [{len(self._kept)} kept]>"
@@ -66,15 +66,7 @@ class CallRecords:
 
     async def run(self) -> None:
         """Write kept records again as long as there are any (the supervisor's nursery)."""
-        backoff = Backoff()
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            if await self.flush():
-                backoff.reset()
-                continue
-            await backoff.pause()
-            self._wake.set()
+        await write_when_woken(self._wake, self.flush)
 
     async def flush(self) -> bool:
         """Write the kept records, oldest first; False if the store refused one (it and those

@@ -25,7 +25,7 @@ import trio
 from ..errors import NotFound, StoreError, StoreUnavailable
 from ..logs import get_logger
 from ..store import MessageStatus, RunEvent, Store
-from .backoff import Backoff
+from .backoff import Backoff, Wakeup, write_when_woken
 from .handle import RunHandle
 from .lifecycle import RunStatus
 
@@ -71,7 +71,7 @@ class EventCommitter:
         self._live = live
         self._pending: list[RunEvent] = []  # emitted, not yet written (or refused: held)
         self._retrying = False  # the last batch was refused: the next may hold stored events
-        self._wake = trio.Event()
+        self._wake = Wakeup()
         self._lock = trio.Lock()  # one batch in flight at a time
         self._in_flight: set[str] = set()  # the runs with events in the batch in flight
         # Final states the store did not take within the budget: retried until it does.
@@ -112,16 +112,8 @@ class EventCommitter:
 
     async def run(self) -> None:
         """Commit pending events as they come (in the supervisor's nursery)."""
-        backoff = Backoff()
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            if await self.flush():
-                backoff.reset()
-                continue
-            # The store refused the batch (held, in order): again after a pause, doubling.
-            await backoff.pause()
-            self._wake.set()
+        # A batch the store refused (held, in order): again after a pause, doubling.
+        await write_when_woken(self._wake, self.flush)
 
     async def flush(self) -> bool:
         """Write every pending event (one transaction for all runs), then publish them.
