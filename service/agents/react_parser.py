@@ -19,6 +19,7 @@ Answer" comes first wins; text with neither label is taken as the final answer.
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from collections.abc import Collection
@@ -56,6 +57,25 @@ def _section(text: str, start: int) -> str:
     return text[start:end].strip()
 
 
+_LITERAL_CHARS = 10_000  # a Python-style input longer than this is taken as text
+
+
+def _python_dict(raw: str) -> dict[str, Any] | None:
+    """``{'expression': '2+2'}``: what small models often write for JSON. Read as a Python
+    literal (``ast.literal_eval``: literals only, nothing is run), if it is a dict of
+    JSON-like values; else None."""
+    if len(raw) > _LITERAL_CHARS or "'" not in raw:
+        return None
+    try:
+        value = ast.literal_eval(raw)
+        json.dumps(value)  # JSON-like: no sets, bytes, tuples as keys...
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        return None
+    return value
+
+
 def _parse_input(raw: str) -> Any:
     raw = raw.strip()
     fence = _FENCE.match(raw)
@@ -69,6 +89,8 @@ def _parse_input(raw: str) -> Any:
         # "[[[[..." nesting. Either way, the input is taken as text.
         except (ValueError, RecursionError):
             pass
+        if (literal := _python_dict(raw)) is not None:
+            return literal
     if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
         raw = raw[1:-1]
     return raw

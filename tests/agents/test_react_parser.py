@@ -95,3 +95,14 @@ def test_action_none_alone_stays_a_call_the_model_can_correct() -> None:
     assert (step.action, step.final_answer) == ("None", None)
     step = parse_react("Thought: I know this.\nAction: None\nFinal Answer: Paris")
     assert (step.action, step.final_answer) == (None, "Paris")
+
+
+def test_a_python_style_action_input_is_read_as_its_arguments() -> None:
+    # Small models often write a Python dict for JSON; it was taken as a text and failed the
+    # tool's schema, step after step (suspected by the agents review).
+    step = parse_react("Action: calculator\nAction Input: {'expression': '2+2'}")
+    assert step.action_input == {"expression": "2+2"}
+    # Only literals, of JSON-like values, with text keys: anything else stays text.
+    for raw in ("{'a': {1, 2}}", "{1: 'x'}", "{'a': __import__('os').getcwd()}",
+                "{'a': '" + "x" * 20_000 + "'}"):
+        assert parse_react(f"Action: calculator\nAction Input: {raw}").action_input == raw
