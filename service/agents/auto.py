@@ -52,13 +52,15 @@ def classify_by_rule(question: str, tool_names: list[str]) -> str:
 
 
 def _parse_choice(text: str) -> str | None:
-    words = re.findall(r"[a-z_]+", text.lower())
-    for w in words:
+    """The one agent the classifier's reply names; None (the rule decides) if it names none,
+    or several ("No plan needed, just chat" named plan_execute, the first word found)."""
+    found = set()
+    for w in re.findall(r"[a-z_]+", text.lower()):
         if w in ("chat", "react", "plan_execute"):
-            return w
-        if w in ("plan", "planexecute"):
-            return "plan_execute"
-    return None
+            found.add(w)
+        elif w in ("plan", "planexecute"):
+            found.add("plan_execute")
+    return found.pop() if len(found) == 1 else None
 
 
 class AutoAgent(Agent):

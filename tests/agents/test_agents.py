@@ -271,6 +271,9 @@ async def test_cancel_during_a_parallel_plan_step(
         ("  Plan_Execute.", "hello", "plan_execute", "model"),
         ("banana", "what is 12*7?", "react", "rule"),
         ("banana", "tell me a story", "chat", "rule"),
+        # Two agents named: not a decision (the first word used to win: plan_execute here).
+        ("No plan needed, just chat.", "what is 12*7?", "react", "rule"),
+        ("chat. Just chat.", "what is 12*7?", "chat", "model"),
     ],
 )
 async def test_auto_agent_decides_and_delegates(
