@@ -16,6 +16,7 @@ hypercorn upgrade changes these names.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -34,23 +35,22 @@ def _closed(stream: WSStream) -> trio.Event:
     return event
 
 
-_handle, _app_send = WSStream.handle, WSStream.app_send
+def _then_look(original: Callable[[WSStream, Any], Awaitable[None]]
+               ) -> Callable[[WSStream, Any], Awaitable[None]]:
+    """``original``, then: a stream it closed sets its close event."""
+
+    async def wrapped(self: WSStream, arg: Any) -> None:
+        try:
+            await original(self, arg)
+        finally:
+            if self.closed:
+                _closed(self).set()
+
+    return wrapped
 
 
-async def _handle_then_look(self: WSStream, event: Any) -> None:
-    try:
-        await _handle(self, event)
-    finally:
-        if self.closed:
-            _closed(self).set()
-
-
-async def _app_send_then_look(self: WSStream, message: Any) -> None:
-    try:
-        await _app_send(self, message)
-    finally:
-        if self.closed:
-            _closed(self).set()
+_handle_then_look = _then_look(WSStream.handle)
+_app_send_then_look = _then_look(WSStream.app_send)
 
 
 async def _send_pings(self: WSStream) -> None:
@@ -64,6 +64,6 @@ async def _send_pings(self: WSStream) -> None:
 
 
 def install() -> None:
-    WSStream.handle = _handle_then_look  # type: ignore[method-assign]
-    WSStream.app_send = _app_send_then_look  # type: ignore[method-assign]
+    WSStream.handle = _handle_then_look  # type: ignore[method-assign,assignment]
+    WSStream.app_send = _app_send_then_look  # type: ignore[method-assign,assignment]
     WSStream._send_pings = _send_pings  # type: ignore[method-assign]
