@@ -22,8 +22,10 @@ from . import __version__
 from .api import backends as backends_api
 from .api import conversations, openai, ops, runs, tokens, web, ws
 from .api.errors import install_error_handlers, json_error
+from .api.models import strict_json_loads
 from .api.owned import CancelOwnedRuns
 from .backends.base import Backend
+from .drainfirst import install as drain_runs_first
 from .errors import (
     BackendError,
     BackendTimeout,
@@ -149,7 +151,10 @@ def _owner_of(key: str) -> str:
 class _JSONRequest(TrioRequest):
     """Bodies are JSON, and must say so: any other Content-Type, or none, is 415. A page on
     another origin can send a "simple" POST (text/plain, a form, or a Blob with no type)
-    without a CORS preflight; JSON it cannot send that way."""
+    without a CORS preflight; JSON it cannot send that way. NaN, Infinity and numbers out of
+    a double's range are malformed JSON (400; ``create_app`` makes the app's JSON strict), as
+    on the WebSocket: a NaN temperature was a misleading 422, and one inside a tool's schema
+    reached the model's server."""
 
     async def get_json(  # type: ignore[override]
         self, force: bool = True, silent: bool = False, cache: bool = True
@@ -188,6 +193,9 @@ def create_app(
     settings = settings or load_settings()
     app = _App(__name__)
     app.request_class = _JSONRequest
+    # A doubled slash (/api//conversations, /api/runs//events) is a JSON 404, not Werkzeug's
+    # 308 with an HTML page, to another path at that (the run whose id is "events").
+    app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["QUART_SCHEMA_CONVERSION_PREFERENCE"] = "pydantic"
     QuartSchema(
@@ -199,6 +207,8 @@ def create_app(
         scalar_ui_path=None,
         openapi_provider_class=_OpenAPI,
     )
+    # Bodies are read strictly (quart-schema has just set the app's JSON provider).
+    app.json.loads = lambda s, **_: strict_json_loads(s)  # type: ignore[method-assign]
     svc = Services(settings=settings, metrics=metrics or METRICS)
     app.extensions["service"] = svc
     install_error_handlers(app)
@@ -310,4 +320,7 @@ def create_app(
     drop_stalled_clients(settings.sse_keepalive)
     # WebSocket pings (build_config) end with their socket (service/wsping.py).
     end_pings_with_their_socket()
+    # Served by hypercorn's own entry points, runs drain before connections close, as under
+    # python -m service (service/drainfirst.py).
+    drain_runs_first()
     return app

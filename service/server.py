@@ -14,15 +14,16 @@ import gc
 import logging
 import signal
 import sys
+import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import trio
 from hypercorn.config import Config, Sockets
-from hypercorn.trio.run import worker_serve
 from hypercorn.utils import LifespanFailureError, wrap_app
 
 from . import __version__
+from .drainfirst import hypercorn_worker_serve
 from .errors import ConfigError, ServiceError, is_interrupt
 from .lifespan import begin_shutdown
 from .logs import configure_logging, get_logger
@@ -45,7 +46,12 @@ def build_config(
     keepalive: float | None = None,
 ) -> Config:
     if config_path is not None and config_path.exists():
-        config = Config.from_toml(str(config_path))
+        try:
+            config = Config.from_toml(str(config_path))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, TypeError,
+                ValueError) as exc:
+            raise ConfigError(f"--config {config_path}: not a hypercorn TOML file: {exc}",
+                              variable="--config") from None
     else:
         config = Config()
         config.bind = ["127.0.0.1:8000"]
@@ -73,7 +79,7 @@ def build_config(
     return config
 
 
-async def _wait_for_signal(svc: Services, stop: trio.Event) -> None:
+async def wait_for_signal(svc: Services, stop: trio.Event) -> None:
     """Shut down gracefully on the first SIGTERM or SIGINT. The receiver stays open until the
     server is done: a second signal is logged and ignored (the drain is bounded), where closing
     the receiver would let trio re-deliver it to the default handler, killing the process in
@@ -107,14 +113,14 @@ async def run_server(  # noqa: ASYNC128 (task_status is handed to hypercorn's se
     app = create_app(settings)
     svc: Services = app.extensions["service"]
     stop = trio.Event()
-    quiet = _RunningOnlyIfStarted(svc)
+    quiet = RunningOnlyIfStarted(svc)
     hypercorn_log = logging.getLogger("hypercorn.error")
     hypercorn_log.addFilter(quiet)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_wait_for_signal, svc, stop)
+            nursery.start_soon(wait_for_signal, svc, stop)
             nursery.start_soon(_pace_gc)
-            await worker_serve(
+            await hypercorn_worker_serve(
                 wrap_app(app, config.wsgi_max_body_size, None), config, sockets=sockets,
                 shutdown_trigger=stop.wait,
                 task_status=_StartedIfUp(svc, task_status),  # type: ignore[arg-type]
@@ -138,7 +144,7 @@ class _StartedIfUp:
             self.task_status.started(value)  # type: ignore[arg-type]
 
 
-class _RunningOnlyIfStarted(logging.Filter):
+class RunningOnlyIfStarted(logging.Filter):
     """Hypercorn binds and logs "Running on http://..." even when the app's start-up failed
     (its lifespan marks start-up done either way, and the failure surfaces just after): a
     failed start then announced an address that never served before its one-line error. The
@@ -221,8 +227,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"service: {exc.message}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    config = build_config(args.config, args.bind, max_body_bytes=settings.max_body_bytes,
-                          keepalive=settings.sse_keepalive)
+    try:
+        config = build_config(args.config, args.bind, max_body_bytes=settings.max_body_bytes,
+                              keepalive=settings.sse_keepalive)
+    except ConfigError as exc:
+        print(f"service: {exc.message}", file=sys.stderr)
+        return 2
     workers = args.workers if args.workers is not None else config.workers
     if workers < 1:
         print("service: --workers must be at least 1", file=sys.stderr)
@@ -231,7 +241,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .workers import serve_workers
 
         return serve_workers(settings, config, workers)
-    return serve_one(settings, config)
+    sockets = listen(config)
+    if sockets is None:
+        return 1
+    return serve_one(settings, config, sockets=sockets)
+
+
+def listen(config: Config) -> Sockets | None:
+    """The sockets of ``config.bind``, bound and listening; None, with the one line printed,
+    if they cannot be (a port taken or out of range, a unix socket's directory missing, an
+    address that is not one)."""
+    try:
+        sockets = config.create_sockets()
+        for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+            sock.listen(config.backlog)
+    except (OSError, OverflowError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        hint = (" (another process may be using it; --bind picks another)"
+                if isinstance(exc, OSError) and exc.errno in _TAKEN else "")
+        print(f"service: cannot listen on {', '.join(config.bind)}: {why}{hint}",
+              file=sys.stderr)
+        return None
+    return sockets
 
 
 def serve_one(settings: Settings, config: Config, *, sockets: Sockets | None = None,
@@ -269,7 +300,7 @@ def serve_one(settings: Settings, config: Config, *, sockets: Sockets | None = N
         # A setting only checked at start-up (a tool module, the store's path, a model file)
         # fails the lifespan: hypercorn wraps it (an exception group, a LifespanFailureError);
         # the operator gets its one line, not a traceback. Anything else is a bug: re-raised.
-        found = _service_error(exc)
+        found = service_error(exc)
         if found is None:
             bind = _bind_error(exc)
             if bind is None:
@@ -288,18 +319,20 @@ def serve_one(settings: Settings, config: Config, *, sockets: Sockets | None = N
     return 0
 
 
+_TAKEN = (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL)
+
+
 def _bind_error(exc: BaseException) -> OSError | None:
     """The address-in-use or permission error of hypercorn binding its listener, alone in
     (nested) exception groups."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
-    if isinstance(exc, OSError) and exc.errno in (errno.EADDRINUSE, errno.EACCES,
-                                                  errno.EADDRNOTAVAIL):
+    if isinstance(exc, OSError) and exc.errno in _TAKEN:
         return exc
     return None
 
 
-def _service_error(exc: BaseException) -> ServiceError | None:
+def service_error(exc: BaseException) -> ServiceError | None:
     """The ServiceError that failed the start-up, if that is what ``exc`` is: itself, alone in
     (nested) exception groups, or what hypercorn's LifespanFailureError was raised over. Nothing
     else counts (a bug raised while handling a ServiceError keeps its traceback)."""
@@ -309,5 +342,5 @@ def _service_error(exc: BaseException) -> ServiceError | None:
         return exc
     if isinstance(exc, LifespanFailureError):
         inner = exc.__cause__ or exc.__context__
-        return _service_error(inner) if inner is not None else None
+        return service_error(inner) if inner is not None else None
     return None

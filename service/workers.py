@@ -218,14 +218,11 @@ def serve_workers(settings: Settings, config: Config, workers: int) -> int:
     # let a second service (an old version, another store) bind the same port and take half
     # its connections.
     config.workers = 1
-    try:
-        sockets = config.create_sockets()
-    except OSError as exc:
-        print(f"service: cannot listen on {', '.join(config.bind)}: {exc.strerror or exc}"
-              " (another process may be using it; --bind picks another)", file=sys.stderr)
+    from .server import listen
+
+    sockets = listen(config)
+    if sockets is None:
         return 1
-    for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
-        sock.listen(config.backlog)
     metrics_dir = tempfile.mkdtemp(prefix="service-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # the spawned workers inherit it
     pool = _Pool(settings, config, sockets)

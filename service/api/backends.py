@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import trio
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from quart import Blueprint
 from quart_schema import validate_querystring, validate_response
 
@@ -20,7 +20,7 @@ from ..backends.router import FleetBackend
 from ..errors import BackendError
 from ..logs import get_logger
 from ..store import LLMCallRecord
-from .models import ErrorBody, iso
+from .models import ErrorBody, _Query, iso
 from .state import current_owner, services
 
 __all__ = ["blueprint"]
@@ -58,9 +58,8 @@ class BackendList(BaseModel):
     data: list[BackendOut]
 
 
-class ListLLMCallsQuery(BaseModel):
-    # Unknown parameters are refused (422 naming them), as on the other list endpoints.
-    model_config = ConfigDict(extra="forbid")
+class ListLLMCallsQuery(_Query):
+    # Unknown parameters are ignored (API.md), as on the other list endpoints.
     run_id: str | None = Field(None, max_length=200, description="only the calls of this run")
     limit: int = Field(50, ge=1, le=500)
 

@@ -5,6 +5,8 @@ The same models validate input and generate ``/openapi.json`` (through quart-sch
 
 from __future__ import annotations
 
+import json
+import math
 from datetime import UTC, datetime
 from functools import cache
 from types import UnionType
@@ -124,6 +126,28 @@ def _holds_model(field: FieldInfo) -> bool:
             return True
         return any(holds(arg) for arg in get_args(tp))
     return holds(field.annotation)
+
+
+class NotFinite(ValueError):
+    """NaN, Infinity, or a number out of a double's range in a client's JSON."""
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400
+        raise NotFinite(f"{text[:20]} is out of range")
+    return value
+
+
+def _refuse_constant(name: str) -> Any:
+    raise NotFinite(f"{name} is not a JSON value")
+
+
+def strict_json_loads(raw: str | bytes) -> Any:
+    """A client's body or message as strict JSON: no NaN, Infinity, or number out of a
+    double's range (Python's json reads them; passed on, a model's server refuses them, and
+    echoed back they made replies that JSON.parse refuses). ``NotFinite`` (a ValueError)."""
+    return json.loads(raw, parse_float=_finite, parse_constant=_refuse_constant)
 
 
 class JsonRequest(Unicode):

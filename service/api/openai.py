@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import trio
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 from quart import Blueprint, Response, jsonify, request
 from quart_schema import document_response, validate_request
 
@@ -126,6 +126,12 @@ class ChatCompletionRequest(_Lenient):
     response_format: dict[str, Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    logit_bias: dict[str, float] | None = None
+    # Output the service cannot give (audio, a web search): refused, not answered with text
+    # alone and a 200.
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
     # Accepted only where honoured: one choice, no log probabilities (silently giving less than
     # was asked would break a client reading choices[1] or choice.logprobs).
     n: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
@@ -163,6 +169,20 @@ class ChatCompletionRequest(_Lenient):
                              "tool_choice")
         return value
 
+    @field_validator("modalities")
+    @classmethod
+    def _text_only(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(m != "text" for m in value):
+            raise ValueError("only text output is supported")
+        return value
+
+    @field_validator("audio", "web_search_options")
+    @classmethod
+    def _not_supported(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            raise ValueError(f"{info.field_name} is not supported")
+        return value
+
     @field_validator("logprobs")
     @classmethod
     def _no_logprobs(cls, value: bool | None) -> bool | None:
@@ -173,7 +193,7 @@ class ChatCompletionRequest(_Lenient):
 
 # Passed on to the model as they came (the chat agent's call): ChatRequest.options.
 _PASSED_ON = ("top_p", "seed", "presence_penalty", "frequency_penalty", "response_format",
-              "tool_choice", "parallel_tool_calls")
+              "tool_choice", "parallel_tool_calls", "logit_bias")
 
 
 def _text(content: str | list[dict[str, Any]] | None) -> str:
@@ -303,7 +323,7 @@ async def _finished(handle: RunHandle) -> None:
         await handle.finished.wait()
     finally:
         if not handle.done:
-            handle.cancel("client disconnected")
+            handle.client_left()
 
 
 def _run_error(handle: RunHandle) -> Response:
@@ -388,7 +408,7 @@ async def _stream(
         yield b"data: [DONE]\n\n"
     finally:
         if not handle.done:
-            handle.cancel("client disconnected")
+            handle.client_left()
 
 
 def _token_prefix(cid: str, created: int, model: str) -> bytes:

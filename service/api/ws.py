@@ -30,7 +30,6 @@ default) are cancelled; ``continue`` runs go on and can be re-joined over SSE.
 from __future__ import annotations
 
 import json
-import math
 from typing import Any, Literal
 
 import trio
@@ -43,7 +42,14 @@ from ..runs.reader import EventReader, Keepalive
 from ..services import Services
 from ..store.records import strict_json
 from ..text import clean_text
-from .models import MAX_CONTENT_CHARS, MAX_MODEL_CHARS, AgentName, JsonRequest
+from .models import (
+    MAX_CONTENT_CHARS,
+    MAX_MODEL_CHARS,
+    AgentName,
+    JsonRequest,
+    NotFinite,
+    strict_json_loads,
+)
 from .runs import ask_to_stop
 from .state import current_owner, services
 
@@ -94,27 +100,6 @@ def _error_reply(error: dict[str, Any], request: Any = None) -> dict[str, Any]:
     return out
 
 
-class _NotFinite(ValueError):
-    """NaN, Infinity, or a number out of a double's range in a client message."""
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e400
-        raise _NotFinite(f"{text[:20]} is out of range")
-    return value
-
-
-def _refuse_constant(name: str) -> Any:
-    raise _NotFinite(f"{name} is not a JSON value")
-
-
-def _parse(raw: str | bytes) -> Any:
-    """A client message as strict JSON: no NaN, Infinity, or number out of a double's range
-    (Python's json reads them, and echoed back they made replies that JSON.parse refuses)."""
-    return json.loads(raw, parse_float=_finite, parse_constant=_refuse_constant)
-
-
 def _too_large(raw: str | bytes, limit: int) -> bool:
     if len(raw) > limit:  # a text's UTF-8 is at least as long as the text
         return True
@@ -144,8 +129,8 @@ class _Session:
                     "(SERVICE_MAX_BODY_BYTES)"))
                 continue
             try:
-                msg = _parse(raw)
-            except _NotFinite as exc:
+                msg = strict_json_loads(raw)
+            except NotFinite as exc:
                 await self.send.send(
                     _error("malformed_json", f"the message is not valid JSON: {exc}"))
                 continue
@@ -258,7 +243,7 @@ class _Session:
     def abandon(self) -> None:
         for handle, on_disconnect in self.runs.values():
             if on_disconnect == "cancel" and not handle.done:
-                handle.cancel("client disconnected")
+                handle.client_left()
 
 
 async def _send_loop(recv: trio.MemoryReceiveChannel[dict[str, Any] | str]) -> None:

@@ -16,8 +16,9 @@ What clients are told is what the store says:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import trio
@@ -52,13 +53,14 @@ class FinalState:
     error: str | None
     usage: dict[str, Any]
     events: tuple[RunEvent, ...]
+    finished_at: float = field(default_factory=time.time)  # stored as the run's end
 
     async def write(self, store: Store) -> bool:
         """False if the run is no longer this process's to close (``Store.finish_run``)."""
         return await store.finish_run(
             self.run_id, status=self.status.value, message_id=self.message_id,
             content=self.content, message_status=self.message_status, error=self.error,
-            usage=self.usage, events=self.events,
+            usage=self.usage, events=self.events, finished_at=self.finished_at,
         )
 
 
@@ -211,7 +213,7 @@ class EventCommitter:
                     if held is False:  # another instance closed it: tell what it stored
                         await self._adopt_stored_end(handle, final)
                     elif held:
-                        handle.stored_as(final.status)
+                        handle.stored_as(final.status, final.finished_at)
                         handle.publish(list(final.events))
                         # A batch with earlier events of the run, refused and held, is
                         # written again by the commit loop: the end is published after it.
@@ -285,7 +287,7 @@ class EventCommitter:
                               if m.id == handle.message_id), None)
                 break
             except NotFound:
-                handle.stored_as(final.status)
+                handle.stored_as(final.status, final.finished_at)
                 handle.publish(list(final.events))
                 return
             except StoreError as exc:
@@ -297,7 +299,8 @@ class EventCommitter:
                     handle.id, status.value, run.error)
         handle.error, handle.error_type = run.error, None
         handle.final_text = reply.content if reply is not None else ""
-        handle.stored_as(status)
+        handle.started_at = run.started_at
+        handle.stored_as(status, run.finished_at)
         handle.publish(stored)
 
     def _keep_ended(self, handle: RunHandle) -> None:
@@ -321,7 +324,7 @@ class EventCommitter:
                 try:
                     with trio.move_on_after(WRITE_BUDGET):
                         if await final.write(self._store):
-                            handle.stored_as(final.status)
+                            handle.stored_as(final.status, final.finished_at)
                             handle.publish(list(final.events))
                         else:
                             await self._adopt_stored_end(handle, final)

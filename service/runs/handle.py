@@ -48,8 +48,10 @@ class RunHandle:
         sink: Callable[[RunEvent], None],
         window: int = 20_000,
         begun: BegunRun | None = None,
+        draining: Callable[[], bool] = lambda: False,
     ) -> None:
         self.id = run_id
+        self._draining = draining  # whether the service is shutting down
         self.conversation_id = conversation_id
         self.agent = agent
         self.model = model
@@ -59,7 +61,9 @@ class RunHandle:
         self.error: str | None = None
         self.error_type: str | None = None  # the error model's type, for the API's status
         self.usage: dict[str, Any] = {}
-        self.created_at = time.time()
+        # The times the store has: the run is stored running from its first write.
+        self.created_at = begun.run.created_at if begun is not None else time.time()
+        self._stored_start = begun.run.created_at if begun is not None else None
         self.started_at: float | None = None
         self.finished_at: float | None = None
         self.scope = trio.CancelScope()
@@ -102,7 +106,7 @@ class RunHandle:
         check_transition(self.status, status)
         self.status = status
         if status is RunStatus.running:
-            self.started_at = time.time()
+            self.started_at = self._stored_start or time.time()
         elif status in TERMINAL:
             self.finished_at = time.time()
 
@@ -122,6 +126,13 @@ class RunHandle:
         if self.cancel_reason is None and not self._closed:
             self.cancel_reason = reason
         self.scope.cancel()
+
+    def client_left(self) -> None:
+        """The request or socket that owned the run ended while it still runs (sync,
+        idempotent): the client left, or, while the service shuts down, the server cut it
+        (hypercorn cancels the requests still open at its ``graceful_timeout``): then the
+        run's end says "shutdown", not that a client that never left disconnected."""
+        self.cancel("shutdown" if self._draining() else "client disconnected")
 
     @property
     def partial_text(self) -> str:
@@ -154,9 +165,12 @@ class RunHandle:
             self._closed = True
         return event
 
-    def stored_as(self, status: RunStatus) -> None:
-        """The final state is in the store: the run's status is now what the store says."""
+    def stored_as(self, status: RunStatus, finished_at: float | None = None) -> None:
+        """The final state is in the store: the run's status (and its end's time, when
+        known) is now what the store says."""
         self.set_status(status)
+        if finished_at is not None:
+            self.finished_at = finished_at
         self.final_stored = True
         self.end_error = None
 

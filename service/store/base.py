@@ -126,10 +126,11 @@ class Store(Protocol):
     async def finish_run(
         self, run_id: str, *, status: str, message_id: str, content: str,
         message_status: MessageStatus, error: str | None, usage: dict[str, Any],
-        events: Sequence[RunEvent] = (),
+        events: Sequence[RunEvent] = (), finished_at: float | None = None,
     ) -> bool:
         """The run's final status, its reply's text and its last events, in one transaction,
-        if this process still holds the run; False (nothing written) if another instance
+        the run ending at ``finished_at`` (default: now; its clients are told that time), if
+        this process still holds the run; False (nothing written) if another instance
         closed it meanwhile (this one's lease had lapsed) or it is gone."""
         ...
 

@@ -303,10 +303,10 @@ class PostgresQueries:
     async def finish_run(
         self, run_id: str, *, status: str, message_id: str, content: str,
         message_status: MessageStatus, error: str | None, usage: dict[str, Any],
-        events: Sequence[RunEvent] = (),
+        events: Sequence[RunEvent] = (), finished_at: float | None = None,
     ) -> bool:
         """See ``SQLiteStore.finish_run``: only while this process holds the run."""
-        now = time.time()
+        now = finished_at if finished_at is not None else time.time()
         content, error = clean_text(content), error and clean_text(error)
 
         def fn(c: Conn) -> bool:

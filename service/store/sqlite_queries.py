@@ -368,14 +368,14 @@ class SQLiteQueries(SQLiteOwnership):
         message_status: MessageStatus,
         error: str | None,
         usage: dict[str, Any],
-        events: Sequence[RunEvent] = (),
+        events: Sequence[RunEvent] = (), finished_at: float | None = None,
     ) -> bool:
         """In one transaction: the run's final status, its reply's final text, its last events
         (those already stored, by an earlier write that timed out but landed, are skipped).
 
         Only while this process holds the run: False, and nothing written, if another instance
         closed it meanwhile (this one's lease had lapsed) or it is gone."""
-        now = time.time()
+        now = finished_at if finished_at is not None else time.time()
         # Model text: the adapters clean it already; a lone surrogate here would fail the
         # write (UTF-8 cannot encode it) every time it is retried.
         content, error = clean_text(content), error and clean_text(error)

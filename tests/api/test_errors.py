@@ -85,7 +85,7 @@ def test_only_a_start_up_service_error_is_reported_as_one_line() -> None:
     from hypercorn.utils import LifespanFailureError
 
     from service.errors import ConfigError, StoreError
-    from service.server import _service_error
+    from service.server import service_error
 
     config = ConfigError("cannot import tool module 'x'")
     try:
@@ -95,11 +95,11 @@ def test_only_a_start_up_service_error_is_reported_as_one_line() -> None:
             raise LifespanFailureError("startup", "boom") from None
     except LifespanFailureError as exc:
         wrapped = ExceptionGroup("nursery", [ExceptionGroup("nursery", [exc])])
-    assert _service_error(wrapped) is config
+    assert service_error(wrapped) is config
     bug = KeyError("a bug")
     bug.__context__ = StoreError("store is closed")  # raised while handling it
-    assert _service_error(bug) is None
-    assert _service_error(ExceptionGroup("two", [StoreError("x"), TypeError("y")])) is None
+    assert service_error(bug) is None
+    assert service_error(ExceptionGroup("two", [StoreError("x"), TypeError("y")])) is None
 
 
 async def test_a_run_of_another_worker_reads_as_running_and_its_cancel_is_passed_on(

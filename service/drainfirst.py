@@ -1,0 +1,106 @@
+"""The app served by hypercorn's own entry points drains its runs first, as ``python -m service``.
+
+``python -m service`` drains the runs when its signal arrives, while connections are still open
+(every stream gets its ``run.finished``), and only then lets hypercorn close listeners and
+connections. Under ``hypercorn --config hypercorn.toml service.app:app`` (or an embedding's
+``hypercorn.trio.serve``) hypercorn's shutdown came first: requests in flight got
+``graceful_timeout``, were then cancelled, and only after that did the app's ``after_serving``
+drain the runs. A stream was cut without its end, and its run stored as "client disconnected"
+although the client never left.
+
+So hypercorn's trio ``worker_serve`` is wrapped (``install``, from ``create_app``): its shutdown
+trigger, when it fires, drains the app's runs before hypercorn goes on. With no trigger (the
+CLI with ``workers = 0``, where SIGTERM killed the process outright) SIGTERM and SIGINT become
+one, as under ``python -m service``. And under the CLI a start-up failure is the one line
+``python -m service`` prints, not an exception group's traceback after "Running on ...".
+``python -m service`` calls :data:`hypercorn_worker_serve` (the original) with its own trigger.
+The tests fail if a hypercorn upgrade changes these names.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import hypercorn.trio
+import hypercorn.trio.run
+import trio
+
+__all__ = ["hypercorn_worker_serve", "install"]
+
+hypercorn_worker_serve = hypercorn.trio.run.worker_serve  # the original
+
+_Trigger = Callable[[], Awaitable[Any]]
+
+
+def _services(app: Any) -> Any:
+    """The app's ``Services`` (``app`` is hypercorn's wrapper of the Quart app), or None."""
+    extensions = getattr(getattr(app, "app", None), "extensions", None)
+    return extensions.get("service") if isinstance(extensions, dict) else None
+
+
+async def _serve(  # noqa: ASYNC128 (task_status is handed to hypercorn's worker_serve)
+    app: Any, config: Any, *, sockets: Any = None, shutdown_trigger: _Trigger | None = None,
+    task_status: Any = trio.TASK_STATUS_IGNORED, cli: bool = False,
+) -> None:
+    from .lifespan import begin_shutdown
+    from .server import RunningOnlyIfStarted, wait_for_signal
+
+    svc = _services(app)
+    if svc is None:  # not this service's app
+        await hypercorn_worker_serve(app, config, sockets=sockets,
+                                     shutdown_trigger=shutdown_trigger, task_status=task_status)
+        return
+    stop = trio.Event()
+
+    async def drain_first() -> None:
+        await stop.wait()
+        await begin_shutdown(svc)  # idempotent; bounded
+
+    # No "Running on ..." from a start that failed (service.server: the same filter).
+    quiet = RunningOnlyIfStarted(svc)
+    hypercorn_log = logging.getLogger("hypercorn.error")
+    hypercorn_log.addFilter(quiet)
+    try:
+        async with trio.open_nursery() as nursery:
+            if shutdown_trigger is not None:
+                async def trigger() -> None:
+                    await shutdown_trigger()
+                    stop.set()
+
+                nursery.start_soon(trigger)
+            elif threading.current_thread() is threading.main_thread():
+                nursery.start_soon(wait_for_signal, svc, stop)
+            await hypercorn_worker_serve(app, config, sockets=sockets,
+                                         shutdown_trigger=drain_first, task_status=task_status)
+            nursery.cancel_scope.cancel()
+    except BaseException as exc:  # noqa: ASYNC103 (re-raised unless a start-up failure)
+        if not cli:
+            raise
+        from .server import service_error
+
+        found = service_error(exc)
+        if found is None:
+            raise
+        print(f"service: {found.message}", file=sys.stderr)
+        raise SystemExit(1) from None  # noqa: ASYNC104 (the process ends: one line, exit 1)
+    finally:
+        hypercorn_log.removeFilter(quiet)
+
+
+async def _serve_cli(  # noqa: ASYNC128 (as _serve)
+    app: Any, config: Any, *, sockets: Any = None, shutdown_trigger: _Trigger | None = None,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await _serve(app, config, sockets=sockets, shutdown_trigger=shutdown_trigger,
+                 task_status=task_status, cli=True)
+
+
+def install() -> None:
+    # hypercorn's CLI (trio_worker) looks worker_serve up in hypercorn.trio.run when it serves;
+    # hypercorn.trio.serve in its own module.
+    hypercorn.trio.run.worker_serve = _serve_cli  # type: ignore[assignment]
+    hypercorn.trio.worker_serve = _serve  # type: ignore[attr-defined]
