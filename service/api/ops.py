@@ -7,6 +7,8 @@ from quart import Blueprint, Response, g, jsonify
 from quart_schema import document_response, hide
 
 from ..errors import ServiceError
+from ..services import Services
+from ..store import Store
 from .models import HealthOut, ReadyOut
 from .state import services
 
@@ -15,6 +17,45 @@ __all__ = ["blueprint"]
 blueprint = Blueprint("ops", __name__)
 
 _READY_PROBE_DEADLINE = 2.0
+
+
+class _WriteProbe:
+    """``/readyz``'s write probe (while the latest write failed), one at a time, in the
+    supervisor's nursery: a request waits for it up to its deadline, never longer. A write
+    taken by a batch lands whole (shielded): behind another program's SQLite lock that is the
+    whole busy timeout (10 s), which held ``/readyz`` past its 2 s when it ran the probe
+    itself."""
+
+    def __init__(self) -> None:
+        self._done: trio.Event | None = None
+        self._error: ServiceError | None = None
+
+    async def check(self, svc: Services) -> None:
+        store = svc.require_store()
+        if self._done is None:
+            done = self._done = trio.Event()
+            try:
+                if svc.supervisor is None:
+                    raise RuntimeError("the supervisor is not serving")
+                svc.supervisor.nursery.start_soon(self._probe, store, done)
+            except RuntimeError:  # not serving (yet, or any more): this request's own probe
+                self._done = None
+                await store.probe_write()
+                return
+        done = self._done
+        await done.wait()
+        if self._error is not None:
+            raise self._error
+
+    async def _probe(self, store: Store, done: trio.Event) -> None:
+        try:
+            await store.probe_write()
+            self._error = None
+        except ServiceError as exc:
+            self._error = exc
+        finally:
+            self._done = None
+            done.set()
 
 
 def _details_shown() -> bool:
@@ -51,7 +92,8 @@ async def readyz() -> Response:
             await store.ping()
             if store.write_error is not None:
                 # The latest write failed (a full volume): ready again once one commits.
-                await store.probe_write()
+                probe = svc.extras.setdefault("write_probe", _WriteProbe())
+                await probe.check(svc)
             checks["store"] = "ok"
         except ServiceError as exc:
             checks["store"] = f"down: {exc.message}"

@@ -63,6 +63,7 @@ from .ownership import process_tag
 from .pg_conn import BoundedConnection
 from .pg_notify import CHANNEL, announcing, send_notifications
 from .postgres_queries import Conn, PostgresQueries
+from .records import unreadable
 from .schema import PG_MIGRATIONS
 
 __all__ = ["PostgresStore", "describe_url"]
@@ -298,7 +299,7 @@ class PostgresStore(PostgresQueries):
         elif isinstance(exc, psycopg.Error):
             kind = StoreError
         else:
-            return exc
+            return unreadable(exc, what)
         error = kind(f"{what}: {self._scrub(exc)}")
         error.__cause__ = exc
         return error

@@ -31,21 +31,14 @@ from .records import (
     RunEvent,
     RunRecord,
     begun_run,
+    call_row,
+    conversation_row,
     decode_cursor,
     encode_cursor,
+    message_row,
     new_id,
-)
-from .records import (
-    call_row as _call,
-)
-from .records import (
-    conversation_row as _conversation,
-)
-from .records import (
-    message_row as _message,
-)
-from .records import (
-    run_row as _run,
+    run_row,
+    stored_data,
 )
 
 if TYPE_CHECKING:
@@ -161,7 +154,7 @@ class PostgresQueries:
         def fn(c: Conn) -> Conversation | None:
             row = c.execute(f"SELECT {_CONV_COLS} FROM conversations WHERE id = %s AND {who}",
                             (conversation_id, *args)).fetchone()
-            return _conversation(row) if row else None
+            return conversation_row(row) if row else None
 
         conv = await self._read("get_conversation", fn)
         if conv is None:
@@ -185,7 +178,7 @@ class PostgresQueries:
             rows = c.execute(sql, args).fetchall()  # type: ignore[call-overload]
             page = rows[:limit]
             nxt = encode_cursor(page[-1][0]) if len(rows) > limit else None
-            return [_conversation(r[1:]) for r in page], nxt
+            return [conversation_row(r[1:]) for r in page], nxt
 
         return await self._read("list_conversations", fn)
 
@@ -235,7 +228,7 @@ class PostgresQueries:
             rows = c.execute(
                 f"SELECT {_MSG_COLS} FROM messages WHERE conversation_id = %s ORDER BY seq",
                 (conversation_id,)).fetchall()
-            return [_message(r) for r in rows]
+            return [message_row(r) for r in rows]
 
         return await self._read("get_messages", fn)
 
@@ -255,9 +248,9 @@ class PostgresQueries:
                             (conversation_id, *args)).fetchone()
             if row is None:
                 raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
-            conv = _conversation(row)
+            conv = conversation_row(row)
             c.execute("UPDATE conversations SET updated_at = %s WHERE id = %s", (now, conv.id))
-            history = [_message(r) for r in c.execute(
+            history = [message_row(r) for r in c.execute(
                 f"SELECT {_MSG_COLS} FROM messages WHERE conversation_id = %s ORDER BY seq",
                 (conv.id,)).fetchall()]
             begun = begun_run(run_id, user_id, reply_id, conv, history, content, agent, model,
@@ -365,7 +358,7 @@ class PostgresQueries:
                     (rid,)).fetchone()
                 if ended is not None:
                     # Its end is stored already: the store agrees with what clients were told.
-                    told = json.loads(ended[0])
+                    told = stored_data(ended[0])
                     status = told.get("status", "failed")
                     c.execute("UPDATE runs SET status = %s, error = %s WHERE id = %s",
                               (status, told.get("error"), rid))
@@ -376,12 +369,12 @@ class PostgresQueries:
                         c.execute(
                             "UPDATE messages SET status = 'complete', content = %s, "
                             "updated_at = %s WHERE run_id = %s AND status = 'pending'",
-                            (json.loads(reply[0]).get("content", ""), now, rid))
+                            (stored_data(reply[0]).get("content", ""), now, rid))
                         continue
                     why = told.get("error") or reason
                 # The reply's text so far is in its token events: keep it.
                 partial_text = "".join(
-                    json.loads(data).get("text", "") for (data,) in c.execute(
+                    stored_data(data).get("text", "") for (data,) in c.execute(
                         "SELECT data FROM run_events WHERE run_id = %s AND type = 'token' "
                         "ORDER BY seq", (rid,)).fetchall())
                 c.execute(
@@ -412,7 +405,7 @@ class PostgresQueries:
         def fn(c: Conn) -> RunRecord | None:
             row = c.execute(f"SELECT {_RUN_COLS} FROM runs WHERE id = %s AND {who}",
                             (run_id, *args)).fetchone()
-            return _run(row) if row else None
+            return run_row(row) if row else None
 
         run = await self._read("get_run", fn)
         if run is None:
@@ -585,7 +578,7 @@ class PostgresQueries:
         args.append(limit)
 
         def fn(c: Conn) -> list[LLMCallRecord]:
-            return [_call(r) for r in c.execute(sql, args).fetchall()]  # type: ignore[call-overload]
+            return [call_row(r) for r in c.execute(sql, args).fetchall()]  # type: ignore[call-overload]
 
         return await self._read("list_llm_calls", fn)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple
 
+from ..errors import StoreError
 from ..text import clean_text
 
 __all__ = [
@@ -118,6 +119,28 @@ class RunEvent:
         """``wire()`` as JSON text, reusing the encoded data."""
         return (f'{{"run_id":{json.dumps(self.run_id)},"id":{self.seq},'
                 f'"type":{json.dumps(self.type)},"data":{self.raw}}}')
+
+
+def stored_data(raw: str) -> dict[str, Any]:
+    """A stored event's data as recovery reads it: ``{}`` for a row that does not decode (a
+    rotted byte: SQLite keeps no checksum), so one bad row cannot stop a start or the upkeep
+    that closes a dead instance's runs; what it held is lost, the rest is kept."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, TypeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def unreadable(exc: BaseException, what: str) -> BaseException:
+    """A stored row that does not decode (``json``, UTF-8) as a ``StoreError`` naming it, not
+    an exception no caller expects from a store (a start failed with a traceback); anything
+    else as it is."""
+    if isinstance(exc, json.JSONDecodeError | UnicodeDecodeError):
+        error = StoreError(f"{what}: the store holds data it cannot read ({exc})")
+        error.__cause__ = exc
+        return error
+    return exc
 
 
 def strict_json(value: Any) -> Any:

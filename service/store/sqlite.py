@@ -41,6 +41,7 @@ from ..metrics import METRICS, Metrics
 from .faults import InjectedFault, StoreFaults
 from .group_commit import GroupCommit, PendingWrite
 from .ownership import process_tag
+from .records import unreadable
 from .schema import MIGRATIONS
 from .sqlite_queries import SQLiteQueries
 
@@ -106,6 +107,7 @@ class SQLiteStore(SQLiteQueries):
         # another host's, whose liveness only its lease tells).
         self.process_id = process_id or process_tag(os.getpid())
         self.faults = StoreFaults(self._commits)  # tests, fault drills
+        self.corrupt: str | None = None  # what SQLite said when it found the file damaged
         # Why the latest write transaction failed (None once one has committed since): the
         # store cannot write now (``/readyz``). Set and cleared by the writer thread's batches.
         self.write_error: str | None = None
@@ -264,6 +266,7 @@ class SQLiteStore(SQLiteQueries):
             self.write_error = None
         except BaseException as exc:  # noqa: ASYNC103 (a worker thread: no trio.Cancelled here)
             error = _store_error(exc)
+            self._note_corrupt(exc)
             self.write_error = str(exc) or type(exc).__name__
             if _is_full(exc):
                 self._tight_until = time.monotonic() + _TIGHT_FOR
@@ -285,9 +288,18 @@ class SQLiteStore(SQLiteQueries):
                 # used by two threads at once.
                 result = await self._run_sync(fn, conn)
             except sqlite3.Error as exc:
+                self._note_corrupt(exc)
                 raise _store_error(exc, "store read failed") from exc
         self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
         return result
+
+    def _note_corrupt(self, exc: BaseException) -> None:
+        """SQLite found the file damaged (a page that does not parse): every read or write
+        touching it will fail until the file is repaired, so the store is not ready (``ping``
+        says so; a write elsewhere in the file that commits does not clear it)."""
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+            self.corrupt = str(exc)
 
     async def maintain(self) -> None:
         """Copy the WAL into the database file without blocking writers (a PASSIVE checkpoint,
@@ -314,7 +326,11 @@ class SQLiteStore(SQLiteQueries):
         await trio.sleep_forever()
 
     async def ping(self) -> None:
-        """Raise StoreError unless the store answers a trivial query."""
+        """Raise StoreError unless the store answers a trivial query (and has not found its
+        file damaged: ``_note_corrupt``)."""
+        if self.corrupt is not None:
+            raise StoreError(f"the database file is damaged ({self.corrupt}): restore it from "
+                             "a backup, or recover it with sqlite3's .recover")
         await self._read("ping", lambda c: c.execute("SELECT 1").fetchone())
 
     async def probe_write(self) -> None:
@@ -327,14 +343,15 @@ class SQLiteStore(SQLiteQueries):
 
 def _store_error(exc: BaseException, what: str = "store write failed") -> BaseException:
     """The service's error for a sqlite3 one: ``StoreUnavailable`` (503, worth a retry) for
-    what passes (a full volume, a lock held too long, an I/O error), ``StoreError`` else."""
+    what passes (a full volume, a lock held too long, an I/O error), ``StoreError`` else (a
+    stored row that does not decode too: ``unreadable``)."""
     if isinstance(exc, sqlite3.Error | InjectedFault):
         kind = (StoreUnavailable if isinstance(exc, sqlite3.OperationalError | InjectedFault)
                 else StoreError)
         error = kind(f"{what}: {exc}")
         error.__cause__ = exc
         return error
-    return exc
+    return unreadable(exc, what)
 
 
 def _is_full(exc: BaseException) -> bool:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal, TypeVar
 
 from .ownership import owner_alive
+from .records import stored_data
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
@@ -95,7 +96,7 @@ class SQLiteOwnership:
                     # Its end is stored already (a store of an older version published ends
                     # apart from final states): the store agrees with what clients were told,
                     # and a run has one run.finished.
-                    told = json.loads(ended[0])
+                    told = stored_data(ended[0])
                     status = told.get("status", "failed")
                     c.execute("UPDATE runs SET status = ?, error = ? WHERE id = ?",
                               (status, told.get("error"), rid))
@@ -107,13 +108,13 @@ class SQLiteOwnership:
                         c.execute(
                             "UPDATE messages SET status = 'complete', content = ?, "
                             "updated_at = ? WHERE run_id = ? AND status = 'pending'",
-                            (json.loads(reply[0]).get("content", ""), now, rid),
+                            (stored_data(reply[0]).get("content", ""), now, rid),
                         )
                         continue
                     why = told.get("error") or reason
                 # The reply's text so far is in its token events: keep it.
                 partial = "".join(
-                    json.loads(data).get("text", "") for (data,) in c.execute(
+                    stored_data(data).get("text", "") for (data,) in c.execute(
                         "SELECT data FROM run_events WHERE run_id = ? AND type = 'token' "
                         "ORDER BY seq", (rid,),
                     )
