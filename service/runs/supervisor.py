@@ -401,8 +401,7 @@ class RunSupervisor:
                 if handle.cancel_reason is not None:
                     status, error = handle.cancel_status, handle.cancel_reason
                 else:
-                    status, error = RunStatus.timed_out, "the run's deadline passed"
-                    handle.error_type = "run_timeout"
+                    status, error = _timed_out(handle)
         except BaseException as exc:  # noqa: ASYNC103 (re-raised unless no Cancelled is in it)
             cancelled, rest = _split_cancelled(exc)
             if cancelled is not None or is_interrupt(rest):
@@ -425,6 +424,8 @@ class RunSupervisor:
             log.error("run failed outside its own error handling", exc_info=rest)
             if handle.cancel_reason is not None:
                 status, error = handle.cancel_status, handle.cancel_reason
+            elif handle.scope.cancelled_caught:  # its deadline ended it; the rest is logged
+                status, error = _timed_out(handle)
             else:
                 leaf = _leaf(rest)
                 status, error = RunStatus.failed, _internal(leaf)
@@ -476,6 +477,12 @@ def _split_cancelled(
     if isinstance(exc, trio.Cancelled):
         return exc, None
     return None, exc
+
+
+def _timed_out(handle: RunHandle) -> tuple[RunStatus, str]:
+    """The end of a run its deadline cut (the status and error it is stored and told with)."""
+    handle.error_type = "run_timeout"
+    return RunStatus.timed_out, "the run's deadline passed"
 
 
 def _internal(exc: BaseException) -> str:

@@ -411,6 +411,23 @@ async def test_a_tool_failing_while_cancelled_ends_only_its_run(
     assert late.cancel_reason == "shutdown"
 
 
+async def test_a_tool_failing_as_the_deadline_cuts_it_is_still_a_timeout(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Suspected by a review: a run whose deadline passed while a tool raised as it unwound
+    # was stored (and told) failed "internal_error", as a bug of ours: its deadline ended it.
+    agents = {"messy": _MessyToolAgent()}
+    async with supervisor_env(tmp_path, ScriptedBackend(), agents=agents) as env:
+        conv = await env.conversation()
+        handle = await env.supervisor.start(RunSpec(conv, "x", agent="messy", timeout=3))
+        await handle.finished.wait()
+        assert (handle.status, handle.error_type) == (RunStatus.timed_out, "run_timeout")
+        run = await env.store.get_run(handle.id)
+        events = await env.store.list_run_events(handle.id)
+    assert (run.status, run.error) == ("timed_out", "the run's deadline passed")
+    assert events[-1].data["status"] == "timed_out"
+
+
 async def test_events_are_published_even_when_the_store_is_stuck(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
