@@ -442,6 +442,10 @@ class RunSupervisor:
         """
         # Its end: the error that ended it, its message, run.finished; stored together.
         last: list[tuple[str, dict[str, Any]]] = []
+        if handle.error_event is None and handle.error_type is not None and error:
+            # Ended by its deadline, or stopped because the store could not take it: a stream
+            # says why with the type, as a non-stream answer's status does (504 run_timeout).
+            handle.error_event = {"type": handle.error_type, "message": error}
         if handle.error_event is not None:
             last.append(("error", handle.error_event))
         if status is RunStatus.succeeded and answer is not None:

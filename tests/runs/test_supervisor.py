@@ -213,6 +213,11 @@ async def test_deadline_times_out_the_run(
         msgs = await env.store.get_messages(conv)
         assert (msgs[1].content, msgs[1].status) == ("slow answer ", MessageStatus.cancelled)
         assert (await env.store.get_run(handle.id)).status == "timed_out"
+        # Its stream says why with the type, as a non-stream answer's 504 run_timeout does
+        # (a contract review: the error event was missing, docs/api.md says it carries it).
+        events = await env.store.list_run_events(handle.id)
+        assert [(e.type, e.data.get("type")) for e in events[-2:]] == [
+            ("error", "run_timeout"), ("run.finished", None)]
         await trio.testing.wait_all_tasks_blocked()
         assert len(env.supervisor.nursery.child_tasks) == baseline
 
