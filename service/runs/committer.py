@@ -30,7 +30,7 @@ from .backoff import Backoff, Wakeup, write_when_woken
 from .handle import RunHandle
 from .lifecycle import RunStatus
 
-__all__ = ["FINAL_WRITE_BUDGET", "EventCommitter", "FinalState", "unstored_end"]
+__all__ = ["FINAL_WRITE_BUDGET", "EventCommitter", "FinalState", "lost", "unstored_end"]
 
 log = get_logger("service.runs")
 
@@ -171,7 +171,7 @@ class EventCommitter:
             handle = self._live(run_id) or self._ended.get(run_id)
             if run_id in not_held:  # not stored, so never shown
                 if handle is not None:
-                    _lost(handle)
+                    lost(handle)
                 continue
             if handle is not None:
                 handle.publish(events)
@@ -222,8 +222,8 @@ class EventCommitter:
         if not handle.final_stored:
             self._final_retries.append((handle, final))
             if len(self._final_retries) > _UNSTORED_ENDS_MAX:
-                lost, _ = self._final_retries.pop(0)
-                log.error("giving up storing the final state of run %s", lost.id)
+                dropped, _ = self._final_retries.pop(0)
+                log.error("giving up storing the final state of run %s", dropped.id)
             self._keep_ended(handle)
             handle.give_up_end(unstored_end())
         elif not handle.published_final:
@@ -352,7 +352,7 @@ class EventCommitter:
                 await backoff.pause()
 
 
-def _lost(handle: RunHandle) -> None:
+def lost(handle: RunHandle) -> None:
     """Another instance closed ``handle``'s run (or it is gone): its events are no longer
     stored, so it stops; its end will be the stored one (``_adopt_stored_end``)."""
     if handle.cancel_reason is None and not handle.closed:

@@ -13,7 +13,7 @@ from ..errors import StoreError
 from ..logs import get_logger
 from ..store import Store
 from ..store.ownership import LEASE
-from .committer import EventCommitter
+from .committer import EventCommitter, lost
 from .handle import RunHandle
 from .lifecycle import RunStatus
 from .wakeups import Wakeups
@@ -82,7 +82,9 @@ async def lease_loop(store: Store, live: Callable[[], dict[str, RunHandle]], *,
         await trio.sleep(LEASE / 3)
         try:
             await store.renew_lease(LEASE)
-            last_ok = trio.current_time()
+            lapsed, last_ok = trio.current_time() - last_ok > LEASE, trio.current_time()
+            if lapsed:
+                await _stop_runs_taken_over(store, live())
         except StoreError as exc:
             log.warning("could not renew this instance's lease: %s", exc.message)
             if trio.current_time() - last_ok > LEASE / 2:
@@ -92,6 +94,18 @@ async def lease_loop(store: Store, live: Callable[[], dict[str, RunHandle]], *,
                         handle.cancel_status = RunStatus.failed
                         handle.error_type = "store_unavailable"
                         handle.cancel("the store cannot be reached; the run was stopped")
+
+
+async def _stop_runs_taken_over(store: Store, runs: dict[str, RunHandle]) -> None:
+    """This process's lease lapsed (it was stopped, or cut off from the store, for longer than
+    a lease): another instance may have closed its runs meanwhile. Those are stopped now and
+    their clients told the stored end (``lost``); otherwise they learnt it only at the run's
+    next write, which a silent model may put off for minutes, telling "running" meanwhile."""
+    log.warning("this instance's lease had lapsed; checking which of its %d run(s) it still "
+                "holds", len(runs))
+    for handle in list(runs.values()):
+        if not handle.closed and await store.run_in_progress(handle.id) != "here":
+            lost(handle)
 
 
 async def recover_loop(store: Store, abandoned: set[str]) -> None:

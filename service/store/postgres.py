@@ -59,7 +59,7 @@ from ..metrics import METRICS, Metrics
 from ..settings import _redact
 from .faults import InjectedFault, StoreFaults
 from .group_commit import GroupCommit, PendingWrite
-from .ownership import process_tag
+from .ownership import LEASE, process_tag
 from .pg_conn import BoundedConnection
 from .pg_notify import CHANNEL, announcing, send_notifications
 from .postgres_queries import Conn, PostgresQueries
@@ -173,6 +173,11 @@ class PostgresStore(PostgresQueries):
         given = _conninfo(self._url)
         # Whole milliseconds, at least 1: 0 would be no timeout at all.
         options = f"-c statement_timeout={max(1, math.ceil(self._statement_timeout * 1000))}"
+        # A transaction whose process stops sending (stopped, a host frozen mid-batch) is
+        # ended by the server well before its lease lapses: it holds its runs' rows (the
+        # batch's FOR SHARE fence) and its uncommitted events, which a survivor closing those
+        # runs would wait on for as long as the process stays stopped.
+        options += f" -c idle_in_transaction_session_timeout={_IDLE_IN_TRANSACTION_MS}"
         kwargs: dict[str, Any] = {
             "autocommit": True,  # transactions are explicit: BEGIN ... COMMIT per batch
             "options": f"{given['options']} {options}" if given.get("options") else options,
@@ -486,6 +491,8 @@ class PostgresStore(PostgresQueries):
 
 
 _IDLE = psycopg.pq.TransactionStatus.IDLE
+# A batch sends its statements back to back: a third of a lease without one is a stalled owner.
+_IDLE_IN_TRANSACTION_MS = round(LEASE / 3 * 1000)
 
 
 def _conninfo(url: str) -> dict[str, Any]:

@@ -345,9 +345,13 @@ class PostgresQueries:
         def fn(c: Conn) -> list[str]:
             dead = []
             for rid in sorted(candidates):  # the order owners' batches lock runs in
+                # A run whose row a stalled owner's open batch still locks is left for the
+                # next look (the server ends that transaction: idle_in_transaction_session_
+                # timeout): waiting on it would hold this whole batch of writes.
                 if not c.execute(
                     "UPDATE runs SET status = 'failed', error = %s, finished_at = %s, "
-                    "process = %s WHERE id = %s AND status IN ('queued', 'running')",
+                    "process = %s WHERE id = (SELECT id FROM runs WHERE id = %s AND status IN "
+                    "('queued', 'running') FOR UPDATE SKIP LOCKED)",
                     (reason, now, self.process_id, rid),
                 ).rowcount:
                     continue  # closed meanwhile (by another worker, or it finished)
