@@ -9,9 +9,10 @@ drain the runs. A stream was cut without its end, and its run stored as "client 
 although the client never left.
 
 So hypercorn's trio ``worker_serve`` is wrapped (``install``, from ``create_app``): its shutdown
-trigger, when it fires, drains the app's runs before hypercorn goes on. With no trigger (the
-CLI with ``workers = 0``, where SIGTERM killed the process outright) SIGTERM and SIGINT become
-one, as under ``python -m service``. And under the CLI a start-up failure is the one line
+trigger, when it fires, drains the app's runs before hypercorn goes on. Under the CLI with no
+trigger (``workers = 0``, where SIGTERM killed the process outright) SIGTERM and SIGINT become
+one, as under ``python -m service``; code embedding ``hypercorn.trio.serve`` with no trigger
+keeps its process's signals. And under the CLI a start-up failure is the one line
 ``python -m service`` prints, not an exception group's traceback after "Running on ...".
 ``python -m service`` calls :data:`hypercorn_worker_serve` (the original) with its own trigger.
 The tests fail if a hypercorn upgrade changes these names.
@@ -50,7 +51,9 @@ async def _serve(  # noqa: ASYNC128 (task_status is handed to hypercorn's worker
     from .server import RunningOnlyIfStarted, wait_for_signal
 
     svc = _services(app)
-    if svc is None:  # not this service's app
+    if svc is None or (shutdown_trigger is None and not cli):
+        # Not this service's app; or code embedding ``hypercorn.trio.serve`` with no trigger,
+        # which owns its process's signals (the app's lifespan drains at the end).
         await hypercorn_worker_serve(app, config, sockets=sockets,
                                      shutdown_trigger=shutdown_trigger, task_status=task_status)
         return
@@ -72,7 +75,7 @@ async def _serve(  # noqa: ASYNC128 (task_status is handed to hypercorn's worker
                     stop.set()
 
                 nursery.start_soon(trigger)
-            elif threading.current_thread() is threading.main_thread():
+            elif threading.current_thread() is threading.main_thread():  # the CLI, workers = 0
                 nursery.start_soon(wait_for_signal, svc, stop)
             await hypercorn_worker_serve(app, config, sockets=sockets,
                                          shutdown_trigger=drain_first, task_status=task_status)

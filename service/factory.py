@@ -172,6 +172,23 @@ class _JSONRequest(TrioRequest):
             return self.on_json_loading_failed(ValueError(f"the body is not JSON: {exc}"))
 
 
+class _MergeSlashes:
+    """ASGI: runs of slashes in a path are one (``/v1//chat/completions``, a client's base URL
+    ending in "/", is ``/v1/chat/completions``), merged in place. Werkzeug's own merging
+    answered a 308 with an HTML page, and redirected ``/api/runs//events`` to the run whose
+    id is "events"; merged here it is a lookup of that id: a JSON 404."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if "//" in scope.get("path", ""):
+            scope = {**scope, "path": re.sub("/{2,}", "/", scope["path"])}
+            if isinstance(scope.get("raw_path"), bytes):
+                scope["raw_path"] = re.sub(b"/{2,}", b"/", scope["raw_path"])
+        await self.app(scope, receive, send)
+
+
 class _App(QuartTrio):
     def log_exception(self, exc_info: Any) -> None:
         # An expected failure (a setting only checked at start-up: a tool module, the store's
@@ -193,8 +210,8 @@ def create_app(
     settings = settings or load_settings()
     app = _App(__name__)
     app.request_class = _JSONRequest
-    # A doubled slash (/api//conversations, /api/runs//events) is a JSON 404, not Werkzeug's
-    # 308 with an HTML page, to another path at that (the run whose id is "events").
+    # Doubled slashes are merged before routing (_MergeSlashes), never by Werkzeug's 308 with
+    # an HTML page: /v1//chat/completions (a base URL ending in "/") is served as it was.
     app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["QUART_SCHEMA_CONVERSION_PREFERENCE"] = "pydantic"
@@ -315,7 +332,8 @@ def create_app(
 
     # Idle keep-alive connections get closed again (after keep_alive_timeout, or at shutdown);
     # runs a request started end with it unless handed over (service/api/owned.py).
-    app.asgi_app = KeepAliveFix(CancelOwnedRuns(app.asgi_app))  # type: ignore[method-assign]
+    app.asgi_app = KeepAliveFix(  # type: ignore[method-assign]
+        CancelOwnedRuns(_MergeSlashes(app.asgi_app)))
     # A client that stops reading but keeps its connection is dropped (service/sendstall.py).
     drop_stalled_clients(settings.sse_keepalive)
     # WebSocket pings (build_config) end with their socket (service/wsping.py).

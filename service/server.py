@@ -15,6 +15,7 @@ import logging
 import signal
 import sys
 import tomllib
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -241,10 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .workers import serve_workers
 
         return serve_workers(settings, config, workers)
-    sockets = listen(config)
-    if sockets is None:
-        return 1
-    return serve_one(settings, config, sockets=sockets)
+    # Bound by hypercorn once the app has started: a connection made before is refused, not
+    # left waiting through a start-up that may take minutes (a model's load).
+    return serve_one(settings, config)
 
 
 def listen(config: Config) -> Sockets | None:
@@ -256,13 +256,16 @@ def listen(config: Config) -> Sockets | None:
         for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
             sock.listen(config.backlog)
     except (OSError, OverflowError, ValueError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        hint = (" (another process may be using it; --bind picks another)"
-                if isinstance(exc, OSError) and exc.errno in _TAKEN else "")
-        print(f"service: cannot listen on {', '.join(config.bind)}: {why}{hint}",
-              file=sys.stderr)
+        print(_cannot_listen(config, exc), file=sys.stderr)
         return None
     return sockets
+
+
+def _cannot_listen(config: Config, exc: BaseException) -> str:
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    hint = (" (another process may be using it; --bind picks another)"
+            if isinstance(exc, OSError) and exc.errno in _TAKEN else "")
+    return f"service: cannot listen on {', '.join(config.bind)}: {why}{hint}"
 
 
 def serve_one(settings: Settings, config: Config, *, sockets: Sockets | None = None,
@@ -305,8 +308,7 @@ def serve_one(settings: Settings, config: Config, *, sockets: Sockets | None = N
             bind = _bind_error(exc)
             if bind is None:
                 raise
-            print(f"service: cannot listen on {', '.join(config.bind)}: {bind.strerror}"
-                  " (another process may be using it; --bind picks another)", file=sys.stderr)
+            print(_cannot_listen(config, bind), file=sys.stderr)
             return 1  # noqa: ASYNC104 (as above)
         print(f"service: {found.message}", file=sys.stderr)
         return 1  # noqa: ASYNC104 (as above)
@@ -322,12 +324,14 @@ def serve_one(settings: Settings, config: Config, *, sockets: Sockets | None = N
 _TAKEN = (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL)
 
 
-def _bind_error(exc: BaseException) -> OSError | None:
-    """The address-in-use or permission error of hypercorn binding its listener, alone in
-    (nested) exception groups."""
+def _bind_error(exc: BaseException) -> BaseException | None:
+    """The error of hypercorn binding its listeners (a port taken or out of range, a unix
+    socket's directory missing), alone in (nested) exception groups."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
-    if isinstance(exc, OSError) and exc.errno in _TAKEN:
+    if isinstance(exc, OSError | OverflowError | ValueError) and any(
+            frame.f_code.co_name == "create_sockets"
+            for frame, _ in traceback.walk_tb(exc.__traceback__)):
         return exc
     return None
 

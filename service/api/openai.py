@@ -323,7 +323,7 @@ async def _finished(handle: RunHandle) -> None:
         await handle.finished.wait()
     finally:
         if not handle.done:
-            handle.client_left()
+            handle.cancel("client disconnected")
 
 
 def _run_error(handle: RunHandle) -> Response:
@@ -408,7 +408,7 @@ async def _stream(
         yield b"data: [DONE]\n\n"
     finally:
         if not handle.done:
-            handle.client_left()
+            handle.cancel("client disconnected")
 
 
 def _token_prefix(cid: str, created: int, model: str) -> bytes:

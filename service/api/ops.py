@@ -6,7 +6,7 @@ import trio
 from quart import Blueprint, Response, g, jsonify
 from quart_schema import document_response, hide
 
-from ..errors import ServiceError
+from ..errors import ServiceError, StoreUnavailable
 from ..services import Services
 from ..store import Store
 from .models import HealthOut, ReadyOut
@@ -48,6 +48,7 @@ class _WriteProbe:
             raise self._error
 
     async def _probe(self, store: Store, done: trio.Event) -> None:
+        self._error = StoreUnavailable("the write probe was stopped")  # until it answers
         try:
             await store.probe_write()
             self._error = None

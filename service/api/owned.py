@@ -70,4 +70,4 @@ class CancelOwnedRuns:
             _OWNED.reset(token)
             for handle in owned:
                 if not handle.done:
-                    handle.client_left()  # sync, idempotent
+                    handle.cancel("client disconnected")  # sync, idempotent

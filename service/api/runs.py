@@ -148,7 +148,7 @@ async def _event_stream(
             else:
                 # The client went away (quart-trio cancels the body: trio.Cancelled, or the
                 # generator is closed: GeneratorExit): a ``cancel`` run stops with it.
-                handle.client_left()
+                handle.cancel("client disconnected")
 
 
 def _reader(run_id: str, after: int) -> EventReader:
@@ -184,7 +184,7 @@ async def post_message(conversation_id: str, data: PostMessage) -> Response:
         await handle.finished.wait()
     finally:
         if data.on_disconnect == "cancel" and not handle.done:
-            handle.client_left()
+            handle.cancel("client disconnected")
     if handle.status is not RunStatus.succeeded:
         return run_error(handle)
     assert handle.begun is not None  # a run on a stored conversation

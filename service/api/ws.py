@@ -243,7 +243,7 @@ class _Session:
     def abandon(self) -> None:
         for handle, on_disconnect in self.runs.values():
             if on_disconnect == "cancel" and not handle.done:
-                handle.client_left()
+                handle.cancel("client disconnected")
 
 
 async def _send_loop(recv: trio.MemoryReceiveChannel[dict[str, Any] | str]) -> None:

@@ -48,10 +48,8 @@ class RunHandle:
         sink: Callable[[RunEvent], None],
         window: int = 20_000,
         begun: BegunRun | None = None,
-        draining: Callable[[], bool] = lambda: False,
     ) -> None:
         self.id = run_id
-        self._draining = draining  # whether the service is shutting down
         self.conversation_id = conversation_id
         self.agent = agent
         self.model = model
@@ -126,13 +124,6 @@ class RunHandle:
         if self.cancel_reason is None and not self._closed:
             self.cancel_reason = reason
         self.scope.cancel()
-
-    def client_left(self) -> None:
-        """The request or socket that owned the run ended while it still runs (sync,
-        idempotent): the client left, or, while the service shuts down, the server cut it
-        (hypercorn cancels the requests still open at its ``graceful_timeout``): then the
-        run's end says "shutdown", not that a client that never left disconnected."""
-        self.cancel("shutdown" if self._draining() else "client disconnected")
 
     @property
     def partial_text(self) -> str:

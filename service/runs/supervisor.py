@@ -348,7 +348,7 @@ class RunSupervisor:
         handle = RunHandle(
             run_id=run.id, conversation_id=run.conversation_id, agent=run.agent,
             model=run.model, owner=spec.owner, message_id=begun.reply.id,
-            sink=self.committer.enqueue, begun=begun, draining=lambda: self.draining,
+            sink=self.committer.enqueue, begun=begun,
         )
         # A request's own timeout, never more than the service's (SERVICE_RUN_TIMEOUT).
         timeout = min(spec.timeout, self.run_timeout) if spec.timeout else self.run_timeout

@@ -254,6 +254,7 @@ class SQLiteStore(SQLiteQueries):
                         it.result = it.fn(conn)
                     except Exception as exc:
                         conn.execute("ROLLBACK TO w")
+                        self._note_corrupt(exc)
                         it.error = _store_error(exc)
                     conn.execute("RELEASE w")
                 if self.faults.before_commit is not None:

@@ -33,11 +33,13 @@ async def test_a_doubled_slash_is_answered_in_json_not_an_html_redirect_page(
     server: RunningServer, path: str,
 ) -> None:
     # API.md: "All bodies are JSON". Werkzeug's merge_slashes answered 308 with an HTML
-    # "Redirecting..." page (routing redirects bypass the app's error handlers).
+    # "Redirecting..." page (routing redirects bypass the app's error handlers). The slashes
+    # are merged before routing now: the path is served as the one with a single slash.
     async with server.client() as client:
         r = await client.get(path)
+        single = await client.get(path.replace("//", "/"))
     assert r.headers["content-type"].startswith("application/json"), (r.status_code, r.text)
-    assert isinstance(r.json()["error"]["type"], str)
+    assert (r.status_code, r.json()) == (single.status_code, single.json()) == (200, r.json())
 
 
 async def test_an_empty_run_id_is_a_404_not_a_redirect_to_another_run(
@@ -47,9 +49,6 @@ async def test_an_empty_run_id_is_a_404_not_a_redirect_to_another_run(
     # was redirected (308, HTML) to "/api/runs/events": the run whose id is "events".
     async with server.client() as client:
         r = await client.get("/api/runs//events")
-        assert r.status_code == 404, (r.status_code, r.headers.get("location"))
-        assert r.json()["error"]["type"] == "not_found"
-        r = await client.post("/v1//chat/completions", json={"model": "m", "messages": HI})
         assert r.status_code == 404, (r.status_code, r.headers.get("location"))
         assert r.json()["error"]["type"] == "not_found"
 
