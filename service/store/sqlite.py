@@ -144,6 +144,15 @@ class SQLiteStore(SQLiteQueries):
                 raise StoreError(
                     f"database schema version {version} is newer than this code "
                     f"({len(MIGRATIONS)}); refusing to open")
+            if version == 0 and (other := writer.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE "
+                    "'sqlite_%' ORDER BY name LIMIT 3").fetchall()):
+                # Another program's file (a path mistyped): our tables are not added to it,
+                # nor is it switched to WAL (for good) before it is refused.
+                raise StoreError(
+                    f"{self.path} is another program's database (tables "
+                    f"{', '.join(repr(r[0]) for r in other)}, no schema of this service); "
+                    "refusing to add to it")
             # Checkpoints run beside the writes (``maintain``), not inside a commit, where
             # they stall every write queued behind it (seen as token-latency spikes).
             writer.execute("PRAGMA wal_autocheckpoint = 0")

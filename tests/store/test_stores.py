@@ -717,6 +717,26 @@ async def test_a_newer_schema_is_refused_without_being_touched(tmp_path: Path) -
     assert not await trio.Path(f"{db}-wal").exists()
 
 
+async def test_another_programs_database_is_refused_without_being_touched(
+    tmp_path: Path,
+) -> None:
+    # SQLite only. Suspected by the durability review: SERVICE_DB pointing at another
+    # program's file (user_version 0, tables of its own) had this service's tables added to it
+    # without a word, and the file switched to WAL for good.
+    db = tmp_path / "theirs.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match=r"another program's database.*'invoices'"):
+        async with open_store(db):
+            pass
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master")] == ["invoices"]
+    conn.close()
+
+
 async def test_the_wal_is_cut_back_once_a_long_reader_is_gone(tmp_path: Path) -> None:
     # SQLite only: the WAL.
     # Found in review: a reader in another process held checkpoints back, the WAL grew to 30 MB
