@@ -19,6 +19,14 @@ blueprint = Blueprint("ops", __name__)
 _READY_PROBE_DEADLINE = 2.0
 
 
+class _Probe:
+    """One write probe's answer (each waiter reads its own probe's, not a later one's)."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: ServiceError | None = StoreUnavailable("the write probe was stopped")
+
+
 class _WriteProbe:
     """``/readyz``'s write probe (while the latest write failed), one at a time, in the
     supervisor's nursery: a request waits for it up to its deadline, never longer. A write
@@ -27,36 +35,34 @@ class _WriteProbe:
     itself."""
 
     def __init__(self) -> None:
-        self._done: trio.Event | None = None
-        self._error: ServiceError | None = None
+        self._current: _Probe | None = None
 
     async def check(self, svc: Services) -> None:
         store = svc.require_store()
-        if self._done is None:
-            done = self._done = trio.Event()
+        probe = self._current
+        if probe is None:
+            probe = self._current = _Probe()
             try:
                 if svc.supervisor is None:
                     raise RuntimeError("the supervisor is not serving")
-                svc.supervisor.nursery.start_soon(self._probe, store, done)
+                svc.supervisor.nursery.start_soon(self._probe, store, probe)
             except RuntimeError:  # not serving (yet, or any more): this request's own probe
-                self._done = None
+                self._current = None
                 await store.probe_write()
                 return
-        done = self._done
-        await done.wait()
-        if self._error is not None:
-            raise self._error
+        await probe.done.wait()
+        if probe.error is not None:
+            raise probe.error
 
-    async def _probe(self, store: Store, done: trio.Event) -> None:
-        self._error = StoreUnavailable("the write probe was stopped")  # until it answers
+    async def _probe(self, store: Store, probe: _Probe) -> None:
         try:
             await store.probe_write()
-            self._error = None
+            probe.error = None
         except ServiceError as exc:
-            self._error = exc
+            probe.error = exc
         finally:
-            self._done = None
-            done.set()
+            self._current = None
+            probe.done.set()
 
 
 def _details_shown() -> bool:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import trio
 
-from ..errors import StoreError
+from ..errors import NotFound, StoreError
 from ..logs import get_logger
 from ..store import Store
 from ..store.ownership import LEASE
@@ -21,6 +21,8 @@ from .wakeups import Wakeups
 __all__ = ["cancel_requests_loop", "lease_loop", "maintain_loop", "prune_loop", "recover_loop"]
 
 log = get_logger("service.runs")
+
+_IN_PROGRESS = ("queued", "running")
 
 MAINTAIN_EVERY = 2.0  # seconds between final-state retries and store maintenance (checkpoints)
 CANCEL_POLL = 0.25  # seconds between looks for cancels other workers asked for
@@ -77,14 +79,17 @@ async def lease_loop(store: Store, live: Callable[[], dict[str, RunHandle]], *,
         except StoreError as exc:
             log.warning("could not renew this instance's lease: %s", exc.message)
     last_ok = trio.current_time()
+    to_check: set[str] = set()  # runs to look up after a lapse (until each has been)
     task_status.started()
     while True:
         await trio.sleep(LEASE / 3)
         try:
             await store.renew_lease(LEASE)
-            lapsed, last_ok = trio.current_time() - last_ok > LEASE, trio.current_time()
-            if lapsed:
-                await _stop_runs_taken_over(store, live())
+            if trio.current_time() - last_ok > LEASE:
+                to_check = set(live())
+                log.warning("this instance's lease had lapsed; checking which of its %d "
+                            "run(s) it still holds", len(to_check))
+            last_ok = trio.current_time()
         except StoreError as exc:
             log.warning("could not renew this instance's lease: %s", exc.message)
             if trio.current_time() - last_ok > LEASE / 2:
@@ -94,17 +99,39 @@ async def lease_loop(store: Store, live: Callable[[], dict[str, RunHandle]], *,
                         handle.cancel_status = RunStatus.failed
                         handle.error_type = "store_unavailable"
                         handle.cancel("the store cannot be reached; the run was stopped")
+            continue
+        if to_check:
+            # Bounded, so the next renewal is not held up; what is left waits for the next turn.
+            with trio.move_on_after(LEASE / 6):
+                await _stop_runs_taken_over(store, live(), to_check)
 
 
-async def _stop_runs_taken_over(store: Store, runs: dict[str, RunHandle]) -> None:
+async def _stop_runs_taken_over(store: Store, runs: dict[str, RunHandle],
+                                to_check: set[str]) -> None:
     """This process's lease lapsed (it was stopped, or cut off from the store, for longer than
     a lease): another instance may have closed its runs meanwhile. Those are stopped now and
     their clients told the stored end (``lost``); otherwise they learnt it only at the run's
-    next write, which a silent model may put off for minutes, telling "running" meanwhile."""
-    log.warning("this instance's lease had lapsed; checking which of its %d run(s) it still "
-                "holds", len(runs))
-    for handle in list(runs.values()):
-        if not handle.closed and await store.run_in_progress(handle.id) != "here":
+    next write, which a silent model may put off for minutes, telling "running" meanwhile.
+    Only on evidence: the store has the run ended, or another instance holding it (one whose
+    first write has not landed yet is not in the store at all, and is left alone). Each id
+    leaves ``to_check`` once looked up; one the store could not answer for stays."""
+    for run_id in sorted(to_check):
+        handle = runs.get(run_id)
+        if handle is None or handle.closed:
+            to_check.discard(run_id)
+            continue
+        try:
+            where = await store.run_in_progress(run_id)
+            taken = where == "elsewhere" or (
+                where is None and (await store.get_run(run_id)).status not in _IN_PROGRESS)
+        except NotFound:  # not written yet (or deleted: its next write finds out)
+            taken = False
+        except StoreError as exc:
+            log.warning("could not look up run %s after the lease lapsed: %s", run_id,
+                        exc.message)
+            continue
+        to_check.discard(run_id)
+        if taken:
             lost(handle)
 
 
