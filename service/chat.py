@@ -102,7 +102,8 @@ class Renderer:
         self._live: Live | None = None
         self._segment = ""  # the text of the current LLM call (a step's or the answer's)
         self._stream_tokens = self.tty  # in a pipe: only for the chat agent (no steps)
-        self._printed = ""
+        self._printed = ""  # the text written as it came (a pipe, or a tall answer)
+        self._plain = not self.tty  # text written as it comes, no live Markdown
 
     def started(self, agent: str) -> None:
         if not self.tty and agent == "chat":
@@ -113,19 +114,28 @@ class Renderer:
         self._segment += text
         if not self._stream_tokens:
             return
-        if self.tty:
-            if self._live is None:
-                self._live = Live(console=self.out, auto_refresh=False,
-                                  vertical_overflow="visible")
-                self._live.start()
-            self._live.update(Markdown(self._segment), refresh=True)
-        else:
-            self.out.file.write(text)
-            self.out.file.flush()
-            self._printed += text
+        if not self._plain:
+            rendered = Markdown(self._segment)
+            if len(self.out.render_lines(rendered, pad=False)) < self.out.size.height:
+                if self._live is None:
+                    self._live = Live(console=self.out, auto_refresh=False,
+                                      vertical_overflow="visible")
+                    self._live.start()
+                self._live.update(rendered, refresh=True)
+                return
+            # Taller than the screen: a live display redraws only what is on screen, so each
+            # redraw would print again what has scrolled off (hundreds of copies of the first
+            # lines of a long answer). From here it is written as it comes, once.
+            self._stop_live(None)
+            self._plain, text = True, self._segment
+        self.out.file.write(text)
+        self.out.file.flush()
+        self._printed += text
 
     def step(self, kind: str, data: dict[str, Any]) -> None:
-        if self.tty and self._segment:
+        if self._printed:  # written as it came: ended with its line
+            self._end_plain()
+        elif self.tty and self._segment:
             # The text so far was a step's (a ReAct thought), not the answer.
             self._stop_live(Text(self._segment.strip(), style="dim"))
         self._segment = ""
@@ -134,30 +144,40 @@ class Renderer:
     def message(self, content: str) -> None:
         """The final answer (after its tokens, if any were shown)."""
         content = _safe(content)
-        if self.tty:
-            self._stop_live(Markdown(content))
-        elif self._printed:
+        if self._printed:
             if content.startswith(self._printed):
                 self.out.file.write(content[len(self._printed):])
             self.out.file.write("\n")
+        elif self.tty:
+            self._stop_live(Markdown(content))
         else:
             self.out.file.write(content + "\n")
         self.out.file.flush()
         self._segment = self._printed = ""
+        self._plain = not self.tty
 
     def finished(self, status: str, error: dict[str, Any] | None) -> None:
-        self._stop_live(Markdown(self._segment) if self._segment.strip() else None)
         if self._printed:
-            self.out.file.write("\n")
-            self.out.file.flush()
+            self._end_plain()
+        else:
+            self._stop_live(Markdown(self._segment) if self._segment.strip() else None)
         if status != "succeeded":
-            why = f": {error['type']}: {error['message']}" if error else ""
+            kind = f"{error['type']}: " if error and error.get("type") != status else ""
+            why = f": {kind}{error['message']}" if error else ""
             self.err.print(Text(_safe(f"[run {status}{why}]"), style="dim"))
 
     def reset(self) -> None:
         """A turn that did not end normally: stop the live display, forget its text."""
         self._stop_live(None)
         self._segment = self._printed = ""
+        self._plain = not self.tty
+
+    def _end_plain(self) -> None:
+        """Text written as it came is done: its line ends; the next is live again."""
+        self.out.file.write("\n")
+        self.out.file.flush()
+        self._printed = ""
+        self._plain = not self.tty
 
     def note(self, text: str) -> None:
         self.err.print(Text(_safe(text), style="dim"))
@@ -274,6 +294,10 @@ class Client:
             turn.error = data
         elif kind == "run.finished":
             turn.status = data.get("status")
+            if turn.error is None and data.get("error") not in (None, "cancelled by request"):
+                # Ended by something else than the user's own cancel (the service shutting
+                # down, another client): said, not a bare "[run cancelled]".
+                turn.error = {"type": turn.status, "message": data["error"]}
             self.renderer.finished(turn.status or "unknown", turn.error)
 
     async def _on_interrupts(self, interrupts: Any, turn: Turn,

@@ -14,13 +14,20 @@ function headers(extra = {}) {
 
 async function failure(resp) {
   if (resp.status === 401) $("key-form").hidden = false;
+  let err;
   try {
     const { error } = await resp.json();
-    return new Error(resp.status === 401 ? `${error.message}: enter a key above` : error.message);
+    err = new Error(resp.status === 401 ? `${error.message}: enter a key above` : error.message);
   } catch {
-    return new Error(`the service answered ${resp.status} ${resp.statusText}`);
+    err = new Error(`the service answered ${resp.status} ${resp.statusText}`);
   }
+  err.status = resp.status;
+  return err;
 }
+
+// A key goes in a header: printable ASCII only (fetch refuses anything else before sending,
+// which read as "cannot reach the service"; a pasted typographic quote is the usual case).
+const sendableKey = (key) => /^[\x21-\x7e]*$/.test(key);
 
 async function api(method, path, body) {
   const init = { method, headers: headers(body === undefined ? {} : { "Content-Type": "application/json" }) };
@@ -29,7 +36,8 @@ async function api(method, path, body) {
   try {
     resp = await fetch(path, init);
   } catch {
-    throw new Error("cannot reach the service");
+    throw new Error(sendableKey(state.key) ? "cannot reach the service"
+      : "the key holds characters a header cannot carry: enter it again above");
   }
   if (!resp.ok) throw await failure(resp);
   return resp.status === 204 ? null : resp.json();
@@ -124,10 +132,20 @@ class AssistantView {
     this.el.append(p);
   }
 
-  ended(status, error) {
-    if (status === "cancelled") this.note("stopped", true);
-    else if (status !== "succeeded") this.note(error ? `${status}: ${error.message}` : `the run ${status}`);
+  ended(status, error, reason) {
+    if (status === "cancelled") this.note(...stopped(reason));
+    else if (status !== "succeeded") {
+      this.note(error ? `${status}: ${error.message}` : reason ? `${status}: ${reason}` : `the run ${status}`);
+    }
   }
+}
+
+// How a cancelled run is shown: the user's own Stop quietly; anything else (the service
+// shutting down, another client) says so, since asking again is then worth it.
+function stopped(reason) {
+  if (!reason || reason === "cancelled by request") return ["stopped", true];
+  if (reason === "shutdown") return ["stopped: the service shut down before the answer was done; ask again", false];
+  return [`stopped: ${reason}`, false];
 }
 
 function addUser(text) {
@@ -162,7 +180,7 @@ async function follow(resp, view, live) {
     else if (event === "error") error = data;
     else if (event === "run.finished") {
       sessionStorage.removeItem(LIVE);
-      view.ended(data.status, error);
+      view.ended(data.status, error, data.error);
       return true;
     } else if (STEPS.has(event)) view.step(event, data);
     if (id) {
@@ -263,21 +281,48 @@ async function openConversation(id, skipRun = null) {
   const conv = await api("GET", `/api/conversations/${id}`);
   state.conversation = id;
   $("messages").replaceChildren();
+  let pending = null; // a reply whose run is still going (another tab's, or before a reopen)
   for (const m of conv.messages) {
     if (m.role === "user") addUser(m.content);
     else if (m.role === "assistant" && !(skipRun && m.run_id === skipRun)) {
       const view = new AssistantView(m.content);
-      if (m.status === "cancelled") view.note("stopped", true);
+      if (m.status === "cancelled") view.note(...stopped(m.error));
       else if (m.status === "error") view.note(m.error ? `failed: ${m.error}` : "failed");
+      else if (m.status === "pending" && m.run_id) pending = { view, run_id: m.run_id };
     }
   }
   for (const b of document.querySelectorAll("#conversations button")) b.classList.remove("current");
   await loadConversations();
+  if (pending) await followPending(id, pending);
+}
+
+// Follow a run found going when its conversation was opened: its events from the first (the
+// stored reply is empty until the run ends), with Stop, as after a reload.
+async function followPending(id, { view, run_id }) {
+  const live = { conversation_id: id, run_id, last_id: 0, text: "" };
+  running(run_id);
+  try {
+    const resp = await fetch(`/api/runs/${run_id}/events`, { headers: headers() });
+    if (!resp.ok) throw await failure(resp);
+    await followRun(resp, view, live);
+  } finally {
+    running(null);
+  }
 }
 
 async function rejoin() {
   const live = JSON.parse(sessionStorage.getItem(LIVE) || "null");
   if (!live || !live.run_id) return;
+  try {
+    await rejoinRun(live);
+  } catch (exc) {
+    // Gone (its conversation deleted) or not this key's: told once, then forgotten.
+    if (exc.status >= 400 && exc.status < 500) sessionStorage.removeItem(LIVE);
+    throw exc;
+  }
+}
+
+async function rejoinRun(live) {
   await openConversation(live.conversation_id, live.run_id);
   running(live.run_id);
   try {
@@ -330,6 +375,10 @@ $("new").addEventListener("click", () => {
 });
 $("key-form").addEventListener("submit", (e) => {
   e.preventDefault();
+  if (!sendableKey($("key").value.trim())) {
+    problem("a key is printable ASCII only (no spaces, no typographic quotes): enter it again");
+    return;
+  }
   state.key = $("key").value.trim();
   localStorage.setItem(KEY, state.key);
   start();

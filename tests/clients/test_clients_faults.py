@@ -528,3 +528,24 @@ def test_cli_error_frame_text_cannot_drive_the_terminal(monkeypatch: pytest.Monk
     assert status == 1
     assert "upstream said" in shown
     assert "\x1b" not in shown, repr(shown)
+
+
+def test_cli_says_why_a_run_it_did_not_cancel_was_cancelled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run cut by the service's shutdown was shown as a bare "[run cancelled]", as the
+    user's own Ctrl-C is (found by the clients review, with the page's twin)."""
+    stream = (
+        'id: 1\nevent: run.started\ndata: {"run_id":"run_1","conversation_id":"conv_1",'
+        '"agent":"chat","model":"m"}\n\n'
+        'id: 2\nevent: token\ndata: {"text":"par"}\n\n'
+        'id: 3\nevent: run.finished\ndata: {"status":"cancelled","usage":{},'
+        '"error":"shutdown"}\n\n'
+    )
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"Content-Type": "text/event-stream"},
+                              content=stream.encode())
+
+    _, shown = _run_chat_turn(monkeypatch, handler)
+    assert "[run cancelled: shutdown]" in shown, shown
