@@ -120,6 +120,28 @@ class NotFound(StoreError):
     type = "not_found"
 
 
+# What this process sends upstream and must never show (a fleet server's ``headers`` values,
+# credentials from a backend URL): an upstream that echoes one in its error text ("invalid
+# api key: Bearer ...", as many gateways do) has it replaced before the text is shown (a
+# client's error, the stored run, /api/llm-calls, /api/backends, the log).
+_UPSTREAM_SECRETS: set[str] = set()
+_SECRET_MIN = 4  # shorter values are not taken for secrets (they would mask ordinary text)
+
+
+def register_upstream_secret(value: str) -> None:
+    """Never show ``value`` (nor its token after an auth scheme: "Bearer <token>")."""
+    for part in (value, value.partition(" ")[2]):
+        if len(part) >= _SECRET_MIN:
+            _UPSTREAM_SECRETS.add(part)
+
+
+def scrub_upstream_secrets(text: str) -> str:
+    for secret in sorted(_UPSTREAM_SECRETS, key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
+
+
 class BackendError(ServiceError):
     status = 502
     type = "backend_error"
@@ -127,7 +149,8 @@ class BackendError(ServiceError):
     def __init__(self, message: str = "", *, backend: str | None = None, **details: object) -> None:
         if backend is not None:
             details["backend"] = backend
-        super().__init__(message, **details)
+        super().__init__(scrub_upstream_secrets(message) if _UPSTREAM_SECRETS else message,
+                         **details)
         self.backend = backend
 
 

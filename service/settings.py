@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .errors import ConfigError
+from .text import redact_userinfo
 
 __all__ = ["BackendKind", "Settings", "load_settings"]
 
@@ -97,6 +98,11 @@ class Settings(BaseSettings):
             if scheme in ("postgresql", "postgres") and value[url.end():].startswith("/"):
                 return value  # the PostgreSQL store (libpq checks the rest when it connects)
             raise ValueError(f"not a SQLite path nor a postgresql:// URL but a {scheme}: URL")
+        if isinstance(value, str) and _LIBPQ_KEYWORDS.search(value):
+            # "host=... password=..." became a SQLite file of that name (the password in its
+            # name and in the log). Not echoed: it may hold the password.
+            raise ValueError("a libpq keyword/value string is not supported: give a "
+                             "postgresql://user:password@host:port/db URL (or a SQLite path)")
         return Path(value) if isinstance(value, str) else value
 
     @field_validator("ollama_url", "llamacpp_url")
@@ -179,7 +185,8 @@ def load_settings(**overrides: object) -> Settings:
         var = f"SERVICE_{field.upper()}"
         given = err.get("input")
         message = _redact(f"invalid setting {var}={given!r}: {err['msg']}")
-        if field == "api_keys":  # never echo keys (a bad one is still a key)
+        if field == "api_keys" or (isinstance(given, str) and _LIBPQ_KEYWORDS.search(given)):
+            # Never echoed: keys (a bad one is still a key), a libpq string (its password).
             message = f"invalid setting {var}: {err['msg']}"
         raise ConfigError(message, variable=var) from None
     from .backends.fleet import validate_fleet  # the fleet file, CA bundles: ConfigError
@@ -188,11 +195,14 @@ def load_settings(**overrides: object) -> Settings:
     return settings
 
 
+_LIBPQ_KEYWORDS = re.compile(r"(?:^|\s)(?:host|hostaddr|port|dbname|user|password|sslmode)\s*=")
+
+
 def _redact(text: str) -> str:
     """URL credentials in ``text`` ("http://user:pass@host" -> "http://***@host", whatever the
     password holds, and a bare token before "@" too): start-up errors go to stderr and from
     there to system logs."""
-    return re.sub(r"//[^\s@]*@", "//***@", text)
+    return redact_userinfo(text)
 
 
 def embedded_alias(settings: Settings) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["TextJoiner", "clean_json", "clean_text", "not_text_at"]
+__all__ = ["TextJoiner", "clean_json", "clean_text", "not_text_at", "redact_userinfo"]
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -98,3 +98,14 @@ def not_text_at(value: Any, path: str = "") -> str | None:
 def _lone(text: str) -> bool:
     # A surrogate pair that survived json.loads (it joins escaped pairs) is not text either.
     return _NOT_TEXT.search(text) is not None
+
+
+_USERINFO = re.compile(r"//[^\n]*@")
+
+
+def redact_userinfo(text: str) -> str:
+    """URL credentials in ``text`` ("http://user:pass@host" -> "http://***@host"), whatever the
+    password holds (a "/", a space, a quote, an "@" of its own): from "//" to the line's last
+    "@". It may hide more than the credentials; it never shows them."""
+    return _USERINFO.sub("//***@", text)
+

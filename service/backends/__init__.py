@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from ..errors import ConfigError
+from ..errors import ConfigError, register_upstream_secret
 from ..metrics import METRICS, Metrics
+from ..text import redact_userinfo
 from .auto import AutoBackend
 from .base import (
     Backend,
@@ -179,7 +180,7 @@ def _server(spec: ServerSpec, settings: Settings, shared: httpx.AsyncClient,
     tls = tls_context(spec.tls)
     if not spec.tls.verify:
         log.warning("TLS verification is OFF for backend %s (%s): anyone on the path can "
-                    "read and change its traffic", spec.name, spec.url)
+                    "read and change its traffic", spec.name, redact_userinfo(spec.url))
     if tls is not None or spec.connect_timeout is not None:
         limit = spec.max_concurrency or settings.backend_concurrency
         client = make_client(budgets, max_connections=limit * 2 + 4,
@@ -192,4 +193,6 @@ def _server(spec: ServerSpec, settings: Settings, shared: httpx.AsyncClient,
         backend = OpenAICompatBackend(spec.name, spec.url, client, budgets,
                                       default_model=default)
     backend.headers.update(spec.headers)
+    for _, value in spec.headers:
+        register_upstream_secret(value)
     return backend

@@ -11,7 +11,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import httpx
 import trio
 
-from ..errors import BackendProtocolError, ModelNotFound
+from ..errors import BackendProtocolError, ModelNotFound, register_upstream_secret
 from .base import BackendHealth, ChatRequest, ChatResult, ModelInfo, collect_chat
 from .http import BodyTooLarge, Budgets, request_small, tls_reason
 
@@ -153,4 +153,6 @@ def split_credentials(url: str) -> tuple[str, str | None]:
     user, password = unquote(parts.username or ""), unquote(parts.password or "")
     host = parts.netloc.rpartition("@")[2]
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    for secret in (password, f"{user}:{password}", f"Basic {token}"):
+        register_upstream_secret(secret)
     return urlunsplit(parts._replace(netloc=host)), f"Basic {token}"

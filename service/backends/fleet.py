@@ -37,6 +37,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import ConfigError
+from ..text import redact_userinfo
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -143,7 +144,7 @@ def check_url(value: str) -> str:
 
 
 def _redact(text: str) -> str:
-    return re.sub(r"//[^\s@/]*@", "//***@", text)
+    return redact_userinfo(text)
 
 
 def _without_v1(url: str) -> str:
