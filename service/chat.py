@@ -144,10 +144,17 @@ class Renderer:
     def message(self, content: str) -> None:
         """The final answer (after its tokens, if any were shown)."""
         content = _safe(content)
-        if self._printed:
-            if content.startswith(self._printed):
-                self.out.file.write(content[len(self._printed):])
+        if self._printed and content.startswith(self._printed):
+            self.out.file.write(content[len(self._printed):] + "\n")
+        elif self._printed:
+            # What was written as it came was not the answer (a step's text, then an answer
+            # of its own: ReAct at its step limit): the answer follows it, whole.
             self.out.file.write("\n")
+            self.out.file.flush()
+            if self.tty:
+                self.out.print(Markdown(content))
+            else:
+                self.out.file.write(content + "\n")
         elif self.tty:
             self._stop_live(Markdown(content))
         else:

@@ -172,18 +172,20 @@ async function follow(resp, view, live) {
   for await (const { id, event, data } of sseFrames(resp)) {
     if (event === "run.started") {
       live.run_id = data.run_id;
-      running(data.run_id);
-      if (state.stopPending) stop();
+      if (!live.watch) {
+        running(data.run_id);
+        if (state.stopPending) stop();
+      }
     } else if (event === "token") view.token(data.text ?? "");
     else if (event === "message") { view.segment = data.content ?? ""; view.render(); }
     else if (event === "error" && !id) view.note(`${data.type}: ${data.message}`); // not the run's: the stream's
     else if (event === "error") error = data;
     else if (event === "run.finished") {
-      sessionStorage.removeItem(LIVE);
+      if (!live.watch) sessionStorage.removeItem(LIVE);
       view.ended(data.status, error, data.error);
       return true;
     } else if (STEPS.has(event)) view.step(event, data);
-    if (id) {
+    if (id && !live.watch) {
       live.last_id = Number(id);
       live.text = view.segment;
       sessionStorage.setItem(LIVE, JSON.stringify(live));
@@ -198,6 +200,7 @@ async function followRun(resp, view, live) {
     try {
       if (await follow(resp, view, live)) return;
     } catch { /* the connection dropped */ }
+    if (live.signal?.aborted) return; // its conversation is no longer on screen
     if (!live.run_id || attempt >= 4) {
       view.note("the stream ended before the run did; reload to re-join");
       return;
@@ -205,10 +208,10 @@ async function followRun(resp, view, live) {
     await sleep(500 * 2 ** attempt);
     try {
       resp = await fetch(`/api/runs/${live.run_id}/events`, {
-        headers: headers({ "Last-Event-ID": String(live.last_id) }),
+        headers: headers({ "Last-Event-ID": String(live.last_id) }), signal: live.signal,
       });
     } catch { resp = null; }
-    if (resp && resp.status === 204) { sessionStorage.removeItem(LIVE); return; }
+    if (resp && resp.status === 204) { if (!live.watch) sessionStorage.removeItem(LIVE); return; }
     if (resp && !resp.ok) throw await failure(resp);
     if (!resp) resp = new Response("");
   }
@@ -276,38 +279,39 @@ async function loadConversations() {
   }
 }
 
+let viewing = null; // the follows of the conversation on screen (aborted when another opens)
+
 async function openConversation(id, skipRun = null) {
   if (state.run) return;
+  if (viewing) viewing.abort();
+  const mine = (viewing = new AbortController());
   const conv = await api("GET", `/api/conversations/${id}`);
+  if (mine.signal.aborted) return; // another conversation was opened meanwhile
   state.conversation = id;
   $("messages").replaceChildren();
-  let pending = null; // a reply whose run is still going (another tab's, or before a reopen)
+  const pending = []; // replies whose run is still going (another tab's, or before a reopen)
   for (const m of conv.messages) {
     if (m.role === "user") addUser(m.content);
     else if (m.role === "assistant" && !(skipRun && m.run_id === skipRun)) {
       const view = new AssistantView(m.content);
       if (m.status === "cancelled") view.note(...stopped(m.error));
       else if (m.status === "error") view.note(m.error ? `failed: ${m.error}` : "failed");
-      else if (m.status === "pending" && m.run_id) pending = { view, run_id: m.run_id };
+      else if (m.status === "pending" && m.run_id) pending.push({ view, run_id: m.run_id });
     }
   }
   for (const b of document.querySelectorAll("#conversations button")) b.classList.remove("current");
   await loadConversations();
-  if (pending) await followPending(id, pending);
+  for (const p of pending) watch(p, mine.signal).catch(() => { /* left as stored */ });
 }
 
-// Follow a run found going when its conversation was opened: its events from the first (the
-// stored reply is empty until the run ends), with Stop, as after a reload.
-async function followPending(id, { view, run_id }) {
-  const live = { conversation_id: id, run_id, last_id: 0, text: "" };
-  running(run_id);
-  try {
-    const resp = await fetch(`/api/runs/${run_id}/events`, { headers: headers() });
-    if (!resp.ok) throw await failure(resp);
-    await followRun(resp, view, live);
-  } finally {
-    running(null);
-  }
+// Show a run found going when its conversation was opened (the stored reply is empty until
+// the run ends): its events from the first, until it ends or another conversation is opened.
+// Watched only: the page stays free (another conversation, a new message), Stop is the
+// starter's, and the tab's own re-join entry is untouched.
+async function watch({ view, run_id }, signal) {
+  const live = { run_id, last_id: 0, text: "", watch: true, signal };
+  const resp = await fetch(`/api/runs/${run_id}/events`, { headers: headers(), signal });
+  if (resp.ok && resp.status !== 204) await followRun(resp, view, live);
 }
 
 async function rejoin() {
