@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -169,6 +170,8 @@ class AgentContext:
             stop=self.stop, run_id=self.handle.id, options=options,
             conversation_id=self.handle.conversation_id,
             on_queued=self._queued,
+            deadline=(self.handle.scope.deadline
+                      if self.handle.scope.deadline != math.inf else None),
         ))
         parts: list[str] = []
         calls: list[ToolCall] = []

@@ -72,6 +72,9 @@ class ChatRequest:
     # Told the call's place in its backend's queue (1: next) while it waits for a slot of the
     # interceptor's limiter: the run shows it (a ``queued`` event). Never sent upstream.
     on_queued: Callable[[int], None] | None = field(default=None, compare=False, repr=False)
+    # The run's deadline (trio's clock): a call cut when it has passed is recorded timed_out,
+    # not cancelled. Never sent upstream.
+    deadline: float | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

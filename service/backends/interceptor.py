@@ -88,6 +88,7 @@ class _Call:
         self.backend = backend
         self.model = request.model or ""
         self.run_id = request.run_id
+        self.deadline = request.deadline
         self.started_wall = time.time()
         self.queued_at = trio.current_time()
         self.started: float | None = None  # limiter acquired, upstream request begins
@@ -264,6 +265,10 @@ class Interceptor:
         outcome = classify_outcome(failure, finished=call.finished)
         if failure is None:
             error = None if outcome is LLMCallOutcome.ok else "left before the end of the stream"
+        elif (outcome is LLMCallOutcome.cancelled and call.deadline is not None
+              and trio.current_time() >= call.deadline):
+            # Cut by its run's deadline, not by a client or a shutdown.
+            outcome, error = LLMCallOutcome.timed_out, "timed out (the run's deadline passed)"
         elif outcome is LLMCallOutcome.cancelled:
             # trio's Cancelled text names an internal task: say what happened instead.
             error = "cancelled (the run was cancelled, timed out or shut down)"

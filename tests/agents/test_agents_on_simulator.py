@@ -109,7 +109,7 @@ async def test_deadline_closes_the_upstream(
         assert handle.status is RunStatus.timed_out
         assert sim.streams[0].client_gone
         (call,) = await env.store.list_llm_calls(run_id=handle.id)
-        assert call.outcome is LLMCallOutcome.cancelled
+        assert call.outcome is LLMCallOutcome.timed_out  # cut by the run's deadline
 
 
 async def test_upstream_death_fails_the_run_and_keeps_the_partial(

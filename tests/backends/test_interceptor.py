@@ -105,6 +105,26 @@ async def test_stuck_store_is_bounded(autojump_clock: MockClock) -> None:
     assert sample(metrics, "service_llm_calls_total", backend="llamacpp", outcome="ok") == 1
 
 
+async def test_a_call_cut_by_its_runs_deadline_is_recorded_timed_out(
+    autojump_clock: MockClock,
+) -> None:
+    # Found by the secrets-and-metrics review: a call cut by the run's deadline was recorded
+    # and counted "cancelled", as a client's cancel is; the run itself is timed_out.
+    _, backend, recorder, metrics = intercepted(Reply(tokens=50, interval=1.0))
+    deadline = trio.current_time() + 5
+    with trio.move_on_at(deadline):
+        await consume(backend, deadline=deadline)
+    [row] = recorder.rows
+    assert (row.outcome, row.error) == (LLMCallOutcome.timed_out,
+                                        "timed out (the run's deadline passed)")
+    assert sample(metrics, "service_llm_calls_total", backend="llamacpp",
+                  outcome="timed_out") == 1
+    # A cancel before the deadline is still a cancel.
+    with trio.move_on_after(2):
+        await consume(backend, deadline=trio.current_time() + 5)
+    assert recorder.rows[-1].outcome is LLMCallOutcome.cancelled
+
+
 async def test_leaving_early_is_cancelled(autojump_clock: MockClock) -> None:
     _, backend, recorder, _ = intercepted(Reply(tokens=10))
     async with backend.stream(req()) as chunks:
