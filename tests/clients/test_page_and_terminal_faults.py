@@ -26,6 +26,7 @@ from ..e2e import e2e
 from ..servers import ROOT
 from .test_chat_cli import GUARD, _controlling_tty, _env
 from .test_chat_page import CHROMIUM, _in_browser, _send
+from .test_page_follow_regressions import _pending_elsewhere
 
 playwright = pytest.importorskip("playwright.sync_api")
 
@@ -217,25 +218,11 @@ async def test_page_a_conversation_opened_mid_run_is_not_shown_as_ended(
     async with e2e(settings, "llamacpp") as env, trio.open_nursery() as nursery:
         env.sim.script(SimReply(text="tick " * 40, interval=0.05))
         conv = await env.conversation(title="elsewhere")
-        started: list[str] = []
-        some = trio.Event()
-
-        async def first_tab() -> None:  # a page that started the run, then went away
-            async with env.post_stream(conv, "slow please", on_disconnect="continue") as r:
-                async for line in r.aiter_lines():
-                    found = re.search(r'"run_id": ?"([^"]+)"', line)
-                    if line.startswith("data:") and found and not started:
-                        started.append(found.group(1))
-                    if line.startswith("id: 4"):
-                        some.set()
-                        return
-
-        nursery.start_soon(first_tab)
-        with trio.fail_after(GUARD):
-            await some.wait()
+        # A page that started the run, then went away.
+        run_id = await _pending_elsewhere(env, nursery, conv)
 
         def run_over() -> None:
-            trio.from_thread.run(_wait_run_over, env, started[0])
+            trio.from_thread.run(_wait_run_over, env, run_id)
 
         seen = await _in_browser(partial(_second_tab_session, env.server.url, run_over))
         stored = await _the_reply(env, conv)
