@@ -75,6 +75,10 @@ class ChatRequest:
     # The run's deadline (trio's clock): a call cut when it has passed is recorded timed_out,
     # not cancelled. Never sent upstream.
     deadline: float | None = field(default=None, compare=False, repr=False)
+    # Told the model the backend chose when none was named (its default, or the first its
+    # server lists), before the upstream request: the call's record names it even when the
+    # call ends before its first chunk. Never sent upstream.
+    on_model: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -94,6 +94,13 @@ class HTTPBackend:
     async def chat(self, request: ChatRequest) -> ChatResult:
         return await collect_chat(self, request)  # type: ignore[arg-type]
 
+    async def model_for(self, request: ChatRequest) -> str:
+        """:meth:`resolve_model` for ``request``, told to its ``on_model``."""
+        model = await self.resolve_model(request.model)
+        if request.on_model is not None:
+            request.on_model(model)
+        return model
+
     async def resolve_model(self, model: str | None) -> str:
         """The request's model, else the configured default, else the first listed model."""
         if model:

@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Protocol
 
 import trio
@@ -101,6 +102,15 @@ class _Call:
 
     def __repr__(self) -> str:
         return f"<Call {self.backend} {self.model} chunks={self.chunks} finished={self.finished}>"
+
+    def chosen(self, then: Callable[[str], None] | None) -> Callable[[str], None]:
+        """An ``on_model`` that keeps the model the backend chose, then tells ``then``."""
+        def told(model: str) -> None:
+            if model:
+                self.model = model
+            if then is not None:
+                then(model)
+        return told
 
     def seen(self, chunk: ChatChunk) -> None:
         if chunk.backend:
@@ -194,8 +204,10 @@ class Interceptor:
         call = _Call(self.name, request)
         if not call.model:
             # No model named: the backend's configured default (``SERVICE_DEFAULT_MODEL``), so
-            # a call that fails before its first chunk still says which model it asked for.
+            # a call that fails before its first chunk still says which model it asked for;
+            # without one, the adapter tells the model it chose (the first its server lists).
             call.model = getattr(self.inner, "default_model", None) or ""
+            request = replace(request, on_model=call.chosen(request.on_model))
         failure: BaseException | None = None
         try:
             await self._acquire(request)

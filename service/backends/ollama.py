@@ -205,7 +205,7 @@ class OllamaBackend(HTTPBackend):
 
     @asynccontextmanager
     async def stream(self, request: ChatRequest) -> AsyncIterator[OllamaChunks]:
-        model = await self.resolve_model(request.model)
+        model = await self.model_for(request)
         http_request = self.client.build_request(
             "POST", f"{self.url}/api/chat", json=self.chat_body(request, model),
             headers=self.headers,

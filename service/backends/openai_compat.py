@@ -284,7 +284,7 @@ class OpenAICompatBackend(HTTPBackend):
         if self.only_model and request.model and request.model != self.only_model:
             raise ModelNotFound(f"model {request.model!r} not found (this backend serves "
                                 f"{self.only_model!r})", backend=self.name, model=request.model)
-        model = await self.resolve_model(request.model)
+        model = await self.model_for(request)
         http_request = self.client.build_request(
             "POST", f"{self.url}/v1/chat/completions", json=self.chat_body(request, model),
             headers={"Accept": "text/event-stream", **self.headers},

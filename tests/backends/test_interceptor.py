@@ -200,6 +200,30 @@ async def test_a_call_failing_before_its_first_chunk_records_the_default_model(
     assert (row.outcome, row.model) == (LLMCallOutcome.error, "sim-model")
 
 
+@pytest.mark.parametrize("kind", ["llamacpp", "ollama"])
+async def test_a_call_cut_before_its_first_chunk_records_the_model_the_backend_chose(
+    autojump_clock: MockClock, kind: str,
+) -> None:
+    # Found in review: with no model named and no SERVICE_DEFAULT_MODEL, the adapter takes
+    # the first model its server lists; a call cancelled (or failed) before its first chunk
+    # was recorded with model "" although the request named the listed model upstream.
+    sim = Simulator(default=Reply(headers_delay=60))
+    recorder = FakeRecorder()
+    inner = (OpenAICompatBackend(kind, "http://s", mock_client(sim), BUDGETS) if kind == "llamacpp"
+             else OllamaBackend(kind, "http://s", mock_client(sim), BUDGETS))
+    backend = Interceptor(inner, recorder, Metrics())
+    with trio.move_on_after(5):
+        await consume(backend, model=None)
+    [row] = recorder.rows
+    assert (row.outcome, row.model) == (LLMCallOutcome.cancelled, "sim-model")
+    # and refused before its first chunk, too
+    sim.default = Reply(status=500)
+    with pytest.raises(BackendResponseError):
+        await consume(backend, model=None)
+    assert (recorder.rows[1].outcome, recorder.rows[1].model) == (LLMCallOutcome.error,
+                                                                    "sim-model")
+
+
 async def test_a_queued_call_is_told_its_place_and_waits_at_most_the_queue_timeout(
     autojump_clock: MockClock,
 ) -> None:
