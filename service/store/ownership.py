@@ -18,10 +18,15 @@ seconds by the supervisor's upkeep). Whether a run's owner lives (:func:`owner_a
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from collections.abc import Callable
+from typing import Any, Protocol
 
-__all__ = ["LEASE", "alive", "owner_alive", "process_tag"]
+from .records import stored_data
+
+__all__ = ["LEASE", "alive", "close_interrupted", "owner_alive", "process_tag"]
 
 LEASE = 15.0  # seconds an instance is taken for alive after its last renewal
 
@@ -127,3 +132,61 @@ def _boot_id() -> str:
 
 
 _alive = alive  # the name tests and older code use
+
+
+class _Rows(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+Execute = Callable[[str, Any], _Rows]
+
+
+def close_interrupted(execute: Execute, claim: str, run_id: str, reason: str, now: float,
+                      process_id: str) -> bool:
+    """Close one run whose owner is gone, in the caller's transaction; both stores' recovery.
+
+    ``execute`` runs SQL written with ``?`` placeholders (the PostgreSQL store maps them);
+    ``claim`` is the UPDATE that takes the run if it is still in progress, with the parameters
+    (reason, now, process_id, run_id). The run becomes ``failed`` (or what its stored
+    ``run.finished`` says: the store agrees with what clients were told, and a run has one
+    ``run.finished``); its pending reply keeps the text of its token events. False: it was
+    closed meanwhile (by another worker, or it finished).
+    """
+    if not execute(claim, (reason, now, process_id, run_id)).rowcount:
+        return False
+    why = reason
+    ended = execute("SELECT data FROM run_events WHERE run_id = ? AND type = 'run.finished'",
+                    (run_id,)).fetchone()
+    if ended is not None:
+        # Its end is stored already (a store of an older version published ends apart from
+        # final states).
+        told = stored_data(ended[0])
+        status = told.get("status", "failed")
+        execute("UPDATE runs SET status = ?, error = ? WHERE id = ?",
+                (status, told.get("error"), run_id))
+        reply = execute("SELECT data FROM run_events WHERE run_id = ? AND type = 'message'",
+                        (run_id,)).fetchone()
+        if status == "succeeded" and reply is not None:
+            execute("UPDATE messages SET status = 'complete', content = ?, updated_at = ? "
+                    "WHERE run_id = ? AND status = 'pending'",
+                    (stored_data(reply[0]).get("content", ""), now, run_id))
+            return True
+        why = told.get("error") or reason
+    # The reply's text so far is in its token events: keep it.
+    partial = "".join(stored_data(data).get("text", "") for (data,) in execute(
+        "SELECT data FROM run_events WHERE run_id = ? AND type = 'token' ORDER BY seq",
+        (run_id,)).fetchall())
+    execute("UPDATE messages SET status = 'error', error = ?, content = ?, updated_at = ? "
+            "WHERE run_id = ? AND status = 'pending'", (why, partial, now, run_id))
+    if ended is None:
+        execute("INSERT INTO run_events (run_id, seq, type, data, created_at) "
+                "SELECT ?, COALESCE(MAX(seq), 0) + 1, 'run.finished', ?, ? "
+                "FROM run_events WHERE run_id = ?",
+                (run_id, json.dumps({"status": "failed", "usage": {}, "error": reason}), now,
+                 run_id))
+    return True

@@ -20,7 +20,7 @@ import psycopg
 
 from ..errors import NotFound
 from ..text import clean_text
-from .ownership import owner_alive
+from .ownership import close_interrupted, owner_alive
 from .pg_notify import notify as _notify
 from .records import (
     BegunRun,
@@ -38,7 +38,6 @@ from .records import (
     message_row,
     new_id,
     run_row,
-    stored_data,
 )
 
 if TYPE_CHECKING:
@@ -118,6 +117,11 @@ def _owner_is(owner: str | None) -> tuple[str, tuple[Any, ...]]:
 # Whether a run's owner holds a current lease (in the database's time), NULL if it has none.
 _LEASE_ALIVE = ("CASE WHEN i.id IS NULL THEN NULL "
                 "ELSE i.lease_until > extract(epoch FROM clock_timestamp()) END")
+# Takes a run for its closer if it is still in progress and no open batch locks its row
+# (reason, now, closer, run id; ``?`` placeholders, as ``ownership.close_interrupted`` writes).
+_CLAIM = ("UPDATE runs SET status = 'failed', error = ?, finished_at = ?, process = ? "
+          "WHERE id = (SELECT id FROM runs WHERE id = ? AND status IN ('queued', 'running') "
+          "FOR UPDATE SKIP LOCKED)")
 
 
 class PostgresQueries:
@@ -343,56 +347,14 @@ class PostgresQueries:
             return []
 
         def fn(c: Conn) -> list[str]:
-            dead = []
-            for rid in sorted(candidates):  # the order owners' batches lock runs in
-                # A run whose row a stalled owner's open batch still locks is left for the
-                # next look (the server ends that transaction: idle_in_transaction_session_
-                # timeout): waiting on it would hold this whole batch of writes.
-                if not c.execute(
-                    "UPDATE runs SET status = 'failed', error = %s, finished_at = %s, "
-                    "process = %s WHERE id = (SELECT id FROM runs WHERE id = %s AND status IN "
-                    "('queued', 'running') FOR UPDATE SKIP LOCKED)",
-                    (reason, now, self.process_id, rid),
-                ).rowcount:
-                    continue  # closed meanwhile (by another worker, or it finished)
-                dead.append(rid)
-                why = reason
-                ended = c.execute(
-                    "SELECT data FROM run_events WHERE run_id = %s AND type = 'run.finished'",
-                    (rid,)).fetchone()
-                if ended is not None:
-                    # Its end is stored already: the store agrees with what clients were told.
-                    told = stored_data(ended[0])
-                    status = told.get("status", "failed")
-                    c.execute("UPDATE runs SET status = %s, error = %s WHERE id = %s",
-                              (status, told.get("error"), rid))
-                    reply = c.execute(
-                        "SELECT data FROM run_events WHERE run_id = %s AND type = 'message'",
-                        (rid,)).fetchone()
-                    if status == "succeeded" and reply is not None:
-                        c.execute(
-                            "UPDATE messages SET status = 'complete', content = %s, "
-                            "updated_at = %s WHERE run_id = %s AND status = 'pending'",
-                            (stored_data(reply[0]).get("content", ""), now, rid))
-                        continue
-                    why = told.get("error") or reason
-                # The reply's text so far is in its token events: keep it.
-                partial_text = "".join(
-                    stored_data(data).get("text", "") for (data,) in c.execute(
-                        "SELECT data FROM run_events WHERE run_id = %s AND type = 'token' "
-                        "ORDER BY seq", (rid,)).fetchall())
-                c.execute(
-                    "UPDATE messages SET status = 'error', error = %s, content = %s, "
-                    "updated_at = %s WHERE run_id = %s AND status = 'pending'",
-                    (why, partial_text, now, rid))
-                if ended is not None:
-                    continue
-                c.execute(
-                    "INSERT INTO run_events (run_id, seq, type, data, created_at) "
-                    "SELECT %s, COALESCE(MAX(seq), 0) + 1, 'run.finished', %s, %s "
-                    "FROM run_events WHERE run_id = %s",
-                    (rid, json.dumps({"status": "failed", "usage": {}, "error": reason}), now,
-                     rid))
+            def execute(sql: str, args: Sequence[object]) -> Any:
+                return c.execute(sql.replace("?", "%s"), args)  # type: ignore[arg-type]
+
+            # In the order owners' batches lock runs. A run whose row a stalled owner's open
+            # batch still locks is left for the next look (the server ends that transaction:
+            # idle_in_transaction_session_timeout): waiting on it would hold this whole batch.
+            dead = [rid for rid in sorted(candidates)
+                    if close_interrupted(execute, _CLAIM, rid, reason, now, self.process_id)]
             if dead:
                 _notify(c, set(dead))  # their followers elsewhere read the end now
             return dead

@@ -3,7 +3,6 @@ cancels asked across processes (``SQLiteOwnership``, a part of ``SQLiteQueries``
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sqlite3
@@ -11,8 +10,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal, TypeVar
 
-from .ownership import owner_alive
-from .records import stored_data
+from .ownership import close_interrupted, owner_alive
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
@@ -23,6 +21,9 @@ T = TypeVar("T")
 
 # Whether a run's owner holds a current lease: 1/0, NULL if it has none (the parameter: now).
 _LEASE_ALIVE = "CASE WHEN i.id IS NULL THEN NULL ELSE i.lease_until > ? END"
+# Takes a run for its closer if it is still in progress (reason, now, closer, run id).
+_CLAIM = ("UPDATE runs SET status = 'failed', error = ?, finished_at = ?, process = ? "
+          "WHERE id = ? AND status IN ('queued', 'running')")
 
 
 def _flag(value: object) -> bool | None:
@@ -78,62 +79,8 @@ class SQLiteOwnership:
             return []
 
         def fn(c: sqlite3.Connection) -> list[str]:
-            dead = []
-            for rid in candidates:
-                if not c.execute(
-                    "UPDATE runs SET status = 'failed', error = ?, finished_at = ?, "
-                    "process = ? WHERE id = ? AND status IN ('queued', 'running')",
-                    (reason, now, self.process_id, rid),
-                ).rowcount:
-                    continue  # closed meanwhile (by another worker, or it finished)
-                dead.append(rid)
-                why = reason
-                ended = c.execute(
-                    "SELECT data FROM run_events WHERE run_id = ? AND type = 'run.finished'",
-                    (rid,),
-                ).fetchone()
-                if ended is not None:
-                    # Its end is stored already (a store of an older version published ends
-                    # apart from final states): the store agrees with what clients were told,
-                    # and a run has one run.finished.
-                    told = stored_data(ended[0])
-                    status = told.get("status", "failed")
-                    c.execute("UPDATE runs SET status = ?, error = ? WHERE id = ?",
-                              (status, told.get("error"), rid))
-                    reply = c.execute(
-                        "SELECT data FROM run_events WHERE run_id = ? AND type = 'message'",
-                        (rid,),
-                    ).fetchone()
-                    if status == "succeeded" and reply is not None:
-                        c.execute(
-                            "UPDATE messages SET status = 'complete', content = ?, "
-                            "updated_at = ? WHERE run_id = ? AND status = 'pending'",
-                            (stored_data(reply[0]).get("content", ""), now, rid),
-                        )
-                        continue
-                    why = told.get("error") or reason
-                # The reply's text so far is in its token events: keep it.
-                partial = "".join(
-                    stored_data(data).get("text", "") for (data,) in c.execute(
-                        "SELECT data FROM run_events WHERE run_id = ? AND type = 'token' "
-                        "ORDER BY seq", (rid,),
-                    )
-                )
-                c.execute(
-                    "UPDATE messages SET status = 'error', error = ?, content = ?, "
-                    "updated_at = ? WHERE run_id = ? AND status = 'pending'",
-                    (why, partial, now, rid),
-                )
-                if ended is not None:
-                    continue
-                c.execute(
-                    "INSERT INTO run_events (run_id, seq, type, data, created_at) "
-                    "SELECT ?, COALESCE(MAX(seq), 0) + 1, 'run.finished', ?, ? "
-                    "FROM run_events WHERE run_id = ?",
-                    (rid, json.dumps({"status": "failed", "usage": {}, "error": reason}), now,
-                     rid),
-                )
-            return dead
+            return [rid for rid in candidates
+                    if close_interrupted(c.execute, _CLAIM, rid, reason, now, self.process_id)]
 
         closed = await self._write("recover_interrupted", fn)
         # Ended here, not by their owner (it is gone): each counted once, by its closer.
