@@ -2,13 +2,16 @@
 
 ``python -m service chat "a question"`` streams the answer to stdout and exits 0 (1 with the
 error on stderr if the run or a request fails, 130 if interrupted). Without a message it is an
-interactive chat on one conversation (its history is the conversation's). The answer is rendered
+interactive chat on one conversation (its history is the conversation's); fed from a pipe, it
+exits 1 at the end of its input if a turn failed. The answer is rendered
 as Markdown on a terminal; the agent's steps (thoughts, tool calls and results, the plan) are
 dimmed, and go to stderr when stdout is not a terminal, so a pipe gets the answer alone.
 
 Ctrl-C during an answer cancels the run on the server (``POST /api/runs/{id}/cancel``: it ends
 ``cancelled`` with its partial answer stored) and the client shows how it ended; a second Ctrl-C
 exits at once (the dropped stream cancels the run too). Ctrl-C or Ctrl-D at the prompt exits.
+A service that sends nothing, not even its keep-alives, for ``READ_TIMEOUT`` seconds fails the
+turn with one line.
 
 Each turn is one ``trio.run``: the prompt is a plain blocking ``input()`` between turns, and
 SIGINT is trio's (a signal receiver) only while a turn runs.
@@ -36,6 +39,7 @@ from rich.text import Text
 __all__ = ["SSEParser", "main"]
 
 EXIT_INTERRUPTED = 130
+READ_TIMEOUT = 60.0  # seconds of nothing (not even a keep-alive) before a turn fails
 _STEPS = ("thought", "tool.call", "tool.result", "plan", "step.started", "step.finished")
 _TITLE_CHARS = 60
 
@@ -83,7 +87,9 @@ class SSEParser:
         return frame
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# C0 and C1 controls (ESC, CSI: a model's text must not drive the terminal) and the bidi
+# overrides, embeddings and isolates (they reorder what follows them on the screen).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def _safe(text: str) -> str:
@@ -253,8 +259,10 @@ class Client:
             raise ChatError(f"cannot create a conversation: {_error_of(resp)}")
         return str(resp.json()["id"])
 
-    async def ask(self, conversation: str, content: str) -> Turn:
-        """Stream one run's events to the renderer; Ctrl-C cancels it on the server."""
+    async def ask(self, conversation: str | None, content: str) -> tuple[str | None, Turn]:
+        """One turn (a new conversation first if ``conversation`` is None): its run's events
+        streamed to the renderer. A Ctrl-C cancels the run on the server; one before the
+        message was sent (a new conversation being made) leaves it unsent."""
         turn = Turn()
         body: dict[str, Any] = {"content": content, "stream": True}
         if self.opts.agent:
@@ -264,9 +272,15 @@ class Client:
         with trio.open_signal_receiver(signal.SIGINT) as interrupts:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._on_interrupts, interrupts, turn, nursery)
-                await self._stream(conversation, body, turn)
+                if conversation is None:
+                    conversation = await self.create_conversation(content)
+                if turn.cancelling:
+                    turn.status = "cancelled"
+                    self.renderer.note("[stopped before the message was sent]")
+                else:
+                    await self._stream(conversation, body, turn)
                 nursery.cancel_scope.cancel()
-        return turn
+        return conversation, turn
 
     async def _stream(self, conversation: str, body: dict[str, Any], turn: Turn) -> None:
         path = f"/api/conversations/{conversation}/messages"
@@ -325,19 +339,17 @@ class Client:
 
 def _http(opts: Options) -> httpx.AsyncClient:
     headers = {"Authorization": f"Bearer {opts.key}"} if opts.key else {}
-    # A run may be quiet for a while (a model loading, a tool working): no read timeout; the
-    # service's own keep-alives and deadlines bound it.
+    # A run may be quiet for a while (a model loading, a tool working), but its stream is not:
+    # the service sends a keep-alive every SERVICE_SSE_KEEPALIVE (15 s). Nothing at all for
+    # READ_TIMEOUT (four of them) is a service that stopped answering.
     return httpx.AsyncClient(base_url=opts.url, headers=headers,
-                             timeout=httpx.Timeout(30.0, read=None))
+                             timeout=httpx.Timeout(30.0, read=READ_TIMEOUT))
 
 
 async def _one_turn(opts: Options, renderer: Renderer, conversation: str | None,
-                    content: str) -> tuple[str, Turn]:
+                    content: str) -> tuple[str | None, Turn]:
     async with _http(opts) as http:
-        client = Client(opts, http, renderer)
-        if conversation is None:
-            conversation = await client.create_conversation(content)
-        return conversation, await client.ask(conversation, content)
+        return await Client(opts, http, renderer).ask(conversation, content)
 
 
 def _run_turn(opts: Options, renderer: Renderer, conversation: str | None,
@@ -370,7 +382,10 @@ def _run_turn(opts: Options, renderer: Renderer, conversation: str | None,
 
 
 def _report(renderer: Renderer, exc: BaseException) -> int:
-    if isinstance(exc, httpx.HTTPError):
+    if isinstance(exc, httpx.ReadTimeout):
+        renderer.err.print(f"service chat: the service stopped answering (nothing for "
+                           f"{READ_TIMEOUT:g} s)", markup=False, highlight=False)
+    elif isinstance(exc, httpx.HTTPError):
         renderer.err.print(_safe(f"service chat: cannot reach the service: {exc}"), markup=False,
                            highlight=False)
     else:
@@ -390,18 +405,21 @@ def _one_shot(opts: Options, renderer: Renderer, message: str) -> int:
 def _interactive(opts: Options, renderer: Renderer) -> int:
     conversation = opts.conversation
     renderer.note(f"chatting with {opts.url} (Ctrl-C stops an answer, Ctrl-D quits)")
+    failed = False  # a turn failed: a script feeding the chat is told by the exit status
     while True:
         try:
             line = renderer.out.input("[bold]you>[/bold] ")
         except (EOFError, KeyboardInterrupt):
             renderer.out.print()
-            return 0
+            return 1 if failed and not sys.stdin.isatty() else 0
         if not line.strip():
             continue
         conversation, turn, status = _run_turn(opts, renderer, conversation, line)
         if turn is None and status == EXIT_INTERRUPTED:
             return status
         # A failed request is reported and the chat goes on (the service may come back).
+        if status or (turn is not None and turn.status != "succeeded" and not turn.cancelling):
+            failed = True
 
 
 def _parse(argv: Sequence[str]) -> Options:
