@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from ..errors import RunError, ServiceError
-from ..store.records import BegunRun, RunEvent
+from ..store.records import STEP_EVENTS, BegunRun, RunEvent
 from .lifecycle import TERMINAL, RunStatus, check_transition
 
 __all__ = ["ResumeFrom", "RunHandle", "Subscription"]
@@ -73,7 +73,7 @@ class RunHandle:
         self.finished = trio.Event()
         self.final_stored = False
         self.end_error: ServiceError | None = None
-        self.answer_parts: list[str] = []  # token text so far: the partial answer if cut
+        self.answer_parts: list[str] = []  # token text since the last step: the answer if cut
         self.error_event: dict[str, Any] | None = None  # the run's ``error``, sent at its end
         self.result_extra: dict[str, Any] = {}  # e.g. tool_calls, finish_reason for the reply
         self.final_text = ""  # the reply as stored at the end (answer, or partial text)
@@ -136,6 +136,8 @@ class RunHandle:
         event = self._number(type_, data)
         if type_ == "token":
             self.answer_parts.append(data.get("text", ""))
+        elif type_ in STEP_EVENTS:
+            self.answer_parts.clear()  # the text so far was the step's, not the answer
         self._sink(event)
         return event
 

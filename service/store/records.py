@@ -15,6 +15,7 @@ from ..errors import StoreError
 from ..text import clean_text
 
 __all__ = [
+    "STEP_EVENTS",
     "BegunRun",
     "Conversation",
     "LLMCallOutcome",
@@ -33,6 +34,12 @@ __all__ = [
     "run_row",
     "strict_json",
 ]
+
+# A run's events after which the text streamed so far was a step's (a ReAct thought, the text
+# beside a tool call), not the answer: the clients show it as the step, and a reply cut short
+# keeps only the text after the last of them.
+STEP_EVENTS = frozenset({"thought", "tool.call", "tool.result", "plan", "step.started",
+                         "step.finished"})
 
 
 class MessageStatus(StrEnum):

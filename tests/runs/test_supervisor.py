@@ -740,6 +740,41 @@ async def test_a_cancel_asked_for_by_another_worker_stops_the_run(
             await other.aclose()
 
 
+class _SteppingAgent(Agent):
+    """A ReAct run's shape: a step's text streamed, its step events, then an answer begun."""
+
+    name = "stepping"
+
+    async def run(self, ctx: AgentContext) -> str:
+        ctx.emit("token", {"text": "Thought: look it up\nAction: search"})
+        ctx.emit("thought", {"text": "look it up"})
+        ctx.emit("tool.call", {"name": "search", "arguments": {}, "call_id": "c1"})
+        ctx.emit("tool.result", {"call_id": "c1", "output": "found"})
+        ctx.emit("token", {"text": "The answer "})
+        ctx.emit("token", {"text": "is"})
+        await trio.sleep_forever()
+        raise AssertionError("not reached")
+
+
+async def test_a_cancelled_react_run_stores_the_answer_so_far_not_its_steps_text(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Found in review: the stored reply was every token of the run, the finished steps'
+    # "Thought: ... Action: ..." included, which the clients had shown as steps (and the next
+    # turn's history gave the model as its answer). Stored: the text after the last step.
+    agents = {"stepping": _SteppingAgent()}
+    async with supervisor_env(tmp_path, ScriptedBackend(lambda req: Reply("x")),
+                              agents=agents) as env:
+        conv = await env.conversation()
+        handle = await env.supervisor.start(RunSpec(conv, "q", agent="stepping"))
+        await trio.sleep(1)
+        handle.cancel()
+        await handle.finished.wait()
+        assert handle.status is RunStatus.cancelled
+        [_, reply] = await env.store.get_messages(conv)
+        assert (reply.status, reply.content) == (MessageStatus.cancelled, "The answer is")
+
+
 class _ExitingAgent(Agent):
     name = "exiting"
 
