@@ -281,8 +281,10 @@ async function loadConversations() {
 
 let viewing = null; // the follows of the conversation on screen (aborted when another opens)
 
-async function openConversation(id, skipRun = null) {
-  if (state.run) return;
+// ``own``: the tab's own re-join opens its run's conversation (the page is busy with it
+// already, so a click in the meantime is ignored, not run over it).
+async function openConversation(id, skipRun = null, own = false) {
+  if (state.run && !own) return;
   if (viewing) viewing.abort();
   const mine = (viewing = new AbortController());
   const conv = await api("GET", `/api/conversations/${id}`);
@@ -327,9 +329,9 @@ async function rejoin() {
 }
 
 async function rejoinRun(live) {
-  await openConversation(live.conversation_id, live.run_id);
-  running(live.run_id);
+  running(live.run_id); // busy from here: a click on a conversation now would run over it
   try {
+    await openConversation(live.conversation_id, live.run_id, true);
     const resp = await fetch(`/api/runs/${live.run_id}/events`, {
       headers: headers({ "Last-Event-ID": String(live.last_id) }),
     });
