@@ -279,6 +279,7 @@ async function loadConversations() {
   }
 }
 
+const WATCH_MAX = 3; // replies going elsewhere followed at once (see openConversation)
 let viewing = null; // the follows of the conversation on screen (aborted when another opens)
 
 // ``own``: the tab's own re-join opens its run's conversation (the page is busy with it
@@ -303,7 +304,12 @@ async function openConversation(id, skipRun = null, own = false) {
   }
   for (const b of document.querySelectorAll("#conversations button")) b.classList.remove("current");
   await loadConversations();
-  for (const p of pending) watch(p, mine.signal).catch(() => { /* left as stored */ });
+  // The newest few only: a browser holds 6 HTTP/1.1 connections to a host and each followed
+  // reply takes one; following them all could leave this tab's own message and Stop queued.
+  pending.forEach((p, i) => {
+    if (i < pending.length - WATCH_MAX) p.view.note("still going elsewhere: open the conversation again later for its answer", true);
+    else watch(p, mine.signal).catch(() => { /* left as stored */ });
+  });
 }
 
 // Show a run found going when its conversation was opened (the stored reply is empty until

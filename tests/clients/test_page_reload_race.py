@@ -346,3 +346,62 @@ async def test_reload_then_quick_click_does_not_queue_stop_behind_held_streams(
         f"{seen['request_start']}), the run is still {seen['status']!r} on the server; it is "
         f"queued behind {len(seen['open'])} open streams of the run (Last-Event-IDs "
         f"{seen['open']}) and four watched runs")
+
+
+# -- many replies going elsewhere: the page's own requests must not queue behind them -------
+
+
+WATCH_MAX = 3  # service/web/chat.js: replies going elsewhere followed at once on one page
+
+
+def _crowded_session(url: str, status: Callable[[str], str], page: Any) -> dict[str, Any]:
+    streams = Streams(page)
+    page.goto(url + "/")
+    page.get_by_test_id("conversation").filter(has_text="busy").click()
+    playwright.expect(page.get_by_test_id("assistant-message")).to_have_count(6)
+    answers = page.get_by_test_id("assistant-message")
+    page.get_by_test_id("message-input").fill("slow please")
+    sent = time.monotonic()
+    page.get_by_test_id("send").click()
+    shown = _until(lambda: answers.count() == 7 and "tick tick tick" in answers.nth(6).inner_text(),
+                   page, within=10)
+    took = time.monotonic() - sent
+    live = json.loads(page.evaluate("sessionStorage.getItem('service.live')") or "null")
+    if not shown or not live:
+        return {"shown": False, "took": took}
+    streams.run_id = live["run_id"]
+    stop = page.get_by_test_id("stop")
+    stop.click()
+    hidden = _until(lambda: not stop.is_visible(), page, within=10)
+    notes = page.get_by_test_id("run-note").all_inner_texts()
+    return {"shown": True, "took": took, "hidden": hidden, "status": status(live["run_id"]),
+            "notes": notes, "growing": _shown(page)["answers"][:6]}
+
+
+async def test_a_conversation_with_many_replies_going_elsewhere_leaves_the_page_usable(
+    settings: Settings,
+) -> None:
+    """Chromium opens at most 6 HTTP/1.1 connections to one host; each reply the page follows
+    holds one. With six replies of a conversation going elsewhere, following all of them left
+    the user's own message (and then Stop) queued in the browser, never sent. The page follows
+    a few (the newest) and says of the others that they are still going."""
+    async with e2e(settings, "llamacpp") as env, trio.open_nursery() as nursery:
+        env.sim.script(*[LONG] * 7)
+        busy = await env.conversation(title="busy")
+        for _ in range(6):
+            await _pending_elsewhere(env, nursery, busy)
+
+        async def run_status(run_id: str) -> str:
+            return str((await env.client.get(f"/api/runs/{run_id}")).json()["status"])
+
+        def status(run_id: str) -> str:
+            return trio.from_thread.run(run_status, run_id)
+
+        seen = await _in_browser(partial(_crowded_session, env.server.url, status))
+        await _cancel_pending(env)
+    assert seen["shown"], (f"the user's message got no answer on screen in {seen['took']:.1f} s "
+                           "(its request queued behind the followed replies)")
+    assert seen["hidden"], seen
+    assert seen["status"] == "cancelled", seen
+    still = [n for n in seen["notes"] if "still" in n]
+    assert len(still) == 6 - WATCH_MAX, seen["notes"]
