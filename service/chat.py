@@ -39,7 +39,7 @@ from rich.text import Text
 __all__ = ["SSEParser", "main"]
 
 EXIT_INTERRUPTED = 130
-READ_TIMEOUT = 60.0  # seconds of nothing (not even a keep-alive) before a turn fails
+READ_TIMEOUT = 60.0  # seconds of nothing before a turn fails (a stream: four keep-alives)
 _STEPS = ("thought", "tool.call", "tool.result", "plan", "step.started", "step.finished")
 _TITLE_CHARS = 60
 
@@ -236,6 +236,14 @@ class Turn:
     error: dict[str, Any] | None = None
 
 
+def _seconds(value: str | None) -> float:
+    try:
+        seconds = float(value or 0)
+    except ValueError:
+        return 0.0
+    return seconds if 0 < seconds < 86_400 else 0.0
+
+
 def _error_of(resp: httpx.Response) -> str:
     try:
         error = resp.json()["error"]
@@ -284,15 +292,27 @@ class Client:
 
     async def _stream(self, conversation: str, body: dict[str, Any], turn: Turn) -> None:
         path = f"/api/conversations/{conversation}/messages"
-        async with self.http.stream("POST", path, json=body) as resp:
-            if resp.status_code != 200:
-                await resp.aread()
-                raise ChatError(_error_of(resp))
-            parser = SSEParser()
-            async for line in resp.aiter_lines():
-                frame = parser.feed(line)
-                if frame is not None:
-                    await self._show(frame, turn)
+        # The stream's reads have no timeout of httpx's: a watchdog allows four of the
+        # service's keep-alive intervals (its X-Keepalive-Interval; SERVICE_SSE_KEEPALIVE may
+        # be long), READ_TIMEOUT until it is known.
+        with trio.CancelScope() as watchdog:
+            silence = READ_TIMEOUT
+            watchdog.deadline = trio.current_time() + silence
+            async with self.http.stream("POST", path, json=body,
+                                        timeout=httpx.Timeout(30.0, read=None)) as resp:
+                if resp.status_code != 200:
+                    await resp.aread()
+                    raise ChatError(_error_of(resp))
+                silence = max(silence, 4 * _seconds(resp.headers.get("X-Keepalive-Interval")))
+                parser = SSEParser()
+                async for line in resp.aiter_lines():
+                    watchdog.deadline = trio.current_time() + silence
+                    frame = parser.feed(line)
+                    if frame is not None:
+                        await self._show(frame, turn)
+        if watchdog.cancelled_caught:
+            raise ChatError(f"the service stopped answering (nothing for {silence:g} s; run "
+                            f"{turn.run_id or 'not started'})")
         if turn.status is None:
             why = turn.error or {"type": "stream_ended", "message": "no run.finished"}
             raise ChatError(f"the stream ended before the run did: {why.get('type')}: "

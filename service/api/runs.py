@@ -118,6 +118,9 @@ def sse_response(body: AsyncIterator[bytes]) -> Response:
     resp = Response(body, content_type="text/event-stream; charset=utf-8")
     resp.headers["Cache-Control"] = "no-cache"
     resp.headers["X-Accel-Buffering"] = "no"  # tell proxies not to buffer
+    # The keep-alive comments' interval (SERVICE_SSE_KEEPALIVE): a client can tell a quiet run
+    # from a service that stopped answering (the terminal client waits four of them).
+    resp.headers["X-Keepalive-Interval"] = f"{services().settings.sse_keepalive:g}"
     resp.timeout = None  # a stream may last as long as its run (Quart's 60 s would cut it)
     return resp
 

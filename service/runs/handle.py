@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from ..errors import RunError, ServiceError
-from ..store.records import STEP_EVENTS, BegunRun, RunEvent
+from ..store.records import BegunRun, RunEvent, ends_a_step
 from .lifecycle import TERMINAL, RunStatus, check_transition
 
 __all__ = ["ResumeFrom", "RunHandle", "Subscription"]
@@ -136,7 +136,7 @@ class RunHandle:
         event = self._number(type_, data)
         if type_ == "token":
             self.answer_parts.append(data.get("text", ""))
-        elif type_ in STEP_EVENTS:
+        elif ends_a_step(type_, data):
             self.answer_parts.clear()  # the text so far was the step's, not the answer
         self._sink(event)
         return event

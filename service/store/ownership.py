@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .records import STEP_EVENTS, stored_data
+from .records import STEP_EVENTS, ends_a_step, stored_data
 
 __all__ = ["LEASE", "alive", "close_interrupted", "owner_alive", "process_tag"]
 
@@ -155,7 +155,7 @@ def close_interrupted(execute: Execute, claim: str, run_id: str, reason: str, no
     (reason, now, process_id, run_id). The run becomes ``failed`` (or what its stored
     ``run.finished`` says: the store agrees with what clients were told, and a run has one
     ``run.finished``); its pending reply keeps the text of its token events after its last
-    step (``records.STEP_EVENTS``: the text before one was the step's). False: it was
+    step (``records.ends_a_step``: the text before one was the step's). False: it was
     closed meanwhile (by another worker, or it finished).
     """
     if not execute(claim, (reason, now, process_id, run_id)).rowcount:
@@ -179,11 +179,17 @@ def close_interrupted(execute: Execute, claim: str, run_id: str, reason: str, no
             return True
         why = told.get("error") or reason
     # The reply's text so far is in its token events after its last step: keep it.
-    partial = "".join(stored_data(data).get("text", "") for (data,) in execute(
-        "SELECT data FROM run_events WHERE run_id = ? AND type = 'token' AND seq > "
-        "(SELECT COALESCE(MAX(seq), 0) FROM run_events WHERE run_id = ? AND type IN "
-        f"({', '.join(repr(t) for t in sorted(STEP_EVENTS))})) ORDER BY seq",
-        (run_id, run_id)).fetchall())
+    parts: list[str] = []
+    for type_, data in execute(
+            "SELECT type, data FROM run_events WHERE run_id = ? AND type IN "
+            f"({', '.join(repr(t) for t in sorted(STEP_EVENTS | {'token'}))}) ORDER BY seq",
+            (run_id,)).fetchall():
+        told = stored_data(data)
+        if type_ == "token":
+            parts.append(told.get("text", ""))
+        elif ends_a_step(type_, told):
+            parts.clear()
+    partial = "".join(parts)
     execute("UPDATE messages SET status = 'error', error = ?, content = ?, updated_at = ? "
             "WHERE run_id = ? AND status = 'pending'", (why, partial, now, run_id))
     if ended is None:

@@ -348,7 +348,9 @@ class PostgresQueries:
 
         def fn(c: Conn) -> list[str]:
             def execute(sql: str, args: Sequence[object]) -> Any:
-                return c.execute(sql.replace("?", "%s"), args)  # type: ignore[arg-type]
+                # (a literal "%" in that SQL would be psycopg's: escaped first)
+                return c.execute(sql.replace("%", "%%").replace("?", "%s"),  # type: ignore[arg-type]
+                                 args)
 
             # In the order owners' batches lock runs. A run whose row a stalled owner's open
             # batch still locks is left for the next look (the server ends that transaction:

@@ -29,6 +29,7 @@ __all__ = [
     "conversation_row",
     "decode_cursor",
     "encode_cursor",
+    "ends_a_step",
     "message_row",
     "new_id",
     "run_row",
@@ -40,6 +41,13 @@ __all__ = [
 # keeps only the text after the last of them.
 STEP_EVENTS = frozenset({"thought", "tool.call", "tool.result", "plan", "step.started",
                          "step.finished"})
+
+
+def ends_a_step(type_: str, data: dict[str, Any]) -> bool:
+    """Whether the text streamed before this event was a step's. A reasoning model's thinking
+    (``thought`` with ``reasoning``: it may come between answer tokens) is not a step: the
+    answer's text goes on around it (/v1 shows it as ``reasoning_content``)."""
+    return type_ in STEP_EVENTS and not (type_ == "thought" and data.get("reasoning"))
 
 
 class MessageStatus(StrEnum):

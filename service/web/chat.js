@@ -109,9 +109,12 @@ class AssistantView {
   token(text) { this.segment += text; this.render(); }
 
   step(kind, data) {
-    // The text so far was a step's (a ReAct thought), not the answer.
-    if (this.segment.trim()) this.addStep(this.segment.trim());
-    this.segment = "";
+    // The text so far was a step's (a ReAct thought), not the answer; a reasoning model's
+    // thinking is not a step (it may come between answer tokens): the answer goes on.
+    if (!(kind === "thought" && data.reasoning)) {
+      if (this.segment.trim()) this.addStep(this.segment.trim());
+      this.segment = "";
+    }
     this.addStep(describe(kind, data));
     this.render();
   }
