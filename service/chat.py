@@ -231,6 +231,7 @@ class Turn:
     """One question: its run (once known) and whether it was asked to stop."""
 
     run_id: str | None = None
+    conversation: str | None = None  # once made or known: kept if the turn then fails
     cancelling: bool = False
     status: str | None = None
     error: dict[str, Any] | None = None
@@ -267,11 +268,13 @@ class Client:
             raise ChatError(f"cannot create a conversation: {_error_of(resp)}")
         return str(resp.json()["id"])
 
-    async def ask(self, conversation: str | None, content: str) -> tuple[str | None, Turn]:
+    async def ask(self, conversation: str | None, content: str,
+                  turn: Turn | None = None) -> tuple[str | None, Turn]:
         """One turn (a new conversation first if ``conversation`` is None): its run's events
         streamed to the renderer. A Ctrl-C cancels the run on the server; one before the
         message was sent (a new conversation being made) leaves it unsent."""
-        turn = Turn()
+        turn = turn or Turn()
+        turn.conversation = conversation
         body: dict[str, Any] = {"content": content, "stream": True}
         if self.opts.agent:
             body["agent"] = self.opts.agent
@@ -281,7 +284,7 @@ class Client:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._on_interrupts, interrupts, turn, nursery)
                 if conversation is None:
-                    conversation = await self.create_conversation(content)
+                    conversation = turn.conversation = await self.create_conversation(content)
                 if turn.cancelling:
                     turn.status = "cancelled"
                     self.renderer.note("[stopped before the message was sent]")
@@ -367,19 +370,23 @@ def _http(opts: Options) -> httpx.AsyncClient:
 
 
 async def _one_turn(opts: Options, renderer: Renderer, conversation: str | None,
-                    content: str) -> tuple[str | None, Turn]:
+                    content: str, turn: Turn | None = None) -> tuple[str | None, Turn]:
     async with _http(opts) as http:
-        return await Client(opts, http, renderer).ask(conversation, content)
+        return await Client(opts, http, renderer).ask(conversation, content, turn)
 
 
 def _run_turn(opts: Options, renderer: Renderer, conversation: str | None,
               content: str) -> tuple[str | None, Turn | None, int]:
     """One turn; the conversation, the turn, and an exit status if it should end the chat."""
+    turn = Turn()
     try:
         try:
-            conversation, turn = trio.run(_one_turn, opts, renderer, conversation, content)
+            conversation, turn = trio.run(_one_turn, opts, renderer, conversation, content, turn)
         except BaseException:
             renderer.reset()
+            # A conversation made before the turn failed is the chat's: the next turn goes on
+            # in it (it would start another, and the chat's turns would split across two).
+            conversation = turn.conversation or conversation
             raise
     except (KeyboardInterrupt, Interrupted):
         renderer.note("[interrupted]")

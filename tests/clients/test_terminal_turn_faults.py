@@ -34,6 +34,7 @@ import trio.testing
 from rich.console import Console
 
 from service import chat
+from service.api.models import MAX_CONTENT_CHARS
 from service.backends.base import ChatRequest
 from service.settings import Settings
 
@@ -256,6 +257,22 @@ async def test_piped_chat_exits_non_zero_when_a_turn_failed(settings: Settings) 
     assert 0 not in (unreachable, failed_run), (
         f"piped input, a failed turn: exit {unreachable} (service unreachable), {failed_run} "
         f"(a run failed); non-zero expected")
+
+
+@pytest.mark.slow
+async def test_a_chat_whose_first_turn_failed_goes_on_in_the_same_conversation(
+    settings: Settings,
+) -> None:
+    """Found in review: the first turn of a new chat makes its conversation, then sends the
+    message; when the send failed (here: a message over the service's size limit), the id of
+    the conversation just made was lost with the turn, and the next turn started another
+    conversation (an empty one left behind, and the chat's turns split across two)."""
+    async with running_server(settings, ScriptedBackend(_answers)) as srv:
+        out = await _piped_chat(srv.url, "x" * (MAX_CONTENT_CHARS + 1) + "\nhello\n")
+        assert "echo" in out.stdout.decode(), out
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            convs = (await client.get("/api/conversations")).json()["data"]
+    assert len(convs) == 1, [c["title"][:10] for c in convs]
 
 
 # -- 4. bidi controls in a model's text -------------------------------------------------------
