@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -27,13 +26,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 import trio
 
 from service.backends.base import ChatChunk, ChatRequest
 from service.settings import Settings, load_settings
-from service.store import MessageStatus, RunEvent, open_store
 
 from .fakes import Reply, ScriptedBackend
 from .servers import ROOT, running_server
@@ -115,48 +112,8 @@ async def test_v1_reply_cut_after_mid_answer_thinking_is_stored_as_the_client_sa
             f"before it dropped")
 
 
-def _raw(db: Path | str) -> Any:
-    if isinstance(db, str):
-        return psycopg.connect(db, autocommit=True)
-    return sqlite3.connect(db)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
-    if request.param == "sqlite":
-        return tmp_path / "s.db"
-    url: str = request.getfixturevalue("pg_url")
-    return url
-
-
-async def test_recovered_chat_reply_keeps_the_answer_around_reasoning_thoughts(
-    db: Path | str,
-) -> None:
-    """The same run, its owner gone (``recover_interrupted``, both stores, through the new
-    ``ownership.close_interrupted``): its clients were shown "The answer is 42" as the answer
-    (a ``chat`` run's tokens are its answer: the succeeded reply would be all of them), but
-    recovery keeps only the tokens after the last ``thought``, reasoning or not."""
-    async with open_store(db) as store:
-        conv = await store.create_conversation()
-        run, _, reply, *_ = await store.begin_run(conv.id, content="q", agent="chat", model=None)
-        await store.append_run_events([
-            RunEvent(run.id, 2, "thought", {"text": "wants a number", "reasoning": True}, 0.0),
-            RunEvent(run.id, 3, "token", {"text": "The answer "}, 0.0),
-            RunEvent(run.id, 4, "token", {"text": "is "}, 0.0),
-            RunEvent(run.id, 5, "thought", {"text": " units?", "reasoning": True}, 0.0),
-            RunEvent(run.id, 6, "token", {"text": "42"}, 0.0),
-        ])
-    conn = _raw(db)
-    sql = "UPDATE runs SET process = ? WHERE id = ?"
-    conn.execute(sql.replace("?", "%s") if isinstance(db, str) else sql,
-                 ("999999999:1", run.id))
-    conn.commit()
-    conn.close()
-    async with open_store(db) as store:
-        assert await store.recover_interrupted() == [run.id]
-        msgs = {m.id: m for m in await store.get_messages(conv.id)}
-        assert (msgs[reply.id].status, msgs[reply.id].content) == (
-            MessageStatus.error, "The answer is 42")
+# (The same run recovered with its owner gone: tests/store/test_stores.py,
+# test_a_dead_process_s_cut_reply_keeps_the_answer_so_far_not_its_steps_text.)
 
 
 # -- 2. the terminal client's read timeout vs SERVICE_SSE_KEEPALIVE ---------------------------

@@ -151,6 +151,14 @@ def _reload_mid_run(page: Any, url: str, hold: Hold) -> str:
     return str(live["run_id"])
 
 
+def _status_of(env: Env) -> Callable[[str], str]:
+    """A run's status on the server, asked from the browser's thread."""
+    async def run_status(run_id: str) -> str:
+        return str((await env.client.get(f"/api/runs/{run_id}")).json()["status"])
+
+    return lambda run_id: trio.from_thread.run(run_status, run_id)
+
+
 async def _cancel_pending(env: Env) -> None:
     """Cancel every run still going (the tests' runs last a minute)."""
     for conv in (await env.client.get("/api/conversations")).json()["data"]:
@@ -332,12 +340,7 @@ async def test_reload_then_quick_click_does_not_queue_stop_behind_held_streams(
         busy = await env.conversation(title="busy")
         for _ in range(4):
             await _pending_elsewhere(env, nursery, busy)
-        async def run_status(run_id: str) -> str:
-            return str((await env.client.get(f"/api/runs/{run_id}")).json()["status"])
-
-        def status(run_id: str) -> str:
-            return trio.from_thread.run(run_status, run_id)
-
+        status = _status_of(env)
         seen = await _in_browser(partial(_stop_session, env.server.url, status))
         await _cancel_pending(env)
     assert seen["hidden"], (
@@ -390,13 +393,7 @@ async def test_a_conversation_with_many_replies_going_elsewhere_leaves_the_page_
         busy = await env.conversation(title="busy")
         for _ in range(6):
             await _pending_elsewhere(env, nursery, busy)
-
-        async def run_status(run_id: str) -> str:
-            return str((await env.client.get(f"/api/runs/{run_id}")).json()["status"])
-
-        def status(run_id: str) -> str:
-            return trio.from_thread.run(run_status, run_id)
-
+        status = _status_of(env)
         seen = await _in_browser(partial(_crowded_session, env.server.url, status))
         await _cancel_pending(env)
     assert seen["shown"], (f"the user's message got no answer on screen in {seen['took']:.1f} s "

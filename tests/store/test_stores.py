@@ -483,25 +483,40 @@ async def test_runs_of_a_dead_process_are_closed_at_the_next_start(db: Path | st
         assert await store.recover_interrupted() == []
 
 
-async def test_a_dead_process_s_react_run_keeps_the_answer_so_far_not_its_steps_text(
-    db: Path | str,
+_STEPS_THEN_ANSWER = (  # a ReAct run: a step's text, its step events, an answer begun
+    ("token", {"text": "Thought: look\nAction: search"}),
+    ("thought", {"text": "look"}),
+    ("tool.call", {"name": "search", "arguments": {}, "call_id": "c"}),
+    ("tool.result", {"call_id": "c", "output": "x"}),
+    ("token", {"text": "The answer "}),
+    ("token", {"text": "is"}),
+)
+_THINKING_BETWEEN_TOKENS = (  # a chat run of a reasoning model: its tokens are the answer
+    ("thought", {"text": "wants a number", "reasoning": True}),
+    ("token", {"text": "The answer "}),
+    ("token", {"text": "is"}),
+    ("thought", {"text": " units?", "reasoning": True}),
+    ("token", {"text": " 42"}),
+)
+
+
+@pytest.mark.parametrize(("events", "kept"), [
+    (_STEPS_THEN_ANSWER, "The answer is"),
+    (_THINKING_BETWEEN_TOKENS, "The answer is 42"),
+], ids=["react-steps", "reasoning-between-tokens"])
+async def test_a_dead_process_s_cut_reply_keeps_the_answer_so_far_not_its_steps_text(
+    db: Path | str, events: tuple[tuple[str, dict[str, object]], ...], kept: str,
 ) -> None:
     # Found in review: recovery stored every token of the run as the reply, a ReAct run's
     # "Thought: ... Action: ..." of its finished steps included; the clients had shown that
     # text as steps (the text before a step event is the step's), and the next turn's history
-    # gave it to the model as its own answer. The reply is the text after the last step.
+    # gave it to the model as its own answer. The reply is the text after the last step; a
+    # reasoning model's thinking is not a step (/v1 showed the tokens around it as the answer).
     async with open_store(db) as store:
         conv = await store.create_conversation()
         run, _, reply, *_ = await store.begin_run(conv.id, content="q", agent="react", model=None)
-        await store.append_run_events([
-            RunEvent(run.id, 2, "token", {"text": "Thought: look\nAction: search"}, 0.0),
-            RunEvent(run.id, 3, "thought", {"text": "look"}, 0.0),
-            RunEvent(run.id, 4, "tool.call", {"name": "search", "arguments": {},
-                                              "call_id": "c"}, 0.0),
-            RunEvent(run.id, 5, "tool.result", {"call_id": "c", "output": "x"}, 0.0),
-            RunEvent(run.id, 6, "token", {"text": "The answer "}, 0.0),
-            RunEvent(run.id, 7, "token", {"text": "is"}, 0.0),
-        ])
+        await store.append_run_events([RunEvent(run.id, seq, type_, data, 0.0)
+                                       for seq, (type_, data) in enumerate(events, start=2)])
     conn = _RawSQL(db)
     conn.execute("UPDATE runs SET process = ? WHERE id = ?", ("999999999:1", run.id))
     conn.commit()
@@ -509,8 +524,7 @@ async def test_a_dead_process_s_react_run_keeps_the_answer_so_far_not_its_steps_
     async with open_store(db) as store:
         assert await store.recover_interrupted() == [run.id]
         msgs = {m.id: m for m in await store.get_messages(conv.id)}
-        assert (msgs[reply.id].status, msgs[reply.id].content) == (
-            MessageStatus.error, "The answer is")
+        assert (msgs[reply.id].status, msgs[reply.id].content) == (MessageStatus.error, kept)
 
 
 async def test_an_abandoned_start_is_closed_only_if_it_landed(db: Path | str) -> None:
