@@ -154,8 +154,11 @@ async def begin_shutdown(svc: Services) -> None:
         # The grace, then the runs' final writes and one more try at what the store refused
         # (each up to FINAL_WRITE_BUDGET, only that long while the store refuses writes).
         budget = svc.settings.shutdown_drain + 3 * FINAL_WRITE_BUDGET + _CLOSE_BUDGET
-        with trio.move_on_after(budget, shield=True):
-            await supervisor.drain(svc.settings.shutdown_drain)
+        try:
+            with trio.move_on_after(budget, shield=True):
+                await supervisor.drain(svc.settings.shutdown_drain)
+        finally:
+            svc.drained.set()
 
 
 async def _stop_services(svc: Services) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 from .metrics import Metrics
 from .settings import Settings
 from .store import Store
@@ -27,6 +29,8 @@ class Services:
     supervisor: RunSupervisor | None = None
     tools: ToolRegistry | None = None
     draining: bool = False
+    # Set once a shutdown's drain is over (every run ended): WebSockets then close (1001).
+    drained: trio.Event = field(default_factory=trio.Event)
     extras: dict[str, Any] = field(default_factory=dict)
 
     def require_store(self) -> Store:

@@ -291,8 +291,14 @@ async def chat_completions(data: ChatCompletionRequest) -> Response:
         # that fails before its first token (an unknown model, a backend down) is then an HTTP
         # error with its status, as OpenAI clients expect, not a 200 carrying an error chunk.
         answer_tokens = handle.agent == "chat"
-        first = await _until_the_answer_starts(reader, svc.settings.sse_keepalive,
-                                               answer_tokens=answer_tokens)
+        try:
+            first = await _until_the_answer_starts(reader, svc.settings.sse_keepalive,
+                                                   answer_tokens=answer_tokens)
+        except ServiceError as exc:
+            # Its client is told the error (an HTTP error) and cannot re-join a /v1 stream:
+            # the run stops, for what happened (not "client disconnected").
+            handle.cancel(_stream_failed(exc))
+            raise
         if first and first[-1].type in ("error", "run.finished"):
             await _finished(handle)
         if handle.finished.is_set() and handle.status is not RunStatus.succeeded:
@@ -398,6 +404,7 @@ async def _stream(
                 sent = trio.current_time()
                 yield frame
         except ServiceError as exc:  # the store failed under a re-read: an error, not a reset
+            handle.cancel(_stream_failed(exc))  # told the error; a /v1 client cannot re-join
             yield sse_data({"error": openai_error(exc.to_dict())})
             return
         if framer.failed:
@@ -409,6 +416,10 @@ async def _stream(
     finally:
         if not handle.done:
             handle.cancel("client disconnected")
+
+
+def _stream_failed(exc: ServiceError) -> str:
+    return f"the stream failed: {exc.type}: {exc.message}"
 
 
 def _token_prefix(cid: str, created: int, model: str) -> bytes:

@@ -20,11 +20,12 @@ numbers (``NaN``, ``Infinity``, ``1e400``) are refused as invalid JSON, as a bro
 Shape: a receive loop and a send loop are sibling tasks in the handler's nursery; each run has a
 forwarder task there that reads the run's events and queues them for the send loop (a bounded
 channel: a slow socket slows only its forwarders, never a run). At most 32 runs are being started
-or forwarded per socket: more are refused (``too_many_runs``), and a client that sends without
-reading is then held back by its full send queue and TCP instead of growing tasks and memory;
-cancels are always read. When the socket drops, quart-trio
+or forwarded per socket: more are refused (``too_many_runs``). The receive loop never waits on
+the send queue (cancels, and the socket's disconnect, come through it): a client whose replies
+find that queue full reads nothing, and is closed (1008). When the socket drops, quart-trio
 cancels the handler: the nursery unwinds and runs started with ``on_disconnect: cancel`` (the
-default) are cancelled; ``continue`` runs go on and can be re-joined over SSE.
+default) are cancelled; ``continue`` runs go on and can be re-joined over SSE. At a shutdown,
+once the runs are drained and their ends forwarded, the socket is closed with 1001 Going Away.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ _CANCELS_PER_SOCKET = 32  # cancels of runs not in this process, waiting for the
 _ECHOED = ("type", "conversation_id", "run_id")  # what an error reply echoes of the request
 _ECHO_CHARS = 200  # ... each cut to this length
 _ID_CHARS = 200  # an id longer than this is refused (a not_found would carry it back whole)
+_CLOSE_WAIT = 5.0  # seconds a closing socket waits for its runs' ends, and for its close frame
+_GOING_AWAY: dict[str, Any] = {}  # queued last on a shutdown: the send loop closes with 1001
 
 
 class WsMessage(JsonRequest):
@@ -117,25 +120,27 @@ class _Session:
         self.send = send
         self.runs: dict[str, tuple[RunHandle, str]] = {}
         self.slots = trio.Semaphore(_RUNS_PER_SOCKET)  # start_run tasks (each releases one)
+        self._ended = trio.Event()  # a start_run task ended (re-armed by its waiter)
         self.cancels = trio.Semaphore(_CANCELS_PER_SOCKET)  # cancels waiting for the store
 
     async def receive_loop(self) -> None:
         limit = self.svc.settings.max_body_bytes
         while True:
             raw = await websocket.receive()
+            if raw is None:  # an empty binary frame (quart-trio hands over None)
+                raw = b""
             if _too_large(raw, limit):
-                await self.send.send(_error(
+                self.reply(_error(
                     "body_too_large", f"the message is over {limit} bytes "
                     "(SERVICE_MAX_BODY_BYTES)"))
                 continue
             try:
                 msg = strict_json_loads(raw)
             except NotFinite as exc:
-                await self.send.send(
-                    _error("malformed_json", f"the message is not valid JSON: {exc}"))
+                self.reply(_error("malformed_json", f"the message is not valid JSON: {exc}"))
                 continue
             except (ValueError, TypeError, RecursionError):  # RecursionError: "[[[[..." nesting
-                await self.send.send(_error("malformed_json", "the message is not valid JSON"))
+                self.reply(_error("malformed_json", "the message is not valid JSON"))
                 continue
             kind = msg.get("type") if isinstance(msg, dict) else None
             try:
@@ -145,13 +150,13 @@ class _Session:
                     # _RUNS_PER_SOCKET such tasks at once (more are refused), so a client that
                     # sends but does not read cannot pile up tasks, or finished runs held by
                     # forwarders stuck on its full queue: its refusals fill the send queue,
-                    # and then this loop waits on it.
+                    # and then it is closed (``reply``).
                     m = WsMessage.model_validate(msg)
                     try:
                         self.slots.acquire_nowait()
                     except trio.WouldBlock:
                         # Refused, not waited for: the loop must stay free for cancels.
-                        await self.send.send(_error(
+                        self.reply(_error(
                             "too_many_runs",
                             f"{_RUNS_PER_SOCKET} runs are in flight on this socket; retry "
                             "when one has ended", msg))
@@ -160,20 +165,43 @@ class _Session:
                 elif kind == "cancel":
                     await self.cancel(WsCancel.model_validate(msg), msg)
                 else:
-                    await self.send.send(_error(
-                        "invalid_request", "type must be 'message' or 'cancel'", msg))
+                    self.reply(_error("invalid_request", "type must be 'message' or 'cancel'",
+                                      msg))
             except ValidationError as exc:
                 first = exc.errors()[0]
                 field = ".".join(str(p) for p in first["loc"]) or "message"
-                await self.send.send(_error("invalid_request", f"{field}: {first['msg']}", msg))
+                self.reply(_error("invalid_request", f"{field}: {first['msg']}", msg))
             except ServiceError as exc:
-                await self.send.send(_error_reply(exc.to_dict(), msg))
+                self.reply(_error_reply(exc.to_dict(), msg))
+
+    def reply(self, msg: dict[str, Any]) -> None:
+        """A reply to the client's own message, from the receive loop: never waited for. The
+        loop must go on reading (cancels, and the socket's disconnect, which hypercorn hands
+        over through a queue this loop drains: waiting here on a peer that reads nothing held
+        that disconnect, and with it every run of the socket, for good). A client whose
+        replies fill the send queue does not read them: it is closed (``NotReading``)."""
+        try:
+            self.send.send_nowait(msg)
+        except trio.WouldBlock:
+            raise NotReading from None
 
     async def start_run(self, m: WsMessage, request: Any) -> None:
         try:
             await self._start_run(m, request)
         finally:
             self.slots.release()
+            self._ended.set()
+
+    async def close_when_drained(self) -> None:
+        """Once the service has drained its runs (a shutdown), and this socket has forwarded
+        their ends, close it with 1001 Going Away (hypercorn would cut it at its graceful
+        timeout with no close frame: a 1006 after seconds)."""
+        await self.svc.drained.wait()
+        with trio.move_on_after(_CLOSE_WAIT):
+            while self.slots.value < _RUNS_PER_SOCKET:  # runs being started or forwarded
+                self._ended = trio.Event()
+                await self._ended.wait()
+            await self.send.send(_GOING_AWAY)  # after what is queued
 
     async def _start_run(self, m: WsMessage, request: Any) -> None:
         spec = RunSpec(
@@ -207,7 +235,7 @@ class _Session:
         try:
             self.cancels.acquire_nowait()
         except trio.WouldBlock:
-            await self.send.send(_error(
+            self.reply(_error(
                 "too_many_cancels", f"{_CANCELS_PER_SOCKET} cancels are waiting for the store "
                 "on this socket; retry", request))
             return
@@ -240,14 +268,24 @@ class _Session:
             return
         self.runs.pop(handle.id, None)
 
-    def abandon(self) -> None:
+    def abandon(self, reason: str = "client disconnected") -> None:
         for handle, on_disconnect in self.runs.values():
             if on_disconnect == "cancel" and not handle.done:
-                handle.cancel("client disconnected")
+                handle.cancel(reason)
 
 
-async def _send_loop(recv: trio.MemoryReceiveChannel[dict[str, Any] | str]) -> None:
+class NotReading(Exception):
+    """The client's replies fill its send queue: it reads nothing."""
+
+
+async def _send_loop(recv: trio.MemoryReceiveChannel[dict[str, Any] | str],
+                     done: trio.CancelScope) -> None:
     async for msg in recv:
+        if msg is _GOING_AWAY:
+            with trio.move_on_after(_CLOSE_WAIT):
+                await websocket.close(1001, "the service is shutting down")
+            done.cancel()
+            return
         # Events are encoded strictly where they are made; the replies made here are too (a
         # browser's JSON.parse refuses NaN and Infinity).
         text = msg if isinstance(msg, str) else json.dumps(
@@ -261,11 +299,20 @@ async def ws() -> None:
     await websocket.accept()
     send, recv = trio.open_memory_channel[dict[str, Any] | str](_SEND_QUEUE)
     session: _Session | None = None
+    reason = "client disconnected"
     try:
         async with trio.open_nursery() as nursery:
             session = _Session(svc, current_owner(), nursery, send)
-            nursery.start_soon(_send_loop, recv)
-            await session.receive_loop()
+            nursery.start_soon(_send_loop, recv, nursery.cancel_scope)
+            nursery.start_soon(session.close_when_drained)
+            try:
+                await session.receive_loop()
+            except NotReading:
+                reason = "the client read nothing of its socket (closed)"
+                nursery.cancel_scope.cancel()
+        if reason != "client disconnected":
+            with trio.move_on_after(_CLOSE_WAIT):
+                await websocket.close(1008, "the client reads nothing of its replies")
     finally:
         if session is not None:
-            session.abandon()
+            session.abandon(reason)

@@ -37,6 +37,15 @@ class FakeSocket:
         return await self.incoming.receive()
 
 
+async def _receive_until_closed(session: Any, closed: list[bool]) -> None:
+    """The session's receive loop, as ``ws()`` runs it: a client whose replies find its send
+    queue full (it reads nothing) is closed (``NotReading``: 1008)."""
+    try:
+        await session.receive_loop()
+    except ws_mod.NotReading:
+        closed.append(True)
+
+
 def _services(tmp_path: Path, env: Any) -> Services:
     svc = Services(settings=load_settings(db=tmp_path / "x.db"), metrics=Metrics())
     svc.store, svc.supervisor = env.store, env.supervisor
@@ -53,9 +62,10 @@ async def test_a_ws_client_that_never_reads_cannot_pile_up_tasks(
     monkeypatch.setattr(ws_mod, "websocket", sock)
     async with supervisor_env(tmp_path, ScriptedBackend()) as env:
         send, _recv = trio.open_memory_channel[Any](ws_mod._SEND_QUEUE)  # never drained
+        closed: list[bool] = []
         async with trio.open_nursery() as nursery:
             session = ws_mod._Session(_services(tmp_path, env), None, nursery, send)
-            nursery.start_soon(session.receive_loop)
+            nursery.start_soon(_receive_until_closed, session, closed)
             for _ in range(2000):
                 sock.incoming_send.send_nowait(json.dumps(
                     {"type": "message", "conversation_id": "conv_nope", "content": "x" * 1000}))
@@ -63,6 +73,7 @@ async def test_a_ws_client_that_never_reads_cannot_pile_up_tasks(
             pending = len(nursery.child_tasks)
             nursery.cancel_scope.cancel()
         assert pending < 300, f"{pending} tasks parked on one socket that never reads"
+        assert closed  # and the socket was closed: its replies found the queue full
 
 
 async def test_a_ws_client_that_never_reads_cannot_pin_finished_runs(
@@ -76,9 +87,10 @@ async def test_a_ws_client_that_never_reads_cannot_pin_finished_runs(
     async with supervisor_env(tmp_path, backend, max_runs=5) as env:
         conv = await env.conversation()
         send, _recv = trio.open_memory_channel[Any](ws_mod._SEND_QUEUE)  # never drained
+        closed: list[bool] = []
         async with trio.open_nursery() as nursery:
             session = ws_mod._Session(_services(tmp_path, env), None, nursery, send)
-            nursery.start_soon(session.receive_loop)
+            nursery.start_soon(_receive_until_closed, session, closed)
             for _ in range(40):  # waves of max_runs runs, each waited for
                 for _ in range(5):
                     sock.incoming_send.send_nowait(json.dumps(
@@ -88,6 +100,7 @@ async def test_a_ws_client_that_never_reads_cannot_pin_finished_runs(
             pinned = [h for h, _ in session.runs.values() if h.done]
             nursery.cancel_scope.cancel()
         assert len(pinned) < 50, f"{len(pinned)} finished RunHandles held by one socket"
+        assert closed
 
 
 async def test_a_store_error_in_a_ws_forwarder_still_lets_disconnect_cancel_the_run(
