@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from functools import partial
 from typing import Any
 
 import trio
@@ -33,7 +32,10 @@ __all__ = [
     "trim_history",
 ]
 
-TOOL_THREADS = 16  # sync tools running (or abandoned and still running) at once
+# Calls of one sync tool running (or abandoned and still running) at once. Per tool: a tool
+# whose calls hang holds its own threads, not every other tool's (one shared limiter let one
+# user's 16 wedged calls make every sync tool of every user "time out" unstarted).
+TOOL_THREADS = 16
 
 
 def default_agents() -> dict[str, Agent]:
@@ -71,12 +73,18 @@ def make_runner(
 ) -> Callable[[RunHandle, RunSpec, trio.Nursery], Any]:
     """The function the supervisor calls to run an agent for a run."""
     table = agents or default_agents()
-    # Sync tools get their own thread limiter: a cancelled or timed-out sync tool is abandoned
-    # but keeps its thread (and its limiter token) until it returns, and with trio's default
-    # limiter, shared with the store, 40 hung tools stopped every store read and write.
-    tool_threads = trio.CapacityLimiter(TOOL_THREADS)
-    in_tool_thread = partial(trio.to_thread.run_sync, abandon_on_cancel=True,
-                             limiter=tool_threads)
+    # Sync tools get their own thread limiters, one per tool: a cancelled or timed-out sync
+    # tool is abandoned but keeps its thread (and its limiter token) until it returns; with
+    # trio's default limiter, shared with the store, 40 hung tools stopped every store read
+    # and write, and with one limiter for all tools, one tool's hung calls stopped the rest.
+    tool_threads: dict[object, trio.CapacityLimiter] = {}
+
+    async def in_tool_thread(fn: Callable[[], Any]) -> Any:
+        tool = getattr(fn, "func", fn)  # the tool's function (a partial with its arguments)
+        limiter = tool_threads.get(tool)
+        if limiter is None:
+            limiter = tool_threads[tool] = trio.CapacityLimiter(TOOL_THREADS)
+        return await trio.to_thread.run_sync(fn, abandon_on_cancel=True, limiter=limiter)
 
     async def run(handle: RunHandle, spec: RunSpec, nursery: trio.Nursery) -> str:
         agent = table.get(handle.agent)

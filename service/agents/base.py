@@ -211,6 +211,8 @@ class AgentContext:
             self.metrics.tool_calls.labels(label, "bad_arguments").inc()
             return refused
         tool = self.tools.get(name)
+        if arguments is None or (isinstance(arguments, str) and not arguments.strip()):
+            arguments = {}  # no input: no arguments (not "" for the tool's only parameter)
         if not isinstance(arguments, dict):
             # A bare value from the text protocol fills a tool's only parameter.
             props = list((tool.parameters.get("properties") or {}) if tool else ())
@@ -244,12 +246,12 @@ class AgentContext:
                 else:
                     obs = _bounded(Observation(call_id, name, output=_jsonable(output)))
             except ToolArgumentsError as exc:
-                obs = Observation(call_id, name, error=exc.message)
+                obs = _bounded(Observation(call_id, name, error=exc.message))
                 outcome = "bad_arguments"
             except (Exception, SystemExit) as exc:
                 # SystemExit too: tools built on argparse or click exit on bad input, and a
                 # tool's failure is the model's observation, never the run's (or the service's).
-                obs = Observation(call_id, name, error=f"{type(exc).__name__}: {exc}")
+                obs = _bounded(Observation(call_id, name, error=_describe_failure(exc)))
                 outcome = "error"
             except BaseException:
                 # The run is cancelled (by a client, its deadline, a shutdown) mid-call: the
@@ -296,13 +298,31 @@ TOOL_OUTPUT_CHARS = 16_000  # what a model (and the run's events) get of one too
 def _bounded(obs: Observation) -> Observation:
     """An observation whose text fits ``TOOL_OUTPUT_CHARS``, cut with a note if it did not:
     a 1 MB page from a tool went whole to the model, whose context it overflowed (the run
-    failed ``context_length_exceeded``), and whole into one stored event."""
+    failed ``context_length_exceeded``), and whole into one stored event. An error too (an
+    exception carrying a server's error page; a schema message quoting a huge argument)."""
+    if obs.error is not None:
+        if len(obs.error) <= TOOL_OUTPUT_CHARS:
+            return obs
+        kept = obs.error[:TOOL_OUTPUT_CHARS]
+        return Observation(obs.call_id, obs.name, error=(
+            f"{kept}\n[the tool's error was cut here: {len(obs.error) - len(kept):,} more "
+            "characters]"))
     text = obs.text()
     if len(text) <= TOOL_OUTPUT_CHARS:
         return obs
     kept = text[:TOOL_OUTPUT_CHARS]
     return Observation(obs.call_id, obs.name, output=(
         f"{kept}\n[the tool's output was cut here: {len(text) - len(kept):,} more characters]"))
+
+
+def _describe_failure(exc: BaseException) -> str:
+    """``Type: message`` of a tool's exception; its type alone if its text cannot be made (a
+    ``__str__`` that raises must not fail the run: the failure is the tool's)."""
+    try:
+        text = str(exc)
+    except Exception:
+        return f"{type(exc).__name__} (its message could not be read)"
+    return f"{type(exc).__name__}: {text}"
 
 
 def _jsonable(value: Any) -> Any:

@@ -125,7 +125,9 @@ class PlanExecuteAgent(Agent):
     async def make_plan(self, ctx: AgentContext, extra: str | None = None) -> Plan:
         system = PLAN_SYSTEM.format(
             max_steps=self.max_steps,
-            tools=", ".join(f"{t.name} ({t.description})" for t in ctx.tools) or "none",
+            # Each tool's parameters too: the plan fills in its arguments.
+            tools="".join(f"\n- {t.name}: {t.description} Parameters: {t.parameters}"
+                          for t in ctx.tools) or "none",
         )
         messages = [ChatMessage("system", system), *ctx.history]
         if extra:

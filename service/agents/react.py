@@ -13,7 +13,7 @@ import re
 from ..backends.base import ChatMessage, ToolCall
 from ..store import new_id
 from .base import Agent, AgentContext, Observation
-from .react_parser import parse_react
+from .react_parser import ReActStep, parse_react, up_to_the_action
 
 __all__ = ["REACT_SYSTEM", "ReActAgent", "StepLimitReached"]
 
@@ -75,7 +75,7 @@ class ReActAgent(Agent):
                 messages += [_tool_message(o) for o in observations]
                 continue
             step = parse_react(reply.content, tools=names)
-            if native and not step.is_final:
+            if not step.is_final and (native or _prose(step, names)):
                 # Not the text protocol's action ("- **Action:** rotate the logs" in a
                 # summary) but prose: the answer.
                 return reply.content.strip()
@@ -87,7 +87,7 @@ class ReActAgent(Agent):
             obs = await ctx.call_tool(call.name, step.action_input, call.id)
             # Its turn up to the action: what a model runs on to after it ("Observation: ..."
             # it made up, an answer from that) never happened, and is not shown to it again.
-            messages.append(ChatMessage("assistant", _OBSERVED.split(reply.content, 1)[0].rstrip()))
+            messages.append(ChatMessage("assistant", up_to_the_action(reply.content)))
             messages.append(ChatMessage("user", f"Observation: {obs.text()}"))
         # Step limit: one last call without tools for a clear answer from what was found.
         messages.append(ChatMessage("user", LIMIT_PROMPT.format(steps=self.max_steps)))
@@ -105,7 +105,12 @@ class ReActAgent(Agent):
         return unfinished
 
 
-_OBSERVED = re.compile(r"^[ \t]*Observation[ \t]*:", re.M | re.I)
+def _prose(step: ReActStep, tools: set[str]) -> bool:
+    """An "Action:" that is a line of prose, not a call: no thought before it, and not a tool
+    name at all (words with spaces: "- **Action:** rotate the logs daily" in a summary)."""
+    action = (step.action or "").strip()
+    return (bool(action) and action not in tools and step.thought is None
+            and re.search(r"\s", action) is not None)
 
 
 class StepLimitReached(Exception):

@@ -26,7 +26,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ReActStep", "parse_react"]
+__all__ = ["ReActStep", "parse_react", "up_to_the_action"]
 
 _LABEL = r"^[ \t>*_#-]*{name}[ \t*_]*:[ \t*]*"
 _THOUGHT = re.compile(_LABEL.format(name="thought"), re.I | re.M)
@@ -146,3 +146,17 @@ def parse_react(text: str, *, final_first: bool = False,
     # Neither label: the whole text (minus a leading thought label) is the answer.
     answer = thought if thought_m and thought else text.strip()
     return ReActStep(None, final_answer=answer)
+
+
+def up_to_the_action(text: str) -> str:
+    """A turn up to the end of its action (and its input): what a model runs on to after it
+    (an "Observation:" it made up, in any of the labels' styles, a thought or a final answer
+    drawn from it) never happened, and is not shown to it again."""
+    action_m = _ACTION.search(text)
+    if action_m is None:
+        return text.rstrip()
+    input_m = _INPUT.search(text, action_m.end())
+    start = input_m.end() if input_m else action_m.end()
+    ends = [m.start() for rx in (_THOUGHT, _ACTION, _FINAL, _OBSERVATION)
+            for m in rx.finditer(text, start)]
+    return text[:min(ends, default=len(text))].rstrip()
