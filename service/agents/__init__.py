@@ -38,6 +38,12 @@ __all__ = [
 TOOL_THREADS = 16
 
 
+def _cut_at_stop(answer: str, stop: tuple[str, ...]) -> str:
+    """The answer up to the first of the stop sequences (as a model's server cuts it)."""
+    ends = [i for seq in stop if seq and (i := answer.find(seq)) >= 0]
+    return answer[:min(ends)] if ends else answer
+
+
 def default_agents() -> dict[str, Agent]:
     return {"chat": ChatAgent(), "react": ReActAgent(), "plan_execute": PlanExecuteAgent(),
             "auto": AutoAgent()}
@@ -107,10 +113,16 @@ def make_runner(
             handle=handle, backend=the_backend, tools=tools, history=history, nursery=nursery,
             metrics=metrics, model=handle.model, tool_timeout=tool_timeout,
             client_tools=spec.client_tools, max_tokens=spec.max_tokens,
-            temperature=spec.temperature, stop=spec.stop, options=spec.options,
+            temperature=spec.temperature, options=spec.options,
+            # A client's stop sequences end its answer: the chat agent's call is the answer;
+            # another agent's calls have formats of their own (a "\n\n" stop cut the ReAct
+            # protocol), so its answer is cut after (as /v1 sends it: whole, at the end).
+            stop=spec.stop if agent.name == "chat" else (),
         )
         ctx.run_sync = run_sync if run_sync is not None else in_tool_thread
         answer = await agent.run(ctx)
+        if agent.name != "chat" and spec.stop:
+            answer = _cut_at_stop(answer, spec.stop)
         # The answer's finish_reason is its last call's (chat sets its own): an answer cut
         # at max_tokens says "length", never "stop".
         handle.result_extra.setdefault("finish_reason", ctx.last_finish_reason or "stop")

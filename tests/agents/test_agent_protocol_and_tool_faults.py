@@ -172,8 +172,8 @@ PLAN = {"steps": [
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "known (2026-12-04, not fixed): a /v1 client's max_tokens applies to every LLM call of "
-    "an agent, the plan's included"))
+    "as designed, for now (docs/architecture.md): a /v1 client's max_tokens bounds every LLM "
+    "call of an agent, the plan's included"))
 async def test_a_v1_clients_max_tokens_bounds_the_answer_not_the_plan(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -198,8 +198,6 @@ async def test_a_v1_clients_max_tokens_bounds_the_answer_not_the_plan(
     assert [round(o, 1) for o in outputs] == [3.1, 6.6], outputs
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known (2026-12-04, not fixed): a /v1 client's stop applies to every LLM call of an agent"))
 async def test_a_v1_clients_stop_sequence_does_not_cut_the_react_protocol(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -218,6 +216,18 @@ async def test_a_v1_clients_stop_sequence_does_not_cut_the_react_protocol(
     # taken for the final answer, no tool runs.
     assert [e.data.get("output") for e in events if e.type == "tool.result"] == [42]
     assert handle.final_text == "42"
+
+
+async def test_a_v1_clients_stop_sequence_cuts_an_agents_answer(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Not passed to the agent's own calls, the stop still ends the answer, as a model's
+    # server would have cut it.
+    backend = ScriptedBackend(lambda req: _honours_limits(
+        "Thought: easy.\nFinal Answer: 42 is the answer.\n\nA second paragraph.", req))
+    async with supervisor_env(tmp_path, backend) as env:
+        handle, _ = await _run_v1(env, "what is 6*7?", "react", stop=("\n\n",))
+    assert handle.final_text == "42 is the answer."
 
 
 # -- 4. what the model invents after its action is still sent back as its own turn ---------------
