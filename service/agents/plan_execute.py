@@ -12,10 +12,18 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Collection
 from typing import Any
 
 import trio
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ..backends.base import ChatMessage
 from ..store import new_id
@@ -58,20 +66,23 @@ class Plan(BaseModel):
         return steps
 
     @model_validator(mode="after")
-    def _deps(self) -> Plan:
+    def _deps(self, info: ValidationInfo) -> Plan:
         ids = {s.id for s in self.steps}
+        # A re-plan may build on the steps already done (validated with {"done": their ids}).
+        done = set((info.context or {}).get("done", ()))
         for s in self.steps:
-            missing = [d for d in s.depends_on if d not in ids or d == s.id]
+            missing = [d for d in s.depends_on if (d not in ids and d not in done) or d == s.id]
             if missing:
                 raise ValueError(f"step {s.id} depends on unknown steps {missing}")
-        if _waves(self.steps) is None:
+        if _waves(self.steps, done - ids) is None:
             raise ValueError("the steps' dependencies form a cycle")
         return self
 
 
-def _waves(steps: list[PlanStep]) -> list[list[PlanStep]] | None:
-    """Group steps into waves that can run in parallel; None if there is a cycle."""
-    done: set[int] = set()
+def _waves(steps: list[PlanStep], before: Collection[int] = ()) -> list[list[PlanStep]] | None:
+    """Group steps into waves that can run in parallel; None if there is a cycle. ``before``:
+    ids of steps done already (a re-plan's steps may depend on them)."""
+    done: set[int] = set(before)
     left = list(steps)
     waves: list[list[PlanStep]] = []
     while left:
@@ -87,8 +98,9 @@ def _waves(steps: list[PlanStep]) -> list[list[PlanStep]] | None:
 _FENCE_OPEN = re.compile(r"```(?:json)?[ \t]*\r?\n?[ \t]*\{")
 
 
-def parse_plan(text: str) -> Plan:
-    """Read a plan from the model's text (JSON, possibly fenced or wrapped in chatter)."""
+def parse_plan(text: str, done: Collection[int] = ()) -> Plan:
+    """Read a plan from the model's text (JSON, possibly fenced or wrapped in chatter).
+    ``done``: ids of steps already done, which its steps may depend on (a re-plan)."""
     # From the first "{" that opens a fenced block, else the first "{" at all; the JSON decoder
     # finds where the object ends. (A regex for the whole fenced block backtracked: 0.3 s of a
     # blocked event loop on 27 KB of "```json {" repeated, quadratic beyond.)
@@ -104,7 +116,7 @@ def parse_plan(text: str) -> Plan:
     if isinstance(value, list):
         value = {"steps": value}
     try:
-        return Plan.model_validate(value)
+        return Plan.model_validate(value, context={"done": set(done)})
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "plan"
@@ -122,7 +134,8 @@ class PlanExecuteAgent(Agent):
         self.max_steps = max_steps
         self.step_agent = ReActAgent(max_steps=step_react_steps)
 
-    async def make_plan(self, ctx: AgentContext, extra: str | None = None) -> Plan:
+    async def make_plan(self, ctx: AgentContext, extra: str | None = None,
+                        done: Collection[int] = ()) -> Plan:
         system = PLAN_SYSTEM.format(
             max_steps=self.max_steps,
             # Each tool's parameters too: the plan fills in its arguments.
@@ -134,22 +147,22 @@ class PlanExecuteAgent(Agent):
             messages.append(ChatMessage("user", extra))
         reply = await ctx.call_llm(messages, emit_tokens=False)
         try:
-            return self._parse(reply.content)
+            return self._parse(reply.content, done)
         except ValueError as first_error:
             messages += [reply, ChatMessage(
                 "user", f"That plan was not valid ({first_error}). Reply with the JSON plan only."
             )]
             reply = await ctx.call_llm(messages, emit_tokens=False)
             try:
-                return self._parse(reply.content)
+                return self._parse(reply.content, done)
             except ValueError as exc:
                 ctx.emit("thought", {"text": f"no valid plan ({exc}); using one step"})
                 # The question may be empty (a /v1 message with only an image, or "").
                 return Plan(steps=[PlanStep(id=1, task=ctx.question.strip() or
                                             "Answer the user's request.")])
 
-    def _parse(self, text: str) -> Plan:
-        plan = parse_plan(text)
+    def _parse(self, text: str, done: Collection[int] = ()) -> Plan:
+        plan = parse_plan(text, done)
         if len(plan.steps) > self.max_steps:  # the prompt asks for at most max_steps
             raise ValueError(f"the plan has {len(plan.steps)} steps; at most {self.max_steps}")
         return plan
@@ -166,8 +179,9 @@ class PlanExecuteAgent(Agent):
             first_ids = max(s.id for s in plan.steps)
             plan = await self.make_plan(ctx, extra=(
                 f"A step failed: {failure}. Results so far:\n{done}\n"
-                "Make a new plan for what is left, with new step ids."
-            ))
+                "Make a new plan for what is left, with new step ids; its steps may depend "
+                "on the steps above by their ids."
+            ), done=results.keys())
             plan = _renumber(plan, start=max(first_ids, *results, 0) + 1)
             try:
                 await self.execute(ctx, plan, results)
@@ -186,7 +200,7 @@ class PlanExecuteAgent(Agent):
 
     async def execute(self, ctx: AgentContext, plan: Plan, results: dict[int, str]) -> None:
         ctx.emit("plan", {"steps": [s.model_dump(exclude_none=True) for s in plan.steps]})
-        waves = _waves(plan.steps) or [plan.steps]
+        waves = _waves(plan.steps, results.keys()) or [plan.steps]
         for wave in waves:
             failures: list[str] = []
             async with trio.open_nursery() as nursery:
@@ -224,8 +238,11 @@ class PlanExecuteAgent(Agent):
 
 def _renumber(plan: Plan, start: int) -> Plan:
     mapping = {s.id: start + i for i, s in enumerate(plan.steps)}
-    return Plan(steps=[
-        s.model_copy(update={"id": mapping[s.id], "depends_on": [mapping[d] for d in s.depends_on]})
+    # Validated already (with the steps done before it, which a new Plan would not know).
+    return Plan.model_construct(steps=[
+        # (a dependency on a step of the first plan keeps its id)
+        s.model_copy(update={"id": mapping[s.id],
+                             "depends_on": [mapping.get(d, d) for d in s.depends_on]})
         for s in plan.steps
     ])
 

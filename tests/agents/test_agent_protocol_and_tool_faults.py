@@ -441,8 +441,6 @@ def flaky_fetch() -> str:
     raise ConnectionError("price server unreachable")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known (2026-12-04, not fixed): a re-plan cannot build on the first plan's results"))
 async def test_a_re_planned_step_is_given_the_results_it_builds_on(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
