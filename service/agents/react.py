@@ -12,6 +12,7 @@ import re
 
 from ..backends.base import ChatMessage, ToolCall
 from ..store import new_id
+from ..text import protocol_answer_so_far
 from .base import Agent, AgentContext, Observation
 from .react_parser import ReActStep, parse_react, up_to_the_action
 
@@ -53,6 +54,8 @@ class ReActAgent(Agent):
         )
 
     async def run(self, ctx: AgentContext) -> str:
+        # A turn cut short holds an answer only after its "Final Answer:" label.
+        ctx.handle.answer_of = protocol_answer_so_far
         messages = [ChatMessage("system", self.system_prompt(ctx)), *ctx.history]
         return await self.loop(ctx, messages)
 

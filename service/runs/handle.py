@@ -74,6 +74,9 @@ class RunHandle:
         self.final_stored = False
         self.end_error: ServiceError | None = None
         self.answer_parts: list[str] = []  # token text since the last step: the answer if cut
+        # How the agent's turn text holds its answer (the ReAct text protocol's labels), if not
+        # all of it is the answer.
+        self.answer_of: Callable[[str], str] | None = None
         self.error_event: dict[str, Any] | None = None  # the run's ``error``, sent at its end
         self.result_extra: dict[str, Any] = {}  # e.g. tool_calls, finish_reason for the reply
         self.final_text = ""  # the reply as stored at the end (answer, or partial text)
@@ -127,7 +130,9 @@ class RunHandle:
 
     @property
     def partial_text(self) -> str:
-        return "".join(self.answer_parts)
+        """The answer so far (the tokens since the last step), as the agent reads its turns."""
+        text = "".join(self.answer_parts)
+        return self.answer_of(text) if self.answer_of is not None else text
 
     # -- events ---------------------------------------------------------------------------------
 

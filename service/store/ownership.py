@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from ..text import protocol_answer_so_far
 from .records import STEP_EVENTS, ends_a_step, stored_data
 
 __all__ = ["LEASE", "alive", "close_interrupted", "owner_alive", "process_tag"]
@@ -134,6 +135,11 @@ def _boot_id() -> str:
 _alive = alive  # the name tests and older code use
 
 
+# Agents whose streamed turns may be the ReAct text protocol (auto may have routed to react):
+# a cut reply keeps only what follows "Final Answer:" (as the live run does).
+_TEXT_PROTOCOL_AGENTS = frozenset({"react", "auto"})
+
+
 class _Rows(Protocol):
     @property
     def rowcount(self) -> int: ...
@@ -190,6 +196,9 @@ def close_interrupted(execute: Execute, claim: str, run_id: str, reason: str, no
         elif ends_a_step(type_, told):
             parts.clear()
     partial = "".join(parts)
+    agent = execute("SELECT agent FROM runs WHERE id = ?", (run_id,)).fetchone()
+    if agent is not None and agent[0] in _TEXT_PROTOCOL_AGENTS:
+        partial = protocol_answer_so_far(partial)
     execute("UPDATE messages SET status = 'error', error = ?, content = ?, updated_at = ? "
             "WHERE run_id = ? AND status = 'pending'", (why, partial, now, run_id))
     if ended is None:

@@ -300,8 +300,6 @@ async def test_several_long_tool_outputs_in_one_step_do_not_fail_the_run(
     ("Thought: I know it now\nFinal Answer: The answer is four, because two and two", 8,
      "The answer"),
 ])
-@pytest.mark.xfail(strict=True, reason=(
-    "known (2026-12-04, not fixed): a text-protocol turn cut mid-way is stored with its labels"))
 async def test_a_react_text_turn_cut_short_does_not_store_the_protocol_as_the_reply(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, turn: str, cut_after: int,
     kept: str,

@@ -498,12 +498,16 @@ _THINKING_BETWEEN_TOKENS = (  # a chat run of a reasoning model: its tokens are 
     ("thought", {"text": " units?", "reasoning": True}),
     ("token", {"text": " 42"}),
 )
+_FINAL_ANSWER_BEGUN = (  # a ReAct text-protocol turn cut in its final answer
+    ("token", {"text": "Thought: I know it\nFinal Answer: The ans"}),
+)
 
 
 @pytest.mark.parametrize(("events", "kept"), [
     (_STEPS_THEN_ANSWER, "The answer is"),
     (_THINKING_BETWEEN_TOKENS, "The answer is 42"),
-], ids=["react-steps", "reasoning-between-tokens"])
+    (_FINAL_ANSWER_BEGUN, "The ans"),
+], ids=["react-steps", "reasoning-between-tokens", "final-answer-begun"])
 async def test_a_dead_process_s_cut_reply_keeps_the_answer_so_far_not_its_steps_text(
     db: Path | str, events: tuple[tuple[str, dict[str, object]], ...], kept: str,
 ) -> None:
