@@ -32,6 +32,7 @@ log = get_logger("service.agents")
 
 
 _IN_THREAD = partial(trio.to_thread.run_sync, abandon_on_cancel=True)
+TOOL_OUTPUT_CHARS = 16_000  # what a model (and the run's events) get of one tool's output
 
 
 def unicode_request(request: ChatRequest) -> ChatRequest:
@@ -199,9 +200,11 @@ class AgentContext:
         return ChatMessage("assistant", clean_text("".join(parts)), tuple(calls))
 
     async def call_tool(self, name: str, arguments: object, call_id: str,
-                        invalid_arguments: str | None = None) -> Observation:
+                        invalid_arguments: str | None = None,
+                        limit: int = TOOL_OUTPUT_CHARS) -> Observation:
         """Run a tool; any failure or timeout comes back as an error observation.
-        ``invalid_arguments``: the model's arguments were not a JSON object (not run)."""
+        ``invalid_arguments``: the model's arguments were not a JSON object (not run).
+        ``limit``: the characters of its output (or error) the model and its event get."""
         if invalid_arguments is not None:
             self.emit("tool.call", {"name": name, "arguments": {}, "call_id": call_id})
             refused = Observation(call_id, name, error=(
@@ -244,14 +247,14 @@ class AgentContext:
                                       error=f"tool {name} timed out after {timeout:g}s")
                     outcome = "timeout"
                 else:
-                    obs = _bounded(Observation(call_id, name, output=_jsonable(output)))
+                    obs = _bounded(Observation(call_id, name, output=_jsonable(output)), limit)
             except ToolArgumentsError as exc:
-                obs = _bounded(Observation(call_id, name, error=exc.message))
+                obs = _bounded(Observation(call_id, name, error=exc.message), limit)
                 outcome = "bad_arguments"
             except (Exception, SystemExit) as exc:
                 # SystemExit too: tools built on argparse or click exit on bad input, and a
                 # tool's failure is the model's observation, never the run's (or the service's).
-                obs = _bounded(Observation(call_id, name, error=_describe_failure(exc)))
+                obs = _bounded(Observation(call_id, name, error=_describe_failure(exc)), limit)
                 outcome = "error"
             except BaseException:
                 # The run is cancelled (by a client, its deadline, a shutdown) mid-call: the
@@ -281,9 +284,13 @@ class AgentContext:
             results[i] = refused
         calls = calls[:PARALLEL_TOOL_CALLS]
 
+        # The step's outputs share one budget: cut one by one, four long pages together still
+        # overflowed a model's context (the run failed context_length_exceeded).
+        share = TOOL_OUTPUT_CHARS // max(len(calls), 1)
+
         async def one(i: int, call: ToolCall) -> None:
             results[i] = await self.call_tool(call.name, call.arguments, call.id,
-                                              call.invalid_arguments)
+                                              call.invalid_arguments, limit=share)
 
         async with trio.open_nursery() as nursery:
             for i, call in enumerate(calls):
@@ -292,25 +299,24 @@ class AgentContext:
 
 
 PARALLEL_TOOL_CALLS = 16  # tool calls of one step run at once; past it, not run
-TOOL_OUTPUT_CHARS = 16_000  # what a model (and the run's events) get of one tool's output
 
 
-def _bounded(obs: Observation) -> Observation:
+def _bounded(obs: Observation, limit: int = TOOL_OUTPUT_CHARS) -> Observation:
     """An observation whose text fits ``TOOL_OUTPUT_CHARS``, cut with a note if it did not:
     a 1 MB page from a tool went whole to the model, whose context it overflowed (the run
     failed ``context_length_exceeded``), and whole into one stored event. An error too (an
     exception carrying a server's error page; a schema message quoting a huge argument)."""
     if obs.error is not None:
-        if len(obs.error) <= TOOL_OUTPUT_CHARS:
+        if len(obs.error) <= limit:
             return obs
-        kept = obs.error[:TOOL_OUTPUT_CHARS]
+        kept = obs.error[:limit]
         return Observation(obs.call_id, obs.name, error=(
             f"{kept}\n[the tool's error was cut here: {len(obs.error) - len(kept):,} more "
             "characters]"))
     text = obs.text()
-    if len(text) <= TOOL_OUTPUT_CHARS:
+    if len(text) <= limit:
         return obs
-    kept = text[:TOOL_OUTPUT_CHARS]
+    kept = text[:limit]
     return Observation(obs.call_id, obs.name, output=(
         f"{kept}\n[the tool's output was cut here: {len(text) - len(kept):,} more characters]"))
 

@@ -267,8 +267,6 @@ async def read_page(url: str) -> str:
     return "lorem " * 200_000  # an ordinary long page: cut to 16,000 characters
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known (2026-12-04, not fixed): the ReAct loop's messages have no total size budget"))
 async def test_several_long_tool_outputs_in_one_step_do_not_fail_the_run(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
