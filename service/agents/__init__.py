@@ -14,7 +14,7 @@ from ..runs import RunHandle, RunSpec
 from ..store import Conversation, Message, MessageStatus
 from ..tools import ToolRegistry
 from .auto import AutoAgent
-from .base import Agent, AgentContext, Observation, trim_history
+from .base import Agent, AgentContext, Observation, ToolThunk, trim_history
 from .chat import ChatAgent
 from .plan_execute import PlanExecuteAgent
 from .react import ReActAgent
@@ -83,13 +83,15 @@ def make_runner(
     # tool is abandoned but keeps its thread (and its limiter token) until it returns; with
     # trio's default limiter, shared with the store, 40 hung tools stopped every store read
     # and write, and with one limiter for all tools, one tool's hung calls stopped the rest.
-    tool_threads: dict[object, trio.CapacityLimiter] = {}
+    # By the tool's name (tools made by one factory, or two names for one function, each
+    # have their own).
+    tool_threads: dict[str, trio.CapacityLimiter] = {}
 
     async def in_tool_thread(fn: Callable[[], Any]) -> Any:
-        tool = getattr(fn, "func", fn)  # the tool's function (a partial with its arguments)
-        limiter = tool_threads.get(tool)
+        name = fn.tool.name if isinstance(fn, ToolThunk) else ""
+        limiter = tool_threads.get(name)
         if limiter is None:
-            limiter = tool_threads[tool] = trio.CapacityLimiter(TOOL_THREADS)
+            limiter = tool_threads[name] = trio.CapacityLimiter(TOOL_THREADS)
         return await trio.to_thread.run_sync(fn, abandon_on_cancel=True, limiter=limiter)
 
     async def run(handle: RunHandle, spec: RunSpec, nursery: trio.Nursery) -> str:

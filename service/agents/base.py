@@ -68,6 +68,17 @@ def _unicode_call(call: ToolCall) -> ToolCall:
                    invalid_arguments=clean_json(call.invalid_arguments))
 
 
+class ToolThunk:
+    """A sync tool's call, for a worker thread: ``run_sync`` can tell which tool it is."""
+
+    def __init__(self, tool: Tool, arguments: dict[str, Any]) -> None:
+        self.tool = tool
+        self.arguments = arguments
+
+    def __call__(self) -> Any:
+        return self.tool.fn(**self.arguments)
+
+
 @dataclass(frozen=True)
 class Observation:
     """What a tool call gave back, as the model will see it."""
@@ -239,7 +250,7 @@ class AgentContext:
                         output = await tool.fn(**valid)
                     else:
                         # A sync tool has no checkpoints: abandon its thread on cancel.
-                        output = await self.run_sync(partial(tool.fn, **valid))
+                        output = await self.run_sync(ToolThunk(tool, valid))
                         if inspect.isawaitable(output):  # async behind a plain wrapper
                             output = await output
                 if budget.cancelled_caught:

@@ -14,7 +14,7 @@ from ..backends.base import ChatMessage, ToolCall
 from ..store import new_id
 from ..text import protocol_answer_so_far
 from .base import Agent, AgentContext, Observation
-from .react_parser import ReActStep, parse_react, up_to_the_action
+from .react_parser import ReActStep, has_action_input, parse_react, up_to_the_action
 
 __all__ = ["REACT_SYSTEM", "ReActAgent", "StepLimitReached"]
 
@@ -67,7 +67,7 @@ class ReActAgent(Agent):
         tools = list(ctx.tools)
         names = {t.name for t in tools}
         native = False  # the model called tools natively: its plain text is its answer
-        for _step in range(self.max_steps):
+        for turn in range(self.max_steps):
             reply = await ctx.call_llm(messages, tools=tools)
             if reply.tool_calls:
                 native = True
@@ -78,7 +78,8 @@ class ReActAgent(Agent):
                 messages += [_tool_message(o) for o in observations]
                 continue
             step = parse_react(reply.content, tools=names)
-            if not step.is_final and (native or _prose(step, names)):
+            first = turn == 0
+            if not step.is_final and (native or (first and _prose(step, names, reply.content))):
                 # Not the text protocol's action ("- **Action:** rotate the logs" in a
                 # summary) but prose: the answer.
                 return reply.content.strip()
@@ -108,12 +109,13 @@ class ReActAgent(Agent):
         return unfinished
 
 
-def _prose(step: ReActStep, tools: set[str]) -> bool:
-    """An "Action:" that is a line of prose, not a call: no thought before it, and not a tool
-    name at all (words with spaces: "- **Action:** rotate the logs daily" in a summary)."""
+def _prose(step: ReActStep, tools: set[str], text: str) -> bool:
+    """A first turn's "Action:" that is a line of prose, not a call: no thought before it, no
+    "Action Input:", and not a tool name at all (words with spaces: "- **Action:** rotate the
+    logs daily" in a summary). A call of a misspelt tool is still one (the model is told)."""
     action = (step.action or "").strip()
     return (bool(action) and action not in tools and step.thought is None
-            and re.search(r"\s", action) is not None)
+            and re.search(r"\s", action) is not None and not has_action_input(text))
 
 
 class StepLimitReached(Exception):

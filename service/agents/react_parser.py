@@ -26,7 +26,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ReActStep", "parse_react", "up_to_the_action"]
+__all__ = ["ReActStep", "has_action_input", "parse_react", "up_to_the_action"]
 
 _LABEL = r"^[ \t>*_#-]*{name}[ \t*_]*:[ \t*]*"
 _THOUGHT = re.compile(_LABEL.format(name="thought"), re.I | re.M)
@@ -119,7 +119,7 @@ def parse_react(text: str, *, final_first: bool = False,
     if action_m and not (final_m and (final_first or final_m.start() < action_m.start())):
         name = _section(text, action_m.end()).splitlines()[0:1]
         action = name[0].strip().strip("`*'\"") if name else ""
-        input_m = _INPUT.search(text, action_m.end())
+        input_m = _input_of(text, action_m)
         if input_m:
             action_input = _parse_input(_section(text, input_m.end()))
         else:
@@ -155,8 +155,25 @@ def up_to_the_action(text: str) -> str:
     action_m = _ACTION.search(text)
     if action_m is None:
         return text.rstrip()
-    input_m = _INPUT.search(text, action_m.end())
+    input_m = _input_of(text, action_m)
     start = input_m.end() if input_m else action_m.end()
     ends = [m.start() for rx in (_THOUGHT, _ACTION, _FINAL, _OBSERVATION)
             for m in rx.finditer(text, start)]
     return text[:min(ends, default=len(text))].rstrip()
+
+
+def _input_of(text: str, action_m: re.Match[str]) -> re.Match[str] | None:
+    """The Action Input label of the action at ``action_m``: the next label after it, if it is
+    one (an input further on, after an Observation and a Thought the model made up, belongs to
+    an action of its own invention, not to this one)."""
+    input_m = _INPUT.search(text, action_m.end())
+    if input_m is None:
+        return None
+    between = [m for rx in (_THOUGHT, _ACTION, _FINAL, _OBSERVATION)
+               if (m := rx.search(text, action_m.end(), input_m.start())) is not None]
+    return None if between else input_m
+
+
+def has_action_input(text: str) -> bool:
+    """Whether a turn has an "Action Input:" label (then its Action is a call, not prose)."""
+    return _INPUT.search(text) is not None

@@ -21,8 +21,9 @@ Shape: a receive loop and a send loop are sibling tasks in the handler's nursery
 forwarder task there that reads the run's events and queues them for the send loop (a bounded
 channel: a slow socket slows only its forwarders, never a run). At most 32 runs are being started
 or forwarded per socket: more are refused (``too_many_runs``). The receive loop never waits on
-the send queue (cancels, and the socket's disconnect, come through it): a client whose replies
-find that queue full reads nothing, and is closed (1008). When the socket drops, quart-trio
+the send loop (cancels, and the socket's disconnect, come through it): its replies go in a queue
+of their own, sent ahead of the runs' events; a client that leaves ``_REPLY_QUEUE`` of them
+unsent reads nothing, and is closed (1008). When the socket drops, quart-trio
 cancels the handler: the nursery unwinds and runs started with ``on_disconnect: cancel`` (the
 default) are cancelled; ``continue`` runs go on and can be re-joined over SSE. At a shutdown,
 once the runs are drained and their ends forwarded, the socket is closed with 1001 Going Away.
@@ -31,6 +32,7 @@ once the runs are drained and their ends forwarded, the socket is closed with 10
 from __future__ import annotations
 
 import json
+from collections import deque
 from typing import Any, Literal
 
 import trio
@@ -66,6 +68,7 @@ _ECHO_CHARS = 200  # ... each cut to this length
 _ID_CHARS = 200  # an id longer than this is refused (a not_found would carry it back whole)
 _CLOSE_WAIT = 5.0  # seconds a closing socket waits for its runs' ends, and for its close frame
 _GOING_AWAY: dict[str, Any] = {}  # queued last on a shutdown: the send loop closes with 1001
+_REPLY_QUEUE = 64  # replies to a client's own messages not yet sent: past it, it reads nothing
 
 
 class WsMessage(JsonRequest):
@@ -122,6 +125,11 @@ class _Session:
         self.slots = trio.Semaphore(_RUNS_PER_SOCKET)  # start_run tasks (each releases one)
         self._ended = trio.Event()  # a start_run task ended (re-armed by its waiter)
         self.cancels = trio.Semaphore(_CANCELS_PER_SOCKET)  # cancels waiting for the store
+        # Replies to the client's own messages: sent before the runs' events (which fill the
+        # send queue whenever a run streams faster than the socket drains: a full queue is
+        # a client briefly behind, not one that reads nothing).
+        self.replies: deque[dict[str, Any]] = deque()
+        self._waiting: trio.CancelScope | None = None  # the send loop's wait for an event
 
     async def receive_loop(self) -> None:
         limit = self.svc.settings.max_body_bytes
@@ -178,12 +186,40 @@ class _Session:
         """A reply to the client's own message, from the receive loop: never waited for. The
         loop must go on reading (cancels, and the socket's disconnect, which hypercorn hands
         over through a queue this loop drains: waiting here on a peer that reads nothing held
-        that disconnect, and with it every run of the socket, for good). A client whose
-        replies fill the send queue does not read them: it is closed (``NotReading``)."""
-        try:
-            self.send.send_nowait(msg)
-        except trio.WouldBlock:
-            raise NotReading from None
+        that disconnect, and with it every run of the socket, for good). Replies go first,
+        ahead of the runs' events; a client that leaves ``_REPLY_QUEUE`` of them unsent reads
+        nothing: it is closed (``NotReading``)."""
+        if len(self.replies) >= _REPLY_QUEUE:
+            raise NotReading
+        self.replies.append(msg)
+        if self._waiting is not None:
+            self._waiting.cancel()  # the send loop is waiting for an event: it sends this now
+
+    async def send_loop(self, recv: trio.MemoryReceiveChannel[dict[str, Any] | str],
+                        done: trio.CancelScope) -> None:
+        """The one task that sends on the socket: replies first, then the runs' events (and
+        last, at a shutdown, the close)."""
+        while True:
+            while self.replies:
+                await _send(self.replies.popleft())
+            with trio.CancelScope() as waiting:
+                self._waiting = waiting
+                try:
+                    msg = await recv.receive()
+                except trio.EndOfChannel:
+                    return
+                finally:
+                    self._waiting = None
+            if waiting.cancelled_caught:
+                continue  # a reply came (a memory channel's receive loses nothing when cut)
+            if msg is _GOING_AWAY:
+                while self.replies:
+                    await _send(self.replies.popleft())
+                with trio.move_on_after(_CLOSE_WAIT):
+                    await websocket.close(1001, "the service is shutting down")
+                done.cancel()
+                return
+            await _send(msg)
 
     async def start_run(self, m: WsMessage, request: Any) -> None:
         try:
@@ -278,19 +314,12 @@ class NotReading(Exception):
     """The client's replies fill its send queue: it reads nothing."""
 
 
-async def _send_loop(recv: trio.MemoryReceiveChannel[dict[str, Any] | str],
-                     done: trio.CancelScope) -> None:
-    async for msg in recv:
-        if msg is _GOING_AWAY:
-            with trio.move_on_after(_CLOSE_WAIT):
-                await websocket.close(1001, "the service is shutting down")
-            done.cancel()
-            return
-        # Events are encoded strictly where they are made; the replies made here are too (a
-        # browser's JSON.parse refuses NaN and Infinity).
-        text = msg if isinstance(msg, str) else json.dumps(
-            strict_json(msg), separators=(",", ":"), allow_nan=False)
-        await websocket.send(text)
+async def _send(msg: dict[str, Any] | str) -> None:
+    # Events are encoded strictly where they are made; the replies made here are too (a
+    # browser's JSON.parse refuses NaN and Infinity).
+    text = msg if isinstance(msg, str) else json.dumps(
+        strict_json(msg), separators=(",", ":"), allow_nan=False)
+    await websocket.send(text)
 
 
 @blueprint.websocket("/api/ws")
@@ -303,12 +332,15 @@ async def ws() -> None:
     try:
         async with trio.open_nursery() as nursery:
             session = _Session(svc, current_owner(), nursery, send)
-            nursery.start_soon(_send_loop, recv, nursery.cancel_scope)
+            nursery.start_soon(session.send_loop, recv, nursery.cancel_scope)
             nursery.start_soon(session.close_when_drained)
             try:
                 await session.receive_loop()
             except NotReading:
                 reason = "the client read nothing of its socket (closed)"
+                # At once: the send loop may be held in a write to this peer (hypercorn's
+                # writes are shielded; sendstall bounds them), and the runs must not wait.
+                session.abandon(reason)
                 nursery.cancel_scope.cancel()
         if reason != "client disconnected":
             with trio.move_on_after(_CLOSE_WAIT):

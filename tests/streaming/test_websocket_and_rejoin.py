@@ -211,14 +211,14 @@ async def test_ws_deeply_nested_json_gets_an_error_not_a_dropped_socket(
     sock = FakeSocket()
     monkeypatch.setattr(ws_mod, "websocket", sock)
     async with supervisor_env(tmp_path, ScriptedBackend()) as env:
-        send, recv = trio.open_memory_channel[Any](10)
+        send, _recv = trio.open_memory_channel[Any](10)
         async with trio.open_nursery() as nursery:
             session = ws_mod._Session(_services(tmp_path, env), None, nursery, send)
             sock.incoming_send.send_nowait("[" * 100_000)  # 100 kB, far under the size limit
             sock.incoming_send.send_nowait("{}")
             nursery.start_soon(session.receive_loop)
             await trio.testing.wait_all_tasks_blocked()
-            replies = [m for m in iter(lambda: _nowait(recv), None)]
+            replies = list(session.replies)  # (no send loop here: the replies wait for it)
             nursery.cancel_scope.cancel()
         assert len(replies) == 2, replies
 
@@ -296,7 +296,8 @@ async def test_a_cancel_is_read_while_a_socket_has_its_maximum_of_runs(
             first = next(iter(session.runs.values()))[0]
             sock.incoming_send.send_nowait(json.dumps({"type": "cancel", "run_id": first.id}))
             await first.finished.wait()
-            replies = [m for m in iter(lambda: _nowait(recv), None) if isinstance(m, dict)]
+            replies = [*session.replies,  # (no send loop: they wait for it, ahead of events)
+                       *(m for m in iter(lambda: _nowait(recv), None) if isinstance(m, dict))]
             nursery.cancel_scope.cancel()
         assert first.status.value == "cancelled"
         refused = [m for m in replies if m.get("type") == "error"]
