@@ -157,7 +157,7 @@ class _Session:
                     # another run must not wait behind this run's first store write). At most
                     # _RUNS_PER_SOCKET such tasks at once (more are refused), so a client that
                     # sends but does not read cannot pile up tasks, or finished runs held by
-                    # forwarders stuck on its full queue: its refusals fill the send queue,
+                    # forwarders stuck on its full queue: its refusals fill its reply queue,
                     # and then it is closed (``reply``).
                     m = WsMessage.model_validate(msg)
                     try:
@@ -311,7 +311,7 @@ class _Session:
 
 
 class NotReading(Exception):
-    """The client's replies fill its send queue: it reads nothing."""
+    """The client left ``_REPLY_QUEUE`` replies unsent: it reads nothing."""
 
 
 async def _send(msg: dict[str, Any] | str) -> None:
