@@ -10,6 +10,7 @@ rest and wait for their final state to be stored, then close the backends and th
 
 from __future__ import annotations
 
+import os
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
 
@@ -85,6 +86,8 @@ async def _start_services(app: QuartTrio, svc: Services, backend: Backend | None
         stack.push_async_callback(backend.aclose)
         if isinstance(backend, FleetBackend):
             app.nursery.start_soon(_keep_fleet_fresh, backend)
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # --workers: siblings read our gauges
+            app.nursery.start_soon(svc.metrics.keep_gauges_fresh)
     svc.backend = backend
     svc.supervisor = await app.nursery.start(supervisor.serve)
 

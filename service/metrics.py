@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 __all__ = ["METRICS", "Metrics"]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+GAUGES_EVERY = 1.0  # seconds between a worker's refreshes of its live gauges (--workers)
 _FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
 
 
@@ -76,11 +78,25 @@ class Metrics:
             buckets=_FAST_BUCKETS, registry=r,
         )
 
+    def collect(self) -> None:
+        """Set the gauges whose owners keep live values (the fleet's up, cool-down, models)."""
+        for collect in list(self.collectors):
+            collect()
+
+    # Only ever started with nursery.start_soon by the app's lifespan, which owns it.
+    async def keep_gauges_fresh(self, every: float = GAUGES_EVERY) -> None:
+        """With several workers, each keeps its gauges fresh: a worker's file is read by
+        whichever worker renders ``/metrics``, and a value set only when that worker rendered
+        went stale (a backend shown up that every worker had in cool-down, a cool-down that
+        had ended)."""
+        while True:
+            self.collect()
+            await trio.sleep(every)
+
     def render(self) -> bytes:
         """The text exposition; with several workers (``--workers``: each writes its values to
         ``PROMETHEUS_MULTIPROC_DIR``), every worker's, summed."""
-        for collect in list(self.collectors):
-            collect()
+        self.collect()
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
             MultiProcessCollector(registry)

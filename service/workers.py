@@ -39,7 +39,8 @@ __all__ = ["serve_workers"]
 log = get_logger("service.workers")
 
 _READY_TIMEOUT = 180.0  # seconds a worker may take to start (the embedded model loads then)
-_STOP_TIMEOUT = 60.0  # seconds workers get to drain after SIGTERM before they are killed
+_STOP_MARGIN = 10.0  # seconds past a worker's own shutdown bound before it is killed
+_GIVE_UP = 5  # replacements in a row that fail to start, with no worker up: the service stops
 _RESTART_SOON = 10.0  # a worker dying within this many seconds of its start...
 _RESTART_FIRST, _RESTART_MAX = 0.5, 30.0  # ... is restarted after a pause, doubling
 
@@ -84,15 +85,22 @@ class _Pool:
     failed: bool = False
     exit_codes: list[int] = field(default_factory=list)
     procs: dict[int, BaseProcess] = field(default_factory=dict)  # worker slot -> process
+    up: set[int] = field(default_factory=set)  # slots whose worker listens now
 
     async def run_slot(self, slot: int, *, task_status: trio.TaskStatus[None]) -> None:
         """Keep worker ``slot`` alive until the pool stops; started once its first process
         listens (or the start failed)."""
         first = True
         pause = _RESTART_FIRST
+        failed_starts = 0  # in a row
         while True:
             began = trio.current_time()
             proc, up = await self._start(slot)
+            if up:
+                self.up.add(slot)
+                failed_starts = 0
+            else:
+                failed_starts += 1
             if first:
                 task_status.started()
                 if not up and not self.stopping:
@@ -109,12 +117,26 @@ class _Pool:
             proc.join()
             code = proc.exitcode if proc.exitcode is not None else 1
             _mark_dead(proc.pid)
+            self.up.discard(slot)
             if self.stopping:
                 # A worker stopped before it could listen was stopped, not failed.
                 self.exit_codes.append(code if up else 0)
                 return
-            log.error("worker %d (pid %s) died (exit %s); starting another", slot, proc.pid,
-                      code)
+            if not up and failed_starts >= _GIVE_UP and not self.up:
+                # Nothing serves, and nothing can (a bad deploy on disk, the store gone): the
+                # port would accept connections nobody answers, and a process manager would
+                # never see a failure. Stop, exit 1.
+                log.error("worker %d could not start %d times in a row and no worker is up: "
+                          "stopping the service", slot, failed_starts)
+                self.failed = True
+                self.stop()
+                self.exit_codes.append(1)
+                return
+            if up:
+                log.error("worker %d (pid %s) died (exit %s); starting another", slot,
+                          proc.pid, code)
+            else:
+                log.error("worker %d (pid %s) could not start; trying again", slot, proc.pid)
             # One that keeps dying soon after its start is restarted ever more slowly.
             if trio.current_time() - began < _RESTART_SOON:
                 await trio.sleep(pause)
@@ -173,7 +195,19 @@ def _mark_dead(pid: int | None) -> None:
     multiprocess.mark_process_dead(pid)
 
 
+def _stop_timeout(pool: _Pool) -> float:
+    """Seconds workers get to drain after SIGTERM before they are killed: a worker's own bound
+    (the drain, its final writes' budgets, closing, hypercorn's graceful timeout) and a margin:
+    a fixed 60 s cut a drain that SERVICE_SHUTDOWN_DRAIN allowed longer."""
+    from .lifespan import _CLOSE_BUDGET
+    from .runs.committer import FINAL_WRITE_BUDGET
+
+    return (pool.settings.shutdown_drain + 3 * FINAL_WRITE_BUDGET + _CLOSE_BUDGET
+            + float(pool.config.graceful_timeout) + _STOP_MARGIN)
+
+
 async def _supervise(pool: _Pool, workers: int) -> None:
+    stop_timeout = _stop_timeout(pool)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -181,8 +215,9 @@ async def _supervise(pool: _Pool, workers: int) -> None:
                 async for signum in signals:
                     log.info("received %s: stopping %d workers",
                              signal.Signals(signum).name, workers)
+                    if not pool.stopping:  # a repeated signal does not move the deadline
+                        nursery.cancel_scope.deadline = trio.current_time() + stop_timeout
                     pool.stop()
-                    nursery.cancel_scope.deadline = trio.current_time() + _STOP_TIMEOUT
 
             nursery.start_soon(on_signal)
             async with trio.open_nursery() as slots:
@@ -195,7 +230,7 @@ async def _supervise(pool: _Pool, workers: int) -> None:
                     log.info("Running on %s with %d workers", binds, workers)
             nursery.cancel_scope.cancel()
     if any(proc.is_alive() for proc in pool.procs.values()):
-        log.error("workers still running after %ss: killed", _STOP_TIMEOUT)
+        log.error("workers still running after %gs: killed", stop_timeout)
         pool.kill_all()
         pool.exit_codes.append(1)
 

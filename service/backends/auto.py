@@ -133,9 +133,12 @@ class AutoBackend:
 
     def _succeeded(self, backend: Backend) -> None:
         st = self._state[id(backend)]
+        cooling = st.cooldown_until != float("-inf")
         st.failures = 0
         st.cooldown_until = float("-inf")
         st.last_error = None
+        if cooling:
+            self._state_changed()
 
     def _failed(self, backend: Backend, exc: BackendError) -> None:
         st = self._state[id(backend)]
@@ -145,6 +148,10 @@ class AutoBackend:
         st.failures += 1
         if st.failures >= self.failure_threshold:
             st.cooldown_until = trio.current_time() + self.cooldown
+            self._state_changed()
+
+    def _state_changed(self) -> None:
+        """A backend's cool-down or readiness changed (a fleet sets its gauges then)."""
 
     def _skip_reason(self, backend: Backend, now: float) -> str | None:
         st = self._state[id(backend)]
@@ -270,7 +277,10 @@ class AutoBackend:
                 health = BackendHealth(backend.name, backend.url, reachable=False, ready=False,
                                        latency=trio.current_time() - started,
                                        error=f"no answer within {self.probe_timeout:g}s")
+            changed = st.health is None or st.health.ready != health.ready
             st.health, st.health_at = health, trio.current_time()
+            if changed:
+                self._state_changed()
 
         async with trio.open_nursery() as nursery:
             for backend in self.backends:

@@ -133,12 +133,18 @@ class FleetBackend(AutoBackend):
         now = trio.current_time()
         model = request.model or self.default_model
         count = len(self.backends)
-        usable = [i for i, b in enumerate(self.backends) if self._skip_reason(b, now) is None]
-        usable = usable or list(range(count))
+        up = [i for i, b in enumerate(self.backends) if self._skip_reason(b, now) is None]
+        usable = up or list(range(count))
         if model is not None:
-            having = [i for i in usable if (inv := self.inventories[i]).models is None
-                      or self._serves(i, inv.models, model)]
-            usable = having or usable
+            # The model's servers first, up or not: with its only server down, the call goes
+            # there (and fails 503, to be retried), not to servers without it (a 404
+            # model_not_found a client takes for good). A server whose list is unknown may
+            # serve it while it is up.
+            serving = [i for i in range(count)
+                       if ((inv := self.inventories[i]).models is None and i in up)
+                       or (inv.models is not None and self._serves(i, inv.models, model))]
+            if serving:
+                usable = [i for i in serving if i in up] or serving
         affine: int | None = None
         conversation = request.conversation_id
         if conversation is not None and (affine := self._affinity.get(conversation)) is not None:
@@ -202,6 +208,13 @@ class FleetBackend(AutoBackend):
             st.health = BackendHealth(backend.name, backend.url, reachable=False, ready=False,
                                       error=exc.message)
             st.health_at = trio.current_time()
+            self._state_changed()
+
+    def _state_changed(self) -> None:
+        # At once, not only before a render: with several workers /metrics shows the highest
+        # of the workers' files, and one written only when its worker rendered went stale.
+        if self._gauges is not None:
+            self.export_metrics()
 
     def server_of(self, conversation_id: str) -> Backend | None:
         """The server a conversation's next call goes to first, if it has one."""
@@ -253,6 +266,7 @@ class FleetBackend(AutoBackend):
             st.health_at = now
             self.inventories[i] = Inventory(self.inventories[i].models,
                                             self.inventories[i].loaded, now, error)
+            self._state_changed()
             return
         if member.models:
             models = frozenset(member.models)
