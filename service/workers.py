@@ -17,6 +17,7 @@ Metrics: every worker writes its Prometheus values to files in one directory
 from __future__ import annotations
 
 import ctypes
+import math
 import multiprocessing
 import os
 import shutil
@@ -85,7 +86,11 @@ class _Pool:
     failed: bool = False
     exit_codes: list[int] = field(default_factory=list)
     procs: dict[int, BaseProcess] = field(default_factory=dict)  # worker slot -> process
-    up: set[int] = field(default_factory=set)  # slots whose worker listens now
+    # Whether each slot's latest start came up (a worker restarting after a crash counts as
+    # up until its new start fails): the service gives up only when every slot's has failed.
+    started_ok: dict[int, bool] = field(default_factory=dict)
+    scope: trio.CancelScope | None = None  # the parent's wait for its workers
+    stop_timeout: float = math.inf  # ... bounded by this once the pool stops
 
     async def run_slot(self, slot: int, *, task_status: trio.TaskStatus[None]) -> None:
         """Keep worker ``slot`` alive until the pool stops; started once its first process
@@ -96,11 +101,8 @@ class _Pool:
         while True:
             began = trio.current_time()
             proc, up = await self._start(slot)
-            if up:
-                self.up.add(slot)
-                failed_starts = 0
-            else:
-                failed_starts += 1
+            self.started_ok[slot] = up
+            failed_starts = 0 if up else failed_starts + 1
             if first:
                 task_status.started()
                 if not up and not self.stopping:
@@ -117,17 +119,17 @@ class _Pool:
             proc.join()
             code = proc.exitcode if proc.exitcode is not None else 1
             _mark_dead(proc.pid)
-            self.up.discard(slot)
             if self.stopping:
                 # A worker stopped before it could listen was stopped, not failed.
                 self.exit_codes.append(code if up else 0)
                 return
-            if not up and failed_starts >= _GIVE_UP and not self.up:
+            if (not up and failed_starts >= _GIVE_UP
+                    and not any(self.started_ok.get(i, True) for i in self.procs)):
                 # Nothing serves, and nothing can (a bad deploy on disk, the store gone): the
                 # port would accept connections nobody answers, and a process manager would
                 # never see a failure. Stop, exit 1.
-                log.error("worker %d could not start %d times in a row and no worker is up: "
-                          "stopping the service", slot, failed_starts)
+                log.error("worker %d could not start %d times in a row and no worker could "
+                          "either: stopping the service", slot, failed_starts)
                 self.failed = True
                 self.stop()
                 self.exit_codes.append(1)
@@ -166,8 +168,11 @@ class _Pool:
         return proc, up
 
     def stop(self) -> None:
-        """Tell every worker to drain and exit (sync; idempotent)."""
+        """Tell every worker to drain and exit (sync; idempotent). However the stop came (a
+        signal, a failed start, giving up), the parent's wait for them is bounded from here."""
         self.stopping = True
+        if self.scope is not None and self.scope.deadline == math.inf:
+            self.scope.deadline = trio.current_time() + self.stop_timeout
         for proc in self.procs.values():
             if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, signal.SIGTERM)
@@ -215,9 +220,9 @@ async def _supervise(pool: _Pool, workers: int) -> None:
                 async for signum in signals:
                     log.info("received %s: stopping %d workers",
                              signal.Signals(signum).name, workers)
-                    if not pool.stopping:  # a repeated signal does not move the deadline
-                        nursery.cancel_scope.deadline = trio.current_time() + stop_timeout
-                    pool.stop()
+                    pool.stop()  # (a repeated signal does not move the deadline)
+
+            pool.scope, pool.stop_timeout = nursery.cancel_scope, stop_timeout
 
             nursery.start_soon(on_signal)
             async with trio.open_nursery() as slots:

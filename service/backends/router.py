@@ -144,7 +144,16 @@ class FleetBackend(AutoBackend):
                        if ((inv := self.inventories[i]).models is None and i in up)
                        or (inv.models is not None and self._serves(i, inv.models, model))]
             if serving:
-                usable = [i for i in serving if i in up] or serving
+                live = [i for i in serving if i in up]
+                if live:
+                    usable = live
+                else:
+                    # All of them down: they come first (their failure is a 503), then the
+                    # lower tiers that are up (under auto, llama.cpp's server answers any
+                    # model name while Ollama is away); never another server of their tier.
+                    best = min(self.members[i].priority for i in serving)
+                    usable = serving + [i for i in up if i not in serving
+                                        and self.members[i].priority > best]
         affine: int | None = None
         conversation = request.conversation_id
         if conversation is not None and (affine := self._affinity.get(conversation)) is not None:
