@@ -8,9 +8,6 @@ import os
 import re
 import signal
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,36 +15,13 @@ import httpx
 import pytest
 import trio
 
-from service.sim import Reply, Simulator, serve
+from service.sim import Reply, Simulator
 
+from .operations.test_fleet_and_worker_pool_faults import killable
 from .operations.test_workers_faults import _env, _reap, _spawn, _start
 from .servers import running_server
 
 GUARD = 60
-
-
-# Only ever started with nursery.start.
-async def _serve_in(  # noqa: ASYNC114
-    sim: Simulator, scope: trio.CancelScope, *,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    with scope:
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(partial(serve, sim))
-            task_status.started(port)
-
-
-@asynccontextmanager
-async def killable(*sims: Simulator) -> AsyncIterator[list[trio.CancelScope]]:
-    """Serve each simulator on loopback; cancelling its scope kills it (its port closes)."""
-    async with trio.open_nursery() as nursery:
-        scopes = []
-        for sim in sims:
-            scope = trio.CancelScope()
-            await nursery.start(_serve_in, sim, scope)
-            scopes.append(scope)
-        yield scopes
-        nursery.cancel_scope.cancel()
 
 
 async def _until_refused(port: int) -> None:

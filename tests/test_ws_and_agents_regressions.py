@@ -24,23 +24,12 @@ from service.settings import load_settings
 from service.store import SQLiteStore
 from service.tools import Tool, ToolRegistry
 
-from .api.test_ws_and_v1_faults import BIG, GUARD, RawWS, _conversation
+from .api.test_ws_and_v1_faults import BIG, GUARD, RawWS, _conversation, _record_sessions
 from .fakes import Reply, ScriptedBackend, supervisor_env
 from .servers import running_server
 
 # -- WebSocket ------------------------------------------------------------------------------------
 
-
-def _record_sessions(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    sessions: list[Any] = []
-
-    class Recorded(ws_mod._Session):
-        def __init__(self, *args: Any) -> None:
-            super().__init__(*args)
-            sessions.append(self)
-
-    monkeypatch.setattr(ws_mod, "_Session", Recorded)
-    return sessions
 
 
 async def test_a_client_that_reads_nothing_but_stays_connected_has_its_runs_cancelled(

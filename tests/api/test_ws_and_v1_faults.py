@@ -108,6 +108,19 @@ async def _conversation(srv: RunningServer) -> str:
 BIG = ("x" * 4000 + " ") * 3100  # 12 MB of tokens: far more than socket buffers and the queue
 
 
+def _record_sessions(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The WebSocket sessions the server makes, as it makes them."""
+    sessions: list[Any] = []
+
+    class Recorded(ws_mod._Session):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            sessions.append(self)
+
+    monkeypatch.setattr(ws_mod, "_Session", Recorded)
+    return sessions
+
+
 async def test_a_ws_client_that_vanishes_with_requests_queued_has_its_run_cancelled(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -118,14 +131,7 @@ async def test_a_ws_client_that_vanishes_with_requests_queued_has_its_run_cancel
     # app_put(websocket.disconnect) - into the full queue, from inside the app's own blocked
     # websocket.send: nothing moves again. The run (on_disconnect: cancel) streams on for
     # nobody until SERVICE_RUN_TIMEOUT, the upstream stays open, the handler never ends.
-    sessions: list[Any] = []
-
-    class Recorded(ws_mod._Session):
-        def __init__(self, *args: Any) -> None:
-            super().__init__(*args)
-            sessions.append(self)
-
-    monkeypatch.setattr(ws_mod, "_Session", Recorded)
+    sessions = _record_sessions(monkeypatch)
     backend = ScriptedBackend(lambda req: Reply(BIG, hang_after=3000))
     settings = load_settings(db=tmp_path / "s.db")  # stall limit 60 s: not what ends it here
     async with running_server(settings, backend) as srv:
