@@ -258,14 +258,16 @@ class AgentContext:
                                       error=f"tool {name} timed out after {timeout:g}s")
                     outcome = "timeout"
                 else:
-                    obs = _bounded(Observation(call_id, name, output=_jsonable(output)), limit)
+                    obs = _bounded(Observation(
+                        call_id, name, output=clean_json(_jsonable(output))), limit)
             except ToolArgumentsError as exc:
-                obs = _bounded(Observation(call_id, name, error=exc.message), limit)
+                obs = _bounded(Observation(call_id, name, error=clean_text(exc.message)), limit)
                 outcome = "bad_arguments"
             except (Exception, SystemExit) as exc:
                 # SystemExit too: tools built on argparse or click exit on bad input, and a
                 # tool's failure is the model's observation, never the run's (or the service's).
-                obs = _bounded(Observation(call_id, name, error=_describe_failure(exc)), limit)
+                obs = _bounded(Observation(
+                    call_id, name, error=clean_text(_describe_failure(exc))), limit)
                 outcome = "error"
             except BaseException:
                 # The run is cancelled (by a client, its deadline, a shutdown) mid-call: the

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 import trio
 
-from ..errors import ShuttingDown
+from ..errors import ShuttingDown, StoreUnavailable
+from ..logs import get_logger
 from ..store import Store
 from ..store.records import RunEvent
+from .backoff import Backoff
 from .committer import unstored_end
 from .handle import ResumeFrom, Subscription
 from .reads import READ_LIMIT
@@ -30,6 +32,9 @@ __all__ = ["EventReader", "Keepalive"]
 _POLL_FIRST = 0.1  # seconds between store reads while waiting for what only the store will have,
 _POLL_MAX = 1.0  # ... doubling while nothing comes, up to this
 _WHERE_TTL = 1.0  # seconds another instance's ownership of a followed run is taken as known
+_READ_RETRY_MAX = 10.0  # seconds a read the store refuses is tried again (and 2 keep-alives)
+
+log = get_logger("service.runs")
 
 
 @dataclass(frozen=True)
@@ -196,6 +201,24 @@ class EventReader:
         return event
 
     async def _read_store(self) -> list[RunEvent]:
+        """The run's stored events after the cursor. A read the store refuses for a moment
+        (``StoreUnavailable``: a connection lost, a database restarting) is tried again,
+        backing off, for up to two keep-alive intervals (at most ``_READ_RETRY_MAX`` s): a
+        blip is not the stream's end. A /v1 client cannot re-join, so a 503 there had its SDK
+        run the whole completion again, while the first run went on to be stored."""
+        backoff = Backoff()
+        give_up = trio.current_time() + min(2 * self._keepalive, _READ_RETRY_MAX)
+        while True:
+            try:
+                return await self._read_once()
+            except StoreUnavailable as exc:
+                if trio.current_time() >= give_up:
+                    raise
+                log.warning("reading the events of run %s failed (trying again): %s",
+                            self.run_id, exc.message)
+            await backoff.pause()
+
+    async def _read_once(self) -> list[RunEvent]:
         self._mark = self._supervisor.wakeups.mark()  # announcements after it: read again
         return await self._supervisor.reads.read(self.run_id, self.last_seq)
 
