@@ -90,6 +90,7 @@ class _Pool:
     # up until its new start fails): the service gives up only when every slot's has failed.
     started_ok: dict[int, bool] = field(default_factory=dict)
     scope: trio.CancelScope | None = None  # the parent's wait for its workers
+    stopped: trio.Event = field(default_factory=trio.Event)  # set with ``stopping``
     stop_timeout: float = math.inf  # ... bounded by this once the pool stops
 
     async def run_slot(self, slot: int, *, task_status: trio.TaskStatus[None]) -> None:
@@ -141,7 +142,10 @@ class _Pool:
                 log.error("worker %d (pid %s) could not start; trying again", slot, proc.pid)
             # One that keeps dying soon after its start is restarted ever more slowly.
             if trio.current_time() - began < _RESTART_SOON:
-                await trio.sleep(pause)
+                # A stop ends the pause (up to 30 s): the other workers drained at once, and
+                # the parent's exit waited for the pause to run out.
+                with trio.move_on_after(pause):
+                    await self.stopped.wait()
                 pause = min(2 * pause, _RESTART_MAX)
             else:
                 pause = _RESTART_FIRST
@@ -171,6 +175,7 @@ class _Pool:
         """Tell every worker to drain and exit (sync; idempotent). However the stop came (a
         signal, a failed start, giving up), the parent's wait for them is bounded from here."""
         self.stopping = True
+        self.stopped.set()
         if self.scope is not None and self.scope.deadline == math.inf:
             self.scope.deadline = trio.current_time() + self.stop_timeout
         for proc in self.procs.values():
