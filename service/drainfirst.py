@@ -30,6 +30,8 @@ import hypercorn.trio
 import hypercorn.trio.run
 import trio
 
+from . import sendstall
+
 __all__ = ["hypercorn_worker_serve", "install"]
 
 hypercorn_worker_serve = hypercorn.trio.run.worker_serve  # the original
@@ -58,10 +60,12 @@ async def _serve(  # noqa: ASYNC128 (task_status is handed to hypercorn's worker
                                      shutdown_trigger=shutdown_trigger, task_status=task_status)
         return
     stop = trio.Event()
+    sendstall.serving(config)
 
     async def drain_first() -> None:
         await stop.wait()
         await begin_shutdown(svc)  # idempotent; bounded
+        sendstall.closing(config)  # no write waits past the graceful timeout from here
 
     # No "Running on ..." from a start that failed (service.server: the same filter).
     quiet = RunningOnlyIfStarted(svc)

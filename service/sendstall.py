@@ -15,10 +15,17 @@ slow reader that takes a piece within it is never cut. Installed once per proces
 ``create_app``, with the limit ``STALL_KEEPALIVES`` keep-alive intervals (60 s by default;
 at least ``STALL_MIN``): a client that has not taken one piece in that long would have missed
 several keep-alives.
+
+At a shutdown (``closing``, once the runs are drained) no write waits past the server's
+``graceful_timeout``: a write parked on a client that reads nothing kept the shutdown going
+until the stall limit (120 s with a 30 s keep-alive: past ``--workers``' kill bound), since
+hypercorn's graceful cancel cannot reach a shielded scope. A client only briefly behind still
+gets everything it reads within the graceful timeout.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import trio
@@ -27,7 +34,7 @@ from hypercorn.trio import tcp_server
 
 from .logs import get_logger
 
-__all__ = ["STALL_KEEPALIVES", "STALL_MIN", "install"]
+__all__ = ["STALL_KEEPALIVES", "STALL_MIN", "closing", "install", "serving"]
 
 log = get_logger("service.server")
 
@@ -37,6 +44,40 @@ _PIECE = 64 * 1024  # bytes written at a time (progress is one piece taken)
 
 _stall = [60.0]  # seconds; set by install()
 _original = tcp_server.TCPServer.protocol_send
+_WRITES = "_service_writes"  # the attribute of a server's hypercorn Config holding its _Writes
+
+
+class _Writes:
+    """One server's writes in progress, and the trio time past which none may wait (its
+    graceful deadline, once it is closing)."""
+
+    __slots__ = ("cut", "open")
+
+    def __init__(self) -> None:
+        self.cut = math.inf
+        self.open: set[trio.CancelScope] = set()
+
+
+def _writes(config: Any) -> _Writes:
+    writes: _Writes | None = config.__dict__.get(_WRITES)
+    if writes is None:
+        writes = config.__dict__[_WRITES] = _Writes()
+    return writes
+
+
+def serving(config: Any) -> None:
+    """A server starts serving with ``config``: no cut (a Config may serve again)."""
+    config.__dict__[_WRITES] = _Writes()
+
+
+def closing(config: Any) -> None:
+    """The server serving with ``config`` closes its connections now (its shutdown trigger
+    fired, the runs drained): no write of it waits past ``config.graceful_timeout``, those
+    parked included."""
+    writes = _writes(config)
+    writes.cut = min(writes.cut, trio.current_time() + float(config.graceful_timeout))
+    for scope in writes.open:
+        scope.deadline = min(scope.deadline, writes.cut)
 
 
 async def _protocol_send(self: Any, event: Any) -> None:
@@ -45,19 +86,30 @@ async def _protocol_send(self: Any, event: Any) -> None:
         return
     async with self.send_lock:
         data, stall = event.data, _stall[0]
+        writes = _writes(self.config)
         try:
             # One scope, as hypercorn's: shielded (a write is not cut short by the app's
             # cancellation), but with its own deadline, moved on as each piece is taken.
-            with trio.CancelScope(shield=True, deadline=trio.current_time() + stall) as scope:
-                if len(data) <= _PIECE:  # nearly every write: one frame
-                    await self.stream.send_all(data)
-                else:
-                    view = memoryview(data)
-                    for at in range(0, len(view), _PIECE):
-                        await self.stream.send_all(view[at:at + _PIECE])
-                        scope.deadline = trio.current_time() + stall
+            with trio.CancelScope(shield=True,
+                                  deadline=min(trio.current_time() + stall, writes.cut)) as scope:
+                writes.open.add(scope)
+                try:
+                    if len(data) <= _PIECE:  # nearly every write: one frame
+                        await self.stream.send_all(data)
+                    else:
+                        view = memoryview(data)
+                        for at in range(0, len(view), _PIECE):
+                            await self.stream.send_all(view[at:at + _PIECE])
+                            scope.deadline = min(trio.current_time() + stall, writes.cut)
+                finally:
+                    writes.open.discard(scope)
             if scope.cancelled_caught:
-                log.warning("a client took nothing for %gs: its connection is closed", stall)
+                if trio.current_time() >= writes.cut:
+                    log.warning("shutting down: a client still not reading at the graceful "
+                                "timeout; its connection is closed")
+                else:
+                    log.warning("a client took nothing for %gs: its connection is closed",
+                                stall)
                 await self.stream.aclose()
                 await self.protocol.handle(Closed())
         except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -23,7 +23,7 @@ import trio
 from hypercorn.config import Config, Sockets
 from hypercorn.utils import LifespanFailureError, wrap_app
 
-from . import __version__
+from . import __version__, sendstall
 from .drainfirst import hypercorn_worker_serve
 from .errors import ConfigError, ServiceError, is_interrupt
 from .lifespan import begin_shutdown
@@ -117,13 +117,19 @@ async def run_server(  # noqa: ASYNC128 (task_status is handed to hypercorn's se
     quiet = RunningOnlyIfStarted(svc)
     hypercorn_log = logging.getLogger("hypercorn.error")
     hypercorn_log.addFilter(quiet)
+
+    async def drained() -> None:
+        await stop.wait()
+        sendstall.closing(config)  # no write waits past the graceful timeout from here
+
+    sendstall.serving(config)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(wait_for_signal, svc, stop)
             nursery.start_soon(_pace_gc)
             await hypercorn_worker_serve(
                 wrap_app(app, config.wsgi_max_body_size, None), config, sockets=sockets,
-                shutdown_trigger=stop.wait,
+                shutdown_trigger=drained,
                 task_status=_StartedIfUp(svc, task_status),  # type: ignore[arg-type]
             )
             nursery.cancel_scope.cancel()

@@ -12,6 +12,15 @@ The fix: the ping task waits for the interval *or* the stream's close. ``WSStrea
 ``WSStream.app_send`` are where hypercorn sets ``closed``; after each, a stream that is closed
 sets an event its ping task waits on. Installed from ``create_app``; the tests fail if a
 hypercorn upgrade changes these names.
+
+A peer that answers no ping is dropped: a client that reads nothing on a quiet run (a frozen
+tab, a peer behind a NAT mapping that died) never fills a socket buffer with 2-byte pings, so
+the stalled-write bound (``service.sendstall``) never fired, and its socket and its
+``on_disconnect: cancel`` runs lived on for nobody, with their upstream streams. Now anything
+heard from the client (a pong, a message, a ping) counts, and a socket that has heard nothing
+for ``STALL_KEEPALIVES`` ping intervals (at least ``STALL_MIN`` s; 60 s by default) is closed,
+as a client that left. Every browser answers pings by itself; a client reading so far behind
+that a ping waits that long in the buffers is dropped too.
 """
 
 from __future__ import annotations
@@ -20,12 +29,20 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
+from hypercorn.events import Closed
+from hypercorn.protocol.events import Body, Data, StreamClosed
 from hypercorn.protocol.ws_stream import WSStream
 from wsproto.events import Ping
 
+from .logs import get_logger
+from .sendstall import STALL_KEEPALIVES, STALL_MIN
+
 __all__ = ["install"]
 
+log = get_logger("service.server")
+
 _CLOSED = "_service_closed"  # the instance attribute holding the stream's close event
+_HEARD = "_service_heard"  # ... the trio time anything last came from the client
 
 
 def _closed(stream: WSStream) -> trio.Event:
@@ -50,6 +67,12 @@ def _then_look(original: Callable[[WSStream, Any], Awaitable[None]]
 
 
 _handle_then_look = _then_look(WSStream.handle)
+
+
+async def _handle(self: WSStream, event: Any) -> None:
+    if isinstance(event, Body | Data):  # bytes from the client: it is there
+        self.__dict__[_HEARD] = trio.current_time()
+    await _handle_then_look(self, event)
 _app_send_then_look = _then_look(WSStream.app_send)
 
 
@@ -57,13 +80,31 @@ async def _send_pings(self: WSStream) -> None:
     closed = _closed(self)
     interval = self.config.websocket_ping_interval
     assert interval is not None  # hypercorn starts this task only when it is set
+    silent_for = max(STALL_KEEPALIVES * interval, STALL_MIN)  # heard nothing: it is gone
+    self.__dict__.setdefault(_HEARD, trio.current_time())
     while not self.closed:
+        if trio.current_time() - self.__dict__[_HEARD] >= silent_for:
+            log.warning("a WebSocket client answered no ping for %gs: its connection is "
+                        "closed", silent_for)
+            await _drop(self)
+            return
         await self._send_wsproto_event(Ping())
         with trio.move_on_after(interval):
             await closed.wait()
 
 
+async def _drop(stream: WSStream) -> None:
+    """Close the connection under ``stream`` (its TCP server closes the socket, then tells the
+    stream, whose app gets ``websocket.disconnect``), as for a client that left."""
+    protocol = getattr(stream.send, "__self__", None)  # the HTTP protocol serving the stream
+    send = getattr(protocol, "send", None)  # its TCP server's protocol_send
+    if send is not None:
+        await send(Closed())
+    else:  # not reachable with hypercorn 0.18: at least the app is told
+        await stream.handle(StreamClosed(stream_id=stream.stream_id))
+
+
 def install() -> None:
-    WSStream.handle = _handle_then_look  # type: ignore[method-assign,assignment]
+    WSStream.handle = _handle  # type: ignore[method-assign]
     WSStream.app_send = _app_send_then_look  # type: ignore[method-assign,assignment]
     WSStream._send_pings = _send_pings  # type: ignore[method-assign]
