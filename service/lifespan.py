@@ -71,6 +71,7 @@ async def _start_services(app: QuartTrio, svc: Services, backend: Backend | None
         make_runner(
             backend=lambda: svc.backend, tools=svc.tools, metrics=svc.metrics,
             tool_timeout=settings.tool_timeout, history_chars=settings.history_chars,
+            abandon_in=lambda: supervisor.nursery,
         ),
         metrics=svc.metrics, max_runs=settings.max_runs, run_timeout=settings.run_timeout,
         events_retention=settings.events_retention_days * 86_400,

@@ -246,6 +246,7 @@ async def supervisor_env(
     runner = make_runner(
         backend=lambda: the_backend, tools=registry, metrics=metrics,
         tool_timeout=tool_timeout, history_chars=24_000, agents=agents, run_sync=_inline,
+        abandon_in=lambda: supervisor.nursery,
     )
     supervisor = RunSupervisor(
         store, runner, metrics=metrics, max_runs=max_runs, run_timeout=run_timeout,

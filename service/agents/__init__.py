@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import trio
@@ -14,7 +15,7 @@ from ..runs import RunHandle, RunSpec
 from ..store import Conversation, Message, MessageStatus
 from ..tools import ToolRegistry
 from .auto import AutoAgent
-from .base import Agent, AgentContext, Observation, ToolThunk, trim_history
+from .base import Agent, AgentContext, Observation, ToolThunk, call_abandonable, trim_history
 from .chat import ChatAgent
 from .plan_execute import PlanExecuteAgent
 from .react import ReActAgent
@@ -76,8 +77,11 @@ def make_runner(
     history_chars: int,
     agents: dict[str, Agent] | None = None,
     run_sync: Callable[..., Awaitable[Any]] | None = None,
+    abandon_in: Callable[[], trio.Nursery] | None = None,
 ) -> Callable[[RunHandle, RunSpec, trio.Nursery], Any]:
-    """The function the supervisor calls to run an agent for a run."""
+    """The function the supervisor calls to run an agent for a run. ``abandon_in``: the
+    nursery (the supervisor's) whose tasks run async tools, so that a tool timeout or a
+    cancel can leave a call that shields itself (``call_abandonable``); None: awaited inline."""
     table = agents or default_agents()
     # Sync tools get their own thread limiters, one per tool: a cancelled or timed-out sync
     # tool is abandoned but keeps its thread (and its limiter token) until it returns; with
@@ -122,6 +126,8 @@ def make_runner(
             stop=spec.stop if agent.name == "chat" else (),
         )
         ctx.run_sync = run_sync if run_sync is not None else in_tool_thread
+        if abandon_in is not None:
+            ctx.run_async = partial(call_abandonable, abandon_in())
         answer = await agent.run(ctx)
         if agent.name != "chat" and spec.stop:
             answer = _cut_at_stop(answer, spec.stop)

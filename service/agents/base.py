@@ -26,7 +26,8 @@ from ..store.records import strict_json
 from ..text import clean_json, clean_text, not_text_at
 from ..tools import Tool, ToolRegistry
 
-__all__ = ["Agent", "AgentContext", "Observation", "trim_history", "unicode_request"]
+__all__ = ["Agent", "AgentContext", "Observation", "call_abandonable", "trim_history",
+           "unicode_request"]
 
 log = get_logger("service.agents")
 
@@ -66,6 +67,45 @@ def _unicode_call(call: ToolCall) -> ToolCall:
     return replace(call, id=clean_text(call.id), name=clean_text(call.name),
                    arguments=clean_json(call.arguments),
                    invalid_arguments=clean_json(call.invalid_arguments))
+
+
+async def _awaited(fn: Callable[[], Awaitable[Any]]) -> Any:
+    return await fn()
+
+
+async def call_abandonable(nursery: trio.Nursery, fn: Callable[[], Awaitable[Any]]) -> Any:
+    """``await fn()`` in a task of ``nursery`` (the supervisor's), waited for here. Cancelled
+    here (the tool timeout, the run's cancel, its deadline, a shutdown's drain), the call's own
+    scope is cancelled and it is not waited for. An async tool that shields itself (an SDK
+    protecting its flush) held its run past all of them, awaited inline; now only its task
+    lingers, owned by ``nursery``, as an abandoned sync tool's thread does. Python cannot stop
+    a coroutine that shields itself: the supervisor's own end still waits for it."""
+    done = trio.Event()
+    box: list[tuple[bool, Any]] = []  # (raised, the value or the exception)
+    scope = trio.CancelScope()
+
+    async def call() -> None:
+        try:
+            with scope:
+                try:
+                    box.append((False, await fn()))
+                except (Exception, SystemExit) as exc:  # the tool's failure, for its caller
+                    box.append((True, exc))
+        finally:
+            done.set()
+
+    nursery.start_soon(call)
+    try:
+        await done.wait()
+    except BaseException:  # noqa: ASYNC103 (re-raised: the caller is cancelled, the call too)
+        scope.cancel()
+        raise
+    if not box:  # its task was cancelled from outside (the supervisor stopping)
+        raise RuntimeError("the tool's call was cancelled")
+    raised, value = box[0]
+    if raised:
+        raise value
+    return value
 
 
 class ToolThunk:
@@ -121,6 +161,9 @@ class AgentContext:
     # How sync tools run: a worker thread. Virtual-time tests pass an inline runner, since
     # autojump_clock would jump while a thread works.
     run_sync: Callable[..., Awaitable[Any]] = _IN_THREAD
+    # How async tools run: awaited here, or (the supervisor's runner) in a task that a
+    # timeout or a cancel abandons (call_abandonable).
+    run_async: Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]] = _awaited
 
     @property
     def question(self) -> str:
@@ -247,7 +290,7 @@ class AgentContext:
                 # inner deadline) is its error, not this timeout.
                 with trio.move_on_after(timeout) as budget:
                     if tool.is_async:
-                        output = await tool.fn(**valid)
+                        output = await self.run_async(partial(tool.fn, **valid))
                     else:
                         # A sync tool has no checkpoints: abandon its thread on cancel.
                         output = await self.run_sync(ToolThunk(tool, valid))

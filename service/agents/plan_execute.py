@@ -27,7 +27,7 @@ from pydantic import (
 
 from ..backends.base import ChatMessage
 from ..store import new_id
-from .base import Agent, AgentContext
+from .base import TOOL_OUTPUT_CHARS, Agent, AgentContext
 from .react import ReActAgent, StepLimitReached
 
 __all__ = ["Plan", "PlanExecuteAgent", "PlanStep", "parse_plan"]
@@ -139,7 +139,7 @@ class PlanExecuteAgent(Agent):
         system = PLAN_SYSTEM.format(
             max_steps=self.max_steps,
             # Each tool's parameters too: the plan fills in its arguments.
-            tools="".join(f"\n- {t.name}: {t.description} Parameters: {t.parameters}"
+            tools="".join(f"\n- {t.name}: {t.description} Parameters: {_schema(t.parameters)}"
                           for t in ctx.tools) or "none",
         )
         messages = [ChatMessage("system", system), *ctx.history]
@@ -173,7 +173,7 @@ class PlanExecuteAgent(Agent):
         try:
             await self.execute(ctx, plan, results)
         except StepFailed as failure:
-            done = "\n".join(f"- step {k}: {v}" for k, v in results.items()) or "nothing yet"
+            done = _results_text(results, results.keys(), "- step {k}: {v}") or "nothing yet"
             # New ids follow every id of the first plan, run or not: a client tracking steps by
             # id (its plan event listed them all) never sees one id for two steps.
             first_ids = max(s.id for s in plan.steps)
@@ -187,7 +187,7 @@ class PlanExecuteAgent(Agent):
                 await self.execute(ctx, plan, results)
             except StepFailed as second:
                 ctx.emit("thought", {"text": f"re-plan failed too: {second}"})
-        summary = "\n".join(f"Step {k}: {v}" for k, v in sorted(results.items()))
+        summary = _results_text(results, sorted(results), "Step {k}: {v}")
         # The history without the question, which the synthesis prompt restates; whatever came
         # after it (a /v1 client's tool calls and their results) stays, each call with its result.
         i = ctx.question_index
@@ -204,22 +204,25 @@ class PlanExecuteAgent(Agent):
         for wave in waves:
             failures: list[str] = []
             async with trio.open_nursery() as nursery:
+                # The steps of a wave share one tool-output budget, as one step's parallel
+                # calls do (four long pages at once overflowed an 8k context).
+                share = TOOL_OUTPUT_CHARS // len(wave)
                 for step in wave:
-                    nursery.start_soon(self._run_step, ctx, step, results, failures)
+                    nursery.start_soon(self._run_step, ctx, step, results, failures, share)
             if failures:
                 raise StepFailed("; ".join(failures))
 
     async def _run_step(
-        self, ctx: AgentContext, step: PlanStep, results: dict[int, str], failures: list[str]
+        self, ctx: AgentContext, step: PlanStep, results: dict[int, str], failures: list[str],
+        share: int = TOOL_OUTPUT_CHARS,
     ) -> None:
         ctx.emit("step.started", {"id": step.id, "task": step.task})
         if step.tool and step.tool in ctx.tools and step.arguments is not None:
-            obs = await ctx.call_tool(step.tool, step.arguments, new_id("call"))
+            obs = await ctx.call_tool(step.tool, step.arguments, new_id("call"), limit=share)
             ok, output = obs.ok, obs.text()
         else:
-            context = "\n".join(
-                f"Step {k}: {v}" for k, v in results.items() if k in step.depends_on
-            )
+            context = _results_text(
+                results, [k for k in results if k in step.depends_on], "Step {k}: {v}")
             prompt = f"Do this step: {step.task}"
             if context:
                 prompt += f"\nKnown so far:\n{context}"
@@ -258,3 +261,25 @@ def _quiet(ctx: AgentContext) -> AgentContext:
     q = _QuietContext.__new__(_QuietContext)
     q.__dict__.update(ctx.__dict__)
     return q
+
+
+def _results_text(results: dict[int, str], keys: Collection[int], line: str) -> str:
+    """The steps' results a prompt shows (the synthesis, a re-plan, a step's "Known so far"),
+    one ``line`` each, sharing ``TOOL_OUTPUT_CHARS``: each step's result is cut to its share,
+    with a note. Eight steps' whole outputs overflowed a model's context, and the run failed
+    with all its steps' work."""
+    if not keys:
+        return ""
+    share = TOOL_OUTPUT_CHARS // len(keys)
+    out = []
+    for k in keys:
+        text = results[k]
+        if len(text) > share:
+            text = (f"{text[:share]}\n[cut here: {len(text) - share:,} more characters]")
+        out.append(line.format(k=k, v=text))
+    return "\n".join(out)
+
+
+def _schema(parameters: dict[str, Any]) -> str:
+    """A tool's parameters as JSON (the plan is JSON; a Python repr showed True and 'x')."""
+    return json.dumps(parameters, ensure_ascii=False)

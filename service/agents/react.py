@@ -8,6 +8,7 @@ also emitted as a ``thought`` event.
 
 from __future__ import annotations
 
+import json
 import re
 
 from ..backends.base import ChatMessage, ToolCall
@@ -49,7 +50,8 @@ class ReActAgent(Agent):
         tools = list(ctx.tools)
         return REACT_SYSTEM.format(
             tool_names=", ".join(t.name for t in tools),
-            tool_list="\n".join(f"- {t.name}: {t.description} Parameters: {t.parameters}"
+            tool_list="\n".join(f"- {t.name}: {t.description} "
+                                 f"Parameters: {json.dumps(t.parameters, ensure_ascii=False)}"
                                 for t in tools),
         )
 
