@@ -87,6 +87,11 @@ class AutoAgent(Agent):
         return classify_by_rule(ctx.question, tools), "rule"
 
     async def run(self, ctx: AgentContext) -> str:
-        choice, method = await self.decide(ctx)
+        if ctx.client_tools:
+            # A /v1 client's own tools: only chat passes them to the model and their calls
+            # back to the client (react and plan_execute would drop them).
+            choice, method = "chat", "client_tools"
+        else:
+            choice, method = await self.decide(ctx)
         ctx.emit("decision", {"agent": choice, "method": method})
         return await self.agents[choice].run(ctx)

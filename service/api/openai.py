@@ -161,6 +161,18 @@ class ChatCompletionRequest(_Lenient):
                 raise ValueError(f"tools[{n}].function.parameters must be a JSON Schema object")
         return value
 
+    @field_validator("agent")
+    @classmethod
+    def _tools_reach_the_model(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # A client's tools are the model's to call and the client's to run: react and
+        # plan_execute call the service's own tools, and dropped the client's silently (the
+        # client waited for tool calls that never came).
+        if value in ("react", "plan_execute") and info.data.get("tools"):
+            raise ValueError(f"the {value} agent calls the service's own tools; a client's "
+                             "tools are passed to the model by the chat agent (and by auto, "
+                             "which then answers with chat)")
+        return value
+
     @field_validator("functions", "function_call")
     @classmethod
     def _no_functions(cls, value: Any) -> Any:
