@@ -820,11 +820,13 @@ async def test_v1_passes_the_clients_other_openai_options_on(settings: Settings,
             assert "tools" not in second
         r = await env.client.post("/v1/chat/completions", json={**base, "top_p": 3})
         assert r.status_code == 422
-        # A ReAct run's calls parse their own text format: JSON mode is not theirs.
+        # A ReAct run's calls parse their own text format: JSON mode is not theirs. (A
+        # client's tools are refused with react: tests/api/test_v1_client_tools_and_agents.py.)
         env.sim.script(Reply(text="Final Answer: ok"))
+        react_base = {k: v for k, v in base.items() if k != "tools"}
         with trio.fail_after(GUARD):
             r = await env.client.post("/v1/chat/completions", json={
-                **base, "agent": "react", "response_format": {"type": "json_object"}})
+                **react_base, "agent": "react", "response_format": {"type": "json_object"}})
         assert r.status_code == 200, r.text
         react = env.sim.streams[-1].body
         assert "response_format" not in react
