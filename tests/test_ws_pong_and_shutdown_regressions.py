@@ -41,6 +41,18 @@ async def _pings_and_close(ws: RawWS) -> tuple[int, Any]:
     return pings, end
 
 
+async def _behind(srv: Any) -> tuple[RawWS, str]:
+    """A socket with a tiny receive buffer that asked for a run, read its first reply and then
+    nothing for 0.5 s: its window is full. The socket and the run's id."""
+    conv = await _conversation(srv)
+    ws = await RawWS.open(srv, rcvbuf=4096)
+    await ws.send({"type": "message", "conversation_id": conv, "content": "q"})
+    started = await ws.recv()
+    assert isinstance(started, dict), started
+    await trio.sleep(0.5)
+    return ws, started["run_id"]
+
+
 # -- 1. a peer that answers no ping, on a quiet run ---------------------------------------------
 
 
@@ -124,13 +136,7 @@ async def test_a_ws_client_that_reads_nothing_does_not_hold_a_shutdown_past_grac
     async with trio.open_nursery() as nursery:
         nursery.start_soon(unstick)
         async with running_server(settings, backend, graceful_timeout=graceful) as srv:
-            conv = await _conversation(srv)
-            ws = await RawWS.open(srv, rcvbuf=4096)
-            await ws.send({"type": "message", "conversation_id": conv, "content": "q"})
-            started = await ws.recv()
-            assert isinstance(started, dict), started
-            run_id = started["run_id"]
-            await trio.sleep(0.5)  # the client reads nothing more: its window is full
+            ws, run_id = await _behind(srv)  # the client reads nothing more
             leaving.set()
             start = trio.current_time()
         took = trio.current_time() - start
@@ -169,13 +175,7 @@ async def test_a_ws_client_that_paused_across_a_shutdown_gets_its_runs_ends_and_
 
     async with (trio.open_nursery() as nursery,
                 running_server(settings, backend, graceful_timeout=graceful) as srv):
-        conv = await _conversation(srv)
-        ws = await RawWS.open(srv, rcvbuf=4096)
-        await ws.send({"type": "message", "conversation_id": conv, "content": "q"})
-        started = await ws.recv()
-        assert isinstance(started, dict), started
-        run_id = started["run_id"]
-        await trio.sleep(0.5)  # the client is behind: its window is full
+        ws, run_id = await _behind(srv)  # the client is behind
 
         async def pause_then_read() -> None:
             await trio.sleep(paused)
