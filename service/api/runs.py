@@ -15,6 +15,7 @@ from quart_schema import (
 
 from ..errors import (
     BackendError,
+    NotFound,
     RunCancelled,
     RunTimeout,
     ServiceError,
@@ -23,7 +24,7 @@ from ..errors import (
 )
 from ..runs import RunHandle, RunSpec, RunStatus
 from ..runs.reader import EventReader, Keepalive
-from ..store import RunRecord
+from ..store import RunRecord, Store
 from .errors import json_error
 from .models import (
     CancelOut,
@@ -279,7 +280,13 @@ async def stop_runs(run_ids: list[str], reason: str) -> None:
             # announces itself on PostgreSQL; else a look every 0.1 s).
             # The mark comes before the look: an end announced while it reads is not missed.
             mark = supervisor.wakeups.mark()
-            while await store.run_in_progress(run_id) is not None:  # noqa: ASYNC110
+            while True:
+                # Ended; or its owner's lease ran out meanwhile (it froze again): then it is
+                # closed here, once nothing holds its row.
+                if await store.run_in_progress(run_id) is None and (
+                        run_id in await store.recover_interrupted(run_id)
+                        or not await _in_progress(store, run_id)):
+                    break
                 await supervisor.wakeups.wait_run(run_id, 0.1, since=mark)
                 mark = supervisor.wakeups.mark()
 
@@ -308,8 +315,23 @@ async def ask_to_stop(run_ids: list[str], reason: str) -> tuple[list[RunHandle],
             elif where is None:
                 # Stored as running by an instance that is gone (its lease ran out): the
                 # asker closes it now, as recovery would (failed, "interrupted").
-                await store.recover_interrupted(run_id)
+                closed = await store.recover_interrupted(run_id)
+                if run_id not in closed and await _in_progress(store, run_id):
+                    # Not closed: its row is held by a batch of its owner (frozen mid-write,
+                    # so alive after all), or the owner is back. Asked through the store as
+                    # a live owner's run and waited for (a 202 "running" was answered, and
+                    # the owner, back, ran the run to "succeeded").
+                    await store.request_cancel(run_id, reason)
+                    elsewhere.append(run_id)
     return mine, elsewhere
+
+
+async def _in_progress(store: Store, run_id: str) -> bool:
+    try:
+        run = await store.get_run(run_id)
+    except NotFound:
+        return False
+    return run.status in (RunStatus.queued.value, RunStatus.running.value)
 
 
 @blueprint.post("/api/runs/<run_id>/cancel")

@@ -13,17 +13,21 @@ waited for while the run goes on, and skipped only once the run is over.
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import TypeVar
 
 import trio
 
-from ..errors import ShuttingDown, StoreUnavailable
+from ..errors import NotFound, ShuttingDown, StoreUnavailable
 from ..logs import get_logger
 from ..store import Store
 from ..store.records import RunEvent
 from .backoff import Backoff
 from .committer import unstored_end
 from .handle import ResumeFrom, Subscription
+from .lifecycle import RunStatus
 from .reads import READ_LIMIT
 from .supervisor import RunSupervisor
 
@@ -35,6 +39,7 @@ _WHERE_TTL = 1.0  # seconds another instance's ownership of a followed run is ta
 _READ_RETRY_MAX = 10.0  # seconds a read the store refuses is tried again (and 2 keep-alives)
 
 log = get_logger("service.runs")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -129,10 +134,20 @@ class EventReader:
                         # "interrupted", with its run.finished), so this stream gets its end.
                         # One more read closes the race with a run that ended since the last
                         # one; a gap still there now stays (never stored): skipped.
-                        await self._store.recover_interrupted(self.run_id)
+                        await self._retrying("closing", partial(
+                            self._store.recover_interrupted, self.run_id))
                         self._backlog = await self._read_store()
-                        self._finished = not self._backlog
-                        continue
+                        if self._backlog:
+                            continue
+                        # Nothing more, and the run still in progress: not closed after all
+                        # (its row held by a batch of an owner frozen mid-write, or the owner
+                        # back with its lease renewed). Followed as another instance's run;
+                        # ending here ended a stream with no end while the run went on.
+                        if await self._retrying("reading", self._in_progress):
+                            elsewhere = True
+                        else:
+                            self._finished = True
+                            continue
                 # Else live here, but the window has moved past the cursor and the store does
                 # not have the gap yet (its write is late, or failed and is being retried).
                 if await self._wait_for_the_store(elsewhere):
@@ -159,7 +174,8 @@ class EventReader:
         not two; its owner's death is still seen within that."""
         if trio.current_time() < self._elsewhere_until:
             return "elsewhere"
-        where = await self._store.run_in_progress(self.run_id)
+        where = await self._retrying("reading", partial(self._store.run_in_progress,
+                                                         self.run_id))
         if where == "elsewhere":
             self._elsewhere_until = trio.current_time() + _WHERE_TTL
         return where
@@ -206,17 +222,33 @@ class EventReader:
         backing off, for up to two keep-alive intervals (at most ``_READ_RETRY_MAX`` s): a
         blip is not the stream's end. A /v1 client cannot re-join, so a 503 there had its SDK
         run the whole completion again, while the first run went on to be stored."""
+        return await self._retrying("reading", self._read_once)
+
+    async def _retrying(self, doing: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``await call()``, tried again while the store refuses it for a moment
+        (``StoreUnavailable``), backing off, for up to two keep-alive intervals (at most
+        ``_READ_RETRY_MAX`` s). Every store call of the reader goes through it: one lost
+        connection on the question "where does it run?" ended a follower on another
+        instance with ``store_unavailable`` while the run went on."""
         backoff = Backoff()
         give_up = trio.current_time() + min(2 * self._keepalive, _READ_RETRY_MAX)
         while True:
             try:
-                return await self._read_once()
+                return await call()
             except StoreUnavailable as exc:
                 if trio.current_time() >= give_up:
                     raise
-                log.warning("reading the events of run %s failed (trying again): %s",
+                log.warning("%s run %s in the store failed (trying again): %s", doing,
                             self.run_id, exc.message)
             await backoff.pause()
+
+    async def _in_progress(self) -> bool:
+        """Whether the store has the run queued or running (whoever holds it)."""
+        try:
+            run = await self._store.get_run(self.run_id)
+        except NotFound:  # gone (its conversation deleted): nothing more will come
+            return False
+        return run.status in (RunStatus.queued.value, RunStatus.running.value)
 
     async def _read_once(self) -> list[RunEvent]:
         self._mark = self._supervisor.wakeups.mark()  # announcements after it: read again
