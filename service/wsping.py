@@ -18,13 +18,14 @@ tab, a peer behind a NAT mapping that died) never fills a socket buffer with 2-b
 the stalled-write bound (``service.sendstall``) never fired, and its socket and its
 ``on_disconnect: cancel`` runs lived on for nobody, with their upstream streams. Now anything
 heard from the client (a pong, a message, a ping) counts, and a socket that has heard nothing
-for ``STALL_KEEPALIVES`` ping intervals (at least ``STALL_MIN`` s; 60 s by default) is closed,
-as a client that left. Every browser answers pings by itself; a client reading so far behind
-that a ping waits that long in the buffers is dropped too.
+for ``STALL_KEEPALIVES`` ping intervals (at least ``STALL_MIN`` s; 60 s by default) since a ping
+was written is closed, as a client that left. Every browser answers pings by itself; a client
+reading so far behind that a ping, once written, waits that long in the buffers is dropped too.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -81,16 +82,24 @@ async def _send_pings(self: WSStream) -> None:
     interval = self.config.websocket_ping_interval
     assert interval is not None  # hypercorn starts this task only when it is set
     silent_for = max(STALL_KEEPALIVES * interval, STALL_MIN)  # heard nothing: it is gone
-    self.__dict__.setdefault(_HEARD, trio.current_time())
+    self.__dict__.setdefault(_HEARD, -math.inf)
+    # When the oldest ping that nothing has answered yet was written: the silence counts from
+    # there, not from our own writes' waits (a ping waits for the send lock behind a large
+    # message to a client reading slowly, which sendstall bounds: such a client was dropped).
+    owed_since: float | None = None
     while not self.closed:
-        if trio.current_time() - self.__dict__[_HEARD] >= silent_for:
+        await self._send_wsproto_event(Ping())
+        if owed_since is None:
+            owed_since = trio.current_time()
+        with trio.move_on_after(interval):
+            await closed.wait()
+        if self.__dict__[_HEARD] >= owed_since:
+            owed_since = None  # something came after it: the client is there
+        elif trio.current_time() - owed_since >= silent_for and not self.closed:
             log.warning("a WebSocket client answered no ping for %gs: its connection is "
                         "closed", silent_for)
             await _drop(self)
             return
-        await self._send_wsproto_event(Ping())
-        with trio.move_on_after(interval):
-            await closed.wait()
 
 
 async def _drop(stream: WSStream) -> None:

@@ -98,6 +98,16 @@ def make_runner(
             limiter = tool_threads[name] = trio.CapacityLimiter(TOOL_THREADS)
         return await trio.to_thread.run_sync(fn, abandon_on_cancel=True, limiter=limiter)
 
+    # Async tools' calls, abandoned or not, are bounded per tool the same way.
+    tool_tasks: dict[str, trio.CapacityLimiter] = {}
+
+    async def in_tool_task(nursery: trio.Nursery, name: str,
+                           fn: Callable[[], Awaitable[Any]]) -> Any:
+        limiter = tool_tasks.get(name)
+        if limiter is None:
+            limiter = tool_tasks[name] = trio.CapacityLimiter(TOOL_THREADS)
+        return await call_abandonable(nursery, limiter, fn)
+
     async def run(handle: RunHandle, spec: RunSpec, nursery: trio.Nursery) -> str:
         agent = table.get(handle.agent)
         if agent is None:
@@ -127,7 +137,7 @@ def make_runner(
         )
         ctx.run_sync = run_sync if run_sync is not None else in_tool_thread
         if abandon_in is not None:
-            ctx.run_async = partial(call_abandonable, abandon_in())
+            ctx.run_async = partial(in_tool_task, abandon_in())
         answer = await agent.run(ctx)
         if agent.name != "chat" and spec.stop:
             answer = _cut_at_stop(answer, spec.stop)

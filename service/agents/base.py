@@ -69,32 +69,48 @@ def _unicode_call(call: ToolCall) -> ToolCall:
                    invalid_arguments=clean_json(call.invalid_arguments))
 
 
-async def _awaited(fn: Callable[[], Awaitable[Any]]) -> Any:
+async def _awaited(name: str, fn: Callable[[], Awaitable[Any]]) -> Any:
     return await fn()
 
 
-async def call_abandonable(nursery: trio.Nursery, fn: Callable[[], Awaitable[Any]]) -> Any:
+async def call_abandonable(nursery: trio.Nursery, limiter: trio.CapacityLimiter,
+                           fn: Callable[[], Awaitable[Any]]) -> Any:
     """``await fn()`` in a task of ``nursery`` (the supervisor's), waited for here. Cancelled
     here (the tool timeout, the run's cancel, its deadline, a shutdown's drain), the call's own
     scope is cancelled and it is not waited for. An async tool that shields itself (an SDK
     protecting its flush) held its run past all of them, awaited inline; now only its task
     lingers, owned by ``nursery``, as an abandoned sync tool's thread does. Python cannot stop
-    a coroutine that shields itself: the supervisor's own end still waits for it."""
+    a coroutine that shields itself: the supervisor's own end still waits for it.
+
+    Each call holds a token of ``limiter`` (the tool's: ``TOOL_THREADS``) until its task ends,
+    abandoned or not, as a sync tool's thread does: runs that each left a call hanging
+    otherwise piled up tasks (and whatever they hold) without bound; past it a call waits for
+    a token within its timeout. What the tool raises is raised here, a ``BaseException`` too
+    (a tool's ``SystemExit`` in a group stopped the whole supervisor, not its run)."""
     done = trio.Event()
     box: list[tuple[bool, Any]] = []  # (raised, the value or the exception)
     scope = trio.CancelScope()
+    token = object()  # the call's borrower of ``limiter``: released by its task at its end
+    await limiter.acquire_on_behalf_of(token)
 
     async def call() -> None:
         try:
             with scope:
                 try:
                     box.append((False, await fn()))
-                except (Exception, SystemExit) as exc:  # the tool's failure, for its caller
-                    box.append((True, exc))
+                except BaseException as exc:  # noqa: ASYNC103 (Cancelled is re-raised)
+                    if _holds_cancelled(exc):
+                        raise  # this task's own scope (or the supervisor stopping)
+                    box.append((True, exc))  # the tool's failure, for its caller
         finally:
+            limiter.release_on_behalf_of(token)
             done.set()
 
-    nursery.start_soon(call)
+    try:
+        nursery.start_soon(call)
+    except BaseException:
+        limiter.release_on_behalf_of(token)
+        raise
     try:
         await done.wait()
     except BaseException:  # noqa: ASYNC103 (re-raised: the caller is cancelled, the call too)
@@ -106,6 +122,16 @@ async def call_abandonable(nursery: trio.Nursery, fn: Callable[[], Awaitable[Any
     if raised:
         raise value
     return value
+
+
+async def _result(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+def _holds_cancelled(exc: BaseException) -> bool:
+    if isinstance(exc, trio.Cancelled):
+        return True
+    return isinstance(exc, BaseExceptionGroup) and exc.subgroup(trio.Cancelled) is not None
 
 
 class ToolThunk:
@@ -163,7 +189,7 @@ class AgentContext:
     run_sync: Callable[..., Awaitable[Any]] = _IN_THREAD
     # How async tools run: awaited here, or (the supervisor's runner) in a task that a
     # timeout or a cancel abandons (call_abandonable).
-    run_async: Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]] = _awaited
+    run_async: Callable[[str, Callable[[], Awaitable[Any]]], Awaitable[Any]] = _awaited
 
     @property
     def question(self) -> str:
@@ -290,12 +316,12 @@ class AgentContext:
                 # inner deadline) is its error, not this timeout.
                 with trio.move_on_after(timeout) as budget:
                     if tool.is_async:
-                        output = await self.run_async(partial(tool.fn, **valid))
+                        output = await self.run_async(name, partial(tool.fn, **valid))
                     else:
                         # A sync tool has no checkpoints: abandon its thread on cancel.
                         output = await self.run_sync(ToolThunk(tool, valid))
                         if inspect.isawaitable(output):  # async behind a plain wrapper
-                            output = await output
+                            output = await self.run_async(name, partial(_result, output))
                 if budget.cancelled_caught:
                     obs = Observation(call_id, name,
                                       error=f"tool {name} timed out after {timeout:g}s")
