@@ -99,9 +99,16 @@ async def call_abandonable(nursery: trio.Nursery, limiter: trio.CapacityLimiter,
                 try:
                     box.append((False, await fn()))
                 except BaseException as exc:  # noqa: ASYNC103 (Cancelled is re-raised)
-                    if _holds_cancelled(exc):
-                        raise  # this task's own scope (or the supervisor stopping)
-                    box.append((True, exc))  # the tool's failure, for its caller
+                    # Only a cancellation leaves this task: anything else is the tool's
+                    # failure, for its caller (a cleanup failing as the call is abandoned
+                    # came out in a group with the Cancelled and stopped the supervisor).
+                    cancelled, failure = _split_cancelled(exc)
+                    if failure is not None:
+                        box.append((True, failure))
+                        if scope.cancel_called:  # abandoned: its caller is gone
+                            log.warning("an abandoned tool call failed: %r", failure)
+                    if cancelled is not None:
+                        raise cancelled from None  # noqa: ASYNC104 (it is the Cancelled)
         finally:
             limiter.release_on_behalf_of(token)
             done.set()
@@ -128,10 +135,13 @@ async def _result(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
 
 
-def _holds_cancelled(exc: BaseException) -> bool:
+def _split_cancelled(exc: BaseException) -> tuple[BaseException | None, BaseException | None]:
+    """``exc`` as (its cancellation, the rest): either may be None."""
     if isinstance(exc, trio.Cancelled):
-        return True
-    return isinstance(exc, BaseExceptionGroup) and exc.subgroup(trio.Cancelled) is not None
+        return exc, None
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(trio.Cancelled)
+    return None, exc
 
 
 class ToolThunk:
@@ -337,6 +347,16 @@ class AgentContext:
                 # tool's failure is the model's observation, never the run's (or the service's).
                 obs = _bounded(Observation(
                     call_id, name, error=clean_text(_describe_failure(exc))), limit)
+                outcome = "error"
+            except BaseExceptionGroup as group:
+                # A tool's SystemExit from a task of its own (argparse or click in a nursery
+                # child) comes in a group: the tool's failure too, unless it holds more.
+                if group.split((Exception, SystemExit))[1] is not None:
+                    self.metrics.tool_calls.labels(name, "cancelled").inc()
+                    raise
+                only = group.exceptions[0] if len(group.exceptions) == 1 else group
+                obs = _bounded(Observation(
+                    call_id, name, error=clean_text(_describe_failure(only))), limit)
                 outcome = "error"
             except BaseException:
                 # The run is cancelled (by a client, its deadline, a shutdown) mid-call: the

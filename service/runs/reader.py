@@ -144,6 +144,8 @@ class EventReader:
                         # back with its lease renewed). Followed as another instance's run;
                         # ending here ended a stream with no end while the run went on.
                         if await self._retrying("reading", self._in_progress):
+                            if self._supervisor.draining:
+                                raise ShuttingDown("the service is shutting down")
                             elsewhere = True
                         else:
                             self._finished = True
