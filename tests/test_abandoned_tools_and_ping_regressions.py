@@ -16,6 +16,13 @@
    before the ping (a large message), so "nothing heard for four intervals" holds although the
    client takes data the whole time (sendstall's progress rule would never drop it); its
    ``cancel`` run is cancelled.
+
+A review of those fixes (453fd6f and dae9b3f) then found:
+
+6. An abandoned async tool whose cleanup failed as it was cancelled stopped the supervisor (the
+   failure came out of its task in a group with the Cancelled).
+7. A tool's SystemExit in a group failed its run as an internal error instead of being the
+   model's observation.
 """
 
 from __future__ import annotations
@@ -50,6 +57,38 @@ async def _run(env: Env, content: str, agent: str) -> tuple[RunHandle, list[RunE
     return handle, await env.store.list_run_events(handle.id)
 
 
+async def _beside_another_run(
+    tmp_path: Path, the_tool: Tool, question: str, **env: Any,
+) -> tuple[BaseException | None, Any, RunHandle | None, RunHandle | None]:
+    """A react run whose model calls ``the_tool`` (then answers), 2 s into another client's
+    20 s chat run: what escaped the supervisor (None), its failure, the other run, the tool's
+    run."""
+    def reply(req: ChatRequest) -> Reply:
+        q = req.messages[-1]
+        if q.role == "tool":
+            return Reply("Final Answer: done")
+        if q.content == question:
+            return Reply("", tool_calls=[ToolCall("c1", the_tool.name, {})])
+        return Reply("tick " * 20, gap=1.0)  # another client's run, 20 s long
+
+    crashed: BaseException | None = None
+    other = called = None
+    failure: Any = None
+    try:
+        async with supervisor_env(tmp_path, ScriptedBackend(reply),
+                                  tools=(*BUILTIN_TOOLS, the_tool), **env) as e:
+            other = await e.supervisor.start(RunSpec(await e.conversation(), "hello",
+                                                     agent="chat"))
+            await trio.sleep(2)
+            called, _ = await _run(e, question, "react")
+            await other.finished.wait()
+            await trio.sleep(1)
+            failure = e.supervisor.failure
+    except BaseException as exc:  # noqa: ASYNC103 (what escaped the supervisor, reported)
+        crashed = exc
+    return crashed, failure, other, called
+
+
 # -- 1. a tool's BaseExceptionGroup stops the supervisor --------------------------------------
 
 
@@ -68,27 +107,8 @@ async def run_two_clis() -> str:
 async def test_a_tool_failing_with_a_base_exception_group_fails_only_its_run(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    def reply(req: ChatRequest) -> Reply:
-        q = req.messages[-1]
-        if q.role == "tool":
-            return Reply("Final Answer: checked")
-        if q.content.startswith("check"):
-            return Reply("", tool_calls=[ToolCall("c1", "run_two_clis", {})])
-        return Reply("tick " * 20, gap=1.0)  # another client's run, 20 s long
-
-    crashed: BaseException | None = None
-    other: RunHandle | None = None
-    try:
-        async with supervisor_env(tmp_path, ScriptedBackend(reply),
-                                  tools=(*BUILTIN_TOOLS, run_two_clis)) as env:
-            other = await env.supervisor.start(RunSpec(await env.conversation(), "hello",
-                                                       agent="chat"))
-            await trio.sleep(2)
-            await _run(env, "check the config", "react")
-            await other.finished.wait()
-            failure = env.supervisor.failure
-    except BaseException as exc:  # noqa: ASYNC103 (what escaped the supervisor, reported below)
-        crashed = exc
+    crashed, failure, other, _ = await _beside_another_run(
+        tmp_path, run_two_clis, "check the config")
     # HEAD: call_abandonable's task lets the BaseExceptionGroup escape into the supervisor's
     # nursery: "the run supervisor stopped: SystemExit: 2"; the other client's run is
     # cancelled (shutdown) and the group ends the supervisor's owner. Before (awaited inline)
@@ -300,3 +320,82 @@ async def test_a_ws_client_reading_slowly_through_a_large_message_is_not_dropped
     # disconnected") while the client was reading it.
     assert end == "finished", (end, tokens, run.get("status"), run.get("error"))
     assert run["status"] == "succeeded", run
+
+
+# -- 6. and 7. (a review of 453fd6f and dae9b3f) -----------------------------------------
+
+# -- 1. an abandoned tool whose helper fails in its cleanup stops the supervisor ---------------
+
+
+@tool("fetch_with_helper", "Fetch a page while a helper keeps the session alive.",
+      {"type": "object", "properties": {}})
+async def fetch_with_helper() -> str:
+    async def keep_alive() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            # its cleanup fails as it is cancelled (a session close on a dead socket)
+            raise ConnectionResetError("the session could not be closed")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keep_alive)
+        await trio.sleep(1000)  # the page never comes
+    return "page"
+
+
+async def test_an_abandoned_tool_whose_cleanup_fails_does_not_stop_the_supervisor(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The tool times out (5 s): call_abandonable cancels the call's scope. The tool's nursery
+    # ends with BaseExceptionGroup([Cancelled, ConnectionResetError]). _holds_cancelled said
+    # "Cancelled": re-raised; the call's scope took the Cancelled out and the rest,
+    # ExceptionGroup([ConnectionResetError]), escaped the task into the supervisor's nursery.
+    crashed, failure, other, fetched = await _beside_another_run(
+        tmp_path, fetch_with_helper, "fetch the page", tool_timeout=5)
+    assert crashed is None, f"the supervisor stopped: {crashed!r}"
+    assert failure is None, failure
+    assert other is not None
+    assert other.status is RunStatus.succeeded, other
+    assert fetched is not None
+    assert fetched.status is RunStatus.succeeded, fetched.status
+
+
+
+# -- 2. a tool's SystemExit in a group is taken for the run's cancellation ---------------------
+
+
+@tool("check_two_configs", "Validate two config files at once.",
+      {"type": "object", "properties": {}})
+async def check_two_configs() -> str:
+    async def check() -> None:
+        await trio.lowlevel.checkpoint()
+        raise SystemExit(2)  # what argparse and click do on bad input
+
+    async with trio.open_nursery() as nursery:  # noqa: ASYNC112 (the group is the point)
+        nursery.start_soon(check)
+    return "both valid"
+
+
+async def test_a_tools_exit_in_a_group_is_its_observation_not_a_cancellation(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # call_tool: "SystemExit too: tools built on argparse or click exit on bad input, and a
+    # tool's failure is the model's observation, never the run's". call_abandonable now boxes
+    # the tool's BaseExceptionGroup([SystemExit]) and raises it in the caller, where call_tool
+    # has no clause for it but "except BaseException: the run is cancelled mid-call": counted
+    # as a "cancelled" call, no tool.result, and the run fails.
+    def reply(req: ChatRequest) -> Reply:
+        if req.messages[-1].role == "tool":
+            return Reply("Final Answer: the configs are invalid")
+        return Reply("", tool_calls=[ToolCall("c1", "check_two_configs", {})])
+
+    async with supervisor_env(tmp_path, ScriptedBackend(reply),
+                              tools=(*BUILTIN_TOOLS, check_two_configs)) as env:
+        handle, events = await _run(env, "check the configs", "react")
+        cancelled = env.metrics.tool_calls.labels(
+            "check_two_configs", "cancelled")._value.get()
+    results = [e.data for e in events if e.type == "tool.result"]
+    assert len(results) == 1, (handle.status, handle.error, results)
+    assert "error" in results[0], results
+    assert handle.status is RunStatus.succeeded, (handle.status, handle.error)
+    assert cancelled == 0, cancelled
