@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import psycopg
@@ -40,8 +41,47 @@ END $$;
 CREATE TRIGGER review_s26_slow BEFORE INSERT ON run_events
   FOR EACH ROW EXECUTE FUNCTION review_s26_slow();
 """
+T = TypeVar("T")
+
 _IN_SLOW_BATCH = ("SELECT pid FROM pg_stat_activity WHERE wait_event = 'PgSleep' "
                   "AND query LIKE '%INSERT INTO run_events%'")
+
+
+async def _while_the_owner_looks_dead(
+    tmp_path: Path, db: str, do: Callable[[httpx.AsyncClient, str], Awaitable[T]],
+) -> tuple[T, list[dict[str, Any]], httpx.AsyncClient, str]:
+    """A run on A, A's event batch slow on the server (its FOR SHARE fence on the run held),
+    and A stopped (SIGSTOP) past its lease while that statement runs: ``do(b, run_id)`` on B
+    then, A continued after it, and A's stream followed to its run.finished. What ``do``
+    returned, A's frames, B's client (still open: read the store through it) and the id."""
+    sim = Simulator(("sim-model",), default=Reply(tokens=200, interval=0.05),
+                    strict_models=False)
+    async with (open_simulator(sim) as running,
+                instance(db, running.url, tmp_path, "b") as (_, b),
+                instance(db, running.url, tmp_path, "a") as (proc_a, a)):
+        await trio.to_thread.run_sync(_pg, db, _SLOW_BATCH)
+        on_a: list[dict[str, Any]] = []
+        ready = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stream, a, on_a, 1, ready)
+            with trio.fail_after(GUARD):
+                await ready.wait()
+                while not await trio.to_thread.run_sync(_pg, db, _IN_SLOW_BATCH):  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            run_id = on_a[0]["data"]["run_id"]
+            os.kill(proc_a.pid, signal.SIGSTOP)  # while its batch's statement runs
+            try:
+                await _pg_lease_lapsed(db, proc_a.pid)
+                assert await trio.to_thread.run_sync(_pg, db, _IN_SLOW_BATCH)  # still in it
+                done = await do(b, run_id)
+            finally:
+                os.kill(proc_a.pid, signal.SIGCONT)
+            with trio.fail_after(2 * GUARD):
+                while not on_a or on_a[-1]["event"] != "run.finished":  # noqa: ASYNC110
+                    await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+        # (B is still serving: the caller reads what the store says through a new client.)
+        return done, on_a, b, run_id
 
 
 @pytest.mark.slow
@@ -56,37 +96,12 @@ async def test_a_cancel_answered_202_while_the_owner_looked_dead_is_lost_when_it
     # lands, it renews its lease and its run goes on to "succeeded": the cancel the client was
     # told was accepted never happens. The same happens without any SIGSTOP whenever the owner
     # is back between B's two looks (it renewed its lease, or began a batch).
-    sim = Simulator(("sim-model",), default=Reply(tokens=200, interval=0.05),
-                    strict_models=False)
-    async with (open_simulator(sim) as running,
-                instance(pg_url, running.url, tmp_path, "b") as (_, b),
-                instance(pg_url, running.url, tmp_path, "a") as (proc_a, a)):
-        await trio.to_thread.run_sync(_pg, pg_url, _SLOW_BATCH)
-        on_a: list[dict[str, Any]] = []
-        ready = trio.Event()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stream, a, on_a, 1, ready)
-            with trio.fail_after(GUARD):
-                await ready.wait()
-                while not await trio.to_thread.run_sync(_pg, pg_url, _IN_SLOW_BATCH):  # noqa: ASYNC110
-                    await trio.sleep(0.05)
-            run_id = on_a[0]["data"]["run_id"]
-            os.kill(proc_a.pid, signal.SIGSTOP)  # while its batch's statement runs
-            try:
-                await _pg_lease_lapsed(pg_url, proc_a.pid)
-                assert await trio.to_thread.run_sync(_pg, pg_url, _IN_SLOW_BATCH)  # still in it
-                r = await b.post(f"/api/runs/{run_id}/cancel")
-                answered = (r.status_code, r.json().get("status"))
-            finally:
-                os.kill(proc_a.pid, signal.SIGCONT)
-            with trio.fail_after(2 * GUARD):
-                while await _status(b, run_id) in ("queued", "running"):  # noqa: ASYNC110
-                    await trio.sleep(0.25)
-            stored = await _status(b, run_id)
-            with trio.fail_after(GUARD):
-                while not on_a or on_a[-1]["event"] != "run.finished":  # noqa: ASYNC110
-                    await trio.sleep(0.1)
-            nursery.cancel_scope.cancel()
+    async def cancel(b: httpx.AsyncClient, run_id: str) -> tuple[int, Any]:
+        r = await b.post(f"/api/runs/{run_id}/cancel")
+        return r.status_code, r.json().get("status")
+
+    answered, on_a, _, run_id = await _while_the_owner_looks_dead(tmp_path, pg_url, cancel)
+    stored = await trio.to_thread.run_sync(_stored_status, pg_url, run_id)
     told_on_a = on_a[-1]["data"]["status"]
     # API.md: POST /api/runs/{id}/cancel -> 202; the run ends cancelled promptly (and it is
     # not left to run to its end). Found: (202, 'running'), then 'succeeded' on both.
@@ -94,6 +109,13 @@ async def test_a_cancel_answered_202_while_the_owner_looked_dead_is_lost_when_it
     assert (stored, told_on_a) != ("succeeded", "succeeded"), (answered, stored, told_on_a)
     assert stored in ("cancelled", "failed"), (answered, stored, told_on_a)
     assert told_on_a == stored, (answered, stored, told_on_a)
+
+
+def _stored_status(db: str, run_id: str) -> str:
+    with psycopg.connect(db) as conn:
+        row = conn.execute("SELECT status FROM runs WHERE id = %s", (run_id,)).fetchone()
+    assert row is not None, run_id
+    return str(row[0])
 
 
 _RUN_IN_PROGRESS_WAITING = (
@@ -180,34 +202,12 @@ async def test_a_rejoin_of_a_run_whose_owner_looks_dead_but_holds_its_fence_ends
     # "left for the next look"), reads the store once more and, finding nothing new, takes the
     # run for over: the stream ends cleanly, with neither run.finished nor an error frame,
     # while the store says "running", and the run then goes on to succeed on A.
-    sim = Simulator(("sim-model",), default=Reply(tokens=200, interval=0.05),
-                    strict_models=False)
-    async with (open_simulator(sim) as running,
-                instance(pg_url, running.url, tmp_path, "b") as (_, b),
-                instance(pg_url, running.url, tmp_path, "a") as (proc_a, a)):
-        await trio.to_thread.run_sync(_pg, pg_url, _SLOW_BATCH)
-        on_a: list[dict[str, Any]] = []
-        ready = trio.Event()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stream, a, on_a, 1, ready)
-            with trio.fail_after(GUARD):
-                await ready.wait()
-                while not await trio.to_thread.run_sync(_pg, pg_url, _IN_SLOW_BATCH):  # noqa: ASYNC110
-                    await trio.sleep(0.05)
-            run_id = on_a[0]["data"]["run_id"]
-            os.kill(proc_a.pid, signal.SIGSTOP)
-            try:
-                await _pg_lease_lapsed(pg_url, proc_a.pid)
-                assert await trio.to_thread.run_sync(_pg, pg_url, _IN_SLOW_BATCH)  # still in it
-                with trio.fail_after(GUARD):
-                    r = await b.get(f"/api/runs/{run_id}/events", params={"after": 1})
-                status_then = await _status(b, run_id)
-            finally:
-                os.kill(proc_a.pid, signal.SIGCONT)
-            with trio.fail_after(GUARD):
-                while not on_a or on_a[-1]["event"] != "run.finished":  # noqa: ASYNC110
-                    await trio.sleep(0.1)
-            nursery.cancel_scope.cancel()
+    async def rejoin(b: httpx.AsyncClient, run_id: str) -> tuple[httpx.Response, str]:
+        with trio.fail_after(GUARD):
+            r = await b.get(f"/api/runs/{run_id}/events", params={"after": 1})
+        return r, await _status(b, run_id)
+
+    (r, status_then), on_a, _, _ = await _while_the_owner_looks_dead(tmp_path, pg_url, rejoin)
     frames = parse_sse(r.text)
     last = (frames[-1]["event"], frames[-1]["data"].get("status")) if frames else None
     # Found: last == ('token', None) (or None), status_then == 'running', then 'succeeded'.
