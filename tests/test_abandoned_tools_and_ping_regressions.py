@@ -23,6 +23,11 @@ A review of those fixes (453fd6f and dae9b3f) then found:
    failure came out of its task in a group with the Cancelled).
 7. A tool's SystemExit in a group failed its run as an internal error instead of being the
    model's observation.
+
+And a review of that fix (4052557):
+
+8. A KeyboardInterrupt (SIGINT) raised while an abandoned call unwound was boxed for a caller
+   that was gone, and only logged: the process's interrupt was lost.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import trio.testing
 
 from service.agents import TOOL_THREADS
 from service.backends.base import ChatRequest, ToolCall
-from service.errors import StoreUnavailable
+from service.errors import StoreUnavailable, is_interrupt
 from service.runs import RunHandle, RunSpec, RunStatus
 from service.runs.reader import EventReader, Keepalive
 from service.settings import load_settings
@@ -399,3 +404,51 @@ async def test_a_tools_exit_in_a_group_is_its_observation_not_a_cancellation(
     assert "error" in results[0], results
     assert handle.status is RunStatus.succeeded, (handle.status, handle.error)
     assert cancelled == 0, cancelled
+
+
+# -- 8. (a review of 4052557): a SIGINT in an abandoned call's unwinding ---------------------
+
+
+@tool("fetch_interrupted", "Fetch a page while a helper keeps the session alive.",
+      {"type": "object", "properties": {}})
+async def fetch_interrupted() -> str:
+    async def keep_alive() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            # SIGINT lands while the abandoned call unwinds (trio raises it in the running task)
+            raise KeyboardInterrupt
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keep_alive)
+        await trio.sleep(1000)
+    return "page"
+
+
+async def test_a_keyboard_interrupt_in_an_abandoned_tools_unwinding_is_not_swallowed(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The call times out (5 s) and is abandoned: its task ends with
+    # BaseExceptionGroup([Cancelled, KeyboardInterrupt]). Before 4052557 the whole group was
+    # re-raised, the call's scope took the Cancelled out and the KeyboardInterrupt reached the
+    # supervisor (which, like its runs, lets an interrupt through: errors.is_interrupt). Now
+    # _split_cancelled boxes the KeyboardInterrupt for a caller that is gone: only logged.
+    def reply(req: ChatRequest) -> Reply:
+        if req.messages[-1].role == "tool":
+            return Reply("Final Answer: no page")
+        return Reply("", tool_calls=[ToolCall("c1", "fetch_interrupted", {})])
+
+    crashed: BaseException | None = None
+    status: Any = None
+    try:
+        async with supervisor_env(tmp_path, ScriptedBackend(reply), tool_timeout=5,
+                                  tools=(*BUILTIN_TOOLS, fetch_interrupted)) as env:
+            handle = await env.supervisor.start(
+                RunSpec(await env.conversation(), "fetch the page", agent="react"))
+            await handle.finished.wait()
+            status = handle.status
+            await trio.sleep(60)  # the service goes on serving as if no interrupt came
+    except BaseException as exc:  # noqa: ASYNC103 (what escaped, checked below)
+        crashed = exc
+    assert is_interrupt(crashed), (
+        f"the KeyboardInterrupt was swallowed (escaped: {crashed!r}; run: {status})")

@@ -18,7 +18,7 @@ from typing import Any
 import trio
 
 from ..backends.base import Backend, ChatMessage, ChatRequest, ToolCall, Usage
-from ..errors import ToolArgumentsError
+from ..errors import ToolArgumentsError, is_interrupt
 from ..logs import get_logger
 from ..metrics import Metrics
 from ..runs.handle import RunHandle
@@ -103,6 +103,8 @@ async def call_abandonable(nursery: trio.Nursery, limiter: trio.CapacityLimiter,
                     # failure, for its caller (a cleanup failing as the call is abandoned
                     # came out in a group with the Cancelled and stopped the supervisor).
                     cancelled, failure = _split_cancelled(exc)
+                    if scope.cancel_called and is_interrupt(failure):
+                        raise  # abandoned: nobody reads the box; a SIGINT is the process's
                     if failure is not None:
                         box.append((True, failure))
                         if scope.cancel_called:  # abandoned: its caller is gone
