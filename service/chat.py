@@ -205,6 +205,13 @@ class Renderer:
 
 
 def _describe(kind: str, data: dict[str, Any]) -> str:
+    line = _what(kind, data)
+    # A plan step's own work (its steps run at once): which step it was for.
+    step = data.get("step")
+    return line if step is None else f"· [step {step}] {line.removeprefix('· ')}"
+
+
+def _what(kind: str, data: dict[str, Any]) -> str:
     if kind == "thought":
         return f"· thinking: {data.get('text', '')}"
     if kind == "tool.call":

@@ -217,8 +217,9 @@ class PlanExecuteAgent(Agent):
         share: int = TOOL_OUTPUT_CHARS,
     ) -> None:
         ctx.emit("step.started", {"id": step.id, "task": step.task})
+        mine = _in_step(ctx, step.id)
         if step.tool and step.tool in ctx.tools and step.arguments is not None:
-            obs = await ctx.call_tool(step.tool, step.arguments, new_id("call"), limit=share)
+            obs = await mine.call_tool(step.tool, step.arguments, new_id("call"), limit=share)
             ok, output = obs.ok, obs.text()
         else:
             context = _results_text(
@@ -229,7 +230,7 @@ class PlanExecuteAgent(Agent):
             messages = [ChatMessage("system", self.step_agent.system_prompt(ctx)),
                         ChatMessage("user", prompt)]
             try:
-                output = await self.step_agent.loop(_quiet(ctx), messages, fail_at_limit=True)
+                output = await self.step_agent.loop(mine, messages, fail_at_limit=True)
                 ok = not output.startswith("ERROR:")
             except StepLimitReached as limit:  # a step that could not finish failed
                 output, ok = str(limit), False
@@ -250,16 +251,25 @@ def _renumber(plan: Plan, start: int) -> Plan:
     ])
 
 
-class _QuietContext(AgentContext):
-    """A step's inner LLM calls stream no tokens: only the final synthesis speaks to the user."""
+class _StepContext(AgentContext):
+    """A plan step's context: its inner LLM calls stream no tokens (only the final synthesis
+    speaks to the user), and every event its work emits (``thought``, ``tool.call``,
+    ``tool.result``, ``queued``) names the step (``"step": id``): a wave's steps run at once,
+    and their events interleave."""
+
+    step_id: int
 
     async def call_llm(self, messages, *, tools=(), emit_tokens=True, **kw):  # type: ignore[no-untyped-def,override]
         return await super().call_llm(messages, tools=tools, emit_tokens=False, **kw)
 
+    def emit(self, type_: str, data: dict[str, Any]) -> None:
+        super().emit(type_, {**data, "step": self.step_id})
 
-def _quiet(ctx: AgentContext) -> AgentContext:
-    q = _QuietContext.__new__(_QuietContext)
+
+def _in_step(ctx: AgentContext, step_id: int) -> AgentContext:
+    q = _StepContext.__new__(_StepContext)
     q.__dict__.update(ctx.__dict__)
+    q.step_id = step_id
     return q
 
 

@@ -73,6 +73,12 @@ async function* sseFrames(resp) {
 }
 
 function describe(kind, data) {
+  // A plan step's own work (a wave's steps run at once): which step it was for.
+  const line = what(kind, data);
+  return data.step == null ? line : `[step ${data.step}] ${line}`;
+}
+
+function what(kind, data) {
   switch (kind) {
     case "thought": return `thinking: ${data.text ?? ""}`;
     case "tool.call": return `tool ${data.name}(${JSON.stringify(data.arguments ?? {})})`;

@@ -214,6 +214,52 @@ async def test_plan_execute_runs_independent_steps_in_parallel(
         assert "".join(e.data["text"] for e in events if e.type == "token") == "a and b combined"
 
 
+async def test_plan_steps_name_their_step_on_every_event_their_work_emits(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A wave's steps run at once and their events interleave: each ``thought``, ``tool.call``
+    and ``tool.result`` of a step's work carries ``"step": id`` (a client could not tell
+    which step a tool call was for). Step 1 is a direct tool step, 2 and 3 ReAct loops that
+    call tools of their own."""
+    plan = {"steps": [
+        {"id": 1, "task": "look up a", "tool": "slow_lookup", "arguments": {"key": "a"}},
+        {"id": 2, "task": "look up b"},
+        {"id": 3, "task": "look up c"},
+    ]}
+
+    def reply(req: ChatRequest) -> Reply:
+        system = req.messages[0].content if req.messages[0].role == "system" else ""
+        last = req.messages[-1]
+        if system.startswith("Break the user's request"):
+            return Reply(json.dumps(plan))
+        if last.content.startswith("Answer the user's request"):
+            return Reply("done")
+        if last.role == "tool":
+            return Reply(f"Final Answer: {last.content}")
+        key = last.content.removeprefix("Do this step: look up ")
+        return Reply(f"I will look {key} up.", tool_calls=[
+            ToolCall(id=f"c-{key}", name="slow_lookup", arguments={"key": key})])
+
+    async with supervisor_env(tmp_path, ScriptedBackend(reply), tools=TOOLS) as env:
+        handle, events = await _run(env, "a, b and c", "plan_execute")
+        assert handle.status is RunStatus.succeeded
+        calls = {e.data["arguments"]["key"]: e.data for e in events if e.type == "tool.call"}
+        assert {k: c["step"] for k, c in calls.items()} == {"a": 1, "b": 2, "c": 3}
+        results = {e.data["call_id"]: e.data for e in events if e.type == "tool.result"}
+        for key, call in calls.items():
+            assert results[call["call_id"]]["step"] == call["step"]
+            assert results[call["call_id"]]["output"] == f"value-of-{key}"
+        thoughts = [e.data for e in events if e.type == "thought"]
+        assert sorted((t["text"], t["step"]) for t in thoughts) == [
+            ("I will look b up.", 2), ("I will look c up.", 3)]
+        # The plan's own events are the run's, not a step's.
+        for e in events:
+            if e.type in ("plan", "step.started", "step.finished", "message", "token"):
+                assert "step" not in e.data, e
+        finished = {e.data["id"]: e.data["output"] for e in events if e.type == "step.finished"}
+        assert finished == {1: "value-of-a", 2: "value-of-b", 3: "value-of-c"}
+
+
 async def test_plan_execute_replans_once_after_a_failed_step(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -237,3 +237,17 @@ def test_the_sse_parser_reads_back_what_the_service_writes(
     assert got == [{"id": str(n + 1), "event": kind, "data": data}
                    for n, (kind, data) in enumerate(frames)]
 
+
+
+def test_a_plan_steps_work_is_shown_with_its_step() -> None:
+    """A wave's steps run at once: a tool call of step 2 is shown as step 2's, and the plan's
+    own events as they were."""
+    from service.chat import _describe
+
+    call = {"name": "calculator", "arguments": {"expression": "1+1"}, "call_id": "c1"}
+    assert _describe("tool.call", {**call, "step": 2}) == (
+        '· [step 2] tool calculator({"expression": "1+1"})')
+    assert _describe("tool.result", {"call_id": "c1", "output": "2", "step": 2}) == (
+        "· [step 2] tool result: 2")
+    assert _describe("tool.call", call) == '· tool calculator({"expression": "1+1"})'
+    assert _describe("step.started", {"id": 2, "task": "add"}) == "· step 2: add"
