@@ -139,13 +139,24 @@ class Renderer:
         self._printed += text
 
     def step(self, kind: str, data: dict[str, Any]) -> None:
+        line = Text(_safe(_describe(kind, data)), style="dim")
+        if kind == "thought" and data.get("reasoning"):
+            # A reasoning model's thinking is not a step: it may come between answer tokens,
+            # and the answer goes on around it. Shown apart (above a live answer; on stderr
+            # in a pipe), the answer's text kept: it had been dimmed, or cut and then written
+            # again whole.
+            if self._printed and self.steps is self.out:
+                self.out.file.write("\n")  # the answer written as it comes: its line ends
+                self.out.file.flush()
+            self.steps.print(line)
+            return
         if self._printed:  # written as it came: ended with its line
             self._end_plain()
         elif self.tty and self._segment:
             # The text so far was a step's (a ReAct thought), not the answer.
             self._stop_live(Text(self._segment.strip(), style="dim"))
         self._segment = ""
-        self.steps.print(Text(_safe(_describe(kind, data)), style="dim"))
+        self.steps.print(line)
 
     def message(self, content: str) -> None:
         """The final answer (after its tokens, if any were shown)."""

@@ -251,3 +251,35 @@ def test_a_plan_steps_work_is_shown_with_its_step() -> None:
         "· [step 2] tool result: 2")
     assert _describe("tool.call", call) == '· tool calculator({"expression": "1+1"})'
     assert _describe("step.started", {"id": 2, "task": "add"}) == "· step 2: add"
+
+
+@pytest.mark.parametrize("tty", [False, True], ids=["pipe", "terminal"])
+def test_a_reasoning_thought_between_answer_tokens_leaves_the_answer_whole(tty: bool) -> None:
+    """A reasoning model's thinking may come between answer tokens; it is not a step. In a
+    pipe the answer was cut at it and then written again whole ("The answer \\nis 42.\\nThe
+    answer is 42."); on a terminal the answer so far was dimmed as if a step's text."""
+    import io
+
+    from rich.console import Console
+
+    from service.chat import Renderer
+
+    out, err = io.StringIO(), io.StringIO()
+    renderer = Renderer(
+        Console(file=out, force_terminal=tty, width=60, height=20,
+                color_system="standard" if tty else None),
+        Console(file=err, force_terminal=False, width=60))
+    renderer.started("chat")
+    renderer.token("The answer ")
+    renderer.step("thought", {"text": "hmm, check", "reasoning": True})
+    renderer.token("is 42.")
+    renderer.message("The answer is 42.")
+    renderer.finished("succeeded", None)
+    if not tty:
+        assert out.getvalue() == "The answer is 42.\n"
+        assert err.getvalue() == "· thinking: hmm, check\n"
+    else:
+        shown = out.getvalue()
+        assert "\x1b[2mThe answer" not in shown  # never dimmed
+        assert "\x1b[2m· thinking: hmm, check\x1b[0m" in shown
+        assert shown.rstrip("\n\x1b[?25h").rstrip().endswith("The answer is 42.")
