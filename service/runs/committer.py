@@ -6,7 +6,8 @@ What clients are told is what the store says:
   all runs go in one transaction (group commit), one batch in flight at a time;
 * a batch the store refuses (a full volume, a database away) is held, in order, and written
   again with a back-off (:class:`~.backoff.Backoff`: 0.1 s doubling to 2 s); nothing after it is
-  published meanwhile; past ``_PENDING_MAX`` held events the runs making them are stopped;
+  published meanwhile; past ``_PENDING_MAX`` held events (or ``_PENDING_BYTES_MAX`` of their
+  JSON) the runs making them are stopped;
 * a run's last events (``error``, ``message``, ``run.finished``) are written only in the
   transaction of its final state (:class:`FinalState`), tried again for
   ``FINAL_WRITE_BUDGET`` seconds; if the store still refuses it, it is kept and retried
@@ -37,6 +38,9 @@ log = get_logger("service.runs")
 WRITE_BUDGET = 10.0  # seconds one store write (a batch, a final state) may take
 FINAL_WRITE_BUDGET = 15.0  # seconds a run's final state is tried (again) before it is kept
 _PENDING_MAX = 100_000  # events held while the store refuses them; past it their runs fail
+# ... and their JSON's size: a tool's result is up to 16,000 characters (up to 6 bytes each,
+# escaped), so 100,000 of them could hold gigabytes.
+_PENDING_BYTES_MAX = 64 * 2**20
 _UNSTORED_ENDS_MAX = 1_000  # ended runs whose final write failed, still served from memory
 
 
@@ -181,9 +185,11 @@ class EventCommitter:
 
     def _fail_runs_past_the_bound(self) -> None:
         """While the store refuses events, the runs making them go on (a database restart
-        takes seconds); past ``_PENDING_MAX`` held events they are stopped, ``failed``
-        (``store_unavailable``), so memory stays bounded and nothing held is dropped."""
-        if len(self._pending) <= _PENDING_MAX:
+        takes seconds); past ``_PENDING_MAX`` held events, or ``_PENDING_BYTES_MAX`` of their
+        JSON, they are stopped, ``failed`` (``store_unavailable``), so memory stays bounded and
+        nothing held is dropped. (Counted here, on a refused batch, not per token.)"""
+        if (len(self._pending) <= _PENDING_MAX
+                and sum(len(e.raw) for e in self._pending) <= _PENDING_BYTES_MAX):
             return
         for run_id in {e.run_id for e in self._pending}:
             handle = self._live(run_id)

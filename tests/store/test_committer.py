@@ -200,3 +200,39 @@ async def test_a_rejoin_of_a_run_let_go_with_its_end_unstored_is_told_so(
         seen, told = await rejoin(kept.id)
         assert isinstance(told, StoreUnavailable), seen
         env.store.faults.clear()
+
+
+async def test_held_events_are_bounded_by_their_size_not_only_their_count(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the store refuses batches the held events are bounded: past the bound, the runs
+    making them are stopped ``failed`` (``store_unavailable``). The bound counted events
+    only (100,000): a few hundred large ones (a tool's result is up to 16,000 characters)
+    went on growing memory. Here events of 10 kB pass a 100 kB size bound, far below
+    the count one, and the run is stopped; what it made is still stored once the store is
+    back."""
+    monkeypatch.setattr(committer_mod, "_PENDING_BYTES_MAX", 100_000)
+    word = "w" * 10_000
+    backend = ScriptedBackend(lambda req: Reply(" ".join([word] * 200), first_delay=1.0,
+                                                gap=0.01))
+    async with supervisor_env(tmp_path, backend) as env:
+        handle = await env.supervisor.start(RunSpec(await env.conversation(), "x"))
+        await trio.sleep(0.5)  # stored and started; its tokens come from t=1
+
+        def refuse() -> None:
+            raise InjectedFault("disk I/O error")
+
+        env.store.faults.before_commit = refuse
+        with trio.fail_after(120):
+            await handle.finished.wait()
+            env.store.faults.clear()  # back: the held events and the end are stored
+            await handle.wait_published()  # its end stored (on a retry), then published
+        assert handle.final_stored
+        run = await env.store.get_run(handle.id)
+        assert run.status == "failed", run
+        assert "store" in (run.error or ""), run
+        tokens = [e for e in await env.store.list_run_events(handle.id) if e.type == "token"]
+        # Stopped early (within the lease: a lapsed lease stops runs too), and nothing it made
+        # was dropped.
+        assert 10 <= len(tokens) < 200
+        assert [e.seq for e in tokens] == list(range(tokens[0].seq, tokens[0].seq + len(tokens)))
