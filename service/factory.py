@@ -43,6 +43,7 @@ from .sendstall import install as drop_stalled_clients
 from .services import Services
 from .settings import Settings, load_settings
 from .tokens import TokenSigner
+from .wsclose import install as close_websockets_as_the_rfc_says
 from .wsping import install as end_pings_with_their_socket
 
 __all__ = ["create_app"]
@@ -338,6 +339,9 @@ def create_app(
     drop_stalled_clients(settings.sse_keepalive)
     # WebSocket pings (build_config) end with their socket (service/wsping.py).
     end_pings_with_their_socket()
+    # Protocol errors and over-cap messages close the socket with their code; no
+    # permessage-deflate; 426 for another version (service/wsclose.py).
+    close_websockets_as_the_rfc_says()
     # Served by hypercorn's own entry points, runs drain before connections close, as under
     # python -m service (service/drainfirst.py).
     drain_runs_first()
