@@ -29,15 +29,23 @@ class BackendKind(StrEnum):
     embedded = "embedded"
 
 
-def _check_url(value: str) -> str:
+def check_url(value: str) -> str:
+    """An upstream's base URL, checked (``ValueError`` naming it, its password hidden): what
+    an adapter can append its paths to. Used for the URL settings and a fleet file's ``url``."""
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"not an http(s) URL: {value!r}")
+        raise ValueError(f"not an http(s) URL: {redact_userinfo(value)!r}")
     try:
         parts.port  # noqa: B018 (reading it validates it: "host:abc" or a port over 65535)
-        httpx.URL(value)
-    except (ValueError, httpx.InvalidURL) as exc:
-        raise ValueError(f"not a valid URL: {value!r} ({exc})") from None
+        # Reading the host decodes it (IDNA): "xn--" with no punycode was accepted here, and
+        # then every call and probe raised IDNAError, a 500 with a traceback.
+        httpx.URL(value).host  # noqa: B018
+    except (ValueError, httpx.InvalidURL) as exc:  # IDNAError is a ValueError
+        raise ValueError(f"not a valid URL: {redact_userinfo(value)!r} ({exc})") from None
+    if parts.query or parts.fragment:
+        # The adapters append their paths to it: "http://h#a/api/chat" went to "/".
+        raise ValueError(f"not a base URL (it has a {'query' if parts.query else 'fragment'}): "
+                         f"{redact_userinfo(value)!r}")
     return value.rstrip("/")
 
 
@@ -108,8 +116,8 @@ class Settings(BaseSettings):
     @field_validator("ollama_url", "llamacpp_url")
     @classmethod
     def _url(cls, value: str) -> str:
-        return ",".join(_check_url(u.strip()) for u in value.split(",") if u.strip()) or (
-            _check_url(value))
+        return ",".join(check_url(u.strip()) for u in value.split(",") if u.strip()) or (
+            check_url(value))
 
     @field_validator("llamacpp_url")
     @classmethod

@@ -165,7 +165,10 @@ def build_backend(
     return FleetBackend(backends, members, default_model=default, owned_clients=owned,
                         metrics=metrics, health_ttl=settings.health_ttl,
                         probe_timeout=min(2.0, settings.llm_connect_timeout),
-                        inventory_timeout=min(1.0, settings.llm_connect_timeout))
+                        # The same endpoint as the health probe (Ollama's /api/tags): the same
+                        # bound. With 1 s, a server answering in 1.4 s was healthy by the probe
+                        # and marked not ready by its model list, at every refresh.
+                        inventory_timeout=min(2.0, settings.llm_connect_timeout))
 
 
 def _server(spec: ServerSpec, settings: Settings, shared: httpx.AsyncClient,

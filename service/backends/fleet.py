@@ -30,13 +30,12 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
-from urllib.parse import urlsplit
 
 import certifi
-import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import ConfigError
+from ..settings import check_url
 from ..text import redact_userinfo
 
 if TYPE_CHECKING:
@@ -129,18 +128,6 @@ class _ServerIn(BaseModel):
 class _FleetIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     server: list[_ServerIn] = Field(min_length=1)
-
-
-def check_url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"not an http(s) URL: {_redact(value)!r}")
-    try:
-        parts.port  # noqa: B018 (reading it validates it: "host:abc" or a port over 65535)
-        httpx.URL(value)
-    except (ValueError, httpx.InvalidURL) as exc:
-        raise ValueError(f"not a valid URL: {_redact(value)!r} ({exc})") from None
-    return value.rstrip("/")
 
 
 def _redact(text: str) -> str:
@@ -259,10 +246,24 @@ def validate_fleet(settings: Settings) -> None:
                 tls_context(TLSSpec(ca_bundle=ca))
             except ConfigError as exc:
                 raise ConfigError(f"invalid setting {var}: {exc.message}", variable=var) from None
-    fleet_from_settings(settings)
+    specs = fleet_from_settings(settings)
+    kind = settings.backend.value
+    if (settings.backends_file is not None and kind in ("ollama", "llamacpp")
+            and not any(s.kind == kind for s in specs)):
+        # As build_backend would, but before the store is opened: exit 2, one line.
+        raise ConfigError(f"SERVICE_BACKEND={kind}: SERVICE_BACKENDS_FILE lists no {kind} "
+                          "server", variable="SERVICE_BACKENDS_FILE")
 
 
 # -- TLS --------------------------------------------------------------------------------------
+
+
+class _Encrypted(Exception):
+    """A key asked for a passphrase."""
+
+
+def _no_passphrase() -> str:
+    raise _Encrypted
 
 
 def tls_context(tls: TLSSpec) -> ssl.SSLContext | None:
@@ -285,8 +286,16 @@ def tls_context(tls: TLSSpec) -> ssl.SSLContext | None:
         ctx.verify_mode = ssl.CERT_NONE
     if tls.client_cert is not None:
         try:
+            # No passphrase to give: OpenSSL would otherwise prompt for one, on the terminal
+            # or, without one, by reading stdin (a start under a supervisor hung there).
             ctx.load_cert_chain(str(tls.client_cert),
-                                str(tls.client_key) if tls.client_key is not None else None)
+                                str(tls.client_key) if tls.client_key is not None else None,
+                                password=_no_passphrase)
+        except _Encrypted:
+            raise ConfigError(f"tls.client_key: {tls.client_key or tls.client_cert} is "
+                              "encrypted (passphrase-protected); give the key unencrypted "
+                              "(openssl pkey -in KEY -out KEY.plain), readable by this "
+                              "service only") from None
         except FileNotFoundError:
             raise ConfigError(f"tls.client_cert/client_key: no such file "
                               f"({tls.client_cert}, {tls.client_key})") from None
