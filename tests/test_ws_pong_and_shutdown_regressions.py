@@ -18,7 +18,7 @@ from wsproto.events import CloseConnection, Message, Ping
 
 from service.settings import load_settings
 
-from .api.test_ws_and_v1_faults import GUARD, RawWS, _conversation
+from .api.test_ws_and_v1_faults import GUARD, RawWS, _conversation, socket_with_a_run
 from .fakes import Reply, ScriptedBackend
 from .servers import running_server
 
@@ -74,22 +74,14 @@ async def test_a_ws_peer_that_answers_no_ping_on_a_quiet_run_is_dropped_and_its_
     settings = load_settings(db=tmp_path / "s.db", sse_keepalive=keepalive)
     waited = 24 * keepalive  # six times the "four keep-alive intervals"
     # As service.server.build_config serves it: pinged every SERVICE_SSE_KEEPALIVE.
-    async with running_server(settings, backend, websocket_ping_interval=keepalive) as srv:
-        conv = await _conversation(srv)
-        ws = await RawWS.open(srv)
-        try:
-            await ws.send({"type": "message", "conversation_id": conv, "content": "q"})
-            got = await ws.until("token")
-            handle = srv.services.require_supervisor().get(got[0]["run_id"])
-            assert handle is not None
-            # From here on the client reads nothing, and so answers no ping.
-            with trio.move_on_after(waited):
-                await handle.finished.wait()
-            status, reason = handle.status.value, handle.cancel_reason
-            upstream_open = not backend.streams[0].closed
-            pings, end = await _pings_and_close(ws)  # what the server sent meanwhile
-        finally:
-            await ws.stream.aclose()
+    async with (running_server(settings, backend, websocket_ping_interval=keepalive) as srv,
+                socket_with_a_run(srv) as (ws, handle)):
+        # From here on the client reads nothing, and so answers no ping.
+        with trio.move_on_after(waited):
+            await handle.finished.wait()
+        status, reason = handle.status.value, handle.cancel_reason
+        upstream_open = not backend.streams[0].closed
+        pings, end = await _pings_and_close(ws)  # what the server sent meanwhile
     assert pings >= 4, f"the server sent {pings} pings in {waited} s (keep-alive {keepalive})"
     # Now: ('running', None, True), end 'open': 20+ pings unanswered, the socket and its run
     # still up.

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from wsproto.extensions import PerMessageDeflate
 
 from service.settings import load_settings
 
-from .api.test_ws_and_v1_faults import GUARD, RawWS, _conversation
+from .api.test_ws_and_v1_faults import GUARD, RawWS, _conversation, socket_with_a_run
 from .fakes import Reply, ScriptedBackend
 from .servers import RunningServer, running_server
 
@@ -76,6 +78,19 @@ def _record_streams(monkeypatch: pytest.MonkeyPatch) -> list[WSStream]:
 
     monkeypatch.setattr(WSStream, "__init__", init)
     return streams
+
+
+@asynccontextmanager
+async def _a_socket_with_a_quiet_run(tmp_path: Path) -> AsyncIterator[tuple[RawWS, Any]]:
+    """A server with the message cap and pings every keep-alive, as service.server's
+    build_config serves it; a raw socket whose ``cancel`` run has streamed a token and then
+    goes quiet: (the socket, the run's handle)."""
+    backend = ScriptedBackend(lambda req: Reply("a b c d", hang_after=2))  # then quiet
+    settings = load_settings(db=tmp_path / "s.db", max_body_bytes=MAX_BODY)
+    async with (running_server(settings, backend, websocket_max_message_size=MAX_MESSAGE,
+                               websocket_ping_interval=settings.sse_keepalive) as srv,
+                socket_with_a_run(srv) as (ws, handle)):
+        yield ws, handle
 
 
 async def _read_to_close(ws: RawWS) -> Any:
@@ -139,32 +154,19 @@ async def test_a_cancel_run_stops_promptly_once_its_socket_is_closed_with_1009(
     events dropped unseen, until the ping watchdog (60 s by default), never while it sent
     anything. Now the connection is closed after the 1009, the app gets its disconnect and
     the socket's cancel run ends ``cancelled`` (RFC 6455 section 7.1.7)."""
-    backend = ScriptedBackend(lambda req: Reply("a b c d", hang_after=2))  # then quiet
-    settings = load_settings(db=tmp_path / "s.db", max_body_bytes=MAX_BODY)
-    # As service.server.build_config serves it: the message cap and pings every keep-alive.
-    async with running_server(settings, backend, websocket_max_message_size=MAX_MESSAGE,
-                              websocket_ping_interval=settings.sse_keepalive) as srv:
-        conv = await _conversation(srv)
-        ws = await RawWS.open(srv)
-        try:
-            await ws.send({"type": "message", "conversation_id": conv, "content": "q"})
-            got = await ws.until("token")
-            handle = srv.services.require_supervisor().get(got[0]["run_id"])
-            assert handle is not None
-            await ws.stream.send_all(ws.conn.send(TextMessage("x" * (MAX_MESSAGE + 1))))
-            close = await _read_to_close(ws)
-            assert isinstance(close, CloseConnection), close
-            assert close.code == 1009, close
-            # The client does not answer the close (it is behind, or wedged); it waits.
-            with trio.move_on_after(3):
-                await handle.finished.wait()
-            status, reason = handle.status.value, handle.cancel_reason
-            tcp = "open"
-            with trio.move_on_after(0.5):  # has the server closed the connection?
-                if await ws.stream.receive_some(65536) == b"":
-                    tcp = "closed"
-        finally:
-            await ws.stream.aclose()
+    async with _a_socket_with_a_quiet_run(tmp_path) as (ws, handle):
+        await ws.stream.send_all(ws.conn.send(TextMessage("x" * (MAX_MESSAGE + 1))))
+        close = await _read_to_close(ws)
+        assert isinstance(close, CloseConnection), close
+        assert close.code == 1009, close
+        # The client does not answer the close (it is behind, or wedged); it waits.
+        with trio.move_on_after(3):
+            await handle.finished.wait()
+        status, reason = handle.status.value, handle.cancel_reason
+        tcp = "open"
+        with trio.move_on_after(0.5):  # has the server closed the connection?
+            if await ws.stream.receive_some(65536) == b"":
+                tcp = "closed"
     assert (status, tcp) == ("cancelled", "closed"), (
         f"3 s after the server's 1009 close frame, the socket's cancel run is {status} "
         f"(reason {reason}) and the TCP connection is {tcp}")
@@ -182,35 +184,25 @@ async def test_data_sent_after_a_1009_close_is_not_buffered(
     connection it should not go on processing data. Now the buffer is dropped and the
     connection closed: the server never holds more than one message's cap."""
     streams = _record_streams(monkeypatch)
-    backend = ScriptedBackend(lambda req: Reply("a b c d", hang_after=2))
-    settings = load_settings(db=tmp_path / "s.db", max_body_bytes=MAX_BODY)
-    async with running_server(settings, backend, websocket_max_message_size=MAX_MESSAGE,
-                              websocket_ping_interval=settings.sse_keepalive) as srv:
-        conv = await _conversation(srv)
-        ws = await RawWS.open(srv)
-        try:
-            await ws.send({"type": "message", "conversation_id": conv, "content": "q"})
-            await ws.until("token")
-            (stream,) = streams
-            frames = [ws.conn.send(TextMessage("x" * (MAX_MESSAGE + 1)))]
-            frames += [_frame(0x1, b"y" * 8000) for _ in range(100)]  # each under the cap
-            sent, held = 0, 0
-            for i, raw in enumerate(frames):
-                try:
-                    await ws.stream.send_all(raw)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    break  # the server closed the connection: right
-                sent += len(raw)
-                with trio.fail_after(GUARD):  # the server has read and handled it
-                    await trio.testing.wait_all_tasks_blocked(cushion=0.02)
-                if i == 0:  # the over-cap message: the server said 1009
-                    close = await _read_to_close(ws)
-                    assert isinstance(close, CloseConnection), close
-                    assert close.code == 1009, close
-                    assert str(MAX_MESSAGE) in close.reason, close  # it names the cap
-                held = max(held, stream.buffer.length)
-        finally:
-            await ws.stream.aclose()
+    async with _a_socket_with_a_quiet_run(tmp_path) as (ws, _):
+        (stream,) = streams
+        frames = [ws.conn.send(TextMessage("x" * (MAX_MESSAGE + 1)))]
+        frames += [_frame(0x1, b"y" * 8000) for _ in range(100)]  # each under the cap
+        sent, held = 0, 0
+        for i, raw in enumerate(frames):
+            try:
+                await ws.stream.send_all(raw)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                break  # the server closed the connection: right
+            sent += len(raw)
+            with trio.fail_after(GUARD):  # the server has read and handled it
+                await trio.testing.wait_all_tasks_blocked(cushion=0.02)
+            if i == 0:  # the over-cap message: the server said 1009
+                close = await _read_to_close(ws)
+                assert isinstance(close, CloseConnection), close
+                assert close.code == 1009, close
+                assert str(MAX_MESSAGE) in close.reason, close  # it names the cap
+            held = max(held, stream.buffer.length)
     assert held <= MAX_MESSAGE + 8192, (
         f"after its 1009 close the server holds {held:,} bytes of the client's data in the "
         f"socket's message buffer (cap {MAX_MESSAGE:,}; the client sent {sent:,} bytes on "

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +103,22 @@ async def _conversation(srv: RunningServer) -> str:
         r = await c.post("/api/conversations", json={})
         assert r.status_code == 201, r.text
         return str(r.json()["id"])
+
+
+@asynccontextmanager
+async def socket_with_a_run(srv: RunningServer) -> AsyncIterator[tuple[RawWS, RunHandle]]:
+    """A raw socket that has started a ``cancel`` run on a new conversation and seen its first
+    token: (the socket, the run's handle). The socket is closed at the end."""
+    conv = await _conversation(srv)
+    ws = await RawWS.open(srv)
+    try:
+        await ws.send({"type": "message", "conversation_id": conv, "content": "q"})
+        got = await ws.until("token")
+        handle = srv.services.require_supervisor().get(got[0]["run_id"])
+        assert handle is not None
+        yield ws, handle
+    finally:
+        await ws.stream.aclose()
 
 
 # -- 1. a backed-up socket whose client vanishes ---------------------------------------------
