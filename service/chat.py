@@ -110,6 +110,9 @@ class Renderer:
         self._stream_tokens = self.tty  # in a pipe: only for the chat agent (no steps)
         self._printed = ""  # the text written as it came (a pipe, or a tall answer)
         self._plain = not self.tty  # text written as it comes, no live Markdown
+        # A reasoning model's thinking that came while an answer was written as it comes on
+        # the terminal: shown once that text's line has ended (it would cut the answer).
+        self._held: list[Text] = []
 
     def started(self, agent: str) -> None:
         if not self.tty and agent == "chat":
@@ -146,9 +149,9 @@ class Renderer:
             # in a pipe), the answer's text kept: it had been dimmed, or cut and then written
             # again whole.
             if self._printed and self.steps is self.out:
-                self.out.file.write("\n")  # the answer written as it comes: its line ends
-                self.out.file.flush()
-            self.steps.print(line)
+                self._held.append(line)
+            else:
+                self.steps.print(line)
             return
         if self._printed:  # written as it came: ended with its line
             self._end_plain()
@@ -179,6 +182,7 @@ class Renderer:
         self.out.file.flush()
         self._segment = self._printed = ""
         self._plain = not self.tty
+        self._show_held()
 
     def finished(self, status: str, error: dict[str, Any] | None) -> None:
         if self._printed:
@@ -193,8 +197,12 @@ class Renderer:
     def reset(self) -> None:
         """A turn that did not end normally: stop the live display, forget its text."""
         self._stop_live(None)
+        if self._printed:
+            self.out.file.write("\n")  # the text written as it came: its line ends
+            self.out.file.flush()
         self._segment = self._printed = ""
         self._plain = not self.tty
+        self._show_held()
 
     def _end_plain(self) -> None:
         """Text written as it came is done: its line ends; the next is live again."""
@@ -202,6 +210,12 @@ class Renderer:
         self.out.file.flush()
         self._printed = ""
         self._plain = not self.tty
+        self._show_held()
+
+    def _show_held(self) -> None:
+        for line in self._held:
+            self.steps.print(line)
+        self._held.clear()
 
     def note(self, text: str) -> None:
         self.err.print(Text(_safe(text), style="dim"))

@@ -34,6 +34,7 @@ from .errors import (
     ServiceError,
     TooManyRuns,
 )
+from .h2streams import install as guard_http2_streams
 from .keepalive import KeepAliveFix
 from .lifespan import _start_services, _stop_services
 from .logs import REQUEST_ID, get_logger
@@ -342,6 +343,9 @@ def create_app(
     # Protocol errors and over-cap messages close the socket with their code; no
     # permessage-deflate; 426 for another version (service/wsclose.py).
     close_websockets_as_the_rfc_says()
+    # DATA for a closed HTTP/2 stream no longer ends the server; no WebSockets over HTTP/2
+    # (service/h2streams.py).
+    guard_http2_streams()
     # Served by hypercorn's own entry points, runs drain before connections close, as under
     # python -m service (service/drainfirst.py).
     drain_runs_first()

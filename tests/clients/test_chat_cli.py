@@ -283,3 +283,29 @@ def test_a_reasoning_thought_between_answer_tokens_leaves_the_answer_whole(tty: 
         assert "\x1b[2mThe answer" not in shown  # never dimmed
         assert "\x1b[2m· thinking: hmm, check\x1b[0m" in shown
         assert shown.rstrip("\n\x1b[?25h").rstrip().endswith("The answer is 42.")
+
+
+def test_a_reasoning_thought_inside_a_tall_answer_on_a_terminal_leaves_the_answer_whole() -> None:
+    """An answer taller than the screen is written as it comes on a terminal. A reasoning
+    thought between two of its tokens ended the answer's line and was printed inside it:
+    "wor", "· thinking: hmm", "ld.". Now the thinking is held until the answer is written,
+    and shown after it."""
+    import io
+
+    from rich.console import Console
+
+    from service.chat import Renderer
+
+    out, err = io.StringIO(), io.StringIO()
+    renderer = Renderer(
+        Console(file=out, force_terminal=True, width=40, height=5, color_system=None),
+        Console(file=err, force_terminal=False, width=60))
+    renderer.started("chat")
+    tokens = [f"line{i}\n\n" for i in range(8)] + ["wor", "ld."]  # taller than 5 rows
+    for i, t in enumerate(tokens):
+        if i == len(tokens) - 1:
+            renderer.step("thought", {"text": "hmm", "reasoning": True})
+        renderer.token(t)
+    renderer.message("".join(tokens))
+    renderer.finished("succeeded", None)
+    assert out.getvalue().endswith("line7\n\nworld.\n· thinking: hmm\n"), out.getvalue()[-60:]
