@@ -23,6 +23,7 @@ type here, keeping the original as ``__cause__``.
     │   │   └── CallTimeout            the whole call exceeded its budget
     │   ├── BackendProtocolError       malformed or unexpected answer (502)
     │   ├── BackendResponseError       the backend answered with an error (status or body)
+    │   │   └── BackendRejectedRequest the backend refused the request as invalid (400)
     │   └── ModelNotFound              the model is unknown to the backend (404)
     ├── ToolError                      a tool failed (the model sees it as an observation)
     │   └── ToolArgumentsError         arguments do not match the tool's schema
@@ -51,6 +52,7 @@ __all__ = [
     "BackendError",
     "BackendProtocolError",
     "BackendRateLimited",
+    "BackendRejectedRequest",
     "BackendResponseError",
     "BackendTimeout",
     "BackendUnavailable",
@@ -233,6 +235,16 @@ class BackendProtocolError(BackendError):
 
 class BackendResponseError(BackendError):
     type = "backend_response_error"
+
+
+class BackendRejectedRequest(BackendResponseError):
+    """The backend refused the request as invalid (400, 422): most often a field passed on as
+    the client sent it (``response_format``, ``tool_choice``, ``logit_bias``). As far as anyone
+    can tell the request's fault, and the same again on a retry: 400, not a 502 that OpenAI
+    SDKs retry (three runs for one bad request)."""
+
+    status = 400
+    type = "backend_rejected_request"
 
 
 class ModelNotFound(BackendError):

@@ -19,7 +19,10 @@ class ChatAgent(Agent):
         extra = ctx.handle.result_extra
         extra["finish_reason"] = ctx.last_finish_reason or "stop"
         if reply.tool_calls:
-            extra["finish_reason"] = "tool_calls"
+            if extra["finish_reason"] == "stop":
+                # Not "length" (nor "content_filter"): tool calls cut by max_tokens are not
+                # whole, and OpenAI SDKs raise LengthFinishReasonError only on "length".
+                extra["finish_reason"] = "tool_calls"
             extra["tool_calls"] = [
                 # A client's tool gets the model's arguments as they came, even if not JSON
                 # (as OpenAI passes them on): the client decides what to do with them.

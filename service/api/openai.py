@@ -112,7 +112,7 @@ class StreamOptions(_Lenient):
 class ChatCompletionRequest(_Lenient):
     model: str | None = Field(None, max_length=200)
     messages: list[ChatMessageIn] = Field(min_length=1)
-    stream: bool = False
+    stream: bool | None = None  # null: not streamed (the SDK's type: Optional[Literal[False]])
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)

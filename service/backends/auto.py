@@ -35,6 +35,7 @@ from ..errors import (
     AllBackendsFailed,
     BackendError,
     BackendProtocolError,
+    BackendRejectedRequest,
     BackendUnavailable,
     ContextLengthExceeded,
     ModelNotFound,
@@ -324,14 +325,17 @@ def _all_failed(causes: list[BackendError]) -> BackendError:
     """One error for a call no backend could serve.
 
     If every backend that answered said the model is unknown (the others being down), the
-    answer is ModelNotFound (404), not "no backend reachable" (503).
+    answer is ModelNotFound (404), not "no backend reachable" (503); so for a request every
+    backend that answered refused (BackendRejectedRequest, 400).
     """
     answered = [c for c in causes if not isinstance(c, BackendUnavailable)]
-    if answered and all(isinstance(c, ModelNotFound) for c in answered):
-        first = answered[0]
-        return ModelNotFound(
-            first.message, backend=first.backend, causes=[c.to_dict() for c in causes]
-        )
+    # Every one that answered refused the request itself (its model unknown, a field it does
+    # not take): that answer (404, 400), which a client does not retry.
+    for kind in (ModelNotFound, BackendRejectedRequest):
+        if answered and all(isinstance(c, kind) for c in answered):
+            first = answered[0]
+            return kind(first.message, backend=first.backend,
+                        causes=[c.to_dict() for c in causes])
     failed = AllBackendsFailed(causes)
     # Every backend busy or rate-limited for a while: the soonest of their Retry-Afters.
     waits = [c.retry_after for c in causes if c.retry_after is not None]

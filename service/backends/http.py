@@ -37,6 +37,7 @@ from ..errors import (
     BackendError,
     BackendProtocolError,
     BackendRateLimited,
+    BackendRejectedRequest,
     BackendResponseError,
     BackendTimeout,
     BackendUnavailable,
@@ -223,6 +224,8 @@ def error_from_status(
         error = BackendRateLimited(message, backend=backend, upstream_status=status)
     elif status == 503:
         error = BackendUnavailable(message, backend=backend, upstream_status=status)
+    elif status in (400, 422):
+        return BackendRejectedRequest(message, backend=backend, upstream_status=status)
     else:
         return BackendResponseError(message, backend=backend, upstream_status=status)
     error.retry_after = retry_after
