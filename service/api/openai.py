@@ -346,9 +346,11 @@ async def _finished(handle: RunHandle) -> None:
 
 def _run_error(handle: RunHandle) -> Response:
     resp = run_error(handle)
-    if resp.status_code == 409:
+    if resp.status_code == 409 or handle.status is RunStatus.timed_out:
         # A cancel is final. OpenAI SDKs retry 409 too ("lock timeout"), which would start
-        # the cancelled completion again; they obey this header before the status.
+        # the cancelled completion again; they obey this header before the status. So is a
+        # run's deadline (504): a retry would run the whole completion again, to the same
+        # deadline.
         resp.headers["x-should-retry"] = "false"
     return resp
 

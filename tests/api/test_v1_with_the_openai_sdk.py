@@ -125,3 +125,23 @@ def test_a_request_every_answering_backend_refused_is_a_400_not_all_backends_fai
     assert isinstance(error, BackendRejectedRequest), error
     assert (error.status, error.type) == (400, "backend_rejected_request")
     assert len(error.details["causes"]) == 3
+
+
+async def test_a_completion_past_the_run_deadline_is_not_run_again_by_the_sdk(
+    settings: Settings,
+) -> None:
+    """A non-streamed completion whose run passes its deadline (SERVICE_RUN_TIMEOUT) is a 504
+    ``run_timeout``, which the SDK retried twice: the whole completion run three times over,
+    each to the same deadline, and three runs stored. Now it carries
+    ``x-should-retry: false``, as a cancel's 409 does: one run."""
+    async with e2e(settings, "llamacpp", run_timeout=0.5) as env:
+        slow = Reply(tokens=100, interval=0.05)  # 5 s: far past the deadline
+        env.sim.script(slow, slow, slow)
+        c = _sdk(env.server.url)  # the SDK's default: max_retries=2
+        with trio.fail_after(GUARD):
+            with pytest.raises(openai.APIStatusError) as got:
+                await c.chat.completions.create(model="sim-model", messages=MSG)
+            runs = (await env.client.get("/api/conversations")).json()["data"]
+        assert got.value.status_code == 504, got.value
+        assert len(env.sim.streams) == 1, "the SDK ran the completion again"
+        assert len(runs) == 1
