@@ -58,8 +58,11 @@ async def list_conversations(
 async def get_conversation(conversation_id: str) -> ConversationWithMessages:
     """A conversation with its messages, oldest first."""
     store = services().require_store()
-    conv = await store.get_conversation(conversation_id, owner=current_owner())
+    # Its messages first, then the conversation (its owner checked before anything is
+    # shown): one deleted between the two reads is a 404, not a conversation with no
+    # messages, which the store never held.
     messages = await store.get_messages(conversation_id)
+    conv = await store.get_conversation(conversation_id, owner=current_owner())
     return ConversationWithMessages(
         **ConversationOut.of(conv).model_dump(), messages=[MessageOut.of(m) for m in messages]
     )
@@ -72,6 +75,17 @@ async def delete_conversation(conversation_id: str) -> tuple[str, int]:
     first (their generation stops, and no run is left going that nobody can reach)."""
     store = services().require_store()
     await store.get_conversation(conversation_id, owner=current_owner())  # 404 if not theirs
-    await stop_runs(await store.runs_in_progress(conversation_id), "the conversation was deleted")
+    reason = "the conversation was deleted"
+    await stop_runs(await store.runs_in_progress(conversation_id), reason)
     await store.delete_conversation(conversation_id, owner=current_owner())
+    # A run begun on it meanwhile (another tab posting; its first write landed before the
+    # delete) was not among those stopped, and its rows went with the conversation: it ran
+    # on, out of reach (its id 404). Stopped here too. (One on another instance stops at its
+    # next write, which finds its run gone.)
+    late = [h for h in services().require_supervisor().live()
+            if h.conversation_id == conversation_id]
+    for handle in late:
+        handle.cancel(reason)
+    for handle in late:
+        await handle.finished.wait()
     return "", 204

@@ -282,8 +282,8 @@ class EventCommitter:
     async def _adopt_stored_end(self, handle: RunHandle, final: FinalState) -> None:
         """The run was closed by another instance (this one's lease lapsed, so the others took
         it for dead): its clients get the end the store has, never this process's own. A run
-        that is gone altogether (its conversation deleted) ends as this process ended it:
-        nothing stored contradicts that."""
+        that is gone altogether (its conversation deleted) is told so (``end_gone``): a
+        ``succeeded`` with an answer the store has no trace of was told before."""
         backoff = Backoff()
         while True:  # the caller bounds it
             try:
@@ -293,8 +293,7 @@ class EventCommitter:
                               if m.id == handle.message_id), None)
                 break
             except NotFound:
-                handle.stored_as(final.status, final.finished_at)
-                handle.publish(list(final.events))
+                handle.end_gone("the conversation was deleted")
                 return
             except StoreError as exc:
                 log.error("could not read the stored end of run %s (trying again): %s",

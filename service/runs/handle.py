@@ -235,6 +235,21 @@ class RunHandle:
         changed, self._changed = self._changed, trio.Event()
         changed.set()
 
+    def end_gone(self, reason: str) -> None:
+        """The run is gone from the store (its conversation deleted while it ran): nothing of
+        it is stored, so its subscribers get none of its events not published yet, only an
+        end that says so: ``run.finished`` ``cancelled`` with ``reason``, numbered after what
+        they were shown (as a delete that found it running tells them). Never the end this
+        process planned (a ``succeeded`` the store has no trace of)."""
+        self._early.clear()
+        self.error, self.error_type, self.error_event = reason, None, None
+        self.final_text = ""
+        self.stored_as(RunStatus.cancelled, time.time())  # the store's word: not there
+        self.publish([RunEvent.make(
+            self.id, self.published_seq + 1, "run.finished",
+            {"status": RunStatus.cancelled.value, "usage": self.usage, "error": reason},
+            time.time())])
+
     def reserve_first_event(self) -> None:
         """Number event 1 (``run.started``) without emitting it: the store writes it with the
         run, and :meth:`adopt_first_event` publishes it. Events committed before then (the run
