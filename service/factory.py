@@ -25,6 +25,7 @@ from .api.errors import install_error_handlers, json_error
 from .api.models import strict_json_loads
 from .api.owned import CancelOwnedRuns
 from .backends.base import Backend
+from .connections import install as keep_connection_failures_to_themselves
 from .drainfirst import install as drain_runs_first
 from .errors import (
     BackendError,
@@ -346,6 +347,9 @@ def create_app(
     # DATA for a closed HTTP/2 stream no longer ends the server; no WebSockets over HTTP/2
     # (service/h2streams.py).
     guard_http2_streams()
+    # What else one connection's protocol layer raises ends that connection, not the server
+    # (service/connections.py).
+    keep_connection_failures_to_themselves()
     # Served by hypercorn's own entry points, runs drain before connections close, as under
     # python -m service (service/drainfirst.py).
     drain_runs_first()

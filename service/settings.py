@@ -42,10 +42,11 @@ def check_url(value: str) -> str:
         httpx.URL(value).host  # noqa: B018
     except (ValueError, httpx.InvalidURL) as exc:  # IDNAError is a ValueError
         raise ValueError(f"not a valid URL: {redact_userinfo(value)!r} ({exc})") from None
-    if parts.query or parts.fragment:
-        # The adapters append their paths to it: "http://h#a/api/chat" went to "/".
-        raise ValueError(f"not a base URL (it has a {'query' if parts.query else 'fragment'}): "
-                         f"{redact_userinfo(value)!r}")
+    if "?" in value or "#" in value:  # (in the userinfo, the port check has refused it)
+        # The adapters append their paths to it: "http://h#a/api/chat" (or "http://h?/...")
+        # went to "/".
+        raise ValueError(f"not a base URL (it has a {'query' if '?' in value else 'fragment'})"
+                         f": {redact_userinfo(value)!r}")
     return value.rstrip("/")
 
 

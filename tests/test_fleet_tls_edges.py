@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 import trustme
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 
 from service.backends import build_backend, client_from_settings
 from service.backends.base import ChatMessage, ChatRequest
+from service.backends.fleet import load_fleet_file
 from service.errors import ConfigError
 from service.settings import Settings, load_settings
 from service.sim import Reply, Simulator, open_simulator
@@ -259,3 +261,38 @@ def test_a_fleet_file_without_the_selected_kind_stops_the_start_with_exit_2(
     assert "lists no ollama server" in err.strip().splitlines()[-1], err
     assert code == 2, err
     assert not db.exists(), "the store was opened before the configuration was checked"
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:11434?", "http://127.0.0.1:11434/?",
+                                 "http://127.0.0.1:11434#"])
+def test_a_base_url_with_an_empty_query_or_fragment_is_refused_or_works(
+        tmp_path: Path, url: str) -> None:
+    """``check_url`` (service/settings.py) refuses a query or a fragment by the truth of
+    ``urlsplit(value).query``/``.fragment``, which are ``""`` for a bare trailing ``?`` or
+    ``#``; ``rstrip("/")`` leaves those in place, and the adapters then append their paths as
+    text: ``http://h:11434?/api/chat`` is ``/`` with the query ``/api/chat`` (and ``#/api/chat``
+    a fragment), the very breakage the check was added for (every call 404 "no route for POST
+    /", nothing said at start). Right: refused at start (one ConfigError line naming the
+    variable / the fleet file's server), or the ``?``/``#`` dropped so that the paths
+    reach the server."""
+    for load in (
+        lambda: load_settings(db=tmp_path / "s.db", backend="ollama", ollama_url=url).ollama_url,
+        lambda: _fleet_url(tmp_path, url),
+    ):
+        refused: str | None
+        try:
+            base = load()
+        except ConfigError as exc:
+            refused = exc.message
+        else:
+            refused = None
+        if refused is not None:
+            assert "\n" not in refused
+            continue
+        assert httpx.URL(base + "/api/chat").path == "/api/chat", base
+
+
+def _fleet_url(tmp_path: Path, url: str) -> str:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(f'[[server]]\nname = "a"\nkind = "ollama"\nurl = "{url}"\n')
+    return load_fleet_file(fleet)[0].url

@@ -12,6 +12,7 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.events
+import pytest
 import trio
 
 from service.settings import load_settings
@@ -122,6 +123,137 @@ async def test_websockets_are_not_offered_over_http2(tmp_path: Path) -> None:
                 while not any(isinstance(e, h2.events.StreamReset) for e in c.events):
                     assert await c.pump(), "the server closed the connection"
             assert not any(isinstance(e, h2.events.ResponseReceived) for e in c.events)
+        finally:
+            await c.stream.aclose()
+        assert await _serves(srv) == 200
+
+
+async def test_a_lowercase_connect_is_no_websocket_over_http2(tmp_path: Path) -> None:
+    """service/h2streams.py refuses ``(b":method", b"CONNECT")`` only, byte for byte, but
+    hypercorn's ``_create_stream`` upper-cases the method before it picks the stream class:
+    ``:method connect`` (which h2 validates as an ordinary request, with ``:scheme`` and
+    ``:path``) still made a ``WSStream``, and the app accepted the WebSocket over HTTP/2 (a
+    200 on the stream, the handler running), the very thing the module says cannot happen.
+    Right: any method that hypercorn would treat as CONNECT is reset (compare case-insensitively),
+    no response headers are sent, and the server serves on."""
+    settings = load_settings(db=tmp_path / "s.db")
+    async with running_server(settings, ScriptedBackend()) as srv:
+        c = await H2Client.open(srv)
+        try:
+            sid = c.h2.get_next_available_stream_id()
+            c.h2.send_headers(sid, [
+                (b":method", b"connect"), (b":scheme", b"http"),
+                (b":path", b"/api/ws"), (b":authority", b"127.0.0.1"),
+                (b"sec-websocket-version", b"13")])
+            await c.flush()
+            with trio.fail_after(GUARD):
+                while not any(isinstance(e, (h2.events.StreamReset, h2.events.ResponseReceived))
+                              for e in c.events):
+                    assert await c.pump(), "the server closed the connection"
+            responses = [dict(e.headers) for e in c.events
+                         if isinstance(e, h2.events.ResponseReceived)]
+            assert responses == [], responses
+        finally:
+            await c.stream.aclose()
+        assert await _serves(srv) == 200
+
+
+async def test_an_h2c_upgrade_of_a_connect_is_no_websocket_over_http2(tmp_path: Path) -> None:
+    """service/h2streams.py guards ``H2Protocol._handle_events`` only; an HTTP/1.1 request
+    with ``Upgrade: h2c`` becomes stream 1 through ``H2Protocol.initiate(headers=...)``, which
+    calls ``_create_stream`` directly. ``CONNECT /api/ws`` with ``Upgrade: h2c`` and
+    ``Sec-WebSocket-Version: 13`` was so accepted as a WebSocket over HTTP/2 (a 200 on stream 1,
+    the app's handler running), which the module says cannot happen. Right: a CONNECT that
+    arrives by an h2c upgrade is refused too (stream 1 reset, or the upgrade declined), and no
+    200 is sent."""
+    settings = load_settings(db=tmp_path / "s.db")
+    async with running_server(settings, ScriptedBackend()) as srv:
+        host, port = srv.url.removeprefix("http://").rsplit(":", 1)
+        stream = await trio.open_tcp_stream(host, int(port))
+        client = h2.connection.H2Connection(
+            config=h2.config.H2Configuration(client_side=True, header_encoding=None))
+        settings_header = client.initiate_upgrade_connection() or b""
+        try:
+            await stream.send_all(
+                b"CONNECT /api/ws HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: "
+                + settings_header
+                + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            buf = b""
+            with trio.fail_after(GUARD):
+                while b"\r\n\r\n" not in buf:
+                    data = await stream.receive_some(65536)
+                    assert data, "closed before the upgrade answer"
+                    buf += data
+            head, _, rest = buf.partition(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 101"):
+                return  # the upgrade was declined: sound
+            await stream.send_all(client.data_to_send())
+            events = list(client.receive_data(rest)) if rest else []
+            with trio.fail_after(GUARD):
+                while not any(isinstance(e, (h2.events.StreamReset, h2.events.ResponseReceived,
+                                             h2.events.ConnectionTerminated)) for e in events):
+                    data = await stream.receive_some(65536)
+                    assert data, "the server closed the connection"
+                    events += client.receive_data(data)
+                    await stream.send_all(client.data_to_send())
+            statuses = [dict(e.headers)[b":status"] for e in events
+                        if isinstance(e, h2.events.ResponseReceived)]
+            assert b"200" not in statuses, statuses
+        finally:
+            await stream.aclose()
+        assert await _serves(srv) == 200
+
+
+async def test_priority_frames_for_many_streams_do_not_stop_the_server(tmp_path: Path) -> None:
+    """The KeyError for DATA on a closed stream was one of several exceptions that leave
+    ``H2Protocol._handle_events`` uncaught and end hypercorn's serve (every connection of the
+    process); service/h2streams.py guards that one and leaves its neighbour: a PRIORITY frame
+    for a stream the tree does not know is inserted (``_priority_updated``) into a
+    ``priority.PriorityTree`` that holds at most 1,000 streams, and the 1,001st raises
+    ``priority.TooManyStreamsError``, caught nowhere. PRIORITY frames for idle streams are
+    legal (RFC 9113 section 5.3.x / 6.3), so one client with 1,001 small frames stopped the
+    service. Right: the error is caught (the frame ignored, or the connection closed with
+    ENHANCE_YOUR_CALM / PROTOCOL_ERROR), and the server serves on."""
+    settings = load_settings(db=tmp_path / "s.db")
+    async with running_server(settings, ScriptedBackend()) as srv:
+        c = await H2Client.open(srv)
+        try:
+            for i in range(1100):
+                c.h2.prioritize(2 * i + 1, weight=16)
+            await c.flush()
+            with trio.move_on_after(1):
+                while await c.pump():
+                    pass
+        finally:
+            await c.stream.aclose()
+        assert await _serves(srv) == 200
+
+
+@pytest.mark.parametrize(("method", "path"), [(b"GET", "/h\u00e9althz".encode()),
+                                              ("G\u00c9T".encode(), b"/healthz")])
+async def test_a_request_with_a_non_ascii_path_or_method_does_not_stop_the_server(
+    tmp_path: Path, method: bytes, path: bytes,
+) -> None:
+    """One HEADERS frame stops the service, as the DATA frame did before service/h2streams.py:
+    h2 validates pseudo-headers but not that ``:path`` and ``:method`` are ASCII (h11 does,
+    for HTTP/1.1), and hypercorn decodes them with ``.decode("ascii")``
+    (``H2Protocol._create_stream`` for the method, ``HTTPStream.handle`` for the path). The
+    ``UnicodeDecodeError`` leaves ``_handle_events`` uncaught (the wrapper passes every
+    other event on unguarded) and ends hypercorn's serve with every connection of the process.
+    Right: that stream is refused (400, or reset) and the server serves on."""
+    settings = load_settings(db=tmp_path / "s.db")
+    async with running_server(settings, ScriptedBackend()) as srv:
+        c = await H2Client.open(srv)
+        try:
+            sid = c.h2.get_next_available_stream_id()
+            c.h2.send_headers(sid, [(b":method", method), (b":scheme", b"http"),
+                                    (b":path", path), (b":authority", b"127.0.0.1")],
+                              end_stream=True)
+            await c.flush()
+            with trio.move_on_after(1):
+                while await c.pump():
+                    pass
         finally:
             await c.stream.aclose()
         assert await _serves(srv) == 200

@@ -330,12 +330,12 @@ def _all_failed(causes: list[BackendError]) -> BackendError:
     """
     answered = [c for c in causes if not isinstance(c, BackendUnavailable)]
     # Every one that answered refused the request itself (its model unknown, a field it does
-    # not take): that answer (404, 400), which a client does not retry.
-    for kind in (ModelNotFound, BackendRejectedRequest):
-        if answered and all(isinstance(c, kind) for c in answered):
-            first = answered[0]
-            return kind(first.message, backend=first.backend,
-                        causes=[c.to_dict() for c in causes])
+    # not take): that answer, which a client does not retry. A refusal (400) before an
+    # unknown model (404): the server that has the model said what is wrong.
+    if answered and all(isinstance(c, ModelNotFound | BackendRejectedRequest) for c in answered):
+        first = next((c for c in answered if isinstance(c, BackendRejectedRequest)), answered[0])
+        return type(first)(first.message, backend=first.backend,
+                           causes=[c.to_dict() for c in causes])
     failed = AllBackendsFailed(causes)
     # Every backend busy or rate-limited for a while: the soonest of their Retry-Afters.
     waits = [c.retry_after for c in causes if c.retry_after is not None]

@@ -145,3 +145,26 @@ async def test_a_completion_past_the_run_deadline_is_not_run_again_by_the_sdk(
         assert got.value.status_code == 504, got.value
         assert len(env.sim.streams) == 1, "the SDK ran the completion again"
         assert len(runs) == 1
+
+
+def test_a_request_refused_by_one_server_and_unknown_to_the_other_is_not_a_503() -> None:
+    """``_all_failed`` (service/backends/auto.py) answers the refusal itself only when every
+    server that answered gave the *same* kind of refusal: all ModelNotFound (404) or all
+    BackendRejectedRequest (400). A fleet whose server with the model refused a passed-on
+    field (400) while another server does not have the model (404) falls through to
+    ``AllBackendsFailed``: 503 ``all_backends_failed``, which OpenAI SDKs retry (three runs for
+    one bad request, the thing the 400 was introduced to stop), although no server was down
+    and both answers were about the request. Right: when every answering server refused the
+    request (unknown model or invalid request), the answer is a refusal, not 503; the server
+    that has the model said why (400 ``backend_rejected_request``)."""
+    from service.backends.auto import _all_failed
+    from service.errors import BackendRejectedRequest, ModelNotFound
+
+    causes = [
+        BackendRejectedRequest("response_format: unsupported", backend="gpu-a",
+                               upstream_status=400),
+        ModelNotFound("model 'm' not found", backend="gpu-b", upstream_status=404, model="m"),
+    ]
+    error = _all_failed(causes)
+    assert error.status < 500, (error.status, error.type)
+    assert isinstance(error, BackendRejectedRequest), error
