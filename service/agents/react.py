@@ -12,6 +12,7 @@ import json
 import re
 
 from ..backends.base import ChatMessage, ToolCall
+from ..errors import BackendRejectedRequest
 from ..store import new_id
 from ..text import protocol_answer_so_far
 from .base import Agent, AgentContext, Observation
@@ -69,8 +70,18 @@ class ReActAgent(Agent):
         tools = list(ctx.tools)
         names = {t.name for t in tools}
         native = False  # the model called tools natively: its plain text is its answer
+        offered = tools  # sent as native tools, until the model's server refuses them
         for turn in range(self.max_steps):
-            reply = await ctx.call_llm(messages, tools=tools)
+            try:
+                reply = await ctx.call_llm(messages, tools=offered)
+            except BackendRejectedRequest:
+                if not offered:
+                    raise
+                # The model's server takes no tools (Ollama: "... does not support tools"):
+                # the text protocol, which the system prompt describes, from here on. The
+                # run failed 400 with a model that could have answered.
+                offered = []
+                reply = await ctx.call_llm(messages)
             if reply.tool_calls:
                 native = True
                 if reply.content.strip():

@@ -260,6 +260,37 @@ async def test_plan_steps_name_their_step_on_every_event_their_work_emits(
         assert finished == {1: "value-of-a", 2: "value-of-b", 3: "value-of-c"}
 
 
+async def test_react_falls_back_to_the_text_protocol_when_the_server_refuses_tools(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Ollama answers 400 "<model> does not support tools" for many small models; a ReAct run
+    (or an auto run that chose it) failed with it, although the model could answer in the
+    text protocol its system prompt describes. Now the call is made again without tools, and
+    the rest of the run uses the text protocol."""
+    from service.errors import BackendRejectedRequest
+
+    seen: list[bool] = []
+
+    def reply(req: ChatRequest) -> Reply:
+        seen.append(bool(req.tools))
+        if req.tools:
+            return Reply(fail_after=0, error=BackendRejectedRequest(
+                "registry.ollama.ai/library/tiny:latest does not support tools",
+                backend="ollama", upstream_status=400))
+        if _last_user(req).startswith("Observation:"):
+            return Reply("Thought: I know it\nFinal Answer: 1024")
+        return Reply('Thought: compute\nAction: calculator\n'
+                     'Action Input: {"expression": "2**10"}')
+
+    async with supervisor_env(tmp_path, ScriptedBackend(reply), tools=TOOLS) as env:
+        handle, events = await _run(env, "what is 2**10?", "react")
+        assert handle.status is RunStatus.succeeded, handle.error
+        assert events[-2].data["content"] == "1024"
+        assert seen == [True, False, False]  # refused once; the text protocol after
+        results = [e.data for e in events if e.type == "tool.result"]
+        assert results and results[0]["output"] == 1024
+
+
 async def test_plan_execute_replans_once_after_a_failed_step(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
