@@ -287,8 +287,8 @@ async def test_react_falls_back_to_the_text_protocol_when_the_server_refuses_too
         assert handle.status is RunStatus.succeeded, handle.error
         assert events[-2].data["content"] == "1024"
         assert seen == [True, False, False]  # refused once; the text protocol after
-        results = [e.data for e in events if e.type == "tool.result"]
-        assert results and results[0]["output"] == 1024
+        (result,) = [e.data for e in events if e.type == "tool.result"]
+        assert result["output"] == 1024
 
 
 async def test_plan_execute_replans_once_after_a_failed_step(
