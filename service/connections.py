@@ -6,13 +6,17 @@ connection of the process went with it, and the service stopped. Reviews found f
 client to do that over HTTP/2 alone (a DATA frame for a stream already answered, a ``:path`` or
 ``:method`` that is not ASCII, 1,001 PRIORITY frames, a CONNECT through an h2c upgrade); those
 are answered properly in ``service.h2streams``. Whatever else such a bug in a protocol layer
-raises is now logged with its traceback and ends that connection (its socket closed, its
+raises is now logged with its traceback (once a minute per kind, the rest counted: a client
+can cause some on purpose) and ends that connection (its socket closed, its
 requests told ``http.disconnect``), and the server serves on.
 
 Installed from ``create_app``; the tests fail if a hypercorn upgrade changes these names.
 """
 
 from __future__ import annotations
+
+import math
+import time
 
 from hypercorn.trio.tcp_server import TCPServer
 
@@ -25,13 +29,40 @@ log = get_logger("service.server")
 _run = TCPServer.run
 
 
+_LOG_EVERY = 60.0  # seconds: one traceback per kind of failure in each, the rest counted
+
+
+class _Quiet:
+    """A failure a client can cause on purpose would otherwise write a traceback per
+    connection: the log is not the client's to fill."""
+
+    def __init__(self) -> None:
+        self.logged_at: dict[str, float] = {}
+        self.since: dict[str, int] = {}  # failures of a kind not logged since its last line
+
+    def log(self, exc: Exception) -> None:
+        kind = type(exc).__qualname__
+        now = time.monotonic()
+        if now - self.logged_at.get(kind, -math.inf) < _LOG_EVERY:
+            self.since[kind] = self.since.get(kind, 0) + 1
+            return
+        more = self.since.pop(kind, 0)
+        self.logged_at[kind] = now
+        log.error("a connection failed in hypercorn's protocol layer (%s); it is closed and "
+                  "the server goes on%s", kind,
+                  f" ({more} more such failures since the last report)" if more else "",
+                  exc_info=exc)
+
+
+_QUIET = _Quiet()
+
+
 async def _run_on_its_own(self: TCPServer) -> None:
     try:
         await _run(self)
-    except Exception:
+    except Exception as exc:
         # Not a cancellation (a BaseException): the server's own stop goes on as before.
-        log.exception("a connection failed in hypercorn's protocol layer; it is closed and "
-                      "the server goes on")
+        _QUIET.log(exc)
 
 
 def install() -> None:

@@ -11,8 +11,9 @@ Hypercorn serves HTTP/2 on the plain port too (h2c, prior knowledge), so any cli
   END_STREAM.
 * **Requests no stream is made for**: pseudo-headers that are not ASCII (hypercorn decodes
   them as ASCII: the error ended the server too) and any CONNECT are refused, their stream
-  reset (also a CONNECT that comes as an h2c upgrade). What else a protocol layer raises ends
-  only its connection (``service.connections``).
+  reset (also a CONNECT that comes as an h2c upgrade); PRIORITY frames for more than the
+  1,000 streams hypercorn's tree holds close the connection with ENHANCE_YOUR_CALM. What else
+  a protocol layer raises ends only its connection (``service.connections``).
 * **No WebSockets over HTTP/2** (RFC 8441's extended CONNECT is no longer advertised, and a
   CONNECT sent anyway is refused, as above; in any case of its method).
   Hypercorn's WebSocket stream ends over HTTP/2 neither on the wire nor in its buffers when the
@@ -31,6 +32,8 @@ from typing import Any
 import h2.errors
 import h2.events
 import h2.settings
+import priority
+from hypercorn.events import Closed
 from hypercorn.protocol.events import EndBody
 from hypercorn.protocol.h2 import H2Protocol
 
@@ -105,7 +108,23 @@ def _init_without_websockets(self: H2Protocol, *args: Any, **kwargs: Any) -> Non
     )
 
 
+_priority_updated = H2Protocol._priority_updated
+
+
+async def _priority_updated_within_bounds(self: H2Protocol, event: Any) -> None:
+    """PRIORITY frames for more streams than the tree holds (1,000; legal for idle streams)
+    raised ``TooManyStreamsError`` out of the connection: the client is told to calm down
+    (GOAWAY ENHANCE_YOUR_CALM) and its connection closed."""
+    try:
+        await _priority_updated(self, event)
+    except priority.TooManyStreamsError:
+        self.connection.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+        await self._flush()
+        await self.send(Closed())
+
+
 def install() -> None:
+    H2Protocol._priority_updated = _priority_updated_within_bounds  # type: ignore[method-assign]
     H2Protocol._handle_events = _handle_events_of_live_streams  # type: ignore[method-assign]
     H2Protocol._create_stream = _create_stream_or_refuse  # type: ignore[method-assign]
     H2Protocol.initiate = _initiate  # type: ignore[method-assign]

@@ -6,6 +6,7 @@ real hypercorn server on 127.0.0.1:0.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -257,3 +258,69 @@ async def test_a_request_with_a_non_ascii_path_or_method_does_not_stop_the_serve
         finally:
             await c.stream.aclose()
         assert await _serves(srv) == 200
+
+
+async def test_one_client_cannot_fill_the_error_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """service/connections.py logged every connection whose protocol layer raised with
+    ``log.exception`` (ERROR, full traceback, about 3 kB each here). A failure any client can
+    cause on purpose reached it: 1,001 PRIORITY frames (14 kB) on an h2c connection make
+    hypercorn's ``_priority_updated`` raise ``priority.TooManyStreamsError`` (the aa815b3 test
+    ``test_priority_frames_for_many_streams_do_not_stop_the_server`` only checks the server
+    lives). No authentication is involved (this is below the app). Measured: 20 such
+    connections from a plain Python client in under half a second gave 20 ERROR tracebacks;
+    one client can write megabytes of ERROR tracebacks a minute (disk, log shipping, alerts).
+
+    Right: a client-caused protocol failure is answered as one (the frame refused, or the
+    connection closed with GOAWAY ENHANCE_YOUR_CALM, logged as one line at most), and the
+    backstop, for failures nobody foresaw, logs its traceback a bounded number of times
+    (e.g. once per kind per minute, counting the rest).
+
+    Now the overflow is answered with ENHANCE_YOUR_CALM (no traceback), and the backstop logs
+    once a minute per kind (next test)."""
+    settings = load_settings(db=tmp_path / "s.db")
+    caplog.set_level(logging.INFO)
+    async with running_server(settings, ScriptedBackend()) as srv:
+        with trio.fail_after(GUARD):
+            for _ in range(20):
+                c = await H2Client.open(srv)
+                try:
+                    for i in range(1001):
+                        c.h2.prioritize(2 * i + 1, weight=16)
+                    await c.flush()
+                    with trio.move_on_after(2):
+                        while await c.pump():
+                            pass
+                finally:
+                    await c.stream.aclose()
+            assert await _serves(srv) == 200
+    tracebacks = [r for r in caplog.records
+                  if r.exc_info and r.levelno >= logging.ERROR and r.name == "service.server"]
+    assert len(tracebacks) <= 2, (
+        f"20 connections of one client wrote {len(tracebacks)} ERROR tracebacks "
+        f"({tracebacks[0].getMessage()!r})")
+
+
+def test_the_connection_backstop_logs_once_a_minute_per_kind(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What the backstop (service/connections.py) catches is logged with its traceback once a
+    minute per kind of failure; the rest are counted, and said with the next line."""
+    import service.connections as connections
+
+    now = [1000.0]
+    monkeypatch.setattr(connections.time, "monotonic", lambda: now[0])
+    quiet = connections._Quiet()
+    caplog.set_level(logging.INFO)
+    for _ in range(20):
+        quiet.log(KeyError(1))
+    quiet.log(ValueError("x"))
+    now[0] += connections._LOG_EVERY
+    quiet.log(KeyError(2))
+    lines = [r.getMessage() for r in caplog.records if r.name == "service.server"]
+    assert len(lines) == 3, lines
+    assert "(KeyError)" in lines[0]
+    assert "more" not in lines[0]
+    assert "(ValueError)" in lines[1]
+    assert "19 more such failures" in lines[2], lines[2]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import trio
 from quart import Blueprint, Response, g, jsonify
 from quart_schema import document_response, hide
@@ -27,15 +29,24 @@ class _Probe:
         self.error: ServiceError | None = StoreUnavailable("the write probe was stopped")
 
 
+_WRITE_PROBE_FRESH = 1.0  # seconds a write probe that landed answers for
+
+
 class _WriteProbe:
-    """``/readyz``'s write probe (while the latest write failed), one at a time, in the
-    supervisor's nursery: a request waits for it up to its deadline, never longer. A write
-    taken by a batch lands whole (shielded): behind another program's SQLite lock that is the
-    whole busy timeout (10 s), which held ``/readyz`` past its 2 s when it ran the probe
-    itself."""
+    """``/readyz``'s write probe: a one-row write, at most one a second (one that landed
+    answers for ``_WRITE_PROBE_FRESH``), one at a time, in the supervisor's nursery: a request
+    waits for it up to its deadline, never longer. A write taken by a batch lands whole
+    (shielded): behind another program's SQLite lock that is the whole busy timeout (10 s),
+    which held ``/readyz`` past its 2 s when it ran the probe itself. (It ran only once a
+    write had failed: a store that could not commit was "ok" until some write tried, up to
+    the lease renewal's 5 s later.)"""
 
     def __init__(self) -> None:
         self._current: _Probe | None = None
+        self._landed_at = -math.inf
+
+    def fresh(self) -> bool:
+        return trio.current_time() - self._landed_at < _WRITE_PROBE_FRESH
 
     async def check(self, svc: Services) -> None:
         store = svc.require_store()
@@ -49,6 +60,7 @@ class _WriteProbe:
             except RuntimeError:  # not serving (yet, or any more): this request's own probe
                 self._current = None
                 await store.probe_write()
+                self._landed_at = trio.current_time()
                 return
         await probe.done.wait()
         if probe.error is not None:
@@ -58,6 +70,7 @@ class _WriteProbe:
         try:
             await store.probe_write()
             probe.error = None
+            self._landed_at = trio.current_time()
         except ServiceError as exc:
             probe.error = exc
         finally:
@@ -97,9 +110,10 @@ async def readyz() -> Response:
         try:
             store = svc.require_store()
             await store.ping()
-            if store.write_error is not None:
-                # The latest write failed (a full volume): ready again once one commits.
-                probe = svc.extras.setdefault("write_probe", _WriteProbe())
+            probe = svc.extras.setdefault("write_probe", _WriteProbe())
+            # Ready when a write commits (not only a read answers): a full volume, a
+            # database that refuses writes. Again once one does.
+            if store.write_error is not None or not probe.fresh():
                 await probe.check(svc)
             checks["store"] = "ok"
         except ServiceError as exc:

@@ -25,7 +25,7 @@ Health probes run with a short deadline each and are cached for ``health_ttl`` s
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
@@ -264,8 +264,10 @@ class AutoBackend:
                 nursery.start_soon(one, i, backend)
         return [m for models in results for m in models]
 
-    async def health_all(self, *, fresh: bool = False) -> list[BackendHealth]:
-        """Each backend's health, probed concurrently if older than ``health_ttl``."""
+    async def health_all(self, *, fresh: bool = False,
+                         on_ready: Callable[[], None] | None = None) -> list[BackendHealth]:
+        """Each backend's health, probed concurrently if older than ``health_ttl``;
+        ``on_ready`` is called as a probe finds one ready."""
         now = trio.current_time()
 
         async def probe(backend: Backend) -> None:
@@ -282,6 +284,8 @@ class AutoBackend:
             st.health, st.health_at = health, trio.current_time()
             if changed:
                 self._state_changed()
+            if health.ready and on_ready is not None:
+                on_ready()
 
         async with trio.open_nursery() as nursery:
             for backend in self.backends:
@@ -291,8 +295,29 @@ class AutoBackend:
         return [self._state[id(b)].health for b in self.backends]  # type: ignore[misc]
 
     async def health(self) -> BackendHealth:
-        """Ready when any backend is; ``models`` joined, ``error`` names the ones down."""
-        healths = await self.health_all()
+        """Ready when any backend is; ``models`` joined, ``error`` names the ones down.
+
+        Returns as soon as one is known ready (fresh from its cache, or its probe): a member
+        that hangs held every answer for its probe's whole bound, and ``/readyz``, whose own
+        deadline came first, said 503 while another member was ready. The probes not done
+        then are given up (their members keep what was known of them)."""
+        now = trio.current_time()
+        known = [self._state[id(b)] for b in self.backends]
+        if not any(st.health is not None and st.health.ready
+                   and now - st.health_at < self.health_ttl for st in known):
+            enough = trio.Event()
+            async with trio.open_nursery() as nursery:
+
+                async def probe_all() -> None:
+                    await self.health_all(on_ready=enough.set)
+                    enough.set()
+
+                nursery.start_soon(probe_all)
+                await enough.wait()
+                nursery.cancel_scope.cancel()
+        healths = [st.health or BackendHealth(b.name, b.url, reachable=False, ready=False,
+                                              error="not probed yet")
+                   for b, st in zip(self.backends, known, strict=True)]
         down = [f"{h.name}: {h.error}" for h in healths if not h.ready]
         latencies = [h.latency for h in healths if h.latency is not None]
         return BackendHealth(

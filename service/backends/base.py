@@ -18,6 +18,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from ..errors import scrub_upstream_secrets
+
 __all__ = [
     "Backend",
     "BackendHealth",
@@ -135,6 +137,12 @@ class BackendHealth:
     latency: float | None = None  # seconds for the probe
     error: str | None = None
     models: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # The upstream's own error text may echo the credential it was sent (a gateway's 401
+        # with the Authorization header): shown in /api/backends and /readyz, never that.
+        if self.error:
+            object.__setattr__(self, "error", scrub_upstream_secrets(self.error))
 
 
 @runtime_checkable
