@@ -80,8 +80,8 @@ async def delete_conversation(conversation_id: str) -> tuple[str, int]:
     await store.delete_conversation(conversation_id, owner=current_owner())
     # A run begun on it meanwhile (another tab posting; its first write landed before the
     # delete) was not among those stopped, and its rows went with the conversation: it ran
-    # on, out of reach (its id 404). Stopped here too. (One on another instance stops at its
-    # next write, which finds its run gone.)
+    # on, out of reach (its id 404). Stopped here too. (One on another worker or instance
+    # is stopped by its own process, whose upkeep finds its row gone: runs_missing.)
     late = [h for h in services().require_supervisor().live()
             if h.conversation_id == conversation_id]
     for handle in late:

@@ -235,6 +235,13 @@ class RunHandle:
         changed, self._changed = self._changed, trio.Event()
         changed.set()
 
+    @property
+    def first_written(self) -> bool:
+        """Its first write (the run itself) has landed: from then on the store has its row,
+        unless its conversation is deleted. (A ``/v1`` run starts while that write is in
+        flight.)"""
+        return self._held is None
+
     def end_gone(self, reason: str) -> None:
         """The run is gone from the store (its conversation deleted while it ran): nothing of
         it is stored, so its subscribers get none of its events not published yet, only an

@@ -26,6 +26,7 @@ _IN_PROGRESS = ("queued", "running")
 
 MAINTAIN_EVERY = 2.0  # seconds between final-state retries and store maintenance (checkpoints)
 CANCEL_POLL = 0.25  # seconds between looks for cancels other workers asked for
+GONE_POLL = 1.0  # seconds between looks for runs of this process deleted elsewhere
 RECOVER_EVERY = 5.0  # seconds between looks for runs a dead instance left running
 PRUNE_EVERY = 60.0  # seconds between prunings of old runs' events (when a retention is set)
 PRUNE_PAUSE = 0.05  # seconds between two pruning batches: other writes go in between
@@ -47,18 +48,28 @@ async def cancel_requests_loop(store: Store, live: Callable[[], dict[str, RunHan
     (``Store.request_cancel``: a client's cancel can reach any instance); woken at once by
     the asker's notification on PostgreSQL, else every ``CANCEL_POLL`` seconds."""
     looked = None
+    gone_at = trio.current_time()  # the next look for runs deleted under this process
     while True:
         await wakeups.wait_cancels(CANCEL_POLL, since=looked)
         looked = wakeups.cancels_announced  # one announced during the look: look again
         runs = live()
         if not runs:
             continue
+        gone: list[str] = []
         try:
             requests = await store.cancel_requests()
+            if trio.current_time() >= gone_at:
+                # A conversation deleted on another worker or instance while a run of it
+                # began here (its delete stopped the runs it found, then the rows went): the
+                # run went on, out of reach, until its next write; a silent model's, until
+                # its deadline. Every GONE_POLL seconds.
+                gone_at = trio.current_time() + GONE_POLL
+                gone = await store.runs_missing(
+                    [h.id for h in runs.values() if h.first_written and not h.closed])
         except StoreError as exc:
             log.warning("could not read cancel requests: %s", exc.message)
             continue
-        for run_id, reason in requests:
+        for run_id, reason in [*requests, *((r, "the conversation was deleted") for r in gone)]:
             handle = runs.get(run_id)
             if handle is not None:
                 handle.cancel(reason)

@@ -166,6 +166,10 @@ class Store(Protocol):
 
     async def cancel_requests(self) -> list[tuple[str, str]]: ...
 
+    async def runs_missing(self, run_ids: Sequence[str]) -> list[str]:
+        """Of ``run_ids``, those the store has no row of: deleted with their conversation
+        (on another worker or instance) while this process runs them."""
+
     async def prune_events(self, finished_before: float, rows: int = 5000) -> int: ...
 
     async def append_run_events(

@@ -452,6 +452,15 @@ class PostgresQueries:
 
         return await self._write("request_cancel", fn)
 
+    async def runs_missing(self, run_ids: Sequence[str]) -> list[str]:
+        """See ``SQLiteStore.runs_missing``."""
+        def fn(c: Conn) -> list[str]:
+            present = {r[0] for r in c.execute(
+                "SELECT id FROM runs WHERE id = ANY(%s)", (list(run_ids),)).fetchall()}
+            return [r for r in run_ids if r not in present]
+
+        return await self._read("runs_missing", fn) if run_ids else []
+
     async def cancel_requests(self) -> list[tuple[str, str]]:
         def fn(c: Conn) -> list[tuple[str, str]]:
             return [(r[0], r[1]) for r in c.execute(

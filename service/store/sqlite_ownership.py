@@ -7,7 +7,7 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal, TypeVar
 
 from .ownership import close_interrupted, owner_alive
@@ -132,6 +132,18 @@ class SQLiteOwnership:
             ).rowcount > 0
 
         return await self._write("request_cancel", fn)
+
+    async def runs_missing(self, run_ids: Sequence[str]) -> list[str]:
+        """Of ``run_ids``, those with no row (deleted with their conversation)."""
+        def fn(c: sqlite3.Connection) -> list[str]:
+            present: set[str] = set()
+            for at in range(0, len(run_ids), 500):  # under SQLite's bound on parameters
+                part = run_ids[at:at + 500]
+                present.update(r[0] for r in c.execute(
+                    f"SELECT id FROM runs WHERE id IN ({','.join('?' * len(part))})", part))
+            return [r for r in run_ids if r not in present]
+
+        return await self._read("runs_missing", fn) if run_ids else []
 
     async def cancel_requests(self) -> list[tuple[str, str]]:
         """(run id, reason) of this process's runs whose cancel another worker asked for."""

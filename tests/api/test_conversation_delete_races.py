@@ -11,16 +11,19 @@ call opened), then let go.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from service.settings import Settings
+from service.runs import RunSpec
+from service.settings import Settings, load_settings
 
-from ..fakes import Reply, ScriptedBackend
+from ..fakes import Reply, ScriptedBackend, supervisor_env
 from ..servers import RunningServer, running_server
 from ..streams import parse_sse
 
@@ -247,3 +250,54 @@ async def test_get_conversation_racing_a_delete_shows_it_without_its_messages(
         r = got["r"]
         assert r.status_code == 404 or len(r.json()["messages"]) == 2, (
             f"{r.status_code}: the conversation with messages {r.json().get('messages')}")
+
+
+async def test_a_run_begun_on_another_worker_while_a_delete_is_under_way_is_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The delete stopped a run begun during it only in its own process. With ``--workers N``
+    or several instances the POST and the DELETE land on different processes as often as
+    not, and there the run went on: its rows gone (its id 404, no client could cancel it),
+    holding a run slot and its upstream generation until its next event write, a silent
+    model's until its deadline. Now the worker running it finds its row gone (the upkeep's
+    cancel loop, every GONE_POLL) and stops it."""
+    backend_b = ScriptedBackend(lambda req: Reply("a late answer", first_delay=15.0))
+    # B: another worker on the same SQLite file (its own process tag, a live process).
+    async with supervisor_env(tmp_path, backend_b, process_id=f"{os.getppid()}:1") as b:
+        settings = load_settings(db=tmp_path / "runs.db")
+        async with running_server(settings, ScriptedBackend()) as a, a.client() as client:
+            conv = (await client.post("/api/conversations", json={})).json()["id"]
+            store_a = a.services.require_store()
+            looked, go = trio.Event(), trio.Event()
+            real = store_a.runs_in_progress
+
+            async def runs_in_progress(conversation_id: str) -> list[str]:
+                ids = await real(conversation_id)
+                looked.set()
+                await go.wait()
+                return ids
+
+            monkeypatch.setattr(store_a, "runs_in_progress", runs_in_progress)
+            out: dict[str, Any] = {}
+            with trio.fail_after(20):
+                async with trio.open_nursery() as nursery:
+
+                    async def delete() -> None:
+                        out["delete"] = await client.delete(f"/api/conversations/{conv}")
+
+                    nursery.start_soon(delete)
+                    await looked.wait()
+                    handle = await b.supervisor.start(RunSpec(conv, "hi"))
+                    await backend_b.wait_stream(0)  # B's run has begun: stored, upstream open
+                    go.set()
+                assert out["delete"].status_code == 204
+                assert (await client.get(f"/api/runs/{handle.id}")).status_code == 404
+                with trio.move_on_after(3):  # a dozen cancel polls
+                    await handle.finished.wait()
+            still_going = not handle.finished.is_set()
+            upstream_open = not backend_b.streams[0].closed
+            handle.cancel("test over")
+    assert not still_going, (
+        "3 s after DELETE answered 204, the run begun on another worker is still going "
+        f"({handle!r}), unreachable (its id 404)")
+    assert not upstream_open, "its upstream generation goes on"

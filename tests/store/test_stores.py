@@ -173,6 +173,23 @@ async def test_event_batches_span_insert_chunks_and_skip_runs_that_are_gone(
         assert await store.list_run_events(gone.id) == []
 
 
+async def test_runs_missing_names_the_runs_deleted_with_their_conversation(
+    db: Path | str,
+) -> None:
+    # How a worker learns that a run it runs was deleted on another worker (the upkeep's
+    # cancel loop): of the ids it asks about, those with no row; more than one chunk of ids.
+    async with open_store(db) as store:
+        conv = await store.create_conversation()
+        gone_conv = await store.create_conversation()
+        run = (await store.begin_run(conv.id, content="q", agent="chat", model="m")).run
+        gone = (await store.begin_run(gone_conv.id, content="q", agent="chat", model="m")).run
+        await store.delete_conversation(gone_conv.id)
+        never = [f"run_never_{i}" for i in range(600)]
+        assert await store.runs_missing([run.id, gone.id, *never]) == [gone.id, *never]
+        assert await store.runs_missing([run.id]) == []
+        assert await store.runs_missing([]) == []
+
+
 async def test_events_of_several_runs_in_one_read_each_after_its_cursor(db: Path | str) -> None:
     async with open_store(db) as store:
         conv = await store.create_conversation()
