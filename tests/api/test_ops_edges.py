@@ -25,7 +25,7 @@ SECRET = "sk-Gw4yS3cret77"
 PASSWORD = "Pr0xyPw-55"
 
 
-async def _silent_server(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+async def _silent_server(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,  # noqa: ASYNC114
                          ) -> None:
     """A host that accepts connections and never answers (a frozen server, a hung proxy)."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
