@@ -41,7 +41,9 @@ class _Quiet:
         self.since: dict[str, int] = {}  # failures of a kind not logged since its last line
 
     def log(self, exc: Exception) -> None:
-        kind = type(exc).__qualname__
+        # The failure's own kind: what reaches the backstop comes in hypercorn's task group's
+        # ExceptionGroup, and one client's kind of failure must not silence every other.
+        kind = ", ".join(sorted({type(e).__qualname__ for e in _leaves(exc)}))
         now = time.monotonic()
         if now - self.logged_at.get(kind, -math.inf) < _LOG_EVERY:
             self.since[kind] = self.since.get(kind, 0) + 1
@@ -52,6 +54,12 @@ class _Quiet:
                   "the server goes on%s", kind,
                   f" ({more} more such failures since the last report)" if more else "",
                   exc_info=exc)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
+    return [exc]
 
 
 _QUIET = _Quiet()

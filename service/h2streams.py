@@ -62,7 +62,16 @@ async def _create_stream_or_refuse(self: H2Protocol, request: h2.events.RequestR
         self.connection.reset_stream(request.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
         await self._flush()
         return
-    await _create_stream(self, request)
+    try:
+        await _create_stream(self, request)
+    except priority.TooManyStreamsError:  # the tree filled by PRIORITY frames before it
+        await _calm_down(self)
+
+
+async def _calm_down(self: H2Protocol) -> None:
+    self.connection.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+    await self._flush()
+    await self.send(Closed())
 
 
 async def _initiate(self: H2Protocol, headers: list[tuple[bytes, bytes]] | None = None,
@@ -118,9 +127,7 @@ async def _priority_updated_within_bounds(self: H2Protocol, event: Any) -> None:
     try:
         await _priority_updated(self, event)
     except priority.TooManyStreamsError:
-        self.connection.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
-        await self._flush()
-        await self.send(Closed())
+        await _calm_down(self)
 
 
 def install() -> None:

@@ -15,6 +15,7 @@ import h2.connection
 import h2.events
 import pytest
 import trio
+from hypercorn.protocol.h2 import H2Protocol
 
 from service.settings import load_settings
 
@@ -324,3 +325,74 @@ def test_the_connection_backstop_logs_once_a_minute_per_kind(
     assert "more" not in lines[0]
     assert "(ValueError)" in lines[1]
     assert "19 more such failures" in lines[2], lines[2]
+
+
+def _leaves(exc: BaseException | None) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
+    return [] if exc is None else [exc]
+
+
+async def test_a_client_caused_failure_does_not_silence_every_other_backstop_failure(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """service/connections.py ``_Quiet`` logs one traceback a minute "per kind of failure",
+    the kind being ``type(exc).__qualname__``. But what reaches the backstop from
+    ``TCPServer.run`` is always trio's ``ExceptionGroup`` (hypercorn's task group wraps it), so
+    every failure is of one kind, "ExceptionGroup". And a client can still cause one: 1,000
+    PRIORITY frames for idle streams and a HEADERS frame in the same write (the priority
+    wrapper sends GOAWAY ENHANCE_YOUR_CALM for the PRIORITY overflow, then hypercorn's
+    ``_create_stream`` inserts the new stream into the full tree: ``TooManyStreamsError``,
+    not caught by the wrapper of ``_priority_updated``).
+
+    Wrong: after that client's connection, an unforeseen bug (here a KeyError raised by a
+    WINDOW_UPDATE's handling, on another connection) is only counted, its traceback never
+    logged; a client doing this once a minute hides every other failure of the protocol
+    layer from the log.
+    Right: the kind is the failure's own (the leaf exceptions of the group, e.g.
+    ``TooManyStreamsError`` vs ``KeyError``), so the unforeseen one is logged with its
+    traceback; and the overflow of the tree by a new stream is answered like the PRIORITY
+    overflow (no backstop at all)."""
+    import service.connections as connections
+
+    quiet = connections._Quiet()  # a fresh minute
+    monkeypatch.setattr(connections, "_QUIET", quiet)
+    original = H2Protocol._window_updated
+
+    async def unforeseen_bug(self: H2Protocol, stream_id: int | None) -> None:
+        raise KeyError("an unforeseen bug in the protocol layer")
+
+    settings = load_settings(db=tmp_path / "s.db")
+    caplog.set_level(logging.INFO)
+    async with running_server(settings, ScriptedBackend()) as srv:
+        with trio.fail_after(20):
+            c = await H2Client.open(srv)  # the client: the tree filled, then a new stream
+            try:
+                for i in range(1000):
+                    c.h2.prioritize(2 * i + 3, weight=16)
+                c.h2.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"),
+                                      (b":path", b"/healthz"), (b":authority", b"127.0.0.1")],
+                                  end_stream=True)
+                await c.flush()
+                with trio.move_on_after(2):
+                    while await c.pump():
+                        pass
+            finally:
+                await c.stream.aclose()
+            monkeypatch.setattr(H2Protocol, "_window_updated", unforeseen_bug)
+            d = await H2Client.open(srv)  # an ordinary client meets the bug
+            try:
+                d.h2.increment_flow_control_window(1000)
+                await d.flush()
+                with trio.move_on_after(2):
+                    while await d.pump():
+                        pass
+            finally:
+                await d.stream.aclose()
+            monkeypatch.setattr(H2Protocol, "_window_updated", original)
+            assert await _serves(srv) == 200
+    logged = [type(leaf).__name__ for r in caplog.records
+              if r.name == "service.server" and r.exc_info for leaf in _leaves(r.exc_info[1])]
+    assert "KeyError" in logged, (
+        f"the unforeseen KeyError was not logged, only counted ({quiet.since}); tracebacks "
+        f"logged: {logged}")

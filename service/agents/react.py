@@ -75,7 +75,7 @@ class ReActAgent(Agent):
             try:
                 reply = await ctx.call_llm(messages, tools=offered)
             except BackendRejectedRequest:
-                if not offered:
+                if not offered or native:  # tools were taken before: not about them
                     raise
                 # The model's server takes no tools (Ollama: "... does not support tools"):
                 # the text protocol, which the system prompt describes, from here on. The

@@ -484,10 +484,13 @@ class PostgresStore(PostgresQueries):
         await self._read("ping", lambda c: c.execute("SELECT 1").fetchone(), abandon=True)
 
     async def probe_write(self) -> None:
-        now = time.time()
+        """Raise StoreError unless the store can commit a write now. This process's own row
+        (its lease, unchanged: a new row version all the same): a row every instance's probe
+        wrote (``heartbeat``, id 1), in group-committed batches that take other rows' locks
+        too, could deadlock two instances' batches (``/readyz`` probes once a second)."""
         await self._write("probe_write", lambda c: c.execute(
-            "INSERT INTO heartbeat (id, at) VALUES (1, %s) "
-            "ON CONFLICT (id) DO UPDATE SET at = EXCLUDED.at", (now,)))
+            "UPDATE instances SET lease_until = lease_until WHERE id = %s",
+            (self.process_id,)))
 
 
 _IDLE = psycopg.pq.TransactionStatus.IDLE

@@ -10,6 +10,7 @@ import trio
 import trio.testing
 
 from service.backends.base import ChatMessage, ChatRequest, ToolCall
+from service.errors import BackendRejectedRequest
 from service.runs import RunSpec, RunStatus
 from service.store import MessageStatus
 from service.tools import BUILTIN_TOOLS, tool
@@ -267,8 +268,6 @@ async def test_react_falls_back_to_the_text_protocol_when_the_server_refuses_too
     (or an auto run that chose it) failed with it, although the model could answer in the
     text protocol its system prompt describes. Now the call is made again without tools, and
     the rest of the run uses the text protocol."""
-    from service.errors import BackendRejectedRequest
-
     seen: list[bool] = []
 
     def reply(req: ChatRequest) -> Reply:
@@ -289,6 +288,46 @@ async def test_react_falls_back_to_the_text_protocol_when_the_server_refuses_too
         assert seen == [True, False, False]  # refused once; the text protocol after
         (result,) = [e.data for e in events if e.type == "tool.result"]
         assert result["output"] == 1024
+
+
+async def test_react_fallback_after_native_tool_calls_does_not_store_the_text_protocol(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """service/agents/react.py took a BackendRejectedRequest on a call with tools for "this
+    server takes no tools" on any turn, also after the server has already taken tools and the
+    model has called one natively in this loop (``native`` is True). Then the call is made
+    again without tools, the model (told by the system prompt to use the text protocol when it
+    has no tools) answers with "Thought: ... Action: calculator ...", and because ``native``
+    is still True the loop returns that raw protocol text as the run's final answer: the run
+    ends ``succeeded`` with "Action: calculator / Action Input: ..." stored as the reply.
+
+    It was: a 400 on a later turn (a refused tool message, an image, a field) after native
+    tools worked is retried without tools and its protocol text becomes the answer.
+    Now: the fallback only where the server has not taken tools yet (no native call in
+    this loop; else the 400 is raised as it is), or, after a fallback, the reply is read with
+    the text protocol (``native`` reset), so the action runs and its answer is stored."""
+    seen: list[bool] = []
+
+    def reply(req: ChatRequest) -> Reply:
+        seen.append(bool(req.tools))
+        if len(seen) == 1:  # the server takes tools: a native call
+            return Reply("", tool_calls=[ToolCall("c1", "calculator", {"expression": "2**10"})])
+        if req.tools:  # a later turn refused (not about tool support)
+            return Reply(fail_after=0, error=BackendRejectedRequest(
+                "invalid message content", backend="llamacpp", upstream_status=400))
+        if any(m.content.startswith("Observation:") for m in req.messages if m.role == "user"):
+            return Reply("Thought: done\nFinal Answer: 1024")
+        return Reply('Thought: check it again\nAction: calculator\n'
+                     'Action Input: {"expression": "2**10"}')
+
+    async with supervisor_env(tmp_path, ScriptedBackend(reply), tools=BUILTIN_TOOLS) as env:
+        conv = await env.conversation()
+        handle = await env.supervisor.start(RunSpec(conv, "what is 2**10?", agent="react"))
+        await handle.finished.wait()
+        stored = handle.final_text
+    assert "Action:" not in stored, (
+        f"run {handle.status.value}: the text protocol's action was stored as the answer: "
+        f"{stored!r} (calls with tools: {seen})")
 
 
 async def test_plan_execute_replans_once_after_a_failed_step(
