@@ -7,6 +7,7 @@ real hypercorn server on 127.0.0.1:0.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -219,17 +220,28 @@ async def test_priority_frames_for_many_streams_do_not_stop_the_server(tmp_path:
     ENHANCE_YOUR_CALM / PROTOCOL_ERROR), and the server serves on."""
     settings = load_settings(db=tmp_path / "s.db")
     async with running_server(settings, ScriptedBackend()) as srv:
-        c = await H2Client.open(srv)
-        try:
-            for i in range(1100):
-                c.h2.prioritize(2 * i + 1, weight=16)
-            await c.flush()
-            with trio.move_on_after(1):
-                while await c.pump():
-                    pass
-        finally:
-            await c.stream.aclose()
+        await _send_then_read(srv, lambda c: _prioritize(c, 1100))
         assert await _serves(srv) == 200
+
+
+def _prioritize(c: H2Client, streams: int) -> None:
+    for i in range(streams):
+        c.h2.prioritize(2 * i + 1, weight=16)
+
+
+async def _send_then_read(srv: RunningServer, frames: Callable[[H2Client], None], *,
+                          seconds: float = 1.0) -> None:
+    """A connection that sends what ``frames`` queues, then reads until the server closes it
+    (or ``seconds`` pass)."""
+    c = await H2Client.open(srv)
+    try:
+        frames(c)
+        await c.flush()
+        with trio.move_on_after(seconds):
+            while await c.pump():
+                pass
+    finally:
+        await c.stream.aclose()
 
 
 @pytest.mark.parametrize(("method", "path"), [(b"GET", "/h\u00e9althz".encode()),
@@ -245,19 +257,14 @@ async def test_a_request_with_a_non_ascii_path_or_method_does_not_stop_the_serve
     other event on unguarded) and ends hypercorn's serve with every connection of the process.
     Right: that stream is refused (400, or reset) and the server serves on."""
     settings = load_settings(db=tmp_path / "s.db")
+
+    def request(c: H2Client) -> None:
+        c.h2.send_headers(c.h2.get_next_available_stream_id(), [
+            (b":method", method), (b":scheme", b"http"), (b":path", path),
+            (b":authority", b"127.0.0.1")], end_stream=True)
+
     async with running_server(settings, ScriptedBackend()) as srv:
-        c = await H2Client.open(srv)
-        try:
-            sid = c.h2.get_next_available_stream_id()
-            c.h2.send_headers(sid, [(b":method", method), (b":scheme", b"http"),
-                                    (b":path", path), (b":authority", b"127.0.0.1")],
-                              end_stream=True)
-            await c.flush()
-            with trio.move_on_after(1):
-                while await c.pump():
-                    pass
-        finally:
-            await c.stream.aclose()
+        await _send_then_read(srv, request)
         assert await _serves(srv) == 200
 
 
@@ -285,16 +292,7 @@ async def test_one_client_cannot_fill_the_error_log(
     async with running_server(settings, ScriptedBackend()) as srv:
         with trio.fail_after(GUARD):
             for _ in range(20):
-                c = await H2Client.open(srv)
-                try:
-                    for i in range(1001):
-                        c.h2.prioritize(2 * i + 1, weight=16)
-                    await c.flush()
-                    with trio.move_on_after(2):
-                        while await c.pump():
-                            pass
-                finally:
-                    await c.stream.aclose()
+                await _send_then_read(srv, lambda c: _prioritize(c, 1001), seconds=2)
             assert await _serves(srv) == 200
     tracebacks = [r for r in caplog.records
                   if r.exc_info and r.levelno >= logging.ERROR and r.name == "service.server"]
@@ -366,29 +364,18 @@ async def test_a_client_caused_failure_does_not_silence_every_other_backstop_fai
     caplog.set_level(logging.INFO)
     async with running_server(settings, ScriptedBackend()) as srv:
         with trio.fail_after(20):
-            c = await H2Client.open(srv)  # the client: the tree filled, then a new stream
-            try:
+            def tree_filled_then_a_stream(c: H2Client) -> None:
                 for i in range(1000):
                     c.h2.prioritize(2 * i + 3, weight=16)
                 c.h2.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"),
                                       (b":path", b"/healthz"), (b":authority", b"127.0.0.1")],
                                   end_stream=True)
-                await c.flush()
-                with trio.move_on_after(2):
-                    while await c.pump():
-                        pass
-            finally:
-                await c.stream.aclose()
+
+            await _send_then_read(srv, tree_filled_then_a_stream, seconds=2)  # the client
             monkeypatch.setattr(H2Protocol, "_window_updated", unforeseen_bug)
-            d = await H2Client.open(srv)  # an ordinary client meets the bug
-            try:
-                d.h2.increment_flow_control_window(1000)
-                await d.flush()
-                with trio.move_on_after(2):
-                    while await d.pump():
-                        pass
-            finally:
-                await d.stream.aclose()
+            # An ordinary client meets the bug.
+            await _send_then_read(
+                srv, lambda d: d.h2.increment_flow_control_window(1000), seconds=2)
             monkeypatch.setattr(H2Protocol, "_window_updated", original)
             assert await _serves(srv) == 200
     logged = [type(leaf).__name__ for r in caplog.records

@@ -30,15 +30,10 @@ from ..streams import parse_sse
 GUARD = 15  # seconds any test may take before it fails
 
 
-@asynccontextmanager
-async def _delete_racing_a_post(
-    srv: RunningServer, backend: ScriptedBackend, conv: str,
-    monkeypatch: pytest.MonkeyPatch, post: Callable[[], Any],
-) -> AsyncIterator[dict[str, Any]]:
-    """DELETE the conversation while ``post`` starts a run on it: the DELETE has read the runs
-    in progress (none) when the POST's run begins; the DELETE then goes on. Yields, once the
-    DELETE has answered, ``{"delete": response}``; ``post`` runs on in the background until the
-    block ends (then it is cancelled: the client leaves)."""
+def _hold_the_deletes_look(srv: RunningServer, monkeypatch: pytest.MonkeyPatch,
+                           ) -> tuple[trio.Event, trio.Event]:
+    """(looked, go): a DELETE's read of the runs in progress sets ``looked`` and waits for
+    ``go`` before the delete goes on."""
     store = srv.services.require_store()
     looked, go = trio.Event(), trio.Event()
     real = store.runs_in_progress
@@ -50,6 +45,19 @@ async def _delete_racing_a_post(
         return ids
 
     monkeypatch.setattr(store, "runs_in_progress", runs_in_progress)
+    return looked, go
+
+
+@asynccontextmanager
+async def _delete_racing_a_post(
+    srv: RunningServer, backend: ScriptedBackend, conv: str,
+    monkeypatch: pytest.MonkeyPatch, post: Callable[[], Any],
+) -> AsyncIterator[dict[str, Any]]:
+    """DELETE the conversation while ``post`` starts a run on it: the DELETE has read the runs
+    in progress (none) when the POST's run begins; the DELETE then goes on. Yields, once the
+    DELETE has answered, ``{"delete": response}``; ``post`` runs on in the background until the
+    block ends (then it is cancelled: the client leaves)."""
+    looked, go = _hold_the_deletes_look(srv, monkeypatch)
     out: dict[str, Any] = {}
     deleted = trio.Event()
 
@@ -267,17 +275,7 @@ async def test_a_run_begun_on_another_worker_while_a_delete_is_under_way_is_stop
         settings = load_settings(db=tmp_path / "runs.db")
         async with running_server(settings, ScriptedBackend()) as a, a.client() as client:
             conv = (await client.post("/api/conversations", json={})).json()["id"]
-            store_a = a.services.require_store()
-            looked, go = trio.Event(), trio.Event()
-            real = store_a.runs_in_progress
-
-            async def runs_in_progress(conversation_id: str) -> list[str]:
-                ids = await real(conversation_id)
-                looked.set()
-                await go.wait()
-                return ids
-
-            monkeypatch.setattr(store_a, "runs_in_progress", runs_in_progress)
+            looked, go = _hold_the_deletes_look(a, monkeypatch)
             out: dict[str, Any] = {}
             with trio.fail_after(20):
                 async with trio.open_nursery() as nursery:

@@ -150,17 +150,23 @@ async def test_messages_runs_events_calls_round_trip(db: Path | str) -> None:
         assert await store.list_run_events(run.id) == []
 
 
+async def _a_run_and_one_deleted(store: Any) -> tuple[Any, Any]:
+    """Two runs, each on its own conversation; the second's conversation is deleted."""
+    conv = await store.create_conversation()
+    gone_conv = await store.create_conversation()
+    run = (await store.begin_run(conv.id, content="q", agent="chat", model="m")).run
+    gone = (await store.begin_run(gone_conv.id, content="q", agent="chat", model="m")).run
+    await store.delete_conversation(gone_conv.id)
+    return run, gone
+
+
 async def test_event_batches_span_insert_chunks_and_skip_runs_that_are_gone(
     db: Path | str,
 ) -> None:
     # A batch is written as multi-row INSERTs of a bounded size: a batch longer than one chunk,
     # mixing runs, lands whole and in order; events of a run deleted meanwhile are dropped.
     async with open_store(db) as store:
-        conv = await store.create_conversation()
-        gone_conv = await store.create_conversation()
-        run = (await store.begin_run(conv.id, content="q", agent="chat", model="m")).run
-        gone = (await store.begin_run(gone_conv.id, content="q", agent="chat", model="m")).run
-        await store.delete_conversation(gone_conv.id)
+        run, gone = await _a_run_and_one_deleted(store)
         batch = []
         for i in range(2, 401):
             batch.append(RunEvent(run.id, i, "token", {"text": f"t{i}"}, float(i)))
@@ -179,11 +185,7 @@ async def test_runs_missing_names_the_runs_deleted_with_their_conversation(
     # How a worker learns that a run it runs was deleted on another worker (the upkeep's
     # cancel loop): of the ids it asks about, those with no row; more than one chunk of ids.
     async with open_store(db) as store:
-        conv = await store.create_conversation()
-        gone_conv = await store.create_conversation()
-        run = (await store.begin_run(conv.id, content="q", agent="chat", model="m")).run
-        gone = (await store.begin_run(gone_conv.id, content="q", agent="chat", model="m")).run
-        await store.delete_conversation(gone_conv.id)
+        run, gone = await _a_run_and_one_deleted(store)
         never = [f"run_never_{i}" for i in range(600)]
         assert await store.runs_missing([run.id, gone.id, *never]) == [gone.id, *never]
         assert await store.runs_missing([run.id]) == []
