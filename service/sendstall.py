@@ -26,10 +26,14 @@ gets everything it reads within the graceful timeout.
 from __future__ import annotations
 
 import math
+import os
+from contextvars import ContextVar
 from typing import Any
 
 import trio
 from hypercorn.events import Closed, RawData
+from hypercorn.protocol.events import Response
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import tcp_server
 
 from .logs import get_logger
@@ -44,6 +48,9 @@ _PIECE = 64 * 1024  # bytes written at a time (progress is one piece taken)
 
 _stall = [60.0]  # seconds; set by install()
 _original = tcp_server.TCPServer.protocol_send
+_h11_stream_send = H11Protocol.stream_send
+# Set while HTTP/1.1 writes a response's head: its body's first bytes come right after.
+_HEAD: ContextVar[bool] = ContextVar("service_sendstall_head", default=False)
 _WRITES = "_service_writes"  # the attribute of a server's hypercorn Config holding its _Writes
 
 
@@ -84,7 +91,16 @@ async def _protocol_send(self: Any, event: Any) -> None:
     if not isinstance(event, RawData):
         await _original(self, event)
         return
-    async with self.send_lock:
+    # A free lock is taken without a scheduling round (trio's ``Lock.acquire`` yields even
+    # then): the bytes leave now, not after every other ready task has run once more. The
+    # cancellation point it was is kept.
+    lock: trio.Lock = self.send_lock
+    await trio.lowlevel.checkpoint_if_cancelled()
+    try:
+        lock.acquire_nowait()
+    except trio.WouldBlock:
+        await lock.acquire()
+    try:
         data, stall = event.data, _stall[0]
         writes = _writes(self.config)
         try:
@@ -94,7 +110,14 @@ async def _protocol_send(self: Any, event: Any) -> None:
                                   deadline=min(trio.current_time() + stall, writes.cut)) as scope:
                 writes.open.add(scope)
                 try:
-                    if len(data) <= _PIECE:  # nearly every write: one frame
+                    if _HEAD.get() and type(self.stream) is trio.SocketStream:
+                        # A response's head: written now, without the round trio's
+                        # ``send_all`` takes after it (the body's first bytes would wait
+                        # that round for every other ready task).
+                        sent = _write_now(self.stream, data)
+                        if sent < len(data):
+                            await self.stream.send_all(memoryview(data)[sent:])
+                    elif len(data) <= _PIECE:  # nearly every write: one frame
                         await self.stream.send_all(data)
                     else:
                         view = memoryview(data)
@@ -114,9 +137,32 @@ async def _protocol_send(self: Any, event: Any) -> None:
                 await self.protocol.handle(Closed())
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             await self.protocol.handle(Closed())
+    finally:
+        lock.release()
+
+
+def _write_now(stream: trio.SocketStream, data: bytes) -> int:
+    """Bytes of ``data`` the socket takes at once (no wait, no scheduling round); 0 on any
+    error, which ``send_all`` then reports in trio's words."""
+    try:
+        return os.write(stream.socket.fileno(), data)
+    except OSError:  # BlockingIOError (its buffer full), a peer gone, a socket closed
+        return 0
+
+
+async def _stream_send(self: H11Protocol, event: Any) -> None:
+    if isinstance(event, Response):
+        head = _HEAD.set(True)
+        try:
+            await _h11_stream_send(self, event)
+        finally:
+            _HEAD.reset(head)
+    else:
+        await _h11_stream_send(self, event)
 
 
 def install(keepalive: float) -> None:
     """Drop clients that stop reading for ``STALL_KEEPALIVES`` x ``keepalive`` seconds."""
     _stall[0] = max(STALL_KEEPALIVES * keepalive, STALL_MIN)
     tcp_server.TCPServer.protocol_send = _protocol_send  # type: ignore[method-assign]
+    H11Protocol.stream_send = _stream_send  # type: ignore[method-assign]
