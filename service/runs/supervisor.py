@@ -270,7 +270,7 @@ class RunSupervisor:
                 raise
             handle = self._new_handle(begun, spec)
             handle.adopt_first_event(begun.started)
-            await self._launch(handle, spec, go=None)
+            await self._launch(handle, spec)
         finally:
             del self._starting[run_id]
             launched.set()
@@ -290,10 +290,13 @@ class RunSupervisor:
         goes out, while the run's first write commits (that write is most of the time a request
         spends in the service before its upstream call, measured in ``service.bench``).
 
-        Ordering: the run's task is started (``nursery.start``) but does its first work only
-        once ``go`` is set, just before the write is called; the write is queued before this
-        task's next checkpoint, so it is in the store's queue ahead of every other write about
-        the run (its events, its LLM calls, its final state), which land after it. Event 1
+        Ordering: the run's task is spawned (``start_soon``: it first runs once this task
+        yields) just before the write is called, and the write joins the store's queue before
+        this task's first checkpoint (``Store.write_run``), so it is in the queue ahead of every
+        other write about the run (its events, its LLM calls, its final state), which land
+        after it. (Started with ``nursery.start`` and a go-ahead event, the agent's first
+        step waited three scheduling rounds: 0.5-1 ms on a busy loop before the upstream
+        request.) Event 1
         (``run.started``) is written with the run and published once that write has landed;
         events the run commits meanwhile are held back behind it (``reserve_first_event``), so
         nothing about the run is published before the run is stored, and the first token does
@@ -309,10 +312,9 @@ class RunSupervisor:
         )
         handle = self._new_handle(begun, spec)
         handle.reserve_first_event()
-        go = trio.Event()
-        await self._launch(handle, spec, go)
+        self._launch_soon(handle, spec)
         try:
-            go.set()  # the run may start working: no checkpoint until its write is queued
+            # No checkpoint between the two: the write is queued before the run's task runs.
             await self._store.write_run(begun)
         except BaseException as exc:
             # Failed, not cancelled (unless this caller was): the service could not store it.
@@ -326,10 +328,9 @@ class RunSupervisor:
         handle.adopt_first_event(begun.started)
         return handle
 
-    async def _launch(self, handle: RunHandle, spec: RunSpec, go: trio.Event | None) -> None:
+    async def _launch(self, handle: RunHandle, spec: RunSpec) -> None:
         """Register the run and start its task in the supervisor's nursery; returns once the
-        task runs (``nursery.start``). ``go``: the run does its first work only once that is
-        set (a run on a new conversation: once its first write is queued, see _start_new).
+        task runs (``nursery.start``): its status is then ``running``.
 
         Shielded: the task hands itself over before its first checkpoint, so the wait is one
         scheduler pass, and a caller cancelled meanwhile cannot leave a started run behind
@@ -337,7 +338,18 @@ class RunSupervisor:
         self._runs[handle.id] = handle
         try:
             with trio.CancelScope(shield=True):
-                await self.nursery.start(self._run, handle, spec, go)
+                await self.nursery.start(self._run, handle, spec)
+        except BaseException:
+            del self._runs[handle.id]
+            raise
+        self._metrics.runs_in_flight.inc()
+
+    def _launch_soon(self, handle: RunHandle, spec: RunSpec) -> None:
+        """Register the run and spawn its task in the supervisor's nursery, where it first
+        runs once the caller yields (sync: nothing can cancel the caller in between)."""
+        self._runs[handle.id] = handle
+        try:
+            self.nursery.start_soon(self._run, handle, spec)
         except BaseException:
             del self._runs[handle.id]
             raise
@@ -356,26 +368,24 @@ class RunSupervisor:
         return handle
 
     async def _run(
-        self, handle: RunHandle, spec: RunSpec, go: trio.Event | None,
+        self, handle: RunHandle, spec: RunSpec,
         *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         task_status.started()  # before any checkpoint: see _launch
         token = RUN_ID.set(handle.id)
         try:
-            await self._execute(handle, spec, go)
+            await self._execute(handle, spec)
         finally:
             RUN_ID.reset(token)
             del self._runs[handle.id]
             self._metrics.runs_in_flight.dec()
 
-    async def _execute(self, handle: RunHandle, spec: RunSpec, go: trio.Event | None) -> None:
+    async def _execute(self, handle: RunHandle, spec: RunSpec) -> None:
         status = RunStatus.failed
         answer: str | None = None
         error: str | None = None
         try:
             with handle.scope:
-                if go is not None:
-                    await go.wait()
                 handle.set_status(RunStatus.running)
                 try:
                     async with trio.open_nursery() as run_nursery:

@@ -120,7 +120,9 @@ class Store(Protocol):
         ...
 
     async def write_run(self, begun: BegunRun) -> None:
-        """Store a run from :meth:`plan_run` in one transaction."""
+        """Store a run from :meth:`plan_run` in one transaction. The write joins the store's
+        queue before the caller's first checkpoint (``RunSupervisor._start_new`` relies on it:
+        the run's task is spawned just before, and its writes must land after this one)."""
         ...
 
     async def finish_run(
