@@ -230,10 +230,14 @@ class Interceptor:
                             "recorder may write it later)", self.record_timeout)
 
     async def _acquire(self, request: ChatRequest) -> None:
-        """A slot of the limiter, waiting in its queue at most ``queue_timeout`` seconds."""
+        """A slot of the limiter, waiting in its queue at most ``queue_timeout`` seconds.
+
+        A free slot (nobody queued before this call) is taken without a scheduling round:
+        the upstream request goes out now, not after every other ready task has run once
+        more (0.1-0.3 ms on a loop relaying 100 streams). A cancelled call still stops here."""
+        await trio.lowlevel.checkpoint_if_cancelled()
         try:
-            self.limiter.acquire_nowait()  # a free slot, and nobody queued before this call
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            self.limiter.acquire_nowait()
             return
         except trio.WouldBlock:
             pass
