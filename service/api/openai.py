@@ -526,10 +526,18 @@ async def list_models() -> Response:
 @document_response(OpenAIModel, 200)
 @document_response(ErrorBody, 404)
 async def retrieve_model(model_id: str) -> Response:
-    """One model (the OpenAI SDK's ``models.retrieve``); 404 if no reachable backend has it."""
-    for model in await _models():
+    """One model (the OpenAI SDK's ``models.retrieve``); 404 if no reachable backend has it.
+
+    A name without a tag is also a listed model's ``:latest`` (Ollama's reading of a name:
+    chat with ``llama3.2`` runs ``llama3.2:latest``), answered under the name asked for."""
+    models = await _models()
+    for model in models:
         if model["id"] == model_id:
             return jsonify(model)
+    if ":" not in model_id:
+        for model in models:
+            if model["id"] == f"{model_id}:latest":
+                return jsonify({**model, "id": model_id})
     return json_error(404, "model_not_found", f"no reachable backend has model {model_id!r}")
 
 

@@ -168,3 +168,27 @@ def test_a_request_refused_by_one_server_and_unknown_to_the_other_is_not_a_503()
     error = _all_failed(causes)
     assert error.status < 500, (error.status, error.type)
     assert isinstance(error, BackendRejectedRequest), error
+
+
+async def test_a_model_named_without_its_tag_is_retrieved_as_ollama_reads_it(
+    settings: Settings,
+) -> None:
+    """Ollama lists ``llama3.2:latest`` and runs ``llama3.2`` as it (a name without a tag is
+    its ``:latest``). Chat with ``model="llama3.2"`` worked, but ``models.retrieve("llama3.2")``
+    was a 404 (``NotFoundError``): a client that checks its model before using it gave up on
+    a model it could use. Right: found, under the name asked for; an unknown name is still a
+    404, and a tag is not guessed the other way."""
+    async with e2e(settings, "ollama") as env:
+        env.sim.models[:] = ["llama3.2:latest"]
+        env.sim.script(Reply(text="sunny"))
+        c = _sdk(env.server.url, max_retries=0)
+        with trio.fail_after(GUARD):
+            model = await c.models.retrieve("llama3.2")
+            assert (model.id, model.owned_by) == ("llama3.2", "ollama")
+            assert (await c.models.retrieve("llama3.2:latest")).id == "llama3.2:latest"
+            r = await c.chat.completions.create(model="llama3.2", messages=MSG)
+            assert r.choices[0].message.content == "sunny"
+            with pytest.raises(openai.NotFoundError):
+                await c.models.retrieve("llama3")
+            with pytest.raises(openai.NotFoundError):
+                await c.models.retrieve("llama3.2:1b")
