@@ -257,6 +257,8 @@ class AgentContext:
         tool name) or a tool's output could still hold one, and UTF-8 cannot encode it."""
         request = unicode_request(ChatRequest(
             messages=tuple(messages), model=self.model,
+            # None named anywhere: the backend picks one, and the run names it from then on.
+            on_model=None if self.model else self._model_chosen,
             tools=(*(t.openai() for t in tools), *raw_tools),
             max_tokens=max_tokens if max_tokens is not None else self.max_tokens,
             temperature=temperature if temperature is not None else self.temperature,
@@ -290,6 +292,13 @@ class AgentContext:
         finally:
             self._add_usage(usage)
         return ChatMessage("assistant", clean_text("".join(parts)), tuple(calls))
+
+    def _model_chosen(self, model: str) -> None:
+        """The model a backend chose for a run that named none (its run, conversation and
+        settings): the run names it from now on, live and stored with its end, as its LLM
+        calls and its answer (``/v1``'s ``model``) already do."""
+        if self.handle.model is None:
+            self.handle.model = model
 
     async def call_tool(self, name: str, arguments: object, call_id: str,
                         invalid_arguments: str | None = None,

@@ -58,6 +58,7 @@ class FinalState:
     usage: dict[str, Any]
     events: tuple[RunEvent, ...]
     finished_at: float = field(default_factory=time.time)  # stored as the run's end
+    model: str | None = None  # the model that answered: stored where the run named none
 
     async def write(self, store: Store) -> bool:
         """False if the run is no longer this process's to close (``Store.finish_run``)."""
@@ -65,6 +66,7 @@ class FinalState:
             self.run_id, status=self.status.value, message_id=self.message_id,
             content=self.content, message_status=self.message_status, error=self.error,
             usage=self.usage, events=self.events, finished_at=self.finished_at,
+            model=self.model,
         )
 
 

@@ -477,7 +477,7 @@ class RunSupervisor:
         events = tuple(self.committer.take(handle.id) + closing)
         await self.committer.finish(handle, FinalState(
             handle.id, status, handle.message_id, content, msg_status, error, handle.usage,
-            events))
+            events, model=handle.model))
         self._metrics.runs.labels(status.value).inc()
         handle.finished.set()
 

@@ -129,11 +129,13 @@ class Store(Protocol):
         self, run_id: str, *, status: str, message_id: str, content: str,
         message_status: MessageStatus, error: str | None, usage: dict[str, Any],
         events: Sequence[RunEvent] = (), finished_at: float | None = None,
+        model: str | None = None,
     ) -> bool:
         """The run's final status, its reply's text and its last events, in one transaction,
         the run ending at ``finished_at`` (default: now; its clients are told that time), if
         this process still holds the run; False (nothing written) if another instance
-        closed it meanwhile (this one's lease had lapsed) or it is gone."""
+        closed it meanwhile (this one's lease had lapsed) or it is gone. ``model``: the model
+        that answered, stored only where the run named none."""
         ...
 
     async def recover_interrupted(self, run_id: str | None = None, *,

@@ -301,6 +301,7 @@ class PostgresQueries:
         self, run_id: str, *, status: str, message_id: str, content: str,
         message_status: MessageStatus, error: str | None, usage: dict[str, Any],
         events: Sequence[RunEvent] = (), finished_at: float | None = None,
+        model: str | None = None,
     ) -> bool:
         """See ``SQLiteStore.finish_run``: only while this process holds the run."""
         now = finished_at if finished_at is not None else time.time()
@@ -309,8 +310,9 @@ class PostgresQueries:
         def fn(c: Conn) -> bool:
             if not c.execute(
                 "UPDATE runs SET status = %s, finished_at = %s, error = %s, usage = %s, "
-                "started_at = COALESCE(started_at, %s) WHERE id = %s AND process = %s",
-                (status, now, error, json.dumps(usage), now, run_id, self.process_id),
+                "started_at = COALESCE(started_at, %s), model = COALESCE(model, %s) "
+                "WHERE id = %s AND process = %s",
+                (status, now, error, json.dumps(usage), now, model, run_id, self.process_id),
             ).rowcount:
                 return False
             c.execute(

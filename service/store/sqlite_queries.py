@@ -369,9 +369,11 @@ class SQLiteQueries(SQLiteOwnership):
         error: str | None,
         usage: dict[str, Any],
         events: Sequence[RunEvent] = (), finished_at: float | None = None,
+        model: str | None = None,
     ) -> bool:
         """In one transaction: the run's final status, its reply's final text, its last events
-        (those already stored, by an earlier write that timed out but landed, are skipped).
+        (those already stored, by an earlier write that timed out but landed, are skipped);
+        ``model``: the model that answered, stored if the run named none.
 
         Only while this process holds the run: False, and nothing written, if another instance
         closed it meanwhile (this one's lease had lapsed) or it is gone."""
@@ -383,8 +385,9 @@ class SQLiteQueries(SQLiteOwnership):
         def fn(c: sqlite3.Connection) -> bool:
             if not c.execute(
                 "UPDATE runs SET status = ?, finished_at = ?, error = ?, usage = ?, "
-                "started_at = COALESCE(started_at, ?) WHERE id = ? AND process = ?",
-                (status, now, error, json.dumps(usage), now, run_id, self.process_id),
+                "started_at = COALESCE(started_at, ?), model = COALESCE(model, ?) "
+                "WHERE id = ? AND process = ?",
+                (status, now, error, json.dumps(usage), now, model, run_id, self.process_id),
             ).rowcount:
                 return False
             c.execute(

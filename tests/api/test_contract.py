@@ -171,3 +171,34 @@ async def test_events_retention_reaches_the_supervisor(tmp_path: Path) -> None:
     async with running_server(settings) as srv:
         assert srv.services.require_supervisor().events_retention == 2 * 86_400
     assert load_settings(db=tmp_path / "s.db").events_retention_days == 0  # kept for ever
+
+
+@pytest.mark.parametrize("kind", ["llamacpp", "ollama"])
+async def test_a_run_with_no_model_named_stores_the_model_that_answered(
+    settings: Settings, kind: str,
+) -> None:
+    """No model in the request, the conversation or the settings: the backend answers with the
+    first model its server lists, and the completion says so (``model: "sim-model"``), as do
+    the run's LLM calls, but the run was stored with ``model: null``: what the client was told
+    and what the store says differed. Right: the run (live and stored) names that model."""
+    from ..e2e import GUARD, e2e
+
+    async with e2e(settings, kind) as env:
+        c = env.client
+        with trio.fail_after(GUARD):
+            r = await c.post("/v1/chat/completions",
+                             json={"messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200, r.text
+            assert r.json()["model"] == "sim-model"
+            run_id = r.json()["id"].removeprefix("chatcmpl-")
+            run = (await c.get(f"/api/runs/{run_id}")).json()
+            assert run["model"] == "sim-model"
+            calls = (await c.get("/api/llm-calls", params={"run_id": run_id})).json()["data"]
+            assert [call["model"] for call in calls] == ["sim-model"]
+
+            conv = (await c.post("/api/conversations", json={})).json()["id"]
+            r = await c.post(f"/api/conversations/{conv}/messages", json={"content": "hi"})
+            assert r.status_code == 200, r.text
+            assert r.json()["run"]["model"] == "sim-model"
+            run = (await c.get(f"/api/runs/{r.json()['run']['id']}")).json()
+            assert (run["status"], run["model"]) == ("succeeded", "sim-model")
