@@ -255,10 +255,11 @@ class AgentContext:
         Every call upstream goes through here, so here it is made Unicode text both ways (see
         ``unicode_request``): the API refuses a client's lone surrogates, but a model's (in a
         tool name) or a tool's output could still hold one, and UTF-8 cannot encode it."""
+        chosen: list[str] = []
         request = unicode_request(ChatRequest(
             messages=tuple(messages), model=self.model,
-            # None named anywhere: the backend picks one, and the run names it from then on.
-            on_model=None if self.model else self._model_chosen,
+            # None named anywhere: the backend picks one (each server it tries tells its own).
+            on_model=None if self.model else chosen.append,
             tools=(*(t.openai() for t in tools), *raw_tools),
             max_tokens=max_tokens if max_tokens is not None else self.max_tokens,
             temperature=temperature if temperature is not None else self.temperature,
@@ -286,19 +287,18 @@ class AgentContext:
                         usage = chunk.usage
                     if chunk.finish_reason is not None:
                         self.last_finish_reason = chunk.finish_reason
-                    if chunk.model and "model" not in self.handle.result_extra:
-                        # The model that answered (the backend's default when none was named).
-                        self.handle.result_extra["model"] = chunk.model
+                    if "model" not in self.handle.result_extra and (chunk.model or chosen):
+                        # The model that answered, as it says (else as the server that
+                        # answered chose it, the run naming none).
+                        answered = chunk.model or chosen[-1]
+                        self.handle.result_extra["model"] = answered
+                        if self.handle.model is None:
+                            # The run named none: it names this one, live and stored with
+                            # its end, as its answer and its LLM call do.
+                            self.handle.model = answered
         finally:
             self._add_usage(usage)
         return ChatMessage("assistant", clean_text("".join(parts)), tuple(calls))
-
-    def _model_chosen(self, model: str) -> None:
-        """The model a backend chose for a run that named none (its run, conversation and
-        settings): the run names it from now on, live and stored with its end, as its LLM
-        calls and its answer (``/v1``'s ``model``) already do."""
-        if self.handle.model is None:
-            self.handle.model = model
 
     async def call_tool(self, name: str, arguments: object, call_id: str,
                         invalid_arguments: str | None = None,

@@ -19,7 +19,7 @@ from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 from quart import Blueprint, Response, jsonify, request
 from quart_schema import document_response, validate_request
 
-from ..backends.base import ChatMessage, ToolCall
+from ..backends.base import ChatMessage, ToolCall, ollama_latest
 from ..errors import RunCancelled, RunTimeout, ServiceError
 from ..runs import RunEvent, RunHandle, RunSpec, RunStatus
 from ..runs.reader import EventReader, Keepalive
@@ -519,7 +519,7 @@ def _queued_comment(event: RunEvent) -> bytes:
 @document_response(OpenAIModelList, 200)
 async def list_models() -> Response:
     """Models of every reachable backend, in OpenAI's list shape."""
-    return jsonify({"object": "list", "data": await _models()})
+    return jsonify({"object": "list", "data": [m for m, _ in await _models()]})
 
 
 @blueprint.get("/v1/models/<path:model_id>")
@@ -528,22 +528,23 @@ async def list_models() -> Response:
 async def retrieve_model(model_id: str) -> Response:
     """One model (the OpenAI SDK's ``models.retrieve``); 404 if no reachable backend has it.
 
-    A name without a tag is also a listed model's ``:latest`` (Ollama's reading of a name:
+    A name without a tag is also an Ollama server's ``:latest`` (Ollama's reading of a name:
     chat with ``llama3.2`` runs ``llama3.2:latest``), answered under the name asked for."""
     models = await _models()
-    for model in models:
+    for model, _ in models:
         if model["id"] == model_id:
             return jsonify(model)
-    if ":" not in model_id:
-        for model in models:
-            if model["id"] == f"{model_id}:latest":
-                return jsonify({**model, "id": model_id})
+    latest = ollama_latest(model_id)
+    for model, ollama in models:
+        if ollama and model["id"] == latest:
+            return jsonify({**model, "id": model_id})
     return json_error(404, "model_not_found", f"no reachable backend has model {model_id!r}")
 
 
-async def _models() -> list[dict[str, Any]]:
+async def _models() -> list[tuple[dict[str, Any], bool]]:
+    """Each model once, in OpenAI's shape, and whether an Ollama server lists it."""
     backend = services().backend
-    data: list[dict[str, Any]] = []
+    data: list[tuple[dict[str, Any], bool]] = []
     if backend is not None:
         with trio.move_on_after(_LIST_MODELS_DEADLINE):
             try:
@@ -553,7 +554,7 @@ async def _models() -> list[dict[str, Any]]:
             # Each model once (OpenAI's list has unique ids), as its first server names it: a
             # fleet's servers, or Ollama and llama.cpp under auto, may serve one of one name.
             for m in models:
-                if all(d["id"] != m.id for d in data):
-                    data.append({"id": m.id, "object": "model", "created": 0,
-                                 "owned_by": m.backend})
+                if all(d["id"] != m.id for d, _ in data):
+                    data.append(({"id": m.id, "object": "model", "created": 0,
+                                  "owned_by": m.backend}, m.ollama))
     return data

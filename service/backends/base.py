@@ -126,6 +126,14 @@ class ModelInfo:
     id: str
     backend: str
     details: dict[str, Any] = field(default_factory=dict)
+    ollama: bool = False  # listed by an Ollama server: a name without a tag is its ``:latest``
+
+
+def ollama_latest(model: str) -> str | None:
+    """The name Ollama runs for ``model`` when it has no tag (``llama3.2`` ->
+    ``llama3.2:latest``), else None. The tag follows a ``:`` in the last path part: a
+    registry's port (``localhost:5000/library/m``) is not one."""
+    return None if ":" in model.rsplit("/", 1)[-1] else f"{model}:latest"
 
 
 @dataclass(frozen=True, slots=True)

@@ -227,7 +227,7 @@ class OllamaBackend(HTTPBackend):
             if isinstance(m, dict) and isinstance(m.get("name") or m.get("model"), str):
                 details = {k: v for k, v in m.items() if k not in ("name", "model")}
                 out.append(ModelInfo(id=m.get("name") or m["model"], backend=self.name,
-                                     details=details))
+                                     details=details, ollama=True))
         return out
 
     async def inventory(self) -> tuple[frozenset[str], frozenset[str] | None]:

@@ -47,7 +47,7 @@ from ..errors import (
 )
 from ..metrics import Metrics
 from .auto import AutoBackend
-from .base import Backend, BackendHealth, ChatRequest
+from .base import Backend, BackendHealth, ChatRequest, ollama_latest
 from .http import BackendTLSError
 
 __all__ = ["FleetBackend", "Inventory", "Member"]
@@ -192,8 +192,8 @@ class FleetBackend(AutoBackend):
     def _serves(self, i: int, models: frozenset[str], model: str) -> bool:
         """Whether ``models`` (server ``i``'s) has ``model``; Ollama takes a name without a
         tag for its ``:latest`` and lists it with the tag."""
-        return model in models or (self.members[i].kind == "ollama" and ":" not in model
-                                   and f"{model}:latest" in models)
+        return model in models or (self.members[i].kind == "ollama"
+                                   and ollama_latest(model) in models)
 
     def served(self, backend: Backend, request: ChatRequest) -> None:
         conversation = request.conversation_id

@@ -173,10 +173,12 @@ class Simulator:
             return error_response(503, "Loading model", openai=True)
         if not model and not openai:
             return error_response(400, "model is required", openai=False)
-        # Ollama reads a name without a tag as its ``:latest`` (``llama3.2`` is
-        # ``llama3.2:latest``); llama.cpp's server matches names as given.
+        # Ollama reads a name without a tag (no ``:`` in its last path part) as its
+        # ``:latest`` (``llama3.2`` is ``llama3.2:latest``); llama.cpp's server matches
+        # names as given.
         if self.strict_models and model not in self.models and (
-                openai or f"{model}:latest" not in self.models):
+                openai or ":" in str(model).rsplit("/", 1)[-1]
+                or f"{model}:latest" not in self.models):
             message = (f"model '{model}' not found" if openai
                        else f'model "{model}" not found, try pulling it first')
             return error_response(404, message, openai=openai)
