@@ -44,6 +44,13 @@ async def _auto_on_two_sims(
                 scope.cancel()
 
 
+async def _completion_naming_no_model(c: httpx.AsyncClient) -> tuple[str, str]:
+    """A ``/v1`` completion with no model named: the model it answered with, and its run."""
+    r = await c.post("/v1/chat/completions", json={"messages": MSG})
+    assert r.status_code == 200, r.text
+    return str(r.json()["model"]), str(r.json()["id"].removeprefix("chatcmpl-"))
+
+
 # -- b53d234: the model a run that named none is stored with ------------------------------
 
 
@@ -63,11 +70,8 @@ async def test_a_run_that_failed_over_is_stored_with_the_model_that_answered(
         ollama.script(Reply(status=503, error="server busy"))
         llamacpp.script(Reply(text="hello"))
         with trio.fail_after(GUARD):
-            r = await c.post("/v1/chat/completions", json={"messages": MSG})
-            assert r.status_code == 200, r.text
-            answered = r.json()["model"]
+            answered, run_id = await _completion_naming_no_model(c)
             assert answered == "cpp-model"
-            run_id = r.json()["id"].removeprefix("chatcmpl-")
             calls = (await c.get("/api/llm-calls", params={"run_id": run_id})).json()["data"]
             assert sorted((call["outcome"], call["model"]) for call in calls) == [
                 ("error", "olla-model:latest"), ("ok", "cpp-model")]
@@ -90,11 +94,8 @@ async def test_a_run_stored_with_the_model_the_upstream_answered_as(
         env.sim.script(Reply(text="hello", model="sim-model-2026-12-01"))
         c = env.client
         with trio.fail_after(GUARD):
-            r = await c.post("/v1/chat/completions", json={"messages": MSG})
-            assert r.status_code == 200, r.text
-            answered = r.json()["model"]
+            answered, run_id = await _completion_naming_no_model(c)
             assert answered == "sim-model-2026-12-01"
-            run_id = r.json()["id"].removeprefix("chatcmpl-")
             calls = await env.llm_calls(run_id)
             assert [call["model"] for call in calls] == [answered]
             run = (await c.get(f"/api/runs/{run_id}")).json()
