@@ -29,8 +29,8 @@ def _bench(tmp_path: Path, *args: str) -> tuple[dict, str]:  # type: ignore[type
 @pytest.mark.slow
 def test_bench_quick_writes_json(tmp_path: Path) -> None:
     data, stdout = _bench(tmp_path)
-    for key in ("machine", "command", "idle_rss_mb", "relay", "throughput", "runs", "capacity",
-                "cancel", "store", "floor", "cross", "bars"):
+    for key in ("machine", "command", "idle_rss_mb", "idle_cpu_pct_per_worker", "relay",
+                "throughput", "runs", "capacity", "cancel", "store", "floor", "cross", "bars"):
         assert key in data, key
     assert {t for row in data["relay"] for t in row["targets"]} == {"direct", "openai", "native"}
     # The stand-in relays answered every stream (their added latency is only reported).
@@ -85,6 +85,7 @@ def test_bench_stores_and_workers_side_by_side(tmp_path: Path) -> None:
         assert cfg["runs"]["all"]["errors"] == 0, cfg["runs"]["targets"]
         # PostgreSQL's own CPU is counted beside the service's.
         assert ("postgres_cpu_ms_per_run" in cfg["runs"]["all"]) == (cfg["store"] == "postgres")
+        assert cfg["idle_cpu_pct_per_worker"] >= 0, cfg  # measured per configuration
         if cfg["workers"] == 2:  # both workers served runs
             for target in cfg["runs"]["targets"].values():
                 assert len(target["service_process_cpu_pct"]) >= 2, target

@@ -52,6 +52,8 @@ _RELAY = (
      RelayLevel(1000, 20, 0.5, 4.0, 1)],
     [RelayLevel(1, 5, 0.005, 0.5, 1), RelayLevel(10, 5, 0.02, 0.5, 1)],
 )
+_IDLE_CPU_WINDOW = 3.0  # seconds of the idle service's CPU, after its warm-up
+
 _FLOOR = (
     [RelayLevel(1, 10, 0.005, 2.0, 2), RelayLevel(100, 40, 0.05, 3.0, 2)],
     [RelayLevel(1, 5, 0.005, 0.3, 1), RelayLevel(10, 5, 0.02, 0.3, 1)],
@@ -114,6 +116,12 @@ async def _one_config(sim: Proc, workdir: Path, only: set[str], quick: bool, sto
         await trio.sleep(0.5)
         idle = service.rss()
         out["idle_rss_mb"] = round(idle / 2**20, 1)
+        # What the service costs doing nothing (its upkeep loops, the collector's pacing):
+        # the tree's CPU over a few idle seconds, per serving process.
+        service.mark()
+        await trio.sleep(_IDLE_CPU_WINDOW)
+        idle_cpu = service.since_mark()
+        out["idle_cpu_pct_per_worker"] = round(100 * idle_cpu.cpu / idle_cpu.wall / workers, 2)
         # Capacity first, on a fresh heap: its RSS per stream is (RSS - idle) / streams.
         if "capacity" in only:
             out["capacity"] = await capacity(bench, idle_rss=idle, **_CAPACITY[pick])

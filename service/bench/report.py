@@ -222,6 +222,9 @@ def _service_bars(res: dict[str, Any], out: dict[str, Any]) -> None:
             res["throughput"]["openai"].get("chunks_per_service_cpu_s"), 10_000, ">=", "flood")
     if res.get("idle_rss_mb") is not None:
         out["idle_rss_mb"] = _bar(res["idle_rss_mb"], 80, "<=", "after start-up and a warm-up")
+    if res.get("idle_cpu_pct_per_worker") is not None:
+        out["idle_cpu_pct_per_worker"] = _bar(res["idle_cpu_pct_per_worker"], 2.0, "<=",
+                                              "% of a core, idle after a warm-up")
     cap = res.get("capacity")
     if cap:
         out["live_streams"] = _bar(cap["reached"], 2000, ">=", "added p99 gap <= 50 ms, no errors")
@@ -439,7 +442,8 @@ def _sections(res: dict[str, Any], add: Callable[[str], None]) -> None:
     cap = res.get("capacity")
     if cap:
         add("")
-        add(f"## Capacity: live streams at 1 token/s (idle RSS {res.get('idle_rss_mb')} MB)")
+        add(f"## Capacity: live streams at 1 token/s (idle RSS {res.get('idle_rss_mb')} MB,"
+            f" idle CPU {res.get('idle_cpu_pct_per_worker')} % of a core)")
         add(" streams errs    gap50    gap99  +gap50  +gap99  ramp_s  rss_MB  KB/stream"
             "  svc%  sim%  cli%")
         for r in cap["steps"]:
