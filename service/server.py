@@ -12,6 +12,7 @@ import argparse
 import errno
 import gc
 import logging
+import os
 import signal
 import sys
 import tomllib
@@ -40,8 +41,10 @@ _GC_GEN0, _GC_GEN1, _GC_GEN2 = 50_000, 50, 100_000
 _GC_YOUNG_EVERY = 0.05  # seconds between collections of the two young generations
 _GC_IDLE_BELOW = 2_000  # fewer new young objects than this at a tick: nothing to collect yet...
 _GC_IDLE_EVERY = 1.0  # ...and the ticks space out, doubling, up to this many seconds
-_GC_FULL_GROWTH = 2.0  # a full collection once the heap has doubled (looked at every
-_GC_GROWTH_EVERY = 1.0  # this many seconds: the count walks the heap, 1-3.5 ms at 70 MB)...
+_GC_FULL_GROWTH = 2.0  # a full collection once the heap has doubled (counted at least every
+_GC_GROWTH_EVERY = 10.0  # this many seconds, as the count walks the heap: 1-13 ms, measured;
+_GC_RSS_GROWTH = 1.25  # sooner once the resident memory grew this much since the last count)...
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _GC_FULL_AT_LEAST = 600.0  # ...or after this many seconds without one
 
 
@@ -169,6 +172,15 @@ class RunningOnlyIfStarted(logging.Filter):
             "Running on ")
 
 
+def _resident_bytes() -> int:
+    """The process's resident memory (Linux's ``/proc/self/statm``; 0 where there is none)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 async def _pace_gc() -> None:
     """Run the garbage collector on a clock, for a long-lived server with many live streams.
 
@@ -186,10 +198,13 @@ async def _pace_gc() -> None:
     (a pause proportional to the heap: 0.3-0.75 s at 3,000-4,000 streams) runs when the heap has
     doubled since the last one (so garbage in cycles can at most double the memory), or every
     ``_GC_FULL_AT_LEAST`` seconds; reference counting frees everything that is not in a cycle
-    meanwhile. Automatic collections stay on as a backstop. The heap's size is looked at every
-    ``_GC_GROWTH_EVERY`` seconds, not at every tick: ``sys.getallocatedblocks`` walks every
-    pool of the heap, 1-3.5 ms for an idle service's 70 MB (measured), which at every tick was a
-    2-7 % share of a core and a stall of the loop 20 times a second.
+    meanwhile. Automatic collections stay on as a backstop. The heap's size is not counted at
+    every tick: ``sys.getallocatedblocks`` walks every pool of the heap (measured: 1-3.5 ms in
+    an idle service, p50 5 / max 13 ms at 100 streams), which at every tick took 10 % of a core
+    under load and stalled the loop 20 times a second. It is counted every
+    ``_GC_GROWTH_EVERY`` seconds, and at the first tick the process's resident memory (a few
+    microseconds to read) has grown by ``_GC_RSS_GROWTH`` since the last count: a heap that
+    doubles grows the memory, unless it refills what a collection freed, which is no growth.
 
     An idle server does not tick 20 times a second: while fewer than ``_GC_IDLE_BELOW`` young
     objects are new at a tick, nothing is collected and the next tick comes twice as late, up to
@@ -201,18 +216,20 @@ async def _pace_gc() -> None:
     gc.freeze()
     gc.set_threshold(_GC_GEN0, _GC_GEN1, _GC_GEN2)
     blocks, last_full = sys.getallocatedblocks(), trio.current_time()
-    every, looked = _GC_YOUNG_EVERY, last_full
+    every, counted, rss = _GC_YOUNG_EVERY, last_full, _resident_bytes()
     while True:
         await trio.sleep(every)
         now = trio.current_time()
         busy = gc.get_count()[0] >= _GC_IDLE_BELOW
         full = now - last_full >= _GC_FULL_AT_LEAST
-        if not full and now - looked >= _GC_GROWTH_EVERY:
-            looked = now
+        if not full and (now - counted >= _GC_GROWTH_EVERY
+                         or _resident_bytes() > rss * _GC_RSS_GROWTH):
+            counted, rss = now, _resident_bytes()
             full = sys.getallocatedblocks() > blocks * _GC_FULL_GROWTH
         if full:
             gc.collect()
             blocks, last_full = sys.getallocatedblocks(), now
+            counted, rss = now, _resident_bytes()
         elif busy:
             gc.collect(1)
         every = _GC_YOUNG_EVERY if busy else min(2 * every, _GC_IDLE_EVERY)

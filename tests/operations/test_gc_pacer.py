@@ -22,6 +22,8 @@ class _Gc:
 
     young: int = 10 * server._GC_IDLE_BELOW  # new young objects at each tick
     blocks: int = 1000
+    rss: int = 100 << 20  # the process's resident bytes
+    counts: list[float] = field(default_factory=list)  # each time it counted the heap
     calls: list[tuple[float, int]] = field(default_factory=list)  # (time, generation)
     ticks: list[float] = field(default_factory=list)  # each time it looked at the count
     frozen: list[float] = field(default_factory=list)
@@ -30,6 +32,10 @@ class _Gc:
     def collect(self, generation: int = 2) -> int:
         self.calls.append((trio.current_time(), generation))
         return 0
+
+    def getallocatedblocks(self) -> int:
+        self.counts.append(trio.current_time())
+        return self.blocks
 
     def get_count(self) -> tuple[int, int, int]:
         self.ticks.append(trio.current_time())
@@ -43,7 +49,8 @@ async def _pacer(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[_Gc]:
     monkeypatch.setattr(gc, "get_count", fake.get_count)
     monkeypatch.setattr(gc, "freeze", lambda: fake.frozen.append(trio.current_time()))
     monkeypatch.setattr(gc, "set_threshold", lambda *t: fake.thresholds.append(t))
-    monkeypatch.setattr(sys, "getallocatedblocks", lambda: fake.blocks)
+    monkeypatch.setattr(sys, "getallocatedblocks", fake.getallocatedblocks)
+    monkeypatch.setattr(server, "_resident_bytes", lambda: fake.rss)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server._pace_gc)
         yield fake
@@ -67,8 +74,17 @@ async def test_young_generations_on_a_clock_full_on_growth_or_age(
         fake.blocks = 1999
         await trio.sleep(server._GC_GROWTH_EVERY + 0.05)
         assert {g for _, g in fake.calls[11:]} == {1}
-        # Doubled: one full collection within a look at the heap's size (not at every tick:
-        # the look walks the heap), and growth is measured from there.
+        # Counting the heap walks it: it is counted every _GC_GROWTH_EVERY seconds, not at
+        # every tick, while the resident memory stays put.
+        counted_from = trio.current_time()
+        await trio.sleep(3 * server._GC_GROWTH_EVERY)
+        gaps = [round(b - a, 2) for a, b in itertools.pairwise(
+            t for t in fake.counts if t > counted_from)]
+        assert len(gaps) >= 2
+        assert all(server._GC_GROWTH_EVERY <= g <= server._GC_GROWTH_EVERY
+                   + server._GC_YOUNG_EVERY + 0.001 for g in gaps), gaps
+        # Doubled, the memory still put: one full collection at the next count, and growth is
+        # measured from there.
         fake.blocks = 2001
         doubled_at = trio.current_time()
         await trio.sleep(server._GC_GROWTH_EVERY + 0.05)
@@ -76,6 +92,13 @@ async def test_young_generations_on_a_clock_full_on_growth_or_age(
         assert len(fulls) == 1
         assert fulls[0] - doubled_at <= server._GC_GROWTH_EVERY + 0.01
         assert fake.calls[-1][1] == 1
+        # Doubled again and the memory grew by a quarter: counted, and collected, at once.
+        fake.blocks, fake.rss = 4003, int(fake.rss * server._GC_RSS_GROWTH) + 1
+        grown_at = trio.current_time()
+        await trio.sleep(0.2)
+        fulls = [t for t, g in fake.calls if g == 2 and t > grown_at]
+        assert len(fulls) == 1
+        assert fulls[0] - grown_at <= server._GC_YOUNG_EVERY + 0.001
         # However little grows, a full collection at least every _GC_FULL_AT_LEAST seconds.
         last_full = fulls[0]
         await trio.sleep(server._GC_FULL_AT_LEAST)
