@@ -11,13 +11,16 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
+from service.backends.base import BackendHealth
 from service.settings import load_settings
 from service.sim import Simulator
 from service.sim.app import error_response
 from service.sim.server import open_simulator
 from service.store.faults import InjectedFault
 
+from ..fakes import ScriptedBackend
 from ..servers import running_server
 
 GUARD = 60
@@ -166,3 +169,49 @@ async def test_readyz_is_not_ready_when_the_store_cannot_write(
     assert (ready.status_code, ready.json()["down"]) == (503, ["store"]), ready.text
 
 
+
+
+@pytest.fixture
+def idle_jump_clock() -> trio.testing.MockClock:
+    """Virtual time that jumps to the next deadline once the process has been idle for half a
+    second of real time: a real server (its store's threads, its sockets) runs as usual, and a
+    wait on a timeout takes the timeout's exact length however fast the machine is."""
+    return trio.testing.MockClock(autojump_threshold=0.5)
+
+
+async def test_readyz_asks_the_store_and_the_backends_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, idle_jump_clock: trio.testing.MockClock
+) -> None:
+    """The store's writes hang (a volume stalled) and the backend never answers its health
+    check. API.md: each check of /readyz is bounded (2 s).
+
+    Wrong: the backend was asked only once the store's check had given up: the answer came
+    after 4 s, past many load balancers' probe timeout, which then counts a timeout rather
+    than the 503 naming what is down.
+
+    Right: both asked at once; the 503 naming both comes after 2 s (in virtual time: the bound
+    is the service's own, not the machine's speed)."""
+    import service.api.ops as ops
+
+    class SilentBackend(ScriptedBackend):
+        async def health(self) -> BackendHealth:
+            await trio.sleep_forever()
+            raise AssertionError("unreachable")
+
+    monkeypatch.setattr(ops, "_WRITE_PROBE_FRESH", 0.0)
+    settings = load_settings(db=tmp_path / "s.db")
+    async with running_server(settings, SilentBackend()) as srv, srv.client() as c:
+        store: Any = srv.services.require_store()
+        await store.faults.hold_writes()
+        try:
+            asked = trio.current_time()
+            r = await c.get("/readyz")
+            answered = trio.current_time()
+        finally:
+            store.faults.release_writes()
+    assert r.status_code == 503
+    body = r.json()
+    assert body["checks"] == {"store": "down: no answer within 2 s",
+                              "backend": "down: no answer within 2 s"}, body
+    assert body["down"] == ["store", "backend"]
+    assert answered - asked == pytest.approx(2.0, abs=0.1)
