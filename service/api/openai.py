@@ -315,7 +315,6 @@ async def chat_completions(data: ChatCompletionRequest) -> Response:
             await _finished(handle)
         if handle.finished.is_set() and handle.status is not RunStatus.succeeded:
             return _run_error(handle)
-        shown_model = handle.result_extra.get("model", shown_model)  # known once it answers
         return sse_response(
             _stream(reader, handle, cid, created, shown_model, include_usage, first,
                     answer_tokens=answer_tokens, keepalive=svc.settings.sse_keepalive)
@@ -392,31 +391,44 @@ async def _stream(
     reader: EventReader, handle: RunHandle, cid: str, created: int, model: str,
     include_usage: bool, first: list[RunEvent], *, answer_tokens: bool, keepalive: float,
 ) -> AsyncIterator[bytes]:
+    """The run's events as OpenAI chunks. Every chunk names one model: the one that answered
+    (known with the answer's first chunk), or ``model`` (the one asked for) if none did. A
+    stream that must start before the answer does (a keep-alive interval passed: a model
+    loading, a queue) starts with a comment and sends its role chunk with the first frame:
+    it was sent at once with the placeholder model ("default"), and every later chunk said
+    "default" while the run was stored with the model that answered."""
     try:
         framer = _Framer(cid, created, model, answer_tokens=answer_tokens)
-        for event in first:  # a run waiting for a backend slot: comments come first
-            if event.type == "queued":
-                yield _queued_comment(event)
-        # The role chunk and what was taken before the response started go out as one write
-        # (each write to hypercorn costs a round of the event loop before its bytes leave).
-        opening = [sse_data(_chunk(cid, created, model, {"role": "assistant", "content": ""}))]
-        for event in first:
-            if event.type != "queued" and (frame := framer.frame(event)) is not None:
-                opening.append(frame)
-        yield b"".join(opening)
+        opened = False
+
+        def frame(event: RunEvent) -> bytes | None:
+            nonlocal opened
+            if opened or event.type == "queued":
+                return framer.frame(event)
+            framer.name(handle.result_extra.get("model", model))
+            out = framer.frame(event)
+            if out is None:
+                return None
+            opened = True
+            # The role chunk and the first frame go out as one write (each write to
+            # hypercorn costs a round of the event loop before its bytes leave).
+            return sse_data(framer.chunk({"role": "assistant", "content": ""})) + out
+
+        opening = [out for event in first if (out := frame(event)) is not None]
+        yield b"".join(opening) if opened else b"".join(opening) + b": keep-alive\n\n"
         sent = trio.current_time()
         try:
             async for item in reader:
                 if isinstance(item, Keepalive):
-                    frame = b": keep-alive\n\n"
-                elif (frame := framer.frame(item)) is None:
+                    out = b": keep-alive\n\n"
+                elif (out := frame(item)) is None:
                     # Not shown (another agent's steps): the reader's keep-alives count only
                     # silence, so a run busy with steps sends one here, or nothing would flow.
                     if trio.current_time() - sent < keepalive:
                         continue
-                    frame = b": keep-alive\n\n"
+                    out = b": keep-alive\n\n"
                 sent = trio.current_time()
-                yield frame
+                yield out
         except ServiceError as exc:  # the store failed under a re-read: an error, not a reset
             handle.cancel(_stream_failed(exc))  # told the error; a /v1 client cannot re-join
             yield sse_data({"error": openai_error(exc.to_dict())})
@@ -425,7 +437,7 @@ async def _stream(
             return  # an error chunk ended it: no usage, no [DONE] that would read as success
         if include_usage:
             yield sse_data({"id": cid, "object": "chat.completion.chunk", "created": created,
-                            "model": model, "choices": [], "usage": _usage(handle)})
+                            "model": framer.model, "choices": [], "usage": _usage(handle)})
         yield b"data: [DONE]\n\n"
     finally:
         if not handle.done:
@@ -463,6 +475,11 @@ class _Framer:
         self.answer_tokens = answer_tokens
         self.failed = False
 
+    def name(self, model: str) -> None:
+        """The model the chunks name from now on."""
+        if model != self.model:
+            self.model, self.prefix = model, _token_prefix(self.cid, self.created, model)
+
     def frame(self, event: RunEvent) -> bytes | None:
         if event.type == "queued":
             return _queued_comment(event)
@@ -474,17 +491,17 @@ class _Framer:
         if event.type == "thought":
             if self.answer_tokens and event.data.get("reasoning"):
                 # A reasoning model's thinking, as llama.cpp's server and DeepSeek send it.
-                return sse_data(self._chunk({"reasoning_content": event.data["text"]}))
+                return sse_data(self.chunk({"reasoning_content": event.data["text"]}))
             return None
         if event.type == "message":
             out = b""
             if not self.answer_tokens and event.data.get("content"):
-                out += sse_data(self._chunk({"content": event.data["content"]}))
+                out += sse_data(self.chunk({"content": event.data["content"]}))
             calls = event.data.get("tool_calls")
             if calls:
-                out += sse_data(self._chunk({"tool_calls": _tool_calls_out(calls,
+                out += sse_data(self.chunk({"tool_calls": _tool_calls_out(calls,
                                                                          with_index=True)}))
-            return out + sse_data(self._chunk({}, event.data.get("finish_reason", "stop")))
+            return out + sse_data(self.chunk({}, event.data.get("finish_reason", "stop")))
         if event.type == "error":
             self.failed = True
             return sse_data({"error": openai_error(event.data)})
@@ -500,7 +517,7 @@ class _Framer:
                 "message": event.data.get("error") or f"the run ended {status}"})})
         return None
 
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return _chunk(self.cid, self.created, self.model, delta, finish)
 
 

@@ -235,10 +235,19 @@ async def run_events(run_id: str, query_args: RunEventsQuery) -> Response:
         return json_error(422, "invalid_request",
                           f"event {after} is past this run's events so far",
                           field="Last-Event-ID" if header else "after")
-    if after and await _seen_to_the_end(run, after):
-        # The HTML spec's EventSource stops reconnecting on a 204; on an empty 200 it would
-        # reconnect every few seconds forever.
-        return Response("", status=204)
+    if after and run.status not in ("queued", "running"):
+        where = await _where_in_the_end(run, after)
+        if where == "end":
+            # Its client saw run.finished. The HTML spec's EventSource stops reconnecting on a
+            # 204; on an empty 200 it would reconnect every few seconds forever.
+            return Response("", status=204)
+        if where == "past":
+            # Past the run's last event: no client saw it (another run's id, a stale or made-up
+            # one). A 204 would tell it that it had seen the end, and stop its EventSource
+            # for good without the events.
+            return json_error(422, "invalid_request",
+                              f"event {after} is past this run's last event",
+                              field="Last-Event-ID" if header else "after")
     # Re-joining never cancels the run: it belongs to whoever started it.
     return sse_response(_event_stream(_reader(run_id, after), None, "continue"))
 
@@ -253,16 +262,20 @@ async def _has_event(run: RunRecord, seq: int) -> bool:
     return bool(found) and found[0].seq == seq
 
 
-async def _seen_to_the_end(run: RunRecord, after: int) -> bool:
-    """Whether the run is over and has no event after ``after`` (its client saw
-    ``run.finished``). The store has a finished run's events: its final write carries them."""
-    if run.status in ("queued", "running"):
-        return False
+async def _where_in_the_end(run: RunRecord, after: int) -> str:
+    """Where event ``after`` is in a finished run's events: ``"end"`` (its ``run.finished``,
+    the last: its client saw the run end), ``"past"`` (beyond the last), ``"before"`` (more
+    come after it; pruned ids in between count as before). The store has a finished run's
+    events: its final write carries them. ``"before"`` if it cannot say (the stream then reads
+    the store again and reports the failure in a frame)."""
     try:
-        later = await services().require_store().list_run_events(run.id, after=after, limit=1)
+        found = await services().require_store().list_run_events(run.id, after=after - 1,
+                                                                 limit=2)
     except ServiceError:
-        return False  # the stream reads the store again and reports the failure in a frame
-    return not later
+        return "before"
+    if not found:
+        return "past"
+    return "end" if len(found) == 1 and found[0].seq == after else "before"
 
 
 async def stop_runs(run_ids: list[str], reason: str) -> None:

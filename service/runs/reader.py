@@ -245,11 +245,16 @@ class EventReader:
             await backoff.pause()
 
     async def _in_progress(self) -> bool:
-        """Whether the store has the run queued or running (whoever holds it)."""
+        """Whether the store has the run queued or running (whoever holds it). A run that is
+        gone (its conversation deleted, here or by another instance, before this stream read
+        its end) raises ``NotFound``: the stream ends with an error frame saying so. It just
+        stopped, with neither its end nor an error: a client could not tell a deleted run
+        from a connection cut (and an EventSource came back for a 404)."""
         try:
             run = await self._store.get_run(self.run_id)
-        except NotFound:  # gone (its conversation deleted): nothing more will come
-            return False
+        except NotFound:
+            raise NotFound(f"run {self.run_id!r} was deleted (its conversation was deleted)",
+                           id=self.run_id) from None
         return run.status in (RunStatus.queued.value, RunStatus.running.value)
 
     async def _read_once(self) -> list[RunEvent]:

@@ -42,6 +42,7 @@ from ..errors import (
 from ..logs import RUN_ID, get_logger
 from ..metrics import Metrics
 from ..store import BegunRun, MessageStatus, Store, new_id
+from ..text import clean_text
 from . import upkeep
 from .call_records import CallRecords
 from .committer import FINAL_WRITE_BUDGET, EventCommitter, FinalState
@@ -452,6 +453,13 @@ class RunSupervisor:
         """
         # Its end: the error that ended it, its message, run.finished; stored together.
         last: list[tuple[str, dict[str, Any]]] = []
+        # The error's text as the store keeps it (a NUL or a lone surrogate from an upstream's
+        # message becomes U+FFFD): told as stored, not raw while the store says otherwise.
+        error = clean_text(error) if error else error
+        if handle.error_event is not None and isinstance(handle.error_event.get("message"),
+                                                         str):
+            handle.error_event = {**handle.error_event,
+                                  "message": clean_text(handle.error_event["message"])}
         if handle.error_event is None and handle.error_type is not None and error:
             # Ended by its deadline, or stopped because the store could not take it: a stream
             # says why with the type, as a non-stream answer's status does (504 run_timeout).
@@ -468,7 +476,10 @@ class RunSupervisor:
             content, msg_status = handle.partial_text, MessageStatus.cancelled
         handle.error = error
         handle.final_text = content
+        # The model that answered (the run's own, or the backend's choice when nothing named
+        # one: run.started then said null), as the run is stored with it.
         last.append(("run.finished", {"status": status.value, "usage": handle.usage,
+                                      **({"model": handle.model} if handle.model else {}),
                                       **({"error": error} if error else {})}))
         closing = handle.close(last)
         # The run's events not taken by a batch yet go with its final state; one taken

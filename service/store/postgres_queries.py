@@ -23,6 +23,7 @@ from ..text import clean_text
 from .ownership import close_interrupted, owner_alive
 from .pg_notify import notify as _notify
 from .records import (
+    KEPT_EVENTS_SQL,
     BegunRun,
     Conversation,
     LLMCallRecord,
@@ -192,8 +193,16 @@ class PostgresQueries:
         who, args = _owner_is(owner)
 
         def fn(c: Conn) -> int:
-            return c.execute(f"DELETE FROM conversations WHERE id = %s AND {who}",
-                             (conversation_id, *args)).rowcount
+            runs = [r[0] for r in c.execute("SELECT id FROM runs WHERE conversation_id = %s",
+                                             (conversation_id,)).fetchall()]
+            deleted = c.execute(f"DELETE FROM conversations WHERE id = %s AND {who}",
+                                (conversation_id, *args)).rowcount
+            if deleted and runs:  # its messages, runs and events go with it (foreign keys)...
+                # ... and its runs' LLM calls (run_id is no foreign key: it may be NULL). A call
+                # recorded meanwhile held its run's row (record_llm_call): the delete above
+                # waited for it, and this statement, a fresh snapshot, sees it.
+                c.execute("DELETE FROM llm_calls WHERE run_id = ANY(%s)", (runs,))
+            return deleted
 
         if not await self._write("delete_conversation", fn):
             raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
@@ -405,8 +414,8 @@ class PostgresQueries:
             ).fetchall():
                 deleted = c.execute(
                     "DELETE FROM run_events WHERE run_id = %s AND seq IN (SELECT seq FROM "
-                    "run_events WHERE run_id = %s AND type NOT IN ('run.started', "
-                    "'run.finished') LIMIT %s)", (run_id, run_id, budget)).rowcount
+                    "run_events WHERE run_id = %s AND type NOT IN (" + KEPT_EVENTS_SQL + ") "
+                    "LIMIT %s)", (run_id, run_id, budget)).rowcount
                 budget -= deleted
                 done += deleted
                 if budget <= 0:
@@ -528,6 +537,12 @@ class PostgresQueries:
 
     async def record_llm_call(self, rec: LLMCallRecord) -> None:
         def fn(c: Conn) -> None:
+            # Its run's row held until the commit (a conversation's delete waits for it, then
+            # removes this call too); no row: the run was deleted, the call goes with it.
+            if rec.run_id is not None and c.execute(
+                    "SELECT 1 FROM runs WHERE id = %s FOR KEY SHARE",
+                    (rec.run_id,)).fetchone() is None:
+                return
             c.execute(
                 # A record written again (its first write's answer lost) is still one.
                 f"INSERT INTO llm_calls ({_CALL_COLS}) VALUES "

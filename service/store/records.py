@@ -15,6 +15,7 @@ from ..errors import StoreError
 from ..text import clean_text
 
 __all__ = [
+    "KEPT_EVENTS_SQL",
     "STEP_EVENTS",
     "BegunRun",
     "Conversation",
@@ -41,6 +42,12 @@ __all__ = [
 # keeps only the text after the last of them.
 STEP_EVENTS = frozenset({"thought", "tool.call", "tool.result", "plan", "step.started",
                          "step.finished"})
+
+
+# The events of a finished run that the retention (SERVICE_EVENTS_RETENTION_DAYS) keeps, as a
+# SQL list: its start, its answer or why there is none, and its end (one row each). A re-join
+# of a pruned run is still told what the run's row and its reply say.
+KEPT_EVENTS_SQL = "'run.started', 'message', 'error', 'run.finished'"
 
 
 def ends_a_step(type_: str, data: dict[str, Any]) -> bool:

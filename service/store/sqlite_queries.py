@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ..errors import NotFound
 from ..text import clean_text
 from .records import (
+    KEPT_EVENTS_SQL,
     BegunRun,
     Conversation,
     LLMCallRecord,
@@ -192,9 +193,14 @@ class SQLiteQueries(SQLiteOwnership):
         self, conversation_id: str, *, owner: str | None = None
     ) -> None:
         def fn(c: sqlite3.Connection) -> int:
+            runs = c.execute("SELECT id FROM runs WHERE conversation_id = ?",
+                             (conversation_id,)).fetchall()
             cur = c.execute(
                 "DELETE FROM conversations WHERE id = ? AND owner IS ?", (conversation_id, owner)
             )
+            if cur.rowcount:  # its messages, runs and events go with it (foreign keys)...
+                # ... and its runs' LLM calls (run_id is no foreign key: it may be NULL).
+                c.executemany("DELETE FROM llm_calls WHERE run_id = ?", runs)
             return cur.rowcount
 
         if not await self._write("delete_conversation", fn):
@@ -415,8 +421,9 @@ class SQLiteQueries(SQLiteOwnership):
 
     async def prune_events(self, finished_before: float, rows: int = 5000) -> int:
         """Delete at most ``rows`` events of runs finished before ``finished_before``, except each
-        run's ``run.started`` and ``run.finished`` (a re-join still gets a clean end; the reply's
-        text stays in its message); a run is marked done once none is left. One transaction,
+        run's ``run.started``, ``message``, ``error`` and ``run.finished`` (``KEPT_EVENTS_SQL``: a
+        re-join is still told the answer, or why there is none, and the end; one row each); a
+        run is marked done once none is left. One transaction,
         bounded by rows, not runs (a run may hold 100,000 tokens). Returns the work done (rows
         deleted + runs marked): 0 when nothing is left to prune."""
         def fn(c: sqlite3.Connection) -> int:
@@ -427,7 +434,7 @@ class SQLiteQueries(SQLiteOwnership):
             ).fetchall():
                 deleted = c.execute(
                     "DELETE FROM run_events WHERE run_id = ? AND seq IN (SELECT seq FROM "
-                    "run_events WHERE run_id = ? AND type NOT IN ('run.started', 'run.finished') "
+                    "run_events WHERE run_id = ? AND type NOT IN (" + KEPT_EVENTS_SQL + ") "
                     "LIMIT ?)", (run_id, run_id, budget)).rowcount
                 budget -= deleted
                 done += deleted
@@ -500,6 +507,9 @@ class SQLiteQueries(SQLiteOwnership):
 
     async def record_llm_call(self, rec: LLMCallRecord) -> None:
         def fn(c: sqlite3.Connection) -> None:
+            if rec.run_id is not None and c.execute(
+                    "SELECT 1 FROM runs WHERE id = ?", (rec.run_id,)).fetchone() is None:
+                return  # its run was deleted (a call that ended after its conversation's delete)
             c.execute(
                 # A record written again (its first write's answer lost) is still one.
                 f"INSERT INTO llm_calls ({_CALL_COLS}) VALUES "

@@ -76,7 +76,10 @@ def backend(llama: EmbeddedLlamaServer, client: httpx.AsyncClient) -> OpenAIComp
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    """A store holding run ``RUN_ID`` (the store records a call only for a run it has)."""
     async with open_store(tmp_path / "service.db") as store:
+        conv = await store.create_conversation()
+        await store.begin_run(conv.id, content="q", agent="chat", model=None, run_id=RUN_ID)
         yield store
 
 

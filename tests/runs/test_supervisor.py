@@ -898,8 +898,9 @@ async def test_old_runs_events_are_pruned_keeping_their_ends_and_messages(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     # SERVICE_EVENTS_RETENTION_DAYS: every token is a row; a finished run's events go after
-    # the retention, except run.started and run.finished (a re-join still ends cleanly), and
-    # its reply stays in its message. Runs still going are never touched.
+    # the retention, except run.started, message, error and run.finished (a re-join is still
+    # told the answer and the end: it was told "succeeded" with no answer), and its reply
+    # stays in its message. Runs still going are never touched.
     from service.runs.reader import EventReader
 
     def reply(req: ChatRequest) -> Reply:
@@ -917,15 +918,16 @@ async def test_old_runs_events_are_pruned_keeping_their_ends_and_messages(
         assert before > 2
         await trio.sleep(61)  # one pruning round
         events = await env.store.list_run_events(done.id)
-        assert [e.type for e in events] == ["run.started", "run.finished"]
+        assert [e.type for e in events] == ["run.started", "message", "run.finished"]
+        assert events[1].data["content"] == "a b c d"
         messages = await env.store.get_messages(conv)
         assert [m.content for m in messages if m.run_id == done.id and m.role == "assistant"
                 ] == ["a b c d"]
         assert len(await env.store.list_run_events(going.id)) > 2  # not finished: kept
-        # A re-join of the pruned run: its start, then its end.
+        # A re-join of the pruned run: its start, its answer, then its end.
         reader = EventReader(done.id, after=0, store=env.store, supervisor=env.supervisor,
                              keepalive=15.0)
-        assert [e.type async for e in reader] == ["run.started", "run.finished"]
+        assert [e.type async for e in reader] == ["run.started", "message", "run.finished"]
         going.cancel("cancelled by request")
         await going.finished.wait()
         # Bounded by rows: a long run is pruned over several transactions, then marked done.

@@ -144,10 +144,22 @@ async def test_messages_runs_events_calls_round_trip(db: Path | str) -> None:
         assert await store.list_llm_calls(run_id=run.id) == [rec]
         with pytest.raises(NotFound):
             await store.append_message("conv_missing", role="user", content="x")
-        # Deleting a conversation takes its messages, runs and events with it.
+        # Deleting a conversation takes its messages, runs and events with it, and its runs'
+        # LLM calls (they stayed, listed for a conversation its user had deleted).
+        other = (await store.begin_run((await store.create_conversation()).id,
+                                       content="q", agent="chat", model="m")).run
+        kept = LLMCallRecord(new_id("call"), "sim", "m", LLMCallOutcome.ok, 2.0, run_id=other.id)
+        await store.record_llm_call(kept)
         await store.delete_conversation(conv.id, owner="o1")
         assert await store.get_messages(conv.id) == []
         assert await store.list_run_events(run.id) == []
+        assert await store.list_llm_calls(run_id=run.id) == []
+        assert await store.list_llm_calls() == [kept]
+        # A call that ends after its run's conversation was deleted (it was being cancelled)
+        # is not recorded: nothing would ever remove it.
+        await store.record_llm_call(LLMCallRecord(new_id("call"), "sim", "m",
+                                                  LLMCallOutcome.cancelled, 3.0, run_id=run.id))
+        assert await store.list_llm_calls() == [kept]
 
 
 async def _a_run_and_one_deleted(store: Any) -> tuple[Any, Any]:

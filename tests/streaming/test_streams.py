@@ -150,9 +150,16 @@ async def test_rejoin_after_the_end_of_a_finished_run_is_204(settings: Settings)
         assert frames[-1]["event"] == "run.finished"
         last = int(frames[-1]["id"])
         for position in ({"headers": {"Last-Event-ID": str(last)}},
-                         {"params": {"after": last + 10}}):
+                         {"params": {"after": last}}):
             r = await client.get(url, **position)
             assert (r.status_code, r.content) == (204, b""), position
+        # Past the end: no client saw that id (another run's, a stale one): a 422 naming it,
+        # as on a live run; a 204 would stop its EventSource for good without the events.
+        for position, field in (({"headers": {"Last-Event-ID": str(last + 1)}}, "Last-Event-ID"),
+                                ({"params": {"after": last + 10}}, "after")):
+            r = await client.get(url, **position)
+            assert r.status_code == 422, position
+            assert r.json()["error"]["field"] == field, r.text
         # Not yet at the end: a 200 with the rest.
         r = await client.get(url, headers={"Last-Event-ID": str(last - 1)})
         assert r.status_code == 200
