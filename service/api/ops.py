@@ -9,6 +9,7 @@ from quart import Blueprint, Response, g, jsonify
 from quart_schema import document_response, hide
 
 from ..errors import ServiceError, StoreUnavailable
+from ..logs import get_logger
 from ..services import Services
 from ..store import Store
 from .models import HealthOut, ReadyOut
@@ -17,6 +18,7 @@ from .state import services
 __all__ = ["blueprint"]
 
 blueprint = Blueprint("ops", __name__)
+log = get_logger("service.api")
 
 _READY_PROBE_DEADLINE = 2.0
 
@@ -117,7 +119,15 @@ async def readyz() -> Response:
     async def backend_check() -> None:
         assert svc.backend is not None
         with trio.move_on_after(_READY_PROBE_DEADLINE):
-            health = await svc.backend.health()
+            try:
+                health = await svc.backend.health()
+            except ServiceError as exc:
+                checks["backend"] = f"down: {exc.message}"
+                return
+            except Exception:  # a backend's bug: down, said here; its traceback in the log
+                log.exception("the backend's health check failed")
+                checks["backend"] = "down: its health check failed"
+                return
             checks["backend"] = "ok" if health.ready else f"down: {health.error or 'not ready'}"
             return
         checks["backend"] = "down: no answer within 2 s"

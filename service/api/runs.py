@@ -220,6 +220,7 @@ async def run_events(run_id: str, query_args: RunEventsQuery) -> Response:
     svc = services()
     run = await svc.require_store().get_run(run_id, owner=current_owner())
     after = query_args.after or 0
+    field = "after"  # the one that gave the position (named by an error about it)
     header = request.headers.get("Last-Event-ID", "").strip()
     if header:
         if not is_event_id(header) or int(header) >= 2**63:  # bounded before int()
@@ -227,14 +228,15 @@ async def run_events(run_id: str, query_args: RunEventsQuery) -> Response:
                               field="Last-Event-ID")
         # A browser's EventSource opened on "...?after=N" reconnects to the same URL with the
         # last id it saw in the header: the later position wins, or it would get events again.
-        after = max(after, int(header))
+        if int(header) > after:
+            after, field = int(header), "Last-Event-ID"
     if after and run.status in ("queued", "running") and not await _has_event(run, after):
         # An id this run has not reached: no client can have seen it (an event is shown only
         # once stored). Followed, the stream would wait for the run's end and then close
         # without it (its run.finished comes before that id).
         return json_error(422, "invalid_request",
                           f"event {after} is past this run's events so far",
-                          field="Last-Event-ID" if header else "after")
+                          field=field)
     if after and run.status not in ("queued", "running"):
         where = await _where_in_the_end(run, after)
         if where == "end":
@@ -247,7 +249,7 @@ async def run_events(run_id: str, query_args: RunEventsQuery) -> Response:
             # for good without the events.
             return json_error(422, "invalid_request",
                               f"event {after} is past this run's last event",
-                              field="Last-Event-ID" if header else "after")
+                              field=field)
     # Re-joining never cancels the run: it belongs to whoever started it.
     return sse_response(_event_stream(_reader(run_id, after), None, "continue"))
 

@@ -193,6 +193,10 @@ class PostgresQueries:
         who, args = _owner_is(owner)
 
         def fn(c: Conn) -> int:
+            # The conversation's row first: a run begun on it meanwhile (its insert holds the
+            # row) is then in the list below, or waits and finds the conversation gone.
+            c.execute(f"SELECT 1 FROM conversations WHERE id = %s AND {who} FOR UPDATE",
+                      (conversation_id, *args))
             runs = [r[0] for r in c.execute("SELECT id FROM runs WHERE conversation_id = %s",
                                              (conversation_id,)).fetchall()]
             deleted = c.execute(f"DELETE FROM conversations WHERE id = %s AND {who}",
@@ -538,16 +542,18 @@ class PostgresQueries:
     async def record_llm_call(self, rec: LLMCallRecord) -> None:
         def fn(c: Conn) -> None:
             # Its run's row held until the commit (a conversation's delete waits for it, then
-            # removes this call too); no row: the run was deleted, the call goes with it.
-            if rec.run_id is not None and c.execute(
+            # removes this call too). No row: the call happened, but its run is not stored
+            # (never was: its first write failed; or deleted since): kept, tied to no run.
+            run_id = rec.run_id
+            if run_id is not None and c.execute(
                     "SELECT 1 FROM runs WHERE id = %s FOR KEY SHARE",
-                    (rec.run_id,)).fetchone() is None:
-                return
+                    (run_id,)).fetchone() is None:
+                run_id = None
             c.execute(
                 # A record written again (its first write's answer lost) is still one.
                 f"INSERT INTO llm_calls ({_CALL_COLS}) VALUES "
                 "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
-                (rec.id, rec.backend, rec.model, rec.outcome.value, rec.started_at, rec.run_id,
+                (rec.id, rec.backend, rec.model, rec.outcome.value, rec.started_at, run_id,
                  rec.queue_wait, rec.ttft, rec.duration, rec.prompt_tokens,
                  rec.completion_tokens, int(rec.tokens_estimated), rec.error))
 

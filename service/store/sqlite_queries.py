@@ -507,14 +507,17 @@ class SQLiteQueries(SQLiteOwnership):
 
     async def record_llm_call(self, rec: LLMCallRecord) -> None:
         def fn(c: sqlite3.Connection) -> None:
-            if rec.run_id is not None and c.execute(
-                    "SELECT 1 FROM runs WHERE id = ?", (rec.run_id,)).fetchone() is None:
-                return  # its run was deleted (a call that ended after its conversation's delete)
+            run_id = rec.run_id
+            if run_id is not None and c.execute(
+                    "SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone() is None:
+                # The call happened, but its run is not stored: never was (its first write
+                # failed), or deleted with its conversation since. Kept, tied to no run.
+                run_id = None
             c.execute(
                 # A record written again (its first write's answer lost) is still one.
                 f"INSERT INTO llm_calls ({_CALL_COLS}) VALUES "
                 "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-                (rec.id, rec.backend, rec.model, rec.outcome.value, rec.started_at, rec.run_id,
+                (rec.id, rec.backend, rec.model, rec.outcome.value, rec.started_at, run_id,
                  rec.queue_wait, rec.ttft, rec.duration, rec.prompt_tokens,
                  rec.completion_tokens, int(rec.tokens_estimated), rec.error),
             )

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -155,11 +156,13 @@ async def test_messages_runs_events_calls_round_trip(db: Path | str) -> None:
         assert await store.list_run_events(run.id) == []
         assert await store.list_llm_calls(run_id=run.id) == []
         assert await store.list_llm_calls() == [kept]
-        # A call that ends after its run's conversation was deleted (it was being cancelled)
-        # is not recorded: nothing would ever remove it.
-        await store.record_llm_call(LLMCallRecord(new_id("call"), "sim", "m",
-                                                  LLMCallOutcome.cancelled, 3.0, run_id=run.id))
-        assert await store.list_llm_calls() == [kept]
+        # A call whose run is not stored (it ended after its conversation's delete; or its
+        # run's first write failed) happened all the same: kept, tied to no run.
+        late = LLMCallRecord(new_id("call"), "sim", "m", LLMCallOutcome.cancelled, 3.0,
+                             run_id=run.id)
+        await store.record_llm_call(late)
+        assert await store.list_llm_calls(run_id=run.id) == []
+        assert await store.list_llm_calls() == [replace(late, run_id=None), kept]
 
 
 async def _a_run_and_one_deleted(store: Any) -> tuple[Any, Any]:
