@@ -44,7 +44,7 @@ from .origins import OriginPolicy
 from .sendstall import install as drop_stalled_clients
 from .services import Services
 from .settings import Settings, load_settings
-from .tokens import TokenSigner
+from .tokens import TokenSigner, expiry
 from .wsclose import install as close_websockets_as_the_rfc_says
 from .wsping import install as end_pings_with_their_socket
 
@@ -263,9 +263,12 @@ def create_app(
         origin = headers.get("Origin")
         if origin is not None:
             # Before the key: another origin is refused whether or not it holds one.
-            if not origins.allows(origin, scheme=req.scheme, host=req.host):
+            if not origins.allows(origin, scheme=req.scheme, host=req.host,
+                                  keyed=bool(keys)):
                 return json_error(403, "forbidden", "this origin may not call the service "
-                                  "(SERVICE_CORS_ORIGINS lists the allowed ones)")
+                                  "(SERVICE_CORS_ORIGINS lists the allowed ones; with no "
+                                  "SERVICE_API_KEYS, a page is trusted as the service's own "
+                                  "only at an IP address or a localhost name)")
             g.origin = origin
             if req.method == "OPTIONS" and "Access-Control-Request-Method" in headers:
                 # A preflight carries no key; what it asks about is checked when it comes.
@@ -284,7 +287,18 @@ def create_app(
             if req.path in _OPEN_ROUTES or req.path.startswith(web.ASSETS_PREFIX):
                 return None  # open, but shows its details only to a key (ops.py)
             if match is None and token_route and (token := req.args.get("access_token")):
-                match = signer.verify(token, time.time())
+                now = time.time()
+                match = signer.verify(token, now)
+                if match is not None:
+                    g.token_expires = expiry(token)  # a WebSocket starts no run after it
+                elif signer.verify(token, 0) is not None:
+                    # Genuine, but past its expiry (in its clear text: saying so tells
+                    # nothing): the page gets a new one rather than giving up (RFC 6750).
+                    resp = json_error(401, "unauthorized",
+                                      "the token expired: get a new one (POST /api/tokens)")
+                    resp.headers["WWW-Authenticate"] = (
+                        'Bearer error="invalid_token", error_description="the token expired"')
+                    return resp
             if match is None:
                 resp = json_error(401, "unauthorized", "missing or wrong API key")
                 resp.headers["WWW-Authenticate"] = "Bearer"

@@ -8,12 +8,19 @@ cannot drive the service, even with no keys set, not even by a ``no-cors`` POST 
 (which CORS does not cover). Listed origins get the CORS headers on every response, streams
 included, and their preflights are answered without a key (a browser sends none with them).
 
+With no keys set, the service's own origin is trusted only under a host name no other site
+can point at it: an IP address, ``localhost`` or a ``*.localhost`` name (browsers resolve those
+to the loopback themselves). Under any other name a page may be another site whose DNS name now
+points at this service (DNS rebinding): its ``Origin`` and ``Host`` agree, and only the key it
+does not have, or that name listed in ``SERVICE_CORS_ORIGINS``, tells it apart.
+
 Origins are compared in one normal form, ``scheme://host:port`` with the default port spelled
 out, so ``http://localhost`` and ``http://LOCALHOST:80`` are the same origin.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
@@ -58,10 +65,15 @@ class OriginPolicy:
         web = "https" if scheme in ("https", "wss") else "http"
         return normal_origin(f"{web}://{host}") if host else None
 
-    def allows(self, origin: str, *, scheme: str, host: str) -> bool:
+    def allows(self, origin: str, *, scheme: str, host: str, keyed: bool = True) -> bool:
+        """Whether a page of ``origin`` may call; ``keyed``: the service requires a key (else
+        its own origin counts only under a name no other site can point at it)."""
         normal = normal_origin(origin)
-        return normal is not None and (normal in self.listed
-                                       or normal == self.own(scheme, host))
+        if normal is None:
+            return False
+        if normal in self.listed:
+            return True
+        return normal == self.own(scheme, host) and (keyed or _not_rebindable(normal))
 
     def cors_headers(self, origin: str) -> dict[str, str]:
         """The headers a listed origin gets on every response (none for the others: the
@@ -76,3 +88,16 @@ class OriginPolicy:
                 "Access-Control-Allow-Methods": _ALLOW_METHODS,
                 "Access-Control-Allow-Headers": _ALLOW_HEADERS,
                 "Access-Control-Max-Age": _PREFLIGHT_MAX_AGE}
+
+
+def _not_rebindable(origin: str) -> bool:
+    """Whether ``origin``'s host is one no other site's DNS name can stand for: an IP address,
+    ``localhost`` or a ``*.localhost`` name."""
+    host = (urlsplit(origin).hostname or "").rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

@@ -19,7 +19,7 @@ import hashlib
 import hmac
 import secrets
 
-__all__ = ["TOKEN_TTL", "TokenSigner"]
+__all__ = ["TOKEN_TTL", "TokenSigner", "expiry"]
 
 TOKEN_TTL = 300  # seconds a token is accepted
 _PURPOSE = b"service browser access token v1"
@@ -50,18 +50,25 @@ class TokenSigner:
 
     def verify(self, token: str, now: float) -> bytes | None:
         """The key whose token this is, if it is one and has not expired."""
+        expires = expiry(token)
+        if expires is None or expires <= now:
+            return None
         payload, _, signature = token.rpartition(".")
-        expires = payload.partition(".")[0]
-        if not (expires.isascii() and expires.isdigit() and len(expires) <= 12):
-            return None
-        if int(expires) <= now:
-            return None
         given = signature.encode(errors="replace")
         found = None
         for key, secret in self._secrets:  # every one, in constant time
             if hmac.compare_digest(_sign(secret, payload).encode(), given):
                 found = key
         return found
+
+
+def expiry(token: str) -> int | None:
+    """When a token says it expires (seconds since the epoch; in its clear text, signed:
+    only :meth:`TokenSigner.verify` says whether it is genuine), or None if it is no token."""
+    expires = token.rpartition(".")[0].partition(".")[0]
+    if not (expires.isascii() and expires.isdigit() and len(expires) <= 12):
+        return None
+    return int(expires)
 
 
 def _sign(secret: bytes, payload: str) -> str:

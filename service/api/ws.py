@@ -32,12 +32,13 @@ once the runs are drained and their ends forwarded, the socket is closed with 10
 from __future__ import annotations
 
 import json
+import time
 from collections import deque
 from typing import Any, Literal
 
 import trio
 from pydantic import ConfigDict, Field, ValidationError
-from quart import Blueprint, websocket
+from quart import Blueprint, g, websocket
 
 from ..errors import ServiceError
 from ..runs import RunHandle, RunSpec
@@ -116,9 +117,14 @@ def _too_large(raw: str | bytes, limit: int) -> bool:
 
 class _Session:
     def __init__(self, svc: Services, owner: str | None, nursery: trio.Nursery,
-                 send: trio.MemorySendChannel[dict[str, Any] | str]) -> None:
+                 send: trio.MemorySendChannel[dict[str, Any] | str],
+                 token_expires: float | None = None) -> None:
         self.svc = svc
         self.owner = owner
+        # Opened with a short-lived token (?access_token=): no run is started past its expiry
+        # (a URL replayed from a log within its 5 minutes gave a session with no end); cancels
+        # and the runs already started go on, as an SSE stream opened with one does.
+        self.token_expires = token_expires
         self.nursery = nursery
         self.send = send
         self.runs: dict[str, tuple[RunHandle, str]] = {}
@@ -160,6 +166,11 @@ class _Session:
                     # forwarders stuck on its full queue: its refusals fill its reply queue,
                     # and then it is closed (``reply``).
                     m = WsMessage.model_validate(msg)
+                    if self.token_expires is not None and time.time() >= self.token_expires:
+                        self.reply(_error(
+                            "unauthorized", "the token this socket was opened with expired: "
+                            "open it again with a new one (POST /api/tokens)", msg))
+                        continue
                     try:
                         self.slots.acquire_nowait()
                     except trio.WouldBlock:
@@ -334,7 +345,8 @@ async def ws() -> None:
     reason = "client disconnected"
     try:
         async with trio.open_nursery() as nursery:
-            session = _Session(svc, current_owner(), nursery, send)
+            session = _Session(svc, current_owner(), nursery, send,
+                               getattr(g, "token_expires", None))
             nursery.start_soon(session.send_loop, recv, nursery.cancel_scope)
             nursery.start_soon(session.close_when_drained)
             try:
