@@ -7,13 +7,16 @@ not the service's own origin (DNS rebinding). Real servers on 127.0.0.1, port 0.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+from service import factory
 from service import tokens as tokens_mod
+from service.api import ws as ws_api
 from service.settings import Settings
 
 from .fakes import ScriptedBackend, by_content
@@ -36,12 +39,32 @@ def _keyed(settings: Settings) -> Settings:
     return settings.model_copy(update={"api_keys": KEYS})
 
 
+class _Later:
+    """The ``time`` module as the service sees it, ``shift`` seconds later by its wall clock
+    (a token's expiry is wall-clock time; trio's clock is untouched)."""
+
+    def __init__(self, shift: float) -> None:
+        self.shift = shift
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def time(self) -> float:
+        return time.time() + self.shift
+
+
+def _tokens_expired(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every token issued so far is past its expiry, as far as the service can tell."""
+    later = _Later(tokens_mod.TOKEN_TTL + 1)
+    monkeypatch.setattr(factory, "time", later)
+    monkeypatch.setattr(ws_api, "time", later)
+
+
 async def test_an_expired_token_is_refused_saying_that_it_expired(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A page whose token ran out must be told so (to fetch a new one), not that its key is
     # wrong: RFC 6750's WWW-Authenticate: Bearer error="invalid_token", and a message.
-    monkeypatch.setattr(tokens_mod, "TOKEN_TTL", 1)
     async with running_server(_keyed(settings), ScriptedBackend(by_content)) as srv, \
             srv.client() as client:
         conv = (await client.post("/api/conversations", json={}, headers=A)).json()["id"]
@@ -50,11 +73,16 @@ async def test_an_expired_token_is_refused_saying_that_it_expired(
         token = (await client.post("/api/tokens", headers=A)).json()["token"]
         q = {"access_token": token}
         assert (await client.get(f"/api/runs/{run}/events", params=q)).status_code == 200
-        await trio.sleep(2.1)
+        _tokens_expired(monkeypatch)
         r = await client.get(f"/api/runs/{run}/events", params=q)
         assert r.status_code == 401
         assert "expired" in r.json()["error"]["message"].lower(), r.json()
         assert 'error="invalid_token"' in r.headers["www-authenticate"]
+        # A forged one, expired or not, is just a wrong key (nothing about it is told).
+        forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+        r = await client.get(f"/api/runs/{run}/events", params={"access_token": forged})
+        assert r.status_code == 401
+        assert r.json()["error"]["message"] == "missing or wrong API key"
 
 
 async def test_a_websocket_opened_with_a_token_starts_no_run_once_it_expired(
@@ -62,13 +90,12 @@ async def test_a_websocket_opened_with_a_token_starts_no_run_once_it_expired(
 ) -> None:
     # "valid 5 minutes" (operations.md): a socket opened with a token (a URL a proxy may log)
     # went on starting runs for that key for as long as it stayed open.
-    monkeypatch.setattr(tokens_mod, "TOKEN_TTL", 1)
     async with running_server(_keyed(settings), ScriptedBackend(by_content)) as srv, \
             srv.client() as client:
         conv = (await client.post("/api/conversations", json={}, headers=A)).json()["id"]
         token = (await client.post("/api/tokens", headers=A)).json()["token"]
         async with open_websocket_url(_ws(srv, f"?access_token={token}")) as ws:
-            await trio.sleep(2.1)
+            _tokens_expired(monkeypatch)
             # The token is refused everywhere else by now.
             run = await client.get("/api/runs/run_x/events", params={"access_token": token})
             assert run.status_code == 401
