@@ -202,9 +202,26 @@ def close_interrupted(execute: Execute, claim: str, run_id: str, reason: str, no
     execute("UPDATE messages SET status = 'error', error = ?, content = ?, updated_at = ? "
             "WHERE run_id = ? AND status = 'pending'", (why, partial, now, run_id))
     if ended is None:
+        model = _model_that_answered(execute, run_id)
         execute("INSERT INTO run_events (run_id, seq, type, data, created_at) "
                 "SELECT ?, COALESCE(MAX(seq), 0) + 1, 'run.finished', ?, ? "
                 "FROM run_events WHERE run_id = ?",
-                (run_id, json.dumps({"status": "failed", "usage": {}, "error": reason}), now,
-                 run_id))
+                (run_id, json.dumps({"status": "failed", "usage": {},
+                                     **({"model": model} if model else {}),
+                                     "error": reason}), now, run_id))
     return True
+
+
+def _model_that_answered(execute: Execute, run_id: str) -> str | None:
+    """The run's model: its own, or (the run named none) the one its first recorded LLM call
+    was answered by, as its owner would have stored it with its end (the owner keeps it in
+    memory until then). None when no call of it was recorded."""
+    row = execute("SELECT model FROM runs WHERE id = ?", (run_id,)).fetchone()
+    if row is not None and row[0]:
+        return str(row[0])
+    call = execute("SELECT model FROM llm_calls WHERE run_id = ? AND model <> '' "
+                   "ORDER BY seq LIMIT 1", (run_id,)).fetchone()
+    if call is None:
+        return None
+    execute("UPDATE runs SET model = ? WHERE id = ? AND model IS NULL", (call[0], run_id))
+    return str(call[0])
