@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["TextJoiner", "clean_json", "clean_text", "not_text_at", "protocol_answer_so_far",
-           "redact_userinfo"]
+__all__ = ["TextJoiner", "clean_json", "clean_text", "not_text_at", "redact_userinfo"]
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -109,22 +108,3 @@ def redact_userinfo(text: str) -> str:
     password holds (a "/", a space, a quote, an "@" of its own): from "//" to the line's last
     "@". It may hide more than the credentials; it never shows them."""
     return _USERINFO.sub("//***@", text)
-
-
-
-# The ReAct text protocol's labels, in the styles models write them (service.agents.react_parser
-# reads the same): "Final Answer:" and the others.
-_REACT_FINAL = re.compile(r"^[ \t>*_#-]*final[ _]answer[ \t*_]*:[ \t*]*", re.I | re.M)
-_REACT_LABEL = re.compile(
-    r"^[ \t>*_#-]*(?:thought|action|action[ _]input|observation)[ \t*_]*:", re.I | re.M)
-
-
-def protocol_answer_so_far(text: str) -> str:
-    """The answer in a ReAct text-protocol turn cut short: what follows its "Final Answer:"
-    label; none while the turn is still a thought or an action (its labels are no answer, and
-    the next turn's history would give them to the model as one); the text itself when it has
-    no label at all (a plain answer)."""
-    final = _REACT_FINAL.search(text)
-    if final is not None:
-        return text[final.end():].strip()
-    return "" if _REACT_LABEL.search(text) else text

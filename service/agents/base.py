@@ -196,6 +196,8 @@ class AgentContext:
     stop: tuple[str, ...] = ()
     options: tuple[tuple[str, Any], ...] = ()  # a client's other OpenAI options (chat agent)
     last_finish_reason: str | None = None
+    # a call that streams to the run's clients has named the model
+    _streamed: bool = field(default=False, init=False)
     # How sync tools run: a worker thread. Virtual-time tests pass an inline runner, since
     # autojump_clock would jump while a thread works.
     run_sync: Callable[..., Awaitable[Any]] = _IN_THREAD
@@ -225,11 +227,18 @@ class AgentContext:
         if not self.handle.closed:
             self.emit("queued", {"position": position})
 
-    def _add_usage(self, usage: Usage | None) -> None:
+    def _add_usage(self, usage: Usage | None, chunks: int) -> None:
+        """Count a call in the run's usage: the tokens its backend reported, or for a call
+        cut before its usage came (a stream that died, a cancel, a deadline), its content
+        chunks so far, marked ``tokens_estimated``, as its LLM call is recorded."""
         self.usage["llm_calls"] = self.usage.get("llm_calls", 0) + 1
         self.handle.usage = dict(self.usage)  # a call that reports no usage is a call too
+        if (usage is None or usage.completion_tokens is None) and chunks:
+            usage = Usage(usage.prompt_tokens if usage is not None else None, chunks, True)
         if usage is None:
             return
+        if usage.estimated:
+            self.usage["tokens_estimated"] = True
         for key, value in (("prompt_tokens", usage.prompt_tokens),
                            ("completion_tokens", usage.completion_tokens)):
             if value is not None:
@@ -272,9 +281,16 @@ class AgentContext:
         parts: list[str] = []
         calls: list[ToolCall] = []
         usage: Usage | None = None
+        content_chunks = 0
+        named = False  # this call has named the model that answers it
         try:
             async with self.backend.stream(request) as chunks:
                 async for chunk in chunks:
+                    if not named and (chunk.model or chosen):
+                        named = True
+                        self._answered_by(chunk.model or chosen[-1], emit_tokens)
+                    if chunk.text or chunk.thinking:
+                        content_chunks += 1
                     if chunk.thinking and emit_tokens:
                         # A reasoning model's thinking, piece by piece (never in the answer).
                         self.emit("thought", {"text": chunk.thinking, "reasoning": True})
@@ -287,18 +303,24 @@ class AgentContext:
                         usage = chunk.usage
                     if chunk.finish_reason is not None:
                         self.last_finish_reason = chunk.finish_reason
-                    if "model" not in self.handle.result_extra and (chunk.model or chosen):
-                        # The model that answered, as it says (else as the server that
-                        # answered chose it, the run naming none).
-                        answered = chunk.model or chosen[-1]
-                        self.handle.result_extra["model"] = answered
-                        if self.handle.model is None:
-                            # The run named none: it names this one, live and stored with
-                            # its end, as its answer and its LLM call do.
-                            self.handle.model = answered
         finally:
-            self._add_usage(usage)
+            self._add_usage(usage, content_chunks)
         return ChatMessage("assistant", clean_text("".join(parts)), tuple(calls))
+
+    def _answered_by(self, model: str, answers: bool) -> None:
+        """A call's model, as it says (else as the server that answered chose it, the run
+        naming none). The run names the model of its last call that streamed to its clients
+        (its answer; an earlier call, a router's classification or a plan, may have gone to
+        another server of a fleet), or of its first call until one has."""
+        if answers:
+            self._streamed = True
+        elif "model" in self.handle.result_extra or self._streamed:
+            return
+        self.handle.result_extra["model"] = model
+        if self.model is None:
+            # The run named none: it names this one, live and stored with its end, as its
+            # answer and its LLM call do.
+            self.handle.model = model
 
     async def call_tool(self, name: str, arguments: object, call_id: str,
                         invalid_arguments: str | None = None,

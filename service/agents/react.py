@@ -9,14 +9,13 @@ also emitted as a ``thought`` event.
 from __future__ import annotations
 
 import json
-import re
+from functools import partial
 
 from ..backends.base import ChatMessage, ToolCall
 from ..errors import BackendRejectedRequest
 from ..store import new_id
-from ..text import protocol_answer_so_far
 from .base import Agent, AgentContext, Observation
-from .react_parser import ReActStep, has_action_input, parse_react, up_to_the_action
+from .react_parser import answer_so_far, parse_react, prose_action, up_to_the_action
 
 __all__ = ["REACT_SYSTEM", "ReActAgent", "StepLimitReached"]
 
@@ -57,21 +56,23 @@ class ReActAgent(Agent):
         )
 
     async def run(self, ctx: AgentContext) -> str:
-        # A turn cut short holds an answer only after its "Final Answer:" label.
-        ctx.handle.answer_of = protocol_answer_so_far
         messages = [ChatMessage("system", self.system_prompt(ctx)), *ctx.history]
-        return await self.loop(ctx, messages)
+        return await self.loop(ctx, messages, answers=True)
 
     async def loop(self, ctx: AgentContext, messages: list[ChatMessage], *,
-                   fail_at_limit: bool = False) -> str:
+                   fail_at_limit: bool = False, answers: bool = False) -> str:
         """The ReAct loop. At the step limit, one last call without tools; if that gives no
         answer, the "could not finish" text is the answer, or with ``fail_at_limit`` (a plan's
-        step) ``StepLimitReached`` is raised."""
+        step) ``StepLimitReached`` is raised. ``answers``: its answer is the run's, so a turn
+        cut short keeps what the loop would have taken for an answer (``answer_so_far``)."""
         tools = list(ctx.tools)
         names = {t.name for t in tools}
         native = False  # the model called tools natively: its plain text is its answer
         offered = tools  # sent as native tools, until the model's server refuses them
         for turn in range(self.max_steps):
+            if answers:
+                ctx.handle.answer_of = partial(answer_so_far, tools=names, first=turn == 0,
+                                               native=native)
             try:
                 reply = await ctx.call_llm(messages, tools=offered)
             except BackendRejectedRequest:
@@ -91,8 +92,8 @@ class ReActAgent(Agent):
                 messages += [_tool_message(o) for o in observations]
                 continue
             step = parse_react(reply.content, tools=names)
-            first = turn == 0
-            if not step.is_final and (native or (first and _prose(step, names, reply.content))):
+            prose = turn == 0 and prose_action(step, names, reply.content)
+            if not step.is_final and (native or prose):
                 # Not the text protocol's action ("- **Action:** rotate the logs" in a
                 # summary) but prose: the answer.
                 return reply.content.strip()
@@ -109,6 +110,9 @@ class ReActAgent(Agent):
         # Step limit: one last call without tools for a clear answer from what was found.
         messages.append(ChatMessage("user", LIMIT_PROMPT.format(steps=self.max_steps)))
         ctx.emit("thought", {"text": f"step limit of {self.max_steps} reached"})
+        if answers:
+            ctx.handle.answer_of = partial(answer_so_far, tools=names, first=False,
+                                           native=native)
         reply = await ctx.call_llm(messages)
         # No tool runs any more: a final answer anywhere in the reply is the answer.
         step = parse_react(reply.content, final_first=True, tools=names)
@@ -120,15 +124,6 @@ class ReActAgent(Agent):
         if fail_at_limit:
             raise StepLimitReached(unfinished)
         return unfinished
-
-
-def _prose(step: ReActStep, tools: set[str], text: str) -> bool:
-    """A first turn's "Action:" that is a line of prose, not a call: no thought before it, no
-    "Action Input:", and not a tool name at all (words with spaces: "- **Action:** rotate the
-    logs daily" in a summary). A call of a misspelt tool is still one (the model is told)."""
-    action = (step.action or "").strip()
-    return (bool(action) and action not in tools and step.thought is None
-            and re.search(r"\s", action) is not None and not has_action_input(text))
 
 
 class StepLimitReached(Exception):

@@ -26,7 +26,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ReActStep", "has_action_input", "parse_react", "up_to_the_action"]
+__all__ = ["ReActStep", "answer_so_far", "has_action_input", "parse_react", "prose_action",
+           "up_to_the_action"]
 
 _LABEL = r"^[ \t>*_#-]*{name}[ \t*_]*:[ \t*]*"
 _THOUGHT = re.compile(_LABEL.format(name="thought"), re.I | re.M)
@@ -177,3 +178,30 @@ def _input_of(text: str, action_m: re.Match[str]) -> re.Match[str] | None:
 def has_action_input(text: str) -> bool:
     """Whether a turn has an "Action Input:" label (then its Action is a call, not prose)."""
     return _INPUT.search(text) is not None
+
+
+def prose_action(step: ReActStep, tools: Collection[str], text: str) -> bool:
+    """A first turn's "Action:" that is a line of prose, not a call: no thought before it, no
+    "Action Input:", and not a tool name at all (words with spaces: "- **Action:** rotate the
+    logs daily" in a summary). A call of a misspelt tool is still one (the model is told)."""
+    action = (step.action or "").strip()
+    return (bool(action) and action not in tools and step.thought is None
+            and re.search(r"\s", action) is not None and not has_action_input(text))
+
+
+def answer_so_far(text: str, *, tools: Collection[str] = (), first: bool = True,
+                  native: bool = False) -> str:
+    """The answer in a turn cut short (a stream that died, a cancel, a deadline), judged as
+    the ReAct loop judges a whole turn: what follows its "Final Answer:" label; the text
+    itself when it has no label at all (a plain answer), when its "Action:" is prose in a
+    ``first`` turn (``prose_action``), or when the model called tools ``native``ly (its text
+    is then its answer); none while the turn is still a thought or an action (its labels are
+    no answer, and the next turn's history would give them to the model as one)."""
+    final = _FINAL.search(text)
+    if final is not None:
+        return text[final.end():].strip()
+    if not any(rx.search(text) for rx in (_THOUGHT, _ACTION, _INPUT, _OBSERVATION)):
+        return text
+    if native or (first and prose_action(parse_react(text, tools=tools), tools, text)):
+        return text
+    return ""

@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ..text import protocol_answer_so_far
 from .records import STEP_EVENTS, ends_a_step, stored_data
 
 __all__ = ["LEASE", "alive", "close_interrupted", "owner_alive", "process_tag"]
@@ -186,6 +185,7 @@ def close_interrupted(execute: Execute, claim: str, run_id: str, reason: str, no
         why = told.get("error") or reason
     # The reply's text so far is in its token events after its last step: keep it.
     parts: list[str] = []
+    stepped = False
     for type_, data in execute(
             "SELECT type, data FROM run_events WHERE run_id = ? AND type IN "
             f"({', '.join(repr(t) for t in sorted(STEP_EVENTS | {'token'}))}) ORDER BY seq",
@@ -195,10 +195,13 @@ def close_interrupted(execute: Execute, claim: str, run_id: str, reason: str, no
             parts.append(told.get("text", ""))
         elif ends_a_step(type_, told):
             parts.clear()
+            stepped = True
     partial = "".join(parts)
     agent = execute("SELECT agent FROM runs WHERE id = ?", (run_id,)).fetchone()
     if agent is not None and agent[0] in _TEXT_PROTOCOL_AGENTS:
-        partial = protocol_answer_so_far(partial)
+        # (imported here: the agents' package imports the store's)
+        from ..agents.react_parser import answer_so_far
+        partial = answer_so_far(partial, first=not stepped)
     execute("UPDATE messages SET status = 'error', error = ?, content = ?, updated_at = ? "
             "WHERE run_id = ? AND status = 'pending'", (why, partial, now, run_id))
     if ended is None:

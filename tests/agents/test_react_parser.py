@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.agents.react_parser import parse_react
+from service.agents.react_parser import answer_so_far, parse_react
 
 
 def test_plain_action() -> None:
@@ -106,3 +107,25 @@ def test_a_python_style_action_input_is_read_as_its_arguments() -> None:
     for raw in ("{'a': {1, 2}}", "{1: 'x'}", "{'a': __import__('os').getcwd()}",
                 "{'a': '" + "x" * 20_000 + "'}"):
         assert parse_react(f"Action: calculator\nAction Input: {raw}").action_input == raw
+
+
+@pytest.mark.parametrize(("text", "first", "native", "kept"), [
+    # Cut after its label: what follows "Final Answer:".
+    ("Thought: easy.\nFinal Answer: 4 is", True, False, "4 is"),
+    # No label at all: a plain answer, as shown.
+    ("The answer is ", True, False, "The answer is "),
+    # A thought or a call in progress: no answer yet.
+    ("Thought: I need the calc", True, False, ""),
+    ("Action: calculator\nAction Input: {\"expr", True, False, ""),
+    # A first turn's prose "Action:" (no thought, words with spaces, no input): the answer,
+    # as the whole turn would have been taken.
+    ("Summary:\n- **Action:** rotate the ", True, False, "Summary:\n- **Action:** rotate the "),
+    # ... but not in a later turn, where the loop reads it as the protocol's.
+    ("Summary:\n- **Action:** rotate the ", False, False, ""),
+    # After native tool calls, the model's text is its answer, labels or not.
+    ("Thought: done, so ", False, True, "Thought: done, so "),
+])
+def test_a_cut_turn_keeps_what_the_whole_turn_would_have_answered(
+    text: str, first: bool, native: bool, kept: str,
+) -> None:
+    assert answer_so_far(text, tools={"calculator"}, first=first, native=native) == kept
