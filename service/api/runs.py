@@ -355,15 +355,23 @@ async def _in_progress(store: Store, run_id: str) -> bool:
 async def cancel_run(run_id: str) -> tuple[CancelOut, int]:
     """Cancel a run (idempotent); it ends ``cancelled`` with its partial answer stored."""
     svc = services()
-    run = await svc.require_store().get_run(run_id, owner=current_owner())
+    owner = current_owner()
     handle = svc.require_supervisor().get(run_id)
+    if handle is not None and handle.owner == owner:
+        # A live run of this process is stopped in memory, as the WebSocket's cancel does: no
+        # store read first, so Stop works while the store is away (its final state is
+        # stored once the store takes it: the committer retries it). The answer waits for
+        # that end, within a bound.
+        handle.cancel("cancelled by request")
+        with trio.move_on_after(ELSEWHERE_CANCEL_WAIT):
+            await handle.finished.wait()
+        return CancelOut(id=handle.id, status=handle.status.value), 202
+    run = await svc.require_store().get_run(run_id, owner=owner)
     # Another worker sharing the store may run it: it is asked through the store (it looks
     # every 0.25 s), and the answer comes once the run has ended there, or after a bound with
     # what the store says then.
     await stop_runs([run_id], "cancelled by request")
-    if handle is not None:
-        return CancelOut(id=run.id, status=handle.status.value), 202
-    run = await svc.require_store().get_run(run_id, owner=current_owner())
+    run = await svc.require_store().get_run(run_id, owner=owner)
     return CancelOut(id=run.id, status=run.status), 202
 
 

@@ -353,10 +353,15 @@ async def ws() -> None:
                 await session.receive_loop()
             except NotReading:
                 reason = "the client read nothing of its socket (closed)"
-                # At once: the send loop may be held in a write to this peer (hypercorn's
-                # writes are shielded; sendstall bounds them), and the runs must not wait.
-                session.abandon(reason)
                 nursery.cancel_scope.cancel()
+            finally:
+                # The client left (or reads nothing): its runs stop now, not once this
+                # socket's tasks have ended. The send loop may be held in a write to this
+                # peer (hypercorn's writes are shielded; sendstall bounds them), or a run's
+                # start in a slow store write (a write taken into a commit is waited for):
+                # the runs must not wait for them. (A run whose start lands after this is
+                # stopped below.)
+                session.abandon(reason)
         if reason != "client disconnected":
             with trio.move_on_after(_CLOSE_WAIT):
                 await websocket.close(1008, "the client reads nothing of its replies")

@@ -314,18 +314,42 @@ class RunSupervisor:
         handle = self._new_handle(begun, spec)
         handle.reserve_first_event()
         self._launch_soon(handle, spec)
+        landed = settled = False
+
+        async def leaving() -> None:
+            # A write taken into a commit is waited for, shielded (``GroupCommit``), while the
+            # agent already streams: a caller cancelled meanwhile (its client left) stops the
+            # run now, not once the commit is done (a slow disk: seconds).
+            try:
+                await trio.sleep_forever()
+            finally:
+                if not settled:
+                    handle.cancel("client disconnected")
+
+        failure: Exception | None = None
         try:
-            # No checkpoint between the two: the write is queued before the run's task runs.
-            await self._store.write_run(begun)
-        except BaseException as exc:
-            # Failed, not cancelled (unless this caller was): the service could not store it.
-            if isinstance(exc, StoreError):
-                handle.cancel_status, handle.error_type = RunStatus.failed, exc.type
-            handle.cancel("the run could not be stored")
-            # Not stored, and nobody was told the run's id: released so that the handle's
-            # events (its end among them) reach a subscriber in order all the same.
-            handle.adopt_first_event(begun.started)
+            # (Neither the nursery's opening nor start_soon is a checkpoint: the write is
+            # still queued before the run's task runs.)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(leaving)
+                try:
+                    await self._store.write_run(begun)
+                    landed = True
+                except Exception as exc:  # raised below, not in the nursery's exception group
+                    failure = exc
+                finally:
+                    settled = True
+                    nursery.cancel_scope.cancel()
+        except BaseException:  # this caller was cancelled
+            if landed:
+                handle.adopt_first_event(begun.started)
+                handle.cancel("client disconnected")
+            else:
+                _not_stored(handle, begun, None)
             raise
+        if failure is not None:
+            _not_stored(handle, begun, failure)
+            raise failure
         handle.adopt_first_event(begun.started)
         return handle
 
@@ -491,6 +515,17 @@ class RunSupervisor:
             events, model=handle.model))
         self._metrics.runs.labels(status.value).inc()
         handle.finished.set()
+
+
+def _not_stored(handle: RunHandle, begun: BegunRun, exc: Exception | None) -> None:
+    """A ``/v1`` run whose first write did not land: stopped (its upstream call at once; its
+    later writes find no run and change nothing); ``failed`` if the store refused it."""
+    if isinstance(exc, StoreError):
+        handle.cancel_status, handle.error_type = RunStatus.failed, exc.type
+    handle.cancel("the run could not be stored")
+    # Not stored, and nobody was told the run's id: released so that the handle's events (its
+    # end among them) reach a subscriber in order all the same.
+    handle.adopt_first_event(begun.started)
 
 
 def _split_cancelled(
