@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from ..backends.base import ChatMessage
+from ..errors import BackendError
 from ..store import new_id
 from .base import TOOL_OUTPUT_CHARS, Agent, AgentContext
 from .react import ReActAgent, StepLimitReached
@@ -234,6 +235,12 @@ class PlanExecuteAgent(Agent):
                 ok = not output.startswith("ERROR:")
             except StepLimitReached as limit:  # a step that could not finish failed
                 output, ok = str(limit), False
+            except BackendError as exc:
+                # Its model call failed (the connection lost, a silent or busy server, an
+                # error mid-answer): a failed step, re-planned, not a failed run that drops
+                # what the other steps found. (A server that stays down fails the re-plan's
+                # call, and with it the run.)
+                output, ok = f"its model call failed: {exc}", False
         results[step.id] = output
         ctx.emit("step.finished", {"id": step.id, ("output" if ok else "error"): output})
         if not ok:

@@ -16,6 +16,7 @@ import trio.testing
 
 from service.agents.base import TOOL_OUTPUT_CHARS
 from service.backends.base import ChatMessage, ChatRequest, ToolCall
+from service.errors import UpstreamBroken
 from service.runs import RunHandle, RunSpec, RunStatus
 from service.sim import Reply as SimReply
 from service.sim import Simulator
@@ -471,5 +472,47 @@ async def test_a_re_planned_step_is_given_the_results_it_builds_on(
     # of the re-plan, whatever its depends_on.
     assert step_prompts
     assert all("3600" in p for p in step_prompts), step_prompts
+
+
+
+# -- 12. a step whose model call fails is a failed step (re-planned), not a failed run ----------
+
+
+async def test_a_step_whose_model_call_breaks_is_re_planned(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The module's promise: "The first failed step triggers one re-plan". A step's own LLM
+    call that breaks mid-answer (the upstream connection lost) failed the whole run: the
+    other steps' results, shown to the client in their ``step.finished``, were thrown away
+    and the reply stored empty. It is a failed step: re-planned, and answered from what the
+    steps found."""
+    plans = [
+        {"steps": [{"id": 1, "task": "compute the base", "tool": "calculator",
+                    "arguments": {"expression": "1200*3"}},
+                   {"id": 2, "task": "look up the prices"}]},
+        {"steps": [{"id": 3, "task": "estimate the prices", "depends_on": [1]}]},
+    ]
+
+    def reply(req: ChatRequest) -> Reply:
+        if _system(req).startswith(_PLANNER):
+            replanning = any("A step failed" in m.content for m in req.messages)
+            return Reply(json.dumps(plans[1] if replanning else plans[0]))
+        last = req.messages[-1].content
+        if last.startswith("Do this step: look up"):
+            return Reply("Thought: I will look it up and", fail_after=3,
+                         error=UpstreamBroken("connection lost mid-answer", backend="fake"))
+        if last.startswith("Do this step:"):
+            return Reply("Final Answer: about 4000")
+        return Reply("About 4000, from a base of 3600.")
+
+    backend = ScriptedBackend(reply)
+    async with supervisor_env(tmp_path, backend) as env:
+        handle, events = await _run(env, "estimate the prices", "plan_execute")
+    assert handle.status is RunStatus.succeeded, (handle.status, handle.error)
+    assert handle.final_text == "About 4000, from a base of 3600."
+    finished = {e.data["id"]: e.data for e in events if e.type == "step.finished"}
+    assert "connection lost" in finished[2]["error"], finished
+    assert finished[3]["output"] == "about 4000", finished
+
 
 TOOLS = [fetch_feed]  # what a server of this module's tests loads (SERVICE_TOOLS)
