@@ -9,9 +9,12 @@ dimmed, and go to stderr when stdout is not a terminal, so a pipe gets the answe
 
 Ctrl-C during an answer cancels the run on the server (``POST /api/runs/{id}/cancel``: it ends
 ``cancelled`` with its partial answer stored) and the client shows how it ended; a second Ctrl-C
-exits at once (the dropped stream cancels the run too). Ctrl-C or Ctrl-D at the prompt exits.
-A service that sends nothing, not even its keep-alives, for ``READ_TIMEOUT`` seconds fails the
-turn with one line.
+exits at once, once that cancel is sent (within 2 s). Ctrl-C or Ctrl-D at the prompt exits.
+A stream dropped mid-answer (a Wi-Fi change, a proxy restarting) is re-joined where it broke
+(``Last-Event-ID``; the run goes on meanwhile: ``on_disconnect: continue``), three times at
+most. A service that sends nothing, not even its keep-alives, for ``READ_TIMEOUT`` seconds
+fails the turn with one line. A run that does not succeed ends showing its reply as stored
+(``run.finished``'s ``content``: of a ReAct turn, its answer's part only).
 
 Each turn is one ``trio.run``: the prompt is a plain blocking ``input()`` between turns, and
 SIGINT is trio's (a signal receiver) only while a turn runs.
@@ -20,6 +23,7 @@ SIGINT is trio's (a signal receiver) only while a turn runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -36,10 +40,14 @@ from rich.live import Live
 from rich.markdown import Markdown
 from rich.text import Text
 
+from .text import clean_text
+
 __all__ = ["SSEParser", "main"]
 
 EXIT_INTERRUPTED = 130
 READ_TIMEOUT = 60.0  # seconds of nothing before a turn fails (a stream: four keep-alives)
+_REJOINS = 3  # times a dropped stream is re-joined (after 0.5, 1 and 2 s)
+_QUIT_CANCEL_WAIT = 2.0  # seconds a second Ctrl-C waits for the run's cancel to be sent
 _STEPS = ("thought", "tool.call", "tool.result", "plan", "step.started", "step.finished")
 _TITLE_CHARS = 60
 
@@ -184,8 +192,16 @@ class Renderer:
         self._plain = not self.tty
         self._show_held()
 
-    def finished(self, status: str, error: dict[str, Any] | None) -> None:
-        if self._printed:
+    def finished(self, status: str, error: dict[str, Any] | None,
+                 content: str | None = None) -> None:
+        """The run's end; ``content``: a reply cut short, as the store keeps it (a ReAct
+        turn's answer part, not the thought that was streamed)."""
+        if content is not None and status != "succeeded":
+            if content.strip():
+                self.message(content)
+            else:
+                self.reset()
+        elif self._printed:
             self._end_plain()
         else:
             self._stop_live(Markdown(self._segment) if self._segment.strip() else None)
@@ -265,8 +281,10 @@ class Turn:
     run_id: str | None = None
     conversation: str | None = None  # once made or known: kept if the turn then fails
     cancelling: bool = False
+    cancelled: bool = False  # the service took its cancel
     status: str | None = None
     error: dict[str, Any] | None = None
+    last_id: str | None = None  # the last event shown: where a re-join resumes
 
 
 def _seconds(value: str | None) -> float:
@@ -307,7 +325,8 @@ class Client:
         message was sent (a new conversation being made) leaves it unsent."""
         turn = turn or Turn()
         turn.conversation = conversation
-        body: dict[str, Any] = {"content": content, "stream": True}
+        # A dropped stream is re-joined (the run goes on meanwhile); Ctrl-C cancels the run.
+        body: dict[str, Any] = {"content": content, "stream": True, "on_disconnect": "continue"}
         if self.opts.agent:
             body["agent"] = self.opts.agent
         if self.opts.model:
@@ -326,16 +345,39 @@ class Client:
         return conversation, turn
 
     async def _stream(self, conversation: str, body: dict[str, Any], turn: Turn) -> None:
+        """The run's events, from its POST; a stream dropped before the run's end (a Wi-Fi
+        change, a proxy restarting) is re-joined where it broke (``Last-Event-ID``), up to
+        ``_REJOINS`` times, waiting longer each time."""
         path = f"/api/conversations/{conversation}/messages"
+        for attempt in range(_REJOINS + 1):
+            if attempt == 0:
+                request = self.http.stream("POST", path, json=body,
+                                           timeout=httpx.Timeout(30.0, read=None))
+            else:
+                await trio.sleep(0.5 * 2 ** (attempt - 1))
+                request = self.http.stream(
+                    "GET", f"/api/runs/{turn.run_id}/events",
+                    headers={"Last-Event-ID": turn.last_id or "0"},
+                    timeout=httpx.Timeout(30.0, read=None))
+            try:
+                await self._follow(request, turn)
+                break
+            except httpx.TransportError:
+                if turn.run_id is None or turn.status is not None or attempt == _REJOINS:
+                    raise
+
+    async def _follow(self, request: Any, turn: Turn) -> None:
         # The stream's reads have no timeout of httpx's: a watchdog allows four of the
         # service's keep-alive intervals (its X-Keepalive-Interval; SERVICE_SSE_KEEPALIVE may
         # be long), READ_TIMEOUT until it is known.
         with trio.CancelScope() as watchdog:
             silence = READ_TIMEOUT
             watchdog.deadline = trio.current_time() + silence
-            async with self.http.stream("POST", path, json=body,
-                                        timeout=httpx.Timeout(30.0, read=None)) as resp:
-                if resp.status_code != 200:
+            async with request as resp:
+                if resp.status_code == 204:  # re-joined past its end: its end was not seen
+                    turn.error = turn.error or {"type": "stream_ended",
+                                                "message": "the run ended while re-joining"}
+                elif resp.status_code != 200:
                     await resp.aread()
                     raise ChatError(_error_of(resp))
                 silence = max(silence, 4 * _seconds(resp.headers.get("X-Keepalive-Interval")))
@@ -344,6 +386,8 @@ class Client:
                     watchdog.deadline = trio.current_time() + silence
                     frame = parser.feed(line)
                     if frame is not None:
+                        if frame.get("id"):
+                            turn.last_id = frame["id"]
                         await self._show(frame, turn)
         if watchdog.cancelled_caught:
             raise ChatError(f"the service stopped answering (nothing for {silence:g} s; run "
@@ -374,12 +418,21 @@ class Client:
                 # Ended by something else than the user's own cancel (the service shutting
                 # down, another client): said, not a bare "[run cancelled]".
                 turn.error = {"type": turn.status, "message": data["error"]}
-            self.renderer.finished(turn.status or "unknown", turn.error)
+            content = data.get("content")
+            self.renderer.finished(turn.status or "unknown", turn.error,
+                                   content if isinstance(content, str) else None)
 
     async def _on_interrupts(self, interrupts: Any, turn: Turn,
                              nursery: trio.Nursery) -> None:
         async for _ in interrupts:
             if turn.cancelling:
+                if turn.run_id is not None and not turn.cancelled:
+                    # Its stream going away does not stop it (on_disconnect: continue): the
+                    # cancel is sent before the chat quits, within a bound.
+                    # (not reachable: nothing more to do before quitting)
+                    with trio.move_on_after(_QUIT_CANCEL_WAIT, shield=True), \
+                            contextlib.suppress(httpx.HTTPError):
+                        await self._cancel(turn)
                 raise Interrupted
             turn.cancelling = True
             self.renderer.note("[cancelling the run; Ctrl-C again to quit]")
@@ -388,6 +441,7 @@ class Client:
 
     async def _cancel(self, turn: Turn) -> None:
         resp = await self.http.post(f"/api/runs/{turn.run_id}/cancel")
+        turn.cancelled = resp.status_code == 202
         if resp.status_code != 202:
             self.renderer.note(f"[cancel failed: {_error_of(resp)}]")
 
@@ -410,6 +464,9 @@ async def _one_turn(opts: Options, renderer: Renderer, conversation: str | None,
 def _run_turn(opts: Options, renderer: Renderer, conversation: str | None,
               content: str) -> tuple[str | None, Turn | None, int]:
     """One turn; the conversation, the turn, and an exit status if it should end the chat."""
+    # A line that is not UTF-8 (a Latin-1 file piped in) comes with lone surrogates, which
+    # no JSON encoder takes: they become U+FFFD, as the service stores them.
+    content = clean_text(content)
     turn = Turn()
     try:
         try:

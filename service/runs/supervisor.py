@@ -502,9 +502,13 @@ class RunSupervisor:
         handle.final_text = content
         # The model that answered (the run's own, or the backend's choice when nothing named
         # one: run.started then said null), as the run is stored with it.
+        # A reply cut short is told as stored (its ``message`` tells a whole one): of a ReAct
+        # turn only its answer's part, not the thought its clients were streamed.
         last.append(("run.finished", {"status": status.value, "usage": handle.usage,
                                       **({"model": handle.model} if handle.model else {}),
-                                      **({"error": error} if error else {})}))
+                                      **({"error": error} if error else {}),
+                                      **({} if status is RunStatus.succeeded
+                                         else {"content": content})}))
         closing = handle.close(last)
         # The run's events not taken by a batch yet go with its final state; one taken
         # already is written before it (the store writes in call order) or, if refused, again

@@ -211,7 +211,7 @@ def close_interrupted(execute: Execute, claim: str, run_id: str, reason: str, no
                 "FROM run_events WHERE run_id = ?",
                 (run_id, json.dumps({"status": "failed", "usage": {},
                                      **({"model": model} if model else {}),
-                                     "error": reason}), now, run_id))
+                                     "error": reason, "content": partial}), now, run_id))
     return True
 
 

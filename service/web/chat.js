@@ -48,12 +48,30 @@ function problem(text) {
   $("problem").hidden = !text;
 }
 
+// A stream that goes silent (a proxy froze it: no token, no keep-alive, no close) is given up
+// after four of its keep-alive intervals (X-Keepalive-Interval): the caller re-joins.
+const SILENT_INTERVALS = 4;
+
 async function* sseFrames(resp) {
   const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+  const every = Number(resp.headers.get("X-Keepalive-Interval")) || 15;
   let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return;
+  try {
+    for (;;) {
+      let timer;
+      const silent = new Promise((_, reject) => {
+        timer = setTimeout(() => reject(new Error("the stream went silent")), SILENT_INTERVALS * every * 1000);
+      });
+      let read;
+      try { read = await Promise.race([reader.read(), silent]); } finally { clearTimeout(timer); }
+      if (read.done) return;
+      yield* frames(read.value);
+    }
+  } finally {
+    reader.cancel().catch(() => {}); // the connection closed, not left open behind a silent peer
+  }
+
+  function* frames(value) {
     buffer += value;
     let end;
     while ((end = buffer.indexOf("\n\n")) >= 0) {
@@ -141,7 +159,9 @@ class AssistantView {
     this.el.append(p);
   }
 
-  ended(status, error, reason) {
+  ended(status, error, reason, content) {
+    // A reply cut short, as the store keeps it (a ReAct turn's answer part, not its thought).
+    if (status !== "succeeded" && typeof content === "string") { this.segment = content; this.render(); }
     if (status === "cancelled") this.note(...stopped(reason));
     else if (status !== "succeeded") {
       this.note(error ? `${status}: ${error.message}` : reason ? `${status}: ${reason}` : `the run ${status}`);
@@ -191,13 +211,15 @@ async function follow(resp, view, live) {
     else if (event === "error") error = data;
     else if (event === "run.finished") {
       if (!live.watch) sessionStorage.removeItem(LIVE);
-      view.ended(data.status, error, data.error);
+      view.ended(data.status, error, data.error, data.content);
       return true;
     } else if (STEPS.has(event)) view.step(event, data);
-    if (id && !live.watch) {
+    if (id) {
+      // Where a re-join resumes (a watched run's too: from 0 it replayed the whole run onto
+      // the text shown); only this tab's own run is kept for a reload.
       live.last_id = Number(id);
       live.text = view.segment;
-      sessionStorage.setItem(LIVE, JSON.stringify(live));
+      if (!live.watch) sessionStorage.setItem(LIVE, JSON.stringify(live));
     }
   }
   return false;

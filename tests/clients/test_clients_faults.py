@@ -40,14 +40,17 @@ playwright = pytest.importorskip("playwright.sync_api")
 
 class CuttableProxy:
     """A TCP proxy on loopback in front of the service; ``cut()`` drops every connection open
-    at that moment (as a Wi-Fi change or a proxy restart does), new ones pass."""
+    at that moment (as a Wi-Fi change or a proxy restart does), new ones pass; while
+    ``refusing``, new ones are closed at once (the network stays down)."""
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.url = ""
+        self.refusing = False
         self._open: set[trio.CancelScope] = set()
 
-    def cut(self) -> None:
+    def cut(self, *, refuse: bool = False) -> None:
+        self.refusing = refuse
         for scope in list(self._open):
             scope.cancel()
 
@@ -57,6 +60,9 @@ class CuttableProxy:
         await dst.send_eof()
 
     async def _serve(self, client: trio.SocketStream) -> None:
+        if self.refusing:
+            await client.aclose()
+            return
         with trio.CancelScope() as scope:
             self._open.add(scope)
             try:
@@ -372,17 +378,19 @@ async def test_cli_second_ctrl_c_leaves_the_cursor_visible(settings: Settings) -
 
 @pytest.mark.slow
 async def test_cli_dropped_stream_leaves_no_stale_answer(settings: Settings) -> None:
-    """A stream that breaks mid-answer is reported and the chat goes on, but the renderer
-    keeps the dead turn's live display and text: the next answer is drawn after the old
-    partial one, and the cursor stays hidden at the prompt."""
+    """A stream that breaks mid-answer, and stays unreachable through the client's re-joins,
+    is reported and the chat goes on, but the renderer kept the dead turn's live display and
+    text: the next answer was drawn after the old partial one, and the cursor stayed hidden
+    at the prompt."""
     async with running_server(settings, ScriptedBackend(_answers)) as srv, \
             _proxy(srv) as proxy, _raw_terminal(proxy.url) as term:
         at = await term.wait_for(r"you> ")
         await term.type("slow please\r")
         at = await term.wait_for(r"tick tick", after=at)
-        proxy.cut()
+        proxy.cut(refuse=True)
         at = await term.wait_for(r"cannot reach the service", after=at)
         at = await term.wait_for(r"you> ", after=at)
+        proxy.refusing = False
         raw_at = len(term.raw)
         await term.type("hello\r")
         end = await term.wait_for(r"echo: hello", after=at)
