@@ -198,6 +198,10 @@ class AgentContext:
     last_finish_reason: str | None = None
     # a call that streams to the run's clients has named the model
     _streamed: bool = field(default=False, init=False)
+    # the model the run's next token names (it named none, and a call streaming to its
+    # clients has just named the one that answers it): told and stored with that token
+    _tell_model: str | None = field(default=None, init=False)
+    _told_model: str | None = field(default=None, init=False)  # the one its tokens last named
     # How sync tools run: a worker thread. Virtual-time tests pass an inline runner, since
     # autojump_clock would jump while a thread works.
     run_sync: Callable[..., Awaitable[Any]] = _IN_THREAD
@@ -297,7 +301,12 @@ class AgentContext:
                     if chunk.text:
                         parts.append(chunk.text)
                         if emit_tokens:
-                            self.emit("token", {"text": chunk.text})
+                            if self._tell_model is None:
+                                self.emit("token", {"text": chunk.text})
+                            else:
+                                self.emit("token", {"text": chunk.text,
+                                                    "model": self._tell_model})
+                                self._told_model, self._tell_model = self._tell_model, None
                     calls.extend(_unicode_call(c) for c in chunk.tool_calls)
                     if chunk.usage is not None:
                         usage = chunk.usage
@@ -319,17 +328,24 @@ class AgentContext:
         self.handle.result_extra["model"] = model
         if self.model is None:
             # The run named none: it names this one, live and stored with its end, as its
-            # answer and its LLM call do.
+            # answer and its LLM call do; and with the first token it writes, so that a run
+            # closed by another instance (its owner died) names the model its clients saw.
+            if answers:
+                self._tell_model = model if model != self._told_model else None
             self.handle.model = model
 
     async def call_tool(self, name: str, arguments: object, call_id: str,
                         invalid_arguments: str | None = None,
-                        limit: int = TOOL_OUTPUT_CHARS) -> Observation:
+                        limit: int = TOOL_OUTPUT_CHARS, *, native: bool = False) -> Observation:
         """Run a tool; any failure or timeout comes back as an error observation.
         ``invalid_arguments``: the model's arguments were not a JSON object (not run).
-        ``limit``: the characters of its output (or error) the model and its event get."""
+        ``limit``: the characters of its output (or error) the model and its event get.
+        ``native``: the model called it natively (not in the ReAct text protocol): its
+        ``tool.call`` says so, for whoever reads the run's text after it (the store closing a
+        run whose owner died: the text after native calls is the answer)."""
+        mark = {"native": True} if native else {}
         if invalid_arguments is not None:
-            self.emit("tool.call", {"name": name, "arguments": {}, "call_id": call_id})
+            self.emit("tool.call", {"name": name, "arguments": {}, "call_id": call_id, **mark})
             refused = Observation(call_id, name, error=(
                 f"the arguments are not a valid JSON object: {invalid_arguments[:200]!r}"))
             self.emit("tool.result", {"call_id": call_id, "error": refused.error})
@@ -343,7 +359,8 @@ class AgentContext:
             # A bare value from the text protocol fills a tool's only parameter.
             props = list((tool.parameters.get("properties") or {}) if tool else ())
             arguments = {props[0] if len(props) == 1 else "input": arguments}
-        self.emit("tool.call", {"name": name, "arguments": arguments, "call_id": call_id})
+        self.emit("tool.call", {"name": name, "arguments": arguments, "call_id": call_id,
+                                **mark})
         timeout = self.tool_timeout
         obs: Observation
         outcome = "ok"
@@ -406,13 +423,13 @@ class AgentContext:
         return obs
 
     async def call_tools_parallel(self, calls: Sequence[ToolCall]) -> list[Observation]:
-        """Run several tool calls of one step at once; results in the calls' order. Past
+        """Run several native tool calls of one step at once; results in the calls' order. Past
         ``PARALLEL_TOOL_CALLS`` in one step, the rest are not run: each is an error
         observation (a model that asked for hundreds at once started them all)."""
         results: list[Observation | None] = [None] * len(calls)
         for i, call in enumerate(calls[PARALLEL_TOOL_CALLS:], PARALLEL_TOOL_CALLS):
             self.emit("tool.call", {"name": call.name, "arguments": call.arguments,
-                                    "call_id": call.id})
+                                    "call_id": call.id, "native": True})
             refused = Observation(call.id, call.name, error=(
                 f"not run: at most {PARALLEL_TOOL_CALLS} tool calls in one step"))
             self.emit("tool.result", {"call_id": call.id, "error": refused.error})
@@ -425,7 +442,7 @@ class AgentContext:
 
         async def one(i: int, call: ToolCall) -> None:
             results[i] = await self.call_tool(call.name, call.arguments, call.id,
-                                              call.invalid_arguments, limit=share)
+                                              call.invalid_arguments, limit=share, native=True)
 
         async with trio.open_nursery() as nursery:
             for i, call in enumerate(calls):

@@ -195,13 +195,19 @@ def answer_so_far(text: str, *, tools: Collection[str] = (), first: bool = True,
     the ReAct loop judges a whole turn: what follows its "Final Answer:" label; the text
     itself when it has no label at all (a plain answer), when its "Action:" is prose in a
     ``first`` turn (``prose_action``), or when the model called tools ``native``ly (its text
-    is then its answer); none while the turn is still a thought or an action (its labels are
+    is then its answer); the input of an answer action ("Action: Final Answer" / "Action
+    Input: ..."); none while the turn is still a thought or an action (its labels are
     no answer, and the next turn's history would give them to the model as one)."""
     final = _FINAL.search(text)
     if final is not None:
         return text[final.end():].strip()
     if not any(rx.search(text) for rx in (_THOUGHT, _ACTION, _INPUT, _OBSERVATION)):
         return text
-    if native or (first and prose_action(parse_react(text, tools=tools), tools, text)):
+    if native:
         return text
-    return ""
+    step = parse_react(text, tools=tools)
+    if step.is_final and _ACTION.search(text):
+        # An answer given as an action's input ("Action: Final Answer" / "Action Input: ..."),
+        # as ``parse_react`` reads it whole.
+        return step.final_answer or ""
+    return text if first and prose_action(step, tools, text) else ""

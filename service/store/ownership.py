@@ -134,11 +134,6 @@ def _boot_id() -> str:
 _alive = alive  # the name tests and older code use
 
 
-# Agents whose streamed turns may be the ReAct text protocol (auto may have routed to react):
-# a cut reply keeps only what follows "Final Answer:" (as the live run does).
-_TEXT_PROTOCOL_AGENTS = frozenset({"react", "auto"})
-
-
 class _Rows(Protocol):
     @property
     def rowcount(self) -> int: ...
@@ -185,27 +180,36 @@ def close_interrupted(execute: Execute, claim: str, run_id: str, reason: str, no
         why = told.get("error") or reason
     # The reply's text so far is in its token events after its last step: keep it.
     parts: list[str] = []
-    stepped = False
+    stepped = native = False
+    decided: str | None = None  # the agent an ``auto`` run was routed to
+    streamed_by: str | None = None  # the model its last tokens named (``token``'s ``model``)
     for type_, data in execute(
             "SELECT type, data FROM run_events WHERE run_id = ? AND type IN "
-            f"({', '.join(repr(t) for t in sorted(STEP_EVENTS | {'token'}))}) ORDER BY seq",
-            (run_id,)).fetchall():
+            f"({', '.join(repr(t) for t in sorted(STEP_EVENTS | {'token', 'decision'}))}) "
+            "ORDER BY seq", (run_id,)).fetchall():
         told = stored_data(data)
         if type_ == "token":
             parts.append(told.get("text", ""))
+            if isinstance(told.get("model"), str):
+                streamed_by = told["model"]
+        elif type_ == "decision":
+            decided = told.get("agent")
         elif ends_a_step(type_, told):
             parts.clear()
             stepped = True
+            native = native or (type_ == "tool.call" and told.get("native") is True)
     partial = "".join(parts)
     agent = execute("SELECT agent FROM runs WHERE id = ?", (run_id,)).fetchone()
-    if agent is not None and agent[0] in _TEXT_PROTOCOL_AGENTS:
-        # (imported here: the agents' package imports the store's)
+    if agent is not None and (agent[0] == "react" or (agent[0] == "auto" and decided == "react")):
+        # A ReAct run's text protocol: what the live run keeps of a turn cut short (an
+        # ``auto`` run only once routed to ``react``: another agent's text is its answer).
+        # (Imported here: the agents' package imports the store's.)
         from ..agents.react_parser import answer_so_far
-        partial = answer_so_far(partial, first=not stepped)
+        partial = answer_so_far(partial, first=not stepped, native=native)
     execute("UPDATE messages SET status = 'error', error = ?, content = ?, updated_at = ? "
             "WHERE run_id = ? AND status = 'pending'", (why, partial, now, run_id))
     if ended is None:
-        model = _model_that_answered(execute, run_id)
+        model = _model_that_answered(execute, run_id, streamed_by)
         execute("INSERT INTO run_events (run_id, seq, type, data, created_at) "
                 "SELECT ?, COALESCE(MAX(seq), 0) + 1, 'run.finished', ?, ? "
                 "FROM run_events WHERE run_id = ?",
@@ -215,16 +219,14 @@ def close_interrupted(execute: Execute, claim: str, run_id: str, reason: str, no
     return True
 
 
-def _model_that_answered(execute: Execute, run_id: str) -> str | None:
-    """The run's model: its own, or (the run named none) the one its first recorded LLM call
-    was answered by, as its owner would have stored it with its end (the owner keeps it in
-    memory until then). None when no call of it was recorded."""
+def _model_that_answered(execute: Execute, run_id: str, streamed_by: str | None) -> str | None:
+    """The run's model: its own, or (the run named none) the one its tokens named, as its
+    owner told its clients and would have stored it with its end (it keeps it in memory until
+    then). None when none was told: an earlier call's model (a router's, a plan's) may not be
+    the one that answered."""
     row = execute("SELECT model FROM runs WHERE id = ?", (run_id,)).fetchone()
     if row is not None and row[0]:
         return str(row[0])
-    call = execute("SELECT model FROM llm_calls WHERE run_id = ? AND model <> '' "
-                   "ORDER BY seq LIMIT 1", (run_id,)).fetchone()
-    if call is None:
-        return None
-    execute("UPDATE runs SET model = ? WHERE id = ? AND model IS NULL", (call[0], run_id))
-    return str(call[0])
+    if streamed_by:
+        execute("UPDATE runs SET model = ? WHERE id = ? AND model IS NULL", (streamed_by, run_id))
+    return streamed_by

@@ -129,3 +129,11 @@ def test_a_cut_turn_keeps_what_the_whole_turn_would_have_answered(
     text: str, first: bool, native: bool, kept: str,
 ) -> None:
     assert answer_so_far(text, tools={"calculator"}, first=first, native=native) == kept
+
+
+def test_a_cut_answer_given_as_an_answer_actions_input_is_kept() -> None:
+    cut = "Thought: I know it.\nAction: Final Answer\nAction Input: The capital of France is Par"
+    assert answer_so_far(cut) == "The capital of France is Par"
+    # ... but a thought alone is still no answer, nor a call of a tool.
+    assert answer_so_far("Thought: I know it, so") == ""
+    assert answer_so_far('Action: calculator\nAction Input: {"expression": "2+') == ""

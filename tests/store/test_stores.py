@@ -517,23 +517,28 @@ async def test_runs_of_a_dead_process_are_closed_at_the_next_start(db: Path | st
         assert await store.recover_interrupted() == []
 
 
-async def test_a_dead_processs_run_is_closed_with_the_model_that_answered_it(
+async def test_a_dead_processs_run_is_closed_with_the_model_its_tokens_named(
     db: Path | str,
 ) -> None:
     """A run that named no model is stored with the one that answered only at its end, which
-    its owner keeps in memory until then. Closed by another process after the owner died, the
-    run and the ``run.finished`` its followers are told name the model of its first recorded
-    LLM call, as its owner would have (it said null before; a run that named its model keeps
-    that one)."""
+    its owner keeps in memory until then; its tokens name it as they stream (a ``token``'s
+    ``model``: the first of a call that answers). Closed by another process after the owner
+    died, the run and the ``run.finished`` its followers are told name the model its last
+    tokens named (a run that named its model keeps that one; one whose tokens named none,
+    none: an LLM call recorded earlier, a router's say, may not be the one that answered)."""
     async with open_store(db) as store:
         conv = await store.create_conversation()
         picked, *_ = await store.begin_run(conv.id, content="q", agent="chat", model=None)
         named, *_ = await store.begin_run(conv.id, content="q", agent="chat", model="asked")
         silent, *_ = await store.begin_run(conv.id, content="q", agent="chat", model=None)
         for run in (picked, named):
-            for at, model in ((1.0, "first-answered"), (2.0, "later")):
-                await store.record_llm_call(LLMCallRecord(
-                    new_id("call"), "sim", model, LLMCallOutcome.ok, at, run_id=run.id))
+            await store.append_run_events([
+                RunEvent(run.id, 2, "token", {"text": "a ", "model": "first"}, 0.0),
+                RunEvent(run.id, 3, "token", {"text": "b ", "model": "answered"}, 0.0),
+                RunEvent(run.id, 4, "token", {"text": "c"}, 0.0),
+            ])
+        await store.record_llm_call(LLMCallRecord(
+            new_id("call"), "sim", "router", LLMCallOutcome.ok, 1.0, run_id=silent.id))
     conn = _RawSQL(db)
     for run in (picked, named, silent):
         conn.execute("UPDATE runs SET process = ? WHERE id = ?", ("999999999:1", run.id))
@@ -542,7 +547,7 @@ async def test_a_dead_processs_run_is_closed_with_the_model_that_answered_it(
     async with open_store(db) as store:
         assert sorted(await store.recover_interrupted()) == sorted(
             [picked.id, named.id, silent.id])
-        for run, model in ((picked, "first-answered"), (named, "asked"), (silent, None)):
+        for run, model in ((picked, "answered"), (named, "asked"), (silent, None)):
             assert (await store.get_run(run.id)).model == model
             told = (await store.list_run_events(run.id))[-1]
             assert told.type == "run.finished"
