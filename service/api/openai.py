@@ -288,9 +288,11 @@ async def chat_completions(data: ChatCompletionRequest) -> Response:
         max_tokens=data.max_completion_tokens or data.max_tokens,
         temperature=data.temperature, stop=stop,
         options=tuple((k, v) for k in _PASSED_ON if (v := getattr(data, k)) is not None),
+        # Cancelled if this request ends (or its client leaves) while it still runs: owned
+        # from before its first write lands.
+        on_handle=own_run,
     )
     handle = await svc.require_supervisor().start(spec)
-    own_run(handle)  # cancelled if this request ends while it still runs
     created = int(time.time())
     cid = f"chatcmpl-{handle.id}"
     shown_model = model or "default"

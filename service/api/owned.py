@@ -7,9 +7,11 @@ Quart or hypercorn, the body generator never runs, and the run (with its upstrea
 would go on with nobody to read it. Seen in a test that holds the run's first write in the
 store's thread while the client disconnects.
 
-So a handler hands its run to :func:`own_run` right after starting it (no checkpoint between),
-and the :class:`CancelOwnedRuns` ASGI middleware cancels, when the request ends in any way,
-each owned run that is still going. A run that outlives its request by design
+So a handler hands its run to :func:`own_run` right after starting it (no checkpoint between;
+``/v1`` through ``RunSpec.on_handle``, before the run's first write lands), and the
+:class:`CancelOwnedRuns` ASGI middleware cancels, when the request ends in any way or its
+client disconnects (the ``http.disconnect`` message, seen as it passes), each owned run that is
+still going. A run that outlives its request by design
 (``on_disconnect: continue``) is simply not handed over, and a streamed run whose response
 ended on its own while the run goes on (an error frame: the client may re-join) is handed back
 with :func:`disown_run`.
@@ -20,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
+from hypercorn.typing import ASGIReceiveCallable, ASGIReceiveEvent, ASGISendCallable, Scope
 
 from ..runs import RunHandle
 
@@ -63,11 +65,23 @@ class CancelOwnedRuns:
             await self.app(scope, receive, send)
             return
         owned: list[RunHandle] = []
-        token = _OWNED.set(owned)
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            _OWNED.reset(token)
+
+        def cancel_owned() -> None:
             for handle in owned:
                 if not handle.done:
                     handle.cancel("client disconnected")  # sync, idempotent
+
+        async def receive_noting_a_disconnect() -> ASGIReceiveEvent:
+            # At once: the handler may be held where its cancellation waits (a run's first
+            # write taken into a slow commit is waited for, shielded), and the runs must not.
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                cancel_owned()
+            return message
+
+        token = _OWNED.set(owned)
+        try:
+            await self.app(scope, receive_noting_a_disconnect, send)
+        finally:
+            _OWNED.reset(token)
+            cancel_owned()

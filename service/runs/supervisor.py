@@ -74,6 +74,9 @@ class RunSpec:
     stop: tuple[str, ...] = ()
     options: tuple[tuple[str, Any], ...] = ()  # other OpenAI options (ChatRequest.options)
     new_conversation: dict[str, str | None] | None = None  # title, system, model, agent
+    # Called with a new-conversation run's handle as soon as it exists, before its first write
+    # lands (sync): its request owns it from then on (``service.api.owned``).
+    on_handle: Callable[[RunHandle], None] | None = None
 
 
 # An agent runner gets the handle and returns the final answer text.
@@ -314,42 +317,19 @@ class RunSupervisor:
         handle = self._new_handle(begun, spec)
         handle.reserve_first_event()
         self._launch_soon(handle, spec)
-        landed = settled = False
-
-        async def leaving() -> None:
-            # A write taken into a commit is waited for, shielded (``GroupCommit``), while the
-            # agent already streams: a caller cancelled meanwhile (its client left) stops the
-            # run now, not once the commit is done (a slow disk: seconds).
-            try:
-                await trio.sleep_forever()
-            finally:
-                if not settled:
-                    handle.cancel("client disconnected")
-
-        failure: Exception | None = None
+        if spec.on_handle is not None:
+            # Before the write: a client that leaves while it commits (a write taken into a
+            # commit is waited for, shielded, while the agent already streams) stops the run
+            # at once through its request (``CancelOwnedRuns`` sees the disconnect), not once
+            # the commit is done (a slow disk: seconds).
+            spec.on_handle(handle)
         try:
-            # (Neither the nursery's opening nor start_soon is a checkpoint: the write is
-            # still queued before the run's task runs.)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(leaving)
-                try:
-                    await self._store.write_run(begun)
-                    landed = True
-                except Exception as exc:  # raised below, not in the nursery's exception group
-                    failure = exc
-                finally:
-                    settled = True
-                    nursery.cancel_scope.cancel()
-        except BaseException:  # this caller was cancelled
-            if landed:
-                handle.adopt_first_event(begun.started)
-                handle.cancel("client disconnected")
-            else:
-                _not_stored(handle, begun, None)
+            # No checkpoint between the two: the write is queued before the run's task runs.
+            await self._store.write_run(begun)
+        except BaseException as exc:
+            # Failed, not cancelled (unless this caller was): the service could not store it.
+            _not_stored(handle, begun, exc if isinstance(exc, Exception) else None)
             raise
-        if failure is not None:
-            _not_stored(handle, begun, failure)
-            raise failure
         handle.adopt_first_event(begun.started)
         return handle
 
