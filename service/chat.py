@@ -285,6 +285,7 @@ class Turn:
     status: str | None = None
     error: dict[str, Any] | None = None
     last_id: str | None = None  # the last event shown: where a re-join resumes
+    known: trio.Event = field(default_factory=trio.Event)  # run_id is set
 
 
 def _seconds(value: str | None) -> float:
@@ -347,7 +348,8 @@ class Client:
     async def _stream(self, conversation: str, body: dict[str, Any], turn: Turn) -> None:
         """The run's events, from its POST; a stream dropped before the run's end (a Wi-Fi
         change, a proxy restarting) is re-joined where it broke (``Last-Event-ID``), up to
-        ``_REJOINS`` times, waiting longer each time."""
+        ``_REJOINS`` times, waiting longer each time. A turn given up (a stream gone silent,
+        or its re-joins failing) cancels its run, which would go on otherwise."""
         path = f"/api/conversations/{conversation}/messages"
         for attempt in range(_REJOINS + 1):
             if attempt == 0:
@@ -361,10 +363,19 @@ class Client:
                     timeout=httpx.Timeout(30.0, read=None))
             try:
                 await self._follow(request, turn)
-                break
-            except httpx.TransportError:
-                if turn.run_id is None or turn.status is not None or attempt == _REJOINS:
+                return
+            except (httpx.TransportError, _Silent) as exc:
+                if turn.status is not None:
+                    return  # its end was shown: the body's last bytes do not matter
+                if turn.run_id is None:
                     raise
+                if not isinstance(exc, _Silent) and attempt < _REJOINS:
+                    continue
+                # Given up: a stream silent for four keep-alive intervals (the service
+                # wedged: a re-join would wait as long again), or re-joined enough.
+                failure = exc
+            await self._give_up(turn)
+            raise failure
 
     async def _follow(self, request: Any, turn: Turn) -> None:
         # The stream's reads have no timeout of httpx's: a watchdog allows four of the
@@ -390,8 +401,8 @@ class Client:
                             turn.last_id = frame["id"]
                         await self._show(frame, turn)
         if watchdog.cancelled_caught:
-            raise ChatError(f"the service stopped answering (nothing for {silence:g} s; run "
-                            f"{turn.run_id or 'not started'})")
+            raise _Silent(f"the service stopped answering (nothing for {silence:g} s; run "
+                          f"{turn.run_id or 'not started'})")
         if turn.status is None:
             why = turn.error or {"type": "stream_ended", "message": "no run.finished"}
             raise ChatError(f"the stream ended before the run did: {why.get('type')}: "
@@ -401,6 +412,7 @@ class Client:
         kind, data = frame.get("event", ""), frame["data"]
         if kind == "run.started":
             turn.run_id = data["run_id"]
+            turn.known.set()
             self.renderer.started(data.get("agent", ""))
             if turn.cancelling:  # Ctrl-C came before the run was known
                 await self._cancel(turn)
@@ -426,12 +438,13 @@ class Client:
                              nursery: trio.Nursery) -> None:
         async for _ in interrupts:
             if turn.cancelling:
-                if turn.run_id is not None and not turn.cancelled:
+                if not turn.cancelled and turn.status is None and turn.conversation is not None:
                     # Its stream going away does not stop it (on_disconnect: continue): the
-                    # cancel is sent before the chat quits, within a bound.
-                    # (not reachable: nothing more to do before quitting)
+                    # cancel is sent before the chat quits, within a bound (once the run is
+                    # known, if its start is still being stored).
                     with trio.move_on_after(_QUIT_CANCEL_WAIT, shield=True), \
                             contextlib.suppress(httpx.HTTPError):
+                        await turn.known.wait()
                         await self._cancel(turn)
                 raise Interrupted
             turn.cancelling = True
@@ -439,11 +452,23 @@ class Client:
             if turn.run_id is not None:
                 nursery.start_soon(self._cancel, turn)
 
+    async def _give_up(self, turn: Turn) -> None:
+        """The turn fails (its stream lost, its re-joins too): its run is cancelled, within a
+        bound, so that the store does not go on to hold an answer the user was told failed
+        (``on_disconnect: continue`` keeps it going otherwise)."""
+        with trio.move_on_after(_QUIT_CANCEL_WAIT, shield=True), \
+                contextlib.suppress(httpx.HTTPError):
+            await self._cancel(turn)
+
     async def _cancel(self, turn: Turn) -> None:
         resp = await self.http.post(f"/api/runs/{turn.run_id}/cancel")
         turn.cancelled = resp.status_code == 202
         if resp.status_code != 202:
             self.renderer.note(f"[cancel failed: {_error_of(resp)}]")
+
+
+class _Silent(ChatError):
+    """A stream that sent nothing, not even keep-alives, for four of their intervals."""
 
 
 def _http(opts: Options) -> httpx.AsyncClient:

@@ -198,8 +198,9 @@ class AgentContext:
     last_finish_reason: str | None = None
     # a call that streams to the run's clients has named the model
     _streamed: bool = field(default=False, init=False)
-    # the model the run's next token names (it named none, and a call streaming to its
-    # clients has just named the one that answers it): told and stored with that token
+    # the model the run's next token, thought or tool call names (it named none, and a call
+    # streaming to its clients has just named the one that answers it): told and stored
+    # with that event
     _tell_model: str | None = field(default=None, init=False)
     _told_model: str | None = field(default=None, init=False)  # the one its tokens last named
     # How sync tools run: a worker thread. Virtual-time tests pass an inline runner, since
@@ -223,6 +224,9 @@ class AgentContext:
         return None
 
     def emit(self, type_: str, data: dict[str, Any]) -> None:
+        if self._tell_model is not None and type_ in _NAMES_THE_MODEL:
+            data = {**data, "model": self._tell_model}
+            self._told_model, self._tell_model = self._tell_model, None
         self.handle.emit(type_, data)
 
     def _queued(self, position: int) -> None:
@@ -301,12 +305,7 @@ class AgentContext:
                     if chunk.text:
                         parts.append(chunk.text)
                         if emit_tokens:
-                            if self._tell_model is None:
-                                self.emit("token", {"text": chunk.text})
-                            else:
-                                self.emit("token", {"text": chunk.text,
-                                                    "model": self._tell_model})
-                                self._told_model, self._tell_model = self._tell_model, None
+                            self.emit("token", {"text": chunk.text})
                     calls.extend(_unicode_call(c) for c in chunk.tool_calls)
                     if chunk.usage is not None:
                         usage = chunk.usage
@@ -451,6 +450,8 @@ class AgentContext:
 
 
 PARALLEL_TOOL_CALLS = 16  # tool calls of one step run at once; past it, not run
+# The events of a call that answers which may carry the model it named (``_tell_model``).
+_NAMES_THE_MODEL = frozenset({"token", "thought", "tool.call"})
 
 
 def _bounded(obs: Observation, limit: int = TOOL_OUTPUT_CHARS) -> Observation:

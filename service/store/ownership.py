@@ -182,16 +182,16 @@ def close_interrupted(execute: Execute, claim: str, run_id: str, reason: str, no
     parts: list[str] = []
     stepped = native = False
     decided: str | None = None  # the agent an ``auto`` run was routed to
-    streamed_by: str | None = None  # the model its last tokens named (``token``'s ``model``)
+    streamed_by: str | None = None  # the model its events last named (their ``model``)
     for type_, data in execute(
             "SELECT type, data FROM run_events WHERE run_id = ? AND type IN "
             f"({', '.join(repr(t) for t in sorted(STEP_EVENTS | {'token', 'decision'}))}) "
             "ORDER BY seq", (run_id,)).fetchall():
         told = stored_data(data)
+        if isinstance(told.get("model"), str):  # a call's first token, thought or tool call
+            streamed_by = told["model"]
         if type_ == "token":
             parts.append(told.get("text", ""))
-            if isinstance(told.get("model"), str):
-                streamed_by = told["model"]
         elif type_ == "decision":
             decided = told.get("agent")
         elif ends_a_step(type_, told):
@@ -220,7 +220,7 @@ def close_interrupted(execute: Execute, claim: str, run_id: str, reason: str, no
 
 
 def _model_that_answered(execute: Execute, run_id: str, streamed_by: str | None) -> str | None:
-    """The run's model: its own, or (the run named none) the one its tokens named, as its
+    """The run's model: its own, or (the run named none) the one its events named, as its
     owner told its clients and would have stored it with its end (it keeps it in memory until
     then). None when none was told: an earlier call's model (a router's, a plan's) may not be
     the one that answered."""

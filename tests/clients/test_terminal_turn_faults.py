@@ -84,7 +84,13 @@ async def _stream_goes_quiet(log: list[float], stream: trio.SocketStream) -> Non
     seconds for LIVE_FOR seconds (a quiet run: a model loading, a tool working), then nothing,
     the connection left open (a service wedged, a proxy holding a dead upstream)."""
     async with stream:
-        await _read_request(stream)
+        if (await _read_request(stream)).startswith(b"POST /api/runs/run_1/cancel"):
+            # The client gives the turn up and cancels its run (which would go on: it is
+            # posted with on_disconnect "continue"): answered, not counted as the stream.
+            log.append(-1.0)
+            await stream.send_all(b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json"
+                                  b"\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+            return
         await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                               b"Cache-Control: no-cache\r\nConnection: close\r\n\r\n"
                               + _RUN_STARTED)
@@ -144,6 +150,8 @@ async def test_a_silent_service_ends_the_turn_with_an_error(
         gave_up_at = trio.current_time()
         nursery.cancel_scope.cancel()
     assert log, "the client never reached the peer"
+    cancelled = -1.0 in log  # the turn given up, its run cancelled
+    log = [t for t in log if t >= 0]
     silent_since = log[-1]
     assert not guard.cancelled_caught, (
         f"the client was still waiting {gave_up_at - silent_since:.0f} s after the service "
@@ -155,6 +163,7 @@ async def test_a_silent_service_ends_the_turn_with_an_error(
         f"the client gave up {waited:.0f} s after the service went silent; at most "
         f"{SILENCE_BOUND:.0f} s expected")
     if peer is _stream_goes_quiet:
+        assert cancelled, "the turn was given up, and its run left going"
         # Keep-alives flowed for LIVE_FOR seconds: a quiet run, not a dead service.
         assert waited >= 2 * KEEPALIVE, (
             f"the client gave up {waited:.0f} s after the last keep-alive, while the service "
