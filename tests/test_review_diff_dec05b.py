@@ -59,7 +59,8 @@ async def _assistant(client: httpx.AsyncClient, conv: str) -> dict[str, Any]:
 
 
 def _short_answer(req: ChatRequest) -> Reply:
-    return Reply("the whole answer, generated for nobody")
+    # Paced (5 s), so that a cancel sent once the run is known finds it still going.
+    return Reply("the whole answer, generated for nobody " * 10, gap=0.1)
 
 
 @pytest.mark.slow
@@ -81,7 +82,12 @@ async def test_cli_a_second_ctrl_c_before_the_run_is_known_leaves_it_running(
     service/chat.py:329 (``on_disconnect: continue`` for the whole POST). Fix: on a second
     Ctrl-C before ``run.started``, keep the POST's stream for a bounded while (the same
     ``_QUIT_CANCEL_WAIT``) to learn the run id and cancel it; or post ``on_disconnect:
-    cancel`` and switch to re-joinable only once the run is known (a re-join never cancels)."""
+    cancel`` and switch to re-joinable only once the run is known (a re-join never cancels).
+
+    Fixed the first way: the second Ctrl-C waits (at most 2 s) for the run's id and cancels
+    it. A write that takes longer than that leaves the run to its ``continue``: its result is
+    stored on the conversation, which the user has (the service does not cancel a
+    ``continue`` run whose client left before its id: tests/backends/test_end_to_end.py)."""
     async with running_server(settings, ScriptedBackend(_short_answer)) as srv, \
             srv.client() as client:
         store = srv.services.require_store()
@@ -104,11 +110,11 @@ async def test_cli_a_second_ctrl_c_before_the_run_is_known_leaves_it_running(
             await term.type("\x03")
             at = await term.wait_for(r"Ctrl-C again to quit", after=at)
             await term.type("\x03")
+            answer.set()  # the commit completes (within the client's bound for its cancel)
             with trio.fail_after(CLI_GUARD):
                 status = await term.process.wait()
             await term.drain()
         assert status == 130, term.screen
-        answer.set()  # the commit completes
         (conv,) = (await client.get("/api/conversations")).json()["data"]
         with trio.fail_after(GUARD):
             while (reply := await _assistant(client, conv["id"]))["run_id"] is None:  # noqa: ASYNC110

@@ -130,7 +130,6 @@ async def _event_stream(
     reader: EventReader, handle: RunHandle | None, on_disconnect: str
 ) -> AsyncIterator[bytes]:
     ended = False  # the stream ended on its own (not the client leaving)
-    held = handle is not None and on_disconnect == "continue"
     try:
         try:
             async for item in reader:
@@ -138,11 +137,6 @@ async def _event_stream(
                     yield KEEPALIVE
                 else:
                     yield sse_event(item.seq, item.type, item.raw)
-                if held and handle is not None:
-                    # Its first frame (run.started: the run's id) was sent: from now on the
-                    # client can re-join it, and it outlives this request.
-                    disown_run(handle)
-                    held = False
         except ServiceError as exc:
             # The store failed while the run's events were re-read (a client behind the window,
             # or re-joining): end the stream with an error frame (no id: it is not one of the
@@ -186,12 +180,8 @@ async def post_message(conversation_id: str, data: PostMessage) -> Response:
         timeout=data.timeout,
     )
     handle = await svc.require_supervisor().start(spec)
-    if data.on_disconnect == "cancel" or data.stream:
-        # Cancelled if this request ends while it still runs; a stream's ``continue`` run
-        # only until its client has been sent its id (``_event_stream``): one that left
-        # before (while the run's first write was stored, say) cannot re-join it, and
-        # nobody would stop it.
-        own_run(handle)
+    if data.on_disconnect == "cancel":
+        own_run(handle)  # cancelled if this request ends while it still runs
     if data.stream:
         return sse_response(_event_stream(_reader(handle.id, 0), handle, data.on_disconnect))
     try:
