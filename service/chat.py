@@ -351,12 +351,20 @@ class Client:
         ``_REJOINS`` times, waiting longer each time. A turn given up (a stream gone silent,
         or its re-joins failing) cancels its run, which would go on otherwise."""
         path = f"/api/conversations/{conversation}/messages"
+        failure: Exception | None = None
         for attempt in range(_REJOINS + 1):
             if attempt == 0:
                 request = self.http.stream("POST", path, json=body,
                                            timeout=httpx.Timeout(30.0, read=None))
             else:
                 await trio.sleep(0.5 * 2 ** (attempt - 1))
+                if turn.run_id is None:
+                    # Dropped before its run.started came: the run, if it started, is found
+                    # on the conversation (its pending reply to this message).
+                    turn.run_id = await self._find_run(conversation, body["content"])
+                    if turn.run_id is None:
+                        assert failure is not None
+                        raise failure
                 request = self.http.stream(
                     "GET", f"/api/runs/{turn.run_id}/events",
                     headers={"Last-Event-ID": turn.last_id or "0"},
@@ -364,18 +372,39 @@ class Client:
             try:
                 await self._follow(request, turn)
                 return
-            except (httpx.TransportError, _Silent) as exc:
+            except (httpx.TransportError, _Silent, _Retry) as exc:
                 if turn.status is not None:
                     return  # its end was shown: the body's last bytes do not matter
-                if turn.run_id is None:
-                    raise
+                failure = failure or exc  # the first says what went wrong
                 if not isinstance(exc, _Silent) and attempt < _REJOINS:
                     continue
                 # Given up: a stream silent for four keep-alive intervals (the service
                 # wedged: a re-join would wait as long again), or re-joined enough.
-                failure = exc
-            await self._give_up(turn)
+            except ChatError as exc:
+                if turn.run_id is None:
+                    raise
+                failure = failure or exc
+            if turn.run_id is not None:
+                await self._give_up(turn)
+            assert failure is not None
             raise failure
+
+    async def _find_run(self, conversation: str, content: str) -> str | None:
+        """The run of this turn's message, if its POST started one: the conversation's last
+        reply, right after this message (pending, or ended since). None if there is none (or
+        the service cannot say)."""
+        try:
+            resp = await self.http.get(f"/api/conversations/{conversation}")
+            messages = resp.json().get("messages", []) if resp.status_code == 200 else []
+        except (httpx.HTTPError, ValueError):
+            return None
+        if len(messages) < 2:
+            return None
+        asked, reply = messages[-2], messages[-1]
+        if (asked.get("role"), asked.get("content"), reply.get("role")) != (
+                "user", content, "assistant") or not reply.get("run_id"):
+            return None
+        return str(reply["run_id"])
 
     async def _follow(self, request: Any, turn: Turn) -> None:
         # The stream's reads have no timeout of httpx's: a watchdog allows four of the
@@ -390,6 +419,11 @@ class Client:
                                                 "message": "the run ended while re-joining"}
                 elif resp.status_code != 200:
                     await resp.aread()
+                    if turn.run_id is not None and (resp.status_code >= 500
+                                                    or resp.status_code == 429):
+                        # A re-join refused for now (the store away, a proxy restarting):
+                        # tried again.
+                        raise _Retry(_error_of(resp))
                     raise ChatError(_error_of(resp))
                 silence = max(silence, 4 * _seconds(resp.headers.get("X-Keepalive-Interval")))
                 parser = SSEParser()
@@ -405,8 +439,10 @@ class Client:
                           f"{turn.run_id or 'not started'})")
         if turn.status is None:
             why = turn.error or {"type": "stream_ended", "message": "no run.finished"}
-            raise ChatError(f"the stream ended before the run did: {why.get('type')}: "
-                            f"{why.get('message')} (run {turn.run_id})")
+            # (The run goes on: re-joined, as an error frame that ends a stream asks.)
+            raise (_Retry if turn.run_id is not None else ChatError)(
+                f"the stream ended before the run did: {why.get('type')}: "
+                f"{why.get('message')} (run {turn.run_id})")
 
     async def _show(self, frame: dict[str, Any], turn: Turn) -> None:
         kind, data = frame.get("event", ""), frame["data"]
@@ -469,6 +505,11 @@ class Client:
 
 class _Silent(ChatError):
     """A stream that sent nothing, not even keep-alives, for four of their intervals."""
+
+
+class _Retry(ChatError):
+    """A run's stream that may be re-joined: refused for now (5xx, 429), or ended before the
+    run did (an error frame)."""
 
 
 def _http(opts: Options) -> httpx.AsyncClient:
