@@ -10,11 +10,14 @@ dimmed, and go to stderr when stdout is not a terminal, so a pipe gets the answe
 Ctrl-C during an answer cancels the run on the server (``POST /api/runs/{id}/cancel``: it ends
 ``cancelled`` with its partial answer stored) and the client shows how it ended; a second Ctrl-C
 exits at once, once that cancel is sent (within 2 s). Ctrl-C or Ctrl-D at the prompt exits.
-A stream dropped mid-answer (a Wi-Fi change, a proxy restarting) is re-joined where it broke
-(``Last-Event-ID``; the run goes on meanwhile: ``on_disconnect: continue``), three times at
-most. A service that sends nothing, not even its keep-alives, for ``READ_TIMEOUT`` seconds
-fails the turn with one line. A run that does not succeed ends showing its reply as stored
-(``run.finished``'s ``content``: of a ReAct turn, its answer's part only).
+A stream dropped mid-answer (a Wi-Fi change, a proxy restarting), or ended by an error frame,
+or whose re-join is refused for now (5xx, 429), is re-joined where it broke (``Last-Event-ID``;
+the run goes on meanwhile: ``on_disconnect: continue``; one dropped before its ``run.started``
+came is found on the conversation), three times at most. A service that sends nothing, not
+even its keep-alives, for ``READ_TIMEOUT`` seconds (or four of its keep-alive intervals) fails
+the turn with one line. A turn given up cancels its run, so that the store does not go on to
+hold an answer the user was told failed. A run that does not succeed ends showing its reply
+as stored (``run.finished``'s ``content``: of a ReAct turn, its answer's part only).
 
 Each turn is one ``trio.run``: the prompt is a plain blocking ``input()`` between turns, and
 SIGINT is trio's (a signal receiver) only while a turn runs.
