@@ -330,6 +330,19 @@ class EventCommitter:
                 handle, final = entry
                 try:
                     with trio.move_on_after(WRITE_BUDGET):
+                        # With the run's events still held (a batch refused after the final
+                        # state was set aside): written before its end, in its transaction,
+                        # or the store would hold an end with a hole before it, which a
+                        # re-join past that end (a 204) could never fill.
+                        merged = await self._with_earlier(final)
+                        if merged is not final:
+                            if entry not in self._final_retries:  # let go meanwhile
+                                taken = merged.events[:len(merged.events) - len(final.events)]
+                                self._pending = [*taken, *self._pending]  # held again
+                                continue
+                            at = self._final_retries.index(entry)
+                            entry = self._final_retries[at] = (handle, merged)
+                            final = merged
                         if await final.write(self._store):
                             handle.stored_as(final.status, final.finished_at)
                             handle.publish(list(final.events))
