@@ -242,7 +242,7 @@ def test_the_sse_parser_reads_back_what_the_service_writes(
 def test_a_plan_steps_work_is_shown_with_its_step() -> None:
     """A wave's steps run at once: a tool call of step 2 is shown as step 2's, and the plan's
     own events as they were."""
-    from service.chat import _describe
+    from service.chat_render import _describe
 
     call = {"name": "calculator", "arguments": {"expression": "1+1"}, "call_id": "c1"}
     assert _describe("tool.call", {**call, "step": 2}) == (
