@@ -208,12 +208,7 @@ def _hold_lock(url: str, table: str, release: threading.Event, held: threading.E
         conn.rollback()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known defect, not fixed yet (the 2026-12-05 midday note): a lease renewal is a write "
-    "of the group-commit queue, so a batch held by a slow statement (up to "
-    "statement_timeout, 30 s) delays it past the lease (15 s); the fix is a renewal on its "
-    "own connection, bounded to a third of a lease"))
-async def test_a_slow_unrelated_write_lets_a_live_owners_lease_lapse_and_its_run_be_closed(
+async def test_a_slow_unrelated_write_does_not_let_a_live_owners_lease_lapse(
     tmp_path: Path, pg_url: str,  # noqa: F811 (fixture)
 ) -> None:
     """Instance A ("another host": a PID namespace of its own, so B judges it by its lease)
@@ -232,15 +227,12 @@ async def test_a_slow_unrelated_write_lets_a_live_owners_lease_lapse_and_its_run
     through, A finds the run closed (``_stop_runs_taken_over``) and tells its client that
     end: a live run killed, its answer lost, because an unrelated write was slow.
 
-    Root cause: service/store/postgres_queries.py:441-449 ``renew_lease`` is a ``_write``
-    (service/store/postgres.py:337-344): it queues in the group commit behind whatever batch
-    holds the lock (service/store/group_commit.py:63-90), for up to statement_timeout (30 s)
-    or the stall bound (35 s), both longer than LEASE (15 s, service/store/ownership.py:31);
-    service/runs/upkeep.py:96-113 (``lease_loop``) only acts on a renewal that fails, never
-    on one that has not landed in time. Fix: renew the lease outside the write queue (its own pooled
-    connection or a dedicated one, its statement bounded by a third of a lease), and have the
-    lease loop stop its runs when no renewal has landed for half a lease, whether or not the
-    pending one has failed yet."""
+    The defect (failing before the fix): ``renew_lease`` was a ``_write``, queued in the
+    group commit behind whatever batch held the lock, for up to statement_timeout (30 s) or
+    the stall bound (35 s), both longer than LEASE (15 s); ``lease_loop`` only acts on a
+    renewal that fails. Fixed: the lease is written on a connection of its own, outside the
+    write queue and the pool, bounded to a third of a lease (``PostgresStore._lease_write``),
+    so a renewal either lands or fails while the lease still runs."""
     sim = Simulator(("sim-model",), default=Reply(tokens=50, interval=0.05, hang_after=3),
                     strict_models=False)
     release, held = threading.Event(), threading.Event()

@@ -80,7 +80,10 @@ async def lease_loop(store: Store, live: Callable[[], dict[str, RunHandle]], *,
     """Renew this process's lease (a third of it at a time). If the store cannot be reached for
     more than half a lease, this process stops its runs (``failed``, ``store_unavailable``):
     past its lease another instance takes them for dead and closes them, and two instances
-    must never both finish one run."""
+    must never both finish one run. On PostgreSQL a renewal goes on a connection of its own,
+    outside the write queue, and lands or fails within a third of a lease (a slow statement
+    elsewhere cannot hold it up until the lease lapses). On SQLite it is a write of the queue:
+    there the owner of a run on this host is judged by its PID, not its lease."""
     # At once, before any run is served: the lease written at start-up may be old (a model's
     # load came in between), and a run of an instance whose lease has lapsed is taken for dead.
     # Bounded: a store stuck at start-up holds up serving no longer than a third of a lease.

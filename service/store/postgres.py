@@ -77,6 +77,9 @@ _MIGRATION_LOCK = 0x5E7F1CE  # pg_advisory_xact_lock key: one process migrates a
 _STALL_MARGIN = 5.0  # seconds past statement_timeout before a silent server's use is cut
 _LISTEN_CHECK = 5.0  # seconds of quiet before the listening connection is asked to answer
 _CLOSE_WAIT = 5.0  # seconds the pool's close waits for its workers
+# Seconds a write of this instance's lease may take, on its own connection: a third of a lease,
+# so a renewal that cannot land fails while the lease still runs (``lease_loop``).
+LEASE_WRITE_BOUND = LEASE / 3
 
 
 def describe_url(url: str) -> str:
@@ -146,6 +149,9 @@ class PostgresStore(PostgresQueries):
         self._run_sync = partial(trio.to_thread.run_sync, limiter=self._limiter)
         self._pool: psycopg_pool.ConnectionPool[Conn] | None = None
         self._commits: GroupCommit[Conn] = GroupCommit(self._run_batch)
+        # This instance's lease is written on a connection of its own (``_lease_write``).
+        self._lease_conn: BoundedConnection | None = None
+        self._lease_lock = trio.Lock()
         self._write_lock = self._commits.lock  # held by a batch in its thread, and by aclose
         self.process_id = process_id or process_tag(os.getpid())  # see SQLiteStore
         self.write_error: str | None = None
@@ -280,6 +286,10 @@ class PostgresStore(PostgresQueries):
                     # Not behind the limiter: an abandoned ping may hold a token until the
                     # server answers or its bound passes.
                     await trio.to_thread.run_sync(partial(pool.close, timeout=_CLOSE_WAIT))
+            async with self._lease_lock:  # a lease write in flight ends within its bound
+                conn, self._lease_conn = self._lease_conn, None
+                if conn is not None:
+                    await trio.to_thread.run_sync(conn.close)
 
     async def __aenter__(self) -> PostgresStore:
         await self.open()
@@ -398,6 +408,62 @@ class PostgresStore(PostgresQueries):
                 it.error = error
             if not isinstance(exc, Exception):
                 raise
+
+    async def _lease_write(self, op: str, query: str, params: tuple[Any, ...]) -> None:
+        """One statement about this instance's lease (``instances``), on a direct connection
+        kept for it: not in the group commit's queue, not behind the pool's limiter. A batch
+        held by a slow statement (a lock, an index build: up to ``statement_timeout``, 30 s)
+        or every pooled connection busy must not hold a renewal up past the lease (15 s):
+        another instance would take this one for dead and close the runs it is serving.
+        Bounded by ``LEASE_WRITE_BOUND`` (connect, statement and every wait for the server),
+        so one that cannot land fails while the lease still runs. A connection that failed
+        is closed; the next write makes a new one."""
+        start = time.perf_counter()
+        async with self._lease_lock:
+            if self._pool is None:
+                raise StoreError("store is closed")
+            try:
+                # Not abandoned on cancel: every wait in it is bounded.
+                await trio.to_thread.run_sync(self._lease_sync, query, params)
+            except psycopg.Error as exc:
+                raise self._error(exc, "store write failed") from exc
+        self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
+
+    def _lease_sync(self, query: str, params: tuple[Any, ...]) -> None:
+        # One deadline for it all: each wait for the server is given what is left of it.
+        deadline = time.monotonic() + LEASE_WRITE_BOUND
+        conn = self._lease_conn
+        if conn is not None and not conn.closed:
+            try:
+                self._lease_execute(conn, deadline, query, params)
+                return
+            except psycopg.OperationalError:
+                # Kept from an earlier write: the database may have restarted since, or an
+                # idle connection been cut. Once more on a new one, within the same bound.
+                broken = conn.broken  # (False once closed)
+                self._lease_conn = None
+                conn.close()
+                if not broken or deadline - time.monotonic() < 2.0:
+                    raise
+        # libpq's connect_timeout is whole seconds (2 at least).
+        kwargs = self._connect_kwargs()
+        kwargs["connect_timeout"] = max(2, min(math.floor(deadline - time.monotonic()),
+                                               math.floor(LEASE_WRITE_BOUND / 2)))
+        conn = BoundedConnection.connect(self._url, **kwargs)
+        try:
+            conn.answer_within = max(0.5, deadline - time.monotonic())
+            conn.execute("SELECT set_config('statement_timeout', %s, false)",
+                         (str(math.ceil(LEASE_WRITE_BOUND * 1000)),))
+            self._lease_execute(conn, deadline, query, params)
+        except BaseException:
+            conn.close()
+            raise
+        self._lease_conn = conn
+
+    def _lease_execute(self, conn: BoundedConnection, deadline: float, query: str,
+                       params: tuple[Any, ...]) -> None:
+        conn.answer_within = max(0.5, deadline - time.monotonic())
+        conn.execute(query, params)  # type: ignore[arg-type]  # autocommit: one statement
 
     async def _read(self, op: str, fn: Callable[[Conn], T], *, abandon: bool = False) -> T:
         start = time.perf_counter()

@@ -136,6 +136,8 @@ class PostgresQueries:
 
         async def _read(self, op: str, fn: Callable[[Conn], T]) -> T: ...
 
+        async def _lease_write(self, op: str, query: str, params: tuple[Any, ...]) -> None: ...
+
     # -- conversations --------------------------------------------------------------------------
 
     async def create_conversation(
@@ -440,20 +442,23 @@ class PostgresQueries:
 
     async def renew_lease(self, seconds: float) -> None:
         """This process is alive for ``seconds`` more (``ownership``), in the database's time:
-        hosts' clocks may differ."""
+        hosts' clocks may differ. Outside the write queue, bounded to a third of a lease
+        (``PostgresStore._lease_write``)."""
         pid, host = os.getpid(), socket.gethostname()
-        await self._write("renew_lease", lambda c: c.execute(
+        await self._lease_write(
+            "renew_lease",
             "INSERT INTO instances (id, lease_until, host, pid) VALUES "
             "(%s, extract(epoch FROM clock_timestamp()) + %s, %s, %s) "
             "ON CONFLICT (id) DO UPDATE SET lease_until = EXCLUDED.lease_until",
-            (self.process_id, seconds, host, pid)))
+            (self.process_id, seconds, host, pid))
 
     async def end_lease(self) -> None:
         """This process stops: its lease ends now (others close what it left at once)."""
-        await self._write("end_lease", lambda c: c.execute(
+        await self._lease_write(
+            "end_lease",
             "DELETE FROM instances WHERE id = %s "
             "OR lease_until < extract(epoch FROM clock_timestamp()) - 86400",
-            (self.process_id,)))
+            (self.process_id,))
 
     async def request_cancel(self, run_id: str, reason: str) -> bool:
         def fn(c: Conn) -> bool:
