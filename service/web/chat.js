@@ -243,8 +243,11 @@ async function followRun(resp, view, live) {
       });
     } catch { resp = null; }
     if (resp && resp.status === 204) { if (!live.watch) sessionStorage.removeItem(LIVE); return; }
-    if (resp && !resp.ok) throw await failure(resp);
-    if (!resp) resp = new Response("");
+    // 5xx and 429 are worth a retry (the store slow for a moment, a proxy restarting): a failed
+    // attempt, tried again; any other refusal (the run gone, not this key's) ends here.
+    if (resp && !resp.ok && resp.status < 500 && resp.status !== 429) throw await failure(resp);
+    if (resp && !resp.ok) resp.body?.cancel().catch(() => {});
+    if (!resp || !resp.ok) resp = new Response("");
   }
 }
 

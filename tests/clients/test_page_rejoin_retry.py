@@ -1,0 +1,73 @@
+"""The chat page re-joins a dropped stream (``followRun``); a re-join the service answers 503
+(the store slow for a moment; a restarting proxy's 502 alike), an answer the API calls worth a
+retry, ended the page's following: an error banner, the rest of the answer never shown while
+the run went on and stored it whole. Now a 5xx or 429 re-join counts as a failed attempt and is
+tried again (failing before the fix). Debian's chromium through Playwright, against the real
+server and simulator on loopback, a TCP proxy between them."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import pytest
+import trio
+
+from service.errors import StoreUnavailable
+from service.settings import Settings
+from service.sim.scenario import Reply as SimReply
+
+from ..e2e import GUARD, e2e
+from .test_chat_page import CHROMIUM, _in_browser, _send
+from .test_clients_faults import _proxy
+
+playwright = pytest.importorskip("playwright.sync_api")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")]
+
+
+def _session(url: str, drop: Any, page: Any) -> dict[str, Any]:
+    page.goto(url + "/")
+    answer = _send(page, "how many ticks?")
+    playwright.expect(answer).to_contain_text("tick tick tick tick")
+    drop()  # the stream drops; its first re-join is answered 503
+    playwright.expect(page.get_by_test_id("send")).to_be_enabled()  # the page is done with it
+    return {"text": answer.locator(".answer").inner_text(),
+            "notes": answer.locator(".note").all_inner_texts(),
+            "banner": page.get_by_test_id("error-banner").inner_text()}
+
+
+async def test_page_a_rejoin_answered_503_is_tried_again(settings: Settings) -> None:
+    async with e2e(settings, "llamacpp") as env, _proxy(env.server) as proxy:
+        env.sim.script(SimReply(text="tick " * 60, interval=0.05))  # 3 s
+        store = env.server.services.require_store()
+        get_run = store.get_run
+        refused: list[str] = []
+        armed = trio.Event()
+
+        async def once_unavailable(run_id: str, **kwargs: Any) -> Any:
+            if armed.is_set() and not refused:
+                refused.append(run_id)
+                raise StoreUnavailable("the store is slow; retry")
+            return await get_run(run_id, **kwargs)
+
+        store.get_run = once_unavailable
+
+        def drop() -> None:
+            def now() -> None:
+                armed.set()
+                proxy.cut()
+
+            trio.from_thread.run_sync(now)
+
+        seen = await _in_browser(partial(_session, proxy.url, drop))
+        store.get_run = get_run
+        assert refused, "the page did not re-join"
+        with trio.fail_after(GUARD):
+            run = await env.finished_run(refused[0])
+        stored = await env.reply_of(run["conversation_id"], run["id"])
+    assert (seen["banner"], seen["notes"]) == ("", []), (
+        f"the page stopped following at a 503 re-join; the run went on and its reply is "
+        f"stored {stored['status']!r}: {seen}")
+    assert stored["status"] == "complete", stored
+    assert seen["text"].split() == stored["content"].split(), seen
