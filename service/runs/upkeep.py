@@ -77,47 +77,83 @@ async def cancel_requests_loop(store: Store, live: Callable[[], dict[str, RunHan
 
 async def lease_loop(store: Store, live: Callable[[], dict[str, RunHandle]], *,
                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Renew this process's lease (a third of it at a time). If the store cannot be reached for
-    more than half a lease, this process stops its runs (``failed``, ``store_unavailable``):
-    past its lease another instance takes them for dead and closes them, and two instances
-    must never both finish one run. On PostgreSQL a renewal goes on a connection of its own,
-    outside the write queue, and lands or fails within a third of a lease (a slow statement
-    elsewhere cannot hold it up until the lease lapses). On SQLite it is a write of the queue:
-    there the owner of a run on this host is judged by its PID, not its lease."""
+    """Renew this process's lease (a third of it at a time). Once no renewal has landed for half
+    a lease, this process stops its runs (``failed``, ``store_unavailable``): past its lease
+    another instance takes them for dead and closes them, and two instances must never both
+    finish one run. Where leases decide (``Store.leases_decide``: PostgreSQL, whose renewals
+    go on a connection of their own and land or fail within a third of a lease) that is
+    whether the renewal under way has failed yet or not; on SQLite, where a renewal is a
+    write of the queue and a live process on the host is judged by its PID, only once one
+    has failed (a disk slow for a while does not stop a live process's runs)."""
     # At once, before any run is served: the lease written at start-up may be old (a model's
     # load came in between), and a run of an instance whose lease has lapsed is taken for dead.
     # Bounded: a store stuck at start-up holds up serving no longer than a third of a lease.
+    lease = _Lease(trio.current_time())
     with trio.move_on_after(LEASE / 3):
         try:
             await store.renew_lease(LEASE)
         except StoreError as exc:
             log.warning("could not renew this instance's lease: %s", exc.message)
-    last_ok = trio.current_time()
     to_check: set[str] = set()  # runs to look up after a lapse (until each has been)
-    task_status.started()
-    while True:
-        await trio.sleep(LEASE / 3)
-        try:
-            await store.renew_lease(LEASE)
-            if trio.current_time() - last_ok > LEASE:
+    async with trio.open_nursery() as nursery:
+        if store.leases_decide:
+            nursery.start_soon(_stop_runs_when_lapsing, lease, live)
+        task_status.started()
+        while True:
+            await trio.sleep(LEASE / 3)
+            sent = trio.current_time()  # the lease it writes runs from then, at least
+            try:
+                await store.renew_lease(LEASE)
+            except StoreError as exc:
+                log.warning("could not renew this instance's lease: %s", exc.message)
+                if trio.current_time() - lease.sent > LEASE / 2:
+                    _stop_runs(live(), "its lease could not be renewed")
+                continue
+            if trio.current_time() - lease.sent > LEASE:
                 to_check = set(live())
                 log.warning("this instance's lease had lapsed; checking which of its %d "
                             "run(s) it still holds", len(to_check))
-            last_ok = trio.current_time()
-        except StoreError as exc:
-            log.warning("could not renew this instance's lease: %s", exc.message)
-            if trio.current_time() - last_ok > LEASE / 2:
-                for handle in live().values():
-                    if handle.cancel_reason is None and not handle.closed:
-                        log.error("run %s stopped: its lease could not be renewed", handle.id)
-                        handle.cancel_status = RunStatus.failed
-                        handle.error_type = "store_unavailable"
-                        handle.cancel("the store cannot be reached; the run was stopped")
-            continue
-        if to_check:
-            # Bounded, so the next renewal is not held up; what is left waits for the next turn.
-            with trio.move_on_after(LEASE / 6):
-                await _stop_runs_taken_over(store, live(), to_check)
+            lease.renewed(sent)
+            if to_check:
+                # Bounded, so the next renewal is not held up; what is left waits for the
+                # next turn.
+                with trio.move_on_after(LEASE / 6):
+                    await _stop_runs_taken_over(store, live(), to_check)
+
+
+class _Lease:
+    """When the last renewal that landed was sent; ``landed`` is set when the next one lands."""
+
+    def __init__(self, sent: float) -> None:
+        self.sent = sent
+        self.landed = trio.Event()
+
+    def renewed(self, sent: float) -> None:
+        self.sent = sent
+        self.landed.set()
+        self.landed = trio.Event()
+
+
+async def _stop_runs_when_lapsing(lease: _Lease, live: Callable[[], dict[str, RunHandle]]) -> None:
+    """Half a lease after the last renewal that landed, with none since: stop the runs, whether
+    or not the renewal under way has failed yet (one that fails at once, then one that takes
+    its whole bound, would be known only at the lease's end). Once per lapse: a run started
+    meanwhile is stopped by the next renewal that fails (or goes on, once one lands)."""
+    while True:
+        sent = lease.sent
+        await trio.sleep_until(sent + LEASE / 2)
+        if lease.sent == sent:
+            _stop_runs(live(), "no renewal of its lease landed for half a lease")
+            await lease.landed.wait()
+
+
+def _stop_runs(runs: dict[str, RunHandle], why: str) -> None:
+    for handle in runs.values():
+        if handle.cancel_reason is None and not handle.closed:
+            log.error("run %s stopped: %s", handle.id, why)
+            handle.cancel_status = RunStatus.failed
+            handle.error_type = "store_unavailable"
+            handle.cancel("the store cannot be reached; the run was stopped")
 
 
 async def _stop_runs_taken_over(store: Store, runs: dict[str, RunHandle],

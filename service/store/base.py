@@ -41,6 +41,11 @@ class Store(Protocol):
     process_id: str
     # Why the latest write transaction failed; None once one has committed since (``/readyz``).
     write_error: str | None
+    # Whether other instances judge this one's runs by its lease alone (PostgreSQL: other
+    # hosts), its renewals then landing or failing within a third of a lease; False where a
+    # process on the same host is judged by its PID (SQLite: a renewal is a write of the queue,
+    # and a disk slow for a while must not stop the runs of a live process).
+    leases_decide: bool
 
     # -- lifecycle ------------------------------------------------------------------------------
 

@@ -113,6 +113,8 @@ def _secrets(url: str) -> list[str]:
 class PostgresStore(PostgresQueries):
     """Conversations, messages, runs, run events and LLM calls in a PostgreSQL database."""
 
+    leases_decide = True  # ``Store``: instances on other hosts judge this one by its lease
+
     # The keyword arguments it takes (``make_store`` passes only these on).
     OPTIONS: ClassVar[frozenset[str]] = frozenset({
         "metrics", "pool_size", "statement_timeout", "connect_timeout", "acquire_timeout",
@@ -419,15 +421,17 @@ class PostgresStore(PostgresQueries):
         so one that cannot land fails while the lease still runs. A connection that failed
         is closed; the next write makes a new one."""
         start = time.perf_counter()
-        async with self._lease_lock:
-            if self._pool is None:
-                raise StoreError("store is closed")
-            try:
-                # Not abandoned on cancel: every wait in it is bounded.
-                await trio.to_thread.run_sync(self._lease_sync, query, params)
-            except psycopg.Error as exc:
-                raise self._error(exc, "store write failed") from exc
-        self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
+        try:
+            async with self._lease_lock:
+                if self._pool is None:
+                    raise StoreError("store is closed")
+                try:
+                    # Not abandoned on cancel: every wait in it is bounded.
+                    await trio.to_thread.run_sync(self._lease_sync, query, params)
+                except psycopg.Error as exc:
+                    raise self._error(exc, "store write failed") from exc
+        finally:  # a failed one too (those matter most), as ``_write``'s
+            self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
 
     def _lease_sync(self, query: str, params: tuple[Any, ...]) -> None:
         # One deadline for it all: each wait for the server is given what is left of it.
@@ -443,7 +447,7 @@ class PostgresStore(PostgresQueries):
                 broken = conn.broken  # (False once closed)
                 self._lease_conn = None
                 conn.close()
-                if not broken or deadline - time.monotonic() < 2.0:
+                if not broken or deadline - time.monotonic() < 3.0:
                     raise
         # libpq's connect_timeout is whole seconds (2 at least).
         kwargs = self._connect_kwargs()
@@ -550,13 +554,15 @@ class PostgresStore(PostgresQueries):
         await self._read("ping", lambda c: c.execute("SELECT 1").fetchone(), abandon=True)
 
     async def probe_write(self) -> None:
-        """Raise StoreError unless the store can commit a write now. This process's own row
-        (its lease, unchanged: a new row version all the same): a row every instance's probe
-        wrote (``heartbeat``, id 1), in group-committed batches that take other rows' locks
-        too, could deadlock two instances' batches (``/readyz`` probes once a second)."""
+        """Raise StoreError unless the store can commit a write now: this process's own row of
+        ``probes``. Not a row every instance's probe wrote (``heartbeat``, id 1): in
+        group-committed batches that take other rows' locks too, two instances' batches could
+        deadlock (``/readyz`` probes once a second). Not this process's lease row either: a
+        batch that waits on a slow statement would hold it locked, and the lease's renewal,
+        on its own connection (``_lease_write``), would wait on its own probe."""
         await self._write("probe_write", lambda c: c.execute(
-            "UPDATE instances SET lease_until = lease_until WHERE id = %s",
-            (self.process_id,)))
+            "INSERT INTO probes (id, at) VALUES (%s, extract(epoch FROM clock_timestamp())) "
+            "ON CONFLICT (id) DO UPDATE SET at = EXCLUDED.at", (self.process_id,)))
 
 
 _IDLE = psycopg.pq.TransactionStatus.IDLE

@@ -456,9 +456,11 @@ class PostgresQueries:
         """This process stops: its lease ends now (others close what it left at once)."""
         await self._lease_write(
             "end_lease",
+            "WITH probed AS (DELETE FROM probes WHERE id = %s "
+            "OR at < extract(epoch FROM clock_timestamp()) - 86400) "
             "DELETE FROM instances WHERE id = %s "
             "OR lease_until < extract(epoch FROM clock_timestamp()) - 86400",
-            (self.process_id,))
+            (self.process_id, self.process_id))
 
     async def request_cancel(self, run_id: str, reason: str) -> bool:
         def fn(c: Conn) -> bool:

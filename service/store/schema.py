@@ -227,6 +227,12 @@ PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    # 3: each process's ``/readyz`` write probe, a row of its own: not its lease's row, which
+    # a probe's batch held locked (a batch may wait on a slow statement) while the lease's
+    # own connection waited to renew it; nor one row every instance's probe writes.
+    (
+        "CREATE TABLE probes (id TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL)",
+    ),
 )
 
 PG_SCHEMA_VERSION = len(PG_MIGRATIONS)

@@ -71,6 +71,8 @@ class SQLiteStore(SQLiteQueries):
     engine (connections, group commit, transactions, WAL upkeep) under the queries of
     :class:`~service.store.sqlite_queries.SQLiteQueries`."""
 
+    leases_decide = False  # ``Store``: on one host a run's owner is judged by its PID
+
     def __init__(
         self,
         path: Path,
