@@ -140,6 +140,10 @@ async def readyz() -> Response:
         checks["service"] = "down: shutting down"
     elif svc.supervisor is not None and svc.supervisor.failure is not None:
         checks["service"] = f"down: {svc.supervisor.failure}"
+    elif svc.supervisor is not None and svc.supervisor.lease.lapsing:
+        # Its lease is not being renewed (the store itself may answer): its runs are being
+        # stopped, new ones too, before another instance takes it for dead.
+        checks["service"] = "down: this instance's lease could not be renewed"
     ok = all(v == "ok" for v in checks.values())
     down = [k for k, v in checks.items() if v != "ok"]
     if not _details_shown():

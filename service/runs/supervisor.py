@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
@@ -116,6 +117,7 @@ class RunSupervisor:
         self.reads = BatchedReads(store)  # readers' store reads, one query for all waiting
         self.draining = False
         self.failure: str | None = None  # set if ``serve`` ended with an error
+        self.lease = upkeep.Lease()  # this process's lease, as its loop sees it (``/readyz``)
         self._cancelling = False  # the drain's grace is over: runs still going are cancelled
 
     def __repr__(self) -> str:
@@ -144,7 +146,8 @@ class RunSupervisor:
                 nursery.start_soon(upkeep.cancel_requests_loop, self._store, lambda: self._runs,
                                    self.wakeups)
                 nursery.start_soon(upkeep.recover_loop, self._store, self._abandoned)
-                await nursery.start(upkeep.lease_loop, self._store, lambda: self._runs)
+                await nursery.start(partial(upkeep.lease_loop, self._store, lambda: self._runs,
+                                            lease=self.lease))
                 if self.events_retention > 0:
                     nursery.start_soon(upkeep.prune_loop, self._store, self.events_retention)
                 task_status.started(self)

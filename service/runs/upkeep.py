@@ -18,7 +18,8 @@ from .handle import RunHandle
 from .lifecycle import RunStatus
 from .wakeups import Wakeups
 
-__all__ = ["cancel_requests_loop", "lease_loop", "maintain_loop", "prune_loop", "recover_loop"]
+__all__ = ["Lease", "cancel_requests_loop", "lease_loop", "maintain_loop", "prune_loop",
+           "recover_loop"]
 
 log = get_logger("service.runs")
 
@@ -30,6 +31,7 @@ GONE_POLL = 1.0  # seconds between looks for runs of this process deleted elsewh
 RECOVER_EVERY = 5.0  # seconds between looks for runs a dead instance left running
 PRUNE_EVERY = 60.0  # seconds between prunings of old runs' events (when a retention is set)
 PRUNE_PAUSE = 0.05  # seconds between two pruning batches: other writes go in between
+LAPSE_POLL = 0.25  # seconds between looks for runs to stop while this lease is lapsing
 
 
 async def maintain_loop(store: Store, committer: EventCommitter) -> None:
@@ -76,19 +78,23 @@ async def cancel_requests_loop(store: Store, live: Callable[[], dict[str, RunHan
 
 
 async def lease_loop(store: Store, live: Callable[[], dict[str, RunHandle]], *,
+                     lease: Lease | None = None,
                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Renew this process's lease (a third of it at a time). Once no renewal has landed for half
-    a lease, this process stops its runs (``failed``, ``store_unavailable``): past its lease
-    another instance takes them for dead and closes them, and two instances must never both
-    finish one run. Where leases decide (``Store.leases_decide``: PostgreSQL, whose renewals
-    go on a connection of their own and land or fail within a third of a lease) that is
-    whether the renewal under way has failed yet or not; on SQLite, where a renewal is a
-    write of the queue and a live process on the host is judged by its PID, only once one
-    has failed (a disk slow for a while does not stop a live process's runs)."""
+    """Renew this process's lease (a third of it at a time). When its renewals do not land, this
+    process stops its runs (``failed``, ``store_unavailable``): past its lease another
+    instance takes them for dead and closes them, and two instances must never both finish
+    one run. Where leases decide (``Store.leases_decide``: PostgreSQL, whose renewals go on a
+    connection of their own and land or fail within a third of a lease), once none has landed
+    for two thirds of a lease, whether the one under way has failed yet or not; on SQLite,
+    where a renewal is a write of the queue and a live process on the host is judged by its
+    PID, once one has failed more than half a lease after the last that landed (a disk slow
+    for a while does not stop a live process's runs). ``lease`` says how it goes
+    (``Lease.lapsing``: ``/readyz``)."""
     # At once, before any run is served: the lease written at start-up may be old (a model's
     # load came in between), and a run of an instance whose lease has lapsed is taken for dead.
     # Bounded: a store stuck at start-up holds up serving no longer than a third of a lease.
-    lease = _Lease(trio.current_time())
+    lease = lease or Lease()
+    lease.sent = trio.current_time()
     with trio.move_on_after(LEASE / 3):
         try:
             await store.renew_lease(LEASE)
@@ -99,8 +105,11 @@ async def lease_loop(store: Store, live: Callable[[], dict[str, RunHandle]], *,
         if store.leases_decide:
             nursery.start_soon(_stop_runs_when_lapsing, lease, live)
         task_status.started()
+        sent = lease.sent
         while True:
-            await trio.sleep(LEASE / 3)
+            # A third of a lease after the last one was sent (at once after a slow one): how
+            # long a renewal took does not push the next one back.
+            await trio.sleep_until(sent + LEASE / 3)
             sent = trio.current_time()  # the lease it writes runs from then, at least
             try:
                 await store.renew_lease(LEASE)
@@ -115,36 +124,44 @@ async def lease_loop(store: Store, live: Callable[[], dict[str, RunHandle]], *,
                             "run(s) it still holds", len(to_check))
             lease.renewed(sent)
             if to_check:
-                # Bounded, so the next renewal is not held up; what is left waits for the
-                # next turn.
-                with trio.move_on_after(LEASE / 6):
+                # Until the next renewal is due, so it is not held up (the watchdog counts
+                # from sends); what is left waits for the next turn.
+                with trio.move_on_at(sent + LEASE / 3):
                     await _stop_runs_taken_over(store, live(), to_check)
 
 
-class _Lease:
-    """When the last renewal that landed was sent; ``landed`` is set when the next one lands."""
+class Lease:
+    """This process's lease as its loop sees it: when the last renewal that landed was sent
+    (``landed`` is set when the next one lands), and whether it is lapsing (its runs being
+    stopped until one lands)."""
 
-    def __init__(self, sent: float) -> None:
-        self.sent = sent
+    def __init__(self) -> None:
+        self.sent = 0.0
         self.landed = trio.Event()
+        self.lapsing = False
 
     def renewed(self, sent: float) -> None:
         self.sent = sent
+        self.lapsing = False
         self.landed.set()
         self.landed = trio.Event()
 
 
-async def _stop_runs_when_lapsing(lease: _Lease, live: Callable[[], dict[str, RunHandle]]) -> None:
-    """Half a lease after the last renewal that landed, with none since: stop the runs, whether
-    or not the renewal under way has failed yet (one that fails at once, then one that takes
-    its whole bound, would be known only at the lease's end). Once per lapse: a run started
-    meanwhile is stopped by the next renewal that fails (or goes on, once one lands)."""
+async def _stop_runs_when_lapsing(lease: Lease, live: Callable[[], dict[str, RunHandle]]) -> None:
+    """Two thirds of a lease after the last renewal that landed was sent, with none landed
+    since, stop the runs, whether or not the renewal under way has failed yet (one that fails
+    at once, then one that takes its whole bound, would be known only at the lease's end).
+    Renewals go every third of a lease, each bounded to a third: by then the next one has
+    landed or failed, and a third of a lease is left for the runs' ends. Until one lands,
+    runs started meanwhile are stopped too (looked for every ``LAPSE_POLL`` seconds)."""
     while True:
         sent = lease.sent
-        await trio.sleep_until(sent + LEASE / 2)
-        if lease.sent == sent:
-            _stop_runs(live(), "no renewal of its lease landed for half a lease")
-            await lease.landed.wait()
+        await trio.sleep_until(sent + 2 * LEASE / 3)
+        while lease.sent == sent:
+            lease.lapsing = True
+            _stop_runs(live(), "no renewal of its lease landed in time")
+            with trio.move_on_after(LAPSE_POLL):
+                await lease.landed.wait()
 
 
 def _stop_runs(runs: dict[str, RunHandle], why: str) -> None:

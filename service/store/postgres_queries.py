@@ -456,8 +456,11 @@ class PostgresQueries:
         """This process stops: its lease ends now (others close what it left at once)."""
         await self._lease_write(
             "end_lease",
-            "WITH probed AS (DELETE FROM probes WHERE id = %s "
-            "OR at < extract(epoch FROM clock_timestamp()) - 86400) "
+            # The probe rows its own batches (or another instance's) hold are skipped, never
+            # waited on (a batch may wait on a slow statement): one left is cleared later.
+            "WITH probed AS (DELETE FROM probes WHERE id IN (SELECT id FROM probes WHERE "
+            "id = %s OR at < extract(epoch FROM clock_timestamp()) - 86400 "
+            "FOR UPDATE SKIP LOCKED)) "
             "DELETE FROM instances WHERE id = %s "
             "OR lease_until < extract(epoch FROM clock_timestamp()) - 86400",
             (self.process_id, self.process_id))
