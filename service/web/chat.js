@@ -107,8 +107,12 @@ function what(kind, data) {
   }
 }
 
+const STEPS_KEPT = 100; // step lines kept for a reload (each up to 2,000 characters)
+
 class AssistantView {
-  constructor(text = "") {
+  // ``steps``: lines shown before (a reload re-joins from where it was: they do not come again).
+  constructor(text = "", steps = []) {
+    this.lines = []; // the step lines, as kept for a reload (sessionStorage)
     this.el = document.createElement("div");
     this.el.className = "message assistant";
     this.el.dataset.testid = "assistant-message";
@@ -121,6 +125,7 @@ class AssistantView {
     this.answer.className = "answer";
     this.el.append(this.steps, this.answer);
     $("messages").append(this.el);
+    for (const line of steps) this.addStep(line);
     this.segment = text;
     this.render();
   }
@@ -144,6 +149,8 @@ class AssistantView {
   }
 
   addStep(text) {
+    this.lines.push(text.slice(0, 2000));
+    if (this.lines.length > STEPS_KEPT) this.lines.shift();
     const li = document.createElement("li");
     li.textContent = text;
     this.steps.querySelector("ol").append(li);
@@ -219,6 +226,7 @@ async function follow(resp, view, live) {
       // the text shown); only this tab's own run is kept for a reload.
       live.last_id = Number(id);
       live.text = view.segment;
+      live.steps = view.lines;
       if (!live.watch) sessionStorage.setItem(LIVE, JSON.stringify(live));
     }
   }
@@ -382,7 +390,7 @@ async function rejoinRun(live) {
       return;
     }
     if (!resp.ok) throw await failure(resp);
-    await followRun(resp, new AssistantView(live.text || ""), live);
+    await followRun(resp, new AssistantView(live.text || "", live.steps || []), live);
   } finally {
     running(null);
   }
