@@ -32,6 +32,7 @@ RECOVER_EVERY = 5.0  # seconds between looks for runs a dead instance left runni
 PRUNE_EVERY = 60.0  # seconds between prunings of old runs' events (when a retention is set)
 PRUNE_PAUSE = 0.05  # seconds between two pruning batches: other writes go in between
 LAPSE_POLL = 0.25  # seconds between looks for runs to stop while this lease is lapsing
+RENEW_RETRY = 1.0  # seconds before a renewal that failed is tried again
 
 
 async def maintain_loop(store: Store, committer: EventCommitter) -> None:
@@ -94,28 +95,38 @@ async def lease_loop(store: Store, live: Callable[[], dict[str, RunHandle]], *,
     # load came in between), and a run of an instance whose lease has lapsed is taken for dead.
     # Bounded: a store stuck at start-up holds up serving no longer than a third of a lease.
     lease = lease or Lease()
-    lease.sent = trio.current_time()
+    started, landed = trio.current_time(), False
     with trio.move_on_after(LEASE / 3):
         try:
             await store.renew_lease(LEASE)
+            landed = True
         except StoreError as exc:
             log.warning("could not renew this instance's lease: %s", exc.message)
+    # The last renewal that landed: this one; if it did not, none this loop can vouch for (the
+    # lifespan's may have lapsed while a model loaded): taken as lapsing already, so runs are
+    # stopped and ``/readyz`` says so until one lands.
+    lease.sent = started if landed else started - LEASE
     to_check: set[str] = set()  # runs to look up after a lapse (until each has been)
     async with trio.open_nursery() as nursery:
         if store.leases_decide:
             nursery.start_soon(_stop_runs_when_lapsing, lease, live)
         task_status.started()
-        sent = lease.sent
+        due = started + LEASE / 3 if landed else started
         while True:
             # A third of a lease after the last one was sent (at once after a slow one): how
             # long a renewal took does not push the next one back.
-            await trio.sleep_until(sent + LEASE / 3)
+            await trio.sleep_until(due)
             sent = trio.current_time()  # the lease it writes runs from then, at least
+            due = sent + LEASE / 3
             try:
                 await store.renew_lease(LEASE)
             except StoreError as exc:
                 log.warning("could not renew this instance's lease: %s", exc.message)
-                if trio.current_time() - lease.sent > LEASE / 2:
+                # Again soon: one failure (a blip) must not cost the runs, which stop only
+                # once none has landed for two thirds of a lease.
+                due = min(due, trio.current_time() + RENEW_RETRY)
+                if not store.leases_decide and trio.current_time() - lease.sent > LEASE / 2:
+                    lease.lapsing = True
                     _stop_runs(live(), "its lease could not be renewed")
                 continue
             if trio.current_time() - lease.sent > LEASE:
@@ -126,7 +137,7 @@ async def lease_loop(store: Store, live: Callable[[], dict[str, RunHandle]], *,
             if to_check:
                 # Until the next renewal is due, so it is not held up (the watchdog counts
                 # from sends); what is left waits for the next turn.
-                with trio.move_on_at(sent + LEASE / 3):
+                with trio.move_on_at(due):
                     await _stop_runs_taken_over(store, live(), to_check)
 
 

@@ -79,7 +79,7 @@ _LISTEN_CHECK = 5.0  # seconds of quiet before the listening connection is asked
 _CLOSE_WAIT = 5.0  # seconds the pool's close waits for its workers
 # Seconds a write of this instance's lease may take, on its own connection: a third of a lease,
 # so a renewal that cannot land fails while the lease still runs (``lease_loop``).
-LEASE_WRITE_BOUND = LEASE / 3
+LEASE_WRITE_BOUND = LEASE / 3 - 0.5  # (the loop's watchdog counts from a little earlier)
 
 
 def describe_url(url: str) -> str:

@@ -235,26 +235,35 @@ async function follow(resp, view, live) {
 
 // Follow the run to its end, re-joining (Last-Event-ID) when the stream drops.
 async function followRun(resp, view, live) {
+  let refused = null; // the last re-join's refusal worth a retry (5xx, 429), said if it is the last
+  let wait = 0;
   for (let attempt = 0; ; attempt++) {
     try {
       if (await follow(resp, view, live)) return;
     } catch { /* the connection dropped */ }
     if (live.signal?.aborted) return; // its conversation is no longer on screen
     if (!live.run_id || attempt >= 4) {
-      view.note("the stream ended before the run did; reload to re-join");
+      const why = refused ? ` (${refused.message})` : "";
+      view.note(`the stream ended before the run did${why}; reload to re-join`);
       return;
     }
-    await sleep(500 * 2 ** attempt);
+    await sleep(Math.max(500 * 2 ** attempt, wait));
     try {
       resp = await fetch(`/api/runs/${live.run_id}/events`, {
         headers: headers({ "Last-Event-ID": String(live.last_id) }), signal: live.signal,
       });
     } catch { resp = null; }
+    refused = null;
+    wait = 0;
     if (resp && resp.status === 204) { if (!live.watch) sessionStorage.removeItem(LIVE); return; }
     // 5xx and 429 are worth a retry (the store slow for a moment, a proxy restarting): a failed
-    // attempt, tried again; any other refusal (the run gone, not this key's) ends here.
+    // attempt, tried again (after Retry-After, up to 30 s, if it says); any other refusal (the
+    // run gone, not this key's) ends here.
     if (resp && !resp.ok && resp.status < 500 && resp.status !== 429) throw await failure(resp);
-    if (resp && !resp.ok) resp.body?.cancel().catch(() => {});
+    if (resp && !resp.ok) {
+      wait = Math.min(30, Number(resp.headers.get("Retry-After")) || 0) * 1000;
+      refused = await failure(resp);
+    }
     if (!resp || !resp.ok) resp = new Response("");
   }
 }

@@ -70,7 +70,9 @@ class CuttableProxy:
                 async with client, upstream, trio.open_nursery() as nursery:
                     nursery.start_soon(self._pump, client, upstream)
                     nursery.start_soon(self._pump, upstream, client)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                # A pump's error comes in its nursery's group: a peer gone while a pump
+                # still sent to it (its send_eof, ENOTCONN) is the network cut, not a failure.
                 pass
             finally:
                 self._open.discard(scope)

@@ -7,6 +7,7 @@ server and simulator on loopback, a TCP proxy between them."""
 
 from __future__ import annotations
 
+import itertools
 from functools import partial
 from typing import Any
 
@@ -18,7 +19,7 @@ from service.settings import Settings
 from service.sim.scenario import Reply as SimReply
 
 from ..e2e import GUARD, e2e
-from .test_chat_page import CHROMIUM, _in_browser, _send
+from .test_chat_page import CHROMIUM, WAIT_MS, _in_browser, _send
 from .test_clients_faults import _proxy
 
 playwright = pytest.importorskip("playwright.sync_api")
@@ -31,7 +32,8 @@ def _session(url: str, drop: Any, page: Any) -> dict[str, Any]:
     answer = _send(page, "how many ticks?")
     playwright.expect(answer).to_contain_text("tick tick tick tick")
     drop()  # the stream drops; its first re-join is answered 503
-    playwright.expect(page.get_by_test_id("send")).to_be_enabled()  # the page is done with it
+    # The page is done with it (its re-join waited the 503's Retry-After, 5 s).
+    playwright.expect(page.get_by_test_id("send")).to_be_enabled(timeout=WAIT_MS)
     return {"text": answer.locator(".answer").inner_text(),
             "notes": answer.locator(".note").all_inner_texts(),
             "banner": page.get_by_test_id("error-banner").inner_text()}
@@ -71,3 +73,47 @@ async def test_page_a_rejoin_answered_503_is_tried_again(settings: Settings) -> 
         f"stored {stored['status']!r}: {seen}")
     assert stored["status"] == "complete", stored
     assert seen["text"].split() == stored["content"].split(), seen
+
+
+def _gives_up_session(url: str, drop: Any, page: Any) -> dict[str, Any]:
+    page.goto(url + "/")
+    answer = _send(page, "how many ticks?")
+    playwright.expect(answer).to_contain_text("tick tick tick tick")
+    drop()  # the stream drops; every re-join is answered 503 (with Retry-After: 5)
+    playwright.expect(page.get_by_test_id("send")).to_be_enabled(timeout=3 * WAIT_MS)
+    return {"notes": answer.locator(".note").all_inner_texts(),
+            "banner": page.get_by_test_id("error-banner").inner_text()}
+
+
+async def test_page_rejoins_refused_to_the_end_say_why(settings: Settings) -> None:
+    """Every re-join answered 503: the page gives up after its re-joins (each after the
+    answer's Retry-After) and says why, the service's own words, not only that the stream
+    ended."""
+    async with e2e(settings, "llamacpp") as env, _proxy(env.server) as proxy:
+        env.sim.script(SimReply(text="tick " * 600, interval=0.05))  # 30 s
+        store = env.server.services.require_store()
+        get_run = store.get_run
+        refused: list[float] = []
+        armed = trio.Event()
+
+        async def unavailable(run_id: str, **kwargs: Any) -> Any:
+            if armed.is_set():
+                refused.append(trio.current_time())
+                raise StoreUnavailable("the store is slow; retry")
+            return await get_run(run_id, **kwargs)
+
+        store.get_run = unavailable
+
+        def drop() -> None:
+            def now() -> None:
+                armed.set()
+                proxy.cut()
+
+            trio.from_thread.run_sync(now)
+
+        seen = await _in_browser(partial(_gives_up_session, proxy.url, drop))
+        store.get_run = get_run
+    assert len(refused) == 4, refused
+    assert all(b - a >= 4.5 for a, b in itertools.pairwise(refused)), refused
+    assert seen["notes"] == [
+        "the stream ended before the run did (the store is slow; retry); reload to re-join"], seen
