@@ -5,23 +5,20 @@ commit, transactions): each method hands its SQL, as a function of a psycopg con
 ``_write`` (in a write transaction, grouped with others) or ``_read``. The same queries as
 SQLite's (:mod:`.sqlite_queries`) in PostgreSQL's dialect: ``%s`` placeholders, ``ON CONFLICT
 DO NOTHING`` for ``OR IGNORE``, a batch of events as arrays (one statement however long).
+Leases and ownership are in :mod:`.postgres_ownership`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
-
-import psycopg
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import NotFound
 from ..text import clean_text
-from .ownership import close_interrupted, owner_alive
 from .pg_notify import notify as _notify
+from .postgres_ownership import Conn, PostgresOwnership
 from .records import (
     KEPT_EVENTS_SQL,
     BegunRun,
@@ -47,7 +44,6 @@ if TYPE_CHECKING:
 __all__ = ["Conn", "PostgresQueries"]
 
 T = TypeVar("T")
-Conn = psycopg.Connection[Any]
 
 _CONV_COLS = "id, title, system, model, agent, owner, created_at, updated_at"
 _MSG_COLS = "id, conversation_id, role, content, status, run_id, error, created_at, updated_at"
@@ -115,17 +111,7 @@ def _owner_is(owner: str | None) -> tuple[str, tuple[Any, ...]]:
     return ("owner IS NULL", ()) if owner is None else ("owner = %s", (owner,))
 
 
-# Whether a run's owner holds a current lease (in the database's time), NULL if it has none.
-_LEASE_ALIVE = ("CASE WHEN i.id IS NULL THEN NULL "
-                "ELSE i.lease_until > extract(epoch FROM clock_timestamp()) END")
-# Takes a run for its closer if it is still in progress and no open batch locks its row
-# (reason, now, closer, run id; ``?`` placeholders, as ``ownership.close_interrupted`` writes).
-_CLAIM = ("UPDATE runs SET status = 'failed', error = ?, finished_at = ?, process = ? "
-          "WHERE id = (SELECT id FROM runs WHERE id = ? AND status IN ('queued', 'running') "
-          "FOR UPDATE SKIP LOCKED)")
-
-
-class PostgresQueries:
+class PostgresQueries(PostgresOwnership):
     """Conversations, messages, runs, run events and LLM calls, as PostgreSQL SQL."""
 
     process_id: str  # how this process tags the runs it runs
@@ -136,7 +122,6 @@ class PostgresQueries:
 
         async def _read(self, op: str, fn: Callable[[Conn], T]) -> T: ...
 
-        async def _lease_write(self, op: str, query: str, params: tuple[Any, ...]) -> None: ...
 
     # -- conversations --------------------------------------------------------------------------
 
@@ -340,50 +325,6 @@ class PostgresQueries:
 
         return await self._write("finish_run", fn)
 
-    async def recover_interrupted(self, run_id: str | None = None, *,
-                                  abandoned: bool = False) -> list[str]:
-        """Close runs left in progress by a process that is gone (see SQLiteStore's)."""
-        if abandoned and run_id is None:
-            raise ValueError("abandoned: one run of this process's, named")
-        now = time.time()
-        reason = ("the run could not be started: the store failed as it was written"
-                  if abandoned else "interrupted: the service stopped before the run finished")
-
-        def find(c: Conn) -> list[str]:
-            sql = ("SELECT r.id, r.process, " + _LEASE_ALIVE + " FROM runs r LEFT JOIN "
-                   "instances i ON i.id = r.process WHERE r.status IN ('queued', 'running')")
-            rows = (c.execute(sql + " AND r.id = %s", (run_id,)) if run_id is not None
-                    else c.execute(sql)).fetchall()
-            if abandoned:  # this process's own, which it does not run
-                return [rid for rid, proc, _ in rows if proc == self.process_id]
-            return [rid for rid, proc, lease in rows if proc != self.process_id
-                    and not owner_alive(proc, self.process_id, lease)]
-
-        candidates = await self._read("find_interrupted", find)
-        if not candidates:
-            return []
-
-        def fn(c: Conn) -> list[str]:
-            def execute(sql: str, args: Sequence[object]) -> Any:
-                # (a literal "%" in that SQL would be psycopg's: escaped first)
-                return c.execute(sql.replace("%", "%%").replace("?", "%s"),  # type: ignore[arg-type]
-                                 args)
-
-            # In the order owners' batches lock runs. A run whose row a stalled owner's open
-            # batch still locks is left for the next look (the server ends that transaction:
-            # idle_in_transaction_session_timeout): waiting on it would hold this whole batch.
-            dead = [rid for rid in sorted(candidates)
-                    if close_interrupted(execute, _CLAIM, rid, reason, now, self.process_id)]
-            if dead:
-                _notify(c, set(dead))  # their followers elsewhere read the end now
-            return dead
-
-        closed = await self._write("recover_interrupted", fn)
-        # Ended here, not by their owner (it is gone): each counted once, by its closer.
-        if closed:
-            self._metrics.runs.labels("failed").inc(len(closed))
-        return closed
-
     async def get_run(self, run_id: str, *, owner: str | None = None) -> RunRecord:
         who, args = _owner_is(owner)
 
@@ -396,20 +337,6 @@ class PostgresQueries:
         if run is None:
             raise NotFound(f"no run {run_id!r}", id=run_id)
         return run
-
-    async def run_in_progress(self, run_id: str) -> Literal["here", "elsewhere"] | None:
-        def fn(c: Conn) -> Literal["here", "elsewhere"] | None:
-            row = c.execute(
-                "SELECT r.process, " + _LEASE_ALIVE + " FROM runs r LEFT JOIN instances i "
-                "ON i.id = r.process WHERE r.id = %s AND r.status IN ('queued', 'running')",
-                (run_id,)).fetchone()
-            if row is None:
-                return None
-            if row[0] == self.process_id:
-                return "here"
-            return "elsewhere" if owner_alive(row[0], self.process_id, row[1]) else None
-
-        return await self._read("run_in_progress", fn)
 
     async def prune_events(self, finished_before: float, rows: int = 5000) -> int:
         def fn(c: Conn) -> int:
@@ -439,61 +366,6 @@ class PostgresQueries:
                 "('queued', 'running')", (conversation_id,)).fetchall()]
 
         return await self._read("runs_in_progress", fn)
-
-    async def renew_lease(self, seconds: float) -> None:
-        """This process is alive for ``seconds`` more (``ownership``), in the database's time:
-        hosts' clocks may differ. Outside the write queue, bounded to a third of a lease
-        (``PostgresStore._lease_write``)."""
-        pid, host = os.getpid(), socket.gethostname()
-        await self._lease_write(
-            "renew_lease",
-            "INSERT INTO instances (id, lease_until, host, pid) VALUES "
-            "(%s, extract(epoch FROM clock_timestamp()) + %s, %s, %s) "
-            "ON CONFLICT (id) DO UPDATE SET lease_until = EXCLUDED.lease_until",
-            (self.process_id, seconds, host, pid))
-
-    async def end_lease(self) -> None:
-        """This process stops: its lease ends now (others close what it left at once)."""
-        await self._lease_write(
-            "end_lease",
-            # The probe rows its own batches (or another instance's) hold are skipped, never
-            # waited on (a batch may wait on a slow statement): one left is cleared later.
-            "WITH probed AS (DELETE FROM probes WHERE id IN (SELECT id FROM probes WHERE "
-            "id = %s OR at < extract(epoch FROM clock_timestamp()) - 86400 "
-            "FOR UPDATE SKIP LOCKED)) "
-            "DELETE FROM instances WHERE id = %s "
-            "OR lease_until < extract(epoch FROM clock_timestamp()) - 86400",
-            (self.process_id, self.process_id))
-
-    async def request_cancel(self, run_id: str, reason: str) -> bool:
-        def fn(c: Conn) -> bool:
-            asked = c.execute(
-                "UPDATE runs SET cancel_requested = COALESCE(cancel_requested, %s) "
-                "WHERE id = %s AND status IN ('queued', 'running')", (reason, run_id),
-            ).rowcount > 0
-            if asked:
-                _notify(c, [f"cancel:{run_id}"])
-            return asked
-
-        return await self._write("request_cancel", fn)
-
-    async def runs_missing(self, run_ids: Sequence[str]) -> list[str]:
-        """See ``SQLiteStore.runs_missing``."""
-        def fn(c: Conn) -> list[str]:
-            present = {r[0] for r in c.execute(
-                "SELECT id FROM runs WHERE id = ANY(%s)", (list(run_ids),)).fetchall()}
-            return [r for r in run_ids if r not in present]
-
-        return await self._read("runs_missing", fn) if run_ids else []
-
-    async def cancel_requests(self) -> list[tuple[str, str]]:
-        def fn(c: Conn) -> list[tuple[str, str]]:
-            return [(r[0], r[1]) for r in c.execute(
-                "SELECT id, cancel_requested FROM runs WHERE status IN ('queued', 'running') "
-                "AND process = %s AND cancel_requested IS NOT NULL", (self.process_id,),
-            ).fetchall()]
-
-        return await self._read("cancel_requests", fn)
 
     async def append_run_events(
         self, events: Sequence[RunEvent], *, retry: bool = False
