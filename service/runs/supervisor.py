@@ -254,6 +254,10 @@ class RunSupervisor:
             raise ShuttingDown("the service is shutting down; no new runs")
         if len(self._runs) + self._reserved >= self.max_runs:
             raise TooManyRuns(f"{self.max_runs} runs in flight; retry later")
+        if self.lease.lapsing:
+            # It would be stopped within ``LAPSE_POLL``: refused instead (503, retried later or
+            # on another instance; ``/readyz`` says the same meanwhile).
+            raise StoreUnavailable(f"{upkeep.LAPSING}; no new runs here until it is renewed")
         if spec.conversation_id is None:
             return await self._start_new(spec)
         self._reserved += 1

@@ -18,7 +18,7 @@ from .handle import RunHandle
 from .lifecycle import RunStatus
 from .wakeups import Wakeups
 
-__all__ = ["Lease", "cancel_requests_loop", "lease_loop", "maintain_loop", "prune_loop",
+__all__ = ["LAPSING", "Lease", "cancel_requests_loop", "lease_loop", "maintain_loop", "prune_loop",
            "recover_loop"]
 
 log = get_logger("service.runs")
@@ -31,6 +31,8 @@ GONE_POLL = 1.0  # seconds between looks for runs of this process deleted elsewh
 RECOVER_EVERY = 5.0  # seconds between looks for runs a dead instance left running
 PRUNE_EVERY = 60.0  # seconds between prunings of old runs' events (when a retention is set)
 PRUNE_PAUSE = 0.05  # seconds between two pruning batches: other writes go in between
+# Why a lapsing instance stops its runs and refuses new ones (the run's error, the 503's).
+LAPSING = "this instance could not renew its lease in the store"
 LAPSE_POLL = 0.25  # seconds between looks for runs to stop while this lease is lapsing
 RENEW_RETRY = 1.0  # seconds before a renewal that failed is tried again
 
@@ -127,7 +129,7 @@ async def lease_loop(store: Store, live: Callable[[], dict[str, RunHandle]], *,
                 due = min(due, trio.current_time() + RENEW_RETRY)
                 if not store.leases_decide and trio.current_time() - lease.sent > LEASE / 2:
                     lease.lapsing = True
-                    _stop_runs(live(), "its lease could not be renewed")
+                    _stop_runs(live(), LAPSING)
                 continue
             if trio.current_time() - lease.sent > LEASE:
                 to_check = set(live())
@@ -170,7 +172,7 @@ async def _stop_runs_when_lapsing(lease: Lease, live: Callable[[], dict[str, Run
         await trio.sleep_until(sent + 2 * LEASE / 3)
         while lease.sent == sent:
             lease.lapsing = True
-            _stop_runs(live(), "no renewal of its lease landed in time")
+            _stop_runs(live(), LAPSING)
             with trio.move_on_after(LAPSE_POLL):
                 await lease.landed.wait()
 
@@ -181,7 +183,7 @@ def _stop_runs(runs: dict[str, RunHandle], why: str) -> None:
             log.error("run %s stopped: %s", handle.id, why)
             handle.cancel_status = RunStatus.failed
             handle.error_type = "store_unavailable"
-            handle.cancel("the store cannot be reached; the run was stopped")
+            handle.cancel(f"the run was stopped: {why}")
 
 
 async def _stop_runs_taken_over(store: Store, runs: dict[str, RunHandle],

@@ -31,7 +31,8 @@ def _hold_lease_row(url: str, process_id: str, held: threading.Event,
 
 
 async def test_readyz_is_503_while_this_instances_lease_cannot_be_renewed(pg_url: str) -> None:
-    backend = ScriptedBackend(lambda req: Reply("tick " * 400, gap=0.05))  # 20 s
+    backend = ScriptedBackend(lambda req: Reply(  # 20 s, but a short one once ready again
+        "ok" if req.messages[-1].content == "short" else "tick " * 400, gap=0.05))
     async with running_server(load_settings(db=pg_url), backend) as srv, \
             srv.client() as client:
         assert (await client.get("/readyz")).status_code == 200
@@ -49,11 +50,21 @@ async def test_readyz_is_503_while_this_instances_lease_cannot_be_renewed(pg_url
                 with trio.fail_after(GUARD):
                     while (ready := await client.get("/readyz")).status_code == 200:  # noqa: ASYNC110 (polled, as a load balancer does)
                         await trio.sleep(0.2)
+                # Meanwhile new runs are refused (503), not accepted and stopped at once.
+                refused = await client.post(f"/api/conversations/{conv}/messages",
+                                            json={"content": "again", "stream": False})
+                refused_v1 = await client.post("/v1/chat/completions", json={
+                    "messages": [{"role": "user", "content": "hi"}], "stream": True})
+                runs_while_lapsing = (await client.get(
+                    f"/api/conversations/{conv}")).json()
             finally:
                 release.set()
             with trio.fail_after(GUARD):  # a renewal lands again: ready again
                 while (again := await client.get("/readyz")).status_code != 200:  # noqa: ASYNC110
                     await trio.sleep(0.2)
+            # Ready again: runs are taken again.
+            after = await client.post(f"/api/conversations/{conv}/messages",
+                                      json={"content": "short", "stream": False}, timeout=GUARD)
             nursery.cancel_scope.cancel()
     assert r.status_code != 200 or r.json().get("status") != "succeeded", r.text
     assert ready.status_code == 503
@@ -61,3 +72,12 @@ async def test_readyz_is_503_while_this_instances_lease_cannot_be_renewed(pg_url
         "down: this instance's lease could not be renewed"), ready.json()
     assert ready.json()["checks"]["store"] == "ok", ready.json()  # the store itself answers
     assert again.json()["status"] == "ready"
+    for answer in (refused, refused_v1):
+        assert answer.status_code == 503, answer.text
+        assert "could not renew its lease" in answer.json()["error"]["message"], answer.text
+        assert int(answer.headers["retry-after"]) > 0
+    # The stopped run says why; the refused one left nothing in the conversation.
+    assert "could not renew its lease" in r.text, r.text
+    assert [m["content"] for m in runs_while_lapsing["messages"] if m["role"] == "user"] == [
+        "go"], runs_while_lapsing
+    assert after.status_code == 200 and after.json()["run"]["status"] == "succeeded", after.text
