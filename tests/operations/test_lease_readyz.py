@@ -80,4 +80,5 @@ async def test_readyz_is_503_while_this_instances_lease_cannot_be_renewed(pg_url
     assert "could not renew its lease" in r.text, r.text
     assert [m["content"] for m in runs_while_lapsing["messages"] if m["role"] == "user"] == [
         "go"], runs_while_lapsing
-    assert after.status_code == 200 and after.json()["run"]["status"] == "succeeded", after.text
+    assert after.status_code == 200, after.text
+    assert after.json()["run"]["status"] == "succeeded", after.text
