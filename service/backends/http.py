@@ -255,7 +255,13 @@ class TimedResponse:
         self.started = started
         self.backend = backend
         self.got_first = False  # set by the reader when the first message arrives
-        self._raw = response.aiter_bytes()
+        # An identity body still to be read (what LLM servers stream) is read raw: one
+        # generator fewer per chunk than ``aiter_bytes``, whose decoder and chunker do nothing
+        # for it. (A body already read, a test transport's, only ``aiter_bytes`` serves.)
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        self._raw = (response.aiter_raw()
+                     if encoding in ("", "identity") and not response.is_stream_consumed
+                     else response.aiter_bytes())
         self._call_deadline = started + budgets.call
 
     def __repr__(self) -> str:

@@ -214,6 +214,37 @@ async def test_a_gzipped_small_answer_is_decoded() -> None:
     assert [m.id for m in await backend.list_models()] == ["m1"]
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "identity", None])
+async def test_a_compressed_stream_is_decoded_and_a_plain_one_read_raw(
+        encoding: str | None) -> None:
+    # Streams are read raw (``aiter_raw``, one generator fewer per chunk) unless the server
+    # encoded the body anyway (it was asked for identity): then they are decoded.
+    import gzip
+
+    sse = b"".join(b'data: {"choices":[{"index":0,"delta":{"content":"%s "}}]}\n\n' % w
+                   for w in (b"one", b"two", b"three"))
+    sse += b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+    sse += b"data: [DONE]\n\n"
+    body = gzip.compress(sse) if encoding == "gzip" else sse
+
+    async def pieces():  # type: ignore[no-untyped-def]  # streamed, as over a socket
+        for at in range(0, len(body), 17):
+            yield body[at:at + 17]
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        headers = {"content-type": "text/event-stream"}
+        if encoding is not None:
+            headers["content-encoding"] = encoding
+        return httpx.Response(200, headers=headers, content=pieces())
+
+    backend = OpenAICompatBackend("b", "http://x",
+                                  make_client(BUDGETS, transport=httpx.MockTransport(handler)),
+                                  BUDGETS)
+    async with backend.stream(req()) as chunks:
+        text = "".join([chunk.text async for chunk in chunks])
+    assert text == "one two three "
+
+
 @pytest.mark.parametrize("encoding", ["gzip", "gzip, gzip"])
 async def test_a_compressed_small_answer_is_inflated_within_the_bound(encoding: str) -> None:
     # Found in review: httpx inflated a whole chunk (or nested layers) before our size check:
