@@ -159,6 +159,9 @@ class AssistantView {
   }
 
   note(text, quiet = false) {
+    // Said once: each re-join refused the same way (the store away for a while) would add it again.
+    const last = this.el.lastElementChild;
+    if (last?.classList.contains("note") && last.textContent === text) return;
     const p = document.createElement("p");
     p.className = quiet ? "note quiet" : "note";
     p.dataset.testid = quiet ? "run-note" : "run-error";
