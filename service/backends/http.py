@@ -255,13 +255,23 @@ class TimedResponse:
         self.started = started
         self.backend = backend
         self.got_first = False  # set by the reader when the first message arrives
-        # An identity body still to be read (what LLM servers stream) is read raw: one
-        # generator fewer per chunk than ``aiter_bytes``, whose decoder and chunker do nothing
-        # for it. (A body already read, a test transport's, only ``aiter_bytes`` serves.)
+        # The body is read raw: one generator fewer per chunk than ``aiter_bytes``, and an
+        # encoded one (the request asked for identity, but a server or proxy may compress
+        # anyway) is inflated here, ``INFLATED_READ`` bytes at a time: httpx inflates a whole
+        # network read at once (64 KB of gzip: 64 MB), before any bound of ours could apply.
+        # (A body already read, a test transport's, is served decoded by ``aiter_bytes``.)
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
-        self._raw = (response.aiter_raw()
-                     if encoding in ("", "identity") and not response.is_stream_consumed
-                     else response.aiter_bytes())
+        self._inflater: Any = None
+        if response.is_stream_consumed:
+            self._raw = response.aiter_bytes()
+        else:
+            self._raw = response.aiter_raw()
+            if encoding in ("gzip", "x-gzip", "deflate"):
+                self._inflater = zlib.decompressobj(47)  # a zlib or gzip header, detected
+            elif encoding not in ("", "identity"):
+                raise BackendProtocolError(
+                    f"the stream came with content-encoding {encoding[:40]!r}, which this "
+                    f"service does not read (it asks for identity)", backend=backend)
         self._call_deadline = started + budgets.call
 
     def __repr__(self) -> str:
@@ -286,9 +296,14 @@ class TimedResponse:
         # Per chunk: a plain try rather than map_httpx_errors (a generator per read).
         with trio.move_on_at(at) as scope:
             try:
-                return await self._raw.__anext__()
+                if self._inflater is None:
+                    return await self._raw.__anext__()
+                return await self._read_inflated()
             except StopAsyncIteration:
                 return b""
+            except zlib.error as exc:
+                raise BackendProtocolError(f"the stream's compressed body is corrupt: {exc}",
+                                           backend=self.backend) from exc
             except httpx.TransportError as exc:
                 if isinstance(exc, httpx.TimeoutException):
                     raise httpx_error(exc, self.backend) from exc
@@ -302,9 +317,22 @@ class TimedResponse:
             raise _timeout_error(kind, budget, self.backend)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def _read_inflated(self) -> bytes:
+        """The next inflated bytes (at most ``INFLATED_READ``); raises StopAsyncIteration at
+        the end of the body."""
+        inflater = self._inflater
+        while True:
+            if inflater.unconsumed_tail:  # what the last read left to inflate
+                return bytes(inflater.decompress(inflater.unconsumed_tail, INFLATED_READ))
+            data = inflater.decompress(await self._raw.__anext__(), INFLATED_READ)
+            if data:  # else only a header, or a part of a block: read on
+                return bytes(data)
+
     async def aclose(self) -> None:
         await self.response.aclose()
 
+
+INFLATED_READ = 64 * 1024  # bytes of a compressed stream inflated at a time
 
 DRAIN_SECONDS = 1.0  # after the last message, how long the rest of the body may take
 DRAIN_BYTES = 64 * 1024  # ... and how much of it is read
@@ -437,12 +465,15 @@ async def open_stream(
     kind, budget = ("call", budgets.call) if call_at <= first_at else ("first", budgets.first_chunk)
     response: httpx.Response | None = None
     where = str(request.url)
+    # No compression: an LLM's stream gains little from it, and an encoded one is inflated
+    # here, bounded (``TimedResponse``), rather than by httpx, unbounded.
+    request.headers["Accept-Encoding"] = "identity"
     with trio.move_on_at(min(first_at, call_at)) as scope, map_httpx_errors(backend, where):
         response = await client.send(request, stream=True)
     if scope.cancelled_caught or response is None:
         raise _timeout_error(kind, budget, backend)
-    timed = TimedResponse(response, budgets, started, backend)
     try:
+        timed = TimedResponse(response, budgets, started, backend)
         if response.status_code >= 400:
             body = await _read_bounded(timed)
             raise error_from_status(response.status_code, body, backend=backend, model=model,

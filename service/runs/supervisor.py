@@ -254,9 +254,12 @@ class RunSupervisor:
             raise ShuttingDown("the service is shutting down; no new runs")
         if len(self._runs) + self._reserved >= self.max_runs:
             raise TooManyRuns(f"{self.max_runs} runs in flight; retry later")
-        if self.lease.lapsing:
+        if self.lease.lapsing and self._store.leases_decide:
             # It would be stopped within ``LAPSE_POLL``: refused instead (503, retried later or
-            # on another instance; ``/readyz`` says the same meanwhile).
+            # on another instance; ``/readyz`` says the same meanwhile). One admitted just
+            # before the lease began to lapse is stopped by the lease's watchdog. (On SQLite a
+            # lease lapses only while the store refuses writes: the run's own first write then
+            # fails with the store's reason, a full disk say, which says more.)
             raise StoreUnavailable(f"{upkeep.LAPSING}; no new runs here until it is renewed")
         if spec.conversation_id is None:
             return await self._start_new(spec)

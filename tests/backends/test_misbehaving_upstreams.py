@@ -217,8 +217,8 @@ async def test_a_gzipped_small_answer_is_decoded() -> None:
 @pytest.mark.parametrize("encoding", ["gzip", "identity", None])
 async def test_a_compressed_stream_is_decoded_and_a_plain_one_read_raw(
         encoding: str | None) -> None:
-    # Streams are read raw (``aiter_raw``, one generator fewer per chunk) unless the server
-    # encoded the body anyway (it was asked for identity): then they are decoded.
+    # Streams are read raw (``aiter_raw``, one generator fewer per chunk); one the server
+    # encoded anyway (it was asked for identity) is inflated by the service, bounded.
     import gzip
 
     sse = b"".join(b'data: {"choices":[{"index":0,"delta":{"content":"%s "}}]}\n\n' % w
@@ -243,6 +243,30 @@ async def test_a_compressed_stream_is_decoded_and_a_plain_one_read_raw(
     async with backend.stream(req()) as chunks:
         text = "".join([chunk.text async for chunk in chunks])
     assert text == "one two three "
+
+
+@pytest.mark.parametrize(("encoding", "body", "says"), [
+    ("br", b"\x1b\x00", "content-encoding 'br'"),
+    ("gzip", b"\x1f\x8b\x08\x00garbage, not deflate" * 4, "corrupt"),
+])
+async def test_an_unreadable_encoded_stream_is_a_protocol_error(
+        encoding: str, body: bytes, says: str) -> None:
+    seen: list[str | None] = []
+
+    async def pieces():  # type: ignore[no-untyped-def]
+        yield body
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("accept-encoding"))
+        return httpx.Response(200, headers={"content-type": "text/event-stream",
+                                            "content-encoding": encoding}, content=pieces())
+
+    backend = OpenAICompatBackend("b", "http://x",
+                                  make_client(BUDGETS, transport=httpx.MockTransport(handler)),
+                                  BUDGETS)
+    with pytest.raises(BackendProtocolError, match=says):
+        await _drain(backend)
+    assert seen == ["identity"]  # it asked for no compression
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "gzip, gzip"])
