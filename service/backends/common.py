@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import uuid
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -15,7 +16,7 @@ from ..errors import BackendProtocolError, ModelNotFound, register_upstream_secr
 from .base import BackendHealth, ChatRequest, ChatResult, ModelInfo, collect_chat
 from .http import BodyTooLarge, Budgets, request_small, tls_reason
 
-__all__ = ["HTTPBackend", "new_call_id", "parse_arguments", "token_count"]
+__all__ = ["HTTPBackend", "milliseconds", "new_call_id", "parse_arguments", "token_count"]
 
 _FIRST_MODEL_TTL = 30.0  # seconds the first listed model stands in for a missing one
 
@@ -31,6 +32,19 @@ def token_count(value: Any) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     return None
+
+
+def milliseconds(value: Any, per: float = 1.0) -> float | None:
+    """An upstream's timing (``value / per``) as a finite float, else None: a timing is not
+    worth failing an answer for, and an integer of thousands of digits (valid JSON) does not
+    fit a float (OverflowError)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        ms = value / per
+    except OverflowError:
+        return None
+    return ms if math.isfinite(ms) else None
 
 
 def parse_arguments(raw: Any, *, backend: str, name: str) -> dict[str, Any]:

@@ -60,6 +60,7 @@ __all__ = [
     "TimedResponse",
     "error_from_status",
     "httpx_error",
+    "loads_json",
     "make_client",
     "make_sharded_client",
     "map_httpx_errors",
@@ -70,6 +71,16 @@ __all__ = [
 ]
 
 MAX_ERROR_BODY = 64 * 1024
+
+
+def loads_json(data: str | bytes) -> Any:
+    """``json.loads``, where a document nested too deeply for the parser (``[[[[...``: 200 KB
+    of it, well inside a line's bound, raises RecursionError) is malformed JSON like any other
+    (``ValueError``), so an upstream sending it is a protocol error, not a crash."""
+    try:
+        return json.loads(data)
+    except RecursionError as exc:
+        raise ValueError("JSON nested too deeply") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +171,7 @@ def _error_message(body: bytes) -> tuple[str, str | None]:
     OpenAI ``{"error": {"message", "type"}}``."""
     text = body.decode("utf-8", errors="replace").strip()
     try:
-        obj = json.loads(text)
+        obj = loads_json(text)
     except ValueError:
         return text[:500], None
     if isinstance(obj, dict):
@@ -320,8 +331,19 @@ class TimedResponse:
     async def _read_inflated(self) -> bytes:
         """The next inflated bytes (at most ``INFLATED_READ``); raises StopAsyncIteration at
         the end of the body."""
-        inflater = self._inflater
         while True:
+            inflater = self._inflater
+            if inflater.eof:
+                # One gzip member ended: what follows is the next member (RFC 1952), so it
+                # gets an inflater of its own (kept as ``unused_data`` it would be recopied at
+                # every read, and dropped); anything else there is not gzip (zlib.error).
+                rest = inflater.unused_data
+                self._inflater = inflater = zlib.decompressobj(47)
+                if rest:
+                    data = inflater.decompress(rest, INFLATED_READ)
+                    if data:
+                        return bytes(data)
+                    continue
             if inflater.unconsumed_tail:  # what the last read left to inflate
                 return bytes(inflater.decompress(inflater.unconsumed_tail, INFLATED_READ))
             data = inflater.decompress(await self._raw.__anext__(), INFLATED_READ)
@@ -391,7 +413,7 @@ class NDJSONReader:
         line = self._lines.popleft()
         self.timed.got_first = True
         try:
-            obj = json.loads(line)
+            obj = loads_json(line)
         except ValueError as exc:
             raise BackendProtocolError(
                 f"malformed NDJSON line: {line[:200]!r}", backend=self.timed.backend
@@ -566,7 +588,7 @@ async def request_json(
             headers=response.headers,
         )
     try:
-        return response.json()
+        return loads_json(response.content)
     except ValueError as exc:
         raise BackendProtocolError(f"{method} {url}: body is not JSON", backend=backend) from exc
 

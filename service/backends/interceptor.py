@@ -30,7 +30,7 @@ from typing import Protocol
 
 import trio
 
-from ..errors import BackendBusy, BackendTimeout
+from ..errors import BackendBusy, BackendProtocolError, BackendTimeout
 from ..metrics import Metrics
 from ..store.records import LLMCallOutcome, LLMCallRecord
 from ..text import clean_text
@@ -81,6 +81,13 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
+# Characters of text (and thinking) one call may stream: far above any real answer (a model's
+# whole context is at most a few million characters), so only an upstream gone wrong (streaming
+# without end, fast) reaches it, and it ends there, a protocol error, with what it sent so far
+# kept as any cut answer is; before, only the time budgets stopped it (~130 MB/s on loopback).
+MAX_CALL_CHARS = 8 * 2**20
+
+
 class _Call:
     """The measurements of one call while it runs."""
 
@@ -95,6 +102,7 @@ class _Call:
         self.started: float | None = None  # limiter acquired, upstream request begins
         self.first_token_at: float | None = None
         self.chunks = 0  # content chunks seen (the estimate if no usage arrives)
+        self.chars = 0  # characters of text and thinking seen (bounded: MAX_CALL_CHARS)
         self.usage_prompt: int | None = None
         self.usage_completion: int | None = None
         self.estimated = False
@@ -122,6 +130,11 @@ class _Call:
             self.first_token_at = trio.current_time()
         if chunk.text or chunk.thinking:
             self.chunks += 1
+            self.chars += len(chunk.text) + len(chunk.thinking)
+            if self.chars > MAX_CALL_CHARS:
+                raise BackendProtocolError(
+                    f"the answer passed {MAX_CALL_CHARS:,} characters: cut there (an upstream "
+                    f"streaming without end)", backend=self.backend)
         if chunk.usage is not None:
             self.usage_prompt = chunk.usage.prompt_tokens
             self.usage_completion = chunk.usage.completion_tokens

@@ -29,8 +29,8 @@ from .base import (
     ToolCall,
     Usage,
 )
-from .common import HTTPBackend, new_call_id, parse_arguments, token_count
-from .http import NDJSONReader, open_stream, request_json
+from .common import HTTPBackend, milliseconds, new_call_id, parse_arguments, token_count
+from .http import NDJSONReader, loads_json, open_stream, request_json
 
 __all__ = ["OllamaBackend", "ollama_messages"]
 
@@ -70,9 +70,8 @@ def ollama_messages(messages: tuple[ChatMessage, ...]) -> list[OllamaMessage]:
 
 def _timings(obj: dict[str, Any]) -> dict[str, float] | None:
     timings = {
-        key: obj[field] / _NS_PER_MS
-        for field, key in _DURATIONS.items()
-        if isinstance(obj.get(field), int | float)
+        key: ms for field, key in _DURATIONS.items()
+        if (ms := milliseconds(obj.get(field), per=_NS_PER_MS)) is not None
     }
     return timings or None
 
@@ -253,7 +252,8 @@ class OllamaBackend(HTTPBackend):
             return BackendHealth(self.name, self.url, reachable=True, ready=False,
                                  latency=latency, error=f"HTTP {response.status_code}")
         try:
-            models = tuple(m.get("name") or m.get("model") for m in response.json()["models"])
+            models = tuple(m.get("name") or m.get("model")
+                           for m in loads_json(response.content)["models"])
         except (ValueError, KeyError, TypeError, AttributeError):
             return BackendHealth(self.name, self.url, reachable=True, ready=False,
                                  latency=latency, error="/api/tags: malformed body")

@@ -25,8 +25,9 @@ import trio
 from ..errors import BackendProtocolError, BackendResponseError, ModelNotFound
 from ..text import TextJoiner
 from .base import BackendHealth, ChatChunk, ChatMessage, ChatRequest, ModelInfo, ToolCall, Usage
-from .common import HTTPBackend, new_call_id, parse_arguments, token_count
-from .http import Budgets, SSEReader, open_stream, request_json
+from .common import HTTPBackend, milliseconds, new_call_id, parse_arguments, token_count
+from .http import Budgets, SSEReader, loads_json, open_stream, request_json
+from .stream_parsers import DEFAULT_MAX_LINE
 
 __all__ = ["OpenAICompatBackend", "openai_messages"]
 
@@ -60,6 +61,12 @@ def openai_messages(messages: tuple[ChatMessage, ...]) -> list[OpenAIMessage]:
     return out
 
 
+# A streamed tool call's arguments, all of a call's together, are bounded as a line of the
+# stream is (Ollama sends a call whole, in one line): fragments add up without end otherwise.
+MAX_ARGUMENTS = DEFAULT_MAX_LINE
+MAX_TOOL_CALLS = 128  # distinct tool calls in one answer
+
+
 class _PartialCall:
     __slots__ = ("arguments", "id", "name")
 
@@ -82,6 +89,8 @@ class OpenAIChunks:
         self._usage: Usage | None = None
         self._timings: dict[str, float] | None = None
         self._calls: dict[int, _PartialCall] = {}
+        self._arguments = 0  # characters of tool-call arguments so far (MAX_ARGUMENTS)
+        self._call_progress = False  # the last event added to a tool call: progress
         self._text = TextJoiner()  # surrogate halves split across events
         self._thinking = TextJoiner()
 
@@ -116,13 +125,18 @@ class OpenAIChunks:
             chunk = self._event(event.data)
             if chunk is not None:
                 return chunk
+            if self._call_progress:
+                # A tool call's fragment is progress (its arguments, a file's content say, may
+                # stream for longer than the gap budget): the next wait is a new one.
+                self._call_progress = False
+                deadline = self.reader.timed.next_deadline()
         await self.reader.drain()  # the end of the body, so the connection can be reused
         raise StopAsyncIteration
 
     def _stream_error(self, data: str) -> BackendResponseError:
         """llama.cpp's ``error: {"code", "message", "type"}`` line (see ``SSEParser``)."""
         try:
-            obj = json.loads(data)
+            obj = loads_json(data)
         except ValueError:
             obj = None
         err = obj.get("error", obj) if isinstance(obj, dict) else None
@@ -136,7 +150,7 @@ class OpenAIChunks:
 
     def _event(self, data: str) -> ChatChunk | None:
         try:
-            obj = json.loads(data)
+            obj = loads_json(data)
         except ValueError as exc:
             raise BackendProtocolError(f"malformed SSE data: {data[:200]!r}",
                                        backend=self.backend) from exc
@@ -155,8 +169,8 @@ class OpenAIChunks:
                                 token_count(u.get("completion_tokens")))
         if isinstance(obj.get("timings"), dict):
             self._timings = {
-                k: float(v) for k, v in obj["timings"].items()
-                if isinstance(v, int | float) and not isinstance(v, bool)
+                k: ms for k, v in obj["timings"].items()
+                if (ms := milliseconds(v)) is not None
             }
         choices = obj.get("choices") or []
         if not isinstance(choices, list):
@@ -205,13 +219,25 @@ class OpenAIChunks:
         if not isinstance(index, int) or not isinstance(function, dict):
             raise BackendProtocolError(f"malformed tool call delta: {part!r:.200}",
                                        backend=self.backend)
-        call = self._calls.setdefault(index, _PartialCall())
+        call = self._calls.get(index)
+        if call is None:
+            if len(self._calls) >= MAX_TOOL_CALLS:
+                raise BackendProtocolError(f"more than {MAX_TOOL_CALLS} tool calls in one answer",
+                                           backend=self.backend)
+            call = self._calls[index] = _PartialCall()
         if part.get("id"):
             call.id = str(part["id"])
         if isinstance(function.get("name"), str) and function["name"]:
             call.name = function["name"]
-        if isinstance(function.get("arguments"), str):
+            self._call_progress = True
+        if isinstance(function.get("arguments"), str) and function["arguments"]:
+            self._arguments += len(function["arguments"])
+            if self._arguments > MAX_ARGUMENTS:
+                raise BackendProtocolError(
+                    f"tool call arguments longer than {MAX_ARGUMENTS:,} characters",
+                    backend=self.backend)
             call.arguments.append(function["arguments"])
+            self._call_progress = True
 
     def _final(self) -> ChatChunk:
         self.done = True
@@ -318,7 +344,7 @@ class OpenAICompatBackend(HTTPBackend):
         if response.status_code != 200:
             message = f"HTTP {response.status_code}"
             try:
-                err = response.json().get("error")
+                err = loads_json(response.content).get("error")
                 message = (err.get("message") if isinstance(err, dict) else err) or message
             except (ValueError, AttributeError):
                 pass

@@ -120,14 +120,17 @@ class SSEParser:
             if data[:1] == b"\n":
                 data = data[1:]
         buf = self._buffer
+        # What is kept from the last feed holds no line ending: the search starts at the new
+        # bytes (from the start, a line growing in small reads was scanned again at each).
+        old = len(buf)
         buf += data
         items: list[SSEItem] = []
         start = 0
         size = len(buf)
         # Each search resumes where it found its last match (a search per line from the start
         # of the rest was quadratic in the lines of one feed).
-        cr = buf.find(b"\r")
-        lf = buf.find(b"\n")
+        cr = buf.find(b"\r", old)
+        lf = buf.find(b"\n", old)
         while start < size:
             if cr != -1 and cr < start:
                 cr = buf.find(b"\r", start)
