@@ -16,13 +16,13 @@ from quart_schema import QuartSchema
 from quart_schema.openapi import OpenAPIProvider
 from quart_trio import QuartTrio
 from quart_trio.wrappers import TrioRequest
-from werkzeug.exceptions import UnsupportedMediaType
+from werkzeug.exceptions import BadRequest, UnsupportedMediaType
 
 from . import __version__
 from .api import backends as backends_api
 from .api import conversations, openai, ops, runs, tokens, web, ws
 from .api.errors import install_error_handlers, json_error
-from .api.models import strict_json_loads
+from .api.models import MAX_JSON_DEPTH, strict_json_loads, too_deep
 from .api.owned import CancelOwnedRuns
 from .backends.base import Backend
 from .connections import install as keep_connection_failures_to_themselves
@@ -166,13 +166,23 @@ class _JSONRequest(TrioRequest):
             raise UnsupportedMediaType(
                 "the body must be JSON, sent with Content-Type: application/json")
         try:
-            return await super().get_json(force=force, silent=silent, cache=cache)
+            value = await super().get_json(force=force, silent=silent, cache=cache)
         # A 400, not a 500: "[[[[..." nested deeper than the parser goes, or a body that is
         # not UTF-8 (quart decodes it before parsing, outside its own ValueError handling).
         except (RecursionError, UnicodeDecodeError) as exc:
             if silent:
                 return None
             return self.on_json_loading_failed(ValueError(f"the body is not JSON: {exc}"))
+        # Nested deeper than any request needs: refused here, before a run's deeper stack
+        # re-encodes it for the model's server (a RecursionError there crashed the run).
+        if too_deep(value, await self.get_data(cache=True)):
+            if silent:
+                return None
+            refused = BadRequest()
+            refused.json_message = (  # type: ignore[attr-defined]  # said by the 400 (api/errors.py)
+                f"the body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep")
+            raise refused
+        return value
 
 
 class _MergeSlashes:

@@ -84,8 +84,9 @@ def install_error_handlers(app: Quart) -> None:
             resp.headers["Upgrade"] = "websocket"  # a 426 names the protocol to switch to
             return resp
         if status == 400:
-            # Quart raises BadRequest for undecodable JSON bodies.
-            return json_error(400, "malformed_json", "the body is not valid JSON")
+            # Quart raises BadRequest for undecodable JSON bodies (ours may say more).
+            return json_error(400, "malformed_json", getattr(
+                error, "json_message", None) or "the body is not valid JSON")
         message = error.description or error.name
         resp = json_error(status, _HTTP_TYPES.get(status, "http_error"), message)
         if status == 405 and getattr(error, "valid_methods", None):

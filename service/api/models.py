@@ -27,6 +27,7 @@ from ..text import not_text_at
 
 __all__ = [
     "MAX_CONTENT_CHARS",
+    "MAX_JSON_DEPTH",
     "MAX_MODEL_CHARS",
     "AgentName",
     "ChatCompletionOut",
@@ -141,6 +142,29 @@ def _finite(text: str) -> float:
 
 def _refuse_constant(name: str) -> Any:
     raise NotFinite(f"{name} is not a JSON value")
+
+
+MAX_JSON_DEPTH = 128  # levels of arrays and objects a client's JSON may nest
+
+
+def too_deep(value: Any, raw: str | bytes | None = None, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether JSON ``value`` nests arrays and objects more than ``limit`` levels deep. Python's
+    parser goes as deep as the stack it runs on allows: a body parsed on a request's stack
+    (~950 levels) was re-encoded for the model's server on a run's deeper one and crashed it
+    (RecursionError: a 500 and a failed run). ``raw``, the text it was parsed from, skips the
+    walk when it holds too few brackets to nest that deep (most bodies)."""
+    if raw is not None:
+        opening = (b"[", b"{") if isinstance(raw, bytes) else ("[", "{")
+        if raw.count(opening[0]) + raw.count(opening[1]) <= limit:  # type: ignore[arg-type]
+            return False
+    stack: list[tuple[Any, int]] = [(value, 1)] if isinstance(value, dict | list) else []
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
 
 
 def strict_json_loads(raw: str | bytes) -> Any:

@@ -31,6 +31,8 @@ from .models import (
     JsonRequest,
     OpenAIModel,
     OpenAIModelList,
+    strict_json_loads,
+    too_deep,
 )
 from .owned import own_run
 from .runs import run_error, sse_response
@@ -235,9 +237,14 @@ def _to_history(messages: list[ChatMessageIn]) -> tuple[ChatMessage, ...]:
 
 
 def _loads(text: str) -> dict[str, Any]:
+    """A history tool call's ``arguments`` text as an object. Text that is not strict JSON
+    (NaN, Infinity: the model's server would refuse them), nests too deeply, or is no object,
+    is passed on as ``{"input": text}``."""
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
+        value = strict_json_loads(text)
+    except (ValueError, RecursionError):
+        return {"input": text}
+    if too_deep(value, text):
         return {"input": text}
     return value if isinstance(value, dict) else {"input": value}
 
