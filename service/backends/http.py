@@ -49,6 +49,7 @@ from ..errors import (
     ModelNotFound,
     UpstreamBroken,
 )
+from .inflate import ENCODINGS, Inflater
 from .stream_parsers import LineTooLong, NDJSONSplitter, SSEComment, SSEEvent, SSEParser
 
 __all__ = [
@@ -268,17 +269,17 @@ class TimedResponse:
         self.got_first = False  # set by the reader when the first message arrives
         # The body is read raw: one generator fewer per chunk than ``aiter_bytes``, and an
         # encoded one (the request asked for identity, but a server or proxy may compress
-        # anyway) is inflated here, ``INFLATED_READ`` bytes at a time: httpx inflates a whole
-        # network read at once (64 KB of gzip: 64 MB), before any bound of ours could apply.
+        # anyway) is inflated here, ``INFLATED_READ`` bytes at a time (``Inflater``: httpx
+        # inflates a whole network read at once, 64 KB of gzip: 64 MB).
         # (A body already read, a test transport's, is served decoded by ``aiter_bytes``.)
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
-        self._inflater: Any = None
+        self._inflater: Inflater | None = None
         if response.is_stream_consumed:
             self._raw = response.aiter_bytes()
         else:
             self._raw = response.aiter_raw()
-            if encoding in ("gzip", "x-gzip", "deflate"):
-                self._inflater = zlib.decompressobj(47)  # a zlib or gzip header, detected
+            if encoding in ENCODINGS:
+                self._inflater = Inflater(encoding)
             elif encoding not in ("", "identity"):
                 raise BackendProtocolError(
                     f"the stream came with content-encoding {encoding[:40]!r}, which this "
@@ -331,24 +332,10 @@ class TimedResponse:
     async def _read_inflated(self) -> bytes:
         """The next inflated bytes (at most ``INFLATED_READ``); raises StopAsyncIteration at
         the end of the body."""
-        while True:
-            inflater = self._inflater
-            if inflater.eof:
-                # One gzip member ended: what follows is the next member (RFC 1952), so it
-                # gets an inflater of its own (kept as ``unused_data`` it would be recopied at
-                # every read, and dropped); anything else there is not gzip (zlib.error).
-                rest = inflater.unused_data
-                self._inflater = inflater = zlib.decompressobj(47)
-                if rest:
-                    data = inflater.decompress(rest, INFLATED_READ)
-                    if data:
-                        return bytes(data)
-                    continue
-            if inflater.unconsumed_tail:  # what the last read left to inflate
-                return bytes(inflater.decompress(inflater.unconsumed_tail, INFLATED_READ))
-            data = inflater.decompress(await self._raw.__anext__(), INFLATED_READ)
-            if data:  # else only a header, or a part of a block: read on
-                return bytes(data)
+        assert self._inflater is not None
+        while not (data := self._inflater.inflate(INFLATED_READ)):
+            self._inflater.take(await self._raw.__anext__())
+        return data
 
     async def aclose(self) -> None:
         await self.response.aclose()
@@ -520,7 +507,8 @@ MAX_SMALL_BODY = 8 * 1024 * 1024  # a model list, a health answer: far below thi
 
 
 class BodyTooLarge(Exception):
-    """A response that should be small was larger than ``MAX_SMALL_BODY``."""
+    """A response that should be small was larger than ``MAX_SMALL_BODY`` (or could not be
+    read: an unknown or corrupt content-encoding)."""
 
 
 async def request_small(
@@ -535,21 +523,34 @@ async def request_small(
     sent = {"Accept-Encoding": "identity", **(headers or {})}
     async with client.stream(method, url, json=json_body, headers=sent) as response:
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
-        if encoding not in ("identity", "gzip", "deflate", ""):
+        if encoding not in ("identity", "") and encoding not in ENCODINGS:
             raise BodyTooLarge(f"{method} {url}: unsupported content-encoding {encoding!r}")
-        # wbits 47: zlib or gzip header, detected.
-        inflater = zlib.decompressobj(47) if encoding in ("gzip", "deflate") else None
+        inflater = Inflater(encoding) if encoding in ENCODINGS else None
         body = bytearray()
         # An in-memory response (a test transport's) arrives already read, and decoded.
         raw = _whole(response.content) if response.is_stream_consumed else response.aiter_raw()
         if response.is_stream_consumed:
             inflater = None
+        # Bytes read as sent: compressed, a body is hardly larger than what it holds (deflate
+        # adds 5 bytes per stored block of up to 64 KB), so well past ``limit`` of them it is
+        # padding or garbage sent without end.
+        taken, raw_limit = 0, limit + limit // 64 + 1024
         async for chunk in raw:
-            if inflater is not None:
-                chunk = inflater.decompress(chunk, limit + 1 - len(body))
-                if inflater.unconsumed_tail:
-                    raise BodyTooLarge(f"{method} {url}: response larger than {limit} bytes")
-            body += chunk
+            taken += len(chunk)
+            if taken > raw_limit:
+                raise BodyTooLarge(f"{method} {url}: response larger than {limit} bytes")
+            if inflater is None:
+                body += chunk
+            else:
+                inflater.take(chunk)
+                try:
+                    while piece := inflater.inflate(limit + 1 - len(body)):
+                        body += piece
+                        if len(body) > limit:
+                            break
+                except zlib.error as exc:
+                    raise BodyTooLarge(f"{method} {url}: the compressed body is corrupt: "
+                                       f"{exc}") from exc
             if len(body) > limit:
                 raise BodyTooLarge(f"{method} {url}: response larger than {limit} bytes")
     kept = [(k, v) for k, v in response.headers.multi_items()

@@ -149,6 +149,7 @@ class OpenAIChunks:
                                     mid_stream=True, **details)
 
     def _event(self, data: str) -> ChatChunk | None:
+        self._call_progress = False  # set again if this event adds to a tool call
         try:
             obj = loads_json(data)
         except ValueError as exc:
@@ -227,8 +228,9 @@ class OpenAIChunks:
             call = self._calls[index] = _PartialCall()
         if part.get("id"):
             call.id = str(part["id"])
-        if isinstance(function.get("name"), str) and function["name"]:
-            call.name = function["name"]
+        name = function.get("name")
+        if isinstance(name, str) and name and name != call.name:  # the same again adds nothing
+            call.name = name
             self._call_progress = True
         if isinstance(function.get("arguments"), str) and function["arguments"]:
             self._arguments += len(function["arguments"])
