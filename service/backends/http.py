@@ -531,10 +531,10 @@ async def request_small(
         raw = _whole(response.content) if response.is_stream_consumed else response.aiter_raw()
         if response.is_stream_consumed:
             inflater = None
-        # Bytes read as sent: compressed, a body is hardly larger than what it holds (deflate
-        # adds 5 bytes per stored block of up to 64 KB), so well past ``limit`` of them it is
+        # Bytes read as sent: compressed, a body is seldom larger than what it holds (an
+        # encoder flushing every few bytes: ~1.2 x), so past four times ``limit`` of them it is
         # padding or garbage sent without end.
-        taken, raw_limit = 0, limit + limit // 64 + 1024
+        taken, raw_limit = 0, 4 * limit + 65536
         async for chunk in raw:
             taken += len(chunk)
             if taken > raw_limit:

@@ -4,11 +4,12 @@ The service asks upstreams for ``identity``; a server or proxy may compress all 
 would inflate each network read whole (64 KB of gzip: 64 MB at once), before any bound of ours
 could apply, so bodies are read raw and inflated here, at most ``max_out`` bytes per call.
 
-What it reads as the formats' own tools do: several gzip members one after the other (RFC 1952),
-zero bytes after the last member (padding: skipped, as Python's ``gzip`` module does), and
-``deflate`` with its zlib header or without one (raw deflate, which some servers send, as httpx
-also reads). Anything else is ``zlib.error``. Linear in the input: what follows a member is
-never kept growing (zlib's ``unused_data`` is recopied at each call once a stream has ended).
+What it reads as the formats' own tools do: several gzip members one after the other (RFC
+1952), zero bytes after the last member (padding: skipped, as Python's ``gzip`` module does),
+and ``deflate`` with its zlib header or without one (raw deflate, which some servers send, as
+httpx also reads: told apart by the first two bytes, however the body is cut). Anything else
+is ``zlib.error``. Linear in the input: what follows a member is never kept growing (zlib's
+``unused_data`` is recopied at each call once a stream has ended).
 """
 
 from __future__ import annotations
@@ -27,11 +28,10 @@ class Inflater:
     """``take`` raw bytes, then ``inflate`` until it returns ``b""`` (it needs more input)."""
 
     def __init__(self, encoding: str) -> None:
-        self._deflate = encoding == "deflate"
-        self._wbits = _AUTO
-        self._z = zlib.decompressobj(self._wbits)
+        # gzip: its header or zlib's, detected; deflate: decided from its first two bytes.
+        self._wbits: int | None = None if encoding == "deflate" else _AUTO
+        self._z = zlib.decompressobj(self._wbits or _AUTO)
         self._input = b""  # taken, not inflated yet
-        self._produced = False  # any output yet (until then a "deflate" may be raw)
 
     def __repr__(self) -> str:
         return f"<Inflater wbits={self._wbits} pending={len(self._input)}>"
@@ -43,6 +43,11 @@ class Inflater:
         """Up to ``max_out`` (>= 1) inflated bytes of what was taken; ``b""`` once all of it is
         inflated. ``zlib.error`` for a body that is not what its encoding says."""
         assert max_out >= 1  # 0 would be zlib's "no bound"
+        if self._wbits is None:  # "deflate": with zlib's header (as the RFC says) or raw
+            if len(self._input) < 2:
+                return b""
+            self._wbits = _AUTO if _headed(self._input) else _RAW
+            self._z = zlib.decompressobj(self._wbits)
         while self._input:
             if self._z.eof:  # a member ended: zero padding, or the next member
                 self._input = self._input.lstrip(b"\0")
@@ -50,16 +55,16 @@ class Inflater:
                     break
                 self._z = zlib.decompressobj(self._wbits)
             z = self._z
-            try:
-                out = z.decompress(self._input, max_out)
-            except zlib.error:
-                if not (self._deflate and not self._produced and self._wbits == _AUTO):
-                    raise
-                self._wbits = _RAW  # "deflate" without its zlib header
-                self._z = zlib.decompressobj(self._wbits)
-                continue
+            out = z.decompress(self._input, max_out)
             self._input = z.unused_data if z.eof else z.unconsumed_tail
             if out:
-                self._produced = True
                 return out
         return b""
+
+
+def _headed(start: bytes) -> bool:
+    """Whether a body starts with a zlib header (RFC 1950: deflate, and its check bits) or a
+    gzip one; else it is raw deflate."""
+    if start[:2] == b"\x1f\x8b":
+        return True
+    return start[0] & 0x0F == 8 and (start[0] << 8 | start[1]) % 31 == 0

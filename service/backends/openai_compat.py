@@ -229,9 +229,10 @@ class OpenAIChunks:
         if part.get("id"):
             call.id = str(part["id"])
         name = function.get("name")
-        if isinstance(name, str) and name and name != call.name:  # the same again adds nothing
+        if isinstance(name, str) and name:
+            if call.name is None:  # its first name is progress; another one adds nothing
+                self._call_progress = True
             call.name = name
-            self._call_progress = True
         if isinstance(function.get("arguments"), str) and function["arguments"]:
             self._arguments += len(function["arguments"])
             if self._arguments > MAX_ARGUMENTS:
