@@ -25,47 +25,10 @@ from service.backends.stream_parsers import DEFAULT_MAX_LINE
 from service.errors import BackendError
 
 from .backend_helpers import BUDGETS, req
+from .raw_upstream import END, GZIP_SSE_HEAD, chunk, serve_raw
 
 BOMB = 64 * 1024 * 1024  # inflated size of the body (about 64 KB of gzip)
 GUARD = 30
-
-
-async def _upstream(body: bytes, seen: list[dict[str, str]],  # noqa: ASYNC114
-                    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """An OpenAI-compatible server that answers every streamed chat with ``body`` as a gzip
-    SSE stream (chunked, one chunk: the client reads it as the socket gives it, 64 KB at most a
-    read), whatever the request asked for."""
-
-    async def handle(stream: trio.SocketStream) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            got = await stream.receive_some(65536)
-            if not got:
-                return
-            data += got
-        head, _, rest = data.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {k.strip().lower(): v.strip()
-                   for k, _, v in (line.partition(":") for line in lines[1:])}
-        seen.append(headers)
-        while len(rest) < int(headers.get("content-length", "0")):
-            got = await stream.receive_some(65536)
-            if not got:
-                return
-            rest += got
-        await stream.send_all(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-            b"Content-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n")
-        await stream.send_all(b"%x\r\n%s\r\n" % (len(body), body))
-        await stream.send_all(b"0\r\n\r\n")
-        with trio.move_on_after(5):
-            await stream.receive_some(1)  # until the client closes
-
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.serve_listeners, handle, listeners)
-        task_status.started(port)
 
 
 async def _stream_through_the_adapter(body: bytes) -> tuple[int, list[dict[str, str]], str]:
@@ -74,7 +37,11 @@ async def _stream_through_the_adapter(body: bytes) -> tuple[int, list[dict[str, 
     seen: list[dict[str, str]] = []
     ended = "ok"
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(_upstream, body, seen)
+        async def respond(stream: trio.SocketStream) -> None:
+            # One chunk: the client reads it as the socket gives it, 64 KB at most a read.
+            await stream.send_all(GZIP_SSE_HEAD + chunk(body) + END)
+
+        port = await nursery.start(serve_raw, respond, seen)
         client = make_client(BUDGETS)
         backend = OpenAICompatBackend("b", f"http://127.0.0.1:{port}", client, BUDGETS)
         tracemalloc.start()

@@ -10,17 +10,18 @@ import zlib
 
 import trio
 
-from service.backends.http import BodyTooLarge, Budgets, make_client, request_small
+from service.backends.http import BodyTooLarge, Budgets
 from service.errors import BackendError, BackendRateLimited, ChunkGapTimeout
 
-from .test_review_upstream_bounds import (
+from .raw_upstream import (
     END,
     FINISH,
+    GZIP_JSON_HEAD,
     SSE_HEAD,
-    _call,
-    _upstream,
+    call_raw,
     chunk,
     delta,
+    small_raw,
     sse,
 )
 
@@ -52,7 +53,7 @@ async def test_a_repeated_tool_call_name_is_not_progress() -> None:
             await stream.send_all(same_name)
 
     start = trio.current_time()
-    out = await _call(respond, budgets=budgets)
+    out = await call_raw(respond, budgets=budgets)
     took = trio.current_time() - start
     assert isinstance(out.error, ChunkGapTimeout), (took, out)
     assert took < 4, (took, out)
@@ -61,33 +62,6 @@ async def test_a_repeated_tool_call_name_is_not_progress() -> None:
 # --------------------------------------------------------------------------------------------
 # 2. request_small (model lists, health probes): data after a gzip member, and a 2nd member.
 
-GZIP_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-             b"Content-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n")
-
-
-async def _small(respond: object) -> tuple[object, BaseException | None, float]:
-    """``request_small`` against a loopback server; (body, error, seconds taken)."""
-    body: object = None
-    error: BaseException | None = None
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(_upstream, respond)
-        client = make_client(Budgets(connect=3.0, first_chunk=10.0, gap=5.0, call=30.0))
-        start = trio.current_time()
-        try:
-            with trio.move_on_after(READ_FOR) as cut:
-                try:
-                    response = await request_small(client, "GET",
-                                                   f"http://127.0.0.1:{port}/v1/models")
-                    body = response.content
-                except Exception as exc:
-                    error = exc
-            if cut.cancelled_caught:
-                error = TimeoutError(f"still reading after {READ_FOR} s")
-        finally:
-            took = trio.current_time() - start
-            await client.aclose()
-        nursery.cancel_scope.cancel()
-    return body, error, took
 
 
 async def test_request_small_bounds_the_data_after_a_gzip_member() -> None:
@@ -105,11 +79,11 @@ async def test_request_small_bounds_the_data_after_a_gzip_member() -> None:
     junk = chunk(b"\0" * 65536)
 
     async def respond(stream: trio.SocketStream) -> None:
-        await stream.send_all(GZIP_HEAD + chunk(member))
+        await stream.send_all(GZIP_JSON_HEAD + chunk(member))
         while True:
             await stream.send_all(junk)
 
-    body, error, took = await _small(respond)
+    body, error, took = await small_raw(respond, read_for=READ_FOR)
     assert body is None, (took, body)
     assert isinstance(error, BodyTooLarge | zlib.error | BackendError), (took, error)
 
@@ -125,9 +99,9 @@ async def test_request_small_reads_a_second_gzip_member() -> None:
     second = gzip.compress(b'"data": [{"id": "m"}]}')
 
     async def respond(stream: trio.SocketStream) -> None:
-        await stream.send_all(GZIP_HEAD + chunk(first) + chunk(second) + END)
+        await stream.send_all(GZIP_JSON_HEAD + chunk(first) + chunk(second) + END)
 
-    body, error, _ = await _small(respond)
+    body, error, _ = await small_raw(respond, read_for=READ_FOR)
     if error is None:
         assert body == b'{"object": "list", "data": [{"id": "m"}]}', body
     else:
@@ -157,7 +131,7 @@ async def test_zero_padding_after_a_gzip_member_does_not_lose_a_whole_answer() -
     async def respond(stream: trio.SocketStream) -> None:
         await stream.send_all(GZIP_SSE_HEAD + chunk(member + b"\0" * 512) + END)
 
-    out = await _call(respond)
+    out = await call_raw(respond)
     assert out.error is None, out
     assert out.text == "whole answer", out
 
@@ -174,7 +148,7 @@ async def test_a_raw_deflate_stream_is_read() -> None:
     async def respond(stream: trio.SocketStream) -> None:
         await stream.send_all(DEFLATE_SSE_HEAD + chunk(body) + END)
 
-    out = await _call(respond)
+    out = await call_raw(respond)
     assert out.error is None, out
     assert out.text == "deflated", out
 
@@ -194,6 +168,6 @@ async def test_zero_padding_after_a_gzip_error_body_keeps_the_upstream_status() 
             b"Content-Encoding: gzip\r\nRetry-After: 7\r\nTransfer-Encoding: chunked\r\n\r\n"
             + chunk(body + b"\0" * 64) + END)
 
-    out = await _call(respond)
+    out = await call_raw(respond)
     assert isinstance(out.error, BackendRateLimited), out
     assert out.error.retry_after == 7, out

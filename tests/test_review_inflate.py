@@ -12,12 +12,11 @@ import zlib
 
 import trio
 
-from service.backends.http import MAX_SMALL_BODY, Budgets, make_client, request_small
+from service.backends.http import Budgets
 from service.backends.inflate import Inflater
 from service.errors import ChunkGapTimeout
 
-from .test_review_diff_dec05e import GZIP_HEAD
-from .test_review_upstream_bounds import END, FINISH, _call, _upstream, chunk, delta
+from .raw_upstream import END, FINISH, GZIP_JSON_HEAD, call_raw, chunk, delta, small_raw
 
 DEFLATE_SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                     b"Content-Encoding: deflate\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -25,26 +24,6 @@ DEFLATE_JSON_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                      b"Content-Encoding: deflate\r\nTransfer-Encoding: chunked\r\n\r\n")
 
 
-async def _small(respond: object, limit: int = MAX_SMALL_BODY
-                 ) -> tuple[bytes | None, BaseException | None]:
-    """``request_small`` (with ``limit``) against a loopback server: (body, error)."""
-    body: bytes | None = None
-    error: BaseException | None = None
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(_upstream, respond)
-        client = make_client(Budgets(connect=3.0, first_chunk=5.0, gap=5.0, call=10.0))
-        try:
-            with trio.fail_after(10):
-                try:
-                    response = await request_small(
-                        client, "GET", f"http://127.0.0.1:{port}/v1/models", limit=limit)
-                    body = response.content
-                except Exception as exc:
-                    error = exc
-        finally:
-            await client.aclose()
-        nursery.cancel_scope.cancel()
-    return body, error
 
 
 def _raw_deflate(data: bytes) -> bytes:
@@ -95,7 +74,7 @@ async def test_a_raw_deflate_stream_with_a_one_byte_first_chunk_is_read() -> Non
         await trio.sleep(0.05)  # a separate read on the client's side
         await stream.send_all(chunk(body[1:]) + END)
 
-    out = await _call(respond)
+    out = await call_raw(respond)
     assert out.error is None, out
     assert out.text == "deflated", out
 
@@ -111,7 +90,7 @@ async def test_request_small_reads_raw_deflate_with_a_one_byte_first_chunk() -> 
         await trio.sleep(0.05)
         await stream.send_all(chunk(body[1:]) + END)
 
-    got, error = await _small(respond)
+    got, error, _ = await small_raw(respond)
     assert error is None, error
     assert got == payload, got
 
@@ -146,10 +125,10 @@ async def test_request_small_raw_bound_admits_a_valid_flushed_gzip_body_below_th
     assert zlib.decompress(body, 31) == payload  # a valid gzip body
 
     async def respond(stream: trio.SocketStream) -> None:
-        await stream.send_all(GZIP_HEAD + b"".join(chunk(body[i:i + 16384])
+        await stream.send_all(GZIP_JSON_HEAD + b"".join(chunk(body[i:i + 16384])
                                                    for i in range(0, len(body), 16384)) + END)
 
-    got, error = await _small(respond, limit=limit)
+    got, error, _ = await small_raw(respond, limit=limit)
     assert error is None, error
     assert got == payload
 
@@ -185,7 +164,7 @@ async def test_alternating_tool_call_names_are_not_progress() -> None:
             i += 1
 
     start = trio.current_time()
-    out = await _call(respond, budgets=budgets)
+    out = await call_raw(respond, budgets=budgets)
     took = trio.current_time() - start
     assert isinstance(out.error, ChunkGapTimeout), (took, out)
     assert took < 2.5, (took, out)

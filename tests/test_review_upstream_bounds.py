@@ -10,143 +10,30 @@ from __future__ import annotations
 import gzip
 import json
 import time
-import tracemalloc
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import pytest
 import trio
 
 from service.backends.auto import AutoBackend
-from service.backends.base import ChatChunk
 from service.backends.http import Budgets, make_client
-from service.backends.interceptor import Interceptor
-from service.backends.ollama import OllamaBackend
 from service.backends.openai_compat import OpenAICompatBackend
 from service.backends.stream_parsers import DEFAULT_MAX_LINE, SSEParser
 from service.errors import BackendError
-from service.metrics import Metrics
 
 from .backend_helpers import BUDGETS, req
-
-GUARD = 20  # seconds: no test here may run longer
-
-Respond = Callable[[trio.SocketStream], Awaitable[None]]
-
-SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n")
-GZIP_SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                 b"Content-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n")
-NDJSON_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
-               b"Transfer-Encoding: chunked\r\n\r\n")
-END = b"0\r\n\r\n"
-
-
-def chunk(data: bytes) -> bytes:
-    assert data, "an empty chunk would end the body"
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-def sse(obj: object) -> bytes:
-    return b"data: " + json.dumps(obj).encode() + b"\n\n"
-
-
-def delta(**fields: object) -> bytes:
-    return sse({"choices": [{"index": 0, "delta": fields}]})
-
-
-FINISH = (sse({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-          + b"data: [DONE]\n\n")
-
-
-async def _upstream(respond: Respond,  # noqa: ASYNC114
-                    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """A server that reads each request and answers it with ``respond``."""
-
-    async def handle(stream: trio.SocketStream) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            got = await stream.receive_some(65536)
-            if not got:
-                return
-            data += got
-        head, _, rest = data.partition(b"\r\n\r\n")
-        length = 0
-        for line in head.decode("latin-1").split("\r\n")[1:]:
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "content-length":
-                length = int(value)
-        while len(rest) < length:
-            got = await stream.receive_some(65536)
-            if not got:
-                return
-            rest += got
-        try:
-            await respond(stream)
-            with trio.move_on_after(5):
-                await stream.receive_some(1)  # until the client closes
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
-
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.serve_listeners, handle, listeners)
-        task_status.started(port)
-
-
-class Outcome:
-    def __init__(self) -> None:
-        self.chunks: list[ChatChunk] = []
-        self.text_chars = 0
-        self.error: BaseException | None = None
-        self.peak = 0  # bytes traced at most, when measured
-
-    @property
-    def text(self) -> str:
-        return "".join(c.text for c in self.chunks)
-
-    def __repr__(self) -> str:
-        return (f"<Outcome chunks={len(self.chunks)} text_chars={self.text_chars} "
-                f"error={self.error!r:.300} peak={self.peak / 2**20:.1f} MB>")
-
-
-async def _call(respond: Respond, *, protocol: str = "openai", budgets: Budgets = BUDGETS,
-                measure: bool = False, keep: bool = True,
-                stop_after_chars: int | None = None, intercepted: bool = False) -> Outcome:
-    """One streamed chat call through the service's adapter to a loopback upstream. Any
-    exception of the call is kept in ``error`` (the tests assert its type)."""
-    out = Outcome()
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(_upstream, respond)
-        client = make_client(budgets)
-        cls = OllamaBackend if protocol == "ollama" else OpenAICompatBackend
-        backend: Any = cls("up", f"http://127.0.0.1:{port}", client, budgets)
-        if intercepted:  # as every call of a run goes (its records, its bounds)
-            backend = Interceptor(backend, None, Metrics())
-        if measure:
-            tracemalloc.start()
-        try:
-            with trio.fail_after(GUARD):
-                try:
-                    async with backend.stream(req()) as chunks:
-                        async for c in chunks:
-                            out.text_chars += len(c.text)
-                            if keep:
-                                out.chunks.append(c)
-                            if stop_after_chars is not None and out.text_chars > stop_after_chars:
-                                break
-                except Exception as exc:  # the test asserts what it was
-                    out.error = exc
-            if measure:
-                out.peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            if measure:
-                tracemalloc.stop()
-            await client.aclose()
-        nursery.cancel_scope.cancel()
-    return out
-
+from .raw_upstream import (
+    END,
+    FINISH,
+    GUARD,
+    GZIP_SSE_HEAD,
+    NDJSON_HEAD,
+    SSE_HEAD,
+    call_raw,
+    chunk,
+    delta,
+    serve_raw,
+    sse,
+)
 
 # --------------------------------------------------------------------------------------------
 # 1. Deeply nested JSON in one event: RecursionError, not a BackendError.
@@ -171,7 +58,7 @@ async def test_deeply_nested_json_in_one_message_is_a_protocol_error(protocol: s
         async def respond(stream: trio.SocketStream) -> None:
             await stream.send_all(NDJSON_HEAD + chunk(DEEP + b"\n") + END)
 
-    out = await _call(respond, protocol=protocol)
+    out = await call_raw(respond, protocol=protocol)
     assert isinstance(out.error, BackendError), out
 
 
@@ -187,8 +74,8 @@ async def test_a_deeply_nested_first_message_fails_over_to_the_next_backend() ->
 
     text, error = "", None
     async with trio.open_nursery() as nursery:
-        bad_port = await nursery.start(_upstream, deep)
-        good_port = await nursery.start(_upstream, good)
+        bad_port = await nursery.start(serve_raw, deep)
+        good_port = await nursery.start(serve_raw, good)
         client = make_client(BUDGETS)
         auto = AutoBackend([
             OpenAICompatBackend("bad", f"http://127.0.0.1:{bad_port}", client, BUDGETS),
@@ -236,7 +123,7 @@ async def test_a_huge_integer_timing_does_not_lose_the_answer(protocol: str) -> 
     async def respond(stream: trio.SocketStream) -> None:
         await stream.send_all(body)
 
-    out = await _call(respond, protocol=protocol)
+    out = await call_raw(respond, protocol=protocol)
     if out.error is not None:
         assert isinstance(out.error, BackendError), out
     else:
@@ -267,7 +154,7 @@ async def test_data_after_the_end_of_a_gzip_stream_is_not_accumulated() -> None:
         await stream.send_all(END)
 
     start = trio.current_time()
-    out = await _call(respond, measure=True)
+    out = await call_raw(respond, measure=True)
     took = trio.current_time() - start
     assert isinstance(out.error, BackendError), out
     assert out.peak < 4 * DEFAULT_MAX_LINE, out
@@ -287,7 +174,7 @@ async def test_a_second_gzip_member_is_read_not_silently_dropped() -> None:
     async def respond(stream: trio.SocketStream) -> None:
         await stream.send_all(GZIP_SSE_HEAD + chunk(first) + chunk(second) + END)
 
-    out = await _call(respond)
+    out = await call_raw(respond)
     if out.error is None:
         assert out.text == "one two", out
     else:
@@ -323,7 +210,7 @@ async def test_tool_call_arguments_streamed_slowly_are_progress() -> None:
             {"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}) + b"data: [DONE]\n\n"))
         await stream.send_all(END)
 
-    out = await _call(respond, budgets=budgets)
+    out = await call_raw(respond, budgets=budgets)
     assert out.error is None, out
     (call,) = out.chunks[-1].tool_calls
     assert call.arguments == {"path": "a.txt", "content": "line\n" * 6}
@@ -351,7 +238,7 @@ async def test_tool_call_arguments_are_bounded_in_size() -> None:
             {"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}) + b"data: [DONE]\n\n"))
         await stream.send_all(END)
 
-    out = await _call(respond)
+    out = await call_raw(respond)
     if out.error is None:
         sizes = [len(c.invalid_arguments or json.dumps(c.arguments))
                  for c in out.chunks[-1].tool_calls]
@@ -383,7 +270,7 @@ async def test_an_upstream_streaming_text_without_end_is_cut_by_size_not_only_by
             await stream.send_all(event)
 
     limit = 256 * 2**20
-    out = await _call(respond, keep=False, stop_after_chars=limit, intercepted=True)
+    out = await call_raw(respond, keep=False, stop_after_chars=limit, intercepted=True)
     assert isinstance(out.error, BackendError), (
         f"{out.text_chars / 2**20:.0f} MB of text delivered by one call, no error: {out}")
 
