@@ -5,6 +5,7 @@ loopback (``pg_url``); the locks are real transactions of other connections."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import psycopg
 import trio
@@ -35,6 +36,19 @@ def _execute(url: str, sql: str) -> None:
         conn.execute(sql)  # type: ignore[arg-type]
 
 
+
+async def _probe_batch_held(store: Any, nursery: trio.Nursery) -> None:
+    """One batch: ``/readyz``'s write probe first, then a write that waits on a lock held
+    elsewhere (``conversations``), so the batch holds what the probe wrote until it lands."""
+    await store.faults.hold_writes()
+    nursery.start_soon(store.probe_write)
+    await trio.sleep(0.1)
+    nursery.start_soon(store.create_conversation)
+    await trio.sleep(0.1)
+    assert store.faults.queued_writes == 2
+    store.faults.release_writes()
+    await trio.sleep(0.5)  # the probe's write done, the insert waiting
+
 async def test_a_write_probe_batched_before_a_slow_write_holds_up_this_instances_renewal(
     pg_url: str,
 ) -> None:
@@ -63,15 +77,7 @@ async def test_a_write_probe_batched_before_a_slow_write_holds_up_this_instances
         error: StoreError | None = None
         async with trio.open_nursery() as nursery:
             with _locked(pg_url, "LOCK TABLE conversations IN ACCESS EXCLUSIVE MODE"):
-                # One batch: the probe first, then a write that waits on the lock.
-                await store.faults.hold_writes()
-                nursery.start_soon(store.probe_write)
-                await trio.sleep(0.1)
-                nursery.start_soon(store.create_conversation)
-                await trio.sleep(0.1)
-                assert store.faults.queued_writes == 2
-                store.faults.release_writes()
-                await trio.sleep(0.5)  # the probe's UPDATE done, the insert waiting
+                await _probe_batch_held(store, nursery)
                 with trio.fail_after(GUARD):
                     try:
                         await store.renew_lease(LEASE)

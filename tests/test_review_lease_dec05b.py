@@ -16,6 +16,8 @@ from service.runs.upkeep import lease_loop
 from service.store import open_store
 from service.store.ownership import LEASE
 
+from .test_review_lease_dec05 import _probe_batch_held
+
 GUARD = 30  # seconds any wait may take before the test fails
 
 
@@ -186,15 +188,7 @@ async def test_end_lease_waits_on_this_instances_own_probe_batch_and_fails(pg_ur
                                release, token)
             with trio.fail_after(GUARD):
                 await held.wait()
-            # One batch: the probe first, then a write that waits on the lock.
-            await store.faults.hold_writes()
-            nursery.start_soon(store.probe_write)
-            await trio.sleep(0.1)
-            nursery.start_soon(store.create_conversation)
-            await trio.sleep(0.1)
-            assert store.faults.queued_writes == 2
-            store.faults.release_writes()
-            await trio.sleep(0.5)  # the probe's upsert done, the insert waiting
+            await _probe_batch_held(store, nursery)
             with trio.fail_after(GUARD):
                 try:
                     await store.end_lease()

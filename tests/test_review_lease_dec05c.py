@@ -19,6 +19,7 @@ from service.store.ownership import LEASE
 
 from .fakes import Reply, ScriptedBackend
 from .servers import running_server
+from .store.test_pg_lease import _lease_left
 
 GUARD = 40  # seconds any wait may take before the test fails (a lease is 15 s)
 
@@ -48,14 +49,6 @@ def _cancel_waiting_renewal(url: str) -> int:
             "WHERE datname = current_database() AND pid <> pg_backend_pid() "
             "AND wait_event_type = 'Lock' AND query ILIKE '%%instances%%'").fetchall()
     return len(rows)
-
-
-def _lease_left(url: str, process_id: str) -> float:
-    with psycopg.connect(url, autocommit=True) as conn:
-        row = conn.execute("SELECT lease_until - extract(epoch FROM clock_timestamp()) "
-                           "FROM instances WHERE id = %s", (process_id,)).fetchone()
-    assert row is not None
-    return float(row[0])
 
 
 def _backdate_lease(url: str, process_id: str) -> None:
