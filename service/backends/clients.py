@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import trio
 
+from .h11transport import PlainHTTPTransport
+
 if TYPE_CHECKING:
     from .http import Budgets
 
@@ -22,16 +24,21 @@ def make_client(
     transport: httpx.AsyncBaseTransport | None = None,
     verify: ssl.SSLContext | None = None,
 ) -> httpx.AsyncClient:
-    """The one client the adapters share. Read timeout off: the budgets above replace it."""
+    """The one client the adapters share. Read timeout off: the budgets above replace it.
+    Plain-HTTP upstreams go through ``PlainHTTPTransport`` (h11 on trio), HTTPS ones through
+    httpx's own transport; ``transport`` (a test's) replaces both."""
+    limits = httpx.Limits(
+        max_connections=max_connections,
+        max_keepalive_connections=max_connections,
+        keepalive_expiry=30.0,
+    )
+    if transport is None:
+        tls = httpx.AsyncHTTPTransport(verify=verify if verify is not None else True,
+                                       limits=limits, trust_env=False)
+        transport = PlainHTTPTransport(limits=limits, tls=tls)
     return httpx.AsyncClient(
-        verify=verify if verify is not None else True,
         timeout=httpx.Timeout(
             connect=budgets.connect, read=None, write=budgets.first_chunk, pool=budgets.connect
-        ),
-        limits=httpx.Limits(
-            max_connections=max_connections,
-            max_keepalive_connections=max_connections,
-            keepalive_expiry=30.0,
         ),
         transport=transport,
         trust_env=False,  # a loopback LLM server must not go through an HTTP(S)_PROXY

@@ -49,6 +49,7 @@ from ..errors import (
     ModelNotFound,
     UpstreamBroken,
 )
+from .h11transport import MalformedResponse
 from .inflate import ENCODINGS, Inflater
 from .stream_parsers import LineTooLong, NDJSONSplitter, SSEComment, SSEEvent, SSEParser
 
@@ -148,6 +149,8 @@ def httpx_error(exc: httpx.HTTPError, backend: str, url: str = "") -> BackendErr
         return BackendTimeout(f"{type(exc).__name__}{where}", backend=backend)
     if isinstance(exc, httpx.ConnectError):
         return BackendUnavailable(f"cannot connect{where}: {exc}", backend=backend)
+    if isinstance(exc, MalformedResponse):
+        return BackendProtocolError(f"malformed response{where}: {exc}", backend=backend)
     if isinstance(exc, httpx.RemoteProtocolError):
         # Mostly "peer closed connection without sending complete message body": it went away.
         return BackendUnavailable(f"connection lost{where}: {exc}", backend=backend)
@@ -317,7 +320,7 @@ class TimedResponse:
                 raise BackendProtocolError(f"the stream's compressed body is corrupt: {exc}",
                                            backend=self.backend) from exc
             except httpx.TransportError as exc:
-                if isinstance(exc, httpx.TimeoutException):
+                if isinstance(exc, (httpx.TimeoutException, MalformedResponse)):
                     raise httpx_error(exc, self.backend) from exc
                 # The status and headers came: the backend answered, then the connection
                 # broke (it died, or a proxy cut it). Not "unreachable" (503): a bad answer.

@@ -44,6 +44,7 @@ from service.backends.embedded import (  # noqa: E402
     _free_port,
     embedded_llama_server,
 )
+from service.backends.h11transport import PlainHTTPTransport  # noqa: E402
 from service.errors import BackendUnavailable  # noqa: E402
 from service.metrics import Metrics  # noqa: E402
 from service.store import LLMCallOutcome, LLMCallRecord, Store, open_store  # noqa: E402
@@ -143,10 +144,10 @@ async def wait_slots_idle(client: httpx.AsyncClient, base_url: str) -> None:
 
 
 def pool_in_use(client: httpx.AsyncClient) -> tuple[int, int]:
-    """(requests in flight, connections neither idle nor closed) of httpcore's pool."""
-    pool = client._transport._pool  # type: ignore[attr-defined]
-    busy = [c for c in pool.connections if not (c.is_idle() or c.is_closed())]
-    return len(pool._requests), len(busy)
+    """(requests in flight, connections neither idle nor closed) of the client's pool."""
+    transport = client._transport
+    assert isinstance(transport, PlainHTTPTransport)
+    return transport.requests, transport.counts()[0]
 
 
 async def calls(store: Store) -> list[LLMCallRecord]:

@@ -12,6 +12,7 @@ import trio
 from trio.testing import MockClock
 
 from service.backends.base import ChatChunk
+from service.backends.h11transport import PlainHTTPTransport
 from service.backends.http import Budgets, make_client
 from service.backends.ollama import OllamaBackend
 from service.backends.openai_compat import OpenAICompatBackend
@@ -169,8 +170,9 @@ async def test_httpx_errors_mapped_once(
 def test_client_timeouts_are_explicit() -> None:
     client = make_client(Budgets(connect=3, first_chunk=10, gap=5, call=100), max_connections=7)
     assert client.timeout == httpx.Timeout(connect=3, read=None, write=10, pool=3)
-    pool = client._transport._pool  # type: ignore[attr-defined]
-    assert pool._max_connections == 7
+    transport = client._transport
+    assert isinstance(transport, PlainHTTPTransport)
+    assert transport.max_connections == 7
 
 
 # -- a reasoning model's thinking is progress ---------------------------------------------------
