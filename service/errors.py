@@ -77,6 +77,7 @@ __all__ = [
     "ToolError",
     "UpstreamBroken",
     "is_interrupt",
+    "retry_after_of_type",
     "status_of_type",
 ]
 
@@ -296,16 +297,28 @@ class ShuttingDown(ServiceError):
     type = "shutting_down"
 
 
-def status_of_type(type_: str) -> int | None:
-    """The HTTP status of an error known only by its ``type`` (a run's stored error type), as
-    its exception class says; None for a type no class has."""
+def _class_of_type(type_: str) -> type[ServiceError] | None:
     pending: list[type[ServiceError]] = [ServiceError]
     while pending:
         cls = pending.pop()
         if cls.type == type_:
-            return cls.status
+            return cls
         pending.extend(cls.__subclasses__())
     return None
+
+
+def status_of_type(type_: str) -> int | None:
+    """The HTTP status of an error known only by its ``type`` (a run's stored error type), as
+    its exception class says; None for a type no class has."""
+    cls = _class_of_type(type_)
+    return None if cls is None else cls.status
+
+
+def retry_after_of_type(type_: str) -> int | None:
+    """The seconds after which a retry is worth it for an error known only by its ``type``, as
+    its exception class says (``store_unavailable``: 5); None if it says none."""
+    cls = _class_of_type(type_)
+    return None if cls is None else cls.retry_after
 
 
 def is_interrupt(exc: BaseException | None) -> bool:

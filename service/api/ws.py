@@ -94,6 +94,15 @@ def _error(type_: str, message: str, request: Any = None) -> dict[str, Any]:
     return _error_reply({"type": type_, "message": message}, request)
 
 
+def _service_error(exc: ServiceError) -> dict[str, Any]:
+    """A service error as an error frame's ``error``: with ``retry_after`` (seconds) when a
+    retry is worth it then, as an SSE stream's ``error`` event and an HTTP Retry-After say."""
+    error = exc.to_dict()
+    if exc.retry_after is not None:
+        error["retry_after"] = exc.retry_after
+    return error
+
+
 def _error_reply(error: dict[str, Any], request: Any = None) -> dict[str, Any]:
     """An error reply, echoing what tells which request it answers (never the whole of it: a
     content of a megabyte, or a deep nesting, would come back)."""
@@ -191,7 +200,7 @@ class _Session:
                 field = ".".join(str(p) for p in first["loc"]) or "message"
                 self.reply(_error("invalid_request", f"{field}: {first['msg']}", msg))
             except ServiceError as exc:
-                self.reply(_error_reply(exc.to_dict(), msg))
+                self.reply(_error_reply(_service_error(exc), msg))
 
     def reply(self, msg: dict[str, Any]) -> None:
         """A reply to the client's own message, from the receive loop: never waited for. The
@@ -262,7 +271,7 @@ class _Session:
         try:
             handle = await self.svc.require_supervisor().start(spec)
         except ServiceError as exc:
-            await self.send.send(_error_reply(exc.to_dict(), request))
+            await self.send.send(_error_reply(_service_error(exc), request))
             return
         # Entries of runs that ended while their forwarder could not finish (a store error).
         for run_id in [k for k, (h, _) in self.runs.items() if h.finished.is_set()]:
@@ -297,7 +306,7 @@ class _Session:
             if run.status in ("queued", "running"):
                 await ask_to_stop([m.run_id], "cancelled by request")
         except ServiceError as exc:  # not_found (not this key's, or no such run), the store's
-            await self.send.send(_error_reply(exc.to_dict(), request))
+            await self.send.send(_error_reply(_service_error(exc), request))
         finally:
             self.cancels.release()
 
@@ -314,7 +323,8 @@ class _Session:
             # The store failed under this run's events: tell the client, keep the socket, and
             # keep the run's entry, so that a later disconnect (or a cancel message) still
             # reaches it.
-            await self.send.send({"type": "error", "error": exc.to_dict(), "run_id": handle.id})
+            await self.send.send({"type": "error", "error": _service_error(exc),
+                                  "run_id": handle.id})
             return
         self.runs.pop(handle.id, None)
 

@@ -39,6 +39,7 @@ from ..errors import (
     StoreUnavailable,
     TooManyRuns,
     is_interrupt,
+    retry_after_of_type,
 )
 from ..logs import RUN_ID, get_logger
 from ..metrics import Metrics
@@ -478,6 +479,8 @@ class RunSupervisor:
             # Ended by its deadline, or stopped because the store could not take it: a stream
             # says why with the type, as a non-stream answer's status does (504 run_timeout).
             handle.error_event = {"type": handle.error_type, "message": error}
+            if (seconds := retry_after_of_type(handle.error_type)) is not None:
+                handle.error_event["retry_after"] = seconds  # stopped for a lapse: 5
         if handle.error_event is not None:
             last.append(("error", handle.error_event))
         if status is RunStatus.succeeded and answer is not None:

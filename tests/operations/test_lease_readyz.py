@@ -76,8 +76,11 @@ async def test_readyz_is_503_while_this_instances_lease_cannot_be_renewed(pg_url
         assert answer.status_code == 503, answer.text
         assert "could not renew its lease" in answer.json()["error"]["message"], answer.text
         assert int(answer.headers["retry-after"]) > 0
-    # The stopped run says why; the refused one left nothing in the conversation.
+    # The stopped run says why, and when a retry is worth it (it said nothing of that before);
+    # the refused one left nothing in the conversation.
     assert "could not renew its lease" in r.text, r.text
+    assert r.status_code == 503, r.text
+    assert r.headers.get("retry-after") == "5", r.headers
     assert [m["content"] for m in runs_while_lapsing["messages"] if m["role"] == "user"] == [
         "go"], runs_while_lapsing
     assert after.status_code == 200, after.text

@@ -16,7 +16,7 @@ from service.settings import Settings
 
 from ..fakes import Reply, ScriptedBackend, by_content
 from ..servers import RunningServer, running_server
-from ..streams import parse_sse
+from ..streams import parse_sse, ws_url
 
 pytestmark = pytest.mark.both_stores  # the end-to-end tests run on both stores
 
@@ -60,6 +60,14 @@ async def test_too_many_runs_is_429_with_retry_after(settings: Settings) -> None
             assert r.status_code == 429
             assert r.headers["retry-after"] == "1"
             assert r.json()["error"]["type"] == "too_many_runs"
+            # A WebSocket's refused start says when to retry too (it said nothing before).
+            async with open_websocket_url(ws_url(srv)) as ws:
+                await ws.send_message(json.dumps(
+                    {"type": "message", "conversation_id": conv, "content": "x"}))
+                refused = await _ws_recv(ws)
+            assert refused["type"] == "error", refused
+            assert refused["error"]["type"] == "too_many_runs", refused
+            assert refused["error"]["retry_after"] == 1, refused
 
 
 async def test_bad_message_requests(server: RunningServer) -> None:
