@@ -135,7 +135,10 @@ async def _protocol_send(self: Any, event: Any) -> None:
                                 stall)
                 await self.stream.aclose()
                 await self.protocol.handle(Closed())
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+            # Busy: hypercorn's ``_close`` sends its EOF without the send lock, so a write
+            # racing a connection's close (an early 413 closed at its linger) found the stream
+            # in use: the connection is closing, as for the other two (it logged a traceback).
             await self.protocol.handle(Closed())
     finally:
         lock.release()

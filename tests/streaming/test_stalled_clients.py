@@ -11,8 +11,11 @@ from typing import Any
 
 import h11
 import trio
+import trio.testing
+from hypercorn.events import Closed, RawData
 
 from service.runs import RunStatus
+from service.sendstall import _protocol_send
 from service.settings import Settings, load_settings
 
 from ..fakes import Reply, ScriptedBackend
@@ -168,3 +171,30 @@ async def test_a_streams_head_and_first_token_leave_in_one_go(tmp_path: Path) ->
                     first = await stream.receive_some(65536)
                 assert first.startswith(b"HTTP/1.1 200"), first[:200]
                 assert b'"content":"alpha' in first, first
+
+
+async def test_a_write_racing_hypercorns_close_is_a_closed_connection() -> None:
+    """hypercorn's ``TCPServer._close`` sends its EOF without the send lock, so a response's
+    write racing it found the stream busy: ``BusyResourceError`` escaped the write as a
+    traceback in the log (seen with an early 413 closed at its linger). It is the connection
+    closing: the protocol is told so, as for a broken or closed stream."""
+    stream, peer = trio.testing.lockstep_stream_pair()  # a send waits for the peer's read
+    told: list[object] = []
+
+    class Protocol:
+        async def handle(self, event: object) -> None:
+            told.append(event)
+
+    class Server:  # the parts of hypercorn's TCPServer the write uses
+        send_lock = trio.Lock()
+        config = type("Config", (), {})()
+        protocol = Protocol()
+
+    Server.stream = stream  # type: ignore[attr-defined]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stream.send_all, b"eof")  # as _close's send_eof, holding the stream
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(GUARD):
+            await _protocol_send(Server(), RawData(b"body"))
+        assert [type(e) for e in told] == [Closed]
+        await peer.receive_some(10)  # lets the first send finish
