@@ -9,25 +9,35 @@ transport, TLS and all.
 
 What it keeps of httpcore's behaviour:
 
-* Keep-alive: a connection whose response was read to its end goes back to an idle list
-  (last in, first out) and is reused for the same host and port. An idle connection that has
-  become readable (the server closed it, or sent what it should not) or that has been idle past
-  ``keepalive_expiry`` is closed instead of reused.
+* Keep-alive: a connection whose response was read to its end, with nothing more in its
+  buffer, goes back to an idle list (last in, first out) and is reused for the same host and
+  port. An idle connection that has become readable (the server closed it, or sent what it
+  should not) or that has been idle past ``keepalive_expiry`` is closed instead of reused; the
+  idle connections of every host are looked over at most every ``sweep_every`` seconds, so
+  those of an upstream no longer called are closed too.
 * Limits: at most ``max_connections`` open connections (idle ones count; one idle for another
-  host is closed to make room); a request waits up to the pool timeout for a connection to
-  come back or close (``httpx.PoolTimeout``). At most ``max_keepalive_connections`` idle
-  ones are kept.
+  host is closed to make room). A request that finds the pool full waits, first come first
+  served, up to the pool timeout (``httpx.PoolTimeout``): a connection released goes to the
+  oldest waiter (its own, if for the same host; else its place). At most
+  ``max_keepalive_connections`` idle ones are kept.
 * Timeouts from the request's ``timeout`` extension: connect, write, read (None: no bound).
 * Errors as httpx's own transport raises them: ``ConnectError``/``ConnectTimeout``,
   ``WriteError``/``WriteTimeout``, ``ReadError``/``ReadTimeout``, ``RemoteProtocolError``
-  (malformed framing, a server that closes before a response or mid-body), ``PoolTimeout``.
-* A response closed before its end, or any failure or cancellation while a request is out,
-  closes the connection: it is never reused in an unknown state.
+  (a server that closes before a response or mid-body), ``PoolTimeout``; what HTTP/1.1 does not
+  allow (a transfer-encoding other than chunked, a bad chunk) is ``MalformedResponse``, a
+  ``RemoteProtocolError`` the adapters tell from a lost connection.
+* A server that answers early (a 413 and a close while a long prompt is still being sent) is
+  heard: its answer is returned, not the write's error.
+* A response closed before its end, a failure or a cancellation while a request is out, or a
+  101 closes the connection: it is never reused in an unknown state. Closing the transport
+  closes every connection, those carrying a response included.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -38,8 +48,13 @@ import trio
 __all__ = ["MalformedResponse", "PlainHTTPTransport"]
 
 RECEIVE_SIZE = 65536
+MAX_HEAD = 100 * 1024  # bytes of a response's head (httpcore's bound; h11's own is 16 KiB)
+SWEEP_EVERY = 1.0  # seconds between looks over every host's idle connections
+_ONE_WRITE = 64 * 1024  # a request body up to this is written with its head, in one write
 
 _Key = tuple[bytes, int]
+_READ_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError,
+                OSError)
 
 
 class MalformedResponse(httpx.RemoteProtocolError):
@@ -48,14 +63,16 @@ class MalformedResponse(httpx.RemoteProtocolError):
 
 
 class _Connection:
-    __slots__ = ("eof", "h11", "idle_since", "key", "stream")
+    __slots__ = ("broken", "eof", "h11", "idle_since", "in_use", "key", "stream")
 
     def __init__(self, stream: trio.SocketStream, key: _Key) -> None:
         self.stream = stream
         self.key = key
-        self.h11 = h11.Connection(h11.CLIENT)
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         self.idle_since = 0.0
         self.eof = False  # the server closed its side
+        self.broken = False  # a write failed: never reused, whatever h11 thinks
+        self.in_use = False  # carrying a request (released once, whoever releases it)
 
     def reusable(self, now: float, expiry: float) -> bool:
         """Idle and still good: not past its expiry, and nothing (an EOF) waiting to be read."""
@@ -65,28 +82,48 @@ class _Connection:
         self.stream.socket.close()
 
 
+class _Waiter:
+    """A request waiting for room in the pool; granted a connection for its host, or a place
+    (``slot``: it may open one, already counted in ``_open``)."""
+
+    __slots__ = ("conn", "event", "key", "slot")
+
+    def __init__(self, key: _Key) -> None:
+        self.key = key
+        self.event = trio.Event()
+        self.conn: _Connection | None = None
+        self.slot = False
+
+    @property
+    def granted(self) -> bool:
+        return self.conn is not None or self.slot
+
+
 class PlainHTTPTransport(httpx.AsyncBaseTransport):
     """See the module docstring. ``tls``: the transport ``https://`` requests go to."""
 
-    def __init__(self, *, limits: httpx.Limits, tls: httpx.AsyncBaseTransport) -> None:
+    def __init__(self, *, limits: httpx.Limits, tls: httpx.AsyncBaseTransport,
+                 sweep_every: float = SWEEP_EVERY) -> None:
         self._tls = tls
         self._max_connections = limits.max_connections or 1_000_000
         self._max_idle = (limits.max_keepalive_connections
                           if limits.max_keepalive_connections is not None
                           else self._max_connections)
-        self._expiry = limits.keepalive_expiry if limits.keepalive_expiry is not None else 5.0
-        self._open = 0  # connections open, idle ones included
-        self._released = trio.lowlevel.ParkingLot()  # requests waiting for room in the pool
+        self._expiry = (limits.keepalive_expiry if limits.keepalive_expiry is not None
+                        else math.inf)
+        self._sweep_every = sweep_every
+        self._next_sweep = 0.0
+        self._open = 0  # connections open or being opened, idle ones included
+        self._waiters: deque[_Waiter] = deque()  # oldest first
         self._idle: dict[_Key, list[_Connection]] = {}
         self._idle_count = 0
-        self._active = 0  # connections carrying a request
-        self._requests = 0  # requests holding a connection
-        self._queued = 0  # requests waiting for one
+        self._in_use: set[_Connection] = set()  # connections carrying a request
         self._closed = False
 
     def __repr__(self) -> str:
-        return (f"<PlainHTTPTransport [Requests: {self._requests} active, {self._queued} queued"
-                f" | Connections: {self._active} active, {self._idle_count} idle]>")
+        return (f"<PlainHTTPTransport [Requests: {len(self._in_use)} active, "
+                f"{len(self._waiters)} queued | Connections: {len(self._in_use)} active, "
+                f"{self._idle_count} idle]>")
 
     @property
     def max_connections(self) -> int:
@@ -95,17 +132,16 @@ class PlainHTTPTransport(httpx.AsyncBaseTransport):
     @property
     def requests(self) -> int:
         """Requests holding a connection (sent, their response not yet closed)."""
-        return self._requests
+        return len(self._in_use)
 
     def counts(self) -> tuple[int, int]:
         """(connections carrying a request, idle connections)."""
-        return self._active, self._idle_count
+        return len(self._in_use), self._idle_count
 
     # -- the pool -------------------------------------------------------------------------------
 
-    def _take_idle(self, key: _Key) -> _Connection | None:
+    def _take_idle(self, key: _Key, now: float) -> _Connection | None:
         idle = self._idle.get(key)
-        now = time.monotonic()
         while idle:
             conn = idle.pop()
             self._idle_count -= 1
@@ -114,11 +150,30 @@ class PlainHTTPTransport(httpx.AsyncBaseTransport):
             self._drop(conn)
         return None
 
+    def _sweep(self, now: float) -> None:
+        """Close the idle connections of every host that are no longer good."""
+        self._next_sweep = now + self._sweep_every
+        for key, conns in list(self._idle.items()):
+            bad = [c for c in conns if not c.reusable(now, self._expiry)]
+            if bad:
+                self._idle[key] = [c for c in conns if c not in bad]
+                self._idle_count -= len(bad)
+                for conn in bad:
+                    self._drop(conn)
+
+    def _free_place(self) -> None:
+        """A connection's place in the pool is free: to the oldest waiter, if any."""
+        if self._waiters and not self._closed:
+            waiter = self._waiters.popleft()
+            waiter.slot = True  # it inherits the place, still counted in _open
+            waiter.event.set()
+        else:
+            self._open -= 1
+
     def _drop(self, conn: _Connection) -> None:
-        """Close a connection that is no one's (idle or just released): its place is free."""
+        """Close a connection that is no one's (idle or just released)."""
         conn.close()
-        self._open -= 1
-        self._released.unpark()
+        self._free_place()
 
     def _drop_oldest_idle(self) -> bool:
         oldest: _Connection | None = None
@@ -127,46 +182,84 @@ class PlainHTTPTransport(httpx.AsyncBaseTransport):
                 oldest = conns[0]
         if oldest is None:
             return False
-        self._idle[oldest.key].pop(0)
+        self._idle[oldest.key].remove(oldest)
         self._idle_count -= 1
         self._drop(oldest)
         return True
 
     def _release(self, conn: _Connection, reuse: bool) -> None:
-        self._active -= 1
-        self._requests -= 1
-        if not reuse or self._closed:
+        """A request is done with ``conn`` (once: a second release, from another task that
+        closed the response meanwhile, does nothing)."""
+        if not conn.in_use:
+            return
+        conn.in_use = False
+        self._in_use.discard(conn)
+        if not reuse or self._closed or conn.broken:
             self._drop(conn)
+            return
+        if self._waiters:  # the oldest waiter gets it: the connection, or its place
+            waiter = self._waiters.popleft()
+            if waiter.key == conn.key:
+                waiter.conn = conn
+            else:
+                conn.close()
+                waiter.slot = True
+            waiter.event.set()
             return
         conn.idle_since = time.monotonic()
         self._idle.setdefault(conn.key, []).append(conn)
         self._idle_count += 1
         if self._idle_count > self._max_idle:
             self._drop_oldest_idle()
-        self._released.unpark()  # a request waiting for room may take it
+
+    def _give_back(self, waiter: _Waiter) -> None:
+        """A waiter granted something it will not use (cancelled as it was granted)."""
+        if waiter.conn is not None:
+            conn, waiter.conn = waiter.conn, None
+            conn.in_use = True
+            self._release(conn, reuse=True)
+        elif waiter.slot:
+            waiter.slot = False
+            self._free_place()
 
     async def _acquire(self, request: httpx.Request, key: _Key,
                        timeouts: dict[str, Any]) -> _Connection:
         """An idle connection to ``key``, or a new one once the pool has room (an idle one to
-        another host gives its place up); a request waits for a release up to the pool
-        timeout."""
-        deadline = trio.current_time() + _seconds(timeouts.get("pool"))
-        while True:
-            if (conn := self._take_idle(key)) is not None:
+        another host gives its place up); else the request waits its turn."""
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._sweep(now)
+        if not self._waiters:  # nobody is ahead
+            if (conn := self._take_idle(key, now)) is not None:
                 return conn
             if self._open >= self._max_connections:
                 self._drop_oldest_idle()
             if self._open < self._max_connections:
-                break
-            self._queued += 1
-            try:
-                with trio.move_on_at(deadline) as waited:
-                    await self._released.park()
-            finally:
-                self._queued -= 1
-            if waited.cancelled_caught:
-                raise httpx.PoolTimeout("no free connection in the pool", request=request)
-        self._open += 1
+                self._open += 1
+                return await self._connect(request, key, timeouts)
+        waiter = _Waiter(key)
+        self._waiters.append(waiter)
+        try:
+            with trio.move_on_after(_seconds(timeouts.get("pool"))):
+                await waiter.event.wait()
+        except BaseException:
+            if waiter.granted:
+                self._give_back(waiter)
+            raise
+        finally:
+            if not waiter.granted and waiter in self._waiters:
+                self._waiters.remove(waiter)
+        if waiter.conn is not None:
+            return waiter.conn
+        if waiter.slot:
+            return await self._connect(request, key, timeouts)
+        if self._closed:
+            raise httpx.ConnectError("the transport is closed", request=request)
+        raise httpx.PoolTimeout("no free connection in the pool", request=request)
+
+    async def _connect(self, request: httpx.Request, key: _Key,
+                       timeouts: dict[str, Any]) -> _Connection:
+        """A new connection, its place in the pool already counted (given back on failure)."""
         host = request.url.host
         connected = False
         try:
@@ -180,9 +273,13 @@ class PlainHTTPTransport(httpx.AsyncBaseTransport):
             raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
         finally:
             if not connected:  # failed, timed out or cancelled: its place is free again
-                self._open -= 1
-                self._released.unpark()
-        return _Connection(stream, key)
+                self._free_place()
+        conn = _Connection(stream, key)
+        if self._closed:  # closed while this one connected
+            conn.close()
+            self._open -= 1
+            raise httpx.ConnectError("the transport is closed", request=request)
+        return conn
 
     # -- one request ----------------------------------------------------------------------------
 
@@ -196,62 +293,92 @@ class PlainHTTPTransport(httpx.AsyncBaseTransport):
         key = (url.raw_host, url.port or 80)
         body = await request.aread()
         conn = await self._acquire(request, key, timeouts)
-        self._active += 1
-        self._requests += 1
+        conn.in_use = True
+        self._in_use.add(conn)
         try:
             event = await self._exchange(conn, request, body, timeouts)
         except BaseException:
             self._release(conn, reuse=False)
             raise
+        switched = event.status_code == 101  # nothing more of it is HTTP: closed at the end
         return httpx.Response(
             status_code=event.status_code,
             headers=event.headers.raw_items(),
-            stream=_Body(self, conn, request, _seconds(timeouts.get("read"))),
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": bytes(event.reason)},
+            stream=_Body(self, conn, request, _seconds(timeouts.get("read")), switched),
+            extensions={"http_version": b"HTTP/" + bytes(event.http_version),
+                        "reason_phrase": bytes(event.reason)},
         )
 
     async def _exchange(self, conn: _Connection, request: httpx.Request, body: bytes,
-                        timeouts: dict[str, Any]) -> h11.Response:
-        """Send the request; return the response's head (informational ones skipped)."""
+                        timeouts: dict[str, Any]) -> h11.Response | h11.InformationalResponse:
+        """Send the request; return the response's head (informational ones skipped, but a
+        101). A write that fails is not the answer if the server sent one (an early 413)."""
         h = conn.h11
         try:
-            data = h.send(h11.Request(method=request.method, target=request.url.raw_path,
+            head = h.send(h11.Request(method=request.method, target=request.url.raw_path,
                                       headers=request.headers.raw))
-            if body:
-                data += h.send(h11.Data(data=body))  # type: ignore[operator]
-            data += h.send(h11.EndOfMessage())  # type: ignore[operator]
+            rest = [h.send(h11.Data(data=body))] if body else []
+            rest.append(h.send(h11.EndOfMessage()))
         except h11.LocalProtocolError as exc:
             raise httpx.LocalProtocolError(str(exc), request=request) from exc
+        assert head is not None
+        writes = ([b"".join([head, *rest])]  # type: ignore[list-item]
+                  if len(body) <= _ONE_WRITE else [head, *rest])
+        write_error: httpx.WriteError | None = None
         with trio.move_on_after(_seconds(timeouts.get("write"))) as writing:
             try:
-                await conn.stream.send_all(data)  # type: ignore[arg-type]
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise httpx.WriteError(str(exc) or type(exc).__name__,
-                                       request=request) from exc
+                for data in writes:
+                    await conn.stream.send_all(data)  # type: ignore[arg-type]
+            except _READ_ERRORS as exc:
+                conn.broken = True
+                write_error = httpx.WriteError(str(exc) or type(exc).__name__,
+                                               request=request)
+                write_error.__cause__ = exc
         if writing.cancelled_caught:
+            conn.broken = True
             raise httpx.WriteTimeout("sending the request timed out", request=request)
-        read_timeout = _seconds(timeouts.get("read"))
+        read_for = _seconds(timeouts.get("read"))
         while True:
-            event = await _next_event(conn, request, read_timeout)
-            if type(event) is h11.Response:
-                return event
-            if type(event) is h11.ConnectionClosed:
+            try:
+                event = await _next_event(conn, request, read_for)
+            except httpx.TransportError:
+                if write_error is not None:  # no answer came either: the write's error
+                    raise write_error from write_error.__cause__
+                raise
+            kind = type(event)
+            if kind is h11.Response:
+                return event  # type: ignore[no-any-return]
+            if kind is h11.InformationalResponse:
+                if event.status_code == 101:
+                    return event  # type: ignore[no-any-return]
+                continue  # 100 Continue, 103 Early Hints: the real one follows
+            if write_error is not None:
+                raise write_error from write_error.__cause__
+            if kind is h11.ConnectionClosed:
                 raise httpx.RemoteProtocolError(
                     "Server disconnected without sending a response.", request=request)
-            # h11.InformationalResponse (1xx): wait for the real one.
+            raise httpx.RemoteProtocolError(f"unexpected {kind.__name__} before a response",
+                                            request=request)
 
     async def aclose(self) -> None:
+        """Closes every connection: idle ones, and those carrying a response (their readers
+        get a ReadError); requests waiting for the pool get a ConnectError."""
         self._closed = True
         for conns in self._idle.values():
             for conn in conns:
-                self._drop(conn)
+                conn.close()
+                self._open -= 1
         self._idle.clear()
         self._idle_count = 0
+        for conn in self._in_use:
+            conn.close()  # released (and counted out) by its response's close
+        while self._waiters:
+            self._waiters.popleft().event.set()  # granted nothing: told the transport closed
         await self._tls.aclose()
 
 
 def _seconds(value: Any) -> float:
-    return float("inf") if value is None else float(value)
+    return math.inf if value is None else float(value)
 
 
 async def _next_event(conn: _Connection, request: httpx.Request, read_for: float) -> Any:
@@ -266,20 +393,23 @@ async def _next_event(conn: _Connection, request: httpx.Request, read_for: float
             lost = h.their_state is h11.CLOSED or conn.eof
             raise (httpx.RemoteProtocolError if lost else MalformedResponse)(
                 str(exc), request=request) from exc
+        if event is h11.PAUSED:  # after a 101: nothing more here is HTTP (never spin on it)
+            raise httpx.RemoteProtocolError("the connection switched protocols",
+                                            request=request)
         if event is not h11.NEED_DATA:
             return event
         with trio.move_on_after(read_for) as reading:
             try:
                 data = await conn.stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            except _READ_ERRORS as exc:
                 raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
         if reading.cancelled_caught:
             raise httpx.ReadTimeout("reading the response timed out", request=request)
         if not data:
             conn.eof = True
-        if not data and h.their_state is h11.SEND_RESPONSE:
-            raise httpx.RemoteProtocolError("Server disconnected without sending a response.",
-                                            request=request)
+            if h.their_state is h11.SEND_RESPONSE:
+                raise httpx.RemoteProtocolError(
+                    "Server disconnected without sending a response.", request=request)
         try:
             h.receive_data(data)
         except h11.RemoteProtocolError as exc:  # data after the connection was closed
@@ -288,25 +418,32 @@ async def _next_event(conn: _Connection, request: httpx.Request, read_for: float
 
 class _Body(httpx.AsyncByteStream):
     """The response body: h11's ``Data`` events as bytes; at its end the connection goes back
-    to the pool if both sides allow it. A class, not a generator: each read is one call."""
+    to the pool if both sides allow it and nothing more is buffered. A class, not a generator:
+    each read is one call."""
 
     def __init__(self, transport: PlainHTTPTransport, conn: _Connection,
-                 request: httpx.Request, timeout: float) -> None:
+                 request: httpx.Request, read_for: float, switched: bool) -> None:
         self._transport = transport
         self._conn: _Connection | None = conn
         self._request = request
-        self._timeout = timeout
+        self._read_for = read_for
+        self._ended = switched  # a 101 has no body here
+        if switched:
+            conn.broken = True
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
 
     async def __anext__(self) -> bytes:
         conn = self._conn
-        if conn is None:
-            raise StopAsyncIteration
+        if conn is None or self._ended:
+            if self._ended:
+                raise StopAsyncIteration
+            # Closed before its end (by another task): not a clean end of the body.
+            raise httpx.ReadError("the response was closed", request=self._request)
         try:
             while True:
-                event = await _next_event(conn, self._request, self._timeout)
+                event = await _next_event(conn, self._request, self._read_for)
                 kind = type(event)
                 if kind is h11.Data:
                     data = event.data
@@ -322,14 +459,19 @@ class _Body(httpx.AsyncByteStream):
         except StopAsyncIteration:
             raise
         except BaseException:
-            self._conn = None
+            if self._conn is conn:
+                self._conn = None
             self._transport._release(conn, reuse=False)
             raise
 
     def _finish(self, conn: _Connection) -> None:
+        self._ended = True
         self._conn = None
         h = conn.h11
-        reuse = h.our_state is h11.DONE and h.their_state is h11.DONE
+        # Reused only in a known state: both sides done, and nothing more in the buffer (a
+        # server that sent past its Content-Length: those bytes are no one's answer).
+        reuse = (h.our_state is h11.DONE and h.their_state is h11.DONE
+                 and not h.trailing_data[0])
         if reuse:
             try:
                 h.start_next_cycle()
@@ -339,5 +481,5 @@ class _Body(httpx.AsyncByteStream):
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:  # closed before its end: the connection's state is unknown
+        if conn is not None:  # closed before its end (or a 101): its state is unknown
             self._transport._release(conn, reuse=False)

@@ -87,11 +87,13 @@ async def ok(stream: trio.SocketStream, n: int) -> bool:
 
 
 def transport(max_connections: int = 10, max_idle: int | None = None,
-              expiry: float = 30.0) -> PlainHTTPTransport:
+              expiry: float = 30.0, sweep_every: float = 0.0) -> PlainHTTPTransport:
+    """A transport whose https requests go to an in-memory one; by default every request
+    looks over the idle connections of every host (in service: once a second at most)."""
     limits = httpx.Limits(max_connections=max_connections,
                           max_keepalive_connections=max_idle if max_idle is not None
                           else max_connections, keepalive_expiry=expiry)
-    return PlainHTTPTransport(limits=limits, tls=httpx.MockTransport(
+    return PlainHTTPTransport(limits=limits, sweep_every=sweep_every, tls=httpx.MockTransport(
         lambda request: httpx.Response(200, text="via tls")))
 
 
