@@ -194,8 +194,11 @@ class PlainHTTPTransport(httpx.AsyncBaseTransport):
             return
         conn.in_use = False
         self._in_use.discard(conn)
-        if not reuse or self._closed or conn.broken:
-            self._drop(conn)
+        now = time.monotonic()
+        conn.idle_since = now
+        if (not reuse or self._closed or conn.broken or self._max_idle <= 0
+                or not conn.reusable(now, self._expiry)):  # the socket has more, or an EOF
+            self._drop(conn)  # its place goes to the oldest waiter, if any
             return
         if self._waiters:  # the oldest waiter gets it: the connection, or its place
             waiter = self._waiters.popleft()
@@ -206,7 +209,6 @@ class PlainHTTPTransport(httpx.AsyncBaseTransport):
                 waiter.slot = True
             waiter.event.set()
             return
-        conn.idle_since = time.monotonic()
         self._idle.setdefault(conn.key, []).append(conn)
         self._idle_count += 1
         if self._idle_count > self._max_idle:
@@ -226,6 +228,8 @@ class PlainHTTPTransport(httpx.AsyncBaseTransport):
                        timeouts: dict[str, Any]) -> _Connection:
         """An idle connection to ``key``, or a new one once the pool has room (an idle one to
         another host gives its place up); else the request waits its turn."""
+        if self._closed:
+            raise httpx.ConnectError("the transport is closed", request=request)
         now = time.monotonic()
         if now >= self._next_sweep:
             self._sweep(now)
@@ -249,12 +253,13 @@ class PlainHTTPTransport(httpx.AsyncBaseTransport):
         finally:
             if not waiter.granted and waiter in self._waiters:
                 self._waiters.remove(waiter)
+        if self._closed:  # closed while it waited (granted or not): nothing is sent
+            self._give_back(waiter)
+            raise httpx.ConnectError("the transport is closed", request=request)
         if waiter.conn is not None:
             return waiter.conn
         if waiter.slot:
             return await self._connect(request, key, timeouts)
-        if self._closed:
-            raise httpx.ConnectError("the transport is closed", request=request)
         raise httpx.PoolTimeout("no free connection in the pool", request=request)
 
     async def _connect(self, request: httpx.Request, key: _Key,
@@ -410,10 +415,7 @@ async def _next_event(conn: _Connection, request: httpx.Request, read_for: float
             if h.their_state is h11.SEND_RESPONSE:
                 raise httpx.RemoteProtocolError(
                     "Server disconnected without sending a response.", request=request)
-        try:
-            h.receive_data(data)
-        except h11.RemoteProtocolError as exc:  # data after the connection was closed
-            raise MalformedResponse(str(exc), request=request) from exc
+        h.receive_data(data)
 
 
 class _Body(httpx.AsyncByteStream):
