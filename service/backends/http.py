@@ -49,6 +49,7 @@ from ..errors import (
     ModelNotFound,
     UpstreamBroken,
 )
+from .clients import ShardedClient, make_client, make_sharded_client  # re-exported
 from .h11transport import MalformedResponse
 from .inflate import ENCODINGS, Inflater
 from .stream_parsers import LineTooLong, NDJSONSplitter, SSEComment, SSEEvent, SSEParser
@@ -595,7 +596,3 @@ async def request_json(
         return loads_json(response.content)
     except ValueError as exc:
         raise BackendProtocolError(f"{method} {url}: body is not JSON", backend=backend) from exc
-
-
-# The shared client's construction lives in .clients; re-exported for the adapters' imports.
-from .clients import ShardedClient, make_client, make_sharded_client  # noqa: E402

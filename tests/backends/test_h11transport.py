@@ -74,6 +74,10 @@ async def keepalive_server(answer: Answer) -> AsyncIterator[Server]:
         nursery.cancel_scope.cancel()
 
 
+def url(server: Server, path: str = "/") -> str:
+    return f"http://127.0.0.1:{server.port}{path}"
+
+
 async def until_closed(stream: trio.SocketStream) -> bool:
     """Send nothing more; return (False: the connection ends) once the client closes."""
     while await stream.receive_some(65536):

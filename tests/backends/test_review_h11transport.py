@@ -12,20 +12,16 @@ import trio.testing
 
 from .test_h11transport import (
     OK,
-    Server,
     client_for,
     keepalive_server,
     ok,
     transport,
     until_closed,
+    url,
     wait_closed,
 )
 
 GUARD = 2  # seconds: every wait here is bounded by this
-
-
-def url(server: Server, path: str = "/") -> str:
-    return f"http://127.0.0.1:{server.port}{path}"
 
 
 async def test_an_early_error_response_while_the_body_is_sent_is_returned() -> None:

@@ -5,11 +5,13 @@ test_h11transport and ``wait_all_tasks_blocked``."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import trio
 import trio.testing
+
+from service.backends.h11transport import PlainHTTPTransport
 
 from .test_h11transport import (
     OK,
@@ -18,13 +20,32 @@ from .test_h11transport import (
     ok,
     transport,
     until_closed,
+    url,
 )
 
 GUARD = 1.5  # seconds: every wait here is bounded by this
 
 
-def url(server: Server, path: str = "/") -> str:
-    return f"http://127.0.0.1:{server.port}{path}"
+async def get_into(client: httpx.AsyncClient, server: Server, got: list[object]) -> None:
+    """One GET: its text, or its error's class, appended to ``got``."""
+    try:
+        got.append((await client.get(url(server))).text)
+    except httpx.HTTPError as exc:
+        got.append(type(exc))
+
+
+async def behind_a_held_connection(
+        client: httpx.AsyncClient, t: PlainHTTPTransport, server: Server, got: list[object],
+        then: Callable[[httpx.Response], Awaitable[None]]) -> None:
+    """The pool's one connection held by a streamed response, a GET queued behind it (its
+    outcome into ``got``), then ``then(held)``; all within GUARD."""
+    with trio.fail_after(GUARD):
+        held = await client.send(client.build_request("GET", url(server)), stream=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(get_into, client, server, got)
+            await trio.testing.wait_all_tasks_blocked()
+            assert "1 queued" in repr(t)
+            await then(held)
 
 
 async def test_a_connection_handed_to_a_waiter_with_unread_bytes_gives_it_no_stale_answer(
@@ -53,20 +74,14 @@ async def test_a_connection_handed_to_a_waiter_with_unread_bytes_gives_it_no_sta
     t = transport(max_connections=1)
     async with keepalive_server(answer) as server, httpx.AsyncClient(
             transport=t, trust_env=False, timeout=httpx.Timeout(GUARD)) as client:
-        texts: list[str] = []
+        texts: list[object] = []
 
-        async def waiting() -> None:
-            texts.append((await client.get(url(server))).text)
+        async def then(held: httpx.Response) -> None:
+            go.set()
+            await trio.testing.wait_all_tasks_blocked()  # the bytes are at the client
+            await held.aread()  # its end: the connection goes to the waiter
 
-        with trio.fail_after(GUARD):
-            held = await client.send(client.build_request("GET", url(server)), stream=True)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(waiting)
-                await trio.testing.wait_all_tasks_blocked()
-                assert "1 queued" in repr(t)
-                go.set()
-                await trio.testing.wait_all_tasks_blocked()  # the bytes are at the client
-                await held.aread()  # its end: the connection goes to the waiter
+        await behind_a_held_connection(client, t, server, texts, then)
         assert texts == ["fresh"]
 
 
@@ -93,22 +108,13 @@ async def test_a_connection_the_server_closed_is_not_handed_to_a_waiter() -> Non
             transport=t, trust_env=False, timeout=httpx.Timeout(GUARD)) as client:
         got: list[object] = []
 
-        async def waiting() -> None:
-            try:
-                got.append((await client.get(url(server))).text)
-            except httpx.HTTPError as exc:
-                got.append(exc)
+        async def then(held: httpx.Response) -> None:
+            go.set()
+            await trio.testing.wait_all_tasks_blocked()  # its EOF is at the client
+            assert server.closed == 1
+            await held.aread()  # its end: the connection goes to the waiter
 
-        with trio.fail_after(GUARD):
-            held = await client.send(client.build_request("GET", url(server)), stream=True)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(waiting)
-                await trio.testing.wait_all_tasks_blocked()
-                assert "1 queued" in repr(t)
-                go.set()
-                await trio.testing.wait_all_tasks_blocked()  # its EOF is at the client
-                assert server.closed == 1
-                await held.aread()  # its end: the connection goes to the waiter
+        await behind_a_held_connection(client, t, server, got, then)
         assert got == ["ok"], got
 
 
@@ -125,20 +131,11 @@ async def test_closing_the_transport_stops_a_waiter_already_handed_a_connection(
                                    timeout=httpx.Timeout(GUARD))
         outcome: list[object] = []
 
-        async def waiting() -> None:
-            try:
-                outcome.append((await client.get(url(server))).text)
-            except httpx.HTTPError as exc:
-                outcome.append(type(exc))
+        async def then(held: httpx.Response) -> None:
+            await held.aread()  # handed to the waiter, which has not run yet
+            await client.aclose()
 
-        with trio.fail_after(GUARD):
-            held = await client.send(client.build_request("GET", url(server)), stream=True)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(waiting)
-                await trio.testing.wait_all_tasks_blocked()
-                assert "1 queued" in repr(t)
-                await held.aread()  # handed to the waiter, which has not run yet
-                await client.aclose()
+        await behind_a_held_connection(client, t, server, outcome, then)
         assert outcome == [httpx.ConnectError], outcome
         assert len(server.requests) == 1, server.requests
 
