@@ -85,6 +85,15 @@ async def until_closed(stream: trio.SocketStream) -> bool:
     return False
 
 
+def endless_chunked(first: bytes = b"") -> Answer:
+    """An answer that sends a chunked 200 head and ``first``, then nothing more until the
+    client closes (a stream that never ends)."""
+    async def answer(stream: trio.SocketStream, n: int) -> bool:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + first)
+        return await until_closed(stream)
+    return answer
+
+
 async def ok(stream: trio.SocketStream, n: int) -> bool:
     await stream.send_all(OK)
     return True
@@ -187,10 +196,7 @@ async def test_informational_responses_are_skipped() -> None:
 
 
 async def test_a_response_closed_before_its_end_closes_its_connection() -> None:
-    async def endless(stream: trio.SocketStream, n: int) -> bool:
-        await stream.send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                              + chunk(b"first"))
-        return await until_closed(stream)
+    endless = endless_chunked(chunk(b"first"))
 
     t = transport()
     async with keepalive_server(endless) as server, client_for(t) as client:

@@ -10,9 +10,11 @@ import pytest
 import trio
 import trio.testing
 
+from ..raw_upstream import chunk
 from .test_h11transport import (
     OK,
     client_for,
+    endless_chunked,
     keepalive_server,
     ok,
     transport,
@@ -86,9 +88,7 @@ async def test_a_response_closed_while_another_task_reads_it_is_released_once() 
     closes its socket; the task blocked in the read then gets a ReadError and its error path
     releases the same connection again. ``_open``/``_active``/``_requests`` go negative, and the
     pool then opens more than ``max_connections``."""
-    async def endless(stream: trio.SocketStream, n: int) -> bool:
-        await stream.send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-        return await until_closed(stream)
+    endless = endless_chunked()
 
     t = transport(max_connections=1)
     async with keepalive_server(endless) as server, client_for(t, pool=0.2) as client:
@@ -138,10 +138,7 @@ async def test_closing_the_transport_closes_the_connections_of_open_responses() 
     """``aclose`` closes only idle connections: one carrying an open response stays open (and
     an upstream LLM keeps generating into it) until that response is closed, if ever.
     httpcore's pool closes all of its connections on close."""
-    async def endless(stream: trio.SocketStream, n: int) -> bool:
-        await stream.send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                              b"1\r\nx\r\n")
-        return await until_closed(stream)
+    endless = endless_chunked(chunk(b"x"))
 
     t = transport()
     async with keepalive_server(endless) as server:
@@ -231,10 +228,7 @@ async def test_requests_waiting_for_the_pool_are_served_first_come_first_served(
 async def test_a_response_closed_between_reads_is_not_a_clean_end() -> None:
     """Closed by another task between two reads, a body ended as if complete (a silent cut):
     the reader now gets a ReadError."""
-    async def endless(stream: trio.SocketStream, n: int) -> bool:
-        await stream.send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                              b"1\r\nx\r\n")
-        return await until_closed(stream)
+    endless = endless_chunked(chunk(b"x"))
 
     t = transport()
     async with keepalive_server(endless) as server, client_for(t) as client:
@@ -252,9 +246,7 @@ async def test_a_response_closed_between_reads_is_not_a_clean_end() -> None:
 async def test_closing_the_transport_wakes_the_requests_waiting_for_it() -> None:
     """Requests waiting for room in a full pool waited out their pool timeout when the
     transport closed (and might then open a connection on it): they are told at once."""
-    async def endless(stream: trio.SocketStream, n: int) -> bool:
-        await stream.send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-        return await until_closed(stream)
+    endless = endless_chunked()
 
     t = transport(max_connections=1)
     async with keepalive_server(endless) as server:

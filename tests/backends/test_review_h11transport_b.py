@@ -16,10 +16,10 @@ from service.backends.h11transport import PlainHTTPTransport
 from .test_h11transport import (
     OK,
     Server,
+    endless_chunked,
     keepalive_server,
     ok,
     transport,
-    until_closed,
     url,
 )
 
@@ -147,9 +147,7 @@ async def test_a_request_reaching_the_pool_after_close_is_told_at_once() -> None
     is never woken (``aclose`` woke only the waiters queued at the time; a release after the
     close frees no place to waiters). It waits out its whole pool timeout (unbounded with
     pool=None) and then gets a PoolTimeout instead of the ConnectError of a closed transport."""
-    async def endless(stream: trio.SocketStream, n: int) -> bool:
-        await stream.send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-        return await until_closed(stream)
+    endless = endless_chunked()
 
     t = transport(max_connections=1)
     async with keepalive_server(endless) as server:
