@@ -21,6 +21,7 @@ from .pg_notify import notify as _notify
 from .postgres_ownership import Conn, PostgresOwnership
 from .records import (
     KEPT_EVENTS_SQL,
+    TOUCH_CONVERSATION,
     BegunRun,
     Conversation,
     LLMCallRecord,
@@ -58,6 +59,7 @@ _CALL_COLS = (
 _CALL_COLS_QUALIFIED = ", ".join(f"l.{c.strip()}" for c in _CALL_COLS.split(","))
 _MSG_INSERT = f"INSERT INTO messages ({_MSG_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
 _CONV_INSERT = f"INSERT INTO conversations ({_CONV_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+_TOUCH_CONVERSATION = TOUCH_CONVERSATION.replace("?", "%s")
 
 
 def _events_sql(ignore: bool, fenced: bool) -> str:
@@ -308,6 +310,7 @@ class PostgresQueries(PostgresOwnership):
         content, error = clean_text(content), error and clean_text(error)
 
         def fn(c: Conn) -> bool:
+            c.execute(_TOUCH_CONVERSATION, (now, run_id, self.process_id, now))
             if not c.execute(
                 "UPDATE runs SET status = %s, finished_at = %s, error = %s, usage = %s, "
                 "started_at = COALESCE(started_at, %s), model = COALESCE(model, %s) "

@@ -17,6 +17,7 @@ from ..errors import NotFound
 from ..text import clean_text
 from .records import (
     KEPT_EVENTS_SQL,
+    TOUCH_CONVERSATION,
     BegunRun,
     Conversation,
     LLMCallRecord,
@@ -389,6 +390,7 @@ class SQLiteQueries(SQLiteOwnership):
         content, error = clean_text(content), error and clean_text(error)
 
         def fn(c: sqlite3.Connection) -> bool:
+            c.execute(TOUCH_CONVERSATION, (now, run_id, self.process_id, now))
             if not c.execute(
                 "UPDATE runs SET status = ?, finished_at = ?, error = ?, usage = ?, "
                 "started_at = COALESCE(started_at, ?), model = COALESCE(model, ?) "

@@ -165,6 +165,48 @@ async def test_messages_runs_events_calls_round_trip(db: Path | str) -> None:
         assert await store.list_llm_calls() == [replace(late, run_id=None), kept]
 
 
+async def test_a_runs_end_moves_its_conversations_updated_at(db: Path | str) -> None:
+    """A conversation's ``updated_at`` moves when its reply is decided (the run's end, or its
+    close by a survivor), as it does for a new message: a client syncing what changed since a
+    time would otherwise miss an answer that landed after its question. Never backwards."""
+    async with open_store(db) as store:
+        conv = await store.create_conversation()
+        begun = await store.begin_run(conv.id, content="q", agent="chat", model="m")
+        asked = (await store.get_conversation(conv.id)).updated_at
+        assert await store.finish_run(
+            begun.run.id, status="succeeded", message_id=begun.reply.id, content="a",
+            message_status=MessageStatus.complete, error=None, usage={})
+        answered = (await store.get_run(begun.run.id)).finished_at
+        assert answered is not None
+        assert answered > asked
+        assert (await store.get_conversation(conv.id)).updated_at == answered
+        # An end stamped earlier (another host's clock) does not take it back.
+        second = await store.begin_run(conv.id, content="q2", agent="chat", model="m")
+        stamped = (await store.get_conversation(conv.id)).updated_at
+        assert await store.finish_run(
+            second.run.id, status="succeeded", message_id=second.reply.id, content="b",
+            message_status=MessageStatus.complete, error=None, usage={},
+            finished_at=stamped - 30.0)
+        assert (await store.get_conversation(conv.id)).updated_at == stamped
+        # A run another process holds is not this one's to end: nothing moves.
+        third = await store.begin_run(conv.id, content="q3", agent="chat", model="m")
+        before = (await store.get_conversation(conv.id)).updated_at
+        conn = _RawSQL(db)
+        conn.execute("UPDATE runs SET process = ? WHERE id = ?", ("999999999:1", third.run.id))
+        conn.commit()
+        conn.close()
+        assert not await store.finish_run(
+            third.run.id, status="succeeded", message_id=third.reply.id, content="c",
+            message_status=MessageStatus.complete, error=None, usage={})
+        assert (await store.get_conversation(conv.id)).updated_at == before
+        # ... until a survivor closes it (its owner is gone): its reply is decided then.
+        assert await store.recover_interrupted() == [third.run.id]
+        closed = (await store.get_run(third.run.id)).finished_at
+        assert closed is not None
+        assert closed > before
+        assert (await store.get_conversation(conv.id)).updated_at == closed
+
+
 async def _a_run_and_one_deleted(store: Any) -> tuple[Any, Any]:
     """Two runs, each on its own conversation; the second's conversation is deleted."""
     conv = await store.create_conversation()
