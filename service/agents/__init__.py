@@ -117,8 +117,12 @@ def make_runner(
             from ..errors import BackendUnavailable
 
             raise BackendUnavailable("no backend is configured")
-        if spec.messages is not None:  # the OpenAI-compatible endpoint's own history
-            history = trim_history(list(spec.messages), history_chars)
+        if spec.messages is not None:
+            # The OpenAI-compatible endpoint's own history: the client's prompt, sent whole
+            # and in its order (as OpenAI does; one too long for the model is the model's
+            # server's 400). Trimmed to SERVICE_HISTORY_CHARS, a document sent in an earlier
+            # turn was dropped silently and answered 200 without it.
+            history = list(spec.messages)
         else:  # read by the run's first write (Store.begin_run)
             begun = handle.begun
             assert begun is not None, "a run on a stored conversation is begun by the store"

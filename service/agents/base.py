@@ -494,10 +494,11 @@ def _jsonable(value: Any) -> Any:
 
 def trim_history(messages: Sequence[ChatMessage], budget_chars: int) -> list[ChatMessage]:
     """Keep system messages, the current turn, and the newest older turns that fit in
-    ``budget_chars``.
+    ``budget_chars``, in their order.
 
-    The current turn (the last user message and everything after it: a client's tool round trip
-    on ``/v1``) is always kept whole, even over budget: without the question, or with tool
+    (A stored conversation's history: a ``/v1`` request's messages go to the model whole.)
+    The current turn (the last user message and everything after it) is always kept whole,
+    even over budget: without the question, or with tool
     results cut from the call that asked for them, the model cannot answer (and OpenAI-style
     servers refuse a ``tool`` message whose call is not in the history). Older messages go in
     units: an assistant message with tool calls stays with the tool results that follow it.
@@ -521,7 +522,8 @@ def trim_history(messages: Sequence[ChatMessage], budget_chars: int) -> list[Cha
             break
         kept[:0] = unit
         used += size
-    return system + kept
+    keep = {id(m) for m in kept}
+    return [m for m in messages if m.role == "system" or id(m) in keep]  # in their order
 
 
 def _size(m: ChatMessage) -> int:

@@ -163,6 +163,24 @@ class ChatCompletionRequest(_Lenient):
                 raise ValueError(f"tools[{n}].function.parameters must be a JSON Schema object")
         return value
 
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # OpenAI's shapes, checked here: passed on unchecked, a malformed one failed inside
+        # the run (a 500 that OpenAI SDKs retry) or was refused by the model's server.
+        if value is None:
+            return value
+        kind = value.get("type")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError("type must be 'text', 'json_object' or 'json_schema'")
+        if kind == "json_schema":
+            spec = value.get("json_schema")
+            if not isinstance(spec, dict):
+                raise ValueError("json_schema must be an object: {'name': ..., 'schema': {...}}")
+            if not isinstance(spec.get("schema", {}), dict):
+                raise ValueError("json_schema.schema must be a JSON Schema object")
+        return value
+
     @field_validator("agent")
     @classmethod
     def _tools_reach_the_model(cls, value: str | None, info: ValidationInfo) -> str | None:

@@ -450,6 +450,17 @@ def test_trim_keeps_the_current_turn_whole_even_over_budget() -> None:
     assert trim_history(messages, 24_000) == messages
 
 
+def test_trim_keeps_the_messages_in_their_order() -> None:
+    # Found in review: a system message sent mid-conversation came back first, trimmed or not.
+    from service.agents import trim_history
+
+    messages = [ChatMessage("user", "Say hello."), ChatMessage("assistant", "Hello!"),
+                ChatMessage("system", "From now on, answer in French."),
+                ChatMessage("user", "Say goodbye.")]
+    assert trim_history(messages, 100_000) == messages
+    assert trim_history(messages, 0) == messages[2:]  # the earlier turn does not fit
+
+
 def test_trim_drops_older_turns_whole_never_a_tool_result_without_its_call() -> None:
     from service.agents import trim_history
 
