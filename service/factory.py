@@ -283,7 +283,8 @@ def create_app(
             if req.method == "OPTIONS" and "Access-Control-Request-Method" in headers:
                 # A preflight carries no key; what it asks about is checked when it comes.
                 resp = Response("", status=204)
-                resp.headers.update(origins.preflight_headers(origin))
+                resp.headers.update(origins.preflight_headers(
+                    origin, headers.get("Access-Control-Request-Headers")))
                 return resp
         if keys:
             auth = headers.get("Authorization", "")

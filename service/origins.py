@@ -21,6 +21,7 @@ out, so ``http://localhost`` and ``http://LOCALHOST:80`` are the same origin.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
@@ -30,7 +31,11 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 # What a page may send and read beyond the CORS-safelisted headers.
 _ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
 _ALLOW_HEADERS = "Authorization, Content-Type, Last-Event-ID, X-Request-ID"
-_EXPOSE_HEADERS = "X-Request-ID, Retry-After, WWW-Authenticate"
+# X-Should-Retry: OpenAI's SDKs obey it before the status (a cancelled completion's 409).
+_EXPOSE_HEADERS = "X-Request-ID, Retry-After, WWW-Authenticate, X-Should-Retry"
+_ALLOWED = frozenset(n.strip().lower() for n in _ALLOW_HEADERS.split(","))
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,100}")
+_REQUESTED_MAX = 40  # header names a preflight may ask for beyond the ones above
 _PREFLIGHT_MAX_AGE = "600"
 
 
@@ -83,10 +88,17 @@ class OriginPolicy:
         return {"Access-Control-Allow-Origin": origin,
                 "Access-Control-Expose-Headers": _EXPOSE_HEADERS}
 
-    def preflight_headers(self, origin: str) -> dict[str, str]:
+    def preflight_headers(self, origin: str, requested: str | None = None) -> dict[str, str]:
+        """A listed origin's preflight: ``requested`` (its ``Access-Control-Request-Headers``)
+        are allowed too. The origin is trusted, and clients add headers of their own: the
+        OpenAI SDKs send ``X-Stainless-*`` ones, which a fixed list refused, so a page could
+        not use them."""
+        asked = {n.lower() for n in (part.strip() for part in (requested or "").split(","))
+                 if _HEADER_NAME.fullmatch(n)}
+        allowed = ", ".join([_ALLOW_HEADERS, *sorted(asked - _ALLOWED)[:_REQUESTED_MAX]])
         return {**self.cors_headers(origin),
                 "Access-Control-Allow-Methods": _ALLOW_METHODS,
-                "Access-Control-Allow-Headers": _ALLOW_HEADERS,
+                "Access-Control-Allow-Headers": allowed,
                 "Access-Control-Max-Age": _PREFLIGHT_MAX_AGE}
 
 

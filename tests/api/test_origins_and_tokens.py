@@ -99,6 +99,19 @@ async def test_listed_origins_get_cors_on_every_answer_and_preflights_need_no_ke
         for name in ("authorization", "content-type", "last-event-id"):
             assert name in allowed
         assert "POST" in pre.headers["access-control-allow-methods"]
+        # An OpenAI SDK in the page adds headers of its own: allowed (they were refused, so
+        # the page could not use the SDK); and it may read X-Should-Retry.
+        sdk = await client.options("/v1/chat/completions", headers={
+            "Origin": APP, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type,x-stainless-lang,"
+                                              "x-stainless-retry-count,bad header"})
+        assert sdk.status_code == 204
+        allowed = [n.strip().lower() for n in
+                   sdk.headers["access-control-allow-headers"].split(",")]
+        assert {"x-stainless-lang", "x-stainless-retry-count"} <= set(allowed)
+        assert "badheader" not in allowed
+        assert "bad header" not in allowed
+        assert "x-should-retry" in sdk.headers["access-control-expose-headers"].lower()
         # Another origin's preflight is refused, and gets no CORS headers.
         bad = await client.options("/api/conversations", headers={
             "Origin": EVIL, "Access-Control-Request-Method": "POST"})
