@@ -55,15 +55,22 @@ class OllamaMessage(TypedDict, total=False):
 
 
 def ollama_messages(messages: tuple[ChatMessage, ...]) -> list[OllamaMessage]:
+    """Ollama's messages. A tool result is tied to its call by the tool's name (Ollama's calls
+    have no ids): its own ``name``, or the name of the call its ``tool_call_id`` answers (an
+    OpenAI client sends only that id)."""
     out: list[OllamaMessage] = []
+    called: dict[str, str] = {}  # call id -> tool name
     for m in messages:
         msg: OllamaMessage = {"role": m.role, "content": m.content}
         if m.tool_calls:
             msg["tool_calls"] = [
                 {"function": {"name": c.name, "arguments": c.arguments}} for c in m.tool_calls
             ]
-        if m.role == "tool" and m.name:
-            msg["tool_name"] = m.name
+            called.update((c.id, c.name) for c in m.tool_calls if c.id)
+        if m.role == "tool":
+            name = m.name or called.get(m.tool_call_id or "")
+            if name:
+                msg["tool_name"] = name
         out.append(msg)
     return out
 

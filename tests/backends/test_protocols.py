@@ -108,6 +108,26 @@ async def test_ollama_sends_history_with_tool_messages(sim: Simulator, client: h
     ]
 
 
+async def test_ollama_names_a_tool_result_by_the_call_its_id_answers(
+        sim: Simulator, client: httpx.AsyncClient) -> None:
+    # An OpenAI client's tool results carry only the call's id: Ollama (no ids) is told the
+    # tool's name, so two parallel calls' results are told apart (they went without one).
+    history = (
+        ChatMessage("user", "weather in A and time in B"),
+        ChatMessage("assistant", "", tool_calls=(ToolCall("c1", "weather", {"city": "A"}),
+                                                 ToolCall("c2", "clock", {"city": "B"}))),
+        ChatMessage("tool", "sunny", tool_call_id="c1"),
+        ChatMessage("tool", "12:00", tool_call_id="c2"),
+        ChatMessage("tool", "?", tool_call_id="c9"),  # answers no call it was sent: no name
+    )
+    await OllamaBackend("ollama", sim.url, client).chat(ChatRequest(history, model="sim-model"))
+    assert sim.streams[0].body["messages"][2:] == [
+        {"role": "tool", "content": "sunny", "tool_name": "weather"},
+        {"role": "tool", "content": "12:00", "tool_name": "clock"},
+        {"role": "tool", "content": "?"},
+    ]
+
+
 async def test_ollama_error_object_mid_stream(sim: Simulator, client: httpx.AsyncClient) -> None:
     sim.script(Reply(tokens=5, error_after=2, error="model runner crashed"))
     seen: list[ChatChunk] = []
