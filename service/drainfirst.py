@@ -14,7 +14,11 @@ trigger (``workers = 0``, where SIGTERM killed the process outright) SIGTERM and
 one, as under ``python -m service``; code embedding ``hypercorn.trio.serve`` with no trigger
 keeps its process's signals. And under the CLI a start-up failure is the one line
 ``python -m service`` prints, not an exception group's traceback after "Running on ...".
-``python -m service`` calls :data:`hypercorn_worker_serve` (the original) with its own trigger.
+It also puts the settings' WebSocket bounds on hypercorn's config (``server.websocket_limits``:
+pings every ``SERVICE_SSE_KEEPALIVE``, and the 1009 close past twice
+``SERVICE_MAX_BODY_BYTES``), as ``python -m service`` does: without them a socket served by the
+CLI was never pinged. ``python -m service`` calls :data:`hypercorn_worker_serve` (the
+original) with its own trigger.
 The tests fail if a hypercorn upgrade changes these names.
 """
 
@@ -50,9 +54,12 @@ async def _serve(  # noqa: ASYNC128 (task_status is handed to hypercorn's worker
     task_status: Any = trio.TASK_STATUS_IGNORED, cli: bool = False,
 ) -> None:
     from .lifespan import begin_shutdown
-    from .server import RunningOnlyIfStarted, wait_for_signal
+    from .server import RunningOnlyIfStarted, wait_for_signal, websocket_limits
 
     svc = _services(app)
+    if svc is not None:
+        websocket_limits(config, max_body_bytes=svc.settings.max_body_bytes,
+                         keepalive=svc.settings.sse_keepalive)
     if svc is None or (shutdown_trigger is None and not cli):
         # Not this service's app; or code embedding ``hypercorn.trio.serve`` with no trigger,
         # which owns its process's signals (the app's lifespan drains at the end).

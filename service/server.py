@@ -68,6 +68,19 @@ def build_config(
     # The embedded backend loads its model during start-up and allows it 120 s; hypercorn's
     # own default (60 s) cut a slow load short with a traceback.
     config.startup_timeout = max(config.startup_timeout, 150)
+    websocket_limits(config, max_body_bytes=max_body_bytes, keepalive=keepalive)
+    # Our own after_request handler logs every request with its request id.
+    config.accesslog = None
+    # Hypercorn's own messages go through our structured handler (see service.logs).
+    config.errorlog = logging.getLogger("hypercorn.error")
+    return config
+
+
+def websocket_limits(config: Config, *, max_body_bytes: int | None,
+                     keepalive: float | None) -> None:
+    """The settings' WebSocket bounds on hypercorn's config: here for ``python -m service``,
+    and by ``service.drainfirst`` for hypercorn's own CLI and an embedding's serve (which
+    served without them: no ping, and hypercorn's fixed 16 MiB bound)."""
     if max_body_bytes is not None:
         # The app answers a WebSocket message over SERVICE_MAX_BODY_BYTES with an error and
         # keeps the socket; hypercorn buffers each message whole before the app sees it, so it
@@ -79,11 +92,6 @@ def build_config(
         # (SERVICE_SSE_KEEPALIVE): a browser cannot send one, and a proxy's idle timeout
         # (nginx: 60 s) would otherwise cut the socket, and its run, while a model thinks.
         config.websocket_ping_interval = keepalive
-    # Our own after_request handler logs every request with its request id.
-    config.accesslog = None
-    # Hypercorn's own messages go through our structured handler (see service.logs).
-    config.errorlog = logging.getLogger("hypercorn.error")
-    return config
 
 
 async def wait_for_signal(svc: Services, stop: trio.Event) -> None:

@@ -16,9 +16,10 @@ from werkzeug.routing import WebsocketMismatch
 
 from ..errors import ServiceError
 from ..logs import get_logger
+from ..text import clean_text
 from .models import error_body
 
-__all__ = ["install_error_handlers", "json_error"]
+__all__ = ["field_name", "install_error_handlers", "json_error"]
 
 log = get_logger("service.api")
 
@@ -41,8 +42,14 @@ def json_error(status: int, type_: str, message: str, **extra: Any) -> Response:
     return resp
 
 
-def _field(loc: Sequence[int | str]) -> str:
-    return ".".join(str(p) for p in loc) or "body"
+FIELD_CHARS = 200  # a field's name as an error names it, cut to this
+_ERRORS_LISTED = 20  # a 422's ``errors``: the first ones
+
+
+def field_name(loc: Sequence[int | str], whole: str = "body") -> str:
+    """The field an error names, cut short: an unknown field's name is the client's, and
+    echoed whole a megabyte of it came back as three (JSON escapes), once per field."""
+    return clean_text(".".join(str(p) for p in loc)[:FIELD_CHARS]) or whole
 
 
 def install_error_handlers(app: Quart) -> None:
@@ -56,10 +63,11 @@ def install_error_handlers(app: Quart) -> None:
             ):
                 return json_error(400, "malformed_json", "the body must be a JSON object")
             first = errors[0] if errors else {"loc": (), "msg": str(exc)}
-            field = _field(first["loc"])
+            field = field_name(first["loc"])
             return json_error(
                 422, "invalid_request", f"{field}: {first['msg']}", field=field,
-                errors=[{"field": _field(e["loc"]), "message": e["msg"]} for e in errors],
+                errors=[{"field": field_name(e["loc"]), "message": e["msg"]}
+                        for e in errors[:_ERRORS_LISTED]],
             )
         return json_error(400, "malformed_json", "the body must be a JSON object")
 

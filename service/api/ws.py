@@ -46,6 +46,7 @@ from ..runs.reader import EventReader, Keepalive
 from ..services import Services
 from ..store.records import strict_json
 from ..text import clean_text
+from .errors import field_name
 from .models import (
     MAX_CONTENT_CHARS,
     MAX_MODEL_CHARS,
@@ -145,6 +146,7 @@ class _Session:
         # a client briefly behind, not one that reads nothing).
         self.replies: deque[dict[str, Any]] = deque()
         self._waiting: trio.CancelScope | None = None  # the send loop's wait for an event
+        self.not_reading = False  # its replies piled up unsent: it is closed (1008)
 
     async def receive_loop(self) -> None:
         limit = self.svc.settings.max_body_bytes
@@ -197,7 +199,7 @@ class _Session:
                                       msg))
             except ValidationError as exc:
                 first = exc.errors()[0]
-                field = ".".join(str(p) for p in first["loc"]) or "message"
+                field = field_name(first["loc"], "message")
                 self.reply(_error("invalid_request", f"{field}: {first['msg']}", msg))
             except ServiceError as exc:
                 self.reply(_error_reply(_service_error(exc), msg))
@@ -214,6 +216,24 @@ class _Session:
         self.replies.append(msg)
         if self._waiting is not None:
             self._waiting.cancel()  # the send loop is waiting for an event: it sends this now
+
+    def reply_from_task(self, msg: dict[str, Any]) -> None:
+        """A reply from one of the socket's tasks (a refused start, a cancel the store could
+        not take): ahead of the runs' events as well (queued behind them, a client briefly
+        behind got it after a whole backlog of another run's, and after replies to messages
+        it sent later). One that finds the reply queue full closes the socket, as ``reply``
+        does."""
+        try:
+            self.reply(msg)
+        except NotReading:
+            self.not_reading = True
+            self.nursery.cancel_scope.cancel()
+
+    @property
+    def leave_reason(self) -> str:
+        """Why the socket's ``cancel`` runs stop when it ends."""
+        return ("the client read nothing of its socket (closed)" if self.not_reading
+                else "client disconnected")
 
     async def send_loop(self, recv: trio.MemoryReceiveChannel[dict[str, Any] | str],
                         done: trio.CancelScope) -> None:
@@ -271,7 +291,7 @@ class _Session:
         try:
             handle = await self.svc.require_supervisor().start(spec)
         except ServiceError as exc:
-            await self.send.send(_error_reply(_service_error(exc), request))
+            self.reply_from_task(_error_reply(_service_error(exc), request))
             return
         # Entries of runs that ended while their forwarder could not finish (a store error).
         for run_id in [k for k, (h, _) in self.runs.items() if h.finished.is_set()]:
@@ -306,7 +326,7 @@ class _Session:
             if run.status in ("queued", "running"):
                 await ask_to_stop([m.run_id], "cancelled by request")
         except ServiceError as exc:  # not_found (not this key's, or no such run), the store's
-            await self.send.send(_error_reply(_service_error(exc), request))
+            self.reply_from_task(_error_reply(_service_error(exc), request))
         finally:
             self.cancels.release()
 
@@ -352,7 +372,6 @@ async def ws() -> None:
     await websocket.accept()
     send, recv = trio.open_memory_channel[dict[str, Any] | str](_SEND_QUEUE)
     session: _Session | None = None
-    reason = "client disconnected"
     try:
         async with trio.open_nursery() as nursery:
             session = _Session(svc, current_owner(), nursery, send,
@@ -362,7 +381,7 @@ async def ws() -> None:
             try:
                 await session.receive_loop()
             except NotReading:
-                reason = "the client read nothing of its socket (closed)"
+                session.not_reading = True
                 nursery.cancel_scope.cancel()
             finally:
                 # The client left (or reads nothing): its runs stop now, not once this
@@ -371,10 +390,10 @@ async def ws() -> None:
                 # start in a slow store write (a write taken into a commit is waited for):
                 # the runs must not wait for them. (A run whose start lands after this is
                 # stopped below.)
-                session.abandon(reason)
-        if reason != "client disconnected":
+                session.abandon(session.leave_reason)
+        if session.not_reading:
             with trio.move_on_after(_CLOSE_WAIT):
                 await websocket.close(1008, "the client reads nothing of its replies")
     finally:
         if session is not None:
-            session.abandon(reason)
+            session.abandon(session.leave_reason)

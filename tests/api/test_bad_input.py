@@ -313,3 +313,22 @@ def test_text_logs_escape_control_characters() -> None:
     assert "\x07" not in text
     assert "\\x1b]0;title\\x07" in text
     assert "\nTraceback" in text  # the traceback keeps its own lines
+
+
+async def test_a_422_names_unknown_fields_cut_short_and_lists_the_first_errors(
+    settings: Settings,
+) -> None:
+    # Found in review (the WebSocket's, the same on HTTP): an unknown field's name came back
+    # whole, in the message, in ``field`` and in every entry of ``errors``; with JSON's escapes
+    # a 1 MB body of them was answered with several MB.
+    name = "é" * 100_000
+    body = {"title": "t", name: 1, **{f"x{i}{'y' * 5_000}": 1 for i in range(100)}}
+    async with running_server(settings, ScriptedBackend()) as srv, srv.client() as client:
+        r = await client.post("/api/conversations", json=body)
+    assert r.status_code == 422, r.text[:300]
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request"
+    assert len(r.content) < 20_000, len(r.content)
+    assert len(error["field"]) <= 200
+    assert 0 < len(error["errors"]) <= 20
+    assert error["message"].startswith(error["field"])
