@@ -353,6 +353,9 @@ async def chat_completions(data: ChatCompletionRequest) -> Response:
     message: dict[str, Any] = {"role": "assistant", "content": handle.final_text}
     if extra.get("tool_calls"):
         message["tool_calls"] = _tool_calls_out(extra["tool_calls"], with_index=False)
+        # OpenAI's: a message of tool calls and no text has content null (a client may tell
+        # the two kinds of answer apart by it).
+        message["content"] = handle.final_text or None
     return jsonify({
         "id": cid, "object": "chat.completion", "created": created,
         "model": extra.get("model", shown_model),

@@ -72,6 +72,7 @@ async def test_a_tool_call_cut_by_max_tokens_keeps_finish_reason_length(
                     pass
                 streamed = stream.current_completion_snapshot
         assert whole.choices[0].message.tool_calls[0].function.arguments == '{"city": "Os'
+        assert whole.choices[0].message.content is None  # tool calls, no text: OpenAI's null
         assert whole.choices[0].finish_reason == "length"
         assert streamed.choices[0].finish_reason == "length"
 
