@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .records import STEP_EVENTS, TOUCH_CONVERSATION, ends_a_step, stored_data
+from .records import STEP_EVENTS, ends_a_step, stored_data
 
 __all__ = ["LEASE", "alive", "close_interrupted", "owner_alive", "process_tag"]
 
@@ -160,7 +160,6 @@ def close_interrupted(execute: Execute, claim: str, run_id: str, reason: str, no
     """
     if not execute(claim, (reason, now, process_id, run_id)).rowcount:
         return False
-    execute(TOUCH_CONVERSATION, (now, run_id, process_id, now))  # its reply is decided now
     why = reason
     ended = execute("SELECT data FROM run_events WHERE run_id = ? AND type = 'run.finished'",
                     (run_id,)).fetchone()

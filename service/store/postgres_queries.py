@@ -21,7 +21,6 @@ from .pg_notify import notify as _notify
 from .postgres_ownership import Conn, PostgresOwnership
 from .records import (
     KEPT_EVENTS_SQL,
-    TOUCH_CONVERSATION,
     BegunRun,
     Conversation,
     LLMCallRecord,
@@ -47,6 +46,11 @@ __all__ = ["Conn", "PostgresQueries"]
 T = TypeVar("T")
 
 _CONV_COLS = "id, title, system, model, agent, owner, created_at, updated_at"
+# As read: also its latest message's updated_at (see the SQLite store's _CONV_READ).
+_CONV_READ = (
+    "id, title, system, model, agent, owner, created_at, GREATEST(updated_at, (SELECT "
+    "MAX(m.updated_at) FROM messages m WHERE m.conversation_id = conversations.id))"
+)
 _MSG_COLS = "id, conversation_id, role, content, status, run_id, error, created_at, updated_at"
 _RUN_COLS = (
     "id, conversation_id, owner, agent, model, status, created_at, started_at, finished_at, "
@@ -59,7 +63,6 @@ _CALL_COLS = (
 _CALL_COLS_QUALIFIED = ", ".join(f"l.{c.strip()}" for c in _CALL_COLS.split(","))
 _MSG_INSERT = f"INSERT INTO messages ({_MSG_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
 _CONV_INSERT = f"INSERT INTO conversations ({_CONV_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
-_TOUCH_CONVERSATION = TOUCH_CONVERSATION.replace("?", "%s")
 
 
 def _events_sql(ignore: bool, fenced: bool) -> str:
@@ -146,7 +149,7 @@ class PostgresQueries(PostgresOwnership):
         who, args = _owner_is(owner)
 
         def fn(c: Conn) -> Conversation | None:
-            row = c.execute(f"SELECT {_CONV_COLS} FROM conversations WHERE id = %s AND {who}",
+            row = c.execute(f"SELECT {_CONV_READ} FROM conversations WHERE id = %s AND {who}",
                             (conversation_id, *args)).fetchone()
             return conversation_row(row) if row else None
 
@@ -162,7 +165,7 @@ class PostgresQueries(PostgresOwnership):
         who, owner_args = _owner_is(owner)
 
         def fn(c: Conn) -> tuple[list[Conversation], str | None]:
-            sql = f"SELECT seq, {_CONV_COLS} FROM conversations WHERE {who}"
+            sql = f"SELECT seq, {_CONV_READ} FROM conversations WHERE {who}"
             args: list[Any] = [*owner_args]
             if before_seq is not None:
                 sql += " AND seq < %s"
@@ -310,7 +313,6 @@ class PostgresQueries(PostgresOwnership):
         content, error = clean_text(content), error and clean_text(error)
 
         def fn(c: Conn) -> bool:
-            c.execute(_TOUCH_CONVERSATION, (now, run_id, self.process_id, now))
             if not c.execute(
                 "UPDATE runs SET status = %s, finished_at = %s, error = %s, usage = %s, "
                 "started_at = COALESCE(started_at, %s), model = COALESCE(model, %s) "

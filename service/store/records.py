@@ -17,7 +17,6 @@ from ..text import clean_text
 __all__ = [
     "KEPT_EVENTS_SQL",
     "STEP_EVENTS",
-    "TOUCH_CONVERSATION",
     "BegunRun",
     "Conversation",
     "LLMCallOutcome",
@@ -49,18 +48,6 @@ STEP_EVENTS = frozenset({"thought", "tool.call", "tool.result", "plan", "step.st
 # SQL list: its start, its answer or why there is none, and its end (one row each). A re-join
 # of a pruned run is still told what the run's row and its reply say.
 KEPT_EVENTS_SQL = "'run.started', 'message', 'error', 'run.finished'"
-
-# A run's end changes its conversation (its reply): the conversation's ``updated_at`` moves to
-# it, as it does for a new message, so a client that syncs what changed since a time finds an
-# answer that landed after its question. Parameters: (now, run_id, process_id, now); only the
-# run's holder's end counts, and the time never goes back (hosts' clocks differ). SQL with
-# ``?`` placeholders. ``finish_run`` runs it before it updates the run's row: the
-# conversation's row is then locked before the run's, in the order a conversation's delete
-# takes them.
-TOUCH_CONVERSATION = (
-    "UPDATE conversations SET updated_at = ? WHERE id = (SELECT conversation_id FROM runs "
-    "WHERE id = ? AND process = ?) AND updated_at < ?"
-)
 
 
 def ends_a_step(type_: str, data: dict[str, Any]) -> bool:

@@ -17,7 +17,6 @@ from ..errors import NotFound
 from ..text import clean_text
 from .records import (
     KEPT_EVENTS_SQL,
-    TOUCH_CONVERSATION,
     BegunRun,
     Conversation,
     LLMCallRecord,
@@ -49,6 +48,14 @@ __all__ = ["SQLiteQueries"]
 T = TypeVar("T")
 
 _CONV_COLS = "id, title, system, model, agent, owner, created_at, updated_at"
+# As read: a conversation's updated_at is also its latest message's (a reply's end, or its close
+# by a survivor, changes that message, not the conversation's row: locking the conversation's
+# row at a run's end deadlocked on PostgreSQL with a delete, a recovery and other instances'
+# new questions).
+_CONV_READ = (
+    "id, title, system, model, agent, owner, created_at, MAX(updated_at, COALESCE((SELECT "
+    "MAX(m.updated_at) FROM messages m WHERE m.conversation_id = conversations.id), 0))"
+)
 _MSG_COLS = "id, conversation_id, role, content, status, run_id, error, created_at, updated_at"
 _RUN_COLS = (
     "id, conversation_id, owner, agent, model, status, created_at, started_at, finished_at, "
@@ -159,7 +166,7 @@ class SQLiteQueries(SQLiteOwnership):
     ) -> Conversation:
         def fn(c: sqlite3.Connection) -> Conversation | None:
             row = c.execute(
-                f"SELECT {_CONV_COLS} FROM conversations WHERE id = ? AND owner IS ?",
+                f"SELECT {_CONV_READ} FROM conversations WHERE id = ? AND owner IS ?",
                 (conversation_id, owner),
             ).fetchone()
             return _conversation(row) if row else None
@@ -176,7 +183,7 @@ class SQLiteQueries(SQLiteOwnership):
         before_seq = decode_cursor(before) if before else None
 
         def fn(c: sqlite3.Connection) -> tuple[list[Conversation], str | None]:
-            sql = f"SELECT seq, {_CONV_COLS} FROM conversations WHERE owner IS ?"
+            sql = f"SELECT seq, {_CONV_READ} FROM conversations WHERE owner IS ?"
             args: list[Any] = [owner]
             if before_seq is not None:
                 sql += " AND seq < ?"
@@ -390,7 +397,6 @@ class SQLiteQueries(SQLiteOwnership):
         content, error = clean_text(content), error and clean_text(error)
 
         def fn(c: sqlite3.Connection) -> bool:
-            c.execute(TOUCH_CONVERSATION, (now, run_id, self.process_id, now))
             if not c.execute(
                 "UPDATE runs SET status = ?, finished_at = ?, error = ?, usage = ?, "
                 "started_at = COALESCE(started_at, ?), model = COALESCE(model, ?) "
