@@ -100,6 +100,14 @@ class ServiceError(Exception):
     def to_dict(self) -> dict[str, object]:
         return {"type": self.type, "message": self.message, **self.details}
 
+    def to_event(self) -> dict[str, object]:
+        """As a stream's ``error`` (an SSE event, a WebSocket frame): with ``retry_after``
+        (seconds) when a retry is worth it then, as an HTTP answer's Retry-After says."""
+        error = self.to_dict()
+        if self.retry_after is not None:
+            error["retry_after"] = self.retry_after
+        return error
+
 
 class ConfigError(ServiceError):
     type = "config_error"

@@ -44,6 +44,7 @@ from .origins import OriginPolicy
 from .sendstall import install as drop_stalled_clients
 from .services import Services
 from .settings import Settings, load_settings
+from .text import not_text_at
 from .tokens import TokenSigner, expiry
 from .wsclose import install as close_websockets_as_the_rfc_says
 from .wsping import install as end_pings_with_their_socket
@@ -321,7 +322,13 @@ def create_app(
     @app.before_request
     async def _begin() -> Response | None:
         events = request.method in ("GET", "HEAD") and _EVENTS_RE.fullmatch(request.path)
-        return _authorize(request, token_route=bool(events))
+        refused = _authorize(request, token_route=bool(events))
+        if refused is None and any(isinstance(v, str) and not_text_at(v) is not None
+                                   for v in (request.view_args or {}).values()):
+            # An id with a NUL or a lone surrogate names nothing (ids are a prefix and hex):
+            # 404 here, as on SQLite; PostgreSQL's text cannot hold a NUL (it was a 500).
+            return json_error(404, "not_found", "no such id")
+        return refused
 
     @app.before_websocket
     async def _begin_ws() -> Response | None:

@@ -97,8 +97,8 @@ def run_error(handle: RunHandle, **extra: object) -> Response:
 
 
 def run_out(run: RunRecord | None, live: RunHandle | None = None) -> RunOut:
-    """A run as the store has it; a live run's status and usage so far from its handle. Its
-    error only once its end is stored (until then the store has none)."""
+    """A run as the store has it; or, for the answer to the request that ran it (its end
+    stored), as its handle has it. Its error only once its end is stored."""
     if live is not None:
         return RunOut(
             id=live.id, conversation_id=live.conversation_id, agent=live.agent, model=live.model,
@@ -141,7 +141,7 @@ async def _event_stream(
             # The store failed while the run's events were re-read (a client behind the window,
             # or re-joining): end the stream with an error frame (no id: it is not one of the
             # run's events) instead of a broken connection. The client may re-join later.
-            yield sse_event(None, "error", exc.to_dict())
+            yield sse_event(None, "error", exc.to_event())
         ended = True
     finally:
         if handle is not None and on_disconnect == "cancel" and not handle.done:
@@ -205,10 +205,10 @@ async def post_message(conversation_id: str, data: PostMessage) -> Response:
 @validate_response(RunOut, 200)
 @validate_response(ErrorBody, 404)
 async def get_run(run_id: str) -> RunOut:
-    """A run's status, whether live or finished."""
-    svc = services()
-    run = await svc.require_store().get_run(run_id, owner=current_owner())
-    return run_out(run, svc.require_supervisor().get(run_id))
+    """A run's status, whether live or finished: as the store has it, on every instance (the
+    one running it answered from memory: the answering model and usage so far, where another
+    instance, or the store afterwards for a run cut by a crash, said otherwise)."""
+    return run_out(await services().require_store().get_run(run_id, owner=current_owner()))
 
 
 @blueprint.get("/api/runs/<run_id>/events")
@@ -250,8 +250,17 @@ async def run_events(run_id: str, query_args: RunEventsQuery) -> Response:
             return json_error(422, "invalid_request",
                               f"event {after} is past this run's last event",
                               field=field)
+    if request.method == "HEAD":
+        # The stream's headers, and no body to run: its generator ran, for a response that
+        # sends none, until the run's end, and held the connection that long.
+        return sse_response(_no_events())
     # Re-joining never cancels the run: it belongs to whoever started it.
     return sse_response(_event_stream(_reader(run_id, after), None, "continue"))
+
+
+async def _no_events() -> AsyncIterator[bytes]:
+    return
+    yield  # an async generator with nothing in it
 
 
 async def _has_event(run: RunRecord, seq: int) -> bool:

@@ -95,15 +95,6 @@ def _error(type_: str, message: str, request: Any = None) -> dict[str, Any]:
     return _error_reply({"type": type_, "message": message}, request)
 
 
-def _service_error(exc: ServiceError) -> dict[str, Any]:
-    """A service error as an error frame's ``error``: with ``retry_after`` (seconds) when a
-    retry is worth it then, as an SSE stream's ``error`` event and an HTTP Retry-After say."""
-    error = exc.to_dict()
-    if exc.retry_after is not None:
-        error["retry_after"] = exc.retry_after
-    return error
-
-
 def _error_reply(error: dict[str, Any], request: Any = None) -> dict[str, Any]:
     """An error reply, echoing what tells which request it answers (never the whole of it: a
     content of a megabyte, or a deep nesting, would come back)."""
@@ -202,7 +193,7 @@ class _Session:
                 field = field_name(first["loc"], "message")
                 self.reply(_error("invalid_request", f"{field}: {first['msg']}", msg))
             except ServiceError as exc:
-                self.reply(_error_reply(_service_error(exc), msg))
+                self.reply(_error_reply(exc.to_event(), msg))
 
     def reply(self, msg: dict[str, Any]) -> None:
         """A reply to the client's own message, from the receive loop: never waited for. The
@@ -291,7 +282,7 @@ class _Session:
         try:
             handle = await self.svc.require_supervisor().start(spec)
         except ServiceError as exc:
-            self.reply_from_task(_error_reply(_service_error(exc), request))
+            self.reply_from_task(_error_reply(exc.to_event(), request))
             return
         # Entries of runs that ended while their forwarder could not finish (a store error).
         for run_id in [k for k, (h, _) in self.runs.items() if h.finished.is_set()]:
@@ -326,7 +317,7 @@ class _Session:
             if run.status in ("queued", "running"):
                 await ask_to_stop([m.run_id], "cancelled by request")
         except ServiceError as exc:  # not_found (not this key's, or no such run), the store's
-            self.reply_from_task(_error_reply(_service_error(exc), request))
+            self.reply_from_task(_error_reply(exc.to_event(), request))
         finally:
             self.cancels.release()
 
@@ -343,7 +334,7 @@ class _Session:
             # The store failed under this run's events: tell the client, keep the socket, and
             # keep the run's entry, so that a later disconnect (or a cancel message) still
             # reaches it.
-            await self.send.send({"type": "error", "error": _service_error(exc),
+            await self.send.send({"type": "error", "error": exc.to_event(),
                                   "run_id": handle.id})
             return
         self.runs.pop(handle.id, None)
