@@ -22,6 +22,7 @@ import trio
 from service.runs import RunSpec
 from service.settings import Settings, load_settings
 from service.sim import Reply as SimReply
+from service.store import RunEvent
 
 from .e2e import e2e, read_events
 from .fakes import Reply, ScriptedBackend, supervisor_env
@@ -121,6 +122,30 @@ async def test_a_last_event_id_past_a_finished_runs_end_is_refused_not_a_204(
     assert r.json()["error"]["field"] == "Last-Event-ID", r.text
     assert q.status_code == 422, f"?after={last + 990}: {q.status_code}"
     assert q.json()["error"]["field"] == "after", q.text
+
+
+async def test_a_rejoin_at_run_finished_of_a_run_that_ends_as_it_is_read_is_a_204(
+    settings: Settings,
+) -> None:
+    """A client that saw a run's ``run.finished`` re-joins just as the run's final write lands:
+    the run is read as running, then its event is found in the store (the final write landed
+    between the two reads). It was followed as a live run: an empty 200 (or, for a run no
+    process here runs, a stream that waited), and an EventSource reconnected. Now a 204, as
+    for a run read as finished. (Between the two reads here: the run's row left running, its
+    events written with the store's own calls.)"""
+    async with running_server(settings, ScriptedBackend()) as srv, srv.client() as client:
+        store = srv.services.require_store()
+        conv = await store.create_conversation()
+        begun = await store.begin_run(conv.id, content="q", agent="chat", model="m")
+        await store.append_run_events([
+            RunEvent(begun.run.id, 2, "token", {"text": "a"}, 0.0),
+            RunEvent(begun.run.id, 3, "run.finished", {"status": "succeeded", "usage": {}}, 0.0),
+        ])
+        assert (await store.get_run(begun.run.id)).status == "running"
+        with trio.fail_after(GUARD):
+            r = await client.get(f"/api/runs/{begun.run.id}/events",
+                                 headers={"Last-Event-ID": "3"})
+    assert r.status_code == 204, (r.status_code, r.text[:200])
 
 
 async def test_a_rejoin_following_another_workers_run_ends_clearly_when_it_is_deleted(

@@ -230,13 +230,19 @@ async def run_events(run_id: str, query_args: RunEventsQuery) -> Response:
         # last id it saw in the header: the later position wins, or it would get events again.
         if int(header) > after:
             after, field = int(header), "Last-Event-ID"
-    if after and run.status in ("queued", "running") and not await _has_event(run, after):
-        # An id this run has not reached: no client can have seen it (an event is shown only
-        # once stored). Followed, the stream would wait for the run's end and then close
-        # without it (its run.finished comes before that id).
-        return json_error(422, "invalid_request",
-                          f"event {after} is past this run's events so far",
-                          field=field)
+    if after and run.status in ("queued", "running"):
+        seen = await _event_type(run, after)
+        if seen is None:
+            # An id this run has not reached: no client can have seen it (an event is shown
+            # only once stored). Followed, the stream would wait for the run's end and then
+            # close without it (its run.finished comes before that id).
+            return json_error(422, "invalid_request",
+                              f"event {after} is past this run's events so far",
+                              field=field)
+        if seen == "run.finished":
+            # The run ended between the two reads (its final write landed): its client saw
+            # the end, as below (an empty 200 here made an EventSource reconnect once more).
+            return Response("", status=204)
     if after and run.status not in ("queued", "running"):
         where = await _where_in_the_end(run, after)
         if where == "end":
@@ -263,14 +269,14 @@ async def _no_events() -> AsyncIterator[bytes]:
     yield  # an async generator with nothing in it
 
 
-async def _has_event(run: RunRecord, seq: int) -> bool:
-    """Whether the store has the run's event ``seq`` (yes if it cannot say: the stream then
-    reads the store again and reports its failure in a frame)."""
+async def _event_type(run: RunRecord, seq: int) -> str | None:
+    """The type of the run's event ``seq`` in the store, None if it has none ("" if it cannot
+    say: the stream then reads the store again and reports its failure in a frame)."""
     try:
         found = await services().require_store().list_run_events(run.id, after=seq - 1, limit=1)
     except ServiceError:
-        return True
-    return bool(found) and found[0].seq == seq
+        return ""
+    return found[0].type if found and found[0].seq == seq else None
 
 
 async def _where_in_the_end(run: RunRecord, after: int) -> str:
