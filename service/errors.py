@@ -46,6 +46,8 @@ Errors the *model* should see (tool failures) are separate from errors the *oper
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "AllBackendsFailed",
     "BackendBusy",
@@ -203,6 +205,19 @@ class ContextLengthExceeded(BackendError):
 
     status = 400
     type = "context_length_exceeded"
+    # How an upstream says it: llama.cpp's server with its error type (an HTTP 400, or an
+    # ``error:`` line in its stream), OpenAI with its code; Ollama (when it does not truncate)
+    # and others only in words.
+    _TYPES = frozenset({"exceed_context_size_error", "context_length_exceeded"})
+    _WORDS = re.compile(
+        r"(exceeds?|longer than|larger than|too long|too large).{0,60}\bcontext"
+        r"|\bcontext (length|size|window) (exceeded|is too small)|context_length_exceeded",
+        re.IGNORECASE | re.DOTALL)
+
+    @classmethod
+    def said(cls, message: str, kind: str | None = None) -> bool:
+        """Whether an upstream's error (its message, its type) says this."""
+        return kind in cls._TYPES or bool(cls._WORDS.search(message))
 
 
 class UpstreamBroken(BackendError):

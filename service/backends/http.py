@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import ssl
 import time
 import zlib
@@ -188,15 +187,6 @@ def _error_message(body: bytes) -> tuple[str, str | None]:
     return text[:500], None
 
 
-# An upstream's "the prompt does not fit": llama.cpp's server says it with its error type
-# (HTTP 400, ``exceed_context_size_error``), OpenAI with its code; Ollama (when it does not
-# truncate) and others only in words.
-_CONTEXT_TYPES = frozenset({"exceed_context_size_error", "context_length_exceeded"})
-_CONTEXT_WORDS = re.compile(
-    r"(exceeds?|longer than|larger than|too long|too large).{0,60}\bcontext"
-    r"|\bcontext (length|size|window) (exceeded|is too small)|context_length_exceeded",
-    re.IGNORECASE | re.DOTALL)
-
 RETRY_AFTER_MAX = 3600  # seconds: a Retry-After further off is passed on as this
 
 
@@ -233,7 +223,7 @@ def error_from_status(
     error: BackendError
     if status == 404 and "model" in message.lower():
         return ModelNotFound(message, backend=backend, upstream_status=status, model=model)
-    if 400 <= status < 500 and (kind in _CONTEXT_TYPES or _CONTEXT_WORDS.search(message)):
+    if 400 <= status < 500 and ContextLengthExceeded.said(message, kind):
         return ContextLengthExceeded(message, backend=backend, upstream_status=status,
                                      param="messages")
     if status == 429:

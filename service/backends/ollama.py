@@ -17,7 +17,12 @@ from typing import Any, TypedDict
 
 import trio
 
-from ..errors import BackendError, BackendProtocolError, BackendResponseError
+from ..errors import (
+    BackendError,
+    BackendProtocolError,
+    BackendResponseError,
+    ContextLengthExceeded,
+)
 from ..text import TextJoiner
 from .base import (
     SAMPLING_OPTIONS,
@@ -119,7 +124,10 @@ class OllamaChunks:
 
     def _chunk(self, obj: dict[str, Any]) -> ChatChunk | None:
         if "error" in obj:
-            raise BackendResponseError(str(obj["error"]), backend=self.backend, mid_stream=True)
+            said = str(obj["error"])
+            if ContextLengthExceeded.said(said):  # the request's fault (400), as a status
+                raise ContextLengthExceeded(said[:500], backend=self.backend, param="messages")
+            raise BackendResponseError(said, backend=self.backend, mid_stream=True)
         message = obj.get("message") or {}
         if not isinstance(message, dict):
             raise BackendProtocolError(f"message is not an object: {obj!r:.200}",

@@ -22,7 +22,13 @@ from typing import Any, TypedDict
 import httpx
 import trio
 
-from ..errors import BackendProtocolError, BackendResponseError, ModelNotFound
+from ..errors import (
+    BackendError,
+    BackendProtocolError,
+    BackendResponseError,
+    ContextLengthExceeded,
+    ModelNotFound,
+)
 from ..text import TextJoiner
 from .base import BackendHealth, ChatChunk, ChatMessage, ChatRequest, ModelInfo, ToolCall, Usage
 from .common import HTTPBackend, milliseconds, new_call_id, parse_arguments, token_count
@@ -133,8 +139,10 @@ class OpenAIChunks:
         await self.reader.drain()  # the end of the body, so the connection can be reused
         raise StopAsyncIteration
 
-    def _stream_error(self, data: str) -> BackendResponseError:
-        """llama.cpp's ``error: {"code", "message", "type"}`` line (see ``SSEParser``)."""
+    def _stream_error(self, data: str) -> BackendError:
+        """llama.cpp's ``error: {"code", "message", "type"}`` line (see ``SSEParser``): a
+        prompt over the model's context is the request's fault there too (400, never failed
+        over), as when it comes as an HTTP 400."""
         try:
             obj = loads_json(data)
         except ValueError:
@@ -145,8 +153,12 @@ class OpenAIChunks:
                                         backend=self.backend, mid_stream=True)
         code = err.get("code")
         details = {"upstream_status": code} if isinstance(code, int) else {}
-        return BackendResponseError(str(err.get("message") or err)[:500], backend=self.backend,
-                                    mid_stream=True, **details)
+        message = str(err.get("message") or err)[:500]
+        kind = err.get("type")
+        if ContextLengthExceeded.said(message, kind if isinstance(kind, str) else None):
+            return ContextLengthExceeded(message, backend=self.backend, param="messages",
+                                         **details)
+        return BackendResponseError(message, backend=self.backend, mid_stream=True, **details)
 
     def _event(self, data: str) -> ChatChunk | None:
         self._call_progress = False  # set again if this event adds to a tool call
@@ -160,8 +172,10 @@ class OpenAIChunks:
                                        backend=self.backend)
         if "error" in obj:
             err = obj["error"]
-            message = err.get("message") if isinstance(err, dict) else err
-            raise BackendResponseError(str(message), backend=self.backend, mid_stream=True)
+            message = str(err.get("message") if isinstance(err, dict) else err)
+            if ContextLengthExceeded.said(message):
+                raise ContextLengthExceeded(message[:500], backend=self.backend, param="messages")
+            raise BackendResponseError(message, backend=self.backend, mid_stream=True)
         if isinstance(obj.get("model"), str) and obj["model"]:
             self.model = obj["model"]
         if isinstance(obj.get("usage"), dict):

@@ -41,6 +41,7 @@ import trio
 from ..errors import (
     BackendBusy,
     BackendError,
+    BackendProtocolError,
     BackendResponseError,
     BackendUnavailable,
     ModelNotFound,
@@ -256,8 +257,10 @@ class FleetBackend(AutoBackend):
         with trio.move_on_after(self.inventory_timeout) as scope:
             try:
                 models, loaded = await inventory()
-            except (ModelNotFound, BackendResponseError) as exc:
-                # It answers, but not this question (a server without a model list).
+            except (ModelNotFound, BackendResponseError, BackendProtocolError) as exc:
+                # It answers, but not this question (a server without a model list, or one
+                # behind a gateway answering it with a page: it was set aside for good while
+                # it served chats, its health probe never run again).
                 self.inventories[i] = Inventory(self.inventories[i].models, None,
                                                 trio.current_time(), exc.message)
                 return

@@ -373,12 +373,21 @@ async def _text(backend: OpenAICompatBackend | OllamaBackend) -> str:
 
 async def test_a_llamacpp_stream_error_line_carries_the_upstreams_message() -> None:
     backend = _over_body(OpenAICompatBackend, (
-        b'error: {"code":400,"message":"the request exceeds the available context size",'
-        b'"type":"exceed_context_size_error"}\n\ndata: [DONE]\n\n'))
+        b'error: {"code":500,"message":"the model runner crashed",'
+        b'"type":"server_error"}\n\ndata: [DONE]\n\n'))
     with pytest.raises(BackendResponseError) as info:
         await _text(backend)
-    assert info.value.message == "the request exceeds the available context size"
-    assert info.value.details["upstream_status"] == 400
+    assert info.value.message == "the model runner crashed"
+    assert info.value.details["upstream_status"] == 500
+    # A prompt over the context, said in the stream: the request's fault, as its HTTP 400 is
+    # (found in review: it was failed over to every server, then a 503).
+    backend = _over_body(OpenAICompatBackend, (
+        b'error: {"code":400,"message":"the request exceeds the available context size",'
+        b'"type":"exceed_context_size_error"}\n\ndata: [DONE]\n\n'))
+    with pytest.raises(ContextLengthExceeded) as overflow:
+        await _text(backend)
+    assert overflow.value.message == "the request exceeds the available context size"
+    assert (overflow.value.status, overflow.value.details["upstream_status"]) == (400, 400)
 
 
 async def test_an_emoji_split_into_surrogate_halves_across_chunks_is_joined() -> None:
