@@ -97,8 +97,8 @@ def run_error(handle: RunHandle, **extra: object) -> Response:
 
 
 def run_out(run: RunRecord | None, live: RunHandle | None = None) -> RunOut:
-    """A run as the store has it; or, for the answer to the request that ran it (its end
-    stored), as its handle has it. Its error only once its end is stored."""
+    """A run as the store has it; a live run's status and usage so far from its handle. Its
+    error only once its end is stored (until then the store has none)."""
     if live is not None:
         return RunOut(
             id=live.id, conversation_id=live.conversation_id, agent=live.agent, model=live.model,
@@ -205,10 +205,13 @@ async def post_message(conversation_id: str, data: PostMessage) -> Response:
 @validate_response(RunOut, 200)
 @validate_response(ErrorBody, 404)
 async def get_run(run_id: str) -> RunOut:
-    """A run's status, whether live or finished: as the store has it, on every instance (the
-    one running it answered from memory: the answering model and usage so far, where another
-    instance, or the store afterwards for a run cut by a crash, said otherwise)."""
-    return run_out(await services().require_store().get_run(run_id, owner=current_owner()))
+    """A run's status, whether live or finished. On the instance running it, its model and
+    usage so far come from its handle (ahead of the store, which stores them with its end and
+    never contradicts them: a survivor closing it takes the model its events named); its
+    status is the store's either way."""
+    svc = services()
+    run = await svc.require_store().get_run(run_id, owner=current_owner())
+    return run_out(run, svc.require_supervisor().get(run_id))
 
 
 @blueprint.get("/api/runs/<run_id>/events")

