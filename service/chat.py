@@ -33,7 +33,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import trio
@@ -47,6 +47,7 @@ __all__ = ["SSEParser", "main"]
 EXIT_INTERRUPTED = 130
 READ_TIMEOUT = 60.0  # seconds of nothing before a turn fails (a stream: four keep-alives)
 _REJOINS = 3  # times a dropped stream is re-joined (after 0.5, 1 and 2 s)
+_RETRY_AFTER_MAX = 30.0  # seconds: a longer Retry-After is waited this long
 _QUIT_CANCEL_WAIT = 2.0  # seconds a second Ctrl-C waits for the run's cancel to be sent
 _STEPS = ("thought", "tool.call", "tool.result", "plan", "step.started", "step.finished")
 _TITLE_CHARS = 60
@@ -107,6 +108,11 @@ class Turn:
     error: dict[str, Any] | None = None
     last_id: str | None = None  # the last event shown: where a re-join resumes
     known: trio.Event = field(default_factory=trio.Event)  # run_id is set
+
+
+# The runs whose events this process has shown (a chat's earlier turns): a dropped POST's
+# run is never one of them. (A CLI's memory of its own turns: a set of ids, no tasks.)
+_RUNS_SHOWN: set[str] = set()
 
 
 def _seconds(value: str | None) -> float:
@@ -173,12 +179,16 @@ class Client:
         or its re-joins failing) cancels its run, which would go on otherwise."""
         path = f"/api/conversations/{conversation}/messages"
         failure: Exception | None = None
+        told = 0.0  # the seconds the service said to wait before the next re-join
         for attempt in range(_REJOINS + 1):
             if attempt == 0:
                 request = self.http.stream("POST", path, json=body,
                                            timeout=httpx.Timeout(30.0, read=None))
             else:
-                await trio.sleep(0.5 * 2 ** (attempt - 1))
+                # Its Retry-After when it gave one (a store restarting: 5 s), bounded: three
+                # re-joins 0.5, 1 and 2 s apart gave up 3.5 s after a cut, cancelling a run
+                # the service had asked to be re-joined 5 s later.
+                await trio.sleep(max(0.5 * 2 ** (attempt - 1), min(told, _RETRY_AFTER_MAX)))
                 if turn.run_id is None:
                     # Dropped before its run.started came: the run, if it started, is found
                     # on the conversation (its pending reply to this message).
@@ -197,6 +207,7 @@ class Client:
                 if turn.status is not None:
                     return  # its end was shown: the body's last bytes do not matter
                 failure = failure or exc  # the first says what went wrong
+                told = exc.after if isinstance(exc, _Retry) else 0.0
                 if not isinstance(exc, _Silent) and attempt < _REJOINS:
                     continue
                 # Given up: a stream silent for four keep-alive intervals (the service
@@ -225,6 +236,11 @@ class Client:
         if (asked.get("role"), asked.get("content"), reply.get("role")) != (
                 "user", content, "assistant") or not reply.get("run_id"):
             return None
+        if reply["run_id"] in _RUNS_SHOWN:
+            # An earlier turn's (the same words asked again: "go on"), whose answer was shown:
+            # this message never reached the service. Re-joined, that old answer came again
+            # as this turn's.
+            return None
         return str(reply["run_id"])
 
     async def _follow(self, request: Any, turn: Turn) -> None:
@@ -244,7 +260,8 @@ class Client:
                                                     or resp.status_code == 429):
                         # A re-join refused for now (the store away, a proxy restarting):
                         # tried again.
-                        raise _Retry(_error_of(resp))
+                        raise _Retry(_error_of(resp),
+                                     _seconds(resp.headers.get("Retry-After")))
                     raise ChatError(_error_of(resp))
                 silence = max(silence, 4 * _seconds(resp.headers.get("X-Keepalive-Interval")))
                 parser = SSEParser()
@@ -261,14 +278,17 @@ class Client:
         if turn.status is None:
             why = turn.error or {"type": "stream_ended", "message": "no run.finished"}
             # (The run goes on: re-joined, as an error frame that ends a stream asks.)
-            raise (_Retry if turn.run_id is not None else ChatError)(
-                f"the stream ended before the run did: {why.get('type')}: "
-                f"{why.get('message')} (run {turn.run_id})")
+            message = (f"the stream ended before the run did: {why.get('type')}: "
+                       f"{why.get('message')} (run {turn.run_id})")
+            if turn.run_id is None:
+                raise ChatError(message)
+            raise _Retry(message, _seconds(str(why.get("retry_after") or "")))
 
     async def _show(self, frame: dict[str, Any], turn: Turn) -> None:
         kind, data = frame.get("event", ""), frame["data"]
         if kind == "run.started":
             turn.run_id = data["run_id"]
+            _RUNS_SHOWN.add(turn.run_id)
             turn.known.set()
             self.renderer.started(data.get("agent", ""))
             if turn.cancelling:  # Ctrl-C came before the run was known
@@ -330,7 +350,12 @@ class _Silent(ChatError):
 
 class _Retry(ChatError):
     """A run's stream that may be re-joined: refused for now (5xx, 429), or ended before the
-    run did (an error frame)."""
+    run did (an error frame). ``after``: the seconds the service said to wait (its
+    Retry-After, or an error frame's ``retry_after``), 0 if it said none."""
+
+    def __init__(self, message: str, after: float = 0.0) -> None:
+        super().__init__(message)
+        self.after = after
 
 
 def _http(opts: Options) -> httpx.AsyncClient:
@@ -425,6 +450,11 @@ def _interactive(opts: Options, renderer: Renderer) -> int:
             failed = True
 
 
+def _bad(why: str) -> NoReturn:
+    print(_safe(f"service chat: {why}"), file=sys.stderr)
+    raise SystemExit(2)
+
+
 def _parse(argv: Sequence[str]) -> Options:
     parser = argparse.ArgumentParser(prog="python -m service chat",
                                      description="a terminal client of a running service")
@@ -442,6 +472,16 @@ def _parse(argv: Sequence[str]) -> Options:
     parser.add_argument("--conversation", metavar="ID",
                         help="go on with this conversation (default: a new one)")
     args = parser.parse_args(argv)
+    # One line each, as a failed turn's (not a traceback from httpx at the first request).
+    try:
+        url = httpx.URL(args.url)
+    except httpx.InvalidURL as exc:
+        _bad(f"--url {args.url!r}: {exc}")
+    if url.scheme not in ("http", "https") or not url.host:
+        _bad(f"--url {args.url!r}: not an http(s) URL")
+    if args.key is not None and not (args.key.isascii() and args.key.isprintable()):
+        # An HTTP header takes ASCII only (a curly quote pasted with the key, say).
+        _bad("--key (or $SERVICE_CHAT_KEY): not printable ASCII, so not a key")
     return Options(url=args.url.rstrip("/"), key=args.key, agent=args.agent, model=args.model,
                    conversation=args.conversation, message=args.message)
 

@@ -42,12 +42,14 @@ class Renderer:
         # A reasoning model's thinking that came while an answer was written as it comes on
         # the terminal: shown once that text's line has ended (it would cut the answer).
         self._held: list[Text] = []
+        self._thinking = False  # a line of a reasoning model's thinking is being written
 
     def started(self, agent: str) -> None:
         if not self.tty and agent == "chat":
             self._stream_tokens = True
 
     def token(self, text: str) -> None:
+        self._end_thinking()
         text = _safe(text)
         self._segment += text
         if not self._stream_tokens:
@@ -71,27 +73,41 @@ class Renderer:
         self._printed += text
 
     def step(self, kind: str, data: dict[str, Any]) -> None:
-        line = Text(_safe(_describe(kind, data)), style="dim")
         if kind == "thought" and data.get("reasoning"):
             # A reasoning model's thinking is not a step: it may come between answer tokens,
             # and the answer goes on around it. Shown apart (above a live answer; on stderr
             # in a pipe), the answer's text kept: it had been dimmed, or cut and then written
-            # again whole.
+            # again whole. It comes a piece (a token) at a time: one running line, not a
+            # line per piece.
+            piece = _safe(str(data.get("text", "")))
             if self._printed and self.steps is self.out:
-                self._held.append(line)
+                if self._held and self._held[-1].plain.startswith("· thinking: "):
+                    self._held[-1].append(piece)
+                else:
+                    self._held.append(Text("· thinking: " + piece, style="dim"))
+            elif self._live is not None:
+                # Above a live answer (a rare turn: thinking between its tokens): a line each.
+                self.steps.print(Text("· thinking: " + piece, style="dim"))
             else:
-                self.steps.print(line)
+                if not self._thinking:
+                    self.steps.print(Text("· thinking: ", style="dim"), end="")
+                    self._thinking = True
+                self.steps.print(Text(piece, style="dim"), end="")
             return
+        self._end_thinking()
+        line = Text(_safe(_describe(kind, data)), style="dim")
         if self._printed:  # written as it came: ended with its line
             self._end_plain()
         elif self.tty and self._segment:
             # The text so far was a step's (a ReAct thought), not the answer.
             self._stop_live(Text(self._segment.strip(), style="dim"))
+            self._show_held()
         self._segment = ""
         self.steps.print(line)
 
     def message(self, content: str) -> None:
         """The final answer (after its tokens, if any were shown)."""
+        self._end_thinking()
         content = _safe(content)
         if self._printed and content.startswith(self._printed):
             self.out.file.write(content[len(self._printed):] + "\n")
@@ -117,6 +133,7 @@ class Renderer:
                  content: str | None = None) -> None:
         """The run's end; ``content``: a reply cut short, as the store keeps it (a ReAct
         turn's answer part, not the thought that was streamed)."""
+        self._end_thinking()
         if content is not None and status != "succeeded":
             if content.strip():
                 self.message(content)
@@ -126,6 +143,7 @@ class Renderer:
             self._end_plain()
         else:
             self._stop_live(Markdown(self._segment) if self._segment.strip() else None)
+            self._show_held()
         if status != "succeeded":
             kind = f"{error['type']}: " if error and error.get("type") != status else ""
             why = f": {kind}{error['message']}" if error else ""
@@ -133,6 +151,7 @@ class Renderer:
 
     def reset(self) -> None:
         """A turn that did not end normally: stop the live display, forget its text."""
+        self._end_thinking()
         self._stop_live(None)
         if self._printed:
             self.out.file.write("\n")  # the text written as it came: its line ends
@@ -149,12 +168,19 @@ class Renderer:
         self._plain = not self.tty
         self._show_held()
 
+    def _end_thinking(self) -> None:
+        """A running line of thinking ends (something else is shown)."""
+        if self._thinking:
+            self.steps.print()
+            self._thinking = False
+
     def _show_held(self) -> None:
         for line in self._held:
             self.steps.print(line)
         self._held.clear()
 
     def note(self, text: str) -> None:
+        self._end_thinking()
         self.err.print(Text(_safe(text), style="dim"))
 
     def _stop_live(self, final: Any) -> None:
