@@ -9,13 +9,11 @@ the upstream generation.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any
 
 import trio
-from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 from quart import Blueprint, Response, jsonify, request
 from quart_schema import document_response, validate_request
 
@@ -25,15 +23,14 @@ from ..runs import RunEvent, RunHandle, RunSpec, RunStatus
 from ..runs.reader import EventReader, Keepalive
 from .errors import json_error
 from .models import (
-    AgentName,
     ChatCompletionOut,
     ErrorBody,
-    JsonRequest,
     OpenAIModel,
     OpenAIModelList,
     strict_json_loads,
     too_deep,
 )
+from .openai_request import ChatCompletionRequest, ChatMessageIn
 from .owned import own_run
 from .runs import run_error, sse_response
 from .sse import sse_data
@@ -68,160 +65,6 @@ async def _openai_error_fields(response: Response) -> Response:
     return response
 
 _LIST_MODELS_DEADLINE = 5.0
-_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for a function's name
-
-
-class _Lenient(JsonRequest):
-    # OpenAI clients send fields we do not use (n, user, seed, ...): accept and ignore them.
-    # Those we use take their JSON types only, and Unicode text (JsonRequest).
-    model_config = ConfigDict(extra="allow")
-
-
-class FunctionCall(_Lenient):
-    name: str
-    arguments: str | dict[str, Any] = "{}"
-
-
-class ToolCallIn(_Lenient):
-    id: str | None = None
-    type: str = "function"
-    function: FunctionCall
-
-
-class ChatMessageIn(_Lenient):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
-    tool_calls: list[ToolCallIn] | None = None
-    tool_call_id: str | None = None
-
-    @field_validator("content")
-    @classmethod
-    def _text_parts(cls, value: str | list[dict[str, Any]] | None) -> Any:
-        if isinstance(value, list):
-            for part in value:
-                if part.get("type") not in ("text", "refusal"):
-                    # Dropping it would have the model answer about an image it never saw.
-                    raise ValueError(f"only text content parts are supported, not "
-                                     f"{str(part.get('type'))[:40]!r}")
-        return value
-
-
-class StreamOptions(_Lenient):
-    include_usage: bool = False
-
-
-class ChatCompletionRequest(_Lenient):
-    model: str | None = Field(None, max_length=200)
-    messages: list[ChatMessageIn] = Field(min_length=1)
-    stream: bool | None = None  # null: not streamed (the SDK's type: Optional[Literal[False]])
-    stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    tools: list[dict[str, Any]] | None = None
-    stop: str | list[str] | None = None
-    top_p: float | None = Field(None, ge=0, le=1)
-    seed: int | None = None
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    response_format: dict[str, Any] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
-    logit_bias: dict[str, float] | None = None
-    # Output the service cannot give (audio, a web search): refused, not answered with text
-    # alone and a 200.
-    modalities: list[str] | None = None
-    audio: dict[str, Any] | None = None
-    web_search_options: dict[str, Any] | None = None
-    # Accepted only where honoured: one choice, no log probabilities (silently giving less than
-    # was asked would break a client reading choices[1] or choice.logprobs).
-    n: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=0, description="not supported")
-    agent: AgentName | None = Field(None, description="extension: run this agent")
-    # The legacy function calling, superseded by ``tools``: refused, not dropped (the model
-    # would answer without the function, and the client wait for a function_call).
-    functions: list[Any] | None = Field(None, description="not supported: use tools")
-    function_call: str | dict[str, Any] | None = Field(
-        None, description="not supported: use tool_choice")
-
-    @field_validator("tools")
-    @classmethod
-    def _function_tools(cls, value: list[dict[str, Any]] | None) -> Any:
-        # Checked here, as OpenAI does: refused by the model's server instead, it came back a
-        # 502 that the OpenAI SDKs retry (three stored runs for one bad request).
-        for n, tool in enumerate(value or ()):
-            function = tool.get("function")
-            if tool.get("type") != "function" or not isinstance(function, dict):
-                raise ValueError(f"tools[{n}] must be {{'type': 'function', 'function': {{...}}}}")
-            name = function.get("name")
-            if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
-                raise ValueError(f"tools[{n}].function.name must be 1-64 letters, digits, '_' "
-                                 "or '-'")
-            if not isinstance(function.get("parameters", {}), dict):
-                raise ValueError(f"tools[{n}].function.parameters must be a JSON Schema object")
-        return value
-
-    @field_validator("response_format")
-    @classmethod
-    def _response_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        # OpenAI's shapes, checked here: passed on unchecked, a malformed one failed inside
-        # the run (a 500 that OpenAI SDKs retry) or was refused by the model's server.
-        if value is None:
-            return value
-        kind = value.get("type")
-        if kind not in ("text", "json_object", "json_schema"):
-            raise ValueError("type must be 'text', 'json_object' or 'json_schema'")
-        if kind == "json_schema":
-            spec = value.get("json_schema")
-            if not isinstance(spec, dict):
-                raise ValueError("json_schema must be an object: {'name': ..., 'schema': {...}}")
-            if not isinstance(spec.get("schema", {}), dict):
-                raise ValueError("json_schema.schema must be a JSON Schema object")
-        return value
-
-    @field_validator("agent")
-    @classmethod
-    def _tools_reach_the_model(cls, value: str | None, info: ValidationInfo) -> str | None:
-        # A client's tools are the model's to call and the client's to run: react and
-        # plan_execute call the service's own tools, and dropped the client's silently (the
-        # client waited for tool calls that never came).
-        if value in ("react", "plan_execute") and info.data.get("tools"):
-            raise ValueError(f"the {value} agent calls the service's own tools; a client's "
-                             "tools are passed to the model by the chat agent (and by auto, "
-                             "which then answers with chat)")
-        return value
-
-    @field_validator("functions", "function_call")
-    @classmethod
-    def _no_functions(cls, value: Any) -> Any:
-        if value is not None:
-            raise ValueError("the legacy function calling is not supported: use tools and "
-                             "tool_choice")
-        return value
-
-    @field_validator("modalities")
-    @classmethod
-    def _text_only(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and any(m != "text" for m in value):
-            raise ValueError("only text output is supported")
-        return value
-
-    @field_validator("audio", "web_search_options")
-    @classmethod
-    def _not_supported(cls, value: Any, info: ValidationInfo) -> Any:
-        if value is not None:
-            raise ValueError(f"{info.field_name} is not supported")
-        return value
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError("log probabilities are not supported")
-        return value
-
 
 # Passed on to the model as they came (the chat agent's call): ChatRequest.options.
 _PASSED_ON = ("top_p", "seed", "presence_penalty", "frequency_penalty", "response_format",

@@ -47,6 +47,7 @@ class CuttableProxy:
         self.port = port
         self.url = ""
         self.refusing = False
+        self.refused = 0  # connections closed at once while refusing
         self._open: set[trio.CancelScope] = set()
 
     def cut(self, *, refuse: bool = False) -> None:
@@ -61,6 +62,7 @@ class CuttableProxy:
 
     async def _serve(self, client: trio.SocketStream) -> None:
         if self.refusing:
+            self.refused += 1
             await client.aclose()
             return
         with trio.CancelScope() as scope:

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from functools import partial
 from io import StringIO
 from typing import Any
 
@@ -31,56 +28,7 @@ from ..e2e import GUARD, e2e
 from ..fakes import Reply, ScriptedBackend
 from ..servers import ROOT, running_server
 from .test_chat_cli import _env
-
-
-class Proxy:
-    """A TCP proxy on loopback in front of the service. While ``refusing``, a new connection
-    is accepted and closed at once (a service restarting behind a load balancer, the network
-    down), and ``refused`` counts it; ``cut()`` drops the connections open at that moment."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.url = ""
-        self.refusing = False
-        self.refused = 0
-        self._open: set[trio.CancelScope] = set()
-
-    def cut(self) -> None:
-        for scope in list(self._open):
-            scope.cancel()
-
-    async def _pump(self, src: trio.SocketStream, dst: trio.SocketStream) -> None:
-        while data := await src.receive_some(65536):
-            await dst.send_all(data)
-        await dst.send_eof()
-
-    async def serve(self, client: trio.SocketStream) -> None:
-        if self.refusing:
-            self.refused += 1
-            await client.aclose()
-            return
-        with trio.CancelScope() as scope:
-            self._open.add(scope)
-            try:
-                upstream = await trio.open_tcp_stream("127.0.0.1", self.port)
-                async with client, upstream, trio.open_nursery() as nursery:
-                    nursery.start_soon(self._pump, client, upstream)
-                    nursery.start_soon(self._pump, upstream, client)
-            except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
-            finally:
-                self._open.discard(scope)
-
-
-@asynccontextmanager
-async def _proxied(url: str) -> AsyncIterator[Proxy]:
-    proxy = Proxy(int(url.rsplit(":", 1)[1]))
-    async with trio.open_nursery() as nursery:
-        (listener,) = await nursery.start(partial(trio.serve_tcp, proxy.serve, 0,
-                                                  host="127.0.0.1"))
-        proxy.url = f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
-        yield proxy
-        nursery.cancel_scope.cancel()
+from .test_clients_faults import _proxy
 
 
 def _renderer() -> tuple[chat.Renderer, StringIO, StringIO]:
@@ -141,7 +89,7 @@ async def test_cli_a_message_that_never_reached_the_service_does_not_replay_the_
     Expected: a run is taken as this turn's only if it is newer than the turn (a reply
     created after the POST was sent, or one still pending); else the turn fails with "cannot
     reach the service" (or the message is sent again): never the old answer as a new one."""
-    async with e2e(settings, "llamacpp") as env, _proxied(env.server.url) as proxy:
+    async with e2e(settings, "llamacpp") as env, _proxy(env.server) as proxy:
         conv = await env.conversation()
         env.sim.script(SimReply(text="the first answer, about dogs."),
                        SimReply(text="a second answer, about cats."))
@@ -194,7 +142,7 @@ async def test_cli_a_rejoin_refused_with_retry_after_is_tried_again_when_told(
     one (bounded), so that a store away for less than it said costs no answer: the turn
     succeeds with the whole answer, and the run too."""
     text = " ".join(f"w{i}" for i in range(120))
-    async with e2e(settings, "llamacpp") as env, _proxied(env.server.url) as proxy:
+    async with e2e(settings, "llamacpp") as env, _proxy(env.server) as proxy:
         conv = await env.conversation()
         env.sim.script(SimReply(text=text, interval=0.06))  # about 7 s
         store = env.server.services.require_store()
