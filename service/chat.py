@@ -105,7 +105,10 @@ class Turn:
     cancelling: bool = False
     cancelled: bool = False  # the service took its cancel
     status: str | None = None
-    error: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None  # the run's own error event (stored: it has an id)
+    # An error frame with no id that ended the stream (the store away, the service shutting
+    # down): why that stream ended, not the run's error. A re-join's stream forgets it.
+    notice: dict[str, Any] | None = None
     last_id: str | None = None  # the last event shown: where a re-join resumes
     known: trio.Event = field(default_factory=trio.Event)  # run_id is set
 
@@ -252,8 +255,8 @@ class Client:
             watchdog.deadline = trio.current_time() + silence
             async with request as resp:
                 if resp.status_code == 204:  # re-joined past its end: its end was not seen
-                    turn.error = turn.error or {"type": "stream_ended",
-                                                "message": "the run ended while re-joining"}
+                    turn.error = turn.error or turn.notice or {
+                        "type": "stream_ended", "message": "the run ended while re-joining"}
                 elif resp.status_code != 200:
                     await resp.aread()
                     if turn.run_id is not None and (resp.status_code >= 500
@@ -263,6 +266,7 @@ class Client:
                         raise _Retry(_error_of(resp),
                                      _seconds(resp.headers.get("Retry-After")))
                     raise ChatError(_error_of(resp))
+                turn.notice = None  # a stream again: an earlier one's end says nothing now
                 silence = max(silence, 4 * _seconds(resp.headers.get("X-Keepalive-Interval")))
                 parser = SSEParser()
                 async for line in resp.aiter_lines():
@@ -276,7 +280,8 @@ class Client:
             raise _Silent(f"the service stopped answering (nothing for {silence:g} s; run "
                           f"{turn.run_id or 'not started'})")
         if turn.status is None:
-            why = turn.error or {"type": "stream_ended", "message": "no run.finished"}
+            why = turn.notice or turn.error or {"type": "stream_ended",
+                                                "message": "no run.finished"}
             # (The run goes on: re-joined, as an error frame that ends a stream asks.)
             message = (f"the stream ended before the run did: {why.get('type')}: "
                        f"{why.get('message')} (run {turn.run_id})")
@@ -300,7 +305,10 @@ class Client:
         elif kind == "message":
             self.renderer.message(data.get("content", ""))
         elif kind == "error":
-            turn.error = data
+            if frame.get("id"):
+                turn.error = data
+            else:
+                turn.notice = data
         elif kind == "run.finished":
             turn.status = data.get("status")
             if turn.error is None and data.get("error") not in (None, "cancelled by request"):
@@ -437,9 +445,12 @@ def _interactive(opts: Options, renderer: Renderer) -> int:
     while True:
         try:
             line = renderer.out.input("[bold]you>[/bold] ")
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:  # Ctrl-D: the chat is over
             renderer.out.print()
             return 1 if failed and not sys.stdin.isatty() else 0
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: interrupted, as a shell says it
+            renderer.out.print()
+            return EXIT_INTERRUPTED
         if not line.strip():
             continue
         conversation, turn, status = _run_turn(opts, renderer, conversation, line)

@@ -22,8 +22,10 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]"
 
 
 def _safe(text: str) -> str:
-    """Text from the service (model output, errors) without terminal control characters."""
-    return _CONTROL.sub("\ufffd", text)
+    """Text from the service (model output, errors) without terminal control characters. A
+    carriage return is dropped, not marked: a model's CRLF line ends (split across tokens or
+    not) are its line ends, and a lone one would only move the cursor back over the line."""
+    return _CONTROL.sub("\ufffd", text.replace("\r", ""))
 
 
 class Renderer:
@@ -203,7 +205,8 @@ def _what(kind: str, data: dict[str, Any]) -> str:
     if kind == "thought":
         return f"· thinking: {data.get('text', '')}"
     if kind == "tool.call":
-        return f"· tool {data.get('name')}({json.dumps(data.get('arguments', {}))})"
+        arguments = json.dumps(data.get("arguments", {}), ensure_ascii=False)
+        return f"· tool {data.get('name')}({arguments})"
     if kind == "tool.result":
         if "error" in data:
             return f"· tool error: {data['error']}"
@@ -213,9 +216,11 @@ def _what(kind: str, data: dict[str, Any]) -> str:
         return "· plan: " + "; ".join(str(s.get("task", s)) for s in steps)
     if kind == "step.started":
         return f"· step {data.get('id')}: {data.get('task', '')}"
+    if "error" in data:  # a plan step that failed (its tool, its model call)
+        return f"· step {data.get('id')} failed: {_short(data['error'])}"
     return f"· step {data.get('id')} done"
 
 
 def _short(value: object, limit: int = 200) -> str:
-    text = value if isinstance(value, str) else json.dumps(value)
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     return text if len(text) <= limit else text[:limit] + "…"
