@@ -33,6 +33,7 @@ import trio
 
 from ..errors import (
     AllBackendsFailed,
+    BackendBusy,
     BackendError,
     BackendProtocolError,
     BackendRejectedRequest,
@@ -146,6 +147,11 @@ class AutoBackend:
         st.last_error = exc.message
         if isinstance(exc, ModelNotFound) or _request_fault(exc):
             return  # the request's fault, not the backend's health
+        if isinstance(exc, BackendBusy):
+            # Our own queue for its slots stayed full: it is serving (as much as it is let),
+            # not failing. Failed over, not put aside (a busy server cooled down for 30 s
+            # sent every call elsewhere while its slots freed up).
+            return
         st.failures += 1
         if st.failures >= self.failure_threshold:
             st.cooldown_until = trio.current_time() + self.cooldown
