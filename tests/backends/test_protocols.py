@@ -157,6 +157,10 @@ async def test_ollama_error_object_mid_stream(sim: Simulator, client: httpx.Asyn
         (Reply(die_after=-1), BackendUnavailable, "connection lost"),
         (Reply(status=429, error="slow down"), BackendRateLimited, "slow down"),
         (Reply(context=2), ContextLengthExceeded, "exceeds the context length"),
+        # Ollama versions whose runner refuses an over-long prompt answer it as a 500 with
+        # the runner's words: still the request's fault, not a server to fail over from.
+        (Reply(status=500, error="input exceeds context length"), ContextLengthExceeded,
+         "exceeds context length"),
     ],
 )
 async def test_ollama_failures(sim: Simulator, client: httpx.AsyncClient, reply: Reply,
