@@ -145,3 +145,41 @@ async def test_a_tools_nul_and_lone_surrogates_reach_no_client_and_no_event(
                                                            ("stored", stored))
            for d in results if not_text_at(d) is not None]
     assert not bad, f"tool.result events hold what is not text: {bad}"
+
+
+# -- 3. /v1: a store that stays away under a running stream: its error chunk says when to retry ---
+
+
+async def test_v1_stream_cut_by_a_store_away_says_retry_after_in_its_error_chunk(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The reader is behind the handle's window (a small one here), so it reads the store, which
+    # then stays away past the reader's retries (two keep-alive intervals). The stream ends
+    # with an error chunk; like an SSE or WebSocket error frame it says when a retry is worth
+    # it (2026-12-06: it had no retry_after; failed before).
+    monkeypatch.setattr(RunHandle.__init__, "__kwdefaults__", {"window": 2})
+    conf = settings.model_copy(update={"sse_keepalive": 0.2})
+    backend = ScriptedBackend(lambda req: Reply("tick " * 2000))
+    original = EventReader._read_once
+    reads: list[str] = []
+
+    async def away_after_two(self: EventReader) -> list[Any]:
+        reads.append(self.run_id)
+        if len(reads) > 1:
+            raise StoreUnavailable("store read failed: the database is restarting")
+        return await original(self)
+
+    monkeypatch.setattr(EventReader, "_read_once", away_after_two)
+    async with running_server(conf, backend) as srv, srv.client() as client:
+        with trio.fail_after(GUARD):
+            r = await client.post("/v1/chat/completions", json={
+                "stream": True, "messages": [{"role": "user", "content": "q"}]})
+    assert r.status_code == 200, r.text[:300]
+    chunks = [json.loads(line[len("data: "):]) for line in r.text.split("\n")
+              if line.startswith("data: {")]
+    assert len(chunks) > 1, r.text[:300]  # the answer had begun: a chunk ends it
+    error = chunks[-1].get("error")
+    assert error is not None, (len(reads), chunks[-2:], r.text[-300:])
+    assert (error["type"], error["code"]) == ("store_unavailable", "store_unavailable"), error
+    assert error.get("retry_after") == StoreUnavailable.retry_after, error
+    assert "data: [DONE]" not in r.text

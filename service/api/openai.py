@@ -304,7 +304,7 @@ async def _stream(
                 yield out
         except ServiceError as exc:  # the store failed under a re-read: an error, not a reset
             handle.cancel(_stream_failed(exc))  # told the error; a /v1 client cannot re-join
-            yield sse_data({"error": openai_error(exc.to_dict())})
+            yield sse_data({"error": openai_error(exc.to_event())})
             return
         if framer.failed:
             return  # an error chunk ended it: no usage, no [DONE] that would read as success
