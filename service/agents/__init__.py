@@ -144,7 +144,10 @@ def make_runner(
             ctx.run_async = partial(in_tool_task, abandon_in())
         answer = await agent.run(ctx)
         if agent.name != "chat" and spec.stop:
-            answer = _cut_at_stop(answer, spec.stop)
+            cut = _cut_at_stop(answer, spec.stop)
+            if cut != answer:  # ended at the client's stop sequence, as its server would
+                handle.result_extra.setdefault("finish_reason", "stop")
+            answer = cut
         # The answer's finish_reason is its last call's (chat sets its own): an answer cut
         # at max_tokens says "length", never "stop".
         handle.result_extra.setdefault("finish_reason", ctx.last_finish_reason or "stop")

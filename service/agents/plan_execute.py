@@ -39,6 +39,10 @@ PLAN_SYSTEM = """Break the user's request into a short plan of steps. Reply with
 Steps that do not depend on each other will run in parallel. Use at most {max_steps} steps.
 Tools: {tools}"""
 
+# A plan's own token budget when a client bounds its answer's (max_tokens below it): room for a
+# plan of max_steps steps with their arguments.
+PLAN_MAX_TOKENS = 1024
+
 SYNTH_PROMPT = """Answer the user's request using the results of the steps below.
 
 Request: {question}
@@ -146,14 +150,17 @@ class PlanExecuteAgent(Agent):
         messages = [ChatMessage("system", system), *ctx.history]
         if extra:
             messages.append(ChatMessage("user", extra))
-        reply = await ctx.call_llm(messages, emit_tokens=False)
+        # The plan is a format (JSON), not the answer: a client's max_tokens (meant for its
+        # answer) cut it mid-JSON, and the run fell back to one step. It gets room for a plan.
+        budget = None if ctx.max_tokens is None else max(ctx.max_tokens, PLAN_MAX_TOKENS)
+        reply = await ctx.call_llm(messages, emit_tokens=False, max_tokens=budget)
         try:
             return self._parse(reply.content, done)
         except ValueError as first_error:
             messages += [reply, ChatMessage(
                 "user", f"That plan was not valid ({first_error}). Reply with the JSON plan only."
             )]
-            reply = await ctx.call_llm(messages, emit_tokens=False)
+            reply = await ctx.call_llm(messages, emit_tokens=False, max_tokens=budget)
             try:
                 return self._parse(reply.content, done)
             except ValueError as exc:

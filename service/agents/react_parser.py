@@ -29,13 +29,31 @@ from typing import Any
 __all__ = ["ReActStep", "answer_so_far", "has_action_input", "parse_react", "prose_action",
            "up_to_the_action"]
 
-_LABEL = r"^[ \t>*_#-]*{name}[ \t*_]*:[ \t*]*"
+# A label at a line's start, in the styles models write: "Action:", "**Action:**", "**Action**:",
+# "> Action:", "- Action:", with a full-width colon (models answering in Chinese or Japanese).
+# The stars after the colon close a bold label that opened before it ("**Final Answer:** 42");
+# with none opened, they open the text's own ("Final Answer: **42**" keeps its "**").
+_LABEL = (r"^[ \t>_#-]*(?P<bold>\*+)?[ \t>*_#-]*{name}"
+          r"(?:[ \t_]*\*+[ \t_]*[:\uff1a]|[ \t_]*[:\uff1a](?(bold)[ \t]*\**))[ \t]*")
 _THOUGHT = re.compile(_LABEL.format(name="thought"), re.I | re.M)
 _ACTION = re.compile(_LABEL.format(name="action"), re.I | re.M)
 _INPUT = re.compile(_LABEL.format(name=r"action[ _]input"), re.I | re.M)
 _FINAL = re.compile(_LABEL.format(name=r"final[ _]answer"), re.I | re.M)
 _OBSERVATION = re.compile(_LABEL.format(name="observation"), re.I | re.M)
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```", re.S)
+
+
+_FENCED = re.compile(r"^[ \t]*```.*?(?:^[ \t]*```[^\n]*$|\Z)", re.S | re.M)
+
+
+def _unfenced(text: str) -> str:
+    """``text`` with its fenced code blocks blanked (the same length: positions hold), where
+    labels are searched: an ``Action:`` key in a YAML block of an answer is code, not a call.
+    A turn that is all one fence is the model's protocol fenced whole: searched as it is."""
+    if "```" not in text:
+        return text
+    masked = _FENCED.sub(lambda m: re.sub(r"[^\n]", " ", m.group()), text)
+    return masked if masked.strip() else text
 
 
 @dataclass(frozen=True)
@@ -50,10 +68,12 @@ class ReActStep:
         return self.final_answer is not None
 
 
-def _section(text: str, start: int) -> str:
-    """Text from ``start`` up to the next protocol label."""
+def _section(text: str, start: int, scan: str | None = None) -> str:
+    """Text from ``start`` up to the next protocol label (searched in ``scan``: the text with
+    its code blanked)."""
+    scan = text if scan is None else scan
     ends = [m.start() for rx in (_THOUGHT, _ACTION, _INPUT, _FINAL, _OBSERVATION)
-            for m in rx.finditer(text, start)]
+            for m in rx.finditer(scan, start)]
     end = min(ends, default=len(text))
     return text[start:end].strip()
 
@@ -112,20 +132,21 @@ def parse_react(text: str, *, final_first: bool = False,
     a final answer anywhere in the text is the answer). An Action of "None" (or "N/A", ...) is no
     action; one of "answer" (or "finish", ...) is the answer, unless a tool of ``tools`` has
     that name."""
-    thought_m = _THOUGHT.search(text)
-    action_m = _ACTION.search(text)
-    final_m = _FINAL.search(text)
-    thought = _section(text, thought_m.end()) if thought_m else None
+    scan = _unfenced(text)
+    thought_m = _THOUGHT.search(scan)
+    action_m = _ACTION.search(scan)
+    final_m = _FINAL.search(scan)
+    thought = _section(text, thought_m.end(), scan) if thought_m else None
 
     if action_m and not (final_m and (final_first or final_m.start() < action_m.start())):
-        name = _section(text, action_m.end()).splitlines()[0:1]
+        name = _section(text, action_m.end(), scan).splitlines()[0:1]
         action = name[0].strip().strip("`*'\"") if name else ""
-        input_m = _input_of(text, action_m)
+        input_m = _input_of(scan, action_m)
         if input_m:
-            action_input = _parse_input(_section(text, input_m.end()))
+            action_input = _parse_input(_section(text, input_m.end(), scan))
         else:
             # "Action: calculator(2+2)" or the input on the lines after the name.
-            rest = _section(text, action_m.end())
+            rest = _section(text, action_m.end(), scan)
             paren = re.match(r"^([\w.-]+)\s*\((.*)\)\s*$", rest, re.S)
             if paren:
                 action, action_input = paren.group(1), _parse_input(paren.group(2))
@@ -135,8 +156,7 @@ def parse_react(text: str, *, final_first: bool = False,
         label = action.lower().rstrip(".") if action else ""
         if (label in _ANSWER_ACTION and action not in tools
                 and action_input not in (None, {}, "")):
-            answer = action_input if isinstance(action_input, str) else json.dumps(action_input)
-            return ReActStep(thought, final_answer=answer.strip())
+            return ReActStep(thought, final_answer=_answer_of(action_input).strip())
         if action and not (label in _NO_ACTION and final_m):
             # "Action: None" is no action only before a Final Answer; alone it stays a (failing)
             # tool call, whose observation lets the model correct itself.
@@ -149,17 +169,29 @@ def parse_react(text: str, *, final_first: bool = False,
     return ReActStep(None, final_answer=answer)
 
 
+def _answer_of(action_input: Any) -> str:
+    """An answer given as an action's input, as text: its one string value
+    (``{"answer": "..."}``), else its JSON as written (not ``\\u`` escapes)."""
+    if isinstance(action_input, str):
+        return action_input
+    if (isinstance(action_input, dict) and len(action_input) == 1
+            and isinstance(text := next(iter(action_input.values())), str)):
+        return text
+    return json.dumps(action_input, ensure_ascii=False)
+
+
 def up_to_the_action(text: str) -> str:
     """A turn up to the end of its action (and its input): what a model runs on to after it
     (an "Observation:" it made up, in any of the labels' styles, a thought or a final answer
     drawn from it) never happened, and is not shown to it again."""
-    action_m = _ACTION.search(text)
+    scan = _unfenced(text)
+    action_m = _ACTION.search(scan)
     if action_m is None:
         return text.rstrip()
-    input_m = _input_of(text, action_m)
+    input_m = _input_of(scan, action_m)
     start = input_m.end() if input_m else action_m.end()
     ends = [m.start() for rx in (_THOUGHT, _ACTION, _FINAL, _OBSERVATION)
-            for m in rx.finditer(text, start)]
+            for m in rx.finditer(scan, start)]
     return text[:min(ends, default=len(text))].rstrip()
 
 
@@ -177,7 +209,7 @@ def _input_of(text: str, action_m: re.Match[str]) -> re.Match[str] | None:
 
 def has_action_input(text: str) -> bool:
     """Whether a turn has an "Action Input:" label (then its Action is a call, not prose)."""
-    return _INPUT.search(text) is not None
+    return _INPUT.search(_unfenced(text)) is not None
 
 
 def prose_action(step: ReActStep, tools: Collection[str], text: str) -> bool:
@@ -198,15 +230,18 @@ def answer_so_far(text: str, *, tools: Collection[str] = (), first: bool = True,
     is then its answer); the input of an answer action ("Action: Final Answer" / "Action
     Input: ..."); none while the turn is still a thought or an action (its labels are
     no answer, and the next turn's history would give them to the model as one)."""
-    final = _FINAL.search(text)
+    scan = _unfenced(text)
+    final = _FINAL.search(scan)
     if final is not None:
         return text[final.end():].strip()
-    if not any(rx.search(text) for rx in (_THOUGHT, _ACTION, _INPUT, _OBSERVATION)):
+    if not any(rx.search(scan) for rx in (_THOUGHT, _ACTION)):
+        # No thought and no action (an "Observation:" or "Action Input:" line of its own, as
+        # in an analysis): ``parse_react`` takes the whole turn as the answer, and so here.
         return text
     if native:
         return text
     step = parse_react(text, tools=tools)
-    if step.is_final and _ACTION.search(text):
+    if step.is_final and _ACTION.search(scan):
         # An answer given as an action's input ("Action: Final Answer" / "Action Input: ..."),
         # as ``parse_react`` reads it whole.
         return step.final_answer or ""

@@ -24,8 +24,21 @@ _BINOPS: dict[type[ast.operator], Any] = {
     ast.Pow: operator.pow,
 }
 _UNARY: dict[type[ast.unaryop], Any] = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+_MAX_NDIGITS = 400  # round(x, n): |n| past this is refused (see _round)
+
+
+def _round(number: Any, ndigits: Any = None) -> Any:
+    """``round``, with its digits bounded: ``round(1, -10**9)`` has CPython compute
+    ``10**1000000000`` holding the GIL (for hours; no timeout can stop it)."""
+    if ndigits is None:
+        return round(number)
+    if not isinstance(ndigits, int) or abs(ndigits) > _MAX_NDIGITS:
+        raise ValueError(f"round's digits must be a whole number within +-{_MAX_NDIGITS}")
+    return round(number, ndigits)
+
+
 _FUNCS: dict[str, Any] = {
-    "sqrt": math.sqrt, "abs": abs, "round": round, "min": min, "max": max,
+    "sqrt": math.sqrt, "abs": abs, "round": _round, "min": min, "max": max,
     "sin": math.sin, "cos": math.cos, "tan": math.tan, "log": math.log, "exp": math.exp,
     "floor": math.floor, "ceil": math.ceil,
 }
@@ -67,7 +80,12 @@ def calculate(expression: str) -> float | int:
         if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
             left, right = ev(node.left), ev(node.right)
             _check_size(node.op, left, right)
-            return _BINOPS[type(node.op)](left, right)
+            value = _BINOPS[type(node.op)](left, right)
+            if isinstance(value, complex):
+                # (-8) ** (1/3): Python's answer is complex; this is a real calculator, as
+                # sqrt(-1) says (an error the model sees, not a wrong number).
+                raise ValueError(f"{ast.unparse(node)} is not a real number")
+            return value
         if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
             return _UNARY[type(node.op)](ev(node.operand))
         if isinstance(node, ast.Name) and node.id in _NAMES:
@@ -135,8 +153,10 @@ def text_stats(text: str) -> dict[str, int]:
     return {
         "characters": len(text),
         "words": len(text.split()),
-        "lines": text.count("\n") + 1 if text else 0,
-        "sentences": len([s for s in re.split(r"[.!?]+", text) if s.strip()]),
+        "lines": len(text.splitlines()),  # as wc -l and editors count (a last "\n" ends one)
+        # A "." between two digits (3.14) ends no sentence.
+        "sentences": len([s for s in re.split(r"(?<!\d)[.!?]+|[.!?]+(?!\d)", text)
+                          if s.strip()]),
     }
 
 

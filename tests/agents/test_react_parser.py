@@ -137,3 +137,25 @@ def test_a_cut_answer_given_as_an_answer_actions_input_is_kept() -> None:
     # ... but a thought alone is still no answer, nor a call of a tool.
     assert answer_so_far("Thought: I know it, so") == ""
     assert answer_so_far('Action: calculator\nAction Input: {"expression": "2+') == ""
+
+
+@pytest.mark.parametrize(("text", "answer"), [
+    ("**Final Answer:** 42", "42"),  # the label's bold closes after its colon
+    ("**Final Answer**: **42**", "**42**"),  # ... or before it: the answer keeps its own
+    ("Final Answer: **42**", "**42**"),
+    ("Final Answer\uff1a42", "42"),  # a full-width colon
+    ("> Thought: hmm\n> Final Answer: 7", "7"),
+])
+def test_label_styles_leave_the_answers_own_markup(text: str, answer: str) -> None:
+    assert parse_react(text).final_answer == answer
+
+
+def test_labels_inside_code_fences_are_code_unless_the_whole_turn_is_fenced() -> None:
+    yaml = "Here:\n```yaml\nStatement:\n  Action: s3:GetObject\n```\nDone."
+    assert parse_react(yaml, tools=["calculator"]).final_answer == yaml
+    fenced = '```\nThought: x\nAction: calculator\nAction Input: {"expression": "2+2"}\n```'
+    step = parse_react(fenced, tools=["calculator"])
+    assert (step.action, step.action_input) == ("calculator", {"expression": "2+2"})
+    code = 'Thought: run it\nAction: python\nAction Input:\n```json\n{"code": "Action: x"}\n```'
+    step = parse_react(code, tools=["python"])
+    assert (step.action, step.action_input) == ("python", {"code": "Action: x"})
