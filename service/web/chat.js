@@ -1,12 +1,12 @@
 // The chat page: conversations, a run's events streamed from fetch() (so the key travels in the
 // Authorization header), the answer as Markdown, the agent's steps folded, Stop (cancels the run
 // on the server), and a reload mid-run that re-joins with Last-Event-ID. No build step.
-import { renderMarkdown } from "./markdown.js";
+import { clean, renderMarkdown } from "./markdown.js";
 
 const $ = (id) => document.getElementById(id);
 const LIVE = "service.live"; // the run being followed: survives a reload (sessionStorage)
 const KEY = "service.key";
-const state = { conversation: null, run: null, key: localStorage.getItem(KEY) || "" };
+const state = { conversation: null, run: null, key: localStorage.getItem(KEY) || "", stopped: null };
 
 function headers(extra = {}) {
   return state.key ? { ...extra, Authorization: `Bearer ${state.key}` } : extra;
@@ -103,8 +103,30 @@ function what(kind, data) {
     case "tool.result": return "error" in data ? `tool error: ${data.error}` : `tool result: ${typeof data.output === "string" ? data.output : JSON.stringify(data.output)}`;
     case "plan": return `plan: ${(data.steps ?? []).map((s) => s.task ?? JSON.stringify(s)).join("; ")}`;
     case "step.started": return `step ${data.id}: ${data.task ?? ""}`;
-    default: return `step ${data.id} done`;
+    case "decision": return `agent: ${data.agent} (chosen by ${data.method})`;
+    default: return "error" in data ? `step ${data.id} failed: ${data.error}` : `step ${data.id} done`;
   }
+}
+
+// The message pane follows new text while its reader is at the bottom; scrolled up to read,
+// it stays there until they scroll back down (or send).
+const scroll = { stick: true, placed: 0 };
+$("messages").addEventListener("scroll", () => {
+  const pane = $("messages");
+  if (pane.scrollHeight - pane.scrollTop - pane.clientHeight < 48) scroll.stick = true;
+  else if (pane.scrollTop < scroll.placed - 4) scroll.stick = false; // the reader, not the page
+});
+
+function keepInView() {
+  if (!scroll.stick) return;
+  const pane = $("messages");
+  pane.scrollTop = pane.scrollHeight;
+  scroll.placed = pane.scrollTop;
+}
+
+function toBottom() {
+  scroll.stick = true;
+  keepInView();
 }
 
 const STEPS_KEPT = 100; // step lines kept for a reload (each up to 2,000 characters)
@@ -125,34 +147,75 @@ class AssistantView {
     this.answer.className = "answer";
     this.el.append(this.steps, this.answer);
     $("messages").append(this.el);
+    toBottom(); // a new reply: shown, and followed
     for (const line of steps) this.addStep(line);
     this.segment = text;
     this.render();
   }
 
   render() {
-    this.answer.innerHTML = renderMarkdown(this.segment);
-    this.el.scrollIntoView({ block: "end" });
+    // Only the blocks that changed are replaced (the last, as tokens come): the text already
+    // shown stays the same nodes, so a selection in it survives, and a long answer is not
+    // laid out again whole per token.
+    const fresh = document.createElement("template");
+    fresh.innerHTML = renderMarkdown(this.segment);
+    const now = [...fresh.content.children];
+    const shown = [...this.answer.children];
+    now.forEach((block, i) => {
+      if (i >= shown.length) this.answer.append(block);
+      else if (!shown[i].isEqualNode(block)) shown[i].replaceWith(block);
+    });
+    for (const gone of shown.slice(now.length)) gone.remove();
+    keepInView();
   }
 
-  token(text) { this.segment += text; this.render(); }
+  token(text) { this.waiting(null); this.thinking = false; this.segment += text; this.render(); }
+
+  // A wait for a backend slot (``queued``): said until the model starts (null: over).
+  waiting(position) {
+    if (position == null) { this.queueNote?.remove(); this.queueNote = null; return; }
+    if (!this.queueNote) {
+      this.queueNote = document.createElement("p");
+      this.queueNote.className = "note quiet";
+      this.queueNote.dataset.testid = "run-waiting";
+      this.el.append(this.queueNote);
+    }
+    this.queueNote.textContent = position > 1
+      ? `waiting for the model: ${position - 1} ahead in its queue` : "waiting for the model: next in its queue";
+    keepInView();
+  }
 
   step(kind, data) {
+    this.waiting(null);
     // The text so far was a step's (a ReAct thought), not the answer; a reasoning model's
-    // thinking is not a step (it may come between answer tokens): the answer goes on.
-    if (!(kind === "thought" && data.reasoning)) {
-      if (this.segment.trim()) this.addStep(this.segment.trim());
-      this.segment = "";
+    // thinking is not a step (it may come between answer tokens): the answer goes on, and
+    // its thinking, a piece per token, is one running line.
+    if (kind === "thought" && data.reasoning) {
+      if (this.thinking) this.extendStep(data.text ?? "");
+      else this.addStep(describe(kind, data));
+      this.thinking = true;
+      return;
     }
+    this.thinking = false;
+    if (this.segment.trim()) this.addStep(this.segment.trim());
+    this.segment = "";
     this.addStep(describe(kind, data));
     this.render();
+  }
+
+  extendStep(text) {
+    const li = this.steps.querySelector("ol").lastElementChild;
+    li.textContent += clean(text);
+    this.lines[this.lines.length - 1] = li.textContent.slice(0, 2000);
+    keepInView();
   }
 
   addStep(text) {
     this.lines.push(text.slice(0, 2000));
     if (this.lines.length > STEPS_KEPT) this.lines.shift();
     const li = document.createElement("li");
-    li.textContent = text;
+    li.dir = "auto";
+    li.textContent = clean(text);
     this.steps.querySelector("ol").append(li);
     this.steps.hidden = false;
     this.steps.querySelector("summary").textContent = `steps (${this.steps.querySelectorAll("li").length})`;
@@ -165,14 +228,17 @@ class AssistantView {
     const p = document.createElement("p");
     p.className = quiet ? "note quiet" : "note";
     p.dataset.testid = quiet ? "run-note" : "run-error";
-    p.textContent = text;
+    p.textContent = clean(text);
     this.el.append(p);
+    keepInView();
   }
 
-  ended(status, error, reason, content) {
+  // ``mine``: this page asked for the cancel (the user's own Stop).
+  ended(status, error, reason, content, mine = false) {
+    this.waiting(null);
     // A reply cut short, as the store keeps it (a ReAct turn's answer part, not its thought).
     if (status !== "succeeded" && typeof content === "string") { this.segment = content; this.render(); }
-    if (status === "cancelled") this.note(...stopped(reason));
+    if (status === "cancelled") this.note(...stopped(reason, mine));
     else if (status !== "succeeded") {
       this.note(error ? `${status}: ${error.message}` : reason ? `${status}: ${reason}` : `the run ${status}`);
     }
@@ -180,8 +246,12 @@ class AssistantView {
 }
 
 // How a cancelled run is shown: the user's own Stop quietly; anything else (the service
-// shutting down, another client) says so, since asking again is then worth it.
-function stopped(reason) {
+// shutting down, another client) says so, since asking again is then worth it. ``mine``: this
+// page sent the cancel (false: it cannot tell, as for a stored reply, or another client did).
+function stopped(reason, mine = null) {
+  if (mine === false && reason === "cancelled by request") {
+    return ["stopped elsewhere (another client cancelled it); ask again for the whole answer", false];
+  }
   if (!reason || reason === "cancelled by request") return ["stopped", true];
   if (reason === "shutdown") return ["stopped: the service shut down before the answer was done; ask again", false];
   return [`stopped: ${reason}`, false];
@@ -191,18 +261,23 @@ function addUser(text) {
   const div = document.createElement("div");
   div.className = "message user";
   div.dataset.testid = "user-message";
+  div.dir = "auto";
   div.textContent = text;
   $("messages").append(div);
+  toBottom();
 }
 
 function running(runId) {
   state.run = runId;
   if (!runId) state.stopPending = false;
+  // Stop hidden with the focus on it (a keyboard user's Enter) would leave the focus nowhere.
+  const focused = document.activeElement === $("stop");
   $("stop").hidden = !runId;
   $("send").disabled = Boolean(runId);
+  if (focused && !runId) $("input").focus();
 }
 
-const STEPS = new Set(["thought", "tool.call", "tool.result", "plan", "step.started", "step.finished"]);
+const STEPS = new Set(["thought", "tool.call", "tool.result", "plan", "step.started", "step.finished", "decision"]);
 const sleep = (ms) => new Promise((done) => setTimeout(done, ms));
 
 // One stream of the run's events; true once run.finished came.
@@ -219,9 +294,10 @@ async function follow(resp, view, live) {
     else if (event === "message") { view.segment = data.content ?? ""; view.render(); }
     else if (event === "error" && !id) view.note(`${data.type}: ${data.message}`); // not the run's: the stream's
     else if (event === "error") error = data;
+    else if (event === "queued") view.waiting(data.position);
     else if (event === "run.finished") {
       if (!live.watch) sessionStorage.removeItem(LIVE);
-      view.ended(data.status, error, data.error, data.content);
+      view.ended(data.status, error, data.error, data.content, live.watch ? null : state.stopped === live.run_id);
       return true;
     } else if (STEPS.has(event)) view.step(event, data);
     if (id) {
@@ -285,7 +361,10 @@ async function send() {
   running("starting");
   try {
     if (!state.conversation) {
-      const conv = await api("POST", "/api/conversations", { title: content.slice(0, 60), ...picks() });
+      // Whole characters (code points): a slice of UTF-16 units can cut an emoji in half, a
+      // lone surrogate the service refuses (the message was not sent at all).
+      const title = Array.from(content).slice(0, 60).join("");
+      const conv = await api("POST", "/api/conversations", { title, ...picks() });
       state.conversation = conv.id;
       await loadConversations();
     }
@@ -295,10 +374,19 @@ async function send() {
       // "continue": a reload does not cancel the run; the page re-joins it.
       body: JSON.stringify({ content, stream: true, on_disconnect: "continue", ...picks() }),
     });
+    if (resp.status === 404) {
+      // The conversation was deleted elsewhere (another tab, a client): let go of it, or every
+      // message would be refused the same way. The message stays typed, for a new one.
+      state.conversation = null;
+      $("messages").replaceChildren();
+      await loadConversations().catch(() => {});
+      throw new Error("this conversation was deleted elsewhere; send again to start a new one");
+    }
     if (!resp.ok) throw await failure(resp);
     $("input").value = "";
     addUser(content);
     await followRun(resp, new AssistantView(), { conversation_id: state.conversation, last_id: 0, text: "" });
+    await loadConversations(); // it was used last: first in the list now
   } catch (exc) {
     problem(exc.message);
   } finally {
@@ -309,6 +397,7 @@ async function send() {
 async function stop() {
   if (!state.run) return;
   if (state.run === "starting") { state.stopPending = true; return; } // sent once the run is known
+  state.stopped = state.run; // this page's own Stop: its end is said quietly
   try {
     await api("POST", `/api/runs/${state.run}/cancel`);
   } catch (exc) {
@@ -316,18 +405,45 @@ async function stop() {
   }
 }
 
-async function loadConversations() {
-  const { data } = await api("GET", "/api/conversations?limit=100");
+// The conversations listed: the service's pages (newest first by creation), shown last used
+// first; "Older conversations" loads the next page.
+const listed = { convs: [], next: null };
+
+async function loadConversations(more = false) {
+  const page = await api("GET", `/api/conversations?limit=100${more && listed.next ? `&before=${encodeURIComponent(listed.next)}` : ""}`);
+  const seen = new Set(more ? listed.convs.map((c) => c.id) : []);
+  listed.convs = [...(more ? listed.convs : []), ...page.data.filter((c) => !seen.has(c.id))];
+  listed.next = page.next;
+  showConversations();
+}
+
+function showConversations() {
   const list = $("conversations");
   list.replaceChildren();
-  for (const conv of data) {
+  const used = (c) => Date.parse(c.updated_at) || 0;
+  // Sorted stably: equal times keep the service's order.
+  for (const conv of [...listed.convs].sort((a, b) => used(b) - used(a))) {
     const li = document.createElement("li");
     const button = document.createElement("button");
     button.type = "button";
     button.dataset.testid = "conversation";
-    button.textContent = conv.title || "untitled";
-    button.classList.toggle("current", conv.id === state.conversation);
+    button.dir = "auto";
+    button.textContent = clean(conv.title || "untitled");
+    const current = conv.id === state.conversation;
+    button.classList.toggle("current", current);
+    if (current) button.setAttribute("aria-current", "true");
     button.addEventListener("click", () => openConversation(conv.id).catch((exc) => problem(exc.message)));
+    li.append(button);
+    list.append(li);
+  }
+  if (listed.next) {
+    const li = document.createElement("li");
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "older";
+    button.dataset.testid = "older-conversations";
+    button.textContent = "Older conversations";
+    button.addEventListener("click", () => loadConversations(true).catch((exc) => problem(exc.message)));
     li.append(button);
     list.append(li);
   }
@@ -356,8 +472,7 @@ async function openConversation(id, skipRun = null, own = false) {
       else if (m.status === "pending" && m.run_id) pending.push({ view, run_id: m.run_id });
     }
   }
-  for (const b of document.querySelectorAll("#conversations button")) b.classList.remove("current");
-  await loadConversations();
+  showConversations(); // marks it current
   // The newest few only: a browser holds 6 HTTP/1.1 connections to a host and each followed
   // reply takes one; following them all could leave this tab's own message and Stop queued.
   pending.forEach((p, i) => {
@@ -429,6 +544,8 @@ async function start() {
 
 $("composer").addEventListener("submit", (e) => { e.preventDefault(); send(); });
 $("input").addEventListener("keydown", (e) => {
+  // An Enter that commits an input method's candidate (Japanese, Chinese, Korean) only does that.
+  if (e.isComposing || e.keyCode === 229) return;
   if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send(); }
 });
 $("stop").addEventListener("click", stop);
@@ -436,7 +553,7 @@ $("new").addEventListener("click", () => {
   if (state.run) return;
   state.conversation = null;
   $("messages").replaceChildren();
-  loadConversations().catch((exc) => problem(exc.message));
+  showConversations();
   $("input").focus();
 });
 $("key-form").addEventListener("submit", (e) => {
