@@ -190,6 +190,9 @@ class BackendBusy(BackendUnavailable):
 
     type = "backend_busy"
     retry_after = 5
+    # No call on the backend gave a chunk during the whole wait: its slots are held by calls
+    # its server does not answer (a wedged GPU, a load that never ends), not by answers.
+    stalled = False
 
 
 class BackendRateLimited(BackendError):
@@ -214,10 +217,21 @@ class ContextLengthExceeded(BackendError):
         r"|\bcontext (length|size|window) (exceeded|is too small)|context_length_exceeded",
         re.IGNORECASE | re.DOTALL)
 
+    # ... and in a server fault (a 500: Ollama's runner refusing an over-long prompt, in some
+    # versions), only in so many words about the input: "the KV cache exceeds free GPU memory;
+    # lower the context size" is the server's trouble, failed over.
+    _INPUT_WORDS = re.compile(
+        r"\b(input|prompt|request)\b[^.;]{0,40}\bexceeds?\b[^.;]{0,20}\bcontext"
+        r"|context_length_exceeded",
+        re.IGNORECASE)
+
     @classmethod
-    def said(cls, message: str, kind: str | None = None) -> bool:
-        """Whether an upstream's error (its message, its type) says this."""
-        return kind in cls._TYPES or bool(cls._WORDS.search(message))
+    def said(cls, message: str, kind: str | None = None, *, fault: bool = False) -> bool:
+        """Whether an upstream's error (its message, its type) says this; ``fault``: said with
+        a server-fault status (500), where only the plainest words count."""
+        if kind in cls._TYPES:
+            return True
+        return bool((cls._INPUT_WORDS if fault else cls._WORDS).search(message))
 
 
 class UpstreamBroken(BackendError):

@@ -30,11 +30,12 @@ __all__ = ["ReActStep", "answer_so_far", "has_action_input", "parse_react", "pro
            "up_to_the_action"]
 
 # A label at a line's start, in the styles models write: "Action:", "**Action:**", "**Action**:",
-# "> Action:", "- Action:", with a full-width colon (models answering in Chinese or Japanese).
-# The stars after the colon close a bold label that opened before it ("**Final Answer:** 42");
-# with none opened, they open the text's own ("Final Answer: **42**" keeps its "**").
-_LABEL = (r"^[ \t>_#-]*(?P<bold>\*+)?[ \t>*_#-]*{name}"
-          r"(?:[ \t_]*\*+[ \t_]*[:\uff1a]|[ \t_]*[:\uff1a](?(bold)[ \t]*\**))[ \t]*")
+# "__Action:__", "> Action:", "- Action:", "* Action:", "Action :", with a
+# full-width colon (models answering in Chinese or Japanese). The markers after the colon close
+# a bold label that opened right before its name ("**Final Answer:** 42"); with none opened (a
+# bullet's "* " is no bold), they open the text's own ("Final Answer: **42**" keeps its "**").
+_LABEL = (r"^[ \t>#-]*(?:[*+][ \t]+)?(?P<bold>[*_]+)?{name}"
+          r"(?:[ \t]*[*_]+[ \t]*[:\uff1a]|[ \t]*[:\uff1a](?(bold)[ \t]*[*_]*))[ \t]*")
 _THOUGHT = re.compile(_LABEL.format(name="thought"), re.I | re.M)
 _ACTION = re.compile(_LABEL.format(name="action"), re.I | re.M)
 _INPUT = re.compile(_LABEL.format(name=r"action[ _]input"), re.I | re.M)
@@ -43,17 +44,39 @@ _OBSERVATION = re.compile(_LABEL.format(name="observation"), re.I | re.M)
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```", re.S)
 
 
-_FENCED = re.compile(r"^[ \t]*```.*?(?:^[ \t]*```[^\n]*$|\Z)", re.S | re.M)
+_FENCE_OPEN = re.compile(r"^[ \t]*(```|~~~)|(```|~~~)[\w+.-]*[ \t]*$")
 
 
 def _unfenced(text: str) -> str:
-    """``text`` with its fenced code blocks blanked (the same length: positions hold), where
-    labels are searched: an ``Action:`` key in a YAML block of an answer is code, not a call.
-    A turn that is all one fence is the model's protocol fenced whole: searched as it is."""
-    if "```" not in text:
+    """``text`` with the lines inside its fenced code blocks blanked (the same length:
+    positions hold), where labels are searched: an ``Action:`` key in a YAML block of an
+    answer is code, not a call. A fence opens at a line's start, or at its end (``Action
+    Input: ```json``); one never closed runs to the end (a turn cut short). A turn whose only
+    protocol is fenced (a step written in a code block, with or without a line before it) is
+    searched as it is: its Action Input, or its Final Answer, shows it is the protocol."""
+    if "```" not in text and "~~~" not in text:
         return text
-    masked = _FENCED.sub(lambda m: re.sub(r"[^\n]", " ", m.group()), text)
-    return masked if masked.strip() else text
+    out: list[str] = []
+    inside: str | None = None  # the marker of the fence open
+    for line in text.splitlines(keepends=True):
+        if inside is not None:
+            if line.lstrip().startswith(inside):
+                inside = None  # its closing fence (kept: no label in it)
+                out.append(line)
+            else:
+                out.append(re.sub(r"[^\r\n]", " ", line))
+            continue
+        out.append(line)
+        opened = _FENCE_OPEN.search(line.rstrip("\r\n"))
+        if opened is not None:
+            marker = opened.group(1) or opened.group(2)
+            if line.count(marker) == 1:  # not ```inline``` on one line
+                inside = marker
+    masked = "".join(out)
+    if (not _ACTION.search(masked) and not _FINAL.search(masked)
+            and (_INPUT.search(text) or _FINAL.search(text))):
+        return text
+    return masked
 
 
 @dataclass(frozen=True)

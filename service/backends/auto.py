@@ -147,10 +147,11 @@ class AutoBackend:
         st.last_error = exc.message
         if isinstance(exc, ModelNotFound) or _request_fault(exc):
             return  # the request's fault, not the backend's health
-        if isinstance(exc, BackendBusy):
-            # Our own queue for its slots stayed full: it is serving (as much as it is let),
-            # not failing. Failed over, not put aside (a busy server cooled down for 30 s
-            # sent every call elsewhere while its slots freed up).
+        if isinstance(exc, BackendBusy) and not exc.stalled:
+            # Our own queue for its slots stayed full while they answered: it is serving (as
+            # much as it is let), not failing. Failed over, not put aside (a busy server cooled
+            # down for 30 s sent every call elsewhere while its slots freed up). Slots held by
+            # calls its server left unanswered for the whole wait count: it is stalled.
             return
         st.failures += 1
         if st.failures >= self.failure_threshold:

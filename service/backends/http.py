@@ -223,9 +223,9 @@ def error_from_status(
     error: BackendError
     if status == 404 and "model" in message.lower():
         return ModelNotFound(message, backend=backend, upstream_status=status, model=model)
-    # A 500 too: Ollama's runner refusing an over-long prompt is a 500 in some versions
-    # ("input exceeds context length"); the same prompt fails on every server.
-    if 400 <= status <= 500 and ContextLengthExceeded.said(message, kind):
+    # A 500 too, said plainly: Ollama's runner refusing an over-long prompt is a 500 in some
+    # versions ("input exceeds context length"); the same prompt fails on every server.
+    if 400 <= status <= 500 and ContextLengthExceeded.said(message, kind, fault=status == 500):
         return ContextLengthExceeded(message, backend=backend, upstream_status=status,
                                      param="messages")
     if status == 429:

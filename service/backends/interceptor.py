@@ -21,6 +21,7 @@ waits, its request's ``on_queued`` is told its place (1: next), at once and then
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -166,9 +167,11 @@ class _Call:
 
 
 class _Tracked:
-    def __init__(self, inner: AsyncIterator[ChatChunk], call: _Call) -> None:
+    def __init__(self, inner: AsyncIterator[ChatChunk], call: _Call,
+                 owner: Interceptor) -> None:
         self._inner = inner
         self._call = call
+        self._owner = owner
 
     def __aiter__(self) -> _Tracked:
         return self
@@ -176,6 +179,7 @@ class _Tracked:
     async def __anext__(self) -> ChatChunk:
         chunk = await self._inner.__anext__()
         self._call.seen(chunk)
+        self._owner.last_chunk_at = trio.current_time()
         return chunk
 
 
@@ -204,6 +208,7 @@ class Interceptor:
         self.queue_timeout = queue_timeout
         self.queue_report_every = queue_report_every
         self._waiting: list[object] = []  # calls waiting for a slot, in the limiter's order
+        self.last_chunk_at = -math.inf  # when any call on this backend last got a chunk
 
     def __repr__(self) -> str:
         stats = self.limiter.statistics()
@@ -227,7 +232,7 @@ class Interceptor:
             try:
                 call.started = trio.current_time()
                 async with self.inner.stream(request) as chunks:
-                    yield _Tracked(aiter(chunks), call)
+                    yield _Tracked(aiter(chunks), call, self)
             finally:
                 self.limiter.release()
         except BaseException as exc:
@@ -276,10 +281,12 @@ class Interceptor:
         if acquired:
             return  # the queue's deadline may have passed as the nursery closed: too late
         if waited.cancelled_caught:
-            raise BackendBusy(
+            busy = BackendBusy(
                 f"all {self.limiter.total_tokens:g} slots of backend {self.name!r} stayed busy "
                 f"for {self.queue_timeout:g}s (SERVICE_BACKEND_QUEUE_TIMEOUT); retry later",
                 backend=self.name)
+            busy.stalled = trio.current_time() - self.last_chunk_at >= self.queue_timeout
+            raise busy
 
     async def _report_place(self, ticket: object, report: Callable[[int], None]) -> None:
         told = 0

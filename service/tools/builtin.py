@@ -153,7 +153,10 @@ def text_stats(text: str) -> dict[str, int]:
     return {
         "characters": len(text),
         "words": len(text.split()),
-        "lines": len(text.splitlines()),  # as wc -l and editors count (a last "\n" ends one)
+        # Line ends only (\n, \r\n, \r; not a page break's form feed, as splitlines has
+        # it); a last one ends a line, as editors count.
+        "lines": len(re.findall(r"\r\n|\r|\n", text)) + (
+            0 if not text or text.endswith(("\n", "\r")) else 1),
         # A "." between two digits (3.14) ends no sentence.
         "sentences": len([s for s in re.split(r"(?<!\d)[.!?]+|[.!?]+(?!\d)", text)
                           if s.strip()]),

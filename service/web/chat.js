@@ -377,6 +377,7 @@ async function send() {
     if (resp.status === 404) {
       // The conversation was deleted elsewhere (another tab, a client): let go of it, or every
       // message would be refused the same way. The message stays typed, for a new one.
+      forget(state.conversation);
       state.conversation = null;
       $("messages").replaceChildren();
       await loadConversations().catch(() => {});
@@ -386,7 +387,8 @@ async function send() {
     $("input").value = "";
     addUser(content);
     await followRun(resp, new AssistantView(), { conversation_id: state.conversation, last_id: 0, text: "" });
-    await loadConversations(); // it was used last: first in the list now
+    used(state.conversation); // first in the list now
+    await loadConversations();
   } catch (exc) {
     problem(exc.message);
   } finally {
@@ -406,15 +408,31 @@ async function stop() {
 }
 
 // The conversations listed: the service's pages (newest first by creation), shown last used
-// first; "Older conversations" loads the next page.
-const listed = { convs: [], next: null };
+// first; "Older conversations" loads the next page. Once older pages are loaded, the first
+// page is merged in again (a reload of it alone dropped them, and a conversation continued
+// from them).
+const listed = { convs: [], next: null, deeper: false };
 
 async function loadConversations(more = false) {
   const page = await api("GET", `/api/conversations?limit=100${more && listed.next ? `&before=${encodeURIComponent(listed.next)}` : ""}`);
-  const seen = new Set(more ? listed.convs.map((c) => c.id) : []);
-  listed.convs = [...(more ? listed.convs : []), ...page.data.filter((c) => !seen.has(c.id))];
-  listed.next = page.next;
+  const byId = new Map(more || listed.deeper ? listed.convs.map((c) => [c.id, c]) : []);
+  for (const conv of page.data) byId.set(conv.id, conv);
+  listed.convs = [...byId.values()];
+  if (more || !listed.deeper) listed.next = page.next;
+  listed.deeper ||= more;
   showConversations();
+}
+
+// The conversation just used is listed first (the service's pages are by creation).
+function used(id) {
+  const conv = listed.convs.find((c) => c.id === id);
+  if (!conv) return;
+  const latest = Math.max(Date.now(), ...listed.convs.map((c) => Date.parse(c.updated_at) || 0));
+  conv.updated_at = new Date(latest + 1).toISOString();
+}
+
+function forget(id) {
+  listed.convs = listed.convs.filter((c) => c.id !== id);
 }
 
 function showConversations() {

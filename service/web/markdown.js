@@ -15,17 +15,17 @@ export const clean = (text) => text.replace(BIDI_CONTROLS, "\ufffd");
 const LINK = /\[([^\]\n]+)\]\((https?:\/\/(?:[^\s()]|\([^\s()]*\))+)\)/g;
 
 function inline(text) {
-  const kept = []; // code spans and links, put back last (no emphasis inside a URL or code)
+  const kept = []; // code spans and links' URLs, put back last (no emphasis inside them)
   const keep = (html) => `\u0000${kept.push(html) - 1}\u0000`;
   let html = escapeHtml(text)
     .replace(/`([^`\n]+)`/g, (_, code) => keep(`<code>${code}</code>`))
-    .replace(LINK, (_, label, url) => keep(
-      `<a href="${url}" rel="noopener noreferrer" target="_blank">${label}</a>`));
+    .replace(LINK, (_, label, url) => (
+      `<a href="${keep(url)}" rel="noopener noreferrer" target="_blank">${label}</a>`));
   // Emphasis as CommonMark flanks it: "6 * 7 = 42, and 3 * 4" holds none (a "*" followed or
-  // preceded by a space opens or closes nothing).
+  // preceded by a space opens or closes nothing); inside a word it is ("the *n*th term").
   html = html
     .replace(/\*\*(?=\S)([^*\n]*?\S)\*\*/g, "<strong>$1</strong>")
-    .replace(/(^|[^*\w])\*(?=[^\s*])([^*\n]*?[^\s*])\*(?![*\w])/g, "$1<em>$2</em>");
+    .replace(/(^|[^*])\*(?=[^\s*])([^*\n]*?[^\s*])\*(?!\*)/g, "$1<em>$2</em>");
   return html.replace(/\u0000(\d+)\u0000/g, (_, i) => kept[Number(i)]);
 }
 
