@@ -85,6 +85,10 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
         lg.propagate = True
     # httpx logs every upstream request at INFO; the interceptor records calls already.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # HTTP/2's header codec logs every header it decodes at DEBUG, an Authorization's key
+    # with them: never below WARNING, whatever SERVICE_LOG_LEVEL says.
+    for name in ("hpack", "h2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def get_logger(name: str) -> logging.Logger:

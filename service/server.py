@@ -30,7 +30,7 @@ from .errors import ConfigError, ServiceError, is_interrupt
 from .lifespan import begin_shutdown
 from .logs import configure_logging, get_logger
 from .services import Services
-from .settings import Settings, load_settings
+from .settings import Settings, load_settings, unknown_variables
 
 __all__ = ["build_config", "main", "run_server"]
 
@@ -48,12 +48,42 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _GC_FULL_AT_LEAST = 600.0  # ...or after this many seconds without one
 
 
+def _check_types(config_path: Path) -> None:
+    """Each key of the file that hypercorn knows holds a value of its default's type (a number
+    for a number, a flag for a flag): hypercorn checks none, and ``workers = "2"`` crashed the
+    start with a traceback (``graceful_timeout = "5"``: the first SIGTERM)."""
+    with config_path.open("rb") as f:
+        data = tomllib.load(f)
+    defaults = Config()
+    for key, value in data.items():
+        default = getattr(defaults, key, None)
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int | float):
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        elif key == "bind":
+            ok = isinstance(value, str) or (
+                isinstance(value, list) and all(isinstance(b, str) for b in value))
+        else:
+            continue
+        if not ok:
+            kind = "true or false" if isinstance(default, bool) else (
+                "HOST:PORT strings" if key == "bind" else "a number (no quotes)")
+            raise ConfigError(f"--config {config_path}: {key} = {value!r}: {kind} expected",
+                              variable="--config")
+
+
 def build_config(
     config_path: Path | None, bind: Sequence[str] | None, *, max_body_bytes: int | None = None,
-    keepalive: float | None = None,
+    keepalive: float | None = None, required: bool = False,
 ) -> Config:
+    """hypercorn's config from ``config_path`` (its defaults, and ours, if there is no such
+    file, unless ``required``: a ``--config`` named is read, or the start stops)."""
+    if config_path is not None and required and not config_path.is_file():
+        raise ConfigError(f"--config {config_path}: no such file", variable="--config")
     if config_path is not None and config_path.exists():
         try:
+            _check_types(config_path)
             config = Config.from_toml(str(config_path))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, TypeError,
                 ValueError) as exc:
@@ -250,7 +280,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--bind", action="append", help="HOST:PORT (repeatable); overrides the config"
     )
     parser.add_argument(
-        "--config", type=Path, default=Path("hypercorn.toml"), help="hypercorn TOML config"
+        "--config", type=Path, default=None,
+        help="hypercorn TOML config (default: ./hypercorn.toml if there is one)",
     )
     parser.add_argument(
         "--workers", type=int, default=None, metavar="N",
@@ -276,13 +307,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"service: {exc.message}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    for line in unknown_variables(os.environ):
+        log.warning("%s", line)
     try:
-        config = build_config(args.config, args.bind, max_body_bytes=settings.max_body_bytes,
-                              keepalive=settings.sse_keepalive)
+        config = build_config(args.config or Path("hypercorn.toml"), args.bind,
+                              max_body_bytes=settings.max_body_bytes,
+                              keepalive=settings.sse_keepalive,
+                              required=args.config is not None)
     except ConfigError as exc:
         print(f"service: {exc.message}", file=sys.stderr)
         return 2
-    workers = args.workers if args.workers is not None else config.workers
+    # The file's workers = 0 is hypercorn's one process, as its own CLI serves it.
+    workers = args.workers if args.workers is not None else max(1, config.workers)
     if workers < 1:
         print("service: --workers must be at least 1", file=sys.stderr)
         return 2

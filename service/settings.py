@@ -6,7 +6,9 @@ A bad value stops the process with one line naming the variable (see ``service._
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -102,6 +104,12 @@ class Settings(BaseSettings):
     def _store_location(cls, value: object) -> object:
         # A URL is not a path: "postgresql://..." became a directory "postgresql:" holding a
         # SQLite file, silently. (A scheme has two letters or more: "C:/data" stays a path.)
+        if isinstance(value, str) and re.match(r"(?i)postgres(ql)?:(?!//)", value):
+            # "postgresql:/user:pw@host/db", "postgresql:user:pw@...": a URL mistyped, not a
+            # SQLite path (a directory named after the credentials, the password in the log).
+            # Not echoed: it may hold the password.
+            raise ValueError("not a postgresql://user:password@host:port/db URL (a \"//\" is "
+                             "missing after the scheme)")
         if isinstance(value, str) and (url := re.match(r"([A-Za-z][A-Za-z0-9+.-]+):/", value)):
             scheme = url[1].lower()
             if scheme in ("postgresql", "postgres") and value[url.end():].startswith("/"):
@@ -194,14 +202,38 @@ def load_settings(**overrides: object) -> Settings:
         var = f"SERVICE_{field.upper()}"
         given = err.get("input")
         message = _redact(f"invalid setting {var}={given!r}: {err['msg']}")
-        if field == "api_keys" or (isinstance(given, str) and _LIBPQ_KEYWORDS.search(given)):
-            # Never echoed: keys (a bad one is still a key), a libpq string (its password).
+        if field == "api_keys" or (isinstance(given, str) and (
+                _LIBPQ_KEYWORDS.search(given) or (field == "db" and "@" in given))):
+            # Never echoed: keys (a bad one is still a key), a libpq string or a database
+            # URL however mistyped (its password).
             message = f"invalid setting {var}: {err['msg']}"
         raise ConfigError(message, variable=var) from None
     from .backends.fleet import validate_fleet  # the fleet file, CA bundles: ConfigError
 
     validate_fleet(settings)
     return settings
+
+
+# SERVICE_* variables read by other parts than the service's settings (the terminal client, the
+# test suite); any other unknown one is most likely a misspelt setting.
+_OTHER_VARIABLES = frozenset({"SERVICE_CHAT_URL", "SERVICE_CHAT_KEY"})
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """Lines naming each ``SERVICE_*`` variable in ``environ`` that no setting reads (a typo:
+    ``SERVICE_API_KEY`` for ``SERVICE_API_KEYS`` served with no key at all), with the closest
+    setting's name. Said, not refused: other software's variables may share the prefix (a
+    Kubernetes Service named "service" sets ``SERVICE_PORT``)."""
+    known = {f"SERVICE_{name.upper()}" for name in Settings.model_fields}
+    lines = []
+    for name in sorted(environ):
+        if (not name.startswith("SERVICE_") or name in known or name in _OTHER_VARIABLES
+                or name.startswith("SERVICE_TEST_")):
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        lines.append(f"{name} is not a setting of this service and is ignored{hint}")
+    return lines
 
 
 _LIBPQ_KEYWORDS = re.compile(r"(?:^|\s)(?:host|hostaddr|port|dbname|user|password|sslmode)\s*=")
