@@ -28,10 +28,15 @@ def new_call_id() -> str:
 
 def token_count(value: Any) -> int | None:
     """A token count from an upstream's usage fields: a non-negative int, else None (unknown;
-    a malformed count is not worth failing an answer for, and must not reach the metrics)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    a malformed count is not worth failing an answer for, and must not reach the metrics).
+    One past ``TOKENS_MAX`` is malformed too: no context holds it, and the store's columns
+    (PostgreSQL's ``integer``; SQLite's 64 bits) refused the call's whole record."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= TOKENS_MAX:
         return value
     return None
+
+
+TOKENS_MAX = 2**31 - 1
 
 
 def milliseconds(value: Any, per: float = 1.0) -> float | None:

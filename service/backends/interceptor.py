@@ -63,8 +63,10 @@ def _contains(exc: BaseException, kind: type[BaseException]) -> bool:
 
 
 def classify_outcome(exc: BaseException | None, *, finished: bool) -> LLMCallOutcome:
-    """The outcome of a call that ended with ``exc`` (None: the block was left normally)."""
-    if exc is None:
+    """The outcome of a call that ended with ``exc`` (None: the block was left normally).
+    One that reached its done chunk is ``ok`` whatever ended it after (a cancel or a deadline
+    while its body's last bytes were read): its answer came whole, its usage counted."""
+    if exc is None or finished:
         return LLMCallOutcome.ok if finished else LLMCallOutcome.cancelled
     if _contains(exc, trio.Cancelled):
         return LLMCallOutcome.cancelled
@@ -75,10 +77,13 @@ def classify_outcome(exc: BaseException | None, *, finished: bool) -> LLMCallOut
     return LLMCallOutcome.error
 
 
+_ERROR_CHARS = 2000  # of a record's error: an exception's text can be anything's
+
+
 def _error_text(exc: BaseException) -> str:
     if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         return _error_text(exc.exceptions[0])
-    message = getattr(exc, "message", None) or str(exc)
+    message = str(getattr(exc, "message", None) or str(exc))[:_ERROR_CHARS]
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
@@ -130,12 +135,14 @@ class _Call:
                 self.first_token_at is None):
             self.first_token_at = trio.current_time()
         if chunk.text or chunk.thinking:
-            self.chunks += 1
-            self.chars += len(chunk.text) + len(chunk.thinking)
-            if self.chars > MAX_CALL_CHARS:
+            chars = self.chars + len(chunk.text) + len(chunk.thinking)
+            if chars > MAX_CALL_CHARS:
+                # (Not counted: the run never gets this chunk, and its usage does not count it.)
                 raise BackendProtocolError(
                     f"the answer passed {MAX_CALL_CHARS:,} characters: cut there (an upstream "
                     f"streaming without end)", backend=self.backend)
+            self.chunks += 1
+            self.chars = chars
         if chunk.usage is not None:
             self.usage_prompt = chunk.usage.prompt_tokens
             self.usage_completion = chunk.usage.completion_tokens
@@ -299,7 +306,7 @@ class Interceptor:
 
     async def _finish(self, call: _Call, failure: BaseException | None) -> None:
         outcome = classify_outcome(failure, finished=call.finished)
-        if failure is None:
+        if failure is None or outcome is LLMCallOutcome.ok:
             error = None if outcome is LLMCallOutcome.ok else "left before the end of the stream"
         elif (outcome is LLMCallOutcome.cancelled and call.deadline is not None
               and trio.current_time() >= call.deadline):

@@ -124,9 +124,9 @@ class OllamaChunks:
 
     def _chunk(self, obj: dict[str, Any]) -> ChatChunk | None:
         if "error" in obj:
-            said = str(obj["error"])
+            said = str(obj["error"])[:500]  # (as every upstream error is cut)
             if ContextLengthExceeded.said(said):  # the request's fault (400), as a status
-                raise ContextLengthExceeded(said[:500], backend=self.backend, param="messages")
+                raise ContextLengthExceeded(said, backend=self.backend, param="messages")
             raise BackendResponseError(said, backend=self.backend, mid_stream=True)
         message = obj.get("message") or {}
         if not isinstance(message, dict):
@@ -283,5 +283,5 @@ class OllamaBackend(HTTPBackend):
                                     deadline=deadline, json_body=body, model=model,
                                     headers=self.headers)
         if isinstance(answer, dict) and "error" in answer:
-            raise BackendResponseError(str(answer["error"]), backend=self.name)
+            raise BackendResponseError(str(answer["error"])[:500], backend=self.name)
 

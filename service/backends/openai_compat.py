@@ -172,9 +172,11 @@ class OpenAIChunks:
                                        backend=self.backend)
         if "error" in obj:
             err = obj["error"]
-            message = str(err.get("message") if isinstance(err, dict) else err)
+            # Cut as every upstream error is: one can be a whole line of 4 MB, and it goes
+            # into the call's record and the run's error.
+            message = str(err.get("message") if isinstance(err, dict) else err)[:500]
             if ContextLengthExceeded.said(message):
-                raise ContextLengthExceeded(message[:500], backend=self.backend, param="messages")
+                raise ContextLengthExceeded(message, backend=self.backend, param="messages")
             raise BackendResponseError(message, backend=self.backend, mid_stream=True)
         if isinstance(obj.get("model"), str) and obj["model"]:
             self.model = obj["model"]

@@ -1,13 +1,15 @@
 """LLM-call records the store refused, written again: every call the interceptor makes keeps
 its row (``/api/llm-calls``), even across a store stall longer than the record's budget.
 
-A record is written at once, in the call's path (so it is stored before the run's end, as a
-client reading ``/api/llm-calls`` after ``run.finished`` expects). If the store refuses it
-(``StoreUnavailable``), or the caller's budget ends first, it is kept here and written again by
-:meth:`CallRecords.run` (in the supervisor's nursery) with a back-off, in order, for as long as
-it takes; at shutdown the drain gives what is kept one more budget. Writing a record twice is
-harmless: a record's id is unique, and a second insert of it changes nothing. Bounded: past
-``_KEPT_MAX`` records the oldest is dropped, logged.
+A record is written at once and the call waits for it (so it is stored before the run's end,
+as a client reading ``/api/llm-calls`` after ``run.finished`` expects), but the write is a task
+of :meth:`CallRecords.run`'s own: a caller whose budget (the interceptor's ``record_timeout``)
+ends first stops waiting, while a store stuck in a batch (which runs shielded, whole) held it
+for as long as the store was stuck. If the store refuses a record (``StoreUnavailable``), it is
+kept here and written again by :meth:`CallRecords.run` (in the supervisor's nursery) with a
+back-off, in order, for as long as it takes; at shutdown the drain gives what is kept one more
+budget. Writing a record twice is harmless: a record's id is unique, and a second insert of it
+changes nothing. Bounded: past ``_KEPT_MAX`` records the oldest is dropped, logged.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class CallRecords:
         self._store = store
         self._kept: deque[LLMCallRecord] = deque()
         self._wake = Wakeup()
+        self._writes: trio.Nursery | None = None  # run()'s: the records being written
 
     def __repr__(self) -> str:
         return f"<CallRecords [{len(self._kept)} kept]>"
@@ -47,14 +50,28 @@ class CallRecords:
         return len(self._kept)
 
     async def record_llm_call(self, rec: LLMCallRecord) -> None:
+        if self._writes is None:  # not running (yet, or any more): in the call's path
+            await self._write(rec)
+            return
+        written = trio.Event()
+        self._writes.start_soon(self._write, rec, written)
+        # Cancelled (the caller's budget): the write goes on, its record kept if refused.
+        await written.wait()
+
+    async def _write(self, rec: LLMCallRecord, written: trio.Event | None = None) -> None:
         try:
             await self._store.record_llm_call(rec)
         except StoreUnavailable as exc:
             log.warning("LLM call %s not recorded yet (will retry): %s", rec.id, exc.message)
             self._keep(rec)
-        except trio.Cancelled:  # the caller's budget ran out: written later instead
+        except StoreError as exc:  # not the store's passing trouble: it will not take it
+            log.error("LLM call %s cannot be recorded: %s", rec.id, exc.message)
+        except trio.Cancelled:  # never written (a shutdown, the caller's budget): kept
             self._keep(rec)
             raise
+        finally:
+            if written is not None:
+                written.set()
 
     def _keep(self, rec: LLMCallRecord) -> None:
         self._kept.append(rec)
@@ -64,9 +81,17 @@ class CallRecords:
                       _KEPT_MAX)
         self._wake.set()
 
-    async def run(self) -> None:
-        """Write kept records again as long as there are any (the supervisor's nursery)."""
-        await write_when_woken(self._wake, self.flush)
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                  ) -> None:
+        """Write the records as they come, and the kept ones again as long as there are any
+        (the supervisor's nursery)."""
+        async with trio.open_nursery() as writes:
+            self._writes = writes
+            task_status.started()
+            try:
+                await write_when_woken(self._wake, self.flush)
+            finally:
+                self._writes = None
 
     async def flush(self) -> bool:
         """Write the kept records, oldest first; False if the store refused one (it and those

@@ -140,7 +140,7 @@ class RunSupervisor:
                 self._nursery = nursery
                 self._scope = nursery.cancel_scope
                 nursery.start_soon(self.committer.run)
-                nursery.start_soon(self.call_records.run)
+                await nursery.start(self.call_records.run)
                 nursery.start_soon(self.reads.run)
                 nursery.start_soon(upkeep.maintain_loop, self._store, self.committer)
                 nursery.start_soon(self._store.listen, self.wakeups.notified)

@@ -26,7 +26,7 @@ async def test_a_record_the_store_refuses_or_stalls_on_is_written_later(
     try:
         records = CallRecords(store)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(records.run)
+            await nursery.start(records.run)
             conv = await store.create_conversation()
             run = (await store.begin_run(conv.id, content="q", agent="chat", model=None)).run
 
@@ -49,16 +49,20 @@ async def test_a_record_the_store_refuses_or_stalls_on_is_written_later(
             store.faults.clear()
             await trio.sleep(3)  # the next try (the back-off is at most 2 s)
             assert (await stored(), records.kept) == (["call_1", "call_2"], 0)
-            # Stalled past the caller's budget (the interceptor waits 5 s): kept, written once
-            # the store is back.
+            # Stalled past the caller's budget (the interceptor waits 5 s): the caller goes on
+            # within it, and the write (CallRecords.run's task) lands once the store is back.
             async def within_the_budget(n: int) -> None:
                 with trio.move_on_after(5):
                     await records.record_llm_call(rec(n))
+                returned.append(trio.current_time() - began)
 
+            returned: list[float] = []
             await store.faults.hold_writes()
+            began = trio.current_time()
             async with trio.open_nursery() as call:  # noqa: ASYNC112 (another task: this one holds the lock)
                 call.start_soon(within_the_budget, 3)
-            assert records.kept == 1
+            assert returned == [5.0]
+            assert await stored() == ["call_1", "call_2"]  # not yet: the store holds it
             store.faults.release_writes()
             await trio.sleep(3)
             assert (await stored(), records.kept) == (["call_1", "call_2", "call_3"], 0)
