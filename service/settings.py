@@ -108,8 +108,8 @@ class Settings(BaseSettings):
             # "postgresql:/user:pw@host/db", "postgresql:user:pw@...": a URL mistyped, not a
             # SQLite path (a directory named after the credentials, the password in the log).
             # Not echoed: it may hold the password.
-            raise ValueError("not a postgresql://user:password@host:port/db URL (a \"//\" is "
-                             "missing after the scheme)")
+            raise ValueError("not a SQLite path nor a postgresql://user:password@host:port/db "
+                             "URL (a \"//\" is missing after the scheme)")
         if isinstance(value, str) and (url := re.match(r"([A-Za-z][A-Za-z0-9+.-]+):/", value)):
             scheme = url[1].lower()
             if scheme in ("postgresql", "postgres") and value[url.end():].startswith("/"):
