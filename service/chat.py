@@ -49,7 +49,8 @@ READ_TIMEOUT = 60.0  # seconds of nothing before a turn fails (a stream: four ke
 _REJOINS = 3  # times a dropped stream is re-joined (after 0.5, 1 and 2 s)
 _RETRY_AFTER_MAX = 30.0  # seconds: a longer Retry-After is waited this long
 _QUIT_CANCEL_WAIT = 2.0  # seconds a second Ctrl-C waits for the run's cancel to be sent
-_STEPS = ("thought", "tool.call", "tool.result", "plan", "step.started", "step.finished")
+_STEPS = ("thought", "tool.call", "tool.result", "plan", "step.started", "step.finished",
+          "decision")
 _TITLE_CHARS = 60
 
 

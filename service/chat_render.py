@@ -216,6 +216,8 @@ def _what(kind: str, data: dict[str, Any]) -> str:
         return "· plan: " + "; ".join(str(s.get("task", s)) for s in steps)
     if kind == "step.started":
         return f"· step {data.get('id')}: {data.get('task', '')}"
+    if kind == "decision":  # the auto agent's choice
+        return f"· agent: {data.get('agent')} (chosen by {data.get('method')})"
     if "error" in data:  # a plan step that failed (its tool, its model call)
         return f"· step {data.get('id')} failed: {_short(data['error'])}"
     return f"· step {data.get('id')} done"

@@ -135,7 +135,11 @@ class SQLiteStore(SQLiteQueries):
     def _open_sync(self) -> None:
         try:
             if str(self.path) != ":memory:":
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                # Conversations are private: a directory made here, and a file made here (its
+                # -wal and -shm files take its mode), are the service user's only (as
+                # PostgreSQL keeps its data directory), not readable by every user of the host.
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
             writer = _connect(self.path, self._synchronous, self._busy_timeout)
         except (sqlite3.Error, OSError) as exc:  # OSError: its directory cannot be made
             raise StoreError(f"cannot open store {self.path}: {exc}") from exc

@@ -48,6 +48,12 @@ def test_a_failed_plan_step_is_shown_as_failed_with_its_error() -> None:
     assert "done" not in err.getvalue()
 
 
+def test_the_auto_agents_choice_is_shown_as_a_step() -> None:
+    assert "decision" in chat._STEPS
+    assert _describe("decision", {"agent": "react", "method": "model"}) == (
+        "· agent: react (chosen by model)")
+
+
 def test_non_ascii_tool_arguments_and_results_read_as_written() -> None:
     call = {"name": "weather", "arguments": {"city": "Москва", "note": "naïve ☂"}}
     assert _describe("tool.call", call) == '· tool weather({"city": "Москва", "note": "naïve ☂"})'

@@ -205,3 +205,34 @@ async def test_readyz_is_not_ready_on_a_store_whose_pages_are_corrupt(tmp_path: 
         ready = await http.get("/readyz")
         assert ready.status_code == 503, ready.text
         assert ready.json()["checks"]["store"].startswith("down"), ready.text
+
+
+async def test_a_new_store_is_readable_by_the_service_user_only(tmp_path: Path) -> None:
+    """Conversations are private: the directory the store makes and its file (with the -wal and
+    -shm files SQLite gives the file's mode) were 0755 and 0644 under the default umask, so
+    every user of the host could read every conversation (2026-12-06; failed before). A file
+    and a directory that exist keep their modes (an operator's choice)."""
+    db = tmp_path / "data" / "service.db"
+    old = os.umask(0o022)  # the usual umask, whatever the runner's
+    try:
+        store = SQLiteStore(db)
+        await store.open()
+        try:
+            await store.create_conversation(title="private")
+        finally:
+            await store.aclose()
+    finally:
+        os.umask(old)
+    assert oct(db.parent.stat().st_mode & 0o777) == oct(0o700)
+    made = [p for p in db.parent.iterdir() if p.name.startswith("service.db")]
+    assert {p.name for p in made} >= {"service.db"}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in made} == {
+        p.name: oct(0o600) for p in made}
+    # An operator's own file keeps its mode.
+    theirs = tmp_path / "theirs.db"
+    theirs.touch(mode=0o640)
+    theirs.chmod(0o640)
+    store = SQLiteStore(theirs)
+    await store.open()
+    await store.aclose()
+    assert oct(theirs.stat().st_mode & 0o777) == oct(0o640)
