@@ -202,13 +202,16 @@ class EventCommitter:
 
     # -- final states -------------------------------------------------------------------------
 
-    async def finish(self, handle: RunHandle, final: FinalState) -> None:
-        """Store a run's final state, then publish its last events.
+    async def finish(self, handle: RunHandle, final: FinalState) -> bool:
+        """Store a run's final state, then publish its last events. False if another instance
+        had closed the run (its end, counted there, is the one told).
 
         Shielded (the final state must be recorded whatever is cancelled) and bounded: the
         write is tried again while the store refuses it, for ``FINAL_WRITE_BUDGET`` seconds;
         after that it is kept for ``retry_final_writes`` and the run's subscribers are told
         ``store_unavailable`` rather than an end the store does not have."""
+        held: bool | None = None
+        elsewhere = False  # the end told is another instance's
         with trio.CancelScope(shield=True):
             async with trio.open_nursery() as nursery:
                 # A write the store has taken cannot be interrupted (its thread runs on, and
@@ -219,7 +222,7 @@ class EventCommitter:
                     final = await self._with_earlier(final)
                     held = await self._store_final(handle, final)
                     if held is False:  # another instance closed it: tell what it stored
-                        await self._adopt_stored_end(handle, final)
+                        elsewhere = await self._adopt_stored_end(handle, final)
                     elif held:
                         handle.stored_as(final.status, final.finished_at)
                         handle.publish(list(final.events))
@@ -236,6 +239,7 @@ class EventCommitter:
             handle.give_up_end(unstored_end())
         elif not handle.published_final:
             self._keep_ended(handle)  # its earlier events are still to be published
+        return not elsewhere
 
     async def _with_earlier(self, final: FinalState) -> FinalState:
         """``final`` with the run's events that are not stored yet: a batch of them in flight
@@ -281,11 +285,12 @@ class EventCommitter:
                 return None
             await backoff.pause()
 
-    async def _adopt_stored_end(self, handle: RunHandle, final: FinalState) -> None:
+    async def _adopt_stored_end(self, handle: RunHandle, final: FinalState) -> bool:
         """The run was closed by another instance (this one's lease lapsed, so the others took
-        it for dead): its clients get the end the store has, never this process's own. A run
-        that is gone altogether (its conversation deleted) is told so (``end_gone``): a
-        ``succeeded`` with an answer the store has no trace of was told before."""
+        it for dead): its clients get the end the store has, never this process's own (True).
+        A run that is gone altogether (its conversation deleted, or never stored) is told so
+        (``end_gone``; False): a ``succeeded`` with an answer the store has no trace of was
+        told before."""
         backoff = Backoff()
         while True:  # the caller bounds it
             try:
@@ -296,7 +301,7 @@ class EventCommitter:
                 break
             except NotFound:
                 handle.end_gone("the conversation was deleted")
-                return
+                return False
             except StoreError as exc:
                 log.error("could not read the stored end of run %s (trying again): %s",
                           handle.id, exc.message)
@@ -309,6 +314,7 @@ class EventCommitter:
         handle.started_at = run.started_at
         handle.stored_as(status, run.finished_at)
         handle.publish(stored)
+        return True
 
     def _keep_ended(self, handle: RunHandle) -> None:
         """Keep serving a run whose end is not all stored or published (bounded: the oldest

@@ -507,10 +507,11 @@ class RunSupervisor:
         # already is written before it (the store writes in call order) or, if refused, again
         # after it: publishing waits for it.
         events = tuple(self.committer.take(handle.id) + closing)
-        await self.committer.finish(handle, FinalState(
+        ours = await self.committer.finish(handle, FinalState(
             handle.id, status, handle.message_id, content, msg_status, error, handle.usage,
             events, model=handle.model))
-        self._metrics.runs.labels(status.value).inc()
+        if ours:  # (closed by another instance: counted there, as its recovery closed it)
+            self._metrics.runs.labels(status.value).inc()
         handle.finished.set()
 
 

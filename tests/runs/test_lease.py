@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -119,3 +120,47 @@ async def test_a_wall_clock_step_does_not_close_a_live_sibling_workers_runs(
         sibling.kill()
         with trio.move_on_after(5, shield=True):
             await sibling.wait()
+
+
+async def test_a_run_closed_by_a_survivor_is_counted_once(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """An instance whose lease lapsed (a long stall) finds its run closed by a survivor, which
+    counts it (``service_runs_total{status="failed"}``, its ownership recovery); the owner
+    adopts the stored end and counted the run again under its own status: summed over the
+    instances, /metrics said two runs for one (2026-12-06; failed before)."""
+    mine, theirs = Metrics(), Metrics()
+    store = SQLiteStore(tmp_path / "runs.db", threaded=False, metrics=mine,
+                        process_id=ELSEWHERE)
+    await store.open()
+    backend = ScriptedBackend(lambda req: Reply(" ".join(["word"] * 20), gap=1.0))
+    runner = make_runner(backend=lambda: backend, tools=ToolRegistry(BUILTIN_TOOLS),
+                         metrics=mine, tool_timeout=30, history_chars=24_000,
+                         run_sync=_inline)
+    supervisor = RunSupervisor(store, runner, metrics=mine)
+    other = SQLiteStore(tmp_path / "runs.db", threaded=False, metrics=theirs)
+    await other.open()
+
+    def count(metrics: Metrics) -> float:
+        return sum(metrics.registry.get_sample_value("service_runs_total", {"status": s}) or 0
+                   for s in ("succeeded", "failed", "cancelled", "timed_out"))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.serve)
+            conv = (await store.create_conversation()).id
+            handle = await supervisor.start(RunSpec(conv, "x"))
+            await trio.sleep(2.0)
+            # This instance's lease lapses (a stall the survivor cannot tell from a death).
+            with sqlite3.connect(tmp_path / "runs.db") as db:
+                db.execute("UPDATE instances SET lease_until = 0")
+            closed = await other.recover_interrupted()
+            with trio.fail_after(60):
+                await handle.finished.wait()
+            nursery.cancel_scope.cancel()
+        assert closed, "the survivor did not close the run"
+        assert handle.status is RunStatus.failed  # the stored end, adopted
+        assert (count(mine), count(theirs)) == (0, 1)
+    finally:
+        await other.aclose()
+        await store.aclose()
