@@ -225,6 +225,25 @@ async def test_llm_calls_are_newest_first_and_limited(settings: Settings) -> Non
         assert r.status_code == 404, r.text
 
 
+async def test_a_v1_call_that_fails_before_any_event_is_recorded_with_its_run(
+    settings: Settings,
+) -> None:
+    # A /v1 run's first write waits for the run's first event (so that the two land in one
+    # commit); a call that ends before any (the upstream refused it) has its record queued
+    # after the run's write all the same: the record names its run, which the store holds.
+    async with e2e(settings, "llamacpp") as env:
+        env.sim.script(Reply(status=400, error="bad request from the upstream"))
+        with trio.fail_after(GUARD):
+            r = await env.client.post("/v1/chat/completions", json={
+                "model": "m", "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code >= 400, r.text
+            (call,) = (await env.client.get("/api/llm-calls")).json()["data"]
+            assert call["outcome"] == "error"
+            assert call["run_id"] is not None
+            run = await env.client.get(f"/api/runs/{call['run_id']}")
+        assert (run.status_code, run.json()["status"]) == (200, "failed")
+
+
 async def test_llm_calls_are_scoped_to_the_callers_runs(settings: Settings) -> None:
     async with e2e(settings, "ollama", api_keys=("key-a", "key-b")) as env:
         a = {"Authorization": "Bearer key-a"}
