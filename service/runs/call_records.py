@@ -15,7 +15,6 @@ changes nothing. Bounded: past ``_KEPT_MAX`` records the oldest is dropped, logg
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 
 import trio
 
@@ -36,12 +35,8 @@ _WRITE_BUDGET = 10.0  # seconds one write again may take
 class CallRecords:
     """The recorder the interceptor writes through (``LLMCallRecorder``)."""
 
-    def __init__(self, store: LLMCallRecorder,
-                 before_write: Callable[[str], None] | None = None) -> None:
+    def __init__(self, store: LLMCallRecorder) -> None:
         self._store = store
-        # Called (sync) with a record's run before the record is queued: a run whose own
-        # first write is not queued yet queues it then, so that the record finds the run.
-        self._before_write = before_write
         self._kept: deque[LLMCallRecord] = deque()
         self._wake = Wakeup()
         self._writes: trio.Nursery | None = None  # run()'s: the records being written
@@ -55,8 +50,6 @@ class CallRecords:
         return len(self._kept)
 
     async def record_llm_call(self, rec: LLMCallRecord) -> None:
-        if rec.run_id is not None and self._before_write is not None:
-            self._before_write(rec.run_id)
         if self._writes is None:  # not running (yet, or any more): in the call's path
             await self._write(rec)
             return

@@ -92,11 +92,6 @@ class RunHandle:
         self._closed = False  # run.finished has been emitted
         self._published_final = False  # ... and published
         self._held: list[RunEvent] | None = None  # committed before event 1 was published
-        # Called (once, sync) before anything of the run is first to be stored (its first
-        # event numbered, an LLM call's record): a /v1 run's first write is queued then
-        # (``RunSupervisor._start_new``), so that it and the run's first token go in one
-        # commit, and lands before them.
-        self.on_first_write: Callable[[], None] | None = None
         self._early: dict[int, RunEvent] = {}  # committed ahead of an earlier batch
 
     def __repr__(self) -> str:
@@ -159,14 +154,7 @@ class RunHandle:
         assert events[-1].type == "run.finished", events
         return events
 
-    def first_write_due(self) -> None:
-        """Something of the run is about to be written: its own write first (sync)."""
-        if self.on_first_write is not None:
-            hook, self.on_first_write = self.on_first_write, None
-            hook()
-
     def _number(self, type_: str, data: dict[str, Any]) -> RunEvent:
-        self.first_write_due()
         if self._closed:
             raise RunError(f"run {self.id} already finished; cannot emit {type_}")
         event = RunEvent.make(self.id, self._next_seq, type_, data, time.time())

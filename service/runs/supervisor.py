@@ -44,7 +44,6 @@ from ..errors import (
 from ..logs import RUN_ID, get_logger
 from ..metrics import Metrics
 from ..store import BegunRun, MessageStatus, Store, new_id
-from ..store.group_commit import QueuedWrite
 from ..text import clean_text
 from . import upkeep
 from .call_records import CallRecords
@@ -58,10 +57,6 @@ __all__ = ["RunSpec", "RunSupervisor"]
 
 log = get_logger("service.runs")
 
-# Seconds a /v1 run's first write waits for the run's first event (its first token, most of
-# the time), so that both land in one commit instead of two in a row; nothing is told to its
-# client before that event is stored, so the wait is never the client's.
-FIRST_WRITE_HOLD = 0.05
 _ABANDONED_MAX = 10_000  # runs whose start failed, still to close if their write landed
 
 @dataclass(frozen=True)
@@ -118,8 +113,7 @@ class RunSupervisor:
         self._nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
         self.committer = EventCommitter(store, self._runs.get)
-        # The interceptor's recorder (lifespan); a run's own write goes before its records'.
-        self.call_records = CallRecords(store, before_write=self._first_write_due)
+        self.call_records = CallRecords(store)  # the interceptor's recorder (lifespan)
         self.wakeups = Wakeups()  # what other instances committed (on PostgreSQL)
         self.reads = BatchedReads(store)  # readers' store reads, one query for all waiting
         self.draining = False
@@ -311,26 +305,21 @@ class RunSupervisor:
         goes out, while the run's first write commits (that write is most of the time a request
         spends in the service before its upstream call, measured in ``service.bench``).
 
-        Its first write waits for the run's first event (at most ``FIRST_WRITE_HOLD``): with
-        a quick upstream the first token is there in about a commit's time, and the two then
-        land in one commit, where they took two in a row (the first token, stored only after
-        the run, waited for both). Nothing is told to the run's client before that event is
-        stored, so the hold is never the client's wait.
-
-        Ordering: the write is queued (``Store.queue_run``, sync) before anything else of
-        the run is: by the run itself, before its first event is numbered or an LLM call's
-        record is queued (``RunHandle.on_first_write``), or here once the hold is over. So
-        every other write about the run (its events, its LLM calls, its final state) lands
-        after it. The run's task is spawned with ``start_soon``: started with
-        ``nursery.start`` and a go-ahead event, the agent's first step waited three
-        scheduling rounds (0.5-1 ms on a busy loop before the upstream request). Event 1
+        Ordering: the run's task is spawned (``start_soon``: it first runs once this task
+        yields) just before the write is called, and the write joins the store's queue before
+        this task's first checkpoint (``Store.write_run``), so it is in the queue ahead of every
+        other write about the run (its events, its LLM calls, its final state), which land
+        after it. (Started with ``nursery.start`` and a go-ahead event, the agent's first
+        step waited three scheduling rounds: 0.5-1 ms on a busy loop before the upstream
+        request.) Event 1
         (``run.started``) is written with the run and published once that write has landed;
         events the run commits meanwhile are held back behind it (``reserve_first_event``), so
-        nothing about the run is published before the run is stored. If the write fails (the
-        run ends ``failed``), or this caller is cancelled before the write was taken
-        (``cancelled``; not stored at all), the run is stopped (its upstream call at once; its
-        later writes find no run and change nothing) and the error is raised here. The
-        interceptor's record of an upstream call it made is kept: that call happened.
+        nothing about the run is published before the run is stored, and the first token does
+        not wait for a commit of its own for ``run.started``. If the write fails (the run ends
+        ``failed``), or this caller is cancelled before the write was taken (``cancelled``), the
+        run is stopped (its upstream call at once; its later writes find no run and change
+        nothing) and the error is raised here. The interceptor's record of an upstream call it
+        made is kept: that call happened.
         """
         begun = self._store.plan_run(
             content=spec.content, agent=spec.agent, model=spec.model, owner=spec.owner,
@@ -338,16 +327,6 @@ class RunSupervisor:
         )
         handle = self._new_handle(begun, spec)
         handle.reserve_first_event()
-        queued: QueuedWrite | None = None
-        wanted = trio.Event()
-
-        def queue() -> None:
-            nonlocal queued
-            if queued is None:
-                queued = self._store.queue_run(begun)
-                wanted.set()
-
-        handle.on_first_write = queue
         self._launch_soon(handle, spec)
         if spec.on_handle is not None:
             # Before the write: a client that leaves while it commits (a write taken into a
@@ -356,16 +335,10 @@ class RunSupervisor:
             # the commit is done (a slow disk: seconds).
             spec.on_handle(handle)
         try:
-            with trio.move_on_after(FIRST_WRITE_HOLD):
-                await wanted.wait()
-            handle.on_first_write = None
-            queue()
-            assert queued is not None
-            await queued.wait()
+            # No checkpoint between the two: the write is queued before the run's task runs.
+            await self._store.write_run(begun)
         except BaseException as exc:
             # Failed, not cancelled (unless this caller was): the service could not store it.
-            # (Not queued yet: never will be; its events find no run and change nothing.)
-            handle.on_first_write = None
             _not_stored(handle, begun, exc if isinstance(exc, Exception) else None)
             raise
         handle.adopt_first_event(begun.started)
@@ -397,11 +370,6 @@ class RunSupervisor:
             del self._runs[handle.id]
             raise
         self._metrics.runs_in_flight.inc()
-
-    def _first_write_due(self, run_id: str) -> None:
-        handle = self._runs.get(run_id)
-        if handle is not None:
-            handle.first_write_due()
 
     def _new_handle(self, begun: BegunRun, spec: RunSpec) -> RunHandle:
         run = begun.run

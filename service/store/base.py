@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
-from .group_commit import QueuedWrite
 from .records import (
     BegunRun,
     Conversation,
@@ -127,14 +126,8 @@ class Store(Protocol):
 
     async def write_run(self, begun: BegunRun) -> None:
         """Store a run from :meth:`plan_run` in one transaction. The write joins the store's
-        queue before the caller's first checkpoint: writes called after it land after it."""
-        ...
-
-    def queue_run(self, begun: BegunRun) -> QueuedWrite:
-        """:meth:`write_run`'s write, queued now (sync, no checkpoint): every write called
-        after it lands after it. ``wait()`` on the result returns once it has landed (or
-        raises as ``write_run`` would); a caller cancelled while it is still queued removes
-        it (``RunSupervisor._start_new`` queues it when the run first has something to store)."""
+        queue before the caller's first checkpoint (``RunSupervisor._start_new`` relies on it:
+        the run's task is spawned just before, and its writes must land after this one)."""
         ...
 
     async def finish_run(

@@ -17,7 +17,6 @@ the other waiters find their write done.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
@@ -26,7 +25,7 @@ import trio
 from ..errors import StoreError, StoreUnavailable
 from ..logs import get_logger
 
-__all__ = ["GroupCommit", "PendingWrite", "QueuedWrite"]
+__all__ = ["GroupCommit", "PendingWrite"]
 
 C = TypeVar("C")  # the store's connection type
 
@@ -63,19 +62,8 @@ class GroupCommit(Generic[C]):
 
     async def submit(self, fn: Callable[[C], Any]) -> PendingWrite[C]:
         """Queue ``fn`` and return it once its batch has run (see its result or error)."""
-        return await self.wait(self.queue_write(fn))
-
-    def queue_write(self, fn: Callable[[C], Any]) -> PendingWrite[C]:
-        """Queue ``fn`` now (sync): it lands before any write queued after it, once a caller
-        waits for it (:meth:`wait`) or for a write queued after it."""
         item: PendingWrite[C] = PendingWrite(fn)
         self.queue.append(item)
-        return item
-
-    async def wait(self, item: PendingWrite[C]) -> PendingWrite[C]:
-        """Return ``item`` (queued by :meth:`queue_write`) once its batch has run; if it is
-        still queued, this task takes the queue and runs it. A caller cancelled before its
-        batch took it removes it: it never lands."""
         try:
             async with self.lock:
                 if not item.taken:
@@ -105,7 +93,7 @@ class GroupCommit(Generic[C]):
                             it.done.set()
         except trio.Cancelled:  # noqa: ASYNC103 (re-delivered by trio; see below)
             if not item.taken:
-                self._drop(item)  # never started: it will never land
+                self.queue.remove(item)  # never started: it will never land
                 raise
             # Taken by another task's batch, which will commit it: wait for that (shielded,
             # bounded) and answer, as a write in its own thread would. The cancellation is not
@@ -116,33 +104,6 @@ class GroupCommit(Generic[C]):
                 raise
         except BaseException:
             if not item.taken:
-                self._drop(item)
+                self.queue.remove(item)
             raise
         return item
-
-    def _drop(self, item: PendingWrite[C]) -> None:
-        # Still queued (unless another caller's batch failed before it was taken).
-        if item in self.queue:
-            self.queue.remove(item)
-
-
-class QueuedWrite:
-    """A write already in the store's queue (its place in the call order is taken), to be
-    waited for: :meth:`wait` returns its result or raises its error, as the store's own
-    write methods do, and observes its time from the queueing in ``latency``."""
-
-    __slots__ = ("_commits", "_item", "_latency", "_queued_at")
-
-    def __init__(self, commits: GroupCommit[Any], item: PendingWrite[Any],
-                 latency: Any) -> None:
-        self._commits = commits
-        self._item = item
-        self._latency = latency  # a prometheus histogram child (``observe``)
-        self._queued_at = time.perf_counter()
-
-    async def wait(self) -> Any:
-        item = await self._commits.wait(self._item)
-        self._latency.observe(time.perf_counter() - self._queued_at)
-        if item.error is not None:
-            raise item.error
-        return item.result

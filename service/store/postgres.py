@@ -58,7 +58,7 @@ from ..logs import get_logger
 from ..metrics import METRICS, Metrics
 from ..settings import _redact
 from .faults import InjectedFault, StoreFaults
-from .group_commit import GroupCommit, PendingWrite, QueuedWrite
+from .group_commit import GroupCommit, PendingWrite
 from .ownership import LEASE, process_tag
 from .pg_conn import BoundedConnection
 from .pg_notify import CHANNEL, announcing, send_notifications
@@ -349,13 +349,12 @@ class PostgresStore(PostgresQueries):
     async def _write(self, op: str, fn: Callable[[Conn], T]) -> T:
         """Run ``fn`` in a transaction, grouped with the writes queued beside it (see the
         module docstring; the same queue and the same cancellation rules as SQLite's)."""
-        return await self._queue_write(op, fn).wait()  # type: ignore[no-any-return]
-
-    def _queue_write(self, op: str, fn: Callable[[Conn], Any]) -> QueuedWrite:
-        """Queue a write now (sync: its place in the call order is taken); wait for it with
-        the result's ``wait``."""
-        return QueuedWrite(self._commits, self._commits.queue_write(fn),
-                           self._metrics.store_latency.labels(op))
+        start = time.perf_counter()
+        item = await self._commits.submit(fn)
+        self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
+        if item.error is not None:
+            raise item.error
+        return item.result  # type: ignore[no-any-return]
 
     async def _run_batch(self, batch: list[PendingWrite[Conn]]) -> None:
         pool = self._pool

@@ -40,7 +40,6 @@ from .records import (
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
-    from .group_commit import QueuedWrite
 
 __all__ = ["Conn", "PostgresQueries"]
 
@@ -125,8 +124,6 @@ class PostgresQueries(PostgresOwnership):
 
     if TYPE_CHECKING:  # the engine's (PostgresStore)
         async def _write(self, op: str, fn: Callable[[Conn], T]) -> T: ...
-
-        def _queue_write(self, op: str, fn: Callable[[Conn], Any]) -> QueuedWrite: ...
 
         async def _read(self, op: str, fn: Callable[[Conn], T]) -> T: ...
 
@@ -285,9 +282,6 @@ class PostgresQueries(PostgresOwnership):
                          model, owner, default_model, now)
 
     async def write_run(self, begun: BegunRun) -> None:
-        await self.queue_run(begun).wait()
-
-    def queue_run(self, begun: BegunRun) -> QueuedWrite:
         conv = begun.conversation
 
         def fn(c: Conn) -> None:
@@ -295,7 +289,7 @@ class PostgresQueries(PostgresOwnership):
                                      conv.owner, conv.created_at, conv.updated_at))
             self._insert_run(c, begun)
 
-        return self._queue_write("begin_run", fn)
+        await self._write("begin_run", fn)
 
     def _insert_run(self, c: Conn, begun: BegunRun) -> None:
         run, now = begun.run, begun.run.created_at

@@ -39,7 +39,7 @@ import trio
 from ..errors import StoreError, StoreUnavailable
 from ..metrics import METRICS, Metrics
 from .faults import InjectedFault, StoreFaults
-from .group_commit import GroupCommit, PendingWrite, QueuedWrite
+from .group_commit import GroupCommit, PendingWrite
 from .ownership import process_tag
 from .records import unreadable
 from .schema import MIGRATIONS
@@ -227,13 +227,12 @@ class SQLiteStore(SQLiteQueries):
         a call joins the queue before its first checkpoint, and the queue is taken whole and in
         order (``Supervisor._start_new`` relies on it).
         """
-        return await self._queue_write(op, fn).wait()  # type: ignore[no-any-return]
-
-    def _queue_write(self, op: str, fn: Callable[[sqlite3.Connection], Any]) -> QueuedWrite:
-        """Queue a write now (sync: its place in the call order is taken); wait for it with
-        the result's ``wait``."""
-        return QueuedWrite(self._commits, self._commits.queue_write(fn),
-                           self._metrics.store_latency.labels(op))
+        start = time.perf_counter()
+        item = await self._commits.submit(fn)
+        self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
+        if item.error is not None:
+            raise item.error
+        return item.result  # type: ignore[no-any-return]
 
     async def _run_batch(self, batch: list[PendingWrite[sqlite3.Connection]]) -> None:
         conn = self._writer

@@ -43,9 +43,6 @@ from .records import (
 )
 from .sqlite_ownership import SQLiteOwnership
 
-if TYPE_CHECKING:
-    from .group_commit import QueuedWrite
-
 __all__ = ["SQLiteQueries"]
 
 T = TypeVar("T")
@@ -138,8 +135,6 @@ class SQLiteQueries(SQLiteOwnership):
 
     if TYPE_CHECKING:  # the engine's (SQLiteStore)
         async def _write(self, op: str, fn: Callable[[sqlite3.Connection], T]) -> T: ...
-
-        def _queue_write(self, op: str, fn: Callable[[sqlite3.Connection], Any]) -> QueuedWrite: ...
 
         async def _read(self, op: str, fn: Callable[[sqlite3.Connection], T]) -> T: ...
 
@@ -349,10 +344,6 @@ class SQLiteQueries(SQLiteOwnership):
         """Store a run from :meth:`plan_run` in one transaction: its new conversation, the
         ``queued`` run, the user's message, the ``pending`` reply and event 1
         (``begun.started``)."""
-        await self.queue_run(begun).wait()
-
-    def queue_run(self, begun: BegunRun) -> QueuedWrite:
-        """:meth:`write_run`'s write, queued now (sync); wait for it with ``wait()``."""
         conv = begun.conversation
 
         def fn(c: sqlite3.Connection) -> None:
@@ -363,7 +354,7 @@ class SQLiteQueries(SQLiteOwnership):
             )
             self._insert_run(c, begun)
 
-        return self._queue_write("begin_run", fn)
+        await self._write("begin_run", fn)
 
     def _insert_run(self, c: sqlite3.Connection, begun: BegunRun) -> None:
         run, now = begun.run, begun.run.created_at

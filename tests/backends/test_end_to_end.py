@@ -228,9 +228,9 @@ async def test_llm_calls_are_newest_first_and_limited(settings: Settings) -> Non
 async def test_a_v1_call_that_fails_before_any_event_is_recorded_with_its_run(
     settings: Settings,
 ) -> None:
-    # A /v1 run's first write waits for the run's first event (so that the two land in one
-    # commit); a call that ends before any (the upstream refused it) has its record queued
-    # after the run's write all the same: the record names its run, which the store holds.
+    # A call that ends before its run emitted anything (the upstream refused it) is recorded
+    # after the run's own write: the record names its run, which the store holds (a record
+    # queued before it would be stored with run_id null).
     async with e2e(settings, "llamacpp") as env:
         env.sim.script(Reply(status=400, error="bad request from the upstream"))
         with trio.fail_after(GUARD):

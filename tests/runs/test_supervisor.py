@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -671,70 +670,6 @@ async def test_a_caller_gone_before_its_new_run_is_stored_cancels_it(
         await trio.testing.wait_all_tasks_blocked()
         assert env.supervisor.in_flight == 0
         assert await env.store.list_conversations() == ([], None)  # its write never ran
-
-
-async def test_a_new_runs_first_write_and_its_first_token_land_in_one_commit(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
-) -> None:
-    # Its first write waits for the run's first event (a quick upstream's first token): the
-    # two land in one commit. They took two in a row, the token waiting for both.
-    backend = ScriptedBackend([Reply("one two", first_delay=0.01, gap=1.0)])
-    async with supervisor_env(tmp_path, backend) as env:
-        commits = 0
-
-        def count() -> None:
-            nonlocal commits
-            commits += 1
-
-        env.store.faults.before_commit = count
-        handle = await env.supervisor.start(_new_conversation_spec())
-        subscription = handle.subscribe(0)
-        seen = [await subscription.__anext__(), await subscription.__anext__()]
-        assert [(e.seq, e.type) for e in seen] == [(1, "run.started"), (2, "token")]
-        assert commits == 1  # the conversation, the run, its messages, event 1 and the token
-        await handle.finished.wait()
-        assert [e.type for e in await _events(env, handle.id)] == [
-            "run.started", "token", "token", "message", "run.finished"]
-        assert handle.status is RunStatus.succeeded
-
-
-async def test_a_new_run_with_a_silent_upstream_is_stored_within_the_hold(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
-) -> None:
-    from service.runs.supervisor import FIRST_WRITE_HOLD
-
-    backend = ScriptedBackend([Reply("late", first_delay=30.0)])
-    async with supervisor_env(tmp_path, backend) as env:
-        began = trio.current_time()
-        handle = await env.supervisor.start(_new_conversation_spec())
-        assert trio.current_time() - began == pytest.approx(FIRST_WRITE_HOLD)
-        assert handle.first_written
-        assert (await env.store.get_run(handle.id)).status == "running"  # before any event
-        assert handle.emitted_seq == 1
-        handle.cancel("enough")
-        await handle.finished.wait()
-        assert (await env.store.get_run(handle.id)).status == "cancelled"
-
-
-async def test_a_new_run_cancelled_before_any_event_is_stored_before_its_end(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
-) -> None:
-    # Cancelled during the hold (its client's request owns it): its end queues its first
-    # write, so the run is stored, then closed, as one that had started.
-    backend = ScriptedBackend([Reply("late", first_delay=30.0)])
-    async with supervisor_env(tmp_path, backend) as env:
-        handles: list[RunHandle] = []
-        spec = replace(_new_conversation_spec(), on_handle=handles.append)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(env.supervisor.start, spec)
-            await backend.wait_stream(0)
-            (handle,) = handles
-            assert not handle.first_written
-            handle.cancel("client disconnected")
-        await handle.finished.wait()
-        run = await env.store.get_run(handle.id)
-        assert (run.status, run.error) == ("cancelled", "client disconnected")
-        assert [e.type for e in await _events(env, handle.id)] == ["run.started", "run.finished"]
 
 
 async def test_a_run_on_an_unknown_conversation_never_reaches_the_model(
