@@ -238,11 +238,29 @@ class AssistantView {
     this.waiting(null);
     // A reply cut short, as the store keeps it (a ReAct turn's answer part, not its thought).
     if (status !== "succeeded" && typeof content === "string") { this.segment = content; this.render(); }
-    if (status === "cancelled") this.note(...stopped(reason, mine));
-    else if (status !== "succeeded") {
-      this.note(error ? `${status}: ${error.message}` : reason ? `${status}: ${reason}` : `the run ${status}`);
+    let said = "";
+    if (status === "cancelled") {
+      const [text, quiet] = stopped(reason, mine);
+      this.note(text, quiet);
+      said = text;
+    } else if (status !== "succeeded") {
+      said = error ? `${status}: ${error.message}` : reason ? `${status}: ${reason}` : `the run ${status}`;
+      this.note(said);
     }
+    // Said once, whole: the reply was marked busy while it streamed (see followRun).
+    const answer = this.answer.textContent.trim();
+    announce(said ? (answer ? `${said}. The answer so far: ${answer}` : said) : answer || "empty answer");
   }
+}
+
+const ANNOUNCED_MAX = 1000; // characters of a reply read out by the announcer (all of it is on screen)
+
+// What a screen reader says (the announcer, a status region): a reply once it is whole, or
+// why it ended, instead of every token of it as it streams.
+function announce(text) {
+  const chars = Array.from(clean(text));
+  $("announce").textContent = chars.length > ANNOUNCED_MAX
+    ? `${chars.slice(0, ANNOUNCED_MAX).join("")}… (the rest is on screen)` : chars.join("");
 }
 
 // How a cancelled run is shown: the user's own Stop quietly; anything else (the service
@@ -312,8 +330,19 @@ async function follow(resp, view, live) {
   return false;
 }
 
-// Follow the run to its end, re-joining (Last-Event-ID) when the stream drops.
+// Follow the run to its end; its reply is busy meanwhile (aria-busy: a screen reader waits
+// for it whole rather than reading every token; its end is announced).
 async function followRun(resp, view, live) {
+  view.el.setAttribute("aria-busy", "true");
+  try {
+    await followEvents(resp, view, live);
+  } finally {
+    view.el.setAttribute("aria-busy", "false");
+  }
+}
+
+// The run's events to its end, re-joining (Last-Event-ID) when the stream drops.
+async function followEvents(resp, view, live) {
   let refused = null; // the last re-join's refusal worth a retry (5xx, 429), said if it is the last
   let wait = 0;
   for (let attempt = 0; ; attempt++) {
@@ -323,7 +352,9 @@ async function followRun(resp, view, live) {
     if (live.signal?.aborted) return; // its conversation is no longer on screen
     if (!live.run_id || attempt >= 4) {
       const why = refused ? ` (${refused.message})` : "";
-      view.note(`the stream ended before the run did${why}; reload to re-join`);
+      const said = `the stream ended before the run did${why}; reload to re-join`;
+      view.note(said);
+      announce(said);
       return;
     }
     await sleep(Math.max(500 * 2 ** attempt, wait));
