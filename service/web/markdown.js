@@ -1,5 +1,5 @@
-// A small Markdown subset to HTML: headings, paragraphs, lists, fenced and inline code, bold,
-// italics and http(s) links. Everything is HTML-escaped first, so model output cannot inject
+// A small Markdown subset to HTML: headings, paragraphs, lists (nested by indentation), tables,
+// fenced and inline code, bold, italics and http(s) links. Everything is HTML-escaped first, so model output cannot inject
 // markup; a link's URL is escaped too and must be http(s).
 
 const escapeHtml = (text) => text.replace(/[&<>"']/g, (c) => (
@@ -30,17 +30,62 @@ function inline(text) {
 }
 
 const FENCE = /^(\s*)(```|~~~)/;
+const ITEM = /^(\s*)(?:([-*+])|(\d+)[.)])\s+(.*)$/;
+
+// A table row's cells: split at each "|" not escaped ("\|" is a pipe in a cell), the outer
+// ones optional, as GitHub's tables.
+function cells(line) {
+  let row = line.trim();
+  if (row.startsWith("|")) row = row.slice(1);
+  if (row.endsWith("|") && !row.endsWith("\\|")) row = row.slice(0, -1);
+  return row.split(/(?<!\\)\|/).map((cell) => cell.trim().replace(/\\\|/g, "|"));
+}
+
+const DELIMITER = /^\s*\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?\s*$/;
+
+// A table (GitHub's): a header row, a delimiter row of as many cells ("---", ":--:"), then
+// rows until a blank line or a line with no "|". ``i``: the header's line. Null if not one.
+function table(lines, i) {
+  if (i + 1 >= lines.length || !lines[i].includes("|") || !DELIMITER.test(lines[i + 1])) return null;
+  const head = cells(lines[i]);
+  const align = cells(lines[i + 1]).map((d) => (
+    d.startsWith(":") && d.endsWith(":") ? "center" : d.endsWith(":") ? "right" : d.startsWith(":") ? "left" : ""));
+  if (align.length !== head.length) return null;
+  const cell = (tag, text, col) => {
+    const cls = align[col] ? ` class="align-${align[col]}"` : "";
+    return `<${tag}${cls} dir="auto">${inline(text ?? "")}</${tag}>`;
+  };
+  const rows = [];
+  let end = i + 2;
+  for (; end < lines.length && lines[end].trim() && lines[end].includes("|"); end++) {
+    const row = cells(lines[end]);
+    rows.push(`<tr>${head.map((_, col) => cell("td", row[col], col)).join("")}</tr>`);
+  }
+  const html = `<div class="table"><table><thead><tr>${head.map((h, col) => cell("th", h, col)).join("")}`
+    + `</tr></thead>${rows.length ? `<tbody>${rows.join("")}</tbody>` : ""}</table></div>`;
+  return { html, next: end };
+}
 
 export function renderMarkdown(source) {
   const out = [];
   const lines = clean(source).replace(/\r\n?/g, "\n").split("\n");
   let paragraph = [];
-  let list = null; // "ul" or "ol"
+  // The open lists, outermost first: each its kind ("ul" or "ol") and its items' indentation;
+  // the innermost's last item is still open (a deeper item nests in it).
+  const lists = [];
+  const closeLists = (depth = 0) => {
+    while (lists.length > depth) out.push(`</li></${lists.pop().kind}>`);
+  };
   const flush = () => {
     if (paragraph.length) out.push(`<p dir="auto">${paragraph.map(inline).join("<br>")}</p>`);
     paragraph = [];
-    if (list) out.push(`</${list}>`);
-    list = null;
+    closeLists();
+  };
+  const openList = (kind, indent, number) => {
+    // A numbered list split by blank lines or code blocks goes on with its numbers.
+    const start = kind === "ol" ? Number(number) : 1;
+    out.push(kind === "ol" && start !== 1 && start < 1e9 ? `<ol start="${start}">` : `<${kind}>`);
+    lists.push({ kind, indent });
   };
   for (let i = 0; i < lines.length; i++) {
     const line = lines[i];
@@ -58,24 +103,39 @@ export function renderMarkdown(source) {
       continue;
     }
     const heading = /^(#{1,6})\s+(.*)$/.exec(line);
-    const item = /^\s*(?:([-*+])|(\d+)[.)])\s+(.*)$/.exec(line);
+    const item = ITEM.exec(line);
+    const grid = !heading && !item && !lists.length ? table(lines, i) : null;
     if (heading) {
       flush();
       out.push(`<h${heading[1].length} dir="auto">${inline(heading[2])}</h${heading[1].length}>`);
+    } else if (grid) {
+      flush();
+      out.push(grid.html);
+      i = grid.next - 1;
     } else if (item) {
-      const kind = item[1] ? "ul" : "ol";
-      if (paragraph.length || list !== kind) flush();
-      if (!list) {
-        // A numbered list split by blank lines or code blocks goes on with its numbers.
-        const start = kind === "ol" ? Number(item[2]) : 1;
-        out.push(kind === "ol" && start !== 1 && start < 1e9 ? `<ol start="${start}">` : `<${kind}>`);
-        list = kind;
-      }
-      out.push(`<li dir="auto">${inline(item[3])}</li>`);
+      const [, lead, bullet, number, text] = item;
+      const indent = lead.replace(/\t/g, "    ").length;
+      const kind = bullet ? "ul" : "ol";
+      if (paragraph.length) flush();
+      // Back out of the lists this item is not inside (less indented than their items).
+      let depth = lists.length;
+      while (depth > 1 && indent < lists[depth - 1].indent) depth--;
+      closeLists(depth);
+      const top = lists[lists.length - 1];
+      if (!top) openList(kind, indent, number);
+      else if (indent >= top.indent + 2) openList(kind, indent, number); // nested in the open item
+      else if (top.kind !== kind) { // the same level, another kind: a list of its own
+        closeLists(lists.length - 1);
+        openList(kind, indent, number);
+      } else out.push("</li>");
+      out.push(`<li dir="auto">${inline(text)}`);
     } else if (!line.trim()) {
       flush();
+    } else if (lists.length && /^\s/.test(line)) {
+      // An indented line under an item goes on with that item.
+      out.push(`<br>${inline(line.trim())}`);
     } else {
-      if (list) flush();
+      if (lists.length) flush();
       paragraph.push(line);
     }
   }
