@@ -27,8 +27,8 @@ from service.backends.base import (
     Usage,
 )
 from service.metrics import Metrics
-from service.runs import RunSupervisor
-from service.store import SQLiteStore, Store
+from service.runs import RunEvent, RunHandle, RunSpec, RunSupervisor
+from service.store import Message, SQLiteStore, Store
 from service.tools import BUILTIN_TOOLS, Tool, ToolRegistry
 
 
@@ -203,6 +203,16 @@ class Env:
 
     async def conversation(self, **kwargs: Any) -> str:
         return (await self.store.create_conversation(**kwargs)).id
+
+    async def run_to_end(self, content: str, agent: str) -> tuple[RunHandle, list[RunEvent],
+                                                                  list[Message]]:
+        """Ask ``content`` of ``agent`` on a new conversation; once the run has ended: its
+        handle, its stored events and the conversation's stored messages."""
+        conv = await self.conversation()
+        handle = await self.supervisor.start(RunSpec(conv, content, agent=agent))
+        await handle.finished.wait()
+        return (handle, await self.store.list_run_events(handle.id),
+                await self.store.get_messages(conv))
 
     async def run_of_a_dead_process(self, conversation_id: str) -> str:
         """A run stored as running by a process that is gone (a killed worker): its id."""

@@ -21,7 +21,7 @@ import trio.testing
 from service.backends.auto import AutoBackend
 from service.backends.ollama import OllamaBackend
 from service.backends.openai_compat import OpenAICompatBackend
-from service.runs import RunSpec, RunStatus
+from service.runs import RunStatus
 from service.settings import Settings
 from service.sim import Reply as SimReply
 from service.sim import Simulator
@@ -34,15 +34,6 @@ from .fakes import Reply, ScriptedBackend, supervisor_env
 from .servers import running_server
 
 GUARD = 60
-
-
-async def _run(env, content: str, agent: str = "react"):  # type: ignore[no-untyped-def]
-    conv = await env.conversation()
-    handle = await env.supervisor.start(RunSpec(conv, content, agent=agent))
-    await handle.finished.wait()
-    events = await env.store.list_run_events(handle.id)
-    messages = await env.store.get_messages(conv)
-    return handle, events, messages
 
 
 # -- ReAct: code-fence masking (_unfenced) ------------------------------------------------------
@@ -67,7 +58,7 @@ async def test_react_input_fenced_on_its_label_line_keeps_the_made_up_observatio
     backend = ScriptedBackend([Reply(turn), Reply("Thought: checked.\nFinal Answer: 42")])
     with trio.fail_after(GUARD):
         async with supervisor_env(tmp_path, backend, tools=TOOLS) as env:
-            handle, events, _ = await _run(env, "what is 6*7?")
+            handle, events, _ = await env.run_to_end("what is 6*7?", "react")
     assert handle.status is RunStatus.succeeded
     calls = [e.data for e in events if e.type == "tool.call"]
     assert [c["name"] for c in calls] == ["calculator"], calls
@@ -101,7 +92,7 @@ async def test_react_a_protocol_step_in_a_fence_is_still_a_tool_call(
     backend = ScriptedBackend([Reply(turn), Reply("Thought: done.\nFinal Answer: 42")])
     with trio.fail_after(GUARD):
         async with supervisor_env(tmp_path, backend, tools=TOOLS) as env:
-            handle, events, messages = await _run(env, "what is 6*7?")
+            handle, events, messages = await env.run_to_end("what is 6*7?", "react")
     assert handle.status is RunStatus.succeeded
     calls = [e.data["name"] for e in events if e.type == "tool.call"]
     assert calls == ["calculator"], (
@@ -135,7 +126,7 @@ async def test_react_a_styled_final_answer_label_leaves_no_marker_in_the_answer(
     backend = ScriptedBackend([Reply(turn)])
     with trio.fail_after(GUARD):
         async with supervisor_env(tmp_path, backend, tools=TOOLS) as env:
-            handle, _, messages = await _run(env, "what is 6*7?")
+            handle, _, messages = await env.run_to_end("what is 6*7?", "react")
     assert handle.status is RunStatus.succeeded
     assert messages[1].content in answers, f"stored answer: {messages[1].content!r}"
 

@@ -22,16 +22,6 @@ from ..fakes import Reply, ScriptedBackend, supervisor_env
 from ..servers import ROOT
 from .test_agents import TOOLS
 
-
-async def _run(env, content: str, agent: str):  # type: ignore[no-untyped-def]
-    conv = await env.conversation()
-    handle = await env.supervisor.start(RunSpec(conv, content, agent=agent))
-    await handle.finished.wait()
-    events = await env.store.list_run_events(handle.id)
-    messages = await env.store.get_messages(conv)
-    return handle, events, messages
-
-
 # -- tools ------------------------------------------------------------------------------------
 
 def test_calculator_round_with_a_huge_negative_ndigits_is_refused() -> None:
@@ -69,7 +59,7 @@ async def test_react_final_answer_in_bold_is_stored_without_a_dangling_marker(
     backend = ScriptedBackend([Reply("Thought: easy.\nFinal Answer: **42**")])
     with trio.fail_after(60):
         async with supervisor_env(tmp_path, backend, tools=TOOLS) as env:
-            handle, events, messages = await _run(env, "what is 6*7?", "react")
+            handle, events, messages = await env.run_to_end("what is 6*7?", "react")
     assert handle.status is RunStatus.succeeded
     assert messages[1].content in ("**42**", "42"), messages[1].content
     message = next(e.data for e in events if e.type == "message")
@@ -103,8 +93,8 @@ async def test_react_an_action_line_inside_a_code_block_is_not_a_tool_call(
     backend = ScriptedBackend([Reply(YAML_ANSWER), Reply("Final Answer: something else")])
     with trio.fail_after(60):
         async with supervisor_env(tmp_path, backend, tools=TOOLS) as env:
-            handle, events, messages = await _run(
-                env, "write an IAM policy in YAML to read my bucket", "react")
+            handle, events, messages = await env.run_to_end(
+                "write an IAM policy in YAML to read my bucket", "react")
     assert handle.status is RunStatus.succeeded
     assert [e.data for e in events if e.type == "tool.call"] == []
     assert messages[1].content == YAML_ANSWER
@@ -126,7 +116,7 @@ async def test_react_full_width_colons_are_read_as_protocol_labels(
     ])
     with trio.fail_after(60):
         async with supervisor_env(tmp_path, backend, tools=TOOLS) as env:
-            handle, events, messages = await _run(env, "6乘以7等于多少？", "react")
+            handle, events, messages = await env.run_to_end("6乘以7等于多少？", "react")
     assert handle.status is RunStatus.succeeded
     results = [e.data for e in events if e.type == "tool.result"]
     assert results, events
@@ -282,7 +272,7 @@ async def test_react_an_answer_action_with_a_json_input_keeps_its_text_readable(
         'Action Input: {"answer": "東京は日本の首都です。"}')])
     with trio.fail_after(60):
         async with supervisor_env(tmp_path, backend, tools=TOOLS) as env:
-            handle, _events, messages = await _run(env, "日本の首都は？", "react")
+            handle, _events, messages = await env.run_to_end("日本の首都は？", "react")
     assert handle.status is RunStatus.succeeded
     assert "東京は日本の首都です。" in messages[1].content, messages[1].content
 
