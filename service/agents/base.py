@@ -320,6 +320,8 @@ class AgentContext:
         naming none). The run names the model of its last call that streamed to its clients
         (its answer; an earlier call, a router's classification or a plan, may have gone to
         another server of a fleet), or of its first call until one has."""
+        # As the upstream's JSON named it: a lone surrogate or a NUL could be stored nowhere.
+        model = clean_text(model)
         if answers:
             self._streamed = True
         elif "model" in self.handle.result_extra or self._streamed:

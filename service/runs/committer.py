@@ -41,6 +41,7 @@ _PENDING_MAX = 100_000  # events held while the store refuses them; past it thei
 # ... and their JSON's size: a tool's result is up to 16,000 characters (up to 6 bytes each,
 # escaped), so 100,000 of them could hold gigabytes.
 _PENDING_BYTES_MAX = 64 * 2**20
+_CHECK_EVERY = 1_024  # events waiting between two looks at the bound (see enqueue)
 _UNSTORED_ENDS_MAX = 1_000  # ended runs whose final write failed, still served from memory
 
 
@@ -78,6 +79,7 @@ class EventCommitter:
         self._store = store
         self._live = live
         self._pending: list[RunEvent] = []  # emitted, not yet written (or refused: held)
+        self._unchecked_bytes = 0  # of events enqueued since the bound was last looked at
         self._retrying = False  # the last batch was refused: the next may hold stored events
         self._wake = Wakeup()
         self._lock = trio.Lock()  # one batch in flight at a time
@@ -108,6 +110,14 @@ class EventCommitter:
         """A handle's sink: sync, per token."""
         self._pending.append(event)
         self._wake.set()
+        # The bound is also looked at while a batch is stuck in the store (taken, not
+        # answered: a hung disk), where no refusal comes to look at it: every 1,024 events
+        # waiting, or 1/64 of the bytes' bound (nothing to do while the store keeps up).
+        self._unchecked_bytes += len(event.raw)
+        if (not len(self._pending) % _CHECK_EVERY
+                or self._unchecked_bytes > _PENDING_BYTES_MAX // 64):
+            self._unchecked_bytes = 0
+            self._fail_runs_past_the_bound()
 
     def take(self, run_id: str) -> list[RunEvent]:
         """The run's events not taken by a batch yet (sync: none can be taken in between)."""
@@ -189,7 +199,8 @@ class EventCommitter:
         """While the store refuses events, the runs making them go on (a database restart
         takes seconds); past ``_PENDING_MAX`` held events, or ``_PENDING_BYTES_MAX`` of their
         JSON, they are stopped, ``failed`` (``store_unavailable``), so memory stays bounded and
-        nothing held is dropped. (Counted here, on a refused batch, not per token.)"""
+        nothing held is dropped. (Counted here, on a refused batch, and from ``enqueue`` every
+        so many events: not per token.)"""
         if (len(self._pending) <= _PENDING_MAX
                 and sum(len(e.raw) for e in self._pending) <= _PENDING_BYTES_MAX):
             return

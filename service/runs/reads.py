@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ..errors import StoreError
+from ..errors import StoreError, StoreUnavailable
 from ..logs import get_logger
 from ..store import RunEvent, Store
 
@@ -70,12 +70,16 @@ class BatchedReads:
                 except Exception as exc:
                     # The readers' failure, not this loop's (nor the supervisor's): each of them
                     # raises it, as its own read would have. Its own copy: their tracebacks
-                    # differ.
+                    # differ. Unless the store is there and the read failed on what it holds
+                    # (a stored event that does not decode): that is one run's, so with
+                    # several runs asked each reader reads its own, and only that run's fail.
                     if not isinstance(exc, StoreError):
                         log.exception("a batched read of run events failed")
+                    alone = len(batch) > 1 and not isinstance(exc, StoreUnavailable)
                     for asks in batch.values():
                         for ask in asks:
-                            ask.error = _copy(exc)
+                            if not alone:
+                                ask.error = _copy(exc)
                             ask.done.set()
                     batch = {}
                     continue

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from ..text import clean_text
 from .records import STEP_EVENTS, ends_a_step, stored_data
 
 __all__ = ["LEASE", "alive", "close_interrupted", "owner_alive", "process_tag"]
@@ -189,7 +190,9 @@ def close_interrupted(execute: Execute, claim: str, run_id: str, reason: str, no
             "ORDER BY seq", (run_id,)).fetchall():
         told = stored_data(data)
         if isinstance(told.get("model"), str):  # a call's first token, thought or tool call
-            streamed_by = told["model"]
+            # As an upstream named it (JSON may carry a lone surrogate, which no store can
+            # encode): cleaned, as the live run stores it.
+            streamed_by = clean_text(told["model"])
         if type_ == "token":
             parts.append(told.get("text", ""))
         elif type_ == "decision":
@@ -207,7 +210,8 @@ def close_interrupted(execute: Execute, claim: str, run_id: str, reason: str, no
         from ..agents.react_parser import answer_so_far
         partial = answer_so_far(partial, first=not stepped, native=native)
     execute("UPDATE messages SET status = 'error', error = ?, content = ?, updated_at = ? "
-            "WHERE run_id = ? AND status = 'pending'", (why, partial, now, run_id))
+            "WHERE run_id = ? AND status = 'pending'",
+            (why and clean_text(why), clean_text(partial), now, run_id))
     if ended is None:
         model = _model_that_answered(execute, run_id, streamed_by)
         execute("INSERT INTO run_events (run_id, seq, type, data, created_at) "

@@ -487,6 +487,9 @@ class PostgresStore(PostgresQueries):
             result = await self._run_sync(run, abandon_on_cancel=abandon)
         except psycopg.Error as exc:
             raise self._error(exc, "store read failed") from exc
+        except ValueError as exc:  # a stored value that does not decode (as SQLite's)
+            raise StoreError(f"store read failed: a stored value does not decode "
+                             f"({type(exc).__name__}: {exc})") from exc
         self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
         return result
 

@@ -311,6 +311,7 @@ class PostgresQueries(PostgresOwnership):
         """See ``SQLiteStore.finish_run``: only while this process holds the run."""
         now = finished_at if finished_at is not None else time.time()
         content, error = clean_text(content), error and clean_text(error)
+        model = model and clean_text(model)  # as an upstream's chunk named it
 
         def fn(c: Conn) -> bool:
             if not c.execute(

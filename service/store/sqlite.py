@@ -306,6 +306,11 @@ class SQLiteStore(SQLiteQueries):
             except sqlite3.Error as exc:
                 self._note_corrupt(exc)
                 raise _store_error(exc, "store read failed") from exc
+            except ValueError as exc:
+                # A stored value that does not decode (an event's or a run's JSON, a rotted
+                # byte: SQLite keeps no checksum): this read fails, as a StoreError.
+                raise StoreError(f"store read failed: a stored value does not decode "
+                                 f"({type(exc).__name__}: {exc})") from exc
         self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
         return result
 

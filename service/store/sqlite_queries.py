@@ -395,6 +395,7 @@ class SQLiteQueries(SQLiteOwnership):
         # Model text: the adapters clean it already; a lone surrogate here would fail the
         # write (UTF-8 cannot encode it) every time it is retried.
         content, error = clean_text(content), error and clean_text(error)
+        model = model and clean_text(model)  # as an upstream's chunk named it
 
         def fn(c: sqlite3.Connection) -> bool:
             if not c.execute(
