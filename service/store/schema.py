@@ -117,6 +117,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE instances (id TEXT PRIMARY KEY, lease_until REAL NOT NULL, "
         "host TEXT, pid INTEGER)",
     ),
+    # 7: a run's messages by its id (the recovery of a dead process's runs closes their
+    # replies by run id: without it, a scan of every message per run, at every start after a
+    # crash). PostgreSQL's schema has it from its first version.
+    (
+        "CREATE INDEX messages_run ON messages(run_id)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

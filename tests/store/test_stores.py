@@ -91,6 +91,30 @@ async def test_schema_is_versioned_and_wal(tmp_path: Path) -> None:
         assert (await store.get_conversation(conv.id)).title == "t"
 
 
+async def test_closing_a_dead_runs_reply_finds_it_by_index(tmp_path: Path) -> None:
+    # SQLite only (PostgreSQL's schema has messages_run from its first version). The recovery
+    # of a dead process's runs closes their replies by run id: without an index, a scan of
+    # every message per run at every start after a crash. A file made at version 6 gets it.
+    from service.store.schema import MIGRATIONS
+
+    db = tmp_path / "s.db"
+    conn = sqlite3.connect(db)
+    for migration in MIGRATIONS[:6]:
+        for statement in migration:
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 6")
+    conn.commit()
+    conn.close()
+    async with open_store(db):
+        pass
+    conn = sqlite3.connect(db)
+    plan = " ".join(str(row) for row in conn.execute(
+        "EXPLAIN QUERY PLAN UPDATE messages SET status = 'error' "
+        "WHERE run_id = ? AND status = 'pending'", ("run_x",)))
+    conn.close()
+    assert "USING INDEX messages_run" in plan, plan
+
+
 async def test_refuses_a_newer_schema(tmp_path: Path) -> None:
     # SQLite only: PRAGMA user_version (PostgreSQL: test_postgres.py).
     db = tmp_path / "s.db"
