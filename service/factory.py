@@ -16,7 +16,7 @@ from quart_schema import QuartSchema
 from quart_schema.openapi import OpenAPIProvider
 from quart_trio import QuartTrio
 from quart_trio.wrappers import TrioRequest
-from werkzeug.exceptions import BadRequest, UnsupportedMediaType
+from werkzeug.exceptions import BadRequest, RequestEntityTooLarge, UnsupportedMediaType
 
 from . import __version__
 from .api import backends as backends_api
@@ -328,6 +328,16 @@ def create_app(
             # An id with a NUL or a lone surrogate names nothing (ids are a prefix and hex):
             # 404 here, as on SQLite; PostgreSQL's text cannot hold a NUL (it was a 500).
             return json_error(404, "not_found", "no such id")
+        if refused is None:
+            # The body's cap holds where a handler reads no body too (a cancel, a delete):
+            # a body over it is a 413 and the request does nothing. A declared length is
+            # known at once; a chunked body is read here (cached for the handler).
+            cap = app.config["MAX_CONTENT_LENGTH"]
+            length = request.content_length
+            if length is not None and length > cap:
+                raise RequestEntityTooLarge()
+            if length is None and "chunked" in request.headers.get("Transfer-Encoding", ""):
+                await request.get_data(cache=True)
         return refused
 
     @app.before_websocket

@@ -58,11 +58,16 @@ async def list_conversations(
 async def get_conversation(conversation_id: str) -> ConversationWithMessages:
     """A conversation with its messages, oldest first."""
     store = services().require_store()
-    # Its messages first, then the conversation (its owner checked before anything is
-    # shown): one deleted between the two reads is a 404, not a conversation with no
-    # messages, which the store never held.
-    messages = await store.get_messages(conversation_id)
+    # The conversation (its owner checked before anything is shown, and its updated_at),
+    # then its messages, then the conversation again. Its updated_at is read before the
+    # messages, so it never counts a change (a run's end) that they do not show: a client
+    # syncing by updated_at would keep that reply as it was and never fetch it again (one
+    # newer than what it shows only makes it fetch again). The last read: a conversation
+    # deleted while its messages were read is a 404, not one with no messages, which the
+    # store never held.
     conv = await store.get_conversation(conversation_id, owner=current_owner())
+    messages = await store.get_messages(conversation_id)
+    await store.get_conversation(conversation_id, owner=current_owner())
     return ConversationWithMessages(
         **ConversationOut.of(conv).model_dump(), messages=[MessageOut.of(m) for m in messages]
     )

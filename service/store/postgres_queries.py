@@ -323,7 +323,8 @@ class PostgresQueries(PostgresOwnership):
                 return False
             c.execute(
                 "UPDATE messages SET content = %s, status = %s, error = %s, updated_at = %s "
-                "WHERE id = %s", (content, message_status.value, error, now, message_id))
+                "WHERE id = %s",  # changed now (as SQLite's: its end may land late)
+                (content, message_status.value, error, max(now, time.time()), message_id))
             if events:
                 _insert_events(c, events, ignore=True)
             _notify(c, {run_id})

@@ -408,7 +408,10 @@ class SQLiteQueries(SQLiteOwnership):
             c.execute(
                 "UPDATE messages SET content = ?, status = ?, error = ?, updated_at = ? "
                 "WHERE id = ?",
-                (content, message_status.value, error, now, message_id),
+                # The reply changed now (its end may land well after the run ended, its write
+                # refused for a while): its conversation's updated_at moves past what a
+                # syncing client saw meanwhile.
+                (content, message_status.value, error, max(now, time.time()), message_id),
             )
             if events:
                 _insert_events(c, events, ignore=True)
