@@ -52,6 +52,7 @@ from .wsping import install as end_pings_with_their_socket
 __all__ = ["create_app"]
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_NOT_CACHED = ("/api/", "/v1/")  # answers no cache may keep (see _end)
 
 
 class _OpenAPI(OpenAPIProvider):
@@ -360,6 +361,11 @@ def create_app(
             response.headers.update(origins.cors_headers(origin))
         if response.status_code in (204, 304):
             response.headers.pop("Content-Type", None)  # no body, no type (not text/html)
+        if "Cache-Control" not in response.headers and request.path.startswith(_NOT_CACHED):
+            # The API's answers are one owner's data and depend on more than their URL
+            # (Last-Event-ID, the key): no cache keeps them (a 204 is cacheable by default,
+            # and a proxy could answer a re-join from another cursor with it).
+            response.headers["Cache-Control"] = "no-store"
         rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
         # Only known methods as label values: any other token a client sends would add a
         # series for good (the request line is not authenticated).
