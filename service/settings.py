@@ -115,6 +115,11 @@ class Settings(BaseSettings):
             if scheme in ("postgresql", "postgres") and value[url.end():].startswith("/"):
                 return value  # the PostgreSQL store (libpq checks the rest when it connects)
             raise ValueError(f"not a SQLite path nor a postgresql:// URL but a {scheme}: URL")
+        if isinstance(value, str) and value.strip().lower() in (":memory:", "file::memory:"):
+            # Each of the store's connections would open a database of its own: the start
+            # failed on "no such table", and nothing would outlive the process anyway.
+            raise ValueError(":memory: is not supported: the store keeps conversations across "
+                             "restarts and processes; give a file path (or a PostgreSQL URL)")
         if isinstance(value, str) and _LIBPQ_KEYWORDS.search(value):
             # "host=... password=..." became a SQLite file of that name (the password in its
             # name and in the log). Not echoed: it may hold the password.

@@ -75,6 +75,19 @@ def test_libpq_keyword_string_in_service_db_is_refused_without_its_password(
     assert not list(tmp_path.iterdir())
 
 
+def test_an_in_memory_sqlite_store_is_refused_in_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # SERVICE_DB=:memory: (SQLite's name for a database in memory) failed the start with
+    # "store read failed: no such table: runs": each of the store's connections opened a
+    # database of its own. Refused, saying why.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(db=":memory:")
+    assert "SERVICE_DB" in caught.value.message
+    assert ":memory: is not supported" in caught.value.message
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("url", [
     "http://user:se/cret@host:99999",  # a "/" in the password
     "http://user:se cret@host:99999",  # a space in it
