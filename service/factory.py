@@ -35,6 +35,7 @@ from .errors import (
     ServiceError,
     TooManyRuns,
 )
+from .expectcontinue import install as no_continue_for_a_body_over_the_cap
 from .h2streams import install as guard_http2_streams
 from .keepalive import KeepAliveFix
 from .lifespan import _start_services, _stop_services
@@ -53,6 +54,7 @@ __all__ = ["create_app"]
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _NOT_CACHED = ("/api/", "/v1/")  # answers no cache may keep (see _end)
+_WITH_BODIES = frozenset({"POST", "PUT", "PATCH", "DELETE"})  # bodies checked (see _begin)
 
 
 class _OpenAPI(OpenAPIProvider):
@@ -332,12 +334,14 @@ def create_app(
         if refused is None:
             # The body's cap holds where a handler reads no body too (a cancel, a delete):
             # a body over it is a 413 and the request does nothing. A declared length is
-            # known at once; a chunked body is read here (cached for the handler).
+            # known at once; a body of no declared length (chunked, or HTTP/2's DATA frames)
+            # is read here, cached for the handler. (A GET's is never read: nothing it does
+            # changes anything, and an events stream must not wait for a body.)
             cap = app.config["MAX_CONTENT_LENGTH"]
             length = request.content_length
             if length is not None and length > cap:
                 raise RequestEntityTooLarge()
-            if length is None and "chunked" in request.headers.get("Transfer-Encoding", ""):
+            if length is None and request.method in _WITH_BODIES:
                 await request.get_data(cache=True)
         return refused
 
@@ -387,6 +391,8 @@ def create_app(
         CancelOwnedRuns(_MergeSlashes(app.asgi_app)))
     # A client that stops reading but keeps its connection is dropped (service/sendstall.py).
     drop_stalled_clients(settings.sse_keepalive)
+    # A body declared over the cap is answered 413, not told to go on (service/expectcontinue.py).
+    no_continue_for_a_body_over_the_cap(settings.max_body_bytes)
     # WebSocket pings (build_config) end with their socket (service/wsping.py).
     end_pings_with_their_socket()
     # Protocol errors and over-cap messages close the socket with their code; no

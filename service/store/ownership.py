@@ -147,6 +147,19 @@ class _Rows(Protocol):
 Execute = Callable[[str, Any], _Rows]
 
 
+def changed_at(execute: Execute, run_id: str, now: float) -> float:
+    """When a run's reply changes now, as stored: this host's clock, but past its
+    conversation's latest change (the instance that wrote it may have a clock ahead of this
+    one's), so that the conversation's ``updated_at`` moves (docs/api.md). In the caller's
+    write transaction; ``execute`` as :func:`close_interrupted`'s."""
+    row = execute(
+        "SELECT c.updated_at, (SELECT MAX(m.updated_at) FROM messages m "
+        "WHERE m.conversation_id = c.id) FROM conversations c "
+        "WHERE c.id = (SELECT conversation_id FROM runs WHERE id = ?)", (run_id,)).fetchone()
+    latest = max((float(v) for v in row or () if v is not None), default=0.0)
+    return max(now, time.time(), latest + 0.001)
+
+
 def close_interrupted(execute: Execute, claim: str, run_id: str, reason: str, now: float,
                       process_id: str) -> bool:
     """Close one run whose owner is gone, in the caller's transaction; both stores' recovery.
@@ -176,7 +189,8 @@ def close_interrupted(execute: Execute, claim: str, run_id: str, reason: str, no
         if status == "succeeded" and reply is not None:
             execute("UPDATE messages SET status = 'complete', content = ?, updated_at = ? "
                     "WHERE run_id = ? AND status = 'pending'",
-                    (stored_data(reply[0]).get("content", ""), now, run_id))
+                    (stored_data(reply[0]).get("content", ""),
+                     changed_at(execute, run_id, now), run_id))
             return True
         why = told.get("error") or reason
     # The reply's text so far is in its token events after its last step: keep it.
@@ -211,7 +225,8 @@ def close_interrupted(execute: Execute, claim: str, run_id: str, reason: str, no
         partial = answer_so_far(partial, first=not stepped, native=native)
     execute("UPDATE messages SET status = 'error', error = ?, content = ?, updated_at = ? "
             "WHERE run_id = ? AND status = 'pending'",
-            (why and clean_text(why), clean_text(partial), now, run_id))
+            (why and clean_text(why), clean_text(partial), changed_at(execute, run_id, now),
+             run_id))
     if ended is None:
         model = _model_that_answered(execute, run_id, streamed_by)
         execute("INSERT INTO run_events (run_id, seq, type, data, created_at) "

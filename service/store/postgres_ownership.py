@@ -18,10 +18,19 @@ from .pg_notify import notify as _notify
 if TYPE_CHECKING:
     from ..metrics import Metrics
 
-__all__ = ["Conn", "PostgresOwnership"]
+__all__ = ["Conn", "PostgresOwnership", "qmarks"]
 
 T = TypeVar("T")
 Conn = psycopg.Connection[Any]
+
+
+def qmarks(c: Conn) -> Callable[[str, Sequence[object]], Any]:
+    """``c.execute`` for SQL written with ``?`` placeholders (``ownership``'s, both stores')."""
+    def execute(sql: str, args: Sequence[object]) -> Any:
+        # (a literal "%" in that SQL would be psycopg's: escaped first)
+        return c.execute(sql.replace("%", "%%").replace("?", "%s"), args)  # type: ignore[arg-type]
+
+    return execute
 
 # Whether a run's owner holds a current lease (in the database's time), NULL if it has none.
 _LEASE_ALIVE = ("CASE WHEN i.id IS NULL THEN NULL "
@@ -70,10 +79,7 @@ class PostgresOwnership:
             return []
 
         def fn(c: Conn) -> list[str]:
-            def execute(sql: str, args: Sequence[object]) -> Any:
-                # (a literal "%" in that SQL would be psycopg's: escaped first)
-                return c.execute(sql.replace("%", "%%").replace("?", "%s"),  # type: ignore[arg-type]
-                                 args)
+            execute = qmarks(c)
 
             # In the order owners' batches lock runs. A run whose row a stalled owner's open
             # batch still locks is left for the next look (the server ends that transaction:

@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import NotFound
 from ..text import clean_text
+from .ownership import changed_at
 from .pg_notify import notify as _notify
 from .postgres_ownership import Conn, PostgresOwnership
+from .postgres_ownership import qmarks as _qmarks
 from .records import (
     KEPT_EVENTS_SQL,
     BegunRun,
@@ -324,7 +326,8 @@ class PostgresQueries(PostgresOwnership):
             c.execute(
                 "UPDATE messages SET content = %s, status = %s, error = %s, updated_at = %s "
                 "WHERE id = %s",  # changed now (as SQLite's: its end may land late)
-                (content, message_status.value, error, max(now, time.time()), message_id))
+                (content, message_status.value, error, changed_at(_qmarks(c), run_id, now),
+                 message_id))
             if events:
                 _insert_events(c, events, ignore=True)
             _notify(c, {run_id})

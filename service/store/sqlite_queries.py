@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import NotFound
 from ..text import clean_text
+from .ownership import changed_at
 from .records import (
     KEPT_EVENTS_SQL,
     BegunRun,
@@ -410,8 +411,10 @@ class SQLiteQueries(SQLiteOwnership):
                 "WHERE id = ?",
                 # The reply changed now (its end may land well after the run ended, its write
                 # refused for a while): its conversation's updated_at moves past what a
-                # syncing client saw meanwhile.
-                (content, message_status.value, error, max(now, time.time()), message_id),
+                # syncing client saw meanwhile, whatever the clock of the instance that wrote
+                # its latest change said.
+                (content, message_status.value, error, changed_at(c.execute, run_id, now),
+                 message_id),
             )
             if events:
                 _insert_events(c, events, ignore=True)

@@ -174,7 +174,8 @@ class AssistantView {
   // A wait for a backend slot (``queued``): said until the model starts (null: over).
   waiting(position) {
     if (position == null) { this.queueNote?.remove(); this.queueNote = null; return; }
-    if (!this.queueNote) {
+    const first = !this.queueNote;
+    if (first) {
       this.queueNote = document.createElement("p");
       this.queueNote.className = "note quiet";
       this.queueNote.dataset.testid = "run-waiting";
@@ -182,6 +183,7 @@ class AssistantView {
     }
     this.queueNote.textContent = position > 1
       ? `waiting for the model: ${position - 1} ahead in its queue` : "waiting for the model: next in its queue";
+    if (first) announce(this.queueNote.textContent); // once: not at every place gained
     keepInView();
   }
 
@@ -247,8 +249,9 @@ class AssistantView {
       said = error ? `${status}: ${error.message}` : reason ? `${status}: ${reason}` : `the run ${status}`;
       this.note(said);
     }
-    // Said once, whole: the reply was marked busy while it streamed (see followRun).
-    const answer = this.answer.textContent.trim();
+    // Said once, whole: the reply was marked busy while it streamed (see followRun). Its
+    // text as laid out (innerText: blocks, items and cells apart, not run together).
+    const answer = this.answer.innerText.trim();
     announce(said ? (answer ? `${said}. The answer so far: ${answer}` : said) : answer || "empty answer");
   }
 }
@@ -310,7 +313,10 @@ async function follow(resp, view, live) {
       }
     } else if (event === "token") view.token(data.text ?? "");
     else if (event === "message") { view.segment = data.content ?? ""; view.render(); }
-    else if (event === "error" && !id) view.note(`${data.type}: ${data.message}`); // not the run's: the stream's
+    else if (event === "error" && !id) { // not the run's: the stream's
+      view.note(`${data.type}: ${data.message}`);
+      announce(`${data.type}: ${data.message}`);
+    }
     else if (event === "error") error = data;
     else if (event === "queued") view.waiting(data.position);
     else if (event === "run.finished") {

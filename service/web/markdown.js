@@ -41,12 +41,21 @@ function cells(line) {
   return row.split(/(?<!\\)\|/).map((cell) => cell.trim().replace(/\\\|/g, "|"));
 }
 
-const DELIMITER = /^\s*\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?\s*$/;
+// A delimiter row's cell: "---", ":--", "--:", ":-:" (checked cell by cell: a regex over the
+// whole row backtracks for long runs of spaces, on every token).
+const DELIMITER_CELL = /^:?-+:?$/;
+const isDelimiter = (line) => /^[\s|:-]+$/.test(line) && line.includes("-")
+  && cells(line).every((cell) => DELIMITER_CELL.test(cell));
+const HEADING = /^(#{1,6})\s+(.*)$/;
+// Cells a table makes up for its short rows, at most (as cmark-gfm: a wide header over many
+// short rows would make width x rows of them, far more HTML than the text).
+const FILLED_MAX = 10_000;
 
 // A table (GitHub's): a header row, a delimiter row of as many cells ("---", ":--:"), then
-// rows until a blank line or a line with no "|". ``i``: the header's line. Null if not one.
+// rows until a blank line, a line with no "|" or another block's start (an item, a heading,
+// a fence). ``i``: the header's line. Null if not one.
 function table(lines, i) {
-  if (i + 1 >= lines.length || !lines[i].includes("|") || !DELIMITER.test(lines[i + 1])) return null;
+  if (i + 1 >= lines.length || !lines[i].includes("|") || !isDelimiter(lines[i + 1])) return null;
   const head = cells(lines[i]);
   const align = cells(lines[i + 1]).map((d) => (
     d.startsWith(":") && d.endsWith(":") ? "center" : d.endsWith(":") ? "right" : d.startsWith(":") ? "left" : ""));
@@ -56,10 +65,15 @@ function table(lines, i) {
     return `<${tag}${cls} dir="auto">${inline(text ?? "")}</${tag}>`;
   };
   const rows = [];
+  let filled = 0;
   let end = i + 2;
-  for (; end < lines.length && lines[end].trim() && lines[end].includes("|"); end++) {
-    const row = cells(lines[end]);
-    rows.push(`<tr>${head.map((_, col) => cell("td", row[col], col)).join("")}</tr>`);
+  for (; end < lines.length; end++) {
+    const line = lines[end];
+    if (!line.trim() || !line.includes("|") || ITEM.test(line) || HEADING.test(line) || FENCE.test(line)) break;
+    const row = cells(line).slice(0, head.length);
+    const width = filled < FILLED_MAX ? head.length : row.length;
+    filled += width - row.length;
+    rows.push(`<tr>${Array.from({ length: width }, (_, col) => cell("td", row[col], col)).join("")}</tr>`);
   }
   const html = `<div class="table"><table><thead><tr>${head.map((h, col) => cell("th", h, col)).join("")}`
     + `</tr></thead>${rows.length ? `<tbody>${rows.join("")}</tbody>` : ""}</table></div>`;
@@ -102,14 +116,15 @@ export function renderMarkdown(source) {
       out.push(`<pre><code>${escapeHtml(code.join("\n"))}</code></pre>`);
       continue;
     }
-    const heading = /^(#{1,6})\s+(.*)$/.exec(line);
+    const heading = HEADING.exec(line);
     const item = ITEM.exec(line);
-    const grid = !heading && !item && !lists.length ? table(lines, i) : null;
+    const grid = !heading && !item ? table(lines, i) : null;
     if (heading) {
       flush();
       out.push(`<h${heading[1].length} dir="auto">${inline(heading[2])}</h${heading[1].length}>`);
     } else if (grid) {
-      flush();
+      // Indented under an item: inside it (as GitHub shows it); else a block of its own.
+      if (!(lists.length && /^\s/.test(line))) flush();
       out.push(grid.html);
       i = grid.next - 1;
     } else if (item) {
