@@ -214,7 +214,10 @@ class ContextLengthExceeded(BackendError):
     _TYPES = frozenset({"exceed_context_size_error", "context_length_exceeded"})
     _WORDS = re.compile(
         r"(exceeds?|longer than|larger than|too long|too large).{0,60}\bcontext"
-        r"|\bcontext (length|size|window) (exceeded|is too small)|context_length_exceeded",
+        r"|\bcontext (length|size|window) (exceeded|is too small)|context_length_exceeded"
+        # OpenAI's and vLLM's: "This model's maximum context length is 16384 tokens. However,
+        # you requested 122946 tokens (...)".
+        r"|\bmaximum context length is \d+ tokens\b",
         re.IGNORECASE | re.DOTALL)
 
     # ... and in a server fault (a 500: Ollama's runner refusing an over-long prompt, in some

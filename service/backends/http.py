@@ -61,6 +61,7 @@ __all__ = [
     "ShardedClient",
     "TimedResponse",
     "error_from_status",
+    "error_kind",
     "httpx_error",
     "loads_json",
     "make_client",
@@ -171,8 +172,8 @@ def map_httpx_errors(backend: str, url: str = "") -> Iterator[None]:
 
 
 def _error_message(body: bytes) -> tuple[str, str | None]:
-    """The upstream's message, and its error type if it gives one: Ollama ``{"error": str}``,
-    OpenAI ``{"error": {"message", "type"}}``."""
+    """The upstream's message, and its error kind if it gives one: Ollama ``{"error": str}``,
+    OpenAI ``{"error": {"message", "type", "code"}}`` (``error_kind``)."""
     text = body.decode("utf-8", errors="replace").strip()
     try:
         obj = loads_json(text)
@@ -181,10 +182,20 @@ def _error_message(body: bytes) -> tuple[str, str | None]:
     if isinstance(obj, dict):
         err = obj.get("error", obj)
         if isinstance(err, dict):
-            kind = err.get("type") if isinstance(err.get("type"), str) else None
-            return str(err.get("message") or err)[:500], kind
+            return str(err.get("message") or err)[:500], error_kind(err)
         return str(err)[:500], None
     return text[:500], None
+
+
+def error_kind(err: dict[str, Any]) -> str | None:
+    """An OpenAI-style error's kind: its ``code`` when that is a name (OpenAI's
+    ``"context_length_exceeded"``, more precise than its ``type``, ``invalid_request_error``),
+    else its ``type`` (llama.cpp's ``exceed_context_size_error``; its ``code`` is the HTTP
+    status, vLLM's too)."""
+    code, kind = err.get("code"), err.get("type")
+    if isinstance(code, str) and code:
+        return code
+    return kind if isinstance(kind, str) else None
 
 
 RETRY_AFTER_MAX = 3600  # seconds: a Retry-After further off is passed on as this

@@ -32,7 +32,7 @@ from ..errors import (
 from ..text import TextJoiner
 from .base import BackendHealth, ChatChunk, ChatMessage, ChatRequest, ModelInfo, ToolCall, Usage
 from .common import HTTPBackend, milliseconds, new_call_id, parse_arguments, token_count
-from .http import Budgets, SSEReader, loads_json, open_stream, request_json
+from .http import Budgets, SSEReader, error_kind, loads_json, open_stream, request_json
 from .stream_parsers import DEFAULT_MAX_LINE
 
 __all__ = ["OpenAICompatBackend", "openai_messages"]
@@ -154,8 +154,7 @@ class OpenAIChunks:
         code = err.get("code")
         details = {"upstream_status": code} if isinstance(code, int) else {}
         message = str(err.get("message") or err)[:500]
-        kind = err.get("type")
-        if ContextLengthExceeded.said(message, kind if isinstance(kind, str) else None):
+        if ContextLengthExceeded.said(message, error_kind(err)):
             return ContextLengthExceeded(message, backend=self.backend, param="messages",
                                          **details)
         return BackendResponseError(message, backend=self.backend, mid_stream=True, **details)
@@ -175,7 +174,8 @@ class OpenAIChunks:
             # Cut as every upstream error is: one can be a whole line of 4 MB, and it goes
             # into the call's record and the run's error.
             message = str(err.get("message") if isinstance(err, dict) else err)[:500]
-            if ContextLengthExceeded.said(message):
+            if ContextLengthExceeded.said(message,
+                                          error_kind(err) if isinstance(err, dict) else None):
                 raise ContextLengthExceeded(message, backend=self.backend, param="messages")
             raise BackendResponseError(message, backend=self.backend, mid_stream=True)
         if isinstance(obj.get("model"), str) and obj["model"]:
