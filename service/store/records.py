@@ -280,4 +280,3 @@ def call_row(row: Sequence[Any]) -> LLMCallRecord:
     c[3] = LLMCallOutcome(c[3])
     c[11] = bool(c[11])
     return LLMCallRecord(*c)
-
