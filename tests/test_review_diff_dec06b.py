@@ -180,6 +180,15 @@ async def test_a_late_end_moves_updated_at_whatever_the_instances_clocks_say(
 
 # -- 5. Expect: 100-continue with a declared length over the cap -------------------------------
 
+async def _head(stream: trio.SocketStream, buf: bytes = b"") -> bytes:
+    """What the server sent, read until the end of a response head."""
+    while b"\r\n\r\n" not in buf:
+        data = await stream.receive_some(65536)
+        assert data, f"closed before an answer: {buf!r}"
+        buf += data
+    return buf
+
+
 async def test_a_declared_length_over_the_cap_is_refused_before_100_continue(
     tmp_path: Path,
 ) -> None:
@@ -203,12 +212,8 @@ async def test_a_declared_length_over_the_cap_is_refused_before_100_continue(
                 b"POST /api/conversations HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                 b"Content-Type: application/json\r\nContent-Length: 10000000\r\n"
                 b"Expect: 100-continue\r\n\r\n")
-            buf = b""
             with trio.fail_after(GUARD):
-                while b"\r\n\r\n" not in buf:
-                    data = await stream.receive_some(65536)
-                    assert data, f"closed before an answer: {buf!r}"
-                    buf += data
+                buf = await _head(stream)
         finally:
             await stream.aclose()
     first = buf.split(b"\r\n", 1)[0]
@@ -267,19 +272,11 @@ async def test_a_declared_length_within_the_cap_is_still_told_to_continue(
                 b"POST /api/conversations HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                 b"Content-Type: application/json\r\nContent-Length: %d\r\n"
                 b"Expect: 100-continue\r\n\r\n" % len(body))
-            buf = b""
             with trio.fail_after(GUARD):
-                while b"\r\n\r\n" not in buf:
-                    data = await stream.receive_some(65536)
-                    assert data, f"closed before an answer: {buf!r}"
-                    buf += data
+                buf = await _head(stream)
                 assert buf.startswith(b"HTTP/1.1 100 "), buf
-                buf = buf.split(b"\r\n\r\n", 1)[1]
                 await stream.send_all(body)
-                while b"\r\n\r\n" not in buf:
-                    data = await stream.receive_some(65536)
-                    assert data, f"closed before an answer: {buf!r}"
-                    buf += data
+                buf = await _head(stream, buf.split(b"\r\n\r\n", 1)[1])
         finally:
             await stream.aclose()
     assert buf.startswith(b"HTTP/1.1 201") or buf.startswith(b"HTTP/1.1 200"), buf[:200]

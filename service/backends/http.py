@@ -189,9 +189,7 @@ def _error_message(body: bytes) -> tuple[str, str | None]:
 
 def error_kind(err: dict[str, Any]) -> str | None:
     """An OpenAI-style error's kind: its ``code`` when that is a name (OpenAI's
-    ``"context_length_exceeded"``, more precise than its ``type``, ``invalid_request_error``),
-    else its ``type`` (llama.cpp's ``exceed_context_size_error``; its ``code`` is the HTTP
-    status, vLLM's too)."""
+    ``"context_length_exceeded"``), else its ``type`` (llama.cpp's, whose code is a status)."""
     code, kind = err.get("code"), err.get("type")
     if isinstance(code, str) and code:
         return code
