@@ -341,12 +341,15 @@ class EventCommitter:
         run's end once it is stored.
 
         One retry pass at a time: the upkeep loop and a drain both call this, and two passes
-        over the same list crashed the supervisor (the second ``remove``)."""
+        over the same list crashed the supervisor (the second ``remove``). A pass ends at the
+        store's first refusal or first write past its budget: that is the store's answer, not
+        the run's, and going on would ask it once per kept state (N writes refused, or N x
+        ``WRITE_BUDGET`` against a hung store, the lock held meanwhile)."""
         async with self._final_retry_lock:
             for entry in list(self._final_retries):
                 handle, final = entry
                 try:
-                    with trio.move_on_after(WRITE_BUDGET):
+                    with trio.move_on_after(WRITE_BUDGET) as bound:
                         # With the run's events still held (a batch refused after the final
                         # state was set aside): written before its end, in its transaction,
                         # or the store would hold an end with a hole before it, which a
@@ -370,6 +373,14 @@ class EventCommitter:
                         if handle.published_final:
                             self._ended.pop(handle.id, None)
                         log.info("stored the final state of run %s on retry", handle.id)
+                    if bound.cancelled_caught:
+                        log.warning("final state of run %s still not stored: the store took "
+                                    "over %ss", handle.id, WRITE_BUDGET)
+                        return
+                except StoreUnavailable as exc:
+                    log.warning("final state of run %s still not stored: %s", handle.id,
+                                exc.message)
+                    return
                 except StoreError as exc:
                     log.warning("final state of run %s still not stored: %s", handle.id,
                                 exc.message)

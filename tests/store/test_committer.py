@@ -236,3 +236,60 @@ async def test_held_events_are_bounded_by_their_size_not_only_their_count(
         # was dropped.
         assert 10 <= len(tokens) < 200
         assert [e.seq for e in tokens] == list(range(tokens[0].seq, tokens[0].seq + len(tokens)))
+
+
+async def test_a_retry_pass_over_kept_final_states_ends_at_the_first_refusal(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # retry_final_writes went through every kept final state one by one, each bounded by
+    # WRITE_BUDGET: against a store that refuses (a full volume) a pass wrote N times for one
+    # answer, and against a store that hangs it took N x 10 s (and held the retry lock, so
+    # a drain's store_everything waited that long). The store's refusal is the store's, not
+    # the run's: the pass ends at the first one.
+    from service.runs.upkeep import MAINTAIN_EVERY
+
+    backend = ScriptedBackend(lambda req: Reply("one two", first_delay=1.0))
+    async with supervisor_env(tmp_path, backend) as env:
+        handles = [await env.supervisor.start(RunSpec(await env.conversation(), str(i)))
+                   for i in range(5)]
+        await trio.sleep(0.5)  # all stored and started; their tokens come at t=1
+        def refuse() -> None:
+            raise InjectedFault("disk I/O error")
+
+        env.store.faults.before_commit = refuse
+        with trio.fail_after(60):
+            for h in handles:
+                await h.finished.wait()
+        assert env.supervisor.unstored == 5
+        caplog.clear()
+        ticks = 5
+        await trio.sleep(MAINTAIN_EVERY * ticks)
+        # (the store's commits also carry the lease's renewals: the retries are counted by
+        # what they log, one line per final write refused)
+        tries = [r for r in caplog.records if "still not stored" in r.getMessage()]
+        assert len(tries) <= ticks + 1, len(tries)
+        assert env.supervisor.unstored == 5  # nothing let go meanwhile
+
+        # A store that hangs instead: one pass is bounded by one write's wait, not N. (A
+        # write its batch took is waited for up to BATCH_WAIT past its caller's budget.)
+        from service.store.group_commit import BATCH_WAIT
+
+        env.store.faults.before_commit = None
+
+        back = trio.Event()
+
+        async def hang() -> None:
+            await back.wait()
+
+        env.store.faults.before_batch = hang
+        t0 = trio.current_time()
+        await env.supervisor.committer.retry_final_writes()
+        one_write = committer_mod.WRITE_BUDGET + BATCH_WAIT
+        assert trio.current_time() - t0 < 2 * one_write, trio.current_time() - t0
+
+        env.store.faults.before_batch = None  # the store is back: every end is stored
+        back.set()
+        await trio.sleep(MAINTAIN_EVERY * 5)
+        assert env.supervisor.unstored == 0
+        for h in handles:
+            assert (await env.store.get_run(h.id)).status == "succeeded"
