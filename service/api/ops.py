@@ -164,6 +164,11 @@ async def _store_check(svc: Services) -> str:
             # Ready when a write commits (not only a read answers). Again once one does.
             if store.write_error is not None or not probe.fresh():
                 await probe.check(svc)
+            if svc.supervisor is not None and svc.supervisor.committer.refusing:
+                # The probe's one row landed, the runs' writes did not (a nearly full
+                # volume takes a page, not a batch): this instance cannot serve runs.
+                return ("down: the store refuses the runs' writes (held here for a retry, "
+                        "not lost)")
             return "ok"
         except ServiceError as exc:
             return f"down: {exc.message}"

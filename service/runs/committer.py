@@ -81,6 +81,7 @@ class EventCommitter:
         self._pending: list[RunEvent] = []  # emitted, not yet written (or refused: held)
         self._unchecked_bytes = 0  # of events enqueued since the bound was last looked at
         self._retrying = False  # the last batch was refused: the next may hold stored events
+        self._refused = False  # the store's latest answer to a final state was a refusal
         self._wake = Wakeup()
         self._lock = trio.Lock()  # one batch in flight at a time
         self._in_flight: set[str] = set()  # the runs with events in the batch in flight
@@ -101,6 +102,14 @@ class EventCommitter:
     def unstored(self) -> int:
         """Runs whose final state, or events, the store has not taken (yet)."""
         return len(self._final_retries) + len({e.run_id for e in self._pending})
+
+    @property
+    def refusing(self) -> bool:
+        """The store refused (or did not answer in time) its latest write of runs' events or
+        final states, and some are held for a retry: it does not take this instance's runs,
+        whatever a one-row probe says (a nearly full volume takes a page, not a batch)."""
+        return ((self._retrying and bool(self._pending))
+                or (self._refused and bool(self._final_retries)))
 
     def ended(self, run_id: str) -> RunHandle | None:
         """An ended run whose end the store has not all taken (it is served from memory)."""
@@ -282,11 +291,15 @@ class EventCommitter:
         while True:
             try:
                 with trio.move_on_after(WRITE_BUDGET) as write:
-                    return await final.write(self._store)
+                    written = await final.write(self._store)
+                    self._refused = False
+                    return written
+                self._refused = True
                 if write.cancelled_caught:
                     log.error("final write of run %s took over %ss; trying again", handle.id,
                               WRITE_BUDGET)
             except StoreError as exc:
+                self._refused = self._refused or isinstance(exc, StoreUnavailable)
                 log.error("could not store the final state of run %s (trying again): %s",
                           handle.id, exc.message)
             except Exception:
@@ -363,7 +376,9 @@ class EventCommitter:
                             at = self._final_retries.index(entry)
                             entry = self._final_retries[at] = (handle, merged)
                             final = merged
-                        if await final.write(self._store):
+                        written = await final.write(self._store)
+                        self._refused = False
+                        if written:
                             handle.stored_as(final.status, final.finished_at)
                             handle.publish(list(final.events))
                         else:
@@ -374,14 +389,16 @@ class EventCommitter:
                             self._ended.pop(handle.id, None)
                         log.info("stored the final state of run %s on retry", handle.id)
                     if bound.cancelled_caught:
+                        self._refused = True
                         log.warning("final state of run %s still not stored: the store took "
                                     "over %ss", handle.id, WRITE_BUDGET)
                         return
                 except StoreUnavailable as exc:
+                    self._refused = True
                     log.warning("final state of run %s still not stored: %s", handle.id,
                                 exc.message)
                     return
-                except StoreError as exc:
+                except StoreError as exc:  # this run's (a row the store cannot take)
                     log.warning("final state of run %s still not stored: %s", handle.id,
                                 exc.message)
                 except Exception:

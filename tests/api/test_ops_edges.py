@@ -20,7 +20,7 @@ from service.sim.app import error_response
 from service.sim.server import open_simulator
 from service.store.faults import InjectedFault
 
-from ..fakes import ScriptedBackend
+from ..fakes import Reply, ScriptedBackend
 from ..servers import running_server
 
 GUARD = 60
@@ -215,3 +215,59 @@ async def test_readyz_asks_the_store_and_the_backends_at_once(
                               "backend": "down: no answer within 2 s"}, body
     assert body["down"] == ["store", "backend"]
     assert answered - asked == pytest.approx(2.0, abs=0.1)
+
+
+async def test_readyz_is_not_ready_while_the_store_refuses_the_runs_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A nearly full volume: the write probe's one row lands (it replaces a page), the runs'
+    event batches do not. Here the store refuses every insert of a run event (a trigger, so
+    only those writes fail) while a run streams.
+
+    Wrong: /readyz said 200 "store: ok" (its probe landed) while every token of the run was
+    held, unshown, and its end could not be stored: a load balancer kept sending runs here.
+
+    Right: 503 naming the store while the runs' writes are refused and held; 200 again once
+    they land, and the run ends whole (nothing held was lost)."""
+    import sqlite3
+
+    import service.api.ops as ops
+
+    monkeypatch.setattr(ops, "_WRITE_PROBE_FRESH", 0.0)
+    db = tmp_path / "s.db"
+    settings = load_settings(db=db)
+    text = "tick " * 100
+
+    def sql(statement: str) -> None:
+        with sqlite3.connect(db, timeout=30) as conn:
+            conn.execute(statement)
+
+    backend = ScriptedBackend(lambda req: Reply(text, gap=0.02))
+    async with running_server(settings, backend) as srv, srv.client() as c:
+        with trio.fail_after(GUARD):
+            conv = (await c.post("/api/conversations", json={})).json()["id"]
+            assert (await c.get("/readyz")).status_code == 200
+            answers: list[Any] = []
+
+            async def ask() -> None:
+                answers.append(await c.post(f"/api/conversations/{conv}/messages",
+                                            json={"content": "go"}))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask)
+                await trio.sleep(0.2)  # started: its tokens are being stored
+                await trio.to_thread.run_sync(sql, """
+                    CREATE TRIGGER review_full BEFORE INSERT ON run_events
+                    BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END""")
+                while (ready := await c.get("/readyz")).status_code == 200:  # noqa: ASYNC110 (the store's answer)
+                    await trio.sleep(0.05)
+                assert ready.json()["down"] == ["store"], ready.text
+                assert "refuses" in ready.json()["checks"]["store"], ready.text
+                await trio.to_thread.run_sync(sql, "DROP TRIGGER review_full")
+                while (ready := await c.get("/readyz")).status_code != 200:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            (answer,) = answers
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["message"]["content"] == text
+            stored = (await c.get(f"/api/conversations/{conv}")).json()["messages"]
+            assert stored[-1]["content"] == text
