@@ -147,14 +147,25 @@ class OpenAIChunks:
             obj = loads_json(data)
         except ValueError:
             obj = None
+        return self._error_of(obj, data)
+
+    def _error_of(self, obj: Any, data: str) -> BackendError:
+        """An error said in the stream, ``{"error": {...}}`` or its inside; cut as every
+        upstream error is (one can be a whole line of 4 MB, and it goes into the call's record
+        and the run's error)."""
         err = obj.get("error", obj) if isinstance(obj, dict) else None
-        if not isinstance(err, dict):
-            return BackendResponseError(data[:500] or "the upstream reported an error",
-                                        backend=self.backend, mid_stream=True)
-        code = err.get("code")
-        details = {"upstream_status": code} if isinstance(code, int) else {}
-        message = str(err.get("message") or err)[:500]
-        if ContextLengthExceeded.said(message, error_kind(err)):
+        details: dict[str, Any] = {}
+        kind = None
+        if isinstance(err, dict):
+            code = err.get("code")
+            if isinstance(code, int) and not isinstance(code, bool):
+                details["upstream_status"] = code
+            message, kind = str(err.get("message") or err)[:500], error_kind(err)
+        elif isinstance(err, str) and err:
+            message = err[:500]
+        else:
+            message = data[:500] or "the upstream reported an error"
+        if ContextLengthExceeded.said(message, kind):
             return ContextLengthExceeded(message, backend=self.backend, param="messages",
                                          **details)
         return BackendResponseError(message, backend=self.backend, mid_stream=True, **details)
@@ -169,15 +180,8 @@ class OpenAIChunks:
         if not isinstance(obj, dict):
             raise BackendProtocolError(f"SSE data is not an object: {data[:200]!r}",
                                        backend=self.backend)
-        if "error" in obj:
-            err = obj["error"]
-            # Cut as every upstream error is: one can be a whole line of 4 MB, and it goes
-            # into the call's record and the run's error.
-            message = str(err.get("message") if isinstance(err, dict) else err)[:500]
-            if ContextLengthExceeded.said(message,
-                                          error_kind(err) if isinstance(err, dict) else None):
-                raise ContextLengthExceeded(message, backend=self.backend, param="messages")
-            raise BackendResponseError(message, backend=self.backend, mid_stream=True)
+        if "error" in obj:  # vLLM's, OpenAI-style gateways': as llama.cpp's ``error:`` line
+            raise self._error_of(obj, data)
         if isinstance(obj.get("model"), str) and obj["model"]:
             self.model = obj["model"]
         if isinstance(obj.get("usage"), dict):

@@ -394,6 +394,30 @@ async def test_a_llamacpp_stream_error_line_carries_the_upstreams_message() -> N
     assert (overflow.value.status, overflow.value.details["upstream_status"]) == (400, 400)
 
 
+async def test_a_stream_error_in_a_data_line_keeps_the_upstreams_code() -> None:
+    # vLLM and OpenAI-style gateways put a mid-stream error in a ``data:`` line. Its code was
+    # dropped there (kept only for llama.cpp's ``error:`` line): the run's error had no
+    # ``upstream_status``, and a prompt over the context no status of its own.
+    backend = _over_body(OpenAICompatBackend, (
+        b'data: {"error":{"code":500,"message":"the model runner crashed",'
+        b'"type":"server_error"}}\n\ndata: [DONE]\n\n'))
+    with pytest.raises(BackendResponseError) as info:
+        await _text(backend)
+    assert info.value.message == "the model runner crashed"
+    assert info.value.details["upstream_status"] == 500
+    backend = _over_body(OpenAICompatBackend, (
+        b'data: {"error":{"code":400,"message":"the request exceeds the available context '
+        b'size","type":"exceed_context_size_error"}}\n\ndata: [DONE]\n\n'))
+    with pytest.raises(ContextLengthExceeded) as overflow:
+        await _text(backend)
+    assert (overflow.value.status, overflow.value.details["upstream_status"]) == (400, 400)
+    # A plain string error keeps its words.
+    backend = _over_body(OpenAICompatBackend, b'data: {"error":"overloaded"}\n\n')
+    with pytest.raises(BackendResponseError) as plain:
+        await _text(backend)
+    assert plain.value.message == "overloaded"
+
+
 async def test_an_emoji_split_into_surrogate_halves_across_chunks_is_joined() -> None:
     # Found in review: some JavaScript servers split a character outside the BMP into its two
     # UTF-16 halves, one per chunk; json.loads gives lone surrogates, which UTF-8 (the store,
