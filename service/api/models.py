@@ -191,6 +191,17 @@ class _Query(Unicode):
     # a browser's (an EventSource cache-buster ?_=123, ?access_token=) must be.
     model_config = ConfigDict(extra="ignore")
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_number_is_absent(cls, value: Any, info: ValidationInfo) -> Any:
+        """An empty number (``?limit=``, ``?after=``, as a form or a URL template leaves it)
+        is its default, as an empty ``?before=`` is: it was a 422 while ``before`` was not."""
+        if value == "" and info.field_name is not None:
+            field = cls.model_fields[info.field_name]
+            if field.annotation in (int, int | None):
+                return field.get_default()
+        return value
+
 
 class CreateConversation(_Strict):
     title: str | None = Field(None, max_length=500)
@@ -330,7 +341,7 @@ class RunEventsQuery(_Query):
     @field_validator("after", mode="before")
     @classmethod
     def _event_id(cls, value: Any) -> Any:
-        if isinstance(value, str) and not is_event_id(value):
+        if isinstance(value, str) and value and not is_event_id(value):  # (empty: absent)
             raise ValueError("must be an event id (at most 19 digits)")
         return value
 

@@ -134,6 +134,28 @@ async def test_bad_query_is_422(
         assert r.json()["error"]["field"] == field
 
 
+async def test_an_empty_query_value_is_taken_as_absent(server: RunningServer) -> None:
+    # API.md writes the list as ``?limit=&before=``: copied as it is, that was a 422 for the
+    # empty limit, while an empty before was taken as absent. Both are now absent, on every
+    # query that takes a number (the llm-calls list; a run's events ``?after=``).
+    async with server.client() as client:
+        ids = [(await client.post("/api/conversations", json={})).json()["id"]
+               for _ in range(3)]
+        for query in ("?limit=&before=", "?limit=", "?before=", ""):
+            r = await client.get(f"/api/conversations{query}")
+            assert r.status_code == 200, (query, r.text)
+            assert [c["id"] for c in r.json()["data"]][:3] == ids[::-1], query
+        r = await client.get("/api/llm-calls?limit=")
+        assert (r.status_code, r.json()["data"]) == (200, []), r.text
+        r = await client.get("/api/conversations?limit=%20")  # not empty: still refused
+        assert (r.status_code, r.json()["error"]["field"]) == (422, "limit"), r.text
+        r = await client.post(f"/api/conversations/{ids[0]}/messages", json={"content": "hi"})
+        run_id = r.json()["run"]["id"]
+        r = await client.get(f"/api/runs/{run_id}/events?after=")
+        assert r.status_code == 200, r.text
+        assert r.text.startswith("id: 1\n") or "\nid: 1\n" in r.text, r.text[:300]
+
+
 async def test_unknown_route_and_method(server: RunningServer) -> None:
     async with server.client() as client:
         r = await client.get("/api/nothing-here")
