@@ -19,6 +19,8 @@ Found by a review over raw sockets (tests/test_ws_protocol_edges.py):
   names the cap; the app gets its disconnect, and the runs end.
 * **A handshake of another version got a bare 400.** Section 4.4: a server that does not
   speak the client's version answers 426 with ``Sec-WebSocket-Version: 13``.
+* **The cap counts bytes.** Hypercorn's buffer counts a text message's characters: 3,000
+  emoji (12,000 bytes) went under a 8,192-byte cap. The bytes past the characters are added.
 * **permessage-deflate is declined.** wsproto inflates each read of a compressed frame whole
   before any size check (about 1,000:1: a 64 kB read became some 64 MB in memory, per
   connection), and hypercorn cannot bound it. The events sent are small JSON objects; a
@@ -36,7 +38,7 @@ from typing import Any
 from hypercorn.protocol.events import EndBody, Response, StreamClosed
 from hypercorn.protocol.ws_stream import FrameTooLargeError, Handshake, WSStream
 from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection, Message, Ping
+from wsproto.events import CloseConnection, Message, Ping, TextMessage
 from wsproto.frame_protocol import CloseReason
 from wsproto.handshake import WEBSOCKET_VERSION
 
@@ -56,6 +58,12 @@ async def _handle_events(self: WSStream) -> None:
         if isinstance(event, Message):
             try:
                 self.buffer.extend(event)
+                if isinstance(event, TextMessage) and not event.data.isascii():
+                    # Hypercorn counts a text message in characters; the cap is in bytes
+                    # (an emoji is 4): up to 4 x the cap went through.
+                    self.buffer.length += len(event.data.encode()) - len(event.data)
+                    if self.buffer.length > self.buffer.max_length:
+                        raise FrameTooLargeError
             except FrameTooLargeError:
                 self.buffer.clear()
                 await self._send_wsproto_event(CloseConnection(

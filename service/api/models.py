@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from datetime import UTC, datetime
 from functools import cache
 from types import UnionType
@@ -140,6 +141,13 @@ def _finite(text: str) -> float:
     return value
 
 
+def _integer(text: str) -> int:
+    value = int(text)
+    if len(text) > 308 and abs(value) > sys.float_info.max:  # 1 and 400 zeros: JSON.parse's
+        raise NotFinite(f"{text[:20]}... is out of range")  # Infinity, as 1e400 is
+    return value
+
+
 def _refuse_constant(name: str) -> Any:
     raise NotFinite(f"{name} is not a JSON value")
 
@@ -171,7 +179,8 @@ def strict_json_loads(raw: str | bytes) -> Any:
     """A client's body or message as strict JSON: no NaN, Infinity, or number out of a
     double's range (Python's json reads them; passed on, a model's server refuses them, and
     echoed back they made replies that JSON.parse refuses). ``NotFinite`` (a ValueError)."""
-    return json.loads(raw, parse_float=_finite, parse_constant=_refuse_constant)
+    return json.loads(raw, parse_float=_finite, parse_int=_integer,
+                      parse_constant=_refuse_constant)
 
 
 class JsonRequest(Unicode):

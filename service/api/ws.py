@@ -40,7 +40,7 @@ import trio
 from pydantic import ConfigDict, Field, ValidationError
 from quart import Blueprint, g, websocket
 
-from ..errors import ServiceError
+from ..errors import ServiceError, TooManyRuns
 from ..runs import RunHandle, RunSpec
 from ..runs.reader import EventReader, Keepalive
 from ..services import Services
@@ -177,10 +177,9 @@ class _Session:
                         self.slots.acquire_nowait()
                     except trio.WouldBlock:
                         # Refused, not waited for: the loop must stay free for cancels.
-                        self.reply(_error(
-                            "too_many_runs",
+                        self.reply(_error_reply(TooManyRuns(
                             f"{_RUNS_PER_SOCKET} runs are in flight on this socket; retry "
-                            "when one has ended", msg))
+                            "when one has ended").to_event(), msg))
                         continue
                     self.nursery.start_soon(self.start_run, m, msg)
                 elif kind == "cancel":
