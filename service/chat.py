@@ -1,7 +1,8 @@
 """``python -m service chat``: a terminal client of a running service.
 
 ``python -m service chat "a question"`` streams the answer to stdout and exits 0 (1 with the
-error on stderr if the run or a request fails, 130 if interrupted). Without a message it is an
+error on stderr if the run or a request fails, 130 if interrupted, 141 if its output was
+closed: ``| head``, the run then cancelled). Without a message it is an
 interactive chat on one conversation (its history is the conversation's); fed from a pipe, it
 exits 1 at the end of its input if a turn failed. The answer is rendered
 as Markdown on a terminal; the agent's steps (thoughts, tool calls and results, the plan) are
@@ -16,7 +17,9 @@ the run goes on meanwhile: ``on_disconnect: continue``; one dropped before its `
 came is found on the conversation), three times at most. A service that sends nothing, not
 even its keep-alives, for ``READ_TIMEOUT`` seconds (or four of its keep-alive intervals) fails
 the turn with one line. A turn given up cancels its run, so that the store does not go on to
-hold an answer the user was told failed. A run that does not succeed ends showing its reply
+hold an answer the user was told failed. Text the terminal's encoding cannot show is
+shown as "?" (a Latin-1 locale), and character references in an answer (``&#x202E;``) cannot
+bring back the controls taken out of its text. A run that does not succeed ends showing its reply
 as stored (``run.finished``'s ``content``: of a ReAct turn, its answer's part only).
 
 Each turn is one ``trio.run``: the prompt is a plain blocking ``input()`` between turns, and
@@ -45,6 +48,7 @@ from .text import clean_text
 __all__ = ["SSEParser", "main"]
 
 EXIT_INTERRUPTED = 130
+EXIT_OUTPUT_CLOSED = 141  # as a shell reports a writer stopped by SIGPIPE (``| head``)
 READ_TIMEOUT = 60.0  # seconds of nothing before a turn fails (a stream: four keep-alives)
 _REJOINS = 3  # times a dropped stream is re-joined (after 0.5, 1 and 2 s)
 _RETRY_AFTER_MAX = 30.0  # seconds: a longer Retry-After is waited this long
@@ -220,6 +224,13 @@ class Client:
                 if turn.run_id is None:
                     raise
                 failure = failure or exc
+            except BrokenPipeError:
+                # The output was closed (``| head`` has what it wanted): the user left, as
+                # with Ctrl-C. Its run is cancelled (it would go on: on_disconnect continue);
+                # what is still written goes nowhere, not into a traceback.
+                _output_to_devnull()
+                failure = OutputClosed("the output was closed before the answer ended"
+                                       + ("; its run was cancelled" if turn.run_id else ""))
             if turn.run_id is not None:
                 await self._give_up(turn)
             assert failure is not None
@@ -353,6 +364,17 @@ class Client:
             self.renderer.note(f"[cancel failed: {_error_of(resp)}]")
 
 
+class OutputClosed(ChatError):
+    """Where the answer goes was closed (a pipe's reader exited)."""
+
+
+def _output_to_devnull() -> None:
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 class _Silent(ChatError):
     """A stream that sent nothing, not even keep-alives, for four of their intervals."""
 
@@ -412,9 +434,13 @@ def _run_turn(opts: Options, renderer: Renderer, conversation: str | None,
         if isinstance(exc, Interrupted):
             renderer.note("[interrupted]")
             return conversation, None, EXIT_INTERRUPTED
+        if isinstance(exc, OutputClosed):
+            _report(renderer, exc)
+            return conversation, None, EXIT_OUTPUT_CLOSED
         return conversation, None, _report(renderer, exc)
     except (ChatError, httpx.HTTPError) as exc:
-        return conversation, None, _report(renderer, exc)
+        status = _report(renderer, exc)
+        return conversation, None, EXIT_OUTPUT_CLOSED if isinstance(exc, OutputClosed) else status
     return conversation, turn, 0
 
 
@@ -455,7 +481,7 @@ def _interactive(opts: Options, renderer: Renderer) -> int:
         if not line.strip():
             continue
         conversation, turn, status = _run_turn(opts, renderer, conversation, line)
-        if turn is None and status == EXIT_INTERRUPTED:
+        if turn is None and status in (EXIT_INTERRUPTED, EXIT_OUTPUT_CLOSED):
             return status
         # A failed request is reported and the chat goes on (the service may come back).
         if status or (turn is not None and turn.status != "succeeded" and not turn.cancelling):
@@ -500,6 +526,11 @@ def _parse(argv: Sequence[str]) -> Options:
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = _parse(sys.argv[2:] if argv is None else argv)
+    # A terminal in a legacy locale (Latin-1) cannot show every character of an answer:
+    # shown as "?" there, not a UnicodeEncodeError that cut the answer with a traceback.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and stream.errors == "strict":
+            stream.reconfigure(errors="replace")
     renderer = Renderer(Console(), Console(stderr=True))
     if opts.message is not None:
         return _one_shot(opts, renderer, opts.message)

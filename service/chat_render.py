@@ -28,6 +28,19 @@ def _safe(text: str) -> str:
     return _CONTROL.sub("\ufffd", text.replace("\r", ""))
 
 
+class _SafeMarkdown(Markdown):
+    """Markdown whose parsed text is made safe again: markdown-it decodes character references
+    (``&#x202E;``, ``&#8295;``) into the very controls ``_safe`` took out of the raw text."""
+
+    def __init__(self, markup: str) -> None:
+        super().__init__(markup)
+        tokens = list(self.parsed)
+        while tokens:
+            token = tokens.pop()
+            token.content = _safe(token.content)
+            tokens.extend(token.children or ())
+
+
 class Renderer:
     """What a turn shows: the answer as Markdown (live on a terminal), the steps dimmed."""
 
@@ -57,7 +70,7 @@ class Renderer:
         if not self._stream_tokens:
             return
         if not self._plain:
-            rendered = Markdown(self._segment)
+            rendered = _SafeMarkdown(self._segment)
             if len(self.out.render_lines(rendered, pad=False)) < self.out.size.height:
                 if self._live is None:
                     self._live = Live(console=self.out, auto_refresh=False,
@@ -119,11 +132,11 @@ class Renderer:
             self.out.file.write("\n")
             self.out.file.flush()
             if self.tty:
-                self.out.print(Markdown(content))
+                self.out.print(_SafeMarkdown(content))
             else:
                 self.out.file.write(content + "\n")
         elif self.tty:
-            self._stop_live(Markdown(content))
+            self._stop_live(_SafeMarkdown(content))
         else:
             self.out.file.write(content + "\n")
         self.out.file.flush()
@@ -144,7 +157,7 @@ class Renderer:
         elif self._printed:
             self._end_plain()
         else:
-            self._stop_live(Markdown(self._segment) if self._segment.strip() else None)
+            self._stop_live(_SafeMarkdown(self._segment) if self._segment.strip() else None)
             self._show_held()
         if status != "succeeded":
             kind = f"{error['type']}: " if error and error.get("type") != status else ""

@@ -12,8 +12,10 @@ import argparse
 import errno
 import gc
 import logging
+import math
 import os
 import signal
+import ssl
 import sys
 import tomllib
 import traceback
@@ -59,16 +61,21 @@ def _check_types(config_path: Path) -> None:
         default = getattr(defaults, key, None)
         if isinstance(default, bool):
             ok = isinstance(value, bool)
-        elif isinstance(default, int | float):
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        elif isinstance(default, int):  # a count (workers, backlog): a whole number
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):  # seconds: a finite number (TOML has nan and inf)
+            ok = (isinstance(value, int | float) and not isinstance(value, bool)
+                  and math.isfinite(value))
         elif key == "bind":
             ok = isinstance(value, str) or (
                 isinstance(value, list) and all(isinstance(b, str) for b in value))
         else:
             continue
         if not ok:
-            kind = "true or false" if isinstance(default, bool) else (
-                "HOST:PORT strings" if key == "bind" else "a number (no quotes)")
+            kind = ("true or false" if isinstance(default, bool)
+                    else "HOST:PORT strings" if key == "bind"
+                    else "a whole number (no quotes)" if isinstance(default, int)
+                    else "a finite number (no quotes)")
             raise ConfigError(f"--config {config_path}: {key} = {value!r}: {kind} expected",
                               variable="--config")
 
@@ -95,6 +102,7 @@ def build_config(
         config.graceful_timeout = 10
     if bind:
         config.bind = list(bind)
+    _check_bind_and_tls(config, config_path, from_args=bool(bind))
     # The embedded backend loads its model during start-up and allows it 120 s; hypercorn's
     # own default (60 s) cut a slow load short with a traceback.
     config.startup_timeout = max(config.startup_timeout, 150)
@@ -104,6 +112,34 @@ def build_config(
     # Hypercorn's own messages go through our structured handler (see service.logs).
     config.errorlog = logging.getLogger("hypercorn.error")
     return config
+
+
+def _check_bind_and_tls(config: Config, config_path: Path | None, *, from_args: bool) -> None:
+    """What hypercorn would take silently or fail on only once the app has started: no
+    address, an empty one (hypercorn's "" is 0.0.0.0:8000, every interface), a certificate
+    without its key (served as plain HTTP), a certificate or key that cannot be loaded (a
+    traceback from each worker)."""
+    where = "--bind" if from_args else f"--config {config_path}"
+    if not config.bind:
+        raise ConfigError(f"{where}: bind is empty: at least one HOST:PORT to listen on",
+                          variable=where.split()[0])
+    if any(not b.strip() for b in config.bind):
+        raise ConfigError(f"{where}: an empty address (HOST:PORT expected)",
+                          variable=where.split()[0])
+    certfile, keyfile = config.certfile, config.keyfile
+    if bool(certfile) != bool(keyfile):
+        given, missing = ("certfile", "keyfile") if certfile else ("keyfile", "certfile")
+        raise ConfigError(f"--config {config_path}: {given} is set without {missing}: TLS "
+                          "needs both (without them it would serve plain HTTP)",
+                          variable="--config")
+    if certfile:
+        try:
+            config.create_ssl_context()
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(
+                f"--config {config_path}: cannot load certfile {certfile} with keyfile "
+                f"{keyfile}: {why}", variable="--config") from None
 
 
 def websocket_limits(config: Config, *, max_body_bytes: int | None,

@@ -31,6 +31,7 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config, Sockets
+from hypercorn.utils import repr_socket_addr
 
 from .logs import configure_logging, get_logger
 from .settings import Settings
@@ -246,14 +247,12 @@ async def _supervise(pool: _Pool, workers: int) -> None:
 
 
 def _urls(sockets: Sockets) -> list[str]:
-    out = []
-    for sock in sockets.insecure_sockets:
-        host, port = sock.getsockname()[:2]
-        out.append(f"http://{host}:{port}")
-    for sock in sockets.secure_sockets:
-        host, port = sock.getsockname()[:2]
-        out.append(f"https://{host}:{port}")
-    return out
+    """As each worker's own line (hypercorn's) says them: ``http://[::1]:8000``,
+    ``http://unix:/run/service.sock``."""
+    return [f"{scheme}://{repr_socket_addr(sock.family, sock.getsockname())}"
+            for scheme, socks in (("http", sockets.insecure_sockets),
+                                  ("https", sockets.secure_sockets))
+            for sock in socks]
 
 
 def serve_workers(settings: Settings, config: Config, workers: int) -> int:
