@@ -21,6 +21,7 @@ import tomllib
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from ssl import VerifyMode
 
 import trio
 from hypercorn.config import Config, Sockets
@@ -62,19 +63,19 @@ def _check_types(config_path: Path) -> None:
         if isinstance(default, bool):
             ok = isinstance(value, bool)
         elif isinstance(default, int):  # a count (workers, backlog): a whole number
-            ok = isinstance(value, int) and not isinstance(value, bool)
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
         elif isinstance(default, float):  # seconds: a finite number (TOML has nan and inf)
             ok = (isinstance(value, int | float) and not isinstance(value, bool)
                   and math.isfinite(value))
-        elif key == "bind":
+        elif key in ("bind", "insecure_bind", "quic_bind"):
             ok = isinstance(value, str) or (
                 isinstance(value, list) and all(isinstance(b, str) for b in value))
         else:
             continue
         if not ok:
             kind = ("true or false" if isinstance(default, bool)
-                    else "HOST:PORT strings" if key == "bind"
-                    else "a whole number (no quotes)" if isinstance(default, int)
+                    else "HOST:PORT strings" if key.endswith("bind")
+                    else "a whole number of at least 0 (no quotes)" if isinstance(default, int)
                     else "a finite number (no quotes)")
             raise ConfigError(f"--config {config_path}: {key} = {value!r}: {kind} expected",
                               variable="--config")
@@ -92,6 +93,12 @@ def build_config(
         try:
             _check_types(config_path)
             config = Config.from_toml(str(config_path))
+            if isinstance(config.verify_mode, str):  # as hypercorn's CLI takes it: CERT_...
+                config.verify_mode = VerifyMode[config.verify_mode]
+        except KeyError as exc:
+            names = ", ".join(m.name for m in VerifyMode)
+            raise ConfigError(f"--config {config_path}: verify_mode = {exc}: one of {names}",
+                              variable="--config") from None
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, TypeError,
                 ValueError) as exc:
             raise ConfigError(f"--config {config_path}: not a hypercorn TOML file: {exc}",

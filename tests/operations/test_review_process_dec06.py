@@ -374,3 +374,32 @@ async def test_an_answer_the_terminal_encoding_cannot_show_does_not_crash_the_cl
     assert b"caf\xe9" in out.stdout, out.stdout
     assert b"done" in out.stdout, out.stdout
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", ["workers = -1", "insecure_bind = 5",
+                                     'verify_mode = "CERT_SOMETIMES"'])
+async def test_a_key_of_the_wrong_kind_stops_the_start_in_one_line(
+    tmp_path: Path, setting: str,
+) -> None:
+    """Found after the review (its suspected list): ``workers = -1`` was taken for one worker
+    without a word; ``insecure_bind = 5`` (a list of addresses expected) and a
+    ``verify_mode`` that is no mode crashed the start with a traceback."""
+    config = _toml(tmp_path, f'bind = ["127.0.0.1:0"]\n{setting}\n')
+    code, stderr = await _start(tmp_path, "--config", str(config))
+    line = _one_line(code, stderr, (2,))
+    assert setting.split()[0] in line, line
+
+
+@pytest.mark.slow
+async def test_a_verify_mode_named_as_hypercorns_cli_takes_it_is_served(
+    tmp_path: Path, tls_files: dict[str, Path],
+) -> None:
+    """``verify_mode = "CERT_OPTIONAL"`` (hypercorn's CLI takes the name): the TOML file's
+    string was passed on as it was, and loading TLS failed on it."""
+    config = _toml(tmp_path, f'bind = ["127.0.0.1:0"]\ncertfile = "{tls_files["cert"]}"\n'
+                             f'keyfile = "{tls_files["key"]}"\nverify_mode = "CERT_OPTIONAL"\n'
+                             f'ca_certs = "{tls_files["cert"]}"\n')
+    code, stderr = await _start(tmp_path, "--config", str(config))
+    assert code is None, f"exit {code}:\n{stderr[-3000:]}"
+    assert "Running on https://" in stderr, stderr[-3000:]
