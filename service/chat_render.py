@@ -160,8 +160,11 @@ class Renderer:
             self._stop_live(_SafeMarkdown(self._segment) if self._segment.strip() else None)
             self._show_held()
         if status != "succeeded":
-            kind = f"{error['type']}: " if error and error.get("type") != status else ""
-            why = f": {kind}{error['message']}" if error else ""
+            kind = error.get("type") if error else None
+            said = error.get("message") if error else None
+            # (Either may be missing: a proxy's frame, an older service's.)
+            parts = [str(p) for p in (kind if kind != status else None, said) if p]
+            why = f": {': '.join(parts)}" if parts else ""
             self.err.print(Text(_safe(f"[run {status}{why}]"), style="dim"))
 
     def reset(self) -> None:

@@ -249,3 +249,15 @@ async def test_cli_a_reasoning_models_thinking_reads_as_text_not_a_line_per_piec
         f"the model's thinking ({len(pieces)} pieces of one sentence) was shown as "
         f"{len(lines)} lines:\n{shown}")
     assert thought in " ".join(shown.split()), shown
+
+
+def test_an_error_frame_with_no_message_is_shown_not_a_keyerror() -> None:
+    # (Suspected by the process review of 2026-12-06.) A run's end whose error names only its
+    # type (a proxy's or an older service's frame): Renderer.finished read error["message"]
+    # and raised KeyError out of the turn, a traceback.
+    renderer, _, err = _renderer()
+    renderer.finished("failed", {"type": "backend_unavailable"})
+    renderer.finished("failed", {"message": "no type"})
+    shown = err.getvalue()
+    assert "[run failed: backend_unavailable]" in shown, shown
+    assert "[run failed: no type]" in shown, shown
