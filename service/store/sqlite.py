@@ -25,6 +25,7 @@ append latency (see README's figures).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
@@ -116,6 +117,7 @@ class SQLiteStore(SQLiteQueries):
         # The volume filled up: until this time (monotonic) every write first folds the WAL
         # back into the database file and truncates it (see ``_transaction``).
         self._tight_until = 0.0
+        self._identity: tuple[int, int] | None = None  # the file opened: (device, inode)
 
     @property
     def _queue(self) -> list[Any]:
@@ -170,6 +172,8 @@ class SQLiteStore(SQLiteQueries):
                 raise StoreError(f"could not switch {self.path} to WAL (got {mode})")
             self._migrate(writer)
             reader = _connect(self.path, self._synchronous, self._busy_timeout)
+            st = os.stat(self.path)
+            self._identity = (st.st_dev, st.st_ino)
         except (sqlite3.Error, OSError, StoreError) as exc:
             writer.close()  # nothing left open on a failed start
             if isinstance(exc, StoreError):
@@ -249,6 +253,8 @@ class SQLiteStore(SQLiteQueries):
     ) -> None:
         single = len(batch) == 1
         try:
+            if (gone := self.file_gone()) is not None:
+                raise sqlite3.OperationalError(gone)
             if time.monotonic() < self._tight_until:
                 # After a full volume, space freed must go to a checkpoint first: writes
                 # retried straight away grow the WAL into it (between two periodic
@@ -314,6 +320,27 @@ class SQLiteStore(SQLiteQueries):
         self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
         return result
 
+    def file_gone(self) -> str | None:
+        """Why the database file at ``path`` is no longer the one opened (deleted, or replaced:
+        an ``rm``, a clean-up of a temporary directory, a restore over it while it ran), else
+        None. Writes would go on into the unlinked file and be lost at the next start (which
+        makes an empty one): they are refused, and ``/readyz`` says so."""
+        if self._identity is None:
+            return None
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            what = "deleted"
+        else:
+            if (st.st_dev, st.st_ino) == self._identity:
+                return None
+            what = "replaced by another file"
+        held = _open_copy(self.path)
+        return (f"the database file {self.path} was {what} while the service ran; writes are "
+                f"refused (they would be lost at the next start). Restore it"
+                + (f" (the open one can be copied from {held})" if held else "")
+                + ", then restart the service")
+
     def _note_corrupt(self, exc: BaseException) -> None:
         """SQLite found the file damaged (a page that does not parse): every read or write
         touching it will fail until the file is repaired, so the store is not ready (``ping``
@@ -326,6 +353,8 @@ class SQLiteStore(SQLiteQueries):
         """Copy the WAL into the database file without blocking writers (a PASSIVE checkpoint,
         on its own connection, in a thread). The run supervisor calls it every few seconds."""
         def run() -> None:
+            if (gone := self.file_gone()) is not None:  # (a connection made now would
+                raise sqlite3.OperationalError(gone)  # make a new, empty file there)
             conn = self._checkpointer
             if conn is None:
                 conn = self._checkpointer = _connect(
@@ -352,6 +381,8 @@ class SQLiteStore(SQLiteQueries):
         if self.corrupt is not None:
             raise StoreError(f"the database file is damaged ({self.corrupt}): restore it from "
                              "a backup, or recover it with sqlite3's .recover")
+        if (gone := self.file_gone()) is not None:
+            raise StoreUnavailable(gone)
         await self._read("ping", lambda c: c.execute("SELECT 1").fetchone())
 
     async def probe_write(self) -> None:
@@ -360,6 +391,20 @@ class SQLiteStore(SQLiteQueries):
         now = time.time()
         await self._write("probe_write", lambda c: c.execute(
             "INSERT OR REPLACE INTO heartbeat (id, at) VALUES (1, ?)", (now,)))
+
+
+def _open_copy(path: Path) -> str | None:
+    """Where this process still holds ``path`` open once it was deleted (Linux: a
+    ``/proc/self/fd`` link "PATH (deleted)"), as ``/proc/PID/fd/N``, which can be copied."""
+    target = f"{os.path.abspath(path)} (deleted)"
+    try:
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{fd}") == target:
+                    return f"/proc/{os.getpid()}/fd/{fd}"
+    except OSError:
+        pass
+    return None
 
 
 def _store_error(exc: BaseException, what: str = "store write failed") -> BaseException:

@@ -236,3 +236,49 @@ async def test_a_new_store_is_readable_by_the_service_user_only(tmp_path: Path) 
     await store.open()
     await store.aclose()
     assert oct(theirs.stat().st_mode & 0o777) == oct(0o640)
+
+
+async def test_a_database_file_deleted_or_replaced_while_serving_is_noticed(
+    tmp_path: Path,
+) -> None:
+    """An operator's ``rm service.db`` (or a clean-up of a temporary directory, or a restore
+    copied over it) while the service runs. Observed: nothing noticed it; every write went on
+    into the unlinked file, each client told its message and answer were stored, and the next
+    start made an empty database: all of it lost. (A worker restarted meanwhile opened a new
+    empty file: two stores.) Expected: writes refused (503 ``store_unavailable``), ``/readyz``
+    503 saying what happened and where the open file can still be copied from, nothing told
+    stored that the file at the path does not hold."""
+    db = tmp_path / "s.db"
+    async with running_server(load_settings(db=db)) as srv, srv.client() as http:
+        with trio.fail_after(GUARD):
+            conv = (await http.post("/api/conversations", json={})).json()["id"]
+            assert (await http.get("/readyz")).status_code == 200
+            for suffix in ("", "-wal", "-shm"):  # rm s.db*
+                os.unlink(f"{db}{suffix}")
+            r = await http.post(f"/api/conversations/{conv}/messages", json={"content": "hi"})
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["type"] == "store_unavailable", r.text
+            assert "deleted" in r.json()["error"]["message"], r.text
+            ready = await http.get("/readyz")
+            assert ready.status_code == 503, ready.text
+            said = ready.json()["checks"]["store"]
+            assert "deleted" in said, said
+            assert "/proc/" in said, said
+            r = await http.post("/api/conversations", json={})
+            assert r.status_code == 503, r.text
+            assert not await trio.Path(db).exists()  # no new, empty file in its place
+
+    # Replaced by another database file (a restore over it) while serving: the same.
+    db2 = tmp_path / "t.db"
+    async with running_server(load_settings(db=db2)) as srv, srv.client() as http:
+        with trio.fail_after(GUARD):
+            assert (await http.get("/readyz")).status_code == 200
+            other = SQLiteStore(tmp_path / "other.db")
+            await other.open()
+            await other.aclose()
+            os.replace(tmp_path / "other.db", db2)
+            r = await http.post("/api/conversations", json={})
+            assert r.status_code == 503, r.text
+            assert "replaced" in r.json()["error"]["message"], r.text
+            ready = await http.get("/readyz")
+            assert ready.status_code == 503, ready.text
