@@ -381,9 +381,12 @@ class SQLiteStore(SQLiteQueries):
         if self.corrupt is not None:
             raise StoreError(f"the database file is damaged ({self.corrupt}): restore it from "
                              "a backup, or recover it with sqlite3's .recover")
-        if (gone := self.file_gone()) is not None:
-            raise StoreUnavailable(gone)
-        await self._read("ping", lambda c: c.execute("SELECT 1").fetchone())
+        def ping(conn: sqlite3.Connection) -> None:
+            if (gone := self.file_gone()) is not None:  # (a stat: in the reader's thread)
+                raise sqlite3.OperationalError(gone)
+            conn.execute("SELECT 1").fetchone()
+
+        await self._read("ping", ping)
 
     async def probe_write(self) -> None:
         """Raise StoreError unless the store can commit a write now (a page of its own: a
