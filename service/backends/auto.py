@@ -187,6 +187,11 @@ class AutoBackend:
     def served(self, backend: Backend, request: ChatRequest) -> None:
         """``backend`` gave ``request`` its first chunk (a router remembers it)."""
 
+    def has_model(self, backend: Backend, request: ChatRequest) -> bool:
+        """Whether ``backend`` is known to have ``request``'s model (a router's model lists):
+        its failure to answer is then the model's server down, not a model unknown."""
+        return False
+
     def in_flight(self, backend: Backend) -> int:
         """Calls of this router open on ``backend`` now (attempts included)."""
         return self._state[id(backend)].in_flight
@@ -250,7 +255,9 @@ class AutoBackend:
                 self._in_flight_changed(backend)
         if too_long is not None:
             raise too_long
-        raise _all_failed(causes)
+        down = {b.name for b in self.backends if self.has_model(b, request)}
+        raise _all_failed(causes, model_down=any(
+            isinstance(c, BackendUnavailable) and c.backend in down for c in causes))
 
     async def chat(self, request: ChatRequest) -> ChatResult:
         return await collect_chat(self, request)
@@ -353,14 +360,16 @@ class AutoBackend:
             await backend.aclose()
 
 
-def _all_failed(causes: list[BackendError]) -> BackendError:
+def _all_failed(causes: list[BackendError], *, model_down: bool = False) -> BackendError:
     """One error for a call no backend could serve.
 
     If every backend that answered said the model is unknown (the others being down), the
     answer is ModelNotFound (404), not "no backend reachable" (503); so for a request every
-    backend that answered refused (BackendRejectedRequest, 400).
+    backend that answered refused (BackendRejectedRequest, 400). Unless one of those down is
+    known to have the model (``model_down``): then it is its server away, a 503 to retry, not
+    a 404 a client takes for good.
     """
-    answered = [c for c in causes if not isinstance(c, BackendUnavailable)]
+    answered = [] if model_down else [c for c in causes if not isinstance(c, BackendUnavailable)]
     # Every one that answered refused the request itself (its model unknown, a field it does
     # not take): that answer, which a client does not retry. A refusal (400) before an
     # unknown model (404): the server that has the model said what is wrong.

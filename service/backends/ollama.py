@@ -39,6 +39,7 @@ from .http import NDJSONReader, loads_json, open_stream, request_json
 
 __all__ = ["OllamaBackend", "ollama_messages"]
 
+_PS_MARGIN = 0.05  # seconds of the caller's bound kept for handing over what /api/tags gave
 _NS_PER_MS = 1_000_000
 _DURATIONS = {
     "total_duration": "total_ms",
@@ -245,12 +246,16 @@ class OllamaBackend(HTTPBackend):
         return out
 
     async def inventory(self) -> tuple[frozenset[str], frozenset[str] | None]:
-        """``/api/tags`` (what it has) and ``/api/ps`` (what is in memory now)."""
+        """``/api/tags`` (what it has) and ``/api/ps`` (what is in memory now). ``/api/ps``
+        gets what is left of the caller's bound (less a margin), not a bound of its own past
+        it: cut from outside, the models ``/api/tags`` gave were lost with it, and a server
+        whose ``/api/ps`` was slow was marked unreachable at every refresh."""
         models = frozenset(m.id for m in await self.list_models())
+        deadline = min(trio.current_time() + self.health_timeout,
+                       trio.current_effective_deadline() - _PS_MARGIN)
         try:
             body = await request_json(self.client, "GET", f"{self.url}/api/ps", backend=self.name,
-                                      deadline=trio.current_time() + self.health_timeout,
-                                      headers=self.headers)
+                                      deadline=deadline, headers=self.headers)
             listed = body.get("models") if isinstance(body, dict) else None
             loaded = frozenset(
                 name for m in listed or () if isinstance(m, dict)

@@ -30,7 +30,7 @@ TLS).
 
 from __future__ import annotations
 
-import zlib
+import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -104,7 +104,7 @@ class FleetBackend(AutoBackend):
         self._affinity: OrderedDict[str, int] = OrderedDict()
         self._exported: dict[int, frozenset[str]] = {}  # models each server's gauge shows
         self._turn = 0
-        self._names = [b.name.encode() for b in self.backends]
+        self._names = [b.name.encode() + b"\0" for b in self.backends]  # hashed before a key
         self._refreshed_at = float("-inf")
         self._refreshing: trio.Event | None = None
         self._kept_fresh = False  # a keep_fresh task refreshes; calls never wait for it
@@ -161,9 +161,12 @@ class FleetBackend(AutoBackend):
             self._affinity.move_to_end(conversation)
         if conversation is not None:
             # Rendezvous hashing on the conversation and the servers' names: every process
-            # (--workers) breaks ties the same way, so its turns meet the same cache.
-            salt = zlib.crc32(conversation.encode())
-            tie = [-zlib.crc32(name, salt) for name in self._names]
+            # (--workers) breaks ties the same way, so its turns meet the same cache. (Not
+            # CRC-32 seeded with the conversation's: it is linear in its seed, so each score
+            # was the name's own XOR one mask, and 3 servers split 50/25/25.)
+            ident = conversation.encode()
+            tie = [-int.from_bytes(hashlib.blake2b(name + ident, digest_size=8).digest())
+                   for name in self._names]
         else:
             turn = self._turn
             self._turn = turn + 1  # no conversation: a rotation
@@ -195,6 +198,12 @@ class FleetBackend(AutoBackend):
         tag for its ``:latest`` and lists it with the tag."""
         return model in models or (self.members[i].kind == "ollama"
                                    and ollama_latest(model) in models)
+
+    def has_model(self, backend: Backend, request: ChatRequest) -> bool:
+        model = request.model or self.default_model
+        i = self._index[id(backend)]
+        models = self.inventories[i].models
+        return model is not None and models is not None and self._serves(i, models, model)
 
     def served(self, backend: Backend, request: ChatRequest) -> None:
         conversation = request.conversation_id
