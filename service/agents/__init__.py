@@ -145,8 +145,11 @@ def make_runner(
         answer = await agent.run(ctx)
         if agent.name != "chat" and spec.stop:
             cut = _cut_at_stop(answer, spec.stop)
-            if cut != answer:  # ended at the client's stop sequence, as its server would
-                handle.result_extra.setdefault("finish_reason", "stop")
+            if (cut != answer  # ended at the client's stop sequence, as its server would
+                    and handle.result_extra.get("finish_reason") != "tool_calls"):
+                # Set, not defaulted: under auto the chat agent set its call's own (a
+                # "length": the stop was not sent upstream, so the model ran on past it).
+                handle.result_extra["finish_reason"] = "stop"
             answer = cut
         # The answer's finish_reason is its last call's (chat sets its own): an answer cut
         # at max_tokens says "length", never "stop".

@@ -7,6 +7,7 @@ turns its failure or timeout into an *observation* the model sees, never a crash
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import math
@@ -33,6 +34,8 @@ log = get_logger("service.agents")
 
 
 _IN_THREAD = partial(trio.to_thread.run_sync, abandon_on_cancel=True)
+# What a tool raising is its failure, seen by the model (``call_tool``).
+_TOOL_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit, asyncio.CancelledError)
 TOOL_OUTPUT_CHARS = 16_000  # what a model (and the run's events) get of one tool's output
 
 
@@ -393,16 +396,18 @@ class AgentContext:
             except ToolArgumentsError as exc:
                 obs = _bounded(Observation(call_id, name, error=clean_text(exc.message)), limit)
                 outcome = "bad_arguments"
-            except (Exception, SystemExit) as exc:
+            except (*_TOOL_FAILURES,) as exc:
                 # SystemExit too: tools built on argparse or click exit on bad input, and a
                 # tool's failure is the model's observation, never the run's (or the service's).
+                # asyncio's CancelledError too: a sync tool wrapping an asyncio SDK raises it
+                # when a request it gathers is cancelled; this run's own cancel is trio's.
                 obs = _bounded(Observation(
                     call_id, name, error=clean_text(_describe_failure(exc))), limit)
                 outcome = "error"
             except BaseExceptionGroup as group:
                 # A tool's SystemExit from a task of its own (argparse or click in a nursery
                 # child) comes in a group: the tool's failure too, unless it holds more.
-                if group.split((Exception, SystemExit))[1] is not None:
+                if group.split(_TOOL_FAILURES)[1] is not None:
                     self.metrics.tool_calls.labels(name, "cancelled").inc()
                     raise
                 only = group.exceptions[0] if len(group.exceptions) == 1 else group

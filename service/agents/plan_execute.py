@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Collection
+from dataclasses import replace
 from typing import Any
 
 import trio
@@ -26,7 +27,7 @@ from pydantic import (
 )
 
 from ..backends.base import ChatMessage
-from ..errors import BackendError
+from ..errors import BackendError, ContextLengthExceeded
 from ..store import new_id
 from .base import TOOL_OUTPUT_CHARS, Agent, AgentContext
 from .react import ReActAgent, StepLimitReached
@@ -42,6 +43,7 @@ Tools: {tools}"""
 # A plan's own token budget when a client bounds its answer's (max_tokens below it): room for a
 # plan of max_steps steps with their arguments.
 PLAN_MAX_TOKENS = 1024
+_REASK_CHARS = 4_000  # of an invalid plan, sent back with the re-ask
 
 SYNTH_PROMPT = """Answer the user's request using the results of the steps below.
 
@@ -157,13 +159,19 @@ class PlanExecuteAgent(Agent):
         try:
             return self._parse(reply.content, done)
         except ValueError as first_error:
-            messages += [reply, ChatMessage(
+            # Re-asked with the invalid plan cut short: a runaway one (a small model repeating
+            # steps until its context was full) sent back whole made a prompt its server
+            # refused, and the run failed where it should fall back to one step.
+            shown = reply.content
+            if len(shown) > _REASK_CHARS:
+                shown = shown[:_REASK_CHARS] + " [... cut]"
+            messages += [replace(reply, content=shown), ChatMessage(
                 "user", f"That plan was not valid ({first_error}). Reply with the JSON plan only."
             )]
-            reply = await ctx.call_llm(messages, emit_tokens=False, max_tokens=budget)
             try:
+                reply = await ctx.call_llm(messages, emit_tokens=False, max_tokens=budget)
                 return self._parse(reply.content, done)
-            except ValueError as exc:
+            except (ValueError, ContextLengthExceeded) as exc:
                 ctx.emit("thought", {"text": f"no valid plan ({exc}); using one step"})
                 # The question may be empty (a /v1 message with only an image, or "").
                 return Plan(steps=[PlanStep(id=1, task=ctx.question.strip() or

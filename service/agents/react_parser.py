@@ -52,17 +52,22 @@ def _unfenced(text: str) -> str:
     positions hold), where labels are searched: an ``Action:`` key in a YAML block of an
     answer is code, not a call. A fence opens at a line's start, or at its end (``Action
     Input: ```json``); one never closed runs to the end (a turn cut short). A turn whose only
-    protocol is fenced (a step written in a code block, with or without a line before it) is
-    searched as it is: its Action Input, or its Final Answer, shows it is the protocol."""
+    protocol is fenced (a step written in a code block, with or without a line before it, and
+    nothing after it) is searched as it is: its Action Input, or its Final Answer, shows it is
+    the protocol."""
     if "```" not in text and "~~~" not in text:
         return text
     out: list[str] = []
     inside: str | None = None  # the marker of the fence open
+    after = 0  # where the text after the last closed fence starts
+    at = 0  # where the next line starts
     for line in text.splitlines(keepends=True):
+        at += len(line)
         if inside is not None:
             if line.lstrip().startswith(inside):
                 inside = None  # its closing fence (kept: no label in it)
                 out.append(line)
+                after = at
             else:
                 out.append(re.sub(r"[^\r\n]", " ", line))
             continue
@@ -73,8 +78,11 @@ def _unfenced(text: str) -> str:
             if line.count(marker) == 1:  # not ```inline``` on one line
                 inside = marker
     masked = "".join(out)
+    if inside is not None:  # never closed: it runs to the end
+        after = len(text)
+    # (Prose after the fence: the example of an answer quoting the protocol, not a step.)
     if (not _ACTION.search(masked) and not _FINAL.search(masked)
-            and (_INPUT.search(text) or _FINAL.search(text))):
+            and (_INPUT.search(text) or _FINAL.search(text)) and not masked[after:].strip()):
         return text
     return masked
 
@@ -135,6 +143,16 @@ def _parse_input(raw: str) -> Any:
             pass
         if (literal := _python_dict(raw)) is not None:
             return literal
+    if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+        # A JSON string ("First line.\nSecond line."): decoded, as the model wrote it; its
+        # escapes taken as text gave a tool a backslash and an n for a line break.
+        try:
+            value = json.loads(raw)
+        except (ValueError, RecursionError):
+            pass
+        else:
+            if isinstance(value, str):
+                return value
     if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
         raw = raw[1:-1]
     return raw
@@ -163,16 +181,20 @@ def parse_react(text: str, *, final_first: bool = False,
 
     if action_m and not (final_m and (final_first or final_m.start() < action_m.start())):
         name = _section(text, action_m.end(), scan).splitlines()[0:1]
-        action = name[0].strip().strip("`*'\"") if name else ""
+        # Decorations models put around a name (backticks, quotes, bold), and the brackets of
+        # the prompt's "one of [calculator, ...]".
+        action = name[0].strip().strip("`*'\"[]") if name else ""
         input_m = _input_of(scan, action_m)
         if input_m:
             action_input = _parse_input(_section(text, input_m.end(), scan))
         else:
-            # "Action: calculator(2+2)" or the input on the lines after the name.
+            # "Action: calculator(2+2)", the ReAct paper's "calculator[2+2]", or the input on
+            # the lines after the name.
             rest = _section(text, action_m.end(), scan)
-            paren = re.match(r"^([\w.-]+)\s*\((.*)\)\s*$", rest, re.S)
+            paren = re.match(r"^([\w.-]+)\s*(?:\((.*)\)|\[(.*)\])\s*$", rest, re.S)
             if paren:
-                action, action_input = paren.group(1), _parse_input(paren.group(2))
+                inside = paren.group(2) if paren.group(2) is not None else paren.group(3)
+                action, action_input = paren.group(1), _parse_input(inside)
             else:
                 lines = rest.splitlines()
                 action_input = _parse_input("\n".join(lines[1:])) if len(lines) > 1 else {}

@@ -20,6 +20,7 @@ import trio
 
 from ..errors import RunError, ServiceError
 from ..store.records import BegunRun, RunEvent, ends_a_step
+from ..text import clean_json
 from .lifecycle import TERMINAL, RunStatus, check_transition
 
 __all__ = ["ResumeFrom", "RunHandle", "Subscription"]
@@ -157,6 +158,11 @@ class RunHandle:
     def _number(self, type_: str, data: dict[str, Any]) -> RunEvent:
         if self._closed:
             raise RunError(f"run {self.id} already finished; cannot emit {type_}")
+        if type_ != "token":  # (a token's text is cleaned where it is read: TextJoiner)
+            # A model's JSON escapes decode to NUL and lone surrogates (a tool call's
+            # arguments, a plan, an answer given as an action's input): no event holds
+            # them, and what is told is what the store keeps (it cleans them alike).
+            data = clean_json(data)
         event = RunEvent.make(self.id, self._next_seq, type_, data, time.time())
         self._next_seq += 1
         if type_ == "run.finished":
