@@ -51,29 +51,39 @@ FINISH = (sse({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
           + b"data: [DONE]\n\n")
 
 
+async def read_request(stream: trio.SocketStream) -> tuple[str, dict[str, str]] | None:
+    """One request, its body read: its path (without the query) and its headers (lower-cased);
+    None if the client closed first."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        got = await stream.receive_some(65536)
+        if not got:
+            return None
+        data += got
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (
+        line.partition(":") for line in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    while len(rest) < length:
+        got = await stream.receive_some(65536)
+        if not got:
+            return None
+        rest += got
+    return lines[0].split(" ")[1].split("?")[0], headers
+
+
 async def serve_raw(respond: Respond, seen: list[dict[str, str]] | None = None,  # noqa: ASYNC114
                     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """A server that reads each request (its headers, lower-cased, appended to ``seen``) and
     answers it with ``respond``."""
 
     async def handle(stream: trio.SocketStream) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            got = await stream.receive_some(65536)
-            if not got:
-                return
-            data += got
-        head, _, rest = data.partition(b"\r\n\r\n")
-        headers = {k.strip().lower(): v.strip() for k, _, v in (
-            line.partition(":") for line in head.decode("latin-1").split("\r\n")[1:])}
+        request = await read_request(stream)
+        if request is None:
+            return
         if seen is not None:
-            seen.append(headers)
-        length = int(headers.get("content-length", "0"))
-        while len(rest) < length:
-            got = await stream.receive_some(65536)
-            if not got:
-                return
-            rest += got
+            seen.append(request[1])
         try:
             await respond(stream)
             with trio.move_on_after(5):
@@ -82,10 +92,40 @@ async def serve_raw(respond: Respond, seen: list[dict[str, str]] | None = None, 
             return
 
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.serve_listeners, handle, listeners)
-        task_status.started(port)
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(handle, listeners)
+
+
+def json_response(status: str, body: bytes) -> bytes:
+    return (b"HTTP/1.1 %s\r\nContent-Type: application/json; charset=utf-8\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (status.encode(), len(body), body))
+
+
+NOT_FOUND = json_response("404 Not Found", b'{"error":{"code":404,"message":"File Not Found",'
+                                           b'"type":"not_found_error"}}')
+
+
+async def serve_routes(routes: dict[str, bytes], *,  # noqa: ASYNC114
+                       task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """A server answering each request by its path (raw bytes; 404 JSON for other paths), one
+    request per connection (each answer closes it)."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            request = await read_request(stream)
+            if request is None:
+                return
+            answer = routes.get(request[0]) or NOT_FOUND
+            answer = answer.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+            await stream.send_all(answer)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await stream.aclose()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(handle, listeners)
 
 
 class Outcome:

@@ -17,20 +17,15 @@ import trio
 from service.errors import ContextLengthExceeded
 from service.settings import BackendKind, Settings
 
-from ..raw_upstream import call_raw
+from ..raw_upstream import call_raw, json_response, serve_routes
 from ..servers import running_server
 
 GUARD = 20  # seconds: no wait here may take longer
 
 
-def _json_response(status: str, body: bytes) -> bytes:
-    return (b"HTTP/1.1 %s\r\nContent-Type: application/json; charset=utf-8\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (status.encode(), len(body), body))
-
-
 def _answer(status: str, body: bytes) -> Callable[[trio.SocketStream], Any]:
     async def respond(stream: trio.SocketStream) -> None:
-        await stream.send_all(_json_response(status, body))
+        await stream.send_all(json_response(status, body))
     return respond
 
 
@@ -38,52 +33,11 @@ def _answer(status: str, body: bytes) -> Callable[[trio.SocketStream], Any]:
 Routes = dict[str, bytes]
 
 
-async def _serve_routes(routes: Routes, *, task_status: trio.TaskStatus[int]  # noqa: ASYNC114
-                        = trio.TASK_STATUS_IGNORED) -> None:
-    """A raw HTTP/1.1 server answering each request by its path (404 JSON for others), one
-    request per connection (each answer closes it)."""
-
-    async def handle(stream: trio.SocketStream) -> None:
-        data = b""
-        try:
-            while b"\r\n\r\n" not in data:
-                got = await stream.receive_some(65536)
-                if not got:
-                    return
-                data += got
-            head, _, rest = data.partition(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")
-            path = lines[0].split(" ")[1].split("?")[0]
-            headers = {k.strip().lower(): v.strip()
-                       for k, _, v in (line.partition(":") for line in lines[1:])}
-            length = int(headers.get("content-length", "0"))
-            while len(rest) < length:
-                got = await stream.receive_some(65536)
-                if not got:
-                    return
-                rest += got
-            answer = routes.get(path) or _json_response(
-                "404 Not Found", b'{"error":{"code":404,"message":"File Not Found",'
-                                 b'"type":"not_found_error"}}')
-            answer = answer.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
-            await stream.send_all(answer)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            await stream.aclose()
-
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.serve_listeners, handle, listeners)
-        task_status.started(port)
-
-
 @asynccontextmanager
 async def _server_on(settings: Settings, kind: str, routes: Routes) -> AsyncIterator[Any]:
     """The service (its backend built from the settings) on a raw ``kind`` upstream."""
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(_serve_routes, routes)
+        port = await nursery.start(serve_routes, routes)
         conf = settings.model_copy(update={
             "backend": BackendKind(kind), f"{kind}_url": f"http://127.0.0.1:{port}"})
         async with running_server(conf, from_settings=True) as server, server.client() as c:
@@ -91,11 +45,11 @@ async def _server_on(settings: Settings, kind: str, routes: Routes) -> AsyncIter
         nursery.cancel_scope.cancel()
 
 
-LLAMA_MODELS = _json_response("200 OK", json.dumps({
+LLAMA_MODELS = json_response("200 OK", json.dumps({
     "object": "list",
     "data": [{"id": "sim-model", "object": "model", "created": 1, "owned_by": "llamacpp"}],
 }).encode())
-LLAMA_HEALTH = _json_response("200 OK", b'{"status":"ok"}')
+LLAMA_HEALTH = json_response("200 OK", b'{"status":"ok"}')
 
 
 # -- OpenAI-compatible servers: a prompt over the context, said by OpenAI's error code ---------
@@ -131,7 +85,7 @@ async def test_openai_context_length_code_reaches_the_v1_client_as_context_lengt
     context is 400 ``context_length_exceeded``"; an OpenAI-compatible upstream that answers
     OpenAI's ``"code": "context_length_exceeded"`` (400, see above) reaches a ``/v1`` client
     as 400 ``backend_rejected_request``, which an SDK cannot tell from a bad field."""
-    routes = {"/v1/chat/completions": _json_response("400 Bad Request", OPENAI_CONTEXT_ERROR),
+    routes = {"/v1/chat/completions": json_response("400 Bad Request", OPENAI_CONTEXT_ERROR),
               "/v1/models": LLAMA_MODELS, "/health": LLAMA_HEALTH}
     with trio.fail_after(GUARD):
         async with _server_on(settings, "llamacpp", routes) as client:
