@@ -4,6 +4,8 @@ written against, because of a defect a client would hit.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -189,6 +191,24 @@ async def _head(stream: trio.SocketStream, buf: bytes = b"") -> bytes:
     return buf
 
 
+@asynccontextmanager
+async def _asking_to_send(tmp_path: Path, length: int
+                          ) -> AsyncIterator[tuple[trio.SocketStream, bytes]]:
+    """A POST declaring ``length`` bytes that asks first (``Expect: 100-continue``), to a
+    server whose cap is 4,096 bytes: its connection, and the head the server answered."""
+    settings = load_settings(db=tmp_path / "s.db", max_body_bytes=4096)
+    async with running_server(settings, ScriptedBackend()) as srv:
+        host, port = srv.url.removeprefix("http://").rsplit(":", 1)
+        async with await trio.open_tcp_stream(host, int(port)) as stream:
+            await stream.send_all(
+                b"POST /api/conversations HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n"
+                b"Expect: 100-continue\r\n\r\n" % length)
+            with trio.fail_after(GUARD):
+                buf = await _head(stream)
+            yield stream, buf
+
+
 async def test_a_declared_length_over_the_cap_is_refused_before_100_continue(
     tmp_path: Path,
 ) -> None:
@@ -203,19 +223,8 @@ async def test_a_declared_length_over_the_cap_is_refused_before_100_continue(
 
     Expected: the first (and only) status line is 413, with no 100 before it.
     """
-    settings = load_settings(db=tmp_path / "s.db", max_body_bytes=4096)
-    async with running_server(settings, ScriptedBackend()) as srv:
-        host, port = srv.url.removeprefix("http://").rsplit(":", 1)
-        stream = await trio.open_tcp_stream(host, int(port))
-        try:
-            await stream.send_all(
-                b"POST /api/conversations HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                b"Content-Type: application/json\r\nContent-Length: 10000000\r\n"
-                b"Expect: 100-continue\r\n\r\n")
-            with trio.fail_after(GUARD):
-                buf = await _head(stream)
-        finally:
-            await stream.aclose()
+    async with _asking_to_send(tmp_path, 10_000_000) as (_, buf):
+        pass
     first = buf.split(b"\r\n", 1)[0]
     assert first.startswith(b"HTTP/1.1 413"), (
         f"a 10 MB body declared (cap 4,096) with Expect: 100-continue was answered "
@@ -262,21 +271,10 @@ async def test_a_declared_length_within_the_cap_is_still_told_to_continue(
 ) -> None:
     """The guard beside the test above: a body within the cap is asked for (``100 Continue``),
     sent, and answered."""
-    settings = load_settings(db=tmp_path / "s.db", max_body_bytes=4096)
     body = b'{"title": "t"}'
-    async with running_server(settings, ScriptedBackend()) as srv:
-        host, port = srv.url.removeprefix("http://").rsplit(":", 1)
-        stream = await trio.open_tcp_stream(host, int(port))
-        try:
-            await stream.send_all(
-                b"POST /api/conversations HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                b"Content-Type: application/json\r\nContent-Length: %d\r\n"
-                b"Expect: 100-continue\r\n\r\n" % len(body))
-            with trio.fail_after(GUARD):
-                buf = await _head(stream)
-                assert buf.startswith(b"HTTP/1.1 100 "), buf
-                await stream.send_all(body)
-                buf = await _head(stream, buf.split(b"\r\n\r\n", 1)[1])
-        finally:
-            await stream.aclose()
+    async with _asking_to_send(tmp_path, len(body)) as (stream, buf):
+        assert buf.startswith(b"HTTP/1.1 100 "), buf
+        with trio.fail_after(GUARD):
+            await stream.send_all(body)
+            buf = await _head(stream, buf.split(b"\r\n\r\n", 1)[1])
     assert buf.startswith(b"HTTP/1.1 201") or buf.startswith(b"HTTP/1.1 200"), buf[:200]
