@@ -51,33 +51,41 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _GC_FULL_AT_LEAST = 600.0  # ...or after this many seconds without one
 
 
+# Keys of hypercorn's whose default is None, and what they hold when set.
+_OPTIONAL_NUMBERS: dict[str, type] = {"websocket_ping_interval": float, "read_timeout": float,
+                                      "max_requests": int, "umask": int, "user": int,
+                                      "group": int}
+
+
 def _check_types(config_path: Path) -> None:
     """Each key of the file that hypercorn knows holds a value of its default's type (a number
     for a number, a flag for a flag): hypercorn checks none, and ``workers = "2"`` crashed the
-    start with a traceback (``graceful_timeout = "5"``: the first SIGTERM)."""
+    start with a traceback (``graceful_timeout = "5"``: the first SIGTERM;
+    ``keep_alive_timeout = -5.0`` and ``websocket_ping_interval = "20"``: every connection)."""
     with config_path.open("rb") as f:
         data = tomllib.load(f)
     defaults = Config()
     for key, value in data.items():
         default = getattr(defaults, key, None)
-        if isinstance(default, bool):
+        kind = _OPTIONAL_NUMBERS.get(key) or type(default)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if kind is bool:
             ok = isinstance(value, bool)
-        elif isinstance(default, int):  # a count (workers, backlog): a whole number
-            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-        elif isinstance(default, float):  # seconds: a finite number (TOML has nan and inf)
-            ok = (isinstance(value, int | float) and not isinstance(value, bool)
-                  and math.isfinite(value))
+        elif kind is int:  # a count (workers, backlog): a whole number
+            ok = number and isinstance(value, int) and value >= 0
+        elif kind is float:  # seconds: a finite number (TOML has nan and inf), not negative
+            ok = number and math.isfinite(value) and value >= 0
         elif key in ("bind", "insecure_bind", "quic_bind"):
             ok = isinstance(value, str) or (
                 isinstance(value, list) and all(isinstance(b, str) for b in value))
         else:
             continue
         if not ok:
-            kind = ("true or false" if isinstance(default, bool)
+            what = ("true or false" if kind is bool
                     else "HOST:PORT strings" if key.endswith("bind")
-                    else "a whole number of at least 0 (no quotes)" if isinstance(default, int)
-                    else "a finite number (no quotes)")
-            raise ConfigError(f"--config {config_path}: {key} = {value!r}: {kind} expected",
+                    else "a whole number of at least 0 (no quotes)" if kind is int
+                    else "a number of seconds of at least 0 (no quotes)")
+            raise ConfigError(f"--config {config_path}: {key} = {value!r}: {what} expected",
                               variable="--config")
 
 

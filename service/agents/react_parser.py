@@ -53,7 +53,7 @@ def _unfenced(text: str) -> str:
     answer is code, not a call. A fence opens at a line's start, or at its end (``Action
     Input: ```json``); one never closed runs to the end (a turn cut short). A turn whose only
     protocol is fenced (a step written in a code block, with or without a line before it, and
-    nothing after it) is searched as it is: its Action Input, or its Final Answer, shows it is
+    no prose after it) is searched as it is: its Action Input, or its Final Answer, shows it is
     the protocol."""
     if "```" not in text and "~~~" not in text:
         return text
@@ -80,9 +80,13 @@ def _unfenced(text: str) -> str:
     masked = "".join(out)
     if inside is not None:  # never closed: it runs to the end
         after = len(text)
-    # (Prose after the fence: the example of an answer quoting the protocol, not a step.)
+    # Prose after the fence: the example of an answer quoting the protocol, not a step (a
+    # label after it, an Observation the model made up, is the step's run-on).
+    tail = masked[after:].lstrip()
+    prose_after = bool(tail) and not any(
+        rx.match(tail) for rx in (_THOUGHT, _ACTION, _INPUT, _FINAL, _OBSERVATION))
     if (not _ACTION.search(masked) and not _FINAL.search(masked)
-            and (_INPUT.search(text) or _FINAL.search(text)) and not masked[after:].strip()):
+            and (_INPUT.search(text) or _FINAL.search(text)) and not prose_after):
         return text
     return masked
 

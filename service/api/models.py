@@ -20,6 +20,7 @@ from pydantic import (
     ValidationInfo,
     ValidatorFunctionWrapHandler,
     field_validator,
+    model_validator,
 )
 from pydantic.fields import FieldInfo
 
@@ -200,16 +201,15 @@ class _Query(Unicode):
     # a browser's (an EventSource cache-buster ?_=123, ?access_token=) must be.
     model_config = ConfigDict(extra="ignore")
 
-    @field_validator("*", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _empty_number_is_absent(cls, value: Any, info: ValidationInfo) -> Any:
-        """An empty number (``?limit=``, ``?after=``, as a form or a URL template leaves it)
-        is its default, as an empty ``?before=`` is: it was a 422 while ``before`` was not."""
-        if value == "" and info.field_name is not None:
-            field = cls.model_fields[info.field_name]
-            if field.annotation in (int, int | None):
-                return field.get_default()
-        return value
+    def _empty_is_absent(cls, values: Any) -> Any:
+        """An empty value (``?limit=``, ``?run_id=``, as a form or API.md's own templates leave
+        it) is absent, as an empty ``?before=`` was: ``?limit=`` was a 422 and ``?run_id=``
+        a 404 "no run ''"."""
+        if isinstance(values, dict):
+            return {k: v for k, v in values.items() if v != ""}
+        return values
 
 
 class CreateConversation(_Strict):

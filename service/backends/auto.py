@@ -365,11 +365,12 @@ def _all_failed(causes: list[BackendError], *, model_down: bool = False) -> Back
 
     If every backend that answered said the model is unknown (the others being down), the
     answer is ModelNotFound (404), not "no backend reachable" (503); so for a request every
-    backend that answered refused (BackendRejectedRequest, 400). Unless one of those down is
-    known to have the model (``model_down``): then it is its server away, a 503 to retry, not
-    a 404 a client takes for good.
+    backend that answered refused (BackendRejectedRequest, 400). When one of those down is
+    known to have the model (``model_down``), the others' "unknown model" says nothing: its
+    server is away, a 503 to retry, not a 404 a client takes for good.
     """
-    answered = [] if model_down else [c for c in causes if not isinstance(c, BackendUnavailable)]
+    answered = [c for c in causes if not isinstance(c, BackendUnavailable)
+                and not (model_down and isinstance(c, ModelNotFound))]
     # Every one that answered refused the request itself (its model unknown, a field it does
     # not take): that answer, which a client does not retry. A refusal (400) before an
     # unknown model (404): the server that has the model said what is wrong.

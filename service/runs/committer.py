@@ -82,6 +82,7 @@ class EventCommitter:
         self._unchecked_bytes = 0  # of events enqueued since the bound was last looked at
         self._retrying = False  # the last batch was refused: the next may hold stored events
         self._refused = False  # the store's latest answer to a final state was a refusal
+        self._ends_refused: set[str] = set()  # runs whose end is refused, tried again now
         self._wake = Wakeup()
         self._lock = trio.Lock()  # one batch in flight at a time
         self._in_flight: set[str] = set()  # the runs with events in the batch in flight
@@ -108,7 +109,7 @@ class EventCommitter:
         """The store refused (or did not answer in time) its latest write of runs' events or
         final states, and some are held for a retry: it does not take this instance's runs,
         whatever a one-row probe says (a nearly full volume takes a page, not a batch)."""
-        return ((self._retrying and bool(self._pending))
+        return ((self._retrying and bool(self._pending)) or bool(self._ends_refused)
                 or (self._refused and bool(self._final_retries)))
 
     def ended(self, run_id: str) -> RunHandle | None:
@@ -288,26 +289,31 @@ class EventCommitter:
         True: stored; False: the run is no longer this process's (closed by another
         instance); None: it cannot be stored (a bug, logged)."""
         backoff = Backoff()
-        while True:
-            try:
-                with trio.move_on_after(WRITE_BUDGET) as write:
-                    written = await final.write(self._store)
-                    self._refused = False
-                    return written
-                self._refused = True
-                if write.cancelled_caught:
+        try:
+            while True:
+                refused = True
+                try:
+                    with trio.move_on_after(WRITE_BUDGET):
+                        written = await final.write(self._store)
+                        self._refused = False
+                        return written
                     log.error("final write of run %s took over %ss; trying again", handle.id,
                               WRITE_BUDGET)
-            except StoreError as exc:
-                self._refused = self._refused or isinstance(exc, StoreUnavailable)
-                log.error("could not store the final state of run %s (trying again): %s",
-                          handle.id, exc.message)
-            except Exception:
-                # Not the store's trouble but a bug (what it was given): retrying now would
-                # fail the same way. The run still ends, and the supervisor goes on.
-                log.exception("the final state of run %s cannot be stored", handle.id)
-                return None
-            await backoff.pause()
+                except StoreError as exc:
+                    refused = isinstance(exc, StoreUnavailable)
+                    log.error("could not store the final state of run %s (trying again): %s",
+                              handle.id, exc.message)
+                except Exception:
+                    # Not the store's trouble but a bug (what it was given): retrying now
+                    # would fail the same way. The run still ends, and the supervisor goes on.
+                    log.exception("the final state of run %s cannot be stored", handle.id)
+                    return None
+                if refused:  # (``refusing`` while it is tried again, not only once set aside)
+                    self._refused = True
+                    self._ends_refused.add(handle.id)
+                await backoff.pause()
+        finally:
+            self._ends_refused.discard(handle.id)
 
     async def _adopt_stored_end(self, handle: RunHandle, final: FinalState) -> bool:
         """The run was closed by another instance (this one's lease lapsed, so the others took

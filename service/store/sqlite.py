@@ -135,6 +135,11 @@ class SQLiteStore(SQLiteQueries):
         await self._run_sync(self._open_sync)
 
     def _open_sync(self) -> None:
+        if str(self.path) != ":memory:":
+            # The file itself, whatever the directory is later (a chdir) or a symlink on the
+            # way: what every later connection opens, what ``file_gone`` looks at, and the
+            # name /proc shows for it once deleted.
+            self.path = Path(os.path.realpath(self.path))
         try:
             if str(self.path) != ":memory:":
                 # Conversations are private: a directory made here, and a file made here (its
@@ -399,7 +404,7 @@ class SQLiteStore(SQLiteQueries):
 def _open_copy(path: Path) -> str | None:
     """Where this process still holds ``path`` open once it was deleted (Linux: a
     ``/proc/self/fd`` link "PATH (deleted)"), as ``/proc/PID/fd/N``, which can be copied."""
-    target = f"{os.path.abspath(path)} (deleted)"
+    target = f"{path} (deleted)"  # (``path`` resolved at open)
     try:
         for fd in os.listdir("/proc/self/fd"):
             with contextlib.suppress(OSError):
