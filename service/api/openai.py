@@ -255,9 +255,14 @@ async def _until_the_answer_starts(reader: EventReader, hold: float, *, answer_t
 
 
 def _chunk(cid: str, created: int, model: str, delta: dict[str, Any],
-           finish: str | None = None) -> dict[str, Any]:
-    return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+           finish: str | None = None, *, usage: bool = False) -> dict[str, Any]:
+    """A chunk; with ``usage`` (``stream_options.include_usage``) it says ``"usage": null``, as
+    OpenAI's every chunk before the usage chunk does."""
+    out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    if usage:
+        out["usage"] = None
+    return out
 
 
 async def _stream(
@@ -271,7 +276,7 @@ async def _stream(
     it was sent at once with the placeholder model ("default"), and every later chunk said
     "default" while the run was stored with the model that answered."""
     try:
-        framer = _Framer(cid, created, model, answer_tokens=answer_tokens)
+        framer = _Framer(cid, created, model, answer_tokens=answer_tokens, usage=include_usage)
         opened = False
 
         def frame(event: RunEvent) -> bytes | None:
@@ -284,8 +289,12 @@ async def _stream(
                 return None
             opened = True
             # The role chunk and the first frame go out as one write (each write to
-            # hypercorn costs a round of the event loop before its bytes leave).
-            return sse_data(framer.chunk({"role": "assistant", "content": ""})) + out
+            # hypercorn costs a round of the event loop before its bytes leave). An answer of
+            # tool calls alone has content null, as OpenAI's and the non-stream one have.
+            calls_only = (event.type == "message" and event.data.get("tool_calls")
+                          and not (not framer.answer_tokens and event.data.get("content")))
+            role = {"role": "assistant", "content": None if calls_only else ""}
+            return sse_data(framer.chunk(role)) + out
 
         opening = [out for event in first if (out := frame(event)) is not None]
         yield b"".join(opening) if opened else b"".join(opening) + b": keep-alive\n\n"
@@ -330,6 +339,7 @@ def _token_prefix(cid: str, created: int, model: str) -> bytes:
 
 
 _TOKEN_SUFFIX = b'},"finish_reason":null}]}\n\n'
+_TOKEN_SUFFIX_USAGE = b'},"finish_reason":null}],"usage":null}\n\n'
 
 
 class _Framer:
@@ -341,11 +351,13 @@ class _Framer:
     stream their steps' text (thoughts, plans, text before a tool call), which is not the
     answer: their answer is sent whole, from the final message, as the non-stream one is."""
 
-    def __init__(self, cid: str, created: int, model: str, *, answer_tokens: bool = True
-                 ) -> None:
+    def __init__(self, cid: str, created: int, model: str, *, answer_tokens: bool = True,
+                 usage: bool = False) -> None:
         self.cid, self.created, self.model = cid, created, model
         self.prefix = _token_prefix(cid, created, model)
+        self.suffix = _TOKEN_SUFFIX_USAGE if usage else _TOKEN_SUFFIX
         self.answer_tokens = answer_tokens
+        self.usage = usage
         self.failed = False
 
     def name(self, model: str) -> None:
@@ -360,7 +372,7 @@ class _Framer:
             if not self.answer_tokens:
                 return None
             # Same bytes as sse_data(_chunk(..., {"content": text})), without re-encoding.
-            return self.prefix + json.dumps(event.data["text"]).encode() + _TOKEN_SUFFIX
+            return self.prefix + json.dumps(event.data["text"]).encode() + self.suffix
         if event.type == "thought":
             if self.answer_tokens and event.data.get("reasoning"):
                 # A reasoning model's thinking, as llama.cpp's server and DeepSeek send it.
@@ -391,7 +403,7 @@ class _Framer:
         return None
 
     def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return _chunk(self.cid, self.created, self.model, delta, finish)
+        return _chunk(self.cid, self.created, self.model, delta, finish, usage=self.usage)
 
 
 # The error code of a run that ended so (as a non-stream answer has it: api/runs.py).

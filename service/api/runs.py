@@ -233,8 +233,18 @@ async def run_events(run_id: str, query_args: RunEventsQuery) -> Response:
         # last id it saw in the header: the later position wins, or it would get events again.
         if int(header) > after:
             after, field = int(header), "Last-Event-ID"
+    try:
+        if after and run.status in ("queued", "running"):
+            checked = await _event_type(run, after)
+        elif after:
+            checked = await _where_in_the_end(run, after)
+    except ServiceError as exc:
+        # Where the id is cannot be told now (the store refused the read): the stream says
+        # so in a frame, as a failed re-read does, and the client re-joins later. Followed
+        # blind, an id past the run's events gave a 200 that ended with no frame at all.
+        return sse_response(_failed(exc))
     if after and run.status in ("queued", "running"):
-        seen = await _event_type(run, after)
+        seen = checked
         if seen is None:
             # An id this run has not reached: no client can have seen it (an event is shown
             # only once stored). Followed, the stream would wait for the run's end and then
@@ -247,7 +257,7 @@ async def run_events(run_id: str, query_args: RunEventsQuery) -> Response:
             # the end, as below (an empty 200 here made an EventSource reconnect once more).
             return Response("", status=204)
     if after and run.status not in ("queued", "running"):
-        where = await _where_in_the_end(run, after)
+        where = checked
         if where == "end":
             # Its client saw run.finished. The HTML spec's EventSource stops reconnecting on a
             # 204; on an empty 200 it would reconnect every few seconds forever.
@@ -272,13 +282,13 @@ async def _no_events() -> AsyncIterator[bytes]:
     yield  # an async generator with nothing in it
 
 
+async def _failed(exc: ServiceError) -> AsyncIterator[bytes]:
+    yield sse_event(None, "error", exc.to_event())
+
+
 async def _event_type(run: RunRecord, seq: int) -> str | None:
-    """The type of the run's event ``seq`` in the store, None if it has none ("" if it cannot
-    say: the stream then reads the store again and reports its failure in a frame)."""
-    try:
-        found = await services().require_store().list_run_events(run.id, after=seq - 1, limit=1)
-    except ServiceError:
-        return ""
+    """The type of the run's event ``seq`` in the store, None if it has none."""
+    found = await services().require_store().list_run_events(run.id, after=seq - 1, limit=1)
     return found[0].type if found and found[0].seq == seq else None
 
 
@@ -286,13 +296,8 @@ async def _where_in_the_end(run: RunRecord, after: int) -> str:
     """Where event ``after`` is in a finished run's events: ``"end"`` (its ``run.finished``,
     the last: its client saw the run end), ``"past"`` (beyond the last), ``"before"`` (more
     come after it; pruned ids in between count as before). The store has a finished run's
-    events: its final write carries them. ``"before"`` if it cannot say (the stream then reads
-    the store again and reports the failure in a frame)."""
-    try:
-        found = await services().require_store().list_run_events(run.id, after=after - 1,
-                                                                 limit=2)
-    except ServiceError:
-        return "before"
+    events: its final write carries them."""
+    found = await services().require_store().list_run_events(run.id, after=after - 1, limit=2)
     if not found:
         return "past"
     return "end" if len(found) == 1 and found[0].seq == after else "before"
