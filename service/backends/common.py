@@ -179,6 +179,8 @@ def split_credentials(url: str) -> tuple[str, str | None]:
     user, password = unquote(parts.username or ""), unquote(parts.password or "")
     host = parts.netloc.rpartition("@")[2]
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    for secret in (password, f"{user}:{password}", f"Basic {token}"):
+    # With no password the user name is the credential (``http://sk-TOKEN@proxy``, a
+    # gateway's key given as the user): never shown either.
+    for secret in (password or user, f"{user}:{password}", f"Basic {token}"):
         register_upstream_secret(secret)
     return urlunsplit(parts._replace(netloc=host)), f"Basic {token}"

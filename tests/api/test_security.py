@@ -35,6 +35,18 @@ def test_url_credentials_become_an_authorization_header() -> None:
                                                                 None)
 
 
+def test_a_key_given_as_the_urls_user_name_is_never_shown() -> None:
+    # (Suspected by the fleet review of 2026-12-06.) A gateway's key as the URL's user name,
+    # with no password: "user:" and the Basic value were registered as secrets, the key
+    # itself not, so an upstream's error echoing it was shown.
+    from service.errors import scrub_upstream_secrets
+
+    url, auth = split_credentials("http://sk-Gateway7Key@models.internal:8080")
+    assert url == "http://models.internal:8080"
+    assert auth == "Basic " + base64.b64encode(b"sk-Gateway7Key:").decode()
+    assert "sk-Gateway7Key" not in scrub_upstream_secrets("401: unknown key sk-Gateway7Key")
+
+
 async def test_an_upstream_with_credentials_in_its_url_gets_them_as_a_header() -> None:
     seen: list[httpx.Request] = []
 
