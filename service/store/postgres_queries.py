@@ -260,7 +260,11 @@ class PostgresQueries(PostgresOwnership):
             if row is None:
                 raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
             conv = conversation_row(row)
-            c.execute("UPDATE conversations SET updated_at = %s WHERE id = %s", (now, conv.id))
+            if not c.execute("UPDATE conversations SET updated_at = %s WHERE id = %s",
+                             (now, conv.id)).rowcount:
+                # Deleted by another instance meanwhile (its delete held the row: this waited
+                # for it, then found it gone): not a foreign-key error, a 500.
+                raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
             history = [message_row(r) for r in c.execute(
                 f"SELECT {_MSG_COLS} FROM messages WHERE conversation_id = %s ORDER BY seq",
                 (conv.id,)).fetchall()]
