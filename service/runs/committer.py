@@ -75,9 +75,11 @@ class EventCommitter:
     """Owns the events not yet stored and the final states still to store (one per process,
     run by the supervisor). ``live(run_id)`` finds a running run's handle."""
 
-    def __init__(self, store: Store, live: Callable[[str], RunHandle | None]) -> None:
+    def __init__(self, store: Store, live: Callable[[str], RunHandle | None], *,
+                 on_stored_late: Callable[[str], None] = lambda status: None) -> None:
         self._store = store
         self._live = live
+        self._on_stored_late = on_stored_late  # a kept final state landed (its status)
         self._pending: list[RunEvent] = []  # emitted, not yet written (or refused: held)
         self._unchecked_bytes = 0  # of events enqueued since the bound was last looked at
         self._retrying = False  # the last batch was refused: the next may hold stored events
@@ -387,6 +389,7 @@ class EventCommitter:
                         if written:
                             handle.stored_as(final.status, final.finished_at)
                             handle.publish(list(final.events))
+                            self._on_stored_late(final.status.value)
                         else:
                             await self._adopt_stored_end(handle, final)
                         if entry in self._final_retries:

@@ -124,8 +124,10 @@ class RunHandle:
         return self._closed
 
     def cancel(self, reason: str = "cancelled by request") -> None:
-        """Stop the run (sync, idempotent). The first reason given is the one recorded."""
-        if self.cancel_reason is None and not self._closed:
+        """Stop the run (sync, idempotent). The first reason given is the one recorded; none
+        once its deadline has stopped it (a Stop while it unwinds from a timeout changed a
+        ``timed_out`` into a ``cancelled`` whose own LLM call was stored ``timed_out``)."""
+        if self.cancel_reason is None and not self._closed and not self.scope.cancel_called:
             self.cancel_reason = reason
         self.scope.cancel()
 

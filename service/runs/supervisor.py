@@ -112,7 +112,8 @@ class RunSupervisor:
         self._starts_done = trio.Event()  # set when _reserved drops to 0 (drain waits on it)
         self._nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
-        self.committer = EventCommitter(store, self._runs.get)
+        self.committer = EventCommitter(
+            store, self._runs.get, on_stored_late=lambda s: self._metrics.runs.labels(s).inc())
         self.call_records = CallRecords(store)  # the interceptor's recorder (lifespan)
         self.wakeups = Wakeups()  # what other instances committed (on PostgreSQL)
         self.reads = BatchedReads(store)  # readers' store reads, one query for all waiting
@@ -208,10 +209,26 @@ class RunSupervisor:
     async def drain(self, grace: float) -> None:
         """Refuse new runs, give those in flight ``grace`` seconds, then cancel the rest."""
         self.draining = True
-        for handle in list(self._runs.values()):
-            if not handle.closed and handle.status is RunStatus.running:
-                handle.emit("shutdown", {"message": "the service is shutting down", "grace": grace})
-        with trio.move_on_after(grace):
+        deadline = trio.current_time() + grace
+        told: set[str] = set()
+
+        def tell() -> None:
+            for handle in list(self._runs.values()):
+                if (handle.id not in told and not handle.closed
+                        and handle.status is RunStatus.running):
+                    told.add(handle.id)
+                    handle.emit("shutdown", {"message": "the service is shutting down",
+                                             "grace": max(0.0, deadline - trio.current_time())})
+
+        tell()
+        with trio.move_on_at(deadline):
+            # Runs whose first write was in flight when the drain began are in flight too:
+            # they get the grace, and are told, once launched (they were cancelled at once).
+            while self._reserved:
+                self._starts_done = trio.Event()
+                await self._starts_done.wait()
+                tell()
+            tell()
             for handle in list(self._runs.values()):
                 await handle.finished.wait()
         # Runs whose first write was in flight when the drain began are launched once it lands:
@@ -510,7 +527,9 @@ class RunSupervisor:
         ours = await self.committer.finish(handle, FinalState(
             handle.id, status, handle.message_id, content, msg_status, error, handle.usage,
             events, model=handle.model))
-        if ours:  # (closed by another instance: counted there, as its recovery closed it)
+        if ours and handle.final_stored:
+            # (Closed by another instance: counted there, as its recovery closed it. Kept for
+            # a retry: counted once it lands, by the committer, and not if it is adopted.)
             self._metrics.runs.labels(status.value).inc()
         handle.finished.set()
 
