@@ -79,7 +79,8 @@ class EventCommitter:
                  on_stored_late: Callable[[str], None] = lambda status: None) -> None:
         self._store = store
         self._live = live
-        self._on_stored_late = on_stored_late  # a kept final state landed (its status)
+        # A kept final state landed, or its run was found gone (its status): counted then.
+        self._on_stored_late = on_stored_late
         self._pending: list[RunEvent] = []  # emitted, not yet written (or refused: held)
         self._unchecked_bytes = 0  # of events enqueued since the bound was last looked at
         self._retrying = False  # the last batch was refused: the next may hold stored events
@@ -390,8 +391,10 @@ class EventCommitter:
                             handle.stored_as(final.status, final.finished_at)
                             handle.publish(list(final.events))
                             self._on_stored_late(final.status.value)
-                        else:
-                            await self._adopt_stored_end(handle, final)
+                        elif not await self._adopt_stored_end(handle, final):
+                            # Gone (its conversation deleted): nobody else closed it, so
+                            # nobody else counted it.
+                            self._on_stored_late(final.status.value)
                         if entry in self._final_retries:
                             self._final_retries.remove(entry)
                         if handle.published_final:

@@ -214,21 +214,19 @@ class RunSupervisor:
 
         def tell() -> None:
             for handle in list(self._runs.values()):
-                if (handle.id not in told and not handle.closed
-                        and handle.status is RunStatus.running):
+                if handle.id not in told and handle.status is RunStatus.running:
                     told.add(handle.id)
-                    handle.emit("shutdown", {"message": "the service is shutting down",
-                                             "grace": max(0.0, deadline - trio.current_time())})
+                    _tell_shutdown(handle, max(0.0, deadline - trio.current_time()))
 
         tell()
         with trio.move_on_at(deadline):
             # Runs whose first write was in flight when the drain began are in flight too:
-            # they get the grace, and are told, once launched (they were cancelled at once).
+            # they get the grace, and are told as each is launched (they were cancelled at
+            # once, untold).
             while self._reserved:
                 self._starts_done = trio.Event()
                 await self._starts_done.wait()
                 tell()
-            tell()
             for handle in list(self._runs.values()):
                 await handle.finished.wait()
         # Runs whose first write was in flight when the drain began are launched once it lands:
@@ -238,6 +236,7 @@ class RunSupervisor:
                 self._starts_done = trio.Event()
                 await self._starts_done.wait()
         self._cancelling = True
+        tell()  # (launched at the grace's end: told, with no grace left)
         for handle in list(self._runs.values()):
             handle.cancel("shutdown")
         for handle in list(self._runs.values()):
@@ -307,10 +306,10 @@ class RunSupervisor:
             del self._starting[run_id]
             launched.set()
             self._reserved -= 1
-            if not self._reserved:
-                self._starts_done.set()
+            self._starts_done.set()  # (the drain tells each run launched meanwhile)
             reason = self._cancel_at_launch.pop(run_id, None)
         if self._cancelling:  # its write landed after the drain's grace: it ends at once
+            _tell_shutdown(handle, 0.0)
             handle.cancel("shutdown")
         elif reason is not None:  # a cancel (or a delete) came while its write was in flight
             handle.cancel(reason)
@@ -532,6 +531,11 @@ class RunSupervisor:
             # a retry: counted once it lands, by the committer, and not if it is adopted.)
             self._metrics.runs.labels(status.value).inc()
         handle.finished.set()
+
+
+def _tell_shutdown(handle: RunHandle, grace: float) -> None:
+    if not handle.closed:
+        handle.emit("shutdown", {"message": "the service is shutting down", "grace": grace})
 
 
 def _not_stored(handle: RunHandle, begun: BegunRun, exc: Exception | None) -> None:
