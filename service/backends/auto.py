@@ -255,9 +255,8 @@ class AutoBackend:
                 self._in_flight_changed(backend)
         if too_long is not None:
             raise too_long
-        down = {b.name for b in self.backends if self.has_model(b, request)}
-        raise _all_failed(causes, model_down=any(
-            isinstance(c, BackendUnavailable) and c.backend in down for c in causes))
+        raise _all_failed(causes, serving={b.name for b in self.backends
+                                           if self.has_model(b, request)})
 
     async def chat(self, request: ChatRequest) -> ChatResult:
         return await collect_chat(self, request)
@@ -360,17 +359,21 @@ class AutoBackend:
             await backend.aclose()
 
 
-def _all_failed(causes: list[BackendError], *, model_down: bool = False) -> BackendError:
+def _all_failed(causes: list[BackendError], *,
+                serving: frozenset[str] | set[str] = frozenset()) -> BackendError:
     """One error for a call no backend could serve.
 
     If every backend that answered said the model is unknown (the others being down), the
     answer is ModelNotFound (404), not "no backend reachable" (503); so for a request every
-    backend that answered refused (BackendRejectedRequest, 400). When one of those down is
-    known to have the model (``model_down``), the others' "unknown model" says nothing: its
-    server is away, a 503 to retry, not a 404 a client takes for good.
+    backend that answered refused (BackendRejectedRequest, 400). When a server known to have
+    the model (``serving``: a router's model lists) is among those down, only the answers of
+    the servers that have it count: the others' (an unknown model, a field a lower tier does
+    not take) say nothing of it, and its server being away is a 503 to retry, not a 404 or a
+    400 a client takes for good.
     """
+    model_down = any(isinstance(c, BackendUnavailable) and c.backend in serving for c in causes)
     answered = [c for c in causes if not isinstance(c, BackendUnavailable)
-                and not (model_down and isinstance(c, ModelNotFound))]
+                and (not model_down or c.backend in serving)]
     # Every one that answered refused the request itself (its model unknown, a field it does
     # not take): that answer, which a client does not retry. A refusal (400) before an
     # unknown model (404): the server that has the model said what is wrong.

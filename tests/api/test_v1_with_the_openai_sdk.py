@@ -171,6 +171,23 @@ def test_a_request_refused_by_one_server_and_unknown_to_the_other_is_not_a_503()
     assert isinstance(error, BackendRejectedRequest), error
 
 
+def test_a_model_whose_server_is_down_counts_only_the_answers_of_servers_that_have_it() -> None:
+    """(Suspected by the second diff review of 2026-12-06.) The model's only server is down;
+    a lower tier without the model answered, with a 404 or with a 400 about a field it does
+    not take: neither says anything of the model, whose server is away (503, retried). A 400
+    of another server that has the model is still the answer."""
+    from service.backends.auto import _all_failed
+    from service.errors import AllBackendsFailed, BackendRejectedRequest, BackendUnavailable
+
+    down = BackendUnavailable("connection refused", backend="ollama-a")
+    lower = BackendRejectedRequest("tools: unsupported", backend="llamacpp", upstream_status=400)
+    assert isinstance(_all_failed([down, lower], serving={"ollama-a"}), AllBackendsFailed)
+    other = BackendRejectedRequest("tools: unsupported", backend="ollama-b", upstream_status=400)
+    error = _all_failed([down, other, lower], serving={"ollama-a", "ollama-b"})
+    assert isinstance(error, BackendRejectedRequest), error
+    assert error.backend == "ollama-b"
+
+
 async def test_a_model_named_without_its_tag_is_retrieved_as_ollama_reads_it(
     settings: Settings,
 ) -> None:
