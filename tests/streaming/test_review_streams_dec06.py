@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import httpx
 import openai
 import trio
 
@@ -101,6 +102,27 @@ async def test_v1_streamed_tool_call_answer_has_content_null_as_the_non_stream_o
         f"streamed: content={streamed.content!r}; non-stream: content={plain.content!r}")
 
 
+async def _rejoin_past_with_one_read_lost(client: httpx.AsyncClient, store: Any,
+                                          run_id: str) -> httpx.Response:
+    """A re-join at ``Last-Event-ID: 999`` while the store loses its first read of the run's
+    events (a passing ``StoreUnavailable``: a lost connection)."""
+    failed: list[str] = []
+
+    def one_lost_read(op: str) -> None:
+        if op == "list_run_events" and not failed:
+            failed.append(op)
+            raise StoreUnavailable("store read failed: the connection was lost")
+
+    store.faults.before_read = one_lost_read
+    try:
+        with trio.fail_after(GUARD):
+            r = await client.get(f"/api/runs/{run_id}/events", headers={"Last-Event-ID": "999"})
+    finally:
+        store.faults.before_read = None
+    assert failed, "the fault was not reached"
+    return r
+
+
 async def test_a_past_last_event_id_on_a_live_run_is_not_a_stream_that_ends_with_nothing(
     settings: Settings,
 ) -> None:
@@ -131,21 +153,7 @@ async def test_a_past_last_event_id_on_a_live_run_is_not_a_stream_that_ends_with
                     if "event: token" in text:
                         break
         run_id = parse_sse(text.partition("\n\n")[0])[0]["data"]["run_id"]
-        failed: list[str] = []
-
-        def one_lost_read(op: str) -> None:
-            if op == "list_run_events" and not failed:
-                failed.append(op)
-                raise StoreUnavailable("store read failed: the connection was lost")
-
-        store.faults.before_read = one_lost_read
-        try:
-            with trio.fail_after(GUARD):
-                r = await client.get(f"/api/runs/{run_id}/events",
-                                     headers={"Last-Event-ID": "999"})
-        finally:
-            store.faults.before_read = None
-        assert failed, "the fault was not reached"
+        r = await _rejoin_past_with_one_read_lost(client, store, run_id)
     if r.status_code == 200:
         frames = parse_sse(r.text)
         ends = [f["event"] for f in frames[-1:]]
@@ -173,21 +181,7 @@ async def test_a_past_last_event_id_on_a_finished_run_is_not_a_stream_that_ends_
         conv = (await client.post("/api/conversations", json={})).json()["id"]
         r = await client.post(f"/api/conversations/{conv}/messages", json={"content": "hi"})
         run_id = r.json()["run"]["id"]
-        failed: list[str] = []
-
-        def one_lost_read(op: str) -> None:
-            if op == "list_run_events" and not failed:
-                failed.append(op)
-                raise StoreUnavailable("store read failed: the connection was lost")
-
-        store.faults.before_read = one_lost_read
-        try:
-            with trio.fail_after(GUARD):
-                r = await client.get(f"/api/runs/{run_id}/events",
-                                     headers={"Last-Event-ID": "999"})
-        finally:
-            store.faults.before_read = None
-        assert failed, "the fault was not reached"
+        r = await _rejoin_past_with_one_read_lost(client, store, run_id)
         again = await client.get(f"/api/runs/{run_id}/events", headers={"Last-Event-ID": "999"})
     assert again.status_code == 422, again.text[:300]  # without the fault: refused, right
     if r.status_code == 200:
