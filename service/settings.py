@@ -55,7 +55,10 @@ def check_url(value: str) -> str:
 class Settings(BaseSettings):
     """Every setting of the service. Documented in README.md and ../shared/API.md."""
 
-    model_config = SettingsConfigDict(env_prefix="SERVICE_", extra="ignore", frozen=True)
+    # allow_inf_nan: every float setting is a finite number ("inf" seconds of drain held a
+    # shutdown for as long as any run lasted; of run timeout, a run with no deadline).
+    model_config = SettingsConfigDict(env_prefix="SERVICE_", extra="ignore", frozen=True,
+                                      allow_inf_nan=False)
 
     # A SQLite file path (a Path), or a PostgreSQL URL (kept a str: a Path would fold its "//").
     db: Path | str = Path("./data/service.db")

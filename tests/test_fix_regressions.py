@@ -214,3 +214,21 @@ def test_a_small_db_timeout_does_not_turn_statement_timeout_off(tmp_path: Any) -
     store = PostgresStore("postgresql://u@127.0.0.1:1/db", statement_timeout=conf.db_timeout)
     options = store._connect_kwargs()["options"]
     assert "statement_timeout=0" not in options.split(), options
+
+
+@pytest.mark.parametrize("variable", ["SERVICE_SHUTDOWN_DRAIN", "SERVICE_RUN_TIMEOUT",
+                                      "SERVICE_HEALTH_TTL"])
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_a_seconds_setting_that_is_not_a_finite_number_is_refused_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    # (Suspected by the lifecycle review of 2026-12-06.) SERVICE_SHUTDOWN_DRAIN=inf was taken:
+    # a shutdown then waited as long as any run lasted; SERVICE_RUN_TIMEOUT=inf gave runs no
+    # deadline at all.
+    from service.errors import ConfigError
+    from service.settings import load_settings
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as refused:
+        load_settings()
+    assert variable in refused.value.message
