@@ -355,14 +355,22 @@ class PostgresQueries(PostgresOwnership):
     async def prune_events(self, finished_before: float, rows: int = 5000) -> int:
         def fn(c: Conn) -> int:
             budget, done = rows, 0
-            for (run_id,) in c.execute(
-                "SELECT id FROM runs WHERE events_pruned = 0 AND finished_at IS NOT NULL "
-                "AND finished_at < %s ORDER BY finished_at LIMIT 100", (finished_before,),
-            ).fetchall():
+            for _ in range(100):
+                # One run claimed at a time (its row locked until this batch commits), those
+                # another instance's prune has claimed skipped: this runs in the group commit,
+                # so a wait here would hold every write queued behind it, and two prunes
+                # deleting the same rows in different orders deadlock.
+                row = c.execute(
+                    "SELECT id FROM runs WHERE events_pruned = 0 AND finished_at IS NOT NULL "
+                    "AND finished_at < %s ORDER BY finished_at, id LIMIT 1 "
+                    "FOR UPDATE SKIP LOCKED", (finished_before,)).fetchone()
+                if row is None:
+                    break
+                run_id = row[0]
                 deleted = c.execute(
                     "DELETE FROM run_events WHERE run_id = %s AND seq IN (SELECT seq FROM "
                     "run_events WHERE run_id = %s AND type NOT IN (" + KEPT_EVENTS_SQL + ") "
-                    "LIMIT %s)", (run_id, run_id, budget)).rowcount
+                    "ORDER BY seq LIMIT %s)", (run_id, run_id, budget)).rowcount
                 budget -= deleted
                 done += deleted
                 if budget <= 0:
