@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 from urllib.parse import unquote
 
 import psycopg
@@ -170,7 +170,9 @@ class PostgresStore(PostgresQueries):
         self._stall_timeout = (statement_timeout + _STALL_MARGIN if stall_timeout is None
                                else stall_timeout)
         self._limiter = _BoundedWait(trio.CapacityLimiter(pool_size), acquire_timeout)
-        self._run_sync = partial(trio.to_thread.run_sync, limiter=self._limiter)
+        # (A "CapacityLimiter-like object", as trio's docs allow; typed as the class.)
+        self._run_sync = partial(trio.to_thread.run_sync,
+                                 limiter=cast(trio.CapacityLimiter, self._limiter))
         self._pool: psycopg_pool.ConnectionPool[Conn] | None = None
         self._commits: GroupCommit[Conn] = GroupCommit(self._run_batch)
         # This instance's lease is written on a connection of its own (``_lease_write``).
