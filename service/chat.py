@@ -211,7 +211,8 @@ class Client:
             try:
                 await self._follow(request, turn)
                 return
-            except (httpx.TransportError, _Silent, _Retry) as exc:
+            except (httpx.TransportError, httpx.DecodingError, _Silent, _Retry) as exc:
+                # (A body that breaks, a corrupt gzip, is a stream lost as a cut one is.)
                 if turn.status is not None:
                     return  # its end was shown: the body's last bytes do not matter
                 failure = failure or exc  # the first says what went wrong

@@ -133,3 +133,71 @@ async def test_ctrl_c_at_the_prompt_exits_as_interrupted(settings: Settings) -> 
         await term.type("\x03")
         with trio.fail_after(GUARD):
             assert await term.process.wait() == chat.EXIT_INTERRUPTED
+
+
+# -- a stream whose body cannot be decoded ---------------------------------------------------
+
+def _corrupt_gzip(text: bytes) -> bytes:
+    """``text`` gzip-compressed and flushed (a client decodes it as it comes), then bytes that
+    are no deflate data: a proxy's corruption, a broken compressor."""
+    import zlib
+
+    packer = zlib.compressobj(wbits=31)
+    return packer.compress(text) + packer.flush(zlib.Z_SYNC_FLUSH) + b"\xff" * 64
+
+
+async def _corrupt_streams(requests: list[bytes], stream: trio.SocketStream) -> None:
+    """Every stream (the POST's, each re-join's) breaks in its gzip body after its first
+    frame; the run's cancel is taken (202)."""
+    async with stream:
+        head = await _read_request(stream)
+        requests.append(head.split(b"\r\n", 1)[0])
+        if b"/cancel" in head.split(b"\r\n", 1)[0]:
+            await stream.send_all(b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\n"
+                                  b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
+            return
+        if head.startswith(b"GET /api/conversations/conv_1 "):
+            # (Where the client looks for the turn's run when the break came before it had
+            # read run.started: the body arrived in one read, which then did not decode.)
+            body = (b'{"id":"conv_1","messages":[{"role":"user","content":"hello"},'
+                    b'{"role":"assistant","content":"","run_id":"run_1"}]}')
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                  b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+                                  + body)
+            return
+        await stream.send_all(
+            _HEAD.replace(b"Connection:", b"Content-Encoding: gzip\r\nConnection:")
+            + _corrupt_gzip(b'id: 1\nevent: run.started\ndata: {"run_id":"run_1",'
+                            b'"conversation_id":"conv_1","agent":"chat","model":"m"}\n\n'))
+
+
+async def test_a_stream_that_cannot_be_decoded_is_rejoined_then_its_run_cancelled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stream whose body breaks (a corrupt gzip: ``httpx.DecodingError``) is a stream lost,
+    as a cut connection is: re-joined, and when the re-joins fail too, the turn is given up and
+    its run cancelled. It failed the turn at once and left the run going on the service, its
+    answer generated for nobody."""
+    monkeypatch.setattr(chat, "_REJOINS", 1)  # (one re-join: 0.5 s after the break)
+    monkeypatch.setattr(chat, "_RUNS_SHOWN", set())  # (another test's run_1 was shown)
+    requests: list[bytes] = []
+    renderer, _, _ = _renderer()
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            (listener,) = await nursery.start(partial(
+                trio.serve_tcp, partial(_corrupt_streams, requests), 0, host="127.0.0.1"))
+            port = listener.socket.getsockname()[1]
+            opts = chat.Options(url=f"http://127.0.0.1:{port}", key=None, agent=None,
+                                model=None, conversation="conv_1", message="hello")
+            failed: BaseException | None = None
+            try:
+                await chat._one_turn(opts, renderer, "conv_1", "hello")
+            except BaseExceptionGroup as group:  # (the turn's nursery's)
+                failed = group.subgroup(chat.httpx.DecodingError)
+            nursery.cancel_scope.cancel()
+    assert failed is not None, "the turn did not fail with the stream's decoding error"
+    asked = [r.split(b" ")[:2] for r in requests if not r.startswith(b"GET /api/conversations/")]
+    assert asked == [
+        [b"POST", b"/api/conversations/conv_1/messages"],
+        [b"GET", b"/api/runs/run_1/events"],
+        [b"POST", b"/api/runs/run_1/cancel"]], requests
