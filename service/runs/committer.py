@@ -404,6 +404,12 @@ class EventCommitter:
                         self._refused = True
                         log.warning("final state of run %s still not stored: the store took "
                                     "over %ss", handle.id, WRITE_BUDGET)
+                        # Last in the next pass: a write the store is slow to take only for
+                        # itself (a locked row, a huge answer) ended every pass first, and the
+                        # others were never tried.
+                        if entry in self._final_retries:
+                            self._final_retries.remove(entry)
+                            self._final_retries.append(entry)
                         return
                 except StoreUnavailable as exc:
                     self._refused = True

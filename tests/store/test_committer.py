@@ -293,3 +293,48 @@ async def test_a_retry_pass_over_kept_final_states_ends_at_the_first_refusal(
         assert env.supervisor.unstored == 0
         for h in handles:
             assert (await env.store.get_run(h.id)).status == "succeeded"
+
+
+async def test_one_kept_end_the_store_is_slow_to_take_does_not_hold_back_the_others(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three runs' ends kept (the store refused them), then the store takes writes again but
+    one of those ends always takes longer than a write's budget (a row locked elsewhere, a
+    huge answer on a slow volume). A retry pass ends at a write past its budget; the others
+    must still be stored by the next passes. That one was first in every pass, so the pass
+    ended on it every time and the others were never tried: their clients waited for an end
+    the store could take."""
+    from service.runs.upkeep import MAINTAIN_EVERY
+
+    backend = ScriptedBackend(lambda req: Reply("one two", first_delay=1.0))
+    async with supervisor_env(tmp_path, backend) as env:
+        handles = [await env.supervisor.start(RunSpec(await env.conversation(), str(i)))
+                   for i in range(3)]
+        await trio.sleep(0.5)  # all stored and started; their tokens come at t=1
+
+        def refuse() -> None:
+            raise InjectedFault("disk I/O error")
+
+        env.store.faults.before_commit = refuse
+        with trio.fail_after(60):
+            for h in handles:
+                await h.finished.wait()
+        assert env.supervisor.unstored == 3
+
+        slow: list[str] = []  # the first end a retry tries: slow from then on
+        write = committer_mod.FinalState.write
+
+        async def slow_write(self: committer_mod.FinalState, store: object) -> bool:
+            if not slow:
+                slow.append(self.run_id)
+            if self.run_id == slow[0]:
+                await trio.sleep(committer_mod.WRITE_BUDGET * 2)
+            return await write(self, store)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(committer_mod.FinalState, "write", slow_write)
+        env.store.faults.before_commit = None
+        await trio.sleep(MAINTAIN_EVERY * 5 + committer_mod.WRITE_BUDGET * 5)
+        assert env.supervisor.unstored == 1, "the others waited behind the slow one"
+        for h in handles:
+            status = (await env.store.get_run(h.id)).status
+            assert status == ("running" if h.id == slow[0] else "succeeded"), (h.id, status)
