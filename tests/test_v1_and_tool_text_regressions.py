@@ -56,7 +56,8 @@ async def test_v1_stream_of_a_run_stored_succeeded_is_not_answered_with_an_error
     # completion again - while GET /api/runs/{id} says the run succeeded: the client is told
     # something other than what the store says (docs/operations.md), and one request leaves
     # two succeeded runs. The handle.cancel() meant to stop the run changes nothing: it ended.
-    monkeypatch.setattr(RunHandle.__init__, "__kwdefaults__", {"window": 2})
+    monkeypatch.setattr(RunHandle.__init__, "__kwdefaults__",
+                        {**(RunHandle.__init__.__kwdefaults__ or {}), "window": 2})
     backend = ScriptedBackend(lambda req: Reply("a b c d e f g h"))
     reads: list[str] = []
     original = EventReader._read_once
@@ -157,7 +158,8 @@ async def test_v1_stream_cut_by_a_store_away_says_retry_after_in_its_error_chunk
     # then stays away past the reader's retries (two keep-alive intervals). The stream ends
     # with an error chunk; like an SSE or WebSocket error frame it says when a retry is worth
     # it (2026-12-06: it had no retry_after; failed before).
-    monkeypatch.setattr(RunHandle.__init__, "__kwdefaults__", {"window": 2})
+    monkeypatch.setattr(RunHandle.__init__, "__kwdefaults__",
+                        {**(RunHandle.__init__.__kwdefaults__ or {}), "window": 2})
     conf = settings.model_copy(update={"sse_keepalive": 0.2})
     backend = ScriptedBackend(lambda req: Reply("tick " * 2000))
     original = EventReader._read_once

@@ -23,7 +23,12 @@ from ..store.records import BegunRun, RunEvent, ends_a_step
 from ..text import clean_json
 from .lifecycle import TERMINAL, RunStatus, check_transition
 
-__all__ = ["ResumeFrom", "RunHandle", "Subscription"]
+__all__ = ["WINDOW_BYTES", "ResumeFrom", "RunHandle", "Subscription"]
+
+# The window's bound in bytes of the events' JSON, beside its count: a run's tool results
+# (up to 16,000 characters each, 6 bytes per escaped one) or a long answer would otherwise be
+# held whole for as long as the run lasts.
+WINDOW_BYTES = 4 * 2**20
 
 
 class ResumeFrom(RunError):
@@ -48,6 +53,7 @@ class RunHandle:
         message_id: str,
         sink: Callable[[RunEvent], None],
         window: int = 20_000,
+        window_bytes: int = WINDOW_BYTES,
         begun: BegunRun | None = None,
     ) -> None:
         self.id = run_id
@@ -86,6 +92,8 @@ class RunHandle:
         self.begun = begun
         self._sink = sink
         self._window = window
+        self._window_bytes = window_bytes
+        self._bytes = 0  # of the events' JSON in the window
         self._next_seq = 1
         self._events: list[RunEvent] = []  # published, seq base_seq .. base_seq+len-1
         self._base_seq = 1
@@ -234,12 +242,23 @@ class RunHandle:
             if not events:
                 return
         self._events.extend(events)
+        for e in events:
+            self._bytes += len(e.raw)
         if events[-1].type == "run.finished":
             self._published_final = True
-        if len(self._events) > self._window:
-            drop = len(self._events) - self._window // 2
+        if len(self._events) > self._window or self._bytes > self._window_bytes:
+            # Down to half of either bound (the newest event always kept): a subscriber
+            # behind it re-reads the store (ResumeFrom).
+            drop = (len(self._events) - self._window // 2
+                    if len(self._events) > self._window else 0)
+            dropped = sum(len(e.raw) for e in self._events[:drop])
+            while (drop < len(self._events) - 1
+                   and self._bytes - dropped > self._window_bytes // 2):
+                dropped += len(self._events[drop].raw)
+                drop += 1
             del self._events[:drop]
             self._base_seq += drop
+            self._bytes -= dropped
         changed, self._changed = self._changed, trio.Event()
         changed.set()
 

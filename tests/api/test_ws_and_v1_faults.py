@@ -269,7 +269,8 @@ async def test_v1_stream_failed_by_a_store_read_is_not_stored_as_a_client_discon
     # store_error (a 500 before the stream starts, or an error chunk in it), and the run is
     # then cancelled by the stream's finally / CancelOwnedRuns and stored as "client
     # disconnected": GET /api/runs/{id} says the client left, which it never did.
-    monkeypatch.setattr(RunHandle.__init__, "__kwdefaults__", {"window": 2})
+    monkeypatch.setattr(RunHandle.__init__, "__kwdefaults__",
+                        {**(RunHandle.__init__.__kwdefaults__ or {}), "window": 2})
     backend = ScriptedBackend(lambda req: Reply("a b c d e f g h i j k l", hang_after=8))
     settings = load_settings(db=tmp_path / "s.db")
     async with running_server(settings, backend) as srv, srv.client() as client:

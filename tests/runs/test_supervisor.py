@@ -1007,3 +1007,28 @@ async def test_a_run_another_instance_closed_ends_with_the_stored_end(
         assert reply.content.startswith("word word word word word")
         assert not backend.streams[-1].completed  # stopped
         assert backend.streams[-1].closed
+
+
+def test_the_window_is_bounded_by_its_events_bytes_too() -> None:
+    """The in-memory window was bounded by its count of events only (20,000): a run's large
+    tool results, or a long answer, were all held in memory for as long as the run lasted
+    (20,000 results of 16,000 characters: gigabytes). Past its bytes' bound too, the oldest go,
+    and a subscriber behind them re-reads the store."""
+    events: list[RunEvent] = []
+    handle = RunHandle(run_id="run_x", conversation_id="c", agent="chat", model=None,
+                       owner=None, message_id="m", sink=events.append, window_bytes=10_000)
+    sub = handle.subscribe(0)
+    for _ in range(50):
+        handle.publish([handle.emit("tool.result", {"output": "r" * 1_000})])
+    kept = handle.buffered
+    assert 1 <= kept <= 10, kept
+    assert handle.published_seq == 50
+    with pytest.raises(ResumeFrom) as info:
+        sub.ready()
+    assert info.value.seq == 0
+    live = handle.subscribe(handle.published_seq - 1)  # the newest is always there
+    assert live.ready().seq == 50  # type: ignore[union-attr]
+    one = RunHandle(run_id="run_y", conversation_id="c", agent="chat", model=None,
+                    owner=None, message_id="m", sink=events.append, window_bytes=100)
+    one.publish([one.emit("tool.result", {"output": "r" * 1_000})])
+    assert one.buffered == 1  # one event past the bound on its own is still kept

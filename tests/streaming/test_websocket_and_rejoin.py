@@ -119,7 +119,8 @@ async def test_a_store_error_in_a_ws_forwarder_still_lets_disconnect_cancel_the_
     # A slow socket's forwarder falls behind the window and re-reads the store; the read fails:
     # forward() sends an error and drops the run from session.runs - but the run goes on, and
     # when the socket then drops, abandon() no longer cancels it (on_disconnect=cancel).
-    monkeypatch.setattr(RunHandle.__init__, "__kwdefaults__", {"window": 10})
+    monkeypatch.setattr(RunHandle.__init__, "__kwdefaults__",
+                        {**(RunHandle.__init__.__kwdefaults__ or {}), "window": 10})
     sock = FakeSocket()
     monkeypatch.setattr(ws_mod, "websocket", sock)
     backend = ScriptedBackend(lambda req: Reply("t " * 200, gap=0.1))
@@ -353,7 +354,8 @@ async def test_an_sse_store_error_does_not_cancel_the_run_as_if_the_client_had_l
     # fails: the stream ends with an error frame (the client may re-join), and then its
     # ``finally`` (and the request's CancelOwnedRuns) cancelled the run as "client
     # disconnected" while the client was still there.
-    monkeypatch.setattr(RunHandle.__init__, "__kwdefaults__", {"window": 2})
+    monkeypatch.setattr(RunHandle.__init__, "__kwdefaults__",
+                        {**(RunHandle.__init__.__kwdefaults__ or {}), "window": 2})
     backend = ScriptedBackend(lambda req: Reply("a b c d e f g h i j k l", hang_after=8))
     async with running_server(settings, backend) as srv, srv.client() as client:
         conv = (await client.post("/api/conversations", json={})).json()["id"]
