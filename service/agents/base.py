@@ -305,6 +305,7 @@ class AgentContext:
                     if chunk.thinking and emit_tokens:
                         # A reasoning model's thinking, piece by piece (never in the answer).
                         self.emit("thought", {"text": chunk.thinking, "reasoning": True})
+                        self.handle.reasoning_parts.append(chunk.thinking)
                     if chunk.text:
                         parts.append(chunk.text)
                         if emit_tokens:

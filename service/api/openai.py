@@ -194,6 +194,10 @@ async def chat_completions(data: ChatCompletionRequest) -> Response:
         return _run_error(handle)
     extra = handle.result_extra
     message: dict[str, Any] = {"role": "assistant", "content": handle.final_text}
+    if handle.agent == "chat" and handle.reasoning_parts:
+        # A reasoning model's thinking, as the stream's chunks carry it (and llama.cpp's
+        # server puts it in its answer): never in the content.
+        message["reasoning_content"] = "".join(handle.reasoning_parts)
     if extra.get("tool_calls"):
         message["tool_calls"] = _tool_calls_out(extra["tool_calls"], with_index=False)
         # OpenAI's: a message of tool calls and no text has content null (a client may tell

@@ -81,6 +81,9 @@ class RunHandle:
         self.final_stored = False
         self.end_error: ServiceError | None = None
         self.answer_parts: list[str] = []  # token text since the last step: the answer if cut
+        # A reasoning model's thinking in the calls that stream to clients (a non-stream /v1
+        # answer's ``reasoning_content``, as the stream's chunks carry it).
+        self.reasoning_parts: list[str] = []
         # How the agent's turn text holds its answer (the ReAct text protocol's labels), if not
         # all of it is the answer.
         self.answer_of: Callable[[str], str] | None = None

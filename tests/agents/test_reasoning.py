@@ -38,7 +38,8 @@ async def test_thinking_streams_as_thought_events_not_as_the_answer(
 
 
 async def test_v1_streams_thinking_as_reasoning_content(settings: Settings) -> None:
-    backend = ScriptedBackend(lambda req: Reply("The answer.", thinking=_THINKING))
+    backend = ScriptedBackend(lambda req: Reply("The answer.", thinking=_THINKING)
+                              if req.messages[-1].content == "why?" else Reply("Plain."))
     async with running_server(settings, backend) as srv, srv.client() as client:
         r = await client.post("/v1/chat/completions", json={
             "stream": True, "messages": [{"role": "user", "content": "why?"}]})
@@ -52,7 +53,14 @@ async def test_v1_streams_thinking_as_reasoning_content(settings: Settings) -> N
         # The thinking comes first, as the model produced it.
         first_content = next(i for i, d in enumerate(deltas) if d.get("content"))
         assert all("reasoning_content" in d for d in deltas[1:first_content])
-        # The non-stream answer is the answer alone.
+        # The non-stream answer's content is the answer alone; the thinking is beside it, as
+        # llama.cpp's server answers (it was dropped: a client got it only by streaming).
         r = await client.post("/v1/chat/completions", json={
             "messages": [{"role": "user", "content": "why?"}]})
-        assert r.json()["choices"][0]["message"]["content"] == "The answer."
+        message = r.json()["choices"][0]["message"]
+        assert message["content"] == "The answer."
+        assert message["reasoning_content"] == "".join(_THINKING)
+        # A model that does not think: no such field.
+        r = await client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}]})
+        assert r.json()["choices"][0]["message"] == {"role": "assistant", "content": "Plain."}
