@@ -18,6 +18,8 @@ sets ``answer_within`` to ``statement_timeout`` plus a margin: a server that is 
 answers by then, if only with the statement's cancellation.
 
 A wait given its own timeout (``notifies(timeout=...)``) keeps it.
+
+:class:`BoundedWait` bounds the wait before that: for a worker thread, all of the pool's busy.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ import inspect
 from typing import Any, TypeVar
 
 import psycopg
+import psycopg_pool
+import trio
 from psycopg.abc import PQGen
 
 from ..logs import get_logger
 
-__all__ = ["BoundedConnection"]
+__all__ = ["BoundedConnection", "BoundedWait"]
 
 log = get_logger("service.store")
 
@@ -66,3 +70,25 @@ def _timed_out(exc: BaseException) -> bool:
     # psycopg's wait raises its private _WaitTimeout (an OperationalError) when its timeout
     # passes; matched by name, so a rename shows as a failing test, not an import error.
     return type(exc).__name__ == "_WaitTimeout"
+
+
+class BoundedWait:
+    """A thread limiter whose wait is bounded: with every thread of the pool busy (statements
+    stuck on a lock or a stalled server) a query waits at most ``acquire_timeout`` for one, as
+    it would for a pooled connection, then fails ``StoreUnavailable`` (a 503 to retry), not
+    for as long as the busy ones take. ``trio.to_thread.run_sync`` takes any object with these
+    two methods."""
+
+    def __init__(self, limiter: trio.CapacityLimiter, timeout: float) -> None:
+        self._limiter = limiter
+        self._timeout = timeout
+
+    async def acquire_on_behalf_of(self, borrower: object) -> None:
+        with trio.move_on_after(self._timeout):
+            await self._limiter.acquire_on_behalf_of(borrower)
+            return
+        raise psycopg_pool.PoolTimeout(
+            f"no connection to the database within {self._timeout:g} s (every one busy)")
+
+    def release_on_behalf_of(self, borrower: object) -> None:
+        self._limiter.release_on_behalf_of(borrower)

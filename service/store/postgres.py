@@ -60,7 +60,7 @@ from ..settings import _redact
 from .faults import InjectedFault, StoreFaults
 from .group_commit import GroupCommit, PendingWrite
 from .ownership import LEASE, process_tag
-from .pg_conn import BoundedConnection
+from .pg_conn import BoundedConnection, BoundedWait
 from .pg_notify import CHANNEL, announcing, send_notifications
 from .postgres_queries import Conn, PostgresQueries
 from .records import unreadable
@@ -110,28 +110,6 @@ def _secrets(url: str) -> list[str]:
     return sorted((s for s in found if s), key=len, reverse=True)
 
 
-class _BoundedWait:
-    """A thread limiter whose wait is bounded: with every thread of the pool busy (statements
-    stuck on a lock or a stalled server) a query waits at most ``acquire_timeout`` for one, as
-    it would for a pooled connection, then fails ``StoreUnavailable`` (a 503 to retry), not
-    for as long as the busy ones take. ``trio.to_thread.run_sync`` takes any object with these
-    two methods."""
-
-    def __init__(self, limiter: trio.CapacityLimiter, timeout: float) -> None:
-        self._limiter = limiter
-        self._timeout = timeout
-
-    async def acquire_on_behalf_of(self, borrower: object) -> None:
-        with trio.move_on_after(self._timeout):
-            await self._limiter.acquire_on_behalf_of(borrower)
-            return
-        raise psycopg_pool.PoolTimeout(
-            f"no connection to the database within {self._timeout:g} s (every one busy)")
-
-    def release_on_behalf_of(self, borrower: object) -> None:
-        self._limiter.release_on_behalf_of(borrower)
-
-
 class PostgresStore(PostgresQueries):
     """Conversations, messages, runs, run events and LLM calls in a PostgreSQL database."""
 
@@ -169,7 +147,7 @@ class PostgresStore(PostgresQueries):
         # the connection is closed: the server enforces statement_timeout only while it runs.
         self._stall_timeout = (statement_timeout + _STALL_MARGIN if stall_timeout is None
                                else stall_timeout)
-        self._limiter = _BoundedWait(trio.CapacityLimiter(pool_size), acquire_timeout)
+        self._limiter = BoundedWait(trio.CapacityLimiter(pool_size), acquire_timeout)
         # (A "CapacityLimiter-like object", as trio's docs allow; typed as the class.)
         self._run_sync = partial(trio.to_thread.run_sync,
                                  limiter=cast(trio.CapacityLimiter, self._limiter))

@@ -9,12 +9,12 @@ import trio
 import trio.testing
 
 from service.errors import BackendUnavailable, StoreUnavailable
-from service.runs import RunSpec
+from service.runs import RunHandle, RunSpec
 from service.runs import committer as committer_mod
 from service.store import RunEvent
 from service.store.faults import InjectedFault
 
-from ..fakes import Reply, ScriptedBackend, supervisor_env
+from ..fakes import Env, Reply, ScriptedBackend, supervisor_env
 
 
 async def test_a_final_write_stuck_in_the_stores_thread_still_tells_subscribers_at_the_budget(
@@ -238,6 +238,24 @@ async def test_held_events_are_bounded_by_their_size_not_only_their_count(
         assert [e.seq for e in tokens] == list(range(tokens[0].seq, tokens[0].seq + len(tokens)))
 
 
+def _refuse() -> None:
+    raise InjectedFault("disk I/O error")
+
+
+async def _ends_kept(env: Env, n: int) -> list[RunHandle]:
+    """``n`` runs whose ends the store refused (kept for the retry pass); the store then
+    still refuses every write. (The backend's tokens come 1 s after each run starts.)"""
+    handles = [await env.supervisor.start(RunSpec(await env.conversation(), str(i)))
+               for i in range(n)]
+    await trio.sleep(0.5)  # all stored and started
+    env.store.faults.before_commit = _refuse
+    with trio.fail_after(60):
+        for h in handles:
+            await h.finished.wait()
+    assert env.supervisor.unstored == n
+    return handles
+
+
 async def test_a_retry_pass_over_kept_final_states_ends_at_the_first_refusal(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -250,17 +268,7 @@ async def test_a_retry_pass_over_kept_final_states_ends_at_the_first_refusal(
 
     backend = ScriptedBackend(lambda req: Reply("one two", first_delay=1.0))
     async with supervisor_env(tmp_path, backend) as env:
-        handles = [await env.supervisor.start(RunSpec(await env.conversation(), str(i)))
-                   for i in range(5)]
-        await trio.sleep(0.5)  # all stored and started; their tokens come at t=1
-        def refuse() -> None:
-            raise InjectedFault("disk I/O error")
-
-        env.store.faults.before_commit = refuse
-        with trio.fail_after(60):
-            for h in handles:
-                await h.finished.wait()
-        assert env.supervisor.unstored == 5
+        handles = await _ends_kept(env, 5)
         caplog.clear()
         ticks = 5
         await trio.sleep(MAINTAIN_EVERY * ticks)
@@ -308,18 +316,7 @@ async def test_one_kept_end_the_store_is_slow_to_take_does_not_hold_back_the_oth
 
     backend = ScriptedBackend(lambda req: Reply("one two", first_delay=1.0))
     async with supervisor_env(tmp_path, backend) as env:
-        handles = [await env.supervisor.start(RunSpec(await env.conversation(), str(i)))
-                   for i in range(3)]
-        await trio.sleep(0.5)  # all stored and started; their tokens come at t=1
-
-        def refuse() -> None:
-            raise InjectedFault("disk I/O error")
-
-        env.store.faults.before_commit = refuse
-        with trio.fail_after(60):
-            for h in handles:
-                await h.finished.wait()
-        assert env.supervisor.unstored == 3
+        handles = await _ends_kept(env, 3)
 
         slow: list[str] = []  # the first end a retry tries: slow from then on
         write = committer_mod.FinalState.write
