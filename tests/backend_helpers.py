@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import httpx
+import trio
 
 from service.backends.base import ChatChunk, ChatMessage, ChatRequest
 from service.backends.http import Budgets, make_client
-from service.sim import Simulator, mock_transport
+from service.sim import Simulator, mock_transport, serve
 from service.store.records import LLMCallRecord
 
 BUDGETS = Budgets(connect=3.0, first_chunk=10.0, gap=5.0, call=100.0)
@@ -45,3 +50,41 @@ class FakeRecorder:
 
             await trio.sleep(self.delay)
         self.rows.append(rec)
+
+
+# -- simulators on loopback that a test can kill -------------------------------------------------
+
+# Only ever started with nursery.start.
+async def serve_in(  # noqa: ASYNC114
+    sim: Simulator, scope: trio.CancelScope, ctx: ssl.SSLContext | None = None, *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``sim`` on loopback (its port told); cancel ``scope`` to kill it: its listener
+    and its connections close."""
+    with scope:
+        async with trio.open_nursery() as nursery:
+            task_status.started(await nursery.start(partial(serve, sim, ssl_context=ctx)))
+
+
+@asynccontextmanager
+async def killable(*sims: Simulator) -> AsyncIterator[list[trio.CancelScope]]:
+    """Serve each simulator on loopback; cancelling its scope kills it (its port closes)."""
+    async with trio.open_nursery() as nursery:
+        scopes = []
+        for sim in sims:
+            scope = trio.CancelScope()
+            await nursery.start(serve_in, sim, scope)
+            scopes.append(scope)
+        yield scopes
+        nursery.cancel_scope.cancel()
+
+
+async def until_refused(port: int) -> None:
+    """Until a connection to ``port`` on loopback is refused (a killed server is gone)."""
+    while True:
+        try:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+        except OSError:
+            return
+        await stream.aclose()
+        await trio.sleep(0.01)

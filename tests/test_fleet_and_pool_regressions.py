@@ -17,21 +17,14 @@ import trio
 
 from service.sim import Reply, Simulator
 
-from .operations.test_fleet_and_worker_pool_faults import killable
+from .backend_helpers import killable, until_refused
 from .operations.test_workers_faults import _env, _reap, _spawn, _start
 from .servers import running_server
 
 GUARD = 60
 
 
-async def _until_refused(port: int) -> None:
-    while True:
-        try:
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
-        except OSError:
-            return
-        await stream.aclose()
-        await trio.sleep(0.05)
+
 
 
 async def _calls(c: httpx.AsyncClient, body: dict[str, Any], n: int) -> list[tuple[int, str]]:
@@ -68,7 +61,7 @@ async def test_auto_llamacpp_tier_serves_ollamas_model_while_ollama_is_down(
             with trio.fail_after(GUARD):
                 assert (await c.post("/v1/chat/completions", json=body)).status_code == 200
                 scopes[0].cancel()
-                await _until_refused(ollama.port)
+                await until_refused(ollama.port)
                 outcomes = await _calls(c, body, 3)
     assert [s for s, _ in outcomes[1:]] == [200, 200], outcomes
 

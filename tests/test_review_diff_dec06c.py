@@ -34,7 +34,6 @@ Real servers on 127.0.0.1:0 and real simulated upstreams; timeouts are hang guar
 from __future__ import annotations
 
 import os
-from functools import partial
 from pathlib import Path
 
 import httpx
@@ -49,9 +48,10 @@ from service.backends.router import FleetBackend, Member
 from service.errors import BackendError, BackendRejectedRequest, ConfigError
 from service.server import build_config
 from service.settings import load_settings
-from service.sim import Reply, Simulator, open_simulator, serve
+from service.sim import Reply, Simulator, open_simulator
 from service.store.sqlite import SQLiteStore
 
+from .backend_helpers import serve_in, until_refused
 from .servers import running_server
 
 GUARD = 30  # seconds any test here may take before it fails (a hang guard)
@@ -82,24 +82,9 @@ async def test_llm_calls_with_api_md_empty_template_values_is_the_unfiltered_lis
 # -- 2. a 400 from a server with the model, another with it down ---------------------------------
 
 
-# Only ever started with nursery.start.
-async def _serve_in(  # noqa: ASYNC114
-    sim: Simulator, scope: trio.CancelScope, *,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    with scope:  # cancel it to kill the server (its listener and connections close)
-        async with trio.open_nursery() as nursery:
-            task_status.started(await nursery.start(partial(serve, sim)))
 
 
-async def _until_refused(port: int) -> None:
-    while True:
-        try:
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
-        except OSError:
-            return
-        await stream.aclose()
-        await trio.sleep(0.01)
+
 
 
 async def test_a_refusal_from_a_server_with_the_model_is_kept_when_another_is_down() -> None:
@@ -122,7 +107,7 @@ async def test_a_refusal_from_a_server_with_the_model_is_kept_when_another_is_do
     with trio.fail_after(GUARD):
         async with trio.open_nursery() as nursery, open_simulator(b) as b_srv, \
                 make_client(BUDGETS) as client:
-            port = await nursery.start(_serve_in, a, kill)
+            port = await nursery.start(serve_in, a, kill)
             fleet = FleetBackend(
                 [OllamaBackend("ollama-a", f"http://127.0.0.1:{port}", client, BUDGETS),
                  OllamaBackend("ollama-b", b_srv.url, client, BUDGETS)],
@@ -133,7 +118,7 @@ async def test_a_refusal_from_a_server_with_the_model_is_kept_when_another_is_do
                 assert all(inv.models == frozenset({"llama3:8b"})
                            for inv in fleet.inventories), fleet.inventories
                 kill.cancel()
-                await _until_refused(port)
+                await until_refused(port)
                 try:
                     await fleet.chat(request)
                 except BackendError as exc:

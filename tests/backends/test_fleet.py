@@ -11,7 +11,6 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -26,9 +25,9 @@ from service.backends.router import Inventory, Member
 from service.errors import AllBackendsFailed, ConfigError
 from service.metrics import Metrics
 from service.settings import Settings, load_settings
-from service.sim import Reply, Simulator, serve
+from service.sim import Reply, Simulator
 
-from ..backend_helpers import FakeRecorder
+from ..backend_helpers import FakeRecorder, serve_in
 
 GUARD = 10  # seconds any wait may take before the test fails
 
@@ -47,14 +46,7 @@ async def answer(backend: Backend, request: ChatRequest) -> tuple[str, str]:
 
 
 # Only ever started with nursery.start (flake8's startable list is project config).
-async def _serve_in(  # noqa: ASYNC114
-    sim: Simulator, scope: trio.CancelScope, ctx: ssl.SSLContext | None, *,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    with scope:
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(partial(serve, sim, ssl_context=ctx))
-            task_status.started(port)
+
 
 
 @asynccontextmanager
@@ -68,7 +60,7 @@ async def upstreams(
         for i in range(count):
             sim = Simulator(models[i] if models else ("sim-model",), default=Reply(tokens=3))
             scope = trio.CancelScope()
-            await nursery.start(_serve_in, sim, scope, ssl_context)
+            await nursery.start(serve_in, sim, scope, ssl_context)
             out.append((sim, scope))
         yield out
         nursery.cancel_scope.cancel()

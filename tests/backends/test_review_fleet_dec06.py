@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections import Counter
 from contextlib import AsyncExitStack
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -20,10 +19,10 @@ from service.backends.router import FleetBackend, Member
 from service.errors import BackendError
 from service.metrics import Metrics
 from service.settings import load_settings
-from service.sim import Reply, Simulator, open_simulator, serve
+from service.sim import Reply, Simulator, open_simulator
 from service.sim.scenario import Hang, SimResponse, Sleep, Step
 
-from ..backend_helpers import FakeRecorder, req
+from ..backend_helpers import FakeRecorder, req, serve_in, until_refused
 
 GUARD = 20  # seconds any test here may take before it fails
 BUDGETS = Budgets(connect=3.0, first_chunk=10.0, gap=5.0, call=100.0)
@@ -140,24 +139,9 @@ async def test_new_conversations_spread_evenly_over_three_idle_servers(tmp_path:
 # -- 3. the model's only server down, a lower tier that does not have it ---------------------------
 
 
-# Only ever started with nursery.start.
-async def _serve_in(  # noqa: ASYNC114
-    sim: Simulator, scope: trio.CancelScope, *,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    with scope:  # cancel it to kill the server (its listener and connections close)
-        async with trio.open_nursery() as nursery:
-            task_status.started(await nursery.start(partial(serve, sim)))
 
 
-async def _until_refused(port: int) -> None:
-    while True:
-        try:
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
-        except OSError:
-            return
-        await stream.aclose()
-        await trio.sleep(0.01)
+
 
 
 async def test_a_model_whose_server_is_down_is_503_not_model_not_found(tmp_path: Path) -> None:
@@ -184,7 +168,7 @@ async def test_a_model_whose_server_is_down_is_503_not_model_not_found(tmp_path:
     request = ChatRequest(messages=(ChatMessage("user", "hello"),), model="llama3:8b")
     with trio.fail_after(GUARD):
         async with trio.open_nursery() as nursery, open_simulator(other) as llama:
-            port = await nursery.start(_serve_in, ollama, kill)
+            port = await nursery.start(serve_in, ollama, kill)
             conf = load_settings(db=tmp_path / "service.db", backend="auto",
                                  ollama_url=ollama.url, llamacpp_url=llama.url)
             async with client_from_settings(conf) as client:
@@ -193,7 +177,7 @@ async def test_a_model_whose_server_is_down_is_503_not_model_not_found(tmp_path:
                 try:
                     assert (await fleet.chat(request)).backend == "ollama"  # while it is up
                     kill.cancel()
-                    await _until_refused(port)
+                    await until_refused(port)
                     for _ in range(3):
                         try:
                             result = await fleet.chat(request)

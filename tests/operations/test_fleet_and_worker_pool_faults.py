@@ -7,9 +7,6 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from functools import partial
 from pathlib import Path
 
 import httpx
@@ -17,8 +14,9 @@ import pytest
 import trio
 
 from service.settings import Settings
-from service.sim import Reply, Simulator, serve
+from service.sim import Reply, Simulator
 
+from ..backend_helpers import killable
 from ..servers import running_server
 from .test_workers import _children
 from .test_workers_faults import (
@@ -32,28 +30,9 @@ from .test_workers_faults import (
 GUARD = 60
 
 
-# Only ever started with nursery.start.
-async def _serve_in(  # noqa: ASYNC114
-    sim: Simulator, scope: trio.CancelScope, *,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    with scope:
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(partial(serve, sim))
-            task_status.started(port)
 
 
-@asynccontextmanager
-async def killable(*sims: Simulator) -> AsyncIterator[list[trio.CancelScope]]:
-    """Serve each simulator on loopback; cancelling its scope kills it (its port closes)."""
-    async with trio.open_nursery() as nursery:
-        scopes = []
-        for sim in sims:
-            scope = trio.CancelScope()
-            await nursery.start(_serve_in, sim, scope)
-            scopes.append(scope)
-        yield scopes
-        nursery.cancel_scope.cancel()
+
 
 
 async def _pinned_clients(url: str, pids: set[int]) -> dict[int, httpx.AsyncClient]:
