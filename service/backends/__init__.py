@@ -39,6 +39,7 @@ from .base import (
     Usage,
     collect_chat,
 )
+from .embedded import SLOTS as EMBEDDED_SLOTS
 from .fleet import ServerSpec, fleet_from_settings, tls_context
 from .http import Budgets, ShardedClient, make_client, make_sharded_client
 from .interceptor import Interceptor, LLMCallRecorder
@@ -134,8 +135,12 @@ def build_backend(
         from ..settings import embedded_alias
 
         alias = embedded_alias(settings)
+        # Limited to its slots: a call past them waits in the service's queue (a ``queued``
+        # event, its place told, ``backend_busy`` at SERVICE_BACKEND_QUEUE_TIMEOUT), not
+        # silently in llama.cpp's, counted as its time to first token.
         return wrap(OpenAICompatBackend("embedded", embedded_url, client, budgets,
-                                        default_model=alias or default, only_model=alias))
+                                        default_model=alias or default, only_model=alias),
+                    EMBEDDED_SLOTS)
 
     if kind == "embedded":
         return embedded()
@@ -159,7 +164,7 @@ def build_backend(
     if kind == "auto" and embedded_url is not None:
         backends.append(embedded())
         members.append(Member(priority=max(m.priority for m in members) + 1,
-                              capacity=settings.backend_concurrency, kind="embedded"))
+                              capacity=EMBEDDED_SLOTS, kind="embedded"))
     if kind != "auto" and len(backends) == 1 and not owned and settings.backends_file is None:
         return backends[0]  # one server: no routing
     return FleetBackend(backends, members, default_model=default, owned_clients=owned,

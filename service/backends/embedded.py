@@ -54,6 +54,9 @@ __all__ = ["EmbeddedLlamaServer", "embedded_llama_server", "ensure_tiny_model"]
 logger = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
+# The calls the embedded server runs at once (its slots, each with its share of the context):
+# the service queues the calls past them itself (its interceptor's limit), visibly.
+SLOTS = 4
 INSTALL_HINT = "install the embedded extra: pip install -e '.[embedded]'"
 # A start can fail because another process took the port between our probe and llama.cpp's bind.
 BIND_ATTEMPTS = 3
@@ -206,7 +209,7 @@ class _Health:
 async def embedded_llama_server(
     model_path: Path,
     *,
-    n_parallel: int = 4,
+    n_parallel: int = SLOTS,
     n_ctx: int = 4096,
     n_predict: int = -1,
     threads: int = 1,
@@ -250,7 +253,10 @@ async def embedded_llama_server(
     try:
         with trio.move_on_after(startup_timeout) as startup:
             port = await _start(xllamacpp, make_params, box)
-            async with httpx.AsyncClient(timeout=httpx.Timeout(5.0)) as client:
+            # Loopback, never through an HTTP(S)_PROXY of the environment (it cannot reach
+            # this host's 127.0.0.1: the start waited its whole timeout), as the service's
+            # own clients (clients.py).
+            async with httpx.AsyncClient(timeout=httpx.Timeout(5.0), trust_env=False) as client:
                 await health.wait_ready(client, f"http://{HOST}:{port}")
         if startup.cancelled_caught or port is None:
             raise BackendUnavailable(

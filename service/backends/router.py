@@ -47,6 +47,7 @@ from ..errors import (
     ModelNotFound,
 )
 from ..metrics import Metrics
+from ..text import clean_text
 from .auto import AutoBackend
 from .base import Backend, BackendHealth, ChatRequest, ollama_latest
 from .http import BackendTLSError
@@ -347,12 +348,15 @@ class FleetBackend(AutoBackend):
             inv = self.inventories[i]
             for model in inv.models or ():
                 loaded = inv.loaded is not None and model in inv.loaded
-                m.backend_models.labels(backend=name, model=model).set(2 if loaded else 1)
+                # (A label as text: an id with a lone surrogate, valid JSON from a server's
+                # list, cannot be encoded, and /metrics was a 500 from then on.)
+                m.backend_models.labels(backend=name, model=clean_text(model)).set(
+                    2 if loaded else 1)
             if inv.models is not None:  # (unknown, e.g. unreachable: left as last known)
                 # A model the server no longer lists (an `ollama rm`) goes to 0: removed, a
                 # label would stay in the other workers' files (multiprocess mode).
                 for model in self._exported.get(i, frozenset()) - inv.models:
-                    m.backend_models.labels(backend=name, model=model).set(0)
+                    m.backend_models.labels(backend=name, model=clean_text(model)).set(0)
                 self._exported[i] = inv.models
 
     async def aclose(self) -> None:
