@@ -153,7 +153,16 @@ class AssistantView {
     this.render();
   }
 
+  // Tokens are shown at most once per frame: a render parses the whole answer so far, and
+  // once per token a long answer cost its length per token (the page fell tens of seconds
+  // behind a 100,000-character report). Anything else renders at once (``render``).
+  later() {
+    if (this.frame) return;
+    this.frame = requestAnimationFrame(() => { this.frame = 0; this.render(); });
+  }
+
   render() {
+    if (this.frame) { cancelAnimationFrame(this.frame); this.frame = 0; }
     // Only the blocks that changed are replaced (the last, as tokens come): the text already
     // shown stays the same nodes, so a selection in it survives, and a long answer is not
     // laid out again whole per token.
@@ -169,7 +178,7 @@ class AssistantView {
     keepInView();
   }
 
-  token(text) { this.waiting(null); this.thinking = false; this.segment += text; this.render(); }
+  token(text) { this.waiting(null); this.thinking = false; this.segment += text; this.later(); }
 
   // A wait for a backend slot (``queued``): said until the model starts (null: over).
   waiting(position) {
@@ -291,15 +300,39 @@ function addUser(text) {
 function running(runId) {
   state.run = runId;
   if (!runId) state.stopPending = false;
-  // Stop hidden with the focus on it (a keyboard user's Enter) would leave the focus nowhere.
-  const focused = document.activeElement === $("stop");
+  // Stop hidden with the focus on it (a keyboard user's Enter), or Send disabled with it,
+  // would leave the focus nowhere: it goes to the control that takes over.
+  const focused = document.activeElement;
   $("stop").hidden = !runId;
   $("send").disabled = Boolean(runId);
-  if (focused && !runId) $("input").focus();
+  if (focused === $("stop") && !runId) $("input").focus();
+  if (focused === $("send") && runId) $("stop").focus();
 }
 
 const STEPS = new Set(["thought", "tool.call", "tool.result", "plan", "step.started", "step.finished", "decision"]);
 const sleep = (ms) => new Promise((done) => setTimeout(done, ms));
+
+// The tab's own run as kept for a reload (sessionStorage): its id, where it is, its text so far.
+const KEEP_EVERY = 500;
+const kept = { live: null, at: 0 };
+
+function keep(live) {
+  const fresh = kept.live !== live; // a run's first: written at once
+  kept.live = live;
+  if (!fresh && performance.now() - kept.at < KEEP_EVERY) return;
+  kept.at = performance.now();
+  sessionStorage.setItem(LIVE, JSON.stringify(live));
+}
+
+function dropKept() {
+  kept.live = null;
+  sessionStorage.removeItem(LIVE);
+}
+
+// A reload (or a tab closed) keeps where the run was at that moment.
+addEventListener("pagehide", () => {
+  if (kept.live) sessionStorage.setItem(LIVE, JSON.stringify(kept.live));
+});
 
 // One stream of the run's events; true once run.finished came.
 async function follow(resp, view, live) {
@@ -320,17 +353,18 @@ async function follow(resp, view, live) {
     else if (event === "error") error = data;
     else if (event === "queued") view.waiting(data.position);
     else if (event === "run.finished") {
-      if (!live.watch) sessionStorage.removeItem(LIVE);
+      if (!live.watch) dropKept();
       view.ended(data.status, error, data.error, data.content, live.watch ? null : state.stopped === live.run_id);
       return true;
     } else if (STEPS.has(event)) view.step(event, data);
     if (id) {
       // Where a re-join resumes (a watched run's too: from 0 it replayed the whole run onto
-      // the text shown); only this tab's own run is kept for a reload.
+      // the text shown); only this tab's own run is kept for a reload, at most every
+      // KEEP_EVERY ms (the whole text each time) and when the page goes away.
       live.last_id = Number(id);
       live.text = view.segment;
       live.steps = view.lines;
-      if (!live.watch) sessionStorage.setItem(LIVE, JSON.stringify(live));
+      if (!live.watch) keep(live);
     }
   }
   return false;
@@ -371,7 +405,7 @@ async function followEvents(resp, view, live) {
     } catch { resp = null; }
     refused = null;
     wait = 0;
-    if (resp && resp.status === 204) { if (!live.watch) sessionStorage.removeItem(LIVE); return; }
+    if (resp && resp.status === 204) { if (!live.watch) dropKept(); return; }
     // 5xx and 429 are worth a retry (the store slow for a moment, a proxy restarting): a failed
     // attempt, tried again (after Retry-After, up to 30 s, if it says); any other refusal (the
     // run gone, not this key's) ends here.
@@ -474,6 +508,10 @@ function forget(id) {
 
 function showConversations() {
   const list = $("conversations");
+  // The button with the focus (a keyboard user's Enter on it) is made again: the focus goes
+  // to the new one, not to the page's body.
+  const focused = list.contains(document.activeElement) ? document.activeElement : null;
+  const refocus = focused && (focused.dataset.id || focused.dataset.testid);
   list.replaceChildren();
   const used = (c) => Date.parse(c.updated_at) || 0;
   // Sorted stably: equal times keep the service's order.
@@ -482,6 +520,7 @@ function showConversations() {
     const button = document.createElement("button");
     button.type = "button";
     button.dataset.testid = "conversation";
+    button.dataset.id = conv.id;
     button.dir = "auto";
     button.textContent = clean(conv.title || "untitled");
     const current = conv.id === state.conversation;
@@ -502,19 +541,35 @@ function showConversations() {
     li.append(button);
     list.append(li);
   }
+  if (refocus) {
+    const again = [...list.querySelectorAll("button")].find(
+      (b) => b.dataset.id === refocus || (!b.dataset.id && b.dataset.testid === refocus));
+    (again ?? list.querySelector("button") ?? $("input")).focus();
+  }
 }
 
 const WATCH_MAX = 3; // replies going elsewhere followed at once (see openConversation)
 let viewing = null; // the follows of the conversation on screen (aborted when another opens)
+let opening = 0; // the latest conversation asked for (an earlier answer coming late is dropped)
 
 // ``own``: the tab's own re-join opens its run's conversation (the page is busy with it
 // already, so a click in the meantime is ignored, not run over it).
 async function openConversation(id, skipRun = null, own = false) {
   if (state.run && !own) return;
-  if (viewing) viewing.abort();
+  const asked = ++opening;
+  let conv;
+  try {
+    conv = await api("GET", `/api/conversations/${id}`);
+  } catch (exc) {
+    // The conversation on screen stays as it was, its replies still followed. One deleted
+    // elsewhere is no longer listed (every click on it would fail the same way).
+    if (exc.status === 404) { forget(id); showConversations(); }
+    throw exc;
+  }
+  if (asked !== opening) return; // another conversation was opened meanwhile
+  if (!own) problem(""); // an earlier click's failure is over (a re-join's leaves the list's)
+  viewing?.abort();
   const mine = (viewing = new AbortController());
-  const conv = await api("GET", `/api/conversations/${id}`);
-  if (mine.signal.aborted) return; // another conversation was opened meanwhile
   state.conversation = id;
   $("messages").replaceChildren();
   const pending = []; // replies whose run is still going (another tab's, or before a reopen)
@@ -553,7 +608,7 @@ async function rejoin() {
     await rejoinRun(live);
   } catch (exc) {
     // Gone (its conversation deleted) or not this key's: told once, then forgotten.
-    if (exc.status >= 400 && exc.status < 500) sessionStorage.removeItem(LIVE);
+    if (exc.status >= 400 && exc.status < 500) dropKept();
     throw exc;
   }
 }
@@ -566,7 +621,7 @@ async function rejoinRun(live) {
       headers: headers({ "Last-Event-ID": String(live.last_id) }),
     });
     if (resp.status === 204) { // it ended while the page was away, and was seen to the end
-      sessionStorage.removeItem(LIVE);
+      dropKept();
       running(null);
       await openConversation(live.conversation_id);
       return;
@@ -581,7 +636,12 @@ async function rejoinRun(live) {
 async function loadModels() {
   try {
     const { data } = await api("GET", "/v1/models");
-    for (const model of data) $("model").append(new Option(model.id, model.id));
+    // Listed again (a key entered again runs start() again): once each, the choice kept.
+    const picker = $("model");
+    const chosen = picker.value;
+    picker.replaceChildren(picker.options[0]);
+    for (const model of data) picker.append(new Option(model.id, model.id));
+    if ([...picker.options].some((o) => o.value === chosen)) picker.value = chosen;
   } catch { /* no backend reachable yet: the default model */ }
 }
 
@@ -590,7 +650,13 @@ async function start() {
   try {
     await loadConversations();
     $("key-form").hidden = true;
-    await loadModels();
+  } catch (exc) {
+    problem(exc.message);
+    if (exc.status === 401) return; // nothing works without a key: asked for above
+  }
+  // A refused list (the store away for a moment) does not cost the run being followed.
+  await loadModels();
+  try {
     await rejoin();
   } catch (exc) {
     problem(exc.message);
