@@ -44,7 +44,7 @@ async function api(method, path, body) {
 }
 
 function problem(text) {
-  $("problem").textContent = text || "";
+  $("problem").textContent = clean(text || ""); // (an error's text may quote a model's)
   $("problem").hidden = !text;
 }
 
@@ -292,7 +292,7 @@ function addUser(text) {
   div.className = "message user";
   div.dataset.testid = "user-message";
   div.dir = "auto";
-  div.textContent = text;
+  div.textContent = clean(text); // as stored: another client's may hold bidi controls
   $("messages").append(div);
   toBottom();
 }
@@ -439,12 +439,21 @@ async function send() {
       state.conversation = conv.id;
       await loadConversations();
     }
-    const resp = await fetch(`/api/conversations/${state.conversation}/messages`, {
-      method: "POST",
-      headers: headers({ "Content-Type": "application/json" }),
-      // "continue": a reload does not cancel the run; the page re-joins it.
-      body: JSON.stringify({ content, stream: true, on_disconnect: "continue", ...picks() }),
-    });
+    let resp;
+    try {
+      resp = await fetch(`/api/conversations/${state.conversation}/messages`, {
+        method: "POST",
+        headers: headers({ "Content-Type": "application/json" }),
+        // "continue": a reload does not cancel the run; the page re-joins it.
+        body: JSON.stringify({ content, stream: true, on_disconnect: "continue", ...picks() }),
+      });
+    } catch {
+      // Said as any other request's (the browser's own words were "Failed to fetch"); the
+      // message stays typed. (It may have arrived before the connection failed: the
+      // conversation, opened again, shows it and its reply.)
+      throw new Error(sendableKey(state.key) ? "cannot reach the service"
+        : "the key holds characters a header cannot carry: enter it again above");
+    }
     if (resp.status === 404) {
       // The conversation was deleted elsewhere (another tab, a client): let go of it, or every
       // message would be refused the same way. The message stays typed, for a new one.
@@ -640,7 +649,7 @@ async function loadModels() {
     const picker = $("model");
     const chosen = picker.value;
     picker.replaceChildren(picker.options[0]);
-    for (const model of data) picker.append(new Option(model.id, model.id));
+    for (const model of data) picker.append(new Option(clean(model.id), model.id));
     if ([...picker.options].some((o) => o.value === chosen)) picker.value = chosen;
   } catch { /* no backend reachable yet: the default model */ }
 }

@@ -1,0 +1,91 @@
+"""The chat page: what the browser review of 2026-12-06 (e) suspected, each a test that failed
+before its fix: text from the store shown without its bidi controls wherever it is shown, the
+messages POST's network failure said in the page's words, and a phone's width.
+
+The real app on port 0 with the real simulator behind it (tests/e2e.py); Debian's chromium
+driven by Playwright in a worker thread (tests/clients/test_chat_page.py's helpers).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import pytest
+import trio
+
+from service.settings import Settings
+
+from ..e2e import e2e
+from .test_chat_page import CHROMIUM, _in_browser
+
+playwright = pytest.importorskip("playwright.sync_api")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")]
+
+expect = playwright.expect
+GUARD = 120
+RLO = "\u202e"  # RIGHT-TO-LEFT OVERRIDE: shows "exe.txt" as "txt.exe"
+
+
+def _bidi_session(url: str, page: Any) -> dict[str, Any]:
+    page.goto(url + "/")
+    page.get_by_test_id("conversation").first.click()
+    user = page.get_by_test_id("user-message").first
+    expect(user).to_contain_text("invoice")
+    return {"user": user.inner_text()}
+
+
+async def test_a_stored_user_message_is_shown_without_bidi_controls(settings: Settings) -> None:
+    """A user message stored by another client (the API, the terminal) holding U+202E: the
+    page showed it as is, so "invoice\u202etxt.exe" read as "invoiceexe.txt". Answers, steps,
+    notes and titles were cleaned; user messages, the error banner and the model picker were
+    not."""
+    with trio.fail_after(GUARD):
+        async with e2e(settings, "llamacpp") as env:
+            env.sim.script("ok")
+            conv = await env.conversation(title="t")
+            r = await env.client.post(f"/api/conversations/{conv}/messages",
+                                      json={"content": f"invoice{RLO}txt.exe"})
+            assert r.status_code == 200, r.text
+            seen = await _in_browser(partial(_bidi_session, env.server.url))
+    assert RLO not in seen["user"], repr(seen["user"])
+    assert "invoice\ufffdtxt.exe" in seen["user"], repr(seen["user"])
+
+
+def _post_fails_session(url: str, page: Any) -> dict[str, Any]:
+    page.goto(url + "/")
+    expect(page.get_by_test_id("error-banner")).to_be_hidden()
+    page.route("**/messages", lambda route: route.abort("connectionreset"))
+    page.get_by_test_id("message-input").fill("hello")
+    page.get_by_test_id("send").click()
+    banner = page.get_by_test_id("error-banner")
+    expect(banner).to_be_visible()
+    return {"banner": banner.inner_text(),
+            "typed": page.get_by_test_id("message-input").input_value()}
+
+
+async def test_a_message_that_cannot_reach_the_service_says_so(settings: Settings) -> None:
+    """The connection fails as the message is posted: the banner said the browser's "Failed
+    to fetch", where every other request says "cannot reach the service"."""
+    with trio.fail_after(GUARD):
+        async with e2e(settings, "llamacpp") as env:
+            seen = await _in_browser(partial(_post_fails_session, env.server.url))
+    assert "cannot reach the service" in seen["banner"], seen
+    assert seen["typed"] == "hello", seen  # kept, to send again
+
+
+def _phone_session(url: str, page: Any) -> dict[str, Any]:
+    page.set_viewport_size({"width": 375, "height": 700})
+    page.goto(url + "/")
+    box = page.locator("#messages").bounding_box()
+    return {"width": box["width"] if box else 0}
+
+
+async def test_the_chat_has_the_width_of_a_phones_screen(settings: Settings) -> None:
+    """At 375 px (a phone) the conversation list took its 15rem column beside the chat,
+    which was left about 135 px."""
+    with trio.fail_after(GUARD):
+        async with e2e(settings, "llamacpp") as env:
+            seen = await _in_browser(partial(_phone_session, env.server.url))
+    assert seen["width"] >= 300, seen
