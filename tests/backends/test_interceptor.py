@@ -265,3 +265,19 @@ async def test_a_queued_call_is_told_its_place_and_waits_at_most_the_queue_timeo
     rows = {r.run_id: r for r in recorder.rows}
     assert rows["late"].queue_wait == 7
     assert rows["late"].outcome is LLMCallOutcome.error
+
+
+def test_long_queue_waits_and_store_writes_have_buckets_of_their_own() -> None:
+    """A wait for a backend slot lasts up to SERVICE_BACKEND_QUEUE_TIMEOUT (30 s), a store
+    write up to its budget (10 s): their histograms stopped at 5 s, so a 7 s and a 29 s wait
+    were both "+Inf" and an operator could not tell a slow queue from a stuck one."""
+    from service.metrics import Metrics
+
+    m = Metrics()
+    m.llm_queue_wait.labels(backend="b").observe(7)
+    m.llm_queue_wait.labels(backend="b").observe(29)
+    m.store_latency.labels("append_run_events").observe(9)
+    text = m.render().decode()
+    assert 'service_llm_queue_wait_seconds_bucket{backend="b",le="10.0"} 1.0' in text
+    assert 'service_llm_queue_wait_seconds_bucket{backend="b",le="30.0"} 2.0' in text
+    assert 'service_store_seconds_bucket{le="10.0",op="append_run_events"} 1.0' in text
