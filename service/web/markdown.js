@@ -1,5 +1,6 @@
-// A small Markdown subset to HTML: headings, paragraphs, lists (nested by indentation), tables,
-// fenced and inline code, bold, italics and http(s) links. Everything is HTML-escaped first, so model output cannot inject
+// A small Markdown subset to HTML: headings (ATX and setext), paragraphs, rules, lists (nested
+// by indentation), tables, fenced and inline code, bold, italics, backslash escapes and http(s)
+// links. Everything is HTML-escaped first, so model output cannot inject
 // markup; a link's URL is escaped too and must be http(s).
 
 const escapeHtml = (text) => text.replace(/[&<>"']/g, (c) => (
@@ -11,6 +12,9 @@ const escapeHtml = (text) => text.replace(/[&<>"']/g, (c) => (
 const BIDI_CONTROLS = /[\u202a-\u202e\u2066-\u2069]/g;
 export const clean = (text) => text.replace(BIDI_CONTROLS, "\ufffd");
 
+// A backslash escape (CommonMark's: any ASCII punctuation), after HTML-escaping.
+const ESCAPED = /\\(&(?:amp|lt|gt|quot|#39);|[!#$%()*+,\-./:;=?@[\\\]^_`{|}~])/g;
+
 // A link's URL: http(s), with balanced parentheses kept (Wikipedia's "Python_(language)").
 const LINK = /\[([^\]\n]+)\]\((https?:\/\/(?:[^\s()]|\([^\s()]*\))+)\)/g;
 
@@ -19,6 +23,9 @@ function inline(text) {
   const keep = (html) => `\u0000${kept.push(html) - 1}\u0000`;
   let html = escapeHtml(text)
     .replace(/`([^`\n]+)`/g, (_, code) => keep(`<code>${code}</code>`))
+    // A backslash before punctuation shows it as itself ("\*.txt": no emphasis, no backslash);
+    // not in code spans (kept above). The escaped forms of & < > " ' count as one character.
+    .replace(ESCAPED, (_, char) => keep(char))
     .replace(LINK, (_, label, url) => (
       `<a href="${keep(url)}" rel="noopener noreferrer" target="_blank">${label}</a>`));
   // Emphasis as CommonMark flanks it: "6 * 7 = 42, and 3 * 4" holds none (a "*" followed or
@@ -26,7 +33,9 @@ function inline(text) {
   html = html
     .replace(/\*\*(?=\S)([^*\n]*?\S)\*\*/g, "<strong>$1</strong>")
     .replace(/(^|[^*])\*(?=[^\s*])([^*\n]*?[^\s*])\*(?!\*)/g, "$1<em>$2</em>");
-  return html.replace(/\u0000(\d+)\u0000/g, (_, i) => kept[Number(i)]);
+  // (A link's URL may hold an escape's: put back until none is left.)
+  const restore = (part) => part.replace(/\u0000(\d+)\u0000/g, (_, i) => restore(kept[Number(i)]));
+  return restore(html);
 }
 
 const FENCE = /^(\s*)(```|~~~)/;
@@ -47,6 +56,10 @@ const DELIMITER_CELL = /^:?-+:?$/;
 const isDelimiter = (line) => /^[\s|:-]+$/.test(line) && line.includes("-")
   && cells(line).every((cell) => DELIMITER_CELL.test(cell));
 const HEADING = /^(#{1,6})\s+(.*)$/;
+// A rule ("---", "***", "___", spaced or not), and a setext heading's underline ("===", "---"
+// under a paragraph's lines: that paragraph is the heading).
+const RULE = /^ {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$/;
+const UNDERLINE = /^ {0,3}(=+|-+)[ \t]*$/;
 // Cells a table makes up for its short rows, at most (as cmark-gfm: a wide header over many
 // short rows would make width x rows of them, far more HTML than the text).
 const FILLED_MAX = 10_000;
@@ -62,7 +75,9 @@ function table(lines, i) {
   if (align.length !== head.length) return null;
   const cell = (tag, text, col) => {
     const cls = align[col] ? ` class="align-${align[col]}"` : "";
-    return `<${tag}${cls} dir="auto">${inline(text ?? "")}</${tag}>`;
+    // A line break in a cell is written <br> (GitHub's tables): the one tag taken as one.
+    const html = inline(text ?? "").replace(/&lt;br\s*\/?&gt;/gi, "<br>");
+    return `<${tag}${cls} dir="auto">${html}</${tag}>`;
   };
   const rows = [];
   let filled = 0;
@@ -82,7 +97,8 @@ function table(lines, i) {
 
 export function renderMarkdown(source) {
   const out = [];
-  const lines = clean(source).replace(/\r\n?/g, "\n").split("\n");
+  // (NUL marks what inline() keeps aside: none may come from the text itself.)
+  const lines = clean(source).replace(/\u0000/g, "\ufffd").replace(/\r\n?/g, "\n").split("\n");
   let paragraph = [];
   // The open lists, outermost first: each its kind ("ul" or "ol") and its items' indentation;
   // the innermost's last item is still open (a deeper item nests in it).
@@ -114,6 +130,18 @@ export function renderMarkdown(source) {
         code.push(codeLine.startsWith(indent) ? codeLine.slice(indent.length) : codeLine.trimStart());
       }
       out.push(`<pre><code>${escapeHtml(code.join("\n"))}</code></pre>`);
+      continue;
+    }
+    const underline = paragraph.length && !lists.length ? UNDERLINE.exec(line) : null;
+    if (underline) {
+      const level = underline[1][0] === "=" ? 1 : 2;
+      out.push(`<h${level} dir="auto">${paragraph.map(inline).join("<br>")}</h${level}>`);
+      paragraph = [];
+      continue;
+    }
+    if (RULE.test(line)) {
+      flush();
+      out.push("<hr>");
       continue;
     }
     const heading = HEADING.exec(line);

@@ -17,7 +17,7 @@ import trio
 from service.settings import Settings
 
 from ..e2e import e2e
-from .test_chat_page import CHROMIUM, _in_browser
+from .test_chat_page import CHROMIUM, ROOT, _in_browser
 
 playwright = pytest.importorskip("playwright.sync_api")
 pytestmark = [pytest.mark.slow,
@@ -89,3 +89,47 @@ async def test_the_chat_has_the_width_of_a_phones_screen(settings: Settings) -> 
         async with e2e(settings, "llamacpp") as env:
             seen = await _in_browser(partial(_phone_session, env.server.url))
     assert seen["width"] >= 300, seen
+
+
+# -- Markdown the models write --------------------------------------------------------------------
+
+_MARKDOWN = {
+    # a rule, as models put between sections (shown as a line of dashes)
+    "a\n\n---\n\nb": '<p dir="auto">a</p><hr><p dir="auto">b</p>',
+    "* * *": "<hr>",
+    # setext headings
+    "Title\n===": '<h1 dir="auto">Title</h1>',
+    "Sub\n---": '<h2 dir="auto">Sub</h2>',
+    # backslash escapes (the backslash was shown, and "\\*" still opened emphasis)
+    "\\*.txt and \\*.md": '<p dir="auto">*.txt and *.md</p>',
+    "\\<b\\>": '<p dir="auto">&lt;b&gt;</p>',
+    "`a\\*b`": '<p dir="auto"><code>a\\*b</code></p>',  # none in a code span
+    "[x](https://e.com/\\_a)": ('<p dir="auto"><a href="https://e.com/_a" rel="noopener '
+                                'noreferrer" target="_blank">x</a></p>'),
+    # a line break in a table cell, GitHub's way
+    "| a |\n|---|\n| x<br>y |": ('<div class="table"><table><thead><tr><th dir="auto">a</th>'
+                                 '</tr></thead><tbody><tr><td dir="auto">x<br>y</td></tr>'
+                                 '</tbody></table></div>'),
+    # nothing else of HTML: an escaped tag, a break outside a table
+    "\\<img src=x onerror=alert(1)\\> x<br>y": (
+        '<p dir="auto">&lt;img src=x onerror=alert(1)&gt; x&lt;br&gt;y</p>'),
+    # what inline() keeps aside is marked with NUL: none may come from the text
+    "`\x000\x00`": '<p dir="auto"><code>\ufffd0\ufffd</code></p>',
+}
+
+
+def _rendered(page: Any) -> dict[str, str]:
+    page.set_content("<div id=out></div>")
+    source = (ROOT / "service" / "web" / "markdown.js").read_text()
+    return dict(zip(_MARKDOWN, page.evaluate(
+        "([src, texts]) => import('data:text/javascript,' + encodeURIComponent(src))"
+        ".then((m) => texts.map((t) => m.renderMarkdown(t)))", [source, list(_MARKDOWN)]),
+        strict=True))
+
+
+async def test_rules_setext_headings_escapes_and_cell_breaks_are_rendered() -> None:
+    """What models write often and the page showed as typed: ``---`` between sections (a line
+    of dashes), setext headings, ``\\*`` (the backslash shown, the star still emphasis), a
+    ``<br>`` in a table cell (shown as text)."""
+    seen = await _in_browser(_rendered)
+    assert seen == _MARKDOWN
