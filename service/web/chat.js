@@ -480,6 +480,11 @@ async function stop() {
   if (!state.run) return;
   if (state.run === "starting") { state.stopPending = true; return; } // sent once the run is known
   state.stopped = state.run; // this page's own Stop: its end is said quietly
+  if (kept.live?.run_id === state.run) {
+    // ... after a reload too (its end may come after it).
+    kept.live.stopped = true;
+    sessionStorage.setItem(LIVE, JSON.stringify(kept.live));
+  }
   try {
     await api("POST", `/api/runs/${state.run}/cancel`);
   } catch (exc) {
@@ -624,6 +629,7 @@ async function rejoin() {
 
 async function rejoinRun(live) {
   running(live.run_id); // busy from here: a click on a conversation now would run over it
+  if (live.stopped) state.stopped = live.run_id; // this page's Stop, before the reload
   try {
     await openConversation(live.conversation_id, live.run_id, true);
     const resp = await fetch(`/api/runs/${live.run_id}/events`, {

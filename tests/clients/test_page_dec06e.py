@@ -15,9 +15,10 @@ import pytest
 import trio
 
 from service.settings import Settings
+from service.sim.scenario import Reply as SimReply
 
 from ..e2e import e2e
-from .test_chat_page import CHROMIUM, ROOT, _in_browser
+from .test_chat_page import CHROMIUM, ROOT, _in_browser, _send
 
 playwright = pytest.importorskip("playwright.sync_api")
 pytestmark = [pytest.mark.slow,
@@ -133,3 +134,51 @@ async def test_rules_setext_headings_escapes_and_cell_breaks_are_rendered() -> N
     ``<br>`` in a table cell (shown as text)."""
     seen = await _in_browser(_rendered)
     assert seen == _MARKDOWN
+
+
+# -- a reload right after Stop --------------------------------------------------------------------
+
+
+def _stop_then_reload_session(url: str, hold: Any, page: Any) -> dict[str, Any]:
+    page.goto(url + "/")
+    answer = _send(page, "slow please")
+    expect(answer).to_contain_text("tick tick")
+    release = hold()  # the store takes no write for now: the run's end cannot land yet
+    with page.expect_response("**/cancel"):
+        page.get_by_test_id("stop").click()
+    page.reload()  # before run.finished came
+    answers = page.get_by_test_id("assistant-message")
+    expect(answers.last).to_contain_text("tick")  # re-joined
+    release()
+    expect(page.get_by_test_id("stop")).to_be_hidden()
+    return {"notes": answers.last.locator(".note").all_inner_texts()}
+
+
+async def test_a_reload_right_after_stop_still_says_the_user_stopped_it(
+    settings: Settings,
+) -> None:
+    """The user clicks Stop and reloads before the run's end comes (the store slow for a
+    moment). The re-joined run ended ``cancelled by request``, and the page said "stopped
+    elsewhere (another client cancelled it)": it had forgotten its own Stop in the reload."""
+    with trio.fail_after(GUARD):
+        async with e2e(settings, "llamacpp") as env, trio.open_nursery() as nursery:
+            env.sim.script(SimReply(text="tick " * 200, interval=0.05))
+            store = env.server.services.require_store()
+            held, let_go = trio.Event(), trio.Event()
+
+            async def holding() -> None:
+                async with store.faults.writes_held():
+                    held.set()
+                    await let_go.wait()
+
+            def hold() -> Any:
+                trio.from_thread.run_sync(nursery.start_soon, holding)
+                trio.from_thread.run(held.wait)
+                return lambda: trio.from_thread.run_sync(let_go.set)
+
+            try:
+                seen = await _in_browser(partial(_stop_then_reload_session, env.server.url,
+                                                 hold))
+            finally:
+                let_go.set()
+    assert seen["notes"] == ["stopped"], seen
