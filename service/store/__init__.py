@@ -56,7 +56,7 @@ def is_postgres_url(db: str | os.PathLike[str]) -> bool:
 def describe_store(db: str | os.PathLike[str]) -> str:
     """``SERVICE_DB`` as it may be logged: a PostgreSQL URL without its password."""
     if is_postgres_url(db):
-        from .postgres import describe_url
+        from .pg_url import describe_url
 
         return describe_url(str(db))
     return str(db)

@@ -39,19 +39,16 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from typing import Any, ClassVar, TypeVar, cast
-from urllib.parse import unquote
 
 import psycopg
 import psycopg_pool
 import trio
-from psycopg.conninfo import conninfo_to_dict
 
 from ..errors import ServiceError, StoreError, StoreUnavailable
 from ..logs import get_logger
@@ -62,6 +59,7 @@ from .group_commit import GroupCommit, PendingWrite
 from .ownership import LEASE, process_tag
 from .pg_conn import BoundedConnection, BoundedWait
 from .pg_notify import CHANNEL, announcing, send_notifications
+from .pg_url import conninfo, describe_url, url_secrets
 from .postgres_queries import Conn, PostgresQueries
 from .records import unreadable
 from .schema import PG_MIGRATIONS
@@ -80,34 +78,6 @@ _CLOSE_WAIT = 5.0  # seconds the pool's close waits for its workers
 # Seconds a write of this instance's lease may take, on its own connection: a third of a lease,
 # so a renewal that cannot land fails while the lease still runs (``lease_loop``).
 LEASE_WRITE_BOUND = LEASE / 3 - 0.5  # (the loop's watchdog counts from a little earlier)
-
-
-def describe_url(url: str) -> str:
-    """``url`` as it may be shown: ``postgresql://user@host:port/db``, never its password."""
-    try:
-        params = conninfo_to_dict(url)
-    except psycopg.Error:  # not one libpq reads: shown without all before its last "@"
-        return _redact(_USERINFO.sub(r"\1***@", url)).split("?", 1)[0]
-    user = f"{params['user']}@" if params.get("user") else ""
-    host = str(params.get("host") or "")
-    port = f":{params['port']}" if params.get("port") else ""
-    return f"postgresql://{user}{host}{port}/{params.get('dbname') or ''}"
-
-
-# A URL's scheme and user information (greedy: a password may hold "@", "/", "?" or " ").
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://).*@", re.DOTALL)
-
-
-def _secrets(url: str) -> list[str]:
-    """The password of ``url`` as libpq reads it and as it is written, in its user information
-    or a ``password=`` parameter (libpq echoes a token it cannot read, such as a bad
-    %-escape), longest first."""
-    found = {str(_conninfo(url).get("password") or "")}
-    if (m := re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^:@/]*:(.*)@", url, re.DOTALL)):
-        found |= {m.group(1), unquote(m.group(1))}
-    for m in re.finditer(r"[?&]password=([^&#]*)", url):
-        found |= {m.group(1), unquote(m.group(1))}
-    return sorted((s for s in found if s), key=len, reverse=True)
 
 
 class PostgresStore(PostgresQueries):
@@ -135,7 +105,7 @@ class PostgresStore(PostgresQueries):
     ) -> None:
         self._url = url
         self.url = describe_url(url)  # as it may be shown
-        self._secrets = _secrets(url)
+        self._secrets = url_secrets(url)
         self._metrics = metrics or METRICS
         self._pool_size = pool_size
         self._statement_timeout = statement_timeout
@@ -180,7 +150,7 @@ class PostgresStore(PostgresQueries):
         """The connection's settings: keyword arguments win over the URL's, so the URL's own
         ``options`` (a ``search_path``, say) are kept beside the statement timeout, and its
         ``connect_timeout`` and ``application_name`` are left as it says."""
-        given = _conninfo(self._url)
+        given = conninfo(self._url)
         # Whole milliseconds, at least 1: 0 would be no timeout at all.
         options = f"-c statement_timeout={max(1, math.ceil(self._statement_timeout * 1000))}"
         # A transaction whose process stops sending (stopped, a host frozen mid-batch) is
@@ -357,6 +327,40 @@ class PostgresStore(PostgresQueries):
         if item.error is not None:
             raise item.error
         return item.result  # type: ignore[no-any-return]
+
+    async def _write_alone(self, op: str, fn: Callable[[Conn], T]) -> T:
+        """Run ``fn`` in a transaction of its own, outside the group commit: for a write that
+        may wait on another instance's locks (its runs' rows, held by its event batch until it
+        commits). In the shared batch that wait held every write queued behind it, and two
+        instances waiting on each other's deadlocked. Holding no other lock it waits alone,
+        bounded by ``statement_timeout``. (The write faults hook it as they hook a batch.)"""
+        start = time.perf_counter()
+        pool = self._pool
+        if pool is None:
+            raise StoreError("store is closed")
+        if self.faults.before_batch is not None:
+            await self.faults.before_batch()
+
+        def run() -> T:
+            with self._connection(pool) as conn:
+                conn.execute("BEGIN")  # (the pool's connections are autocommit)
+                try:
+                    result = fn(conn)  # its notifications are sent with it (not in a batch)
+                    if self.faults.before_commit is not None:
+                        self.faults.before_commit()
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if not conn.broken and conn.info.transaction_status != _IDLE:
+                        conn.execute("ROLLBACK")
+                    raise
+                return result
+
+        try:
+            result = await self._run_sync(run)
+        except (psycopg.Error, InjectedFault) as exc:
+            raise self._error(exc, "store write failed") from exc
+        self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
+        return result
 
     async def _run_batch(self, batch: list[PendingWrite[Conn]]) -> None:
         pool = self._pool
@@ -573,10 +577,3 @@ class PostgresStore(PostgresQueries):
 _IDLE = psycopg.pq.TransactionStatus.IDLE
 # A batch sends its statements back to back: a third of a lease without one is a stalled owner.
 _IDLE_IN_TRANSACTION_MS = round(LEASE / 3 * 1000)
-
-
-def _conninfo(url: str) -> dict[str, Any]:
-    try:
-        return conninfo_to_dict(url)
-    except psycopg.Error:
-        return {}

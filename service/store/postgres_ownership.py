@@ -55,6 +55,8 @@ class PostgresOwnership:
 
         async def _lease_write(self, op: str, query: str, params: tuple[Any, ...]) -> None: ...
 
+        async def _write_alone(self, op: str, fn: Callable[[Conn], T]) -> T: ...
+
     async def recover_interrupted(self, run_id: str | None = None, *,
                                   abandoned: bool = False) -> list[str]:
         """Close runs left in progress by a process that is gone (see SQLiteStore's)."""
@@ -145,7 +147,10 @@ class PostgresOwnership:
                 _notify(c, [f"cancel:{run_id}"])
             return asked
 
-        return await self._write("request_cancel", fn)
+        # Alone: the run is another instance's, whose event batch holds its row (the fence)
+        # until it commits. In the group commit its wait held every write queued here, and two
+        # instances cancelling each other's runs deadlocked.
+        return await self._write_alone("request_cancel", fn)
 
     async def runs_missing(self, run_ids: Sequence[str]) -> list[str]:
         """See ``SQLiteStore.runs_missing``."""
