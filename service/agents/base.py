@@ -305,7 +305,9 @@ class AgentContext:
                     if chunk.thinking and emit_tokens:
                         # A reasoning model's thinking, piece by piece (never in the answer).
                         self.emit("thought", {"text": chunk.thinking, "reasoning": True})
-                        self.handle.reasoning_parts.append(chunk.thinking)
+                        if self.handle.agent == "chat":  # (a non-stream /v1 answer's only)
+                            # As the event says it (no NUL, no lone surrogate).
+                            self.handle.reasoning_parts.append(clean_text(chunk.thinking))
                     if chunk.text:
                         parts.append(chunk.text)
                         if emit_tokens:

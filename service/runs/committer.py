@@ -407,20 +407,26 @@ class EventCommitter:
                         # Last in the next pass: a write the store is slow to take only for
                         # itself (a locked row, a huge answer) ended every pass first, and the
                         # others were never tried.
-                        if entry in self._final_retries:
-                            self._final_retries.remove(entry)
-                            self._final_retries.append(entry)
+                        self._to_the_back(entry)
                         return
                 except StoreUnavailable as exc:
                     self._refused = True
                     log.warning("final state of run %s still not stored: %s", handle.id,
                                 exc.message)
+                    # (Last in the next pass too: a lock on its row, a statement timeout, is
+                    # its own trouble as often as the store's.)
+                    self._to_the_back(entry)
                     return
                 except StoreError as exc:  # this run's (a row the store cannot take)
                     log.warning("final state of run %s still not stored: %s", handle.id,
                                 exc.message)
                 except Exception:
                     log.exception("final state of run %s still cannot be stored", handle.id)
+
+    def _to_the_back(self, entry: tuple[RunHandle, FinalState]) -> None:
+        if entry in self._final_retries:
+            self._final_retries.remove(entry)
+            self._final_retries.append(entry)
 
     async def store_everything(self, budget: float) -> None:
         """At shutdown: what the store refused so far gets one more ``budget`` (a volume

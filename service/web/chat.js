@@ -429,6 +429,7 @@ async function send() {
   const content = $("input").value.trim();
   if (!content || state.run) return;
   problem("");
+  opening++; // a conversation still being opened is not shown over this one
   running("starting");
   try {
     if (!state.conversation) {
@@ -580,7 +581,9 @@ async function openConversation(id, skipRun = null, own = false) {
     if (exc.status === 404) { forget(id); showConversations(); }
     throw exc;
   }
-  if (asked !== opening) return; // another conversation was opened meanwhile
+  // Another conversation was opened meanwhile, or a message sent (a new conversation
+  // started): this answer comes too late to replace the one on screen.
+  if (asked !== opening || (state.run && !own)) return;
   if (!own) problem(""); // an earlier click's failure is over (a re-join's leaves the list's)
   viewing?.abort();
   const mine = (viewing = new AbortController());
@@ -687,6 +690,9 @@ $("input").addEventListener("keydown", (e) => {
 $("stop").addEventListener("click", stop);
 $("new").addEventListener("click", () => {
   if (state.run) return;
+  opening++; // (as send's)
+  viewing?.abort(); // the replies followed there are off screen now
+  viewing = null;
   state.conversation = null;
   $("messages").replaceChildren();
   showConversations();
