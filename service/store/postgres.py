@@ -121,6 +121,11 @@ class PostgresStore(PostgresQueries):
         # (A "CapacityLimiter-like object", as trio's docs allow; typed as the class.)
         self._run_sync = partial(trio.to_thread.run_sync,
                                  limiter=cast(trio.CapacityLimiter, self._limiter))
+        # Writes on their own (``_write_alone``) take at most half the threads: each may wait
+        # for another instance's lock, and reads and batches need threads meanwhile. One waits
+        # for its turn as long as one may wait for a lock.
+        self._alone = BoundedWait(trio.CapacityLimiter(max(1, pool_size // 2)),
+                                  _ALONE_LOCK_WAIT_MS / 1000)
         self._pool: psycopg_pool.ConnectionPool[Conn] | None = None
         self._commits: GroupCommit[Conn] = GroupCommit(self._run_batch)
         # This instance's lease is written on a connection of its own (``_lease_write``).
@@ -329,11 +334,14 @@ class PostgresStore(PostgresQueries):
         return item.result  # type: ignore[no-any-return]
 
     async def _write_alone(self, op: str, fn: Callable[[Conn], T]) -> T:
-        """Run ``fn`` in a transaction of its own, outside the group commit: for a write that
-        may wait on another instance's locks (its runs' rows, held by its event batch until it
-        commits). In the shared batch that wait held every write queued behind it, and two
-        instances waiting on each other's deadlocked. Holding no other lock it waits alone,
-        bounded by ``statement_timeout``. (The write faults hook it as they hook a batch.)"""
+        """Run ``fn`` in a transaction of its own, outside the group commit: a cancel of
+        another instance's run, whose event batch holds the run's row until it commits. In the
+        shared batch that wait held every write queued behind it, and two instances cancelling
+        each other's runs deadlocked. It holds no other lock, and waits for one at most
+        ``_ALONE_LOCK_WAIT_MS`` (then StoreUnavailable, a 503 to retry): a thread and a pooled
+        connection are held meanwhile, and such writes take at most half of them (reads and
+        batches need theirs). (The write faults hook it as they
+        hook a batch; ``write_error`` and the store's latency metric count it.)"""
         start = time.perf_counter()
         pool = self._pool
         if pool is None:
@@ -343,7 +351,8 @@ class PostgresStore(PostgresQueries):
 
         def run() -> T:
             with self._connection(pool) as conn:
-                conn.execute("BEGIN")  # (the pool's connections are autocommit)
+                # (The pool's connections are autocommit: the transaction is explicit.)
+                conn.execute(f"BEGIN; SET LOCAL lock_timeout = {_ALONE_LOCK_WAIT_MS}")
                 try:
                     result = fn(conn)  # its notifications are sent with it (not in a batch)
                     if self.faults.before_commit is not None:
@@ -355,11 +364,19 @@ class PostgresStore(PostgresQueries):
                     raise
                 return result
 
+        turn = object()
         try:
-            result = await self._run_sync(run)
+            await self._alone.acquire_on_behalf_of(turn)
+            try:
+                result = await self._run_sync(run)
+            finally:
+                self._alone.release_on_behalf_of(turn)
         except (psycopg.Error, InjectedFault) as exc:
+            self.write_error = self._scrub(exc)
             raise self._error(exc, "store write failed") from exc
-        self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
+        finally:
+            self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
+        self.write_error = None
         return result
 
     async def _run_batch(self, batch: list[PendingWrite[Conn]]) -> None:
@@ -575,5 +592,9 @@ class PostgresStore(PostgresQueries):
 
 
 _IDLE = psycopg.pq.TransactionStatus.IDLE
+# A write on its own waits this long for another instance's lock (its batch's, normally held
+# for milliseconds; a stalled owner's transaction is ended by the server within 5 s,
+# _IDLE_IN_TRANSACTION_MS), not statement_timeout's 30 s with a thread and a connection held.
+_ALONE_LOCK_WAIT_MS = 10_000
 # A batch sends its statements back to back: a third of a lease without one is a stalled owner.
 _IDLE_IN_TRANSACTION_MS = round(LEASE / 3 * 1000)

@@ -3,7 +3,7 @@
 :class:`~service.store.postgres.PostgresStore` is these queries on its engine (the pool, group
 commit, transactions): each method hands its SQL, as a function of a psycopg connection, to
 ``_write`` (in a write transaction, grouped with others), ``_write_alone`` (a transaction of
-its own: for rows another instance's batch may hold) or ``_read``. The same queries as
+its own: a cancel, of a row another instance's batch may hold) or ``_read``. The same queries as
 SQLite's (:mod:`.sqlite_queries`) in PostgreSQL's dialect: ``%s`` placeholders, ``ON CONFLICT
 DO NOTHING`` for ``OR IGNORE``, a batch of events as arrays (one statement however long).
 Leases and ownership are in :mod:`.postgres_ownership`.
@@ -130,8 +130,6 @@ class PostgresQueries(PostgresOwnership):
 
         async def _read(self, op: str, fn: Callable[[Conn], T]) -> T: ...
 
-        async def _write_alone(self, op: str, fn: Callable[[Conn], T]) -> T: ...
-
 
     # -- conversations --------------------------------------------------------------------------
 
@@ -205,8 +203,10 @@ class PostgresQueries(PostgresOwnership):
                 c.execute("DELETE FROM llm_calls WHERE run_id = ANY(%s)", (runs,))
             return deleted
 
-        # Alone, as a cancel: its runs may be another instance's, their rows held by its batch.
-        if not await self._write_alone("delete_conversation", fn):
+        # In the group commit (its runs' cancels are asked and waited for first, stop_runs):
+        # alone, its conversation's row held, it deadlocked with this instance's own batch
+        # that holds a run's row and updates the conversation.
+        if not await self._write("delete_conversation", fn):
             raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
 
     # -- messages -------------------------------------------------------------------------------

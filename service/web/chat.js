@@ -364,6 +364,9 @@ async function follow(resp, view, live) {
       live.last_id = Number(id);
       live.text = view.segment;
       live.steps = view.lines;
+      // A Stop clicked before the run was known (or before this stream's first event) is
+      // kept with it too.
+      if (state.stopped === live.run_id) live.stopped = true;
       if (!live.watch) keep(live);
     }
   }

@@ -18,11 +18,15 @@ const ESCAPED = /\\(&(?:amp|lt|gt|quot|#39);|[!#$%()*+,\-./:;=?@[\\\]^_`{|}~])/g
 // A link's URL: http(s), with balanced parentheses kept (Wikipedia's "Python_(language)").
 const LINK = /\[([^\]\n]+)\]\((https?:\/\/(?:[^\s()]|\([^\s()]*\))+)\)/g;
 
-function inline(text) {
+// ``breaks``: a table cell's, where a line break is written <br> (GitHub's tables); the one
+// tag taken as one, outside code spans.
+function inline(text, breaks = false) {
   const kept = []; // code spans and links' URLs, put back last (no emphasis inside them)
   const keep = (html) => `\u0000${kept.push(html) - 1}\u0000`;
   let html = escapeHtml(text)
-    .replace(/`([^`\n]+)`/g, (_, code) => keep(`<code>${code}</code>`))
+    .replace(/`([^`\n]+)`/g, (_, code) => keep(`<code>${code}</code>`));
+  if (breaks) html = html.replace(/&lt;br\s*\/?&gt;/gi, () => keep("<br>"));
+  html = html
     // A backslash before punctuation shows it as itself ("\*.txt": no emphasis, no backslash);
     // not in code spans (kept above). The escaped forms of & < > " ' count as one character.
     .replace(ESCAPED, (_, char) => keep(char))
@@ -75,9 +79,7 @@ function table(lines, i) {
   if (align.length !== head.length) return null;
   const cell = (tag, text, col) => {
     const cls = align[col] ? ` class="align-${align[col]}"` : "";
-    // A line break in a cell is written <br> (GitHub's tables): the one tag taken as one.
-    const html = inline(text ?? "").replace(/&lt;br\s*\/?&gt;/gi, "<br>");
-    return `<${tag}${cls} dir="auto">${html}</${tag}>`;
+    return `<${tag}${cls} dir="auto">${inline(text ?? "", true)}</${tag}>`;
   };
   const rows = [];
   let filled = 0;
