@@ -7,6 +7,8 @@ same promises, which callers rely on:
 * **Acknowledged means durable**: a write returns once its transaction has committed.
 * **Writes land in call order**: a write joins the store's queue before its first checkpoint,
   so a write called after another lands after it (``RunSupervisor._start_new`` relies on it).
+  Not PostgreSQL's ``request_cancel``: it runs on its own, outside the queue (it may wait on
+  another instance's lock, which in a shared batch held every write behind it).
 * **Group commit**: writes queued behind a busy writer go together in one transaction, each in
   its own SAVEPOINT (one failing write does not undo the others).
 * **Cancellation**: a write cancelled while still queued never lands; once taken into a
