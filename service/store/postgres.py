@@ -123,9 +123,9 @@ class PostgresStore(PostgresQueries):
                                  limiter=cast(trio.CapacityLimiter, self._limiter))
         # Writes on their own (``_write_alone``) take at most half the threads: each may wait
         # for another instance's lock, and reads and batches need threads meanwhile. One waits
-        # for its turn as long as one may wait for a lock.
+        # for its turn as long as one may wait for a lock (a statement's bound).
         self._alone = BoundedWait(trio.CapacityLimiter(max(1, pool_size // 2)),
-                                  _ALONE_LOCK_WAIT_MS / 1000)
+                                  statement_timeout)
         self._pool: psycopg_pool.ConnectionPool[Conn] | None = None
         self._commits: GroupCommit[Conn] = GroupCommit(self._run_batch)
         # This instance's lease is written on a connection of its own (``_lease_write``).
@@ -337,11 +337,11 @@ class PostgresStore(PostgresQueries):
         """Run ``fn`` in a transaction of its own, outside the group commit: a cancel of
         another instance's run, whose event batch holds the run's row until it commits. In the
         shared batch that wait held every write queued behind it, and two instances cancelling
-        each other's runs deadlocked. It holds no other lock, and waits for one at most
-        ``_ALONE_LOCK_WAIT_MS`` (then StoreUnavailable, a 503 to retry): a thread and a pooled
-        connection are held meanwhile, and such writes take at most half of them (reads and
-        batches need theirs). (The write faults hook it as they
-        hook a batch; ``write_error`` and the store's latency metric count it.)"""
+        each other's runs deadlocked. It holds no other lock, and waits for one as long as the
+        owner's batch may take (``statement_timeout``; a stalled owner's transaction is ended
+        within 5 s): a thread and a pooled connection are held meanwhile, so such writes take
+        at most half of them. (Hooked by the
+        write faults, counted in ``write_error`` and the latency metric, as a batch.)"""
         start = time.perf_counter()
         pool = self._pool
         if pool is None:
@@ -350,18 +350,11 @@ class PostgresStore(PostgresQueries):
             await self.faults.before_batch()
 
         def run() -> T:
-            with self._connection(pool) as conn:
-                # (The pool's connections are autocommit: the transaction is explicit.)
-                conn.execute(f"BEGIN; SET LOCAL lock_timeout = {_ALONE_LOCK_WAIT_MS}")
-                try:
-                    result = fn(conn)  # its notifications are sent with it (not in a batch)
-                    if self.faults.before_commit is not None:
-                        self.faults.before_commit()
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if not conn.broken and conn.info.transaction_status != _IDLE:
-                        conn.execute("ROLLBACK")
-                    raise
+            with (self._connection(pool) as conn,
+                  _explicit(conn, "BEGIN")):
+                result = fn(conn)  # its notifications are sent with it (not in a batch)
+                if self.faults.before_commit is not None:
+                    self.faults.before_commit()
                 return result
 
         turn = object()
@@ -393,37 +386,31 @@ class PostgresStore(PostgresQueries):
                      batch: list[PendingWrite[Conn]]) -> None:
         single = len(batch) == 1
         try:
-            with self._connection(pool) as conn:
-                # Savepoint commands go with the next one, in one round trip each (a query
-                # without parameters may hold several statements): a write costs one round trip
-                # more than its own statements, not two.
-                conn.execute("BEGIN" if single else "BEGIN; SAVEPOINT w")
-                try:
-                    with announcing() as announced:
-                        for n, it in enumerate(batch):
-                            if single:
-                                it.result = it.fn(conn)
-                                continue
-                            if n:
-                                conn.execute("RELEASE SAVEPOINT w; SAVEPOINT w")
-                            kept = len(announced)
-                            try:
-                                it.result = it.fn(conn)
-                            except Exception as exc:
-                                if conn.broken:
-                                    raise  # the connection is gone: so is the whole batch
-                                conn.execute("ROLLBACK TO SAVEPOINT w")
-                                del announced[kept:]
-                                it.error = self._error(exc, "store write failed")
-                    # One notification for the whole batch (delivered at its COMMIT).
-                    send_notifications(conn, announced)
-                    if self.faults.before_commit is not None:
-                        self.faults.before_commit()
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if not conn.broken and conn.info.transaction_status != _IDLE:
-                        conn.execute("ROLLBACK")
-                    raise
+            # Savepoint commands go with the next one, in one round trip each (a query without
+            # parameters may hold several statements): a write costs one round trip more than
+            # its own statements, not two.
+            with (self._connection(pool) as conn,
+                  _explicit(conn, "BEGIN" if single else "BEGIN; SAVEPOINT w")):
+                with announcing() as announced:
+                    for n, it in enumerate(batch):
+                        if single:
+                            it.result = it.fn(conn)
+                            continue
+                        if n:
+                            conn.execute("RELEASE SAVEPOINT w; SAVEPOINT w")
+                        kept = len(announced)
+                        try:
+                            it.result = it.fn(conn)
+                        except Exception as exc:
+                            if conn.broken:
+                                raise  # the connection is gone: so is the whole batch
+                            conn.execute("ROLLBACK TO SAVEPOINT w")
+                            del announced[kept:]
+                            it.error = self._error(exc, "store write failed")
+                # One notification for the whole batch (delivered at its COMMIT).
+                send_notifications(conn, announced)
+                if self.faults.before_commit is not None:
+                    self.faults.before_commit()
             self.write_error = None
         except BaseException as exc:  # noqa: ASYNC103 (a worker thread: no trio.Cancelled here)
             error = self._error(exc, "store write failed")
@@ -592,9 +579,19 @@ class PostgresStore(PostgresQueries):
 
 
 _IDLE = psycopg.pq.TransactionStatus.IDLE
-# A write on its own waits this long for another instance's lock (its batch's, normally held
-# for milliseconds; a stalled owner's transaction is ended by the server within 5 s,
-# _IDLE_IN_TRANSACTION_MS), not statement_timeout's 30 s with a thread and a connection held.
-_ALONE_LOCK_WAIT_MS = 10_000
+
+
+@contextmanager
+def _explicit(conn: Conn, begin: str) -> Iterator[None]:
+    """``begin``, the body, ``COMMIT`` (``ROLLBACK`` if it raises) on an autocommit one."""
+    conn.execute(begin)  # type: ignore[arg-type]  # (a constant's text)
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if not conn.broken and conn.info.transaction_status != _IDLE:
+            conn.execute("ROLLBACK")
+        raise
+
 # A batch sends its statements back to back: a third of a lease without one is a stalled owner.
 _IDLE_IN_TRANSACTION_MS = round(LEASE / 3 * 1000)

@@ -16,7 +16,6 @@ from contextlib import suppress
 from functools import partial
 from typing import Any
 
-import httpx
 import pytest
 import trio
 
@@ -185,14 +184,12 @@ async def test_list_a_conversation_found_deleted_when_clicked_leaves_the_list(
 # -- a very long answer -------------------------------------------------------------------------
 
 
-def _long_answer_session(url: str, page: Any) -> dict[str, Any]:
+def _long_answer_session(url: str, ended: Any, page: Any) -> dict[str, Any]:
     page.goto(url + "/")
     answer = _send(page, "write the whole report")
     expect(answer).to_contain_text("Paragraph 1:")
     run_id = json.loads(page.evaluate("() => sessionStorage.getItem('service.live')"))["run_id"]
-    with httpx.Client(base_url=url, timeout=30) as client:
-        while client.get(f"/api/runs/{run_id}").json()["status"] in ("queued", "running"):
-            time.sleep(0.1)
+    ended(run_id)  # until the service has stored its end and published it
     server_done = time.monotonic()
     # The page's end: Stop hidden (its run.finished handled), bounded by the test's guard.
     expect(page.get_by_test_id("stop")).to_be_hidden(timeout=110_000)
@@ -219,7 +216,17 @@ async def test_stream_a_very_long_answer_is_shown_soon_after_the_model_ends(
     with trio.fail_after(TEST_GUARD + 60):
         async with e2e(settings, "llamacpp") as env:
             env.sim.script(SimReply(text=text))
-            seen = await _in_browser(partial(_long_answer_session, env.server.url))
+            supervisor = env.server.services.require_supervisor()
+
+            async def until_ended(run_id: str) -> None:
+                handle = supervisor.get(run_id)
+                if handle is not None:  # (gone: ended already)
+                    await handle.finished.wait()
+
+            def ended(run_id: str) -> None:
+                trio.from_thread.run(until_ended, run_id)
+
+            seen = await _in_browser(partial(_long_answer_session, env.server.url, ended))
     assert seen["chars"] > 90_000, seen
     # (Bounded loosely: the page took 35 s before its fix on this machine, about 1 s after.)
     assert seen["lag"] < 20, (
