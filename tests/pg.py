@@ -58,3 +58,21 @@ def pg_url(postgres: PostgresServer, request: pytest.FixtureRequest) -> Iterator
         yield url
     finally:
         postgres.drop_database(name)
+
+
+def slow_token_trigger(seconds: float) -> str:
+    """SQL creating a trigger that sleeps ``seconds`` in every insert of a token event whose
+    text holds "slow": a test makes one batch of an instance's group commit hold its row locks
+    that long, so that another write's overlap with it is certain rather than a matter of
+    milliseconds. The rest of the store is untouched."""
+    return f"""
+CREATE FUNCTION review_slow_token() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.type = 'token' AND NEW.data LIKE '%slow%' THEN
+    PERFORM pg_sleep({seconds});
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER review_slow_token BEFORE INSERT ON run_events
+  FOR EACH ROW EXECUTE FUNCTION review_slow_token();
+"""

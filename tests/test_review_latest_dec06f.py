@@ -26,7 +26,7 @@ from service.store.faults import InjectedFault
 
 from .clients.test_chat_page import CHROMIUM, ROOT, _in_browser, _send
 from .e2e import e2e
-from .pg import pg_url, postgres  # noqa: F401 (fixtures)
+from .pg import pg_url, postgres, slow_token_trigger  # noqa: F401 (fixtures)
 
 GUARD = 60  # seconds: hang guards only
 
@@ -76,17 +76,7 @@ async def test_pg_a_cancel_or_delete_whose_commit_fails_is_the_stores_write_erro
             f"{write}'s failed COMMIT is not the store's write_error")
 
 
-_SLOW_TOKEN = """
-CREATE FUNCTION review_slow_token() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-  IF NEW.type = 'token' AND NEW.data LIKE '%slow%' THEN
-    PERFORM pg_sleep(2);
-  END IF;
-  RETURN NEW;
-END $$;
-CREATE TRIGGER review_slow_token BEFORE INSERT ON run_events
-  FOR EACH ROW EXECUTE FUNCTION review_slow_token();
-"""
+_SLOW_TOKEN = slow_token_trigger(2)
 
 
 async def test_pg_a_delete_does_not_deadlock_with_its_own_instances_batch(
@@ -268,7 +258,7 @@ async def test_pg_cancels_waiting_on_another_instances_batch_leave_reads_a_threa
         conv = await a.create_conversation(title="t")
         runs = [(await b.begin_run(conv.id, content=f"q{i}", agent=None, model="m")).run.id
                 for i in range(2)]
-        _pg(pg_url, _SLOW_TOKEN.replace("pg_sleep(2)", "pg_sleep(3)"))
+        _pg(pg_url, slow_token_trigger(3))
         out: dict[str, object] = {}
 
         async def b_events() -> None:  # B's batch: both runs' rows held for 3 s

@@ -18,7 +18,7 @@ import trio
 from service.errors import StoreError
 from service.store import RunEvent, open_store
 
-from ..pg import pg_url, postgres  # noqa: F401 (fixtures)
+from ..pg import pg_url, postgres, slow_token_trigger  # noqa: F401 (fixtures)
 
 GUARD = 30  # seconds: hang guards only
 
@@ -32,17 +32,7 @@ def _pg(url: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
 # A token event's insert takes 0.5 s (a slow disk, a large batch): the moment two instances'
 # batches overlap is then certain instead of a matter of milliseconds. Only events whose text
 # is "slow" are slowed; the rest of the store is untouched.
-_SLOW_TOKEN = """
-CREATE FUNCTION review_slow_token() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-  IF NEW.type = 'token' AND NEW.data LIKE '%slow%' THEN
-    PERFORM pg_sleep(0.5);
-  END IF;
-  RETURN NEW;
-END $$;
-CREATE TRIGGER review_slow_token BEFORE INSERT ON run_events
-  FOR EACH ROW EXECUTE FUNCTION review_slow_token();
-"""
+_SLOW_TOKEN = slow_token_trigger(0.5)
 
 
 async def _one_batch(store: Any, *writes: Any) -> list[object]:
