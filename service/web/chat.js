@@ -384,23 +384,34 @@ async function followRun(resp, view, live) {
   }
 }
 
+// Re-joins without an event between them go on for REJOIN_FOR ms (a restart of the service
+// or of a proxy in front of it takes seconds), each after up to REJOIN_PAUSE_MAX ms; a
+// re-join that brings events starts the count again (a long run behind a proxy that cuts
+// every stream after a while is followed to its end, however many times it is cut).
+const REJOIN_FOR = 30000;
+const REJOIN_PAUSE_MAX = 5000;
+
 // The run's events to its end, re-joining (Last-Event-ID) when the stream drops.
 async function followEvents(resp, view, live) {
   let refused = null; // the last re-join's refusal worth a retry (5xx, 429), said if it is the last
   let wait = 0;
+  let since = Date.now(); // the last event, or the first try
   for (let attempt = 0; ; attempt++) {
+    const from = live.last_id;
     try {
       if (await follow(resp, view, live)) return;
     } catch { /* the connection dropped */ }
     if (live.signal?.aborted) return; // its conversation is no longer on screen
-    if (!live.run_id || attempt >= 4) {
+    if (live.last_id !== from) { attempt = 0; since = Date.now(); } // it moved on: a new count
+    const pause = Math.max(Math.min(500 * 2 ** attempt, REJOIN_PAUSE_MAX), wait);
+    if (!live.run_id || Date.now() + pause - since > REJOIN_FOR) {
       const why = refused ? ` (${refused.message})` : "";
       const said = `the stream ended before the run did${why}; reload to re-join`;
       view.note(said);
       announce(said);
       return;
     }
-    await sleep(Math.max(500 * 2 ** attempt, wait));
+    await sleep(pause);
     try {
       resp = await fetch(`/api/runs/${live.run_id}/events`, {
         headers: headers({ "Last-Event-ID": String(live.last_id) }), signal: live.signal,

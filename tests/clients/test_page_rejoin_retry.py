@@ -86,7 +86,7 @@ def _gives_up_session(url: str, drop: Any, page: Any) -> dict[str, Any]:
 
 
 async def test_page_rejoins_refused_to_the_end_say_why(settings: Settings) -> None:
-    """Every re-join answered 503: the page gives up after its re-joins (each after the
+    """Every re-join answered 503: the page gives up after 30 s of re-joins (each after the
     answer's Retry-After) and says why, the service's own words, not only that the stream
     ended."""
     async with e2e(settings, "llamacpp") as env, _proxy(env.server) as proxy:
@@ -113,7 +113,8 @@ async def test_page_rejoins_refused_to_the_end_say_why(settings: Settings) -> No
 
         seen = await _in_browser(partial(_gives_up_session, proxy.url, drop))
         store.get_run = get_run
-    assert len(refused) == 4, refused
+    # Re-joins go on for 30 s without an event (``REJOIN_FOR``), each after the 503's 5 s.
+    assert 5 <= len(refused) <= 7, refused
     assert all(b - a >= 4.5 for a, b in itertools.pairwise(refused)), refused
     assert seen["notes"] == [
         "the stream ended before the run did (the store is slow; retry); reload to re-join"], seen
