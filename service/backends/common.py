@@ -52,15 +52,48 @@ def milliseconds(value: Any, per: float = 1.0) -> float | None:
     return ms if math.isfinite(ms) else None
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: past a float
+        raise ValueError(f"{text[:40]} is past a float's range")
+    return value
+
+
+def _not_json(text: str) -> Any:
+    raise ValueError(f"{text} is not JSON")  # NaN, Infinity: Python's json takes them
+
+
+def _all_finite(value: Any) -> bool:
+    """No NaN or infinity anywhere in ``value`` (a parsed JSON document; walked without
+    recursion: a model's arguments may nest deeply)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return False
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
 def parse_arguments(raw: Any, *, backend: str, name: str) -> dict[str, Any]:
-    """Tool-call arguments as a dict: a JSON object, or a string holding one."""
+    """Tool-call arguments as a dict: a JSON object, or a string holding one. Numbers must be
+    JSON's: a NaN or an infinity (which Python's json reads and writes, but no strict parser
+    takes, nor httpx when it sends them on) makes the arguments invalid, as any bad JSON."""
     if isinstance(raw, dict):
+        # Parsed with the stream's line (Ollama's NDJSON, by Python's json).
+        if not _all_finite(raw):
+            raise BackendProtocolError(
+                f"tool call {name!r}: arguments hold a number that is not finite",
+                backend=backend)
         return raw
     if raw is None or raw == "":
         return {}
     if isinstance(raw, str):
         try:
-            value = json.loads(raw)
+            value = json.loads(raw, parse_float=_finite_float, parse_constant=_not_json)
         except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nesting
             raise BackendProtocolError(
                 f"tool call {name!r}: arguments are not valid JSON: {raw[:200]!r}", backend=backend

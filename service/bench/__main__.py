@@ -167,6 +167,29 @@ def _workers(text: str) -> list[int]:
     return counts
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of 1 or more, not {text!r}")
+    return value
+
+
+def _writable(path: Path) -> str | None:
+    """Why the results could not be written to ``path`` (found before the benchmark runs, not
+    after its minutes), or None."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        return f"{path} is a directory"
+    if not parent.is_dir():
+        return f"no directory {parent}"
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return f"{path} cannot be written"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -178,13 +201,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="the service's store (both: each, side by side; default sqlite)")
     parser.add_argument("--workers", type=_workers, default=[1], metavar="N[,M...]",
                         help="python -m service --workers N; a list compares them (default 1)")
-    parser.add_argument("--rounds", type=int, default=1, metavar="N",
+    parser.add_argument("--rounds", type=_positive, default=1, metavar="N",
                         help="run the (store, workers) configurations N times, in rotation;"
                         " each is judged by its round with the least CPU taken by processes"
                         " not the benchmark's (default 1)")
-    parser.add_argument("--cross-runs", type=int, help="live runs in the cross scenario"
+    parser.add_argument("--cross-runs", type=_positive, help="live runs in the cross scenario"
                         " (default 100; --quick 10)")
-    parser.add_argument("--cross-clients", type=int, help="load client processes of the cross"
+    parser.add_argument("--cross-clients", type=_positive, help="load client processes of the cross"
                         " scenario (default 2)")
     args = parser.parse_args(argv)
     if args.only is None:
@@ -196,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         named_cross = "cross" in only
     if only - set(SCENARIOS):
         parser.error(f"unknown scenario(s): {', '.join(sorted(only - set(SCENARIOS)))}")
+    if not only:
+        parser.error(f"--only names no scenario (of {','.join(SCENARIOS)})")
+    if args.json is not None and (why := _writable(args.json)) is not None:
+        parser.error(f"--json: {why}")
     stores = list(STORES) if args.store == "both" else [args.store]
     have_pg = find_pg_bin() is not None
     if not have_pg and ("postgres" in stores or named_cross):
@@ -205,10 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     if "cross" in only and have_pg:
         level = dataclasses.replace(
             _CROSS[1 if args.quick else 0],
-            **({"runs": args.cross_runs} if args.cross_runs else {}),
-            **({"clients": args.cross_clients} if args.cross_clients else {}))
+            **({"runs": args.cross_runs} if args.cross_runs is not None else {}),
+            **({"clients": args.cross_clients} if args.cross_clients is not None else {}))
     # Side by side: each worker count on each store (sqlite/1, postgres/1, sqlite/2, ...).
-    configs = [(store, n, r) for r in range(max(1, args.rounds)) for n in args.workers
+    configs = [(store, n, r) for r in range(args.rounds) for n in args.workers
                for store in stores]
     fds = raise_fd_limit()
     started = time.perf_counter()

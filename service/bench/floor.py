@@ -255,8 +255,12 @@ async def _start(workdir: Path, kind: str, sim_port: int) -> Proc:
         stdout=subprocess.DEVNULL, stderr=log.open("wb"),
     )
     proc = Proc(kind, popen, port, log)
-    with trio.fail_after(20):
-        await wait_http(proc, "/health")
+    try:
+        with trio.fail_after(20):
+            await wait_http(proc, "/health")
+    except BaseException:  # too slow, or interrupted (Ctrl-C): not left running
+        proc.stop()
+        raise
     return proc
 
 

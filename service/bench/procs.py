@@ -190,8 +190,12 @@ async def start_simulator(workdir: Path) -> Proc:
         cwd=_REPO, stdout=subprocess.DEVNULL, stderr=log.open("wb"),
     )
     proc = Proc("simulator", popen, port, log)
-    with trio.fail_after(20):
-        await wait_http(proc, "/health")
+    try:
+        with trio.fail_after(20):
+            await wait_http(proc, "/health")
+    except BaseException:  # too slow, or interrupted (Ctrl-C): not left running
+        proc.stop()
+        raise
     return proc
 
 

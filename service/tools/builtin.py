@@ -66,6 +66,15 @@ def _check_size(op: ast.operator, left: Any, right: Any) -> None:
         raise ValueError("result too large")
 
 
+def _finite(value: Any) -> Any:
+    """``value``, unless it is a float past a float's range or not a number: "inf" or "nan"
+    is no answer to an arithmetic question (``1e308 * 10``), and ``10.0 ** 400`` is refused
+    the same way (OverflowError)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("not a number" if math.isnan(value) else "result too large for a float")
+    return value
+
+
 def calculate(expression: str) -> float | int:
     """Evaluate arithmetic by walking its AST: numbers, + - * / // % **, a few math functions."""
     if len(expression) > _MAX_LEN:
@@ -73,6 +82,9 @@ def calculate(expression: str) -> float | int:
     tree = ast.parse(expression.replace("^", "**"), mode="eval")
 
     def ev(node: ast.AST) -> Any:
+        return _finite(each(node))
+
+    def each(node: ast.AST) -> Any:
         if isinstance(node, ast.Expression):
             return ev(node.body)
         if isinstance(node, ast.Constant) and type(node.value) in (int, float):
@@ -182,13 +194,14 @@ def text_stats(text: str) -> dict[str, int]:
 def unit_convert(value: float, from_unit: str, to_unit: str) -> float:
     length = {"m": 1.0, "km": 1000.0, "cm": 0.01, "mi": 1609.344, "ft": 0.3048, "in": 0.0254}
     mass = {"kg": 1.0, "g": 0.001, "lb": 0.45359237, "oz": 0.028349523125}
+    _finite(float(value))
     for table in (length, mass):
         if from_unit in table and to_unit in table:
-            return value * table[from_unit] / table[to_unit]
+            return _finite(value * table[from_unit] / table[to_unit])  # type: ignore[no-any-return]
     temps = {"C", "F", "K"}
     if from_unit in temps and to_unit in temps:
         c = {"C": value, "F": (value - 32) * 5 / 9, "K": value - 273.15}[from_unit]
-        return {"C": c, "F": c * 9 / 5 + 32, "K": c + 273.15}[to_unit]
+        return _finite({"C": c, "F": c * 9 / 5 + 32, "K": c + 273.15}[to_unit])  # type: ignore[no-any-return]
     raise ValueError(f"cannot convert {from_unit} to {to_unit}")
 
 
