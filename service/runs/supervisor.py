@@ -487,6 +487,9 @@ class RunSupervisor:
         # The error's text as the store keeps it (a NUL or a lone surrogate from an upstream's
         # message becomes U+FFFD): told as stored, not raw while the store says otherwise.
         error = clean_text(error) if error else error
+        # So is its answer (an agent may decode one from JSON: "\u0000"), which a non-stream
+        # request is answered with (``final_text``).
+        answer = clean_text(answer) if answer else answer
         if handle.error_event is not None and isinstance(handle.error_event.get("message"),
                                                          str):
             handle.error_event = {**handle.error_event,
