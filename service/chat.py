@@ -14,7 +14,8 @@ exits at once, once that cancel is sent (within 2 s). Ctrl-C or Ctrl-D at the pr
 A stream dropped mid-answer (a Wi-Fi change, a proxy restarting), or ended by an error frame,
 or whose re-join is refused for now (5xx, 429), is re-joined where it broke (``Last-Event-ID``;
 the run goes on meanwhile: ``on_disconnect: continue``; one dropped before its ``run.started``
-came is found on the conversation), three times at most. A service that sends nothing, not
+came is found on the conversation), for up to 30 s without an event (a re-join that brings
+events starts the count again, so a long answer survives any number of cuts). A service that sends nothing, not
 even its keep-alives, for ``READ_TIMEOUT`` seconds (or four of its keep-alive intervals) fails
 the turn with one line. A turn given up cancels its run, so that the store does not go on to
 hold an answer the user was told failed. Text the terminal's encoding cannot show is
@@ -50,7 +51,11 @@ __all__ = ["SSEParser", "main"]
 EXIT_INTERRUPTED = 130
 EXIT_OUTPUT_CLOSED = 141  # as a shell reports a writer stopped by SIGPIPE (``| head``)
 READ_TIMEOUT = 60.0  # seconds of nothing before a turn fails (a stream: four keep-alives)
-_REJOINS = 3  # times a dropped stream is re-joined (after 0.5, 1 and 2 s)
+# A dropped stream is re-joined for up to _REJOIN_FOR seconds without an event (a service or a
+# proxy restarting takes seconds), each after up to _REJOIN_PAUSE_MAX; a re-join that brings
+# events starts the count again (a long answer behind a proxy that cuts streams goes on).
+_REJOIN_FOR = 30.0
+_REJOIN_PAUSE_MAX = 5.0
 _RETRY_AFTER_MAX = 30.0  # seconds: a longer Retry-After is waited this long
 _QUIT_CANCEL_WAIT = 2.0  # seconds a second Ctrl-C waits for the run's cancel to be sent
 _STEPS = ("thought", "tool.call", "tool.result", "plan", "step.started", "step.finished",
@@ -182,21 +187,26 @@ class Client:
 
     async def _stream(self, conversation: str, body: dict[str, Any], turn: Turn) -> None:
         """The run's events, from its POST; a stream dropped before the run's end (a Wi-Fi
-        change, a proxy restarting) is re-joined where it broke (``Last-Event-ID``), up to
-        ``_REJOINS`` times, waiting longer each time. A turn given up (a stream gone silent,
-        or its re-joins failing) cancels its run, which would go on otherwise."""
+        change, a proxy restarting) is re-joined where it broke (``Last-Event-ID``), for up
+        to ``_REJOIN_FOR`` seconds without an event, waiting longer each time. A turn given up
+        (a stream gone silent, or its re-joins failing) cancels its run, which would go on
+        otherwise."""
         path = f"/api/conversations/{conversation}/messages"
         failure: Exception | None = None
         told = 0.0  # the seconds the service said to wait before the next re-join
-        for attempt in range(_REJOINS + 1):
-            if attempt == 0:
+        since = trio.current_time()  # the last event shown, or the turn's start
+        attempt = 0  # re-joins since then
+        pause = 0.0  # before the next re-join
+        posted = False
+        while True:
+            if not posted:
+                posted = True
                 request = self.http.stream("POST", path, json=body,
                                            timeout=httpx.Timeout(30.0, read=None))
             else:
-                # Its Retry-After when it gave one (a store restarting: 5 s), bounded: three
-                # re-joins 0.5, 1 and 2 s apart gave up 3.5 s after a cut, cancelling a run
-                # the service had asked to be re-joined 5 s later.
-                await trio.sleep(max(0.5 * 2 ** (attempt - 1), min(told, _RETRY_AFTER_MAX)))
+                # Doubling from 0.5 s up to _REJOIN_PAUSE_MAX, or the service's Retry-After
+                # when it gave one (a store restarting: 5 s), bounded by _RETRY_AFTER_MAX.
+                await trio.sleep(pause)
                 if turn.run_id is None:
                     # Dropped before its run.started came: the run, if it started, is found
                     # on the conversation (its pending reply to this message).
@@ -208,6 +218,7 @@ class Client:
                     "GET", f"/api/runs/{turn.run_id}/events",
                     headers={"Last-Event-ID": turn.last_id or "0"},
                     timeout=httpx.Timeout(30.0, read=None))
+            shown = turn.last_id
             try:
                 await self._follow(request, turn)
                 return
@@ -215,9 +226,15 @@ class Client:
                 # (A body that breaks, a corrupt gzip, is a stream lost as a cut one is.)
                 if turn.status is not None:
                     return  # its end was shown: the body's last bytes do not matter
-                failure = failure or exc  # the first says what went wrong
+                if turn.last_id != shown:  # it moved on: a new count
+                    since, attempt, failure = trio.current_time(), 0, None
+                failure = failure or exc  # the first (since the last event) says what went wrong
                 told = exc.after if isinstance(exc, _Retry) else 0.0
-                if not isinstance(exc, _Silent) and attempt < _REJOINS:
+                attempt += 1
+                pause = max(min(0.5 * 2 ** (attempt - 1), _REJOIN_PAUSE_MAX),
+                            min(told, _RETRY_AFTER_MAX))
+                if (not isinstance(exc, _Silent)
+                        and trio.current_time() + pause - since <= _REJOIN_FOR):
                     continue
                 # Given up: a stream silent for four keep-alive intervals (the service
                 # wedged: a re-join would wait as long again), or re-joined enough.
