@@ -15,13 +15,14 @@ A stream dropped mid-answer (a Wi-Fi change, a proxy restarting), or ended by an
 or whose re-join is refused for now (5xx, 429), is re-joined where it broke (``Last-Event-ID``;
 the run goes on meanwhile: ``on_disconnect: continue``; one dropped before its ``run.started``
 came is found on the conversation), for up to 30 s without an event (a re-join that brings
-events starts the count again, so a long answer survives any number of cuts). A service that sends nothing, not
-even its keep-alives, for ``READ_TIMEOUT`` seconds (or four of its keep-alive intervals) fails
-the turn with one line. A turn given up cancels its run, so that the store does not go on to
-hold an answer the user was told failed. Text the terminal's encoding cannot show is
-shown as "?" (a Latin-1 locale), and character references in an answer (``&#x202E;``) cannot
-bring back the controls taken out of its text. A run that does not succeed ends showing its reply
-as stored (``run.finished``'s ``content``: of a ReAct turn, its answer's part only).
+events starts the count again, so a long answer survives any number of cuts). A service that
+sends nothing, not even its keep-alives, for ``READ_TIMEOUT`` seconds (or four of its
+keep-alive intervals) fails the turn with one line. A turn given up cancels its run, so that
+the store does not go on to hold an answer the user was told failed. Text the terminal's
+encoding cannot show is shown as "?" (a Latin-1 locale), and character references in an
+answer (``&#x202E;``) cannot bring back the controls taken out of its text. A run that does not
+succeed ends showing its reply as stored (``run.finished``'s ``content``: of a ReAct turn, its
+answer's part only).
 
 Each turn is one ``trio.run``: the prompt is a plain blocking ``input()`` between turns, and
 SIGINT is trio's (a signal receiver) only while a turn runs.

@@ -90,7 +90,26 @@ async def _start_services(app: QuartTrio, svc: Services, backend: Backend | None
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # --workers: siblings read our gauges
             app.nursery.start_soon(svc.metrics.keep_gauges_fresh)
     svc.backend = backend
-    svc.supervisor = await app.nursery.start(supervisor.serve)
+    svc.supervisor = await app.nursery.start(_supervise, svc, supervisor)
+
+
+async def _supervise(  # noqa: ASYNC128 (serve calls started)
+    svc: Services, supervisor: RunSupervisor, *, task_status: trio.TaskStatus[RunSupervisor],
+) -> None:
+    """The supervisor's ``serve``. Its failure (logged, in ``failure``) is the process's: the
+    server shuts down (``Services.broken``) rather than answering HTTP with nothing to run it.
+    Not passed on into the lifespan's nursery: hypercorn would go on "without Lifespan
+    support", and the shutdown's close of the store would be skipped."""
+    try:
+        await supervisor.serve(task_status=task_status)
+    except Exception:
+        if supervisor.failure is None or svc.supervisor is None:  # (not started: a failed start)
+            raise
+        svc.broken.set()
+    except BaseException:  # (a failure beside a cancel: the shutdown is under way already)
+        if supervisor.failure is not None:
+            svc.broken.set()
+        raise
 
 
 async def _keep_fleet_fresh(fleet: FleetBackend) -> None:

@@ -193,6 +193,20 @@ async def wait_for_signal(svc: Services, stop: trio.Event) -> None:
             stop.set()
 
 
+class SupervisorFailed(ServiceError):
+    """The run supervisor failed while the server served: it shut down (exit 1)."""
+
+
+async def stop_if_broken(svc: Services, stop: trio.Event) -> None:
+    """Shut down if the run supervisor fails: the process can run nothing more, and its exit
+    (1: ``SupervisorFailed``) has what runs it start another (``--workers``' parent, systemd)."""
+    await svc.broken.wait()
+    if not stop.is_set():
+        log.error("the run supervisor stopped: shutting down (exit 1)")
+        await begin_shutdown(svc)
+        stop.set()
+
+
 async def run_server(  # noqa: ASYNC128 (task_status is handed to hypercorn's serve)
     settings: Settings,
     config: Config,
@@ -221,6 +235,7 @@ async def run_server(  # noqa: ASYNC128 (task_status is handed to hypercorn's se
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(wait_for_signal, svc, stop)
+            nursery.start_soon(stop_if_broken, svc, stop)
             nursery.start_soon(_pace_gc)
             await hypercorn_worker_serve(
                 wrap_app(app, config.wsgi_max_body_size, None), config, sockets=sockets,
@@ -230,6 +245,8 @@ async def run_server(  # noqa: ASYNC128 (task_status is handed to hypercorn's se
             nursery.cancel_scope.cancel()
     finally:
         hypercorn_log.removeFilter(quiet)
+    if svc.broken.is_set() and svc.supervisor is not None and svc.supervisor.failure:
+        raise SupervisorFailed(svc.supervisor.failure)
     return svc.supervisor.unstored if svc.supervisor is not None else 0
 
 

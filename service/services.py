@@ -31,6 +31,9 @@ class Services:
     draining: bool = False
     # Set once a shutdown's drain is over (every run ended): WebSockets then close (1001).
     drained: trio.Event = field(default_factory=trio.Event)
+    # Set if the run supervisor failed (a bug in one of its loops): the process can run nothing
+    # more and shuts down, exit 1, so that what runs it starts another (``server.run_server``).
+    broken: trio.Event = field(default_factory=trio.Event)
     extras: dict[str, Any] = field(default_factory=dict)
 
     def require_store(self) -> Store:
