@@ -196,6 +196,8 @@ async def wait_for_signal(svc: Services, stop: trio.Event) -> None:
 class SupervisorFailed(ServiceError):
     """The run supervisor failed while the server served: it shut down (exit 1)."""
 
+    type = "supervisor_stopped"
+
 
 async def stop_if_broken(svc: Services, stop: trio.Event) -> None:
     """Shut down if the run supervisor fails: the process can run nothing more, and its exit

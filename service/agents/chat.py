@@ -18,7 +18,12 @@ class ChatAgent(Agent):
         reply = await ctx.call_llm(ctx.history, raw_tools=ctx.client_tools, options=ctx.options)
         extra = ctx.handle.result_extra
         extra["finish_reason"] = ctx.last_finish_reason or "stop"
-        if reply.tool_calls:
+        calls = reply.tool_calls
+        if len(calls) > 1 and dict(ctx.options).get("parallel_tool_calls") is False:
+            # At most one call, as asked: a server that cannot be told (Ollama) may give more,
+            # and a client running one call at a time would leave the others unanswered.
+            calls = calls[:1]
+        if calls:
             if extra["finish_reason"] == "stop":
                 # Not "length" (nor "content_filter"): tool calls cut by max_tokens are not
                 # whole, and OpenAI SDKs raise LengthFinishReasonError only on "length".
@@ -28,6 +33,6 @@ class ChatAgent(Agent):
                 # (as OpenAI passes them on): the client decides what to do with them.
                 {"id": c.id, "name": c.name,
                  "arguments": c.arguments if c.invalid_arguments is None else c.invalid_arguments}
-                for c in reply.tool_calls
+                for c in calls
             ]
         return reply.content

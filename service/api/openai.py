@@ -18,7 +18,7 @@ from quart import Blueprint, Response, jsonify, request
 from quart_schema import document_response, validate_request
 
 from ..backends.base import ChatMessage, ToolCall, ollama_latest
-from ..errors import RunCancelled, RunTimeout, ServiceError
+from ..errors import BackendUnavailable, RunCancelled, RunTimeout, ServiceError
 from ..runs import RunEvent, RunHandle, RunSpec, RunStatus
 from ..runs.reader import EventReader, Keepalive
 from .errors import json_error
@@ -68,7 +68,7 @@ _LIST_MODELS_DEADLINE = 5.0
 
 # Passed on to the model as they came (the chat agent's call): ChatRequest.options.
 _PASSED_ON = ("top_p", "seed", "presence_penalty", "frequency_penalty", "response_format",
-              "tool_choice", "parallel_tool_calls", "logit_bias")
+              "tool_choice", "parallel_tool_calls", "logit_bias", "reasoning_effort")
 
 
 def _text(content: str | list[dict[str, Any]] | None) -> str:
@@ -76,8 +76,9 @@ def _text(content: str | list[dict[str, Any]] | None) -> str:
         return ""
     if isinstance(content, str):
         return content
-    # Content parts: text, or an assistant's refusal (others are refused by ChatMessageIn).
-    return "".join(t for p in content if isinstance(
+    # Content parts: text, or an assistant's refusal (others are refused by ChatMessageIn),
+    # apart, as llama.cpp's server joins them ("12", "34" are not "1234").
+    return "\n".join(t for p in content if isinstance(
         t := p.get("refusal" if p.get("type") == "refusal" else "text"), str))
 
 
@@ -100,7 +101,9 @@ def _to_history(messages: list[ChatMessageIn]) -> tuple[ChatMessage, ...]:
 def _loads(text: str) -> dict[str, Any]:
     """A history tool call's ``arguments`` text as an object. Text that is not strict JSON
     (NaN, Infinity: the model's server would refuse them), nests too deeply, or is no object,
-    is passed on as ``{"input": text}``."""
+    is passed on as ``{"input": text}``. No text is no arguments (as a model's own ``""``)."""
+    if not text.strip():
+        return {}
     try:
         value = strict_json_loads(text)
     except (ValueError, RecursionError):
@@ -435,8 +438,11 @@ async def retrieve_model(model_id: str) -> Response:
     """One model (the OpenAI SDK's ``models.retrieve``); 404 if no reachable backend has it.
 
     A name without a tag is also an Ollama server's ``:latest`` (Ollama's reading of a name:
-    chat with ``llama3.2`` runs ``llama3.2:latest``), answered under the name asked for."""
-    models = await _models()
+    chat with ``llama3.2`` runs ``llama3.2:latest``), answered under the name asked for. While
+    no backend can list its models, 503 (retried by the SDKs), not a 404 that says the model
+    does not exist."""
+    answered: list[bool] = []
+    models = await _models(answered=answered)
     for model, _ in models:
         if model["id"] == model_id:
             return jsonify(model)
@@ -444,19 +450,26 @@ async def retrieve_model(model_id: str) -> Response:
     for model, ollama in models:
         if ollama and model["id"] == latest:
             return jsonify({**model, "id": model_id})
+    if not answered:
+        raise BackendUnavailable("no backend answered: the model's server cannot be asked now")
     return json_error(404, "model_not_found", f"no reachable backend has model {model_id!r}")
 
 
-async def _models() -> list[tuple[dict[str, Any], bool]]:
-    """Each model once, in OpenAI's shape, and whether an Ollama server lists it."""
+async def _models(*, answered: list[bool] | None = None) -> list[tuple[dict[str, Any], bool]]:
+    """Each model once, in OpenAI's shape, and whether an Ollama server lists it. ``answered``
+    gets whether the backend could say (a backend down lists nothing: an empty list, not a
+    500)."""
     backend = services().backend
     data: list[tuple[dict[str, Any], bool]] = []
     if backend is not None:
         with trio.move_on_after(_LIST_MODELS_DEADLINE):
             try:
                 models = await backend.list_models()
-            except Exception:  # a backend down is an empty list, not a 500
+            except Exception:
                 models = []
+            else:
+                if answered is not None:
+                    answered.append(True)
             # Each model once (OpenAI's list has unique ids), as its first server names it: a
             # fleet's servers, or Ollama and llama.cpp under auto, may serve one of one name.
             for m in models:

@@ -45,10 +45,14 @@ class ChatMessageIn(_Lenient):
     def _text_parts(cls, value: str | list[dict[str, Any]] | None) -> Any:
         if isinstance(value, list):
             for part in value:
-                if part.get("type") not in ("text", "refusal"):
+                kind = part.get("type")
+                if kind not in ("text", "refusal"):
                     # Dropping it would have the model answer about an image it never saw.
                     raise ValueError(f"only text content parts are supported, not "
-                                     f"{str(part.get('type'))[:40]!r}")
+                                     f"{str(kind)[:40]!r}")
+                if not isinstance(part.get(kind), str):
+                    # Dropped, the model was asked nothing (OpenAI refuses it too).
+                    raise ValueError(f"a {kind} part's {kind!r} must be a string")
         return value
 
 
@@ -74,6 +78,7 @@ class ChatCompletionRequest(_Lenient):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     logit_bias: dict[str, float] | None = None
+    reasoning_effort: str | None = Field(None, max_length=40)
     # Output the service cannot give (audio, a web search): refused, not answered with text
     # alone and a 200.
     modalities: list[str] | None = None
@@ -124,6 +129,19 @@ class ChatCompletionRequest(_Lenient):
                 raise ValueError("json_schema must be an object: {'name': ..., 'schema': {...}}")
             if not isinstance(spec.get("schema", {}), dict):
                 raise ValueError("json_schema.schema must be a JSON Schema object")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _a_named_tool_is_offered(cls, value: str | dict[str, Any] | None,
+                                 info: ValidationInfo) -> Any:
+        # As OpenAI checks it: a call forced to a tool the model is not offered cannot be made
+        # (on Ollama, where only the named tool is offered, the model got none).
+        if isinstance(value, dict) and "tools" in info.data:
+            named = (value.get("function") or {}).get("name")
+            offered = [(t.get("function") or {}).get("name") for t in info.data["tools"] or ()]
+            if isinstance(named, str) and named not in offered:
+                raise ValueError(f"names the function {named[:64]!r}, which is not in tools")
         return value
 
     @field_validator("agent")

@@ -262,8 +262,9 @@ class AutoBackend:
         return await collect_chat(self, request)
 
     async def list_models(self) -> list[ModelInfo]:
-        """Models of every backend that answers (ModelInfo.backend says which)."""
-        results: list[list[ModelInfo]] = [[] for _ in self.backends]
+        """Models of every backend that answers (ModelInfo.backend says which);
+        ``BackendUnavailable`` if none does (none could say: not "no models")."""
+        results: list[list[ModelInfo] | None] = [None for _ in self.backends]
 
         async def one(i: int, backend: Backend) -> None:
             with trio.move_on_after(self.probe_timeout):
@@ -275,7 +276,9 @@ class AutoBackend:
         async with trio.open_nursery() as nursery:
             for i, backend in enumerate(self.backends):
                 nursery.start_soon(one, i, backend)
-        return [m for models in results for m in models]
+        if self.backends and all(models is None for models in results):
+            raise BackendUnavailable("no backend answered", backend=self.name)
+        return [m for models in results for m in models or ()]
 
     async def health_all(self, *, fresh: bool = False,
                          on_ready: Callable[[], None] | None = None) -> list[BackendHealth]:

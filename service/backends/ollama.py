@@ -212,10 +212,15 @@ class OllamaBackend(HTTPBackend):
             body["format"] = "json"
         elif fmt.get("type") == "json_schema":
             body["format"] = (fmt.get("json_schema") or {}).get("schema") or "json"
-        # Ollama has no tool_choice: "none" is no tools; a required or named tool cannot be
-        # forced (README).
-        if request.tools and extra.get("tool_choice") != "none":
-            body["tools"] = list(request.tools)
+        # Ollama has no tool_choice: "none" is no tools; a named tool is the only one offered
+        # (no other can be called); "required" cannot be forced (docs/api.md).
+        choice = extra.get("tool_choice")
+        if request.tools and choice != "none":
+            tools = list(request.tools)
+            named = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+            if isinstance(named, str):
+                tools = [t for t in tools if (t.get("function") or {}).get("name") == named]
+            body["tools"] = tools
         return body
 
     @asynccontextmanager
