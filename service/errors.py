@@ -23,7 +23,8 @@ type here, keeping the original as ``__cause__``.
     │   │   └── CallTimeout            the whole call exceeded its budget
     │   ├── BackendProtocolError       malformed or unexpected answer (502)
     │   ├── BackendResponseError       the backend answered with an error (status or body)
-    │   │   └── BackendRejectedRequest the backend refused the request as invalid (400)
+    │   │   ├── BackendRejectedRequest the backend refused the request as invalid (400)
+    │   │   └── BackendAuthFailed      the backend refused the service's credentials (401, 403)
     │   └── ModelNotFound              the model is unknown to the backend (404)
     ├── ToolError                      a tool failed (the model sees it as an observation)
     │   └── ToolArgumentsError         arguments do not match the tool's schema
@@ -50,6 +51,7 @@ import re
 
 __all__ = [
     "AllBackendsFailed",
+    "BackendAuthFailed",
     "BackendBusy",
     "BackendError",
     "BackendProtocolError",
@@ -81,6 +83,7 @@ __all__ = [
     "is_interrupt",
     "retry_after_of_type",
     "status_of_type",
+    "worth_retry_of_type",
 ]
 
 
@@ -93,6 +96,7 @@ class ServiceError(Exception):
     status: int = 500
     type: str = "internal_error"
     retry_after: int | None = None  # seconds, sent as Retry-After: worth a retry then
+    worth_retry = True  # False: the same on a retry (x-should-retry: false, which SDKs obey)
 
     def __init__(self, message: str = "", **details: object) -> None:
         super().__init__(message)
@@ -288,6 +292,15 @@ class BackendRejectedRequest(BackendResponseError):
     type = "backend_rejected_request"
 
 
+class BackendAuthFailed(BackendResponseError):
+    """The backend refused the service's credentials (401, 403: its API key, wrong or expired):
+    the same on every try until an operator fixes it. A 502 (the service's fault, not the
+    client's) that is not worth a retry: answered with ``x-should-retry: false``."""
+
+    type = "backend_auth_failed"
+    worth_retry = False
+
+
 class ModelNotFound(BackendError):
     status = 404
     type = "model_not_found"
@@ -352,6 +365,12 @@ def status_of_type(type_: str) -> int | None:
     its exception class says; None for a type no class has."""
     cls = _class_of_type(type_)
     return None if cls is None else cls.status
+
+
+def worth_retry_of_type(type_: str) -> bool:
+    """Whether a retry may fare better, for an error known only by its ``type``."""
+    cls = _class_of_type(type_)
+    return True if cls is None else cls.worth_retry
 
 
 def retry_after_of_type(type_: str) -> int | None:

@@ -282,3 +282,26 @@ async def test_a_tool_choice_naming_a_tool_not_offered_is_refused(settings: Sett
     assert r.status_code == 422, r.text
     assert "tool_choice" in str(r.json()["error"].get("param")), r.text
     assert not sent
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_an_upstream_refusing_the_services_credentials_is_not_retried(
+    settings: Settings, status: int,
+) -> None:
+    """The model's server refuses the service's credentials (a wrong or expired
+    ``SERVICE_LLAMACPP_API_KEY``): the same on every try. The client got a 502, which the
+    OpenAI SDKs retry twice: three runs stored for one request, three calls refused, and the
+    client waiting for the back-off. Now the answer says ``x-should-retry: false`` (the SDKs
+    obey it before the status), and its type names the cause, ``backend_auth_failed``."""
+    async with e2e(settings, "llamacpp") as env:
+        env.sim.script(Reply(status=status, error="invalid api key"),
+                       Reply(status=status, error="invalid api key"),
+                       Reply(status=status, error="invalid api key"))
+        c = _sdk(env.server.url, max_retries=2)
+        with trio.fail_after(GUARD), pytest.raises(openai.APIStatusError) as got:
+            await c.chat.completions.create(model="sim-model", messages=MSG)
+        tries = len(env.sim.streams)
+    assert got.value.status_code == 502, got.value
+    assert got.value.response.headers.get("x-should-retry") == "false"
+    assert (got.value.body or {}).get("type") == "backend_auth_failed", got.value.body
+    assert tries == 1, f"the SDK tried {tries} times"

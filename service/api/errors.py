@@ -79,6 +79,8 @@ def install_error_handlers(app: Quart) -> None:
         resp.status_code = error.status
         if error.retry_after is not None:
             resp.headers["Retry-After"] = str(error.retry_after)
+        if not error.worth_retry:
+            resp.headers["x-should-retry"] = "false"
         return resp
 
     @app.errorhandler(HTTPException)

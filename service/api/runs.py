@@ -21,6 +21,7 @@ from ..errors import (
     ServiceError,
     ShuttingDown,
     status_of_type,
+    worth_retry_of_type,
 )
 from ..runs import RunHandle, RunSpec, RunStatus
 from ..runs.reader import EventReader, Keepalive
@@ -93,6 +94,8 @@ def run_error(handle: RunHandle, **extra: object) -> Response:
     seconds = (handle.error_event or {}).get("retry_after")
     if isinstance(seconds, int) and not isinstance(seconds, bool):
         resp.headers["Retry-After"] = str(seconds)
+    if not worth_retry_of_type(error_type(handle)):
+        resp.headers["x-should-retry"] = "false"
     return resp
 
 

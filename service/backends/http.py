@@ -33,6 +33,7 @@ import httpx
 import trio
 
 from ..errors import (
+    BackendAuthFailed,
     BackendError,
     BackendProtocolError,
     BackendRateLimited,
@@ -243,6 +244,8 @@ def error_from_status(
         error = BackendUnavailable(message, backend=backend, upstream_status=status)
     elif status in (400, 422):
         return BackendRejectedRequest(message, backend=backend, upstream_status=status)
+    elif status in (401, 403):
+        return BackendAuthFailed(message, backend=backend, upstream_status=status)
     else:
         return BackendResponseError(message, backend=backend, upstream_status=status)
     error.retry_after = retry_after
