@@ -9,12 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
+from service.bench.procs import children
 from service.settings import Settings
 from service.sim import Reply
 from service.tools import calculate
@@ -148,17 +149,6 @@ def test_bench_counts_below_one_are_refused(option: tuple[str, str]) -> None:
     assert option[0] in proc.stderr, proc.stderr[-500:]
 
 
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(x) for x in f.read().split()]
-    except OSError:
-        pass
-    return out
-
-
 def _cmdline(pid: int) -> bytes:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -176,7 +166,7 @@ def _alive(pid: int) -> bool:
     return "Z" not in state.split()[1]
 
 
-def test_bench_sigint_while_the_simulator_starts_leaves_no_simulator(tmp_path: Path) -> None:
+async def test_bench_sigint_while_the_simulator_starts_leaves_no_simulator(tmp_path: Path) -> None:
     """``kill -INT`` (or ``timeout -s INT``, a CI runner's cancel) reaching ``python -m
     service.bench`` while its simulator is still starting (``start_simulator`` waits up to
     20 s for ``/health``) leaves the simulator running, orphaned, holding its port, after the
@@ -187,33 +177,34 @@ def test_bench_sigint_while_the_simulator_starts_leaves_no_simulator(tmp_path: P
     (SIGSTOP: a slow start on a loaded machine) so the interrupt lands in that wait.
     Expected: the benchmark stops what it started, whenever it is interrupted."""
     env = {**os.environ, "TMPDIR": str(tmp_path)}
-    bench = subprocess.Popen(
+    bench = subprocess.Popen(  # noqa: ASYNC220 (killed below whatever happens)
         [sys.executable, "-m", "service.bench", "--quick", "--only", "relay"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     sim: int | None = None
     try:
-        deadline = time.monotonic() + 60
-        while sim is None and time.monotonic() < deadline and bench.poll() is None:
-            for child in _children(bench.pid):
-                if b"service.bench.simproc" in _cmdline(child):
-                    sim = child
-                    os.kill(sim, signal.SIGSTOP)  # still starting: it cannot answer /health
-                    break
-            else:
-                time.sleep(0.001)
+        with trio.move_on_after(60):
+            while sim is None and bench.poll() is None:
+                for child in children(bench.pid):
+                    if b"service.bench.simproc" in _cmdline(child):
+                        sim = child
+                        os.kill(sim, signal.SIGSTOP)  # still starting: it cannot answer /health
+                        break
+                else:
+                    await trio.sleep(0.001)
         assert sim is not None, "the benchmark never started its simulator"
-        time.sleep(0.2)  # the benchmark is waiting for the simulator's /health
+        await trio.sleep(0.2)  # the benchmark is waiting for the simulator's /health
         bench.send_signal(signal.SIGINT)
-        bench.wait(60)
-        time.sleep(0.5)
+        with trio.fail_after(60):
+            while bench.poll() is None:  # noqa: ASYNC110 (another process)
+                await trio.sleep(0.05)
         assert not _alive(sim), (
             f"the simulator (pid {sim}) outlived the interrupted benchmark "
             f"(exit {bench.returncode})")
     finally:
         if bench.poll() is None:
             bench.kill()
-            bench.wait(10)
+            bench.wait(10)  # (killed: at once)
         if bench.stderr is not None:
             bench.stderr.close()
         if sim is not None and _alive(sim):

@@ -229,8 +229,6 @@ def error_from_status(
     """
     message, kind = _error_message(body)
     message = message or f"HTTP {status}"
-    retry_after = retry_after_seconds(headers.get("retry-after") if headers else None)
-    error: BackendError
     if status == 404 and "model" in message.lower():
         return ModelNotFound(message, backend=backend, upstream_status=status, model=model)
     # A 500 too, said plainly: Ollama's runner refusing an over-long prompt is a 500 in some
@@ -238,17 +236,13 @@ def error_from_status(
     if 400 <= status <= 500 and ContextLengthExceeded.said(message, kind, fault=status == 500):
         return ContextLengthExceeded(message, backend=backend, upstream_status=status,
                                      param="messages")
-    if status == 429:
-        error = BackendRateLimited(message, backend=backend, upstream_status=status)
-    elif status == 503:
-        error = BackendUnavailable(message, backend=backend, upstream_status=status)
-    elif status in (400, 422):
-        return BackendRejectedRequest(message, backend=backend, upstream_status=status)
-    elif status in (401, 403):
-        return BackendAuthFailed(message, backend=backend, upstream_status=status)
-    else:
-        return BackendResponseError(message, backend=backend, upstream_status=status)
-    error.retry_after = retry_after
+    kind_of: dict[int, type[BackendError]] = {
+        429: BackendRateLimited, 503: BackendUnavailable, 400: BackendRejectedRequest,
+        422: BackendRejectedRequest, 401: BackendAuthFailed, 403: BackendAuthFailed}
+    error = kind_of.get(status, BackendResponseError)(message, backend=backend,
+                                                      upstream_status=status)
+    if status in (429, 503):  # the load's: when to come back, as the upstream said
+        error.retry_after = retry_after_seconds(headers.get("retry-after") if headers else None)
     return error
 
 

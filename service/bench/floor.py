@@ -35,7 +35,7 @@ import trio
 
 from .client import Target
 from .harness import Bench
-from .procs import HYPERCORN_TOML, Proc, free_port, wait_http
+from .procs import HYPERCORN_TOML, Proc, free_port, started
 from .relay import RelayLevel, relay
 
 __all__ = ["KINDS", "floor", "main"]
@@ -254,14 +254,7 @@ async def _start(workdir: Path, kind: str, sim_port: int) -> Proc:
         cwd=_REPO, env=os.environ.copy(),
         stdout=subprocess.DEVNULL, stderr=log.open("wb"),
     )
-    proc = Proc(kind, popen, port, log)
-    try:
-        with trio.fail_after(20):
-            await wait_http(proc, "/health")
-    except BaseException:  # too slow, or interrupted (Ctrl-C): not left running
-        proc.stop()
-        raise
-    return proc
+    return await started(Proc(kind, popen, port, log))
 
 
 async def floor(bench: Bench, workdir: Path, levels: list[RelayLevel]) -> list[dict[str, Any]]:

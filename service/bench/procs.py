@@ -24,7 +24,7 @@ import trio
 from .client import get_json
 
 __all__ = ["HYPERCORN_TOML", "Proc", "ProcStats", "free_port", "machine_busy", "raise_fd_limit",
-           "start_service", "start_simulator", "tree_cpu", "tree_pids", "wait_http"]
+           "start_service", "start_simulator", "started", "tree_cpu", "tree_pids", "wait_http"]
 
 _TICK = os.sysconf("SC_CLK_TCK")
 _REPO = Path(__file__).resolve().parents[2]
@@ -189,11 +189,16 @@ async def start_simulator(workdir: Path) -> Proc:
         [sys.executable, "-m", "service.bench.simproc", "--port", str(port)],
         cwd=_REPO, stdout=subprocess.DEVNULL, stderr=log.open("wb"),
     )
-    proc = Proc("simulator", popen, port, log)
+    return await started(Proc("simulator", popen, port, log))
+
+
+async def started(proc: Proc, *, within: float = 20.0) -> Proc:
+    """``proc`` once its ``/health`` answers (within ``within`` seconds). Too slow, or
+    interrupted meanwhile (Ctrl-C), it is stopped: not left running."""
     try:
-        with trio.fail_after(20):
+        with trio.fail_after(within):
             await wait_http(proc, "/health")
-    except BaseException:  # too slow, or interrupted (Ctrl-C): not left running
+    except BaseException:
         proc.stop()
         raise
     return proc

@@ -14,6 +14,8 @@ loopback, a TCP proxy between them that really drops and refuses connections.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
@@ -37,10 +39,11 @@ async def _more_shown(out: Any, outcome: list[Any], words: int) -> None:
         await trio.sleep(0.02)
 
 
-async def test_terminal_follows_a_long_answer_through_many_cuts(settings: Settings) -> None:
-    """A proxy cuts the terminal's stream six times, each after the re-join before brought more
-    of the answer: the turn ends with the whole answer, as stored, and its run succeeded. (At
-    the fourth cut the terminal gave up and cancelled the run.)"""
+@asynccontextmanager
+async def _a_long_turn(settings: Settings) -> AsyncIterator[tuple[Any, ...]]:
+    """A terminal turn, through a proxy, whose answer is ``_TICKS`` words 50 ms apart: the
+    service's client, the proxy, the conversation, the terminal's output, the turn's outcome
+    (its failure, or None once it is over)."""
     backend = ScriptedBackend([Reply("tick " * _TICKS, gap=0.05)])
     async with running_server(settings, backend) as srv, srv.client() as client, \
             _proxied(CuttableProxy(_port(srv))) as proxy, trio.open_nursery() as nursery:
@@ -50,15 +53,28 @@ async def test_terminal_follows_a_long_answer_through_many_cuts(settings: Settin
                             conversation=conv, message=None)
         outcome: list[Any] = []
         nursery.start_soon(_turn, opts, renderer, conv, "count the ticks", outcome)
+        yield client, proxy, conv, out, outcome
+
+
+async def _ended(client: Any, conv: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The turn's run once it has ended, and its stored reply."""
+    reply = await _assistant(client, conv)
+    run = await _run_over(client, reply["run_id"])
+    return run, await _assistant(client, conv)
+
+
+async def test_terminal_follows_a_long_answer_through_many_cuts(settings: Settings) -> None:
+    """A proxy cuts the terminal's stream six times, each after the re-join before brought more
+    of the answer: the turn ends with the whole answer, as stored, and its run succeeded. (At
+    the fourth cut the terminal gave up and cancelled the run.)"""
+    async with _a_long_turn(settings) as (client, proxy, conv, out, outcome):
         with trio.fail_after(GUARD):
             for _ in range(6):
                 await _more_shown(out, outcome, 5)
                 proxy.cut()
             while not outcome:  # noqa: ASYNC110
                 await trio.sleep(0.05)
-        reply = await _assistant(client, conv)
-        run = await _run_over(client, reply["run_id"])
-        stored = await _assistant(client, conv)
+        run, stored = await _ended(client, conv)
     assert outcome == [None], outcome
     assert run["status"] == "succeeded", run
     assert out.getvalue().split() == stored["content"].split() == ["tick"] * _TICKS
@@ -69,15 +85,7 @@ async def test_terminal_rejoins_after_a_six_second_outage(settings: Settings) ->
     run goes on, ``on_disconnect: continue``). Once it is back, the terminal re-joins and
     shows the whole answer; its run succeeded. (It gave up 3.5 s after the cut and cancelled
     the run.)"""
-    backend = ScriptedBackend([Reply("tick " * _TICKS, gap=0.05)])
-    async with running_server(settings, backend) as srv, srv.client() as client, \
-            _proxied(CuttableProxy(_port(srv))) as proxy, trio.open_nursery() as nursery:
-        conv = (await client.post("/api/conversations", json={})).json()["id"]
-        renderer, out = _renderer()
-        opts = chat.Options(url=proxy.url, key=None, agent=None, model=None,
-                            conversation=conv, message=None)
-        outcome: list[Any] = []
-        nursery.start_soon(_turn, opts, renderer, conv, "count the ticks", outcome)
+    async with _a_long_turn(settings) as (client, proxy, conv, out, outcome):
         with trio.fail_after(GUARD):
             await _more_shown(out, outcome, 5)
             proxy.cut(refuse=True)
@@ -85,9 +93,7 @@ async def test_terminal_rejoins_after_a_six_second_outage(settings: Settings) ->
             proxy.refusing = False
             while not outcome:  # noqa: ASYNC110
                 await trio.sleep(0.05)
-        reply = await _assistant(client, conv)
-        run = await _run_over(client, reply["run_id"])
-        stored = await _assistant(client, conv)
+        run, stored = await _ended(client, conv)
         refused = proxy.refused
     assert refused, "no re-join was tried while the network was down"
     assert outcome == [None], outcome
