@@ -14,9 +14,9 @@ exits at once, once that cancel is sent (within 2 s). Ctrl-C or Ctrl-D at the pr
 A stream dropped mid-answer (a Wi-Fi change, a proxy restarting), or ended by an error frame,
 or whose re-join is refused for now (5xx, 429), is re-joined where it broke (``Last-Event-ID``;
 the run goes on meanwhile: ``on_disconnect: continue``; one dropped before its ``run.started``
-came is found on the conversation), for up to 30 s without an event (a re-join that brings
-events starts the count again, so a long answer survives any number of cuts). A service that
-sends nothing, not even its keep-alives, for ``READ_TIMEOUT`` seconds (or four of its
+came is found on the conversation), for up to 30 s without an event or a keep-alive (a
+re-join that brings one starts the count again: a long answer survives any number of cuts).
+A service that sends nothing, not even its keep-alives, for ``READ_TIMEOUT`` seconds (or four of its
 keep-alive intervals) fails the turn with one line. A turn given up cancels its run, so that
 the store does not go on to hold an answer the user was told failed. Text the terminal's
 encoding cannot show is shown as "?" (a Latin-1 locale), and character references in an
@@ -52,9 +52,11 @@ __all__ = ["SSEParser", "main"]
 EXIT_INTERRUPTED = 130
 EXIT_OUTPUT_CLOSED = 141  # as a shell reports a writer stopped by SIGPIPE (``| head``)
 READ_TIMEOUT = 60.0  # seconds of nothing before a turn fails (a stream: four keep-alives)
-# A dropped stream is re-joined for up to _REJOIN_FOR seconds without an event (a service or a
-# proxy restarting takes seconds), each after up to _REJOIN_PAUSE_MAX; a re-join that brings
-# events starts the count again (a long answer behind a proxy that cuts streams goes on).
+# A dropped stream is re-joined for up to _REJOIN_FOR seconds without a word from the service
+# (an event or a keep-alive: a service or a proxy restarting takes seconds), each after up to
+# _REJOIN_PAUSE_MAX or the Retry-After it gave (after which one is always tried); a re-join
+# that brings a word starts the count again (a long or quiet run behind a proxy that cuts
+# streams is followed to its end).
 _REJOIN_FOR = 30.0
 _REJOIN_PAUSE_MAX = 5.0
 _RETRY_AFTER_MAX = 30.0  # seconds: a longer Retry-After is waited this long
@@ -121,6 +123,7 @@ class Turn:
     # down): why that stream ended, not the run's error. A re-join's stream forgets it.
     notice: dict[str, Any] | None = None
     last_id: str | None = None  # the last event shown: where a re-join resumes
+    heard: float | None = None  # trio time of the stream's last event or keep-alive
     known: trio.Event = field(default_factory=trio.Event)  # run_id is set
 
 
@@ -189,9 +192,9 @@ class Client:
     async def _stream(self, conversation: str, body: dict[str, Any], turn: Turn) -> None:
         """The run's events, from its POST; a stream dropped before the run's end (a Wi-Fi
         change, a proxy restarting) is re-joined where it broke (``Last-Event-ID``), for up
-        to ``_REJOIN_FOR`` seconds without an event, waiting longer each time. A turn given up
-        (a stream gone silent, or its re-joins failing) cancels its run, which would go on
-        otherwise."""
+        to ``_REJOIN_FOR`` seconds without an event or a keep-alive, waiting longer each time.
+        A turn given up (a stream gone silent, or its re-joins failing) cancels its run, which
+        would go on otherwise."""
         path = f"/api/conversations/{conversation}/messages"
         failure: Exception | None = None
         told = 0.0  # the seconds the service said to wait before the next re-join
@@ -219,7 +222,7 @@ class Client:
                     "GET", f"/api/runs/{turn.run_id}/events",
                     headers={"Last-Event-ID": turn.last_id or "0"},
                     timeout=httpx.Timeout(30.0, read=None))
-            shown = turn.last_id
+            heard = turn.heard
             try:
                 await self._follow(request, turn)
                 return
@@ -227,15 +230,15 @@ class Client:
                 # (A body that breaks, a corrupt gzip, is a stream lost as a cut one is.)
                 if turn.status is not None:
                     return  # its end was shown: the body's last bytes do not matter
-                if turn.last_id != shown:  # it moved on: a new count
-                    since, attempt, failure = trio.current_time(), 0, None
+                if turn.heard != heard and turn.heard is not None:  # it spoke: a new count
+                    since, attempt, failure = turn.heard, 0, None
                 failure = failure or exc  # the first (since the last event) says what went wrong
                 told = exc.after if isinstance(exc, _Retry) else 0.0
                 attempt += 1
                 pause = max(min(0.5 * 2 ** (attempt - 1), _REJOIN_PAUSE_MAX),
                             min(told, _RETRY_AFTER_MAX))
-                if (not isinstance(exc, _Silent)
-                        and trio.current_time() + pause - since <= _REJOIN_FOR):
+                # (After a Retry-After past the count's end, one more re-join all the same.)
+                if not isinstance(exc, _Silent) and trio.current_time() - since <= _REJOIN_FOR:
                     continue
                 # Given up: a stream silent for four keep-alive intervals (the service
                 # wedged: a re-join would wait as long again), or re-joined enough.
@@ -302,9 +305,13 @@ class Client:
                 parser = SSEParser()
                 async for line in resp.aiter_lines():
                     watchdog.deadline = trio.current_time() + silence
+                    if line.startswith(":"):  # a keep-alive: the run goes on, we hear of it
+                        turn.heard = trio.current_time()
                     frame = parser.feed(line)
                     if frame is not None:
                         if frame.get("id"):
+                            if frame["id"] != turn.last_id:  # (a new one: the run moved on)
+                                turn.heard = trio.current_time()
                             turn.last_id = frame["id"]
                         await self._show(frame, turn)
         if watchdog.cancelled_caught:

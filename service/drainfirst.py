@@ -54,7 +54,13 @@ async def _serve(  # noqa: ASYNC128 (task_status is handed to hypercorn's worker
     task_status: Any = trio.TASK_STATUS_IGNORED, cli: bool = False,
 ) -> None:
     from .lifespan import begin_shutdown
-    from .server import RunningOnlyIfStarted, wait_for_signal, websocket_limits
+    from .server import (
+        RunningOnlyIfStarted,
+        SupervisorFailed,
+        stop_if_broken,
+        wait_for_signal,
+        websocket_limits,
+    )
 
     svc = _services(app)
     if svc is not None:
@@ -88,9 +94,14 @@ async def _serve(  # noqa: ASYNC128 (task_status is handed to hypercorn's worker
                 nursery.start_soon(trigger)
             elif threading.current_thread() is threading.main_thread():  # the CLI, workers = 0
                 nursery.start_soon(wait_for_signal, svc, stop)
+            # A run supervisor that fails stops the server (exit 1 under the CLI, whose
+            # parent starts another worker), as under ``python -m service``.
+            nursery.start_soon(stop_if_broken, svc, stop)
             await hypercorn_worker_serve(app, config, sockets=sockets,
                                          shutdown_trigger=drain_first, task_status=task_status)
             nursery.cancel_scope.cancel()
+        if svc.broken.is_set() and svc.supervisor is not None and svc.supervisor.failure:
+            raise SupervisorFailed(svc.supervisor.failure)
     except BaseException as exc:  # noqa: ASYNC103 (re-raised unless a start-up failure)
         if not cli:
             raise

@@ -18,7 +18,13 @@ from quart import Blueprint, Response, jsonify, request
 from quart_schema import document_response, validate_request
 
 from ..backends.base import ChatMessage, ToolCall, ollama_latest
-from ..errors import BackendUnavailable, RunCancelled, RunTimeout, ServiceError
+from ..errors import (
+    BackendAuthFailed,
+    BackendUnavailable,
+    RunCancelled,
+    RunTimeout,
+    ServiceError,
+)
 from ..runs import RunEvent, RunHandle, RunSpec, RunStatus
 from ..runs.reader import EventReader, Keepalive
 from .errors import json_error
@@ -465,6 +471,10 @@ async def _models(*, answered: list[bool] | None = None) -> list[tuple[dict[str,
         with trio.move_on_after(_LIST_MODELS_DEADLINE):
             try:
                 models = await backend.list_models()
+            except BackendAuthFailed:
+                if answered is not None:  # models.retrieve: said, not taken for "not found"
+                    raise
+                models = []
             except Exception:
                 models = []
             else:

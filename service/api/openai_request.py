@@ -45,6 +45,9 @@ class ChatMessageIn(_Lenient):
     def _text_parts(cls, value: str | list[dict[str, Any]] | None) -> Any:
         if isinstance(value, list):
             for part in value:
+                if not isinstance(part, dict):
+                    raise ValueError("each content part must be an object: {'type': 'text', "
+                                     "'text': ...}")
                 kind = part.get("type")
                 if kind not in ("text", "refusal"):
                     # Dropping it would have the model answer about an image it never saw.
@@ -137,6 +140,8 @@ class ChatCompletionRequest(_Lenient):
                                  info: ValidationInfo) -> Any:
         # As OpenAI checks it: a call forced to a tool the model is not offered cannot be made
         # (on Ollama, where only the named tool is offered, the model got none).
+        if isinstance(value, dict) and not isinstance(value.get("function", {}), dict):
+            raise ValueError("function must be an object: {'name': ...}")
         if isinstance(value, dict) and "tools" in info.data:
             named = (value.get("function") or {}).get("name")
             offered = [(t.get("function") or {}).get("name") for t in info.data["tools"] or ()]

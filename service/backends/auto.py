@@ -33,6 +33,7 @@ import trio
 
 from ..errors import (
     AllBackendsFailed,
+    BackendAuthFailed,
     BackendBusy,
     BackendError,
     BackendProtocolError,
@@ -266,17 +267,23 @@ class AutoBackend:
         ``BackendUnavailable`` if none does (none could say: not "no models")."""
         results: list[list[ModelInfo] | None] = [None for _ in self.backends]
 
+        refused: list[BackendAuthFailed] = []
+
         async def one(i: int, backend: Backend) -> None:
             with trio.move_on_after(self.probe_timeout):
                 try:
                     results[i] = await backend.list_models()
                 except BackendError as exc:
                     self._state[id(backend)].last_error = exc.message
+                    if isinstance(exc, BackendAuthFailed):
+                        refused.append(exc)
 
         async with trio.open_nursery() as nursery:
             for i, backend in enumerate(self.backends):
                 nursery.start_soon(one, i, backend)
         if self.backends and all(models is None for models in results):
+            if len(refused) == len(self.backends):  # every one refused the service's key
+                raise refused[0]
             raise BackendUnavailable("no backend answered", backend=self.name)
         return [m for models in results for m in models or ()]
 
@@ -380,7 +387,9 @@ def _all_failed(causes: list[BackendError], *,
     # Every one that answered refused the request itself (its model unknown, a field it does
     # not take): that answer, which a client does not retry. A refusal (400) before an
     # unknown model (404): the server that has the model said what is wrong.
-    if answered and all(isinstance(c, ModelNotFound | BackendRejectedRequest) for c in answered):
+    # So for every one refusing the service's key: its operator's to fix, not a 503 to retry.
+    if answered and (all(isinstance(c, ModelNotFound | BackendRejectedRequest) for c in answered)
+                     or all(isinstance(c, BackendAuthFailed) for c in answered)):
         first = next((c for c in answered if isinstance(c, BackendRejectedRequest)), answered[0])
         return type(first)(first.message, backend=first.backend,
                            causes=[c.to_dict() for c in causes])

@@ -78,14 +78,17 @@ async function* sseFrames(resp) {
       const block = buffer.slice(0, end);
       buffer = buffer.slice(end + 2);
       const frame = { data: [] };
+      let comment = false;
       for (const line of block.split("\n")) {
-        if (!line || line.startsWith(":")) continue; // keep-alive comments
+        if (line.startsWith(":")) comment = true; // a keep-alive: the service is there
+        if (!line || line.startsWith(":")) continue;
         const colon = line.indexOf(":");
         const name = colon < 0 ? line : line.slice(0, colon);
         const text = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
         if (name === "data") frame.data.push(text); else frame[name] = text;
       }
       if (frame.data.length) yield { id: frame.id, event: frame.event, data: JSON.parse(frame.data.join("\n")) };
+      else if (comment) yield { keepalive: true };
     }
   }
 }
@@ -337,7 +340,10 @@ addEventListener("pagehide", () => {
 // One stream of the run's events; true once run.finished came.
 async function follow(resp, view, live) {
   let error = null;
-  for await (const { id, event, data } of sseFrames(resp)) {
+  for await (const { id, event, data, keepalive } of sseFrames(resp)) {
+    // The run goes on, and we hear of it: a keep-alive, or an event past the last one.
+    if (keepalive || (id && Number(id) !== live.last_id)) live.heard = Date.now();
+    if (keepalive) continue;
     if (event === "run.started") {
       live.run_id = data.run_id;
       if (!live.watch) {
@@ -384,10 +390,11 @@ async function followRun(resp, view, live) {
   }
 }
 
-// Re-joins without an event between them go on for REJOIN_FOR ms (a restart of the service
-// or of a proxy in front of it takes seconds), each after up to REJOIN_PAUSE_MAX ms; a
-// re-join that brings events starts the count again (a long run behind a proxy that cuts
-// every stream after a while is followed to its end, however many times it is cut).
+// Re-joins go on for REJOIN_FOR ms without a word from the service (an event or a keep-alive:
+// a restart of the service or of a proxy in front of it takes seconds), each after up to
+// REJOIN_PAUSE_MAX ms or the Retry-After it gave (a re-join is always tried after that); a
+// re-join that brings a word starts the count again (a long or quiet run behind a proxy that
+// cuts every stream after a while is followed to its end, however many times it is cut).
 const REJOIN_FOR = 30000;
 const REJOIN_PAUSE_MAX = 5000;
 
@@ -395,16 +402,16 @@ const REJOIN_PAUSE_MAX = 5000;
 async function followEvents(resp, view, live) {
   let refused = null; // the last re-join's refusal worth a retry (5xx, 429), said if it is the last
   let wait = 0;
-  let since = Date.now(); // the last event, or the first try
+  let since = Date.now(); // the last word from the service, or the first try
   for (let attempt = 0; ; attempt++) {
-    const from = live.last_id;
+    const heard = live.heard;
     try {
       if (await follow(resp, view, live)) return;
     } catch { /* the connection dropped */ }
     if (live.signal?.aborted) return; // its conversation is no longer on screen
-    if (live.last_id !== from) { attempt = 0; since = Date.now(); } // it moved on: a new count
+    if (live.heard !== heard) { attempt = 0; since = live.heard; } // it spoke: a new count
     const pause = Math.max(Math.min(500 * 2 ** attempt, REJOIN_PAUSE_MAX), wait);
-    if (!live.run_id || Date.now() + pause - since > REJOIN_FOR) {
+    if (!live.run_id || Date.now() - since > REJOIN_FOR) {
       const why = refused ? ` (${refused.message})` : "";
       const said = `the stream ended before the run did${why}; reload to re-join`;
       view.note(said);

@@ -178,8 +178,8 @@ async def test_a_stream_that_cannot_be_decoded_is_rejoined_then_its_run_cancelle
     as a cut connection is: re-joined, and when the re-joins fail too, the turn is given up and
     its run cancelled. It failed the turn at once and left the run going on the service, its
     answer generated for nobody."""
-    # (One re-join, 0.5 s after the break: the next would come past 1 s without an event.)
-    monkeypatch.setattr(chat, "_REJOIN_FOR", 1.0)
+    # (One re-join, 0.5 s after the break: past 0.4 s without a new event, none more.)
+    monkeypatch.setattr(chat, "_REJOIN_FOR", 0.4)
     monkeypatch.setattr(chat, "_RUNS_SHOWN", set())  # (another test's run_1 was shown)
     requests: list[bytes] = []
     renderer, _, _ = _renderer()
