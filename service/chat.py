@@ -117,6 +117,7 @@ class Turn:
     conversation: str | None = None  # once made or known: kept if the turn then fails
     cancelling: bool = False
     cancelled: bool = False  # the service took its cancel
+    stopped: trio.Event = field(default_factory=trio.Event)  # ... set then
     status: str | None = None
     error: dict[str, Any] | None = None  # the run's own error event (stored: it has an id)
     # An error frame with no id that ended the stream (the store away, the service shutting
@@ -209,8 +210,10 @@ class Client:
                                            timeout=httpx.Timeout(30.0, read=None))
             else:
                 # Doubling from 0.5 s up to _REJOIN_PAUSE_MAX, or the service's Retry-After
-                # when it gave one (a store restarting: 5 s), bounded by _RETRY_AFTER_MAX.
-                await trio.sleep(pause)
+                # when it gave one (a store restarting: 5 s), bounded by _RETRY_AFTER_MAX;
+                # cut short by a Ctrl-C's cancel taken meanwhile (its end is shown at once).
+                with trio.move_on_after(pause):
+                    await turn.stopped.wait()
                 if turn.run_id is None:
                     # Dropped before its run.started came: the run, if it started, is found
                     # on the conversation (its pending reply to this message).
@@ -222,7 +225,7 @@ class Client:
                     "GET", f"/api/runs/{turn.run_id}/events",
                     headers={"Last-Event-ID": turn.last_id or "0"},
                     timeout=httpx.Timeout(30.0, read=None))
-            heard = turn.heard
+            heard, after_cancel = turn.heard, turn.cancelled
             try:
                 await self._follow(request, turn)
                 return
@@ -230,9 +233,16 @@ class Client:
                 # (A body that breaks, a corrupt gzip, is a stream lost as a cut one is.)
                 if turn.status is not None:
                     return  # its end was shown: the body's last bytes do not matter
+                if after_cancel:
+                    # Its Ctrl-C's cancel was taken, and a re-join since could not show the
+                    # end: the turn ends as the user's stop (the run is cancelled), not as a
+                    # failure, and no second cancel is sent.
+                    turn.status = "cancelled"
+                    self.renderer.note(f"[stopped; its end could not be shown: {exc}]")
+                    return
                 if turn.heard != heard and turn.heard is not None:  # it spoke: a new count
-                    since, attempt, failure = turn.heard, 0, None
-                failure = failure or exc  # the first (since the last event) says what went wrong
+                    since, attempt, failure = turn.heard, 0, None  # (what went before is past)
+                failure = _telling(failure, exc)
                 told = exc.after if isinstance(exc, _Retry) else 0.0
                 attempt += 1
                 pause = max(min(0.5 * 2 ** (attempt - 1), _REJOIN_PAUSE_MAX),
@@ -245,7 +255,7 @@ class Client:
             except ChatError as exc:
                 if turn.run_id is None:
                     raise
-                failure = failure or exc
+                failure = _telling(failure, exc)
             except BrokenPipeError:
                 # The output was closed (``| head`` has what it wanted): the user left, as
                 # with Ctrl-C. Its run is cancelled (it would go on: on_disconnect continue);
@@ -386,8 +396,17 @@ class Client:
     async def _cancel(self, turn: Turn) -> None:
         resp = await self.http.post(f"/api/runs/{turn.run_id}/cancel")
         turn.cancelled = resp.status_code == 202
+        if turn.cancelled:
+            turn.stopped.set()
         if resp.status_code != 202:
             self.renderer.note(f"[cancel failed: {_error_of(resp)}]")
+
+
+def _telling(said: Exception | None, new: Exception) -> Exception:
+    """What a turn given up says: the service's own first reason (an error frame, a refused
+    re-join's, a silence), before a connection's failure, which says only that it broke."""
+    lost = (httpx.TransportError, httpx.DecodingError)
+    return new if said is None or (isinstance(said, lost) and not isinstance(new, lost)) else said
 
 
 class OutputClosed(ChatError):

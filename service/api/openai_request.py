@@ -140,8 +140,10 @@ class ChatCompletionRequest(_Lenient):
                                  info: ValidationInfo) -> Any:
         # As OpenAI checks it: a call forced to a tool the model is not offered cannot be made
         # (on Ollama, where only the named tool is offered, the model got none).
-        if isinstance(value, dict) and not isinstance(value.get("function", {}), dict):
-            raise ValueError("function must be an object: {'name': ...}")
+        if isinstance(value, dict) and (
+                value.get("type") != "function" or not isinstance(value.get("function"), dict)
+                or not isinstance(value["function"].get("name"), str)):
+            raise ValueError("a forced tool is {'type': 'function', 'function': {'name': ...}}")
         if isinstance(value, dict) and "tools" in info.data:
             named = (value.get("function") or {}).get("name")
             offered = [(t.get("function") or {}).get("name") for t in info.data["tools"] or ()]

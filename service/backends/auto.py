@@ -257,7 +257,8 @@ class AutoBackend:
         if too_long is not None:
             raise too_long
         raise _all_failed(causes, serving={b.name for b in self.backends
-                                           if self.has_model(b, request)})
+                                           if self.has_model(b, request)},
+                          members=len(self.backends))
 
     async def chat(self, request: ChatRequest) -> ChatResult:
         return await collect_chat(self, request)
@@ -362,7 +363,7 @@ class AutoBackend:
                 causes.append(exc)
                 continue
             return
-        raise _all_failed(causes)
+        raise _all_failed(causes, members=len(self.backends))
 
     async def aclose(self) -> None:
         for backend in self.backends:
@@ -370,7 +371,8 @@ class AutoBackend:
 
 
 def _all_failed(causes: list[BackendError], *,
-                serving: frozenset[str] | set[str] = frozenset()) -> BackendError:
+                serving: frozenset[str] | set[str] = frozenset(), members: int = 1,
+                ) -> BackendError:
     """One error for a call no backend could serve.
 
     If every backend that answered said the model is unknown (the others being down), the
@@ -387,9 +389,12 @@ def _all_failed(causes: list[BackendError], *,
     # Every one that answered refused the request itself (its model unknown, a field it does
     # not take): that answer, which a client does not retry. A refusal (400) before an
     # unknown model (404): the server that has the model said what is wrong.
-    # So for every one refusing the service's key: its operator's to fix, not a 503 to retry.
+    # So for every server refusing the service's key (every one, each tried: a server down
+    # or skipped meanwhile may take it when back): its operator's to fix, not a 503 to retry.
+    refused_by_all = (all(isinstance(c, BackendAuthFailed) for c in causes)
+                      and len({c.backend for c in causes}) >= members)
     if answered and (all(isinstance(c, ModelNotFound | BackendRejectedRequest) for c in answered)
-                     or all(isinstance(c, BackendAuthFailed) for c in answered)):
+                     or refused_by_all):
         first = next((c for c in answered if isinstance(c, BackendRejectedRequest)), answered[0])
         return type(first)(first.message, backend=first.backend,
                            causes=[c.to_dict() for c in causes])

@@ -397,6 +397,7 @@ async function followRun(resp, view, live) {
 // cuts every stream after a while is followed to its end, however many times it is cut).
 const REJOIN_FOR = 30000;
 const REJOIN_PAUSE_MAX = 5000;
+const REJOIN_ANSWER_WITHIN = 15000;
 
 // The run's events to its end, re-joining (Last-Event-ID) when the stream drops.
 async function followEvents(resp, view, live) {
@@ -419,11 +420,19 @@ async function followEvents(resp, view, live) {
       return;
     }
     await sleep(pause);
+    // A re-join whose answer never starts (a proxy that takes the connection and says
+    // nothing) is a failed try after REJOIN_ANSWER_WITHIN ms, not a wait for ever; once the
+    // stream has started, the page's silence watchdog (sseFrames) looks after it.
+    const asked = new AbortController();
+    const late = setTimeout(() => asked.abort(), REJOIN_ANSWER_WITHIN);
+    const away = () => asked.abort(); // the conversation left the screen: the stream too
+    if (live.signal?.aborted) asked.abort();
+    live.signal?.addEventListener("abort", away);
     try {
       resp = await fetch(`/api/runs/${live.run_id}/events`, {
-        headers: headers({ "Last-Event-ID": String(live.last_id) }), signal: live.signal,
+        headers: headers({ "Last-Event-ID": String(live.last_id) }), signal: asked.signal,
       });
-    } catch { resp = null; }
+    } catch { resp = null; } finally { clearTimeout(late); }
     refused = null;
     wait = 0;
     if (resp && resp.status === 204) { if (!live.watch) dropKept(); return; }

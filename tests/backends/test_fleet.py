@@ -22,7 +22,7 @@ from service.backends import FleetBackend, build_backend, client_from_settings
 from service.backends.base import Backend, ChatMessage, ChatRequest
 from service.backends.http import BackendTLSError
 from service.backends.router import Inventory, Member
-from service.errors import AllBackendsFailed, ConfigError
+from service.errors import AllBackendsFailed, BackendAuthFailed, ConfigError
 from service.metrics import Metrics
 from service.settings import Settings, load_settings
 from service.sim import Reply, Simulator
@@ -379,7 +379,8 @@ headers = {{ Authorization = "Bearer s3cret-token" }}
             await answer(auto, ask())
             assert sim.streams[-1].headers["authorization"] == "Bearer s3cret-token"
             sim.default = Reply(status=401, error="bad token")
-            with pytest.raises(AllBackendsFailed) as caught:
+            # (Every server refusing the key: said as that, not retried.)
+            with pytest.raises(BackendAuthFailed) as caught:
                 await answer(auto, ask())
             assert "s3cret" not in str(caught.value.to_dict()) + repr(auto)
 
