@@ -53,13 +53,19 @@ def default_agents() -> dict[str, Agent]:
 def build_history(conv: Conversation, messages: list[Message]) -> list[ChatMessage]:
     """The conversation as the agent sees it: system prompt, earlier turns, the question last.
 
-    Earlier replies that were cut (cancelled) are kept with what they said; failed or still
-    pending replies (another run's) are left out.
+    Earlier replies that were cut (cancelled) are kept with what they said; still pending
+    replies (another run's) are left out, and so are failed turns, the question with its
+    reply: a question the model's server refused (too long for its context) was sent again
+    with every later message, each refused the same way, the conversation dead for good.
     """
     history: list[ChatMessage] = []
     if conv.system:
         history.append(ChatMessage("system", conv.system))
     for m in messages:
+        if m.role == "assistant" and m.status is MessageStatus.error:
+            if history and history[-1].role == "user" and len(history) > bool(conv.system):
+                history.pop()  # its question: never answered
+            continue
         if m.status in (MessageStatus.pending, MessageStatus.error):
             continue
         if m.role == "assistant" and not m.content:

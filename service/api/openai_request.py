@@ -68,8 +68,10 @@ class ChatCompletionRequest(_Lenient):
     messages: list[ChatMessageIn] = Field(min_length=1)
     stream: bool | None = None  # null: not streamed (the SDK's type: Optional[Literal[False]])
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    # (Up to a 32-bit int, as the models' servers read it: 2**40 wrapped to 0 at llama.cpp's,
+    # a one-token answer and a 200.)
+    max_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     temperature: float | None = Field(None, ge=0, le=2)
     tools: list[dict[str, Any]] | None = None
     stop: str | list[str] | None = None

@@ -140,7 +140,7 @@ def build_backend(
         # silently in llama.cpp's, counted as its time to first token.
         return wrap(OpenAICompatBackend("embedded", embedded_url, client, budgets,
                                         default_model=alias or default, only_model=alias),
-                    EMBEDDED_SLOTS)
+                    min(EMBEDDED_SLOTS, settings.backend_concurrency))
 
     if kind == "embedded":
         return embedded()
