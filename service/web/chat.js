@@ -425,12 +425,11 @@ async function followEvents(resp, view, live) {
     // stream has started, the page's silence watchdog (sseFrames) looks after it.
     const asked = new AbortController();
     const late = setTimeout(() => asked.abort(), REJOIN_ANSWER_WITHIN);
-    const away = () => asked.abort(); // the conversation left the screen: the stream too
-    if (live.signal?.aborted) asked.abort();
-    live.signal?.addEventListener("abort", away);
+    // The conversation leaving the screen ends the stream too (no listener left behind).
+    const signal = live.signal ? AbortSignal.any([live.signal, asked.signal]) : asked.signal;
     try {
       resp = await fetch(`/api/runs/${live.run_id}/events`, {
-        headers: headers({ "Last-Event-ID": String(live.last_id) }), signal: asked.signal,
+        headers: headers({ "Last-Event-ID": String(live.last_id) }), signal,
       });
     } catch { resp = null; } finally { clearTimeout(late); }
     refused = null;
