@@ -22,7 +22,9 @@ GUARD = 60
 
 
 def _children(pid: int) -> set[int]:
-    """The live worker processes of ``pid`` (from /proc; not multiprocessing's tracker)."""
+    """The live worker processes of ``pid`` (from /proc): those multiprocessing spawned, not
+    its resource tracker, nor the ``ldconfig -p`` that importing trio runs (a SIGTERM sent on
+    seeing that one reached the parent before it could take one: it died of it, -15)."""
     out = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -35,7 +37,7 @@ def _children(pid: int) -> set[int]:
         except OSError:
             continue
         if (int(fields[1]) == pid and fields[0] not in (b"Z", b"X")
-                and b"resource_tracker" not in cmdline):
+                and b"--multiprocessing-fork" in cmdline):
             out.add(int(entry))
     return out
 

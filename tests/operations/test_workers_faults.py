@@ -129,6 +129,34 @@ async def test_sigterm_while_the_first_worker_starts_stops_promptly_and_exits_0(
         _reap(proc)
 
 
+@pytest.mark.parametrize("after", [0.0, 0.05, 0.2, 0.5])
+async def test_sigterm_at_any_moment_of_the_start_ends_the_service_with_nothing_left(
+    tmp_path: Path, after: float,
+) -> None:
+    # Before the parent has imported trio it has no handler of its own: a SIGTERM then ends it
+    # as the default does (-15, which systemd counts as a clean stop); it has started nothing.
+    # From then on it drains what it started and exits 0. Either way nothing is left running.
+    proc, log = await _spawn(tmp_path, _env(tmp_path, "http://127.0.0.1:9"), 2)
+    seen: set[int] = set()
+    try:
+        with trio.move_on_after(after):
+            while True:
+                seen |= _children(proc.pid)
+                await trio.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        with trio.move_on_after(GUARD, shield=True):
+            while proc.returncode is None:
+                seen |= _children(proc.pid)
+                await trio.sleep(0.005)
+        text = await trio.Path(log).read_text()
+        assert proc.returncode in (0, -signal.SIGTERM), text[-3000:]
+        with trio.fail_after(GUARD):
+            while _alive(seen):  # noqa: ASYNC110 (other processes)
+                await trio.sleep(0.05)
+    finally:
+        _reap(proc)
+
+
 # -- /metrics across workers ----------------------------------------------------------------
 
 
