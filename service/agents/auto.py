@@ -10,7 +10,7 @@ import re
 
 from ..backends.base import ChatMessage
 from ..errors import BackendError
-from .base import Agent, AgentContext
+from .base import Agent, AgentContext, run_fitting
 from .chat import ChatAgent
 from .plan_execute import PlanExecuteAgent
 from .react import ReActAgent
@@ -94,4 +94,6 @@ class AutoAgent(Agent):
         else:
             choice, method = await self.decide(ctx)
         ctx.emit("decision", {"agent": choice, "method": method})
-        return await self.agents[choice].run(ctx)
+        # Told, so fitted here: a history over the model's context is shortened for the
+        # chosen agent, the decision kept.
+        return await run_fitting(self.agents[choice], ctx)

@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from ..backends.base import Backend, ChatMessage, ChatRequest, ToolCall, Usage
-from ..errors import ToolArgumentsError, is_interrupt
+from ..errors import ContextLengthExceeded, ToolArgumentsError, is_interrupt
 from ..logs import get_logger
 from ..metrics import Metrics
 from ..runs.handle import RunHandle
@@ -198,6 +198,10 @@ class AgentContext:
     temperature: float | None = None
     stop: tuple[str, ...] = ()
     options: tuple[tuple[str, Any], ...] = ()  # a client's other OpenAI options (chat agent)
+    # A stored conversation's history, trimmed by the service (SERVICE_HISTORY_CHARS): its
+    # older turns may be dropped for a model whose context it overflows (run_fitting).
+    # A /v1 client's messages are its prompt, sent whole.
+    history_trimmable: bool = False
     last_finish_reason: str | None = None
     # a call that streams to the run's clients has named the model
     _streamed: bool = field(default=False, init=False)
@@ -534,6 +538,62 @@ def trim_history(messages: Sequence[ChatMessage], budget_chars: int) -> list[Cha
         used += size
     keep = {id(m) for m in kept}
     return [m for m in messages if m.role == "system" or id(m) in keep]  # in their order
+
+
+def shorter_history(messages: Sequence[ChatMessage], keep: float) -> list[ChatMessage] | None:
+    """``messages`` with its oldest turns (a user message and what followed it) dropped until
+    at most ``keep`` of the older turns' characters are left, at least one turn dropped; the
+    system messages and the current turn kept. None when no older turn is left to drop."""
+    last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=None)
+    if last_user is None:
+        return None
+    turns: list[list[int]] = []  # indexes of the older messages, turn by turn
+    for i, m in enumerate(messages[:last_user]):
+        if m.role == "system":
+            continue
+        if m.role == "user" or not turns:
+            turns.append([])
+        turns[-1].append(i)
+    if not turns:
+        return None
+    sizes = [sum(_size(messages[i]) for i in turn) for turn in turns]
+    left, budget = sum(sizes), keep * sum(sizes)
+    dropped: set[int] = set()
+    for turn, size in zip(turns, sizes, strict=True):
+        if dropped and left <= budget:
+            break
+        dropped.update(turn)
+        left -= size
+    return [m for i, m in enumerate(messages) if i not in dropped]
+
+
+# How much of the older turns' text each try after a refusal keeps: a half, a quarter, none.
+_REFIT_KEEP = (0.5, 0.25, 0.0)
+
+
+async def run_fitting(agent: Agent, ctx: AgentContext) -> str:
+    """``agent.run(ctx)``; if the model's server refuses the prompt as longer than its context
+    before the run has told anything, and the history (a stored conversation's) still has
+    older turns, the run starts again with the oldest of them dropped (a half of their text
+    kept, then a quarter, then none), until it fits.
+
+    SERVICE_HISTORY_CHARS trims by characters and a model's context is in tokens: with
+    figures or code (about 2.5 characters a token) a conversation outgrew the demo's 8,192-
+    token slot well within 24,000 characters, and each later message was refused."""
+    tries = iter(_REFIT_KEEP if ctx.history_trimmable else ())
+    while True:
+        told = ctx.handle.emitted_seq
+        try:
+            return await agent.run(ctx)
+        except ContextLengthExceeded:
+            keep = next(tries, None)
+            shorter = None if keep is None else shorter_history(ctx.history, keep)
+            if shorter is None or ctx.handle.emitted_seq != told:
+                raise
+            log.info("run %s: its history is over the model's context; %d of its %d "
+                     "messages kept, trying again", ctx.handle.id, len(shorter),
+                     len(ctx.history))
+            ctx.history = shorter
 
 
 def _size(m: ChatMessage) -> int:
