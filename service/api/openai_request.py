@@ -60,7 +60,7 @@ class ChatMessageIn(_Lenient):
 
 
 class StreamOptions(_Lenient):
-    include_usage: bool = False
+    include_usage: bool | None = None  # null: absent, as the models' servers read it
 
 
 class ChatCompletionRequest(_Lenient):

@@ -61,7 +61,7 @@ def openai_messages(messages: tuple[ChatMessage, ...]) -> list[OpenAIMessage]:
             ]
         if m.tool_call_id:
             msg["tool_call_id"] = m.tool_call_id
-        if m.role == "tool" and m.name:
+        if m.name:  # a tool's result's, or a participant's (a /v1 client's "alice")
             msg["name"] = m.name
         out.append(msg)
     return out
