@@ -233,16 +233,28 @@ class EventReader:
         connection on the question "where does it run?" ended a follower on another
         instance with ``store_unavailable`` while the run went on."""
         backoff = Backoff()
-        give_up = trio.current_time() + min(2 * self._keepalive, _READ_RETRY_MAX)
+        window = min(2 * self._keepalive, _READ_RETRY_MAX)
+        give_up = trio.current_time() + window
+        refused = False
         while True:
             try:
-                return await call()
+                if not (refused or self._supervisor.wakeups.away):
+                    return await call()
+                # The store refuses, or the database is away (the listener lost it): a try is
+                # bounded by what is left of the window, and so is the stream's silence. A
+                # try waiting out the pool's acquire_timeout (5 s) for a connection was, at
+                # SERVICE_SSE_KEEPALIVE=0.5, ten intervals without a word before the frame.
+                with trio.move_on_at(give_up):
+                    return await call()
+                raise StoreUnavailable(f"the store did not answer within {window:g} s")
             except StoreUnavailable as exc:
+                refused = True
                 if trio.current_time() >= give_up:
                     raise
                 log.warning("%s run %s in the store failed (trying again): %s", doing,
                             self.run_id, exc.message)
-            await backoff.pause()
+            with trio.move_on_at(give_up):
+                await backoff.pause()
 
     async def _in_progress(self) -> bool:
         """Whether the store has the run queued or running (whoever holds it). A run that is

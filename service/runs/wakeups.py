@@ -30,6 +30,9 @@ class Wakeups:
         # Marks: a reader notes ``mark()`` before it reads the store; ``since(run, mark)``
         # then says whether anything of the run was announced after it.
         self.listening = False  # notifications come (the listening connection is up)
+        # The listening connection was lost and is not back: the database may be away
+        # (a read then waits the pool's acquire_timeout for a connection).
+        self.away = False
         self._count = 0  # notifications so far
         self._last: dict[str, int] = {}  # run id -> the count at its last notification
         self._horizon = 0  # marks before this are too old to tell: taken as notified
@@ -49,6 +52,7 @@ class Wakeups:
         self._count += 1
         if payload in ("*", "!"):
             self.listening = payload == "*"
+            self.away = payload == "!"
             self._horizon = self._count
             self._last.clear()
             self._wake_cancels()

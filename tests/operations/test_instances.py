@@ -258,3 +258,61 @@ async def test_a_shutdown_while_the_database_is_frozen_ends_and_another_instance
             stored = [(f["id"], f["event"]) for f in parse_sse(r.text) if "id" in f]
             shown = [(f["id"], f["event"]) for f in frames]
             assert stored[: len(shown)] == shown
+
+
+@pytest.mark.slow
+async def test_a_follower_on_another_instance_is_told_within_its_window_when_the_database_goes(
+    tmp_path: Path, pg_url: str, postgres: PostgresServer,  # noqa: F811 (fixture)
+) -> None:
+    # B follows a run A serves; the database stops. B's reader tries the store again for two
+    # keep-alive intervals, then ends the stream with one store_unavailable frame (re-join
+    # later). Its first try used to wait the pool's acquire_timeout (5 s) for a connection:
+    # at SERVICE_SSE_KEEPALIVE=0.25, twenty intervals without a word, past every client's
+    # watchdog. What B showed before is what the store holds; a re-join gets the rest.
+    sim = Simulator(("sim-model",), default=Reply(tokens=300, interval=0.05),
+                    strict_models=False)
+    async with (open_simulator(sim) as running,
+                instance(pg_url, running.url, tmp_path, "a") as (_, a),
+                instance(pg_url, running.url, tmp_path, "b",
+                         SERVICE_SSE_KEEPALIVE="0.25") as (_, b)):
+        on_a: list[dict[str, Any]] = []
+        tokens = trio.Event()
+        heard: list[float] = []  # when B's stream said anything (a frame, a keep-alive)
+        body = ""
+        stopped_at = 0.0
+        try:
+            with trio.fail_after(GUARD):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_start_stream, a, on_a, tokens)
+                    await tokens.wait()
+                    run_id = await _pending_run(b)
+                    async with b.stream("GET", f"/api/runs/{run_id}/events") as r:
+                        assert r.status_code == 200
+                        async for chunk in r.aiter_text():
+                            heard.append(trio.current_time())
+                            body += chunk
+                            if not stopped_at and body.count("event: token") >= 3:
+                                await trio.to_thread.run_sync(postgres.stop, "fast")
+                                stopped_at = trio.current_time()
+                    nursery.cancel_scope.cancel()  # A's own stream: not this test's
+        finally:
+            with trio.move_on_after(GUARD, shield=True):
+                await trio.to_thread.run_sync(postgres.start)
+        assert stopped_at
+        frames = [f for f in parse_sse(body) if "event" in f]
+        assert frames[-1]["event"] == "error", frames[-3:]
+        assert frames[-1]["data"]["type"] == "store_unavailable"
+        after = [t for t in heard if t >= stopped_at]
+        gaps = [t1 - t0 for t0, t1 in zip([stopped_at, *after], after, strict=False)]
+        assert max(gaps) < 2.5, gaps  # a try bounded by the window (0.5 s), not the pool's 5 s
+
+        # Nothing B showed is contradicted by the store; a re-join gets the rest, to the end.
+        shown = [f for f in frames if "id" in f]
+        await _ready(b, 200)
+        with trio.fail_after(2 * GUARD):
+            r = await b.get(f"/api/runs/{run_id}/events")
+        whole = [f for f in parse_sse(r.text) if "id" in f]
+        assert [(f["id"], f["event"], f["data"]) for f in whole[:len(shown)]] == [
+            (f["id"], f["event"], f["data"]) for f in shown]
+        assert _ids(whole) == list(range(1, len(whole) + 1))
+        assert whole[-1]["event"] == "run.finished"
