@@ -15,15 +15,7 @@ from ..runs import RunHandle, RunSpec
 from ..store import Conversation, Message, MessageStatus
 from ..tools import ToolRegistry
 from .auto import AutoAgent
-from .base import (
-    Agent,
-    AgentContext,
-    Observation,
-    ToolThunk,
-    call_abandonable,
-    run_fitting,
-    trim_history,
-)
+from .base import Agent, AgentContext, Observation, ToolThunk, call_abandonable, trim_history
 from .chat import ChatAgent
 from .plan_execute import PlanExecuteAgent
 from .react import ReActAgent
@@ -157,7 +149,7 @@ def make_runner(
         ctx.run_sync = run_sync if run_sync is not None else in_tool_thread
         if abandon_in is not None:
             ctx.run_async = partial(in_tool_task, abandon_in())
-        answer = await run_fitting(agent, ctx)
+        answer = await agent.run(ctx)
         if agent.name != "chat" and spec.stop:
             cut = _cut_at_stop(answer, spec.stop)
             if (cut != answer  # ended at the client's stop sequence, as its server would

@@ -10,7 +10,7 @@ import re
 
 from ..backends.base import ChatMessage
 from ..errors import BackendError
-from .base import Agent, AgentContext, run_fitting
+from .base import Agent, AgentContext
 from .chat import ChatAgent
 from .plan_execute import PlanExecuteAgent
 from .react import ReActAgent
@@ -94,6 +94,4 @@ class AutoAgent(Agent):
         else:
             choice, method = await self.decide(ctx)
         ctx.emit("decision", {"agent": choice, "method": method})
-        # Told, so fitted here: a history over the model's context is shortened for the
-        # chosen agent, the decision kept.
-        return await run_fitting(self.agents[choice], ctx)
+        return await self.agents[choice].run(ctx)

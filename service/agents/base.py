@@ -202,6 +202,12 @@ class AgentContext:
     # older turns may be dropped for a model whose context it overflows (run_fitting).
     # A /v1 client's messages are its prompt, sent whole.
     history_trimmable: bool = False
+    # The history's messages left out of its calls (ids; see ``_shorten``), the history as
+    # the run got it, and how far it was shortened.
+    _dropped: set[int] = field(default_factory=set, init=False)
+    _history_given: list[ChatMessage] | None = field(default=None, init=False)
+    _fit_level: int = field(default=0, init=False)  # of _REFIT_KEEP, tried so far
+    _last_call_chunks: int = field(default=0, init=False)
     last_finish_reason: str | None = None
     # a call that streams to the run's clients has named the model
     _streamed: bool = field(default=False, init=False)
@@ -278,7 +284,59 @@ class AgentContext:
 
         Every call upstream goes through here, so here it is made Unicode text both ways (see
         ``unicode_request``): the API refuses a client's lone surrogates, but a model's (in a
-        tool name) or a tool's output could still hold one, and UTF-8 cannot encode it."""
+        tool name) or a tool's output could still hold one, and UTF-8 cannot encode it.
+
+        And here a stored conversation's history is fitted to the model's context: a call the
+        model's server refuses as too long (before it streamed anything) is made again with
+        the history's oldest turns left out (``_shorten``), and so is every later call of the
+        run. SERVICE_HISTORY_CHARS trims by characters and a context is in tokens: with
+        figures or code a conversation outgrew the demo's 8,192-token slot well within 24,000
+        characters, and each later message was refused; a tool's result could tip a ReAct
+        turn's later call over too."""
+        while True:
+            sent = [m for m in messages if id(m) not in self._dropped]
+            try:
+                return await self._call_once(
+                    sent, tools=tools, raw_tools=raw_tools, emit_tokens=emit_tokens,
+                    max_tokens=max_tokens, temperature=temperature, options=options)
+            except ContextLengthExceeded:
+                if self._last_call_chunks or not self._shorten(sent):
+                    raise
+
+    def _shorten(self, sent: Sequence[ChatMessage]) -> bool:
+        """Leave more of the history's older turns out of the run's calls (the history as the
+        run got it, with a half of their text kept, then a quarter, then none); False when
+        that would leave nothing more out of ``sent``."""
+        if not self.history_trimmable:
+            return False
+        given = self._history_given = self._history_given or list(self.history)
+        in_sent = {id(m) for m in sent}
+        while self._fit_level < len(_REFIT_KEEP):
+            keep = _REFIT_KEEP[self._fit_level]
+            self._fit_level += 1
+            shorter = shorter_history(given, keep)
+            if shorter is None:
+                return False
+            out = {id(m) for m in given} - {id(m) for m in shorter}
+            if (out - self._dropped) & in_sent:
+                self._dropped |= out
+                log.info("run %s: its history is over the model's context; %d of its %d "
+                         "messages kept, trying again", self.handle.id, len(shorter), len(given))
+                self.history = shorter
+                return True
+        return False
+
+    async def _call_once(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        tools: Sequence[Tool],
+        raw_tools: Sequence[dict[str, Any]],
+        emit_tokens: bool,
+        max_tokens: int | None,
+        temperature: float | None,
+        options: tuple[tuple[str, Any], ...],
+    ) -> ChatMessage:
         chosen: list[str] = []
         request = unicode_request(ChatRequest(
             messages=tuple(messages), model=self.model,
@@ -322,6 +380,7 @@ class AgentContext:
                     if chunk.finish_reason is not None:
                         self.last_finish_reason = chunk.finish_reason
         finally:
+            self._last_call_chunks = content_chunks
             self._add_usage(usage, content_chunks)
         return ChatMessage("assistant", clean_text("".join(parts)), tuple(calls))
 
@@ -569,31 +628,6 @@ def shorter_history(messages: Sequence[ChatMessage], keep: float) -> list[ChatMe
 
 # How much of the older turns' text each try after a refusal keeps: a half, a quarter, none.
 _REFIT_KEEP = (0.5, 0.25, 0.0)
-
-
-async def run_fitting(agent: Agent, ctx: AgentContext) -> str:
-    """``agent.run(ctx)``; if the model's server refuses the prompt as longer than its context
-    before the run has told anything, and the history (a stored conversation's) still has
-    older turns, the run starts again with the oldest of them dropped (a half of their text
-    kept, then a quarter, then none), until it fits.
-
-    SERVICE_HISTORY_CHARS trims by characters and a model's context is in tokens: with
-    figures or code (about 2.5 characters a token) a conversation outgrew the demo's 8,192-
-    token slot well within 24,000 characters, and each later message was refused."""
-    tries = iter(_REFIT_KEEP if ctx.history_trimmable else ())
-    while True:
-        told = ctx.handle.emitted_seq
-        try:
-            return await agent.run(ctx)
-        except ContextLengthExceeded:
-            keep = next(tries, None)
-            shorter = None if keep is None else shorter_history(ctx.history, keep)
-            if shorter is None or ctx.handle.emitted_seq != told:
-                raise
-            log.info("run %s: its history is over the model's context; %d of its %d "
-                     "messages kept, trying again", ctx.handle.id, len(shorter),
-                     len(ctx.history))
-            ctx.history = shorter
 
 
 def _size(m: ChatMessage) -> int:

@@ -3,8 +3,8 @@
 SERVICE_HISTORY_CHARS trims a conversation's history by characters, and a model's context is
 in tokens: a conversation of figures or code outgrew the demo's 8,192-token slot well within
 24,000 characters, and from then on every message was a 400 ``context_length_exceeded``. Now,
-when the model's server refuses the prompt before the run has told anything, the run starts
-again with the oldest turns dropped. The real server, the simulator's llama.cpp and Ollama
+a call the model's server refuses as too long is made again with the history's oldest turns
+left out, and so are the run's later calls. The real server, the simulator's llama.cpp and Ollama
 protocols (its context counted in its own tokens: words, plus one per message), on loopback.
 """
 
