@@ -124,6 +124,16 @@ class Env:
                     if m["run_id"] == run_id and m["role"] == "assistant"]
         return reply  # type: ignore[no-any-return]
 
+    async def the_reply(self) -> dict[str, Any]:
+        """The only conversation's only reply, as stored once its run has ended (a client's
+        session in a browser or a terminal made them; the test reads what it was told)."""
+        (conv,) = (await self.client.get("/api/conversations")).json()["data"]
+        messages = (await self.client.get(f"/api/conversations/{conv['id']}")).json()["messages"]
+        (reply,) = [m for m in messages if m["role"] == "assistant"]
+        with trio.fail_after(GUARD):
+            await self.finished_run(reply["run_id"])
+        return await self.reply_of(conv["id"], reply["run_id"])
+
     async def llm_calls(self, run_id: str) -> list[dict[str, Any]]:
         r = await self.client.get("/api/llm-calls", params={"run_id": run_id})
         assert r.status_code == 200, r.text

@@ -142,12 +142,7 @@ async def test_page_waits_out_a_long_retry_after_instead_of_giving_up(
             trio.from_thread.run_sync(now)
 
         seen = await _in_browser(partial(_retry_after_session, proxy.url, refuse_next))
-        (conv,) = (await env.client.get("/api/conversations")).json()["data"]
-        messages = (await env.client.get(f"/api/conversations/{conv['id']}")).json()["messages"]
-        (reply,) = [m for m in messages if m["role"] == "assistant"]
-        with trio.fail_after(GUARD):
-            await env.finished_run(reply["run_id"])
-        stored = await env.reply_of(conv["id"], reply["run_id"])
+        stored = await env.the_reply()
         answered = proxy.answered
     assert answered == 1, "the re-join never reached the proxy"
     assert seen["notes"] == [], seen

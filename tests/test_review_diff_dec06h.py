@@ -153,12 +153,7 @@ async def test_page_rejoin_that_is_never_answered_is_not_waited_for_ever(
             trio.from_thread.run_sync(now)
 
         seen = await _in_browser(partial(_held_rejoin_session, proxy.url, hold_next))
-        (conv,) = (await env.client.get("/api/conversations")).json()["data"]
-        messages = (await env.client.get(f"/api/conversations/{conv['id']}")).json()["messages"]
-        (reply,) = [m for m in messages if m["role"] == "assistant"]
-        with trio.fail_after(GUARD):
-            await env.finished_run(reply["run_id"])
-        stored = await env.reply_of(conv["id"], reply["run_id"])
+        stored = await env.the_reply()
         held = proxy.held
     assert held == 1, "the page's re-join never reached the proxy"
     assert not seen["busy"], ("the page is still re-joining, Send disabled, "

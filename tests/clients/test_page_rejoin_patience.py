@@ -22,7 +22,7 @@ import trio
 from service.settings import Settings
 from service.sim.scenario import Reply as SimReply
 
-from ..e2e import GUARD, e2e
+from ..e2e import e2e
 from .test_chat_page import CHROMIUM, WAIT_MS, _in_browser, _send
 from .test_clients_faults import _proxy
 
@@ -63,12 +63,7 @@ async def test_page_follows_a_long_run_through_many_cuts(settings: Settings) -> 
         env.sim.script(SimReply(text="tick " * _TICKS, interval=0.05))
         seen = await _in_browser(partial(
             _cut_often_session, proxy.url, lambda: trio.from_thread.run_sync(proxy.cut)))
-        (conv,) = (await env.client.get("/api/conversations")).json()["data"]
-        messages = (await env.client.get(f"/api/conversations/{conv['id']}")).json()["messages"]
-        (reply,) = [m for m in messages if m["role"] == "assistant"]
-        with trio.fail_after(GUARD):
-            await env.finished_run(reply["run_id"])
-        stored = await env.reply_of(conv["id"], reply["run_id"])
+        stored = await env.the_reply()
     assert (seen["banner"], seen["notes"]) == ("", []), seen
     assert stored["status"] == "complete", stored
     assert seen["text"].split() == stored["content"].split() == ["tick"] * _TICKS
@@ -100,12 +95,7 @@ async def test_page_rejoins_after_a_ten_second_outage(settings: Settings) -> Non
             trio.from_thread.run_sync(now)
 
         seen = await _in_browser(partial(_outage_session, proxy.url, down, up))
-        (conv,) = (await env.client.get("/api/conversations")).json()["data"]
-        messages = (await env.client.get(f"/api/conversations/{conv['id']}")).json()["messages"]
-        (reply,) = [m for m in messages if m["role"] == "assistant"]
-        with trio.fail_after(GUARD):
-            await env.finished_run(reply["run_id"])
-        stored = await env.reply_of(conv["id"], reply["run_id"])
+        stored = await env.the_reply()
         refused = proxy.refused
     assert refused, "no re-join was tried while the network was down"
     assert (seen["banner"], seen["notes"]) == ("", []), seen
