@@ -311,14 +311,16 @@ class AgentContext:
             return False
         given = self._history_given = self._history_given or list(self.history)
         in_sent = {id(m) for m in sent}
-        while self._fit_level < len(_REFIT_KEEP):
-            keep = _REFIT_KEEP[self._fit_level]
-            self._fit_level += 1
-            shorter = shorter_history(given, keep)
+        # A level is used up only by a call it shortened: a refused call without the history
+        # (auto's classification of a long question) used them all up, and the chosen
+        # agent's call, history and all, was refused for good.
+        for level in range(self._fit_level, len(_REFIT_KEEP)):
+            shorter = shorter_history(given, _REFIT_KEEP[level])
             if shorter is None:
                 return False
             out = {id(m) for m in given} - {id(m) for m in shorter}
             if (out - self._dropped) & in_sent:
+                self._fit_level = level + 1
                 self._dropped |= out
                 log.info("run %s: its history is over the model's context; %d of its %d "
                          "messages kept, trying again", self.handle.id, len(shorter), len(given))
