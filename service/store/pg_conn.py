@@ -25,6 +25,8 @@ A wait given its own timeout (``notifies(timeout=...)``) keeps it.
 from __future__ import annotations
 
 import inspect
+import time
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import psycopg
@@ -34,11 +36,17 @@ from psycopg.abc import PQGen
 
 from ..logs import get_logger
 
-__all__ = ["BoundedConnection", "BoundedWait"]
+__all__ = ["ACQUIRE_BY", "BoundedConnection", "BoundedWait"]
 
 log = get_logger("service.store")
 
 RV = TypeVar("RV")
+
+# When (``time.monotonic()``) the store operation under way must have its thread and its pooled
+# connection: one bound for both waits, set by the operation (``PostgresStore._acquiring``). Each
+# had a bound of its own, and a read that waited for a thread, then for a connection, waited
+# up to twice acquire_timeout.
+ACQUIRE_BY: ContextVar[float | None] = ContextVar("ACQUIRE_BY", default=None)
 
 _INTERVAL: float = inspect.signature(psycopg.Connection.wait).parameters["interval"].default
 
@@ -84,7 +92,11 @@ class BoundedWait:
         self._timeout = timeout
 
     async def acquire_on_behalf_of(self, borrower: object) -> None:
-        with trio.move_on_after(self._timeout):
+        timeout = self._timeout
+        by = ACQUIRE_BY.get()
+        if by is not None:
+            timeout = min(timeout, max(0.0, by - time.monotonic()))
+        with trio.move_on_after(timeout):
             await self._limiter.acquire_on_behalf_of(borrower)
             return
         raise psycopg_pool.PoolTimeout(

@@ -43,6 +43,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import Token
 from functools import partial
 from typing import Any, ClassVar, TypeVar, cast
 
@@ -57,7 +58,7 @@ from ..settings import _redact
 from .faults import InjectedFault, StoreFaults
 from .group_commit import GroupCommit, PendingWrite
 from .ownership import LEASE, process_tag
-from .pg_conn import BoundedConnection, BoundedWait
+from .pg_conn import ACQUIRE_BY, BoundedConnection, BoundedWait
 from .pg_notify import CHANNEL, announcing, send_notifications
 from .pg_url import conninfo, describe_url, url_secrets
 from .postgres_queries import Conn, PostgresQueries
@@ -298,6 +299,11 @@ class PostgresStore(PostgresQueries):
         error.__cause__ = exc
         return error
 
+    def _acquiring(self) -> Token[float | None]:
+        """Start the operation's one bound on its waits for a thread and a connection
+        (``ACQUIRE_BY``); the caller resets it with the token."""
+        return ACQUIRE_BY.set(time.monotonic() + self._acquire_timeout)
+
     @contextmanager
     def _connection(self, pool: psycopg_pool.ConnectionPool[Conn]) -> Iterator[Conn]:
         """A pooled connection, in a worker thread (``pool.connection()``, but its wait can be
@@ -306,10 +312,11 @@ class PostgresStore(PostgresQueries):
         was cancelled (nothing has been sent yet: a read's caller, e.g. ``/readyz`` with its
         2 s deadline, is not held for the whole timeout). A batch of writes runs shielded,
         so its wait is not cut."""
-        deadline = time.monotonic() + self._acquire_timeout
+        deadline = ACQUIRE_BY.get() or time.monotonic() + self._acquire_timeout
         while True:
             try:
-                conn = pool.getconn(timeout=min(_ACQUIRE_STEP, self._acquire_timeout))
+                conn = pool.getconn(timeout=max(0.0, min(_ACQUIRE_STEP,
+                                                         deadline - time.monotonic())))
                 break
             except psycopg_pool.PoolTimeout as exc:
                 if time.monotonic() >= deadline:
@@ -359,10 +366,12 @@ class PostgresStore(PostgresQueries):
 
         turn = object()
         try:
-            await self._alone.acquire_on_behalf_of(turn)
+            await self._alone.acquire_on_behalf_of(turn)  # (its own bound: a lock's)
+            acquiring = self._acquiring()
             try:
                 result = await self._run_sync(run)
             finally:
+                ACQUIRE_BY.reset(acquiring)
                 self._alone.release_on_behalf_of(turn)
         except (psycopg.Error, InjectedFault) as exc:
             self.write_error = self._scrub(exc)
@@ -380,7 +389,11 @@ class PostgresStore(PostgresQueries):
         else:
             if self.faults.before_batch is not None:
                 await self.faults.before_batch()
-            await self._run_sync(self._transaction, pool, batch)  # statement_timeout bounds it
+            acquiring = self._acquiring()
+            try:
+                await self._run_sync(self._transaction, pool, batch)  # statement_timeout too
+            finally:
+                ACQUIRE_BY.reset(acquiring)
 
     def _transaction(self, pool: psycopg_pool.ConnectionPool[Conn],
                      batch: list[PendingWrite[Conn]]) -> None:
@@ -491,6 +504,7 @@ class PostgresStore(PostgresQueries):
             with self._connection(pool) as conn:
                 return fn(conn)
 
+        acquiring = self._acquiring()
         try:
             # Not abandoned on cancel (but with ``abandon``): each wait for the server is
             # bounded, and the connection goes back to the pool only once its query is over.
@@ -500,6 +514,8 @@ class PostgresStore(PostgresQueries):
         except ValueError as exc:  # a stored value that does not decode (as SQLite's)
             raise StoreError(f"store read failed: a stored value does not decode "
                              f"({type(exc).__name__}: {exc})") from exc
+        finally:
+            ACQUIRE_BY.reset(acquiring)
         self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
         return result
 

@@ -110,6 +110,35 @@ async def test_a_restarted_database_comes_back_without_reopening_the_store(
     print(f"writes back {back_in:.2f} s after the restart")
 
 
+@pytest.mark.slow  # stops the PostgreSQL server
+async def test_a_read_waits_for_a_thread_and_a_connection_within_one_acquire_timeout(
+    postgres: PostgresServer, pg_url: str
+) -> None:
+    # The database away, every thread of the store busy waiting for a connection: a read
+    # that has to wait for a thread first, then for a connection, is answered
+    # StoreUnavailable within acquire_timeout of its start. The two waits had a bound each,
+    # so it waited up to twice that (5 + 5 s by default, /readyz aside).
+    async with open_store(pg_url, pool_size=1, acquire_timeout=3.0) as store:
+        conv = await store.create_conversation()
+        postgres.stop("fast")
+        took: dict[str, float] = {}
+        try:
+            async def read(name: str) -> None:
+                start = trio.current_time()
+                with pytest.raises(StoreUnavailable):
+                    await store.get_messages(conv.id)
+                took[name] = trio.current_time() - start
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(read, "first")  # takes the one thread, then waits
+                    await trio.sleep(1)
+                    nursery.start_soon(read, "second")  # waits for the thread, then more
+        finally:
+            postgres.start()
+    assert took["second"] < 3.0 + 1.2, took  # not 2 s for the thread + 3 s for a connection
+
+
 async def test_a_wrong_password_is_one_line_without_the_password(
     postgres: PostgresServer, pg_url: str
 ) -> None:
