@@ -98,7 +98,9 @@ async def test_a_call_past_the_embedded_servers_slots_is_queued_visibly(
     for var in ("SERVICE_DEFAULT_MODEL", "SERVICE_EMBEDDED_CTX", "SERVICE_EMBEDDED_MAX_TOKENS",
                 "SERVICE_BACKEND_CONCURRENCY"):
         monkeypatch.delenv(var, raising=False)
-    settings = load_settings(db=tmp_path / "s.db", backend="embedded", gguf=tiny_model)
+    # Four slots of 2,048 tokens (the default 4,096 is two: ``slots_for``).
+    settings = load_settings(db=tmp_path / "s.db", backend="embedded", gguf=tiny_model,
+                             embedded_ctx=4 * 2048)
     async with running_server(settings, from_settings=True) as srv:
         backend = srv.services.backend
         assert backend is not None

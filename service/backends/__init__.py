@@ -39,7 +39,7 @@ from .base import (
     Usage,
     collect_chat,
 )
-from .embedded import SLOTS as EMBEDDED_SLOTS
+from .embedded import slots_for
 from .fleet import ServerSpec, fleet_from_settings, tls_context
 from .http import Budgets, ShardedClient, make_client, make_sharded_client
 from .interceptor import Interceptor, LLMCallRecorder
@@ -140,7 +140,7 @@ def build_backend(
         # silently in llama.cpp's, counted as its time to first token.
         return wrap(OpenAICompatBackend("embedded", embedded_url, client, budgets,
                                         default_model=alias or default, only_model=alias),
-                    min(EMBEDDED_SLOTS, settings.backend_concurrency))
+                    min(slots_for(settings.embedded_ctx), settings.backend_concurrency))
 
     if kind == "embedded":
         return embedded()
@@ -164,7 +164,7 @@ def build_backend(
     if kind == "auto" and embedded_url is not None:
         backends.append(embedded())
         members.append(Member(priority=max(m.priority for m in members) + 1,
-                              capacity=EMBEDDED_SLOTS, kind="embedded"))
+                              capacity=slots_for(settings.embedded_ctx), kind="embedded"))
     if kind != "auto" and len(backends) == 1 and not owned and settings.backends_file is None:
         return backends[0]  # one server: no routing
     return FleetBackend(backends, members, default_model=default, owned_clients=owned,

@@ -55,8 +55,18 @@ logger = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 # The calls the embedded server runs at once (its slots, each with its share of the context):
-# the service queues the calls past them itself (its interceptor's limit), visibly.
+# the service queues the calls past them itself (its interceptor's limit), visibly. At most
+# SLOTS, fewer when each would get under SLOT_CTX_MIN tokens (``slots_for``).
 SLOTS = 4
+SLOT_CTX_MIN = 2048
+
+
+def slots_for(n_ctx: int) -> int:
+    """The slots of an embedded server with ``n_ctx`` tokens of context: 4, fewer when each
+    would hold under 2,048 tokens, 1 at least. The default 4,096 split four ways gave slots of
+    1,024 tokens, under the ReAct and plan-and-execute agents' own prompts (about 1,160 tokens
+    on the tiny model): every run of theirs was refused at once."""
+    return max(1, min(SLOTS, n_ctx // SLOT_CTX_MIN))
 INSTALL_HINT = "install the embedded extra: pip install -e '.[embedded]'"
 # A start can fail because another process took the port between our probe and llama.cpp's bind.
 BIND_ATTEMPTS = 3

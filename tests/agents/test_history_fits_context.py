@@ -181,3 +181,31 @@ async def test_a_long_conversation_on_the_real_engine_is_answered_turn_after_tur
         # It did outgrow the slot (some calls were refused and tried again shorter).
         refused = [c for c in calls if c["outcome"] == "error" and "context" in c["error"]]
         assert refused, calls
+
+
+@pytest.mark.embedded
+@pytest.mark.parametrize("agent", ["react", "plan_execute"])
+async def test_every_agent_fits_the_default_embedded_slots(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, agent: str,
+) -> None:
+    """SERVICE_BACKEND=embedded on its default context (4,096): the agents' own prompts (about
+    1,160 tokens on the tiny model) fit a slot. Split four ways, each slot held 1,024 and
+    every react or plan_execute run was refused at once (400 context_length_exceeded)."""
+    pytest.importorskip("xllamacpp", reason="needs the embedded extra")
+    for var in ("SERVICE_DEFAULT_MODEL", "SERVICE_EMBEDDED_CTX", "SERVICE_EMBEDDED_MAX_TOKENS",
+                "SERVICE_HISTORY_CHARS", "SERVICE_BACKEND_CONCURRENCY"):
+        monkeypatch.delenv(var, raising=False)
+    settings = load_settings(db=tmp_path / "s.db", backend="embedded", gguf=tiny_model,
+                             default_model="tiny", embedded_max_tokens=8)
+    assert settings.embedded_ctx == 4096
+    async with running_server(settings, from_settings=True) as srv, srv.client() as c:
+        c.timeout = httpx.Timeout(EMBEDDED_GUARD)
+        with trio.fail_after(EMBEDDED_GUARD):
+            conv = (await c.post("/api/conversations", json={})).json()["id"]
+            r = await c.post(f"/api/conversations/{conv}/messages",
+                             json={"content": "What is 2 + 2?", "agent": agent})
+            calls = (await c.get("/api/llm-calls", params={"limit": 100})).json()["data"]
+    refused = [call for call in calls if call["outcome"] == "error"]
+    assert not refused, refused
+    assert r.status_code == 200, r.text
+    assert r.json()["run"]["status"] == "succeeded", r.text

@@ -12,7 +12,7 @@ from service.backends import (
     build_backend,
     client_from_settings,
 )
-from service.backends.embedded import SLOTS as EMBEDDED_SLOTS
+from service.backends.embedded import slots_for
 from service.errors import ConfigError
 from service.metrics import Metrics
 from service.settings import load_settings
@@ -52,9 +52,10 @@ async def test_embedded_needs_its_url() -> None:
         with pytest.raises(ConfigError, match="embedded"):
             build_backend(settings, client)
         backend = build_backend(settings, client, embedded_url="http://127.0.0.1:1234")
-        # Limited to the server's slots (the calls past them wait in the service's queue).
+        # Limited to the server's slots (the calls past them wait in the service's queue):
+        # two of 2,048 tokens for the default 4,096, not four of 1,024.
         assert isinstance(backend, Interceptor)
-        assert backend.limiter.total_tokens == EMBEDDED_SLOTS
+        assert backend.limiter.total_tokens == slots_for(settings.embedded_ctx) == 2
         assert isinstance(backend.inner, OpenAICompatBackend)
         assert backend.name == "embedded"
 
