@@ -141,7 +141,7 @@ async def _serve_embedded(
     svc: Services, stop: trio.Event, done: trio.Event, *, task_status: trio.TaskStatus[str]
 ) -> None:
     """Own the embedded llama.cpp server for the app's lifetime (stopped by ``stop``)."""
-    from .backends.embedded import embedded_llama_server, slots_for
+    from .backends.embedded import embedded_llama_server
     from .errors import ConfigError
 
     settings = svc.settings
@@ -152,7 +152,7 @@ async def _serve_embedded(
     try:
         async with embedded_llama_server(
             settings.gguf, alias=embedded_alias(settings) or settings.gguf.stem,
-            n_ctx=settings.embedded_ctx, n_parallel=slots_for(settings.embedded_ctx),
+            n_ctx=settings.embedded_ctx,
             n_predict=settings.embedded_max_tokens or -1,
         ) as server:
             task_status.started(server.base_url)

@@ -83,7 +83,8 @@ class Settings(BaseSettings):
     llm_connect_timeout: float = Field(10.0, gt=0)
     llm_call_timeout: float = Field(600.0, gt=0)
     backend_concurrency: int = Field(64, ge=1)
-    # The embedded llama.cpp server: context (split between its 4 slots), answer cap (0: none).
+    # The embedded llama.cpp server: context (split between its slots: backends.embedded.
+    # slots_for), answer cap (0: none).
     embedded_ctx: int = Field(4096, ge=256)
     embedded_max_tokens: int = Field(0, ge=0)
     # Seconds a call waits for one of those slots; then 503 backend_busy with Retry-After.

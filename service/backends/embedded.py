@@ -219,7 +219,7 @@ class _Health:
 async def embedded_llama_server(
     model_path: Path,
     *,
-    n_parallel: int = SLOTS,
+    n_parallel: int | None = None,
     n_ctx: int = 4096,
     n_predict: int = -1,
     threads: int = 1,
@@ -229,9 +229,10 @@ async def embedded_llama_server(
 ) -> AsyncIterator[EmbeddedLlamaServer]:
     """Run llama.cpp's server in-process on a free loopback port for the duration of the block.
 
-    ``n_ctx`` is split between the ``n_parallel`` slots (and each slot is capped at the model's
-    training context). ``n_predict`` caps every answer's tokens (-1: no cap; a request's
-    ``max_tokens`` may only ask for fewer). ``alias`` defaults to the file's stem.
+    ``n_ctx`` is split between the ``n_parallel`` slots (``slots_for(n_ctx)`` by default; each
+    slot is capped at the model's training context). ``n_predict`` caps every answer's tokens
+    (-1: no cap; a request's ``max_tokens`` may only ask for fewer). ``alias`` defaults to the
+    file's stem.
     ``startup_timeout`` bounds the start only (load and readiness), which a scope around the
     whole ``async with`` could not do.
     ``verbosity`` is llama.cpp's stderr log threshold (1 errors, 2 +warnings, 3 +info; global).
@@ -249,7 +250,7 @@ async def embedded_llama_server(
         _params,
         xllamacpp,
         model_path,
-        n_parallel=n_parallel,
+        n_parallel=slots_for(n_ctx) if n_parallel is None else n_parallel,
         n_ctx=n_ctx,
         n_predict=n_predict,
         threads=threads,

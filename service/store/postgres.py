@@ -313,10 +313,13 @@ class PostgresStore(PostgresQueries):
         2 s deadline, is not held for the whole timeout). A batch of writes runs shielded,
         so its wait is not cut."""
         deadline = ACQUIRE_BY.get() or time.monotonic() + self._acquire_timeout
+        # The first look is a full step whatever is left of the bound: a connection lying idle
+        # is taken (psycopg_pool refuses a timeout of 0 before it looks at its idle ones, and a
+        # thread got just as the bound ran out was refused the connection its last user left).
+        step = min(_ACQUIRE_STEP, self._acquire_timeout)
         while True:
             try:
-                conn = pool.getconn(timeout=max(0.0, min(_ACQUIRE_STEP,
-                                                         deadline - time.monotonic())))
+                conn = pool.getconn(timeout=step)
                 break
             except psycopg_pool.PoolTimeout as exc:
                 if time.monotonic() >= deadline:
@@ -324,6 +327,7 @@ class PostgresStore(PostgresQueries):
                         f"no connection to the database within {self._acquire_timeout:g} s"
                     ) from exc
                 trio.from_thread.check_cancelled()
+                step = min(_ACQUIRE_STEP, deadline - time.monotonic())
         try:
             with conn:  # commit or roll back as pool.connection() does; a pooled one stays open
                 yield conn
