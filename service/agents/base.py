@@ -199,7 +199,7 @@ class AgentContext:
     stop: tuple[str, ...] = ()
     options: tuple[tuple[str, Any], ...] = ()  # a client's other OpenAI options (chat agent)
     # A stored conversation's history, trimmed by the service (SERVICE_HISTORY_CHARS): its
-    # older turns may be dropped for a model whose context it overflows (run_fitting).
+    # older turns may be left out of calls whose context it overflows (call_llm, _shorten).
     # A /v1 client's messages are its prompt, sent whole.
     history_trimmable: bool = False
     # The history's messages left out of its calls (ids; see ``_shorten``), the history as
