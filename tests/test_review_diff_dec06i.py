@@ -7,7 +7,7 @@ one per message), as tests/agents/test_history_fits_context.py.
 
 from __future__ import annotations
 
-from typing import Any
+from functools import partial
 
 import trio
 
@@ -15,25 +15,11 @@ from service.settings import Settings
 from service.sim import Reply
 from service.sim.scenario import prompt_tokens
 
-from .e2e import GUARD, Env, EventStream, e2e
+from .agents.test_history_fits_context import WORDS, _question, _said
+from .agents.test_history_fits_context import _ask as _ask_as
+from .e2e import GUARD, EventStream, e2e
 
-WORDS = 20  # a question's words: 21 of the simulator's tokens, its answer's "ok" 2
-
-
-def _question(turn: int) -> str:
-    return f"q{turn} " + " ".join(["word"] * (WORDS - 1))
-
-
-def _said(body: dict[str, Any]) -> str:
-    return " ".join(str(m.get("content") or "") for m in body["messages"])
-
-
-async def _ask(env: Env, conv: str, content: str, **body: Any) -> dict[str, Any]:
-    with trio.fail_after(GUARD):
-        r = await env.client.post(f"/api/conversations/{conv}/messages",
-                                  json={"content": content, **body})
-    assert r.status_code in (200, 400), r.text
-    return r.json()  # type: ignore[no-any-return]
+_ask = partial(_ask_as, statuses=(200, 400))
 
 
 async def test_a_history_over_the_context_is_shortened_also_when_its_call_waited_in_the_queue(
