@@ -8,15 +8,15 @@ from typing import Any
 
 import trio
 
-from ..backends.base import Backend, ChatMessage
+from ..backends.base import Backend
 from ..errors import ServiceError
 from ..metrics import Metrics
 from ..runs import RunHandle, RunSpec
-from ..store import Conversation, Message, MessageStatus
 from ..tools import ToolRegistry
 from .auto import AutoAgent
-from .base import Agent, AgentContext, Observation, ToolThunk, call_abandonable, trim_history
+from .base import Agent, AgentContext, Observation, ToolThunk, call_abandonable
 from .chat import ChatAgent
+from .history import build_history, trim_history
 from .plan_execute import PlanExecuteAgent
 from .react import ReActAgent
 
@@ -48,30 +48,6 @@ def _cut_at_stop(answer: str, stop: tuple[str, ...]) -> str:
 def default_agents() -> dict[str, Agent]:
     return {"chat": ChatAgent(), "react": ReActAgent(), "plan_execute": PlanExecuteAgent(),
             "auto": AutoAgent()}
-
-
-def build_history(conv: Conversation, messages: list[Message]) -> list[ChatMessage]:
-    """The conversation as the agent sees it: system prompt, earlier turns, the question last.
-
-    Earlier replies that were cut (cancelled) are kept with what they said; still pending
-    replies (another run's) are left out, and so are failed turns, the question with its
-    reply: a question the model's server refused (too long for its context) was sent again
-    with every later message, each refused the same way, the conversation dead for good.
-    """
-    history: list[ChatMessage] = []
-    if conv.system:
-        history.append(ChatMessage("system", conv.system))
-    for m in messages:
-        if m.role == "assistant" and m.status is MessageStatus.error:
-            if history and history[-1].role == "user" and len(history) > bool(conv.system):
-                history.pop()  # its question: never answered
-            continue
-        if m.status in (MessageStatus.pending, MessageStatus.error):
-            continue
-        if m.role == "assistant" and not m.content:
-            continue
-        history.append(ChatMessage(m.role, m.content))
-    return history
 
 
 def make_runner(

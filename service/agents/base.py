@@ -26,8 +26,9 @@ from ..runs.handle import RunHandle
 from ..store.records import strict_json
 from ..text import clean_json, clean_text, not_text_at
 from ..tools import Tool, ToolRegistry
+from .history import REFIT_KEEP, shorter_history
 
-__all__ = ["Agent", "AgentContext", "Observation", "call_abandonable", "trim_history",
+__all__ = ["Agent", "AgentContext", "Observation", "call_abandonable",
            "unicode_request"]
 
 log = get_logger("service.agents")
@@ -206,7 +207,7 @@ class AgentContext:
     # the run got it, and how far it was shortened.
     _dropped: set[int] = field(default_factory=set, init=False)
     _history_given: list[ChatMessage] | None = field(default=None, init=False)
-    _fit_level: int = field(default=0, init=False)  # of _REFIT_KEEP, tried so far
+    _fit_level: int = field(default=0, init=False)  # of REFIT_KEEP, tried so far
     _last_call_chunks: int = field(default=0, init=False)
     last_finish_reason: str | None = None
     # a call that streams to the run's clients has named the model
@@ -314,8 +315,8 @@ class AgentContext:
         # A level is used up only by a call it shortened: a refused call without the history
         # (auto's classification of a long question) used them all up, and the chosen
         # agent's call, history and all, was refused for good.
-        for level in range(self._fit_level, len(_REFIT_KEEP)):
-            shorter = shorter_history(given, _REFIT_KEEP[level])
+        for level in range(self._fit_level, len(REFIT_KEEP)):
+            shorter = shorter_history(given, REFIT_KEEP[level])
             if shorter is None:
                 return False
             out = {id(m) for m in given} - {id(m) for m in shorter}
@@ -565,77 +566,6 @@ def _jsonable(value: Any) -> Any:
     except (TypeError, ValueError):
         return strict_json(value)  # NaN/Infinity anywhere in it, or non-JSON types
     return json.loads(text) if not isinstance(value, str) else value
-
-
-def trim_history(messages: Sequence[ChatMessage], budget_chars: int) -> list[ChatMessage]:
-    """Keep system messages, the current turn, and the newest older turns that fit in
-    ``budget_chars``, in their order.
-
-    (A stored conversation's history: a ``/v1`` request's messages go to the model whole.)
-    The current turn (the last user message and everything after it) is always kept whole,
-    even over budget: without the question, or with tool
-    results cut from the call that asked for them, the model cannot answer (and OpenAI-style
-    servers refuse a ``tool`` message whose call is not in the history). Older messages go in
-    units: an assistant message with tool calls stays with the tool results that follow it.
-    """
-    system = [m for m in messages if m.role == "system"]
-    rest = [m for m in messages if m.role != "system"]
-    if not rest:
-        return list(system)
-    units: list[list[ChatMessage]] = []
-    for m in rest:
-        if m.role == "tool" and units and (units[-1][0].tool_calls or units[-1][0].role == "tool"):
-            units[-1].append(m)  # a result joins the call that asked for it
-        else:
-            units.append([m])
-    last_user = max((i for i, u in enumerate(units) if u[0].role == "user"), default=len(units) - 1)
-    kept = [m for u in units[last_user:] for m in u]
-    used = sum(_size(m) for m in system) + sum(_size(m) for m in kept)
-    for unit in reversed(units[:last_user]):
-        size = sum(_size(m) for m in unit)
-        if used + size > budget_chars:
-            break
-        kept[:0] = unit
-        used += size
-    keep = {id(m) for m in kept}
-    return [m for m in messages if m.role == "system" or id(m) in keep]  # in their order
-
-
-def shorter_history(messages: Sequence[ChatMessage], keep: float) -> list[ChatMessage] | None:
-    """``messages`` with its oldest turns (a user message and what followed it) dropped until
-    at most ``keep`` of the older turns' characters are left, at least one turn dropped; the
-    system messages and the current turn kept. None when no older turn is left to drop."""
-    last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=None)
-    if last_user is None:
-        return None
-    turns: list[list[int]] = []  # indexes of the older messages, turn by turn
-    for i, m in enumerate(messages[:last_user]):
-        if m.role == "system":
-            continue
-        if m.role == "user" or not turns:
-            turns.append([])
-        turns[-1].append(i)
-    if not turns:
-        return None
-    sizes = [sum(_size(messages[i]) for i in turn) for turn in turns]
-    left, budget = sum(sizes), keep * sum(sizes)
-    dropped: set[int] = set()
-    for turn, size in zip(turns, sizes, strict=True):
-        if dropped and left <= budget:
-            break
-        dropped.update(turn)
-        left -= size
-    return [m for i, m in enumerate(messages) if i not in dropped]
-
-
-# How much of the older turns' text each try after a refusal keeps: a half, a quarter, none.
-_REFIT_KEEP = (0.5, 0.25, 0.0)
-
-
-def _size(m: ChatMessage) -> int:
-    """A message's characters: its text and its tool calls' arguments."""
-    return len(m.content) + sum(
-        len(c.invalid_arguments or json.dumps(c.arguments)) for c in m.tool_calls)
 
 
 class Agent:

@@ -1,0 +1,108 @@
+"""A stored conversation's history as an agent's calls send it: built from the store's messages,
+trimmed to SERVICE_HISTORY_CHARS, and shortened further when the model's server says it is over
+its context (``AgentContext.call_llm``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from ..backends.base import ChatMessage
+from ..store import Conversation, Message, MessageStatus
+
+__all__ = ["REFIT_KEEP", "build_history", "shorter_history", "trim_history"]
+
+
+def build_history(conv: Conversation, messages: list[Message]) -> list[ChatMessage]:
+    """The conversation as the agent sees it: system prompt, earlier turns, the question last.
+
+    Earlier replies that were cut (cancelled) are kept with what they said; still pending
+    replies (another run's) are left out, and so are failed turns, the question with its
+    reply: a question the model's server refused (too long for its context) was sent again
+    with every later message, each refused the same way, the conversation dead for good.
+    """
+    history: list[ChatMessage] = []
+    if conv.system:
+        history.append(ChatMessage("system", conv.system))
+    for m in messages:
+        if m.role == "assistant" and m.status is MessageStatus.error:
+            if history and history[-1].role == "user" and len(history) > bool(conv.system):
+                history.pop()  # its question: never answered
+            continue
+        if m.status in (MessageStatus.pending, MessageStatus.error):
+            continue
+        if m.role == "assistant" and not m.content:
+            continue
+        history.append(ChatMessage(m.role, m.content))
+    return history
+
+
+def trim_history(messages: Sequence[ChatMessage], budget_chars: int) -> list[ChatMessage]:
+    """Keep system messages, the current turn, and the newest older turns that fit in
+    ``budget_chars``, in their order.
+
+    (A stored conversation's history: a ``/v1`` request's messages go to the model whole.)
+    The current turn (the last user message and everything after it) is always kept whole,
+    even over budget: without the question, or with tool
+    results cut from the call that asked for them, the model cannot answer (and OpenAI-style
+    servers refuse a ``tool`` message whose call is not in the history). Older messages go in
+    units: an assistant message with tool calls stays with the tool results that follow it.
+    """
+    system = [m for m in messages if m.role == "system"]
+    rest = [m for m in messages if m.role != "system"]
+    if not rest:
+        return list(system)
+    units: list[list[ChatMessage]] = []
+    for m in rest:
+        if m.role == "tool" and units and (units[-1][0].tool_calls or units[-1][0].role == "tool"):
+            units[-1].append(m)  # a result joins the call that asked for it
+        else:
+            units.append([m])
+    last_user = max((i for i, u in enumerate(units) if u[0].role == "user"), default=len(units) - 1)
+    kept = [m for u in units[last_user:] for m in u]
+    used = sum(_size(m) for m in system) + sum(_size(m) for m in kept)
+    for unit in reversed(units[:last_user]):
+        size = sum(_size(m) for m in unit)
+        if used + size > budget_chars:
+            break
+        kept[:0] = unit
+        used += size
+    keep = {id(m) for m in kept}
+    return [m for m in messages if m.role == "system" or id(m) in keep]  # in their order
+
+
+def shorter_history(messages: Sequence[ChatMessage], keep: float) -> list[ChatMessage] | None:
+    """``messages`` with its oldest turns (a user message and what followed it) dropped until
+    at most ``keep`` of the older turns' characters are left, at least one turn dropped; the
+    system messages and the current turn kept. None when no older turn is left to drop."""
+    last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=None)
+    if last_user is None:
+        return None
+    turns: list[list[int]] = []  # indexes of the older messages, turn by turn
+    for i, m in enumerate(messages[:last_user]):
+        if m.role == "system":
+            continue
+        if m.role == "user" or not turns:
+            turns.append([])
+        turns[-1].append(i)
+    if not turns:
+        return None
+    sizes = [sum(_size(messages[i]) for i in turn) for turn in turns]
+    left, budget = sum(sizes), keep * sum(sizes)
+    dropped: set[int] = set()
+    for turn, size in zip(turns, sizes, strict=True):
+        if dropped and left <= budget:
+            break
+        dropped.update(turn)
+        left -= size
+    return [m for i, m in enumerate(messages) if i not in dropped]
+
+
+# How much of the older turns' text each try after a refusal keeps: a half, a quarter, none.
+REFIT_KEEP = (0.5, 0.25, 0.0)
+
+
+def _size(m: ChatMessage) -> int:
+    """A message's characters: its text and its tool calls' arguments."""
+    return len(m.content) + sum(
+        len(c.invalid_arguments or json.dumps(c.arguments)) for c in m.tool_calls)
