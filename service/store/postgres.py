@@ -59,7 +59,7 @@ from .faults import InjectedFault, StoreFaults
 from .group_commit import GroupCommit, PendingWrite
 from .ownership import LEASE, process_tag
 from .pg_conn import ACQUIRE_BY, BoundedConnection, BoundedWait
-from .pg_notify import CHANNEL, announcing, send_notifications
+from .pg_notify import announcing, listen_until, send_notifications
 from .pg_url import conninfo, describe_url, url_secrets
 from .postgres_queries import Conn, PostgresQueries
 from .records import unreadable
@@ -74,7 +74,6 @@ T = TypeVar("T")
 _ACQUIRE_STEP = 0.25  # seconds between looks at the caller's cancellation, waiting for the pool
 _MIGRATION_LOCK = 0x5E7F1CE  # pg_advisory_xact_lock key: one process migrates at a time
 _STALL_MARGIN = 5.0  # seconds past statement_timeout before a silent server's use is cut
-_LISTEN_CHECK = 5.0  # seconds of quiet before the listening connection is asked to answer
 _CLOSE_WAIT = 5.0  # seconds the pool's close waits for its workers
 # Seconds a write of this instance's lease may take, on its own connection: a third of a lease,
 # so a renewal that cannot land fails while the lease still runs (``lease_loop``).
@@ -553,31 +552,10 @@ class PostgresStore(PostgresQueries):
             except trio.RunFinishedError:
                 stop.set()
 
-        def loop() -> None:
-            while not stop.is_set():
-                try:
-                    with self._connect() as conn:
-                        conn.execute(f"LISTEN {CHANNEL}")  # type: ignore[arg-type]
-                        tell("*")
-                        heard = time.monotonic()
-                        while not stop.is_set():
-                            for note in conn.notifies(timeout=0.5):
-                                tell(note.payload)
-                                heard = time.monotonic()
-                            if time.monotonic() - heard >= _LISTEN_CHECK:
-                                # Quiet: is anyone there? A server gone silent (frozen, or
-                                # a network dropping packets) would leave this connection
-                                # waiting for ever, and readers waiting for its wake-ups.
-                                conn.execute("SELECT 1")
-                                heard = time.monotonic()
-                except psycopg.Error as exc:
-                    log.warning("the store's listening connection failed (again in 1 s): %s",
-                                self._scrub(exc))
-                    tell("!")  # readers poll meanwhile
-                    stop.wait(1.0)
-
         try:
-            await trio.to_thread.run_sync(loop, abandon_on_cancel=True)
+            await trio.to_thread.run_sync(
+                partial(listen_until, self._connect, tell, stop, self._scrub),
+                abandon_on_cancel=True)
         finally:
             stop.set()  # the thread sees it within half a second and closes its connection
 
