@@ -45,10 +45,6 @@ async def _prompt_tokens(c: httpx.AsyncClient, messages: list[dict[str, str]]) -
     return int(r.json()["usage"]["prompt_tokens"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known, not fixed yet: the history is fitted only when the model's server refuses the "
-    "prompt; one that fits with no room left for the answer is cut by the context (needs "
-    "token-based fitting that reserves max_tokens: llama.cpp's /tokenize and its slot's n_ctx)"))
 async def test_a_history_that_fills_the_slot_leaves_the_answer_no_room(
     tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -56,21 +52,22 @@ async def test_a_history_that_fills_the_slot_leaves_the_answer_no_room(
     answer, then asks a follow-up. The stored history plus the follow-up comes to just under
     the slot's 8,192 tokens.
 
-    Wrong: the follow-up's answer is cut to ONE token (the slot is full: llama.cpp stops at its
+    Was: the follow-up's answer is cut to ONE token (the slot is full: llama.cpp stops at its
     end, ``finish_reason: "length"``), and it is stored ``complete``, as if the model had said
     all it had to say. The user sees an answer of a few characters; the next message is
-    answered in full again (its prompt is over the slot: refused, and the older turn dropped).
-    In a long demo conversation every crossing of the slot's end gives one such cut answer
+    answered in full again (its prompt was over the slot: refused, and the older turn
+    dropped). In a long demo conversation every crossing of the slot's end gives one such cut answer
     (seen: 167 of 256 tokens at turn 17 of plain prose).
 
     Right: a stored conversation's history is fitted to the context *with room for the
     answer* (the backend's cap, here 256 tokens), as it is already when the prompt alone is
     over the slot: the older turn is left out and the follow-up gets its full answer.
 
-    Root cause: ``AgentContext.call_llm`` shortens the history only when the server refuses
+    The cause: ``AgentContext.call_llm`` shortened the history only when the server refused
     the prompt (``ContextLengthExceeded`` before any chunk); a prompt that fits with no room to
-    answer is accepted and the answer is cut by the full slot, never retried shorter (nor is
-    ``max_tokens`` counted in the fit)."""
+    answer was accepted and the answer cut by the full slot. Now the adapter refuses such a
+    prompt itself while the history can be shortened (``backends/room.py``: the slot and the
+    answer's cap from llama.cpp's ``/props``, the prompt's tokens from its ``/tokenize``)."""
     settings = _demo_settings(monkeypatch, tiny_model, tmp_path / "demo.db")
     async with running_server(settings, from_settings=True) as srv, srv.client() as c:
         c.timeout = httpx.Timeout(GUARD)

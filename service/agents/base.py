@@ -299,18 +299,22 @@ class AgentContext:
             try:
                 return await self._call_once(
                     sent, tools=tools, raw_tools=raw_tools, emit_tokens=emit_tokens,
-                    max_tokens=max_tokens, temperature=temperature, options=options)
+                    max_tokens=max_tokens, temperature=temperature, options=options,
+                    # A prompt that fits but leaves the answer no room (llama.cpp then cuts
+                    # the answer where its slot ends) is refused while it can be shortened.
+                    shortenable=self._shorter(sent) is not None)
             except ContextLengthExceeded:
                 if self._last_call_chunks or not self._shorten(sent):
                     raise
 
-    def _shorten(self, sent: Sequence[ChatMessage]) -> bool:
-        """Leave more of the history's older turns out of the run's calls (the history as the
-        run got it, with a half of their text kept, then a quarter, then none); False when
-        that would leave nothing more out of ``sent``."""
+    def _shorter(
+        self, sent: Sequence[ChatMessage],
+    ) -> tuple[int, set[int], list[ChatMessage]] | None:
+        """The next level of ``_shorten`` for ``sent``: (level, the ids it leaves out, the
+        history it leaves), or None when no level would leave anything more out of it."""
         if not self.history_trimmable:
-            return False
-        given = self._history_given = self._history_given or list(self.history)
+            return None
+        given = self._history_given or self.history
         in_sent = {id(m) for m in sent}
         # A level is used up only by a call it shortened: a refused call without the history
         # (auto's classification of a long question) used them all up, and the chosen
@@ -318,16 +322,28 @@ class AgentContext:
         for level in range(self._fit_level, len(REFIT_KEEP)):
             shorter = shorter_history(given, REFIT_KEEP[level])
             if shorter is None:
-                return False
+                return None
             out = {id(m) for m in given} - {id(m) for m in shorter}
             if (out - self._dropped) & in_sent:
-                self._fit_level = level + 1
-                self._dropped |= out
-                log.info("run %s: its history is over the model's context; %d of its %d "
-                         "messages kept, trying again", self.handle.id, len(shorter), len(given))
-                self.history = shorter
-                return True
-        return False
+                return level, out, shorter
+        return None
+
+    def _shorten(self, sent: Sequence[ChatMessage]) -> bool:
+        """Leave more of the history's older turns out of the run's calls (the history as the
+        run got it, with a half of their text kept, then a quarter, then none); False when
+        that would leave nothing more out of ``sent``."""
+        found = self._shorter(sent)
+        if found is None:
+            return False
+        level, out, shorter = found
+        given = self._history_given = self._history_given or list(self.history)
+        self._fit_level = level + 1
+        self._dropped |= out
+        log.info("run %s: its history is over the model's context, or leaves its answer no "
+                 "room; %d of its %d messages kept, trying again",
+                 self.handle.id, len(shorter), len(given))
+        self.history = shorter
+        return True
 
     async def _call_once(
         self,
@@ -339,6 +355,7 @@ class AgentContext:
         max_tokens: int | None,
         temperature: float | None,
         options: tuple[tuple[str, Any], ...],
+        shortenable: bool = False,
     ) -> ChatMessage:
         chosen: list[str] = []
         request = unicode_request(ChatRequest(
@@ -350,7 +367,7 @@ class AgentContext:
             temperature=temperature if temperature is not None else self.temperature,
             stop=self.stop, run_id=self.handle.id, options=options,
             conversation_id=self.handle.conversation_id,
-            on_queued=self._queued,
+            on_queued=self._queued, refuse_without_room=shortenable,
             deadline=(self.handle.scope.deadline
                       if self.handle.scope.deadline != math.inf else None),
         ))

@@ -139,7 +139,8 @@ def build_backend(
         # event, its place told, ``backend_busy`` at SERVICE_BACKEND_QUEUE_TIMEOUT), not
         # silently in llama.cpp's, counted as its time to first token.
         return wrap(OpenAICompatBackend("embedded", embedded_url, client, budgets,
-                                        default_model=alias or default, only_model=alias),
+                                        default_model=alias or default, only_model=alias,
+                                        answer_cap=settings.embedded_max_tokens or None),
                     min(slots_for(settings.embedded_ctx), settings.backend_concurrency))
 
     if kind == "embedded":

@@ -81,6 +81,11 @@ class ChatRequest:
     # server lists), before the upstream request: the call's record names it even when the
     # call ends before its first chunk. Never sent upstream.
     on_model: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
+    # The caller can shorten the prompt (a stored conversation's older turns): an adapter that
+    # can tell refuses a prompt that leaves the answer no room in the model's context
+    # (ContextLengthExceeded, before it is sent; llama.cpp's, see ``room``), as the server
+    # refuses one that does not fit at all. Never sent upstream.
+    refuse_without_room: bool = field(default=False, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

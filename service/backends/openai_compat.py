@@ -33,6 +33,7 @@ from ..text import TextJoiner
 from .base import BackendHealth, ChatChunk, ChatMessage, ChatRequest, ModelInfo, ToolCall, Usage
 from .common import HTTPBackend, milliseconds, new_call_id, parse_arguments, token_count
 from .http import Budgets, SSEReader, error_kind, loads_json, open_stream, request_json
+from .room import ContextRoom
 from .stream_parsers import DEFAULT_MAX_LINE
 
 __all__ = ["OpenAICompatBackend", "openai_messages"]
@@ -301,6 +302,7 @@ class OpenAICompatBackend(HTTPBackend):
         health_timeout: float = 2.0,
         api_key: str | None = None,
         only_model: str | None = None,
+        answer_cap: int | None = None,
     ) -> None:
         super().__init__(name, url, client, budgets, default_model=default_model,
                          health_timeout=health_timeout)
@@ -309,6 +311,8 @@ class OpenAICompatBackend(HTTPBackend):
         # A server that answers any model name with its one model (llama.cpp's, embedded):
         # a request naming another is refused here (404, and auto moves on), not answered by it.
         self.only_model = only_model
+        # ``answer_cap``: the server's own cap on an answer (--n-predict), when it is known.
+        self.room = ContextRoom(name, self.url, client, self.headers, cap=answer_cap)
 
     def chat_body(self, request: ChatRequest, model: str) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -334,8 +338,11 @@ class OpenAICompatBackend(HTTPBackend):
             raise ModelNotFound(f"model {request.model!r} not found (this backend serves "
                                 f"{self.only_model!r})", backend=self.name, model=request.model)
         model = await self.model_for(request)
+        body = self.chat_body(request, model)
+        if request.refuse_without_room:
+            await self.room.refuse_without_room(body, request.max_tokens)
         http_request = self.client.build_request(
-            "POST", f"{self.url}/v1/chat/completions", json=self.chat_body(request, model),
+            "POST", f"{self.url}/v1/chat/completions", json=body,
             headers={"Accept": "text/event-stream", **self.headers},
         )
         async with open_stream(

@@ -1,0 +1,260 @@
+"""A stored conversation's history leaves its answer room in a llama.cpp server's slot.
+
+llama.cpp's server accepts a prompt that fills its slot and then stops the answer where the
+slot ends (``finish_reason: "length"`` after a token or a few). While the history can be
+shortened, the adapter refuses such a prompt itself (``service/backends/room.py``) and the
+agent leaves the oldest turns out, as when the server refuses a prompt over the slot. The real
+engine on loopback; the check's own faults (a server without ``/props``, a ``/tokenize`` that
+fails or hangs) on a small in-process HTTP app, where the real server cannot be made to fail.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from service.backends.room import (
+    PROPS_TTL,
+    RETRY_AFTER,
+    TIMEOUT,
+    ContextRoom,
+    SlotProps,
+    slot_props,
+)
+from service.errors import ContextLengthExceeded
+from service.settings import load_settings
+
+from ..e2e import e2e
+from ..servers import running_server
+from .test_history_fits_context import EMBEDDED_GUARD
+
+SLOT = 2048  # the embedded default's slot (4,096 split two ways)
+CAP = 48  # the answers' cap (SERVICE_EMBEDDED_MAX_TOKENS)
+
+
+def _embedded(monkeypatch: pytest.MonkeyPatch, model: Path, db: Path) -> Any:
+    pytest.importorskip("xllamacpp", reason="needs the embedded extra")
+    for var in ("SERVICE_DEFAULT_MODEL", "SERVICE_EMBEDDED_CTX", "SERVICE_EMBEDDED_MAX_TOKENS",
+                "SERVICE_HISTORY_CHARS", "SERVICE_BACKEND_CONCURRENCY"):
+        monkeypatch.delenv(var, raising=False)
+    return load_settings(db=db, backend="embedded", gguf=model, default_model="tiny",
+                         embedded_max_tokens=CAP)
+
+
+async def _prompt_tokens(c: httpx.AsyncClient, messages: list[dict[str, str]]) -> int:
+    """``messages``' prompt tokens as the server counts them (/v1 sends them whole)."""
+    r = await c.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1})
+    assert r.status_code == 200, r.text[:300]
+    return int(r.json()["usage"]["prompt_tokens"])
+
+
+@pytest.mark.embedded
+async def test_a_follow_up_at_the_slots_end_gets_its_whole_answer(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The default slots (2,048 tokens, answers capped at 48): a pasted table, then a
+    follow-up that brings the history to 8 tokens under the slot's end. The follow-up and the
+    turn after it get their 48 tokens. Before, the follow-up got 8, stored as if the model had
+    said all it had to say; the check now refuses that prompt before it is sent and the agent
+    leaves the older turn out."""
+    settings = _embedded(monkeypatch, tiny_model, tmp_path / "s.db")
+    async with running_server(settings, from_settings=True) as srv, srv.client() as c:
+        c.timeout = httpx.Timeout(EMBEDDED_GUARD)
+        with trio.fail_after(EMBEDDED_GUARD):
+            conv = (await c.post("/api/conversations", json={"agent": "chat"})).json()["id"]
+            r = await c.post(f"/api/conversations/{conv}/messages",
+                             json={"content": "12.5, 33.1, 47.0, 58.9\n" * 70})
+            assert r.json()["run"]["usage"]["completion_tokens"] == CAP, r.text[:300]
+            stored = (await c.get(f"/api/conversations/{conv}")).json()["messages"]
+            history = [{"role": m["role"], "content": m["content"]} for m in stored]
+            filler = 0
+            for _ in range(4):  # "ab " is one token
+                follow_up = "and then? " + "ab " * filler
+                have = await _prompt_tokens(c, [*history, {"role": "user", "content": follow_up}])
+                if have == SLOT - 8:
+                    break
+                filler += SLOT - 8 - have
+            assert have == SLOT - 8, have
+            for content in (follow_up, "and after that?"):
+                r = await c.post(f"/api/conversations/{conv}/messages",
+                                 json={"content": content})
+                assert r.status_code == 200, r.text[:300]
+                run = r.json()["run"]
+                assert run["status"] == "succeeded", run
+                assert run["usage"]["completion_tokens"] == CAP, run["usage"]
+            calls = (await c.get("/api/llm-calls", params={"limit": 20})).json()["data"]
+            stored = (await c.get(f"/api/conversations/{conv}")).json()["messages"]
+    # The follow-up's whole history was refused here, before it was sent, and recorded so
+    # (and the next turn's too: the fit is rediscovered per run).
+    refused = [x["error"] for x in calls if x["outcome"] == "error"][::-1]
+    assert len(refused) == 2, refused
+    assert "leaves its answer 8 of the 48 tokens" in refused[0]
+    assert all("leaves its answer" in e for e in refused)
+    # Nothing of the conversation was lost: every turn stored, each answer whole.
+    assert [m["role"] for m in stored] == ["user", "assistant"] * 3
+    assert all(m["status"] == "complete" for m in stored)
+
+
+@pytest.mark.embedded
+async def test_a_question_alone_that_fills_the_slot_is_still_answered(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A first message (nothing older to leave out) that leaves its answer only a few tokens:
+    sent as it is and answered with what room there is (llama.cpp's own behaviour, told as
+    ``length``), not refused by the check that only makes room by shortening a history."""
+    settings = _embedded(monkeypatch, tiny_model, tmp_path / "s.db")
+    async with running_server(settings, from_settings=True) as srv, srv.client() as c:
+        c.timeout = httpx.Timeout(EMBEDDED_GUARD)
+        with trio.fail_after(EMBEDDED_GUARD):
+            filler = 1500
+            for _ in range(4):
+                content = "ab " * filler
+                have = await _prompt_tokens(c, [{"role": "user", "content": content}])
+                if have == SLOT - 8:
+                    break
+                filler += SLOT - 8 - have
+            assert have == SLOT - 8, have
+            conv = (await c.post("/api/conversations", json={"agent": "chat"})).json()["id"]
+            r = await c.post(f"/api/conversations/{conv}/messages", json={"content": content})
+            calls = (await c.get("/api/llm-calls", params={"limit": 20})).json()["data"]
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["run"]["status"] == "succeeded"
+    assert 0 < r.json()["run"]["usage"]["completion_tokens"] <= 8
+    assert [x["outcome"] for x in calls if x["outcome"] != "ok"] == []
+
+
+async def test_a_server_without_props_costs_one_probe_and_the_calls_go_as_before(
+    settings: Any,
+) -> None:
+    """An OpenAI-compatible server that is not llama.cpp (the simulator: no ``/props``): a
+    conversation with older turns is answered turn after turn, the check asks ``/props`` once
+    (not again for ``RETRY_AFTER``) and never counts tokens."""
+    async with e2e(settings, "llamacpp") as env:
+        conv = await env.conversation()
+        for turn in range(4):
+            r = await env.client.post(f"/api/conversations/{conv}/messages",
+                                      json={"content": f"question {turn}"})
+            assert r.status_code == 200, r.text
+            assert r.json()["run"]["status"] == "succeeded"
+        assert env.sim.requests.count(("GET", "/props")) == 1, env.sim.requests
+        assert not [p for _, p in env.sim.requests if p in ("/apply-template", "/tokenize")]
+        assert sum(p == "/v1/chat/completions" for _, p in env.sim.requests) == 4
+
+
+# -- the check's own faults, on a small in-process llama.cpp stand-in ------------------------
+
+PROPS = {"default_generation_settings": {"n_ctx": 1000, "params": {"n_predict": 100}}}
+LONG = {"messages": [{"role": "user", "content": "x " * 950}], "stream": True}
+
+
+class _Server:
+    """``/props``, ``/apply-template`` and ``/tokenize`` as llama.cpp answers them (a token a
+    word), each replaceable by a fault."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+        self.props: Any = PROPS
+        self.tokenize_status = 200
+        self.hang: str | None = None  # a path that never answers
+
+    async def handler(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        self.asked.append(path)
+        if path == self.hang:
+            await trio.sleep_forever()
+        if path == "/props":
+            if self.props is None:
+                return httpx.Response(404, json={"error": "no route"})
+            return httpx.Response(200, json=self.props)
+        body = json.loads(request.content)
+        if path == "/apply-template":
+            assert "stream" not in body
+            return httpx.Response(200, json={"prompt": " ".join(
+                m["content"] for m in body["messages"])})
+        if path == "/tokenize":
+            if self.tokenize_status != 200:
+                return httpx.Response(self.tokenize_status, json={"error": {"message": "boom"}})
+            return httpx.Response(200, json={"tokens": list(range(len(body["content"].split())))})
+        return httpx.Response(404, json={"error": "no route"})
+
+
+async def _room(server: _Server) -> tuple[ContextRoom, httpx.AsyncClient]:
+    client = httpx.AsyncClient(transport=httpx.MockTransport(server.handler))
+    return ContextRoom("stand-in", "http://127.0.0.1:9", client, {}), client
+
+
+async def test_a_prompt_without_room_is_refused_and_one_with_room_goes() -> None:
+    server = _Server()
+    room, client = await _room(server)
+    async with client:
+        # 950 tokens and the server's cap of 100 are over the slot's 1,000.
+        with pytest.raises(ContextLengthExceeded,
+                           match=r"\(950 tokens\) leaves its answer 50 of the 100 tokens"):
+            await room.refuse_without_room(LONG, None)
+        # With the request's own, smaller cap there is room.
+        await room.refuse_without_room(LONG, 50)
+        # A short prompt is let go by the bound alone: no tokens counted.
+        server.asked.clear()
+        await room.refuse_without_room({"messages": [{"role": "user", "content": "hi"}]}, None)
+        assert server.asked == []
+
+
+async def test_the_check_gives_way_to_a_failing_or_silent_server(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A ``/tokenize`` that fails or never answers, a ``/props`` missing: the call goes (no
+    refusal), each small request bounded by ``TIMEOUT``; a missing ``/props`` is asked again
+    after ``RETRY_AFTER``, a found one after ``PROPS_TTL``."""
+    server = _Server()
+    room, client = await _room(server)
+    async with client:
+        server.tokenize_status = 500
+        await room.refuse_without_room(LONG, None)
+        server.tokenize_status = 200
+        server.hang = "/tokenize"
+        start = trio.current_time()
+        await room.refuse_without_room(LONG, None)
+        assert trio.current_time() - start == pytest.approx(TIMEOUT)
+        assert server.asked.count("/props") == 1  # read once, kept
+        await trio.sleep(PROPS_TTL)
+        server.hang, server.props = None, None
+        await room.refuse_without_room(LONG, None)  # read again: now missing, so unchecked
+        assert server.asked.count("/props") == 2
+        await room.refuse_without_room(LONG, None)
+        assert server.asked.count("/props") == 2
+        await trio.sleep(RETRY_AFTER)
+        server.props = PROPS
+        with pytest.raises(ContextLengthExceeded):
+            await room.refuse_without_room(LONG, None)
+        assert server.asked.count("/props") == 3
+
+
+@pytest.mark.parametrize(("body", "props"), [
+    ({}, None),
+    ({"default_generation_settings": {"n_ctx": True}}, None),
+    ({"default_generation_settings": {"n_ctx": 0}}, None),
+    ({"default_generation_settings": {"n_ctx": 2048}}, SlotProps(2048, None)),
+    ({"default_generation_settings": {"n_ctx": 2048, "params": {"n_predict": -1}}},
+     SlotProps(2048, None)),
+    ({"default_generation_settings": {"n_ctx": 8192, "params": {"n_predict": 256}}},
+     SlotProps(8192, 256)),
+    ([], None),
+])
+def test_slot_props_reads_llamacpp_props(body: Any, props: SlotProps | None) -> None:
+    assert slot_props(body) == props
+
+
+def test_the_answers_room_is_the_smallest_cap_or_a_quarter_of_the_slot() -> None:
+    assert SlotProps(2048, None).reserve(None) == 512
+    assert SlotProps(2048, None).reserve(None, None) == 512
+    assert SlotProps(2048, 256).reserve(None) == 256
+    assert SlotProps(2048, 256).reserve(64) == 64
+    assert SlotProps(2048, 256).reserve(1000) == 256
+    assert SlotProps(2048, None).reserve(0) == 512
+    assert SlotProps(2048, None).reserve(None, 48) == 48
+    assert SlotProps(2048, None).reserve(300, 48) == 48
