@@ -86,6 +86,7 @@ class ContextRoom:
         self.headers = headers  # the adapter's own (its Authorization, changed with it)
         self._props: SlotProps | None = None
         self._until = -float("inf")  # trio time when /props is read again
+        self._reading = trio.Lock()  # one read of /props at a time (a burst of runs at start)
 
     async def refuse_without_room(self, body: dict[str, Any], max_tokens: int | None) -> None:
         """Raise ContextLengthExceeded when ``body`` (a chat request's) leaves its answer no
@@ -109,17 +110,21 @@ class ContextRoom:
             "a slot)", backend=self.backend, param="messages")
 
     async def _slot(self) -> SlotProps | None:
-        now = trio.current_time()
-        if now < self._until:
+        if trio.current_time() < self._until:
             return self._props
-        try:
-            props = slot_props(await self._json("GET", "/props"))
-        except BackendError as exc:
-            log.debug("%s: no /props (%s): answers are not given room", self.backend, exc)
-            props = None
-        self._props = props
-        self._until = now + (PROPS_TTL if props is not None else RETRY_AFTER)
-        return props
+        async with self._reading:
+            if trio.current_time() < self._until:
+                return self._props  # read meanwhile
+            try:
+                props = slot_props(await self._json("GET", "/props"))
+            except BackendError as exc:
+                log.debug("%s: no /props (%s): answers are not given room", self.backend, exc)
+                props = None
+            self._checked_for(PROPS_TTL if props is not None else RETRY_AFTER, props)
+            return props
+
+    def _checked_for(self, seconds: float, props: SlotProps | None) -> None:
+        self._props, self._until = props, trio.current_time() + seconds
 
     async def _count(self, body: dict[str, Any]) -> int | None:
         """The prompt's tokens as the server counts them, else None."""
@@ -131,7 +136,11 @@ class ContextRoom:
             tokens = (await self._json("POST", "/tokenize", {
                 "content": prompt, "add_special": True, "parse_special": True})).get("tokens")
         except (BackendError, AttributeError) as exc:
-            log.debug("%s: the prompt's tokens not counted (%s)", self.backend, exc)
+            # Not asked again for a while: a server whose /tokenize hangs would cost every
+            # call TIMEOUT more.
+            log.info("%s: a prompt's tokens could not be counted (%s); answers are not given "
+                     "room for %.0f s", self.backend, exc, RETRY_AFTER)
+            self._checked_for(RETRY_AFTER, None)
             return None
         return len(tokens) if isinstance(tokens, list) else None
 

@@ -168,6 +168,7 @@ class _Server:
         if path == self.hang:
             await trio.sleep_forever()
         if path == "/props":
+            await trio.sleep(0.1)  # others come meanwhile
             if self.props is None:
                 return httpx.Response(404, json={"error": "no route"})
             return httpx.Response(200, json=self.props)
@@ -208,30 +209,52 @@ async def test_the_check_gives_way_to_a_failing_or_silent_server(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """A ``/tokenize`` that fails or never answers, a ``/props`` missing: the call goes (no
-    refusal), each small request bounded by ``TIMEOUT``; a missing ``/props`` is asked again
-    after ``RETRY_AFTER``, a found one after ``PROPS_TTL``."""
+    refusal), each small request bounded by ``TIMEOUT``, and the server is not asked again
+    for ``RETRY_AFTER`` (a hanging ``/tokenize`` would cost every call ``TIMEOUT``); a found
+    ``/props`` is read again after ``PROPS_TTL``."""
     server = _Server()
     room, client = await _room(server)
     async with client:
         server.tokenize_status = 500
-        await room.refuse_without_room(LONG, None)
+        await room.refuse_without_room(LONG, None)  # not counted: goes
+        asked = len(server.asked)
+        await room.refuse_without_room(LONG, None)  # not asked again for a while
+        assert len(server.asked) == asked
+        await trio.sleep(RETRY_AFTER)
         server.tokenize_status = 200
         server.hang = "/tokenize"
         start = trio.current_time()
         await room.refuse_without_room(LONG, None)
-        assert trio.current_time() - start == pytest.approx(TIMEOUT)
-        assert server.asked.count("/props") == 1  # read once, kept
-        await trio.sleep(PROPS_TTL)
-        server.hang, server.props = None, None
-        await room.refuse_without_room(LONG, None)  # read again: now missing, so unchecked
-        assert server.asked.count("/props") == 2
+        assert trio.current_time() - start == pytest.approx(0.1 + TIMEOUT)  # /props, then it
+        start = trio.current_time()
         await room.refuse_without_room(LONG, None)
-        assert server.asked.count("/props") == 2
+        assert trio.current_time() == start  # not asked again: no wait
+        await trio.sleep(RETRY_AFTER)
+        server.hang = None
+        with pytest.raises(ContextLengthExceeded):
+            await room.refuse_without_room(LONG, None)
+        props = server.asked.count("/props")
+        await room.refuse_without_room(LONG, 10)  # /props kept
+        assert server.asked.count("/props") == props
+        await trio.sleep(PROPS_TTL)
+        server.props = None
+        await room.refuse_without_room(LONG, None)  # read again: now missing, so unchecked
+        await room.refuse_without_room(LONG, None)
+        assert server.asked.count("/props") == props + 1
         await trio.sleep(RETRY_AFTER)
         server.props = PROPS
         with pytest.raises(ContextLengthExceeded):
             await room.refuse_without_room(LONG, None)
-        assert server.asked.count("/props") == 3
+        assert server.asked.count("/props") == props + 2
+
+
+async def test_a_burst_of_calls_reads_props_once(autojump_clock: trio.testing.MockClock) -> None:
+    server = _Server()
+    room, client = await _room(server)
+    async with client, trio.open_nursery() as nursery:
+        for _ in range(20):
+            nursery.start_soon(room.refuse_without_room, LONG, 10)
+    assert server.asked.count("/props") == 1
 
 
 @pytest.mark.parametrize(("body", "props"), [
