@@ -24,7 +24,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Protocol
@@ -216,6 +216,9 @@ class Interceptor:
         self.queue_report_every = queue_report_every
         self._waiting: list[object] = []  # calls waiting for a slot, in the limiter's order
         self.last_chunk_at = -math.inf  # when any call on this backend last got a chunk
+        # The adapter's check of a call's room for its answer (OpenAICompatBackend's), if any.
+        self._check_room: Callable[[ChatRequest], Awaitable[ChatRequest]] | None = getattr(
+            inner, "check_room", None)
 
     def __repr__(self) -> str:
         stats = self.limiter.statistics()
@@ -235,6 +238,10 @@ class Interceptor:
             request = replace(request, on_model=call.chosen(request.on_model))
         failure: BaseException | None = None
         try:
+            if request.refuse_without_room and (check := self._check_room) is not None:
+                # Before the call waits for a slot: refused and shortened, it keeps its place
+                # in the queue (the check takes none of the server's slots).
+                request = await check(request)
             await self._acquire(request)
             try:
                 call.started = trio.current_time()

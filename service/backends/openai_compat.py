@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any, TypedDict
 
 import httpx
@@ -332,17 +333,26 @@ class OpenAICompatBackend(HTTPBackend):
         body.update(request.options)  # OpenAI's own names: as they came
         return body
 
+    async def check_room(self, request: ChatRequest) -> ChatRequest:
+        """Refuse (ContextLengthExceeded) a call flagged ``refuse_without_room`` whose prompt
+        leaves its answer no room in the server's slot (``room``); else the call, checked.
+        The interceptor asks it before the call waits for a slot."""
+        if not request.refuse_without_room:
+            return request
+        model = await self.resolve_model(request.model)
+        await self.room.refuse_without_room(self.chat_body(request, model), request.max_tokens)
+        return replace(request, refuse_without_room=False)
+
     @asynccontextmanager
     async def stream(self, request: ChatRequest) -> AsyncIterator[OpenAIChunks]:
         if self.only_model and request.model and request.model != self.only_model:
             raise ModelNotFound(f"model {request.model!r} not found (this backend serves "
                                 f"{self.only_model!r})", backend=self.name, model=request.model)
+        if request.refuse_without_room:  # not checked by an interceptor
+            request = await self.check_room(request)
         model = await self.model_for(request)
-        body = self.chat_body(request, model)
-        if request.refuse_without_room:
-            await self.room.refuse_without_room(body, request.max_tokens)
         http_request = self.client.build_request(
-            "POST", f"{self.url}/v1/chat/completions", json=body,
+            "POST", f"{self.url}/v1/chat/completions", json=self.chat_body(request, model),
             headers={"Accept": "text/event-stream", **self.headers},
         )
         async with open_stream(

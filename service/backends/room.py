@@ -9,24 +9,26 @@ refused here, before it is sent, as the server refuses one that does not fit at 
 
 The answer's room is the request's ``max_tokens`` or the server's own cap (``--n-predict``:
 the embedded server's SERVICE_EMBEDDED_MAX_TOKENS, as configured, since ``/props`` does not
-tell it), the smaller of the two; with neither, a quarter of the slot. The slot's context
-comes from ``GET /props`` (read again every ``PROPS_TTL``), the prompt's tokens from the server:
-``POST /apply-template`` (the request's messages and tools as its chat template writes them)
-then ``POST /tokenize``. Both are answered by the server's HTTP threads, not its slots. They are
-asked only when a cheap bound says the prompt might not leave the room: a token is at least one
-byte of text, so the request's messages and tools as JSON, plus ``TEMPLATE_SLACK`` for what a
-template adds, bound the prompt's tokens.
+tell it), the smaller of the two, and at most a quarter of the slot (a quarter with neither).
+The slot's context comes from ``GET /props`` (read again every ``PROPS_TTL``), the prompt's
+tokens from the server: ``POST /apply-template`` (the request's messages and tools as its chat
+template writes them) then ``POST /tokenize``. All three are answered by the server's HTTP
+threads, not its slots (3-6 ms with every slot busy generating), and are asked before the call
+waits for a slot of its own (``Interceptor.stream``): a call refused here and shortened keeps
+its place in the queue. They are asked only when a cheap bound says the prompt might not
+leave the room: a token is at least one byte of text, so the request's messages and tools as
+JSON, plus ``TEMPLATE_SLACK`` for what a template adds, bound the prompt's tokens.
 
-A server that has none of these endpoints (another OpenAI-compatible server: vLLM and OpenAI
-refuse ``max_tokens`` past the context themselves), or that does not answer them in time, is not
-checked: the call goes as it is.
+A server that has none of these endpoints (another OpenAI-compatible server), or that does not
+answer them in time, is not checked: the call goes as it is, and its answer may be cut where
+the context ends (vLLM and OpenAI refuse only a prompt over the context: a stored
+conversation's calls send no ``max_tokens``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -35,7 +37,7 @@ import trio
 from ..errors import BackendError, ContextLengthExceeded
 from .http import request_json
 
-__all__ = ["ContextRoom", "SlotProps"]
+__all__ = ["ContextRoom", "reserve", "slot_context"]
 
 log = logging.getLogger(__name__)
 
@@ -46,32 +48,22 @@ RETRY_AFTER = 60.0  # seconds before a server without /props (or that failed it)
 TIMEOUT = 2.0  # seconds for each of the small requests
 
 
-@dataclass(frozen=True, slots=True)
-class SlotProps:
-    n_ctx: int  # one slot's context, in tokens
-    n_predict: int | None  # the server's cap on an answer, when /props tells it (None: none)
-
-    def reserve(self, *caps: int | None) -> int:
-        """The room an answer takes: the smallest of its caps (the request's, the server's);
-        with none, a quarter of the slot."""
-        caps = (*caps, self.n_predict)
-        known = [c for c in caps if c is not None and c > 0]
-        return min(known) if known else self.n_ctx // 4
+def reserve(n_ctx: int, *caps: int | None) -> int:
+    """The room an answer gets in a slot of ``n_ctx`` tokens: the smallest of its caps (the
+    request's ``max_tokens``, the server's), at most a quarter of the slot (a cap of the whole
+    slot, "no cap" in effect, turned the check off), a quarter with none."""
+    return min([c for c in caps if c is not None and c > 0] + [n_ctx // 4])
 
 
-def slot_props(body: Any) -> SlotProps | None:
-    """A llama.cpp ``/props`` body's slot context and answer cap, else None."""
+def slot_context(body: Any) -> int | None:
+    """A llama.cpp ``/props`` body's slot context (``default_generation_settings.n_ctx``, in
+    tokens), else None. (Its ``params.n_predict`` is not the server's ``--n-predict``: -1 on a
+    server started with 48.)"""
     settings = body.get("default_generation_settings") if isinstance(body, dict) else None
-    if not isinstance(settings, dict):
+    n_ctx = settings.get("n_ctx") if isinstance(settings, dict) else None
+    if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 4:
         return None
-    n_ctx = settings.get("n_ctx")
-    if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx <= 0:
-        return None
-    params = settings.get("params")
-    n_predict = params.get("n_predict") if isinstance(params, dict) else None
-    if not isinstance(n_predict, int) or isinstance(n_predict, bool) or n_predict <= 0:
-        n_predict = None
-    return SlotProps(n_ctx, n_predict)
+    return n_ctx
 
 
 class ContextRoom:
@@ -84,20 +76,18 @@ class ContextRoom:
         self.url = url
         self.client = client
         self.headers = headers  # the adapter's own (its Authorization, changed with it)
-        self._props: SlotProps | None = None
+        self._n_ctx: int | None = None  # a slot's context, as /props said it
         self._until = -float("inf")  # trio time when /props is read again
         self._reading = trio.Lock()  # one read of /props at a time (a burst of runs at start)
 
     async def refuse_without_room(self, body: dict[str, Any], max_tokens: int | None) -> None:
         """Raise ContextLengthExceeded when ``body`` (a chat request's) leaves its answer no
         room in the server's slot; return when it does, or when that cannot be told."""
-        props = await self._slot()
-        if props is None:
+        n_ctx = await self._slot()
+        if n_ctx is None:
             return
-        reserve = props.reserve(max_tokens, self.cap)
-        room = props.n_ctx - reserve
-        if room <= 0:
-            return  # no prompt could leave it: the server says what it says
+        answer = reserve(n_ctx, max_tokens, self.cap)
+        room = n_ctx - answer
         asked = {"messages": body.get("messages", []), "tools": body.get("tools", [])}
         if len(json.dumps(asked).encode()) + TEMPLATE_SLACK <= room:
             return
@@ -105,26 +95,26 @@ class ContextRoom:
         if tokens is None or tokens <= room:
             return
         raise ContextLengthExceeded(
-            f"the prompt ({tokens} tokens) leaves its answer {max(props.n_ctx - tokens, 0)} of "
-            f"the {reserve} tokens it may take in the model's context ({props.n_ctx} tokens "
-            "a slot)", backend=self.backend, param="messages")
+            f"the prompt ({tokens} tokens) leaves its answer {max(n_ctx - tokens, 0)} of the "
+            f"{answer} tokens it is given in the model's context ({n_ctx} tokens a slot)",
+            backend=self.backend, param="messages")
 
-    async def _slot(self) -> SlotProps | None:
+    async def _slot(self) -> int | None:
         if trio.current_time() < self._until:
-            return self._props
+            return self._n_ctx
         async with self._reading:
             if trio.current_time() < self._until:
-                return self._props  # read meanwhile
+                return self._n_ctx  # read meanwhile
             try:
-                props = slot_props(await self._json("GET", "/props"))
+                n_ctx = slot_context(await self._json("GET", "/props"))
             except BackendError as exc:
                 log.debug("%s: no /props (%s): answers are not given room", self.backend, exc)
-                props = None
-            self._checked_for(PROPS_TTL if props is not None else RETRY_AFTER, props)
-            return props
+                n_ctx = None
+            self._checked_for(PROPS_TTL if n_ctx is not None else RETRY_AFTER, n_ctx)
+            return n_ctx
 
-    def _checked_for(self, seconds: float, props: SlotProps | None) -> None:
-        self._props, self._until = props, trio.current_time() + seconds
+    def _checked_for(self, seconds: float, n_ctx: int | None) -> None:
+        self._n_ctx, self._until = n_ctx, trio.current_time() + seconds
 
     async def _count(self, body: dict[str, Any]) -> int | None:
         """The prompt's tokens as the server counts them, else None."""

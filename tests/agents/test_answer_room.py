@@ -23,8 +23,8 @@ from service.backends.room import (
     RETRY_AFTER,
     TIMEOUT,
     ContextRoom,
-    SlotProps,
-    slot_props,
+    reserve,
+    slot_context,
 )
 from service.errors import ContextLengthExceeded
 from service.settings import load_settings
@@ -148,7 +148,9 @@ async def test_a_server_without_props_costs_one_probe_and_the_calls_go_as_before
 
 # -- the check's own faults, on a small in-process llama.cpp stand-in ------------------------
 
-PROPS = {"default_generation_settings": {"n_ctx": 1000, "params": {"n_predict": 100}}}
+# As llama.cpp says it (its params' n_predict is -1 even with --n-predict set).
+PROPS = {"default_generation_settings": {"n_ctx": 1000, "params": {"n_predict": -1}}}
+CAP_100 = 100  # the server's cap, as configured (``answer_cap``)
 LONG = {"messages": [{"role": "user", "content": "x " * 950}], "stream": True}
 
 
@@ -186,7 +188,7 @@ class _Server:
 
 async def _room(server: _Server) -> tuple[ContextRoom, httpx.AsyncClient]:
     client = httpx.AsyncClient(transport=httpx.MockTransport(server.handler))
-    return ContextRoom("stand-in", "http://127.0.0.1:9", client, {}), client
+    return ContextRoom("stand-in", "http://127.0.0.1:9", client, {}, cap=CAP_100), client
 
 
 async def test_a_prompt_without_room_is_refused_and_one_with_room_goes() -> None:
@@ -257,27 +259,27 @@ async def test_a_burst_of_calls_reads_props_once(autojump_clock: trio.testing.Mo
     assert server.asked.count("/props") == 1
 
 
-@pytest.mark.parametrize(("body", "props"), [
+@pytest.mark.parametrize(("body", "n_ctx"), [
     ({}, None),
     ({"default_generation_settings": {"n_ctx": True}}, None),
     ({"default_generation_settings": {"n_ctx": 0}}, None),
-    ({"default_generation_settings": {"n_ctx": 2048}}, SlotProps(2048, None)),
-    ({"default_generation_settings": {"n_ctx": 2048, "params": {"n_predict": -1}}},
-     SlotProps(2048, None)),
-    ({"default_generation_settings": {"n_ctx": 8192, "params": {"n_predict": 256}}},
-     SlotProps(8192, 256)),
+    ({"default_generation_settings": {"n_ctx": "2048"}}, None),
+    ({"default_generation_settings": {"n_ctx": 2048}}, 2048),
+    ({"default_generation_settings": {"n_ctx": 8192, "params": {"n_predict": -1}}}, 8192),
     ([], None),
 ])
-def test_slot_props_reads_llamacpp_props(body: Any, props: SlotProps | None) -> None:
-    assert slot_props(body) == props
+def test_slot_context_reads_llamacpp_props(body: Any, n_ctx: int | None) -> None:
+    assert slot_context(body) == n_ctx
 
 
-def test_the_answers_room_is_the_smallest_cap_or_a_quarter_of_the_slot() -> None:
-    assert SlotProps(2048, None).reserve(None) == 512
-    assert SlotProps(2048, None).reserve(None, None) == 512
-    assert SlotProps(2048, 256).reserve(None) == 256
-    assert SlotProps(2048, 256).reserve(64) == 64
-    assert SlotProps(2048, 256).reserve(1000) == 256
-    assert SlotProps(2048, None).reserve(0) == 512
-    assert SlotProps(2048, None).reserve(None, 48) == 48
-    assert SlotProps(2048, None).reserve(300, 48) == 48
+def test_the_answers_room_is_the_smallest_cap_at_most_a_quarter_of_the_slot() -> None:
+    assert reserve(2048) == 512
+    assert reserve(2048, None, None) == 512
+    assert reserve(2048, 256) == 256
+    assert reserve(2048, 256, 64) == 64
+    assert reserve(2048, 1000, 256) == 256
+    assert reserve(2048, 0) == 512
+    assert reserve(2048, None, 48) == 48
+    # A cap of the whole slot or more ("no cap" in effect) turned the check off.
+    assert reserve(2048, None, 2048) == 512
+    assert reserve(8192, 100_000) == 2048
