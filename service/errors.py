@@ -212,6 +212,10 @@ class ContextLengthExceeded(BackendError):
 
     status = 400
     type = "context_length_exceeded"
+    # (the prompt's tokens, the most it may have) when the refusal says them (llama.cpp's
+    # ``n_prompt_tokens`` and ``n_ctx``, the answer-room check's count): a history is then
+    # shortened by what is over, not by a half. Not shown to clients.
+    tokens: tuple[int, int] | None = None
     # How an upstream says it: llama.cpp's server with its error type (an HTTP 400, or an
     # ``error:`` line in its stream), OpenAI with its code; Ollama (when it does not truncate)
     # and others only in words.

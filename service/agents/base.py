@@ -26,7 +26,7 @@ from ..runs.handle import RunHandle
 from ..store.records import strict_json
 from ..text import clean_json, clean_text, not_text_at
 from ..tools import Tool, ToolRegistry
-from .history import REFIT_KEEP, shorter_history
+from .history import REFIT_KEEP, fitted_history, shorter_history
 
 __all__ = ["Agent", "AgentContext", "Observation", "call_abandonable",
            "unicode_request"]
@@ -303,8 +303,8 @@ class AgentContext:
                     # A prompt that fits but leaves the answer no room (llama.cpp then cuts
                     # the answer where its slot ends) is refused while it can be shortened.
                     shortenable=self._shorter(sent) is not None)
-            except ContextLengthExceeded:
-                if self._last_call_chunks or not self._shorten(sent):
+            except ContextLengthExceeded as exc:
+                if self._last_call_chunks or not self._shorten(sent, exc.tokens):
                     raise
 
     def _shorter(
@@ -328,16 +328,26 @@ class AgentContext:
                 return level, out, shorter
         return None
 
-    def _shorten(self, sent: Sequence[ChatMessage]) -> bool:
-        """Leave more of the history's older turns out of the run's calls (the history as the
-        run got it, with a half of their text kept, then a quarter, then none); False when
-        that would leave nothing more out of ``sent``."""
-        found = self._shorter(sent)
-        if found is None:
-            return False
-        level, out, shorter = found
+    def _shorten(self, sent: Sequence[ChatMessage],
+                 tokens: tuple[int, int] | None = None) -> bool:
+        """Leave more of the history's older turns out of the run's calls; False when that
+        would leave nothing more out of ``sent``. By the refusal's numbers when it said them
+        (``tokens``: the prompt's, the most it may have): as few of the oldest turns as bring
+        it under, by their share of the characters (``fitted_history``). Else by levels: of
+        the history as the run got it, a half of the older turns' text kept, then a quarter,
+        then none."""
+        given = self._history_given or self.history
+        fitted = (fitted_history(given, sent, *tokens)
+                  if tokens is not None and self.history_trimmable else None)
+        if fitted is not None:
+            shorter, out = fitted, {id(m) for m in given} - {id(m) for m in fitted}
+        else:
+            found = self._shorter(sent)
+            if found is None:
+                return False
+            level, out, shorter = found
+            self._fit_level = level + 1
         given = self._history_given = self._history_given or list(self.history)
-        self._fit_level = level + 1
         self._dropped |= out
         log.info("run %s: its history is over the model's context, or leaves its answer no "
                  "room; %d of its %d messages kept, trying again",

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from ..backends.base import ChatMessage
 from ..store import Conversation, Message, MessageStatus
 
-__all__ = ["REFIT_KEEP", "build_history", "shorter_history", "trim_history"]
+__all__ = ["REFIT_KEEP", "build_history", "fitted_history", "shorter_history", "trim_history"]
 
 
 def build_history(conv: Conversation, messages: list[Message]) -> list[ChatMessage]:
@@ -75,17 +75,8 @@ def shorter_history(messages: Sequence[ChatMessage], keep: float) -> list[ChatMe
     """``messages`` with its oldest turns (a user message and what followed it) dropped until
     at most ``keep`` of the older turns' characters are left, at least one turn dropped; the
     system messages and the current turn kept. None when no older turn is left to drop."""
-    last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=None)
-    if last_user is None:
-        return None
-    turns: list[list[int]] = []  # indexes of the older messages, turn by turn
-    for i, m in enumerate(messages[:last_user]):
-        if m.role == "system":
-            continue
-        if m.role == "user" or not turns:
-            turns.append([])
-        turns[-1].append(i)
-    if not turns:
+    turns = _older_turns(messages)
+    if turns is None:
         return None
     sizes = [sum(_size(messages[i]) for i in turn) for turn in turns]
     left, budget = sum(sizes), keep * sum(sizes)
@@ -100,6 +91,56 @@ def shorter_history(messages: Sequence[ChatMessage], keep: float) -> list[ChatMe
 
 # How much of the older turns' text each try after a refusal keeps: a half, a quarter, none.
 REFIT_KEEP = (0.5, 0.25, 0.0)
+# Of the characters a refusal's numbers say are over (at the prompt's own characters per
+# token), the share a fit by them leaves out: a cut too short is cut again by the next
+# refusal's numbers (a refusal costs the server no decoding), one too long forgets turns that
+# fit (a template's tokens per message make short turns dearer than their characters say).
+FIT_SHARE = 0.9
+
+
+def fitted_history(given: Sequence[ChatMessage], sent: Sequence[ChatMessage],
+                   prompt: int, most: int) -> list[ChatMessage] | None:
+    """``given`` (the history as the run got it) with as few of its oldest turns left out as
+    bring ``sent`` (a prompt of ``prompt`` tokens, the server said, of which it takes at most
+    ``most``) under that, by their characters (``FIT_SHARE`` of what is over, at least one
+    turn). None when that leaves nothing more out of ``sent`` than it already leaves out."""
+    if prompt <= most:
+        return None
+    chars = sum(_size(m) for m in sent)
+    if chars <= 0:
+        return None
+    cut = FIT_SHARE * (prompt - most) * chars / prompt  # characters
+    older = _older_turns(given)
+    if older is None:
+        return None
+    in_sent = {id(m) for m in sent}
+    sizes = [sum(_size(given[i]) for i in turn) for turn in older]
+    kept = sum(size for turn, size in zip(older, sizes, strict=True)
+               if any(id(given[i]) in in_sent for i in turn))
+    total = sum(sizes)
+    if total <= 0:
+        return None
+    shorter = shorter_history(given, max(0.0, kept - cut) / total)
+    if shorter is None:
+        return None
+    out = {id(m) for m in given} - {id(m) for m in shorter}
+    return shorter if out & in_sent else None
+
+
+def _older_turns(messages: Sequence[ChatMessage]) -> list[list[int]] | None:
+    """The indexes of the messages before the last user message (the system's left out),
+    turn by turn (a user message and what followed it); None when there are none."""
+    last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=None)
+    if last_user is None:
+        return None
+    turns: list[list[int]] = []
+    for i, m in enumerate(messages[:last_user]):
+        if m.role == "system":
+            continue
+        if m.role == "user" or not turns:
+            turns.append([])
+        turns[-1].append(i)
+    return turns or None
 
 
 def _size(m: ChatMessage) -> int:

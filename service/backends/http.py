@@ -188,6 +188,23 @@ def _error_message(body: bytes) -> tuple[str, str | None]:
     return text[:500], None
 
 
+def context_numbers(body: bytes | dict[str, Any]) -> tuple[int, int] | None:
+    """llama.cpp's refusal of a prompt over its context, ``{"error": {"n_prompt_tokens": N,
+    "n_ctx": M}}``: (N, the most a prompt may have, M - 1), else None."""
+    try:
+        obj = loads_json(body) if isinstance(body, bytes) else body
+    except ValueError:
+        return None
+    err = obj.get("error", obj) if isinstance(obj, dict) else None
+    if not isinstance(err, dict):
+        return None
+    n_prompt, n_ctx = err.get("n_prompt_tokens"), err.get("n_ctx")
+    if (isinstance(n_prompt, int) and isinstance(n_ctx, int) and not isinstance(n_prompt, bool)
+            and not isinstance(n_ctx, bool) and 0 < n_ctx <= n_prompt):
+        return n_prompt, n_ctx - 1
+    return None
+
+
 def error_kind(err: dict[str, Any]) -> str | None:
     """An OpenAI-style error's kind: its ``code`` when that is a name (OpenAI's
     ``"context_length_exceeded"``), else its ``type`` (llama.cpp's, whose code is a status)."""
@@ -234,8 +251,10 @@ def error_from_status(
     # A 500 too, said plainly: Ollama's runner refusing an over-long prompt is a 500 in some
     # versions ("input exceeds context length"); the same prompt fails on every server.
     if 400 <= status <= 500 and ContextLengthExceeded.said(message, kind, fault=status == 500):
-        return ContextLengthExceeded(message, backend=backend, upstream_status=status,
-                                     param="messages")
+        too_long = ContextLengthExceeded(message, backend=backend, upstream_status=status,
+                                         param="messages")
+        too_long.tokens = context_numbers(body)
+        return too_long
     kind_of: dict[int, type[BackendError]] = {
         429: BackendRateLimited, 503: BackendUnavailable, 400: BackendRejectedRequest,
         422: BackendRejectedRequest, 401: BackendAuthFailed, 403: BackendAuthFailed}

@@ -33,7 +33,15 @@ from ..errors import (
 from ..text import TextJoiner
 from .base import BackendHealth, ChatChunk, ChatMessage, ChatRequest, ModelInfo, ToolCall, Usage
 from .common import HTTPBackend, milliseconds, new_call_id, parse_arguments, token_count
-from .http import Budgets, SSEReader, error_kind, loads_json, open_stream, request_json
+from .http import (
+    Budgets,
+    SSEReader,
+    context_numbers,
+    error_kind,
+    loads_json,
+    open_stream,
+    request_json,
+)
 from .room import ContextRoom
 from .stream_parsers import DEFAULT_MAX_LINE
 
@@ -168,8 +176,11 @@ class OpenAIChunks:
         else:
             message = data[:500] or "the upstream reported an error"
         if ContextLengthExceeded.said(message, kind):
-            return ContextLengthExceeded(message, backend=self.backend, param="messages",
-                                         **details)
+            too_long = ContextLengthExceeded(message, backend=self.backend, param="messages",
+                                             **details)
+            if isinstance(err, dict):
+                too_long.tokens = context_numbers(err)
+            return too_long
         return BackendResponseError(message, backend=self.backend, mid_stream=True, **details)
 
     def _event(self, data: str) -> ChatChunk | None:

@@ -94,10 +94,12 @@ class ContextRoom:
         tokens = await self._count(body)
         if tokens is None or tokens <= room:
             return
-        raise ContextLengthExceeded(
+        too_long = ContextLengthExceeded(
             f"the prompt ({tokens} tokens) leaves its answer {max(n_ctx - tokens, 0)} of the "
             f"{answer} tokens it is given in the model's context ({n_ctx} tokens a slot)",
             backend=self.backend, param="messages")
+        too_long.tokens = (tokens, room)
+        raise too_long
 
     async def _slot(self) -> int | None:
         if trio.current_time() < self._until:
