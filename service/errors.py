@@ -216,6 +216,9 @@ class ContextLengthExceeded(BackendError):
     # ``n_prompt_tokens`` and ``n_ctx``, the answer-room check's count): a history is then
     # shortened by what is over, not by a half. Not shown to clients.
     tokens: tuple[int, int] | None = None
+    # Refused here, before it was sent (the answer-room check): no LLM call, so neither
+    # recorded nor counted as one.
+    unsent: bool = False
     # How an upstream says it: llama.cpp's server with its error type (an HTTP 400, or an
     # ``error:`` line in its stream), OpenAI with its code; Ollama (when it does not truncate)
     # and others only in words.

@@ -37,6 +37,11 @@ class Metrics:
             "service_llm_calls", "LLM calls by backend and outcome", ["backend", "outcome"],
             registry=r,
         )
+        self.history_shortened = Counter(
+            "service_history_shortened",
+            "LLM calls made again with a stored conversation's oldest turns left out (over the "
+            "model's context, or leaving the answer no room)", registry=r,
+        )
         self.llm_latency = Histogram(
             "service_llm_call_seconds", "Whole LLM call duration", ["backend"],
             buckets=_LATENCY_BUCKETS, registry=r,

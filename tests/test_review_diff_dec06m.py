@@ -158,7 +158,11 @@ async def test_a_call_refused_for_room_goes_back_to_the_end_of_the_queue(
                 await d_queued.wait()  # D waits behind it
                 release.set()
     rows = [(r.run_id, r.outcome.value) for r in recorder.rows]
-    assert ("run_c", "error") in rows, rows  # C's long history was refused once (the check)
+    # C's long history was refused once by the check, before it was sent: no LLM call, no row
+    # (since; it was an error row).
+    assert ("run_c", "error") not in rows, rows
+    assert ("run_c", "ok") in rows, rows
+    assert len(ctx.history) == 1  # the older turns left out
     assert ctx.usage.get("completion_tokens") == CAP, ctx.usage  # and answered whole after
     # C came first: answered first, and told its place once.
     assert answered == ["C", "D"], (answered, rows)

@@ -353,6 +353,7 @@ class AgentContext:
                  "room; %d of its %d messages kept, trying again",
                  self.handle.id, len(shorter), len(given))
         self.history = shorter
+        self.metrics.history_shortened.inc()
         return True
 
     async def _call_once(
@@ -386,6 +387,7 @@ class AgentContext:
         usage: Usage | None = None
         content_chunks = 0
         named = False  # this call has named the model that answers it
+        sent = True
         try:
             async with self.backend.stream(request) as chunks:
                 async for chunk in chunks:
@@ -409,9 +411,13 @@ class AgentContext:
                         usage = chunk.usage
                     if chunk.finish_reason is not None:
                         self.last_finish_reason = chunk.finish_reason
+        except ContextLengthExceeded as exc:
+            sent = not exc.unsent  # refused before it was sent: not a call of the run
+            raise
         finally:
             self._last_call_chunks = content_chunks
-            self._add_usage(usage, content_chunks)
+            if sent:
+                self._add_usage(usage, content_chunks)
         return ChatMessage("assistant", clean_text("".join(parts)), tuple(calls))
 
     def _answered_by(self, model: str, answers: bool) -> None:

@@ -31,7 +31,7 @@ from typing import Protocol
 
 import trio
 
-from ..errors import BackendBusy, BackendProtocolError, BackendTimeout
+from ..errors import BackendBusy, BackendProtocolError, BackendTimeout, ContextLengthExceeded
 from ..metrics import Metrics
 from ..store.records import LLMCallOutcome, LLMCallRecord
 from ..text import clean_text
@@ -312,6 +312,8 @@ class Interceptor:
             await trio.sleep(self.queue_report_every)
 
     async def _finish(self, call: _Call, failure: BaseException | None) -> None:
+        if isinstance(failure, ContextLengthExceeded) and failure.unsent:
+            return  # refused before it was sent: no LLM call (its run shortens and retries)
         outcome = classify_outcome(failure, finished=call.finished)
         if failure is None or outcome is LLMCallOutcome.ok:
             error = None if outcome is LLMCallOutcome.ok else "left before the end of the stream"

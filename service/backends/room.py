@@ -98,7 +98,7 @@ class ContextRoom:
             f"the prompt ({tokens} tokens) leaves its answer {max(n_ctx - tokens, 0)} of the "
             f"{answer} tokens it is given in the model's context ({n_ctx} tokens a slot)",
             backend=self.backend, param="messages")
-        too_long.tokens = (tokens, room)
+        too_long.tokens, too_long.unsent = (tokens, room), True
         raise too_long
 
     async def _slot(self) -> int | None:

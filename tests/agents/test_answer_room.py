@@ -89,12 +89,13 @@ async def test_a_follow_up_at_the_slots_end_gets_its_whole_answer(
                 assert run["usage"]["completion_tokens"] == CAP, run["usage"]
             calls = (await c.get("/api/llm-calls", params={"limit": 20})).json()["data"]
             stored = (await c.get(f"/api/conversations/{conv}")).json()["messages"]
-    # The follow-up's whole history was refused here, before it was sent, and recorded so
-    # (and the next turn's too: the fit is rediscovered per run).
-    refused = [x["error"] for x in calls if x["outcome"] == "error"][::-1]
-    assert len(refused) == 2, refused
-    assert "leaves its answer 8 of the 48 tokens" in refused[0]
-    assert all("leaves its answer" in e for e in refused)
+            metrics = (await c.get("/metrics")).text
+    # The follow-up's whole history was refused here, before it was sent (and the next
+    # turn's too: the fit is found per run), and shortened: counted, not recorded as LLM
+    # calls (none was made), nor in the runs' usage.
+    assert "service_history_shortened_total 2.0" in metrics
+    assert [x for x in calls if x["outcome"] != "ok"] == []
+    assert run["usage"]["llm_calls"] == 1
     # Nothing of the conversation was lost: every turn stored, each answer whole.
     assert [m["role"] for m in stored] == ["user", "assistant"] * 3
     assert all(m["status"] == "complete" for m in stored)
