@@ -125,8 +125,8 @@ async def test_the_second_try_keeps_a_quarter_of_the_older_turns_not_an_eighth(
     try calls ``shorter_history(ctx.history, 0.25)`` on that already halved history: a quarter
     of a half, an eighth of the older turns' text (and so on for any further fraction).
 
-    Since: a refusal that says its numbers (llama.cpp's) is fitted by them, and the first try
-    after it keeps the two turns that fit; Ollama's says none: the levels."""
+    Since: a refusal that says its numbers (llama.cpp's) is fitted by them, and the second
+    try after it keeps the two turns that fit; Ollama's says none: the levels."""
     async with e2e(settings, kind) as env:
         env.sim.default = Reply(text="ok")
         conv = await env.conversation()
@@ -139,9 +139,9 @@ async def test_the_second_try_keeps_a_quarter_of_the_older_turns_not_an_eighth(
         assert result["run"]["status"] == "succeeded", result
         tries = env.sim.streams[before:]
         # Whole (8 older turns), a half (4), refused; then a quarter of the eight: two turns.
-        # By llama.cpp's numbers (since): whole, refused; then the two turns that fit.
-        assert [t.status for t in tries] == ([400, 200] if kind == "llamacpp"
-                                             else [400, 400, 200]), tries
+        # By llama.cpp's numbers (since): whole, then a first cut, refused; then the two
+        # turns that fit.
+        assert [t.status for t in tries] == [400, 400, 200], tries
         said = _said(tries[-1].body)
         assert "q7 " in said, said
         assert "q8 " in said, said

@@ -26,7 +26,7 @@ from ..runs.handle import RunHandle
 from ..store.records import strict_json
 from ..text import clean_json, clean_text, not_text_at
 from ..tools import Tool, ToolRegistry
-from .history import REFIT_KEEP, fitted_history, shorter_history
+from .history import REFIT_KEEP, fitted_history, sent_chars, shorter_history
 
 __all__ = ["Agent", "AgentContext", "Observation", "call_abandonable",
            "unicode_request"]
@@ -294,6 +294,7 @@ class AgentContext:
         figures or code a conversation outgrew the demo's 8,192-token slot well within 24,000
         characters, and each later message was refused; a tool's result could tip a ReAct
         turn's later call over too."""
+        before: tuple[int, int] | None = None  # this call's last refused try, by its numbers
         while True:
             sent = [m for m in messages if id(m) not in self._dropped]
             try:
@@ -304,8 +305,9 @@ class AgentContext:
                     # the answer where its slot ends) is refused while it can be shortened.
                     shortenable=self._shorter(sent) is not None)
             except ContextLengthExceeded as exc:
-                if self._last_call_chunks or not self._shorten(sent, exc.tokens):
+                if self._last_call_chunks or not self._shorten(sent, exc.tokens, before):
                     raise
+                before = (exc.tokens[0], sent_chars(sent)) if exc.tokens else None
 
     def _shorter(
         self, sent: Sequence[ChatMessage],
@@ -328,16 +330,17 @@ class AgentContext:
                 return level, out, shorter
         return None
 
-    def _shorten(self, sent: Sequence[ChatMessage],
-                 tokens: tuple[int, int] | None = None) -> bool:
+    def _shorten(self, sent: Sequence[ChatMessage], tokens: tuple[int, int] | None = None,
+                 before: tuple[int, int] | None = None) -> bool:
         """Leave more of the history's older turns out of the run's calls; False when that
         would leave nothing more out of ``sent``. By the refusal's numbers when it said them
-        (``tokens``: the prompt's, the most it may have): as few of the oldest turns as bring
-        it under, by their share of the characters (``fitted_history``). Else by levels: of
+        (``tokens``: the prompt's, the most it may have; ``before``: the same call's last
+        refused try's tokens and characters): as few of the oldest turns as bring it under
+        (``fitted_history``). Else by levels: of
         the history as the run got it, a half of the older turns' text kept, then a quarter,
         then none."""
         given = self._history_given or self.history
-        fitted = (fitted_history(given, sent, *tokens)
+        fitted = (fitted_history(given, sent, *tokens, before=before)
                   if tokens is not None and self.history_trimmable else None)
         if fitted is not None:
             shorter, out = fitted, {id(m) for m in given} - {id(m) for m in fitted}

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from ..backends.base import ChatMessage
 from ..store import Conversation, Message, MessageStatus
 
-__all__ = ["REFIT_KEEP", "build_history", "fitted_history", "shorter_history", "trim_history"]
+__all__ = ["REFIT_KEEP", "build_history", "fitted_history", "sent_chars", "shorter_history",
+           "trim_history"]
 
 
 def build_history(conv: Conversation, messages: list[Message]) -> list[ChatMessage]:
@@ -91,25 +92,35 @@ def shorter_history(messages: Sequence[ChatMessage], keep: float) -> list[ChatMe
 
 # How much of the older turns' text each try after a refusal keeps: a half, a quarter, none.
 REFIT_KEEP = (0.5, 0.25, 0.0)
-# Of the characters a refusal's numbers say are over (at the prompt's own characters per
-# token), the share a fit by them leaves out: a cut too short is cut again by the next
-# refusal's numbers (a refusal costs the server no decoding), one too long forgets turns that
-# fit (a template's tokens per message make short turns dearer than their characters say).
-FIT_SHARE = 0.9
+# A fit by a refusal's numbers turns the tokens over into characters of the oldest turns. At
+# first their characters per token are not known, and the prompt's average is no guide (a
+# paste of figures, two characters a token, after turns of prose at five): a cut at the
+# average dropped turns that fit, or cut so little that each try was refused again. So the
+# first cut takes FIRST_CHARS_PER_TOKEN (text is hardly denser), and each later try of the
+# same call the characters per token that the turns dropped in between turned out to cost
+# (the two refusals' numbers): too short a cut is cut again, none drops what fits.
+FIRST_CHARS_PER_TOKEN = 1.0
+# Of the measured characters per token, the share taken: the next turns may be denser than
+# the ones measured (a template's tokens per message weigh more on a short turn).
+MEASURED_SHARE = 0.9
 
 
 def fitted_history(given: Sequence[ChatMessage], sent: Sequence[ChatMessage],
-                   prompt: int, most: int) -> list[ChatMessage] | None:
+                   prompt: int, most: int,
+                   before: tuple[int, int] | None = None) -> list[ChatMessage] | None:
     """``given`` (the history as the run got it) with as few of its oldest turns left out as
     bring ``sent`` (a prompt of ``prompt`` tokens, the server said, of which it takes at most
-    ``most``) under that, by their characters (``FIT_SHARE`` of what is over, at least one
-    turn). None when that leaves nothing more out of ``sent`` than it already leaves out."""
+    ``most``) under that, by their characters: what is over, at ``FIRST_CHARS_PER_TOKEN``, or
+    at what the turns left out since ``before`` (the same call's last refused try: its tokens
+    and characters) cost; at least one turn. None when that leaves nothing more out of
+    ``sent`` than it already leaves out."""
     if prompt <= most:
         return None
     chars = sum(_size(m) for m in sent)
-    if chars <= 0:
-        return None
-    cut = FIT_SHARE * (prompt - most) * chars / prompt  # characters
+    per_token = FIRST_CHARS_PER_TOKEN
+    if before is not None and before[0] > prompt and before[1] > chars:
+        per_token = MEASURED_SHARE * (before[1] - chars) / (before[0] - prompt)
+    cut = (prompt - most) * per_token  # characters
     older = _older_turns(given)
     if older is None:
         return None
@@ -125,6 +136,11 @@ def fitted_history(given: Sequence[ChatMessage], sent: Sequence[ChatMessage],
         return None
     out = {id(m) for m in given} - {id(m) for m in shorter}
     return shorter if out & in_sent else None
+
+
+def sent_chars(sent: Sequence[ChatMessage]) -> int:
+    """The characters of a call's messages, as ``fitted_history`` measures them."""
+    return sum(_size(m) for m in sent)
 
 
 def _older_turns(messages: Sequence[ChatMessage]) -> list[list[int]] | None:

@@ -12,7 +12,10 @@ Failover algorithm (one call)
    past the first-chunk budget, connection dropped, malformed first message) is remembered and
    the next candidate is tried. The failed attempt's response is closed before moving on.
    Except a prompt longer than the model's context (``ContextLengthExceeded``): the request's
-   fault, raised at once, not counted against the backend.
+   fault, not counted against the backend. The next candidates are still tried (members of a
+   fleet may have different contexts), but not one whose own refusal said it takes no more
+   than this prompt; if none takes it, the refusal that allowed the most is raised (the
+   caller's shortened history then fits the roomiest member).
 3. The first candidate that yields a chunk wins. Only now is an iterator handed to the
    consumer: it gives that first chunk, then the rest of the same stream.
 4. From then on a failure propagates as it is (typed), the call is never retried elsewhere:
@@ -57,6 +60,9 @@ __all__ = ["AutoBackend", "MemberStatus"]
 _CLOSE_BUDGET = 10.0  # seconds to close (and record) an attempt left by an exception
 
 
+CONTEXT_MOST_TTL = 300.0  # seconds a server's refusal is believed about its context
+
+
 @dataclass(slots=True)
 class _State:
     """What AutoBackend knows about one backend."""
@@ -67,6 +73,10 @@ class _State:
     health_at: float = float("-inf")
     last_error: str | None = None
     in_flight: int = 0  # attempts and streams open on it now
+    # The most prompt tokens it takes, as its last refusal of a prompt over its context said
+    # (believed for CONTEXT_MOST_TTL: a server restarted with another context).
+    context_most: int | None = None
+    context_most_until: float = float("-inf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +218,11 @@ class AutoBackend:
         too_long: ContextLengthExceeded | None = None
         for backend in await self.order(request):
             state = self._state[id(backend)]
+            if (too_long is not None and too_long.tokens is not None
+                    and state.context_most is not None
+                    and state.context_most < too_long.tokens[0]
+                    and trio.current_time() < state.context_most_until):
+                continue  # it said it takes fewer tokens than this prompt has
             state.in_flight += 1  # from its attempt's start to its stream's end
             self._in_flight_changed(backend)
             try:
@@ -228,10 +243,14 @@ class AutoBackend:
                     if exc.backend is None:
                         exc.backend = backend.name
                     if isinstance(exc, ContextLengthExceeded):
-                        # The request's fault: the same prompt does not fit elsewhere either;
-                        # raised as it is, not counted against the backend.
-                        too_long = exc
-                        break
+                        # The request's fault, not counted against the backend; another of a
+                        # fleet may have a larger context.
+                        if exc.tokens is not None:
+                            state.context_most = exc.tokens[1]
+                            state.context_most_until = trio.current_time() + CONTEXT_MOST_TTL
+                        if too_long is None or _allows_more(exc, too_long):
+                            too_long = exc
+                        continue
                     self._failed(backend, exc)
                     causes.append(exc)
                     continue
@@ -368,6 +387,12 @@ class AutoBackend:
     async def aclose(self) -> None:
         for backend in self.backends:
             await backend.aclose()
+
+
+def _allows_more(refusal: ContextLengthExceeded, than: ContextLengthExceeded) -> bool:
+    """Whether ``refusal`` says its server takes more tokens than ``than``'s."""
+    return refusal.tokens is not None and (than.tokens is None
+                                           or refusal.tokens[1] > than.tokens[1])
 
 
 def _all_failed(causes: list[BackendError], *,

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from service.agents.history import fitted_history
+from service.agents.history import fitted_history, sent_chars
 from service.backends.base import ChatMessage
 from service.settings import Settings
 from service.sim import Reply
@@ -40,7 +40,7 @@ async def test_a_history_over_the_context_keeps_every_older_turn_that_fits(
     settings: Settings, last: int,
 ) -> None:
     """Of a conversation of turns of many sizes, the answered call has as many of the newest
-    older turns as fit the context (one more would not), after at most three tries."""
+    older turns as fit the context (one more would not), after at most four tries."""
     async with e2e(settings, "llamacpp") as env:
         env.sim.default = Reply(text="ok")
         conv = await env.conversation()
@@ -51,7 +51,7 @@ async def test_a_history_over_the_context_keeps_every_older_turn_that_fits(
         result = await _ask(env, conv, _question(last))
         assert result["run"]["status"] == "succeeded", result
         tries = env.sim.streams[before:]
-        assert 1 <= len(tries) <= 3, [t.status for t in tries]
+        assert 1 <= len(tries) <= 4, [t.status for t in tries]  # at most the levels' tries
         answered = tries[-1].body["messages"]
         assert _tokens(answered) <= CONTEXT
         said = _said(tries[-1].body)
@@ -79,13 +79,27 @@ def _turns(n: int, size: int = 10) -> list[ChatMessage]:
 
 def test_fitted_history_drops_the_oldest_turns_by_what_is_over() -> None:
     given = _turns(10)  # 10 older turns of 20 characters, 212 + 12 of the rest
-    # A prompt of 224 tokens (a character a token) of which 180 fit: 44 over, 0.9 of it cut
-    # (40 characters): two turns.
+    # 44 tokens over: at first taken as 44 characters (a character a token: no text is much
+    # denser), so three turns of 20, not two.
     fitted = fitted_history(given, given, 224, 180)
     assert fitted is not None
-    assert [m.content[:2] for m in fitted if m.role == "user"][:2] == ["02", "03"]
+    assert [m.content[:2] for m in fitted if m.role == "user"][:2] == ["03", "04"]
     assert fitted[0].role == "system"
     assert fitted[-1].content == "the question"
+
+
+def test_fitted_history_cuts_again_at_what_the_dropped_turns_cost() -> None:
+    """Turns of 20 characters at 5 tokens each: the whole (10 turns, 60 tokens) is 20 over
+    40; the first cut (20 characters) drops one turn, and the prompt is 55; the next cut
+    takes the dropped turn's 4 characters a token (nine tenths of it), and drops three more:
+    40 tokens, as many turns as fit."""
+    given = _turns(10)
+    first = fitted_history(given, given, 60, 40)
+    assert first is not None
+    assert len(first) == len(given) - 2
+    second = fitted_history(given, first, 55, 40, before=(60, sent_chars(given)))
+    assert second is not None
+    assert next(m.content[:2] for m in second if m.role == "user") == "04"
 
 
 def test_fitted_history_measures_what_is_still_sent() -> None:
