@@ -6,16 +6,19 @@ Importing this module reads the settings; a bad one stops the process with one l
 
 from __future__ import annotations
 
+import os
 import sys
 
 from quart_trio import QuartTrio
 
 from .errors import ConfigError
 from .factory import create_app
-from .logs import configure_logging
-from .settings import load_settings
+from .logs import configure_logging, get_logger
+from .settings import load_settings, unknown_variables
 
 __all__ = ["app"]
+
+log = get_logger("service.app")
 
 
 def _app_from_env() -> QuartTrio:
@@ -25,6 +28,8 @@ def _app_from_env() -> QuartTrio:
         print(f"service: {exc.message}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.log_level, settings.log_format)
+    for line in unknown_variables(os.environ):  # as ``python -m service`` says them
+        log.warning("%s", line)
     return create_app(settings)
 
 

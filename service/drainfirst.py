@@ -66,6 +66,7 @@ async def _serve(  # noqa: ASYNC128 (task_status is handed to hypercorn's worker
     if svc is not None:
         websocket_limits(config, max_body_bytes=svc.settings.max_body_bytes,
                          keepalive=svc.settings.sse_keepalive)
+        _own_errorlog(config)
     if svc is None or (shutdown_trigger is None and not cli):
         # Not this service's app; or code embedding ``hypercorn.trio.serve`` with no trigger,
         # which owns its process's signals (the app's lifespan drains at the end).
@@ -114,6 +115,21 @@ async def _serve(  # noqa: ASYNC128 (task_status is handed to hypercorn's worker
         raise SystemExit(1) from None  # noqa: ASYNC104 (the process ends: one line, exit 1)
     finally:
         hypercorn_log.removeFilter(quiet)
+
+
+def _own_errorlog(config: Any) -> None:
+    """hypercorn's messages through the service's own handler, in its format and at its level,
+    as ``build_config`` has it for ``python -m service``. Under hypercorn's command line the
+    config says ``errorlog = "-"`` (its default too): hypercorn then gave its logger a plain
+    stderr handler of its own, and each of its lines came twice, once not JSON."""
+    hypercorn_log = logging.getLogger("hypercorn.error")
+    if config.errorlog is hypercorn_log:
+        return
+    config.errorlog = hypercorn_log
+    config._log = None  # made again from the errorlog above, if it was made already
+    hypercorn_log.handlers.clear()
+    hypercorn_log.propagate = True
+    hypercorn_log.setLevel(logging.NOTSET)  # the service's level (SERVICE_LOG_LEVEL)
 
 
 async def _serve_cli(  # noqa: ASYNC128 (as _serve)
