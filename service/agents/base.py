@@ -336,9 +336,8 @@ class AgentContext:
         would leave nothing more out of ``sent``. By the refusal's numbers when it said them
         (``tokens``: the prompt's, the most it may have; ``before``: the same call's last
         refused try's tokens and characters): as few of the oldest turns as bring it under
-        (``fitted_history``). Else by levels: of
-        the history as the run got it, a half of the older turns' text kept, then a quarter,
-        then none."""
+        (``fitted_history``). Else by levels: of the history as the run got it, a half of the
+        older turns' text kept, then a quarter, then none."""
         given = self._history_given or self.history
         fitted = (fitted_history(given, sent, *tokens, before=before)
                   if tokens is not None and self.history_trimmable else None)
