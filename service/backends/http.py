@@ -17,42 +17,39 @@ own scope.
 
 from __future__ import annotations
 
-import json
-import math
 import ssl
-import time
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 import trio
 
 from ..errors import (
-    BackendAuthFailed,
     BackendError,
     BackendProtocolError,
-    BackendRateLimited,
-    BackendRejectedRequest,
-    BackendResponseError,
     BackendTimeout,
     BackendUnavailable,
     CallTimeout,
     ChunkGapTimeout,
     ConnectTimeout,
-    ContextLengthExceeded,
     FirstChunkTimeout,
-    ModelNotFound,
     UpstreamBroken,
 )
 from .clients import ShardedClient, make_client, make_sharded_client  # re-exported
 from .h11transport import MalformedResponse
 from .inflate import ENCODINGS, Inflater
 from .stream_parsers import LineTooLong, NDJSONSplitter, SSEComment, SSEEvent, SSEParser
+from .upstream_errors import (  # re-exported: the adapters' one place for their HTTP layer
+    context_numbers,
+    error_from_status,
+    error_kind,
+    loads_json,
+    retry_after_seconds,
+)
 
 __all__ = [
     "BackendTLSError",
@@ -61,6 +58,7 @@ __all__ = [
     "SSEReader",
     "ShardedClient",
     "TimedResponse",
+    "context_numbers",
     "error_from_status",
     "error_kind",
     "httpx_error",
@@ -71,20 +69,11 @@ __all__ = [
     "open_stream",
     "request_json",
     "request_small",
+    "retry_after_seconds",
     "tls_reason",
 ]
 
 MAX_ERROR_BODY = 64 * 1024
-
-
-def loads_json(data: str | bytes) -> Any:
-    """``json.loads``, where a document nested too deeply for the parser (``[[[[...``: 200 KB
-    of it, well inside a line's bound, raises RecursionError) is malformed JSON like any other
-    (``ValueError``), so an upstream sending it is a protocol error, not a crash."""
-    try:
-        return json.loads(data)
-    except RecursionError as exc:
-        raise ValueError("JSON nested too deeply") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,99 +159,6 @@ def map_httpx_errors(backend: str, url: str = "") -> Iterator[None]:
         yield
     except httpx.HTTPError as exc:
         raise httpx_error(exc, backend, url) from exc
-
-
-def _error_message(body: bytes) -> tuple[str, str | None]:
-    """The upstream's message, and its error kind if it gives one: Ollama ``{"error": str}``,
-    OpenAI ``{"error": {"message", "type", "code"}}`` (``error_kind``)."""
-    text = body.decode("utf-8", errors="replace").strip()
-    try:
-        obj = loads_json(text)
-    except ValueError:
-        return text[:500], None
-    if isinstance(obj, dict):
-        err = obj.get("error", obj)
-        if isinstance(err, dict):
-            return str(err.get("message") or err)[:500], error_kind(err)
-        return str(err)[:500], None
-    return text[:500], None
-
-
-def context_numbers(body: bytes | dict[str, Any]) -> tuple[int, int] | None:
-    """llama.cpp's refusal of a prompt over its context, ``{"error": {"n_prompt_tokens": N,
-    "n_ctx": M}}``: (N, the most a prompt may have, M - 1), else None."""
-    try:
-        obj = loads_json(body) if isinstance(body, bytes) else body
-    except ValueError:
-        return None
-    err = obj.get("error", obj) if isinstance(obj, dict) else None
-    if not isinstance(err, dict):
-        return None
-    n_prompt, n_ctx = err.get("n_prompt_tokens"), err.get("n_ctx")
-    if (isinstance(n_prompt, int) and isinstance(n_ctx, int) and not isinstance(n_prompt, bool)
-            and not isinstance(n_ctx, bool) and 0 < n_ctx <= n_prompt):
-        return n_prompt, n_ctx - 1
-    return None
-
-
-def error_kind(err: dict[str, Any]) -> str | None:
-    """An OpenAI-style error's kind: its ``code`` when that is a name (OpenAI's
-    ``"context_length_exceeded"``), else its ``type`` (llama.cpp's, whose code is a status)."""
-    code, kind = err.get("code"), err.get("type")
-    if isinstance(code, str) and code:
-        return code
-    return kind if isinstance(kind, str) else None
-
-
-RETRY_AFTER_MAX = 3600  # seconds: a Retry-After further off is passed on as this
-
-
-def retry_after_seconds(value: str | None, *, now: float | None = None) -> int | None:
-    """A Retry-After header as whole seconds from now (delay-seconds or an HTTP date), bounded
-    to ``RETRY_AFTER_MAX``; None if absent or unreadable."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit():
-        return min(int(value[:8]), RETRY_AFTER_MAX)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        return None
-    delta = when.timestamp() - (time.time() if now is None else now)
-    return min(max(0, math.ceil(delta)), RETRY_AFTER_MAX)
-
-
-def error_from_status(
-    status: int, body: bytes, *, backend: str, model: str | None = None,
-    headers: httpx.Headers | None = None,
-) -> BackendError:
-    """Map an upstream error status (with the protocol's error body) to a service error.
-
-    429 and 503 keep the upstream's Retry-After (``retry_after``) for the client; a prompt
-    over the model's context is the request's fault (400 ``context_length_exceeded``).
-    """
-    message, kind = _error_message(body)
-    message = message or f"HTTP {status}"
-    if status == 404 and "model" in message.lower():
-        return ModelNotFound(message, backend=backend, upstream_status=status, model=model)
-    # A 500 too, said plainly: Ollama's runner refusing an over-long prompt is a 500 in some
-    # versions ("input exceeds context length"); the same prompt fails on every server.
-    if 400 <= status <= 500 and ContextLengthExceeded.said(message, kind, fault=status == 500):
-        too_long = ContextLengthExceeded(message, backend=backend, upstream_status=status,
-                                         param="messages")
-        too_long.tokens = context_numbers(body)
-        return too_long
-    kind_of: dict[int, type[BackendError]] = {
-        429: BackendRateLimited, 503: BackendUnavailable, 400: BackendRejectedRequest,
-        422: BackendRejectedRequest, 401: BackendAuthFailed, 403: BackendAuthFailed}
-    error = kind_of.get(status, BackendResponseError)(message, backend=backend,
-                                                      upstream_status=status)
-    if status in (429, 503):  # the load's: when to come back, as the upstream said
-        error.retry_after = retry_after_seconds(headers.get("retry-after") if headers else None)
-    return error
 
 
 def _timeout_error(kind: str, budget: float, backend: str) -> BackendTimeout:
