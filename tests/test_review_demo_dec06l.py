@@ -15,6 +15,7 @@ import trio
 
 from service.settings import load_settings
 
+from .agents.test_answer_room import follow_up_to
 from .servers import running_server
 
 pytestmark = [pytest.mark.embedded]
@@ -35,14 +36,6 @@ def _demo_settings(monkeypatch: pytest.MonkeyPatch, model: Path, db: Path) -> An
                 "SERVICE_HISTORY_CHARS", "SERVICE_BACKEND_CONCURRENCY"):
         monkeypatch.delenv(var, raising=False)
     return load_settings(db=db, **demo_overrides())
-
-
-async def _prompt_tokens(c: httpx.AsyncClient, messages: list[dict[str, str]]) -> int:
-    """The prompt tokens of ``messages`` as the model's server counts them (a /v1 call of one
-    token: /v1 sends a client's messages whole, as the chat agent sends a stored history)."""
-    r = await c.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1})
-    assert r.status_code == 200, r.text[:300]
-    return int(r.json()["usage"]["prompt_tokens"])
 
 
 async def test_a_history_that_fills_the_slot_leaves_the_answer_no_room(
@@ -77,17 +70,8 @@ async def test_a_history_that_fills_the_slot_leaves_the_answer_no_room(
                              json={"content": "12, 34, 56, 78\n" * 450, "agent": "chat"})
             assert r.status_code == 200, r.text[:300]
             assert r.json()["run"]["usage"]["completion_tokens"] == ANSWER
-            stored = (await c.get(f"/api/conversations/{conv}")).json()["messages"]
-            history = [{"role": m["role"], "content": m["content"]} for m in stored]
-            # A follow-up ("ab " is one token) bringing the prompt to 1 token under the slot.
-            filler = 0
-            for _ in range(4):
-                follow_up = "and then? " + "ab " * filler
-                have = await _prompt_tokens(c, [*history, {"role": "user", "content": follow_up}])
-                if have == SLOT - 1:
-                    break
-                filler += SLOT - 1 - have
-            assert have == SLOT - 1, have
+            # A follow-up bringing the prompt to 1 token under the slot.
+            follow_up = await follow_up_to(c, conv, SLOT - 1)
             r = await c.post(f"/api/conversations/{conv}/messages",
                              json={"content": follow_up, "agent": "chat"})
             assert r.status_code == 200, r.text[:300]

@@ -22,6 +22,8 @@ from service.metrics import Metrics
 from service.settings import load_settings
 from service.tools import ToolRegistry
 
+from .agents.test_answer_room import follow_up_to
+
 pytestmark = [pytest.mark.embedded]
 
 pytest.importorskip("xllamacpp", reason="needs the embedded extra: pip install -e '.[embedded]'")
@@ -169,13 +171,6 @@ async def test_a_call_refused_for_room_goes_back_to_the_end_of_the_queue(
     assert [e for e in handle.events if e[0] == "queued"] == [("queued", {"position": 1})]
 
 
-async def _server_prompt_tokens(c: httpx.AsyncClient, messages: list[dict[str, str]]) -> int:
-    """``messages``' prompt tokens as the model's server counts them (/v1 sends them whole)."""
-    r = await c.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1})
-    assert r.status_code == 200, r.text[:300]
-    return int(r.json()["usage"]["prompt_tokens"])
-
-
 async def test_a_cap_at_the_slots_size_turns_the_check_off(
     tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -211,17 +206,7 @@ async def test_a_cap_at_the_slots_size_turns_the_check_off(
             r = await c.post(f"/api/conversations/{conv}/messages",
                              json={"content": "12.5, 33.1, 47.0, 58.9\n" * 70})
             assert r.json()["run"]["usage"]["completion_tokens"] == CAP, r.text[:300]
-            stored = (await c.get(f"/api/conversations/{conv}")).json()["messages"]
-            history = [{"role": m["role"], "content": m["content"]} for m in stored]
-            filler = 0
-            for _ in range(6):  # "ab " is one token
-                follow_up = "and then? " + "ab " * filler
-                have = await _server_prompt_tokens(
-                    c, [*history, {"role": "user", "content": follow_up}])
-                if have == SLOT - 8:
-                    break
-                filler += SLOT - 8 - have
-            assert have == SLOT - 8, have
+            follow_up = await follow_up_to(c, conv, SLOT - 8)
     async with running_server(settings(SLOT), from_settings=True) as srv, srv.client() as c:
         c.timeout = httpx.Timeout(GUARD)
         with trio.fail_after(GUARD):

@@ -53,6 +53,21 @@ async def _prompt_tokens(c: httpx.AsyncClient, messages: list[dict[str, str]]) -
     return int(r.json()["usage"]["prompt_tokens"])
 
 
+async def follow_up_to(c: httpx.AsyncClient, conv: str, tokens: int) -> str:
+    """A follow-up ("and then? ", then "ab ": a token each) that brings the stored
+    conversation ``conv`` to ``tokens`` prompt tokens, as the model's server counts them."""
+    stored = (await c.get(f"/api/conversations/{conv}")).json()["messages"]
+    history = [{"role": m["role"], "content": m["content"]} for m in stored]
+    filler = have = 0
+    for _ in range(6):
+        follow_up = "and then? " + "ab " * filler
+        have = await _prompt_tokens(c, [*history, {"role": "user", "content": follow_up}])
+        if have == tokens:
+            return follow_up
+        filler += tokens - have
+    raise AssertionError(f"a follow-up of {have} prompt tokens, not {tokens}")
+
+
 @pytest.mark.embedded
 async def test_a_follow_up_at_the_slots_end_gets_its_whole_answer(
     tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -70,16 +85,7 @@ async def test_a_follow_up_at_the_slots_end_gets_its_whole_answer(
             r = await c.post(f"/api/conversations/{conv}/messages",
                              json={"content": "12.5, 33.1, 47.0, 58.9\n" * 70})
             assert r.json()["run"]["usage"]["completion_tokens"] == CAP, r.text[:300]
-            stored = (await c.get(f"/api/conversations/{conv}")).json()["messages"]
-            history = [{"role": m["role"], "content": m["content"]} for m in stored]
-            filler = 0
-            for _ in range(4):  # "ab " is one token
-                follow_up = "and then? " + "ab " * filler
-                have = await _prompt_tokens(c, [*history, {"role": "user", "content": follow_up}])
-                if have == SLOT - 8:
-                    break
-                filler += SLOT - 8 - have
-            assert have == SLOT - 8, have
+            follow_up = await follow_up_to(c, conv, SLOT - 8)
             for content in (follow_up, "and after that?"):
                 r = await c.post(f"/api/conversations/{conv}/messages",
                                  json={"content": content})
