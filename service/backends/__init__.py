@@ -200,7 +200,7 @@ def _server(spec: ServerSpec, settings: Settings, shared: httpx.AsyncClient,
         backend = OllamaBackend(spec.name, spec.url, client, budgets, default_model=default)
     else:
         backend = OpenAICompatBackend(spec.name, spec.url, client, budgets,
-                                      default_model=default)
+                                      default_model=default, answer_cap=spec.n_predict)
     backend.headers.update(spec.headers)
     for _, value in spec.headers:
         register_upstream_secret(value)

@@ -15,6 +15,8 @@ comma-separated list) as ``SERVICE_BACKEND`` selects them. The file::
     headers = { Authorization = "Bearer ..." }   # sent upstream, never shown
     tls = { ca_bundle = "ca.pem", client_cert = "c.pem", client_key = "k.pem", verify = true }
     timeouts = { connect = 5, idle = 60, call = 600 }   # seconds (default: the LLM settings)
+    n_predict = 512                     # llama.cpp only: its --n-predict, the most an answer
+                                        # gets (default: not known, a quarter of a slot)
 
 Anything wrong (a missing name, an unknown key, a URL that is not one, a CA bundle that does not
 load) is one :class:`ConfigError` line naming the server and the field. Values of ``headers``
@@ -75,6 +77,9 @@ class ServerSpec:
     connect_timeout: float | None = None
     idle_timeout: float | None = None
     call_timeout: float | None = None
+    # A llama.cpp server's own cap on an answer (its ``--n-predict``), which its ``/props``
+    # does not tell: the room a stored conversation's history leaves it (backends/room.py).
+    n_predict: int | None = None
 
 
 # -- the file ---------------------------------------------------------------------------------
@@ -107,6 +112,7 @@ class _ServerIn(BaseModel):
     headers: dict[str, str] = {}
     tls: _TLSIn = _TLSIn()
     timeouts: _TimeoutsIn = _TimeoutsIn()
+    n_predict: int | None = Field(default=None, ge=1)
 
     @field_validator("url")
     @classmethod
@@ -183,6 +189,11 @@ def load_fleet_file(path: Path, *, base: Path | None = None) -> list[ServerSpec]
                               variable="SERVICE_BACKENDS_FILE")
         seen.add(s.name)
         kind: Kind = "ollama" if s.kind == "ollama" else "llamacpp"
+        if kind == "ollama" and s.n_predict is not None:
+            # Ollama's cap is a request's (options.num_predict), and nothing here reads it.
+            raise ConfigError(f"{where}: server {i + 1} ({s.name!r}): n_predict: for a "
+                              "llama.cpp server only (its --n-predict)",
+                              variable="SERVICE_BACKENDS_FILE")
 
         def rel(p: Path | None) -> Path | None:
             return None if p is None else (p if p.is_absolute() else base / p)
@@ -197,7 +208,7 @@ def load_fleet_file(path: Path, *, base: Path | None = None) -> list[ServerSpec]
             weight=s.weight, max_concurrency=s.max_concurrency, priority=s.priority,
             models=tuple(s.models), tls=tls, headers=tuple(s.headers.items()),
             connect_timeout=s.timeouts.connect, idle_timeout=s.timeouts.idle,
-            call_timeout=s.timeouts.call,
+            call_timeout=s.timeouts.call, n_predict=s.n_predict,
         )
         try:
             tls_context(spec.tls)

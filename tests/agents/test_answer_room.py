@@ -135,6 +135,51 @@ async def test_a_question_alone_that_fills_the_slot_is_still_answered(
     assert [x["outcome"] for x in calls if x["outcome"] != "ok"] == []
 
 
+@pytest.mark.embedded
+@pytest.mark.parametrize(("n_predict", "shortened"), [(CAP, 0), (None, 1)])
+async def test_a_fleet_files_n_predict_is_the_room_a_remote_llamacpp_answer_gets(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n_predict: int | None,
+    shortened: int,
+) -> None:
+    """A llama.cpp server the service does not start (a fleet file's) caps its answers at
+    48 (``--n-predict``), which its ``/props`` does not tell. Said in the file
+    (``n_predict = 48``), a follow-up 100 tokens under the slot's end is sent whole, its
+    history kept, and answered in full; not said, the answer is given a quarter of the slot
+    and the history is shortened (the older turn left out) though it would have fitted."""
+    from service.backends.embedded import embedded_llama_server
+
+    for var in ("SERVICE_DEFAULT_MODEL", "SERVICE_HISTORY_CHARS", "SERVICE_BACKEND_CONCURRENCY"):
+        monkeypatch.delenv(var, raising=False)
+    async with embedded_llama_server(tiny_model, n_predict=CAP, alias="tiny") as llama:
+        await _ask_a_remote_server(llama, tmp_path, n_predict, shortened)
+
+
+async def _ask_a_remote_server(llama: Any, tmp_path: Path, n_predict: int | None,
+                               shortened: int) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(f'[[server]]\nname = "remote"\nkind = "llamacpp"\n'
+                     f'url = "{llama.base_url}"\n'
+                     + (f"n_predict = {n_predict}\n" if n_predict is not None else ""))
+    settings = load_settings(db=tmp_path / "s.db", backend="llamacpp", backends_file=fleet,
+                             default_model=llama.model)
+    async with running_server(settings, from_settings=True) as srv, srv.client() as c:
+        c.timeout = httpx.Timeout(EMBEDDED_GUARD)
+        with trio.fail_after(EMBEDDED_GUARD):
+            conv = (await c.post("/api/conversations", json={"agent": "chat"})).json()["id"]
+            r = await c.post(f"/api/conversations/{conv}/messages",
+                             json={"content": "12.5, 33.1, 47.0, 58.9\n" * 70})
+            assert r.json()["run"]["usage"]["completion_tokens"] == CAP, r.text[:300]
+            follow_up = await follow_up_to(c, conv, SLOT - 100)
+            r = await c.post(f"/api/conversations/{conv}/messages", json={"content": follow_up})
+            metrics = (await c.get("/metrics")).text
+    run = r.json()["run"]
+    assert run["status"] == "succeeded", run
+    assert run["usage"]["completion_tokens"] == CAP, run["usage"]
+    assert f"service_history_shortened_total {shortened}.0" in metrics
+    # Sent whole (the table and its answer in the prompt) or without the older turn.
+    assert (run["usage"]["prompt_tokens"] == SLOT - 100) == (shortened == 0), run["usage"]
+
+
 async def test_a_server_without_props_costs_one_probe_and_the_calls_go_as_before(
     settings: Any,
 ) -> None:

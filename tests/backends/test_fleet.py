@@ -113,6 +113,7 @@ max_concurrency = 3
 models = ["qwen"]
 headers = { Authorization = "Bearer s3cret-token" }
 timeouts = { connect = 2, idle = 30, call = 90 }
+n_predict = 256
 
 [[server]]
 name = "box-b"
@@ -129,6 +130,7 @@ async def test_a_fleet_file_describes_every_server(settings: Settings, tmp_path:
         assert auto.members[0].weight == 2
         assert a.limiter.total_tokens == 3  # type: ignore[attr-defined]
         assert a.budgets.call == 90  # type: ignore[attr-defined]
+        assert a.room.cap == 256  # type: ignore[attr-defined]
         assert auto.inventories[0].models == frozenset({"qwen"})
         assert "s3cret-token" not in repr(auto) + repr(a) + repr(load_settings(
             db=settings.db, backends_file=path))
@@ -146,6 +148,10 @@ async def test_a_fleet_file_describes_every_server(settings: Settings, tmp_path:
      'tls = { ca_bundle = "missing.pem" }\n', r"tls.ca_bundle: no such file .*missing.pem"),
     ('[[server]]\nname = "a"\nkind = "ollama"\nurl = "http://x"\n'
      'headers = { "X-Key" = "sécret" }\n', r"headers: .*'X-Key' must be printable ASCII"),
+    ('[[server]]\nname = "a"\nkind = "llamacpp"\nurl = "http://x"\nn_predict = 0\n',
+     r"server 1 \('a'\): n_predict: Input should be greater than or equal to 1"),
+    ('[[server]]\nname = "a"\nkind = "ollama"\nurl = "http://x"\nn_predict = 64\n',
+     r"server 1 \('a'\): n_predict: for a llama.cpp server only"),
     ("server = 3", r"the file: server: Input should be a valid list"),
     ("[[server", r"not TOML"),
 ])
