@@ -68,6 +68,16 @@ async def follow_up_to(c: httpx.AsyncClient, conv: str, tokens: int) -> str:
     raise AssertionError(f"a follow-up of {have} prompt tokens, not {tokens}")
 
 
+async def a_table_then_a_follow_up_to(c: httpx.AsyncClient, tokens: int) -> tuple[str, str]:
+    """A new conversation holding a pasted table and its whole answer, and a follow-up that
+    brings it to ``tokens`` prompt tokens (``follow_up_to``)."""
+    conv = (await c.post("/api/conversations", json={"agent": "chat"})).json()["id"]
+    r = await c.post(f"/api/conversations/{conv}/messages",
+                     json={"content": "12.5, 33.1, 47.0, 58.9\n" * 70})
+    assert r.json()["run"]["usage"]["completion_tokens"] == CAP, r.text[:300]
+    return conv, await follow_up_to(c, conv, tokens)
+
+
 @pytest.mark.embedded
 async def test_a_follow_up_at_the_slots_end_gets_its_whole_answer(
     tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -81,11 +91,7 @@ async def test_a_follow_up_at_the_slots_end_gets_its_whole_answer(
     async with running_server(settings, from_settings=True) as srv, srv.client() as c:
         c.timeout = httpx.Timeout(EMBEDDED_GUARD)
         with trio.fail_after(EMBEDDED_GUARD):
-            conv = (await c.post("/api/conversations", json={"agent": "chat"})).json()["id"]
-            r = await c.post(f"/api/conversations/{conv}/messages",
-                             json={"content": "12.5, 33.1, 47.0, 58.9\n" * 70})
-            assert r.json()["run"]["usage"]["completion_tokens"] == CAP, r.text[:300]
-            follow_up = await follow_up_to(c, conv, SLOT - 8)
+            conv, follow_up = await a_table_then_a_follow_up_to(c, SLOT - 8)
             for content in (follow_up, "and after that?"):
                 r = await c.post(f"/api/conversations/{conv}/messages",
                                  json={"content": content})
@@ -165,11 +171,7 @@ async def _ask_a_remote_server(llama: Any, tmp_path: Path, n_predict: int | None
     async with running_server(settings, from_settings=True) as srv, srv.client() as c:
         c.timeout = httpx.Timeout(EMBEDDED_GUARD)
         with trio.fail_after(EMBEDDED_GUARD):
-            conv = (await c.post("/api/conversations", json={"agent": "chat"})).json()["id"]
-            r = await c.post(f"/api/conversations/{conv}/messages",
-                             json={"content": "12.5, 33.1, 47.0, 58.9\n" * 70})
-            assert r.json()["run"]["usage"]["completion_tokens"] == CAP, r.text[:300]
-            follow_up = await follow_up_to(c, conv, SLOT - 100)
+            conv, follow_up = await a_table_then_a_follow_up_to(c, SLOT - 100)
             r = await c.post(f"/api/conversations/{conv}/messages", json={"content": follow_up})
             metrics = (await c.get("/metrics")).text
     run = r.json()["run"]
