@@ -116,6 +116,13 @@ def _truthful(spec: dict[str, Any], *, keys: bool) -> None:
             if keys and path not in _OPEN_ROUTES:
                 op["security"] = [{"bearer": []}]
                 responses.setdefault("401", _error("missing or wrong API key"))
+            # Refused before anything else runs (service/origins.py).
+            responses.setdefault("403", _error(
+                "a browser's request from an origin that is neither the service's own nor "
+                "in SERVICE_CORS_ORIGINS"))
+            if path.startswith(_STORED):
+                responses.setdefault("503", _error(
+                    "store_unavailable: the store cannot answer or write now (Retry-After)"))
     conversation = spec["paths"]["/api/conversations/{conversation_id}"]
     conversation["delete"]["responses"]["204"] = {
         "description": "deleted, with its messages and runs (its live runs cancelled)"}
@@ -136,6 +143,11 @@ def _truthful(spec: dict[str, Any], *, keys: bool) -> None:
                        (BackendUnavailable, "no backend reachable, or the store cannot write"),
                        (BackendTimeout, "the backend or the run timed out")):
         post_message["responses"].setdefault(str(error.status), _error(why))
+    # While no backend can list its models (backend_unavailable), or one refuses the
+    # service's key (backend_auth_failed): not a 404 saying the model does not exist.
+    retrieve = spec["paths"]["/v1/models/{model_id}"]["get"]["responses"]
+    retrieve.setdefault("502", _error("a backend refused the service's credentials"))
+    retrieve.setdefault("503", _error("no backend can list its models now"))
     for path in ("/api/conversations/{conversation_id}/messages", "/v1/chat/completions"):
         ok = spec["paths"][path]["post"]["responses"]["200"]
         ok.setdefault("content", {}).update(_SSE)  # with "stream": true
@@ -145,6 +157,8 @@ log = get_logger("service.app")
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 # Open with keys set: the probes, the API's description and the chat page (they hold no data).
+# The endpoints that read or write the store: 503 store_unavailable while it cannot.
+_STORED = ("/api/conversations", "/api/runs", "/api/llm-calls", "/v1/chat/completions")
 _OPEN_ROUTES = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/"})
 # Where a browser's token (?access_token=, service/tokens.py) stands in for a key.
 _EVENTS_RE = re.compile(r"/api/runs/[^/]+/events")

@@ -287,7 +287,8 @@ async def _stream(
     stream that must start before the answer does (a keep-alive interval passed: a model
     loading, a queue) starts with a comment and sends its role chunk with the first frame:
     it was sent at once with the placeholder model ("default"), and every later chunk said
-    "default" while the run was stored with the model that answered."""
+    "default" while the run was stored with the model that answered. A run that fails before
+    its answer starts sends the error chunk alone (no role chunk naming the placeholder)."""
     try:
         framer = _Framer(cid, created, model, answer_tokens=answer_tokens, usage=include_usage)
         opened = False
@@ -301,6 +302,11 @@ async def _stream(
             if out is None:
                 return None
             opened = True
+            if framer.failed:
+                # An error before anything was said (a stream that started early, for a queue
+                # or a model loading): the error chunk alone. A role chunk would name a model
+                # no call answered with (the placeholder, a request naming none).
+                return out
             # The role chunk and the first frame go out as one write (each write to
             # hypercorn costs a round of the event loop before its bytes leave). An answer of
             # tool calls alone has content null, as OpenAI's and the non-stream one have.
