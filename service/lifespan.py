@@ -11,6 +11,7 @@ rest and wait for their final state to be stored, then close the backends and th
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
 
@@ -85,10 +86,14 @@ async def _start_services(app: QuartTrio, svc: Services, backend: Backend | None
         backend = build_backend(settings, client, recorder=supervisor.call_records,
                                 metrics=svc.metrics, embedded_url=embedded_url)
         stack.push_async_callback(backend.aclose)
+        # The loops below are the lifespan's: stopped by its shutdown (this scope, closed
+        # first, before the client they use), not left to whoever ends the app's nursery.
+        loops = trio.CancelScope()
+        stack.callback(loops.cancel)
         if isinstance(backend, FleetBackend):
-            app.nursery.start_soon(_keep_fleet_fresh, backend)
+            app.nursery.start_soon(_within, loops, _keep_fleet_fresh, backend)
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # --workers: siblings read our gauges
-            app.nursery.start_soon(svc.metrics.keep_gauges_fresh)
+            app.nursery.start_soon(_within, loops, svc.metrics.keep_gauges_fresh)
     svc.backend = backend
     svc.supervisor = await app.nursery.start(_supervise, svc, supervisor)
 
@@ -110,6 +115,13 @@ async def _supervise(  # noqa: ASYNC128 (serve calls started)
         if supervisor.failure is not None:
             svc.broken.set()
         raise
+
+
+async def _within(scope: trio.CancelScope, loop: Callable[..., Awaitable[None]],
+                  *args: object) -> None:
+    """``loop(*args)``, until ``scope`` is cancelled."""
+    with scope:
+        await loop(*args)
 
 
 async def _keep_fleet_fresh(fleet: FleetBackend) -> None:

@@ -568,3 +568,25 @@ async def test_keep_fresh_refreshes_so_calls_do_not(
         assert sum(len(sim.requests) for sim in sims) == before + 1
         assert len(sims[1].streams) == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_the_lifespans_shutdown_stops_the_fleets_refresh(settings: Settings) -> None:
+    """The fleet's model lists are refreshed in the background (``_keep_fleet_fresh`` in
+    service/lifespan.py, a task of the app's nursery). The lifespan's shutdown closed the HTTP
+    client and left that task running: the lifespan did not end until its next refresh (5 s
+    later, under quart's test app) ran on the closed client and logged "keeping the fleet's
+    model lists fresh stopped" with a RuntimeError's traceback (hypercorn cancels the
+    lifespan after the shutdown, which hid it but for a refresh due in the shutdown itself).
+    The shutdown now stops every task it started, the refresh before the client closes."""
+    from service.factory import create_app
+
+    conf = load_settings(**{**settings.model_dump(), "backend": "llamacpp",
+                            "llamacpp_url": "http://127.0.0.1:9,http://127.0.0.1:10"})
+    app = create_app(conf)
+    with trio.fail_after(GUARD):
+        async with app.test_app() as running:
+            assert isinstance(app.extensions["service"].backend, FleetBackend)
+            assert (await running.test_client().get("/healthz")).status_code == 200
+            await running.shutdown()  # as a server asks it
+            await trio.testing.wait_all_tasks_blocked()
+            assert [t.name for t in app.nursery.child_tasks] == []
