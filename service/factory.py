@@ -116,6 +116,8 @@ def _truthful(spec: dict[str, Any], *, keys: bool) -> None:
             if keys and path not in _OPEN_ROUTES:
                 op["security"] = [{"bearer": []}]
                 responses.setdefault("401", _error("missing or wrong API key"))
+            # Refused before the handler, whether or not it reads a body (``_begin``).
+            responses.setdefault("413", _error("a body over SERVICE_MAX_BODY_BYTES"))
             # Refused before anything else runs (service/origins.py).
             responses.setdefault("403", _error(
                 "a browser's request from an origin that is neither the service's own nor "

@@ -86,14 +86,10 @@ async def _start_services(app: QuartTrio, svc: Services, backend: Backend | None
         backend = build_backend(settings, client, recorder=supervisor.call_records,
                                 metrics=svc.metrics, embedded_url=embedded_url)
         stack.push_async_callback(backend.aclose)
-        # The loops below are the lifespan's: stopped by its shutdown (this scope, closed
-        # first, before the client they use), not left to whoever ends the app's nursery.
-        loops = trio.CancelScope()
-        stack.callback(loops.cancel)
         if isinstance(backend, FleetBackend):
-            app.nursery.start_soon(_within, loops, _keep_fleet_fresh, backend)
+            _start_loop(app, stack, _keep_fleet_fresh, backend)
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # --workers: siblings read our gauges
-            app.nursery.start_soon(_within, loops, svc.metrics.keep_gauges_fresh)
+            _start_loop(app, stack, svc.metrics.keep_gauges_fresh)
     svc.backend = backend
     svc.supervisor = await app.nursery.start(_supervise, svc, supervisor)
 
@@ -117,9 +113,19 @@ async def _supervise(  # noqa: ASYNC128 (serve calls started)
         raise
 
 
+def _start_loop(app: QuartTrio, stack: AsyncExitStack,
+                loop: Callable[..., Awaitable[None]], *args: object) -> None:
+    """``loop(*args)`` in the app's nursery, the lifespan's own: stopped by its shutdown (its
+    scope cancelled by ``stack``, before what was pushed on it earlier, such as the client it
+    uses, is closed), not left to whoever ends the app's nursery. A scope each: a cancel
+    scope is entered once."""
+    scope = trio.CancelScope()
+    stack.callback(scope.cancel)
+    app.nursery.start_soon(_within, scope, loop, *args)
+
+
 async def _within(scope: trio.CancelScope, loop: Callable[..., Awaitable[None]],
                   *args: object) -> None:
-    """``loop(*args)``, until ``scope`` is cancelled."""
     with scope:
         await loop(*args)
 
