@@ -11,6 +11,9 @@ dimmed, and go to stderr when stdout is not a terminal, so a pipe gets the answe
 Ctrl-C during an answer cancels the run on the server (``POST /api/runs/{id}/cancel``: it ends
 ``cancelled`` with its partial answer stored) and the client shows how it ended; a second Ctrl-C
 exits at once, once that cancel is sent (within 2 s). Ctrl-C or Ctrl-D at the prompt exits.
+The terminal closed (SIGHUP) or a ``kill`` (SIGTERM) during an answer is a quit: the run is
+cancelled (its cancel sent within 2 s), and the client exits 129 or 143, as a shell reports
+the signal.
 A stream dropped mid-answer (a Wi-Fi change, a proxy restarting), or ended by an error frame,
 or whose re-join is refused for now (5xx, 429), is re-joined where it broke (``Last-Event-ID``;
 the run goes on meanwhile: ``on_disconnect: continue``; one dropped before its ``run.started``
@@ -71,7 +74,16 @@ class ChatError(Exception):
 
 
 class Interrupted(Exception):
-    """The second Ctrl-C of a turn: leave now."""
+    """The second Ctrl-C of a turn, or the terminal closed (SIGHUP) or a SIGTERM during one:
+    leave now, with ``status``."""
+
+    def __init__(self, status: int = EXIT_INTERRUPTED) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+# A turn's signals: Ctrl-C stops the answer (twice: quits); the others quit at once.
+_QUITS = tuple(s for s in (getattr(signal, "SIGHUP", None), signal.SIGTERM) if s is not None)
 
 
 @dataclass
@@ -177,7 +189,7 @@ class Client:
             body["agent"] = self.opts.agent
         if self.opts.model:
             body["model"] = self.opts.model
-        with trio.open_signal_receiver(signal.SIGINT) as interrupts:
+        with trio.open_signal_receiver(signal.SIGINT, *_QUITS) as interrupts:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._on_interrupts, interrupts, turn, nursery)
                 if conversation is None:
@@ -369,8 +381,8 @@ class Client:
 
     async def _on_interrupts(self, interrupts: Any, turn: Turn,
                              nursery: trio.Nursery) -> None:
-        async for _ in interrupts:
-            if turn.cancelling:
+        async for signum in interrupts:
+            if turn.cancelling or signum in _QUITS:
                 if not turn.cancelled and turn.status is None and turn.conversation is not None:
                     # Its stream going away does not stop it (on_disconnect: continue): the
                     # cancel is sent before the chat quits, within a bound (once the run is
@@ -379,7 +391,7 @@ class Client:
                             contextlib.suppress(httpx.HTTPError):
                         await turn.known.wait()
                         await self._cancel(turn)
-                raise Interrupted
+                raise Interrupted(EXIT_INTERRUPTED if signum == signal.SIGINT else 128 + signum)
             turn.cancelling = True
             self.renderer.note("[cancelling the run; Ctrl-C again to quit]")
             if turn.run_id is not None:
@@ -465,9 +477,11 @@ def _run_turn(opts: Options, renderer: Renderer, conversation: str | None,
             # in it (it would start another, and the chat's turns would split across two).
             conversation = turn.conversation or conversation
             raise
-    except (KeyboardInterrupt, Interrupted):
+    except KeyboardInterrupt:
         renderer.note("[interrupted]")
         return conversation, None, EXIT_INTERRUPTED
+    except Interrupted as quit_:
+        return conversation, None, _interrupted(renderer, quit_)
     except BaseExceptionGroup as group:
         # A single failure from the turn's nursery.
         found = group.subgroup((Interrupted, ChatError, httpx.HTTPError))
@@ -477,8 +491,7 @@ def _run_turn(opts: Options, renderer: Renderer, conversation: str | None,
         while isinstance(exc, BaseExceptionGroup):
             exc = exc.exceptions[0]
         if isinstance(exc, Interrupted):
-            renderer.note("[interrupted]")
-            return conversation, None, EXIT_INTERRUPTED
+            return conversation, None, _interrupted(renderer, exc)
         if isinstance(exc, OutputClosed):
             _report(renderer, exc)
             return conversation, None, EXIT_OUTPUT_CLOSED
@@ -487,6 +500,12 @@ def _run_turn(opts: Options, renderer: Renderer, conversation: str | None,
         status = _report(renderer, exc)
         return conversation, None, EXIT_OUTPUT_CLOSED if isinstance(exc, OutputClosed) else status
     return conversation, turn, 0
+
+
+def _interrupted(renderer: Renderer, exc: Interrupted) -> int:
+    if exc.status != 128 + getattr(signal, "SIGHUP", -1):  # (no terminal to tell)
+        renderer.note("[interrupted]")
+    return exc.status
 
 
 def _report(renderer: Renderer, exc: BaseException) -> int:
@@ -526,7 +545,8 @@ def _interactive(opts: Options, renderer: Renderer) -> int:
         if not line.strip():
             continue
         conversation, turn, status = _run_turn(opts, renderer, conversation, line)
-        if turn is None and status in (EXIT_INTERRUPTED, EXIT_OUTPUT_CLOSED):
+        if turn is None and status in (EXIT_INTERRUPTED, EXIT_OUTPUT_CLOSED,
+                                       *(128 + q for q in _QUITS)):
             return status
         # A failed request is reported and the chat goes on (the service may come back).
         if status or (turn is not None and turn.status != "succeeded" and not turn.cancelling):
