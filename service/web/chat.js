@@ -6,7 +6,12 @@ import { clean, renderMarkdown } from "./markdown.js";
 const $ = (id) => document.getElementById(id);
 const LIVE = "service.live"; // the run being followed: survives a reload (sessionStorage)
 const KEY = "service.key";
-const state = { conversation: null, run: null, key: localStorage.getItem(KEY) || "", stopped: null };
+// ``run``: the tab's own run ("starting" until its id is known); ``own``: its reply's view, which
+// stays the run's while another conversation is on screen (put back when its own is opened).
+const state = { conversation: null, run: null, own: null, key: localStorage.getItem(KEY) || "", stopped: null };
+// The tab's run has no reply on screen yet (its message being sent, its re-join after a reload
+// opening its conversation): a click on another conversation now would run over it.
+const settling = () => state.run === "starting" || state.rejoining;
 
 function headers(extra = {}) {
   return state.key ? { ...extra, Authorization: `Bearer ${state.key}` } : extra;
@@ -308,6 +313,8 @@ function running(runId) {
   const focused = document.activeElement;
   $("stop").hidden = !runId;
   $("send").disabled = Boolean(runId);
+  // (Another conversation may be on screen meanwhile: Send is this tab's one run's.)
+  $("send").title = runId ? "an answer is being written: Send is free again once it ends (or Stop it)" : "";
   if (focused === $("stop") && !runId) $("input").focus();
   if (focused === $("send") && runId) $("stop").focus();
 }
@@ -412,6 +419,7 @@ async function followEvents(resp, view, live) {
     if (live.signal?.aborted) return; // its conversation is no longer on screen
     if (live.heard !== heard) { attempt = 0; since = live.heard; } // it spoke: a new count
     const pause = Math.max(Math.min(500 * 2 ** attempt, REJOIN_PAUSE_MAX), wait);
+    if (!live.run_id && typeof live.content === "string") await findRun(live);
     if (!live.run_id || Date.now() - since > REJOIN_FOR) {
       const why = refused ? ` (${refused.message})` : "";
       const said = `the stream ended before the run did${why}; reload to re-join`;
@@ -445,6 +453,23 @@ async function followEvents(resp, view, live) {
     }
     if (!resp || !resp.ok) resp = new Response("");
   }
+}
+
+// A stream cut before its run.started (a proxy restarting, a Wi-Fi change): its POST was answered,
+// so its run started, and it is the conversation's last reply, right after this message. Found,
+// it is followed (and kept for a reload) as if run.started had come.
+async function findRun(live) {
+  let messages;
+  try {
+    messages = (await api("GET", `/api/conversations/${live.conversation_id}`)).messages;
+  } catch { return; } // the service cannot say now: the stream's end is said below
+  const [asked, reply] = messages.slice(-2);
+  if (asked?.role !== "user" || asked.content !== live.content || reply?.role !== "assistant"
+      || !reply.run_id) return;
+  live.run_id = reply.run_id;
+  running(reply.run_id);
+  if (state.stopPending) stop();
+  keep(live);
 }
 
 function picks() {
@@ -496,13 +521,16 @@ async function send() {
     if (!resp.ok) throw await failure(resp);
     $("input").value = "";
     addUser(content);
-    await followRun(resp, new AssistantView(), { conversation_id: state.conversation, last_id: 0, text: "" });
-    used(state.conversation); // first in the list now
+    const conversation = state.conversation; // (another may be on screen by its end)
+    state.own = new AssistantView();
+    await followRun(resp, state.own, { conversation_id: conversation, last_id: 0, text: "", content });
+    used(conversation); // first in the list now
     await loadConversations();
   } catch (exc) {
     problem(exc.message);
   } finally {
     running(null);
+    state.own = null;
   }
 }
 
@@ -596,10 +624,12 @@ const WATCH_MAX = 3; // replies going elsewhere followed at once (see openConver
 let viewing = null; // the follows of the conversation on screen (aborted when another opens)
 let opening = 0; // the latest conversation asked for (an earlier answer coming late is dropped)
 
-// ``own``: the tab's own re-join opens its run's conversation (the page is busy with it
-// already, so a click in the meantime is ignored, not run over it).
+// ``own``: the tab's own re-join opens its run's conversation. A click while the tab's message is
+// being sent is ignored (its reply goes on the screen it was sent from); once its answer streams,
+// another conversation opens, the run goes on (on_disconnect: continue) and its reply is put back
+// when its conversation is opened again.
 async function openConversation(id, skipRun = null, own = false) {
-  if (state.run && !own) return;
+  if (settling() && !own) return;
   const asked = ++opening;
   let conv;
   try {
@@ -612,7 +642,7 @@ async function openConversation(id, skipRun = null, own = false) {
   }
   // Another conversation was opened meanwhile, or a message sent (a new conversation
   // started): this answer comes too late to replace the one on screen.
-  if (asked !== opening || (state.run && !own)) return;
+  if (asked !== opening || (settling() && !own)) return;
   if (!own) problem(""); // an earlier click's failure is over (a re-join's leaves the list's)
   viewing?.abort();
   const mine = (viewing = new AbortController());
@@ -621,7 +651,10 @@ async function openConversation(id, skipRun = null, own = false) {
   const pending = []; // replies whose run is still going (another tab's, or before a reopen)
   for (const m of conv.messages) {
     if (m.role === "user") addUser(m.content);
-    else if (m.role === "assistant" && !(skipRun && m.run_id === skipRun)) {
+    else if (m.role === "assistant" && state.own && m.run_id === state.run && !own) {
+      $("messages").append(state.own.el); // the tab's own run, still followed: as it is now
+      toBottom();
+    } else if (m.role === "assistant" && !(skipRun && m.run_id === skipRun)) {
       const view = new AssistantView(m.content);
       if (m.status === "cancelled") view.note(...stopped(m.error));
       else if (m.status === "error") view.note(m.error ? `failed: ${m.error}` : "failed");
@@ -660,7 +693,8 @@ async function rejoin() {
 }
 
 async function rejoinRun(live) {
-  running(live.run_id); // busy from here: a click on a conversation now would run over it
+  running(live.run_id);
+  state.rejoining = true; // until its reply is on screen: a click now would run over it
   if (live.stopped) state.stopped = live.run_id; // this page's Stop, before the reload
   try {
     await openConversation(live.conversation_id, live.run_id, true);
@@ -669,14 +703,19 @@ async function rejoinRun(live) {
     });
     if (resp.status === 204) { // it ended while the page was away, and was seen to the end
       dropKept();
+      state.rejoining = false;
       running(null);
       await openConversation(live.conversation_id);
       return;
     }
     if (!resp.ok) throw await failure(resp);
-    await followRun(resp, new AssistantView(live.text || "", live.steps || []), live);
+    state.own = new AssistantView(live.text || "", live.steps || []);
+    state.rejoining = false;
+    await followRun(resp, state.own, live);
   } finally {
+    state.rejoining = false;
     running(null);
+    state.own = null;
   }
 }
 
@@ -718,7 +757,7 @@ $("input").addEventListener("keydown", (e) => {
 });
 $("stop").addEventListener("click", stop);
 $("new").addEventListener("click", () => {
-  if (state.run) return;
+  if (settling()) return; // (as openConversation's)
   opening++; // (as send's)
   viewing?.abort(); // the replies followed there are off screen now
   viewing = null;
