@@ -42,10 +42,13 @@ def _children(pid: int) -> set[int]:
     return out
 
 
-async def _start(tmp_path: Path, sim_url: str, workers: int) -> tuple[trio.Process, str, Path]:
+async def _start(tmp_path: Path, sim_url: str, workers: int, *, backend: str = "llamacpp",
+                 ) -> tuple[trio.Process, str, Path]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SERVICE_")}
-    env.update({"SERVICE_DB": str(tmp_path / "s.db"), "SERVICE_BACKEND": "llamacpp",
-                "SERVICE_LLAMACPP_URL": sim_url, "SERVICE_SHUTDOWN_DRAIN": "1"})
+    env.update({"SERVICE_DB": str(tmp_path / "s.db"), "SERVICE_BACKEND": backend,
+                "SERVICE_LLAMACPP_URL": sim_url, "SERVICE_SHUTDOWN_DRAIN": "1",
+                # (auto: a fleet, Ollama's server first and refused, llama.cpp's answering)
+                "SERVICE_OLLAMA_URL": "http://127.0.0.1:9"})
     log = tmp_path / "service.log"
     out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
@@ -89,7 +92,9 @@ async def test_two_workers_share_the_port_and_the_store_and_stop_together(
 ) -> None:
     sim = Simulator(("sim-model",), default=Reply(tokens=5), strict_models=False)
     async with open_simulator(sim) as running:
-        proc, url, log = await _start(tmp_path, running.url, 2)
+        # The default backend (auto: a fleet, its model lists refreshed in the background
+        # beside the gauges' loop of each worker: a lifespan once failed at that).
+        proc, url, log = await _start(tmp_path, running.url, 2, backend="auto")
         try:
             workers = _children(proc.pid)
             assert len(workers) == 2, workers
