@@ -323,6 +323,13 @@ class Client:
                                      _seconds(resp.headers.get("Retry-After")))
                     raise ChatError(_error_of(resp))
                 turn.notice = None  # a stream again: an earlier one's end says nothing now
+                if turn.run_id is None and (run_id := resp.headers.get("X-Run-Id")):
+                    # Its run, with the headers: a stream cut before run.started is
+                    # re-joined by it (found on the conversation otherwise: _find_run).
+                    # (A Ctrl-C before it is sent its cancel with run.started, re-joined.)
+                    turn.run_id = run_id
+                    _RUNS_SHOWN.add(run_id)
+                    turn.known.set()
                 silence = max(silence, 4 * _seconds(resp.headers.get("X-Keepalive-Interval")))
                 parser = SSEParser()
                 async for line in resp.aiter_lines():
@@ -472,7 +479,8 @@ def _run_turn(opts: Options, renderer: Renderer, conversation: str | None,
         try:
             conversation, turn = trio.run(_one_turn, opts, renderer, conversation, content, turn)
         except BaseException:
-            renderer.reset()
+            with contextlib.suppress(OSError):  # a terminal hung up (EIO): nothing to reset
+                renderer.reset()
             # A conversation made before the turn failed is the chat's: the next turn goes on
             # in it (it would start another, and the chat's turns would split across two).
             conversation = turn.conversation or conversation

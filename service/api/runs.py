@@ -186,7 +186,10 @@ async def post_message(conversation_id: str, data: PostMessage) -> Response:
     if data.on_disconnect == "cancel":
         own_run(handle)  # cancelled if this request ends while it still runs
     if data.stream:
-        return sse_response(_event_stream(_reader(handle.id, 0), handle, data.on_disconnect))
+        resp = sse_response(_event_stream(_reader(handle.id, 0), handle, data.on_disconnect))
+        # Known with the headers: a stream cut before its first event is re-joined by it.
+        resp.headers["X-Run-Id"] = handle.id
+        return resp
     try:
         await handle.finished.wait()
     finally:

@@ -419,7 +419,6 @@ async function followEvents(resp, view, live) {
     if (live.signal?.aborted) return; // its conversation is no longer on screen
     if (live.heard !== heard) { attempt = 0; since = live.heard; } // it spoke: a new count
     const pause = Math.max(Math.min(500 * 2 ** attempt, REJOIN_PAUSE_MAX), wait);
-    if (!live.run_id && typeof live.content === "string") await findRun(live);
     if (!live.run_id || Date.now() - since > REJOIN_FOR) {
       const why = refused ? ` (${refused.message})` : "";
       const said = `the stream ended before the run did${why}; reload to re-join`;
@@ -455,23 +454,6 @@ async function followEvents(resp, view, live) {
   }
 }
 
-// A stream cut before its run.started (a proxy restarting, a Wi-Fi change): its POST was answered,
-// so its run started, and it is the conversation's last reply, right after this message. Found,
-// it is followed (and kept for a reload) as if run.started had come.
-async function findRun(live) {
-  let messages;
-  try {
-    messages = (await api("GET", `/api/conversations/${live.conversation_id}`)).messages;
-  } catch { return; } // the service cannot say now: the stream's end is said below
-  const [asked, reply] = messages.slice(-2);
-  if (asked?.role !== "user" || asked.content !== live.content || reply?.role !== "assistant"
-      || !reply.run_id) return;
-  live.run_id = reply.run_id;
-  running(reply.run_id);
-  if (state.stopPending) stop();
-  keep(live);
-}
-
 function picks() {
   const out = {};
   if ($("agent").value) out.agent = $("agent").value;
@@ -481,7 +463,11 @@ function picks() {
 
 async function send() {
   const content = $("input").value.trim();
-  if (!content || state.run) return;
+  if (!content) return;
+  if (state.run) { // (Enter: the disabled Send's title is not seen)
+    problem("an answer is still being written: send this once it ends, or Stop it");
+    return;
+  }
   problem("");
   opening++; // a conversation still being opened is not shown over this one
   running("starting");
@@ -523,7 +509,17 @@ async function send() {
     addUser(content);
     const conversation = state.conversation; // (another may be on screen by its end)
     state.own = new AssistantView();
-    await followRun(resp, state.own, { conversation_id: conversation, last_id: 0, text: "", content });
+    // Its run, known with the headers (X-Run-Id): Stop works at once, and a stream cut before
+    // its first event (a proxy restarting) is re-joined, now or after a reload.
+    const live = { conversation_id: conversation, last_id: 0, text: "" };
+    const runId = resp.headers.get("X-Run-Id");
+    if (runId) {
+      live.run_id = runId;
+      running(runId);
+      keep(live);
+      if (state.stopPending) { state.stopPending = false; stop(); }
+    }
+    await followRun(resp, state.own, live);
     used(conversation); // first in the list now
     await loadConversations();
   } catch (exc) {
@@ -682,7 +678,8 @@ async function watch({ view, run_id }, signal) {
 
 async function rejoin() {
   const live = JSON.parse(sessionStorage.getItem(LIVE) || "null");
-  if (!live || !live.run_id) return;
+  // (start() again, a key entered: a run this page follows already is not joined twice)
+  if (!live || !live.run_id || state.run) return;
   try {
     await rejoinRun(live);
   } catch (exc) {
