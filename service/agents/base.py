@@ -444,7 +444,7 @@ class AgentContext:
                 # A tool's SystemExit from a task of its own (argparse or click in a nursery
                 # child) comes in a group: the tool's failure too, unless it holds more.
                 if group.split(_TOOL_FAILURES)[1] is not None:
-                    self.metrics.tool_calls.labels(name, "cancelled").inc()
+                    self._cut_short(name, call_id)
                     raise
                 only = group.exceptions[0] if len(group.exceptions) == 1 else group
                 obs = _bounded(Observation(
@@ -452,8 +452,8 @@ class AgentContext:
                 outcome = "error"
             except BaseException:
                 # The run is cancelled (by a client, its deadline, a shutdown) mid-call: the
-                # call is counted too, then the cancellation goes on.
-                self.metrics.tool_calls.labels(name, "cancelled").inc()
+                # call is counted and its end told, then the cancellation goes on.
+                self._cut_short(name, call_id)
                 raise
         self.metrics.tool_calls.labels(name if tool else "unknown", outcome).inc()
         result: dict[str, Any] = {"call_id": call_id}
@@ -463,6 +463,13 @@ class AgentContext:
             result["error"] = obs.error
         self.emit("tool.result", result)
         return obs
+
+    def _cut_short(self, name: str, call_id: str) -> None:
+        """A call cut by its run's end: counted, and its ``tool.result`` said (every
+        ``tool.call`` of a run has one, live and as stored)."""
+        self.metrics.tool_calls.labels(name, "cancelled").inc()
+        self.emit("tool.result", {"call_id": call_id,
+                                  "error": f"tool {name} was stopped: the run ended"})
 
     async def call_tools_parallel(self, calls: Sequence[ToolCall]) -> list[Observation]:
         """Run several native tool calls of one step at once; results in the calls' order. Past

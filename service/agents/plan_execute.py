@@ -233,6 +233,21 @@ class PlanExecuteAgent(Agent):
         share: int = TOOL_OUTPUT_CHARS,
     ) -> None:
         ctx.emit("step.started", {"id": step.id, "task": step.task})
+        try:
+            ok, output = await self._step_output(ctx, step, results, share)
+        except BaseException:
+            # The run ended under it (a cancel, its deadline, a shutdown) or failed: its end is
+            # told too (every step.started of a run has its step.finished), then it goes on.
+            ctx.emit("step.finished", {"id": step.id, "error": "not finished: the run ended"})
+            raise
+        results[step.id] = output
+        ctx.emit("step.finished", {"id": step.id, ("output" if ok else "error"): output})
+        if not ok:
+            failures.append(f"step {step.id} ({step.task}): {output}")
+
+    async def _step_output(self, ctx: AgentContext, step: PlanStep, results: dict[int, str],
+                           share: int) -> tuple[bool, str]:
+        """A step's outcome: whether it succeeded, and its output (or why it failed)."""
         mine = _in_step(ctx, step.id)
         if step.tool and step.tool in ctx.tools and step.arguments is not None:
             obs = await mine.call_tool(step.tool, step.arguments, new_id("call"), limit=share)
@@ -256,10 +271,7 @@ class PlanExecuteAgent(Agent):
                 # what the other steps found. (A server that stays down fails the re-plan's
                 # call, and with it the run.)
                 output, ok = f"its model call failed: {exc}", False
-        results[step.id] = output
-        ctx.emit("step.finished", {"id": step.id, ("output" if ok else "error"): output})
-        if not ok:
-            failures.append(f"step {step.id} ({step.task}): {output}")
+        return ok, output
 
 
 def _renumber(plan: Plan, start: int) -> Plan:

@@ -15,7 +15,13 @@ from ..backends.base import ChatMessage, ToolCall
 from ..errors import BackendRejectedRequest
 from ..store import new_id
 from .base import Agent, AgentContext, Observation
-from .react_parser import answer_so_far, parse_react, prose_action, up_to_the_action
+from .react_parser import (
+    InvalidInput,
+    answer_so_far,
+    parse_react,
+    prose_action,
+    up_to_the_action,
+)
 
 __all__ = ["REACT_SYSTEM", "ReActAgent", "StepLimitReached"]
 
@@ -102,7 +108,10 @@ class ReActAgent(Agent):
             if step.is_final:
                 return step.final_answer or ""
             call = ToolCall(new_id("call"), step.action or "", _as_arguments(step.action_input))
-            obs = await ctx.call_tool(call.name, step.action_input, call.id)
+            # An input that opens a JSON object and is not one: the model's malformed
+            # arguments (its observation says so), not a text for the tool's one parameter.
+            invalid = step.action_input if isinstance(step.action_input, InvalidInput) else None
+            obs = await ctx.call_tool(call.name, step.action_input, call.id, invalid)
             # Its turn up to the action: what a model runs on to after it ("Observation: ..."
             # it made up, an answer from that) never happened, and is not shown to it again.
             messages.append(ChatMessage("assistant", up_to_the_action(reply.content)))
@@ -118,6 +127,10 @@ class ReActAgent(Agent):
         step = parse_react(reply.content, final_first=True, tools=names)
         if step.final_answer:  # a final answer, or a plain one without the protocol's labels
             return step.final_answer
+        if native and reply.content.strip():
+            # After native calls its text is prose, never an action ("- **Action:** ..." in a
+            # summary): the answer, as the loop's turns and ``answer_so_far`` take it.
+            return reply.content.strip()
         # Another action, an empty "Final Answer:", or nothing: not an answer to store as one.
         last = f" Last thought: {step.thought}" if step.thought else ""
         unfinished = f"I could not finish this within {self.max_steps} steps.{last}"

@@ -26,8 +26,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ReActStep", "answer_so_far", "has_action_input", "parse_react", "prose_action",
-           "up_to_the_action"]
+__all__ = ["InvalidInput", "ReActStep", "answer_so_far", "has_action_input", "parse_react",
+           "prose_action", "up_to_the_action"]
 
 # A label at a line's start, in the styles models write: "Action:", "**Action:**", "**Action**:",
 # "__Action:__", "> Action:", "- Action:", "* Action:", "Action :", with a
@@ -103,6 +103,32 @@ class ReActStep:
         return self.final_answer is not None
 
 
+class InvalidInput(str):
+    """An Action Input that opens a JSON object and is not one (nor a Python-style dict), even
+    without its trailing commas: the model's malformed arguments. Its text, as written (for
+    an answer given as an action's input, it is the answer)."""
+
+
+# A comma before a closing brace or bracket: what small models write in JSON every day.
+_TRAILING_COMMA = re.compile(r",(\s*[}\]])")
+
+
+def _answer_section(text: str, scan: str, start: int) -> str:
+    """A final answer's text from ``start``: up to where the model ran on into another cycle
+    it made up (an ``Observation:``, or an ``Action:`` with its ``Action Input:``, and the
+    ``Thought:`` right before either). Other labels stay the answer's ("- **Action:** restart
+    the server" in a summary)."""
+    cuts = [m.start() for m in _OBSERVATION.finditer(scan, start)]
+    cuts += [m.start() for m in _ACTION.finditer(scan, start) if _input_of(scan, m)]
+    if not cuts:
+        return text[start:].strip()
+    end = min(cuts)
+    thoughts = [m.start() for m in _THOUGHT.finditer(scan, start, end)]
+    if thoughts:
+        end = thoughts[-1]  # the thought that led into it
+    return text[start:end].strip()
+
+
 def _section(text: str, start: int, scan: str | None = None) -> str:
     """Text from ``start`` up to the next protocol label (searched in ``scan``: the text with
     its code blanked)."""
@@ -138,15 +164,17 @@ def _parse_input(raw: str) -> Any:
     if fence:
         raw = fence.group(1).strip()
     if raw.startswith("{"):
-        try:
-            value, _ = json.JSONDecoder().raw_decode(raw)
-            return value
-        # ValueError: JSONDecodeError, and an integer of over 4,300 digits; RecursionError:
-        # "[[[[..." nesting. Either way, the input is taken as text.
-        except (ValueError, RecursionError):
-            pass
+        for candidate in (raw, _TRAILING_COMMA.sub(r"\1", raw)):
+            try:
+                value, _ = json.JSONDecoder().raw_decode(candidate)
+                return value
+            # ValueError: JSONDecodeError, and an integer of over 4,300 digits;
+            # RecursionError: "[[[[..." nesting.
+            except (ValueError, RecursionError):
+                pass
         if (literal := _python_dict(raw)) is not None:
             return literal
+        return InvalidInput(raw)
     if len(raw) >= 2 and raw[0] == raw[-1] == '"':
         # A JSON string ("First line.\nSecond line."): decoded, as the model wrote it; its
         # escapes taken as text gave a tool a backslash and an n for a line break.
@@ -212,7 +240,7 @@ def parse_react(text: str, *, final_first: bool = False,
             return ReActStep(thought, action=action, action_input=action_input)
 
     if final_m:
-        return ReActStep(thought, final_answer=text[final_m.end():].strip())
+        return ReActStep(thought, final_answer=_answer_section(text, scan, final_m.end()))
     # Neither label: the whole text (minus a leading thought label) is the answer.
     answer = thought if thought_m and thought else text.strip()
     return ReActStep(None, final_answer=answer)
@@ -282,7 +310,7 @@ def answer_so_far(text: str, *, tools: Collection[str] = (), first: bool = True,
     scan = _unfenced(text)
     final = _FINAL.search(scan)
     if final is not None:
-        return text[final.end():].strip()
+        return _answer_section(text, scan, final.end())
     if not any(rx.search(scan) for rx in (_THOUGHT, _ACTION)):
         # No thought and no action (an "Observation:" or "Action Input:" line of its own, as
         # in an analysis): ``parse_react`` takes the whole turn as the answer, and so here.

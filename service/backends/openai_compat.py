@@ -280,16 +280,17 @@ class OpenAIChunks:
         calls = []
         for index in sorted(self._calls):
             partial = self._calls[index]
-            if not partial.name:
-                raise BackendProtocolError(f"tool call {index} has no name", backend=self.backend)
+            # A call without a name is the model's slip, passed on as Ollama's adapter does: an
+            # agent tells the model "unknown tool ''" (it failed the whole run here).
+            name = partial.name or ""
             raw = "".join(partial.arguments)
             try:
-                args, invalid = parse_arguments(raw, backend=self.backend, name=partial.name), None
+                args, invalid = parse_arguments(raw, backend=self.backend, name=name), None
             except BackendProtocolError:
                 args, invalid = {}, raw
             # A server that gives no id gets a unique one: "call_<index>" repeated in every step
             # of a ReAct run, which made call_id ambiguous in its events.
-            calls.append(ToolCall(partial.id or new_call_id(), partial.name, args, invalid))
+            calls.append(ToolCall(partial.id or new_call_id(), name, args, invalid))
         usage = self._usage or Usage(completion_tokens=self.content_chunks, estimated=True)
         return ChatChunk(text=self._text.flush(), thinking=self._thinking.flush(), done=True,
                          tool_calls=tuple(calls),

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.agents.react_parser import answer_so_far, parse_react
+from service.agents.react_parser import InvalidInput, answer_so_far, parse_react
 
 
 def test_plain_action() -> None:
@@ -159,3 +159,25 @@ def test_labels_inside_code_fences_are_code_unless_the_whole_turn_is_fenced() ->
     code = 'Thought: run it\nAction: python\nAction Input:\n```json\n{"code": "Action: x"}\n```'
     step = parse_react(code, tools=["python"])
     assert (step.action, step.action_input) == ("python", {"code": "Action: x"})
+
+
+def test_a_json_input_with_trailing_commas_is_read_and_a_broken_one_is_marked() -> None:
+    step = parse_react('Action: text_stats\nAction Input: {"text": "a b c", }')
+    assert step.action_input == {"text": "a b c"}
+    step = parse_react('Action: text_stats\nAction Input: {"text": "a b c"')
+    assert isinstance(step.action_input, InvalidInput)
+    assert step.action_input == '{"text": "a b c"'
+
+
+@pytest.mark.parametrize(("text", "answer"), [
+    # The model ran on into a cycle it made up: the answer ends where it did.
+    ("Final Answer: 4\nObservation: the user is satisfied", "4"),
+    ("Final Answer: 4\nThought: check it\nAction: calculator\n"
+     'Action Input: {"expression": "2+2"}', "4"),
+    # A summary's own labels, with no call after them, are the answer's.
+    ("Final Answer: Do this:\n- **Action:** restart the server\n- **Thought:** it is safe",
+     "Do this:\n- **Action:** restart the server\n- **Thought:** it is safe"),
+])
+def test_a_final_answer_ends_where_the_model_ran_on(text: str, answer: str) -> None:
+    assert parse_react(text).final_answer == answer
+    assert answer_so_far(text) == answer
