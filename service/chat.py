@@ -129,6 +129,7 @@ class Turn:
     conversation: str | None = None  # once made or known: kept if the turn then fails
     cancelling: bool = False
     cancelled: bool = False  # the service took its cancel
+    cancel_asked: bool = False  # its cancel was sent (its answer may be on its way)
     stopped: trio.Event = field(default_factory=trio.Event)  # ... set then
     status: str | None = None
     error: dict[str, Any] | None = None  # the run's own error event (stored: it has an id)
@@ -363,7 +364,7 @@ class Client:
             _RUNS_SHOWN.add(turn.run_id)
             turn.known.set()
             self.renderer.started(data.get("agent", ""))
-            if turn.cancelling:  # Ctrl-C came before the run was known
+            if turn.cancelling and not turn.cancel_asked:  # Ctrl-C came before it was known
                 await self._cancel(turn)
         elif kind == "token":
             self.renderer.token(data.get("text", ""))
@@ -413,6 +414,7 @@ class Client:
             await self._cancel(turn)
 
     async def _cancel(self, turn: Turn) -> None:
+        turn.cancel_asked = True
         resp = await self.http.post(f"/api/runs/{turn.run_id}/cancel")
         turn.cancelled = resp.status_code == 202
         if turn.cancelled:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import BackendProtocolError
 from .base import Agent, AgentContext
 
 __all__ = ["ChatAgent"]
@@ -19,6 +20,11 @@ class ChatAgent(Agent):
         extra = ctx.handle.result_extra
         extra["finish_reason"] = ctx.last_finish_reason or "stop"
         calls = reply.tool_calls
+        if any(not c.name for c in calls):
+            # A call without a name is the model's slip, which an agent tells the model; a
+            # client cannot run it (nor can it name one: tools' names are checked), so it is
+            # the model's server answering badly (502), as it was, not a call handed on.
+            raise BackendProtocolError("the model made a tool call without a name")
         if len(calls) > 1 and dict(ctx.options).get("parallel_tool_calls") is False:
             # At most one call, as asked: a server that cannot be told (Ollama) may give more,
             # and a client running one call at a time would leave the others unanswered.

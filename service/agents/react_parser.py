@@ -109,24 +109,53 @@ class InvalidInput(str):
     an answer given as an action's input, it is the answer)."""
 
 
-# A comma before a closing brace or bracket: what small models write in JSON every day.
-_TRAILING_COMMA = re.compile(r",(\s*[}\]])")
+_CLOSES = re.compile(r"\s*[}\]]")
+
+
+def _without_trailing_commas(raw: str) -> str:
+    """``raw`` without the commas before a closing brace or bracket (what small models write
+    in JSON every day), outside its strings only (``"[0-9,]"`` is a string's text)."""
+    out: list[str] = []
+    in_string = escaped = False
+    for i, c in enumerate(raw):
+        if in_string:
+            escaped, in_string = (not escaped and c == "\\"), in_string and (escaped or c != '"')
+        elif c == '"':
+            in_string = True
+        elif c == "," and _CLOSES.match(raw, i + 1):
+            continue
+        out.append(c)
+    return "".join(out)
+
+
+# The protocol's labels as the prompt writes them (at a line's start, undecorated): a cycle the
+# model made up after its final answer is written so; a report's "- **Observation:**" is not.
+def _plain(name: str) -> re.Pattern[str]:
+    return re.compile(rf"^{name}[ \t]*[:\uff1a]", re.I | re.M)
+
+
+_PLAIN_THOUGHT, _PLAIN_OBSERVATION = _plain("thought"), _plain("observation")
+_PLAIN_ACTION, _PLAIN_INPUT = _plain("action"), _plain(r"action[ _]input")
+_PLAIN_FINAL = _plain(r"final[ _]answer")
 
 
 def _answer_section(text: str, scan: str, start: int) -> str:
-    """A final answer's text from ``start``: up to where the model ran on into another cycle
-    it made up (an ``Observation:``, or an ``Action:`` with its ``Action Input:``, and the
-    ``Thought:`` right before either). Other labels stay the answer's ("- **Action:** restart
-    the server" in a summary)."""
-    cuts = [m.start() for m in _OBSERVATION.finditer(scan, start)]
-    cuts += [m.start() for m in _ACTION.finditer(scan, start) if _input_of(scan, m)]
-    if not cuts:
+    """A final answer's text from ``start``: to its end, or up to where the model ran on into a
+    cycle it made up: a plain ``Action:`` with its ``Action Input:``, or another ``Final
+    Answer:``, from the first plain ``Thought:`` or ``Observation:`` that led into it. Labels
+    in prose stay the answer's ("- **Observation:** the disk is full" in a report)."""
+    cycle = [m.start() for m in _PLAIN_FINAL.finditer(scan, start)]
+    for m in _PLAIN_ACTION.finditer(scan, start):
+        given = _PLAIN_INPUT.search(scan, m.end())
+        if given is not None and _input_of(scan, m) is not None:
+            cycle.append(m.start())
+            break
+    if not cycle:
         return text[start:].strip()
-    end = min(cuts)
-    thoughts = [m.start() for m in _THOUGHT.finditer(scan, start, end)]
-    if thoughts:
-        end = thoughts[-1]  # the thought that led into it
-    return text[start:end].strip()
+    end = min(cycle)
+    led = [m.start() for rx in (_PLAIN_THOUGHT, _PLAIN_OBSERVATION)
+           for m in rx.finditer(scan, start, end)]
+    return text[start:min([end, *led])].strip()
 
 
 def _section(text: str, start: int, scan: str | None = None) -> str:
@@ -164,7 +193,7 @@ def _parse_input(raw: str) -> Any:
     if fence:
         raw = fence.group(1).strip()
     if raw.startswith("{"):
-        for candidate in (raw, _TRAILING_COMMA.sub(r"\1", raw)):
+        for candidate in (raw, _without_trailing_commas(raw)):
             try:
                 value, _ = json.JSONDecoder().raw_decode(candidate)
                 return value

@@ -164,19 +164,29 @@ def test_labels_inside_code_fences_are_code_unless_the_whole_turn_is_fenced() ->
 def test_a_json_input_with_trailing_commas_is_read_and_a_broken_one_is_marked() -> None:
     step = parse_react('Action: text_stats\nAction Input: {"text": "a b c", }')
     assert step.action_input == {"text": "a b c"}
+    # Outside its strings only, escapes included.
+    raw = '{"text": "[0-9,] \\" ,}", "n": [1, 2,],}'
+    assert parse_react(f"Action: t\nAction Input: {raw}").action_input == {
+        "text": '[0-9,] " ,}', "n": [1, 2]}
     step = parse_react('Action: text_stats\nAction Input: {"text": "a b c"')
     assert isinstance(step.action_input, InvalidInput)
     assert step.action_input == '{"text": "a b c"'
 
 
 @pytest.mark.parametrize(("text", "answer"), [
-    # The model ran on into a cycle it made up: the answer ends where it did.
-    ("Final Answer: 4\nObservation: the user is satisfied", "4"),
-    ("Final Answer: 4\nThought: check it\nAction: calculator\n"
-     'Action Input: {"expression": "2+2"}', "4"),
-    # A summary's own labels, with no call after them, are the answer's.
+    # The model ran on into a cycle it made up (a call, another final answer): the answer
+    # ends where it led into it.
+    ("Final Answer: 4\nObservation: the user is satisfied\nThought: check it\n"
+     'Action: calculator\nAction Input: {"expression": "2+2"}', "4"),
+    ("Final Answer: 4\nThought: sure?\nFinal Answer: 4, sure", "4"),
+    # Labels without a cycle after them are the answer's: a report's, a quoted log's.
+    ("Final Answer: 4\nObservation: the user is satisfied",
+     "4\nObservation: the user is satisfied"),
     ("Final Answer: Do this:\n- **Action:** restart the server\n- **Thought:** it is safe",
      "Do this:\n- **Action:** restart the server\n- **Thought:** it is safe"),
+    ("Final Answer: Found:\n- **Observation:** disk full\n> Observation: refused\n"
+     "- **Action:** rotate\n  Action Input: none", "Found:\n- **Observation:** disk full\n"
+     "> Observation: refused\n- **Action:** rotate\n  Action Input: none"),
 ])
 def test_a_final_answer_ends_where_the_model_ran_on(text: str, answer: str) -> None:
     assert parse_react(text).final_answer == answer
