@@ -1,7 +1,7 @@
 import sys
 
 if sys.argv[1:2] == ["chat"]:  # the terminal client; anything else serves
-    from .chat import main as chat_main
+    from .chat_main import main as chat_main
 
     raise SystemExit(chat_main(sys.argv[2:]))
 
