@@ -54,7 +54,9 @@ async def test_a_worker_with_a_fleet_starts_with_its_gauges_loop(
             async with e2e(settings, "auto") as env:
                 for path in ("/healthz", "/api/backends"):
                     answered[path] = (await env.client.get(path)).status_code
-    except BaseException as exc:  # the startup's failure, shown below
+    except trio.Cancelled:
+        raise
+    except BaseException as exc:  # the startup's failure (a group), shown below
         failure = _leaves(exc)
     # (A Cancelled's text names the child task's exception that cancelled its nursery.)
     said = sorted({str(e) if isinstance(e, trio.Cancelled) else repr(e) for e in failure})
