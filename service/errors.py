@@ -245,7 +245,19 @@ class ContextLengthExceeded(BackendError):
         a server-fault status (500), where only the plainest words count."""
         if kind in cls._TYPES:
             return True
-        return bool((cls._INPUT_WORDS if fault else cls._WORDS).search(message))
+        return bool((cls._INPUT_WORDS if fault else cls._WORDS).search(_unquoted(message)))
+
+
+def _unquoted(message: str) -> str:
+    """An upstream's error without the model's own output it quotes: Ollama's "error parsing
+    tool call: raw='...', err=..." holds what the model wrote, in which "too long for the
+    context window" is the model's text, not the server's verdict (a context error there was a
+    400 telling the client to cut its history, for a malformed tool call)."""
+    at = message.find("raw='")
+    if at < 0:
+        return message
+    end = message.rfind("', err=")
+    return message[:at] + (message[end + 2:] if end > at else "")
 
 
 class UpstreamBroken(BackendError):

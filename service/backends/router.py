@@ -9,9 +9,10 @@ Routing one call
    OpenAI-compatible ``/v1/models``) or given in the fleet file. If no usable member is known to
    serve it, all usable ones are tried (their 404 becomes ``model_not_found``).
 3. Ordered by, in turn:
-   a. the conversation's server first: the one that served its last call, while it is usable
-      and serves the model. Its prompt cache holds the conversation: the next turn's first
-      token comes much sooner there (README, "Backend fleets");
+   a. the conversation's server first: the one that served its last call, while it is usable,
+      serves the model and is of the best priority up (a failover to a lower tier is not kept
+      once the higher one is back). Its prompt cache holds the conversation: the next turn's
+      first token comes much sooner there (README, "Backend fleets");
    b. ``priority`` (lower first; under ``auto`` Ollama's servers before llama.cpp's);
    c. a server that has the model loaded now (Ollama's ``/api/ps``), while it has a free slot;
    d. fewest calls in flight per unit of ``weight``;
@@ -178,6 +179,14 @@ class FleetBackend(AutoBackend):
         # reason to leave its server: the call stays in the tier and queues either way).
         tier_room = affine is not None and any(
             room[i] for i in usable if self.members[i].priority == self.members[affine].priority)
+        if affine is not None:
+            # Only within the best tier that is up: a conversation that failed over once to a
+            # lower tier (a 503, a restart, a cool-down) goes back to the higher one once it is
+            # up again (the lower tier is a fallback, not the conversation's new home; under
+            # auto with no model named, another model too).
+            live = [i for i in usable if i in up] or usable
+            if self.members[affine].priority > min(self.members[i].priority for i in live):
+                affine = None
 
         def key(i: int) -> tuple[bool, int, bool, bool, float, int]:
             member, inflight = self.members[i], states[i].in_flight
