@@ -10,8 +10,7 @@ simulator behind it (tests/e2e.py); terminal tests drive the real client (a subp
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import suppress
 from functools import partial
 from typing import Any
 
@@ -24,12 +23,13 @@ from service.sim.scenario import Reply as SimReply
 from .clients.test_chat_cli import GUARD as CLI_GUARD
 from .clients.test_chat_cli import _answers, _chat, _env
 from .clients.test_chat_page import CHROMIUM, _in_browser, _send
-from .clients.test_clients_faults import CuttableProxy, _proxy
 from .clients.test_page_and_terminal_faults import Screen, _pty_chat, _read_all
 from .clients.test_page_follow_regressions import _pending_elsewhere
 from .e2e import GUARD, e2e
 from .fakes import ScriptedBackend
-from .servers import ROOT, RunningServer, running_server
+from .proxies import cuttable, freezable
+from .run_ends import replies, run_over
+from .servers import ROOT, running_server
 
 playwright = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.slow
@@ -37,20 +37,6 @@ needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium 
 
 
 _REACT_TURN = "Thought: I know this one without a tool.\nFinal Answer: " + "tick " * 80
-
-
-async def _run_over(env: Any, run_id: str) -> dict[str, Any]:
-    with trio.fail_after(GUARD):
-        while True:
-            run = (await env.client.get(f"/api/runs/{run_id}")).json()
-            if run["status"] not in ("queued", "running"):
-                return run  # type: ignore[no-any-return]
-            await trio.sleep(0.05)
-
-
-async def _replies(env: Any, conv: str) -> list[dict[str, Any]]:
-    messages = (await env.client.get(f"/api/conversations/{conv}")).json()["messages"]
-    return [m for m in messages if m["role"] == "assistant"]
 
 
 # -- the terminal client ---------------------------------------------------------------------
@@ -88,7 +74,7 @@ async def test_cli_a_react_answer_cut_short_is_shown_as_stored(
         status, shown = await _terminal_shows(env.server.url, tty, "how many ticks?",
                                               "--agent", "react")
         (conv,) = (await env.client.get("/api/conversations")).json()["data"]
-        (stored,) = await _replies(env, conv["id"])
+        (stored,) = await replies(env.client, conv["id"])
     assert stored["status"] == "cancelled", stored  # (a timed-out reply)
     assert stored["content"].startswith("tick"), stored
     assert status == 1, shown
@@ -127,7 +113,7 @@ async def test_cli_a_dropped_stream_rejoins_the_run(settings: Settings) -> None:
     "cannot reach the service" (it can: the next request goes through) and exits 1 with
     half an answer. The answer the user asked for is lost for a blip the service's re-join
     exists for."""
-    async with e2e(settings, "llamacpp") as env, _proxy(env.server) as proxy, \
+    async with e2e(settings, "llamacpp") as env, cuttable(env.server) as proxy, \
             trio.open_nursery() as nursery:
         env.sim.script(SimReply(text="tick " * 60, interval=0.05))  # 3 s
         result: list[Any] = []
@@ -146,9 +132,9 @@ async def test_cli_a_dropped_stream_rejoins_the_run(settings: Settings) -> None:
                 await trio.sleep(0.05)
         conv = convs[0]["id"]
         with trio.fail_after(GUARD):
-            while (await _replies(env, conv))[-1]["status"] == "pending":  # noqa: ASYNC110
+            while (await replies(env.client, conv))[-1]["status"] == "pending":  # noqa: ASYNC110
                 await trio.sleep(0.05)
-        (stored,) = await _replies(env, conv)
+        (stored,) = await replies(env.client, conv)
     done = result[0]
     shown = done.stdout.decode()
     assert stored["status"] == "complete", (
@@ -188,7 +174,7 @@ async def test_page_a_watched_reply_rejoins_without_repeating_its_tokens(
     replaces the text); one that is stopped, fails or times out has no ``message``, and the
     page keeps showing more text than the stored reply holds, with a note saying it ended."""
     async with e2e(settings, "llamacpp") as env, trio.open_nursery() as nursery, \
-            _proxy(env.server) as proxy:
+            cuttable(env.server) as proxy:
         env.sim.script(SimReply(text="tick " * 80, interval=0.05))  # 4 s
         conv = await env.conversation(title="elsewhere")
         run_id = await _pending_elsewhere(env, nursery, conv)
@@ -198,13 +184,13 @@ async def test_page_a_watched_reply_rejoins_without_repeating_its_tokens(
 
         async def cancel() -> None:
             assert (await env.client.post(f"/api/runs/{run_id}/cancel")).status_code == 202
-            await _run_over(env, run_id)
+            await run_over(env.client, run_id)
 
         def stop_it() -> None:
             trio.from_thread.run(cancel)
 
         seen = await _in_browser(partial(_watched_drop_session, proxy.url, cut, stop_it))
-        (stored,) = await _replies(env, conv)
+        (stored,) = await replies(env.client, conv)
     assert stored["status"] == "cancelled", stored
     n = len(stored["content"].split())
     assert 0 < n < 80, stored
@@ -244,44 +230,13 @@ async def test_page_a_stopped_react_answer_is_shown_as_stored(settings: Settings
         env.sim.script(SimReply(text=_REACT_TURN, interval=0.05))
         seen = await _in_browser(partial(_react_stop_session, env.server.url))
         (conv,) = (await env.client.get("/api/conversations")).json()["data"]
-        (stored,) = await _replies(env, conv["id"])
+        (stored,) = await replies(env.client, conv["id"])
     assert stored["status"] == "cancelled", stored
     assert stored["content"].startswith("tick"), stored
     assert seen["reload"].split() == stored["content"].split()  # a reload shows the store
     assert seen["live"].split() == stored["content"].split(), (
         f"live, after Stop, the page's answer is {seen['live'][:70]!r}...; the stored reply "
         f"(and the page after a reload) is {stored['content'][:40]!r}...")
-
-
-class FreezableProxy(CuttableProxy):
-    """``freeze()``: the connections open at that moment go silent both ways, left open (a
-    laptop's sleep, a NAT or proxy that dropped its state, a wedged upstream); new ones pass."""
-
-    def __init__(self, port: int) -> None:
-        super().__init__(port)
-        self.generation = 0
-
-    def freeze(self) -> None:
-        self.generation += 1
-
-    async def _pump(self, src: trio.SocketStream, dst: trio.SocketStream) -> None:
-        born = self.generation
-        while data := await src.receive_some(65536):
-            if self.generation != born:
-                await trio.sleep_forever()
-            await dst.send_all(data)
-        await dst.send_eof()
-
-
-@asynccontextmanager
-async def _freezable(srv: RunningServer) -> AsyncIterator[FreezableProxy]:
-    proxy = FreezableProxy(int(srv.url.rsplit(":", 1)[1]))
-    async with trio.open_nursery() as nursery:
-        (listener,) = await nursery.start(partial(trio.serve_tcp, proxy._serve, 0,
-                                                  host="127.0.0.1"))
-        proxy.url = f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
-        yield proxy
-        nursery.cancel_scope.cancel()
 
 
 KEEPALIVE = 1.0  # SERVICE_SSE_KEEPALIVE for the test; X-Keepalive-Interval says so
@@ -314,7 +269,7 @@ async def test_page_a_stream_gone_silent_is_noticed(settings: Settings) -> None:
     silently for ever: the half answer, Stop still offered, no note, no re-join, while the
     run has long ended and the store holds the whole answer."""
     async with e2e(settings, "llamacpp", sse_keepalive=KEEPALIVE) as env, \
-            _freezable(env.server) as proxy:
+            freezable(env.server) as proxy:
         env.sim.script(SimReply(text="tick " * 60, interval=0.05))  # 3 s
 
         def freeze() -> None:
@@ -323,15 +278,15 @@ async def test_page_a_stream_gone_silent_is_noticed(settings: Settings) -> None:
         async def all_over() -> None:
             (conv,) = (await env.client.get("/api/conversations")).json()["data"]
             with trio.fail_after(GUARD):
-                while (await _replies(env, conv["id"]))[-1]["status"] == "pending":  # noqa: ASYNC110
+                while (await replies(env.client, conv["id"]))[-1]["status"] == "pending":  # noqa: ASYNC110
                     await trio.sleep(0.05)
 
-        def run_over() -> None:
+        def ended() -> None:
             trio.from_thread.run(all_over)
 
-        seen = await _in_browser(partial(_silent_session, proxy.url, freeze, run_over))
+        seen = await _in_browser(partial(_silent_session, proxy.url, freeze, ended))
         (conv,) = (await env.client.get("/api/conversations")).json()["data"]
-        (stored,) = await _replies(env, conv["id"])
+        (stored,) = await replies(env.client, conv["id"])
     assert stored["status"] == "complete", stored
     told = seen["notes"] or seen["banner"].strip()
     assert told or seen["text"].split() == stored["content"].split(), (

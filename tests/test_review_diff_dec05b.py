@@ -14,7 +14,6 @@ from __future__ import annotations
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -32,27 +31,13 @@ from service.sim import Simulator, open_simulator
 
 from .clients.test_chat_cli import GUARD as CLI_GUARD
 from .clients.test_chat_cli import _terminal
-from .clients.test_clients_faults import CuttableProxy
 from .e2e import e2e
 from .fakes import Reply, ScriptedBackend, by_content
-from .servers import RunningServer, running_server, start_service
+from .proxies import CuttableProxy, freezable, port_of, serving
+from .run_ends import first_reply, run_over
+from .servers import running_server, start_service
 
 GUARD = 60  # seconds any wait may take before the test fails (a process start included)
-
-
-async def _run_over(client: httpx.AsyncClient, run_id: str) -> dict[str, Any]:
-    """The run once it has ended (its events read to their end first)."""
-    with trio.fail_after(GUARD):
-        async with client.stream("GET", f"/api/runs/{run_id}/events") as r:
-            await r.aread()
-        return (await client.get(f"/api/runs/{run_id}")).json()  # type: ignore[no-any-return]
-
-
-async def _assistant(client: httpx.AsyncClient, conv: str) -> dict[str, Any]:
-    """The conversation's one assistant reply (``{"run_id": None}`` until its run is stored)."""
-    messages = (await client.get(f"/api/conversations/{conv}")).json()["messages"]
-    replies = [m for m in messages if m["role"] == "assistant"]
-    return replies[0] if replies else {"run_id": None}  # type: ignore[no-any-return]
 
 
 # -- 1. the terminal's second Ctrl-C before its run is known -------------------------------------
@@ -117,10 +102,10 @@ async def test_cli_a_second_ctrl_c_before_the_run_is_known_leaves_it_running(
         assert status == 130, term.screen
         (conv,) = (await client.get("/api/conversations")).json()["data"]
         with trio.fail_after(GUARD):
-            while (reply := await _assistant(client, conv["id"]))["run_id"] is None:  # noqa: ASYNC110
+            while (reply := await first_reply(client, conv["id"]))["run_id"] is None:  # noqa: ASYNC110
                 await trio.sleep(0.05)
-        run = await _run_over(client, reply["run_id"])
-        reply = await _assistant(client, conv["id"])
+        run = await run_over(client, reply["run_id"])
+        reply = await first_reply(client, conv["id"])
     assert run["status"] == "cancelled", (
         f"the user pressed Ctrl-C twice before the run was known and the terminal quit "
         f"(exit {status}); the run went on and ended {run['status']!r}, its reply "
@@ -128,37 +113,6 @@ async def test_cli_a_second_ctrl_c_before_the_run_is_known_leaves_it_running(
 
 
 # -- 2. the terminal's silence watchdog ----------------------------------------------------------
-
-
-class FreezableProxy(CuttableProxy):
-    """``freeze()``: the connections open at that moment go silent both ways, left open (a
-    laptop's sleep, a NAT or proxy that dropped its state); new ones pass."""
-
-    def __init__(self, port: int) -> None:
-        super().__init__(port)
-        self.generation = 0
-
-    def freeze(self) -> None:
-        self.generation += 1
-
-    async def _pump(self, src: trio.SocketStream, dst: trio.SocketStream) -> None:
-        born = self.generation
-        while data := await src.receive_some(65536):
-            if self.generation != born:
-                await trio.sleep_forever()
-            await dst.send_all(data)
-        await dst.send_eof()
-
-
-@asynccontextmanager
-async def _freezable(srv: RunningServer) -> AsyncIterator[FreezableProxy]:
-    proxy = FreezableProxy(int(srv.url.rsplit(":", 1)[1]))
-    async with trio.open_nursery() as nursery:
-        (listener,) = await nursery.start(partial(trio.serve_tcp, proxy._serve, 0,
-                                                  host="127.0.0.1"))
-        proxy.url = f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
-        yield proxy
-        nursery.cancel_scope.cancel()
 
 
 SILENCE = 1.5  # chat.READ_TIMEOUT for the test (60 s in the client): four keep-alives and more
@@ -184,7 +138,7 @@ async def test_cli_a_stream_gone_silent_fails_the_turn_while_its_run_goes_on(
     cancel the run (bounded) when the turn is given up for good."""
     monkeypatch.setattr(chat, "READ_TIMEOUT", SILENCE)
     async with e2e(settings, "llamacpp", sse_keepalive=0.25) as env, \
-            _freezable(env.server) as proxy, trio.open_nursery() as nursery:
+            freezable(env.server) as proxy, trio.open_nursery() as nursery:
         env.sim.script(SimReply(text="tick " * 60, interval=0.05))  # 3 s
         conv = await env.conversation()
         out, err = StringIO(), StringIO()
@@ -205,7 +159,7 @@ async def test_cli_a_stream_gone_silent_fails_the_turn_while_its_run_goes_on(
         nursery.start_soon(turn)
         store = env.server.services.require_store()
         with trio.fail_after(GUARD):
-            while (reply := await _assistant(env.client, conv))["run_id"] is None:  # noqa: ASYNC110
+            while (reply := await first_reply(env.client, conv))["run_id"] is None:  # noqa: ASYNC110
                 await trio.sleep(0.02)
             run_id = reply["run_id"]
             while sum(e.type == "token" for e in await store.list_run_events(run_id)) < 5:  # noqa: ASYNC110
@@ -213,8 +167,8 @@ async def test_cli_a_stream_gone_silent_fails_the_turn_while_its_run_goes_on(
             proxy.freeze()
             while not outcome:  # noqa: ASYNC110
                 await trio.sleep(0.05)
-        run = await _run_over(env.client, run_id)
-        stored = await _assistant(env.client, conv)
+        run = await run_over(env.client, run_id)
+        stored = await first_reply(env.client, conv)
     shown = out.getvalue()
     assert outcome[0] is None or run["status"] == "cancelled", (
         f"the terminal gave up the turn ({outcome[0]}); the run went on and ended "
@@ -290,7 +244,7 @@ async def test_a_dead_owners_run_keeps_the_model_its_owner_named_without_a_token
                     async for line in r.aiter_lines():
                         if line.startswith("data:") and '"run_id"' in line:
                             break
-                reply = await _assistant(a, conv)
+                reply = await first_reply(a, conv)
                 run_id = reply["run_id"]
                 # (another process's commits: polled) both tool calls done, the third turn on
                 while sum(e.type == "tool.result"  # noqa: ASYNC110
@@ -338,17 +292,6 @@ class CutAfterTheEnd(CuttableProxy):
         await dst.send_eof()
 
 
-@asynccontextmanager
-async def _cut_after_the_end(srv: RunningServer) -> AsyncIterator[CutAfterTheEnd]:
-    proxy = CutAfterTheEnd(int(srv.url.rsplit(":", 1)[1]))
-    async with trio.open_nursery() as nursery:
-        (listener,) = await nursery.start(partial(trio.serve_tcp, proxy._serve, 0,
-                                                  host="127.0.0.1"))
-        proxy.url = f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
-        yield proxy
-        nursery.cancel_scope.cancel()
-
-
 async def test_cli_a_stream_dropped_after_its_run_finished_is_not_a_failed_turn(
     settings: Settings,
 ) -> None:
@@ -365,7 +308,7 @@ async def test_cli_a_stream_dropped_after_its_run_finished_is_not_a_failed_turn(
     nothing left to show. Fix: ``if turn.status is not None: return`` (the turn is over)
     before deciding whether to re-join."""
     async with running_server(settings, ScriptedBackend(by_content)) as srv, \
-            srv.client() as client, _cut_after_the_end(srv) as proxy:
+            srv.client() as client, serving(CutAfterTheEnd(port_of(srv))) as proxy:
         conv = (await client.post("/api/conversations", json={})).json()["id"]
         out, err = StringIO(), StringIO()
         renderer = chat.Renderer(Console(file=out, force_terminal=False),
@@ -379,7 +322,7 @@ async def test_cli_a_stream_dropped_after_its_run_finished_is_not_a_failed_turn(
                 _, turn = await chat._one_turn(opts, renderer, conv, "hello there")
             except* (chat.ChatError, httpx.HTTPError) as group:  # as _run_turn takes them
                 failure = group.exceptions[0]
-        stored = await _assistant(client, conv)
+        stored = await first_reply(client, conv)
     assert stored["status"] == "complete", stored
     assert "echo: hello there" in out.getvalue(), out.getvalue()  # shown whole, and its end
     assert failure is None, (

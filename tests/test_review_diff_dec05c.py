@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 from io import StringIO
 from typing import Any
 
@@ -32,9 +31,10 @@ from service.backends.base import ChatRequest
 from service.errors import StoreUnavailable
 from service.settings import Settings
 
-from .clients.test_clients_faults import CuttableProxy
 from .fakes import ScriptedBackend, by_content
-from .servers import RunningServer, running_server
+from .proxies import CuttableProxy, port_of, serving
+from .run_ends import first_reply, run_over
+from .servers import running_server
 
 GUARD = 30  # seconds any wait may take before the test fails
 
@@ -53,39 +53,10 @@ class GatedBackend(ScriptedBackend):
             yield chunks
 
 
-async def _run_over(client: httpx.AsyncClient, run_id: str) -> dict[str, Any]:
-    """The run once it has ended (its events read to their end first)."""
-    with trio.fail_after(GUARD):
-        async with client.stream("GET", f"/api/runs/{run_id}/events") as r:
-            await r.aread()
-        return (await client.get(f"/api/runs/{run_id}")).json()  # type: ignore[no-any-return]
-
-
-async def _assistant(client: httpx.AsyncClient, conv: str) -> dict[str, Any]:
-    """The conversation's one assistant reply (``{"run_id": None}`` until its run is stored)."""
-    messages = (await client.get(f"/api/conversations/{conv}")).json()["messages"]
-    replies = [m for m in messages if m["role"] == "assistant"]
-    return replies[0] if replies else {"run_id": None}  # type: ignore[no-any-return]
-
-
 def _renderer() -> tuple[chat.Renderer, StringIO]:
     out = StringIO()
     return chat.Renderer(Console(file=out, force_terminal=False),
                          Console(file=StringIO(), force_terminal=False, width=200)), out
-
-
-@asynccontextmanager
-async def _proxied(proxy: CuttableProxy) -> AsyncIterator[CuttableProxy]:
-    async with trio.open_nursery() as nursery:
-        (listener,) = await nursery.start(partial(trio.serve_tcp, proxy._serve, 0,
-                                                  host="127.0.0.1"))
-        proxy.url = f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
-        yield proxy
-        nursery.cancel_scope.cancel()
-
-
-def _port(srv: RunningServer) -> int:
-    return int(srv.url.rsplit(":", 1)[1])
 
 
 async def _turn(opts: chat.Options, renderer: chat.Renderer, conv: str, content: str,
@@ -150,7 +121,7 @@ async def test_cli_a_stream_lost_before_run_started_reached_it_fails_the_turn_th
     re-joins it from 0, or cancels it when it gives up (``_give_up``)."""
     backend = GatedBackend(by_content)
     async with running_server(settings, backend) as srv, srv.client() as client, \
-            _proxied(LosesRunStarted(_port(srv))) as proxy, trio.open_nursery() as nursery:
+            serving(LosesRunStarted(port_of(srv))) as proxy, trio.open_nursery() as nursery:
         conv = (await client.post("/api/conversations", json={})).json()["id"]
         renderer, out = _renderer()
         opts = chat.Options(url=proxy.url, key=None, agent=None, model=None,
@@ -166,10 +137,10 @@ async def test_cli_a_stream_lost_before_run_started_reached_it_fails_the_turn_th
             backend.gate.set()  # the model answers
             while not outcome:  # noqa: ASYNC110
                 await trio.sleep(0.02)
-        reply = await _assistant(client, conv)
+        reply = await first_reply(client, conv)
         assert reply["run_id"] is not None, reply
-        run = await _run_over(client, reply["run_id"])
-        stored = await _assistant(client, conv)
+        run = await run_over(client, reply["run_id"])
+        stored = await first_reply(client, conv)
     assert outcome[0] is None or run["status"] == "cancelled", (
         f"the terminal gave the turn up ({outcome[0]!r}) without its run's id; the run went "
         f"on and ended {run['status']!r}, its reply stored {stored['status']!r}: "
@@ -200,7 +171,7 @@ async def test_cli_a_rejoin_answered_503_fails_the_turn_and_leaves_its_run_going
     failure that ends the turn once the run is known goes through ``_give_up``."""
     backend = GatedBackend(by_content)
     async with running_server(settings, backend) as srv, srv.client() as client, \
-            _proxied(CuttableProxy(_port(srv))) as proxy, trio.open_nursery() as nursery:
+            serving(CuttableProxy(port_of(srv))) as proxy, trio.open_nursery() as nursery:
         conv = (await client.post("/api/conversations", json={})).json()["id"]
         renderer, out = _renderer()
         opts = chat.Options(url=proxy.url, key=None, agent=None, model=None,
@@ -208,7 +179,7 @@ async def test_cli_a_rejoin_answered_503_fails_the_turn_and_leaves_its_run_going
         outcome: list[Any] = []
         nursery.start_soon(_turn, opts, renderer, conv, "hello there", outcome)
         with trio.fail_after(GUARD):
-            while (reply := await _assistant(client, conv))["run_id"] is None:  # noqa: ASYNC110
+            while (reply := await first_reply(client, conv))["run_id"] is None:  # noqa: ASYNC110
                 await trio.sleep(0.02)
             await trio.testing.wait_all_tasks_blocked()  # run.started shown, the model silent
         store = srv.services.require_store()
@@ -230,8 +201,8 @@ async def test_cli_a_rejoin_answered_503_fails_the_turn_and_leaves_its_run_going
             while not outcome:  # noqa: ASYNC110
                 await trio.sleep(0.02)
         store.get_run = get_run  # type: ignore[method-assign]
-        run = await _run_over(client, reply["run_id"])
-        stored = await _assistant(client, conv)
+        run = await run_over(client, reply["run_id"])
+        stored = await first_reply(client, conv)
     assert refused, "the terminal did not re-join"
     assert outcome[0] is None or run["status"] == "cancelled", (
         f"the terminal failed the turn on its re-join's answer ({outcome[0]!r}); the run went "

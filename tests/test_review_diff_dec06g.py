@@ -24,12 +24,13 @@ from service.sim import Simulator
 from service.sim.scenario import Reply as SimReply
 
 from .clients.test_chat_page import CHROMIUM, WAIT_MS, _in_browser, _send
-from .clients.test_clients_faults import CuttableProxy
 from .e2e import _serve_sim, e2e
 from .fakes import Reply, ScriptedBackend
 from .operations.test_supervisor_failure import _with_broken_upkeep
+from .proxies import CuttableProxy, port_of, serving
+from .run_ends import first_reply, run_over
 from .servers import ROOT, running_server
-from .test_review_diff_dec05c import _assistant, _port, _proxied, _renderer, _run_over, _turn
+from .test_review_diff_dec05c import _renderer, _turn
 
 playwright = pytest.importorskip("playwright.sync_api")
 
@@ -92,7 +93,7 @@ async def test_terminal_waits_out_a_long_retry_after_instead_of_cancelling(
     more (or a shorter one late in an outage) cancels a run without one more try."""
     backend = ScriptedBackend([Reply("tick " * _TICKS, gap=0.05)])
     async with running_server(settings, backend) as srv, srv.client() as client, \
-            _proxied(SaysRetryAfter(_port(srv), 40)) as proxy, trio.open_nursery() as nursery:
+            serving(SaysRetryAfter(port_of(srv), 40)) as proxy, trio.open_nursery() as nursery:
         conv = (await client.post("/api/conversations", json={})).json()["id"]
         renderer, out = _renderer()
         opts = chat.Options(url=proxy.url, key=None, agent=None, model=None,
@@ -104,8 +105,8 @@ async def test_terminal_waits_out_a_long_retry_after_instead_of_cancelling(
             proxy.refusals = 1
             proxy.cut()
             await _ended(outcome)
-        reply = await _assistant(client, conv)
-        run = await _run_over(client, reply["run_id"])
+        reply = await first_reply(client, conv)
+        run = await run_over(client, reply["run_id"])
     assert proxy.answered == 1, "the re-join never reached the proxy"
     assert outcome == [None], outcome
     assert run["status"] == "succeeded", run
@@ -132,7 +133,7 @@ async def test_page_waits_out_a_long_retry_after_instead_of_giving_up(
     answer, as it did before this diff. ``followEvents`` counts that pause against REJOIN_FOR
     (``Date.now() + pause - since > REJOIN_FOR``) and gives up before sleeping it."""
     async with e2e(settings, "llamacpp") as env, \
-            _proxied(SaysRetryAfter(_port(env.server), 40)) as proxy:
+            serving(SaysRetryAfter(port_of(env.server), 40)) as proxy:
         env.sim.script(SimReply(text="tick " * _TICKS, interval=0.05))
 
         def refuse_next() -> None:
@@ -165,7 +166,7 @@ async def test_terminal_keeps_following_a_quiet_run_whose_rejoins_succeed(
     settings = load_settings(db=tmp_path / "s.db", sse_keepalive=0.5)
     backend = ScriptedBackend([Reply("the answer at last", first_delay=40)])
     async with running_server(settings, backend) as srv, srv.client() as client, \
-            _proxied(CuttableProxy(_port(srv))) as proxy, trio.open_nursery() as nursery:
+            serving(CuttableProxy(port_of(srv))) as proxy, trio.open_nursery() as nursery:
         conv = (await client.post("/api/conversations", json={})).json()["id"]
         renderer, out = _renderer()
         opts = chat.Options(url=proxy.url, key=None, agent=None, model=None,
@@ -173,13 +174,13 @@ async def test_terminal_keeps_following_a_quiet_run_whose_rejoins_succeed(
         outcome: list[Any] = []
         nursery.start_soon(_turn, opts, renderer, conv, "think long", outcome)
         with trio.fail_after(GUARD):
-            while (await _assistant(client, conv))["run_id"] is None:  # noqa: ASYNC110
+            while (await first_reply(client, conv))["run_id"] is None:  # noqa: ASYNC110
                 await trio.sleep(0.05)
             while not outcome:
                 await trio.sleep(3)
                 proxy.cut()
-        reply = await _assistant(client, conv)
-        run = await _run_over(client, reply["run_id"])
+        reply = await first_reply(client, conv)
+        run = await run_over(client, reply["run_id"])
     assert outcome == [None], outcome
     assert run["status"] == "succeeded", run
     assert "the answer at last" in out.getvalue()
@@ -205,7 +206,7 @@ async def test_page_keeps_following_a_quiet_run_whose_rejoins_succeed(
     ``followEvents`` starts its count again only when ``live.last_id`` moved, so a stream that
     brings only keep-alives counts as a failed try."""
     async with e2e(settings, "llamacpp", sse_keepalive=0.5) as env, \
-            _proxied(CuttableProxy(_port(env.server))) as proxy, \
+            serving(CuttableProxy(port_of(env.server))) as proxy, \
             trio.open_nursery() as nursery:
         env.sim.script(SimReply(text="the answer at last", first_delay=40))
 

@@ -27,11 +27,12 @@ from service.settings import BackendKind, Settings
 from service.sim.scenario import Reply as SimReply
 
 from .clients.test_chat_page import CHROMIUM, _in_browser, _send
-from .clients.test_clients_faults import CuttableProxy
 from .e2e import e2e
 from .fakes import Reply, ScriptedBackend
+from .proxies import CuttableProxy, port_of, serving
+from .run_ends import first_reply, run_over
 from .servers import running_server
-from .test_review_diff_dec05c import _assistant, _port, _proxied, _run_over, _turn
+from .test_review_diff_dec05c import _turn
 from .test_review_diff_dec06g import _TICKS, _refuse_every_request
 
 playwright = pytest.importorskip("playwright.sync_api")
@@ -143,7 +144,7 @@ async def test_page_rejoin_that_is_never_answered_is_not_waited_for_ever(
     ``REJOIN_FOR`` between attempts; ``sseFrames``'s silence watchdog starts only once the
     headers came. (The terminal's watchdog covers the headers too.)"""
     async with e2e(settings, "llamacpp") as env, \
-            _proxied(HoldsNextConnections(_port(env.server))) as proxy:
+            serving(HoldsNextConnections(port_of(env.server))) as proxy:
         env.sim.script(SimReply(text="tick " * _TICKS, interval=0.05))
 
         def hold_next() -> None:
@@ -264,7 +265,7 @@ async def test_terminal_ctrl_c_during_a_long_retry_after_ends_the_turn_as_stoppe
     is refused and gives up as for an outage."""
     backend = ScriptedBackend([Reply("tick " * _TICKS, gap=0.05)])
     async with running_server(settings, backend) as srv, srv.client() as client, \
-            _proxied(EventsInMaintenance(_port(srv))) as proxy, trio.open_nursery() as nursery:
+            serving(EventsInMaintenance(port_of(srv))) as proxy, trio.open_nursery() as nursery:
         conv = (await client.post("/api/conversations", json={})).json()["id"]
         out, err = StringIO(), StringIO()
         renderer = chat.Renderer(Console(file=out, force_terminal=False),
@@ -284,7 +285,7 @@ async def test_terminal_ctrl_c_during_a_long_retry_after_ends_the_turn_as_stoppe
             os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, once
             while not outcome:  # noqa: ASYNC110
                 await trio.sleep(0.05)
-        reply = await _assistant(client, conv)
-        run = await _run_over(client, reply["run_id"])
+        reply = await first_reply(client, conv)
+        run = await run_over(client, reply["run_id"])
     assert run["status"] == "cancelled", run  # the cancel was accepted: stopped as asked
     assert outcome == [None], (outcome, err.getvalue()[-400:])

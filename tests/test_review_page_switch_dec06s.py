@@ -28,6 +28,7 @@ from service.sim.scenario import Reply as SimReply
 
 from .clients.test_chat_page import CHROMIUM, _in_browser
 from .e2e import e2e
+from .run_ends import run_over
 
 playwright = pytest.importorskip("playwright.sync_api")
 
@@ -93,22 +94,13 @@ async def _messages(env: Any, conv: str) -> list[dict[str, Any]]:
     return r.json()["messages"]  # type: ignore[no-any-return]
 
 
-async def _run_over(env: Any, run_id: str) -> dict[str, Any]:
-    with trio.fail_after(GUARD):
-        while True:
-            run = (await env.client.get(f"/api/runs/{run_id}")).json()
-            if run["status"] not in ("queued", "running"):
-                return run  # type: ignore[no-any-return]
-            await trio.sleep(0.05)
-
-
 async def _cancel_all(env: Any) -> None:
     """Nothing left going after a test (the long simulated answers)."""
     for conv in (await env.client.get("/api/conversations")).json()["data"]:
         for m in await _messages(env, conv["id"]):
             if m["status"] == "pending" and m["run_id"]:
                 await env.client.post(f"/api/runs/{m['run_id']}/cancel")
-                await _run_over(env, m["run_id"])
+                await run_over(env.client, m["run_id"])
 
 
 def _reply_end(page: Any, whole: str) -> Any:
@@ -171,7 +163,7 @@ async def test_page_a_cut_stream_gives_up_its_run_at_the_first_refused_look(
         env.sim.script(SimReply(text="once upon a time " * 10, interval=0.02))
         cut = CutPost(env.server.url)
         seen = await _in_browser(partial(_cut_and_conversation_refused_once, env.server.url, cut))
-        run = await _run_over(env, cut.own)
+        run = await run_over(env.client, cut.own)
         (_asked, reply) = await _messages(env, cut.conversation)
     # (The page now knows its run from the response's X-Run-Id: it need not look for it, so
     # a refused look, the premise on the code reviewed, may not happen at all.)
@@ -227,7 +219,7 @@ async def test_page_a_cut_stream_is_lost_when_another_tab_posts_in_between(
         cut = CutPost(env.server.url, others=("something else entirely",))
         seen = await _in_browser(partial(_cut_with_another_tab, env.server.url, cut, False))
         for run_id in (cut.own, *cut.other_runs):
-            await _run_over(env, run_id)
+            await run_over(env.client, run_id)
         messages = await _messages(env, cut.conversation)
     (own,) = [m for m in messages if m["role"] == "assistant" and m["run_id"] == cut.own]
     assert [m["content"] for m in messages if m["role"] == "user"] == [
@@ -476,7 +468,7 @@ async def test_cli_a_closed_terminal_mid_answer_exits_129_having_cancelled_its_r
             code = await proc.wait()
         (conv,) = (await env.client.get("/api/conversations")).json()["data"]
         (reply,) = [m for m in await _messages(env, conv["id"]) if m["role"] == "assistant"]
-        run = await _run_over(env, reply["run_id"])
+        run = await run_over(env.client, reply["run_id"])
     assert (code, run["status"]) == (129, "cancelled"), (
         f"after its terminal hung up mid-answer the client exited {code}; its run ended "
         f"{run['status']!r}")

@@ -25,6 +25,7 @@ from service.sim.scenario import Reply as SimReply
 from .clients.test_chat_cli import _env
 from .clients.test_chat_page import CHROMIUM, _in_browser
 from .e2e import e2e
+from .run_ends import only_reply, run_over
 from .servers import ROOT
 
 playwright = pytest.importorskip("playwright.sync_api")
@@ -100,22 +101,6 @@ async def _headers_only_proxy(url: str) -> AsyncIterator[HeadersOnlyProxy]:
         nursery.cancel_scope.cancel()
 
 
-async def _only_reply(env: Any) -> dict[str, Any]:
-    (conv,) = (await env.client.get("/api/conversations")).json()["data"]
-    messages = (await env.client.get(f"/api/conversations/{conv['id']}")).json()["messages"]
-    (reply,) = [m for m in messages if m["role"] == "assistant"]
-    return reply  # type: ignore[no-any-return]
-
-
-async def _run_over(env: Any, run_id: str) -> dict[str, Any]:
-    with trio.fail_after(GUARD):
-        while True:
-            run = (await env.client.get(f"/api/runs/{run_id}")).json()
-            if run["status"] not in ("queued", "running"):
-                return run  # type: ignore[no-any-return]
-            await trio.sleep(0.05)
-
-
 # -- the chat page -----------------------------------------------------------------------------
 
 
@@ -159,9 +144,9 @@ async def test_page_a_stream_cut_before_its_first_event_is_followed_to_its_end(
     async with e2e(settings, "llamacpp") as env, _headers_only_proxy(env.server.url) as proxy:
         env.sim.script(SimReply(text="once upon a time " * 10, interval=0.02))
         seen = await _in_browser(partial(_cut_before_start_session, proxy.url))
-        reply = await _only_reply(env)
-        await _run_over(env, reply["run_id"])
-        reply = await _only_reply(env)
+        reply = await only_reply(env.client)
+        await run_over(env.client, reply["run_id"])
+        reply = await only_reply(env.client)
     assert proxy.cut == 1
     assert reply["status"] == "complete", reply
     assert seen["said"] == [], seen
@@ -274,9 +259,9 @@ async def test_cli_a_chat_ended_by_its_terminal_closing_leaves_its_run_going(
             while chunk := await proc.stdout.receive_some(4096):
                 shown += chunk
             code = await proc.wait()
-        reply = await _only_reply(env)
-        run = await _run_over(env, reply["run_id"])
-        reply = await _only_reply(env)
+        reply = await only_reply(env.client)
+        run = await run_over(env.client, reply["run_id"])
+        reply = await only_reply(env.client)
     assert code == 128 + signum, code  # as a shell reports the signal
     assert run["status"] == "cancelled", (
         f"the client exited {code} on {signal.Signals(signum).name} having shown "

@@ -28,6 +28,7 @@ from service.errors import StoreUnavailable
 from service.settings import Settings
 
 from ..fakes import Reply, ScriptedBackend
+from ..proxies import cuttable
 from ..servers import ROOT, RunningServer, running_server
 from .test_chat_cli import GUARD, _chat, _controlling_tty, _env
 from .test_chat_page import CHROMIUM, _answers, _in_browser, _send
@@ -36,59 +37,6 @@ playwright = pytest.importorskip("playwright.sync_api")
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-class CuttableProxy:
-    """A TCP proxy on loopback in front of the service; ``cut()`` drops every connection open
-    at that moment (as a Wi-Fi change or a proxy restart does), new ones pass; while
-    ``refusing``, new ones are closed at once (the network stays down)."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.url = ""
-        self.refusing = False
-        self.refused = 0  # connections closed at once while refusing
-        self._open: set[trio.CancelScope] = set()
-
-    def cut(self, *, refuse: bool = False) -> None:
-        self.refusing = refuse
-        for scope in list(self._open):
-            scope.cancel()
-
-    async def _pump(self, src: trio.SocketStream, dst: trio.SocketStream) -> None:
-        while data := await src.receive_some(65536):
-            await dst.send_all(data)
-        await dst.send_eof()
-
-    async def _serve(self, client: trio.SocketStream) -> None:
-        if self.refusing:
-            self.refused += 1
-            await client.aclose()
-            return
-        with trio.CancelScope() as scope:
-            self._open.add(scope)
-            try:
-                upstream = await trio.open_tcp_stream("127.0.0.1", self.port)
-                async with client, upstream, trio.open_nursery() as nursery:
-                    nursery.start_soon(self._pump, client, upstream)
-                    nursery.start_soon(self._pump, upstream, client)
-            except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                # A pump's error comes in its nursery's group: a peer gone while a pump
-                # still sent to it (its send_eof, ENOTCONN) is the network cut, not a failure.
-                pass
-            finally:
-                self._open.discard(scope)
-
-
-@asynccontextmanager
-async def _proxy(srv: RunningServer) -> AsyncIterator[CuttableProxy]:
-    proxy = CuttableProxy(int(srv.url.rsplit(":", 1)[1]))
-    async with trio.open_nursery() as nursery:
-        (listener,) = await nursery.start(partial(trio.serve_tcp, proxy._serve, 0,
-                                                  host="127.0.0.1"))
-        proxy.url = f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
-        yield proxy
-        nursery.cancel_scope.cancel()
 
 
 async def _conversation(client: httpx.AsyncClient) -> dict[str, Any]:
@@ -225,7 +173,7 @@ async def test_page_dropped_connection_rejoins_with_last_event_id(settings: Sett
     """A dropped stream ends the page's following with a bare "network error" and a cut
     answer, while the run goes on and the store gets all of it."""
     async with running_server(settings, ScriptedBackend(_answers)) as srv, \
-            srv.client() as client, _proxy(srv) as proxy:
+            srv.client() as client, cuttable(srv) as proxy:
 
         def cut() -> None:
             trio.from_thread.run_sync(proxy.cut)
@@ -400,7 +348,7 @@ async def test_cli_dropped_stream_leaves_no_stale_answer(settings: Settings) -> 
     text: the next answer was drawn after the old partial one, and the cursor stayed hidden
     at the prompt."""
     async with running_server(settings, ScriptedBackend(_answers)) as srv, \
-            _proxy(srv) as proxy, _raw_terminal(proxy.url) as term:
+            cuttable(srv) as proxy, _raw_terminal(proxy.url) as term:
         at = await term.wait_for(r"you> ")
         await term.type("slow please\r")
         at = await term.wait_for(r"tick tick", after=at)

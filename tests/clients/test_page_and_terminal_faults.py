@@ -23,6 +23,7 @@ from service.settings import Settings
 from service.sim.scenario import Reply as SimReply
 
 from ..e2e import e2e
+from ..run_ends import run_over
 from ..servers import ROOT
 from .test_chat_cli import GUARD, _controlling_tty, _env
 from .test_chat_page import CHROMIUM, _in_browser, _send
@@ -176,15 +177,6 @@ async def test_cli_a_long_answer_is_shown_once(settings: Settings) -> None:
 # -- the chat page -------------------------------------------------------------------------
 
 
-async def _wait_run_over(env: Any, run_id: str) -> dict[str, Any]:
-    with trio.fail_after(GUARD):
-        while True:
-            run = (await env.client.get(f"/api/runs/{run_id}")).json()
-            if run["status"] not in ("queued", "running"):
-                return run  # type: ignore[no-any-return]
-            await trio.sleep(0.05)
-
-
 async def _the_reply(env: Any, conv: str) -> dict[str, Any]:
     messages = (await env.client.get(f"/api/conversations/{conv}")).json()["messages"]
     return [m for m in messages if m["role"] == "assistant"][-1]  # type: ignore[no-any-return]
@@ -221,10 +213,10 @@ async def test_page_a_conversation_opened_mid_run_is_not_shown_as_ended(
         # A page that started the run, then went away.
         run_id = await _pending_elsewhere(env, nursery, conv)
 
-        def run_over() -> None:
-            trio.from_thread.run(_wait_run_over, env, run_id)
+        def ended() -> None:
+            trio.from_thread.run(run_over, env.client, run_id)
 
-        seen = await _in_browser(partial(_second_tab_session, env.server.url, run_over))
+        seen = await _in_browser(partial(_second_tab_session, env.server.url, ended))
         stored = await _the_reply(env, conv)
     assert stored["status"] == "complete"
     assert stored["content"].split() == ["tick"] * 40

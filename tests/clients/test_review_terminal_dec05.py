@@ -26,9 +26,10 @@ from service.sim.scenario import Reply as SimReply
 
 from ..e2e import GUARD, e2e
 from ..fakes import Reply, ScriptedBackend
+from ..proxies import cuttable
+from ..run_ends import run_over
 from ..servers import ROOT, running_server
 from .test_chat_cli import _env
-from .test_clients_faults import _proxy
 
 
 def _renderer() -> tuple[chat.Renderer, StringIO, StringIO]:
@@ -61,15 +62,6 @@ async def _messages(client: httpx.AsyncClient, conv: str) -> list[dict[str, Any]
     return r.json()["messages"]  # type: ignore[no-any-return]
 
 
-async def _run_over(client: httpx.AsyncClient, run_id: str) -> dict[str, Any]:
-    with trio.fail_after(GUARD):
-        while True:
-            run = (await client.get(f"/api/runs/{run_id}")).json()
-            if run["status"] not in ("queued", "running"):
-                return run  # type: ignore[no-any-return]
-            await trio.sleep(0.05)
-
-
 # -- 1. a POST that never reached the service, and a question asked before -----------------------
 
 
@@ -89,7 +81,7 @@ async def test_cli_a_message_that_never_reached_the_service_does_not_replay_the_
     Expected: a run is taken as this turn's only if it is newer than the turn (a reply
     created after the POST was sent, or one still pending); else the turn fails with "cannot
     reach the service" (or the message is sent again): never the old answer as a new one."""
-    async with e2e(settings, "llamacpp") as env, _proxy(env.server) as proxy:
+    async with e2e(settings, "llamacpp") as env, cuttable(env.server) as proxy:
         conv = await env.conversation()
         env.sim.script(SimReply(text="the first answer, about dogs."),
                        SimReply(text="a second answer, about cats."))
@@ -142,7 +134,7 @@ async def test_cli_a_rejoin_refused_with_retry_after_is_tried_again_when_told(
     one (bounded), so that a store away for less than it said costs no answer: the turn
     succeeds with the whole answer, and the run too."""
     text = " ".join(f"w{i}" for i in range(120))
-    async with e2e(settings, "llamacpp") as env, _proxy(env.server) as proxy:
+    async with e2e(settings, "llamacpp") as env, cuttable(env.server) as proxy:
         conv = await env.conversation()
         env.sim.script(SimReply(text=text, interval=0.06))  # about 7 s
         store = env.server.services.require_store()
@@ -173,7 +165,7 @@ async def test_cli_a_rejoin_refused_with_retry_after_is_tried_again_when_told(
         finally:
             store.faults.before_read = None
         (reply,) = [m for m in await _messages(env.client, conv) if m["role"] == "assistant"]
-        run = await _run_over(env.client, reply["run_id"])
+        run = await run_over(env.client, reply["run_id"])
     assert refused, "the client did not re-join"
     tried = ", ".join(f"{t - cut_at:.1f}" for t in refused)
     turn = outcome[0]

@@ -24,9 +24,10 @@ from service import chat
 from service.settings import Settings
 
 from ..fakes import Reply, ScriptedBackend
+from ..proxies import CuttableProxy, port_of, serving
+from ..run_ends import first_reply, run_over
 from ..servers import running_server
-from ..test_review_diff_dec05c import _assistant, _port, _proxied, _renderer, _run_over, _turn
-from .test_clients_faults import CuttableProxy
+from ..test_review_diff_dec05c import _renderer, _turn
 
 GUARD = 60  # seconds any wait may take before the test fails
 _TICKS = 200  # 10 s at 50 ms a token
@@ -46,7 +47,7 @@ async def _a_long_turn(settings: Settings) -> AsyncIterator[tuple[Any, ...]]:
     (its failure, or None once it is over)."""
     backend = ScriptedBackend([Reply("tick " * _TICKS, gap=0.05)])
     async with running_server(settings, backend) as srv, srv.client() as client, \
-            _proxied(CuttableProxy(_port(srv))) as proxy, trio.open_nursery() as nursery:
+            serving(CuttableProxy(port_of(srv))) as proxy, trio.open_nursery() as nursery:
         conv = (await client.post("/api/conversations", json={})).json()["id"]
         renderer, out = _renderer()
         opts = chat.Options(url=proxy.url, key=None, agent=None, model=None,
@@ -58,9 +59,9 @@ async def _a_long_turn(settings: Settings) -> AsyncIterator[tuple[Any, ...]]:
 
 async def _ended(client: Any, conv: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The turn's run once it has ended, and its stored reply."""
-    reply = await _assistant(client, conv)
-    run = await _run_over(client, reply["run_id"])
-    return run, await _assistant(client, conv)
+    reply = await first_reply(client, conv)
+    run = await run_over(client, reply["run_id"])
+    return run, await first_reply(client, conv)
 
 
 async def test_terminal_follows_a_long_answer_through_many_cuts(settings: Settings) -> None:
