@@ -66,6 +66,11 @@ class Metrics:
             "service_backend_in_flight", "LLM calls open on a backend server", ["backend"],
             registry=r, multiprocess_mode="livesum",
         )
+        self.backend_queued = Gauge(
+            "service_backend_queued",
+            "LLM calls waiting for one of a backend server's slots (SERVICE_BACKEND_CONCURRENCY)",
+            ["backend"], registry=r, multiprocess_mode="livesum",
+        )
         self.backend_up = Gauge(
             "service_backend_up", "1: calls are routed to it; 0: cooling down or not ready",
             ["backend"], registry=r, multiprocess_mode="livemax",

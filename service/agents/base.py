@@ -482,6 +482,8 @@ class AgentContext:
             refused = Observation(call.id, call.name, error=(
                 f"not run: at most {PARALLEL_TOOL_CALLS} tool calls in one step"))
             self.emit("tool.result", {"call_id": call.id, "error": refused.error})
+            label = call.name if self.tools.get(call.name) is not None else "unknown"
+            self.metrics.tool_calls.labels(label, "refused").inc()  # told, so counted
             results[i] = refused
         calls = calls[:PARALLEL_TOOL_CALLS]
 

@@ -49,6 +49,8 @@ class BackendOut(BaseModel):
         default=None, description="seconds until calls are routed to it again")
     # Only for a fleet's servers (None elsewhere): what the router routes by.
     in_flight: int | None = Field(default=None, description="LLM calls open on it now")
+    queued: int | None = Field(
+        default=None, description="LLM calls waiting for one of its slots now")
     loaded: list[str] | None = Field(
         default=None, description="models loaded now (Ollama's /api/ps); null: not known")
     weight: float | None = Field(default=None, description="its share of the load")
@@ -179,7 +181,7 @@ async def list_backends() -> BackendList:
             st = auto.member_status(member)
             out.failures, out.cooldown = st.failures, st.cooldown
             out.last_call_error = st.last_error
-            out.in_flight = auto.in_flight(member)
+            out.in_flight, out.queued = auto.load(member)
         if isinstance(auto, FleetBackend):
             i = auto.backends.index(member)
             inventory = auto.inventories[i]

@@ -204,8 +204,17 @@ class AutoBackend:
         return False
 
     def in_flight(self, backend: Backend) -> int:
-        """Calls of this router open on ``backend`` now (attempts included)."""
+        """Calls of this router on ``backend`` now, from their attempt's start (waiting for a
+        slot included: the load it is routed by; see :meth:`load` for what is open)."""
         return self._state[id(backend)].in_flight
+
+    def load(self, backend: Backend) -> tuple[int, int]:
+        """Calls open on ``backend`` now and calls waiting for one of its slots (its
+        interceptor's limiter; a member without one: every call of this router open)."""
+        open_calls = getattr(backend, "open_calls", None)
+        if open_calls is None:
+            return self.in_flight(backend), 0
+        return open_calls, backend.queued_calls  # type: ignore[attr-defined]
 
     def _in_flight_changed(self, backend: Backend) -> None:
         """A call opened or closed on ``backend`` (a router exporting the count sets it)."""

@@ -86,6 +86,10 @@ class ChatRequest:
     # (ContextLengthExceeded, before it is sent; llama.cpp's, see ``room``), as the server
     # refuses one that does not fit at all. Never sent upstream.
     refuse_without_room: bool = field(default=False, compare=False, repr=False)
+    # Told once when the answer's first output arrives that the adapter holds back until it
+    # is whole (a streamed tool call's first piece, passed on with the last chunk): the call's
+    # time to its first token is then, not at the call's end. Never sent upstream.
+    on_output: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

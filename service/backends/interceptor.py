@@ -126,6 +126,11 @@ class _Call:
                 then(model)
         return told
 
+    def output_began(self) -> None:
+        """``ChatRequest.on_output``: the answer's first output, held back by the adapter."""
+        if self.first_token_at is None:
+            self.first_token_at = trio.current_time()
+
     def seen(self, chunk: ChatChunk) -> None:
         if chunk.backend:
             self.backend = chunk.backend
@@ -215,10 +220,23 @@ class Interceptor:
         self.queue_timeout = queue_timeout
         self.queue_report_every = queue_report_every
         self._waiting: list[object] = []  # calls waiting for a slot, in the limiter's order
+        # Told when a call takes or gives back a slot, or joins or leaves the queue (a fleet
+        # sets it: its per-server gauges follow at once, with several workers too).
+        self.load_changed: Callable[[], None] | None = None
         self.last_chunk_at = -math.inf  # when any call on this backend last got a chunk
         # The adapter's check of a call's room for its answer (OpenAICompatBackend's), if any.
         self._check_room: Callable[[ChatRequest], Awaitable[ChatRequest]] | None = getattr(
             inner, "check_room", None)
+
+    @property
+    def open_calls(self) -> int:
+        """Calls holding one of its slots now (sent upstream, or about to be)."""
+        return int(self.limiter.statistics().borrowed_tokens)
+
+    @property
+    def queued_calls(self) -> int:
+        """Calls waiting for a slot now (nothing of them sent upstream yet)."""
+        return len(self._waiting)
 
     def __repr__(self) -> str:
         stats = self.limiter.statistics()
@@ -236,6 +254,8 @@ class Interceptor:
             # without one, the adapter tells the model it chose (the first its server lists).
             call.model = getattr(self.inner, "default_model", None) or ""
             request = replace(request, on_model=call.chosen(request.on_model))
+        if request.tools:  # (only an answer with tool calls is held back: see on_output)
+            request = replace(request, on_output=call.output_began)
         failure: BaseException | None = None
         try:
             if request.refuse_without_room and (check := self._check_room) is not None:
@@ -249,6 +269,7 @@ class Interceptor:
                     yield _Tracked(aiter(chunks), call, self)
             finally:
                 self.limiter.release()
+                self._told_load()
         except BaseException as exc:
             failure = exc
             raise
@@ -270,11 +291,14 @@ class Interceptor:
         await trio.lowlevel.checkpoint_if_cancelled()
         try:
             self.limiter.acquire_nowait()
-            return
         except trio.WouldBlock:
             pass
+        else:
+            self._told_load()
+            return
         ticket = object()
         self._waiting.append(ticket)  # the limiter is FIFO: this call's place in its queue
+        self._told_load()
         acquired = False
         try:
             with trio.move_on_after(self.queue_timeout) as waited:
@@ -292,6 +316,7 @@ class Interceptor:
             raise
         finally:
             self._waiting.remove(ticket)
+            self._told_load()
         if acquired:
             return  # the queue's deadline may have passed as the nursery closed: too late
         if waited.cancelled_caught:
@@ -301,6 +326,10 @@ class Interceptor:
                 backend=self.name)
             busy.stalled = trio.current_time() - self.last_chunk_at >= self.queue_timeout
             raise busy
+
+    def _told_load(self) -> None:
+        if self.load_changed is not None:
+            self.load_changed()
 
     async def _report_place(self, ticket: object, report: Callable[[int], None]) -> None:
         told = 0

@@ -15,7 +15,7 @@ model"}}`` reachable but not ready. ``GET /v1/models`` lists models.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any, TypedDict
@@ -95,8 +95,10 @@ class _PartialCall:
 class OpenAIChunks:
     """Async iterator of ChatChunk over an OpenAI-style SSE body."""
 
-    def __init__(self, reader: SSEReader, backend: str, model: str) -> None:
+    def __init__(self, reader: SSEReader, backend: str, model: str, *,
+                 on_output: Callable[[], None] | None = None) -> None:
         self.reader = reader
+        self._on_output = on_output  # told at a tool call's first piece (ChatRequest's)
         self.backend = backend
         self.model = model
         self.done = False
@@ -259,6 +261,10 @@ class OpenAIChunks:
                 raise BackendProtocolError(f"more than {MAX_TOOL_CALLS} tool calls in one answer",
                                            backend=self.backend)
             call = self._calls[index] = _PartialCall()
+            if self._on_output is not None:
+                # The answer has begun (its calls come whole with the last chunk).
+                self._on_output()
+                self._on_output = None
         if part.get("id"):
             call.id = str(part["id"])
         name = function.get("name")
@@ -370,7 +376,7 @@ class OpenAICompatBackend(HTTPBackend):
         async with open_stream(
             self.client, http_request, self.budgets, backend=self.name, model=model
         ) as timed:
-            yield OpenAIChunks(SSEReader(timed), self.name, model)
+            yield OpenAIChunks(SSEReader(timed), self.name, model, on_output=request.on_output)
 
     async def list_models(self) -> list[ModelInfo]:
         deadline = trio.current_time() + self.budgets.first_chunk

@@ -35,9 +35,11 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import httpx
 import trio
+from prometheus_client import Gauge
 
 from ..errors import (
     BackendBusy,
@@ -114,9 +116,13 @@ class FleetBackend(AutoBackend):
         self.metrics = metrics
         self._gauges = None
         if metrics is not None:
-            self._gauges = [metrics.backend_in_flight.labels(backend=b.name)
+            self._gauges = [(metrics.backend_in_flight.labels(backend=b.name),
+                             metrics.backend_queued.labels(backend=b.name))
                             for b in self.backends]
             metrics.collectors.append(self.export_metrics)
+            for b in self.backends:
+                if hasattr(b, "load_changed"):  # an Interceptor: its slots and queue
+                    b.load_changed = partial(self._in_flight_changed, b)
 
     def __repr__(self) -> str:
         parts = [f"{b.name}(in_flight={self.in_flight(b)}, failures="
@@ -334,12 +340,17 @@ class FleetBackend(AutoBackend):
         # At once, not only before a render: with several workers /metrics sums every
         # worker's last value, and another worker's would be stale.
         if self._gauges is not None:
-            self._gauges[self._index[id(backend)]].set(self.in_flight(backend))
+            self._set_load(self._gauges[self._index[id(backend)]], backend)
+
+    def _set_load(self, gauges: tuple[Gauge, Gauge], backend: Backend) -> None:
+        open_calls, queued = self.load(backend)
+        gauges[0].set(open_calls)
+        gauges[1].set(queued)
 
     def _export_in_flight(self) -> None:
         if self._gauges is not None:
-            for gauge, backend in zip(self._gauges, self.backends, strict=True):
-                gauge.set(self.in_flight(backend))
+            for gauges, backend in zip(self._gauges, self.backends, strict=True):
+                self._set_load(gauges, backend)
 
     def export_metrics(self) -> None:
         """Set the per-server gauges (run before ``/metrics`` renders)."""

@@ -519,7 +519,8 @@ class PostgresStore(PostgresQueries):
                              f"({type(exc).__name__}: {exc})") from exc
         finally:
             ACQUIRE_BY.reset(acquiring)
-        self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
+            # A failed read too (a statement or pool timeout is what the histogram is for).
+            self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
         return result
 
     async def maintain(self) -> None:

@@ -322,7 +322,8 @@ class SQLiteStore(SQLiteQueries):
                 # byte: SQLite keeps no checksum): this read fails, as a StoreError.
                 raise StoreError(f"store read failed: a stored value does not decode "
                                  f"({type(exc).__name__}: {exc})") from exc
-        self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
+            finally:  # a failed read too, as a failed write
+                self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
         return result
 
     def file_gone(self) -> str | None:
