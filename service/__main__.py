@@ -5,6 +5,13 @@ if sys.argv[1:2] == ["chat"]:  # the terminal client; anything else serves
 
     raise SystemExit(chat_main(sys.argv[2:]))
 
-from .server import main
+try:
+    from .server import main
 
-raise SystemExit(main())
+    code = main()
+except KeyboardInterrupt:
+    # Ctrl+C before trio runs (the imports, the settings, hypercorn's config): as one inside
+    # it but outside the graceful shutdown's window, one line and 130, not a traceback.
+    print("service: interrupted (SIGINT) outside the graceful shutdown", file=sys.stderr)
+    code = 130
+raise SystemExit(code)

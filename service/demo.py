@@ -34,7 +34,7 @@ def demo_overrides() -> dict[str, object]:
         raise ConfigError(
             "--demo needs the embedded extra: pip install -e '.[embedded]'"
         ) from None
-    model = Path(os.environ.get("SERVICE_GGUF", DEMO_MODEL))
+    model = Path(os.environ.get("SERVICE_GGUF") or DEMO_MODEL).expanduser()
     ensure_tiny_model(model)
     overrides: dict[str, object] = {
         "backend": "embedded", "gguf": model,

@@ -57,6 +57,10 @@ _OPTIONAL_NUMBERS: dict[str, type] = {"websocket_ping_interval": float, "read_ti
                                       "group": int}
 
 
+_INT_MAX = 2**31 - 1  # what listen(2) and hypercorn's h2 settings take
+_MAX_WORKERS = 1024  # processes on one host: past it, a typo (each one spawned in turn)
+
+
 def _check_types(config_path: Path) -> None:
     """Each key of the file that hypercorn knows holds a value of its default's type (a number
     for a number, a flag for a flag): hypercorn checks none, and ``workers = "2"`` crashed the
@@ -69,22 +73,31 @@ def _check_types(config_path: Path) -> None:
         default = getattr(defaults, key, None)
         kind = _OPTIONAL_NUMBERS.get(key) or type(default)
         number = isinstance(value, int | float) and not isinstance(value, bool)
+        most = _MAX_WORKERS if key == "workers" else _INT_MAX
         if kind is bool:
             ok = isinstance(value, bool)
-        elif kind is int:  # a count (workers, backlog): a whole number
-            ok = number and isinstance(value, int) and value >= 0
+        elif kind is int:  # a count (workers, backlog): a whole number a C int holds
+            ok = number and isinstance(value, int) and 0 <= value <= most
         elif kind is float:  # seconds: a finite number (TOML has nan and inf), not negative
             ok = number and math.isfinite(value) and value >= 0
         elif key in ("bind", "insecure_bind", "quic_bind"):
             ok = isinstance(value, str) or (
                 isinstance(value, list) and all(isinstance(b, str) for b in value))
+        elif kind is list:
+            # Not a lone string: hypercorn reads server_names with ``in``, and a string's
+            # ``in`` is a substring test (its Host check let "ample.com" in for "example.com").
+            ok = isinstance(value, list) and all(isinstance(b, str) for b in value)
+        elif kind is str:
+            ok = isinstance(value, str)
         else:
             continue
         if not ok:
             what = ("true or false" if kind is bool
                     else "HOST:PORT strings" if key.endswith("bind")
-                    else "a whole number of at least 0 (no quotes)" if kind is int
-                    else "a number of seconds of at least 0 (no quotes)")
+                    else f"a whole number from 0 to {most} (no quotes)" if kind is int
+                    else "a number of seconds of at least 0 (no quotes)" if kind is float
+                    else "a list of strings ([\"...\"])" if kind is list
+                    else "a string")
             raise ConfigError(f"--config {config_path}: {key} = {value!r}: {what} expected",
                               variable="--config")
 
@@ -389,8 +402,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     # The file's workers = 0 is hypercorn's one process, as its own CLI serves it.
     workers = args.workers if args.workers is not None else max(1, config.workers)
-    if workers < 1:
-        print("service: --workers must be at least 1", file=sys.stderr)
+    if not 1 <= workers <= _MAX_WORKERS:
+        print(f"service: --workers must be from 1 to {_MAX_WORKERS}", file=sys.stderr)
+        return 2
+    if workers == 1 and config.max_requests is not None:
+        # hypercorn's worker then ends after that many requests, and with one process nothing
+        # starts another: the service stopped, exit 0, no line saying why.
+        print(f"service: max_requests = {config.max_requests} (hypercorn.toml) ends a worker "
+              "after that many requests; only a pool replaces it: serve with --workers 2 or "
+              "more, or remove it", file=sys.stderr)
         return 2
     if workers > 1:
         from .workers import serve_workers

@@ -52,6 +52,18 @@ def check_url(value: str) -> str:
     return value.rstrip("/")
 
 
+_DEFAULT_DB = Path("./data/service.db")
+
+
+def _path(value: object) -> object:
+    """A path setting as given, with a leading ``~`` the user's home: no shell expands it in a
+    systemd unit or an env file, and ``~/svc/service.db`` made a directory named "~" (which
+    ``rm -rf ~`` then "cleans up")."""
+    if isinstance(value, str | Path):
+        return Path(value).expanduser()
+    return value
+
+
 class Settings(BaseSettings):
     """Every setting of the service. Documented in README.md and ../shared/API.md."""
 
@@ -61,7 +73,7 @@ class Settings(BaseSettings):
                                       allow_inf_nan=False)
 
     # A SQLite file path (a Path), or a PostgreSQL URL (kept a str: a Path would fold its "//").
-    db: Path | str = Path("./data/service.db")
+    db: Path | str = _DEFAULT_DB
     backend: BackendKind = BackendKind.auto
     gguf: Path | None = None
     # One URL or a comma-separated list of servers (service.backends.fleet).
@@ -129,7 +141,20 @@ class Settings(BaseSettings):
             # name and in the log). Not echoed: it may hold the password.
             raise ValueError("a libpq keyword/value string is not supported: give a "
                              "postgresql://user:password@host:port/db URL (or a SQLite path)")
-        return Path(value) if isinstance(value, str) else value
+        if isinstance(value, str) and not value.strip():
+            return _DEFAULT_DB  # SERVICE_DB= (an env file's unset): the default, not "."
+        return _path(value)
+
+    @field_validator("gguf", "backends_file", "ollama_ca_bundle", "llamacpp_ca_bundle",
+                     mode="before")
+    @classmethod
+    def _optional_path(cls, value: object) -> object:
+        # ``VAR=`` is how an env file, compose (``${X}`` unset) or a Helm value leaves a
+        # setting unset: Path("") was ".", the working directory (a store opened on a
+        # directory, "model file not found: .").
+        if isinstance(value, str) and not value.strip():
+            return None
+        return _path(value)
 
     @field_validator("ollama_url", "llamacpp_url")
     @classmethod
@@ -217,6 +242,10 @@ def load_settings(**overrides: object) -> Settings:
             # URL however mistyped (its password).
             message = f"invalid setting {var}: {err['msg']}"
         raise ConfigError(message, variable=var) from None
+    if settings.backend is BackendKind.embedded and settings.gguf is None:
+        # Judged from the settings alone: refused before anything is made (the store).
+        raise ConfigError("SERVICE_BACKEND=embedded needs SERVICE_GGUF (a .gguf model file)",
+                          variable="SERVICE_GGUF")
     from .backends.fleet import validate_fleet  # the fleet file, CA bundles: ConfigError
 
     validate_fleet(settings)
