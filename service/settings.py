@@ -102,7 +102,9 @@ class Settings(BaseSettings):
     # Seconds a call waits for one of those slots; then 503 backend_busy with Retry-After.
     backend_queue_timeout: float = Field(30.0, gt=0)
     health_ttl: float = Field(5.0, ge=0)
-    sse_keepalive: float = Field(15.0, gt=0)
+    # At least 0.1 s: SERVICE_SSE_KEEPALIVE=0.000001 was accepted, and one idle WebSocket then
+    # kept a core busy with pings.
+    sse_keepalive: float = Field(15.0, ge=0.1)
     shutdown_drain: float = Field(5.0, ge=0)
     history_chars: int = Field(24_000, ge=0)
     # Days the events of a finished run are kept (0: for ever); its messages always are.

@@ -363,3 +363,17 @@ def test_a_second_and_third_signal_during_the_drain_change_nothing(tmp_path: Pat
     assert any("shutting_down" in line for line in lines), lines[-3:]
     with socket.socket() as again, pytest.raises(ConnectionRefusedError):
         again.connect(("127.0.0.1", port))  # nothing left listening
+
+
+def test_a_keepalive_of_a_microsecond_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Found in review (no test then): SERVICE_SSE_KEEPALIVE=0.000001 was accepted (gt=0), and
+    # one idle WebSocket kept a core busy with pings. At least 0.1 s; one line naming it.
+    from service.errors import ConfigError
+    from service.settings import load_settings
+
+    monkeypatch.setenv("SERVICE_SSE_KEEPALIVE", "0.000001")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert "SERVICE_SSE_KEEPALIVE" in caught.value.message
+    monkeypatch.setenv("SERVICE_SSE_KEEPALIVE", "0.1")
+    assert load_settings().sse_keepalive == 0.1
