@@ -23,8 +23,8 @@ from service.settings import Settings
 from service.sim.scenario import Reply as SimReply
 
 from ..e2e import e2e
+from ..proxies import cuttable
 from .test_chat_page import CHROMIUM, WAIT_MS, _in_browser, _send
-from .test_clients_faults import _proxy
 
 playwright = pytest.importorskip("playwright.sync_api")
 pytestmark = [pytest.mark.slow,
@@ -59,7 +59,7 @@ async def test_page_follows_a_long_run_through_many_cuts(settings: Settings) -> 
     """A proxy cuts the page's stream six times, each after the re-join before brought more of
     the answer: the page follows the run to its end and shows the stored answer, with no note.
     (It gave up at the fifth cut: "reload to re-join".)"""
-    async with e2e(settings, "llamacpp") as env, _proxy(env.server) as proxy:
+    async with e2e(settings, "llamacpp") as env, cuttable(env.server) as proxy:
         env.sim.script(SimReply(text="tick " * _TICKS, interval=0.05))
         seen = await _in_browser(partial(
             _cut_often_session, proxy.url, lambda: trio.from_thread.run_sync(proxy.cut)))
@@ -83,7 +83,7 @@ async def test_page_rejoins_after_a_ten_second_outage(settings: Settings) -> Non
     """The network is down for 10 s in the middle of a run (every connection refused; the run
     goes on, ``on_disconnect: continue``). Once it is back, the page re-joins on its own and
     shows the whole stored answer. (It had given up after 7.5 s: "reload to re-join".)"""
-    async with e2e(settings, "llamacpp") as env, _proxy(env.server) as proxy:
+    async with e2e(settings, "llamacpp") as env, cuttable(env.server) as proxy:
         env.sim.script(SimReply(text="tick " * _TICKS, interval=0.05))
 
         def down() -> None:

@@ -19,8 +19,8 @@ from service.settings import Settings
 from service.sim.scenario import Reply as SimReply
 
 from ..e2e import GUARD, e2e
+from ..proxies import cuttable
 from .test_chat_page import CHROMIUM, WAIT_MS, _in_browser, _send
-from .test_clients_faults import _proxy
 
 playwright = pytest.importorskip("playwright.sync_api")
 pytestmark = [pytest.mark.slow,
@@ -40,7 +40,7 @@ def _session(url: str, drop: Any, page: Any) -> dict[str, Any]:
 
 
 async def test_page_a_rejoin_answered_503_is_tried_again(settings: Settings) -> None:
-    async with e2e(settings, "llamacpp") as env, _proxy(env.server) as proxy:
+    async with e2e(settings, "llamacpp") as env, cuttable(env.server) as proxy:
         env.sim.script(SimReply(text="tick " * 60, interval=0.05))  # 3 s
         store = env.server.services.require_store()
         get_run = store.get_run
@@ -89,7 +89,7 @@ async def test_page_rejoins_refused_to_the_end_say_why(settings: Settings) -> No
     """Every re-join answered 503: the page gives up after 30 s of re-joins (each after the
     answer's Retry-After) and says why, the service's own words, not only that the stream
     ended."""
-    async with e2e(settings, "llamacpp") as env, _proxy(env.server) as proxy:
+    async with e2e(settings, "llamacpp") as env, cuttable(env.server) as proxy:
         env.sim.script(SimReply(text="tick " * 600, interval=0.05))  # 30 s
         store = env.server.services.require_store()
         get_run = store.get_run
