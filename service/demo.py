@@ -34,7 +34,11 @@ def demo_overrides() -> dict[str, object]:
         raise ConfigError(
             "--demo needs the embedded extra: pip install -e '.[embedded]'"
         ) from None
-    model = Path(os.environ.get("SERVICE_GGUF") or DEMO_MODEL).expanduser()
+    try:
+        model = Path(os.environ.get("SERVICE_GGUF") or DEMO_MODEL).expanduser()
+    except RuntimeError as exc:  # "~nobody/...": no such user
+        raise ConfigError(f"SERVICE_GGUF: {exc} (~ is expanded to a home directory)",
+                          variable="SERVICE_GGUF") from None
     ensure_tiny_model(model)
     overrides: dict[str, object] = {
         "backend": "embedded", "gguf": model,

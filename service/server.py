@@ -57,7 +57,7 @@ _OPTIONAL_NUMBERS: dict[str, type] = {"websocket_ping_interval": float, "read_ti
                                       "group": int}
 
 
-_INT_MAX = 2**31 - 1  # what listen(2) and hypercorn's h2 settings take
+_INT_MAX = 2**31 - 1  # what listen(2) (backlog) and hypercorn's h2 settings take
 _MAX_WORKERS = 1024  # processes on one host: past it, a typo (each one spawned in turn)
 
 
@@ -73,11 +73,13 @@ def _check_types(config_path: Path) -> None:
         default = getattr(defaults, key, None)
         kind = _OPTIONAL_NUMBERS.get(key) or type(default)
         number = isinstance(value, int | float) and not isinstance(value, bool)
-        most = _MAX_WORKERS if key == "workers" else _INT_MAX
+        most = (_MAX_WORKERS if key == "workers"
+                else _INT_MAX if key == "backlog" or key.startswith("h2_") else None)
         if kind is bool:
             ok = isinstance(value, bool)
         elif kind is int:  # a count (workers, backlog): a whole number a C int holds
-            ok = number and isinstance(value, int) and 0 <= value <= most
+            ok = number and isinstance(value, int) and value >= 0 and (
+                most is None or value <= most)
         elif kind is float:  # seconds: a finite number (TOML has nan and inf), not negative
             ok = number and math.isfinite(value) and value >= 0
         elif key in ("bind", "insecure_bind", "quic_bind"):
@@ -94,7 +96,8 @@ def _check_types(config_path: Path) -> None:
         if not ok:
             what = ("true or false" if kind is bool
                     else "HOST:PORT strings" if key.endswith("bind")
-                    else f"a whole number from 0 to {most} (no quotes)" if kind is int
+                    else f"a whole number from 0 to {most} (no quotes)" if most is not None
+                    else "a whole number of at least 0 (no quotes)" if kind is int
                     else "a number of seconds of at least 0 (no quotes)" if kind is float
                     else "a list of strings ([\"...\"])" if kind is list
                     else "a string")
@@ -405,12 +408,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 1 <= workers <= _MAX_WORKERS:
         print(f"service: --workers must be from 1 to {_MAX_WORKERS}", file=sys.stderr)
         return 2
-    if workers == 1 and config.max_requests is not None:
-        # hypercorn's worker then ends after that many requests, and with one process nothing
-        # starts another: the service stopped, exit 0, no line saying why.
-        print(f"service: max_requests = {config.max_requests} (hypercorn.toml) ends a worker "
-              "after that many requests; only a pool replaces it: serve with --workers 2 or "
-              "more, or remove it", file=sys.stderr)
+    if config.max_requests is not None:
+        # hypercorn then ends a worker after that many requests by its own shutdown, not the
+        # service's: no drain first, so every stream open on it was cut without its
+        # run.finished (and with one process nothing started another: the service stopped,
+        # exit 0, no line saying why).
+        print(f"service: max_requests = {config.max_requests} (hypercorn.toml) is not "
+              "supported: hypercorn would end a worker without draining its runs (their "
+              "streams cut without their end); remove it", file=sys.stderr)
         return 2
     if workers > 1:
         from .workers import serve_workers

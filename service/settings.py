@@ -60,7 +60,10 @@ def _path(value: object) -> object:
     systemd unit or an env file, and ``~/svc/service.db`` made a directory named "~" (which
     ``rm -rf ~`` then "cleans up")."""
     if isinstance(value, str | Path):
-        return Path(value).expanduser()
+        try:
+            return Path(value).expanduser()
+        except RuntimeError as exc:  # "~nobody/...": no such user (or no home for "~")
+            raise ValueError(f"{value}: {exc} (~ is expanded to a home directory)") from None
     return value
 
 

@@ -136,17 +136,13 @@ class _Pool:
                 self.stop()
                 self.exit_codes.append(1)
                 return
-            recycled = up and code == 0 and self.config.max_requests is not None
-            if recycled:
-                log.info("worker %d (pid %s) ended after its max_requests; starting another",
-                         slot, proc.pid)
-            elif up:
+            if up:
                 log.error("worker %d (pid %s) died (exit %s); starting another", slot,
                           proc.pid, code)
             else:
                 log.error("worker %d (pid %s) could not start; trying again", slot, proc.pid)
             # One that keeps dying soon after its start is restarted ever more slowly.
-            if not recycled and trio.current_time() - began < _RESTART_SOON:
+            if trio.current_time() - began < _RESTART_SOON:
                 # A stop ends the pause (up to 30 s): the other workers drained at once, and
                 # the parent's exit waited for the pause to run out.
                 with trio.move_on_after(pause):

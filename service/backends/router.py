@@ -190,8 +190,10 @@ class FleetBackend(AutoBackend):
             # lower tier (a 503, a restart, a cool-down) goes back to the higher one once it is
             # up again (the lower tier is a fallback, not the conversation's new home; under
             # auto with no model named, another model too).
-            live = [i for i in usable if i in up] or usable
-            if self.members[affine].priority > min(self.members[i].priority for i in live):
+            # (Nothing up: its server stays first, as good a try as any.)
+            live = [i for i in usable if i in up]
+            if live and self.members[affine].priority > min(
+                    self.members[i].priority for i in live):
                 affine = None
 
         def key(i: int) -> tuple[bool, int, bool, bool, float, int]:
