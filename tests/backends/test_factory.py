@@ -47,7 +47,8 @@ async def test_auto_with_interceptors_and_embedded() -> None:
 
 
 async def test_embedded_needs_its_url() -> None:
-    settings = load_settings(backend="embedded")
+    # (A model file named: load_settings refuses embedded without one.)
+    settings = load_settings(backend="embedded", gguf="models/tiny.gguf")
     async with client_from_settings(settings) as client:
         with pytest.raises(ConfigError, match="embedded"):
             build_backend(settings, client)
