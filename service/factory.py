@@ -162,6 +162,8 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 # The endpoints that read or write the store: 503 store_unavailable while it cannot.
 _STORED = ("/api/conversations", "/api/runs", "/api/llm-calls", "/v1/chat/completions")
 _OPEN_ROUTES = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/"})
+# A load balancer's probes, answered under any host name (with no keys too: they say up or down).
+_PROBES = frozenset({"/healthz", "/readyz"})
 # Where a browser's token (?access_token=, service/tokens.py) stands in for a key.
 _EVENTS_RE = re.compile(r"/api/runs/[^/]+/events")
 
@@ -290,6 +292,12 @@ def create_app(
         REQUEST_ID.set(rid)
         g.request_id = rid
         g.started = time.perf_counter()
+        if not keys and req.path not in _PROBES and not origins.serves_host(req.host):
+            return json_error(403, "forbidden", "this host name is not served without keys "
+                              "(another site's DNS name may point at this service: DNS "
+                              "rebinding): set SERVICE_API_KEYS, list the origin in "
+                              "SERVICE_CORS_ORIGINS, or call it at an IP address or "
+                              "localhost")
         origin = headers.get("Origin")
         if origin is not None:
             # Before the key: another origin is refused whether or not it holds one.

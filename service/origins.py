@@ -61,6 +61,7 @@ class OriginPolicy:
 
     def __init__(self, listed: Iterable[str]) -> None:
         self.listed = frozenset(o for o in map(normal_origin, listed) if o is not None)
+        self._listed_hosts = frozenset(_hostname(o) for o in self.listed)
 
     def __repr__(self) -> str:
         return f"<OriginPolicy listed={sorted(self.listed)}>"
@@ -80,6 +81,16 @@ class OriginPolicy:
         if normal in self.listed:
             return True
         return normal == self.own(scheme, host) and (keyed or _not_rebindable(normal))
+
+    def serves_host(self, host: str) -> bool:
+        """Whether a request sent to ``host`` (its Host header) is answered by a service with
+        no keys: at a name no other site's DNS can point here (an IP address, ``localhost``,
+        a ``*.localhost`` name) or a listed origin's. Under any other name the caller may be
+        another site's page whose name was pointed at this service (DNS rebinding): a
+        browser sends no ``Origin`` on its same-origin GETs, so the origin check alone let it
+        read every conversation."""
+        name = _hostname(f"//{host}")
+        return not name or _not_rebindable(f"http://{host}") or name in self._listed_hosts
 
     def cors_headers(self, origin: str) -> dict[str, str]:
         """The headers a listed origin gets on every response (none for the others: the
@@ -103,10 +114,17 @@ class OriginPolicy:
                 "Access-Control-Max-Age": _PREFLIGHT_MAX_AGE}
 
 
+def _hostname(url: str) -> str:
+    try:
+        return (urlsplit(url).hostname or "").rstrip(".")
+    except ValueError:  # a malformed Host ("[::1"): no name
+        return ""
+
+
 def _not_rebindable(origin: str) -> bool:
     """Whether ``origin``'s host is one no other site's DNS name can stand for: an IP address,
     ``localhost`` or a ``*.localhost`` name."""
-    host = (urlsplit(origin).hostname or "").rstrip(".")
+    host = _hostname(origin)
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
