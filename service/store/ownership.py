@@ -172,6 +172,14 @@ def close_interrupted(execute: Execute, claim: str, run_id: str, reason: str, no
     step (``records.ends_a_step``: the text before one was the step's). False: it was
     closed meanwhile (by another worker, or it finished).
     """
+    # This host's clock, but never before the run's own times nor its conversation's latest
+    # change (the instance that ran it may have had a clock ahead of this one's): a run does
+    # not end before it started, and its end moves its conversation's updated_at.
+    times = execute(
+        "SELECT r.created_at, r.started_at, (SELECT MAX(e.created_at) FROM run_events e "
+        "WHERE e.run_id = r.id) FROM runs r WHERE r.id = ?", (run_id,)).fetchone()
+    now = max([changed_at(execute, run_id, now),
+               *(float(v) for v in times or () if v is not None)])
     if not execute(claim, (reason, now, process_id, run_id)).rowcount:
         return False
     why = reason

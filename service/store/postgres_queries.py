@@ -264,8 +264,17 @@ class PostgresQueries(PostgresOwnership):
             if row is None:
                 raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
             conv = conversation_row(row)
-            if not c.execute("UPDATE conversations SET updated_at = %s WHERE id = %s",
-                             (now, conv.id)).rowcount:
+            # This host's clock, but the conversation's updated_at past its latest change (an
+            # instance with a clock ahead of this one's may have written it): it moves. (The
+            # run and its messages keep this host's clock: a run's end, stamped by the same
+            # clock, is never before its start.)
+            stamped = c.execute(
+                "UPDATE conversations AS c SET updated_at = (SELECT CASE WHEN %s > l.latest "
+                "THEN %s ELSE l.latest + 0.001 END FROM (SELECT GREATEST(c.updated_at, "
+                "(SELECT MAX(m.updated_at) FROM messages m WHERE m.conversation_id = c.id)) "
+                "AS latest) AS l) WHERE c.id = %s RETURNING c.updated_at",
+                (now, now, conv.id)).fetchone()
+            if stamped is None:
                 # Deleted by another instance meanwhile (its delete held the row: this waited
                 # for it, then found it gone): not a foreign-key error, a 500.
                 raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)

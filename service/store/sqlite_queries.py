@@ -306,13 +306,19 @@ class SQLiteQueries(SQLiteOwnership):
             if row is None:
                 raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
             conv = _conversation(row)
-            c.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conv.id))
             history = [_message(r) for r in c.execute(
                 f"SELECT {_MSG_COLS} FROM messages WHERE conversation_id = ? ORDER BY seq",
                 (conv.id,),
             )]
+            # This host's clock, but the conversation's updated_at past its latest change (a
+            # process with a clock ahead of this one's may have written it): it moves. (The
+            # run and its messages keep this host's clock: a run's end, stamped by the same
+            # clock, is never before its start.)
+            latest = max([conv.updated_at, *(m.updated_at for m in history)])
+            stamp = now if now > latest else latest + 0.001
+            c.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (stamp, conv.id))
             begun = begun_run(run_id, user_id, reply_id, conv, history, content, agent, model,
-                           owner, default_model, now)
+                              owner, default_model, now)
             self._insert_run(c, begun)
             return begun
 
