@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     ollama_ca_bundle: Path | None = None  # PEM CAs for those servers' TLS certificates
     llamacpp_ca_bundle: Path | None = None
     default_model: str | None = None
-    api_keys: Annotated[tuple[str, ...], NoDecode] = ()
+    api_keys: Annotated[tuple[str, ...], NoDecode] = Field((), repr=False)  # never in a log
     # Browser origins allowed besides the service's own (CORS); any other Origin gets 403.
     cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
     run_timeout: float = Field(300.0, gt=0)
@@ -148,6 +148,10 @@ class Settings(BaseSettings):
                              "postgresql://user:password@host:port/db URL (or a SQLite path)")
         if isinstance(value, str) and not value.strip():
             return _DEFAULT_DB  # SERVICE_DB= (an env file's unset): the default, not "."
+        if isinstance(value, str) and value.endswith("/"):
+            # "data/" made a SQLite file named "data".
+            raise ValueError("a directory (it ends with /): name the database file in it, "
+                             "e.g. data/service.db")
         return _path(value)
 
     @field_validator("gguf", "backends_file", "ollama_ca_bundle", "llamacpp_ca_bundle",

@@ -377,3 +377,32 @@ def test_a_keepalive_of_a_microsecond_is_refused(monkeypatch: pytest.MonkeyPatch
     assert "SERVICE_SSE_KEEPALIVE" in caught.value.message
     monkeypatch.setenv("SERVICE_SSE_KEEPALIVE", "0.1")
     assert load_settings().sse_keepalive == 0.1
+
+
+def test_smaller_settings_slips_from_the_review(monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
+    # Found in review (no test then): SERVICE_DB=data/ made a SQLite file named "data"; a
+    # fleet file took `timeouts = { idle = inf }`, which SERVICE_LLM_IDLE_TIMEOUT refuses; and
+    # repr(Settings) showed the API keys (no line logs it today; one added later would).
+    from service.errors import ConfigError
+    from service.settings import load_settings
+
+    monkeypatch.setenv("SERVICE_DB", str(tmp_path / "data") + "/")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert "SERVICE_DB" in caught.value.message
+    assert "directory" in caught.value.message
+    monkeypatch.setenv("SERVICE_DB", str(tmp_path / "s.db"))
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text('[[server]]\nname = "a"\nkind = "llamacpp"\nurl = "http://127.0.0.1:1"\n'
+                     "timeouts = { idle = inf }\n")
+    monkeypatch.setenv("SERVICE_BACKENDS_FILE", str(fleet))
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert "idle" in caught.value.message, caught.value.message
+    monkeypatch.delenv("SERVICE_BACKENDS_FILE")
+    monkeypatch.setenv("SERVICE_API_KEYS", "sekrit-key-1")
+    settings = load_settings()
+    assert settings.api_keys == ("sekrit-key-1",)
+    assert "sekrit-key-1" not in repr(settings)
+    assert "sekrit-key-1" not in str(settings)

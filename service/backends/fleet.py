@@ -86,7 +86,7 @@ class ServerSpec:
 
 
 class _TLSIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # as the settings
     ca_bundle: Path | None = None
     client_cert: Path | None = None
     client_key: Path | None = None
@@ -94,14 +94,14 @@ class _TLSIn(BaseModel):
 
 
 class _TimeoutsIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # as the settings
     connect: float | None = Field(default=None, gt=0)
     idle: float | None = Field(default=None, gt=0)
     call: float | None = Field(default=None, gt=0)
 
 
 class _ServerIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # as the settings
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
     kind: Literal["ollama", "llamacpp", "openai"]
     url: str
@@ -132,7 +132,7 @@ class _ServerIn(BaseModel):
 
 
 class _FleetIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # as the settings
     server: list[_ServerIn] = Field(min_length=1)
 
 
