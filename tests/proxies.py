@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import trio
 
@@ -18,7 +18,13 @@ from .servers import RunningServer
 
 __all__ = ["CuttableProxy", "FreezableProxy", "cuttable", "freezable", "port_of", "serving"]
 
-P = TypeVar("P", bound="CuttableProxy")
+class _Serves(Protocol):
+    url: str
+
+    async def _serve(self, client: trio.SocketStream) -> None: ...
+
+
+P = TypeVar("P", bound=_Serves)
 
 
 def port_of(srv: RunningServer) -> int:
@@ -89,7 +95,8 @@ class FreezableProxy(CuttableProxy):
 
 @asynccontextmanager
 async def serving(proxy: P) -> AsyncIterator[P]:
-    """``proxy`` listening on a free loopback port (its ``url``) until the block ends."""
+    """``proxy`` (any with ``_serve`` and ``url``) listening on a free loopback port (its
+    ``url``) until the block ends."""
     async with trio.open_nursery() as nursery:
         (listener,) = await nursery.start(partial(trio.serve_tcp, proxy._serve, 0,
                                                   host="127.0.0.1"))

@@ -11,8 +11,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import suppress
 from functools import partial
 from typing import Any
 
@@ -25,6 +24,7 @@ from service.sim.scenario import Reply as SimReply
 from .clients.test_chat_cli import _env
 from .clients.test_chat_page import CHROMIUM, _in_browser
 from .e2e import e2e
+from .proxies import port_of, serving
 from .run_ends import only_reply, run_over
 from .servers import ROOT
 
@@ -90,17 +90,6 @@ class HeadersOnlyProxy:
             nursery.start_soon(down)
 
 
-@asynccontextmanager
-async def _headers_only_proxy(url: str) -> AsyncIterator[HeadersOnlyProxy]:
-    proxy = HeadersOnlyProxy(int(url.rsplit(":", 1)[1]))
-    async with trio.open_nursery() as nursery:
-        (listener,) = await nursery.start(partial(trio.serve_tcp, proxy._serve, 0,
-                                                  host="127.0.0.1"))
-        proxy.url = f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
-        yield proxy
-        nursery.cancel_scope.cancel()
-
-
 # -- the chat page -----------------------------------------------------------------------------
 
 
@@ -141,7 +130,8 @@ async def test_page_a_stream_cut_before_its_first_event_is_followed_to_its_end(
     Root cause: service/web/chat.js, ``followEvents`` gave up when ``live.run_id`` was unknown
     and told the user to reload, while ``keep()`` (sessionStorage) is only written once the run
     is known, so ``rejoin()`` after the reload had nothing."""
-    async with e2e(settings, "llamacpp") as env, _headers_only_proxy(env.server.url) as proxy:
+    async with e2e(settings, "llamacpp") as env, \
+            serving(HeadersOnlyProxy(port_of(env.server))) as proxy:
         env.sim.script(SimReply(text="once upon a time " * 10, interval=0.02))
         seen = await _in_browser(partial(_cut_before_start_session, proxy.url))
         reply = await only_reply(env.client)
