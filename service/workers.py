@@ -54,6 +54,13 @@ def _worker(settings: Settings, config: Config, sockets: Sockets, ready: Connect
     SIGTERM to the service's pid would no longer reach it."""
     from .server import serve_one
 
+    # Started with SIGINT ignored (``_Pool._start``; exec keeps an ignored signal ignored, and
+    # Python then installs no KeyboardInterrupt): a Ctrl+C reaches the whole process group,
+    # and one during a worker's start (the interpreter, spawn's imports) was a 30-line
+    # KeyboardInterrupt traceback on the terminal. The parent passes every stop on as
+    # SIGTERM; the serving's own receiver takes SIGINT too once it is in place.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # (if the block came along)
     _exit_with_parent(parent)
     configure_logging(settings.log_level, settings.log_format)
     code = serve_one(settings, config, sockets=sockets, on_ready=lambda: ready.send(True))
@@ -159,7 +166,16 @@ class _Pool:
         proc = self.ctx.Process(target=_worker, name=f"service-worker-{slot}",
                                 args=(self.settings, self.config, self.sockets, send,
                                       os.getpid()))
-        proc.start()
+        # The worker starts with SIGINT ignored (see ``_worker``). Here, one that comes
+        # meanwhile waits for the unblock (unless another thread of this process takes it, for
+        # the few milliseconds of the fork and exec: a Ctrl+C then needs pressing again).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            proc.start()
+        finally:
+            signal.signal(signal.SIGINT, handler)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         send.close()
         self.procs[slot] = proc
         up = False

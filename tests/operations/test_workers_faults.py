@@ -491,3 +491,50 @@ async def test_workers_do_not_outlive_their_parent(tmp_path: Path) -> None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
     assert (alive, serving) == (set(), None), "workers left serving after the parent died"
+
+
+_HOLD_A_WORKER = """\
+import os, sys, time
+if "--multiprocessing-fork" in sys.argv:  # a spawned worker, not the parent
+    open(os.environ["HELD_MARK"], "w").close()
+    time.sleep(60)  # still starting: the parent's SIGTERM ends it
+"""
+
+
+async def test_ctrl_c_while_a_worker_is_still_starting_is_no_traceback(tmp_path: Path) -> None:
+    # A Ctrl+C reaches the whole foreground process group: the parent (which passes every stop
+    # on to its workers as SIGTERM) and each worker. A worker still starting (its interpreter,
+    # the imports multiprocessing's spawn does) had no handler yet: Python's
+    # KeyboardInterrupt, a 30-line traceback from multiprocessing/spawn.py on the terminal.
+    # A `sitecustomize` on the workers' PYTHONPATH holds the first worker in its start, so the
+    # Ctrl+C lands there every time.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_HOLD_A_WORKER)
+    mark = tmp_path / "held"
+    env = _env(tmp_path, "http://127.0.0.1:9", PYTHONPATH=str(site), HELD_MARK=str(mark))
+    log = tmp_path / "service.log"
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "service", "--bind", "127.0.0.1:0", "--workers", "2",
+             "--config", str(ROOT / "hypercorn.toml")],
+            cwd=tmp_path, env=env, stderr=out, start_new_session=True)
+    finally:
+        os.close(out)
+    try:
+        with trio.fail_after(GUARD):
+            while not mark.exists():  # noqa: ASYNC110 (another process)
+                assert proc.returncode is None, log.read_text()
+                await trio.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl+C: the parent and its worker
+        with trio.move_on_after(GUARD, shield=True):
+            await proc.wait()
+        text = log.read_text()
+        assert proc.returncode == 0, (proc.returncode, text[-3000:])
+        assert "Traceback" not in text, text[-3000:]
+        assert "KeyboardInterrupt" not in text, text[-3000:]
+        assert "received SIGINT: stopping 2 workers" in text, text[-3000:]
+        assert not _alive(_children(proc.pid))
+    finally:
+        _reap(proc)
