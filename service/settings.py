@@ -72,8 +72,11 @@ class Settings(BaseSettings):
 
     # allow_inf_nan: every float setting is a finite number ("inf" seconds of drain held a
     # shutdown for as long as any run lasted; of run timeout, a run with no deadline).
+    # env_ignore_empty: ``VAR=`` is how an env file, compose (``${X}`` unset) or a Helm value
+    # leaves a setting unset: the default, as docs/operations.md says (an empty number, URL or
+    # name was refused, exit 2, while an empty path or list was the default).
     model_config = SettingsConfigDict(env_prefix="SERVICE_", extra="ignore", frozen=True,
-                                      allow_inf_nan=False)
+                                      allow_inf_nan=False, env_ignore_empty=True)
 
     # A SQLite file path (a Path), or a PostgreSQL URL (kept a str: a Path would fold its "//").
     db: Path | str = _DEFAULT_DB

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["TextJoiner", "clean_json", "clean_text", "not_text_at", "redact_userinfo"]
+__all__ = ["TextJoiner", "clean_json", "clean_text", "cut_at_stop", "not_text_at",
+           "redact_userinfo"]
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -108,3 +109,9 @@ def redact_userinfo(text: str) -> str:
     password holds (a "/", a space, a quote, an "@" of its own): from "//" to the line's last
     "@". It may hide more than the credentials; it never shows them."""
     return _USERINFO.sub("//***@", text)
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """``text`` up to the first of the stop sequences (as a model's server cuts its answer)."""
+    ends = [i for seq in stop if seq and (i := text.find(seq)) >= 0]
+    return text[:min(ends)] if ends else text

@@ -12,6 +12,7 @@ from ..backends.base import Backend
 from ..errors import ServiceError
 from ..metrics import Metrics
 from ..runs import RunHandle, RunSpec
+from ..text import cut_at_stop
 from ..tools import ToolRegistry
 from .auto import AutoAgent
 from .base import Agent, AgentContext, Observation, ToolThunk, call_abandonable
@@ -37,12 +38,6 @@ __all__ = [
 # whose calls hang holds its own threads, not every other tool's (one shared limiter let one
 # user's 16 wedged calls make every sync tool of every user "time out" unstarted).
 TOOL_THREADS = 16
-
-
-def _cut_at_stop(answer: str, stop: tuple[str, ...]) -> str:
-    """The answer up to the first of the stop sequences (as a model's server cuts it)."""
-    ends = [i for seq in stop if seq and (i := answer.find(seq)) >= 0]
-    return answer[:min(ends)] if ends else answer
 
 
 def default_agents() -> dict[str, Agent]:
@@ -123,11 +118,13 @@ def make_runner(
             history_trimmable=spec.messages is None,
         )
         ctx.run_sync = run_sync if run_sync is not None else in_tool_thread
+        if agent.name != "chat":
+            handle.stop = spec.stop  # its answer so far, if cut short, ends there too
         if abandon_in is not None:
             ctx.run_async = partial(in_tool_task, abandon_in())
         answer = await agent.run(ctx)
         if agent.name != "chat" and spec.stop:
-            cut = _cut_at_stop(answer, spec.stop)
+            cut = cut_at_stop(answer, spec.stop)
             if (cut != answer  # ended at the client's stop sequence, as its server would
                     and handle.result_extra.get("finish_reason") != "tool_calls"):
                 # Set, not defaulted: under auto the chat agent set its call's own (a

@@ -21,19 +21,21 @@ def build_history(conv: Conversation, messages: list[Message]) -> list[ChatMessa
     replies (another run's) are left out, and so are failed turns, the question with its
     reply: a question the model's server refused (too long for its context) was sent again
     with every later message, each refused the same way, the conversation dead for good.
+    Any question left without an answer that said something (failed, cancelled before its
+    first token, still pending) is left out with it: two user messages in a row are refused by
+    the chat templates that want user and assistant to alternate (Mistral's, Gemma's).
     """
     history: list[ChatMessage] = []
     if conv.system:
         history.append(ChatMessage("system", conv.system))
     for m in messages:
-        if m.role == "assistant" and m.status is MessageStatus.error:
-            if history and history[-1].role == "user" and len(history) > bool(conv.system):
-                history.pop()  # its question: never answered
+        if m.role == "assistant" and (
+                m.status in (MessageStatus.pending, MessageStatus.error) or not m.content):
             continue
         if m.status in (MessageStatus.pending, MessageStatus.error):
             continue
-        if m.role == "assistant" and not m.content:
-            continue
+        if m.role == "user" and history and history[-1].role == "user":
+            history.pop()  # the question before: never answered
         history.append(ChatMessage(m.role, m.content))
     return history
 
@@ -44,32 +46,26 @@ def trim_history(messages: Sequence[ChatMessage], budget_chars: int) -> list[Cha
 
     (A stored conversation's history: a ``/v1`` request's messages go to the model whole.)
     The current turn (the last user message and everything after it) is always kept whole,
-    even over budget: without the question, or with tool
-    results cut from the call that asked for them, the model cannot answer (and OpenAI-style
-    servers refuse a ``tool`` message whose call is not in the history). Older messages go in
-    units: an assistant message with tool calls stays with the tool results that follow it.
+    even over budget: without the question, or with tool results cut from the call that asked
+    for them, the model cannot answer (and OpenAI-style servers refuse a ``tool`` message
+    whose call is not in the history). Older ones go in whole turns (a user message and what
+    followed it): kept message by message, a reply went without the question it answered, and
+    the chat templates that want user and assistant to alternate (Mistral's, Gemma's) had the
+    model's server refuse the prompt.
     """
-    system = [m for m in messages if m.role == "system"]
-    rest = [m for m in messages if m.role != "system"]
-    if not rest:
-        return list(system)
-    units: list[list[ChatMessage]] = []
-    for m in rest:
-        if m.role == "tool" and units and (units[-1][0].tool_calls or units[-1][0].role == "tool"):
-            units[-1].append(m)  # a result joins the call that asked for it
-        else:
-            units.append([m])
-    last_user = max((i for i, u in enumerate(units) if u[0].role == "user"), default=len(units) - 1)
-    kept = [m for u in units[last_user:] for m in u]
-    used = sum(_size(m) for m in system) + sum(_size(m) for m in kept)
-    for unit in reversed(units[:last_user]):
-        size = sum(_size(m) for m in unit)
+    last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=None)
+    if last_user is None:
+        return list(messages)
+    used = sum(_size(m) for i, m in enumerate(messages) if m.role == "system" or i >= last_user)
+    keep: set[int] = set()
+    for turn in reversed(_older_turns(messages) or ()):
+        size = sum(_size(messages[i]) for i in turn)
         if used + size > budget_chars:
             break
-        kept[:0] = unit
+        keep.update(turn)
         used += size
-    keep = {id(m) for m in kept}
-    return [m for m in messages if m.role == "system" or id(m) in keep]  # in their order
+    return [m for i, m in enumerate(messages)
+            if m.role == "system" or i >= last_user or i in keep]  # in their order
 
 
 def shorter_history(messages: Sequence[ChatMessage], keep: float) -> list[ChatMessage] | None:

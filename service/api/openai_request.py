@@ -35,14 +35,23 @@ class ToolCallIn(_Lenient):
 
 class ChatMessageIn(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
+    # (Before ``content``, whose check reads it.)
     tool_calls: list[ToolCallIn] | None = None
+    content: str | list[dict[str, Any]] | None = Field(None, validate_default=True)
+    name: str | None = None
     tool_call_id: str | None = None
 
     @field_validator("content")
     @classmethod
-    def _text_parts(cls, value: str | list[dict[str, Any]] | None) -> Any:
+    def _text_parts(cls, value: str | list[dict[str, Any]] | None,
+                    info: ValidationInfo) -> Any:
+        if value is None and not (info.data.get("role") == "assistant"
+                                  and info.data.get("tool_calls")):
+            # As OpenAI: only an assistant's tool calls stand without text. A user message
+            # with none was sent on as "", and the model's answer to nothing returned and
+            # stored.
+            raise ValueError("a message needs content (only an assistant message with "
+                             "tool_calls may leave it out)")
         if isinstance(value, list):
             for part in value:
                 if not isinstance(part, dict):
@@ -142,6 +151,14 @@ class ChatCompletionRequest(_Lenient):
                                  info: ValidationInfo) -> Any:
         # As OpenAI checks it: a call forced to a tool the model is not offered cannot be made
         # (on Ollama, where only the named tool is offered, the model got none).
+        if isinstance(value, str):
+            # A typo ("requried") was "auto" on Ollama, the client's forcing silently dropped,
+            # and llama.cpp's server's 400 on llama.cpp.
+            if value not in ("none", "auto", "required"):
+                raise ValueError("must be 'none', 'auto', 'required' or "
+                                 "{'type': 'function', 'function': {'name': ...}}")
+            if value == "required" and not info.data.get("tools"):
+                raise ValueError("'required' forces a call to one of tools, and none are given")
         if isinstance(value, dict) and (
                 value.get("type") != "function" or not isinstance(value.get("function"), dict)
                 or not isinstance(value["function"].get("name"), str)):

@@ -20,7 +20,7 @@ import trio
 
 from ..errors import RunError, ServiceError
 from ..store.records import BegunRun, RunEvent, ends_a_step
-from ..text import clean_json
+from ..text import clean_json, cut_at_stop
 from .lifecycle import TERMINAL, RunStatus, check_transition
 
 __all__ = ["WINDOW_BYTES", "ResumeFrom", "RunHandle", "Subscription"]
@@ -87,6 +87,7 @@ class RunHandle:
         # How the agent's turn text holds its answer (the ReAct text protocol's labels), if not
         # all of it is the answer.
         self.answer_of: Callable[[str], str] | None = None
+        self.stop: tuple[str, ...] = ()  # the stop sequences its answer ends at (see above)
         self.error_event: dict[str, Any] | None = None  # the run's ``error``, sent at its end
         self.result_extra: dict[str, Any] = {}  # e.g. tool_calls, finish_reason for the reply
         self.final_text = ""  # the reply as stored at the end (answer, or partial text)
@@ -146,7 +147,10 @@ class RunHandle:
     def partial_text(self) -> str:
         """The answer so far (the tokens since the last step), as the agent reads its turns."""
         text = "".join(self.answer_parts)
-        return self.answer_of(text) if self.answer_of is not None else text
+        text = self.answer_of(text) if self.answer_of is not None else text
+        # A /v1 client's stop sequences, for an agent whose answer is cut after its run (not by
+        # the model's server): an answer cut short is stored as a whole one would be.
+        return cut_at_stop(text, self.stop) if self.stop else text
 
     # -- events ---------------------------------------------------------------------------------
 

@@ -540,3 +540,30 @@ def test_parse_plan_on_fences_that_never_hold_json_is_an_error() -> None:
 
     with pytest.raises(ValueError, match="not JSON"):
         parse_plan("```json {" * 3000)
+
+
+def test_a_question_left_without_an_answer_is_left_out_of_the_history() -> None:
+    # Found in review: a run cancelled before its first token stores an empty reply, which the
+    # history skipped, leaving its question: the next call was sent two user messages in a
+    # row, which the chat templates that want user and assistant to alternate (Mistral's,
+    # Gemma's) have the model's server refuse. The same for a reply still pending (another
+    # run's) and, as before, a failed one.
+    from service.agents import build_history
+    from service.store import Conversation, Message, MessageStatus
+
+    conv = Conversation("c", None, "SYS", None, None, None, 0.0, 0.0)
+
+    def msg(n: int, role: str, content: str,
+            status: MessageStatus = MessageStatus.complete) -> Message:
+        return Message(f"m{n}", "c", role, content, status, None, None, float(n), float(n))
+
+    stored = [msg(1, "user", "q1"), msg(2, "assistant", "a1"),
+              msg(3, "user", "q2"), msg(4, "assistant", "", MessageStatus.cancelled),
+              msg(5, "user", "q3"), msg(6, "assistant", "a3 so far", MessageStatus.cancelled),
+              msg(7, "user", "q4"), msg(8, "assistant", "partial", MessageStatus.error),
+              msg(9, "user", "q5"), msg(10, "assistant", "live", MessageStatus.pending),
+              msg(11, "user", "now")]
+    history = build_history(conv, stored)
+    assert [(m.role, m.content) for m in history] == [
+        ("system", "SYS"), ("user", "q1"), ("assistant", "a1"),
+        ("user", "q3"), ("assistant", "a3 so far"), ("user", "now")]

@@ -140,3 +140,19 @@ def test_sigint_before_the_graceful_shutdown_can_take_it_exits_130_in_one_line(
     assert server.serve_one(None, None) == 130  # type: ignore[arg-type]
     err = capsys.readouterr().err
     assert err.strip() == "service: interrupted (SIGINT) outside the graceful shutdown"
+
+
+def test_every_setting_left_empty_is_its_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    # docs/operations.md: "An empty value (`SERVICE_DB=`, as an env file or compose leaves a
+    # variable unset) is the default". Found in review: that held for the paths and lists
+    # only; an empty SERVICE_BACKEND, SERVICE_RUN_TIMEOUT, SERVICE_LLAMACPP_URL or
+    # SERVICE_LOG_LEVEL stopped the start (exit 2).
+    from service.settings import Settings, load_settings
+
+    for name in list(os.environ):
+        if name.startswith("SERVICE_"):
+            monkeypatch.delenv(name)
+    default = load_settings()
+    for field in Settings.model_fields:
+        monkeypatch.setenv(f"SERVICE_{field.upper()}", "")
+    assert load_settings() == default
