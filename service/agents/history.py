@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 
 from ..backends.base import ChatMessage
 from ..store import Conversation, Message, MessageStatus
 
-__all__ = ["REFIT_KEEP", "build_history", "fitted_history", "sent_chars", "shorter_history",
-           "trim_history"]
+__all__ = ["REFIT_KEEP", "add_user", "build_history", "fitted_history", "sent_chars",
+           "shorter_history", "trim_history", "with_system"]
 
 
 def build_history(conv: Conversation, messages: list[Message]) -> list[ChatMessage]:
@@ -38,6 +39,30 @@ def build_history(conv: Conversation, messages: list[Message]) -> list[ChatMessa
             history.pop()  # the question before: never answered
         history.append(ChatMessage(m.role, m.content))
     return history
+
+
+def with_system(prompt: str, history: Sequence[ChatMessage]) -> list[ChatMessage]:
+    """An agent's messages: its system prompt first, with the history's own leading system
+    messages (a conversation's, a ``/v1`` client's) joined to it. Two system messages in a
+    row are refused by the chat templates that take one (Gemma's folds the first into the
+    user's turn, and the second breaks its alternation): every ReAct and plan run of a
+    conversation with a system prompt failed there, while chat answered."""
+    lead = 0
+    while lead < len(history) and history[lead].role == "system":
+        lead += 1
+    texts = [prompt, *(m.content for m in history[:lead] if m.content)]
+    return [ChatMessage("system", "\n\n".join(texts)), *history[lead:]]
+
+
+def add_user(messages: list[ChatMessage], text: str) -> None:
+    """``text`` as the user's next words: joined to the last message if that is the user's
+    already (a ReAct observation, the question), as two user messages in a row are refused
+    by the chat templates that want user and assistant to alternate."""
+    if messages and messages[-1].role == "user":
+        last = messages[-1]
+        messages[-1] = replace(last, content=f"{last.content}\n\n{text}")
+    else:
+        messages.append(ChatMessage("user", text))
 
 
 def trim_history(messages: Sequence[ChatMessage], budget_chars: int) -> list[ChatMessage]:

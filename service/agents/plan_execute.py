@@ -30,6 +30,7 @@ from ..backends.base import ChatMessage
 from ..errors import BackendError, ContextLengthExceeded
 from ..store import new_id
 from .base import TOOL_OUTPUT_CHARS, Agent, AgentContext
+from .history import add_user, with_system
 from .react import ReActAgent, StepLimitReached
 
 __all__ = ["Plan", "PlanExecuteAgent", "PlanStep", "parse_plan"]
@@ -149,9 +150,9 @@ class PlanExecuteAgent(Agent):
             tools="".join(f"\n- {t.name}: {t.description} Parameters: {_schema(t.parameters)}"
                           for t in ctx.tools) or "none",
         )
-        messages = [ChatMessage("system", system), *ctx.history]
+        messages = with_system(system, ctx.history)
         if extra:
-            messages.append(ChatMessage("user", extra))
+            add_user(messages, extra)
         # The plan is a format (JSON), not the answer: a client's max_tokens (meant for its
         # answer) cut it mid-JSON, and the run fell back to one step. It gets room for a plan.
         budget = None if ctx.max_tokens is None else max(ctx.max_tokens, PLAN_MAX_TOKENS)
@@ -204,10 +205,13 @@ class PlanExecuteAgent(Agent):
             except StepFailed as second:
                 ctx.emit("thought", {"text": f"re-plan failed too: {second}"})
         summary = _results_text(results, sorted(results), "Step {k}: {v}")
-        # The history without the question, which the synthesis prompt restates; whatever came
-        # after it (a /v1 client's tool calls and their results) stays, each call with its result.
+        # The history without the question, which the synthesis prompt restates, when nothing
+        # came after it: a /v1 client's tool calls and their results after it stay, and so does
+        # the question (without it, its answer's tool call followed the turn before's answer:
+        # two assistant messages in a row, which alternating templates refuse).
         i = ctx.question_index
-        history = ctx.history if i is None else [*ctx.history[:i], *ctx.history[i + 1:]]
+        history = (ctx.history if i is None or i != len(ctx.history) - 1
+                   else ctx.history[:i])
         reply = await ctx.call_llm([
             *history,
             ChatMessage("user", SYNTH_PROMPT.format(question=ctx.question, results=summary)),

@@ -15,6 +15,7 @@ from ..backends.base import ChatMessage, ToolCall
 from ..errors import BackendRejectedRequest
 from ..store import new_id
 from .base import Agent, AgentContext, Observation
+from .history import add_user, with_system
 from .react_parser import (
     InvalidInput,
     answer_so_far,
@@ -62,7 +63,7 @@ class ReActAgent(Agent):
         )
 
     async def run(self, ctx: AgentContext) -> str:
-        messages = [ChatMessage("system", self.system_prompt(ctx)), *ctx.history]
+        messages = with_system(self.system_prompt(ctx), ctx.history)
         return await self.loop(ctx, messages, answers=True)
 
     async def loop(self, ctx: AgentContext, messages: list[ChatMessage], *,
@@ -117,7 +118,7 @@ class ReActAgent(Agent):
             messages.append(ChatMessage("assistant", up_to_the_action(reply.content)))
             messages.append(ChatMessage("user", f"Observation: {obs.text()}"))
         # Step limit: one last call without tools for a clear answer from what was found.
-        messages.append(ChatMessage("user", LIMIT_PROMPT.format(steps=self.max_steps)))
+        add_user(messages, LIMIT_PROMPT.format(steps=self.max_steps))
         ctx.emit("thought", {"text": f"step limit of {self.max_steps} reached"})
         if answers:
             ctx.handle.answer_of = partial(answer_so_far, tools=names, first=False,

@@ -136,7 +136,7 @@ async def test_a_react_step_that_reaches_its_limit_is_a_failed_step(
     def reply(req: ChatRequest) -> Reply:
         if _system(req).startswith(_PLANNER):
             return Reply('{"steps": [{"id": 1, "task": "find the thing"}]}')
-        if req.messages[-1].content.startswith("You have reached the limit"):
+        if "You have reached the limit" in req.messages[-1].content:
             return Reply('Action: calculator\nAction Input: {"expression": "1/0"}')
         if _system(req).startswith("You can use tools"):
             return Reply('Action: calculator\nAction Input: {"expression": "1/0"}')
@@ -169,7 +169,7 @@ async def test_at_the_step_limit_a_final_answer_after_an_action_is_the_answer(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     def reply(req: ChatRequest) -> Reply:
-        if req.messages[-1].content.startswith("You have reached the limit"):
+        if "You have reached the limit" in req.messages[-1].content:
             return Reply('Thought: enough\nAction: calculator\nAction Input: {"expression": "1+1"}'
                          "\nObservation: 2\nFinal Answer: the answer is 2")
         return Reply('Thought: again\nAction: calculator\nAction Input: {"expression": "1+1"}')
