@@ -125,6 +125,16 @@ class ChatCompletionRequest(_Lenient):
                                  "or '-'")
             if not isinstance(function.get("parameters", {}), dict):
                 raise ValueError(f"tools[{n}].function.parameters must be a JSON Schema object")
+            if not isinstance(function.get("description", ""), str):
+                raise ValueError(f"tools[{n}].function.description must be a string")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        # OpenAI's range: a bias past it is no bias at all but a ban or a forcing.
+        if value is not None and any(not -100 <= bias <= 100 for bias in value.values()):
+            raise ValueError("each bias must be from -100 to 100")
         return value
 
     @field_validator("response_format")

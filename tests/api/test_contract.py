@@ -121,6 +121,11 @@ async def test_openapi_document_is_valid_and_lists_every_endpoint(settings: Sett
         {"type": "text", "text": "What is in this image?"},
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]},
      "messages.0.content"),
+    # OpenAI's ranges and types, refused there with a 400: passed on, the model's server took
+    # them or failed its template on them (a 5xx that OpenAI SDKs retry).
+    ({"logit_bias": {"1234": 500}}, "logit_bias"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "description": 7}}]},
+     "tools"),
 ])
 async def test_v1_refuses_what_it_would_not_honour(settings: Settings, extra: dict[str, Any],
                                                    field: str) -> None:
