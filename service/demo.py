@@ -42,10 +42,11 @@ def demo_overrides() -> dict[str, object]:
     ensure_tiny_model(model)
     overrides: dict[str, object] = {
         "backend": "embedded", "gguf": model,
-        "default_model": os.environ.get("SERVICE_DEFAULT_MODEL", "tiny")}
-    # Unless set (then the settings read and check them as usual).
-    if "SERVICE_EMBEDDED_CTX" not in os.environ:
+        "default_model": os.environ.get("SERVICE_DEFAULT_MODEL") or "tiny"}
+    # Unless set (then the settings read and check them as usual); set empty is unset, as
+    # for every setting (``VAR=``: an env file's unset).
+    if not os.environ.get("SERVICE_EMBEDDED_CTX"):
         overrides["embedded_ctx"] = DEMO_CTX
-    if "SERVICE_EMBEDDED_MAX_TOKENS" not in os.environ:
+    if not os.environ.get("SERVICE_EMBEDDED_MAX_TOKENS"):
         overrides["embedded_max_tokens"] = DEMO_MAX_TOKENS
     return overrides

@@ -25,6 +25,7 @@ import signal
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -54,13 +55,13 @@ def _worker(settings: Settings, config: Config, sockets: Sockets, ready: Connect
     SIGTERM to the service's pid would no longer reach it."""
     from .server import serve_one
 
-    # Started with SIGINT ignored (``_Pool._start``; exec keeps an ignored signal ignored, and
-    # Python then installs no KeyboardInterrupt): a Ctrl+C reaches the whole process group,
-    # and one during a worker's start (the interpreter, spawn's imports) was a 30-line
-    # KeyboardInterrupt traceback on the terminal. The parent passes every stop on as
-    # SIGTERM; the serving's own receiver takes SIGINT too once it is in place.
+    # Started with SIGINT blocked (``_Pool._start``; fork and exec keep the mask): a Ctrl+C
+    # reaches the whole process group, and one during a worker's start (the interpreter,
+    # spawn's imports) was a 30-line KeyboardInterrupt traceback on the terminal. The parent
+    # passes every stop on as SIGTERM; the serving's own receiver takes SIGINT too once it is
+    # in place. Until then it is ignored (one that came during the start with it).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # (if the block came along)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _exit_with_parent(parent)
     configure_logging(settings.log_level, settings.log_format)
     code = serve_one(settings, config, sockets=sockets, on_ready=lambda: ready.send(True))
@@ -166,15 +167,16 @@ class _Pool:
         proc = self.ctx.Process(target=_worker, name=f"service-worker-{slot}",
                                 args=(self.settings, self.config, self.sockets, send,
                                       os.getpid()))
-        # The worker starts with SIGINT ignored (see ``_worker``). Here, one that comes
-        # meanwhile waits for the unblock (unless another thread of this process takes it, for
-        # the few milliseconds of the fork and exec: a Ctrl+C then needs pressing again).
+        # The worker starts with SIGINT blocked (see ``_worker``): blocked here, in this
+        # thread, for the fork, the child keeps the mask. This process's handler stays: one
+        # that comes meanwhile is taken at the unblock (or by another thread; ignoring it here
+        # instead lost it when another thread took it). Spawn's resource tracker is started
+        # first: its own start unblocks SIGINT.
+        resource_tracker.ensure_running()
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             proc.start()
         finally:
-            signal.signal(signal.SIGINT, handler)
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         send.close()
         self.procs[slot] = proc

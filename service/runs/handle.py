@@ -149,8 +149,12 @@ class RunHandle:
         text = "".join(self.answer_parts)
         text = self.answer_of(text) if self.answer_of is not None else text
         # A /v1 client's stop sequences, for an agent whose answer is cut after its run (not by
-        # the model's server): an answer cut short is stored as a whole one would be.
-        return cut_at_stop(text, self.stop) if self.stop else text
+        # the model's server): an answer cut short is stored as a whole one would be (ReAct's
+        # stripped first, as its loop strips a whole answer: a leading blank line cut it to
+        # nothing, and the whole one at its end).
+        if self.stop:
+            text = cut_at_stop(text.strip() if self.answer_of is not None else text, self.stop)
+        return text
 
     # -- events ---------------------------------------------------------------------------------
 

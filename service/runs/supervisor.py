@@ -43,7 +43,7 @@ from ..errors import (
 )
 from ..logs import RUN_ID, get_logger
 from ..metrics import Metrics
-from ..store import BegunRun, MessageStatus, Store, new_id
+from ..store import BegunRun, MessageStatus, RunEvent, Store, new_id
 from ..text import clean_text
 from . import upkeep
 from .call_records import CallRecords
@@ -341,6 +341,13 @@ class RunSupervisor:
             content=spec.content, agent=spec.agent, model=spec.model, owner=spec.owner,
             new_conversation=spec.new_conversation, default_model=spec.default_model,
         )
+        if spec.stop and begun.run.agent != "chat":
+            # The stop sequences its answer is cut at after the run (the chat agent's server
+            # cuts it): in its first event, so that a survivor closing it after its instance
+            # died cuts its answer so far there too (``ownership.close_interrupted``).
+            s = begun.started
+            begun = begun._replace(started=RunEvent.make(
+                s.run_id, s.seq, s.type, {**s.data, "stop": list(spec.stop)}, s.created_at))
         handle = self._new_handle(begun, spec)
         handle.reserve_first_event()
         self._launch_soon(handle, spec)

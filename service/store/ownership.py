@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ..text import clean_text
+from ..text import clean_text, cut_at_stop
 from .records import STEP_EVENTS, ends_a_step, stored_data
 
 __all__ = ["LEASE", "alive", "close_interrupted", "owner_alive", "process_tag"]
@@ -160,6 +160,11 @@ def changed_at(execute: Execute, run_id: str, now: float) -> float:
     return max(now, time.time(), latest + 0.001)
 
 
+# Besides the step events, what closing a run reads of its events: its answer's tokens, the
+# agent an ``auto`` run chose, the stop sequences in its first event.
+_CLOSE_READS = frozenset({"token", "decision", "run.started"})
+
+
 def close_interrupted(execute: Execute, claim: str, run_id: str, reason: str, now: float,
                       process_id: str) -> bool:
     """Close one run whose owner is gone, in the caller's transaction; both stores' recovery.
@@ -205,10 +210,11 @@ def close_interrupted(execute: Execute, claim: str, run_id: str, reason: str, no
     parts: list[str] = []
     stepped = native = False
     decided: str | None = None  # the agent an ``auto`` run was routed to
+    stop: list[str] = []  # a /v1 client's stop sequences its answer is cut at (run.started)
     streamed_by: str | None = None  # the model its events last named (their ``model``)
     for type_, data in execute(
             "SELECT type, data FROM run_events WHERE run_id = ? AND type IN "
-            f"({', '.join(repr(t) for t in sorted(STEP_EVENTS | {'token', 'decision'}))}) "
+            f"({', '.join(repr(t) for t in sorted(STEP_EVENTS | _CLOSE_READS))}) "
             "ORDER BY seq", (run_id,)).fetchall():
         told = stored_data(data)
         if isinstance(told.get("model"), str):  # a call's first token, thought or tool call
@@ -217,6 +223,8 @@ def close_interrupted(execute: Execute, claim: str, run_id: str, reason: str, no
             streamed_by = clean_text(told["model"])
         if type_ == "token":
             parts.append(told.get("text", ""))
+        elif type_ == "run.started":
+            stop = [s for s in told.get("stop") or () if isinstance(s, str)]
         elif type_ == "decision":
             decided = told.get("agent")
         elif ends_a_step(type_, told):
@@ -231,6 +239,9 @@ def close_interrupted(execute: Execute, claim: str, run_id: str, reason: str, no
         # (Imported here: the agents' package imports the store's.)
         from ..agents.react_parser import answer_so_far
         partial = answer_so_far(partial, first=not stepped, native=native)
+        if stop:
+            partial = partial.strip()  # as the live run cuts it (RunHandle.partial_text)
+    partial = cut_at_stop(partial, tuple(stop))
     execute("UPDATE messages SET status = 'error', error = ?, content = ?, updated_at = ? "
             "WHERE run_id = ? AND status = 'pending'",
             (why and clean_text(why), clean_text(partial), changed_at(execute, run_id, now),
