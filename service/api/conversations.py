@@ -81,16 +81,15 @@ async def delete_conversation(conversation_id: str) -> tuple[str, int]:
     store = services().require_store()
     await store.get_conversation(conversation_id, owner=current_owner())  # 404 if not theirs
     reason = "the conversation was deleted"
+    supervisor = services().require_supervisor()
     await stop_runs(await store.runs_in_progress(conversation_id), reason)
+    # A run begun on it meanwhile (another tab posting), in flight or with its first write
+    # in flight, was not among those: stopped too, before the rows go (its LLM calls then go
+    # with them; stopped after, one was kept tied to no run), and again after, for one begun
+    # in between (its rows went with the conversation: it ran on, out of reach, its id 404).
+    # (One on another worker or instance is stopped by its own process, whose upkeep finds
+    # its row gone: runs_missing.)
+    await supervisor.stop_conversation(conversation_id, reason)
     await store.delete_conversation(conversation_id, owner=current_owner())
-    # A run begun on it meanwhile (another tab posting; its first write landed before the
-    # delete) was not among those stopped, and its rows went with the conversation: it ran
-    # on, out of reach (its id 404). Stopped here too. (One on another worker or instance
-    # is stopped by its own process, whose upkeep finds its row gone: runs_missing.)
-    late = [h for h in services().require_supervisor().live()
-            if h.conversation_id == conversation_id]
-    for handle in late:
-        handle.cancel(reason)
-    for handle in late:
-        await handle.finished.wait()
+    await supervisor.stop_conversation(conversation_id, reason)
     return "", 204

@@ -252,6 +252,7 @@ async def run_events(run_id: str, query_args: RunEventsQuery) -> Response:
     if after and run.status in ("queued", "running"):
         seen = checked
         if seen is None:
+            await _still_there(run)  # (deleted meanwhile, its events with it: a 404)
             # An id this run has not reached: no client can have seen it (an event is shown
             # only once stored). Followed, the stream would wait for the run's end and then
             # close without it (its run.finished comes before that id).
@@ -269,6 +270,7 @@ async def run_events(run_id: str, query_args: RunEventsQuery) -> Response:
             # 204; on an empty 200 it would reconnect every few seconds forever.
             return Response("", status=204)
         if where == "past":
+            await _still_there(run)  # (deleted meanwhile, its events with it: a 404)
             # Past the run's last event: no client saw it (another run's id, a stale or made-up
             # one). A 204 would tell it that it had seen the end, and stop its EventSource
             # for good without the events.
@@ -290,6 +292,13 @@ async def _no_events() -> AsyncIterator[bytes]:
 
 async def _failed(exc: ServiceError) -> AsyncIterator[bytes]:
     yield sse_event(None, "error", exc.to_event())
+
+
+async def _still_there(run: RunRecord) -> None:
+    """NotFound (a 404) if the run is gone: a delete of its conversation that landed after
+    the run was read took its events too, and the id was then told "past this run's events"
+    (a 422 for an id the client had been shown)."""
+    await services().require_store().get_run(run.id, owner=current_owner())
 
 
 async def _event_type(run: RunRecord, seq: int) -> str | None:

@@ -106,6 +106,7 @@ class RunSupervisor:
         self._reserved = 0  # runs being set up (counted against max_runs)
         # Runs whose first write is in flight: set when each is launched (or failed to start).
         self._starting: dict[str, trio.Event] = {}
+        self._starting_on: dict[str, str] = {}  # run id -> its conversation's, while starting
         self._cancel_at_launch: dict[str, str] = {}  # run id -> reason, asked while starting
         # Runs whose start was answered as failed, though their first write may have landed.
         self._abandoned: set[str] = set()
@@ -189,6 +190,24 @@ class RunSupervisor:
     def starting(self, run_id: str) -> bool:
         """Whether a run's first write is in flight or has just landed, its launch to come."""
         return run_id in self._starting
+
+    async def stop_conversation(self, conversation_id: str, reason: str) -> None:
+        """Stop this process's runs on a conversation, those in flight and those whose first
+        write is in flight (cancelled as they launch; one whose write fails does not start),
+        and return once each has ended: a delete's, so that no run of a deleted conversation
+        goes on after it (calling the model for a conversation that is gone), and the LLM
+        calls of those stopped before its rows go are deleted with them."""
+        starting = [run_id for run_id, on in self._starting_on.items() if on == conversation_id]
+        for run_id in starting:
+            self._cancel_at_launch.setdefault(run_id, reason)
+        for run_id in starting:
+            if (launched := self._starting.get(run_id)) is not None:
+                await launched.wait()
+        going = [h for h in self._runs.values() if h.conversation_id == conversation_id]
+        for handle in going:
+            handle.cancel(reason)
+        for handle in going:
+            await handle.finished.wait()
 
     async def cancel_starting(self, run_id: str, reason: str) -> RunHandle | None:
         """Cancel a run whose first write is in flight (it is stored, maybe visible, but not
@@ -283,6 +302,7 @@ class RunSupervisor:
         self._reserved += 1
         run_id = new_id("run")
         self._starting[run_id] = launched = trio.Event()
+        self._starting_on[run_id] = spec.conversation_id
         try:
             # One write checks the conversation, resolves agent and model, stores the run, both
             # messages and event 1 (run.started), and reads the history for the agent; the
@@ -301,9 +321,14 @@ class RunSupervisor:
                 raise
             handle = self._new_handle(begun, spec)
             handle.adopt_first_event(begun.started)
+            if (asked := self._cancel_at_launch.get(run_id)) is not None:
+                # A cancel (or a delete) came while its write was in flight: it starts
+                # stopped, its agent stopped before its first call (``_execute``); cancelled
+                # only once launched, the agent's first step ran, its upstream call made.
+                handle.cancel(asked)
             await self._launch(handle, spec)
         finally:
-            del self._starting[run_id]
+            del self._starting[run_id], self._starting_on[run_id]
             launched.set()
             self._reserved -= 1
             self._starts_done.set()  # (the drain tells each run launched meanwhile)
@@ -426,6 +451,7 @@ class RunSupervisor:
         try:
             with handle.scope:
                 handle.set_status(RunStatus.running)
+                await trio.lowlevel.checkpoint_if_cancelled()  # (stopped before its launch)
                 try:
                     async with trio.open_nursery() as run_nursery:
                         answer = await self._runner(handle, spec, run_nursery)
