@@ -76,6 +76,7 @@ async def _start_services(app: QuartTrio, svc: Services, backend: Backend | None
         ),
         metrics=svc.metrics, max_runs=settings.max_runs, run_timeout=settings.run_timeout,
         events_retention=settings.events_retention_days * 86_400,
+        history_chars=settings.history_chars,
     )
     if backend is None:
         client = client_from_settings(settings)

@@ -95,8 +95,12 @@ class RunSupervisor:
         max_runs: int = 1000,
         run_timeout: float = 300.0,
         events_retention: float = 0.0,
+        history_chars: int | None = None,
     ) -> None:
         self._store = store
+        # Of a conversation's earlier messages, a run reads the newest its history can keep
+        # (SERVICE_HISTORY_CHARS; None: all).
+        self.history_chars = history_chars
         self._runner = runner
         self._metrics = metrics
         self.max_runs = max_runs
@@ -311,7 +315,7 @@ class RunSupervisor:
                 begun = await self._store.begin_run(
                     spec.conversation_id, content=spec.content, agent=spec.agent,
                     model=spec.model, owner=spec.owner, default_model=spec.default_model,
-                    run_id=run_id,
+                    run_id=run_id, history_chars=self.history_chars,
                 )
             except StoreUnavailable:
                 # Its COMMIT may have landed all the same (a connection lost during it): the

@@ -38,6 +38,7 @@ from .records import (
     encode_cursor,
     message_row,
     new_id,
+    newest_history,
     run_row,
 )
 
@@ -252,6 +253,7 @@ class PostgresQueries(PostgresOwnership):
     async def begin_run(
         self, conversation_id: str, *, content: str, agent: str | None, model: str | None,
         owner: str | None = None, default_model: str | None = None, run_id: str | None = None,
+        history_chars: int | None = None,
     ) -> BegunRun:
         now = time.time()
         run_id = run_id or new_id("run")
@@ -278,9 +280,15 @@ class PostgresQueries(PostgresOwnership):
                 # Deleted by another instance meanwhile (its delete held the row: this waited
                 # for it, then found it gone): not a foreign-key error, a 500.
                 raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
-            history = [message_row(r) for r in c.execute(
-                f"SELECT {_MSG_COLS} FROM messages WHERE conversation_id = %s ORDER BY seq",
-                (conv.id,)).fetchall()]
+
+            def fetch(before: int | None, limit: int) -> list[tuple[int, Message]]:
+                rows = c.execute(
+                    f"SELECT seq, {_MSG_COLS} FROM messages WHERE conversation_id = %s "
+                    "AND seq < %s ORDER BY seq DESC LIMIT %s",
+                    (conv.id, 2**63 - 1 if before is None else before, limit)).fetchall()
+                return [(r[0], message_row(r[1:])) for r in rows]
+
+            history = newest_history(fetch, history_chars)
             begun = begun_run(run_id, user_id, reply_id, conv, history, content, agent, model,
                               owner, default_model, now)
             self._insert_run(c, begun)

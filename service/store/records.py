@@ -6,7 +6,7 @@ import base64
 import json
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple
@@ -33,6 +33,7 @@ __all__ = [
     "ends_a_step",
     "message_row",
     "new_id",
+    "newest_history",
     "run_row",
     "strict_json",
 ]
@@ -280,3 +281,46 @@ def call_row(row: Sequence[Any]) -> LLMCallRecord:
     c[3] = LLMCallOutcome(c[3])
     c[11] = bool(c[11])
     return LLMCallRecord(*c)
+
+
+HISTORY_SLICE = 200  # messages a new run's history is read in, newest first
+
+
+def newest_history(fetch: Callable[[int | None, int], list[tuple[int, Message]]],
+                   chars: int | None) -> list[Message]:
+    """A conversation's messages for a new run's history, oldest first: all of them (``chars``
+    None), or the newest whose text reaches ``chars`` (SERVICE_HISTORY_CHARS), back to a user
+    message, so that the oldest turn read is whole: no older turn could be kept by the trim
+    (``agents.history.trim_history`` keeps the newest whole turns that fit), so none is read.
+    Read in slices, newest first (``fetch(before_seq, limit)``: (seq, message) pairs, newest
+    first): every run read every message of its conversation, under the write lock, to send
+    the model its last few dozen.
+
+    The text counted is what the history keeps: not a reply that failed or is still pending
+    and not a question no reply answered (``agents.history.build_history`` leaves those out),
+    so a failed turn's text does not stop the read short of turns that fit."""
+    budget = math.inf if chars is None else chars
+    newest: list[Message] = []
+    size = 0
+    answered = False  # the message just after (newer than) this one is a reply that counts
+    before: int | None = None
+    while True:
+        rows = fetch(before, HISTORY_SLICE)
+        for seq, m in rows:
+            newest.append(m)
+            before = seq
+            if m.role == "user":
+                if answered:
+                    size += len(m.content)
+                if size > budget:
+                    return newest[::-1]
+                answered = False
+            else:
+                counts = (m.status not in (MessageStatus.pending, MessageStatus.error)
+                          and bool(m.content))
+                if counts:
+                    size += len(m.content)
+                answered = m.role == "assistant" and counts
+        if len(rows) < HISTORY_SLICE:
+            return newest[::-1]
+

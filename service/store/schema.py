@@ -123,6 +123,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         "CREATE INDEX messages_run ON messages(run_id)",
     ),
+    # 8: a conversation's latest change (a run's start and end, its place in the list): one
+    # index lookup, where each was a scan of every message of the conversation.
+    (
+        "CREATE INDEX messages_changed ON messages(conversation_id, updated_at)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -238,6 +243,10 @@ PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # own connection waited to renew it; nor one row every instance's probe writes.
     (
         "CREATE TABLE probes (id TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL)",
+    ),
+    # 4: a conversation's latest change, as SQLite's 8.
+    (
+        "CREATE INDEX messages_changed ON messages(conversation_id, updated_at)",
     ),
 )
 

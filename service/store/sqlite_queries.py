@@ -29,6 +29,7 @@ from .records import (
     decode_cursor,
     encode_cursor,
     new_id,
+    newest_history,
 )
 from .records import (
     call_row as _call,
@@ -284,9 +285,12 @@ class SQLiteQueries(SQLiteOwnership):
         owner: str | None = None,
         default_model: str | None = None,
         run_id: str | None = None,
+        history_chars: int | None = None,
     ) -> BegunRun:
         """Everything a run on an existing conversation needs to start, in one transaction (one
-        thread hop). ``run_id``: the new run's id, if the caller made it (``new_id("run")``).
+        thread hop). ``run_id``: the new run's id, if the caller made it (``new_id("run")``);
+        ``history_chars``: read only the newest messages its history can keep
+        (``records.newest_history``), all of them if None.
 
         Checks the conversation (owned by ``owner``), resolves the agent and model (the
         request's, else the conversation's, else ``"chat"`` / ``default_model``), writes a
@@ -306,15 +310,22 @@ class SQLiteQueries(SQLiteOwnership):
             if row is None:
                 raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
             conv = _conversation(row)
-            history = [_message(r) for r in c.execute(
-                f"SELECT {_MSG_COLS} FROM messages WHERE conversation_id = ? ORDER BY seq",
-                (conv.id,),
-            )]
+
+            def fetch(before: int | None, limit: int) -> list[tuple[int, Message]]:
+                rows = c.execute(
+                    f"SELECT seq, {_MSG_COLS} FROM messages WHERE conversation_id = ? "
+                    "AND seq < ? ORDER BY seq DESC LIMIT ?",
+                    (conv.id, 2**63 - 1 if before is None else before, limit))
+                return [(r[0], _message(r[1:])) for r in rows]
+
+            history = newest_history(fetch, history_chars)
             # This host's clock, but the conversation's updated_at past its latest change (a
             # process with a clock ahead of this one's may have written it): it moves. (The
             # run and its messages keep this host's clock: a run's end, stamped by the same
             # clock, is never before its start.)
-            latest = max([conv.updated_at, *(m.updated_at for m in history)])
+            last_change = c.execute("SELECT MAX(updated_at) FROM messages "
+                                    "WHERE conversation_id = ?", (conv.id,)).fetchone()[0]
+            latest = max(conv.updated_at, last_change or 0.0)
             stamp = now if now > latest else latest + 0.001
             c.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (stamp, conv.id))
             begun = begun_run(run_id, user_id, reply_id, conv, history, content, agent, model,

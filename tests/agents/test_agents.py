@@ -567,3 +567,43 @@ def test_a_question_left_without_an_answer_is_left_out_of_the_history() -> None:
     assert [(m.role, m.content) for m in history] == [
         ("system", "SYS"), ("user", "q1"), ("assistant", "a1"),
         ("user", "q3"), ("assistant", "a3 so far"), ("user", "now")]
+
+
+def test_reading_only_the_newest_messages_gives_the_same_history() -> None:
+    # A run reads only the newest messages its history can keep (records.newest_history, in
+    # slices, newest first): what reaches the model is the same as from every message, for
+    # any budget, with failed, empty, pending and long turns among them.
+    import random
+
+    from service.agents import build_history, trim_history
+    from service.store import Conversation, Message, MessageStatus
+    from service.store.records import newest_history
+
+    rng = random.Random(7)
+    fewer = 0
+    for trial in range(300):
+        stored: list[Message] = []
+        for n in range(rng.randrange(0, 500)):
+            role = "user" if n % 2 == 0 or rng.random() < 0.05 else "assistant"
+            status = MessageStatus.complete
+            if role == "assistant":
+                status = rng.choice([MessageStatus.complete] * 6 + [
+                    MessageStatus.cancelled, MessageStatus.error, MessageStatus.pending])
+            text = "x" * rng.choice([0, 1, 5, 40, 300, 3000]) if role == "assistant" or \
+                rng.random() < 0.9 else ""
+            stored.append(Message(f"m{n}", "c", role, text, status, None, None, n, n))
+        conv = Conversation("c", None, rng.choice([None, "SYS"]), None, None, None, 0.0, 0.0)
+        question = Message("q", "c", "user", "now", MessageStatus.complete, None, None, 1e9, 1e9)
+        budget = rng.choice([0, 10, 100, 1000, 5000, 24_000, 100_000])
+
+        def fetch(before: int | None, limit: int,
+                  rows: list[Message] = stored) -> list[tuple[int, Message]]:
+            end = len(rows) if before is None else before
+            return [(i, rows[i]) for i in range(end - 1, max(end - limit, 0) - 1, -1)]
+
+        read = newest_history(fetch, budget)
+        assert read == stored[len(stored) - len(read):], trial  # the newest, in order
+        fewer += len(read) < len(stored)
+        whole = trim_history(build_history(conv, [*stored, question]), budget)
+        assert trim_history(build_history(conv, [*read, question]), budget) == whole, trial
+    assert fewer > 100  # (most reads stopped short of the whole conversation)

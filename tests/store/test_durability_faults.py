@@ -12,6 +12,7 @@ the code it was written against, for the defect its docstring names).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -189,10 +190,15 @@ async def test_readyz_is_not_ready_on_a_store_whose_pages_are_corrupt(tmp_path: 
     for i in range(300):
         await store.append_message(conv.id, role="user", content=f"message {i} " * 50)
     await store.aclose()
-    # Pages of the messages table rot (headers and schema pages kept).
+    # Pages of the messages table rot (the header, the schema's pages and the other tables'
+    # kept: the schema outgrew its first page, and a rotten schema is refused at the start).
+    with contextlib.closing(sqlite3.connect(db)) as c:
+        pages = [p for (p,) in c.execute(
+            "SELECT pageno FROM dbstat WHERE name = 'messages' AND pagetype = 'leaf'")]
+    assert len(pages) > 20
     data = bytearray(db.read_bytes())
-    for page in range(10, len(data) // 4096 - 2):
-        at = page * 4096 + 100
+    for page in pages:
+        at = (page - 1) * 4096  # its header (the page's type among it)
         data[at:at + 200] = bytes((page * 7 + i) % 251 for i in range(200))
     db.write_bytes(bytes(data))
     async with running_server(load_settings(db=db)) as srv, srv.client() as http:
