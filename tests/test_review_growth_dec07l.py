@@ -386,9 +386,6 @@ async def _recovery_cost(tmp_path: Path, runs: int, tokens: int) -> list[tuple[s
         return per_write
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known, not fixed yet: a dead instance's runs are closed in one write "
-    "transaction"))
 async def test_closing_a_dead_workers_runs_reads_all_their_events_in_one_write(
         tmp_path: Path) -> None:
     """DEFECT: a survivor closes every run a dead worker left in one write transaction

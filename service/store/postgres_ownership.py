@@ -80,19 +80,21 @@ class PostgresOwnership:
         if not candidates:
             return []
 
-        def fn(c: Conn) -> list[str]:
-            execute = qmarks(c)
+        def close(rid: str) -> Callable[[Conn], bool]:
+            def fn(c: Conn) -> bool:
+                # A run whose row a stalled owner's open batch still locks is left for the next
+                # look (the server ends that transaction: idle_in_transaction_session_timeout).
+                if not close_interrupted(qmarks(c), _CLAIM, rid, reason, now, self.process_id):
+                    return False
+                _notify(c, {rid})  # its followers elsewhere read the end now
+                return True
+            return fn
 
-            # In the order owners' batches lock runs. A run whose row a stalled owner's open
-            # batch still locks is left for the next look (the server ends that transaction:
-            # idle_in_transaction_session_timeout): waiting on it would hold this whole batch.
-            dead = [rid for rid in sorted(candidates)
-                    if close_interrupted(execute, _CLAIM, rid, reason, now, self.process_id)]
-            if dead:
-                _notify(c, set(dead))  # their followers elsewhere read the end now
-            return dead
-
-        closed = await self._write("recover_interrupted", fn)
+        # One write each, in the order owners' batches lock runs: a dead instance's runs
+        # closed in one held its batch (every stream's tokens behind it) while it read all
+        # their events.
+        closed = [rid for rid in sorted(candidates)
+                  if await self._write("recover_interrupted", close(rid))]
         # Ended here, not by their owner (it is gone): each counted once, by its closer.
         if closed:
             self._metrics.runs.labels("failed").inc(len(closed))

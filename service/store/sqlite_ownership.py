@@ -78,11 +78,14 @@ class SQLiteOwnership:
         if not candidates:
             return []
 
-        def fn(c: sqlite3.Connection) -> list[str]:
-            return [rid for rid in candidates
-                    if close_interrupted(c.execute, _CLAIM, rid, reason, now, self.process_id)]
+        def close(rid: str) -> Callable[[sqlite3.Connection], bool]:
+            return lambda c: close_interrupted(c.execute, _CLAIM, rid, reason, now,
+                                               self.process_id)
 
-        closed = await self._write("recover_interrupted", fn)
+        # One write each: a dead worker's runs closed in one held every other write (every
+        # stream's tokens) while it read all their events.
+        closed = [rid for rid in candidates
+                  if await self._write("recover_interrupted", close(rid))]
         # Ended here, not by their owner (it is gone): each counted once, by its closer.
         if closed:
             self._metrics.runs.labels("failed").inc(len(closed))
