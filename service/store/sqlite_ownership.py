@@ -84,11 +84,13 @@ class SQLiteOwnership:
 
         # One write each: a dead worker's runs closed in one held every other write (every
         # stream's tokens) while it read all their events.
-        closed = [rid for rid in candidates
-                  if await self._write("recover_interrupted", close(rid))]
-        # Ended here, not by their owner (it is gone): each counted once, by its closer.
-        if closed:
-            self._metrics.runs.labels("failed").inc(len(closed))
+        closed: list[str] = []
+        for rid in candidates:
+            if await self._write("recover_interrupted", close(rid)):
+                closed.append(rid)
+                # Ended here, not by its owner (it is gone): counted once, by its closer, as
+                # its write lands (the loop may stop before the next: a shutdown, a refusal).
+                self._metrics.runs.labels("failed").inc()
         return closed
 
     async def run_in_progress(self, run_id: str) -> Literal["here", "elsewhere"] | None:
