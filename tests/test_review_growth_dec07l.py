@@ -578,8 +578,6 @@ async def _calls_cost(tmp_path: Path, n: int) -> tuple[int, int]:
         return steps[0], len(calls)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known, not fixed yet: llm_calls has no owner column to index"))
 async def test_llm_calls_of_one_key_scan_every_other_keys_calls(tmp_path: Path) -> None:
     """DEFECT: with SERVICE_API_KEYS (one owner per key), ``GET /api/llm-calls`` of a key
     scans the calls of every key: calls carry no owner, so ``list_llm_calls`` joins

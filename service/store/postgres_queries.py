@@ -469,18 +469,21 @@ class PostgresQueries(PostgresOwnership):
             # Its run's row held until the commit (a conversation's delete waits for it, then
             # removes this call too). No row: the call happened, but its run is not stored
             # (never was: its first write failed; or deleted since): kept, tied to no run.
-            run_id = rec.run_id
-            if run_id is not None and c.execute(
-                    "SELECT 1 FROM runs WHERE id = %s FOR KEY SHARE",
-                    (run_id,)).fetchone() is None:
+            run_id, owner = rec.run_id, None
+            run = None if run_id is None else c.execute(
+                "SELECT owner FROM runs WHERE id = %s FOR KEY SHARE", (run_id,)).fetchone()
+            if run is None:
                 run_id = None
+            else:
+                owner = run[0]  # its run's, so that one key's calls are listed by an index
             c.execute(
                 # A record written again (its first write's answer lost) is still one.
-                f"INSERT INTO llm_calls ({_CALL_COLS}) VALUES "
-                "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+                f"INSERT INTO llm_calls ({_CALL_COLS}, owner) VALUES "
+                "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (id) DO NOTHING",
                 (rec.id, rec.backend, rec.model, rec.outcome.value, rec.started_at, run_id,
                  rec.queue_wait, rec.ttft, rec.duration, rec.prompt_tokens,
-                 rec.completion_tokens, int(rec.tokens_estimated), rec.error))
+                 rec.completion_tokens, int(rec.tokens_estimated), rec.error, owner))
 
         await self._write("record_llm_call", fn)
 
@@ -491,8 +494,7 @@ class PostgresQueries(PostgresOwnership):
         where: list[str] = []
         args: list[Any] = []
         if owner is not None:
-            sql += " JOIN runs AS r ON r.id = l.run_id"
-            where.append("r.owner = %s")
+            where.append("l.owner = %s")  # (its run's, kept with it: see SQLite's)
             args.append(owner)
         if run_id is not None:
             where.append("l.run_id = %s")

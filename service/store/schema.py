@@ -128,6 +128,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         "CREATE INDEX messages_changed ON messages(conversation_id, updated_at)",
     ),
+    # 9: each LLM call's owner (its run's): one key's calls listed by an index, where the list
+    # walked every other key's calls, newest first, to find its own.
+    (
+        "ALTER TABLE llm_calls ADD COLUMN owner TEXT",
+        "UPDATE llm_calls SET owner = (SELECT owner FROM runs WHERE runs.id = llm_calls.run_id) "
+        "WHERE run_id IS NOT NULL",
+        "CREATE INDEX llm_calls_owner ON llm_calls(owner, seq)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -247,6 +255,13 @@ PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 4: a conversation's latest change, as SQLite's 8.
     (
         "CREATE INDEX messages_changed ON messages(conversation_id, updated_at)",
+    ),
+    # 5: each LLM call's owner, as SQLite's 9.
+    (
+        "ALTER TABLE llm_calls ADD COLUMN owner TEXT",
+        "UPDATE llm_calls SET owner = (SELECT owner FROM runs WHERE runs.id = llm_calls.run_id) "
+        "WHERE run_id IS NOT NULL",
+        "CREATE INDEX llm_calls_owner ON llm_calls(owner, seq)",
     ),
 )
 

@@ -539,19 +539,22 @@ class SQLiteQueries(SQLiteOwnership):
 
     async def record_llm_call(self, rec: LLMCallRecord) -> None:
         def fn(c: sqlite3.Connection) -> None:
-            run_id = rec.run_id
-            if run_id is not None and c.execute(
-                    "SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone() is None:
+            run_id, owner = rec.run_id, None
+            run = None if run_id is None else c.execute(
+                "SELECT owner FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if run is None:
                 # The call happened, but its run is not stored: never was (its first write
                 # failed), or deleted with its conversation since. Kept, tied to no run.
                 run_id = None
+            else:
+                owner = run[0]  # its run's, so that one key's calls are listed by an index
             c.execute(
                 # A record written again (its first write's answer lost) is still one.
-                f"INSERT INTO llm_calls ({_CALL_COLS}) VALUES "
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                f"INSERT INTO llm_calls ({_CALL_COLS}, owner) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
                 (rec.id, rec.backend, rec.model, rec.outcome.value, rec.started_at, run_id,
                  rec.queue_wait, rec.ttft, rec.duration, rec.prompt_tokens,
-                 rec.completion_tokens, int(rec.tokens_estimated), rec.error),
+                 rec.completion_tokens, int(rec.tokens_estimated), rec.error, owner),
             )
 
         await self._write("record_llm_call", fn)
@@ -564,9 +567,9 @@ class SQLiteQueries(SQLiteOwnership):
         where: list[str] = []
         args: list[Any] = []
         if owner is not None:
-            # Calls carry no owner of their own: the run that made them has it.
-            sql += " JOIN runs AS r ON r.id = l.run_id"
-            where.append("r.owner = ?")
+            # Its run's owner, kept with the call (llm_calls_owner): joined to runs, one key's
+            # list walked every other key's calls.
+            where.append("l.owner = ?")
             args.append(owner)
         if run_id is not None:
             where.append("l.run_id = ?")

@@ -115,6 +115,34 @@ async def test_closing_a_dead_runs_reply_finds_it_by_index(tmp_path: Path) -> No
     assert "USING INDEX messages_run" in plan, plan
 
 
+async def test_calls_stored_before_their_owner_column_are_listed_by_owner(
+    tmp_path: Path,
+) -> None:
+    # Schema 9 keeps each LLM call's owner (its run's) so that one key's calls are listed by
+    # an index: calls stored before it get their runs' owners, and each key still sees its
+    # own only.
+    db = tmp_path / "s.db"
+    async with open_store(db) as store:
+        ids = {}
+        for owner in ("alice", "bob"):
+            conv = await store.create_conversation(owner=owner)
+            run = (await store.begin_run(conv.id, content="q", agent="chat", model=None,
+                                         owner=owner)).run
+            ids[owner] = new_id("call")
+            await store.record_llm_call(LLMCallRecord(ids[owner], "sim", "m",
+                                                      LLMCallOutcome.ok, 1.0, run_id=run.id))
+    conn = sqlite3.connect(db)  # as a file of schema 8 had them: no owner column
+    conn.execute("DROP INDEX llm_calls_owner")
+    conn.execute("ALTER TABLE llm_calls DROP COLUMN owner")
+    conn.execute("PRAGMA user_version = 8")
+    conn.commit()
+    conn.close()
+    async with open_store(db) as store:
+        for owner in ("alice", "bob"):
+            assert [c.id for c in await store.list_llm_calls(owner=owner)] == [ids[owner]]
+        assert len(await store.list_llm_calls()) == 2
+
+
 async def test_refuses_a_newer_schema(tmp_path: Path) -> None:
     # SQLite only: PRAGMA user_version (PostgreSQL: test_postgres.py).
     db = tmp_path / "s.db"
