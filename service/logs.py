@@ -49,18 +49,28 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """One line per record: its time, level, logger, ids (the request's, the run's when it has
+    one), message, then its fields as ``key=value`` (as JSON has them); a traceback follows on
+    lines of its own."""
+
     def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+        super().__init__("%(asctime)s %(levelname)s %(name)s [%(ids)s] %(message)s")
 
     def formatMessage(self, record: logging.LogRecord) -> str:
+        run_id = getattr(record, "run_id", None)
+        record.ids = getattr(record, "request_id", None) if not run_id else (
+            f"{getattr(record, 'request_id', None)} {run_id}")
+        fields = "".join(f" {key}={value}" for key, value in record.__dict__.items()
+                         if key not in _RESERVED and key != "ids" and not key.startswith("_"))
         # One record, one line: a newline from a client (a request path with %0a) would
         # otherwise forge a line of its own, and ESC (%1b) or a C1 CSI (%c2%9b) would drive
-        # the operator's terminal. Tracebacks are added after this, on their lines.
-        return super().formatMessage(record).translate(_ESCAPED)
+        # the operator's terminal.
+        return (super().formatMessage(record) + fields).translate(_ESCAPED)
 
     def formatException(self, ei: Any) -> str:
-        # Its lines stay lines; a control character from a client in an exception's message
-        # is escaped as in the message.
+        # Its lines stay lines (text is the format people read; JSON keeps it in the record);
+        # a control character from a client in an exception's message is escaped as in the
+        # message.
         return super().formatException(ei).translate(_ESCAPED_BUT_NEWLINES)
 
 

@@ -146,11 +146,27 @@ async def readyz() -> Response:
         checks["service"] = "down: this instance's lease could not be renewed"
     ok = all(v == "ok" for v in checks.values())
     down = [k for k, v in checks.items() if v != "ok"]
+    _log_change(svc, checks)
     if not _details_shown():
         checks = {k: "ok" if v == "ok" else "down" for k, v in checks.items()}
     resp = jsonify({"status": "ready" if ok else "not ready", "checks": checks, "down": down})
     resp.status_code = 200 if ok else 503
     return resp
+
+
+def _log_change(svc: Services, checks: dict[str, str]) -> None:
+    """A line when readiness changes (what is down and why; ready again): the reason was only
+    in the body, and only for a caller with a key, so the log said `GET /readyz 503` and an
+    operator had to ask each instance. Once per change, not per probe."""
+    down = {k: v for k, v in checks.items() if v != "ok"}
+    said = "; ".join(f"{k}: {v}" for k, v in down.items())
+    if svc.extras.get("readiness", "") == said:
+        return
+    svc.extras["readiness"] = said
+    if down:
+        log.warning("not ready: %s", said)
+    else:
+        log.info("ready again")
 
 
 async def _store_check(svc: Services) -> str:

@@ -17,6 +17,7 @@ What clients are told is what the store says:
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -292,20 +293,28 @@ class EventCommitter:
         True: stored; False: the run is no longer this process's (closed by another
         instance); None: it cannot be stored (a bug, logged)."""
         backoff = Backoff()
+        tries = 0
         try:
             while True:
                 refused = True
+                # The first failure is an error; the tries after it, debug (an ERROR line each
+                # second made thousands in one outage), and the landing says how many it took.
+                level = logging.ERROR if tries == 0 else logging.DEBUG
+                tries += 1
                 try:
                     with trio.move_on_after(WRITE_BUDGET):
                         written = await final.write(self._store)
                         self._refused = False
+                        if tries > 1:
+                            log.warning("the final state of run %s stored at try %d",
+                                        handle.id, tries)
                         return written
-                    log.error("final write of run %s took over %ss; trying again", handle.id,
-                              WRITE_BUDGET)
+                    log.log(level, "final write of run %s took over %ss; trying again",
+                            handle.id, WRITE_BUDGET)
                 except StoreError as exc:
                     refused = isinstance(exc, StoreUnavailable)
-                    log.error("could not store the final state of run %s (trying again): %s",
-                              handle.id, exc.message)
+                    log.log(level, "could not store the final state of run %s (trying again): "
+                            "%s", handle.id, exc.message)
                 except Exception:
                     # Not the store's trouble but a bug (what it was given): retrying now
                     # would fail the same way. The run still ends, and the supervisor goes on.

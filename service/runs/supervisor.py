@@ -32,7 +32,6 @@ from typing import Any
 import trio
 
 from ..errors import (
-    BackendError,
     ServiceError,
     ShuttingDown,
     StoreError,
@@ -468,8 +467,9 @@ class RunSupervisor:
                         handle.error_event = {"type": exc.type, "message": exc.message}
                         if exc.retry_after is not None:  # the upstream said when (429, 503)
                             handle.error_event["retry_after"] = exc.retry_after
-                        if not isinstance(exc, BackendError):
-                            log.warning("run failed: %s", exc.message)
+                        # One line per failed run, its upstream's failures too (the most
+                        # common: a client was told, the log said only its 200).
+                        log.warning("run failed (%s): %s", exc.type, exc.message)
                     else:
                         # A bug in an agent or a tool runner: this run fails, the others go on.
                         log.error("run crashed", exc_info=group)
@@ -481,6 +481,7 @@ class RunSupervisor:
                     status, error = handle.cancel_status, handle.cancel_reason
                 else:
                     status, error = _timed_out(handle)
+                    log.warning("run timed out: %s", error)
         except BaseException as exc:  # noqa: ASYNC103 (re-raised unless no Cancelled is in it)
             cancelled, rest = _split_cancelled(exc)
             if cancelled is not None or is_interrupt(rest):
