@@ -49,6 +49,8 @@ from __future__ import annotations
 
 import re
 
+import trio
+
 __all__ = [
     "AllBackendsFailed",
     "BackendAuthFailed",
@@ -80,8 +82,11 @@ __all__ = [
     "ToolArgumentsError",
     "ToolError",
     "UpstreamBroken",
+    "first_leaf",
+    "internal_message",
     "is_interrupt",
     "retry_after_of_type",
+    "split_cancelled",
     "status_of_type",
     "worth_retry_of_type",
 ]
@@ -405,3 +410,26 @@ def is_interrupt(exc: BaseException | None) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return exc.subgroup(KeyboardInterrupt) is not None
     return isinstance(exc, KeyboardInterrupt)
+
+
+def split_cancelled(exc: BaseException) -> tuple[BaseException | None, BaseException | None]:
+    """``exc`` as (its trio.Cancelled part, the rest) of an exception or exception group:
+    either may be None."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(trio.Cancelled)
+    if isinstance(exc, trio.Cancelled):
+        return exc, None
+    return None, exc
+
+
+def first_leaf(exc: BaseException) -> BaseException:
+    """The first leaf of (nested) exception groups: what actually went wrong."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def internal_message(exc: BaseException) -> str:
+    """What a client is told of a bug: its kind only. Its text (paths, hosts, data) and the
+    traceback are in the log, with the run's and the request's ids."""
+    return f"internal error ({type(exc).__name__}); the details are in the service's log"

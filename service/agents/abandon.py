@@ -7,7 +7,7 @@ from typing import Any
 
 import trio
 
-from ..errors import is_interrupt
+from ..errors import is_interrupt, split_cancelled
 from ..logs import get_logger
 
 __all__ = ["call_abandonable"]
@@ -44,7 +44,7 @@ async def call_abandonable(nursery: trio.Nursery, limiter: trio.CapacityLimiter,
                     # Only a cancellation leaves this task: anything else is the tool's
                     # failure, for its caller (a cleanup failing as the call is abandoned
                     # came out in a group with the Cancelled and stopped the supervisor).
-                    cancelled, failure = _split_cancelled(exc)
+                    cancelled, failure = split_cancelled(exc)
                     if scope.cancel_called and is_interrupt(failure):
                         raise  # abandoned: nobody reads the box; a SIGINT is the process's
                     if failure is not None:
@@ -74,11 +74,3 @@ async def call_abandonable(nursery: trio.Nursery, limiter: trio.CapacityLimiter,
         raise value
     return value
 
-
-def _split_cancelled(exc: BaseException) -> tuple[BaseException | None, BaseException | None]:
-    """``exc`` as (its cancellation, the rest): either may be None."""
-    if isinstance(exc, trio.Cancelled):
-        return exc, None
-    if isinstance(exc, BaseExceptionGroup):
-        return exc.split(trio.Cancelled)
-    return None, exc

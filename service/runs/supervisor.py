@@ -37,8 +37,11 @@ from ..errors import (
     StoreError,
     StoreUnavailable,
     TooManyRuns,
+    first_leaf,
+    internal_message,
     is_interrupt,
     retry_after_of_type,
+    split_cancelled,
 )
 from ..logs import RUN_ID, get_logger
 from ..metrics import Metrics
@@ -159,9 +162,9 @@ class RunSupervisor:
                 task_status.started(self)
                 await trio.sleep_forever()
         except BaseException as exc:
-            _, rest = _split_cancelled(exc)
+            _, rest = split_cancelled(exc)
             if rest is not None:
-                leaf = _leaf(rest)
+                leaf = first_leaf(rest)
                 self.failure = f"the run supervisor stopped: {type(leaf).__name__}: {leaf}"
                 log.error("the run supervisor stopped", exc_info=rest)
             raise
@@ -460,7 +463,7 @@ class RunSupervisor:
                         answer = await self._runner(handle, spec, run_nursery)
                     status = RunStatus.succeeded
                 except Exception as group:
-                    exc = _leaf(group)  # the run's nursery wraps errors in an ExceptionGroup
+                    exc = first_leaf(group)  # the run's nursery wraps errors in an ExceptionGroup
                     status = RunStatus.failed
                     if isinstance(exc, ServiceError):
                         error, handle.error_type = exc.message, exc.type
@@ -473,7 +476,7 @@ class RunSupervisor:
                     else:
                         # A bug in an agent or a tool runner: this run fails, the others go on.
                         log.error("run crashed", exc_info=group)
-                        error = _internal(exc)
+                        error = internal_message(exc)
                         handle.error_type = "internal_error"
                         handle.error_event = {"type": "internal_error", "message": error}
             if handle.scope.cancelled_caught:
@@ -483,7 +486,7 @@ class RunSupervisor:
                     status, error = _timed_out(handle)
                     log.warning("run timed out: %s", error)
         except BaseException as exc:  # noqa: ASYNC103 (re-raised unless no Cancelled is in it)
-            cancelled, rest = _split_cancelled(exc)
+            cancelled, rest = split_cancelled(exc)
             if cancelled is not None or is_interrupt(rest):
                 # Cancelled from outside this run's scope (the supervisor is shutting down),
                 # maybe in a group from the run's nursery: record, then keep propagating.
@@ -507,8 +510,8 @@ class RunSupervisor:
             elif handle.scope.cancelled_caught:  # its deadline ended it; the rest is logged
                 status, error = _timed_out(handle)
             else:
-                leaf = _leaf(rest)
-                status, error = RunStatus.failed, _internal(leaf)
+                leaf = first_leaf(rest)
+                status, error = RunStatus.failed, internal_message(leaf)
                 handle.error_type = "internal_error"
                 handle.error_event = {"type": "internal_error", "message": error}
         await self._finish(handle, status, answer, error)
@@ -590,33 +593,9 @@ def _not_stored(handle: RunHandle, begun: BegunRun, exc: Exception | None) -> No
     handle.adopt_first_event(begun.started)
 
 
-def _split_cancelled(
-    exc: BaseException,
-) -> tuple[BaseException | None, BaseException | None]:
-    """(the trio.Cancelled part, the rest) of an exception or exception group."""
-    if isinstance(exc, BaseExceptionGroup):
-        return exc.split(trio.Cancelled)
-    if isinstance(exc, trio.Cancelled):
-        return exc, None
-    return None, exc
 
 
 def _timed_out(handle: RunHandle) -> tuple[RunStatus, str]:
     """The end of a run its deadline cut (the status and error it is stored and told with)."""
     handle.error_type = "run_timeout"
     return RunStatus.timed_out, "the run's deadline passed"
-
-
-def _internal(exc: BaseException) -> str:
-    """What a client is told of a bug: its kind only. Its text (paths, hosts, data) and the
-    traceback are in the log, with the run's and the request's ids."""
-    return f"internal error ({type(exc).__name__}); the details are in the service's log"
-
-
-def _leaf(exc: BaseException) -> BaseException:
-    """The first leaf of (nested) exception groups: what actually went wrong."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
-
-
