@@ -17,8 +17,7 @@ from service.runs import RunSpec
 from service.runs.handle import RunHandle
 
 from .fakes import Reply, ScriptedBackend, supervisor_env
-from .operations.test_workers_faults import GUARD, _children, _env, _reap
-from .servers import ROOT
+from .operations.test_workers_faults import _children, _reap, spawn_with_site
 
 # -- service/workers.py: SIGINT ignored around proc.start() ----------------------------------
 
@@ -55,25 +54,8 @@ async def test_sigint_to_the_parent_during_a_worker_start_is_not_lost(tmp_path: 
     lands there every time. Code: service/workers.py ``_Pool._start`` (block + SIG_IGN; the
     handler could stay and only the child be told to ignore SIGINT, e.g. an env flag or a
     pre-exec step; or block SIGINT in every thread)."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(_SIGINT_DURING_THE_SECOND_START)
-    mark = tmp_path / "sigint-sent"
-    env = _env(tmp_path, "http://127.0.0.1:9", PYTHONPATH=str(site), SIGINT_MARK=str(mark))
-    log = tmp_path / "service.log"
-    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    proc, log = await spawn_with_site(tmp_path, _SIGINT_DURING_THE_SECOND_START, "SIGINT_MARK")
     try:
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "service", "--bind", "127.0.0.1:0", "--workers", "2",
-             "--config", str(ROOT / "hypercorn.toml")],
-            cwd=tmp_path, env=env, stderr=out, start_new_session=True)
-    finally:
-        os.close(out)
-    try:
-        with trio.fail_after(GUARD):
-            while not mark.exists():  # noqa: ASYNC110 (another process)
-                assert proc.returncode is None, log.read_text()
-                await trio.sleep(0.02)
         with trio.move_on_after(30, shield=True):
             await proc.wait()
         text = log.read_text()

@@ -493,6 +493,37 @@ async def test_workers_do_not_outlive_their_parent(tmp_path: Path) -> None:
     assert (alive, serving) == (set(), None), "workers left serving after the parent died"
 
 
+async def spawn_with_site(tmp_path: Path, site_code: str,
+                          mark_var: str) -> tuple[trio.Process, Path]:
+    """``python -m service --workers 2`` in a session of its own (a Ctrl+C reaches its whole
+    group), with ``site_code`` as a ``sitecustomize`` on its PYTHONPATH (its spawned workers
+    run it, before anything of theirs); once that code has touched the file named by the
+    ``mark_var`` variable, (the process, its log)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(site_code)
+    mark = tmp_path / "mark"
+    env = _env(tmp_path, "http://127.0.0.1:9", PYTHONPATH=str(site), **{mark_var: str(mark)})
+    log = tmp_path / "service.log"
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "service", "--bind", "127.0.0.1:0", "--workers", "2",
+             "--config", str(ROOT / "hypercorn.toml")],
+            cwd=tmp_path, env=env, stderr=out, start_new_session=True)
+    finally:
+        os.close(out)
+    try:
+        with trio.fail_after(GUARD):
+            while not mark.exists():  # noqa: ASYNC110 (another process)
+                assert proc.returncode is None, log.read_text()
+                await trio.sleep(0.02)
+    except BaseException:
+        _reap(proc)
+        raise
+    return proc, log
+
+
 _HOLD_A_WORKER = """\
 import os, sys, time
 if "--multiprocessing-fork" in sys.argv:  # a spawned worker, not the parent
@@ -508,25 +539,8 @@ async def test_ctrl_c_while_a_worker_is_still_starting_is_no_traceback(tmp_path:
     # KeyboardInterrupt, a 30-line traceback from multiprocessing/spawn.py on the terminal.
     # A `sitecustomize` on the workers' PYTHONPATH holds the first worker in its start, so the
     # Ctrl+C lands there every time.
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(_HOLD_A_WORKER)
-    mark = tmp_path / "held"
-    env = _env(tmp_path, "http://127.0.0.1:9", PYTHONPATH=str(site), HELD_MARK=str(mark))
-    log = tmp_path / "service.log"
-    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    proc, log = await spawn_with_site(tmp_path, _HOLD_A_WORKER, "HELD_MARK")
     try:
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "service", "--bind", "127.0.0.1:0", "--workers", "2",
-             "--config", str(ROOT / "hypercorn.toml")],
-            cwd=tmp_path, env=env, stderr=out, start_new_session=True)
-    finally:
-        os.close(out)
-    try:
-        with trio.fail_after(GUARD):
-            while not mark.exists():  # noqa: ASYNC110 (another process)
-                assert proc.returncode is None, log.read_text()
-                await trio.sleep(0.02)
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl+C: the parent and its worker
         with trio.move_on_after(GUARD, shield=True):
             await proc.wait()
