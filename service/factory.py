@@ -23,7 +23,7 @@ from .api import backends as backends_api
 from .api import conversations, openai, ops, runs, tokens, web, ws
 from .api.errors import install_error_handlers, json_error
 from .api.models import MAX_JSON_DEPTH, strict_json_loads, too_deep
-from .api.owned import CancelOwnedRuns
+from .api.owned import CancelOwnedRuns, mark_answered, note_request
 from .backends.base import Backend
 from .connections import install as keep_connection_failures_to_themselves
 from .drainfirst import install as drain_runs_first
@@ -291,6 +291,7 @@ def create_app(
             rid = f"req_{time.monotonic_ns():x}"
         REQUEST_ID.set(rid)
         g.request_id = rid
+        note_request(req.scope, rid)
         g.started = time.perf_counter()
         if not keys and req.path not in _PROBES and not origins.serves_host(req.host):
             return json_error(403, "forbidden", "this host name is not served without keys "
@@ -372,8 +373,12 @@ def create_app(
     @app.before_websocket
     async def _begin_ws() -> Response | None:
         # A refused handshake gets the same 401/403 JSON (hypercorn sends it as an HTTP
-        # response).
-        return _authorize(websocket, token_route=websocket.path == "/api/ws")
+        # response), and its access line (after_request is not called for a WebSocket).
+        refused = _authorize(websocket, token_route=websocket.path == "/api/ws")
+        if refused is not None:
+            log.info("WS %s %s", websocket.path, refused.status_code,
+                     extra={"status": refused.status_code})
+        return refused
 
     @app.after_request
     async def _end(response: Response) -> Response:
@@ -400,6 +405,7 @@ def create_app(
         method = request.method if request.method in _METHODS else "other"
         svc.metrics.http_requests.labels(method, rule, str(response.status_code)).inc()
         started = getattr(g, "started", None)
+        mark_answered(request.scope)  # (CancelOwnedRuns: no second line)
         log.info(
             "%s %s %s", request.method, request.path, response.status_code,
             extra={

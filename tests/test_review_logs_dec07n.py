@@ -162,9 +162,6 @@ def test_text_format_lines_carry_the_run_id() -> None:
 
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known, not fixed yet: /api/ws writes no access line (session, "
-    "refused handshake)"))
 async def test_a_websocket_session_and_its_refused_handshake_leave_a_log_line(
         tmp_path: Path, log_lines: list[dict[str, object]]) -> None:
     """Event: a WebSocket client connects to `/api/ws`, runs a message (its upstream fails:
@@ -342,9 +339,6 @@ def test_text_format_keeps_the_fields_a_record_carries() -> None:
 
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known, not fixed yet: a request whose client left writes no access "
-    "line (after_request never runs for a cancelled handler)"))
 async def test_a_request_whose_client_left_leaves_a_log_line(
         tmp_path: Path, log_lines: list[dict[str, object]]) -> None:
     """Event: a non-streamed `POST .../messages` whose client gives up (its HTTP timeout, a

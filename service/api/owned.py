@@ -19,14 +19,35 @@ with :func:`disown_run`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
+from typing import Any, cast
 
+import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGIReceiveEvent, ASGISendCallable, Scope
 
+from ..logs import REQUEST_ID, get_logger
 from ..runs import RunHandle
 
-__all__ = ["CancelOwnedRuns", "disown_run", "own_run"]
+__all__ = ["CancelOwnedRuns", "disown_run", "mark_answered", "note_request", "own_run"]
+
+log = get_logger("service.app")  # (the access lines' logger, as factory._end's)
+
+# Set in the request's scope by the app's access line (``factory._end``, Quart's
+# after_request): a request without it whose client left was cancelled before its answer, and
+# gets its access line here (499, nginx's "client closed request"), with the request's id.
+_ANSWERED, _REQUEST = "service.answered", "service.request_id"
+
+
+def mark_answered(scope: Scope) -> None:
+    """The request's access line is written (``factory._end``)."""
+    cast("dict[str, Any]", scope)[_ANSWERED] = True
+
+
+def note_request(scope: Scope, request_id: str) -> None:
+    """The request's id, for its access line if its client leaves before the answer."""
+    cast("dict[str, Any]", scope)[_REQUEST] = request_id
 
 ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
 
@@ -65,6 +86,8 @@ class CancelOwnedRuns:
             await self.app(scope, receive, send)
             return
         owned: list[RunHandle] = []
+        started = time.perf_counter()
+        left = False
 
         def cancel_owned() -> None:
             for handle in owned:
@@ -74,14 +97,32 @@ class CancelOwnedRuns:
         async def receive_noting_a_disconnect() -> ASGIReceiveEvent:
             # At once: the handler may be held where its cancellation waits (a run's first
             # write taken into a slow commit is waited for, shielded), and the runs must not.
+            nonlocal left
             message = await receive()
             if message["type"] == "http.disconnect":
+                left = True
                 cancel_owned()
             return message
 
         token = _OWNED.set(owned)
         try:
             await self.app(scope, receive_noting_a_disconnect, send)
+        except trio.Cancelled:
+            left = True
+            raise
         finally:
             _OWNED.reset(token)
             cancel_owned()
+            extras = cast("dict[str, Any]", scope)
+            if left and not extras.get(_ANSWERED):
+                # Its handler was cancelled before its answer: no access line came (Quart's
+                # after_request does not run), and a request that "hung and failed" for its
+                # client left no trace. (Its id was set in the handler's context, not here.)
+                rid = REQUEST_ID.set(extras.get(_REQUEST))
+                try:
+                    log.info("%s %s 499 (the client left before the answer)",
+                             scope["method"], scope["path"], extra={
+                                 "status": 499,
+                                 "ms": round((time.perf_counter() - started) * 1000, 2)})
+                finally:
+                    REQUEST_ID.reset(rid)

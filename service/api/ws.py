@@ -41,6 +41,7 @@ from pydantic import ConfigDict, Field, ValidationError
 from quart import Blueprint, g, websocket
 
 from ..errors import ServiceError, TooManyRuns
+from ..logs import get_logger
 from ..runs import RunHandle, RunSpec
 from ..runs.reader import EventReader, Keepalive
 from ..services import Services
@@ -57,6 +58,8 @@ from .models import (
 )
 from .runs import ask_to_stop
 from .state import current_owner, services
+
+log = get_logger("service.app")  # (the access lines' logger)
 
 __all__ = ["blueprint"]
 
@@ -387,3 +390,7 @@ async def ws() -> None:
     finally:
         if session is not None:
             session.abandon(session.leave_reason)
+        # The session's access line (after_request is not called for a WebSocket).
+        started = getattr(g, "started", None)
+        log.info("WS %s closed", websocket.path, extra={
+            "ms": round((time.perf_counter() - started) * 1000, 2) if started else None})
