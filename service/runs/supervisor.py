@@ -83,8 +83,7 @@ class RunSpec:
     on_handle: Callable[[RunHandle], None] | None = None
 
 
-# An agent runner gets the handle and returns the final answer text.
-AgentRunner = Callable[[RunHandle, RunSpec, trio.Nursery], Any]
+AgentRunner = Callable[[RunHandle, RunSpec, trio.Nursery], Any]  # returns the answer's text
 
 
 class RunSupervisor:
