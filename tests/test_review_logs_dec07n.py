@@ -56,7 +56,10 @@ def _about_run(lines: list[dict[str, object]], run_id: str) -> list[dict[str, ob
             if x.get("run_id") == run_id or run_id in str(x.get("msg", ""))]
 
 
-async def _streamed_run_against(reply: Reply, tmp_path: Path) -> tuple[str, list[str]]:
+async def _run_against(reply: Reply, tmp_path: Path, *,
+                       stream: bool) -> tuple[str, list[str]]:
+    """A run on a simulator answering ``reply``: its id, and what its client got (the SSE
+    lines; the error body of a non-streamed one, a 5xx)."""
     async with open_simulator(Simulator(("sim-model",))) as sim:
         sim.default = reply
         settings = load_settings(db=tmp_path / "s.db", backend="llamacpp",
@@ -64,25 +67,17 @@ async def _streamed_run_against(reply: Reply, tmp_path: Path) -> tuple[str, list
         async with running_server(settings, from_settings=True) as srv, srv.client() as c:
             conv = (await c.post("/api/conversations", json={})).json()["id"]
             with trio.fail_after(GUARD):
+                if not stream:
+                    r = await c.post(f"/api/conversations/{conv}/messages",
+                                     json={"content": "hi"})
+                    assert r.status_code >= 500, r.text
+                    return str(r.json()["error"]["run_id"]), [r.text]
                 async with c.stream("POST", f"/api/conversations/{conv}/messages",
-                                    json={"content": "hi", "stream": True}) as r:
-                    assert r.status_code == 200
-                    body = (await r.aread()).decode()
+                                    json={"content": "hi", "stream": True}) as s:
+                    assert s.status_code == 200
+                    body = (await s.aread()).decode()
     run_id = json.loads(body.split("data: ", 2)[1].split("\n", 1)[0])["run_id"]
     return str(run_id), body.splitlines()
-
-
-async def _unstreamed_run_against(reply: Reply, tmp_path: Path) -> tuple[str, list[str]]:
-    async with open_simulator(Simulator(("sim-model",))) as sim:
-        sim.default = reply
-        settings = load_settings(db=tmp_path / "s.db", backend="llamacpp",
-                                 llamacpp_url=sim.url, default_model="sim-model")
-        async with running_server(settings, from_settings=True) as srv, srv.client() as c:
-            conv = (await c.post("/api/conversations", json={})).json()["id"]
-            with trio.fail_after(GUARD):
-                r = await c.post(f"/api/conversations/{conv}/messages", json={"content": "hi"})
-    assert r.status_code >= 500, r.text
-    return str(r.json()["error"]["run_id"]), [r.text]
 
 
 @pytest.mark.parametrize("reply", [
@@ -104,7 +99,7 @@ async def test_a_run_failed_by_its_upstream_leaves_a_log_line(
     Code: service/runs/supervisor.py `_execute`: `if not isinstance(exc, BackendError):
     log.warning("run failed: ...")` -- a BackendError, the commonest failure, is never logged.
     """
-    run_id, body = await _streamed_run_against(reply, tmp_path)
+    run_id, body = await _run_against(reply, tmp_path, stream=True)
     assert any("event: error" in line for line in body), body
     _assert_logged(run_id, log_lines)
 
@@ -124,8 +119,8 @@ async def test_a_non_streamed_run_failed_by_its_upstream_leaves_a_log_line(
     with the stored error rather than raising, so service/api/errors.py `_service`'s
     "request failed" WARNING never runs for them either.
     """
-    run_id, _ = await _unstreamed_run_against(Reply(status=500, error="upstream exploded"),
-                                              tmp_path)
+    run_id, _ = await _run_against(Reply(status=500, error="upstream exploded"), tmp_path,
+                                   stream=False)
     _assert_logged(run_id, log_lines)
 
 
