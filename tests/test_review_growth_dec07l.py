@@ -436,13 +436,10 @@ async def test_pruning_a_long_runs_events_is_batched_and_keeps_its_end(tmp_path:
         assert left == ["run.started", "message", "run.finished"], left
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known, not fixed yet: a conversation's events are deleted in one write "
-    "transaction"))
-async def test_deleting_a_long_conversation_deletes_all_its_events_in_one_write(
+async def test_deleting_a_long_conversation_deletes_its_events_in_bounded_writes(
         tmp_path: Path) -> None:
-    """DEFECT: ``DELETE /api/conversations/{id}`` deletes every event of every run of the
-    conversation in one write transaction (ON DELETE CASCADE), with no bound: a conversation
+    """Fixed (was: DEFECT): ``DELETE /api/conversations/{id}`` deleted every event of every run of
+    the conversation in one write transaction (ON DELETE CASCADE), with no bound: a conversation
     of 20 runs of 2,500 events (long answers: a token each) is 50,000 rows deleted while the
     store's write lock (SQLite: the one writer connection; PostgreSQL: the group-commit batch)
     is held. Every other write of the process (every live run's token batches, starts, ends)

@@ -24,6 +24,7 @@ from .postgres_ownership import Conn, PostgresOwnership
 from .postgres_ownership import qmarks as _qmarks
 from .records import (
     KEPT_EVENTS_SQL,
+    PRUNE_ROWS,
     BegunRun,
     Conversation,
     LLMCallRecord,
@@ -187,6 +188,19 @@ class PostgresQueries(PostgresOwnership):
         self, conversation_id: str, *, owner: str | None = None
     ) -> None:
         who, args = _owner_is(owner)
+
+        # Its finished runs' events first, pruned in bounded writes as the retention does (each
+        # run keeps its start, answer and end: a re-join meanwhile is told those), then the
+        # rest in one: 50,000 events in one batch held every write queued behind it.
+        def prune(c: Conn) -> int:
+            return _prune_runs(c, PRUNE_ROWS, (
+                "SELECT r.id FROM runs r JOIN conversations c ON c.id = r.conversation_id "
+                f"WHERE r.conversation_id = %s AND c.{who} AND r.events_pruned = 0 "
+                "AND r.finished_at IS NOT NULL ORDER BY r.id LIMIT 1 FOR UPDATE OF r SKIP LOCKED",
+                (conversation_id, *args)))
+
+        while await self._write("delete_conversation", prune):
+            pass
 
         def fn(c: Conn) -> int:
             # The conversation's row first: a run begun on it meanwhile (its insert holds the
@@ -373,32 +387,12 @@ class PostgresQueries(PostgresOwnership):
             raise NotFound(f"no run {run_id!r}", id=run_id)
         return run
 
-    async def prune_events(self, finished_before: float, rows: int = 5000) -> int:
+    async def prune_events(self, finished_before: float, rows: int = PRUNE_ROWS) -> int:
         def fn(c: Conn) -> int:
-            budget, done = rows, 0
-            for _ in range(100):
-                # One run claimed at a time (its row locked until this batch commits), those
-                # another instance's prune has claimed skipped: this runs in the group commit,
-                # so a wait here would hold every write queued behind it, and two prunes
-                # deleting the same rows in different orders deadlock.
-                row = c.execute(
-                    "SELECT id FROM runs WHERE events_pruned = 0 AND finished_at IS NOT NULL "
-                    "AND finished_at < %s ORDER BY finished_at, id LIMIT 1 "
-                    "FOR UPDATE SKIP LOCKED", (finished_before,)).fetchone()
-                if row is None:
-                    break
-                run_id = row[0]
-                deleted = c.execute(
-                    "DELETE FROM run_events WHERE run_id = %s AND seq IN (SELECT seq FROM "
-                    "run_events WHERE run_id = %s AND type NOT IN (" + KEPT_EVENTS_SQL + ") "
-                    "ORDER BY seq LIMIT %s)", (run_id, run_id, budget)).rowcount
-                budget -= deleted
-                done += deleted
-                if budget <= 0:
-                    break  # maybe more of this run: the next call goes on with it
-                c.execute("UPDATE runs SET events_pruned = 1 WHERE id = %s", (run_id,))
-                done += 1
-            return done
+            return _prune_runs(c, rows, (
+                "SELECT id FROM runs WHERE events_pruned = 0 AND finished_at IS NOT NULL "
+                "AND finished_at < %s ORDER BY finished_at, id LIMIT 1 "
+                "FOR UPDATE SKIP LOCKED", (finished_before,)))
 
         return await self._write("prune_events", fn)
 
@@ -518,3 +512,29 @@ def _insert_messages(c: Conn, msgs: Sequence[Message]) -> None:
         return
     with c.cursor() as cur:
         cur.executemany(_MSG_INSERT, rows)
+
+
+def _prune_runs(c: Conn, rows: int, pick: tuple[str, tuple[Any, ...]]) -> int:
+    """Delete at most ``rows`` events of the (finished) runs ``pick`` selects but their kept
+    ones, marking a run pruned once none is left; the work done (rows deleted + runs marked),
+    0 when none. One run claimed at a time (its row locked until this batch commits), those
+    another instance's prune has claimed skipped (``pick`` ends ``FOR UPDATE SKIP LOCKED``):
+    this runs in the group commit, so a wait here would hold every write queued behind it,
+    and two prunes deleting the same rows in different orders deadlock."""
+    budget, done = rows, 0
+    for _ in range(100):
+        row = c.execute(*pick).fetchone()
+        if row is None:
+            break
+        run_id = row[0]
+        deleted = c.execute(
+            "DELETE FROM run_events WHERE run_id = %s AND seq IN (SELECT seq FROM "
+            "run_events WHERE run_id = %s AND type NOT IN (" + KEPT_EVENTS_SQL + ") "
+            "ORDER BY seq LIMIT %s)", (run_id, run_id, budget)).rowcount
+        budget -= deleted
+        done += deleted
+        if budget <= 0:
+            break  # maybe more of this run: the next call goes on with it
+        c.execute("UPDATE runs SET events_pruned = 1 WHERE id = %s", (run_id,))
+        done += 1
+    return done

@@ -16,6 +16,7 @@ from ..text import clean_text
 
 __all__ = [
     "KEPT_EVENTS_SQL",
+    "PRUNE_ROWS",
     "STEP_EVENTS",
     "BegunRun",
     "Conversation",
@@ -49,6 +50,9 @@ STEP_EVENTS = frozenset({"thought", "tool.call", "tool.result", "plan", "step.st
 # SQL list: its start, its answer or why there is none, and its end (one row each). A re-join
 # of a pruned run is still told what the run's row and its reply say.
 KEPT_EVENTS_SQL = "'run.started', 'message', 'error', 'run.finished'"
+# Events deleted per write transaction by a pruning (the retention's, a conversation's delete):
+# no other write of the process waits long behind one.
+PRUNE_ROWS = 5000
 
 
 def ends_a_step(type_: str, data: dict[str, Any]) -> bool:

@@ -18,6 +18,7 @@ from ..text import clean_text
 from .ownership import changed_at
 from .records import (
     KEPT_EVENTS_SQL,
+    PRUNE_ROWS,
     BegunRun,
     Conversation,
     LLMCallRecord,
@@ -202,6 +203,19 @@ class SQLiteQueries(SQLiteOwnership):
     async def delete_conversation(
         self, conversation_id: str, *, owner: str | None = None
     ) -> None:
+        # Its finished runs' events first, pruned in bounded writes as the retention does (each
+        # run keeps its start, answer and end: a re-join meanwhile is told those), then the
+        # rest in one: 50,000 events in one transaction held every other write of the process
+        # (every live stream's tokens) behind it.
+        def prune(c: sqlite3.Connection) -> int:
+            return _prune_runs(c, [r[0] for r in c.execute(
+                "SELECT r.id FROM runs r JOIN conversations c ON c.id = r.conversation_id "
+                "WHERE r.conversation_id = ? AND c.owner IS ? AND r.events_pruned = 0 "
+                "AND r.finished_at IS NOT NULL LIMIT 100", (conversation_id, owner))], PRUNE_ROWS)
+
+        while await self._write("delete_conversation", prune):
+            pass
+
         def fn(c: sqlite3.Connection) -> int:
             runs = c.execute("SELECT id FROM runs WHERE conversation_id = ?",
                              (conversation_id,)).fetchall()
@@ -451,7 +465,7 @@ class SQLiteQueries(SQLiteOwnership):
             raise NotFound(f"no run {run_id!r}", id=run_id)
         return run
 
-    async def prune_events(self, finished_before: float, rows: int = 5000) -> int:
+    async def prune_events(self, finished_before: float, rows: int = PRUNE_ROWS) -> int:
         """Delete at most ``rows`` events of runs finished before ``finished_before``, except each
         run's ``run.started``, ``message``, ``error`` and ``run.finished`` (``KEPT_EVENTS_SQL``: a
         re-join is still told the answer, or why there is none, and the end; one row each); a
@@ -459,22 +473,10 @@ class SQLiteQueries(SQLiteOwnership):
         bounded by rows, not runs (a run may hold 100,000 tokens). Returns the work done (rows
         deleted + runs marked): 0 when nothing is left to prune."""
         def fn(c: sqlite3.Connection) -> int:
-            budget, done = rows, 0
-            for (run_id,) in c.execute(
+            return _prune_runs(c, [r[0] for r in c.execute(
                 "SELECT id FROM runs WHERE events_pruned = 0 AND finished_at IS NOT NULL "
                 "AND finished_at < ? ORDER BY finished_at LIMIT 100", (finished_before,),
-            ).fetchall():
-                deleted = c.execute(
-                    "DELETE FROM run_events WHERE run_id = ? AND seq IN (SELECT seq FROM "
-                    "run_events WHERE run_id = ? AND type NOT IN (" + KEPT_EVENTS_SQL + ") "
-                    "LIMIT ?)", (run_id, run_id, budget)).rowcount
-                budget -= deleted
-                done += deleted
-                if budget <= 0:
-                    break  # maybe more of this run: the next call goes on with it
-                c.execute("UPDATE runs SET events_pruned = 1 WHERE id = ?", (run_id,))
-                done += 1
-            return done
+            )], rows)
 
         return await self._write("prune_events", fn)
 
@@ -583,3 +585,21 @@ class SQLiteQueries(SQLiteOwnership):
             return [_call(r) for r in c.execute(sql, args).fetchall()]
 
         return await self._read("list_llm_calls", fn)
+
+
+def _prune_runs(c: sqlite3.Connection, runs: list[str], rows: int) -> int:
+    """Delete at most ``rows`` events of these (finished) runs but their kept ones, marking a
+    run pruned once none is left; the work done (rows deleted + runs marked), 0 when none."""
+    budget, done = rows, 0
+    for run_id in runs:
+        deleted = c.execute(
+            "DELETE FROM run_events WHERE run_id = ? AND seq IN (SELECT seq FROM "
+            "run_events WHERE run_id = ? AND type NOT IN (" + KEPT_EVENTS_SQL + ") "
+            "LIMIT ?)", (run_id, run_id, budget)).rowcount
+        budget -= deleted
+        done += deleted
+        if budget <= 0:
+            break  # maybe more of this run: the next call goes on with it
+        c.execute("UPDATE runs SET events_pruned = 1 WHERE id = ?", (run_id,))
+        done += 1
+    return done

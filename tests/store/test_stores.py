@@ -9,6 +9,7 @@ PostgreSQL-only faults (a restart, a wrong password) are in tests/store/test_pos
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import signal
@@ -215,6 +216,73 @@ async def test_messages_runs_events_calls_round_trip(db: Path | str) -> None:
         await store.record_llm_call(late)
         assert await store.list_llm_calls(run_id=run.id) == []
         assert await store.list_llm_calls() == [replace(late, run_id=None), kept]
+
+
+async def _finished_run(store: Any, conv: str, tokens: int, owner: str | None) -> str:
+    begun = await store.begin_run(conv, content="q", agent="chat", model="m", owner=owner)
+    run = begun.run.id
+    await store.append_run_events(
+        [RunEvent(run, i, "token", {"text": "t"}, 0.0) for i in range(2, tokens + 2)])
+    await store.finish_run(
+        run, status="succeeded", message_id=begun.reply.id, content="t" * tokens,
+        message_status=MessageStatus.complete, error=None, usage={},
+        events=[RunEvent(run, tokens + 2, "message", {"content": "t" * tokens}, 0.0),
+                RunEvent(run, tokens + 3, "run.finished", {"status": "succeeded"}, 0.0)])
+    return str(run)
+
+
+async def test_a_conversations_delete_takes_its_events_in_bounded_writes(
+    db: Path | str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A long conversation's events went in one transaction (ON DELETE CASCADE): every other
+    # write of the process waited behind it. Now its finished runs are pruned first, a bounded
+    # number of rows per write, each run keeping its start, answer and end until the last
+    # write (a re-join meanwhile is told those, as of a run the retention pruned), and
+    # nothing of another conversation or owner is touched.
+    monkeypatch.setattr("service.store.sqlite_queries.PRUNE_ROWS", 50)
+    monkeypatch.setattr("service.store.postgres_queries.PRUNE_ROWS", 50)
+    seen: list[tuple[int, set[str]]] = []  # at each commit: events stored, kept types per run
+
+    def look() -> None:  # in the writer thread, before its transaction commits
+        conn: Any = psycopg.connect(db) if isinstance(db, str) else sqlite3.connect(db)
+        try:
+            total = conn.execute("SELECT COUNT(*) FROM run_events").fetchone()[0]
+            ends = {f"{r[0]} {r[1]}" for r in conn.execute(
+                "SELECT run_id, type FROM run_events WHERE type IN ('message', 'run.finished')")}
+            seen.append((total, ends))
+        finally:
+            conn.close()
+
+    async with open_store(db) as store:
+        conv = (await store.create_conversation(owner="o1")).id
+        other = (await store.create_conversation(owner="o1")).id
+        runs = [await _finished_run(store, conv, 120, "o1") for _ in range(3)]
+        kept = await _finished_run(store, other, 120, "o1")
+        live = (await store.begin_run(conv, content="q2", agent="chat", model="m",
+                                      owner="o1")).run.id
+        await store.append_run_events([RunEvent(live, 2, "token", {"text": "t"}, 0.0)])
+        with pytest.raises(NotFound):
+            await store.delete_conversation(conv, owner="o2")
+        assert len(await store.list_run_events(runs[0], limit=1000)) == 123
+        store.faults.before_commit = look
+        try:
+            await store.delete_conversation(conv, owner="o1")
+        finally:
+            store.faults.before_commit = None
+        look()
+        totals = [t for t, _ in seen]
+        assert totals[0] == 4 * 123 + 2
+        assert totals[-1] == 123  # the other conversation's run, whole
+        assert max(a - b for a, b in itertools.pairwise(totals)) <= 50, totals
+        # Each run's answer and end are there until the conversation's own delete.
+        everyone = {f"{r} {t}" for r in runs for t in ("message", "run.finished")}
+        assert all(everyone <= ends for _, ends in seen[:-1]), seen
+        assert [e.seq for e in await store.list_run_events(kept, limit=1000)] == list(
+            range(1, 124))
+        for run in [*runs, live]:
+            with pytest.raises(NotFound):
+                await store.get_run(run, owner="o1")
+            assert await store.list_run_events(run) == []
 
 
 async def test_a_runs_end_moves_its_conversations_updated_at(db: Path | str) -> None:
