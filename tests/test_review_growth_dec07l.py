@@ -267,19 +267,16 @@ async def test_get_conversation_returns_every_message_with_no_way_to_page(
             f"(limit=50 asked); keys: {sorted(body)}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known, not fixed yet: list items carry each conversation's whole "
-    "system prompt"))
 async def test_conversation_list_pages_repeat_every_v1_clients_system_prompt(
         settings: Settings) -> None:
-    """DEFECT: every ``/v1/chat/completions`` call stores a conversation whose ``system`` is
-    the request's system messages, whole and uncapped (``POST /api/conversations`` caps it at
-    100,000 characters; here 400,000, a body under SERVICE_MAX_BODY_BYTES), and every page of
-    ``GET /api/conversations`` carries each listed conversation's whole ``system``. A host
-    serving an SDK client with a long system prompt (a coding agent's: tens to hundreds of KB,
-    sent with every call) fills the list with such conversations: a page of 100 (what the
-    page at ``/`` asks for its sidebar, chat.js ``/api/conversations?limit=100``) is up to
-    100 x 1 MiB. Here 10 completions make a 4 MB listing, for ids and titles.
+    """Fixed (was: DEFECT): every ``/v1/chat/completions`` call stores a conversation whose
+    ``system`` is the request's system messages, whole and uncapped (``POST /api/conversations``
+    caps it at 100,000 characters; here 400,000, a body under SERVICE_MAX_BODY_BYTES), and every
+    page of ``GET /api/conversations`` carries each listed conversation's whole ``system``. A
+    host serving an SDK client with a long system prompt (a coding agent's: tens to hundreds of
+    KB, sent with every call) fills the list with such conversations: a page of 100 (what the
+    page at ``/`` asks for its sidebar, chat.js ``/api/conversations?limit=100``) is up to 100 x
+    1 MiB. Here 10 completions make a 4 MB listing, for ids and titles.
 
     Code: service/api/openai.py ``chat_completions`` (``system = "\n\n".join(...)``, no cap),
     service/api/models.py ``ConversationOut`` (``system`` in every list item), served by
@@ -303,6 +300,11 @@ async def test_conversation_list_pages_repeat_every_v1_clients_system_prompt(
         assert len(r.content) <= 1_000_000, (
             f"a list page of {len(items)} conversations is {len(r.content):,} bytes "
             f"(a system of {longest:,} characters in each)")
+        # Each item says its system is cut; the conversation's own GET has it whole.
+        assert all(c["system_truncated"] and big.startswith(c["system"]) for c in items)
+        r = await client.get(f"/api/conversations/{items[0]['id']}")
+        assert r.json()["system"] == big
+        assert "system_truncated" not in r.json()
 
 
 # -- a long run: re-join from event 1 ---------------------------------------------------------

@@ -8,6 +8,7 @@ from quart_schema import validate_querystring, validate_request, validate_respon
 from .errors import json_error
 from .models import (
     ConversationList,
+    ConversationListItem,
     ConversationOut,
     ConversationWithMessages,
     CreateConversation,
@@ -49,7 +50,7 @@ async def list_conversations(
         )
     except ValueError as exc:
         return json_error(422, "invalid_request", f"before: {exc}", field="before")
-    return ConversationList(data=[ConversationOut.of(c) for c in page], next=nxt)
+    return ConversationList(data=[ConversationListItem.listed(c) for c in page], next=nxt)
 
 
 @blueprint.get("/<conversation_id>")

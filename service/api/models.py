@@ -34,6 +34,7 @@ __all__ = [
     "AgentName",
     "ChatCompletionOut",
     "ConversationList",
+    "ConversationListItem",
     "ConversationOut",
     "ConversationWithMessages",
     "CreateConversation",
@@ -262,8 +263,25 @@ class ConversationWithMessages(ConversationOut):
     messages: list[MessageOut]
 
 
+# A list item's ``system`` is cut to this (``system_truncated`` says so; the conversation's
+# own GET has it whole): a /v1 client's system prompt, stored with each completion, can be
+# hundreds of KB, and a page of 100 of them was tens of MB for ids and titles.
+LISTED_SYSTEM_CHARS = 500
+
+
+class ConversationListItem(ConversationOut):
+    system_truncated: bool = False
+
+    @classmethod
+    def listed(cls, c: Conversation) -> ConversationListItem:
+        item = cls(**ConversationOut.of(c).model_dump())
+        if item.system is not None and len(item.system) > LISTED_SYSTEM_CHARS:
+            item.system, item.system_truncated = item.system[:LISTED_SYSTEM_CHARS], True
+        return item
+
+
 class ConversationList(BaseModel):
-    data: list[ConversationOut]
+    data: list[ConversationListItem]
     next: str | None
 
 
