@@ -283,7 +283,9 @@ class Client:
         reply, right after this message (pending, or ended since). None if there is none (or
         the service cannot say)."""
         try:
-            resp = await self.http.get(f"/api/conversations/{conversation}")
+            # Its last two messages only (a long conversation was fetched whole for them).
+            resp = await self.http.get(f"/api/conversations/{conversation}",
+                                       params={"limit": 2})
             messages = resp.json().get("messages", []) if resp.status_code == 200 else []
         except (httpx.HTTPError, ValueError):
             return None

@@ -233,9 +233,6 @@ async def test_listing_conversations_costs_every_message_of_each_listed_one(
         f"at 10 messages each")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known, not fixed yet: GET /api/conversations/{id} has no message "
-    "paging (an API addition and the page's loading of older messages)"))
 async def test_get_conversation_returns_every_message_with_no_way_to_page(
         settings: Settings) -> None:
     """DEFECT: ``GET /api/conversations/{id}`` answers every message of the conversation in

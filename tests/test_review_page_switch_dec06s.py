@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")]
 GUARD = 30
 MESSAGES = re.compile(r".*/api/conversations/conv_[0-9a-f]+/messages$")
-CONVERSATION = re.compile(r".*/api/conversations/conv_[0-9a-f]+$")  # GET one conversation
+CONVERSATION = re.compile(r".*/api/conversations/conv_[0-9a-f]+(\?limit=[0-9]+)?$")  # GET one
 LIVE = "() => JSON.parse(sessionStorage.getItem('service.live') || 'null')"
 
 

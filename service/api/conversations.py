@@ -10,6 +10,7 @@ from .models import (
     ConversationList,
     ConversationListItem,
     ConversationOut,
+    ConversationQuery,
     ConversationWithMessages,
     CreateConversation,
     ErrorBody,
@@ -54,10 +55,14 @@ async def list_conversations(
 
 
 @blueprint.get("/<conversation_id>")
+@validate_querystring(ConversationQuery)
 @validate_response(ConversationWithMessages, 200)
 @validate_response(ErrorBody, 404)
-async def get_conversation(conversation_id: str) -> ConversationWithMessages:
-    """A conversation with its messages, oldest first."""
+async def get_conversation(
+    conversation_id: str, query_args: ConversationQuery
+) -> ConversationWithMessages | Response:
+    """A conversation with its messages, oldest first: all of them, or with ``limit`` the
+    newest N (before ``before``) and ``messages_next`` for the older ones."""
     store = services().require_store()
     # The conversation (its owner checked before anything is shown, and its updated_at),
     # then its messages, then the conversation again. Its updated_at is read before the
@@ -67,10 +72,19 @@ async def get_conversation(conversation_id: str) -> ConversationWithMessages:
     # deleted while its messages were read is a 404, not one with no messages, which the
     # store never held.
     conv = await store.get_conversation(conversation_id, owner=current_owner())
-    messages = await store.get_messages(conversation_id)
+    nxt = None
+    if query_args.limit is None and query_args.before is None:
+        messages = await store.get_messages(conversation_id)
+    else:
+        try:
+            messages, nxt = await store.message_page(
+                conversation_id, limit=query_args.limit or 100, before=query_args.before)
+        except ValueError as exc:
+            return json_error(422, "invalid_request", f"before: {exc}", field="before")
     await store.get_conversation(conversation_id, owner=current_owner())
     return ConversationWithMessages(
-        **ConversationOut.of(conv).model_dump(), messages=[MessageOut.of(m) for m in messages]
+        **ConversationOut.of(conv).model_dump(), messages=[MessageOut.of(m) for m in messages],
+        messages_next=nxt,
     )
 
 

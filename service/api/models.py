@@ -36,6 +36,7 @@ __all__ = [
     "ConversationList",
     "ConversationListItem",
     "ConversationOut",
+    "ConversationQuery",
     "ConversationWithMessages",
     "CreateConversation",
     "ErrorBody",
@@ -225,6 +226,14 @@ class ListConversationsQuery(_Query):
     before: str | None = Field(None, max_length=200, description="cursor from a page's `next`")
 
 
+class ConversationQuery(_Query):
+    limit: int | None = Field(None, ge=1, le=1000, description=(
+        "the newest N messages (before `before`), oldest first; absent: all of them (a page "
+        "of 100 with `before`)"))
+    before: str | None = Field(None, max_length=200,
+                               description="cursor from a conversation's `messages_next`")
+
+
 class ConversationOut(BaseModel):
     id: str
     title: str | None
@@ -261,6 +270,8 @@ class MessageOut(BaseModel):
 
 class ConversationWithMessages(ConversationOut):
     messages: list[MessageOut]
+    # Pass back as ``before`` for the older messages; None: the page reaches the first.
+    messages_next: str | None = None
 
 
 # A list item's ``system`` is cut to this (``system_truncated`` says so; the conversation's

@@ -109,6 +109,14 @@ class Store(Protocol):
 
     async def get_messages(self, conversation_id: str) -> list[Message]: ...
 
+    async def message_page(
+        self, conversation_id: str, *, limit: int, before: str | None = None
+    ) -> tuple[list[Message], str | None]:
+        """The newest ``limit`` messages before the cursor ``before`` (none: the newest of
+        all), oldest first, and the cursor of the older ones (None: there are none).
+        ``ValueError`` for a cursor that is not one."""
+        ...
+
     # -- runs and their events ------------------------------------------------------------------
 
     async def begin_run(

@@ -287,6 +287,24 @@ class SQLiteQueries(SQLiteOwnership):
 
         return await self._read("get_messages", fn)
 
+    async def message_page(
+        self, conversation_id: str, *, limit: int, before: str | None = None
+    ) -> tuple[list[Message], str | None]:
+        before_seq = decode_cursor(before) if before else None
+
+        def fn(c: sqlite3.Connection) -> tuple[list[Message], str | None]:
+            sql = f"SELECT seq, {_MSG_COLS} FROM messages WHERE conversation_id = ?"
+            args: list[Any] = [conversation_id]
+            if before_seq is not None:
+                sql += " AND seq < ?"
+                args.append(before_seq)
+            rows = c.execute(sql + " ORDER BY seq DESC LIMIT ?", [*args, limit + 1]).fetchall()
+            page = rows[:limit]
+            nxt = encode_cursor(page[-1][0]) if len(rows) > limit else None
+            return [_message(r[1:]) for r in reversed(page)], nxt
+
+        return await self._read("message_page", fn)
+
     # -- runs and their events ------------------------------------------------------------------
 
     async def begin_run(

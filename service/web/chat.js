@@ -141,7 +141,8 @@ const STEPS_KEPT = 100; // step lines kept for a reload (each up to 2,000 charac
 
 class AssistantView {
   // ``steps``: lines shown before (a reload re-joins from where it was: they do not come again).
-  constructor(text = "", steps = []) {
+  // ``box``: where an older page's reply is put (not followed to the bottom of the pane).
+  constructor(text = "", steps = [], box = null) {
     this.lines = []; // the step lines, as kept for a reload (sessionStorage)
     this.el = document.createElement("div");
     this.el.className = "message assistant";
@@ -154,8 +155,11 @@ class AssistantView {
     this.answer = document.createElement("div");
     this.answer.className = "answer";
     this.el.append(this.steps, this.answer);
-    $("messages").append(this.el);
-    toBottom(); // a new reply: shown, and followed
+    if (box) box.append(this.el);
+    else {
+      $("messages").append(this.el);
+      toBottom(); // a new reply: shown, and followed
+    }
     for (const line of steps) this.addStep(line);
     this.segment = text;
     this.render();
@@ -295,14 +299,17 @@ function stopped(reason, mine = null) {
   return [`stopped: ${reason}`, false];
 }
 
-function addUser(text) {
+function addUser(text, box = null) {
   const div = document.createElement("div");
   div.className = "message user";
   div.dataset.testid = "user-message";
   div.dir = "auto";
   div.textContent = clean(text); // as stored: another client's may hold bidi controls
-  $("messages").append(div);
-  toBottom();
+  if (box) box.append(div);
+  else {
+    $("messages").append(div);
+    toBottom();
+  }
 }
 
 function running(runId) {
@@ -617,6 +624,53 @@ function showConversations() {
 }
 
 const WATCH_MAX = 3; // replies going elsewhere followed at once (see openConversation)
+// Messages shown when a conversation opens, the newest; older ones a page at a time on demand
+// (a conversation kept for months was fetched and drawn whole at every open).
+const PAGE = 100;
+
+function storedReply(m, box = null) {
+  const view = new AssistantView(m.content, [], box);
+  if (m.status === "cancelled") view.note(...stopped(m.error));
+  else if (m.status === "error") view.note(m.error ? `failed: ${m.error}` : "failed");
+  return view;
+}
+
+function olderButton(id, cursor) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "older";
+  button.dataset.testid = "older-messages";
+  button.textContent = "Earlier messages";
+  button.addEventListener("click", () => loadOlder(id, cursor, button).catch((exc) => problem(exc.message)));
+  return button;
+}
+
+// The page before ``cursor``, put above what is shown, the pane kept on what it showed.
+async function loadOlder(id, cursor, button) {
+  button.disabled = true;
+  let conv;
+  try {
+    conv = await api("GET", `/api/conversations/${id}?limit=${PAGE}&before=${encodeURIComponent(cursor)}`);
+  } finally {
+    button.disabled = false;
+  }
+  if (state.conversation !== id || !button.isConnected) return; // another opened meanwhile
+  const older = document.createDocumentFragment();
+  if (conv.messages_next) older.append(olderButton(id, conv.messages_next));
+  for (const m of conv.messages) {
+    if (m.role === "user") addUser(m.content, older);
+    else if (m.role === "assistant") {
+      const view = storedReply(m, older);
+      // (Its run still going: only the newest page's replies are followed.)
+      if (m.status === "pending") view.note("still going elsewhere: open the conversation again later for its answer", true);
+    }
+  }
+  const pane = $("messages");
+  const below = pane.scrollHeight - pane.scrollTop;
+  button.replaceWith(older);
+  pane.scrollTop = pane.scrollHeight - below;
+  scroll.placed = pane.scrollTop;
+}
 let viewing = null; // the follows of the conversation on screen (aborted when another opens)
 let opening = 0; // the latest conversation asked for (an earlier answer coming late is dropped)
 
@@ -629,7 +683,7 @@ async function openConversation(id, skipRun = null, own = false) {
   const asked = ++opening;
   let conv;
   try {
-    conv = await api("GET", `/api/conversations/${id}`);
+    conv = await api("GET", `/api/conversations/${id}?limit=${PAGE}`);
   } catch (exc) {
     // The conversation on screen stays as it was, its replies still followed. One deleted
     // elsewhere is no longer listed (every click on it would fail the same way).
@@ -644,6 +698,7 @@ async function openConversation(id, skipRun = null, own = false) {
   const mine = (viewing = new AbortController());
   state.conversation = id;
   $("messages").replaceChildren();
+  if (conv.messages_next) $("messages").append(olderButton(id, conv.messages_next));
   const pending = []; // replies whose run is still going (another tab's, or before a reopen)
   for (const m of conv.messages) {
     if (m.role === "user") addUser(m.content);
@@ -651,10 +706,8 @@ async function openConversation(id, skipRun = null, own = false) {
       $("messages").append(state.own.el); // the tab's own run, still followed: as it is now
       toBottom();
     } else if (m.role === "assistant" && !(skipRun && m.run_id === skipRun)) {
-      const view = new AssistantView(m.content);
-      if (m.status === "cancelled") view.note(...stopped(m.error));
-      else if (m.status === "error") view.note(m.error ? `failed: ${m.error}` : "failed");
-      else if (m.status === "pending" && m.run_id) pending.push({ view, run_id: m.run_id });
+      const view = storedReply(m);
+      if (m.status === "pending" && m.run_id) pending.push({ view, run_id: m.run_id });
     }
   }
   showConversations(); // marks it current

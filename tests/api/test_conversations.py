@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from service.settings import Settings
+from service.store import MessageStatus
 
 from ..servers import RunningServer, running_server
 
@@ -65,6 +66,40 @@ async def test_list_is_newest_first_with_cursor_pages(server: RunningServer) -> 
                 break
         assert seen == list(reversed(ids))
         assert pages == 3
+
+
+async def test_a_conversations_messages_come_in_pages_newest_first(
+        server: RunningServer) -> None:
+    # Without a limit: every message, as before (messages_next null). With one: the newest N,
+    # oldest first within the page, and a cursor for the older ones, until the first.
+    async with server.client() as client:
+        conv = (await client.post("/api/conversations", json={})).json()["id"]
+        await server.services.require_store().append_messages(
+            conv, [("user" if i % 2 == 0 else "assistant", f"m{i}", MessageStatus.complete,
+                    None) for i in range(7)])
+        r = await client.get(f"/api/conversations/{conv}")
+        assert [m["content"] for m in r.json()["messages"]] == [f"m{i}" for i in range(7)]
+        assert r.json()["messages_next"] is None
+        pages: list[list[str]] = []
+        params: dict[str, str | int] = {"limit": 3}
+        while True:
+            r = await client.get(f"/api/conversations/{conv}", params=params)
+            assert r.status_code == 200, r.text
+            pages.append([m["content"] for m in r.json()["messages"]])
+            if r.json()["messages_next"] is None:
+                break
+            params["before"] = r.json()["messages_next"]
+        assert pages == [["m4", "m5", "m6"], ["m1", "m2", "m3"], ["m0"]]
+        # A page that ends exactly at the first message says there is no more.
+        r = await client.get(f"/api/conversations/{conv}", params={"limit": 7})
+        assert (len(r.json()["messages"]), r.json()["messages_next"]) == (7, None)
+        for bad in ({"limit": 0}, {"limit": 1001}, {"limit": 2, "before": "not-a-cursor"}):
+            r = await client.get(f"/api/conversations/{conv}", params=bad)
+            assert r.status_code == 422, (bad, r.text)
+            assert r.json()["error"]["type"] == "invalid_request"
+        # Another's conversation stays a 404 whatever the paging.
+        r = await client.get("/api/conversations/conv_nope", params={"limit": 2})
+        assert r.status_code == 404
 
 
 async def test_json_content_type_is_required(server: RunningServer) -> None:

@@ -18,6 +18,7 @@ import trio
 
 from service.backends.base import ChatRequest
 from service.settings import Settings
+from service.store import MessageStatus
 
 from ..fakes import Reply, ScriptedBackend
 from ..servers import ROOT, running_server
@@ -136,6 +137,50 @@ async def test_a_reload_mid_run_rejoins_with_last_event_id(settings: Settings) -
     assert int(rejoin["last-event-id"]) > 1
     # Every token once: nothing lost across the reload, nothing repeated.
     assert seen["text"].split() == ["tick"] * 40
+
+
+def _older_session(url: str, page: Any) -> dict[str, Any]:
+    page.goto(url + "/")
+    page.get_by_test_id("conversation").first.click()
+    users = page.get_by_test_id("user-message")
+    older = page.get_by_test_id("older-messages")
+    seen: dict[str, Any] = {}
+    playwright.expect(users).to_have_count(50)  # the newest page: 100 messages
+    playwright.expect(page.get_by_test_id("assistant-message")).to_have_count(50)
+    seen["first"] = users.first.inner_text()
+    pane = page.get_by_test_id("messages")
+    seen["at_bottom"] = pane.evaluate("p => p.scrollHeight - p.scrollTop - p.clientHeight < 48")
+    older.click()
+    playwright.expect(users).to_have_count(100)
+    # The pane stays on what it showed: the message that was first is still in view.
+    seen["kept_in_view"] = page.get_by_text(seen["first"], exact=True).evaluate(
+        "(el) => { const p = el.parentElement.getBoundingClientRect();"
+        " const r = el.getBoundingClientRect(); return r.bottom > p.top && r.top < p.bottom; }")
+    older.click()
+    playwright.expect(users).to_have_count(115)
+    playwright.expect(older).to_have_count(0)  # the first message reached
+    seen["users"] = users.all_inner_texts()
+    seen["answers"] = page.get_by_test_id("assistant-message").all_inner_texts()
+    return seen
+
+
+async def test_a_long_conversation_opens_on_its_newest_messages_older_on_demand(
+        settings: Settings) -> None:
+    # A conversation kept for months was fetched and drawn whole at every open: now its newest
+    # 100 messages, and "Earlier messages" above them for the page before, until the first.
+    async with running_server(settings, ScriptedBackend(_answers)) as srv:
+        store = srv.services.require_store()
+        conv = (await store.create_conversation(title="long")).id
+        await store.append_messages(conv, [
+            item for i in range(115) for item in (
+                ("user", f"q{i}", MessageStatus.complete, None),
+                ("assistant", f"a{i}", MessageStatus.complete, None))])
+        seen = await _in_browser(partial(_older_session, srv.url))
+    assert seen["first"] == "q65"
+    assert seen["at_bottom"]
+    assert seen["kept_in_view"]
+    assert seen["users"] == [f"q{i}" for i in range(115)]
+    assert seen["answers"] == [f"a{i}" for i in range(115)]
 
 
 def _keys_session(url: str, page: Any) -> str:

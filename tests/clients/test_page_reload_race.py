@@ -50,7 +50,7 @@ pytestmark = [pytest.mark.slow,
 
 # 0.05 s a token, 1200 tokens: a minute, far longer than any test here; cancelled at the end.
 LONG = SimReply(text="tick " * 1200, interval=0.05)
-CONVERSATION = re.compile(r".*/api/conversations/conv_[0-9a-f]+$")  # GET one conversation
+CONVERSATION = re.compile(r".*/api/conversations/conv_[0-9a-f]+(\?limit=[0-9]+)?$")  # GET one
 SIDEBAR = re.compile(r".*/api/conversations\?limit=100$")  # loadConversations()
 QUIET_MS = 1500  # how long a fixed page is given to show it did not send a request
 

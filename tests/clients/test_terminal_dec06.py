@@ -156,7 +156,7 @@ async def _corrupt_streams(requests: list[bytes], stream: trio.SocketStream) -> 
             await stream.send_all(b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\n"
                                   b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
             return
-        if head.startswith(b"GET /api/conversations/conv_1 "):
+        if head.startswith((b"GET /api/conversations/conv_1 ", b"GET /api/conversations/conv_1?")):
             # (Where the client looks for the turn's run when the break came before it had
             # read run.started: the body arrived in one read, which then did not decode.)
             body = (b'{"id":"conv_1","messages":[{"role":"user","content":"hello"},'
