@@ -170,6 +170,29 @@ async def test_a_conversations_system_prompt_and_the_agents_are_two_system_messa
         assert (_malformed(_roles(first)), refused) == ([], ""), first["messages"]
 
 
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_plan_steps_call_carries_the_conversations_system_prompt(
+    settings: Settings, strict_llama: str | None, kind: str,
+) -> None:
+    """Fixed (helper-142's note): a plan step's own model call (a step with no tool: a small
+    ReAct loop) got the step agent's system prompt and its task only. The conversation's
+    ("Answer in French.", a deployer's rules) held in the plan and the synthesis, not in the
+    steps' work. Now joined to the step agent's, one system message, as react's run does."""
+    async with e2e(settings, kind) as env:
+        env.sim.script(_plan({"id": 1, "task": "say hello"}),
+                       "Thought: easy\nFinal Answer: bonjour", "bonjour")
+        conv = await env.conversation(system="Answer in French.", agent="plan_execute")
+        result = await _ask(env, conv, "hello")
+        assert result["run"]["status"] == "succeeded", result
+        step = env.sim.streams[1].body
+        assert _roles(step) == ["system", "user"], step["messages"]
+        system = step["messages"][0]["content"]
+        assert "Answer in French." in system, system
+        assert "Final Answer" in system, system  # the step agent's own
+        assert "Do this step: say hello" in step["messages"][1]["content"]
+        assert await _refusal(strict_llama, step) == ""
+
+
 async def test_a_v1_react_request_with_a_system_message_sends_two_system_messages(
     settings: Settings, strict_llama: str | None,
 ) -> None:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Collection
@@ -262,8 +263,12 @@ class PlanExecuteAgent(Agent):
             prompt = f"Do this step: {step.task}"
             if context:
                 prompt += f"\nKnown so far:\n{context}"
-            messages = [ChatMessage("system", self.step_agent.system_prompt(ctx)),
-                        ChatMessage("user", prompt)]
+            # The conversation's (or /v1 client's) system prompt too, joined to the step
+            # agent's: its rules ("answer in French", "never call X", who the user is) held
+            # in the synthesis only, and a step's work ignored them.
+            messages = [*with_system(self.step_agent.system_prompt(ctx), list(
+                itertools.takewhile(lambda m: m.role == "system", ctx.history))),
+                ChatMessage("user", prompt)]
             try:
                 output = await self.step_agent.loop(mine, messages, fail_at_limit=True)
                 ok = not output.startswith("ERROR:")
