@@ -35,6 +35,7 @@ from service.sim import Reply
 
 from .e2e import GUARD, KINDS, Env, EventStream, e2e
 from .servers import running_server
+from .streams import parse_sse
 
 # Gemma 3's chat template, reduced to what decides whether a prompt is taken (its first system
 # message folded into the first user turn, then its alternation check over the rest).
@@ -191,6 +192,36 @@ async def test_a_plan_steps_call_carries_the_conversations_system_prompt(
         assert "Final Answer" in system, system  # the step agent's own
         assert "Do this step: say hello" in step["messages"][1]["content"]
         assert await _refusal(strict_llama, step) == ""
+
+
+async def test_tool_call_ids_a_server_numbers_per_response_are_unique_in_the_run(
+    settings: Settings,
+) -> None:
+    """Fixed (helper-141's note): llama.cpp's server (and the simulator, as it) numbers a
+    response's tool calls from ``call_..._0``; two ReAct turns (or two parallel plan steps)
+    gave the same ``call_id`` twice in one run's events, and a client pairing ``tool.call``
+    with ``tool.result`` by id mixed them up. A repeated id is replaced before anything is
+    told; the model is shown each call and its result under the one id."""
+    async with e2e(settings, "llamacpp") as env:
+        env.sim.script(
+            Reply(tool_calls=({"name": "calculator", "arguments": {"expression": "1+1"}},)),
+            Reply(tool_calls=({"name": "calculator", "arguments": {"expression": "2+2"}},)),
+            "2 and 4")
+        conv = await env.conversation(agent="react")
+        result = await _ask(env, conv, "add")
+        assert result["run"]["status"] == "succeeded", result
+        r = await env.client.get(f"/api/runs/{result['run']['id']}/events")
+        frames = [(f["event"], f["data"]) for f in parse_sse(r.text)]
+        calls = [d["call_id"] for t, d in frames if t == "tool.call"]
+        results = [d["call_id"] for t, d in frames if t == "tool.result"]
+        assert len(set(calls)) == 2, frames
+        assert results == calls
+        last = env.sim.streams[2].body["messages"]
+        asked = [c["id"] for m in last if m["role"] == "assistant" for c in m["tool_calls"]]
+        answered = [m["tool_call_id"] for m in last if m["role"] == "tool"]
+        assert asked == answered == calls, last
+        # (Not replayed to Gemma's template: it has no tool role, and a server with it does
+        # not make native tool calls.)
 
 
 async def test_a_v1_react_request_with_a_system_message_sends_two_system_messages(

@@ -19,6 +19,7 @@ from typing import Any
 import trio
 
 from ..backends.base import Backend, ChatMessage, ChatRequest, ToolCall, Usage
+from ..backends.common import new_call_id
 from ..errors import ContextLengthExceeded, ToolArgumentsError
 from ..logs import get_logger
 from ..metrics import Metrics
@@ -138,6 +139,7 @@ class AgentContext:
     # The history's messages left out of its calls (ids; see ``_shorten``), the history as
     # the run got it, and how far it was shortened.
     _dropped: set[int] = field(default_factory=set, init=False)
+    _call_ids: set[str] = field(default_factory=set, init=False)  # its calls' (unique_calls)
     _history_given: list[ChatMessage] | None = field(default=None, init=False)
     _fit_level: int = field(default=0, init=False)  # of REFIT_KEEP, tried so far
     _last_call_chunks: int = field(default=0, init=False)
@@ -470,6 +472,20 @@ class AgentContext:
         self.metrics.tool_calls.labels(name, "cancelled").inc()
         self.emit("tool.result", {"call_id": call_id,
                                   "error": f"tool {name} was stopped: the run ended"})
+
+    def unique_calls(self, reply: ChatMessage) -> ChatMessage:
+        """``reply`` with each native tool call's id unique in the run (a plan's steps share
+        its ids): a server that numbers its calls per response (``call_0``) gave two parallel
+        steps, or two turns, the same ``call_id``, and a client pairing ``tool.call`` with
+        ``tool.result`` by id mixed them up. A repeated id is replaced before anything is
+        told or sent back: the model sees its call and the result under the new one."""
+        calls, renamed = [], False
+        for call in reply.tool_calls:
+            if call.id in self._call_ids:
+                call, renamed = replace(call, id=new_call_id()), True
+            self._call_ids.add(call.id)
+            calls.append(call)
+        return replace(reply, tool_calls=tuple(calls)) if renamed else reply
 
     async def call_tools_parallel(self, calls: Sequence[ToolCall]) -> list[Observation]:
         """Run several native tool calls of one step at once; results in the calls' order. Past

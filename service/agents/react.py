@@ -92,6 +92,7 @@ class ReActAgent(Agent):
                 reply = await ctx.call_llm(messages)
             if reply.tool_calls:
                 native = True
+                reply = ctx.unique_calls(reply)
                 if reply.content.strip():
                     ctx.emit("thought", {"text": reply.content.strip()})
                 messages.append(reply)
