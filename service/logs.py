@@ -9,7 +9,8 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["REQUEST_ID", "RUN_ID", "configure_logging", "get_logger"]
+__all__ = ["REQUEST_ID", "RUN_ID", "JsonFormatter", "TextFormatter", "configure_logging",
+           "get_logger"]
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 RUN_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("run_id", default=None)
@@ -27,6 +28,10 @@ class _ContextFilter(logging.Filter):
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, pid: bool = False) -> None:
+        super().__init__()
+        self._pid = pid  # the process's in each record: several workers write one stream
+
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -36,6 +41,8 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
             "request_id": getattr(record, "request_id", None),
         }
+        if self._pid:
+            out["pid"] = record.process
         run_id = getattr(record, "run_id", None)
         if run_id:
             out["run_id"] = run_id
@@ -49,12 +56,13 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """One line per record: its time, level, logger, ids (the request's, the run's when it has
-    one), message, then its fields as ``key=value`` (as JSON has them); a traceback follows on
-    lines of its own."""
+    """One line per record: its time, level, logger (and ``pid``: the process's, with several
+    workers), ids (the request's, the run's when it has one), message, then its fields as
+    ``key=value`` (as JSON has them); a traceback follows on lines of its own."""
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s [%(ids)s] %(message)s")
+    def __init__(self, pid: bool = False) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s" + (
+            " pid=%(process)d" if pid else "") + " [%(ids)s] %(message)s")
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         run_id = getattr(record, "run_id", None)
@@ -79,11 +87,13 @@ _ESCAPED = {c: repr(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0))}
 _ESCAPED_BUT_NEWLINES = {c: e for c, e in _ESCAPED.items() if c != ord("\n")}
 
 
-def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
-    """Route the service's and hypercorn's loggers to stderr in the chosen format."""
+def configure_logging(level: str = "INFO", fmt: str = "json", *, pid: bool = False) -> None:
+    """Route the service's and hypercorn's loggers to stderr in the chosen format; ``pid``:
+    each line names its process (``--workers N``: the workers' and their parent's lines
+    interleave on one stream)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_ContextFilter())
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter(pid) if fmt == "json" else TextFormatter(pid))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

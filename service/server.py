@@ -420,6 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if workers > 1:
         from .workers import serve_workers
 
+        configure_logging(settings.log_level, settings.log_format, pid=True)
+
         return serve_workers(settings, config, workers)
     # Bound by hypercorn once the app has started: a connection made before is refused, not
     # left waiting through a start-up that may take minutes (a model's load).

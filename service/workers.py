@@ -63,7 +63,7 @@ def _worker(settings: Settings, config: Config, sockets: Sockets, ready: Connect
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _exit_with_parent(parent)
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, pid=True)
     code = serve_one(settings, config, sockets=sockets, on_ready=lambda: ready.send(True))
     ready.close()
     sys.exit(code)

@@ -16,7 +16,7 @@ import pytest
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from service.logs import TextFormatter
+from service.logs import JsonFormatter, TextFormatter
 from service.settings import Settings
 from service.sim import Reply
 
@@ -313,6 +313,17 @@ def test_text_logs_escape_control_characters() -> None:
     assert "\x07" not in text
     assert "\\x1b]0;title\\x07" in text
     assert "\nTraceback" in text  # the traceback keeps its own lines
+
+
+def test_logs_name_their_process_when_asked() -> None:
+    # With --workers N every process writes to one stream: each line says whose it is.
+    record = logging.LogRecord("service.runs", logging.WARNING, __file__, 1, "run failed",
+                               (), None)
+    record.request_id = "r1"
+    assert f" pid={os.getpid()} [r1] run failed" in TextFormatter(pid=True).format(record)
+    assert "pid=" not in TextFormatter().format(record)
+    assert json.loads(JsonFormatter(pid=True).format(record))["pid"] == os.getpid()
+    assert "pid" not in json.loads(JsonFormatter().format(record))
 
 
 async def test_a_422_names_unknown_fields_cut_short_and_lists_the_first_errors(

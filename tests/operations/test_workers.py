@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -114,6 +115,13 @@ async def test_two_workers_share_the_port_and_the_store_and_stop_together(
                 code = await _stop(proc)
         assert code == 0, (await trio.Path(log).read_text())[-3000:]
         assert not _children(proc.pid) - {proc.pid}  # no worker left behind
+        # One stream for every process: each line names its own (the workers' access lines,
+        # the parent's start and stop).
+        lines = [json.loads(x) for x in (await trio.Path(log).read_text()).splitlines()
+                 if x.startswith("{")]
+        assert lines
+        assert all("pid" in x for x in lines), [x for x in lines if "pid" not in x][:3]
+        assert {x["pid"] for x in lines} == {proc.pid, *workers}
     conn = sqlite3.connect(tmp_path / "s.db")
     try:
         rows = conn.execute("SELECT status, process FROM runs").fetchall()
