@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import time
 from typing import Any
@@ -164,6 +165,8 @@ _STORED = ("/api/conversations", "/api/runs", "/api/llm-calls", "/v1/chat/comple
 _OPEN_ROUTES = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/"})
 # A load balancer's probes, answered under any host name (with no keys too: they say up or down).
 _PROBES = frozenset({"/healthz", "/readyz"})
+# Whose successes are DEBUG access lines: the probes and the scrapes.
+_QUIET_ACCESS = _PROBES | {"/metrics"}
 # Where a browser's token (?access_token=, service/tokens.py) stands in for a key.
 _EVENTS_RE = re.compile(r"/api/runs/[^/]+/events")
 
@@ -406,7 +409,11 @@ def create_app(
         svc.metrics.http_requests.labels(method, rule, str(response.status_code)).inc()
         started = getattr(g, "started", None)
         mark_answered(request.scope)  # (CancelOwnedRuns: no second line)
-        log.info(
+        log.log(
+            # A probe's or scrape's success at DEBUG: every few seconds from each prober,
+            # they buried the lines an operator reads (a refusal stays at INFO).
+            logging.DEBUG if request.path in _QUIET_ACCESS and response.status_code < 400
+            else logging.INFO,
             "%s %s %s", request.method, request.path, response.status_code,
             extra={
                 "status": response.status_code,
@@ -438,3 +445,4 @@ def create_app(
     # python -m service (service/drainfirst.py).
     drain_runs_first()
     return app
+

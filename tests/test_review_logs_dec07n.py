@@ -395,3 +395,19 @@ async def test_a_readyz_503_says_why_in_the_log(
     why = [x for x in log_lines if x["level"] in ("WARNING", "ERROR")
            and ("backend" in str(x["msg"]) or "127.0.0.1:1" in str(x["msg"]))]
     assert why, log_lines
+
+
+async def test_probe_and_scrape_successes_are_debug_lines(
+        tmp_path: Path, log_lines: list[dict[str, object]]) -> None:
+    """Fixed (helper-147's note): every `/healthz`, `/readyz` and `/metrics` answer was an
+    INFO access line: a load balancer's and Kubernetes' probes every few seconds, and each
+    scrape, buried the lines an operator reads. A success is a DEBUG line now; a refusal (a
+    503 readiness) stays at INFO, and any other request's line too."""
+    settings = load_settings(db=tmp_path / "s.db", backend="ollama",
+                             ollama_url="http://127.0.0.1:1")
+    async with running_server(settings, from_settings=True) as srv, srv.client() as client:
+        for path in ("/healthz", "/metrics", "/readyz", "/api/tools"):
+            await client.get(path)
+    access = {str(x["msg"]) for x in log_lines if x["logger"] == "service.app"
+              and str(x["msg"]).startswith("GET ")}
+    assert access == {"GET /readyz 503", "GET /api/tools 200"}, access
