@@ -411,3 +411,41 @@ async def test_probe_and_scrape_successes_are_debug_lines(
     access = {str(x["msg"]) for x in log_lines if x["logger"] == "service.app"
               and str(x["msg"]).startswith("GET ")}
     assert access == {"GET /readyz 503", "GET /api/tools 200"}, access
+
+
+async def test_a_refused_event_batch_line_names_its_runs(
+        tmp_path: Path, log_lines: list[dict[str, object]]) -> None:
+    """Fixed (helper-147's note): "could not store N run events (will retry)" named no run:
+    which users' streams were held (a stream shows no event the store has not taken) could
+    not be told from the log. The line now carries its batch's runs (the first ten) and how
+    many."""
+    from service.errors import StoreUnavailable
+
+    from .fakes import Reply as FReply
+    from .fakes import ScriptedBackend
+
+    backend = ScriptedBackend(lambda req: FReply("a b c d"))
+    settings = load_settings(db=tmp_path / "s.db")
+    async with running_server(settings, backend) as srv, srv.client() as client:
+        store = srv.services.store
+        write = store._write
+        refused = 0
+
+        async def refuse_one_batch(op: str, fn: object) -> object:
+            nonlocal refused
+            if op == "append_run_events" and not refused:
+                refused += 1
+                raise StoreUnavailable("the store refused the write (injected)")
+            return await write(op, fn)
+
+        conv = (await client.post("/api/conversations", json={})).json()["id"]
+        store._write = refuse_one_batch
+        with trio.fail_after(GUARD):
+            r = await client.post(f"/api/conversations/{conv}/messages",
+                                  json={"content": "hi"})
+        store._write = write
+    assert r.status_code == 200, r.text
+    assert refused == 1
+    run_id = r.json()["run"]["id"]
+    (line,) = [x for x in log_lines if "could not store" in str(x["msg"])]
+    assert (line["runs"], line["n_runs"]) == ([run_id], 1), line

@@ -182,10 +182,10 @@ class EventCommitter:
                 stored = True
             if write.cancelled_caught:
                 log.error("storing %d run events took over %ss; will retry", len(batch),
-                          WRITE_BUDGET)
+                          WRITE_BUDGET, extra=_runs_of(batch))
         except StoreError as exc:
             log.error("could not store %d run events (will retry): %s", len(batch),
-                      exc.message)
+                      exc.message, extra=_runs_of(batch))
         if not stored:
             # Held, ahead of what came since, and not published: a client is never shown
             # an event a crash now could lose.
@@ -464,3 +464,9 @@ def unstored_end() -> StoreUnavailable:
     return StoreUnavailable(
         "the run has ended but the store cannot take its result yet; re-join it later")
 
+
+def _runs_of(batch: list[RunEvent]) -> dict[str, object]:
+    """A refused batch's runs, for its log line (the first ten, and how many): which users'
+    streams are held is what an operator asks next."""
+    runs = list(dict.fromkeys(e.run_id for e in batch))
+    return {"runs": runs[:10], "n_runs": len(runs)}
