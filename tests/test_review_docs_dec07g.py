@@ -335,6 +335,29 @@ async def test_a_user_message_without_content_is_a_422(
         assert r.json()["error"]["param"] == "messages.0.content"
 
 
+@pytest.mark.parametrize(("body", "param"), [
+    ({"messages": [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "c1", "type": "function",
+            "function": {"name": "calc", "arguments": "{}"}}]},
+        {"role": "tool", "content": "4"}]}, "messages.2.tool_call_id"),
+    ({"messages": [{"role": "user", "content": "x"}], "seed": 2**64}, "seed"),
+], ids=["tool-without-id", "seed-past-int64"])
+async def test_a_tool_message_without_its_call_id_or_a_seed_past_64_bits_is_a_422(
+    settings: Settings, body: dict[str, Any], param: str,
+) -> None:
+    """Fixed (helper-140's note): OpenAI refuses a ``tool`` message without ``tool_call_id``
+    and a ``seed`` past a 64-bit integer; both were passed on (the result paired with no
+    call; the seed overflowing the model server's integer). A 422 naming the field now, the
+    model not called."""
+    async with e2e(settings, "llamacpp") as env:
+        r = await env.client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["param"] == param
+        assert env.sim.streams == []
+
+
 async def test_the_stored_history_handed_to_the_model_is_whole_turns(settings: Settings) -> None:
     """Failed before its fix. docs/operations.md "Settings": ``SERVICE_HISTORY_CHARS`` is "a stored
     conversation's history budget handed to an agent: the newest earlier turns that fit" (a

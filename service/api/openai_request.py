@@ -39,7 +39,17 @@ class ChatMessageIn(_Lenient):
     tool_calls: list[ToolCallIn] | None = None
     content: str | list[dict[str, Any]] | None = Field(None, validate_default=True)
     name: str | None = None
-    tool_call_id: str | None = None
+    # (After ``role``, whose check reads it.)
+    tool_call_id: str | None = Field(None, validate_default=True)
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _answers_a_call(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("role") == "tool" and not value:
+            # As OpenAI: a tool result names the call it answers. Passed on without one, the
+            # model's server paired it with no call (llama.cpp's templates render the id).
+            raise ValueError("a tool message needs tool_call_id: the id of the call it answers")
+        return value
 
     @field_validator("content")
     @classmethod
@@ -85,7 +95,7 @@ class ChatCompletionRequest(_Lenient):
     tools: list[dict[str, Any]] | None = None
     stop: str | list[str] | None = None
     top_p: float | None = Field(None, ge=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # OpenAI's: a 64-bit integer
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     response_format: dict[str, Any] | None = None
