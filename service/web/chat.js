@@ -662,7 +662,7 @@ async function loadOlder(id, cursor, button) {
     else if (m.role === "assistant") {
       const view = storedReply(m, older);
       // (Its run still going: only the newest page's replies are followed.)
-      if (m.status === "pending") view.note("still going elsewhere: open the conversation again later for its answer", true);
+      if (m.status === "pending") view.note("still going: its answer is stored when it ends", true);
     }
   }
   const pane = $("messages");
