@@ -6,6 +6,7 @@ Importing this module reads the settings; a bad one stops the process with one l
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 
@@ -27,7 +28,10 @@ def _app_from_env() -> QuartTrio:
     except ConfigError as exc:
         print(f"service: {exc.message}", file=sys.stderr)
         raise SystemExit(2) from None
-    configure_logging(settings.log_level, settings.log_format)
+    # hypercorn's own CLI with workers: spawned processes sharing one stream, each line
+    # naming its own.
+    configure_logging(settings.log_level, settings.log_format,
+                      pid=multiprocessing.parent_process() is not None)
     for line in unknown_variables(os.environ):  # as ``python -m service`` says them
         log.warning("%s", line)
     return create_app(settings)

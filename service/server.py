@@ -393,8 +393,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"service: {exc.message}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    for line in unknown_variables(os.environ):
-        log.warning("%s", line)
     try:
         config = build_config(args.config or Path("hypercorn.toml"), args.bind,
                               max_body_bytes=settings.max_body_bytes,
@@ -418,9 +416,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               "streams cut without their end); remove it", file=sys.stderr)
         return 2
     if workers > 1:
-        from .workers import serve_workers
-
+        # Each line names its process: the workers' and this one's share the stream.
         configure_logging(settings.log_level, settings.log_format, pid=True)
+    for line in unknown_variables(os.environ):
+        log.warning("%s", line)
+    if workers > 1:
+        from .workers import serve_workers
 
         return serve_workers(settings, config, workers)
     # Bound by hypercorn once the app has started: a connection made before is refused, not

@@ -479,6 +479,13 @@ class AgentContext:
         steps, or two turns, the same ``call_id``, and a client pairing ``tool.call`` with
         ``tool.result`` by id mixed them up. A repeated id is replaced before anything is
         told or sent back: the model sees its call and the result under the new one."""
+        if not self._call_ids:  # (the first: the history's ids are taken too)
+            # A /v1 client's history holds calls and results of its own: a repeat of one of
+            # those ids gave the model two calls and two results under one id.
+            for m in self.history:
+                self._call_ids.update(c.id for c in m.tool_calls)
+                if m.tool_call_id:
+                    self._call_ids.add(m.tool_call_id)
         calls, renamed = [], False
         for call in reply.tool_calls:
             if call.id in self._call_ids:

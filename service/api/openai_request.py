@@ -45,10 +45,12 @@ class ChatMessageIn(_Lenient):
     @field_validator("tool_call_id")
     @classmethod
     def _answers_a_call(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if info.data.get("role") == "tool" and not value:
-            # As OpenAI: a tool result names the call it answers. Passed on without one, the
-            # model's server paired it with no call (llama.cpp's templates render the id).
-            raise ValueError("a tool message needs tool_call_id: the id of the call it answers")
+        if info.data.get("role") == "tool" and not value and not info.data.get("name"):
+            # A tool result names the call it answers: by its id (OpenAI's), or by the tool's
+            # name (the shape Ollama's clients send; its API pairs results by name). With
+            # neither, the model's server paired it with no call.
+            raise ValueError("a tool message needs tool_call_id (the id of the call it "
+                             "answers) or the tool's name")
         return value
 
     @field_validator("content")
