@@ -244,6 +244,10 @@ class PostgresStore(PostgresQueries):
 
         refuse_newer(version())  # before anything is written
         with conn.transaction():
+            # Not under SERVICE_DB_TIMEOUT: an instance starting while another migrates waits
+            # for it, and an index or backfill over a big table takes what it takes (bound,
+            # every start failed the same way).
+            conn.execute("SET LOCAL statement_timeout = 0")
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
             found = version()  # again, under the lock: another process may have migrated
             refuse_newer(found)

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 __all__ = ["MIGRATIONS", "PG_MIGRATIONS", "PG_SCHEMA_VERSION", "SCHEMA_VERSION"]
 
+# The calls recorded without an owner by an older instance, since the owner column came.
+_FILL_OWNERS = ("UPDATE llm_calls SET owner = (SELECT owner FROM runs WHERE runs.id = "
+                "llm_calls.run_id) WHERE owner IS NULL AND run_id IS NOT NULL")
+
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1: conversations, messages, runs, run events, LLM calls.
     (
@@ -135,6 +139,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "UPDATE llm_calls SET owner = (SELECT owner FROM runs WHERE runs.id = llm_calls.run_id) "
         "WHERE run_id IS NOT NULL",
         "CREATE INDEX llm_calls_owner ON llm_calls(owner, seq)",
+    ),
+    # 10: a call recorded by an older instance still serving (a rolling upgrade: it writes no
+    # owner) takes its run's, as 9 gave those before it: it was missing from its key's list.
+    (
+        _FILL_OWNERS,
+        "CREATE TRIGGER llm_calls_owner_of_run AFTER INSERT ON llm_calls "
+        "WHEN NEW.owner IS NULL AND NEW.run_id IS NOT NULL "
+        "AND (SELECT owner FROM runs WHERE id = NEW.run_id) IS NOT NULL BEGIN "
+        "UPDATE llm_calls SET owner = (SELECT owner FROM runs WHERE id = NEW.run_id) "
+        "WHERE seq = NEW.seq; END",
     ),
 )
 
@@ -262,6 +276,16 @@ PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "UPDATE llm_calls SET owner = (SELECT owner FROM runs WHERE runs.id = llm_calls.run_id) "
         "WHERE run_id IS NOT NULL",
         "CREATE INDEX llm_calls_owner ON llm_calls(owner, seq)",
+    ),
+    # 6: as SQLite's 10.
+    (
+        _FILL_OWNERS,
+        "CREATE FUNCTION llm_calls_owner_of_run() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        "BEGIN IF NEW.owner IS NULL AND NEW.run_id IS NOT NULL THEN "
+        "NEW.owner := (SELECT owner FROM runs WHERE id = NEW.run_id); END IF; "
+        "RETURN NEW; END $$",
+        "CREATE TRIGGER llm_calls_owner_of_run BEFORE INSERT ON llm_calls "
+        "FOR EACH ROW EXECUTE FUNCTION llm_calls_owner_of_run()",
     ),
 )
 
