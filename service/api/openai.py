@@ -8,6 +8,7 @@ the upstream generation.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -90,17 +91,29 @@ def _text(content: str | list[dict[str, Any]] | None) -> str:
 
 def _to_history(messages: list[ChatMessageIn]) -> tuple[ChatMessage, ...]:
     out = []
+    unanswered: list[ToolCall] = []  # the calls of the last assistant message not answered yet
+    numbered = itertools.count()
     for m in messages:
         calls = tuple(
             ToolCall(
-                c.id or f"call_{i}", c.function.name,
+                # (Without an id: numbered across the history, not per message.)
+                c.id or f"call_{next(numbered)}", c.function.name,
                 c.function.arguments if isinstance(c.function.arguments, dict)
                 else _loads(c.function.arguments),
             )
-            for i, c in enumerate(m.tool_calls or ())
+            for c in m.tool_calls or ()
         )
+        if calls:
+            unanswered = list(calls)
+        answers = m.tool_call_id
+        if m.role == "tool" and not answers:
+            # A result paired by its tool's name (Ollama's clients' shape): the id of the
+            # first call of that name not answered yet, which an OpenAI-compatible server
+            # pairs by (sent with none, it went to no call).
+            answers = next((c.id for c in unanswered if c.name == m.name), None)
+        unanswered = [c for c in unanswered if c.id != answers]
         role = "system" if m.role == "developer" else m.role
-        out.append(ChatMessage(role, _text(m.content), calls, m.tool_call_id, m.name))
+        out.append(ChatMessage(role, _text(m.content), calls, answers, m.name))
     return tuple(out)
 
 

@@ -59,11 +59,11 @@ from .faults import InjectedFault, StoreFaults
 from .group_commit import GroupCommit, PendingWrite
 from .ownership import LEASE, process_tag
 from .pg_conn import ACQUIRE_BY, BoundedConnection, BoundedWait
+from .pg_migrate import migrate
 from .pg_notify import announcing, listen_until, send_notifications
 from .pg_url import conninfo, describe_url, url_secrets
 from .postgres_queries import Conn, PostgresQueries
 from .records import unreadable
-from .schema import PG_MIGRATIONS
 
 __all__ = ["PostgresStore", "describe_url"]
 
@@ -72,7 +72,6 @@ log = get_logger("service.store")
 T = TypeVar("T")
 
 _ACQUIRE_STEP = 0.25  # seconds between looks at the caller's cancellation, waiting for the pool
-_MIGRATION_LOCK = 0x5E7F1CE  # pg_advisory_xact_lock key: one process migrates at a time
 _STALL_MARGIN = 5.0  # seconds past statement_timeout before a silent server's use is cut
 _CLOSE_WAIT = 5.0  # seconds the pool's close waits for its workers
 # Seconds a write of this instance's lease may take, on its own connection: a third of a lease,
@@ -178,7 +177,7 @@ class PostgresStore(PostgresQueries):
         # where a pool would only time out.
         try:
             with self._connect() as conn:
-                self._migrate(conn)
+                migrate(conn)
         except psycopg.Error as exc:
             raise StoreError(f"cannot open store {self.url}: {self._scrub(exc)}") from None
         pool: psycopg_pool.ConnectionPool[Conn] = psycopg_pool.ConnectionPool(
@@ -222,43 +221,6 @@ class PostgresStore(PostgresQueries):
             psycopg_pool.ConnectionPool.check_connection(conn)
         finally:
             conn.answer_within = self._stall_timeout
-
-    @staticmethod
-    def _migrate(conn: Conn) -> None:
-        def version() -> int:
-            # pg_tables, not to_regclass(): a plain query sees what another process committed
-            # while this one waited for the advisory lock (the relation cache may not).
-            if not conn.execute(
-                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables WHERE tablename = "
-                "'schema_version' AND schemaname = current_schema())"
-            ).fetchone()[0]:  # type: ignore[index]
-                return 0
-            row = conn.execute("SELECT version FROM schema_version").fetchone()
-            return int(row[0]) if row else 0
-
-        def refuse_newer(found: int) -> None:
-            if found > len(PG_MIGRATIONS):
-                raise StoreError(
-                    f"database schema version {found} is newer than this code "
-                    f"({len(PG_MIGRATIONS)}); refusing to open")
-
-        refuse_newer(version())  # before anything is written
-        with conn.transaction():
-            # Not under SERVICE_DB_TIMEOUT: an instance starting while another migrates waits
-            # for it, and an index or backfill over a big table takes what it takes (bound,
-            # every start failed the same way).
-            conn.execute("SET LOCAL statement_timeout = 0")
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-            found = version()  # again, under the lock: another process may have migrated
-            refuse_newer(found)
-            if found == 0:
-                conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-                conn.execute("DELETE FROM schema_version")
-                conn.execute("INSERT INTO schema_version VALUES (0)")
-            for number in range(found, len(PG_MIGRATIONS)):
-                for statement in PG_MIGRATIONS[number]:
-                    conn.execute(statement)  # type: ignore[call-overload]
-                conn.execute("UPDATE schema_version SET version = %s", (number + 1,))
 
     async def aclose(self) -> None:
         # Wait for writes in flight, then close; shielded so a shutdown cannot leave it half done.
