@@ -12,7 +12,7 @@ import pytest
 from service.backends.embedded import EmbeddedLlamaServer
 from service.settings import Settings, load_settings
 
-from .pg import pg_url, postgres  # noqa: F401 (fixtures: a real PostgreSQL, tests/pg.py)
+from .pg import db, pg_url, postgres  # noqa: F401 (fixtures: a real PostgreSQL, tests/pg.py)
 from .servers import EMBEDDED_ALIAS, RunningServer, running_server
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -76,3 +77,13 @@ END $$;
 CREATE TRIGGER review_slow_token BEFORE INSERT ON run_events
   FOR EACH ROW EXECUTE FUNCTION review_slow_token();
 """
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """Where a store is, for a test of both stores: a SQLite file, or a fresh database on the
+    session's PostgreSQL."""
+    if request.param == "sqlite":
+        return tmp_path / "s.db"
+    url: str = request.getfixturevalue("pg_url")
+    return url

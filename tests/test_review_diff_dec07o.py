@@ -15,32 +15,12 @@ import pytest
 
 from service.errors import NotFound, StoreError
 from service.settings import Settings
-from service.store import MessageStatus, RunEvent, open_store
+from service.store import MessageStatus, open_store
 
 from .servers import running_server
+from .store.test_stores import _finished_run
 
 pytestmark = pytest.mark.both_stores
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
-    if request.param == "sqlite":
-        return tmp_path / "s.db"
-    url: str = request.getfixturevalue("pg_url")
-    return url
-
-
-async def _finished_run(store: Any, conv: str, tokens: int) -> str:
-    begun = await store.begin_run(conv, content="q", agent="chat", model="m")
-    run = begun.run.id
-    await store.append_run_events(
-        [RunEvent(run, i, "token", {"text": "t"}, 0.0) for i in range(2, tokens + 2)])
-    await store.finish_run(
-        run, status="succeeded", message_id=begun.reply.id, content="t" * tokens,
-        message_status=MessageStatus.complete, error=None, usage={},
-        events=[RunEvent(run, tokens + 2, "message", {"content": "t" * tokens}, 0.0),
-                RunEvent(run, tokens + 3, "run.finished", {"status": "succeeded"}, 0.0)])
-    return str(run)
 
 
 async def test_a_failed_delete_leaves_the_conversation_its_messages_and_runs_ends(
@@ -57,7 +37,7 @@ async def test_a_failed_delete_leaves_the_conversation_its_messages_and_runs_end
     monkeypatch.setattr("service.store.postgres_queries.PRUNE_ROWS", 50)
     async with open_store(db) as store:
         conv = (await store.create_conversation()).id
-        run = await _finished_run(store, conv, 120)
+        run = await _finished_run(store, conv, 120, None)
         assert len(await store.list_run_events(run, limit=1000)) == 123
         real = store._write
 

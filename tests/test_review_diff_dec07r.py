@@ -9,7 +9,6 @@ behaviour that holds.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -26,36 +25,9 @@ from service.backends.base import ChatMessage, ToolCall
 from service.backends.openai_compat import openai_messages
 from service.logs import TextFormatter
 from service.store import LLMCallOutcome, LLMCallRecord, new_id, open_store
+from service.store.pg_migrate import MIGRATION_LOCK as _MIGRATION_LOCK
 
-_MIGRATION_LOCK = 0x5E7F1CE  # service/store/postgres.py's advisory lock key
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
-    """A SQLite file, or a fresh database on the session's PostgreSQL."""
-    if request.param == "sqlite":
-        return tmp_path / "s.db"
-    url: str = request.getfixturevalue("pg_url")
-    return url
-
-
-class _Raw:
-    """SQL straight to either store's database (``?`` placeholders), bypassing the store."""
-
-    def __init__(self, db: Path | str) -> None:
-        self._pg = isinstance(db, str)
-        self._conn: Any = (psycopg.connect(db, autocommit=True) if isinstance(db, str)
-                           else sqlite3.connect(db, isolation_level=None))
-
-    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
-        return self._conn.execute(sql.replace("?", "%s") if self._pg else sql, params)
-
-    def scalar(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
-        return self.execute(sql, params).fetchone()[0]
-
-    def close(self) -> None:
-        self._conn.close()
-
+from .test_review_upgrade_dec07q import _Raw
 
 _OLD_INSERT = ("INSERT INTO llm_calls (id, backend, model, outcome, started_at, run_id, "
                "tokens_estimated) VALUES (?, 'sim', 'm', 'ok', ?, ?, 0)")

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
 import trio
 
 from service.api.models import LISTED_SYSTEM_CHARS, ConversationListItem
@@ -27,19 +26,9 @@ from service.store import (
     new_id,
     open_store,
 )
+from service.store.pg_migrate import MIGRATION_LOCK as _MIGRATION_LOCK
 from service.store.records import PRUNE_ROWS, Conversation, decode_cursor, encode_cursor
 from service.store.schema import MIGRATIONS
-
-_MIGRATION_LOCK = 0x5E7F1CE  # service/store/postgres.py's advisory lock key
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
-    """A SQLite file, or a fresh database on the session's PostgreSQL."""
-    if request.param == "sqlite":
-        return tmp_path / "s.db"
-    url: str = request.getfixturevalue("pg_url")
-    return url
 
 
 class _Raw:

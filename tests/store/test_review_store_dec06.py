@@ -255,15 +255,6 @@ async def test_a_dead_siblings_run_named_by_a_surrogate_model_does_not_stop_the_
         assert run.status == "failed", run
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
-    """A SQLite file, or a fresh database on the session's PostgreSQL (as test_stores.py)."""
-    if request.param == "sqlite":
-        return tmp_path / "s.db"
-    url: str = request.getfixturevalue("pg_url")
-    return url
-
-
 async def test_finish_run_stores_an_upstreams_model_name_that_is_not_clean_text(
     db: Path | str,
 ) -> None:

@@ -46,15 +46,6 @@ from ..servers import ROOT
 CHILD = str(ROOT / "tests" / "store_child.py")
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
-    """Where a store is: a SQLite file, or a fresh database on the session's PostgreSQL."""
-    if request.param == "sqlite":
-        return tmp_path / "s.db"
-    url: str = request.getfixturevalue("pg_url")
-    return url
-
-
 class _RawSQL:
     """SQL straight to either store's database (SQLite's ``?`` placeholders), bypassing it."""
 
