@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 import trio
 
 from service.api.models import LISTED_SYSTEM_CHARS, ConversationListItem
@@ -27,7 +28,13 @@ from service.store import (
     open_store,
 )
 from service.store.pg_migrate import MIGRATION_LOCK as _MIGRATION_LOCK
-from service.store.records import PRUNE_ROWS, Conversation, decode_cursor, encode_cursor
+from service.store.records import (
+    MESSAGES,
+    PRUNE_ROWS,
+    Conversation,
+    decode_cursor,
+    encode_cursor,
+)
 from service.store.schema import MIGRATIONS
 
 
@@ -190,12 +197,17 @@ async def test_paging_messages_written_before_the_migration(tmp_path: Path) -> N
         assert [m.content for m in newest] == ["m249", "new"]
 
 
-def test_a_cursor_of_the_conversation_list_reads_as_a_message_cursor() -> None:
-    """Pinned (passes, noted): the list's cursor and a conversation's ``messages_next`` are one
-    format (``s<seq>``), a conversation's seq and a message's: one passed for the other is
-    taken, not refused (a client mixing them gets a wrong page, not a 422). Low severity;
-    a prefix per kind (``m``/``c``) in records.encode_cursor would tell them apart."""
+def test_a_cursor_of_the_conversation_list_is_refused_as_a_message_cursor() -> None:
+    """Fixed (was: the list's cursor and a conversation's ``messages_next`` were one format
+    (``s<seq>``), so one passed for the other was taken as a position in the wrong table).
+    A message cursor is ``m<seq>`` now; the list's keeps the form it had, so cursors handed
+    out before the upgrade still page the list."""
     assert decode_cursor(encode_cursor(42)) == 42
+    assert decode_cursor(encode_cursor(42, MESSAGES), MESSAGES) == 42
+    with pytest.raises(ValueError, match="not of this list"):
+        decode_cursor(encode_cursor(42), MESSAGES)
+    with pytest.raises(ValueError, match="not of this list"):
+        decode_cursor(encode_cursor(42, MESSAGES))
 
 
 # -- the list's cut system on old conversations -----------------------------------------------

@@ -24,6 +24,7 @@ from .postgres_ownership import Conn, PostgresOwnership
 from .postgres_ownership import qmarks as _qmarks
 from .records import (
     KEPT_EVENTS_SQL,
+    MESSAGES,
     PRUNE_ROWS,
     BegunRun,
     Conversation,
@@ -265,7 +266,7 @@ class PostgresQueries(PostgresOwnership):
     async def message_page(
         self, conversation_id: str, *, limit: int, before: str | None = None
     ) -> tuple[list[Message], str | None]:
-        before_seq = decode_cursor(before) if before else None
+        before_seq = decode_cursor(before, MESSAGES) if before else None
 
         def fn(c: Conn) -> tuple[list[Message], str | None]:
             sql = f"SELECT seq, {_MSG_COLS} FROM messages WHERE conversation_id = %s"
@@ -275,7 +276,7 @@ class PostgresQueries(PostgresOwnership):
                 args.append(before_seq)
             rows = c.execute(sql + " ORDER BY seq DESC LIMIT %s", [*args, limit + 1]).fetchall()
             page = rows[:limit]
-            nxt = encode_cursor(page[-1][0]) if len(rows) > limit else None
+            nxt = encode_cursor(page[-1][0], MESSAGES) if len(rows) > limit else None
             return [message_row(r[1:]) for r in reversed(page)], nxt
 
         return await self._read("message_page", fn)

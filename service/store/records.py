@@ -215,21 +215,30 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
 
 
-def encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"s{seq}".encode()).decode().rstrip("=")
+# A cursor names its kind: one of a conversation list (``s``, the form handed out before
+# message pages existed) and one of a conversation's messages (``m``) are not interchangeable,
+# so passing one for the other is told, not read as a position in the other list.
+CONVERSATIONS = "s"
+MESSAGES = "m"
 
 
-def decode_cursor(cursor: str) -> int:
+def encode_cursor(seq: int, kind: str = CONVERSATIONS) -> str:
+    return base64.urlsafe_b64encode(f"{kind}{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, kind: str = CONVERSATIONS) -> int:
+    invalid = f"invalid cursor: {cursor!r}"
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if not raw.startswith("s"):
-            raise ValueError(cursor)
         seq = int(raw[1:])
-        if not 0 <= seq < 2**63:
-            raise ValueError(cursor)
-        return seq
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"invalid cursor: {cursor!r}") from exc
+        raise ValueError(invalid) from exc
+    if not 0 <= seq < 2**63 or raw[:1] not in (CONVERSATIONS, MESSAGES):
+        raise ValueError(invalid)
+    if raw[:1] != kind:
+        other = "a conversation's messages" if raw[:1] == MESSAGES else "conversations"
+        raise ValueError(f"a cursor of a page of {other}, not of this list: {cursor!r}")
+    return seq
 
 
 def begun_run(

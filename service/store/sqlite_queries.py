@@ -17,6 +17,7 @@ from ..errors import NotFound
 from ..text import clean_text
 from .ownership import changed_at
 from .records import (
+    MESSAGES,
     PRUNE_ROWS,
     BegunRun,
     Conversation,
@@ -232,7 +233,7 @@ class SQLiteQueries(SQLiteOwnership):
     async def message_page(
         self, conversation_id: str, *, limit: int, before: str | None = None
     ) -> tuple[list[Message], str | None]:
-        before_seq = decode_cursor(before) if before else None
+        before_seq = decode_cursor(before, MESSAGES) if before else None
 
         def fn(c: sqlite3.Connection) -> tuple[list[Message], str | None]:
             sql = f"SELECT seq, {_MSG_COLS} FROM messages WHERE conversation_id = ?"
@@ -242,7 +243,7 @@ class SQLiteQueries(SQLiteOwnership):
                 args.append(before_seq)
             rows = c.execute(sql + " ORDER BY seq DESC LIMIT ?", [*args, limit + 1]).fetchall()
             page = rows[:limit]
-            nxt = encode_cursor(page[-1][0]) if len(rows) > limit else None
+            nxt = encode_cursor(page[-1][0], MESSAGES) if len(rows) > limit else None
             return [_message(r[1:]) for r in reversed(page)], nxt
 
         return await self._read("message_page", fn)

@@ -68,6 +68,36 @@ async def test_list_is_newest_first_with_cursor_pages(server: RunningServer) -> 
         assert pages == 3
 
 
+async def test_a_list_cursor_and_a_message_cursor_are_not_taken_for_each_other(
+        server: RunningServer) -> None:
+    # Both are positions in a table of their own: one passed for the other is a 422 naming
+    # what it is, not a page of the wrong list.
+    async with server.client() as client:
+        for _ in range(3):
+            conv = (await client.post("/api/conversations", json={})).json()["id"]
+        await server.services.require_store().append_messages(
+            conv, [("user", f"m{i}", MessageStatus.complete, None) for i in range(3)])
+        list_cursor = (await client.get("/api/conversations", params={"limit": 1})).json()["next"]
+        r = await client.get(f"/api/conversations/{conv}", params={"limit": 1})
+        message_cursor = r.json()["messages_next"]
+        assert list_cursor
+        assert message_cursor
+        r = await client.get(f"/api/conversations/{conv}",
+                             params={"limit": 1, "before": list_cursor})
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["field"] == "before"
+        assert "conversations, not of this list" in r.json()["error"]["message"]
+        r = await client.get("/api/conversations", params={"before": message_cursor})
+        assert r.status_code == 422, r.text
+        assert "messages, not of this list" in r.json()["error"]["message"]
+        # Each still pages its own list.
+        r = await client.get(f"/api/conversations/{conv}",
+                             params={"limit": 5, "before": message_cursor})
+        assert [m["content"] for m in r.json()["messages"]] == ["m0", "m1"]
+        r = await client.get("/api/conversations", params={"before": list_cursor})
+        assert len(r.json()["data"]) == 2
+
+
 async def test_a_conversations_messages_come_in_pages_newest_first(
         server: RunningServer) -> None:
     # Without a limit: every message, as before (messages_next null). With one: the newest N,
