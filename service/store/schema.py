@@ -287,6 +287,9 @@ PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TRIGGER llm_calls_owner_of_run BEFORE INSERT ON llm_calls "
         "FOR EACH ROW EXECUTE FUNCTION llm_calls_owner_of_run()",
     ),
+    # 7: the function finds ``runs`` in the schema it was made in, whatever the caller's
+    # search_path: a data-only pg_restore empties it, and every call with a run failed there.
+    ("ALTER FUNCTION llm_calls_owner_of_run() SET search_path FROM CURRENT",),
 )
 
 PG_SCHEMA_VERSION = len(PG_MIGRATIONS)
