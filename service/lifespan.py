@@ -20,7 +20,7 @@ import trio
 from .agents import make_runner
 from .backends import build_backend, client_from_settings
 from .backends.router import FleetBackend
-from .errors import BackendUnavailable, StoreError
+from .errors import BackendUnavailable, ShuttingDown, StoreError
 from .logs import get_logger
 from .runs import RunSupervisor
 from .runs.committer import FINAL_WRITE_BUDGET
@@ -43,6 +43,17 @@ _CLOSE_BUDGET = 10.0
 
 
 async def _start_services(app: QuartTrio, svc: Services, backend: Backend | None) -> None:
+    """Start, unless a shutdown begins meanwhile (a signal: ``begin_shutdown`` cancels the
+    start, e.g. a wait for another instance's schema migration, which has no bound): what was
+    opened is closed and the start fails with ``ShuttingDown`` (the process exits 0)."""
+    with svc.starting:
+        await _open_services(app, svc, backend)
+    if svc.starting.cancelled_caught:
+        await _stop_services(svc)
+        raise ShuttingDown("stopped by a signal before it started serving")
+
+
+async def _open_services(app: QuartTrio, svc: Services, backend: Backend | None) -> None:
     settings = svc.settings
     stack = AsyncExitStack()
     svc.extras["stack"] = stack
@@ -188,8 +199,10 @@ async def _serve_embedded(
 
 
 async def begin_shutdown(svc: Services) -> None:
-    """Drain runs (bounded); safe to call more than once."""
+    """Drain runs (bounded); safe to call more than once. During the start: stop it."""
     svc.draining = True
+    if svc.supervisor is None:
+        svc.starting.cancel()
     supervisor = svc.supervisor
     if supervisor is not None and not svc.extras.get("drained"):
         svc.extras["drained"] = True

@@ -29,7 +29,7 @@ from hypercorn.utils import LifespanFailureError, wrap_app
 
 from . import __version__, sendstall
 from .drainfirst import hypercorn_worker_serve
-from .errors import ConfigError, ServiceError, is_interrupt
+from .errors import ConfigError, ServiceError, ShuttingDown, is_interrupt
 from .lifespan import begin_shutdown
 from .logs import configure_logging, get_logger
 from .services import Services
@@ -493,7 +493,8 @@ def serve_one(settings: Settings, config: Config, *, sockets: Sockets | None = N
             print(_cannot_listen(config, bind), file=sys.stderr)
             return 1  # noqa: ASYNC104 (as above)
         print(f"service: {found.message}", file=sys.stderr)
-        return 1  # noqa: ASYNC104 (as above)
+        # A signal during the start stopped it: asked for, and nothing was served.
+        return 0 if isinstance(found, ShuttingDown) else 1  # noqa: ASYNC104 (as above)
     if unstored:
         # Clients were not told these ends (their streams said store_unavailable); a restart
         # on a store that can write again closes those runs (failed, "interrupted").

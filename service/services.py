@@ -29,6 +29,8 @@ class Services:
     supervisor: RunSupervisor | None = None
     tools: ToolRegistry | None = None
     draining: bool = False
+    # The app's start: cancelled by a shutdown begun before it is over (``lifespan``).
+    starting: trio.CancelScope = field(default_factory=trio.CancelScope)
     # Set once a shutdown's drain is over (every run ended): WebSockets then close (1001).
     drained: trio.Event = field(default_factory=trio.Event)
     # Set if the run supervisor failed (a bug in one of its loops): the process can run nothing

@@ -177,7 +177,7 @@ class PostgresStore(PostgresQueries):
         # where a pool would only time out.
         try:
             with self._connect() as conn:
-                migrate(conn)
+                migrate(conn, trio.from_thread.check_cancelled)
         except psycopg.Error as exc:
             raise StoreError(f"cannot open store {self.url}: {self._scrub(exc)}") from None
         pool: psycopg_pool.ConnectionPool[Conn] = psycopg_pool.ConnectionPool(

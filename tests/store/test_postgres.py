@@ -8,6 +8,7 @@ unreachable server at open, a statement stuck behind a lock.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import trio
 from service.errors import StoreError, StoreUnavailable
 from service.settings import load_settings
 from service.store import MessageStatus, open_store
+from service.store.pg_migrate import MIGRATION_LOCK
 from service.store.postgres import PostgresStore, describe_url
 from service.store.schema import PG_SCHEMA_VERSION
 
@@ -65,6 +67,45 @@ async def test_two_stores_opening_at_once_migrate_once(pg_url: str) -> None:
 async def _open_and_close(url: str) -> None:
     async with open_store(url):
         pass
+
+
+def test_an_instance_waiting_for_anothers_migration_says_who_and_stops_on_sigterm(
+        pg_url: str) -> None:
+    # The wait for another instance's migration has no bound (a migration takes what it
+    # takes): it names who holds the lock, and a SIGTERM ends it (it used to wait on in a
+    # thread the start could not cancel, for as long as the lock was held).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SERVICE_")}
+    env["SERVICE_DB"] = pg_url
+    with psycopg.connect(pg_url, application_name="migrating-elsewhere") as holder, \
+            holder.transaction():
+        holder.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "--bind", "127.0.0.1:0", "--config",
+             str(ROOT / "hypercorn.toml")],
+            cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        try:
+            assert proc.stderr is not None
+            seen = ""
+            while "waiting for another instance's schema migration" not in seen:
+                line = proc.stderr.readline()
+                assert line, f"exited before waiting: {seen}"
+                seen += line
+            assert "migrating-elsewhere" in seen, seen
+            assert f"{holder.info.backend_pid}" in seen, seen
+            proc.send_signal(signal.SIGTERM)
+            rest = proc.communicate(timeout=60)[1]  # the lock is still held meanwhile
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert "Traceback" not in seen + rest, seen + rest
+        assert "Running on" not in seen + rest
+        assert proc.returncode == 0, seen + rest
+    assert rest.strip().splitlines()[-1] == (
+        "service: stopped by a signal before it started serving"), rest
+    with psycopg.connect(pg_url) as conn:  # nothing half-made by the start that stopped
+        assert conn.execute("SELECT count(*) FROM pg_catalog.pg_tables "
+                            "WHERE schemaname = current_schema()").fetchone() == (0,)
 
 
 @pytest.mark.slow  # restarts the PostgreSQL server
