@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import trio
+
 from ..errors import NotFound
 from ..text import clean_text
 from .ownership import changed_at
@@ -127,6 +129,7 @@ class PostgresQueries(PostgresOwnership):
 
     process_id: str  # how this process tags the runs it runs
     _metrics: Metrics  # the engine's
+    _statement_timeout: float  # the engine's: seconds one statement may take
 
     if TYPE_CHECKING:  # the engine's (PostgresStore)
         async def _write(self, op: str, fn: Callable[[Conn], T]) -> T: ...
@@ -200,8 +203,22 @@ class PostgresQueries(PostgresOwnership):
                 "AND r.finished_at IS NOT NULL ORDER BY r.id LIMIT 1 FOR UPDATE OF r SKIP LOCKED",
                 (conversation_id, *args)))
 
-        while await self._write("delete_conversation", prune):
-            pass
+        def skipped(c: Conn) -> bool:  # a run another instance's prune held: not yet pruned
+            return bool(c.execute(
+                "SELECT EXISTS (SELECT 1 FROM runs WHERE conversation_id = %s AND "
+                "events_pruned = 0 AND finished_at IS NOT NULL)",
+                (conversation_id,)).fetchone()[0])  # type: ignore[index]
+
+        # A run skipped above is held by one batch, which ends within a statement's bound: its
+        # turn comes then, or its events go in the last write (not waited for past that bound).
+        deadline = trio.current_time() + self._statement_timeout
+        while True:
+            while await self._write("delete_conversation", prune):
+                pass
+            if (trio.current_time() >= deadline
+                    or not await self._read("delete_conversation", skipped)):
+                break
+            await trio.sleep(0.05)
 
         def fn(c: Conn) -> int:
             # The conversation's row first: a run begun on it meanwhile (its insert holds the

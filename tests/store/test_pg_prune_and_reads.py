@@ -8,6 +8,7 @@ import threading
 import time
 
 import psycopg
+import pytest
 import trio
 
 from service.store import MessageStatus, RunEvent, open_store
@@ -141,3 +142,46 @@ async def test_a_read_waits_for_a_thread_no_longer_than_acquire_timeout(pg_url: 
         assert outcome["write held at the read's answer"], "the read waited for the write"
         assert isinstance(outcome["read"], StoreUnavailable), outcome
         assert outcome["written"]
+
+
+async def test_a_delete_waits_its_turn_for_a_run_another_instances_prune_holds(
+        pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A conversation's delete prunes its runs' events in bounded writes first, skipping a
+    run another instance's prune holds (``SKIP LOCKED``). That run's events went in the
+    delete's last write, unbounded; now the delete takes the run's turn once that batch ends
+    (within a statement's bound), so its last write has no step event left to delete."""
+    monkeypatch.setattr("service.store.postgres_queries.PRUNE_ROWS", 10)
+    async with open_store(pg_url) as a, open_store(pg_url) as b:
+        runs = await _finished_runs(a, 3, 30)
+        conv = (await a.get_run(runs[0])).conversation_id
+        inside, release = threading.Event(), threading.Event()
+
+        def hold() -> None:  # A's prune of part of run 1, written and not yet committed
+            inside.set()
+            release.wait(GUARD)
+
+        tokens: list[int] = []  # token events stored, at each of B's commits
+
+        def look() -> None:
+            with psycopg.connect(pg_url) as conn:
+                tokens.append(int(conn.execute(
+                    "SELECT count(*) FROM run_events WHERE type = 'token'"
+                ).fetchone()[0]))  # type: ignore[index]
+
+        a.faults.before_commit = hold
+        b.faults.before_commit = look
+        with trio.fail_after(GUARD):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(a.prune_events, time.time(), 15)
+                await trio.to_thread.run_sync(inside.wait, GUARD)
+                a.faults.before_commit = None
+
+                async def let_go() -> None:
+                    await trio.sleep(1.0)
+                    release.set()
+
+                nursery.start_soon(let_go)
+                await b.delete_conversation(conv)
+        assert tokens[-1] == 0, f"the delete's last write took {tokens[-1]} events: {tokens}"
+        for run in runs:
+            assert await b.list_run_events(run) == []
