@@ -26,7 +26,7 @@ from service.store.faults import InjectedFault
 
 from .clients.test_chat_page import CHROMIUM, ROOT, _in_browser, _send
 from .e2e import e2e
-from .pg import pg_url, postgres, slow_token_trigger  # noqa: F401 (fixtures)
+from .pg import slow_token_trigger
 
 GUARD = 60  # seconds: hang guards only
 
@@ -42,7 +42,7 @@ def _pg(url: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
 
 @pytest.mark.parametrize("write", ["request_cancel", "delete_conversation"])
 async def test_pg_a_cancel_or_delete_whose_commit_fails_is_the_stores_write_error(
-    pg_url: str, write: str,  # noqa: F811 (fixture)
+    pg_url: str, write: str,
 ) -> None:
     """``Store.write_error`` says why the latest write transaction failed (base.py; /readyz
     probes a write again at once when it is set, and otherwise trusts a probe up to 1 s old).
@@ -80,7 +80,7 @@ _SLOW_TOKEN = slow_token_trigger(2)
 
 
 async def test_pg_a_delete_does_not_deadlock_with_its_own_instances_batch(
-    pg_url: str,  # noqa: F811 (fixture)
+    pg_url: str,
 ) -> None:
     """One instance. Its group commit takes a batch: a run's token events (their insert holds
     the run's row, FOR SHARE: the fence), then a message on the same conversation (another
@@ -242,7 +242,7 @@ async def test_a_br_in_a_code_span_of_a_table_cell_stays_code() -> None:
 
 
 async def test_pg_cancels_waiting_on_another_instances_batch_leave_reads_a_thread(
-    pg_url: str,  # noqa: F811 (fixture)
+    pg_url: str,
 ) -> None:
     """Instance B's batch holds its runs' rows (the fence) for a while (a slow statement: a
     token insert slowed to 3 s here). Instance A is asked to cancel as many of B's runs as its
@@ -295,7 +295,7 @@ async def test_pg_cancels_waiting_on_another_instances_batch_leave_reads_a_threa
 
 
 async def test_pg_a_failed_cancel_is_counted_in_the_store_latency_metric(
-    pg_url: str,  # noqa: F811 (fixture)
+    pg_url: str,
 ) -> None:
     """``service_store_seconds{op=...}`` counts every write, a failed one too (``_write`` on
     both stores, ``_lease_write``: "those matter most"); SQLite's cancel still does. A cancel

@@ -55,7 +55,6 @@ from service.sim import Reply, Simulator, open_simulator
 from service.store.ownership import LEASE
 
 from .operations.test_instances import GUARD, instance
-from .pg import pg_url, postgres  # noqa: F401 (fixtures)
 from .streams import parse_sse
 from .test_review_pg_restart import _on_another_host
 
@@ -128,7 +127,7 @@ def _pg(url: str, sql: str, *args: object) -> list[tuple[Any, ...]]:
 # -- 1. a new message through an instance whose clock is behind moves no updated_at ---------
 
 async def test_a_new_message_through_an_instance_whose_clock_is_behind_moves_updated_at(
-    tmp_path: Path, pg_url: str,  # noqa: F811 (fixture)
+    tmp_path: Path, pg_url: str,
 ) -> None:
     """docs/api.md: a conversation's ``updated_at`` "moves with each new message and each
     run's end ..., never backwards: a client syncing what changed since a time finds an
@@ -182,7 +181,7 @@ async def test_a_new_message_through_an_instance_whose_clock_is_behind_moves_upd
 # -- 2. a survivor whose clock is behind closes a run before it started ---------------------
 
 async def test_a_run_closed_by_a_survivor_whose_clock_is_behind_does_not_finish_before_it_started(
-    tmp_path: Path, pg_url: str,  # noqa: F811 (fixture)
+    tmp_path: Path, pg_url: str,
 ) -> None:
     """Instance A runs a run and is killed (SIGKILL); instance B, whose clock is 120 s behind
     A's, closes it (here at once: a cancel asked of B finds the owner dead). The run is
@@ -236,7 +235,7 @@ _FRESH_LISTENERS = ("SELECT count(*) FROM pg_stat_activity WHERE datname = curre
 
 
 async def test_every_connection_cut_mid_stream_the_listeners_come_back_and_nothing_is_missed(
-    tmp_path: Path, pg_url: str,  # noqa: F811 (fixture)
+    tmp_path: Path, pg_url: str,
 ) -> None:
     sim = Simulator(("sim-model",), default=Reply(tokens=200, interval=0.03),
                     strict_models=False)
@@ -294,7 +293,7 @@ async def test_every_connection_cut_mid_stream_the_listeners_come_back_and_nothi
 # -- 4. an owner on another host killed: two survivors close each run once ------------------
 
 async def test_an_owner_killed_on_another_host_is_closed_once_by_two_survivors(
-    tmp_path: Path, pg_url: str,  # noqa: F811 (fixture)
+    tmp_path: Path, pg_url: str,
 ) -> None:
     sim = Simulator(("sim-model",), default=Reply(tokens=100_000, interval=0.02),
                     strict_models=False)

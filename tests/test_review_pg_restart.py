@@ -40,7 +40,6 @@ from service.sim import Reply, Simulator, open_simulator
 
 from .operations.test_cross_instance_faults import _pg, _stream
 from .operations.test_instances import GUARD, instance
-from .pg import pg_url, postgres  # noqa: F401 (fixtures)
 from .servers import ROOT
 from .streams import parse_sse
 
@@ -84,7 +83,7 @@ async def _stored_types(url: str, run_id: str) -> list[tuple[int, str]]:
 
 
 async def test_a_final_state_retried_after_its_budget_lands_before_the_runs_held_tokens(
-    tmp_path: Path, pg_url: str,  # noqa: F811 (fixture)
+    tmp_path: Path, pg_url: str,
 ) -> None:
     """A run on instance A ends while the batch holding its last tokens is in flight and
     slow (a statement the server takes 24 s over, cut by statement_timeout): the run's final
@@ -209,7 +208,7 @@ def _hold_lock(url: str, table: str, release: threading.Event, held: threading.E
 
 
 async def test_a_slow_unrelated_write_does_not_let_a_live_owners_lease_lapse(
-    tmp_path: Path, pg_url: str,  # noqa: F811 (fixture)
+    tmp_path: Path, pg_url: str,
 ) -> None:
     """Instance A ("another host": a PID namespace of its own, so B judges it by its lease)
     serves a run whose model is thinking (3 tokens shown, then a silent upstream). A client of

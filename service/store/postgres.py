@@ -206,9 +206,13 @@ class PostgresStore(PostgresQueries):
         return conn
 
     def _configure(self, conn: Conn) -> None:
-        """Every connection's waits bounded (the pool calls it on each new one)."""
+        """Every connection's waits bounded (the pool calls it on each new one), and not cut
+        for being idle by the server's ``idle_session_timeout``: the pool checks its own, and
+        the listening connection waits for notifications, which the server counts as idle (a
+        timeout under 5 s cut it over and over, its wake-ups lost meanwhile)."""
         if isinstance(conn, BoundedConnection):
             conn.answer_within = self._stall_timeout
+        _not_cut_when_idle(conn)
 
     def _check_connection(self, conn: Conn) -> None:
         """The pool's check of a connection before it hands it out: an empty query, given
@@ -254,7 +258,8 @@ class PostgresStore(PostgresQueries):
 
     def _error(self, exc: BaseException, what: str) -> BaseException:
         """The service's error for a psycopg one (see the module docstring)."""
-        if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | InjectedFault):
+        if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | InjectedFault
+                      | psycopg.errors.ReadOnlySqlTransaction):  # a standby, for now
             kind: type[StoreError] = StoreUnavailable
         elif isinstance(exc, psycopg.Error):
             kind = StoreError
@@ -296,6 +301,12 @@ class PostgresStore(PostgresQueries):
         try:
             with conn:  # commit or roll back as pool.connection() does; a pooled one stays open
                 yield conn
+        except psycopg.errors.ReadOnlySqlTransaction:
+            # A session opened on a standby (a failover under way) or while the database was
+            # read-only stays so: closed, it is replaced by one opened now (libpq then picks a
+            # writable host of the URL's, with target_session_attrs=read-write).
+            conn.close()
+            raise
         finally:
             pool.putconn(conn)
 
@@ -384,8 +395,9 @@ class PostgresStore(PostgresQueries):
                         try:
                             it.result = it.fn(conn)
                         except Exception as exc:
-                            if conn.broken:
-                                raise  # the connection is gone: so is the whole batch
+                            if conn.broken or isinstance(
+                                    exc, psycopg.errors.ReadOnlySqlTransaction):
+                                raise  # the connection is gone or read-only: the whole batch
                             conn.execute("ROLLBACK TO SAVEPOINT w")
                             del announced[kept:]
                             it.error = self._error(exc, "store write failed")
@@ -450,6 +462,7 @@ class PostgresStore(PostgresQueries):
             conn.answer_within = max(0.5, deadline - time.monotonic())
             conn.execute("SELECT set_config('statement_timeout', %s, false)",
                          (str(math.ceil(LEASE_WRITE_BOUND * 1000)),))
+            _not_cut_when_idle(conn)
             self._lease_execute(conn, deadline, query, params)
         except BaseException:
             conn.close()
@@ -560,3 +573,10 @@ def _explicit(conn: Conn, begin: str) -> Iterator[None]:
 
 # A batch sends its statements back to back: a third of a lease without one is a stalled owner.
 _IDLE_IN_TRANSACTION_MS = round(LEASE / 3 * 1000)
+
+
+def _not_cut_when_idle(conn: Conn) -> None:
+    """Keep the server's ``idle_session_timeout`` (PostgreSQL 14 on; 13 would refuse the
+    connection with an unknown setting in ``options``) off this connection."""
+    if conn.info.server_version >= 140000:
+        conn.execute("SET idle_session_timeout = 0")

@@ -18,7 +18,7 @@ import trio
 from service.errors import StoreError
 from service.store import RunEvent, open_store
 
-from ..pg import pg_url, postgres, slow_token_trigger  # noqa: F401 (fixtures)
+from ..pg import slow_token_trigger
 
 GUARD = 30  # seconds: hang guards only
 
@@ -66,7 +66,7 @@ async def _one_batch(store: Any, *writes: Any) -> list[object]:
 
 
 async def test_two_instances_cancelling_each_others_runs_while_streaming_do_not_deadlock(
-    pg_url: str,  # noqa: F811 (fixture)
+    pg_url: str,
 ) -> None:
     """Two instances behind a load balancer, each streaming a run, each asked (by a client
     the balancer sent there) to cancel the other's run: A's batch writes its run X's events
@@ -123,7 +123,7 @@ async def _a_statement_waits_on_a_lock(url: str) -> None:
 
 
 async def test_a_cancel_of_a_run_whose_owner_is_mid_batch_does_not_hold_the_askers_own_runs(
-    pg_url: str,  # noqa: F811 (fixture)
+    pg_url: str,
 ) -> None:
     """Instance A is stalled inside an event batch of its run X (a GC pause, a VM migrated, a
     slow statement: its transaction holds X's row FOR SHARE, the fence). A client asks
