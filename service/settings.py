@@ -105,6 +105,10 @@ class Settings(BaseSettings):
     # slots_for), answer cap (0: none).
     embedded_ctx: int = Field(4096, ge=256)
     embedded_max_tokens: int = Field(0, ge=0)
+    # Ollama's context window for each request (its ``options.num_ctx``): unset, its own
+    # default (2,048-4,096 tokens by version and memory), past which it drops the start of the
+    # prompt (the system prompt and the tools first) without a word.
+    ollama_num_ctx: int | None = Field(None, ge=256, le=16_777_216)
     # Seconds a call waits for one of those slots; then 503 backend_busy with Retry-After.
     backend_queue_timeout: float = Field(30.0, gt=0)
     health_ttl: float = Field(5.0, ge=0)

@@ -197,7 +197,8 @@ def _server(spec: ServerSpec, settings: Settings, shared: httpx.AsyncClient,
         owned.append(client)
     backend: OllamaBackend | OpenAICompatBackend
     if spec.kind == "ollama":
-        backend = OllamaBackend(spec.name, spec.url, client, budgets, default_model=default)
+        backend = OllamaBackend(spec.name, spec.url, client, budgets, default_model=default,
+                                num_ctx=spec.num_ctx)
     else:
         backend = OpenAICompatBackend(spec.name, spec.url, client, budgets,
                                       default_model=default, answer_cap=spec.n_predict)

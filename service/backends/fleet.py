@@ -80,6 +80,8 @@ class ServerSpec:
     # A llama.cpp server's own cap on an answer (its ``--n-predict``), which its ``/props``
     # does not tell: the room a stored conversation's history leaves it (backends/room.py).
     n_predict: int | None = None
+    # An Ollama server's context window, sent with each request (``options.num_ctx``).
+    num_ctx: int | None = None
 
 
 # -- the file ---------------------------------------------------------------------------------
@@ -113,6 +115,7 @@ class _ServerIn(BaseModel):
     tls: _TLSIn = _TLSIn()
     timeouts: _TimeoutsIn = _TimeoutsIn()
     n_predict: int | None = Field(default=None, ge=1)
+    num_ctx: int | None = Field(default=None, ge=256, le=16_777_216)
 
     @field_validator("url")
     @classmethod
@@ -194,6 +197,11 @@ def load_fleet_file(path: Path, *, base: Path | None = None) -> list[ServerSpec]
             raise ConfigError(f"{where}: server {i + 1} ({s.name!r}): n_predict: for a "
                               "llama.cpp server only (its --n-predict)",
                               variable="SERVICE_BACKENDS_FILE")
+        if kind == "llamacpp" and s.num_ctx is not None:
+            # A llama.cpp server's context is its own (-c), not a request's.
+            raise ConfigError(f"{where}: server {i + 1} ({s.name!r}): num_ctx: for an Ollama "
+                              "server only (a llama.cpp server's context is its -c)",
+                              variable="SERVICE_BACKENDS_FILE")
 
         def rel(p: Path | None) -> Path | None:
             return None if p is None else (p if p.is_absolute() else base / p)
@@ -208,7 +216,7 @@ def load_fleet_file(path: Path, *, base: Path | None = None) -> list[ServerSpec]
             weight=s.weight, max_concurrency=s.max_concurrency, priority=s.priority,
             models=tuple(s.models), tls=tls, headers=tuple(s.headers.items()),
             connect_timeout=s.timeouts.connect, idle_timeout=s.timeouts.idle,
-            call_timeout=s.timeouts.call, n_predict=s.n_predict,
+            call_timeout=s.timeouts.call, n_predict=s.n_predict, num_ctx=s.num_ctx,
         )
         try:
             tls_context(spec.tls)
@@ -244,7 +252,8 @@ def fleet_from_settings(settings: Settings) -> list[ServerSpec]:
             name = k if len(urls) == 1 else f"{k}-{i + 1}"
             specs.append(ServerSpec(
                 name=name, kind=k, url=_without_v1(url) if k == "llamacpp" else url,
-                priority=priority, tls=TLSSpec(ca_bundle=ca)))
+                priority=priority, tls=TLSSpec(ca_bundle=ca),
+                num_ctx=settings.ollama_num_ctx if k == "ollama" else None))
     return specs
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import trio
 
@@ -36,6 +36,11 @@ from .base import (
 )
 from .common import HTTPBackend, milliseconds, new_call_id, parse_arguments, token_count
 from .http import NDJSONReader, loads_json, open_stream, request_json
+
+if TYPE_CHECKING:
+    import httpx
+
+    from .http import Budgets
 
 __all__ = ["OllamaBackend", "ollama_messages"]
 
@@ -190,8 +195,27 @@ class OllamaBackend(HTTPBackend):
 
     kind = "ollama"
 
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        client: httpx.AsyncClient,
+        budgets: Budgets | None = None,
+        *,
+        default_model: str | None = None,
+        health_timeout: float = 2.0,
+        num_ctx: int | None = None,
+    ) -> None:
+        super().__init__(name, url, client, budgets, default_model=default_model,
+                         health_timeout=health_timeout)
+        # The context window each request asks for (``SERVICE_OLLAMA_NUM_CTX``); the preload
+        # asks the same, or the first request would load the model a second time.
+        self.num_ctx = num_ctx
+
     def chat_body(self, request: ChatRequest, model: str) -> dict[str, Any]:
         options: dict[str, Any] = {}
+        if self.num_ctx is not None:
+            options["num_ctx"] = self.num_ctx
         if request.temperature is not None:
             options["temperature"] = request.temperature
         if request.max_tokens is not None:
@@ -288,7 +312,10 @@ class OllamaBackend(HTTPBackend):
     async def preload(self, model: str) -> None:
         """Load ``model`` into memory: ``/api/chat`` with no messages (Ollama's documented way)."""
         deadline = trio.current_time() + self.budgets.call
-        body = {"model": model, "messages": [], "stream": False, "keep_alive": "10m"}
+        body: dict[str, Any] = {"model": model, "messages": [], "stream": False,
+                                "keep_alive": "10m"}
+        if self.num_ctx is not None:
+            body["options"] = {"num_ctx": self.num_ctx}
         answer = await request_json(self.client, "POST", f"{self.url}/api/chat", backend=self.name,
                                     deadline=deadline, json_body=body, model=model,
                                     headers=self.headers)

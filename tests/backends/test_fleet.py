@@ -119,6 +119,7 @@ n_predict = 256
 name = "box-b"
 kind = "ollama"
 url = "http://127.0.0.1:11434"
+num_ctx = 8192
 """
 
 
@@ -131,9 +132,32 @@ async def test_a_fleet_file_describes_every_server(settings: Settings, tmp_path:
         assert a.limiter.total_tokens == 3  # type: ignore[attr-defined]
         assert a.budgets.call == 90  # type: ignore[attr-defined]
         assert a.room.cap == 256  # type: ignore[attr-defined]
+        assert b.num_ctx == 8192  # type: ignore[attr-defined]
         assert auto.inventories[0].models == frozenset({"qwen"})
         assert "s3cret-token" not in repr(auto) + repr(a) + repr(load_settings(
             db=settings.db, backends_file=path))
+
+
+async def test_ollamas_context_window_is_asked_by_every_request_and_the_preload(
+        settings: Settings) -> None:
+    # Unasked, Ollama uses its own default window (2,048-4,096 tokens by version) and drops the
+    # start of a longer prompt (the system prompt, the tools) without a word. The preload asks
+    # the same window, or the first request would load the model a second time.
+    async with upstreams(2) as ((sim, _), (other, _)):
+        async with fleet(settings, backend="ollama", ollama_url=f"{sim.url},{other.url}",
+                         ollama_num_ctx=8192) as auto:
+            for backend in auto.backends:
+                assert (await answer(backend, ask()))[1] == backend.name
+                await backend.preload("sim-model")
+        for s in (sim, other):
+            assert [r.body["options"]["num_ctx"] for r in s.streams] == [8192, 8192]
+            assert s.preloads == ["sim-model"]
+        async with fleet(settings, backend="ollama",
+                         ollama_url=f"{sim.url},{other.url}") as auto:
+            await answer(auto.backends[0], ask())
+        assert "num_ctx" not in sim.streams[-1].body.get("options", {})  # unset: Ollama's own
+    with pytest.raises(ConfigError, match="SERVICE_OLLAMA_NUM_CTX"):
+        load_settings(ollama_num_ctx=100)
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -152,6 +176,10 @@ async def test_a_fleet_file_describes_every_server(settings: Settings, tmp_path:
      r"server 1 \('a'\): n_predict: Input should be greater than or equal to 1"),
     ('[[server]]\nname = "a"\nkind = "ollama"\nurl = "http://x"\nn_predict = 64\n',
      r"server 1 \('a'\): n_predict: for a llama.cpp server only"),
+    ('[[server]]\nname = "a"\nkind = "llamacpp"\nurl = "http://x"\nnum_ctx = 8192\n',
+     r"server 1 \('a'\): num_ctx: for an Ollama server only"),
+    ('[[server]]\nname = "a"\nkind = "ollama"\nurl = "http://x"\nnum_ctx = 100\n',
+     r"server 1 \('a'\): num_ctx: Input should be greater than or equal to 256"),
     ("server = 3", r"the file: server: Input should be a valid list"),
     ("[[server", r"not TOML"),
 ])
