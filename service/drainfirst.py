@@ -53,6 +53,7 @@ async def _serve(  # noqa: ASYNC128 (task_status is handed to hypercorn's worker
     app: Any, config: Any, *, sockets: Any = None, shutdown_trigger: _Trigger | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED, cli: bool = False,
 ) -> None:
+    from .errors import ShuttingDown
     from .lifespan import begin_shutdown
     from .server import (
         RunningOnlyIfStarted,
@@ -90,6 +91,9 @@ async def _serve(  # noqa: ASYNC128 (task_status is handed to hypercorn's worker
             if shutdown_trigger is not None:
                 async def trigger() -> None:
                     await shutdown_trigger()
+                    # During the start too: hypercorn looks at its trigger only after it, so
+                    # a start that waits (another instance's migration) is stopped here.
+                    await begin_shutdown(svc)
                     stop.set()
 
                 nursery.start_soon(trigger)
@@ -112,7 +116,9 @@ async def _serve(  # noqa: ASYNC128 (task_status is handed to hypercorn's worker
         if found is None:
             raise
         print(f"service: {found.message}", file=sys.stderr)
-        raise SystemExit(1) from None  # noqa: ASYNC104 (the process ends: one line, exit 1)
+        # One line, exit 1; 0 for a start a signal stopped (asked for, nothing served).
+        code = 0 if isinstance(found, ShuttingDown) else 1
+        raise SystemExit(code) from None  # noqa: ASYNC104 (the process ends)
     finally:
         hypercorn_log.removeFilter(quiet)
 

@@ -205,9 +205,10 @@ class PostgresQueries(PostgresOwnership):
 
         def skipped(c: Conn) -> bool:  # a run another instance's prune held: not yet pruned
             return bool(c.execute(
-                "SELECT EXISTS (SELECT 1 FROM runs WHERE conversation_id = %s AND "
-                "events_pruned = 0 AND finished_at IS NOT NULL)",
-                (conversation_id,)).fetchone()[0])  # type: ignore[index]
+                "SELECT EXISTS (SELECT 1 FROM runs r JOIN conversations c ON "
+                f"c.id = r.conversation_id WHERE r.conversation_id = %s AND c.{who} AND "
+                "r.events_pruned = 0 AND r.finished_at IS NOT NULL)",
+                (conversation_id, *args)).fetchone()[0])  # type: ignore[index]
 
         # A run skipped above is held by one batch, which ends within a statement's bound: its
         # turn comes then, or its events go in the last write (not waited for past that bound).

@@ -15,7 +15,9 @@ from ..errors import StoreError
 from ..text import clean_text
 
 __all__ = [
+    "CONVERSATIONS",
     "KEPT_EVENTS_SQL",
+    "MESSAGES",
     "PRUNE_ROWS",
     "STEP_EVENTS",
     "BegunRun",
@@ -215,11 +217,14 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
 
 
-# A cursor names its kind: one of a conversation list (``s``, the form handed out before
-# message pages existed) and one of a conversation's messages (``m``) are not interchangeable,
-# so passing one for the other is told, not read as a position in the other list.
+# A cursor names its kind. A conversation list's is ``s<seq>``; a conversation's messages' is
+# ``s0<seq>`` (a seq is never 0): an older instance (a rolling upgrade) still reads it as the
+# same position (its ``int()`` takes the leading zero), and so does this code a message cursor
+# handed out before the kinds, ``s<seq>``. So a message cursor passed to the list is told (a
+# 422, not a page of the wrong table); a list's passed to a message page cannot be told from
+# an old message cursor, and is read as a position, as before.
 CONVERSATIONS = "s"
-MESSAGES = "m"
+MESSAGES = "s0"
 
 
 def encode_cursor(seq: int, kind: str = CONVERSATIONS) -> str:
@@ -230,14 +235,15 @@ def decode_cursor(cursor: str, kind: str = CONVERSATIONS) -> int:
     invalid = f"invalid cursor: {cursor!r}"
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        seq = int(raw[1:])
+        digits = raw[1:]
+        seq = int(digits)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError(invalid) from exc
-    if not 0 <= seq < 2**63 or raw[:1] not in (CONVERSATIONS, MESSAGES):
+    if not raw.startswith("s") or not digits.isascii() or not digits.isdigit() or seq >= 2**63:
         raise ValueError(invalid)
-    if raw[:1] != kind:
-        other = "a conversation's messages" if raw[:1] == MESSAGES else "conversations"
-        raise ValueError(f"a cursor of a page of {other}, not of this list: {cursor!r}")
+    if kind == CONVERSATIONS and digits.startswith("0"):
+        raise ValueError(f"a cursor of a page of a conversation's messages, not of this list: "
+                         f"{cursor!r}")
     return seq
 
 
