@@ -369,6 +369,20 @@ class RunCancelled(RunError):
     type = "cancelled"
 
 
+class AlreadyBegun(ServiceError):
+    """A run was begun on the conversation with this ``Idempotency-Key`` already: ``run_id``,
+    asked with ``content`` (the request's endpoint answers with that run, or refuses a key
+    reused for another request)."""
+
+    status = 409
+    type = "idempotency_key_in_use"
+
+    def __init__(self, run_id: str, content: str | None) -> None:
+        super().__init__(f"a run was begun with this Idempotency-Key already: {run_id}",
+                         run_id=run_id)
+        self.run_id, self.content = run_id, content
+
+
 class ShuttingDown(ServiceError):
     status = 503
     type = "shutting_down"

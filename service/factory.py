@@ -140,6 +140,12 @@ def _truthful(spec: dict[str, Any], *, keys: bool) -> None:
     events["responses"].setdefault("422", _error("a Last-Event-ID that is not an event id"))
     # A run that did not succeed (README: a non-streamed run's statuses).
     post_message = spec["paths"]["/api/conversations/{conversation_id}/messages"]["post"]
+    post_message.setdefault("parameters", []).append({
+        "in": "header", "name": "Idempotency-Key", "required": False,
+        "description": "a request repeated with it gets the run the first began (its result "
+                       "or its events), not another; with another content: 422",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255,
+                   "pattern": "^[\\x20-\\x7e]+$"}})
     for error, why in ((RunCancelled, "the run was cancelled"),
                        (TooManyRuns, "too many runs in flight"),
                        (BackendError, "the backend answered badly"),

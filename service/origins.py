@@ -30,10 +30,10 @@ __all__ = ["OriginPolicy", "normal_origin"]
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # What a page may send and read beyond the CORS-safelisted headers.
 _ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
-_ALLOW_HEADERS = "Authorization, Content-Type, Last-Event-ID, X-Request-ID"
+_ALLOW_HEADERS = "Authorization, Content-Type, Idempotency-Key, Last-Event-ID, X-Request-ID"
 # X-Should-Retry: OpenAI's SDKs obey it before the status (a cancelled completion's 409).
 _EXPOSE_HEADERS = ("X-Request-ID, Retry-After, WWW-Authenticate, X-Should-Retry, "
-                   "X-Keepalive-Interval, X-Run-Id")
+                   "X-Keepalive-Interval, X-Run-Id, Idempotent-Replayed")
 _ALLOWED = frozenset(n.strip().lower() for n in _ALLOW_HEADERS.split(","))
 _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,100}")
 _REQUESTED_MAX = 40  # header names a preflight may ask for beyond the ones above

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import AsyncIterator
 
 import trio
@@ -14,6 +16,7 @@ from quart_schema import (
 )
 
 from ..errors import (
+    AlreadyBegun,
     BackendError,
     NotFound,
     RunCancelled,
@@ -54,6 +57,8 @@ __all__ = [
 blueprint = Blueprint("runs", __name__)
 
 ELSEWHERE_CANCEL_WAIT = 5.0  # seconds a cancel waits for another worker to end its run
+# An Idempotency-Key: Stripe's bound, printable ASCII (it is stored and may be logged).
+_IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
 
 def error_status(handle: RunHandle) -> int:
     """The HTTP status of a run that ended without succeeding (or whose end is not stored): its
@@ -173,16 +178,25 @@ def _reader(run_id: str, after: int) -> EventReader:
 # a failed run's 404 (unknown model) is a json_error Response.
 @document_response(ErrorBody, 404)
 async def post_message(conversation_id: str, data: PostMessage) -> Response:
-    """Start a run on the conversation: its result as JSON, or its events as SSE."""
+    """Start a run on the conversation: its result as JSON, or its events as SSE. With an
+    ``Idempotency-Key`` header, a request repeated (a retry after a connection lost) gets the
+    run the first one began, its events from the start or its result, instead of another."""
     svc = services()
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
+        return json_error(422, "invalid_request", "Idempotency-Key must be 1 to 255 printable "
+                          "ASCII characters", field="Idempotency-Key")
     # The run's first write checks the conversation (404 if not the caller's) and resolves
     # agent and model from it.
     spec = RunSpec(
         conversation_id=conversation_id, content=data.content, agent=data.agent,
         model=data.model, default_model=svc.settings.default_model, owner=current_owner(),
-        timeout=data.timeout,
+        timeout=data.timeout, idempotency_key=key,
     )
-    handle = await svc.require_supervisor().start(spec)
+    try:
+        handle = await svc.require_supervisor().start(spec)
+    except AlreadyBegun as begun:
+        return await _again(begun, data)
     if data.on_disconnect == "cancel":
         own_run(handle)  # cancelled if this request ends while it still runs
     if data.stream:
@@ -205,6 +219,42 @@ async def post_message(conversation_id: str, data: PostMessage) -> Response:
     )
     result = MessageResult(run=run_out(None, handle), message=message)
     return jsonify(result.model_dump(mode="json"))
+
+
+async def _again(begun: AlreadyBegun, data: PostMessage) -> Response:
+    """The answer to a request repeated with its ``Idempotency-Key``: the run it began (the
+    stream of its events from the first, or its result once it has ended), as the first request
+    had it; a key used again with another message is a 422."""
+    if begun.content != data.content:
+        return json_error(422, "idempotency_key_reused", "this Idempotency-Key began a run "
+                          "with another message", field="Idempotency-Key", run_id=begun.run_id)
+    if data.stream:
+        resp = sse_response(_event_stream(_reader(begun.run_id, 0), None, "continue"))
+    else:
+        ends: dict[str, dict[str, object]] = {}  # its message, error and run.finished
+        async for item in _reader(begun.run_id, 0):
+            if not isinstance(item, Keepalive) and item.type in ("message", "error",
+                                                                   "run.finished"):
+                ends[item.type] = json.loads(item.raw)
+        run = await services().require_store().get_run(begun.run_id, owner=current_owner())
+        message = ends.get("message")
+        if run.status == "succeeded" and message is not None:
+            reply = MessageOut(
+                id=str(message.get("id")), role="assistant", content=str(message.get("content")),
+                status="complete", created_at=iso(run.created_at) or "", run_id=run.id)
+            resp = jsonify(MessageResult(run=run_out(run), message=reply).model_dump(mode="json"))
+        else:
+            error = ends.get("error") or {}
+            type_ = str(error.get("type") or run.status)
+            status = status_of_type(type_) or {"cancelled": RunCancelled.status,
+                                               "timed_out": RunTimeout.status}.get(
+                                                   run.status, BackendError.status)
+            resp = json_error(status, type_, str(error.get("message") or run.error
+                                                 or f"the run ended {run.status}"),
+                              run_id=run.id, run_status=run.status)
+    resp.headers["X-Run-Id"] = begun.run_id
+    resp.headers["Idempotent-Replayed"] = "true"
+    return resp
 
 
 @blueprint.get("/api/runs/<run_id>")

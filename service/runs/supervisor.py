@@ -13,13 +13,13 @@ How a run ends (``_execute``):
 * the supervisor itself is cancelled (shutdown) -> ``cancelled`` with reason "shutdown", and the
   ``Cancelled`` keeps propagating once the final state is written.
 
-Whatever happened, the final state (run status, the reply's text - partial if cut - and the
-last events up to exactly one ``run.finished``) is written in one transaction under a shielded,
-bounded scope, so a cancel cannot leave it half done.
+Whatever happened, the final state (run status, the reply's text - partial if cut - and the last
+events up to exactly one ``run.finished``) is written in one transaction under a shielded, bounded
+scope, so a cancel cannot leave it half done.
 
 What clients are told is what the store says: the :class:`~.committer.EventCommitter` publishes
-an event only once it is committed, and a run's last events only with its final state. The
-store's upkeep loops are in :mod:`.upkeep`.
+an event only once it is committed, a run's last events only with its final state. (The store's
+upkeep loops: :mod:`.upkeep`.)
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ class RunSpec:
     default_model: str | None = None
     owner: str | None = None
     timeout: float | None = None  # None: the supervisor's default
+    idempotency_key: str | None = None  # a retried request's: it finds its run (begin_run)
     # The OpenAI-compatible endpoint supplies the whole history and its own options:
     messages: tuple[Any, ...] | None = None  # ChatMessage history ending with the question
     client_tools: tuple[dict[str, Any], ...] = ()  # passed through to the model (chat agent)
@@ -244,9 +245,8 @@ class RunSupervisor:
 
         tell()
         with trio.move_on_at(deadline):
-            # Runs whose first write was in flight when the drain began are in flight too:
-            # they get the grace, and are told as each is launched (they were cancelled at
-            # once, untold).
+            # Runs whose first write was in flight when the drain began are in flight too: they
+            # get the grace, told as each is launched (they were cancelled at once, untold).
             while self._reserved:
                 self._starts_done = trio.Event()
                 await self._starts_done.wait()
@@ -317,7 +317,7 @@ class RunSupervisor:
                     spec.conversation_id, content=spec.content, agent=spec.agent,
                     model=spec.model, owner=spec.owner, default_model=spec.default_model,
                     run_id=run_id, history_chars=self.history_chars,
-                )
+                    idempotency_key=spec.idempotency_key)
             except StoreUnavailable:
                 # Its COMMIT may have landed all the same (a connection lost during it): the
                 # caller is told no run started, so if it did, the upkeep closes it.

@@ -122,11 +122,12 @@ class Store(Protocol):
     async def begin_run(
         self, conversation_id: str, *, content: str, agent: str | None, model: str | None,
         owner: str | None = None, default_model: str | None = None, run_id: str | None = None,
-        history_chars: int | None = None,
+        history_chars: int | None = None, idempotency_key: str | None = None,
     ) -> BegunRun:
         """Everything a run on an existing conversation needs to start, in one transaction;
         of its earlier messages, only the newest its history can keep when ``history_chars``
-        (SERVICE_HISTORY_CHARS) is given (``records.newest_history``)."""
+        (SERVICE_HISTORY_CHARS) is given (``records.newest_history``). A run begun on the
+        conversation with ``idempotency_key`` already: ``AlreadyBegun``, nothing written."""
         ...
 
     def plan_run(

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from ..errors import NotFound
+from ..errors import AlreadyBegun, NotFound
 from ..text import clean_text
 from .ownership import changed_at
 from .pg_notify import notify as _notify
@@ -304,7 +304,7 @@ class PostgresQueries(PostgresOwnership):
     async def begin_run(
         self, conversation_id: str, *, content: str, agent: str | None, model: str | None,
         owner: str | None = None, default_model: str | None = None, run_id: str | None = None,
-        history_chars: int | None = None,
+        history_chars: int | None = None, idempotency_key: str | None = None,
     ) -> BegunRun:
         now = time.time()
         run_id = run_id or new_id("run")
@@ -331,6 +331,15 @@ class PostgresQueries(PostgresOwnership):
                 # Deleted by another instance meanwhile (its delete held the row: this waited
                 # for it, then found it gone): not a foreign-key error, a 500.
                 raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
+            if idempotency_key is not None:
+                # Under the conversation's row, held since the update above: a run begun with
+                # the key by another instance meanwhile has committed, and is seen.
+                found = c.execute(
+                    "SELECT r.id, m.content FROM runs r LEFT JOIN messages m ON "
+                    "m.run_id = r.id AND m.role = 'user' WHERE r.conversation_id = %s AND "
+                    "r.idempotency_key = %s", (conv.id, idempotency_key)).fetchone()
+                if found is not None:
+                    raise AlreadyBegun(found[0], found[1])
 
             def fetch(before: int | None, limit: int) -> list[tuple[int, Message]]:
                 rows = c.execute(
@@ -343,6 +352,9 @@ class PostgresQueries(PostgresOwnership):
             begun = begun_run(run_id, user_id, reply_id, conv, history, content, agent, model,
                               owner, default_model, now)
             self._insert_run(c, begun)
+            if idempotency_key is not None:
+                c.execute("UPDATE runs SET idempotency_key = %s WHERE id = %s",
+                          (idempotency_key, run_id))
             return begun
 
         return await self._write("begin_run", fn)

@@ -14,6 +14,13 @@ __all__ = ["MIGRATIONS", "PG_MIGRATIONS", "PG_SCHEMA_VERSION", "SCHEMA_VERSION"]
 _FILL_OWNERS = ("UPDATE llm_calls SET owner = (SELECT owner FROM runs WHERE runs.id = "
                 "llm_calls.run_id) WHERE owner IS NULL AND run_id IS NOT NULL")
 
+# A run's Idempotency-Key, one run per key and conversation (both stores' dialects).
+_IDEMPOTENCY = (
+    "ALTER TABLE runs ADD COLUMN idempotency_key TEXT",
+    "CREATE UNIQUE INDEX runs_idempotency ON runs(conversation_id, idempotency_key) "
+    "WHERE idempotency_key IS NOT NULL",
+)
+
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1: conversations, messages, runs, run events, LLM calls.
     (
@@ -150,6 +157,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "UPDATE llm_calls SET owner = (SELECT owner FROM runs WHERE id = NEW.run_id) "
         "WHERE seq = NEW.seq; END",
     ),
+    # 11: the Idempotency-Key a run was begun with (POST .../messages): a retried request
+    # finds its run instead of beginning another.
+    _IDEMPOTENCY,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -290,6 +300,8 @@ PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 7: the function finds ``runs`` in the schema it was made in, whatever the caller's
     # search_path: a data-only pg_restore empties it, and every call with a run failed there.
     ("ALTER FUNCTION llm_calls_owner_of_run() SET search_path FROM CURRENT",),
+    # 8: as SQLite's 11.
+    _IDEMPOTENCY,
 )
 
 PG_SCHEMA_VERSION = len(PG_MIGRATIONS)

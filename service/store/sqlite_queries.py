@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..errors import NotFound
+from ..errors import AlreadyBegun, NotFound
 from ..text import clean_text
 from .ownership import changed_at
 from .records import (
@@ -261,6 +261,7 @@ class SQLiteQueries(SQLiteOwnership):
         default_model: str | None = None,
         run_id: str | None = None,
         history_chars: int | None = None,
+        idempotency_key: str | None = None,
     ) -> BegunRun:
         """Everything a run on an existing conversation needs to start, in one transaction (one
         thread hop). ``run_id``: the new run's id, if the caller made it (``new_id("run")``);
@@ -285,6 +286,8 @@ class SQLiteQueries(SQLiteOwnership):
             if row is None:
                 raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
             conv = _conversation(row)
+            if idempotency_key is not None:
+                _not_begun_yet(c, conv.id, idempotency_key)
 
             def fetch(before: int | None, limit: int) -> list[tuple[int, Message]]:
                 rows = c.execute(
@@ -306,6 +309,9 @@ class SQLiteQueries(SQLiteOwnership):
             begun = begun_run(run_id, user_id, reply_id, conv, history, content, agent, model,
                               owner, default_model, now)
             self._insert_run(c, begun)
+            if idempotency_key is not None:
+                c.execute("UPDATE runs SET idempotency_key = ? WHERE id = ?",
+                          (idempotency_key, run_id))
             return begun
 
         return await self._write("begin_run", fn)
@@ -546,3 +552,13 @@ class SQLiteQueries(SQLiteOwnership):
             return [_call(r) for r in c.execute(sql, args).fetchall()]
 
         return await self._read("list_llm_calls", fn)
+
+
+def _not_begun_yet(c: sqlite3.Connection, conversation_id: str, key: str) -> None:
+    """``AlreadyBegun`` if a run was begun on the conversation with ``key``."""
+    found = c.execute(
+        "SELECT r.id, m.content FROM runs r LEFT JOIN messages m ON m.run_id = r.id AND "
+        "m.role = 'user' WHERE r.conversation_id = ? AND r.idempotency_key = ?",
+        (conversation_id, key)).fetchone()
+    if found is not None:
+        raise AlreadyBegun(found[0], found[1])
