@@ -487,18 +487,27 @@ async function send() {
       state.conversation = conv.id;
       await loadConversations();
     }
+    // One key per message: sent again after its request failed (the connection lost, maybe
+    // after the service had it), the same key gets the run the first began, not a second
+    // copy of the question and a second answer.
+    if (state.unsent?.content !== content || state.unsent?.conversation !== state.conversation) {
+      const bytes = crypto.getRandomValues(new Uint8Array(16)); // (randomUUID: HTTPS only)
+      state.unsent = { content, conversation: state.conversation,
+        key: Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("") };
+    }
     let resp;
     try {
       resp = await fetch(`/api/conversations/${state.conversation}/messages`, {
         method: "POST",
-        headers: headers({ "Content-Type": "application/json" }),
+        headers: headers({ "Content-Type": "application/json",
+          "Idempotency-Key": state.unsent.key }),
         // "continue": a reload does not cancel the run; the page re-joins it.
         body: JSON.stringify({ content, stream: true, on_disconnect: "continue", ...picks() }),
       });
     } catch {
       // Said as any other request's (the browser's own words were "Failed to fetch"); the
-      // message stays typed. (It may have arrived before the connection failed: the
-      // conversation, opened again, shows it and its reply.)
+      // message stays typed. (It may have arrived before the connection failed: sent again,
+      // its key gets that run.)
       throw new Error(sendableKey(state.key) ? "cannot reach the service"
         : "the key holds characters a header cannot carry: enter it again above");
     }
@@ -512,6 +521,7 @@ async function send() {
       throw new Error("this conversation was deleted elsewhere; send again to start a new one");
     }
     if (!resp.ok) throw await failure(resp);
+    state.unsent = null; // (a message typed alike later is a new one)
     $("input").value = "";
     addUser(content);
     const conversation = state.conversation; // (another may be on screen by its end)

@@ -117,6 +117,49 @@ async def test_send_stream_steps_errors_and_stop(settings: Settings) -> None:
         assert 0 < seen["ticks_shown"] < 400
 
 
+def _lost_send_session(url: str, page: Any) -> dict[str, Any]:
+    keys: list[str | None] = []
+
+    def lose_the_first(route: Any) -> None:
+        keys.append(route.request.headers.get("idempotency-key"))
+        if len(keys) == 1:
+            route.fetch()  # the service gets the message and answers it whole ...
+            route.abort()  # ... and the page's connection is lost before it reads a byte
+        else:
+            route.continue_()
+
+    page.goto(url + "/")
+    page.route("**/messages", lose_the_first)
+    page.get_by_test_id("message-input").fill("hello")
+    page.get_by_test_id("send").click()
+    playwright.expect(page.get_by_test_id("error-banner")).to_contain_text("cannot reach")
+    page.get_by_test_id("send").click()  # the message stayed typed: sent again
+    answers = page.get_by_test_id("assistant-message")
+    playwright.expect(answers.first).to_contain_text("echo: hello")
+    playwright.expect(page.get_by_test_id("stop")).to_be_hidden()
+    return {"keys": keys, "answers": answers.count(),
+            "questions": page.get_by_test_id("user-message").count()}
+
+
+async def test_a_message_sent_again_after_a_lost_connection_is_asked_once(
+        settings: Settings) -> None:
+    # The first request reached the service and its run answered, but the page never saw the
+    # answer (its connection lost): sent again, the message's key gets that run, so the
+    # conversation holds the question once and the model was asked once.
+    backend = ScriptedBackend(_answers)
+    async with running_server(settings, backend) as srv, srv.client() as client:
+        seen = await _in_browser(partial(_lost_send_session, srv.url))
+        (conv,) = (await client.get("/api/conversations")).json()["data"]
+        messages = (await client.get(f"/api/conversations/{conv['id']}")).json()["messages"]
+    assert [(m["role"], m["content"]) for m in messages] == [
+        ("user", "hello"), ("assistant", "**echo**: hello")]
+    assert len(backend.streams) == 1
+    assert len(seen["keys"]) == 2
+    assert seen["keys"][0]
+    assert seen["keys"][0] == seen["keys"][1]
+    assert (seen["answers"], seen["questions"]) == (1, 1)
+
+
 def _reload_session(url: str, page: Any) -> dict[str, Any]:
     rejoins: list[dict[str, str]] = []
     page.on("request", lambda r: rejoins.append(r.headers) if "/events" in r.url else None)
