@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -138,11 +139,6 @@ class Turn:
     known: trio.Event = field(default_factory=trio.Event)  # run_id is set
 
 
-# The runs whose events this process has shown (a chat's earlier turns): a dropped POST's
-# run is never one of them. (A CLI's memory of its own turns: a set of ids, no tasks.)
-_RUNS_SHOWN: set[str] = set()
-
-
 def _seconds(value: str | None) -> float:
     try:
         seconds = float(value or 0)
@@ -207,6 +203,9 @@ class Client:
         A turn given up (a stream gone silent, or its re-joins failing) cancels its run, which
         would go on otherwise."""
         path = f"/api/conversations/{conversation}/messages"
+        # The message's key: sent again (its stream dropped before its run was known), it gets
+        # the run the first POST began if that reached the service, and begins it if not.
+        key = {"Idempotency-Key": secrets.token_hex(16)}
         failure: Exception | None = None
         told = 0.0  # the seconds the service said to wait before the next re-join
         since = trio.current_time()  # the last event shown, or the turn's start
@@ -216,7 +215,7 @@ class Client:
         while True:
             if not posted:
                 posted = True
-                request = self.http.stream("POST", path, json=body,
+                request = self.http.stream("POST", path, json=body, headers=key,
                                            timeout=httpx.Timeout(30.0, read=None))
             else:
                 # Doubling from 0.5 s up to _REJOIN_PAUSE_MAX, or the service's Retry-After
@@ -225,16 +224,17 @@ class Client:
                 with trio.move_on_after(pause):
                     await turn.stopped.wait()
                 if turn.run_id is None:
-                    # Dropped before its run.started came: the run, if it started, is found
-                    # on the conversation (its pending reply to this message).
-                    turn.run_id = await self._find_run(conversation, body["content"])
-                    if turn.run_id is None:
-                        assert failure is not None
-                        raise failure
-                request = self.http.stream(
-                    "GET", f"/api/runs/{turn.run_id}/events",
-                    headers={"Last-Event-ID": turn.last_id or "0"},
-                    timeout=httpx.Timeout(30.0, read=None))
+                    # Dropped before its run was known (X-Run-Id, with the headers): the same
+                    # POST, its key telling the service it is the same message. (Its run was
+                    # looked for on the conversation: the last two messages, which took an
+                    # earlier turn's run when the same words had been asked before.)
+                    request = self.http.stream("POST", path, json=body, headers=key,
+                                               timeout=httpx.Timeout(30.0, read=None))
+                else:
+                    request = self.http.stream(
+                        "GET", f"/api/runs/{turn.run_id}/events",
+                        headers={"Last-Event-ID": turn.last_id or "0"},
+                        timeout=httpx.Timeout(30.0, read=None))
             heard, after_cancel = turn.heard, turn.cancelled
             try:
                 await self._follow(request, turn)
@@ -278,30 +278,6 @@ class Client:
             assert failure is not None
             raise failure
 
-    async def _find_run(self, conversation: str, content: str) -> str | None:
-        """The run of this turn's message, if its POST started one: the conversation's last
-        reply, right after this message (pending, or ended since). None if there is none (or
-        the service cannot say)."""
-        try:
-            # Its last two messages only (a long conversation was fetched whole for them).
-            resp = await self.http.get(f"/api/conversations/{conversation}",
-                                       params={"limit": 2})
-            messages = resp.json().get("messages", []) if resp.status_code == 200 else []
-        except (httpx.HTTPError, ValueError):
-            return None
-        if len(messages) < 2:
-            return None
-        asked, reply = messages[-2], messages[-1]
-        if (asked.get("role"), asked.get("content"), reply.get("role")) != (
-                "user", content, "assistant") or not reply.get("run_id"):
-            return None
-        if reply["run_id"] in _RUNS_SHOWN:
-            # An earlier turn's (the same words asked again: "go on"), whose answer was shown:
-            # this message never reached the service. Re-joined, that old answer came again
-            # as this turn's.
-            return None
-        return str(reply["run_id"])
-
     async def _follow(self, request: Any, turn: Turn) -> None:
         # The stream's reads have no timeout of httpx's: a watchdog allows four of the
         # service's keep-alive intervals (its X-Keepalive-Interval; SERVICE_SSE_KEEPALIVE may
@@ -325,10 +301,9 @@ class Client:
                 turn.notice = None  # a stream again: an earlier one's end says nothing now
                 if turn.run_id is None and (run_id := resp.headers.get("X-Run-Id")):
                     # Its run, with the headers: a stream cut before run.started is
-                    # re-joined by it (found on the conversation otherwise: _find_run).
+                    # re-joined by it (its POST sent again otherwise, with its key).
                     # (A Ctrl-C before it is sent its cancel with run.started, re-joined.)
                     turn.run_id = run_id
-                    _RUNS_SHOWN.add(run_id)
                     turn.known.set()
                 silence = max(silence, 4 * _seconds(resp.headers.get("X-Keepalive-Interval")))
                 parser = SSEParser()
@@ -360,7 +335,6 @@ class Client:
         kind, data = frame.get("event", ""), frame["data"]
         if kind == "run.started":
             turn.run_id = data["run_id"]
-            _RUNS_SHOWN.add(turn.run_id)
             turn.known.set()
             self.renderer.started(data.get("agent", ""))
             if turn.cancelling and not turn.cancel_asked:  # Ctrl-C came before it was known

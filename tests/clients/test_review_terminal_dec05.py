@@ -80,7 +80,9 @@ async def test_cli_a_message_that_never_reached_the_service_does_not_replay_the_
 
     Expected: a run is taken as this turn's only if it is newer than the turn (a reply
     created after the POST was sent, or one still pending); else the turn fails with "cannot
-    reach the service" (or the message is sent again): never the old answer as a new one."""
+    reach the service" (or the message is sent again): never the old answer as a new one.
+    (Now the client sends the POST again with the message's Idempotency-Key, which begins the
+    run if the first never arrived and gets its run if it did.)"""
     async with e2e(settings, "llamacpp") as env, cuttable(env.server) as proxy:
         conv = await env.conversation()
         env.sim.script(SimReply(text="the first answer, about dogs."),
@@ -108,8 +110,14 @@ async def test_cli_a_message_that_never_reached_the_service_does_not_replay_the_
     asked = [m["content"] for m in messages if m["role"] == "user"]
     shown_now = out.getvalue()[len(shown_before):]
     turn = outcome[0]
-    assert asked == ["go on"], asked  # the second message never reached the service
-    assert not isinstance(turn, chat.Turn) or turn.run_id != first[0].run_id, (
+    # Its POST is sent again with its Idempotency-Key (it never reached the service: it is
+    # asked now, once), and the turn shows the new answer, never the previous turn's again.
+    assert asked == ["go on", "go on"], asked
+    assert isinstance(turn, chat.Turn), turn
+    assert turn.status == "succeeded", turn
+    assert "cats" in shown_now, shown_now
+    assert "dogs" not in shown_now, shown_now
+    assert turn.run_id != first[0].run_id, (
         f"the second turn's message never reached the service (the store holds {asked}), yet "
         f"the turn ended {turn.status!r} on the previous turn's run {turn.run_id}, showing "
         f"its answer again as the new one: {shown_now!r}")

@@ -165,8 +165,9 @@ async def _corrupt_streams(requests: list[bytes], stream: trio.SocketStream) -> 
                                   b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
                                   + body)
             return
-        await stream.send_all(
-            _HEAD.replace(b"Connection:", b"Content-Encoding: gzip\r\nConnection:")
+        await stream.send_all(  # (its run named with the headers, as the service does)
+            _HEAD.replace(b"Connection:", b"Content-Encoding: gzip\r\nX-Run-Id: run_1\r\n"
+                          b"Connection:")
             + _corrupt_gzip(b'id: 1\nevent: run.started\ndata: {"run_id":"run_1",'
                             b'"conversation_id":"conv_1","agent":"chat","model":"m"}\n\n'))
 
@@ -180,7 +181,6 @@ async def test_a_stream_that_cannot_be_decoded_is_rejoined_then_its_run_cancelle
     answer generated for nobody."""
     # (One re-join, 0.5 s after the break: past 0.4 s without a new event, none more.)
     monkeypatch.setattr(chat, "_REJOIN_FOR", 0.4)
-    monkeypatch.setattr(chat, "_RUNS_SHOWN", set())  # (another test's run_1 was shown)
     requests: list[bytes] = []
     renderer, _, _ = _renderer()
     with trio.fail_after(GUARD):
