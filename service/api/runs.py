@@ -23,6 +23,7 @@ from ..errors import (
     RunTimeout,
     ServiceError,
     ShuttingDown,
+    TooManyRuns,
     status_of_type,
     worth_retry_of_type,
 )
@@ -193,10 +194,24 @@ async def post_message(conversation_id: str, data: PostMessage) -> Response:
         model=data.model, default_model=svc.settings.default_model, owner=current_owner(),
         timeout=data.timeout, idempotency_key=key,
     )
+    refused: TooManyRuns | None = None
     try:
         handle = await svc.require_supervisor().start(spec)
     except AlreadyBegun as begun:
         return await _again(begun, data)
+    except TooManyRuns as exc:
+        if key is None:
+            raise
+        refused = exc
+    if refused is not None:
+        # Refused for the runs in flight, one of which may be the very run this request
+        # repeats (its client's connection lost): that one is answered, not refused.
+        assert key is not None
+        found = await svc.require_store().run_of_key(conversation_id, key,
+                                                     owner=current_owner())
+        if found is None:
+            raise refused
+        return await _again(AlreadyBegun(*found), data)
     if data.on_disconnect == "cancel":
         own_run(handle)  # cancelled if this request ends while it still runs
     if data.stream:
@@ -225,9 +240,12 @@ async def _again(begun: AlreadyBegun, data: PostMessage) -> Response:
     """The answer to a request repeated with its ``Idempotency-Key``: the run it began (the
     stream of its events from the first, or its result once it has ended), as the first request
     had it; a key used again with another message is a 422."""
-    if begun.content != data.content:
+    run = await services().require_store().get_run(begun.run_id, owner=current_owner())
+    if begun.content != data.content or (data.agent or run.agent) != run.agent or (
+            data.model or run.model) != run.model:
         return json_error(422, "idempotency_key_reused", "this Idempotency-Key began a run "
-                          "with another message", field="Idempotency-Key", run_id=begun.run_id)
+                          "with another message, agent or model", field="Idempotency-Key",
+                          run_id=begun.run_id)
     if data.stream:
         resp = sse_response(_event_stream(_reader(begun.run_id, 0), None, "continue"))
     else:
@@ -252,6 +270,11 @@ async def _again(begun: AlreadyBegun, data: PostMessage) -> Response:
             resp = json_error(status, type_, str(error.get("message") or run.error
                                                  or f"the run ended {run.status}"),
                               run_id=run.id, run_status=run.status)
+            # (A run that ended so let its key go: only one whose end came meanwhile.)
+            if isinstance(seconds := error.get("retry_after"), int):
+                resp.headers["Retry-After"] = str(seconds)
+            if not worth_retry_of_type(type_):
+                resp.headers["x-should-retry"] = "false"
     resp.headers["X-Run-Id"] = begun.run_id
     resp.headers["Idempotent-Replayed"] = "true"
     return resp

@@ -130,6 +130,12 @@ class Store(Protocol):
         conversation with ``idempotency_key`` already: ``AlreadyBegun``, nothing written."""
         ...
 
+    async def run_of_key(self, conversation_id: str, key: str, *, owner: str | None = None
+                         ) -> tuple[str, str | None] | None:
+        """The run begun on the (owner's) conversation with ``idempotency_key`` ``key`` and
+        holding it, with the content it was asked with; None if there is none."""
+        ...
+
     def plan_run(
         self, *, content: str, agent: str | None, model: str | None, owner: str | None = None,
         new_conversation: dict[str, str | None] | None = None,

@@ -22,10 +22,10 @@ from ..errors import AlreadyBegun, NotFound
 from ..text import clean_text
 from .ownership import changed_at
 from .pg_notify import notify as _notify
+from .postgres_events import insert_events, not_held, prune_runs
 from .postgres_ownership import Conn, PostgresOwnership
 from .postgres_ownership import qmarks as _qmarks
 from .records import (
-    KEPT_EVENTS_SQL,
     MESSAGES,
     PRUNE_ROWS,
     BegunRun,
@@ -71,52 +71,6 @@ _CALL_COLS = (
 _CALL_COLS_QUALIFIED = ", ".join(f"l.{c.strip()}" for c in _CALL_COLS.split(","))
 _MSG_INSERT = f"INSERT INTO messages ({_MSG_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
 _CONV_INSERT = f"INSERT INTO conversations ({_CONV_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
-
-
-def _events_sql(ignore: bool, fenced: bool) -> str:
-    # One statement for a whole batch, however long (arrays, not a VALUES list per size).
-    # An event of a run that is gone (its conversation deleted meanwhile) is dropped;
-    # ``fenced``: so is one of a run this process no longer holds (closed by another).
-    # Fenced: the runs this process holds are locked (FOR SHARE) for the transaction, so a
-    # survivor's recovery (its UPDATE of ``process``) either waits for this batch (and then
-    # sees its events) or is waited for (and then the run is no longer held: nothing lands).
-    # A plain EXISTS read the statement's snapshot: a batch that waited on the survivor's
-    # uncommitted run.finished still landed its other events after that end.
-    return (
-        ("WITH held AS (SELECT id FROM runs WHERE id = ANY(%s::text[]) AND process = %s "
-         "ORDER BY id FOR SHARE) " if fenced else "")
-        + "INSERT INTO run_events (run_id, seq, type, data, created_at) "
-        "SELECT v.run_id, v.seq, v.type, v.data, v.created_at FROM unnest("
-        "%s::text[], %s::int[], %s::text[], %s::text[], %s::float8[]) "
-        "AS v(run_id, seq, type, data, created_at) "
-        + ("WHERE v.run_id IN (SELECT id FROM held)" if fenced
-           else "WHERE EXISTS (SELECT 1 FROM runs WHERE id = v.run_id)")
-        + (" ON CONFLICT DO NOTHING" if ignore else "")
-    )
-
-
-_INSERT_EVENTS_SQL = {(ignore, fenced): _events_sql(ignore, fenced)
-                      for ignore in (False, True) for fenced in (False, True)}
-
-
-def _insert_events(c: Conn, events: Sequence[RunEvent], *, ignore: bool = False,
-                   process: str | None = None) -> int:
-    """Insert ``events``; ``process``: only those of runs that process holds. Rows inserted."""
-    cols: tuple[list[Any], ...] = ([], [], [], [], [])
-    for e in events:
-        raw = e.raw
-        for col, value in zip(cols, (e.run_id, e.seq, e.type, raw, e.created_at), strict=True):
-            col.append(value)
-    params: tuple[Any, ...] = cols if process is None else (cols[0], process, *cols)
-    return c.execute(_INSERT_EVENTS_SQL[ignore, process is not None], params).rowcount
-
-
-def _not_held(c: Conn, run_ids: set[str], process: str) -> set[str]:
-    """Those of ``run_ids`` that ``process`` no longer holds: closed by another instance (which
-    then holds them), or gone."""
-    held = {rid for (rid,) in c.execute(
-        "SELECT id FROM runs WHERE id = ANY(%s) AND process = %s", (list(run_ids), process))}
-    return run_ids - held
 
 
 def _owner_is(owner: str | None) -> tuple[str, tuple[Any, ...]]:
@@ -197,7 +151,7 @@ class PostgresQueries(PostgresOwnership):
         # run keeps its start, answer and end: a re-join meanwhile is told those), then the
         # rest in one: 50,000 events in one batch held every write queued behind it.
         def prune(c: Conn) -> int:
-            return _prune_runs(c, PRUNE_ROWS, (
+            return prune_runs(c, PRUNE_ROWS, (
                 "SELECT r.id FROM runs r JOIN conversations c ON c.id = r.conversation_id "
                 f"WHERE r.conversation_id = %s AND c.{who} AND r.events_pruned = 0 "
                 "AND r.finished_at IS NOT NULL ORDER BY r.id LIMIT 1 FOR UPDATE OF r SKIP LOCKED",
@@ -331,15 +285,10 @@ class PostgresQueries(PostgresOwnership):
                 # Deleted by another instance meanwhile (its delete held the row: this waited
                 # for it, then found it gone): not a foreign-key error, a 500.
                 raise NotFound(f"no conversation {conversation_id!r}", id=conversation_id)
-            if idempotency_key is not None:
-                # Under the conversation's row, held since the update above: a run begun with
-                # the key by another instance meanwhile has committed, and is seen.
-                found = c.execute(
-                    "SELECT r.id, m.content FROM runs r LEFT JOIN messages m ON "
-                    "m.run_id = r.id AND m.role = 'user' WHERE r.conversation_id = %s AND "
-                    "r.idempotency_key = %s", (conv.id, idempotency_key)).fetchone()
-                if found is not None:
-                    raise AlreadyBegun(found[0], found[1])
+            # Under the conversation's row, held since the update above: a run begun with the
+            # key by another instance meanwhile has committed, and is seen.
+            if idempotency_key and (found := _keyed(c, conv.id, idempotency_key)) is not None:
+                raise AlreadyBegun(*found)
 
             def fetch(before: int | None, limit: int) -> list[tuple[int, Message]]:
                 rows = c.execute(
@@ -390,7 +339,7 @@ class PostgresQueries(PostgresOwnership):
             (run.id, run.conversation_id, run.owner, run.agent, run.model, "running", now, now,
              None, None, "{}", self.process_id))
         _insert_messages(c, [begun.user, begun.reply])
-        _insert_events(c, [begun.started])
+        insert_events(c, [begun.started])
 
     async def finish_run(
         self, run_id: str, *, status: str, message_id: str, content: str,
@@ -417,7 +366,7 @@ class PostgresQueries(PostgresOwnership):
                 (content, message_status.value, error, changed_at(_qmarks(c), run_id, now),
                  message_id))
             if events:
-                _insert_events(c, events, ignore=True)
+                insert_events(c, events, ignore=True)
             _notify(c, {run_id})
             return True
 
@@ -438,12 +387,24 @@ class PostgresQueries(PostgresOwnership):
 
     async def prune_events(self, finished_before: float, rows: int = PRUNE_ROWS) -> int:
         def fn(c: Conn) -> int:
-            return _prune_runs(c, rows, (
+            return prune_runs(c, rows, (
                 "SELECT id FROM runs WHERE events_pruned = 0 AND finished_at IS NOT NULL "
                 "AND finished_at < %s ORDER BY finished_at, id LIMIT 1 "
                 "FOR UPDATE SKIP LOCKED", (finished_before,)))
 
         return await self._write("prune_events", fn)
+
+    async def run_of_key(self, conversation_id: str, key: str, *, owner: str | None = None
+                         ) -> tuple[str, str | None] | None:
+        who, args = _owner_is(owner)
+
+        def fn(c: Conn) -> tuple[str, str | None] | None:
+            if c.execute(f"SELECT 1 FROM conversations WHERE id = %s AND {who}",
+                         (conversation_id, *args)).fetchone() is None:
+                return None
+            return _keyed(c, conversation_id, key)
+
+        return await self._read("run_of_key", fn)
 
     async def runs_in_progress(self, conversation_id: str) -> list[str]:
         def fn(c: Conn) -> list[str]:
@@ -462,11 +423,11 @@ class PostgresQueries(PostgresOwnership):
 
         def fn(c: Conn) -> set[str]:
             runs = {e.run_id for e in events}
-            inserted = _insert_events(c, events, ignore=retry, process=self.process_id)
-            not_held = set() if inserted == len(events) else _not_held(c, runs, self.process_id)
-            if runs - not_held:
-                _notify(c, runs - not_held)
-            return not_held
+            inserted = insert_events(c, events, ignore=retry, process=self.process_id)
+            gone = set() if inserted == len(events) else not_held(c, runs, self.process_id)
+            if runs - gone:
+                _notify(c, runs - gone)
+            return gone
 
         return await self._write("append_run_events", fn)
 
@@ -563,27 +524,10 @@ def _insert_messages(c: Conn, msgs: Sequence[Message]) -> None:
         cur.executemany(_MSG_INSERT, rows)
 
 
-def _prune_runs(c: Conn, rows: int, pick: tuple[str, tuple[Any, ...]]) -> int:
-    """Delete at most ``rows`` events of the (finished) runs ``pick`` selects but their kept
-    ones, marking a run pruned once none is left; the work done (rows deleted + runs marked),
-    0 when none. One run claimed at a time (its row locked until this batch commits), those
-    another instance's prune has claimed skipped (``pick`` ends ``FOR UPDATE SKIP LOCKED``):
-    this runs in the group commit, so a wait here would hold every write queued behind it,
-    and two prunes deleting the same rows in different orders deadlock."""
-    budget, done = rows, 0
-    for _ in range(100):
-        row = c.execute(*pick).fetchone()
-        if row is None:
-            break
-        run_id = row[0]
-        deleted = c.execute(
-            "DELETE FROM run_events WHERE run_id = %s AND seq IN (SELECT seq FROM "
-            "run_events WHERE run_id = %s AND type NOT IN (" + KEPT_EVENTS_SQL + ") "
-            "ORDER BY seq LIMIT %s)", (run_id, run_id, budget)).rowcount
-        budget -= deleted
-        done += deleted
-        if budget <= 0:
-            break  # maybe more of this run: the next call goes on with it
-        c.execute("UPDATE runs SET events_pruned = 1 WHERE id = %s", (run_id,))
-        done += 1
-    return done
+def _keyed(c: Conn, conversation_id: str, key: str) -> tuple[str, str | None] | None:
+    """The run holding ``key`` on the conversation, and the content it was asked with."""
+    found = c.execute(
+        "SELECT r.id, m.content FROM runs r LEFT JOIN messages m ON m.run_id = r.id AND "
+        "m.role = 'user' WHERE r.conversation_id = %s AND r.idempotency_key = %s",
+        (conversation_id, key)).fetchone()
+    return None if found is None else (found[0], found[1])

@@ -14,12 +14,16 @@ __all__ = ["MIGRATIONS", "PG_MIGRATIONS", "PG_SCHEMA_VERSION", "SCHEMA_VERSION"]
 _FILL_OWNERS = ("UPDATE llm_calls SET owner = (SELECT owner FROM runs WHERE runs.id = "
                 "llm_calls.run_id) WHERE owner IS NULL AND run_id IS NOT NULL")
 
-# A run's Idempotency-Key, one run per key and conversation (both stores' dialects).
+# A run's Idempotency-Key, one run per key and conversation (both stores' dialects). A run
+# holds its key while it goes on and once it has answered; one that ended without its answer
+# (failed, cancelled, timed out: a client's lost connection, a shutdown, its instance's death)
+# lets it go, whatever ended it, so that the retry that end invites asks the question anew.
 _IDEMPOTENCY = (
     "ALTER TABLE runs ADD COLUMN idempotency_key TEXT",
     "CREATE UNIQUE INDEX runs_idempotency ON runs(conversation_id, idempotency_key) "
     "WHERE idempotency_key IS NOT NULL",
 )
+_UNANSWERED = "('failed', 'cancelled', 'timed_out')"
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1: conversations, messages, runs, run events, LLM calls.
@@ -159,7 +163,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # 11: the Idempotency-Key a run was begun with (POST .../messages): a retried request
     # finds its run instead of beginning another.
-    _IDEMPOTENCY,
+    (
+        *_IDEMPOTENCY,
+        "CREATE TRIGGER runs_unanswered_key AFTER UPDATE OF status ON runs "
+        f"WHEN NEW.idempotency_key IS NOT NULL AND NEW.status IN {_UNANSWERED} BEGIN "
+        "UPDATE runs SET idempotency_key = NULL WHERE id = NEW.id; END",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -301,7 +310,15 @@ PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # search_path: a data-only pg_restore empties it, and every call with a run failed there.
     ("ALTER FUNCTION llm_calls_owner_of_run() SET search_path FROM CURRENT",),
     # 8: as SQLite's 11.
-    _IDEMPOTENCY,
+    (
+        *_IDEMPOTENCY,
+        "CREATE FUNCTION runs_unanswered_key() RETURNS trigger LANGUAGE plpgsql "
+        "SET search_path FROM CURRENT AS $$ BEGIN NEW.idempotency_key := NULL; RETURN NEW; "
+        "END $$",
+        "CREATE TRIGGER runs_unanswered_key BEFORE UPDATE OF status ON runs FOR EACH ROW WHEN "
+        f"(NEW.idempotency_key IS NOT NULL AND NEW.status IN {_UNANSWERED}) "
+        "EXECUTE FUNCTION runs_unanswered_key()",
+    ),
 )
 
 PG_SCHEMA_VERSION = len(PG_MIGRATIONS)

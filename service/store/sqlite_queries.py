@@ -447,6 +447,16 @@ class SQLiteQueries(SQLiteOwnership):
 
         return await self._write("prune_events", fn)
 
+    async def run_of_key(self, conversation_id: str, key: str, *, owner: str | None = None
+                         ) -> tuple[str, str | None] | None:
+        def fn(c: sqlite3.Connection) -> tuple[str, str | None] | None:
+            if c.execute("SELECT 1 FROM conversations WHERE id = ? AND owner IS ?",
+                         (conversation_id, owner)).fetchone() is None:
+                return None
+            return _keyed(c, conversation_id, key)
+
+        return await self._read("run_of_key", fn)
+
     async def runs_in_progress(self, conversation_id: str) -> list[str]:
         """Ids of a conversation's runs stored as ``queued`` or ``running``."""
         def fn(c: sqlite3.Connection) -> list[str]:
@@ -554,11 +564,16 @@ class SQLiteQueries(SQLiteOwnership):
         return await self._read("list_llm_calls", fn)
 
 
-def _not_begun_yet(c: sqlite3.Connection, conversation_id: str, key: str) -> None:
-    """``AlreadyBegun`` if a run was begun on the conversation with ``key``."""
+def _keyed(c: sqlite3.Connection, conversation_id: str, key: str) -> tuple[str, str | None] | None:
+    """The run holding ``key`` on the conversation, and the content it was asked with."""
     found = c.execute(
         "SELECT r.id, m.content FROM runs r LEFT JOIN messages m ON m.run_id = r.id AND "
         "m.role = 'user' WHERE r.conversation_id = ? AND r.idempotency_key = ?",
         (conversation_id, key)).fetchone()
-    if found is not None:
-        raise AlreadyBegun(found[0], found[1])
+    return None if found is None else (found[0], found[1])
+
+
+def _not_begun_yet(c: sqlite3.Connection, conversation_id: str, key: str) -> None:
+    """``AlreadyBegun`` if a run holds ``key`` on the conversation."""
+    if (found := _keyed(c, conversation_id, key)) is not None:
+        raise AlreadyBegun(*found)

@@ -5,8 +5,6 @@ real server on port 0, on both stores."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import httpx
 import pytest
 import trio
@@ -48,10 +46,12 @@ async def test_a_repeated_request_gets_the_first_ones_result(settings: Settings)
         assert len(backend.streams) == 1  # one generation upstream
         assert await _messages(client, conv) == [("user", "q"), ("assistant", "the one answer")]
         # The same key with another message: refused, nothing written.
-        r = await client.post(url, json={"content": "another"}, headers=key)
-        assert r.status_code == 422, r.text
-        assert r.json()["error"]["type"] == "idempotency_key_reused"
-        assert r.json()["error"]["field"] == "Idempotency-Key"
+        for other in ({"content": "another"}, {"content": "q", "agent": "react"},
+                      {"content": "q", "model": "another-model"}):
+            r = await client.post(url, json=other, headers=key)
+            assert r.status_code == 422, r.text
+            assert r.json()["error"]["type"] == "idempotency_key_reused"
+            assert r.json()["error"]["field"] == "Idempotency-Key"
         # Without a key, or with another, a new run as always.
         r = await client.post(url, json={"content": "q"}, headers={"Idempotency-Key": "k-2"})
         assert r.json()["message"]["content"] == "a second generation"
@@ -120,21 +120,31 @@ async def test_two_requests_at_once_with_one_key_share_one_run(settings: Setting
         assert await _messages(client, conv) == [("user", "q"), ("assistant", "only once")]
 
 
-async def test_a_repeated_request_of_a_run_that_failed_gets_its_error(
+async def test_a_request_repeated_after_its_run_ended_without_an_answer_asks_anew(
         settings: Settings) -> None:
-    backend = ScriptedBackend([Reply("par", fail_after=1, error=RuntimeError("boom"))])
+    # A run holds its key while it goes on and once it has answered. One that ended without
+    # its answer (failed here; also cancelled by a lost connection, a shutdown, or closed when
+    # its instance died) lets it go: the retry its end invited asks the question again, where
+    # a replay would answer the same failure for ever.
+    backend = ScriptedBackend([Reply("par", fail_after=1, error=RuntimeError("boom")),
+                               Reply("the answer")])
     async with running_server(settings, backend) as srv, srv.client() as client:
         conv = await _conversation(client)
         url, key = f"/api/conversations/{conv}/messages", {"Idempotency-Key": "k"}
         first = await client.post(url, json={"content": "q"}, headers=key)
-        again = await client.post(url, json={"content": "q"}, headers=key)
         assert first.status_code >= 500, first.text
-        assert again.status_code == first.status_code, again.text
-        mine: dict[str, Any] = again.json()["error"]
-        assert mine["type"] == first.json()["error"]["type"]
-        assert mine["run_id"] == first.json()["error"]["run_id"]
-        assert mine["run_status"] == "failed"
-        assert len(backend.streams) == 1
+        again = await client.post(url, json={"content": "q"}, headers=key)
+        assert again.status_code == 200, again.text
+        assert "Idempotent-Replayed" not in again.headers
+        assert again.json()["message"]["content"] == "the answer"
+        assert again.json()["run"]["id"] != first.json()["error"]["run_id"]
+        # ... and now the key is that run's: once more, its answer.
+        third = await client.post(url, json={"content": "q"}, headers=key)
+        assert third.headers["Idempotent-Replayed"] == "true"
+        assert third.json()["message"] == again.json()["message"]
+        assert len(backend.streams) == 2
+        assert [role for role, _ in await _messages(client, conv)] == [
+            "user", "assistant", "user", "assistant"]
 
 
 @pytest.mark.parametrize("key", ["", "x" * 256, "caf\u00e9", "tab\there"])

@@ -75,7 +75,7 @@ async def test_two_instances_cancelling_each_others_runs_while_streaming_do_not_
     batches land.
 
     On the code reviewed they deadlock: an event batch locks its runs' rows FOR SHARE (the
-    fence, ``postgres_queries._events_sql``) for its whole transaction, and ``request_cancel``
+    fence, ``postgres_events._events_sql``) for its whole transaction, and ``request_cancel``
     is an UPDATE of the other instance's run row in the same group-commit transaction. A holds
     X (share) and waits for Y; B holds Y and waits for X. PostgreSQL breaks the cycle after
     ``deadlock_timeout`` (1 s, during which every write of both instances waits) by failing

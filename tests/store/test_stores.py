@@ -124,7 +124,8 @@ async def test_calls_stored_before_their_owner_column_are_listed_by_owner(
             await store.record_llm_call(LLMCallRecord(ids[owner], "sim", "m",
                                                       LLMCallOutcome.ok, 1.0, run_id=run.id))
     conn = sqlite3.connect(db)  # as a file of schema 8 had them: no owner column
-    conn.execute("DROP INDEX runs_idempotency")  # (schema 11's)
+    conn.execute("DROP TRIGGER runs_unanswered_key")  # (schema 11's)
+    conn.execute("DROP INDEX runs_idempotency")
     conn.execute("ALTER TABLE runs DROP COLUMN idempotency_key")
     conn.execute("DROP TRIGGER llm_calls_owner_of_run")  # (schema 10's)
     conn.execute("DROP INDEX llm_calls_owner")
