@@ -29,7 +29,7 @@ import logging
 import re
 import ssl
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -238,7 +238,11 @@ def fleet_from_settings(settings: Settings) -> list[ServerSpec]:
     (priority 0 and 1), as the single servers always did. The kind's CA bundle setting applies.
     """
     if settings.backends_file is not None:
-        return load_fleet_file(settings.backends_file)
+        # SERVICE_OLLAMA_NUM_CTX is the default of the file's Ollama servers (each may say its
+        # own): dropped, Ollama's small default cut their prompts without a word.
+        return [replace(s, num_ctx=settings.ollama_num_ctx)
+                if s.kind == "ollama" and s.num_ctx is None else s
+                for s in load_fleet_file(settings.backends_file)]
     kind = str(getattr(settings.backend, "value", settings.backend))
     specs: list[ServerSpec] = []
     sources: list[tuple[Kind, str, Path | None]] = []

@@ -490,9 +490,11 @@ async function send() {
     // One key per message: sent again after its request failed (the connection lost, maybe
     // after the service had it), the same key gets the run the first began, not a second
     // copy of the question and a second answer.
-    if (state.unsent?.content !== content || state.unsent?.conversation !== state.conversation) {
+    // (The same message: its text, conversation, agent and model; another is a new one.)
+    const asked = JSON.stringify([content, state.conversation, picks()]);
+    if (state.unsent?.asked !== asked) {
       const bytes = crypto.getRandomValues(new Uint8Array(16)); // (randomUUID: HTTPS only)
-      state.unsent = { content, conversation: state.conversation,
+      state.unsent = { asked,
         key: Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("") };
     }
     let resp;
@@ -520,7 +522,10 @@ async function send() {
       await loadConversations().catch(() => {});
       throw new Error("this conversation was deleted elsewhere; send again to start a new one");
     }
-    if (!resp.ok) throw await failure(resp);
+    if (!resp.ok) {
+      if (resp.status !== 429 && resp.status < 500) state.unsent = null; // (refused: not sent)
+      throw await failure(resp);
+    }
     state.unsent = null; // (a message typed alike later is a new one)
     $("input").value = "";
     addUser(content);

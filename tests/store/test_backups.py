@@ -9,6 +9,8 @@ made.
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,9 +27,10 @@ from service.store import (
 
 from ..pg import PostgresServer
 
-# The command docs/deploy.md gives, word for word.
-SQLITE_BACKUP = ("import sqlite3, sys; "
-                 "sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))")
+# The command docs/deploy.md gives, read from it (the source opened read-only: a mistyped
+# path fails, where it made an empty database and "backed it up").
+_DOCS = (Path(__file__).resolve().parents[2] / "docs" / "deploy.md").read_text()
+SQLITE_BACKUP = re.search(r"python -c '([^']+)' data/service\.db", _DOCS)[1]  # type: ignore[index]
 
 
 async def test_a_sqlite_backup_taken_while_the_store_writes_has_every_commit(
@@ -53,6 +56,15 @@ async def test_a_sqlite_backup_taken_while_the_store_writes_has_every_commit(
         events = await restored.list_run_events(run_id)
         tokens = [e.data["text"] for e in events if e.type == "token"]
         assert tokens == [f"t{seq} " for seq in range(2, 40)]  # not the one after the copy
+
+
+def test_the_sqlite_backup_of_a_mistyped_path_fails_and_makes_nothing(tmp_path: Path) -> None:
+    typo, copy = tmp_path / "typo.db", tmp_path / "copy.db"
+    done = subprocess.run([sys.executable, "-c", SQLITE_BACKUP, str(typo), str(copy)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode != 0
+    assert "unable to open database file" in done.stderr
+    assert not typo.exists()
 
 
 async def test_a_dump_restored_data_only_into_a_new_database_loads(
