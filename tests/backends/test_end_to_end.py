@@ -660,7 +660,7 @@ async def test_v1_run_that_cannot_be_stored_answers_503_and_closes_its_upstream(
 @pytest.mark.parametrize(("endpoint", "on_disconnect"),
                          [("v1", "cancel"), ("native", "cancel"), ("native", "continue")])
 async def test_client_gone_while_its_run_is_being_stored(
-    settings: Settings, endpoint: str, on_disconnect: str
+    settings: Settings, endpoint: str, on_disconnect: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The client leaves while the run's first write is in the store's thread: the write lands,
     # then the request is cancelled before its response (and the stream that would cancel the
@@ -673,9 +673,21 @@ async def test_client_gone_while_its_run_is_being_stored(
         env.sim.script(Reply(tokens=tokens, interval=0.02))
         conv = await env.conversation() if endpoint == "native" else ""
         store = env.server.services.require_store()
-        in_thread, proceed = threading.Event(), threading.Event()
+        in_thread, proceed, armed = threading.Event(), threading.Event(), threading.Event()
+        # Armed by the run's first write only: a commit of the instance's own (its lease's
+        # renewal, every 5 s) held instead left the run unwritten (a flake in CI).
+        def arming(real: Any) -> Any:
+            async def write(*args: Any, **kw: Any) -> Any:
+                armed.set()
+                return await real(*args, **kw)
+            return write
+
+        for name in ("begin_run", "write_run"):
+            monkeypatch.setattr(store, name, arming(getattr(store, name)))
 
         def held_commit() -> None:  # in the writer thread, before COMMIT
+            if not armed.is_set() or in_thread.is_set():
+                return
             in_thread.set()
             proceed.wait(GUARD)
 
