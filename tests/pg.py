@@ -9,7 +9,10 @@ password, and the fixtures. Tests that need it skip when no binaries are found.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -18,7 +21,8 @@ import pytest
 from service.bench.pg import PostgresServer, find_pg_bin
 from service.bench.pg import start_postgres as _start_server
 
-__all__ = ["PASSWORD", "PASSWORD_USER", "PostgresServer", "find_pg_bin", "start_postgres"]
+__all__ = ["PASSWORD", "PASSWORD_USER", "PostgresServer", "Signalled", "find_pg_bin",
+           "signalled_while_waiting_for_a_migration", "start_postgres"]
 
 PASSWORD_USER, PASSWORD = "pwuser", "Right-Pw-7x"  # a role that authenticates by password
 
@@ -87,3 +91,46 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
         return tmp_path / "s.db"
     url: str = request.getfixturevalue("pg_url")
     return url
+
+
+@dataclass
+class Signalled:
+    """A start stopped by a signal: its exit status, its log up to the wait and after it, and
+    the server process id of the connection that held the migration's lock."""
+
+    returncode: int
+    seen: str
+    rest: str
+    holder_pid: int
+
+
+def signalled_while_waiting_for_a_migration(
+    pg_url: str, argv: list[str], sig: int = signal.SIGTERM, *, timeout: float = 60,
+) -> Signalled:
+    """Start ``argv`` (a service on ``pg_url``, run from the repository) while another
+    connection ("migrating-elsewhere") holds the migration's lock; once it logs that it waits,
+    send it ``sig``, the lock still held until it has exited."""
+    from service.store.pg_migrate import MIGRATION_LOCK
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SERVICE_")}
+    env["SERVICE_DB"] = pg_url
+    with psycopg.connect(pg_url, application_name="migrating-elsewhere") as holder, \
+            holder.transaction():
+        holder.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        proc = subprocess.Popen(argv, cwd=root, env=env, stderr=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+        try:
+            assert proc.stderr is not None
+            seen = ""
+            while "waiting for another instance's schema migration" not in seen:
+                line = proc.stderr.readline()
+                assert line, f"exited before waiting: {seen}"
+                seen += line
+            proc.send_signal(sig)
+            rest = proc.communicate(timeout=timeout)[1]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # its own group: its workers too
+                proc.wait()
+        return Signalled(proc.returncode, seen, rest, holder.info.backend_pid)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,26 +15,14 @@ import pytest
 import trio
 
 from service.errors import NotFound, ShuttingDown
-from service.store import MessageStatus, RunEvent, open_store
-from service.store.pg_migrate import MIGRATION_LOCK
+from service.store import open_store
 from service.store.records import CONVERSATIONS, MESSAGES, decode_cursor, encode_cursor
 
+from .pg import signalled_while_waiting_for_a_migration
 from .servers import ROOT
+from .store.test_stores import _finished_run
 
 GUARD = 30  # seconds any single wait may take before the test fails
-
-
-async def _finished_run(store: Any, conv: str, tokens: int, owner: str | None) -> str:
-    begun = await store.begin_run(conv, content="q", agent="chat", model="m", owner=owner)
-    run = begun.run.id
-    await store.append_run_events(
-        [RunEvent(run, i, "token", {"text": "t"}, 0.0) for i in range(2, tokens + 2)])
-    await store.finish_run(
-        run, status="succeeded", message_id=begun.reply.id, content="t" * tokens,
-        message_status=MessageStatus.complete, error=None, usage={},
-        events=[RunEvent(run, tokens + 2, "message", {"content": "t" * tokens}, 0.0),
-                RunEvent(run, tokens + 3, "run.finished", {"status": "succeeded"}, 0.0)])
-    return str(run)
 
 
 # -- 4. PostgreSQL delete_conversation: the retry for a run another instance's prune holds --
@@ -123,35 +109,16 @@ def test_sigterm_while_workers_wait_for_anothers_migration_exits_0(pg_url: str) 
     """``--workers 2``: the parent's SIGTERM reaches the worker waiting for another instance's
     migration lock; the worker's start stops (exit 0) and so does the parent, no traceback,
     no worker restarted, nothing half-made in the database."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SERVICE_")}
-    env["SERVICE_DB"] = pg_url
-    with psycopg.connect(pg_url, application_name="migrating-elsewhere") as holder, \
-            holder.transaction():
-        holder.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "--bind", "127.0.0.1:0", "--workers", "2",
-             "--config", str(ROOT / "hypercorn.toml")],
-            cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-        try:
-            assert proc.stderr is not None
-            seen = ""
-            while "waiting for another instance's schema migration" not in seen:
-                line = proc.stderr.readline()
-                assert line, f"exited before waiting: {seen}"
-                seen += line
-            proc.send_signal(signal.SIGTERM)
-            rest = proc.communicate(timeout=90)[1]  # the lock is still held meanwhile
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        out = seen + rest
-        assert "Traceback" not in out, out
-        assert "Running on" not in out, out
-        assert "could not start" not in out, out
-        assert "died" not in out, out
-        assert "stopped by a signal before it started serving" in out, out
-        assert proc.returncode == 0, out
+    got = signalled_while_waiting_for_a_migration(
+        pg_url, [sys.executable, "-m", "service", "--bind", "127.0.0.1:0", "--workers", "2",
+                 "--config", str(ROOT / "hypercorn.toml")], timeout=90)
+    out = got.seen + got.rest
+    assert "Traceback" not in out, out
+    assert "Running on" not in out, out
+    assert "could not start" not in out, out
+    assert "died" not in out, out
+    assert "stopped by a signal before it started serving" in out, out
+    assert got.returncode == 0, out
     with psycopg.connect(pg_url) as conn:
         assert conn.execute("SELECT count(*) FROM pg_catalog.pg_tables "
                             "WHERE schemaname = current_schema()").fetchone() == (0,)
@@ -254,34 +221,14 @@ def test_hypercorn_cli_sigterm_while_waiting_for_anothers_migration_exits_0(pg_u
     ``_serve``'s ``trigger()`` call ``begin_shutdown(svc)`` (it cancels the start while
     ``svc.supervisor`` is None) before ``stop.set()``, and exit 0 for ``ShuttingDown`` in the
     ``cli`` branch.)"""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SERVICE_")}
-    env["SERVICE_DB"] = pg_url
     hypercorn = str(Path(sys.executable).with_name("hypercorn"))
-    with psycopg.connect(pg_url, application_name="migrating-elsewhere") as holder, \
-            holder.transaction():
-        holder.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-        proc = subprocess.Popen(
-            [hypercorn, "--config", str(ROOT / "hypercorn.toml"), "--bind", "127.0.0.1:0",
-             "service.app:app"],
-            cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            start_new_session=True)  # its worker is killed with it below
-        try:
-            assert proc.stderr is not None
-            seen = ""
-            while "waiting for another instance's schema migration" not in seen:
-                line = proc.stderr.readline()
-                assert line, f"exited before waiting: {seen}"
-                seen += line
-            proc.send_signal(signal.SIGTERM)
-            out, rest = proc.communicate(timeout=20)  # the lock is still held meanwhile
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)  # its own group: hypercorn and its worker
-                proc.wait()
-        everything = seen + rest + out
-        assert "Traceback" not in everything, everything
-        assert "stopped by a signal before it started serving" in everything, everything
-        assert proc.returncode == 0, f"exit {proc.returncode}: {everything}"
+    got = signalled_while_waiting_for_a_migration(
+        pg_url, [hypercorn, "--config", str(ROOT / "hypercorn.toml"), "--bind", "127.0.0.1:0",
+                 "service.app:app"], timeout=20)
+    everything = got.seen + got.rest
+    assert "Traceback" not in everything, everything
+    assert "stopped by a signal before it started serving" in everything, everything
+    assert got.returncode == 0, f"exit {got.returncode}: {everything}"
 
 
 # -- 2. docs/deploy.md "Backups" ------------------------------------------------------------

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import base64
-import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import psycopg
 import pytest
 import trio
 
@@ -17,9 +15,9 @@ from service.backends.fleet import fleet_from_settings
 from service.settings import Settings
 from service.store import open_store
 from service.store.ownership import LEASE
-from service.store.pg_migrate import MIGRATION_LOCK
 from service.store.records import MESSAGES, decode_cursor, encode_cursor
 
+from .pg import signalled_while_waiting_for_a_migration
 from .servers import ROOT, running_server
 from .store.test_backups import SQLITE_BACKUP
 
@@ -64,28 +62,11 @@ def test_num_ctx_setting_reaches_the_ollama_servers_of_a_fleet_file(tmp_path: Pa
 def test_sigint_during_the_migration_wait_stops_the_start_exit_0(pg_url: str) -> None:
     """docs/operations.md:98-101: a signal during the rest of the start (waiting for another
     instance's schema migration) stops it: one line, exit 0 (tested for SIGTERM; here SIGINT)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SERVICE_")}
-    env["SERVICE_DB"] = pg_url
-    with psycopg.connect(pg_url) as holder, holder.transaction():
-        holder.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "--bind", "127.0.0.1:0", "--config",
-             str(ROOT / "hypercorn.toml")],
-            cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-        try:
-            assert proc.stderr is not None
-            seen = ""
-            while "waiting for another instance's schema migration" not in seen:
-                line = proc.stderr.readline()
-                assert line, f"exited before waiting: {seen}"
-                seen += line
-            proc.send_signal(signal.SIGINT)
-            rest = proc.communicate(timeout=60)[1]
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert proc.returncode == 0, seen + rest
+    got = signalled_while_waiting_for_a_migration(
+        pg_url, [sys.executable, "-m", "service", "--bind", "127.0.0.1:0", "--config",
+                 str(ROOT / "hypercorn.toml")], signal.SIGINT)
+    rest = got.rest
+    assert got.returncode == 0, got.seen + rest
     assert rest.strip().splitlines()[-1] == (
         "service: stopped by a signal before it started serving"), rest
 

@@ -8,7 +8,6 @@ unreachable server at open, a statement stuck behind a lock.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,12 +20,16 @@ import trio
 from service.errors import StoreError, StoreUnavailable
 from service.settings import load_settings
 from service.store import MessageStatus, open_store
-from service.store.pg_migrate import MIGRATION_LOCK
 from service.store.postgres import PostgresStore, describe_url
 from service.store.schema import PG_SCHEMA_VERSION
 
 from ..fakes import Reply, ScriptedBackend
-from ..pg import PASSWORD, PASSWORD_USER, PostgresServer
+from ..pg import (
+    PASSWORD,
+    PASSWORD_USER,
+    PostgresServer,
+    signalled_while_waiting_for_a_migration,
+)
 from ..servers import ROOT, running_server
 from ..streams import parse_sse
 
@@ -74,33 +77,15 @@ def test_an_instance_waiting_for_anothers_migration_says_who_and_stops_on_sigter
     # The wait for another instance's migration has no bound (a migration takes what it
     # takes): it names who holds the lock, and a SIGTERM ends it (it used to wait on in a
     # thread the start could not cancel, for as long as the lock was held).
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SERVICE_")}
-    env["SERVICE_DB"] = pg_url
-    with psycopg.connect(pg_url, application_name="migrating-elsewhere") as holder, \
-            holder.transaction():
-        holder.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "--bind", "127.0.0.1:0", "--config",
-             str(ROOT / "hypercorn.toml")],
-            cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-        try:
-            assert proc.stderr is not None
-            seen = ""
-            while "waiting for another instance's schema migration" not in seen:
-                line = proc.stderr.readline()
-                assert line, f"exited before waiting: {seen}"
-                seen += line
-            assert "migrating-elsewhere" in seen, seen
-            assert f"{holder.info.backend_pid}" in seen, seen
-            proc.send_signal(signal.SIGTERM)
-            rest = proc.communicate(timeout=60)[1]  # the lock is still held meanwhile
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        assert "Traceback" not in seen + rest, seen + rest
-        assert "Running on" not in seen + rest
-        assert proc.returncode == 0, seen + rest
+    got = signalled_while_waiting_for_a_migration(
+        pg_url, [sys.executable, "-m", "service", "--bind", "127.0.0.1:0", "--config",
+                 str(ROOT / "hypercorn.toml")])
+    seen, rest = got.seen, got.rest
+    assert "migrating-elsewhere" in seen, seen
+    assert f"{got.holder_pid}" in seen, seen
+    assert "Traceback" not in seen + rest, seen + rest
+    assert "Running on" not in seen + rest
+    assert got.returncode == 0, seen + rest
     assert rest.strip().splitlines()[-1] == (
         "service: stopped by a signal before it started serving"), rest
     with psycopg.connect(pg_url) as conn:  # nothing half-made by the start that stopped
