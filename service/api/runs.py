@@ -59,7 +59,7 @@ blueprint = Blueprint("runs", __name__)
 
 ELSEWHERE_CANCEL_WAIT = 5.0  # seconds a cancel waits for another worker to end its run
 # An Idempotency-Key: Stripe's bound, printable ASCII (it is stored and may be logged).
-_IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
 
 def error_status(handle: RunHandle) -> int:
     """The HTTP status of a run that ended without succeeding (or whose end is not stored): its
@@ -184,7 +184,7 @@ async def post_message(conversation_id: str, data: PostMessage) -> Response:
     run the first one began, its events from the start or its result, instead of another."""
     svc = services()
     key = request.headers.get("Idempotency-Key")
-    if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
+    if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
         return json_error(422, "invalid_request", "Idempotency-Key must be 1 to 255 printable "
                           "ASCII characters", field="Idempotency-Key")
     # The run's first write checks the conversation (404 if not the caller's) and resolves

@@ -3,19 +3,23 @@
 Client -> server::
 
     {"type": "message", "conversation_id", "content", "agent"?, "model"?, "on_disconnect"?,
-     "timeout"?}
+     "timeout"?, "idempotency_key"?}
+                                    with ``idempotency_key`` (as the HTTP ``Idempotency-Key``), a
+                                    message sent again (on a new socket, after one was lost) gets
+                                    the run the first began, its events from the first, on any
+                                    instance: no second run, no second copy of the question
     {"type": "cancel", "run_id"}    any run of the socket's key, as POST /api/runs/{id}/cancel:
                                     another worker's or instance's too; one that has ended is
                                     left as it is (no reply)
 
-Server -> client: each run's events as ``{"run_id", "id", "type", "data"}``, and
-``{"type": "error", "error": {"type", "message"}, "request"?}`` for a bad client message (the
-socket stays open; ``request`` echoes only its ``type``, ``conversation_id`` and ``run_id``, cut
-short). A message obeys the HTTP API's limits: its fields the same as ``POST .../messages``, its
-size ``SERVICE_MAX_BODY_BYTES`` (``body_too_large``); hypercorn closes the socket (1009) on one
-over twice that, before buffering more of it (see ``service.server.build_config``). Non-finite
-numbers (``NaN``, ``Infinity``, ``1e400``) are refused as invalid JSON, as a browser's
-``JSON.parse`` does, and every reply is strict JSON.
+Server -> client: each run's events as ``{"run_id", "id", "type", "data"}``, and ``{"type":
+"error", "error": {"type", "message"}, "request"?}`` for a bad client message (the socket stays
+open; ``request`` echoes only its ``type``, ``conversation_id``, ``run_id`` and
+``idempotency_key``, cut short). A message obeys the HTTP API's limits: its fields the same as
+``POST .../messages``, its size ``SERVICE_MAX_BODY_BYTES`` (``body_too_large``); hypercorn
+closes the socket (1009) on one over twice that, before buffering more of it (see
+``service.server.build_config``). Non-finite numbers (``NaN``, ``Infinity``, ``1e400``) are
+refused as invalid JSON, as a browser's ``JSON.parse`` does, and every reply is strict JSON.
 
 Shape: a receive loop and a send loop are sibling tasks in the handler's nursery; each run has a
 forwarder task there that reads the run's events and queues them for the send loop (a bounded
@@ -37,10 +41,10 @@ from collections import deque
 from typing import Any, Literal
 
 import trio
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 from quart import Blueprint, g, websocket
 
-from ..errors import ServiceError, TooManyRuns
+from ..errors import AlreadyBegun, ServiceError, TooManyRuns
 from ..logs import get_logger
 from ..runs import RunHandle, RunSpec
 from ..runs.reader import EventReader, Keepalive
@@ -56,7 +60,7 @@ from .models import (
     NotFinite,
     strict_json_loads,
 )
-from .runs import ask_to_stop
+from .runs import IDEMPOTENCY_KEY, ask_to_stop
 from .state import current_owner, services
 
 log = get_logger("service.app")  # (the access lines' logger)
@@ -68,7 +72,8 @@ blueprint = Blueprint("ws", __name__)
 _SEND_QUEUE = 256
 _RUNS_PER_SOCKET = 32  # runs being started or forwarded on one socket at once
 _CANCELS_PER_SOCKET = 32  # cancels of runs not in this process, waiting for the store at once
-_ECHOED = ("type", "conversation_id", "run_id")  # what an error reply echoes of the request
+# What an error reply echoes of the request:
+_ECHOED = ("type", "conversation_id", "run_id", "idempotency_key")
 _ECHO_CHARS = 200  # ... each cut to this length
 _ID_CHARS = 200  # an id longer than this is refused (a not_found would carry it back whole)
 _CLOSE_WAIT = 5.0  # seconds a closing socket waits for its close frame to be written
@@ -86,6 +91,14 @@ class WsMessage(JsonRequest):
     model: str | None = Field(None, max_length=MAX_MODEL_CHARS)
     on_disconnect: Literal["cancel", "continue"] = "cancel"
     timeout: float | None = Field(None, gt=0, le=86_400)
+    idempotency_key: str | None = None
+
+    @field_validator("idempotency_key")
+    @classmethod
+    def _key(cls, value: str | None) -> str | None:
+        if value is not None and not IDEMPOTENCY_KEY.fullmatch(value):
+            raise ValueError("must be 1 to 255 printable ASCII characters")
+        return value
 
 
 class WsCancel(JsonRequest):
@@ -132,6 +145,7 @@ class _Session:
         self.nursery = nursery
         self.send = send
         self.runs: dict[str, tuple[RunHandle, str]] = {}
+        self.forwarding: set[str] = set()  # runs whose events this socket is sending
         self.slots = trio.Semaphore(_RUNS_PER_SOCKET)  # start_run tasks (each releases one)
         self._ended = trio.Event()  # a start_run task ended (re-armed by its waiter)
         self.cancels = trio.Semaphore(_CANCELS_PER_SOCKET)  # cancels waiting for the store
@@ -279,10 +293,31 @@ class _Session:
         spec = RunSpec(
             conversation_id=m.conversation_id, content=m.content, agent=m.agent,
             model=m.model, default_model=self.svc.settings.default_model, owner=self.owner,
-            timeout=m.timeout,
+            timeout=m.timeout, idempotency_key=m.idempotency_key,
         )
+        begun: AlreadyBegun | None = None
+        refused: TooManyRuns | None = None
         try:
-            handle = await self.svc.require_supervisor().start(spec)
+            try:
+                handle = await self.svc.require_supervisor().start(spec)
+            except AlreadyBegun as exc:
+                begun = exc
+            except TooManyRuns as exc:
+                if m.idempotency_key is None:
+                    raise
+                refused = exc
+            if refused is not None:
+                # Refused for the runs in flight, one of which may be the very run this
+                # message repeats: that one is forwarded, not refused.
+                assert m.idempotency_key is not None
+                found = await self.svc.require_store().run_of_key(
+                    m.conversation_id, m.idempotency_key, owner=self.owner)
+                if found is None:
+                    raise refused
+                begun = AlreadyBegun(*found)
+            if begun is not None:
+                await self._again(begun, m, request)
+                return
         except ServiceError as exc:
             self.reply_from_task(_error_reply(exc.to_event(), request))
             return
@@ -290,7 +325,22 @@ class _Session:
         for run_id in [k for k, (h, _) in self.runs.items() if h.finished.is_set()]:
             del self.runs[run_id]
         self.runs[handle.id] = (handle, m.on_disconnect)
-        await self.forward(handle)
+        await self.forward(handle.id)
+
+    async def _again(self, begun: AlreadyBegun, m: WsMessage, request: Any) -> None:
+        """A message sent again with its ``idempotency_key``: the run the first began, its
+        events from the first (as ``POST .../messages`` answers a repeated request). The run
+        keeps the first's ``on_disconnect``: this socket's leaving never cancels it. The key
+        used again with another content, agent or model is an ``idempotency_key_reused``
+        error."""
+        run = await self.svc.require_store().get_run(begun.run_id, owner=self.owner)
+        if begun.content != m.content or (m.agent or run.agent) != run.agent or (
+                m.model or run.model) != run.model:
+            error = {"type": "idempotency_key_reused", "message": "this idempotency_key began "
+                     "a run with another message, agent or model", "run_id": begun.run_id}
+            self.reply_from_task(_error_reply(error, request))
+            return
+        await self.forward(begun.run_id)
 
     async def cancel(self, m: WsCancel, request: Any) -> None:
         """Any run of this key, as POST /api/runs/{id}/cancel. A live run of this process (of
@@ -323,9 +373,20 @@ class _Session:
         finally:
             self.cancels.release()
 
-    async def forward(self, handle: RunHandle) -> None:
+    async def forward(self, run_id: str) -> None:
+        if run_id in self.forwarding:
+            # A message repeated on the socket that is sending its run (two sends of one
+            # click): the events are on their way once, not twice.
+            return
+        self.forwarding.add(run_id)
+        try:
+            await self._forward(run_id)
+        finally:
+            self.forwarding.discard(run_id)
+
+    async def _forward(self, run_id: str) -> None:
         reader = EventReader(
-            handle.id, after=0, store=self.svc.require_store(),
+            run_id, after=0, store=self.svc.require_store(),
             supervisor=self.svc.require_supervisor(), keepalive=3600.0,
         )
         try:
@@ -337,9 +398,9 @@ class _Session:
             # keep the run's entry, so that a later disconnect (or a cancel message) still
             # reaches it.
             await self.send.send({"type": "error", "error": exc.to_event(),
-                                  "run_id": handle.id})
+                                  "run_id": run_id})
             return
-        self.runs.pop(handle.id, None)
+        self.runs.pop(run_id, None)
 
     def abandon(self, reason: str = "client disconnected") -> None:
         for handle, on_disconnect in self.runs.values():
