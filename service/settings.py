@@ -248,6 +248,7 @@ def load_settings(**overrides: object) -> Settings:
         settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         err = exc.errors()[0]
+        err["msg"] = err["msg"].removeprefix("Value error, ")  # pydantic's, before our text
         field = str(err["loc"][0]) if err["loc"] else "?"
         var = f"SERVICE_{field.upper()}"
         given = err.get("input")

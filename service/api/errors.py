@@ -19,7 +19,7 @@ from ..logs import get_logger
 from ..text import clean_text
 from .models import error_body
 
-__all__ = ["field_name", "install_error_handlers", "json_error"]
+__all__ = ["error_message", "field_name", "install_error_handlers", "json_error"]
 
 log = get_logger("service.api")
 
@@ -52,6 +52,12 @@ def field_name(loc: Sequence[int | str], whole: str = "body") -> str:
     return clean_text(".".join(str(p) for p in loc)[:FIELD_CHARS]) or whole
 
 
+def error_message(error: Any) -> str:
+    """A validation error's message, without pydantic's "Value error, " before the text of a
+    check of ours ("content: must be text", not "content: Value error, must be text")."""
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
 def install_error_handlers(app: Quart) -> None:
     @app.errorhandler(RequestSchemaValidationError)
     async def _invalid(error: RequestSchemaValidationError) -> Response:
@@ -65,8 +71,8 @@ def install_error_handlers(app: Quart) -> None:
             first = errors[0] if errors else {"loc": (), "msg": str(exc)}
             field = field_name(first["loc"])
             return json_error(
-                422, "invalid_request", f"{field}: {first['msg']}", field=field,
-                errors=[{"field": field_name(e["loc"]), "message": e["msg"]}
+                422, "invalid_request", f"{field}: {error_message(first)}", field=field,
+                errors=[{"field": field_name(e["loc"]), "message": error_message(e)}
                         for e in errors[:_ERRORS_LISTED]],
             )
         return json_error(400, "malformed_json", "the body must be a JSON object")

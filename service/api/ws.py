@@ -51,7 +51,7 @@ from ..runs.reader import EventReader, Keepalive
 from ..services import Services
 from ..store.records import strict_json
 from ..text import clean_text
-from .errors import field_name
+from .errors import error_message, field_name
 from .models import (
     MAX_CONTENT_CHARS,
     MAX_MODEL_CHARS,
@@ -96,6 +96,10 @@ class WsMessage(JsonRequest):
     @field_validator("idempotency_key")
     @classmethod
     def _key(cls, value: str | None) -> str | None:
+        if value is not None:
+            # As an HTTP header's value arrives (outer spaces are no part of it): the key
+            # sent on a socket and over HTTP (a browser's fetch strips them) is one key.
+            value = value.strip(" ")
         if value is not None and not IDEMPOTENCY_KEY.fullmatch(value):
             raise ValueError("must be 1 to 255 printable ASCII characters")
         return value
@@ -146,6 +150,8 @@ class _Session:
         self.send = send
         self.runs: dict[str, tuple[RunHandle, str]] = {}
         self.forwarding: set[str] = set()  # runs whose events this socket is sending
+        # Their keys: (conversation, key) -> (run, the message's content, agent and model).
+        self.keyed: dict[tuple[str, str], tuple[str, str, str | None, str | None]] = {}
         self.slots = trio.Semaphore(_RUNS_PER_SOCKET)  # start_run tasks (each releases one)
         self._ended = trio.Event()  # a start_run task ended (re-armed by its waiter)
         self.cancels = trio.Semaphore(_CANCELS_PER_SOCKET)  # cancels waiting for the store
@@ -190,6 +196,11 @@ class _Session:
                             "unauthorized", "the token this socket was opened with expired: "
                             "open it again with a new one (POST /api/tokens)", msg))
                         continue
+                    if self.sending_already(m):
+                        # A repeat of a keyed message whose run this socket is sending: its
+                        # events come once, and it takes no slot (a socket at its limit
+                        # refused it as too_many_runs).
+                        continue
                     try:
                         self.slots.acquire_nowait()
                     except trio.WouldBlock:
@@ -207,9 +218,17 @@ class _Session:
             except ValidationError as exc:
                 first = exc.errors()[0]
                 field = field_name(first["loc"], "message")
-                self.reply(_error("invalid_request", f"{field}: {first['msg']}", msg))
+                self.reply(_error("invalid_request", f"{field}: {error_message(first)}",
+                                  msg))
             except ServiceError as exc:
                 self.reply(_error_reply(exc.to_event(), msg))
+
+    def sending_already(self, m: WsMessage) -> bool:
+        if m.idempotency_key is None:
+            return False
+        sent = self.keyed.get((m.conversation_id, m.idempotency_key))
+        return (sent is not None and sent[0] in self.forwarding
+                and sent[1:] == (m.content, m.agent, m.model))
 
     def reply(self, msg: dict[str, Any]) -> None:
         """A reply to the client's own message, from the receive loop: never waited for. The
@@ -325,7 +344,7 @@ class _Session:
         for run_id in [k for k, (h, _) in self.runs.items() if h.finished.is_set()]:
             del self.runs[run_id]
         self.runs[handle.id] = (handle, m.on_disconnect)
-        await self.forward(handle.id)
+        await self.forward(handle.id, m)
 
     async def _again(self, begun: AlreadyBegun, m: WsMessage, request: Any) -> None:
         """A message sent again with its ``idempotency_key``: the run the first began, its
@@ -340,7 +359,7 @@ class _Session:
                      "a run with another message, agent or model", "run_id": begun.run_id}
             self.reply_from_task(_error_reply(error, request))
             return
-        await self.forward(begun.run_id)
+        await self.forward(begun.run_id, m)
 
     async def cancel(self, m: WsCancel, request: Any) -> None:
         """Any run of this key, as POST /api/runs/{id}/cancel. A live run of this process (of
@@ -373,16 +392,21 @@ class _Session:
         finally:
             self.cancels.release()
 
-    async def forward(self, run_id: str) -> None:
+    async def forward(self, run_id: str, m: WsMessage) -> None:
         if run_id in self.forwarding:
             # A message repeated on the socket that is sending its run (two sends of one
             # click): the events are on their way once, not twice.
             return
+        key = None if m.idempotency_key is None else (m.conversation_id, m.idempotency_key)
         self.forwarding.add(run_id)
+        if key is not None:
+            self.keyed[key] = (run_id, m.content, m.agent, m.model)
         try:
             await self._forward(run_id)
         finally:
             self.forwarding.discard(run_id)
+            if key is not None and self.keyed.get(key, ("",))[0] == run_id:
+                del self.keyed[key]
 
     async def _forward(self, run_id: str) -> None:
         reader = EventReader(

@@ -180,7 +180,8 @@ def load_fleet_file(path: Path, *, base: Path | None = None) -> list[ServerSpec]
         if loc and loc[0] == "headers" and len(loc) > 1:
             loc = loc[:2]  # a header's name, never its value
         field_name = ".".join(str(p) for p in loc) or "server"
-        message = err["msg"] if field_name.startswith("headers") else _redact(err["msg"])
+        text = err["msg"].removeprefix("Value error, ")  # pydantic's, before our text
+        message = text if field_name.startswith("headers") else _redact(text)
         raise ConfigError(f"{where}: {what}: {field_name}: {message}",
                           variable="SERVICE_BACKENDS_FILE") from None
     base = base if base is not None else path.parent
