@@ -1,10 +1,13 @@
-"""Reading what the service streams (not a test module): SSE bodies, WebSocket messages."""
+"""Reading what the service streams (not a test module): SSE bodies, WebSocket messages, and
+the conversations they are about."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
+import httpx
 import trio
 from trio_websocket import WebSocketConnection
 
@@ -45,3 +48,35 @@ async def ws_reply(ws: WebSocketConnection) -> tuple[str, dict[str, Any]]:
         text = await ws.get_message()
     assert isinstance(text, str)
     return text, json.loads(text, parse_constant=refuse)
+
+
+def ended(msg: dict[str, Any]) -> bool:
+    """A run's last message on a WebSocket: its ``run.finished``, or an error reply."""
+    return msg["type"] in ("run.finished", "error")
+
+
+async def ws_send(ws: WebSocketConnection, **msg: Any) -> None:
+    """A ``message`` (a run to start) on the socket."""
+    await ws.send_message(json.dumps({"type": "message", **msg}))
+
+
+async def ws_until(ws: WebSocketConnection, last: Callable[[dict[str, Any]], bool] = ended,
+                   guard: float = 20.0) -> list[dict[str, Any]]:
+    """Every message up to the first that is ``last`` (by default a run's end), included."""
+    out: list[dict[str, Any]] = []
+    with trio.fail_after(guard):
+        while True:
+            _, msg = await ws_reply(ws)
+            out.append(msg)
+            if last(msg):
+                return out
+
+
+async def new_conversation(client: httpx.AsyncClient) -> str:
+    return str((await client.post("/api/conversations", json={})).json()["id"])
+
+
+async def stored_messages(client: httpx.AsyncClient, conv: str) -> list[tuple[str, str]]:
+    """A conversation's messages as the store has them: (role, content)."""
+    r = await client.get(f"/api/conversations/{conv}")
+    return [(m["role"], m["content"]) for m in r.json()["messages"]]

@@ -17,21 +17,11 @@ from service.settings import Settings
 
 from .fakes import Reply, ScriptedBackend
 from .servers import running_server
-from .streams import parse_sse
+from .streams import new_conversation, parse_sse
 
 pytestmark = pytest.mark.both_stores
 
 GUARD = 20  # seconds any wait may take before the test fails
-
-
-async def _conversation(client: httpx.AsyncClient) -> str:
-    return str((await client.post("/api/conversations", json={})).json()["id"])
-
-
-async def _until(predicate: object, what: str) -> None:
-    """Poll ``predicate()`` (bounded by the caller's fail_after)."""
-    while not predicate():  # type: ignore[operator]  # noqa: ASYNC110 (no event to wait on)
-        await trio.sleep(0.01)
 
 
 async def test_a_replayed_failure_keeps_the_first_ones_retry_headers(settings: Settings) -> None:
@@ -52,7 +42,7 @@ async def test_a_replayed_failure_keeps_the_first_ones_retry_headers(settings: S
         lost: list[str] = []
         with trio.fail_after(GUARD):
             for n, header in enumerate(("Retry-After", "x-should-retry")):
-                conv = await _conversation(client)
+                conv = await new_conversation(client)
                 url, key = f"/api/conversations/{conv}/messages", {"Idempotency-Key": f"k{n}"}
                 first = await client.post(url, json={"content": "q"}, headers=key)
                 again = await client.post(url, json={"content": "q"}, headers=key)
@@ -85,7 +75,7 @@ async def test_a_replay_is_not_refused_by_the_run_limit_its_own_run_fills(
     body = {"content": "q", "stream": True, "on_disconnect": "continue"}
     key = {"Idempotency-Key": "lost-connection"}
     async with running_server(limited, backend) as srv, srv.client() as client:
-        conv = await _conversation(client)
+        conv = await new_conversation(client)
         url = f"/api/conversations/{conv}/messages"
         with trio.fail_after(GUARD):
             async with client.stream("POST", url, json=body, headers=key) as resp:
@@ -132,7 +122,7 @@ async def test_a_retry_after_a_shutdown_503_is_not_told_a_final_409(settings: Se
                     running_server(quick, backend) as srv):
             # (leaving: the server shuts down first, then the first request is awaited)
             client = await stack.enter_async_context(srv.client())
-            conv = await _conversation(client)
+            conv = await new_conversation(client)
             url = f"/api/conversations/{conv}/messages"
 
             async def first() -> None:
@@ -140,7 +130,7 @@ async def test_a_retry_after_a_shutdown_503_is_not_told_a_final_409(settings: Se
                     url, json={"content": "q", "on_disconnect": "continue"}, headers=key))
 
             nursery.start_soon(first)
-            await _until(lambda: len(backend.streams) == 1, "the run's upstream call")
+            await backend.wait_stream(0)  # the run's upstream call
             # Leaving the block shuts the server down while the run goes on.
         first_answer = answers[0]
         assert first_answer.status_code == 503, first_answer.text
@@ -162,7 +152,7 @@ async def test_a_replaying_client_leaving_cancels_nothing_and_pruned_events_stil
     backend = ScriptedBackend([Reply(words, gap=0.05)])
     key = {"Idempotency-Key": "k"}
     async with running_server(settings, backend) as srv, srv.client() as client:
-        conv = await _conversation(client)
+        conv = await new_conversation(client)
         url = f"/api/conversations/{conv}/messages"
         with trio.fail_after(GUARD):
             for body in ({"content": "q", "stream": True, "on_disconnect": "continue"},

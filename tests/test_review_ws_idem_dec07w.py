@@ -6,48 +6,28 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import httpx
 import pytest
 import trio
-from trio_websocket import WebSocketConnection, open_websocket_url
+from trio_websocket import open_websocket_url
 
 from service.errors import StoreUnavailable
 from service.settings import Settings
 
 from .fakes import Reply, ScriptedBackend
 from .servers import running_server
-from .streams import parse_sse, ws_reply, ws_url
+from .streams import (
+    new_conversation,
+    parse_sse,
+    stored_messages,
+    ws_reply,
+    ws_send,
+    ws_until,
+    ws_url,
+)
 
 pytestmark = pytest.mark.both_stores
 
 GUARD = 20
-
-
-async def _conversation(client: httpx.AsyncClient) -> str:
-    return str((await client.post("/api/conversations", json={})).json()["id"])
-
-
-async def _messages(client: httpx.AsyncClient, conv: str) -> list[tuple[str, str]]:
-    r = await client.get(f"/api/conversations/{conv}")
-    return [(m["role"], m["content"]) for m in r.json()["messages"]]
-
-
-async def _send(ws: WebSocketConnection, **msg: Any) -> None:
-    await ws.send_message(json.dumps({"type": "message", **msg}))
-
-
-async def _until(ws: WebSocketConnection, pred: Any) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    with trio.fail_after(GUARD):
-        while True:
-            _, msg = await ws_reply(ws)
-            out.append(msg)
-            if pred(msg):
-                return out
-
-
-def _finished(msg: dict[str, Any]) -> bool:
-    return msg["type"] in ("run.finished", "error")
 
 
 async def test_a_repeat_of_a_run_the_socket_is_forwarding_is_not_refused_when_its_32_slots_are_full(
@@ -62,11 +42,11 @@ async def test_a_repeat_of_a_run_the_socket_is_forwarding_is_not_refused_when_it
     backend = ScriptedBackend([Reply("w", hang_after=1) for _ in range(n)])
     roomy = settings.model_copy(update={"max_runs": 64})
     async with running_server(roomy, backend) as srv, srv.client() as client:
-        convs = [await _conversation(client) for _ in range(n)]
+        convs = [await new_conversation(client) for _ in range(n)]
         async with open_websocket_url(ws_url(srv)) as ws:
             for i, conv in enumerate(convs):
-                await _send(ws, conversation_id=conv, content="q", idempotency_key=f"k{i}",
-                            on_disconnect="cancel")
+                await ws_send(ws, conversation_id=conv, content="q", idempotency_key=f"k{i}",
+                              on_disconnect="cancel")
             tokens: set[str] = set()
             with trio.fail_after(GUARD):
                 while len(tokens) < n:
@@ -75,12 +55,12 @@ async def test_a_repeat_of_a_run_the_socket_is_forwarding_is_not_refused_when_it
                     if msg["type"] == "token":
                         tokens.add(msg["run_id"])
             # Resend the first one, then stop it: what comes up to its end.
-            await _send(ws, conversation_id=convs[0], content="q", idempotency_key="k0")
+            await ws_send(ws, conversation_id=convs[0], content="q", idempotency_key="k0")
             r = await client.get(f"/api/conversations/{convs[0]}")
             run0 = r.json()["messages"][0]["run_id"]
             await ws.send_message(json.dumps({"type": "cancel", "run_id": run0}))
-            got = await _until(ws, lambda m: m.get("run_id") == run0
-                               and m["type"] == "run.finished")
+            got = await ws_until(ws, lambda m: m.get("run_id") == run0
+                                 and m["type"] == "run.finished")
             assert [m for m in got if m["type"] == "error"] == []
             assert [m for m in got if m["type"] == "run.started"] == []
 
@@ -90,14 +70,14 @@ async def test_the_replaying_sockets_leaving_does_not_cancel_the_first_sockets_r
     # Passing: the run keeps the first's on_disconnect ("cancel" here, its socket open).
     backend = ScriptedBackend([Reply("a b c d e f g h", gap=0.05)])
     async with running_server(settings, backend) as srv, srv.client() as client:
-        conv = await _conversation(client)
+        conv = await new_conversation(client)
         msg = {"conversation_id": conv, "content": "q", "idempotency_key": "k"}
         async with open_websocket_url(ws_url(srv)) as first:
-            await _send(first, **msg)
+            await ws_send(first, **msg)
             async with open_websocket_url(ws_url(srv)) as again:
-                await _send(again, **msg)
-                await _until(again, lambda m: m["type"] == "token")
-            events = await _until(first, _finished)
+                await ws_send(again, **msg)
+                await ws_until(again, lambda m: m["type"] == "token")
+            events = await ws_until(first)
         assert events[-1]["data"]["status"] == "succeeded"
         assert len(backend.streams) == 1
         assert not backend.streams[0].cancelled
@@ -107,17 +87,17 @@ async def test_a_cancel_from_the_replaying_socket_stops_the_run(settings: Settin
     # Passing: the replaying socket's cancel reaches the run (not in its own map).
     backend = ScriptedBackend([Reply("a b c", hang_after=1)])
     async with running_server(settings, backend) as srv, srv.client() as client:
-        conv = await _conversation(client)
+        conv = await new_conversation(client)
         msg = {"conversation_id": conv, "content": "q", "idempotency_key": "k",
                "on_disconnect": "continue"}
         async with open_websocket_url(ws_url(srv)) as first:
-            await _send(first, **msg)
-            run_id = (await _until(first, lambda m: m["type"] == "token"))[0]["run_id"]
+            await ws_send(first, **msg)
+            run_id = (await ws_until(first, lambda m: m["type"] == "token"))[0]["run_id"]
         async with open_websocket_url(ws_url(srv)) as again:
-            await _send(again, **msg)
-            await _until(again, lambda m: m["type"] == "token")
+            await ws_send(again, **msg)
+            await ws_until(again, lambda m: m["type"] == "token")
             await again.send_message(json.dumps({"type": "cancel", "run_id": run_id}))
-            events = await _until(again, _finished)
+            events = await ws_until(again)
         assert events[-1]["type"] == "run.finished"
         assert events[-1]["data"]["status"] == "cancelled"
 
@@ -126,15 +106,15 @@ async def test_a_key_begun_over_http_is_replayed_on_the_socket(settings: Setting
     # Passing: HTTP first (streamed, on_disconnect continue), then the socket: the same run.
     backend = ScriptedBackend([Reply("one two", gap=0.02), Reply("second!")])
     async with running_server(settings, backend) as srv, srv.client() as client:
-        conv = await _conversation(client)
+        conv = await new_conversation(client)
         r = await client.post(f"/api/conversations/{conv}/messages",
                               json={"content": "q", "stream": True},
                               headers={"Idempotency-Key": "h"})
         run_id = r.headers["X-Run-Id"]
         frames = parse_sse(r.text)
         async with open_websocket_url(ws_url(srv)) as ws:
-            await _send(ws, conversation_id=conv, content="q", idempotency_key="h")
-            events = await _until(ws, _finished)
+            await ws_send(ws, conversation_id=conv, content="q", idempotency_key="h")
+            events = await ws_until(ws)
         assert {e["run_id"] for e in events} == {run_id}
         assert [e["id"] for e in events] == [int(f["id"]) for f in frames]
         assert len(backend.streams) == 1
@@ -146,11 +126,11 @@ async def test_a_store_failure_in_the_replays_get_run_is_an_error_reply(
     # the socket stays open and serves the next message.
     backend = ScriptedBackend([Reply("first"), Reply("next")])
     async with running_server(settings, backend) as srv, srv.client() as client:
-        conv = await _conversation(client)
+        conv = await new_conversation(client)
         store = srv.services.require_store()
         async with open_websocket_url(ws_url(srv)) as ws:
-            await _send(ws, conversation_id=conv, content="q", idempotency_key="k")
-            await _until(ws, _finished)
+            await ws_send(ws, conversation_id=conv, content="q", idempotency_key="k")
+            await ws_until(ws)
             real = store.get_run
 
             async def failing(*a: Any, **kw: Any) -> Any:
@@ -158,15 +138,15 @@ async def test_a_store_failure_in_the_replays_get_run_is_an_error_reply(
 
             store.get_run = failing  # type: ignore[method-assign]
             try:
-                await _send(ws, conversation_id=conv, content="q", idempotency_key="k")
+                await ws_send(ws, conversation_id=conv, content="q", idempotency_key="k")
                 _, reply = await ws_reply(ws)
             finally:
                 store.get_run = real  # type: ignore[method-assign]
             assert reply["type"] == "error"
             assert reply["error"]["type"] == "store_unavailable"
             assert reply["request"]["idempotency_key"] == "k"
-            await _send(ws, conversation_id=conv, content="again", idempotency_key="k2")
-            events = await _until(ws, _finished)
+            await ws_send(ws, conversation_id=conv, content="again", idempotency_key="k2")
+            events = await ws_until(ws)
         assert events[-1]["data"]["status"] == "succeeded"
 
 
@@ -176,7 +156,7 @@ async def test_another_keys_conversation_is_not_found_on_the_socket_whatever_the
     keyed = settings.model_copy(update={"api_keys": ("key-a", "key-b")})
     async with running_server(keyed) as srv, \
             srv.client(headers={"Authorization": "Bearer key-a"}) as a:
-        conv = await _conversation(a)
+        conv = await new_conversation(a)
         r = await a.post(f"/api/conversations/{conv}/messages", json={"content": "secret"},
                          headers={"Idempotency-Key": "k"})
         assert r.status_code == 200
@@ -184,13 +164,13 @@ async def test_another_keys_conversation_is_not_found_on_the_socket_whatever_the
         async with open_websocket_url(
                 ws_url(srv), extra_headers=[(b"Authorization", b"Bearer key-b")]) as ws:
             for content in ("secret", "other"):
-                await _send(ws, conversation_id=conv, content=content,
-                            idempotency_key="k")
+                await ws_send(ws, conversation_id=conv, content=content,
+                              idempotency_key="k")
                 text, reply = await ws_reply(ws)
                 assert reply["type"] == "error"
                 assert reply["error"]["type"] == "not_found", reply
                 assert run_id not in text
-        assert [m for m in await _messages(a, conv) if m[0] == "user"] == [("user", "secret")]
+        assert [m for m in await stored_messages(a, conv) if m[0] == "user"] == [("user", "secret")]
 
 
 async def test_the_key_validation_message_says_what_the_http_one_says(
@@ -200,9 +180,9 @@ async def test_the_key_validation_message_says_what_the_http_one_says(
     ``Value error, `` prefix leaks into the message. It should read as the HTTP one does
     (``Idempotency-Key must be 1 to 255 printable ASCII characters``), without the prefix.)"""
     async with running_server(settings) as srv, srv.client() as client:
-        conv = await _conversation(client)
+        conv = await new_conversation(client)
         async with open_websocket_url(ws_url(srv)) as ws:
-            await _send(ws, conversation_id=conv, content="q", idempotency_key="")
+            await ws_send(ws, conversation_id=conv, content="q", idempotency_key="")
             _, reply = await ws_reply(ws)
         assert reply["error"]["message"] == (
             "idempotency_key: must be 1 to 255 printable ASCII characters"), reply
@@ -230,17 +210,17 @@ async def test_a_replay_on_another_socket_while_the_first_is_being_begun_gets_th
         settings: Settings) -> None:
     backend = ScriptedBackend([Reply("one two three", gap=0.02), Reply("second!")])
     async with running_server(settings, backend) as srv, srv.client() as client:
-        conv = await _conversation(client)
+        conv = await new_conversation(client)
         committed = _slow_first_begin(srv, 0.5)
         msg = {"conversation_id": conv, "content": "q", "idempotency_key": "k"}
         async with open_websocket_url(ws_url(srv)) as first, \
                 open_websocket_url(ws_url(srv)) as again:
-            await _send(first, **msg)
+            await ws_send(first, **msg)
             with trio.fail_after(GUARD):
                 await committed.wait()
-            await _send(again, **msg)
-            replayed = await _until(again, _finished)
-            original = await _until(first, _finished)
+            await ws_send(again, **msg)
+            replayed = await ws_until(again)
+            original = await ws_until(first)
         assert replayed == original
         assert replayed[-1]["data"]["status"] == "succeeded"
         assert [e["id"] for e in replayed] == list(range(1, len(replayed) + 1))
@@ -251,18 +231,18 @@ async def test_a_socket_sending_the_message_twice_while_it_is_being_begun_gets_i
         settings: Settings) -> None:
     backend = ScriptedBackend([Reply("one two three", gap=0.02), Reply("second!")])
     async with running_server(settings, backend) as srv, srv.client() as client:
-        conv = await _conversation(client)
+        conv = await new_conversation(client)
         committed = _slow_first_begin(srv, 0.5)
         msg = {"conversation_id": conv, "content": "q", "idempotency_key": "k"}
         async with open_websocket_url(ws_url(srv)) as ws:
-            await _send(ws, **msg)
+            await ws_send(ws, **msg)
             with trio.fail_after(GUARD):
                 await committed.wait()
-            await _send(ws, **msg)
-            events = await _until(ws, _finished)
-            other = await _conversation(client)
-            await _send(ws, conversation_id=other, content="after")
-            after = await _until(ws, _finished)
+            await ws_send(ws, **msg)
+            events = await ws_until(ws)
+            other = await new_conversation(client)
+            await ws_send(ws, conversation_id=other, content="after")
+            after = await ws_until(ws)
         assert [e["id"] for e in events] == list(range(1, len(events) + 1))
         assert events[-1]["data"]["status"] == "succeeded"
         assert after[0]["type"] == "run.started", after
@@ -278,20 +258,20 @@ async def test_a_replay_of_another_instances_run_then_this_ones_shutdown_closes_
 
     backend_a = ScriptedBackend([Reply("one two three four five six seven eight", gap=0.1)])
     async with running_server(settings, backend_a) as a, a.client() as client:
-        conv = await _conversation(client)
+        conv = await new_conversation(client)
         msg = {"conversation_id": conv, "content": "q", "idempotency_key": "k",
                "on_disconnect": "continue"}
         async with open_websocket_url(ws_url(a)) as first:
-            await _send(first, **msg)
-            await _until(first, lambda m: m["type"] == "token")
+            await ws_send(first, **msg)
+            await ws_until(first, lambda m: m["type"] == "token")
             seen: list[dict[str, Any]] = []
             closed: list[int | None] = []
 
             async def on_b(url: str,  # noqa: ASYNC114
                            task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
                 async with open_websocket_url(url) as ws:
-                    await _send(ws, **msg)
-                    seen.extend(await _until(ws, lambda m: m["type"] == "token"))
+                    await ws_send(ws, **msg)
+                    seen.extend(await ws_until(ws, lambda m: m["type"] == "token"))
                     task_status.started()
                     try:
                         while True:
@@ -315,7 +295,7 @@ async def test_a_replay_of_another_instances_run_then_this_ones_shutdown_closes_
                     await nursery.start(on_b, ws_url(b))  # noqa: ASYNC111
             assert closed == [1001], (closed, seen[-3:])
             assert seen[0]["type"] == "run.started"
-            events = await _until(first, _finished)
+            events = await ws_until(first)
         assert events[-1]["data"]["status"] == "succeeded"
         assert len(backend_a.streams) == 1
 
@@ -331,10 +311,10 @@ async def test_a_key_with_outer_spaces_is_the_same_key_on_the_socket_and_over_ht
     trim it, so that one key names one run on both transports.)"""
     backend = ScriptedBackend([Reply("the answer"), Reply("a second generation")])
     async with running_server(settings, backend) as srv, srv.client() as client:
-        conv = await _conversation(client)
+        conv = await new_conversation(client)
         async with open_websocket_url(ws_url(srv)) as ws:
-            await _send(ws, conversation_id=conv, content="q", idempotency_key="k ")
-            events = await _until(ws, _finished)
+            await ws_send(ws, conversation_id=conv, content="q", idempotency_key="k ")
+            events = await ws_until(ws)
         if events[-1]["type"] == "error":  # refused on the socket: the right behaviour
             assert events[-1]["error"]["type"] == "invalid_request"
             return
@@ -351,11 +331,11 @@ async def test_a_store_failure_in_run_of_key_is_an_error_reply(settings: Setting
     limited = settings.model_copy(update={"max_runs": 1})
     backend = ScriptedBackend([Reply("a b", hang_after=1)])
     async with running_server(limited, backend) as srv, srv.client() as client:
-        conv = await _conversation(client)
+        conv = await new_conversation(client)
         store = srv.services.require_store()
         async with open_websocket_url(ws_url(srv)) as ws:
-            await _send(ws, conversation_id=conv, content="busy")
-            busy = (await _until(ws, lambda m: m["type"] == "token"))[0]["run_id"]
+            await ws_send(ws, conversation_id=conv, content="busy")
+            busy = (await ws_until(ws, lambda m: m["type"] == "token"))[0]["run_id"]
             real = store.run_of_key
 
             async def failing(*a: Any, **kw: Any) -> Any:
@@ -363,7 +343,7 @@ async def test_a_store_failure_in_run_of_key_is_an_error_reply(settings: Setting
 
             store.run_of_key = failing  # type: ignore[method-assign]
             try:
-                await _send(ws, conversation_id=conv, content="q", idempotency_key="k")
+                await ws_send(ws, conversation_id=conv, content="q", idempotency_key="k")
                 _, reply = await ws_reply(ws)
             finally:
                 store.run_of_key = real  # type: ignore[method-assign]
@@ -371,5 +351,5 @@ async def test_a_store_failure_in_run_of_key_is_an_error_reply(settings: Setting
             assert reply["error"]["type"] == "store_unavailable", reply
             assert reply["request"]["idempotency_key"] == "k"
             await ws.send_message(json.dumps({"type": "cancel", "run_id": busy}))
-            events = await _until(ws, _finished)
+            events = await ws_until(ws)
         assert events[-1]["data"]["status"] == "cancelled"

@@ -13,26 +13,17 @@ from service.settings import Settings
 
 from ..fakes import Reply, ScriptedBackend
 from ..servers import running_server
-from ..streams import parse_sse
+from ..streams import new_conversation, parse_sse, stored_messages
 
 pytestmark = pytest.mark.both_stores
 
 GUARD = 20  # seconds any wait may take before the test fails
 
 
-async def _conversation(client: httpx.AsyncClient) -> str:
-    return str((await client.post("/api/conversations", json={})).json()["id"])
-
-
-async def _messages(client: httpx.AsyncClient, conv: str) -> list[tuple[str, str]]:
-    r = await client.get(f"/api/conversations/{conv}")
-    return [(m["role"], m["content"]) for m in r.json()["messages"]]
-
-
 async def test_a_repeated_request_gets_the_first_ones_result(settings: Settings) -> None:
     backend = ScriptedBackend([Reply("the one answer"), Reply("a second generation")])
     async with running_server(settings, backend) as srv, srv.client() as client:
-        conv = await _conversation(client)
+        conv = await new_conversation(client)
         url, key = f"/api/conversations/{conv}/messages", {"Idempotency-Key": "k-1"}
         first = await client.post(url, json={"content": "q"}, headers=key)
         assert first.status_code == 200, first.text
@@ -44,7 +35,8 @@ async def test_a_repeated_request_gets_the_first_ones_result(settings: Settings)
         assert again.json()["message"] == first.json()["message"]
         assert again.json()["run"]["status"] == "succeeded"
         assert len(backend.streams) == 1  # one generation upstream
-        assert await _messages(client, conv) == [("user", "q"), ("assistant", "the one answer")]
+        assert await stored_messages(client, conv) == [
+            ("user", "q"), ("assistant", "the one answer")]
         # The same key with another message: refused, nothing written.
         for other in ({"content": "another"}, {"content": "q", "agent": "react"},
                       {"content": "q", "model": "another-model"}):
@@ -55,9 +47,9 @@ async def test_a_repeated_request_gets_the_first_ones_result(settings: Settings)
         # Without a key, or with another, a new run as always.
         r = await client.post(url, json={"content": "q"}, headers={"Idempotency-Key": "k-2"})
         assert r.json()["message"]["content"] == "a second generation"
-        assert len(await _messages(client, conv)) == 4
+        assert len(await stored_messages(client, conv)) == 4
         # A key is the conversation's: on another one it begins a run there.
-        other = await _conversation(client)
+        other = await new_conversation(client)
         r = await client.post(f"/api/conversations/{other}/messages", json={"content": "q"},
                               headers=key)
         assert r.status_code == 200
@@ -72,7 +64,7 @@ async def test_a_stream_cut_and_asked_again_gets_every_event_of_the_one_run(
     body = {"content": "q", "stream": True, "on_disconnect": "continue"}
     headers = {"Idempotency-Key": "retry-me"}
     async with running_server(settings, backend) as srv, srv.client() as client:
-        conv = await _conversation(client)
+        conv = await new_conversation(client)
         url = f"/api/conversations/{conv}/messages"
         with trio.fail_after(GUARD):
             async with client.stream("POST", url, json=body, headers=headers) as resp:
@@ -94,14 +86,14 @@ async def test_a_stream_cut_and_asked_again_gets_every_event_of_the_one_run(
         tokens = "".join(f["data"]["text"] for f in frames if f["event"] == "token")
         assert tokens == "one two three four five six"
         assert len(backend.streams) == 1
-        assert await _messages(client, conv) == [
+        assert await stored_messages(client, conv) == [
             ("user", "q"), ("assistant", "one two three four five six")]
 
 
 async def test_two_requests_at_once_with_one_key_share_one_run(settings: Settings) -> None:
     backend = ScriptedBackend([Reply("only once", gap=0.02), Reply("twice!")])
     async with running_server(settings, backend) as srv, srv.client() as client:
-        conv = await _conversation(client)
+        conv = await new_conversation(client)
         url = f"/api/conversations/{conv}/messages"
         answers: list[httpx.Response] = []
 
@@ -117,7 +109,7 @@ async def test_two_requests_at_once_with_one_key_share_one_run(settings: Setting
         assert len({a.json()["run"]["id"] for a in answers}) == 1
         assert {a.json()["message"]["content"] for a in answers} == {"only once"}
         assert len(backend.streams) == 1
-        assert await _messages(client, conv) == [("user", "q"), ("assistant", "only once")]
+        assert await stored_messages(client, conv) == [("user", "q"), ("assistant", "only once")]
 
 
 async def test_a_request_repeated_after_its_run_ended_without_an_answer_asks_anew(
@@ -129,7 +121,7 @@ async def test_a_request_repeated_after_its_run_ended_without_an_answer_asks_ane
     backend = ScriptedBackend([Reply("par", fail_after=1, error=RuntimeError("boom")),
                                Reply("the answer")])
     async with running_server(settings, backend) as srv, srv.client() as client:
-        conv = await _conversation(client)
+        conv = await new_conversation(client)
         url, key = f"/api/conversations/{conv}/messages", {"Idempotency-Key": "k"}
         first = await client.post(url, json={"content": "q"}, headers=key)
         assert first.status_code >= 500, first.text
@@ -143,19 +135,19 @@ async def test_a_request_repeated_after_its_run_ended_without_an_answer_asks_ane
         assert third.headers["Idempotent-Replayed"] == "true"
         assert third.json()["message"] == again.json()["message"]
         assert len(backend.streams) == 2
-        assert [role for role, _ in await _messages(client, conv)] == [
+        assert [role for role, _ in await stored_messages(client, conv)] == [
             "user", "assistant", "user", "assistant"]
 
 
 @pytest.mark.parametrize("key", ["", "x" * 256, "caf\u00e9", "tab\there"])
 async def test_a_key_that_is_not_one_is_a_422(settings: Settings, key: str) -> None:
     async with running_server(settings) as srv, srv.client() as client:
-        conv = await _conversation(client)
+        conv = await new_conversation(client)
         r = await client.post(f"/api/conversations/{conv}/messages", json={"content": "q"},
                               headers={"Idempotency-Key": key.encode()})
         assert r.status_code == 422, r.text
         assert r.json()["error"]["field"] == "Idempotency-Key"
-        assert await _messages(client, conv) == []
+        assert await stored_messages(client, conv) == []
 
 
 async def test_another_owners_conversation_is_404_whatever_the_key(settings: Settings) -> None:
@@ -164,7 +156,7 @@ async def test_another_owners_conversation_is_404_whatever_the_key(settings: Set
         a = srv.client(headers={"Authorization": "Bearer key-a", "Idempotency-Key": "k"})
         b = srv.client(headers={"Authorization": "Bearer key-b", "Idempotency-Key": "k"})
         async with a, b:
-            conv = await _conversation(a)
+            conv = await new_conversation(a)
             assert (await a.post(f"/api/conversations/{conv}/messages",
                                  json={"content": "secret"})).status_code == 200
             r = await b.post(f"/api/conversations/{conv}/messages", json={"content": "secret"})
