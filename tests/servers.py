@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -30,6 +30,17 @@ from .fakes import ScriptedBackend
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository (hypercorn.toml, service/)
 EMBEDDED_ALIAS = "tiny"  # the tiny model's name on the embedded llama.cpp server (conftest)
+
+
+def commits_of(store: Any, *ops: str) -> Callable[[], bool]:
+    """For a ``before_commit`` hook on a running service's store, which commits on its own too
+    (the lease's renewal every 5 s on SQLite, upkeep, call records): a hook that held or
+    failed "the next commit" caught one of those at times (e1537a8). Returns ``holds()``, to
+    call in the hook: whether the transaction about to commit holds one of the writes ``ops``
+    (the store's names: "begin_run" for ``begin_run`` and ``write_run``,
+    "append_run_events", "finish_run", ...), as ``store.faults.committing`` names them."""
+    wanted = frozenset(ops)
+    return lambda: not wanted.isdisjoint(store.faults.committing)
 
 
 @dataclass

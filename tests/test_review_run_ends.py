@@ -25,6 +25,7 @@ from service.sim import Reply as SimReply
 from service.store.faults import InjectedFault
 
 from .e2e import EventStream, after_tokens, e2e
+from .servers import commits_of
 
 pytestmark = pytest.mark.both_stores
 
@@ -33,12 +34,17 @@ PROMPT = 1.0  # seconds within which a run whose client has gone must have stopp
 LONG = SimReply(tokens=2000, interval=0.02)  # a 40 s answer: it is still streaming throughout
 
 
-def _slow_commit() -> tuple[Callable[[], None], threading.Event, threading.Event]:
+def _slow_commit(
+    only: Callable[[], bool] | None = None,
+) -> tuple[Callable[[], None], threading.Event, threading.Event]:
     """A ``before_commit`` fault: the next commit blocks (a slow disk, a lock wait) until
-    ``release`` is set (at most 20 s); ``entered`` says it has begun."""
+    ``release`` is set (at most 20 s); ``entered`` says it has begun. ``only``: the commits
+    it holds (``servers.commits_of``), others land as usual."""
     entered, release = threading.Event(), threading.Event()
 
     def hook() -> None:
+        if only is not None and not only():
+            return
         entered.set()
         release.wait(20)
 
@@ -81,7 +87,8 @@ async def test_a_ws_client_that_leaves_stops_its_streaming_run_at_once_whatever_
         store: Any = env.server.services.require_store()
         sup = env.server.services.require_supervisor()
         url = env.server.url.replace("http://", "ws://") + "/api/ws"
-        hook, entered, release = _slow_commit()
+        # B's first write's commit only (not a lease renewal queued while writes are held).
+        hook, entered, release = _slow_commit(commits_of(store, "begin_run"))
         try:
             with trio.fail_after(GUARD):
                 async with open_websocket_url(url) as ws:
@@ -146,7 +153,9 @@ async def test_a_v1_client_that_leaves_during_a_slow_first_write_stops_the_upstr
     async with e2e(settings, "llamacpp") as env:
         env.sim.script(LONG)
         store: Any = env.server.services.require_store()
-        hook, entered, release = _slow_commit()
+        # The run's first write's commit only: one of the instance's own (its lease's
+        # renewal, every 5 s) held instead left that write queued, not committing.
+        hook, entered, release = _slow_commit(commits_of(store, "begin_run"))
         store.faults.before_commit = hook
         try:
             with trio.fail_after(GUARD):

@@ -6,7 +6,10 @@ the supervisor's retries): a test states the fault, not the store's insides.
 
 * ``before_commit``: called in the writer thread, inside each write transaction, just before
   COMMIT. Raising :class:`InjectedFault` there fails the whole batch as a failed COMMIT would;
-  blocking there holds the transaction open (a slow disk).
+  blocking there holds the transaction open (a slow disk). ``committing`` names, meanwhile,
+  the writes the transaction holds (the store's names: ``"begin_run"``, ``"append_run_events"``,
+  ...): a store inside a running service commits on its own too (its lease's renewal, upkeep,
+  call records), and a hook meant for one write tells it from those.
 * ``before_batch``: awaited in trio once a batch is taken, before its thread starts (shielded,
   like the batch): a writer stuck that long, with the batch's writes already taken.
 * ``before_read``: called in trio with the read's name (``"list_run_events"``, ...) before each
@@ -42,6 +45,8 @@ class StoreFaults:
         self.before_commit: Callable[[], None] | None = None
         self.before_batch: Callable[[], Awaitable[None]] | None = None
         self.before_read: Callable[[str], None] | None = None
+        # The writes of the transaction ``before_commit`` is called for (set only then).
+        self.committing: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         hooks = [n for n in ("before_commit", "before_batch", "before_read")

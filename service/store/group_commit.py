@@ -35,12 +35,14 @@ BATCH_WAIT = 60.0  # seconds a cancelled writer waits for the batch that took it
 
 
 class PendingWrite(Generic[C]):
-    """One queued write: its function, and its result or error once its batch has run."""
+    """One queued write: its function (and the store's name for it), and its result or error
+    once its batch has run."""
 
-    __slots__ = ("done", "error", "fn", "result", "taken")
+    __slots__ = ("done", "error", "fn", "op", "result", "taken")
 
-    def __init__(self, fn: Callable[[C], Any]) -> None:
+    def __init__(self, fn: Callable[[C], Any], op: str = "") -> None:
         self.fn = fn
+        self.op = op
         self.taken = False
         self.done = trio.Event()
         self.result: Any = None
@@ -60,9 +62,10 @@ class GroupCommit(Generic[C]):
         busy = "writing" if self.lock.locked() else "idle"
         return f"<GroupCommit [{busy}, {len(self.queue)} queued]>"
 
-    async def submit(self, fn: Callable[[C], Any]) -> PendingWrite[C]:
-        """Queue ``fn`` and return it once its batch has run (see its result or error)."""
-        item: PendingWrite[C] = PendingWrite(fn)
+    async def submit(self, fn: Callable[[C], Any], op: str = "") -> PendingWrite[C]:
+        """Queue ``fn`` (the write ``op``) and return it once its batch has run (see its result
+        or error)."""
+        item: PendingWrite[C] = PendingWrite(fn, op)
         self.queue.append(item)
         try:
             async with self.lock:

@@ -314,7 +314,7 @@ class PostgresStore(PostgresQueries):
         """Run ``fn`` in a transaction, grouped with the writes queued beside it (see the
         module docstring; the same queue and the same cancellation rules as SQLite's)."""
         start = time.perf_counter()
-        item = await self._commits.submit(fn)
+        item = await self._commits.submit(fn, op)
         self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
         if item.error is not None:
             raise item.error
@@ -341,6 +341,7 @@ class PostgresStore(PostgresQueries):
                   _explicit(conn, "BEGIN")):
                 result = fn(conn)  # its notifications are sent with it (not in a batch)
                 if self.faults.before_commit is not None:
+                    self.faults.committing = (op,)
                     self.faults.before_commit()
                 return result
 
@@ -404,6 +405,7 @@ class PostgresStore(PostgresQueries):
                 # One notification for the whole batch (delivered at its COMMIT).
                 send_notifications(conn, announced)
                 if self.faults.before_commit is not None:
+                    self.faults.committing = tuple(it.op for it in batch)
                     self.faults.before_commit()
             self.write_error = None
         except BaseException as exc:  # noqa: ASYNC103 (a worker thread: no trio.Cancelled here)

@@ -237,7 +237,7 @@ class SQLiteStore(SQLiteQueries):
         order (``Supervisor._start_new`` relies on it).
         """
         start = time.perf_counter()
-        item = await self._commits.submit(fn)
+        item = await self._commits.submit(fn, op)
         self._metrics.store_latency.labels(op).observe(time.perf_counter() - start)
         if item.error is not None:
             raise item.error
@@ -284,6 +284,7 @@ class SQLiteStore(SQLiteQueries):
                         it.error = _store_error(exc)
                     conn.execute("RELEASE w")
                 if self.faults.before_commit is not None:
+                    self.faults.committing = tuple(it.op for it in batch)
                     self.faults.before_commit()
                 conn.execute("COMMIT")
             except BaseException:

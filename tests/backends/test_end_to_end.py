@@ -21,6 +21,7 @@ from service.settings import Settings
 from service.sim import Reply
 
 from ..e2e import GUARD, KINDS, TERMINAL, Env, EventStream, after_tokens, e2e, read_events, tokens
+from ..servers import commits_of
 
 pytestmark = pytest.mark.both_stores  # the end-to-end tests run on both stores
 
@@ -660,7 +661,7 @@ async def test_v1_run_that_cannot_be_stored_answers_503_and_closes_its_upstream(
 @pytest.mark.parametrize(("endpoint", "on_disconnect"),
                          [("v1", "cancel"), ("native", "cancel"), ("native", "continue")])
 async def test_client_gone_while_its_run_is_being_stored(
-    settings: Settings, endpoint: str, on_disconnect: str, monkeypatch: pytest.MonkeyPatch,
+    settings: Settings, endpoint: str, on_disconnect: str,
 ) -> None:
     # The client leaves while the run's first write is in the store's thread: the write lands,
     # then the request is cancelled before its response (and the stream that would cancel the
@@ -673,20 +674,15 @@ async def test_client_gone_while_its_run_is_being_stored(
         env.sim.script(Reply(tokens=tokens, interval=0.02))
         conv = await env.conversation() if endpoint == "native" else ""
         store = env.server.services.require_store()
-        in_thread, proceed, armed = threading.Event(), threading.Event(), threading.Event()
-        # Armed by the run's first write only: a commit of the instance's own (its lease's
-        # renewal, every 5 s) held instead left the run unwritten (a flake in CI).
-        def arming(real: Any) -> Any:
-            async def write(*args: Any, **kw: Any) -> Any:
-                armed.set()
-                return await real(*args, **kw)
-            return write
-
-        for name in ("begin_run", "write_run"):
-            monkeypatch.setattr(store, name, arming(getattr(store, name)))
+        in_thread, proceed = threading.Event(), threading.Event()
+        # The run's first write's commit only: a commit of the instance's own (its lease's
+        # renewal, every 5 s) held instead left the run unwritten (a flake in CI). (Armed once
+        # begin_run/write_run was entered, a renewal already in the writer thread could still
+        # be the one held.)
+        runs_first_write = commits_of(store, "begin_run")
 
         def held_commit() -> None:  # in the writer thread, before COMMIT
-            if not armed.is_set() or in_thread.is_set():
+            if not runs_first_write() or in_thread.is_set():
                 return
             in_thread.set()
             proceed.wait(GUARD)

@@ -13,7 +13,7 @@ from service.lifespan import begin_shutdown
 from service.settings import Settings
 
 from ..fakes import Reply, ScriptedBackend
-from ..servers import running_server
+from ..servers import commits_of, running_server
 
 
 async def test_a_run_whose_first_write_lands_during_the_drain_ends_stored(
@@ -31,7 +31,13 @@ async def test_a_run_whose_first_write_lands_during_the_drain_ends_stored(
         async with srv.client() as c:
             conv = (await c.post("/api/conversations", json={})).json()["id"]
 
+        # The run's first write only: a commit of the instance's own (its lease's renewal,
+        # every 5 s) held instead let the drain begin before the run had asked to start.
+        runs_first_write = commits_of(store, "begin_run")
+
         def hold() -> None:  # in the writer thread, before COMMIT of the run's first write
+            if not runs_first_write():
+                return
             store.faults.before_commit = None
             entered.set()
             proceed.wait(30)

@@ -605,6 +605,24 @@ async def test_group_commit_isolates_a_failing_write(db: Path | str) -> None:
         assert sorted(m.content for m in await store.get_messages(conv.id)) == ["a", "c"]
 
 
+async def test_a_commit_hook_is_told_which_writes_it_commits(db: Path | str) -> None:
+    # ``faults.committing``: the writes of the transaction ``before_commit`` is called for, so a
+    # hook meant for one write is not caught by another (a lease's renewal in a running
+    # service): one write alone, and a group commit of several.
+    async with open_store(db) as store:
+        seen: list[tuple[str, ...]] = []
+        store.faults.before_commit = lambda: seen.append(store.faults.committing)
+        conv = await store.create_conversation()
+        await store.faults.hold_writes()
+        async with trio.open_nursery() as nursery:
+            for n in range(2):
+                nursery.start_soon(partial(store.append_message, conv.id, role="user",
+                                           content=f"m{n}"))
+            await trio.testing.wait_all_tasks_blocked()
+            store.faults.release_writes()
+        assert seen == [("create_conversation",), ("append_message", "append_message")]
+
+
 async def test_a_cancelled_writer_whose_write_was_batched_still_gets_its_answer(
     db: Path | str,
 ) -> None:
