@@ -32,9 +32,20 @@ def _app_from_env() -> QuartTrio:
     # naming its own.
     configure_logging(settings.log_level, settings.log_format,
                       pid=multiprocessing.parent_process() is not None)
-    for line in unknown_variables(os.environ):  # as ``python -m service`` says them
-        log.warning("%s", line)
+    if _says_for_every_worker():
+        for line in unknown_variables(os.environ):  # as ``python -m service`` says them
+            log.warning("%s", line)
     return create_app(settings)
+
+
+def _says_for_every_worker() -> bool:
+    """Whether this process says what is the same for every worker (the environment's unknown
+    variables): hypercorn's CLI with ``workers = N`` spawns N processes from one environment,
+    each building the app, and the same warning came N times. The first one spawned
+    (``SpawnProcess-1``) says it; a process of its own always."""
+    if multiprocessing.parent_process() is None:
+        return True
+    return multiprocessing.current_process().name == "SpawnProcess-1"
 
 
 app = _app_from_env()

@@ -79,6 +79,35 @@ async def test_hypercorn_cli_names_a_misspelt_setting_at_start(tmp_path: Path) -
     assert "SERVICE_API_KEY is not a setting" in theirs, theirs
 
 
+@pytest.mark.slow
+async def test_hypercorn_cli_with_workers_names_a_misspelt_setting_once(tmp_path: Path) -> None:
+    # ``workers = N`` under hypercorn's CLI: N spawned processes, one environment. The warning
+    # came once per worker (N times the same line); once is what is meant.
+    env = _env(tmp_path, SERVICE_API_KEY="meant-as-the-key")
+    log = tmp_path / "workers.log"
+    with log.open("wb") as sink:
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "hypercorn", "--config", str(ROOT / "hypercorn.toml"),
+             "--bind", "127.0.0.1:0", "--workers", "2", "service.app:app"],
+            cwd=ROOT, env=env, stdout=sink, stderr=sink)
+    try:
+        with trio.fail_after(GUARD):  # both workers serving: each has built its app
+            while len(re.findall(rb"Running on http://127\.0\.0\.1:\d+",
+                                 await trio.Path(log).read_bytes())) < 2:
+                assert proc.returncode is None, await trio.Path(log).read_text()
+                await trio.sleep(0.05)  # (a bounded poll of the log, not a timing assumption)
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(GUARD):
+            await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            with trio.CancelScope(shield=True), trio.move_on_after(GUARD):
+                await proc.wait()
+    text = await trio.Path(log).read_text()
+    assert text.count("SERVICE_API_KEY is not a setting") == 1, text
+
+
 # -- 2. hypercorn's CLI: its own lines again, not JSON ---------------------------------------
 
 
