@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterator
+from typing import Literal
 
 import trio
 from quart import Blueprint, Response, jsonify, request
@@ -313,43 +314,24 @@ async def run_events(run_id: str, query_args: RunEventsQuery) -> Response:
         if int(header) > after:
             after, field = int(header), "Last-Event-ID"
     try:
-        if after and run.status in ("queued", "running"):
-            checked = await _event_type(run, after)
-        elif after:
-            checked = await _where_in_the_end(run, after)
+        where = await rejoin_at(run, after)
     except ServiceError as exc:
         # Where the id is cannot be told now (the store refused the read): the stream says
         # so in a frame, as a failed re-read does, and the client re-joins later. Followed
         # blind, an id past the run's events gave a 200 that ended with no frame at all.
         return sse_response(_failed(exc))
-    if after and run.status in ("queued", "running"):
-        seen = checked
-        if seen is None:
-            await _still_there(run)  # (deleted meanwhile, its events with it: a 404)
-            # An id this run has not reached: no client can have seen it (an event is shown
-            # only once stored). Followed, the stream would wait for the run's end and then
-            # close without it (its run.finished comes before that id).
-            return json_error(422, "invalid_request",
-                              f"event {after} is past this run's events so far",
-                              field=field)
-        if seen == "run.finished":
-            # The run ended between the two reads (its final write landed): its client saw
-            # the end, as below (an empty 200 here made an EventSource reconnect once more).
-            return Response("", status=204)
-    if after and run.status not in ("queued", "running"):
-        where = checked
-        if where == "end":
-            # Its client saw run.finished. The HTML spec's EventSource stops reconnecting on a
-            # 204; on an empty 200 it would reconnect every few seconds forever.
-            return Response("", status=204)
-        if where == "past":
-            await _still_there(run)  # (deleted meanwhile, its events with it: a 404)
-            # Past the run's last event: no client saw it (another run's id, a stale or made-up
-            # one). A 204 would tell it that it had seen the end, and stop its EventSource
-            # for good without the events.
-            return json_error(422, "invalid_request",
-                              f"event {after} is past this run's last event",
-                              field=field)
+    if where == "end":
+        # Its client saw run.finished (also when the run ended between the two reads). The
+        # HTML spec's EventSource stops reconnecting on a 204; on an empty 200 it would
+        # reconnect every few seconds forever.
+        return Response("", status=204)
+    if where == "past":
+        await _still_there(run)  # (deleted meanwhile, its events with it: a 404)
+        # An id this run has not reached: no client can have seen it (an event is shown only
+        # once stored; another run's id, a stale or made-up one). Followed, the stream would
+        # wait for the run's end and then close without it; a 204 would tell an EventSource
+        # it had seen the end, and stop it for good without the events.
+        return json_error(422, "invalid_request", past_message(run, after), field=field)
     if request.method == "HEAD":
         # The stream's headers, and no body to run: its generator ran, for a response that
         # sends none, until the run's end, and held the connection that long.
@@ -365,6 +347,25 @@ async def _no_events() -> AsyncIterator[bytes]:
 
 async def _failed(exc: ServiceError) -> AsyncIterator[bytes]:
     yield sse_event(None, "error", exc.to_event())
+
+
+async def rejoin_at(run: RunRecord, after: int) -> Literal["follow", "end", "past"]:
+    """Where a re-join after event ``after`` of ``run`` stands: ``"follow"`` (its events after
+    it, then live ones), ``"end"`` (its client saw ``run.finished``: nothing more), ``"past"``
+    (no event the run has: no client was shown it; ``past_message`` says so). Raises what the
+    store raises."""
+    if not after:
+        return "follow"
+    if run.status in ("queued", "running"):
+        seen = await _event_type(run, after)
+        return "past" if seen is None else "end" if seen == "run.finished" else "follow"
+    where = await _where_in_the_end(run, after)
+    return "end" if where == "end" else "past" if where == "past" else "follow"
+
+
+def past_message(run: RunRecord, after: int) -> str:
+    live = run.status in ("queued", "running")
+    return f"event {after} is past this run's {'events so far' if live else 'last event'}"
 
 
 async def _still_there(run: RunRecord) -> None:

@@ -8,6 +8,11 @@ Client -> server::
                                     message sent again (on a new socket, after one was lost) gets
                                     the run the first began, its events from the first, on any
                                     instance: no second run, no second copy of the question
+    {"type": "join", "run_id", "after"?}
+                                    any run of the socket's key, its events after ``after`` (0)
+                                    then live ones, as GET /api/runs/{id}/events: a client whose
+                                    socket was lost resumes its runs on a new one; nothing for a
+                                    client that saw the run's end; never cancelled by the socket
     {"type": "cancel", "run_id"}    any run of the socket's key, as POST /api/runs/{id}/cancel:
                                     another worker's or instance's too; one that has ended is
                                     left as it is (no reply)
@@ -60,7 +65,7 @@ from .models import (
     NotFinite,
     strict_json_loads,
 )
-from .runs import IDEMPOTENCY_KEY, ask_to_stop
+from .runs import IDEMPOTENCY_KEY, ask_to_stop, past_message, rejoin_at
 from .state import current_owner, services
 
 log = get_logger("service.app")  # (the access lines' logger)
@@ -103,6 +108,13 @@ class WsMessage(JsonRequest):
         if value is not None and not IDEMPOTENCY_KEY.fullmatch(value):
             raise ValueError("must be 1 to 255 printable ASCII characters")
         return value
+
+
+class WsJoin(JsonRequest):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["join"]
+    run_id: str = Field(max_length=_ID_CHARS)
+    after: int = Field(0, ge=0, lt=2**63)
 
 
 class WsCancel(JsonRequest):
@@ -201,20 +213,17 @@ class _Session:
                         # events come once, and it takes no slot (a socket at its limit
                         # refused it as too_many_runs).
                         continue
-                    try:
-                        self.slots.acquire_nowait()
-                    except trio.WouldBlock:
-                        # Refused, not waited for: the loop must stay free for cancels.
-                        self.reply(_error_reply(TooManyRuns(
-                            f"{_RUNS_PER_SOCKET} runs are in flight on this socket; retry "
-                            "when one has ended").to_event(), msg))
-                        continue
-                    self.nursery.start_soon(self.start_run, m, msg)
+                    if self.take_slot(msg):
+                        self.nursery.start_soon(self.start_run, m, msg)
+                elif kind == "join":
+                    j = WsJoin.model_validate(msg)
+                    if j.run_id not in self.forwarding and self.take_slot(msg):
+                        self.nursery.start_soon(self.join, j, msg)
                 elif kind == "cancel":
                     await self.cancel(WsCancel.model_validate(msg), msg)
                 else:
-                    self.reply(_error("invalid_request", "type must be 'message' or 'cancel'",
-                                      msg))
+                    self.reply(_error("invalid_request",
+                                      "type must be 'message', 'join' or 'cancel'", msg))
             except ValidationError as exc:
                 first = exc.errors()[0]
                 field = field_name(first["loc"], "message")
@@ -222,6 +231,18 @@ class _Session:
                                   msg))
             except ServiceError as exc:
                 self.reply(_error_reply(exc.to_event(), msg))
+
+    def take_slot(self, request: Any) -> bool:
+        """One of the socket's places for a run being started or forwarded; refused (a reply),
+        not waited for: the receive loop must stay free for cancels."""
+        try:
+            self.slots.acquire_nowait()
+        except trio.WouldBlock:
+            self.reply(_error_reply(TooManyRuns(
+                f"{_RUNS_PER_SOCKET} runs are in flight on this socket; retry when one has "
+                "ended").to_event(), request))
+            return False
+        return True
 
     def sending_already(self, m: WsMessage) -> bool:
         if m.idempotency_key is None:
@@ -290,6 +311,28 @@ class _Session:
     async def start_run(self, m: WsMessage, request: Any) -> None:
         try:
             await self._start_run(m, request)
+        finally:
+            self.slots.release()
+            self._ended.set()
+
+    async def join(self, m: WsJoin, request: Any) -> None:
+        """A run's events after ``m.after``, as ``GET /api/runs/{id}/events`` re-joins it."""
+        try:
+            store = self.svc.require_store()
+            try:
+                run = await store.get_run(m.run_id, owner=self.owner)
+                where = await rejoin_at(run, m.after)
+                if where == "past":
+                    await store.get_run(m.run_id, owner=self.owner)  # (not deleted meanwhile)
+            except ServiceError as exc:
+                self.reply_from_task(_error_reply(exc.to_event(), request))
+                return
+            if where == "past":
+                self.reply_from_task(_error("invalid_request",
+                                            f"after: {past_message(run, m.after)}", request))
+            elif where == "follow":
+                await self.forward(m.run_id, after=m.after)
+            # ("end": its client saw the run's end; nothing more to send.)
         finally:
             self.slots.release()
             self._ended.set()
@@ -392,25 +435,26 @@ class _Session:
         finally:
             self.cancels.release()
 
-    async def forward(self, run_id: str, m: WsMessage) -> None:
+    async def forward(self, run_id: str, m: WsMessage | None = None, *, after: int = 0) -> None:
         if run_id in self.forwarding:
             # A message repeated on the socket that is sending its run (two sends of one
             # click): the events are on their way once, not twice.
             return
-        key = None if m.idempotency_key is None else (m.conversation_id, m.idempotency_key)
+        key = None if m is None or m.idempotency_key is None else (
+            m.conversation_id, m.idempotency_key)
         self.forwarding.add(run_id)
-        if key is not None:
+        if m is not None and key is not None:
             self.keyed[key] = (run_id, m.content, m.agent, m.model)
         try:
-            await self._forward(run_id)
+            await self._forward(run_id, after)
         finally:
             self.forwarding.discard(run_id)
             if key is not None and self.keyed.get(key, ("",))[0] == run_id:
                 del self.keyed[key]
 
-    async def _forward(self, run_id: str) -> None:
+    async def _forward(self, run_id: str, after: int) -> None:
         reader = EventReader(
-            run_id, after=0, store=self.svc.require_store(),
+            run_id, after=after, store=self.svc.require_store(),
             supervisor=self.svc.require_supervisor(), keepalive=3600.0,
         )
         try:
