@@ -28,14 +28,15 @@ refused as invalid JSON, as a browser's ``JSON.parse`` does, and every reply is 
 
 Shape: a receive loop and a send loop are sibling tasks in the handler's nursery; each run has a
 forwarder task there that reads the run's events and queues them for the send loop (a bounded
-channel: a slow socket slows only its forwarders, never a run). At most 32 runs are being started
-or forwarded per socket: more are refused (``too_many_runs``). The receive loop never waits on
-the send loop (cancels, and the socket's disconnect, come through it): its replies go in a queue
-of their own, sent ahead of the runs' events; a client that leaves ``_REPLY_QUEUE`` of them
-unsent reads nothing, and is closed (1008). When the socket drops, quart-trio
-cancels the handler: the nursery unwinds and runs started with ``on_disconnect: cancel`` (the
-default) are cancelled; ``continue`` runs go on and can be re-joined over SSE. At a shutdown,
-once the runs are drained and their ends forwarded, the socket is closed with 1001 Going Away.
+channel: a slow socket slows only its forwarders, never a run). At most 32 runs are being
+started or forwarded per socket: more are refused (``too_many_runs``). The receive loop never
+waits on the send loop (cancels, and the socket's disconnect, come through it): its replies go
+in a queue of their own, sent ahead of the runs' events; a client that leaves ``_REPLY_QUEUE``
+of them unsent reads nothing, and is closed (1008). When the socket drops, quart-trio cancels
+the handler: the nursery unwinds and runs started with ``on_disconnect: cancel`` (the default)
+are cancelled; ``continue`` runs go on and can be re-joined (``join`` on a new socket, or SSE).
+At a shutdown, once the runs are drained and their ends forwarded, the socket is closed with
+1001 Going Away.
 """
 
 from __future__ import annotations
