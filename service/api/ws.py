@@ -155,9 +155,9 @@ class _Session:
                  token_expires: float | None = None) -> None:
         self.svc = svc
         self.owner = owner
-        # Opened with a short-lived token (?access_token=): no run is started past its expiry
-        # (a URL replayed from a log within its 5 minutes gave a session with no end); cancels
-        # and the runs already started go on, as an SSE stream opened with one does.
+        # Opened with a short-lived token (?access_token=): no run is started or joined past
+        # its expiry (a URL replayed from a log within its 5 minutes gave a session with no
+        # end); cancels and the runs already sent go on, as an SSE stream opened with one does.
         self.token_expires = token_expires
         self.nursery = nursery
         self.send = send
@@ -204,10 +204,7 @@ class _Session:
                     # forwarders stuck on its full queue: its refusals fill its reply queue,
                     # and then it is closed (``reply``).
                     m = WsMessage.model_validate(msg)
-                    if self.token_expires is not None and time.time() >= self.token_expires:
-                        self.reply(_error(
-                            "unauthorized", "the token this socket was opened with expired: "
-                            "open it again with a new one (POST /api/tokens)", msg))
+                    if self.expired(msg):
                         continue
                     if self.sending_already(m):
                         # A repeat of a keyed message whose run this socket is sending: its
@@ -218,6 +215,8 @@ class _Session:
                         self.nursery.start_soon(self.start_run, m, msg)
                 elif kind == "join":
                     j = WsJoin.model_validate(msg)
+                    if self.expired(msg):
+                        continue
                     if j.run_id not in self.forwarding and self.take_slot(msg):
                         self.nursery.start_soon(self.join, j, msg)
                 elif kind == "cancel":
@@ -232,6 +231,14 @@ class _Session:
                                   msg))
             except ServiceError as exc:
                 self.reply(_error_reply(exc.to_event(), msg))
+
+    def expired(self, request: Any) -> bool:
+        """Opened with a token now expired: no run is started or joined (refused)."""
+        if self.token_expires is None or time.time() < self.token_expires:
+            return False
+        self.reply(_error("unauthorized", "the token this socket was opened with expired: "
+                          "open it again with a new one (POST /api/tokens)", request))
+        return True
 
     def take_slot(self, request: Any) -> bool:
         """One of the socket's places for a run being started or forwarded; refused (a reply),
