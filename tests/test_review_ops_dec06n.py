@@ -28,16 +28,17 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-async def _start_and_stop(argv: list[str], env: dict[str, str], log: Path) -> str:
-    """Start ``argv`` (a server printing "Running on ..."), wait until it serves, SIGTERM it,
-    wait for its exit; its whole log."""
+async def _start_and_stop(argv: list[str], env: dict[str, str], log: Path,
+                          serving: int = 1) -> str:
+    """Start ``argv`` (a server printing "Running on ..."), wait until it serves (``serving``
+    such lines: one per worker), SIGTERM it, wait for its exit; its whole log."""
     with log.open("wb") as sink:
         proc = await trio.lowlevel.open_process(argv, cwd=ROOT, env=env, stdout=sink,
                                                 stderr=sink)
     try:
         with trio.fail_after(GUARD):
-            while re.search(rb"Running on http://127\.0\.0\.1:\d+",
-                            await trio.Path(log).read_bytes()) is None:
+            while len(re.findall(rb"Running on http://127\.0\.0\.1:\d+",
+                                 await trio.Path(log).read_bytes())) < serving:
                 assert proc.returncode is None, await trio.Path(log).read_text()
                 await trio.sleep(0.05)  # (a bounded poll of the log, not a timing assumption)
         proc.send_signal(signal.SIGTERM)
@@ -84,27 +85,10 @@ async def test_hypercorn_cli_with_workers_names_a_misspelt_setting_once(tmp_path
     # ``workers = N`` under hypercorn's CLI: N spawned processes, one environment. The warning
     # came once per worker (N times the same line); once is what is meant.
     env = _env(tmp_path, SERVICE_API_KEY="meant-as-the-key")
-    log = tmp_path / "workers.log"
-    with log.open("wb") as sink:
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "hypercorn", "--config", str(ROOT / "hypercorn.toml"),
-             "--bind", "127.0.0.1:0", "--workers", "2", "service.app:app"],
-            cwd=ROOT, env=env, stdout=sink, stderr=sink)
-    try:
-        with trio.fail_after(GUARD):  # both workers serving: each has built its app
-            while len(re.findall(rb"Running on http://127\.0\.0\.1:\d+",
-                                 await trio.Path(log).read_bytes())) < 2:
-                assert proc.returncode is None, await trio.Path(log).read_text()
-                await trio.sleep(0.05)  # (a bounded poll of the log, not a timing assumption)
-        proc.send_signal(signal.SIGTERM)
-        with trio.fail_after(GUARD):
-            await proc.wait()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            with trio.CancelScope(shield=True), trio.move_on_after(GUARD):
-                await proc.wait()
-    text = await trio.Path(log).read_text()
+    text = await _start_and_stop(  # both workers serving: each has built its app
+        [sys.executable, "-m", "hypercorn", "--config", str(ROOT / "hypercorn.toml"),
+         "--bind", "127.0.0.1:0", "--workers", "2", "service.app:app"], env,
+        tmp_path / "workers.log", serving=2)
     assert text.count("SERVICE_API_KEY is not a setting") == 1, text
 
 
