@@ -50,7 +50,7 @@ import trio
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 from quart import Blueprint, g, websocket
 
-from ..errors import AlreadyBegun, ServiceError, TooManyRuns
+from ..errors import AlreadyBegun, ServiceError, ShuttingDown, TooManyRuns
 from ..logs import get_logger
 from ..runs import RunHandle, RunSpec
 from ..runs.reader import EventReader, Keepalive
@@ -242,7 +242,16 @@ class _Session:
 
     def take_slot(self, request: Any) -> bool:
         """One of the socket's places for a run being started or forwarded; refused (a reply),
-        not waited for: the receive loop must stay free for cancels."""
+        not waited for: the receive loop must stay free for cancels.
+
+        Refused once the runs are drained (a shutdown): the socket is closed with 1001 when the
+        runs in flight on it have ended, and a client re-joining on and on kept one in flight
+        at every moment (then the graceful timeout cut it: a 1006)."""
+        if self.svc.drained.is_set():
+            self.reply(_error_reply(ShuttingDown(
+                "the service is shutting down: send it again once it is back, or to another "
+                "instance").to_event(), request))
+            return False
         try:
             self.slots.acquire_nowait()
         except trio.WouldBlock:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import trio
-from trio_websocket import WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from service.settings import Settings
 
@@ -131,3 +131,51 @@ async def test_a_join_the_socket_cannot_follow_is_an_error_reply(settings: Setti
             _, reply = await ws_reply(ws)
             assert reply["error"]["type"] == "not_found", reply
             assert "the answer" not in json.dumps(reply)
+
+
+async def test_joins_sent_on_through_a_shutdown_do_not_hold_the_socket_open(
+        settings: Settings) -> None:
+    # Once the runs are drained, the socket is closed with 1001 when its joins in flight have
+    # ended. A client re-joining its runs from their start again and again (a reconnect loop
+    # gone wrong) kept a join in flight at every moment: the 1001 never came, and hypercorn's
+    # graceful timeout cut the connection (a 1006, which a client takes for a network failure).
+    # Now a join (or message) once the runs are drained is refused as shutting_down, and the
+    # socket is closed once the joins already in flight have ended.
+    backend = ScriptedBackend(lambda req: Reply("tick " * 300))
+    refused: list[dict[str, Any]] = []
+    closed: list[int | None] = []
+    with trio.fail_after(GUARD):
+        # The nursery outlives the server: it shuts down while the client joins on.
+        async with trio.open_nursery() as nursery, running_server(  # noqa: ASYNC112
+                settings, backend, graceful_timeout=8) as srv, srv.client() as client:
+            runs = []
+            for _ in range(20):
+                conv = await new_conversation(client)
+                r = await client.post(f"/api/conversations/{conv}/messages",
+                                      json={"content": "q"})
+                runs.append(r.json()["run"]["id"])
+
+            async def rejoiner(  # noqa: ASYNC114
+                    task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                async with open_websocket_url(ws_url(srv)) as ws:
+                    for run_id in runs:
+                        await _join(ws, run_id)
+                    task_status.started()
+                    try:
+                        while True:
+                            m = json.loads(await ws.get_message())
+                            if m["type"] == "run.finished" and not refused:
+                                await _join(ws, m["run_id"])  # and again, from the start
+                            elif m["type"] == "error":
+                                # Told of the shutdown: it sends nothing more (a client still
+                                # sending when the socket closes has its close frame lost to a
+                                # TCP reset: a 1006 whatever the server did).
+                                refused.append(m)
+                    except ConnectionClosed as exc:
+                        closed.append(exc.reason.code if exc.reason else None)
+
+            await nursery.start(rejoiner)
+    assert closed == [1001], (closed, refused[-1:])
+    assert refused, "no join was refused"
+    assert {m["error"]["type"] for m in refused} == {"shutting_down"}, refused[-1]
+    assert {m["request"]["run_id"] for m in refused} <= set(runs)
