@@ -83,6 +83,7 @@ _ECHOED = ("type", "conversation_id", "run_id", "idempotency_key")
 _ECHO_CHARS = 200  # ... each cut to this length
 _ID_CHARS = 200  # an id longer than this is refused (a not_found would carry it back whole)
 _CLOSE_WAIT = 5.0  # seconds a closing socket waits for its close frame to be written
+_CLOSE_REPLY_WAIT = 1.0  # seconds a socket closed at a shutdown waits for the client's close
 _GOING_AWAY: dict[str, Any] = {}  # queued last on a shutdown: the send loop closes with 1001
 _REPLY_QUEUE = 64  # replies to a client's own messages not yet sent: past it, it reads nothing
 
@@ -174,6 +175,7 @@ class _Session:
         self.replies: deque[dict[str, Any]] = deque()
         self._waiting: trio.CancelScope | None = None  # the send loop's wait for an event
         self.not_reading = False  # its replies piled up unsent: it is closed (1008)
+        self.closed = False  # its close (1001) is sent: the client's close is waited for
 
     async def receive_loop(self) -> None:
         limit = self.svc.settings.max_body_bytes
@@ -274,7 +276,9 @@ class _Session:
         over through a queue this loop drains: waiting here on a peer that reads nothing held
         that disconnect, and with it every run of the socket, for good). Replies go first,
         ahead of the runs' events; a client that leaves ``_REPLY_QUEUE`` of them unsent reads
-        nothing: it is closed (``NotReading``)."""
+        nothing: it is closed (``NotReading``). Once the socket's close is sent, none is."""
+        if self.closed:
+            return
         if len(self.replies) >= _REPLY_QUEUE:
             raise NotReading
         self.replies.append(msg)
@@ -321,6 +325,13 @@ class _Session:
                     await _send(self.replies.popleft())
                 with trio.move_on_after(_CLOSE_WAIT):
                     await websocket.close(1001, "the service is shutting down")
+                self.closed = True
+                # The client's close frame ends the handler (quart-trio cancels it on the
+                # disconnect), and hypercorn then closes the connection (RFC 6455 5.5.1).
+                # Returning at once closed it under a client still sending: its data met a
+                # closed socket, the TCP reset took the close frame with it (a 1006).
+                with trio.move_on_after(_CLOSE_REPLY_WAIT):
+                    await trio.sleep_forever()
                 done.cancel()
                 return
             await _send(msg)
