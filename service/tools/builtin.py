@@ -43,7 +43,6 @@ _FUNCS: dict[str, Any] = {
     "floor": math.floor, "ceil": math.ceil,
 }
 _NAMES = {"pi": math.pi, "e": math.e}
-_MAX_EXPONENT = 1000
 _MAX_LEN = 500
 # Integers stay under this many bits (~1,233 digits): big-integer arithmetic holds the GIL, so an
 # expression like ((9**999)**999)**999 (20 characters) would freeze every task of the process
@@ -54,8 +53,10 @@ _MAX_BITS = 4096
 def _check_size(op: ast.operator, left: Any, right: Any) -> None:
     """Refuse an operation whose integer result would pass ``_MAX_BITS`` (before computing it)."""
     if isinstance(op, ast.Pow):
-        if abs(right) > _MAX_EXPONENT:
-            raise ValueError("exponent too large")
+        # Only an integer power grows with its exponent: a float one costs the same whatever
+        # it is (past a float's range, an OverflowError: an error the model sees), so
+        # (1 + 0.05/365) ** (365*30), compound interest, is answered (a bound on every
+        # exponent refused it).
         if isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1 and (
             right * math.log2(abs(left)) > _MAX_BITS
         ):
@@ -201,6 +202,8 @@ def unit_convert(value: float, from_unit: str, to_unit: str) -> float:
     temps = {"C", "F", "K"}
     if from_unit in temps and to_unit in temps:
         c = {"C": value, "F": (value - 32) * 5 / 9, "K": value - 273.15}[from_unit]
+        if c < -273.15 - 1e-9:  # none is (-500 C was answered as -226.85 K)
+            raise ValueError(f"{value} {from_unit} is below absolute zero")
         return _finite({"C": c, "F": c * 9 / 5 + 32, "K": c + 273.15}[to_unit])  # type: ignore[no-any-return]
     raise ValueError(f"cannot convert {from_unit} to {to_unit}")
 
