@@ -1,6 +1,6 @@
 """The servers the tests run (not a test module): the real app under hypercorn on port 0, in
 this process (``running_server``), or ``python -m service`` in a process of its own
-(``start_service``).
+(``start_service``); which of its processes serves a connection (``pid_serving_port``).
 """
 
 from __future__ import annotations
@@ -109,3 +109,27 @@ async def start_service(db: Path | str, sim_url: str, cwd: Path, *, name: str | 
                 return proc, m.group(1).decode()
             assert proc.returncode is None, text.decode()
             await trio.sleep(0.05)
+
+
+def pid_serving_port(client_port: int, pids: set[int]) -> int | None:
+    """Which of ``pids`` holds the server end of the TCP connection from local port
+    ``client_port`` (found from /proc: the socket's inode, then the process holding it)."""
+    inodes = set()
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if int(fields[2].split(":")[1], 16) == client_port:
+                inodes.add(fields[9])
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                return pid
+    return None

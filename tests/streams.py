@@ -35,6 +35,20 @@ def parse_sse(text: str) -> list[dict[str, Any]]:
     return frames
 
 
+async def read_sse(resp: httpx.Response, on_frame: Callable[[dict[str, Any]], bool]) -> bool:
+    """Feed each frame of a streamed SSE body to ``on_frame`` as it comes (``parse_sse``'s
+    frames); True once ``on_frame`` asks to stop, False at the body's end."""
+    buf = ""
+    async for chunk in resp.aiter_text():
+        buf += chunk
+        while "\n\n" in buf:
+            block, buf = buf.split("\n\n", 1)
+            for frame in parse_sse(block + "\n\n"):
+                if on_frame(frame):
+                    return True
+    return False
+
+
 def ws_url(srv: RunningServer) -> str:
     return srv.url.replace("http://", "ws://") + "/api/ws"
 

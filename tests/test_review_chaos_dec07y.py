@@ -32,7 +32,7 @@ from service.sim import Reply, Simulator, open_simulator
 
 from .operations.test_instances import instance
 from .pg import PostgresServer, pg_url, postgres  # noqa: F401 (fixtures)
-from .streams import parse_sse
+from .streams import parse_sse, read_sse
 
 TERMINAL = {"succeeded", "failed", "cancelled", "timed_out"}
 CLIENT_BUDGET = 60.0  # seconds each client may take to see its run's end
@@ -96,19 +96,6 @@ class Fleet:
         return others[0] if others else self.alive[0]
 
 
-async def _read_sse(resp: httpx.Response, on_frame: Callable[[dict[str, Any]], bool]) -> bool:
-    """Feed each frame to ``on_frame`` as it comes; True once ``on_frame`` asks to stop."""
-    buf = ""
-    async for chunk in resp.aiter_text():
-        buf += chunk
-        while "\n\n" in buf:
-            block, buf = buf.split("\n\n", 1)
-            for frame in parse_sse(block + "\n\n"):
-                if on_frame(frame):
-                    return True
-    return False
-
-
 def _sse_sink(client: Client, run_id: str, drop_after: int | None) -> Callable[
         [dict[str, Any]], bool]:
     def sink(frame: dict[str, Any]) -> bool:
@@ -146,7 +133,7 @@ async def _post_stream(client: Client, fleet: Fleet, want: str, drop_after: int 
                 client.current = run_id
                 client.views.setdefault(run_id, [])
                 if during is None:
-                    await _read_sse(r, _sse_sink(client, run_id, drop_after))
+                    await read_sse(r, _sse_sink(client, run_id, drop_after))
                 else:
                     acting = False
                     async with trio.open_nursery() as nursery:
@@ -159,7 +146,7 @@ async def _post_stream(client: Client, fleet: Fleet, want: str, drop_after: int 
 
                         nursery.start_soon(act, run_id)
                         try:
-                            await _read_sse(r, _sse_sink(client, run_id, None))
+                            await read_sse(r, _sse_sink(client, run_id, None))
                         except httpx.HTTPError as e:
                             client.oddities.append(f"stream on {name}: {type(e).__name__}")
                         if not acting:  # its stream ended first: its cancel is not sent
@@ -189,7 +176,7 @@ async def _follow(client: Client, fleet: Fleet, want: str, rng: random.Random) -
                         f"re-join {run_id} after {last} on {name}: {r.status_code} "
                         f"{r.text[:160]}")
                 else:
-                    await _read_sse(r, _sse_sink(client, run_id, client.next_drop(rng)))
+                    await read_sse(r, _sse_sink(client, run_id, client.next_drop(rng)))
         except httpx.HTTPError as e:
             client.oddities.append(f"re-join on {name}: {type(e).__name__}")
         if not client.finished(run_id):

@@ -30,8 +30,8 @@ from service.sim import Reply, Simulator, open_simulator
 
 from .operations.test_workers import _children
 from .operations.test_workers_faults import _alive, _owner_pid, _reap, _start, _stop
-from .servers import start_service
-from .streams import parse_sse
+from .servers import pid_serving_port, start_service
+from .streams import parse_sse, read_sse
 
 pytestmark = pytest.mark.slow
 
@@ -43,29 +43,6 @@ TERMINAL = {"succeeded", "failed", "cancelled", "timed_out"}
 # -- placing a connection on a worker --------------------------------------------------------
 
 
-def _pid_of_port(client_port: int, pids: set[int]) -> int | None:
-    """Which of ``pids`` holds the server end of the TCP connection from ``client_port``."""
-    inodes = set()
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            if int(fields[2].split(":")[1], 16) == client_port:
-                inodes.add(fields[9])
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("socket:[") and target[8:-1] in inodes:
-                return pid
-    return None
-
-
 async def _http_on(url: str, pid: int, pids: set[int]) -> httpx.AsyncClient:
     """A client whose one kept-alive connection is served by worker ``pid``."""
     for _ in range(300):
@@ -73,7 +50,7 @@ async def _http_on(url: str, pid: int, pids: set[int]) -> httpx.AsyncClient:
                                  limits=httpx.Limits(max_connections=1))
         r = await http.get("/healthz")
         port = r.extensions["network_stream"].get_extra_info("client_addr")[1]
-        if _pid_of_port(port, pids) == pid:
+        if pid_serving_port(port, pids) == pid:
             return http
         await http.aclose()
     raise AssertionError(f"no connection reached worker {pid} of {pids}")
@@ -92,7 +69,7 @@ async def _ws_on(url: str, pid: int, pids: set[int]) -> AsyncIterator[WebSocketC
             try:
                 local = ws.local
                 assert not isinstance(local, str)
-                if _pid_of_port(local.port, pids) == pid:
+                if pid_serving_port(local.port, pids) == pid:
                     placed = True
                     yield ws
             finally:
@@ -162,16 +139,12 @@ def _stop_after(view: View, tokens: int | None) -> Callable[[list[dict[str, Any]
 
 async def _read_sse(resp: httpx.Response, seg: list[dict[str, Any]],
                     stop: Callable[[list[dict[str, Any]]], bool]) -> None:
-    buf = ""
-    async for chunk in resp.aiter_text():
-        buf += chunk
-        while "\n\n" in buf:
-            block, buf = buf.split("\n\n", 1)
-            for f in parse_sse(block + "\n\n"):
-                seg.append({"id": int(f.get("id", 0)), "event": f.get("event", "message"),
-                            "data": f["data"]})
-                if f.get("event") == "run.finished" or "id" not in f or stop(seg):
-                    return
+    def on_frame(f: dict[str, Any]) -> bool:
+        seg.append({"id": int(f.get("id", 0)), "event": f.get("event", "message"),
+                    "data": f["data"]})
+        return f.get("event") == "run.finished" or "id" not in f or stop(seg)
+
+    await read_sse(resp, on_frame)
 
 
 async def _read_ws(ws: WebSocketConnection, view: View, seg: list[dict[str, Any]],
@@ -254,6 +227,14 @@ async def _ws_session(url: str, pid: int, pids: set[int], view: View, first: dic
             await _read_ws(ws, view, seg, _stop_after(view, stop_tokens))
         except ConnectionClosed as e:
             view.notes.append(f"ws on {pid}: {e}"[:200])
+
+
+async def _ws_rejoin(url: str, pid: int, pids: set[int], view: View,
+                     stop_tokens: int | None) -> None:
+    """A WebSocket ``join`` of the view's run after the last id it was shown."""
+    last = view.last_id()
+    await _ws_session(url, pid, pids, view, {"type": "join", "run_id": view.run_id,
+                                             "after": last}, last + 1, stop_tokens)
 
 
 def _message(view: View) -> dict[str, Any]:
@@ -352,17 +333,91 @@ def _compare(views: list[View], stored: Stored, rows: dict[str, tuple[str, str |
     return failures
 
 
-async def _sim_closed(running: Any) -> list[Any]:
-    with trio.move_on_after(15):
-        for s in running.streams:
-            await s.closed.wait()
-    return [s for s in running.streams if not s.closed.is_set()]
-
-
 async def _wait_until_tokens(views: list[View], n: int) -> None:
     with trio.fail_after(GUARD):
         while any(v.tokens() < n for v in views):  # noqa: ASYNC110 (other tasks)
             await trio.sleep(0.05)
+
+
+# -- two workers on one SQLite file, and the verdict -------------------------------------------
+
+
+@dataclass
+class Workers:
+    """``python -m service --workers 2`` on the simulator ``sim``, its store ``tmp/s.db``."""
+
+    sim: Simulator
+    tmp: Path
+    proc: trio.Process
+    url: str
+    log: Path
+    pids: set[int] = field(default_factory=set)
+    code: int | None = None
+    stopped: bool = False
+
+    @property
+    def db(self) -> Path:
+        return self.tmp / "s.db"
+
+    async def conversations(self, n: int) -> list[str]:
+        async with httpx.AsyncClient(base_url=self.url, timeout=GUARD) as http:
+            return [(await http.post("/api/conversations", json={})).json()["id"]
+                    for _ in range(n)]
+
+    async def views(self, *names: str) -> list[View]:
+        """A view of each name, each with a new conversation of its own."""
+        convs = await self.conversations(len(names))
+        return [View(name, conv=conv) for name, conv in zip(names, convs, strict=True)]
+
+    async def _end(self) -> None:
+        """SIGTERM to the parent (bounded), then whatever is left killed; once."""
+        if self.stopped:
+            return
+        self.stopped = True
+        with trio.move_on_after(2 * GUARD, shield=True):
+            self.code = await _stop(self.proc)
+        _reap(self.proc)
+
+    async def stop(self) -> None:
+        """Stop the service (as at the block's end): the parent must exit 0."""
+        await self._end()
+        assert self.code == 0, (await trio.Path(self.log).read_text())[-3000:]
+
+    async def fresh_view(self, views: list[View]) -> Stored:
+        return await _fresh_view(self.tmp, self.sim.url, views)
+
+    async def against_store(self, views: list[View], compared: list[View] | None = None,
+                            ) -> tuple[Stored, list[str]]:
+        """The store's view of ``views`` (the file read directly, and through a fresh single
+        server), and what breaks "each client's view is the store's" for ``compared`` (all
+        of ``views`` by default)."""
+        rows = _db_rows(self.db)
+        stored = await self.fresh_view(views)
+        return stored, _compare(views if compared is None else compared, stored, rows)
+
+    async def assert_none(self, failures: list[str], *context: str) -> None:
+        """No failure, and no upstream generation left open (each waited for, 15 s)."""
+        with trio.move_on_after(15):
+            for s in self.sim.streams:
+                await s.closed.wait()
+        left = [s for s in self.sim.streams if not s.closed.is_set()]
+        assert not failures, "\n".join([*failures, *context])
+        assert not left, left
+
+
+@asynccontextmanager
+async def _two_workers(tmp_path: Path, reply: Reply) -> AsyncIterator[Workers]:
+    """The simulator (``reply`` by default) and ``--workers 2`` on it for the block; the
+    service stopped and reaped at the block's end if ``Workers.stop`` did not."""
+    sim = Simulator(("sim-model",), default=reply, strict_models=False)
+    async with open_simulator(sim) as running:
+        proc, url, log = await _start(tmp_path, running.url, 2)
+        w = Workers(running, tmp_path, proc, url, log)
+        try:
+            w.pids = _children(proc.pid)
+            yield w
+        finally:
+            await w._end()  # noqa: ASYNC102 (bounded and shielded inside)
 
 
 # -- the tests ---------------------------------------------------------------------------------
@@ -374,67 +429,46 @@ async def test_keyed_resends_and_rejoins_across_workers_name_one_run_with_no_gap
     # Clients over SSE and WebSocket, keyed: start on one worker, drop, re-send the keyed
     # request on the other worker (must name the same run, events from the first), drop,
     # re-join on the other worker after the last id shown (no gap, no duplicate).
-    sim = Simulator(("sim-model",), default=Reply(tokens=80, interval=0.04),
-                    strict_models=False)
-    async with open_simulator(sim) as running:
-        proc, url, log = await _start(tmp_path, running.url, 2)
-        views: list[View] = []
-        try:
-            pids = _children(proc.pid)
-            a, b = sorted(pids)
-            async with httpx.AsyncClient(base_url=url, timeout=GUARD) as http:
-                for i in range(8):
-                    v = View(f"c{i}-{'sse' if i % 2 == 0 else 'ws'}")
-                    v.conv = (await http.post("/api/conversations", json={})).json()["id"]
-                    views.append(v)
-            owners: dict[str, int] = {}
+    async with _two_workers(tmp_path, Reply(tokens=80, interval=0.04)) as w:
+        url, pids = w.url, w.pids
+        a, b = sorted(pids)
+        views = await w.views(*(f"c{i}-{'sse' if i % 2 == 0 else 'ws'}" for i in range(8)))
+        owners: dict[str, int] = {}
 
-            async def sse_client(v: View, home: int, other: int) -> None:
-                await _sse_post(url, home, pids, v, "k", 4)
-                owners[v.name] = home
-                r = await _sse_post(url, other, pids, v, "k", 12)  # the re-send
-                if r is not None and r.headers.get("Idempotent-Replayed") != "true":
-                    v.problems.append(f"{v.name}: re-send not marked Idempotent-Replayed")
-                await _sse_rejoin(url, other, pids, v, 25)
-                while v.told() is None and not v.problems:
-                    await _sse_rejoin(url, other if v.tokens() % 2 else home, pids, v, None)
+        async def sse_client(v: View, home: int, other: int) -> None:
+            await _sse_post(url, home, pids, v, "k", 4)
+            owners[v.name] = home
+            r = await _sse_post(url, other, pids, v, "k", 12)  # the re-send
+            if r is not None and r.headers.get("Idempotent-Replayed") != "true":
+                v.problems.append(f"{v.name}: re-send not marked Idempotent-Replayed")
+            await _sse_rejoin(url, other, pids, v, 25)
+            while v.told() is None and not v.problems:
+                await _sse_rejoin(url, other if v.tokens() % 2 else home, pids, v, None)
 
-            async def ws_client(v: View, home: int, other: int) -> None:
-                await _ws_session(url, home, pids, v, _message(v), 1, 4)
-                owners[v.name] = home
-                await _ws_session(url, other, pids, v, _message(v), 1, 12)  # the re-send
-                await _ws_session(url, other, pids, v, {
-                    "type": "join", "run_id": v.run_id, "after": v.last_id()},
-                    v.last_id() + 1, None)
+        async def ws_client(v: View, home: int, other: int) -> None:
+            await _ws_session(url, home, pids, v, _message(v), 1, 4)
+            owners[v.name] = home
+            await _ws_session(url, other, pids, v, _message(v), 1, 12)  # the re-send
+            await _ws_rejoin(url, other, pids, v, None)
 
-            with trio.fail_after(GUARD + 10):
-                async with trio.open_nursery() as nursery:
-                    for i, v in enumerate(views):
-                        home, other = (a, b) if i % 4 < 2 else (b, a)
-                        nursery.start_soon(sse_client if i % 2 == 0 else ws_client,
-                                           v, home, other)
-            for v in views:
-                if v.run_id and _owner_pid(tmp_path / "s.db", v.run_id) != owners[v.name]:
-                    v.problems.append(f"{v.name}: run owned by "
-                                      f"{_owner_pid(tmp_path / 's.db', v.run_id)}, "
-                                      f"started on {owners[v.name]}")
-        finally:
-            code = None
-            with trio.move_on_after(2 * GUARD, shield=True):
-                code = await _stop(proc)
-            _reap(proc)
-        assert code == 0, (await trio.Path(log).read_text())[-3000:]
-        rows = _db_rows(tmp_path / "s.db")
-        stored = await _fresh_view(tmp_path, running.url, views)
-        failures = _compare(views, stored, rows)
+        with trio.fail_after(GUARD + 10):
+            async with trio.open_nursery() as nursery:
+                for i, v in enumerate(views):
+                    home, other = (a, b) if i % 4 < 2 else (b, a)
+                    nursery.start_soon(sse_client if i % 2 == 0 else ws_client,
+                                       v, home, other)
+        for v in views:
+            if v.run_id and _owner_pid(w.db, v.run_id) != owners[v.name]:
+                v.problems.append(f"{v.name}: run owned by {_owner_pid(w.db, v.run_id)}, "
+                                  f"started on {owners[v.name]}")
+        await w.stop()
+        _, failures = await w.against_store(views)
         failures += [f"{v.name}: told {v.told()} {v.notes}" for v in views
                      if v.told() != "succeeded"]
-        if len(running.streams) != len(views):
-            failures.append(f"{len(running.streams)} upstream generations for {len(views)} "
+        if len(w.sim.streams) != len(views):
+            failures.append(f"{len(w.sim.streams)} upstream generations for {len(views)} "
                             "keyed requests")
-        left = await _sim_closed(running)
-        assert not failures, "\n".join(failures)
-        assert not left, left
+        await w.assert_none(failures)
 
 
 async def test_sigkill_of_a_worker_mid_stream_ends_every_client_as_the_store_says(
@@ -445,97 +479,78 @@ async def test_sigkill_of_a_worker_mid_stream_ends_every_client_as_the_store_say
     # clients re-join on B after the last id shown and get the rest and the end, the end says
     # what the store says (failed, "interrupted", closed by the survivor), every token shown
     # is in the stored reply, A is replaced and the replacement serves, no upstream left open.
-    sim = Simulator(("sim-model",), default=Reply(tokens=400, interval=0.05),
-                    strict_models=False)
-    async with open_simulator(sim) as running:
-        proc, url, log = await _start(tmp_path, running.url, 2)
-        owners: list[View] = []
+    async with _two_workers(tmp_path, Reply(tokens=400, interval=0.05)) as w:
+        url, pids = w.url, w.pids
+        victim, survivor = sorted(pids)
+        owners = await w.views(*(f"o{i}-{'sse' if i < 3 else 'ws'}" for i in range(5)))
         followers: list[View] = []
-        closed_by_survivor: dict[str, tuple[str, str | None]] = {}
-        try:
-            pids = _children(proc.pid)
-            victim, survivor = sorted(pids)
-            async with httpx.AsyncClient(base_url=url, timeout=GUARD) as http:
-                for i in range(5):
-                    v = View(f"o{i}-{'sse' if i < 3 else 'ws'}")
-                    v.conv = (await http.post("/api/conversations", json={})).json()["id"]
-                    owners.append(v)
-            killed = trio.Event()
+        killed = trio.Event()
 
-            async def owner_client(v: View) -> None:
-                if v.name.endswith("sse"):
-                    await _sse_post(url, victim, pids, v, "k", None)
-                else:
-                    await _ws_session(url, victim, pids, v, _message(v), 1, None)
-                await killed.wait()
-                alive = pids - {victim}
-                with trio.fail_after(GUARD):
-                    while v.told() is None and not v.problems:
-                        if v.name.endswith("sse"):
-                            await _sse_rejoin(url, survivor, alive, v, None)
-                        else:
-                            await _ws_session(url, survivor, alive, v, {
-                                "type": "join", "run_id": v.run_id,
-                                "after": v.last_id()}, v.last_id() + 1, None)
+        async def owner_client(v: View) -> None:
+            if v.name.endswith("sse"):
+                await _sse_post(url, victim, pids, v, "k", None)
+            else:
+                await _ws_session(url, victim, pids, v, _message(v), 1, None)
+            await killed.wait()
+            alive = pids - {victim}
+            with trio.fail_after(GUARD):
+                while v.told() is None and not v.problems:
+                    if v.name.endswith("sse"):
+                        await _sse_rejoin(url, survivor, alive, v, None)
+                    else:
+                        await _ws_rejoin(url, survivor, alive, v, None)
 
-            async def follower(v: View, of: View) -> None:
-                with trio.fail_after(GUARD):
-                    while not of.run_id:  # noqa: ASYNC110 (another task)
-                        await trio.sleep(0.05)
-                v.run_id, v.conv = of.run_id, of.conv
-                with trio.fail_after(GUARD):
-                    await _sse_rejoin(url, survivor, pids, v, None)
-                if v.told() is None:
-                    v.problems.append(f"{v.name}: its stream on the survivor ended with no "
-                                      f"end ({v.notes[-2:]})")
+        async def follower(v: View, of: View) -> None:
+            with trio.fail_after(GUARD):
+                while not of.run_id:  # noqa: ASYNC110 (another task)
+                    await trio.sleep(0.05)
+            v.run_id, v.conv = of.run_id, of.conv
+            with trio.fail_after(GUARD):
+                await _sse_rejoin(url, survivor, pids, v, None)
+            if v.told() is None:
+                v.problems.append(f"{v.name}: its stream on the survivor ended with no "
+                                  f"end ({v.notes[-2:]})")
 
-            async def kill() -> None:
-                await _wait_until_tokens(owners + followers, 5)
+        async def kill() -> None:
+            await _wait_until_tokens(owners + followers, 5)
+            for v in owners:
+                if _owner_pid(w.db, v.run_id) != victim:
+                    v.problems.append(f"{v.name}: not owned by the victim")
+            os.kill(victim, signal.SIGKILL)
+            killed.set()
+
+        with trio.fail_after(2 * GUARD):
+            async with trio.open_nursery() as nursery:
                 for v in owners:
-                    if _owner_pid(tmp_path / "s.db", v.run_id) != victim:
-                        v.problems.append(f"{v.name}: not owned by the victim")
-                os.kill(victim, signal.SIGKILL)
-                killed.set()
-
-            with trio.fail_after(2 * GUARD):
-                async with trio.open_nursery() as nursery:
-                    for v in owners:
-                        f = View(f"f-{v.name}")
-                        followers.append(f)
-                        nursery.start_soon(owner_client, v)
-                        nursery.start_soon(follower, f, v)
-                    nursery.start_soon(kill)
-            rows = _db_rows(tmp_path / "s.db")
-            closed_by_survivor = {v.run_id: rows[v.run_id] for v in owners}
-            # The replacement comes up and serves.
-            with trio.fail_after(GUARD):
-                while len(now := _children(proc.pid)) < 2 or victim in now:  # noqa: ASYNC110
-                    await trio.sleep(0.1)
-            (fresh,) = now - {survivor}
-            with trio.fail_after(GUARD):
-                while True:
-                    text = await trio.Path(log).read_text()
-                    if "starting another" in text and text.count(" up (pid") >= 3:
-                        break
-                    await trio.sleep(0.1)
-            sim.script(Reply(tokens=3))
-            http = await _http_on(url, fresh, now)
-            try:
-                conv = (await http.post("/api/conversations", json={})).json()["id"]
-                r = await http.post(f"/api/conversations/{conv}/messages",
-                                    json={"content": "after the kill"})
-            finally:
-                await http.aclose()
-            served = (r.status_code, r.json().get("run", {}).get("status"))
+                    f = View(f"f-{v.name}")
+                    followers.append(f)
+                    nursery.start_soon(owner_client, v)
+                    nursery.start_soon(follower, f, v)
+                nursery.start_soon(kill)
+        rows = _db_rows(w.db)
+        closed_by_survivor = {v.run_id: rows[v.run_id] for v in owners}
+        # The replacement comes up and serves.
+        with trio.fail_after(GUARD):
+            while len(now := _children(w.proc.pid)) < 2 or victim in now:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+        (fresh,) = now - {survivor}
+        with trio.fail_after(GUARD):
+            while True:
+                text = await trio.Path(w.log).read_text()
+                if "starting another" in text and text.count(" up (pid") >= 3:
+                    break
+                await trio.sleep(0.1)
+        w.sim.script(Reply(tokens=3))
+        http = await _http_on(url, fresh, now)
+        try:
+            conv = (await http.post("/api/conversations", json={})).json()["id"]
+            r = await http.post(f"/api/conversations/{conv}/messages",
+                                json={"content": "after the kill"})
         finally:
-            code = None
-            with trio.move_on_after(2 * GUARD, shield=True):
-                code = await _stop(proc)
-            _reap(proc)
-        assert code == 0, (await trio.Path(log).read_text())[-3000:]
-        rows = _db_rows(tmp_path / "s.db")
-        stored = await _fresh_view(tmp_path, running.url, owners + followers)
-        failures = _compare(owners, stored, rows)
+            await http.aclose()
+        served = (r.status_code, r.json().get("run", {}).get("status"))
+        await w.stop()
+        stored, failures = await w.against_store(owners + followers, owners)
         for f in followers:  # a follower's question is its owner's (one each)
             f.check_segments()
             failures += f.problems
@@ -546,9 +561,7 @@ async def test_sigkill_of_a_worker_mid_stream_ends_every_client_as_the_store_say
                 failures.append(f"{run_id}: closed by the survivor as {status} {error!r}")
         if served != (200, "succeeded"):
             failures.append(f"the replacement worker served {served}")
-        left = await _sim_closed(running)
-        assert not failures, "\n".join(failures)
-        assert not left, left
+        await w.assert_none(failures)
 
 
 async def test_a_cancel_sent_to_the_worker_that_does_not_own_the_run(tmp_path: Path) -> None:
@@ -556,75 +569,59 @@ async def test_a_cancel_sent_to_the_worker_that_does_not_own_the_run(tmp_path: P
     # and over a WebSocket on B (a `cancel` message, from a socket that joined the run and
     # from one that did not). Each run ends `cancelled` for every client following it, its
     # partial answer stored with every token shown, its upstream closed.
-    sim = Simulator(("sim-model",), default=Reply(tokens=400, interval=0.05),
-                    strict_models=False)
-    async with open_simulator(sim) as running:
-        proc, url, log = await _start(tmp_path, running.url, 2)
-        views: list[View] = []
+    async with _two_workers(tmp_path, Reply(tokens=400, interval=0.05)) as w:
+        url, pids = w.url, w.pids
+        a, b = sorted(pids)
+        views = await w.views("http-cancel", "ws-cancel", "ws-join-cancel")
+        http_v, ws_v, join_v = views
+        joiner = View("joiner-on-b")
         cancels: list[str] = []
-        try:
-            pids = _children(proc.pid)
-            a, b = sorted(pids)
-            async with httpx.AsyncClient(base_url=url, timeout=GUARD) as http:
-                for name in ("http-cancel", "ws-cancel", "ws-join-cancel"):
-                    v = View(name)
-                    v.conv = (await http.post("/api/conversations", json={})).json()["id"]
-                    views.append(v)
-            http_v, ws_v, join_v = views
-            joiner = View("joiner-on-b")
 
-            async def http_cancel() -> None:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(lambda: _sse_post(url, a, pids, http_v, "k", None,
-                                                         on_disconnect="cancel"))
-                    await _wait_until_tokens([http_v], 5)
-                    c = await _http_on(url, b, pids)
-                    try:
-                        r = await c.post(f"/api/runs/{http_v.run_id}/cancel")
-                    finally:
-                        await c.aclose()
-                    cancels.append(f"http {r.status_code} {r.text[:100]}")
+        async def http_cancel() -> None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: _sse_post(url, a, pids, http_v, "k", None,
+                                                     on_disconnect="cancel"))
+                await _wait_until_tokens([http_v], 5)
+                c = await _http_on(url, b, pids)
+                try:
+                    r = await c.post(f"/api/runs/{http_v.run_id}/cancel")
+                finally:
+                    await c.aclose()
+                cancels.append(f"http {r.status_code} {r.text[:100]}")
 
-            async def ws_cancel() -> None:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(lambda: _ws_session(url, a, pids, ws_v, _message(ws_v),
-                                                           1, None))
-                    await _wait_until_tokens([ws_v], 5)
-                    async with _ws_on(url, b, pids) as ws:
-                        await ws.send_message(json.dumps({"type": "cancel",
-                                                          "run_id": ws_v.run_id}))
-                        await trio.sleep(0.5)  # a reply, if any, is noted
+        async def ws_cancel() -> None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: _ws_session(url, a, pids, ws_v, _message(ws_v),
+                                                       1, None))
+                await _wait_until_tokens([ws_v], 5)
+                async with _ws_on(url, b, pids) as ws:
+                    await ws.send_message(json.dumps({"type": "cancel",
+                                                      "run_id": ws_v.run_id}))
+                    await trio.sleep(0.5)  # a reply, if any, is noted
 
-            async def ws_join_cancel() -> None:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(lambda: _ws_session(url, a, pids, join_v,
-                                                           _message(join_v), 1, None))
-                    await _wait_until_tokens([join_v], 5)
-                    joiner.run_id, joiner.conv = join_v.run_id, join_v.conv
-                    async with _ws_on(url, b, pids) as ws:
-                        await ws.send_message(json.dumps({"type": "join",
-                                                          "run_id": join_v.run_id}))
-                        seg = joiner.segment("join", b, 1)
-                        await _read_ws(ws, joiner, seg, _stop_after(joiner, 3))
-                        await ws.send_message(json.dumps({"type": "cancel",
-                                                          "run_id": join_v.run_id}))
-                        await _read_ws(ws, joiner, seg, lambda _s: False)
+        async def ws_join_cancel() -> None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: _ws_session(url, a, pids, join_v,
+                                                       _message(join_v), 1, None))
+                await _wait_until_tokens([join_v], 5)
+                joiner.run_id, joiner.conv = join_v.run_id, join_v.conv
+                async with _ws_on(url, b, pids) as ws:
+                    await ws.send_message(json.dumps({"type": "join",
+                                                      "run_id": join_v.run_id}))
+                    seg = joiner.segment("join", b, 1)
+                    await _read_ws(ws, joiner, seg, _stop_after(joiner, 3))
+                    await ws.send_message(json.dumps({"type": "cancel",
+                                                      "run_id": join_v.run_id}))
+                    await _read_ws(ws, joiner, seg, lambda _s: False)
 
-            with trio.fail_after(GUARD):
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(http_cancel)
-                    nursery.start_soon(ws_cancel)
-                    nursery.start_soon(ws_join_cancel)
-            owned = {v.name: _owner_pid(tmp_path / "s.db", v.run_id) for v in views}
-        finally:
-            code = None
-            with trio.move_on_after(2 * GUARD, shield=True):
-                code = await _stop(proc)
-            _reap(proc)
-        assert code == 0, (await trio.Path(log).read_text())[-3000:]
-        rows = _db_rows(tmp_path / "s.db")
-        stored = await _fresh_view(tmp_path, running.url, views)
-        failures = _compare(views, stored, rows)
+        with trio.fail_after(GUARD):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(http_cancel)
+                nursery.start_soon(ws_cancel)
+                nursery.start_soon(ws_join_cancel)
+        owned = {v.name: _owner_pid(w.db, v.run_id) for v in views}
+        await w.stop()
+        stored, failures = await w.against_store(views)
         joiner.check_segments()
         failures += joiner.problems
         failures += [f"{v.name}: told {v.told()}" for v in views if v.told() != "cancelled"]
@@ -638,9 +635,7 @@ async def test_a_cancel_sent_to_the_worker_that_does_not_own_the_run(tmp_path: P
             if reply and reply[0]["content"] != v.text():
                 failures.append(f"{v.name}: shown {len(v.text())} chars, stored "
                                 f"{len(reply[0]['content'])}")
-        left = await _sim_closed(running)
-        assert not failures, "\n".join(failures)
-        assert not left, left
+        await w.assert_none(failures)
 
 
 async def test_sigterm_to_the_master_mid_traffic_drains_every_worker_to_exit_0(
@@ -650,65 +645,45 @@ async def test_sigterm_to_the_master_mid_traffic_drains_every_worker_to_exit_0(
     # answers on both workers; SIGTERM to the parent: every worker drains (drain 1 s, then the
     # rest are stopped with their partial answer stored), the parent exits 0, no process is
     # left, and each client was told an end the store agrees with.
-    sim = Simulator(("sim-model",), default=Reply(tokens=400, interval=0.05),
-                    strict_models=False)
-    async with open_simulator(sim) as running:
-        proc, url, log = await _start(tmp_path, running.url, 2)
-        views: list[View] = []
-        pids: set[int] = set()
+    async with _two_workers(tmp_path, Reply(tokens=400, interval=0.05)) as w:
+        url, pids, proc = w.url, w.pids, w.proc
+        a, b = sorted(pids)
+        views = await w.views(*(f"t{i}-{'sse' if i % 2 == 0 else 'ws'}" for i in range(8)))
         took = 0.0
-        try:
-            pids = _children(proc.pid)
-            a, b = sorted(pids)
-            async with httpx.AsyncClient(base_url=url, timeout=GUARD) as http:
-                for i in range(8):
-                    v = View(f"t{i}-{'sse' if i % 2 == 0 else 'ws'}")
-                    v.conv = (await http.post("/api/conversations", json={})).json()["id"]
-                    views.append(v)
 
-            async def client(i: int, v: View) -> None:
-                home = (a, b)[i % 4 // 2]
-                mode = "cancel" if i % 3 == 0 else "continue"
-                if i % 2 == 0:
-                    await _sse_post(url, home, pids, v, "k", None, on_disconnect=mode)
-                else:
-                    msg = _message(v) | {"on_disconnect": mode}
-                    await _ws_session(url, home, pids, v, msg, 1, None)
+        async def client(i: int, v: View) -> None:
+            home = (a, b)[i % 4 // 2]
+            mode = "cancel" if i % 3 == 0 else "continue"
+            if i % 2 == 0:
+                await _sse_post(url, home, pids, v, "k", None, on_disconnect=mode)
+            else:
+                msg = _message(v) | {"on_disconnect": mode}
+                await _ws_session(url, home, pids, v, msg, 1, None)
 
-            async def stop() -> None:
-                nonlocal took
-                await _wait_until_tokens(views, 5)
-                began = trio.current_time()
-                proc.send_signal(signal.SIGTERM)
-                with trio.fail_after(GUARD):
-                    await proc.wait()
-                took = trio.current_time() - began
+        async def stop() -> None:
+            nonlocal took
+            await _wait_until_tokens(views, 5)
+            began = trio.current_time()
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(GUARD):
+                await proc.wait()
+            took = trio.current_time() - began
 
-            with trio.fail_after(2 * GUARD):
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(stop)
-                    for i, v in enumerate(views):
-                        nursery.start_soon(client, i, v)
-        finally:
-            code = None
-            with trio.move_on_after(2 * GUARD, shield=True):
-                code = await _stop(proc)
-            _reap(proc)
-        text = (await trio.Path(log).read_text())[-3000:]
-        assert code == 0, text
+        with trio.fail_after(2 * GUARD):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stop)
+                for i, v in enumerate(views):
+                    nursery.start_soon(client, i, v)
+        await w.stop()
         with trio.fail_after(10):
             while _alive(pids):  # noqa: ASYNC110 (other processes)
                 await trio.sleep(0.1)
-        rows = _db_rows(tmp_path / "s.db")
-        failures = [f"{r}: left {s} in the file after the drain" for r, (s, _) in rows.items()
-                    if s not in TERMINAL]
-        stored = await _fresh_view(tmp_path, running.url, views)
-        failures += _compare(views, stored, rows)
+        failures = [f"{r}: left {s} in the file after the drain"
+                    for r, (s, _) in _db_rows(w.db).items() if s not in TERMINAL]
+        failures += (await w.against_store(views))[1]
         failures += [f"{v.name}: never told an end ({v.notes[-3:]})" for v in views
                      if v.told() is None]
-        left = await _sim_closed(running)
-        assert not failures, "\n".join([*failures, f"took {took:.1f}"])
-        assert not left, left
+        await w.assert_none(failures, f"took {took:.1f}")
 
 
 async def test_one_key_sent_to_both_workers_at_once_begins_one_run(tmp_path: Path) -> None:
@@ -716,58 +691,43 @@ async def test_one_key_sent_to_both_workers_at_once_begins_one_run(tmp_path: Pat
     # over HTTP to one and a WebSocket to the other): the two processes race on the key in
     # the shared SQLite file. Both requests must name ONE run, shown the same events, with
     # one question stored and one upstream generation.
-    sim = Simulator(("sim-model",), default=Reply(tokens=20, interval=0.02),
-                    strict_models=False)
-    async with open_simulator(sim) as running:
-        proc, url, log = await _start(tmp_path, running.url, 2)
+    async with _two_workers(tmp_path, Reply(tokens=20, interval=0.02)) as w:
+        url, pids = w.url, w.pids
+        a, b = sorted(pids)
         views: list[View] = []
-        try:
-            pids = _children(proc.pid)
-            a, b = sorted(pids)
-            async with httpx.AsyncClient(base_url=url, timeout=GUARD) as http:
-                convs = [(await http.post("/api/conversations", json={})).json()["id"]
-                         for _ in range(6)]
-            for round_ in range(6):
-                go = trio.Event()
-                pair = [View(f"r{round_}-x"), View(f"r{round_}-y")]
-                for v in pair:
-                    v.conv = convs[round_]
-                views += pair
+        convs = await w.conversations(6)
+        for round_ in range(6):
+            go = trio.Event()
+            pair = [View(f"r{round_}-x"), View(f"r{round_}-y")]
+            for v in pair:
+                v.conv = convs[round_]
+            views += pair
 
-                async def send(v: View, pid: int, ws: bool, go: trio.Event) -> None:
-                    await go.wait()
-                    if ws:
-                        await _ws_session(url, pid, pids, v, _message(v), 1, None)
-                    else:
-                        await _sse_post(url, pid, pids, v, "k", None)
+            async def send(v: View, pid: int, ws: bool, go: trio.Event) -> None:
+                await go.wait()
+                if ws:
+                    await _ws_session(url, pid, pids, v, _message(v), 1, None)
+                else:
+                    await _sse_post(url, pid, pids, v, "k", None)
 
-                # The same key and content for both (the names differ only in the view).
-                pair[1].name = pair[0].name = f"r{round_}"
-                with trio.fail_after(GUARD):
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(send, pair[0], a, False, go)
-                        nursery.start_soon(send, pair[1], b, round_ % 2 == 1, go)
-                        await trio.sleep(0.3)
-                        go.set()  # each then places its connection on its worker and sends
-        finally:
-            code = None
-            with trio.move_on_after(2 * GUARD, shield=True):
-                code = await _stop(proc)
-            _reap(proc)
-        assert code == 0, (await trio.Path(log).read_text())[-3000:]
+            # The same key and content for both (the names differ only in the view).
+            pair[1].name = pair[0].name = f"r{round_}"
+            with trio.fail_after(GUARD):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(send, pair[0], a, False, go)
+                    nursery.start_soon(send, pair[1], b, round_ % 2 == 1, go)
+                    await trio.sleep(0.3)
+                    go.set()  # each then places its connection on its worker and sends
+        await w.stop()
         failures = []
         for x, y in zip(views[::2], views[1::2], strict=True):
             if x.run_id != y.run_id:
                 failures.append(f"{x.name}: one key, two runs {x.run_id} and {y.run_id} "
                                 f"({x.notes} {y.notes})")
-        rows = _db_rows(tmp_path / "s.db")
-        stored = await _fresh_view(tmp_path, running.url, views)
-        failures += _compare(views, stored, rows)
-        if len(running.streams) != 6:
-            failures.append(f"{len(running.streams)} upstream generations for 6 keys")
-        left = await _sim_closed(running)
-        assert not failures, "\n".join(failures)
-        assert not left, left
+        failures += (await w.against_store(views))[1]
+        if len(w.sim.streams) != 6:
+            failures.append(f"{len(w.sim.streams)} upstream generations for 6 keys")
+        await w.assert_none(failures)
 
 
 async def test_a_keyed_resend_after_its_worker_died_asks_anew_on_the_survivor(
@@ -777,57 +737,42 @@ async def test_a_keyed_resend_after_its_worker_died_asks_anew_on_the_survivor(
     # "interrupted"), which lets its key go: the same keyed request re-sent to the survivor
     # (over HTTP, and over a WebSocket for a second conversation) begins a new run that
     # answers, and the conversation holds the failed turn and the answered one.
-    sim = Simulator(("sim-model",), default=Reply(tokens=400, interval=0.05),
-                    strict_models=False)
-    async with open_simulator(sim) as running:
-        proc, url, log = await _start(tmp_path, running.url, 2)
-        first = [View("k-sse"), View("k-ws")]
-        again = [View("k-sse"), View("k-ws")]
-        try:
-            pids = _children(proc.pid)
-            victim, survivor = sorted(pids)
-            async with httpx.AsyncClient(base_url=url, timeout=GUARD) as http:
-                for v, w in zip(first, again, strict=True):
-                    v.conv = w.conv = (await http.post("/api/conversations", json={})).json()[
-                        "id"]
-            with trio.fail_after(GUARD):
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(lambda: _sse_post(url, victim, pids, first[0], "k", 5))
-                    nursery.start_soon(lambda: _ws_session(url, victim, pids, first[1],
-                                                           _message(first[1]), 1, 5))
-            os.kill(victim, signal.SIGKILL)
-            alive = {survivor}
-            with trio.fail_after(GUARD):  # each follows its run to the end the survivor gives
-                for v in first:
-                    while v.told() is None:
-                        await _sse_rejoin(url, survivor, alive, v, None)
-            sim.script(Reply(tokens=6), Reply(tokens=6))
-            with trio.fail_after(GUARD):
-                await _sse_post(url, survivor, alive, again[0], "k", None)
-                await _ws_session(url, survivor, alive, again[1], _message(again[1]), 1, None)
-        finally:
-            code = None
-            with trio.move_on_after(2 * GUARD, shield=True):
-                code = await _stop(proc)
-            _reap(proc)
-        assert code == 0, (await trio.Path(log).read_text())[-3000:]
-        stored = await _fresh_view(tmp_path, running.url, first + again)
+    async with _two_workers(tmp_path, Reply(tokens=400, interval=0.05)) as w:
+        url, pids = w.url, w.pids
+        victim, survivor = sorted(pids)
+        first = await w.views("k-sse", "k-ws")
+        again = [View(v.name, conv=v.conv) for v in first]
+        with trio.fail_after(GUARD):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: _sse_post(url, victim, pids, first[0], "k", 5))
+                nursery.start_soon(lambda: _ws_session(url, victim, pids, first[1],
+                                                       _message(first[1]), 1, 5))
+        os.kill(victim, signal.SIGKILL)
+        alive = {survivor}
+        with trio.fail_after(GUARD):  # each follows its run to the end the survivor gives
+            for v in first:
+                while v.told() is None:
+                    await _sse_rejoin(url, survivor, alive, v, None)
+        w.sim.script(Reply(tokens=6), Reply(tokens=6))
+        with trio.fail_after(GUARD):
+            await _sse_post(url, survivor, alive, again[0], "k", None)
+            await _ws_session(url, survivor, alive, again[1], _message(again[1]), 1, None)
+        await w.stop()
+        stored = await w.fresh_view(first + again)
         failures = []
-        for v, w in zip(first, again, strict=True):
-            if (v.told(), w.told()) != ("failed", "succeeded") or v.run_id == w.run_id:
+        for v, x in zip(first, again, strict=True):
+            if (v.told(), x.told()) != ("failed", "succeeded") or v.run_id == x.run_id:
                 failures.append(f"{v.name}: first {v.run_id} told {v.told()}, re-send "
-                                f"{w.run_id} told {w.told()} ({w.notes})")
+                                f"{x.run_id} told {x.told()} ({x.notes})")
             roles = [(m["role"], m["run_id"] if m["role"] == "assistant" else "")
                      for m in stored.messages[v.conv]]
             if roles != [("user", ""), ("assistant", v.run_id), ("user", ""),
-                         ("assistant", w.run_id)]:
+                         ("assistant", x.run_id)]:
                 failures.append(f"{v.name}: conversation {roles}")
-            for x in (v, w):
-                x.check_segments()
-                failures += x.problems
-                if x.told() != stored.status.get(x.run_id):
-                    failures.append(f"{x.name}: told {x.told()}, stored "
-                                    f"{stored.status.get(x.run_id)}")
-        left = await _sim_closed(running)
-        assert not failures, "\n".join(failures)
-        assert not left, left
+            for y in (v, x):
+                y.check_segments()
+                failures += y.problems
+                if y.told() != stored.status.get(y.run_id):
+                    failures.append(f"{y.name}: told {y.told()}, stored "
+                                    f"{stored.status.get(y.run_id)}")
+        await w.assert_none(failures)

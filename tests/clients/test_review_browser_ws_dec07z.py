@@ -123,6 +123,16 @@ async def _stored(srv: RunningServer, conv: str,
         return list((await client.get(f"/api/conversations/{conv}")).json()["messages"])
 
 
+async def _on_a_new_conversation(
+        srv: RunningServer, session: Callable[[str, str, Any], dict[str, Any]],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``session(url, conv, page)`` run in the browser on a new conversation: what it
+    returned, and the conversation's stored messages after it."""
+    conv = await _conversation(srv)
+    seen = await _in_browser(partial(session, srv.url, conv))
+    return seen, await _stored(srv, conv)
+
+
 async def _sse_events(srv: RunningServer, run_id: str) -> list[dict[str, Any]]:
     async with srv.client() as client:
         r = await client.get(f"/api/runs/{run_id}/events")
@@ -197,9 +207,7 @@ async def test_a_socket_closed_by_the_page_mid_run_resumes_by_join_with_no_gap(
         settings: Settings) -> None:
     backend = ScriptedBackend(_answers)
     async with running_server(settings, backend) as srv:
-        conv = await _conversation(srv)
-        seen = await _in_browser(partial(_rejoin_session, srv.url, conv))
-        stored = await _stored(srv, conv)
+        seen, stored = await _on_a_new_conversation(srv, _rejoin_session)
     events = seen["shown"] + seen["rest"]
     assert seen["close_a"]["code"] == 1005  # the page's own close(): no status given
     assert [e["id"] for e in events] == list(range(1, len(events) + 1))  # no gap, no duplicate
@@ -232,9 +240,7 @@ async def test_navigating_away_cancels_a_cancel_run_and_a_join_sees_that_end(
         settings: Settings) -> None:
     backend = ScriptedBackend(_answers)
     async with running_server(settings, backend) as srv:
-        conv = await _conversation(srv)
-        seen = await _in_browser(partial(_navigate_away_session, srv.url, conv))
-        stored = await _stored(srv, conv)
+        seen, stored = await _on_a_new_conversation(srv, _navigate_away_session)
         async with srv.client() as client:
             run = (await client.get(f"/api/runs/{seen['shown'][0]['run_id']}")).json()
     events = seen["shown"] + seen["rest"]
@@ -271,9 +277,7 @@ async def test_a_keyed_message_sent_again_on_a_new_socket_gets_the_first_run(
         settings: Settings) -> None:
     backend = ScriptedBackend(_answers)
     async with running_server(settings, backend) as srv:
-        conv = await _conversation(srv)
-        seen = await _in_browser(partial(_resend_session, srv.url, conv))
-        stored = await _stored(srv, conv)
+        seen, stored = await _on_a_new_conversation(srv, _resend_session)
     run_id = seen["first"][0]["run_id"]
     again = seen["again"]
     assert {m["run_id"] for m in again} == {run_id}

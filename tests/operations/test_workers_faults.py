@@ -20,7 +20,7 @@ import trio
 
 from service.sim import Reply, Simulator, open_simulator
 
-from ..servers import ROOT
+from ..servers import ROOT, pid_serving_port
 from .test_workers import _children
 
 GUARD = 60
@@ -198,25 +198,7 @@ async def _metrics(url: str) -> str:
 def _serving_pid(response: httpx.Response, pids: set[int]) -> int | None:
     """Which of ``pids`` holds the server end of the connection ``response`` came on."""
     client_port = response.extensions["network_stream"].get_extra_info("client_addr")[1]
-    inodes = set()
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            if int(fields[2].split(":")[1], 16) == client_port:
-                inodes.add(fields[9])
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("socket:[") and target[8:-1] in inodes:
-                return pid
-    return None
+    return pid_serving_port(client_port, pids)
 
 
 async def _pinned_clients(url: str, pids: set[int]) -> dict[int, httpx.AsyncClient]:
