@@ -16,29 +16,36 @@ export const clean = (text) => text.replace(BIDI_CONTROLS, "\ufffd");
 const ESCAPED = /\\(&(?:amp|lt|gt|quot|#39);|[!#$%()*+,\-./:;=?@[\\\]^_`{|}~])/g;
 
 // A link's URL: http(s), with balanced parentheses kept (Wikipedia's "Python_(language)").
-const LINK = /\[([^\]\n]+)\]\((https?:\/\/(?:[^\s()]|\([^\s()]*\))+)\)/g;
+// Its text holds no "[": tried from every "[", a text that could scan past one took time
+// growing with the square of a line of "[" (1.5 million froze the tab for 36 s).
+const LINK = /\[([^[\]\n]+)\]\((https?:\/\/(?:[^\s()]|\([^\s()]*\))+)\)/g;
+const PLACEHOLDER = /\u0000(\d+)\u0000/g;
 
 // ``breaks``: a table cell's, where a line break is written <br> (GitHub's tables); the one
 // tag taken as one, outside code spans.
 function inline(text, breaks = false) {
-  const kept = []; // code spans and links' URLs, put back last (no emphasis inside them)
-  const keep = (html) => `\u0000${kept.push(html) - 1}\u0000`;
+  // Code spans and links' URLs, put back last (no emphasis inside them): each as its HTML and
+  // as the (escaped) text it stood for, which is what a link's URL takes of it (a code span's
+  // <code> was put inside the href: "[x](http://h/a`b`c)" led to /a%3Ccode%3Eb...).
+  const kept = [];
+  const keep = (html, source = html) => `\u0000${kept.push([html, source]) - 1}\u0000`;
+  const asText = (part) => part.replace(PLACEHOLDER, (_, i) => asText(kept[Number(i)][1]));
   let html = escapeHtml(text)
-    .replace(/`([^`\n]+)`/g, (_, code) => keep(`<code>${code}</code>`));
-  if (breaks) html = html.replace(/&lt;br\s*\/?&gt;/gi, () => keep("<br>"));
+    .replace(/`([^`\n]+)`/g, (span, code) => keep(`<code>${code}</code>`, span));
+  if (breaks) html = html.replace(/&lt;br\s*\/?&gt;/gi, (tag) => keep("<br>", tag));
   html = html
     // A backslash before punctuation shows it as itself ("\*.txt": no emphasis, no backslash);
     // not in code spans (kept above). The escaped forms of & < > " ' count as one character.
     .replace(ESCAPED, (_, char) => keep(char))
     .replace(LINK, (_, label, url) => (
-      `<a href="${keep(url)}" rel="noopener noreferrer" target="_blank">${label}</a>`));
+      `<a href="${keep(asText(url))}" rel="noopener noreferrer" target="_blank">${label}</a>`));
   // Emphasis as CommonMark flanks it: "6 * 7 = 42, and 3 * 4" holds none (a "*" followed or
   // preceded by a space opens or closes nothing); inside a word it is ("the *n*th term").
   html = html
     .replace(/\*\*(?=\S)([^*\n]*?\S)\*\*/g, "<strong>$1</strong>")
     .replace(/(^|[^*])\*(?=[^\s*])([^*\n]*?[^\s*])\*(?!\*)/g, "$1<em>$2</em>");
-  // (A link's URL may hold an escape's: put back until none is left.)
-  const restore = (part) => part.replace(/\u0000(\d+)\u0000/g, (_, i) => restore(kept[Number(i)]));
+  // (Put back until none is left: a kept part may hold others.)
+  const restore = (part) => part.replace(PLACEHOLDER, (_, i) => restore(kept[Number(i)][0]));
   return restore(html);
 }
 
