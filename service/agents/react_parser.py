@@ -41,6 +41,7 @@ _ACTION = re.compile(_LABEL.format(name="action"), re.I | re.M)
 _INPUT = re.compile(_LABEL.format(name=r"action[ _]input"), re.I | re.M)
 _FINAL = re.compile(_LABEL.format(name=r"final[ _]answer"), re.I | re.M)
 _OBSERVATION = re.compile(_LABEL.format(name="observation"), re.I | re.M)
+_LABELS = (_THOUGHT, _ACTION, _INPUT, _FINAL, _OBSERVATION)
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```", re.S)
 
 
@@ -144,18 +145,35 @@ def _answer_section(text: str, scan: str, start: int) -> str:
     cycle it made up: a plain ``Action:`` with its ``Action Input:``, or another ``Final
     Answer:``, from the first plain ``Thought:`` or ``Observation:`` that led into it. Labels
     in prose stay the answer's ("- **Observation:** the disk is full" in a report)."""
-    cycle = [m.start() for m in _PLAIN_FINAL.finditer(scan, start)]
-    for m in _PLAIN_ACTION.finditer(scan, start):
-        given = _PLAIN_INPUT.search(scan, m.end())
-        if given is not None and _input_of(scan, m) is not None:
-            cycle.append(m.start())
-            break
+    cycle = [m.start() for m in _PLAIN_FINAL.finditer(scan, start)] + _made_up_call(scan, start)
     if not cycle:
         return text[start:].strip()
     end = min(cycle)
     led = [m.start() for rx in (_PLAIN_THOUGHT, _PLAIN_OBSERVATION)
            for m in rx.finditer(scan, start, end)]
     return text[start:min([end, *led])].strip()
+
+
+def _made_up_call(scan: str, start: int) -> list[int]:
+    """Where the first plain ``Action:`` from ``start`` is whose next label is an ``Action
+    Input:`` (``_input_of``'s rule), if a plain ``Action Input:`` follows it: ``[its start]``,
+    or ``[]``. In one pass over the labels (each at a line's start): a search to the text's end
+    for each action took time growing with their number squared, and a reply of "Action:"
+    lines after its final answer (80 KB) held the event loop, every stream of the process, for
+    seconds."""
+    inputs = [m.start() for m in _PLAIN_INPUT.finditer(scan, start)]
+    if not inputs:
+        return []
+    labels = sorted((m.start(), rx is _INPUT) for rx in _LABELS for m in rx.finditer(scan, start))
+    i = 0
+    for m in _PLAIN_ACTION.finditer(scan, start):
+        if m.end() > inputs[-1]:
+            break  # no plain input after this action, nor after any later one
+        while i < len(labels) and labels[i][0] < m.end():
+            i += 1
+        if i < len(labels) and labels[i][1]:
+            return [m.start()]
+    return []
 
 
 def _section(text: str, start: int, scan: str | None = None) -> str:
