@@ -38,6 +38,7 @@ import json
 import os
 import secrets
 import signal
+import ssl
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,8 +68,15 @@ _STEPS = ("thought", "tool.call", "tool.result", "plan", "step.started", "step.f
 _TITLE_CHARS = 60
 
 
+_LINE_MAX = 32 << 20  # characters of one line of a stream (an event's whole answer fits)
+
+
 class ChatError(Exception):
     """A request failed: its one line goes to stderr."""
+
+
+class Malformed(ChatError):
+    """A frame that is not an event of the API (a broken proxy, another server at the URL)."""
 
 
 class Interrupted(Exception):
@@ -113,10 +121,50 @@ class SSEParser:
                     self._fields[name] = value
             return None
         frame: dict[str, Any] | None = None
-        if self._data:
-            frame = {**self._fields, "data": json.loads("\n".join(self._data))}
+        fields, data = self._fields, self._data
         self._fields, self._data = {}, []
+        if data:
+            try:
+                parsed = json.loads("\n".join(data))
+            except ValueError as exc:
+                raise Malformed(f"an event's data is not JSON ({exc})") from None
+            if not isinstance(parsed, dict):
+                raise Malformed(f"an event's data is not an object: {str(parsed)[:80]}")
+            frame = {**fields, "data": parsed}
         return frame
+
+
+class LineTooLong(ChatError):
+    """A line of the stream past ``_LINE_MAX`` characters."""
+
+
+@dataclass
+class Lines:
+    """A stream's text cut into lines (at LF, CRLF or a lone CR, as SSE has them), none held
+    past ``limit`` characters: httpx's ``aiter_lines`` keeps a line whole, however long, and a
+    server sending one that never ends filled the memory."""
+
+    limit: int = _LINE_MAX
+    _pending: list[str] = field(default_factory=list)
+    _size: int = 0
+    _cr: bool = False  # the last text ended with a CR: an LF first in the next is its pair
+
+    def feed(self, text: str) -> list[str]:
+        if self._cr and text.startswith("\n"):
+            text = text[1:]
+        self._cr = text.endswith("\r")
+        parts = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        lines = []
+        for part in parts[:-1]:
+            self._pending.append(part)
+            lines.append("".join(self._pending))
+            self._pending, self._size = [], 0
+        if parts[-1]:
+            self._size += len(parts[-1])
+            if self._size > self.limit:
+                raise LineTooLong(f"the service sent a line of over {self.limit:,} characters")
+            self._pending.append(parts[-1])
+        return lines
 
 
 @dataclass
@@ -243,25 +291,34 @@ class Client:
                 # (A body that breaks, a corrupt gzip, is a stream lost as a cut one is.)
                 if turn.status is not None:
                     return  # its end was shown: the body's last bytes do not matter
-                if after_cancel:
+                if (tls := _tls_failure(exc)) is not None:
+                    # A certificate refused is no transient fault: not tried again for
+                    # _REJOIN_FOR seconds (it was, and then said nothing of the certificate).
+                    if turn.run_id is None:
+                        raise ChatError(f"cannot reach the service: {tls}") from None
+                    failure = ChatError(f"the service cannot be reached again: {tls}")
+                elif after_cancel:
                     # Its Ctrl-C's cancel was taken, and a re-join since could not show the
                     # end: the turn ends as the user's stop (the run is cancelled), not as a
                     # failure, and no second cancel is sent.
                     turn.status = "cancelled"
                     self.renderer.note(f"[stopped; its end could not be shown: {exc}]")
                     return
-                if turn.heard != heard and turn.heard is not None:  # it spoke: a new count
-                    since, attempt, failure = turn.heard, 0, None  # (what went before is past)
-                failure = _telling(failure, exc)
-                told = exc.after if isinstance(exc, _Retry) else 0.0
-                attempt += 1
-                pause = max(min(0.5 * 2 ** (attempt - 1), _REJOIN_PAUSE_MAX),
-                            min(told, _RETRY_AFTER_MAX))
-                # (After a Retry-After past the count's end, one more re-join all the same.)
-                if not isinstance(exc, _Silent) and trio.current_time() - since <= _REJOIN_FOR:
-                    continue
-                # Given up: a stream silent for four keep-alive intervals (the service
-                # wedged: a re-join would wait as long again), or re-joined enough.
+                else:
+                    if turn.heard != heard and turn.heard is not None:
+                        # It spoke: a new count (what went before is past).
+                        since, attempt, failure = turn.heard, 0, None
+                    failure = _telling(failure, exc)
+                    told = exc.after if isinstance(exc, _Retry) else 0.0
+                    attempt += 1
+                    pause = max(min(0.5 * 2 ** (attempt - 1), _REJOIN_PAUSE_MAX),
+                                min(told, _RETRY_AFTER_MAX))
+                    # (After a Retry-After past the count's end, one more re-join all the same.)
+                    if (not isinstance(exc, _Silent)
+                            and trio.current_time() - since <= _REJOIN_FOR):
+                        continue
+                    # Given up: a stream silent for four keep-alive intervals (the service
+                    # wedged: a re-join would wait as long again), or re-joined enough.
             except ChatError as exc:
                 if turn.run_id is None:
                     raise
@@ -306,18 +363,15 @@ class Client:
                     turn.run_id = run_id
                     turn.known.set()
                 silence = max(silence, 4 * _seconds(resp.headers.get("X-Keepalive-Interval")))
-                parser = SSEParser()
-                async for line in resp.aiter_lines():
-                    watchdog.deadline = trio.current_time() + silence
-                    if line.startswith(":"):  # a keep-alive: the run goes on, we hear of it
-                        turn.heard = trio.current_time()
-                    frame = parser.feed(line)
-                    if frame is not None:
-                        if frame.get("id"):
-                            if frame["id"] != turn.last_id:  # (a new one: the run moved on)
-                                turn.heard = trio.current_time()
-                            turn.last_id = frame["id"]
-                        await self._show(frame, turn)
+                parser, lines = SSEParser(), Lines()
+                async for text in resp.aiter_text():
+                    for line in lines.feed(text):
+                        watchdog.deadline = trio.current_time() + silence
+                        if line.startswith(":"):  # a keep-alive: the run goes on, we hear of it
+                            turn.heard = trio.current_time()
+                        frame = parser.feed(line)
+                        if frame is not None:
+                            await self._take(frame, turn)
         if watchdog.cancelled_caught:
             raise _Silent(f"the service stopped answering (nothing for {silence:g} s; run "
                           f"{turn.run_id or 'not started'})")
@@ -330,6 +384,25 @@ class Client:
             if turn.run_id is None:
                 raise ChatError(message)
             raise _Retry(message, _seconds(str(why.get("retry_after") or "")))
+
+    async def _take(self, frame: dict[str, Any], turn: Turn) -> None:
+        """A frame of the stream: shown, and its id kept for a re-join. One that is not an
+        event of the API ends the turn with one line (a traceback before)."""
+        event_id: str = frame.get("id") or ""
+        # (The re-join's Last-Event-ID: an id of the API is a number; "1\u00e9" broke it.)
+        number = event_id.isascii() and event_id.isdigit()
+        if number:
+            if event_id != turn.last_id:  # (a new one: the run moved on)
+                turn.heard = trio.current_time()
+            turn.last_id = event_id
+        try:
+            await self._show(frame, turn)
+        except (TypeError, AttributeError, KeyError, ValueError) as exc:
+            # A field of another type than the API's ({"text": null}, a plan's steps a number).
+            raise Malformed(f"a {frame.get('event') or 'message'} event this client cannot "
+                            f"read ({exc!r})") from None
+        if event_id and not number:
+            raise Malformed(f"an event's id is not a number: {event_id[:40]!r}")
 
     async def _show(self, frame: dict[str, Any], turn: Turn) -> None:
         kind, data = frame.get("event", ""), frame["data"]
@@ -394,6 +467,28 @@ class Client:
             turn.stopped.set()
         if resp.status_code != 202:
             self.renderer.note(f"[cancel failed: {_error_of(resp)}]")
+
+
+def _tls_failure(exc: BaseException) -> str | None:
+    """What a TLS handshake refused, if that is why ``exc`` happened (httpx's ConnectError
+    over trio says nothing itself: the SSL error is its cause)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            said = getattr(seen, "verify_message", None) or seen.reason or str(seen)
+            return f"TLS: {said}"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    """The first thing ``exc`` or one of its causes says (some say nothing themselves)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if str(seen):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return type(exc).__name__
 
 
 def _telling(said: Exception | None, new: Exception) -> Exception:
@@ -496,8 +591,9 @@ def _report(renderer: Renderer, exc: BaseException) -> int:
         renderer.err.print(f"service chat: the service stopped answering (nothing for "
                            f"{READ_TIMEOUT:g} s)", markup=False, highlight=False)
     elif isinstance(exc, httpx.HTTPError):
-        renderer.err.print(_safe(f"service chat: cannot reach the service: {exc}"), markup=False,
-                           highlight=False)
+        renderer.err.print(_safe("service chat: cannot reach the service: "
+                                 + (_tls_failure(exc) or _reason(exc))),
+                           markup=False, highlight=False)
     else:
         renderer.err.print(_safe(f"service chat: {exc}"), markup=False, highlight=False)
     return 1

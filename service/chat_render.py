@@ -50,14 +50,34 @@ class Renderer:
         # Steps go with the answer on a terminal, to stderr in a pipe.
         self.steps = out if self.tty else err
         self._live: Live | None = None
-        self._segment = ""  # the text of the current LLM call (a step's or the answer's)
+        # Both grow a token at a time, as pieces joined when read: ``+=`` on an attribute
+        # copies the whole text each time (160,000 tokens took 30 s in a pipe).
+        self._segment_parts: list[str] = []  # the text of the current LLM call (a step's or
+        # the answer's)
         self._stream_tokens = self.tty  # in a pipe: only for the chat agent (no steps)
-        self._printed = ""  # the text written as it came (a pipe, or a tall answer)
+        self._printed_parts: list[str] = []  # the text written as it came (a pipe, or a
+        # tall answer)
         self._plain = not self.tty  # text written as it comes, no live Markdown
         # A reasoning model's thinking that came while an answer was written as it comes on
         # the terminal: shown once that text's line has ended (it would cut the answer).
         self._held: list[Text] = []
         self._thinking = False  # a line of a reasoning model's thinking is being written
+
+    @property
+    def _segment(self) -> str:
+        return _joined(self._segment_parts)
+
+    @_segment.setter
+    def _segment(self, text: str) -> None:
+        self._segment_parts = [text] if text else []
+
+    @property
+    def _printed(self) -> str:
+        return _joined(self._printed_parts)
+
+    @_printed.setter
+    def _printed(self, text: str) -> None:
+        self._printed_parts = [text] if text else []
 
     def started(self, agent: str) -> None:
         if not self.tty and agent == "chat":
@@ -66,7 +86,8 @@ class Renderer:
     def token(self, text: str) -> None:
         self._end_thinking()
         text = _safe(text)
-        self._segment += text
+        if text:
+            self._segment_parts.append(text)
         if not self._stream_tokens:
             return
         if not self._plain:
@@ -85,7 +106,8 @@ class Renderer:
             self._plain, text = True, self._segment
         self.out.file.write(text)
         self.out.file.flush()
-        self._printed += text
+        if text:
+            self._printed_parts.append(text)
 
     def step(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "thought" and data.get("reasoning"):
@@ -237,6 +259,13 @@ def _what(kind: str, data: dict[str, Any]) -> str:
     if "error" in data:  # a plan step that failed (its tool, its model call)
         return f"· step {data.get('id')} failed: {_short(data['error'])}"
     return f"· step {data.get('id')} done"
+
+
+def _joined(parts: list[str]) -> str:
+    """The pieces as one text, kept as one piece (read again, it is not joined again)."""
+    if len(parts) > 1:
+        parts[:] = ["".join(parts)]
+    return parts[0] if parts else ""
 
 
 def _short(value: object, limit: int = 200) -> str:

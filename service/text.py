@@ -78,8 +78,21 @@ def not_text_at(value: Any, path: str = "") -> str | None:
     valid JSON, but UTF-8 cannot encode it) or NUL (``"\\u0000"``: PostgreSQL cannot store
     it). ``""`` for ``value`` itself, else a dotted path (``"0.function.name"``, a key holding
     one shown cleaned); None when it holds none."""
+    keys = _not_text_keys(value)
+    if keys is None:
+        return None
+    # A key is named cleaned: the path goes into error messages, which must be text. It is
+    # made once something is found (made at every child, a long key's path was copied for
+    # each of its children: a 900 KB request held the event loop for 4 s).
+    for key in reversed(keys):
+        path = f"{path}.{clean_text(str(key))}" if path else clean_text(str(key))
+    return path
+
+
+def _not_text_keys(value: Any) -> list[Any] | None:
+    """The keys down to what is not text in ``value``, innermost first; None if none is."""
     if isinstance(value, str):
-        return path if _lone(value) else None
+        return [] if _lone(value) else None
     if isinstance(value, dict):
         items: Any = value.items()
     elif isinstance(value, list | tuple):
@@ -87,11 +100,10 @@ def not_text_at(value: Any, path: str = "") -> str | None:
     else:
         return None
     for key, item in items:
-        # A key is named cleaned: the path goes into error messages, which must be text.
-        here = f"{path}.{clean_text(str(key))}" if path else clean_text(str(key))
         if isinstance(key, str) and _lone(key):
-            return here
-        if (found := not_text_at(item, here)) is not None:
+            return [key]
+        if (found := _not_text_keys(item)) is not None:
+            found.append(key)
             return found
     return None
 
