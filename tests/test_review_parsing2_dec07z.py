@@ -53,40 +53,8 @@ from service.store.records import Conversation, Message, MessageStatus
 from service.text import clean_text, not_text_at
 
 from .fakes import Reply, ScriptedBackend
+from .growth import LINEAR, assert_linear
 from .servers import running_server
-
-LINEAR = 2.8  # a doubling's time ratio a linear parse stays under (noise allowed); 4 is quadratic
-FLOOR = 0.02  # seconds: below this, timer noise decides the ratio
-
-
-def _best(fn: Callable[[], Any], reps: int = 3) -> float:
-    """The fastest of ``reps`` runs (the least disturbed by the other tests on the machine)."""
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def _growth(fn: Callable[[Any], Any], make: Callable[[int], Any], n: int,
-            reps: int = 3) -> tuple[float, float, float]:
-    small, big = make(n), make(2 * n)
-    fn(small)  # warm
-    t1 = _best(lambda: fn(small), reps)
-    t2 = _best(lambda: fn(big), reps)
-    return t1, t2, t2 / max(t1, 1e-6)
-
-
-def _assert_linear(fn: Callable[[Any], Any], make: Callable[[int], Any], n: int,
-                   what: str, reps: int = 3) -> None:
-    t1, t2, ratio = _growth(fn, make, n, reps)
-    if ratio >= LINEAR and t2 > FLOOR:  # one retry at double the size: a spike is no defect
-        n *= 2
-        t1, t2, ratio = _growth(fn, make, n, reps)
-    assert ratio < LINEAR or t2 <= FLOOR, (
-        f"{what}: n={n} {t1:.4f}s, n={2 * n} {t2:.4f}s, ratio {ratio:.2f}")
-
 
 # -- Ollama's native /api/chat NDJSON ---------------------------------------------------------
 
@@ -140,7 +108,7 @@ OLLAMA_CASES: dict[str, Callable[[int], bytes]] = {
 
 @pytest.mark.parametrize("case", list(OLLAMA_CASES))
 def test_ollama_ndjson_lines_are_linear(case: str) -> None:
-    _assert_linear(_ollama_parse, OLLAMA_CASES[case], 4000, f"ollama[{case}]")
+    assert_linear(_ollama_parse, OLLAMA_CASES[case], 4000, f"ollama[{case}]")
 
 
 def test_ollama_hostile_numbers_and_nesting_are_protocol_errors() -> None:
@@ -207,7 +175,7 @@ H11_CASES: dict[str, Callable[[int], bytes]] = {
 
 @pytest.mark.parametrize("case", list(H11_CASES))
 def test_h11_response_parsing_is_linear(case: str) -> None:
-    _assert_linear(_h11_read, H11_CASES[case], 2000, f"h11[{case}]")
+    assert_linear(_h11_read, H11_CASES[case], 2000, f"h11[{case}]")
 
 
 def test_h11_giant_chunk_size_and_head_are_refused_promptly() -> None:
@@ -286,7 +254,7 @@ def test_error_bodies_are_linear(case: str) -> None:
         for status in (400, 404, 429, 500, 503):
             error_from_status(status, body, backend="b", model="m")
     # 2,000 -> 4,000 units: ~32-64 KiB, the size the transport reads of an error body.
-    _assert_linear(parse, ERROR_BODY_CASES[case], 2000, f"error_from_status[{case}]")
+    assert_linear(parse, ERROR_BODY_CASES[case], 2000, f"error_from_status[{case}]")
 
 
 # -- /v1/chat/completions: the request ---------------------------------------------------------
@@ -347,7 +315,7 @@ V1_CASES: dict[str, Callable[[int], dict[str, Any]]] = {
 
 @pytest.mark.parametrize("case", list(V1_CASES))
 def test_v1_request_parse_is_linear(case: str) -> None:
-    _assert_linear(_v1, V1_CASES[case], 2000, f"/v1 request[{case}]")
+    assert_linear(_v1, V1_CASES[case], 2000, f"/v1 request[{case}]")
 
 
 def test_v1_deep_or_huge_numbers_are_refused_promptly() -> None:
@@ -395,22 +363,22 @@ def test_lone_surrogate_walk_is_linear_under_a_long_key() -> None:
     under the 1 MiB body limit freezes the whole process for seconds (every stream, heartbeat
     and lease renewal with it); see the end-to-end test below. A fix: build the path only when a
     surrogate is found (return the key, then prefix on the way out).)"""
-    _assert_linear(not_text_at, _long_key, 10_000, "not_text_at[long key]", reps=1)
-    _assert_linear(lambda body: ChatCompletionRequest.model_validate(body), _tools_body,
+    assert_linear(not_text_at, _long_key, 10_000, "not_text_at[long key]", reps=1)
+    assert_linear(lambda body: ChatCompletionRequest.model_validate(body), _tools_body,
                    10_000, "ChatCompletionRequest[tools long key]", reps=1)
 
     def run_call(n: int) -> ChatRequest:
         return ChatRequest(messages=(ChatMessage("user", "hi"),), tools=(
             {"type": "function", "function": {"name": "f", "parameters": _long_key(n)}},))
-    _assert_linear(unicode_request, run_call, 10_000, "unicode_request[tools]", reps=1)
+    assert_linear(unicode_request, run_call, 10_000, "unicode_request[tools]", reps=1)
 
 
 def test_lone_surrogate_walk_is_linear_when_deep() -> None:
     """Depth alone (the API's bound is MAX_JSON_DEPTH = 128 levels) with short keys: linear."""
     def make(n: int) -> Any:
         return [{"a": {"b": [list(range(5))] * (n // 10)}}]
-    _assert_linear(not_text_at, make, 40_000, "not_text_at[wide]")
-    _assert_linear(not_text_at, lambda n: [_deep_schema(100)] * (n // 400),
+    assert_linear(not_text_at, make, 40_000, "not_text_at[wide]")
+    assert_linear(not_text_at, lambda n: [_deep_schema(100)] * (n // 400),
                    40_000, "not_text_at[deep schemas]")
 
 
@@ -501,13 +469,13 @@ def _chat(n: int) -> list[ChatMessage]:
 
 
 def test_history_building_and_shortening_are_linear_in_messages() -> None:
-    _assert_linear(lambda cm: build_history(*cm), _stored, 4000, "build_history")
-    _assert_linear(lambda h: trim_history(h, 10**9), _chat, 2000, "trim_history[all fit]")
-    _assert_linear(lambda h: trim_history(h, len(h) * 20), _chat, 2000, "trim_history[half]")
-    _assert_linear(lambda h: shorter_history(h, 0.5), _chat, 2000, "shorter_history[half]")
-    _assert_linear(lambda h: shorter_history(h, 0.0), _chat, 2000, "shorter_history[all]")
-    _assert_linear(lambda h: fitted_history(h, h, 10**6, 10), _chat, 2000, "fitted_history")
-    _assert_linear(lambda h: fitted_history(h, h[len(h) // 2:], 10**6, 10**5, (2 * 10**6,
+    assert_linear(lambda cm: build_history(*cm), _stored, 4000, "build_history")
+    assert_linear(lambda h: trim_history(h, 10**9), _chat, 2000, "trim_history[all fit]")
+    assert_linear(lambda h: trim_history(h, len(h) * 20), _chat, 2000, "trim_history[half]")
+    assert_linear(lambda h: shorter_history(h, 0.5), _chat, 2000, "shorter_history[half]")
+    assert_linear(lambda h: shorter_history(h, 0.0), _chat, 2000, "shorter_history[all]")
+    assert_linear(lambda h: fitted_history(h, h, 10**6, 10), _chat, 2000, "fitted_history")
+    assert_linear(lambda h: fitted_history(h, h[len(h) // 2:], 10**6, 10**5, (2 * 10**6,
                                                                                10**7)),
                    _chat, 2000, "fitted_history[measured]")
 
@@ -531,8 +499,8 @@ def test_message_content_validation_and_clean_text_are_linear(case: str) -> None
         with contextlib.suppress(ValueError):  # a lone surrogate or NUL: a 422 naming it
             PostMessage.model_validate({"content": text, "stream": True})
     # 5,000 -> 10,000: 500 KB to 1,000,000 characters (MAX_CONTENT_CHARS).
-    _assert_linear(validate, make, 5000, f"PostMessage[{case}]")
-    _assert_linear(clean_text, make, 5000, f"clean_text[{case}]")
+    assert_linear(validate, make, 5000, f"PostMessage[{case}]")
+    assert_linear(clean_text, make, 5000, f"clean_text[{case}]")
 
 
 def test_title_and_system_validation_are_bounded() -> None:
@@ -541,7 +509,7 @@ def test_title_and_system_validation_are_bounded() -> None:
         with pytest.raises(ValueError, match="title"):
             CreateConversation.model_validate({"title": title})
         assert time.perf_counter() - t0 < 1.0
-    _assert_linear(lambda s: CreateConversation.model_validate({"system": s}),
+    assert_linear(lambda s: CreateConversation.model_validate({"system": s}),
                    lambda n: "s" * (10 * n), 5000, "CreateConversation[system]")
 
 

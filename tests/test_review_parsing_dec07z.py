@@ -38,41 +38,8 @@ from service.settings import load_settings
 from service.text import TextJoiner
 
 from .fakes import Reply, ScriptedBackend
+from .growth import assert_linear, best
 from .servers import running_server
-
-LINEAR = 2.8  # a doubling's time ratio a linear parse stays under (noise allowed); 4 is quadratic
-
-
-def _best(fn: Callable[[], Any], reps: int = 3) -> float:
-    """The fastest of ``reps`` runs (the least disturbed by the other tests on the machine)."""
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def _growth(fn: Callable[[str], Any], make: Callable[[int], str], n: int,
-            reps: int = 3) -> tuple[float, float, float]:
-    """Times of ``fn`` on ``make(n)`` and ``make(2n)``, and their ratio."""
-    small, big = make(n), make(2 * n)
-    fn(small)  # warm (regex compile caches, imports)
-    t1 = _best(lambda: fn(small), reps)
-    t2 = _best(lambda: fn(big), reps)
-    return t1, t2, t2 / max(t1, 1e-6)
-
-
-def _assert_linear(fn: Callable[[str], Any], make: Callable[[int], str], n: int,
-                   what: str) -> None:
-    t1, t2, ratio = _growth(fn, make, n)
-    if ratio >= LINEAR and t2 > 0.02:  # below 20 ms, timer noise decides the ratio
-        # One retry at double the size: a spike on a shared machine is not a defect.
-        t1, t2, ratio = _growth(fn, make, 2 * n)
-    assert ratio < LINEAR or t2 <= 0.02, (
-        f"{what}: {len(make(n))} chars {t1:.4f}s, {len(make(2 * n))} chars {t2:.4f}s, "
-        f"ratio {ratio:.2f}")
-
 
 # -- ReAct text protocol: inputs found linear ------------------------------------------------------
 
@@ -101,8 +68,8 @@ REACT_LINEAR_CASES: dict[str, Callable[[int], str]] = {
 @pytest.mark.parametrize("case", list(REACT_LINEAR_CASES))
 def test_parse_react_is_linear_on_hostile_shapes(case: str) -> None:
     make = REACT_LINEAR_CASES[case]
-    _assert_linear(parse_react, make, 4000, f"parse_react[{case}]")
-    _assert_linear(up_to_the_action, make, 4000, f"up_to_the_action[{case}]")
+    assert_linear(parse_react, make, 4000, f"parse_react[{case}]")
+    assert_linear(up_to_the_action, make, 4000, f"up_to_the_action[{case}]")
 
 
 def test_react_input_nesting_and_giant_numbers_are_invalid_input_not_a_crash() -> None:
@@ -118,8 +85,8 @@ def test_react_input_nesting_and_giant_numbers_are_invalid_input_not_a_crash() -
 
 
 def test_answer_so_far_on_plain_hostile_shapes_is_linear() -> None:
-    _assert_linear(answer_so_far, lambda n: "Thought: t\n" * n, 4000, "answer_so_far[thoughts]")
-    _assert_linear(answer_so_far, lambda n: "x\n" * (5 * n), 4000, "answer_so_far[plain]")
+    assert_linear(answer_so_far, lambda n: "Thought: t\n" * n, 4000, "answer_so_far[thoughts]")
+    assert_linear(answer_so_far, lambda n: "x\n" * (5 * n), 4000, "answer_so_far[plain]")
 
 
 # -- ReAct: the final answer's run-on scan ---------------------------------------------------------
@@ -150,8 +117,8 @@ def test_final_answer_followed_by_action_lines_is_linear() -> None:
     ``parse_react``) or when a cut-short run's partial answer is taken
     (``RunHandle.partial_text`` -> ``answer_so_far``): every other user's stream, heartbeat and
     lease renewal on the process stalls with it.)"""
-    _assert_linear(parse_react, _final_then_actions, 2000, "parse_react[final, actions]")
-    _assert_linear(answer_so_far, _final_then_actions, 2000, "answer_so_far[final, actions]")
+    assert_linear(parse_react, _final_then_actions, 2000, "parse_react[final, actions]")
+    assert_linear(answer_so_far, _final_then_actions, 2000, "answer_so_far[final, actions]")
 
 
 def test_final_answer_with_run_on_cycles_is_linear_in_answer_so_far() -> None:
@@ -168,8 +135,8 @@ def test_final_answer_with_run_on_cycles_is_linear_in_answer_so_far() -> None:
     ReAct turn. Why it matters: 168 KB of model text (~40k tokens, far below MAX_CALL_CHARS)
     freezes the whole process for ~27 s; see the end-to-end test below for another run's stalled
     tokens.)"""
-    _assert_linear(answer_so_far, _final_then_cycles, 800, "answer_so_far[final, cycles]")
-    _assert_linear(parse_react, _final_then_cycles, 800, "parse_react[final, cycles]")
+    assert_linear(answer_so_far, _final_then_cycles, 800, "answer_so_far[final, cycles]")
+    assert_linear(parse_react, _final_then_cycles, 800, "parse_react[final, cycles]")
 
 
 # -- Plan JSON, routing ---------------------------------------------------------------------------
@@ -188,7 +155,7 @@ def test_parse_plan_is_linear_on_hostile_shapes(case: str) -> None:
     def parse(text: str) -> None:
         with contextlib.suppress(ValueError):
             parse_plan(text)
-    _assert_linear(parse, PLAN_CASES[case], 4000, f"parse_plan[{case}]")
+    assert_linear(parse, PLAN_CASES[case], 4000, f"parse_plan[{case}]")
 
 
 def test_parse_plan_nesting_and_giant_numbers_are_clear_value_errors() -> None:
@@ -201,10 +168,10 @@ def test_parse_plan_nesting_and_giant_numbers_are_clear_value_errors() -> None:
 
 
 def test_routing_reply_parse_is_linear() -> None:
-    _assert_linear(_parse_choice, lambda n: "plan_execute " * n, 4000, "_parse_choice")
-    _assert_linear(_parse_choice, lambda n: "a" * (10 * n), 4000, "_parse_choice[word]")
+    assert_linear(_parse_choice, lambda n: "plan_execute " * n, 4000, "_parse_choice")
+    assert_linear(_parse_choice, lambda n: "a" * (10 * n), 4000, "_parse_choice[word]")
     for q in ("first " * 20_000, "\n" * 50_000, "1. " * 20_000, "2+" * 30_000):
-        t = _best(lambda q=q: classify_by_rule(q, ["calculator"]), 1)
+        t = best(lambda q=q: classify_by_rule(q, ["calculator"]), 1)
         assert t < 1.0, t  # bounded: it reads the first 8,000 characters only
 
 
@@ -218,15 +185,15 @@ def test_sse_parser_is_linear_in_a_long_line_fed_in_small_reads() -> None:
         for i in range(0, len(data), 16):
             items += p.feed(data[i:i + 16])
         assert len(items) == 1
-    _assert_linear(feed, lambda n: "x" * (20 * n), 4000, "SSEParser long line")
+    assert_linear(feed, lambda n: "x" * (20 * n), 4000, "SSEParser long line")
 
 
 def test_sse_parser_is_linear_in_many_lines_of_one_read() -> None:
     def feed(text: str) -> None:
         SSEParser().feed(text.encode())
-    _assert_linear(feed, lambda n: "data: x\r" * (5 * n) + "\n", 4000, "SSEParser CR lines")
-    _assert_linear(feed, lambda n: "\r" * (20 * n), 4000, "SSEParser CRs")
-    _assert_linear(feed, lambda n: ": k\n" * (5 * n), 4000, "SSEParser comments")
+    assert_linear(feed, lambda n: "data: x\r" * (5 * n) + "\n", 4000, "SSEParser CR lines")
+    assert_linear(feed, lambda n: "\r" * (20 * n), 4000, "SSEParser CRs")
+    assert_linear(feed, lambda n: ": k\n" * (5 * n), 4000, "SSEParser comments")
 
 
 def test_ndjson_splitter_is_linear() -> None:
@@ -236,8 +203,8 @@ def test_ndjson_splitter_is_linear() -> None:
         for i in range(0, len(data), 16):
             s.feed(data[i:i + 16])
         s.flush()
-    _assert_linear(feed, lambda n: "x" * (20 * n), 4000, "NDJSON long line")
-    _assert_linear(feed, lambda n: "{}\n" * (7 * n), 4000, "NDJSON many lines")
+    assert_linear(feed, lambda n: "x" * (20 * n), 4000, "NDJSON long line")
+    assert_linear(feed, lambda n: "{}\n" * (7 * n), 4000, "NDJSON many lines")
 
 
 def test_openai_tool_call_arguments_in_thousands_of_fragments_are_linear() -> None:
@@ -249,7 +216,7 @@ def test_openai_tool_call_arguments_in_thousands_of_fragments_are_linear() -> No
             chunks._add_call_delta({"index": 0, "function": {"arguments": args[i:i + 3]}})
         final = chunks._final()
         assert final.tool_calls[0].name == "f"
-    _assert_linear(assemble, lambda n: json.dumps({"a": "x" * (20 * n)}), 4000,
+    assert_linear(assemble, lambda n: json.dumps({"a": "x" * (20 * n)}), 4000,
                    "tool-call argument assembly")
 
 
@@ -258,7 +225,7 @@ def test_openai_stream_event_parse_is_linear_per_token() -> None:
         chunks = OpenAIChunks(None, "b", "m")  # type: ignore[arg-type]
         for c in text:
             chunks._event('{"choices":[{"index":0,"delta":{"content":' + json.dumps(c) + "}}]}")
-    _assert_linear(stream, lambda n: "ab" * n, 4000, "per-token content events")
+    assert_linear(stream, lambda n: "ab" * n, 4000, "per-token content events")
 
 
 def test_hostile_arguments_and_error_bodies_are_protocol_errors() -> None:
@@ -283,7 +250,7 @@ def test_text_joiner_per_token_is_linear() -> None:
         for c in text:
             j.feed(c)
         j.flush()
-    _assert_linear(feed, lambda n: "\ud83d\ude00a\x00" * n, 4000, "TextJoiner")
+    assert_linear(feed, lambda n: "\ud83d\ude00a\x00" * n, 4000, "TextJoiner")
 
 
 # -- End to end: one hostile run stalls another run's stream --------------------------------------

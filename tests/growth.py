@@ -1,0 +1,42 @@
+"""Growth checks for the event loop's parsers: a doubling of the input should about double the
+time (a ratio near 4 is quadratic). Never an absolute speed: the ratio of the fastest of a few
+runs, with one retry at double the size, and below ``FLOOR`` seconds timer noise decides."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+LINEAR = 2.8  # a doubling's time ratio a linear parse stays under (noise allowed); 4 is quadratic
+FLOOR = 0.02  # seconds: below this, timer noise decides the ratio
+
+
+def best(fn: Callable[[], Any], reps: int = 3) -> float:
+    """The fastest of ``reps`` runs (the least disturbed by the other tests on the machine)."""
+    fastest = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        fastest = min(fastest, time.perf_counter() - t0)
+    return fastest
+
+
+def growth(fn: Callable[[Any], Any], make: Callable[[int], Any], n: int,
+           reps: int = 3) -> tuple[float, float, float]:
+    """Times of ``fn`` on ``make(n)`` and ``make(2n)``, and their ratio."""
+    small, big = make(n), make(2 * n)
+    fn(small)  # warm (regex compile caches, imports)
+    t1 = best(lambda: fn(small), reps)
+    t2 = best(lambda: fn(big), reps)
+    return t1, t2, t2 / max(t1, 1e-6)
+
+
+def assert_linear(fn: Callable[[Any], Any], make: Callable[[int], Any], n: int,
+                  what: str, reps: int = 3) -> None:
+    t1, t2, ratio = growth(fn, make, n, reps)
+    if ratio >= LINEAR and t2 > FLOOR:  # one retry at double the size: a spike is no defect
+        n *= 2
+        t1, t2, ratio = growth(fn, make, n, reps)
+    assert ratio < LINEAR or t2 <= FLOOR, (
+        f"{what}: n={n} {t1:.4f}s, n={2 * n} {t2:.4f}s, ratio {ratio:.2f}")
