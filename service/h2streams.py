@@ -22,6 +22,13 @@ Hypercorn serves HTTP/2 on the plain port too (h2c, prior knowledge), so any cli
   stream of the connection. Browsers only use it where the server advertises it; without it
   they open the WebSocket over HTTP/1.1, where all of that is tested.
 
+* **A client that grants no flow-control credit is dropped.** A response's bytes wait in its
+  stream's buffer for the client's WINDOW_UPDATEs; a client that announced a window of 0 and
+  never opened it (while it answered PINGs, so its socket never stalled) held each of its
+  streams' tasks, and the connection, for as long as it liked. Now a stream whose client has
+  taken nothing of its buffer for the stall limit (``service.sendstall``) is reset (CANCEL)
+  and closed as if the client had reset it: its app sees the disconnect, its runs stop.
+
 Installed from ``create_app``; the tests fail if a hypercorn upgrade changes these names.
 """
 
@@ -31,15 +38,23 @@ from typing import Any
 
 import h2.errors
 import h2.events
+import h2.exceptions
 import h2.settings
 import priority
-from hypercorn.events import Closed
+import trio
+from hypercorn.events import Closed, Updated
 from hypercorn.protocol.events import EndBody
-from hypercorn.protocol.h2 import H2Protocol
+from hypercorn.protocol.h2 import BUFFER_HIGH_WATER, BufferCompleteError, H2Protocol, StreamBuffer
+
+from .logs import get_logger
+from .sendstall import stall_limit
 
 __all__ = ["install"]
 
+log = get_logger("service.server")
+
 _handle_events = H2Protocol._handle_events
+_stream_send = H2Protocol.stream_send
 _create_stream = H2Protocol._create_stream
 _init = H2Protocol.__init__
 
@@ -130,7 +145,66 @@ async def _priority_updated_within_bounds(self: H2Protocol, event: Any) -> None:
         await _calm_down(self)
 
 
+_STALLED = "_service_stalled"  # set on a connection once one of its streams was reset so
+
+
+class _Stalled(Exception):
+    """The client took nothing of a stream's buffer for the stall limit."""
+
+
+async def _taken_within_stall(buffer: StreamBuffer, event: Any) -> None:
+    """``event.wait()``, while the client takes some of ``buffer`` within each stall limit
+    (a slow client that takes a frame within it is never cut)."""
+    while True:
+        size = len(buffer.buffer)
+        with trio.move_on_after(stall_limit()):
+            await event.wait()
+            return
+        if len(buffer.buffer) >= size:
+            raise _Stalled
+
+
+async def _push(self: StreamBuffer, data: bytes) -> None:
+    """``StreamBuffer.push`` (hypercorn 0.18's), its wait for room bounded by progress."""
+    if self._complete:
+        raise BufferCompleteError()
+    self.buffer.extend(data)
+    await self._is_empty.clear()
+    if len(self.buffer) >= BUFFER_HIGH_WATER:
+        await _taken_within_stall(self, self._paused)
+        await self._paused.clear()
+
+
+async def _drain(self: StreamBuffer) -> None:
+    await _taken_within_stall(self, self._is_empty)
+
+
+async def _stream_send_within_stall(self: H2Protocol, event: Any) -> None:
+    try:
+        await _stream_send(self, event)
+    except _Stalled:
+        if not getattr(self, _STALLED, False):  # (said once a connection, not per stream)
+            setattr(self, _STALLED, True)
+            log.warning("an HTTP/2 client took nothing of a response for %g s: its streams "
+                        "are reset", stall_limit())
+        # (Shielded: the app's send runs in its request's nursery, which ends with it.)
+        with trio.move_on_after(stall_limit(), shield=True):
+            try:
+                self.connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.CANCEL)
+                await self._flush()
+            except h2.exceptions.H2Error:
+                pass  # (the stream or the connection is closed already)
+            # As for a client's reset: the app is told, and the send task drops the buffer;
+            # once no stream is left, the connection's idle timer runs (keep_alive_timeout).
+            await self._close_stream(event.stream_id)
+            await self._window_updated(event.stream_id)
+            await self.send(Updated(idle=all(s.idle for s in self.streams.values())))
+
+
 def install() -> None:
+    StreamBuffer.push = _push  # type: ignore[method-assign]
+    StreamBuffer.drain = _drain  # type: ignore[method-assign]
+    H2Protocol.stream_send = _stream_send_within_stall  # type: ignore[method-assign]
     H2Protocol._priority_updated = _priority_updated_within_bounds  # type: ignore[method-assign]
     H2Protocol._handle_events = _handle_events_of_live_streams  # type: ignore[method-assign]
     H2Protocol._create_stream = _create_stream_or_refuse  # type: ignore[method-assign]

@@ -38,7 +38,7 @@ from hypercorn.trio import tcp_server
 
 from .logs import get_logger
 
-__all__ = ["STALL_KEEPALIVES", "STALL_MIN", "closing", "install", "serving"]
+__all__ = ["STALL_KEEPALIVES", "STALL_MIN", "closing", "install", "serving", "stall_limit"]
 
 log = get_logger("service.server")
 
@@ -162,6 +162,11 @@ async def _stream_send(self: H11Protocol, event: Any) -> None:
             _HEAD.reset(head)
     else:
         await _h11_stream_send(self, event)
+
+
+def stall_limit() -> float:
+    """Seconds a response may wait for its client to take a piece (set by ``install``)."""
+    return _stall[0]
 
 
 def install(keepalive: float) -> None:
