@@ -5,9 +5,13 @@ runs, with one retry at double the size, and below ``FLOOR`` seconds timer noise
 from __future__ import annotations
 
 import gc
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
+
+import httpx
+import trio
 
 LINEAR = 2.8  # a doubling's time ratio a linear parse stays under (noise allowed); 4 is quadratic
 FLOOR = 0.02  # seconds: below this, timer noise decides the ratio
@@ -49,3 +53,32 @@ def assert_linear(fn: Callable[[Any], Any], make: Callable[[int], Any], n: int,
         t1, t2, ratio = growth(fn, make, n, reps)
     assert ratio < LINEAR or t2 <= FLOOR, (
         f"{what}: n={n} {t1:.4f}s, n={2 * n} {t2:.4f}s, ratio {ratio:.2f}")
+
+
+async def gaps_around(client: httpx.AsyncClient, conversation: str,
+                      hostile: Callable[[], Awaitable[None]], at: int = 300) -> tuple[float, float]:
+    """A victim's stream (``POST .../messages``, ``stream: true``, a reply of many tokens a few
+    ms apart) with ``hostile`` started at its ``at``-th token: the largest gap between two of
+    its tokens before (past its first 20) and the largest while ``hostile`` runs, in seconds."""
+    arrivals: list[float] = []
+    started: list[float] = []
+
+    async def go() -> None:
+        started.append(time.perf_counter())
+        await hostile()
+
+    async with trio.open_nursery() as nursery, \
+            client.stream("POST", f"/api/conversations/{conversation}/messages",
+                          json={"content": "victim", "stream": True}) as resp:
+        async for line in resp.aiter_lines():
+            if line.startswith("event: token"):
+                arrivals.append(time.perf_counter())
+                if len(arrivals) == at:
+                    nursery.start_soon(go)
+            elif line.startswith("event: run.finished"):
+                break
+    assert len(arrivals) >= at + 100, len(arrivals)
+    assert started
+    before = [b - a for a, b in itertools.pairwise(arrivals) if b <= started[0]]
+    during = [b - a for a, b in itertools.pairwise(arrivals) if a >= started[0]]
+    return max(before[20:]), max(during)

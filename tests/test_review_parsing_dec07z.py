@@ -11,9 +11,7 @@ failed before their fix say so ("Fixed (was: DEFECT: ...)").
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,7 @@ from service.settings import load_settings
 from service.text import TextJoiner
 
 from .fakes import Reply, ScriptedBackend
-from .growth import assert_linear, best
+from .growth import assert_linear, best, gaps_around
 from .servers import running_server
 
 # -- ReAct text protocol: inputs found linear ------------------------------------------------------
@@ -282,8 +280,6 @@ async def test_a_hostile_react_reply_does_not_stall_another_users_token_stream(
         return Reply(HOSTILE, chunks=30)
 
     settings = load_settings(db=tmp_path / "s.db")
-    arrivals: list[float] = []
-    hostile_at: list[float] = []
     async with running_server(settings, ScriptedBackend(model)) as srv, \
             srv.client() as client, srv.client() as other:
         with trio.fail_after(60):
@@ -291,29 +287,13 @@ async def test_a_hostile_react_reply_does_not_stall_another_users_token_stream(
                                              json={"agent": "chat"})).json()["id"]
             hostile_conv = (await other.post("/api/conversations",
                                              json={"agent": "react"})).json()["id"]
+
             async def hostile() -> None:
-                hostile_at.append(time.perf_counter())
                 r = await other.post(f"/api/conversations/{hostile_conv}/messages",
                                      json={"content": "hostile"})
                 assert r.status_code in (200, 201, 202), r.text
 
-            async with trio.open_nursery() as nursery, \
-                    client.stream("POST", f"/api/conversations/{victim_conv}/messages",
-                                  json={"content": "victim", "stream": True}) as resp:
-                async for line in resp.aiter_lines():
-                    if line.startswith("event: token"):
-                        arrivals.append(time.perf_counter())
-                        if len(arrivals) == 300:
-                            nursery.start_soon(hostile)
-                    elif line.startswith("event: run.finished"):
-                        break
-    assert len(arrivals) >= 400
-    assert hostile_at
-    start = hostile_at[0]
-    before = [b - a for a, b in itertools.pairwise(arrivals) if b <= start]
-    during = [b - a for a, b in itertools.pairwise(arrivals) if a >= start]
-    baseline = max(before[20:])  # past the stream's start-up
-    stall = max(during)
+            baseline, stall = await gaps_around(client, victim_conv, hostile)
     assert stall < max(5 * baseline, 1.0), (
         f"run A's largest token gap: {baseline:.3f}s before run B, {stall:.3f}s while B's "
         f"{len(HOSTILE)}-char ReAct reply was parsed ({stall / baseline:.0f}x)")
