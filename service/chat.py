@@ -69,6 +69,7 @@ _TITLE_CHARS = 60
 
 
 _LINE_MAX = 32 << 20  # characters of one line of a stream (an event's whole answer fits)
+_CUT = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)  # a handshake cut short
 
 
 class ChatError(Exception):
@@ -140,9 +141,8 @@ class LineTooLong(ChatError):
 
 @dataclass
 class Lines:
-    """A stream's text cut into lines (at LF, CRLF or a lone CR, as SSE has them), none held
-    past ``limit`` characters: httpx's ``aiter_lines`` keeps a line whole, however long, and a
-    server sending one that never ends filled the memory."""
+    """A stream's text cut into lines (at LF, CRLF or a lone CR), none held past ``limit``
+    characters (httpx's ``aiter_lines`` held a line that never ends whole)."""
 
     limit: int = _LINE_MAX
     _pending: list[str] = field(default_factory=list)
@@ -386,10 +386,9 @@ class Client:
             raise _Retry(message, _seconds(str(why.get("retry_after") or "")))
 
     async def _take(self, frame: dict[str, Any], turn: Turn) -> None:
-        """A frame of the stream: shown, and its id kept for a re-join. One that is not an
-        event of the API ends the turn with one line (a traceback before)."""
+        """A frame shown, its id kept for a re-join (the Last-Event-ID: a number; "1\u00e9"
+        broke it). One that is not an event of the API ends the turn with one line."""
         event_id: str = frame.get("id") or ""
-        # (The re-join's Last-Event-ID: an id of the API is a number; "1\u00e9" broke it.)
         number = event_id.isascii() and event_id.isdigit()
         if number:
             if event_id != turn.last_id:  # (a new one: the run moved on)
@@ -470,13 +469,13 @@ class Client:
 
 
 def _tls_failure(exc: BaseException) -> str | None:
-    """What a TLS handshake refused, if that is why ``exc`` happened (httpx's ConnectError
-    over trio says nothing itself: the SSL error is its cause)."""
+    """What a TLS handshake refused (a certificate, a peer speaking no TLS), if that is why
+    ``exc`` happened; not a handshake cut short (a proxy restarting): a retry may pass."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, ssl.SSLError):
-            said = getattr(seen, "verify_message", None) or seen.reason or str(seen)
-            return f"TLS: {said}"
+        if isinstance(seen, ssl.SSLError) and not isinstance(seen, _CUT):
+            said = getattr(seen, "verify_message", None) or getattr(seen, "reason", None)
+            return f"TLS: {said or seen}"
         seen = seen.__cause__ or seen.__context__
     return None
 

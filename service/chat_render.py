@@ -51,7 +51,9 @@ class Renderer:
         self.steps = out if self.tty else err
         self._live: Live | None = None
         # Both grow a token at a time, as pieces joined when read: ``+=`` on an attribute
-        # copies the whole text each time (160,000 tokens took 30 s in a pipe).
+        # copies the whole text each time (160,000 tokens took 30 s in a pipe). Whether one
+        # holds anything is asked of its pieces (only non-empty ones): a read between two
+        # appends (a thinking piece between answer tokens) would join them again.
         self._segment_parts: list[str] = []  # the text of the current LLM call (a step's or
         # the answer's)
         self._stream_tokens = self.tty  # in a pipe: only for the chat agent (no steps)
@@ -117,7 +119,7 @@ class Renderer:
             # again whole. It comes a piece (a token) at a time: one running line, not a
             # line per piece.
             piece = _safe(str(data.get("text", "")))
-            if self._printed and self.steps is self.out:
+            if self._printed_parts and self.steps is self.out:
                 if self._held and self._held[-1].plain.startswith("· thinking: "):
                     self._held[-1].append(piece)
                 else:
@@ -133,9 +135,9 @@ class Renderer:
             return
         self._end_thinking()
         line = Text(_safe(_describe(kind, data)), style="dim")
-        if self._printed:  # written as it came: ended with its line
+        if self._printed_parts:  # written as it came: ended with its line
             self._end_plain()
-        elif self.tty and self._segment:
+        elif self.tty and self._segment_parts:
             # The text so far was a step's (a ReAct thought), not the answer.
             self._stop_live(Text(self._segment.strip(), style="dim"))
             self._show_held()
@@ -146,9 +148,9 @@ class Renderer:
         """The final answer (after its tokens, if any were shown)."""
         self._end_thinking()
         content = _safe(content)
-        if self._printed and content.startswith(self._printed):
+        if self._printed_parts and content.startswith(self._printed):
             self.out.file.write(content[len(self._printed):] + "\n")
-        elif self._printed:
+        elif self._printed_parts:
             # What was written as it came was not the answer (a step's text, then an answer
             # of its own: ReAct at its step limit): the answer follows it, whole.
             self.out.file.write("\n")
@@ -176,7 +178,7 @@ class Renderer:
                 self.message(content)
             else:
                 self.reset()
-        elif self._printed:
+        elif self._printed_parts:
             self._end_plain()
         else:
             self._stop_live(_SafeMarkdown(self._segment) if self._segment.strip() else None)
@@ -193,7 +195,7 @@ class Renderer:
         """A turn that did not end normally: stop the live display, forget its text."""
         self._end_thinking()
         self._stop_live(None)
-        if self._printed:
+        if self._printed_parts:
             self.out.file.write("\n")  # the text written as it came: its line ends
             self.out.file.flush()
         self._segment = self._printed = ""

@@ -165,14 +165,25 @@ async def _taken_within_stall(buffer: StreamBuffer, event: Any) -> None:
 
 
 async def _push(self: StreamBuffer, data: bytes) -> None:
-    """``StreamBuffer.push`` (hypercorn 0.18's), its wait for room bounded by progress."""
+    """``StreamBuffer.push`` (hypercorn 0.18's), its wait for room bounded by progress, and
+    waiting until there is room: hypercorn's send task pops nothing from a stream whose client
+    gave no credit, which sets ``_paused`` all the same (an empty pop is under the low-water
+    mark), so a streaming response's sends never waited: its events piled up in the buffer,
+    and the stall limit never came."""
     if self._complete:
         raise BufferCompleteError()
     self.buffer.extend(data)
     await self._is_empty.clear()
-    if len(self.buffer) >= BUFFER_HIGH_WATER:
-        await _taken_within_stall(self, self._paused)
+    size = len(self.buffer)
+    deadline = trio.current_time() + stall_limit()
+    while len(self.buffer) >= BUFFER_HIGH_WATER and not self._complete:
+        with trio.move_on_at(deadline):
+            await self._paused.wait()
         await self._paused.clear()
+        if len(self.buffer) < size:  # the client took some: the limit counts from now
+            size, deadline = len(self.buffer), trio.current_time() + stall_limit()
+        elif trio.current_time() >= deadline:
+            raise _Stalled
 
 
 async def _drain(self: StreamBuffer) -> None:
