@@ -34,7 +34,6 @@ SIGINT is trio's (a signal receiver) only while a turn runs.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import signal
@@ -47,9 +46,10 @@ import httpx
 import trio
 
 from .chat_render import Renderer, _safe
+from .chat_stream import ChatError, Lines, LineTooLong, Malformed, SSEParser
 from .text import clean_text
 
-__all__ = ["SSEParser"]
+__all__ = ["ChatError", "LineTooLong", "Lines", "Malformed", "SSEParser"]
 
 EXIT_INTERRUPTED = 130
 EXIT_OUTPUT_CLOSED = 141  # as a shell reports a writer stopped by SIGPIPE (``| head``)
@@ -67,17 +67,7 @@ _STEPS = ("thought", "tool.call", "tool.result", "plan", "step.started", "step.f
           "decision")
 _TITLE_CHARS = 60
 
-
-_LINE_MAX = 32 << 20  # characters of one line of a stream (an event's whole answer fits)
 _CUT = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)  # a handshake cut short
-
-
-class ChatError(Exception):
-    """A request failed: its one line goes to stderr."""
-
-
-class Malformed(ChatError):
-    """A frame that is not an event of the API (a broken proxy, another server at the URL)."""
 
 
 class Interrupted(Exception):
@@ -101,70 +91,6 @@ class Options:
     model: str | None
     conversation: str | None
     message: str | None
-
-
-@dataclass
-class SSEParser:
-    """Frames of an SSE stream, fed line by line: ``{"id", "event", "data"}`` (data parsed as
-    JSON); comments (keep-alives) are dropped."""
-
-    _fields: dict[str, str] = field(default_factory=dict)
-    _data: list[str] = field(default_factory=list)
-
-    def feed(self, line: str) -> dict[str, Any] | None:
-        if line:
-            if not line.startswith(":"):
-                name, _, value = line.partition(":")
-                value = value.removeprefix(" ")
-                if name == "data":
-                    self._data.append(value)
-                else:
-                    self._fields[name] = value
-            return None
-        frame: dict[str, Any] | None = None
-        fields, data = self._fields, self._data
-        self._fields, self._data = {}, []
-        if data:
-            try:
-                parsed = json.loads("\n".join(data))
-            except ValueError as exc:
-                raise Malformed(f"an event's data is not JSON ({exc})") from None
-            if not isinstance(parsed, dict):
-                raise Malformed(f"an event's data is not an object: {str(parsed)[:80]}")
-            frame = {**fields, "data": parsed}
-        return frame
-
-
-class LineTooLong(ChatError):
-    """A line of the stream past ``_LINE_MAX`` characters."""
-
-
-@dataclass
-class Lines:
-    """A stream's text cut into lines (at LF, CRLF or a lone CR), none held past ``limit``
-    characters (httpx's ``aiter_lines`` held a line that never ends whole)."""
-
-    limit: int = _LINE_MAX
-    _pending: list[str] = field(default_factory=list)
-    _size: int = 0
-    _cr: bool = False  # the last text ended with a CR: an LF first in the next is its pair
-
-    def feed(self, text: str) -> list[str]:
-        if self._cr and text.startswith("\n"):
-            text = text[1:]
-        self._cr = text.endswith("\r")
-        parts = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-        lines = []
-        for part in parts[:-1]:
-            self._pending.append(part)
-            lines.append("".join(self._pending))
-            self._pending, self._size = [], 0
-        if parts[-1]:
-            self._size += len(parts[-1])
-            if self._size > self.limit:
-                raise LineTooLong(f"the service sent a line of over {self.limit:,} characters")
-            self._pending.append(parts[-1])
-        return lines
 
 
 @dataclass
@@ -387,9 +313,12 @@ class Client:
 
     async def _take(self, frame: dict[str, Any], turn: Turn) -> None:
         """A frame shown, its id kept for a re-join (the Last-Event-ID: a number; "1\u00e9"
-        broke it). One that is not an event of the API ends the turn with one line."""
+        broke it); one at or below the last shown is not shown again. One that is not an event
+        of the API ends the turn with one line."""
         event_id: str = frame.get("id") or ""
         number = event_id.isascii() and event_id.isdigit()
+        if number and turn.last_id is not None and int(event_id) <= int(turn.last_id):
+            return  # shown already: a proxy that dropped the re-join's Last-Event-ID replays
         if number:
             if event_id != turn.last_id:  # (a new one: the run moved on)
                 turn.heard = trio.current_time()

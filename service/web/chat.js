@@ -355,6 +355,8 @@ addEventListener("pagehide", () => {
 async function follow(resp, view, live) {
   let error = null;
   for await (const { id, event, data, keepalive } of sseFrames(resp)) {
+    // Shown already: a proxy that dropped the re-join's Last-Event-ID replays the run.
+    if (id && Number(id) <= live.last_id) continue;
     // The run goes on, and we hear of it: a keep-alive, or an event past the last one.
     if (keepalive || (id && Number(id) !== live.last_id)) live.heard = Date.now();
     if (keepalive) continue;

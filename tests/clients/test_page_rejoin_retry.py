@@ -8,6 +8,7 @@ server and simulator on loopback, a TCP proxy between them."""
 from __future__ import annotations
 
 import itertools
+import re
 from functools import partial
 from typing import Any
 
@@ -19,7 +20,7 @@ from service.settings import Settings
 from service.sim.scenario import Reply as SimReply
 
 from ..e2e import GUARD, e2e
-from ..proxies import cuttable
+from ..proxies import CuttableProxy, cuttable, port_of, serving
 from .test_chat_page import CHROMIUM, WAIT_MS, _in_browser, _send
 
 playwright = pytest.importorskip("playwright.sync_api")
@@ -118,3 +119,58 @@ async def test_page_rejoins_refused_to_the_end_say_why(settings: Settings) -> No
     assert all(b - a >= 4.5 for a, b in itertools.pairwise(refused)), refused
     assert seen["notes"] == [
         "the stream ended before the run did (the store is slow; retry); reload to re-join"], seen
+
+
+class _ForgetfulProxy(CuttableProxy):
+    """A proxy that drops each request's ``Last-Event-ID`` (a cache or a proxy that passes
+    only the headers it knows): every re-join is answered from the run's start."""
+
+    dropped = 0  # headers dropped
+
+    async def _pump(self, src: trio.SocketStream, dst: trio.SocketStream) -> None:
+        while data := await src.receive_some(65536):
+            data, n = re.subn(rb"(?i)\r\nlast-event-id:", b"\r\nX-Dropped-Hdr:", data)
+            self.dropped += n
+            await dst.send_all(data)
+        await dst.send_eof()
+
+
+def _replayed_session(url: str, drop: Any, page: Any) -> dict[str, Any]:
+    page.goto(url + "/")
+    answer = _send(page, "how many ticks?")
+    playwright.expect(answer).to_contain_text("tick tick tick tick")
+    # Every text the answer shows while it streams (the conversation is read again from the
+    # store at the run's end, which would hide what was shown before).
+    answer.locator(".answer").evaluate(
+        "el => { window.shown = [el.innerText]; new MutationObserver(() => "
+        "window.shown.push(el.innerText)).observe(el, {childList: true, subtree: true, "
+        "characterData: true}); }")
+    drop()  # the stream drops; its re-join is answered from the run's first event
+    playwright.expect(page.get_by_test_id("send")).to_be_enabled(timeout=WAIT_MS)
+    return {"shown": page.evaluate("window.shown"),
+            "text": answer.locator(".answer").inner_text(),
+            "notes": answer.locator(".note").all_inner_texts()}
+
+
+async def test_page_a_rejoin_replayed_from_the_start_shows_each_event_once(
+        settings: Settings) -> None:
+    """Fixed (was: DEFECT: behind a proxy that drops ``Last-Event-ID``, a re-join is answered
+    from the run's start, and the page showed every event it got: the answer's start twice.
+    At fault: service/web/chat.js ``follow``, which took every event as new.) An event at or
+    below the last one shown is skipped."""
+    async with e2e(settings, "llamacpp") as env, \
+            serving(_ForgetfulProxy(port_of(env.server))) as proxy:
+        env.sim.script(SimReply(text="tick " * 60, interval=0.05))  # 3 s
+
+        def drop() -> None:
+            trio.from_thread.run_sync(proxy.cut)
+
+        seen = await _in_browser(partial(_replayed_session, proxy.url, drop))
+        stored = await env.the_reply()
+    assert stored["status"] == "complete", stored
+    assert proxy.dropped >= 1, "the page did not re-join"
+    assert seen["notes"] == [], seen
+    assert seen["text"].split() == stored["content"].split(), (seen, stored)
+    whole = stored["content"].split()
+    for text in seen["shown"]:  # each a start of the stored answer
+        assert text.split() == whole[:len(text.split())], (text, stored["content"])

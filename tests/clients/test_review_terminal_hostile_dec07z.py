@@ -302,6 +302,41 @@ async def test_a_non_ascii_event_id_does_not_crash_the_rejoin() -> None:
     assert any(h.startswith(b"POST /api/runs/run_1/cancel") for h in log), log
 
 
+async def test_a_rejoin_replayed_from_the_start_shows_each_event_once() -> None:
+    """Fixed (was: DEFECT: a proxy or cache in front of the service that drops the
+    ``Last-Event-ID`` header (or a service behind it that answers every re-join from the run's
+    start) replays the events the user was already shown, and the client showed every frame it
+    got: the answer's start twice. At fault: service/chat.py ``Client._take``, which took any
+    numeric id as new.) An event at or below the last one shown is skipped; the re-join still
+    says where it broke."""
+    log: list[bytes] = []
+    events = [_started(), ("token", {"text": "Hel"}), ("token", {"text": "lo"}),
+              ("thought", {"text": "pondering"}), ("token", {"text": " world"}),
+              ("run.finished", {"status": "succeeded"})]
+
+    async def replaying(head: bytes, stream: trio.SocketStream) -> None:
+        if head.startswith(b"POST "):  # cut after the first four events
+            await stream.send_all(_HEAD + _sse(events[:4]))
+        else:  # the re-join: the whole run again, whatever Last-Event-ID said
+            await stream.send_all(_HEAD + _sse(events))
+
+    async def whole(head: bytes, stream: trio.SocketStream) -> None:
+        await stream.send_all(_HEAD + _sse(events))
+
+    async with _peer(whole) as url:
+        uncut = await _piped(_argv(url))
+    async with _peer(replaying, log) as url:
+        out = await _piped(_argv(url))
+    err = out.stderr.decode(errors="replace")
+    assert out.returncode == 0, err
+    # What the same run shows uncut (its thought between two pieces of the answer: a new line).
+    assert out.stdout == uncut.stdout, (out.stdout, uncut.stdout)
+    assert out.stdout.decode().replace("\n", "") == "Hello world", out.stdout
+    assert err.count("pondering") == 1, err
+    rejoin = next(h for h in log if h.startswith(b"GET /api/runs/run_1/events"))
+    assert b"last-event-id: 4" in rejoin.lower(), rejoin
+
+
 @pytest.mark.parametrize("frame", [
     b"event: token\ndata: {not json\n\n",
     b"event: token\ndata: [1, 2]\n\n",
