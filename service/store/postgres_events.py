@@ -5,12 +5,13 @@ or a conversation's delete does, a bounded number of rows at a time."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .postgres_ownership import Conn
 from .records import KEPT_EVENTS_SQL, RunEvent
 
-__all__ = ["insert_events", "not_held", "prune_runs"]
+__all__ = ["Picks", "insert_events", "not_held", "prune_runs"]
 
 
 def _events_sql(ignore: bool, fenced: bool) -> str:
@@ -59,19 +60,43 @@ def not_held(c: Conn, run_ids: set[str], process: str) -> set[str]:
     return run_ids - held
 
 
-def prune_runs(c: Conn, rows: int, pick: tuple[str, tuple[Any, ...]]) -> int:
-    """Delete at most ``rows`` events of the (finished) runs ``pick`` selects but their kept
+@dataclass
+class Picks:
+    """The runs a prune goes through, one at a time in the order of a key, each pick starting
+    at the last one's key (``after``). ``sql`` takes ``params`` then ``after``'s values, selects
+    a run's id then its key, and ends ``... >= <after> ORDER BY <key> LIMIT 1 FOR UPDATE ...
+    SKIP LOCKED``. A pick from the first run each time stepped over every run this
+    transaction had pruned before it (their index entries are not dead until it commits):
+    a conversation of 4,000 runs took 4.3 s to delete, each pick 0.6 ms (now 2.2 s)."""
+
+    sql: str
+    params: tuple[Any, ...]
+    start: tuple[Any, ...]
+    after: tuple[Any, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.after = self.after or self.start
+
+
+def prune_runs(c: Conn, rows: int, picks: Picks) -> int:
+    """Delete at most ``rows`` events of the (finished) runs ``picks`` selects but their kept
     ones, marking a run pruned once none is left; the work done (rows deleted + runs marked),
     0 when none. One run claimed at a time (its row locked until this batch commits), those
-    another instance's prune has claimed skipped (``pick`` ends ``FOR UPDATE SKIP LOCKED``):
-    this runs in the group commit, so a wait here would hold every write queued behind it,
-    and two prunes deleting the same rows in different orders deadlock."""
-    budget, done = rows, 0
+    another instance's prune has claimed skipped (``FOR UPDATE SKIP LOCKED``): this runs in
+    the group commit, so a wait here would hold every write queued behind it, and two prunes
+    deleting the same rows in different orders deadlock. At the end of the key's order the
+    picks start again from the first once (a run skipped, or a batch rolled back and retried,
+    is not left behind)."""
+    budget, done, again = rows, 0, picks.after != picks.start
     for _ in range(100):
-        row = c.execute(*pick).fetchone()
+        row = c.execute(picks.sql, (*picks.params, *picks.after)).fetchone()
         if row is None:
-            break
+            if not again:
+                break
+            picks.after, again = picks.start, False
+            continue
         run_id = row[0]
+        picks.after = tuple(row[1:])  # (the same run again if its budget ran out)
         deleted = c.execute(
             "DELETE FROM run_events WHERE run_id = %s AND seq IN (SELECT seq FROM "
             "run_events WHERE run_id = %s AND type NOT IN (" + KEPT_EVENTS_SQL + ") "

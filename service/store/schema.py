@@ -319,6 +319,11 @@ PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         f"(NEW.idempotency_key IS NOT NULL AND NEW.status IN {_UNANSWERED}) "
         "EXECUTE FUNCTION runs_unanswered_key()",
     ),
+    # 9: a conversation's delete picks its runs still to prune one at a time, in id order
+    # (postgres_queries.py): without an index of its own each pick read past every run pruned
+    # before it (4,000 runs: 12.7 s, each write of 100 picks in the group commit).
+    ("CREATE INDEX runs_conversation_unpruned ON runs(conversation_id, id) "
+     "WHERE events_pruned = 0 AND finished_at IS NOT NULL",),
 )
 
 PG_SCHEMA_VERSION = len(PG_MIGRATIONS)
