@@ -22,6 +22,11 @@ Hypercorn serves HTTP/2 on the plain port too (h2c, prior knowledge), so any cli
   stream of the connection. Browsers only use it where the server advertises it; without it
   they open the WebSocket over HTTP/1.1, where all of that is tested.
 
+* **An idle HTTP/2 connection is closed at ``keep_alive_timeout``.** Hypercorn's idle timer
+  never ran for an h2c connection that opened no stream (its preface, taken for an HTTP/1.1
+  request, stopped it), and was re-armed after a connection's last stream from the app's last
+  send, which quart-trio cancels (as ``service.keepalive`` says of HTTP/1.1): each connection
+  stayed open for as long as its client liked, and held a shutdown for ``graceful_timeout``.
 * **A client that grants no flow-control credit is dropped.** A response's bytes wait in its
   stream's buffer for the client's WINDOW_UPDATEs; a client that announced a window of 0 and
   never opened it (while it answered PINGs, so its socket never stalled) held each of its
@@ -43,7 +48,7 @@ import h2.settings
 import priority
 import trio
 from hypercorn.events import Closed, Updated
-from hypercorn.protocol.events import EndBody
+from hypercorn.protocol.events import EndBody, StreamClosed
 from hypercorn.protocol.h2 import BUFFER_HIGH_WATER, BufferCompleteError, H2Protocol, StreamBuffer
 
 from .logs import get_logger
@@ -104,6 +109,10 @@ async def _initiate(self: H2Protocol, headers: list[tuple[bytes, bytes]] | None 
         if event.stream_id in self.streams:
             await self.streams[event.stream_id].handle(EndBody(stream_id=event.stream_id))
     self.task_group.spawn(self.send_task)
+    # The connection's idle timer runs until a stream opens: an h2c connection is taken for
+    # an HTTP/1.1 request at first (its preface), which stopped the timer, and nothing started
+    # it again, so a connection that sent its preface and no request stayed open for ever.
+    await self.send(Updated(idle=self.idle))
 
 
 async def _handle_events_of_live_streams(self: H2Protocol, events: list[h2.events.Event]) -> None:
@@ -192,6 +201,14 @@ async def _drain(self: StreamBuffer) -> None:
 
 async def _stream_send_within_stall(self: H2Protocol, event: Any) -> None:
     try:
+        if isinstance(event, StreamClosed):
+            # Shielded (bounded: its one write, a GOAWAY at a shutdown, is sendstall's): the
+            # app's last send runs in its request's nursery, which ends with it, and the
+            # connection's idle timer, re-armed here once no stream is left, was cancelled
+            # with it: a connection idle after its requests was never closed.
+            with trio.move_on_after(stall_limit(), shield=True):
+                await _stream_send(self, event)
+            return
         await _stream_send(self, event)
     except _Stalled:
         if not getattr(self, _STALLED, False):  # (said once a connection, not per stream)
