@@ -29,7 +29,7 @@ from .backoff import Backoff
 from .committer import unstored_end
 from .handle import ResumeFrom, Subscription
 from .lifecycle import RunStatus
-from .reads import READ_LIMIT
+from .reads import full
 from .supervisor import RunSupervisor
 
 __all__ = ["EventReader", "Keepalive"]
@@ -106,8 +106,8 @@ class EventReader:
                 self._drained = False
                 if stored and stored[0].seq == self.last_seq + 1:
                     self._backlog = deque(_in_order(stored))
-                    # All the store had when read (none past a gap, none past the limit).
-                    self._drained = len(self._backlog) == len(stored) < READ_LIMIT
+                    # All the store had when read (none past a gap, none past the limits).
+                    self._drained = len(self._backlog) == len(stored) and not full(stored)
                     self._poll, self._waited = _POLL_FIRST, 0.0
                     continue
                 if self._follow_live():

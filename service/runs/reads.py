@@ -22,9 +22,20 @@ from ..errors import StoreError, StoreUnavailable
 from ..logs import get_logger
 from ..store import RunEvent, Store
 
-__all__ = ["READ_LIMIT", "BatchedReads"]
+__all__ = ["READ_CHARS", "READ_LIMIT", "BatchedReads", "full"]
 
 READ_LIMIT = 10_000  # events of one run in one read (the store's default)
+# Characters of events' JSON of one run in one read (at least one event). A reader holds what
+# it read until its client has taken it: a page bounded by count alone held up to 10,000
+# events each (a follower joined from 0 behind the live window held the whole run's 9.7 MB,
+# for each such follower, where the run's own window holds at most WINDOW_BYTES).
+READ_CHARS = 1 << 20
+
+
+def full(events: list[RunEvent]) -> bool:
+    """Whether a read may have stopped short of what the store had (at READ_LIMIT events or
+    READ_CHARS characters): one more read is needed to know."""
+    return len(events) >= READ_LIMIT or sum(len(e.raw) for e in events) >= READ_CHARS
 
 log = get_logger("service.runs")
 
@@ -66,7 +77,8 @@ class BatchedReads:
                 batch, self._asks = self._asks, {}
                 cursors = {run_id: min(a.after for a in asks) for run_id, asks in batch.items()}
                 try:
-                    got = await self._store.list_events_of_runs(cursors, limit=READ_LIMIT)
+                    got = await self._store.list_events_of_runs(cursors, limit=READ_LIMIT,
+                                                                  max_chars=READ_CHARS)
                 except Exception as exc:
                     # The readers' failure, not this loop's (nor the supervisor's): each of them
                     # raises it, as its own read would have. Its own copy: their tracebacks
@@ -88,10 +100,10 @@ class BatchedReads:
                     events = got.get(run_id, [])
                     for ask in asks:
                         mine = [e for e in events if e.seq > ask.after]
-                        # A read that hit its limit stopped READ_LIMIT events after the lowest
-                        # cursor: an ask from further on may have more to read than it got
-                        # (and would take the cut for all there is); it reads the store itself.
-                        if len(events) < READ_LIMIT or len(mine) == len(events):
+                        # A read that hit its limits stopped after the lowest cursor's page:
+                        # an ask from further on may have more to read than it got (and would
+                        # take the cut for all there is); it reads the store itself.
+                        if not full(events) or len(mine) == len(events):
                             ask.events = mine
                         ask.done.set()
                 batch = {}
@@ -107,7 +119,8 @@ class BatchedReads:
     async def read(self, run_id: str, after: int) -> list[RunEvent]:
         """The run's stored events after ``after`` (as ``Store.list_run_events``)."""
         if not self._running:
-            return await self._store.list_run_events(run_id, after=after, limit=READ_LIMIT)
+            return await self._store.list_run_events(run_id, after=after, limit=READ_LIMIT,
+                                                     max_chars=READ_CHARS)
         ask = _Ask(after)
         self._asks.setdefault(run_id, []).append(ask)
         self._wake.set()
@@ -115,5 +128,6 @@ class BatchedReads:
         if ask.error is not None:
             raise ask.error
         if ask.events is None:
-            return await self._store.list_run_events(run_id, after=after, limit=READ_LIMIT)
+            return await self._store.list_run_events(run_id, after=after, limit=READ_LIMIT,
+                                                     max_chars=READ_CHARS)
         return ask.events

@@ -210,14 +210,17 @@ class Store(Protocol):
         ...
 
     async def list_run_events(
-        self, run_id: str, *, after: int = 0, limit: int = 10_000
-    ) -> list[RunEvent]: ...
+        self, run_id: str, *, after: int = 0, limit: int = 10_000, max_chars: int | None = None
+    ) -> list[RunEvent]:
+        """The run's events after ``after``, in order: at most ``limit``, and none after the
+        one whose JSON (``raw``) takes their total past ``max_chars`` characters."""
+        ...
 
     async def list_events_of_runs(
-        self, cursors: Mapping[str, int], *, limit: int = 10_000
+        self, cursors: Mapping[str, int], *, limit: int = 10_000, max_chars: int | None = None
     ) -> dict[str, list[RunEvent]]:
         """``list_run_events`` for several runs in one read: run id -> its events after its
-        cursor (every run asked for is a key)."""
+        cursor (every run asked for is a key; the bounds are each run's)."""
         ...
 
     # -- LLM calls ------------------------------------------------------------------------------

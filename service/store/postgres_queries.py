@@ -40,6 +40,7 @@ from .records import (
     conversation_row,
     decode_cursor,
     encode_cursor,
+    event_rows,
     message_row,
     new_id,
     newest_history,
@@ -440,19 +441,19 @@ class PostgresQueries(PostgresOwnership):
         return await self._write("append_run_events", fn)
 
     async def list_run_events(
-        self, run_id: str, *, after: int = 0, limit: int = 10_000
+        self, run_id: str, *, after: int = 0, limit: int = 10_000, max_chars: int | None = None
     ) -> list[RunEvent]:
         def fn(c: Conn) -> list[RunEvent]:
-            rows = c.execute(
+            # (The rows come whole from the server: those past max_chars are dropped here.)
+            return event_rows(c.execute(
                 "SELECT run_id, seq, type, data, created_at FROM run_events "
                 "WHERE run_id = %s AND seq > %s ORDER BY seq LIMIT %s",
-                (run_id, after, limit)).fetchall()
-            return [RunEvent(r[0], r[1], r[2], json.loads(r[3]), r[4], r[3]) for r in rows]
+                (run_id, after, limit)).fetchall(), max_chars)
 
         return await self._read("list_run_events", fn)
 
     async def list_events_of_runs(
-        self, cursors: Mapping[str, int], *, limit: int = 10_000
+        self, cursors: Mapping[str, int], *, limit: int = 10_000, max_chars: int | None = None
     ) -> dict[str, list[RunEvent]]:
         ids, afters = list(cursors), [cursors[r] for r in cursors]
 
@@ -465,12 +466,11 @@ class PostgresQueries(PostgresOwnership):
                 "FROM run_events WHERE run_id = c.run_id AND seq > c.after "
                 "ORDER BY seq LIMIT %s) AS e",
                 (ids, afters, limit)).fetchall()
-            out: dict[str, list[RunEvent]] = {r: [] for r in ids}
+            of: dict[str, list[Any]] = {r: [] for r in ids}
             for r in rows:
-                out[r[0]].append(RunEvent(r[0], r[1], r[2], json.loads(r[3]), r[4], r[3]))
-            for events in out.values():
-                events.sort(key=lambda e: e.seq)
-            return out
+                of[r[0]].append(r)
+            return {run_id: event_rows(sorted(runs, key=lambda r: r[1]), max_chars)
+                    for run_id, runs in of.items()}
 
         return await self._read("list_events_of_runs", fn)
 

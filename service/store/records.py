@@ -6,7 +6,7 @@ import base64
 import json
 import math
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple
@@ -34,6 +34,7 @@ __all__ = [
     "decode_cursor",
     "encode_cursor",
     "ends_a_step",
+    "event_rows",
     "message_row",
     "new_id",
     "newest_history",
@@ -148,6 +149,21 @@ class RunEvent:
         """``wire()`` as JSON text, reusing the encoded data."""
         return (f'{{"run_id":{json.dumps(self.run_id)},"id":{self.seq},'
                 f'"type":{json.dumps(self.type)},"data":{self.raw}}}')
+
+
+def event_rows(rows: Iterable[Sequence[Any]], max_chars: int | None = None) -> list[RunEvent]:
+    """Stored events (rows of run_id, seq, type, data, created_at, in order) up to the one
+    whose JSON takes their total past ``max_chars`` characters, that one included (never
+    none), or all of them. ``rows`` is read no further: a cursor's rest stays in the
+    database."""
+    out: list[RunEvent] = []
+    size = 0
+    for r in rows:
+        out.append(RunEvent(r[0], r[1], r[2], json.loads(r[3]), r[4], r[3]))
+        size += len(r[3])
+        if max_chars is not None and size >= max_chars:
+            break
+    return out
 
 
 def stored_data(raw: str) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from .records import (
     begun_run,
     decode_cursor,
     encode_cursor,
+    event_rows,
     new_id,
     newest_history,
 )
@@ -485,31 +486,26 @@ class SQLiteQueries(SQLiteOwnership):
         return await self._write("append_run_events", fn)
 
     async def list_run_events(
-        self, run_id: str, *, after: int = 0, limit: int = 10_000
+        self, run_id: str, *, after: int = 0, limit: int = 10_000, max_chars: int | None = None
     ) -> list[RunEvent]:
         def fn(c: sqlite3.Connection) -> list[RunEvent]:
-            rows = c.execute(
+            return event_rows(c.execute(
                 "SELECT run_id, seq, type, data, created_at FROM run_events "
                 "WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-                (run_id, after, limit),
-            ).fetchall()
-            return [RunEvent(r[0], r[1], r[2], json.loads(r[3]), r[4], r[3]) for r in rows]
+                (run_id, after, limit)), max_chars)
 
         return await self._read("list_run_events", fn)
 
     async def list_events_of_runs(
-        self, cursors: Mapping[str, int], *, limit: int = 10_000
+        self, cursors: Mapping[str, int], *, limit: int = 10_000, max_chars: int | None = None
     ) -> dict[str, list[RunEvent]]:
         def fn(c: sqlite3.Connection) -> dict[str, list[RunEvent]]:
             out: dict[str, list[RunEvent]] = {}
             for run_id, after in cursors.items():  # one thread hop and one read for all
-                rows = c.execute(
+                out[run_id] = event_rows(c.execute(
                     "SELECT run_id, seq, type, data, created_at FROM run_events "
                     "WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-                    (run_id, after, limit),
-                ).fetchall()
-                out[run_id] = [RunEvent(r[0], r[1], r[2], json.loads(r[3]), r[4], r[3])
-                               for r in rows]
+                    (run_id, after, limit)), max_chars)
             return out
 
         return await self._read("list_events_of_runs", fn)

@@ -12,7 +12,6 @@ import trio.testing
 
 from service.api.sse import sse_event
 from service.runs import RunSpec
-from service.runs import reader as reader_mod
 from service.runs import reads as reads_mod
 from service.runs.reader import EventReader, Keepalive
 from service.store import MessageStatus, RunEvent, SQLiteStore
@@ -327,7 +326,6 @@ async def test_a_reader_batched_with_a_lower_cursor_is_not_taken_as_drained(
 ) -> None:
     # READ_LIMIT made small so the test stays cheap (the same happens at 10,000).
     monkeypatch.setattr(reads_mod, "READ_LIMIT", 10)
-    monkeypatch.setattr(reader_mod, "READ_LIMIT", 10)
     async with supervisor_env(tmp_path, ScriptedBackend([])) as env:
         begun, other = await _stored_elsewhere(env)  # a run another live instance holds
         rid = begun.run.id
@@ -359,7 +357,6 @@ async def test_a_reader_far_past_another_readers_cursor_gets_the_runs_end(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(reads_mod, "READ_LIMIT", 10)  # as 10,000, only cheaper
-    monkeypatch.setattr(reader_mod, "READ_LIMIT", 10)
     async with supervisor_env(tmp_path, ScriptedBackend([])) as env:
         begun, other = await _stored_elsewhere(env)
         rid = begun.run.id
@@ -372,11 +369,11 @@ async def test_a_reader_far_past_another_readers_cursor_gets_the_runs_end(
         calls: list[tuple[dict[str, int], trio.Event]] = []
         query = env.store.list_events_of_runs
 
-        async def gated(cursors: Any, *, limit: int) -> Any:
+        async def gated(cursors: Any, **bounds: Any) -> Any:
             go = trio.Event()
             calls.append((dict(cursors), go))
             await go.wait()
-            return await query(cursors, limit=limit)
+            return await query(cursors, **bounds)
 
         monkeypatch.setattr(env.store, "list_events_of_runs", gated)
         reads = env.supervisor.reads
@@ -434,8 +431,8 @@ async def test_a_read_in_flight_when_the_listener_comes_back_is_followed_by_anot
         query = env.store.list_events_of_runs
         read_done, go = trio.Event(), trio.Event()
 
-        async def slow(cursors: Any, *, limit: int) -> Any:
-            rows = await query(cursors, limit=limit)
+        async def slow(cursors: Any, **bounds: Any) -> Any:
+            rows = await query(cursors, **bounds)
             if not go.is_set():
                 read_done.set()
                 await go.wait()
@@ -485,9 +482,9 @@ async def test_a_cancelled_read_does_not_make_the_next_one_skip_an_announced_com
         query = env.store.list_events_of_runs
         go = trio.Event()
 
-        async def slow(cursors: Any, *, limit: int) -> Any:
+        async def slow(cursors: Any, **bounds: Any) -> Any:
             await go.wait()
-            return await query(cursors, limit=limit)
+            return await query(cursors, **bounds)
 
         monkeypatch.setattr(env.store, "list_events_of_runs", slow)
         with trio.move_on_after(0.01):  # the caller's own deadline ends this __anext__
@@ -498,3 +495,38 @@ async def test_a_cancelled_read_does_not_make_the_next_one_skip_an_announced_com
         assert getattr(item, "seq", None) == 2
         assert trio.current_time() - start < 0.2, (
             f"event 2, committed and announced, came after {trio.current_time() - start} s")
+
+
+async def test_reads_cut_by_size_are_not_taken_as_drained(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store read stops once its events' JSON passes ``READ_CHARS`` (a follower holds one
+    page, not the whole run): a reader cut short so reads on at once, alone or batched with
+    another from a lower cursor, and never waits a poll for what the store already had."""
+    monkeypatch.setattr(reads_mod, "READ_CHARS", 300)  # as 1 Mi characters, only cheaper
+    async with supervisor_env(tmp_path, ScriptedBackend([])) as env:
+        begun, other = await _stored_elsewhere(env)  # a run another live instance holds
+        rid = begun.run.id
+        await other.append_run_events(
+            [RunEvent(rid, s, "token", {"text": "x" * 100}, 0.0) for s in range(2, 26)])
+        env.supervisor.wakeups.notified("*")  # the listener is up; nothing more is committed
+        page = await env.store.list_run_events(rid, max_chars=300)
+        assert [e.seq for e in page] == [1, 2, 3]  # up to the one past 300 characters
+        got: dict[int, list[tuple[float, int]]] = {0: [], 5: []}
+
+        async def follow(after: int) -> None:
+            r = EventReader(rid, after=after, store=env.store, supervisor=env.supervisor,
+                            keepalive=5.0)
+            async for e in r:
+                if not isinstance(e, Keepalive):
+                    got[after].append((trio.current_time(), e.seq))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follow, 0)
+            nursery.start_soon(follow, 5)
+            await trio.sleep(3.0)
+            nursery.cancel_scope.cancel()
+        assert [s for _, s in got[0]] == list(range(1, 26))
+        assert [s for _, s in got[5]] == list(range(6, 26))
+        late = [(t, s) for who in got.values() for t, s in who if t > 0.0]
+        assert late == [], f"got these only after a poll: {late[:3]}..."
