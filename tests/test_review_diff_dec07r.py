@@ -97,6 +97,7 @@ async def test_a_backfill_longer_than_the_stall_bound_migrates(pg_url: str) -> N
     try:
         raw.execute("DROP TRIGGER llm_calls_owner_of_run ON llm_calls")
         raw.execute("DROP FUNCTION llm_calls_owner_of_run()")
+        raw.execute("DROP INDEX runs_conversation_unpruned")  # (version 9's)
         raw.execute("DROP TRIGGER runs_unanswered_key ON runs")  # (version 8's)
         raw.execute("DROP FUNCTION runs_unanswered_key()")
         raw.execute("DROP INDEX runs_idempotency")
