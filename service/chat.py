@@ -316,7 +316,8 @@ class Client:
         broke it); one at or below the last shown is not shown again. One that is not an event
         of the API ends the turn with one line."""
         event_id: str = frame.get("id") or ""
-        number = event_id.isascii() and event_id.isdigit()
+        # (The API's ids are 64-bit: past 19 digits int() itself may refuse, at 4,300.)
+        number = event_id.isascii() and event_id.isdigit() and len(event_id) <= 19
         if number and turn.last_id is not None and int(event_id) <= int(turn.last_id):
             return  # shown already: a proxy that dropped the re-join's Last-Event-ID replays
         if number:
@@ -330,7 +331,7 @@ class Client:
             raise Malformed(f"a {frame.get('event') or 'message'} event this client cannot "
                             f"read ({exc!r})") from None
         if event_id and not number:
-            raise Malformed(f"an event's id is not a number: {event_id[:40]!r}")
+            raise Malformed(f"an event's id is not a number of the API: {event_id[:40]!r}")
 
     async def _show(self, frame: dict[str, Any], turn: Turn) -> None:
         kind, data = frame.get("event", ""), frame["data"]

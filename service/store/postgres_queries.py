@@ -79,6 +79,19 @@ def _owner_is(owner: str | None) -> tuple[str, tuple[Any, ...]]:
     return ("owner IS NULL", ()) if owner is None else ("owner = %s", (owner,))
 
 
+# A page of a run's events, cut in the query where their JSON passes max_chars (the one that
+# passes it included): the rows past it are neither sent nor held (a page cut in Python after
+# a whole LIMIT's fetch moved the rest of the run at every page). The JSON is ASCII (json.dumps
+# escapes the rest), so its octets are its characters; octet_length reads no TOASTed value.
+_SIZED_COLS = ("run_id, seq, type, data, created_at, "
+               "sum(octet_length(data)) OVER (ORDER BY seq) - octet_length(data) AS before")
+_PAGE_COLS = "e.run_id, e.seq, e.type, e.data, e.created_at"
+
+
+def _chars(max_chars: int | None) -> int:
+    return 2**62 if max_chars is None else max_chars
+
+
 class PostgresQueries(PostgresOwnership):
     """Conversations, messages, runs, run events and LLM calls, as PostgreSQL SQL."""
 
@@ -444,11 +457,11 @@ class PostgresQueries(PostgresOwnership):
         self, run_id: str, *, after: int = 0, limit: int = 10_000, max_chars: int | None = None
     ) -> list[RunEvent]:
         def fn(c: Conn) -> list[RunEvent]:
-            # (The rows come whole from the server: those past max_chars are dropped here.)
             return event_rows(c.execute(
-                "SELECT run_id, seq, type, data, created_at FROM run_events "
-                "WHERE run_id = %s AND seq > %s ORDER BY seq LIMIT %s",
-                (run_id, after, limit)).fetchall(), max_chars)
+                f"SELECT {_PAGE_COLS} FROM (SELECT {_SIZED_COLS} FROM run_events "
+                "WHERE run_id = %s AND seq > %s ORDER BY seq LIMIT %s) AS e "
+                "WHERE e.before < %s ORDER BY e.seq",
+                (run_id, after, limit, _chars(max_chars))).fetchall(), max_chars)
 
         return await self._read("list_run_events", fn)
 
@@ -460,12 +473,12 @@ class PostgresQueries(PostgresOwnership):
         def fn(c: Conn) -> dict[str, list[RunEvent]]:
             # One query for all: each run's events after its cursor, by its (run_id, seq) key.
             rows = c.execute(
-                "SELECT e.run_id, e.seq, e.type, e.data, e.created_at "
+                f"SELECT {_PAGE_COLS} "
                 "FROM unnest(%s::text[], %s::bigint[]) AS c(run_id, after) "
-                "CROSS JOIN LATERAL (SELECT run_id, seq, type, data, created_at "
+                f"CROSS JOIN LATERAL (SELECT {_SIZED_COLS} "
                 "FROM run_events WHERE run_id = c.run_id AND seq > c.after "
-                "ORDER BY seq LIMIT %s) AS e",
-                (ids, afters, limit)).fetchall()
+                "ORDER BY seq LIMIT %s) AS e WHERE e.before < %s",
+                (ids, afters, limit, _chars(max_chars))).fetchall()
             of: dict[str, list[Any]] = {r: [] for r in ids}
             for r in rows:
                 of[r[0]].append(r)

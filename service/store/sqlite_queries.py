@@ -11,6 +11,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import closing
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import AlreadyBegun, NotFound
@@ -73,6 +74,17 @@ _CALL_COLS = (
     "prompt_tokens, completion_tokens, tokens_estimated, error"
 )
 _CALL_COLS_QUALIFIED = ", ".join(f"l.{c.strip()}" for c in _CALL_COLS.split(","))
+
+
+def _page(c: sqlite3.Connection, run_id: str, after: int, limit: int,
+          max_chars: int | None) -> list[RunEvent]:
+    """A page of a run's events: its rows read only up to the cut (``event_rows``), and its
+    statement closed at once, even when a row fails to decode (a statement left open holds
+    the connection's read snapshot for as long as anything keeps it, a traceback say)."""
+    with closing(c.execute("SELECT run_id, seq, type, data, created_at FROM run_events "
+                           "WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                           (run_id, after, limit))) as rows:
+        return event_rows(rows, max_chars)
 
 
 class SQLiteQueries(SQLiteOwnership):
@@ -489,10 +501,7 @@ class SQLiteQueries(SQLiteOwnership):
         self, run_id: str, *, after: int = 0, limit: int = 10_000, max_chars: int | None = None
     ) -> list[RunEvent]:
         def fn(c: sqlite3.Connection) -> list[RunEvent]:
-            return event_rows(c.execute(
-                "SELECT run_id, seq, type, data, created_at FROM run_events "
-                "WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-                (run_id, after, limit)), max_chars)
+            return _page(c, run_id, after, limit, max_chars)
 
         return await self._read("list_run_events", fn)
 
@@ -502,10 +511,7 @@ class SQLiteQueries(SQLiteOwnership):
         def fn(c: sqlite3.Connection) -> dict[str, list[RunEvent]]:
             out: dict[str, list[RunEvent]] = {}
             for run_id, after in cursors.items():  # one thread hop and one read for all
-                out[run_id] = event_rows(c.execute(
-                    "SELECT run_id, seq, type, data, created_at FROM run_events "
-                    "WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-                    (run_id, after, limit)), max_chars)
+                out[run_id] = _page(c, run_id, after, limit, max_chars)
             return out
 
         return await self._read("list_events_of_runs", fn)
