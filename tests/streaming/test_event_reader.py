@@ -321,6 +321,27 @@ async def test_a_run_left_running_by_a_dead_process_ends_the_stream(
 # Found by a review (each failed before its fix): BatchedReads and the wake-up marks.
 
 
+async def _followed_from(env: Any, rid: str, afters: tuple[int, ...], seconds: float
+                         ) -> dict[int, list[tuple[float, int]]]:
+    """The events (trio time, seq) each of several readers of ``rid`` got, one per cursor of
+    ``afters``, all started at once and stopped after ``seconds``."""
+    got: dict[int, list[tuple[float, int]]] = {after: [] for after in afters}
+
+    async def follow(after: int) -> None:
+        r = EventReader(rid, after=after, store=env.store, supervisor=env.supervisor,
+                        keepalive=5.0)
+        async for e in r:
+            if not isinstance(e, Keepalive):
+                got[after].append((trio.current_time(), e.seq))
+
+    async with trio.open_nursery() as nursery:
+        for after in afters:
+            nursery.start_soon(follow, after)
+        await trio.sleep(seconds)
+        nursery.cancel_scope.cancel()
+    return got
+
+
 async def test_a_reader_batched_with_a_lower_cursor_is_not_taken_as_drained(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -332,20 +353,8 @@ async def test_a_reader_batched_with_a_lower_cursor_is_not_taken_as_drained(
         await other.append_run_events(
             [RunEvent(rid, s, "token", {"text": str(s)}, 0.0) for s in range(2, 26)])
         env.supervisor.wakeups.notified("*")  # the listener is up; nothing more is committed
-        got: dict[int, list[tuple[float, int]]] = {0: [], 5: []}
-
-        async def follow(after: int) -> None:
-            r = EventReader(rid, after=after, store=env.store, supervisor=env.supervisor,
-                            keepalive=5.0)
-            async for e in r:
-                if not isinstance(e, Keepalive):
-                    got[after].append((trio.current_time(), e.seq))
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(follow, 0)  # both ask in the same batch: read from cursor 0
-            nursery.start_soon(follow, 5)
-            await trio.sleep(3.0)
-            nursery.cancel_scope.cancel()
+        # Both ask in the same batch: read from cursor 0.
+        got = await _followed_from(env, rid, (0, 5), 3.0)
         assert [s for _, s in got[0]] == list(range(1, 26))
         assert [s for _, s in got[5]] == list(range(6, 26))
         # All 25 events were in the store from the start: nobody should wait a poll for them.
@@ -512,20 +521,7 @@ async def test_reads_cut_by_size_are_not_taken_as_drained(
         env.supervisor.wakeups.notified("*")  # the listener is up; nothing more is committed
         page = await env.store.list_run_events(rid, max_chars=300)
         assert [e.seq for e in page] == [1, 2, 3]  # up to the one past 300 characters
-        got: dict[int, list[tuple[float, int]]] = {0: [], 5: []}
-
-        async def follow(after: int) -> None:
-            r = EventReader(rid, after=after, store=env.store, supervisor=env.supervisor,
-                            keepalive=5.0)
-            async for e in r:
-                if not isinstance(e, Keepalive):
-                    got[after].append((trio.current_time(), e.seq))
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(follow, 0)
-            nursery.start_soon(follow, 5)
-            await trio.sleep(3.0)
-            nursery.cancel_scope.cancel()
+        got = await _followed_from(env, rid, (0, 5), 3.0)
         assert [s for _, s in got[0]] == list(range(1, 26))
         assert [s for _, s in got[5]] == list(range(6, 26))
         late = [(t, s) for who in got.values() for t, s in who if t > 0.0]
