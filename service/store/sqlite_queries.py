@@ -163,11 +163,28 @@ class SQLiteQueries(SQLiteOwnership):
         # run keeps its start, answer and end: a re-join meanwhile is told those), then the
         # rest in one: 50,000 events in one transaction held every other write of the process
         # (every live stream's tokens) behind it.
+        # Each batch's pick goes on from where the last one stopped (``after``, in
+        # ``runs_conversation``'s order): from the start, the k-th pick read past the k-1
+        # batches pruned before it (16,000 runs: 2.6 x the work of 8,000). At the end the picks
+        # start again once from the start (a run that finished meanwhile).
+        after, again = 0, True
+
         def prune(c: sqlite3.Connection) -> int:
-            return _prune_runs(c, [r[0] for r in c.execute(
-                "SELECT r.id FROM runs r JOIN conversations c ON c.id = r.conversation_id "
-                "WHERE r.conversation_id = ? AND c.owner IS ? AND r.events_pruned = 0 "
-                "AND r.finished_at IS NOT NULL LIMIT 100", (conversation_id, owner))], PRUNE_ROWS)
+            nonlocal after, again
+            picked = c.execute(
+                "SELECT r.id, r.seq FROM runs r JOIN conversations c ON c.id = r.conversation_id "
+                "WHERE r.conversation_id = ? AND c.owner IS ? AND r.seq >= ? "
+                "AND r.events_pruned = 0 AND r.finished_at IS NOT NULL ORDER BY r.seq LIMIT 100",
+                (conversation_id, owner, after)).fetchall()
+            if not picked and again and after:
+                after, again = 0, False
+                return 1  # once more, from the start
+            done = _prune_runs(c, [run_id for run_id, _ in picked], PRUNE_ROWS)
+            # The first picked run not done yet (its budget ran out), or past the last.
+            after = next((seq for run_id, seq in picked if c.execute(
+                "SELECT events_pruned FROM runs WHERE id = ?", (run_id,)).fetchone() == (0,)),
+                picked[-1][1] + 1 if picked else after)
+            return done
 
         while await self._write("delete_conversation", prune):
             pass
