@@ -220,17 +220,22 @@ async def test_transport_reads_many_tiny_chunks_from_a_real_socket_linearly() ->
                     got += len(data)
             return time.perf_counter() - t0, got
 
-    times = []
-    for n in (20_000, 40_000):
-        body = _CHUNKED_HEAD + b"1\r\nx\r\n" * n + b"0\r\n\r\n"
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(_serve_raw, body)
-            with trio.fail_after(30):
-                best = min([await read(port) for _ in range(2)])
-            nursery.cancel_scope.cancel()
-        assert best[1] == n
-        times.append(best[0])
-    ratio = times[1] / max(times[0], 1e-6)
+    times: list[float] = []
+    ratio = 0.0
+    for _ in range(2):  # measured again once: a spike on a shared machine is no defect
+        times = []
+        for n in (20_000, 40_000):
+            body = _CHUNKED_HEAD + b"1\r\nx\r\n" * n + b"0\r\n\r\n"
+            async with trio.open_nursery() as nursery:
+                port = await nursery.start(_serve_raw, body)
+                with trio.fail_after(30):
+                    best = min([await read(port) for _ in range(2)])
+                nursery.cancel_scope.cancel()
+            assert best[1] == n
+            times.append(best[0])
+        ratio = times[1] / max(times[0], 1e-6)
+        if ratio < LINEAR or times[1] <= 0.05:
+            break
     assert ratio < LINEAR or times[1] <= 0.05, (times, ratio)
 
 
@@ -519,8 +524,11 @@ def test_renderer_tokens_in_a_pipe_are_linear() -> None:
     (twice). Why it matters: client side only (the server is not stalled), but a long answer (a
     1 MB code dump, a looping model) freezes the client's terminal for tens of seconds, growing
     with the square of the answer. A fix: keep lists of pieces (``"".join`` when needed).)"""
-    t1 = min(_render_tokens(30_000) for _ in range(2))
-    t2 = min(_render_tokens(60_000) for _ in range(2))
-    ratio = t2 / max(t1, 1e-6)
+    for _ in range(2):  # measured again once: a spike on a shared machine is no defect
+        t1 = min(_render_tokens(30_000) for _ in range(2))
+        t2 = min(_render_tokens(60_000) for _ in range(2))
+        ratio = t2 / max(t1, 1e-6)
+        if ratio < LINEAR or t2 <= 0.05:
+            break
     assert ratio < LINEAR or t2 <= 0.05, (
         f"Renderer.token: 30,000 tokens {t1:.3f}s, 60,000 tokens {t2:.3f}s, ratio {ratio:.2f}")
