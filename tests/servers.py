@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -41,6 +41,28 @@ def commits_of(store: Any, *ops: str) -> Callable[[], bool]:
     "append_run_events", "finish_run", ...), as ``store.faults.committing`` names them."""
     wanted = frozenset(ops)
     return lambda: not wanted.isdisjoint(store.faults.committing)
+
+
+
+def all_tasks() -> Iterator[trio.lowlevel.Task]:
+    """Every trio task of this process (a server run in it included)."""
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    todo = [root]
+    while todo:
+        task = todo.pop()
+        yield task
+        for nursery in task.child_nurseries:
+            todo.extend(nursery.child_tasks)
+
+
+def task_count() -> int:
+    return sum(1 for _ in all_tasks())
+
+
+def fd_count(pid: int | None = None) -> int:
+    """Open file descriptors of a process (this one by default)."""
+    return len(os.listdir(f"/proc/{pid or os.getpid()}/fd"))
 
 
 @dataclass

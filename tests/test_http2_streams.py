@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import h2.config
 import h2.connection
@@ -21,45 +20,10 @@ from hypercorn.protocol.h2 import H2Protocol
 from service.settings import load_settings
 
 from .fakes import ScriptedBackend
+from .h2client import H2Client
 from .servers import RunningServer, running_server
 
 GUARD = 10  # seconds any single wait may take
-
-
-class H2Client:
-    """One HTTP/2 connection on a raw socket, read only when asked."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.h2 = h2.connection.H2Connection(
-            config=h2.config.H2Configuration(client_side=True, header_encoding=None))
-        self.events: list[Any] = []
-
-    @classmethod
-    async def open(cls, srv: RunningServer) -> H2Client:
-        host, port = srv.url.removeprefix("http://").rsplit(":", 1)
-        c = cls(await trio.open_tcp_stream(host, int(port)))
-        c.h2.initiate_connection()
-        await c.flush()
-        with trio.fail_after(GUARD):
-            while not any(isinstance(e, h2.events.RemoteSettingsChanged) for e in c.events):
-                assert await c.pump(), "closed before the server's settings"
-        return c
-
-    async def flush(self) -> None:
-        if out := self.h2.data_to_send():
-            await self.stream.send_all(out)
-
-    async def pump(self) -> bool:
-        data = await self.stream.receive_some(65536)
-        if not data:
-            return False
-        for e in self.h2.receive_data(data):
-            self.events.append(e)
-            if isinstance(e, h2.events.DataReceived):
-                self.h2.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
-        await self.flush()
-        return True
 
 
 async def _serves(srv: RunningServer) -> int:
@@ -78,7 +42,7 @@ async def test_data_after_an_early_answer_to_an_upload_does_not_stop_the_server(
     dropped: the client gets its 413 and the server serves on."""
     settings = load_settings(db=tmp_path / "s.db", max_body_bytes=4096)
     async with running_server(settings, ScriptedBackend()) as srv:
-        c = await H2Client.open(srv)
+        c = await H2Client.to(srv.url)
         try:
             sid = c.h2.get_next_available_stream_id()
             c.h2.send_headers(sid, [
@@ -111,7 +75,7 @@ async def test_websockets_are_not_offered_over_http2(tmp_path: Path) -> None:
     hypercorn had accepted the WebSocket), and the server serves on."""
     settings = load_settings(db=tmp_path / "s.db")
     async with running_server(settings, ScriptedBackend()) as srv:
-        c = await H2Client.open(srv)
+        c = await H2Client.to(srv.url)
         try:
             assert not c.h2.remote_settings.enable_connect_protocol
             sid = c.h2.get_next_available_stream_id()
@@ -141,7 +105,7 @@ async def test_a_lowercase_connect_is_no_websocket_over_http2(tmp_path: Path) ->
     no response headers are sent, and the server serves on."""
     settings = load_settings(db=tmp_path / "s.db")
     async with running_server(settings, ScriptedBackend()) as srv:
-        c = await H2Client.open(srv)
+        c = await H2Client.to(srv.url)
         try:
             sid = c.h2.get_next_available_stream_id()
             c.h2.send_headers(sid, [
@@ -233,7 +197,7 @@ async def _send_then_read(srv: RunningServer, frames: Callable[[H2Client], None]
                           seconds: float = 1.0) -> None:
     """A connection that sends what ``frames`` queues, then reads until the server closes it
     (or ``seconds`` pass)."""
-    c = await H2Client.open(srv)
+    c = await H2Client.to(srv.url)
     try:
         frames(c)
         await c.flush()

@@ -20,8 +20,8 @@ from service.sim.scenario import Reply as SimReply
 from .clients.test_chat_page import CHROMIUM, _in_browser, _send
 from .e2e import e2e
 from .fakes import ScriptedBackend
+from .h2client import GUARD, H2Client
 from .servers import running_server
-from .test_http2_streams import GUARD, H2Client
 
 TEST_GUARD = 60  # seconds a browser test may take (a browser start included)
 
@@ -44,7 +44,7 @@ async def test_a_body_over_the_cap_without_a_length_over_http2_is_413_and_does_n
         async with srv.client() as http:
             with trio.fail_after(GUARD):
                 conv = (await http.post("/api/conversations", json={})).json()["id"]
-        c = await H2Client.open(srv)
+        c = await H2Client.to(srv.url)
         try:
             sid = c.h2.get_next_available_stream_id()
             c.h2.send_headers(sid, [

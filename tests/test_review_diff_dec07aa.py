@@ -75,10 +75,11 @@ from service.settings import Settings, load_settings
 from service.store import RunEvent, open_store, postgres_queries
 
 from .fakes import Reply, ScriptedBackend
+from .h2client import GUARD as H2_GUARD
+from .h2client import H2Client, request
 from .servers import running_server
 from .streams import parse_sse
-from .test_review_h2_abuse_dec07aa import GUARD as H2_GUARD
-from .test_review_h2_abuse_dec07aa import H2, request, server
+from .test_review_h2_abuse_dec07aa import server
 
 pytestmark = pytest.mark.both_stores
 
@@ -299,7 +300,7 @@ async def test_an_h2c_sse_stream_outlives_keep_alive_timeout_while_another_strea
     async with server(tmp_path, backend, keep_alive_timeout=0.5) as srv:
         async with srv.http() as http:
             conv = (await http.post("/api/conversations", json={})).json()["id"]
-        c = await H2.open(srv.port, settled=True)
+        c = await H2Client.open(srv.port, settled=True)
         body = json.dumps({"content": "q", "stream": True}).encode()
         c.h2.send_headers(1, request("POST", f"/api/conversations/{conv}/messages",
                                      len(body)))

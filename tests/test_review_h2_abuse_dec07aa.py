@@ -76,11 +76,8 @@ from service.sim import Reply as SimReply
 from service.sim import Simulator, open_simulator
 
 from .fakes import Reply, ScriptedBackend
-from .servers import ROOT
-
-GUARD = 20  # seconds any one wait may take
-
-Headers = list[tuple[bytes, bytes]]
+from .h2client import GUARD, H2Client, request
+from .servers import ROOT, fd_count, task_count
 
 
 @dataclass
@@ -118,103 +115,15 @@ async def server(tmp_path: Path, backend: ScriptedBackend, *, body_timeout: floa
             stop.set()
 
 
-def fds(pid: int | None = None) -> int:
-    return len(os.listdir(f"/proc/{pid or os.getpid()}/fd"))
-
-
-def tasks() -> int:
-    root = trio.lowlevel.current_root_task()
-    assert root is not None
-    n, todo = 0, [root]
-    while todo:
-        t = todo.pop()
-        n += 1
-        for nursery in t.child_nurseries:
-            todo.extend(nursery.child_tasks)
-    return n
-
-
 async def back_to(base_fds: int, base_tasks: int | None = None, *, within: float = 20,
                   slack: int = 3) -> float:
     """Seconds until this process's fds (and tasks) are back to the baseline (+ slack)."""
     start = trio.current_time()
     with trio.fail_after(within):
-        while fds() > base_fds + slack or (  # noqa: ASYNC110 (counters)
-                base_tasks is not None and tasks() > base_tasks + slack):
+        while fd_count() > base_fds + slack or (  # noqa: ASYNC110 (counters)
+                base_tasks is not None and task_count() > base_tasks + slack):
             await trio.sleep(0.1)
     return trio.current_time() - start
-
-
-class H2:
-    """One HTTP/2 connection on a raw socket, read only when asked."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.h2 = h2.connection.H2Connection(
-            config=h2.config.H2Configuration(client_side=True, header_encoding=None))
-        self.events: list[Any] = []
-
-    @classmethod
-    async def open(cls, port: int, *, settled: bool = False) -> H2:
-        """Connected, preface and SETTINGS sent; ``settled``: the server's SETTINGS read and
-        acknowledged too (nothing of ours is then left to send on its own)."""
-        c = cls(await trio.open_tcp_stream("127.0.0.1", port))
-        c.h2.initiate_connection()
-        await c.flush()
-        if settled:
-            with trio.fail_after(GUARD):
-                while not c.saw(h2.events.SettingsAcknowledged):
-                    assert await c.pump(), "closed before the server's settings"
-        return c
-
-    def saw(self, kind: type) -> list[Any]:
-        return [e for e in self.events if isinstance(e, kind)]
-
-    async def flush(self) -> None:
-        if out := self.h2.data_to_send():
-            await self.stream.send_all(out)
-
-    async def pump(self) -> bool:
-        """Read once; False once the server closed the connection (EOF, reset, GOAWAY)."""
-        try:
-            data = await self.stream.receive_some(65536)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            data = b""
-        if not data:
-            return False
-        try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError:
-            return False
-        for e in events:
-            self.events.append(e)
-            if isinstance(e, h2.events.DataReceived):
-                self.h2.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
-        try:
-            await self.flush()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return False
-        return not self.saw(h2.events.ConnectionTerminated)
-
-    async def closed_within(self, seconds: float) -> float | None:
-        """Seconds until the server closed the connection, None if not within ``seconds``."""
-        start = trio.current_time()
-        with trio.move_on_after(seconds):
-            while await self.pump():
-                pass
-            return trio.current_time() - start
-        return None
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
-
-
-def request(method: str, path: str, length: int | None = None) -> Headers:
-    h = [(b":method", method.encode()), (b":scheme", b"http"), (b":authority", b"127.0.0.1"),
-         (b":path", path.encode()), (b"content-type", b"application/json")]
-    if length is not None:
-        h.append((b"content-length", str(length).encode()))
-    return h
 
 
 async def new_conversation(srv: Srv | str) -> str:
@@ -240,6 +149,15 @@ async def healthz_ok(url: str) -> None:
 # -- rapid reset --------------------------------------------------------------------------------
 
 
+async def _streamed_posts(srv: Srv) -> tuple[str, str, bytes, int, int]:
+    """A conversation, the path and body of a streamed POST to it, and this process's fds and
+    tasks once the server settled (the baseline they must come back to)."""
+    conv = await new_conversation(srv)
+    await trio.sleep(0.3)
+    body = json.dumps({"content": "hi", "stream": True}).encode()
+    return conv, f"/api/conversations/{conv}/messages", body, fd_count(), task_count()
+
+
 async def test_rapid_reset_starts_no_run_and_every_stream_is_released(tmp_path: Path) -> None:
     """5,000 POSTs to ``.../messages`` (a complete body each) reset in the same write, 100 a
     write over 5 connections: no run, no upstream stream, nothing stored; each connection is
@@ -249,14 +167,10 @@ async def test_rapid_reset_starts_no_run_and_every_stream_is_released(tmp_path: 
     few seconds: hence the wait.)"""
     backend = ScriptedBackend(lambda req: Reply("tick " * 200, gap=0.05))
     async with server(tmp_path, backend) as srv:
-        conv = await new_conversation(srv)
-        await trio.sleep(0.3)
-        base_fds, base_tasks = fds(), tasks()
-        body = json.dumps({"content": "hi", "stream": True}).encode()
-        path = f"/api/conversations/{conv}/messages"
+        conv, path, body, base_fds, base_tasks = await _streamed_posts(srv)
         sent = goaways = 0
         for _ in range(5):
-            c = await H2.open(srv.port)
+            c = await H2Client.open(srv.port)
             try:
                 for _ in range(11):  # 1,100: past keep_alive_max_requests
                     for _ in range(100):
@@ -289,14 +203,10 @@ async def test_a_reset_after_the_run_started_stops_the_run_and_its_upstream(
     come back to their baseline."""
     backend = ScriptedBackend(lambda req: Reply("tick " * 200, gap=0.05))
     async with server(tmp_path, backend) as srv:
-        conv = await new_conversation(srv)
-        await trio.sleep(0.3)
-        base_fds, base_tasks = fds(), tasks()
-        body = json.dumps({"content": "hi", "stream": True}).encode()
-        path = f"/api/conversations/{conv}/messages"
+        _, path, body, base_fds, base_tasks = await _streamed_posts(srv)
         run_ids: list[str] = []
         for _ in range(3):
-            c = await H2.open(srv.port, settled=True)
+            c = await H2Client.open(srv.port, settled=True)
             sids = []
             for _ in range(60):
                 sid = c.h2.get_next_available_stream_id()
@@ -362,29 +272,29 @@ async def test_idle_h2c_connections_are_closed_at_keep_alive_timeout(tmp_path: P
     ``service/sendstall.py``).)"""
     async with server(tmp_path, ScriptedBackend(), keep_alive_timeout=1) as srv:
         await trio.sleep(0.3)
-        base = fds()
-        kinds: dict[str, list[H2]] = {"preface": [], "header block": [], "after a GET": []}
+        base = fd_count()
+        kinds: dict[str, list[H2Client]] = {"preface": [], "header block": [], "after a GET": []}
         for _ in range(20):
-            kinds["preface"].append(await H2.open(srv.port))
-            c = await H2.open(srv.port, settled=True)
+            kinds["preface"].append(await H2Client.open(srv.port))
+            c = await H2Client.open(srv.port, settled=True)
             frame = HeadersFrame(1)  # no END_HEADERS: the block goes on in CONTINUATIONs
             frame.data = c.h2.encoder.encode(request("GET", "/healthz"))[:2]
             more = ContinuationFrame(1)
             more.data = b""
             await c.stream.send_all(frame.serialize() + more.serialize())
             kinds["header block"].append(c)
-            c = await H2.open(srv.port, settled=True)
+            c = await H2Client.open(srv.port, settled=True)
             c.h2.send_headers(1, request("GET", "/healthz"), end_stream=True)
             await c.flush()
             with trio.fail_after(GUARD):
                 while not c.saw(h2.events.StreamEnded):
                     assert await c.pump()
             kinds["after a GET"].append(c)
-        held = fds() - base
+        held = fd_count() - base
         closed: set[int] = set()  # id() of the connections the server closed
         with trio.move_on_after(4):  # keep_alive_timeout + 3 s
             async with trio.open_nursery() as nursery:
-                async def watch(c: H2) -> None:
+                async def watch(c: H2Client) -> None:
                     while await c.pump():
                         pass
                     closed.add(id(c))
@@ -409,9 +319,9 @@ async def test_continuation_floods_and_oversized_header_lists_close_the_connecti
     backend = ScriptedBackend()
     async with server(tmp_path, backend) as srv:
         await trio.sleep(0.3)
-        base_fds, base_tasks = fds(), tasks()
+        base_fds, base_tasks = fd_count(), task_count()
         for size in (16_000, 0):
-            c = await H2.open(srv.port, settled=True)
+            c = await H2Client.open(srv.port, settled=True)
             frame = HeadersFrame(1)
             frame.data = c.h2.encoder.encode(request("GET", "/healthz"))[:2]
             out = frame.serialize()
@@ -425,7 +335,7 @@ async def test_continuation_floods_and_oversized_header_lists_close_the_connecti
             assert took is not None, size
             assert took < 2, (size, took)
             await c.aclose()
-        c = await H2.open(srv.port, settled=True)
+        c = await H2Client.open(srv.port, settled=True)
         c.h2.send_headers(1, [*request("GET", "/healthz"), (b"x-big", b"a" * 70_000)],
                           end_stream=True)
         await c.flush()
@@ -449,7 +359,7 @@ async def test_an_h2_body_trickled_or_never_sent_is_a_408_at_the_body_timeout(
         conv = await new_conversation(srv)
         path = f"/api/conversations/{conv}/messages"
         body = json.dumps({"content": "x" * 900}).encode()
-        c = await H2.open(srv.port, settled=True)
+        c = await H2Client.open(srv.port, settled=True)
         c.h2.send_headers(1, request("POST", path, len(body)))
         c.h2.send_headers(3, request("POST", path, len(body)))
         await c.flush()
@@ -490,8 +400,8 @@ async def test_settings_ping_and_window_update_floods_and_too_many_streams(
     async with server(tmp_path, backend) as srv:
         conv = await new_conversation(srv)
         await trio.sleep(0.3)
-        base_fds, base_tasks = fds(), tasks()
-        c = await H2.open(srv.port, settled=True)
+        base_fds, base_tasks = fd_count(), task_count()
+        c = await H2Client.open(srv.port, settled=True)
         assert c.h2.remote_settings.max_concurrent_streams == 100
         async with trio.open_nursery() as nursery:
             async def reader() -> None:
@@ -522,7 +432,7 @@ async def test_settings_ping_and_window_update_floods_and_too_many_streams(
             h2.errors.ErrorCodes.FLOW_CONTROL_ERROR)
         await c.aclose()
 
-        c = await H2.open(srv.port, settled=True)
+        c = await H2Client.open(srv.port, settled=True)
         body = json.dumps({"content": "hi", "stream": True}).encode()
         post = request("POST", f"/api/conversations/{conv}/messages", len(body))
         for _ in range(100):
@@ -570,8 +480,8 @@ async def test_rapid_reset_keeps_the_loop_responsive_and_sigterm_ends_open_h2_st
             conv = await new_conversation(url)
             path = f"/api/conversations/{conv}/messages"
             body = json.dumps({"content": "hi", "stream": True}).encode()
-            base = fds(proc.pid)
-            c = await H2.open(port, settled=True)
+            base = fd_count(proc.pid)
+            c = await H2Client.open(port, settled=True)
             sids = []
             for _ in range(5):
                 sid = c.h2.get_next_available_stream_id()
@@ -616,7 +526,7 @@ async def test_rapid_reset_keeps_the_loop_responsive_and_sigterm_ends_open_h2_st
                 assert len(run_ids) == 5
 
                 # SIGTERM with the five streams open (and one idle h2c connection).
-                idle = await H2.open(port, settled=True)
+                idle = await H2Client.open(port, settled=True)
                 t_term = trio.current_time()
                 proc.send_signal(signal.SIGTERM)
                 with trio.fail_after(1 + 2 + 4):
@@ -653,7 +563,7 @@ async def _rapid_reset(port: int, path: str, body: bytes, *, seconds: float) -> 
     sent = 0
     end = trio.current_time() + seconds
     while trio.current_time() < end:
-        c = await H2.open(port)
+        c = await H2Client.open(port)
         try:
             for _ in range(10):
                 for _ in range(100):

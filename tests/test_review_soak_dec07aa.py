@@ -39,7 +39,7 @@ import collections
 import gc
 import os
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,7 @@ from service.backends.base import ChatRequest
 from service.settings import load_settings
 
 from .fakes import Reply, ScriptedBackend
-from .servers import RunningServer, running_server
+from .servers import RunningServer, running_server, task_count
 from .streams import ws_send, ws_until, ws_url
 
 
@@ -77,15 +77,6 @@ class _Forgetful(ScriptedBackend):
                     self.streams.remove(record)
 
 
-def _tasks() -> Iterator[trio.lowlevel.Task]:
-    stack = [trio.lowlevel.current_root_task()]
-    while stack:
-        task = stack.pop()
-        yield task
-        for nursery in task.child_nurseries:
-            stack.extend(nursery.child_tasks)
-
-
 WATCHED = ("RunHandle", "Task", "Nursery", "RunEvent", "MemoryChannelState", "_Session",
            "EventReader", "AgentContext", "StreamRecord")
 
@@ -102,7 +93,7 @@ def _snapshot(srv: RunningServer) -> dict[str, int]:
         "final_retries": len(c._final_retries), "pending": len(c._pending),
         "wakeup_runs": len(sup.wakeups._runs), "wakeup_marks": len(sup.wakeups._last),
         "read_asks": len(sup.reads._asks), "kept_calls": sup.call_records.kept,
-        "tasks": sum(1 for _ in _tasks()), "fds": len(os.listdir("/proc/self/fd")),
+        "tasks": task_count(), "fds": len(os.listdir("/proc/self/fd")),
         "threads": threading.active_count(),
     }
     snap.update({f"obj:{name}": counts[name] for name in WATCHED})
