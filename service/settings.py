@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     max_runs: int = Field(1000, ge=1)
     max_body_bytes: int = Field(1_048_576, ge=1024)
     # Beyond API.md (documented in the README):
+    # Ollama sends a tool call only once the model has written all of it (nothing streams
+    # meanwhile): a request that offers it tools waits this long for a chunk instead.
+    llm_tool_call_timeout: float = Field(180.0, gt=0)
     llm_connect_timeout: float = Field(10.0, gt=0)
     llm_call_timeout: float = Field(600.0, gt=0)
     backend_concurrency: int = Field(64, ge=1)

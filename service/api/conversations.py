@@ -31,6 +31,8 @@ blueprint = Blueprint("conversations", __name__, url_prefix="/api/conversations"
 @validate_response(ErrorBody, 422)
 async def create_conversation(data: CreateConversation) -> tuple[ConversationOut, int]:
     """Create a conversation."""
+    if (supervisor := services().supervisor) is not None:
+        supervisor.committer.refuse_while_refusing()  # as new runs (docs/operations.md)
     conv = await services().require_store().create_conversation(
         title=data.title, system=data.system, model=data.model, agent=data.agent,
         owner=current_owner(),

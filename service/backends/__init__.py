@@ -84,6 +84,7 @@ def budgets_from_settings(settings: Settings) -> Budgets:
         settings.llm_idle_timeout,
         connect=settings.llm_connect_timeout,
         call=settings.llm_call_timeout,
+        tool_call=settings.llm_tool_call_timeout,
     )
 
 
@@ -184,6 +185,7 @@ def _server(spec: ServerSpec, settings: Settings, shared: httpx.AsyncClient,
         spec.idle_timeout or settings.llm_idle_timeout,
         connect=spec.connect_timeout or settings.llm_connect_timeout,
         call=spec.call_timeout or settings.llm_call_timeout,
+        tool_call=settings.llm_tool_call_timeout,
     )
     client = shared
     tls = tls_context(spec.tls)

@@ -22,7 +22,7 @@ import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -84,11 +84,25 @@ class Budgets:
     first_chunk: float = 60.0
     gap: float = 60.0
     call: float = 600.0
+    tool_call: float = 180.0  # a chunk's wait where the server withholds a tool call's writing
+    why: str = ""  # said after a first-chunk or gap timeout: the setting that bounded it
 
     @classmethod
-    def from_idle(cls, idle: float, *, connect: float = 10.0, call: float = 600.0) -> Budgets:
+    def from_idle(cls, idle: float, *, connect: float = 10.0, call: float = 600.0,
+                  tool_call: float = 180.0) -> Budgets:
         """``SERVICE_LLM_IDLE_TIMEOUT`` bounds both the first chunk and each gap."""
-        return cls(connect=connect, first_chunk=idle, gap=idle, call=call)
+        return cls(connect=connect, first_chunk=idle, gap=idle, call=call, tool_call=tool_call)
+
+    def withholding_tool_calls(self) -> Budgets:
+        """For a server that sends a tool call only once the model has written all of it
+        (Ollama): silent meanwhile, for as long as the model takes, so the first chunk and
+        each gap wait up to ``tool_call`` (``SERVICE_LLM_TOOL_CALL_TIMEOUT``) when that is
+        longer; the call's bound is unchanged."""
+        if self.tool_call <= max(self.first_chunk, self.gap):
+            return self
+        return replace(self, first_chunk=self.tool_call, gap=self.tool_call,
+                       why=" (tools offered to a server that sends a tool call only once "
+                           "written: SERVICE_LLM_TOOL_CALL_TIMEOUT)")
 
 
 class BackendTLSError(BackendError):
@@ -161,12 +175,12 @@ def map_httpx_errors(backend: str, url: str = "") -> Iterator[None]:
         raise httpx_error(exc, backend, url) from exc
 
 
-def _timeout_error(kind: str, budget: float, backend: str) -> BackendTimeout:
+def _timeout_error(kind: str, budget: float, backend: str, why: str = "") -> BackendTimeout:
     if kind == "call":
         return CallTimeout(f"call exceeded {budget:g}s", backend=backend)
     if kind == "first":
-        return FirstChunkTimeout(f"no first chunk within {budget:g}s", backend=backend)
-    return ChunkGapTimeout(f"no chunk for {budget:g}s", backend=backend)
+        return FirstChunkTimeout(f"no first chunk within {budget:g}s{why}", backend=backend)
+    return ChunkGapTimeout(f"no chunk for {budget:g}s{why}", backend=backend)
 
 
 class TimedResponse:
@@ -243,7 +257,7 @@ class TimedResponse:
             except httpx.HTTPError as exc:
                 raise httpx_error(exc, self.backend) from exc
         if scope.cancelled_caught:
-            raise _timeout_error(kind, budget, self.backend)
+            raise _timeout_error(kind, budget, self.backend, self.budgets.why)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _read_inflated(self) -> bytes:
@@ -397,7 +411,7 @@ async def open_stream(
     with trio.move_on_at(min(first_at, call_at)) as scope, map_httpx_errors(backend, where):
         response = await client.send(request, stream=True)
     if scope.cancelled_caught or response is None:
-        raise _timeout_error(kind, budget, backend)
+        raise _timeout_error(kind, budget, backend, budgets.why)
     try:
         timed = TimedResponse(response, budgets, started, backend)
         if response.status_code >= 400:

@@ -250,12 +250,15 @@ class OllamaBackend(HTTPBackend):
     @asynccontextmanager
     async def stream(self, request: ChatRequest) -> AsyncIterator[OllamaChunks]:
         model = await self.model_for(request)
+        body = self.chat_body(request, model)
         http_request = self.client.build_request(
-            "POST", f"{self.url}/api/chat", json=self.chat_body(request, model),
-            headers=self.headers,
+            "POST", f"{self.url}/api/chat", json=body, headers=self.headers,
         )
+        # Offered tools, the model may write a call, which Ollama sends only once it is whole:
+        # nothing comes meanwhile, for as long as the model takes to write it.
+        budgets = self.budgets.withholding_tool_calls() if "tools" in body else self.budgets
         async with open_stream(
-            self.client, http_request, self.budgets, backend=self.name, model=model
+            self.client, http_request, budgets, backend=self.name, model=model
         ) as timed:
             yield OllamaChunks(NDJSONReader(timed), self.name, model)
 

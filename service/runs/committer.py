@@ -116,6 +116,15 @@ class EventCommitter:
         return ((self._retrying and bool(self._pending)) or bool(self._ends_refused)
                 or (self._refused and bool(self._final_retries)))
 
+    def refuse_while_refusing(self) -> None:
+        """StoreUnavailable (503, Retry-After) while ``refusing``, as ``/readyz`` says, for a new
+        run or conversation: its few rows may still fit (a nearly full PostgreSQL tablespace
+        takes a row in a page it has, not a batch of events in new ones), and its stream
+        would then show only keep-alives until the held writes land."""
+        if self.refusing:
+            raise StoreUnavailable("the store refuses this instance's writes (held here for a "
+                                   "retry, not lost); nothing new until they land")
+
     def ended(self, run_id: str) -> RunHandle | None:
         """An ended run whose end the store has not all taken (it is served from memory)."""
         return self._ended.get(run_id)

@@ -297,11 +297,11 @@ class RunSupervisor:
             raise TooManyRuns(f"{self.max_runs} runs in flight; retry later")
         if self.lease.lapsing and self._store.leases_decide:
             # It would be stopped within ``LAPSE_POLL``: refused instead (503, retried later or
-            # on another instance; ``/readyz`` says the same meanwhile). One admitted just
-            # before the lease began to lapse is stopped by the lease's watchdog. (On SQLite a
-            # lease lapses only while the store refuses writes: the run's own first write then
-            # fails with the store's reason, a full disk say, which says more.)
+            # on another instance, as ``/readyz`` says). One admitted just before the lease
+            # began to lapse is stopped by the lease's watchdog. (On SQLite a lease lapses only
+            # while the store refuses writes, which the check below says.)
             raise StoreUnavailable(f"{upkeep.LAPSING}; no new runs here until it is renewed")
+        self.committer.refuse_while_refusing()
         if spec.conversation_id is None:
             return await self._start_new(spec)
         self._reserved += 1

@@ -48,6 +48,9 @@ class Reply:
     headers_delay: float = 0.0  # before the status line (Ollama loading a model)
     first_delay: float = 0.0  # after the headers, before the first chunk
     interval: float = 0.0  # between chunks
+    # Ollama: before its tool calls' chunk, silent (it sends a call only once the model has
+    # written all of it); OpenAI: before a call's first delta.
+    tool_delay: float = 0.0
     keepalive: float | None = None  # SSE: ": keep-alive" every N s while waiting (and hanging)
     hang_after: int | None = None
     die_after: int | None = None
@@ -171,8 +174,9 @@ def prompt_tokens(body: dict[str, Any]) -> int:
 
 
 def _stream(reply: Reply, chunks: list[bytes], tail: list[bytes], *, comment: bytes,
-            error: bytes, malformed: bytes) -> list[Step]:
-    """Interleave content chunks with the reply's timing and failures; ``tail`` ends it."""
+            error: bytes, malformed: bytes, calls_at: int | None = None) -> list[Step]:
+    """Interleave content chunks with the reply's timing and failures; ``tail`` ends it. The
+    chunk ``calls_at`` (the first of the tool calls) waits ``tool_delay`` more."""
     steps: list[Step] = []
     for sent in range(len(chunks) + 1):
         if reply.hang_after == sent:
@@ -186,6 +190,8 @@ def _stream(reply: Reply, chunks: list[bytes], tail: list[bytes], *, comment: by
         if sent == len(chunks):
             break
         delay = reply.first_delay if sent == 0 else reply.interval
+        if sent == calls_at:
+            delay += reply.tool_delay
         steps += _wait(delay, reply.keepalive, comment)
         steps.append(Send(chunks[sent]))
     return steps + [Send(t) for t in tail]
@@ -235,7 +241,7 @@ def render_ollama(reply: Reply, body: dict[str, Any]) -> SimResponse:
     tail = [line({"message": {"role": "assistant", "content": ""}, **final})]
     steps = _stream(reply, chunks, tail, comment=b"", error=json.dumps(
         {"error": reply.error}).encode() + b"\n", malformed=b'{"model": "' + model.encode()
-        + b'", "message": {"content": \n')
+        + b'", "message": {"content": \n', calls_at=len(pieces) if calls else None)
     return SimResponse(200, "application/x-ndjson", head=_head(reply), body=steps)
 
 
@@ -296,5 +302,6 @@ def render_openai(reply: Reply, body: dict[str, Any], *, seq: int = 0) -> SimRes
     error = b"data: " + json.dumps(
         {"error": {"code": 500, "message": reply.error, "type": "server_error"}}).encode() + b"\n\n"
     steps = _stream(reply, chunks, tail, comment=b": keep-alive\n\n", error=error,
-                    malformed=b'data: {"choices": [{"delta": {"content": \n\n')
+                    malformed=b'data: {"choices": [{"delta": {"content": \n\n',
+                    calls_at=len(pieces) if reply.tool_calls else None)
     return SimResponse(200, "text/event-stream", head=_head(reply), body=steps)

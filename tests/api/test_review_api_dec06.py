@@ -198,15 +198,19 @@ async def test_a_reply_stored_after_a_newer_message_still_moves_updated_at(
             # 5.1 s: the store is back at 3.3 s, and the next try comes at 5.1 s.
             await trio.sleep(3.3)
             store.faults.before_commit = None
-            env.sim.script(Reply(tokens=8, hang_after=2))
-            second = await _follow_a_bit(env, conv, 1)  # a new question lands meanwhile
+            # A new message lands meanwhile: written by another instance sharing the store
+            # (this one refuses new runs and conversations while its writes are held: 503, as
+            # ``/readyz`` says).
+            refused = await env.client.post(f"/api/conversations/{conv}/messages",
+                                            json={"content": "q"})
+            assert refused.status_code == 503, refused.text
+            await store.append_message(conv, role="user", content="a question from elsewhere")
             before = (await env.client.get(f"/api/conversations/{conv}")).json()
             (early,) = [m for m in before["messages"]
                         if m["role"] == "assistant" and m["run_id"] == first]
             assert early["status"] == "pending", f"set-up: the end landed already: {early}"
             await handle.finished.wait()  # its end is stored now (the try at 5.1 s)
             after = (await env.client.get(f"/api/conversations/{conv}")).json()
-            await env.client.post(f"/api/runs/{second}/cancel")
         (late,) = [m for m in after["messages"]
                    if m["role"] == "assistant" and m["run_id"] == first]
         assert late["status"] == "cancelled"
