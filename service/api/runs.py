@@ -24,6 +24,8 @@ from ..errors import (
     RunTimeout,
     ServiceError,
     ShuttingDown,
+    StoreError,
+    StoreUnavailable,
     TooManyRuns,
     status_of_type,
     worth_retry_of_type,
@@ -195,21 +197,25 @@ async def post_message(conversation_id: str, data: PostMessage) -> Response:
         model=data.model, default_model=svc.settings.default_model, owner=current_owner(),
         timeout=data.timeout, idempotency_key=key,
     )
-    refused: TooManyRuns | None = None
+    refused: TooManyRuns | StoreUnavailable | None = None
     try:
         handle = await svc.require_supervisor().start(spec)
     except AlreadyBegun as begun:
         return await _again(begun, data)
-    except TooManyRuns as exc:
+    except (TooManyRuns, StoreUnavailable) as exc:
         if key is None:
             raise
         refused = exc
     if refused is not None:
-        # Refused for the runs in flight, one of which may be the very run this request
-        # repeats (its client's connection lost): that one is answered, not refused.
+        # Refused for the runs in flight, or while the store refuses writes (it may still
+        # answer reads), and this request may repeat a run that began (its client's
+        # connection lost): that one is answered, not refused.
         assert key is not None
-        found = await svc.require_store().run_of_key(conversation_id, key,
-                                                     owner=current_owner())
+        try:
+            found = await svc.require_store().run_of_key(conversation_id, key,
+                                                         owner=current_owner())
+        except StoreError:
+            found = None
         if found is None:
             raise refused
         return await _again(AlreadyBegun(*found), data)

@@ -50,7 +50,14 @@ import trio
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 from quart import Blueprint, g, websocket
 
-from ..errors import AlreadyBegun, ServiceError, ShuttingDown, TooManyRuns
+from ..errors import (
+    AlreadyBegun,
+    ServiceError,
+    ShuttingDown,
+    StoreError,
+    StoreUnavailable,
+    TooManyRuns,
+)
 from ..logs import get_logger
 from ..runs import RunHandle, RunSpec
 from ..runs.reader import EventReader, Keepalive
@@ -386,22 +393,26 @@ class _Session:
             timeout=m.timeout, idempotency_key=m.idempotency_key,
         )
         begun: AlreadyBegun | None = None
-        refused: TooManyRuns | None = None
+        refused: TooManyRuns | StoreUnavailable | None = None
         try:
             try:
                 handle = await self.svc.require_supervisor().start(spec)
             except AlreadyBegun as exc:
                 begun = exc
-            except TooManyRuns as exc:
+            except (TooManyRuns, StoreUnavailable) as exc:
                 if m.idempotency_key is None:
                     raise
                 refused = exc
             if refused is not None:
-                # Refused for the runs in flight, one of which may be the very run this
-                # message repeats: that one is forwarded, not refused.
+                # Refused for the runs in flight, or while the store refuses writes (it may
+                # still answer reads), and this message may repeat a run that began: that one
+                # is forwarded, not refused.
                 assert m.idempotency_key is not None
-                found = await self.svc.require_store().run_of_key(
-                    m.conversation_id, m.idempotency_key, owner=self.owner)
+                try:
+                    found = await self.svc.require_store().run_of_key(
+                        m.conversation_id, m.idempotency_key, owner=self.owner)
+                except StoreError:
+                    found = None
                 if found is None:
                     raise refused
                 begun = AlreadyBegun(*found)

@@ -332,6 +332,9 @@ class EventCommitter:
                 if refused:  # (``refusing`` while it is tried again, not only once set aside)
                     self._refused = True
                     self._ends_refused.add(handle.id)
+                else:  # the store answered (this row's own trouble): not a refusal of its own
+                    self._refused = False
+                    self._ends_refused.discard(handle.id)
                 await backoff.pause()
         finally:
             self._ends_refused.discard(handle.id)
@@ -436,6 +439,9 @@ class EventCommitter:
                     self._to_the_back(entry)
                     return
                 except StoreError as exc:  # this run's (a row the store cannot take)
+                    # The store answered: no refusal of its own (left set, it refused every
+                    # new run until another end landed, and none could start to land one).
+                    self._refused = False
                     log.warning("final state of run %s still not stored: %s", handle.id,
                                 exc.message)
                 except Exception:
