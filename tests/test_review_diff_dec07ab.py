@@ -250,8 +250,9 @@ def _refuse(store: Any, *ops: str) -> None:
     store.faults.before_commit = hook
 
 
+@pytest.mark.parametrize("via", ["http", "ws"])
 async def test_a_keyed_repeat_gets_its_run_while_the_store_refuses_held_writes(
-    tmp_path: Path,
+    tmp_path: Path, via: str,
 ) -> None:
     """Fixed (was: DEFECT: input: POST .../messages with an Idempotency-Key starts a run; the
     store then refuses the runs' event batches (held in memory: /readyz 503); the client, its
@@ -283,44 +284,16 @@ async def test_a_keyed_repeat_gets_its_run_while_the_store_refuses_held_writes(
             _refuse(store, "append_run_events", "finish_run")
             try:
                 await _until(lambda: supervisor.committer.refusing)
-                ready = await c.get("/readyz")
-                async with c.stream("POST", url, json=body, headers=headers) as again:
-                    status = again.status_code
-                    text = (await again.aread()).decode() if status != 200 else ""
-            finally:
-                store.faults.clear()
-            handle = supervisor.get(run_id)
-            if handle is not None:
-                await handle.finished.wait()
-    assert ready.status_code == 503
-    assert status == 200, text
-
-
-async def test_a_keyed_repeat_on_the_socket_gets_its_run_while_the_store_refuses_held_writes(
-    tmp_path: Path,
-) -> None:
-    """The WebSocket's side of the test above (service/api/ws.py ``_start_run``): a message
-    repeating a key begun over HTTP, sent while the store refuses the runs' held writes, is
-    forwarded the run that key began (its events, no ``error``)."""
-    backend = ScriptedBackend(lambda req: Reply("tick " * 60, gap=0.1))
-    settings = load_settings(db=tmp_path / "s.db")
-    async with running_server(settings, backend) as srv, srv.client() as c:
-        with trio.fail_after(GUARD):
-            conv = (await c.post("/api/conversations", json={})).json()["id"]
-            body = {"content": "hello", "stream": True, "on_disconnect": "continue"}
-            async with c.stream("POST", f"/api/conversations/{conv}/messages", json=body,
-                                headers={"Idempotency-Key": "k-ws"}) as first:
-                assert first.status_code == 200
-                run_id = first.headers["X-Run-Id"]
-            store: Any = srv.services.require_store()
-            supervisor = srv.services.require_supervisor()
-            _refuse(store, "append_run_events", "finish_run")
-            try:
-                await _until(lambda: supervisor.committer.refusing)
-                async with open_websocket_url(ws_url(srv)) as ws:
-                    await ws_send(ws, conversation_id=conv, content="hello",
-                                  idempotency_key="k-ws")
-                    (got,) = await ws_until(ws, lambda m: True)
+                assert (await c.get("/readyz")).status_code == 503
+                if via == "http":
+                    async with c.stream("POST", url, json=body, headers=headers) as again:
+                        got = {"status": again.status_code, "run_id": again.headers.get(
+                            "X-Run-Id"), "type": "" if again.status_code == 200 else "error"}
+                else:  # the WebSocket's message repeating the key (ws.py ``_start_run``)
+                    async with open_websocket_url(ws_url(srv)) as ws:
+                        await ws_send(ws, conversation_id=conv, content="hello",
+                                      idempotency_key="k-1")
+                        (got,) = await ws_until(ws, lambda m: True)
             finally:
                 store.faults.clear()
             handle = supervisor.get(run_id)

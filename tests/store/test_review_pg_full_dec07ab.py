@@ -22,7 +22,6 @@ Mounting a tmpfs needs root (CI and these machines run as root); the tests skip 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 import signal
@@ -41,6 +40,7 @@ from service.sim import Reply, Simulator, open_simulator
 from ..pg import PostgresServer, find_pg_bin, start_postgres
 from ..servers import start_service
 from .test_crash_consistency import Transcript, check_against_the_store, native_client
+from .test_full_disk import _fill
 
 STREAMS = 24
 GUARD = 90  # seconds: a hang fails fast; nothing here asserts speed
@@ -67,20 +67,6 @@ def _mount(size: str) -> Path:
 def _umount(mnt: Path) -> None:
     subprocess.run(["umount", "-l", str(mnt)], check=False)
     shutil.rmtree(mnt, ignore_errors=True)
-
-
-def _fill(path: Path) -> int:
-    """Write ``path`` until the volume is full (unbuffered); the bytes written."""
-    written = 0
-    with open(path, "wb", buffering=0) as f:
-        for size in (65536, 4096, 512, 1):
-            try:
-                while True:
-                    written += f.write(b"\0" * size)
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
-    return written
 
 
 @pytest.fixture
@@ -333,7 +319,12 @@ async def test_pg_full_data_volume_new_runs_refused_while_writes_are_held(
     ``create_conversation``) raise ``StoreUnavailable("the store refuses this instance's writes
     (held for a retry); no new runs until they land")`` while ``self.committer.refusing`` (or
     the store's ``write_error`` is set).) Both now check
-    ``EventCommitter.refuse_while_refusing``."""
+    ``EventCommitter.refuse_while_refusing``. Here on a real full tablespace the refusal comes
+    within a race (``/readyz`` may be 503 from its own probe before the committer holds a
+    refused batch, and a conversation polled for meanwhile fills a page of its own), so this
+    test checks the end state; the fault-injected
+    ``test_review_diff_dec07ab.py::test_new_runs_and_conversations_are_refused_with_json_and_retry_after``
+    is the one that failed before the fix."""
     _server, db, mnt = data_volume
     sim = Simulator(("sim-model",), default=Reply(tokens=160, interval=0.05),
                     strict_models=False)
@@ -347,6 +338,13 @@ async def test_pg_full_data_volume_new_runs_refused_while_writes_are_held(
                 await _start_streams(http, nursery)
                 await trio.to_thread.run_sync(_fill, mnt / "filler")
                 await _store_refuses(http)
+                # ``/readyz`` may say so first from its own probe's failed write, before the
+                # runs' next batch is refused and held: from then on (the volume stays full)
+                # nothing new is taken. (Before the fix a conversation was 201 all along.)
+                with trio.fail_after(GUARD):
+                    while (await http.post("/api/conversations", json={})  # noqa: ASYNC110
+                           ).status_code != 503:
+                        await trio.sleep(0.05)
                 new = await _new_work(http, spare)
                 os.unlink(mnt / "filler")
                 await _until_ready(http, 200)
