@@ -24,7 +24,6 @@ from ..errors import (
     RunTimeout,
     ServiceError,
     ShuttingDown,
-    StoreError,
     StoreUnavailable,
     TooManyRuns,
     status_of_type,
@@ -211,11 +210,8 @@ async def post_message(conversation_id: str, data: PostMessage) -> Response:
         # answer reads), and this request may repeat a run that began (its client's
         # connection lost): that one is answered, not refused.
         assert key is not None
-        try:
-            found = await svc.require_store().run_of_key(conversation_id, key,
-                                                         owner=current_owner())
-        except StoreError:
-            found = None
+        found = await svc.require_store().run_of_key(conversation_id, key,
+                                                     owner=current_owner())
         if found is None:
             raise refused
         return await _again(AlreadyBegun(*found), data)

@@ -54,7 +54,6 @@ from ..errors import (
     AlreadyBegun,
     ServiceError,
     ShuttingDown,
-    StoreError,
     StoreUnavailable,
     TooManyRuns,
 )
@@ -408,11 +407,8 @@ class _Session:
                 # still answer reads), and this message may repeat a run that began: that one
                 # is forwarded, not refused.
                 assert m.idempotency_key is not None
-                try:
-                    found = await self.svc.require_store().run_of_key(
-                        m.conversation_id, m.idempotency_key, owner=self.owner)
-                except StoreError:
-                    found = None
+                found = await self.svc.require_store().run_of_key(
+                    m.conversation_id, m.idempotency_key, owner=self.owner)
                 if found is None:
                     raise refused
                 begun = AlreadyBegun(*found)
