@@ -25,6 +25,7 @@ A sync program (no event loop: one reader, one writer, nothing concurrent); exit
 from __future__ import annotations
 
 import argparse
+import signal
 import sqlite3
 import sys
 import time
@@ -58,6 +59,15 @@ class CopyError(Exception):
     """The copy did not happen (nothing was written); its message says why, for one line."""
 
 
+class _Signalled(BaseException):
+    """SIGTERM, raised where the copy is (as SIGINT raises KeyboardInterrupt): the
+    destination's transaction is rolled back on the way out."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m service copy-store",
@@ -75,22 +85,28 @@ def main(argv: Sequence[str]) -> int:
     def progress(line: str) -> None:
         print(f"copy-store: {line}", file=sys.stderr, flush=True)
 
+    def stop(signum: int, _frame: object) -> None:
+        raise _Signalled(signum)
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         summary = copy_store(Path(args.source), args.destination, progress)
     except CopyError as exc:
         print(f"copy-store: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("copy-store: interrupted (SIGINT): nothing was copied (the destination's "
-              "transaction was rolled back)", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, _Signalled) as exc:
+        signum = exc.signum if isinstance(exc, _Signalled) else signal.SIGINT
+        print(f"copy-store: interrupted ({signal.Signals(signum).name}): nothing was copied "
+              "(the destination's transaction was rolled back)", file=sys.stderr)
+        return 128 + signum
     print(summary)
     return 0
 
 
 def copy_store(source: Path, url: str, progress: Callable[[str], None] = lambda _: None) -> str:
     """Copy the SQLite store at ``source`` into the empty PostgreSQL database at ``url``;
-    return the summary line. Raises CopyError (nothing written) if it cannot."""
+    return the summary line. Raises CopyError if it cannot (nothing written, unless its
+    message says the outcome of the COMMIT is not known)."""
     import psycopg  # only here: the SQLite service never loads it
 
     from .pg_url import url_secrets
@@ -105,49 +121,70 @@ def copy_store(source: Path, url: str, progress: Callable[[str], None] = lambda 
         return text
 
     began = time.monotonic()
-    with _open_source(source) as src:
+    with _open_source(source) as (src, watch):
         in_progress = _check_at_rest(src, source)
         try:
             dst = psycopg.connect(url, autocommit=True, connect_timeout=10,
                                   application_name="service copy-store")
         except psycopg.Error as exc:
             raise CopyError(f"cannot connect to {where}: {scrub(exc)}") from None
-        try:
-            with dst:
-                counts, cleaned = _copy(src, dst, source, where, progress)
+        with dst:
+            copy = _Copy(src, watch, dst, source, where, progress)
+            try:
+                copy.run()
+            except (StoreError, CopyError) as exc:
+                raise CopyError(scrub(exc)) from None
+            except BaseException as exc:  # noqa: ASYNC104 (sync code, no trio: re-raised or told)
+                if not copy.committing:
+                    if isinstance(exc, psycopg.Error):
+                        raise CopyError(f"the copy into {where} failed and nothing was "  # noqa: ASYNC104
+                                        f"written (its transaction was rolled back): "
+                                        f"{scrub(exc)}") from None
+                    raise
+                # Lost (or stopped) at the COMMIT itself: it may have landed, whole.
+                raise CopyError(  # noqa: ASYNC104 (sync code, no trio)
+                    f"the connection to {where} was lost at the copy's COMMIT "
+                    f"({scrub(exc)}): whether it landed is not known. It is one transaction: "
+                    "if the database now holds the conversations, all of it landed; if it is "
+                    "empty, run the copy again") from None
+            try:  # committed: the planner's statistics, which a failure here does not undo
                 dst.execute("ANALYZE " + ", ".join(t for t, _ in TABLES))  # type: ignore[arg-type]
-        except (StoreError, CopyError) as exc:
-            raise CopyError(scrub(exc)) from None
-        except psycopg.Error as exc:
-            raise CopyError(f"the copy into {where} failed and nothing was written (its "
-                            f"transaction was rolled back): {scrub(exc)}") from None
+                analyzed = ""
+            except (psycopg.Error, KeyboardInterrupt, _Signalled) as exc:
+                analyzed = (f"; the copy is committed, but its ANALYZE did not run "
+                            f"({scrub(exc) if isinstance(exc, psycopg.Error) else 'stopped'}): "
+                            "autovacuum will, or run ANALYZE")
     names = {"run_events": "run events", "llm_calls": "LLM calls"}
-    what = ", ".join(f"{counts[t]:,} {names.get(t, t)}" for t, _ in TABLES)
+    what = ", ".join(f"{copy.counts[t]:,} {names.get(t, t)}" for t, _ in TABLES)
     summary = (f"copied {source} into {where}: {what} in "
                f"{time.monotonic() - began:.1f} s")
-    if cleaned:
-        summary += (f"; {cleaned:,} texts held NUL characters, stored as U+FFFD (PostgreSQL's "
-                    "text cannot hold them; the service stores them so)")
+    if copy.cleaned:
+        summary += (f"; {copy.cleaned:,} texts held NUL characters, stored as U+FFFD "
+                    "(PostgreSQL's text cannot hold them; the service stores them so)")
     if in_progress:
         summary += (f"; {in_progress:,} runs were left in progress by a process that died: "
                     "the first instance started on the database closes them as interrupted, "
                     "with what they had stored")
-    return summary
+    return summary + analyzed
 
 
 @contextmanager
-def _open_source(path: Path) -> Iterator[sqlite3.Connection]:
-    """The SQLite file, read-only, in one read transaction (one consistent state)."""
+def _open_source(path: Path) -> Iterator[tuple[sqlite3.Connection, sqlite3.Connection]]:
+    """The SQLite file, read-only: one connection in one read transaction (one consistent
+    state), and one that watches for commits made meanwhile (``PRAGMA data_version``)."""
     if not path.is_file():
         raise CopyError(f"no SQLite file at {path}")
+    uri = path.resolve().as_uri() + "?mode=ro"
     try:
-        conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True,
-                               isolation_level=None)
+        watch = sqlite3.connect(uri, uri=True, isolation_level=None)
     except sqlite3.Error as exc:
         raise CopyError(f"cannot open {path}: {exc}") from None
-    with closing(conn):
+    with closing(watch), closing(sqlite3.connect(uri, uri=True, isolation_level=None)) as conn:
         try:
-            conn.execute("PRAGMA busy_timeout = 10000")
+            for c in (watch, conn):
+                c.execute("PRAGMA busy_timeout = 10000")
+            # Read before the snapshot begins: a commit after it changes the version.
+            watch.execute("PRAGMA data_version").fetchone()
             conn.execute("BEGIN")
             tables = {r[0] for r in conn.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -163,7 +200,7 @@ def _open_source(path: Path) -> Iterator[sqlite3.Connection]:
                     "start this version of the service on it once (it migrates the file at "
                     "start), stop it, then copy" if version < SCHEMA_VERSION else
                     "copy it with the code that wrote it"))
-        yield conn
+        yield conn, watch
 
 
 def _check_at_rest(src: sqlite3.Connection, path: Path) -> int:
@@ -191,64 +228,95 @@ def _check_at_rest(src: sqlite3.Connection, path: Path) -> int:
     return len(runs)
 
 
-def _copy(src: sqlite3.Connection, dst: Any, path: Path, where: str,
-          progress: Callable[[str], None]) -> tuple[dict[str, int], int]:
-    """The destination's schema, then every table in one transaction; the rows copied per
-    table and how many texts were cleaned."""
-    from psycopg.errors import LockNotAvailable
+class _Copy:
+    """The destination's schema, then every table, in one transaction: ``committing`` once
+    everything is written and the COMMIT is under way."""
 
-    from .pg_migrate import migrate
+    def __init__(self, src: sqlite3.Connection, watch: sqlite3.Connection, dst: Any,
+                 path: Path, where: str, progress: Callable[[str], None]) -> None:
+        self.src, self.watch, self.dst = src, watch, dst
+        self.path, self.where, self.progress = path, where, progress
+        self.counts: dict[str, int] = {}
+        self.cleaned = 0  # texts with NUL characters
+        self.committing = False
+        self._said_waiting = False
 
-    migrate(dst)  # created or migrated as an instance's start would (a newer one refused)
-    counts: dict[str, int] = {}
-    cleaned = 0
-    with dst.transaction():
-        dst.execute("SET LOCAL statement_timeout = 0")  # a big copy takes what it takes
-        dst.execute(f"SET LOCAL lock_timeout = {_LOCK_TIMEOUT_MS}")
-        tables = ", ".join(t for t, _ in TABLES)
-        try:
-            dst.execute(f"LOCK TABLE {tables} IN EXCLUSIVE MODE")
-        except LockNotAvailable:
-            raise CopyError(f"{where}'s tables are in use (a service running on it?): not "
-                            "taken within 10 s; stop it, then copy") from None
-        for table, _ in TABLES:
-            held = dst.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-            if held:
-                raise CopyError(f"{where} is not empty ({held:,} rows in {table}): copy into "
-                                "an empty database; nothing was written")
-        for table, order in TABLES:
-            columns = _columns(src, dst, table)
-            names = ", ".join(columns)
-            n = 0
-            with dst.cursor().copy(f"COPY {table} ({names}) FROM STDIN") as sink:
-                for row in _rows(src, f"SELECT {names} FROM {table} ORDER BY {order}", path):
-                    out = []
-                    for value in row:
-                        if isinstance(value, bytes):  # SQLite's typing lets a blob in
-                            value = value.decode("utf-8", "replace")
-                        if isinstance(value, str):
-                            clean = clean_text(value)
-                            if clean is not value:
-                                cleaned += 1
-                            value = clean
-                        out.append(value)
-                    sink.write_row(out)
-                    n += 1
-                    if n % _REPORT_EVERY == 0:
-                        progress(f"{table}: {n:,} rows...")
-            stored = dst.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-            if stored != n:  # cannot happen unless something else wrote: say so, not commit
-                raise CopyError(f"{table}: {n:,} rows written, {stored:,} found after")
-            if "seq" in columns and table != "run_events":
-                # The identity goes on after the copied rows (else the first new row's seq
-                # collides with a copied one's).
-                dst.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'seq'), "
-                            f"GREATEST((SELECT max(seq) FROM {table}), 1), "
-                            f"(SELECT max(seq) FROM {table}) IS NOT NULL)")
-            counts[table] = n
-            progress(f"{table}: {n:,} rows")
-        progress("committing")
-    return counts, cleaned
+    def run(self) -> None:
+        from psycopg.errors import LockNotAvailable
+
+        from .pg_migrate import migrate
+
+        dst, where = self.dst, self.where
+        version = self.watch.execute("PRAGMA data_version").fetchone()[0]
+        with dst.transaction():
+            dst.execute("SET LOCAL statement_timeout = 0")  # a big copy takes what it takes
+            dst.execute(f"SET LOCAL lock_timeout = {_LOCK_TIMEOUT_MS}")
+            # The schema in the copy's transaction: a refusal or a failure leaves none behind,
+            # and a database that holds rows is refused before its schema is touched. Its
+            # advisory lock holds instances starting meanwhile until the copy is done.
+            migrate(dst, self._waiting)
+            try:
+                dst.execute("LOCK TABLE " + ", ".join(t for t, _ in TABLES) + " IN EXCLUSIVE MODE")
+            except LockNotAvailable:
+                raise CopyError(f"{where}'s tables are in use (a service running on it?): not "
+                                "taken within 10 s; stop it, then copy") from None
+            for table, _ in TABLES:
+                held = dst.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                if held:
+                    raise CopyError(f"{where} is not empty ({held:,} rows in {table}): copy "
+                                    "into an empty database; nothing was written")
+            last = dict(self.src.execute("SELECT name, seq FROM sqlite_sequence").fetchall())
+            for table, order in TABLES:
+                self._table(table, order, last.get(table))
+            if self.watch.execute("PRAGMA data_version").fetchone()[0] != version:
+                raise CopyError(f"{self.path} was written while it was copied (a service "
+                                "started on it?): nothing was copied; stop it, then copy "
+                                "again")
+            self.progress("committing")
+            self.committing = True
+        self.committing = False
+
+    def _waiting(self) -> None:
+        """Called while another instance holds the schema's migration lock (once a poll)."""
+        if not self._said_waiting:
+            self._said_waiting = True
+            self.progress("waiting for another instance's schema migration of the database")
+
+    def _table(self, table: str, order: str, last_seq: int | None) -> None:
+        dst = self.dst
+        columns = _columns(self.src, dst, table)
+        names = ", ".join(columns)
+        n = 0
+        with dst.cursor().copy(f"COPY {table} ({names}) FROM STDIN") as sink:
+            for row in _rows(self.src, f"SELECT {names} FROM {table} ORDER BY {order}",
+                             self.path):
+                out = []
+                for value in row:
+                    if isinstance(value, bytes):  # SQLite's typing lets a blob in
+                        value = value.decode("utf-8", "replace")
+                    if isinstance(value, str):
+                        clean = clean_text(value)
+                        if clean is not value:
+                            self.cleaned += 1
+                        value = clean
+                    out.append(value)
+                sink.write_row(out)
+                n += 1
+                if n % _REPORT_EVERY == 0:
+                    self.progress(f"{table}: {n:,} rows...")
+        stored = dst.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        if stored != n:  # cannot happen unless something else wrote: say so, not commit
+            raise CopyError(f"{table}: {n:,} rows written, {stored:,} found after")
+        if table != "run_events":
+            # The identity goes on after the copied rows and after SQLite's last number
+            # (AUTOINCREMENT never gives a deleted row's number again): else the first new
+            # row's seq collides with a copied one's.
+            top = max(dst.execute(f"SELECT max(seq) FROM {table}").fetchone()[0] or 0,
+                      last_seq or 0)
+            dst.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'seq'), "
+                        f"{max(top, 1)}, {'true' if top else 'false'})")
+        self.counts[table] = n
+        self.progress(f"{table}: {n:,} rows")
 
 
 def _columns(src: sqlite3.Connection, dst: Any, table: str) -> list[str]:
