@@ -284,3 +284,25 @@ async def test_a_copy_killed_mid_way_leaves_nothing_and_can_be_run_again(
         events = conn.execute("SELECT count(*) FROM run_events").fetchone()[0]
     assert events > 400_000 - 10
     assert _rows(pg_url)["run_events"] == events
+
+
+async def test_new_rows_are_numbered_after_the_files_last_even_a_deleted_one(
+        tmp_path: Path, pg_url: str) -> None:
+    # SQLite's AUTOINCREMENT never gives a deleted row's number again; nor does the copy's
+    # database (a list cursor names a number).
+    db = tmp_path / "service.db"
+    await _filled(db, 3)
+    async with open_store(db) as store:
+        newest = (await store.list_conversations(limit=1))[0][0]
+        await store.delete_conversation(newest.id)
+    with sqlite3.connect(db) as conn:
+        last = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'conversations'"
+                            ).fetchone()[0]
+        kept = conn.execute("SELECT max(seq) FROM conversations").fetchone()[0]
+    assert last > kept
+    assert (await _copy(db, pg_url)).returncode == 0
+    async with open_store(pg_url) as store:
+        new = await store.create_conversation()
+    with psycopg.connect(pg_url) as conn:
+        seq = conn.execute("SELECT seq FROM conversations WHERE id = %s", (new.id,)).fetchone()
+    assert seq == (last + 1,)
