@@ -141,10 +141,10 @@ def copy_store(source: Path, url: str, progress: Callable[[str], None] = lambda 
                                         f"written (its transaction was rolled back): "
                                         f"{scrub(exc)}") from None
                     raise
-                # Lost (or stopped) at the COMMIT itself: it may have landed, whole.
+                # Cut off (connection lost, or stopped) at the COMMIT itself: it may have landed.
                 raise CopyError(  # noqa: ASYNC104 (sync code, no trio)
-                    f"the connection to {where} was lost at the copy's COMMIT "
-                    f"({scrub(exc)}): whether it landed is not known. It is one transaction: "
+                    f"the copy's COMMIT into {where} was cut off ({scrub(exc)}): whether "
+                    "it landed is not known. It is one transaction: "
                     "if the database now holds the conversations, all of it landed; if it is "
                     "empty, run the copy again") from None
             try:  # committed: the planner's statistics, which a failure here does not undo
