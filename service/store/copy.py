@@ -121,7 +121,7 @@ def copy_store(source: Path, url: str, progress: Callable[[str], None] = lambda 
         return text
 
     began = time.monotonic()
-    with _open_source(source) as (src, watch):
+    with _open_source(source) as (src, watch, version):
         in_progress = _check_at_rest(src, source)
         try:
             dst = psycopg.connect(url, autocommit=True, connect_timeout=10,
@@ -129,7 +129,7 @@ def copy_store(source: Path, url: str, progress: Callable[[str], None] = lambda 
         except psycopg.Error as exc:
             raise CopyError(f"cannot connect to {where}: {scrub(exc)}") from None
         with dst:
-            copy = _Copy(src, watch, dst, source, where, progress)
+            copy = _Copy(src, watch, version, dst, source, where, progress)
             try:
                 copy.run()
             except (StoreError, CopyError) as exc:
@@ -169,9 +169,10 @@ def copy_store(source: Path, url: str, progress: Callable[[str], None] = lambda 
 
 
 @contextmanager
-def _open_source(path: Path) -> Iterator[tuple[sqlite3.Connection, sqlite3.Connection]]:
+def _open_source(path: Path) -> Iterator[tuple[sqlite3.Connection, sqlite3.Connection, int]]:
     """The SQLite file, read-only: one connection in one read transaction (one consistent
-    state), and one that watches for commits made meanwhile (``PRAGMA data_version``)."""
+    state), one that watches for commits made meanwhile, and what it read before the snapshot
+    began (``PRAGMA data_version``: any commit after that read changes it)."""
     if not path.is_file():
         raise CopyError(f"no SQLite file at {path}")
     uri = path.resolve().as_uri() + "?mode=ro"
@@ -184,7 +185,7 @@ def _open_source(path: Path) -> Iterator[tuple[sqlite3.Connection, sqlite3.Conne
             for c in (watch, conn):
                 c.execute("PRAGMA busy_timeout = 10000")
             # Read before the snapshot begins: a commit after it changes the version.
-            watch.execute("PRAGMA data_version").fetchone()
+            version0 = watch.execute("PRAGMA data_version").fetchone()[0]
             conn.execute("BEGIN")
             tables = {r[0] for r in conn.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -200,7 +201,7 @@ def _open_source(path: Path) -> Iterator[tuple[sqlite3.Connection, sqlite3.Conne
                     "start this version of the service on it once (it migrates the file at "
                     "start), stop it, then copy" if version < SCHEMA_VERSION else
                     "copy it with the code that wrote it"))
-        yield conn, watch
+        yield conn, watch, version0
 
 
 def _check_at_rest(src: sqlite3.Connection, path: Path) -> int:
@@ -232,9 +233,9 @@ class _Copy:
     """The destination's schema, then every table, in one transaction: ``committing`` once
     everything is written and the COMMIT is under way."""
 
-    def __init__(self, src: sqlite3.Connection, watch: sqlite3.Connection, dst: Any,
-                 path: Path, where: str, progress: Callable[[str], None]) -> None:
-        self.src, self.watch, self.dst = src, watch, dst
+    def __init__(self, src: sqlite3.Connection, watch: sqlite3.Connection, version: int,
+                 dst: Any, path: Path, where: str, progress: Callable[[str], None]) -> None:
+        self.src, self.watch, self.version, self.dst = src, watch, version, dst
         self.path, self.where, self.progress = path, where, progress
         self.counts: dict[str, int] = {}
         self.cleaned = 0  # texts with NUL characters
@@ -247,7 +248,6 @@ class _Copy:
         from .pg_migrate import migrate
 
         dst, where = self.dst, self.where
-        version = self.watch.execute("PRAGMA data_version").fetchone()[0]
         with dst.transaction():
             dst.execute("SET LOCAL statement_timeout = 0")  # a big copy takes what it takes
             dst.execute(f"SET LOCAL lock_timeout = {_LOCK_TIMEOUT_MS}")
@@ -268,7 +268,8 @@ class _Copy:
             last = dict(self.src.execute("SELECT name, seq FROM sqlite_sequence").fetchall())
             for table, order in TABLES:
                 self._table(table, order, last.get(table))
-            if self.watch.execute("PRAGMA data_version").fetchone()[0] != version:
+            # Any commit since the snapshot began (the version was read before it).
+            if self.watch.execute("PRAGMA data_version").fetchone()[0] != self.version:
                 raise CopyError(f"{self.path} was written while it was copied (a service "
                                 "started on it?): nothing was copied; stop it, then copy "
                                 "again")
@@ -310,11 +311,14 @@ class _Copy:
         if table != "run_events":
             # The identity goes on after the copied rows and after SQLite's last number
             # (AUTOINCREMENT never gives a deleted row's number again): else the first new
-            # row's seq collides with a copied one's.
+            # row's seq collides with a copied one's. Never back: numbers the database gave
+            # before (rows since deleted) are not given again either.
+            seq = dst.execute(f"SELECT pg_get_serial_sequence('{table}', 'seq')").fetchone()[0]
+            given = dst.execute(f"SELECT CASE WHEN is_called THEN last_value ELSE 0 END "
+                                f"FROM {seq}").fetchone()[0]
             top = max(dst.execute(f"SELECT max(seq) FROM {table}").fetchone()[0] or 0,
-                      last_seq or 0)
-            dst.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'seq'), "
-                        f"{max(top, 1)}, {'true' if top else 'false'})")
+                      last_seq or 0, given)
+            dst.execute("SELECT setval(%s, %s, %s)", (seq, max(top, 1), bool(top)))
         self.counts[table] = n
         self.progress(f"{table}: {n:,} rows")
 

@@ -306,3 +306,21 @@ async def test_new_rows_are_numbered_after_the_files_last_even_a_deleted_one(
     with psycopg.connect(pg_url) as conn:
         seq = conn.execute("SELECT seq FROM conversations WHERE id = %s", (new.id,)).fetchone()
     assert seq == (last + 1,)
+
+
+async def test_numbers_the_destination_gave_before_are_not_given_again(
+        tmp_path: Path, pg_url: str) -> None:
+    # An empty destination whose rows were deleted (an instance ran on it once): its identity
+    # had moved past them; the copy does not set it back below.
+    db = tmp_path / "service.db"
+    await _filled(db, 1)
+    async with open_store(pg_url) as store:
+        for _ in range(5):
+            gone = await store.create_conversation()
+            await store.delete_conversation(gone.id)
+    assert (await _copy(db, pg_url)).returncode == 0
+    async with open_store(pg_url) as store:
+        new = await store.create_conversation()
+    with psycopg.connect(pg_url) as conn:
+        seq = conn.execute("SELECT seq FROM conversations WHERE id = %s", (new.id,)).fetchone()
+    assert seq == (6,)
