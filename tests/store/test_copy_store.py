@@ -53,6 +53,35 @@ async def _copy(*args: Path | str) -> Done:
     return Done(done.returncode, done.stdout.decode(), done.stderr.decode())
 
 
+async def _start_copy(*args: Path | str, cwd: Path | None = None) -> trio.Process:
+    """The copy in a process of its own, its output in pipes (``_until_said``, ``_finish``)."""
+    return await trio.lowlevel.open_process(
+        [sys.executable, "-m", "service", "copy-store", *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd)
+
+
+async def _until_said(proc: trio.Process, text: bytes) -> bytes:
+    """Read the copy's stderr until it says ``text`` (a progress line); what was read."""
+    assert proc.stderr is not None
+    said = b""
+    with trio.fail_after(GUARD * 2):
+        while text not in said:
+            chunk = await proc.stderr.receive_some()
+            assert chunk, said
+            said += chunk
+    return said
+
+
+def _big(db: Path, events: int) -> None:
+    """Events up to ``events`` for the file's first run: a table whose COPY takes a while."""
+    with sqlite3.connect(db) as conn:
+        run_id = conn.execute("SELECT id FROM runs").fetchone()[0]
+        conn.executemany(
+            "INSERT INTO run_events (run_id, seq, type, data, created_at) VALUES (?, ?, ?, ?, ?)",
+            ((run_id, seq, "token", json.dumps({"text": f"t{seq}"}), 1.0)
+             for seq in range(10, events)))
+
+
 def _rows(url: str) -> dict[str, int]:
     """Rows per copied table (0 for a table that is not there: a copy that did not happen
     leaves no schema either)."""
@@ -256,25 +285,12 @@ async def test_a_copy_killed_mid_way_leaves_nothing_and_can_be_run_again(
         tmp_path: Path, pg_url: str) -> None:
     db = tmp_path / "service.db"
     await _filled(db, 1)
-    with sqlite3.connect(db) as conn:  # a big table: the kill lands inside its COPY
-        run_id = conn.execute("SELECT id FROM runs").fetchone()[0]
-        conn.executemany(
-            "INSERT INTO run_events (run_id, seq, type, data, created_at) VALUES (?, ?, ?, ?, ?)",
-            ((run_id, seq, "token", json.dumps({"text": f"t{seq}"}), 1.0)
-             for seq in range(10, 400_000)))
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "service", "copy-store", str(db), pg_url],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
-    assert proc.stderr is not None
-    said = b""
-    with trio.fail_after(120):
-        while b"run_events: 100,000 rows..." not in said:
-            chunk = await proc.stderr.receive_some()
-            assert chunk, said
-            said += chunk
+    _big(db, 400_000)  # a big table: the kill lands inside its COPY
+    proc = await _start_copy(db, pg_url)
+    await _until_said(proc, b"run_events: 100,000 rows...")
     proc.send_signal(signal.SIGKILL)
     await proc.wait()
-    await proc.stderr.aclose()
+    await proc.aclose()
     with psycopg.connect(pg_url) as conn:  # no rows, and no schema either
         assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = "
                             "current_schema()").fetchone()[0] == 0  # type: ignore[index]

@@ -7,11 +7,8 @@ and add coverage ``test_copy_store.py`` lacks.
 
 from __future__ import annotations
 
-import json
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -25,7 +22,7 @@ from service.store.pg_migrate import MIGRATION_LOCK, migrate
 from service.store.schema import PG_MIGRATIONS
 
 from ..operations.test_instances import GUARD, instance
-from .test_copy_store import Done, _copy, _filled, _rows
+from .test_copy_store import Done, _big, _copy, _filled, _rows, _start_copy, _until_said
 
 pytestmark = pytest.mark.slow
 
@@ -68,21 +65,6 @@ async def _finish(proc: trio.Process) -> Done:
                 err += chunk
         await proc.wait()
     return Done(proc.returncode, out.decode(), err.decode())  # type: ignore[arg-type]
-
-
-async def _start_copy(*args: Path | str, cwd: Path | None = None) -> trio.Process:
-    return await trio.lowlevel.open_process(
-        [sys.executable, "-m", "service", "copy-store", *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd)
-
-
-def _big(db: Path, events: int) -> None:
-    with sqlite3.connect(db) as conn:
-        run_id = conn.execute("SELECT id FROM runs").fetchone()[0]
-        conn.executemany(
-            "INSERT INTO run_events (run_id, seq, type, data, created_at) VALUES (?, ?, ?, ?, ?)",
-            ((run_id, seq, "token", json.dumps({"text": f"t{seq}"}), 1.0)
-             for seq in range(10, events)))
 
 
 class _Locker:
@@ -261,14 +243,8 @@ async def test_a_signal_during_the_copy_is_one_line_and_nothing_written(
     await _filled(db, 1)
     _big(db, 300_000)
     proc = await _start_copy(db, pg_url)
-    assert proc.stderr is not None
-    said = b""
     try:
-        with trio.fail_after(120):
-            while b"run_events: 100,000 rows..." not in said:
-                chunk = await proc.stderr.receive_some()
-                assert chunk, said
-                said += chunk
+        await _until_said(proc, b"run_events: 100,000 rows...")
         proc.send_signal(signum)
         done = await _finish(proc)
     finally:

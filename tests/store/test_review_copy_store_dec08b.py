@@ -13,15 +13,14 @@ from pathlib import Path
 
 import psycopg
 import pytest
-import trio
 
 from service.sim import Reply, Simulator, open_simulator
 from service.store.copy import CopyError, copy_store
 from service.store.schema import PG_MIGRATIONS
 
 from ..operations.test_instances import instance
-from .test_copy_store import _copy, _filled, _rows
-from .test_review_copy_store_dec08 import _big, _finish, _start_copy, _tables
+from .test_copy_store import _big, _copy, _filled, _rows, _start_copy, _until_said
+from .test_review_copy_store_dec08 import _finish, _tables
 
 pytestmark = pytest.mark.slow
 
@@ -72,14 +71,8 @@ async def test_an_instance_started_on_the_destination_during_the_copy_serves_the
     await _filled(db, 1)
     _big(db, 300_000)
     proc = await _start_copy(db, pg_url)
-    assert proc.stderr is not None
-    said = b""
     try:
-        with trio.fail_after(120):
-            while b"conversations: 1 rows" not in said:
-                chunk = await proc.stderr.receive_some()
-                assert chunk, said
-                said += chunk
+        await _until_said(proc, b"conversations: 1 rows")
         sim = Simulator(("sim-model",), default=Reply(text="after the move"))
         async with open_simulator(sim) as s, \
                 instance(pg_url, s.url, tmp_path, "pg") as (_, http):
