@@ -290,7 +290,9 @@ async def test_a_copy_killed_mid_way_leaves_nothing_and_can_be_run_again(
     await _until_said(proc, b"run_events: 100,000 rows...")
     proc.send_signal(signal.SIGKILL)
     await proc.wait()
-    await proc.aclose()
+    for pipe in (proc.stdout, proc.stderr):
+        assert pipe is not None
+        await pipe.aclose()
     with psycopg.connect(pg_url) as conn:  # no rows, and no schema either
         assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = "
                             "current_schema()").fetchone()[0] == 0  # type: ignore[index]
